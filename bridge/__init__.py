@@ -1,0 +1,1 @@
+"""The Pigeon service: MQTT and HTTP edges, messaging rules, presence, media, metrics."""

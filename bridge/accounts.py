@@ -1,0 +1,159 @@
+"""Login by phone number and one-time code; device tokens.
+
+Codes are six digits, stored only as an HMAC, expire after ``code_ttl_s``, and after
+``code_max_attempts`` wrong guesses the phone is locked for ``code_lock_s``. Asking for a new
+code does not reset the count of wrong guesses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import re
+import secrets
+from dataclasses import dataclass
+from typing import Protocol
+
+from storage.base import Device, LoginCode, Store, User
+
+from .clock import Clock
+from .errors import BadRequest, NotFound, RateLimited, Unauthorized
+from .messaging import Caller, storage_errors
+from .tokens import TokenSigner
+
+log = logging.getLogger(__name__)
+PHONE_RE = re.compile(r"^\+[1-9][0-9]{6,14}$")
+
+
+class CodeSender(Protocol):
+    async def send_code(self, phone: str, code: str) -> None:
+        """Deliver the code to the phone; raise on failure."""
+
+
+@dataclass(frozen=True, slots=True)
+class Login:
+    user: User
+    device: Device
+    token: str
+    expires_at: int
+
+
+def check_phone(phone: object) -> str:
+    if not isinstance(phone, str) or not PHONE_RE.match(phone):
+        raise BadRequest("'phone' must be an E.164 number such as +15550001111")
+    return phone
+
+
+class Accounts:
+    def __init__(
+        self, store: Store, clock: Clock, signer: TokenSigner, secret: bytes, *,
+        sender: CodeSender | None, code_ttl_s: int, max_attempts: int, lock_s: int, token_ttl_s: int,
+    ) -> None:
+        self._store = store
+        self._clock = clock
+        self._signer = signer
+        self._secret = secret
+        self._sender = sender
+        self._code_ttl = code_ttl_s * 1000
+        self._max_attempts = max_attempts
+        self._lock = lock_s * 1000
+        self._token_ttl = token_ttl_s * 1000
+        self._known_devices: dict[str, str] = {}
+
+    def _hash(self, phone: str, code: str) -> str:
+        return hmac.new(self._secret, f"login|{phone}|{code}".encode(), hashlib.sha256).hexdigest()
+
+    async def request_code(self, phone: str) -> str:
+        """Create and deliver a code; return it (the edge shows it only in dev mode)."""
+        phone = check_phone(phone)
+        now = self._clock.now_ms()
+        async with storage_errors():
+            prev = await self._store.get_login_code(phone)
+            attempts = 0
+            if prev is not None:
+                if prev.locked_until > now:
+                    raise RateLimited("too many wrong codes; try later", retry_after_ms=prev.locked_until - now)
+                attempts = prev.attempts
+            code = f"{secrets.randbelow(1_000_000):06d}"
+            await self._store.put_login_code(
+                LoginCode(phone=phone, code_hash=self._hash(phone, code), expires_at=now + self._code_ttl,
+                          attempts=attempts, locked_until=0)
+            )
+        if self._sender is not None:
+            await self._sender.send_code(phone, code)
+        return code
+
+    async def verify(self, phone: str, code: object, device_name: str, platform: str) -> Login:
+        phone = check_phone(phone)
+        if not isinstance(code, str) or not code.isdigit() or len(code) != 6:
+            raise BadRequest("'code' must be six digits")
+        now = self._clock.now_ms()
+        async with storage_errors():
+            lc = await self._store.get_login_code(phone)
+            if lc is None:
+                raise Unauthorized("no code was requested for this phone")
+            if lc.locked_until > now:
+                raise RateLimited("too many wrong codes; try later", retry_after_ms=lc.locked_until - now)
+            if not hmac.compare_digest(lc.code_hash, self._hash(phone, code)):
+                attempts = lc.attempts + 1
+                locked = now + self._lock if attempts >= self._max_attempts else 0
+                await self._store.put_login_code(
+                    LoginCode(phone=phone, code_hash=lc.code_hash, expires_at=lc.expires_at,
+                              attempts=0 if locked else attempts, locked_until=locked)
+                )
+                if locked:
+                    raise RateLimited("too many wrong codes; try later", retry_after_ms=self._lock)
+                raise Unauthorized("wrong code")
+            if lc.expires_at <= now:
+                raise Unauthorized("code expired; request a new one")
+            await self._store.delete_login_code(phone)
+            user = await self._store.create_user(phone, now)
+            device = await self._store.add_device(user.user_id, device_name, platform, now)
+        expires = now + self._token_ttl
+        token = self._signer.issue(user.user_id, device.device_id, expires)
+        self._known_devices[device.device_id] = user.user_id
+        log.info("device %s linked to user %s", device.device_id, user.user_id)
+        return Login(user=user, device=device, token=token, expires_at=expires)
+
+    async def authenticate(self, token: str) -> Caller:
+        """The device a token was issued to; Unauthorized if forged, expired or unlinked."""
+        claims = self._signer.verify(token, self._clock.now_ms())
+        if self._known_devices.get(claims.device_id) != claims.user_id:
+            async with storage_errors():
+                device = await self._store.get_device(claims.device_id)
+            if device is None or device.user_id != claims.user_id:
+                raise Unauthorized("device is not linked")
+            self._known_devices[claims.device_id] = claims.user_id
+        return Caller(user_id=claims.user_id, device_id=claims.device_id)
+
+    async def me(self, caller: Caller) -> User:
+        async with storage_errors():
+            user = await self._store.get_user(caller.user_id)
+        if user is None:
+            raise NotFound("user not found")
+        return user
+
+    async def rename(self, caller: Caller, name: object) -> User:
+        if not isinstance(name, str) or not 0 < len(name.strip()) <= 64:
+            raise BadRequest("'name' must be 1 to 64 characters")
+        async with storage_errors():
+            return await self._store.set_user_name(caller.user_id, name.strip())
+
+    async def find(self, phone: str) -> User:
+        phone = check_phone(phone)
+        async with storage_errors():
+            user = await self._store.user_by_phone(phone)
+        if user is None:
+            raise NotFound("no user with that phone")
+        return user
+
+    async def set_push(self, caller: Caller, device_id: str, provider: object, token: object) -> Device:
+        if device_id != caller.device_id:
+            raise Unauthorized("a device may only set its own push target")
+        if not isinstance(provider, str) or provider not in ("fcm", "apns", "webpush", "webhook"):
+            raise BadRequest("'provider' must be one of fcm, apns, webpush, webhook")
+        if not isinstance(token, str) or not 0 < len(token) <= 4096:
+            raise BadRequest("'token' must be a non-empty string")
+        async with storage_errors():
+            return await self._store.set_push_target(device_id, provider, token)

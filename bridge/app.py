@@ -1,0 +1,187 @@
+"""Assembling one Pigeon process: store, media, broker, bridge and HTTP API."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Sequence
+from types import TracebackType
+
+import uvicorn
+
+from broker.embedded import PigeonBroker, broker_config
+from broker.gate import DeviceGate
+from storage import open_media, open_store
+from storage.media_local import LocalMediaStore
+
+from .accounts import Accounts
+from .clock import Clock, SystemClock
+from .config import Settings
+from .errors import PigeonError, Unauthorized
+from .http_api import Endpoints, HttpDeps, create_app
+from .media import Media
+from .messaging import Messenger
+from .metrics import Metrics
+from .outbox import Out
+from .presence import PresenceTracker
+from .ratelimit import RateLimiter
+from .router import DeviceRouter
+from .sms import WebhookSms
+from .tokens import TokenSigner
+
+log = logging.getLogger(__name__)
+START_TIMEOUT_S = 30.0
+
+
+class StartupError(PigeonError):
+    """A component did not start in time or could not bind its port."""
+
+
+class PigeonServer:
+    """Everything ``pigeon serve`` runs, as one async context manager.
+
+    ``async with PigeonServer(settings) as server:`` returns once every listener is bound and
+    the HTTP API answers; ``server.endpoints`` and ``server.http_port`` tell where.
+    """
+
+    def __init__(self, settings: Settings, clock: Clock | None = None) -> None:
+        self.settings = settings
+        self.clock = clock or SystemClock()
+        self.metrics = Metrics()
+        self.store = open_store(settings.store_url)
+        self.endpoints = Endpoints(host=settings.advertised_host)
+        self.http_port = 0
+        self._http_sock: socket.socket | None = None
+        self._uvicorn: uvicorn.Server | None = None
+        self._tasks: asyncio.TaskGroup | None = None
+        self._stopping = asyncio.Event()
+        self._broker: PigeonBroker | None = None
+        self._runner: asyncio.Task[None] | None = None
+
+    async def publish(self, outs: Sequence[Out]) -> None:
+        broker = self._broker
+        if broker is None:
+            return
+        for out in outs:
+            await broker.publish(out.topic, out.payload, out.qos)
+            self.metrics.messages_out.labels(str(out.qos)).inc()
+
+    async def __aenter__(self) -> PigeonServer:
+        s = self.settings
+        self._http_sock = socket.socket(socket.AF_INET6 if ":" in s.host else socket.AF_INET, socket.SOCK_STREAM)
+        self._http_sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self._http_sock.bind((s.host, s.http_port))
+        except OSError as exc:
+            raise StartupError(f"cannot bind HTTP port {s.host}:{s.http_port}: {exc}") from exc
+        self.http_port = self._http_sock.getsockname()[1]
+        base = f"http://{s.advertised_host}:{self.http_port}"
+
+        await self.store.open()
+        blobs = open_media(s.media_url, secret=s.secret, public_base=base)
+        await blobs.open()
+        self.blobs = blobs
+        signer = TokenSigner(s.secret)
+        self.presence = PresenceTracker(self.store, self.clock)
+        self.messenger = Messenger(self.store, self.clock, self.presence, s.max_group)
+        self.accounts = Accounts(
+            self.store, self.clock, signer, s.secret,
+            sender=None if s.dev else WebhookSms(s.sms_webhook or ""),
+            code_ttl_s=s.code_ttl_s, max_attempts=s.code_max_attempts, lock_s=s.code_lock_s,
+            token_ttl_s=s.token_ttl_s,
+        )
+        self.media = Media(self.store, blobs, self.clock, max_bytes=s.media_max_bytes, url_ttl_s=s.media_url_ttl_s)
+        limiter = RateLimiter(self.clock, s.rate_per_s, s.rate_burst)
+        self.router = DeviceRouter(self.messenger, self.presence, self.media, limiter, self.metrics, s.max_payload)
+
+        async def check_token(token: str) -> tuple[str, str] | None:
+            try:
+                caller = await self.accounts.authenticate(token)
+            except Unauthorized:
+                return None
+            return caller.user_id, caller.device_id
+
+        gate = DeviceGate(check_token)
+        broker = PigeonBroker(broker_config(s.host, s.mqtt_port, s.ws_port, gate), gate, self._ingest)
+        try:
+            await broker.start()
+        except Exception as exc:
+            raise StartupError(f"broker could not start: {exc}") from exc
+        self._broker = broker
+        self.endpoints.mqtt_port = _bound_port(broker, "default")
+        self.endpoints.ws_port = _bound_port(broker, "ws")
+
+        ready = asyncio.Event()
+        deps = HttpDeps(
+            accounts=self.accounts, messenger=self.messenger, presence=self.presence, media=self.media,
+            blobs=blobs if isinstance(blobs, LocalMediaStore) else None, metrics=self.metrics,
+            clock=self.clock, publish=self.publish, endpoints=self.endpoints, dev=s.dev,
+            max_payload=s.max_payload, ready=ready, connected=broker.connected_count,
+        )
+        config = uvicorn.Config(create_app(deps), log_level="warning", access_log=False, lifespan="on")
+        self._uvicorn = uvicorn.Server(config)
+        self._runner = asyncio.create_task(self._run(), name="pigeon-runner")
+        try:
+            await asyncio.wait_for(ready.wait(), START_TIMEOUT_S)
+        except TimeoutError as exc:
+            await self.__aexit__(None, None, None)
+            raise StartupError("HTTP API did not start in time") from exc
+        log.info(
+            "pigeon ready: http=%s mqtt=%s:%d ws=%s:%d",
+            base, s.host, self.endpoints.mqtt_port, s.host, self.endpoints.ws_port,
+        )
+        return self
+
+    async def _run(self) -> None:
+        assert self._uvicorn is not None and self._http_sock is not None
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._uvicorn.serve(sockets=[self._http_sock]), name="http")
+            tg.create_task(self._housekeeping(), name="housekeeping")
+
+    async def _housekeeping(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                await asyncio.wait_for(self._stopping.wait(), 30)
+            except TimeoutError:
+                self.presence.expire_watches()
+
+    async def _ingest(self, topic: str, payload: bytes) -> None:
+        outs = await self.router.handle(topic, payload)
+        await self.publish(outs)
+
+    async def wait_closed(self) -> None:
+        if self._runner is not None:
+            await self._runner
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._stopping.set()
+        if self._uvicorn is not None:
+            self._uvicorn.should_exit = True
+        if self._runner is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._runner), 10)
+            except (TimeoutError, asyncio.CancelledError):
+                self._runner.cancel()
+            except Exception:
+                log.exception("HTTP server stopped with an error")
+        if self._broker is not None:
+            try:
+                await self._broker.shutdown()
+            except Exception:
+                log.exception("broker shutdown failed")
+            self._broker = None
+        await self.store.close()
+        if self._http_sock is not None:
+            self._http_sock.close()
+        log.info("pigeon stopped")
+
+
+def _bound_port(broker: PigeonBroker, listener: str) -> int:
+    server = broker._servers[listener]  # noqa: SLF001 - amqtt exposes no accessor for bound ports
+    sockets = getattr(server.instance, "sockets", None) or []
+    for sock in sockets:
+        return int(sock.getsockname()[1])
+    raise StartupError(f"listener {listener} has no bound socket")

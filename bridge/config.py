@@ -1,0 +1,111 @@
+"""One frozen settings object per process, read once from flags and ``PIGEON_*`` variables."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+DAY_S = 86_400
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    data_dir: Path = Path(".pigeon")
+    host: str = "127.0.0.1"
+    public_host: str | None = None
+    mqtt_port: int = 1883
+    ws_port: int = 8083
+    http_port: int = 8080
+    dev: bool = False
+    store: str | None = None
+    media: str | None = None
+    secret: bytes = field(default=b"", repr=False)
+    sms_webhook: str | None = None
+    max_payload: int = 64 * 1024
+    rate_per_s: float = 50.0
+    rate_burst: int = 200
+    max_group: int = 100
+    token_ttl_s: int = 30 * DAY_S
+    code_ttl_s: int = 300
+    code_max_attempts: int = 5
+    code_lock_s: int = 900
+    media_url_ttl_s: int = 600
+    media_max_bytes: int = 100 * 1024 * 1024
+    log_level: str = "INFO"
+
+    @property
+    def advertised_host(self) -> str:
+        if self.public_host:
+            return self.public_host
+        return "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+
+    @property
+    def store_url(self) -> str:
+        return self.store or f"sqlite://{(self.data_dir / 'pigeon.db').resolve()}"
+
+    @property
+    def media_url(self) -> str:
+        return self.media or f"file://{(self.data_dir / 'media').resolve()}"
+
+    @property
+    def http_base(self) -> str:
+        return f"http://{self.advertised_host}:{self.http_port}"
+
+    def validated(self) -> Settings:
+        """Check every value, fill the secret, and return the settings to run with."""
+        for name in ("mqtt_port", "ws_port", "http_port"):
+            port = getattr(self, name)
+            if not 0 <= port <= 65535:
+                raise ConfigError(f"{name} must be between 0 and 65535, got {port}")
+        positive = ("max_payload", "rate_burst", "max_group", "token_ttl_s", "code_ttl_s",
+                    "code_max_attempts", "code_lock_s", "media_url_ttl_s", "media_max_bytes")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.rate_per_s <= 0:
+            raise ConfigError(f"rate_per_s must be positive, got {self.rate_per_s}")
+        if self.max_group < 2:
+            raise ConfigError("max_group must be at least 2")
+        if not self.dev and not self.sms_webhook:
+            raise ConfigError(
+                "sms_webhook (PIGEON_SMS_WEBHOOK) is required outside --dev mode: login codes must go somewhere"
+            )
+        secret = self.secret or _load_or_create_secret(self.data_dir)
+        if len(secret) < 16:
+            raise ConfigError("secret (PIGEON_SECRET / PIGEON_SECRET_FILE) must be at least 16 bytes")
+        return replace(self, secret=secret)
+
+
+def _load_or_create_secret(data_dir: Path) -> bytes:
+    path = data_dir / "secret"
+    if path.exists():
+        return path.read_bytes().strip()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    value = secrets.token_hex(32).encode()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(value)
+    return value
+
+
+def secret_from_env(env: dict[str, str] | None = None) -> bytes:
+    """``PIGEON_SECRET`` or the contents of ``PIGEON_SECRET_FILE``; empty when neither is set."""
+    env = dict(os.environ) if env is None else env
+    if env.get("PIGEON_SECRET"):
+        return env["PIGEON_SECRET"].encode()
+    if env.get("PIGEON_SECRET_FILE"):
+        try:
+            return Path(env["PIGEON_SECRET_FILE"]).read_bytes().strip()
+        except OSError as exc:
+            raise ConfigError(f"PIGEON_SECRET_FILE cannot be read: {exc}") from exc
+    return b""
+
+
+def settings(**values: Any) -> Settings:
+    """Build settings from keyword values, ignoring None (the flag was not given)."""
+    return Settings(**{k: v for k, v in values.items() if v is not None})

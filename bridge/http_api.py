@@ -1,0 +1,347 @@
+"""The HTTP edge: ``/v1`` JSON routes, ``/healthz``, ``/metrics`` and local media blobs.
+
+Routes parse and validate, call a handler, publish what it returns, and answer. Every error
+is ``{"error": {"code", "message"}}`` with the protocol's code and the fitting status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from storage.media_local import LocalMediaStore, SignatureError, UploadTooLarge
+
+from .accounts import Accounts
+from .clock import Clock
+from .errors import BadRequest, Forbidden, NotFound, ProtocolError, RateLimited, TooLarge, Unauthorized
+from .media import Media
+from .messaging import Caller, Messenger, receipts_view
+from .metrics import Metrics
+from .outbox import Out
+from .presence import PresenceTracker
+from .protocol import MediaUpload, Send, message_dict, presence_event, request_id
+
+log = logging.getLogger(__name__)
+Publish = Callable[[Sequence[Out]], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class Endpoints:
+    """Where devices reach the broker, filled in once the listeners are bound."""
+
+    host: str = "127.0.0.1"
+    mqtt_port: int = 0
+    ws_port: int = 0
+
+
+@dataclass(slots=True)
+class HttpDeps:
+    accounts: Accounts
+    messenger: Messenger
+    presence: PresenceTracker
+    media: Media
+    blobs: LocalMediaStore | None
+    metrics: Metrics
+    clock: Clock
+    publish: Publish
+    endpoints: Endpoints
+    dev: bool
+    max_payload: int
+    ready: asyncio.Event
+    connected: Callable[[], int]
+
+
+def _error(exc: ProtocolError) -> JSONResponse:
+    body: dict[str, Any] = {"error": {"code": exc.code, "message": exc.message}}
+    headers = {}
+    if isinstance(exc, RateLimited):
+        body["error"]["retry_after_ms"] = exc.retry_after_ms
+        headers["Retry-After"] = str(max(1, exc.retry_after_ms // 1000))
+    return JSONResponse(body, status_code=exc.http_status, headers=headers)
+
+
+async def _json(request: Request, max_bytes: int) -> dict[str, Any]:
+    raw = await request.body()
+    if len(raw) > max_bytes:
+        raise TooLarge(f"body is larger than {max_bytes} bytes")
+    try:
+        data = json.loads(raw or b"{}")
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise BadRequest("body is not JSON") from exc
+    if not isinstance(data, dict):
+        raise BadRequest("body must be a JSON object")
+    return data
+
+
+def _int_param(request: Request, name: str, default: int | None) -> int | None:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise BadRequest(f"'{name}' must be an integer") from exc
+
+
+def create_app(deps: HttpDeps) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        deps.ready.set()
+        yield
+
+    app = FastAPI(title="Pigeon", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
+    acc, msgr, m = deps.accounts, deps.messenger, deps.media
+
+    @app.exception_handler(ProtocolError)
+    async def on_protocol_error(_request: Request, exc: ProtocolError) -> JSONResponse:
+        deps.metrics.errors.labels(exc.code, "http").inc()
+        return _error(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error(BadRequest("malformed request"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            return _error(NotFound("no such route"))
+        if exc.status_code == 405:
+            return JSONResponse({"error": {"code": "bad_request", "message": "method not allowed"}}, 405)
+        return JSONResponse({"error": {"code": "bad_request", "message": str(exc.detail)}}, exc.status_code)
+
+    async def caller(request: Request) -> Caller:
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise Unauthorized("missing bearer token")
+        return await acc.authenticate(token.strip())
+
+    # -- auth ------------------------------------------------------------------------------------
+    @app.post("/v1/auth/code", status_code=202)
+    async def auth_code(request: Request) -> JSONResponse:
+        body = await _json(request, deps.max_payload)
+        code = await acc.request_code(body.get("phone"))  # type: ignore[arg-type]
+        reply: dict[str, Any] = {"status": "sent"}
+        if deps.dev:
+            reply["dev_code"] = code
+        return JSONResponse(reply, status_code=202)
+
+    @app.post("/v1/auth/verify")
+    async def auth_verify(request: Request) -> dict[str, Any]:
+        body = await _json(request, deps.max_payload)
+        name = body.get("device_name") or "device"
+        platform = body.get("platform") or "unknown"
+        if not isinstance(name, str) or len(name) > 64 or not isinstance(platform, str) or len(platform) > 32:
+            raise BadRequest("'device_name' and 'platform' must be short strings")
+        login = await acc.verify(body.get("phone"), body.get("code"), name, platform)  # type: ignore[arg-type]
+        ep = deps.endpoints
+        return {
+            "user_id": login.user.user_id, "device_id": login.device.device_id, "token": login.token,
+            "expires_at": login.expires_at,
+            "mqtt": {"host": ep.host, "port": ep.mqtt_port, "ws_url": f"ws://{ep.host}:{ep.ws_port}/mqtt"},
+        }
+
+    # -- me, users, devices ------------------------------------------------------------------------
+    @app.get("/v1/me")
+    async def me(request: Request) -> dict[str, Any]:
+        c = await caller(request)
+        user = await acc.me(c)
+        return {"user_id": user.user_id, "phone": user.phone, "name": user.name, "device_id": c.device_id}
+
+    @app.patch("/v1/me")
+    async def patch_me(request: Request) -> dict[str, Any]:
+        c = await caller(request)
+        body = await _json(request, deps.max_payload)
+        user = await acc.rename(c, body.get("name"))
+        return {"user_id": user.user_id, "phone": user.phone, "name": user.name, "device_id": c.device_id}
+
+    @app.get("/v1/users")
+    async def find_user(request: Request) -> dict[str, Any]:
+        await caller(request)
+        phone = request.query_params.get("phone", "")
+        user = await acc.find(phone)
+        return {"user_id": user.user_id}
+
+    @app.get("/v1/users/{user_id}/presence")
+    async def user_presence(user_id: str, request: Request) -> dict[str, Any]:
+        c = await caller(request)
+        if user_id != c.user_id and not await msgr.share_chat(c.user_id, user_id):
+            raise Forbidden("you share no chat with that user")
+        ev = presence_event(user_id, deps.presence.is_online(user_id), await deps.presence.last_seen(user_id))
+        del ev["type"]
+        return ev
+
+    @app.put("/v1/devices/{device_id}/push")
+    async def set_push(device_id: str, request: Request) -> dict[str, Any]:
+        c = await caller(request)
+        body = await _json(request, deps.max_payload)
+        if device_id != c.device_id:
+            raise Forbidden("a device may only set its own push target")
+        d = await acc.set_push(c, device_id, body.get("provider"), body.get("token"))
+        return {"device_id": d.device_id, "provider": d.push_provider}
+
+    # -- chats ---------------------------------------------------------------------------------------
+    @app.get("/v1/chats")
+    async def list_chats(request: Request) -> dict[str, Any]:
+        c = await caller(request)
+        return {"chats": [msgr.chat_view(ch) for ch in await msgr.chats(c)]}
+
+    @app.post("/v1/chats")
+    async def create_chat(request: Request) -> JSONResponse:
+        c = await caller(request)
+        body = await _json(request, deps.max_payload)
+        kind = body.get("kind")
+        if kind == "direct":
+            peer = body.get("peer")
+            if not isinstance(peer, str) or not peer:
+                raise BadRequest("'peer' must be a user id")
+            chat = await msgr.open_direct(c, peer)
+            return JSONResponse(msgr.chat_view(chat), status_code=200)
+        if kind == "group":
+            title, members = body.get("title"), body.get("members", [])
+            if not isinstance(title, str) or not 0 < len(title.strip()) <= 128:
+                raise BadRequest("'title' must be 1 to 128 characters")
+            if not isinstance(members, list) or not all(isinstance(u, str) and u for u in members):
+                raise BadRequest("'members' must be a list of user ids")
+            chat, outs = await msgr.create_group(c, title.strip(), members)
+            await deps.publish(outs)
+            return JSONResponse(msgr.chat_view(chat), status_code=201)
+        raise BadRequest("'kind' must be 'direct' or 'group'")
+
+    @app.get("/v1/chats/{chat_id}")
+    async def get_chat(chat_id: str, request: Request) -> dict[str, Any]:
+        c = await caller(request)
+        return msgr.chat_view(await msgr.get_chat(c, chat_id))
+
+    @app.get("/v1/chats/{chat_id}/messages")
+    async def history(chat_id: str, request: Request) -> dict[str, Any]:
+        c = await caller(request)
+        before = _int_param(request, "before", None)
+        limit = _int_param(request, "limit", 50)
+        assert limit is not None
+        msgs, next_before = await msgr.history(c, chat_id, before, limit)
+        return {"messages": [message_dict(x) for x in msgs], "next_before": next_before}
+
+    @app.post("/v1/chats/{chat_id}/messages")
+    async def post_message(chat_id: str, request: Request) -> dict[str, Any]:
+        c = await caller(request)
+        body = await _json(request, deps.max_payload)
+        fields = {k: v for k, v in body.items() if k not in ("to", "chat")}
+        req = Send.from_json({**fields, "chat": chat_id}, request_id(body))
+        result = await msgr.send(c, req)
+        await deps.publish(result.outs)
+        assert result.reply is not None
+        return result.reply
+
+    @app.post("/v1/chats/{chat_id}/members")
+    async def add_member(chat_id: str, request: Request) -> dict[str, Any]:
+        c = await caller(request)
+        body = await _json(request, deps.max_payload)
+        uid = body.get("user_id")
+        if not isinstance(uid, str) or not uid:
+            raise BadRequest("'user_id' must be a user id")
+        chat, outs = await msgr.add_member(c, chat_id, uid)
+        await deps.publish(outs)
+        return msgr.chat_view(chat)
+
+    @app.delete("/v1/chats/{chat_id}/members/{user_id}")
+    async def remove_member(chat_id: str, user_id: str, request: Request) -> dict[str, Any]:
+        c = await caller(request)
+        outs = await msgr.remove_member(c, chat_id, user_id)
+        await deps.publish(outs)
+        return {"chat": chat_id, "removed": user_id}
+
+    @app.get("/v1/chats/{chat_id}/receipts")
+    async def receipts(chat_id: str, request: Request) -> dict[str, Any]:
+        c = await caller(request)
+        return {"receipts": receipts_view(await msgr.receipts(c, chat_id))}
+
+    # -- media -----------------------------------------------------------------------------------------
+    @app.post("/v1/media/uploads")
+    async def media_upload(request: Request) -> dict[str, Any]:
+        c = await caller(request)
+        body = await _json(request, deps.max_payload)
+        req = MediaUpload.from_json(body, "http")
+        reply = await m.upload(c, "http", req.sha256, req.size, req.mime)
+        del reply["type"], reply["id"]
+        return reply
+
+    @app.post("/v1/media/{key}/done")
+    async def media_done(key: str, request: Request) -> dict[str, Any]:
+        c = await caller(request)
+        await m.done(c, "http", key)
+        return {"key": key, "ready": True}
+
+    @app.get("/v1/media/{key}")
+    async def media_url(key: str, request: Request) -> dict[str, Any]:
+        c = await caller(request)
+        chat = request.query_params.get("chat")
+        if not chat:
+            raise BadRequest("'chat' is required")
+        reply = await m.url(c, "http", key, chat)
+        del reply["type"], reply["id"]
+        return reply
+
+    # -- local blobs (file:// media only) --------------------------------------------------------------
+    def _check_blob(request: Request, key: str, op: str) -> int:
+        if deps.blobs is None:
+            raise NotFound("no such route")
+        q = request.query_params
+        try:
+            exp, limit = int(q.get("exp", "")), int(q.get("max", ""))
+        except ValueError as exc:
+            raise Forbidden("malformed signed URL") from exc
+        if q.get("op") != op:
+            raise Forbidden("this URL is not for that operation")
+        try:
+            deps.blobs.check_signature(op, key, exp, limit, q.get("sig", ""), deps.clock.now_ms())
+        except SignatureError as exc:
+            raise Forbidden(f"signed URL refused: {exc}") from exc
+        return limit
+
+    @app.put("/v1/blobs/{key}")
+    async def put_blob(key: str, request: Request) -> Response:
+        limit = _check_blob(request, key, "put")
+        assert deps.blobs is not None
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise TooLarge(f"this upload may be at most {limit} bytes")
+        try:
+            await deps.blobs.write(key, request.stream(), min(limit, m.max_bytes))
+        except UploadTooLarge as exc:
+            raise TooLarge(str(exc)) from exc
+        return Response(status_code=200)
+
+    @app.get("/v1/blobs/{key}")
+    async def get_blob(key: str, request: Request) -> Response:
+        _check_blob(request, key, "get")
+        assert deps.blobs is not None
+        path = deps.blobs.path_for(key)
+        if not path.exists():
+            raise NotFound("no such object")
+        return FileResponse(path, media_type=await m.mime(key))
+
+    # -- health and metrics ----------------------------------------------------------------------------
+    @app.get("/healthz")
+    async def healthz() -> JSONResponse:
+        if not deps.ready.is_set():
+            return JSONResponse({"status": "starting"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        deps.metrics.connected.set(deps.connected())
+        deps.metrics.online.set(deps.presence.online_devices())
+        return Response(deps.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app

@@ -1,0 +1,332 @@
+"""The messaging rules: send, sync, ack, read, typing, chats, groups, history, receipts.
+
+Handlers take typed requests and a :class:`Caller`, talk to the store, and return the reply
+and the publications that follow from it. They never touch MQTT, HTTP or a driver.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from storage.base import (
+    Chat,
+    InboxEntry,
+    Message,
+    NewMessage,
+    NotStored,
+    Receipt,
+    ReceiptKind,
+    ReceiptNote,
+    StorageUnavailable,
+    Store,
+)
+
+from .clock import Clock
+from .errors import BadRequest, Conflict, Forbidden, NotFound, Unavailable
+from .outbox import Out, user_topic
+from .presence import PresenceTracker
+from .protocol import Ack, Read, Send, Sync, Typing, msg_event, receipt_event
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """The authenticated device a request comes from."""
+
+    user_id: str
+    device_id: str
+
+
+@dataclass(slots=True)
+class Result:
+    """A handler's answer: the reply for the caller (if any) and what to publish after it."""
+
+    reply: dict[str, Any] | None = None
+    outs: list[Out] = field(default_factory=list)
+
+
+@asynccontextmanager
+async def storage_errors() -> AsyncIterator[None]:
+    """Convert storage failures into the protocol's codes at the handler boundary."""
+    try:
+        yield
+    except StorageUnavailable as exc:
+        log.warning("store unavailable: %s", exc)
+        raise Unavailable("the server could not store this; it was not accepted, retry later") from exc
+    except NotStored as exc:
+        raise NotFound("not found") from exc
+
+
+def entry_event(entry: InboxEntry) -> dict[str, Any]:
+    if isinstance(entry.item, Message):
+        return msg_event(entry.item, entry.pos)
+    return receipt_event(entry.item, entry.pos)
+
+
+class Messenger:
+    def __init__(self, store: Store, clock: Clock, presence: PresenceTracker, max_group: int) -> None:
+        self._store = store
+        self._clock = clock
+        self._presence = presence
+        self.max_group = max_group
+
+    # -- helpers --------------------------------------------------------------------------------
+    async def _member_chat(self, caller: Caller, chat_id: str) -> Chat:
+        chat = await self._store.get_chat(chat_id)
+        if chat is None:
+            raise NotFound(f"chat {chat_id} does not exist")
+        if chat.member(caller.user_id) is None:
+            raise Forbidden("you are not a member of this chat")
+        return chat
+
+    async def _existing_user(self, user_id: str) -> None:
+        if await self._store.get_user(user_id) is None:
+            raise NotFound(f"user {user_id} does not exist")
+
+    async def _publish_appended(self, msg: NewMessage, recipients: Sequence[str]) -> tuple[Message, list[Out], bool]:
+        appended = await self._store.append_message(msg, recipients)
+        outs = [Out.event(user_topic(u), msg_event(appended.message, pos)) for u, pos in appended.inbox.items()]
+        return appended.message, outs, appended.duplicate
+
+    # -- send ------------------------------------------------------------------------------------
+    async def send(self, caller: Caller, req: Send) -> Result:
+        async with storage_errors():
+            earlier = await self._store.find_sent(caller.user_id, req.id)
+            if earlier is not None:
+                return Result(reply=self._sent(req.id, earlier))
+            if req.to is not None:
+                if req.to == caller.user_id:
+                    raise BadRequest("'to' must name another user")
+                await self._existing_user(req.to)
+                chat = await self._store.direct_chat(caller.user_id, req.to, self._clock.now_ms())
+            else:
+                assert req.chat is not None
+                chat = await self._member_chat(caller, req.chat)
+            if req.media is not None:
+                obj = await self._store.get_media(req.media.key)
+                if obj is None or obj.state != "ready":
+                    raise BadRequest("media key is not a ready upload")
+                if obj.size != req.media.size or obj.sha256 != req.media.sha256:
+                    raise BadRequest("media size or sha256 differs from the upload")
+            new = NewMessage(
+                chat_id=chat.chat_id, sender=caller.user_id, device=caller.device_id, client_id=req.id,
+                ts=self._clock.now_ms(), kind="media" if req.media else "text", body=req.body, media=req.media,
+            )
+            stored, outs, _dup = await self._publish_appended(new, chat.member_ids)
+        return Result(reply=self._sent(req.id, stored), outs=outs)
+
+    @staticmethod
+    def _sent(rid: str, m: Message) -> dict[str, Any]:
+        return {"type": "sent", "id": rid, "chat": m.chat_id, "seq": m.seq, "ts": m.ts}
+
+    # -- sync / ack ------------------------------------------------------------------------------
+    async def sync(self, caller: Caller, req: Sync) -> Result:
+        async with storage_errors():
+            entries = await self._store.read_inbox(caller.user_id, req.after, req.limit + 1)
+        more = len(entries) > req.limit
+        entries = entries[: req.limit]
+        items = [entry_event(e) for e in entries]
+        last = entries[-1].pos if entries else req.after
+        return Result(reply={"type": "batch", "id": req.id, "items": items, "last": last, "more": more})
+
+    async def ack(self, caller: Caller, req: Ack) -> Result:
+        async with storage_errors():
+            prev, new = await self._store.advance_device_ack(caller.device_id, caller.user_id, req.up_to)
+            if new <= prev:
+                return Result()
+            reached: dict[str, int] = {}
+            after = prev
+            while after < new:
+                page = await self._store.read_inbox(caller.user_id, after, min(1000, new - after))
+                if not page:
+                    break
+                for e in page:
+                    if isinstance(e.item, Message):
+                        reached[e.item.chat_id] = max(reached.get(e.item.chat_id, 0), e.item.seq)
+                after = page[-1].pos
+            outs: list[Out] = []
+            for chat_id, seq in reached.items():
+                outs += await self._advance(chat_id, caller.user_id, "delivered", seq)
+        return Result(outs=outs)
+
+    # -- read receipts --------------------------------------------------------------------------
+    async def read(self, caller: Caller, req: Read) -> Result:
+        async with storage_errors():
+            chat = await self._member_chat(caller, req.chat)
+            up_to = min(req.up_to, chat.last_seq)
+            if up_to <= 0:
+                return Result()
+            outs = await self._advance(chat.chat_id, caller.user_id, "read", up_to, chat)
+        return Result(outs=outs)
+
+    async def _advance(
+        self, chat_id: str, user_id: str, kind: ReceiptKind, up_to: int, chat: Chat | None = None
+    ) -> list[Out]:
+        """Move a member's receipt forward and tell whoever should hear of it."""
+        chat = chat or await self._store.get_chat(chat_id)
+        if chat is None or chat.member(user_id) is None:
+            return []
+        before = await self._store.get_receipts(chat_id) if chat.kind == "group" else []
+        if not await self._store.advance_receipt(chat_id, user_id, kind, up_to):
+            return []
+        notes: list[tuple[str, ReceiptNote]] = []
+        if chat.kind == "direct":
+            notes = [(m, ReceiptNote(chat_id, user_id, kind, up_to)) for m in chat.member_ids if m != user_id]
+        else:
+            notes = await self._group_notes(chat, before, user_id, kind, up_to)
+        if not notes:
+            return []
+        positions = await self._store.append_receipts(notes)
+        return [Out.event(user_topic(u), receipt_event(n, p)) for (u, n), p in zip(notes, positions, strict=True)]
+
+    async def _group_notes(
+        self, chat: Chat, before: list[Receipt], user_id: str, kind: ReceiptKind, up_to: int
+    ) -> list[tuple[str, ReceiptNote]]:
+        """For each member, the position every *other* member has reached, when it moved."""
+
+        def value(r: Receipt) -> int:
+            return r.read if kind == "read" else r.delivered
+
+        old = {r.user_id: value(r) for r in before}
+        new = dict(old)
+        new[user_id] = max(old.get(user_id, 0), up_to)
+        notes: list[tuple[str, ReceiptNote]] = []
+        for member in chat.member_ids:
+            others_old = [v for u, v in old.items() if u != member]
+            others_new = [v for u, v in new.items() if u != member]
+            if not others_new:
+                continue
+            agg_old, agg_new = min(others_old, default=0), min(others_new)
+            if agg_new > agg_old and await self._store.advance_group_notice(chat.chat_id, member, kind, agg_new):
+                notes.append((member, ReceiptNote(chat.chat_id, "*", kind, agg_new)))
+        return notes
+
+    # -- typing ----------------------------------------------------------------------------------
+    async def typing(self, caller: Caller, req: Typing) -> Result:
+        async with storage_errors():
+            chat = await self._member_chat(caller, req.chat)
+        event = {"type": "typing", "chat": chat.chat_id, "user": caller.user_id}
+        outs = [
+            Out.event(user_topic(m), event, qos=0)
+            for m in chat.member_ids
+            if m != caller.user_id and self._presence.is_online(m)
+        ]
+        return Result(outs=outs)
+
+    # -- chats and groups (HTTP) ----------------------------------------------------------------
+    async def chats(self, caller: Caller) -> list[Chat]:
+        async with storage_errors():
+            return await self._store.user_chats(caller.user_id)
+
+    async def open_direct(self, caller: Caller, peer: str) -> Chat:
+        if peer == caller.user_id:
+            raise BadRequest("'peer' must be another user")
+        async with storage_errors():
+            await self._existing_user(peer)
+            return await self._store.direct_chat(caller.user_id, peer, self._clock.now_ms())
+
+    async def create_group(self, caller: Caller, title: str, members: Sequence[str]) -> tuple[Chat, list[Out]]:
+        everyone = list(dict.fromkeys([caller.user_id, *members]))
+        if len(everyone) > self.max_group:
+            raise BadRequest(f"a group holds at most {self.max_group} members")
+        async with storage_errors():
+            for uid in everyone:
+                await self._existing_user(uid)
+            now = self._clock.now_ms()
+            chat = await self._store.create_group(caller.user_id, title, everyone, now)
+            outs = await self._system(caller, chat, "created", None, chat.member_ids)
+            fresh = await self._store.get_chat(chat.chat_id)
+        return (fresh or chat), outs
+
+    async def add_member(self, caller: Caller, chat_id: str, user_id: str) -> tuple[Chat, list[Out]]:
+        async with storage_errors():
+            chat = await self._admin_group(caller, chat_id)
+            await self._existing_user(user_id)
+            if chat.member(user_id) is not None:
+                return chat, []
+            if len(chat.members) >= self.max_group:
+                raise Conflict(f"the group is full ({self.max_group} members)")
+            await self._store.add_member(chat_id, user_id, "member", self._clock.now_ms())
+            chat = await self._member_chat(caller, chat_id)
+            outs = await self._system(caller, chat, "member_added", user_id, chat.member_ids)
+        return chat, outs
+
+    async def remove_member(self, caller: Caller, chat_id: str, user_id: str) -> list[Out]:
+        async with storage_errors():
+            chat = await self._member_chat(caller, chat_id)
+            if chat.kind != "group":
+                raise Forbidden("members of a direct chat cannot be removed")
+            if user_id != caller.user_id:
+                me = chat.member(caller.user_id)
+                if me is None or me.role != "admin":
+                    raise Forbidden("only an admin can remove other members")
+            if chat.member(user_id) is None:
+                raise NotFound("that user is not a member of this chat")
+            event = "member_left" if user_id == caller.user_id else "member_removed"
+            # The departing member is told too, in the same sequence, then leaves.
+            outs = await self._system(caller, chat, event, user_id, chat.member_ids)
+            await self._store.remove_member(chat_id, user_id)
+        return outs
+
+    async def _admin_group(self, caller: Caller, chat_id: str) -> Chat:
+        chat = await self._member_chat(caller, chat_id)
+        if chat.kind != "group":
+            raise Forbidden("members cannot be added to a direct chat")
+        me = chat.member(caller.user_id)
+        if me is None or me.role != "admin":
+            raise Forbidden("only an admin can add members")
+        return chat
+
+    async def _system(
+        self, caller: Caller, chat: Chat, event: str, target: str | None, recipients: Sequence[str]
+    ) -> list[Out]:
+        new = NewMessage(
+            chat_id=chat.chat_id, sender=caller.user_id, device=caller.device_id, client_id=None,
+            ts=self._clock.now_ms(), kind="system", event=event, target=target,
+        )
+        _m, outs, _dup = await self._publish_appended(new, recipients)
+        return outs
+
+    async def history(self, caller: Caller, chat_id: str, before: int | None, limit: int) -> tuple[list[Message], int | None]:
+        if not 1 <= limit <= 200:
+            raise BadRequest("'limit' must be between 1 and 200")
+        if before is not None and before < 1:
+            raise BadRequest("'before' must be a positive seq")
+        async with storage_errors():
+            await self._member_chat(caller, chat_id)
+            msgs = await self._store.history(chat_id, before, limit + 1)
+        more = len(msgs) > limit
+        msgs = msgs[:limit]
+        return msgs, (msgs[-1].seq if more and msgs else None)
+
+    async def receipts(self, caller: Caller, chat_id: str) -> list[Receipt]:
+        async with storage_errors():
+            await self._member_chat(caller, chat_id)
+            return await self._store.get_receipts(chat_id)
+
+    async def share_chat(self, a: str, b: str) -> bool:
+        async with storage_errors():
+            return await self._store.share_chat(a, b)
+
+    def chat_view(self, chat: Chat) -> dict[str, Any]:
+        return {
+            "chat": chat.chat_id, "kind": chat.kind, "title": chat.title,
+            "members": chat.member_ids, "admins": [m.user_id for m in chat.members if m.role == "admin"],
+            "last_seq": chat.last_seq,
+        }
+
+    async def get_chat(self, caller: Caller, chat_id: str) -> Chat:
+        async with storage_errors():
+            return await self._member_chat(caller, chat_id)
+
+
+def receipts_view(receipts: Sequence[Receipt]) -> list[dict[str, Any]]:
+    return [{"user": r.user_id, "delivered": r.delivered, "read": r.read} for r in receipts]
+
+
+__all__ = ["Caller", "Messenger", "Result", "entry_event", "receipts_view", "storage_errors"]

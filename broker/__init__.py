@@ -1,0 +1,1 @@
+"""The embedded MQTT broker (amqtt) with Pigeon's authentication, permissions and fixes."""

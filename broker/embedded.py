@@ -1,0 +1,236 @@
+"""The embedded broker: amqtt 0.12.1 with four defects fixed and an in-process path to the bridge.
+
+Fixes (each reproduced first by a test in ``tests/test_broker_fixes.py``):
+
+1. **Acknowledged publishes lost on disconnect.** amqtt PUBACKs a QoS-1 publish as soon as it
+   is queued, but its client loop stops reading that queue when the connection closes, so a
+   device that publishes and disconnects loses what was acknowledged. Here the loop hands on
+   everything already queued, in order, before it publishes the will.
+2. **A refused CONNECT disturbs the device it impersonates.** amqtt drops the existing session
+   of a client id before it authenticates the new CONNECT, so a wrong password knocks the real
+   device off. Here authentication comes first; a refused CONNECT touches nothing. An accepted
+   one takes over cleanly: the old connection is closed and its will is not published.
+3. **Keepalive not enforced.** amqtt's read timeout handler does nothing, so half-open
+   connections live forever and their wills never fire. Here a connection silent for
+   1.5 × its keepalive is closed, and its will published.
+4. **Deliveries skipped while subscribers change.** amqtt walks the live subscription lists
+   while awaiting permission checks, so a subscriber leaving mid-walk shifts the list and
+   another is skipped. Here the walk is over a snapshot, and exact topic filters are looked up
+   directly rather than matched one by one against every subscription.
+
+Publishes on ``up/…`` (device requests and wills) go straight to the bridge's ``ingest``
+coroutine in this process, in the order the device sent them; nothing subscribes to them
+over MQTT. Sessions are always clean: the bridge's store, not the broker, holds what devices
+have not yet received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from amqtt.adapters import ReaderAdapter, WriterAdapter
+from amqtt.broker import Broker, Server
+from amqtt.contexts import Action
+from amqtt.errors import AMQTTError, MQTTError, NoDataError
+from amqtt.events import BrokerEvents
+from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.session import ApplicationMessage, Session
+
+from .gate import DeviceGate
+from .plugins import REFUSAL_ATTR, principal_of
+
+log = logging.getLogger(__name__)
+
+Ingest = Callable[[str, bytes], Awaitable[None]]
+KEEPALIVE_FACTOR = 1.5
+
+
+class _Handler(BrokerProtocolHandler):
+    """Closes the connection when nothing has been read for the (already scaled) keepalive."""
+
+    def handle_read_timeout(self) -> None:
+        log.info("keepalive expired for %s; closing", self.session.client_id if self.session else None)
+        # amqtt's reader loop stops when its reader is gone, then reports the connection lost,
+        # which publishes the will.
+        self.reader = None
+
+
+class PigeonBroker(Broker):
+    def __init__(self, config: dict[str, Any], gate: DeviceGate, ingest: Ingest | None = None) -> None:
+        super().__init__(config)
+        self.gate = gate
+        self._ingest = ingest
+
+    def set_ingest(self, ingest: Ingest) -> None:
+        self._ingest = ingest
+
+    # -- fix 2 and keepalive scaling ----------------------------------------------------------------
+    async def _initialize_client_session(
+        self, reader: ReaderAdapter, writer: WriterAdapter, remote_address: str, remote_port: int
+    ) -> tuple[BrokerProtocolHandler, Session]:
+        try:
+            handler, session = await _Handler.init_from_connect(reader, writer, self.plugins_manager)
+        except MQTTError as exc:
+            await writer.close()
+            raise MQTTError(exc) from exc
+        except (AMQTTError, NoDataError) as exc:
+            raise AMQTTError(exc) from exc
+        session.clean_session = True
+        session.parent = 0
+        if session.keep_alive > 0:
+            session.keep_alive = math.ceil(session.keep_alive * KEEPALIVE_FACTOR)
+        return handler, session
+
+    async def _handle_client_session(
+        self, reader: ReaderAdapter, writer: WriterAdapter, client_session: Session,
+        handler: BrokerProtocolHandler, server: Server, listener_name: str,
+    ) -> None:
+        authenticated = await self._authenticate(client_session, self.listeners_config[listener_name])
+        client_id = client_session.client_id
+        if not authenticated or not client_id:
+            code = int(getattr(client_session, REFUSAL_ATTR, NOT_AUTHORIZED))
+            await ConnackPacket.build(0, code).to_stream(writer)
+            await writer.close()
+            return
+        previous = self._sessions.get(client_id)
+        if previous is not None:
+            old_session, old_handler = previous
+            old_session.will_flag = False  # replaced by the same device: not a lost connection
+            if old_session.transitions.is_connected():
+                log.info("client %s reconnected; closing its previous connection", client_id)
+                await old_handler.handle_connection_closed()
+                await old_handler.stop()
+            await self._delete_session(client_id)
+        client_session.transitions.connect()
+        handler.attach(client_session, reader, writer)
+        self._sessions[client_id] = (client_session, handler)
+        await handler.mqtt_connack_authorize(True)
+        await self.plugins_manager.fire_event(
+            BrokerEvents.CLIENT_CONNECTED, client_id=client_id, client_session=client_session
+        )
+        await handler.start()
+        await self._client_message_loop(client_session, handler)
+
+    # -- fix 1 --------------------------------------------------------------------------------
+    async def _client_message_loop(self, client_session: Session, handler: BrokerProtocolHandler) -> None:
+        disconnect_waiter = asyncio.ensure_future(handler.wait_disconnect())
+        subscribe_waiter = asyncio.ensure_future(handler.get_next_pending_subscription())
+        unsubscribe_waiter = asyncio.ensure_future(handler.get_next_pending_unsubscription())
+        wait_deliver = asyncio.ensure_future(handler.mqtt_deliver_next_message())
+        try:
+            while True:
+                done, _ = await asyncio.wait(
+                    [disconnect_waiter, subscribe_waiter, unsubscribe_waiter, wait_deliver],
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if subscribe_waiter in done:
+                    await self._handle_subscription(client_session, handler, subscribe_waiter)
+                    subscribe_waiter = asyncio.ensure_future(handler.get_next_pending_subscription())
+                if unsubscribe_waiter in done:
+                    await self._handle_unsubscription(client_session, handler, unsubscribe_waiter)
+                    unsubscribe_waiter = asyncio.ensure_future(handler.get_next_pending_unsubscription())
+                if wait_deliver in done:
+                    if not await self._handle_message_delivery(client_session, handler, wait_deliver):
+                        # a protocol violation: end the connection as if it were lost
+                        await handler.handle_connection_closed()
+                    wait_deliver = asyncio.ensure_future(handler.mqtt_deliver_next_message())
+                if disconnect_waiter.done():
+                    await self._drain(client_session, handler, wait_deliver)
+                    await self._handle_disconnect(client_session, handler, disconnect_waiter)
+                    return
+        except asyncio.CancelledError:
+            log.debug("client loop of %s cancelled", client_session.client_id)
+        finally:
+            for waiter in (disconnect_waiter, subscribe_waiter, unsubscribe_waiter, wait_deliver):
+                waiter.cancel()
+            await asyncio.gather(
+                disconnect_waiter, subscribe_waiter, unsubscribe_waiter, wait_deliver, return_exceptions=True
+            )
+
+    async def _drain(self, session: Session, handler: BrokerProtocolHandler, pending: asyncio.Future[Any]) -> None:
+        """Hand on every publish already acknowledged to the device, in the order it arrived."""
+        if not pending.done():
+            pending.cancel()
+        results = await asyncio.gather(pending, return_exceptions=True)
+        first = results[0]
+        queued: list[ApplicationMessage] = [first] if isinstance(first, ApplicationMessage) else []
+        while not session.delivered_message_queue.empty():
+            queued.append(session.delivered_message_queue.get_nowait())
+        for message in queued:
+            fut: asyncio.Future[ApplicationMessage] = asyncio.get_running_loop().create_future()
+            fut.set_result(message)
+            await self._handle_message_delivery(session, handler, fut)
+
+    # -- in-process delivery to the bridge ------------------------------------------------------
+    async def _broadcast_message(
+        self, session: Session | None, topic: str | None, data: bytes | bytearray | None,
+        force_qos: int | None = None,
+    ) -> None:
+        if topic is not None and topic.startswith("up/") and self._ingest is not None:
+            if data is not None:
+                try:
+                    await self._ingest(topic, bytes(data))
+                except Exception:
+                    log.exception("bridge failed to take a publish on %s", topic)
+            return
+        await super()._broadcast_message(session, topic, data, force_qos)
+
+    async def retain_message(
+        self, source_session: Session | None, topic_name: str | None, data: bytes | bytearray | None,
+        qos: int | None = None,
+    ) -> None:
+        # Nothing in Pigeon's protocol is retained: the store is the source of truth.
+        return None
+
+    async def publish(self, topic: str, payload: bytes, qos: int) -> None:
+        """Publish from the server to every permitted subscriber of ``topic``."""
+        await super()._broadcast_message(None, topic, payload, qos)
+
+    # -- fix 4 --------------------------------------------------------------------------------
+    async def _run_broadcast(self, running_tasks: Any) -> None:
+        broadcast = await self._broadcast_queue.get()
+        topic = broadcast["topic"]
+        matches: list[tuple[Session, int]] = list(self._subscriptions.get(topic, ()))
+        for a_filter, subscriptions in list(self._subscriptions.items()):
+            if ("+" in a_filter or "#" in a_filter) and self._matches(topic, a_filter):
+                matches.extend(subscriptions)
+        for target_session, sub_qos in matches:
+            if target_session.transitions.state != "connected":
+                continue
+            principal = principal_of(target_session)
+            if principal is None or not self.gate.may_receive(principal, topic):
+                continue
+            handler = self._get_handler(target_session)
+            if handler is None:
+                continue
+            qos = broadcast.get("qos", sub_qos)
+            qos = min(qos, sub_qos) if qos is not None else sub_qos
+            running_tasks.append(asyncio.ensure_future(handler.mqtt_publish(topic, broadcast["data"], qos, retain=False)))
+
+    async def _topic_filtering(self, session: Session, topic: str, action: Action) -> bool:
+        principal = principal_of(session)
+        if principal is None:
+            return False
+        return await super()._topic_filtering(session, topic, action)
+
+    def connected_count(self) -> int:
+        return sum(1 for s, _ in self._sessions.values() if s.transitions.state == "connected")
+
+
+def broker_config(host: str, mqtt_port: int, ws_port: int, gate: DeviceGate) -> dict[str, Any]:
+    return {
+        "listeners": {
+            "default": {"type": "tcp", "bind": f"{host}:{mqtt_port}"},
+            "ws": {"type": "ws", "bind": f"{host}:{ws_port}"},
+        },
+        "timeout_disconnect_delay": 0,
+        "plugins": {
+            "broker.plugins.DeviceAuthPlugin": {"gate": gate},
+            "broker.plugins.TopicPermissionPlugin": {"gate": gate},
+        },
+    }

@@ -1,0 +1,301 @@
+"""The storage contract: everything the bridge keeps, behind one Protocol.
+
+A backend is chosen by URL (see :func:`storage.open_store`). Every backend passes the same
+contract suite in ``tests/test_storage_contract.py``.
+
+Errors (all raised by backends, never a driver's own exception)::
+
+    StorageError                 base of everything below
+    ├── StorageUnavailable       the backend could not be reached or did not confirm a write;
+    │                            nothing the caller asked for may be assumed stored
+    └── NotStored                a referenced row (chat, device, media key) does not exist
+
+Design notes that every backend keeps:
+
+* ``seq`` numbers a chat's messages 1, 2, 3, … with no gaps and no repeats; ``inbox`` numbers a
+  user's inbox entries the same way. Both are allocated by the backend inside the same atomic
+  step that stores the row they number, so a failed write never leaves a hole.
+* ``append_message`` is idempotent on ``(sender, client_id)``: a second call with the same pair
+  stores nothing and returns the first result with ``duplicate=True``.
+* Receipt positions only move forward: ``advance_receipt`` never lowers a stored value.
+* Messages are addressed by ``(chat_id, seq)`` so a backend may partition them by chat.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+ChatKind = Literal["direct", "group"]
+MessageKind = Literal["text", "media", "system"]
+ReceiptKind = Literal["delivered", "read"]
+Role = Literal["admin", "member"]
+MediaState = Literal["pending", "ready"]
+
+
+class StorageError(Exception):
+    """Base of every error a storage backend raises."""
+
+
+class StorageUnavailable(StorageError):
+    """The backend could not be reached or did not confirm the write."""
+
+
+class NotStored(StorageError):
+    """A referenced row does not exist."""
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    user_id: str
+    phone: str
+    name: str
+    created_at: int
+    last_seen: int
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    device_id: str
+    user_id: str
+    name: str
+    platform: str
+    created_at: int
+    push_provider: str | None = None
+    push_token: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LoginCode:
+    phone: str
+    code_hash: str
+    expires_at: int
+    attempts: int
+    locked_until: int
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    user_id: str
+    role: Role
+    joined_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class Chat:
+    chat_id: str
+    kind: ChatKind
+    title: str
+    created_by: str
+    created_at: int
+    last_seq: int
+    members: tuple[Member, ...] = ()
+
+    def member(self, user_id: str) -> Member | None:
+        for m in self.members:
+            if m.user_id == user_id:
+                return m
+        return None
+
+    @property
+    def member_ids(self) -> list[str]:
+        return [m.user_id for m in self.members]
+
+
+@dataclass(frozen=True, slots=True)
+class MediaRef:
+    """A ready upload named in a message."""
+
+    key: str
+    mime: str
+    size: int
+    sha256: str
+    name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """A message before the backend has numbered it."""
+
+    chat_id: str
+    sender: str
+    device: str
+    client_id: str | None
+    ts: int
+    kind: MessageKind
+    body: str | None = None
+    media: MediaRef | None = None
+    event: str | None = None
+    target: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    chat_id: str
+    seq: int
+    client_id: str | None
+    sender: str
+    device: str
+    ts: int
+    kind: MessageKind
+    body: str | None = None
+    media: MediaRef | None = None
+    event: str | None = None
+    target: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Appended:
+    """What ``append_message`` stored: the numbered message and each recipient's inbox position."""
+
+    message: Message
+    inbox: Mapping[str, int] = field(default_factory=dict)
+    duplicate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiptNote:
+    """A receipt as it sits in a user's inbox."""
+
+    chat_id: str
+    user: str
+    kind: ReceiptKind
+    up_to: int
+
+
+@dataclass(frozen=True, slots=True)
+class InboxEntry:
+    user_id: str
+    pos: int
+    item: Message | ReceiptNote
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    chat_id: str
+    user_id: str
+    delivered: int
+    read: int
+
+
+@dataclass(frozen=True, slots=True)
+class MediaObject:
+    key: str
+    sha256: str
+    size: int
+    mime: str
+    owner: str
+    state: MediaState
+    created_at: int
+
+
+class Store(Protocol):
+    """Everything the bridge stores. All methods may raise :class:`StorageUnavailable`."""
+
+    async def open(self) -> None:
+        """Connect and create or check the schema. Called once before any other method."""
+
+    async def close(self) -> None:
+        """Release every connection. Safe to call twice."""
+
+    # -- accounts ---------------------------------------------------------------------------
+    async def user_by_phone(self, phone: str) -> User | None: ...
+
+    async def create_user(self, phone: str, now: int) -> User:
+        """Return the user with that phone, creating it if absent (idempotent)."""
+
+    async def get_user(self, user_id: str) -> User | None: ...
+
+    async def set_user_name(self, user_id: str, name: str) -> User:
+        """Raises :class:`NotStored` for an unknown user."""
+
+    async def set_last_seen(self, user_id: str, when: int) -> None:
+        """Record when the user was last online; never moves backwards."""
+
+    async def add_device(self, user_id: str, name: str, platform: str, now: int) -> Device: ...
+
+    async def get_device(self, device_id: str) -> Device | None: ...
+
+    async def set_push_target(self, device_id: str, provider: str, token: str) -> Device:
+        """Raises :class:`NotStored` for an unknown device."""
+
+    async def put_login_code(self, code: LoginCode) -> None:
+        """Store (replace) the pending login code for ``code.phone``."""
+
+    async def get_login_code(self, phone: str) -> LoginCode | None: ...
+
+    async def delete_login_code(self, phone: str) -> None: ...
+
+    # -- chats --------------------------------------------------------------------------------
+    async def direct_chat(self, a: str, b: str, now: int) -> Chat:
+        """The direct chat between users a and b, created on first use (idempotent, a != b)."""
+
+    async def create_group(self, creator: str, title: str, members: Sequence[str], now: int) -> Chat:
+        """A new group; ``creator`` is its admin and a member; duplicates in ``members`` are merged."""
+
+    async def get_chat(self, chat_id: str) -> Chat | None:
+        """The chat with its current members, or None."""
+
+    async def user_chats(self, user_id: str) -> list[Chat]:
+        """Every chat the user is a member of, most recently active first."""
+
+    async def add_member(self, chat_id: str, user_id: str, role: Role, now: int) -> bool:
+        """Add a member; False if already a member. Raises :class:`NotStored` for an unknown chat."""
+
+    async def remove_member(self, chat_id: str, user_id: str) -> bool:
+        """Remove a member; False if not a member."""
+
+    async def share_chat(self, a: str, b: str) -> bool:
+        """Whether users a and b are members of at least one common chat."""
+
+    # -- messages and inboxes -----------------------------------------------------------------
+    async def append_message(self, msg: NewMessage, recipients: Sequence[str]) -> Appended:
+        """Number ``msg`` with the chat's next seq, store it, and put one inbox entry for it in
+        the inbox of every recipient, all durably before returning.
+
+        Idempotent on ``(msg.sender, msg.client_id)`` when client_id is set: a repeat stores
+        nothing and returns the first message with ``duplicate=True`` and an empty inbox map.
+        Raises :class:`NotStored` if the chat does not exist.
+        """
+
+    async def find_sent(self, sender: str, client_id: str) -> Message | None:
+        """The message a sender already sent under that client id, if any."""
+
+    async def history(self, chat_id: str, before: int | None, limit: int) -> list[Message]:
+        """Up to ``limit`` messages with seq < before (or the newest), newest first."""
+
+    async def message_carries_media(self, chat_id: str, key: str) -> bool:
+        """Whether any message of the chat names that media key."""
+
+    async def append_receipts(self, notes: Sequence[tuple[str, ReceiptNote]]) -> list[int]:
+        """Append one receipt entry per (user, note) to that user's inbox; return the positions."""
+
+    async def read_inbox(self, user_id: str, after: int, limit: int) -> list[InboxEntry]:
+        """Inbox entries with pos > after, in order, at most ``limit``."""
+
+    async def inbox_head(self, user_id: str) -> int:
+        """The user's highest inbox position (0 when empty)."""
+
+    async def advance_device_ack(self, device_id: str, user_id: str, up_to: int) -> tuple[int, int]:
+        """Raise the device's and its user's acknowledged inbox position to at least ``up_to``;
+        return the user's (previous, new) acknowledged position."""
+
+    async def get_receipts(self, chat_id: str) -> list[Receipt]:
+        """Delivered and read positions of every current member (0 where nothing yet)."""
+
+    async def advance_receipt(self, chat_id: str, user_id: str, kind: ReceiptKind, up_to: int) -> bool:
+        """Move the user's position forward to ``up_to``; reading implies delivery.
+        Return False when the stored value was already at or past it."""
+
+    async def advance_group_notice(self, chat_id: str, user_id: str, kind: ReceiptKind, up_to: int) -> bool:
+        """Remember the highest aggregate receipt told to ``user_id`` for that group; False when
+        ``up_to`` is not higher than what was told before."""
+
+    # -- media --------------------------------------------------------------------------------
+    async def put_media(self, obj: MediaObject) -> MediaObject:
+        """Store a media record unless one with that key exists; return the stored one."""
+
+    async def get_media(self, key: str) -> MediaObject | None: ...
+
+    async def mark_media_ready(self, key: str) -> None: ...
