@@ -1,0 +1,513 @@
+"""The Pigeon Python SDK: one MQTT connection for live events, HTTP for the rest.
+
+::
+
+    profile = await login("http://127.0.0.1:8080", "+15550001111", dev=True)
+    async with Device(profile) as dev:
+        sent = await dev.send(to=peer_id, body="hello")
+        async for event in dev.events():
+            ...
+
+What it does for the application:
+
+* keeps the inbox cursor on disk (in the profile file) and, on connect, syncs from it until
+  nothing is left, so an offline device misses nothing;
+* delivers inbox events exactly once and in inbox order: a duplicate is dropped, a gap in the
+  live stream triggers a sync before anything after the gap is delivered;
+* acknowledges what it has delivered (which produces *delivered* receipts for senders);
+* retries ``send`` under the same id, so a lost reply never produces a second message.
+
+Errors: :class:`PigeonClientError` (with ``.code``, the protocol's error code) for anything the
+server refused, :class:`RequestTimeout` when no reply came in time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import random
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import aiomqtt
+import httpx
+
+log = logging.getLogger(__name__)
+Event = dict[str, Any]
+
+
+class PigeonClientError(Exception):
+    """The server refused a request; ``code`` is the protocol's error code."""
+
+    def __init__(self, code: str, message: str, status: int | None = None, retry_after_ms: int | None = None):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.status = status
+        self.retry_after_ms = retry_after_ms
+
+
+class RequestTimeout(PigeonClientError):
+    def __init__(self, message: str) -> None:
+        super().__init__("timeout", message)
+
+
+@dataclass(slots=True)
+class Profile:
+    """A linked device: where the server is, who we are, and how far we have synced."""
+
+    http_url: str
+    user_id: str
+    device_id: str
+    token: str
+    expires_at: int
+    mqtt_host: str
+    mqtt_port: int
+    ws_url: str
+    phone: str = ""
+    cursor: int = 0
+    path: str | None = field(default=None, repr=False)
+
+    def save(self, path: Path | str | None = None) -> None:
+        target = Path(path or self.path or "")
+        if not str(target):
+            return
+        self.path = str(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        data = asdict(self)
+        data.pop("path")
+        tmp = target.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh)
+        os.replace(tmp, target)
+
+    @classmethod
+    def load(cls, path: Path | str) -> Profile:
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError as exc:
+            raise PigeonClientError("not_logged_in", f"no profile at {path}; run 'pigeon login' first") from exc
+        return cls(**data, path=str(path))
+
+
+def _raise_for(resp: httpx.Response) -> Any:
+    if resp.status_code < 400:
+        return resp.json() if resp.content else None
+    try:
+        err = resp.json()["error"]
+        raise PigeonClientError(err["code"], err["message"], resp.status_code, err.get("retry_after_ms"))
+    except (ValueError, KeyError, TypeError):
+        raise PigeonClientError("http_error", f"HTTP {resp.status_code}", resp.status_code) from None
+
+
+async def request_code(http_url: str, phone: str) -> str | None:
+    """Ask for a login code; returns it when the server runs in dev mode."""
+    async with httpx.AsyncClient(base_url=http_url, timeout=10) as http:
+        reply = _raise_for(await http.post("/v1/auth/code", json={"phone": phone}))
+    return reply.get("dev_code") if isinstance(reply, dict) else None
+
+
+async def verify(http_url: str, phone: str, code: str, device_name: str = "python-sdk",
+                 platform: str = "python") -> Profile:
+    async with httpx.AsyncClient(base_url=http_url, timeout=10) as http:
+        r = _raise_for(await http.post("/v1/auth/verify", json={
+            "phone": phone, "code": code, "device_name": device_name, "platform": platform}))
+    return Profile(
+        http_url=http_url, user_id=r["user_id"], device_id=r["device_id"], token=r["token"],
+        expires_at=r["expires_at"], mqtt_host=r["mqtt"]["host"], mqtt_port=r["mqtt"]["port"],
+        ws_url=r["mqtt"]["ws_url"], phone=phone,
+    )
+
+
+async def login(http_url: str, phone: str, *, dev: bool = True, code: str | None = None,
+                device_name: str = "python-sdk", save_to: Path | str | None = None) -> Profile:
+    """Link a new device. In dev mode the code comes back from the server; otherwise pass it."""
+    if code is None:
+        code = await request_code(http_url, phone)
+        if code is None:
+            raise PigeonClientError("code_required", "the server sent the code by SMS; pass code=")
+    profile = await verify(http_url, phone, code, device_name)
+    if save_to is not None:
+        profile.save(save_to)
+    return profile
+
+
+class Api:
+    """The HTTP half: chats, groups, history, receipts, users, media."""
+
+    def __init__(self, profile: Profile) -> None:
+        self.profile = profile
+        self._http = httpx.AsyncClient(
+            base_url=profile.http_url, timeout=30, headers={"Authorization": f"Bearer {profile.token}"}
+        )
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    async def _call(self, method: str, path: str, **kw: Any) -> Any:
+        try:
+            resp = await self._http.request(method, path, **kw)
+        except httpx.HTTPError as exc:
+            raise PigeonClientError("unavailable", f"cannot reach {self.profile.http_url}: {exc}") from exc
+        return _raise_for(resp)
+
+    async def me(self) -> dict[str, Any]:
+        return dict(await self._call("GET", "/v1/me"))
+
+    async def rename(self, name: str) -> dict[str, Any]:
+        return dict(await self._call("PATCH", "/v1/me", json={"name": name}))
+
+    async def find_user(self, phone: str) -> str:
+        return str((await self._call("GET", "/v1/users", params={"phone": phone}))["user_id"])
+
+    async def chats(self) -> list[dict[str, Any]]:
+        return list((await self._call("GET", "/v1/chats"))["chats"])
+
+    async def open_direct(self, peer: str) -> dict[str, Any]:
+        return dict(await self._call("POST", "/v1/chats", json={"kind": "direct", "peer": peer}))
+
+    async def create_group(self, title: str, members: list[str]) -> dict[str, Any]:
+        return dict(await self._call("POST", "/v1/chats", json={"kind": "group", "title": title, "members": members}))
+
+    async def add_member(self, chat: str, user_id: str) -> dict[str, Any]:
+        return dict(await self._call("POST", f"/v1/chats/{chat}/members", json={"user_id": user_id}))
+
+    async def remove_member(self, chat: str, user_id: str) -> dict[str, Any]:
+        return dict(await self._call("DELETE", f"/v1/chats/{chat}/members/{user_id}"))
+
+    async def history(self, chat: str, before: int | None = None, limit: int = 50) -> dict[str, Any]:
+        params: dict[str, Any] = {"limit": limit}
+        if before is not None:
+            params["before"] = before
+        return dict(await self._call("GET", f"/v1/chats/{chat}/messages", params=params))
+
+    async def post_message(self, chat: str, body: str, id: str | None = None) -> dict[str, Any]:
+        return dict(await self._call("POST", f"/v1/chats/{chat}/messages",
+                                     json={"id": id or uuid.uuid4().hex, "body": body}))
+
+    async def receipts(self, chat: str) -> list[dict[str, Any]]:
+        return list((await self._call("GET", f"/v1/chats/{chat}/receipts"))["receipts"])
+
+    async def presence(self, user_id: str) -> dict[str, Any]:
+        return dict(await self._call("GET", f"/v1/users/{user_id}/presence"))
+
+    async def set_push(self, provider: str, token: str) -> dict[str, Any]:
+        return dict(await self._call("PUT", f"/v1/devices/{self.profile.device_id}/push",
+                                     json={"provider": provider, "token": token}))
+
+    async def put_blob(self, upload: Mapping[str, Any], data: bytes) -> None:
+        """Upload bytes with a presigned ticket (PUT or POST form), straight to storage."""
+        async with httpx.AsyncClient(timeout=120) as raw:
+            if upload["method"] == "PUT":
+                resp = await raw.put(upload["url"], content=data, headers=dict(upload.get("headers") or {}))
+            else:
+                resp = await raw.post(upload["url"], data=dict(upload.get("fields") or {}),
+                                      files={"file": ("upload", data)})
+        if resp.status_code >= 300:
+            raise PigeonClientError("upload_failed", f"storage refused the upload: HTTP {resp.status_code}",
+                                    resp.status_code)
+
+    async def get_blob(self, url: str) -> bytes:
+        async with httpx.AsyncClient(timeout=120) as raw:
+            resp = await raw.get(url)
+        if resp.status_code >= 300:
+            raise PigeonClientError("download_failed", f"storage refused the download: HTTP {resp.status_code}",
+                                    resp.status_code)
+        return resp.content
+
+
+class Device:
+    """A connected device: requests over MQTT, events in inbox order, cursor kept on disk."""
+
+    def __init__(self, profile: Profile, *, keepalive: int = 240, transport: str = "tcp",
+                 reply_timeout: float = 10.0, ack_delay: float = 0.05) -> None:
+        self.profile = profile
+        self.api = Api(profile)
+        self._keepalive = keepalive
+        self._transport = transport
+        self._reply_timeout = reply_timeout
+        self._ack_delay = ack_delay
+        self._client: aiomqtt.Client | None = None
+        self._pending: dict[str, asyncio.Future[Event]] = {}
+        self._events: asyncio.Queue[Event] = asyncio.Queue()
+        self._side: asyncio.Queue[Event] = asyncio.Queue()
+        self._cursor = profile.cursor
+        self._acked = profile.cursor
+        self._buffer: dict[int, Event] = {}
+        self._sync_lock = asyncio.Lock()
+        self._sync_wanted = asyncio.Event()
+        self._ack_wanted = asyncio.Event()
+        self._tasks: asyncio.TaskGroup | None = None
+        self._runner: asyncio.Task[None] | None = None
+        self._stack = contextlib.AsyncExitStack()
+        self.up = f"up/{profile.user_id}/{profile.device_id}"
+
+    @property
+    def cursor(self) -> int:
+        return self._cursor
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def _mqtt_client(self) -> aiomqtt.Client:
+        p = self.profile
+        offline = json.dumps({"type": "presence", "state": "offline"})
+        if self._transport == "websockets":
+            host_port = p.ws_url.split("://", 1)[1].split("/", 1)[0]
+            host, port = host_port.rsplit(":", 1)
+            return aiomqtt.Client(
+                host, int(port), identifier=p.device_id, username=p.device_id, password=p.token,
+                clean_session=True, keepalive=self._keepalive, transport="websockets", websocket_path="/mqtt",
+                will=aiomqtt.Will(self.up, offline, qos=1), protocol=aiomqtt.ProtocolVersion.V311,
+            )
+        return aiomqtt.Client(
+            p.mqtt_host, p.mqtt_port, identifier=p.device_id, username=p.device_id, password=p.token,
+            clean_session=True, keepalive=self._keepalive, will=aiomqtt.Will(self.up, offline, qos=1),
+            protocol=aiomqtt.ProtocolVersion.V311,
+        )
+
+    async def __aenter__(self) -> Device:
+        client = self._mqtt_client()
+        try:
+            await self._stack.enter_async_context(client)
+        except aiomqtt.MqttError as exc:
+            await self.api.close()
+            raise PigeonClientError("connect_refused", str(exc)) from exc
+        self._client = client
+        await client.subscribe(f"down/{self.profile.user_id}", qos=1)
+        await client.subscribe(f"down/{self.profile.user_id}/{self.profile.device_id}", qos=1)
+        self._runner = asyncio.create_task(self._run(), name=f"pigeon-device-{self.profile.device_id}")
+        await self._publish({"type": "presence", "state": "online"})
+        await self.sync()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+    async def close(self, *, clean: bool = True) -> None:
+        """Disconnect. ``clean=False`` drops the connection without the offline presence."""
+        if self._client is not None and clean:
+            with contextlib.suppress(aiomqtt.MqttError):
+                await self._flush_ack()
+                await self._publish({"type": "presence", "state": "offline"})
+        if self._runner is not None:
+            self._runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._runner
+            self._runner = None
+        with contextlib.suppress(aiomqtt.MqttError, OSError):
+            await self._stack.aclose()
+        self._client = None
+        await self.api.close()
+        self._save_cursor()
+
+    async def _run(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._read_loop(), name="read")
+            tg.create_task(self._sync_loop(), name="gap-sync")
+            tg.create_task(self._ack_loop(), name="ack")
+
+    # -- plumbing ------------------------------------------------------------------------------------
+    async def _publish(self, payload: Mapping[str, Any], qos: int = 1) -> None:
+        if self._client is None:
+            raise PigeonClientError("not_connected", "the device is not connected")
+        await self._client.publish(self.up, json.dumps(payload, separators=(",", ":")), qos=qos)
+
+    async def request(self, payload: Mapping[str, Any], timeout: float | None = None) -> Event:
+        """Publish a request with an id and wait for the reply carrying that id."""
+        rid = str(payload.get("id") or uuid.uuid4().hex)
+        body = {**payload, "id": rid}
+        fut: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
+        try:
+            await self._publish(body)
+            reply = await asyncio.wait_for(fut, timeout or self._reply_timeout)
+        except TimeoutError as exc:
+            raise RequestTimeout(f"no reply to {payload.get('type')} {rid}") from exc
+        finally:
+            self._pending.pop(rid, None)
+        if reply.get("type") == "error":
+            raise PigeonClientError(reply["code"], reply.get("message", ""), retry_after_ms=reply.get("retry_after_ms"))
+        return reply
+
+    async def _read_loop(self) -> None:
+        assert self._client is not None
+        async for message in self._client.messages:
+            try:
+                event = json.loads(message.payload if isinstance(message.payload, (bytes, str)) else b"{}")
+            except ValueError:
+                log.warning("ignoring a payload that is not JSON on %s", message.topic)
+                continue
+            if not isinstance(event, dict):
+                continue
+            rid = event.get("id")
+            if event.get("type") in ("sent", "batch", "error", "media_upload", "media_ready", "media_url") \
+                    and isinstance(rid, str) and rid in self._pending:
+                fut = self._pending.pop(rid)
+                if not fut.done():
+                    fut.set_result(event)
+                continue
+            if event.get("type") == "presence" and isinstance(rid, str) and rid in self._pending:
+                self._side.put_nowait(event)
+                continue
+            if "inbox" in event:
+                self._take(event)
+            else:
+                await self._events.put(event)
+
+    def _take(self, event: Event) -> None:
+        """Deliver inbox events exactly once and in order; a gap asks for a sync."""
+        pos = int(event["inbox"])
+        if pos <= self._cursor:
+            return
+        self._buffer[pos] = event
+        while self._cursor + 1 in self._buffer:
+            self._cursor += 1
+            self._events.put_nowait(self._buffer.pop(self._cursor))
+            self._ack_wanted.set()
+        if self._buffer:
+            self._sync_wanted.set()
+
+    async def _sync_loop(self) -> None:
+        while True:
+            await self._sync_wanted.wait()
+            await asyncio.sleep(0.05)  # let the in-flight live events land before asking
+            self._sync_wanted.clear()
+            if self._buffer:
+                try:
+                    await self.sync()
+                except PigeonClientError as exc:
+                    log.warning("gap sync failed: %s", exc)
+                    self._sync_wanted.set()
+                    await asyncio.sleep(1 + random.random())
+
+    async def _ack_loop(self) -> None:
+        while True:
+            await self._ack_wanted.wait()
+            await asyncio.sleep(self._ack_delay)
+            self._ack_wanted.clear()
+            with contextlib.suppress(aiomqtt.MqttError):
+                await self._flush_ack()
+
+    async def _flush_ack(self) -> None:
+        if self._cursor > self._acked and self._client is not None:
+            up_to = self._cursor
+            await self._publish({"type": "ack", "up_to": up_to})
+            self._acked = up_to
+            self._save_cursor()
+
+    def _save_cursor(self) -> None:
+        self.profile.cursor = self._cursor
+        if self.profile.path:
+            self.profile.save()
+
+    # -- requests ----------------------------------------------------------------------------------------
+    async def sync(self, limit: int = 500) -> int:
+        """Fetch every inbox event after the cursor; return how many were new."""
+        async with self._sync_lock:
+            before = self._cursor
+            while True:
+                batch = await self.request({"type": "sync", "after": self._cursor, "limit": limit})
+                for item in batch["items"]:
+                    self._take(item)
+                if not batch["more"] or not batch["items"]:
+                    break
+            await self._flush_ack()
+            return self._cursor - before
+
+    async def send(self, body: str | None = None, *, chat: str | None = None, to: str | None = None,
+                   media: Mapping[str, Any] | None = None, id: str | None = None, retries: int = 3) -> Event:
+        """Send a message; retried under the same id until the server answers ``sent``."""
+        payload: dict[str, Any] = {"type": "send", "id": id or uuid.uuid4().hex}
+        if chat is not None:
+            payload["chat"] = chat
+        if to is not None:
+            payload["to"] = to
+        if body is not None:
+            payload["body"] = body
+        if media is not None:
+            payload["media"] = dict(media)
+        delay = 0.5
+        for attempt in range(retries + 1):
+            try:
+                return await self.request(payload)
+            except RequestTimeout:
+                if attempt == retries:
+                    raise
+            except PigeonClientError as exc:
+                if exc.code not in ("rate_limited", "unavailable") or attempt == retries:
+                    raise
+                delay = max(delay, (exc.retry_after_ms or 0) / 1000)
+            await asyncio.sleep(min(delay, 10) * (1 + random.random() / 2))
+            delay *= 2
+        raise AssertionError("unreachable")
+
+    async def read(self, chat: str, up_to: int) -> None:
+        await self._publish({"type": "read", "chat": chat, "up_to": up_to})
+
+    async def typing(self, chat: str) -> None:
+        await self._publish({"type": "typing", "chat": chat}, qos=0)
+
+    async def watch(self, users: list[str], ttl: int = 300) -> list[Event]:
+        """Presence of the visible users now; later changes arrive through :meth:`events`."""
+        rid = uuid.uuid4().hex
+        fut: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut  # marks presence replies with this id as replies
+        try:
+            await self._publish({"type": "watch", "id": rid, "users": users, "ttl": ttl})
+            out: list[Event] = []
+            deadline = asyncio.get_running_loop().time() + 2.0
+            while True:
+                remaining = deadline - asyncio.get_running_loop().time()
+                if remaining <= 0 or len(out) >= len(set(users)):
+                    return out
+                try:
+                    ev = await asyncio.wait_for(self._side.get(), remaining)
+                except TimeoutError:
+                    return out
+                if ev.get("id") == rid:
+                    out.append(ev)
+        finally:
+            self._pending.pop(rid, None)
+
+    async def upload(self, data: bytes, mime: str, name: str | None = None) -> dict[str, Any]:
+        """Upload bytes and return the MEDIA object to put in :meth:`send`."""
+        sha = hashlib.sha256(data).hexdigest()
+        reply = await self.request({"type": "media_upload", "sha256": sha, "size": len(data), "mime": mime})
+        if not reply["exists"]:
+            await self.api.put_blob(reply["upload"], data)
+        await self.request({"type": "media_done", "key": reply["key"]})
+        media: dict[str, Any] = {"key": reply["key"], "mime": mime, "size": len(data), "sha256": sha}
+        if name:
+            media["name"] = name
+        return media
+
+    async def download(self, key: str, chat: str) -> bytes:
+        reply = await self.request({"type": "media_url", "key": key, "chat": chat})
+        return await self.api.get_blob(reply["url"])
+
+    # -- events ------------------------------------------------------------------------------------------
+    async def next_event(self, timeout: float | None = None) -> Event:
+        try:
+            return await asyncio.wait_for(self._events.get(), timeout)
+        except TimeoutError as exc:
+            raise RequestTimeout("no event arrived in time") from exc
+
+    async def events(self) -> AsyncIterator[Event]:
+        while True:
+            yield await self._events.get()
+
+    def pending_events(self) -> list[Event]:
+        out: list[Event] = []
+        while not self._events.empty():
+            out.append(self._events.get_nowait())
+        return out
+
