@@ -1,0 +1,74 @@
+"""Hand-built MQTT 3.1.1 packets, for tests that need a client no library would be:
+one that never pings, or that checks the exact CONNACK code."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+
+
+def _str(s: str | bytes) -> bytes:
+    b = s.encode() if isinstance(s, str) else s
+    return struct.pack("!H", len(b)) + b
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n % 128, n // 128
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def connect_packet(client_id: str, username: str | None = None, password: str | None = None,
+                   keepalive: int = 60, will: tuple[str, bytes] | None = None, clean: bool = True) -> bytes:
+    flags = 0x02 if clean else 0
+    payload = _str(client_id)
+    if will is not None:
+        flags |= 0x04 | (1 << 3)  # will, QoS 1
+        payload += _str(will[0]) + _str(will[1])
+    if username is not None:
+        flags |= 0x80
+        payload += _str(username)
+    if password is not None:
+        flags |= 0x40
+        payload += _str(password)
+    var = _str("MQTT") + bytes([4, flags]) + struct.pack("!H", keepalive)
+    body = var + payload
+    return bytes([0x10]) + _varint(len(body)) + body
+
+
+def publish_packet(topic: str, payload: bytes, packet_id: int) -> bytes:
+    body = _str(topic) + struct.pack("!H", packet_id) + payload
+    return bytes([0x32]) + _varint(len(body)) + body
+
+
+def subscribe_packet(topic: str, packet_id: int, qos: int = 1) -> bytes:
+    body = struct.pack("!H", packet_id) + _str(topic) + bytes([qos])
+    return bytes([0x82]) + _varint(len(body)) + body
+
+
+async def connack_code(host: str, port: int, packet: bytes, timeout: float = 5.0) -> int:
+    """Send a CONNECT and return the CONNACK return code (closing afterwards)."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(packet)
+        await writer.drain()
+        data = await asyncio.wait_for(reader.readexactly(4), timeout)
+        assert data[0] == 0x20, data
+        return data[3]
+    finally:
+        writer.close()
+
+
+async def read_packet(reader: asyncio.StreamReader, timeout: float = 5.0) -> tuple[int, bytes]:
+    first = (await asyncio.wait_for(reader.readexactly(1), timeout))[0]
+    mult, length = 1, 0
+    while True:
+        b = (await reader.readexactly(1))[0]
+        length += (b & 0x7F) * mult
+        if not b & 0x80:
+            break
+        mult *= 128
+    return first, await reader.readexactly(length)
