@@ -74,6 +74,8 @@ class Messenger:
         self._clock = clock
         self._presence = presence
         self.max_group = max_group
+        # (chat, member, kind) -> highest aggregate receipt this process has seen told
+        self._told: dict[tuple[str, str, str], int] = {}
 
     # -- helpers --------------------------------------------------------------------------------
     async def _member_chat(self, caller: Caller, chat_id: str) -> Chat:
@@ -146,7 +148,8 @@ class Messenger:
                 if not page:
                     break
                 for e in page:
-                    if isinstance(e.item, Message):
+                    # one's own messages say nothing to the others about delivery
+                    if isinstance(e.item, Message) and e.item.sender != caller.user_id:
                         reached[e.item.chat_id] = max(reached.get(e.item.chat_id, 0), e.item.seq)
                 after = page[-1].pos
             outs: list[Out] = []
@@ -171,39 +174,38 @@ class Messenger:
         chat = chat or await self._store.get_chat(chat_id)
         if chat is None or chat.member(user_id) is None:
             return []
-        before = await self._store.get_receipts(chat_id) if chat.kind == "group" else []
         if not await self._store.advance_receipt(chat_id, user_id, kind, up_to):
             return []
         notes: list[tuple[str, ReceiptNote]] = []
         if chat.kind == "direct":
             notes = [(m, ReceiptNote(chat_id, user_id, kind, up_to)) for m in chat.member_ids if m != user_id]
         else:
-            notes = await self._group_notes(chat, before, user_id, kind, up_to)
+            notes = await self._group_notes(chat, kind)
         if not notes:
             return []
         positions = await self._store.append_receipts(notes)
         return [Out.event(user_topic(u), receipt_event(n, p)) for (u, n), p in zip(notes, positions, strict=True)]
 
-    async def _group_notes(
-        self, chat: Chat, before: list[Receipt], user_id: str, kind: ReceiptKind, up_to: int
-    ) -> list[tuple[str, ReceiptNote]]:
-        """For each member, the position every *other* member has reached, when it moved."""
+    async def _group_notes(self, chat: Chat, kind: ReceiptKind) -> list[tuple[str, ReceiptNote]]:
+        """For each member, the position every *other* member has reached, when it moved.
 
-        def value(r: Receipt) -> int:
-            return r.read if kind == "read" else r.delivered
-
-        old = {r.user_id: value(r) for r in before}
-        new = dict(old)
-        new[user_id] = max(old.get(user_id, 0), up_to)
+        Computed from the receipts as stored *after* this request's write, so of two members
+        advancing at once at least one handler sees both; the store's record of what each
+        member was told keeps the notices moving forward only.
+        """
+        current = await self._store.get_receipts(chat.chat_id)
+        ranked = sorted(((r.read if kind == "read" else r.delivered), r.user_id) for r in current)
         notes: list[tuple[str, ReceiptNote]] = []
         for member in chat.member_ids:
-            others_old = [v for u, v in old.items() if u != member]
-            others_new = [v for u, v in new.items() if u != member]
-            if not others_new:
+            agg = next((v for v, u in ranked if u != member), 0)
+            key = (chat.chat_id, member, kind)
+            if agg <= 0 or self._told.get(key, 0) >= agg:
                 continue
-            agg_old, agg_new = min(others_old, default=0), min(others_new)
-            if agg_new > agg_old and await self._store.advance_group_notice(chat.chat_id, member, kind, agg_new):
-                notes.append((member, ReceiptNote(chat.chat_id, "*", kind, agg_new)))
+            if await self._store.advance_group_notice(chat.chat_id, member, kind, agg):
+                notes.append((member, ReceiptNote(chat.chat_id, "*", kind, agg)))
+            if len(self._told) > 200_000:
+                self._told.clear()
+            self._told[key] = agg
         return notes
 
     # -- typing ----------------------------------------------------------------------------------

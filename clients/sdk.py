@@ -292,9 +292,9 @@ class Device:
                         tb: TracebackType | None) -> None:
         await self.close()
 
-    async def close(self, *, clean: bool = True) -> None:
-        """Disconnect. ``clean=False`` drops the connection without the offline presence."""
-        if self._client is not None and clean:
+    async def close(self) -> None:
+        """Say offline, acknowledge what was delivered, and disconnect."""
+        if self._client is not None:
             with contextlib.suppress(aiomqtt.MqttError):
                 await self._flush_ack()
                 await self._publish({"type": "presence", "state": "offline"})
