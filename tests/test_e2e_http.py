@@ -1,0 +1,173 @@
+"""Protocol section 6 end to end: the HTTP API."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+import pytest
+
+from clients.sdk import Api, PigeonClientError, login
+from tests.conftest import NewUser, ServerProc, fresh_phone
+
+
+async def test_login_flow_codes_and_lockout(server: ServerProc) -> None:
+    phone = fresh_phone()
+    async with httpx.AsyncClient(base_url=server.http) as http:
+        r = await http.post("/v1/auth/code", json={"phone": "5550001111"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "bad_request"
+        r = await http.post("/v1/auth/code", json={"phone": phone})
+        assert r.status_code == 202 and len(r.json()["dev_code"]) == 6
+        code = r.json()["dev_code"]
+        wrong = f"{(int(code) + 1) % 1_000_000:06d}"
+        r = await http.post("/v1/auth/verify", json={"phone": phone, "code": wrong})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+        r = await http.post("/v1/auth/verify", json={"phone": phone, "code": code, "device_name": "pixel",
+                                                      "platform": "android"})
+        assert r.status_code == 200
+        body = r.json()
+        assert set(body) >= {"user_id", "device_id", "token", "expires_at", "mqtt"}
+        assert body["mqtt"]["port"] == server.mqtt_port and body["mqtt"]["ws_url"].endswith("/mqtt")
+        # a used code cannot be used again
+        r = await http.post("/v1/auth/verify", json={"phone": phone, "code": code})
+        assert r.status_code == 401
+        # five wrong guesses lock the phone, and asking for a new code does not unlock it
+        r = await http.post("/v1/auth/code", json={"phone": phone})
+        code = r.json()["dev_code"]
+        wrong = f"{(int(code) + 1) % 1_000_000:06d}"
+        statuses = [
+            (await http.post("/v1/auth/verify", json={"phone": phone, "code": wrong})).status_code for _ in range(5)
+        ]
+        assert statuses == [401, 401, 401, 401, 429]
+        r = await http.post("/v1/auth/verify", json={"phone": phone, "code": code})
+        assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limited"
+        assert r.json()["error"]["retry_after_ms"] > 0
+        assert (await http.post("/v1/auth/code", json={"phone": phone})).status_code == 429
+
+
+async def test_same_phone_links_a_second_device_to_the_same_user(new_user: NewUser) -> None:
+    a = await new_user()
+    a2 = await new_user(a.phone)
+    assert a2.user_id == a.user_id and a2.device_id != a.device_id
+
+
+async def test_me_rename_find_and_push(new_user: NewUser) -> None:
+    a, b = await new_user(), await new_user()
+    api = Api(a)
+    try:
+        me = await api.me()
+        assert me["user_id"] == a.user_id and me["phone"] == a.phone and me["device_id"] == a.device_id
+        assert (await api.rename("Alice"))["name"] == "Alice"
+        assert (await api.me())["name"] == "Alice"
+        with pytest.raises(PigeonClientError) as info:
+            await api.rename("")
+        assert info.value.code == "bad_request"
+        assert await api.find_user(b.phone) == b.user_id
+        with pytest.raises(PigeonClientError) as info:
+            await api.find_user(fresh_phone())
+        assert info.value.status == 404
+        assert (await api.set_push("fcm", "token-123"))["provider"] == "fcm"
+        with pytest.raises(PigeonClientError) as info:
+            await api.set_push("pigeon-post", "x")
+        assert info.value.code == "bad_request"
+        with pytest.raises(PigeonClientError) as info:
+            await api._call("PUT", f"/v1/devices/{b.device_id}/push", json={"provider": "fcm", "token": "t"})  # noqa: SLF001
+        assert info.value.status == 403
+    finally:
+        await api.close()
+
+
+async def test_chats_direct_is_idempotent_and_groups_are_limited(new_user: NewUser) -> None:
+    a, b = await new_user(), await new_user()
+    api, bapi = Api(a), Api(b)
+    try:
+        d1 = await api.open_direct(b.user_id)
+        d2 = await bapi.open_direct(a.user_id)
+        assert d1["chat"] == d2["chat"] and d1["kind"] == "direct" and d1["last_seq"] == 0
+        group = await api.create_group("friends", [b.user_id])
+        assert group["admins"] == [a.user_id]
+        listed = {c["chat"]: c for c in await bapi.chats()}
+        assert set(listed) == {d1["chat"], group["chat"]}
+        assert listed[group["chat"]]["title"] == "friends" and listed[group["chat"]]["last_seq"] == 1
+        with pytest.raises(PigeonClientError) as info:
+            await api.create_group("crowd", [f"u{i:016x}" for i in range(100)])  # 101 with the creator
+        assert info.value.code == "bad_request"
+        with pytest.raises(PigeonClientError) as info:
+            await api.create_group("ghosts", ["u-nobody"])
+        assert info.value.code == "not_found"
+        with pytest.raises(PigeonClientError) as info:
+            await api._call("POST", "/v1/chats", json={"kind": "channel"})  # noqa: SLF001
+        assert info.value.code == "bad_request"
+    finally:
+        await api.close()
+        await bapi.close()
+
+
+async def test_only_admins_add_and_remove_members(new_user: NewUser) -> None:
+    admin, m, outsider = await new_user(), await new_user(), await new_user()
+    api, mapi = Api(admin), Api(m)
+    try:
+        chat = (await api.create_group("g", [m.user_id]))["chat"]
+        with pytest.raises(PigeonClientError) as info:
+            await mapi.add_member(chat, outsider.user_id)
+        assert info.value.status == 403
+        with pytest.raises(PigeonClientError) as info:
+            await mapi.remove_member(chat, admin.user_id)
+        assert info.value.status == 403
+        await api.add_member(chat, outsider.user_id)
+        await api.add_member(chat, outsider.user_id)  # adding twice changes nothing
+        await api.remove_member(chat, outsider.user_id)
+        members = (await api._call("GET", f"/v1/chats/{chat}"))["members"]  # noqa: SLF001
+        assert set(members) == {admin.user_id, m.user_id}
+        history = await api.history(chat)
+        assert [x["event"] for x in reversed(history["messages"])] == ["created", "member_added", "member_removed"]
+        direct = (await api.open_direct(m.user_id))["chat"]
+        with pytest.raises(PigeonClientError) as info:
+            await api.add_member(direct, outsider.user_id)
+        assert info.value.status == 403
+    finally:
+        await api.close()
+        await mapi.close()
+
+
+async def test_history_pages_newest_first(new_user: NewUser) -> None:
+    a, b = await new_user(), await new_user()
+    api = Api(a)
+    try:
+        chat = (await api.open_direct(b.user_id))["chat"]
+        for i in range(7):
+            await api.post_message(chat, f"h{i}")
+        page = await api.history(chat, limit=3)
+        assert [x["seq"] for x in page["messages"]] == [7, 6, 5] and page["next_before"] == 5
+        page = await api.history(chat, before=5, limit=3)
+        assert [x["seq"] for x in page["messages"]] == [4, 3, 2] and page["next_before"] == 2
+        page = await api.history(chat, before=2, limit=3)
+        assert [x["seq"] for x in page["messages"]] == [1] and page["next_before"] is None
+        with pytest.raises(PigeonClientError) as info:
+            await api.history(chat, limit=0)
+        assert info.value.code == "bad_request"
+    finally:
+        await api.close()
+
+
+async def test_healthz_and_metrics(server: ServerProc, new_user: NewUser, connect: Any) -> None:
+    a, b = await new_user(), await new_user()
+    da = await connect(a)
+    await da.send("count me", to=b.user_id)
+    async with httpx.AsyncClient(base_url=server.http) as http:
+        assert (await http.get("/healthz")).json() == {"status": "ok"}
+        text = (await http.get("/metrics")).text
+    for name in ("pigeon_messages_in_total", "pigeon_messages_out_total", "pigeon_fanout_recipients_bucket",
+                 "pigeon_sync_batches_total", "pigeon_connected_devices", "pigeon_errors_total",
+                 "pigeon_handling_seconds_bucket"):
+        assert name in text, name
+    connected = [ln for ln in text.splitlines() if ln.startswith("pigeon_connected_devices ")]
+    assert float(connected[0].split()[1]) >= 1
+
+
+async def test_login_helper_rejects_unknown_phone_format(server: ServerProc) -> None:
+    with pytest.raises(PigeonClientError) as info:
+        await login(server.http, "not-a-phone")
+    assert info.value.code == "bad_request"
+    await asyncio.sleep(0)

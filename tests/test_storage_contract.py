@@ -1,0 +1,205 @@
+"""The storage contract, run unchanged against every backend.
+
+A backend joins by adding a parameter to the ``store`` fixture that yields an opened, empty
+store of that kind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from storage import open_store
+from storage.base import LoginCode, MediaObject, MediaRef, Message, NewMessage, NotStored, ReceiptNote, Store
+
+T0 = 1_700_000_000_000
+
+
+@pytest.fixture(params=["sqlite"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    if request.param == "sqlite":
+        s = open_store(f"sqlite://{tmp_path / 'contract.db'}")
+    await s.open()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+def text(chat: str, sender: str, cid: str | None, body: str = "x", ts: int = T0) -> NewMessage:
+    return NewMessage(chat_id=chat, sender=sender, device="d1", client_id=cid, ts=ts, kind="text", body=body)
+
+
+async def two_users(store: Store) -> tuple[str, str]:
+    a = await store.create_user("+15550000001", T0)
+    b = await store.create_user("+15550000002", T0)
+    return a.user_id, b.user_id
+
+
+async def test_users_are_unique_per_phone_and_keep_their_fields(store: Store) -> None:
+    u = await store.create_user("+15550000001", T0)
+    assert await store.create_user("+15550000001", T0 + 5) == u
+    assert await store.user_by_phone("+15550000001") == u
+    assert await store.get_user(u.user_id) == u
+    assert (await store.set_user_name(u.user_id, "Ann")).name == "Ann"
+    await store.set_last_seen(u.user_id, T0 + 10)
+    await store.set_last_seen(u.user_id, T0 + 5)  # never backwards
+    got = await store.get_user(u.user_id)
+    assert got is not None and got.last_seen == T0 + 10
+    with pytest.raises(NotStored):
+        await store.set_user_name("u-missing", "x")
+    assert await store.get_user("u-missing") is None
+
+
+async def test_devices_and_push_targets(store: Store) -> None:
+    u = await store.create_user("+15550000001", T0)
+    d = await store.add_device(u.user_id, "phone", "android", T0)
+    assert await store.get_device(d.device_id) == d
+    updated = await store.set_push_target(d.device_id, "fcm", "tok")
+    assert (updated.push_provider, updated.push_token) == ("fcm", "tok")
+    with pytest.raises(NotStored):
+        await store.set_push_target("d-missing", "fcm", "tok")
+
+
+async def test_login_codes_replace_and_delete(store: Store) -> None:
+    code = LoginCode(phone="+15550000001", code_hash="h1", expires_at=T0, attempts=0, locked_until=0)
+    await store.put_login_code(code)
+    await store.put_login_code(LoginCode("+15550000001", "h2", T0 + 1, 2, 0))
+    assert await store.get_login_code("+15550000001") == LoginCode("+15550000001", "h2", T0 + 1, 2, 0)
+    await store.delete_login_code("+15550000001")
+    assert await store.get_login_code("+15550000001") is None
+
+
+async def test_direct_chat_is_created_once_for_the_pair(store: Store) -> None:
+    a, b = await two_users(store)
+    c1 = await store.direct_chat(a, b, T0)
+    c2 = await store.direct_chat(b, a, T0 + 1)
+    assert c1.chat_id == c2.chat_id and c1.kind == "direct" and set(c1.member_ids) == {a, b}
+    assert await store.share_chat(a, b)
+    assert [c.chat_id for c in await store.user_chats(a)] == [c1.chat_id]
+
+
+async def test_groups_members_and_roles(store: Store) -> None:
+    a, b = await two_users(store)
+    c = await store.create_user("+15550000003", T0)
+    g = await store.create_group(a, "team", [b, b, a], T0)
+    assert g.kind == "group" and g.title == "team" and g.member(a) and g.member(a).role == "admin"  # type: ignore[union-attr]
+    assert sorted(g.member_ids) == sorted([a, b])
+    assert await store.add_member(g.chat_id, c.user_id, "member", T0) is True
+    assert await store.add_member(g.chat_id, c.user_id, "member", T0) is False
+    assert await store.remove_member(g.chat_id, b) is True
+    assert await store.remove_member(g.chat_id, b) is False
+    got = await store.get_chat(g.chat_id)
+    assert got is not None and sorted(got.member_ids) == sorted([a, c.user_id])
+    assert not await store.share_chat(a, b)
+    with pytest.raises(NotStored):
+        await store.add_member("g-missing", a, "member", T0)
+    assert await store.get_chat("g-missing") is None
+
+
+async def test_append_numbers_gap_free_and_fills_inboxes(store: Store) -> None:
+    a, b = await two_users(store)
+    chat = await store.direct_chat(a, b, T0)
+    results = [await store.append_message(text(chat.chat_id, a, f"m{i}", body=f"b{i}"), [a, b]) for i in range(5)]
+    assert [r.message.seq for r in results] == [1, 2, 3, 4, 5]
+    assert [r.inbox[b] for r in results] == [1, 2, 3, 4, 5]
+    entries = await store.read_inbox(b, 0, 100)
+    assert [e.pos for e in entries] == [1, 2, 3, 4, 5]
+    assert isinstance(entries[0].item, Message) and entries[0].item.body == "b0"
+    assert await store.inbox_head(b) == 5
+    assert [e.pos for e in await store.read_inbox(b, 2, 2)] == [3, 4]
+
+
+async def test_append_is_idempotent_on_sender_and_client_id(store: Store) -> None:
+    a, b = await two_users(store)
+    chat = await store.direct_chat(a, b, T0)
+    first = await store.append_message(text(chat.chat_id, a, "same"), [a, b])
+    again = await store.append_message(text(chat.chat_id, a, "same", body="changed"), [a, b])
+    assert again.duplicate and again.message == first.message and dict(again.inbox) == {}
+    assert await store.find_sent(a, "same") == first.message
+    assert len(await store.history(chat.chat_id, None, 10)) == 1
+    assert await store.inbox_head(b) == 1
+
+
+async def test_concurrent_appends_never_share_a_seq(store: Store) -> None:
+    a, b = await two_users(store)
+    chat = await store.direct_chat(a, b, T0)
+    results = await asyncio.gather(*(store.append_message(text(chat.chat_id, a, f"c{i}"), [a, b]) for i in range(40)))
+    assert sorted(r.message.seq for r in results) == list(range(1, 41))
+    assert sorted(r.inbox[a] for r in results) == list(range(1, 41))
+
+
+async def test_append_to_missing_chat_raises_and_stores_nothing(store: Store) -> None:
+    a, b = await two_users(store)
+    with pytest.raises(NotStored):
+        await store.append_message(text("c-missing", a, "x"), [a, b])
+    assert await store.inbox_head(b) == 0 and await store.find_sent(a, "x") is None
+
+
+async def test_history_pages_newest_first(store: Store) -> None:
+    a, b = await two_users(store)
+    chat = await store.direct_chat(a, b, T0)
+    for i in range(6):
+        await store.append_message(text(chat.chat_id, a, None, body=f"h{i}"), [a, b])
+    assert [m.seq for m in await store.history(chat.chat_id, None, 4)] == [6, 5, 4, 3]
+    assert [m.seq for m in await store.history(chat.chat_id, 3, 4)] == [2, 1]
+
+
+async def test_media_roundtrip_and_chat_carriage(store: Store) -> None:
+    a, b = await two_users(store)
+    chat = await store.direct_chat(a, b, T0)
+    obj = MediaObject(key="k" * 64, sha256="k" * 64, size=10, mime="image/png", owner=a, state="pending", created_at=T0)
+    assert await store.put_media(obj) == obj
+    assert (await store.put_media(replace(obj, size=99, owner=b))).size == 10  # the first record stays
+    await store.mark_media_ready(obj.key)
+    got = await store.get_media(obj.key)
+    assert got is not None and got.state == "ready"
+    with pytest.raises(NotStored):
+        await store.mark_media_ready("missing")
+    ref = MediaRef(key=obj.key, mime="image/png", size=10, sha256=obj.sha256, name="p.png")
+    assert not await store.message_carries_media(chat.chat_id, obj.key)
+    stored = await store.append_message(
+        NewMessage(chat_id=chat.chat_id, sender=a, device="d", client_id="m", ts=T0, kind="media", media=ref), [a, b]
+    )
+    assert stored.message.media == ref
+    assert await store.message_carries_media(chat.chat_id, obj.key)
+    entry = (await store.read_inbox(b, 0, 1))[0]
+    assert isinstance(entry.item, Message) and entry.item.media == ref
+
+
+async def test_receipts_move_forward_and_reading_implies_delivery(store: Store) -> None:
+    a, b = await two_users(store)
+    chat = await store.direct_chat(a, b, T0)
+    assert await store.advance_receipt(chat.chat_id, b, "delivered", 3) is True
+    assert await store.advance_receipt(chat.chat_id, b, "delivered", 2) is False
+    assert await store.advance_receipt(chat.chat_id, b, "read", 5) is True
+    got = {r.user_id: r for r in await store.get_receipts(chat.chat_id)}
+    assert (got[b].delivered, got[b].read) == (5, 5) and (got[a].delivered, got[a].read) == (0, 0)
+    assert await store.advance_group_notice(chat.chat_id, a, "read", 2) is True
+    assert await store.advance_group_notice(chat.chat_id, a, "read", 2) is False
+    assert await store.advance_group_notice(chat.chat_id, a, "delivered", 1) is True
+
+
+async def test_receipt_notes_share_the_inbox_sequence(store: Store) -> None:
+    a, b = await two_users(store)
+    chat = await store.direct_chat(a, b, T0)
+    await store.append_message(text(chat.chat_id, b, "m"), [a, b])
+    positions = await store.append_receipts([(a, ReceiptNote(chat.chat_id, b, "read", 1))])
+    assert positions == [2]
+    entries = await store.read_inbox(a, 0, 10)
+    assert entries[1].item == ReceiptNote(chat.chat_id, b, "read", 1)
+
+
+async def test_device_acks_move_the_users_position_forward_only(store: Store) -> None:
+    a, b = await two_users(store)
+    d = await store.add_device(b, "p", "ios", T0)
+    chat = await store.direct_chat(a, b, T0)
+    for i in range(3):
+        await store.append_message(text(chat.chat_id, a, f"m{i}"), [a, b])
+    assert await store.advance_device_ack(d.device_id, b, 2) == (0, 2)
+    assert await store.advance_device_ack(d.device_id, b, 1) == (2, 2)
+    assert await store.advance_device_ack(d.device_id, b, 99) == (2, 3)  # capped at the inbox head
