@@ -1,0 +1,74 @@
+"""Fakes for handler tests only: never used as a backend."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from storage.base import StorageUnavailable, Store
+from storage.media import StoredObject, UploadTicket
+
+
+class FlakyStore:
+    """Wraps a real store; the methods named in ``failing`` raise StorageUnavailable."""
+
+    def __init__(self, inner: Store) -> None:
+        self._inner = inner
+        self.failing: set[str] = set()
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._inner, name)
+        if not callable(attr):
+            return attr
+
+        async def call(*args: Any, **kw: Any) -> Any:
+            if name in self.failing:
+                raise StorageUnavailable(f"injected failure in {name}")
+            return await attr(*args, **kw)
+
+        return call
+
+
+class MemoryBlobs:
+    """An in-memory MediaStore whose 'uploads' tests perform by calling ``put``."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, bytes] = {}
+        self.down = False
+
+    async def open(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    def _check(self) -> None:
+        if self.down:
+            raise StorageUnavailable("object store down")
+
+    async def presign_upload(self, key: str, size: int, mime: str, expires: int) -> UploadTicket:
+        self._check()
+        return UploadTicket(method="PUT", url=f"mem://{key}?max={size}", expires=expires)
+
+    async def presign_download(self, key: str, expires: int) -> str:
+        self._check()
+        return f"mem://{key}?exp={expires}"
+
+    async def inspect(self, key: str) -> StoredObject | None:
+        self._check()
+        data = self.objects.get(key)
+        return None if data is None else StoredObject(size=len(data), sha256=hashlib.sha256(data).hexdigest())
+
+    async def delete(self, key: str) -> None:
+        self.objects.pop(key, None)
+
+    def put(self, key: str, data: bytes) -> None:
+        self.objects[key] = data
+
+
+class CapturingSms:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, str]] = []
+
+    async def send_code(self, phone: str, code: str) -> None:
+        self.sent.append((phone, code))

@@ -1,0 +1,209 @@
+"""Handler tests: the messaging rules with an injected clock and fakes, no network."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from bridge.accounts import Accounts
+from bridge.clock import ManualClock
+from bridge.errors import BadRequest, RateLimited, TooLarge, Unauthorized, Unavailable, UnknownType
+from bridge.media import Media
+from bridge.messaging import Caller, Messenger
+from bridge.metrics import Metrics
+from bridge.presence import PresenceTracker
+from bridge.protocol import Send, Watch, parse_request
+from bridge.ratelimit import RateLimiter
+from bridge.router import DeviceRouter
+from bridge.tokens import TokenSigner
+from storage.media_local import LocalMediaStore, SignatureError
+from storage.sqlite import SqliteStore
+from tests.fakes import CapturingSms, FlakyStore, MemoryBlobs
+
+SECRET = b"s" * 32
+
+
+@dataclass
+class World:
+    clock: ManualClock
+    store: FlakyStore
+    accounts: Accounts
+    messenger: Messenger
+    presence: PresenceTracker
+    media: Media
+    blobs: MemoryBlobs
+    router: DeviceRouter
+    sms: CapturingSms
+
+    async def user(self, phone: str) -> Caller:
+        await self.accounts.request_code(phone)
+        login = await self.accounts.verify(phone, self.sms.sent[-1][1], "t", "test")
+        return Caller(login.user.user_id, login.device.device_id)
+
+
+@pytest.fixture
+async def world(tmp_path: Path) -> AsyncIterator[World]:
+    clock = ManualClock()
+    inner = SqliteStore(tmp_path / "h.db")
+    await inner.open()
+    store = FlakyStore(inner)
+    sms = CapturingSms()
+    accounts = Accounts(store, clock, TokenSigner(SECRET), SECRET, sender=sms, code_ttl_s=300,  # type: ignore[arg-type]
+                        max_attempts=3, lock_s=600, token_ttl_s=3600)
+    presence = PresenceTracker(store, clock)  # type: ignore[arg-type]
+    messenger = Messenger(store, clock, presence, max_group=4)  # type: ignore[arg-type]
+    blobs = MemoryBlobs()
+    media = Media(store, blobs, clock, max_bytes=1000, url_ttl_s=60)  # type: ignore[arg-type]
+    router = DeviceRouter(messenger, presence, media, RateLimiter(clock, 2, 3), Metrics(), 64 * 1024)
+    try:
+        yield World(clock, store, accounts, messenger, presence, media, blobs, router, sms)
+    finally:
+        await inner.close()
+
+
+async def test_codes_expire_and_go_out_through_the_sender(world: World) -> None:
+    await world.accounts.request_code("+15550000001")
+    phone, code = world.sms.sent[-1]
+    assert phone == "+15550000001" and len(code) == 6
+    world.clock.advance(301)
+    with pytest.raises(Unauthorized, match="expired"):
+        await world.accounts.verify(phone, code, "d", "p")
+
+
+async def test_lockout_lasts_its_period_then_lifts(world: World) -> None:
+    await world.accounts.request_code("+15550000001")
+    code = world.sms.sent[-1][1]
+    wrong = f"{(int(code) + 1) % 1_000_000:06d}"
+    for _ in range(2):
+        with pytest.raises(Unauthorized):
+            await world.accounts.verify("+15550000001", wrong, "d", "p")
+    with pytest.raises(RateLimited):
+        await world.accounts.verify("+15550000001", wrong, "d", "p")
+    with pytest.raises(RateLimited):
+        await world.accounts.verify("+15550000001", code, "d", "p")  # even the right code
+    world.clock.advance(601)
+    with pytest.raises(Unauthorized, match="expired"):  # the code outlived neither the lock nor its ttl
+        await world.accounts.verify("+15550000001", code, "d", "p")
+    await world.accounts.request_code("+15550000001")
+    login = await world.accounts.verify("+15550000001", world.sms.sent[-1][1], "d", "p")
+    assert login.token
+
+
+async def test_tokens_expire_and_forgeries_fail(world: World) -> None:
+    caller = await world.user("+15550000001")
+    token = TokenSigner(SECRET).issue(caller.user_id, caller.device_id, world.clock.now_ms() + 1000)
+    assert await world.accounts.authenticate(token) == caller
+    world.clock.advance(2)
+    with pytest.raises(Unauthorized, match="expired"):
+        await world.accounts.authenticate(token)
+    other = TokenSigner(b"x" * 32).issue(caller.user_id, caller.device_id, world.clock.now_ms() + 10_000)
+    with pytest.raises(Unauthorized):
+        await world.accounts.authenticate(other)
+    unlinked = TokenSigner(SECRET).issue(caller.user_id, "d-unknown", world.clock.now_ms() + 10_000)
+    with pytest.raises(Unauthorized, match="not linked"):
+        await world.accounts.authenticate(unlinked)
+
+
+async def test_store_failure_means_unavailable_and_no_false_sent(world: World) -> None:
+    a, b = await world.user("+15550000001"), await world.user("+15550000002")
+    world.store.failing = {"append_message"}
+    with pytest.raises(Unavailable):
+        await world.messenger.send(a, Send(id="m1", chat=None, to=b.user_id, body="hi", media=None))
+    world.store.failing = set()
+    sent = await world.messenger.send(a, Send(id="m1", chat=None, to=b.user_id, body="hi", media=None))
+    assert sent.reply is not None and sent.reply["seq"] == 1
+
+
+async def test_router_answers_unavailable_without_leaking_internals(world: World) -> None:
+    a, b = await world.user("+15550000001"), await world.user("+15550000002")
+    world.store.failing = {"append_message"}
+    outs = await world.router.handle(
+        f"up/{a.user_id}/{a.device_id}", json.dumps({"type": "send", "id": "x1", "to": b.user_id, "body": "y"}).encode()
+    )
+    err = json.loads(outs[-1].payload)
+    assert err["code"] == "unavailable" and err["id"] == "x1" and "injected" not in err["message"]
+    assert await world.router.handle("elsewhere/topic", b"{}") == []
+
+
+async def test_rate_limit_refills_over_time(world: World) -> None:
+    limiter = RateLimiter(world.clock, rate=2, burst=3)
+    assert [limiter.take("d") for _ in range(3)] == [0, 0, 0]
+    wait = limiter.take("d")
+    assert 400 <= wait <= 500
+    world.clock.advance(wait / 1000)
+    assert limiter.take("d") == 0
+    assert limiter.take("other") == 0  # buckets are per device
+
+
+async def test_watch_expires_after_its_ttl(world: World) -> None:
+    a, b = await world.user("+15550000001"), await world.user("+15550000002")
+    await world.messenger.send(a, Send(id="m", chat=None, to=b.user_id, body="hi", media=None))
+    outs = await world.presence.watch(a.user_id, a.device_id, Watch(id="w", users=(b.user_id,), ttl=10))
+    assert json.loads(outs[0].payload)["online"] is False
+    assert len(await world.presence.device_online(b.user_id, b.device_id)) == 1
+    world.clock.advance(11)
+    assert await world.presence.device_offline(b.user_id, b.device_id) == []
+    assert world.presence.expire_watches() == 0
+
+
+async def test_group_size_is_limited(world: World) -> None:
+    users = [await world.user(f"+1555000000{i}") for i in range(5)]
+    with pytest.raises(BadRequest):
+        await world.messenger.create_group(users[0], "too many", [u.user_id for u in users[1:]])
+    chat, _ = await world.messenger.create_group(users[0], "ok", [u.user_id for u in users[1:4]])
+    from bridge.errors import Conflict
+
+    with pytest.raises(Conflict):
+        await world.messenger.add_member(users[0], chat.chat_id, users[4].user_id)
+
+
+async def test_media_done_checks_what_was_stored(world: World) -> None:
+    a = await world.user("+15550000001")
+    data = b"hello media"
+    sha = hashlib.sha256(data).hexdigest()
+    with pytest.raises(TooLarge):
+        await world.media.upload(a, "r", sha, 5000, "text/plain")
+    reply = await world.media.upload(a, "r", sha, len(data), "text/plain")
+    assert reply["exists"] is False and reply["upload"]["method"] == "PUT"
+    with pytest.raises(BadRequest, match="nothing has been uploaded"):
+        await world.media.done(a, "r", sha)
+    world.blobs.put(sha, b"other bytes")
+    with pytest.raises(BadRequest, match="does not match"):
+        await world.media.done(a, "r", sha)
+    assert sha not in world.blobs.objects  # the bad object is gone
+    world.blobs.put(sha, data)
+    assert (await world.media.done(a, "r", sha))["type"] == "media_ready"
+    world.blobs.down = True
+    other = hashlib.sha256(b"x").hexdigest()
+    with pytest.raises(Unavailable):
+        await world.media.upload(a, "r", other, 1, "text/plain")
+
+
+def test_signed_blob_urls_expire_and_bind_their_operation(tmp_path: Path) -> None:
+    blobs = LocalMediaStore(tmp_path, SECRET, "http://h")
+    key = "a" * 64
+    sig = blobs._sign("put", key, 1000, 10)  # noqa: SLF001
+    blobs.check_signature("put", key, 1000, 10, sig, now=999)
+    with pytest.raises(SignatureError, match="expired"):
+        blobs.check_signature("put", key, 1000, 10, sig, now=1001)
+    with pytest.raises(SignatureError):
+        blobs.check_signature("get", key, 1000, 10, sig, now=999)
+    with pytest.raises(SignatureError):
+        blobs.check_signature("put", key, 1000, 11, sig, now=999)
+
+
+def test_parse_request_codes() -> None:
+    with pytest.raises(UnknownType):
+        parse_request(b'{"type":"nope"}', 100)
+    with pytest.raises(TooLarge):
+        parse_request(b"x" * 101, 100)
+    with pytest.raises(BadRequest) as info:
+        parse_request(b'{"type":"send","id":"i","body":"x"}', 100)
+    assert info.value.request_id == "i"
+    req = parse_request(b'{"type":"sync","id":"s","unknown":1}', 100)  # unknown fields are ignored
+    assert req.type == "sync"
