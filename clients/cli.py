@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
 import logging
+import mimetypes
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from bridge.config import secret_from_env, settings
 from bridge.errors import PigeonError
+from clients.sdk import Api, Device, PigeonClientError, Profile, request_code, verify
 
 app = typer.Typer(help="Pigeon: messaging over MQTT for phones and IoT devices.", no_args_is_help=True)
 group_app = typer.Typer(help="Create and manage groups.", no_args_is_help=True)
@@ -86,17 +90,278 @@ def serve(
         raise typer.Exit(1) from exc
 
 
+def _run(coro: Any) -> Any:
+    try:
+        return asyncio.run(coro)
+    except PigeonClientError as exc:
+        err.print(f"[red]{exc.code}:[/] {exc.message}")
+        raise typer.Exit(1) from exc
+
+
+def _profile(path: Path) -> Profile:
+    try:
+        return Profile.load(path)
+    except PigeonClientError as exc:
+        err.print(f"[red]{exc.message}[/]")
+        raise typer.Exit(1) from exc
+
+
+async def _resolve_chat(api: Api, target: str) -> str:
+    """A chat id, or the direct chat with a user given by phone (+E164) or user id."""
+    if target.startswith("+"):
+        return str((await api.open_direct(await api.find_user(target)))["chat"])
+    if target.startswith("u"):
+        return str((await api.open_direct(target))["chat"])
+    return target
+
+
+async def _resolve_user(api: Api, who: str) -> str:
+    return await api.find_user(who) if who.startswith("+") else who
+
+
+@app.command("login")
+def login_cmd(
+    phone: Annotated[str, typer.Argument(help="Your phone number, E.164 (+15550001111)")],
+    server: Annotated[str, typer.Option(envvar="PIGEON_SERVER", help="HTTP URL of the server")] = "http://127.0.0.1:8080",
+    code: Annotated[str | None, typer.Option(help="The code you received (asked for if omitted)")] = None,
+    name: Annotated[str, typer.Option(help="A name for this device")] = "pigeon-cli",
+    profile: ProfileOpt = DEFAULT_PROFILE,
+) -> None:
+    """Link this terminal as a device of the account with that phone number."""
+
+    async def go() -> Profile:
+        the_code = code
+        if the_code is None:
+            dev_code = await request_code(server, phone)
+            if dev_code is not None:
+                console.print(f"[dim]development server: code {dev_code} filled in[/]")
+                the_code = dev_code
+            else:
+                the_code = typer.prompt("Code from the SMS")
+        return await verify(server, phone, the_code, name, "cli")
+
+    p = _run(go())
+    p.save(profile)
+    console.print(f"logged in as [bold]{p.user_id}[/] (device {p.device_id}); profile saved to {profile}")
+
+
+@app.command()
+def chats(profile: ProfileOpt = DEFAULT_PROFILE) -> None:
+    """List your direct chats and groups."""
+
+    async def go() -> list[dict[str, Any]]:
+        api = Api(_profile(profile))
+        try:
+            return await api.chats()
+        finally:
+            await api.close()
+
+    for c in _run(go()):
+        title = c["title"] or ", ".join(m for m in c["members"])
+        console.print(f"{c['chat']}  [bold]{c['kind']:6}[/] {title}  (last seq {c['last_seq']})")
+
+
+@app.command()
+def send(
+    target: Annotated[str, typer.Argument(help="Chat id, user id, or phone number")],
+    text: Annotated[str | None, typer.Argument(help="The message")] = None,
+    file: Annotated[Path | None, typer.Option("--file", help="Attach a file")] = None,
+    profile: ProfileOpt = DEFAULT_PROFILE,
+) -> None:
+    """Send one message (and optionally a file), then exit."""
+    if not text and file is None:
+        err.print("[red]nothing to send:[/] give a text or --file")
+        raise typer.Exit(2)
+
+    async def go() -> dict[str, Any]:
+        async with Device(_profile(profile)) as dev:
+            chat = await _resolve_chat(dev.api, target)
+            media = await _upload(dev, file) if file else None
+            return await dev.send(text, chat=chat, media=media)
+
+    reply = _run(go())
+    console.print(f"✓ sent to {reply['chat']} as seq {reply['seq']}")
+
+
+async def _upload(dev: Device, file: Path) -> dict[str, Any]:
+    data = await asyncio.to_thread(file.read_bytes)
+    mime = mimetypes.guess_type(file.name)[0] or "application/octet-stream"
+    return await dev.upload(data, mime, name=file.name)
+
+
+@app.command()
+def history(
+    target: Annotated[str, typer.Argument(help="Chat id, user id, or phone number")],
+    limit: Annotated[int, typer.Option(min=1, max=200)] = 20,
+    profile: ProfileOpt = DEFAULT_PROFILE,
+) -> None:
+    """Show the latest messages of a chat, oldest first."""
+
+    async def go() -> list[dict[str, Any]]:
+        api = Api(_profile(profile))
+        try:
+            chat = await _resolve_chat(api, target)
+            return list((await api.history(chat, limit=limit))["messages"])
+        finally:
+            await api.close()
+
+    for m in reversed(_run(go())):
+        console.print(_line(m))
+
+
+def _line(m: dict[str, Any], me: str | None = None) -> str:
+    when = time.strftime("%H:%M", time.localtime(m["ts"] / 1000))
+    who = "me" if me and m["from"] == me else m["from"]
+    if m["kind"] == "system":
+        return f"[dim]{when} #{m['seq']} {m['from']} {m['event'].replace('_', ' ')} {m.get('user', '')}[/]"
+    body = escape(m.get("body") or "")
+    if m.get("media"):
+        label = escape(f"[file {m['media'].get('name') or m['media']['key'][:12]}, {m['media']['size']} bytes]")
+        body = f"{body} [cyan]{label}[/]".strip()
+    return f"{when} #{m['seq']} [bold]{escape(who)}[/]: {body}"
+
+
+@group_app.command("create")
+def group_create(
+    title: str,
+    members: Annotated[list[str] | None, typer.Argument(help="Phones or user ids")] = None,
+    profile: ProfileOpt = DEFAULT_PROFILE,
+) -> None:
+    """Create a group; you become its admin."""
+
+    async def go() -> dict[str, Any]:
+        api = Api(_profile(profile))
+        try:
+            ids = [await _resolve_user(api, m) for m in members or []]
+            return await api.create_group(title, ids)
+        finally:
+            await api.close()
+
+    g = _run(go())
+    console.print(f"group {g['chat']} '{g['title']}' with {len(g['members'])} members")
+
+
+@group_app.command("add")
+def group_add(chat: str, member: str, profile: ProfileOpt = DEFAULT_PROFILE) -> None:
+    """Add a member (admins only)."""
+
+    async def go() -> dict[str, Any]:
+        api = Api(_profile(profile))
+        try:
+            return await api.add_member(chat, await _resolve_user(api, member))
+        finally:
+            await api.close()
+
+    g = _run(go())
+    console.print(f"{chat} now has {len(g['members'])} members")
+
+
+@group_app.command("remove")
+def group_remove(chat: str, member: str, profile: ProfileOpt = DEFAULT_PROFILE) -> None:
+    """Remove a member (admins), or yourself (leave)."""
+
+    async def go() -> None:
+        api = Api(_profile(profile))
+        try:
+            await api.remove_member(chat, await _resolve_user(api, member))
+        finally:
+            await api.close()
+
+    _run(go())
+    console.print(f"removed {member} from {chat}")
+
+
+@group_app.command("leave")
+def group_leave(chat: str, profile: ProfileOpt = DEFAULT_PROFILE) -> None:
+    """Leave a group."""
+    p = _profile(profile)
+
+    async def go() -> None:
+        api = Api(p)
+        try:
+            await api.remove_member(chat, p.user_id)
+        finally:
+            await api.close()
+
+    _run(go())
+    console.print(f"left {chat}")
+
+
+TICKS = {"sent": "✓ sent", "delivered": "✓✓ delivered", "read": "[blue]✓✓ read[/]"}
+
+
+@app.command()
+def chat(
+    target: Annotated[str, typer.Argument(help="Chat id, user id, or phone number")],
+    profile: ProfileOpt = DEFAULT_PROFILE,
+) -> None:
+    """Chat live: type to send, '/file PATH' to send a file, '/quit' to leave.
+
+    Your messages show ✓ when stored, ✓✓ when delivered, and blue ✓✓ when read.
+    """
+    p = _profile(profile)
+    _run(_chat(p, target))
+
+
+async def _chat(p: Profile, target: str) -> None:
+    async with Device(p) as dev:
+        chat_id = await _resolve_chat(dev.api, target)
+        for m in reversed((await dev.api.history(chat_id, limit=20))["messages"]):
+            console.print(_line(m, p.user_id))
+        dev.pending_events()  # already shown above
+        console.print(f"[dim]chat {chat_id} — type a message, /file PATH, or /quit[/]")
+        status: dict[int, str] = {}
+
+        async def show_events() -> None:
+            async for ev in dev.events():
+                if ev.get("chat") != chat_id:
+                    continue
+                if ev["type"] == "msg":
+                    if ev["from"] == p.user_id and ev["device"] == p.device_id:
+                        continue  # our own, already shown with its tick
+                    console.print(_line(ev, p.user_id))
+                    await dev.read(chat_id, ev["seq"])
+                elif ev["type"] == "receipt":
+                    for seq in sorted(s for s in status if s <= ev["up_to"]):
+                        if status[seq] != "read" and (ev["kind"] == "read" or status[seq] == "sent"):
+                            status[seq] = ev["kind"]
+                            console.print(f"[dim]  #{seq}[/] {TICKS[ev['kind']]}")
+                elif ev["type"] == "typing":
+                    console.print(f"[dim]{ev['user']} is typing…[/]")
+
+        shower = asyncio.create_task(show_events(), name="chat-events")
+        try:
+            while True:
+                line = await asyncio.to_thread(sys.stdin.readline)
+                if not line or line.strip() == "/quit":
+                    break
+                text = line.rstrip("\n")
+                if not text.strip():
+                    continue
+                media = None
+                if text.startswith("/file "):
+                    path = Path(text[6:].strip()).expanduser()
+                    if not path.is_file():
+                        console.print(f"[red]no such file: {path}[/]")
+                        continue
+                    media = await _upload(dev, path)
+                    text = ""
+                try:
+                    reply = await dev.send(text or None, chat=chat_id, media=media)
+                except PigeonClientError as exc:
+                    console.print(f"[red]not sent ({exc.code}): {exc.message}[/]")
+                    continue
+                status[reply["seq"]] = "sent"
+                console.print(f"[dim]  #{reply['seq']}[/] {TICKS['sent']}")
+        finally:
+            shower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await shower
+
+
 def main() -> None:
     app()
 
 
 if __name__ == "__main__":
     main()
-
-
-def _dump(obj: Any) -> str:
-    return json.dumps(obj, indent=2, ensure_ascii=False)
-
-
-__all__ = ["app", "main"]
-_ = sys
