@@ -294,7 +294,9 @@ class Messenger:
         _m, outs, _dup = await self._publish_appended(new, recipients)
         return outs
 
-    async def history(self, caller: Caller, chat_id: str, before: int | None, limit: int) -> tuple[list[Message], int | None]:
+    async def history(
+        self, caller: Caller, chat_id: str, before: int | None, limit: int
+    ) -> tuple[list[Message], int | None]:
         if not 1 <= limit <= 200:
             raise BadRequest("'limit' must be between 1 and 200")
         if before is not None and before < 1:

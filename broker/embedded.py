@@ -210,13 +210,14 @@ class PigeonBroker(Broker):
                 continue
             qos = broadcast.get("qos", sub_qos)
             qos = min(qos, sub_qos) if qos is not None else sub_qos
-            running_tasks.append(asyncio.ensure_future(handler.mqtt_publish(topic, broadcast["data"], qos, retain=False)))
+            delivery = handler.mqtt_publish(topic, broadcast["data"], qos, retain=False)
+            running_tasks.append(asyncio.ensure_future(delivery))
 
     async def _topic_filtering(self, session: Session, topic: str, action: Action) -> bool:
         principal = principal_of(session)
         if principal is None:
             return False
-        return await super()._topic_filtering(session, topic, action)
+        return bool(await super()._topic_filtering(session, topic, action))
 
     def connected_count(self) -> int:
         return sum(1 for s, _ in self._sessions.values() if s.transitions.state == "connected")

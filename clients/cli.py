@@ -340,8 +340,8 @@ async def _chat(p: Profile, target: str) -> None:
                     continue
                 media = None
                 if text.startswith("/file "):
-                    path = Path(text[6:].strip()).expanduser()
-                    if not path.is_file():
+                    path = Path(text[6:].strip()).expanduser()  # noqa: ASYNC240 - a cheap stat
+                    if not await asyncio.to_thread(path.is_file):
                         console.print(f"[red]no such file: {path}[/]")
                         continue
                     media = await _upload(dev, path)

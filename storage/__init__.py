@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .base import Store, StorageError, StorageUnavailable, NotStored
+from .base import NotStored, StorageError, StorageUnavailable, Store
 from .media import MediaStore
 
 

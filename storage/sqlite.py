@@ -493,7 +493,8 @@ class SqliteStore:
 
     async def message_carries_media(self, chat_id: str, key: str) -> bool:
         def q(c: sqlite3.Connection) -> bool:
-            return c.execute("SELECT 1 FROM chat_media WHERE chat_id=? AND key=?", (chat_id, key)).fetchone() is not None
+            row = c.execute("SELECT 1 FROM chat_media WHERE chat_id=? AND key=?", (chat_id, key)).fetchone()
+            return row is not None
 
         return await self._read(q)
 

@@ -11,7 +11,7 @@ import pytest
 
 from clients.sdk import Api, Device, PigeonClientError
 from tests.conftest import NewUser, ServerProc
-from tests.mqtt_raw import connack_code, connect_packet, publish_packet, read_packet, subscribe_packet
+from tests.mqtt_raw import connack_code, connect_packet, read_packet, subscribe_packet
 
 
 async def raw_reply(dev: Device, payload: bytes) -> dict[str, Any]:

@@ -82,7 +82,8 @@ async def test_media_over_the_limit_and_over_http(new_user: NewUser, connect: An
     up = await api._call("POST", "/v1/media/uploads", json={"sha256": sha, "size": len(data), "mime": "text/plain"})  # noqa: SLF001
     await api.put_blob(up["upload"], data)
     assert (await api._call("POST", f"/v1/media/{sha}/done"))["ready"] is True  # noqa: SLF001
-    sent = await da.send("note", to=b.user_id, media={"key": sha, "mime": "text/plain", "size": len(data), "sha256": sha})
+    media = {"key": sha, "mime": "text/plain", "size": len(data), "sha256": sha}
+    sent = await da.send("note", to=b.user_id, media=media)
     got = await api._call("GET", f"/v1/media/{sha}", params={"chat": sent["chat"]})  # noqa: SLF001
     assert await api.get_blob(got["url"]) == data
     with pytest.raises(PigeonClientError) as info:

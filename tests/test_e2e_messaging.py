@@ -244,7 +244,7 @@ async def test_publish_and_disconnect_device_is_stored(new_user: NewUser, server
     try:
         chat = (await api.open_direct(a.user_id))["chat"]
         async with asyncio.timeout(10):
-            while len((await api.history(chat))["messages"]) < 20:
+            while len((await api.history(chat))["messages"]) < 20:  # noqa: ASYNC110 - polling the server
                 await asyncio.sleep(0.05)
         bodies = [m["body"] for m in reversed((await api.history(chat))["messages"])]
         assert bodies == [f"r{i}" for i in range(20)]
