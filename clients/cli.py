@@ -150,11 +150,8 @@ def chats(profile: ProfileOpt = DEFAULT_PROFILE) -> None:
     """List your direct chats and groups."""
 
     async def go() -> list[dict[str, Any]]:
-        api = Api(_profile(profile))
-        try:
+        async with Api(_profile(profile)) as api:
             return await api.chats()
-        finally:
-            await api.close()
 
     for c in _run(go()):
         title = c["title"] or ", ".join(m for m in c["members"])
@@ -198,12 +195,9 @@ def history(
     """Show the latest messages of a chat, oldest first."""
 
     async def go() -> list[dict[str, Any]]:
-        api = Api(_profile(profile))
-        try:
+        async with Api(_profile(profile)) as api:
             chat = await _resolve_chat(api, target)
             return list((await api.history(chat, limit=limit))["messages"])
-        finally:
-            await api.close()
 
     for m in reversed(_run(go())):
         console.print(_line(m))
@@ -230,12 +224,8 @@ def group_create(
     """Create a group; you become its admin."""
 
     async def go() -> dict[str, Any]:
-        api = Api(_profile(profile))
-        try:
-            ids = [await _resolve_user(api, m) for m in members or []]
-            return await api.create_group(title, ids)
-        finally:
-            await api.close()
+        async with Api(_profile(profile)) as api:
+            return await api.create_group(title, [await _resolve_user(api, m) for m in members or []])
 
     g = _run(go())
     console.print(f"group {g['chat']} '{g['title']}' with {len(g['members'])} members")
@@ -246,11 +236,8 @@ def group_add(chat: str, member: str, profile: ProfileOpt = DEFAULT_PROFILE) -> 
     """Add a member (admins only)."""
 
     async def go() -> dict[str, Any]:
-        api = Api(_profile(profile))
-        try:
+        async with Api(_profile(profile)) as api:
             return await api.add_member(chat, await _resolve_user(api, member))
-        finally:
-            await api.close()
 
     g = _run(go())
     console.print(f"{chat} now has {len(g['members'])} members")
@@ -261,11 +248,8 @@ def group_remove(chat: str, member: str, profile: ProfileOpt = DEFAULT_PROFILE) 
     """Remove a member (admins), or yourself (leave)."""
 
     async def go() -> None:
-        api = Api(_profile(profile))
-        try:
+        async with Api(_profile(profile)) as api:
             await api.remove_member(chat, await _resolve_user(api, member))
-        finally:
-            await api.close()
 
     _run(go())
     console.print(f"removed {member} from {chat}")
@@ -277,11 +261,8 @@ def group_leave(chat: str, profile: ProfileOpt = DEFAULT_PROFILE) -> None:
     p = _profile(profile)
 
     async def go() -> None:
-        api = Api(p)
-        try:
+        async with Api(p) as api:
             await api.remove_member(chat, p.user_id)
-        finally:
-            await api.close()
 
     _run(go())
     console.print(f"left {chat}")

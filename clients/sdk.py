@@ -153,6 +153,12 @@ class Api:
     async def close(self) -> None:
         await self._http.aclose()
 
+    async def __aenter__(self) -> Api:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
     async def _call(self, method: str, path: str, **kw: Any) -> Any:
         try:
             resp = await self._http.request(method, path, **kw)

@@ -41,6 +41,8 @@ from .base import (
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 SCHEMA_VERSION = 1
+# How long a write waits for a lock held elsewhere before the store reports itself unavailable.
+BUSY_TIMEOUT_S = 5.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -142,7 +144,7 @@ class SqliteStore:
 
     # -- plumbing -----------------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False, timeout=10)
+        conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_S)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=OFF")

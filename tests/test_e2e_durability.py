@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import signal
+import sqlite3
 from pathlib import Path
 
-from clients.sdk import Api, Device, login
+import pytest
+
+from clients.sdk import Api, Device, PigeonClientError, login
 from tests.conftest import ServerProc, fresh_phone
 
 
@@ -39,5 +42,30 @@ async def test_restart_keeps_messages_inboxes_logins_and_sequences(tmp_path: Pat
             assert [m["seq"] for m in (await api.history(chat))["messages"]] == [6, 5, 4, 3, 2, 1]
         finally:
             await api.close()
+    finally:
+        srv.stop()
+
+
+async def test_store_failure_answers_unavailable_never_sent_and_recovers(tmp_path: Path) -> None:
+    srv = ServerProc.start(tmp_path / "data")
+    try:
+        a = await login(srv.http, fresh_phone())
+        b = await login(srv.http, fresh_phone())
+        async with Device(a, reply_timeout=20) as da:
+            # another process takes the database's write lock and keeps it
+            blocker = sqlite3.connect(tmp_path / "data" / "pigeon.db", isolation_level=None)
+            blocker.execute("BEGIN IMMEDIATE")
+            try:
+                with pytest.raises(PigeonClientError) as info:
+                    await da.request({"type": "send", "id": "during-outage", "to": b.user_id, "body": "x"})
+                assert info.value.code == "unavailable"
+            finally:
+                blocker.execute("ROLLBACK")
+                blocker.close()
+            # the same request, retried, now goes through exactly once
+            sent = await da.send("x", to=b.user_id, id="during-outage")
+            assert sent["seq"] == 1
+            async with Api(a) as api:
+                assert len((await api.history(sent["chat"]))["messages"]) == 1
     finally:
         srv.stop()
