@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import secrets
 import socket
 from collections.abc import Sequence
 from types import TracebackType
@@ -23,6 +25,7 @@ from .http_api import Endpoints, HttpDeps, create_app
 from .media import Media
 from .messaging import Messenger
 from .metrics import Metrics
+from .mqtt_ingest import MqttIngest
 from .outbox import Out
 from .presence import PresenceTracker
 from .ratelimit import RateLimiter
@@ -32,6 +35,7 @@ from .tokens import TokenSigner
 
 log = logging.getLogger(__name__)
 START_TIMEOUT_S = 30.0
+BRIDGE_USER = "pigeon-bridge"
 
 
 class StartupError(PigeonError):
@@ -57,14 +61,15 @@ class PigeonServer:
         self._tasks: asyncio.TaskGroup | None = None
         self._stopping = asyncio.Event()
         self._broker: PigeonBroker | None = None
+        self._ingest_client: MqttIngest | None = None
         self._runner: asyncio.Task[None] | None = None
 
     async def publish(self, outs: Sequence[Out]) -> None:
-        broker = self._broker
-        if broker is None:
+        sink = self._ingest_client or self._broker
+        if sink is None:
             return
         for out in outs:
-            await broker.publish(out.topic, out.payload, out.qos)
+            await sink.publish(out.topic, out.payload, out.qos)
             self.metrics.messages_out.labels(str(out.qos)).inc()
 
     async def __aenter__(self) -> PigeonServer:
@@ -102,8 +107,10 @@ class PigeonServer:
                 return None
             return caller.user_id, caller.device_id
 
-        gate = DeviceGate(check_token)
-        broker = PigeonBroker(broker_config(s.host, s.mqtt_port, s.ws_port, gate), gate, self._ingest)
+        bridge_password = secrets.token_urlsafe(32)
+        gate = DeviceGate(check_token, BRIDGE_USER, bridge_password)
+        in_process = self._ingest if s.ingest == "inprocess" else None
+        broker = PigeonBroker(broker_config(s.host, s.mqtt_port, s.ws_port, gate), gate, in_process)
         try:
             await broker.start()
         except Exception as exc:
@@ -111,6 +118,12 @@ class PigeonServer:
         self._broker = broker
         self.endpoints.mqtt_port = _bound_port(broker, "default")
         self.endpoints.ws_port = _bound_port(broker, "ws")
+        if s.ingest == "mqtt":
+            self._ingest_client = MqttIngest(
+                "127.0.0.1" if s.host in ("0.0.0.0", "") else s.host, self.endpoints.mqtt_port,
+                username=BRIDGE_USER, password=bridge_password, client_id=f"{BRIDGE_USER}-{os.getpid()}",
+                handle=self._ingest,
+            )
 
         ready = asyncio.Event()
         deps = HttpDeps(
@@ -124,9 +137,11 @@ class PigeonServer:
         self._runner = asyncio.create_task(self._run(), name="pigeon-runner")
         try:
             await asyncio.wait_for(ready.wait(), START_TIMEOUT_S)
-        except TimeoutError as exc:
+            if self._ingest_client is not None:
+                await self._ingest_client.wait_connected(START_TIMEOUT_S)
+        except (TimeoutError, PigeonError) as exc:
             await self.__aexit__(None, None, None)
-            raise StartupError("HTTP API did not start in time") from exc
+            raise StartupError(f"pigeon did not start: {exc or 'HTTP API not ready in time'}") from exc
         log.info(
             "pigeon ready: http=%s mqtt=%s:%d ws=%s:%d",
             base, s.host, self.endpoints.mqtt_port, s.host, self.endpoints.ws_port,
@@ -136,8 +151,13 @@ class PigeonServer:
     async def _run(self) -> None:
         assert self._uvicorn is not None and self._http_sock is not None
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._uvicorn.serve(sockets=[self._http_sock]), name="http")
             tg.create_task(self._housekeeping(), name="housekeeping")
+            ingest = None
+            if self._ingest_client is not None:
+                ingest = tg.create_task(self._ingest_client.run(), name="mqtt-ingest")
+            await self._uvicorn.serve(sockets=[self._http_sock])
+            if ingest is not None:
+                ingest.cancel()
 
     async def _housekeeping(self) -> None:
         while not self._stopping.is_set():

@@ -37,6 +37,7 @@ class Settings:
     media_url_ttl_s: int = 600
     media_max_bytes: int = 100 * 1024 * 1024
     log_level: str = "INFO"
+    ingest: str = "inprocess"
 
     @property
     def advertised_host(self) -> str:
@@ -69,6 +70,8 @@ class Settings:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.rate_per_s <= 0:
             raise ConfigError(f"rate_per_s must be positive, got {self.rate_per_s}")
+        if self.ingest not in ("inprocess", "mqtt"):
+            raise ConfigError(f"ingest must be 'inprocess' or 'mqtt', got {self.ingest!r}")
         if self.max_group < 2:
             raise ConfigError("max_group must be at least 2")
         if not self.dev and not self.sms_webhook:

@@ -51,6 +51,9 @@ def serve(
     media_max_bytes: Annotated[int, typer.Option(envvar="PIGEON_MEDIA_MAX_BYTES")] = 100 * 1024 * 1024,
     media_url_ttl: Annotated[int, typer.Option(envvar="PIGEON_MEDIA_URL_TTL", help="seconds")] = 600,
     log_level: Annotated[str, typer.Option(envvar="PIGEON_LOG_LEVEL")] = "INFO",
+    ingest: Annotated[str, typer.Option(
+        envvar="PIGEON_INGEST", help="inprocess: the broker hands device publishes to the bridge directly; "
+        "mqtt: the bridge subscribes to up/+/+ as an MQTT client")] = "inprocess",
 ) -> None:
     """Run broker, bridge and HTTP API in one process (embedded default: nothing to install)."""
     from bridge.app import PigeonServer
@@ -64,6 +67,7 @@ def serve(
             ws_port=ws_port, http_port=http_port, store=store, media=media, sms_webhook=sms_webhook,
             rate_per_s=rate, rate_burst=burst, max_group=max_group, max_payload=max_payload,
             media_max_bytes=media_max_bytes, media_url_ttl_s=media_url_ttl, secret=secret_from_env() or None,
+            ingest=ingest,
         ).validated()
     except PigeonError as exc:
         err.print(f"[red]configuration error:[/] {exc}")

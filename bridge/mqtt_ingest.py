@@ -1,0 +1,110 @@
+"""The bridge as an MQTT client: consume ``up/+/+`` from a broker, publish replies and events.
+
+Used with any broker the bridge does not run itself, and selectable on the embedded one
+(``--ingest mqtt``). Publishes are spread over workers by device, so one device's requests are
+handled one at a time and in order while different devices proceed in parallel. The connection
+is re-established with capped, jittered backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import zlib
+from collections.abc import Awaitable, Callable
+
+import aiomqtt
+
+from .errors import PigeonError
+
+log = logging.getLogger(__name__)
+Handle = Callable[[str, bytes], Awaitable[None]]
+UP_FILTER = "up/+/+"
+
+
+class IngestError(PigeonError):
+    """The bridge could not reach the broker in time."""
+
+
+class MqttIngest:
+    def __init__(
+        self, host: str, port: int, *, username: str, password: str, client_id: str, handle: Handle,
+        workers: int = 8, queue_size: int = 10_000, max_backoff_s: float = 30.0,
+    ) -> None:
+        self._host, self._port = host, port
+        self._username, self._password, self._client_id = username, password, client_id
+        self._handle = handle
+        self._queues: list[asyncio.Queue[tuple[str, bytes]]] = [
+            asyncio.Queue(maxsize=queue_size) for _ in range(workers)
+        ]
+        self._client: aiomqtt.Client | None = None
+        self._connected = asyncio.Event()
+        self._max_backoff = max_backoff_s
+
+    async def wait_connected(self, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(self._connected.wait(), timeout)
+        except TimeoutError as exc:
+            raise IngestError(f"no connection to the broker at {self._host}:{self._port} in {timeout}s") from exc
+
+    async def publish(self, topic: str, payload: bytes, qos: int) -> None:
+        """Publish once connected; waits (briefly) through a reconnect rather than dropping."""
+        for _attempt in range(3):
+            client = self._client
+            if client is not None:
+                try:
+                    await client.publish(topic, payload, qos=qos)
+                    return
+                except aiomqtt.MqttError as exc:
+                    log.warning("publish on %s failed: %s", topic, exc)
+            try:
+                await asyncio.wait_for(self._connected.wait(), 5)
+            except TimeoutError:
+                break
+        # Devices recover anything missed from the store (sync on gap), so this is not a loss.
+        log.warning("dropping live publish on %s: broker unreachable", topic)
+
+    async def run(self) -> None:
+        """Consume until cancelled."""
+        async with asyncio.TaskGroup() as tg:
+            for i, q in enumerate(self._queues):
+                tg.create_task(self._work(q), name=f"ingest-worker-{i}")
+            tg.create_task(self._consume(), name="ingest-consumer")
+
+    async def _consume(self) -> None:
+        backoff = 0.2
+        while True:
+            client = aiomqtt.Client(
+                self._host, self._port, identifier=self._client_id, username=self._username,
+                password=self._password, clean_session=True, keepalive=30,
+                protocol=aiomqtt.ProtocolVersion.V311,
+            )
+            try:
+                async with client:
+                    await client.subscribe(UP_FILTER, qos=1)
+                    self._client = client
+                    self._connected.set()
+                    log.info("bridge subscribed to %s on %s:%d", UP_FILTER, self._host, self._port)
+                    backoff = 0.2
+                    async for message in client.messages:
+                        payload = message.payload
+                        data = payload if isinstance(payload, bytes) else str(payload).encode()
+                        topic = message.topic.value
+                        q = self._queues[zlib.crc32(topic.encode()) % len(self._queues)]
+                        await q.put((topic, data))
+            except aiomqtt.MqttError as exc:
+                log.warning("bridge connection to %s:%d lost: %s", self._host, self._port, exc)
+            finally:
+                self._client = None
+                self._connected.clear()
+            await asyncio.sleep(backoff * (1 + random.random()))
+            backoff = min(self._max_backoff, backoff * 2)
+
+    async def _work(self, queue: asyncio.Queue[tuple[str, bytes]]) -> None:
+        while True:
+            topic, payload = await queue.get()
+            try:
+                await self._handle(topic, payload)
+            except Exception:
+                log.exception("failed to handle a publish on %s", topic)
