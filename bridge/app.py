@@ -30,7 +30,7 @@ from .outbox import Out
 from .presence import PresenceTracker
 from .ratelimit import RateLimiter
 from .router import DeviceRouter
-from .sms import WebhookSms
+from .sms import LogSms, WebhookSms
 from .tokens import TokenSigner
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ class PigeonServer:
         self.messenger = Messenger(self.store, self.clock, self.presence, s.max_group)
         self.accounts = Accounts(
             self.store, self.clock, signer, s.secret,
-            sender=None if s.dev else WebhookSms(s.sms_webhook or ""),
+            sender=_code_sender(s),
             code_ttl_s=s.code_ttl_s, max_attempts=s.code_max_attempts, lock_s=s.code_lock_s,
             token_ttl_s=s.token_ttl_s,
         )
@@ -197,6 +197,15 @@ class PigeonServer:
         if self._http_sock is not None:
             self._http_sock.close()
         log.info("pigeon stopped")
+
+
+def _code_sender(s: Settings) -> WebhookSms | LogSms | None:
+    if s.dev:
+        return None  # the code is returned in the HTTP reply
+    if s.sms_webhook:
+        return WebhookSms(s.sms_webhook)
+    log.warning("no SMS provider configured (--sms-webhook): login codes will be written to this log")
+    return LogSms()
 
 
 def _bound_port(broker: PigeonBroker, listener: str) -> int:

@@ -74,10 +74,8 @@ class Settings:
             raise ConfigError(f"ingest must be 'inprocess' or 'mqtt', got {self.ingest!r}")
         if self.max_group < 2:
             raise ConfigError("max_group must be at least 2")
-        if not self.dev and not self.sms_webhook:
-            raise ConfigError(
-                "sms_webhook (PIGEON_SMS_WEBHOOK) is required outside --dev mode: login codes must go somewhere"
-            )
+        if self.sms_webhook and not self.sms_webhook.startswith(("http://", "https://")):
+            raise ConfigError(f"sms_webhook must be an http(s) URL, got {self.sms_webhook!r}")
         secret = self.secret or _load_or_create_secret(self.data_dir)
         if len(secret) < 16:
             raise ConfigError("secret (PIGEON_SECRET / PIGEON_SECRET_FILE) must be at least 16 bytes")

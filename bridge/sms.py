@@ -1,14 +1,25 @@
-"""Delivering login codes: an HTTP webhook that receives ``{"phone", "text"}``.
+"""Delivering login codes.
 
-Any SMS gateway (Twilio, Vonage, an in-house relay) can sit behind a small webhook; Pigeon
-only needs the URL.
+``WebhookSms`` posts ``{"phone", "text", "code"}`` to a URL; any SMS gateway (Twilio, Vonage,
+an in-house relay) can sit behind a small webhook. ``LogSms`` writes the code to the server
+log: the fallback when no provider is configured, so a server started with no flags works for
+whoever can read its log.
 """
 
 from __future__ import annotations
 
+import logging
+
 import httpx
 
 from .errors import Unavailable
+
+log = logging.getLogger(__name__)
+
+
+class LogSms:
+    async def send_code(self, phone: str, code: str) -> None:
+        log.warning("login code for %s: %s (no SMS provider configured)", phone, code)
 
 
 class WebhookSms:

@@ -35,12 +35,12 @@ class ServerProc:
     log_path: Path
 
     @classmethod
-    def start(cls, data_dir: Path, *extra: str, timeout: float = 60.0) -> ServerProc:
+    def start(cls, data_dir: Path, *extra: str, timeout: float = 60.0, dev: bool = True) -> ServerProc:
         data_dir.mkdir(parents=True, exist_ok=True)
         log_path = data_dir / "server.log"
         log = open(log_path, "a")  # noqa: SIM115 - closed with the process
         cmd = [
-            sys.executable, "-m", "clients.cli", "serve", "--dev", "--data-dir", str(data_dir),
+            sys.executable, "-m", "clients.cli", "serve", *(["--dev"] if dev else []), "--data-dir", str(data_dir),
             "--host", "127.0.0.1", "--mqtt-port", "0", "--ws-port", "0", "--http-port", "0",
             "--log-level", "WARNING", *extra,
         ]
