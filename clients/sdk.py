@@ -369,18 +369,29 @@ class Device:
             else:
                 await self._events.put(event)
 
-    def _take(self, event: Event) -> None:
-        """Deliver inbox events exactly once and in order; a gap asks for a sync."""
+    def _take(self, event: Event, *, from_store: bool = False) -> None:
+        """Deliver inbox events exactly once and in order; a gap asks for a sync.
+
+        A live event past a gap waits for the sync. What sync returns comes from the store in
+        inbox order and is authoritative: a position it skips does not exist.
+        """
         pos = int(event["inbox"])
         if pos <= self._cursor:
             return
         self._buffer[pos] = event
+        if from_store:
+            for early in sorted(p for p in self._buffer if p < pos):
+                self._deliver(early)
+            self._deliver(pos)
         while self._cursor + 1 in self._buffer:
-            self._cursor += 1
-            self._events.put_nowait(self._buffer.pop(self._cursor))
-            self._ack_wanted.set()
+            self._deliver(self._cursor + 1)
         if self._buffer:
             self._sync_wanted.set()
+
+    def _deliver(self, pos: int) -> None:
+        self._cursor = pos
+        self._events.put_nowait(self._buffer.pop(pos))
+        self._ack_wanted.set()
 
     async def _sync_loop(self) -> None:
         while True:
@@ -423,7 +434,7 @@ class Device:
             while True:
                 batch = await self.request({"type": "sync", "after": self._cursor, "limit": limit})
                 for item in batch["items"]:
-                    self._take(item)
+                    self._take(item, from_store=True)
                 if not batch["more"] or not batch["items"]:
                     break
             await self._flush_ack()

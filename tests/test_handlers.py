@@ -207,3 +207,22 @@ def test_parse_request_codes() -> None:
     assert info.value.request_id == "i"
     req = parse_request(b'{"type":"sync","id":"s","unknown":1}', 100)  # unknown fields are ignored
     assert req.type == "sync"
+
+
+async def test_sdk_orders_live_events_and_trusts_sync_across_a_missing_position() -> None:
+    from clients.sdk import Device, Profile
+
+    dev = Device(Profile(http_url="http://127.0.0.1:9", user_id="u", device_id="d", token="t", expires_at=0,
+                         mqtt_host="127.0.0.1", mqtt_port=9, ws_url="ws://127.0.0.1:9/mqtt"))
+    try:
+        dev._take({"inbox": 1, "n": 1})  # noqa: SLF001
+        dev._take({"inbox": 3, "n": 3})  # noqa: SLF001 - live, after a gap: held back
+        dev._take({"inbox": 1, "n": 1})  # noqa: SLF001 - duplicate: dropped
+        assert [e["n"] for e in dev.pending_events()] == [1]
+        dev._take({"inbox": 2, "n": 2})  # noqa: SLF001 - the gap fills: both follow in order
+        assert [e["n"] for e in dev.pending_events()] == [2, 3]
+        dev._take({"inbox": 5, "n": 5})  # noqa: SLF001
+        dev._take({"inbox": 6, "n": 6}, from_store=True)  # noqa: SLF001 - sync says 4 does not exist
+        assert [e["n"] for e in dev.pending_events()] == [5, 6] and dev.cursor == 6
+    finally:
+        await dev.api.close()
