@@ -1,0 +1,345 @@
+#!/usr/bin/env python3
+"""Install (if missing), start and stop the real servers Pigeon's production profile uses.
+
+    scripts/services up      start Cassandra, Redis and MinIO on free loopback ports, wait
+                             until each answers, print `export PIGEON_...=...` lines
+    scripts/services down    stop exactly the processes `up` started (by PID)
+    scripts/services status  show what is running
+
+A server already given by PIGEON_STORE (cassandra://), PIGEON_REDIS or PIGEON_MEDIA (s3://)
+is used as it is and not started. Downloads and builds are cached in $PIGEON_SERVICES_CACHE
+(default ~/.cache/pigeon-services); state and data live in .services/ beside this repo.
+
+Where the servers come from (no Docker engine needed):
+  Redis      Debian's redis-server package (apt-get, as root)
+  Cassandra  org.apache.cassandra:cassandra-all from Maven Central, run on the machine's Java 17
+  MinIO      built from source with the Go module proxy (`go install`)
+Only the standard library is used, so this runs before any virtualenv exists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+STATE_DIR = ROOT / ".services"
+STATE = STATE_DIR / "state.json"
+CACHE = Path(os.environ.get("PIGEON_SERVICES_CACHE", Path.home() / ".cache" / "pigeon-services"))
+
+CASSANDRA_VERSION = "5.0.4"
+MINIO_MODULE = "github.com/minio/minio@v0.0.0-20260212201848-7aac2a2c5b7c"
+MINIO_USER, MINIO_PASSWORD, MINIO_BUCKET = "pigeon", "pigeon-test-secret", "pigeon-media"
+KEYSPACE = "pigeon_test"
+
+JVM17_FLAGS = [
+    "-Djdk.attach.allowAttachSelf=true",
+    *[f"--add-exports={m}=ALL-UNNAMED" for m in (
+        "java.base/jdk.internal.misc", "java.management.rmi/com.sun.jmx.remote.internal.rmi",
+        "java.management/com.sun.jmx.remote.security", "java.rmi/sun.rmi.registry", "java.rmi/sun.rmi.server",
+        "java.sql/java.sql", "java.base/java.lang.ref", "jdk.unsupported/sun.misc", "jdk.attach/sun.tools.attach",
+        "jdk.compiler/com.sun.tools.javac.file",
+    )],
+    *[f"--add-opens=java.base/{p}=ALL-UNNAMED" for p in (
+        "java.lang.module", "jdk.internal.loader", "jdk.internal.ref", "jdk.internal.reflect", "jdk.internal.math",
+        "jdk.internal.module", "jdk.internal.util.jar", "sun.nio.ch", "java.io", "java.lang.reflect", "java.lang",
+        "java.util", "java.nio",
+    )],
+    "--add-opens=jdk.management/com.sun.management.internal=ALL-UNNAMED",
+    "--add-opens=jdk.compiler/com.sun.tools.javac=ALL-UNNAMED",
+    "-Dio.netty.tryReflectionSetAccessible=true",
+]
+
+
+def say(msg: str) -> None:
+    print(f"services: {msg}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def wait_until(what: str, ready: object, timeout: float, proc: subprocess.Popen[bytes] | None, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if callable(ready) and ready():
+            return
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+            raise SystemExit(f"services: {what} exited with {proc.returncode} before it was ready\n{tail}")
+        time.sleep(0.25)
+    raise SystemExit(f"services: {what} was not ready within {timeout:.0f}s; see {log}")
+
+
+def run(cmd: list[str], **kw: object) -> None:
+    subprocess.run(cmd, check=True, **kw)  # type: ignore[call-overload]
+
+
+def spawn(name: str, cmd: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], Path]:
+    log = STATE_DIR / f"{name}.log"
+    fh = open(log, "ab")  # noqa: SIM115 - the child keeps it
+    proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True, env={**os.environ, **(env or {})})
+    fh.close()
+    return proc, log
+
+
+# -- Redis ------------------------------------------------------------------------------------------
+def redis_binary() -> str:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    say("installing redis-server (apt)")
+    run(["apt-get", "update", "-qq"], stdout=subprocess.DEVNULL)
+    run(["apt-get", "install", "-y", "-qq", "redis-server"], stdout=subprocess.DEVNULL,
+        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    found = shutil.which("redis-server")
+    if not found:
+        raise SystemExit("services: redis-server is still missing after apt-get install")
+    return found
+
+
+def start_redis(state: dict[str, object]) -> str:
+    port = free_port()
+    data = STATE_DIR / "redis"
+    data.mkdir(parents=True, exist_ok=True)
+    proc, log = spawn("redis", [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                "--appendonly", "no", "--dir", str(data), "--protected-mode", "yes"])
+
+    def ready() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    wait_until("redis", ready, 30, proc, log)
+    state["redis"] = {"pid": proc.pid, "port": port}
+    return f"redis://127.0.0.1:{port}/0"
+
+
+# -- MinIO ------------------------------------------------------------------------------------------
+def minio_binary() -> Path:
+    binary = CACHE / "go" / "bin" / "minio"
+    if binary.exists():
+        return binary
+    if not shutil.which("go"):
+        raise SystemExit("services: Go is needed to build MinIO (go install); none is on PATH")
+    say(f"building MinIO from {MINIO_MODULE} (first time only, several minutes)")
+    env = {**os.environ, "GOPATH": str(CACHE / "go"), "GOMODCACHE": str(CACHE / "gomod"),
+           "GOCACHE": str(CACHE / "gocache"), "CGO_ENABLED": "0", "GOFLAGS": "-mod=mod"}
+    run(["go", "install", MINIO_MODULE], env=env)
+    return binary
+
+
+def start_minio(state: dict[str, object]) -> str:
+    port, console = free_port(), free_port()
+    data = STATE_DIR / "minio"
+    data.mkdir(parents=True, exist_ok=True)
+    proc, log = spawn(
+        "minio",
+        [str(minio_binary()), "server", str(data), "--address", f"127.0.0.1:{port}",
+         "--console-address", f"127.0.0.1:{console}", "--quiet"],
+        env={"MINIO_ROOT_USER": MINIO_USER, "MINIO_ROOT_PASSWORD": MINIO_PASSWORD,
+             "MINIO_BROWSER": "off", "MINIO_UPDATE": "off"},
+    )
+
+    def ready() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/minio/health/live", timeout=1) as r:
+                return bool(r.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    wait_until("minio", ready, 60, proc, log)
+    state["minio"] = {"pid": proc.pid, "port": port}
+    return f"s3://{MINIO_USER}:{MINIO_PASSWORD}@127.0.0.1:{port}/{MINIO_BUCKET}"
+
+
+# -- Cassandra --------------------------------------------------------------------------------------
+def cassandra_lib() -> Path:
+    home = CACHE / f"cassandra-{CASSANDRA_VERSION}"
+    lib = home / "lib"
+    if (lib / f"cassandra-all-{CASSANDRA_VERSION}.jar").exists():
+        return lib
+    if not shutil.which("mvn"):
+        raise SystemExit("services: Maven (mvn) is needed to fetch Cassandra from Maven Central")
+    say(f"fetching Cassandra {CASSANDRA_VERSION} and its dependencies from Maven Central (first time only)")
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "pom.xml").write_text(f"""<project xmlns="http://maven.apache.org/POM/4.0.0">
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>pigeon.services</groupId><artifactId>cassandra-runtime</artifactId><version>1</version>
+  <dependencies><dependency>
+    <groupId>org.apache.cassandra</groupId><artifactId>cassandra-all</artifactId>
+    <version>{CASSANDRA_VERSION}</version>
+  </dependency></dependencies>
+</project>
+""")
+    run(["mvn", "-q", "-B", "dependency:copy-dependencies", f"-DoutputDirectory={lib}",
+         "-DincludeScope=runtime"], cwd=home)
+    return lib
+
+
+def start_cassandra(state: dict[str, object]) -> str:
+    if not shutil.which("java"):
+        raise SystemExit("services: Java 17 is needed to run Cassandra; none is on PATH")
+    lib = cassandra_lib()
+    native, storage, jmx = free_port(), free_port(), free_port()
+    home = STATE_DIR / "cassandra"
+    for sub in ("data", "commitlog", "saved_caches", "hints", "cdc_raw", "logs", "tmp"):
+        (home / sub).mkdir(parents=True, exist_ok=True)
+    conf = home / "cassandra.yaml"
+    conf.write_text(f"""cluster_name: pigeon-test
+num_tokens: 16
+listen_address: 127.0.0.1
+rpc_address: 127.0.0.1
+storage_port: {storage}
+native_transport_port: {native}
+seed_provider:
+  - class_name: org.apache.cassandra.locator.SimpleSeedProvider
+    parameters:
+      - seeds: "127.0.0.1:{storage}"
+endpoint_snitch: SimpleSnitch
+partitioner: org.apache.cassandra.dht.Murmur3Partitioner
+commitlog_sync: periodic
+commitlog_sync_period: 10000ms
+data_file_directories: [{home / 'data'}]
+commitlog_directory: {home / 'commitlog'}
+saved_caches_directory: {home / 'saved_caches'}
+hints_directory: {home / 'hints'}
+cdc_raw_directory: {home / 'cdc_raw'}
+start_native_transport: true
+authenticator: AllowAllAuthenticator
+authorizer: AllowAllAuthorizer
+disk_failure_policy: stop
+commit_failure_policy: stop
+""")
+    logback = home / "logback.xml"
+    logback.write_text(f"""<configuration>
+  <appender name="FILE" class="ch.qos.logback.core.FileAppender">
+    <file>{home / 'logs' / 'system.log'}</file>
+    <encoder><pattern>%d %-5level [%thread] %logger{{1}}: %msg%n</pattern></encoder>
+  </appender>
+  <root level="INFO"><appender-ref ref="FILE"/></root>
+</configuration>
+""")
+    cmd = [
+        "java", "-Xms256m", "-Xmx1g", "-XX:+UseG1GC", *JVM17_FLAGS,
+        f"-Dcassandra.config=file://{conf}", "-Dcassandra-foreground=yes",
+        f"-Dcassandra.storagedir={home}", f"-Dcassandra.logdir={home / 'logs'}",
+        f"-Dlogback.configurationFile={logback}", "-Dcassandra.skip_wait_for_gossip_to_settle=0",
+        "-Dcassandra.ring_delay_ms=0", "-Dchronicle.analytics.disable=true",
+        f"-Dcassandra.jmx.local.port={jmx}", f"-Djava.io.tmpdir={home / 'tmp'}",
+        f"-Djna.tmpdir={home / 'tmp'}", "-Dcassandra.superuser_setup_delay_ms=0",
+        "-cp", f"{lib}/*", "org.apache.cassandra.service.CassandraDaemon",
+    ]
+    proc, log = spawn("cassandra", cmd)
+    wait_until("cassandra", lambda: port_open(native), 180, proc, home / "logs" / "system.log")
+    state["cassandra"] = {"pid": proc.pid, "port": native}
+    return f"cassandra://127.0.0.1:{native}/{KEYSPACE}"
+
+
+# -- commands ---------------------------------------------------------------------------------------
+def load_state() -> dict[str, object]:
+    return json.loads(STATE.read_text()) if STATE.exists() else {}
+
+
+def up() -> None:
+    STATE_DIR.mkdir(exist_ok=True)
+    state = load_state()
+    if any(isinstance(v, dict) and alive(int(v["pid"])) for v in state.values()):
+        raise SystemExit("services: already up (run 'scripts/services down' first)")
+    state = {}
+    exports: dict[str, str] = {}
+    try:
+        starters = (("PIGEON_REDIS", "redis", start_redis), ("PIGEON_MEDIA", "s3", start_minio),
+                    ("PIGEON_STORE", "cassandra", start_cassandra))
+        for var, scheme, start in starters:
+            given = os.environ.get(var, "")
+            if given.startswith(f"{scheme}://"):
+                say(f"using {var} from the environment")
+                exports[var] = given
+                continue
+            t0 = time.monotonic()
+            exports[var] = start(state)
+            STATE.write_text(json.dumps(state))
+            say(f"{scheme} ready in {time.monotonic() - t0:.1f}s")
+    except BaseException:
+        STATE.write_text(json.dumps(state))
+        down()
+        raise
+    state["exports"] = exports
+    STATE.write_text(json.dumps(state))
+    for var, value in exports.items():
+        print(f"export {var}='{value}'")
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except OSError:
+        return False
+
+
+def down() -> None:
+    state = load_state()
+    for name, info in state.items():
+        if not isinstance(info, dict) or "pid" not in info:
+            continue
+        pid = int(info["pid"])
+        if not alive(pid):
+            continue
+        say(f"stopping {name} (pid {pid})")
+        try:
+            os.killpg(pid, signal.SIGTERM)  # its own session: the server and nothing else
+        except OSError:
+            continue
+        deadline = time.monotonic() + 30
+        while alive(pid) and time.monotonic() < deadline:
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+            time.sleep(0.2)
+        if alive(pid):
+            os.killpg(pid, signal.SIGKILL)
+    if STATE.exists():
+        STATE.unlink()
+
+
+def status() -> None:
+    for name, info in load_state().items():
+        if isinstance(info, dict) and "pid" in info:
+            print(f"{name}: pid {info['pid']} port {info['port']} {'up' if alive(int(info['pid'])) else 'DOWN'}")
+
+
+def main() -> None:
+    commands = {"up": up, "down": down, "status": status}
+    if len(sys.argv) != 2 or sys.argv[1] not in commands:
+        raise SystemExit("usage: scripts/services up|down|status")
+    commands[sys.argv[1]]()
+
+
+if __name__ == "__main__":
+    main()
