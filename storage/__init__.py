@@ -7,7 +7,7 @@ chosen, so the embedded default needs none of them installed.
 from __future__ import annotations
 
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 from .base import NotStored, StorageError, StorageUnavailable, Store
 from .media import MediaStore
@@ -27,7 +27,36 @@ def open_store(url: str) -> Store:
         from .sqlite import SqliteStore
 
         return SqliteStore(Path(path))
-    raise BackendConfigError(f"unknown store scheme {parsed.scheme!r} in {url!r} (expected sqlite://)")
+    if parsed.scheme == "cassandra":
+        return _cassandra(url)
+    raise BackendConfigError(f"unknown store scheme {parsed.scheme!r} in {url!r} (expected sqlite:// or cassandra://)")
+
+
+def _cassandra(url: str) -> Store:
+    """``cassandra://HOST[,HOST...][:PORT]/KEYSPACE[?replication=JSON&inbox_ttl_days=N]``."""
+    parsed = urlparse(url)
+    keyspace = parsed.path.strip("/")
+    if not parsed.netloc or not keyspace:
+        raise BackendConfigError(f"cassandra URL needs hosts and a keyspace: {url!r}")
+    hostpart = parsed.netloc.rsplit("@", 1)[-1]
+    port = 9042
+    if ":" in hostpart.rsplit(",", 1)[-1]:
+        hostpart, _, p = hostpart.rpartition(":")
+        if not p.isdigit():
+            raise BackendConfigError(f"cassandra URL has a bad port: {url!r}")
+        port = int(p)
+    hosts = [h for h in hostpart.split(",") if h]
+    query = parse_qs(parsed.query)
+    from .cassandra import INBOX_TTL_S, CassandraStore
+
+    kw: dict[str, object] = {}
+    if "replication" in query:
+        kw["replication"] = unquote(query["replication"][0])
+    if "inbox_ttl_days" in query:
+        kw["inbox_ttl_s"] = int(query["inbox_ttl_days"][0]) * 86_400
+    else:
+        kw["inbox_ttl_s"] = INBOX_TTL_S
+    return CassandraStore(hosts, port, keyspace, **kw)  # type: ignore[arg-type]
 
 
 def open_media(url: str, *, secret: bytes, public_base: str) -> MediaStore:

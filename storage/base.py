@@ -194,7 +194,11 @@ class Store(Protocol):
     """Everything the bridge stores. All methods may raise :class:`StorageUnavailable`."""
 
     async def open(self) -> None:
-        """Connect and create or check the schema. Called once before any other method."""
+        """Connect and check the schema. Called once before any other method. Raises
+        :class:`StorageError` with a message naming ``pigeon db migrate`` if the schema is old."""
+
+    async def migrate(self) -> None:
+        """Create or update the schema (idempotent). Safe on a live store."""
 
     async def close(self) -> None:
         """Release every connection. Safe to call twice."""

@@ -202,6 +202,11 @@ class SqliteStore:
         await self._run(self._reader, setup_reader)
         log.info("sqlite store open at %s", self._path)
 
+    async def migrate(self) -> None:
+        """The embedded store creates its schema on open; migrating is opening."""
+        if self._wconn is None:
+            await self.open()
+
     async def close(self) -> None:
         def close_w() -> None:
             if self._wconn is not None:

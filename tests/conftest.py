@@ -81,6 +81,17 @@ class ServerProc:
         return self.proc.returncode
 
 
+def production_url(var: str, scheme: str) -> str:
+    """The URL of a production server the test run was given (scripts/test starts them)."""
+    value = os.environ.get(var, "")
+    if not value.startswith(scheme):
+        message = f"{var} is not a {scheme} URL: start the servers with 'scripts/services up' (scripts/test does)"
+        if os.environ.get("PIGEON_REQUIRE_SERVICES"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return value
+
+
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc]:
     srv = ServerProc.start(tmp_path_factory.mktemp("pigeon-e2e"))

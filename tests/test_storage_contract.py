@@ -7,6 +7,8 @@ store of that kind.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import random
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -15,14 +17,18 @@ import pytest
 
 from storage import open_store
 from storage.base import LoginCode, MediaObject, MediaRef, Message, NewMessage, NotStored, ReceiptNote, Store
+from tests.conftest import production_url
 
 T0 = 1_700_000_000_000
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", "cassandra"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
     if request.param == "sqlite":
         s = open_store(f"sqlite://{tmp_path / 'contract.db'}")
+    else:
+        s = open_store(production_url("PIGEON_STORE", "cassandra://"))
+    await s.migrate()
     await s.open()
     try:
         yield s
@@ -30,20 +36,31 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
         await s.close()
 
 
+_run = random.randrange(10**6)
+_n = itertools.count()
+
+
+def phone() -> str:
+    """A phone number no other test (nor an earlier run on a shared keyspace) has used."""
+    return f"+1{_run:06d}{next(_n):06d}"
+
+
 def text(chat: str, sender: str, cid: str | None, body: str = "x", ts: int = T0) -> NewMessage:
     return NewMessage(chat_id=chat, sender=sender, device="d1", client_id=cid, ts=ts, kind="text", body=body)
 
 
 async def two_users(store: Store) -> tuple[str, str]:
-    a = await store.create_user("+15550000001", T0)
-    b = await store.create_user("+15550000002", T0)
+    P1, P2 = phone(), phone()
+    a = await store.create_user(P1, T0)
+    b = await store.create_user(P2, T0)
     return a.user_id, b.user_id
 
 
 async def test_users_are_unique_per_phone_and_keep_their_fields(store: Store) -> None:
-    u = await store.create_user("+15550000001", T0)
-    assert await store.create_user("+15550000001", T0 + 5) == u
-    assert await store.user_by_phone("+15550000001") == u
+    P1 = phone()
+    u = await store.create_user(P1, T0)
+    assert await store.create_user(P1, T0 + 5) == u
+    assert await store.user_by_phone(P1) == u
     assert await store.get_user(u.user_id) == u
     assert (await store.set_user_name(u.user_id, "Ann")).name == "Ann"
     await store.set_last_seen(u.user_id, T0 + 10)
@@ -56,7 +73,8 @@ async def test_users_are_unique_per_phone_and_keep_their_fields(store: Store) ->
 
 
 async def test_devices_and_push_targets(store: Store) -> None:
-    u = await store.create_user("+15550000001", T0)
+    P1 = phone()
+    u = await store.create_user(P1, T0)
     d = await store.add_device(u.user_id, "phone", "android", T0)
     assert await store.get_device(d.device_id) == d
     updated = await store.set_push_target(d.device_id, "fcm", "tok")
@@ -66,12 +84,13 @@ async def test_devices_and_push_targets(store: Store) -> None:
 
 
 async def test_login_codes_replace_and_delete(store: Store) -> None:
-    code = LoginCode(phone="+15550000001", code_hash="h1", expires_at=T0, attempts=0, locked_until=0)
+    P1 = phone()
+    code = LoginCode(phone=P1, code_hash="h1", expires_at=T0, attempts=0, locked_until=0)
     await store.put_login_code(code)
-    await store.put_login_code(LoginCode("+15550000001", "h2", T0 + 1, 2, 0))
-    assert await store.get_login_code("+15550000001") == LoginCode("+15550000001", "h2", T0 + 1, 2, 0)
-    await store.delete_login_code("+15550000001")
-    assert await store.get_login_code("+15550000001") is None
+    await store.put_login_code(LoginCode(P1, "h2", T0 + 1, 2, 0))
+    assert await store.get_login_code(P1) == LoginCode(P1, "h2", T0 + 1, 2, 0)
+    await store.delete_login_code(P1)
+    assert await store.get_login_code(P1) is None
 
 
 async def test_direct_chat_is_created_once_for_the_pair(store: Store) -> None:
@@ -84,8 +103,9 @@ async def test_direct_chat_is_created_once_for_the_pair(store: Store) -> None:
 
 
 async def test_groups_members_and_roles(store: Store) -> None:
+    P3 = phone()
     a, b = await two_users(store)
-    c = await store.create_user("+15550000003", T0)
+    c = await store.create_user(P3, T0)
     g = await store.create_group(a, "team", [b, b, a], T0)
     assert g.kind == "group" and g.title == "team" and g.member(a) and g.member(a).role == "admin"  # type: ignore[union-attr]
     assert sorted(g.member_ids) == sorted([a, b])
@@ -152,7 +172,8 @@ async def test_history_pages_newest_first(store: Store) -> None:
 async def test_media_roundtrip_and_chat_carriage(store: Store) -> None:
     a, b = await two_users(store)
     chat = await store.direct_chat(a, b, T0)
-    obj = MediaObject(key="k" * 64, sha256="k" * 64, size=10, mime="image/png", owner=a, state="pending", created_at=T0)
+    key = f"{random.getrandbits(256):064x}"
+    obj = MediaObject(key=key, sha256=key, size=10, mime="image/png", owner=a, state="pending", created_at=T0)
     assert await store.put_media(obj) == obj
     assert (await store.put_media(replace(obj, size=99, owner=b))).size == 10  # the first record stays
     await store.mark_media_ready(obj.key)
