@@ -14,7 +14,7 @@ import uvicorn
 
 from broker.embedded import PigeonBroker, broker_config
 from broker.gate import DeviceGate
-from storage import open_media, open_store
+from storage import StorageError, open_media, open_store
 from storage.media_local import LocalMediaStore
 
 from .accounts import Accounts
@@ -83,7 +83,10 @@ class PigeonServer:
         self.http_port = self._http_sock.getsockname()[1]
         base = f"http://{s.advertised_host}:{self.http_port}"
 
-        await self.store.open()
+        try:
+            await self.store.open()
+        except StorageError as exc:
+            raise StartupError(f"store {s.store_url.split('@')[-1]}: {exc}") from exc
         blobs = open_media(s.media_url, secret=s.secret, public_base=base)
         await blobs.open()
         self.blobs = blobs

@@ -23,6 +23,8 @@ from clients.sdk import Api, Device, PigeonClientError, Profile, request_code, v
 app = typer.Typer(help="Pigeon: messaging over MQTT for phones and IoT devices.", no_args_is_help=True)
 group_app = typer.Typer(help="Create and manage groups.", no_args_is_help=True)
 app.add_typer(group_app, name="group")
+db_app = typer.Typer(help="Manage the message store.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
 console = Console()
 err = Console(stderr=True)
 
@@ -41,8 +43,10 @@ def serve(
     mqtt_port: Annotated[int, typer.Option(envvar="PIGEON_MQTT_PORT")] = 1883,
     ws_port: Annotated[int, typer.Option(envvar="PIGEON_WS_PORT")] = 8083,
     http_port: Annotated[int, typer.Option(envvar="PIGEON_HTTP_PORT")] = 8080,
-    store: Annotated[str | None, typer.Option(envvar="PIGEON_STORE", help="sqlite:///PATH")] = None,
-    media: Annotated[str | None, typer.Option(envvar="PIGEON_MEDIA", help="file:///PATH")] = None,
+    store: Annotated[str | None, typer.Option(envvar="PIGEON_STORE", help="sqlite:///PATH or cassandra://HOSTS/KEYSPACE")]
+    = None,
+    media: Annotated[str | None, typer.Option(envvar="PIGEON_MEDIA", help="file:///PATH or s3://KEY:SECRET@HOST/BUCKET")]
+    = None,
     sms_webhook: Annotated[str | None, typer.Option(envvar="PIGEON_SMS_WEBHOOK")] = None,
     rate: Annotated[float, typer.Option(envvar="PIGEON_RATE", help="Requests/s per device")] = 50.0,
     burst: Annotated[int, typer.Option(envvar="PIGEON_BURST")] = 200,
@@ -87,11 +91,39 @@ def serve(
             )
             await stop.wait()
 
+    from storage import StorageError
+
     try:
         asyncio.run(run())
-    except PigeonError as exc:
+    except (PigeonError, StorageError) as exc:
         err.print(f"[red]pigeon could not start:[/] {exc}")
         raise typer.Exit(1) from exc
+
+
+@db_app.command("migrate")
+def db_migrate(
+    store: Annotated[str | None, typer.Option(envvar="PIGEON_STORE", help="sqlite:///PATH or cassandra://HOSTS/KEYSPACE")]
+    = None,
+    data_dir: Annotated[Path, typer.Option(envvar="PIGEON_DATA_DIR")] = Path(".pigeon"),
+) -> None:
+    """Create or update the store's schema (keyspace replication: ?replication=... in the URL)."""
+    from storage import StorageError, open_store
+
+    url = settings(store=store, data_dir=data_dir).store_url
+
+    async def go() -> None:
+        s = open_store(url)
+        try:
+            await s.migrate()
+        finally:
+            await s.close()
+
+    try:
+        asyncio.run(go())
+    except StorageError as exc:
+        err.print(f"[red]migration failed:[/] {exc}")
+        raise typer.Exit(1) from exc
+    console.print(f"schema up to date in {url.split('@')[-1]}")
 
 
 def _run(coro: Any) -> Any:

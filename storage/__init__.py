@@ -66,7 +66,17 @@ def open_media(url: str, *, secret: bytes, public_base: str) -> MediaStore:
         from .media_local import LocalMediaStore
 
         return LocalMediaStore(Path(parsed.path), secret, public_base)
-    raise BackendConfigError(f"unknown media scheme {parsed.scheme!r} in {url!r} (expected file://)")
+    if parsed.scheme in ("s3", "s3s"):
+        bucket = parsed.path.strip("/")
+        if not parsed.hostname or not bucket or parsed.username is None or parsed.password is None:
+            raise BackendConfigError("media URL must look like s3://ACCESS:SECRET@HOST:PORT/BUCKET (s3s:// for TLS)")
+        from .media_s3 import S3MediaStore
+
+        endpoint = parsed.hostname + (f":{parsed.port}" if parsed.port else "")
+        region = parse_qs(parsed.query).get("region", ["us-east-1"])[0]
+        return S3MediaStore(endpoint, unquote(parsed.username), unquote(parsed.password), bucket,
+                            secure=parsed.scheme == "s3s", region=region)
+    raise BackendConfigError(f"unknown media scheme {parsed.scheme!r} in {url!r} (expected file://, s3://)")
 
 
 __all__ = [

@@ -19,6 +19,7 @@ import pytest
 from clients.sdk import Device, Profile, login
 
 ROOT = Path(__file__).resolve().parent.parent
+BACKEND_VARS = ("PIGEON_STORE", "PIGEON_MEDIA", "PIGEON_REDIS", "PIGEON_BROKER")
 READY_RE = re.compile(r"pigeon ready http=(\S+) mqtt=(\S+):(\d+) ws=ws://[^:]+:(\d+)/mqtt")
 
 
@@ -44,7 +45,9 @@ class ServerProc:
             "--host", "127.0.0.1", "--mqtt-port", "0", "--ws-port", "0", "--http-port", "0",
             "--log-level", "WARNING", *extra,
         ]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # backends are chosen by the flags given here, never inherited by accident
+        env = {k: v for k, v in os.environ.items() if k not in BACKEND_VARS}
+        env["PYTHONUNBUFFERED"] = "1"
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
         found: list[re.Match[str]] = []
 
@@ -92,9 +95,20 @@ def production_url(var: str, scheme: str) -> str:
     return value
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc]:
-    srv = ServerProc.start(tmp_path_factory.mktemp("pigeon-e2e"))
+def production_flags() -> list[str]:
+    """Flags for a server on the production backends, with the store's schema migrated."""
+    store = production_url("PIGEON_STORE", "cassandra://")
+    media = production_url("PIGEON_MEDIA", "s3://")
+    subprocess.run([sys.executable, "-m", "clients.cli", "db", "migrate", "--store", store], cwd=ROOT, check=True,
+                   capture_output=True)
+    return ["--store", store, "--media", media]
+
+
+@pytest.fixture(scope="session", params=["embedded", "production"])
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc]:
+    """The server every end-to-end test talks to, once per profile."""
+    extra = production_flags() if request.param == "production" else []
+    srv = ServerProc.start(tmp_path_factory.mktemp(f"pigeon-{request.param}"), *extra)
     yield srv
     srv.stop()
 
