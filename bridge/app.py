@@ -16,6 +16,7 @@ from broker.embedded import PigeonBroker, broker_config
 from broker.gate import DeviceGate
 from storage import StorageError, open_media, open_store
 from storage.media_local import LocalMediaStore
+from storage.state import open_state
 
 from .accounts import Accounts
 from .clock import Clock, SystemClock
@@ -91,7 +92,12 @@ class PigeonServer:
         await blobs.open()
         self.blobs = blobs
         signer = TokenSigner(s.secret)
-        self.presence = PresenceTracker(self.store, self.clock)
+        self.state = open_state(s.redis)
+        try:
+            await self.state.open()
+        except StorageError as exc:
+            raise StartupError(f"shared state {s.redis}: {exc}") from exc
+        self.presence = PresenceTracker(self.store, self.state, self.clock)
         self.messenger = Messenger(self.store, self.clock, self.presence, s.max_group)
         self.accounts = Accounts(
             self.store, self.clock, signer, s.secret,
@@ -100,7 +106,7 @@ class PigeonServer:
             token_ttl_s=s.token_ttl_s,
         )
         self.media = Media(self.store, blobs, self.clock, max_bytes=s.media_max_bytes, url_ttl_s=s.media_url_ttl_s)
-        limiter = RateLimiter(self.clock, s.rate_per_s, s.rate_burst)
+        limiter = RateLimiter(self.clock, s.rate_per_s, s.rate_burst, self.state)
         self.router = DeviceRouter(self.messenger, self.presence, self.media, limiter, self.metrics, s.max_payload)
 
         async def check_token(token: str) -> tuple[str, str] | None:
@@ -167,7 +173,7 @@ class PigeonServer:
             try:
                 await asyncio.wait_for(self._stopping.wait(), 30)
             except TimeoutError:
-                self.presence.expire_watches()
+                self.metrics.online.set(await self.presence.online_devices())
 
     async def _ingest(self, topic: str, payload: bytes) -> None:
         outs = await self.router.handle(topic, payload)
@@ -197,6 +203,8 @@ class PigeonServer:
                 log.exception("broker shutdown failed")
             self._broker = None
         await self.store.close()
+        if getattr(self, "state", None) is not None:
+            await self.state.close()
         if self._http_sock is not None:
             self._http_sock.close()
         log.info("pigeon stopped")

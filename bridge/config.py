@@ -24,6 +24,7 @@ class Settings:
     dev: bool = False
     store: str | None = None
     media: str | None = None
+    redis: str | None = None
     secret: bytes = field(default=b"", repr=False)
     sms_webhook: str | None = None
     max_payload: int = 64 * 1024

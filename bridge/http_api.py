@@ -177,7 +177,8 @@ def create_app(deps: HttpDeps) -> FastAPI:
         c = await caller(request)
         if user_id != c.user_id and not await msgr.share_chat(c.user_id, user_id):
             raise Forbidden("you share no chat with that user")
-        ev = presence_event(user_id, deps.presence.is_online(user_id), await deps.presence.last_seen(user_id))
+        online = await deps.presence.is_online(user_id)
+        ev = presence_event(user_id, online, await deps.presence.last_seen(user_id))
         del ev["type"]
         return ev
 
@@ -341,7 +342,7 @@ def create_app(deps: HttpDeps) -> FastAPI:
     @app.get("/metrics")
     async def metrics() -> Response:
         deps.metrics.connected.set(deps.connected())
-        deps.metrics.online.set(deps.presence.online_devices())
+        deps.metrics.online.set(await deps.presence.online_devices())
         return Response(deps.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app

@@ -216,7 +216,7 @@ class Messenger:
         outs = [
             Out.event(user_topic(m), event, qos=0)
             for m in chat.member_ids
-            if m != caller.user_id and self._presence.is_online(m)
+            if m != caller.user_id and await self._presence.is_online(m)
         ]
         return Result(outs=outs)
 

@@ -1,47 +1,34 @@
-"""Per-device token buckets: ``rate`` requests a second sustained, bursts of ``burst``."""
+"""Per-device token buckets: ``rate`` requests a second sustained, bursts of ``burst``.
+
+Buckets live in the shared state, so every bridge process draws on the same budget. If the
+shared state cannot be reached the request is allowed: a rate limiter must not stop messaging.
+"""
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+import logging
+
+from storage.base import StorageUnavailable
+from storage.state import MemoryState, SharedState
 
 from .clock import Clock
 
-
-@dataclass(slots=True)
-class _Bucket:
-    tokens: float
-    stamp: float
+log = logging.getLogger(__name__)
 
 
 class RateLimiter:
-    def __init__(self, clock: Clock, rate: float, burst: int, max_keys: int = 200_000) -> None:
+    def __init__(self, clock: Clock, rate: float, burst: int, state: SharedState | None = None) -> None:
         if rate <= 0 or burst < 1:
             raise ValueError("rate must be > 0 and burst >= 1")
         self._clock = clock
         self.rate = rate
         self.burst = burst
-        self._buckets: dict[str, _Bucket] = {}
-        self._max_keys = max_keys
+        self._state = state or MemoryState()
 
-    def take(self, key: str) -> int:
+    async def take(self, key: str) -> int:
         """Spend one token; return 0 if allowed, else the milliseconds until one is available."""
-        now = self._clock.monotonic()
-        b = self._buckets.get(key)
-        if b is None:
-            if len(self._buckets) >= self._max_keys:
-                self._evict_full(now)
-            b = self._buckets[key] = _Bucket(float(self.burst), now)
-        else:
-            b.tokens = min(float(self.burst), b.tokens + (now - b.stamp) * self.rate)
-            b.stamp = now
-        if b.tokens >= 1.0:
-            b.tokens -= 1.0
+        try:
+            return await self._state.take_token(key, self.rate, self.burst, self._clock.now_ms() / 1000)
+        except StorageUnavailable as exc:
+            log.warning("rate limiter unavailable, allowing: %s", exc)
             return 0
-        return max(1, math.ceil((1.0 - b.tokens) / self.rate * 1000))
-
-    def _evict_full(self, now: float) -> None:
-        # Buckets that have refilled completely carry no state worth keeping.
-        full = [k for k, b in self._buckets.items() if b.tokens + (now - b.stamp) * self.rate >= self.burst]
-        for k in full:
-            del self._buckets[k]

@@ -69,7 +69,7 @@ class DeviceRouter:
             self._metrics.requests.labels(kind).inc()
             if isinstance(req, PresenceReq):
                 return await self._presence_change(caller, req.online)
-            wait_ms = self._limiter.take(caller.device_id)
+            wait_ms = await self._limiter.take(caller.device_id)
             if wait_ms:
                 raise RateLimited("too many requests", retry_after_ms=wait_ms, request_id=getattr(req, "id", None))
             outs = await self._presence.device_online(caller.user_id, caller.device_id)
@@ -96,7 +96,7 @@ class DeviceRouter:
             outs = await self._presence.device_online(caller.user_id, caller.device_id)
         else:
             outs = await self._presence.device_offline(caller.user_id, caller.device_id)
-        self._metrics.online.set(self._presence.online_devices())
+        self._metrics.online.set(await self._presence.online_devices())
         return outs
 
     async def _dispatch(self, caller: Caller, req: Request) -> Result:

@@ -47,6 +47,8 @@ def serve(
     = None,
     media: Annotated[str | None, typer.Option(envvar="PIGEON_MEDIA", help="file:///PATH or s3://KEY:SECRET@HOST/BUCKET")]
     = None,
+    redis: Annotated[str | None, typer.Option(envvar="PIGEON_REDIS", help="redis://HOST:PORT/DB (absent: in-process)")]
+    = None,
     sms_webhook: Annotated[str | None, typer.Option(envvar="PIGEON_SMS_WEBHOOK")] = None,
     rate: Annotated[float, typer.Option(envvar="PIGEON_RATE", help="Requests/s per device")] = 50.0,
     burst: Annotated[int, typer.Option(envvar="PIGEON_BURST")] = 200,
@@ -68,7 +70,7 @@ def serve(
     try:
         cfg = settings(
             dev=dev, data_dir=data_dir, host=host, public_host=public_host, mqtt_port=mqtt_port,
-            ws_port=ws_port, http_port=http_port, store=store, media=media, sms_webhook=sms_webhook,
+            ws_port=ws_port, http_port=http_port, store=store, media=media, redis=redis, sms_webhook=sms_webhook,
             rate_per_s=rate, rate_burst=burst, max_group=max_group, max_payload=max_payload,
             media_max_bytes=media_max_bytes, media_url_ttl_s=media_url_ttl, secret=secret_from_env() or None,
             ingest=ingest,

@@ -99,9 +99,10 @@ def production_flags() -> list[str]:
     """Flags for a server on the production backends, with the store's schema migrated."""
     store = production_url("PIGEON_STORE", "cassandra://")
     media = production_url("PIGEON_MEDIA", "s3://")
+    redis = production_url("PIGEON_REDIS", "redis://")
     subprocess.run([sys.executable, "-m", "clients.cli", "db", "migrate", "--store", store], cwd=ROOT, check=True,
                    capture_output=True)
-    return ["--store", store, "--media", media]
+    return ["--store", store, "--media", media, "--redis", redis]
 
 
 @pytest.fixture(scope="session", params=["embedded", "production"])

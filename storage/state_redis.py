@@ -1,0 +1,110 @@
+"""Shared hot state in Redis (redis-py asyncio).
+
+Keys carry a hash tag per user or device (``pg:{u:USER}:…``, ``pg:{d:DEVICE}:…``), so every
+multi-key step touches one slot and the layout works on Redis Cluster. Each step that must be
+atomic is one Lua script. A Redis failure raises :class:`storage.base.StorageUnavailable`;
+callers decide whether that blocks (it never blocks messaging: see ``bridge.presence``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import StorageError, StorageUnavailable
+
+_ONLINE = """
+local added = redis.call('SADD', KEYS[1], ARGV[1])
+if added == 1 then redis.call('INCR', KEYS[2]) end
+if added == 1 and redis.call('SCARD', KEYS[1]) == 1 then return 1 end
+return 0
+"""
+_OFFLINE = """
+local removed = redis.call('SREM', KEYS[1], ARGV[1])
+if removed == 1 then redis.call('DECR', KEYS[2]) end
+if removed == 1 and redis.call('SCARD', KEYS[1]) == 0 then return 1 end
+return 0
+"""
+_WATCHERS = """
+local all = redis.call('HGETALL', KEYS[1])
+local out = {}
+for i = 1, #all, 2 do
+  if tonumber(all[i + 1]) <= tonumber(ARGV[1]) then redis.call('HDEL', KEYS[1], all[i])
+  else table.insert(out, all[i]) end
+end
+return out
+"""
+# token bucket: tokens and stamp in one hash; returns milliseconds to wait (0 = allowed)
+_TAKE = """
+local rate, burst, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local b = redis.call('HMGET', KEYS[1], 't', 's')
+local tokens, stamp = tonumber(b[1]), tonumber(b[2])
+if tokens == nil then tokens, stamp = burst, now end
+tokens = math.min(burst, tokens + math.max(0, now - stamp) * rate)
+local wait = 0
+if tokens >= 1 then tokens = tokens - 1 else wait = math.max(1, math.ceil((1 - tokens) / rate * 1000)) end
+redis.call('HSET', KEYS[1], 't', tostring(tokens), 's', tostring(now))
+redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate * 1000) + 1000)
+return wait
+"""
+class RedisState:
+    def __init__(self, url: str) -> None:
+        try:
+            import redis.asyncio as aioredis
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            raise StorageError("Redis state needs the redis package: pip install 'pigeon[redis]'") from exc
+        self._redis: Any = aioredis.from_url(url, socket_timeout=2, socket_connect_timeout=2,
+                                             health_check_interval=30)
+        self._scripts: dict[str, Any] = {}
+
+    async def _do(self, coro: Any) -> Any:
+        from redis.exceptions import RedisError
+
+        try:
+            return await coro
+        except RedisError as exc:
+            raise StorageUnavailable(f"redis: {exc}") from exc
+        except OSError as exc:
+            raise StorageUnavailable(f"redis: {exc}") from exc
+
+    async def open(self) -> None:
+        await self._do(self._redis.ping())
+        for name, src in (("online", _ONLINE), ("offline", _OFFLINE), ("watchers", _WATCHERS), ("take", _TAKE)):
+            self._scripts[name] = self._redis.register_script(src)
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+    @staticmethod
+    def _online_keys(user_id: str) -> list[str]:
+        # a per-user device count beside the set keeps each script within the user's slot
+        return [f"pg:{{u:{user_id}}}:online", f"pg:{{u:{user_id}}}:count"]
+
+    async def device_online(self, user_id: str, device_id: str) -> bool:
+        return bool(await self._do(self._scripts["online"](keys=self._online_keys(user_id), args=[device_id])))
+
+    async def device_offline(self, user_id: str, device_id: str) -> bool:
+        return bool(await self._do(self._scripts["offline"](keys=self._online_keys(user_id), args=[device_id])))
+
+    async def is_online(self, user_id: str) -> bool:
+        return bool(await self._do(self._redis.scard(f"pg:{{u:{user_id}}}:online")))
+
+    async def online_devices(self) -> int:
+        total = 0
+        async for key in self._redis.scan_iter(match="pg:{u:*}:count", count=1000):
+            value = await self._do(self._redis.get(key))
+            total += int(value or 0)
+        return total
+
+    async def add_watch(self, watched: str, watcher: str, expiry_ms: int, now_ms: int) -> None:
+        key = f"pg:{{u:{watched}}}:watchers"
+        ttl = max(1, expiry_ms - now_ms) + 60_000  # the hash outlives its last watch a little
+        await self._do(self._redis.hset(key, watcher, expiry_ms))
+        await self._do(self._redis.pexpire(key, ttl, gt=True))
+        await self._do(self._redis.pexpire(key, ttl, nx=True))
+
+    async def watchers(self, watched: str, now_ms: int) -> list[str]:
+        got = await self._do(self._scripts["watchers"](keys=[f"pg:{{u:{watched}}}:watchers"], args=[now_ms]))
+        return [w.decode() if isinstance(w, bytes) else str(w) for w in got]
+
+    async def take_token(self, key: str, rate: float, burst: int, now_s: float) -> int:
+        return int(await self._do(self._scripts["take"](keys=[f"pg:{{d:{key}}}:rate"], args=[rate, burst, now_s])))

@@ -1,0 +1,68 @@
+"""The shared-state contract, run unchanged on the in-process state and on Redis."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+
+from storage.state import SharedState, open_state
+from tests.conftest import production_url
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def state(request: pytest.FixtureRequest) -> AsyncIterator[SharedState]:
+    s = open_state(None if request.param == "memory" else production_url("PIGEON_REDIS", "redis://"))
+    await s.open()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+def uid() -> str:
+    return "u" + uuid.uuid4().hex[:12]
+
+
+async def test_a_user_is_online_while_any_device_is(state: SharedState) -> None:
+    u = uid()
+    assert not await state.is_online(u)
+    assert await state.device_online(u, "d1") is True
+    assert await state.device_online(u, "d1") is False  # already
+    assert await state.device_online(u, "d2") is False  # user was online already
+    assert await state.device_offline(u, "d1") is False  # d2 still there
+    assert await state.is_online(u)
+    assert await state.device_offline(u, "d2") is True
+    assert await state.device_offline(u, "d2") is False
+    assert not await state.is_online(u)
+
+
+async def test_online_device_count(state: SharedState) -> None:
+    before = await state.online_devices()
+    u = uid()
+    await state.device_online(u, "a")
+    await state.device_online(u, "b")
+    assert await state.online_devices() == before + 2
+    await state.device_offline(u, "a")
+    await state.device_offline(u, "b")
+    assert await state.online_devices() == before
+
+
+async def test_watches_expire(state: SharedState) -> None:
+    u = uid()
+    await state.add_watch(u, "w1/d1", expiry_ms=2_000, now_ms=1_000)
+    await state.add_watch(u, "w2/d2", expiry_ms=5_000, now_ms=1_000)
+    assert sorted(await state.watchers(u, now_ms=1_000)) == ["w1/d1", "w2/d2"]
+    assert await state.watchers(u, now_ms=3_000) == ["w2/d2"]
+    assert await state.watchers(u, now_ms=6_000) == []
+
+
+async def test_token_bucket_bursts_then_refills(state: SharedState) -> None:
+    key = uid()
+    now = 1_000_000.0
+    assert [await state.take_token(key, 2.0, 3, now) for _ in range(3)] == [0, 0, 0]
+    wait = await state.take_token(key, 2.0, 3, now)
+    assert 400 <= wait <= 500
+    assert await state.take_token(key, 2.0, 3, now + wait / 1000) == 0
+    assert await state.take_token(uid(), 2.0, 3, now) == 0
