@@ -57,11 +57,13 @@ class PresenceTracker:
             self._last_seen[user_id] = user.last_seen if user else 0
         return self._last_seen[user_id]
 
-    async def device_online(self, user_id: str, device_id: str) -> list[Out]:
+    async def device_online(self, user_id: str, device_id: str, *, explicit: bool = False) -> list[Out]:
+        """Mark the device online. Implicit marks (any request) are sent to the shared state at
+        most every ``REASSERT_S`` per device; an explicit ``presence online`` always is."""
         key = (user_id, device_id)
         now = self._clock.monotonic()
         marked = self._marked.get(key)
-        if marked is not None and now - marked < REASSERT_S:
+        if not explicit and marked is not None and now - marked < REASSERT_S:
             return []
         try:
             became = await self._state.device_online(user_id, device_id)

@@ -93,7 +93,7 @@ class DeviceRouter:
 
     async def _presence_change(self, caller: Caller, online: bool) -> list[Out]:
         if online:
-            outs = await self._presence.device_online(caller.user_id, caller.device_id)
+            outs = await self._presence.device_online(caller.user_id, caller.device_id, explicit=True)
         else:
             outs = await self._presence.device_offline(caller.user_id, caller.device_id)
         self._metrics.online.set(await self._presence.online_devices())

@@ -31,8 +31,8 @@ class S3MediaStore:
 
         self.bucket = bucket
         self._base = f"{'https' if secure else 'http'}://{endpoint}"
-        http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=3, read=30),
-                                   retries=urllib3.Retry(total=1, backoff_factor=0.2))
+        http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=3, read=5),
+                                   retries=urllib3.Retry(total=0))
         self._client = Minio(endpoint, access_key=access_key, secret_key=secret_key, secure=secure,
                              region=region, http_client=http)
 
@@ -61,9 +61,16 @@ class S3MediaStore:
     async def close(self) -> None:
         return None
 
+    async def _reachable(self) -> None:
+        """Presigning is local arithmetic; ask the server once so an outage is reported now,
+        not as a failed upload on the device later."""
+        if not await self._call(self._client.bucket_exists, self.bucket):
+            raise StorageUnavailable(f"s3: bucket {self.bucket} is missing")
+
     async def presign_upload(self, key: str, size: int, mime: str, expires: int) -> UploadTicket:
         from minio.datatypes import PostPolicy
 
+        await self._reachable()
         policy = PostPolicy(self.bucket, datetime.fromtimestamp(expires / 1000, tz=UTC))
         policy.add_equals_condition("key", key)
         policy.add_equals_condition("Content-Type", mime)
@@ -73,6 +80,7 @@ class S3MediaStore:
                             fields={**form, "key": key, "Content-Type": mime})
 
     async def presign_download(self, key: str, expires: int) -> str:
+        await self._reachable()
         ttl = max(1, int(expires / 1000 - datetime.now(tz=UTC).timestamp()))
         url: str = await self._call(self._client.presigned_get_object, self.bucket, key,
                                     expires=timedelta(seconds=ttl))
