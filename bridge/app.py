@@ -169,11 +169,19 @@ class PigeonServer:
                 ingest.cancel()
 
     async def _housekeeping(self) -> None:
+        """Every half minute: the online gauge; every ten minutes: sweep unconfirmed uploads."""
+        ticks = 0
         while not self._stopping.is_set():
             try:
                 await asyncio.wait_for(self._stopping.wait(), 30)
             except TimeoutError:
+                ticks += 1
                 self.metrics.online.set(await self.presence.online_devices())
+                if ticks % 20 == 0:
+                    try:
+                        await self.media.sweep(self.settings.upload_ttl_s)
+                    except StorageError as exc:
+                        log.warning("upload sweep skipped: %s", exc)
 
     async def _ingest(self, topic: str, payload: bytes) -> None:
         outs = await self.router.handle(topic, payload)

@@ -37,6 +37,7 @@ class Settings:
     code_lock_s: int = 900
     media_url_ttl_s: int = 600
     media_max_bytes: int = 100 * 1024 * 1024
+    upload_ttl_s: int = DAY_S
     log_level: str = "INFO"
     ingest: str = "inprocess"
 

@@ -74,6 +74,18 @@ class Media:
             log.debug("media %s ready", key)
         return {"type": "media_ready", "id": rid, "key": key}
 
+    async def sweep(self, older_than_s: int, limit: int = 500) -> int:
+        """Delete uploads never confirmed with ``media_done`` within ``older_than_s``; return how many."""
+        before = self._clock.now_ms() - older_than_s * 1000
+        swept = 0
+        for obj in await self._store.stale_uploads(before, limit):
+            await self._blobs.delete(obj.key)
+            if await self._store.drop_media(obj.key):
+                swept += 1
+        if swept:
+            log.info("removed %d uploads that were never confirmed", swept)
+        return swept
+
     async def mime(self, key: str) -> str:
         async with storage_errors():
             obj = await self._store.get_media(key)

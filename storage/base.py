@@ -303,3 +303,9 @@ class Store(Protocol):
     async def get_media(self, key: str) -> MediaObject | None: ...
 
     async def mark_media_ready(self, key: str) -> None: ...
+
+    async def stale_uploads(self, before: int, limit: int) -> list[MediaObject]:
+        """Media still pending that was declared before ``before`` (ms), at most ``limit``."""
+
+    async def drop_media(self, key: str) -> bool:
+        """Forget a *pending* media record; a ready one is kept. True if one was dropped."""

@@ -58,10 +58,12 @@ from .base import (
 from .sqlite import new_id
 
 log = logging.getLogger(__name__)
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUCKET = 1000
 RECENT_SCAN = 50
 INBOX_TTL_S = 30 * 86_400
+DAY_MS = 86_400_000
+SWEEP_DAYS = 30  # how far back the upload sweep looks for unconfirmed uploads
 
 
 class SchemaError(StorageError):
@@ -108,6 +110,8 @@ def schema(keyspace: str, replication: str, inbox_ttl_s: int) -> list[str]:
         f"CREATE TABLE IF NOT EXISTS {ks}.media (key text PRIMARY KEY, sha256 text, size bigint, mime text, "
         "owner text, state text, created_at bigint)",
         f"CREATE TABLE IF NOT EXISTS {ks}.chat_media (chat_id text, key text, PRIMARY KEY (chat_id, key))",
+        f"CREATE TABLE IF NOT EXISTS {ks}.pending_uploads (day bigint, key text, created_at bigint, "
+        "PRIMARY KEY (day, key))",
     ]
 
 
@@ -277,6 +281,10 @@ class CassandraStore:
             "media_ready": f"UPDATE {ks}.media SET state='ready' WHERE key=? IF EXISTS",
             "put_chat_media": f"INSERT INTO {ks}.chat_media (chat_id, key) VALUES (?, ?)",
             "chat_media": f"SELECT key FROM {ks}.chat_media WHERE chat_id=? AND key=?",
+            "put_pending": f"INSERT INTO {ks}.pending_uploads (day, key, created_at) VALUES (?, ?, ?)",
+            "pending_day": f"SELECT key, created_at FROM {ks}.pending_uploads WHERE day=?",
+            "del_pending": f"DELETE FROM {ks}.pending_uploads WHERE day=? AND key=?",
+            "drop_media": f"DELETE FROM {ks}.media WHERE key=? IF state='pending'",
         }
         self._ps = {name: self._session.prepare(text) for name, text in q.items()}
 
@@ -618,7 +626,10 @@ class CassandraStore:
 
     # -- media ----------------------------------------------------------------------------------
     async def put_media(self, obj: MediaObject) -> MediaObject:
-        await self._x("put_media", obj.key, obj.sha256, obj.size, obj.mime, obj.owner, obj.state, obj.created_at)
+        rows = await self._x("put_media", obj.key, obj.sha256, obj.size, obj.mime, obj.owner, obj.state,
+                             obj.created_at)
+        if rows[0][0] and obj.state == "pending":
+            await self._x("put_pending", obj.created_at // DAY_MS, obj.key, obj.created_at)
         got = await self.get_media(obj.key)
         assert got is not None
         return got
@@ -631,6 +642,31 @@ class CassandraStore:
         rows = await self._x("media_ready", key)
         if not rows[0][0]:
             raise NotStored(f"media {key}")
+        obj = await self.get_media(key)
+        if obj is not None:
+            await self._x("del_pending", obj.created_at // DAY_MS, key)
+
+    async def stale_uploads(self, before: int, limit: int) -> list[MediaObject]:
+        out: list[MediaObject] = []
+        last_day = before // DAY_MS
+        for day in range(last_day - SWEEP_DAYS, last_day + 1):
+            for key, created in await self._x("pending_day", day):
+                if created >= before or len(out) >= limit:
+                    continue
+                obj = await self.get_media(key)
+                if obj is None or obj.state != "pending":
+                    await self._x("del_pending", day, key)  # confirmed or gone meanwhile
+                    continue
+                out.append(obj)
+        return out
+
+    async def drop_media(self, key: str) -> bool:
+        obj = await self.get_media(key)
+        if obj is None or obj.state != "pending":
+            return False
+        rows = await self._x("drop_media", key)
+        await self._x("del_pending", obj.created_at // DAY_MS, key)
+        return bool(rows[0][0])
 
 
 def _settle(fut: asyncio.Future[list[Any]], rows: list[Any] | None, exc: BaseException | None) -> None:

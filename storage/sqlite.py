@@ -644,3 +644,20 @@ class SqliteStore:
                 raise NotStored(f"media {key}")
 
         await self._write(q)
+
+    async def stale_uploads(self, before: int, limit: int) -> list[MediaObject]:
+        def q(c: sqlite3.Connection) -> list[MediaObject]:
+            rows = c.execute(
+                "SELECT key, sha256, size, mime, owner, state, created_at FROM media"
+                " WHERE state='pending' AND created_at < ? ORDER BY created_at LIMIT ?",
+                (before, limit),
+            ).fetchall()
+            return [MediaObject(*r) for r in rows]
+
+        return await self._read(q)
+
+    async def drop_media(self, key: str) -> bool:
+        def q(c: sqlite3.Connection) -> bool:
+            return c.execute("DELETE FROM media WHERE key=? AND state='pending'", (key,)).rowcount == 1
+
+        return await self._write(q)

@@ -12,7 +12,7 @@ import pytest
 
 from bridge.accounts import Accounts
 from bridge.clock import ManualClock
-from bridge.errors import BadRequest, RateLimited, TooLarge, Unauthorized, Unavailable, UnknownType
+from bridge.errors import BadRequest, NotFound, RateLimited, TooLarge, Unauthorized, Unavailable, UnknownType
 from bridge.media import Media
 from bridge.messaging import Caller, Messenger
 from bridge.metrics import Metrics
@@ -226,3 +226,17 @@ async def test_sdk_orders_live_events_and_trusts_sync_across_a_missing_position(
         assert [e["n"] for e in dev.pending_events()] == [5, 6] and dev.cursor == 6
     finally:
         await dev.api.close()
+
+
+async def test_unconfirmed_uploads_are_swept(world: World) -> None:
+    a = await world.user("+15550000001")
+    data = b"never confirmed"
+    sha = hashlib.sha256(data).hexdigest()
+    await world.media.upload(a, "r", sha, len(data), "text/plain")
+    world.blobs.put(sha, data)
+    assert await world.media.sweep(older_than_s=3600) == 0  # too young
+    world.clock.advance(3601)
+    assert await world.media.sweep(older_than_s=3600) == 1
+    assert sha not in world.blobs.objects
+    with pytest.raises(NotFound):
+        await world.media.done(a, "r", sha)

@@ -224,3 +224,21 @@ async def test_device_acks_move_the_users_position_forward_only(store: Store) ->
     assert await store.advance_device_ack(d.device_id, b, 2) == (0, 2)
     assert await store.advance_device_ack(d.device_id, b, 1) == (2, 2)
     assert await store.advance_device_ack(d.device_id, b, 99) == (2, 3)  # capped at the inbox head
+
+
+async def test_unconfirmed_uploads_can_be_found_and_dropped(store: Store) -> None:
+    def obj(created: int, state: str = "pending") -> MediaObject:
+        key = f"{random.getrandbits(256):064x}"
+        return MediaObject(key=key, sha256=key, size=5, mime="a/b", owner="u", state=state, created_at=created)  # type: ignore[arg-type]
+
+    now = 1_800_000_000_000
+    old, fresh, done = obj(now - 3 * 86_400_000), obj(now - 1000), obj(now - 3 * 86_400_000)
+    for o in (old, fresh, done):
+        await store.put_media(o)
+    await store.mark_media_ready(done.key)
+    stale = {m.key for m in await store.stale_uploads(now - 86_400_000, 1000)}
+    assert old.key in stale and fresh.key not in stale and done.key not in stale
+    assert await store.drop_media(old.key) is True
+    assert await store.get_media(old.key) is None
+    assert await store.drop_media(done.key) is False  # ready media is never dropped
+    assert await store.get_media(done.key) is not None
