@@ -73,9 +73,14 @@ def open_media(url: str, *, secret: bytes, public_base: str) -> MediaStore:
         from .media_s3 import S3MediaStore
 
         endpoint = parsed.hostname + (f":{parsed.port}" if parsed.port else "")
-        region = parse_qs(parsed.query).get("region", ["us-east-1"])[0]
+        query = parse_qs(parsed.query)
+        region = query.get("region", ["us-east-1"])[0]
+        public = query.get("public", [None])[0]
+        public_secure = public.startswith("https://") if public else None
+        public_host = public.split("://", 1)[-1].rstrip("/") if public else None
         return S3MediaStore(endpoint, unquote(parsed.username), unquote(parsed.password), bucket,
-                            secure=parsed.scheme == "s3s", region=region)
+                            secure=parsed.scheme == "s3s", region=region, public_endpoint=public_host,
+                            public_secure=public_secure)
     raise BackendConfigError(f"unknown media scheme {parsed.scheme!r} in {url!r} (expected file://, s3://)")
 
 

@@ -22,7 +22,8 @@ _CHUNK = 1 << 16
 
 class S3MediaStore:
     def __init__(self, endpoint: str, access_key: str, secret_key: str, bucket: str, *,
-                 secure: bool = False, region: str = "us-east-1") -> None:
+                 secure: bool = False, region: str = "us-east-1", public_endpoint: str | None = None,
+                 public_secure: bool | None = None) -> None:
         try:
             from minio import Minio
         except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -30,11 +31,16 @@ class S3MediaStore:
         import urllib3
 
         self.bucket = bucket
-        self._base = f"{'https' if secure else 'http'}://{endpoint}"
+        # devices may reach the store under another name than the bridge does (a proxy, a CDN,
+        # a compose network): URLs are signed for that name
+        pub_secure = secure if public_secure is None else public_secure
+        self._base = f"{'https' if pub_secure else 'http'}://{public_endpoint or endpoint}"
         http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=3, read=5),
                                    retries=urllib3.Retry(total=0))
         self._client = Minio(endpoint, access_key=access_key, secret_key=secret_key, secure=secure,
                              region=region, http_client=http)
+        self._signer = self._client if not public_endpoint else Minio(
+            public_endpoint, access_key=access_key, secret_key=secret_key, secure=pub_secure, region=region)
 
     async def _call(self, fn: Any, *args: Any, **kw: Any) -> Any:
         from minio.error import S3Error
@@ -75,14 +81,14 @@ class S3MediaStore:
         policy.add_equals_condition("key", key)
         policy.add_equals_condition("Content-Type", mime)
         policy.add_content_length_range_condition(1, size)
-        form: dict[str, str] = await self._call(self._client.presigned_post_policy, policy)
+        form: dict[str, str] = await self._call(self._signer.presigned_post_policy, policy)
         return UploadTicket(method="POST", url=f"{self._base}/{self.bucket}", expires=expires,
                             fields={**form, "key": key, "Content-Type": mime})
 
     async def presign_download(self, key: str, expires: int) -> str:
         await self._reachable()
         ttl = max(1, int(expires / 1000 - datetime.now(tz=UTC).timestamp()))
-        url: str = await self._call(self._client.presigned_get_object, self.bucket, key,
+        url: str = await self._call(self._signer.presigned_get_object, self.bucket, key,
                                     expires=timedelta(seconds=ttl))
         return url
 
