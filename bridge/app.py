@@ -97,6 +97,7 @@ class PigeonServer:
             await self.state.open()
         except StorageError as exc:
             raise StartupError(f"shared state {s.redis}: {exc}") from exc
+        self.store.use_state(self.state)
         self.presence = PresenceTracker(self.store, self.state, self.clock)
         self.messenger = Messenger(self.store, self.clock, self.presence, s.max_group)
         self.accounts = Accounts(

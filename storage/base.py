@@ -25,7 +25,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
+
+if TYPE_CHECKING:
+    from .state import SharedState
 
 ChatKind = Literal["direct", "group"]
 MessageKind = Literal["text", "media", "system"]
@@ -202,6 +205,11 @@ class Store(Protocol):
 
     async def close(self) -> None:
         """Release every connection. Safe to call twice."""
+
+    def use_state(self, state: SharedState) -> None:
+        """Offer the shared hot state (see :mod:`storage.state`) as an accelerator: hints of
+        counter heads and a window of recent sends. A backend may ignore it; none may depend on
+        it for correctness."""
 
     # -- accounts ---------------------------------------------------------------------------
     async def user_by_phone(self, phone: str) -> User | None: ...

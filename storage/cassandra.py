@@ -56,6 +56,7 @@ from .base import (
     User,
 )
 from .sqlite import new_id
+from .state import SharedState
 
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 2
@@ -63,6 +64,7 @@ BUCKET = 1000
 RECENT_SCAN = 50
 INBOX_TTL_S = 30 * 86_400
 DAY_MS = 86_400_000
+SENT_WINDOW_S = 86_400  # how long the shared state remembers a send for fast retries
 SWEEP_DAYS = 30  # how far back the upload sweep looks for unconfirmed uploads
 
 
@@ -150,6 +152,27 @@ class CassandraStore:
         self._cluster: Any = None
         self._session: Any = None
         self._ps: dict[str, Any] = {}
+        self._state: SharedState | None = None
+
+    def use_state(self, state: SharedState) -> None:
+        """Take counter hints and the recent-sends window from the shared state (Redis)."""
+        self._state = state
+
+    async def _hints(self, keys: Sequence[str]) -> list[int]:
+        if self._state is None:
+            return [0] * len(keys)
+        try:
+            return await self._state.heads(keys)
+        except StorageUnavailable as exc:
+            log.warning("counter hints unavailable, reading heads from Cassandra: %s", exc)
+            return [0] * len(keys)
+
+    async def _raise_hint(self, key: str, value: int) -> None:
+        if self._state is not None:
+            try:
+                await self._state.raise_head(key, value)
+            except StorageUnavailable:
+                pass
 
     # -- connection and schema -----------------------------------------------------------------
     def _connect(self) -> None:
@@ -466,38 +489,42 @@ class CassandraStore:
         return int(rows[0][0] or 0) if rows else 0
 
     async def _claim_seq(self, msg: NewMessage) -> int:
-        n = await self._chat_head(msg.chat_id) + 1
+        hint = (await self._hints([f"c:{msg.chat_id}"]))[0]
+        n = (hint or await self._chat_head(msg.chat_id)) + 1
         while True:
             rows = await self._x("claim_seq", msg.chat_id, n // BUCKET, n, msg.client_id, msg.sender, msg.device,
                                  msg.ts, msg.kind, msg.body, _media_json(msg.media), msg.event, msg.target)
             if rows[0][0]:
                 await asyncio.gather(self._x("set_chat_head", n, n, msg.chat_id),
-                                     self._x("set_chat_ts", msg.ts * 1000, msg.ts, msg.chat_id))
+                                     self._x("set_chat_ts", msg.ts * 1000, msg.ts, msg.chat_id),
+                                     self._raise_hint(f"c:{msg.chat_id}", n))
                 return n
             n += 1
 
-    async def _claim_pos(self, user_id: str, stmt: str, *values: Any) -> int:
-        n = await self._user_head(user_id) + 1
+    async def _claim_pos(self, user_id: str, stmt: str, *values: Any, hint: int = 0) -> int:
+        n = (hint or await self._user_head(user_id)) + 1
         while True:
             rows = await self._x(stmt, user_id, n // BUCKET, n, *values)
             if rows[0][0]:
-                await self._x("set_head", n, n, user_id)
+                await asyncio.gather(self._x("set_head", n, n, user_id), self._raise_hint(f"u:{user_id}", n))
                 return n
             n += 1
 
-    async def _fan_out(self, m: Message, recipients: Sequence[str]) -> dict[str, int]:
-        """One inbox entry per recipient, skipping any who already have one for this message."""
+    async def _fan_out(self, m: Message, recipients: Sequence[str], *, resumed: bool) -> dict[str, int]:
+        """One inbox entry per recipient; when completing an interrupted send, skip any who
+        already have one for this message."""
+        users = list(dict.fromkeys(recipients))
+        hints = await self._hints([f"u:{u}" for u in users])
 
-        async def one(uid: str) -> tuple[str, int]:
-            ref = await self._x("get_ref", uid, m.chat_id, m.seq)
-            if ref:
+        async def one(uid: str, hint: int) -> tuple[str, int]:
+            if resumed and await self._x("get_ref", uid, m.chat_id, m.seq):
                 return uid, -1
             pos = await self._claim_pos(uid, "claim_msg_pos", m.chat_id, m.seq, m.client_id, m.sender, m.device,
-                                        m.ts, m.kind, m.body, _media_json(m.media), m.event, m.target)
+                                        m.ts, m.kind, m.body, _media_json(m.media), m.event, m.target, hint=hint)
             await self._x("put_ref", uid, m.chat_id, m.seq, pos)
             return uid, pos
 
-        done = await asyncio.gather(*(one(u) for u in dict.fromkeys(recipients)))
+        done = await asyncio.gather(*(one(u, h) for u, h in zip(users, hints, strict=True)))
         return {u: p for u, p in done if p > 0}
 
     async def _recent_copy(self, msg: NewMessage) -> Message | None:
@@ -530,9 +557,15 @@ class CassandraStore:
                              event=msg.event, target=msg.target)
         if msg.media is not None:
             await self._x("put_chat_media", msg.chat_id, msg.media.key)
-        inbox = await self._fan_out(stored, recipients)
+        inbox = await self._fan_out(stored, recipients, resumed=resumed)
         if msg.client_id is not None:
             await self._x("put_sent", msg.sender, msg.client_id, msg.chat_id, stored.seq)
+            if self._state is not None:
+                try:
+                    await self._state.remember_sent(msg.sender, msg.client_id, f"{msg.chat_id}:{stored.seq}",
+                                                    SENT_WINDOW_S)
+                except StorageUnavailable:
+                    pass
         if resumed:
             log.info("completed an interrupted send %s/%s at seq %d", msg.sender, msg.client_id, stored.seq)
         return Appended(message=stored, inbox=inbox, duplicate=False)
@@ -542,6 +575,16 @@ class CassandraStore:
         return _message(chat_id, seq, rows[0][1:]) if rows else None
 
     async def find_sent(self, sender: str, client_id: str) -> Message | None:
+        if self._state is not None:
+            try:
+                ref = await self._state.recall_sent(sender, client_id)
+            except StorageUnavailable:
+                ref = None
+            if ref:
+                chat_id, _, seq = ref.rpartition(":")
+                found = await self._message_at(chat_id, int(seq))
+                if found is not None:
+                    return found
         rows = await self._x("get_sent", sender, client_id)
         if not rows:
             return None
@@ -562,8 +605,12 @@ class CassandraStore:
 
     async def append_receipts(self, notes: Sequence[tuple[str, ReceiptNote]]) -> list[int]:
         out: list[int] = []
+        hints = dict(zip([u for u, _ in notes], await self._hints([f"u:{u}" for u, _ in notes]), strict=True))
         for uid, note in notes:  # in order: one user's receipts keep their order
-            out.append(await self._claim_pos(uid, "claim_rcpt_pos", note.chat_id, note.kind, note.user, note.up_to))
+            pos = await self._claim_pos(uid, "claim_rcpt_pos", note.chat_id, note.kind, note.user, note.up_to,
+                                        hint=hints[uid])
+            hints[uid] = pos
+            out.append(pos)
         return out
 
     async def read_inbox(self, user_id: str, after: int, limit: int) -> list[InboxEntry]:

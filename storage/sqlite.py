@@ -202,6 +202,9 @@ class SqliteStore:
         await self._run(self._reader, setup_reader)
         log.info("sqlite store open at %s", self._path)
 
+    def use_state(self, state: object) -> None:
+        """One writer numbers everything in a transaction: hints would not help."""
+
     async def migrate(self) -> None:
         """The embedded store creates its schema on open; migrating is opening."""
         if self._wconn is None:

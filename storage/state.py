@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -40,6 +41,19 @@ class SharedState(Protocol):
     async def take_token(self, key: str, rate: float, burst: int, now_s: float) -> int:
         """Spend one token from the bucket ``key``; 0 if allowed, else milliseconds to wait."""
 
+    async def heads(self, keys: Sequence[str]) -> list[int]:
+        """Hints of the highest number known taken for each counter (``c:CHAT``, ``u:USER``);
+        0 where unknown. A hint may be low, never high: the store stays the authority."""
+
+    async def raise_head(self, key: str, value: int) -> None:
+        """Raise a counter's hint to ``value`` if it is lower."""
+
+    async def remember_sent(self, sender: str, client_id: str, ref: str, ttl_s: int) -> None:
+        """Remember for ``ttl_s`` which message a (sender, client id) produced."""
+
+    async def recall_sent(self, sender: str, client_id: str) -> str | None:
+        """What :meth:`remember_sent` stored, if still remembered."""
+
 
 @dataclass(slots=True)
 class _Bucket:
@@ -55,6 +69,8 @@ class MemoryState:
         self._watch: dict[str, dict[str, int]] = defaultdict(dict)
         self._buckets: dict[str, _Bucket] = {}
         self._max_buckets = max_buckets
+        self._heads: dict[str, int] = {}
+        self._sent: dict[tuple[str, str], str] = {}
 
     async def open(self) -> None:
         return None
@@ -113,6 +129,23 @@ class MemoryState:
             b.tokens -= 1.0
             return 0
         return max(1, math.ceil((1.0 - b.tokens) / rate * 1000))
+
+    async def heads(self, keys: Sequence[str]) -> list[int]:
+        return [self._heads.get(k, 0) for k in keys]
+
+    async def raise_head(self, key: str, value: int) -> None:
+        if len(self._heads) > 1_000_000:
+            self._heads.clear()  # hints only: forgetting them is safe
+        if value > self._heads.get(key, 0):
+            self._heads[key] = value
+
+    async def remember_sent(self, sender: str, client_id: str, ref: str, ttl_s: int) -> None:
+        if len(self._sent) > 200_000:
+            self._sent.clear()
+        self._sent[(sender, client_id)] = ref
+
+    async def recall_sent(self, sender: str, client_id: str) -> str | None:
+        return self._sent.get((sender, client_id))
 
 
 def open_state(url: str | None) -> SharedState:

@@ -8,6 +8,7 @@ callers decide whether that blocks (it never blocks messaging: see ``bridge.pres
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from .base import StorageError, StorageUnavailable
@@ -46,6 +47,14 @@ redis.call('HSET', KEYS[1], 't', tostring(tokens), 's', tostring(now))
 redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate * 1000) + 1000)
 return wait
 """
+_RAISE = """
+local v = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tonumber(ARGV[1]) > v then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) end
+return 0
+"""
+HEAD_TTL_S = 30 * 86_400
+
+
 class RedisState:
     def __init__(self, url: str) -> None:
         try:
@@ -68,7 +77,9 @@ class RedisState:
 
     async def open(self) -> None:
         await self._do(self._redis.ping())
-        for name, src in (("online", _ONLINE), ("offline", _OFFLINE), ("watchers", _WATCHERS), ("take", _TAKE)):
+        scripts = (("online", _ONLINE), ("offline", _OFFLINE), ("watchers", _WATCHERS), ("take", _TAKE),
+                   ("raise", _RAISE))
+        for name, src in scripts:
             self._scripts[name] = self._redis.register_script(src)
 
     async def close(self) -> None:
@@ -108,3 +119,22 @@ class RedisState:
 
     async def take_token(self, key: str, rate: float, burst: int, now_s: float) -> int:
         return int(await self._do(self._scripts["take"](keys=[f"pg:{{d:{key}}}:rate"], args=[rate, burst, now_s])))
+
+    async def heads(self, keys: Sequence[str]) -> list[int]:
+        if not keys:
+            return []
+        pipe = self._redis.pipeline(transaction=False)
+        for k in keys:
+            pipe.get(f"pg:{{{k}}}:head")
+        values = await self._do(pipe.execute())
+        return [int(v) if v is not None else 0 for v in values]
+
+    async def raise_head(self, key: str, value: int) -> None:
+        await self._do(self._scripts["raise"](keys=[f"pg:{{{key}}}:head"], args=[value, HEAD_TTL_S]))
+
+    async def remember_sent(self, sender: str, client_id: str, ref: str, ttl_s: int) -> None:
+        await self._do(self._redis.set(f"pg:{{s:{sender}}}:sent:{client_id}", ref, ex=ttl_s))
+
+    async def recall_sent(self, sender: str, client_id: str) -> str | None:
+        v = await self._do(self._redis.get(f"pg:{{s:{sender}}}:sent:{client_id}"))
+        return v.decode() if isinstance(v, bytes) else v

@@ -16,24 +16,32 @@ from pathlib import Path
 import pytest
 
 from storage import open_store
+from storage.state import open_state
 from storage.base import LoginCode, MediaObject, MediaRef, Message, NewMessage, NotStored, ReceiptNote, Store
 from tests.conftest import production_url
 
 T0 = 1_700_000_000_000
 
 
-@pytest.fixture(params=["sqlite", "cassandra"])
+@pytest.fixture(params=["sqlite", "cassandra", "cassandra+redis"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    state = None
     if request.param == "sqlite":
         s = open_store(f"sqlite://{tmp_path / 'contract.db'}")
     else:
         s = open_store(production_url("PIGEON_STORE", "cassandra://"))
+        if request.param == "cassandra+redis":  # with counter hints and the recent-sends window
+            state = open_state(production_url("PIGEON_REDIS", "redis://"))
+            await state.open()
+            s.use_state(state)
     await s.migrate()
     await s.open()
     try:
         yield s
     finally:
         await s.close()
+        if state is not None:
+            await state.close()
 
 
 _run = random.randrange(10**6)
