@@ -23,6 +23,7 @@ Design notes that every backend keeps:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
@@ -115,6 +116,21 @@ class MediaRef:
     size: int
     sha256: str
     name: str | None = None
+
+
+def media_to_json(media: MediaRef | None) -> str | None:
+    """How a message's media reference is kept in a text column."""
+    if media is None:
+        return None
+    return json.dumps({"key": media.key, "mime": media.mime, "size": media.size, "sha256": media.sha256,
+                       "name": media.name})
+
+
+def media_from_json(text: str | None) -> MediaRef | None:
+    if not text:
+        return None
+    d = json.loads(text)
+    return MediaRef(key=d["key"], mime=d["mime"], size=d["size"], sha256=d["sha256"], name=d.get("name"))
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,7 +30,6 @@ the event loop with ``call_soon_threadsafe``, so the loop never blocks.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -42,7 +41,6 @@ from .base import (
     InboxEntry,
     LoginCode,
     MediaObject,
-    MediaRef,
     Member,
     Message,
     NewMessage,
@@ -54,6 +52,8 @@ from .base import (
     StorageError,
     StorageUnavailable,
     User,
+    media_from_json,
+    media_to_json,
 )
 from .sqlite import new_id
 from .state import SharedState
@@ -117,25 +117,12 @@ def schema(keyspace: str, replication: str, inbox_ttl_s: int) -> list[str]:
     ]
 
 
-def _media_json(m: MediaRef | None) -> str | None:
-    if m is None:
-        return None
-    return json.dumps({"key": m.key, "mime": m.mime, "size": m.size, "sha256": m.sha256, "name": m.name})
-
-
-def _media(text: str | None) -> MediaRef | None:
-    if not text:
-        return None
-    d = json.loads(text)
-    return MediaRef(key=d["key"], mime=d["mime"], size=d["size"], sha256=d["sha256"], name=d.get("name"))
-
-
 _MSG = "client_id, sender, device, ts, kind, body, media, event, target"
 
 
 def _message(chat_id: str, seq: int, r: Sequence[Any]) -> Message:
     return Message(chat_id=chat_id, seq=seq, client_id=r[0], sender=r[1], device=r[2], ts=r[3], kind=r[4],
-                   body=r[5], media=_media(r[6]), event=r[7], target=r[8])
+                   body=r[5], media=media_from_json(r[6]), event=r[7], target=r[8])
 
 
 class CassandraStore:
@@ -493,7 +480,7 @@ class CassandraStore:
         n = (hint or await self._chat_head(msg.chat_id)) + 1
         while True:
             rows = await self._x("claim_seq", msg.chat_id, n // BUCKET, n, msg.client_id, msg.sender, msg.device,
-                                 msg.ts, msg.kind, msg.body, _media_json(msg.media), msg.event, msg.target)
+                                 msg.ts, msg.kind, msg.body, media_to_json(msg.media), msg.event, msg.target)
             if rows[0][0]:
                 await asyncio.gather(self._x("set_chat_head", n, n, msg.chat_id),
                                      self._x("set_chat_ts", msg.ts * 1000, msg.ts, msg.chat_id),
@@ -520,7 +507,7 @@ class CassandraStore:
             if resumed and await self._x("get_ref", uid, m.chat_id, m.seq):
                 return uid, -1
             pos = await self._claim_pos(uid, "claim_msg_pos", m.chat_id, m.seq, m.client_id, m.sender, m.device,
-                                        m.ts, m.kind, m.body, _media_json(m.media), m.event, m.target, hint=hint)
+                                        m.ts, m.kind, m.body, media_to_json(m.media), m.event, m.target, hint=hint)
             await self._x("put_ref", uid, m.chat_id, m.seq, pos)
             return uid, pos
 

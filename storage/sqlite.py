@@ -9,7 +9,6 @@ is durable before the bridge answers ``sent``.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import secrets
 import sqlite3
@@ -25,7 +24,6 @@ from .base import (
     InboxEntry,
     LoginCode,
     MediaObject,
-    MediaRef,
     Member,
     Message,
     NewMessage,
@@ -36,6 +34,8 @@ from .base import (
     Role,
     StorageUnavailable,
     User,
+    media_from_json,
+    media_to_json,
 )
 
 log = logging.getLogger(__name__)
@@ -95,25 +95,10 @@ def new_id(prefix: str) -> str:
     return prefix + secrets.token_hex(8)
 
 
-def _media_json(media: MediaRef | None) -> str | None:
-    if media is None:
-        return None
-    return json.dumps(
-        {"key": media.key, "mime": media.mime, "size": media.size, "sha256": media.sha256, "name": media.name}
-    )
-
-
-def _media_from(text: str | None) -> MediaRef | None:
-    if text is None:
-        return None
-    d = json.loads(text)
-    return MediaRef(key=d["key"], mime=d["mime"], size=d["size"], sha256=d["sha256"], name=d.get("name"))
-
-
 def _message(row: Sequence[Any]) -> Message:
     return Message(
         chat_id=row[0], seq=row[1], client_id=row[2], sender=row[3], device=row[4], ts=row[5],
-        kind=row[6], body=row[7], media=_media_from(row[8]), event=row[9], target=row[10],
+        kind=row[6], body=row[7], media=media_from_json(row[8]), event=row[9], target=row[10],
     )
 
 
@@ -453,7 +438,7 @@ class SqliteStore:
             c.execute(
                 f"INSERT INTO messages({_MSG_COLS}) VALUES(?,?,?,?,?,?,?,?,?,?,?)",
                 (msg.chat_id, seq, msg.client_id, msg.sender, msg.device, msg.ts, msg.kind, msg.body,
-                 _media_json(msg.media), msg.event, msg.target),
+                 media_to_json(msg.media), msg.event, msg.target),
             )
             if msg.client_id is not None:
                 c.execute("INSERT INTO sent VALUES(?,?,?,?)", (msg.sender, msg.client_id, msg.chat_id, seq))

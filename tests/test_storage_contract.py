@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from storage import open_store
-from storage.state import open_state
 from storage.base import LoginCode, MediaObject, MediaRef, Message, NewMessage, NotStored, ReceiptNote, Store
+from storage.state import open_state
 from tests.conftest import production_url
 
 T0 = 1_700_000_000_000
