@@ -6,7 +6,8 @@
     scripts/services down    stop exactly the processes `up` started (by PID)
     scripts/services status  show what is running
 
-A server already given by PIGEON_STORE (cassandra://), PIGEON_REDIS or PIGEON_MEDIA (s3://)
+Ports are free ones on 127.0.0.1 unless set: SERVICES_REDIS_PORT, SERVICES_MINIO_PORT,
+SERVICES_CASSANDRA_PORT (CQL). A server already given by PIGEON_STORE (cassandra://), PIGEON_REDIS or PIGEON_MEDIA (s3://)
 is used as it is and not started. Downloads and builds are cached in $PIGEON_SERVICES_CACHE
 (default ~/.cache/pigeon-services); state and data live in .services/ beside this repo.
 
@@ -64,6 +65,18 @@ def say(msg: str) -> None:
     print(f"services: {msg}", file=sys.stderr, flush=True)
 
 
+def configured_port(name: str) -> int:
+    """The port SERVICES_<NAME>_PORT asks for, or a free one."""
+    value = os.environ.get(f"SERVICES_{name.upper()}_PORT", "")
+    if value:
+        if not value.isdigit() or not 0 < int(value) < 65536:
+            raise SystemExit(f"services: SERVICES_{name.upper()}_PORT must be a port number, got {value!r}")
+        if port_open(int(value)):
+            raise SystemExit(f"services: port {value} (SERVICES_{name.upper()}_PORT) is already in use")
+        return int(value)
+    return free_port()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -119,7 +132,7 @@ def redis_binary() -> str:
 
 
 def start_redis(state: dict[str, object]) -> str:
-    port = free_port()
+    port = configured_port("redis")
     data = STATE_DIR / "redis"
     data.mkdir(parents=True, exist_ok=True)
     proc, log = spawn("redis", [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
@@ -153,7 +166,7 @@ def minio_binary() -> Path:
 
 
 def start_minio(state: dict[str, object]) -> str:
-    port, console = free_port(), free_port()
+    port, console = configured_port("minio"), free_port()
     data = STATE_DIR / "minio"
     data.mkdir(parents=True, exist_ok=True)
     proc, log = spawn(
@@ -204,7 +217,7 @@ def start_cassandra(state: dict[str, object]) -> str:
     if not shutil.which("java"):
         raise SystemExit("services: Java 17 is needed to run Cassandra; none is on PATH")
     lib = cassandra_lib()
-    native, storage, jmx = free_port(), free_port(), free_port()
+    native, storage, jmx = configured_port("cassandra"), free_port(), free_port()
     home = STATE_DIR / "cassandra"
     for sub in ("data", "commitlog", "saved_caches", "hints", "cdc_raw", "logs", "tmp"):
         (home / sub).mkdir(parents=True, exist_ok=True)
