@@ -104,6 +104,8 @@ def wait_until(what: str, ready: object, timeout: float, proc: subprocess.Popen[
 
 
 def run(cmd: list[str], **kw: object) -> None:
+    """Run an install step; its output goes to stderr, since stdout carries only the exports."""
+    kw.setdefault("stdout", sys.stderr)
     subprocess.run(cmd, check=True, **kw)  # type: ignore[call-overload]
 
 
@@ -208,7 +210,7 @@ def cassandra_lib() -> Path:
   </dependency></dependencies>
 </project>
 """)
-    run(["mvn", "-q", "-B", "dependency:copy-dependencies", f"-DoutputDirectory={lib}",
+    run(["mvn", "-q", "-B", "-Dstyle.color=never", "dependency:copy-dependencies", f"-DoutputDirectory={lib}",
          "-DincludeScope=runtime"], cwd=home)
     return lib
 
