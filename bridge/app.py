@@ -177,12 +177,12 @@ class PigeonServer:
                 await asyncio.wait_for(self._stopping.wait(), 30)
             except TimeoutError:
                 ticks += 1
-                self.metrics.online.set(await self.presence.online_devices())
-                if ticks % 20 == 0:
-                    try:
+                try:
+                    self.metrics.online.set(await self.presence.online_devices())
+                    if ticks % 20 == 0:
                         await self.media.sweep(self.settings.upload_ttl_s)
-                    except StorageError as exc:
-                        log.warning("upload sweep skipped: %s", exc)
+                except Exception:  # housekeeping must never take the server down
+                    log.exception("housekeeping step failed; trying again later")
 
     async def _ingest(self, topic: str, payload: bytes) -> None:
         outs = await self.router.handle(topic, payload)

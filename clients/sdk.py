@@ -31,7 +31,7 @@ import logging
 import os
 import random
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -42,6 +42,7 @@ import httpx
 
 log = logging.getLogger(__name__)
 Event = dict[str, Any]
+CLOSE_STEP_S = 5.0
 
 
 class PigeonClientError(Exception):
@@ -299,21 +300,27 @@ class Device:
         await self.close()
 
     async def close(self) -> None:
-        """Say offline, acknowledge what was delivered, and disconnect."""
+        """Acknowledge what was delivered, say offline, and disconnect; each step is bounded
+        by ``CLOSE_STEP_S`` so closing never hangs on a broker that stopped answering."""
         if self._client is not None:
-            with contextlib.suppress(aiomqtt.MqttError):
-                await self._flush_ack()
-                await self._publish({"type": "presence", "state": "offline"})
+            await self._bounded("final ack", self._flush_ack())
+            await self._bounded("offline presence", self._publish({"type": "presence", "state": "offline"}))
         if self._runner is not None:
             self._runner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._runner
             self._runner = None
-        with contextlib.suppress(aiomqtt.MqttError, OSError):
-            await self._stack.aclose()
+        await self._bounded("disconnect", self._stack.aclose())
         self._client = None
         await self.api.close()
         self._save_cursor()
+
+    @staticmethod
+    async def _bounded(what: str, step: Awaitable[Any]) -> None:
+        try:
+            await asyncio.wait_for(step, CLOSE_STEP_S)
+        except (TimeoutError, aiomqtt.MqttError, OSError) as exc:
+            log.warning("closing: %s did not complete (%s)", what, type(exc).__name__)
 
     async def _run(self) -> None:
         async with asyncio.TaskGroup() as tg:
@@ -325,7 +332,13 @@ class Device:
     async def _publish(self, payload: Mapping[str, Any], qos: int = 1) -> None:
         if self._client is None:
             raise PigeonClientError("not_connected", "the device is not connected")
-        await self._client.publish(self.up, json.dumps(payload, separators=(",", ":")), qos=qos)
+        try:
+            await asyncio.wait_for(
+                self._client.publish(self.up, json.dumps(payload, separators=(",", ":")), qos=qos),
+                self._reply_timeout,
+            )
+        except TimeoutError as exc:
+            raise RequestTimeout(f"the broker did not acknowledge a {payload.get('type')} in time") from exc
 
     async def request(self, payload: Mapping[str, Any], timeout: float | None = None) -> Event:
         """Publish a request with an id and wait for the reply carrying that id."""
@@ -411,8 +424,10 @@ class Device:
             await self._ack_wanted.wait()
             await asyncio.sleep(self._ack_delay)
             self._ack_wanted.clear()
-            with contextlib.suppress(aiomqtt.MqttError):
+            try:
                 await self._flush_ack()
+            except (aiomqtt.MqttError, PigeonClientError) as exc:
+                log.warning("ack not sent (%s); will retry with the next one", exc)
 
     async def _flush_ack(self) -> None:
         if self._cursor > self._acked and self._client is not None:

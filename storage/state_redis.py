@@ -100,11 +100,14 @@ class RedisState:
         return bool(await self._do(self._redis.scard(f"pg:{{u:{user_id}}}:online")))
 
     async def online_devices(self) -> int:
-        total = 0
-        async for key in self._redis.scan_iter(match="pg:{u:*}:count", count=1000):
-            value = await self._do(self._redis.get(key))
-            total += int(value or 0)
-        return total
+        async def count() -> int:
+            total = 0
+            async for key in self._redis.scan_iter(match="pg:{u:*}:count", count=1000):
+                total += int(await self._redis.get(key) or 0)
+            return total
+
+        result: int = await self._do(count())
+        return result
 
     async def add_watch(self, watched: str, watcher: str, expiry_ms: int, now_ms: int) -> None:
         key = f"pg:{{u:{watched}}}:watchers"
