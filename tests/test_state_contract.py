@@ -66,3 +66,28 @@ async def test_token_bucket_bursts_then_refills(state: SharedState) -> None:
     assert 400 <= wait <= 500
     assert await state.take_token(key, 2.0, 3, now + wait / 1000) == 0
     assert await state.take_token(uid(), 2.0, 3, now) == 0
+
+
+async def test_redis_failures_surface_only_as_storage_unavailable() -> None:
+    import redis.asyncio as aioredis
+
+    from storage.base import StorageUnavailable
+
+    url = production_url("PIGEON_REDIS", "redis://")
+    state = open_state(url)
+    await state.open()
+    admin = aioredis.from_url(url)
+    try:
+        await admin.client_kill_filter(_type="normal", skipme=True)  # every other connection is cut
+        u = uid()
+        calls = [lambda: state.online_devices(), lambda: state.device_online(u, "d"), lambda: state.is_online(u),
+                 lambda: state.watchers(u, 0), lambda: state.take_token(u, 1.0, 1, 0.0),
+                 lambda: state.heads([f"u:{u}"]), lambda: state.recall_sent(u, "x")]
+        for call in calls:
+            try:
+                await call()
+            except StorageUnavailable:
+                pass  # the one error a caller has to handle
+    finally:
+        await admin.aclose()
+        await state.close()
