@@ -34,7 +34,6 @@ class PresenceTracker:
         self._state = state
         self._clock = clock
         self._marked: dict[tuple[str, str], float] = {}
-        self._last_seen: dict[str, int] = {}
 
     async def is_online(self, user_id: str) -> bool:
         try:
@@ -50,12 +49,11 @@ class PresenceTracker:
             return len(self._marked)
 
     async def last_seen(self, user_id: str) -> int:
+        """Now for an online user; otherwise as stored (any bridge process may have stored it)."""
         if await self.is_online(user_id):
             return self._clock.now_ms()
-        if user_id not in self._last_seen:
-            user = await self._store.get_user(user_id)
-            self._last_seen[user_id] = user.last_seen if user else 0
-        return self._last_seen[user_id]
+        user = await self._store.get_user(user_id)
+        return user.last_seen if user else 0
 
     async def device_online(self, user_id: str, device_id: str, *, explicit: bool = False) -> list[Out]:
         """Mark the device online. Implicit marks (any request) are sent to the shared state at
@@ -88,7 +86,6 @@ class PresenceTracker:
         if not became:
             return []
         now = self._clock.now_ms()
-        self._last_seen[user_id] = now
         try:
             await self._store.set_last_seen(user_id, now)
         except StorageUnavailable as exc:
