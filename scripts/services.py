@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Install (if missing), start and stop the real servers Pigeon's production profile uses.
 
-    scripts/services up      start Cassandra, Redis and MinIO on free loopback ports, wait
+    scripts/services up      start Cassandra, Redis, MinIO and Mosquitto on free loopback ports, wait
                              until each answers, print `export PIGEON_...=...` lines
     scripts/services down    stop exactly the processes `up` started (by PID)
     scripts/services status  show what is running
@@ -15,6 +15,9 @@ Where the servers come from (no Docker engine needed):
   Redis      Debian's redis-server package (apt-get, as root)
   Cassandra  org.apache.cassandra:cassandra-all from Maven Central, run on the machine's Java 17
   MinIO      built from source with the Go module proxy (`go install`)
+  Mosquitto  Debian's mosquitto package, with its dynamic-security plugin; the bridge's own
+             credential is written to .services/mosquitto/bridge.credentials (mode 0600) and
+             exported as PIGEON_BROKER_CREDENTIALS_FILE
 Only the standard library is used, so this runs before any virtualenv exists.
 """
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -274,6 +278,64 @@ commit_failure_policy: stop
     return f"cassandra://127.0.0.1:{native}/{KEYSPACE}"
 
 
+# -- Mosquitto ---------------------------------------------------------------------------------------
+DYNSEC_PLUGIN = "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so"
+BRIDGE_USER = "pigeon-bridge"
+
+
+def mosquitto_binary() -> str:
+    found = shutil.which("mosquitto")
+    if found and Path(DYNSEC_PLUGIN).exists() and shutil.which("mosquitto_ctrl"):
+        return found
+    say("installing mosquitto (apt)")
+    run(["apt-get", "update", "-qq"], stdout=subprocess.DEVNULL)
+    run(["apt-get", "install", "-y", "-qq", "mosquitto", "mosquitto-clients"], stdout=subprocess.DEVNULL,
+        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    found = shutil.which("mosquitto")
+    if not found or not Path(DYNSEC_PLUGIN).exists():
+        raise SystemExit("services: mosquitto or its dynamic-security plugin is missing after apt-get install")
+    return found
+
+
+def start_mosquitto(state: dict[str, object]) -> str:
+    binary = mosquitto_binary()
+    port = configured_port("mosquitto")
+    home = STATE_DIR / "mosquitto"
+    home.mkdir(parents=True, exist_ok=True)
+    password = secrets.token_urlsafe(24)
+    dynsec = home / "dynamic-security.json"
+    dynsec.unlink(missing_ok=True)
+    # the bridge is the dynamic-security admin: it creates one client per device
+    run(["mosquitto_ctrl", "dynsec", "init", str(dynsec), BRIDGE_USER], input=f"{password}\n{password}\n".encode(),
+        stdout=subprocess.DEVNULL)
+    creds = home / "bridge.credentials"
+    fd = os.open(creds, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(f"{BRIDGE_USER}:{password}\n")
+    conf = home / "mosquitto.conf"
+    conf.write_text(f"""per_listener_settings false
+listener {port} 127.0.0.1
+allow_anonymous false
+persistence false
+log_dest stdout
+log_type error
+log_type warning
+plugin {DYNSEC_PLUGIN}
+plugin_opt_config_file {dynsec}
+""")
+    proc, log = spawn("mosquitto", [binary, "-c", str(conf)])
+    wait_until("mosquitto", lambda: port_open(port), 30, proc, log)
+    ctrl = ["mosquitto_ctrl", "-h", "127.0.0.1", "-p", str(port), "-u", BRIDGE_USER, "-P", password, "dynsec"]
+    for args in (["createRole", "pigeon-bridge-io"],
+                 ["addRoleACL", "pigeon-bridge-io", "publishClientSend", "down/#", "allow"],
+                 ["addRoleACL", "pigeon-bridge-io", "subscribePattern", "up/+/+", "allow"],
+                 ["addClientRole", BRIDGE_USER, "pigeon-bridge-io"]):
+        run([*ctrl, *args], stderr=subprocess.DEVNULL)
+    state["mosquitto"] = {"pid": proc.pid, "port": port}
+    state["mosquitto_credentials"] = str(creds)
+    return f"mqtt://127.0.0.1:{port}"
+
+
 # -- commands ---------------------------------------------------------------------------------------
 def load_state() -> dict[str, object]:
     return json.loads(STATE.read_text()) if STATE.exists() else {}
@@ -288,7 +350,7 @@ def up() -> None:
     exports: dict[str, str] = {}
     try:
         starters = (("PIGEON_REDIS", "redis", start_redis), ("PIGEON_MEDIA", "s3", start_minio),
-                    ("PIGEON_STORE", "cassandra", start_cassandra))
+                    ("PIGEON_BROKER", "mqtt", start_mosquitto), ("PIGEON_STORE", "cassandra", start_cassandra))
         for var, scheme, start in starters:
             given = os.environ.get(var, "")
             if given.startswith(f"{scheme}://"):
@@ -303,6 +365,8 @@ def up() -> None:
         STATE.write_text(json.dumps(state))
         down()
         raise
+    if "mosquitto_credentials" in state:
+        exports["PIGEON_BROKER_CREDENTIALS_FILE"] = str(state["mosquitto_credentials"])
     state["exports"] = exports
     STATE.write_text(json.dumps(state))
     for var, value in exports.items():

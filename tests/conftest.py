@@ -19,7 +19,7 @@ import pytest
 from clients.sdk import Device, Profile, login
 
 ROOT = Path(__file__).resolve().parent.parent
-BACKEND_VARS = ("PIGEON_STORE", "PIGEON_MEDIA", "PIGEON_REDIS", "PIGEON_BROKER")
+BACKEND_VARS = ("PIGEON_STORE", "PIGEON_MEDIA", "PIGEON_REDIS", "PIGEON_BROKER", "PIGEON_BROKER_CREDENTIALS_FILE")
 READY_RE = re.compile(r"pigeon ready http=(\S+) mqtt=(\S+):(\d+) ws=ws://[^:]+:(\d+)/mqtt")
 
 

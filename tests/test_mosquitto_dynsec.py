@@ -1,0 +1,90 @@
+"""Devices on a real Mosquitto, provisioned through its dynamic-security plugin.
+
+The broker is the one scripts/services started; the bridge credential comes from the file it
+wrote. Every refusal of protocol section 2 is checked with raw MQTT packets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from urllib.parse import urlparse
+
+import aiomqtt
+import pytest
+
+from broker.dynsec import DynSecAdmin
+from tests.conftest import production_url
+from tests.mqtt_raw import connack_code, connect_packet, read_packet, subscribe_packet
+
+
+def broker() -> tuple[str, int, str, str]:
+    url = urlparse(production_url("PIGEON_BROKER", "mqtt://"))
+    creds = Path(production_url("PIGEON_BROKER_CREDENTIALS_FILE", "/")).read_text().strip()
+    user, _, password = creds.partition(":")
+    return url.hostname or "127.0.0.1", url.port or 1883, user, password
+
+
+@pytest.fixture
+async def admin() -> AsyncIterator[DynSecAdmin]:
+    host, port, user, password = broker()
+    async with DynSecAdmin(host, port, user, password) as a:
+        await a.check_bridge_role()
+        yield a
+
+
+def ids() -> tuple[str, str, str]:
+    return "u" + uuid.uuid4().hex[:12], "d" + uuid.uuid4().hex[:12], "tok-" + uuid.uuid4().hex
+
+
+async def test_a_registered_device_connects_with_its_token_only(admin: DynSecAdmin) -> None:
+    host, port, _, _ = broker()
+    user, device, token = ids()
+    assert await connack_code(host, port, connect_packet(device, device, token)) != 0  # not yet
+    await admin.register_device(user, device, token)
+    assert await connack_code(host, port, connect_packet(device, device, token)) == 0
+    assert await connack_code(host, port, connect_packet(device, device, "wrong")) in (4, 5)
+    assert await connack_code(host, port, connect_packet("someone-else", device, token)) in (4, 5)
+    # logging in again replaces the token
+    await admin.register_device(user, device, token + "-new")
+    assert await connack_code(host, port, connect_packet(device, device, token)) in (4, 5)
+    assert await connack_code(host, port, connect_packet(device, device, token + "-new")) == 0
+    await admin.remove_device(device)
+    assert await connack_code(host, port, connect_packet(device, device, token + "-new")) in (4, 5)
+
+
+async def test_device_permissions_are_those_of_the_protocol(admin: DynSecAdmin) -> None:
+    host, port, bridge_user, bridge_password = broker()
+    user, device, token = ids()
+    _other_user, other_device, other_token = ids()
+    await admin.register_device(user, device, token)
+    await admin.register_device(user, other_device, other_token)
+    async with aiomqtt.Client(host, port, username=bridge_user, password=bridge_password,
+                              identifier=f"bridge-test-{uuid.uuid4().hex[:6]}") as bridge:
+        await bridge.subscribe("up/+/+", qos=1)
+        async with aiomqtt.Client(host, port, username=device, password=token, identifier=device) as dev:
+            await dev.publish(f"up/{user}/{other_device}", b"as a sibling", qos=1)  # refused silently
+            await dev.publish(f"down/{user}", b"spoof", qos=1)  # refused silently
+            await dev.publish(f"up/{user}/{device}", json.dumps({"type": "ping"}), qos=1)
+        async with asyncio.timeout(5):
+            async for message in bridge.messages:
+                assert message.topic.value == f"up/{user}/{device}"  # the only one that got through
+                break
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(connect_packet(device, device, token))
+        for i, topic in enumerate(["#", "up/+/+", f"down/{user}/{other_device}", "down/uSomeoneElse", "$SYS/#"]):
+            writer.write(subscribe_packet(topic, 10 + i))
+        writer.write(subscribe_packet(f"down/{user}", 20))
+        writer.write(subscribe_packet(f"down/{user}/{device}", 21))
+        await writer.drain()
+        assert (await read_packet(reader))[1][1] == 0
+        codes = [(await read_packet(reader))[1][2] for _ in range(7)]
+        assert codes[:5] == [0x80] * 5 and codes[5:] == [1, 1]
+    finally:
+        writer.close()
+    await admin.remove_device(device)
+    await admin.remove_device(other_device)
