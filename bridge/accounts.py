@@ -18,12 +18,20 @@ from typing import Protocol
 from storage.base import Device, LoginCode, Store, User
 
 from .clock import Clock
-from .errors import BadRequest, NotFound, RateLimited, Unauthorized
+from .errors import BadRequest, NotFound, RateLimited, Unauthorized, Unavailable
 from .messaging import Caller, storage_errors
 from .tokens import TokenSigner
 
 log = logging.getLogger(__name__)
 PHONE_RE = re.compile(r"^\+[1-9][0-9]{6,14}$")
+
+
+class DeviceRegistry(Protocol):
+    """Where devices must be known to connect (an external broker's own client list)."""
+
+    async def register_device(self, user_id: str, device_id: str, token: str) -> None: ...
+
+    async def remove_device(self, device_id: str) -> None: ...
 
 
 class CodeSender(Protocol):
@@ -60,6 +68,7 @@ class Accounts:
         self._lock = lock_s * 1000
         self._token_ttl = token_ttl_s * 1000
         self._known_devices: dict[str, str] = {}
+        self.registry: DeviceRegistry | None = None
 
     def _hash(self, phone: str, code: str) -> str:
         return hmac.new(self._secret, f"login|{phone}|{code}".encode(), hashlib.sha256).hexdigest()
@@ -112,6 +121,12 @@ class Accounts:
             device = await self._store.add_device(user.user_id, device_name, platform, now)
         expires = now + self._token_ttl
         token = self._signer.issue(user.user_id, device.device_id, expires)
+        if self.registry is not None:
+            try:
+                await self.registry.register_device(user.user_id, device.device_id, token)
+            except Exception as exc:
+                log.warning("broker refused device %s: %s", device.device_id, exc)
+                raise Unavailable("the broker could not register this device; retry the login") from exc
         self._known_devices[device.device_id] = user.user_id
         log.info("device %s linked to user %s", device.device_id, user.user_id)
         return Login(user=user, device=device, token=token, expires_at=expires)

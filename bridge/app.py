@@ -9,9 +9,11 @@ import secrets
 import socket
 from collections.abc import Sequence
 from types import TracebackType
+from urllib.parse import parse_qs, urlparse
 
 import uvicorn
 
+from broker.dynsec import DynSecAdmin, DynSecError
 from broker.embedded import PigeonBroker, broker_config
 from broker.gate import DeviceGate
 from storage import StorageError, open_media, open_store
@@ -20,7 +22,7 @@ from storage.state import open_state
 
 from .accounts import Accounts
 from .clock import Clock, SystemClock
-from .config import Settings
+from .config import Settings, read_credentials
 from .errors import PigeonError, Unauthorized
 from .http_api import Endpoints, HttpDeps, create_app
 from .media import Media
@@ -63,6 +65,7 @@ class PigeonServer:
         self._stopping = asyncio.Event()
         self._broker: PigeonBroker | None = None
         self._ingest_client: MqttIngest | None = None
+        self._dynsec: DynSecAdmin | None = None
         self._runner: asyncio.Task[None] | None = None
 
     async def publish(self, outs: Sequence[Out]) -> None:
@@ -110,6 +113,35 @@ class PigeonServer:
         limiter = RateLimiter(self.clock, s.rate_per_s, s.rate_burst, self.state)
         self.router = DeviceRouter(self.messenger, self.presence, self.media, limiter, self.metrics, s.max_payload)
 
+        if s.broker:
+            await self._use_external_broker(s)
+        else:
+            await self._start_embedded_broker(s)
+
+        ready = asyncio.Event()
+        deps = HttpDeps(
+            accounts=self.accounts, messenger=self.messenger, presence=self.presence, media=self.media,
+            blobs=blobs if isinstance(blobs, LocalMediaStore) else None, metrics=self.metrics,
+            clock=self.clock, publish=self.publish, endpoints=self.endpoints, dev=s.dev,
+            max_payload=s.max_payload, ready=ready, connected=self._connected_devices,
+        )
+        config = uvicorn.Config(create_app(deps), log_level="warning", access_log=False, lifespan="on")
+        self._uvicorn = uvicorn.Server(config)
+        self._runner = asyncio.create_task(self._run(), name="pigeon-runner")
+        try:
+            await asyncio.wait_for(ready.wait(), START_TIMEOUT_S)
+            if self._ingest_client is not None:
+                await self._ingest_client.wait_connected(START_TIMEOUT_S)
+        except (TimeoutError, PigeonError) as exc:
+            await self.__aexit__(None, None, None)
+            raise StartupError(f"pigeon did not start: {exc or 'HTTP API not ready in time'}") from exc
+        log.info(
+            "pigeon ready: http=%s mqtt=%s:%d ws=%s:%d",
+            base, s.host, self.endpoints.mqtt_port, s.host, self.endpoints.ws_port,
+        )
+        return self
+
+    async def _start_embedded_broker(self, s: Settings) -> None:
         async def check_token(token: str) -> tuple[str, str] | None:
             try:
                 caller = await self.accounts.authenticate(token)
@@ -135,28 +167,36 @@ class PigeonServer:
                 handle=self._ingest,
             )
 
-        ready = asyncio.Event()
-        deps = HttpDeps(
-            accounts=self.accounts, messenger=self.messenger, presence=self.presence, media=self.media,
-            blobs=blobs if isinstance(blobs, LocalMediaStore) else None, metrics=self.metrics,
-            clock=self.clock, publish=self.publish, endpoints=self.endpoints, dev=s.dev,
-            max_payload=s.max_payload, ready=ready, connected=broker.connected_count,
-        )
-        config = uvicorn.Config(create_app(deps), log_level="warning", access_log=False, lifespan="on")
-        self._uvicorn = uvicorn.Server(config)
-        self._runner = asyncio.create_task(self._run(), name="pigeon-runner")
+    async def _use_external_broker(self, s: Settings) -> None:
+        """Devices connect to a broker we do not run; the bridge is its privileged client and
+        registers each device in the broker's dynamic security at login."""
+        assert s.broker is not None and s.broker_credentials_file is not None
+        url = urlparse(s.broker)
+        host, port = url.hostname or "127.0.0.1", url.port or 1883
+        user, password = read_credentials(s.broker_credentials_file)
+        query = parse_qs(url.query)
+        public = query.get("public", [f"{host}:{port}"])[0]
+        self.endpoints.host, _, public_port = public.rpartition(":")
+        self.endpoints.mqtt_port = int(public_port)
+        self.endpoints.ws_url = query.get("ws_url", [None])[0]
+        admin = DynSecAdmin(host, port, user, password)
         try:
-            await asyncio.wait_for(ready.wait(), START_TIMEOUT_S)
-            if self._ingest_client is not None:
-                await self._ingest_client.wait_connected(START_TIMEOUT_S)
-        except (TimeoutError, PigeonError) as exc:
-            await self.__aexit__(None, None, None)
-            raise StartupError(f"pigeon did not start: {exc or 'HTTP API not ready in time'}") from exc
-        log.info(
-            "pigeon ready: http=%s mqtt=%s:%d ws=%s:%d",
-            base, s.host, self.endpoints.mqtt_port, s.host, self.endpoints.ws_port,
+            await admin.__aenter__()
+            await admin.check_bridge_role()
+        except DynSecError as exc:
+            await admin.__aexit__(None, None, None)
+            raise StartupError(f"broker {host}:{port}: {exc}") from exc
+        self._dynsec = admin
+        self.accounts.registry = admin
+        self._ingest_client = MqttIngest(
+            host, port, username=user, password=password,
+            client_id=f"{user}-{os.getpid()}-{secrets.token_hex(3)}", handle=self._ingest,
         )
-        return self
+
+    async def _connected_devices(self) -> int:
+        if self._broker is not None:
+            return self._broker.connected_count()
+        return await self.presence.online_devices()  # an external broker: devices marked online
 
     async def _run(self) -> None:
         assert self._uvicorn is not None and self._http_sock is not None
@@ -205,6 +245,9 @@ class PigeonServer:
                 self._runner.cancel()
             except Exception:
                 log.exception("HTTP server stopped with an error")
+        if self._dynsec is not None:
+            await self._dynsec.__aexit__(None, None, None)
+            self._dynsec = None
         if self._broker is not None:
             try:
                 await self._broker.shutdown()

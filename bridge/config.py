@@ -25,6 +25,8 @@ class Settings:
     store: str | None = None
     media: str | None = None
     redis: str | None = None
+    broker: str | None = None
+    broker_credentials_file: Path | None = None
     secret: bytes = field(default=b"", repr=False)
     sms_webhook: str | None = None
     max_payload: int = 64 * 1024
@@ -72,6 +74,11 @@ class Settings:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.rate_per_s <= 0:
             raise ConfigError(f"rate_per_s must be positive, got {self.rate_per_s}")
+        if self.broker is not None:
+            if not self.broker.startswith("mqtt://"):
+                raise ConfigError(f"broker must be an mqtt://HOST:PORT URL, got {self.broker!r}")
+            if self.broker_credentials_file is None:
+                raise ConfigError("broker_credentials_file (PIGEON_BROKER_CREDENTIALS_FILE) is required with broker")
         if self.ingest not in ("inprocess", "mqtt"):
             raise ConfigError(f"ingest must be 'inprocess' or 'mqtt', got {self.ingest!r}")
         if self.max_group < 2:
@@ -94,6 +101,18 @@ def _load_or_create_secret(data_dir: Path) -> bytes:
     with os.fdopen(fd, "wb") as fh:
         fh.write(value)
     return value
+
+
+def read_credentials(path: Path) -> tuple[str, str]:
+    """``username:password`` from a file (a secret kept off the command line)."""
+    try:
+        text = path.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"broker credentials file {path} cannot be read: {exc}") from exc
+    user, sep, password = text.partition(":")
+    if not sep or not user or not password:
+        raise ConfigError(f"broker credentials file {path} must hold username:password")
+    return user, password
 
 
 def secret_from_env(env: dict[str, str] | None = None) -> bytes:

@@ -42,6 +42,12 @@ class Endpoints:
     host: str = "127.0.0.1"
     mqtt_port: int = 0
     ws_port: int = 0
+    ws_url: str | None = None  # an external broker's WebSocket URL, when it has one
+
+    def websocket(self) -> str | None:
+        if self.ws_url is not None or not self.ws_port:
+            return self.ws_url
+        return f"ws://{self.host}:{self.ws_port}/mqtt"
 
 
 @dataclass(slots=True)
@@ -58,7 +64,7 @@ class HttpDeps:
     dev: bool
     max_payload: int
     ready: asyncio.Event
-    connected: Callable[[], int]
+    connected: Callable[[], Awaitable[int]]
 
 
 def _error(exc: ProtocolError) -> JSONResponse:
@@ -148,7 +154,7 @@ def create_app(deps: HttpDeps) -> FastAPI:
         return {
             "user_id": login.user.user_id, "device_id": login.device.device_id, "token": login.token,
             "expires_at": login.expires_at,
-            "mqtt": {"host": ep.host, "port": ep.mqtt_port, "ws_url": f"ws://{ep.host}:{ep.ws_port}/mqtt"},
+            "mqtt": {"host": ep.host, "port": ep.mqtt_port, "ws_url": ep.websocket()},
         }
 
     # -- me, users, devices ------------------------------------------------------------------------
@@ -341,7 +347,7 @@ def create_app(deps: HttpDeps) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        deps.metrics.connected.set(deps.connected())
+        deps.metrics.connected.set(await deps.connected())
         deps.metrics.online.set(await deps.presence.online_devices())
         return Response(deps.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 

@@ -49,6 +49,10 @@ def serve(
     = None,
     redis: Annotated[str | None, typer.Option(envvar="PIGEON_REDIS", help="redis://HOST:PORT/DB (absent: in-process)")]
     = None,
+    broker: Annotated[str | None, typer.Option(
+        envvar="PIGEON_BROKER", help="mqtt://HOST:PORT of an external broker (absent: embedded)")] = None,
+    broker_credentials_file: Annotated[Path | None, typer.Option(
+        envvar="PIGEON_BROKER_CREDENTIALS_FILE", help="file holding the bridge's broker username:password")] = None,
     sms_webhook: Annotated[str | None, typer.Option(envvar="PIGEON_SMS_WEBHOOK")] = None,
     rate: Annotated[float, typer.Option(envvar="PIGEON_RATE", help="Requests/s per device")] = 50.0,
     burst: Annotated[int, typer.Option(envvar="PIGEON_BURST")] = 200,
@@ -71,6 +75,7 @@ def serve(
         cfg = settings(
             dev=dev, data_dir=data_dir, host=host, public_host=public_host, mqtt_port=mqtt_port,
             ws_port=ws_port, http_port=http_port, store=store, media=media, redis=redis, sms_webhook=sms_webhook,
+            broker=broker, broker_credentials_file=broker_credentials_file,
             rate_per_s=rate, rate_burst=burst, max_group=max_group, max_payload=max_payload,
             media_max_bytes=media_max_bytes, media_url_ttl_s=media_url_ttl, secret=secret_from_env() or None,
             ingest=ingest,

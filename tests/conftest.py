@@ -34,6 +34,7 @@ class ServerProc:
     ws_port: int
     data_dir: Path
     log_path: Path
+    profile: str = "embedded"
 
     @classmethod
     def start(cls, data_dir: Path, *extra: str, timeout: float = 60.0, dev: bool = True) -> ServerProc:
@@ -105,11 +106,24 @@ def production_flags() -> list[str]:
     return ["--store", store, "--media", media, "--redis", redis]
 
 
-@pytest.fixture(scope="session", params=["embedded", "production"])
+def broker_flags() -> list[str]:
+    """Flags for the external Mosquitto that scripts/services started."""
+    broker = production_url("PIGEON_BROKER", "mqtt://")
+    creds = production_url("PIGEON_BROKER_CREDENTIALS_FILE", "/")
+    return ["--broker", broker, "--broker-credentials-file", creds]
+
+
+@pytest.fixture(scope="session", params=["embedded", "production", "mosquitto"])
 def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc]:
-    """The server every end-to-end test talks to, once per profile."""
-    extra = production_flags() if request.param == "production" else []
+    """The server every end-to-end test talks to, once per profile: the embedded default;
+    Cassandra + Redis + MinIO with the embedded broker; and all of those on Mosquitto."""
+    extra: list[str] = []
+    if request.param in ("production", "mosquitto"):
+        extra = production_flags()
+    if request.param == "mosquitto":
+        extra += broker_flags()
     srv = ServerProc.start(tmp_path_factory.mktemp(f"pigeon-{request.param}"), *extra)
+    srv.profile = request.param
     yield srv
     srv.stop()
 

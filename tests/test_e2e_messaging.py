@@ -8,6 +8,7 @@ import uuid
 from typing import Any
 
 import aiomqtt
+import pytest
 
 from clients.sdk import Api, Device
 from tests.conftest import NewUser, ServerProc
@@ -225,7 +226,11 @@ async def test_presence_watch_will_and_last_seen(new_user: NewUser, connect: Any
         assert getattr(exc, "code", None) == "forbidden"
 
 
-async def test_websocket_transport_carries_the_same_protocol(new_user: NewUser, connect: Any) -> None:
+async def test_websocket_transport_carries_the_same_protocol(new_user: NewUser, connect: Any,
+                                                             server: ServerProc) -> None:
+    if not server.ws_port:
+        pytest.skip("this broker has no WebSocket listener here: Debian's Mosquitto 2.0.11 cannot bind one to "
+                    "loopback only, and tests may not listen on other addresses")
     a, b = await new_user(), await new_user()
     da = await connect(a, transport="websockets")
     db = await connect(b)
