@@ -191,6 +191,7 @@ class PigeonServer:
         self._ingest_client = MqttIngest(
             host, port, username=user, password=password,
             client_id=f"{user}-{os.getpid()}-{secrets.token_hex(3)}", handle=self._ingest,
+            partition=s.partition,
         )
 
     async def _connected_devices(self) -> int:
@@ -214,7 +215,8 @@ class PigeonServer:
         ticks = 0
         while not self._stopping.is_set():
             try:
-                await asyncio.wait_for(self._stopping.wait(), 30)
+                async with asyncio.timeout(30):
+                    await self._stopping.wait()
             except TimeoutError:
                 ticks += 1
                 try:

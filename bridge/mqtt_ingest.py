@@ -4,6 +4,10 @@ Used with any broker the bridge does not run itself, and selectable on the embed
 (``--ingest mqtt``). Publishes are spread over workers by device, so one device's requests are
 handled one at a time and in order while different devices proceed in parallel. The connection
 is re-established with capped, jittered backoff.
+
+Several bridge processes share the load by partition (``partition=(I, N)``): every process
+receives every ``up/`` publish and handles those of the devices with ``crc32(device) % N == I``,
+so each device is always handled by the same process, in order, whatever the broker.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ class MqttIngest:
     def __init__(
         self, host: str, port: int, *, username: str, password: str, client_id: str, handle: Handle,
         workers: int = 8, queue_size: int = 10_000, max_backoff_s: float = 30.0,
+        partition: tuple[int, int] = (0, 1),
     ) -> None:
         self._host, self._port = host, port
         self._username, self._password, self._client_id = username, password, client_id
@@ -41,6 +46,7 @@ class MqttIngest:
         self._client: aiomqtt.Client | None = None
         self._connected = asyncio.Event()
         self._max_backoff = max_backoff_s
+        self._part, self._parts = partition
 
     async def wait_connected(self, timeout: float) -> None:
         try:
@@ -59,7 +65,8 @@ class MqttIngest:
                 except aiomqtt.MqttError as exc:
                     log.warning("publish on %s failed: %s", topic, exc)
             try:
-                await asyncio.wait_for(self._connected.wait(), 5)
+                async with asyncio.timeout(5):
+                    await self._connected.wait()
             except TimeoutError:
                 break
         # Devices recover anything missed from the store (sync on gap), so this is not a loss.
@@ -91,6 +98,9 @@ class MqttIngest:
                         payload = message.payload
                         data = payload if isinstance(payload, bytes) else str(payload).encode()
                         topic = message.topic.value
+                        device = topic.rsplit("/", 1)[-1].encode()
+                        if zlib.crc32(device) % self._parts != self._part:
+                            continue  # another bridge process owns this device
                         q = self._queues[zlib.crc32(topic.encode()) % len(self._queues)]
                         await q.put((topic, data))
             except aiomqtt.MqttError as exc:

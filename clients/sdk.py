@@ -307,8 +307,7 @@ class Device:
             await self._bounded("offline presence", self._publish({"type": "presence", "state": "offline"}))
         if self._runner is not None:
             self._runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._runner
+            await self._bounded("background tasks", asyncio.gather(self._runner, return_exceptions=True))
             self._runner = None
         await self._bounded("disconnect", self._stack.aclose())
         self._client = None
@@ -318,7 +317,8 @@ class Device:
     @staticmethod
     async def _bounded(what: str, step: Awaitable[Any]) -> None:
         try:
-            await asyncio.wait_for(step, CLOSE_STEP_S)
+            async with asyncio.timeout(CLOSE_STEP_S):
+                await step
         except (TimeoutError, aiomqtt.MqttError, OSError) as exc:
             log.warning("closing: %s did not complete (%s)", what, type(exc).__name__)
 
@@ -333,10 +333,8 @@ class Device:
         if self._client is None:
             raise PigeonClientError("not_connected", "the device is not connected")
         try:
-            await asyncio.wait_for(
-                self._client.publish(self.up, json.dumps(payload, separators=(",", ":")), qos=qos),
-                self._reply_timeout,
-            )
+            async with asyncio.timeout(self._reply_timeout):
+                await self._client.publish(self.up, json.dumps(payload, separators=(",", ":")), qos=qos)
         except TimeoutError as exc:
             raise RequestTimeout(f"the broker did not acknowledge a {payload.get('type')} in time") from exc
 
@@ -348,7 +346,8 @@ class Device:
         self._pending[rid] = fut
         try:
             await self._publish(body)
-            reply = await asyncio.wait_for(fut, timeout or self._reply_timeout)
+            async with asyncio.timeout(timeout or self._reply_timeout):
+                reply = await fut
         except TimeoutError as exc:
             raise RequestTimeout(f"no reply to {payload.get('type')} {rid}") from exc
         finally:
@@ -502,7 +501,8 @@ class Device:
                 if remaining <= 0 or len(out) >= len(set(users)):
                     return out
                 try:
-                    ev = await asyncio.wait_for(self._side.get(), remaining)
+                    async with asyncio.timeout(remaining):
+                        ev = await self._side.get()
                 except TimeoutError:
                     return out
                 if ev.get("id") == rid:
@@ -529,7 +529,8 @@ class Device:
     # -- events ------------------------------------------------------------------------------------------
     async def next_event(self, timeout: float | None = None) -> Event:
         try:
-            return await asyncio.wait_for(self._events.get(), timeout)
+            async with asyncio.timeout(timeout):
+                return await self._events.get()
         except TimeoutError as exc:
             raise RequestTimeout("no event arrived in time") from exc
 

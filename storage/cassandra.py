@@ -64,7 +64,8 @@ BUCKET = 1000
 RECENT_SCAN = 50
 INBOX_TTL_S = 30 * 86_400
 DAY_MS = 86_400_000
-SENT_WINDOW_S = 86_400  # how long the shared state remembers a send for fast retries
+SENT_WINDOW_S = 86_400
+UNKNOWN_OUTCOME_RETRIES = 4  # how long the shared state remembers a send for fast retries
 SWEEP_DAYS = 30  # how far back the upload sweep looks for unconfirmed uploads
 
 
@@ -296,7 +297,14 @@ class CassandraStore:
             "del_pending": f"DELETE FROM {ks}.pending_uploads WHERE day=? AND key=?",
             "drop_media": f"DELETE FROM {ks}.media WHERE key=? IF state='pending'",
         }
+        q["message_serial"] = f"SELECT sender, client_id, ts FROM {ks}.messages WHERE chat_id=? AND bucket=? AND seq=?"
+        q["inbox_serial"] = (f"SELECT chat_id, seq, rkind, ruser, up_to FROM {ks}.inbox "
+                             "WHERE user_id=? AND bucket=? AND pos=?")
         self._ps = {name: self._session.prepare(text) for name, text in q.items()}
+        from cassandra import ConsistencyLevel
+
+        for name in ("message_serial", "inbox_serial"):  # reads that see every settled conditional write
+            self._ps[name].consistency_level = ConsistencyLevel.SERIAL
 
     async def _x(self, name: str, *params: Any) -> list[Any]:
         """Run a prepared statement without blocking the loop; driver errors become StorageUnavailable."""
@@ -475,13 +483,33 @@ class CassandraStore:
         rows = await self._x("user_state", user_id)
         return int(rows[0][0] or 0) if rows else 0
 
+    async def _claimed(self, claim: str, check: str, key: Sequence[Any], values: Sequence[Any],
+                       mine: Sequence[Any]) -> bool:
+        """Run one conditional insert; True if it is ours. When the outcome is unknown (a timeout
+        under contention), read the row back at SERIAL consistency: a row holding ``mine`` is
+        ours, another row is someone else's, no row means try again."""
+        for _attempt in range(UNKNOWN_OUTCOME_RETRIES):
+            try:
+                rows = await self._x(claim, *key, *values)
+                return bool(rows[0][0])
+            except StorageUnavailable as exc:
+                failure = exc
+            try:
+                found = await self._x(check, *key)
+            except StorageUnavailable:
+                continue
+            if found:
+                return tuple(found[0][: len(mine)]) == tuple(mine)
+        raise failure
+
     async def _claim_seq(self, msg: NewMessage) -> int:
         hint = (await self._hints([f"c:{msg.chat_id}"]))[0]
         n = (hint or await self._chat_head(msg.chat_id)) + 1
+        values = (msg.client_id, msg.sender, msg.device, msg.ts, msg.kind, msg.body, media_to_json(msg.media),
+                  msg.event, msg.target)
         while True:
-            rows = await self._x("claim_seq", msg.chat_id, n // BUCKET, n, msg.client_id, msg.sender, msg.device,
-                                 msg.ts, msg.kind, msg.body, media_to_json(msg.media), msg.event, msg.target)
-            if rows[0][0]:
+            if await self._claimed("claim_seq", "message_serial", (msg.chat_id, n // BUCKET, n), values,
+                                   (msg.sender, msg.client_id, msg.ts)):
                 await asyncio.gather(self._x("set_chat_head", n, n, msg.chat_id),
                                      self._x("set_chat_ts", msg.ts * 1000, msg.ts, msg.chat_id),
                                      self._raise_hint(f"c:{msg.chat_id}", n))
@@ -490,9 +518,10 @@ class CassandraStore:
 
     async def _claim_pos(self, user_id: str, stmt: str, *values: Any, hint: int = 0) -> int:
         n = (hint or await self._user_head(user_id)) + 1
+        # what identifies our entry: (chat, seq) for a message, (chat, None, kind, user, up_to) for a receipt
+        mine = values[:2] if stmt == "claim_msg_pos" else (values[0], None, *values[1:4])
         while True:
-            rows = await self._x(stmt, user_id, n // BUCKET, n, *values)
-            if rows[0][0]:
+            if await self._claimed(stmt, "inbox_serial", (user_id, n // BUCKET, n), values, mine):
                 await asyncio.gather(self._x("set_head", n, n, user_id), self._raise_hint(f"u:{user_id}", n))
                 return n
             n += 1
