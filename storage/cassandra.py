@@ -65,7 +65,8 @@ RECENT_SCAN = 50
 INBOX_TTL_S = 30 * 86_400
 DAY_MS = 86_400_000
 SENT_WINDOW_S = 86_400
-UNKNOWN_OUTCOME_RETRIES = 4  # how long the shared state remembers a send for fast retries
+UNKNOWN_OUTCOME_RETRIES = 4
+SEND_LOCK_MS = 15_000  # how long the shared state remembers a send for fast retries
 SWEEP_DAYS = 30  # how far back the upload sweep looks for unconfirmed uploads
 
 
@@ -494,12 +495,15 @@ class CassandraStore:
                 return bool(rows[0][0])
             except StorageUnavailable as exc:
                 failure = exc
+                log.warning("outcome of %s at %s unknown (%s); reading it back", claim, key, exc)
             try:
                 found = await self._x(check, *key)
             except StorageUnavailable:
                 continue
             if found:
-                return tuple(found[0][: len(mine)]) == tuple(mine)
+                ours = tuple(found[0][: len(mine)]) == tuple(mine)
+                log.warning("%s at %s was %s", claim, key, "ours" if ours else "taken by another writer")
+                return ours
         raise failure
 
     async def _claim_seq(self, msg: NewMessage) -> int:
@@ -558,6 +562,33 @@ class CassandraStore:
 
     # -- messages -------------------------------------------------------------------------------
     async def append_message(self, msg: NewMessage, recipients: Sequence[str]) -> Appended:
+        if msg.client_id is None or self._state is None:
+            return await self._append(msg, recipients)
+        # Two processes must never store the same send at once (a retry reaching another bridge,
+        # a partition moving): the second waits for the first one's result.
+        key = f"s:{msg.sender}:send:{msg.client_id}"
+        try:
+            token = await self._state.acquire(key, SEND_LOCK_MS)
+        except StorageUnavailable:
+            token = ""  # without the shared state, fall back to the store's own checks
+        if token is None:
+            deadline = asyncio.get_running_loop().time() + SEND_LOCK_MS / 1000
+            while asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.05)
+                earlier = await self.find_sent(msg.sender, msg.client_id)
+                if earlier is not None:
+                    return Appended(message=earlier, inbox={}, duplicate=True)
+            raise StorageUnavailable("the same send is being stored by another process; retry")
+        try:
+            return await self._append(msg, recipients)
+        finally:
+            if token:
+                try:
+                    await self._state.release(key, token)
+                except StorageUnavailable:
+                    pass  # it expires by itself
+
+    async def _append(self, msg: NewMessage, recipients: Sequence[str]) -> Appended:
         if msg.client_id is not None:
             earlier = await self.find_sent(msg.sender, msg.client_id)
             if earlier is not None:

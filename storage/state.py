@@ -10,6 +10,8 @@ numbers and receipts never live here.
 from __future__ import annotations
 
 import math
+import time
+import uuid
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -54,6 +56,12 @@ class SharedState(Protocol):
     async def recall_sent(self, sender: str, client_id: str) -> str | None:
         """What :meth:`remember_sent` stored, if still remembered."""
 
+    async def acquire(self, key: str, ttl_ms: int) -> str | None:
+        """Take a lock for at most ``ttl_ms``; a token to release it with, or None if held."""
+
+    async def release(self, key: str, token: str) -> None:
+        """Release a lock taken with :meth:`acquire` (only if still held with that token)."""
+
 
 @dataclass(slots=True)
 class _Bucket:
@@ -71,6 +79,7 @@ class MemoryState:
         self._max_buckets = max_buckets
         self._heads: dict[str, int] = {}
         self._sent: dict[tuple[str, str], str] = {}
+        self._locks: dict[str, tuple[str, float]] = {}
 
     async def open(self) -> None:
         return None
@@ -146,6 +155,20 @@ class MemoryState:
 
     async def recall_sent(self, sender: str, client_id: str) -> str | None:
         return self._sent.get((sender, client_id))
+
+    async def acquire(self, key: str, ttl_ms: int) -> str | None:
+        now = time.monotonic()
+        held = self._locks.get(key)
+        if held is not None and held[1] > now:
+            return None
+        token = uuid.uuid4().hex
+        self._locks[key] = (token, now + ttl_ms / 1000)
+        return token
+
+    async def release(self, key: str, token: str) -> None:
+        held = self._locks.get(key)
+        if held is not None and held[0] == token:
+            del self._locks[key]
 
 
 def open_state(url: str | None) -> SharedState:

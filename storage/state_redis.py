@@ -8,6 +8,7 @@ callers decide whether that blocks (it never blocks messaging: see ``bridge.pres
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -53,6 +54,10 @@ if tonumber(ARGV[1]) > v then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 return 0
 """
 HEAD_TTL_S = 30 * 86_400
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 
 
 class RedisState:
@@ -78,7 +83,7 @@ class RedisState:
     async def open(self) -> None:
         await self._do(self._redis.ping())
         scripts = (("online", _ONLINE), ("offline", _OFFLINE), ("watchers", _WATCHERS), ("take", _TAKE),
-                   ("raise", _RAISE))
+                   ("raise", _RAISE), ("release", _RELEASE))
         for name, src in scripts:
             self._scripts[name] = self._redis.register_script(src)
 
@@ -141,3 +146,11 @@ class RedisState:
     async def recall_sent(self, sender: str, client_id: str) -> str | None:
         v = await self._do(self._redis.get(f"pg:{{s:{sender}}}:sent:{client_id}"))
         return v.decode() if isinstance(v, bytes) else v
+
+    async def acquire(self, key: str, ttl_ms: int) -> str | None:
+        token = uuid.uuid4().hex
+        ok = await self._do(self._redis.set(f"pg:{{{key}}}:lock", token, nx=True, px=ttl_ms))
+        return token if ok else None
+
+    async def release(self, key: str, token: str) -> None:
+        await self._do(self._scripts["release"](keys=[f"pg:{{{key}}}:lock"], args=[token]))

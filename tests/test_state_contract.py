@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 
@@ -91,3 +92,16 @@ async def test_redis_failures_surface_only_as_storage_unavailable() -> None:
     finally:
         await admin.aclose()
         await state.close()
+
+
+async def test_locks_exclude_until_released_or_expired(state: SharedState) -> None:
+    key = uid()
+    token = await state.acquire(key, 60_000)
+    assert token is not None
+    assert await state.acquire(key, 60_000) is None
+    await state.release(key, "not-the-token")
+    assert await state.acquire(key, 60_000) is None
+    await state.release(key, token)
+    assert await state.acquire(key, 1) is not None
+    await asyncio.sleep(0.01)
+    assert await state.acquire(key, 60_000) is not None  # the short one expired
