@@ -24,6 +24,7 @@ from .tokens import TokenSigner
 
 log = logging.getLogger(__name__)
 PHONE_RE = re.compile(r"^\+[1-9][0-9]{6,14}$")
+KNOWN_DEVICE_S = 60.0
 
 
 class DeviceRegistry(Protocol):
@@ -67,7 +68,9 @@ class Accounts:
         self._max_attempts = max_attempts
         self._lock = lock_s * 1000
         self._token_ttl = token_ttl_s * 1000
-        self._known_devices: dict[str, str] = {}
+        # device -> (user, monotonic time it was checked); re-checked after KNOWN_DEVICE_S so
+        # a device unlinked through another process stops working here too
+        self._known_devices: dict[str, tuple[str, float]] = {}
         self.registry: DeviceRegistry | None = None
 
     def _hash(self, phone: str, code: str) -> str:
@@ -127,20 +130,41 @@ class Accounts:
             except Exception as exc:
                 log.warning("broker refused device %s: %s", device.device_id, exc)
                 raise Unavailable("the broker could not register this device; retry the login") from exc
-        self._known_devices[device.device_id] = user.user_id
+        self._known_devices[device.device_id] = (user.user_id, self._clock.monotonic())
         log.info("device %s linked to user %s", device.device_id, user.user_id)
         return Login(user=user, device=device, token=token, expires_at=expires)
 
     async def authenticate(self, token: str) -> Caller:
         """The device a token was issued to; Unauthorized if forged, expired or unlinked."""
         claims = self._signer.verify(token, self._clock.now_ms())
-        if self._known_devices.get(claims.device_id) != claims.user_id:
+        known = self._known_devices.get(claims.device_id)
+        now = self._clock.monotonic()
+        if known is None or known[0] != claims.user_id or now - known[1] > KNOWN_DEVICE_S:
             async with storage_errors():
                 device = await self._store.get_device(claims.device_id)
             if device is None or device.user_id != claims.user_id:
+                self._known_devices.pop(claims.device_id, None)
                 raise Unauthorized("device is not linked")
-            self._known_devices[claims.device_id] = claims.user_id
+            if len(self._known_devices) > 500_000:
+                self._known_devices.clear()
+            self._known_devices[claims.device_id] = (claims.user_id, now)
         return Caller(user_id=claims.user_id, device_id=claims.device_id)
+
+    async def unlink(self, caller: Caller, device_id: str) -> None:
+        """Unlink one of the caller's own devices: its token stops working and, where the broker
+        keeps its own list of devices, it is removed there (closing its connection)."""
+        async with storage_errors():
+            device = await self._store.get_device(device_id)
+            if device is None or device.user_id != caller.user_id:
+                raise NotFound("you have no such device")
+            await self._store.remove_device(device_id)
+        self._known_devices.pop(device_id, None)
+        if self.registry is not None:
+            try:
+                await self.registry.remove_device(device_id)
+            except Exception as exc:  # the device can no longer log in anyway; its token is refused
+                log.warning("broker did not remove device %s: %s", device_id, exc)
+        log.info("device %s unlinked from user %s", device_id, caller.user_id)
 
     async def me(self, caller: Caller) -> User:
         async with storage_errors():

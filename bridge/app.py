@@ -158,6 +158,7 @@ class PigeonServer:
         except Exception as exc:
             raise StartupError(f"broker could not start: {exc}") from exc
         self._broker = broker
+        self.accounts.registry = broker
         self.endpoints.mqtt_port = _bound_port(broker, "default")
         self.endpoints.ws_port = _bound_port(broker, "ws")
         if s.ingest == "mqtt":

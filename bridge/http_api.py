@@ -188,6 +188,12 @@ def create_app(deps: HttpDeps) -> FastAPI:
         del ev["type"]
         return ev
 
+    @app.delete("/v1/devices/{device_id}")
+    async def unlink_device(device_id: str, request: Request) -> dict[str, Any]:
+        c = await caller(request)
+        await acc.unlink(c, device_id)
+        return {"device_id": device_id, "unlinked": True}
+
     @app.put("/v1/devices/{device_id}/push")
     async def set_push(device_id: str, request: Request) -> dict[str, Any]:
         c = await caller(request)

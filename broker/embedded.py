@@ -219,6 +219,15 @@ class PigeonBroker(Broker):
             return False
         return bool(await super()._topic_filtering(session, topic, action))
 
+    async def register_device(self, user_id: str, device_id: str, token: str) -> None:
+        """Nothing to do: the embedded broker checks tokens itself at CONNECT."""
+
+    async def remove_device(self, device_id: str) -> None:
+        """Close the unlinked device's connection, if it has one (its token is refused from now on)."""
+        held = self._sessions.get(device_id)
+        if held is not None and held[0].transitions.is_connected():
+            await held[1].handle_connection_closed()
+
     def connected_count(self) -> int:
         return sum(1 for s, _ in self._sessions.values() if s.transitions.state == "connected")
 

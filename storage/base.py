@@ -248,6 +248,9 @@ class Store(Protocol):
     async def set_push_target(self, device_id: str, provider: str, token: str) -> Device:
         """Raises :class:`NotStored` for an unknown device."""
 
+    async def remove_device(self, device_id: str) -> bool:
+        """Unlink a device: its tokens stop working. False if there was no such device."""
+
     async def put_login_code(self, code: LoginCode) -> None:
         """Store (replace) the pending login code for ``code.phone``."""
 

@@ -242,6 +242,7 @@ class CassandraStore:
             "get_device": f"SELECT device_id, user_id, name, platform, created_at, push_provider, push_token "
                           f"FROM {ks}.devices WHERE device_id=?",
             "set_push": f"UPDATE {ks}.devices SET push_provider=?, push_token=? WHERE device_id=?",
+            "del_device": f"DELETE FROM {ks}.devices WHERE device_id=? IF EXISTS",
             "put_code": f"INSERT INTO {ks}.login_codes (phone, code_hash, expires_at, attempts, locked_until) "
                         "VALUES (?, ?, ?, ?, ?) USING TTL ?",
             "get_code": f"SELECT phone, code_hash, expires_at, attempts, locked_until FROM {ks}.login_codes "
@@ -386,6 +387,10 @@ class CassandraStore:
         device = await self.get_device(device_id)
         assert device is not None
         return device
+
+    async def remove_device(self, device_id: str) -> bool:
+        rows = await self._x("del_device", device_id)
+        return bool(rows[0][0])
 
     async def put_login_code(self, code: LoginCode) -> None:
         # codes and lockouts outlive neither their expiry nor their lock by more than a day

@@ -286,6 +286,12 @@ class SqliteStore:
 
         return await self._write(q)
 
+    async def remove_device(self, device_id: str) -> bool:
+        def q(c: sqlite3.Connection) -> bool:
+            return c.execute("DELETE FROM devices WHERE device_id=?", (device_id,)).rowcount == 1
+
+        return await self._write(q)
+
     async def put_login_code(self, code: LoginCode) -> None:
         def q(c: sqlite3.Connection) -> None:
             c.execute(

@@ -175,3 +175,31 @@ async def test_login_helper_rejects_unknown_phone_format(server: ServerProc) -> 
         await login(server.http, "not-a-phone")
     assert info.value.code == "bad_request"
     await asyncio.sleep(0)
+
+
+async def test_unlinking_a_device_ends_its_token_and_its_connection(new_user: NewUser, server: ServerProc) -> None:
+    from tests.mqtt_raw import connack_code, connect_packet, read_packet
+
+    phone_owner = await new_user()
+    old_phone = await new_user(phone_owner.phone)
+    stranger = await new_user()
+    # the old phone is connected when it gets unlinked
+    reader, writer = await asyncio.open_connection(server.mqtt_host, server.mqtt_port)
+    writer.write(connect_packet(old_phone.device_id, old_phone.device_id, old_phone.token))
+    await writer.drain()
+    assert (await read_packet(reader))[1][1] == 0
+    async with Api(phone_owner) as api, Api(old_phone) as gone, Api(stranger) as other:
+        with pytest.raises(PigeonClientError) as info:
+            await other._call("DELETE", f"/v1/devices/{old_phone.device_id}")  # noqa: SLF001 - not theirs
+        assert info.value.status == 404
+        assert (await api._call("DELETE", f"/v1/devices/{old_phone.device_id}"))["unlinked"] is True  # noqa: SLF001
+        async with asyncio.timeout(10):
+            assert await reader.read() == b""  # its connection was closed
+        with pytest.raises(PigeonClientError) as info:
+            await gone.me()
+        assert info.value.status == 401
+        assert (await api.me())["user_id"] == phone_owner.user_id  # the other device is unaffected
+    writer.close()
+    code = await connack_code(server.mqtt_host, server.mqtt_port,
+                              connect_packet(old_phone.device_id, old_phone.device_id, old_phone.token))
+    assert code in (4, 5)

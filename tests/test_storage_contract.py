@@ -250,3 +250,11 @@ async def test_unconfirmed_uploads_can_be_found_and_dropped(store: Store) -> Non
     assert await store.get_media(old.key) is None
     assert await store.drop_media(done.key) is False  # ready media is never dropped
     assert await store.get_media(done.key) is not None
+
+
+async def test_an_unlinked_device_is_gone(store: Store) -> None:
+    u = await store.create_user(phone(), T0)
+    d = await store.add_device(u.user_id, "old phone", "ios", T0)
+    assert await store.remove_device(d.device_id) is True
+    assert await store.get_device(d.device_id) is None
+    assert await store.remove_device(d.device_id) is False
