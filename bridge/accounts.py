@@ -150,6 +150,19 @@ class Accounts:
             self._known_devices[claims.device_id] = (claims.user_id, now)
         return Caller(user_id=claims.user_id, device_id=claims.device_id)
 
+    async def refresh(self, caller: Caller) -> tuple[str, int]:
+        """A new token (and expiry) for the caller's device; the broker learns it before it is
+        returned. Where the broker keeps passwords, the old token stops working for MQTT."""
+        expires = self._clock.now_ms() + self._token_ttl
+        token = self._signer.issue(caller.user_id, caller.device_id, expires)
+        if self.registry is not None:
+            try:
+                await self.registry.register_device(caller.user_id, caller.device_id, token)
+            except Exception as exc:
+                log.warning("broker refused the renewed token of %s: %s", caller.device_id, exc)
+                raise Unavailable("the broker could not take the new token; retry") from exc
+        return token, expires
+
     async def unlink(self, caller: Caller, device_id: str) -> None:
         """Unlink one of the caller's own devices: its token stops working and, where the broker
         keeps its own list of devices, it is removed there (closing its connection)."""

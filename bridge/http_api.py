@@ -157,6 +157,12 @@ def create_app(deps: HttpDeps) -> FastAPI:
             "mqtt": {"host": ep.host, "port": ep.mqtt_port, "ws_url": ep.websocket()},
         }
 
+    @app.post("/v1/auth/refresh")
+    async def auth_refresh(request: Request) -> dict[str, Any]:
+        c = await caller(request)
+        token, expires = await acc.refresh(c)
+        return {"user_id": c.user_id, "device_id": c.device_id, "token": token, "expires_at": expires}
+
     # -- me, users, devices ------------------------------------------------------------------------
     @app.get("/v1/me")
     async def me(request: Request) -> dict[str, Any]:

@@ -203,3 +203,17 @@ async def test_unlinking_a_device_ends_its_token_and_its_connection(new_user: Ne
     code = await connack_code(server.mqtt_host, server.mqtt_port,
                               connect_packet(old_phone.device_id, old_phone.device_id, old_phone.token))
     assert code in (4, 5)
+
+
+async def test_a_refreshed_token_works_over_http_and_mqtt(new_user: NewUser, server: ServerProc) -> None:
+    from tests.mqtt_raw import connack_code, connect_packet
+
+    a = await new_user()
+    async with Api(a) as api:
+        fresh = await api._call("POST", "/v1/auth/refresh")  # noqa: SLF001
+    assert fresh["device_id"] == a.device_id and fresh["token"] != a.token and fresh["expires_at"] >= a.expires_at
+    a.token = fresh["token"]
+    async with Api(a) as api:
+        assert (await api.me())["device_id"] == a.device_id
+    code = await connack_code(server.mqtt_host, server.mqtt_port, connect_packet(a.device_id, a.device_id, a.token))
+    assert code == 0
