@@ -344,7 +344,7 @@ def load_state() -> dict[str, object]:
 def up() -> None:
     STATE_DIR.mkdir(exist_ok=True)
     state = load_state()
-    if any(isinstance(v, dict) and alive(int(v["pid"])) for v in state.values()):
+    if any(isinstance(v, dict) and "pid" in v and alive(int(v["pid"])) for v in state.values()):
         raise SystemExit("services: already up (run 'scripts/services down' first)")
     state = {}
     exports: dict[str, str] = {}
