@@ -30,7 +30,7 @@ KNOWN_DEVICE_S = 60.0
 class DeviceRegistry(Protocol):
     """Where devices must be known to connect (an external broker's own client list)."""
 
-    async def register_device(self, user_id: str, device_id: str, token: str) -> None: ...
+    async def register_device(self, user_id: str, device_id: str, token: str, expires_at: int) -> None: ...
 
     async def remove_device(self, device_id: str) -> None: ...
 
@@ -126,7 +126,7 @@ class Accounts:
         token = self._signer.issue(user.user_id, device.device_id, expires)
         if self.registry is not None:
             try:
-                await self.registry.register_device(user.user_id, device.device_id, token)
+                await self.registry.register_device(user.user_id, device.device_id, token, expires)
             except Exception as exc:
                 log.warning("broker refused device %s: %s", device.device_id, exc)
                 raise Unavailable("the broker could not register this device; retry the login") from exc
@@ -157,7 +157,7 @@ class Accounts:
         token = self._signer.issue(caller.user_id, caller.device_id, expires)
         if self.registry is not None:
             try:
-                await self.registry.register_device(caller.user_id, caller.device_id, token)
+                await self.registry.register_device(caller.user_id, caller.device_id, token, expires)
             except Exception as exc:
                 log.warning("broker refused the renewed token of %s: %s", caller.device_id, exc)
                 raise Unavailable("the broker could not take the new token; retry") from exc

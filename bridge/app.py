@@ -212,7 +212,8 @@ class PigeonServer:
                 ingest.cancel()
 
     async def _housekeeping(self) -> None:
-        """Every half minute: the online gauge; every ten minutes: sweep unconfirmed uploads."""
+        """Every half minute: the online gauge; every ten minutes: sweep unconfirmed uploads and,
+        on an external broker, devices whose tokens expired."""
         ticks = 0
         while not self._stopping.is_set():
             try:
@@ -224,6 +225,8 @@ class PigeonServer:
                     self.metrics.online.set(await self.presence.online_devices())
                     if ticks % 20 == 0:
                         await self.media.sweep(self.settings.upload_ttl_s)
+                        if self._dynsec is not None:  # devices whose tokens expired leave the broker
+                            await self._dynsec.remove_expired(self.clock.now_ms())
                 except Exception:  # housekeeping must never take the server down
                     log.exception("housekeeping step failed; trying again later")
 

@@ -31,6 +31,7 @@ import aiomqtt
 log = logging.getLogger(__name__)
 CONTROL = "$CONTROL/dynamic-security/v1"
 BRIDGE_ROLE = "pigeon-bridge-io"
+EXPIRY_NOTE = "pigeon token expires "
 
 
 class DynSecError(Exception):
@@ -127,18 +128,42 @@ class DynSecAdmin:
             raise DynSecError(f"broker client {self._username} lacks the role {BRIDGE_ROLE}; "
                               "see docs/deploy.md for the broker setup")
 
-    async def register_device(self, user_id: str, device_id: str, token: str) -> None:
-        """Let the device connect with its token, with exactly its own permissions."""
+    async def register_device(self, user_id: str, device_id: str, token: str, expires_at: int) -> None:
+        """Let the device connect with its token, with exactly its own permissions, until
+        ``expires_at`` (kept in the client's description for :meth:`remove_expired`)."""
         role = device_role(device_id)
+        note = f"{EXPIRY_NOTE}{expires_at}"
         await self.run([{"command": "createRole", "rolename": role, "acls": device_acls(user_id, device_id)}],
                        tolerate=["already exists"])
         replies = await self.run([{
             "command": "createClient", "username": device_id, "password": token, "clientid": device_id,
-            "roles": [{"rolename": role}],
+            "textdescription": note, "roles": [{"rolename": role}],
         }], tolerate=["already exists"])
-        if replies[0].get("error"):  # a device that logs in again: its new token replaces the old
-            await self.run([{"command": "setClientPassword", "username": device_id, "password": token}])
+        if replies[0].get("error"):  # a renewed token replaces the old one
+            await self.run([{"command": "setClientPassword", "username": device_id, "password": token},
+                            {"command": "modifyClient", "username": device_id, "textdescription": note}])
         log.debug("device %s registered with the broker", device_id)
+
+    async def remove_expired(self, now_ms: int, page: int = 500) -> int:
+        """Remove every device client whose token has expired; return how many."""
+        expired: list[str] = []
+        offset = 0
+        while True:
+            reply = (await self.run([{"command": "listClients", "verbose": True, "count": page,
+                                      "offset": offset}]))[0]
+            clients = reply.get("data", {}).get("clients", [])
+            for c in clients:
+                note = str(c.get("textdescription") or "")
+                if note.startswith(EXPIRY_NOTE) and int(note[len(EXPIRY_NOTE):] or 0) <= now_ms:
+                    expired.append(str(c["username"]))
+            if len(clients) < page:
+                break
+            offset += page
+        for device_id in expired:
+            await self.remove_device(device_id)
+        if expired:
+            log.info("removed %d devices whose tokens expired from the broker", len(expired))
+        return len(expired)
 
     async def remove_device(self, device_id: str) -> None:
         """The device can no longer connect (unlinked, or its token expired)."""

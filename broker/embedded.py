@@ -219,7 +219,7 @@ class PigeonBroker(Broker):
             return False
         return bool(await super()._topic_filtering(session, topic, action))
 
-    async def register_device(self, user_id: str, device_id: str, token: str) -> None:
+    async def register_device(self, user_id: str, device_id: str, token: str, expires_at: int) -> None:
         """Nothing to do: the embedded broker checks tokens itself at CONNECT."""
 
     async def remove_device(self, device_id: str) -> None:

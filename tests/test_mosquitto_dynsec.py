@@ -36,6 +36,9 @@ async def admin() -> AsyncIterator[DynSecAdmin]:
         yield a
 
 
+FAR = 4_000_000_000_000  # an expiry far in the future
+
+
 def ids() -> tuple[str, str, str]:
     return "u" + uuid.uuid4().hex[:12], "d" + uuid.uuid4().hex[:12], "tok-" + uuid.uuid4().hex
 
@@ -44,12 +47,12 @@ async def test_a_registered_device_connects_with_its_token_only(admin: DynSecAdm
     host, port, _, _ = broker()
     user, device, token = ids()
     assert await connack_code(host, port, connect_packet(device, device, token)) != 0  # not yet
-    await admin.register_device(user, device, token)
+    await admin.register_device(user, device, token, FAR)
     assert await connack_code(host, port, connect_packet(device, device, token)) == 0
     assert await connack_code(host, port, connect_packet(device, device, "wrong")) in (4, 5)
     assert await connack_code(host, port, connect_packet("someone-else", device, token)) in (4, 5)
     # logging in again replaces the token
-    await admin.register_device(user, device, token + "-new")
+    await admin.register_device(user, device, token + "-new", FAR)
     assert await connack_code(host, port, connect_packet(device, device, token)) in (4, 5)
     assert await connack_code(host, port, connect_packet(device, device, token + "-new")) == 0
     await admin.remove_device(device)
@@ -60,8 +63,8 @@ async def test_device_permissions_are_those_of_the_protocol(admin: DynSecAdmin) 
     host, port, bridge_user, bridge_password = broker()
     user, device, token = ids()
     _other_user, other_device, other_token = ids()
-    await admin.register_device(user, device, token)
-    await admin.register_device(user, other_device, other_token)
+    await admin.register_device(user, device, token, FAR)
+    await admin.register_device(user, other_device, other_token, FAR)
     async with aiomqtt.Client(host, port, username=bridge_user, password=bridge_password,
                               identifier=f"bridge-test-{uuid.uuid4().hex[:6]}") as bridge:
         await bridge.subscribe("up/+/+", qos=1)
@@ -88,3 +91,15 @@ async def test_device_permissions_are_those_of_the_protocol(admin: DynSecAdmin) 
         writer.close()
     await admin.remove_device(device)
     await admin.remove_device(other_device)
+
+
+async def test_devices_whose_tokens_expired_are_removed(admin: DynSecAdmin) -> None:
+    host, port, _, _ = broker()
+    user, old, old_token = ids()
+    _, live, live_token = ids()
+    await admin.register_device(user, old, old_token, expires_at=1_000)
+    await admin.register_device(user, live, live_token, expires_at=FAR)
+    assert await admin.remove_expired(now_ms=2_000) >= 1
+    assert await connack_code(host, port, connect_packet(old, old, old_token)) in (4, 5)
+    assert await connack_code(host, port, connect_packet(live, live, live_token)) == 0
+    await admin.remove_device(live)
