@@ -124,12 +124,7 @@ class Accounts:
             device = await self._store.add_device(user.user_id, device_name, platform, now)
         expires = now + self._token_ttl
         token = self._signer.issue(user.user_id, device.device_id, expires)
-        if self.registry is not None:
-            try:
-                await self.registry.register_device(user.user_id, device.device_id, token, expires)
-            except Exception as exc:
-                log.warning("broker refused device %s: %s", device.device_id, exc)
-                raise Unavailable("the broker could not register this device; retry the login") from exc
+        await self._register(user.user_id, device.device_id, token, expires)
         self._known_devices[device.device_id] = (user.user_id, self._clock.monotonic())
         log.info("device %s linked to user %s", device.device_id, user.user_id)
         return Login(user=user, device=device, token=token, expires_at=expires)
@@ -155,13 +150,18 @@ class Accounts:
         returned. Where the broker keeps passwords, the old token stops working for MQTT."""
         expires = self._clock.now_ms() + self._token_ttl
         token = self._signer.issue(caller.user_id, caller.device_id, expires)
-        if self.registry is not None:
-            try:
-                await self.registry.register_device(caller.user_id, caller.device_id, token, expires)
-            except Exception as exc:
-                log.warning("broker refused the renewed token of %s: %s", caller.device_id, exc)
-                raise Unavailable("the broker could not take the new token; retry") from exc
+        await self._register(caller.user_id, caller.device_id, token, expires)
         return token, expires
+
+    async def _register(self, user_id: str, device_id: str, token: str, expires: int) -> None:
+        """Tell the broker (when it keeps its own device list) before the token is handed out."""
+        if self.registry is None:
+            return
+        try:
+            await self.registry.register_device(user_id, device_id, token, expires)
+        except Exception as exc:
+            log.warning("broker refused device %s: %s", device_id, exc)
+            raise Unavailable("the broker could not register this device's token; retry") from exc
 
     async def unlink(self, caller: Caller, device_id: str) -> None:
         """Unlink one of the caller's own devices: its token stops working and, where the broker
