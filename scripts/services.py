@@ -297,6 +297,21 @@ def mosquitto_binary() -> str:
     return found
 
 
+def _give_to_mosquitto(*paths: Path) -> None:
+    """Started as root, Mosquitto drops to the 'mosquitto' user and must still save its
+    dynamic-security file."""
+    if os.geteuid() != 0:
+        return
+    try:
+        import pwd
+
+        entry = pwd.getpwnam("mosquitto")
+    except KeyError:
+        return
+    for path in paths:
+        os.chown(path, entry.pw_uid, entry.pw_gid)
+
+
 def start_mosquitto(state: dict[str, object]) -> str:
     binary = mosquitto_binary()
     port = configured_port("mosquitto")
@@ -308,6 +323,7 @@ def start_mosquitto(state: dict[str, object]) -> str:
     # the bridge is the dynamic-security admin: it creates one client per device
     run(["mosquitto_ctrl", "dynsec", "init", str(dynsec), BRIDGE_USER], input=f"{password}\n{password}\n".encode(),
         stdout=subprocess.DEVNULL)
+    _give_to_mosquitto(home, dynsec)
     creds = home / "bridge.credentials"
     fd = os.open(creds, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:

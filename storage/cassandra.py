@@ -242,7 +242,7 @@ class CassandraStore:
             "get_device": f"SELECT device_id, user_id, name, platform, created_at, push_provider, push_token "
                           f"FROM {ks}.devices WHERE device_id=?",
             "set_push": f"UPDATE {ks}.devices SET push_provider=?, push_token=? WHERE device_id=?",
-            "del_device": f"DELETE FROM {ks}.devices WHERE device_id=? IF EXISTS",
+            "del_device": f"DELETE FROM {ks}.devices WHERE device_id=?",
             "put_code": f"INSERT INTO {ks}.login_codes (phone, code_hash, expires_at, attempts, locked_until) "
                         "VALUES (?, ?, ?, ?, ?) USING TTL ?",
             "get_code": f"SELECT phone, code_hash, expires_at, attempts, locked_until FROM {ks}.login_codes "
@@ -389,8 +389,12 @@ class CassandraStore:
         return device
 
     async def remove_device(self, device_id: str) -> bool:
-        rows = await self._x("del_device", device_id)
-        return bool(rows[0][0])
+        # a plain delete, like the plain insert that wrote the row: mixing a conditional
+        # (Paxos-timestamped) delete with it can leave the row standing
+        if await self.get_device(device_id) is None:
+            return False
+        await self._x("del_device", device_id)
+        return True
 
     async def put_login_code(self, code: LoginCode) -> None:
         # codes and lockouts outlive neither their expiry nor their lock by more than a day

@@ -66,8 +66,18 @@ class RedisState:
             import redis.asyncio as aioredis
         except ImportError as exc:  # pragma: no cover - depends on the environment
             raise StorageError("Redis state needs the redis package: pip install 'pigeon[redis]'") from exc
-        self._redis: Any = aioredis.from_url(url, socket_timeout=2, socket_connect_timeout=2,
-                                             health_check_interval=30)
+        from redis.asyncio.retry import Retry
+        from redis.backoff import ExponentialBackoff
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import TimeoutError as RedisTimeoutError
+
+        # a connection Redis dropped (a restart, CLIENT KILL) is replaced and the command retried,
+        # rather than failing the one request that happened to use it
+        self._redis: Any = aioredis.from_url(
+            url, socket_timeout=2, socket_connect_timeout=2, health_check_interval=30,
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3),
+            retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        )
         self._scripts: dict[str, Any] = {}
 
     async def _do(self, coro: Any) -> Any:

@@ -44,7 +44,7 @@ class ServerProc:
         cmd = [
             sys.executable, "-m", "clients.cli", "serve", *(["--dev"] if dev else []), "--data-dir", str(data_dir),
             "--host", "127.0.0.1", "--mqtt-port", "0", "--ws-port", "0", "--http-port", "0",
-            "--log-level", "WARNING", *extra,
+            "--log-level", os.environ.get("PIGEON_TEST_SERVER_LOG_LEVEL", "WARNING"), *extra,
         ]
         # backends are chosen by the flags given here, never inherited by accident
         env = {k: v for k, v in os.environ.items() if k not in BACKEND_VARS}

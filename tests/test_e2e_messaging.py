@@ -278,15 +278,16 @@ async def test_a_silent_device_goes_offline_by_keepalive(new_user: NewUser, conn
     da = await connect(a)
     await da.send("hi", to=b.user_id)
     up = f"up/{b.user_id}/{b.device_id}"
+    await da.watch([b.user_id], ttl=60)  # before b connects: every change of b is reported
     reader, writer = await asyncio.open_connection(server.mqtt_host, server.mqtt_port)
     writer.write(connect_packet(b.device_id, b.device_id, b.token, keepalive=1,
                                 will=(up, b'{"type":"presence","state":"offline"}')))
     writer.write(publish_packet(up, b'{"type":"presence","state":"online"}', 1))
     await writer.drain()
     assert (await read_packet(reader))[1][1] == 0
-    await da.watch([b.user_id], ttl=60)
     # b never pings: the broker closes it after 1.5 x keepalive and publishes its will
-    async with asyncio.timeout(10):
+    async with asyncio.timeout(15):
+        await next_of(da, "presence", user=b.user_id, online=True)
         offline = await next_of(da, "presence", user=b.user_id, online=False)
     assert offline["last_seen"] > 0
     writer.close()
