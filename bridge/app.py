@@ -61,7 +61,6 @@ class PigeonServer:
         self.http_port = 0
         self._http_sock: socket.socket | None = None
         self._uvicorn: uvicorn.Server | None = None
-        self._tasks: asyncio.TaskGroup | None = None
         self._stopping = asyncio.Event()
         self._broker: PigeonBroker | None = None
         self._ingest_client: MqttIngest | None = None
@@ -233,10 +232,6 @@ class PigeonServer:
     async def _ingest(self, topic: str, payload: bytes) -> None:
         outs = await self.router.handle(topic, payload)
         await self.publish(outs)
-
-    async def wait_closed(self) -> None:
-        if self._runner is not None:
-            await self._runner
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None

@@ -63,10 +63,6 @@ class Settings:
     def media_url(self) -> str:
         return self.media or f"file://{(self.data_dir / 'media').resolve()}"
 
-    @property
-    def http_base(self) -> str:
-        return f"http://{self.advertised_host}:{self.http_port}"
-
     def validated(self) -> Settings:
         """Check every value, fill the secret, and return the settings to run with."""
         for name in ("mqtt_port", "ws_port", "http_port"):

@@ -90,10 +90,11 @@ class Messenger:
         if await self._store.get_user(user_id) is None:
             raise NotFound(f"user {user_id} does not exist")
 
-    async def _publish_appended(self, msg: NewMessage, recipients: Sequence[str]) -> tuple[Message, list[Out], bool]:
+    async def _append(self, msg: NewMessage, recipients: Sequence[str]) -> tuple[Message, list[Out]]:
+        """Store a message; the stored one and a ``msg`` event for each recipient's inbox."""
         appended = await self._store.append_message(msg, recipients)
         outs = [Out.event(user_topic(u), msg_event(appended.message, pos)) for u, pos in appended.inbox.items()]
-        return appended.message, outs, appended.duplicate
+        return appended.message, outs
 
     # -- send ------------------------------------------------------------------------------------
     async def send(self, caller: Caller, req: Send) -> Result:
@@ -119,7 +120,7 @@ class Messenger:
                 chat_id=chat.chat_id, sender=caller.user_id, device=caller.device_id, client_id=req.id,
                 ts=self._clock.now_ms(), kind="media" if req.media else "text", body=req.body, media=req.media,
             )
-            stored, outs, _dup = await self._publish_appended(new, chat.member_ids)
+            stored, outs = await self._append(new, chat.member_ids)
         return Result(reply=self._sent(req.id, stored), outs=outs)
 
     @staticmethod
@@ -291,7 +292,7 @@ class Messenger:
             chat_id=chat.chat_id, sender=caller.user_id, device=caller.device_id, client_id=None,
             ts=self._clock.now_ms(), kind="system", event=event, target=target,
         )
-        _m, outs, _dup = await self._publish_appended(new, recipients)
+        _stored, outs = await self._append(new, recipients)
         return outs
 
     async def history(

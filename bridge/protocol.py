@@ -11,7 +11,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 from storage.base import MediaRef, Message, ReceiptNote
 
@@ -20,7 +20,6 @@ from .errors import BadRequest, ProtocolError, TooLarge, UnknownType
 MAX_ID_LEN = 64
 MAX_BODY_CHARS = 16_000
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-IDENT_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 
 
 def dumps(obj: Mapping[str, Any]) -> bytes:
@@ -41,13 +40,6 @@ def _opt_str(d: Mapping[str, Any], name: str, max_len: int = 256) -> str | None:
     if d.get(name) is None:
         return None
     return _req_str(d, name, max_len)
-
-
-def _ident(d: Mapping[str, Any], name: str) -> str:
-    v = _req_str(d, name, 64)
-    if not IDENT_RE.match(v):
-        raise BadRequest(f"'{name}' is not a valid identifier")
-    return v
 
 
 def _int(d: Mapping[str, Any], name: str, *, default: int | None = None, lo: int = 0, hi: int = 1 << 62) -> int:
@@ -316,5 +308,3 @@ def error_reply(code: str, message: str, rid: str | None, retry_after_ms: int | 
 def presence_event(user: str, online: bool, last_seen: int) -> dict[str, Any]:
     return {"type": "presence", "user": user, "online": online, "last_seen": last_seen}
 
-
-PresenceState = Literal["online", "offline"]

@@ -253,7 +253,6 @@ class Device:
         self._sync_lock = asyncio.Lock()
         self._sync_wanted = asyncio.Event()
         self._ack_wanted = asyncio.Event()
-        self._tasks: asyncio.TaskGroup | None = None
         self._runner: asyncio.Task[None] | None = None
         self._stack = contextlib.AsyncExitStack()
         self.up = f"up/{profile.user_id}/{profile.device_id}"
