@@ -19,7 +19,7 @@ from storage.base import Device, LoginCode, Store, User
 
 from .clock import Clock
 from .errors import BadRequest, NotFound, RateLimited, Unauthorized, Unavailable
-from .messaging import Caller, storage_errors
+from .handling import Caller, storage_errors
 from .tokens import TokenSigner
 
 log = logging.getLogger(__name__)

@@ -24,8 +24,9 @@ from storage.media_local import LocalMediaStore, SignatureError, UploadTooLarge
 from .accounts import Accounts
 from .clock import Clock
 from .errors import BadRequest, Forbidden, NotFound, ProtocolError, RateLimited, TooLarge, Unauthorized
+from .handling import Caller
 from .media import Media
-from .messaging import Caller, Messenger, receipts_view
+from .messaging import Messenger, receipts_view
 from .metrics import Metrics
 from .outbox import Out
 from .presence import PresenceTracker

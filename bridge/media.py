@@ -15,7 +15,7 @@ from storage.media import MediaStore
 
 from .clock import Clock
 from .errors import BadRequest, Conflict, Forbidden, NotFound, TooLarge, Unavailable
-from .messaging import Caller, storage_errors
+from .handling import Caller, storage_errors
 
 log = logging.getLogger(__name__)
 

@@ -6,10 +6,7 @@ and the publications that follow from it. They never touch MQTT, HTTP or a drive
 
 from __future__ import annotations
 
-import logging
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 from storage.base import (
@@ -17,49 +14,18 @@ from storage.base import (
     InboxEntry,
     Message,
     NewMessage,
-    NotStored,
     Receipt,
     ReceiptKind,
     ReceiptNote,
-    StorageUnavailable,
     Store,
 )
 
 from .clock import Clock
-from .errors import BadRequest, Conflict, Forbidden, NotFound, Unavailable
+from .errors import BadRequest, Conflict, Forbidden, NotFound
+from .handling import Caller, Result, storage_errors
 from .outbox import Out, user_topic
 from .presence import PresenceTracker
 from .protocol import Ack, Read, Send, Sync, Typing, msg_event, receipt_event
-
-log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class Caller:
-    """The authenticated device a request comes from."""
-
-    user_id: str
-    device_id: str
-
-
-@dataclass(slots=True)
-class Result:
-    """A handler's answer: the reply for the caller (if any) and what to publish after it."""
-
-    reply: dict[str, Any] | None = None
-    outs: list[Out] = field(default_factory=list)
-
-
-@asynccontextmanager
-async def storage_errors() -> AsyncIterator[None]:
-    """Convert storage failures into the protocol's codes at the handler boundary."""
-    try:
-        yield
-    except StorageUnavailable as exc:
-        log.warning("store unavailable: %s", exc)
-        raise Unavailable("the server could not store this; it was not accepted, retry later") from exc
-    except NotStored as exc:
-        raise NotFound("not found") from exc
 
 
 def entry_event(entry: InboxEntry) -> dict[str, Any]:
@@ -334,4 +300,4 @@ def receipts_view(receipts: Sequence[Receipt]) -> list[dict[str, Any]]:
     return [{"user": r.user_id, "delivered": r.delivered, "read": r.read} for r in receipts]
 
 
-__all__ = ["Caller", "Messenger", "Result", "entry_event", "receipts_view", "storage_errors"]
+__all__ = ["Messenger", "entry_event", "receipts_view"]

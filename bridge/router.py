@@ -11,8 +11,9 @@ import logging
 import time
 
 from .errors import ProtocolError, RateLimited, Unavailable
+from .handling import Caller, Result
 from .media import Media
-from .messaging import Caller, Messenger, Result
+from .messaging import Messenger
 from .metrics import Metrics
 from .outbox import Out, device_topic
 from .presence import PresenceTracker

@@ -13,8 +13,9 @@ import pytest
 from bridge.accounts import Accounts
 from bridge.clock import ManualClock
 from bridge.errors import BadRequest, NotFound, RateLimited, TooLarge, Unauthorized, Unavailable, UnknownType
+from bridge.handling import Caller
 from bridge.media import Media
-from bridge.messaging import Caller, Messenger
+from bridge.messaging import Messenger
 from bridge.metrics import Metrics
 from bridge.presence import PresenceTracker
 from bridge.protocol import Send, Watch, parse_request
