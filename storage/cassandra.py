@@ -410,17 +410,22 @@ class CassandraStore:
 
     # -- chats ----------------------------------------------------------------------------------
     async def _chat(self, chat_id: str) -> Chat | None:
+        return (await self._chat_and_activity(chat_id))[0]
+
+    async def _chat_and_activity(self, chat_id: str) -> tuple[Chat | None, int]:
+        """The chat with its members, and when it was last active (one read of its head row)."""
         rows, members, head = await asyncio.gather(
             self._x("get_chat", chat_id), self._x("members", chat_id), self._x("chat_head", chat_id)
         )
         if not rows:
-            return None
+            return None, 0
         r = rows[0]
         ms = sorted((Member(user_id=m[0], role=m[1], joined_at=m[2]) for m in members),
                     key=lambda m: (m.joined_at, m.user_id))
-        last_seq = head[0][0] or 0 if head else 0
-        return Chat(chat_id=r[0], kind=r[1], title=r[2] or "", created_by=r[3], created_at=r[4],
+        last_seq, last_ts = ((head[0][0] or 0), (head[0][1] or 0)) if head else (0, 0)
+        chat = Chat(chat_id=r[0], kind=r[1], title=r[2] or "", created_by=r[3], created_at=r[4],
                     last_seq=last_seq, members=tuple(ms))
+        return chat, last_ts
 
     async def get_chat(self, chat_id: str) -> Chat | None:
         return await self._chat(chat_id)
@@ -458,10 +463,9 @@ class CassandraStore:
 
     async def user_chats(self, user_id: str) -> list[Chat]:
         ids = [r[0] for r in await self._x("user_chats", user_id)]
-        chats = [c for c in await asyncio.gather(*(self._chat(i) for i in ids)) if c is not None]
-        heads = await asyncio.gather(*(self._x("chat_head", c.chat_id) for c in chats))
-        last_ts = {c.chat_id: (h[0][1] or 0) if h else 0 for c, h in zip(chats, heads, strict=True)}
-        return sorted(chats, key=lambda c: (-last_ts[c.chat_id], c.chat_id))
+        found = await asyncio.gather(*(self._chat_and_activity(i) for i in ids))
+        active = [(chat, ts) for chat, ts in found if chat is not None]
+        return [chat for chat, _ts in sorted(active, key=lambda ct: (-ct[1], ct[0].chat_id))]
 
     async def add_member(self, chat_id: str, user_id: str, role: Role, now: int) -> bool:
         if not await self._x("get_chat", chat_id):
