@@ -68,11 +68,18 @@ class PigeonServer:
         self._runner: asyncio.Task[None] | None = None
 
     async def publish(self, outs: Sequence[Out]) -> None:
-        sink = self._ingest_client or self._broker
-        if sink is None:
+        if self._ingest_client is not None:
+            # Each publish reaches paho in the order started here, so the wire keeps this
+            # order; their acknowledgements are awaited together, not one broker round trip
+            # after another (a group message has a hundred of them).
+            client = self._ingest_client
+            await asyncio.gather(*(client.publish(o.topic, o.payload, o.qos) for o in outs))
+        elif self._broker is not None:
+            for out in outs:
+                await self._broker.publish(out.topic, out.payload, out.qos)
+        else:
             return
         for out in outs:
-            await sink.publish(out.topic, out.payload, out.qos)
             self.metrics.messages_out.labels(str(out.qos)).inc()
 
     async def __aenter__(self) -> PigeonServer:
