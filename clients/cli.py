@@ -385,6 +385,92 @@ async def _chat(p: Profile, target: str) -> None:
                 await shower
 
 
+@app.command()
+def bench(
+    scenario: Annotated[str, typer.Argument(help="p2p, baseline, group, sync, idle, wire, or all")],
+    profile: Annotated[str | None, typer.Option(
+        help="start a server to measure: embedded, or production (Mosquitto + Cassandra + Redis + MinIO "
+        "from scripts/services)")] = None,
+    http: Annotated[str | None, typer.Option(help="HTTP URL of a running server (started with --dev)")] = None,
+    mqtt: Annotated[str | None, typer.Option(help="HOST:PORT of the running server's MQTT listener")] = None,
+    server_pid: Annotated[list[int] | None, typer.Option(
+        help="PID of a running server process whose memory and CPU to report (repeatable)")] = None,
+    broker_credentials_file: Annotated[Path | None, typer.Option(
+        help="with --mqtt on Mosquitto: the bridge's admin credentials, so the baseline uses that same broker "
+        "(otherwise the baseline runs on a separate embedded broker)")] = None,
+    label: Annotated[str | None, typer.Option(help="profile name to report for a running server")] = None,
+    workers: Annotated[int, typer.Option(help="load-generator processes")] = 2,
+    seconds: Annotated[float, typer.Option(help="length of each measured phase")] = 10.0,
+    pairs: Annotated[int, typer.Option(help="p2p/baseline: sender-recipient pairs")] = 100,
+    window: Annotated[int, typer.Option(help="full-speed phases: undelivered messages each sender keeps")] = 4,
+    groups: Annotated[int, typer.Option(help="group: how many groups")] = 2,
+    members: Annotated[int, typer.Option(help="group: members per group")] = 100,
+    messages: Annotated[int, typer.Option(help="sync: messages waiting for the offline device")] = 10_000,
+    devices: Annotated[int, typer.Option(help="idle: devices held connected")] = 10_000,
+    wire_messages: Annotated[int, typer.Option(help="wire: messages to count")] = 100,
+    max_seconds: Annotated[float, typer.Option(help="stop the run if it takes longer than this")] = 900.0,
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the results to this file")] = None,
+    quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+) -> None:
+    """Measure throughput, latency, fan-out, sync, idle cost and bytes on the wire (loopback only)."""
+    import json
+
+    from clients.bench.run import SCENARIOS, Bench, Options
+    from clients.bench.target import BenchError, open_target
+
+    chosen = list(SCENARIOS) if scenario == "all" else [scenario]
+    problems = []
+    if scenario != "all" and scenario not in SCENARIOS:
+        problems.append(f"unknown scenario {scenario!r}; choose one of {', '.join(SCENARIOS)} or all")
+    if profile not in (None, "embedded", "production"):
+        problems.append("--profile must be embedded or production")
+    if (profile is None) == (http is None):
+        problems.append("give either --profile, or --http and --mqtt of a running server")
+    limits = {"--workers": (workers, 1, 32), "--pairs": (pairs, 1, 5000), "--window": (window, 1, 1000),
+              "--groups": (groups, 1, 100), "--members": (members, 2, 1000), "--messages": (messages, 1, 1_000_000),
+              "--devices": (devices, 2 * workers, 18_000 * workers), "--wire-messages": (wire_messages, 1, 100_000)}
+    for flag, (value, low, high) in limits.items():
+        if not low <= value <= high:
+            problems.append(f"{flag} must be between {low} and {high}, got {value}")
+    if not 0.5 <= seconds <= 600 or not 1 <= max_seconds <= 7200:
+        problems.append("--seconds must be within 0.5..600 and --max-seconds within 1..7200")
+    if problems:
+        for p in problems:
+            err.print(f"[red]{p}[/]")
+        raise typer.Exit(2)
+    opts = Options(workers=workers, seconds=seconds, pairs=max(pairs, workers), window=window, groups=groups,
+                   members=members, messages=messages, devices=devices, wire_messages=wire_messages,
+                   max_seconds=max_seconds, progress=not quiet)
+    results = []
+    try:
+        with open_target(profile, http, mqtt, server_pid or [], broker_credentials_file, label) as target:
+            runner = Bench(target, opts, err)
+            for name in chosen:
+                result = runner.run(name)
+                results.append(result.as_dict())
+                _show_result(result.as_dict())
+    except BenchError as exc:
+        err.print(f"[red]bench failed:[/] {exc}")
+        raise typer.Exit(1) from exc
+    finally:
+        if json_out is not None and results:
+            json_out.write_text(json.dumps(results[0] if scenario != "all" else results, indent=2) + "\n")
+    if any(r.get("lost") or r.get("duplicates") for r in results):
+        raise typer.Exit(3)
+
+
+def _show_result(r: dict[str, Any]) -> None:
+    """One line per key figure; lost or duplicated messages in red, never hidden."""
+    keys = ("msgs_per_s", "deliveries_per_s", "baseline_msgs_per_s", "baseline_deliveries_per_s", "ratio",
+            "p50_ms", "p95_ms", "p99_ms", "seconds", "connects_per_s", "kb_per_device", "rss_mb", "bytes_per_msg")
+    shown = "  ".join(f"{k}={r[k]}" for k in keys if r.get(k) is not None)
+    console.print(f"[bold]{r['scenario']}[/] ({r['profile']}): {shown}")
+    if r.get("lost") or r.get("duplicates"):
+        console.print(f"[bold red]  LOST {r.get('lost')} and DUPLICATED {r.get('duplicates')} messages[/]")
+    if r.get("errors"):
+        console.print(f"[yellow]  errors: {r['errors']}[/]")
+
+
 def main() -> None:
     app()
 

@@ -5,84 +5,14 @@ from __future__ import annotations
 import itertools
 import os
 import random
-import re
-import signal
 import subprocess
 import sys
-import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
+from clients.launch import ROOT, ServerProc
 from clients.sdk import Device, Profile, login
-
-ROOT = Path(__file__).resolve().parent.parent
-BACKEND_VARS = ("PIGEON_STORE", "PIGEON_MEDIA", "PIGEON_REDIS", "PIGEON_BROKER", "PIGEON_BROKER_CREDENTIALS_FILE")
-READY_RE = re.compile(r"pigeon ready http=(\S+) mqtt=(\S+):(\d+) ws=ws://[^:]+:(\d+)/mqtt")
-
-
-@dataclass
-class ServerProc:
-    """A running ``pigeon serve`` child process."""
-
-    proc: subprocess.Popen[str]
-    http: str
-    mqtt_host: str
-    mqtt_port: int
-    ws_port: int
-    data_dir: Path
-    log_path: Path
-    profile: str = "embedded"
-
-    @classmethod
-    def start(cls, data_dir: Path, *extra: str, timeout: float = 60.0, dev: bool = True) -> ServerProc:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        log_path = data_dir / "server.log"
-        log = open(log_path, "a")  # noqa: SIM115 - closed with the process
-        cmd = [
-            sys.executable, "-m", "clients.cli", "serve", *(["--dev"] if dev else []), "--data-dir", str(data_dir),
-            "--host", "127.0.0.1", "--mqtt-port", "0", "--ws-port", "0", "--http-port", "0",
-            "--log-level", os.environ.get("PIGEON_TEST_SERVER_LOG_LEVEL", "WARNING"), *extra,
-        ]
-        # backends are chosen by the flags given here, never inherited by accident
-        env = {k: v for k, v in os.environ.items() if k not in BACKEND_VARS}
-        env["PYTHONUNBUFFERED"] = "1"
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
-        found: list[re.Match[str]] = []
-
-        def read() -> None:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                m = READY_RE.search(line)
-                if m:
-                    found.append(m)
-                    return
-
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
-        reader.join(timeout)
-        log.close()  # the child holds its own copy
-        if not found:
-            proc.kill()
-            proc.wait()
-            raise RuntimeError(f"pigeon serve did not become ready; log:\n{log_path.read_text()[-4000:]}")
-        m = found[0]
-        return cls(proc=proc, http=m.group(1), mqtt_host=m.group(2), mqtt_port=int(m.group(3)),
-                   ws_port=int(m.group(4)), data_dir=data_dir, log_path=log_path)
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
 
 
 def production_url(var: str, scheme: str) -> str:

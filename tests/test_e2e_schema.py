@@ -8,7 +8,8 @@ import sys
 import uuid
 from pathlib import Path
 
-from tests.conftest import BACKEND_VARS, ROOT, ServerProc, production_url
+from clients.launch import BACKEND_VARS, ROOT, ServerProc
+from tests.conftest import production_url
 
 
 def pigeon(*args: str) -> subprocess.CompletedProcess[str]:

@@ -1,0 +1,200 @@
+"""A small MQTT 3.1.1 client for the load generator: one asyncio protocol per connection.
+
+It does only what simulated devices need (CONNECT with a will, SUBSCRIBE, QoS 0/1 PUBLISH,
+PUBACK, keepalive PINGREQ, DISCONNECT) and counts every byte it reads and writes, so the
+``wire`` scenario measures what really crossed the socket. It holds a connection in a few
+kilobytes, which lets a handful of processes hold tens of thousands of devices.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from collections.abc import Callable
+
+OnMessage = Callable[[str, bytes], None]
+
+
+class MqttRefused(Exception):
+    pass
+
+
+def _str(s: str | bytes) -> bytes:
+    b = s.encode() if isinstance(s, str) else s
+    return struct.pack("!H", len(b)) + b
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n % 128, n // 128
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _packet(first: int, body: bytes) -> bytes:
+    return bytes([first]) + _varint(len(body)) + body
+
+
+def _retrieve(fut: asyncio.Future[None]) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
+class MqttConn(asyncio.Protocol):
+    """One client connection. ``on_message(topic, payload)`` is called for every PUBLISH."""
+
+    def __init__(self, on_message: OnMessage) -> None:
+        self.on_message = on_message
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self._buf = bytearray()
+        self._transport: asyncio.Transport | None = None
+        self._loop = asyncio.get_running_loop()
+        self._connack: asyncio.Future[int] = self._loop.create_future()
+        self._waiting: dict[int, asyncio.Future[None]] = {}
+        self._next_id = 0
+        self._ping: asyncio.TimerHandle | None = None
+        self._keepalive = 0
+        self.closed: asyncio.Future[None] = self._loop.create_future()
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        buf = self._buf
+        buf += data
+        while len(buf) >= 2:
+            length, shift, pos = 0, 0, 1
+            while True:
+                if pos >= len(buf):
+                    return
+                byte = buf[pos]
+                length |= (byte & 0x7F) << shift
+                pos += 1
+                if not byte & 0x80:
+                    break
+                shift += 7
+            end = pos + length
+            if len(buf) < end:
+                return
+            self._handle(buf[0], bytes(buf[pos:end]))
+            del buf[:end]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._ping is not None:
+            self._ping.cancel()
+        error = ConnectionError(f"connection closed: {exc!r}")
+        if not self._connack.done():
+            self._connack.set_exception(error)
+        for fut in self._waiting.values():
+            if not fut.done():
+                fut.set_exception(error)
+        self._waiting.clear()
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    # -- packets --------------------------------------------------------------------------------------
+    def _handle(self, first: int, body: bytes) -> None:
+        kind = first >> 4
+        if kind == 3:  # PUBLISH
+            tlen = struct.unpack_from("!H", body)[0]
+            topic = body[2:2 + tlen].decode()
+            pos = 2 + tlen
+            if (first >> 1) & 3:
+                self._write(b"\x40\x02" + body[pos:pos + 2])  # PUBACK
+                pos += 2
+            self.on_message(topic, body[pos:])
+        elif kind in (4, 9):  # PUBACK, SUBACK
+            fut = self._waiting.pop(struct.unpack_from("!H", body)[0], None)
+            if fut is not None and not fut.done():
+                if kind == 9 and any(code == 0x80 for code in body[2:]):
+                    fut.set_exception(MqttRefused("subscription refused"))
+                else:
+                    fut.set_result(None)
+        elif kind == 2:  # CONNACK
+            if not self._connack.done():
+                self._connack.set_result(body[1])
+
+    def _write(self, data: bytes) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self.bytes_out += len(data)
+            self._transport.write(data)
+
+    def _packet_id(self) -> int:
+        for _ in range(65535):
+            self._next_id = self._next_id % 65535 + 1
+            if self._next_id not in self._waiting:
+                return self._next_id
+        raise RuntimeError("65535 publishes in flight")
+
+    def _schedule_ping(self) -> None:
+        if self._keepalive:
+            self._ping = self._loop.call_later(self._keepalive * 0.75, self._send_ping)
+
+    def _send_ping(self) -> None:
+        self._write(b"\xc0\x00")
+        self._schedule_ping()
+
+    # -- API ----------------------------------------------------------------------------------------------
+    async def handshake(self, client_id: str, username: str, password: str, keepalive: int,
+                        will: tuple[str, bytes] | None, timeout: float) -> None:
+        flags = 0x02 | 0x80 | 0x40
+        payload = _str(client_id)
+        if will is not None:
+            flags |= 0x04 | 0x08  # will at QoS 1
+            payload += _str(will[0]) + _str(will[1])
+        payload += _str(username) + _str(password)
+        self._write(_packet(0x10, _str("MQTT") + bytes([4, flags]) + struct.pack("!H", keepalive) + payload))
+        async with asyncio.timeout(timeout):
+            code = await self._connack
+        if code:
+            raise MqttRefused(f"CONNECT refused with code {code}")
+        self._keepalive = keepalive
+        self._schedule_ping()
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1) -> asyncio.Future[None] | None:
+        """Send a PUBLISH; at QoS 1 return a future that completes on its PUBACK."""
+        if qos == 0:
+            self._write(_packet(0x30, _str(topic) + payload))
+            return None
+        pid = self._packet_id()
+        fut: asyncio.Future[None] = self._loop.create_future()
+        fut.add_done_callback(_retrieve)  # a fire-and-forget publish may fail unobserved on close
+        self._waiting[pid] = fut
+        self._write(_packet(0x32, _str(topic) + struct.pack("!H", pid) + payload))
+        return fut
+
+    async def subscribe(self, topics: list[str], timeout: float) -> None:
+        pid = self._packet_id()
+        fut: asyncio.Future[None] = self._loop.create_future()
+        self._waiting[pid] = fut
+        self._write(_packet(0x82, struct.pack("!H", pid) + b"".join(_str(t) + b"\x01" for t in topics)))
+        async with asyncio.timeout(timeout):
+            await fut
+
+    def disconnect(self) -> None:
+        self._write(b"\xe0\x00")
+        if self._transport is not None:
+            self._transport.close()
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+
+async def connect(host: str, port: int, client_id: str, username: str, password: str, on_message: OnMessage, *,
+                  keepalive: int = 240, will: tuple[str, bytes] | None = None, timeout: float = 30.0) -> MqttConn:
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(timeout):
+        _, conn = await loop.create_connection(lambda: MqttConn(on_message), host, port)
+    try:
+        await conn.handshake(client_id, username, password, keepalive, will, timeout)
+    except BaseException:
+        conn.abort()
+        raise
+    return conn

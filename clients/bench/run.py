@@ -1,0 +1,483 @@
+"""The benchmark scenarios: each spreads its devices over the worker processes, drives them in
+phases, and reduces what the workers saw to one result (see docs in BENCHMARKS.md)."""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from . import worker as worker_mod
+from .target import TICKS_PER_S, BenchError, Target, cpu_ticks, rss_kb
+
+SCENARIOS = ("p2p", "baseline", "group", "sync", "idle", "wire")
+RATE_STEPS = (0.25, 0.5, 0.75)
+
+
+@dataclass
+class Options:
+    workers: int = 2
+    seconds: float = 10.0
+    pairs: int = 100
+    window: int = 4
+    groups: int = 2
+    members: int = 100
+    messages: int = 10_000
+    sync_senders: int = 100
+    devices: int = 10_000
+    wire_messages: int = 100
+    wire_rate: float = 10.0
+    max_seconds: float = 900.0
+    progress: bool = True
+
+
+@dataclass
+class Result:
+    scenario: str
+    profile: str
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"scenario": self.scenario, "profile": self.profile, **self.fields}
+
+
+def percentiles(samples: list[float]) -> dict[str, float | None]:
+    if not samples:
+        return {"p50_ms": None, "p95_ms": None, "p99_ms": None}
+    ordered = sorted(samples)
+
+    def at(q: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 2)
+
+    return {"p50_ms": at(0.50), "p95_ms": at(0.95), "p99_ms": at(0.99)}
+
+
+def split(n: int, parts: int) -> list[int]:
+    """n items over ``parts`` workers as evenly as possible."""
+    return [n // parts + (1 if k < n % parts else 0) for k in range(parts)]
+
+
+class Pool:
+    """The worker processes, each answering commands over its own pipe."""
+
+    def __init__(self, n: int, console: Console, show_progress: bool, deadline: float) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.progress_counts = ctx.Array("q", n, lock=False)
+        self.pipes: list[Connection] = []
+        self.procs = []
+        self.console = console
+        self.show_progress = show_progress
+        self.deadline = deadline
+        for k in range(n):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=worker_mod.main, args=(child, k, self.progress_counts), daemon=True)
+            proc.start()
+            child.close()
+            self.pipes.append(parent)
+            self.procs.append(proc)
+
+    def __len__(self) -> int:
+        return len(self.pipes)
+
+    def close(self) -> None:
+        for pipe in self.pipes:
+            try:
+                pipe.send(None)
+            except OSError:
+                pass
+        for proc in self.procs:
+            proc.join(5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+
+    def run(self, what: str, calls: dict[int, tuple[str, dict[str, Any]]], total: float | None = None,
+            timed: float | None = None) -> dict[int, Any]:
+        """Send each worker its command and wait for all answers, showing progress: ``total``
+        units the workers count, or ``timed`` seconds."""
+        for k in range(len(self)):
+            self.progress_counts[k] = 0
+        for k, (name, kwargs) in calls.items():
+            self.pipes[k].send((name, kwargs))
+        answers: dict[int, Any] = {}
+        t0 = time.monotonic()
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=self.console, transient=True, disable=not self.show_progress) as bar:
+            task = bar.add_task(what, total=total if total is not None else timed)
+            while len(answers) < len(calls):
+                if time.monotonic() > self.deadline:
+                    raise BenchError(f"the run went past its --max-seconds limit during: {what}")
+                for k in calls:
+                    if k not in answers and self.pipes[k].poll(0.05):
+                        status, value = self.pipes[k].recv()
+                        if status != "ok":
+                            raise BenchError(f"worker {k} failed during {what}:\n{value}")
+                        answers[k] = value
+                done = sum(self.progress_counts) if total is not None else min(timed or 0, time.monotonic() - t0)
+                bar.update(task, completed=done)
+        return answers
+
+    def all(self, what: str, name: str, kwargs: Callable[[int], dict[str, Any] | None] | dict[str, Any],
+            total: float | None = None, timed: float | None = None) -> dict[int, Any]:
+        calls: dict[int, tuple[str, dict[str, Any]]] = {}
+        for k in range(len(self)):
+            kw = kwargs(k) if callable(kwargs) else kwargs
+            if kw is not None:
+                calls[k] = (name, kw)
+        return self.run(what, calls, total, timed)
+
+
+class Phones:
+    """Fresh phone numbers for every run, so a persistent store never mixes runs."""
+
+    def __init__(self) -> None:
+        self._next = random.randrange(100_000_000, 800_000_000)
+
+    def take(self, n: int) -> list[str]:
+        out = [f"+19{self._next + i:09d}" for i in range(n)]
+        self._next += n
+        return out
+
+
+class Meter:
+    """Memory and CPU of the server processes around a phase."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = {name: pid for name, pid in pids.items() if _exists(pid)}
+        self._ticks: dict[str, int] = {}
+        self._t0 = 0.0
+
+    def rss_mb(self) -> float:
+        return round(sum(rss_kb(pid) for pid in self.pids.values()) / 1024, 1)
+
+    def rss_by_process(self) -> dict[str, float]:
+        return {name: round(rss_kb(pid) / 1024, 1) for name, pid in self.pids.items()}
+
+    def start(self) -> None:
+        self._ticks = {name: cpu_ticks(pid) for name, pid in self.pids.items()}
+        self._t0 = time.monotonic()
+
+    def cpu_pct(self) -> dict[str, float]:
+        wall = max(1e-9, time.monotonic() - self._t0)
+        return {name: round(100 * (cpu_ticks(pid) - self._ticks[name]) / TICKS_PER_S / wall, 1)
+                for name, pid in self.pids.items()}
+
+
+def _exists(pid: int) -> bool:
+    try:
+        rss_kb(pid)
+        return True
+    except OSError:
+        return False
+
+
+def merge(answers: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Add up what the workers counted in one traffic phase."""
+    out: dict[str, Any] = {"delivered": 0, "delivered_measured": 0, "sent_ok": 0, "duplicates": 0, "stalled": 0,
+                           "cpu_s": 0.0, "seconds": 0.0, "latencies_ms": [], "errors": Counter()}
+    for a in answers.values():
+        for key in ("delivered", "delivered_measured", "sent_ok", "duplicates", "stalled", "cpu_s"):
+            out[key] += a[key]
+        out["seconds"] = max(out["seconds"], a["seconds"])
+        out["latencies_ms"].extend(a["latencies_ms"])
+        out["errors"].update(a["errors"])
+    return out
+
+
+def merge_drain(answers: dict[int, dict[str, Any]]) -> dict[str, int]:
+    keys = ("lost_live", "lost", "duplicates", "recovered_by_sync", "gap_syncs")
+    return {key: sum(int(a[key]) for a in answers.values()) for key in keys}
+
+
+class Bench:
+    def __init__(self, target: Target, opts: Options, console: Console) -> None:
+        self.target = target
+        self.opts = opts
+        self.console = console
+        self.phones = Phones()
+        self.meter = Meter(target.pids)
+
+    @contextlib.contextmanager
+    def pool(self) -> Iterator[Pool]:
+        pool = Pool(self.opts.workers, self.console, self.opts.progress, time.monotonic() + self.opts.max_seconds)
+        try:
+            yield pool
+        finally:
+            pool.close()
+
+    def say(self, text: str) -> None:
+        if self.opts.progress:
+            self.console.print(text)
+
+    # -- shared phases --------------------------------------------------------------------------------------
+    def login(self, pool: Pool, per_worker: list[int]) -> dict[int, list[dict[str, str]]]:
+        phones = [self.phones.take(n) for n in per_worker]
+        return pool.all("logging in devices", "login",
+                        lambda k: {"http": self.target.http, "phones": phones[k], "name": "bench"}
+                        if per_worker[k] else None, total=sum(per_worker))
+
+    def connect(self, pool: Pool, per_worker: list[int], presence: bool = True) -> dict[int, Any]:
+        return pool.all("connecting devices", "connect",
+                        lambda k: {"host": self.target.mqtt_host, "port": self.target.mqtt_port, "presence": presence}
+                        if per_worker[k] else None, total=sum(per_worker))
+
+    def phase(self, pool: Pool, what: str, active: list[int], args: Callable[[int], dict[str, Any]],
+              seconds: float) -> dict[str, Any]:
+        """One timed traffic phase on the workers with ``active[k]`` > 0, then a drain."""
+        self.meter.start()
+        merged = merge(pool.all(what, "traffic", lambda k: args(k) if active[k] else None, timed=seconds))
+        merged["server_cpu_pct"] = self.meter.cpu_pct()
+        drained = self.drain(pool, active)
+        merged.update(drained, duplicates=merged["duplicates"] + drained["duplicates"])
+        return merged
+
+    def drain(self, pool: Pool, per_worker: list[int]) -> dict[str, int]:
+        return merge_drain(pool.all("waiting for deliveries", "drain", lambda k: {"timeout": 30.0}
+                                    if per_worker[k] else None))
+
+    def relay_rate(self, pool: Pool, per_worker: list[int], subscribers: int, address: tuple[str, str],
+                   window: int) -> dict[str, Any]:
+        """The broker alone: one publisher per topic, ``subscribers`` each, closed loop."""
+        relay = self.target.relay
+        if relay is None:
+            raise BenchError("no baseline broker for this target")
+        tag = f"{random.randrange(16 ** 6):06x}"
+        pool.all("connecting baseline clients", "relay_connect", lambda k: {
+            "host": relay.host, "port": relay.port, "username": relay.username, "password": relay.password,
+            "topics": [f"bench/{tag}/{k}/{j}" for j in range(per_worker[k])], "subscribers_per_topic": subscribers,
+            "address": address} if per_worker[k] else None, total=sum(per_worker) * (subscribers + 1))
+        kw = {"flow": "relay", "mode": "closed", "members": subscribers}
+        server_meter = self.meter
+        if relay.pid is not None:
+            self.meter = Meter({"relay-broker": relay.pid})
+        try:
+            return self._relay_phases(pool, per_worker, kw, window)
+        finally:
+            self.meter = server_meter
+
+    def _relay_phases(self, pool: Pool, per_worker: list[int], kw: dict[str, Any], window: int) -> dict[str, Any]:
+        self.phase(pool, "baseline warm-up", per_worker,
+                   lambda k: {**kw, "seconds": 2.0, "window": 1, "measured": False}, 2.0)
+        run = self.phase(pool, "baseline: the broker alone at full speed", per_worker,
+                         lambda k: {**kw, "seconds": self.opts.seconds, "window": window}, self.opts.seconds)
+        pool.all("closing baseline clients", "disconnect", {})
+        return {"deliveries_per_s": run["delivered"] / max(1e-9, run["seconds"]), **percentiles(run["latencies_ms"]),
+                "lost": run["lost"], "duplicates": run["duplicates"], "broker_cpu_pct": run["server_cpu_pct"],
+                "client_cpu_pct": round(100 * run["cpu_s"] / max(1e-9, run["seconds"]), 1)}
+
+    # -- scenarios --------------------------------------------------------------------------------------------
+    def p2p(self, with_baseline: bool = True) -> Result:
+        o = self.opts
+        per_worker = split(o.pairs, o.workers)
+        with self.pool() as pool:
+            creds = self.login(pool, [2 * n for n in per_worker])
+            self.connect(pool, [2 * n for n in per_worker])
+            pairs = {k: [(2 * j, 2 * j + 1) for j in range(n)] for k, n in enumerate(per_worker)}
+
+            def phase(what: str, **kw: Any) -> dict[str, Any]:
+                rate = kw.pop("rate", 0.0)
+                return self.phase(pool, what, per_worker, lambda k: {
+                    "flow": "p2p", **kw, "pairs": pairs[k], "rate": rate * per_worker[k] / o.pairs}, kw["seconds"])
+
+            phase("warm-up", mode="closed", seconds=2.0, window=1, measured=False)
+            full = phase("p2p: full speed", mode="closed", seconds=o.seconds, window=o.window)
+            max_rate = full["delivered"] / max(1e-9, full["seconds"])
+            rss = self.meter.rss_by_process()
+            steps = []
+            for frac in RATE_STEPS:
+                step = phase(f"p2p: {int(frac * 100)}% of full speed", mode="open", seconds=o.seconds,
+                             rate=frac * max_rate)
+                steps.append({"offered_per_s": round(frac * max_rate, 1),
+                              "msgs_per_s": round(step["delivered"] / max(1e-9, step["seconds"]), 1),
+                              **percentiles(step["latencies_ms"]), "lost": step["lost"],
+                              "duplicates": step["duplicates"], "errors": dict(step["errors"])})
+            fields: dict[str, Any] = {
+                "msgs_per_s": round(max_rate, 1), "pairs": o.pairs, "window": o.window,
+            }
+            baseline = None
+            if with_baseline:
+                user_len = len(next(iter(creds.values()))[1]["user"])
+                baseline = self.relay_rate(pool, per_worker, 1, ("to", "u" * user_len), o.window)
+                fields["baseline_msgs_per_s"] = round(baseline["deliveries_per_s"], 1)
+                fields["ratio"] = round(max_rate / max(1e-9, baseline["deliveries_per_s"]), 3)
+            half = steps[1]
+            fields.update({
+                "p50_ms": half["p50_ms"], "p95_ms": half["p95_ms"], "p99_ms": half["p99_ms"],
+                "latency_at": "50% of full speed", "full_speed": percentiles(full["latencies_ms"]),
+                "rates": steps, "rss_mb": round(sum(rss.values()), 1), "rss_by_process_mb": rss,
+                "bytes_per_msg": None,
+                "lost": full["lost"] + sum(s["lost"] for s in steps),
+                "duplicates": full["duplicates"] + sum(s["duplicates"] for s in steps),
+                "lost_live": full["lost_live"], "recovered_by_sync": full["recovered_by_sync"],
+                "errors": dict(full["errors"]), "stalled": full["stalled"],
+                "server_cpu_pct": full["server_cpu_pct"],
+                "client_cpu_pct": round(100 * full["cpu_s"] / max(1e-9, full["seconds"]), 1),
+            })
+            if baseline is not None:
+                fields["baseline"] = baseline
+            pool.all("disconnecting", "disconnect", {})
+        return Result("p2p", self.target.profile, fields)
+
+    def baseline(self) -> Result:
+        o = self.opts
+        per_worker = split(o.pairs, o.workers)
+        with self.pool() as pool:
+            base = self.relay_rate(pool, per_worker, 1, ("to", "u" * 22), o.window)
+        return Result("baseline", self.target.profile, {
+            "msgs_per_s": round(base["deliveries_per_s"], 1), "pairs": o.pairs, "window": o.window,
+            "p50_ms": base["p50_ms"], "p95_ms": base["p95_ms"], "p99_ms": base["p99_ms"],
+            "latency_at": "full speed", "rss_mb": self.meter.rss_mb(), "bytes_per_msg": None,
+            "lost": base["lost"], "duplicates": base["duplicates"], "server_cpu_pct": base["broker_cpu_pct"],
+        })
+
+    def group(self) -> Result:
+        o = self.opts
+        groups = split(o.groups, o.workers)
+        devices = [g * o.members for g in groups]
+        with self.pool() as pool:
+            self.login(pool, devices)
+            self.connect(pool, devices)
+            chats = pool.all("creating groups", "make_groups", lambda k: {"http": self.target.http, "size": o.members}
+                             if groups[k] else None, total=o.groups)
+            chat_len = len(next(iter(chats.values()))[0])
+
+            def phase(what: str, **kw: Any) -> dict[str, Any]:
+                rate = kw.pop("rate", 0.0)
+                return self.phase(pool, what, groups, lambda k: {
+                    "flow": "group", "members": o.members, "group_senders": 1, **kw,
+                    "rate": rate * groups[k] / o.groups}, kw["seconds"])
+
+            phase("warm-up", mode="closed", seconds=2.0, window=1, measured=False)
+            full = phase("group: full speed", mode="closed", seconds=o.seconds, window=o.window)
+            rate = full["delivered"] / max(1e-9, full["seconds"])
+            rss = self.meter.rss_by_process()
+            msgs_rate = rate / max(1, o.members - 1)
+            half = phase("group: 50% of full speed", mode="open", seconds=o.seconds, rate=msgs_rate / 2)
+            pool.all("disconnecting", "disconnect", {})
+            baseline = self.relay_rate(pool, groups, o.members, ("chat", "c" * chat_len), o.window)
+        return Result("group", self.target.profile, {
+            "deliveries_per_s": round(rate, 1), "msgs_per_s": round(msgs_rate, 1), "groups": o.groups,
+            "members": o.members, "window": o.window,
+            "baseline_deliveries_per_s": round(baseline["deliveries_per_s"], 1),
+            "ratio": round(rate / max(1e-9, baseline["deliveries_per_s"]), 3),
+            **percentiles(half["latencies_ms"]), "latency_at": "50% of full speed",
+            "full_speed": percentiles(full["latencies_ms"]),
+            "rss_mb": round(sum(rss.values()), 1), "rss_by_process_mb": rss, "bytes_per_msg": None,
+            "lost": full["lost"] + half["lost"], "duplicates": full["duplicates"] + half["duplicates"],
+            "lost_live": full["lost_live"], "recovered_by_sync": full["recovered_by_sync"],
+            "errors": dict(full["errors"] + half["errors"]), "server_cpu_pct": full["server_cpu_pct"],
+            "client_cpu_pct": round(100 * full["cpu_s"] / max(1e-9, full["seconds"]), 1), "baseline": baseline,
+        })
+
+    def sync(self) -> Result:
+        o = self.opts
+        senders = min(o.sync_senders, o.messages)
+        per_worker = split(senders, o.workers)
+        per_worker_devices = [n + (1 if k == 0 else 0) for k, n in enumerate(per_worker)]
+        each = split(o.messages, senders)
+        with self.pool() as pool:
+            creds = self.login(pool, per_worker_devices)
+            recipient = creds[0][0]["user"]
+            pool.all("connecting senders", "connect", lambda k: {
+                "host": self.target.mqtt_host, "port": self.target.mqtt_port, "first": 1 if k == 0 else 0}
+                if per_worker[k] else None, total=senders)
+            offset = [sum(per_worker[:k]) for k in range(o.workers)]
+            sent = pool.all(f"sending {o.messages} messages to an offline device", "send_batch", lambda k: {
+                "to_user": recipient, "window": 8,
+                "senders": [((1 if k == 0 else 0) + i, each[offset[k] + i]) for i in range(per_worker[k])]}
+                if per_worker[k] else None, total=o.messages)
+            errors: Counter[str] = Counter()
+            for answer in sent.values():
+                errors.update(answer["errors"])
+            time.sleep(0.5)
+            rss_before = self.meter.rss_mb()
+            got = pool.run("offline device reconnects and syncs", {0: ("catch_up", {
+                "host": self.target.mqtt_host, "port": self.target.mqtt_port, "index": 0})}, total=o.messages)[0]
+            rss = self.meter.rss_by_process()
+            pool.all("disconnecting", "disconnect", {})
+        accepted = o.messages - sum(errors.values())
+        return Result("sync", self.target.profile, {
+            "messages": o.messages, "senders": senders, "seconds": round(got["seconds"], 3),
+            "connect_s": round(got["connect_s"], 3), "sync_s": round(got["sync_s"], 3), "batches": got["batches"],
+            "msgs_per_s": round(got["unique_msgs"] / max(1e-9, got["seconds"]), 1),
+            "p50_ms": None, "p95_ms": None, "p99_ms": None, "rss_mb": round(sum(rss.values()), 1),
+            "rss_by_process_mb": rss, "rss_before_sync_mb": rss_before, "bytes_per_msg": None,
+            "lost": accepted - got["unique_msgs"], "duplicates": got["msgs"] - got["unique_msgs"],
+            "errors": dict(errors),
+        })
+
+    def idle(self) -> Result:
+        o = self.opts
+        per_worker = split(o.devices, o.workers)
+        with self.pool() as pool:
+            self.login(pool, per_worker)
+            time.sleep(1.0)
+            before = self.meter.rss_by_process()
+            t0 = time.monotonic()
+            connected = self.connect(pool, per_worker)
+            wall = time.monotonic() - t0
+            time.sleep(5.0)  # let presence and the server's bookkeeping settle
+            after = self.meter.rss_by_process()
+            lat = self.traffic_pair(pool)
+            pool.all("disconnecting", "disconnect", {})
+        grown = {name: round(after[name] - before.get(name, 0.0), 1) for name in after}
+        per_device_kb = round(1024 * sum(grown.values()) / max(1, o.devices), 2)
+        slowest = max(a["seconds"] for a in connected.values())
+        return Result("idle", self.target.profile, {
+            "devices": o.devices, "connects_per_s": round(o.devices / max(1e-9, slowest), 1),
+            "connect_s": round(wall, 2), "rss_mb": round(sum(after.values()), 1), "rss_by_process_mb": after,
+            "rss_growth_mb": grown, "kb_per_device": per_device_kb,
+            "projected_mb_for_10k": round(per_device_kb * 10_000 / 1024 + sum(before.values()), 1),
+            **percentiles(lat["latencies_ms"]), "latency_at": "20 msgs/s between two of the idle devices",
+            "bytes_per_msg": None, "lost": lat["lost"], "duplicates": lat["duplicates"],
+            "errors": dict(lat["errors"]),
+        })
+
+    def traffic_pair(self, pool: Pool) -> dict[str, Any]:
+        """20 messages/s between worker 0's first two devices for ``seconds``."""
+        answer = pool.run("messages while the devices are held", {0: ("traffic", {
+            "flow": "p2p", "mode": "open", "seconds": self.opts.seconds, "rate": 20.0, "pairs": [(0, 1)]})},
+            timed=self.opts.seconds)
+        merged = merge(answer)
+        drained = merge_drain(pool.run("waiting for deliveries", {0: ("drain", {"timeout": 30.0})}))
+        merged.update(drained, duplicates=merged["duplicates"] + drained["duplicates"])
+        return merged
+
+    def wire(self) -> Result:
+        o = self.opts
+        with self.pool() as pool:
+            only_first = [2] + [0] * (o.workers - 1)
+            self.login(pool, only_first)
+            self.connect(pool, only_first)
+            pool.run("warm-up", {0: ("traffic", {"flow": "p2p", "mode": "closed", "seconds": 1.0, "window": 1,
+                                                 "pairs": [(0, 1)], "measured": False})}, timed=1.0)
+            pool.run("waiting for deliveries", {0: ("drain", {"timeout": 30.0})})
+            got = pool.run(f"{o.wire_messages} messages at {o.wire_rate:g}/s", {0: ("wire", {
+                "sender": 0, "recipient": 1, "count": o.wire_messages, "rate": o.wire_rate})},
+                timed=o.wire_messages / o.wire_rate + 2)[0]
+            pool.all("disconnecting", "disconnect", {})
+        parts = {k: got[k] for k in ("sender_up", "sender_down", "recipient_up", "recipient_down")}
+        delivered = max(1, got["delivered"])
+        return Result("wire", self.target.profile, {
+            "messages": o.wire_messages, "delivered": got["delivered"], "rate_per_s": o.wire_rate,
+            "bytes_per_msg": round(sum(parts.values()) / delivered, 1),
+            "bytes_per_msg_by_direction": {k: round(v / delivered, 1) for k, v in parts.items()},
+            **percentiles(got["latencies_ms"]), "latency_at": f"{o.wire_rate:g} msgs/s, one pair",
+            "rss_mb": self.meter.rss_mb(), "lost": got["lost"], "duplicates": got["duplicates"],
+        })
+
+    def run(self, scenario: str) -> Result:
+        runners: dict[str, Callable[[], Result]] = {
+            "p2p": self.p2p, "baseline": self.baseline, "group": self.group, "sync": self.sync,
+            "idle": self.idle, "wire": self.wire,
+        }
+        return runners[scenario]()

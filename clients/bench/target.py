@@ -1,0 +1,234 @@
+"""What a benchmark runs against: a server it starts (``--profile``) or one already running,
+plus the broker-only relay the baseline uses, and the processes whose memory is measured."""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+from clients.launch import ROOT, ServerProc
+
+# the server a benchmark starts answers more than a phone's fair share per device, so that the
+# limiter is exercised but never the thing measured; runs report any rate_limited error loudly
+BENCH_SERVER_FLAGS = ("--rate", "1000", "--burst", "2000", "--log-level", "WARNING")
+SERVICES = ROOT / "scripts" / "services.py"
+
+
+class BenchError(Exception):
+    """A benchmark that cannot run as asked; the message says why."""
+
+
+@dataclass(frozen=True)
+class Relay:
+    """Where the baseline's publishers and subscribers connect, with which credential."""
+
+    host: str
+    port: int
+    username: str
+    password: str
+    pid: int | None = None  # the relay's own process, when it is not the target's broker
+
+
+@dataclass
+class Target:
+    profile: str
+    http: str
+    mqtt_host: str
+    mqtt_port: int
+    pids: dict[str, int] = field(default_factory=dict)
+    relay: Relay | None = None
+
+
+def require_loopback(host: str, what: str) -> None:
+    """Benchmarks only ever load this machine."""
+    try:
+        addresses = {str(info[4][0]) for info in socket.getaddrinfo(host, None)}
+    except socket.gaierror as exc:
+        raise BenchError(f"{what}: cannot resolve {host!r}: {exc}") from exc
+    for address in addresses:
+        if not ipaddress.ip_address(address.split("%")[0]).is_loopback:
+            raise BenchError(f"{what}: {host} is not a loopback address; pigeon bench only loads this machine")
+
+
+def rss_kb(pid: int) -> int:
+    """Resident memory of a process, from /proc."""
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def cpu_ticks(pid: int) -> int:
+    """User + system CPU time of a process in clock ticks."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+
+
+@contextlib.contextmanager
+def relay_broker() -> Iterator[Relay]:
+    """The embedded broker alone, in its own process (see ``clients.bench.relay_broker``)."""
+    proc = subprocess.Popen([sys.executable, "-m", "clients.bench.relay_broker"], cwd=ROOT,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().split()
+        if len(line) != 4 or line[:2] != ["relay", "ready"]:
+            raise BenchError(f"the baseline broker did not start (said {line!r})")
+        yield Relay("127.0.0.1", int(line[2]), "bench", line[3], proc.pid)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextlib.asynccontextmanager
+async def _mosquitto_relay(host: str, port: int, credentials_file: Path):  # type: ignore[no-untyped-def]
+    """A throwaway dynamic-security client that may publish and subscribe under bench/."""
+    from bridge.config import read_credentials
+    from broker.dynsec import DynSecAdmin
+
+    user, password = read_credentials(credentials_file)
+    name, secret = f"pigeon-bench-{secrets.token_hex(4)}", secrets.token_urlsafe(18)
+    async with DynSecAdmin(host, port, user, password) as admin:
+        await admin.run([{"command": "createRole", "rolename": name, "acls": [
+            {"acltype": "publishClientSend", "topic": "bench/#", "allow": True},
+            {"acltype": "subscribePattern", "topic": "bench/#", "allow": True},
+        ]}])
+        await admin.run([{"command": "createClient", "username": name, "password": secret,
+                          "roles": [{"rolename": name}]}])
+        try:
+            yield Relay(host, port, name, secret)
+        finally:
+            await admin.run([{"command": "deleteClient", "username": name},
+                             {"command": "deleteRole", "rolename": name}], tolerate=["not found"])
+
+
+@contextlib.contextmanager
+def mosquitto_relay(host: str, port: int, credentials_file: Path) -> Iterator[Relay]:
+    import asyncio
+
+    manager = _mosquitto_relay(host, port, credentials_file)
+    loop = asyncio.new_event_loop()
+    try:
+        relay = loop.run_until_complete(manager.__aenter__())
+        try:
+            yield relay
+        finally:
+            loop.run_until_complete(manager.__aexit__(None, None, None))
+    finally:
+        loop.close()
+
+
+def _services_state() -> dict[str, object]:
+    path = ROOT / ".services" / "state.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def production_services() -> Iterator[dict[str, str]]:
+    """The production servers: those ``scripts/services`` already runs, or started (and
+    stopped again) here."""
+    if not SERVICES.exists():
+        raise BenchError(f"--profile production needs {SERVICES} (run from a Pigeon checkout)")
+    state = _services_state()
+    running = [v for v in state.values() if isinstance(v, dict) and "pid" in v and _alive(int(v["pid"]))]
+    started = False
+    if not running:
+        done = subprocess.run([sys.executable, str(SERVICES), "up"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        if done.returncode != 0:
+            raise BenchError("scripts/services up failed (its messages are above)")
+        started = True
+        state = _services_state()
+    exports = state.get("exports")
+    if not isinstance(exports, dict):
+        raise BenchError("scripts/services state has no exports; run 'scripts/services down' and try again")
+    try:
+        yield {str(k): str(v) for k, v in exports.items()}
+    finally:
+        if started:
+            subprocess.run([sys.executable, str(SERVICES), "down"], cwd=ROOT, check=False)
+
+
+def service_pids() -> dict[str, int]:
+    return {name: int(info["pid"]) for name, info in _services_state().items()
+            if isinstance(info, dict) and "pid" in info and name in ("mosquitto", "redis")}
+
+
+@contextlib.contextmanager
+def open_target(profile: str | None, http: str | None, mqtt: str | None, server_pids: list[int],
+                credentials_file: Path | None, label: str | None) -> Iterator[Target]:
+    if http is not None:
+        if mqtt is None:
+            raise BenchError("--http needs --mqtt HOST:PORT too")
+        url = urlparse(http)
+        host, _, port = mqtt.rpartition(":")
+        if not url.hostname or not host or not port.isdigit():
+            raise BenchError("--http must be a URL such as http://127.0.0.1:8080 and --mqtt HOST:PORT")
+        require_loopback(url.hostname, "--http")
+        require_loopback(host, "--mqtt")
+        target = Target(label or "external", http.rstrip("/"), host, int(port),
+                        {f"pid {p}": p for p in server_pids})
+        if credentials_file is not None:
+            with mosquitto_relay(host, int(port), credentials_file) as target.relay:
+                yield target
+        else:
+            with relay_broker() as target.relay:
+                yield target
+        return
+    if profile == "embedded":
+        with tempfile.TemporaryDirectory(prefix="pigeon-bench-") as tmp, relay_broker() as relay:
+            server = ServerProc.start(Path(tmp), *BENCH_SERVER_FLAGS)
+            try:
+                yield Target("embedded", server.http, server.mqtt_host, server.mqtt_port,
+                             {"pigeon": server.proc.pid}, relay)
+            finally:
+                server.stop()
+        return
+    if profile == "production":
+        with production_services() as env, tempfile.TemporaryDirectory(prefix="pigeon-bench-") as tmp:
+            store = env["PIGEON_STORE"].rsplit("/", 1)[0] + "/pigeon_bench"
+            migrate = subprocess.run([sys.executable, "-m", "clients.cli", "db", "migrate", "--store", store],
+                                     cwd=ROOT, capture_output=True, text=True)
+            if migrate.returncode != 0:
+                raise BenchError(f"pigeon db migrate failed: {migrate.stderr[-2000:]}")
+            broker = urlparse(env["PIGEON_BROKER"])
+            creds = Path(env["PIGEON_BROKER_CREDENTIALS_FILE"])
+            server = ServerProc.start(
+                Path(tmp), *BENCH_SERVER_FLAGS, "--store", store, "--media", env["PIGEON_MEDIA"],
+                "--redis", env["PIGEON_REDIS"], "--broker", env["PIGEON_BROKER"],
+                "--broker-credentials-file", str(creds))
+            try:
+                with mosquitto_relay(broker.hostname or "127.0.0.1", broker.port or 1883, creds) as relay:
+                    yield Target("production", server.http, server.mqtt_host, server.mqtt_port,
+                                 {"pigeon": server.proc.pid, **service_pids()}, relay)
+            finally:
+                server.stop()
+        return
+    raise BenchError("give --profile embedded|production, or --http URL --mqtt HOST:PORT of a running server")

@@ -1,0 +1,587 @@
+"""One load-generator process: it holds a slice of the simulated devices and runs what the
+parent asks, phase by phase, over a pipe.
+
+A simulated device behaves like the SDK where it matters for load: it subscribes to its two
+``down`` topics, announces presence, acknowledges its inbox (at most every 100 ms), and when an
+inbox gap stays open for two seconds it syncs the gap from the store, since the broker is never
+trusted to deliver every live publish. Senders and their recipients live in the same process,
+so a delivery's latency is measured on one clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import traceback
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+import httpx
+
+from .mqtt import MqttConn, connect
+
+ACK_EVERY_S = 0.1
+GAP_SYNC_AFTER_S = 2.0
+STALL_S = 10.0
+CONNECT_CONCURRENCY = 64
+LOGIN_CONCURRENCY = 16
+
+
+def now_ns() -> int:
+    return time.monotonic_ns()
+
+
+def body_now() -> str:
+    """A 20-character text body: the send time, so every message has the same size."""
+    return f"{now_ns():020d}"[-20:]
+
+
+@dataclass(slots=True)
+class Track:
+    """A message on its way: how many deliveries are still due, and who waits for them."""
+
+    left: int
+    t0: int
+    measured: bool
+    slots: asyncio.Semaphore | None
+
+
+@dataclass
+class Tally:
+    """What one phase saw in this process."""
+
+    delivered: int = 0
+    delivered_measured: int = 0
+    sent_ok: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+    duplicates: int = 0
+    recovered_by_sync: int = 0
+    gap_syncs: int = 0
+    stalled: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "delivered": self.delivered, "delivered_measured": self.delivered_measured, "sent_ok": self.sent_ok,
+            "errors": dict(self.errors), "duplicates": self.duplicates, "recovered_by_sync": self.recovered_by_sync,
+            "gap_syncs": self.gap_syncs, "stalled": self.stalled, "latencies_ms": self.latencies_ms,
+        }
+
+
+class Dev:
+    """A simulated device: a logged-in identity with one MQTT connection."""
+
+    def __init__(self, w: Worker, user: str, device: str, token: str) -> None:
+        self.w = w
+        self.user, self.device, self.token = user, device, token
+        self.up = f"up/{user}/{device}"
+        self.conn: MqttConn | None = None
+        self.cursor = 0
+        self.acked = 0
+        self.ahead: set[int] = set()
+        self.gap_since = 0.0
+        self.syncing = False
+        self.replies: dict[str, asyncio.Future[dict[str, Any]]] = {}
+
+    def creds(self) -> dict[str, str]:
+        return {"user": self.user, "device": self.device, "token": self.token}
+
+    async def connect(self, host: str, port: int, presence: bool) -> None:
+        will = (self.up, b'{"type":"presence","state":"offline"}')
+        self.conn = await connect(host, port, self.device, self.device, self.token, self.on_message, will=will)
+        await self.conn.subscribe([f"down/{self.user}", f"down/{self.user}/{self.device}"], timeout=30)
+        if presence:
+            await self.publish({"type": "presence", "state": "online"})
+
+    def publish(self, payload: dict[str, Any], qos: int = 1) -> asyncio.Future[None]:
+        assert self.conn is not None, "not connected"
+        fut = self.conn.publish(self.up, json.dumps(payload, separators=(",", ":")).encode(), qos)
+        if fut is None:
+            fut = asyncio.get_running_loop().create_future()
+            fut.set_result(None)
+        return fut
+
+    async def request(self, payload: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
+        rid = uuid.uuid4().hex
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self.replies[rid] = fut
+        try:
+            await self.publish({**payload, "id": rid})
+            async with asyncio.timeout(timeout):
+                return await fut
+        finally:
+            self.replies.pop(rid, None)
+
+    def on_message(self, topic: str, payload: bytes) -> None:
+        ev = json.loads(payload)
+        self.take(ev, from_store=False)
+
+    def take(self, ev: dict[str, Any], *, from_store: bool) -> None:
+        kind = ev.get("type")
+        inbox = ev.get("inbox")
+        if isinstance(inbox, int) and not self._mark(inbox, from_store):
+            return
+        if kind == "msg":
+            if ev.get("device") != self.device:
+                self.w.delivered(str(ev.get("id")), from_store)
+            return
+        rid = ev.get("id")
+        if kind in ("sent", "error", "batch") and isinstance(rid, str):
+            fut = self.replies.pop(rid, None)
+            if fut is not None and not fut.done():
+                fut.set_result(ev)
+            elif kind == "sent":
+                self.w.tally.sent_ok += 1
+            elif kind == "error":
+                self.w.failed(rid, str(ev.get("code")))
+
+    def _mark(self, inbox: int, from_store: bool) -> bool:
+        """Record an inbox position; False if this device has already had it."""
+        if inbox <= self.cursor or inbox in self.ahead:
+            if not from_store:
+                self.w.tally.duplicates += 1
+            return False
+        if inbox == self.cursor + 1:
+            self.cursor = inbox
+            while self.cursor + 1 in self.ahead:
+                self.ahead.discard(self.cursor + 1)
+                self.cursor += 1
+            if not self.ahead:
+                self.gap_since = 0.0
+        else:
+            self.ahead.add(inbox)
+            self.gap_since = self.gap_since or time.monotonic()
+        self.w.dirty.add(self)
+        return True
+
+    async def sync(self, limit: int = 1000) -> int:
+        """Fetch the inbox after the cursor until the store has no more; return events taken."""
+        taken = 0
+        while True:
+            batch = await self.request({"type": "sync", "after": self.cursor, "limit": limit})
+            if batch.get("type") != "batch":
+                raise RuntimeError(f"sync answered with {batch}")
+            for item in batch["items"]:
+                self.take(item, from_store=True)
+                taken += 1
+            # positions the store skipped were never written (a refused request): move past them
+            self.cursor = max(self.cursor, int(batch["last"]))
+            self.ahead = {i for i in self.ahead if i > self.cursor}
+            if not batch.get("more"):
+                return taken
+
+    def flush_ack(self) -> None:
+        if self.cursor > self.acked and self.conn is not None:
+            self.acked = self.cursor
+            self.publish({"type": "ack", "up_to": self.cursor})
+
+
+class Relay:
+    """A connection to the broker for the baseline: no bridge, same payloads."""
+
+    def __init__(self, w: Worker) -> None:
+        self.w = w
+        self.conn: MqttConn | None = None
+
+    def on_message(self, topic: str, payload: bytes) -> None:
+        ev = json.loads(payload)
+        self.w.delivered(str(ev.get("id")), False)
+
+
+class Worker:
+    def __init__(self, index: int, progress: Any) -> None:
+        self.index = index
+        self.progress = progress
+        self.devs: list[Dev] = []
+        self.relays: list[Relay] = []
+        self.tracks: dict[str, Track] = {}
+        self.done: set[str] = set()
+        self.dirty: set[Dev] = set()
+        self.tally = Tally()
+        self.idle = asyncio.Event()
+        self.groups: list[str] = []
+        self.relay_pubs: list[Relay] = []
+        self.relay_topics: list[str] = []
+        self.relay_address = ("to", "")
+        self._ticker: asyncio.Task[None] | None = None
+        self._sync_tasks: set[asyncio.Task[None]] = set()
+
+    def tick(self, n: int = 1) -> None:
+        self.progress[self.index] += n
+
+    # -- delivery accounting ----------------------------------------------------------------------------
+    def delivered(self, msg_id: str, from_store: bool) -> None:
+        track = self.tracks.get(msg_id)
+        if track is None:
+            if msg_id in self.done and not from_store:
+                self.tally.duplicates += 1
+            return
+        track.left -= 1
+        self.tally.delivered += 1
+        if from_store:
+            self.tally.recovered_by_sync += 1
+        elif track.measured:
+            self.tally.delivered_measured += 1
+            self.tally.latencies_ms.append((now_ns() - track.t0) / 1e6)
+        self.tick()
+        if track.left <= 0:
+            self._finish(msg_id, track)
+
+    def failed(self, msg_id: str, code: str) -> None:
+        self.tally.errors[code] += 1
+        track = self.tracks.pop(msg_id, None)
+        if track is not None and track.slots is not None:
+            track.slots.release()
+        if not self.tracks:
+            self.idle.set()
+
+    def _finish(self, msg_id: str, track: Track) -> None:
+        del self.tracks[msg_id]
+        self.done.add(msg_id)
+        if track.slots is not None:
+            track.slots.release()
+        if not self.tracks:
+            self.idle.set()
+
+    async def _tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(ACK_EVERY_S)
+            dirty, self.dirty = self.dirty, set()
+            for dev in dirty:
+                dev.flush_ack()
+            now = time.monotonic()
+            for dev in self.devs:
+                if dev.ahead and not dev.syncing and now - dev.gap_since > GAP_SYNC_AFTER_S:
+                    self._start_sync(dev)
+            stall_before = now_ns() - int(STALL_S * 1e9)
+            for track in list(self.tracks.values()):
+                if track.slots is not None and track.t0 < stall_before:
+                    # free the sender's slot; the message stays counted until it arrives or the run ends
+                    self.tally.stalled += 1
+                    track.slots.release()
+                    track.slots = None
+
+    def _start_sync(self, dev: Dev) -> None:
+        async def run() -> None:
+            dev.syncing = True
+            self.tally.gap_syncs += 1
+            try:
+                await dev.sync()
+            except Exception:  # noqa: BLE001 - retried at the next tick while the gap stays open
+                pass
+            finally:
+                dev.syncing = False
+                dev.gap_since = time.monotonic() if dev.ahead else 0.0
+
+        task = asyncio.create_task(run())
+        self._sync_tasks.add(task)
+        task.add_done_callback(self._sync_tasks.discard)
+
+    # -- commands -----------------------------------------------------------------------------------------
+    async def login(self, http: str, phones: list[str], name: str) -> list[dict[str, str]]:
+        """Log a device in for every phone (the server must run with --dev)."""
+        sem = asyncio.Semaphore(LOGIN_CONCURRENCY)
+        out: list[Dev | None] = [None] * len(phones)
+        async with httpx.AsyncClient(base_url=http, timeout=120) as client:
+            async def one(i: int, phone: str) -> None:
+                async with sem:
+                    r = await client.post("/v1/auth/code", json={"phone": phone})
+                    r.raise_for_status()
+                    code = r.json().get("dev_code")
+                    if not code:
+                        raise RuntimeError("the server did not return a login code: run it with --dev")
+                    r = await client.post("/v1/auth/verify", json={"phone": phone, "code": code, "device_name": name})
+                    r.raise_for_status()
+                    body = r.json()
+                    out[i] = Dev(self, body["user_id"], body["device_id"], body["token"])
+                    self.tick()
+
+            await asyncio.gather(*(one(i, p) for i, p in enumerate(phones)))
+        self.devs.extend(d for d in out if d is not None)
+        return [d.creds() for d in self.devs]
+
+    async def connect(self, host: str, port: int, first: int = 0, count: int | None = None,
+                      presence: bool = True) -> dict[str, Any]:
+        """Connect devices[first:first+count]; return the seconds it took."""
+        sem = asyncio.Semaphore(CONNECT_CONCURRENCY)
+        chosen = self.devs[first:None if count is None else first + count]
+
+        async def one(dev: Dev) -> None:
+            async with sem:
+                await dev.connect(host, port, presence)
+                self.tick()
+
+        t0 = time.monotonic()
+        await asyncio.gather(*(one(d) for d in chosen))
+        if self._ticker is None:
+            self._ticker = asyncio.create_task(self._tick_loop())
+        return {"seconds": time.monotonic() - t0, "connected": len(chosen)}
+
+    async def make_groups(self, http: str, size: int) -> list[str]:
+        """Cut this process's devices into groups of ``size``; the first of each creates it."""
+        chats = []
+        async with httpx.AsyncClient(base_url=http, timeout=60) as client:
+            for start in range(0, len(self.devs) - size + 1, size):
+                members = self.devs[start:start + size]
+                r = await client.post("/v1/chats", headers={"Authorization": f"Bearer {members[0].token}"},
+                                      json={"kind": "group", "title": f"bench {start // size}",
+                                            "members": [m.user for m in members[1:]]})
+                r.raise_for_status()
+                chats.append(r.json()["chat"])
+                self.tick()
+        self.groups = chats
+        return chats
+
+    async def relay_connect(self, host: str, port: int, username: str, password: str, topics: list[str],
+                            subscribers_per_topic: int, address: tuple[str, str]) -> dict[str, Any]:
+        """Baseline: one publisher per topic and its subscribers, straight on the broker.
+        ``address`` is the (key, value) the payload names its destination with, as long as
+        the real one, so the baseline moves the same bytes."""
+        self.relay_topics = topics
+        self.relay_address = address
+        sem = asyncio.Semaphore(CONNECT_CONCURRENCY)
+
+        async def one(name: str, topic: str | None) -> Relay:
+            async with sem:
+                relay = Relay(self)
+                relay.conn = await connect(host, port, name, username, password, relay.on_message)
+                if topic is not None:
+                    await relay.conn.subscribe([topic], timeout=30)
+                self.tick()
+                return relay
+
+        tag = uuid.uuid4().hex[:8]
+        subs = [one(f"bench-{tag}-s{t}-{k}", topic) for t, topic in enumerate(topics)
+                for k in range(subscribers_per_topic)]
+        self.relays = list(await asyncio.gather(*subs))
+        self.relay_pubs = list(await asyncio.gather(*(one(f"bench-{tag}-p{t}", None) for t in range(len(topics)))))
+        if self._ticker is None:
+            self._ticker = asyncio.create_task(self._tick_loop())
+        return {"connected": len(self.relays) + len(self.relay_pubs)}
+
+    async def traffic(self, flow: str, mode: str, seconds: float, window: int = 4, rate: float = 0.0,
+                      measured: bool = True, pairs: list[tuple[int, int]] | None = None,
+                      group_senders: int = 1, members: int = 0) -> dict[str, Any]:
+        """Send for ``seconds``: ``closed`` keeps ``window`` undelivered messages per sender,
+        ``open`` sends at ``rate`` messages/s spread over the senders.
+
+        flow ``p2p``: pairs (sender index, recipient index) of this process's devices.
+        flow ``group``: the first ``group_senders`` members of each group send into it.
+        flow ``relay``: the baseline publishers publish to their topics."""
+        self.tally = Tally()
+        senders: list[Callable[[str], None]] = []
+        expect = 1
+        if flow == "p2p":
+            assert pairs is not None
+            for s, r in pairs:
+                senders.append(self._p2p_sender(self.devs[s], self.devs[r].user))
+        elif flow == "group":
+            expect = members - 1
+            for g, chat in enumerate(self.groups):
+                for k in range(group_senders):
+                    senders.append(self._group_sender(self.devs[g * members + k], chat))
+        elif flow == "relay":
+            expect = max(1, members)
+            for pub, topic in zip(self.relay_pubs, self.relay_topics, strict=True):
+                senders.append(self._relay_sender(pub, topic))
+        else:
+            raise ValueError(flow)
+        t_start = time.monotonic()
+        stop_at = t_start + seconds
+        cpu0 = time.process_time()
+        if mode == "closed":
+            runs = [self._closed(send, window, expect, stop_at, measured) for send in senders]
+        else:
+            each = rate / max(1, len(senders))
+            runs = [self._open(send, each, expect, stop_at, measured, k / max(1, len(senders)) / max(each, 1e-9))
+                    for k, send in enumerate(senders)]
+        await asyncio.gather(*runs)
+        elapsed = time.monotonic() - t_start
+        out = self.tally.as_dict()
+        out.update(seconds=elapsed, cpu_s=time.process_time() - cpu0, senders=len(senders))
+        return out
+
+    def _p2p_sender(self, dev: Dev, to_user: str) -> Callable[[str], None]:
+        def send(msg_id: str) -> None:
+            dev.publish({"type": "send", "id": msg_id, "to": to_user, "body": body_now()})
+        return send
+
+    def _group_sender(self, dev: Dev, chat: str) -> Callable[[str], None]:
+        def send(msg_id: str) -> None:
+            dev.publish({"type": "send", "id": msg_id, "chat": chat, "body": body_now()})
+        return send
+
+    def _relay_sender(self, relay: Relay, topic: str) -> Callable[[str], None]:
+        assert relay.conn is not None
+        conn = relay.conn
+
+        key, value = self.relay_address
+
+        def send(msg_id: str) -> None:
+            payload = {"type": "send", "id": msg_id, key: value, "body": body_now()}
+            conn.publish(topic, json.dumps(payload, separators=(",", ":")).encode())
+        return send
+
+    async def _closed(self, send: Callable[[str], None], window: int, expect: int, stop_at: float,
+                      measured: bool) -> None:
+        slots = asyncio.Semaphore(window)
+        while time.monotonic() < stop_at:
+            try:
+                async with asyncio.timeout(max(0.001, stop_at - time.monotonic())):
+                    await slots.acquire()
+            except TimeoutError:
+                return
+            msg_id = uuid.uuid4().hex
+            self.tracks[msg_id] = Track(expect, now_ns(), measured, slots)
+            send(msg_id)
+
+    async def _open(self, send: Callable[[str], None], rate: float, expect: int, stop_at: float,
+                    measured: bool, offset: float) -> None:
+        if rate <= 0:
+            return
+        interval = 1.0 / rate
+        due = time.monotonic() + min(offset, interval)
+        while due < stop_at:
+            delay = due - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            msg_id = uuid.uuid4().hex
+            self.tracks[msg_id] = Track(expect, now_ns(), measured, None)
+            send(msg_id)
+            due += interval
+
+    async def drain(self, timeout: float) -> dict[str, Any]:
+        """Wait for what is still on its way, then let each device sync any inbox gap; report
+        what is still missing as lost."""
+        if self.tracks:
+            self.idle.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self.idle.wait()
+        lost_live = sum(t.left for t in self.tracks.values())
+        if self.tracks:
+            for dev in self.devs:
+                if dev.conn is not None and not dev.syncing:
+                    try:
+                        await dev.sync()
+                    except Exception:  # noqa: BLE001 - what could not be synced is lost below
+                        pass
+        await asyncio.sleep(0.3)  # let final acks go out
+        lost = sum(t.left for t in self.tracks.values())
+        self.tracks.clear()
+        return {"lost_live": lost_live, "lost": lost, "duplicates": self.tally.duplicates,
+                "recovered_by_sync": self.tally.recovered_by_sync, "gap_syncs": self.tally.gap_syncs}
+
+    async def send_batch(self, senders: list[tuple[int, int]], to_user: str, window: int) -> dict[str, Any]:
+        """Sync scenario: each (device index, count) sends that many messages to ``to_user`` and
+        waits for every ``sent`` reply (the recipient is offline)."""
+        errors: Counter[str] = Counter()
+
+        async def run(dev: Dev, each: int) -> None:
+            slots = asyncio.Semaphore(window)
+
+            async def one() -> None:
+                try:
+                    reply = await dev.request({"type": "send", "to": to_user, "body": body_now()})
+                    if reply.get("type") != "sent":
+                        errors[str(reply.get("code"))] += 1
+                    self.tick()
+                finally:
+                    slots.release()
+
+            tasks = []
+            for _ in range(each):
+                await slots.acquire()
+                tasks.append(asyncio.create_task(one()))
+            await asyncio.gather(*tasks)
+
+        await asyncio.gather(*(run(self.devs[i], n) for i, n in senders))
+        return {"errors": dict(errors)}
+
+    async def catch_up(self, host: str, port: int, index: int) -> dict[str, Any]:
+        """Sync scenario: connect the offline device, sync everything, acknowledge it."""
+        dev = self.devs[index]
+        seen: list[int] = []
+        t0 = time.monotonic()
+        await dev.connect(host, port, presence=True)
+        t_connected = time.monotonic()
+        taken = 0
+        batches = 0
+        ids: set[str] = set()
+        while True:
+            batch = await dev.request({"type": "sync", "after": dev.cursor, "limit": 1000}, timeout=60)
+            if batch.get("type") != "batch":
+                raise RuntimeError(f"sync answered with {batch}")
+            batches += 1
+            for item in batch["items"]:
+                if item.get("type") == "msg":
+                    ids.add(str(item.get("id")))
+                    seen.append(int(item["inbox"]))
+                taken += 1
+            dev.cursor = max(dev.cursor, int(batch["last"]))
+            self.tick(len(batch["items"]))
+            if not batch.get("more"):
+                break
+        await dev.publish({"type": "ack", "up_to": dev.cursor})
+        dev.acked = dev.cursor
+        t_done = time.monotonic()
+        return {"seconds": t_done - t0, "connect_s": t_connected - t0, "sync_s": t_done - t_connected,
+                "events": taken, "unique_msgs": len(ids), "msgs": len(seen), "batches": batches}
+
+    async def wire(self, sender: int, recipient: int, count: int, rate: float) -> dict[str, Any]:
+        """Send ``count`` messages one pair apart at ``rate``/s and count both devices' bytes."""
+        a, b = self.devs[sender], self.devs[recipient]
+        assert a.conn is not None and b.conn is not None
+        await asyncio.sleep(1.0)  # let connect-time traffic settle
+        before = (a.conn.bytes_out, a.conn.bytes_in, b.conn.bytes_out, b.conn.bytes_in)
+        self.tally = Tally()
+        stop_at = time.monotonic() + count / rate
+        await self._open(self._p2p_sender(a, b.user), rate, 1, stop_at, True, 0.0)
+        drained = await self.drain(10.0)
+        await asyncio.sleep(1.0)  # receipts and acks of the last message
+        after = (a.conn.bytes_out, a.conn.bytes_in, b.conn.bytes_out, b.conn.bytes_in)
+        up_a, down_a, up_b, down_b = (x - y for x, y in zip(after, before, strict=True))
+        return {"sender_up": up_a, "sender_down": down_a, "recipient_up": up_b, "recipient_down": down_b,
+                "delivered": self.tally.delivered, "latencies_ms": self.tally.latencies_ms, **drained}
+
+    async def disconnect(self) -> dict[str, Any]:
+        for dev in self.devs:
+            if dev.conn is not None:
+                dev.publish({"type": "presence", "state": "offline"})
+                dev.conn.disconnect()
+                dev.conn = None
+        for relay in self.relays + self.relay_pubs:
+            if relay.conn is not None:
+                relay.conn.disconnect()
+                relay.conn = None
+        self.relays = []
+        self.relay_pubs = []
+        return {}
+
+    async def cpu(self) -> float:
+        return time.process_time()
+
+
+def main(conn: Connection, index: int, progress: Any) -> None:
+    """Process entry: answer ``(command, kwargs)`` from the parent until told to stop."""
+    asyncio.run(_serve(conn, Worker(index, progress)))
+
+
+async def _serve(conn: Connection, worker: Worker) -> None:
+    loop = asyncio.get_running_loop()
+    while True:
+        msg = await loop.run_in_executor(None, conn.recv)
+        if msg is None:
+            return
+        name, kwargs = msg
+        method: Callable[..., Awaitable[Any]] = getattr(worker, name)
+        try:
+            conn.send(("ok", await method(**kwargs)))
+        except Exception:  # noqa: BLE001 - the parent reports it and stops the run
+            conn.send(("error", traceback.format_exc()))
