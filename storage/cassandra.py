@@ -58,6 +58,24 @@ from .base import (
 from .sqlite import new_id
 from .state import SharedState
 
+_row_types: dict[tuple[str, ...], Any] = {}
+
+
+def _cached_row_factory(colnames: list[str], rows: list[Sequence[Any]]) -> list[Any]:
+    """Rows as named tuples, like the driver's default factory, but with one tuple type per
+    column list instead of a new type built for every result (a profile showed that costing
+    about a tenth of the bridge's CPU)."""
+    key = tuple(colnames)
+    row_type = _row_types.get(key)
+    if row_type is None:
+        from collections import namedtuple
+
+        from cassandra.query import _clean_column_name
+
+        row_type = _row_types[key] = namedtuple("Row", [_clean_column_name(c) for c in colnames],
+                                                 rename=True)
+    return [row_type(*row) for row in rows]
+
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 2
 BUCKET = 1000
@@ -177,6 +195,7 @@ class CassandraStore:
         profile = ExecutionProfile(
             load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy()), request_timeout=self._timeout,
             consistency_level=ConsistencyLevel.LOCAL_QUORUM, serial_consistency_level=ConsistencyLevel.LOCAL_SERIAL,
+            row_factory=_cached_row_factory,
         )
         self._cluster = Cluster(self._hosts, port=self._port, protocol_version=5,
                                 execution_profiles={EXEC_PROFILE_DEFAULT: profile}, connect_timeout=5)
