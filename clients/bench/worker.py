@@ -204,6 +204,7 @@ class Worker:
         self.done: set[str] = set()
         self.dirty: set[Dev] = set()
         self.tally = Tally()
+        self.active: list[Dev] = []  # the devices the current traffic phase involves
         self.idle = asyncio.Event()
         self.groups: list[str] = []
         self.relay_pubs: list[Relay] = []
@@ -377,12 +378,15 @@ class Worker:
         self.tally = Tally()
         senders: list[Callable[[str], None]] = []
         expect = 1
+        self.active = []
         if flow == "p2p":
             assert pairs is not None
             for s, r in pairs:
                 senders.append(self._p2p_sender(self.devs[s], self.devs[r].user))
+                self.active += [self.devs[s], self.devs[r]]
         elif flow == "group":
             expect = members - 1
+            self.active = self.devs[:len(self.groups) * members]
             for g, chat in enumerate(self.groups):
                 for k in range(group_senders):
                     senders.append(self._group_sender(self.devs[g * members + k], chat))
@@ -466,12 +470,14 @@ class Worker:
                     await self.idle.wait()
         lost_live = sum(t.left for t in self.tracks.values())
         if self.tracks:
-            for dev in self.devs:
-                if dev.conn is not None and not dev.syncing:
-                    try:
+            sem = asyncio.Semaphore(CONNECT_CONCURRENCY)
+
+            async def catch_up(dev: Dev) -> None:
+                async with sem:
+                    with contextlib.suppress(Exception):  # what could not be synced is counted lost below
                         await dev.sync()
-                    except Exception:  # noqa: BLE001 - what could not be synced is lost below
-                        pass
+
+            await asyncio.gather(*(catch_up(d) for d in self.active if d.conn is not None and not d.syncing))
         await asyncio.sleep(0.3)  # let final acks go out
         lost = sum(t.left for t in self.tracks.values())
         self.tracks.clear()
@@ -538,6 +544,7 @@ class Worker:
         """Send ``count`` messages one pair apart at ``rate``/s and count both devices' bytes."""
         a, b = self.devs[sender], self.devs[recipient]
         assert a.conn is not None and b.conn is not None
+        self.active = [a, b]
         await asyncio.sleep(1.0)  # let connect-time traffic settle
         before = (a.conn.bytes_out, a.conn.bytes_in, b.conn.bytes_out, b.conn.bytes_in)
         self.tally = Tally()
