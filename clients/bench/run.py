@@ -392,7 +392,7 @@ class Bench:
                 if per_worker[k] else None, total=senders)
             offset = [sum(per_worker[:k]) for k in range(o.workers)]
             sent = pool.all(f"sending {o.messages} messages to an offline device", "send_batch", lambda k: {
-                "to_user": recipient, "window": 8,
+                "to_user": recipient, "window": 2,
                 "senders": [((1 if k == 0 else 0) + i, each[offset[k] + i]) for i in range(per_worker[k])]}
                 if per_worker[k] else None, total=o.messages)
             errors: Counter[str] = Counter()

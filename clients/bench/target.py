@@ -100,42 +100,39 @@ def relay_broker() -> Iterator[Relay]:
             proc.wait()
 
 
-@contextlib.asynccontextmanager
-async def _mosquitto_relay(host: str, port: int, credentials_file: Path):  # type: ignore[no-untyped-def]
-    """A throwaway dynamic-security client that may publish and subscribe under bench/."""
+def _dynsec(host: str, port: int, credentials_file: Path, commands: list[dict[str, object]],
+            tolerate: tuple[str, ...] = ()) -> None:
+    """Run dynamic-security commands over a connection opened for just that."""
+    import asyncio
+
     from bridge.config import read_credentials
     from broker.dynsec import DynSecAdmin
 
     user, password = read_credentials(credentials_file)
-    name, secret = f"pigeon-bench-{secrets.token_hex(4)}", secrets.token_urlsafe(18)
-    async with DynSecAdmin(host, port, user, password) as admin:
-        await admin.run([{"command": "createRole", "rolename": name, "acls": [
-            {"acltype": "publishClientSend", "topic": "bench/#", "allow": True},
-            {"acltype": "subscribePattern", "topic": "bench/#", "allow": True},
-        ]}])
-        await admin.run([{"command": "createClient", "username": name, "password": secret,
-                          "roles": [{"rolename": name}]}])
-        try:
-            yield Relay(host, port, name, secret)
-        finally:
-            await admin.run([{"command": "deleteClient", "username": name},
-                             {"command": "deleteRole", "rolename": name}], tolerate=["not found"])
+
+    async def run() -> None:
+        async with DynSecAdmin(host, port, user, password) as admin:
+            for command in commands:
+                await admin.run([command], tolerate=tolerate)
+
+    asyncio.run(run())
 
 
 @contextlib.contextmanager
 def mosquitto_relay(host: str, port: int, credentials_file: Path) -> Iterator[Relay]:
-    import asyncio
-
-    manager = _mosquitto_relay(host, port, credentials_file)
-    loop = asyncio.new_event_loop()
+    """A throwaway dynamic-security client that may publish and subscribe under bench/."""
+    name, secret = f"pigeon-bench-{secrets.token_hex(4)}", secrets.token_urlsafe(18)
+    _dynsec(host, port, credentials_file, [
+        {"command": "createRole", "rolename": name, "acls": [
+            {"acltype": "publishClientSend", "topic": "bench/#", "allow": True},
+            {"acltype": "subscribePattern", "topic": "bench/#", "allow": True}]},
+        {"command": "createClient", "username": name, "password": secret, "roles": [{"rolename": name}]},
+    ])
     try:
-        relay = loop.run_until_complete(manager.__aenter__())
-        try:
-            yield relay
-        finally:
-            loop.run_until_complete(manager.__aexit__(None, None, None))
+        yield Relay(host, port, name, secret)
     finally:
-        loop.close()
+        _dynsec(host, port, credentials_file, [{"command": "deleteClient", "username": name},
+                                               {"command": "deleteRole", "rolename": name}], ("not found",))
 
 
 def _services_state() -> dict[str, object]:

@@ -494,7 +494,7 @@ class Worker:
 
             async def one() -> None:
                 try:
-                    reply = await dev.request({"type": "send", "to": to_user, "body": body_now()})
+                    reply = await dev.request({"type": "send", "to": to_user, "body": body_now()}, timeout=120)
                     if reply.get("type") != "sent":
                         errors[str(reply.get("code"))] += 1
                     self.tick()
