@@ -6,47 +6,35 @@ from __future__ import annotations
 import asyncio
 import struct
 
-
-def _str(s: str | bytes) -> bytes:
-    b = s.encode() if isinstance(s, str) else s
-    return struct.pack("!H", len(b)) + b
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
+from clients.bench.mqtt import mqtt_str, varint
 
 
 def connect_packet(client_id: str, username: str | None = None, password: str | None = None,
                    keepalive: int = 60, will: tuple[str, bytes] | None = None, clean: bool = True) -> bytes:
     flags = 0x02 if clean else 0
-    payload = _str(client_id)
+    payload = mqtt_str(client_id)
     if will is not None:
         flags |= 0x04 | (1 << 3)  # will, QoS 1
-        payload += _str(will[0]) + _str(will[1])
+        payload += mqtt_str(will[0]) + mqtt_str(will[1])
     if username is not None:
         flags |= 0x80
-        payload += _str(username)
+        payload += mqtt_str(username)
     if password is not None:
         flags |= 0x40
-        payload += _str(password)
-    var = _str("MQTT") + bytes([4, flags]) + struct.pack("!H", keepalive)
+        payload += mqtt_str(password)
+    var = mqtt_str("MQTT") + bytes([4, flags]) + struct.pack("!H", keepalive)
     body = var + payload
-    return bytes([0x10]) + _varint(len(body)) + body
+    return bytes([0x10]) + varint(len(body)) + body
 
 
 def publish_packet(topic: str, payload: bytes, packet_id: int) -> bytes:
-    body = _str(topic) + struct.pack("!H", packet_id) + payload
-    return bytes([0x32]) + _varint(len(body)) + body
+    body = mqtt_str(topic) + struct.pack("!H", packet_id) + payload
+    return bytes([0x32]) + varint(len(body)) + body
 
 
 def subscribe_packet(topic: str, packet_id: int, qos: int = 1) -> bytes:
-    body = struct.pack("!H", packet_id) + _str(topic) + bytes([qos])
-    return bytes([0x82]) + _varint(len(body)) + body
+    body = struct.pack("!H", packet_id) + mqtt_str(topic) + bytes([qos])
+    return bytes([0x82]) + varint(len(body)) + body
 
 
 async def connack_code(host: str, port: int, packet: bytes, timeout: float = 5.0) -> int:

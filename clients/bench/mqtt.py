@@ -19,12 +19,14 @@ class MqttRefused(Exception):
     pass
 
 
-def _str(s: str | bytes) -> bytes:
+def mqtt_str(s: str | bytes) -> bytes:
+    """An MQTT UTF-8 string: two-byte length, then the bytes."""
     b = s.encode() if isinstance(s, str) else s
     return struct.pack("!H", len(b)) + b
 
 
-def _varint(n: int) -> bytes:
+def varint(n: int) -> bytes:
+    """An MQTT remaining-length field."""
     out = bytearray()
     while True:
         byte, n = n % 128, n // 128
@@ -34,7 +36,7 @@ def _varint(n: int) -> bytes:
 
 
 def _packet(first: int, body: bytes) -> bytes:
-    return bytes([first]) + _varint(len(body)) + body
+    return bytes([first]) + varint(len(body)) + body
 
 
 def _retrieve(fut: asyncio.Future[None]) -> None:
@@ -144,12 +146,12 @@ class MqttConn(asyncio.Protocol):
     async def handshake(self, client_id: str, username: str, password: str, keepalive: int,
                         will: tuple[str, bytes] | None, timeout: float) -> None:
         flags = 0x02 | 0x80 | 0x40
-        payload = _str(client_id)
+        payload = mqtt_str(client_id)
         if will is not None:
             flags |= 0x04 | 0x08  # will at QoS 1
-            payload += _str(will[0]) + _str(will[1])
-        payload += _str(username) + _str(password)
-        self._write(_packet(0x10, _str("MQTT") + bytes([4, flags]) + struct.pack("!H", keepalive) + payload))
+            payload += mqtt_str(will[0]) + mqtt_str(will[1])
+        payload += mqtt_str(username) + mqtt_str(password)
+        self._write(_packet(0x10, mqtt_str("MQTT") + bytes([4, flags]) + struct.pack("!H", keepalive) + payload))
         async with asyncio.timeout(timeout):
             code = await self._connack
         if code:
@@ -160,20 +162,20 @@ class MqttConn(asyncio.Protocol):
     def publish(self, topic: str, payload: bytes, qos: int = 1) -> asyncio.Future[None] | None:
         """Send a PUBLISH; at QoS 1 return a future that completes on its PUBACK."""
         if qos == 0:
-            self._write(_packet(0x30, _str(topic) + payload))
+            self._write(_packet(0x30, mqtt_str(topic) + payload))
             return None
         pid = self._packet_id()
         fut: asyncio.Future[None] = self._loop.create_future()
         fut.add_done_callback(_retrieve)  # a fire-and-forget publish may fail unobserved on close
         self._waiting[pid] = fut
-        self._write(_packet(0x32, _str(topic) + struct.pack("!H", pid) + payload))
+        self._write(_packet(0x32, mqtt_str(topic) + struct.pack("!H", pid) + payload))
         return fut
 
     async def subscribe(self, topics: list[str], timeout: float) -> None:
         pid = self._packet_id()
         fut: asyncio.Future[None] = self._loop.create_future()
         self._waiting[pid] = fut
-        self._write(_packet(0x82, struct.pack("!H", pid) + b"".join(_str(t) + b"\x01" for t in topics)))
+        self._write(_packet(0x82, struct.pack("!H", pid) + b"".join(mqtt_str(t) + b"\x01" for t in topics)))
         async with asyncio.timeout(timeout):
             await fut
 
