@@ -131,7 +131,6 @@ class SqliteStore:
     def __init__(self, path: str | Path) -> None:
         self._path = str(path)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-w")
-        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-r")
         self._wconn: sqlite3.Connection | None = None
         self._rconn: sqlite3.Connection | None = None
         self._pending: list[tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any]]] = []
@@ -225,10 +224,10 @@ class SqliteStore:
 
         await self._run(self._writer, setup)
 
-        def setup_reader() -> None:
-            self._rconn = self._connect()
-
-        await self._run(self._reader, setup_reader)
+        try:
+            self._rconn = self._connect()  # reads run on the event loop thread
+        except sqlite3.Error as exc:
+            raise StorageUnavailable(f"sqlite: {exc}") from exc
         log.info("sqlite store open at %s", self._path)
 
     def use_state(self, state: object) -> None:
@@ -245,19 +244,14 @@ class SqliteStore:
                 self._wconn.close()
                 self._wconn = None
 
-        def close_r() -> None:
-            if self._rconn is not None:
-                self._rconn.close()
-                self._rconn = None
-
         if self._flusher is not None:
             await self._flusher
         if self._wconn is not None:
             await asyncio.get_running_loop().run_in_executor(self._writer, close_w)
         if self._rconn is not None:
-            await asyncio.get_running_loop().run_in_executor(self._reader, close_r)
+            self._rconn.close()
+            self._rconn = None
         self._writer.shutdown(wait=True)
-        self._reader.shutdown(wait=True)
 
     # -- accounts -----------------------------------------------------------------------------
     async def user_by_phone(self, phone: str) -> User | None:
