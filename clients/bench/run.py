@@ -16,8 +16,10 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from storage.sqlite import new_id
+
 from . import worker as worker_mod
-from .target import TICKS_PER_S, BenchError, Target, cpu_ticks, rss_kb
+from .target import TICKS_PER_S, BenchError, Target, alive, cpu_ticks, rss_kb
 
 SCENARIOS = ("p2p", "baseline", "group", "sync", "idle", "wire")
 RATE_STEPS = (0.25, 0.5, 0.75)
@@ -152,7 +154,7 @@ class Meter:
     """Memory and CPU of the server processes around a phase."""
 
     def __init__(self, pids: dict[str, int]) -> None:
-        self.pids = {name: pid for name, pid in pids.items() if _exists(pid)}
+        self.pids = {name: pid for name, pid in pids.items() if alive(pid)}
         self._ticks: dict[str, int] = {}
         self._t0 = 0.0
 
@@ -170,14 +172,6 @@ class Meter:
         wall = max(1e-9, time.monotonic() - self._t0)
         return {name: round(100 * (cpu_ticks(pid) - self._ticks[name]) / TICKS_PER_S / wall, 1)
                 for name, pid in self.pids.items()}
-
-
-def _exists(pid: int) -> bool:
-    try:
-        rss_kb(pid)
-        return True
-    except OSError:
-        return False
 
 
 def merge(answers: dict[int, dict[str, Any]]) -> dict[str, Any]:
@@ -331,7 +325,7 @@ class Bench:
         o = self.opts
         per_worker = split(o.pairs, o.workers)
         with self.pool() as pool:
-            base = self.relay_rate(pool, per_worker, 1, ("to", "u" * 22), o.window)
+            base = self.relay_rate(pool, per_worker, 1, ("to", new_id("u")), o.window)
         return Result("baseline", self.target.profile, {
             "msgs_per_s": round(base["deliveries_per_s"], 1), "pairs": o.pairs, "window": o.window,
             "p50_ms": base["p50_ms"], "p95_ms": base["p95_ms"], "p99_ms": base["p99_ms"],

@@ -21,7 +21,7 @@ from clients.launch import ROOT, ServerProc
 
 # the server a benchmark starts answers more than a phone's fair share per device, so that the
 # limiter is exercised but never the thing measured; runs report any rate_limited error loudly
-BENCH_SERVER_FLAGS = ("--rate", "1000", "--burst", "2000", "--log-level", "WARNING")
+BENCH_SERVER_FLAGS = ("--rate", "1000", "--burst", "2000")
 SERVICES = ROOT / "scripts" / "services.py"
 
 
@@ -140,7 +140,7 @@ def _services_state() -> dict[str, object]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
         return True
@@ -155,7 +155,7 @@ def production_services() -> Iterator[dict[str, str]]:
     if not SERVICES.exists():
         raise BenchError(f"--profile production needs {SERVICES} (run from a Pigeon checkout)")
     state = _services_state()
-    running = [v for v in state.values() if isinstance(v, dict) and "pid" in v and _alive(int(v["pid"]))]
+    running = [v for v in state.values() if isinstance(v, dict) and "pid" in v and alive(int(v["pid"]))]
     started = False
     if not running:
         done = subprocess.run([sys.executable, str(SERVICES), "up"], cwd=ROOT, stdout=subprocess.PIPE, text=True)

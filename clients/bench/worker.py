@@ -157,24 +157,29 @@ class Dev:
         else:
             self.ahead.add(inbox)
             self.gap_since = self.gap_since or time.monotonic()
+            self.w.gapped.add(self)
         self.w.dirty.add(self)
         return True
 
-    async def sync(self, limit: int = 1000) -> int:
-        """Fetch the inbox after the cursor until the store has no more; return events taken."""
-        taken = 0
+    async def sync(self, limit: int = 1000, each: Callable[[dict[str, Any]], None] | None = None,
+                   timeout: float = 30.0) -> int:
+        """Fetch the inbox after the cursor until the store has no more, showing every item to
+        ``each`` too; return how many batches it took."""
+        batches = 0
         while True:
-            batch = await self.request({"type": "sync", "after": self.cursor, "limit": limit})
+            batch = await self.request({"type": "sync", "after": self.cursor, "limit": limit}, timeout)
             if batch.get("type") != "batch":
                 raise RuntimeError(f"sync answered with {batch}")
+            batches += 1
             for item in batch["items"]:
+                if each is not None:
+                    each(item)
                 self.take(item, from_store=True)
-                taken += 1
             # positions the store skipped were never written (a refused request): move past them
             self.cursor = max(self.cursor, int(batch["last"]))
             self.ahead = {i for i in self.ahead if i > self.cursor}
             if not batch.get("more"):
-                return taken
+                return batches
 
     def flush_ack(self) -> None:
         if self.cursor > self.acked and self.conn is not None:
@@ -203,6 +208,7 @@ class Worker:
         self.tracks: dict[str, Track] = {}
         self.done: set[str] = set()
         self.dirty: set[Dev] = set()
+        self.gapped: set[Dev] = set()  # devices with an inbox gap open
         self.tally = Tally()
         self.active: list[Dev] = []  # the devices the current traffic phase involves
         self.idle = asyncio.Event()
@@ -257,8 +263,10 @@ class Worker:
             for dev in dirty:
                 dev.flush_ack()
             now = time.monotonic()
-            for dev in self.devs:
-                if dev.ahead and not dev.syncing and now - dev.gap_since > GAP_SYNC_AFTER_S:
+            for dev in list(self.gapped):
+                if not dev.ahead:
+                    self.gapped.discard(dev)
+                elif not dev.syncing and now - dev.gap_since > GAP_SYNC_AFTER_S:
                     self._start_sync(dev)
             stall_before = now_ns() - int(STALL_S * 1e9)
             for track in list(self.tracks.values()):
@@ -518,22 +526,17 @@ class Worker:
         await dev.connect(host, port, presence=True)
         t_connected = time.monotonic()
         taken = 0
-        batches = 0
         ids: set[str] = set()
-        while True:
-            batch = await dev.request({"type": "sync", "after": dev.cursor, "limit": 1000}, timeout=60)
-            if batch.get("type") != "batch":
-                raise RuntimeError(f"sync answered with {batch}")
-            batches += 1
-            for item in batch["items"]:
-                if item.get("type") == "msg":
-                    ids.add(str(item.get("id")))
-                    seen.append(int(item["inbox"]))
-                taken += 1
-            dev.cursor = max(dev.cursor, int(batch["last"]))
-            self.tick(len(batch["items"]))
-            if not batch.get("more"):
-                break
+
+        def count(item: dict[str, Any]) -> None:
+            nonlocal taken
+            taken += 1
+            if item.get("type") == "msg":
+                ids.add(str(item.get("id")))
+                seen.append(int(item["inbox"]))
+            self.tick()
+
+        batches = await dev.sync(each=count, timeout=60)
         await dev.publish({"type": "ack", "up_to": dev.cursor})
         dev.acked = dev.cursor
         t_done = time.monotonic()
@@ -570,9 +573,6 @@ class Worker:
         self.relays = []
         self.relay_pubs = []
         return {}
-
-    async def cpu(self) -> float:
-        return time.process_time()
 
 
 def main(conn: Connection, index: int, progress: Any) -> None:
