@@ -158,8 +158,9 @@ class Meter:
         self._ticks: dict[str, int] = {}
         self._t0 = 0.0
 
-    def rss_mb(self) -> float:
-        return round(sum(rss_kb(pid) for pid in self.pids.values()) / 1024, 1)
+    def rss_mb(self) -> float | None:
+        """Total resident memory, or None when no server process is known (--server-pid)."""
+        return total_mb(self.rss_by_process())
 
     def rss_by_process(self) -> dict[str, float]:
         return {name: round(rss_kb(pid) / 1024, 1) for name, pid in self.pids.items()}
@@ -172,6 +173,10 @@ class Meter:
         wall = max(1e-9, time.monotonic() - self._t0)
         return {name: round(100 * (cpu_ticks(pid) - self._ticks[name]) / TICKS_PER_S / wall, 1)
                 for name, pid in self.pids.items()}
+
+
+def total_mb(by_process: dict[str, float]) -> float | None:
+    return round(sum(by_process.values()), 1) if by_process else None
 
 
 def merge(answers: dict[int, dict[str, Any]]) -> dict[str, Any]:
@@ -307,7 +312,7 @@ class Bench:
             fields.update({
                 "p50_ms": half["p50_ms"], "p95_ms": half["p95_ms"], "p99_ms": half["p99_ms"],
                 "latency_at": "50% of full speed", "full_speed": percentiles(full["latencies_ms"]),
-                "rates": steps, "rss_mb": round(sum(rss.values()), 1), "rss_by_process_mb": rss,
+                "rates": steps, "rss_mb": total_mb(rss), "rss_by_process_mb": rss,
                 "bytes_per_msg": None,
                 "lost": full["lost"] + sum(s["lost"] for s in steps),
                 "duplicates": full["duplicates"] + sum(s["duplicates"] for s in steps),
@@ -365,7 +370,7 @@ class Bench:
             "ratio": round(rate / max(1e-9, baseline["deliveries_per_s"]), 3),
             **percentiles(half["latencies_ms"]), "latency_at": "50% of full speed",
             "full_speed": percentiles(full["latencies_ms"]),
-            "rss_mb": round(sum(rss.values()), 1), "rss_by_process_mb": rss, "bytes_per_msg": None,
+            "rss_mb": total_mb(rss), "rss_by_process_mb": rss, "bytes_per_msg": None,
             "lost": full["lost"] + half["lost"], "duplicates": full["duplicates"] + half["duplicates"],
             "lost_live": full["lost_live"], "recovered_by_sync": full["recovered_by_sync"],
             "errors": dict(full["errors"] + half["errors"]), "server_cpu_pct": full["server_cpu_pct"],
@@ -403,7 +408,7 @@ class Bench:
             "messages": o.messages, "senders": senders, "seconds": round(got["seconds"], 3),
             "connect_s": round(got["connect_s"], 3), "sync_s": round(got["sync_s"], 3), "batches": got["batches"],
             "msgs_per_s": round(got["unique_msgs"] / max(1e-9, got["seconds"]), 1),
-            "p50_ms": None, "p95_ms": None, "p99_ms": None, "rss_mb": round(sum(rss.values()), 1),
+            "p50_ms": None, "p95_ms": None, "p99_ms": None, "rss_mb": total_mb(rss),
             "rss_by_process_mb": rss, "rss_before_sync_mb": rss_before, "bytes_per_msg": None,
             "lost": accepted - got["unique_msgs"], "duplicates": got["msgs"] - got["unique_msgs"],
             "errors": dict(errors),
@@ -424,13 +429,14 @@ class Bench:
             lat = self.traffic_pair(pool)
             pool.all("disconnecting", "disconnect", {})
         grown = {name: round(after[name] - before.get(name, 0.0), 1) for name in after}
-        per_device_kb = round(1024 * sum(grown.values()) / max(1, o.devices), 2)
+        per_device_kb = round(1024 * sum(grown.values()) / max(1, o.devices), 2) if grown else None
         slowest = max(a["seconds"] for a in connected.values())
         return Result("idle", self.target.profile, {
             "devices": o.devices, "connects_per_s": round(o.devices / max(1e-9, slowest), 1),
-            "connect_s": round(wall, 2), "rss_mb": round(sum(after.values()), 1), "rss_by_process_mb": after,
+            "connect_s": round(wall, 2), "rss_mb": total_mb(after), "rss_by_process_mb": after,
             "rss_growth_mb": grown, "kb_per_device": per_device_kb,
-            "projected_mb_for_10k": round(per_device_kb * 10_000 / 1024 + sum(before.values()), 1),
+            "projected_mb_for_10k": None if per_device_kb is None
+            else round(per_device_kb * 10_000 / 1024 + sum(before.values()), 1),
             **percentiles(lat["latencies_ms"]), "latency_at": "20 msgs/s between two of the idle devices",
             "bytes_per_msg": None, "lost": lat["lost"], "duplicates": lat["duplicates"],
             "errors": dict(lat["errors"]),
