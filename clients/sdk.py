@@ -254,6 +254,7 @@ class Device:
         self._sync_wanted = asyncio.Event()
         self._ack_wanted = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
+        self._closing = False
         self._stack = contextlib.AsyncExitStack()
         self.up = f"up/{profile.user_id}/{profile.device_id}"
 
@@ -304,14 +305,32 @@ class Device:
         if self._client is not None:
             await self._bounded("final ack", self._flush_ack())
             await self._bounded("offline presence", self._publish({"type": "presence", "state": "offline"}))
-        if self._runner is not None:
-            self._runner.cancel()
-            await self._bounded("background tasks", asyncio.gather(self._runner, return_exceptions=True))
-            self._runner = None
+        # The loops also stop on this flag: on Python 3.11, asyncio.wait_for (which aiomqtt
+        # uses for every publish) can swallow a cancellation that lands as its PUBACK arrives,
+        # and a loop that lost its cancellation would otherwise wait for work forever.
+        self._closing = True
+        self._ack_wanted.set()
+        self._sync_wanted.set()
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            runner.cancel()
+            await self._settle(runner)
         await self._bounded("disconnect", self._stack.aclose())
+        if runner is not None and not runner.done():
+            await self._settle(runner)  # the read loop ends once the connection is gone
         self._client = None
         await self.api.close()
         self._save_cursor()
+
+    @staticmethod
+    async def _settle(runner: asyncio.Task[None]) -> None:
+        """Wait at most ``CLOSE_STEP_S`` for the background task; waiting never cancels it."""
+        await asyncio.wait({runner}, timeout=CLOSE_STEP_S)
+        if runner.done():
+            if not runner.cancelled() and runner.exception() is not None:
+                log.debug("background tasks ended with %r", runner.exception())
+        else:
+            log.warning("closing: background tasks did not stop within %.0fs", CLOSE_STEP_S)
 
     @staticmethod
     async def _bounded(what: str, step: Awaitable[Any]) -> None:
@@ -405,8 +424,10 @@ class Device:
         self._ack_wanted.set()
 
     async def _sync_loop(self) -> None:
-        while True:
+        while not self._closing:
             await self._sync_wanted.wait()
+            if self._closing:
+                return
             await asyncio.sleep(0.05)  # let the in-flight live events land before asking
             self._sync_wanted.clear()
             if self._buffer:
@@ -418,8 +439,10 @@ class Device:
                     await asyncio.sleep(1 + random.random())
 
     async def _ack_loop(self) -> None:
-        while True:
+        while not self._closing:
             await self._ack_wanted.wait()
+            if self._closing:
+                return
             await asyncio.sleep(self._ack_delay)
             self._ack_wanted.clear()
             try:
