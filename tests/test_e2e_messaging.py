@@ -288,6 +288,6 @@ async def test_a_silent_device_goes_offline_by_keepalive(new_user: NewUser, conn
     # b never pings: the broker closes it after 1.5 x keepalive and publishes its will
     async with asyncio.timeout(15):
         await next_of(da, "presence", user=b.user_id, online=True)
-        offline = await next_of(da, "presence", user=b.user_id, online=False)
+        offline = await next_of(da, "presence", timeout=12, user=b.user_id, online=False)
     assert offline["last_seen"] > 0
     writer.close()
