@@ -6,6 +6,7 @@ and the publications that follow from it. They never touch MQTT, HTTP or a drive
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,6 +27,9 @@ from .handling import Caller, Result, storage_errors
 from .outbox import Out, user_topic
 from .presence import PresenceTracker
 from .protocol import Ack, Read, Send, Sync, Typing, msg_event, receipt_event
+
+# how many chats one ack may advance at the same time
+ACK_PARALLEL_CHATS = 16
 
 
 def entry_event(entry: InboxEntry) -> dict[str, Any]:
@@ -65,7 +69,7 @@ class Messenger:
     # -- send ------------------------------------------------------------------------------------
     async def send(self, caller: Caller, req: Send) -> Result:
         async with storage_errors():
-            earlier = await self._store.find_sent(caller.user_id, req.id)
+            earlier = await self._store.find_sent(caller.device_id, req.id)
             if earlier is not None:
                 return Result(reply=self._sent(req.id, earlier))
             if req.to is not None:
@@ -119,10 +123,16 @@ class Messenger:
                     if isinstance(e.item, Message) and e.item.sender != caller.user_id:
                         reached[e.item.chat_id] = max(reached.get(e.item.chat_id, 0), e.item.seq)
                 after = page[-1].pos
-            outs: list[Out] = []
-            for chat_id, seq in reached.items():
-                outs += await self._advance(chat_id, caller.user_id, "delivered", seq)
-        return Result(outs=outs)
+            # Chats are independent: advance them side by side, a bounded number at a time, so a
+            # device catching up on many chats is not held up by one round trip after another.
+            slots = asyncio.Semaphore(ACK_PARALLEL_CHATS)
+
+            async def advance(chat_id: str, seq: int) -> list[Out]:
+                async with slots:
+                    return await self._advance(chat_id, caller.user_id, "delivered", seq)
+
+            told = await asyncio.gather(*(advance(c, s) for c, s in reached.items()))
+        return Result(outs=[o for outs in told for o in outs])
 
     # -- read receipts --------------------------------------------------------------------------
     async def read(self, caller: Caller, req: Read) -> Result:
