@@ -15,7 +15,7 @@ Design notes that every backend keeps:
 * ``seq`` numbers a chat's messages 1, 2, 3, … with no gaps and no repeats; ``inbox`` numbers a
   user's inbox entries the same way. Both are allocated by the backend inside the same atomic
   step that stores the row they number, so a failed write never leaves a hole.
-* ``append_message`` is idempotent on ``(sender, client_id)``: a second call with the same pair
+* ``append_message`` is idempotent on ``(device, client_id)``: a second call with the same pair
   stores nothing and returns the first result with ``duplicate=True``.
 * Receipt positions only move forward: ``advance_receipt`` never lowers a stored value.
 * Messages are addressed by ``(chat_id, seq)`` so a backend may partition them by chat.
@@ -285,13 +285,14 @@ class Store(Protocol):
         """Number ``msg`` with the chat's next seq, store it, and put one inbox entry for it in
         the inbox of every recipient, all durably before returning.
 
-        Idempotent on ``(msg.sender, msg.client_id)`` when client_id is set: a repeat stores
+        Idempotent on ``(msg.device, msg.client_id)`` when client_id is set (request ids are
+        unique per device, so two devices of one user may use the same id): a repeat stores
         nothing and returns the first message with ``duplicate=True`` and an empty inbox map.
         Raises :class:`NotStored` if the chat does not exist.
         """
 
-    async def find_sent(self, sender: str, client_id: str) -> Message | None:
-        """The message a sender already sent under that client id, if any."""
+    async def find_sent(self, device: str, client_id: str) -> Message | None:
+        """The message a device already sent under that client id, if any."""
 
     async def history(self, chat_id: str, before: int | None, limit: int) -> list[Message]:
         """Up to ``limit`` messages with seq < before (or the newest), newest first."""

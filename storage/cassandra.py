@@ -18,8 +18,8 @@ never handed out twice, and never tried before the one below it exists. The know
 (``chat_heads``, ``user_state``) are written ``USING TIMESTAMP <value>``, so the largest value
 always wins and a head never moves back.
 
-Idempotent sends: the ``sent`` row for ``(sender, client id)`` is written after the message and
-its inbox rows. A retry that finds no ``sent`` row looks for the message among the chat's most
+Idempotent sends: the ``device_sent`` row for ``(device, client id)`` is written after the message and
+its inbox rows. A retry that finds no such row looks for the message among the chat's most
 recent ones before numbering a new one, and completes the fan-out for members whose inbox has
 no entry for it yet.
 
@@ -77,7 +77,7 @@ def _cached_row_factory(colnames: list[str], rows: list[Sequence[Any]]) -> list[
     return [row_type(*row) for row in rows]
 
 log = logging.getLogger(__name__)
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 BUCKET = 1000
 RECENT_SCAN = 50
 INBOX_TTL_S = 30 * 86_400
@@ -116,8 +116,8 @@ def schema(keyspace: str, replication: str, inbox_ttl_s: int) -> list[str]:
         f"CREATE TABLE IF NOT EXISTS {ks}.user_chats (user_id text, chat_id text, PRIMARY KEY (user_id, chat_id))",
         f"CREATE TABLE IF NOT EXISTS {ks}.messages (chat_id text, bucket bigint, seq bigint, {msg_cols}, "
         "PRIMARY KEY ((chat_id, bucket), seq)) WITH CLUSTERING ORDER BY (seq DESC)",
-        f"CREATE TABLE IF NOT EXISTS {ks}.sent (sender text, client_id text, chat_id text, seq bigint, "
-        "PRIMARY KEY ((sender, client_id)))",
+        f"CREATE TABLE IF NOT EXISTS {ks}.device_sent (device text, client_id text, chat_id text, seq bigint, "
+        "PRIMARY KEY ((device, client_id)))",
         f"CREATE TABLE IF NOT EXISTS {ks}.inbox (user_id text, bucket bigint, pos bigint, chat_id text, seq bigint, "
         f"{msg_cols}, rkind text, ruser text, up_to bigint, PRIMARY KEY ((user_id, bucket), pos)) "
         f"WITH CLUSTERING ORDER BY (pos ASC) AND default_time_to_live = {inbox_ttl_s} "
@@ -216,10 +216,33 @@ class CassandraStore:
             await self._blocking(self._connect)
         for stmt in schema(self.keyspace, self._replication, self._inbox_ttl):
             await self._blocking(self._session.execute, stmt)
+        await self._blocking(self._send_ids_to_devices)
         await self._blocking(self._session.execute,
                              f"INSERT INTO {self.keyspace}.meta (key, value) VALUES ('schema', %s)",
                              (str(SCHEMA_VERSION),))
         log.info("cassandra keyspace %s at schema %d", self.keyspace, SCHEMA_VERSION)
+
+    def _send_ids_to_devices(self) -> None:
+        """Schema 2 kept send ids per user in ``sent``; request ids are unique per device, so from
+        schema 3 they are kept per device. Carry the old rows over (each message names its device)
+        and drop the old table."""
+        from cassandra.query import SimpleStatement
+
+        ks, session = self.keyspace, self._session
+        if session.execute("SELECT table_name FROM system_schema.tables WHERE keyspace_name=%s AND table_name='sent'",
+                           (ks,)).one() is None:
+            return
+        device_of = session.prepare(f"SELECT device FROM {ks}.messages WHERE chat_id=? AND bucket=? AND seq=?")
+        put = session.prepare(f"INSERT INTO {ks}.device_sent (device, client_id, chat_id, seq) VALUES (?, ?, ?, ?)")
+        moved = 0
+        for client_id, chat_id, seq in session.execute(
+                SimpleStatement(f"SELECT client_id, chat_id, seq FROM {ks}.sent", fetch_size=1000)):
+            row = session.execute(device_of, (chat_id, seq // BUCKET, seq)).one()
+            if row is not None:
+                session.execute(put, (row[0], client_id, chat_id, seq))
+                moved += 1
+        session.execute(f"DROP TABLE {ks}.sent")
+        log.info("moved %d send ids from %s.sent to %s.device_sent", moved, ks, ks)
 
     async def open(self) -> None:
         if self._session is None:
@@ -284,8 +307,8 @@ class CassandraStore:
                          "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) IF NOT EXISTS",
             "recent": f"SELECT seq, {_MSG} FROM {ks}.messages WHERE chat_id=? AND bucket=? AND seq<=? LIMIT ?",
             "message": f"SELECT seq, {_MSG} FROM {ks}.messages WHERE chat_id=? AND bucket=? AND seq=?",
-            "get_sent": f"SELECT chat_id, seq FROM {ks}.sent WHERE sender=? AND client_id=?",
-            "put_sent": f"INSERT INTO {ks}.sent (sender, client_id, chat_id, seq) VALUES (?, ?, ?, ?)",
+            "get_sent": f"SELECT chat_id, seq FROM {ks}.device_sent WHERE device=? AND client_id=?",
+            "put_sent": f"INSERT INTO {ks}.device_sent (device, client_id, chat_id, seq) VALUES (?, ?, ?, ?)",
             "user_state": f"SELECT inbox_head, acked FROM {ks}.user_state WHERE user_id=?",
             "set_head": f"UPDATE {ks}.user_state USING TIMESTAMP ? SET inbox_head=? WHERE user_id=?",
             "set_acked": f"UPDATE {ks}.user_state USING TIMESTAMP ? SET acked=? WHERE user_id=?",
@@ -318,7 +341,7 @@ class CassandraStore:
             "del_pending": f"DELETE FROM {ks}.pending_uploads WHERE day=? AND key=?",
             "drop_media": f"DELETE FROM {ks}.media WHERE key=? IF state='pending'",
         }
-        q["message_serial"] = f"SELECT sender, client_id, ts FROM {ks}.messages WHERE chat_id=? AND bucket=? AND seq=?"
+        q["message_serial"] = f"SELECT device, client_id, ts FROM {ks}.messages WHERE chat_id=? AND bucket=? AND seq=?"
         q["inbox_serial"] = (f"SELECT chat_id, seq, rkind, ruser, up_to FROM {ks}.inbox "
                              "WHERE user_id=? AND bucket=? AND pos=?")
         self._ps = {name: self._session.prepare(text) for name, text in q.items()}
@@ -545,7 +568,7 @@ class CassandraStore:
                   msg.event, msg.target)
         while True:
             if await self._claimed("claim_seq", "message_serial", (msg.chat_id, n // BUCKET, n), values,
-                                   (msg.sender, msg.client_id, msg.ts)):
+                                   (msg.device, msg.client_id, msg.ts)):
                 await asyncio.gather(self._x("set_chat_head", n, n, msg.chat_id),
                                      self._x("set_chat_ts", msg.ts * 1000, msg.ts, msg.chat_id),
                                      self._raise_hint(f"c:{msg.chat_id}", n))
@@ -588,7 +611,7 @@ class CassandraStore:
         if head // BUCKET > 0 and len(rows) < RECENT_SCAN:
             rows += await self._x("recent", msg.chat_id, head // BUCKET - 1, head, RECENT_SCAN - len(rows))
         for r in rows:
-            if r[1] == msg.client_id and r[2] == msg.sender:
+            if r[1] == msg.client_id and r[3] == msg.device:
                 return _message(msg.chat_id, r[0], r[1:])
         return None
 
@@ -598,7 +621,7 @@ class CassandraStore:
             return await self._append(msg, recipients)
         # Two processes must never store the same send at once (a retry reaching another bridge,
         # a partition moving): the second waits for the first one's result.
-        key = f"s:{msg.sender}:send:{msg.client_id}"
+        key = f"d:{msg.device}:send:{msg.client_id}"
         try:
             token = await self._state.acquire(key, SEND_LOCK_MS)
         except StorageUnavailable:
@@ -607,7 +630,7 @@ class CassandraStore:
             deadline = asyncio.get_running_loop().time() + SEND_LOCK_MS / 1000
             while asyncio.get_running_loop().time() < deadline:
                 await asyncio.sleep(0.05)
-                earlier = await self.find_sent(msg.sender, msg.client_id)
+                earlier = await self.find_sent(msg.device, msg.client_id)
                 if earlier is not None:
                     return Appended(message=earlier, inbox={}, duplicate=True)
             raise StorageUnavailable("the same send is being stored by another process; retry")
@@ -622,7 +645,7 @@ class CassandraStore:
 
     async def _append(self, msg: NewMessage, recipients: Sequence[str]) -> Appended:
         if msg.client_id is not None:
-            earlier = await self.find_sent(msg.sender, msg.client_id)
+            earlier = await self.find_sent(msg.device, msg.client_id)
             if earlier is not None:
                 return Appended(message=earlier, inbox={}, duplicate=True)
         if not await self._x("get_chat", msg.chat_id):
@@ -638,10 +661,10 @@ class CassandraStore:
             await self._x("put_chat_media", msg.chat_id, msg.media.key)
         inbox = await self._fan_out(stored, recipients, resumed=resumed)
         if msg.client_id is not None:
-            await self._x("put_sent", msg.sender, msg.client_id, msg.chat_id, stored.seq)
+            await self._x("put_sent", msg.device, msg.client_id, msg.chat_id, stored.seq)
             if self._state is not None:
                 try:
-                    await self._state.remember_sent(msg.sender, msg.client_id, f"{msg.chat_id}:{stored.seq}",
+                    await self._state.remember_sent(msg.device, msg.client_id, f"{msg.chat_id}:{stored.seq}",
                                                     SENT_WINDOW_S)
                 except StorageUnavailable:
                     pass
@@ -653,10 +676,10 @@ class CassandraStore:
         rows = await self._x("message", chat_id, seq // BUCKET, seq)
         return _message(chat_id, seq, rows[0][1:]) if rows else None
 
-    async def find_sent(self, sender: str, client_id: str) -> Message | None:
+    async def find_sent(self, device: str, client_id: str) -> Message | None:
         if self._state is not None:
             try:
-                ref = await self._state.recall_sent(sender, client_id)
+                ref = await self._state.recall_sent(device, client_id)
             except StorageUnavailable:
                 ref = None
             if ref:
@@ -664,7 +687,7 @@ class CassandraStore:
                 found = await self._message_at(chat_id, int(seq))
                 if found is not None:
                     return found
-        rows = await self._x("get_sent", sender, client_id)
+        rows = await self._x("get_sent", device, client_id)
         if not rows:
             return None
         return await self._message_at(rows[0][0], rows[0][1])

@@ -46,7 +46,7 @@ from .base import (
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # How long a write waits for a lock held elsewhere before the store reports itself unavailable.
 BUSY_TIMEOUT_S = 5.0
 # At most this many writes share one commit.
@@ -76,9 +76,9 @@ CREATE TABLE IF NOT EXISTS messages(
   chat_id TEXT NOT NULL, seq INTEGER NOT NULL, client_id TEXT, sender TEXT NOT NULL,
   device TEXT NOT NULL, ts INTEGER NOT NULL, kind TEXT NOT NULL, body TEXT, media TEXT,
   event TEXT, target TEXT, PRIMARY KEY(chat_id, seq)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS sent(
-  sender TEXT NOT NULL, client_id TEXT NOT NULL, chat_id TEXT NOT NULL, seq INTEGER NOT NULL,
-  PRIMARY KEY(sender, client_id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS device_sent(
+  device TEXT NOT NULL, client_id TEXT NOT NULL, chat_id TEXT NOT NULL, seq INTEGER NOT NULL,
+  PRIMARY KEY(device, client_id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS inbox(
   user_id TEXT NOT NULL, pos INTEGER NOT NULL, chat_id TEXT NOT NULL, seq INTEGER,
   rkind TEXT, ruser TEXT, up_to INTEGER, PRIMARY KEY(user_id, pos)) WITHOUT ROWID;
@@ -123,6 +123,22 @@ def _device(row: Sequence[Any]) -> Device:
 
 _USER_COLS = "user_id, phone, name, created_at, last_seen"
 _DEVICE_COLS = "device_id, user_id, name, platform, created_at, push_provider, push_token"
+
+
+def _to_v2(c: sqlite3.Connection) -> None:
+    """Schema 1 kept send ids per user; request ids are unique per device, so from schema 2 they
+    are kept per device. Carry the old ones over (each message knows its device) and drop them."""
+    c.execute("BEGIN IMMEDIATE")
+    try:
+        c.execute("INSERT OR IGNORE INTO device_sent SELECT m.device, s.client_id, s.chat_id, s.seq"
+                  " FROM sent s JOIN messages m ON m.chat_id = s.chat_id AND m.seq = s.seq")
+        c.execute("DROP TABLE sent")
+        c.execute("UPDATE meta SET value='2' WHERE key='schema'")
+    except BaseException:
+        c.execute("ROLLBACK")
+        raise
+    c.execute("COMMIT")
+    log.info("sqlite schema moved to 2: send ids are kept per device")
 
 
 class SqliteStore:
@@ -221,6 +237,8 @@ class SqliteStore:
                 raise sqlite3.DatabaseError(
                     f"schema version {row[0]} is newer than this Pigeon understands ({SCHEMA_VERSION})"
                 )
+            elif int(row[0]) < 2:
+                _to_v2(self._wconn)
 
         await self._run(self._writer, setup)
 
@@ -469,8 +487,8 @@ class SqliteStore:
             if msg.client_id is not None:
                 prev = c.execute(
                     f"SELECT {_MSG_COLS} FROM messages WHERE (chat_id, seq) ="
-                    " (SELECT chat_id, seq FROM sent WHERE sender=? AND client_id=?)",
-                    (msg.sender, msg.client_id),
+                    " (SELECT chat_id, seq FROM device_sent WHERE device=? AND client_id=?)",
+                    (msg.device, msg.client_id),
                 ).fetchone()
                 if prev is not None:
                     return Appended(message=_message(prev), inbox={}, duplicate=True)
@@ -487,7 +505,7 @@ class SqliteStore:
                  media_to_json(msg.media), msg.event, msg.target),
             )
             if msg.client_id is not None:
-                c.execute("INSERT INTO sent VALUES(?,?,?,?)", (msg.sender, msg.client_id, msg.chat_id, seq))
+                c.execute("INSERT INTO device_sent VALUES(?,?,?,?)", (msg.device, msg.client_id, msg.chat_id, seq))
             if msg.media is not None:
                 c.execute("INSERT OR IGNORE INTO chat_media VALUES(?,?)", (msg.chat_id, msg.media.key))
             inbox: dict[str, int] = {}
@@ -508,12 +526,12 @@ class SqliteStore:
 
         return await self._write(q)
 
-    async def find_sent(self, sender: str, client_id: str) -> Message | None:
+    async def find_sent(self, device: str, client_id: str) -> Message | None:
         def q(c: sqlite3.Connection) -> Message | None:
             row = c.execute(
                 f"SELECT {_MSG_COLS} FROM messages WHERE (chat_id, seq) ="
-                " (SELECT chat_id, seq FROM sent WHERE sender=? AND client_id=?)",
-                (sender, client_id),
+                " (SELECT chat_id, seq FROM device_sent WHERE device=? AND client_id=?)",
+                (device, client_id),
             ).fetchone()
             return _message(row) if row else None
 

@@ -50,10 +50,10 @@ class SharedState(Protocol):
     async def raise_head(self, key: str, value: int) -> None:
         """Raise a counter's hint to ``value`` if it is lower."""
 
-    async def remember_sent(self, sender: str, client_id: str, ref: str, ttl_s: int) -> None:
-        """Remember for ``ttl_s`` which message a (sender, client id) produced."""
+    async def remember_sent(self, device: str, client_id: str, ref: str, ttl_s: int) -> None:
+        """Remember for ``ttl_s`` which message a (device, client id) produced."""
 
-    async def recall_sent(self, sender: str, client_id: str) -> str | None:
+    async def recall_sent(self, device: str, client_id: str) -> str | None:
         """What :meth:`remember_sent` stored, if still remembered."""
 
     async def acquire(self, key: str, ttl_ms: int) -> str | None:
@@ -148,13 +148,13 @@ class MemoryState:
         if value > self._heads.get(key, 0):
             self._heads[key] = value
 
-    async def remember_sent(self, sender: str, client_id: str, ref: str, ttl_s: int) -> None:
+    async def remember_sent(self, device: str, client_id: str, ref: str, ttl_s: int) -> None:
         if len(self._sent) > 200_000:
             self._sent.clear()
-        self._sent[(sender, client_id)] = ref
+        self._sent[(device, client_id)] = ref
 
-    async def recall_sent(self, sender: str, client_id: str) -> str | None:
-        return self._sent.get((sender, client_id))
+    async def recall_sent(self, device: str, client_id: str) -> str | None:
+        return self._sent.get((device, client_id))
 
     async def acquire(self, key: str, ttl_ms: int) -> str | None:
         now = time.monotonic()

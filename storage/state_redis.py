@@ -150,11 +150,11 @@ class RedisState:
     async def raise_head(self, key: str, value: int) -> None:
         await self._do(self._scripts["raise"](keys=[f"pg:{{{key}}}:head"], args=[value, HEAD_TTL_S]))
 
-    async def remember_sent(self, sender: str, client_id: str, ref: str, ttl_s: int) -> None:
-        await self._do(self._redis.set(f"pg:{{s:{sender}}}:sent:{client_id}", ref, ex=ttl_s))
+    async def remember_sent(self, device: str, client_id: str, ref: str, ttl_s: int) -> None:
+        await self._do(self._redis.set(f"pg:{{d:{device}}}:sent:{client_id}", ref, ex=ttl_s))
 
-    async def recall_sent(self, sender: str, client_id: str) -> str | None:
-        v = await self._do(self._redis.get(f"pg:{{s:{sender}}}:sent:{client_id}"))
+    async def recall_sent(self, device: str, client_id: str) -> str | None:
+        v = await self._do(self._redis.get(f"pg:{{d:{device}}}:sent:{client_id}"))
         return v.decode() if isinstance(v, bytes) else v
 
     async def acquire(self, key: str, ttl_ms: int) -> str | None:

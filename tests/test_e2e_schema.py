@@ -8,6 +8,8 @@ import sys
 import uuid
 from pathlib import Path
 
+import pytest
+
 from clients.launch import BACKEND_VARS, ROOT, ServerProc
 from tests.conftest import production_url
 
@@ -29,3 +31,45 @@ def test_serve_refuses_an_unmigrated_keyspace_until_migrate(tmp_path: Path) -> N
     assert migrated.returncode == 0, migrated.stderr
     srv = ServerProc.start(tmp_path / "b", "--store", store)
     srv.stop()
+
+
+async def test_migrate_moves_schema_2_send_ids_to_their_devices() -> None:
+    """A keyspace written when send ids were kept per user keeps answering retries after migrate."""
+    from storage import open_store
+    from storage.base import NewMessage
+    from storage.cassandra import SCHEMA_VERSION, SchemaError
+
+    base = production_url("PIGEON_STORE", "cassandra://").rsplit("/", 1)[0]
+    ks = f"pigeon_fresh_{uuid.uuid4().hex[:8]}"
+    store = open_store(f"{base}/{ks}")
+    await store.migrate()
+    await store.open()
+    session = store._session  # type: ignore[attr-defined]
+    try:
+        a = (await store.create_user("+15550001111", 1)).user_id
+        b = (await store.create_user("+15550002222", 1)).user_id
+        chat = await store.direct_chat(a, b, 1)
+        await store.append_message(NewMessage(chat_id=chat.chat_id, sender=a, device="d-phone", client_id="7", ts=1,
+                                              kind="text", body="hello"), [a, b])
+        # as schema 2 left it: send ids per user in "sent", nothing in "device_sent"
+        session.execute(f"CREATE TABLE {ks}.sent (sender text, client_id text, chat_id text, seq bigint, "
+                        "PRIMARY KEY ((sender, client_id)))")
+        session.execute(f"INSERT INTO {ks}.sent (sender, client_id, chat_id, seq) VALUES (%s, '7', %s, 1)",
+                        (a, chat.chat_id))
+        session.execute(f"TRUNCATE {ks}.device_sent")
+        session.execute(f"INSERT INTO {ks}.meta (key, value) VALUES ('schema', '2')")
+        await store.close()
+
+        store = open_store(f"{base}/{ks}")
+        with pytest.raises(SchemaError, match=f"needs {SCHEMA_VERSION}"):
+            await store.open()
+        await store.migrate()
+        await store.open()
+        found = await store.find_sent("d-phone", "7")
+        assert found is not None and found.body == "hello" and found.seq == 1
+        session = store._session  # type: ignore[attr-defined]
+        assert session.execute("SELECT table_name FROM system_schema.tables WHERE keyspace_name=%s "
+                               "AND table_name='sent'", (ks,)).one() is None
+    finally:
+        session.execute(f"DROP KEYSPACE IF EXISTS {ks}")
+        await store.close()

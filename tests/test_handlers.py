@@ -18,7 +18,7 @@ from bridge.media import Media
 from bridge.messaging import Messenger
 from bridge.metrics import Metrics
 from bridge.presence import PresenceTracker
-from bridge.protocol import Send, Watch, parse_request
+from bridge.protocol import Ack, Send, Watch, parse_request
 from bridge.ratelimit import RateLimiter
 from bridge.router import DeviceRouter
 from bridge.tokens import TokenSigner
@@ -119,6 +119,37 @@ async def test_store_failure_means_unavailable_and_no_false_sent(world: World) -
     world.store.failing = set()
     sent = await world.messenger.send(a, Send(id="m1", chat=None, to=b.user_id, body="hi", media=None))
     assert sent.reply is not None and sent.reply["seq"] == 1
+
+
+async def test_one_ack_over_many_chats_tells_every_sender_once(world: World) -> None:
+    """An ack that covers more chats than are advanced at a time still reaches every sender,
+    each with the last seq of its own chat, and acking it again tells nobody anything."""
+    reader = await world.user("+15550000100")
+    senders = [await world.user(f"+1555000{200 + i:04d}") for i in range(40)]
+    for n, s in enumerate(senders):
+        for k in range(1 + n % 3):
+            await world.messenger.send(s, Send(id=f"m{k}", chat=None, to=reader.user_id, body="hi", media=None))
+    head = await world.store.inbox_head(reader.user_id)
+    told = (await world.messenger.ack(reader, Ack(up_to=head))).outs
+    receipts = {o.topic: json.loads(o.payload) for o in told}
+    assert len(told) == len(receipts) == 40
+    for n, s in enumerate(senders):
+        r = receipts[f"down/{s.user_id}"]
+        assert (r["type"], r["kind"], r["user"], r["up_to"]) == ("receipt", "delivered", reader.user_id, 1 + n % 3)
+    assert (await world.messenger.ack(reader, Ack(up_to=head))).outs == []
+
+
+async def test_two_devices_of_one_user_may_reuse_a_request_id(world: World) -> None:
+    phone = await world.user("+15550000001")
+    laptop = await world.user("+15550000001")  # a second login links a second device
+    peer = await world.user("+15550000002")
+    assert phone.user_id == laptop.user_id and phone.device_id != laptop.device_id
+    first = await world.messenger.send(phone, Send(id="1", chat=None, to=peer.user_id, body="a", media=None))
+    second = await world.messenger.send(laptop, Send(id="1", chat=None, to=peer.user_id, body="b", media=None))
+    again = await world.messenger.send(laptop, Send(id="1", chat=None, to=peer.user_id, body="b", media=None))
+    assert first.reply is not None and second.reply is not None and again.reply is not None
+    assert (first.reply["seq"], second.reply["seq"], again.reply["seq"]) == (1, 2, 2)
+    assert again.outs == []
 
 
 async def test_router_answers_unavailable_without_leaking_internals(world: World) -> None:

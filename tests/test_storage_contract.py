@@ -142,15 +142,30 @@ async def test_append_numbers_gap_free_and_fills_inboxes(store: Store) -> None:
     assert [e.pos for e in await store.read_inbox(b, 2, 2)] == [3, 4]
 
 
-async def test_append_is_idempotent_on_sender_and_client_id(store: Store) -> None:
+async def test_append_is_idempotent_on_device_and_client_id(store: Store) -> None:
     a, b = await two_users(store)
     chat = await store.direct_chat(a, b, T0)
     first = await store.append_message(text(chat.chat_id, a, "same"), [a, b])
     again = await store.append_message(text(chat.chat_id, a, "same", body="changed"), [a, b])
     assert again.duplicate and again.message == first.message and dict(again.inbox) == {}
-    assert await store.find_sent(a, "same") == first.message
+    assert await store.find_sent("d1", "same") == first.message
     assert len(await store.history(chat.chat_id, None, 10)) == 1
     assert await store.inbox_head(b) == 1
+
+
+async def test_two_devices_of_one_user_may_use_the_same_request_id(store: Store) -> None:
+    """Request ids are unique per device: the same id from a second device is a new message."""
+    a, b = await two_users(store)
+    chat = await store.direct_chat(a, b, T0)
+    phone_msg = await store.append_message(text(chat.chat_id, a, "1", body="from phone"), [a, b])
+    laptop = replace(text(chat.chat_id, a, "1", body="from laptop"), device="d2")
+    laptop_msg = await store.append_message(laptop, [a, b])
+    assert not laptop_msg.duplicate and laptop_msg.message.seq == phone_msg.message.seq + 1
+    assert (await store.append_message(laptop, [a, b])).duplicate
+    found_phone, found_laptop = await store.find_sent("d1", "1"), await store.find_sent("d2", "1")
+    assert found_phone is not None and found_phone.body == "from phone"
+    assert found_laptop is not None and found_laptop.body == "from laptop"
+    assert await store.inbox_head(b) == 2
 
 
 async def test_concurrent_appends_never_share_a_seq(store: Store) -> None:
@@ -165,7 +180,7 @@ async def test_append_to_missing_chat_raises_and_stores_nothing(store: Store) ->
     a, b = await two_users(store)
     with pytest.raises(NotStored):
         await store.append_message(text("c-missing", a, "x"), [a, b])
-    assert await store.inbox_head(b) == 0 and await store.find_sent(a, "x") is None
+    assert await store.inbox_head(b) == 0 and await store.find_sent("d1", "x") is None
 
 
 async def test_history_pages_newest_first(store: Store) -> None:
