@@ -407,6 +407,7 @@ class Bench:
         return Result("sync", self.target.profile, {
             "messages": o.messages, "senders": senders, "seconds": round(got["seconds"], 3),
             "connect_s": round(got["connect_s"], 3), "sync_s": round(got["sync_s"], 3), "batches": got["batches"],
+            "batch_wait_ms": got["batch_wait_ms"],
             "msgs_per_s": round(got["unique_msgs"] / max(1e-9, got["seconds"]), 1),
             "p50_ms": None, "p95_ms": None, "p99_ms": None, "rss_mb": total_mb(rss),
             "rss_by_process_mb": rss, "rss_before_sync_mb": rss_before, "bytes_per_msg": None,

@@ -162,12 +162,15 @@ class Dev:
         return True
 
     async def sync(self, limit: int = 1000, each: Callable[[dict[str, Any]], None] | None = None,
-                   timeout: float = 30.0) -> int:
+                   timeout: float = 30.0, waits_ms: list[float] | None = None) -> int:
         """Fetch the inbox after the cursor until the store has no more, showing every item to
-        ``each`` too; return how many batches it took."""
+        ``each`` too, and the wait for each batch to ``waits_ms``; return how many batches it took."""
         batches = 0
         while True:
+            asked = time.monotonic()
             batch = await self.request({"type": "sync", "after": self.cursor, "limit": limit}, timeout)
+            if waits_ms is not None:
+                waits_ms.append(round((time.monotonic() - asked) * 1000, 1))
             if batch.get("type") != "batch":
                 raise RuntimeError(f"sync answered with {batch}")
             batches += 1
@@ -536,12 +539,14 @@ class Worker:
                 seen.append(int(item["inbox"]))
             self.tick()
 
-        batches = await dev.sync(each=count, timeout=60)
+        waits_ms: list[float] = []
+        batches = await dev.sync(each=count, timeout=60, waits_ms=waits_ms)
         await dev.publish({"type": "ack", "up_to": dev.cursor})
         dev.acked = dev.cursor
         t_done = time.monotonic()
         return {"seconds": t_done - t0, "connect_s": t_connected - t0, "sync_s": t_done - t_connected,
-                "events": taken, "unique_msgs": len(ids), "msgs": len(seen), "batches": batches}
+                "events": taken, "unique_msgs": len(ids), "msgs": len(seen), "batches": batches,
+                "batch_wait_ms": waits_ms}
 
     async def wire(self, sender: int, recipient: int, count: int, rate: float) -> dict[str, Any]:
         """Send ``count`` messages one pair apart at ``rate``/s and count both devices' bytes."""
