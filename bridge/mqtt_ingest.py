@@ -27,6 +27,13 @@ Handle = Callable[[str, bytes], Awaitable[None]]
 UP_FILTER = "up/+/+"
 
 
+# Requests waiting on the store in parallel. Each worker handles its devices one request at a
+# time, and a request spends most of its life waiting for store round trips (tens of ms on
+# Cassandra), so a few workers would cap the whole bridge at a few dozen requests a second with
+# the CPU idle. Workers are asyncio tasks: hundreds cost little.
+INGEST_WORKERS = 256
+
+
 class IngestError(PigeonError):
     """The bridge could not reach the broker in time."""
 
@@ -34,7 +41,7 @@ class IngestError(PigeonError):
 class MqttIngest:
     def __init__(
         self, host: str, port: int, *, username: str, password: str, client_id: str, handle: Handle,
-        workers: int = 8, queue_size: int = 10_000, max_backoff_s: float = 30.0,
+        workers: int = INGEST_WORKERS, queue_size: int = 1_000, max_backoff_s: float = 30.0,
         partition: tuple[int, int] = (0, 1),
     ) -> None:
         self._host, self._port = host, port
