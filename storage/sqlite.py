@@ -123,6 +123,9 @@ def _device(row: Sequence[Any]) -> Device:
 
 _USER_COLS = "user_id, phone, name, created_at, last_seen"
 _DEVICE_COLS = "device_id, user_id, name, platform, created_at, push_provider, push_token"
+# the message a device already sent under a request id
+_SENT_BY_DEVICE = (f"SELECT {_MSG_COLS} FROM messages WHERE (chat_id, seq) ="
+                   " (SELECT chat_id, seq FROM device_sent WHERE device=? AND client_id=?)")
 
 
 def _to_v2(c: sqlite3.Connection) -> None:
@@ -485,11 +488,7 @@ class SqliteStore:
     async def append_message(self, msg: NewMessage, recipients: Sequence[str]) -> Appended:
         def q(c: sqlite3.Connection) -> Appended:
             if msg.client_id is not None:
-                prev = c.execute(
-                    f"SELECT {_MSG_COLS} FROM messages WHERE (chat_id, seq) ="
-                    " (SELECT chat_id, seq FROM device_sent WHERE device=? AND client_id=?)",
-                    (msg.device, msg.client_id),
-                ).fetchone()
+                prev = c.execute(_SENT_BY_DEVICE, (msg.device, msg.client_id)).fetchone()
                 if prev is not None:
                     return Appended(message=_message(prev), inbox={}, duplicate=True)
             row = c.execute(
@@ -528,11 +527,7 @@ class SqliteStore:
 
     async def find_sent(self, device: str, client_id: str) -> Message | None:
         def q(c: sqlite3.Connection) -> Message | None:
-            row = c.execute(
-                f"SELECT {_MSG_COLS} FROM messages WHERE (chat_id, seq) ="
-                " (SELECT chat_id, seq FROM device_sent WHERE device=? AND client_id=?)",
-                (device, client_id),
-            ).fetchone()
+            row = c.execute(_SENT_BY_DEVICE, (device, client_id)).fetchone()
             return _message(row) if row else None
 
         return await self._read(q)
