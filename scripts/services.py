@@ -5,6 +5,7 @@
                              until each answers, print `export PIGEON_...=...` lines
     scripts/services down    stop exactly the processes `up` started (by PID)
     scripts/services status  show what is running
+    scripts/services exports print the `export` lines of the servers already up (exit 1 if none)
 
 Ports are free ones on 127.0.0.1 unless set: SERVICES_REDIS_PORT, SERVICES_MINIO_PORT,
 SERVICES_CASSANDRA_PORT (CQL). A server already given by PIGEON_STORE (cassandra://), PIGEON_REDIS or PIGEON_MEDIA (s3://)
@@ -385,8 +386,23 @@ def up() -> None:
         exports["PIGEON_BROKER_CREDENTIALS_FILE"] = str(state["mosquitto_credentials"])
     state["exports"] = exports
     STATE.write_text(json.dumps(state))
+    print_exports(exports)
+
+
+def print_exports(exports: dict[str, str]) -> None:
     for var, value in exports.items():
         print(f"export {var}='{value}'")
+
+
+def exports() -> None:
+    """The export lines of the servers already up (for tools that reuse them); exit 1 if none are."""
+    state = load_state()
+    if not any(isinstance(v, dict) and "pid" in v and alive(int(v["pid"])) for v in state.values()):
+        raise SystemExit(1)
+    found = state.get("exports")
+    if not isinstance(found, dict):
+        raise SystemExit("services: the state file has no exports; run 'scripts/services down' and up again")
+    print_exports(found)
 
 
 def alive(pid: int) -> bool:
@@ -430,9 +446,9 @@ def status() -> None:
 
 
 def main() -> None:
-    commands = {"up": up, "down": down, "status": status}
+    commands = {"up": up, "down": down, "status": status, "exports": exports}
     if len(sys.argv) != 2 or sys.argv[1] not in commands:
-        raise SystemExit("usage: scripts/services up|down|status")
+        raise SystemExit("usage: scripts/services up|down|status|exports")
     commands[sys.argv[1]]()
 
 

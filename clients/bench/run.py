@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import os
 import random
 import time
 from collections import Counter
@@ -19,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from storage.sqlite import new_id
 
 from . import worker as worker_mod
-from .target import TICKS_PER_S, BenchError, Target, alive, cpu_ticks, rss_kb
+from .target import TICKS_PER_S, BenchError, Target, cpu_ticks, rss_kb
 
 SCENARIOS = ("p2p", "baseline", "group", "sync", "idle", "wire")
 RATE_STEPS = (0.25, 0.5, 0.75)
@@ -154,7 +155,8 @@ class Meter:
     """Memory and CPU of the server processes around a phase."""
 
     def __init__(self, pids: dict[str, int]) -> None:
-        self.pids = {name: pid for name, pid in pids.items() if alive(pid)}
+        # read from /proc like the figures themselves
+        self.pids = {name: pid for name, pid in pids.items() if os.path.exists(f"/proc/{pid}")}
         self._ticks: dict[str, int] = {}
         self._t0 = 0.0
 

@@ -8,6 +8,7 @@ import ipaddress
 import json
 import os
 import secrets
+import shlex
 import socket
 import subprocess
 import sys
@@ -140,34 +141,24 @@ def _services_state() -> dict[str, object]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except OSError:
-        return False
-
-
 @contextlib.contextmanager
 def production_services() -> Iterator[dict[str, str]]:
     """The production servers: those ``scripts/services`` already runs, or started (and
     stopped again) here."""
     if not SERVICES.exists():
         raise BenchError(f"--profile production needs {SERVICES} (run from a Pigeon checkout)")
-    state = _services_state()
-    running = [v for v in state.values() if isinstance(v, dict) and "pid" in v and alive(int(v["pid"]))]
-    started = False
-    if not running:
+    done = subprocess.run([sys.executable, str(SERVICES), "exports"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    started = done.returncode == 1 and not done.stdout
+    if started:  # none up: start them here, and stop them again afterwards
         done = subprocess.run([sys.executable, str(SERVICES), "up"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
         if done.returncode != 0:
             raise BenchError("scripts/services up failed (its messages are above)")
-        started = True
-        state = _services_state()
-    exports = state.get("exports")
-    if not isinstance(exports, dict):
-        raise BenchError("scripts/services state has no exports; run 'scripts/services down' and try again")
+    elif done.returncode != 0:
+        raise BenchError("scripts/services exports failed (its messages are above)")
+    exports = dict(shlex.split(line)[1].split("=", 1) for line in done.stdout.splitlines()
+                   if line.startswith("export "))
     try:
-        yield {str(k): str(v) for k, v in exports.items()}
+        yield exports
     finally:
         if started:
             subprocess.run([sys.executable, str(SERVICES), "down"], cwd=ROOT, check=False)
