@@ -54,7 +54,14 @@ def phone() -> str:
 
 
 def text(chat: str, sender: str, cid: str | None, body: str = "x", ts: int = T0) -> NewMessage:
-    return NewMessage(chat_id=chat, sender=sender, device="d1", client_id=cid, ts=ts, kind="text", body=body)
+    return NewMessage(chat_id=chat, sender=sender, device=phone_of(sender), client_id=cid, ts=ts, kind="text",
+                      body=body)
+
+
+def phone_of(user: str) -> str:
+    """The device a user's messages come from in these tests: unique, as device ids are, so that
+    a send id one test uses is never taken for another test's retry on a shared keyspace."""
+    return f"{user}-phone"
 
 
 async def two_users(store: Store) -> tuple[str, str]:
@@ -148,7 +155,7 @@ async def test_append_is_idempotent_on_device_and_client_id(store: Store) -> Non
     first = await store.append_message(text(chat.chat_id, a, "same"), [a, b])
     again = await store.append_message(text(chat.chat_id, a, "same", body="changed"), [a, b])
     assert again.duplicate and again.message == first.message and dict(again.inbox) == {}
-    assert await store.find_sent("d1", "same") == first.message
+    assert await store.find_sent(phone_of(a), "same") == first.message
     assert len(await store.history(chat.chat_id, None, 10)) == 1
     assert await store.inbox_head(b) == 1
 
@@ -158,11 +165,11 @@ async def test_two_devices_of_one_user_may_use_the_same_request_id(store: Store)
     a, b = await two_users(store)
     chat = await store.direct_chat(a, b, T0)
     phone_msg = await store.append_message(text(chat.chat_id, a, "1", body="from phone"), [a, b])
-    laptop = replace(text(chat.chat_id, a, "1", body="from laptop"), device="d2")
+    laptop = replace(text(chat.chat_id, a, "1", body="from laptop"), device=f"{a}-laptop")
     laptop_msg = await store.append_message(laptop, [a, b])
     assert not laptop_msg.duplicate and laptop_msg.message.seq == phone_msg.message.seq + 1
     assert (await store.append_message(laptop, [a, b])).duplicate
-    found_phone, found_laptop = await store.find_sent("d1", "1"), await store.find_sent("d2", "1")
+    found_phone, found_laptop = await store.find_sent(phone_of(a), "1"), await store.find_sent(f"{a}-laptop", "1")
     assert found_phone is not None and found_phone.body == "from phone"
     assert found_laptop is not None and found_laptop.body == "from laptop"
     assert await store.inbox_head(b) == 2
@@ -180,7 +187,7 @@ async def test_append_to_missing_chat_raises_and_stores_nothing(store: Store) ->
     a, b = await two_users(store)
     with pytest.raises(NotStored):
         await store.append_message(text("c-missing", a, "x"), [a, b])
-    assert await store.inbox_head(b) == 0 and await store.find_sent("d1", "x") is None
+    assert await store.inbox_head(b) == 0 and await store.find_sent(phone_of(a), "x") is None
 
 
 async def test_history_pages_newest_first(store: Store) -> None:
@@ -207,7 +214,8 @@ async def test_media_roundtrip_and_chat_carriage(store: Store) -> None:
     ref = MediaRef(key=obj.key, mime="image/png", size=10, sha256=obj.sha256, name="p.png")
     assert not await store.message_carries_media(chat.chat_id, obj.key)
     stored = await store.append_message(
-        NewMessage(chat_id=chat.chat_id, sender=a, device="d", client_id="m", ts=T0, kind="media", media=ref), [a, b]
+        NewMessage(chat_id=chat.chat_id, sender=a, device=phone_of(a), client_id="m", ts=T0, kind="media",
+                   media=ref), [a, b]
     )
     assert stored.message.media == ref
     assert await store.message_carries_media(chat.chat_id, obj.key)
