@@ -117,7 +117,9 @@ class PigeonServer:
         )
         self.media = Media(self.store, blobs, self.clock, max_bytes=s.media_max_bytes, url_ttl_s=s.media_url_ttl_s)
         limiter = RateLimiter(self.clock, s.rate_per_s, s.rate_burst, self.state)
-        self.router = DeviceRouter(self.messenger, self.presence, self.media, limiter, self.metrics, s.max_payload)
+        self.router = DeviceRouter(
+            self.messenger, self.presence, self.media, limiter, self.metrics, s.max_payload, publish=self.publish,
+        )
 
         if s.broker:
             await self._use_external_broker(s)
@@ -262,6 +264,11 @@ class PigeonServer:
             except Exception:
                 log.exception("broker shutdown failed")
             self._broker = None
+        if getattr(self, "router", None) is not None and self.router.acks is not None:
+            try:  # acks already taken move their receipts before the store closes
+                await asyncio.wait_for(self.router.acks.drain(), 10)
+            except TimeoutError:
+                log.warning("stopped with %d acks still being handled", self.router.acks.busy())
         await self.store.close()
         if getattr(self, "state", None) is not None:
             await self.state.close()

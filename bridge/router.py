@@ -7,8 +7,10 @@ device's own topic; internal faults are logged and answered with ``unavailable``
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 from .errors import ProtocolError, RateLimited, Unavailable
 from .handling import Caller, Result
@@ -37,6 +39,56 @@ from .ratelimit import RateLimiter
 log = logging.getLogger(__name__)
 
 
+Publish = Callable[[list[Out]], Awaitable[None]]
+
+
+class AckLane:
+    """Acks handled beside a device's other requests, one at a time per device, and folded.
+
+    An ack changes nothing the device's next request reads: ``sync`` pages by the position the
+    device names and every receipt moves forward only. Yet handling an ack is the slowest thing
+    a catching-up device asks for (it reads back the acknowledged part of the inbox and writes a
+    receipt per chat), so in line it would hold up every ``sync`` behind it. Here it runs apart:
+    while one ack of a device is being handled, later ones wait, and only the furthest of them is
+    handled next, since it covers the others.
+    """
+
+    def __init__(self, run: Callable[[Caller, Ack], Awaitable[None]]) -> None:
+        self._run = run
+        self._waiting: dict[str, tuple[Caller, Ack]] = {}
+        self._running: dict[str, asyncio.Task[None]] = {}
+
+    def submit(self, caller: Caller, req: Ack) -> None:
+        device = caller.device_id
+        if device in self._running:
+            held = self._waiting.get(device)
+            if held is None or req.up_to > held[1].up_to:
+                self._waiting[device] = (caller, req)
+            return
+        self._running[device] = asyncio.create_task(self._lane(caller, req), name=f"ack-{device}")
+
+    async def _lane(self, caller: Caller, req: Ack) -> None:
+        device = caller.device_id
+        try:
+            while True:
+                await self._run(caller, req)
+                held = self._waiting.pop(device, None)
+                if held is None:
+                    return
+                caller, req = held
+        finally:
+            del self._running[device]
+
+    def busy(self) -> int:
+        """Devices with an ack being handled."""
+        return len(self._running)
+
+    async def drain(self) -> None:
+        """Wait until every ack taken so far has been handled."""
+        while self._running:
+            await asyncio.gather(*list(self._running.values()), return_exceptions=True)
+
+
 def parse_up_topic(topic: str) -> Caller | None:
     parts = topic.split("/")
     if len(parts) != 3 or parts[0] != "up" or not parts[1] or not parts[2]:
@@ -47,14 +99,18 @@ def parse_up_topic(topic: str) -> Caller | None:
 class DeviceRouter:
     def __init__(
         self, messenger: Messenger, presence: PresenceTracker, media: Media, limiter: RateLimiter,
-        metrics: Metrics, max_payload: int,
+        metrics: Metrics, max_payload: int, publish: Publish | None = None,
     ) -> None:
+        """With ``publish``, acks run on an ``AckLane`` and what they cause is published through
+        it; without, they are handled in line like any other request."""
         self._messenger = messenger
         self._presence = presence
         self._media = media
         self._limiter = limiter
         self._metrics = metrics
         self._max_payload = max_payload
+        self._publish = publish
+        self.acks: AckLane | None = AckLane(self._ack_apart) if publish is not None else None
 
     async def handle(self, topic: str, payload: bytes) -> list[Out]:
         caller = parse_up_topic(topic)
@@ -74,6 +130,10 @@ class DeviceRouter:
             if wait_ms:
                 raise RateLimited("too many requests", retry_after_ms=wait_ms, request_id=getattr(req, "id", None))
             outs = await self._presence.device_online(caller.user_id, caller.device_id)
+            if isinstance(req, Ack) and self.acks is not None:
+                self.acks.submit(caller, req)
+                kind = ""  # timed where the lane handles it
+                return outs
             result = await self._dispatch(caller, req)
             if result.reply is not None:
                 outs.append(Out.event(reply_to, result.reply))
@@ -85,7 +145,27 @@ class DeviceRouter:
             log.exception("unexpected failure handling %s from %s", kind, caller.device_id)
             return [self._error(reply_to, Unavailable("internal error; retry later"), "mqtt")]
         finally:
-            self._metrics.latency.labels(kind).observe(time.perf_counter() - started)
+            if kind:
+                self._metrics.latency.labels(kind).observe(time.perf_counter() - started)
+
+    async def _ack_apart(self, caller: Caller, req: Ack) -> None:
+        assert self._publish is not None
+        started = time.perf_counter()
+        reply_to = device_topic(caller.user_id, caller.device_id)
+        try:
+            outs = (await self._messenger.ack(caller, req)).outs
+        except ProtocolError as exc:
+            exc.request_id = exc.request_id or req.id
+            outs = [self._error(reply_to, exc, "mqtt")]
+        except Exception:
+            log.exception("unexpected failure handling ack from %s", caller.device_id)
+            outs = [self._error(reply_to, Unavailable("internal error; retry later"), "mqtt")]
+        finally:
+            self._metrics.latency.labels("ack").observe(time.perf_counter() - started)
+        try:
+            await self._publish(outs)
+        except Exception:
+            log.exception("publishing what an ack from %s caused failed", caller.device_id)
 
     def _error(self, topic: str, exc: ProtocolError, edge: str) -> Out:
         self._metrics.errors.labels(exc.code, edge).inc()

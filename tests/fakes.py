@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from typing import Any
 
@@ -10,11 +11,13 @@ from storage.media import StoredObject, UploadTicket
 
 
 class FlakyStore:
-    """Wraps a real store; the methods named in ``failing`` raise StorageUnavailable."""
+    """Wraps a real store; the methods named in ``failing`` raise StorageUnavailable, those named
+    in ``held`` wait until their event is set."""
 
     def __init__(self, inner: Store) -> None:
         self._inner = inner
         self.failing: set[str] = set()
+        self.held: dict[str, asyncio.Event] = {}
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._inner, name)
@@ -22,6 +25,8 @@ class FlakyStore:
             return attr
 
         async def call(*args: Any, **kw: Any) -> Any:
+            if name in self.held:
+                await self.held[name].wait()
             if name in self.failing:
                 raise StorageUnavailable(f"injected failure in {name}")
             return await attr(*args, **kw)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from collections.abc import AsyncIterator
@@ -17,6 +18,7 @@ from bridge.handling import Caller
 from bridge.media import Media
 from bridge.messaging import Messenger
 from bridge.metrics import Metrics
+from bridge.outbox import Out
 from bridge.presence import PresenceTracker
 from bridge.protocol import Ack, Send, Watch, parse_request
 from bridge.ratelimit import RateLimiter
@@ -137,6 +139,55 @@ async def test_one_ack_over_many_chats_tells_every_sender_once(world: World) -> 
         r = receipts[f"down/{s.user_id}"]
         assert (r["type"], r["kind"], r["user"], r["up_to"]) == ("receipt", "delivered", reader.user_id, 1 + n % 3)
     assert (await world.messenger.ack(reader, Ack(up_to=head))).outs == []
+
+
+async def test_acks_run_apart_from_a_devices_other_requests_and_fold(world: World) -> None:
+    """While an ack waits on the store, the same device's sync is answered; the acks that came in
+    meanwhile are handled as one (the furthest), and what they cause is published."""
+    published: list[Out] = []
+
+    async def publish(outs: list[Out]) -> None:
+        published.extend(outs)
+
+    router = DeviceRouter(world.messenger, world.presence, world.media, RateLimiter(world.clock, 100, 100),
+                          Metrics(), 64 * 1024, publish=publish)
+    assert router.acks is not None
+    reader, sender = await world.user("+15550000001"), await world.user("+15550000002")
+    for k in range(3):
+        await world.messenger.send(sender, Send(id=f"m{k}", chat=None, to=reader.user_id, body="hi", media=None))
+    up = f"up/{reader.user_id}/{reader.device_id}"
+    gate = world.store.held["advance_device_ack"] = asyncio.Event()
+    assert await asyncio.wait_for(router.handle(up, b'{"type":"ack","up_to":1}'), 5) == []
+    outs = await asyncio.wait_for(router.handle(up, b'{"type":"sync","id":"s1","after":0}'), 5)
+    batch = json.loads(outs[-1].payload)
+    assert batch["type"] == "batch" and len(batch["items"]) == 3 and router.acks.busy() == 1
+    for up_to in (2, 3):
+        assert await router.handle(up, json.dumps({"type": "ack", "up_to": up_to}).encode()) == []
+    gate.set()
+    await router.acks.drain()
+    told = [json.loads(o.payload)["up_to"] for o in published if o.topic == f"down/{sender.user_id}"]
+    assert told == [1, 3] and router.acks.busy() == 0
+    mine = [r for r in await world.store.get_receipts(batch["items"][0]["chat"]) if r.user_id == reader.user_id]
+    assert [r.delivered for r in mine] == [3]
+
+
+async def test_an_ack_the_store_refuses_is_answered_with_unavailable(world: World) -> None:
+    published: list[Out] = []
+
+    async def publish(outs: list[Out]) -> None:
+        published.extend(outs)
+
+    router = DeviceRouter(world.messenger, world.presence, world.media, RateLimiter(world.clock, 100, 100),
+                          Metrics(), 64 * 1024, publish=publish)
+    assert router.acks is not None
+    reader, sender = await world.user("+15550000001"), await world.user("+15550000002")
+    await world.messenger.send(sender, Send(id="m", chat=None, to=reader.user_id, body="hi", media=None))
+    world.store.failing = {"advance_device_ack"}
+    await router.handle(f"up/{reader.user_id}/{reader.device_id}", b'{"type":"ack","up_to":1,"id":"a1"}')
+    await router.acks.drain()
+    [err] = [json.loads(o.payload) for o in published]
+    assert (err["type"], err["code"], err["id"]) == ("error", "unavailable", "a1")
+    assert published[0].topic == f"down/{reader.user_id}/{reader.device_id}"
 
 
 async def test_two_devices_of_one_user_may_reuse_a_request_id(world: World) -> None:
