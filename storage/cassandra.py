@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 from .base import (
@@ -145,6 +147,44 @@ def _message(chat_id: str, seq: int, r: Sequence[Any]) -> Message:
                    body=r[5], media=media_from_json(r[6]), event=r[7], target=r[8])
 
 
+@dataclass(slots=True)
+class _Turn:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    waiting: int = 0
+    last: int = 0  # the last number claimed under this key while anyone was waiting
+
+
+class Turns:
+    """Claims of one counter (a chat's seq, a user's inbox position) take turns in this process.
+
+    Each claim is a conditional insert (Paxos) of the next free number. Concurrent claims of the
+    same counter would all try the same number, all but one lose and try the next, and under
+    a hundred concurrent senders to one inbox that collapses into timeouts. Taking turns, each
+    claim starts just past the last one taken here; only other processes can still collide.
+    A key is forgotten as soon as nobody waits on it, so memory follows concurrency, not users.
+    """
+
+    def __init__(self) -> None:
+        self._held: dict[str, _Turn] = {}
+
+    @asynccontextmanager
+    async def turn(self, key: str) -> AsyncIterator[_Turn]:
+        held = self._held.get(key)
+        if held is None:
+            held = self._held[key] = _Turn()
+        held.waiting += 1
+        try:
+            async with held.lock:
+                yield held
+        finally:
+            held.waiting -= 1
+            if held.waiting == 0:
+                del self._held[key]
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+
 class CassandraStore:
     """The :class:`storage.base.Store` on a Cassandra cluster."""
 
@@ -160,6 +200,7 @@ class CassandraStore:
         self._session: Any = None
         self._ps: dict[str, Any] = {}
         self._state: SharedState | None = None
+        self._turns = Turns()
 
     def use_state(self, state: SharedState) -> None:
         """Take counter hints and the recent-sends window from the shared state (Redis)."""
@@ -563,27 +604,29 @@ class CassandraStore:
 
     async def _claim_seq(self, msg: NewMessage) -> int:
         hint = (await self._hints([f"c:{msg.chat_id}"]))[0]
-        n = (hint or await self._chat_head(msg.chat_id)) + 1
         values = (msg.client_id, msg.sender, msg.device, msg.ts, msg.kind, msg.body, media_to_json(msg.media),
                   msg.event, msg.target)
-        while True:
-            if await self._claimed("claim_seq", "message_serial", (msg.chat_id, n // BUCKET, n), values,
-                                   (msg.device, msg.client_id, msg.ts)):
-                await asyncio.gather(self._x("set_chat_head", n, n, msg.chat_id),
-                                     self._x("set_chat_ts", msg.ts * 1000, msg.ts, msg.chat_id),
-                                     self._raise_hint(f"c:{msg.chat_id}", n))
-                return n
-            n += 1
+        async with self._turns.turn(f"c:{msg.chat_id}") as turn:
+            n = (max(hint, turn.last) or await self._chat_head(msg.chat_id)) + 1
+            while not await self._claimed("claim_seq", "message_serial", (msg.chat_id, n // BUCKET, n), values,
+                                          (msg.device, msg.client_id, msg.ts)):
+                n += 1
+            turn.last = n
+        await asyncio.gather(self._x("set_chat_head", n, n, msg.chat_id),
+                             self._x("set_chat_ts", msg.ts * 1000, msg.ts, msg.chat_id),
+                             self._raise_hint(f"c:{msg.chat_id}", n))
+        return n
 
     async def _claim_pos(self, user_id: str, stmt: str, *values: Any, hint: int = 0) -> int:
-        n = (hint or await self._user_head(user_id)) + 1
         # what identifies our entry: (chat, seq) for a message, (chat, None, kind, user, up_to) for a receipt
         mine = values[:2] if stmt == "claim_msg_pos" else (values[0], None, *values[1:4])
-        while True:
-            if await self._claimed(stmt, "inbox_serial", (user_id, n // BUCKET, n), values, mine):
-                await asyncio.gather(self._x("set_head", n, n, user_id), self._raise_hint(f"u:{user_id}", n))
-                return n
-            n += 1
+        async with self._turns.turn(f"u:{user_id}") as turn:
+            n = (max(hint, turn.last) or await self._user_head(user_id)) + 1
+            while not await self._claimed(stmt, "inbox_serial", (user_id, n // BUCKET, n), values, mine):
+                n += 1
+            turn.last = n
+        await asyncio.gather(self._x("set_head", n, n, user_id), self._raise_hint(f"u:{user_id}", n))
+        return n
 
     async def _fan_out(self, m: Message, recipients: Sequence[str], *, resumed: bool) -> dict[str, int]:
         """One inbox entry per recipient; when completing an interrupted send, skip any who

@@ -17,6 +17,7 @@ import pytest
 
 from storage import open_store
 from storage.base import LoginCode, MediaObject, MediaRef, Message, NewMessage, NotStored, ReceiptNote, Store
+from storage.cassandra import CassandraStore, Turns
 from storage.state import open_state
 from tests.conftest import production_url
 
@@ -183,6 +184,31 @@ async def test_concurrent_appends_never_share_a_seq(store: Store) -> None:
     assert sorted(r.inbox[a] for r in results) == list(range(1, 41))
 
 
+async def test_many_senders_at_once_fill_one_inbox_without_gaps_or_repeats(store: Store) -> None:
+    """A hot inbox (one reader, many chats writing at once), and on Cassandra a second store
+    instance, as a second bridge process would be, writing into it at the same time."""
+    reader = (await store.create_user(phone(), T0)).user_id
+    senders = [(await store.create_user(phone(), T0)).user_id for _ in range(12)]
+    chats = [await store.direct_chat(s, reader, T0) for s in senders]
+    stores = [store]
+    if isinstance(store, CassandraStore):
+        other = open_store(production_url("PIGEON_STORE", "cassandra://"))
+        await other.open()
+        stores.append(other)
+    try:
+        results = await asyncio.gather(*(
+            stores[(i + k) % len(stores)].append_message(text(c.chat_id, s, f"m{k}"), [s, reader])
+            for i, (s, c) in enumerate(zip(senders, chats, strict=True)) for k in range(4)))
+    finally:
+        for extra in stores[1:]:
+            await extra.close()
+    assert sorted(r.inbox[reader] for r in results) == list(range(1, 49))
+    for s in senders:
+        assert sorted(r.inbox[s] for r in results if r.message.sender == s) == [1, 2, 3, 4]
+        assert sorted(r.message.seq for r in results if r.message.sender == s) == [1, 2, 3, 4]
+    assert [e.pos for e in await store.read_inbox(reader, 0, 100)] == list(range(1, 49))
+
+
 async def test_append_to_missing_chat_raises_and_stores_nothing(store: Store) -> None:
     a, b = await two_users(store)
     with pytest.raises(NotStored):
@@ -281,3 +307,20 @@ async def test_an_unlinked_device_is_gone(store: Store) -> None:
     assert await store.remove_device(d.device_id) is True
     assert await store.get_device(d.device_id) is None
     assert await store.remove_device(d.device_id) is False
+
+
+async def test_claims_of_one_counter_take_turns_and_are_then_forgotten() -> None:
+    turns = Turns()
+    order: list[str] = []
+
+    async def claim(key: str, name: str) -> None:
+        async with turns.turn(key) as turn:
+            order.append(f"{name}+")
+            turn.last += 1
+            await asyncio.sleep(0.01)
+            order.append(f"{name}-")
+
+    await asyncio.gather(claim("u:a", "1"), claim("u:a", "2"), claim("u:b", "3"))
+    assert order.index("1-") < order.index("2+")  # the same counter: one after the other
+    assert order.index("3+") < order.index("1-")  # another counter: side by side
+    assert len(turns) == 0
