@@ -411,6 +411,8 @@ def bench(
     max_seconds: Annotated[float, typer.Option(help="stop the run if it takes longer than this")] = 900.0,
     json_out: Annotated[Path | None, typer.Option("--json", help="write the results to this file")] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+    server_log: Annotated[Path | None, typer.Option(
+        help="with --profile: copy the log of the server the run started to this file when it ends")] = None,
 ) -> None:
     """Measure throughput, latency, fan-out, sync, idle cost and bytes on the wire (loopback only)."""
     import json
@@ -443,7 +445,8 @@ def bench(
                    max_seconds=max_seconds, progress=not quiet)
     results = []
     try:
-        with open_target(profile, http, mqtt, server_pid or [], broker_credentials_file, label) as target:
+        with open_target(profile, http, mqtt, server_pid or [], broker_credentials_file, label,
+                         server_log) as target:
             runner = Bench(target, opts, err)
             for name in chosen:
                 result = runner.run(name)
@@ -455,7 +458,7 @@ def bench(
     finally:
         if json_out is not None and results:
             json_out.write_text(json.dumps(results[0] if scenario != "all" else results, indent=2) + "\n")
-    if any(r.get("lost") or r.get("duplicates") for r in results):
+    if any(r.get("lost") or r.get("duplicates") or r.get("unanswered") for r in results):
         raise typer.Exit(3)
 
 
@@ -467,6 +470,8 @@ def _show_result(r: dict[str, Any]) -> None:
     console.print(f"[bold]{r['scenario']}[/] ({r['profile']}): {shown}")
     if r.get("lost") or r.get("duplicates"):
         console.print(f"[bold red]  LOST {r.get('lost')} and DUPLICATED {r.get('duplicates')} messages[/]")
+    if r.get("unanswered"):
+        console.print(f"[bold red]  UNANSWERED {r['unanswered']} sends: no 'sent', no error, never delivered[/]")
     if r.get("errors"):
         console.print(f"[yellow]  errors: {r['errors']}[/]")
 

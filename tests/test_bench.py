@@ -31,7 +31,7 @@ def check_results(results: list[dict[str, object]], profile: str) -> None:
     for r in results:
         assert COMMON <= r.keys(), (r["scenario"], COMMON - r.keys())
         assert r["profile"] == profile
-        assert r["lost"] == 0 and r["duplicates"] == 0, r
+        assert r["lost"] == 0 and r["duplicates"] == 0 and r.get("unanswered", 0) == 0, r
     p2p = by_name["p2p"]
     assert {"msgs_per_s", "baseline_msgs_per_s", "ratio"} <= p2p.keys()
     assert p2p["msgs_per_s"] > 0 and p2p["baseline_msgs_per_s"] > 0
@@ -40,6 +40,8 @@ def check_results(results: list[dict[str, object]], profile: str) -> None:
     assert group["deliveries_per_s"] > 0 and group["baseline_deliveries_per_s"] > 0 and "ratio" in group
     sync = by_name["sync"]
     assert sync["messages"] == 30 and sync["errors"] == {}
+    for name in ("p2p", "group", "idle", "wire"):
+        assert "unanswered" in by_name[name], name
     idle = by_name["idle"]
     assert idle["devices"] == 6 and idle["connects_per_s"] > 0
     wire = by_name["wire"]

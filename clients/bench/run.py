@@ -195,7 +195,7 @@ def merge(answers: dict[int, dict[str, Any]]) -> dict[str, Any]:
 
 
 def merge_drain(answers: dict[int, dict[str, Any]]) -> dict[str, int]:
-    keys = ("lost_live", "lost", "duplicates", "recovered_by_sync", "gap_syncs")
+    keys = ("lost_live", "lost", "unanswered", "duplicates", "recovered_by_sync", "gap_syncs")
     return {key: sum(int(a[key]) for a in answers.values()) for key in keys}
 
 
@@ -299,7 +299,8 @@ class Bench:
                              rate=frac * max_rate)
                 steps.append({"offered_per_s": round(frac * max_rate, 1),
                               "msgs_per_s": round(step["delivered"] / max(1e-9, step["seconds"]), 1),
-                              **percentiles(step["latencies_ms"]), "lost": step["lost"],
+                              **percentiles(step["latencies_ms"]),
+                              "lost": step["lost"], "unanswered": step["unanswered"],
                               "duplicates": step["duplicates"], "errors": dict(step["errors"])})
             fields: dict[str, Any] = {
                 "msgs_per_s": round(max_rate, 1), "pairs": o.pairs, "window": o.window,
@@ -317,6 +318,7 @@ class Bench:
                 "rates": steps, "rss_mb": total_mb(rss), "rss_by_process_mb": rss,
                 "bytes_per_msg": None,
                 "lost": full["lost"] + sum(s["lost"] for s in steps),
+                "unanswered": full["unanswered"] + sum(s["unanswered"] for s in steps),
                 "duplicates": full["duplicates"] + sum(s["duplicates"] for s in steps),
                 "lost_live": full["lost_live"], "recovered_by_sync": full["recovered_by_sync"],
                 "errors": dict(full["errors"]), "stalled": full["stalled"],
@@ -373,7 +375,8 @@ class Bench:
             **percentiles(half["latencies_ms"]), "latency_at": "50% of full speed",
             "full_speed": percentiles(full["latencies_ms"]),
             "rss_mb": total_mb(rss), "rss_by_process_mb": rss, "bytes_per_msg": None,
-            "lost": full["lost"] + half["lost"], "duplicates": full["duplicates"] + half["duplicates"],
+            "lost": full["lost"] + half["lost"], "unanswered": full["unanswered"] + half["unanswered"],
+            "duplicates": full["duplicates"] + half["duplicates"],
             "lost_live": full["lost_live"], "recovered_by_sync": full["recovered_by_sync"],
             "errors": dict(full["errors"] + half["errors"]), "server_cpu_pct": full["server_cpu_pct"],
             "client_cpu_pct": round(100 * full["cpu_s"] / max(1e-9, full["seconds"]), 1), "baseline": baseline,
@@ -404,12 +407,18 @@ class Bench:
             got = pool.run("offline device reconnects and syncs", {0: ("catch_up", {
                 "host": self.target.mqtt_host, "port": self.target.mqtt_port, "index": 0})}, total=o.messages)[0]
             rss = self.meter.rss_by_process()
+            told = pool.all("senders waiting to be told 'delivered'", "receipts",
+                            lambda k: {"timeout": 60.0} if per_worker[k] else None)
             pool.all("disconnecting", "disconnect", {})
         accepted = o.messages - sum(errors.values())
+        last_told = [a["last_at"] for a in told.values() if a["last_at"] is not None]
+        untold = sum(a["untold"] for a in told.values())
         return Result("sync", self.target.profile, {
             "messages": o.messages, "senders": senders, "seconds": round(got["seconds"], 3),
             "connect_s": round(got["connect_s"], 3), "sync_s": round(got["sync_s"], 3), "batches": got["batches"],
             "batch_wait_ms": got["batch_wait_ms"],
+            "receipts_s": round(max(last_told) - got["t0"], 3) if last_told and not untold else None,
+            "senders_not_told": untold,
             "msgs_per_s": round(got["unique_msgs"] / max(1e-9, got["seconds"]), 1),
             "p50_ms": None, "p95_ms": None, "p99_ms": None, "rss_mb": total_mb(rss),
             "rss_by_process_mb": rss, "rss_before_sync_mb": rss_before, "bytes_per_msg": None,
@@ -441,7 +450,8 @@ class Bench:
             "projected_mb_for_10k": None if per_device_kb is None
             else round(per_device_kb * 10_000 / 1024 + sum(before.values()), 1),
             **percentiles(lat["latencies_ms"]), "latency_at": "20 msgs/s between two of the idle devices",
-            "bytes_per_msg": None, "lost": lat["lost"], "duplicates": lat["duplicates"],
+            "bytes_per_msg": None, "lost": lat["lost"], "unanswered": lat["unanswered"],
+            "duplicates": lat["duplicates"],
             "errors": dict(lat["errors"]),
         })
 
@@ -475,7 +485,8 @@ class Bench:
             "bytes_per_msg": round(sum(parts.values()) / delivered, 1),
             "bytes_per_msg_by_direction": {k: round(v / delivered, 1) for k, v in parts.items()},
             **percentiles(got["latencies_ms"]), "latency_at": f"{o.wire_rate:g} msgs/s, one pair",
-            "rss_mb": self.meter.rss_mb(), "lost": got["lost"], "duplicates": got["duplicates"],
+            "rss_mb": self.meter.rss_mb(), "lost": got["lost"], "unanswered": got["unanswered"],
+            "duplicates": got["duplicates"],
         })
 
     def run(self, scenario: str) -> Result:

@@ -9,6 +9,7 @@ import json
 import os
 import secrets
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -169,9 +170,14 @@ def service_pids() -> dict[str, int]:
             if isinstance(info, dict) and "pid" in info and name in ("mosquitto", "redis")}
 
 
+def keep_log(server: ServerProc, to: Path | None) -> None:
+    if to is not None:
+        shutil.copyfile(server.log_path, to)
+
+
 @contextlib.contextmanager
 def open_target(profile: str | None, http: str | None, mqtt: str | None, server_pids: list[int],
-                credentials_file: Path | None, label: str | None) -> Iterator[Target]:
+                credentials_file: Path | None, label: str | None, server_log: Path | None = None) -> Iterator[Target]:
     if http is not None:
         if mqtt is None:
             raise BenchError("--http needs --mqtt HOST:PORT too")
@@ -198,6 +204,7 @@ def open_target(profile: str | None, http: str | None, mqtt: str | None, server_
                              {"pigeon": server.proc.pid}, relay)
             finally:
                 server.stop()
+                keep_log(server, server_log)
         return
     if profile == "production":
         with production_services() as env, tempfile.TemporaryDirectory(prefix="pigeon-bench-") as tmp:
@@ -218,5 +225,6 @@ def open_target(profile: str | None, http: str | None, mqtt: str | None, server_
                                  {"pigeon": server.proc.pid, **service_pids()}, relay)
             finally:
                 server.stop()
+                keep_log(server, server_log)
         return
     raise BenchError("give --profile embedded|production, or --http URL --mqtt HOST:PORT of a running server")

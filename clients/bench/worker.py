@@ -50,6 +50,7 @@ class Track:
     t0: int
     measured: bool
     slots: asyncio.Semaphore | None
+    confirmed: bool = False  # the server answered ``sent``: it said the message is stored
 
 
 @dataclass
@@ -88,6 +89,8 @@ class Dev:
         self.gap_since = 0.0
         self.syncing = False
         self.replies: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self.last_sent: dict[str, int] = {}  # chat -> highest seq the server answered ``sent`` with
+        self.told_delivered: dict[str, tuple[int, float]] = {}  # chat -> (up_to, when it arrived)
 
     def creds(self) -> dict[str, str]:
         return {"user": self.user, "device": self.device, "token": self.token}
@@ -131,13 +134,19 @@ class Dev:
             if ev.get("device") != self.device:
                 self.w.delivered(str(ev.get("id")), from_store)
             return
+        if kind == "receipt" and ev.get("kind") == "delivered":
+            chat, up_to = str(ev.get("chat")), int(ev.get("up_to", 0))
+            if up_to > self.told_delivered.get(chat, (0, 0.0))[0]:
+                self.told_delivered[chat] = (up_to, time.monotonic())
+                self.w.receipt_seen.set()
+            return
         rid = ev.get("id")
         if kind in ("sent", "error", "batch") and isinstance(rid, str):
             fut = self.replies.pop(rid, None)
             if fut is not None and not fut.done():
                 fut.set_result(ev)
             elif kind == "sent":
-                self.w.tally.sent_ok += 1
+                self.w.confirmed(rid)
             elif kind == "error":
                 self.w.failed(rid, str(ev.get("code")))
 
@@ -221,6 +230,8 @@ class Worker:
         self.relay_address = ("to", "")
         self._ticker: asyncio.Task[None] | None = None
         self._sync_tasks: set[asyncio.Task[None]] = set()
+        self._accepted_when_sent = False
+        self.receipt_seen = asyncio.Event()
 
     def tick(self, n: int = 1) -> None:
         self.progress[self.index] += n
@@ -242,6 +253,12 @@ class Worker:
         self.tick()
         if track.left <= 0:
             self._finish(msg_id, track)
+
+    def confirmed(self, msg_id: str) -> None:
+        self.tally.sent_ok += 1
+        track = self.tracks.get(msg_id)
+        if track is not None:
+            track.confirmed = True
 
     def failed(self, msg_id: str, code: str) -> None:
         self.tally.errors[code] += 1
@@ -389,6 +406,8 @@ class Worker:
         self.tally = Tally()
         senders: list[Callable[[str], None]] = []
         expect = 1
+        # the broker alone answers nothing: a relayed publish counts as accepted once sent
+        self._accepted_when_sent = flow == "relay"
         self.active = []
         if flow == "p2p":
             assert pairs is not None
@@ -453,7 +472,7 @@ class Worker:
             except TimeoutError:
                 return
             msg_id = uuid.uuid4().hex
-            self.tracks[msg_id] = Track(expect, now_ns(), measured, slots)
+            self.tracks[msg_id] = Track(expect, now_ns(), measured, slots, self._accepted_when_sent)
             send(msg_id)
 
     async def _open(self, send: Callable[[str], None], rate: float, expect: int, stop_at: float,
@@ -467,13 +486,14 @@ class Worker:
             if delay > 0:
                 await asyncio.sleep(delay)
             msg_id = uuid.uuid4().hex
-            self.tracks[msg_id] = Track(expect, now_ns(), measured, None)
+            self.tracks[msg_id] = Track(expect, now_ns(), measured, None, self._accepted_when_sent)
             send(msg_id)
             due += interval
 
     async def drain(self, timeout: float) -> dict[str, Any]:
-        """Wait for what is still on its way, then let each device sync any inbox gap; report
-        what is still missing as lost."""
+        """Wait for what is still on its way, then let each device sync any inbox gap. What is
+        still missing is reported: as ``lost`` (deliveries) when the server had answered ``sent``
+        for the message, as ``unanswered`` (messages) when it never answered at all."""
         if self.tracks:
             self.idle.clear()
             with contextlib.suppress(TimeoutError):
@@ -490,9 +510,10 @@ class Worker:
 
             await asyncio.gather(*(catch_up(d) for d in self.active if d.conn is not None and not d.syncing))
         await asyncio.sleep(0.3)  # let final acks go out
-        lost = sum(t.left for t in self.tracks.values())
+        lost = sum(t.left for t in self.tracks.values() if t.confirmed)
+        unanswered = sum(1 for t in self.tracks.values() if not t.confirmed)
         self.tracks.clear()
-        return {"lost_live": lost_live, "lost": lost, "duplicates": self.tally.duplicates,
+        return {"lost_live": lost_live, "lost": lost, "unanswered": unanswered, "duplicates": self.tally.duplicates,
                 "recovered_by_sync": self.tally.recovered_by_sync, "gap_syncs": self.tally.gap_syncs}
 
     async def send_batch(self, senders: list[tuple[int, int]], to_user: str, window: int) -> dict[str, Any]:
@@ -508,6 +529,9 @@ class Worker:
                     reply = await dev.request({"type": "send", "to": to_user, "body": body_now()}, timeout=120)
                     if reply.get("type") != "sent":
                         errors[str(reply.get("code"))] += 1
+                    else:
+                        chat = str(reply["chat"])
+                        dev.last_sent[chat] = max(dev.last_sent.get(chat, 0), int(reply["seq"]))
                     self.tick()
                 finally:
                     slots.release()
@@ -520,6 +544,24 @@ class Worker:
 
         await asyncio.gather(*(run(self.devs[i], n) for i, n in senders))
         return {"errors": dict(errors)}
+
+    async def receipts(self, timeout: float) -> dict[str, Any]:
+        """Sync scenario: wait until every sender here has been told its last message was
+        delivered; return when the last of those receipts arrived (system-wide monotonic
+        clock) and how many senders were never told."""
+        senders = [d for d in self.devs if d.last_sent]
+
+        def missing() -> list[Dev]:
+            return [d for d in senders if any(d.told_delivered.get(c, (0, 0.0))[0] < seq
+                                                for c, seq in d.last_sent.items())]
+
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while missing():
+                    self.receipt_seen.clear()
+                    await self.receipt_seen.wait()
+        arrived = [t for d in senders for c in d.last_sent if (t := d.told_delivered.get(c, (0, 0.0))[1])]
+        return {"last_at": max(arrived, default=None), "untold": len(missing())}
 
     async def catch_up(self, host: str, port: int, index: int) -> dict[str, Any]:
         """Sync scenario: connect the offline device, sync everything, acknowledge it."""
@@ -544,7 +586,7 @@ class Worker:
         await dev.publish({"type": "ack", "up_to": dev.cursor})
         dev.acked = dev.cursor
         t_done = time.monotonic()
-        return {"seconds": t_done - t0, "connect_s": t_connected - t0, "sync_s": t_done - t_connected,
+        return {"t0": t0, "seconds": t_done - t0, "connect_s": t_connected - t0, "sync_s": t_done - t_connected,
                 "events": taken, "unique_msgs": len(ids), "msgs": len(seen), "batches": batches,
                 "batch_wait_ms": waits_ms}
 
