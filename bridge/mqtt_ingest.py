@@ -32,6 +32,9 @@ UP_FILTER = "up/+/+"
 # Cassandra), so a few workers would cap the whole bridge at a few dozen requests a second with
 # the CPU idle. Workers are asyncio tasks: hundreds cost little.
 INGEST_WORKERS = 256
+# QoS-1 publishes of the bridge awaiting their PUBACK (paho's default of 20 would queue the
+# replies of a busy bridge behind each other's round trips).
+MAX_INFLIGHT = 256
 
 
 class IngestError(PigeonError):
@@ -92,8 +95,10 @@ class MqttIngest:
             client = aiomqtt.Client(
                 self._host, self._port, identifier=self._client_id, username=self._username,
                 password=self._password, clean_session=True, keepalive=30,
-                protocol=aiomqtt.ProtocolVersion.V311,
+                protocol=aiomqtt.ProtocolVersion.V311, max_inflight_messages=MAX_INFLIGHT,
             )
+            # hundreds of replies and events in flight at once are the normal load, not a warning sign
+            client.pending_calls_threshold = 20 * MAX_INFLIGHT
             try:
                 async with client:
                     await client.subscribe(UP_FILTER, qos=1)
