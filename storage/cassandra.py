@@ -140,6 +140,10 @@ def schema(keyspace: str, replication: str, inbox_ttl_s: int) -> list[str]:
 
 
 _MSG = "client_id, sender, device, ts, kind, body, media, event, target"
+# Inserts that only ever create a row: an absent field is left unset rather than written as a
+# null, which Cassandra stores as a tombstone per cell that every later read has to step over
+# (a sync of 1,000 inbox rows read ~3,000 of them).
+_NEW_ROWS = frozenset({"claim_seq", "claim_msg_pos", "claim_rcpt_pos"})
 
 
 def _message(chat_id: str, seq: int, r: Sequence[Any]) -> Message:
@@ -201,6 +205,7 @@ class CassandraStore:
         self._ps: dict[str, Any] = {}
         self._state: SharedState | None = None
         self._turns = Turns()
+        self._unset: Any = None  # the driver's UNSET_VALUE, once it is imported
 
     def use_state(self, state: SharedState) -> None:
         """Take counter hints and the recent-sends window from the shared state (Redis)."""
@@ -232,6 +237,9 @@ class CassandraStore:
                 from exc
         from cassandra import ConsistencyLevel
         from cassandra.cluster import EXEC_PROFILE_DEFAULT, ExecutionProfile
+        from cassandra.query import UNSET_VALUE
+
+        self._unset = UNSET_VALUE
 
         profile = ExecutionProfile(
             load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy()), request_timeout=self._timeout,
@@ -405,6 +413,8 @@ class CassandraStore:
         def fail(exc: BaseException) -> None:
             loop.call_soon_threadsafe(_settle, fut, None, exc)
 
+        if name in _NEW_ROWS:
+            params = tuple(self._unset if p is None else p for p in params)
         try:
             session.execute_async(self._ps[name], params).add_callbacks(ok, fail)
         except Exception as exc:
