@@ -60,6 +60,9 @@ return 0
 """
 
 
+REDIS_CONNECTIONS = 64
+
+
 class RedisState:
     def __init__(self, url: str) -> None:
         try:
@@ -73,11 +76,16 @@ class RedisState:
 
         # a connection Redis dropped (a restart, CLIENT KILL) is replaced and the command retried,
         # rather than failing the one request that happened to use it
-        self._redis: Any = aioredis.from_url(
-            url, socket_timeout=2, socket_connect_timeout=2, health_check_interval=30,
+        # At most REDIS_CONNECTIONS at once; a request beyond them waits for one to come free
+        # (up to 2 s) rather than failing with "too many connections", as redis-py's default
+        # pool does under a few hundred concurrent requests.
+        self._pool: Any = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=REDIS_CONNECTIONS, timeout=2,
+            socket_timeout=2, socket_connect_timeout=2, health_check_interval=30,
             retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3),
             retry_on_error=[RedisConnectionError, RedisTimeoutError],
         )
+        self._redis: Any = aioredis.Redis(connection_pool=self._pool)
         self._scripts: dict[str, Any] = {}
 
     async def _do(self, coro: Any) -> Any:
@@ -99,6 +107,7 @@ class RedisState:
 
     async def close(self) -> None:
         await self._redis.aclose()
+        await self._pool.disconnect()
 
     @staticmethod
     def _online_keys(user_id: str) -> list[str]:

@@ -105,3 +105,10 @@ async def test_locks_exclude_until_released_or_expired(state: SharedState) -> No
     assert await state.acquire(key, 1) is not None
     await asyncio.sleep(0.01)
     assert await state.acquire(key, 60_000) is not None  # the short one expired
+
+
+async def test_hundreds_of_requests_at_once_all_get_answered(state: SharedState) -> None:
+    """More concurrent requests than the Redis client keeps connections: they wait their turn."""
+    users = [f"u-many-{i}" for i in range(300)]
+    await asyncio.gather(*(state.device_online(u, "d1") for u in users))
+    assert await asyncio.gather(*(state.is_online(u) for u in users)) == [True] * 300
