@@ -177,7 +177,9 @@ class DeviceRouter:
             outs = await self._presence.device_online(caller.user_id, caller.device_id, explicit=True)
         else:
             outs = await self._presence.device_offline(caller.user_id, caller.device_id)
-        self._metrics.online.set(await self._presence.online_devices())
+        # The online gauge is counted when /metrics is read, not here: counting walks every
+        # online user in the shared state, which per presence change made a burst of N
+        # connects cost N² round trips.
         return outs
 
     async def _dispatch(self, caller: Caller, req: Request) -> Result:

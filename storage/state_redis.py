@@ -125,10 +125,16 @@ class RedisState:
 
     async def online_devices(self) -> int:
         async def count() -> int:
-            total = 0
-            async for key in self._redis.scan_iter(match="pg:{u:*}:count", count=1000):
-                total += int(await self._redis.get(key) or 0)
-            return total
+            total, cursor = 0, 0
+            while True:  # a page of keys, then their values in one pipelined round trip
+                cursor, keys = await self._redis.scan(cursor, match="pg:{u:*}:count", count=1000)
+                if keys:
+                    pipe = self._redis.pipeline(transaction=False)
+                    for key in keys:
+                        pipe.get(key)
+                    total += sum(int(v or 0) for v in await pipe.execute())
+                if not cursor:
+                    return total
 
         result: int = await self._do(count())
         return result

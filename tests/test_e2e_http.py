@@ -168,6 +168,8 @@ async def test_healthz_and_metrics(server: ServerProc, new_user: NewUser, connec
         assert name in text, name
     connected = [ln for ln in text.splitlines() if ln.startswith("pigeon_connected_devices ")]
     assert float(connected[0].split()[1]) >= 1
+    online = [ln for ln in text.splitlines() if ln.startswith("pigeon_online_devices ")]
+    assert float(online[0].split()[1]) >= 1  # counted when read, the SDK having said it is online
 
 
 async def test_login_helper_rejects_unknown_phone_format(server: ServerProc) -> None:
