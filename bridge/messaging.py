@@ -30,6 +30,9 @@ from .protocol import Ack, Read, Send, Sync, Typing, msg_event, receipt_event
 
 # how many chats one ack may advance at the same time
 ACK_PARALLEL_CHATS = 16
+# A group notice goes to the members with a message among those it covers; finding them reads
+# at most this many messages, and beyond that every member is told.
+GROUP_NOTICE_SCAN = 256
 
 
 def entry_event(entry: InboxEntry) -> dict[str, Any]:
@@ -164,7 +167,9 @@ class Messenger:
         return [Out.event(user_topic(u), receipt_event(n, p)) for (u, n), p in zip(notes, positions, strict=True)]
 
     async def _group_notes(self, chat: Chat, kind: ReceiptKind) -> list[tuple[str, ReceiptNote]]:
-        """For each member, the position every *other* member has reached, when it moved.
+        """For each member, the position every *other* member has reached, when it moved past
+        one of that member's own messages (a notice is about one's own messages' ticks; a member
+        who sent nothing in between has nothing to learn from it).
 
         Computed from the receipts as stored *after* this request's write, so of two members
         advancing at once at least one handler sees both; the store's record of what each
@@ -172,18 +177,34 @@ class Messenger:
         """
         current = await self._store.get_receipts(chat.chat_id)
         ranked = sorted(((r.read if kind == "read" else r.delivered), r.user_id) for r in current)
-        notes: list[tuple[str, ReceiptNote]] = []
+        due: list[tuple[str, int, int]] = []
         for member in chat.member_ids:
             agg = next((v for v, u in ranked if u != member), 0)
-            key = (chat.chat_id, member, kind)
-            if agg <= 0 or self._told.get(key, 0) >= agg:
-                continue
-            if await self._store.advance_group_notice(chat.chat_id, member, kind, agg):
+            told = self._told.get((chat.chat_id, member, kind), 0)
+            if agg > told:
+                due.append((member, agg, told))
+        if not due:
+            return []
+        senders = await self._senders_between(chat.chat_id, min(t for _, _, t in due), max(a for _, a, _ in due))
+        notes: list[tuple[str, ReceiptNote]] = []
+        for member, agg, told in due:
+            concerned = senders is None or any(told < seq <= agg for seq in senders.get(member, ()))
+            if concerned and await self._store.advance_group_notice(chat.chat_id, member, kind, agg):
                 notes.append((member, ReceiptNote(chat.chat_id, "*", kind, agg)))
             if len(self._told) > 200_000:
                 self._told.clear()
-            self._told[key] = agg
+            self._told[(chat.chat_id, member, kind)] = agg
         return notes
+
+    async def _senders_between(self, chat_id: str, after: int, up_to: int) -> dict[str, list[int]] | None:
+        """Who sent which of the chat's messages after..up_to; None when that is more than
+        GROUP_NOTICE_SCAN messages, and every member is then told."""
+        if up_to - after > GROUP_NOTICE_SCAN:
+            return None
+        out: dict[str, list[int]] = {}
+        for m in await self._store.history(chat_id, up_to + 1, up_to - after):
+            out.setdefault(m.sender, []).append(m.seq)
+        return out
 
     # -- typing ----------------------------------------------------------------------------------
     async def typing(self, caller: Caller, req: Typing) -> Result:

@@ -234,6 +234,28 @@ async def test_watch_expires_after_its_ttl(world: World) -> None:
     assert await world.presence.device_offline(b.user_id, b.device_id) == []
 
 
+async def test_group_notices_go_to_the_members_whose_messages_they_cover(world: World) -> None:
+    """'Everyone else has it' is news only for the members who wrote something it covers."""
+    owner, b, c = [await world.user(f"+1555000010{i}") for i in range(3)]
+    chat, _ = await world.messenger.create_group(owner, "team", [b.user_id, c.user_id])  # seq 1, the owner's
+
+    async def everyone_acks() -> dict[str, int]:
+        told: dict[str, int] = {}
+        for who in (owner, b, c):
+            head = await world.store.inbox_head(who.user_id)
+            for out in (await world.messenger.ack(who, Ack(up_to=head))).outs:
+                ev = json.loads(out.payload)
+                if ev["type"] == "receipt" and ev["user"] == "*":
+                    told[out.topic.removeprefix("down/")] = ev["up_to"]
+        return told
+
+    await world.messenger.send(b, Send(id="b1", chat=chat.chat_id, to=None, body="from b", media=None))  # seq 2
+    # a member's own messages do not move its own position, so b stands at 1 for the owner
+    assert await everyone_acks() == {owner.user_id: 1, b.user_id: 2}
+    await world.messenger.send(c, Send(id="c1", chat=chat.chat_id, to=None, body="from c", media=None))  # seq 3
+    assert await everyone_acks() == {c.user_id: 3}
+
+
 async def test_group_size_is_limited(world: World) -> None:
     users = [await world.user(f"+1555000000{i}") for i in range(5)]
     with pytest.raises(BadRequest):
