@@ -151,6 +151,10 @@ def _message(chat_id: str, seq: int, r: Sequence[Any]) -> Message:
                    body=r[5], media=media_from_json(r[6]), event=r[7], target=r[8])
 
 
+async def _nothing() -> None:
+    return None
+
+
 @dataclass(slots=True)
 class _Turn:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -342,6 +346,7 @@ class CassandraStore:
             "get_chat": f"SELECT chat_id, kind, title, created_by, created_at FROM {ks}.chats WHERE chat_id=?",
             "put_chat": f"INSERT INTO {ks}.chats (chat_id, kind, title, created_by, created_at) VALUES (?, ?, ?, ?, ?)",
             "claim_pair": f"INSERT INTO {ks}.direct_chats (pair, chat_id) VALUES (?, ?) IF NOT EXISTS",
+            "get_pair": f"SELECT chat_id FROM {ks}.direct_chats WHERE pair=?",
             "members": f"SELECT user_id, role, joined_at FROM {ks}.members WHERE chat_id=?",
             "member": f"SELECT role FROM {ks}.members WHERE chat_id=? AND user_id=?",
             "add_member": f"INSERT INTO {ks}.members (chat_id, user_id, role, joined_at) VALUES (?, ?, ?, ?)",
@@ -529,6 +534,13 @@ class CassandraStore:
 
     async def direct_chat(self, a: str, b: str, now: int) -> Chat:
         pair = "|".join(sorted((a, b)))
+        # Every message sent with "to" comes here: a plain read finds the chat of a pair that has
+        # one, and only a first use pays for the conditional insert (a Paxos round).
+        known = await self._x("get_pair", pair)
+        if known:
+            chat = await self._chat(known[0][0])
+            if chat is not None and len(chat.members) == 2:
+                return chat
         cid = new_id("c")
         rows = await self._x("claim_pair", pair, cid)
         if not rows[0][0]:
@@ -697,13 +709,15 @@ class CassandraStore:
                     pass  # it expires by itself
 
     async def _append(self, msg: NewMessage, recipients: Sequence[str]) -> Appended:
-        if msg.client_id is not None:
-            earlier = await self.find_sent(msg.device, msg.client_id)
-            if earlier is not None:
-                return Appended(message=earlier, inbox={}, duplicate=True)
-        if not await self._x("get_chat", msg.chat_id):
+        # three independent reads, side by side: an earlier send with this id, the chat, and a
+        # copy of this very message an interrupted attempt left among the chat's latest
+        earlier, chat, stored = await asyncio.gather(
+            self.find_sent(msg.device, msg.client_id) if msg.client_id is not None else _nothing(),
+            self._x("get_chat", msg.chat_id), self._recent_copy(msg))
+        if earlier is not None:
+            return Appended(message=earlier, inbox={}, duplicate=True)
+        if not chat:
             raise NotStored(f"chat {msg.chat_id}")
-        stored = await self._recent_copy(msg)
         resumed = stored is not None
         if stored is None:
             seq = await self._claim_seq(msg)
@@ -714,16 +728,18 @@ class CassandraStore:
             await self._x("put_chat_media", msg.chat_id, msg.media.key)
         inbox = await self._fan_out(stored, recipients, resumed=resumed)
         if msg.client_id is not None:
-            await self._x("put_sent", msg.device, msg.client_id, msg.chat_id, stored.seq)
-            if self._state is not None:
-                try:
-                    await self._state.remember_sent(msg.device, msg.client_id, f"{msg.chat_id}:{stored.seq}",
-                                                    SENT_WINDOW_S)
-                except StorageUnavailable:
-                    pass
+            await asyncio.gather(self._x("put_sent", msg.device, msg.client_id, msg.chat_id, stored.seq),
+                                 self._remember_sent(msg.device, msg.client_id, stored))
         if resumed:
             log.info("completed an interrupted send %s/%s at seq %d", msg.sender, msg.client_id, stored.seq)
         return Appended(message=stored, inbox=inbox, duplicate=False)
+
+    async def _remember_sent(self, device: str, client_id: str, stored: Message) -> None:
+        if self._state is not None:
+            try:
+                await self._state.remember_sent(device, client_id, f"{stored.chat_id}:{stored.seq}", SENT_WINDOW_S)
+            except StorageUnavailable:
+                pass  # the store's own record (put_sent) still recognises a retry
 
     async def _message_at(self, chat_id: str, seq: int) -> Message | None:
         rows = await self._x("message", chat_id, seq // BUCKET, seq)
