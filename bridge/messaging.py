@@ -49,6 +49,8 @@ class Messenger:
         self.max_group = max_group
         # (chat, member, kind) -> highest aggregate receipt this process has seen told
         self._told: dict[tuple[str, str, str], int] = {}
+        # (chat, kind) whose group notices are being worked out -> whether a member moved since
+        self._noting: dict[tuple[str, str], bool] = {}
 
     # -- helpers --------------------------------------------------------------------------------
     async def _member_chat(self, caller: Caller, chat_id: str) -> Chat:
@@ -160,11 +162,34 @@ class Messenger:
         if chat.kind == "direct":
             notes = [(m, ReceiptNote(chat_id, user_id, kind, up_to)) for m in chat.member_ids if m != user_id]
         else:
-            notes = await self._group_notes(chat, kind)
+            notes = await self._group_notes_folded(chat, kind)
         if not notes:
             return []
         positions = await self._store.append_receipts(notes)
         return [Out.event(user_topic(u), receipt_event(n, p)) for (u, n), p in zip(notes, positions, strict=True)]
+
+    async def _group_notes_folded(self, chat: Chat, kind: ReceiptKind) -> list[tuple[str, ReceiptNote]]:
+        """Group notices, worked out once for all the members whose receipts moved meanwhile.
+
+        When the members of a group ack the same message, their acks arrive together. The first
+        to get here works out the notices; those arriving while it runs only mark the chat, and
+        it goes round once more for them and returns every notice. (Each round reads all
+        members' receipts, so a hundred acks used to read ten thousand rows.)
+        """
+        key = (chat.chat_id, kind)
+        if key in self._noting:
+            self._noting[key] = True
+            return []
+        self._noting[key] = False
+        notes: list[tuple[str, ReceiptNote]] = []
+        try:
+            while True:
+                notes += await self._group_notes(chat, kind)
+                if not self._noting[key]:
+                    return notes
+                self._noting[key] = False
+        finally:
+            del self._noting[key]
 
     async def _group_notes(self, chat: Chat, kind: ReceiptKind) -> list[tuple[str, ReceiptNote]]:
         """For each member, the position every *other* member has reached, when it moved past

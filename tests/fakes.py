@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections import Counter
 from typing import Any
 
 from storage.base import StorageUnavailable, Store
@@ -18,6 +19,7 @@ class FlakyStore:
         self._inner = inner
         self.failing: set[str] = set()
         self.held: dict[str, asyncio.Event] = {}
+        self.calls: Counter[str] = Counter()
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._inner, name)
@@ -25,6 +27,7 @@ class FlakyStore:
             return attr
 
         async def call(*args: Any, **kw: Any) -> Any:
+            self.calls[name] += 1
             if name in self.held:
                 await self.held[name].wait()
             if name in self.failing:

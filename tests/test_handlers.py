@@ -256,6 +256,20 @@ async def test_group_notices_go_to_the_members_whose_messages_they_cover(world: 
     assert await everyone_acks() == {c.user_id: 3}
 
 
+async def test_members_acking_together_are_worked_out_together(world: World) -> None:
+    """Members acking one group message at once: the sender hears once, and the members'
+    receipts are not read once per ack."""
+    owner, *members = [await world.user(f"+1555000020{i}") for i in range(4)]
+    chat, _ = await world.messenger.create_group(owner, "team", [m.user_id for m in members])
+    await world.messenger.send(owner, Send(id="o1", chat=chat.chat_id, to=None, body="hi", media=None))
+    heads = [await world.store.inbox_head(m.user_id) for m in members]
+    world.store.calls.clear()
+    results = await asyncio.gather(*(world.messenger.ack(m, Ack(up_to=h)) for m, h in zip(members, heads, strict=True)))
+    told = [json.loads(o.payload) for r in results for o in r.outs]
+    assert [(t["user"], t["kind"], t["up_to"]) for t in told] == [("*", "delivered", 2)]
+    assert world.store.calls["get_receipts"] == 2  # the first ack's round, and one more for the other two
+
+
 async def test_group_size_is_limited(world: World) -> None:
     users = [await world.user(f"+1555000000{i}") for i in range(5)]
     with pytest.raises(BadRequest):
