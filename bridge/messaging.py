@@ -33,6 +33,7 @@ ACK_PARALLEL_CHATS = 16
 # A group notice goes to the members with a message among those it covers; finding them reads
 # at most this many messages, and beyond that every member is told.
 GROUP_NOTICE_SCAN = 256
+ACK_CHAT_TTL_S = 2.0
 
 
 def entry_event(entry: InboxEntry) -> dict[str, Any]:
@@ -51,6 +52,9 @@ class Messenger:
         self._told: dict[tuple[str, str, str], int] = {}
         # (chat, kind) whose group notices are being worked out -> whether a member moved since
         self._noting: dict[tuple[str, str], bool] = {}
+        # chat -> (when read, chat) for the ack path, where every member of a group asks for the
+        # same chat (and its hundred members) within moments of the others
+        self._acked_chats: dict[str, tuple[float, Chat]] = {}
 
     # -- helpers --------------------------------------------------------------------------------
     async def _member_chat(self, caller: Caller, chat_id: str) -> Chat:
@@ -153,7 +157,11 @@ class Messenger:
         self, chat_id: str, user_id: str, kind: ReceiptKind, up_to: int, chat: Chat | None = None
     ) -> list[Out]:
         """Move a member's receipt forward and tell whoever should hear of it."""
-        chat = chat or await self._store.get_chat(chat_id)
+        if chat is None:
+            chat = await self._recent_chat(chat_id)
+            if chat is not None and chat.member(user_id) is None:  # perhaps added since it was read
+                self._acked_chats.pop(chat_id, None)
+                chat = await self._recent_chat(chat_id)
         if chat is None or chat.member(user_id) is None:
             return []
         if not await self._store.advance_receipt(chat_id, user_id, kind, up_to):
@@ -167,6 +175,20 @@ class Messenger:
             return []
         positions = await self._store.append_receipts(notes)
         return [Out.event(user_topic(u), receipt_event(n, p)) for (u, n), p in zip(notes, positions, strict=True)]
+
+    async def _recent_chat(self, chat_id: str) -> Chat | None:
+        """The chat as read at most ACK_CHAT_TTL_S ago by this process (membership changes made
+        here are seen at once; those made by another bridge process within that time)."""
+        now = self._clock.monotonic()
+        hit = self._acked_chats.get(chat_id)
+        if hit is not None and now - hit[0] < ACK_CHAT_TTL_S:
+            return hit[1]
+        chat = await self._store.get_chat(chat_id)
+        if chat is not None:
+            if len(self._acked_chats) > 10_000:
+                self._acked_chats.clear()
+            self._acked_chats[chat_id] = (now, chat)
+        return chat
 
     async def _group_notes_folded(self, chat: Chat, kind: ReceiptKind) -> list[tuple[str, ReceiptNote]]:
         """Group notices, worked out once for all the members whose receipts moved meanwhile.
@@ -277,6 +299,7 @@ class Messenger:
             if len(chat.members) >= self.max_group:
                 raise Conflict(f"the group is full ({self.max_group} members)")
             await self._store.add_member(chat_id, user_id, "member", self._clock.now_ms())
+            self._acked_chats.pop(chat_id, None)
             chat = await self._member_chat(caller, chat_id)
             outs = await self._system(caller, chat, "member_added", user_id, chat.member_ids)
         return chat, outs
@@ -296,6 +319,7 @@ class Messenger:
             # The departing member is told too, in the same sequence, then leaves.
             outs = await self._system(caller, chat, event, user_id, chat.member_ids)
             await self._store.remove_member(chat_id, user_id)
+            self._acked_chats.pop(chat_id, None)
         return outs
 
     async def _admin_group(self, caller: Caller, chat_id: str) -> Chat:

@@ -269,6 +269,19 @@ async def test_members_acking_together_are_worked_out_together(world: World) -> 
     assert [(t["user"], t["kind"], t["up_to"]) for t in told] == [("*", "delivered", 2)]
     assert world.store.calls["get_receipts"] == 2  # the first ack's round, and one more for the other two
 
+    async def next_message_acked_one_by_one() -> None:
+        await world.messenger.send(owner, Send(id=f"o{world.clock.now_ms()}", chat=chat.chat_id, to=None,
+                                               body="again", media=None))
+        world.store.calls.clear()
+        for m in members:
+            await world.messenger.ack(m, Ack(up_to=await world.store.inbox_head(m.user_id)))
+
+    await next_message_acked_one_by_one()
+    assert world.store.calls["get_chat"] == 0  # the chat as the acks just before read it
+    world.clock.advance(3)
+    await next_message_acked_one_by_one()
+    assert world.store.calls["get_chat"] == 1  # read again once it is older than a moment
+
 
 async def test_group_size_is_limited(world: World) -> None:
     users = [await world.user(f"+1555000000{i}") for i in range(5)]
