@@ -18,6 +18,10 @@ Fixes (each reproduced first by a test in ``tests/test_broker_fixes.py``):
    another is skipped. Here the walk is over a snapshot, and exact topic filters are looked up
    directly; only the filters holding + or # are matched one by one, so a publish costs the
    same with ten thousand devices subscribed as with ten.
+5. **Every departure scans every subscription.** amqtt removes a leaving session's
+   subscriptions by walking all topic filters of all sessions, so ten thousand devices leaving
+   cost ten thousand × twenty thousand steps, and the server stopped answering for minutes.
+   Here each client's own filters are remembered, and only those are visited.
 
 Publishes on ``up/…`` (device requests and wills) go straight to the bridge's ``ingest``
 coroutine in this process, in the order the device sent them; nothing subscribes to them
@@ -68,6 +72,8 @@ class PigeonBroker(Broker):
         self._ingest = ingest
         # filters with + or #: the only ones a publish must be matched against one by one
         self._wildcards: set[str] = set()
+        # client id -> the filters it subscribed to (fix 5)
+        self._filters_of: dict[str, set[str]] = {}
 
     def set_ingest(self, ingest: Ingest) -> None:
         self._ingest = ingest
@@ -221,9 +227,21 @@ class PigeonBroker(Broker):
 
     async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
         code = int(await super().add_subscription(subscription, session))
-        if code != 0x80 and ("+" in subscription[0] or "#" in subscription[0]):
-            self._wildcards.add(subscription[0])
+        if code != 0x80:
+            if "+" in subscription[0] or "#" in subscription[0]:
+                self._wildcards.add(subscription[0])
+            if session.client_id is not None:
+                self._filters_of.setdefault(session.client_id, set()).add(subscription[0])
         return code
+
+    # -- fix 5 --------------------------------------------------------------------------------
+    async def _del_all_subscriptions(self, session: Session) -> None:
+        # every subscription is added through add_subscription, so a client id not found here
+        # has none (it never subscribed, or was already cleared)
+        filters = self._filters_of.pop(session.client_id, set()) if session.client_id is not None else set()
+        for a_filter in filters:  # amqtt matches by client id, as its own walk does
+            if self._del_subscription(a_filter, session) and not self._subscriptions.get(a_filter, True):
+                del self._subscriptions[a_filter]
 
     async def _topic_filtering(self, session: Session, topic: str, action: Action) -> bool:
         principal = principal_of(session)

@@ -196,3 +196,33 @@ async def test_deliveries_are_not_skipped_while_other_subscribers_come_and_go(ha
             except aiomqtt.MqttError:
                 pass
     assert counts == [n] * stable_count
+
+
+async def test_a_departure_visits_only_the_leaving_clients_own_subscriptions(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stayers = [harness.client(f"st{i}") for i in range(30)]
+    for c in stayers:
+        await c.__aenter__()
+        await c.subscribe([(f"down/{USER}", 1), (f"down/{USER}/{c.identifier}", 1)])
+    visited: list[str] = []
+    walk = harness.broker._del_subscription  # noqa: SLF001
+
+    def counting(a_filter: str, session: object) -> int:
+        visited.append(a_filter)
+        return walk(a_filter, session)  # type: ignore[arg-type]
+
+    async with harness.client("leaver") as leaver:
+        await leaver.subscribe([(f"down/{USER}", 1), (f"down/{USER}/leaver", 1)])
+        monkeypatch.setattr(harness.broker, "_del_subscription", counting)
+    for _ in range(50):  # the departure is cleaned up by the broker's own loop
+        if visited:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.2)
+    assert sorted(set(visited)) == [f"down/{USER}", f"down/{USER}/leaver"] and len(visited) <= 4
+    subs = harness.broker._subscriptions  # noqa: SLF001
+    assert f"down/{USER}/leaver" not in subs  # its own filter is gone with it
+    assert len(subs[f"down/{USER}"]) == 30 and all(f"down/{USER}/st{i}" in subs for i in range(30))
+    for c in stayers:
+        await c.__aexit__(None, None, None)
