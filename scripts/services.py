@@ -123,16 +123,21 @@ def spawn(name: str, cmd: list[str], env: dict[str, str] | None = None) -> tuple
     return proc, log
 
 
+def find_program(name: str) -> str | None:
+    """On PATH, or where Debian installs daemons (/usr/sbin is not on every user's PATH)."""
+    return shutil.which(name) or shutil.which(name, path="/usr/local/sbin:/usr/sbin:/sbin")
+
+
 # -- Redis ------------------------------------------------------------------------------------------
 def redis_binary() -> str:
-    found = shutil.which("redis-server")
+    found = find_program("redis-server")
     if found:
         return found
     say("installing redis-server (apt)")
     run(["apt-get", "update", "-qq"], stdout=subprocess.DEVNULL)
     run(["apt-get", "install", "-y", "-qq", "redis-server"], stdout=subprocess.DEVNULL,
         env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-    found = shutil.which("redis-server")
+    found = find_program("redis-server")
     if not found:
         raise SystemExit("services: redis-server is still missing after apt-get install")
     return found
@@ -285,14 +290,14 @@ BRIDGE_USER = "pigeon-bridge"
 
 
 def mosquitto_binary() -> str:
-    found = shutil.which("mosquitto")
-    if found and Path(DYNSEC_PLUGIN).exists() and shutil.which("mosquitto_ctrl"):
+    found = find_program("mosquitto")
+    if found and Path(DYNSEC_PLUGIN).exists() and find_program("mosquitto_ctrl"):
         return found
     say("installing mosquitto (apt)")
     run(["apt-get", "update", "-qq"], stdout=subprocess.DEVNULL)
     run(["apt-get", "install", "-y", "-qq", "mosquitto", "mosquitto-clients"], stdout=subprocess.DEVNULL,
         env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-    found = shutil.which("mosquitto")
+    found = find_program("mosquitto")
     if not found or not Path(DYNSEC_PLUGIN).exists():
         raise SystemExit("services: mosquitto or its dynamic-security plugin is missing after apt-get install")
     return found
