@@ -141,9 +141,8 @@ async def test_one_ack_over_many_chats_tells_every_sender_once(world: World) -> 
     assert (await world.messenger.ack(reader, Ack(up_to=head))).outs == []
 
 
-async def test_acks_run_apart_from_a_devices_other_requests_and_fold(world: World) -> None:
-    """While an ack waits on the store, the same device's sync is answered; the acks that came in
-    meanwhile are handled as one (the furthest), and what they cause is published."""
+def lane_router(world: World) -> tuple[DeviceRouter, list[Out]]:
+    """A router that runs acks on its lane, as the server's does, and what it published."""
     published: list[Out] = []
 
     async def publish(outs: list[Out]) -> None:
@@ -151,6 +150,13 @@ async def test_acks_run_apart_from_a_devices_other_requests_and_fold(world: Worl
 
     router = DeviceRouter(world.messenger, world.presence, world.media, RateLimiter(world.clock, 100, 100),
                           Metrics(), 64 * 1024, publish=publish)
+    return router, published
+
+
+async def test_acks_run_apart_from_a_devices_other_requests_and_fold(world: World) -> None:
+    """While an ack waits on the store, the same device's sync is answered; the acks that came in
+    meanwhile are handled as one (the furthest), and what they cause is published."""
+    router, published = lane_router(world)
     assert router.acks is not None
     reader, sender = await world.user("+15550000001"), await world.user("+15550000002")
     for k in range(3):
@@ -172,13 +178,7 @@ async def test_acks_run_apart_from_a_devices_other_requests_and_fold(world: Worl
 
 
 async def test_an_ack_the_store_refuses_is_answered_with_unavailable(world: World) -> None:
-    published: list[Out] = []
-
-    async def publish(outs: list[Out]) -> None:
-        published.extend(outs)
-
-    router = DeviceRouter(world.messenger, world.presence, world.media, RateLimiter(world.clock, 100, 100),
-                          Metrics(), 64 * 1024, publish=publish)
+    router, published = lane_router(world)
     assert router.acks is not None
     reader, sender = await world.user("+15550000001"), await world.user("+15550000002")
     await world.messenger.send(sender, Send(id="m", chat=None, to=reader.user_id, body="hi", media=None))
