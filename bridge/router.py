@@ -139,11 +139,8 @@ class DeviceRouter:
                 outs.append(Out.event(reply_to, result.reply))
             outs.extend(result.outs)
             return outs
-        except ProtocolError as exc:
-            return [self._error(reply_to, exc, "mqtt")]
-        except Exception:
-            log.exception("unexpected failure handling %s from %s", kind, caller.device_id)
-            return [self._error(reply_to, Unavailable("internal error; retry later"), "mqtt")]
+        except Exception as exc:
+            return [self._failed(reply_to, exc, kind, caller)]
         finally:
             if kind:
                 self._metrics.latency.labels(kind).observe(time.perf_counter() - started)
@@ -153,19 +150,22 @@ class DeviceRouter:
         started = time.perf_counter()
         reply_to = device_topic(caller.user_id, caller.device_id)
         try:
-            outs = (await self._messenger.ack(caller, req)).outs
-        except ProtocolError as exc:
-            exc.request_id = exc.request_id or req.id
-            outs = [self._error(reply_to, exc, "mqtt")]
-        except Exception:
-            log.exception("unexpected failure handling ack from %s", caller.device_id)
-            outs = [self._error(reply_to, Unavailable("internal error; retry later"), "mqtt")]
+            outs = (await self._dispatch(caller, req)).outs
+        except Exception as exc:
+            outs = [self._failed(reply_to, exc, "ack", caller)]
         finally:
             self._metrics.latency.labels("ack").observe(time.perf_counter() - started)
         try:
             await self._publish(outs)
         except Exception:
             log.exception("publishing what an ack from %s caused failed", caller.device_id)
+
+    def _failed(self, reply_to: str, exc: Exception, kind: str, caller: Caller) -> Out:
+        """The error reply for a request that failed; internal faults are logged, not shown."""
+        if isinstance(exc, ProtocolError):
+            return self._error(reply_to, exc, "mqtt")
+        log.error("unexpected failure handling %s from %s", kind, caller.device_id, exc_info=exc)
+        return self._error(reply_to, Unavailable("internal error; retry later"), "mqtt")
 
     def _error(self, topic: str, exc: ProtocolError, edge: str) -> Out:
         self._metrics.errors.labels(exc.code, edge).inc()
