@@ -536,15 +536,13 @@ class CassandraStore:
         pair = "|".join(sorted((a, b)))
         # Every message sent with "to" comes here: a plain read finds the chat of a pair that has
         # one, and only a first use pays for the conditional insert (a Paxos round).
-        known = await self._x("get_pair", pair)
-        if known:
-            chat = await self._chat(known[0][0])
-            if chat is not None and len(chat.members) == 2:
-                return chat
-        cid = new_id("c")
-        rows = await self._x("claim_pair", pair, cid)
-        if not rows[0][0]:
-            cid = rows[0].chat_id
+        rows = await self._x("get_pair", pair)
+        if not rows:
+            cid = new_id("c")
+            claim = await self._x("claim_pair", pair, cid)
+            rows = [] if claim[0][0] else [(claim[0].chat_id,)]  # taken meanwhile: that one
+        if rows:
+            cid = rows[0][0]
             chat = await self._chat(cid)
             if chat is not None and len(chat.members) == 2:
                 return chat

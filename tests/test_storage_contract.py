@@ -118,6 +118,13 @@ async def test_direct_chat_is_created_once_for_the_pair(store: Store) -> None:
     assert [c.chat_id for c in await store.user_chats(a)] == [c1.chat_id]
 
 
+async def test_first_uses_of_a_pair_at_once_make_one_chat(store: Store) -> None:
+    a, b = await two_users(store)
+    chats = await asyncio.gather(*(store.direct_chat(*((a, b) if k % 2 else (b, a)), T0 + k) for k in range(6)))
+    assert len({c.chat_id for c in chats}) == 1 and all(set(c.member_ids) == {a, b} for c in chats)
+    assert [c.chat_id for c in await store.user_chats(b)] == [chats[0].chat_id]
+
+
 async def test_groups_members_and_roles(store: Store) -> None:
     P3 = phone()
     a, b = await two_users(store)
