@@ -50,6 +50,16 @@ class NotStored(StorageError):
     """A referenced row does not exist."""
 
 
+@dataclass(slots=True)
+class StoreOps:
+    """What a backend has asked of its database since it opened: plain statements and
+    conditional ones (a consensus round each, on Cassandra). Read by ``/metrics`` and
+    ``pigeon bench`` to report the store's cost per message."""
+
+    statements: int = 0
+    conditional: int = 0
+
+
 @dataclass(frozen=True, slots=True)
 class User:
     user_id: str
@@ -211,6 +221,8 @@ class MediaObject:
 
 class Store(Protocol):
     """Everything the bridge stores. All methods may raise :class:`StorageUnavailable`."""
+
+    ops: StoreOps
 
     async def open(self) -> None:
         """Connect and check the schema. Called once before any other method. Raises

@@ -53,6 +53,7 @@ from .base import (
     Role,
     StorageError,
     StorageUnavailable,
+    StoreOps,
     User,
     media_from_json,
     media_to_json,
@@ -144,6 +145,9 @@ _MSG = "client_id, sender, device, ts, kind, body, media, event, target"
 # null, which Cassandra stores as a tombstone per cell that every later read has to step over
 # (a sync of 1,000 inbox rows read ~3,000 of them).
 _NEW_ROWS = frozenset({"claim_seq", "claim_msg_pos", "claim_rcpt_pos"})
+# Statements that are lightweight transactions (a Paxos round each), counted apart in ``ops``.
+_CONDITIONAL = frozenset({"claim_phone", "claim_pair", "claim_seq", "claim_msg_pos", "claim_rcpt_pos", "put_media",
+                          "media_ready", "drop_media"})
 
 
 def _message(chat_id: str, seq: int, r: Sequence[Any]) -> Message:
@@ -210,6 +214,7 @@ class CassandraStore:
         self._state: SharedState | None = None
         self._turns = Turns()
         self._unset: Any = None  # the driver's UNSET_VALUE, once it is imported
+        self.ops = StoreOps()
 
     def use_state(self, state: SharedState) -> None:
         """Take counter hints and the recent-sends window from the shared state (Redis)."""
@@ -420,6 +425,9 @@ class CassandraStore:
 
         if name in _NEW_ROWS:
             params = tuple(self._unset if p is None else p for p in params)
+        self.ops.statements += 1
+        if name in _CONDITIONAL:
+            self.ops.conditional += 1
         try:
             session.execute_async(self._ps[name], params).add_callbacks(ok, fail)
         except Exception as exc:

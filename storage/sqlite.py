@@ -39,6 +39,7 @@ from .base import (
     ReceiptNote,
     Role,
     StorageUnavailable,
+    StoreOps,
     User,
     media_from_json,
     media_to_json,
@@ -154,6 +155,7 @@ class SqliteStore:
         self._rconn: sqlite3.Connection | None = None
         self._pending: list[tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any]]] = []
         self._flusher: asyncio.Task[None] | None = None
+        self.ops = StoreOps()  # here: reads and write jobs (a job may run several statements)
 
     # -- plumbing -----------------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
@@ -173,6 +175,7 @@ class SqliteStore:
     async def _write(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(conn, *args)`` in the next group commit; return once it is committed."""
         fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self.ops.statements += 1
         self._pending.append((fn, args, fut))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
@@ -222,6 +225,7 @@ class SqliteStore:
     async def _read(self, fn: Callable[..., T], *args: Any) -> T:
         conn = self._rconn
         assert conn is not None, "store not open"
+        self.ops.statements += 1
         try:
             return fn(conn, *args)
         except sqlite3.Error as exc:
