@@ -132,6 +132,7 @@ class PigeonServer:
             blobs=blobs if isinstance(blobs, LocalMediaStore) else None, metrics=self.metrics,
             clock=self.clock, publish=self.publish, endpoints=self.endpoints, dev=s.dev,
             max_payload=s.max_payload, ready=ready, connected=self._connected_devices,
+            store_ops=lambda: self.store.ops,
         )
         config = uvicorn.Config(create_app(deps), log_level="warning", access_log=False, lifespan="on")
         self._uvicorn = uvicorn.Server(config)

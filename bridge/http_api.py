@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from storage.base import StoreOps
 from storage.media_local import LocalMediaStore, SignatureError, UploadTooLarge
 
 from .accounts import Accounts
@@ -66,6 +67,7 @@ class HttpDeps:
     max_payload: int
     ready: asyncio.Event
     connected: Callable[[], Awaitable[int]]
+    store_ops: Callable[[], StoreOps]  # what the store has asked of its database so far
 
 
 def _error(exc: ProtocolError) -> JSONResponse:
@@ -362,6 +364,7 @@ def create_app(deps: HttpDeps) -> FastAPI:
     async def metrics() -> Response:
         deps.metrics.connected.set(await deps.connected())
         deps.metrics.online.set(await deps.presence.online_devices())
+        deps.metrics.store_ops.update(deps.store_ops())
         return Response(deps.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app

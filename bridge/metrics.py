@@ -2,7 +2,35 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
+
+from storage.base import StoreOps
+
+
+class StoreOpsCollector:
+    """The store's own counts (``store.ops``), as counters read when ``/metrics`` is scraped:
+    the HTTP edge hands over a snapshot with :meth:`update` first, as it sets ``connected``."""
+
+    def __init__(self) -> None:
+        self.ops: StoreOps | None = None
+
+    def update(self, ops: StoreOps) -> None:
+        self.ops = StoreOps(ops.statements, ops.conditional)
+
+    def describe(self) -> list[Metric]:
+        return []  # nothing to register up front; the names are the two below
+
+    def collect(self) -> Iterator[Metric]:
+        if self.ops is None:
+            return
+        yield CounterMetricFamily("pigeon_store_statements", "Statements the store has run on its database",
+                                  value=self.ops.statements)
+        yield CounterMetricFamily("pigeon_store_conditional",
+                                  "Conditional statements (Cassandra lightweight transactions) among them",
+                                  value=self.ops.conditional)
 
 
 class Metrics:
@@ -27,6 +55,8 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
             registry=self.registry,
         )
+        self.store_ops = StoreOpsCollector()
+        self.registry.register(self.store_ops)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
