@@ -465,7 +465,8 @@ def bench(
 def _show_result(r: dict[str, Any]) -> None:
     """One line per key figure; lost or duplicated messages in red, never hidden."""
     keys = ("msgs_per_s", "deliveries_per_s", "baseline_msgs_per_s", "baseline_deliveries_per_s", "ratio",
-            "p50_ms", "p95_ms", "p99_ms", "seconds", "connects_per_s", "kb_per_device", "rss_mb", "bytes_per_msg")
+            "p50_ms", "p95_ms", "p99_ms", "seconds", "connects_per_s", "kb_per_device", "rss_mb", "bytes_per_msg",
+            "store_ops_per_msg", "lwt_per_msg", "bridge_cpu_ms_per_msg")
     shown = "  ".join(f"{k}={r[k]}" for k in keys if r.get(k) is not None)
     console.print(f"[bold]{r['scenario']}[/] ({r['profile']}): {shown}")
     if r.get("lost") or r.get("duplicates"):

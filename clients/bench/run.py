@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
+import httpx
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from storage.base import StoreOps
 from storage.sqlite import new_id
 
 from . import worker as worker_mod
@@ -26,6 +28,9 @@ SCENARIOS = ("p2p", "baseline", "group", "sync", "idle", "wire")
 RATE_STEPS = (0.25, 0.5, 0.75)
 IDLE_RATE = 20.0  # idle: messages a second sent while the devices are held
 IDLE_PAIRS = 10
+STORE_METRICS = ("pigeon_store_statements_total", "pigeon_store_conditional_total")
+SETTLE_S = 0.25  # the store's counts must hold still this long before a cost reading is taken
+SETTLE_LIMIT_S = 5.0
 
 
 @dataclass
@@ -183,6 +188,91 @@ def total_mb(by_process: dict[str, float]) -> float | None:
     return round(sum(by_process.values()), 1) if by_process else None
 
 
+def parse_store_ops(text: str) -> StoreOps | None:
+    """The store's counts from a ``/metrics`` page, or None when it does not show both."""
+    found: dict[str, int] = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in STORE_METRICS:
+            try:
+                found[name] = int(float(value.split()[0]))
+            except (ValueError, IndexError):
+                return None
+    if len(found) != len(STORE_METRICS):
+        return None
+    return StoreOps(found[STORE_METRICS[0]], found[STORE_METRICS[1]])
+
+
+def read_store_ops(http: str) -> StoreOps | None:
+    """The server's store counts now, or None when its ``/metrics`` cannot be read or lacks them."""
+    try:
+        r = httpx.get(f"{http}/metrics", timeout=5.0)
+        r.raise_for_status()
+    except httpx.HTTPError:
+        return None
+    return parse_store_ops(r.text)
+
+
+def settled_store_ops(http: str) -> StoreOps | None:
+    """The store's counts once they hold still for ``SETTLE_S`` (the server has finished the acks
+    and receipts still on their way), or as they are after ``SETTLE_LIMIT_S``."""
+    last = read_store_ops(http)
+    deadline = time.monotonic() + SETTLE_LIMIT_S
+    while last is not None and time.monotonic() < deadline:
+        time.sleep(SETTLE_S)
+        now = read_store_ops(http)
+        if now == last:
+            break
+        last = now
+    return last
+
+
+def cost_per_msg(ops0: StoreOps | None, ops1: StoreOps | None, ticks0: int | None, ticks1: int | None,
+                 messages: float) -> dict[str, Any]:
+    """The three cost figures over a stretch that delivered ``messages``: store statements and
+    conditional ones (None when ``/metrics`` could not be read at either end) and the bridge's
+    CPU milliseconds (None without its pid), each per message; and what they were worked out from."""
+    statements = conditional = None
+    if ops0 is not None and ops1 is not None:
+        statements, conditional = ops1.statements - ops0.statements, ops1.conditional - ops0.conditional
+    cpu_ms = None if ticks0 is None or ticks1 is None else (ticks1 - ticks0) * 1000 / TICKS_PER_S
+
+    def per(total: float | None, digits: int) -> float | None:
+        return None if total is None or messages <= 0 else round(total / messages, digits)
+
+    return {
+        "store_ops_per_msg": per(statements, 2), "lwt_per_msg": per(conditional, 3),
+        "bridge_cpu_ms_per_msg": per(cpu_ms, 3),
+        "cost_basis": {"messages": round(messages, 1), "store_statements": statements,
+                       "store_conditional": conditional,
+                       "bridge_cpu_ms": None if cpu_ms is None else round(cpu_ms, 1)},
+    }
+
+
+class CostMeter:
+    """Store statements (from the server's ``/metrics``) and the bridge process's CPU around a
+    stretch of traffic, for the cost per delivered message."""
+
+    def __init__(self, target: Target) -> None:
+        self.http = target.http
+        self.pids = [pid for pid in target.bridge_pids if os.path.exists(f"/proc/{pid}")]
+        self._ops0: StoreOps | None = None
+        self._ticks0: int | None = None
+
+    def _ticks(self) -> int | None:
+        return sum(cpu_ticks(pid) for pid in self.pids) if self.pids else None
+
+    def start(self) -> None:
+        self._ops0 = settled_store_ops(self.http)
+        self._ticks0 = self._ticks()
+
+    def per_msg(self, messages: float) -> dict[str, Any]:
+        """Once the server has settled: the cost of each of the ``messages`` delivered since
+        :meth:`start`."""
+        ops1 = settled_store_ops(self.http) if self._ops0 is not None else None
+        return cost_per_msg(self._ops0, ops1, self._ticks0, self._ticks(), messages)
+
+
 def merge(answers: dict[int, dict[str, Any]]) -> dict[str, Any]:
     """Add up what the workers counted in one traffic phase."""
     out: dict[str, Any] = {"delivered": 0, "delivered_measured": 0, "sent_ok": 0, "duplicates": 0, "stalled": 0,
@@ -197,7 +287,7 @@ def merge(answers: dict[int, dict[str, Any]]) -> dict[str, Any]:
 
 
 def merge_drain(answers: dict[int, dict[str, Any]]) -> dict[str, int]:
-    keys = ("lost_live", "lost", "unanswered", "duplicates", "recovered_by_sync", "gap_syncs")
+    keys = ("lost_live", "lost", "unanswered", "duplicates", "recovered_by_sync", "gap_syncs", "delivered_total")
     return {key: sum(int(a[key]) for a in answers.values()) for key in keys}
 
 
@@ -234,13 +324,21 @@ class Bench:
                         if per_worker[k] else None, total=sum(per_worker))
 
     def phase(self, pool: Pool, what: str, active: list[int], args: Callable[[int], dict[str, Any]],
-              seconds: float) -> dict[str, Any]:
-        """One timed traffic phase on the workers with ``active[k]`` > 0, then a drain."""
+              seconds: float, per_delivery: float | None = None) -> dict[str, Any]:
+        """One timed traffic phase on the workers with ``active[k]`` > 0, then a drain. With
+        ``per_delivery``, also its cost per message (``merged["cost"]``), from before the first
+        send until the server has settled after the drain, a message being ``1 / per_delivery``
+        deliveries (1 for p2p)."""
+        cost = CostMeter(self.target) if per_delivery is not None else None
+        if cost is not None:
+            cost.start()
         self.meter.start()
         merged = merge(pool.all(what, "traffic", lambda k: args(k) if active[k] else None, timed=seconds))
         merged["server_cpu_pct"] = self.meter.cpu_pct()
         drained = self.drain(pool, active)
         merged.update(drained, duplicates=merged["duplicates"] + drained["duplicates"])
+        if cost is not None and per_delivery is not None:
+            merged["cost"] = cost.per_msg(drained["delivered_total"] * per_delivery)
         return merged
 
     def drain(self, pool: Pool, per_worker: list[int]) -> dict[str, int]:
@@ -286,13 +384,14 @@ class Bench:
             self.connect(pool, [2 * n for n in per_worker])
             pairs = {k: [(2 * j, 2 * j + 1) for j in range(n)] for k, n in enumerate(per_worker)}
 
-            def phase(what: str, **kw: Any) -> dict[str, Any]:
+            def phase(what: str, per_delivery: float | None = None, **kw: Any) -> dict[str, Any]:
                 rate = kw.pop("rate", 0.0)
                 return self.phase(pool, what, per_worker, lambda k: {
-                    "flow": "p2p", **kw, "pairs": pairs[k], "rate": rate * per_worker[k] / o.pairs}, kw["seconds"])
+                    "flow": "p2p", **kw, "pairs": pairs[k], "rate": rate * per_worker[k] / o.pairs}, kw["seconds"],
+                    per_delivery)
 
             phase("warm-up", mode="closed", seconds=2.0, window=1, measured=False)
-            full = phase("p2p: full speed", mode="closed", seconds=o.seconds, window=o.window)
+            full = phase("p2p: full speed", 1.0, mode="closed", seconds=o.seconds, window=o.window)
             max_rate = full["delivered"] / max(1e-9, full["seconds"])
             rss = self.meter.rss_by_process()
             steps = []
@@ -305,7 +404,7 @@ class Bench:
                               "lost": step["lost"], "unanswered": step["unanswered"],
                               "duplicates": step["duplicates"], "errors": dict(step["errors"])})
             fields: dict[str, Any] = {
-                "msgs_per_s": round(max_rate, 1), "pairs": o.pairs, "window": o.window,
+                "msgs_per_s": round(max_rate, 1), "pairs": o.pairs, "window": o.window, **full["cost"],
             }
             baseline = None
             if with_baseline:
@@ -355,14 +454,16 @@ class Bench:
                              if groups[k] else None, total=o.groups)
             chat_len = len(next(iter(chats.values()))[0])
 
-            def phase(what: str, **kw: Any) -> dict[str, Any]:
+            def phase(what: str, per_delivery: float | None = None, **kw: Any) -> dict[str, Any]:
                 rate = kw.pop("rate", 0.0)
                 return self.phase(pool, what, groups, lambda k: {
                     "flow": "group", "members": o.members, "group_senders": 1, **kw,
-                    "rate": rate * groups[k] / o.groups}, kw["seconds"])
+                    "rate": rate * groups[k] / o.groups}, kw["seconds"], per_delivery)
 
             phase("warm-up", mode="closed", seconds=2.0, window=1, measured=False)
-            full = phase("group: full speed", mode="closed", seconds=o.seconds, window=o.window)
+            # cost per group message: its members - 1 deliveries count as one
+            full = phase("group: full speed", 1 / max(1, o.members - 1), mode="closed", seconds=o.seconds,
+                         window=o.window)
             rate = full["delivered"] / max(1e-9, full["seconds"])
             rss = self.meter.rss_by_process()
             msgs_rate = rate / max(1, o.members - 1)
@@ -381,7 +482,8 @@ class Bench:
             "duplicates": full["duplicates"] + half["duplicates"],
             "lost_live": full["lost_live"], "recovered_by_sync": full["recovered_by_sync"],
             "errors": dict(full["errors"] + half["errors"]), "server_cpu_pct": full["server_cpu_pct"],
-            "client_cpu_pct": round(100 * full["cpu_s"] / max(1e-9, full["seconds"]), 1), "baseline": baseline,
+            "client_cpu_pct": round(100 * full["cpu_s"] / max(1e-9, full["seconds"]), 1), **full["cost"],
+            "baseline": baseline,
         })
 
     def sync(self) -> Result:
@@ -397,6 +499,8 @@ class Bench:
                 "host": self.target.mqtt_host, "port": self.target.mqtt_port, "first": 1 if k == 0 else 0}
                 if per_worker[k] else None, total=senders)
             offset = [sum(per_worker[:k]) for k in range(o.workers)]
+            cost = CostMeter(self.target)  # from the first send to the last 'delivered' receipt
+            cost.start()
             sent = pool.all(f"sending {o.messages} messages to an offline device", "send_batch", lambda k: {
                 "to_user": recipient, "window": 2,
                 "senders": [((1 if k == 0 else 0) + i, each[offset[k] + i]) for i in range(per_worker[k])]}
@@ -411,6 +515,7 @@ class Bench:
             rss = self.meter.rss_by_process()
             told = pool.all("senders waiting to be told 'delivered'", "receipts",
                             lambda k: {"timeout": 60.0} if per_worker[k] else None)
+            costs = cost.per_msg(got["unique_msgs"])
             pool.all("disconnecting", "disconnect", {})
         accepted = o.messages - sum(errors.values())
         last_told = [a["last_at"] for a in told.values() if a["last_at"] is not None]
@@ -425,7 +530,7 @@ class Bench:
             "p50_ms": None, "p95_ms": None, "p99_ms": None, "rss_mb": total_mb(rss),
             "rss_by_process_mb": rss, "rss_before_sync_mb": rss_before, "bytes_per_msg": None,
             "lost": accepted - got["unique_msgs"], "duplicates": got["msgs"] - got["unique_msgs"],
-            "errors": dict(errors),
+            "errors": dict(errors), **costs,
         })
 
     def idle(self) -> Result:

@@ -50,6 +50,7 @@ class Target:
     mqtt_port: int
     pids: dict[str, int] = field(default_factory=dict)
     relay: Relay | None = None
+    bridge_pids: list[int] = field(default_factory=list)  # the pigeon server itself, for its CPU per message
 
 
 def require_loopback(host: str, what: str) -> None:
@@ -188,7 +189,7 @@ def open_target(profile: str | None, http: str | None, mqtt: str | None, server_
         require_loopback(url.hostname, "--http")
         require_loopback(host, "--mqtt")
         target = Target(label or "external", http.rstrip("/"), host, int(port),
-                        {f"pid {p}": p for p in server_pids})
+                        {f"pid {p}": p for p in server_pids}, bridge_pids=list(server_pids))
         if credentials_file is not None:
             with mosquitto_relay(host, int(port), credentials_file) as target.relay:
                 yield target
@@ -201,7 +202,7 @@ def open_target(profile: str | None, http: str | None, mqtt: str | None, server_
             server = ServerProc.start(Path(tmp), *BENCH_SERVER_FLAGS)
             try:
                 yield Target("embedded", server.http, server.mqtt_host, server.mqtt_port,
-                             {"pigeon": server.proc.pid}, relay)
+                             {"pigeon": server.proc.pid}, relay, [server.proc.pid])
             finally:
                 server.stop()
                 keep_log(server, server_log)
@@ -222,7 +223,7 @@ def open_target(profile: str | None, http: str | None, mqtt: str | None, server_
             try:
                 with mosquitto_relay(broker.hostname or "127.0.0.1", broker.port or 1883, creds) as relay:
                     yield Target("production", server.http, server.mqtt_host, server.mqtt_port,
-                                 {"pigeon": server.proc.pid, **service_pids()}, relay)
+                                 {"pigeon": server.proc.pid, **service_pids()}, relay, [server.proc.pid])
             finally:
                 server.stop()
                 keep_log(server, server_log)

@@ -514,7 +514,8 @@ class Worker:
         unanswered = sum(1 for t in self.tracks.values() if not t.confirmed)
         self.tracks.clear()
         return {"lost_live": lost_live, "lost": lost, "unanswered": unanswered, "duplicates": self.tally.duplicates,
-                "recovered_by_sync": self.tally.recovered_by_sync, "gap_syncs": self.tally.gap_syncs}
+                "recovered_by_sync": self.tally.recovered_by_sync, "gap_syncs": self.tally.gap_syncs,
+                "delivered_total": self.tally.delivered}  # the phase's deliveries, those during the drain too
 
     async def send_batch(self, senders: list[tuple[int, int]], to_user: str, window: int) -> dict[str, Any]:
         """Sync scenario: each (device index, count) sends that many messages to ``to_user`` and
