@@ -198,10 +198,11 @@ class PigeonServer:
             raise StartupError(f"broker {host}:{port}: {exc}") from exc
         self._dynsec = admin
         self.accounts.registry = admin
-        self._ingest_client = MqttIngest(
+        part, parts = s.partition
+        self._ingest_client = MqttIngest(  # one stable client id per partition: its session outlives a restart
             host, port, username=user, password=password,
-            client_id=f"{user}-{os.getpid()}-{secrets.token_hex(3)}", handle=self._ingest,
-            partition=s.partition,
+            client_id=f"{user}-p{part}of{parts}", handle=self._ingest,
+            partition=s.partition, persistent=True,
         )
 
     async def _connected_devices(self) -> int:

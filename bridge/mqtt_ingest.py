@@ -8,6 +8,15 @@ is re-established with capped, jittered backoff.
 Several bridge processes share the load by partition (``partition=(I, N)``): every process
 receives every ``up/`` publish and handles those of the devices with ``crc32(device) % N == I``,
 so each device is always handled by the same process, in order, whatever the broker.
+
+On an external broker the ingest is ``persistent``: the bridge keeps a persistent session
+(``clean_session=False``) under a client id that is the same every time its partition starts,
+and acknowledges each ``up/`` publish only once it has been handled (paho's manual ack). What
+the broker accepted while the bridge was down, or was still handling when it died, is
+delivered again when it comes back. Acknowledgements go out as handling finishes, so not
+always in the order the publishes arrived: MQTT 3.1.1 asks a client to acknowledge in order
+(4.6.0-2), which would make every device wait behind the slowest one; Mosquitto matches a
+PUBACK to its publish by packet id and accepts them in any order.
 """
 
 from __future__ import annotations
@@ -24,6 +33,8 @@ from .errors import PigeonError
 
 log = logging.getLogger(__name__)
 Handle = Callable[[str, bytes], Awaitable[None]]
+# topic, payload, and what acknowledges it once handled (None: nothing to acknowledge)
+Item = tuple[str, bytes, Callable[[], None] | None]
 UP_FILTER = "up/+/+"
 
 
@@ -45,12 +56,13 @@ class MqttIngest:
     def __init__(
         self, host: str, port: int, *, username: str, password: str, client_id: str, handle: Handle,
         workers: int = INGEST_WORKERS, queue_size: int = 1_000, max_backoff_s: float = 30.0,
-        partition: tuple[int, int] = (0, 1),
+        partition: tuple[int, int] = (0, 1), persistent: bool = False,
     ) -> None:
         self._host, self._port = host, port
         self._username, self._password, self._client_id = username, password, client_id
         self._handle = handle
-        self._queues: list[asyncio.Queue[tuple[str, bytes]]] = [
+        self._persistent = persistent
+        self._queues: list[asyncio.Queue[Item]] = [
             asyncio.Queue(maxsize=queue_size) for _ in range(workers)
         ]
         self._client: aiomqtt.Client | None = None
@@ -94,9 +106,12 @@ class MqttIngest:
         while True:
             client = aiomqtt.Client(
                 self._host, self._port, identifier=self._client_id, username=self._username,
-                password=self._password, clean_session=True, keepalive=30,
+                password=self._password, clean_session=not self._persistent, keepalive=30,
                 protocol=aiomqtt.ProtocolVersion.V311, max_inflight_messages=MAX_INFLIGHT,
             )
+            if self._persistent:
+                # aiomqtt 2.5 has no option for it: PUBACK only once handled (see _acker)
+                client._client.manual_ack_set(True)
             # hundreds of replies and events in flight at once are the normal load, not a warning sign
             client.pending_calls_threshold = 20 * MAX_INFLIGHT
             try:
@@ -111,10 +126,13 @@ class MqttIngest:
                         data = payload if isinstance(payload, bytes) else str(payload).encode()
                         topic = message.topic.value
                         device = topic.rsplit("/", 1)[-1].encode()
+                        ack = self._acker(client, message) if self._persistent else None
                         if zlib.crc32(device) % self._parts != self._part:
+                            if ack is not None:
+                                ack()
                             continue  # another bridge process owns this device
                         q = self._queues[zlib.crc32(topic.encode()) % len(self._queues)]
-                        await q.put((topic, data))
+                        await q.put((topic, data, ack))
             except aiomqtt.MqttError as exc:
                 log.warning("bridge connection to %s:%d lost: %s", self._host, self._port, exc)
             finally:
@@ -123,10 +141,27 @@ class MqttIngest:
             await asyncio.sleep(backoff * (1 + random.random()))
             backoff = min(self._max_backoff, backoff * 2)
 
-    async def _work(self, queue: asyncio.Queue[tuple[str, bytes]]) -> None:
+    def _acker(self, client: aiomqtt.Client, message: aiomqtt.Message) -> Callable[[], None] | None:
+        """What sends the PUBACK of ``message``, if it needs one, on the connection it came in on."""
+        if message.qos != 1:
+            return None
+        mid = message.mid
+
+        def ack() -> None:
+            # After a reconnect the broker sends the publish again (it was never acknowledged);
+            # a packet id of the old connection means nothing on the new one.
+            if self._client is client:
+                client._client.ack(mid, 1)
+
+        return ack
+
+    async def _work(self, queue: asyncio.Queue[Item]) -> None:
         while True:
-            topic, payload = await queue.get()
+            topic, payload, ack = await queue.get()
             try:
                 await self._handle(topic, payload)
             except Exception:
+                # a handler that raised is a bug, not a state the same publish would leave
                 log.exception("failed to handle a publish on %s", topic)
+            if ack is not None:
+                ack()  # stored and answered (or answered with an error): the broker may forget it
