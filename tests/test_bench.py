@@ -6,18 +6,24 @@ scenario runs to the end, reports every field it promises, and lost or duplicate
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from clients.launch import ROOT
+from clients.bench.run import cost_per_msg, parse_store_ops, read_store_ops
+from clients.bench.target import BENCH_SERVER_FLAGS, TICKS_PER_S
+from clients.launch import ROOT, ServerProc
+from storage.base import StoreOps
 from tests.conftest import production_url
 
 TINY = ["--workers", "2", "--seconds", "0.5", "--pairs", "2", "--window", "2", "--groups", "2", "--members", "3",
         "--messages", "30", "--devices", "6", "--wire-messages", "3", "--max-seconds", "240", "--quiet"]
 COMMON = {"scenario", "profile", "p50_ms", "p95_ms", "p99_ms", "rss_mb", "bytes_per_msg", "lost", "duplicates"}
+COST = ("store_ops_per_msg", "lwt_per_msg", "bridge_cpu_ms_per_msg")
 
 
 def bench(*args: str, timeout: float = 280) -> subprocess.CompletedProcess[str]:
@@ -47,6 +53,20 @@ def check_results(results: list[dict[str, object]], profile: str) -> None:
     wire = by_name["wire"]
     assert wire["delivered"] == 3 and wire["bytes_per_msg"] > 0
     assert set(wire["bytes_per_msg_by_direction"]) == {"sender_up", "sender_down", "recipient_up", "recipient_down"}
+    for name in ("p2p", "group", "sync"):
+        check_cost(by_name[name], cpu_known=True)
+
+
+def check_cost(r: dict[str, Any], cpu_known: bool) -> None:
+    """The cost per message: every message stores something, and the bridge spends CPU on it."""
+    assert set(COST) <= r.keys(), r["scenario"]
+    assert r["store_ops_per_msg"] > 0, r
+    assert 0 <= r["lwt_per_msg"] <= r["store_ops_per_msg"], r
+    if cpu_known:
+        assert r["bridge_cpu_ms_per_msg"] > 0, r
+    else:
+        assert r["bridge_cpu_ms_per_msg"] is None, r
+    assert r["cost_basis"]["messages"] > 0, r
 
 
 def test_every_scenario_runs_on_the_embedded_default(tmp_path: Path) -> None:
@@ -81,3 +101,56 @@ def test_only_loopback_targets_are_loaded() -> None:
     done = bench("p2p", "--http", "http://192.0.2.1:8080", "--mqtt", "192.0.2.1:1883", "--quiet", timeout=60)
     assert done.returncode == 1
     assert "not a loopback address" in done.stderr
+
+
+def test_a_running_server_is_costed_from_its_metrics_and_without_a_pid_no_cpu(tmp_path: Path) -> None:
+    server = ServerProc.start(tmp_path / "server", *BENCH_SERVER_FLAGS)
+    try:
+        out = tmp_path / "p2p.json"
+        done = bench("p2p", "--http", server.http, "--mqtt", f"{server.mqtt_host}:{server.mqtt_port}", *TINY,
+                     "--json", str(out))
+        assert done.returncode == 0, done.stderr[-4000:] + done.stdout[-2000:]
+        check_cost(json.loads(out.read_text()), cpu_known=False)
+        assert "store_ops_per_msg=" in done.stdout
+    finally:
+        server.stop()
+
+
+METRICS_PAGE = """# HELP pigeon_store_statements_total Statements the store has run on its database
+# TYPE pigeon_store_statements_total counter
+pigeon_store_statements_total 1234.0
+# HELP pigeon_store_conditional_total Conditional statements (Cassandra lightweight transactions) among them
+# TYPE pigeon_store_conditional_total counter
+pigeon_store_conditional_total 56.0
+pigeon_connected_devices 4.0
+"""
+
+
+def test_store_counts_are_read_from_a_metrics_page() -> None:
+    assert parse_store_ops(METRICS_PAGE) == StoreOps(1234, 56)
+    # a server without them (an older one) is unknown, not zero
+    assert parse_store_ops("pigeon_connected_devices 4.0\n") is None
+    assert parse_store_ops(METRICS_PAGE.replace("pigeon_store_conditional_total 56.0", "")) is None
+
+
+def test_no_metrics_to_read_is_none() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    assert read_store_ops(f"http://127.0.0.1:{port}") is None  # nothing listens there any more
+
+
+def test_cost_per_message_arithmetic() -> None:
+    ticks_per_100ms = TICKS_PER_S // 10
+    cost = cost_per_msg(StoreOps(100, 10), StoreOps(1100, 60), 7, 7 + 2 * ticks_per_100ms, 200)
+    assert cost["store_ops_per_msg"] == 5.0 and cost["lwt_per_msg"] == 0.25
+    assert cost["bridge_cpu_ms_per_msg"] == pytest.approx(1.0, abs=0.001)  # 200 ms over 200 messages
+    assert cost["cost_basis"] == {"messages": 200, "store_statements": 1000, "store_conditional": 50,
+                                  "bridge_cpu_ms": round(2 * ticks_per_100ms * 1000 / TICKS_PER_S, 1)}
+    # a group message delivered to 99 members counts once: 990 deliveries are 10 messages
+    assert cost_per_msg(StoreOps(0, 0), StoreOps(30, 0), None, None, 990 / 99)["store_ops_per_msg"] == 3.0
+    unknown = cost_per_msg(None, StoreOps(5, 0), None, None, 10)
+    assert unknown["store_ops_per_msg"] is None and unknown["lwt_per_msg"] is None
+    assert unknown["bridge_cpu_ms_per_msg"] is None
+    nothing = cost_per_msg(StoreOps(0, 0), StoreOps(0, 0), 0, 0, 0)
+    assert nothing["store_ops_per_msg"] is None and nothing["bridge_cpu_ms_per_msg"] is None
