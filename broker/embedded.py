@@ -1,11 +1,11 @@
-"""The embedded broker: amqtt 0.12.1 with four defects fixed and an in-process path to the bridge.
+"""The embedded broker: amqtt 0.12.1 with six defects fixed and an in-process path to the bridge.
 
 Fixes (each reproduced first by a test in ``tests/test_broker_fixes.py``):
 
-1. **Acknowledged publishes lost on disconnect.** amqtt PUBACKs a QoS-1 publish as soon as it
-   is queued, but its client loop stops reading that queue when the connection closes, so a
-   device that publishes and disconnects loses what was acknowledged. Here the loop hands on
-   everything already queued, in order, before it publishes the will.
+1. **Received publishes lost on disconnect.** amqtt queues each publish for the client loop,
+   but the loop stops reading that queue when the connection closes, so a device that
+   publishes and disconnects loses what it sent (stock amqtt had even PUBACKed it). Here the
+   loop hands on everything already queued, in order, before it publishes the will.
 2. **A refused CONNECT disturbs the device it impersonates.** amqtt drops the existing session
    of a client id before it authenticates the new CONNECT, so a wrong password knocks the real
    device off. Here authentication comes first; a refused CONNECT touches nothing. An accepted
@@ -22,6 +22,13 @@ Fixes (each reproduced first by a test in ``tests/test_broker_fixes.py``):
    subscriptions by walking all topic filters of all sessions, so ten thousand devices leaving
    cost ten thousand × twenty thousand steps, and the server stopped answering for minutes.
    Here each client's own filters are remembered, and only those are visited.
+6. **PUBACK before the publish is handled.** amqtt PUBACKs a QoS-1 publish as soon as it is
+   queued, so a server killed under load had acknowledged requests the bridge never saw; the
+   device did not send those again, while the ones it had no PUBACK for were resent and
+   overtook them. Here the PUBACK waits until the client loop has handed the publish on (for
+   ``up/…``: the bridge's ``ingest`` returned, the request stored and answered, or answered
+   with an error). Each device's loop takes its publishes one at a time, in arrival order, so
+   its PUBACKs leave in that order too, and a device waiting on the bridge holds up no other.
 
 Publishes on ``up/…`` (device requests and wills) go straight to the bridge's ``ingest``
 coroutine in this process, in the order the device sent them; nothing subscribes to them
@@ -44,7 +51,14 @@ from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.events import BrokerEvents
 from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
-from amqtt.session import ApplicationMessage, Session
+from amqtt.mqtt.puback import PubackPacket
+from amqtt.session import (
+    INCOMING,
+    ApplicationMessage,
+    IncomingApplicationMessage,
+    OutgoingApplicationMessage,
+    Session,
+)
 
 from .gate import DeviceGate
 from .plugins import REFUSAL_ATTR, principal_of
@@ -56,7 +70,40 @@ KEEPALIVE_FACTOR = 1.5
 
 
 class _Handler(BrokerProtocolHandler):
-    """Closes the connection when nothing has been read for the (already scaled) keepalive."""
+    """Closes the connection when nothing has been read for the (already scaled) keepalive (fix 3),
+    and PUBACKs a device's QoS-1 publish only once the broker has handled it (fix 6)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # id(incoming message) -> resolved by the client loop once the message is handled
+        self._handled: dict[int, asyncio.Future[None]] = {}
+
+    async def _handle_qos1_message_flow(
+        self, app_message: OutgoingApplicationMessage | IncomingApplicationMessage,
+    ) -> None:
+        if (app_message.direction != INCOMING or self.session is None or app_message.packet_id is None
+                or app_message.puback_packet):
+            await super()._handle_qos1_message_flow(app_message)  # outgoing, or amqtt's own errors
+            return
+        # amqtt queues the message for the client loop and PUBACKs it at once. Here the PUBACK
+        # waits until the loop has handed it on (to the bridge, for up/...): the loop takes one
+        # message at a time, in arrival order, so the PUBACKs leave in that order too.
+        handled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._handled[id(app_message)] = handled
+        try:
+            await self.session.delivered_message_queue.put(app_message)
+            await handled
+        finally:
+            self._handled.pop(id(app_message), None)
+        puback = PubackPacket.build(app_message.packet_id)
+        await self._send_packet(puback)
+        app_message.puback_packet = puback
+
+    def message_handled(self, app_message: object) -> None:
+        """The client loop is done with ``app_message``: its PUBACK may go."""
+        handled = self._handled.pop(id(app_message), None)
+        if handled is not None and not handled.done():
+            handled.set_result(None)
 
     def handle_read_timeout(self) -> None:
         log.info("keepalive expired for %s; closing", self.session.client_id if self.session else None)
@@ -160,6 +207,16 @@ class PigeonBroker(Broker):
             await asyncio.gather(
                 disconnect_waiter, subscribe_waiter, unsubscribe_waiter, wait_deliver, return_exceptions=True
             )
+
+    async def _handle_message_delivery(
+        self, client_session: Session, handler: BrokerProtocolHandler, wait_deliver: asyncio.Future[Any],
+    ) -> bool:
+        message = wait_deliver.result()
+        try:
+            return bool(await super()._handle_message_delivery(client_session, handler, wait_deliver))
+        finally:  # handled (or refused, or failed): fix 6's PUBACK may go
+            if isinstance(handler, _Handler):
+                handler.message_handled(message)
 
     async def _drain(self, session: Session, handler: BrokerProtocolHandler, pending: asyncio.Future[Any]) -> None:
         """Hand on every publish already acknowledged to the device, in the order it arrived."""

@@ -226,3 +226,93 @@ async def test_a_departure_visits_only_the_leaving_clients_own_subscriptions(
     assert len(subs[f"down/{USER}"]) == 30 and all(f"down/{USER}/st{i}" in subs for i in range(30))
     for c in stayers:
         await c.__aexit__(None, None, None)
+
+
+async def raw_device(harness: Harness, device: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", harness.port)
+    writer.write(connect_packet(device, device, f"tok-{device}"))
+    await writer.drain()
+    assert (await read_packet(reader))[1][1] == 0
+    return reader, writer
+
+
+def puback_id(packet: tuple[int, bytes]) -> int:
+    kind, body = packet
+    assert kind == 0x40, packet
+    return int.from_bytes(body[:2], "big")
+
+
+async def no_packet_within(reader: asyncio.StreamReader, seconds: float) -> bool:
+    try:
+        await read_packet(reader, timeout=seconds)
+    except TimeoutError:
+        return True
+    return False
+
+
+async def test_puback_waits_until_the_bridge_has_handled_the_publish(harness: Harness) -> None:
+    entered, release = asyncio.Event(), asyncio.Event()
+    handled: list[bytes] = []
+
+    async def ingest(topic: str, payload: bytes) -> None:
+        entered.set()
+        await release.wait()  # the bridge is still storing the request
+        handled.append(payload)
+
+    harness.broker.set_ingest(ingest)
+    reader, writer = await raw_device(harness, "h1")
+    writer.write(publish_packet(f"up/{USER}/h1", b'{"n":1}', 7))
+    await writer.drain()
+    await asyncio.wait_for(entered.wait(), 5)
+    # a PUBACK now would promise what a server killed this instant could not keep
+    assert await no_packet_within(reader, 0.5)
+    release.set()
+    assert puback_id(await read_packet(reader)) == 7
+    assert handled == [b'{"n":1}']
+    writer.close()
+
+
+async def test_pubacks_follow_handling_in_order_with_many_publishes_in_flight(harness: Harness) -> None:
+    n = 100
+    handled: list[int] = []
+
+    async def ingest(topic: str, payload: bytes) -> None:
+        await asyncio.sleep(0.002 * (json.loads(payload)["n"] % 3))  # uneven store round trips
+        handled.append(json.loads(payload)["n"])
+
+    harness.broker.set_ingest(ingest)
+    reader, writer = await raw_device(harness, "h2")
+    for i in range(1, n + 1):  # a device with its whole in-flight window used
+        writer.write(publish_packet(f"up/{USER}/h2", json.dumps({"n": i}).encode(), i))
+    await writer.drain()
+    acked: list[int] = []
+    for _ in range(n):
+        acked.append(puback_id(await read_packet(reader)))
+        # each PUBACK only once that publish, and every one before it, was handled
+        assert handled[: len(acked)] == acked, (handled, acked)
+    assert acked == list(range(1, n + 1)) and handled == acked
+    writer.close()
+
+
+async def test_a_device_waiting_on_the_bridge_holds_up_no_other_device(harness: Harness) -> None:
+    release = asyncio.Event()
+    handled: list[str] = []
+
+    async def ingest(topic: str, payload: bytes) -> None:
+        if topic.endswith("/slow"):
+            await release.wait()
+        handled.append(topic.rsplit("/", 1)[-1])
+
+    harness.broker.set_ingest(ingest)
+    slow_reader, slow_writer = await raw_device(harness, "slow")
+    slow_writer.write(publish_packet(f"up/{USER}/slow", b"{}", 1))
+    await slow_writer.drain()
+    async with harness.client("quick") as quick:
+        for _ in range(5):  # each publish returns on its PUBACK
+            await asyncio.wait_for(quick.publish(f"up/{USER}/quick", b"{}", qos=1), 5)
+    assert handled == ["quick"] * 5
+    assert await no_packet_within(slow_reader, 0.2)  # the slow device is still unanswered
+    release.set()
+    assert puback_id(await read_packet(slow_reader)) == 1
+    assert handled == ["quick"] * 5 + ["slow"]
+    slow_writer.close()
