@@ -11,17 +11,19 @@ Layout (see ``SCHEMA``):
   to read through;
 * nothing on the send, sync or ack path deletes.
 
-Numbering without gaps or repeats: a ``seq`` (or inbox position) *is* the row that holds it,
-written with ``INSERT … IF NOT EXISTS`` (a lightweight transaction). A writer tries the number
-after the highest it knows exists; if someone else took it, it tries the next. A number is thus
-never handed out twice, and never tried before the one below it exists. The known heads
-(``chat_heads``, ``user_state``) are written ``USING TIMESTAMP <value>``, so the largest value
-always wins and a head never moves back.
+Numbering without gaps or repeats, and without a consensus round per message: a chat's
+``seq`` and a user's inbox position are given out by one process at a time, the holder of the
+key's partition lease, which keeps the head in memory and writes the numbered rows plainly
+(``storage/cassandra_owner.py`` says how leases, epochs and fences keep a stale holder out).
+A process that does not hold a key's partition asks the holder through the shared state.
+Consensus (``IF NOT EXISTS``) is left for what is rare: leases, a phone's first login, a
+pair's first chat, media records.
 
-Idempotent sends: the ``device_sent`` row for ``(device, client id)`` is written after the message and
-its inbox rows. A retry that finds no such row looks for the message among the chat's most
-recent ones before numbering a new one, and completes the fan-out for members whose inbox has
-no entry for it yet.
+Idempotent sends: the ``device_sent`` row for ``(device, client id)`` is written after the
+message and its inbox rows. A repeat that finds no such row is recognised by the chat's writer
+among the chat's latest ids (it reads them when it opens the chat), and the fan-out is
+completed for members whose inbox has no entry for it yet (each inbox writer knows its latest
+entries' (chat, seq)).
 
 All calls run on the driver's own I/O threads through ``execute_async``; results come back to
 the event loop with ``call_soon_threadsafe``, so the loop never blocks.
@@ -30,11 +32,17 @@ the event loop with ``call_soon_threadsafe``, so the loop never blocks.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import logging
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+import os
+import secrets
+import socket
+import time
+from collections.abc import Hashable, Sequence
 from typing import Any
+
+from cachetools import LRUCache, TTLCache
 
 from .base import (
     Appended,
@@ -58,6 +66,7 @@ from .base import (
     media_from_json,
     media_to_json,
 )
+from .cassandra_owner import KeyLog, Leases, LogCache, NotOwner, partition_of
 from .sqlite import new_id
 from .state import SharedState
 
@@ -80,14 +89,17 @@ def _cached_row_factory(colnames: list[str], rows: list[Sequence[Any]]) -> list[
     return [row_type(*row) for row in rows]
 
 log = logging.getLogger(__name__)
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 BUCKET = 1000
 RECENT_SCAN = 50
 INBOX_TTL_S = 30 * 86_400
 DAY_MS = 86_400_000
 SENT_WINDOW_S = 86_400
 UNKNOWN_OUTCOME_RETRIES = 4
-SEND_LOCK_MS = 15_000  # how long the shared state remembers a send for fast retries
+# A send id found unused is taken as unused by the store's own check for this long: the chat's
+# writer still recognises a repeat among the chat's latest ids.
+UNSENT_TTL_S = 10.0
+FORWARD_TIMEOUT_S = 5.0
 SWEEP_DAYS = 30  # how far back the upload sweep looks for unconfirmed uploads
 
 
@@ -117,17 +129,21 @@ def schema(keyspace: str, replication: str, inbox_ttl_s: int) -> list[str]:
         f"CREATE TABLE IF NOT EXISTS {ks}.members (chat_id text, user_id text, role text, joined_at bigint, "
         "PRIMARY KEY (chat_id, user_id))",
         f"CREATE TABLE IF NOT EXISTS {ks}.user_chats (user_id text, chat_id text, PRIMARY KEY (user_id, chat_id))",
-        f"CREATE TABLE IF NOT EXISTS {ks}.messages (chat_id text, bucket bigint, seq bigint, {msg_cols}, "
+        f"CREATE TABLE IF NOT EXISTS {ks}.messages (chat_id text, bucket bigint, seq bigint, epoch bigint, {msg_cols}, "
         "PRIMARY KEY ((chat_id, bucket), seq)) WITH CLUSTERING ORDER BY (seq DESC)",
         f"CREATE TABLE IF NOT EXISTS {ks}.device_sent (device text, client_id text, chat_id text, seq bigint, "
         "PRIMARY KEY ((device, client_id)))",
-        f"CREATE TABLE IF NOT EXISTS {ks}.inbox (user_id text, bucket bigint, pos bigint, chat_id text, seq bigint, "
+        f"CREATE TABLE IF NOT EXISTS {ks}.inbox (user_id text, bucket bigint, pos bigint, epoch bigint, chat_id text, "
+        "seq bigint, "
         f"{msg_cols}, rkind text, ruser text, up_to bigint, PRIMARY KEY ((user_id, bucket), pos)) "
         f"WITH CLUSTERING ORDER BY (pos ASC) AND default_time_to_live = {inbox_ttl_s} "
         "AND compaction = {'class': 'TimeWindowCompactionStrategy', 'compaction_window_unit': 'DAYS', "
         "'compaction_window_size': 1}",
-        f"CREATE TABLE IF NOT EXISTS {ks}.inbox_refs (user_id text, chat_id text, seq bigint, pos bigint, "
-        f"PRIMARY KEY ((user_id, chat_id), seq)) WITH default_time_to_live = {inbox_ttl_s}",
+        # partition leases (rows live while renewed: TTL), the epochs handed out, and the fence
+        # each new holder puts before its first row of a key (storage/cassandra_owner.py)
+        f"CREATE TABLE IF NOT EXISTS {ks}.owners (part int PRIMARY KEY, holder text, epoch bigint)",
+        f"CREATE TABLE IF NOT EXISTS {ks}.owner_epochs (part int PRIMARY KEY, epoch bigint)",
+        f"CREATE TABLE IF NOT EXISTS {ks}.fences (key text PRIMARY KEY, epoch bigint, after bigint)",
         f"CREATE TABLE IF NOT EXISTS {ks}.receipts (chat_id text, user_id text, delivered bigint, read bigint, "
         "PRIMARY KEY (chat_id, user_id))",
         f"CREATE TABLE IF NOT EXISTS {ks}.group_notices (chat_id text, user_id text, delivered bigint, read bigint, "
@@ -141,60 +157,14 @@ def schema(keyspace: str, replication: str, inbox_ttl_s: int) -> list[str]:
 
 
 _MSG = "client_id, sender, device, ts, kind, body, media, event, target"
-# Inserts that only ever create a row: an absent field is left unset rather than written as a
-# null, which Cassandra stores as a tombstone per cell that every later read has to step over
-# (a sync of 1,000 inbox rows read ~3,000 of them).
-_NEW_ROWS = frozenset({"claim_seq", "claim_msg_pos", "claim_rcpt_pos"})
 # Statements that are lightweight transactions (a Paxos round each), counted apart in ``ops``.
-_CONDITIONAL = frozenset({"claim_phone", "claim_pair", "claim_seq", "claim_msg_pos", "claim_rcpt_pos", "put_media",
-                          "media_ready", "drop_media"})
+_CONDITIONAL = frozenset({"claim_phone", "claim_pair", "put_media", "media_ready", "drop_media", "lease_take",
+                          "lease_renew", "lease_drop", "epoch_first", "epoch_next"})
 
 
 def _message(chat_id: str, seq: int, r: Sequence[Any]) -> Message:
     return Message(chat_id=chat_id, seq=seq, client_id=r[0], sender=r[1], device=r[2], ts=r[3], kind=r[4],
                    body=r[5], media=media_from_json(r[6]), event=r[7], target=r[8])
-
-
-async def _nothing() -> None:
-    return None
-
-
-@dataclass(slots=True)
-class _Turn:
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    waiting: int = 0
-    last: int = 0  # the last number claimed under this key while anyone was waiting
-
-
-class Turns:
-    """Claims of one counter (a chat's seq, a user's inbox position) take turns in this process.
-
-    Each claim is a conditional insert (Paxos) of the next free number. Concurrent claims of the
-    same counter would all try the same number, all but one lose and try the next, and under
-    a hundred concurrent senders to one inbox that collapses into timeouts. Taking turns, each
-    claim starts just past the last one taken here; only other processes can still collide.
-    A key is forgotten as soon as nobody waits on it, so memory follows concurrency, not users.
-    """
-
-    def __init__(self) -> None:
-        self._held: dict[str, _Turn] = {}
-
-    @asynccontextmanager
-    async def turn(self, key: str) -> AsyncIterator[_Turn]:
-        held = self._held.get(key)
-        if held is None:
-            held = self._held[key] = _Turn()
-        held.waiting += 1
-        try:
-            async with held.lock:
-                yield held
-        finally:
-            held.waiting -= 1
-            if held.waiting == 0:
-                del self._held[key]
-
-    def __len__(self) -> int:
-        return len(self._held)
 
 
 class CassandraStore:
@@ -212,29 +182,41 @@ class CassandraStore:
         self._session: Any = None
         self._ps: dict[str, Any] = {}
         self._state: SharedState | None = None
-        self._turns = Turns()
+        self._holder = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        self._leases: Leases | None = None
+        self._logs = LogCache()
+        self._opening: dict[str, asyncio.Future[KeyLog]] = {}
+        self._serving: asyncio.Task[None] | None = None
+        # Bounded caches of facts that never change once true, or only grow: chats that exist,
+        # the direct chat of a pair, inbox entries this process wrote, each user's acknowledged
+        # position and each member's receipt positions (lower bounds), send ids not yet used.
+        self._known_chats: LRUCache[str, bool] = LRUCache(100_000)
+        self._pairs: LRUCache[str, Chat] = LRUCache(100_000)
+        self._entries: LRUCache[tuple[str, int], InboxEntry] = LRUCache(200_000)
+        self._acked: LRUCache[str, int] = LRUCache(100_000)
+        self._receipts: LRUCache[tuple[str, str], tuple[int, int]] = LRUCache(200_000)
+        self._unsent: TTLCache[tuple[str, str], bool] = TTLCache(100_000, UNSENT_TTL_S)
         self._unset: Any = None  # the driver's UNSET_VALUE, once it is imported
         self.ops = StoreOps()
 
+    @property
+    def shared_state(self) -> SharedState | None:
+        """The shared state this store reaches other bridge processes through, if any."""
+        return self._state
+
     def use_state(self, state: SharedState) -> None:
-        """Take counter hints and the recent-sends window from the shared state (Redis)."""
+        """Reach the other bridge processes through the shared state (Redis): a key whose
+        partition another process holds is numbered there, and this process numbers the keys of
+        its own partitions for the others."""
         self._state = state
+        self._serve_others()
 
-    async def _hints(self, keys: Sequence[str]) -> list[int]:
-        if self._state is None:
-            return [0] * len(keys)
-        try:
-            return await self._state.heads(keys)
-        except StorageUnavailable as exc:
-            log.warning("counter hints unavailable, reading heads from Cassandra: %s", exc)
-            return [0] * len(keys)
-
-    async def _raise_hint(self, key: str, value: int) -> None:
-        if self._state is not None:
-            try:
-                await self._state.raise_head(key, value)
-            except StorageUnavailable:
-                pass
+    def _serve_others(self) -> None:
+        """Once open and given a shared state that carries requests, number for the others."""
+        serve = getattr(self._state, "serve", None)
+        if serve is not None and self._serving is None and self._leases is not None:
+            leases = self._leases
+            self._serving = asyncio.create_task(serve(leases.held, self._serve_forwarded), name="numbering-for-others")
 
     # -- connection and schema -----------------------------------------------------------------
     def _connect(self) -> None:
@@ -275,10 +257,22 @@ class CassandraStore:
         for stmt in schema(self.keyspace, self._replication, self._inbox_ttl):
             await self._blocking(self._session.execute, stmt)
         await self._blocking(self._send_ids_to_devices)
+        await self._blocking(self._add_epochs)
         await self._blocking(self._session.execute,
                              f"INSERT INTO {self.keyspace}.meta (key, value) VALUES ('schema', %s)",
                              (str(SCHEMA_VERSION),))
         log.info("cassandra keyspace %s at schema %d", self.keyspace, SCHEMA_VERSION)
+
+    def _add_epochs(self) -> None:
+        """Schema 4: rows carry the epoch of the partition lease they were written under. Rows
+        from before have none, and count as older than any fence (every one of them is at or
+        below the first fence, which is put at the head as found)."""
+        ks, session = self.keyspace, self._session
+        for table in ("messages", "inbox"):
+            found = session.execute("SELECT column_name FROM system_schema.columns WHERE keyspace_name=%s "
+                                    "AND table_name=%s AND column_name='epoch'", (ks, table)).one()
+            if found is None:
+                session.execute(f"ALTER TABLE {ks}.{table} ADD epoch bigint")
 
     def _send_ids_to_devices(self) -> None:
         """Schema 2 kept send ids per user in ``sent``; request ids are unique per device, so from
@@ -322,8 +316,19 @@ class CassandraStore:
 
         await self._blocking(check)
         await self._blocking(self._prepare)
+        if self._leases is None:
+            self._leases = Leases(self._x, self._holder, on_lost=self._lost, quiesce=self._quiesce)
+            await self._leases.start()
+            self._serve_others()
 
     async def close(self) -> None:
+        if self._serving is not None:
+            self._serving.cancel()
+            await asyncio.gather(self._serving, return_exceptions=True)
+            self._serving = None
+        if self._leases is not None:
+            await self._leases.stop()
+            self._leases = None
         if self._cluster is not None:
             cluster, self._cluster, self._session = self._cluster, None, None
             await asyncio.to_thread(cluster.shutdown)
@@ -362,24 +367,34 @@ class CassandraStore:
             "chat_head": f"SELECT last_seq, last_ts FROM {ks}.chat_heads WHERE chat_id=?",
             "set_chat_head": f"UPDATE {ks}.chat_heads USING TIMESTAMP ? SET last_seq=? WHERE chat_id=?",
             "set_chat_ts": f"UPDATE {ks}.chat_heads USING TIMESTAMP ? SET last_ts=? WHERE chat_id=?",
-            "claim_seq": f"INSERT INTO {ks}.messages (chat_id, bucket, seq, {_MSG}) "
-                         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) IF NOT EXISTS",
-            "recent": f"SELECT seq, {_MSG} FROM {ks}.messages WHERE chat_id=? AND bucket=? AND seq<=? LIMIT ?",
-            "message": f"SELECT seq, {_MSG} FROM {ks}.messages WHERE chat_id=? AND bucket=? AND seq=?",
+            "put_msg": f"INSERT INTO {ks}.messages (chat_id, bucket, seq, epoch, {_MSG}) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "chat_tail": f"SELECT seq, epoch, device, client_id, ts FROM {ks}.messages WHERE chat_id=? AND bucket=? "
+                         "LIMIT ?",
+            "recent": f"SELECT seq, {_MSG}, epoch FROM {ks}.messages WHERE chat_id=? AND bucket=? AND seq<=? LIMIT ?",
+            "message": f"SELECT seq, {_MSG}, epoch FROM {ks}.messages WHERE chat_id=? AND bucket=? AND seq=?",
             "get_sent": f"SELECT chat_id, seq FROM {ks}.device_sent WHERE device=? AND client_id=?",
             "put_sent": f"INSERT INTO {ks}.device_sent (device, client_id, chat_id, seq) VALUES (?, ?, ?, ?)",
             "user_state": f"SELECT inbox_head, acked FROM {ks}.user_state WHERE user_id=?",
             "set_head": f"UPDATE {ks}.user_state USING TIMESTAMP ? SET inbox_head=? WHERE user_id=?",
             "set_acked": f"UPDATE {ks}.user_state USING TIMESTAMP ? SET acked=? WHERE user_id=?",
             "set_dev_ack": f"UPDATE {ks}.devices USING TIMESTAMP ? SET acked=? WHERE device_id=?",
-            "claim_msg_pos": f"INSERT INTO {ks}.inbox (user_id, bucket, pos, chat_id, seq, {_MSG}) "
-                             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) IF NOT EXISTS",
-            "claim_rcpt_pos": f"INSERT INTO {ks}.inbox (user_id, bucket, pos, chat_id, rkind, ruser, up_to) "
-                              "VALUES (?, ?, ?, ?, ?, ?, ?) IF NOT EXISTS",
-            "read_inbox": f"SELECT pos, chat_id, seq, {_MSG}, rkind, ruser, up_to FROM {ks}.inbox "
+            "put_inbox": f"INSERT INTO {ks}.inbox (user_id, bucket, pos, epoch, chat_id, seq, {_MSG}, rkind, ruser, "
+                         "up_to) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "inbox_tail": f"SELECT pos, epoch, chat_id, seq FROM {ks}.inbox WHERE user_id=? AND bucket=? "
+                          "ORDER BY pos DESC LIMIT ?",
+            "read_inbox": f"SELECT pos, chat_id, seq, {_MSG}, rkind, ruser, up_to, epoch FROM {ks}.inbox "
                           "WHERE user_id=? AND bucket=? AND pos>? LIMIT ?",
-            "put_ref": f"INSERT INTO {ks}.inbox_refs (user_id, chat_id, seq, pos) VALUES (?, ?, ?, ?)",
-            "get_ref": f"SELECT pos FROM {ks}.inbox_refs WHERE user_id=? AND chat_id=? AND seq=?",
+            "fence_get": f"SELECT epoch, after FROM {ks}.fences WHERE key=?",
+            # fences compete only with fences: the epoch is their timestamp, so the newest wins
+            "fence_put": f"INSERT INTO {ks}.fences (key, epoch, after) VALUES (?, ?, ?) USING TIMESTAMP ?",
+            "leases": f"SELECT part, holder, epoch FROM {ks}.owners",
+            "lease_take": f"INSERT INTO {ks}.owners (part, holder, epoch) VALUES (?, ?, ?) IF NOT EXISTS USING TTL ?",
+            "lease_renew": f"UPDATE {ks}.owners USING TTL ? SET holder=?, epoch=? WHERE part=? IF holder=? AND epoch=?",
+            "lease_drop": f"DELETE FROM {ks}.owners WHERE part=? IF holder=? AND epoch=?",
+            "epoch_get": f"SELECT epoch FROM {ks}.owner_epochs WHERE part=?",
+            "epoch_first": f"INSERT INTO {ks}.owner_epochs (part, epoch) VALUES (?, ?) IF NOT EXISTS",
+            "epoch_next": f"UPDATE {ks}.owner_epochs SET epoch=? WHERE part=? IF epoch=?",
             "receipts": f"SELECT user_id, delivered, read FROM {ks}.receipts WHERE chat_id=?",
             "receipt": f"SELECT delivered, read FROM {ks}.receipts WHERE chat_id=? AND user_id=?",
             "set_delivered": f"UPDATE {ks}.receipts USING TIMESTAMP ? SET delivered=? WHERE chat_id=? AND user_id=?",
@@ -400,16 +415,19 @@ class CassandraStore:
             "del_pending": f"DELETE FROM {ks}.pending_uploads WHERE day=? AND key=?",
             "drop_media": f"DELETE FROM {ks}.media WHERE key=? IF state='pending'",
         }
-        q["message_serial"] = f"SELECT device, client_id, ts FROM {ks}.messages WHERE chat_id=? AND bucket=? AND seq=?"
-        q["inbox_serial"] = (f"SELECT chat_id, seq, rkind, ruser, up_to FROM {ks}.inbox "
-                             "WHERE user_id=? AND bucket=? AND pos=?")
         self._ps = {name: self._session.prepare(text) for name, text in q.items()}
+        self._ps["put_msg_full"] = self._ps["put_msg"]
+        self._ps["put_inbox_full"] = self._ps["put_inbox"]
         from cassandra import ConsistencyLevel
 
-        for name in ("message_serial", "inbox_serial"):  # reads that see every settled conditional write
+        for name in ("leases", "epoch_get"):  # reads that see every settled conditional write
             self._ps[name].consistency_level = ConsistencyLevel.SERIAL
 
-    async def _x(self, name: str, *params: Any) -> list[Any]:
+    async def _run_statement(self, statement: Any, name: str) -> list[Any]:
+        """Run a bound statement or batch (one request to Cassandra) without blocking the loop."""
+        return await self._x(name, statement=statement)
+
+    async def _x(self, name: str, *params: Any, statement: Any = None) -> list[Any]:
         """Run a prepared statement without blocking the loop; driver errors become StorageUnavailable."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[list[Any]] = loop.create_future()
@@ -423,13 +441,12 @@ class CassandraStore:
         def fail(exc: BaseException) -> None:
             loop.call_soon_threadsafe(_settle, fut, None, exc)
 
-        if name in _NEW_ROWS:
-            params = tuple(self._unset if p is None else p for p in params)
         self.ops.statements += 1
         if name in _CONDITIONAL:
             self.ops.conditional += 1
         try:
-            session.execute_async(self._ps[name], params).add_callbacks(ok, fail)
+            session.execute_async(statement if statement is not None else self._ps[name], params or None) \
+                .add_callbacks(ok, fail)
         except Exception as exc:
             raise StorageUnavailable(f"cassandra: {exc}") from exc
         try:
@@ -518,17 +535,25 @@ class CassandraStore:
     async def _chat(self, chat_id: str) -> Chat | None:
         return (await self._chat_and_activity(chat_id))[0]
 
-    async def _chat_and_activity(self, chat_id: str) -> tuple[Chat | None, int]:
-        """The chat with its members, and when it was last active (one read of its head row)."""
-        rows, members, head = await asyncio.gather(
-            self._x("get_chat", chat_id), self._x("members", chat_id), self._x("chat_head", chat_id)
-        )
+    async def _chat_and_activity(self, chat_id: str, activity: bool = False) -> tuple[Chat | None, int]:
+        """The chat with its members, and (with ``activity``) when it was last active. The last
+        seq comes from this process's writer of the chat when it has one, else from the chat's
+        newest rows."""
+        key = f"c:{chat_id}"
+        held = self._logs.get(key)
+        last_ts = 0
+        if held is not None and not held.dead and not activity:
+            rows, members = await asyncio.gather(self._x("get_chat", chat_id), self._x("members", chat_id))
+            last_seq = held.head
+        else:
+            rows, members, (last_seq, recent, head_row) = await asyncio.gather(
+                self._x("get_chat", chat_id), self._x("members", chat_id), self._tail(key))
+            last_ts = int(recent[0][4]) if recent else int(head_row[1] or 0) if head_row is not None else 0
         if not rows:
             return None, 0
         r = rows[0]
         ms = sorted((Member(user_id=m[0], role=m[1], joined_at=m[2]) for m in members),
                     key=lambda m: (m.joined_at, m.user_id))
-        last_seq, last_ts = ((head[0][0] or 0), (head[0][1] or 0)) if head else (0, 0)
         chat = Chat(chat_id=r[0], kind=r[1], title=r[2] or "", created_by=r[3], created_at=r[4],
                     last_seq=last_seq, members=tuple(ms))
         return chat, last_ts
@@ -542,6 +567,14 @@ class CassandraStore:
 
     async def direct_chat(self, a: str, b: str, now: int) -> Chat:
         pair = "|".join(sorted((a, b)))
+        known = self._pairs.get(pair)  # a direct chat's members never change
+        if known is not None:
+            return dataclasses.replace(known, last_seq=await self._head(f"c:{known.chat_id}"))
+        chat = await self._direct_chat(pair, a, b, now)
+        self._pairs[pair] = chat
+        return chat
+
+    async def _direct_chat(self, pair: str, a: str, b: str, now: int) -> Chat:
         # Every message sent with "to" comes here: a plain read finds the chat of a pair that has
         # one, and only a first use pays for the conditional insert (a Paxos round).
         rows = await self._x("get_pair", pair)
@@ -574,7 +607,7 @@ class CassandraStore:
 
     async def user_chats(self, user_id: str) -> list[Chat]:
         ids = [r[0] for r in await self._x("user_chats", user_id)]
-        found = await asyncio.gather(*(self._chat_and_activity(i) for i in ids))
+        found = await asyncio.gather(*(self._chat_and_activity(i, activity=True) for i in ids))
         active = [(chat, ts) for chat, ts in found if chat is not None]
         return [chat for chat, _ts in sorted(active, key=lambda ct: (-ct[1], ct[0].chat_id))]
 
@@ -599,181 +632,234 @@ class CassandraStore:
         theirs = {r[0] for r in await self._x("user_chats", b)}
         return bool(mine & theirs)
 
-    # -- numbering ------------------------------------------------------------------------------
-    async def _chat_head(self, chat_id: str) -> int:
-        rows = await self._x("chat_head", chat_id)
-        return int(rows[0][0] or 0) if rows else 0
+    # -- numbering: one writer per key (see storage/cassandra_owner.py) ------------------------
+    async def _fence(self, key: str) -> tuple[int, int]:
+        rows = await self._x("fence_get", key)
+        return (int(rows[0][0]), int(rows[0][1])) if rows else (0, 0)
 
-    async def _user_head(self, user_id: str) -> int:
-        rows = await self._x("user_state", user_id)
-        return int(rows[0][0] or 0) if rows else 0
+    @staticmethod
+    def _valid(epoch: int | None, n: int, fence: tuple[int, int]) -> bool:
+        """Whether a row belongs to the key: written under the newest fence's epoch or later, or
+        numbered at or below it (see the module docstring of ``cassandra_owner``)."""
+        return (epoch or 0) >= fence[0] or n <= fence[1]
 
-    async def _claimed(self, claim: str, check: str, key: Sequence[Any], values: Sequence[Any],
-                       mine: Sequence[Any]) -> bool:
-        """Run one conditional insert; True if it is ours. When the outcome is unknown (a timeout
-        under contention), read the row back at SERIAL consistency: a row holding ``mine`` is
-        ours, another row is someone else's, no row means try again."""
-        for _attempt in range(UNKNOWN_OUTCOME_RETRIES):
-            try:
-                rows = await self._x(claim, *key, *values)
-                return bool(rows[0][0])
-            except StorageUnavailable as exc:
-                failure = exc
-                log.warning("outcome of %s at %s unknown (%s); reading it back", claim, key, exc)
-            try:
-                found = await self._x(check, *key)
-            except StorageUnavailable:
-                continue
-            if found:
-                ours = tuple(found[0][: len(mine)]) == tuple(mine)
-                log.warning("%s at %s was %s", claim, key, "ours" if ours else "taken by another writer")
-                return ours
-        raise failure
+    async def _tail(self, key: str, fence: tuple[int, int] | None = None) -> tuple[int, list[Any], Any]:
+        """A key's highest number as stored, its newest valid rows (newest first), and its head
+        row (``chat_heads`` or ``user_state``, None if absent)."""
+        kind, _, ident = key.partition(":")
+        if fence is None:
+            fence = await self._fence(key)
+        hint_rows = await self._x("chat_head" if kind == "c" else "user_state", ident)
+        hint = int(hint_rows[0][0] or 0) if hint_rows else 0
+        floor = hint
+        if kind == "u" and hint_rows:  # inbox rows expire; what was acknowledged never goes back
+            floor = max(hint, int(hint_rows[0][1] or 0))
+        stmt = "chat_tail" if kind == "c" else "inbox_tail"
+        bucket, head, recent = hint // BUCKET, 0, []
+        while True:
+            rows = [r for r in await self._x(stmt, ident, bucket, RECENT_SCAN) if self._valid(r[1], r[0], fence)]
+            if not rows:
+                break
+            head, recent = int(rows[0][0]), rows
+            if head % BUCKET != BUCKET - 1:
+                break
+            bucket += 1  # that bucket is full: the head may be in the next one
+        return max(head, floor), recent, hint_rows[0] if hint_rows else None
 
-    async def _claim_seq(self, msg: NewMessage) -> int:
-        hint = (await self._hints([f"c:{msg.chat_id}"]))[0]
-        values = (msg.client_id, msg.sender, msg.device, msg.ts, msg.kind, msg.body, media_to_json(msg.media),
-                  msg.event, msg.target)
-        async with self._turns.turn(f"c:{msg.chat_id}") as turn:
-            n = (max(hint, turn.last) or await self._chat_head(msg.chat_id)) + 1
-            while not await self._claimed("claim_seq", "message_serial", (msg.chat_id, n // BUCKET, n), values,
-                                          (msg.device, msg.client_id, msg.ts)):
-                n += 1
-            turn.last = n
-        await asyncio.gather(self._x("set_chat_head", n, n, msg.chat_id),
-                             self._x("set_chat_ts", msg.ts * 1000, msg.ts, msg.chat_id),
-                             self._raise_hint(f"c:{msg.chat_id}", n))
-        return n
+    async def _head(self, key: str) -> int:
+        held = self._logs.get(key)
+        if held is not None and not held.dead:
+            return held.head
+        return (await self._tail(key))[0]
 
-    async def _claim_pos(self, user_id: str, stmt: str, *values: Any, hint: int = 0) -> int:
-        # what identifies our entry: (chat, seq) for a message, (chat, None, kind, user, up_to) for a receipt
-        mine = values[:2] if stmt == "claim_msg_pos" else (values[0], None, *values[1:4])
-        async with self._turns.turn(f"u:{user_id}") as turn:
-            n = (max(hint, turn.last) or await self._user_head(user_id)) + 1
-            while not await self._claimed(stmt, "inbox_serial", (user_id, n // BUCKET, n), values, mine):
-                n += 1
-            turn.last = n
-        await asyncio.gather(self._x("set_head", n, n, user_id), self._raise_hint(f"u:{user_id}", n))
-        return n
+    async def _log(self, key: str) -> KeyLog:
+        """This process's log of a key in a partition it holds: opened on first use under an
+        epoch by reading the key's tail and writing the fence."""
+        held = self._logs.get(key)
+        if held is not None and not held.dead:
+            return held
+        opening = self._opening.get(key)
+        if opening is not None:
+            return await asyncio.shield(opening)
+        fut: asyncio.Future[KeyLog] = asyncio.get_running_loop().create_future()
+        self._opening[key] = fut
+        try:
+            part = partition_of(key)
+            epoch = self._leases.epoch(part) if self._leases is not None else None
+            if epoch is None:
+                raise NotOwner(f"partition {part} is not held here")
+            fence = await self._fence(key)
+            head, recent, _ = await self._tail(key, fence)
+            if fence[0] != epoch:
+                await self._x("fence_put", key, epoch, head, epoch)
+                fence = (epoch, head)
+            if not self._leases.valid(part, epoch):  # type: ignore[union-attr]
+                raise NotOwner(f"partition {part} changed hands while opening {key}")
+            if key.startswith("c:"):
+                ids: dict[Hashable, int] = {(r[2], r[3]): int(r[0]) for r in reversed(recent) if r[3] is not None}
+            else:
+                ids = {(r[2], int(r[3])): int(r[0]) for r in reversed(recent) if r[3] is not None}
+            log_ = KeyLog(key, part, epoch, head, fence[1], ids, self._write_rows, self._leases)  # type: ignore[arg-type]
+            self._logs.put(log_)
+            fut.set_result(log_)
+            return log_
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()  # retrieved: waiters re-raise it themselves
+            raise
+        finally:
+            del self._opening[key]
 
-    async def _fan_out(self, m: Message, recipients: Sequence[str], *, resumed: bool) -> dict[str, int]:
-        """One inbox entry per recipient; when completing an interrupted send, skip any who
-        already have one for this message."""
-        users = list(dict.fromkeys(recipients))
-        hints = await self._hints([f"u:{u}" for u in users])
+    async def _number(self, key: str, values: tuple[Any, ...], ident: Hashable | None) -> tuple[int, bool]:
+        """Give ``values`` the key's next number and store them: here when this process holds
+        the key's partition, else by the holder (through the shared state)."""
+        part = partition_of(key)
+        if self._leases is not None and self._leases.epoch(part) is not None:
+            log_ = await self._log(key)
+            return await log_.append(values, ident)
+        return await self._forward(part, key, values, ident)
 
-        async def one(uid: str, hint: int) -> tuple[str, int]:
-            if resumed and await self._x("get_ref", uid, m.chat_id, m.seq):
-                return uid, -1
-            pos = await self._claim_pos(uid, "claim_msg_pos", m.chat_id, m.seq, m.client_id, m.sender, m.device,
-                                        m.ts, m.kind, m.body, media_to_json(m.media), m.event, m.target, hint=hint)
-            await self._x("put_ref", uid, m.chat_id, m.seq, pos)
-            return uid, pos
+    async def _forward(self, part: int, key: str, values: tuple[Any, ...], ident: Hashable | None) -> tuple[int, bool]:
+        rpc = getattr(self._state, "call", None)
+        if rpc is None:
+            raise StorageUnavailable(f"partition {part} is held by another process, and no shared state "
+                                     "(--redis) connects this one to it")
+        request = json.dumps({"key": key, "values": list(values),
+                              "ident": list(ident) if isinstance(ident, tuple) else ident,
+                              "until": time.time() + FORWARD_TIMEOUT_S})
+        reply = json.loads(await rpc(part, request, FORWARD_TIMEOUT_S))
+        if "error" in reply:
+            raise StorageUnavailable(f"partition {part}: {reply['error']}")
+        return int(reply["n"]), bool(reply["dup"])
 
-        done = await asyncio.gather(*(one(u, h) for u, h in zip(users, hints, strict=True)))
-        return {u: p for u, p in done if p > 0}
+    async def _serve_forwarded(self, request: str) -> str:
+        """Number a key for another process (it holds no lease on the key's partition)."""
+        try:
+            req = json.loads(request)
+            if time.time() > float(req["until"]):
+                return json.dumps({"error": "the request waited too long"})
+            ident = tuple(req["ident"]) if isinstance(req["ident"], list) else req["ident"]
+            key = str(req["key"])
+            part = partition_of(key)
+            if self._leases is None or self._leases.epoch(part) is None:
+                return json.dumps({"error": f"partition {part} is not held here"})
+            n, dup = await (await self._log(key)).append(tuple(req["values"]), ident)
+            return json.dumps({"n": n, "dup": dup})
+        except StorageUnavailable as exc:
+            return json.dumps({"error": str(exc)})
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring a malformed forwarded request: %s", exc)
+            return json.dumps({"error": "malformed request"})
 
-    async def _recent_copy(self, msg: NewMessage) -> Message | None:
-        """The message already stored for this (sender, client id) among the chat's latest ones."""
-        head = await self._chat_head(msg.chat_id)
-        if head == 0 or msg.client_id is None:
-            return None
-        rows = await self._x("recent", msg.chat_id, head // BUCKET, head, RECENT_SCAN)
-        if head // BUCKET > 0 and len(rows) < RECENT_SCAN:
-            rows += await self._x("recent", msg.chat_id, head // BUCKET - 1, head, RECENT_SCAN - len(rows))
-        for r in rows:
-            if r[1] == msg.client_id and r[3] == msg.device:
-                return _message(msg.chat_id, r[0], r[1:])
-        return None
+    async def _quiesce(self, part: int) -> None:
+        """Wait until what this process took for a partition's keys is written."""
+        await asyncio.gather(*(held.settled() for held in self._logs.of_partition(part)))
+
+    def _lost(self, part: int) -> None:
+        for held in self._logs.of_partition(part):
+            held.kill(f"partition {part} changed hands")
+            self._logs.drop(held.key)
+
+    async def _write_rows(self, key: str, epoch: int, rows: Sequence[tuple[int, tuple[Any, ...]]],
+                          full: bool) -> None:
+        """Write one key's numbered rows in order: one statement (an unlogged batch when there
+        are several) per Cassandra partition, lower buckets first."""
+        from cassandra.query import BatchStatement, BatchType
+
+        # An absent field is left unset rather than written as a null, which Cassandra keeps as
+        # a tombstone per cell that later reads step over (a sync of 1,000 inbox rows read ~3,000
+        # of them) -- except right after a fence, where a late row of an old epoch may hold the
+        # number and every one of its cells must be overwritten.
+        kind, _, ident = key.partition(":")
+        name = ("put_msg" if kind == "c" else "put_inbox") + ("_full" if full else "")
+        ps, unset = self._ps[name], self._unset
+        by_bucket: dict[int, list[tuple[Any, ...]]] = {}
+        for n, values in rows:
+            params = (ident, n // BUCKET, n, epoch, *values)
+            if not full:
+                params = tuple(unset if p is None else p for p in params)
+            by_bucket.setdefault(n // BUCKET, []).append(params)
+        for bucket in sorted(by_bucket):
+            group = by_bucket[bucket]
+            if len(group) == 1:
+                await self._run_statement(ps.bind(group[0]), name)
+            else:
+                batch = BatchStatement(batch_type=BatchType.UNLOGGED)
+                for params in group:
+                    batch.add(ps, params)
+                await self._run_statement(batch, name)
+        for n, _values in rows:
+            if n % BUCKET == 0:  # a new bucket: readers start their search for the head there
+                await self._x("set_chat_head" if kind == "c" else "set_head", n, n, ident)
 
     # -- messages -------------------------------------------------------------------------------
     async def append_message(self, msg: NewMessage, recipients: Sequence[str]) -> Appended:
-        if msg.client_id is None or self._state is None:
-            return await self._append(msg, recipients)
-        # Two processes must never store the same send at once (a retry reaching another bridge,
-        # a partition moving): the second waits for the first one's result.
-        key = f"d:{msg.device}:send:{msg.client_id}"
-        try:
-            token = await self._state.acquire(key, SEND_LOCK_MS)
-        except StorageUnavailable:
-            token = ""  # without the shared state, fall back to the store's own checks
-        if token is None:
-            deadline = asyncio.get_running_loop().time() + SEND_LOCK_MS / 1000
-            while asyncio.get_running_loop().time() < deadline:
-                await asyncio.sleep(0.05)
-                earlier = await self.find_sent(msg.device, msg.client_id)
-                if earlier is not None:
-                    return Appended(message=earlier, inbox={}, duplicate=True)
-            raise StorageUnavailable("the same send is being stored by another process; retry")
-        try:
-            return await self._append(msg, recipients)
-        finally:
-            if token:
-                try:
-                    await self._state.release(key, token)
-                except StorageUnavailable:
-                    pass  # it expires by itself
-
-    async def _append(self, msg: NewMessage, recipients: Sequence[str]) -> Appended:
-        # three independent reads, side by side: an earlier send with this id, the chat, and a
-        # copy of this very message an interrupted attempt left among the chat's latest
-        earlier, chat, stored = await asyncio.gather(
-            self.find_sent(msg.device, msg.client_id) if msg.client_id is not None else _nothing(),
-            self._x("get_chat", msg.chat_id), self._recent_copy(msg))
-        if earlier is not None:
-            return Appended(message=earlier, inbox={}, duplicate=True)
-        if not chat:
-            raise NotStored(f"chat {msg.chat_id}")
-        resumed = stored is not None
+        if msg.client_id is not None and (msg.device, msg.client_id) not in self._unsent:
+            earlier = await self.find_sent(msg.device, msg.client_id)
+            if earlier is not None:
+                return Appended(message=earlier, inbox={}, duplicate=True)
+        if msg.chat_id not in self._known_chats:
+            if not await self._x("get_chat", msg.chat_id):
+                raise NotStored(f"chat {msg.chat_id}")
+            self._known_chats[msg.chat_id] = True
+        media = media_to_json(msg.media)
+        values = (msg.client_id, msg.sender, msg.device, msg.ts, msg.kind, msg.body, media, msg.event, msg.target)
+        ident = (msg.device, msg.client_id) if msg.client_id is not None else None
+        seq, dup = await self._number(f"c:{msg.chat_id}", values, ident)
+        stored = None
+        if dup:  # the chat has it already (an earlier attempt): that one is the message
+            stored = await self._message_at(msg.chat_id, seq)
         if stored is None:
-            seq = await self._claim_seq(msg)
             stored = Message(chat_id=msg.chat_id, seq=seq, client_id=msg.client_id, sender=msg.sender,
                              device=msg.device, ts=msg.ts, kind=msg.kind, body=msg.body, media=msg.media,
                              event=msg.event, target=msg.target)
         if msg.media is not None:
             await self._x("put_chat_media", msg.chat_id, msg.media.key)
-        inbox = await self._fan_out(stored, recipients, resumed=resumed)
+        # every member's entry, even on a repeat: an interrupted attempt may have stopped short of
+        # some, and the inbox logs know the (chat, seq) entries they already hold
+        inbox = await self._fan_out(stored, recipients)
         if msg.client_id is not None:
-            await asyncio.gather(self._x("put_sent", msg.device, msg.client_id, msg.chat_id, stored.seq),
-                                 self._remember_sent(msg.device, msg.client_id, stored))
-        if resumed:
+            await self._x("put_sent", msg.device, msg.client_id, msg.chat_id, stored.seq)
+            self._unsent.pop((msg.device, msg.client_id), None)
+        if dup and inbox:
             log.info("completed an interrupted send %s/%s at seq %d", msg.sender, msg.client_id, stored.seq)
-        return Appended(message=stored, inbox=inbox, duplicate=False)
+        return Appended(message=stored, inbox=inbox, duplicate=dup and not inbox)
 
-    async def _remember_sent(self, device: str, client_id: str, stored: Message) -> None:
-        if self._state is not None:
-            try:
-                await self._state.remember_sent(device, client_id, f"{stored.chat_id}:{stored.seq}", SENT_WINDOW_S)
-            except StorageUnavailable:
-                pass  # the store's own record (put_sent) still recognises a retry
+    async def _fan_out(self, m: Message, recipients: Sequence[str]) -> dict[str, int]:
+        users = list(dict.fromkeys(recipients))
+        values = (m.chat_id, m.seq, m.client_id, m.sender, m.device, m.ts, m.kind, m.body, media_to_json(m.media),
+                  m.event, m.target, None, None, None)
+        done = await asyncio.gather(*(self._number(f"u:{u}", values, (m.chat_id, m.seq)) for u in users))
+        out: dict[str, int] = {}
+        for u, (pos, dup) in zip(users, done, strict=True):
+            self._entries[(u, pos)] = InboxEntry(user_id=u, pos=pos, item=m)
+            if not dup:
+                out[u] = pos
+        return out
 
     async def _message_at(self, chat_id: str, seq: int) -> Message | None:
+        fence = await self._fence(f"c:{chat_id}")
         rows = await self._x("message", chat_id, seq // BUCKET, seq)
-        return _message(chat_id, seq, rows[0][1:]) if rows else None
+        if not rows or not self._valid(rows[0][-1], seq, fence):
+            return None
+        return _message(chat_id, seq, rows[0][1:])
 
     async def find_sent(self, device: str, client_id: str) -> Message | None:
-        if self._state is not None:
-            try:
-                ref = await self._state.recall_sent(device, client_id)
-            except StorageUnavailable:
-                ref = None
-            if ref:
-                chat_id, _, seq = ref.rpartition(":")
-                found = await self._message_at(chat_id, int(seq))
-                if found is not None:
-                    return found
         rows = await self._x("get_sent", device, client_id)
         if not rows:
+            self._unsent[(device, client_id)] = True
             return None
         return await self._message_at(rows[0][0], rows[0][1])
 
     async def history(self, chat_id: str, before: int | None, limit: int) -> list[Message]:
-        top = (before - 1) if before is not None else await self._chat_head(chat_id)
+        key = f"c:{chat_id}"
+        fence, head = await asyncio.gather(self._fence(key), self._head(key))
+        top = min(before - 1, head) if before is not None else head
         out: list[Message] = []
         bucket = top // BUCKET
         while top > 0 and len(out) < limit and bucket >= 0:
             rows = await self._x("recent", chat_id, bucket, top, limit - len(out))
-            out += [_message(chat_id, r[0], r[1:]) for r in rows]
+            out += [_message(chat_id, r[0], r[1:]) for r in rows if self._valid(r[-1], r[0], fence)]
             bucket -= 1
         return out
 
@@ -781,62 +867,102 @@ class CassandraStore:
         return bool(await self._x("chat_media", chat_id, key))
 
     async def append_receipts(self, notes: Sequence[tuple[str, ReceiptNote]]) -> list[int]:
-        out: list[int] = []
-        hints = dict(zip([u for u, _ in notes], await self._hints([f"u:{u}" for u, _ in notes]), strict=True))
-        for uid, note in notes:  # in order: one user's receipts keep their order
-            pos = await self._claim_pos(uid, "claim_rcpt_pos", note.chat_id, note.kind, note.user, note.up_to,
-                                        hint=hints[uid])
-            hints[uid] = pos
-            out.append(pos)
+        by_user: dict[str, list[int]] = {}
+        for i, (uid, _note) in enumerate(notes):
+            by_user.setdefault(uid, []).append(i)
+        out = [0] * len(notes)
+
+        async def one_user(uid: str, indices: list[int]) -> None:
+            for i in indices:  # one user's receipts keep their order
+                note = notes[i][1]
+                values = (note.chat_id, None, None, None, None, None, None, None, None, None, None, note.kind,
+                          note.user, note.up_to)
+                out[i], _dup = await self._number(f"u:{uid}", values, None)
+                self._entries[(uid, out[i])] = InboxEntry(user_id=uid, pos=out[i], item=note)
+
+        await asyncio.gather(*(one_user(u, ix) for u, ix in by_user.items()))
         return out
 
     async def read_inbox(self, user_id: str, after: int, limit: int) -> list[InboxEntry]:
-        head = await self._user_head(user_id)
+        held = self._logs.get(f"u:{user_id}")
+        if held is not None and not held.dead:  # what this process wrote, from memory when it has it all
+            cached: list[InboxEntry] = []
+            for pos in range(after + 1, min(held.head, after + limit) + 1):
+                entry = self._entries.get((user_id, pos))
+                if entry is None:
+                    break
+                cached.append(entry)
+            else:
+                return cached
+        fence = await self._fence(f"u:{user_id}")
         out: list[InboxEntry] = []
         cursor = after
-        while len(out) < limit and cursor < head:
+        while len(out) < limit:
             bucket = (cursor + 1) // BUCKET
-            rows = await self._x("read_inbox", user_id, bucket, cursor, limit - len(out))
+            want = limit - len(out)
+            rows = await self._x("read_inbox", user_id, bucket, cursor, want)
             for r in rows:
+                if r[0] != cursor + 1 or not self._valid(r[15], r[0], fence):
+                    return out  # the end of what is written (or a late row of an old epoch)
                 item: Message | ReceiptNote
                 if r[2] is not None:
                     item = _message(r[1], r[2], r[3:12])
                 else:
                     item = ReceiptNote(chat_id=r[1], user=r[13], kind=r[12], up_to=r[14])
                 out.append(InboxEntry(user_id=user_id, pos=r[0], item=item))
-            cursor = out[-1].pos if rows else (bucket + 1) * BUCKET - 1
+                cursor = r[0]
+            if len(rows) < want and cursor % BUCKET != BUCKET - 1:
+                break
+            if not rows:
+                break
         return out
 
     async def inbox_head(self, user_id: str) -> int:
-        return await self._user_head(user_id)
+        return await self._head(f"u:{user_id}")
 
     async def advance_device_ack(self, device_id: str, user_id: str, up_to: int) -> tuple[int, int]:
-        rows = await self._x("user_state", user_id)
-        head, prev = (int(rows[0][0] or 0), int(rows[0][1] or 0)) if rows else (0, 0)
+        prev = self._acked.get(user_id)
+        if prev is None:
+            rows = await self._x("user_state", user_id)
+            prev = int(rows[0][1] or 0) if rows else 0
+        head = await self.inbox_head(user_id)
         new = max(prev, min(up_to, head))
-        await self._x("set_dev_ack", up_to, up_to, device_id)
         if new > prev:
-            await self._x("set_acked", new, new, user_id)
+            await asyncio.gather(self._x("set_dev_ack", up_to, up_to, device_id),
+                                 self._x("set_acked", new, new, user_id))
+        else:
+            await self._x("set_dev_ack", up_to, up_to, device_id)
+        self._acked[user_id] = new
         return prev, new
 
     async def get_receipts(self, chat_id: str) -> list[Receipt]:
         members, rows = await asyncio.gather(self._x("members", chat_id), self._x("receipts", chat_id))
         got = {r[0]: (r[1] or 0, r[2] or 0) for r in rows}
+        for uid, (delivered, read) in got.items():
+            self._receipts[(chat_id, uid)] = (delivered, read)
         ordered = sorted(members, key=lambda m: (m[2], m[0]))
         return [Receipt(chat_id=chat_id, user_id=m[0], delivered=got.get(m[0], (0, 0))[0],
                         read=got.get(m[0], (0, 0))[1]) for m in ordered]
 
     async def advance_receipt(self, chat_id: str, user_id: str, kind: ReceiptKind, up_to: int) -> bool:
-        rows = await self._x("receipt", chat_id, user_id)
-        delivered, read = (rows[0][0] or 0, rows[0][1] or 0) if rows else (0, 0)
+        # Positions only grow (the writes carry them as their timestamps), so what this process
+        # last saw is a lower bound: enough to skip a step it has seen made, and a read otherwise.
+        known = self._receipts.get((chat_id, user_id))
+        if known is None:
+            rows = await self._x("receipt", chat_id, user_id)
+            known = (rows[0][0] or 0, rows[0][1] or 0) if rows else (0, 0)
+        delivered, read = known
         current = read if kind == "read" else delivered
         if up_to <= current:
+            self._receipts[(chat_id, user_id)] = known
             return False
         if kind == "read":
             await asyncio.gather(self._x("set_read", up_to, up_to, chat_id, user_id),
                                  self._x("set_delivered", up_to, up_to, chat_id, user_id))
+            self._receipts[(chat_id, user_id)] = (max(delivered, up_to), up_to)
         else:
             await self._x("set_delivered", up_to, up_to, chat_id, user_id)
+            self._receipts[(chat_id, user_id)] = (up_to, read)
         return True
 
     async def advance_group_notice(self, chat_id: str, user_id: str, kind: ReceiptKind, up_to: int) -> bool:

@@ -8,8 +8,11 @@ callers decide whether that blocks (it never blocks messaging: see ``bridge.pres
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from .base import StorageError, StorageUnavailable
@@ -61,6 +64,12 @@ return 0
 
 
 REDIS_CONNECTIONS = 64
+# Requests between bridge processes (see ``call``): one list per partition, one per caller for
+# replies. All in one hash slot, so one BLPOP can wait on several of them on Redis Cluster too.
+RPC_LIST = "pg:{rpc}:p:"
+REPLY_LIST = "pg:{rpc}:r:"
+RPC_WAIT_S = 1  # a blocking pop returns this often to look at what it serves
+log = logging.getLogger(__name__)
 
 
 class RedisState:
@@ -87,6 +96,9 @@ class RedisState:
         )
         self._redis: Any = aioredis.Redis(connection_pool=self._pool)
         self._scripts: dict[str, Any] = {}
+        self._me = uuid.uuid4().hex
+        self._replies: dict[str, asyncio.Future[str]] = {}
+        self._reply_task: asyncio.Task[None] | None = None
 
     async def _do(self, coro: Any) -> Any:
         from redis.exceptions import RedisError
@@ -106,6 +118,10 @@ class RedisState:
             self._scripts[name] = self._redis.register_script(src)
 
     async def close(self) -> None:
+        if self._reply_task is not None:
+            self._reply_task.cancel()
+            await asyncio.gather(self._reply_task, return_exceptions=True)
+            self._reply_task = None
         await self._redis.aclose()
         await self._pool.disconnect()
 
@@ -179,3 +195,76 @@ class RedisState:
 
     async def release(self, key: str, token: str) -> None:
         await self._do(self._scripts["release"](keys=[f"pg:{{{key}}}:lock"], args=[token]))
+
+    # -- requests between bridge processes -------------------------------------------------------
+    async def call(self, part: int, request: str, timeout_s: float) -> str:
+        """Hand ``request`` to whichever process serves partition ``part`` and wait for its answer.
+        A request nobody takes in time raises :class:`StorageUnavailable` (it may still be
+        handled later: requests carry their own deadline, and what they ask is idempotent)."""
+        if self._reply_task is None or self._reply_task.done():
+            self._reply_task = asyncio.create_task(self._collect_replies(), name="rpc-replies")
+        rid = uuid.uuid4().hex
+        fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._replies[rid] = fut
+        try:
+            await self._do(self._redis.rpush(f"{RPC_LIST}{part}", json.dumps([self._me, rid, request])))
+            async with asyncio.timeout(timeout_s):
+                return await fut
+        except TimeoutError as exc:
+            raise StorageUnavailable(f"no answer from the holder of partition {part} in {timeout_s:.0f} s") from exc
+        finally:
+            self._replies.pop(rid, None)
+
+    async def _collect_replies(self) -> None:
+        key = f"{REPLY_LIST}{self._me}"
+        while True:
+            try:
+                got = await self._do(self._redis.blpop([key], timeout=RPC_WAIT_S))
+            except StorageUnavailable as exc:
+                log.warning("waiting for replies from other bridges: %s", exc)
+                await asyncio.sleep(0.5)
+                continue
+            if got is None:
+                continue
+            rid, reply = json.loads(got[1])
+            fut = self._replies.get(rid)
+            if fut is not None and not fut.done():
+                fut.set_result(reply)
+
+    async def serve(self, parts: Callable[[], Sequence[int]], handle: Callable[[str], Awaitable[str]]) -> None:
+        """Take requests for the partitions ``parts()`` names (asked anew at every wait) and answer
+        each with ``handle``; runs until cancelled."""
+        running: set[asyncio.Task[None]] = set()
+
+        async def answer(caller: str, rid: str, request: str) -> None:
+            reply = await handle(request)
+            try:
+                key = f"{REPLY_LIST}{caller}"
+                pipe = self._redis.pipeline(transaction=False)
+                pipe.rpush(key, json.dumps([rid, reply]))
+                pipe.expire(key, 60)
+                await self._do(pipe.execute())
+            except StorageUnavailable as exc:
+                log.warning("could not answer a request of another bridge: %s", exc)
+
+        while True:
+            keys = [f"{RPC_LIST}{p}" for p in parts()]
+            if not keys:
+                await asyncio.sleep(RPC_WAIT_S / 4)
+                continue
+            try:
+                got = await self._do(self._redis.blpop(keys, timeout=RPC_WAIT_S))
+            except StorageUnavailable as exc:
+                log.warning("waiting for requests from other bridges: %s", exc)
+                await asyncio.sleep(0.5)
+                continue
+            if got is None:
+                continue
+            try:
+                caller, rid, request = json.loads(got[1])
+            except (ValueError, TypeError):
+                log.warning("ignoring a malformed request on %s", got[0])
+                continue
+            task = asyncio.create_task(answer(caller, rid, request), name="rpc-answer")
+            running.add(task)
+            task.add_done_callback(running.discard)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import random
+import secrets
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -26,13 +27,27 @@ def production_url(var: str, scheme: str) -> str:
     return value
 
 
+def fresh_store_url() -> str:
+    """A keyspace of its own on the test run's Cassandra, migrated. Each deployment a test starts
+    gets one, as each real deployment has its own: bridges of one deployment share their
+    partition leases, so two unrelated servers on one keyspace would split the partitions
+    between them and hand each other their work."""
+    base = production_url("PIGEON_STORE", "cassandra://")
+    head, _, tail = base.rpartition("/")
+    keyspace, sep, query = tail.partition("?")
+    url = f"{head}/{keyspace}_{secrets.token_hex(4)}{sep}{query}"
+    done = subprocess.run([sys.executable, "-m", "clients.cli", "db", "migrate", "--store", url], cwd=ROOT,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"pigeon db migrate failed for {url}:\n{done.stdout}{done.stderr}")
+    return url
+
+
 def production_flags() -> list[str]:
-    """Flags for a server on the production backends, with the store's schema migrated."""
-    store = production_url("PIGEON_STORE", "cassandra://")
+    """Flags for a server on the production backends, on a keyspace of its own."""
+    store = fresh_store_url()
     media = production_url("PIGEON_MEDIA", "s3://")
     redis = production_url("PIGEON_REDIS", "redis://")
-    subprocess.run([sys.executable, "-m", "clients.cli", "db", "migrate", "--store", store], cwd=ROOT, check=True,
-                   capture_output=True)
     return ["--store", store, "--media", media, "--redis", redis]
 
 

@@ -1,0 +1,371 @@
+"""One writer per key on Cassandra: partition leases with epochs, and each key's numbers kept in
+memory by the process that holds its partition.
+
+A chat's ``seq`` and a user's ``inbox`` position are numbered by one process at a time: the
+holder of the key's partition (``partition_of(key)``, one of ``PARTITIONS``). The holder keeps
+the key's head in memory, gives the next numbers out itself and writes the numbered rows with
+plain (not conditional) writes. Consensus is paid once per partition and lease period, not per
+message.
+
+* **Leases.** A partition's lease is a row of ``owners`` written with ``IF NOT EXISTS`` and a TTL,
+  renewed with a conditional update by its holder. Each grant carries an epoch, taken from
+  ``owner_epochs`` by compare-and-set before the lease is claimed, so epochs only grow and are
+  never handed out twice. The holder trusts its lease until ``sent + TTL - SAFETY_S`` on its own
+  monotonic clock, where ``sent`` is when it *sent* the request that granted or renewed it: the
+  replica's TTL starts later than that, so the holder's deadline always comes before the row
+  can vanish. A paused holder wakes up past its deadline and writes nothing more.
+* **Fences.** The first time a holder numbers a key under a new epoch, it reads the key's tail
+  (the highest rows and their senders' ids), and writes a fence ``(key, epoch, after=head)``
+  before any row of its own. Every row carries the epoch that wrote it. A reader drops rows of
+  an older epoch numbered past the newest fence: a write a stale holder sent before its lease
+  ran out but which landed late, after the new holder had read the tail, can never be seen, and
+  the new holder's own row at that number replaces it (the first ``FULL_ROWS`` numbers after a
+  fence are written with every column, so nothing of the late row survives).
+* **Order and failures.** A key's rows are written in number order, one batch at a time: a batch
+  is every append that arrived while the previous batch was being written, numbered in arrival
+  order and written as one unlogged batch per Cassandra partition. A failed write keeps its
+  numbers and content: it is retried until it lands (or the lease is lost), and nothing is
+  numbered past it before it does, so numbers never have a gap. Callers whose write failed are
+  told the store is unavailable; their retries find the row once it has landed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import zlib
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .base import StorageUnavailable
+
+log = logging.getLogger(__name__)
+
+PARTITIONS = 16
+LEASE_TTL_S = 6
+RENEW_EVERY_S = 1.5
+# TTLs count whole seconds on the replica's clock, from when the write reaches it.
+SAFETY_S = 2.0
+# How often a process looks for partitions without a holder (and for an unfair share).
+SCAN_EVERY_S = 1.0
+# Numbers right after a fence are written with every column set (see the module docstring).
+FULL_ROWS = 1024
+BATCH_MAX = 64
+RECENT_IDS = 256  # per key: the latest (device, request id) -> seq, or (chat, seq) -> pos
+RETRY_CAP_S = 1.0
+RELEASE_WAIT_S = 3.0
+
+Run = Callable[..., Awaitable[list[Any]]]
+
+
+def partition_of(key: str) -> int:
+    return zlib.crc32(key.encode()) % PARTITIONS
+
+
+class NotOwner(StorageUnavailable):
+    """This process does not hold the partition of the key it was asked to number."""
+
+
+@dataclass(slots=True)
+class _Lease:
+    epoch: int
+    deadline: float  # monotonic
+
+
+class Leases:
+    """The partitions this process holds, kept, renewed and balanced with the other holders."""
+
+    def __init__(self, run: Run, holder: str, *, clock: Callable[[], float] = time.monotonic,
+                 on_lost: Callable[[int], None] | None = None,
+                 quiesce: Callable[[int], Awaitable[None]] | None = None) -> None:
+        self._run = run
+        self._quiesce = quiesce
+        self.holder = holder
+        self._clock = clock
+        self._held: dict[int, _Lease] = {}
+        self._on_lost = on_lost or (lambda part: None)
+        self._task: asyncio.Task[None] | None = None
+        self._releasing: set[int] = set()
+        self.changed = asyncio.Event()  # set whenever the held set changes
+
+    # -- what callers ask -------------------------------------------------------------------------
+    def epoch(self, part: int) -> int | None:
+        """The epoch of a lease this process may still write under, or None."""
+        lease = self._held.get(part)
+        if lease is None or self._clock() >= lease.deadline or part in self._releasing:
+            return None
+        return lease.epoch
+
+    def valid(self, part: int, epoch: int) -> bool:
+        lease = self._held.get(part)
+        return lease is not None and lease.epoch == epoch and self._clock() < lease.deadline
+
+    def held(self) -> list[int]:
+        return sorted(p for p in self._held if self.epoch(p) is not None)
+
+    # -- running ----------------------------------------------------------------------------------
+    async def start(self, wait_s: float = 10.0) -> None:
+        """Take what is free, then keep leases in the background. Returns once the first round is
+        done (a lone process holds every partition then)."""
+        await self._round()
+        self._task = asyncio.create_task(self._loop(), name="partition-leases")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - stopping anyway
+                pass
+            self._task = None
+        for part, lease in list(self._held.items()):  # let the others take over at once
+            try:
+                await self._run("lease_drop", part, self.holder, lease.epoch)
+            except StorageUnavailable:
+                pass
+        self._held.clear()
+
+    async def _loop(self) -> None:
+        next_scan = self._clock() + SCAN_EVERY_S
+        while True:
+            await asyncio.sleep(min(RENEW_EVERY_S, SCAN_EVERY_S) / 2)
+            try:
+                await self._renew_due()
+                if self._clock() >= next_scan:
+                    next_scan = self._clock() + SCAN_EVERY_S
+                    await self._round()
+            except StorageUnavailable as exc:
+                log.warning("partition leases: %s", exc)
+            except Exception:  # the lease loop must outlive any one failure
+                log.exception("partition lease round failed")
+
+    async def _renew_due(self) -> None:
+        now = self._clock()
+        due = [(p, lease) for p, lease in self._held.items()
+               if lease.deadline - now <= LEASE_TTL_S - SAFETY_S - RENEW_EVERY_S]
+        await asyncio.gather(*(self._renew(p, lease) for p, lease in due))
+
+    async def _renew(self, part: int, lease: _Lease) -> None:
+        sent = self._clock()
+        try:
+            rows = await self._run("lease_renew", LEASE_TTL_S, self.holder, lease.epoch, part, self.holder,
+                                   lease.epoch)
+        except StorageUnavailable as exc:
+            log.warning("renewing partition %d failed: %s", part, exc)
+            if self._clock() >= lease.deadline:
+                self._lose(part)
+            return
+        if rows and rows[0][0]:
+            lease.deadline = sent + LEASE_TTL_S - SAFETY_S
+        else:
+            log.warning("partition %d was taken by another holder", part)
+            self._lose(part)
+
+    def _lose(self, part: int) -> None:
+        if self._held.pop(part, None) is not None:
+            self._on_lost(part)
+            self.changed.set()
+
+    async def _round(self) -> None:
+        """Drop expired leases, take free partitions up to a fair share, give back extra ones."""
+        for part in [p for p, lease in self._held.items() if self._clock() >= lease.deadline]:
+            log.warning("lease of partition %d ran out", part)
+            self._lose(part)
+        rows = await self._run("leases")
+        holders = {r[1] for r in rows if r[1]} | {self.holder}
+        taken = {r[0]: r[1] for r in rows}
+        share = -(-PARTITIONS // len(holders))
+        free = [p for p in range(PARTITIONS) if p not in taken and p not in self._held]
+        for part in free:
+            if len(self._held) >= share:
+                break
+            await self._take(part)
+        extra = len(self._held) - share
+        others_short = any(sum(1 for h in taken.values() if h == other) < share - 1
+                           for other in holders - {self.holder})
+        if extra > 0 and others_short:
+            for part in sorted(self._held, reverse=True)[:extra]:
+                await self.release(part)
+
+    async def _take(self, part: int) -> None:
+        rows = await self._run("epoch_get", part)
+        current = int(rows[0][0]) if rows and rows[0][0] is not None else 0
+        cas = await self._run("epoch_next", current + 1, part, current) if current else \
+            await self._run("epoch_first", part, 1)
+        if not (cas and cas[0][0]):
+            return  # another process is taking it right now
+        epoch = current + 1
+        sent = self._clock()
+        rows = await self._run("lease_take", part, self.holder, epoch, LEASE_TTL_S)
+        if rows and rows[0][0]:
+            self._held[part] = _Lease(epoch, sent + LEASE_TTL_S - SAFETY_S)
+            log.info("holding partition %d at epoch %d", part, epoch)
+            self.changed.set()
+
+    async def release(self, part: int) -> None:
+        """Give a partition back (to balance). New work for it goes to the partition's queue at
+        once (``epoch`` answers None), which the next holder serves; what was already taken here
+        is finished first, then the lease is dropped so the next holder can take it."""
+        lease = self._held.get(part)
+        if lease is None:
+            return
+        self._releasing.add(part)
+        try:
+            if self._quiesce is not None:
+                try:
+                    async with asyncio.timeout(RELEASE_WAIT_S):
+                        await self._quiesce(part)
+                except TimeoutError:
+                    log.warning("partition %d still busy after %.0f s; giving it back anyway", part,
+                                RELEASE_WAIT_S)
+            self._lose(part)
+            await self._run("lease_drop", part, self.holder, lease.epoch)
+            log.info("gave back partition %d", part)
+        finally:
+            self._releasing.discard(part)
+
+
+@dataclass(slots=True)
+class _Append:
+    values: tuple[Any, ...]
+    ident: Hashable | None
+    waiters: list[asyncio.Future[tuple[int, bool]]] = field(default_factory=list)
+    n: int = 0
+
+
+Write = Callable[[str, int, Sequence[tuple[int, tuple[Any, ...]]], bool], Awaitable[None]]
+
+
+class KeyLog:
+    """The numbers of one key, given out by this process under one epoch of its partition."""
+
+    def __init__(self, key: str, part: int, epoch: int, head: int, fence: int,
+                 recent: dict[Hashable, int], write: Write, leases: Leases) -> None:
+        self.key, self.part, self.epoch = key, part, epoch
+        self.head = head  # highest number durably written (and every number below it)
+        self._fence = fence
+        self._recent: OrderedDict[Hashable, int] = OrderedDict(recent)
+        self._write, self._leases = write, leases
+        self._queue: list[_Append] = []
+        self._stuck: list[_Append] = []  # numbered and tried, not yet known to be written
+        self._task: asyncio.Task[None] | None = None
+        self.dead = False
+
+    async def settled(self) -> None:
+        """Return once everything appended so far is written (or failed for good)."""
+        while self._task is not None and not self._task.done():
+            await asyncio.gather(asyncio.shield(self._task), return_exceptions=True)
+
+    def busy(self) -> bool:
+        return bool(self._queue or self._stuck or (self._task is not None and not self._task.done()))
+
+    def append(self, values: tuple[Any, ...], ident: Hashable | None = None) -> asyncio.Future[tuple[int, bool]]:
+        """Number ``values`` and write them; the future gives (number, duplicate). An append whose
+        ident was numbered before returns that number with duplicate=True once it is written."""
+        fut: asyncio.Future[tuple[int, bool]] = asyncio.get_running_loop().create_future()
+        if self.dead:
+            fut.set_exception(NotOwner(f"{self.key}: partition {self.part} changed hands"))
+            return fut
+        if ident is not None:
+            for pending in (*self._stuck, *self._queue):
+                if pending.ident == ident:
+                    pending.waiters.append(fut)
+                    return fut
+            n = self._recent.get(ident)
+            if n is not None:
+                fut.set_result((n, True))
+                return fut
+        self._queue.append(_Append(values, ident, [fut]))
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._drain(), name=f"log-{self.key}")
+        return fut
+
+    def _fail(self, items: Sequence[_Append], exc: Exception) -> None:
+        for item in items:
+            for w in item.waiters:
+                if not w.done():
+                    w.set_exception(exc)
+            item.waiters = []
+
+    def kill(self, reason: str) -> None:
+        """The partition is gone: fail everything waiting here; the key is numbered elsewhere now."""
+        self.dead = True
+        self._fail(self._stuck + self._queue, NotOwner(f"{self.key}: {reason}"))
+        self._queue = []
+
+    async def _drain(self) -> None:
+        delay = 0.05
+        while (self._queue or self._stuck) and not self.dead:
+            if not self._leases.valid(self.part, self.epoch):
+                self.kill(f"lease of partition {self.part} ended")
+                return
+            batch = self._stuck + self._queue[: BATCH_MAX]
+            fresh = self._queue[: BATCH_MAX]
+            del self._queue[: BATCH_MAX]
+            n = self.head + len(self._stuck)
+            for item in fresh:
+                n += 1
+                item.n = n
+                if item.ident is not None:
+                    self._recent[item.ident] = n
+                    while len(self._recent) > RECENT_IDS:
+                        self._recent.popitem(last=False)
+            rows = [(item.n, item.values) for item in batch]
+            full = batch[0].n <= self._fence + FULL_ROWS
+            try:
+                await self._write(self.key, self.epoch, rows, full)
+            except StorageUnavailable as exc:
+                # the numbers stay bound to this content until it lands; nothing goes past them
+                self._stuck = batch
+                self._fail(batch, exc)
+                log.warning("writing %s %d..%d failed (%s); retrying", self.key, batch[0].n, batch[-1].n, exc)
+                await asyncio.sleep(delay)
+                delay = min(RETRY_CAP_S, delay * 2)
+                continue
+            delay = 0.05
+            self._stuck = []
+            self.head = batch[-1].n
+            if not self._leases.valid(self.part, self.epoch):
+                # written, but perhaps after a new holder read the tail: only a retry may tell
+                self.kill(f"lease of partition {self.part} ended while writing")
+                self._fail(batch, NotOwner(f"{self.key}: lease ended while writing"))
+                return
+            for item in batch:
+                for w in item.waiters:
+                    if not w.done():
+                        w.set_result((item.n, False) if w is item.waiters[0] else (item.n, True))
+
+
+class LogCache:
+    """The key logs of this process, bounded: an idle log is dropped first (its head is read
+    again from the store when it is next needed)."""
+
+    def __init__(self, limit: int = 50_000) -> None:
+        self._logs: OrderedDict[str, KeyLog] = OrderedDict()
+        self._limit = limit
+
+    def get(self, key: str) -> KeyLog | None:
+        got = self._logs.get(key)
+        if got is not None:
+            self._logs.move_to_end(key)
+        return got
+
+    def put(self, log_: KeyLog) -> None:
+        self._logs[log_.key] = log_
+        self._logs.move_to_end(log_.key)
+        if len(self._logs) > self._limit:
+            for key in list(self._logs)[: len(self._logs) - self._limit]:
+                if not self._logs[key].busy():
+                    del self._logs[key]
+
+    def drop(self, key: str) -> None:
+        self._logs.pop(key, None)
+
+    def of_partition(self, part: int) -> list[KeyLog]:
+        return [g for g in self._logs.values() if g.part == part]
+
+    def __len__(self) -> int:
+        return len(self._logs)
