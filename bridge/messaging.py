@@ -10,6 +10,8 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
+from cachetools import LRUCache
+
 from storage.base import (
     Chat,
     InboxEntry,
@@ -55,6 +57,7 @@ class Messenger:
         # chat -> (when read, chat) for the ack path, where every member of a group asks for the
         # same chat (and its hundred members) within moments of the others
         self._acked_chats: dict[str, tuple[float, Chat]] = {}
+        self._known_users: LRUCache[str, bool] = LRUCache(200_000)
 
     # -- helpers --------------------------------------------------------------------------------
     async def _member_chat(self, caller: Caller, chat_id: str) -> Chat:
@@ -66,8 +69,11 @@ class Messenger:
         return chat
 
     async def _existing_user(self, user_id: str) -> None:
+        if user_id in self._known_users:  # users are never deleted: once seen, no need to ask again
+            return
         if await self._store.get_user(user_id) is None:
             raise NotFound(f"user {user_id} does not exist")
+        self._known_users[user_id] = True
 
     async def _append(self, msg: NewMessage, recipients: Sequence[str]) -> tuple[Message, list[Out]]:
         """Store a message; the stored one and a ``msg`` event for each recipient's inbox."""
