@@ -2,15 +2,27 @@
 
 The tests are the ones of the in-process mode, imported here so they run again against a
 server started with ``--ingest mqtt`` (this module's ``server`` fixture wins over the shared one).
+The last test is the external broker's own: a bridge on Mosquitto killed and restarted.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
+import re
+import zlib
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
 
+import aiomqtt
+import httpx
 import pytest
 
-from tests.conftest import ServerProc
+from bridge.config import read_credentials
+from clients.sdk import Api, login
+from tests.conftest import ServerProc, broker_flags, fresh_phone, production_flags, production_url
 from tests.test_e2e_errors_permissions import (  # noqa: F401 - collected again here
     test_every_malformed_payload_gets_an_error_and_changes_nothing,
     test_publishing_outside_own_up_topic_changes_nothing,
@@ -34,3 +46,104 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc]:
     srv = ServerProc.start(tmp_path_factory.mktemp("pigeon-mqtt-ingest"), "--ingest", "mqtt")
     yield srv
     srv.stop()
+
+
+# -- an external broker: what Mosquitto accepted survives the bridge ------------------------------
+
+KILL_PARTITION = (1, 3)  # no other test runs a bridge with this client id, so its session is this test's
+
+
+async def forget_bridge_session(client_id: str) -> None:
+    """End a persistent session by connecting once with a clean one under its client id."""
+    url = urlparse(production_url("PIGEON_BROKER", "mqtt://"))
+    user, password = read_credentials(Path(production_url("PIGEON_BROKER_CREDENTIALS_FILE", "/")))
+    async with aiomqtt.Client(url.hostname or "127.0.0.1", url.port or 1883, identifier=client_id,
+                              username=user, password=password, clean_session=True):
+        pass
+
+
+async def test_a_bridge_killed_under_load_answers_everything_after_its_restart(tmp_path: Path) -> None:
+    """SIGKILL of a bridge on Mosquitto while one device's sends are being handled, more sends
+    while it is down, then a restart: every send is answered, numbered in the device's order."""
+    flags = [*production_flags(), *broker_flags(), "--bridge-partition", f"{KILL_PARTITION[0]}/{KILL_PARTITION[1]}"]
+    user, _ = read_credentials(Path(production_url("PIGEON_BROKER_CREDENTIALS_FILE", "/")))
+    client_id = f"{user}-p{KILL_PARTITION[0]}of{KILL_PARTITION[1]}"
+    await forget_bridge_session(client_id)  # nothing left over from an earlier run
+    bridge = ServerProc.start(tmp_path / "bridge", *flags)
+    restarted: ServerProc | None = None
+    try:
+        while True:  # a device this bridge handles
+            me = await login(bridge.http, fresh_phone())
+            if zlib.crc32(me.device_id.encode()) % KILL_PARTITION[1] == KILL_PARTITION[0]:
+                break
+        peer = await login(bridge.http, fresh_phone())
+        async with Api(me) as api:
+            chat = (await api.open_direct(peer.user_id))["chat"]
+        replies: dict[str, list[dict[str, Any]]] = {}
+        answered, handling = asyncio.Event(), asyncio.Event()
+        want: list[str] = []
+        device = aiomqtt.Client(me.mqtt_host, me.mqtt_port, identifier=me.device_id, username=me.device_id,
+                                password=me.token, clean_session=True, max_inflight_messages=100)
+        async with device:
+            await device.subscribe(f"down/{me.user_id}/{me.device_id}", qos=1)
+
+            async def collect() -> None:
+                async for message in device.messages:
+                    reply = json.loads(bytes(message.payload))  # type: ignore[arg-type]
+                    if "id" in reply:
+                        replies.setdefault(str(reply["id"]), []).append(reply)
+                        if reply["id"] == "b000":
+                            handling.set()
+                        if all(any(r.get("type") == "sent" for r in replies.get(i, ())) for i in want):
+                            answered.set()
+
+            async def send(ids: list[str]) -> None:
+                want.extend(ids)
+                answered.clear()
+                for i in ids:  # QoS 1: Mosquitto has each one when this returns
+                    body = {"type": "send", "id": i, "chat": chat, "body": i}
+                    await device.publish(f"up/{me.user_id}/{me.device_id}", json.dumps(body), qos=1)
+
+            collector = asyncio.create_task(collect())
+            try:
+                await send([f"a{k:03d}" for k in range(10)])
+                await asyncio.wait_for(answered.wait(), 30)
+                await send([f"b{k:03d}" for k in range(100)])
+                await asyncio.wait_for(handling.wait(), 30)  # kill mid-burst, once the bridge is at it
+                bridge.proc.kill()
+                bridge.proc.wait()
+                await send([f"c{k:03d}" for k in range(20)])  # while no bridge is there
+                restarted = ServerProc.start(tmp_path / "bridge", *flags)
+                try:
+                    await asyncio.wait_for(answered.wait(), 60)
+                except TimeoutError:
+                    missing = [(i, replies.get(i)) for i in want
+                               if not any(r.get("type") == "sent" for r in replies.get(i, ()))]
+                    message = f"{len(missing)} of {len(want)} sends never answered: {missing[:10]}"
+                    raise AssertionError(message) from None
+            finally:
+                collector.cancel()
+        # each send stored once, numbered in the order the device sent them (a send handled but
+        # not acknowledged before the kill is handled again, and answered with the same seq).
+        # Only "sent" replies count: another bridge on this shared broker (another test run's)
+        # may answer too, from its own store.
+        seqs = []
+        for i in want:
+            got = {r["seq"] for r in replies[i] if r.get("type") == "sent"}
+            assert len(got) == 1, (i, replies[i])
+            seqs.append(got.pop())
+        assert seqs == list(range(1, len(want) + 1))
+        # the restarted bridge itself took what was left (not some other bridge on the broker)
+        assert await sends_handled(restarted) >= 20
+    finally:
+        bridge.stop()
+        if restarted is not None:
+            restarted.stop()
+        await forget_bridge_session(client_id)
+
+
+async def sends_handled(srv: ServerProc) -> float:
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(f"{srv.http}/metrics")).text
+    m = re.search(r'^pigeon_requests_total\{type="send"\} (\S+)$', text, re.M)
+    return float(m.group(1)) if m else 0.0
