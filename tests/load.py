@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
+import json
 import math
 import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiomqtt
@@ -324,7 +327,7 @@ def describe(by_key: dict[tuple[str, str], Send], msgs: list[Event], chat: str, 
     return ""
 
 
-async def check(load: Load) -> list[str]:
+async def check(load: Load, report: Path | None = None) -> list[str]:
     """Every broken promise after a fault and recovery, one line each (empty: all kept).
 
     * every send was answered ``sent``, every retried send too, and all the replies to one
@@ -337,6 +340,8 @@ async def check(load: Load) -> list[str]:
       was accepted later, when the device sent it again);
     * each user's inbox, read with sync from 0, has positions 1..M with no gap, holds every
       message of the user's chats exactly once, each as history has it.
+
+    With ``report``, everything read and sent is written there as JSON, for a failure's post-mortem.
     """
     problems: list[str] = []
     sends = load.sends()
@@ -405,8 +410,10 @@ async def check(load: Load) -> list[str]:
         chats_of[pair.a.user_id].append(pair.chat)
         chats_of[pair.b.user_id].append(pair.chat)
     profiles = {p.user_id: p for pair in load.pairs for p in (pair.a, pair.b)}
+    inboxes: dict[str, list[Event]] = {}
     for user, chats in chats_of.items():
         items = await read_inbox(profiles[user])
+        inboxes[user] = items
         positions = [int(e["inbox"]) for e in items]
         if positions != list(range(1, len(items) + 1)):
             wrong = [(i + 1, p) for i, p in enumerate(positions) if p != i + 1]
@@ -429,4 +436,11 @@ async def check(load: Load) -> list[str]:
             kept = expected.get((str(e["chat"]), int(e["seq"])))
             if kept is not None and any(e.get(f) != kept.get(f) for f in MESSAGE_FIELDS):
                 problems.append(f"user {user}: inbox entry {e} differs from the history's {kept}")
+    if report is not None:
+        text = json.dumps({
+            "problems": problems, "summary": load.summary(), "histories": histories, "inboxes": inboxes,
+            "devices": {d.label: {"device": d.profile.device_id, "user": d.profile.user_id, "chat": d.chat,
+                                  "sends": [dataclasses.asdict(s) for s in d.sends]} for d in load.devices},
+        }, indent=1, default=str)
+        await asyncio.to_thread(report.write_text, text)
     return problems

@@ -38,9 +38,11 @@ def same_ports(srv: ServerProc) -> list[str]:
     return ["--http-port", str(http_port), "--mqtt-port", str(srv.mqtt_port), "--ws-port", str(srv.ws_port)]
 
 
-def verdict(load: Load, problems: list[str]) -> None:
+async def verdict(load: Load, report: Path) -> None:
+    problems = await check(load, report)
     print(load.summary())  # shown with -s, and by pytest for a failing test
-    assert not problems, f"{len(problems)} broken promises ({load.summary()}):\n" + "\n".join(problems[:40])
+    assert not problems, (f"{len(problems)} broken promises ({load.summary()}; everything read and sent is in "
+                          f"{report}):\n" + "\n".join(problems[:40]))
 
 
 @pytest.fixture(scope="module")
@@ -70,12 +72,12 @@ async def test_sigkill_under_load_then_restart_on_the_same_data(profile: str, tm
         lost = sum(d.lost for d in load.devices)
         assert lost >= len(load.devices), f"the kill should have cut every device's connection: {load.summary()}"
         assert any(s.retried and s.attempts > 1 for s in load.sends()), f"nothing was resent: {load.summary()}"
-        verdict(load, await check(load))
+        await verdict(load, tmp_path / "load-report.json")
     finally:
         srv.stop()
 
 
-async def test_redis_emptied_under_load(prod_server: ServerProc) -> None:
+async def test_redis_emptied_under_load(prod_server: ServerProc, tmp_path: Path) -> None:
     import redis.asyncio as aioredis
 
     service_pid("redis")  # only a Redis that scripts/services started is emptied
@@ -95,10 +97,10 @@ async def test_redis_emptied_under_load(prod_server: ServerProc) -> None:
         await r.aclose()
     assert len(load.sends()) > before, f"no sends after the flush: {load.summary()}"
     assert any(s.echoes for s in load.sends()), f"no answered send was sent again: {load.summary()}"
-    verdict(load, await check(load))
+    await verdict(load, tmp_path / "load-report.json")
 
 
-async def test_cassandra_paused_under_load(prod_server: ServerProc) -> None:
+async def test_cassandra_paused_under_load(prod_server: ServerProc, tmp_path: Path) -> None:
     pid = service_pid("cassandra")
     pairs = await make_pairs(prod_server.http, PAIRS)
     load = Load(pairs)
@@ -110,4 +112,4 @@ async def test_cassandra_paused_under_load(prod_server: ServerProc) -> None:
     await load.wait()
     sends = load.sends()
     assert any(s.timeouts or s.errors for s in sends), f"the pause went unnoticed: {load.summary()}"
-    verdict(load, await check(load))
+    await verdict(load, tmp_path / "load-report.json")
