@@ -328,6 +328,30 @@ def describe(by_key: dict[tuple[str, str], Send], msgs: list[Event], chat: str, 
 
 
 async def check(load: Load, report: Path | None = None) -> list[str]:
+    """Read every chat's history and every user's inbox from 0, and :func:`judge` them.
+
+    With ``report``, everything read and sent is written there as JSON, for a failure's post-mortem.
+    """
+    histories: dict[str, list[Event]] = {}
+    for pair in load.pairs:
+        async with Api(pair.a) as api:
+            histories[pair.chat] = await read_history(api, pair.chat)
+    inboxes: dict[str, list[Event]] = {}
+    for pair in load.pairs:
+        for p in (pair.a, pair.b):
+            inboxes[p.user_id] = await read_inbox(p)
+    problems = judge(load, histories, inboxes)
+    if report is not None:
+        text = json.dumps({
+            "problems": problems, "summary": load.summary(), "histories": histories, "inboxes": inboxes,
+            "devices": {d.label: {"device": d.profile.device_id, "user": d.profile.user_id, "chat": d.chat,
+                                  "sends": [dataclasses.asdict(s) for s in d.sends]} for d in load.devices},
+        }, indent=1, default=str)
+        await asyncio.to_thread(report.write_text, text)
+    return problems
+
+
+def judge(load: Load, histories: dict[str, list[Event]], inboxes: dict[str, list[Event]]) -> list[str]:
     """Every broken promise after a fault and recovery, one line each (empty: all kept).
 
     * every send was answered ``sent``, every retried send too, and all the replies to one
@@ -340,8 +364,6 @@ async def check(load: Load, report: Path | None = None) -> list[str]:
       was accepted later, when the device sent it again);
     * each user's inbox, read with sync from 0, has positions 1..M with no gap, holds every
       message of the user's chats exactly once, each as history has it.
-
-    With ``report``, everything read and sent is written there as JSON, for a failure's post-mortem.
     """
     problems: list[str] = []
     sends = load.sends()
@@ -357,11 +379,6 @@ async def check(load: Load, report: Path | None = None) -> list[str]:
         named = {(r.get("chat"), r.get("seq")) for r in s.replies}
         if len(named) != 1:
             problems.append(f"{s.id}: answered at different places {sorted(named, key=str)}")
-
-    histories: dict[str, list[Event]] = {}
-    for pair in load.pairs:
-        async with Api(pair.a) as api:
-            histories[pair.chat] = await read_history(api, pair.chat)
 
     stored: dict[tuple[str, str], Event] = {}
     for chat, msgs in histories.items():
@@ -409,11 +426,8 @@ async def check(load: Load, report: Path | None = None) -> list[str]:
     for pair in load.pairs:
         chats_of[pair.a.user_id].append(pair.chat)
         chats_of[pair.b.user_id].append(pair.chat)
-    profiles = {p.user_id: p for pair in load.pairs for p in (pair.a, pair.b)}
-    inboxes: dict[str, list[Event]] = {}
     for user, chats in chats_of.items():
-        items = await read_inbox(profiles[user])
-        inboxes[user] = items
+        items = inboxes[user]
         positions = [int(e["inbox"]) for e in items]
         if positions != list(range(1, len(items) + 1)):
             wrong = [(i + 1, p) for i, p in enumerate(positions) if p != i + 1]
@@ -436,11 +450,4 @@ async def check(load: Load, report: Path | None = None) -> list[str]:
             kept = expected.get((str(e["chat"]), int(e["seq"])))
             if kept is not None and any(e.get(f) != kept.get(f) for f in MESSAGE_FIELDS):
                 problems.append(f"user {user}: inbox entry {e} differs from the history's {kept}")
-    if report is not None:
-        text = json.dumps({
-            "problems": problems, "summary": load.summary(), "histories": histories, "inboxes": inboxes,
-            "devices": {d.label: {"device": d.profile.device_id, "user": d.profile.user_id, "chat": d.chat,
-                                  "sends": [dataclasses.asdict(s) for s in d.sends]} for d in load.devices},
-        }, indent=1, default=str)
-        await asyncio.to_thread(report.write_text, text)
     return problems

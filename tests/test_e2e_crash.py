@@ -17,15 +17,16 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 
 from clients.launch import ServerProc
+from clients.sdk import Profile
 from tests.conftest import production_flags, production_url
-from tests.load import Load, check, make_pairs
+from tests.load import Event, Load, Pair, Send, check, judge, make_pairs
 from tests.test_e2e_faults import Paused, service_pid
 
 PAIRS = 4
@@ -113,3 +114,139 @@ async def test_cassandra_paused_under_load(prod_server: ServerProc, tmp_path: Pa
     sends = load.sends()
     assert any(s.timeouts or s.errors for s in sends), f"the pause went unnoticed: {load.summary()}"
     await verdict(load, tmp_path / "load-report.json")
+
+
+# -- the checker itself: each promise, broken on purpose, is reported ------------------------------------------
+
+def _world() -> tuple[Load, dict[str, list[Event]], dict[str, list[Event]]]:
+    """One pair that kept every promise: a sent 4 messages, b 3, interleaved in chat c1."""
+    def profile(who: str) -> Profile:
+        return Profile(http_url="http://127.0.0.1:9", user_id=f"u{who}", device_id=f"d{who}", token="t",
+                       expires_at=0, mqtt_host="127.0.0.1", mqtt_port=9, ws_url="ws://127.0.0.1:9/mqtt")
+
+    load = Load([Pair(profile("a"), profile("b"), "c1")])
+    order = ["a", "b", "a", "a", "b", "a", "b"]  # who wrote seq 1, 2, ...
+    history: list[Event] = []
+    for seq, who in enumerate(order, start=1):
+        dev = load.devices[0 if who == "a" else 1]
+        s = Send(device=f"d{who}", user=f"u{who}", chat="c1", id=f"{who}-{len(dev.sends)}", body=f"{who}:{seq}",
+                 index=len(dev.sends), attempts=1)
+        s.replies.append({"type": "sent", "id": s.id, "chat": "c1", "seq": seq, "ts": 1})
+        dev.sends.append(s)
+        history.append({"chat": "c1", "seq": seq, "id": s.id, "from": s.user, "device": s.device, "ts": 1,
+                        "kind": "text", "body": s.body})
+    inboxes = {u: [*({**m, "type": "msg", "inbox": m["seq"]} for m in history),
+                   {"type": "receipt", "inbox": len(history) + 1, "chat": "c1", "user": "x", "kind": "read",
+                    "up_to": 1}]
+               for u in ("ua", "ub")}
+    return load, {"c1": history}, inboxes
+
+
+Mutation = Callable[[Load, dict[str, list[Event]], dict[str, list[Event]]], None]
+
+
+def _sends(load: Load, who: int) -> list[Send]:
+    return load.devices[who].sends
+
+
+def _unanswered(load: Load, h: dict[str, list[Event]], i: dict[str, list[Event]]) -> None:
+    _sends(load, 0)[3].replies.clear()
+
+
+def _retried_unanswered(load: Load, h: dict[str, list[Event]], i: dict[str, list[Event]]) -> None:
+    s = _sends(load, 0)[3]
+    s.replies.clear()
+    s.attempts = 3
+
+
+def _two_answers(load: Load, h: dict[str, list[Event]], i: dict[str, list[Event]]) -> None:
+    s = _sends(load, 1)[0]
+    s.replies.append({**s.replies[0], "seq": 9})
+
+
+def _answered_elsewhere(load: Load, h: dict[str, list[Event]], i: dict[str, list[Event]]) -> None:
+    s = _sends(load, 0)[0]
+    s.replies[0] = {**s.replies[0], "seq": 2}
+
+
+def _stored_twice(load: Load, h: dict[str, list[Event]], i: dict[str, list[Event]]) -> None:
+    h["c1"].append({**h["c1"][2], "seq": 8})
+
+
+def _seq_gap(load: Load, h: dict[str, list[Event]], i: dict[str, list[Event]]) -> None:
+    h["c1"][6]["seq"] = 9
+
+
+def _seq_repeated(load: Load, h: dict[str, list[Event]], i: dict[str, list[Event]]) -> None:
+    h["c1"][6]["seq"] = 6
+
+
+def _order_broken(load: Load, h: dict[str, list[Event]], i: dict[str, list[Event]]) -> None:
+    # a's second and third sends (seqs 3 and 4) stored the other way round
+    h["c1"][2]["seq"], h["c1"][3]["seq"] = 4, 3
+    for s, seq in zip(_sends(load, 0)[1:3], (4, 3), strict=True):
+        s.replies[0] = {**s.replies[0], "seq": seq}
+        for e in (e for items in i.values() for e in items if e.get("id") == s.id):
+            e["seq"] = seq
+
+
+def _phantom(load: Load, h: dict[str, list[Event]], i: dict[str, list[Event]]) -> None:
+    h["c1"].append({**h["c1"][0], "seq": 8, "id": "never-sent"})
+
+
+def _wrong_body(load: Load, h: dict[str, list[Event]], i: dict[str, list[Event]]) -> None:
+    h["c1"][1]["body"] = "something else"
+
+
+def _inbox_gap(load: Load, h: dict[str, list[Event]], i: dict[str, list[Event]]) -> None:
+    i["ua"][-1]["inbox"] = 10
+
+
+def _inbox_lacks(load: Load, h: dict[str, list[Event]], i: dict[str, list[Event]]) -> None:
+    del i["ub"][4]
+    for pos, e in enumerate(i["ub"], start=1):
+        e["inbox"] = pos
+
+
+def _inbox_twice(load: Load, h: dict[str, list[Event]], i: dict[str, list[Event]]) -> None:
+    i["ua"].append({**i["ua"][1], "inbox": len(i["ua"]) + 1})
+
+
+def _inbox_differs(load: Load, h: dict[str, list[Event]], i: dict[str, list[Event]]) -> None:
+    i["ub"][0]["body"] = "not what was stored"
+
+
+def _inbox_stranger(load: Load, h: dict[str, list[Event]], i: dict[str, list[Event]]) -> None:
+    i["ua"].append({**i["ua"][0], "seq": 99, "inbox": len(i["ua"]) + 1})
+
+
+@pytest.mark.parametrize(("mutation", "reported"), [
+    (_unanswered, "a send was never answered"),
+    (_retried_unanswered, "a retried send was never answered"),
+    (_two_answers, "answered at different places"),
+    (_answered_elsewhere, "answered at seq 2 but is stored at 1"),
+    (_stored_twice, "stored twice"),
+    (_seq_gap, "seqs with gaps"),
+    (_seq_repeated, "seqs given twice"),
+    (_order_broken, "after its later send"),
+    (_phantom, "was never sent by a device"),
+    (_wrong_body, "does not hold what"),
+    (_inbox_gap, "inbox positions are not 1..8"),
+    (_inbox_lacks, "sync from 0 lacks 1 messages"),
+    (_inbox_twice, "more than once"),
+    (_inbox_differs, "differs from the history"),
+    (_inbox_stranger, "in no history"),
+])
+def test_the_checker_reports_each_broken_promise(mutation: Mutation, reported: str) -> None:
+    load, histories, inboxes = _world()
+    assert judge(load, histories, inboxes) == []
+    mutation(load, histories, inboxes)
+    problems = judge(load, histories, inboxes)
+    assert any(reported in p for p in problems), problems
+
+
+def test_the_checker_excuses_only_an_order_the_server_refused() -> None:
+    load, histories, inboxes = _world()
+    _order_broken(load, histories, inboxes)
+    _sends(load, 0)[1].errors.append("unavailable")  # refused, so accepted later when sent again
+    assert judge(load, histories, inboxes) == []
