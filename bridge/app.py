@@ -28,7 +28,7 @@ from .http_api import Endpoints, HttpDeps, create_app
 from .media import Media
 from .messaging import Messenger
 from .metrics import Metrics
-from .mqtt_ingest import MqttIngest
+from .mqtt_ingest import MqttIngest, Partitions
 from .outbox import Out
 from .presence import PresenceTracker
 from .ratelimit import RateLimiter
@@ -133,6 +133,7 @@ class PigeonServer:
             clock=self.clock, publish=self.publish, endpoints=self.endpoints, dev=s.dev,
             max_payload=s.max_payload, ready=ready, connected=self._connected_devices,
             store_ops=lambda: self.store.ops,
+            partitions_held=lambda: len(self.store.held_partitions()) if isinstance(self.store, Partitions) else 0,
         )
         config = uvicorn.Config(create_app(deps), log_level="warning", access_log=False, lifespan="on")
         self._uvicorn = uvicorn.Server(config)
@@ -197,13 +198,26 @@ class PigeonServer:
             await admin.__aexit__(None, None, None)
             raise StartupError(f"broker {host}:{port}: {exc}") from exc
         self._dynsec = admin
-        self.accounts.registry = admin
-        part, parts = s.partition
-        self._ingest_client = MqttIngest(  # one stable client id per partition: its session outlives a restart
-            host, port, username=user, password=password,
-            client_id=f"{user}-p{part}of{parts}", handle=self._ingest,
-            partition=s.partition, persistent=True,
-        )
+        partitions = self.store if isinstance(self.store, Partitions) else None
+        ask_holder = getattr(self.state, "call", None)
+        if partitions is not None:
+            # Bridges of one deployment share the store's partitions: each takes the device
+            # traffic of the users of the partitions it holds, in one persistent broker session
+            # per partition (bridge/mqtt_ingest.py), and a dead bridge's share moves with its leases.
+            self._ingest_client = MqttIngest(
+                host, port, username=user, password=password, client_id=f"{user}-{secrets.token_hex(6)}",
+                handle=self._ingest, persistent=True, partitions=partitions, ask_holder=ask_holder,
+            )
+            handle = getattr(self.state, "handle", None)
+            if handle is not None:
+                handle("subscribe", self._ingest_client.serve_subscribe)
+            self.accounts.registry = _WatchedRegistry(admin, self._ingest_client)
+        else:  # one bridge: a persistent session that takes every device's traffic
+            self._ingest_client = MqttIngest(
+                host, port, username=user, password=password, client_id=f"{user}-all", handle=self._ingest,
+                persistent=True,
+            )
+            self.accounts.registry = admin
 
     async def _connected_devices(self) -> int:
         if self._broker is not None:
@@ -277,6 +291,21 @@ class PigeonServer:
         if self._http_sock is not None:
             self._http_sock.close()
         log.info("pigeon stopped")
+
+
+class _WatchedRegistry:
+    """At login: the device's credentials in the broker, and its user's device topics in the
+    broker session of the bridge that holds the user's partition, before the token is handed out."""
+
+    def __init__(self, admin: DynSecAdmin, ingest: MqttIngest) -> None:
+        self._admin, self._ingest = admin, ingest
+
+    async def register_device(self, user_id: str, device_id: str, token: str, expires_at: int) -> None:
+        await asyncio.gather(self._admin.register_device(user_id, device_id, token, expires_at),
+                             self._ingest.watch_user(user_id))
+
+    async def remove_device(self, device_id: str) -> None:
+        await self._admin.remove_device(device_id)
 
 
 def _code_sender(s: Settings) -> WebhookSms | LogSms | None:

@@ -27,7 +27,6 @@ class Settings:
     redis: str | None = None
     broker: str | None = None
     broker_credentials_file: Path | None = None
-    bridge_partition: str = "0/1"
     secret: bytes = field(default=b"", repr=False)
     sms_webhook: str | None = None
     max_payload: int = 64 * 1024
@@ -43,11 +42,6 @@ class Settings:
     upload_ttl_s: int = DAY_S
     log_level: str = "INFO"
     ingest: str = "inprocess"
-
-    @property
-    def partition(self) -> tuple[int, int]:
-        part, _, parts = self.bridge_partition.partition("/")
-        return int(part), int(parts)
 
     @property
     def advertised_host(self) -> str:
@@ -81,11 +75,6 @@ class Settings:
                 raise ConfigError(f"broker must be an mqtt://HOST:PORT URL, got {self.broker!r}")
             if self.broker_credentials_file is None:
                 raise ConfigError("broker_credentials_file (PIGEON_BROKER_CREDENTIALS_FILE) is required with broker")
-        part, _, parts = self.bridge_partition.partition("/")
-        if not (part.isdigit() and parts.isdigit() and 0 <= int(part) < int(parts)):
-            raise ConfigError(f"bridge_partition must be I/N with 0 <= I < N, got {self.bridge_partition!r}")
-        if int(parts) > 1 and not self.broker:
-            raise ConfigError("bridge_partition needs an external broker (broker): the embedded one has one bridge")
         if self.ingest not in ("inprocess", "mqtt"):
             raise ConfigError(f"ingest must be 'inprocess' or 'mqtt', got {self.ingest!r}")
         if self.max_group < 2:

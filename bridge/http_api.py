@@ -68,6 +68,7 @@ class HttpDeps:
     ready: asyncio.Event
     connected: Callable[[], Awaitable[int]]
     store_ops: Callable[[], StoreOps]  # what the store has asked of its database so far
+    partitions_held: Callable[[], int] = lambda: 0  # store partitions this process holds
 
 
 def _error(exc: ProtocolError) -> JSONResponse:
@@ -365,6 +366,7 @@ def create_app(deps: HttpDeps) -> FastAPI:
         deps.metrics.connected.set(await deps.connected())
         deps.metrics.online.set(await deps.presence.online_devices())
         deps.metrics.store_ops.update(deps.store_ops())
+        deps.metrics.partitions.set(deps.partitions_held())
         return Response(deps.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app

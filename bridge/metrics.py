@@ -55,6 +55,8 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
             registry=self.registry,
         )
+        self.partitions = Gauge("pigeon_partitions_held", "Store partitions this bridge holds (numbers and takes "
+                                "the device traffic of)", registry=self.registry)
         self.store_ops = StoreOpsCollector()
         self.registry.register(self.store_ops)
 

@@ -1,22 +1,27 @@
-"""The bridge as an MQTT client: consume ``up/+/+`` from a broker, publish replies and events.
+"""The bridge as an MQTT client: consume device publishes from a broker, publish replies and events.
 
 Used with any broker the bridge does not run itself, and selectable on the embedded one
 (``--ingest mqtt``). Publishes are spread over workers by device, so one device's requests are
-handled one at a time and in order while different devices proceed in parallel. The connection
-is re-established with capped, jittered backoff.
+handled one at a time and in order while different devices proceed in parallel. Connections
+are re-established with capped, jittered backoff.
 
-Several bridge processes share the load by partition (``partition=(I, N)``): every process
-receives every ``up/`` publish and handles those of the devices with ``crc32(device) % N == I``,
-so each device is always handled by the same process, in order, whatever the broker.
+**Partitioned** (a store with partition leases: Cassandra). Devices keep publishing on
+``up/{user}/{device}``; each bridge process receives only the traffic of the users of the
+partitions it holds. For each such partition it holds one persistent broker session under the
+partition's own client id (``{bridge user}-{keyspace}-p{N}``), subscribed to ``up/{user}/+`` for each of the
+partition's users; a user's topic joins the session at login, through the holder. When a
+partition changes hands, the new holder connects under the same client id: the broker closes
+the old holder's connection and hands the new one the session, with everything that arrived
+while nobody held it. Replies and events go out on a connection of their own.
 
-On an external broker the ingest is ``persistent``: the bridge keeps a persistent session
-(``clean_session=False``) under a client id that is the same every time its partition starts,
-and acknowledges each ``up/`` publish only once it has been handled (paho's manual ack). What
-the broker accepted while the bridge was down, or was still handling when it died, is
-delivered again when it comes back. Acknowledgements go out as handling finishes, so not
-always in the order the publishes arrived: MQTT 3.1.1 asks a client to acknowledge in order
-(4.6.0-2), which would make every device wait behind the slowest one; Mosquitto matches a
-PUBACK to its publish by packet id and accepts them in any order.
+**Unpartitioned** (one bridge, e.g. on SQLite): one persistent session subscribed to ``up/+/+``.
+
+Either way a publish is acknowledged only once it has been handled (paho's manual ack), so what
+the broker accepted while the bridge was down, or was still handling when it died, is delivered
+again when it comes back. Acknowledgements go out as handling finishes, so not always in the
+order the publishes arrived: MQTT 3.1.1 asks a client to acknowledge in order (4.6.0-2), which
+would make every device wait behind the slowest one; Mosquitto matches a PUBACK to its publish
+by packet id and accepts them in any order.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import logging
 import random
 import zlib
 from collections.abc import Awaitable, Callable
+from typing import Protocol, runtime_checkable
 
 import aiomqtt
 
@@ -48,15 +54,42 @@ INGEST_WORKERS = 256
 MAX_INFLIGHT = 256
 
 
+# Topics per SUBSCRIBE when a partition's session subscribes to its users' device topics.
+SUBSCRIBE_CHUNK = 100
+SESSION_READY_S = 5.0
+
+
 class IngestError(PigeonError):
     """The bridge could not reach the broker in time."""
+
+
+@runtime_checkable
+class Partitions(Protocol):
+    """Which users' device traffic this process takes: those of the partitions it holds (the
+    store's partition leases, see storage/cassandra_owner.py)."""
+
+    @property
+    def partition_scope(self) -> str:
+        """What one deployment's partitions are called (its keyspace): their broker sessions are
+        named after it, so two deployments on one broker never take each other's."""
+
+    def held_partitions(self) -> list[int]: ...
+
+    async def partitions_changed(self) -> None: ...
+
+    def partition_of_user(self, user_id: str) -> int: ...
+
+    async def partition_users(self, part: int) -> list[str]: ...
+
+
+AskHolder = Callable[[int, dict[str, object], float], Awaitable[dict[str, object]]]
 
 
 class MqttIngest:
     def __init__(
         self, host: str, port: int, *, username: str, password: str, client_id: str, handle: Handle,
         workers: int = INGEST_WORKERS, queue_size: int = 1_000, max_backoff_s: float = 30.0,
-        partition: tuple[int, int] = (0, 1), persistent: bool = False,
+        persistent: bool = False, partitions: Partitions | None = None, ask_holder: AskHolder | None = None,
     ) -> None:
         self._host, self._port = host, port
         self._username, self._password, self._client_id = username, password, client_id
@@ -68,7 +101,11 @@ class MqttIngest:
         self._client: aiomqtt.Client | None = None
         self._connected = asyncio.Event()
         self._max_backoff = max_backoff_s
-        self._part, self._parts = partition
+        self._partitions = partitions
+        self._ask_holder = ask_holder
+        # partition -> its session's connection, once subscribed (partitioned mode)
+        self._sessions: dict[int, aiomqtt.Client] = {}
+        self._session_ready: dict[int, asyncio.Event] = {}
 
     async def wait_connected(self, timeout: float) -> None:
         try:
@@ -100,39 +137,152 @@ class MqttIngest:
             for i, q in enumerate(self._queues):
                 tg.create_task(self._work(q), name=f"ingest-worker-{i}")
             tg.create_task(self._consume(), name="ingest-consumer")
+            if self._partitions is not None:
+                tg.create_task(self._follow_partitions(), name="ingest-partitions")
 
-    async def _consume(self) -> None:
+    # -- partitioned: one broker session per partition held ---------------------------------------
+    async def _follow_partitions(self) -> None:
+        """Hold one persistent broker session for each partition this process holds, under the
+        partition's own client id: whoever holds a partition takes over its session, with what
+        the broker kept for it meanwhile (a new connection under a client id closes the old)."""
+        assert self._partitions is not None
+        running: dict[int, asyncio.Task[None]] = {}
+        try:
+            while True:
+                held = set(self._partitions.held_partitions())
+                for part in held - running.keys():
+                    self._session_ready.setdefault(part, asyncio.Event())
+                    running[part] = asyncio.create_task(self._session(part), name=f"ingest-p{part}")
+                for part in list(running.keys() - held):
+                    running.pop(part).cancel()
+                    self._sessions.pop(part, None)
+                    self._session_ready.pop(part, None)
+                    log.info("gave up the broker session of partition %d", part)
+                try:
+                    async with asyncio.timeout(1.0):
+                        await self._partitions.partitions_changed()
+                except TimeoutError:
+                    pass
+        finally:
+            for task in running.values():
+                task.cancel()
+            await asyncio.gather(*running.values(), return_exceptions=True)
+
+    def _session_id(self, part: int) -> str:
+        assert self._partitions is not None
+        return f"{self._username}-{self._partitions.partition_scope}-p{part}"
+
+    async def _session(self, part: int) -> None:
+        assert self._partitions is not None
         backoff = 0.2
         while True:
-            client = aiomqtt.Client(
-                self._host, self._port, identifier=self._client_id, username=self._username,
-                password=self._password, clean_session=not self._persistent, keepalive=30,
-                protocol=aiomqtt.ProtocolVersion.V311, max_inflight_messages=MAX_INFLIGHT,
-            )
-            if self._persistent:
-                # aiomqtt 2.5 has no option for it: PUBACK only once handled (see _acker)
-                client._client.manual_ack_set(True)
-            # hundreds of replies and events in flight at once are the normal load, not a warning sign
-            client.pending_calls_threshold = 20 * MAX_INFLIGHT
+            client = self._new_client(self._session_id(part), persistent=True)
             try:
                 async with client:
-                    await client.subscribe(UP_FILTER, qos=1)
-                    self._client = client
-                    self._connected.set()
-                    log.info("bridge subscribed to %s on %s:%d", UP_FILTER, self._host, self._port)
+                    users = await self._partitions.partition_users(part)
+                    # Subscriptions live in the session: renewing them is idempotent, and covers a
+                    # broker that lost its sessions (a restart without persistence).
+                    for start in range(0, len(users), SUBSCRIBE_CHUNK):
+                        await client.subscribe([(f"up/{u}/+", 1) for u in users[start:start + SUBSCRIBE_CHUNK]])
+                    self._sessions[part] = client
+                    self._session_ready.setdefault(part, asyncio.Event()).set()
+                    log.info("holding the broker session of partition %d (%d users)", part, len(users))
                     backoff = 0.2
                     async for message in client.messages:
-                        payload = message.payload
-                        data = payload if isinstance(payload, bytes) else str(payload).encode()
-                        topic = message.topic.value
-                        device = topic.rsplit("/", 1)[-1].encode()
-                        ack = self._acker(client, message) if self._persistent else None
-                        if zlib.crc32(device) % self._parts != self._part:
-                            if ack is not None:
-                                ack()
-                            continue  # another bridge process owns this device
-                        q = self._queues[zlib.crc32(topic.encode()) % len(self._queues)]
-                        await q.put((topic, data, ack))
+                        await self._take(client, message)
+            except aiomqtt.MqttError as exc:
+                log.warning("broker session of partition %d lost: %s", part, exc)
+            except Exception:  # noqa: BLE001 - the session is retried; a store hiccup must not end it
+                log.exception("broker session of partition %d failed", part)
+            finally:
+                if self._sessions.get(part) is client:
+                    del self._sessions[part]
+                    ready = self._session_ready.get(part)
+                    if ready is not None:
+                        ready.clear()
+            await asyncio.sleep(backoff * (1 + random.random()))
+            backoff = min(self._max_backoff, backoff * 2)
+
+    async def watch_user(self, user_id: str) -> None:
+        """Make sure the device topics of this user reach the holder of the user's partition
+        (at login, before the device is handed its credentials)."""
+        if self._partitions is None:
+            return
+        part = self._partitions.partition_of_user(user_id)
+        if part in self._partitions.held_partitions():
+            await self.subscribe_user(part, user_id)
+            return
+        if self._ask_holder is None:
+            raise IngestError(f"partition {part} is held by another bridge, which this one cannot reach")
+        reply = await self._ask_holder(part, {"kind": "subscribe", "user": user_id}, SESSION_READY_S)
+        if "error" in reply:
+            raise IngestError(f"partition {part}: {reply['error']}")
+
+    async def subscribe_user(self, part: int, user_id: str) -> None:
+        ready = self._session_ready.setdefault(part, asyncio.Event())
+        try:
+            async with asyncio.timeout(SESSION_READY_S):
+                await ready.wait()
+        except TimeoutError as exc:
+            raise IngestError(f"the broker session of partition {part} is not up") from exc
+        client = self._sessions.get(part)
+        if client is None:
+            raise IngestError(f"the broker session of partition {part} is not up")
+        await client.subscribe(f"up/{user_id}/+", qos=1)
+
+    async def serve_subscribe(self, request: dict[str, object]) -> dict[str, object]:
+        """Another bridge asks this one, the holder, to take a user's device topics."""
+        if self._partitions is None:
+            return {"error": "this bridge does not partition its ingest"}
+        user = str(request.get("user", ""))
+        part = self._partitions.partition_of_user(user)
+        if not user or part not in self._partitions.held_partitions():
+            return {"error": f"partition {part} is not held here"}
+        try:
+            await self.subscribe_user(part, user)
+        except (IngestError, aiomqtt.MqttError) as exc:
+            return {"error": str(exc)}
+        return {"ok": True}
+
+    def _new_client(self, client_id: str, persistent: bool) -> aiomqtt.Client:
+        client = aiomqtt.Client(
+            self._host, self._port, identifier=client_id, username=self._username,
+            password=self._password, clean_session=not persistent, keepalive=30,
+            protocol=aiomqtt.ProtocolVersion.V311, max_inflight_messages=MAX_INFLIGHT,
+        )
+        if persistent:
+            # aiomqtt 2.5 has no option for it: PUBACK only once handled (see _acker)
+            client._client.manual_ack_set(True)
+        # hundreds of replies and events in flight at once are the normal load, not a warning sign
+        client.pending_calls_threshold = 20 * MAX_INFLIGHT
+        return client
+
+    async def _take(self, client: aiomqtt.Client, message: aiomqtt.Message, persistent: bool = True) -> None:
+        """Queue one ``up/`` publish for its device's worker, with what acknowledges it."""
+        payload = message.payload
+        data = payload if isinstance(payload, bytes) else str(payload).encode()
+        topic = message.topic.value
+        ack = self._acker(client, message) if persistent else None
+        q = self._queues[zlib.crc32(topic.encode()) % len(self._queues)]
+        await q.put((topic, data, ack))
+
+    async def _consume(self) -> None:
+        """The connection replies and events go out on; without partitions, also the one that
+        receives every ``up/`` publish."""
+        backoff = 0.2
+        partitioned = self._partitions is not None
+        while True:
+            client = self._new_client(self._client_id, persistent=self._persistent and not partitioned)
+            try:
+                async with client:
+                    if not partitioned:
+                        await client.subscribe(UP_FILTER, qos=1)
+                        log.info("bridge subscribed to %s on %s:%d", UP_FILTER, self._host, self._port)
+                    self._client = client
+                    self._connected.set()
+                    backoff = 0.2
+                    async for message in client.messages:
+                        await self._take(client, message, self._persistent)
             except aiomqtt.MqttError as exc:
                 log.warning("bridge connection to %s:%d lost: %s", self._host, self._port, exc)
             finally:
@@ -150,7 +300,7 @@ class MqttIngest:
         def ack() -> None:
             # After a reconnect the broker sends the publish again (it was never acknowledged);
             # a packet id of the old connection means nothing on the new one.
-            if self._client is client:
+            if self._client is client or client in self._sessions.values():
                 client._client.ack(mid, 1)
 
         return ack

@@ -53,8 +53,6 @@ def serve(
         envvar="PIGEON_BROKER", help="mqtt://HOST:PORT of an external broker (absent: embedded)")] = None,
     broker_credentials_file: Annotated[Path | None, typer.Option(
         envvar="PIGEON_BROKER_CREDENTIALS_FILE", help="file holding the bridge's broker username:password")] = None,
-    bridge_partition: Annotated[str, typer.Option(
-        envvar="PIGEON_BRIDGE_PARTITION", help="I/N: this process handles the devices of partition I of N")] = "0/1",
     sms_webhook: Annotated[str | None, typer.Option(envvar="PIGEON_SMS_WEBHOOK")] = None,
     rate: Annotated[float, typer.Option(envvar="PIGEON_RATE", help="Requests/s per device")] = 50.0,
     burst: Annotated[int, typer.Option(envvar="PIGEON_BURST")] = 200,
@@ -77,7 +75,7 @@ def serve(
         cfg = settings(
             dev=dev, data_dir=data_dir, host=host, public_host=public_host, mqtt_port=mqtt_port,
             ws_port=ws_port, http_port=http_port, store=store, media=media, redis=redis, sms_webhook=sms_webhook,
-            broker=broker, broker_credentials_file=broker_credentials_file, bridge_partition=bridge_partition,
+            broker=broker, broker_credentials_file=broker_credentials_file,
             rate_per_s=rate, rate_burst=burst, max_group=max_group, max_payload=max_payload,
             media_max_bytes=media_max_bytes, media_url_ttl_s=media_url_ttl, secret=secret_from_env() or None,
             ingest=ingest,

@@ -269,7 +269,7 @@ commit_failure_policy: stop
 </configuration>
 """)
     cmd = [
-        "java", "-Xms256m", "-Xmx1g", "-XX:+UseG1GC", *JVM17_FLAGS,
+        "java", "-Xms256m", "-Xmx2g", "-XX:+UseG1GC", *JVM17_FLAGS,
         f"-Dcassandra.config=file://{conf}", "-Dcassandra-foreground=yes",
         f"-Dcassandra.storagedir={home}", f"-Dcassandra.logdir={home / 'logs'}",
         f"-Dlogback.configurationFile={logback}", "-Dcassandra.skip_wait_for_gossip_to_settle=0",
@@ -339,6 +339,12 @@ def start_mosquitto(state: dict[str, object]) -> str:
 listener {port} 127.0.0.1
 allow_anonymous false
 persistence false
+# The bridges acknowledge a device publish only once they have handled it, in one session per
+# partition: the broker's default window of 20 unacknowledged messages per session would cap a
+# bridge at 20 requests in progress; and a partition's session keeps what arrives while its
+# holder changes.
+max_inflight_messages 1000
+max_queued_messages 100000
 log_dest stdout
 log_type error
 log_type warning

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
+import functools
 import logging
 import os
 import secrets
@@ -100,6 +100,7 @@ UNKNOWN_OUTCOME_RETRIES = 4
 # writer still recognises a repeat among the chat's latest ids.
 UNSENT_TTL_S = 10.0
 FORWARD_TIMEOUT_S = 5.0
+DDL_TIMEOUT_S = 120.0
 SWEEP_DAYS = 30  # how far back the upload sweep looks for unconfirmed uploads
 
 
@@ -143,7 +144,10 @@ def schema(keyspace: str, replication: str, inbox_ttl_s: int) -> list[str]:
         # each new holder puts before its first row of a key (storage/cassandra_owner.py)
         f"CREATE TABLE IF NOT EXISTS {ks}.owners (part int PRIMARY KEY, holder text, epoch bigint)",
         f"CREATE TABLE IF NOT EXISTS {ks}.owner_epochs (part int PRIMARY KEY, epoch bigint)",
+        f"CREATE TABLE IF NOT EXISTS {ks}.bridges (holder text PRIMARY KEY)",
         f"CREATE TABLE IF NOT EXISTS {ks}.fences (key text PRIMARY KEY, epoch bigint, after bigint)",
+        # the users of each partition: the topics its holder's broker session subscribes to
+        f"CREATE TABLE IF NOT EXISTS {ks}.partition_users (part int, user_id text, PRIMARY KEY (part, user_id))",
         f"CREATE TABLE IF NOT EXISTS {ks}.receipts (chat_id text, user_id text, delivered bigint, read bigint, "
         "PRIMARY KEY (chat_id, user_id))",
         f"CREATE TABLE IF NOT EXISTS {ks}.group_notices (chat_id text, user_id text, delivered bigint, read bigint, "
@@ -199,6 +203,30 @@ class CassandraStore:
         self._unset: Any = None  # the driver's UNSET_VALUE, once it is imported
         self.ops = StoreOps()
 
+    # -- partitions, for the MQTT edge: a bridge receives the device traffic of the users of the
+    # partitions it holds (see bridge/mqtt_ingest.py) --------------------------------------------
+    @property
+    def partition_scope(self) -> str:
+        return self.keyspace
+
+    def held_partitions(self) -> list[int]:
+        return self._leases.held() if self._leases is not None else []
+
+    async def partitions_changed(self) -> None:
+        """Return when the set of held partitions may have changed."""
+        if self._leases is None:
+            await asyncio.Event().wait()
+            return
+        self._leases.changed.clear()
+        await self._leases.changed.wait()
+
+    @staticmethod
+    def partition_of_user(user_id: str) -> int:
+        return partition_of(f"u:{user_id}")
+
+    async def partition_users(self, part: int) -> list[str]:
+        return [r[0] for r in await self._x("partition_users", part)]
+
     @property
     def shared_state(self) -> SharedState | None:
         """The shared state this store reaches other bridge processes through, if any."""
@@ -215,8 +243,8 @@ class CassandraStore:
         """Once open and given a shared state that carries requests, number for the others."""
         serve = getattr(self._state, "serve", None)
         if serve is not None and self._serving is None and self._leases is not None:
-            leases = self._leases
-            self._serving = asyncio.create_task(serve(leases.held, self._serve_forwarded), name="numbering-for-others")
+            self._state.handle("number", self._serve_forwarded)  # type: ignore[union-attr]
+            self._serving = asyncio.create_task(serve(self._leases.held), name="requests-from-other-bridges")
 
     # -- connection and schema -----------------------------------------------------------------
     def _connect(self) -> None:
@@ -255,7 +283,8 @@ class CassandraStore:
         if self._session is None:
             await self._blocking(self._connect)
         for stmt in schema(self.keyspace, self._replication, self._inbox_ttl):
-            await self._blocking(self._session.execute, stmt)
+            # a schema change waits for every node to agree on it: far longer than a request may
+            await self._blocking(functools.partial(self._session.execute, stmt, timeout=DDL_TIMEOUT_S))
         await self._blocking(self._send_ids_to_devices)
         await self._blocking(self._add_epochs)
         await self._blocking(self._session.execute,
@@ -273,6 +302,13 @@ class CassandraStore:
                                     "AND table_name=%s AND column_name='epoch'", (ks, table)).one()
             if found is None:
                 session.execute(f"ALTER TABLE {ks}.{table} ADD epoch bigint")
+                if table == "inbox":  # coming from schema 3: every user joins their partition's list
+                    put = session.prepare(f"INSERT INTO {ks}.partition_users (part, user_id) VALUES (?, ?)")
+                    from cassandra.query import SimpleStatement
+
+                    for (uid,) in session.execute(SimpleStatement(f"SELECT user_id FROM {ks}.users",
+                                                                  fetch_size=1000)):
+                        session.execute(put, (partition_of(f"u:{uid}"), uid))
 
     def _send_ids_to_devices(self) -> None:
         """Schema 2 kept send ids per user in ``sent``; request ids are unique per device, so from
@@ -389,6 +425,11 @@ class CassandraStore:
             # fences compete only with fences: the epoch is their timestamp, so the newest wins
             "fence_put": f"INSERT INTO {ks}.fences (key, epoch, after) VALUES (?, ?, ?) USING TIMESTAMP ?",
             "leases": f"SELECT part, holder, epoch FROM {ks}.owners",
+            "put_partition_user": f"INSERT INTO {ks}.partition_users (part, user_id) VALUES (?, ?)",
+            "partition_users": f"SELECT user_id FROM {ks}.partition_users WHERE part=?",
+            "alive": f"INSERT INTO {ks}.bridges (holder) VALUES (?) USING TTL ?",
+            "bridges": f"SELECT holder FROM {ks}.bridges",
+            "gone": f"DELETE FROM {ks}.bridges WHERE holder=?",
             "lease_take": f"INSERT INTO {ks}.owners (part, holder, epoch) VALUES (?, ?, ?) IF NOT EXISTS USING TTL ?",
             "lease_renew": f"UPDATE {ks}.owners USING TTL ? SET holder=?, epoch=? WHERE part=? IF holder=? AND epoch=?",
             "lease_drop": f"DELETE FROM {ks}.owners WHERE part=? IF holder=? AND epoch=?",
@@ -469,7 +510,8 @@ class CassandraStore:
             if existing is not None:
                 return existing
             uid = rows[0].user_id  # claimed but the user row was not written yet: finish it
-        await self._x("put_user", uid, phone, now)
+        await asyncio.gather(self._x("put_user", uid, phone, now),
+                             self._x("put_partition_user", partition_of(f"u:{uid}"), uid))
         return User(user_id=uid, phone=phone, name="", created_at=now, last_seen=0)
 
     async def get_user(self, user_id: str) -> User | None:
@@ -724,32 +766,31 @@ class CassandraStore:
         if rpc is None:
             raise StorageUnavailable(f"partition {part} is held by another process, and no shared state "
                                      "(--redis) connects this one to it")
-        request = json.dumps({"key": key, "values": list(values),
-                              "ident": list(ident) if isinstance(ident, tuple) else ident,
-                              "until": time.time() + FORWARD_TIMEOUT_S})
-        reply = json.loads(await rpc(part, request, FORWARD_TIMEOUT_S))
+        request = {"kind": "number", "key": key, "values": list(values),
+                   "ident": list(ident) if isinstance(ident, tuple) else ident,
+                   "until": time.time() + FORWARD_TIMEOUT_S}
+        reply = await rpc(part, request, FORWARD_TIMEOUT_S)
         if "error" in reply:
             raise StorageUnavailable(f"partition {part}: {reply['error']}")
         return int(reply["n"]), bool(reply["dup"])
 
-    async def _serve_forwarded(self, request: str) -> str:
+    async def _serve_forwarded(self, req: dict[str, Any]) -> dict[str, Any]:
         """Number a key for another process (it holds no lease on the key's partition)."""
         try:
-            req = json.loads(request)
             if time.time() > float(req["until"]):
-                return json.dumps({"error": "the request waited too long"})
+                return {"error": "the request waited too long"}
             ident = tuple(req["ident"]) if isinstance(req["ident"], list) else req["ident"]
             key = str(req["key"])
             part = partition_of(key)
             if self._leases is None or self._leases.epoch(part) is None:
-                return json.dumps({"error": f"partition {part} is not held here"})
+                return {"error": f"partition {part} is not held here"}
             n, dup = await (await self._log(key)).append(tuple(req["values"]), ident)
-            return json.dumps({"n": n, "dup": dup})
+            return {"n": n, "dup": dup}
         except StorageUnavailable as exc:
-            return json.dumps({"error": str(exc)})
+            return {"error": str(exc)}
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("ignoring a malformed forwarded request: %s", exc)
-            return json.dumps({"error": "malformed request"})
+            return {"error": "malformed request"}
 
     async def _quiesce(self, part: int) -> None:
         """Wait until what this process took for a partition's keys is written."""

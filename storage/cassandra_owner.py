@@ -127,6 +127,10 @@ class Leases:
             except StorageUnavailable:
                 pass
         self._held.clear()
+        try:
+            await self._run("gone", self.holder)
+        except StorageUnavailable:
+            pass  # it expires by itself
 
     async def _loop(self) -> None:
         next_scan = self._clock() + SCAN_EVERY_S
@@ -174,8 +178,11 @@ class Leases:
         for part in [p for p, lease in self._held.items() if self._clock() >= lease.deadline]:
             log.warning("lease of partition %d ran out", part)
             self._lose(part)
-        rows = await self._run("leases")
-        holders = {r[1] for r in rows if r[1]} | {self.holder}
+        # every live process says so (a row that expires with it), so a newcomer holding nothing
+        # yet is counted in the fair share
+        await self._run("alive", self.holder, LEASE_TTL_S)
+        rows, alive = await asyncio.gather(self._run("leases"), self._run("bridges"))
+        holders = {r[1] for r in rows if r[1]} | {r[0] for r in alive} | {self.holder}
         taken = {r[0]: r[1] for r in rows}
         share = -(-PARTITIONS // len(holders))
         free = [p for p in range(PARTITIONS) if p not in taken and p not in self._held]

@@ -97,7 +97,8 @@ class RedisState:
         self._redis: Any = aioredis.Redis(connection_pool=self._pool)
         self._scripts: dict[str, Any] = {}
         self._me = uuid.uuid4().hex
-        self._replies: dict[str, asyncio.Future[str]] = {}
+        self._replies: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._handlers: dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] = {}
         self._reply_task: asyncio.Task[None] | None = None
 
     async def _do(self, coro: Any) -> Any:
@@ -197,14 +198,19 @@ class RedisState:
         await self._do(self._scripts["release"](keys=[f"pg:{{{key}}}:lock"], args=[token]))
 
     # -- requests between bridge processes -------------------------------------------------------
-    async def call(self, part: int, request: str, timeout_s: float) -> str:
-        """Hand ``request`` to whichever process serves partition ``part`` and wait for its answer.
-        A request nobody takes in time raises :class:`StorageUnavailable` (it may still be
-        handled later: requests carry their own deadline, and what they ask is idempotent)."""
+    def handle(self, kind: str, handler: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]) -> None:
+        """Answer requests of that kind (see ``call``) with ``handler``."""
+        self._handlers[kind] = handler
+
+    async def call(self, part: int, request: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+        """Hand ``request`` (with a ``kind``) to whichever process serves partition ``part`` and wait
+        for its answer. A request nobody takes in time raises :class:`StorageUnavailable` (it
+        may still be handled later: requests carry their own deadline, and what they ask is
+        idempotent)."""
         if self._reply_task is None or self._reply_task.done():
             self._reply_task = asyncio.create_task(self._collect_replies(), name="rpc-replies")
         rid = uuid.uuid4().hex
-        fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._replies[rid] = fut
         try:
             await self._do(self._redis.rpush(f"{RPC_LIST}{part}", json.dumps([self._me, rid, request])))
@@ -231,13 +237,18 @@ class RedisState:
             if fut is not None and not fut.done():
                 fut.set_result(reply)
 
-    async def serve(self, parts: Callable[[], Sequence[int]], handle: Callable[[str], Awaitable[str]]) -> None:
+    async def serve(self, parts: Callable[[], Sequence[int]]) -> None:
         """Take requests for the partitions ``parts()`` names (asked anew at every wait) and answer
-        each with ``handle``; runs until cancelled."""
+        each with the handler of its kind; runs until cancelled."""
         running: set[asyncio.Task[None]] = set()
 
-        async def answer(caller: str, rid: str, request: str) -> None:
-            reply = await handle(request)
+        async def answer(caller: str, rid: str, request: dict[str, Any]) -> None:
+            handler = self._handlers.get(str(request.get("kind")))
+            try:
+                reply = await handler(request) if handler is not None else {"error": "unknown request"}
+            except Exception as exc:  # an answer is always sent: the caller is waiting for it
+                log.exception("answering a request of another bridge failed")
+                reply = {"error": f"{type(exc).__name__}"}
             try:
                 key = f"{REPLY_LIST}{caller}"
                 pipe = self._redis.pipeline(transaction=False)
@@ -262,6 +273,8 @@ class RedisState:
                 continue
             try:
                 caller, rid, request = json.loads(got[1])
+                if not isinstance(request, dict):
+                    raise TypeError("not an object")
             except (ValueError, TypeError):
                 log.warning("ignoring a malformed request on %s", got[0])
                 continue

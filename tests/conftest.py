@@ -27,6 +27,34 @@ def production_url(var: str, scheme: str) -> str:
     return value
 
 
+_made_keyspaces: list[str] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _drop_made_keyspaces() -> Iterator[None]:
+    """At the end of the run, drop the keyspaces fresh_store_url made (each holds two dozen
+    tables in the test Cassandra's heap). Best effort: a failure here fails no test."""
+    yield
+    if not _made_keyspaces:
+        return
+    from urllib.parse import urlsplit
+
+    from cassandra.cluster import Cluster
+
+    url = urlsplit(_made_keyspaces[0])
+    cluster = Cluster([h.rsplit(":", 1)[0] for h in url.netloc.split(",")], port=url.port or 9042,
+                      connect_timeout=10)
+    try:
+        session = cluster.connect()
+        for made in _made_keyspaces:
+            keyspace = urlsplit(made).path.strip("/")
+            session.execute(f"DROP KEYSPACE IF EXISTS {keyspace}", timeout=60)
+    except Exception as exc:  # noqa: BLE001 - cleaning up only
+        print(f"could not drop the test keyspaces: {exc!r}")
+    finally:
+        cluster.shutdown()
+
+
 def fresh_store_url() -> str:
     """A keyspace of its own on the test run's Cassandra, migrated. Each deployment a test starts
     gets one, as each real deployment has its own: bridges of one deployment share their
@@ -36,6 +64,7 @@ def fresh_store_url() -> str:
     head, _, tail = base.rpartition("/")
     keyspace, sep, query = tail.partition("?")
     url = f"{head}/{keyspace}_{secrets.token_hex(4)}{sep}{query}"
+    _made_keyspaces.append(url)
     done = subprocess.run([sys.executable, "-m", "clients.cli", "db", "migrate", "--store", url], cwd=ROOT,
                           capture_output=True, text=True)
     if done.returncode != 0:
