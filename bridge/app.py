@@ -28,7 +28,7 @@ from .http_api import Endpoints, HttpDeps, create_app
 from .media import Media
 from .messaging import Messenger
 from .metrics import Metrics
-from .mqtt_ingest import MqttIngest, Partitions
+from .mqtt_ingest import AskHolder, MqttIngest, Partitions
 from .outbox import Out
 from .presence import PresenceTracker
 from .ratelimit import RateLimiter
@@ -199,7 +199,13 @@ class PigeonServer:
             raise StartupError(f"broker {host}:{port}: {exc}") from exc
         self._dynsec = admin
         partitions = self.store if isinstance(self.store, Partitions) else None
-        ask_holder = getattr(self.state, "call", None)
+        call = getattr(self.state, "call", None)
+        ask_holder: AskHolder | None = None
+        if partitions is not None and call is not None:
+            async def ask_holder(part: int, request: dict[str, object], timeout: float) -> dict[str, object]:
+                assert partitions is not None
+                reply: dict[str, object] = await call(partitions.queue_of(part), request, timeout)
+                return reply
         if partitions is not None:
             # Bridges of one deployment share the store's partitions: each takes the device
             # traffic of the users of the partitions it holds, in one persistent broker session

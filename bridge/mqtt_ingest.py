@@ -75,6 +75,9 @@ class Partitions(Protocol):
 
     def held_partitions(self) -> list[int]: ...
 
+    def queue_of(self, part: int) -> str:
+        """Where requests for the holder of that partition wait (see storage/state_redis.py)."""
+
     async def partitions_changed(self) -> None: ...
 
     def partition_of_user(self, user_id: str) -> int: ...

@@ -209,6 +209,10 @@ class CassandraStore:
     def partition_scope(self) -> str:
         return self.keyspace
 
+    def queue_of(self, part: int) -> str:
+        """Where requests for a partition of this deployment wait in the shared state."""
+        return f"{self.keyspace}:p{part}"
+
     def held_partitions(self) -> list[int]:
         return self._leases.held() if self._leases is not None else []
 
@@ -244,7 +248,9 @@ class CassandraStore:
         serve = getattr(self._state, "serve", None)
         if serve is not None and self._serving is None and self._leases is not None:
             self._state.handle("number", self._serve_forwarded)  # type: ignore[union-attr]
-            self._serving = asyncio.create_task(serve(self._leases.held), name="requests-from-other-bridges")
+            leases = self._leases
+            self._serving = asyncio.create_task(serve(lambda: [self.queue_of(p) for p in leases.held()]),
+                                                name="requests-from-other-bridges")
 
     # -- connection and schema -----------------------------------------------------------------
     def _connect(self) -> None:
@@ -422,7 +428,8 @@ class CassandraStore:
             "read_inbox": f"SELECT pos, chat_id, seq, {_MSG}, rkind, ruser, up_to, epoch FROM {ks}.inbox "
                           "WHERE user_id=? AND bucket=? AND pos>? LIMIT ?",
             "fence_get": f"SELECT epoch, after FROM {ks}.fences WHERE key=?",
-            # fences compete only with fences: the epoch is their timestamp, so the newest wins
+            # fences compete only with fences: their timestamp is 2 × epoch (+1 for the second of the
+            # two a new holder writes), so the newest wins
             "fence_put": f"INSERT INTO {ks}.fences (key, epoch, after) VALUES (?, ?, ?) USING TIMESTAMP ?",
             "leases": f"SELECT part, holder, epoch FROM {ks}.owners",
             "put_partition_user": f"INSERT INTO {ks}.partition_users (part, user_id) VALUES (?, ?)",
@@ -731,10 +738,16 @@ class CassandraStore:
             if epoch is None:
                 raise NotOwner(f"partition {part} is not held here")
             fence = await self._fence(key)
-            head, recent, _ = await self._tail(key, fence)
             if fence[0] != epoch:
-                await self._x("fence_put", key, epoch, head, epoch)
+                # First hide every row of older epochs, then read the tail as it was, then put the
+                # fence at its head: a late row of an old holder is either in what is read (and
+                # kept) or hidden, and no reader ever sees one that is later replaced.
+                await self._x("fence_put", key, epoch, -1, 2 * epoch)
+                head, recent, _ = await self._tail(key, fence)
+                await self._x("fence_put", key, epoch, head, 2 * epoch + 1)
                 fence = (epoch, head)
+            else:
+                head, recent, _ = await self._tail(key, fence)
             if not self._leases.valid(part, epoch):  # type: ignore[union-attr]
                 raise NotOwner(f"partition {part} changed hands while opening {key}")
             if key.startswith("c:"):
@@ -766,10 +779,10 @@ class CassandraStore:
         if rpc is None:
             raise StorageUnavailable(f"partition {part} is held by another process, and no shared state "
                                      "(--redis) connects this one to it")
-        request = {"kind": "number", "key": key, "values": list(values),
+        request = {"kind": "number", "scope": self.keyspace, "key": key, "values": list(values),
                    "ident": list(ident) if isinstance(ident, tuple) else ident,
                    "until": time.time() + FORWARD_TIMEOUT_S}
-        reply = await rpc(part, request, FORWARD_TIMEOUT_S)
+        reply = await rpc(self.queue_of(part), request, FORWARD_TIMEOUT_S)
         if "error" in reply:
             raise StorageUnavailable(f"partition {part}: {reply['error']}")
         return int(reply["n"]), bool(reply["dup"])
@@ -777,6 +790,8 @@ class CassandraStore:
     async def _serve_forwarded(self, req: dict[str, Any]) -> dict[str, Any]:
         """Number a key for another process (it holds no lease on the key's partition)."""
         try:
+            if req.get("scope") != self.keyspace:  # another deployment's request: never number it here
+                return {"error": f"this bridge serves keyspace {self.keyspace}, not {req.get('scope')!r}"}
             if time.time() > float(req["until"]):
                 return {"error": "the request waited too long"}
             ident = tuple(req["ident"]) if isinstance(req["ident"], list) else req["ident"]

@@ -14,13 +14,14 @@ message.
   monotonic clock, where ``sent`` is when it *sent* the request that granted or renewed it: the
   replica's TTL starts later than that, so the holder's deadline always comes before the row
   can vanish. A paused holder wakes up past its deadline and writes nothing more.
-* **Fences.** The first time a holder numbers a key under a new epoch, it reads the key's tail
-  (the highest rows and their senders' ids), and writes a fence ``(key, epoch, after=head)``
+* **Fences.** The first time a holder numbers a key under a new epoch, it writes a fence
+  ``(key, epoch, after=-1)`` that hides every row of older epochs, reads the key's tail as it
+  was (the highest rows and their senders' ids), and moves the fence to ``after=head``, all
   before any row of its own. Every row carries the epoch that wrote it. A reader drops rows of
   an older epoch numbered past the newest fence: a write a stale holder sent before its lease
-  ran out but which landed late, after the new holder had read the tail, can never be seen, and
-  the new holder's own row at that number replaces it (the first ``FULL_ROWS`` numbers after a
-  fence are written with every column, so nothing of the late row survives).
+  ran out but which landed late is either part of the tail read (and kept) or never seen by
+  anyone, and the new holder's own row at that number replaces it (the first ``FULL_ROWS``
+  numbers after a fence are written with every column, so nothing of the late row survives).
 * **Order and failures.** A key's rows are written in number order, one batch at a time: a batch
   is every append that arrived while the previous batch was being written, numbered in arrival
   order and written as one unlogged batch per Cassandra partition. A failed write keeps its

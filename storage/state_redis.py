@@ -64,9 +64,10 @@ return 0
 
 
 REDIS_CONNECTIONS = 64
-# Requests between bridge processes (see ``call``): one list per partition, one per caller for
-# replies. All in one hash slot, so one BLPOP can wait on several of them on Redis Cluster too.
-RPC_LIST = "pg:{rpc}:p:"
+# Requests between bridge processes (see ``call``): one list per queue (a deployment's partition),
+# one per caller for replies. All in one hash slot, so one BLPOP can wait on several of them on
+# Redis Cluster too.
+RPC_LIST = "pg:{rpc}:q:"
 REPLY_LIST = "pg:{rpc}:r:"
 RPC_WAIT_S = 1  # a blocking pop returns this often to look at what it serves
 log = logging.getLogger(__name__)
@@ -202,22 +203,22 @@ class RedisState:
         """Answer requests of that kind (see ``call``) with ``handler``."""
         self._handlers[kind] = handler
 
-    async def call(self, part: int, request: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-        """Hand ``request`` (with a ``kind``) to whichever process serves partition ``part`` and wait
-        for its answer. A request nobody takes in time raises :class:`StorageUnavailable` (it
-        may still be handled later: requests carry their own deadline, and what they ask is
-        idempotent)."""
+    async def call(self, queue: str, request: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+        """Hand ``request`` (with a ``kind``) to whichever process serves ``queue`` (a partition of
+        one deployment: ``KEYSPACE:pN``) and wait for its answer. A request nobody takes in time
+        raises :class:`StorageUnavailable` (it may still be handled later: requests carry their
+        own deadline, and what they ask is idempotent)."""
         if self._reply_task is None or self._reply_task.done():
             self._reply_task = asyncio.create_task(self._collect_replies(), name="rpc-replies")
         rid = uuid.uuid4().hex
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._replies[rid] = fut
         try:
-            await self._do(self._redis.rpush(f"{RPC_LIST}{part}", json.dumps([self._me, rid, request])))
+            await self._do(self._redis.rpush(f"{RPC_LIST}{queue}", json.dumps([self._me, rid, request])))
             async with asyncio.timeout(timeout_s):
                 return await fut
         except TimeoutError as exc:
-            raise StorageUnavailable(f"no answer from the holder of partition {part} in {timeout_s:.0f} s") from exc
+            raise StorageUnavailable(f"no answer from the holder of {queue} in {timeout_s:.0f} s") from exc
         finally:
             self._replies.pop(rid, None)
 
@@ -237,9 +238,10 @@ class RedisState:
             if fut is not None and not fut.done():
                 fut.set_result(reply)
 
-    async def serve(self, parts: Callable[[], Sequence[int]]) -> None:
-        """Take requests for the partitions ``parts()`` names (asked anew at every wait) and answer
-        each with the handler of its kind; runs until cancelled."""
+    async def serve(self, queues: Callable[[], Sequence[str]]) -> None:
+        """Take requests for the queues ``queues()`` names (asked anew at every wait) and answer
+        each with the handler of its kind; runs until cancelled. A request popped from a queue
+        given up meanwhile goes back to the front of it, for the next holder."""
         running: set[asyncio.Task[None]] = set()
 
         async def answer(caller: str, rid: str, request: dict[str, Any]) -> None:
@@ -259,7 +261,7 @@ class RedisState:
                 log.warning("could not answer a request of another bridge: %s", exc)
 
         while True:
-            keys = [f"{RPC_LIST}{p}" for p in parts()]
+            keys = [f"{RPC_LIST}{q}" for q in queues()]
             if not keys:
                 await asyncio.sleep(RPC_WAIT_S / 4)
                 continue
@@ -270,6 +272,13 @@ class RedisState:
                 await asyncio.sleep(0.5)
                 continue
             if got is None:
+                continue
+            key = got[0].decode() if isinstance(got[0], bytes) else str(got[0])
+            if key not in {f"{RPC_LIST}{q}" for q in queues()}:
+                try:
+                    await self._do(self._redis.lpush(key, got[1]))
+                except StorageUnavailable as exc:
+                    log.warning("could not hand back a request for %s: %s", key, exc)
                 continue
             try:
                 caller, rid, request = json.loads(got[1])

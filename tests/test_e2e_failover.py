@@ -53,26 +53,11 @@ def holds(srv: ServerProc, holder: str) -> bool:
     return f"-{srv.proc.pid}-" in holder
 
 
-def own_redis_database(flags: list[str]) -> list[str]:
-    """The deployment gets a Redis database of its own, as a real deployment has its own Redis.
-
-    Needed because the requests bridges hand each other through Redis (the ``pg:{rpc}:p:N``
-    lists of storage/state_redis.py: "number this key", "subscribe this user") are not named
-    after the deployment: any other process on the same Redis database with a Cassandra store
-    -- another test's server, tests/test_storage_contract.py -- takes them too, answers a login's
-    "subscribe" with "unknown request" (the login fails ``unavailable``), and would number a
-    forwarded key in its own keyspace."""
-    i = flags.index("--redis")
-    url = urlsplit(flags[i + 1])
-    db = 1 + secrets.randbelow(15)
-    return [*flags[:i + 1], url._replace(path=f"/{db}").geturl(), *flags[i + 2:]]
-
-
 @pytest.fixture
 def deployment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[list[str], ServerProc, ServerProc]]:
     # one deployment signs with one secret: a token one bridge gave is good on the other
     monkeypatch.setenv("PIGEON_SECRET", secrets.token_hex(32))
-    flags = own_redis_database(production_flags()) + broker_flags()  # once: both bridges on one keyspace
+    flags = production_flags() + broker_flags()  # once: both bridges on one keyspace
     first = ServerProc.start(tmp_path / "bridge0", *flags)
     try:
         second = ServerProc.start(tmp_path / "bridge1", *flags)
