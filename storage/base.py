@@ -322,8 +322,9 @@ class Store(Protocol):
         """The user's highest inbox position (0 when empty)."""
 
     async def advance_device_ack(self, device_id: str, user_id: str, up_to: int) -> tuple[int, int]:
-        """Raise the device's and its user's acknowledged inbox position to at least ``up_to``;
-        return the user's (previous, new) acknowledged position."""
+        """Raise the user's acknowledged inbox position to at least ``up_to`` (never past the
+        inbox head), and the device's where the backend keeps one; return the user's
+        (previous, new) acknowledged position."""
 
     async def get_receipts(self, chat_id: str) -> list[Receipt]:
         """Delivered and read positions of every current member (0 where nothing yet)."""

@@ -66,7 +66,7 @@ from .base import (
     media_from_json,
     media_to_json,
 )
-from .cassandra_owner import KeyLog, Leases, LogCache, NotOwner, partition_of
+from .cassandra_owner import FULL_ROWS, KeyLog, Leases, LogCache, NotOwner, partition_of
 from .sqlite import new_id
 from .state import SharedState
 
@@ -196,6 +196,7 @@ class CassandraStore:
         # position and each member's receipt positions (lower bounds), send ids not yet used.
         self._known_chats: LRUCache[str, bool] = LRUCache(100_000)
         self._pairs: LRUCache[str, Chat] = LRUCache(100_000)
+        self._directs: LRUCache[str, Chat] = LRUCache(100_000)
         self._entries: LRUCache[tuple[str, int], InboxEntry] = LRUCache(200_000)
         self._acked: LRUCache[str, int] = LRUCache(100_000)
         self._receipts: LRUCache[tuple[str, str], tuple[int, int]] = LRUCache(200_000)
@@ -608,6 +609,9 @@ class CassandraStore:
         return chat, last_ts
 
     async def get_chat(self, chat_id: str) -> Chat | None:
+        known = self._directs.get(chat_id)  # a direct chat's members never change
+        if known is not None:
+            return dataclasses.replace(known, last_seq=await self._head(f"c:{chat_id}"))
         return await self._chat(chat_id)
 
     async def _join(self, chat_id: str, user_id: str, role: Role, now: int) -> None:
@@ -620,7 +624,7 @@ class CassandraStore:
         if known is not None:
             return dataclasses.replace(known, last_seq=await self._head(f"c:{known.chat_id}"))
         chat = await self._direct_chat(pair, a, b, now)
-        self._pairs[pair] = chat
+        self._pairs[pair] = self._directs[chat.chat_id] = chat
         return chat
 
     async def _direct_chat(self, pair: str, a: str, b: str, now: int) -> Chat:
@@ -738,6 +742,9 @@ class CassandraStore:
             if epoch is None:
                 raise NotOwner(f"partition {part} is not held here")
             fence = await self._fence(key)
+            # rows after the head are written whole only where an older holder may have left a
+            # late row: a key no epoch has opened before has none
+            full_after = fence[1] if fence[0] else -FULL_ROWS - 1
             if fence[0] != epoch:
                 # First hide every row of older epochs, then read the tail as it was, then put the
                 # fence at its head: a late row of an old holder is either in what is read (and
@@ -745,6 +752,8 @@ class CassandraStore:
                 await self._x("fence_put", key, epoch, -1, 2 * epoch)
                 head, recent, _ = await self._tail(key, fence)
                 await self._x("fence_put", key, epoch, head, 2 * epoch + 1)
+                if fence[0]:
+                    full_after = head
                 fence = (epoch, head)
             else:
                 head, recent, _ = await self._tail(key, fence)
@@ -754,7 +763,7 @@ class CassandraStore:
                 ids: dict[Hashable, int] = {(r[2], r[3]): int(r[0]) for r in reversed(recent) if r[3] is not None}
             else:
                 ids = {(r[2], int(r[3])): int(r[0]) for r in reversed(recent) if r[3] is not None}
-            log_ = KeyLog(key, part, epoch, head, fence[1], ids, self._write_rows, self._leases)  # type: ignore[arg-type]
+            log_ = KeyLog(key, part, epoch, head, full_after, ids, self._write_rows, self._leases)  # type: ignore[arg-type]
             self._logs.put(log_)
             fut.set_result(log_)
             return log_
@@ -983,11 +992,8 @@ class CassandraStore:
             prev = int(rows[0][1] or 0) if rows else 0
         head = await self.inbox_head(user_id)
         new = max(prev, min(up_to, head))
-        if new > prev:
-            await asyncio.gather(self._x("set_dev_ack", up_to, up_to, device_id),
-                                 self._x("set_acked", new, new, user_id))
-        else:
-            await self._x("set_dev_ack", up_to, up_to, device_id)
+        if new > prev:  # (the device's own position is not kept here: nothing reads it)
+            await self._x("set_acked", new, new, user_id)
         self._acked[user_id] = new
         return prev, new
 
