@@ -38,6 +38,7 @@ import logging
 import os
 import secrets
 import socket
+import threading
 import time
 from collections.abc import Hashable, Sequence
 from typing import Any
@@ -203,6 +204,7 @@ class CassandraStore:
         self._unsent: TTLCache[tuple[str, str], bool] = TTLCache(100_000, UNSENT_TTL_S)
         self._unset: Any = None  # the driver's UNSET_VALUE, once it is imported
         self.ops = StoreOps()
+        self._results: _Results | None = None
 
     # -- partitions, for the MQTT edge: a bridge receives the device traffic of the users of the
     # partitions it holds (see bridge/mqtt_ingest.py) --------------------------------------------
@@ -484,11 +486,15 @@ class CassandraStore:
         if session is None:
             raise StorageUnavailable("cassandra store is not open")
 
+        results = self._results
+        if results is None or results.loop is not loop:
+            results = self._results = _Results(loop)
+
         def ok(rows: Any) -> None:
-            loop.call_soon_threadsafe(_settle, fut, list(rows or []), None)
+            results.put(fut, list(rows or []), None)
 
         def fail(exc: BaseException) -> None:
-            loop.call_soon_threadsafe(_settle, fut, None, exc)
+            results.put(fut, None, exc)
 
         self.ops.statements += 1
         if name in _CONDITIONAL:
@@ -1079,6 +1085,35 @@ class CassandraStore:
         rows = await self._x("drop_media", key)
         await self._x("del_pending", obj.created_at // DAY_MS, key)
         return bool(rows[0][0])
+
+
+class _Results:
+    """Results from the driver's I/O thread, handed to the event loop in bunches: one wake-up of
+    the loop for everything that arrived meanwhile, not one per statement (a profile of the
+    bridge showed about 5 % of its CPU in those wake-ups)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._pending: list[tuple[asyncio.Future[list[Any]], list[Any] | None, BaseException | None]] = []
+        self._scheduled = False
+
+    def put(self, fut: asyncio.Future[list[Any]], rows: list[Any] | None, exc: BaseException | None) -> None:
+        with self._lock:
+            self._pending.append((fut, rows, exc))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        try:
+            self.loop.call_soon_threadsafe(self._hand_over)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+    def _hand_over(self) -> None:
+        with self._lock:
+            pending, self._pending, self._scheduled = self._pending, [], False
+        for fut, rows, exc in pending:
+            _settle(fut, rows, exc)
 
 
 def _settle(fut: asyncio.Future[list[Any]], rows: list[Any] | None, exc: BaseException | None) -> None:
