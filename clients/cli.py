@@ -411,6 +411,8 @@ def bench(
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
     server_log: Annotated[Path | None, typer.Option(
         help="with --profile: copy the log of the server the run started to this file when it ends")] = None,
+    bridges: Annotated[int, typer.Option(
+        help="with --profile production: how many bridge processes to start (they share the work)")] = 1,
 ) -> None:
     """Measure throughput, latency, fan-out, sync, idle cost and bytes on the wire (loopback only)."""
     import json
@@ -434,6 +436,8 @@ def bench(
             problems.append(f"{flag} must be between {low} and {high}, got {value}")
     if not 0.5 <= seconds <= 600 or not 1 <= max_seconds <= 7200:
         problems.append("--seconds must be within 0.5..600 and --max-seconds within 1..7200")
+    if not 1 <= bridges <= 8 or (bridges > 1 and profile != "production"):
+        problems.append("--bridges must be within 1..8, and more than 1 only with --profile production")
     if problems:
         for p in problems:
             err.print(f"[red]{p}[/]")
@@ -444,7 +448,7 @@ def bench(
     results = []
     try:
         with open_target(profile, http, mqtt, server_pid or [], broker_credentials_file, label,
-                         server_log) as target:
+                         server_log, bridges) as target:
             runner = Bench(target, opts, err)
             for name in chosen:
                 result = runner.run(name)

@@ -345,6 +345,7 @@ persistence false
 # holder changes.
 max_inflight_messages 1000
 max_queued_messages 100000
+persistent_client_expiration 7d
 log_dest stdout
 log_type error
 log_type warning

@@ -85,11 +85,26 @@ def test_every_scenario_runs_on_the_production_profile(tmp_path: Path) -> None:
     check_results(json.loads(out.read_text()), "production")
 
 
+def test_two_bridges_share_a_production_run(tmp_path: Path) -> None:
+    """--bridges 2: both processes take part, and their store counts and CPU are added up."""
+    production_url("PIGEON_BROKER", "mqtt://")
+    out = tmp_path / "bench.json"
+    done = bench("p2p", "--profile", "production", "--bridges", "2", *TINY, "--json", str(out))
+    assert done.returncode == 0, done.stderr[-4000:] + done.stdout[-2000:]
+    data = json.loads(out.read_text())
+    r = data if isinstance(data, dict) else next(x for x in data if x["scenario"] == "p2p")
+    assert r["lost"] == 0 and r["duplicates"] == 0 and r.get("unanswered", 0) == 0, r
+    assert r["profile"] == "production, 2 bridges" and r["msgs_per_s"] > 0
+    assert {"pigeon", "pigeon-2"} <= r["rss_by_process_mb"].keys(), r["rss_by_process_mb"]
+    check_cost(r, cpu_known=True)
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["nope", "--profile", "embedded"], "unknown scenario"),
     (["p2p"], "give either --profile"),
     (["p2p", "--profile", "embedded", "--pairs", "0"], "--pairs must be between"),
     (["p2p", "--profile", "cloud"], "--profile must be embedded or production"),
+    (["p2p", "--profile", "embedded", "--bridges", "2"], "more than 1 only with --profile production"),
 ])
 def test_bad_arguments_are_refused_before_anything_runs(args: list[str], message: str) -> None:
     done = bench(*args, timeout=60)

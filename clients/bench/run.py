@@ -254,7 +254,7 @@ class CostMeter:
     stretch of traffic, for the cost per delivered message."""
 
     def __init__(self, target: Target) -> None:
-        self.http = target.http
+        self.urls = target.metrics_urls()
         self.pids = [pid for pid in target.bridge_pids if os.path.exists(f"/proc/{pid}")]
         self._ops0: StoreOps | None = None
         self._ticks0: int | None = None
@@ -262,14 +262,24 @@ class CostMeter:
     def _ticks(self) -> int | None:
         return sum(cpu_ticks(pid) for pid in self.pids) if self.pids else None
 
+    def _ops(self) -> StoreOps | None:
+        """The store counts of every bridge added up (None if any cannot be read)."""
+        total = StoreOps(0, 0)
+        for url in self.urls:
+            ops = settled_store_ops(url)
+            if ops is None:
+                return None
+            total = StoreOps(total.statements + ops.statements, total.conditional + ops.conditional)
+        return total
+
     def start(self) -> None:
-        self._ops0 = settled_store_ops(self.http)
+        self._ops0 = self._ops()
         self._ticks0 = self._ticks()
 
     def per_msg(self, messages: float) -> dict[str, Any]:
         """Once the server has settled: the cost of each of the ``messages`` delivered since
         :meth:`start`."""
-        ops1 = settled_store_ops(self.http) if self._ops0 is not None else None
+        ops1 = self._ops() if self._ops0 is not None else None
         return cost_per_msg(self._ops0, ops1, self._ticks0, self._ticks(), messages)
 
 

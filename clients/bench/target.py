@@ -7,6 +7,7 @@ import contextlib
 import ipaddress
 import json
 import os
+import re
 import secrets
 import shlex
 import shutil
@@ -14,10 +15,13 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
+
+import httpx
 
 from clients.launch import ROOT, ServerProc
 
@@ -51,6 +55,11 @@ class Target:
     pids: dict[str, int] = field(default_factory=dict)
     relay: Relay | None = None
     bridge_pids: list[int] = field(default_factory=list)  # the pigeon server itself, for its CPU per message
+    # every bridge's HTTP URL, whose /metrics the store counts are summed over (default: ``http``)
+    bridge_urls: list[str] = field(default_factory=list)
+
+    def metrics_urls(self) -> list[str]:
+        return self.bridge_urls or [self.http]
 
 
 def require_loopback(host: str, what: str) -> None:
@@ -171,6 +180,25 @@ def service_pids() -> dict[str, int]:
             if isinstance(info, dict) and "pid" in info and name in ("mosquitto", "redis")}
 
 
+def wait_shared(servers: list[ServerProc], timeout_s: float = 60.0) -> None:
+    """Wait until every bridge holds some of the store's partitions (they balance by lease)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        held = []
+        for s in servers:
+            try:
+                text = httpx.get(f"{s.http}/metrics", timeout=5.0).text
+            except httpx.HTTPError:
+                text = ""
+            m = re.search(r"^pigeon_partitions_held (\S+)$", text, re.M)
+            held.append(float(m.group(1)) if m else 0.0)
+        if min(held) > 0 and sum(held) >= 16:
+            time.sleep(2.0)  # let the balance settle before devices log in
+            return
+        time.sleep(0.5)
+    raise BenchError(f"the {len(servers)} bridges did not share the partitions within {timeout_s:.0f} s")
+
+
 def keep_log(server: ServerProc, to: Path | None) -> None:
     if to is not None:
         shutil.copyfile(server.log_path, to)
@@ -178,7 +206,8 @@ def keep_log(server: ServerProc, to: Path | None) -> None:
 
 @contextlib.contextmanager
 def open_target(profile: str | None, http: str | None, mqtt: str | None, server_pids: list[int],
-                credentials_file: Path | None, label: str | None, server_log: Path | None = None) -> Iterator[Target]:
+                credentials_file: Path | None, label: str | None, server_log: Path | None = None,
+                bridges: int = 1) -> Iterator[Target]:
     if http is not None:
         if mqtt is None:
             raise BenchError("--http needs --mqtt HOST:PORT too")
@@ -216,16 +245,27 @@ def open_target(profile: str | None, http: str | None, mqtt: str | None, server_
                 raise BenchError(f"pigeon db migrate failed: {migrate.stderr[-2000:]}")
             broker = urlparse(env["PIGEON_BROKER"])
             creds = Path(env["PIGEON_BROKER_CREDENTIALS_FILE"])
-            server = ServerProc.start(
-                Path(tmp), *BENCH_SERVER_FLAGS, "--store", store, "--media", env["PIGEON_MEDIA"],
-                "--redis", env["PIGEON_REDIS"], "--broker", env["PIGEON_BROKER"],
-                "--broker-credentials-file", str(creds))
+            flags = (*BENCH_SERVER_FLAGS, "--store", store, "--media", env["PIGEON_MEDIA"],
+                     "--redis", env["PIGEON_REDIS"], "--broker", env["PIGEON_BROKER"],
+                     "--broker-credentials-file", str(creds))
+            # bridges of one deployment sign with one secret: a token one gave is good on all
+            os.environ.setdefault("PIGEON_SECRET", secrets.token_hex(32))
+            servers: list[ServerProc] = []
             try:
+                for i in range(bridges):
+                    servers.append(ServerProc.start(Path(tmp) / f"bridge{i}", *flags))
+                if bridges > 1:
+                    wait_shared(servers)
+                server = servers[0]
+                pids = {("pigeon" if i == 0 else f"pigeon-{i + 1}"): s.proc.pid for i, s in enumerate(servers)}
                 with mosquitto_relay(broker.hostname or "127.0.0.1", broker.port or 1883, creds) as relay:
-                    yield Target("production", server.http, server.mqtt_host, server.mqtt_port,
-                                 {"pigeon": server.proc.pid, **service_pids()}, relay, [server.proc.pid])
+                    yield Target("production" if bridges == 1 else f"production, {bridges} bridges", server.http,
+                                 server.mqtt_host, server.mqtt_port, {**pids, **service_pids()}, relay,
+                                 [s.proc.pid for s in servers], [s.http for s in servers])
             finally:
-                server.stop()
-                keep_log(server, server_log)
+                for s in servers:
+                    s.stop()
+                if servers:
+                    keep_log(servers[0], server_log)
         return
     raise BenchError("give --profile embedded|production, or --http URL --mqtt HOST:PORT of a running server")
