@@ -28,6 +28,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import uuid
@@ -232,6 +233,12 @@ class Api:
         return resp.content
 
 
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Mark a background publish's outcome as seen (the caller may have stopped waiting)."""
+    if not task.cancelled():
+        task.exception()
+
+
 class Device:
     """A connected device: requests over MQTT, events in inbox order, cursor kept on disk."""
 
@@ -357,19 +364,35 @@ class Device:
             raise RequestTimeout(f"the broker did not acknowledge a {payload.get('type')} in time") from exc
 
     async def request(self, payload: Mapping[str, Any], timeout: float | None = None) -> Event:
-        """Publish a request with an id and wait for the reply carrying that id."""
+        """Publish a request with an id and wait for the reply carrying that id.
+
+        One timeout covers the publish and the reply. The server PUBACKs a publish only once it
+        has handled it, so the reply may arrive before the PUBACK, or the PUBACK may take as long
+        as the handling: the reply is returned as soon as it arrives, PUBACK or not.
+        """
+        if self._client is None:
+            raise PigeonClientError("not_connected", "the device is not connected")
         rid = str(payload.get("id") or uuid.uuid4().hex)
         body = {**payload, "id": rid}
         fut: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
-        self._pending[rid] = fut
+        self._pending[rid] = fut  # before the publish: the reply may come before its PUBACK
+        # the PUBACK wait runs beside the reply wait, bounded only by the one deadline below
+        published: asyncio.Future[Any] = asyncio.ensure_future(self._client.publish(
+            self.up, json.dumps(body, separators=(",", ":")), qos=1, timeout=math.inf))
+        published.add_done_callback(_retrieve)
         try:
-            await self._publish(body)
             async with asyncio.timeout(timeout or self._reply_timeout):
-                reply = await fut
+                either: set[asyncio.Future[Any]] = {fut, published}
+                await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+                if not fut.done():
+                    published.result()  # the publish failed (MqttError): no reply can come
+                    await fut
+                reply = fut.result()
         except TimeoutError as exc:
             raise RequestTimeout(f"no reply to {payload.get('type')} {rid}") from exc
         finally:
             self._pending.pop(rid, None)
+            published.cancel()  # a PUBACK still owed is of no use once the reply is here
         if reply.get("type") == "error":
             raise PigeonClientError(reply["code"], reply.get("message", ""), retry_after_ms=reply.get("retry_after_ms"))
         return reply

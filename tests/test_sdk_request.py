@@ -1,0 +1,127 @@
+"""``Device.request()`` never loses a reply that beats the PUBACK of its publish.
+
+The embedded broker and the bridge PUBACK a device's publish only once the server has handled
+it, so the reply (``sent``, ``error``...) can reach the device before the PUBACK, and the PUBACK
+can take as long as the handling. These tests run the real embedded broker on a free loopback
+port with a fake server as its ingest: it answers on the device's down topic and then holds the
+PUBACK. ``request()`` must return the reply as soon as it arrives, and wait at most its timeout
+in all (the PUBACK wait does not get a timeout of its own).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import pytest
+
+from broker.embedded import PigeonBroker, broker_config
+from broker.gate import DeviceGate
+from clients.sdk import Device, PigeonClientError, Profile, RequestTimeout
+
+USER = "u1"
+DEVICE = "d1"
+TIMEOUT = 1.0  # the device's reply timeout in these tests
+
+
+@dataclass
+class FakeServer:
+    """Answers sync at once; answers a ``send`` with ``reply`` (if any), then holds its PUBACK."""
+
+    broker: PigeonBroker
+    port: int
+    reply: dict[str, object] | None = None  # what to answer a send with (its id is filled in)
+    hold: float = 0.0  # how long the send's handling (and so its PUBACK) takes
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+    sends: int = 0
+
+    async def ingest(self, topic: str, payload: bytes) -> None:
+        msg = json.loads(payload)
+        down = f"down/{USER}/{DEVICE}"
+        if msg.get("type") == "sync":
+            batch = {"type": "batch", "id": msg["id"], "items": [], "more": False}
+            await self.broker.publish(down, json.dumps(batch).encode(), 1)
+        elif msg.get("type") == "send":
+            self.sends += 1
+            if self.reply is not None:
+                await self.broker.publish(down, json.dumps({**self.reply, "id": msg["id"]}).encode(), 1)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.release.wait(), self.hold)
+
+    def device(self) -> Device:
+        profile = Profile(http_url="http://127.0.0.1:9", user_id=USER, device_id=DEVICE, token=f"tok-{DEVICE}",
+                          expires_at=0, mqtt_host="127.0.0.1", mqtt_port=self.port, ws_url="ws://127.0.0.1:9/mqtt")
+        return Device(profile, reply_timeout=TIMEOUT)
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[FakeServer]:
+    async def check(token: str) -> tuple[str, str] | None:
+        return (USER, token[4:]) if token.startswith("tok-") else None
+
+    gate = DeviceGate(check)
+    broker = PigeonBroker(broker_config("127.0.0.1", 0, 0, gate), gate)
+    await broker.start()
+    port = broker._servers["default"].instance.sockets[0].getsockname()[1]  # noqa: SLF001
+    fake = FakeServer(broker=broker, port=port)
+    broker.set_ingest(fake.ingest)
+    try:
+        yield fake
+    finally:
+        fake.release.set()
+        await broker.shutdown()
+
+
+async def test_a_reply_that_beats_a_held_puback_is_returned(server: FakeServer) -> None:
+    async with server.device() as dev:
+        server.reply = {"type": "sent", "chat": "c1", "seq": 7}
+        server.hold = 3 * TIMEOUT  # the PUBACK comes long after the request's timeout
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            reply = await dev.request({"type": "send", "to": "u2", "body": "hi"})
+        finally:
+            server.release.set()
+        assert reply["type"] == "sent" and reply["seq"] == 7
+        assert loop.time() - started < TIMEOUT  # returned when the reply came, not at the PUBACK
+        assert server.sends == 1
+
+
+async def test_an_error_that_beats_a_held_puback_is_raised_as_itself(server: FakeServer) -> None:
+    async with server.device() as dev:
+        server.reply = {"type": "error", "code": "unavailable", "message": "store down", "retry_after_ms": 100}
+        server.hold = 3 * TIMEOUT
+        try:
+            with pytest.raises(PigeonClientError) as caught:
+                await dev.request({"type": "send", "to": "u2", "body": "hi"})
+        finally:
+            server.release.set()
+        assert caught.value.code == "unavailable"
+        assert caught.value.retry_after_ms == 100
+
+
+async def test_send_returns_the_reply_that_beats_a_held_puback_without_a_retry(server: FakeServer) -> None:
+    async with server.device() as dev:
+        server.reply = {"type": "sent", "chat": "c1", "seq": 1}
+        server.hold = 3 * TIMEOUT
+        try:
+            reply = await dev.send("hi", to="u2", retries=1)
+        finally:
+            server.release.set()
+        assert reply["type"] == "sent"
+        assert server.sends == 1  # no second attempt: the first reply was not lost
+
+
+async def test_the_puback_wait_and_the_reply_wait_share_one_timeout(server: FakeServer) -> None:
+    async with server.device() as dev:
+        server.reply = None  # never answers
+        server.hold = 0.7 * TIMEOUT  # the PUBACK comes late, but within the timeout
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(RequestTimeout):
+            await dev.request({"type": "send", "to": "u2", "body": "hi"})
+        # one timeout in all (was the PUBACK's wait plus a whole reply timeout after it)
+        assert loop.time() - started < 1.35 * TIMEOUT
