@@ -70,6 +70,7 @@ REDIS_CONNECTIONS = 64
 RPC_LIST = "pg:{rpc}:q:"
 REPLY_LIST = "pg:{rpc}:r:"
 RPC_WAIT_S = 1  # a blocking pop returns this often to look at what it serves
+RPC_BUNCH = 256  # requests (or replies) taken from a list in one round trip
 log = logging.getLogger(__name__)
 
 
@@ -233,10 +234,21 @@ class RedisState:
                 continue
             if got is None:
                 continue
-            rid, reply = json.loads(got[1])
-            fut = self._replies.get(rid)
-            if fut is not None and not fut.done():
-                fut.set_result(reply)
+            for item in [got[1], *await self._more(key)]:
+                rid, reply = json.loads(item)
+                fut = self._replies.get(rid)
+                if fut is not None and not fut.done():
+                    fut.set_result(reply)
+
+    async def _more(self, key: str) -> list[bytes]:
+        """What else waits in a list, taken in the same round trip as one more pop: one blocking
+        pop per item would let a busy list grow (each waits for the event loop's next turn)."""
+        try:
+            more = await self._do(self._redis.lpop(key, RPC_BUNCH))
+        except StorageUnavailable as exc:
+            log.warning("reading %s: %s", key, exc)
+            return []
+        return list(more or [])
 
     async def serve(self, queues: Callable[[], Sequence[str]]) -> None:
         """Take requests for the queues ``queues()`` names (asked anew at every wait) and answer
@@ -280,13 +292,14 @@ class RedisState:
                 except StorageUnavailable as exc:
                     log.warning("could not hand back a request for %s: %s", key, exc)
                 continue
-            try:
-                caller, rid, request = json.loads(got[1])
-                if not isinstance(request, dict):
-                    raise TypeError("not an object")
-            except (ValueError, TypeError):
-                log.warning("ignoring a malformed request on %s", got[0])
-                continue
-            task = asyncio.create_task(answer(caller, rid, request), name="rpc-answer")
-            running.add(task)
-            task.add_done_callback(running.discard)
+            for item in [got[1], *await self._more(key)]:
+                try:
+                    caller, rid, request = json.loads(item)
+                    if not isinstance(request, dict):
+                        raise TypeError("not an object")
+                except (ValueError, TypeError):
+                    log.warning("ignoring a malformed request on %s", key)
+                    continue
+                task = asyncio.create_task(answer(caller, rid, request), name="rpc-answer")
+                running.add(task)
+                task.add_done_callback(running.discard)

@@ -265,7 +265,7 @@ def open_target(profile: str | None, http: str | None, mqtt: str | None, server_
             finally:
                 for s in servers:
                     s.stop()
-                if servers:
-                    keep_log(servers[0], server_log)
+                for i, s in enumerate(servers):  # the first bridge's log where asked, the others' beside it
+                    keep_log(s, server_log if i == 0 or server_log is None else Path(f"{server_log}.{i + 1}"))
         return
     raise BenchError("give --profile embedded|production, or --http URL --mqtt HOST:PORT of a running server")
