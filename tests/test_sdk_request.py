@@ -118,10 +118,10 @@ async def test_send_returns_the_reply_that_beats_a_held_puback_without_a_retry(s
 async def test_the_puback_wait_and_the_reply_wait_share_one_timeout(server: FakeServer) -> None:
     async with server.device() as dev:
         server.reply = None  # never answers
-        server.hold = 0.7 * TIMEOUT  # the PUBACK comes late, but within the timeout
+        server.hold = 0.9 * TIMEOUT  # the PUBACK comes late, but within the timeout
         loop = asyncio.get_running_loop()
         started = loop.time()
         with pytest.raises(RequestTimeout):
             await dev.request({"type": "send", "to": "u2", "body": "hi"})
-        # one timeout in all (was the PUBACK's wait plus a whole reply timeout after it)
-        assert loop.time() - started < 1.35 * TIMEOUT
+        # one timeout in all (was the PUBACK's wait plus a whole reply timeout after it: 1.9 of them)
+        assert loop.time() - started < 1.5 * TIMEOUT
