@@ -4,16 +4,15 @@ Chosen by URL like the store: absent means in-process (:class:`MemoryState`, the
 default), ``redis://HOST:PORT/DB`` means :class:`storage.state_redis.RedisState`. None of this is
 durable data: losing it (a Redis restart) only makes users look offline until their devices
 next speak, forgets watches (devices renew them) and refills rate buckets. Messages, sequence
-numbers and receipts never live here.
+numbers and receipts never live here. Requests one bridge process hands another (Redis only:
+``RedisState.call``/``serve``) wait here too; a restart loses those, their callers answer
+``unavailable`` after a timeout, and devices retry.
 """
 
 from __future__ import annotations
 
 import math
-import time
-import uuid
 from collections import defaultdict
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -43,25 +42,6 @@ class SharedState(Protocol):
     async def take_token(self, key: str, rate: float, burst: int, now_s: float) -> int:
         """Spend one token from the bucket ``key``; 0 if allowed, else milliseconds to wait."""
 
-    async def heads(self, keys: Sequence[str]) -> list[int]:
-        """Hints of the highest number known taken for each counter (``c:CHAT``, ``u:USER``);
-        0 where unknown. A hint may be low, never high: the store stays the authority."""
-
-    async def raise_head(self, key: str, value: int) -> None:
-        """Raise a counter's hint to ``value`` if it is lower."""
-
-    async def remember_sent(self, device: str, client_id: str, ref: str, ttl_s: int) -> None:
-        """Remember for ``ttl_s`` which message a (device, client id) produced."""
-
-    async def recall_sent(self, device: str, client_id: str) -> str | None:
-        """What :meth:`remember_sent` stored, if still remembered."""
-
-    async def acquire(self, key: str, ttl_ms: int) -> str | None:
-        """Take a lock for at most ``ttl_ms``; a token to release it with, or None if held."""
-
-    async def release(self, key: str, token: str) -> None:
-        """Release a lock taken with :meth:`acquire` (only if still held with that token)."""
-
 
 @dataclass(slots=True)
 class _Bucket:
@@ -77,9 +57,6 @@ class MemoryState:
         self._watch: dict[str, dict[str, int]] = defaultdict(dict)
         self._buckets: dict[str, _Bucket] = {}
         self._max_buckets = max_buckets
-        self._heads: dict[str, int] = {}
-        self._sent: dict[tuple[str, str], str] = {}
-        self._locks: dict[str, tuple[str, float]] = {}
 
     async def open(self) -> None:
         return None
@@ -138,38 +115,6 @@ class MemoryState:
             b.tokens -= 1.0
             return 0
         return max(1, math.ceil((1.0 - b.tokens) / rate * 1000))
-
-    async def heads(self, keys: Sequence[str]) -> list[int]:
-        return [self._heads.get(k, 0) for k in keys]
-
-    async def raise_head(self, key: str, value: int) -> None:
-        if len(self._heads) > 1_000_000:
-            self._heads.clear()  # hints only: forgetting them is safe
-        if value > self._heads.get(key, 0):
-            self._heads[key] = value
-
-    async def remember_sent(self, device: str, client_id: str, ref: str, ttl_s: int) -> None:
-        if len(self._sent) > 200_000:
-            self._sent.clear()
-        self._sent[(device, client_id)] = ref
-
-    async def recall_sent(self, device: str, client_id: str) -> str | None:
-        return self._sent.get((device, client_id))
-
-    async def acquire(self, key: str, ttl_ms: int) -> str | None:
-        now = time.monotonic()
-        held = self._locks.get(key)
-        if held is not None and held[1] > now:
-            return None
-        token = uuid.uuid4().hex
-        self._locks[key] = (token, now + ttl_ms / 1000)
-        return token
-
-    async def release(self, key: str, token: str) -> None:
-        held = self._locks.get(key)
-        if held is not None and held[0] == token:
-            del self._locks[key]
-
 
 def open_state(url: str | None) -> SharedState:
     if not url:

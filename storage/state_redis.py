@@ -51,18 +51,6 @@ redis.call('HSET', KEYS[1], 't', tostring(tokens), 's', tostring(now))
 redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate * 1000) + 1000)
 return wait
 """
-_RAISE = """
-local v = tonumber(redis.call('GET', KEYS[1]) or '0')
-if tonumber(ARGV[1]) > v then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) end
-return 0
-"""
-HEAD_TTL_S = 30 * 86_400
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
-
 REDIS_CONNECTIONS = 64
 # Requests between bridge processes (see ``call``): one list per queue (a deployment's partition),
 # one per caller for replies. All in one hash slot, so one BLPOP can wait on several of them on
@@ -115,8 +103,7 @@ class RedisState:
 
     async def open(self) -> None:
         await self._do(self._redis.ping())
-        scripts = (("online", _ONLINE), ("offline", _OFFLINE), ("watchers", _WATCHERS), ("take", _TAKE),
-                   ("raise", _RAISE), ("release", _RELEASE))
+        scripts = (("online", _ONLINE), ("offline", _OFFLINE), ("watchers", _WATCHERS), ("take", _TAKE))
         for name, src in scripts:
             self._scripts[name] = self._redis.register_script(src)
 
@@ -171,33 +158,6 @@ class RedisState:
 
     async def take_token(self, key: str, rate: float, burst: int, now_s: float) -> int:
         return int(await self._do(self._scripts["take"](keys=[f"pg:{{d:{key}}}:rate"], args=[rate, burst, now_s])))
-
-    async def heads(self, keys: Sequence[str]) -> list[int]:
-        if not keys:
-            return []
-        pipe = self._redis.pipeline(transaction=False)
-        for k in keys:
-            pipe.get(f"pg:{{{k}}}:head")
-        values = await self._do(pipe.execute())
-        return [int(v) if v is not None else 0 for v in values]
-
-    async def raise_head(self, key: str, value: int) -> None:
-        await self._do(self._scripts["raise"](keys=[f"pg:{{{key}}}:head"], args=[value, HEAD_TTL_S]))
-
-    async def remember_sent(self, device: str, client_id: str, ref: str, ttl_s: int) -> None:
-        await self._do(self._redis.set(f"pg:{{d:{device}}}:sent:{client_id}", ref, ex=ttl_s))
-
-    async def recall_sent(self, device: str, client_id: str) -> str | None:
-        v = await self._do(self._redis.get(f"pg:{{d:{device}}}:sent:{client_id}"))
-        return v.decode() if isinstance(v, bytes) else v
-
-    async def acquire(self, key: str, ttl_ms: int) -> str | None:
-        token = uuid.uuid4().hex
-        ok = await self._do(self._redis.set(f"pg:{{{key}}}:lock", token, nx=True, px=ttl_ms))
-        return token if ok else None
-
-    async def release(self, key: str, token: str) -> None:
-        await self._do(self._scripts["release"](keys=[f"pg:{{{key}}}:lock"], args=[token]))
 
     # -- requests between bridge processes -------------------------------------------------------
     def handle(self, kind: str, handler: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]) -> None:
