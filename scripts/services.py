@@ -6,6 +6,8 @@
     scripts/services down    stop exactly the processes `up` started (by PID)
     scripts/services status  show what is running
     scripts/services exports print the `export` lines of the servers already up (exit 1 if none)
+    scripts/services restart-redis  kill Redis (SIGKILL) and start it again, empty, on its port:
+                             a fault for the tests
 
 Ports are free ones on 127.0.0.1 unless set: SERVICES_REDIS_PORT, SERVICES_MINIO_PORT,
 SERVICES_CASSANDRA_PORT (CQL). A server already given by PIGEON_STORE (cassandra://), PIGEON_REDIS or PIGEON_MEDIA (s3://)
@@ -425,30 +427,51 @@ def alive(pid: int) -> bool:
         return False
 
 
+def stop(name: str, pid: int, sig: int = signal.SIGTERM) -> None:
+    """Stop one server this script started (its own process group), waiting until it is gone."""
+    if not alive(pid):
+        return
+    say(f"stopping {name} (pid {pid})")
+    try:
+        os.killpg(pid, sig)  # its own session: the server and nothing else
+    except OSError:
+        return
+    deadline = time.monotonic() + 30
+    while alive(pid) and time.monotonic() < deadline:
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        time.sleep(0.2)
+    if alive(pid):
+        os.killpg(pid, signal.SIGKILL)
+
+
 def down() -> None:
     state = load_state()
     for name, info in state.items():
-        if not isinstance(info, dict) or "pid" not in info:
-            continue
-        pid = int(info["pid"])
-        if not alive(pid):
-            continue
-        say(f"stopping {name} (pid {pid})")
-        try:
-            os.killpg(pid, signal.SIGTERM)  # its own session: the server and nothing else
-        except OSError:
-            continue
-        deadline = time.monotonic() + 30
-        while alive(pid) and time.monotonic() < deadline:
-            try:
-                os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
-            time.sleep(0.2)
-        if alive(pid):
-            os.killpg(pid, signal.SIGKILL)
+        if isinstance(info, dict) and "pid" in info:
+            stop(name, int(info["pid"]))
     if STATE.exists():
         STATE.unlink()
+
+
+def restart_redis() -> None:
+    """Kill the Redis this script started (SIGKILL: everything in it is lost) and start an empty
+    one on the same port, as after a crash and a restart. For fault tests."""
+    state = load_state()
+    info = state.get("redis")
+    if not isinstance(info, dict) or "pid" not in info or not alive(int(info["pid"])):
+        raise SystemExit("services: no Redis of ours is running")
+    port = int(info["port"])
+    stop("redis", int(info["pid"]), signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while port_open(port) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    os.environ["SERVICES_REDIS_PORT"] = str(port)
+    start_redis(state)
+    STATE.write_text(json.dumps(state))
+    say(f"redis restarted on port {port} (pid {state['redis']['pid']})")  # type: ignore[index]
 
 
 def status() -> None:
@@ -458,9 +481,9 @@ def status() -> None:
 
 
 def main() -> None:
-    commands = {"up": up, "down": down, "status": status, "exports": exports}
+    commands = {"up": up, "down": down, "status": status, "exports": exports, "restart-redis": restart_redis}
     if len(sys.argv) != 2 or sys.argv[1] not in commands:
-        raise SystemExit("usage: scripts/services up|down|status|exports")
+        raise SystemExit("usage: scripts/services up|down|status|exports|restart-redis")
     commands[sys.argv[1]]()
 
 

@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 
-from clients.launch import ServerProc
+from clients.launch import ROOT, ServerProc
 from clients.sdk import Profile
 from tests.conftest import production_flags, production_url
 from tests.load import Event, Load, Pair, Send, check, judge, make_pairs
@@ -123,6 +125,25 @@ async def test_redis_emptied_under_load(prod_server: ServerProc, tmp_path: Path)
         await r.aclose()
     assert len(load.sends()) > before, f"no sends after the flush: {load.summary()}"
     assert any(s.echoes for s in load.sends()), f"no answered send was sent again: {load.summary()}"
+    await verdict(load, tmp_path / "load-report.json")
+
+
+async def test_redis_killed_and_restarted_under_load(prod_server: ServerProc, tmp_path: Path) -> None:
+    """Redis SIGKILLed and started again, empty, on its port (scripts/services restart-redis):
+    presence, rate buckets and the requests bridges hand each other are gone, numbering is not."""
+    before_pid = service_pid("redis")  # only a Redis that scripts/services started is restarted
+    pairs = await make_pairs(prod_server.http, PAIRS)
+    load = Load(pairs)
+    load.start()
+    await asyncio.sleep(2.0)
+    before = len(load.sends())
+    done = await asyncio.to_thread(subprocess.run, [sys.executable, str(ROOT / "scripts" / "services.py"),
+                                                    "restart-redis"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert service_pid("redis") != before_pid
+    load.stop_new(after=3.0)
+    await load.wait()
+    assert len(load.sends()) > before, f"no sends after the restart: {load.summary()}"
     await verdict(load, tmp_path / "load-report.json")
 
 
