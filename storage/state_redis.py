@@ -186,12 +186,7 @@ class RedisState:
     async def _collect_replies(self) -> None:
         key = f"{REPLY_LIST}{self._me}"
         while True:
-            try:
-                got = await self._do(self._redis.blpop([key], timeout=RPC_WAIT_S))
-            except StorageUnavailable as exc:
-                log.warning("waiting for replies from other bridges: %s", exc)
-                await asyncio.sleep(0.5)
-                continue
+            got = await self._pop([key], "replies from other bridges")
             if got is None:
                 continue
             for item in [got[1], *await self._more(key)]:
@@ -199,6 +194,16 @@ class RedisState:
                 fut = self._replies.get(rid)
                 if fut is not None and not fut.done():
                     fut.set_result(reply)
+
+    async def _pop(self, keys: list[str], what: str) -> Any:
+        """(list, item) from the first of ``keys`` to hold one, waiting up to RPC_WAIT_S; None if
+        nothing came (or Redis could not be reached: then after a pause)."""
+        try:
+            return await self._do(self._redis.blpop(keys, timeout=RPC_WAIT_S))
+        except StorageUnavailable as exc:
+            log.warning("waiting for %s: %s", what, exc)
+            await asyncio.sleep(0.5)
+            return None
 
     async def _more(self, key: str) -> list[bytes]:
         """What else waits in a list, taken in the same round trip as one more pop: one blocking
@@ -237,12 +242,7 @@ class RedisState:
             if not keys:
                 await asyncio.sleep(RPC_WAIT_S / 4)
                 continue
-            try:
-                got = await self._do(self._redis.blpop(keys, timeout=RPC_WAIT_S))
-            except StorageUnavailable as exc:
-                log.warning("waiting for requests from other bridges: %s", exc)
-                await asyncio.sleep(0.5)
-                continue
+            got = await self._pop(keys, "requests from other bridges")
             if got is None:
                 continue
             key = got[0].decode() if isinstance(got[0], bytes) else str(got[0])

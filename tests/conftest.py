@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
 
+from broker.embedded import PigeonBroker, broker_config
+from broker.gate import DeviceGate
 from clients.launch import ROOT, ServerProc
 from clients.sdk import Device, Profile, login
 
@@ -100,6 +102,34 @@ def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     srv.profile = request.param
     yield srv
     srv.stop()
+
+
+async def metric(srv: ServerProc, name: str) -> float:
+    """One sample of a server's ``/metrics`` (``name`` with its labels, as printed), 0 if absent."""
+    import httpx
+
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(f"{srv.http}/metrics")).text
+    for line in text.splitlines():
+        if line.startswith(f"{name} "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+async def sends_handled(srv: ServerProc) -> float:
+    return await metric(srv, 'pigeon_requests_total{type="send"}')
+
+
+async def partitions_held(srv: ServerProc) -> float:
+    return await metric(srv, "pigeon_partitions_held")
+
+
+async def embedded_broker(check: Callable[[str], Awaitable[tuple[str, str] | None]]) -> tuple[PigeonBroker, int]:
+    """The embedded broker alone on a free loopback port, devices checked by ``check(token)``."""
+    gate = DeviceGate(check)
+    broker = PigeonBroker(broker_config("127.0.0.1", 0, 0, gate), gate)
+    await broker.start()
+    return broker, broker._servers["default"].instance.sockets[0].getsockname()[1]  # noqa: SLF001
 
 
 _phones = itertools.count(random.randrange(1_000_000, 8_000_000))

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import aiomqtt
 import pytest
 
-from broker.embedded import PigeonBroker, broker_config
-from broker.gate import DeviceGate
+from broker.embedded import PigeonBroker
+from tests.conftest import embedded_broker
 from tests.mqtt_raw import connack_code, connect_packet, publish_packet, read_packet, subscribe_packet
 
 USER = "u1"
@@ -46,10 +46,7 @@ async def harness() -> AsyncIterator[Harness]:
     async def check(token: str) -> tuple[str, str] | None:
         return (USER, token[4:]) if token.startswith("tok-") else None
 
-    gate = DeviceGate(check)
-    broker = PigeonBroker(broker_config("127.0.0.1", 0, 0, gate), gate)
-    await broker.start()
-    port = broker._servers["default"].instance.sockets[0].getsockname()[1]  # noqa: SLF001
+    broker, port = await embedded_broker(check)
     h = Harness(broker=broker, port=port)
 
     async def ingest(topic: str, payload: bytes) -> None:

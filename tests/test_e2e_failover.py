@@ -26,10 +26,9 @@ import pytest
 
 from clients.launch import ServerProc
 from storage.cassandra_owner import PARTITIONS, partition_of
-from tests.conftest import broker_flags, production_flags
+from tests.conftest import broker_flags, partitions_held, production_flags
 from tests.load import Load, make_pairs
 from tests.test_e2e_crash import drop_keyspace, verdict
-from tests.test_e2e_two_bridges import partitions_held
 
 TAKEOVER_S = 10.0
 

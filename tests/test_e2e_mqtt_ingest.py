@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiomqtt
-import httpx
 import pytest
 
 from clients.sdk import Api, login
-from tests.conftest import ServerProc, broker_flags, fresh_phone, production_flags
+from tests.conftest import ServerProc, broker_flags, fresh_phone, production_flags, sends_handled
 from tests.test_e2e_errors_permissions import (  # noqa: F401 - collected again here
     test_every_malformed_payload_gets_an_error_and_changes_nothing,
     test_publishing_outside_own_up_topic_changes_nothing,
@@ -120,10 +118,3 @@ async def test_a_bridge_killed_under_load_answers_everything_after_its_restart(t
         bridge.stop()
         if restarted is not None:
             restarted.stop()
-
-
-async def sends_handled(srv: ServerProc) -> float:
-    async with httpx.AsyncClient() as http:
-        text = (await http.get(f"{srv.http}/metrics")).text
-    m = re.search(r'^pigeon_requests_total\{type="send"\} (\S+)$', text, re.M)
-    return float(m.group(1)) if m else 0.0

@@ -9,15 +9,13 @@ order, and nothing is lost.
 from __future__ import annotations
 
 import asyncio
-import re
 from collections import Counter
 from collections.abc import Iterator
 
-import httpx
 import pytest
 
 from clients.sdk import Api, Device, login
-from tests.conftest import ServerProc, broker_flags, fresh_phone, production_flags
+from tests.conftest import ServerProc, broker_flags, fresh_phone, partitions_held, production_flags, sends_handled
 
 
 @pytest.fixture(scope="module")
@@ -34,25 +32,11 @@ def bridges(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerPr
     first.stop()
 
 
-async def partitions_held(srv: ServerProc) -> float:
-    async with httpx.AsyncClient() as http:
-        text = (await http.get(f"{srv.http}/metrics")).text
-    m = re.search(r"^pigeon_partitions_held (\S+)$", text, re.M)
-    return float(m.group(1)) if m else 0.0
-
-
 async def balanced(b0: ServerProc, b1: ServerProc) -> None:
     """Wait until the second bridge holds its share (the first held everything alone)."""
     async with asyncio.timeout(30):
         while min(await partitions_held(b0), await partitions_held(b1)) == 0:  # noqa: ASYNC110 - polls a server
             await asyncio.sleep(0.2)
-
-
-async def sends_handled(srv: ServerProc) -> float:
-    async with httpx.AsyncClient() as http:
-        text = (await http.get(f"{srv.http}/metrics")).text
-    m = re.search(r'^pigeon_requests_total\{type="send"\} (\S+)$', text, re.M)
-    return float(m.group(1)) if m else 0.0
 
 
 async def test_two_bridges_share_the_load_and_keep_every_promise(bridges: tuple[ServerProc, ServerProc]) -> None:

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from broker.embedded import PigeonBroker, broker_config
-from broker.gate import DeviceGate
+from broker.embedded import PigeonBroker
 from clients.sdk import Device, PigeonClientError, Profile, RequestTimeout
+from tests.conftest import embedded_broker
 
 USER = "u1"
 DEVICE = "d1"
@@ -62,10 +62,7 @@ async def server() -> AsyncIterator[FakeServer]:
     async def check(token: str) -> tuple[str, str] | None:
         return (USER, token[4:]) if token.startswith("tok-") else None
 
-    gate = DeviceGate(check)
-    broker = PigeonBroker(broker_config("127.0.0.1", 0, 0, gate), gate)
-    await broker.start()
-    port = broker._servers["default"].instance.sockets[0].getsockname()[1]  # noqa: SLF001
+    broker, port = await embedded_broker(check)
     fake = FakeServer(broker=broker, port=port)
     broker.set_ingest(fake.ingest)
     try:
