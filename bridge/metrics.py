@@ -18,7 +18,7 @@ class StoreOpsCollector:
         self.ops: StoreOps | None = None
 
     def update(self, ops: StoreOps) -> None:
-        self.ops = StoreOps(ops.statements, ops.conditional)
+        self.ops = StoreOps(ops.statements, ops.conditional, dict(ops.by_name))
 
     def describe(self) -> list[Metric]:
         return []  # nothing to register up front; the names are the two below
@@ -31,6 +31,11 @@ class StoreOpsCollector:
         yield CounterMetricFamily("pigeon_store_conditional",
                                   "Conditional statements (Cassandra lightweight transactions) among them",
                                   value=self.ops.conditional)
+        by_name = CounterMetricFamily("pigeon_store_statements_by_name", "Statements the store has run, by what "
+                                      "they do", labels=["statement"])
+        for name, count in sorted(self.ops.by_name.items()):
+            by_name.add_metric([name], count)
+        yield by_name
 
 
 class Metrics:

@@ -58,6 +58,7 @@ class StoreOps:
 
     statements: int = 0
     conditional: int = 0
+    by_name: dict[str, int] = field(default_factory=dict)  # statements by what they do, where the backend names them
 
 
 @dataclass(frozen=True, slots=True)

@@ -102,6 +102,7 @@ UNKNOWN_OUTCOME_RETRIES = 4
 UNSENT_TTL_S = 10.0
 FORWARD_TIMEOUT_S = 5.0
 DDL_TIMEOUT_S = 120.0
+ACK_FLUSH_S = 1.0
 SWEEP_DAYS = 30  # how far back the upload sweep looks for unconfirmed uploads
 
 
@@ -205,6 +206,8 @@ class CassandraStore:
         self._unset: Any = None  # the driver's UNSET_VALUE, once it is imported
         self.ops = StoreOps()
         self._results: _Results | None = None
+        self._acks_due: dict[str, int] = {}  # user -> acknowledged position not yet written
+        self._ack_writer: asyncio.Task[None] | None = None
 
     # -- partitions, for the MQTT edge: a bridge receives the device traffic of the users of the
     # partitions it holds (see bridge/mqtt_ingest.py) --------------------------------------------
@@ -367,6 +370,12 @@ class CassandraStore:
             self._serve_others()
 
     async def close(self) -> None:
+        if self._ack_writer is not None:
+            self._ack_writer.cancel()
+            await asyncio.gather(self._ack_writer, return_exceptions=True)
+            self._ack_writer = None
+        if self._acks_due and self._session is not None:
+            await self._write_acks()
         if self._serving is not None:
             self._serving.cancel()
             await asyncio.gather(self._serving, return_exceptions=True)
@@ -497,6 +506,7 @@ class CassandraStore:
             results.put(fut, None, exc)
 
         self.ops.statements += 1
+        self.ops.by_name[name] = self.ops.by_name.get(name, 0) + 1
         if name in _CONDITIONAL:
             self.ops.conditional += 1
         try:
@@ -998,10 +1008,27 @@ class CassandraStore:
             prev = int(rows[0][1] or 0) if rows else 0
         head = await self.inbox_head(user_id)
         new = max(prev, min(up_to, head))
-        if new > prev:  # (the device's own position is not kept here: nothing reads it)
-            await self._x("set_acked", new, new, user_id)
         self._acked[user_id] = new
+        if new > prev:
+            # Written behind, at most once per user every ACK_FLUSH_S: the position only saves
+            # work (what an ack newly covers); one lost with a crash is read back lower, and the
+            # receipts it leads to only move forward. (The device's own position is not kept.)
+            self._acks_due[user_id] = max(new, self._acks_due.get(user_id, 0))
+            if self._ack_writer is None or self._ack_writer.done():
+                self._ack_writer = asyncio.create_task(self._write_acks_behind(), name="acked-positions")
         return prev, new
+
+    async def _write_acks_behind(self) -> None:
+        while self._acks_due:
+            await asyncio.sleep(ACK_FLUSH_S)
+            await self._write_acks()
+
+    async def _write_acks(self) -> None:
+        due, self._acks_due = self._acks_due, {}
+        done = await asyncio.gather(*(self._x("set_acked", v, v, u) for u, v in due.items()), return_exceptions=True)
+        for (user_id, value), outcome in zip(due.items(), done, strict=True):
+            if isinstance(outcome, BaseException):  # tried again with the next round
+                self._acks_due[user_id] = max(value, self._acks_due.get(user_id, 0))
 
     async def get_receipts(self, chat_id: str) -> list[Receipt]:
         members, rows = await asyncio.gather(self._x("members", chat_id), self._x("receipts", chat_id))

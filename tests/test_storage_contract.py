@@ -328,3 +328,24 @@ async def test_an_unlinked_device_is_gone(store: Store) -> None:
     assert await store.remove_device(d.device_id) is True
     assert await store.get_device(d.device_id) is None
     assert await store.remove_device(d.device_id) is False
+
+
+async def test_an_acknowledged_position_outlives_the_store_instance(
+        store: Store, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """What a user acknowledged is still known to the next process (a backend may write it
+    behind, but no later than its close)."""
+    a, b = await two_users(store)
+    chat = await store.direct_chat(a, b, T0)
+    for i in range(3):
+        await store.append_message(text(chat.chat_id, a, f"ack{i}"), [a, b])
+    assert await store.advance_device_ack(phone_of(b), b, 2) == (0, 2)
+    await store.close()
+    url = f"sqlite://{tmp_path / 'contract.db'}" if not isinstance(store, CassandraStore) \
+        else request.getfixturevalue("cassandra_url")
+    again = open_store(url)
+    await again.open()
+    try:
+        assert await again.advance_device_ack(phone_of(b), b, 2) == (2, 2)
+        assert await again.advance_device_ack(phone_of(b), b, 3) == (2, 3)
+    finally:
+        await again.close()
