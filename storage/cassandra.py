@@ -144,7 +144,10 @@ def schema(keyspace: str, replication: str, inbox_ttl_s: int) -> list[str]:
         "'compaction_window_size': 1}",
         # partition leases (rows live while renewed: TTL), the epochs handed out, and the fence
         # each new holder puts before its first row of a key (storage/cassandra_owner.py)
-        f"CREATE TABLE IF NOT EXISTS {ks}.owners (part int PRIMARY KEY, holder text, epoch bigint)",
+        # (one Cassandra partition, ring 0, for all of them: a holder renews all its leases in one
+        # conditional batch, one consensus round)
+        f"CREATE TABLE IF NOT EXISTS {ks}.leases (ring int, part int, holder text, epoch bigint, "
+        "PRIMARY KEY (ring, part))",
         f"CREATE TABLE IF NOT EXISTS {ks}.owner_epochs (part int PRIMARY KEY, epoch bigint)",
         f"CREATE TABLE IF NOT EXISTS {ks}.bridges (holder text PRIMARY KEY)",
         f"CREATE TABLE IF NOT EXISTS {ks}.fences (key text PRIMARY KEY, epoch bigint, after bigint)",
@@ -365,7 +368,8 @@ class CassandraStore:
         await self._blocking(check)
         await self._blocking(self._prepare)
         if self._leases is None:
-            self._leases = Leases(self._x, self._holder, on_lost=self._lost, quiesce=self._quiesce)
+            self._leases = Leases(self._x, self._holder, on_lost=self._lost, quiesce=self._quiesce,
+                                  run_together=self._run_together)
             await self._leases.start()
             self._serve_others()
 
@@ -443,15 +447,17 @@ class CassandraStore:
             # fences compete only with fences: their timestamp is 2 × epoch (+1 for the second of the
             # two a new holder writes), so the newest wins
             "fence_put": f"INSERT INTO {ks}.fences (key, epoch, after) VALUES (?, ?, ?) USING TIMESTAMP ?",
-            "leases": f"SELECT part, holder, epoch FROM {ks}.owners",
+            "leases": f"SELECT part, holder, epoch FROM {ks}.leases WHERE ring=0",
             "put_partition_user": f"INSERT INTO {ks}.partition_users (part, user_id) VALUES (?, ?)",
             "partition_users": f"SELECT user_id FROM {ks}.partition_users WHERE part=?",
             "alive": f"INSERT INTO {ks}.bridges (holder) VALUES (?) USING TTL ?",
             "bridges": f"SELECT holder FROM {ks}.bridges",
             "gone": f"DELETE FROM {ks}.bridges WHERE holder=?",
-            "lease_take": f"INSERT INTO {ks}.owners (part, holder, epoch) VALUES (?, ?, ?) IF NOT EXISTS USING TTL ?",
-            "lease_renew": f"UPDATE {ks}.owners USING TTL ? SET holder=?, epoch=? WHERE part=? IF holder=? AND epoch=?",
-            "lease_drop": f"DELETE FROM {ks}.owners WHERE part=? IF holder=? AND epoch=?",
+            "lease_take": f"INSERT INTO {ks}.leases (ring, part, holder, epoch) VALUES (0, ?, ?, ?) IF NOT EXISTS "
+                          "USING TTL ?",
+            "lease_renew": f"UPDATE {ks}.leases USING TTL ? SET holder=?, epoch=? WHERE ring=0 AND part=? "
+                           "IF holder=? AND epoch=?",
+            "lease_drop": f"DELETE FROM {ks}.leases WHERE ring=0 AND part=? IF holder=? AND epoch=?",
             "epoch_get": f"SELECT epoch FROM {ks}.owner_epochs WHERE part=?",
             "epoch_first": f"INSERT INTO {ks}.owner_epochs (part, epoch) VALUES (?, ?) IF NOT EXISTS",
             "epoch_next": f"UPDATE {ks}.owner_epochs SET epoch=? WHERE part=? IF epoch=?",
@@ -482,6 +488,16 @@ class CassandraStore:
 
         for name in ("leases", "epoch_get"):  # reads that see every settled conditional write
             self._ps[name].consistency_level = ConsistencyLevel.SERIAL
+
+    async def _run_together(self, name: str, params: Sequence[Sequence[Any]]) -> list[Any]:
+        """One prepared statement with several parameter sets, as one batch (one request; for
+        conditional statements, within one Cassandra partition, one consensus round)."""
+        from cassandra.query import BatchStatement
+
+        batch = BatchStatement()
+        for p in params:
+            batch.add(self._ps[name], tuple(p))
+        return await self._run_statement(batch, name)
 
     async def _run_statement(self, statement: Any, name: str) -> list[Any]:
         """Run a bound statement or batch (one request to Cassandra) without blocking the loop."""

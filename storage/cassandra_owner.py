@@ -7,8 +7,9 @@ the key's head in memory, gives the next numbers out itself and writes the numbe
 plain (not conditional) writes. Consensus is paid once per partition and lease period, not per
 message.
 
-* **Leases.** A partition's lease is a row of ``owners`` written with ``IF NOT EXISTS`` and a TTL,
-  renewed with a conditional update by its holder. Each grant carries an epoch, taken from
+* **Leases.** A partition's lease is a row of ``leases`` (all in one Cassandra partition),
+  written with ``IF NOT EXISTS`` and a TTL, renewed with a conditional update by its holder (all
+  of a holder's leases in one conditional batch). Each grant carries an epoch, taken from
   ``owner_epochs`` by compare-and-set before the lease is claimed, so epochs only grow and are
   never handed out twice. The holder trusts its lease until ``sent + TTL - SAFETY_S`` on its own
   monotonic clock, where ``sent`` is when it *sent* the request that granted or renewed it: the
@@ -60,6 +61,7 @@ RETRY_CAP_S = 1.0
 RELEASE_WAIT_S = 3.0
 
 Run = Callable[..., Awaitable[list[Any]]]
+RunTogether = Callable[[str, Sequence[Sequence[Any]]], Awaitable[list[Any]]]
 
 
 def partition_of(key: str) -> int:
@@ -81,8 +83,10 @@ class Leases:
 
     def __init__(self, run: Run, holder: str, *, clock: Callable[[], float] = time.monotonic,
                  on_lost: Callable[[int], None] | None = None,
-                 quiesce: Callable[[int], Awaitable[None]] | None = None) -> None:
+                 quiesce: Callable[[int], Awaitable[None]] | None = None,
+                 run_together: RunTogether | None = None) -> None:
         self._run = run
+        self._run_together = run_together
         self._quiesce = quiesce
         self.holder = holder
         self._clock = clock
@@ -151,6 +155,20 @@ class Leases:
         now = self._clock()
         due = [(p, lease) for p, lease in self._held.items()
                if lease.deadline - now <= LEASE_TTL_S - SAFETY_S - RENEW_EVERY_S]
+        if len(due) > 1 and self._run_together is not None:
+            # all of them in one conditional batch (the leases share one Cassandra partition): one
+            # consensus round; if any was lost meanwhile nothing is applied, and each is tried alone
+            sent = self._clock()
+            try:
+                rows = await self._run_together("lease_renew", [
+                    (LEASE_TTL_S, self.holder, lease.epoch, p, self.holder, lease.epoch) for p, lease in due])
+            except StorageUnavailable as exc:
+                log.warning("renewing %d partitions at once failed: %s", len(due), exc)
+                rows = []
+            if rows and rows[0][0]:
+                for _p, lease in due:
+                    lease.deadline = sent + LEASE_TTL_S - SAFETY_S
+                return
         await asyncio.gather(*(self._renew(p, lease) for p, lease in due))
 
     async def _renew(self, part: int, lease: _Lease) -> None:

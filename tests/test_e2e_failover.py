@@ -8,7 +8,7 @@ partition within 10 s (the dead holder's leases run out after ``LEASE_TTL_S``), 
 dead bridge's broker sessions with what Mosquitto kept in them, and answer every send; then
 :func:`tests.load.check` lists every broken promise.
 
-Which bridge holds which partition is read from the keyspace's ``owners`` table (a lease row
+Which bridge holds which partition is read from the keyspace's ``leases`` table (a lease row
 names its holder, ``{host}-{pid}-{hex}``): no server code is needed for it.
 """
 
@@ -42,7 +42,7 @@ def lease_holders(flags: list[str]) -> dict[int, str]:
     cluster = Cluster([h.rsplit(":", 1)[0] for h in url.netloc.split(",")], port=url.port or 9042,
                       connect_timeout=10)
     try:
-        rows = cluster.connect().execute(f"SELECT part, holder FROM {keyspace}.owners", timeout=30)
+        rows = cluster.connect().execute(f"SELECT part, holder FROM {keyspace}.leases WHERE ring=0", timeout=30)
         return {int(r.part): str(r.holder) for r in rows}
     finally:
         cluster.shutdown()
