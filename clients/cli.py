@@ -413,6 +413,9 @@ def bench(
         help="with --profile: copy the log of the server the run started to this file when it ends")] = None,
     bridges: Annotated[int, typer.Option(
         help="with --profile production: how many bridge processes to start (they share the work)")] = 1,
+    cold_sync: Annotated[bool, typer.Option(
+        help="sync, with --profile production: restart the bridges before the offline device reconnects, "
+        "so the sync reads Cassandra rather than what a bridge kept in memory")] = False,
 ) -> None:
     """Measure throughput, latency, fan-out, sync, idle cost and bytes on the wire (loopback only)."""
     import json
@@ -436,6 +439,8 @@ def bench(
             problems.append(f"{flag} must be between {low} and {high}, got {value}")
     if not 0.5 <= seconds <= 600 or not 1 <= max_seconds <= 7200:
         problems.append("--seconds must be within 0.5..600 and --max-seconds within 1..7200")
+    if cold_sync and profile != "production":
+        problems.append("--cold-sync needs --profile production (the devices must outlive the restart)")
     if not 1 <= bridges <= 8 or (bridges > 1 and profile != "production"):
         problems.append("--bridges must be within 1..8, and more than 1 only with --profile production")
     if problems:
@@ -444,7 +449,7 @@ def bench(
         raise typer.Exit(2)
     opts = Options(workers=workers, seconds=seconds, pairs=max(pairs, workers), window=window, groups=groups,
                    members=members, messages=messages, devices=devices, wire_messages=wire_messages,
-                   max_seconds=max_seconds, progress=not quiet)
+                   max_seconds=max_seconds, progress=not quiet, cold_sync=cold_sync)
     results = []
     try:
         with open_target(profile, http, mqtt, server_pid or [], broker_credentials_file, label,

@@ -99,12 +99,23 @@ def test_two_bridges_share_a_production_run(tmp_path: Path) -> None:
     check_cost(r, cpu_known=True)
 
 
+def test_a_cold_sync_restarts_the_server_and_still_gets_everything(tmp_path: Path) -> None:
+    production_url("PIGEON_BROKER", "mqtt://")
+    out = tmp_path / "bench.json"
+    done = bench("sync", "--profile", "production", "--cold-sync", *TINY, "--json", str(out))
+    assert done.returncode == 0, done.stderr[-4000:] + done.stdout[-2000:]
+    data = json.loads(out.read_text())
+    r = data if isinstance(data, dict) else data[0]
+    assert r["cold_sync"] is True and r["restart_s"] > 0 and r["lost"] == 0 and r["duplicates"] == 0, r
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["nope", "--profile", "embedded"], "unknown scenario"),
     (["p2p"], "give either --profile"),
     (["p2p", "--profile", "embedded", "--pairs", "0"], "--pairs must be between"),
     (["p2p", "--profile", "cloud"], "--profile must be embedded or production"),
     (["p2p", "--profile", "embedded", "--bridges", "2"], "more than 1 only with --profile production"),
+    (["sync", "--profile", "embedded", "--cold-sync"], "--cold-sync needs --profile production"),
 ])
 def test_bad_arguments_are_refused_before_anything_runs(args: list[str], message: str) -> None:
     done = bench(*args, timeout=60)

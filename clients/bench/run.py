@@ -43,6 +43,7 @@ class Options:
     members: int = 100
     messages: int = 10_000
     sync_senders: int = 100
+    cold_sync: bool = False  # sync: restart the server before the offline device reconnects
     devices: int = 10_000
     wire_messages: int = 100
     wire_rate: float = 10.0
@@ -519,6 +520,16 @@ class Bench:
             for answer in sent.values():
                 errors.update(answer["errors"])
             time.sleep(0.5)
+            restart_s = None
+            if o.cold_sync:  # the sync then reads what the store holds, not what a holder kept
+                assert self.target.restart is not None
+                self.say("restarting the server before the offline device reconnects")
+                t0 = time.monotonic()
+                self.target.restart()
+                restart_s = round(time.monotonic() - t0, 3)
+                self.meter = Meter(self.target.pids)
+                cost = CostMeter(self.target)  # then only the sync and its receipts are costed
+                cost.start()
             rss_before = self.meter.rss_mb()
             got = pool.run("offline device reconnects and syncs", {0: ("catch_up", {
                 "host": self.target.mqtt_host, "port": self.target.mqtt_port, "index": 0})}, total=o.messages)[0]
@@ -531,7 +542,8 @@ class Bench:
         last_told = [a["last_at"] for a in told.values() if a["last_at"] is not None]
         untold = sum(a["untold"] for a in told.values())
         return Result("sync", self.target.profile, {
-            "messages": o.messages, "senders": senders, "seconds": round(got["seconds"], 3),
+            "messages": o.messages, "senders": senders, "cold_sync": o.cold_sync, "restart_s": restart_s,
+            "seconds": round(got["seconds"], 3),
             "connect_s": round(got["connect_s"], 3), "sync_s": round(got["sync_s"], 3), "batches": got["batches"],
             "batch_wait_ms": got["batch_wait_ms"],
             "receipts_s": round(max(last_told) - got["t0"], 3) if last_told and not untold else None,

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -57,6 +57,8 @@ class Target:
     bridge_pids: list[int] = field(default_factory=list)  # the pigeon server itself, for its CPU per message
     # every bridge's HTTP URL, whose /metrics the store counts are summed over (default: ``http``)
     bridge_urls: list[str] = field(default_factory=list)
+    # stops the server(s) the bench started and starts them again on the same ports and data
+    restart: Callable[[], None] | None = None
 
     def metrics_urls(self) -> list[str]:
         return self.bridge_urls or [self.http]
@@ -259,9 +261,26 @@ def open_target(profile: str | None, http: str | None, mqtt: str | None, server_
                 server = servers[0]
                 pids = {("pigeon" if i == 0 else f"pigeon-{i + 1}"): s.proc.pid for i, s in enumerate(servers)}
                 with mosquitto_relay(broker.hostname or "127.0.0.1", broker.port or 1883, creds) as relay:
-                    yield Target("production" if bridges == 1 else f"production, {bridges} bridges", server.http,
-                                 server.mqtt_host, server.mqtt_port, {**pids, **service_pids()}, relay,
-                                 [s.proc.pid for s in servers], [s.http for s in servers])
+                    target = Target("production" if bridges == 1 else f"production, {bridges} bridges", server.http,
+                                    server.mqtt_host, server.mqtt_port, {**pids, **service_pids()}, relay,
+                                    [s.proc.pid for s in servers], [s.http for s in servers])
+
+                    def restart() -> None:
+                        """Every bridge stopped, then started again on the same HTTP port and data
+                        (devices stay connected to Mosquitto)."""
+                        for s in servers:
+                            s.stop()
+                        for i, s in enumerate(servers):
+                            servers[i] = ServerProc.start(Path(tmp) / f"bridge{i}", *flags, "--http-port",
+                                                          str(urlparse(s.http).port))
+                        if bridges > 1:
+                            wait_shared(servers)
+                        target.bridge_pids = [s.proc.pid for s in servers]
+                        for i, s in enumerate(servers):
+                            target.pids["pigeon" if i == 0 else f"pigeon-{i + 1}"] = s.proc.pid
+
+                    target.restart = restart
+                    yield target
             finally:
                 for s in servers:
                     s.stop()
