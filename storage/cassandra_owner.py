@@ -277,6 +277,9 @@ class KeyLog:
         self._write, self._leases = write, leases
         self._queue: list[_Append] = []
         self._stuck: list[_Append] = []  # numbered and tried, not yet known to be written
+        # ident -> its append until it is written: a repeat joins it rather than being told a
+        # number that is not yet stored
+        self._unwritten: dict[Hashable, _Append] = {}
         self._task: asyncio.Task[None] | None = None
         self.dead = False
 
@@ -296,15 +299,18 @@ class KeyLog:
             fut.set_exception(NotOwner(f"{self.key}: partition {self.part} changed hands"))
             return fut
         if ident is not None:
-            for pending in (*self._stuck, *self._queue):
-                if pending.ident == ident:
-                    pending.waiters.append(fut)
-                    return fut
+            pending = self._unwritten.get(ident)
+            if pending is not None:  # queued, being written or stuck: answered once it is written
+                pending.waiters.append(fut)
+                return fut
             n = self._recent.get(ident)
             if n is not None:
                 fut.set_result((n, True))
                 return fut
-        self._queue.append(_Append(values, ident, [fut]))
+        item = _Append(values, ident, [fut])
+        if ident is not None:
+            self._unwritten[ident] = item
+        self._queue.append(item)
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._drain(), name=f"log-{self.key}")
         return fut
@@ -319,8 +325,9 @@ class KeyLog:
     def kill(self, reason: str) -> None:
         """The partition is gone: fail everything waiting here; the key is numbered elsewhere now."""
         self.dead = True
-        self._fail(self._stuck + self._queue, NotOwner(f"{self.key}: {reason}"))
+        self._fail(list(self._unwritten.values()) + self._queue, NotOwner(f"{self.key}: {reason}"))
         self._queue = []
+        self._unwritten.clear()
 
     async def _drain(self) -> None:
         delay = 0.05
@@ -354,6 +361,9 @@ class KeyLog:
             delay = 0.05
             self._stuck = []
             self.head = batch[-1].n
+            for item in batch:
+                if item.ident is not None:
+                    self._unwritten.pop(item.ident, None)
             if not self._leases.valid(self.part, self.epoch):
                 # written, but perhaps after a new holder read the tail: only a retry may tell
                 self.kill(f"lease of partition {self.part} ended while writing")
