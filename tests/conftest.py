@@ -37,20 +37,25 @@ def _drop_made_keyspaces() -> Iterator[None]:
     """At the end of the run, drop the keyspaces fresh_store_url made (each holds two dozen
     tables in the test Cassandra's heap). Best effort: a failure here fails no test."""
     yield
-    if not _made_keyspaces:
+    drop_keyspaces(_made_keyspaces)
+
+
+def drop_keyspaces(urls: list[str]) -> None:
+    """Drop keyspaces fresh_store_url made (only those), best effort: a failure fails no test."""
+    made = [u for u in urls if u in _made_keyspaces]
+    if not made:
         return
     from urllib.parse import urlsplit
 
     from cassandra.cluster import Cluster
 
-    url = urlsplit(_made_keyspaces[0])
+    url = urlsplit(made[0])
     cluster = Cluster([h.rsplit(":", 1)[0] for h in url.netloc.split(",")], port=url.port or 9042,
                       connect_timeout=10)
     try:
         session = cluster.connect()
-        for made in _made_keyspaces:
-            keyspace = urlsplit(made).path.strip("/")
-            session.execute(f"DROP KEYSPACE IF EXISTS {keyspace}", timeout=60)
+        for each in made:
+            session.execute(f"DROP KEYSPACE IF EXISTS {urlsplit(each).path.strip('/')}", timeout=60)
     except Exception as exc:  # noqa: BLE001 - cleaning up only
         print(f"could not drop the test keyspaces: {exc!r}")
     finally:

@@ -27,7 +27,7 @@ import pytest
 
 from clients.launch import ROOT, ServerProc
 from clients.sdk import Profile
-from tests.conftest import production_flags, production_url
+from tests.conftest import drop_keyspaces, production_flags, production_url
 from tests.load import Event, Load, Pair, Send, check, judge, make_pairs
 from tests.test_e2e_faults import Paused, service_pid
 
@@ -52,22 +52,8 @@ def drop_keyspace(flags: list[str]) -> None:
     """Drop the keyspace of its own that production_flags() made for a deployment this file
     started, once its servers are gone: keyspaces left behind pile up in the test Cassandra's
     small heap. Best effort: a failure here fails no test."""
-    if "--store" not in flags:
-        return
-    url = urlsplit(flags[flags.index("--store") + 1])
-    keyspace = url.path.strip("/")
-    if not keyspace.startswith("pigeon_test_"):
-        return  # never anything this file did not make
-    from cassandra.cluster import Cluster
-
-    hosts = [h.rsplit(":", 1)[0] for h in url.netloc.split(",")]
-    cluster = Cluster(hosts, port=url.port or 9042, connect_timeout=10)
-    try:
-        cluster.connect().execute(f"DROP KEYSPACE IF EXISTS {keyspace}", timeout=30)
-    except Exception as exc:  # noqa: BLE001
-        print(f"could not drop {keyspace}: {exc!r}")
-    finally:
-        cluster.shutdown()
+    if "--store" in flags:
+        drop_keyspaces([flags[flags.index("--store") + 1]])
 
 
 @pytest.fixture(scope="module")
