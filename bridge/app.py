@@ -116,7 +116,7 @@ class PigeonServer:
             token_ttl_s=s.token_ttl_s,
         )
         self.media = Media(self.store, blobs, self.clock, max_bytes=s.media_max_bytes, url_ttl_s=s.media_url_ttl_s)
-        limiter = RateLimiter(self.clock, s.rate_per_s, s.rate_burst, self.state)
+        limiter = RateLimiter(self.clock, s.rate_per_s, s.rate_burst)
         self.router = DeviceRouter(
             self.messenger, self.presence, self.media, limiter, self.metrics, s.max_payload, publish=self.publish,
         )

@@ -1,34 +1,61 @@
 """Per-device token buckets: ``rate`` requests a second sustained, bursts of ``burst``.
 
-Buckets live in the shared state, so every bridge process draws on the same budget. If the
-shared state cannot be reached the request is allowed: a rate limiter must not stop messaging.
+The buckets live in this process. Every request a device publishes reaches exactly one bridge
+process at a time: the embedded default has one, and with several bridges a device's ``up/``
+topic is subscribed only by the holder of its user's partition (``bridge.mqtt_ingest``). So the
+holder sees all of a device's traffic, and a bucket kept where the requests arrive is exact
+without a round trip to shared state. When a partition changes hands its devices start with
+full buckets at the new holder, which allows one extra burst per handover.
 """
 
 from __future__ import annotations
 
-import logging
-
-from storage.base import StorageUnavailable
-from storage.state import MemoryState, SharedState
+import math
+from dataclasses import dataclass
 
 from .clock import Clock
 
-log = logging.getLogger(__name__)
+
+@dataclass(slots=True)
+class _Bucket:
+    tokens: float
+    stamp: float
 
 
 class RateLimiter:
-    def __init__(self, clock: Clock, rate: float, burst: int, state: SharedState | None = None) -> None:
+    def __init__(self, clock: Clock, rate: float, burst: int, max_buckets: int = 200_000) -> None:
         if rate <= 0 or burst < 1:
             raise ValueError("rate must be > 0 and burst >= 1")
         self._clock = clock
         self.rate = rate
         self.burst = burst
-        self._state = state or MemoryState()
+        self._buckets: dict[str, _Bucket] = {}
+        self._max_buckets = max_buckets
 
-    async def take(self, key: str) -> int:
+    def take(self, key: str) -> int:
         """Spend one token; return 0 if allowed, else the milliseconds until one is available."""
-        try:
-            return await self._state.take_token(key, self.rate, self.burst, self._clock.now_ms() / 1000)
-        except StorageUnavailable as exc:
-            log.warning("rate limiter unavailable, allowing: %s", exc)
+        now = self._clock.monotonic()
+        b = self._buckets.get(key)
+        if b is None:
+            if len(self._buckets) >= self._max_buckets:
+                self._forget_full(now)
+            b = self._buckets[key] = _Bucket(float(self.burst), now)
+        else:
+            b.tokens = min(float(self.burst), b.tokens + (now - b.stamp) * self.rate)
+            b.stamp = now
+        if b.tokens >= 1.0:
+            b.tokens -= 1.0
             return 0
+        return max(1, math.ceil((1.0 - b.tokens) / self.rate * 1000))
+
+    def _forget_full(self, now: float) -> None:
+        """Drop the buckets that have refilled: forgetting one is the same as keeping it full."""
+        full = [k for k, v in self._buckets.items() if v.tokens + (now - v.stamp) * self.rate >= self.burst]
+        for k in full:
+            del self._buckets[k]
+        if len(self._buckets) >= self._max_buckets:  # all busy: the first tenth known go (they allow a burst again)
+            for k in list(self._buckets)[: len(self._buckets) // 10 + 1]:
+                del self._buckets[k]
+
+    def __len__(self) -> int:
+        return len(self._buckets)

@@ -126,7 +126,7 @@ class DeviceRouter:
             self._metrics.requests.labels(kind).inc()
             if isinstance(req, PresenceReq):
                 return await self._presence_change(caller, req.online)
-            wait_ms = await self._limiter.take(caller.device_id)
+            wait_ms = self._limiter.take(caller.device_id)
             if wait_ms:
                 raise RateLimited("too many requests", retry_after_ms=wait_ms, request_id=getattr(req, "id", None))
             outs = await self._presence.device_online(caller.user_id, caller.device_id)

@@ -64,6 +64,9 @@ def serve(
     ingest: Annotated[str, typer.Option(
         envvar="PIGEON_INGEST", help="inprocess: the broker hands device publishes to the bridge directly; "
         "mqtt: the bridge subscribes to up/+/+ as an MQTT client")] = "inprocess",
+    event_loop: Annotated[str, typer.Option(
+        envvar="PIGEON_EVENT_LOOP", help="uvloop (libuv, faster; the default where it is installed) or asyncio "
+        "(the standard library's)")] = "auto",
 ) -> None:
     """Run broker, bridge and HTTP API in one process (embedded default: nothing to install)."""
     from bridge.app import PigeonServer
@@ -101,10 +104,28 @@ def serve(
     from storage import StorageError
 
     try:
-        asyncio.run(run())
+        with asyncio.Runner(loop_factory=_loop_factory(event_loop)) as runner:
+            runner.run(run())
     except (PigeonError, StorageError) as exc:
         err.print(f"[red]pigeon could not start:[/] {exc}")
         raise typer.Exit(1) from exc
+
+
+def _loop_factory(choice: str) -> Any:
+    """The event loop ``serve`` runs on: uvloop where installed (less CPU per message), else asyncio's."""
+    if choice not in ("auto", "uvloop", "asyncio"):
+        err.print(f"[red]configuration error:[/] --event-loop must be auto, uvloop or asyncio, not {choice!r}")
+        raise typer.Exit(2)
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            err.print("[red]configuration error:[/] --event-loop uvloop: uvloop is not installed")
+            raise typer.Exit(2) from None
+        return None
+    return uvloop.new_event_loop
 
 
 @db_app.command("migrate")

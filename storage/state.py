@@ -1,9 +1,9 @@
-"""Hot state shared by bridge processes: presence, presence watches, rate-limit buckets.
+"""Hot state shared by bridge processes: presence and presence watches.
 
 Chosen by URL like the store: absent means in-process (:class:`MemoryState`, the embedded
 default), ``redis://HOST:PORT/DB`` means :class:`storage.state_redis.RedisState`. None of this is
 durable data: losing it (a Redis restart) only makes users look offline until their devices
-next speak, forgets watches (devices renew them) and refills rate buckets. Messages, sequence
+next speak, and forgets watches (devices renew them). Messages, sequence
 numbers and receipts never live here. Requests one bridge process hands another (Redis only:
 ``RedisState.call``/``serve``) wait here too; a restart loses those, their callers answer
 ``unavailable`` after a timeout, and devices retry.
@@ -11,9 +11,7 @@ numbers and receipts never live here. Requests one bridge process hands another 
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
-from dataclasses import dataclass
 from typing import Protocol
 
 
@@ -39,24 +37,13 @@ class SharedState(Protocol):
     async def watchers(self, watched: str, now_ms: int) -> list[str]:
         """The current watchers of a user; expired ones are dropped."""
 
-    async def take_token(self, key: str, rate: float, burst: int, now_s: float) -> int:
-        """Spend one token from the bucket ``key``; 0 if allowed, else milliseconds to wait."""
-
-
-@dataclass(slots=True)
-class _Bucket:
-    tokens: float
-    stamp: float
-
 
 class MemoryState:
     """Everything in this process: right for one process, the embedded default."""
 
-    def __init__(self, max_buckets: int = 200_000) -> None:
+    def __init__(self) -> None:
         self._devices: dict[str, set[str]] = defaultdict(set)
         self._watch: dict[str, dict[str, int]] = defaultdict(dict)
-        self._buckets: dict[str, _Bucket] = {}
-        self._max_buckets = max_buckets
 
     async def open(self) -> None:
         return None
@@ -100,21 +87,6 @@ class MemoryState:
             return []
         return list(w)
 
-    async def take_token(self, key: str, rate: float, burst: int, now_s: float) -> int:
-        b = self._buckets.get(key)
-        if b is None:
-            if len(self._buckets) >= self._max_buckets:
-                full = [k for k, v in self._buckets.items() if v.tokens + (now_s - v.stamp) * rate >= burst]
-                for k in full:
-                    del self._buckets[k]
-            b = self._buckets[key] = _Bucket(float(burst), now_s)
-        else:
-            b.tokens = min(float(burst), b.tokens + (now_s - b.stamp) * rate)
-            b.stamp = now_s
-        if b.tokens >= 1.0:
-            b.tokens -= 1.0
-            return 0
-        return max(1, math.ceil((1.0 - b.tokens) / rate * 1000))
 
 def open_state(url: str | None) -> SharedState:
     if not url:

@@ -1,6 +1,6 @@
 """Shared hot state in Redis (redis-py asyncio).
 
-Keys carry a hash tag per user or device (``pg:{u:USER}:…``, ``pg:{d:DEVICE}:…``), so every
+Keys carry a hash tag per user (``pg:{u:USER}:…``), so every
 multi-key step touches one slot and the layout works on Redis Cluster. Each step that must be
 atomic is one Lua script. A Redis failure raises :class:`storage.base.StorageUnavailable`;
 callers decide whether that blocks (it never blocks messaging: see ``bridge.presence``).
@@ -37,19 +37,6 @@ for i = 1, #all, 2 do
   else table.insert(out, all[i]) end
 end
 return out
-"""
-# token bucket: tokens and stamp in one hash; returns milliseconds to wait (0 = allowed)
-_TAKE = """
-local rate, burst, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local b = redis.call('HMGET', KEYS[1], 't', 's')
-local tokens, stamp = tonumber(b[1]), tonumber(b[2])
-if tokens == nil then tokens, stamp = burst, now end
-tokens = math.min(burst, tokens + math.max(0, now - stamp) * rate)
-local wait = 0
-if tokens >= 1 then tokens = tokens - 1 else wait = math.max(1, math.ceil((1 - tokens) / rate * 1000)) end
-redis.call('HSET', KEYS[1], 't', tostring(tokens), 's', tostring(now))
-redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate * 1000) + 1000)
-return wait
 """
 REDIS_CONNECTIONS = 64
 # Requests between bridge processes (see ``call``): one list per queue (a deployment's partition),
@@ -103,7 +90,7 @@ class RedisState:
 
     async def open(self) -> None:
         await self._do(self._redis.ping())
-        scripts = (("online", _ONLINE), ("offline", _OFFLINE), ("watchers", _WATCHERS), ("take", _TAKE))
+        scripts = (("online", _ONLINE), ("offline", _OFFLINE), ("watchers", _WATCHERS))
         for name, src in scripts:
             self._scripts[name] = self._redis.register_script(src)
 
@@ -155,9 +142,6 @@ class RedisState:
     async def watchers(self, watched: str, now_ms: int) -> list[str]:
         got = await self._do(self._scripts["watchers"](keys=[f"pg:{{u:{watched}}}:watchers"], args=[now_ms]))
         return [w.decode() if isinstance(w, bytes) else str(w) for w in got]
-
-    async def take_token(self, key: str, rate: float, burst: int, now_s: float) -> int:
-        return int(await self._do(self._scripts["take"](keys=[f"pg:{{d:{key}}}:rate"], args=[rate, burst, now_s])))
 
     # -- requests between bridge processes -------------------------------------------------------
     def handle(self, kind: str, handler: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]) -> None:

@@ -216,12 +216,27 @@ async def test_router_answers_unavailable_without_leaking_internals(world: World
 
 async def test_rate_limit_refills_over_time(world: World) -> None:
     limiter = RateLimiter(world.clock, rate=2, burst=3)
-    assert [await limiter.take("d") for _ in range(3)] == [0, 0, 0]
-    wait = await limiter.take("d")
+    assert [limiter.take("d") for _ in range(3)] == [0, 0, 0]
+    wait = limiter.take("d")
     assert 400 <= wait <= 500
     world.clock.advance(wait / 1000)
-    assert await limiter.take("d") == 0
-    assert await limiter.take("other") == 0  # buckets are per device
+    assert limiter.take("d") == 0
+    assert limiter.take("other") == 0  # buckets are per device
+
+
+def test_rate_limiter_memory_is_bounded_and_forgets_refilled_buckets_first() -> None:
+    from bridge.clock import ManualClock
+
+    clock = ManualClock()
+    limiter = RateLimiter(clock, rate=1, burst=2, max_buckets=10)
+    for i in range(10):
+        assert limiter.take(f"d{i}") == 0
+    assert limiter.take("d0") == 0  # d0 is empty now
+    clock.advance(1.0)  # the others are full again, d0 has one token
+    assert limiter.take("d10") == 0
+    assert len(limiter) == 2  # the full ones were forgotten, d0 was not
+    assert limiter.take("d0") == 0
+    assert limiter.take("d0") > 0  # a forgotten bucket would have allowed a burst of two
 
 
 async def test_watch_expires_after_its_ttl(world: World) -> None:

@@ -59,16 +59,6 @@ async def test_watches_expire(state: SharedState) -> None:
     assert await state.watchers(u, now_ms=6_000) == []
 
 
-async def test_token_bucket_bursts_then_refills(state: SharedState) -> None:
-    key = uid()
-    now = 1_000_000.0
-    assert [await state.take_token(key, 2.0, 3, now) for _ in range(3)] == [0, 0, 0]
-    wait = await state.take_token(key, 2.0, 3, now)
-    assert 400 <= wait <= 500
-    assert await state.take_token(key, 2.0, 3, now + wait / 1000) == 0
-    assert await state.take_token(uid(), 2.0, 3, now) == 0
-
-
 async def test_redis_failures_surface_only_as_storage_unavailable() -> None:
     import redis.asyncio as aioredis
 
@@ -82,7 +72,7 @@ async def test_redis_failures_surface_only_as_storage_unavailable() -> None:
         await admin.client_kill_filter(_type="normal", skipme=True)  # every other connection is cut
         u = uid()
         calls = [lambda: state.online_devices(), lambda: state.device_online(u, "d"), lambda: state.is_online(u),
-                 lambda: state.watchers(u, 0), lambda: state.take_token(u, 1.0, 1, 0.0)]
+                 lambda: state.watchers(u, 0)]
         for call in calls:
             try:
                 await call()
