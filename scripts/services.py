@@ -348,6 +348,8 @@ persistence false
 max_inflight_messages 1000
 max_queued_messages 100000
 persistent_client_expiration 7d
+# Without it a small packet (a PUBACK, a reply) can wait for the peer's delayed ACK (Nagle).
+set_tcp_nodelay true
 log_dest stdout
 log_type error
 log_type warning
