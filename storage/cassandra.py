@@ -40,6 +40,7 @@ import secrets
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Hashable, Sequence
 from typing import Any
 
@@ -103,6 +104,7 @@ UNSENT_TTL_S = 10.0
 FORWARD_TIMEOUT_S = 5.0
 DDL_TIMEOUT_S = 120.0
 ACK_FLUSH_S = 1.0
+ACK_PACE_S = 0.05  # acknowledged positions are written in slices this far apart, not all at once
 SWEEP_DAYS = 30  # how far back the upload sweep looks for unconfirmed uploads
 
 
@@ -209,7 +211,8 @@ class CassandraStore:
         self._unset: Any = None  # the driver's UNSET_VALUE, once it is imported
         self.ops = StoreOps()
         self._results: _Results | None = None
-        self._acks_due: dict[str, int] = {}  # user -> acknowledged position not yet written
+        # user -> (acknowledged position not yet written, when it first was), oldest first
+        self._acks_due: dict[str, tuple[int, float]] = {}
         self._ack_writer: asyncio.Task[None] | None = None
 
     # -- partitions, for the MQTT edge: a bridge receives the device traffic of the users of the
@@ -513,7 +516,7 @@ class CassandraStore:
 
         results = self._results
         if results is None or results.loop is not loop:
-            results = self._results = _Results(loop)
+            results = self._results = _Results(loop, self._timeout)
 
         def ok(rows: Any) -> None:
             results.put(fut, list(rows or []), None)
@@ -526,16 +529,20 @@ class CassandraStore:
         if name in _CONDITIONAL:
             self.ops.conditional += 1
         try:
-            session.execute_async(statement if statement is not None else self._ps[name], params or None) \
-                .add_callbacks(ok, fail)
+            # No timeout in the driver: its per-request timer (a libev timer and a reference
+            # cycle per statement) cost more CPU than the statement; _Results times it out.
+            session.execute_async(statement if statement is not None else self._ps[name], params or None,
+                                  timeout=None).add_callbacks(ok, fail)
         except Exception as exc:
             raise StorageUnavailable(f"cassandra: {exc}") from exc
+        results.watch(fut, name)
         try:
             return await fut
         except StorageError:
             raise
         except Exception as exc:
             raise StorageUnavailable(f"cassandra {name}: {type(exc).__name__}: {exc}") from exc
+
 
     # -- accounts -------------------------------------------------------------------------------
     async def user_by_phone(self, phone: str) -> User | None:
@@ -1029,22 +1036,34 @@ class CassandraStore:
             # Written behind, at most once per user every ACK_FLUSH_S: the position only saves
             # work (what an ack newly covers); one lost with a crash is read back lower, and the
             # receipts it leads to only move forward. (The device's own position is not kept.)
-            self._acks_due[user_id] = max(new, self._acks_due.get(user_id, 0))
+            due = self._acks_due.get(user_id)
+            self._acks_due[user_id] = (new, time.monotonic()) if due is None else (max(new, due[0]), due[1])
             if self._ack_writer is None or self._ack_writer.done():
                 self._ack_writer = asyncio.create_task(self._write_acks_behind(), name="acked-positions")
         return prev, new
 
     async def _write_acks_behind(self) -> None:
+        # Each position is written about ACK_FLUSH_S after it first moved, a slice every
+        # ACK_PACE_S: a second's worth all at once made a burst that every other statement
+        # queued behind (the tail of the latency).
         while self._acks_due:
-            await asyncio.sleep(ACK_FLUSH_S)
-            await self._write_acks()
+            oldest = next(iter(self._acks_due.values()))[1]
+            await asyncio.sleep(max(ACK_PACE_S, oldest + ACK_FLUSH_S - time.monotonic()))
+            await self._write_acks(time.monotonic() - ACK_FLUSH_S)
 
-    async def _write_acks(self) -> None:
-        due, self._acks_due = self._acks_due, {}
+    async def _write_acks(self, moved_before: float = float("inf")) -> None:
+        due: dict[str, int] = {}
+        for user_id, (value, since) in self._acks_due.items():
+            if since > moved_before:
+                break
+            due[user_id] = value
+        for user_id in due:
+            del self._acks_due[user_id]
         done = await asyncio.gather(*(self._x("set_acked", v, v, u) for u, v in due.items()), return_exceptions=True)
         for (user_id, value), outcome in zip(due.items(), done, strict=True):
-            if isinstance(outcome, BaseException):  # tried again with the next round
-                self._acks_due[user_id] = max(value, self._acks_due.get(user_id, 0))
+            if isinstance(outcome, BaseException):  # tried again with the next slice
+                again = self._acks_due.pop(user_id, None)
+                self._acks_due[user_id] = (max(value, again[0] if again else 0), time.monotonic() - ACK_FLUSH_S)
 
     async def get_receipts(self, chat_id: str) -> list[Receipt]:
         members, rows = await asyncio.gather(self._x("members", chat_id), self._x("receipts", chat_id))
@@ -1133,13 +1152,39 @@ class CassandraStore:
 class _Results:
     """Results from the driver's I/O thread, handed to the event loop in bunches: one wake-up of
     the loop for everything that arrived meanwhile, not one per statement (a profile of the
-    bridge showed about 5 % of its CPU in those wake-ups)."""
+    bridge showed about 5 % of its CPU in those wake-ups). Statements not answered within the
+    timeout fail here, checked a few times a second, so the driver needs no timer per statement."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    SWEEP_S = 0.25
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout_s: float) -> None:
         self.loop = loop
         self._lock = threading.Lock()
         self._pending: list[tuple[asyncio.Future[list[Any]], list[Any] | None, BaseException | None]] = []
         self._scheduled = False
+        self._timeout = timeout_s
+        # (deadline, future, statement name) in the order sent, so in deadline order too
+        self._deadlines: deque[tuple[float, asyncio.Future[list[Any]], str]] = deque()
+        self._sweeping = False
+
+    def watch(self, fut: asyncio.Future[list[Any]], name: str) -> None:
+        """Fail ``fut`` if it has no result once the timeout has passed (event loop thread)."""
+        self._deadlines.append((self.loop.time() + self._timeout, fut, name))
+        if not self._sweeping:
+            self._sweeping = True
+            self.loop.call_later(self.SWEEP_S, self._sweep)
+
+    def _sweep(self) -> None:
+        now, deadlines = self.loop.time(), self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            _, fut, name = deadlines.popleft()
+            if not fut.done():
+                fut.set_exception(StorageUnavailable(
+                    f"cassandra {name}: no answer in {self._timeout:g} s (the write may still land)"))
+        if deadlines:
+            self.loop.call_later(self.SWEEP_S, self._sweep)
+        else:
+            self._sweeping = False
 
     def put(self, fut: asyncio.Future[list[Any]], rows: list[Any] | None, exc: BaseException | None) -> None:
         with self._lock:

@@ -349,3 +349,52 @@ async def test_an_acknowledged_position_outlives_the_store_instance(
         assert await again.advance_device_ack(phone_of(b), b, 3) == (2, 3)
     finally:
         await again.close()
+
+
+async def test_cassandra_writes_acknowledged_positions_a_second_after_they_move_not_in_one_burst(
+        cassandra_url: str) -> None:
+    """Each user's position is written about a second after it first moved: users whose acks
+    came half a second apart are written half a second apart, not together."""
+    store = open_store(cassandra_url)
+    assert isinstance(store, CassandraStore)
+    await store.migrate()
+    await store.open()
+    try:
+        a, b = await two_users(store)
+        chat = await store.direct_chat(a, b, T0)
+        for i in range(2):
+            await store.append_message(text(chat.chat_id, a, f"slice{i}"), [a, b])
+        base = store.ops.by_name.get("set_acked", 0)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await store.advance_device_ack(phone_of(a), a, 1)
+        await asyncio.sleep(0.5)
+        await store.advance_device_ack(phone_of(b), b, 1)
+        written: list[float] = []
+        while len(written) < 2 and loop.time() - start < 4:
+            await asyncio.sleep(0.01)
+            while store.ops.by_name.get("set_acked", 0) - base > len(written):
+                written.append(loop.time() - start)
+        assert len(written) == 2, written
+        assert 0.9 <= written[0] <= 1.4, written
+        assert written[1] - written[0] >= 0.3, written
+    finally:
+        await store.close()
+
+
+async def test_cassandra_statement_without_an_answer_fails_after_the_timeout() -> None:
+    """The driver runs statements without a timer of its own; the store's sweep fails the ones
+    not answered in time (and leaves answered ones alone)."""
+    from storage.base import StorageUnavailable
+    from storage.cassandra import _Results
+
+    loop = asyncio.get_running_loop()
+    results = _Results(loop, 0.3)
+    silent: asyncio.Future[list[object]] = loop.create_future()
+    answered: asyncio.Future[list[object]] = loop.create_future()
+    results.watch(silent, "put_msg")
+    results.watch(answered, "get_sent")
+    loop.run_in_executor(None, results.put, answered, ["row"], None)  # as the driver's thread does
+    assert await asyncio.wait_for(answered, 1) == ["row"]
+    with pytest.raises(StorageUnavailable, match="put_msg: no answer in 0.3 s"):
+        await asyncio.wait_for(silent, 2)
