@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import mimetypes
 import signal
@@ -32,6 +33,7 @@ ProfileOpt = Annotated[
     Path, typer.Option("--profile", envvar="PIGEON_PROFILE", help="Where the login and sync cursor are kept.")
 ]
 DEFAULT_PROFILE = Path.home() / ".config" / "pigeon" / "profile.json"
+GC_THRESHOLDS = (20_000, 20, 100)  # young collection every 20,000 new objects; a full one every 100 middle ones
 
 
 @app.command()
@@ -93,6 +95,10 @@ def serve(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         async with PigeonServer(cfg) as server:
+            # what was built to start (modules, settings, connections) stays: leave it out of
+            # every later collection
+            gc.collect()
+            gc.freeze()
             ep = server.endpoints
             print(
                 f"pigeon ready http=http://{ep.host}:{server.http_port} mqtt={ep.host}:{ep.mqtt_port}"
@@ -103,6 +109,11 @@ def serve(
 
     from storage import StorageError
 
+    # Every request leaves short-lived objects, and the collector's default young generation
+    # (700 objects) ran a full collection every second or so under load, 100-270 ms each with
+    # the loop stopped: the tail of the latency (BENCHMARKS.md, 2026-11-30). Fewer, larger young
+    # collections let requests finish before their objects are promoted.
+    gc.set_threshold(*GC_THRESHOLDS)
     try:
         with asyncio.Runner(loop_factory=_loop_factory(event_loop)) as runner:
             runner.run(run())
