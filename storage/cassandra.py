@@ -211,6 +211,7 @@ class CassandraStore:
         self._unset: Any = None  # the driver's UNSET_VALUE, once it is imported
         self.ops = StoreOps()
         self._results: _Results | None = None
+        self._per_chat = _PartitionWrites(self)
         # user -> (acknowledged position not yet written, when it first was), oldest first
         self._acks_due: dict[str, tuple[int, float]] = {}
         self._ack_writer: asyncio.Task[None] | None = None
@@ -1086,12 +1087,15 @@ class CassandraStore:
         if up_to <= current:
             self._receipts[(chat_id, user_id)] = known
             return False
+        # A chat's receipts are one Cassandra partition: the members' moves that arrive while one
+        # is being written go out together (a group's members acknowledge the same message at
+        # about the same time).
         if kind == "read":
-            await asyncio.gather(self._x("set_read", up_to, up_to, chat_id, user_id),
-                                 self._x("set_delivered", up_to, up_to, chat_id, user_id))
+            await asyncio.gather(self._per_chat.run(chat_id, "set_read", (up_to, up_to, chat_id, user_id)),
+                                 self._per_chat.run(chat_id, "set_delivered", (up_to, up_to, chat_id, user_id)))
             self._receipts[(chat_id, user_id)] = (max(delivered, up_to), up_to)
         else:
-            await self._x("set_delivered", up_to, up_to, chat_id, user_id)
+            await self._per_chat.run(chat_id, "set_delivered", (up_to, up_to, chat_id, user_id))
             self._receipts[(chat_id, user_id)] = (up_to, read)
         return True
 
@@ -1147,6 +1151,65 @@ class CassandraStore:
         rows = await self._x("drop_media", key)
         await self._x("del_pending", obj.created_at // DAY_MS, key)
         return bool(rows[0][0])
+
+
+_Joined = tuple[str, tuple[Any, ...], asyncio.Future[None]]  # statement name, parameters, who waits
+
+
+class _PartitionWrites:
+    """Writes to one Cassandra partition, joined while one is under way: the first is written at
+    once; those that arrive meanwhile wait for it and then go out as one unlogged batch (one
+    request, one partition), and so on. Only for writes whose order does not matter (each
+    carries its own timestamp)."""
+
+    def __init__(self, store: CassandraStore) -> None:
+        self._store = store
+        # partition -> writes waiting for the one under way (present while one is)
+        self._waiting: dict[str, list[_Joined]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def run(self, partition: str, name: str, params: tuple[Any, ...]) -> None:
+        waiting = self._waiting.get(partition)
+        if waiting is not None:
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            waiting.append((name, params, fut))
+            await fut
+            return
+        self._waiting[partition] = []
+        try:
+            await self._store._x(name, *params)
+        finally:
+            self._next(partition)
+
+    def _next(self, partition: str) -> None:
+        joined = self._waiting.pop(partition, [])
+        if joined:
+            self._waiting[partition] = []
+            task = asyncio.get_running_loop().create_task(self._write_joined(partition, joined))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _write_joined(self, partition: str, joined: list[_Joined]) -> None:
+        from cassandra.query import BatchStatement, BatchType
+
+        try:
+            if len(joined) == 1:
+                await self._store._x(joined[0][0], *joined[0][1])
+            else:
+                batch = BatchStatement(batch_type=BatchType.UNLOGGED)
+                for name, params, _ in joined:
+                    batch.add(self._store._ps[name], params)
+                await self._store._run_statement(batch, "+".join(sorted({n for n, _, _ in joined})))
+        except Exception as exc:  # noqa: BLE001 - each waiter gets the failure as its own
+            for _, _, fut in joined:
+                if not fut.done():
+                    fut.set_exception(exc)
+        else:
+            for _, _, fut in joined:
+                if not fut.done():
+                    fut.set_result(None)
+        finally:
+            self._next(partition)
 
 
 class _Results:

@@ -283,6 +283,29 @@ async def test_receipts_move_forward_and_reading_implies_delivery(store: Store) 
     assert await store.advance_group_notice(chat.chat_id, a, "delivered", 1) is True
 
 
+async def test_many_members_receipts_moved_at_once_are_all_kept(store: Store) -> None:
+    """A group's members acknowledging the same message together: every move is kept (a backend
+    may write them as one request), and each member's read implies delivered."""
+    owner = (await store.create_user(phone(), T0)).user_id
+    members = [(await store.create_user(phone(), T0)).user_id for _ in range(24)]
+    g = await store.create_group(owner, "crowd", members, T0)
+    for m in members:
+        assert await store.advance_receipt(g.chat_id, m, "delivered", 1) is True
+    def receipt_writes() -> int:  # requests carrying receipt moves (one batch counts once)
+        return sum(n for name, n in store.ops.by_name.items() if name.startswith(("set_delivered", "set_read")))
+
+    before = receipt_writes()
+    moved = await asyncio.gather(*(store.advance_receipt(g.chat_id, m, "read" if i % 3 == 0 else "delivered", 7 + i)
+                                   for i, m in enumerate(members)))
+    assert moved == [True] * len(members)
+    if isinstance(store, CassandraStore):  # one write under way, the rest joined in one batch
+        assert receipt_writes() - before <= 2
+    got = {r.user_id: r for r in await store.get_receipts(g.chat_id)}
+    for i, m in enumerate(members):
+        assert (got[m].delivered, got[m].read) == (7 + i, 7 + i if i % 3 == 0 else 0), m
+    assert (got[owner].delivered, got[owner].read) == (0, 0)
+
+
 async def test_receipt_notes_share_the_inbox_sequence(store: Store) -> None:
     a, b = await two_users(store)
     chat = await store.direct_chat(a, b, T0)
