@@ -13,6 +13,7 @@ and the request goes on (a ``watch``, which asks for presence and nothing else, 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from storage.base import StorageUnavailable, Store
@@ -26,6 +27,8 @@ from .protocol import Watch, presence_event
 log = logging.getLogger(__name__)
 # how long this process trusts its own note that a device is online before saying so again
 REASSERT_S = 60.0
+# the online count walks every online user's key in the shared state: once per this long at most
+ONLINE_COUNT_TTL_S = 5.0
 
 
 class PresenceTracker:
@@ -34,6 +37,7 @@ class PresenceTracker:
         self._state = state
         self._clock = clock
         self._marked: dict[tuple[str, str], float] = {}
+        self._online_count: tuple[float, asyncio.Future[int]] | None = None
 
     async def is_online(self, user_id: str) -> bool:
         try:
@@ -43,6 +47,15 @@ class PresenceTracker:
             return False
 
     async def online_devices(self) -> int:
+        """Devices marked online across all bridges, counted at most every ONLINE_COUNT_TTL_S
+        (a scrape of /metrics asks twice; a count is a walk over every online user)."""
+        now = self._clock.monotonic()
+        cached = self._online_count
+        if cached is None or now - cached[0] >= ONLINE_COUNT_TTL_S:
+            cached = self._online_count = (now, asyncio.ensure_future(self._count_online()))
+        return await asyncio.shield(cached[1])
+
+    async def _count_online(self) -> int:
         try:
             return await self._state.online_devices()
         except StorageUnavailable:

@@ -387,3 +387,17 @@ async def test_unconfirmed_uploads_are_swept(world: World) -> None:
     assert sha not in world.blobs.objects
     with pytest.raises(NotFound):
         await world.media.done(a, "r", sha)
+
+
+async def test_online_count_is_taken_at_most_every_few_seconds(world: World) -> None:
+    """Counting walks every online user in the shared state: two asks close together (a scrape
+    of /metrics) count once; after ONLINE_COUNT_TTL_S a new count is taken."""
+    from bridge.presence import ONLINE_COUNT_TTL_S
+
+    a, b = await world.user("+15550000201"), await world.user("+15550000202")
+    await world.presence.device_online(a.user_id, a.device_id)
+    assert await world.presence.online_devices() == 1
+    await world.presence.device_online(b.user_id, b.device_id)
+    assert await world.presence.online_devices() == 1
+    world.clock.advance(ONLINE_COUNT_TTL_S)
+    assert await world.presence.online_devices() == 2
