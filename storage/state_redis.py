@@ -13,6 +13,7 @@ import json
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from .base import StorageError, StorageUnavailable
@@ -49,6 +50,15 @@ RPC_BUNCH = 256  # requests (or replies) taken from a list in one round trip
 log = logging.getLogger(__name__)
 
 
+@dataclass(slots=True)
+class _Pushes:
+    """What one turn of the event loop pushes onto Redis lists."""
+
+    done: asyncio.Future[None]
+    lists: dict[str, list[str]] = field(default_factory=dict)
+    expire: set[str] = field(default_factory=set)
+
+
 class RedisState:
     def __init__(self, url: str) -> None:
         try:
@@ -77,6 +87,8 @@ class RedisState:
         self._replies: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._handlers: dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] = {}
         self._reply_task: asyncio.Task[None] | None = None
+        self._pushes: _Pushes | None = None  # requests and replies waiting for this loop turn's push
+        self._push_tasks: set[asyncio.Task[None]] = set()
 
     async def _do(self, coro: Any) -> Any:
         from redis.exceptions import RedisError
@@ -159,13 +171,47 @@ class RedisState:
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._replies[rid] = fut
         try:
-            await self._do(self._redis.rpush(f"{RPC_LIST}{queue}", json.dumps([self._me, rid, request])))
+            await self._push(f"{RPC_LIST}{queue}", json.dumps([self._me, rid, request]), expire=False)
             async with asyncio.timeout(timeout_s):
                 return await fut
         except TimeoutError as exc:
             raise StorageUnavailable(f"no answer from the holder of {queue} in {timeout_s:.0f} s") from exc
         finally:
             self._replies.pop(rid, None)
+
+    async def _push(self, key: str, item: str, *, expire: bool) -> None:
+        """Append ``item`` to the list ``key``. Everything pushed in one turn of the event loop goes
+        in one pipelined round trip, one RPUSH per list in the order pushed (a reply list also
+        gets its expiry); returns once that round trip is done."""
+        pushes = self._pushes
+        if pushes is None:
+            pushes = self._pushes = _Pushes(asyncio.get_running_loop().create_future())
+            asyncio.get_running_loop().call_soon(self._send_pushes)
+        pushes.lists.setdefault(key, []).append(item)
+        if expire:
+            pushes.expire.add(key)
+        await asyncio.shield(pushes.done)
+
+    def _send_pushes(self) -> None:
+        pushes, self._pushes = self._pushes, None
+        if pushes is not None:
+            task = asyncio.get_running_loop().create_task(self._write_pushes(pushes), name="rpc-push")
+            self._push_tasks.add(task)
+            task.add_done_callback(self._push_tasks.discard)
+
+    async def _write_pushes(self, pushes: _Pushes) -> None:
+        pipe = self._redis.pipeline(transaction=False)
+        for key, items in pushes.lists.items():
+            pipe.rpush(key, *items)
+            if key in pushes.expire:
+                pipe.expire(key, 60)
+        try:
+            await self._do(pipe.execute())
+        except StorageUnavailable as exc:
+            pushes.done.set_exception(exc)
+            pushes.done.exception()  # retrieved here: no waiter may be left to see it
+        else:
+            pushes.done.set_result(None)
 
     async def _collect_replies(self) -> None:
         key = f"{REPLY_LIST}{self._me}"
@@ -213,11 +259,7 @@ class RedisState:
                 log.exception("answering a request of another bridge failed")
                 reply = {"error": f"{type(exc).__name__}"}
             try:
-                key = f"{REPLY_LIST}{caller}"
-                pipe = self._redis.pipeline(transaction=False)
-                pipe.rpush(key, json.dumps([rid, reply]))
-                pipe.expire(key, 60)
-                await self._do(pipe.execute())
+                await self._push(f"{REPLY_LIST}{caller}", json.dumps([rid, reply]), expire=True)
             except StorageUnavailable as exc:
                 log.warning("could not answer a request of another bridge: %s", exc)
 

@@ -88,3 +88,43 @@ async def test_hundreds_of_requests_at_once_all_get_answered(state: SharedState)
     users = [f"u-many-{i}" for i in range(300)]
     await asyncio.gather(*(state.device_online(u, "d1") for u in users))
     assert await asyncio.gather(*(state.is_online(u) for u in users)) == [True] * 300
+
+
+async def test_requests_between_bridges_keep_their_order_and_share_round_trips() -> None:
+    """Requests one process hands another arrive in the order they were made, and those made in
+    the same turn of the event loop (and their answers) travel in one round trip, not one each."""
+    import redis.asyncio as aioredis
+
+    from storage.state_redis import RedisState
+
+    url = production_url("PIGEON_REDIS", "redis://")
+    caller, holder = RedisState(url), RedisState(url)
+    admin = aioredis.from_url(url)
+    queue = f"test-order-{uid()}:p0"
+    seen: list[int] = []
+
+    async def echo(request: dict[str, object]) -> dict[str, object]:
+        n = request["n"]
+        assert isinstance(n, int)
+        seen.append(n)
+        return {"n": n * 2}
+
+    await caller.open()
+    await holder.open()
+    holder.handle("echo", echo)
+    serving = asyncio.create_task(holder.serve(lambda: [queue]))
+    try:
+        await caller.call(queue, {"kind": "echo", "n": -1}, 5)  # both sides are running
+        seen.clear()
+        pushes = (await admin.info("commandstats")).get("cmdstat_rpush", {}).get("calls", 0)
+        replies = await asyncio.gather(*(caller.call(queue, {"kind": "echo", "n": i}, 5) for i in range(50)))
+        assert replies == [{"n": 2 * i} for i in range(50)]
+        assert seen == list(range(50))
+        pushed = (await admin.info("commandstats"))["cmdstat_rpush"]["calls"] - pushes
+        assert pushed < 20, pushed  # one per request and one per answer would be 100
+    finally:
+        serving.cancel()
+        await asyncio.gather(serving, return_exceptions=True)
+        await admin.aclose()
+        await caller.close()
+        await holder.close()
