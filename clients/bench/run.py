@@ -286,10 +286,10 @@ class CostMeter:
 
 def merge(answers: dict[int, dict[str, Any]]) -> dict[str, Any]:
     """Add up what the workers counted in one traffic phase."""
-    out: dict[str, Any] = {"delivered": 0, "delivered_measured": 0, "sent_ok": 0, "duplicates": 0, "stalled": 0,
-                           "cpu_s": 0.0, "seconds": 0.0, "latencies_ms": [], "errors": Counter()}
+    out: dict[str, Any] = {"delivered": 0, "delivered_measured": 0, "sent_ok": 0, "duplicates": 0, "late_live": 0,
+                           "stalled": 0, "cpu_s": 0.0, "seconds": 0.0, "latencies_ms": [], "errors": Counter()}
     for a in answers.values():
-        for key in ("delivered", "delivered_measured", "sent_ok", "duplicates", "stalled", "cpu_s"):
+        for key in ("delivered", "delivered_measured", "sent_ok", "duplicates", "late_live", "stalled", "cpu_s"):
             out[key] += a[key]
         out["seconds"] = max(out["seconds"], a["seconds"])
         out["latencies_ms"].extend(a["latencies_ms"])
@@ -298,7 +298,8 @@ def merge(answers: dict[int, dict[str, Any]]) -> dict[str, Any]:
 
 
 def merge_drain(answers: dict[int, dict[str, Any]]) -> dict[str, int]:
-    keys = ("lost_live", "lost", "unanswered", "duplicates", "recovered_by_sync", "gap_syncs", "delivered_total")
+    keys = ("lost_live", "lost", "unanswered", "duplicates", "late_live", "recovered_by_sync", "gap_syncs",
+            "delivered_total")
     return {key: sum(int(a[key]) for a in answers.values()) for key in keys}
 
 
@@ -347,7 +348,8 @@ class Bench:
         merged = merge(pool.all(what, "traffic", lambda k: args(k) if active[k] else None, timed=seconds))
         merged["server_cpu_pct"] = self.meter.cpu_pct()
         drained = self.drain(pool, active)
-        merged.update(drained, duplicates=merged["duplicates"] + drained["duplicates"])
+        merged.update(drained, duplicates=merged["duplicates"] + drained["duplicates"],
+                      late_live=merged["late_live"] + drained["late_live"])
         if cost is not None and per_delivery is not None:
             merged["cost"] = cost.per_msg(drained["delivered_total"] * per_delivery)
         return merged
@@ -413,7 +415,8 @@ class Bench:
                               "msgs_per_s": round(step["delivered"] / max(1e-9, step["seconds"]), 1),
                               **percentiles(step["latencies_ms"]),
                               "lost": step["lost"], "unanswered": step["unanswered"],
-                              "duplicates": step["duplicates"], "errors": dict(step["errors"])})
+                              "duplicates": step["duplicates"], "late_live": step["late_live"],
+                              "errors": dict(step["errors"])})
             fields: dict[str, Any] = {
                 "msgs_per_s": round(max_rate, 1), "pairs": o.pairs, "window": o.window, **full["cost"],
             }
@@ -432,6 +435,7 @@ class Bench:
                 "lost": full["lost"] + sum(s["lost"] for s in steps),
                 "unanswered": full["unanswered"] + sum(s["unanswered"] for s in steps),
                 "duplicates": full["duplicates"] + sum(s["duplicates"] for s in steps),
+                "late_live": full["late_live"] + sum(s["late_live"] for s in steps),
                 "lost_live": full["lost_live"], "recovered_by_sync": full["recovered_by_sync"],
                 "errors": dict(full["errors"]), "stalled": full["stalled"],
                 "server_cpu_pct": full["server_cpu_pct"],
@@ -491,6 +495,7 @@ class Bench:
             "rss_mb": total_mb(rss), "rss_by_process_mb": rss, "bytes_per_msg": None,
             "lost": full["lost"] + half["lost"], "unanswered": full["unanswered"] + half["unanswered"],
             "duplicates": full["duplicates"] + half["duplicates"],
+            "late_live": full["late_live"] + half["late_live"],
             "lost_live": full["lost_live"], "recovered_by_sync": full["recovered_by_sync"],
             "errors": dict(full["errors"] + half["errors"]), "server_cpu_pct": full["server_cpu_pct"],
             "client_cpu_pct": round(100 * full["cpu_s"] / max(1e-9, full["seconds"]), 1), **full["cost"],

@@ -42,6 +42,13 @@ def body_now() -> str:
     return f"{now_ns():020d}"[-20:]
 
 
+def _entry(ev: dict[str, Any]) -> tuple[Any, ...]:
+    """What identifies an inbox entry: a message by its chat and seq, a receipt by what it says."""
+    if ev.get("type") == "msg":
+        return ("msg", ev.get("chat"), ev.get("seq"))
+    return (ev.get("type"), ev.get("chat"), ev.get("kind"), ev.get("user"), ev.get("up_to"))
+
+
 @dataclass(slots=True)
 class Track:
     """A message on its way: how many deliveries are still due, and who waits for them."""
@@ -61,7 +68,8 @@ class Tally:
     delivered_measured: int = 0
     sent_ok: int = 0
     errors: Counter[str] = field(default_factory=Counter)
-    duplicates: int = 0
+    duplicates: int = 0  # an entry stored twice: never allowed
+    late_live: int = 0  # a live copy of an inbox entry the device already had (by sync): harmless
     recovered_by_sync: int = 0
     gap_syncs: int = 0
     stalled: int = 0
@@ -70,7 +78,8 @@ class Tally:
     def as_dict(self) -> dict[str, Any]:
         return {
             "delivered": self.delivered, "delivered_measured": self.delivered_measured, "sent_ok": self.sent_ok,
-            "errors": dict(self.errors), "duplicates": self.duplicates, "recovered_by_sync": self.recovered_by_sync,
+            "errors": dict(self.errors), "duplicates": self.duplicates, "late_live": self.late_live,
+            "recovered_by_sync": self.recovered_by_sync,
             "gap_syncs": self.gap_syncs, "stalled": self.stalled, "latencies_ms": self.latencies_ms,
         }
 
@@ -86,6 +95,8 @@ class Dev:
         self.cursor = 0
         self.acked = 0
         self.ahead: set[int] = set()
+        self.at: dict[int, tuple[Any, ...]] = {}  # inbox position -> the entry that was there
+        self.msg_at: dict[tuple[Any, Any], int] = {}  # (chat, seq) -> the inbox position it came at
         self.gap_since = 0.0
         self.syncing = False
         self.replies: dict[str, asyncio.Future[dict[str, Any]]] = {}
@@ -128,9 +139,15 @@ class Dev:
     def take(self, ev: dict[str, Any], *, from_store: bool) -> None:
         kind = ev.get("type")
         inbox = ev.get("inbox")
-        if isinstance(inbox, int) and not self._mark(inbox, from_store):
+        if isinstance(inbox, int) and not self._mark(inbox, from_store, _entry(ev)):
             return
         if kind == "msg":
+            key = (ev.get("chat"), ev.get("seq"))
+            if isinstance(inbox, int):
+                first = self.msg_at.setdefault(key, inbox)
+                if first != inbox:  # one message at two inbox positions: stored twice
+                    self.w.tally.duplicates += 1
+                    return
             if ev.get("device") != self.device:
                 self.w.delivered(str(ev.get("id")), from_store)
             return
@@ -150,12 +167,18 @@ class Dev:
             elif kind == "error":
                 self.w.failed(rid, str(ev.get("code")))
 
-    def _mark(self, inbox: int, from_store: bool) -> bool:
-        """Record an inbox position; False if this device has already had it."""
+    def _mark(self, inbox: int, from_store: bool, entry: tuple[Any, ...]) -> bool:
+        """Record an inbox position; False if this device has already had it. The same entry
+        again live (a live event arriving after a sync fetched it) is counted as late; another
+        entry at a position already had would be a duplicate, and is counted as one."""
         if inbox <= self.cursor or inbox in self.ahead:
-            if not from_store:
+            had = self.at.get(inbox)
+            if had is not None and had != entry:
                 self.w.tally.duplicates += 1
+            elif not from_store:
+                self.w.tally.late_live += 1
             return False
+        self.at[inbox] = entry
         if inbox == self.cursor + 1:
             self.cursor = inbox
             while self.cursor + 1 in self.ahead:
@@ -514,6 +537,7 @@ class Worker:
         unanswered = sum(1 for t in self.tracks.values() if not t.confirmed)
         self.tracks.clear()
         return {"lost_live": lost_live, "lost": lost, "unanswered": unanswered, "duplicates": self.tally.duplicates,
+                "late_live": self.tally.late_live,
                 "recovered_by_sync": self.tally.recovered_by_sync, "gap_syncs": self.tally.gap_syncs,
                 "delivered_total": self.tally.delivered}  # the phase's deliveries, those during the drain too
 
