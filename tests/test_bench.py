@@ -180,3 +180,24 @@ def test_cost_per_message_arithmetic() -> None:
     assert unknown["bridge_cpu_ms_per_msg"] is None
     nothing = cost_per_msg(StoreOps(0, 0), StoreOps(0, 0), 0, 0, 0)
     assert nothing["store_ops_per_msg"] is None and nothing["bridge_cpu_ms_per_msg"] is None
+
+
+async def test_the_harness_tells_an_entry_stored_twice_from_a_late_live_copy() -> None:
+    """A live event for an inbox entry a sync already fetched is a late copy, not a duplicate;
+    another entry at a position already had, or one message at two positions, is a duplicate."""
+    from clients.bench.worker import Dev, Worker
+
+    w = Worker(0, [0])
+    dev = Dev(w, "u1", "d1", "token")
+    msg = {"type": "msg", "chat": "c1", "seq": 1, "id": "m1", "device": "d2", "inbox": 1}
+    dev.take(msg, from_store=True)
+    dev.take(msg, from_store=False)
+    assert (w.tally.late_live, w.tally.duplicates) == (1, 0)
+    dev.take({**msg, "seq": 2, "id": "m2"}, from_store=False)  # another message at position 1
+    assert w.tally.duplicates == 1
+    dev.take({**msg, "inbox": 2}, from_store=True)  # message c1/1 again, at position 2
+    assert w.tally.duplicates == 2
+    receipt = {"type": "receipt", "chat": "c1", "kind": "delivered", "user": "u2", "up_to": 1, "inbox": 3}
+    dev.take(receipt, from_store=True)
+    dev.take(receipt, from_store=False)
+    assert (w.tally.late_live, w.tally.duplicates) == (2, 2)
