@@ -235,15 +235,20 @@ class RedisState:
             await asyncio.sleep(0.5)
             return None
 
-    async def _more(self, key: str) -> list[bytes]:
-        """What else waits in a list, taken in the same round trip as one more pop: one blocking
-        pop per item would let a busy list grow (each waits for the event loop's next turn)."""
+    async def _more(self, *keys: str) -> list[bytes]:
+        """What else waits in the lists, taken in one round trip after a blocking pop: one pop
+        per item, or per list, would let busy lists grow (each waits for the event loop's next
+        turn, and a holder serves a list per partition it holds)."""
         try:
-            more = await self._do(self._redis.lpop(key, RPC_BUNCH))
+            if len(keys) == 1:
+                return list(await self._do(self._redis.lpop(keys[0], RPC_BUNCH)) or [])
+            pipe = self._redis.pipeline(transaction=False)
+            for key in keys:
+                pipe.lpop(key, RPC_BUNCH)
+            return [item for got in await self._do(pipe.execute()) for item in got or []]
         except StorageUnavailable as exc:
-            log.warning("reading %s: %s", key, exc)
+            log.warning("reading %s: %s", ", ".join(keys), exc)
             return []
-        return list(more or [])
 
     async def serve(self, queues: Callable[[], Sequence[str]]) -> None:
         """Take requests for the queues ``queues()`` names (asked anew at every wait) and answer
@@ -272,19 +277,20 @@ class RedisState:
             if got is None:
                 continue
             key = got[0].decode() if isinstance(got[0], bytes) else str(got[0])
-            if key not in {f"{RPC_LIST}{q}" for q in queues()}:
+            held = [f"{RPC_LIST}{q}" for q in queues()]
+            if key not in held:
                 try:
                     await self._do(self._redis.lpush(key, got[1]))
                 except StorageUnavailable as exc:
                     log.warning("could not hand back a request for %s: %s", key, exc)
                 continue
-            for item in [got[1], *await self._more(key)]:
+            for item in [got[1], *await self._more(*held)]:
                 try:
                     caller, rid, request = json.loads(item)
                     if not isinstance(request, dict):
                         raise TypeError("not an object")
                 except (ValueError, TypeError):
-                    log.warning("ignoring a malformed request on %s", key)
+                    log.warning("ignoring a malformed request in %s", ", ".join(held))
                     continue
                 task = asyncio.create_task(answer(caller, rid, request), name="rpc-answer")
                 running.add(task)
