@@ -512,6 +512,8 @@ def _show_result(r: dict[str, Any]) -> None:
         console.print(f"[bold red]  LOST {r.get('lost')} and DUPLICATED {r.get('duplicates')} messages[/]")
     if r.get("unanswered"):
         console.print(f"[bold red]  UNANSWERED {r['unanswered']} sends: no 'sent', no error, never delivered[/]")
+    if r.get("late_live"):
+        console.print(f"  {r['late_live']} live events arrived after a sync had fetched their entries (not duplicates)")
     if r.get("errors"):
         console.print(f"[yellow]  errors: {r['errors']}[/]")
 
