@@ -69,11 +69,8 @@ class PigeonServer:
 
     async def publish(self, outs: Sequence[Out]) -> None:
         if self._ingest_client is not None:
-            # Each publish reaches paho in the order started here, so the wire keeps this
-            # order; their acknowledgements are awaited together, not one broker round trip
-            # after another (a group message has a hundred of them).
-            client = self._ingest_client
-            await asyncio.gather(*(client.publish(o.topic, o.payload, o.qos) for o in outs))
+            # handed over in this order, not waiting for the broker's acknowledgements
+            await self._ingest_client.publish_all([(o.topic, o.payload, o.qos) for o in outs])
         elif self._broker is not None:
             for out in outs:
                 await self._broker.publish(out.topic, out.payload, out.qos)

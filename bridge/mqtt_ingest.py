@@ -30,10 +30,11 @@ import asyncio
 import logging
 import random
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol, runtime_checkable
 
 import aiomqtt
+from paho.mqtt.client import MQTT_ERR_NO_CONN, MQTT_ERR_QUEUE_SIZE, MQTT_ERR_SUCCESS
 
 from .errors import PigeonError
 
@@ -52,6 +53,9 @@ INGEST_WORKERS = 256
 # QoS-1 publishes of the bridge awaiting their PUBACK (paho's default of 20 would queue the
 # replies of a busy bridge behind each other's round trips).
 MAX_INFLIGHT = 256
+# replies and events handed to the outgoing connection and not yet acknowledged by the broker,
+# beyond which publishing waits (see publish_all)
+MAX_QUEUED = 10_000
 
 
 # Topics per SUBSCRIBE when a partition's session subscribes to its users' device topics.
@@ -116,23 +120,49 @@ class MqttIngest:
         except TimeoutError as exc:
             raise IngestError(f"no connection to the broker at {self._host}:{self._port} in {timeout}s") from exc
 
-    async def publish(self, topic: str, payload: bytes, qos: int) -> None:
-        """Publish once connected; waits (briefly) through a reconnect rather than dropping."""
-        for _attempt in range(3):
+    async def publish_all(self, items: Sequence[tuple[str, bytes, int]]) -> None:
+        """Hand publishes to the outgoing connection in order, without waiting for the broker to
+        acknowledge each: the client keeps their order on the wire and resends what is not
+        acknowledged, and the request that made them waits neither a broker round trip nor a
+        task per publish. Waits while there is no connection or MAX_QUEUED are unacknowledged;
+        what cannot be handed over within 5 s is dropped (live delivery is best effort: devices
+        catch up from the store)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        i = 0
+        while True:
             client = self._client
+            rc = MQTT_ERR_NO_CONN
             if client is not None:
-                try:
-                    await client.publish(topic, payload, qos=qos)
+                paho = client._client
+                while i < len(items):
+                    topic, payload, qos = items[i]
+                    rc = paho.publish(topic, payload, qos).rc
+                    if rc not in (MQTT_ERR_SUCCESS, MQTT_ERR_NO_CONN, MQTT_ERR_QUEUE_SIZE):
+                        log.warning("publish on %s refused (%s): dropped", topic, rc)
+                    elif rc != MQTT_ERR_SUCCESS:
+                        break
+                    i += 1
+                if i == len(items):
                     return
-                except aiomqtt.MqttError as exc:
-                    log.warning("publish on %s failed: %s", topic, exc)
-            try:
-                async with asyncio.timeout(5):
-                    await self._connected.wait()
-            except TimeoutError:
-                break
-        # Devices recover anything missed from the store (sync on gap), so this is not a loss.
-        log.warning("dropping live publish on %s: broker unreachable", topic)
+            if loop.time() >= deadline:
+                log.warning("dropping %d live publishes: broker unreachable or not acknowledging", len(items) - i)
+                return
+            if rc == MQTT_ERR_QUEUE_SIZE:
+                await asyncio.sleep(0.01)  # let acknowledgements come in
+            else:  # no connection (a publish it took is gone with it): wait for the next one
+                await self._next_connection(client, deadline - loop.time())
+
+    async def _next_connection(self, old: aiomqtt.Client | None, timeout: float) -> None:
+        try:
+            async with asyncio.timeout(timeout):
+                while self._client is None or self._client is old:
+                    if self._client is None:
+                        await self._connected.wait()
+                    else:  # the old connection is still being given up
+                        await asyncio.sleep(0.05)
+        except TimeoutError:
+            pass
 
     async def run(self) -> None:
         """Consume until cancelled."""
@@ -256,6 +286,8 @@ class MqttIngest:
         if persistent:
             # aiomqtt 2.5 has no option for it: PUBACK only once handled (see _acker)
             client._client.manual_ack_set(True)
+        else:  # the outgoing connection: a bound on what publish_all leaves in its queue
+            client._client.max_queued_messages_set(MAX_QUEUED)
         # hundreds of replies and events in flight at once are the normal load, not a warning sign
         client.pending_calls_threshold = 20 * MAX_INFLIGHT
         return client
