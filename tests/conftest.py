@@ -129,9 +129,20 @@ async def partitions_held(srv: ServerProc) -> float:
     return await metric(srv, "pigeon_partitions_held")
 
 
-async def embedded_broker(check: Callable[[str], Awaitable[tuple[str, str] | None]]) -> tuple[PigeonBroker, int]:
-    """The embedded broker alone on a free loopback port, devices checked by ``check(token)``."""
-    gate = DeviceGate(check)
+def tok_tokens(user: str) -> Callable[[str], Awaitable[tuple[str, str] | None]]:
+    """A token check for an embedded broker on its own: ``tok-DEVICE`` is that device of ``user``."""
+
+    async def check(token: str) -> tuple[str, str] | None:
+        return (user, token[4:]) if token.startswith("tok-") else None
+
+    return check
+
+
+async def embedded_broker(check: Callable[[str], Awaitable[tuple[str, str] | None]],
+                          bridge: tuple[str, str] | None = None) -> tuple[PigeonBroker, int]:
+    """The embedded broker alone on a free loopback port, devices checked by ``check(token)``
+    (and the bridge's ``(username, password)``, if given, let in as the bridge)."""
+    gate = DeviceGate(check, *(bridge or (None, None)))
     broker = PigeonBroker(broker_config("127.0.0.1", 0, 0, gate), gate)
     await broker.start()
     return broker, broker._servers["default"].instance.sockets[0].getsockname()[1]  # noqa: SLF001

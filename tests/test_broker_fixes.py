@@ -16,7 +16,7 @@ import aiomqtt
 import pytest
 
 from broker.embedded import PigeonBroker
-from tests.conftest import embedded_broker
+from tests.conftest import embedded_broker, tok_tokens
 from tests.mqtt_raw import connack_code, connect_packet, publish_packet, read_packet, subscribe_packet
 
 USER = "u1"
@@ -43,10 +43,7 @@ class Harness:
 
 @pytest.fixture
 async def harness() -> AsyncIterator[Harness]:
-    async def check(token: str) -> tuple[str, str] | None:
-        return (USER, token[4:]) if token.startswith("tok-") else None
-
-    broker, port = await embedded_broker(check)
+    broker, port = await embedded_broker(tok_tokens(USER))
     h = Harness(broker=broker, port=port)
 
     async def ingest(topic: str, payload: bytes) -> None:

@@ -9,20 +9,13 @@ import asyncio
 import aiomqtt
 
 from bridge.mqtt_ingest import MqttIngest
-from broker.embedded import PigeonBroker, broker_config
-from broker.gate import DeviceGate
+from tests.conftest import embedded_broker, tok_tokens
 
 USER, DEVICE, BRIDGE, SECRET = "u1", "d1", "pigeon-bridge", "bridge-secret"
 
 
 async def test_publish_all_keeps_order_and_waits_for_a_connection() -> None:
-    async def check(token: str) -> tuple[str, str] | None:
-        return (USER, token[4:]) if token.startswith("tok-") else None
-
-    gate = DeviceGate(check, BRIDGE, SECRET)
-    broker = PigeonBroker(broker_config("127.0.0.1", 0, 0, gate), gate)
-    await broker.start()
-    port = broker._servers["default"].instance.sockets[0].getsockname()[1]  # noqa: SLF001
+    broker, port = await embedded_broker(tok_tokens(USER), (BRIDGE, SECRET))
 
     async def ignore(topic: str, payload: bytes) -> None:
         return None

@@ -20,7 +20,7 @@ import pytest
 
 from broker.embedded import PigeonBroker
 from clients.sdk import Device, PigeonClientError, Profile, RequestTimeout
-from tests.conftest import embedded_broker
+from tests.conftest import embedded_broker, tok_tokens
 
 USER = "u1"
 DEVICE = "d1"
@@ -59,10 +59,7 @@ class FakeServer:
 
 @pytest.fixture
 async def server() -> AsyncIterator[FakeServer]:
-    async def check(token: str) -> tuple[str, str] | None:
-        return (USER, token[4:]) if token.startswith("tok-") else None
-
-    broker, port = await embedded_broker(check)
+    broker, port = await embedded_broker(tok_tokens(USER))
     fake = FakeServer(broker=broker, port=port)
     broker.set_ingest(fake.ingest)
     try:
