@@ -184,22 +184,19 @@ class RedisState:
         in one pipelined round trip, one RPUSH per list in the order pushed (a reply list also
         gets its expiry); returns once that round trip is done."""
         pushes = self._pushes
-        if pushes is None:
+        if pushes is None:  # the first this turn: the task that sends them starts on the next
             pushes = self._pushes = _Pushes(asyncio.get_running_loop().create_future())
-            asyncio.get_running_loop().call_soon(self._send_pushes)
+            task = asyncio.get_running_loop().create_task(self._write_pushes(pushes), name="rpc-push")
+            self._push_tasks.add(task)
+            task.add_done_callback(self._push_tasks.discard)
         pushes.lists.setdefault(key, []).append(item)
         if expire:
             pushes.expire.add(key)
         await asyncio.shield(pushes.done)
 
-    def _send_pushes(self) -> None:
-        pushes, self._pushes = self._pushes, None
-        if pushes is not None:
-            task = asyncio.get_running_loop().create_task(self._write_pushes(pushes), name="rpc-push")
-            self._push_tasks.add(task)
-            task.add_done_callback(self._push_tasks.discard)
-
     async def _write_pushes(self, pushes: _Pushes) -> None:
+        if self._pushes is pushes:  # pushes from here on go in the next round trip
+            self._pushes = None
         pipe = self._redis.pipeline(transaction=False)
         for key, items in pushes.lists.items():
             pipe.rpush(key, *items)
