@@ -93,7 +93,7 @@ class Media:
 
     async def url(self, caller: Caller, rid: str, key: str, chat_id: str) -> dict[str, Any]:
         async with storage_errors():
-            chat = await self._store.get_chat(chat_id)
+            chat = await self._store.get_chat(chat_id, current_seq=False)
             if chat is None:
                 raise NotFound(f"chat {chat_id} does not exist")
             if chat.member(caller.user_id) is None:

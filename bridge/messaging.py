@@ -60,8 +60,8 @@ class Messenger:
         self._known_users: LRUCache[str, bool] = LRUCache(200_000)
 
     # -- helpers --------------------------------------------------------------------------------
-    async def _member_chat(self, caller: Caller, chat_id: str) -> Chat:
-        chat = await self._store.get_chat(chat_id)
+    async def _member_chat(self, caller: Caller, chat_id: str, *, current_seq: bool = True) -> Chat:
+        chat = await self._store.get_chat(chat_id, current_seq=current_seq)
         if chat is None:
             raise NotFound(f"chat {chat_id} does not exist")
         if chat.member(caller.user_id) is None:
@@ -91,10 +91,12 @@ class Messenger:
                 if req.to == caller.user_id:
                     raise BadRequest("'to' must name another user")
                 await self._existing_user(req.to)
-                chat = await self._store.direct_chat(caller.user_id, req.to, self._clock.now_ms())
+                # (who is in it is all a send needs: its seq comes from the chat's numbering)
+                chat = await self._store.direct_chat(caller.user_id, req.to, self._clock.now_ms(),
+                                                     current_seq=False)
             else:
                 assert req.chat is not None
-                chat = await self._member_chat(caller, req.chat)
+                chat = await self._member_chat(caller, req.chat, current_seq=False)
             if req.media is not None:
                 obj = await self._store.get_media(req.media.key)
                 if obj is None or obj.state != "ready":
@@ -189,7 +191,7 @@ class Messenger:
         hit = self._acked_chats.get(chat_id)
         if hit is not None and now - hit[0] < ACK_CHAT_TTL_S:
             return hit[1]
-        chat = await self._store.get_chat(chat_id)
+        chat = await self._store.get_chat(chat_id, current_seq=False)  # (receipts need its members only)
         if chat is not None:
             if len(self._acked_chats) > 10_000:
                 self._acked_chats.clear()

@@ -272,14 +272,18 @@ class Store(Protocol):
     async def delete_login_code(self, phone: str) -> None: ...
 
     # -- chats --------------------------------------------------------------------------------
-    async def direct_chat(self, a: str, b: str, now: int) -> Chat:
-        """The direct chat between users a and b, created on first use (idempotent, a != b)."""
+    async def direct_chat(self, a: str, b: str, now: int, *, current_seq: bool = True) -> Chat:
+        """The direct chat between users a and b, created on first use (idempotent, a != b).
+
+        With ``current_seq=False`` the chat's ``last_seq`` may be behind: for callers that need
+        only who is in the chat, so a store need not look up its newest message."""
 
     async def create_group(self, creator: str, title: str, members: Sequence[str], now: int) -> Chat:
         """A new group; ``creator`` is its admin and a member; duplicates in ``members`` are merged."""
 
-    async def get_chat(self, chat_id: str) -> Chat | None:
-        """The chat with its current members, or None."""
+    async def get_chat(self, chat_id: str, *, current_seq: bool = True) -> Chat | None:
+        """The chat with its current members, or None. ``current_seq=False``: as for
+        :meth:`direct_chat`, ``last_seq`` may be behind."""
 
     async def user_chats(self, user_id: str) -> list[Chat]:
         """Every chat the user is a member of, most recently active first."""

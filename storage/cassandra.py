@@ -178,6 +178,14 @@ def _message(chat_id: str, seq: int, r: Sequence[Any]) -> Message:
                    body=r[5], media=media_from_json(r[6]), event=r[7], target=r[8])
 
 
+def _inbox_item(v: Sequence[Any]) -> Message | ReceiptNote:
+    """What an inbox row holds, from its values (chat, seq, the message's fields, then the
+    receipt's kind, user and position: a row holds a message or a receipt note)."""
+    if v[1] is not None:
+        return _message(v[0], v[1], v[2:11])
+    return ReceiptNote(chat_id=v[0], user=v[12], kind=v[11], up_to=v[13])
+
+
 class CassandraStore:
     """The :class:`storage.base.Store` on a Cassandra cluster."""
 
@@ -624,19 +632,20 @@ class CassandraStore:
         await self._x("del_code", phone)
 
     # -- chats ----------------------------------------------------------------------------------
-    async def _chat(self, chat_id: str) -> Chat | None:
-        return (await self._chat_and_activity(chat_id))[0]
+    async def _chat(self, chat_id: str, current_seq: bool = True) -> Chat | None:
+        return (await self._chat_and_activity(chat_id, current_seq=current_seq))[0]
 
-    async def _chat_and_activity(self, chat_id: str, activity: bool = False) -> tuple[Chat | None, int]:
+    async def _chat_and_activity(self, chat_id: str, activity: bool = False,
+                                 current_seq: bool = True) -> tuple[Chat | None, int]:
         """The chat with its members, and (with ``activity``) when it was last active. The last
-        seq comes from this process's writer of the chat when it has one, else from the chat's
-        newest rows."""
+        seq comes from this process's writer of the chat when it has one, else (unless
+        ``current_seq`` is False: then it is 0) from the chat's newest rows."""
         key = f"c:{chat_id}"
         held = self._logs.get(key)
         last_ts = 0
-        if held is not None and not held.dead and not activity:
+        if not activity and (not current_seq or (held is not None and not held.dead)):
             rows, members = await asyncio.gather(self._x("get_chat", chat_id), self._x("members", chat_id))
-            last_seq = held.head
+            last_seq = held.head if held is not None and not held.dead else 0
         else:
             rows, members, (last_seq, recent, head_row) = await asyncio.gather(
                 self._x("get_chat", chat_id), self._x("members", chat_id), self._tail(key))
@@ -648,22 +657,26 @@ class CassandraStore:
                     key=lambda m: (m.joined_at, m.user_id))
         chat = Chat(chat_id=r[0], kind=r[1], title=r[2] or "", created_by=r[3], created_at=r[4],
                     last_seq=last_seq, members=tuple(ms))
+        if chat.kind == "direct" and len(ms) == 2:  # complete: its members never change
+            self._directs[chat_id] = chat
         return chat, last_ts
 
-    async def get_chat(self, chat_id: str) -> Chat | None:
+    async def get_chat(self, chat_id: str, *, current_seq: bool = True) -> Chat | None:
         known = self._directs.get(chat_id)  # a direct chat's members never change
         if known is not None:
-            return dataclasses.replace(known, last_seq=await self._head(f"c:{chat_id}"))
-        return await self._chat(chat_id)
+            return dataclasses.replace(known, last_seq=await self._head(f"c:{chat_id}")) if current_seq else known
+        return await self._chat(chat_id, current_seq)
 
     async def _join(self, chat_id: str, user_id: str, role: Role, now: int) -> None:
         await asyncio.gather(self._x("add_member", chat_id, user_id, role, now),
                              self._x("add_user_chat", user_id, chat_id))
 
-    async def direct_chat(self, a: str, b: str, now: int) -> Chat:
+    async def direct_chat(self, a: str, b: str, now: int, *, current_seq: bool = True) -> Chat:
         pair = "|".join(sorted((a, b)))
         known = self._pairs.get(pair)  # a direct chat's members never change
         if known is not None:
+            if not current_seq:
+                return known
             return dataclasses.replace(known, last_seq=await self._head(f"c:{known.chat_id}"))
         chat = await self._direct_chat(pair, a, b, now)
         self._pairs[pair] = self._directs[chat.chat_id] = chat
@@ -850,7 +863,11 @@ class CassandraStore:
             part = partition_of(key)
             if self._leases is None or self._leases.epoch(part) is None:
                 return {"error": f"partition {part} is not held here"}
-            n, dup = await (await self._log(key)).append(tuple(req["values"]), ident)
+            values = tuple(req["values"])
+            n, dup = await (await self._log(key)).append(values, ident)
+            kind, _, user = key.partition(":")
+            if kind == "u" and not dup:  # kept for the user's acks and syncs, which come here
+                self._entries[(user, n)] = InboxEntry(user_id=user, pos=n, item=_inbox_item(values))
             return {"n": n, "dup": dup}
         except StorageUnavailable as exc:
             return {"error": str(exc)}
@@ -1011,12 +1028,7 @@ class CassandraStore:
             for r in rows:
                 if r[0] != cursor + 1 or not self._valid(r[15], r[0], fence):
                     return out  # the end of what is written (or a late row of an old epoch)
-                item: Message | ReceiptNote
-                if r[2] is not None:
-                    item = _message(r[1], r[2], r[3:12])
-                else:
-                    item = ReceiptNote(chat_id=r[1], user=r[13], kind=r[12], up_to=r[14])
-                out.append(InboxEntry(user_id=user_id, pos=r[0], item=item))
+                out.append(InboxEntry(user_id=user_id, pos=r[0], item=_inbox_item(r[1:15])))
                 cursor = r[0]
             if len(rows) < want and cursor % BUCKET != BUCKET - 1:
                 break

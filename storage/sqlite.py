@@ -403,7 +403,7 @@ class SqliteStore:
             last_seq=row[5], members=members,
         )
 
-    async def direct_chat(self, a: str, b: str, now: int) -> Chat:
+    async def direct_chat(self, a: str, b: str, now: int, *, current_seq: bool = True) -> Chat:
         key = "|".join(sorted((a, b)))
 
         def q(c: sqlite3.Connection) -> Chat:
@@ -443,8 +443,8 @@ class SqliteStore:
 
         return await self._write(q)
 
-    async def get_chat(self, chat_id: str) -> Chat | None:
-        return await self._read(self._load_chat, chat_id)
+    async def get_chat(self, chat_id: str, *, current_seq: bool = True) -> Chat | None:
+        return await self._read(self._load_chat, chat_id)  # the seq is always current here
 
     async def user_chats(self, user_id: str) -> list[Chat]:
         def q(c: sqlite3.Connection) -> list[Chat]:

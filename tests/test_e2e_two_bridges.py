@@ -16,7 +16,7 @@ import pytest
 
 from clients.sdk import Api, Device, Profile, login
 from storage.cassandra_owner import partition_of
-from tests.conftest import ServerProc, broker_flags, fresh_phone, production_flags, sends_handled
+from tests.conftest import ServerProc, broker_flags, fresh_phone, metric, production_flags, sends_handled
 from tests.test_e2e_failover import holds, lease_holders, settled
 
 
@@ -88,3 +88,55 @@ async def test_two_bridges_share_the_load_and_keep_every_promise(
     assert inbox == sorted(inbox) and len(set(inbox)) == total
     handled = (await sends_handled(b0), await sends_handled(b1))
     assert min(handled) >= 4 * per_device, handled  # each took the sends of its own four devices
+
+
+READ_BACKS = ("read_inbox", "fence_get", "chat_head", "chat_tail", "get_chat", "members", "user_state")
+
+
+async def reads_back(srv: ServerProc) -> dict[str, float]:
+    return {name: await metric(srv, f'pigeon_store_statements_by_name_total{{statement="{name}"}}')
+            for name in READ_BACKS}
+
+
+async def test_a_conversation_across_two_bridges_reads_nothing_back_in_steady_state(
+        bridges: tuple[ServerProc, ServerProc, list[str]]) -> None:
+    """Two users whose traffic two different bridges take: once each has sent a message, the
+    sends, acks and receipts between them are numbered and written without reading anything
+    back from Cassandra (each side knows the chat's members, and the holder of an inbox keeps
+    what it numbered for another bridge)."""
+    b0, b1, flags = bridges
+    await settled(b0, b1)
+    holders = await asyncio.to_thread(lease_holders, flags)
+    found: dict[int, Profile] = {}
+    for i in range(60):
+        p = await login((b0, b1)[i % 2].http, fresh_phone())
+        for srv in (b0, b1):
+            if holds(srv, holders.get(partition_of(f"u:{p.user_id}"), "")):
+                found.setdefault(srv.proc.pid, p)
+        if len(found) == 2:
+            break
+    alice, bob = found[b0.proc.pid], found[b1.proc.pid]
+    async with Device(alice) as a, Device(bob) as b:
+        async def exchange(tag: str, rounds: int) -> None:
+            last: dict[Device, int] = {}
+            for k in range(rounds):
+                last[a] = int((await a.send(f"{tag}a{k}", to=bob.user_id))["seq"])
+                last[b] = int((await b.send(f"{tag}b{k}", to=alice.user_id))["seq"])
+            for me, peer in ((a, bob.user_id), (b, alice.user_id)):
+                texts, delivered = 0, 0
+                async with asyncio.timeout(20):  # until the peer's receipt covers my last message
+                    while texts < rounds or delivered < last[me]:
+                        ev = await me.next_event()
+                        if ev["type"] == "msg" and str(ev.get("body", "")).startswith(tag):
+                            texts += 1
+                        elif ev["type"] == "receipt" and ev.get("user") == peer and ev.get("kind") == "delivered":
+                            delivered = max(delivered, int(str(ev["up_to"])))
+
+        await exchange("warm", 1)  # first uses: the chat, the pair and each key's log are read once
+        await asyncio.sleep(1.5)
+        before = [await reads_back(srv) for srv in (b0, b1)]
+        await exchange("s", 10)
+        await asyncio.sleep(1.5)
+        after = [await reads_back(srv) for srv in (b0, b1)]
+    read = {name: sum(aft[name] - bef[name] for bef, aft in zip(before, after, strict=True)) for name in READ_BACKS}
+    assert not any(read.values()), f"statements that read back: {read}"
