@@ -9,6 +9,7 @@ callers decide whether that blocks (it never blocks messaging: see ``bridge.pres
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import uuid
@@ -84,6 +85,7 @@ class RedisState:
         self._redis: Any = aioredis.Redis(connection_pool=self._pool)
         self._scripts: dict[str, Any] = {}
         self._me = uuid.uuid4().hex
+        self._rids = itertools.count(1)  # a request's id: unique among this process's replies
         self._replies: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._handlers: dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] = {}
         self._reply_task: asyncio.Task[None] | None = None
@@ -167,7 +169,7 @@ class RedisState:
         own deadline, and what they ask is idempotent)."""
         if self._reply_task is None or self._reply_task.done():
             self._reply_task = asyncio.create_task(self._collect_replies(), name="rpc-replies")
-        rid = uuid.uuid4().hex
+        rid = str(next(self._rids))
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._replies[rid] = fut
         try:
