@@ -103,7 +103,9 @@ UNKNOWN_OUTCOME_RETRIES = 4
 UNSENT_TTL_S = 10.0
 FORWARD_TIMEOUT_S = 5.0
 DDL_TIMEOUT_S = 120.0
-ACK_FLUSH_S = 1.0
+# A user's acknowledged position is written this long after it moved (one write covers every ack
+# meanwhile; a position lost with a crash is only read back lower, see advance_device_ack).
+ACK_FLUSH_S = 5.0
 ACK_PACE_S = 0.05  # acknowledged positions are written in slices this far apart, not all at once
 SWEEP_DAYS = 30  # how far back the upload sweep looks for unconfirmed uploads
 
@@ -1059,7 +1061,7 @@ class CassandraStore:
 
     async def _write_acks_behind(self) -> None:
         # Each position is written about ACK_FLUSH_S after it first moved, a slice every
-        # ACK_PACE_S: a second's worth all at once made a burst that every other statement
+        # ACK_PACE_S: a period's worth all at once made a burst that every other statement
         # queued behind (the tail of the latency).
         while self._acks_due:
             oldest = next(iter(self._acks_due.values()))[1]
