@@ -69,6 +69,29 @@ def serve(
     event_loop: Annotated[str, typer.Option(
         envvar="PIGEON_EVENT_LOOP", help="uvloop (libuv, faster; the default where it is installed) or asyncio "
         "(the standard library's)")] = "auto",
+    push_window: Annotated[float, typer.Option(
+        envvar="PIGEON_PUSH_WINDOW", help="seconds: a device is pushed at most once per this long")] = 10.0,
+    push_max_age: Annotated[int, typer.Option(
+        envvar="PIGEON_PUSH_MAX_AGE", help="seconds a push is retried before it is dropped")] = 86_400,
+    vapid_key_file: Annotated[Path | None, typer.Option(
+        envvar="PIGEON_VAPID_KEY_FILE", help="Web Push: PEM P-256 private key (absent: DATA_DIR/vapid.pem, "
+        "made on first start)")] = None,
+    vapid_subject: Annotated[str, typer.Option(
+        envvar="PIGEON_VAPID_SUBJECT", help="Web Push: the VAPID 'sub' contact (mailto: or https:)")]
+    = "mailto:admin@localhost",
+    fcm_credentials_file: Annotated[Path | None, typer.Option(
+        envvar="PIGEON_FCM_CREDENTIALS_FILE", help="FCM: the service account's JSON key")] = None,
+    fcm_url: Annotated[str, typer.Option(
+        envvar="PIGEON_FCM_URL", help="FCM HTTP v1 API base URL")] = "https://fcm.googleapis.com",
+    apns_key_file: Annotated[Path | None, typer.Option(
+        envvar="PIGEON_APNS_KEY_FILE", help="APNs: the .p8 token signing key")] = None,
+    apns_key_id: Annotated[str | None, typer.Option(envvar="PIGEON_APNS_KEY_ID", help="APNs: the key's id")] = None,
+    apns_team_id: Annotated[str | None, typer.Option(envvar="PIGEON_APNS_TEAM_ID", help="APNs: team id")] = None,
+    apns_topic: Annotated[str | None, typer.Option(envvar="PIGEON_APNS_TOPIC", help="APNs: the app's bundle id")]
+    = None,
+    apns_url: Annotated[str, typer.Option(
+        envvar="PIGEON_APNS_URL", help="APNs base URL (sandbox: https://api.sandbox.push.apple.com)")]
+    = "https://api.push.apple.com",
 ) -> None:
     """Run broker, bridge and HTTP API in one process (embedded default: nothing to install)."""
     from bridge.app import PigeonServer
@@ -83,7 +106,10 @@ def serve(
             broker=broker, broker_credentials_file=broker_credentials_file,
             rate_per_s=rate, rate_burst=burst, max_group=max_group, max_payload=max_payload,
             media_max_bytes=media_max_bytes, media_url_ttl_s=media_url_ttl, secret=secret_from_env() or None,
-            ingest=ingest,
+            ingest=ingest, push_window_s=push_window, push_max_age_s=push_max_age, vapid_key_file=vapid_key_file,
+            vapid_subject=vapid_subject, fcm_credentials_file=fcm_credentials_file, fcm_url=fcm_url,
+            apns_key_file=apns_key_file, apns_key_id=apns_key_id, apns_team_id=apns_team_id, apns_topic=apns_topic,
+            apns_url=apns_url,
         ).validated()
     except PigeonError as exc:
         err.print(f"[red]configuration error:[/] {exc}")
