@@ -3,8 +3,10 @@
 The message path only *notes* inbox events (:meth:`Pusher.note`, a dictionary update: no
 I/O). Everything else happens here, apart from it, in two loops of one task group:
 
-- **decide**: every ``TICK_S`` at most, the users noted since are looked up in the shared
-  presence state in one step (one Redis round trip for all of them, or none in-process); for
+- **decide**: as soon as the message path yields, the users noted since the last decision are
+  looked up in the shared presence state in one step (one Redis round trip for all of them, or
+  none in-process; notes that arrive meanwhile wait for the next step, so under load one round
+  trip covers many events), which is as close to the event as presence can be read; for
   each user with no device online, each of their devices with a push target gets a wake in the
   durable queue (:mod:`storage.push_queue`), which coalesces: a device has at most one wake
   pending, covering every event until it is sent, and a device woken less than the window ago
@@ -38,7 +40,6 @@ from .metrics import Metrics
 from .push_providers import Outcome, Provider, Wake
 
 log = logging.getLogger(__name__)
-TICK_S = 0.1  # noted events are gathered this long, then decided together
 POLL_S = 0.5  # the queue is looked at this often when nothing was scheduled here (retries, other bridges)
 LEASE_S = 60.0  # a claimed wake stays hidden this long (longer than any send may take)
 CLAIM_BATCH = 64
@@ -152,7 +153,6 @@ class Pusher:
             await self._wait(self._noted, stopping, None)
             if stopping.is_set():
                 return
-            await asyncio.sleep(TICK_S)  # gather the rest of a burst
             self._noted.clear()
             notes, self._notes = self._notes, {}
             try:
