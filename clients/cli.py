@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
 import logging
 import mimetypes
 import signal
@@ -244,6 +245,38 @@ def login_cmd(
     p = _run(go())
     p.save(profile)
     console.print(f"logged in as [bold]{p.user_id}[/] (device {p.device_id}); profile saved to {profile}")
+
+
+@app.command()
+def push(
+    provider: Annotated[str, typer.Argument(help="webhook, webpush, fcm or apns; or 'off' to stop being woken")],
+    token: Annotated[str | None, typer.Argument(
+        help="webhook: the URL; webpush: the subscription JSON (endpoint and keys); fcm/apns: the device token")]
+    = None,
+    profile: ProfileOpt = DEFAULT_PROFILE,
+) -> None:
+    """Say where this device is woken when none of your devices is connected."""
+    if provider != "off" and token is None:
+        err.print(f"[red]give the {provider} token (see pigeon push --help)[/]")
+        raise typer.Exit(2)
+
+    async def go() -> list[dict[str, Any]]:
+        async with Api(_profile(profile)) as api:
+            if provider == "off":
+                await api.clear_push()
+            else:
+                assert token is not None
+                value: str | dict[str, Any] = token
+                if provider == "webpush":
+                    try:
+                        value = json.loads(token)
+                    except ValueError as exc:
+                        raise PigeonClientError("bad_request", "a webpush token is the subscription's JSON") from exc
+                await api.set_push(provider, value)
+            return await api.devices()
+
+    for d in _run(go()):
+        console.print(f"{d['device_id']}  {escape(d['name'])} ({d['platform']})  push: {d['push'] or '-'}")
 
 
 @app.command()
