@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from clients.sdk import Api, Device, PigeonClientError, Profile, login
-from tests.conftest import ServerProc, fresh_phone, metric, production_flags
+from tests.conftest import ServerProc, broker_flags, fresh_phone, metric, production_flags
 from tests.mqtt_raw import connect_packet, publish_packet
 from tests.push_services import PushServices
 
@@ -114,8 +114,10 @@ async def test_online_user_is_not_pushed(srv: ServerProc, services: PushServices
         assert seen == ["one", "two"]
     finally:
         await dev.close()  # offline from here on
+    gone = time.monotonic()
     await post(a, chat, "three")
     [pushed] = await services.webhook.recorder.wait(b.device_id, 1)
+    assert pushed.at > gone  # nothing was pushed while the device was connected
     # this wake covers the one message that came while no device was connected, nothing before
     assert pushed.body == {"type": "wake", "events": 1}
     assert pushed.headers["content-type"] == "application/json"
@@ -143,8 +145,10 @@ async def test_a_device_dropped_by_keepalive_counts_as_gone(srv: ServerProc, ser
             await eventually(online, 5)
             await api.post_message(chat, "while connected")
             await eventually(offline, 10)  # the broker closed it after 1.5 keepalives and sent its will
+            gone = time.monotonic()
             await api.post_message(chat, "after the drop")
         [pushed] = await services.webhook.recorder.wait(b.device_id, 1)
+        assert pushed.at > gone
         assert pushed.body == {"type": "wake", "events": 1}
     finally:
         writer.close()
@@ -290,3 +294,52 @@ async def test_pushes_queued_at_a_restart_are_still_sent(profile: str, services:
         assert again.status == 200 and again.body == {"type": "wake", "events": 1}
     finally:
         second.stop()
+
+
+async def test_two_bridges_on_one_redis_agree_on_who_is_connected(services: PushServices, tmp_path: Path) -> None:
+    """The device is connected to Mosquitto and its presence kept in Redis; messages reach the
+    user through either bridge, and neither pushes until the device has gone."""
+    flags = push_flags(services, tmp_path, "production") + broker_flags()
+    first = ServerProc.start(tmp_path / "b0", *flags)
+    try:
+        second = ServerProc.start(tmp_path / "b1", *flags)
+    except BaseException:
+        first.stop()
+        raise
+    try:
+        a, b, chat = await pair(first)
+        async with Api(b) as api:
+            await api.set_push("webhook", services.webhook.url(b.device_id))
+        dev = Device(b)
+        await dev.__aenter__()
+        try:
+            async with Api(a) as api:
+                async def online() -> bool:
+                    return bool((await api.presence(b.user_id))["online"])
+
+                await eventually(online, 10)
+            a_on_second = await login(second.http, a.phone)  # the same user, through the other bridge
+            await post(a, chat, "one")
+            await post(a_on_second, chat, "two")
+            seen = []
+            async with asyncio.timeout(15):
+                while len(seen) < 2:
+                    ev = await dev.next_event()
+                    if ev["type"] == "msg":
+                        seen.append(ev["body"])
+            assert sorted(seen) == ["one", "two"]
+        finally:
+            await dev.close()
+        async with Api(a) as api:
+            async def offline() -> bool:
+                return not (await api.presence(b.user_id))["online"]
+
+            await eventually(offline, 10)
+        gone = time.monotonic()
+        await post(a_on_second, chat, "three")
+        [pushed] = await services.webhook.recorder.wait(b.device_id, 1)
+        assert pushed.at > gone
+        assert pushed.body == {"type": "wake", "events": 1}
+    finally:
+        second.stop()
+        first.stop()
