@@ -24,8 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
 
 from cachetools import TTLCache
 
@@ -43,6 +42,7 @@ log = logging.getLogger(__name__)
 POLL_S = 0.5  # the queue is looked at this often when nothing was scheduled here (retries, other bridges)
 LEASE_S = 60.0  # a claimed wake stays hidden this long (longer than any send may take)
 CLAIM_BATCH = 64
+DECIDE_PARALLEL = 32  # offline users whose targets are read and wakes queued at the same time
 PARALLEL_SENDS = 64
 RETRY_BASE_S = 1.0
 RETRY_CAP_S = 300.0
@@ -60,7 +60,7 @@ class PushTargets:
     """The HTTP routes' handler: a device registers or removes where it is woken."""
 
     def __init__(self, store: Store, providers: Mapping[str, Provider], vapid_public_key: str, *, dev: bool,
-                 on_change: Any = None) -> None:
+                 on_change: Callable[[str], None] | None = None) -> None:
         self._store = store
         self._providers = providers
         self._dev = dev
@@ -172,17 +172,24 @@ class Pusher:
             return
         online = await self._state.online_users(list(notes))
         now = self._clock.now_ms()
-        for user, (first, events) in notes.items():
-            if user in online:
-                continue
-            devices = await self._with_targets(user)
-            if not devices:
-                continue
-            due = await self._queue.schedule(user, devices, event_ms=first, events=events, now_ms=now,
-                                             window_ms=self._window_ms, give_up_ms=first + self._max_age_ms)
+        slots = asyncio.Semaphore(DECIDE_PARALLEL)
+
+        async def wake(user: str, first: int, events: int) -> None:
+            async with slots:
+                devices = await self._with_targets(user)
+                if not devices:
+                    return
+                due = await self._queue.schedule(user, devices, event_ms=first, events=events, now_ms=now,
+                                                 window_ms=self._window_ms, give_up_ms=first + self._max_age_ms)
             log.debug("wake for %s scheduled (%d devices, due in %d ms)", user, len(devices), due - now)
             if due <= now:
                 self._due.set()
+
+        done = await asyncio.gather(*(wake(u, first, n) for u, (first, n) in notes.items() if u not in online),
+                                    return_exceptions=True)
+        failed = [e for e in done if isinstance(e, BaseException)]
+        if failed:  # StorageUnavailable puts every note back (waking a device twice beats never)
+            raise failed[0]
 
     async def _with_targets(self, user: str) -> tuple[str, ...]:
         hit = self._targets.get(user)

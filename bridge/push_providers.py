@@ -116,8 +116,20 @@ def _is_loopback(host: str | None) -> bool:
         return False
 
 
+def _is_internal(host: str) -> bool:
+    """An address literal no public push service or webhook has (a DNS name is not resolved here)."""
+    if host == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved or ip.is_unspecified
+
+
 def check_url(url: object, what: str, dev: bool) -> str:
-    """An ``https`` URL, or ``http`` on a loopback address when the server runs with ``--dev``."""
+    """An ``https`` URL (not to an internal address literal), or ``http`` on a loopback address
+    when the server runs with ``--dev``."""
     if not isinstance(url, str) or not 0 < len(url) <= 2048:
         raise BadRequest(f"{what} must be a URL of at most 2048 characters")
     try:
@@ -128,6 +140,8 @@ def check_url(url: object, what: str, dev: bool) -> str:
     if not host:
         raise BadRequest(f"{what} must name a host")
     if parts.scheme == "https":
+        if not dev and _is_internal(host):
+            raise BadRequest(f"{what} must not name a private, loopback or link-local address")
         return url
     if parts.scheme == "http" and dev and _is_loopback(host):
         return url

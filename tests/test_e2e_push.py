@@ -343,3 +343,28 @@ async def test_two_bridges_on_one_redis_agree_on_who_is_connected(services: Push
     finally:
         second.stop()
         first.stop()
+
+
+async def test_typing_and_presence_push_nobody(srv: ServerProc, services: PushServices) -> None:
+    a, b, chat = await pair(srv)
+    async with Api(b) as api:
+        await api.set_push("webhook", services.webhook.url(b.device_id))
+    recorder = services.webhook.recorder
+
+    def covered() -> int:
+        return sum(int(p.body["events"]) for p in recorder.pushed(b.device_id))
+
+    async with Device(a) as dev:  # a coming online, typing, watching, and going offline again
+        await dev.typing(chat)
+        await dev.watch([b.user_id])
+        await dev.send("the message", chat=chat)
+        await dev.typing(chat)
+    await recorder.wait(b.device_id, 1)
+    await post(a, chat, "a marker")  # its wake comes after the window and covers all that is left
+
+    async def marker_covered() -> bool:
+        return covered() >= 2
+
+    await eventually(marker_covered, WINDOW + 10)
+    # wake counts are exact: the two messages, and nothing for typing or presence
+    assert covered() == 2 and len(recorder.pushed(b.device_id)) == 2

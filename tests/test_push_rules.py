@@ -5,12 +5,14 @@ from __future__ import annotations
 import email.utils
 import random
 import time
+from pathlib import Path
 
 import pytest
 
-from bridge.errors import BadRequest
+from bridge.config import Settings
+from bridge.errors import BadRequest, ConfigError
 from bridge.push import RETRY_CAP_S, backoff_s
-from bridge.push_providers import check_url, retry_after
+from bridge.push_providers import b64url_decode, build_providers, check_url, retry_after
 
 
 def test_backoff_grows_is_jittered_and_capped() -> None:
@@ -36,6 +38,9 @@ def test_retry_after_in_seconds_or_as_a_date() -> None:
     ("http://127.0.0.1:8080/x", False, False),  # and only with --dev
     ("ftp://push.example.org/x", True, False),
     ("https:///nohost", False, False),
+    ("https://10.1.2.3/hook", False, False),  # no internal addresses off --dev
+    ("https://[fe80::1]/hook", False, False),
+    ("https://10.1.2.3/hook", True, True),
     (42, False, False),
 ])
 def test_target_urls(url: object, dev: bool, ok: bool) -> None:
@@ -44,3 +49,26 @@ def test_target_urls(url: object, dev: bool, ok: bool) -> None:
     else:
         with pytest.raises(BadRequest):
             check_url(url, "url", dev)
+
+
+def test_provider_settings_are_checked_when_the_server_starts(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="apns_key_id"):
+        Settings(data_dir=tmp_path, apns_key_file=tmp_path / "k.p8").validated()
+    with pytest.raises(ConfigError, match="fcm_url"):
+        Settings(data_dir=tmp_path, fcm_url="fcm.googleapis.com").validated()
+    bad = tmp_path / "creds.json"
+    bad.write_text('{"project_id": "p"}')
+    with pytest.raises(ConfigError, match="fcm_credentials_file"):
+        build_providers(Settings(data_dir=tmp_path, fcm_credentials_file=bad).validated())
+
+
+async def test_without_credentials_only_web_push_and_webhooks_are_offered(tmp_path: Path) -> None:
+    providers, webpush, client = build_providers(Settings(data_dir=tmp_path).validated())
+    try:
+        assert sorted(providers) == ["webhook", "webpush"]
+        assert (tmp_path / "vapid.pem").exists()  # made on first start, kept for the next
+        _, webpush2, client2 = build_providers(Settings(data_dir=tmp_path).validated())
+        await client2.aclose()
+        assert webpush2.public_key == webpush.public_key and len(b64url_decode(webpush.public_key)) == 65
+    finally:
+        await client.aclose()
