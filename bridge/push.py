@@ -123,7 +123,7 @@ class Pusher:
 
     # -- from the message path -------------------------------------------------------------------------
     def note(self, user_ids: Sequence[str], ts_ms: int) -> None:
-        """Inbox events reached these users (no I/O: decided on the next tick)."""
+        """Inbox events reached these users (no I/O: decided once the message path yields)."""
         for u in user_ids:
             first, n = self._notes.get(u, (ts_ms, 0))
             self._notes[u] = (first, n + 1)
@@ -156,40 +156,48 @@ class Pusher:
             self._noted.clear()
             notes, self._notes = self._notes, {}
             try:
-                await self._decide(notes)
-            except StorageUnavailable as exc:  # nothing is lost: these users are decided again
+                postponed = await self._decide(notes)
+            except StorageUnavailable as exc:  # presence unreadable: every user is decided again
                 log.warning("push decision postponed: %s", exc)
-                for u, (first, n) in notes.items():
+                postponed = dict(notes)
+            except Exception:
+                log.exception("push decision failed")
+                continue
+            if postponed:  # nothing is lost: these users are decided again in a moment
+                for u, (first, n) in postponed.items():
                     f2, n2 = self._notes.get(u, (first, 0))
                     self._notes[u] = (min(first, f2), n + n2)
                 self._noted.set()
                 await self._wait(stopping, stopping, 1.0)
-            except Exception:
-                log.exception("push decision failed")
 
-    async def _decide(self, notes: Mapping[str, tuple[int, int]]) -> None:
+    async def _decide(self, notes: Mapping[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
+        """Queue the wakes of the noted users who are offline; return those whose wakes could
+        not be queued (the store or the queue was unavailable)."""
         if not notes:
-            return
+            return {}
         online = await self._state.online_users(list(notes))
         now = self._clock.now_ms()
         slots = asyncio.Semaphore(DECIDE_PARALLEL)
+        postponed: dict[str, tuple[int, int]] = {}
 
         async def wake(user: str, first: int, events: int) -> None:
             async with slots:
-                devices = await self._with_targets(user)
-                if not devices:
+                try:
+                    devices = await self._with_targets(user)
+                    if not devices:
+                        return
+                    due = await self._queue.schedule(user, devices, event_ms=first, events=events, now_ms=now,
+                                                     window_ms=self._window_ms, give_up_ms=first + self._max_age_ms)
+                except StorageUnavailable as exc:
+                    log.warning("wake for %s postponed: %s", user, exc)
+                    postponed[user] = (first, events)
                     return
-                due = await self._queue.schedule(user, devices, event_ms=first, events=events, now_ms=now,
-                                                 window_ms=self._window_ms, give_up_ms=first + self._max_age_ms)
             log.debug("wake for %s scheduled (%d devices, due in %d ms)", user, len(devices), due - now)
             if due <= now:
                 self._due.set()
 
-        done = await asyncio.gather(*(wake(u, first, n) for u, (first, n) in notes.items() if u not in online),
-                                    return_exceptions=True)
-        failed = [e for e in done if isinstance(e, BaseException)]
-        if failed:  # StorageUnavailable puts every note back (waking a device twice beats never)
-            raise failed[0]
+        await asyncio.gather(*(wake(u, first, n) for u, (first, n) in notes.items() if u not in online))
+        return postponed
 
     async def _with_targets(self, user: str) -> tuple[str, ...]:
         hit = self._targets.get(user)
