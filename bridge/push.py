@@ -220,6 +220,10 @@ class Pusher:
                 log.warning("push queue unavailable: %s", exc)
                 await self._wait(stopping, stopping, 1.0)
                 continue
+            except Exception:  # pushes must never take the server down
+                log.exception("claiming pushes failed; trying again shortly")
+                await self._wait(stopping, stopping, 1.0)
+                continue
             for job in jobs:
                 if job.user_id in online:  # came back meanwhile: the connection carries everything
                     await self._finish(job, pushed=False)
