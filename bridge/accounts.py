@@ -199,13 +199,3 @@ class Accounts:
         if user is None:
             raise NotFound("no user with that phone")
         return user
-
-    async def set_push(self, caller: Caller, device_id: str, provider: object, token: object) -> Device:
-        if device_id != caller.device_id:
-            raise Unauthorized("a device may only set its own push target")
-        if not isinstance(provider, str) or provider not in ("fcm", "apns", "webpush", "webhook"):
-            raise BadRequest("'provider' must be one of fcm, apns, webpush, webhook")
-        if not isinstance(token, str) or not 0 < len(token) <= 4096:
-            raise BadRequest("'token' must be a non-empty string")
-        async with storage_errors():
-            return await self._store.set_push_target(device_id, provider, token)

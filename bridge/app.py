@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import secrets
@@ -18,6 +19,7 @@ from broker.embedded import PigeonBroker, broker_config
 from broker.gate import DeviceGate
 from storage import StorageError, open_media, open_store
 from storage.media_local import LocalMediaStore
+from storage.push_queue import open_push_queue
 from storage.state import open_state
 
 from .accounts import Accounts
@@ -31,6 +33,8 @@ from .metrics import Metrics
 from .mqtt_ingest import AskHolder, MqttIngest, Partitions
 from .outbox import Out
 from .presence import PresenceTracker
+from .push import Pusher, PushTargets
+from .push_providers import build_providers
 from .ratelimit import RateLimiter
 from .router import DeviceRouter
 from .sms import LogSms, WebhookSms
@@ -106,6 +110,11 @@ class PigeonServer:
         self.store.use_state(self.state)
         self.presence = PresenceTracker(self.store, self.state, self.clock)
         self.messenger = Messenger(self.store, self.clock, self.presence, s.max_group)
+        self._open_push(s)
+        try:
+            await self.push_queue.open()
+        except StorageError as exc:
+            raise StartupError(f"push queue: {exc}") from exc
         self.accounts = Accounts(
             self.store, self.clock, signer, s.secret,
             sender=_code_sender(s),
@@ -131,6 +140,7 @@ class PigeonServer:
             max_payload=s.max_payload, ready=ready, connected=self._connected_devices,
             store_ops=lambda: self.store.ops,
             partitions_held=lambda: len(self.store.held_partitions()) if isinstance(self.store, Partitions) else 0,
+            push=self.push_targets, push_depth=self.pusher.depth,
         )
         config = uvicorn.Config(create_app(deps), log_level="warning", access_log=False, lifespan="on")
         self._uvicorn = uvicorn.Server(config)
@@ -147,6 +157,20 @@ class PigeonServer:
             base, s.host, self.endpoints.mqtt_port, s.host, self.endpoints.ws_port,
         )
         return self
+
+    def _open_push(self, s: Settings) -> None:
+        """Providers from the settings, the durable queue, and the worker that sends (started by
+        ``_run``); the queue itself is opened by ``__aenter__``."""
+        self.providers, webpush, self._push_client = build_providers(s)
+        # one queue per deployment: bridges sharing Redis and a store share it
+        namespace = hashlib.sha256(s.store_url.rsplit("@", 1)[-1].encode()).hexdigest()[:16]
+        self.push_queue = open_push_queue(s.redis, s.data_dir, namespace)
+        self.pusher = Pusher(self.store, self.state, self.push_queue, self.providers, self.clock, self.metrics,
+                             window_s=s.push_window_s, max_age_s=s.push_max_age_s)
+        self.messenger.wakes = self.pusher
+        self.push_targets = PushTargets(self.store, self.providers, webpush.public_key, dev=s.dev,
+                                        on_change=self.pusher.forget_targets)
+        log.info("push providers: %s", ", ".join(sorted(self.providers)))
 
     async def _start_embedded_broker(self, s: Settings) -> None:
         async def check_token(token: str) -> tuple[str, str] | None:
@@ -231,6 +255,7 @@ class PigeonServer:
         assert self._uvicorn is not None and self._http_sock is not None
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._housekeeping(), name="housekeeping")
+            tg.create_task(self.pusher.run(self._stopping), name="push")
             ingest = None
             if self._ingest_client is not None:
                 ingest = tg.create_task(self._ingest_client.run(), name="mqtt-ingest")
@@ -288,6 +313,11 @@ class PigeonServer:
                 await asyncio.wait_for(self.router.acks.drain(), 10)
             except TimeoutError:
                 log.warning("stopped with %d acks still being handled", self.router.acks.busy())
+        if getattr(self, "push_queue", None) is not None:
+            await self.push_queue.close()
+            for provider in self.providers.values():
+                await provider.aclose()
+            await self._push_client.aclose()
         await self.store.close()
         if getattr(self, "state", None) is not None:
             await self.state.close()

@@ -42,6 +42,18 @@ class Settings:
     upload_ttl_s: int = DAY_S
     log_level: str = "INFO"
     ingest: str = "inprocess"
+    # push (section 7): coalescing window, how long a wake is tried, providers' credentials and URLs
+    push_window_s: float = 10.0
+    push_max_age_s: int = DAY_S
+    vapid_key_file: Path | None = None
+    vapid_subject: str = "mailto:admin@localhost"
+    fcm_credentials_file: Path | None = None
+    fcm_url: str = "https://fcm.googleapis.com"
+    apns_key_file: Path | None = None
+    apns_key_id: str | None = None
+    apns_team_id: str | None = None
+    apns_topic: str | None = None
+    apns_url: str = "https://api.push.apple.com"
 
     @property
     def advertised_host(self) -> str:
@@ -81,6 +93,21 @@ class Settings:
             raise ConfigError("max_group must be at least 2")
         if self.sms_webhook and not self.sms_webhook.startswith(("http://", "https://")):
             raise ConfigError(f"sms_webhook must be an http(s) URL, got {self.sms_webhook!r}")
+        if self.push_window_s < 0:
+            raise ConfigError(f"push_window_s (PIGEON_PUSH_WINDOW) must not be negative, got {self.push_window_s}")
+        if self.push_max_age_s <= 0:
+            raise ConfigError(f"push_max_age_s (PIGEON_PUSH_MAX_AGE) must be positive, got {self.push_max_age_s}")
+        for name in ("fcm_url", "apns_url"):
+            if not getattr(self, name).startswith(("http://", "https://")):
+                raise ConfigError(f"{name} must be an http(s) URL, got {getattr(self, name)!r}")
+        if not self.vapid_subject.startswith(("mailto:", "https://")):
+            raise ConfigError(f"vapid_subject (PIGEON_VAPID_SUBJECT) must be a mailto: or https: URL, "
+                              f"got {self.vapid_subject!r}")
+        if self.apns_key_file is not None:
+            missing = [n for n in ("apns_key_id", "apns_team_id", "apns_topic") if not getattr(self, n)]
+            if missing:
+                raise ConfigError(f"apns_key_file needs {', '.join(missing)} too "
+                                  f"({', '.join('PIGEON_' + n.upper() for n in missing)})")
         secret = self.secret or _load_or_create_secret(self.data_dir)
         if len(secret) < 16:
             raise ConfigError("secret (PIGEON_SECRET / PIGEON_SECRET_FILE) must be at least 16 bytes")

@@ -32,6 +32,7 @@ from .metrics import Metrics
 from .outbox import Out
 from .presence import PresenceTracker
 from .protocol import MediaUpload, Send, message_dict, presence_event, request_id
+from .push import PushTargets
 
 log = logging.getLogger(__name__)
 Publish = Callable[[Sequence[Out]], Awaitable[None]]
@@ -69,6 +70,8 @@ class HttpDeps:
     connected: Callable[[], Awaitable[int]]
     store_ops: Callable[[], StoreOps]  # what the store has asked of its database so far
     partitions_held: Callable[[], int] = lambda: 0  # store partitions this process holds
+    push: PushTargets | None = None  # always given by the server; optional for tests of other routes
+    push_depth: Callable[[], Awaitable[int]] | None = None  # wakes waiting in the push queue
 
 
 def _error(exc: ProtocolError) -> JSONResponse:
@@ -128,6 +131,11 @@ def create_app(deps: HttpDeps) -> FastAPI:
         if exc.status_code == 405:
             return JSONResponse({"error": {"code": "bad_request", "message": "method not allowed"}}, 405)
         return JSONResponse({"error": {"code": "bad_request", "message": str(exc.detail)}}, exc.status_code)
+
+    def push() -> PushTargets:
+        if deps.push is None:
+            raise NotFound("push is not configured on this server")
+        return deps.push
 
     async def caller(request: Request) -> Caller:
         header = request.headers.get("authorization", "")
@@ -204,14 +212,34 @@ def create_app(deps: HttpDeps) -> FastAPI:
         await acc.unlink(c, device_id)
         return {"device_id": device_id, "unlinked": True}
 
+    @app.get("/v1/devices")
+    async def list_devices(request: Request) -> dict[str, Any]:
+        c = await caller(request)
+        devices = await push().devices(c)
+        return {"devices": [
+            {"device_id": d.device_id, "name": d.name, "platform": d.platform, "push": d.push_provider,
+             # the calling device is being seen now; others' times are not kept per device
+             "last_seen": deps.clock.now_ms() if d.device_id == c.device_id else None}
+            for d in devices
+        ]}
+
     @app.put("/v1/devices/{device_id}/push")
     async def set_push(device_id: str, request: Request) -> dict[str, Any]:
         c = await caller(request)
         body = await _json(request, deps.max_payload)
-        if device_id != c.device_id:
-            raise Forbidden("a device may only set its own push target")
-        d = await acc.set_push(c, device_id, body.get("provider"), body.get("token"))
+        d = await push().set(c, device_id, body.get("provider"), body.get("token"))
         return {"device_id": d.device_id, "provider": d.push_provider}
+
+    @app.delete("/v1/devices/{device_id}/push")
+    async def clear_push(device_id: str, request: Request) -> dict[str, Any]:
+        c = await caller(request)
+        removed = await push().clear(c, device_id)
+        return {"device_id": device_id, "provider": None, "removed": removed}
+
+    @app.get("/v1/push/vapid")
+    async def vapid_key(request: Request) -> dict[str, Any]:
+        await caller(request)
+        return {"public_key": push().vapid_public_key}
 
     # -- chats ---------------------------------------------------------------------------------------
     @app.get("/v1/chats")
@@ -367,6 +395,8 @@ def create_app(deps: HttpDeps) -> FastAPI:
         deps.metrics.online.set(await deps.presence.online_devices())
         deps.metrics.store_ops.update(deps.store_ops())
         deps.metrics.partitions.set(deps.partitions_held())
+        if deps.push_depth is not None:
+            deps.metrics.push_queue.set(await deps.push_depth())
         return Response(deps.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app

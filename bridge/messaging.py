@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from cachetools import LRUCache
 
@@ -44,8 +44,16 @@ def entry_event(entry: InboxEntry) -> dict[str, Any]:
     return receipt_event(entry.item, entry.pos)
 
 
+class WakeSink(Protocol):
+    """Told of inbox events, to wake users who are not connected (``bridge.push.Pusher``)."""
+
+    def note(self, user_ids: Sequence[str], ts_ms: int) -> None:
+        """Must return at once: it is called on the message path."""
+
+
 class Messenger:
     def __init__(self, store: Store, clock: Clock, presence: PresenceTracker, max_group: int) -> None:
+        self.wakes: WakeSink | None = None
         self._store = store
         self._clock = clock
         self._presence = presence
@@ -79,6 +87,8 @@ class Messenger:
         """Store a message; the stored one and a ``msg`` event for each recipient's inbox."""
         appended = await self._store.append_message(msg, recipients)
         outs = [Out.event(user_topic(u), msg_event(appended.message, pos)) for u, pos in appended.inbox.items()]
+        if self.wakes is not None:  # one's own message wakes none of one's devices
+            self.wakes.note([u for u in appended.inbox if u != msg.sender], appended.message.ts)
         return appended.message, outs
 
     # -- send ------------------------------------------------------------------------------------
@@ -182,6 +192,8 @@ class Messenger:
         if not notes:
             return []
         positions = await self._store.append_receipts(notes)
+        if self.wakes is not None:
+            self.wakes.note([u for u, _ in notes], self._clock.now_ms())
         return [Out.event(user_topic(u), receipt_event(n, p)) for (u, n), p in zip(notes, positions, strict=True)]
 
     async def _recent_chat(self, chat_id: str) -> Chat | None:

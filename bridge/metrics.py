@@ -62,6 +62,19 @@ class Metrics:
         )
         self.partitions = Gauge("pigeon_partitions_held", "Store partitions this bridge holds (numbers and takes "
                                 "the device traffic of)", registry=self.registry)
+        self.push_sent = Counter("pigeon_push_sent", "Pushes accepted by the push service, by provider", ["provider"],
+                                 registry=self.registry)
+        self.push_failed = Counter("pigeon_push_failed", "Push attempts that failed, by provider and reason "
+                                   "(retried unless dropped)", ["provider", "reason"], registry=self.registry)
+        self.push_dropped = Counter("pigeon_push_dropped", "Pushes given up, by provider and reason",
+                                    ["provider", "reason"], registry=self.registry)
+        self.push_queue = Gauge("pigeon_push_queue_depth", "Push wakes waiting to be sent (in flight included)",
+                                registry=self.registry)
+        self.push_delay = Histogram(
+            "pigeon_push_delay_seconds", "From the first inbox event a push covers to its acceptance by the push "
+            "service, by provider", ["provider"],
+            buckets=(0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0), registry=self.registry,
+        )
         self.store_ops = StoreOpsCollector()
         self.registry.register(self.store_ops)
 

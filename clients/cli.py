@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
 import logging
 import mimetypes
 import signal
@@ -69,6 +70,29 @@ def serve(
     event_loop: Annotated[str, typer.Option(
         envvar="PIGEON_EVENT_LOOP", help="uvloop (libuv, faster; the default where it is installed) or asyncio "
         "(the standard library's)")] = "auto",
+    push_window: Annotated[float, typer.Option(
+        envvar="PIGEON_PUSH_WINDOW", help="seconds: a device is pushed at most once per this long")] = 10.0,
+    push_max_age: Annotated[int, typer.Option(
+        envvar="PIGEON_PUSH_MAX_AGE", help="seconds a push is retried before it is dropped")] = 86_400,
+    vapid_key_file: Annotated[Path | None, typer.Option(
+        envvar="PIGEON_VAPID_KEY_FILE", help="Web Push: PEM P-256 private key (absent: DATA_DIR/vapid.pem, "
+        "made on first start)")] = None,
+    vapid_subject: Annotated[str, typer.Option(
+        envvar="PIGEON_VAPID_SUBJECT", help="Web Push: the VAPID 'sub' contact (mailto: or https:)")]
+    = "mailto:admin@localhost",
+    fcm_credentials_file: Annotated[Path | None, typer.Option(
+        envvar="PIGEON_FCM_CREDENTIALS_FILE", help="FCM: the service account's JSON key")] = None,
+    fcm_url: Annotated[str, typer.Option(
+        envvar="PIGEON_FCM_URL", help="FCM HTTP v1 API base URL")] = "https://fcm.googleapis.com",
+    apns_key_file: Annotated[Path | None, typer.Option(
+        envvar="PIGEON_APNS_KEY_FILE", help="APNs: the .p8 token signing key")] = None,
+    apns_key_id: Annotated[str | None, typer.Option(envvar="PIGEON_APNS_KEY_ID", help="APNs: the key's id")] = None,
+    apns_team_id: Annotated[str | None, typer.Option(envvar="PIGEON_APNS_TEAM_ID", help="APNs: team id")] = None,
+    apns_topic: Annotated[str | None, typer.Option(envvar="PIGEON_APNS_TOPIC", help="APNs: the app's bundle id")]
+    = None,
+    apns_url: Annotated[str, typer.Option(
+        envvar="PIGEON_APNS_URL", help="APNs base URL (sandbox: https://api.sandbox.push.apple.com)")]
+    = "https://api.push.apple.com",
 ) -> None:
     """Run broker, bridge and HTTP API in one process (embedded default: nothing to install)."""
     from bridge.app import PigeonServer
@@ -83,7 +107,10 @@ def serve(
             broker=broker, broker_credentials_file=broker_credentials_file,
             rate_per_s=rate, rate_burst=burst, max_group=max_group, max_payload=max_payload,
             media_max_bytes=media_max_bytes, media_url_ttl_s=media_url_ttl, secret=secret_from_env() or None,
-            ingest=ingest,
+            ingest=ingest, push_window_s=push_window, push_max_age_s=push_max_age, vapid_key_file=vapid_key_file,
+            vapid_subject=vapid_subject, fcm_credentials_file=fcm_credentials_file, fcm_url=fcm_url,
+            apns_key_file=apns_key_file, apns_key_id=apns_key_id, apns_team_id=apns_team_id, apns_topic=apns_topic,
+            apns_url=apns_url,
         ).validated()
     except PigeonError as exc:
         err.print(f"[red]configuration error:[/] {exc}")
@@ -218,6 +245,38 @@ def login_cmd(
     p = _run(go())
     p.save(profile)
     console.print(f"logged in as [bold]{p.user_id}[/] (device {p.device_id}); profile saved to {profile}")
+
+
+@app.command()
+def push(
+    provider: Annotated[str, typer.Argument(help="webhook, webpush, fcm or apns; or 'off' to stop being woken")],
+    token: Annotated[str | None, typer.Argument(
+        help="webhook: the URL; webpush: the subscription JSON (endpoint and keys); fcm/apns: the device token")]
+    = None,
+    profile: ProfileOpt = DEFAULT_PROFILE,
+) -> None:
+    """Say where this device is woken when none of your devices is connected."""
+    if provider != "off" and token is None:
+        err.print(f"[red]give the {provider} token (see pigeon push --help)[/]")
+        raise typer.Exit(2)
+
+    async def go() -> list[dict[str, Any]]:
+        async with Api(_profile(profile)) as api:
+            if provider == "off":
+                await api.clear_push()
+            else:
+                assert token is not None
+                value: str | dict[str, Any] = token
+                if provider == "webpush":
+                    try:
+                        value = json.loads(token)
+                    except ValueError as exc:
+                        raise PigeonClientError("bad_request", "a webpush token is the subscription's JSON") from exc
+                await api.set_push(provider, value)
+            return await api.devices()
+
+    for d in _run(go()):
+        console.print(f"{d['device_id']}  {escape(d['name'])} ({d['platform']})  push: {d['push'] or '-'}")
 
 
 @app.command()

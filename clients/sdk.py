@@ -208,9 +208,26 @@ class Api:
     async def presence(self, user_id: str) -> dict[str, Any]:
         return dict(await self._call("GET", f"/v1/users/{user_id}/presence"))
 
-    async def set_push(self, provider: str, token: str) -> dict[str, Any]:
-        return dict(await self._call("PUT", f"/v1/devices/{self.profile.device_id}/push",
+    async def set_push(self, provider: str, token: str | Mapping[str, Any], *,
+                       device_id: str | None = None) -> dict[str, Any]:
+        """Where this device is woken when none of the user's devices is connected (protocol
+        section 7): ``webpush`` with the browser's subscription object, ``fcm`` or ``apns`` with
+        the platform's device token, ``webhook`` with a URL. ``device_id`` defaults to this
+        device (the only one the server accepts)."""
+        return dict(await self._call("PUT", f"/v1/devices/{device_id or self.profile.device_id}/push",
                                      json={"provider": provider, "token": token}))
+
+    async def clear_push(self, *, device_id: str | None = None) -> dict[str, Any]:
+        """Stop waking this device."""
+        return dict(await self._call("DELETE", f"/v1/devices/{device_id or self.profile.device_id}/push"))
+
+    async def devices(self) -> list[dict[str, Any]]:
+        """The user's linked devices, each with the provider that wakes it (or None)."""
+        return list((await self._call("GET", "/v1/devices"))["devices"])
+
+    async def vapid_public_key(self) -> str:
+        """The server's VAPID key, the ``applicationServerKey`` of a browser's push subscription."""
+        return str((await self._call("GET", "/v1/push/vapid"))["public_key"])
 
     async def put_blob(self, upload: Mapping[str, Any], data: bytes) -> None:
         """Upload bytes with a presigned ticket (PUT or POST form), straight to storage."""

@@ -261,6 +261,14 @@ class Store(Protocol):
     async def set_push_target(self, device_id: str, provider: str, token: str) -> Device:
         """Raises :class:`NotStored` for an unknown device."""
 
+    async def clear_push_target(self, device_id: str, token: str | None = None) -> bool:
+        """Forget the device's push target; with ``token``, only while the stored token is still
+        that one (a push service refused it; a newer registration must stay). True when one
+        was removed."""
+
+    async def user_devices(self, user_id: str) -> list[Device]:
+        """Every device linked to the user, oldest first."""
+
     async def remove_device(self, device_id: str) -> bool:
         """Unlink a device: its tokens stop working. False if there was no such device."""
 

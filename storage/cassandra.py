@@ -91,7 +91,7 @@ def _cached_row_factory(colnames: list[str], rows: list[Sequence[Any]]) -> list[
     return [row_type(*row) for row in rows]
 
 log = logging.getLogger(__name__)
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 BUCKET = 1000
 RECENT_SCAN = 50
 INBOX_TTL_S = 30 * 86_400
@@ -127,6 +127,9 @@ def schema(keyspace: str, replication: str, inbox_ttl_s: int) -> list[str]:
         f"CREATE TABLE IF NOT EXISTS {ks}.user_state (user_id text PRIMARY KEY, inbox_head bigint, acked bigint)",
         f"CREATE TABLE IF NOT EXISTS {ks}.devices (device_id text PRIMARY KEY, user_id text, name text, "
         "platform text, created_at bigint, push_provider text, push_token text, acked bigint)",
+        # a user's devices, for the device list and for waking them (schema 5)
+        f"CREATE TABLE IF NOT EXISTS {ks}.user_devices (user_id text, device_id text, "
+        "PRIMARY KEY (user_id, device_id))",
         f"CREATE TABLE IF NOT EXISTS {ks}.login_codes (phone text PRIMARY KEY, code_hash text, expires_at bigint, "
         "attempts int, locked_until bigint)",
         f"CREATE TABLE IF NOT EXISTS {ks}.chats (chat_id text PRIMARY KEY, kind text, title text, "
@@ -318,6 +321,7 @@ class CassandraStore:
             await self._blocking(functools.partial(self._session.execute, stmt, timeout=DDL_TIMEOUT_S))
         await self._blocking(self._send_ids_to_devices)
         await self._blocking(self._add_epochs)
+        await self._blocking(self._index_devices)
         await self._blocking(self._session.execute,
                              f"INSERT INTO {self.keyspace}.meta (key, value) VALUES ('schema', %s)",
                              (str(SCHEMA_VERSION),))
@@ -340,6 +344,21 @@ class CassandraStore:
                     for (uid,) in session.execute(SimpleStatement(f"SELECT user_id FROM {ks}.users",
                                                                   fetch_size=1000)):
                         session.execute(put, (partition_of(f"u:{uid}"), uid))
+
+    def _index_devices(self) -> None:
+        """Schema 5: each user's devices are listed in ``user_devices``; devices linked before
+        are added to it from ``devices`` (idempotent: a second run writes the same rows)."""
+        ks, session = self.keyspace, self._session
+        row = session.execute(f"SELECT value FROM {ks}.meta WHERE key='schema'").one()
+        if row is not None and int(row[0]) >= 5:
+            return
+        from cassandra.query import SimpleStatement
+
+        put = session.prepare(f"INSERT INTO {ks}.user_devices (user_id, device_id) VALUES (?, ?)")
+        for device_id, user_id in session.execute(SimpleStatement(f"SELECT device_id, user_id FROM {ks}.devices",
+                                                                  fetch_size=1000)):
+            if user_id is not None:
+                session.execute(put, (user_id, device_id))
 
     def _send_ids_to_devices(self) -> None:
         """Schema 2 kept send ids per user in ``sent``; request ids are unique per device, so from
@@ -421,7 +440,11 @@ class CassandraStore:
             "get_device": f"SELECT device_id, user_id, name, platform, created_at, push_provider, push_token "
                           f"FROM {ks}.devices WHERE device_id=?",
             "set_push": f"UPDATE {ks}.devices SET push_provider=?, push_token=? WHERE device_id=?",
+            "clear_push": f"UPDATE {ks}.devices SET push_provider=null, push_token=null WHERE device_id=?",
             "del_device": f"DELETE FROM {ks}.devices WHERE device_id=?",
+            "put_user_device": f"INSERT INTO {ks}.user_devices (user_id, device_id) VALUES (?, ?)",
+            "del_user_device": f"DELETE FROM {ks}.user_devices WHERE user_id=? AND device_id=?",
+            "user_devices": f"SELECT device_id FROM {ks}.user_devices WHERE user_id=?",
             "put_code": f"INSERT INTO {ks}.login_codes (phone, code_hash, expires_at, attempts, locked_until) "
                         "VALUES (?, ?, ?, ?, ?) USING TTL ?",
             "get_code": f"SELECT phone, code_hash, expires_at, attempts, locked_until FROM {ks}.login_codes "
@@ -595,6 +618,7 @@ class CassandraStore:
     async def add_device(self, user_id: str, name: str, platform: str, now: int) -> Device:
         did = new_id("d")
         await self._x("put_device", did, user_id, name, platform, now)
+        await self._x("put_user_device", user_id, did)
         return Device(device_id=did, user_id=user_id, name=name, platform=platform, created_at=now)
 
     async def get_device(self, device_id: str) -> Device | None:
@@ -616,10 +640,26 @@ class CassandraStore:
     async def remove_device(self, device_id: str) -> bool:
         # a plain delete, like the plain insert that wrote the row: mixing a conditional
         # (Paxos-timestamped) delete with it can leave the row standing
-        if await self.get_device(device_id) is None:
+        device = await self.get_device(device_id)
+        if device is None:
             return False
         await self._x("del_device", device_id)
+        await self._x("del_user_device", device.user_id, device_id)
         return True
+
+    async def clear_push_target(self, device_id: str, token: str | None = None) -> bool:
+        # a plain read then write: a registration racing a push service's refusal is the device
+        # asking again, and it asks again at its next start as well
+        device = await self.get_device(device_id)
+        if device is None or device.push_token is None or (token is not None and device.push_token != token):
+            return False
+        await self._x("clear_push", device_id)
+        return True
+
+    async def user_devices(self, user_id: str) -> list[Device]:
+        rows = await self._x("user_devices", user_id)
+        found = await asyncio.gather(*(self.get_device(r[0]) for r in rows))
+        return sorted((d for d in found if d is not None), key=lambda d: (d.created_at, d.device_id))
 
     async def put_login_code(self, code: LoginCode) -> None:
         # codes and lockouts outlive neither their expiry nor their lock by more than a day

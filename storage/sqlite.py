@@ -62,6 +62,7 @@ CREATE TABLE IF NOT EXISTS users(
 CREATE TABLE IF NOT EXISTS devices(
   device_id TEXT PRIMARY KEY, user_id TEXT NOT NULL, name TEXT NOT NULL, platform TEXT NOT NULL,
   created_at INTEGER NOT NULL, push_provider TEXT, push_token TEXT, acked INTEGER NOT NULL DEFAULT 0);
+CREATE INDEX IF NOT EXISTS devices_by_user ON devices(user_id, created_at);
 CREATE TABLE IF NOT EXISTS login_codes(
   phone TEXT PRIMARY KEY, code_hash TEXT NOT NULL, expires_at INTEGER NOT NULL,
   attempts INTEGER NOT NULL, locked_until INTEGER NOT NULL);
@@ -350,6 +351,23 @@ class SqliteStore:
             return _device(row)
 
         return await self._write(q)
+
+    async def clear_push_target(self, device_id: str, token: str | None = None) -> bool:
+        def q(c: sqlite3.Connection) -> bool:
+            sql = "UPDATE devices SET push_provider=NULL, push_token=NULL WHERE device_id=? AND push_token IS NOT NULL"
+            if token is None:
+                return c.execute(sql, (device_id,)).rowcount == 1
+            return c.execute(sql + " AND push_token=?", (device_id, token)).rowcount == 1
+
+        return await self._write(q)
+
+    async def user_devices(self, user_id: str) -> list[Device]:
+        def q(c: sqlite3.Connection) -> list[Device]:
+            rows = c.execute(f"SELECT {_DEVICE_COLS} FROM devices WHERE user_id=? ORDER BY created_at, device_id",
+                             (user_id,)).fetchall()
+            return [_device(r) for r in rows]
+
+        return await self._read(q)
 
     async def remove_device(self, device_id: str) -> bool:
         def q(c: sqlite3.Connection) -> bool:

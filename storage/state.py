@@ -12,6 +12,7 @@ numbers and receipts never live here. Requests one bridge process hands another 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from typing import Protocol
 
 
@@ -27,6 +28,9 @@ class SharedState(Protocol):
         """Mark the device offline; True when this made its user offline."""
 
     async def is_online(self, user_id: str) -> bool: ...
+
+    async def online_users(self, user_ids: Sequence[str]) -> set[str]:
+        """Which of these users have a device online, asked in one step (one round trip)."""
 
     async def online_devices(self) -> int:
         """How many devices are online (for metrics; may be approximate)."""
@@ -69,6 +73,9 @@ class MemoryState:
 
     async def is_online(self, user_id: str) -> bool:
         return bool(self._devices.get(user_id))
+
+    async def online_users(self, user_ids: Sequence[str]) -> set[str]:
+        return {u for u in user_ids if self._devices.get(u)}
 
     async def online_devices(self) -> int:
         return sum(len(d) for d in self._devices.values())

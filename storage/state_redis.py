@@ -130,6 +130,15 @@ class RedisState:
     async def is_online(self, user_id: str) -> bool:
         return bool(await self._do(self._redis.scard(f"pg:{{u:{user_id}}}:online")))
 
+    async def online_users(self, user_ids: Sequence[str]) -> set[str]:
+        if not user_ids:
+            return set()
+        pipe = self._redis.pipeline(transaction=False)
+        for u in user_ids:
+            pipe.scard(f"pg:{{u:{u}}}:online")
+        counts = await self._do(pipe.execute())
+        return {u for u, n in zip(user_ids, counts, strict=True) if n}
+
     async def online_devices(self) -> int:
         async def count() -> int:
             total, cursor = 0, 0

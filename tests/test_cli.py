@@ -41,6 +41,15 @@ async def test_login_send_history_groups(server: ServerProc, tmp_path: Path) -> 
     assert "group" in listing and "Book club" in listing and "direct" in listing
 
 
+async def test_push_registers_and_removes_a_webhook(server: ServerProc, tmp_path: Path) -> None:
+    me = tmp_path / "me.json"
+    await asyncio.to_thread(pigeon, server, "login", fresh_phone(), "--profile", str(me))
+    out = await asyncio.to_thread(pigeon, server, "push", "webhook", "http://127.0.0.1:9/wake", "--profile", str(me))
+    assert "push: webhook" in out
+    out = await asyncio.to_thread(pigeon, server, "push", "off", "--profile", str(me))
+    assert "push: -" in out
+
+
 async def test_interactive_chat_sends_and_shows_ticks(server: ServerProc, tmp_path: Path) -> None:
     alice, bob = tmp_path / "alice.json", tmp_path / "bob.json"
     pa, pb = fresh_phone(), fresh_phone()

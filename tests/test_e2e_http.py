@@ -71,13 +71,17 @@ async def test_me_rename_find_and_push(new_user: NewUser) -> None:
         with pytest.raises(PigeonClientError) as info:
             await api.find_user(fresh_phone())
         assert info.value.status == 404
-        assert (await api.set_push("fcm", "token-123"))["provider"] == "fcm"
+        assert (await api.set_push("webhook", "http://127.0.0.1:9/wake"))["provider"] == "webhook"
         with pytest.raises(PigeonClientError) as info:
             await api.set_push("pigeon-post", "x")
         assert info.value.code == "bad_request"
+        with pytest.raises(PigeonClientError) as info:  # the server was given no FCM credentials
+            await api.set_push("fcm", "f" * 40)
+        assert info.value.code == "bad_request" and "credentials" in info.value.message
         with pytest.raises(PigeonClientError) as info:
-            await api._call("PUT", f"/v1/devices/{b.device_id}/push", json={"provider": "fcm", "token": "t"})  # noqa: SLF001
+            await api.set_push("webhook", "http://127.0.0.1:9/x", device_id=b.device_id)
         assert info.value.status == 403
+        assert [d["push"] for d in await api.devices()] == ["webhook"]
     finally:
         await api.close()
 

@@ -39,6 +39,19 @@ async def test_a_user_is_online_while_any_device_is(state: SharedState) -> None:
     assert not await state.is_online(u)
 
 
+async def test_online_users_are_asked_together(state: SharedState) -> None:
+    a, b, c = uid(), uid(), uid()
+    await state.device_online(a, "d1")
+    await state.device_online(c, "d1")
+    await state.device_online(c, "d2")
+    await state.device_offline(c, "d1")
+    assert await state.online_users([a, b, c]) == {a, c}
+    assert await state.online_users([]) == set()
+    await state.device_offline(a, "d1")
+    await state.device_offline(c, "d2")
+    assert await state.online_users([a, b, c]) == set()
+
+
 async def test_online_device_count(state: SharedState) -> None:
     before = await state.online_devices()
     u = uid()

@@ -106,6 +106,28 @@ async def test_devices_and_push_targets(store: Store) -> None:
         await store.set_push_target("d-missing", "fcm", "tok")
 
 
+async def test_a_users_devices_and_clearing_a_push_target(store: Store) -> None:
+    u = await store.create_user(phone(), T0)
+    other = await store.create_user(phone(), T0)
+    d1 = await store.add_device(u.user_id, "phone", "android", T0)
+    d2 = await store.add_device(u.user_id, "laptop", "web", T0 + 1)
+    await store.add_device(other.user_id, "theirs", "ios", T0)
+    assert [d.device_id for d in await store.user_devices(u.user_id)] == [d1.device_id, d2.device_id]
+    assert await store.user_devices("u-nobody") == []
+    await store.set_push_target(d1.device_id, "webhook", "https://a.example/1")
+    # a push service refused an older token: the newer registration stays
+    assert await store.clear_push_target(d1.device_id, "https://a.example/old") is False
+    assert (await store.get_device(d1.device_id)).push_token == "https://a.example/1"  # type: ignore[union-attr]
+    assert await store.clear_push_target(d1.device_id, "https://a.example/1") is True
+    got = await store.get_device(d1.device_id)
+    assert got is not None and (got.push_provider, got.push_token) == (None, None)
+    assert await store.clear_push_target(d1.device_id) is False  # nothing left to clear
+    await store.set_push_target(d2.device_id, "fcm", "tok")
+    assert await store.clear_push_target(d2.device_id) is True
+    await store.remove_device(d2.device_id)
+    assert [d.device_id for d in await store.user_devices(u.user_id)] == [d1.device_id]
+
+
 async def test_login_codes_replace_and_delete(store: Store) -> None:
     P1 = phone()
     code = LoginCode(phone=P1, code_hash="h1", expires_at=T0, attempts=0, locked_until=0)

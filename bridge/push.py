@@ -1,0 +1,323 @@
+"""Push notifications (protocol section 7): who is woken, when, and what becomes of a wake.
+
+The message path only *notes* inbox events (:meth:`Pusher.note`, a dictionary update: no
+I/O). Everything else happens here, apart from it, in two loops of one task group:
+
+- **decide**: as soon as the message path yields, the users noted since the last decision are
+  looked up in the shared presence state in one step (one Redis round trip for all of them, or
+  none in-process; notes that arrive meanwhile wait for the next step, so under load one round
+  trip covers many events), which is as close to the event as presence can be read; for
+  each user with no device online, each of their devices with a push target gets a wake in the
+  durable queue (:mod:`storage.push_queue`), which coalesces: a device has at most one wake
+  pending, covering every event until it is sent, and a device woken less than the window ago
+  gets its next wake when the window has passed. Users online cost nothing more.
+- **deliver**: due wakes are claimed (a lease: a bridge that dies holding one hands it on),
+  the user's presence is checked again (a user who came back meanwhile is not pushed), and
+  each is sent by its device's provider (:mod:`bridge.push_providers`), a bounded number at a
+  time. Accepted: done. 404/410: the device's target is deleted. 429/5xx/network failures:
+  retried with capped, jittered exponential backoff, never sooner than ``Retry-After``, and
+  dropped once ``push_max_age_s`` has passed since the first event it covers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable, Mapping, Sequence
+
+from cachetools import TTLCache
+
+from storage.base import Device, StorageUnavailable, Store
+from storage.push_queue import PushJob, PushQueue
+from storage.state import SharedState
+
+from .clock import Clock
+from .errors import BadRequest, Forbidden
+from .handling import Caller, storage_errors
+from .metrics import Metrics
+from .push_providers import Outcome, Provider, Wake
+
+log = logging.getLogger(__name__)
+POLL_S = 0.5  # the queue is looked at this often when nothing was scheduled here (retries, other bridges)
+LEASE_S = 60.0  # a claimed wake stays hidden this long (longer than any send may take)
+CLAIM_BATCH = 64
+DECIDE_PARALLEL = 32  # offline users whose targets are read and wakes queued at the same time
+PARALLEL_SENDS = 64
+RETRY_BASE_S = 1.0
+RETRY_CAP_S = 300.0
+TARGETS_TTL_S = 5.0  # a user's devices with targets, as read, are trusted this long by this process
+PROVIDERS = ("webpush", "fcm", "apns", "webhook")
+
+
+def backoff_s(attempts: int, rng: random.Random) -> float:
+    """Exponential from RETRY_BASE_S, capped at RETRY_CAP_S, with the upper half jittered."""
+    full = min(RETRY_CAP_S, RETRY_BASE_S * 2.0 ** min(attempts, 20))
+    return float(full / 2 + rng.random() * full / 2)
+
+
+class PushTargets:
+    """The HTTP routes' handler: a device registers or removes where it is woken."""
+
+    def __init__(self, store: Store, providers: Mapping[str, Provider], vapid_public_key: str, *, dev: bool,
+                 on_change: Callable[[str], None] | None = None) -> None:
+        self._store = store
+        self._providers = providers
+        self._dev = dev
+        self.vapid_public_key = vapid_public_key
+        self._on_change = on_change  # called with the user id when a target changes here
+
+    def _own(self, caller: Caller, device_id: str) -> None:
+        if device_id != caller.device_id:
+            raise Forbidden("a device may only set its own push target")
+
+    async def set(self, caller: Caller, device_id: str, provider: object, token: object) -> Device:
+        self._own(caller, device_id)
+        if not isinstance(provider, str) or provider not in PROVIDERS:
+            raise BadRequest(f"'provider' must be one of {', '.join(PROVIDERS)}")
+        chosen = self._providers.get(provider)
+        if chosen is None:
+            flag = {"fcm": "--fcm-credentials-file", "apns": "--apns-key-file"}.get(provider, "")
+            raise BadRequest(f"this server has no {provider} credentials ({flag}); it cannot wake {provider} devices")
+        stored = chosen.check(token, self._dev)
+        async with storage_errors():
+            device = await self._store.set_push_target(device_id, provider, stored)
+        if self._on_change is not None:
+            self._on_change(caller.user_id)
+        log.info("device %s will be woken by %s", device_id, provider)
+        return device
+
+    async def clear(self, caller: Caller, device_id: str) -> bool:
+        self._own(caller, device_id)
+        async with storage_errors():
+            removed = await self._store.clear_push_target(device_id)
+        if self._on_change is not None:
+            self._on_change(caller.user_id)
+        return removed
+
+    async def devices(self, caller: Caller) -> list[Device]:
+        async with storage_errors():
+            return await self._store.user_devices(caller.user_id)
+
+
+class Pusher:
+    """Decides and sends pushes; ``run`` until ``stopping`` is set."""
+
+    def __init__(self, store: Store, state: SharedState, queue: PushQueue, providers: Mapping[str, Provider],
+                 clock: Clock, metrics: Metrics, *, window_s: float, max_age_s: int,
+                 rng: random.Random | None = None) -> None:
+        self._store = store
+        self._state = state
+        self._queue = queue
+        self._providers = providers
+        self._clock = clock
+        self._metrics = metrics
+        self._window_ms = int(window_s * 1000)
+        self._max_age_ms = max_age_s * 1000
+        self._rng = rng or random.Random()
+        self._notes: dict[str, tuple[int, int]] = {}  # user -> (first event ms, events)
+        self._noted = asyncio.Event()
+        self._due = asyncio.Event()
+        self._targets: TTLCache[str, tuple[str, ...]] = TTLCache(maxsize=200_000, ttl=TARGETS_TTL_S)
+        self._sends = asyncio.Semaphore(PARALLEL_SENDS)
+
+    # -- from the message path -------------------------------------------------------------------------
+    def note(self, user_ids: Sequence[str], ts_ms: int) -> None:
+        """Inbox events reached these users (no I/O: decided once the message path yields)."""
+        for u in user_ids:
+            first, n = self._notes.get(u, (ts_ms, 0))
+            self._notes[u] = (first, n + 1)
+        if user_ids:
+            self._noted.set()
+
+    def forget_targets(self, user_id: str) -> None:
+        """A target of the user changed here: read their devices afresh."""
+        self._targets.pop(user_id, None)
+
+    # -- loops ---------------------------------------------------------------------------------------------
+    async def run(self, stopping: asyncio.Event) -> None:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._decide_loop(stopping), name="push-decide")
+            tg.create_task(self._deliver_loop(stopping, tg), name="push-deliver")
+
+    async def _wait(self, event: asyncio.Event, stopping: asyncio.Event, timeout: float | None) -> None:
+        waiters = [asyncio.ensure_future(event.wait()), asyncio.ensure_future(stopping.wait())]
+        try:
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+
+    async def _decide_loop(self, stopping: asyncio.Event) -> None:
+        while not stopping.is_set():
+            await self._wait(self._noted, stopping, None)
+            if stopping.is_set():
+                return
+            self._noted.clear()
+            notes, self._notes = self._notes, {}
+            try:
+                postponed = await self._decide(notes)
+            except StorageUnavailable as exc:  # presence unreadable: every user is decided again
+                log.warning("push decision postponed: %s", exc)
+                postponed = dict(notes)
+            except Exception:
+                log.exception("push decision failed")
+                continue
+            if postponed:  # nothing is lost: these users are decided again in a moment
+                for u, (first, n) in postponed.items():
+                    f2, n2 = self._notes.get(u, (first, 0))
+                    self._notes[u] = (min(first, f2), n + n2)
+                self._noted.set()
+                await self._wait(stopping, stopping, 1.0)
+
+    async def _decide(self, notes: Mapping[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
+        """Queue the wakes of the noted users who are offline; return those whose wakes could
+        not be queued (the store or the queue was unavailable)."""
+        if not notes:
+            return {}
+        online = await self._state.online_users(list(notes))
+        now = self._clock.now_ms()
+        slots = asyncio.Semaphore(DECIDE_PARALLEL)
+        postponed: dict[str, tuple[int, int]] = {}
+
+        async def wake(user: str, first: int, events: int) -> None:
+            async with slots:
+                try:
+                    devices = await self._with_targets(user)
+                    if not devices:
+                        return
+                    due = await self._queue.schedule(user, devices, event_ms=first, events=events, now_ms=now,
+                                                     window_ms=self._window_ms, give_up_ms=first + self._max_age_ms)
+                except StorageUnavailable as exc:
+                    log.warning("wake for %s postponed: %s", user, exc)
+                    postponed[user] = (first, events)
+                    return
+            log.debug("wake for %s scheduled (%d devices, due in %d ms)", user, len(devices), due - now)
+            if due <= now:
+                self._due.set()
+
+        await asyncio.gather(*(wake(u, first, n) for u, (first, n) in notes.items() if u not in online))
+        return postponed
+
+    async def _with_targets(self, user: str) -> tuple[str, ...]:
+        hit = self._targets.get(user)
+        if hit is not None:
+            return hit
+        devices = await self._store.user_devices(user)
+        found = tuple(d.device_id for d in devices if d.push_provider)
+        self._targets[user] = found
+        return found
+
+    async def _deliver_loop(self, stopping: asyncio.Event, tg: asyncio.TaskGroup) -> None:
+        while not stopping.is_set():
+            self._due.clear()
+            online: set[str] = set()
+            try:
+                jobs = await self._queue.claim(self._clock.now_ms(), int(LEASE_S * 1000), CLAIM_BATCH)
+                if jobs:
+                    online = await self._state.online_users(sorted({j.user_id for j in jobs}))
+            except StorageUnavailable as exc:
+                log.warning("push queue unavailable: %s", exc)
+                await self._wait(stopping, stopping, 1.0)
+                continue
+            except Exception:  # pushes must never take the server down
+                log.exception("claiming pushes failed; trying again shortly")
+                await self._wait(stopping, stopping, 1.0)
+                continue
+            for job in jobs:
+                if job.user_id in online:  # came back meanwhile: the connection carries everything
+                    await self._finish(job, pushed=False)
+                    continue
+                await self._sends.acquire()
+                tg.create_task(self._deliver(job), name=f"push-{job.device_id}")
+            if len(jobs) < CLAIM_BATCH:
+                await self._wait(self._due, stopping, POLL_S)
+
+    async def _finish(self, job: PushJob, *, pushed: bool) -> None:
+        now = self._clock.now_ms()
+        try:
+            await self._queue.done(job, pushed=pushed, now_ms=now, window_ms=self._window_ms,
+                                   give_up_ms=now + self._max_age_ms)
+        except StorageUnavailable as exc:  # the lease runs out and it is claimed again
+            log.warning("push queue unavailable finishing %s: %s", job.device_id, exc)
+
+    async def _deliver(self, job: PushJob) -> None:
+        try:
+            await self._send(job)
+        except Exception:
+            log.exception("push to %s failed unexpectedly", job.device_id)
+        finally:
+            self._sends.release()
+
+    async def _send(self, job: PushJob) -> None:
+        m = self._metrics
+        try:
+            device = await self._store.get_device(job.device_id)
+        except StorageUnavailable as exc:
+            log.warning("push to %s postponed: %s", job.device_id, exc)
+            return  # claimed again when the lease runs out
+        if device is None or not device.push_provider or not device.push_token:
+            await self._finish(job, pushed=False)  # unlinked, or its target removed, meanwhile
+            return
+        name, token = device.push_provider, device.push_token
+        provider = self._providers.get(name)
+        if provider is None:  # registered while this server had the provider's credentials
+            m.push_dropped.labels(name, "no_credentials").inc()
+            await self._finish(job, pushed=False)
+            return
+        now = self._clock.now_ms()
+        wake = Wake(events=job.events, ttl_s=max(0, (job.give_up_ms - now) // 1000))
+        outcome = await provider.send(token, wake)
+        if outcome.kind == "accepted":
+            m.push_sent.labels(name).inc()
+            m.push_delay.labels(name).observe(max(0, self._clock.now_ms() - job.event_ms) / 1000)
+            log.debug("woke %s by %s", job.device_id, name)
+            await self._finish(job, pushed=True)
+            return
+        m.push_failed.labels(name, _reason(outcome)).inc()
+        if outcome.kind == "gone":
+            log.info("%s dropped the push target of %s (%s); deleting it", name, job.device_id, outcome.status)
+            try:
+                await self._store.clear_push_target(job.device_id, token)
+            except StorageUnavailable as exc:
+                log.warning("push target of %s not deleted: %s", job.device_id, exc)
+            self._targets.pop(job.user_id, None)
+            m.push_dropped.labels(name, "gone").inc()
+            await self._finish(job, pushed=False)
+        elif outcome.kind == "retry":
+            delay = backoff_s(job.attempts, self._rng)
+            if outcome.retry_after_s is not None:
+                delay = max(delay, outcome.retry_after_s)
+            due = now + int(delay * 1000)
+            if due > job.give_up_ms:
+                log.warning("push to %s dropped: still failing after %d attempts (%s)", job.device_id,
+                            job.attempts + 1, outcome.detail or outcome.status)
+                m.push_dropped.labels(name, "expired").inc()
+                await self._finish(job, pushed=False)
+                return
+            log.info("push to %s by %s failed (%s); retrying in %.1f s", job.device_id, name,
+                     outcome.status or outcome.detail, delay)
+            try:
+                await self._queue.retry(job, due)
+            except StorageUnavailable as exc:
+                log.warning("push retry of %s not recorded: %s", job.device_id, exc)
+        else:
+            log.warning("%s refused the push to %s: %s %s", name, job.device_id, outcome.status, outcome.detail)
+            m.push_dropped.labels(name, "rejected").inc()
+            await self._finish(job, pushed=False)
+
+    async def depth(self) -> int:
+        try:
+            return await self._queue.depth()
+        except StorageUnavailable:
+            return 0
+
+
+def _reason(outcome: Outcome) -> str:
+    if outcome.kind == "gone":
+        return "gone"
+    if outcome.status is None:
+        return "network"
+    if outcome.status == 429:
+        return "throttled"
+    return "server_error" if outcome.status >= 500 else "refused"

@@ -1,0 +1,94 @@
+"""The push worker on its own: a real SQLite store behind a wrapper that fails on demand, the
+in-process presence state, the SQLite push queue, and the loopback webhook receiver."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from bridge.clock import SystemClock
+from bridge.metrics import Metrics
+from bridge.push import Pusher
+from bridge.push_providers import Webhook
+from storage.base import Device
+from storage.push_queue import SqlitePushQueue
+from storage.sqlite import SqliteStore
+from storage.state import MemoryState
+from tests.fakes import FlakyStore
+from tests.push_services import PushServices
+
+
+@dataclass
+class Rig:
+    store: SqliteStore
+    flaky: FlakyStore
+    state: MemoryState
+    pusher: Pusher
+    services: PushServices
+    device: Device
+
+
+@pytest.fixture
+async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+    services = PushServices()
+    store = SqliteStore(tmp_path / "store.db")
+    await store.open()
+    queue = SqlitePushQueue(tmp_path / "push.db")
+    await queue.open()
+    client = httpx.AsyncClient()
+    flaky = FlakyStore(store)
+    state = MemoryState()
+    pusher = Pusher(flaky, state, queue, {"webhook": Webhook(client)}, SystemClock(), Metrics(),  # type: ignore[arg-type]
+                    window_s=1.0, max_age_s=60)
+    user = await store.create_user("+15550009999", 0)
+    device = await store.add_device(user.user_id, "phone", "android", 0)
+    await store.set_push_target(device.device_id, "webhook", services.webhook.url(device.device_id))
+    stopping = asyncio.Event()
+    task = asyncio.create_task(pusher.run(stopping))
+    try:
+        yield Rig(store, flaky, state, pusher, services, device)
+    finally:
+        stopping.set()
+        await asyncio.wait_for(task, 20)
+        await client.aclose()
+        await queue.close()
+        await store.close()
+        services.close()
+
+
+async def until(check: Callable[[], object], want: object = True, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        got = check()
+        if asyncio.iscoroutine(got):
+            got = await got
+        if got == want:
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"still {got!r}, waiting for {want!r}")
+        await asyncio.sleep(0.05)
+
+
+async def test_a_store_outage_postpones_a_wake_and_loses_none(rig: Rig) -> None:
+    rig.flaky.failing.add("user_devices")
+    rig.pusher.note([rig.device.user_id], SystemClock().now_ms())
+    await until(lambda: rig.flaky.calls["user_devices"] >= 2)  # tried, and tried again
+    assert rig.services.webhook.recorder.pushed(rig.device.device_id) == []
+    rig.flaky.failing.clear()
+    [pushed] = await rig.services.webhook.recorder.wait(rig.device.device_id, 1)
+    assert pushed.body == {"type": "wake", "events": 1}
+
+
+async def test_a_user_who_came_back_before_the_wake_was_due_is_not_pushed(rig: Rig) -> None:
+    user, device = rig.device.user_id, rig.device.device_id
+    rig.pusher.note([user], SystemClock().now_ms())
+    await rig.services.webhook.recorder.wait(device, 1)
+    rig.pusher.note([user], SystemClock().now_ms())  # within the window: due when it ends
+    await rig.state.device_online(user, device)  # back before then
+    await until(lambda: rig.pusher.depth(), want=0)  # the wake is taken when due, and not sent
+    assert len(rig.services.webhook.recorder.pushed(device)) == 1
