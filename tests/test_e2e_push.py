@@ -16,6 +16,7 @@ from clients.sdk import Api, Device, PigeonClientError, Profile, login
 from tests.conftest import ServerProc, broker_flags, fresh_phone, metric, production_flags
 from tests.mqtt_raw import connect_packet, publish_packet
 from tests.push_services import PushServices
+from tests.test_e2e_failover import settled
 
 WINDOW = 2.0  # the coalescing window the servers here run with (seconds)
 
@@ -307,6 +308,9 @@ async def test_two_bridges_on_one_redis_agree_on_who_is_connected(services: Push
         first.stop()
         raise
     try:
+        # once the second holds its share of the partitions: while they move, a request may be
+        # answered 'unavailable' (devices retry it; these HTTP posts do not)
+        await settled(first, second)
         a, b, chat = await pair(first)
         async with Api(b) as api:
             await api.set_push("webhook", services.webhook.url(b.device_id))
