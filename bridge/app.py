@@ -8,6 +8,8 @@ import os
 import secrets
 import socket
 from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
 from types import TracebackType
 from urllib.parse import parse_qs, urlparse
 
@@ -131,6 +133,7 @@ class PigeonServer:
             max_payload=s.max_payload, ready=ready, connected=self._connected_devices,
             store_ops=lambda: self.store.ops,
             partitions_held=lambda: len(self.store.held_partitions()) if isinstance(self.store, Partitions) else 0,
+            web_root=web_root(),
         )
         config = uvicorn.Config(create_app(deps), log_level="warning", access_log=False, lifespan="on")
         self._uvicorn = uvicorn.Server(config)
@@ -326,3 +329,9 @@ def _bound_port(broker: PigeonBroker, listener: str) -> int:
     for sock in sockets:
         return int(sock.getsockname()[1])
     raise StartupError(f"listener {listener} has no bound socket")
+
+
+def web_root() -> Path | None:
+    """The web client's static files, shipped in the package (clients/web), if present."""
+    root = Path(str(resources.files("clients") / "web"))
+    return root if (root / "index.html").is_file() else None
