@@ -59,7 +59,7 @@ class PigeonServer:
         self.clock = clock or SystemClock()
         self.metrics = Metrics()
         self.store = open_store(settings.store_url)
-        self.endpoints = Endpoints(host=settings.advertised_host)
+        self.endpoints = Endpoints(host=settings.advertised_host, ws_url=settings.public_ws_url)
         self.http_port = 0
         self._http_sock: socket.socket | None = None
         self._uvicorn: uvicorn.Server | None = None
@@ -90,7 +90,7 @@ class PigeonServer:
         except OSError as exc:
             raise StartupError(f"cannot bind HTTP port {s.host}:{s.http_port}: {exc}") from exc
         self.http_port = self._http_sock.getsockname()[1]
-        base = f"http://{s.advertised_host}:{self.http_port}"
+        base = s.public_url.rstrip("/") if s.public_url else f"http://{s.advertised_host}:{self.http_port}"
 
         try:
             await self.store.open()
@@ -189,7 +189,7 @@ class PigeonServer:
         public = query.get("public", [f"{host}:{port}"])[0]
         self.endpoints.host, _, public_port = public.rpartition(":")
         self.endpoints.mqtt_port = int(public_port)
-        self.endpoints.ws_url = query.get("ws_url", [None])[0]
+        self.endpoints.ws_url = s.public_ws_url or query.get("ws_url", [None])[0]
         admin = DynSecAdmin(host, port, user, password)
         try:
             await admin.__aenter__()

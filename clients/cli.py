@@ -42,7 +42,14 @@ def serve(
     dev: Annotated[bool, typer.Option("--dev", envvar="PIGEON_DEV", help="Return login codes in the reply.")] = False,
     data_dir: Annotated[Path, typer.Option(envvar="PIGEON_DATA_DIR")] = Path(".pigeon"),
     host: Annotated[str, typer.Option(envvar="PIGEON_HOST")] = "127.0.0.1",
-    public_host: Annotated[str | None, typer.Option(envvar="PIGEON_PUBLIC_HOST")] = None,
+    public_host: Annotated[str | None, typer.Option(
+        envvar="PIGEON_PUBLIC_HOST", help="The host name devices reach this server by (login replies name it)")] = None,
+    public_url: Annotated[str | None, typer.Option(
+        envvar="PIGEON_PUBLIC_URL", help="The HTTP base devices use when a reverse proxy fronts Pigeon, "
+        "e.g. https://chat.example.com")] = None,
+    public_ws_url: Annotated[str | None, typer.Option(
+        envvar="PIGEON_PUBLIC_WS_URL", help="The MQTT-over-WebSocket URL login returns when a reverse proxy "
+        "fronts Pigeon, e.g. wss://chat.example.com/mqtt")] = None,
     mqtt_port: Annotated[int, typer.Option(envvar="PIGEON_MQTT_PORT")] = 1883,
     ws_port: Annotated[int, typer.Option(envvar="PIGEON_WS_PORT")] = 8083,
     http_port: Annotated[int, typer.Option(envvar="PIGEON_HTTP_PORT")] = 8080,
@@ -79,7 +86,8 @@ def serve(
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         cfg = settings(
-            dev=dev, data_dir=data_dir, host=host, public_host=public_host, mqtt_port=mqtt_port,
+            dev=dev, data_dir=data_dir, host=host, public_host=public_host, public_url=public_url,
+            public_ws_url=public_ws_url, mqtt_port=mqtt_port,
             ws_port=ws_port, http_port=http_port, store=store, media=media, redis=redis, sms_webhook=sms_webhook,
             broker=broker, broker_credentials_file=broker_credentials_file,
             rate_per_s=rate, rate_burst=burst, max_group=max_group, max_payload=max_payload,

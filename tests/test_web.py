@@ -355,3 +355,78 @@ async def test_bad_input_is_shown_as_a_clear_message(web_server: ServerProc, bro
     await expect(error).to_have_text(f"Could not send big.bin: media may be at most {MEDIA_LIMIT} bytes")
     await expect(page.get_by_test_id("message")).to_have_count(0)
     await context.close()
+
+
+class PathProxy:
+    """A reverse proxy on one loopback port, as nginx would front Pigeon: a connection whose first
+    request is for ``/mqtt`` goes to the WebSocket listener, every other one to the HTTP port."""
+
+    def __init__(self) -> None:
+        self.server: asyncio.Server | None = None
+        self.port = 0
+        self.http_port = 0
+        self.ws_port = 0
+        self.routed: list[str] = []
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            writer.close()
+            return
+        path = head.split(b" ", 2)[1].decode()
+        port = self.ws_port if path.startswith("/mqtt") else self.http_port
+        self.routed.append(path.split("?")[0])
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port)
+        up_writer.write(head)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+async def test_behind_a_reverse_proxy_the_page_uses_only_the_urls_login_returns(
+        browser: Browser, tmp_path_factory: pytest.TempPathFactory,
+        devices: Callable[[Profile], Awaitable[Device]]) -> None:
+    proxy = PathProxy()
+    await proxy.start()
+    public = f"http://127.0.0.1:{proxy.port}"
+    srv = await asyncio.to_thread(
+        ServerProc.start, tmp_path_factory.mktemp("pigeon-proxied"),
+        "--public-url", public, "--public-ws-url", f"ws://127.0.0.1:{proxy.port}/mqtt")
+    proxy.http_port, proxy.ws_port = int(srv.http.rsplit(":", 1)[1]), srv.ws_port
+    try:
+        py = await devices(await login(public, fresh_phone(), device_name="python"))
+        assert py.profile.ws_url == f"ws://127.0.0.1:{proxy.port}/mqtt"
+        ctx, page = await logged_in(browser, public, fresh_phone())
+        await open_direct(page, py.profile.phone)
+        await send_text(page, "through the proxy")
+        await expect(message(page, "through the proxy")).to_have_attribute("data-status", "delivered")
+        await page.get_by_test_id("attach").set_input_files(
+            files=[{"name": "dot.png", "mimeType": "image/png", "buffer": png()}])
+        await _wait_image_loaded(page)
+        media_msg = await next_msg(py, kind="media")
+        assert await py.download(media_msg["media"]["key"], media_msg["chat"]) == png()
+        # everything the page did went through the proxy: the page, the API, the blobs, MQTT
+        for prefix in ("/", "/v1/auth/verify", "/v1/blobs/", "/mqtt"):
+            assert any(p.startswith(prefix) for p in proxy.routed), (prefix, sorted(set(proxy.routed)))
+        await ctx.close()
+    finally:
+        await asyncio.to_thread(srv.stop)
+        await proxy.close()
