@@ -270,9 +270,10 @@ async function chatTitle(entry) {
 
 async function lastText(m) {
   if (!m) return "";
-  if (m.kind === "system") return systemText(m);
+  if (m.kind === "system") return systemLine(m);
   const who = m.from === state.profile.userId ? "You: " : "";
-  const body = m.body || (m.media ? `📎 ${m.media.name || m.media.mime}` : "");
+  const kind = m.media && m.media.mime.startsWith("image/") ? "Photo" : "File";
+  const body = m.body || (m.media ? `${kind}: ${m.media.name || m.media.mime}` : "");
   return `${who}${body}`;
 }
 
@@ -444,9 +445,17 @@ async function refreshReceipts() {
   if (state.open === chatId) updateTicks();
 }
 
-function systemText(m) {
-  const what = (m.event || "event").replace(/_/g, " ");
-  return `${what}${m.user ? "" : ""}`;
+/** A group event in words: "You created the group", "Alice added Bob (+1555…)". */
+async function systemLine(m) {
+  const who = await nameOf(m.from);
+  const whom = m.user ? await nameOf(m.user) : "";
+  switch (m.event) {
+    case "created": return `${who} created the group`;
+    case "member_added": return `${who} added ${whom}`;
+    case "member_left": return `${who} left`;
+    case "member_removed": return `${who} removed ${whom}`;
+    default: return `${who}: ${(m.event || "group event").replace(/_/g, " ")} ${whom}`.trim();
+  }
 }
 
 function scrollToBottom() {
@@ -480,11 +489,9 @@ async function fillMessage(el, m) {
   const parts = [];
   const entry = state.chats.get(m.chat);
   if (m.kind === "system") {
-    const who = await nameOf(m.from);
-    const target = m.user ? ` ${await nameOf(m.user)}` : "";
     const span = document.createElement("span");
     span.className = "body";
-    span.textContent = `${who}: ${systemText(m)}${target}`;
+    span.textContent = await systemLine(m);
     el.replaceChildren(span);
     return;
   }
@@ -648,7 +655,7 @@ async function sendMessage({ body, file }) {
   pending.className = "msg mine";
   pending.dataset.pending = "1";
   pending.dataset.order = String(Number.MAX_SAFE_INTEGER);
-  pending.textContent = body ?? `📎 ${file.name} — uploading…`;
+  pending.textContent = body ?? `${file.name} — uploading…`;
   $("message-list").append(pending);
   scrollToBottom();
   const ok = await guarded(file ? `Could not send ${file.name}` : "Could not send the message", async () => {
