@@ -670,7 +670,7 @@ async function sendMessage({ body, file }) {
       scrollToBottom();
     }
     noteLast(entry, msg);
-    entry.myRead = Math.max(entry.myRead, reply.seq);
+    if (state.open === chatId) markRead(); // one's own message: everything above it has been seen
     return true;
   });
   if (!ok) pending.remove();
@@ -761,9 +761,20 @@ async function setupPush() {
 }
 
 // -- boot -------------------------------------------------------------------------------------------
+async function resumeSession(profile, attempt = 0) {
+  try {
+    await start(profile);
+  } catch (exc) {
+    console.error(exc);
+    const wait = Math.min(30, 2 ** attempt);
+    showError(`${explain(exc, "Could not connect")} Retrying in ${wait} s.`);
+    setTimeout(() => resumeSession(profile, attempt + 1), wait * 1000);
+  }
+}
+
 const saved = localStorage.getItem(SESSION_KEY);
 if (saved) {
-  guarded("Could not connect", () => start(JSON.parse(saved)));
+  resumeSession(JSON.parse(saved));
 } else {
   showLogin();
 }

@@ -130,6 +130,8 @@ test("offline catch-up from the stored cursor: in order, none twice, none again 
   assert.equal(await b2.sync(), 0, "a second sync finds nothing new");
   assert.equal(seen.events.filter((e) => e.type === "msg").length, 12);
   // the server got the cumulative ack: alice sees everything delivered
+  const ae = new Collector(a);
+  await ae.until((ev) => ev.type === "receipt" && ev.kind === "delivered" && ev.up_to === 13, 10_000, "delivered 13");
   const receipts = await a.api.receipts(first.chat);
   assert.equal(receipts.find((r) => r.user === bob.userId).delivered, 13);
 });
