@@ -11,7 +11,7 @@
  * - reconnects by itself with backoff and jitter, refreshing the token when it nears expiry.
  */
 
-import mqtt, { type MqttClient } from "mqtt";
+import mqtt, { type IClientOptions, type MqttClient } from "mqtt";
 
 import { Api } from "./api.js";
 import { PigeonError, RequestTimeout } from "./errors.js";
@@ -33,6 +33,8 @@ export interface DeviceOptions {
   refreshBeforeMs?: number;
   /** Called with the profile after its token was refreshed, so the application can save it. */
   onProfile?: (profile: Profile) => void;
+  /** Opens the MQTT connection (default: MQTT.js's `connect`); a seam for other transports and tests. */
+  mqttConnect?: (url: string, options: IClientOptions) => MqttClient;
 }
 
 type Json = Record<string, unknown>;
@@ -65,7 +67,7 @@ export class Device {
   readonly api: Api;
   readonly up: string;
   private readonly store: CursorStore;
-  private readonly opts: Required<Omit<DeviceOptions, "store" | "onProfile">>;
+  private readonly opts: Required<Omit<DeviceOptions, "store" | "onProfile" | "mqttConnect">>;
   private client: MqttClient | null = null;
   private readonly pending = new Map<string, Pending>();
   private readonly watchers = new Map<string, PresenceEvent[]>();
@@ -149,7 +151,8 @@ export class Device {
     this.setStatus("connecting");
     await this.refreshIfDue();
     const offline = JSON.stringify({ type: "presence", state: "offline" });
-    const client = mqtt.connect(this.profile.wsUrl as string, {
+    const connect = this.options.mqttConnect ?? mqtt.connect;
+    const client = connect(this.profile.wsUrl as string, {
       clientId: this.profile.deviceId, username: this.profile.deviceId, password: this.profile.token,
       clean: true, keepalive: this.opts.keepalive, protocolVersion: 4, reconnectPeriod: 0,
       connectTimeout: 10_000, resubscribe: false,
