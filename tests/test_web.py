@@ -488,3 +488,19 @@ async def test_notifications_offered_only_when_the_server_has_web_push(
     await expect(page.get_by_test_id("notify")).to_be_visible()
     await expect(page.get_by_test_id("error")).to_be_hidden()
     await ctx.close()
+
+
+async def test_a_browser_unlinked_from_another_device_returns_to_login(
+        web_server: ServerProc, browser: Browser) -> None:
+    phone = fresh_phone()
+    ctx, page = await logged_in(browser, web_server.http, phone)
+    browser_device = await page.evaluate("JSON.parse(localStorage.getItem('pigeon.session')).deviceId")
+    other = await login(web_server.http, phone, device_name="python")  # the same account, another device
+    async with httpx.AsyncClient() as http:
+        r = await http.delete(f"{web_server.http}/v1/devices/{browser_device}",
+                              headers={"Authorization": f"Bearer {other.token}"})
+    assert r.status_code == 200
+    await expect(page.get_by_test_id("phone")).to_be_visible()
+    await expect(page.get_by_test_id("error")).to_contain_text("no longer logged in")
+    assert await page.evaluate("localStorage.getItem('pigeon.session')") is None
+    await ctx.close()

@@ -215,6 +215,11 @@ function showStatus(s) {
     refused: "the server refused this device", closed: "" }[s] ?? s;
   $("connection").textContent = text;
   $("connection").dataset.status = s;
+  if (s === "refused") { // unlinked from another device, or the session expired
+    forgetSession();
+    showError("This browser is no longer logged in (it was unlinked, or the session expired). Please log in again.");
+    return;
+  }
   if (s === "online" && state.open) {
     watchPresence();
     markRead();
