@@ -111,7 +111,7 @@ test("offline catch-up from the stored cursor: in order, none twice, none again 
   const alice = await login(srv.http, freshPhone());
   const bob = await login(srv.http, freshPhone());
   const store = new MemoryStore();
-  const a = await device(alice);
+  const [a, ae] = await watched(alice);
   const [b1, seen1] = await watched(bob, { store });
   const first = await a.send({ to: bob.userId, body: "before" });
   await seen1.until(isMsg("before"));
@@ -130,7 +130,6 @@ test("offline catch-up from the stored cursor: in order, none twice, none again 
   assert.equal(await b2.sync(), 0, "a second sync finds nothing new");
   assert.equal(seen.events.filter((e) => e.type === "msg").length, 12);
   // the server got the cumulative ack: alice sees everything delivered
-  const ae = new Collector(a);
   await ae.until((ev) => ev.type === "receipt" && ev.kind === "delivered" && ev.up_to === 13, 10_000, "delivered 13");
   const receipts = await a.api.receipts(first.chat);
   assert.equal(receipts.find((r) => r.user === bob.userId).delivered, 13);
