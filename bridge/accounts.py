@@ -186,6 +186,14 @@ class Accounts:
             raise NotFound("user not found")
         return user
 
+    async def user(self, user_id: str) -> User:
+        """Any user by id (the edge decides who may see whom); NotFound if there is none."""
+        async with storage_errors():
+            user = await self._store.get_user(user_id)
+        if user is None:
+            raise NotFound("no such user")
+        return user
+
     async def rename(self, caller: Caller, name: object) -> User:
         if not isinstance(name, str) or not 0 < len(name.strip()) <= 64:
             raise BadRequest("'name' must be 1 to 64 characters")

@@ -9,6 +9,8 @@ import os
 import secrets
 import socket
 from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
 from types import TracebackType
 from urllib.parse import parse_qs, urlparse
 
@@ -61,7 +63,7 @@ class PigeonServer:
         self.clock = clock or SystemClock()
         self.metrics = Metrics()
         self.store = open_store(settings.store_url)
-        self.endpoints = Endpoints(host=settings.advertised_host)
+        self.endpoints = Endpoints(host=settings.advertised_host, ws_url=settings.public_ws_url)
         self.http_port = 0
         self._http_sock: socket.socket | None = None
         self._uvicorn: uvicorn.Server | None = None
@@ -92,7 +94,7 @@ class PigeonServer:
         except OSError as exc:
             raise StartupError(f"cannot bind HTTP port {s.host}:{s.http_port}: {exc}") from exc
         self.http_port = self._http_sock.getsockname()[1]
-        base = f"http://{s.advertised_host}:{self.http_port}"
+        base = s.public_url.rstrip("/") if s.public_url else f"http://{s.advertised_host}:{self.http_port}"
 
         try:
             await self.store.open()
@@ -141,6 +143,7 @@ class PigeonServer:
             store_ops=lambda: self.store.ops,
             partitions_held=lambda: len(self.store.held_partitions()) if isinstance(self.store, Partitions) else 0,
             push=self.push_targets, push_depth=self.pusher.depth,
+            web_root=web_root(),
         )
         config = uvicorn.Config(create_app(deps), log_level="warning", access_log=False, lifespan="on")
         self._uvicorn = uvicorn.Server(config)
@@ -210,7 +213,7 @@ class PigeonServer:
         public = query.get("public", [f"{host}:{port}"])[0]
         self.endpoints.host, _, public_port = public.rpartition(":")
         self.endpoints.mqtt_port = int(public_port)
-        self.endpoints.ws_url = query.get("ws_url", [None])[0]
+        self.endpoints.ws_url = s.public_ws_url or query.get("ws_url", [None])[0]
         admin = DynSecAdmin(host, port, user, password)
         try:
             await admin.__aenter__()
@@ -356,3 +359,9 @@ def _bound_port(broker: PigeonBroker, listener: str) -> int:
     for sock in sockets:
         return int(sock.getsockname()[1])
     raise StartupError(f"listener {listener} has no bound socket")
+
+
+def web_root() -> Path | None:
+    """The web client's static files, shipped in the package (clients/web), if present."""
+    root = Path(str(resources.files("clients") / "web"))
+    return root if (root / "index.html").is_file() else None

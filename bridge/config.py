@@ -18,6 +18,8 @@ class Settings:
     data_dir: Path = Path(".pigeon")
     host: str = "127.0.0.1"
     public_host: str | None = None
+    public_url: str | None = None  # the HTTP base devices use, e.g. https://chat.example.com behind a proxy
+    public_ws_url: str | None = None  # the MQTT-over-WebSocket URL login returns, e.g. wss://chat.example.com/mqtt
     mqtt_port: int = 1883
     ws_port: int = 8083
     http_port: int = 8080
@@ -91,6 +93,10 @@ class Settings:
             raise ConfigError(f"ingest must be 'inprocess' or 'mqtt', got {self.ingest!r}")
         if self.max_group < 2:
             raise ConfigError("max_group must be at least 2")
+        if self.public_url and not self.public_url.startswith(("http://", "https://")):
+            raise ConfigError(f"public_url must be an http(s) URL, got {self.public_url!r}")
+        if self.public_ws_url and not self.public_ws_url.startswith(("ws://", "wss://")):
+            raise ConfigError(f"public_ws_url must be a ws(s):// URL, got {self.public_ws_url!r}")
         if self.sms_webhook and not self.sms_webhook.startswith(("http://", "https://")):
             raise ConfigError(f"sms_webhook must be an http(s) URL, got {self.sms_webhook!r}")
         if self.push_window_s < 0:

@@ -12,11 +12,13 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from storage.base import StoreOps
@@ -72,6 +74,7 @@ class HttpDeps:
     partitions_held: Callable[[], int] = lambda: 0  # store partitions this process holds
     push: PushTargets | None = None  # always given by the server; optional for tests of other routes
     push_depth: Callable[[], Awaitable[int]] | None = None  # wakes waiting in the push queue
+    web_root: Path | None = None  # the web client's static files, served at / when given
 
 
 def _error(exc: ProtocolError) -> JSONResponse:
@@ -195,6 +198,14 @@ def create_app(deps: HttpDeps) -> FastAPI:
         phone = request.query_params.get("phone", "")
         user = await acc.find(phone)
         return {"user_id": user.user_id}
+
+    @app.get("/v1/users/{user_id}")
+    async def user_card(user_id: str, request: Request) -> dict[str, Any]:
+        c = await caller(request)
+        if user_id != c.user_id and not await msgr.share_chat(c.user_id, user_id):
+            raise Forbidden("you share no chat with that user")
+        user = await acc.user(user_id)
+        return {"user_id": user.user_id, "phone": user.phone, "name": user.name}
 
     @app.get("/v1/users/{user_id}/presence")
     async def user_presence(user_id: str, request: Request) -> dict[str, Any]:
@@ -398,5 +409,9 @@ def create_app(deps: HttpDeps) -> FastAPI:
         if deps.push_depth is not None:
             deps.metrics.push_queue.set(await deps.push_depth())
         return Response(deps.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    # -- the web client (last: every route above takes precedence) ------------------------------------
+    if deps.web_root is not None:
+        app.mount("/", StaticFiles(directory=deps.web_root, html=True), name="web")
 
     return app

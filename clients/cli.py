@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import hashlib
 import json
 import logging
 import mimetypes
@@ -42,7 +43,14 @@ def serve(
     dev: Annotated[bool, typer.Option("--dev", envvar="PIGEON_DEV", help="Return login codes in the reply.")] = False,
     data_dir: Annotated[Path, typer.Option(envvar="PIGEON_DATA_DIR")] = Path(".pigeon"),
     host: Annotated[str, typer.Option(envvar="PIGEON_HOST")] = "127.0.0.1",
-    public_host: Annotated[str | None, typer.Option(envvar="PIGEON_PUBLIC_HOST")] = None,
+    public_host: Annotated[str | None, typer.Option(
+        envvar="PIGEON_PUBLIC_HOST", help="The host name devices reach this server by (login replies name it)")] = None,
+    public_url: Annotated[str | None, typer.Option(
+        envvar="PIGEON_PUBLIC_URL", help="The HTTP base devices use when a reverse proxy fronts Pigeon, "
+        "e.g. https://chat.example.com")] = None,
+    public_ws_url: Annotated[str | None, typer.Option(
+        envvar="PIGEON_PUBLIC_WS_URL", help="The MQTT-over-WebSocket URL login returns when a reverse proxy "
+        "fronts Pigeon, e.g. wss://chat.example.com/mqtt")] = None,
     mqtt_port: Annotated[int, typer.Option(envvar="PIGEON_MQTT_PORT")] = 1883,
     ws_port: Annotated[int, typer.Option(envvar="PIGEON_WS_PORT")] = 8083,
     http_port: Annotated[int, typer.Option(envvar="PIGEON_HTTP_PORT")] = 8080,
@@ -102,7 +110,8 @@ def serve(
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         cfg = settings(
-            dev=dev, data_dir=data_dir, host=host, public_host=public_host, mqtt_port=mqtt_port,
+            dev=dev, data_dir=data_dir, host=host, public_host=public_host, public_url=public_url,
+            public_ws_url=public_ws_url, mqtt_port=mqtt_port,
             ws_port=ws_port, http_port=http_port, store=store, media=media, redis=redis, sms_webhook=sms_webhook,
             broker=broker, broker_credentials_file=broker_credentials_file,
             rate_per_s=rate, rate_burst=burst, max_group=max_group, max_payload=max_payload,
@@ -221,17 +230,46 @@ async def _resolve_user(api: Api, who: str) -> str:
     return await api.find_user(who) if who.startswith("+") else who
 
 
+class Names:
+    """How people are shown: their name and phone (or the phone alone), never an opaque id."""
+
+    def __init__(self, api: Api, me: str | None = None) -> None:
+        self._api = api
+        self._me = me
+        self._known: dict[str, str] = {}
+
+    async def of(self, user_id: str) -> str:
+        if user_id == self._me:
+            return "me"
+        if user_id not in self._known:
+            try:
+                card = await self._api.user(user_id)
+                phone = card.get("phone") or user_id
+                self._known[user_id] = f"{card['name']} ({phone})" if card.get("name") else phone
+            except PigeonClientError:
+                self._known[user_id] = user_id  # no longer visible (left every shared chat)
+        return self._known[user_id]
+
+    async def title(self, chat: dict[str, Any]) -> str:
+        if chat.get("title"):
+            return str(chat["title"])
+        others = [m for m in chat["members"] if m != self._me] or chat["members"]
+        return ", ".join([await self.of(m) for m in others])
+
+
 @app.command("login")
 def login_cmd(
     phone: Annotated[str, typer.Argument(help="Your phone number, E.164 (+15550001111)")],
     server: Annotated[str, typer.Option(envvar="PIGEON_SERVER", help="HTTP URL of the server")] = "http://127.0.0.1:8080",
     code: Annotated[str | None, typer.Option(help="The code you received (asked for if omitted)")] = None,
     name: Annotated[str, typer.Option(help="A name for this device")] = "pigeon-cli",
+    display_name: Annotated[str | None, typer.Option(
+        "--display-name", help="Your name, shown to the people you chat with (instead of your phone number)")] = None,
     profile: ProfileOpt = DEFAULT_PROFILE,
 ) -> None:
     """Link this terminal as a device of the account with that phone number."""
 
-    async def go() -> Profile:
+    async def go() -> tuple[Profile, str | None]:
         the_code = code
         if the_code is None:
             dev_code = await request_code(server, phone)
@@ -240,11 +278,17 @@ def login_cmd(
                 the_code = dev_code
             else:
                 the_code = typer.prompt("Code from the SMS")
-        return await verify(server, phone, the_code, name, "cli")
+        linked = await verify(server, phone, the_code, name, "cli")
+        async with Api(linked) as api:
+            me = await api.rename(display_name) if display_name is not None else await api.me()
+        return linked, me.get("name")
 
-    p = _run(go())
+    p, shown = _run(go())
     p.save(profile)
-    console.print(f"logged in as [bold]{p.user_id}[/] (device {p.device_id}); profile saved to {profile}")
+    who = f"{shown} ({p.phone})" if shown else p.phone
+    console.print(f"logged in as [bold]{escape(who)}[/] (device {p.device_id}); profile saved to {profile}")
+    if not shown:
+        console.print("[dim]others see your phone number; add --display-name 'Your Name' to show a name[/]")
 
 
 @app.command()
@@ -283,13 +327,15 @@ def push(
 def chats(profile: ProfileOpt = DEFAULT_PROFILE) -> None:
     """List your direct chats and groups."""
 
-    async def go() -> list[dict[str, Any]]:
-        async with Api(_profile(profile)) as api:
-            return await api.chats()
+    p = _profile(profile)
 
-    for c in _run(go()):
-        title = c["title"] or ", ".join(m for m in c["members"])
-        console.print(f"{c['chat']}  [bold]{c['kind']:6}[/] {title}  (last seq {c['last_seq']})")
+    async def go() -> list[tuple[dict[str, Any], str]]:
+        async with Api(p) as api:
+            names = Names(api, p.user_id)
+            return [(c, await names.title(c)) for c in await api.chats()]
+
+    for c, title in _run(go()):
+        console.print(f"{c['chat']}  [bold]{c['kind']:6}[/] {escape(title)}  (last seq {c['last_seq']})")
 
 
 @app.command()
@@ -328,20 +374,24 @@ def history(
 ) -> None:
     """Show the latest messages of a chat, oldest first."""
 
-    async def go() -> list[dict[str, Any]]:
-        async with Api(_profile(profile)) as api:
+    p = _profile(profile)
+
+    async def go() -> list[str]:
+        async with Api(p) as api:
             chat = await _resolve_chat(api, target)
-            return list((await api.history(chat, limit=limit))["messages"])
+            names = Names(api, p.user_id)
+            return [await _line(m, names) for m in reversed((await api.history(chat, limit=limit))["messages"])]
 
-    for m in reversed(_run(go())):
-        console.print(_line(m))
+    for line in _run(go()):
+        console.print(line)
 
 
-def _line(m: dict[str, Any], me: str | None = None) -> str:
+async def _line(m: dict[str, Any], names: Names) -> str:
     when = time.strftime("%H:%M", time.localtime(m["ts"] / 1000))
-    who = "me" if me and m["from"] == me else m["from"]
+    who = await names.of(m["from"])
     if m["kind"] == "system":
-        return f"[dim]{when} #{m['seq']} {m['from']} {m['event'].replace('_', ' ')} {m.get('user', '')}[/]"
+        whom = await names.of(m["user"]) if m.get("user") else ""
+        return escape(f"{when} #{m['seq']} {who} {m['event'].replace('_', ' ')} {whom}").join(("[dim]", "[/]"))
     body = escape(m.get("body") or "")
     if m.get("media"):
         label = escape(f"[file {m['media'].get('name') or m['media']['key'][:12]}, {m['media']['size']} bytes]")
@@ -410,7 +460,8 @@ def chat(
     target: Annotated[str, typer.Argument(help="Chat id, user id, or phone number")],
     profile: ProfileOpt = DEFAULT_PROFILE,
 ) -> None:
-    """Chat live: type to send, '/file PATH' to send a file, '/quit' to leave.
+    """Chat live: type to send, '/file PATH' to send a file, '/save [SEQ] [PATH]' to keep a received
+    file, '/quit' to leave.
 
     Your messages show ✓ when stored, ✓✓ when delivered, and blue ✓✓ when read.
     """
@@ -418,13 +469,49 @@ def chat(
     _run(_chat(p, target))
 
 
+async def _save(dev: Device, chat_id: str, files: dict[int, dict[str, Any]], args: str) -> None:
+    """``/save [SEQ] [PATH]``: write a received file (the latest, or message #SEQ's) to PATH, or to
+    the current folder under its own name; an existing file is never overwritten."""
+    words = args.split(maxsplit=1)
+    seq: int | None = None
+    if words and words[0].lstrip("#").isdigit():
+        seq = int(words.pop(0).lstrip("#"))
+    if not files or (seq is not None and seq not in files):
+        console.print(f"[red]no received file {'#' + str(seq) if seq is not None else 'yet'} in this chat[/]")
+        return
+    media = files[seq if seq is not None else max(files)]
+    own = Path(media.get("name") or media["key"][:12]).name or "file"
+    dest = Path(words[0]).expanduser() if words else Path(own)  # noqa: ASYNC240 - no I/O
+    if await asyncio.to_thread(dest.is_dir):
+        dest = dest / own
+    if await asyncio.to_thread(dest.exists):
+        console.print(f"[red]{escape(str(dest))} already exists; give another path: /save {seq or ''} PATH[/]")
+        return
+    try:
+        data = await dev.download(media["key"], chat_id)
+    except PigeonClientError as exc:
+        console.print(f"[red]could not download ({exc.code}): {escape(exc.message)}[/]")
+        return
+    if hashlib.sha256(data).hexdigest() != media.get("sha256", hashlib.sha256(data).hexdigest()):
+        console.print("[red]the download does not match the file's SHA-256; not saved[/]")
+        return
+    await asyncio.to_thread(dest.write_bytes, data)
+    console.print(f"saved {escape(str(dest))} ({len(data)} bytes)")
+
+
 async def _chat(p: Profile, target: str) -> None:
     async with Device(p) as dev:
         chat_id = await _resolve_chat(dev.api, target)
+        names = Names(dev.api, p.user_id)
+        files: dict[int, dict[str, Any]] = {}  # received files by seq, for /save
         for m in reversed((await dev.api.history(chat_id, limit=20))["messages"]):
-            console.print(_line(m, p.user_id))
+            if m.get("media") and m["from"] != p.user_id:
+                files[m["seq"]] = m["media"]
+            console.print(await _line(m, names))
         dev.pending_events()  # already shown above
-        console.print(f"[dim]chat {chat_id} — type a message, /file PATH, or /quit[/]")
+        with_whom = await names.title(await dev.api.get_chat(chat_id))
+        console.print(f"[dim]chat with {escape(with_whom)} — type a message, /file PATH, /save [SEQ] [PATH], "
+                      "or /quit[/]")
         status: dict[int, str] = {}
 
         async def show_events() -> None:
@@ -434,7 +521,10 @@ async def _chat(p: Profile, target: str) -> None:
                 if ev["type"] == "msg":
                     if ev["from"] == p.user_id and ev["device"] == p.device_id:
                         continue  # our own, already shown with its tick
-                    console.print(_line(ev, p.user_id))
+                    console.print(await _line(ev, names))
+                    if ev.get("media") and ev["from"] != p.user_id:
+                        files[ev["seq"]] = ev["media"]
+                        console.print(f"[dim]  /save {ev['seq']} keeps this file[/]")
                     await dev.read(chat_id, ev["seq"])
                 elif ev["type"] == "receipt":
                     for seq in sorted(s for s in status if s <= ev["up_to"]):
@@ -442,7 +532,7 @@ async def _chat(p: Profile, target: str) -> None:
                             status[seq] = ev["kind"]
                             console.print(f"[dim]  #{seq}[/] {TICKS[ev['kind']]}")
                 elif ev["type"] == "typing":
-                    console.print(f"[dim]{ev['user']} is typing…[/]")
+                    console.print(f"[dim]{escape(await names.of(ev['user']))} is typing…[/]")
 
         shower = asyncio.create_task(show_events(), name="chat-events")
         try:
@@ -454,6 +544,9 @@ async def _chat(p: Profile, target: str) -> None:
                 if not text.strip():
                     continue
                 media = None
+                if text == "/save" or text.startswith("/save "):
+                    await _save(dev, chat_id, files, text[5:].strip())
+                    continue
                 if text.startswith("/file "):
                     path = Path(text[6:].strip()).expanduser()  # noqa: ASYNC240 - a cheap stat
                     if not await asyncio.to_thread(path.is_file):

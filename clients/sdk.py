@@ -177,8 +177,15 @@ class Api:
     async def find_user(self, phone: str) -> str:
         return str((await self._call("GET", "/v1/users", params={"phone": phone}))["user_id"])
 
+    async def user(self, user_id: str) -> dict[str, Any]:
+        """Phone and name of oneself or of a user one shares a chat with."""
+        return dict(await self._call("GET", f"/v1/users/{user_id}"))
+
     async def chats(self) -> list[dict[str, Any]]:
         return list((await self._call("GET", "/v1/chats"))["chats"])
+
+    async def get_chat(self, chat: str) -> dict[str, Any]:
+        return dict(await self._call("GET", f"/v1/chats/{chat}"))
 
     async def open_direct(self, peer: str) -> dict[str, Any]:
         return dict(await self._call("POST", "/v1/chats", json={"kind": "direct", "peer": peer}))

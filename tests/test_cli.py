@@ -26,8 +26,10 @@ def pigeon(server: ServerProc, *args: str, stdin: str | None = None, timeout: fl
 async def test_login_send_history_groups(server: ServerProc, tmp_path: Path) -> None:
     alice, bob = tmp_path / "alice.json", tmp_path / "bob.json"
     pa, pb = fresh_phone(), fresh_phone()
-    assert "logged in as" in await asyncio.to_thread(pigeon, server, "login", pa, "--profile", str(alice))
-    await asyncio.to_thread(pigeon, server, "login", pb, "--profile", str(bob))
+    out = await asyncio.to_thread(pigeon, server, "login", pa, "--display-name", "Alice", "--profile", str(alice))
+    assert f"logged in as Alice ({pa})" in out
+    out = await asyncio.to_thread(pigeon, server, "login", pb, "--profile", str(bob))
+    assert f"logged in as {pb}" in out and "--display-name" in out
     out = await asyncio.to_thread(pigeon, server, "send", pb, "hello [bob]", "--profile", str(alice))
     assert "as seq 1" in out
     note = tmp_path / "note.txt"
@@ -35,10 +37,14 @@ async def test_login_send_history_groups(server: ServerProc, tmp_path: Path) -> 
     await asyncio.to_thread(pigeon, server, "send", pb, "see file", "--file", str(note), "--profile", str(alice))
     hist = await asyncio.to_thread(pigeon, server, "history", pa, "--profile", str(bob))
     assert "hello [bob]" in hist and "[file note.txt, 8 bytes]" in hist
+    # people are shown by name and phone, never by their opaque ids
+    assert f"Alice ({pa}): hello [bob]" in hist
+    assert Profile.load(alice).user_id not in hist
     out = await asyncio.to_thread(pigeon, server, "group", "create", "Book club", pb, "--profile", str(alice))
     assert "with 2 members" in out
     listing = await asyncio.to_thread(pigeon, server, "chats", "--profile", str(bob))
     assert "group" in listing and "Book club" in listing and "direct" in listing
+    assert f"Alice ({pa})" in listing and Profile.load(alice).user_id not in listing
 
 
 async def test_push_registers_and_removes_a_webhook(server: ServerProc, tmp_path: Path) -> None:
@@ -84,6 +90,18 @@ async def test_interactive_chat_sends_and_shows_ticks(server: ServerProc, tmp_pa
         reply: dict[str, Any] = await dbob.send("answer from bob", chat=ev["chat"])
         await until("answer from bob")
         assert reply["seq"] == 2
+        assert any(f"{pb}: answer from bob" in ln for ln in lines), lines[-3:]
+        # a received file can be saved from the chat
+        media = await dbob.upload(b"thirteen byte", "text/plain", name="note.txt")
+        await dbob.send(chat=ev["chat"], media=media)
+        await until("/save 3 keeps this file")
+        proc.stdin.write(f"/save 3 {tmp_path}\n".encode())
+        await proc.stdin.drain()
+        await until("saved")
+        assert (tmp_path / "note.txt").read_bytes() == b"thirteen byte"
+        proc.stdin.write(f"/save {tmp_path}\n".encode())  # the same file again: never overwritten
+        await proc.stdin.drain()
+        await until("already exists")
         proc.stdin.write(b"/quit\n")
         await proc.stdin.drain()
         assert await asyncio.wait_for(proc.wait(), 20) == 0
