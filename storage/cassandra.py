@@ -982,15 +982,11 @@ class CassandraStore:
         if msg.media is not None:
             await self._x("put_chat_media", msg.chat_id, msg.media.key)
         # every member's entry, even on a repeat: an interrupted attempt may have stopped short of
-        # some, and the inbox logs know the (chat, seq) entries they already hold. The device's
-        # record of the send goes beside them (a retry finds the seq by the chat's own rows too).
+        # some, and the inbox logs know the (chat, seq) entries they already hold
+        inbox = await self._fan_out(stored, recipients)
         if msg.client_id is not None:
-            inbox, _ = await asyncio.gather(
-                self._fan_out(stored, recipients),
-                self._x("put_sent", msg.device, msg.client_id, msg.chat_id, stored.seq))
+            await self._x("put_sent", msg.device, msg.client_id, msg.chat_id, stored.seq)
             self._unsent.pop((msg.device, msg.client_id), None)
-        else:
-            inbox = await self._fan_out(stored, recipients)
         if dup and inbox:
             log.info("completed an interrupted send %s/%s at seq %d", msg.sender, msg.client_id, stored.seq)
         return Appended(message=stored, inbox=inbox, duplicate=dup and not inbox)
