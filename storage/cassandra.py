@@ -985,6 +985,8 @@ class CassandraStore:
         # some, and the inbox logs know the (chat, seq) entries they already hold
         inbox = await self._fan_out(stored, recipients)
         if msg.client_id is not None:
+            # only after every entry: a retry that finds this record is answered at once, with
+            # nothing more stored (tests/test_storage_contract.py, "finds a send only once ...")
             await self._x("put_sent", msg.device, msg.client_id, msg.chat_id, stored.seq)
             self._unsent.pop((msg.device, msg.client_id), None)
         if dup and inbox:

@@ -445,3 +445,39 @@ async def test_cassandra_statement_without_an_answer_fails_after_the_timeout() -
     assert await asyncio.wait_for(answered, 1) == ["row"]
     with pytest.raises(StorageUnavailable, match="put_msg: no answer in 0.3 s"):
         await asyncio.wait_for(silent, 2)
+
+
+async def test_cassandra_finds_a_send_only_once_every_members_entry_is_written(
+        cassandra_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A retry that finds its send answers `sent` without storing anything more, so the send's
+    record must come after the members' inbox entries: when writing an entry fails, the send is
+    not found, and the retry completes the entries."""
+    from storage.base import StorageUnavailable
+
+    store = open_store(cassandra_url)
+    assert isinstance(store, CassandraStore)
+    await store.migrate()
+    await store.open()
+    try:
+        a, b = await two_users(store)
+        chat = await store.direct_chat(a, b, T0)
+        number = store._number
+
+        async def inbox_write_fails(key: str, values: tuple[object, ...], ident: object) -> tuple[int, bool]:
+            if key == f"u:{b}":
+                await asyncio.sleep(0.05)  # the other writes of the send go ahead meanwhile
+                raise StorageUnavailable("the recipient's inbox entry was not written")
+            return await number(key, values, ident)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(store, "_number", inbox_write_fails)
+        with pytest.raises(StorageUnavailable):
+            await store.append_message(text(chat.chat_id, a, "once"), [a, b])
+        await asyncio.sleep(0.1)
+        monkeypatch.setattr(store, "_number", number)
+        assert await store.find_sent(phone_of(a), "once") is None
+        retried = await store.append_message(text(chat.chat_id, a, "once"), [a, b])
+        assert retried.message.seq == 1 and b in retried.inbox
+        assert [e.item.seq for e in await store.read_inbox(b, 0, 10) if isinstance(e.item, Message)] == [1]
+        assert await store.find_sent(phone_of(a), "once") is not None
+    finally:
+        await store.close()
