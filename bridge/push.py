@@ -36,7 +36,7 @@ from .clock import Clock
 from .errors import BadRequest, Forbidden
 from .handling import Caller, storage_errors
 from .metrics import Metrics
-from .push_providers import Outcome, Provider, Wake
+from .push_providers import SEND_TIMEOUT_S, Outcome, Provider, Wake
 
 log = logging.getLogger(__name__)
 POLL_S = 0.5  # the queue is looked at this often when nothing was scheduled here (retries, other bridges)
@@ -105,7 +105,7 @@ class Pusher:
 
     def __init__(self, store: Store, state: SharedState, queue: PushQueue, providers: Mapping[str, Provider],
                  clock: Clock, metrics: Metrics, *, window_s: float, max_age_s: int,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, send_timeout_s: float = SEND_TIMEOUT_S) -> None:
         self._store = store
         self._state = state
         self._queue = queue
@@ -120,6 +120,7 @@ class Pusher:
         self._due = asyncio.Event()
         self._targets: TTLCache[str, tuple[str, ...]] = TTLCache(maxsize=200_000, ttl=TARGETS_TTL_S)
         self._sends = asyncio.Semaphore(PARALLEL_SENDS)
+        self._send_timeout_s = send_timeout_s
 
     # -- from the message path -------------------------------------------------------------------------
     def note(self, user_ids: Sequence[str], ts_ms: int) -> None:
@@ -267,7 +268,7 @@ class Pusher:
             return
         now = self._clock.now_ms()
         wake = Wake(events=job.events, ttl_s=max(0, (job.give_up_ms - now) // 1000))
-        outcome = await provider.send(token, wake)
+        outcome = await self._attempt(provider, token, wake)
         if outcome.kind == "accepted":
             m.push_sent.labels(name).inc()
             m.push_delay.labels(name).observe(max(0, self._clock.now_ms() - job.event_ms) / 1000)
@@ -305,6 +306,15 @@ class Pusher:
             log.warning("%s refused the push to %s: %s %s", name, job.device_id, outcome.status, outcome.detail)
             m.push_dropped.labels(name, "rejected").inc()
             await self._finish(job, pushed=False)
+
+    async def _attempt(self, provider: Provider, token: str, wake: Wake) -> Outcome:
+        """One send, bounded in all by the send timeout (a service that drips its answer, or a
+        token endpoint that hangs, is a failed attempt like a refused connection)."""
+        try:
+            async with asyncio.timeout(self._send_timeout_s):
+                return await provider.send(token, wake)
+        except TimeoutError:
+            return Outcome("retry", None, detail=f"no answer within {self._send_timeout_s:g} s")
 
     async def depth(self) -> int:
         try:

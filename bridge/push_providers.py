@@ -42,13 +42,15 @@ from .config import Settings
 from .errors import BadRequest, ConfigError
 
 log = logging.getLogger(__name__)
-SEND_TIMEOUT_S = 15.0
+SEND_TIMEOUT_S = 15.0  # one send in all (token requests included); httpx's timeouts bound each phase
+MAX_REPLY_BYTES = 4096  # of a push service's answer: what is past it is not read
 APNS_TOKEN_TTL_S = 40 * 60  # Apple refuses provider tokens older than an hour, and renewals more often than 20 min
 FCM_SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
 FCM_TOKEN_RE = re.compile(r"^[A-Za-z0-9_:\-]{16,4096}$")
 APNS_TOKEN_RE = re.compile(r"^(?:[0-9a-fA-F]{2}){32,100}$")
 WEBPUSH_TOPIC = "pigeon-wake"  # a newer wake replaces an older one still held by the push service
 USER_AGENT = "pigeon-push/1"
+GONE_HTTP = frozenset({404, 410})  # RFC 8030: the subscription no longer exists
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,12 +150,30 @@ def check_url(url: object, what: str, dev: bool) -> str:
     raise BadRequest(f"{what} must be an https URL" + (" (or http on a loopback address)" if dev else ""))
 
 
-def classify(resp: httpx.Response) -> Outcome:
-    """What a push service's status code means for the wake."""
-    status = resp.status_code
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A push service's answer: its status, headers and at most ``MAX_REPLY_BYTES`` of its body."""
+
+    status: int
+    headers: httpx.Headers
+    body: bytes
+
+    @property
+    def text(self) -> str:
+        return self.body.decode("utf-8", "replace")
+
+    def json(self) -> Any:
+        """The body as JSON (``ValueError`` if it is not, or was cut at ``MAX_REPLY_BYTES``)."""
+        return json.loads(self.body)
+
+
+def classify(resp: Reply, gone: frozenset[int] = frozenset()) -> Outcome:
+    """What a push service's status code means for the wake; ``gone`` are the statuses by which
+    this service says the target no longer exists."""
+    status = resp.status
     if 200 <= status < 300:
         return Outcome("accepted", status)
-    if status in (404, 410):
+    if status in gone:
         return Outcome("gone", status, detail=resp.text[:200])
     if status == 429 or status >= 500:
         return Outcome("retry", status, retry_after(resp.headers.get("retry-after")), resp.text[:200])
@@ -174,9 +194,19 @@ def retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-async def _post(client: httpx.AsyncClient, url: str, **kw: Any) -> httpx.Response | Outcome:
+async def _post(client: httpx.AsyncClient, url: str, **kw: Any) -> Reply | Outcome:
+    """POST, and read at most ``MAX_REPLY_BYTES`` of the answer: the response is streamed, so a
+    service (or a webhook) that answers with an endless body costs no memory. How long it may
+    take in all is bounded by the caller (``Pusher`` wraps each send in ``SEND_TIMEOUT_S``)."""
+    kw["headers"] = {"Accept-Encoding": "identity", **kw.get("headers", {})}  # raw bytes: no inflating bombs
     try:
-        return await client.post(url, **kw)
+        async with client.stream("POST", url, **kw) as resp:
+            body = bytearray()
+            async for chunk in resp.aiter_raw():
+                body += chunk[:MAX_REPLY_BYTES - len(body)]
+                if len(body) >= MAX_REPLY_BYTES:
+                    break
+            return Reply(resp.status_code, resp.headers, bytes(body))
     except httpx.HTTPError as exc:  # refused, reset, timed out: the service may be back later
         return Outcome("retry", None, detail=f"{type(exc).__name__}: {exc}")
 
@@ -193,7 +223,7 @@ class Webhook:
 
     async def send(self, token: str, wake: Wake) -> Outcome:
         got = await _post(self._client, token, json=wake.body(), headers={"User-Agent": USER_AGENT})
-        return got if isinstance(got, Outcome) else classify(got)
+        return got if isinstance(got, Outcome) else classify(got, GONE_HTTP)
 
     async def aclose(self) -> None:
         return None
@@ -273,7 +303,7 @@ class WebPush:
             "Content-Encoding": "aes128gcm", "Content-Type": "application/octet-stream", "User-Agent": USER_AGENT,
         }
         got = await _post(self._client, endpoint, content=body, headers=headers)
-        return got if isinstance(got, Outcome) else classify(got)
+        return got if isinstance(got, Outcome) else classify(got, GONE_HTTP)
 
     async def aclose(self) -> None:
         return None
@@ -321,15 +351,15 @@ class Fcm:
             "grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer", "assertion": assertion})
         if isinstance(got, Outcome):
             return got
-        if got.status_code != 200:
+        if got.status != 200:
             out = classify(got)
             # a refused grant is the credentials' fault, not the device's: try again later
-            return Outcome("retry", got.status_code, out.retry_after_s, f"token endpoint: {got.text[:200]}")
+            return Outcome("retry", got.status, out.retry_after_s, f"token endpoint: {got.text[:200]}")
         try:
             reply = got.json()
             token, expires = str(reply["access_token"]), float(reply.get("expires_in", 3600))
         except (ValueError, KeyError, TypeError):
-            return Outcome("retry", got.status_code, detail="token endpoint answered without an access_token")
+            return Outcome("retry", got.status, detail="token endpoint answered without an access_token")
         self._access = (token, time.monotonic() + max(0.0, expires - 60))
         return token
 
@@ -346,10 +376,10 @@ class Fcm:
                           headers={"Authorization": f"Bearer {access}", "User-Agent": USER_AGENT})
         if isinstance(got, Outcome):
             return got
-        if got.status_code == 401:  # the access token was revoked or expired early: a new one next time
+        if got.status == 401:  # the access token was revoked or expired early: a new one next time
             self._access = None
             return Outcome("retry", 401, 0.0, "access token refused")
-        return classify(got)
+        return classify(got, GONE_HTTP)
 
     async def aclose(self) -> None:
         return None
@@ -400,15 +430,15 @@ class Apns:
             return got
         reason = ""
         try:
-            reason = str(got.json().get("reason", "")) if got.content else ""
+            reason = str(got.json().get("reason", "")) if got.body else ""
         except ValueError:
             pass
-        if got.status_code == 403 and reason == "ExpiredProviderToken":
+        if got.status == 403 and reason == "ExpiredProviderToken":
             self._bearer = None
             return Outcome("retry", 403, 0.0, reason)
-        if got.status_code == 400 and reason == "BadDeviceToken":  # never valid for this topic
+        if got.status == 400 and reason == "BadDeviceToken":  # never valid for this topic
             return Outcome("gone", 400, detail=reason)
-        out = classify(got)
+        out = classify(got, GONE_HTTP)
         return Outcome(out.kind, out.status, out.retry_after_s, reason or out.detail)
 
     async def aclose(self) -> None:

@@ -19,6 +19,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs
@@ -36,7 +37,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 
@@ -59,7 +60,21 @@ class Pushed:
     at: float = field(default_factory=time.monotonic)
 
 
-Reply = tuple[int, dict[str, str], bytes]
+@dataclass(frozen=True)
+class Drip:
+    """A scripted body that never ends: ``chunk`` every ``every_s`` seconds until the client
+    goes (a slow drip, or with a big chunk and no pause, an endless flood)."""
+
+    chunk: bytes
+    every_s: float
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        while True:
+            yield self.chunk
+            await asyncio.sleep(self.every_s)
+
+
+Reply = tuple[int, dict[str, str], "bytes | Drip"]
 
 
 class Recorder:
@@ -303,7 +318,7 @@ class FcmService(_Http):
 
 class WebhookReceiver(_Http):
     """A loopback webhook receiver: the plain JSON POST a ``webhook`` target gets. Answers 200, or
-    what was scripted per path."""
+    what was scripted per path (a :class:`Drip` body is streamed until the client goes)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -323,6 +338,8 @@ class WebhookReceiver(_Http):
             status, extra, reply = self.recorder._next_reply(name) or (200, {}, b"")  # noqa: SLF001
             self.recorder._record(Pushed(name, body, {"content-type": request.headers.get("content-type", "")},  # noqa: SLF001
                                          status))
+            if isinstance(reply, Drip):
+                return StreamingResponse(reply.stream(), status_code=status, headers=extra)
             return Response(reply, status_code=status, headers=extra)
 
         return Starlette(routes=[Route("/hook/{name}", hook, methods=["POST"])])

@@ -20,7 +20,9 @@ from storage.push_queue import SqlitePushQueue
 from storage.sqlite import SqliteStore
 from storage.state import MemoryState
 from tests.fakes import FlakyStore
-from tests.push_services import PushServices
+from tests.push_services import Drip, PushServices
+
+SEND_TIMEOUT_S = 1.5  # the worker's bound on one send, short here
 
 
 @dataclass
@@ -31,6 +33,18 @@ class Rig:
     pusher: Pusher
     services: PushServices
     device: Device
+    queue: SqlitePushQueue
+    metrics: Metrics
+
+    async def another(self, phone: str) -> Device:
+        """One more user with one device woken by the webhook receiver."""
+        user = await self.store.create_user(phone, 0)
+        device = await self.store.add_device(user.user_id, "phone", "android", 0)
+        await self.store.set_push_target(device.device_id, "webhook", self.services.webhook.url(device.device_id))
+        return device
+
+    def sample(self, name: str, **labels: str) -> float:
+        return self.metrics.registry.get_sample_value(name, labels) or 0.0
 
 
 @pytest.fixture
@@ -43,15 +57,16 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     client = httpx.AsyncClient()
     flaky = FlakyStore(store)
     state = MemoryState()
-    pusher = Pusher(flaky, state, queue, {"webhook": Webhook(client)}, SystemClock(), Metrics(),  # type: ignore[arg-type]
-                    window_s=1.0, max_age_s=60)
+    metrics = Metrics()
+    pusher = Pusher(flaky, state, queue, {"webhook": Webhook(client)}, SystemClock(), metrics,  # type: ignore[arg-type]
+                    window_s=1.0, max_age_s=60, send_timeout_s=SEND_TIMEOUT_S)
     user = await store.create_user("+15550009999", 0)
     device = await store.add_device(user.user_id, "phone", "android", 0)
     await store.set_push_target(device.device_id, "webhook", services.webhook.url(device.device_id))
     stopping = asyncio.Event()
     task = asyncio.create_task(pusher.run(stopping))
     try:
-        yield Rig(store, flaky, state, pusher, services, device)
+        yield Rig(store, flaky, state, pusher, services, device, queue, metrics)
     finally:
         stopping.set()
         await asyncio.wait_for(task, 20)
@@ -92,3 +107,27 @@ async def test_a_user_who_came_back_before_the_wake_was_due_is_not_pushed(rig: R
     await rig.state.device_online(user, device)  # back before then
     await until(lambda: rig.pusher.depth(), want=0)  # the wake is taken when due, and not sent
     assert len(rig.services.webhook.recorder.pushed(device)) == 1
+
+
+@pytest.mark.parametrize("body", [Drip(b".", 0.2), Drip(b"x" * 65536, 0.005)], ids=["drip", "flood"])
+async def test_an_endless_answer_ends_the_send_in_time_and_other_devices_are_woken(rig: Rig, body: Drip) -> None:
+    slow, hooks = rig.device, rig.services.webhook.recorder
+    other = await rig.another("+15550009998")
+    status = 503 if body.every_s > 0.1 else 200  # a slow drip of an error; a flood after an acceptance
+    hooks.script(slow.device_id, (status, {}, body))
+    now = SystemClock().now_ms()
+    rig.pusher.note([slow.user_id], now)
+    [first] = await hooks.wait(slow.device_id, 1)
+    rig.pusher.note([other.user_id], now)
+    [woken] = await hooks.wait(other.device_id, 1)  # not held up by the endless answer
+    assert woken.at - first.at < SEND_TIMEOUT_S
+    if status == 200:  # the status was read; what followed it was not waited for
+        await until(lambda: rig.sample("pigeon_push_sent_total", provider="webhook"), want=2.0)
+        await until(lambda: rig.pusher.depth(), want=0)
+        assert len(hooks.pushed(slow.device_id)) == 1
+        return
+    # the drip was cut at the send timeout, counted as a failure and retried after a backoff
+    _, again = await hooks.wait(slow.device_id, 2, timeout=SEND_TIMEOUT_S + 5)
+    assert SEND_TIMEOUT_S <= again.at - first.at <= SEND_TIMEOUT_S + 2.0
+    assert again.status == 200 and again.body == {"type": "wake", "events": 1}
+    assert rig.sample("pigeon_push_failed_total", provider="webhook", reason="network") == 1.0
