@@ -245,8 +245,9 @@ class Pusher:
     async def _deliver(self, job: PushJob) -> None:
         try:
             await self._send(job)
-        except Exception:
-            log.exception("push to %s failed unexpectedly", job.device_id)
+        except Exception:  # not left to be claimed again after the lease, and fail again, forever
+            log.exception("push to %s failed unexpectedly; dropped", job.device_id)
+            await self._finish(job, pushed=False)
         finally:
             self._sends.release()
 
@@ -267,6 +268,11 @@ class Pusher:
             await self._finish(job, pushed=False)
             return
         now = self._clock.now_ms()
+        if job.give_up_ms <= now:  # claimed again and again past its age (e.g. leases that ran out)
+            log.warning("push to %s dropped: older than the push max age", job.device_id)
+            m.push_dropped.labels(name, "expired").inc()
+            await self._finish(job, pushed=False)
+            return
         wake = Wake(events=job.events, ttl_s=max(0, (job.give_up_ms - now) // 1000))
         outcome = await self._attempt(provider, token, wake)
         if outcome.kind == "accepted":
@@ -315,6 +321,9 @@ class Pusher:
                 return await provider.send(token, wake)
         except TimeoutError:
             return Outcome("retry", None, detail=f"no answer within {self._send_timeout_s:g} s")
+        except Exception as exc:  # a fault of ours or a library's: trying again would fail the same way
+            log.exception("push by %s failed unexpectedly", provider.name)
+            return Outcome("rejected", None, detail=f"{type(exc).__name__}: {exc}")
 
     async def depth(self) -> int:
         try:
@@ -327,7 +336,7 @@ def _reason(outcome: Outcome) -> str:
     if outcome.kind == "gone":
         return "gone"
     if outcome.status is None:
-        return "network"
+        return "network" if outcome.kind == "retry" else "error"
     if outcome.status == 429:
         return "throttled"
     return "server_error" if outcome.status >= 500 else "refused"

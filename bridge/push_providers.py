@@ -36,7 +36,7 @@ import httpx
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
-from py_vapid import Vapid02
+from py_vapid import Vapid02, VapidException
 
 from .config import Settings
 from .errors import BadRequest, ConfigError
@@ -137,6 +137,7 @@ def check_url(url: object, what: str, dev: bool) -> str:
     try:
         parts = urlsplit(url)
         host = parts.hostname
+        parts.port  # noqa: B018 - raises ValueError for a port out of range or not a number
     except ValueError as exc:
         raise BadRequest(f"{what} is not a valid URL") from exc
     if not host:
@@ -165,6 +166,18 @@ class Reply:
     def json(self) -> Any:
         """The body as JSON (``ValueError`` if it is not, or was cut at ``MAX_REPLY_BYTES``)."""
         return json.loads(self.body)
+
+
+def origin(url: str) -> str:
+    """The URL's origin as serialized (RFC 6454): scheme, host and the port unless it is the
+    scheme's default; no user info. VAPID's ``aud``."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    port = parts.port
+    default = {"https": 443, "http": 80}.get(parts.scheme)
+    return f"{parts.scheme}://{host}" + (f":{port}" if port is not None and port != default else "")
 
 
 def classify(resp: Reply, gone: frozenset[int] = frozenset()) -> Outcome:
@@ -259,6 +272,11 @@ class WebPush:
         self._client = client
         self._vapid = Vapid02(private_key=key)
         self._subject = subject
+        try:  # what py_vapid will not sign with would fail every push: refuse to start instead
+            self._vapid.sign({"aud": "https://push.example.org", "sub": subject})
+        except VapidException as exc:
+            raise ConfigError(f"vapid_subject (PIGEON_VAPID_SUBJECT) {subject!r} is refused by VAPID: it must be "
+                              "mailto:ADDRESS or an https://HOST URL with no path") from exc
         self.public_key = b64url(key.public_key().public_bytes(serialization.Encoding.X962,
                                                                serialization.PublicFormat.UncompressedPoint))
 
@@ -271,6 +289,11 @@ class WebPush:
         if not isinstance(token, dict) or not isinstance(token.get("keys"), dict):
             raise BadRequest("a webpush token must be {\"endpoint\": URL, \"keys\": {\"p256dh\", \"auth\"}}")
         endpoint = check_url(token.get("endpoint"), "the webpush endpoint", dev)
+        try:
+            self._claims(endpoint)
+        except VapidException as exc:
+            raise BadRequest(f"the webpush endpoint's origin {origin(endpoint)} cannot be signed for by VAPID "
+                             "(an IPv6 address literal?); use a host name") from exc
         keys = token["keys"]
         p256dh, auth = keys.get("p256dh"), keys.get("auth")
         try:
@@ -285,6 +308,12 @@ class WebPush:
             raise BadRequest("webpush keys.p256dh must be 65 bytes (uncompressed point) and keys.auth 16 bytes")
         return json.dumps({"endpoint": endpoint, "keys": {"p256dh": p256dh, "auth": auth}}, separators=(",", ":"))
 
+    def _claims(self, endpoint: str) -> dict[str, str]:
+        """The VAPID ``Authorization`` for a push to ``endpoint`` (``VapidException`` if py_vapid
+        refuses its origin)."""
+        claims = {"aud": origin(endpoint), "exp": int(time.time()) + 12 * 3600, "sub": self._subject}
+        return dict(self._vapid.sign(claims))
+
     async def send(self, token: str, wake: Wake) -> Outcome:
         sub = json.loads(token)
         endpoint = sub["endpoint"]
@@ -294,11 +323,8 @@ class WebPush:
             dh=b64url_decode(sub["keys"]["p256dh"]), auth_secret=b64url_decode(sub["keys"]["auth"]),
             version="aes128gcm",
         )
-        parts = urlsplit(endpoint)
-        claims = {"aud": f"{parts.scheme}://{parts.netloc}", "exp": int(time.time()) + 12 * 3600,
-                  "sub": self._subject}
         headers = {
-            **self._vapid.sign(claims),
+            **self._claims(endpoint),
             "TTL": str(max(0, wake.ttl_s)), "Urgency": "high", "Topic": WEBPUSH_TOPIC,
             "Content-Encoding": "aes128gcm", "Content-Type": "application/octet-stream", "User-Agent": USER_AGENT,
         }

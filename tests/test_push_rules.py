@@ -8,11 +8,13 @@ import time
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from bridge.config import Settings
 from bridge.errors import BadRequest, ConfigError
 from bridge.push import RETRY_CAP_S, backoff_s
-from bridge.push_providers import b64url_decode, build_providers, check_url, retry_after
+from bridge.push_providers import b64url, b64url_decode, build_providers, check_url, origin, retry_after
 
 
 def test_backoff_grows_is_jittered_and_capped() -> None:
@@ -40,6 +42,7 @@ def test_retry_after_in_seconds_or_as_a_date() -> None:
     ("https:///nohost", False, False),
     ("https://10.1.2.3/hook", False, False),  # no internal addresses off --dev
     ("https://[fe80::1]/hook", False, False),
+    ("http://127.0.0.1:99999/x", True, False),  # a port out of range
     ("https://10.1.2.3/hook", True, True),
     (42, False, False),
 ])
@@ -70,5 +73,43 @@ async def test_without_credentials_only_web_push_and_webhooks_are_offered(tmp_pa
         _, webpush2, client2 = build_providers(Settings(data_dir=tmp_path).validated())
         await client2.aclose()
         assert webpush2.public_key == webpush.public_key and len(b64url_decode(webpush.public_key)) == 65
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize(("subject", "ok"), [
+    ("mailto:admin@example.org", True), ("mailto:admin@localhost", True), ("https://example.org", True),
+    ("https://example.org/", False),  # a path (even '/') is refused by VAPID: every push would fail
+    ("mailto:nobody", False), ("admin@example.org", False), ("http://example.org", False),
+])
+def test_the_vapid_subject_is_checked_when_the_server_starts(tmp_path: Path, subject: str, ok: bool) -> None:
+    settings = Settings(data_dir=tmp_path, vapid_subject=subject)
+    if ok:
+        build_providers(settings.validated())
+    else:
+        with pytest.raises(ConfigError, match="vapid_subject"):
+            settings.validated()
+
+
+@pytest.mark.parametrize(("url", "want"), [
+    ("https://push.example.org/x", "https://push.example.org"),
+    ("https://push.example.org:443/x", "https://push.example.org"),  # the default port is not written
+    ("https://user:pw@push.example.org:8443/x", "https://push.example.org:8443"),  # no user info
+    ("http://127.0.0.1:8080/push/1", "http://127.0.0.1:8080"),
+    ("https://[2001:db8::1]/x", "https://[2001:db8::1]"),
+])
+def test_vapid_aud_is_the_serialized_origin(url: str, want: str) -> None:
+    assert origin(url) == want
+
+
+async def test_endpoints_vapid_cannot_sign_for_are_refused_at_registration(tmp_path: Path) -> None:
+    providers, webpush, client = build_providers(Settings(data_dir=tmp_path).validated())
+    try:
+        keys = {"p256dh": b64url(ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
+            serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)), "auth": b64url(b"a" * 16)}
+        assert "push.example.org" in webpush.check({"endpoint": "https://push.example.org:443/x", "keys": keys}, False)
+        for endpoint, dev in (("http://[::1]:8080/push/x", True), ("https://127.0.0.1:99999/x", True)):
+            with pytest.raises(BadRequest):
+                webpush.check({"endpoint": endpoint, "keys": keys}, dev)
     finally:
         await client.aclose()

@@ -131,3 +131,31 @@ async def test_an_endless_answer_ends_the_send_in_time_and_other_devices_are_wok
     assert SEND_TIMEOUT_S <= again.at - first.at <= SEND_TIMEOUT_S + 2.0
     assert again.status == 200 and again.body == {"type": "wake", "events": 1}
     assert rig.sample("pigeon_push_failed_total", provider="webhook", reason="network") == 1.0
+
+
+async def test_an_unexpected_failure_drops_the_wake_instead_of_leasing_it_forever(rig: Rig) -> None:
+    user, device, hooks = rig.device.user_id, rig.device.device_id, rig.services.webhook.recorder
+    # a target an older server accepted, on which the HTTP client raises (the port is out of range)
+    await rig.store.set_push_target(device, "webhook", "http://127.0.0.1:99999/hook")
+    rig.pusher.note([user], SystemClock().now_ms())
+    await until(lambda: rig.sample("pigeon_push_dropped_total", provider="webhook", reason="rejected"), want=1.0)
+    assert rig.sample("pigeon_push_failed_total", provider="webhook", reason="error") == 1.0
+    await until(lambda: rig.pusher.depth(), want=0)
+    # nothing is left holding the device's next wake back
+    await rig.store.set_push_target(device, "webhook", rig.services.webhook.url(device))
+    rig.pusher.forget_targets(user)
+    rig.pusher.note([user], SystemClock().now_ms())
+    [pushed] = await hooks.wait(device, 1)
+    assert pushed.body == {"type": "wake", "events": 1}
+
+
+async def test_a_wake_claimed_past_its_max_age_is_dropped_unsent(rig: Rig) -> None:
+    user, device = rig.device.user_id, rig.device.device_id
+    now = SystemClock().now_ms()
+    await rig.queue.schedule(user, [device], event_ms=now - 120_000, events=1, now_ms=now, window_ms=1000,
+                             give_up_ms=now - 60_000)
+    await until(lambda: rig.sample("pigeon_push_dropped_total", provider="webhook", reason="expired"), want=1.0)
+    assert await rig.pusher.depth() == 0
+    rig.pusher.note([user], SystemClock().now_ms())  # a marker: the next wake is the first push
+    [pushed] = await rig.services.webhook.recorder.wait(device, 1)
+    assert pushed.body == {"type": "wake", "events": 1}
