@@ -40,7 +40,7 @@ from .push_providers import SEND_TIMEOUT_S, Outcome, Provider, Wake
 
 log = logging.getLogger(__name__)
 POLL_S = 0.5  # the queue is looked at this often when nothing was scheduled here (retries, other bridges)
-LEASE_S = 60.0  # a claimed wake stays hidden this long (longer than any send may take)
+LEASE_S = 60.0  # a claimed wake stays hidden this long (longer than any send may take: SEND_TIMEOUT_S)
 CLAIM_BATCH = 64
 DECIDE_PARALLEL = 32  # offline users whose targets are read and wakes queued at the same time
 PARALLEL_SENDS = 64
@@ -119,7 +119,8 @@ class Pusher:
         self._noted = asyncio.Event()
         self._due = asyncio.Event()
         self._targets: TTLCache[str, tuple[str, ...]] = TTLCache(maxsize=200_000, ttl=TARGETS_TTL_S)
-        self._sends = asyncio.Semaphore(PARALLEL_SENDS)
+        self._in_flight = 0  # sends running: no more are claimed than can start at once
+        self._slot_free = asyncio.Event()
         self._send_timeout_s = send_timeout_s
 
     # -- from the message path -------------------------------------------------------------------------
@@ -211,10 +212,15 @@ class Pusher:
 
     async def _deliver_loop(self, stopping: asyncio.Event, tg: asyncio.TaskGroup) -> None:
         while not stopping.is_set():
+            free = min(CLAIM_BATCH, PARALLEL_SENDS - self._in_flight)
+            if free <= 0:  # a claimed wake's lease runs from its claim: claim none that must wait
+                self._slot_free.clear()
+                await self._wait(self._slot_free, stopping, None)
+                continue
             self._due.clear()
             online: set[str] = set()
             try:
-                jobs = await self._queue.claim(self._clock.now_ms(), int(LEASE_S * 1000), CLAIM_BATCH)
+                jobs = await self._queue.claim(self._clock.now_ms(), int(LEASE_S * 1000), free)
                 if jobs:
                     online = await self._state.online_users(sorted({j.user_id for j in jobs}))
             except StorageUnavailable as exc:
@@ -229,9 +235,9 @@ class Pusher:
                 if job.user_id in online:  # came back meanwhile: the connection carries everything
                     await self._finish(job, pushed=False)
                     continue
-                await self._sends.acquire()
+                self._in_flight += 1
                 tg.create_task(self._deliver(job), name=f"push-{job.device_id}")
-            if len(jobs) < CLAIM_BATCH:
+            if len(jobs) < free:
                 await self._wait(self._due, stopping, POLL_S)
 
     async def _finish(self, job: PushJob, *, pushed: bool) -> None:
@@ -249,7 +255,8 @@ class Pusher:
             log.exception("push to %s failed unexpectedly; dropped", job.device_id)
             await self._finish(job, pushed=False)
         finally:
-            self._sends.release()
+            self._in_flight -= 1
+            self._slot_free.set()
 
     async def _send(self, job: PushJob) -> None:
         m = self._metrics
