@@ -2,7 +2,8 @@
 
 Each provider checks the ``token`` a device registers (and returns the form kept in the store),
 and sends one content-free wake to it, telling the caller what the service answered as an
-:class:`Outcome`: accepted, gone (the service dropped the subscription: 404/410), worth a retry
+:class:`Outcome`: accepted, gone (the service dropped the subscription, as each service says
+it: Web Push 404/410, FCM 404 ``UNREGISTERED``, APNs 410, a webhook 410), worth a retry
 (429, 5xx, a network failure; with the service's ``Retry-After``), or rejected for good.
 
 - Web Push (RFC 8030): the body encrypted with ``aes128gcm`` (RFC 8291, by ``http_ece``) for the
@@ -50,7 +51,9 @@ FCM_TOKEN_RE = re.compile(r"^[A-Za-z0-9_:\-]{16,4096}$")
 APNS_TOKEN_RE = re.compile(r"^(?:[0-9a-fA-F]{2}){32,100}$")
 WEBPUSH_TOPIC = "pigeon-wake"  # a newer wake replaces an older one still held by the push service
 USER_AGENT = "pigeon-push/1"
-GONE_HTTP = frozenset({404, 410})  # RFC 8030: the subscription no longer exists
+GONE_WEBPUSH = frozenset({404, 410})  # RFC 8030: the subscription no longer exists
+GONE_WEBHOOK = frozenset({410})  # a 404 may be a deployment's mistake: only 410 says the hook is gone
+GONE_APNS = frozenset({410})  # Unregistered; 400 BadDeviceToken also comes for a sandbox token sent to production
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,7 +239,7 @@ class Webhook:
 
     async def send(self, token: str, wake: Wake) -> Outcome:
         got = await _post(self._client, token, json=wake.body(), headers={"User-Agent": USER_AGENT})
-        return got if isinstance(got, Outcome) else classify(got, GONE_HTTP)
+        return got if isinstance(got, Outcome) else classify(got, GONE_WEBHOOK)
 
     async def aclose(self) -> None:
         return None
@@ -329,10 +332,20 @@ class WebPush:
             "Content-Encoding": "aes128gcm", "Content-Type": "application/octet-stream", "User-Agent": USER_AGENT,
         }
         got = await _post(self._client, endpoint, content=body, headers=headers)
-        return got if isinstance(got, Outcome) else classify(got, GONE_HTTP)
+        return got if isinstance(got, Outcome) else classify(got, GONE_WEBPUSH)
 
     async def aclose(self) -> None:
         return None
+
+
+def _fcm_error_code(reply: Reply) -> str:
+    """The ``errorCode`` of an FCM v1 error's ``FcmError`` detail, or ``""``."""
+    try:
+        details = reply.json()["error"]["details"]
+        codes = [d.get("errorCode", "") for d in details if isinstance(d, dict)]
+    except (ValueError, KeyError, TypeError):
+        return ""
+    return str(codes[0]) if codes else ""
 
 
 # -- FCM HTTP v1 -------------------------------------------------------------------------------------------
@@ -405,7 +418,9 @@ class Fcm:
         if got.status == 401:  # the access token was revoked or expired early: a new one next time
             self._access = None
             return Outcome("retry", 401, 0.0, "access token refused")
-        return classify(got, GONE_HTTP)
+        if got.status == 404 and _fcm_error_code(got) == "UNREGISTERED":  # the app's token is dead
+            return Outcome("gone", 404, detail="UNREGISTERED")
+        return classify(got)  # a 404 without UNREGISTERED: e.g. a wrong project_id, not the device's fault
 
     async def aclose(self) -> None:
         return None
@@ -462,9 +477,7 @@ class Apns:
         if got.status == 403 and reason == "ExpiredProviderToken":
             self._bearer = None
             return Outcome("retry", 403, 0.0, reason)
-        if got.status == 400 and reason == "BadDeviceToken":  # never valid for this topic
-            return Outcome("gone", 400, detail=reason)
-        out = classify(got, GONE_HTTP)
+        out = classify(got, GONE_APNS)  # BadDeviceToken (400) and BadPath (404) are refusals, not a dead token
         return Outcome(out.kind, out.status, out.retry_after_s, reason or out.detail)
 
     async def aclose(self) -> None:

@@ -262,6 +262,14 @@ class FcmService(_Http):
         self.tokens_issued = 0
         self._access: set[str] = set()
 
+    @staticmethod
+    def error(code: int, status: str, error_code: str | None = None) -> Reply:
+        """An FCM v1 error answer to script: ``error(404, "NOT_FOUND", "UNREGISTERED")`` is a dead
+        registration token; ``error(404, "NOT_FOUND")`` what a wrong project gets."""
+        details = [{"@type": "type.googleapis.com/google.firebase.fcm.v1.FcmError", "errorCode": error_code}]
+        body = {"error": {"code": code, "status": status, **({"details": details} if error_code else {})}}
+        return code, {}, json.dumps(body).encode()
+
     def credentials(self) -> dict[str, Any]:
         pem = self._key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                       serialization.NoEncryption()).decode()

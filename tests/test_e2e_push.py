@@ -202,6 +202,38 @@ async def test_a_dropped_subscription_deletes_the_target(srv: ServerProc, servic
     assert await metric(srv, f'pigeon_push_dropped_total{{provider="{provider}",reason="gone"}}') >= 1
 
 
+@pytest.mark.parametrize("provider", ["fcm", "apns", "webhook"])
+async def test_a_refusal_that_does_not_say_gone_keeps_the_target(srv: ServerProc, services: PushServices,
+                                                                 provider: str) -> None:
+    """FCM's 404 without UNREGISTERED (a wrong project), APNs's 400 BadDeviceToken (a sandbox
+    token sent to production) and a webhook's 404 drop the wake, not the device's target."""
+    a, b, chat = await pair(srv)
+    if provider == "fcm":
+        token = target = "fcm-" + b.device_id.replace("-", "") + "y" * 20
+        recorder = services.fcm.recorder
+        recorder.script(target, services.fcm.error(404, "NOT_FOUND"))
+    elif provider == "apns":
+        token = target = (b.device_id.encode().hex() * 8)[-64:]
+        recorder = services.apns.recorder
+        recorder.script(target, (400, {}, b'{"reason":"BadDeviceToken"}'))
+    else:
+        token, target = services.webhook.url(b.device_id), b.device_id
+        recorder = services.webhook.recorder
+        recorder.script(target, (404, {}, b"no such hook"))
+    rejected = f'pigeon_push_dropped_total{{provider="{provider}",reason="rejected"}}'
+    before = await metric(srv, rejected)
+    async with Api(b) as api:
+        await api.set_push(provider, token)
+        await post(a, chat, "hello")
+        await recorder.wait(target, 1)
+
+        async def dropped() -> bool:
+            return await metric(srv, rejected) > before
+
+        await eventually(dropped, 5)
+        assert [d["push"] for d in await api.devices()] == [provider]
+
+
 async def test_a_server_error_is_retried_and_delivered(srv: ServerProc, services: PushServices) -> None:
     a, b, chat = await pair(srv)
     async with Api(b) as api:

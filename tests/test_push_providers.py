@@ -1,0 +1,106 @@
+"""Each provider against its loopback stand-in (tests/push_services.py, the real wire protocols):
+what each service's answers mean for the device's target, and how a wake is sent."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from bridge.push_providers import Apns, Fcm, Wake, Webhook, WebPush, load_vapid_key
+from tests.push_services import ApnsService, FcmService, PushServices, Reply
+
+WAKE = Wake(events=1, ttl_s=60)
+
+
+@pytest.fixture(scope="module")
+def services() -> Iterator[PushServices]:
+    s = PushServices()
+    yield s
+    s.close()
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(http2=True) as c:
+        yield c
+
+
+@pytest.fixture(autouse=True)
+def no_service_errors(services: PushServices) -> Iterator[None]:
+    """Every request a stand-in received passed its checks (signature, keys, headers)."""
+    before = len(services.errors())
+    yield
+    assert services.errors()[before:] == []
+
+
+def fcm_token() -> str:
+    return "fcm:" + uuid.uuid4().hex + "A" * 20
+
+
+def apns_token() -> str:
+    return (uuid.uuid4().hex * 2)[:64]
+
+
+def make_fcm(services: PushServices, client: httpx.AsyncClient, tmp_path: Path) -> Fcm:
+    creds = tmp_path / "fcm.json"
+    creds.write_text(json.dumps(services.fcm.credentials()))
+    return Fcm(client, creds, services.fcm.base)
+
+
+def make_apns(services: PushServices, tmp_path: Path) -> Apns:
+    p8 = tmp_path / "apns.p8"
+    p8.write_bytes(services.apns.p8())
+    return Apns(p8, ApnsService.KEY_ID, ApnsService.TEAM_ID, ApnsService.TOPIC, services.apns.base)
+
+
+@pytest.mark.parametrize(("reply", "kind"), [
+    (FcmService.error(404, "NOT_FOUND", "UNREGISTERED"), "gone"),  # the app's token is dead
+    (FcmService.error(404, "NOT_FOUND"), "rejected"),  # e.g. a wrong project: the token is not to blame
+    (FcmService.error(400, "INVALID_ARGUMENT", "INVALID_ARGUMENT"), "rejected"),
+    (FcmService.error(503, "UNAVAILABLE"), "retry"),
+], ids=["unregistered", "not-found", "invalid", "unavailable"])
+async def test_fcm_says_a_token_is_gone_only_with_unregistered(
+        services: PushServices, client: httpx.AsyncClient, tmp_path: Path, reply: Reply, kind: str) -> None:
+    provider, token = make_fcm(services, client, tmp_path), fcm_token()
+    services.fcm.recorder.script(token, reply)
+    assert (await provider.send(token, WAKE)).kind == kind
+    assert len(services.fcm.recorder.pushed(token)) == 1
+
+
+@pytest.mark.parametrize(("reply", "kind"), [
+    ((410, {}, b'{"reason":"Unregistered","timestamp":1700000000000}'), "gone"),
+    ((400, {}, b'{"reason":"BadDeviceToken"}'), "rejected"),  # also a sandbox token sent to production
+    ((404, {}, b'{"reason":"BadPath"}'), "rejected"),
+    ((429, {}, b'{"reason":"TooManyRequests"}'), "retry"),
+], ids=["unregistered", "bad-device-token", "bad-path", "too-many"])
+async def test_apns_says_a_token_is_gone_only_with_410(
+        services: PushServices, tmp_path: Path, reply: Reply, kind: str) -> None:
+    provider, token = make_apns(services, tmp_path), apns_token()
+    try:
+        services.apns.recorder.script(token, reply)
+        out = await provider.send(token, WAKE)
+        assert out.kind == kind and out.detail == json.loads(reply[2])["reason"]
+    finally:
+        await provider.aclose()
+
+
+@pytest.mark.parametrize(("status", "kind"), [(404, "gone"), (410, "gone"), (400, "rejected")])
+async def test_web_push_404_and_410_mean_gone(services: PushServices, client: httpx.AsyncClient, tmp_path: Path,
+                                              status: int, kind: str) -> None:
+    provider = WebPush(client, load_vapid_key(None, tmp_path), "mailto:admin@example.org")
+    sub = services.webpush.subscription()
+    services.webpush.recorder.script(services.webpush.target(sub), (status, {}, b""))
+    assert (await provider.send(provider.check(sub, True), WAKE)).kind == kind
+
+
+@pytest.mark.parametrize(("status", "kind"), [(410, "gone"), (404, "rejected")])
+async def test_a_webhook_is_gone_only_with_410(services: PushServices, client: httpx.AsyncClient,
+                                               status: int, kind: str) -> None:
+    name = uuid.uuid4().hex
+    services.webhook.recorder.script(name, (status, {}, b""))
+    assert (await Webhook(client).send(services.webhook.url(name), WAKE)).kind == kind
