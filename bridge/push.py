@@ -25,6 +25,7 @@ import asyncio
 import logging
 import random
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 from cachetools import TTLCache
 
@@ -54,6 +55,18 @@ def backoff_s(attempts: int, rng: random.Random) -> float:
     """Exponential from RETRY_BASE_S, capped at RETRY_CAP_S, with the upper half jittered."""
     full = min(RETRY_CAP_S, RETRY_BASE_S * 2.0 ** min(attempts, 20))
     return float(full / 2 + rng.random() * full / 2)
+
+
+@dataclass(frozen=True, slots=True)
+class Note:
+    """Inbox events noted for a user and not yet decided."""
+
+    first_ms: int  # when the first of them happened
+    events: int
+    messages: int  # how many of them are messages (the rest are receipts)
+
+    def plus(self, other: Note) -> Note:
+        return Note(min(self.first_ms, other.first_ms), self.events + other.events, self.messages + other.messages)
 
 
 class PushTargets:
@@ -115,7 +128,7 @@ class Pusher:
         self._window_ms = int(window_s * 1000)
         self._max_age_ms = max_age_s * 1000
         self._rng = rng or random.Random()
-        self._notes: dict[str, tuple[int, int]] = {}  # user -> (first event ms, events)
+        self._notes: dict[str, Note] = {}  # user -> what was noted since the last decision
         self._noted = asyncio.Event()
         self._due = asyncio.Event()
         self._targets: TTLCache[str, tuple[str, ...]] = TTLCache(maxsize=200_000, ttl=TARGETS_TTL_S)
@@ -124,11 +137,11 @@ class Pusher:
         self._send_timeout_s = send_timeout_s
 
     # -- from the message path -------------------------------------------------------------------------
-    def note(self, user_ids: Sequence[str], ts_ms: int) -> None:
-        """Inbox events reached these users (no I/O: decided once the message path yields)."""
+    def note(self, user_ids: Sequence[str], ts_ms: int, *, message: bool) -> None:
+        """An inbox event (a message, or a receipt) reached each of these users (no I/O: decided
+        once the message path yields)."""
         for u in user_ids:
-            first, n = self._notes.get(u, (ts_ms, 0))
-            self._notes[u] = (first, n + 1)
+            self._notes[u] = self._notes.get(u, Note(ts_ms, 0, 0)).plus(Note(ts_ms, 1, int(message)))
         if user_ids:
             self._noted.set()
 
@@ -166,13 +179,12 @@ class Pusher:
                 log.exception("push decision failed")
                 continue
             if postponed:  # nothing is lost: these users are decided again in a moment
-                for u, (first, n) in postponed.items():
-                    f2, n2 = self._notes.get(u, (first, 0))
-                    self._notes[u] = (min(first, f2), n + n2)
+                for u, note in postponed.items():
+                    self._notes[u] = note.plus(self._notes[u]) if u in self._notes else note
                 self._noted.set()
                 await self._wait(stopping, stopping, 1.0)
 
-    async def _decide(self, notes: Mapping[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
+    async def _decide(self, notes: Mapping[str, Note]) -> dict[str, Note]:
         """Queue the wakes of the noted users who are offline; return those whose wakes could
         not be queued (the store or the queue was unavailable)."""
         if not notes:
@@ -180,25 +192,26 @@ class Pusher:
         online = await self._state.online_users(list(notes))
         now = self._clock.now_ms()
         slots = asyncio.Semaphore(DECIDE_PARALLEL)
-        postponed: dict[str, tuple[int, int]] = {}
+        postponed: dict[str, Note] = {}
 
-        async def wake(user: str, first: int, events: int) -> None:
+        async def wake(user: str, note: Note) -> None:
             async with slots:
                 try:
                     devices = await self._with_targets(user)
                     if not devices:
                         return
-                    due = await self._queue.schedule(user, devices, event_ms=first, events=events, now_ms=now,
-                                                     window_ms=self._window_ms, give_up_ms=first + self._max_age_ms)
+                    due = await self._queue.schedule(user, devices, event_ms=note.first_ms, events=note.events,
+                                                     messages=note.messages, now_ms=now, window_ms=self._window_ms,
+                                                     give_up_ms=note.first_ms + self._max_age_ms)
                 except StorageUnavailable as exc:
                     log.warning("wake for %s postponed: %s", user, exc)
-                    postponed[user] = (first, events)
+                    postponed[user] = note
                     return
             log.debug("wake for %s scheduled (%d devices, due in %d ms)", user, len(devices), due - now)
             if due <= now:
                 self._due.set()
 
-        await asyncio.gather(*(wake(u, first, n) for u, (first, n) in notes.items() if u not in online))
+        await asyncio.gather(*(wake(u, note) for u, note in notes.items() if u not in online))
         return postponed
 
     async def _with_targets(self, user: str) -> tuple[str, ...]:
@@ -280,7 +293,7 @@ class Pusher:
             m.push_dropped.labels(name, "expired").inc()
             await self._finish(job, pushed=False)
             return
-        wake = Wake(events=job.events, ttl_s=max(0, (job.give_up_ms - now) // 1000))
+        wake = Wake(events=job.events, ttl_s=max(0, (job.give_up_ms - now) // 1000), urgent=job.messages > 0)
         outcome = await self._attempt(provider, token, wake)
         if outcome.kind == "accepted":
             m.push_sent.labels(name).inc()

@@ -62,6 +62,7 @@ class Wake:
 
     events: int
     ttl_s: int  # how long the push service may hold it
+    urgent: bool  # it covers a message (sent at once, with an alert); receipts alone are not urgent
 
     def body(self) -> dict[str, Any]:
         return {"type": "wake", "events": self.events}
@@ -328,7 +329,7 @@ class WebPush:
         )
         headers = {
             **self._claims(endpoint),
-            "TTL": str(max(0, wake.ttl_s)), "Urgency": "high", "Topic": WEBPUSH_TOPIC,
+            "TTL": str(max(0, wake.ttl_s)), "Urgency": "high" if wake.urgent else "normal", "Topic": WEBPUSH_TOPIC,
             "Content-Encoding": "aes128gcm", "Content-Type": "application/octet-stream", "User-Agent": USER_AGENT,
         }
         got = await _post(self._client, endpoint, content=body, headers=headers)
@@ -409,7 +410,8 @@ class Fcm:
         message = {"message": {
             "token": token,
             "data": {k: str(v) for k, v in wake.body().items()},  # FCM data values are strings
-            "android": {"priority": "HIGH", "ttl": f"{max(0, wake.ttl_s)}s", "collapse_key": WEBPUSH_TOPIC},
+            "android": {"priority": "HIGH" if wake.urgent else "NORMAL", "ttl": f"{max(0, wake.ttl_s)}s",
+                        "collapse_key": WEBPUSH_TOPIC},
         }}
         got = await _post(self._client, self._url, json=message,
                           headers={"Authorization": f"Bearer {access}", "User-Agent": USER_AGENT})
@@ -457,13 +459,17 @@ class Apns:
         return self._bearer[0]
 
     async def send(self, token: str, wake: Wake) -> Outcome:
-        # an alert the app's notification service extension turns into text after it syncs; the
-        # payload itself names nothing (loc-key is a key of the app's own strings)
-        payload = {"aps": {"alert": {"loc-key": "PIGEON_WAKE"}, "mutable-content": 1, "sound": "default"},
-                   **wake.body()}
+        if wake.urgent:
+            # an alert the app's notification service extension turns into text after it syncs;
+            # the payload itself names nothing (loc-key is a key of the app's own strings)
+            aps: dict[str, Any] = {"alert": {"loc-key": "PIGEON_WAKE"}, "mutable-content": 1, "sound": "default"}
+            push_type, priority = "alert", "10"
+        else:  # receipts only: a silent background push (Apple: priority 5, no alert, sound or badge)
+            aps, push_type, priority = {"content-available": 1}, "background", "5"
+        payload = {"aps": aps, **wake.body()}
         headers = {
             "authorization": f"bearer {self._provider_token()}", "apns-topic": self._topic,
-            "apns-push-type": "alert", "apns-priority": "10", "apns-collapse-id": WEBPUSH_TOPIC,
+            "apns-push-type": push_type, "apns-priority": priority, "apns-collapse-id": WEBPUSH_TOPIC,
             "apns-expiration": str(int(time.time()) + max(0, wake.ttl_s)),
         }
         got = await _post(self._client, f"{self._base}/3/device/{token}", json=payload, headers=headers)

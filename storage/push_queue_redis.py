@@ -23,10 +23,11 @@ local z = KEYS[1]
 local best = -1
 local n = (#KEYS - 1) / 2
 for i = 0, n - 1 do
-  local h, s, dev = KEYS[2 + 2 * i], KEYS[3 + 2 * i], ARGV[7 + i]
+  local h, s, dev = KEYS[2 + 2 * i], KEYS[3 + 2 * i], ARGV[8 + i]
   local due
   if redis.call('EXISTS', h) == 1 then
     redis.call('HINCRBY', h, 'events', ARGV[3])
+    redis.call('HINCRBY', h, 'messages', ARGV[7])
     due = tonumber(redis.call('ZSCORE', z, dev))
     if not due then  -- a wake without its queue entry would never be sent: give it one
       due = tonumber(ARGV[4])
@@ -36,7 +37,8 @@ for i = 0, n - 1 do
     due = tonumber(ARGV[4])
     local last = redis.call('GET', s)
     if last then due = math.max(due, tonumber(last) + tonumber(ARGV[5])) end
-    redis.call('HSET', h, 'user', ARGV[1], 'event_ms', ARGV[2], 'events', ARGV[3], 'attempts', 0, 'give_up', ARGV[6])
+    redis.call('HSET', h, 'user', ARGV[1], 'event_ms', ARGV[2], 'events', ARGV[3], 'messages', ARGV[7],
+               'attempts', 0, 'give_up', ARGV[6])
     redis.call('ZADD', z, due, dev)
   end
   if best < 0 or due < best then best = due end
@@ -76,11 +78,13 @@ local dev, claimed, now, window = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]),
 if redis.call('HGET', h, 'claim') ~= ARGV[7] then return 0 end  -- claimed again since, or finished
 if ARGV[6] == '1' and window > 0 then redis.call('SET', s, now, 'PX', window) end
 local events = tonumber(redis.call('HGET', h, 'events') or '0')
+local messages = tonumber(redis.call('HGET', h, 'messages') or '0')
 if events > claimed then
   local due = now
   local last = redis.call('GET', s)
   if last then due = math.max(now, tonumber(last) + window) end
-  redis.call('HSET', h, 'events', events - claimed, 'event_ms', now, 'attempts', 0, 'give_up', ARGV[5])
+  redis.call('HSET', h, 'events', events - claimed, 'messages', math.max(0, messages - tonumber(ARGV[8])),
+             'event_ms', now, 'attempts', 0, 'give_up', ARGV[5])
   redis.call('HDEL', h, 'claim')
   redis.call('ZADD', z, due, dev)
 else
@@ -121,13 +125,13 @@ class RedisPushQueue:
         await self._redis.aclose()
 
     async def schedule(self, user_id: str, device_ids: Sequence[str], *, event_ms: int, events: int,
-                       now_ms: int, window_ms: int, give_up_ms: int) -> int:
+                       messages: int, now_ms: int, window_ms: int, give_up_ms: int) -> int:
         if not device_ids:
             return now_ms
         keys = [self._due]
         for d in device_ids:
             keys += [self._wake + d, self._sent + d]
-        args = [user_id, event_ms, events, now_ms, window_ms, give_up_ms, *device_ids]
+        args = [user_id, event_ms, events, now_ms, window_ms, give_up_ms, messages, *device_ids]
         return int(await self._do(self._scripts["schedule"](keys=keys, args=args)))
 
     async def claim(self, now_ms: int, lease_ms: int, limit: int) -> list[PushJob]:
@@ -138,7 +142,8 @@ class RedisPushQueue:
         for d, h in zip(got[::2], got[1::2], strict=True):
             f = {_text(k): _text(v) for k, v in zip(h[::2], h[1::2], strict=True)}
             jobs.append(PushJob(device_id=_text(d), user_id=f["user"], event_ms=int(f["event_ms"]),
-                                events=int(f["events"]), attempts=int(f["attempts"]), give_up_ms=int(f["give_up"]),
+                                events=int(f["events"]), messages=int(f.get("messages", f["events"])),
+                                attempts=int(f["attempts"]), give_up_ms=int(f["give_up"]),
                                 claim=f["claim"]))
         return jobs
 
@@ -148,7 +153,7 @@ class RedisPushQueue:
 
     async def done(self, job: PushJob, *, pushed: bool, now_ms: int, window_ms: int, give_up_ms: int) -> None:
         d = job.device_id
-        args = [d, job.events, now_ms, window_ms, give_up_ms, int(pushed), job.claim]
+        args = [d, job.events, now_ms, window_ms, give_up_ms, int(pushed), job.claim, job.messages]
         await self._do(self._scripts["done"](keys=[self._due, self._wake + d, self._sent + d], args=args))
 
     async def depth(self) -> int:

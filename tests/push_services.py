@@ -401,6 +401,12 @@ class ApnsService:
             payload = json.loads(body)
             if not isinstance(payload.get("aps"), dict):
                 raise ValueError("no aps dictionary")
+            if headers["apns-push-type"] == "background":  # Apple's rules for a background update
+                aps = payload["aps"]
+                if aps.get("content-available") != 1 or {"alert", "sound", "badge"} & set(aps):
+                    raise ValueError("a background push has content-available 1 and no alert, sound or badge")
+                if headers.get("apns-priority") != "5":
+                    raise ValueError("a background push must have apns-priority 5")
         except (ValueError, KeyError, InvalidSignature) as exc:
             self.recorder._error(f"apns {token}: {type(exc).__name__}: {exc}")  # noqa: SLF001
             return 403, {}, b'{"reason":"InvalidProviderToken"}'

@@ -98,6 +98,27 @@ async def test_offline_user_is_woken_by_web_push_within_seconds(srv: ServerProc,
     assert await metric(srv, 'pigeon_push_delay_seconds_count{provider="webpush"}') >= 1
 
 
+async def test_a_wake_for_receipts_alone_is_not_urgent(srv: ServerProc, services: PushServices) -> None:
+    a, b, chat = await pair(srv)
+    sub = services.webpush.subscription()
+    target, recorder = services.webpush.target(sub), services.webpush.recorder
+    async with Api(b) as api:
+        await api.set_push("webpush", sub)
+        sent = await api.post_message(chat, "from b")  # b's own message wakes none of b's devices
+    async with Device(a) as dev:  # a gets it and reads it: receipts are b's only inbox events
+        await dev.read(chat, int(sent["seq"]))
+        await recorder.wait(target, 1)
+    await post(a, chat, "a message")
+
+    async def message_pushed() -> bool:
+        return any(p.headers["urgency"] == "high" for p in recorder.pushed(target))
+
+    await eventually(message_pushed, WINDOW + 10)
+    *receipts, message = recorder.pushed(target)
+    assert receipts and all(p.headers["urgency"] == "normal" for p in receipts)
+    assert message.headers["urgency"] == "high"
+
+
 async def test_online_user_is_not_pushed(srv: ServerProc, services: PushServices) -> None:
     a, b, chat = await pair(srv)
     async with Api(b) as api:

@@ -14,7 +14,7 @@ import pytest
 from bridge.push_providers import Apns, Fcm, Wake, Webhook, WebPush, load_vapid_key
 from tests.push_services import ApnsService, FcmService, PushServices, Reply
 
-WAKE = Wake(events=1, ttl_s=60)
+WAKE = Wake(events=1, ttl_s=60, urgent=True)
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +104,39 @@ async def test_a_webhook_is_gone_only_with_410(services: PushServices, client: h
     name = uuid.uuid4().hex
     services.webhook.recorder.script(name, (status, {}, b""))
     assert (await Webhook(client).send(services.webhook.url(name), WAKE)).kind == kind
+
+
+@pytest.mark.parametrize(("urgent", "urgency"), [(True, "high"), (False, "normal")])
+async def test_web_push_urgency_follows_whether_the_wake_covers_a_message(
+        services: PushServices, client: httpx.AsyncClient, tmp_path: Path, urgent: bool, urgency: str) -> None:
+    provider = WebPush(client, load_vapid_key(None, tmp_path), "mailto:admin@example.org")
+    sub = services.webpush.subscription()
+    wake = Wake(events=2, ttl_s=60, urgent=urgent)
+    assert (await provider.send(provider.check(sub, True), wake)).kind == "accepted"
+    [pushed] = services.webpush.recorder.pushed(services.webpush.target(sub))
+    assert pushed.headers["urgency"] == urgency and pushed.body == {"type": "wake", "events": 2}
+
+
+@pytest.mark.parametrize(("urgent", "priority"), [(True, "HIGH"), (False, "NORMAL")])
+async def test_fcm_priority_follows_whether_the_wake_covers_a_message(
+        services: PushServices, client: httpx.AsyncClient, tmp_path: Path, urgent: bool, priority: str) -> None:
+    provider, token = make_fcm(services, client, tmp_path), fcm_token()
+    assert (await provider.send(token, Wake(events=1, ttl_s=60, urgent=urgent))).kind == "accepted"
+    [pushed] = services.fcm.recorder.pushed(token)
+    assert pushed.headers["priority"] == priority
+
+
+async def test_apns_sends_a_message_as_an_alert_and_receipts_as_a_background_push(
+        services: PushServices, tmp_path: Path) -> None:
+    provider, message, receipts = make_apns(services, tmp_path), apns_token(), apns_token()
+    try:
+        assert (await provider.send(message, Wake(events=1, ttl_s=60, urgent=True))).kind == "accepted"
+        assert (await provider.send(receipts, Wake(events=3, ttl_s=60, urgent=False))).kind == "accepted"
+    finally:
+        await provider.aclose()
+    [alert] = services.apns.recorder.pushed(message)
+    assert (alert.headers["apns-push-type"], alert.headers["apns-priority"]) == ("alert", "10")
+    assert alert.body["aps"]["sound"] == "default" and "alert" in alert.body["aps"]
+    [silent] = services.apns.recorder.pushed(receipts)  # the stand-in checks Apple's rules for it
+    assert (silent.headers["apns-push-type"], silent.headers["apns-priority"]) == ("background", "5")
+    assert silent.body == {"aps": {"content-available": 1}, "type": "wake", "events": 3}

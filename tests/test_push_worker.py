@@ -91,7 +91,7 @@ async def until(check: Callable[[], object], want: object = True, timeout: float
 
 async def test_a_store_outage_postpones_a_wake_and_loses_none(rig: Rig) -> None:
     rig.flaky.failing.add("user_devices")
-    rig.pusher.note([rig.device.user_id], SystemClock().now_ms())
+    rig.pusher.note([rig.device.user_id], SystemClock().now_ms(), message=True)
     await until(lambda: rig.flaky.calls["user_devices"] >= 2)  # tried, and tried again
     assert rig.services.webhook.recorder.pushed(rig.device.device_id) == []
     rig.flaky.failing.clear()
@@ -101,9 +101,9 @@ async def test_a_store_outage_postpones_a_wake_and_loses_none(rig: Rig) -> None:
 
 async def test_a_user_who_came_back_before_the_wake_was_due_is_not_pushed(rig: Rig) -> None:
     user, device = rig.device.user_id, rig.device.device_id
-    rig.pusher.note([user], SystemClock().now_ms())
+    rig.pusher.note([user], SystemClock().now_ms(), message=True)
     await rig.services.webhook.recorder.wait(device, 1)
-    rig.pusher.note([user], SystemClock().now_ms())  # within the window: due when it ends
+    rig.pusher.note([user], SystemClock().now_ms(), message=True)  # within the window: due when it ends
     await rig.state.device_online(user, device)  # back before then
     await until(lambda: rig.pusher.depth(), want=0)  # the wake is taken when due, and not sent
     assert len(rig.services.webhook.recorder.pushed(device)) == 1
@@ -116,9 +116,9 @@ async def test_an_endless_answer_ends_the_send_in_time_and_other_devices_are_wok
     status = 503 if body.every_s > 0.1 else 200  # a slow drip of an error; a flood after an acceptance
     hooks.script(slow.device_id, (status, {}, body))
     now = SystemClock().now_ms()
-    rig.pusher.note([slow.user_id], now)
+    rig.pusher.note([slow.user_id], now, message=True)
     [first] = await hooks.wait(slow.device_id, 1)
-    rig.pusher.note([other.user_id], now)
+    rig.pusher.note([other.user_id], now, message=True)
     [woken] = await hooks.wait(other.device_id, 1)  # not held up by the endless answer
     assert woken.at - first.at < SEND_TIMEOUT_S
     if status == 200:  # the status was read; what followed it was not waited for
@@ -137,14 +137,14 @@ async def test_an_unexpected_failure_drops_the_wake_instead_of_leasing_it_foreve
     user, device, hooks = rig.device.user_id, rig.device.device_id, rig.services.webhook.recorder
     # a target an older server accepted, on which the HTTP client raises (the port is out of range)
     await rig.store.set_push_target(device, "webhook", "http://127.0.0.1:99999/hook")
-    rig.pusher.note([user], SystemClock().now_ms())
+    rig.pusher.note([user], SystemClock().now_ms(), message=True)
     await until(lambda: rig.sample("pigeon_push_dropped_total", provider="webhook", reason="rejected"), want=1.0)
     assert rig.sample("pigeon_push_failed_total", provider="webhook", reason="error") == 1.0
     await until(lambda: rig.pusher.depth(), want=0)
     # nothing is left holding the device's next wake back
     await rig.store.set_push_target(device, "webhook", rig.services.webhook.url(device))
     rig.pusher.forget_targets(user)
-    rig.pusher.note([user], SystemClock().now_ms())
+    rig.pusher.note([user], SystemClock().now_ms(), message=True)
     [pushed] = await hooks.wait(device, 1)
     assert pushed.body == {"type": "wake", "events": 1}
 
@@ -152,10 +152,10 @@ async def test_an_unexpected_failure_drops_the_wake_instead_of_leasing_it_foreve
 async def test_a_wake_claimed_past_its_max_age_is_dropped_unsent(rig: Rig) -> None:
     user, device = rig.device.user_id, rig.device.device_id
     now = SystemClock().now_ms()
-    await rig.queue.schedule(user, [device], event_ms=now - 120_000, events=1, now_ms=now, window_ms=1000,
+    await rig.queue.schedule(user, [device], event_ms=now - 120_000, events=1, messages=1, now_ms=now, window_ms=1000,
                              give_up_ms=now - 60_000)
     await until(lambda: rig.sample("pigeon_push_dropped_total", provider="webhook", reason="expired"), want=1.0)
     assert await rig.pusher.depth() == 0
-    rig.pusher.note([user], SystemClock().now_ms())  # a marker: the next wake is the first push
+    rig.pusher.note([user], SystemClock().now_ms(), message=True)  # a marker: the next wake is the first push
     [pushed] = await rig.services.webhook.recorder.wait(device, 1)
     assert pushed.body == {"type": "wake", "events": 1}
