@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from cachetools import TTLCache
 
-from storage.base import Device, StorageUnavailable, Store
+from storage.base import Device, Message, StorageUnavailable, Store
 from storage.push_queue import PushJob, PushQueue
 from storage.state import SharedState
 
@@ -47,6 +47,7 @@ DECIDE_PARALLEL = 32  # offline users whose targets are read and wakes queued at
 PARALLEL_SENDS = 64
 RETRY_BASE_S = 1.0
 RETRY_CAP_S = 300.0
+UNACKED_READ = 200  # inbox entries read, at most, when a user goes offline with some unacknowledged
 TARGETS_TTL_S = 5.0  # a user's devices with targets, as read, are trusted this long by this process
 PROVIDERS = ("webpush", "fcm", "apns", "webhook")
 
@@ -129,6 +130,7 @@ class Pusher:
         self._max_age_ms = max_age_s * 1000
         self._rng = rng or random.Random()
         self._notes: dict[str, Note] = {}  # user -> what was noted since the last decision
+        self._gone: set[str] = set()  # users whose last device went offline, not yet decided
         self._noted = asyncio.Event()
         self._due = asyncio.Event()
         self._targets: TTLCache[str, tuple[str, ...]] = TTLCache(maxsize=200_000, ttl=TARGETS_TTL_S)
@@ -144,6 +146,14 @@ class Pusher:
             self._notes[u] = self._notes.get(u, Note(ts_ms, 0, 0)).plus(Note(ts_ms, 1, int(message)))
         if user_ids:
             self._noted.set()
+
+    def went_offline(self, user_id: str) -> None:
+        """The user's last device went offline (its ``presence offline``, or its will: a
+        connection lost or silent past 1.5 keepalives). Events that came while presence still
+        counted it online were not pushed; what the user has not acknowledged is woken for
+        now (no I/O here: decided with the notes)."""
+        self._gone.add(user_id)
+        self._noted.set()
 
     def forget_targets(self, user_id: str) -> None:
         """A target of the user changed here: read their devices afresh."""
@@ -170,33 +180,42 @@ class Pusher:
                 return
             self._noted.clear()
             notes, self._notes = self._notes, {}
+            gone, self._gone = self._gone, set()
             try:
-                postponed = await self._decide(notes)
+                postponed, gone_again = await self._decide(notes, gone)
             except StorageUnavailable as exc:  # presence unreadable: every user is decided again
                 log.warning("push decision postponed: %s", exc)
-                postponed = dict(notes)
+                postponed, gone_again = dict(notes), gone
             except Exception:
                 log.exception("push decision failed")
                 continue
-            if postponed:  # nothing is lost: these users are decided again in a moment
+            if postponed or gone_again:  # nothing is lost: these users are decided again in a moment
                 for u, note in postponed.items():
                     self._notes[u] = note.plus(self._notes[u]) if u in self._notes else note
+                self._gone |= gone_again
                 self._noted.set()
                 await self._wait(stopping, stopping, 1.0)
 
-    async def _decide(self, notes: Mapping[str, Note]) -> dict[str, Note]:
-        """Queue the wakes of the noted users who are offline; return those whose wakes could
-        not be queued (the store or the queue was unavailable)."""
-        if not notes:
-            return {}
-        online = await self._state.online_users(list(notes))
+    async def _decide(self, notes: Mapping[str, Note], gone: set[str]) -> tuple[dict[str, Note], set[str]]:
+        """Queue the wakes of the noted users who are offline, and of the users who went offline
+        with events they had not acknowledged; return those whose wakes could not be queued
+        (the store or the queue was unavailable)."""
+        if not notes and not gone:
+            return {}, set()
+        online = await self._state.online_users(sorted(notes.keys() | gone))
         now = self._clock.now_ms()
         slots = asyncio.Semaphore(DECIDE_PARALLEL)
         postponed: dict[str, Note] = {}
+        gone_again: set[str] = set()
 
-        async def wake(user: str, note: Note) -> None:
+        async def wake(user: str, noted: Note | None) -> None:
+            note = noted
             async with slots:
                 try:
+                    if user in gone:  # all it has not acknowledged: the events noted just now included
+                        note = await self._unacknowledged(user, now) or noted
+                    if note is None:
+                        return
                     devices = await self._with_targets(user)
                     if not devices:
                         return
@@ -205,14 +224,30 @@ class Pusher:
                                                      give_up_ms=note.first_ms + self._max_age_ms)
                 except StorageUnavailable as exc:
                     log.warning("wake for %s postponed: %s", user, exc)
-                    postponed[user] = note
+                    if noted is not None:
+                        postponed[user] = noted
+                    if user in gone:
+                        gone_again.add(user)
                     return
             log.debug("wake for %s scheduled (%d devices, due in %d ms)", user, len(devices), due - now)
             if due <= now:
                 self._due.set()
 
-        await asyncio.gather(*(wake(u, note) for u, note in notes.items() if u not in online))
-        return postponed
+        await asyncio.gather(*(wake(u, notes.get(u)) for u in notes.keys() | gone if u not in online))
+        return postponed, gone_again
+
+    async def _unacknowledged(self, user: str, now: int) -> Note | None:
+        """The inbox events of the user no device has acknowledged, as a note (``None`` if there
+        are none but the user's own messages). At most UNACKED_READ entries are looked at to
+        tell messages from receipts; past those, every event is counted as a message."""
+        acked, head = await self._store.inbox_positions(user)
+        if head <= acked:
+            return None
+        entries = await self._store.read_inbox(user, acked, min(head - acked, UNACKED_READ))
+        own = sum(1 for e in entries if isinstance(e.item, Message) and e.item.sender == user)
+        receipts = sum(1 for e in entries if not isinstance(e.item, Message))
+        events = head - acked - own
+        return Note(now, events, events - receipts) if events > 0 else None
 
     async def _with_targets(self, user: str) -> tuple[str, ...]:
         hit = self._targets.get(user)

@@ -1085,6 +1085,13 @@ class CassandraStore:
     async def inbox_head(self, user_id: str) -> int:
         return await self._head(f"u:{user_id}")
 
+    async def inbox_positions(self, user_id: str) -> tuple[int, int]:
+        acked = self._acked.get(user_id)  # this process's latest; it is written behind
+        if acked is None:
+            rows = await self._x("user_state", user_id)
+            acked = int(rows[0][1] or 0) if rows else 0
+        return acked, await self.inbox_head(user_id)
+
     async def advance_device_ack(self, device_id: str, user_id: str, up_to: int) -> tuple[int, int]:
         prev = self._acked.get(user_id)
         if prev is None:

@@ -165,15 +165,44 @@ async def test_a_device_dropped_by_keepalive_counts_as_gone(srv: ServerProc, ser
                 return not await online()
 
             await eventually(online, 5)
-            await api.post_message(chat, "while connected")
+            await api.post_message(chat, "while connected")  # never acknowledged
             await eventually(offline, 10)  # the broker closed it after 1.5 keepalives and sent its will
-            gone = time.monotonic()
+            # the message that came while it was silent is pushed when presence drops it
+            [dropped] = await services.webhook.recorder.wait(b.device_id, 1)
+            assert dropped.body == {"type": "wake", "events": 1}
             await api.post_message(chat, "after the drop")
-        [pushed] = await services.webhook.recorder.wait(b.device_id, 1)
-        assert pushed.at > gone
+        _, pushed = await services.webhook.recorder.wait(b.device_id, 2, timeout=WINDOW + 10)
+        assert pushed.at - dropped.at >= WINDOW * 0.9  # the coalescing window holds
         assert pushed.body == {"type": "wake", "events": 1}
     finally:
         writer.close()
+
+
+async def test_a_connection_lost_with_a_message_unacknowledged_wakes_the_user(
+        srv: ServerProc, services: PushServices) -> None:
+    """Presence counted the device online, so the message was not pushed when it came; it was
+    published live, but the connection died before the device acknowledged it."""
+    a, b, chat = await pair(srv)
+    async with Api(b) as api:
+        await api.set_push("webhook", services.webhook.url(b.device_id))
+    up = f"up/{b.user_id}/{b.device_id}"
+    reader, writer = await asyncio.open_connection(b.mqtt_host, b.mqtt_port)
+    will = b'{"type":"presence","state":"offline"}'
+    writer.write(connect_packet(b.device_id, b.device_id, b.token, keepalive=60, will=(up, will)))
+    writer.write(publish_packet(up, b'{"type":"presence","state":"online"}', 1))
+    await writer.drain()
+    async with Api(a) as api:
+        async def online() -> bool:
+            return bool((await api.presence(b.user_id))["online"])
+
+        await eventually(online, 5)
+        await api.post_message(chat, "delivered live, never acknowledged")
+        writer.transport.abort()  # the connection is lost: the broker publishes the will
+        [pushed] = await services.webhook.recorder.wait(b.device_id, 1)
+    assert pushed.body == {"type": "wake", "events": 1}
+    async with Device(b) as dev:  # it syncs what the push announced, and acknowledges it
+        ev = await dev.next_event(timeout=10)
+        assert ev["body"] == "delivered live, never acknowledged"
 
 
 async def test_a_burst_is_coalesced(srv: ServerProc, services: PushServices) -> None:
