@@ -18,6 +18,7 @@ it: Web Push 404/410, FCM 404 ``UNREGISTERED``, APNs 410, a webhook 410), worth 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import email.utils
 import ipaddress
@@ -25,6 +26,7 @@ import json
 import logging
 import os
 import re
+import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -122,15 +124,45 @@ def _is_loopback(host: str | None) -> bool:
         return False
 
 
+def _is_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """An address a public push service or webhook may have: globally routable, not multicast
+    (private, loopback, link-local, shared 100.64.0.0/10, documentation, IPv4-mapped ... are not)."""
+    return ip.is_global and not ip.is_multicast
+
+
+def _numeric_host(host: str) -> bool:
+    """A host a URL parser or resolver takes as an IPv4 address however it is written: its last
+    label is a number (``127.1``, ``2130706433``, ``0x7f000001``, ``0177.0.0.1``)."""
+    last = host.rstrip(".").rsplit(".", 1)[-1].lower()
+    return bool(re.fullmatch(r"[0-9]+|0x[0-9a-f]*", last))
+
+
 def _is_internal(host: str) -> bool:
-    """An address literal no public push service or webhook has (a DNS name is not resolved here)."""
+    """An address literal no public push service or webhook has (a DNS name is resolved when the
+    push is sent: :func:`check_resolved`)."""
     if host == "localhost":
         return True
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
         return False
-    return ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved or ip.is_unspecified
+    return not _is_public(ip)
+
+
+async def check_resolved(url: str) -> str | None:
+    """Why the URL's host must not be pushed to (it resolves to an address that is not public:
+    a DNS name pointing inside), or ``None``. A failure to resolve is left to the request."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, parts.port or 443, type=socket.SOCK_STREAM)
+    except OSError:
+        return None
+    for info in infos:
+        ip = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
+        if not _is_public(ip):
+            return f"{host} resolves to {ip}, not a public address"
+    return None
 
 
 def check_url(url: object, what: str, dev: bool) -> str:
@@ -146,6 +178,13 @@ def check_url(url: object, what: str, dev: bool) -> str:
         raise BadRequest(f"{what} is not a valid URL") from exc
     if not host:
         raise BadRequest(f"{what} must name a host")
+    if _numeric_host(host):
+        try:
+            canonical = str(ipaddress.IPv4Address(host)) == host
+        except ValueError:
+            canonical = False
+        if not canonical:
+            raise BadRequest(f"{what} must write an IPv4 address as four decimal numbers (a.b.c.d)")
     if parts.scheme == "https":
         if not dev and _is_internal(host):
             raise BadRequest(f"{what} must not name a private, loopback or link-local address")
@@ -232,13 +271,16 @@ async def _post(client: httpx.AsyncClient, url: str, **kw: Any) -> Reply | Outco
 class Webhook:
     name = "webhook"
 
-    def __init__(self, client: httpx.AsyncClient) -> None:
+    def __init__(self, client: httpx.AsyncClient, *, dev: bool) -> None:
         self._client = client
+        self._dev = dev  # off --dev, the URL's host must resolve to public addresses only
 
     def check(self, token: object, dev: bool) -> str:
         return check_url(token, "a webhook token (its URL)", dev)
 
     async def send(self, token: str, wake: Wake) -> Outcome:
+        if not self._dev and (why := await check_resolved(token)):
+            return Outcome("rejected", None, detail=why)
         got = await _post(self._client, token, json=wake.body(), headers={"User-Agent": USER_AGENT})
         return got if isinstance(got, Outcome) else classify(got, GONE_WEBHOOK)
 
@@ -272,8 +314,10 @@ def load_vapid_key(path: Path | None, data_dir: Path) -> ec.EllipticCurvePrivate
 class WebPush:
     name = "webpush"
 
-    def __init__(self, client: httpx.AsyncClient, key: ec.EllipticCurvePrivateKey, subject: str) -> None:
+    def __init__(self, client: httpx.AsyncClient, key: ec.EllipticCurvePrivateKey, subject: str, *,
+                 dev: bool) -> None:
         self._client = client
+        self._dev = dev  # off --dev, the endpoint's host must resolve to public addresses only
         self._vapid = Vapid02(private_key=key)
         self._subject = subject
         try:  # what py_vapid will not sign with would fail every push: refuse to start instead
@@ -321,6 +365,8 @@ class WebPush:
     async def send(self, token: str, wake: Wake) -> Outcome:
         sub = json.loads(token)
         endpoint = sub["endpoint"]
+        if not self._dev and (why := await check_resolved(endpoint)):
+            return Outcome("rejected", None, detail=why)
         body = http_ece.encrypt(
             json.dumps(wake.body(), separators=(",", ":")).encode(),
             private_key=ec.generate_private_key(ec.SECP256R1()),  # a new sender key for every message
@@ -495,8 +541,8 @@ def build_providers(s: Settings) -> tuple[dict[str, Provider], WebPush, httpx.As
     credentials are given. Returns them, the Web Push provider (for its public key) and the
     HTTP client they share (to close)."""
     client = httpx.AsyncClient(http2=True, timeout=SEND_TIMEOUT_S, follow_redirects=False)
-    webpush = WebPush(client, load_vapid_key(s.vapid_key_file, s.data_dir), s.vapid_subject)
-    providers: dict[str, Provider] = {"webhook": Webhook(client), "webpush": webpush}
+    webpush = WebPush(client, load_vapid_key(s.vapid_key_file, s.data_dir), s.vapid_subject, dev=s.dev)
+    providers: dict[str, Provider] = {"webhook": Webhook(client, dev=s.dev), "webpush": webpush}
     if s.fcm_credentials_file is not None:
         providers["fcm"] = Fcm(client, s.fcm_credentials_file, s.fcm_url)
     if s.apns_key_file is not None:

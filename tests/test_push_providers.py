@@ -92,7 +92,7 @@ async def test_apns_says_a_token_is_gone_only_with_410(
 @pytest.mark.parametrize(("status", "kind"), [(404, "gone"), (410, "gone"), (400, "rejected")])
 async def test_web_push_404_and_410_mean_gone(services: PushServices, client: httpx.AsyncClient, tmp_path: Path,
                                               status: int, kind: str) -> None:
-    provider = WebPush(client, load_vapid_key(None, tmp_path), "mailto:admin@example.org")
+    provider = WebPush(client, load_vapid_key(None, tmp_path), "mailto:admin@example.org", dev=True)
     sub = services.webpush.subscription()
     services.webpush.recorder.script(services.webpush.target(sub), (status, {}, b""))
     assert (await provider.send(provider.check(sub, True), WAKE)).kind == kind
@@ -103,13 +103,13 @@ async def test_a_webhook_is_gone_only_with_410(services: PushServices, client: h
                                                status: int, kind: str) -> None:
     name = uuid.uuid4().hex
     services.webhook.recorder.script(name, (status, {}, b""))
-    assert (await Webhook(client).send(services.webhook.url(name), WAKE)).kind == kind
+    assert (await Webhook(client, dev=True).send(services.webhook.url(name), WAKE)).kind == kind
 
 
 @pytest.mark.parametrize(("urgent", "urgency"), [(True, "high"), (False, "normal")])
 async def test_web_push_urgency_follows_whether_the_wake_covers_a_message(
         services: PushServices, client: httpx.AsyncClient, tmp_path: Path, urgent: bool, urgency: str) -> None:
-    provider = WebPush(client, load_vapid_key(None, tmp_path), "mailto:admin@example.org")
+    provider = WebPush(client, load_vapid_key(None, tmp_path), "mailto:admin@example.org", dev=True)
     sub = services.webpush.subscription()
     wake = Wake(events=2, ttl_s=60, urgent=urgent)
     assert (await provider.send(provider.check(sub, True), wake)).kind == "accepted"

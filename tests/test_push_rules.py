@@ -7,6 +7,7 @@ import random
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -14,7 +15,17 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from bridge.config import Settings
 from bridge.errors import BadRequest, ConfigError
 from bridge.push import RETRY_CAP_S, backoff_s
-from bridge.push_providers import b64url, b64url_decode, build_providers, check_url, origin, retry_after
+from bridge.push_providers import (
+    Wake,
+    Webhook,
+    b64url,
+    b64url_decode,
+    build_providers,
+    check_resolved,
+    check_url,
+    origin,
+    retry_after,
+)
 
 
 def test_backoff_grows_is_jittered_and_capped() -> None:
@@ -43,6 +54,16 @@ def test_retry_after_in_seconds_or_as_a_date() -> None:
     ("https://10.1.2.3/hook", False, False),  # no internal addresses off --dev
     ("https://[fe80::1]/hook", False, False),
     ("http://127.0.0.1:99999/x", True, False),  # a port out of range
+    # IPv4 written otherwise than a.b.c.d: resolvers take these as 127.0.0.1
+    ("https://127.1/hook", False, False), ("https://2130706433/hook", False, False),
+    ("https://0x7f000001/hook", False, False), ("https://0177.0.0.1/hook", False, False),
+    ("http://127.1:8080/x", True, False), ("https://8.8.8.8.8/x", False, False),
+    # not globally routable, or not unicast
+    ("https://100.64.0.1/hook", False, False), ("https://224.0.0.1/hook", False, False),
+    ("https://[ff02::1]/hook", False, False), ("https://[::ffff:127.0.0.1]/hook", False, False),
+    ("https://[2001:db8::1]/hook", False, False), ("https://0.0.0.0/hook", False, False),
+    ("https://8.8.8.8/hook", False, True), ("https://[2606:4700::1111]/hook", False, True),
+    ("https://push.example.org./x", False, True),
     ("https://10.1.2.3/hook", True, True),
     (42, False, False),
 ])
@@ -113,3 +134,16 @@ async def test_endpoints_vapid_cannot_sign_for_are_refused_at_registration(tmp_p
                 webpush.check({"endpoint": endpoint, "keys": keys}, dev)
     finally:
         await client.aclose()
+
+
+async def test_off_dev_a_host_that_resolves_inside_is_not_pushed_to() -> None:
+    """A DNS name is checked when the push is sent: ``localhost`` stands for any name pointing
+    at a loopback or private address (nothing listens on port 9: no request could succeed)."""
+    why = await check_resolved("https://localhost:9/hook")
+    assert why is not None and why.startswith("localhost resolves to ")
+    assert await check_resolved("https://127.0.0.1:9/hook") is not None
+    async with httpx.AsyncClient() as client:
+        out = await Webhook(client, dev=False).send("https://localhost:9/hook", Wake(1, 60, urgent=True))
+        assert (out.kind, out.status) == ("rejected", None) and "not a public address" in out.detail
+        out = await Webhook(client, dev=True).send("http://127.0.0.1:9/hook", Wake(1, 60, urgent=True))
+        assert out.kind == "retry"  # with --dev it is tried (and the connection is refused)

@@ -58,7 +58,7 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     flaky = FlakyStore(store)
     state = MemoryState()
     metrics = Metrics()
-    pusher = Pusher(flaky, state, queue, {"webhook": Webhook(client)}, SystemClock(), metrics,  # type: ignore[arg-type]
+    pusher = Pusher(flaky, state, queue, {"webhook": Webhook(client, dev=True)}, SystemClock(), metrics,  # type: ignore[arg-type]
                     window_s=1.0, max_age_s=60, send_timeout_s=SEND_TIMEOUT_S)
     user = await store.create_user("+15550009999", 0)
     device = await store.add_device(user.user_id, "phone", "android", 0)
