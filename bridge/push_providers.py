@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime
 import email.utils
 import ipaddress
 import json
@@ -247,6 +248,8 @@ def retry_after(value: str | None) -> float | None:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
+    if when.tzinfo is None:  # an HTTP date is GMT (RFC 9110), written with a zone or not
+        when = when.replace(tzinfo=datetime.UTC)
     return max(0.0, when.timestamp() - time.time())
 
 
@@ -417,6 +420,7 @@ class Fcm:
         self._client = client
         self._url = f"{base_url.rstrip('/')}/v1/projects/{self._project}/messages:send"
         self._access: tuple[str, float] | None = None  # token, monotonic time to renew it
+        self._renewing = asyncio.Lock()  # one token request at a time: the sends waiting share its token
 
     def check(self, token: object, dev: bool) -> str:
         if not isinstance(token, str) or not FCM_TOKEN_RE.match(token):
@@ -429,6 +433,12 @@ class Fcm:
     async def _access_token(self) -> str | Outcome:
         if self._access is not None and time.monotonic() < self._access[1]:
             return self._access[0]
+        async with self._renewing:
+            if self._access is not None and time.monotonic() < self._access[1]:  # renewed while waiting
+                return self._access[0]
+            return await self._request_access_token()
+
+    async def _request_access_token(self) -> str | Outcome:
         now = int(time.time())
         header = {"alg": "RS256", "typ": "JWT", **({"kid": self._key_id} if self._key_id else {})}
         claims = {"iss": self._email, "scope": FCM_SCOPE, "aud": self._token_uri, "iat": now, "exp": now + 3600}

@@ -3,6 +3,7 @@ what each service's answers mean for the device's target, and how a wake is sent
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -140,3 +141,12 @@ async def test_apns_sends_a_message_as_an_alert_and_receipts_as_a_background_pus
     [silent] = services.apns.recorder.pushed(receipts)  # the stand-in checks Apple's rules for it
     assert (silent.headers["apns-push-type"], silent.headers["apns-priority"]) == ("background", "5")
     assert silent.body == {"aps": {"content-available": 1}, "type": "wake", "events": 3}
+
+
+async def test_concurrent_fcm_sends_share_one_access_token_request(
+        services: PushServices, client: httpx.AsyncClient, tmp_path: Path) -> None:
+    provider, tokens = make_fcm(services, client, tmp_path), [fcm_token() for _ in range(20)]
+    before = services.fcm.tokens_issued
+    outcomes = await asyncio.gather(*(provider.send(t, WAKE) for t in tokens))
+    assert [o.kind for o in outcomes] == ["accepted"] * 20
+    assert services.fcm.tokens_issued - before == 1

@@ -43,6 +43,19 @@ def test_retry_after_in_seconds_or_as_a_date() -> None:
     assert later is not None and 25 <= later <= 31
 
 
+def test_a_retry_after_date_without_a_zone_is_gmt(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TZ", "Asia/Tokyo")  # nine hours from GMT: read as local time, it is far off
+    time.tzset()
+    try:
+        for when in (email.utils.formatdate(time.time() + 30), time.strftime("%a, %d %b %Y %H:%M:%S",
+                                                                            time.gmtime(time.time() + 30))):
+            later = retry_after(when)  # '-0000', then no zone at all
+            assert later is not None and 25 <= later <= 31, when
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
 @pytest.mark.parametrize(("url", "dev", "ok"), [
     ("https://push.example.org/x", False, True),
     ("http://push.example.org/x", True, False),  # http only on loopback
