@@ -116,10 +116,11 @@ async def test_without_credentials_only_web_push_and_webhooks_are_offered(tmp_pa
     ("https://example.org/", False),  # a path (even '/') is refused by VAPID: every push would fail
     ("mailto:nobody", False), ("admin@example.org", False), ("http://example.org", False),
 ])
-def test_the_vapid_subject_is_checked_when_the_server_starts(tmp_path: Path, subject: str, ok: bool) -> None:
+async def test_the_vapid_subject_is_checked_when_the_server_starts(tmp_path: Path, subject: str, ok: bool) -> None:
     settings = Settings(data_dir=tmp_path, vapid_subject=subject)
-    if ok:
-        build_providers(settings.validated())
+    if ok:  # and py_vapid signs with it
+        _, _, client = build_providers(settings.validated())
+        await client.aclose()
     else:
         with pytest.raises(ConfigError, match="vapid_subject"):
             settings.validated()
@@ -137,7 +138,7 @@ def test_vapid_aud_is_the_serialized_origin(url: str, want: str) -> None:
 
 
 async def test_endpoints_vapid_cannot_sign_for_are_refused_at_registration(tmp_path: Path) -> None:
-    providers, webpush, client = build_providers(Settings(data_dir=tmp_path).validated())
+    _, webpush, client = build_providers(Settings(data_dir=tmp_path).validated())
     try:
         keys = {"p256dh": b64url(ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
             serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)), "auth": b64url(b"a" * 16)}
