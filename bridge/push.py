@@ -119,7 +119,8 @@ class Pusher:
 
     def __init__(self, store: Store, state: SharedState, queue: PushQueue, providers: Mapping[str, Provider],
                  clock: Clock, metrics: Metrics, *, window_s: float, max_age_s: int,
-                 rng: random.Random | None = None, send_timeout_s: float = SEND_TIMEOUT_S) -> None:
+                 rng: random.Random | None = None, send_timeout_s: float = SEND_TIMEOUT_S,
+                 parallel_sends: int = PARALLEL_SENDS) -> None:
         self._store = store
         self._state = state
         self._queue = queue
@@ -137,6 +138,7 @@ class Pusher:
         self._in_flight = 0  # sends running: no more are claimed than can start at once
         self._slot_free = asyncio.Event()
         self._send_timeout_s = send_timeout_s
+        self._parallel = parallel_sends
 
     # -- from the message path -------------------------------------------------------------------------
     def note(self, user_ids: Sequence[str], ts_ms: int, *, message: bool) -> None:
@@ -260,7 +262,7 @@ class Pusher:
 
     async def _deliver_loop(self, stopping: asyncio.Event, tg: asyncio.TaskGroup) -> None:
         while not stopping.is_set():
-            free = min(CLAIM_BATCH, PARALLEL_SENDS - self._in_flight)
+            free = min(CLAIM_BATCH, self._parallel - self._in_flight)
             if free <= 0:  # a claimed wake's lease runs from its claim: claim none that must wait
                 self._slot_free.clear()
                 await self._wait(self._slot_free, stopping, None)

@@ -48,7 +48,8 @@ class Rig:
 
 
 @pytest.fixture
-async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+async def rig(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Rig]:
+    """The worker; ``indirect`` parameters are more arguments of its ``Pusher``."""
     services = PushServices()
     store = SqliteStore(tmp_path / "store.db")
     await store.open()
@@ -59,7 +60,7 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     state = MemoryState()
     metrics = Metrics()
     pusher = Pusher(flaky, state, queue, {"webhook": Webhook(client, dev=True)}, SystemClock(), metrics,  # type: ignore[arg-type]
-                    window_s=1.0, max_age_s=60, send_timeout_s=SEND_TIMEOUT_S)
+                    window_s=1.0, max_age_s=60, send_timeout_s=SEND_TIMEOUT_S, **getattr(request, "param", {}))
     user = await store.create_user("+15550009999", 0)
     device = await store.add_device(user.user_id, "phone", "android", 0)
     await store.set_push_target(device.device_id, "webhook", services.webhook.url(device.device_id))
@@ -159,3 +160,23 @@ async def test_a_wake_claimed_past_its_max_age_is_dropped_unsent(rig: Rig) -> No
     rig.pusher.note([user], SystemClock().now_ms(), message=True)  # a marker: the next wake is the first push
     [pushed] = await rig.services.webhook.recorder.wait(device, 1)
     assert pushed.body == {"type": "wake", "events": 1}
+
+
+@pytest.mark.parametrize("rig", [{"parallel_sends": 1}], indirect=True)
+async def test_a_wake_is_not_claimed_to_wait_for_a_send_slot(rig: Rig) -> None:
+    """A wake claimed only to wait behind slow sends would run down its lease meanwhile (and be
+    claimed again by another bridge, and pushed twice): while every slot is taken, due wakes
+    stay in the queue for whoever has a free one."""
+    slow, hooks = rig.device, rig.services.webhook.recorder
+    other = await rig.another("+15550009997")
+    hooks.script(slow.device_id, (503, {}, Drip(b".", 0.2)))  # holds the only slot until the send timeout
+    rig.pusher.note([slow.user_id], SystemClock().now_ms(), message=True)
+    await hooks.wait(slow.device_id, 1)
+    rig.pusher.note([other.user_id], SystemClock().now_ms(), message=True)
+    await until(lambda: rig.pusher.depth(), want=2)
+    now = SystemClock().now_ms()
+    [free] = await rig.queue.claim(now, 60_000, 10)  # another bridge's claim finds it unclaimed
+    assert free.device_id == other.device_id
+    await rig.queue.done(free, pushed=False, now_ms=now, window_ms=1000, give_up_ms=now + 60_000)
+    await hooks.wait(slow.device_id, 2, timeout=SEND_TIMEOUT_S + 5)  # the slow one, retried in time
+    assert hooks.pushed(other.device_id) == []
