@@ -14,9 +14,15 @@ I/O). Everything else happens here, apart from it, in two loops of one task grou
 - **deliver**: due wakes are claimed (a lease: a bridge that dies holding one hands it on),
   the user's presence is checked again (a user who came back meanwhile is not pushed), and
   each is sent by its device's provider (:mod:`bridge.push_providers`), a bounded number at a
-  time. Accepted: done. 404/410: the device's target is deleted. 429/5xx/network failures:
-  retried with capped, jittered exponential backoff, never sooner than ``Retry-After``, and
-  dropped once ``push_max_age_s`` has passed since the first event it covers.
+  time (no more are claimed than can be sent at once), each within ``SEND_TIMEOUT_S``.
+  Accepted: done. Gone (as the provider's service says it): the device's target is deleted.
+  429/5xx/network failures and timeouts: retried with capped, jittered exponential backoff,
+  never sooner than ``Retry-After``, and dropped once ``push_max_age_s`` has passed since the
+  first event it covers. Anything else, an unexpected exception included: dropped, logged.
+
+A user whose last device goes offline (:meth:`Pusher.went_offline`, told by presence) is
+decided like a noted one, for every inbox event no device of theirs acknowledged: events that
+reached a dead connection presence still counted as online are woken for then.
 """
 
 from __future__ import annotations
