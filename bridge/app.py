@@ -171,6 +171,7 @@ class PigeonServer:
         self.pusher = Pusher(self.store, self.state, self.push_queue, self.providers, self.clock, self.metrics,
                              window_s=s.push_window_s, max_age_s=s.push_max_age_s)
         self.messenger.wakes = self.pusher
+        self.presence.on_user_offline = self.pusher.went_offline
         self.push_targets = PushTargets(self.store, self.providers, webpush.public_key, dev=s.dev,
                                         on_change=self.pusher.forget_targets)
         log.info("push providers: %s", ", ".join(sorted(self.providers)))

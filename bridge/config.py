@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -11,6 +12,8 @@ from typing import Any
 from .errors import ConfigError
 
 DAY_S = 86_400
+# what VAPID (RFC 8292, as py_vapid checks it) takes as a subject: a mail address or an https origin
+VAPID_SUBJECT_RE = re.compile(r"^(mailto:[^@\s]+@(localhost|[\w%-]+(\.[\w%-]+)+)|https://(localhost|[\w-]+\.[\w.-]+))$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,9 +109,9 @@ class Settings:
         for name in ("fcm_url", "apns_url"):
             if not getattr(self, name).startswith(("http://", "https://")):
                 raise ConfigError(f"{name} must be an http(s) URL, got {getattr(self, name)!r}")
-        if not self.vapid_subject.startswith(("mailto:", "https://")):
-            raise ConfigError(f"vapid_subject (PIGEON_VAPID_SUBJECT) must be a mailto: or https: URL, "
-                              f"got {self.vapid_subject!r}")
+        if not VAPID_SUBJECT_RE.match(self.vapid_subject):
+            raise ConfigError(f"vapid_subject (PIGEON_VAPID_SUBJECT) must be mailto:ADDRESS or an https://HOST URL "
+                              f"with no path, got {self.vapid_subject!r}")
         if self.apns_key_file is not None:
             missing = [n for n in ("apns_key_id", "apns_team_id", "apns_topic") if not getattr(self, n)]
             if missing:

@@ -47,8 +47,9 @@ def entry_event(entry: InboxEntry) -> dict[str, Any]:
 class WakeSink(Protocol):
     """Told of inbox events, to wake users who are not connected (``bridge.push.Pusher``)."""
 
-    def note(self, user_ids: Sequence[str], ts_ms: int) -> None:
-        """Must return at once: it is called on the message path."""
+    def note(self, user_ids: Sequence[str], ts_ms: int, *, message: bool) -> None:
+        """One inbox event reached each of these users: a message (``message``) or a receipt.
+        Must return at once: it is called on the message path."""
 
 
 class Messenger:
@@ -88,7 +89,7 @@ class Messenger:
         appended = await self._store.append_message(msg, recipients)
         outs = [Out.event(user_topic(u), msg_event(appended.message, pos)) for u, pos in appended.inbox.items()]
         if self.wakes is not None:  # one's own message wakes none of one's devices
-            self.wakes.note([u for u in appended.inbox if u != msg.sender], appended.message.ts)
+            self.wakes.note([u for u in appended.inbox if u != msg.sender], appended.message.ts, message=True)
         return appended.message, outs
 
     # -- send ------------------------------------------------------------------------------------
@@ -193,7 +194,7 @@ class Messenger:
             return []
         positions = await self._store.append_receipts(notes)
         if self.wakes is not None:
-            self.wakes.note([u for u, _ in notes], self._clock.now_ms())
+            self.wakes.note([u for u, _ in notes], self._clock.now_ms(), message=False)
         return [Out.event(user_topic(u), receipt_event(n, p)) for (u, n), p in zip(notes, positions, strict=True)]
 
     async def _recent_chat(self, chat_id: str) -> Chat | None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from storage.base import StorageUnavailable, Store
 from storage.state import SharedState
@@ -38,6 +39,8 @@ class PresenceTracker:
         self._clock = clock
         self._marked: dict[tuple[str, str], float] = {}
         self._online_count: tuple[float, asyncio.Future[int]] | None = None
+        # told (at once, no I/O) when a user's last device goes offline: bridge.push.Pusher.went_offline
+        self.on_user_offline: Callable[[str], None] | None = None
 
     async def is_online(self, user_id: str) -> bool:
         try:
@@ -104,6 +107,8 @@ class PresenceTracker:
         except StorageUnavailable as exc:
             log.warning("last-seen of %s not stored: %s", user_id, exc)
         log.debug("user %s offline", user_id)
+        if self.on_user_offline is not None:
+            self.on_user_offline(user_id)
         return await self._notify(user_id, False, now)
 
     async def _notify(self, user_id: str, online: bool, last_seen: int) -> list[Out]:

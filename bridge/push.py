@@ -14,9 +14,15 @@ I/O). Everything else happens here, apart from it, in two loops of one task grou
 - **deliver**: due wakes are claimed (a lease: a bridge that dies holding one hands it on),
   the user's presence is checked again (a user who came back meanwhile is not pushed), and
   each is sent by its device's provider (:mod:`bridge.push_providers`), a bounded number at a
-  time. Accepted: done. 404/410: the device's target is deleted. 429/5xx/network failures:
-  retried with capped, jittered exponential backoff, never sooner than ``Retry-After``, and
-  dropped once ``push_max_age_s`` has passed since the first event it covers.
+  time (no more are claimed than can be sent at once), each within ``SEND_TIMEOUT_S``.
+  Accepted: done. Gone (as the provider's service says it): the device's target is deleted.
+  429/5xx/network failures and timeouts: retried with capped, jittered exponential backoff,
+  never sooner than ``Retry-After``, and dropped once ``push_max_age_s`` has passed since the
+  first event it covers. Anything else, an unexpected exception included: dropped, logged.
+
+A user whose last device goes offline (:meth:`Pusher.went_offline`, told by presence) is
+decided like a noted one, for every inbox event no device of theirs acknowledged: events that
+reached a dead connection presence still counted as online are woken for then.
 """
 
 from __future__ import annotations
@@ -25,10 +31,11 @@ import asyncio
 import logging
 import random
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 from cachetools import TTLCache
 
-from storage.base import Device, StorageUnavailable, Store
+from storage.base import Device, Message, StorageUnavailable, Store
 from storage.push_queue import PushJob, PushQueue
 from storage.state import SharedState
 
@@ -36,16 +43,17 @@ from .clock import Clock
 from .errors import BadRequest, Forbidden
 from .handling import Caller, storage_errors
 from .metrics import Metrics
-from .push_providers import Outcome, Provider, Wake
+from .push_providers import SEND_TIMEOUT_S, Outcome, Provider, Wake
 
 log = logging.getLogger(__name__)
 POLL_S = 0.5  # the queue is looked at this often when nothing was scheduled here (retries, other bridges)
-LEASE_S = 60.0  # a claimed wake stays hidden this long (longer than any send may take)
+LEASE_S = 60.0  # a claimed wake stays hidden this long (longer than any send may take: SEND_TIMEOUT_S)
 CLAIM_BATCH = 64
 DECIDE_PARALLEL = 32  # offline users whose targets are read and wakes queued at the same time
 PARALLEL_SENDS = 64
 RETRY_BASE_S = 1.0
 RETRY_CAP_S = 300.0
+UNACKED_READ = 200  # inbox entries read, at most, when a user goes offline with some unacknowledged
 TARGETS_TTL_S = 5.0  # a user's devices with targets, as read, are trusted this long by this process
 PROVIDERS = ("webpush", "fcm", "apns", "webhook")
 
@@ -54,6 +62,18 @@ def backoff_s(attempts: int, rng: random.Random) -> float:
     """Exponential from RETRY_BASE_S, capped at RETRY_CAP_S, with the upper half jittered."""
     full = min(RETRY_CAP_S, RETRY_BASE_S * 2.0 ** min(attempts, 20))
     return float(full / 2 + rng.random() * full / 2)
+
+
+@dataclass(frozen=True, slots=True)
+class Note:
+    """Inbox events noted for a user and not yet decided."""
+
+    first_ms: int  # when the first of them happened
+    events: int
+    messages: int  # how many of them are messages (the rest are receipts)
+
+    def plus(self, other: Note) -> Note:
+        return Note(min(self.first_ms, other.first_ms), self.events + other.events, self.messages + other.messages)
 
 
 class PushTargets:
@@ -105,7 +125,8 @@ class Pusher:
 
     def __init__(self, store: Store, state: SharedState, queue: PushQueue, providers: Mapping[str, Provider],
                  clock: Clock, metrics: Metrics, *, window_s: float, max_age_s: int,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, send_timeout_s: float = SEND_TIMEOUT_S,
+                 parallel_sends: int = PARALLEL_SENDS) -> None:
         self._store = store
         self._state = state
         self._queue = queue
@@ -115,20 +136,32 @@ class Pusher:
         self._window_ms = int(window_s * 1000)
         self._max_age_ms = max_age_s * 1000
         self._rng = rng or random.Random()
-        self._notes: dict[str, tuple[int, int]] = {}  # user -> (first event ms, events)
+        self._notes: dict[str, Note] = {}  # user -> what was noted since the last decision
+        self._gone: set[str] = set()  # users whose last device went offline, not yet decided
         self._noted = asyncio.Event()
         self._due = asyncio.Event()
         self._targets: TTLCache[str, tuple[str, ...]] = TTLCache(maxsize=200_000, ttl=TARGETS_TTL_S)
-        self._sends = asyncio.Semaphore(PARALLEL_SENDS)
+        self._in_flight = 0  # sends running: no more are claimed than can start at once
+        self._slot_free = asyncio.Event()
+        self._send_timeout_s = send_timeout_s
+        self._parallel = parallel_sends
 
     # -- from the message path -------------------------------------------------------------------------
-    def note(self, user_ids: Sequence[str], ts_ms: int) -> None:
-        """Inbox events reached these users (no I/O: decided once the message path yields)."""
+    def note(self, user_ids: Sequence[str], ts_ms: int, *, message: bool) -> None:
+        """An inbox event (a message, or a receipt) reached each of these users (no I/O: decided
+        once the message path yields)."""
         for u in user_ids:
-            first, n = self._notes.get(u, (ts_ms, 0))
-            self._notes[u] = (first, n + 1)
+            self._notes[u] = self._notes.get(u, Note(ts_ms, 0, 0)).plus(Note(ts_ms, 1, int(message)))
         if user_ids:
             self._noted.set()
+
+    def went_offline(self, user_id: str) -> None:
+        """The user's last device went offline (its ``presence offline``, or its will: a
+        connection lost or silent past 1.5 keepalives). Events that came while presence still
+        counted it online were not pushed; what the user has not acknowledged is woken for
+        now (no I/O here: decided with the notes)."""
+        self._gone.add(user_id)
+        self._noted.set()
 
     def forget_targets(self, user_id: str) -> None:
         """A target of the user changed here: read their devices afresh."""
@@ -155,49 +188,74 @@ class Pusher:
                 return
             self._noted.clear()
             notes, self._notes = self._notes, {}
+            gone, self._gone = self._gone, set()
             try:
-                postponed = await self._decide(notes)
+                postponed, gone_again = await self._decide(notes, gone)
             except StorageUnavailable as exc:  # presence unreadable: every user is decided again
                 log.warning("push decision postponed: %s", exc)
-                postponed = dict(notes)
+                postponed, gone_again = dict(notes), gone
             except Exception:
                 log.exception("push decision failed")
                 continue
-            if postponed:  # nothing is lost: these users are decided again in a moment
-                for u, (first, n) in postponed.items():
-                    f2, n2 = self._notes.get(u, (first, 0))
-                    self._notes[u] = (min(first, f2), n + n2)
+            if postponed or gone_again:  # nothing is lost: these users are decided again in a moment
+                for u, note in postponed.items():
+                    self._notes[u] = note.plus(self._notes[u]) if u in self._notes else note
+                self._gone |= gone_again
                 self._noted.set()
                 await self._wait(stopping, stopping, 1.0)
 
-    async def _decide(self, notes: Mapping[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
-        """Queue the wakes of the noted users who are offline; return those whose wakes could
-        not be queued (the store or the queue was unavailable)."""
-        if not notes:
-            return {}
-        online = await self._state.online_users(list(notes))
+    async def _decide(self, notes: Mapping[str, Note], gone: set[str]) -> tuple[dict[str, Note], set[str]]:
+        """Queue the wakes of the noted users who are offline, and of the users who went offline
+        with events they had not acknowledged; return those whose wakes could not be queued
+        (the store or the queue was unavailable)."""
+        if not notes and not gone:
+            return {}, set()
+        online = await self._state.online_users(sorted(notes.keys() | gone))
         now = self._clock.now_ms()
         slots = asyncio.Semaphore(DECIDE_PARALLEL)
-        postponed: dict[str, tuple[int, int]] = {}
+        postponed: dict[str, Note] = {}
+        gone_again: set[str] = set()
 
-        async def wake(user: str, first: int, events: int) -> None:
+        async def wake(user: str, noted: Note | None) -> None:
+            note = noted
             async with slots:
                 try:
+                    if user in gone:  # all it has not acknowledged: the events noted just now included
+                        note = await self._unacknowledged(user, now) or noted
+                    if note is None:
+                        return
                     devices = await self._with_targets(user)
                     if not devices:
                         return
-                    due = await self._queue.schedule(user, devices, event_ms=first, events=events, now_ms=now,
-                                                     window_ms=self._window_ms, give_up_ms=first + self._max_age_ms)
+                    due = await self._queue.schedule(user, devices, event_ms=note.first_ms, events=note.events,
+                                                     messages=note.messages, now_ms=now, window_ms=self._window_ms,
+                                                     give_up_ms=note.first_ms + self._max_age_ms)
                 except StorageUnavailable as exc:
                     log.warning("wake for %s postponed: %s", user, exc)
-                    postponed[user] = (first, events)
+                    if noted is not None:
+                        postponed[user] = noted
+                    if user in gone:
+                        gone_again.add(user)
                     return
             log.debug("wake for %s scheduled (%d devices, due in %d ms)", user, len(devices), due - now)
             if due <= now:
                 self._due.set()
 
-        await asyncio.gather(*(wake(u, first, n) for u, (first, n) in notes.items() if u not in online))
-        return postponed
+        await asyncio.gather(*(wake(u, notes.get(u)) for u in notes.keys() | gone if u not in online))
+        return postponed, gone_again
+
+    async def _unacknowledged(self, user: str, now: int) -> Note | None:
+        """The inbox events of the user no device has acknowledged, as a note (``None`` if there
+        are none but the user's own messages). At most UNACKED_READ entries are looked at to
+        tell messages from receipts; past those, every event is counted as a message."""
+        acked, head = await self._store.inbox_positions(user)
+        if head <= acked:
+            return None
+        entries = await self._store.read_inbox(user, acked, min(head - acked, UNACKED_READ))
+        own = sum(1 for e in entries if isinstance(e.item, Message) and e.item.sender == user)
+        receipts = sum(1 for e in entries if not isinstance(e.item, Message))
+        events = head - acked - own
+        return Note(now, events, events - receipts) if events > 0 else None
 
     async def _with_targets(self, user: str) -> tuple[str, ...]:
         hit = self._targets.get(user)
@@ -210,10 +268,15 @@ class Pusher:
 
     async def _deliver_loop(self, stopping: asyncio.Event, tg: asyncio.TaskGroup) -> None:
         while not stopping.is_set():
+            free = min(CLAIM_BATCH, self._parallel - self._in_flight)
+            if free <= 0:  # a claimed wake's lease runs from its claim: claim none that must wait
+                self._slot_free.clear()
+                await self._wait(self._slot_free, stopping, None)
+                continue
             self._due.clear()
             online: set[str] = set()
             try:
-                jobs = await self._queue.claim(self._clock.now_ms(), int(LEASE_S * 1000), CLAIM_BATCH)
+                jobs = await self._queue.claim(self._clock.now_ms(), int(LEASE_S * 1000), free)
                 if jobs:
                     online = await self._state.online_users(sorted({j.user_id for j in jobs}))
             except StorageUnavailable as exc:
@@ -228,9 +291,9 @@ class Pusher:
                 if job.user_id in online:  # came back meanwhile: the connection carries everything
                     await self._finish(job, pushed=False)
                     continue
-                await self._sends.acquire()
+                self._in_flight += 1
                 tg.create_task(self._deliver(job), name=f"push-{job.device_id}")
-            if len(jobs) < CLAIM_BATCH:
+            if len(jobs) < free:
                 await self._wait(self._due, stopping, POLL_S)
 
     async def _finish(self, job: PushJob, *, pushed: bool) -> None:
@@ -244,10 +307,12 @@ class Pusher:
     async def _deliver(self, job: PushJob) -> None:
         try:
             await self._send(job)
-        except Exception:
-            log.exception("push to %s failed unexpectedly", job.device_id)
+        except Exception:  # not left to be claimed again after the lease, and fail again, forever
+            log.exception("push to %s failed unexpectedly; dropped", job.device_id)
+            await self._finish(job, pushed=False)
         finally:
-            self._sends.release()
+            self._in_flight -= 1
+            self._slot_free.set()
 
     async def _send(self, job: PushJob) -> None:
         m = self._metrics
@@ -266,8 +331,13 @@ class Pusher:
             await self._finish(job, pushed=False)
             return
         now = self._clock.now_ms()
-        wake = Wake(events=job.events, ttl_s=max(0, (job.give_up_ms - now) // 1000))
-        outcome = await provider.send(token, wake)
+        if job.give_up_ms <= now:  # claimed again and again past its age (e.g. leases that ran out)
+            log.warning("push to %s dropped: older than the push max age", job.device_id)
+            m.push_dropped.labels(name, "expired").inc()
+            await self._finish(job, pushed=False)
+            return
+        wake = Wake(events=job.events, ttl_s=max(0, (job.give_up_ms - now) // 1000), urgent=job.messages > 0)
+        outcome = await self._attempt(provider, token, wake)
         if outcome.kind == "accepted":
             m.push_sent.labels(name).inc()
             m.push_delay.labels(name).observe(max(0, self._clock.now_ms() - job.event_ms) / 1000)
@@ -306,6 +376,18 @@ class Pusher:
             m.push_dropped.labels(name, "rejected").inc()
             await self._finish(job, pushed=False)
 
+    async def _attempt(self, provider: Provider, token: str, wake: Wake) -> Outcome:
+        """One send, bounded in all by the send timeout (a service that drips its answer, or a
+        token endpoint that hangs, is a failed attempt like a refused connection)."""
+        try:
+            async with asyncio.timeout(self._send_timeout_s):
+                return await provider.send(token, wake)
+        except TimeoutError:
+            return Outcome("retry", None, detail=f"no answer within {self._send_timeout_s:g} s")
+        except Exception as exc:  # a fault of ours or a library's: trying again would fail the same way
+            log.exception("push by %s failed unexpectedly", provider.name)
+            return Outcome("rejected", None, detail=f"{type(exc).__name__}: {exc}")
+
     async def depth(self) -> int:
         try:
             return await self._queue.depth()
@@ -317,7 +399,7 @@ def _reason(outcome: Outcome) -> str:
     if outcome.kind == "gone":
         return "gone"
     if outcome.status is None:
-        return "network"
+        return "network" if outcome.kind == "retry" else "error"
     if outcome.status == 429:
         return "throttled"
     return "server_error" if outcome.status >= 500 else "refused"

@@ -334,6 +334,11 @@ class Store(Protocol):
     async def inbox_head(self, user_id: str) -> int:
         """The user's highest inbox position (0 when empty)."""
 
+    async def inbox_positions(self, user_id: str) -> tuple[int, int]:
+        """The user's (acknowledged position, inbox head): the events after the first, up to the
+        second, no device of the user has acknowledged. ``(0, 0)`` for an unknown user. A backend
+        that writes acknowledged positions behind may answer one a little lower than the latest."""
+
     async def advance_device_ack(self, device_id: str, user_id: str, up_to: int) -> tuple[int, int]:
         """Raise the user's acknowledged inbox position to at least ``up_to`` (never past the
         inbox head), and the device's where the backend keeps one; return the user's

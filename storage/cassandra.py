@@ -346,12 +346,11 @@ class CassandraStore:
                         session.execute(put, (partition_of(f"u:{uid}"), uid))
 
     def _index_devices(self) -> None:
-        """Schema 5: each user's devices are listed in ``user_devices``; devices linked before
-        are added to it from ``devices`` (idempotent: a second run writes the same rows)."""
+        """Schema 5: each user's devices are listed in ``user_devices``; every device in
+        ``devices`` is (re)added to it at each migration (idempotent: a second run writes the
+        same rows), so ``pigeon db migrate`` also repairs a listing that lost a row (a device
+        linked by a server from before ``add_device`` wrote both rows in one batch)."""
         ks, session = self.keyspace, self._session
-        row = session.execute(f"SELECT value FROM {ks}.meta WHERE key='schema'").one()
-        if row is not None and int(row[0]) >= 5:
-            return
         from cassandra.query import SimpleStatement
 
         put = session.prepare(f"INSERT INTO {ks}.user_devices (user_id, device_id) VALUES (?, ?)")
@@ -616,9 +615,15 @@ class CassandraStore:
         await self._x("last_seen", when * 1000, when, user_id)
 
     async def add_device(self, user_id: str, name: str, platform: str, now: int) -> Device:
+        from cassandra.query import BatchStatement, BatchType
+
         did = new_id("d")
-        await self._x("put_device", did, user_id, name, platform, now)
-        await self._x("put_user_device", user_id, did)
+        # one logged batch: both rows or (eventually) neither. Written one after the other, a
+        # crash between them left a device that is never listed, so never woken by a push.
+        batch = BatchStatement(batch_type=BatchType.LOGGED)
+        batch.add(self._ps["put_device"], (did, user_id, name, platform, now))
+        batch.add(self._ps["put_user_device"], (user_id, did))
+        await self._run_statement(batch, "put_device")
         return Device(device_id=did, user_id=user_id, name=name, platform=platform, created_at=now)
 
     async def get_device(self, device_id: str) -> Device | None:
@@ -1082,6 +1087,13 @@ class CassandraStore:
 
     async def inbox_head(self, user_id: str) -> int:
         return await self._head(f"u:{user_id}")
+
+    async def inbox_positions(self, user_id: str) -> tuple[int, int]:
+        acked = self._acked.get(user_id)  # this process's latest; it is written behind
+        if acked is None:
+            rows = await self._x("user_state", user_id)
+            acked = int(rows[0][1] or 0) if rows else 0
+        return acked, await self.inbox_head(user_id)
 
     async def advance_device_ack(self, device_id: str, user_id: str, up_to: int) -> tuple[int, int]:
         prev = self._acked.get(user_id)

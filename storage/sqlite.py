@@ -621,6 +621,13 @@ class SqliteStore:
 
         return await self._read(q)
 
+    async def inbox_positions(self, user_id: str) -> tuple[int, int]:
+        def q(c: sqlite3.Connection) -> tuple[int, int]:
+            row = c.execute("SELECT acked, inbox_head FROM users WHERE user_id=?", (user_id,)).fetchone()
+            return (int(row[0]), int(row[1])) if row else (0, 0)
+
+        return await self._read(q)
+
     async def advance_device_ack(self, device_id: str, user_id: str, up_to: int) -> tuple[int, int]:
         def q(c: sqlite3.Connection) -> tuple[int, int]:
             c.execute("UPDATE devices SET acked = max(acked, ?) WHERE device_id=?", (up_to, device_id))

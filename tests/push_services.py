@@ -19,6 +19,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs
@@ -36,7 +37,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 
@@ -59,7 +60,21 @@ class Pushed:
     at: float = field(default_factory=time.monotonic)
 
 
-Reply = tuple[int, dict[str, str], bytes]
+@dataclass(frozen=True)
+class Drip:
+    """A scripted body that never ends: ``chunk`` every ``every_s`` seconds until the client
+    goes (a slow drip, or with a big chunk and no pause, an endless flood)."""
+
+    chunk: bytes
+    every_s: float
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        while True:
+            yield self.chunk
+            await asyncio.sleep(self.every_s)
+
+
+Reply = tuple[int, dict[str, str], "bytes | Drip"]
 
 
 class Recorder:
@@ -247,6 +262,14 @@ class FcmService(_Http):
         self.tokens_issued = 0
         self._access: set[str] = set()
 
+    @staticmethod
+    def error(code: int, status: str, error_code: str | None = None) -> Reply:
+        """An FCM v1 error answer to script: ``error(404, "NOT_FOUND", "UNREGISTERED")`` is a dead
+        registration token; ``error(404, "NOT_FOUND")`` what a wrong project gets."""
+        details = [{"@type": "type.googleapis.com/google.firebase.fcm.v1.FcmError", "errorCode": error_code}]
+        body = {"error": {"code": code, "status": status, **({"details": details} if error_code else {})}}
+        return code, {}, json.dumps(body).encode()
+
     def credentials(self) -> dict[str, Any]:
         pem = self._key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                       serialization.NoEncryption()).decode()
@@ -303,7 +326,7 @@ class FcmService(_Http):
 
 class WebhookReceiver(_Http):
     """A loopback webhook receiver: the plain JSON POST a ``webhook`` target gets. Answers 200, or
-    what was scripted per path."""
+    what was scripted per path (a :class:`Drip` body is streamed until the client goes)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -323,6 +346,8 @@ class WebhookReceiver(_Http):
             status, extra, reply = self.recorder._next_reply(name) or (200, {}, b"")  # noqa: SLF001
             self.recorder._record(Pushed(name, body, {"content-type": request.headers.get("content-type", "")},  # noqa: SLF001
                                          status))
+            if isinstance(reply, Drip):
+                return StreamingResponse(reply.stream(), status_code=status, headers=extra)
             return Response(reply, status_code=status, headers=extra)
 
         return Starlette(routes=[Route("/hook/{name}", hook, methods=["POST"])])
@@ -376,6 +401,12 @@ class ApnsService:
             payload = json.loads(body)
             if not isinstance(payload.get("aps"), dict):
                 raise ValueError("no aps dictionary")
+            if headers["apns-push-type"] == "background":  # Apple's rules for a background update
+                aps = payload["aps"]
+                if aps.get("content-available") != 1 or {"alert", "sound", "badge"} & set(aps):
+                    raise ValueError("a background push has content-available 1 and no alert, sound or badge")
+                if headers.get("apns-priority") != "5":
+                    raise ValueError("a background push must have apns-priority 5")
         except (ValueError, KeyError, InvalidSignature) as exc:
             self.recorder._error(f"apns {token}: {type(exc).__name__}: {exc}")  # noqa: SLF001
             return 403, {}, b'{"reason":"InvalidProviderToken"}'

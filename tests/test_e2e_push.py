@@ -98,6 +98,27 @@ async def test_offline_user_is_woken_by_web_push_within_seconds(srv: ServerProc,
     assert await metric(srv, 'pigeon_push_delay_seconds_count{provider="webpush"}') >= 1
 
 
+async def test_a_wake_for_receipts_alone_is_not_urgent(srv: ServerProc, services: PushServices) -> None:
+    a, b, chat = await pair(srv)
+    sub = services.webpush.subscription()
+    target, recorder = services.webpush.target(sub), services.webpush.recorder
+    async with Api(b) as api:
+        await api.set_push("webpush", sub)
+        sent = await api.post_message(chat, "from b")  # b's own message wakes none of b's devices
+    async with Device(a) as dev:  # a gets it and reads it: receipts are b's only inbox events
+        await dev.read(chat, int(sent["seq"]))
+        await recorder.wait(target, 1)
+    await post(a, chat, "a message")
+
+    async def message_pushed() -> bool:
+        return any(p.headers["urgency"] == "high" for p in recorder.pushed(target))
+
+    await eventually(message_pushed, WINDOW + 10)
+    *receipts, message = recorder.pushed(target)
+    assert receipts and all(p.headers["urgency"] == "normal" for p in receipts)
+    assert message.headers["urgency"] == "high"
+
+
 async def test_online_user_is_not_pushed(srv: ServerProc, services: PushServices) -> None:
     a, b, chat = await pair(srv)
     async with Api(b) as api:
@@ -144,15 +165,44 @@ async def test_a_device_dropped_by_keepalive_counts_as_gone(srv: ServerProc, ser
                 return not await online()
 
             await eventually(online, 5)
-            await api.post_message(chat, "while connected")
+            await api.post_message(chat, "while connected")  # never acknowledged
             await eventually(offline, 10)  # the broker closed it after 1.5 keepalives and sent its will
-            gone = time.monotonic()
+            # the message that came while it was silent is pushed when presence drops it
+            [dropped] = await services.webhook.recorder.wait(b.device_id, 1)
+            assert dropped.body == {"type": "wake", "events": 1}
             await api.post_message(chat, "after the drop")
-        [pushed] = await services.webhook.recorder.wait(b.device_id, 1)
-        assert pushed.at > gone
+        _, pushed = await services.webhook.recorder.wait(b.device_id, 2, timeout=WINDOW + 10)
+        assert pushed.at - dropped.at >= WINDOW * 0.9  # the coalescing window holds
         assert pushed.body == {"type": "wake", "events": 1}
     finally:
         writer.close()
+
+
+async def test_a_connection_lost_with_a_message_unacknowledged_wakes_the_user(
+        srv: ServerProc, services: PushServices) -> None:
+    """Presence counted the device online, so the message was not pushed when it came; it was
+    published live, but the connection died before the device acknowledged it."""
+    a, b, chat = await pair(srv)
+    async with Api(b) as api:
+        await api.set_push("webhook", services.webhook.url(b.device_id))
+    up = f"up/{b.user_id}/{b.device_id}"
+    reader, writer = await asyncio.open_connection(b.mqtt_host, b.mqtt_port)
+    will = b'{"type":"presence","state":"offline"}'
+    writer.write(connect_packet(b.device_id, b.device_id, b.token, keepalive=60, will=(up, will)))
+    writer.write(publish_packet(up, b'{"type":"presence","state":"online"}', 1))
+    await writer.drain()
+    async with Api(a) as api:
+        async def online() -> bool:
+            return bool((await api.presence(b.user_id))["online"])
+
+        await eventually(online, 5)
+        await api.post_message(chat, "delivered live, never acknowledged")
+        writer.transport.abort()  # the connection is lost: the broker publishes the will
+        [pushed] = await services.webhook.recorder.wait(b.device_id, 1)
+    assert pushed.body == {"type": "wake", "events": 1}
+    async with Device(b) as dev:  # it syncs what the push announced, and acknowledges it
+        ev = await dev.next_event(timeout=10)
+        assert ev["body"] == "delivered live, never acknowledged"
 
 
 async def test_a_burst_is_coalesced(srv: ServerProc, services: PushServices) -> None:
@@ -200,6 +250,38 @@ async def test_a_dropped_subscription_deletes_the_target(srv: ServerProc, servic
 
         await eventually(removed, 5)
     assert await metric(srv, f'pigeon_push_dropped_total{{provider="{provider}",reason="gone"}}') >= 1
+
+
+@pytest.mark.parametrize("provider", ["fcm", "apns", "webhook"])
+async def test_a_refusal_that_does_not_say_gone_keeps_the_target(srv: ServerProc, services: PushServices,
+                                                                 provider: str) -> None:
+    """FCM's 404 without UNREGISTERED (a wrong project), APNs's 400 BadDeviceToken (a sandbox
+    token sent to production) and a webhook's 404 drop the wake, not the device's target."""
+    a, b, chat = await pair(srv)
+    if provider == "fcm":
+        token = target = "fcm-" + b.device_id.replace("-", "") + "y" * 20
+        recorder = services.fcm.recorder
+        recorder.script(target, services.fcm.error(404, "NOT_FOUND"))
+    elif provider == "apns":
+        token = target = (b.device_id.encode().hex() * 8)[-64:]
+        recorder = services.apns.recorder
+        recorder.script(target, (400, {}, b'{"reason":"BadDeviceToken"}'))
+    else:
+        token, target = services.webhook.url(b.device_id), b.device_id
+        recorder = services.webhook.recorder
+        recorder.script(target, (404, {}, b"no such hook"))
+    rejected = f'pigeon_push_dropped_total{{provider="{provider}",reason="rejected"}}'
+    before = await metric(srv, rejected)
+    async with Api(b) as api:
+        await api.set_push(provider, token)
+        await post(a, chat, "hello")
+        await recorder.wait(target, 1)
+
+        async def dropped() -> bool:
+            return await metric(srv, rejected) > before
+
+        await eventually(dropped, 5)
+        assert [d["push"] for d in await api.devices()] == [provider]
 
 
 async def test_a_server_error_is_retried_and_delivered(srv: ServerProc, services: PushServices) -> None:

@@ -33,8 +33,10 @@ async def queue(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
         await q.close()
 
 
-async def schedule(q: PushQueue, user: str, devices: list[str], now: int, events: int = 1) -> int:
-    return await q.schedule(user, devices, event_ms=now, events=events, now_ms=now, window_ms=WINDOW,
+async def schedule(q: PushQueue, user: str, devices: list[str], now: int, events: int = 1,
+                   messages: int | None = None) -> int:
+    return await q.schedule(user, devices, event_ms=now, events=events,
+                            messages=events if messages is None else messages, now_ms=now, window_ms=WINDOW,
                             give_up_ms=GIVE_UP)
 
 
@@ -104,3 +106,52 @@ async def test_the_sqlite_queue_survives_reopening(tmp_path: Path) -> None:
         assert (job.device_id, job.user_id) == ("d1", "u1")
     finally:
         await q.close()
+
+
+async def test_a_worker_whose_lease_ran_out_neither_finishes_nor_retries_the_wake(queue: PushQueue) -> None:
+    await schedule(queue, "u1", ["d1"], T0)
+    [late] = await queue.claim(T0, LEASE, 10)
+    [current] = await queue.claim(T0 + LEASE, LEASE, 10)  # the first send outlived its lease
+    assert current.claim != late.claim
+    await queue.done(late, pushed=True, now_ms=T0 + LEASE + 1, window_ms=WINDOW, give_up_ms=GIVE_UP)
+    await queue.retry(late, T0 + LEASE + 2)
+    assert await queue.depth() == 1  # still pending, still held by the current claim
+    assert await queue.claim(T0 + LEASE + 2, LEASE, 10) == []
+    await queue.done(current, pushed=True, now_ms=T0 + LEASE + 10, window_ms=WINDOW, give_up_ms=GIVE_UP)
+    assert await queue.depth() == 0
+
+
+async def test_a_late_done_does_not_finish_a_newer_wake(queue: PushQueue) -> None:
+    await schedule(queue, "u1", ["d1"], T0)
+    [late] = await queue.claim(T0, LEASE, 10)
+    [current] = await queue.claim(T0 + LEASE, LEASE, 10)
+    await queue.done(current, pushed=True, now_ms=T0 + LEASE, window_ms=WINDOW, give_up_ms=GIVE_UP)
+    assert await schedule(queue, "u1", ["d1"], T0 + LEASE + 5, events=2) == T0 + LEASE + WINDOW
+    await queue.done(late, pushed=False, now_ms=T0 + LEASE + 6, window_ms=WINDOW, give_up_ms=GIVE_UP)
+    await queue.retry(late, T0 + LEASE + 7)
+    assert await queue.depth() == 1
+    [newer] = await queue.claim(T0 + LEASE + WINDOW, LEASE, 10)
+    assert (newer.events, newer.attempts) == (2, 0)
+
+
+async def test_a_retried_claim_is_spent(queue: PushQueue) -> None:
+    await schedule(queue, "u1", ["d1"], T0)
+    [job] = await queue.claim(T0, LEASE, 10)
+    await queue.retry(job, T0 + 1_000)
+    await queue.done(job, pushed=False, now_ms=T0 + 500, window_ms=WINDOW, give_up_ms=GIVE_UP)  # a stray repeat
+    [again] = await queue.claim(T0 + 1_000, LEASE, 10)
+    assert again.attempts == 1 and again.claim != job.claim
+
+
+async def test_a_wake_knows_how_many_of_its_events_are_messages(queue: PushQueue) -> None:
+    await schedule(queue, "u1", ["d1"], T0, events=2, messages=0)  # receipts only
+    [receipts] = await queue.claim(T0, LEASE, 10)
+    assert (receipts.events, receipts.messages) == (2, 0)
+    await schedule(queue, "u1", ["d1"], T0 + 1, events=1, messages=1)  # a message while it is in flight
+    await queue.done(receipts, pushed=True, now_ms=T0 + 2, window_ms=WINDOW, give_up_ms=GIVE_UP)
+    [message] = await queue.claim(T0 + 2 + WINDOW, LEASE, 10)
+    assert (message.events, message.messages) == (1, 1)
+    await schedule(queue, "u1", ["d1"], T0 + 3 + WINDOW, events=3, messages=0)  # receipts join it
+    await queue.done(message, pushed=True, now_ms=T0 + 4 + WINDOW, window_ms=WINDOW, give_up_ms=GIVE_UP)
+    [rest] = await queue.claim(T0 + 4 + 2 * WINDOW, LEASE, 10)
+    assert (rest.events, rest.messages) == (3, 0)

@@ -350,6 +350,19 @@ async def test_device_acks_move_the_users_position_forward_only(store: Store) ->
     assert await store.advance_device_ack(d.device_id, b, 99) == (2, 3)  # capped at the inbox head
 
 
+async def test_inbox_positions_tell_what_no_device_acknowledged(store: Store) -> None:
+    a, b = await two_users(store)
+    d = await store.add_device(b, "p", "ios", T0)
+    assert await store.inbox_positions(b) == (0, 0)
+    chat = await store.direct_chat(a, b, T0)
+    for i in range(3):
+        await store.append_message(text(chat.chat_id, a, f"m{i}"), [a, b])
+    assert await store.inbox_positions(b) == (0, 3)
+    await store.advance_device_ack(d.device_id, b, 2)
+    assert await store.inbox_positions(b) == (2, 3)
+    assert await store.inbox_positions("u-nobody") == (0, 0)
+
+
 async def test_unconfirmed_uploads_can_be_found_and_dropped(store: Store) -> None:
     def obj(created: int, state: str = "pending") -> MediaObject:
         key = f"{random.getrandbits(256):064x}"
