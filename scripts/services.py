@@ -49,6 +49,10 @@ MINIO_MODULE = "github.com/minio/minio@v0.0.0-20260212201848-7aac2a2c5b7c"
 MINIO_USER, MINIO_PASSWORD, MINIO_BUCKET = "pigeon", "pigeon-test-secret", "pigeon-media"
 KEYSPACE = "pigeon_test"
 
+# G1 with a 20 ms pause goal: with its default goal (200 ms) the young generation grew to
+# 600-900 MB and each collection stopped Cassandra for 30-260 ms, the tail of every latency
+# figure (BENCHMARKS.md). Pauses are logged to logs/gc.log.
+CASSANDRA_GC_FLAGS: list[str] = ["-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20"]
 JVM17_FLAGS = [
     "-Djdk.attach.allowAttachSelf=true",
     *[f"--add-exports={m}=ALL-UNNAMED" for m in (
@@ -271,7 +275,8 @@ commit_failure_policy: stop
 </configuration>
 """)
     cmd = [
-        "java", "-Xms256m", "-Xmx2g", "-XX:+UseG1GC", *JVM17_FLAGS,
+        "java", "-Xms256m", "-Xmx2g", *CASSANDRA_GC_FLAGS, *JVM17_FLAGS,
+        f"-Xlog:gc:file={home / 'logs' / 'gc.log'}:uptime,level:filecount=2,filesize=20m",
         f"-Dcassandra.config=file://{conf}", "-Dcassandra-foreground=yes",
         f"-Dcassandra.storagedir={home}", f"-Dcassandra.logdir={home / 'logs'}",
         f"-Dlogback.configurationFile={logback}", "-Dcassandra.skip_wait_for_gossip_to_settle=0",
