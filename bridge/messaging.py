@@ -323,6 +323,7 @@ class Messenger:
             self._acked_chats.pop(chat_id, None)
             chat = await self._member_chat(caller, chat_id)
             outs = await self._system(caller, chat, "member_added", user_id, chat.member_ids)
+            chat = await self._member_chat(caller, chat_id)  # its last_seq counts the system message
         return chat, outs
 
     async def remove_member(self, caller: Caller, chat_id: str, user_id: str) -> list[Out]:

@@ -248,13 +248,17 @@ async function loadChats() {
   renderChatList();
 }
 
+// A chat as the server described it. Its members change only with a system message, so of two
+// descriptions the one read at the higher last_seq is the newer: an answer that was on its way
+// while the members changed (and arrives after the answer that saw the change) is not taken.
 function ensureChat(info) {
   let entry = state.chats.get(info.chat);
   if (!entry) {
-    entry = { info, last: null, unread: 0, myRead: 0, delivered: 0, read: 0, receipts: [] };
+    entry = { info, infoSeq: info.last_seq, last: null, unread: 0, myRead: 0, delivered: 0, read: 0, receipts: [] };
     state.chats.set(info.chat, entry);
-  } else {
-    entry.info = info;
+  } else if (info.last_seq >= entry.infoSeq) {
+    entry.info = { ...info, last_seq: Math.max(info.last_seq, entry.info.last_seq) };
+    entry.infoSeq = info.last_seq;
   }
   return entry;
 }
@@ -697,7 +701,7 @@ async function handle(ev) {
     if (!state.chats.has(ev.chat)) ensureChat(await state.api.chat(ev.chat));
     const entry = state.chats.get(ev.chat);
     if (ev.kind === "system") { // members changed: show the chat as it is now
-      entry.info = await state.api.chat(ev.chat);
+      ensureChat(await state.api.chat(ev.chat));
       if (state.open === ev.chat) await showHeader();
     }
     const fromOthers = ev.from !== state.profile.userId;
