@@ -159,7 +159,8 @@ class PigeonServer:
         bridge_password = secrets.token_urlsafe(32)
         gate = DeviceGate(check_token, BRIDGE_USER, bridge_password)
         in_process = self._ingest if s.ingest == "inprocess" else None
-        broker = PigeonBroker(broker_config(s.host, s.mqtt_port, s.ws_port, gate), gate, in_process)
+        broker = PigeonBroker(broker_config(s.host, s.mqtt_port, s.ws_port, gate), gate, in_process,
+                              connect_timeout=s.connect_timeout_s)
         try:
             await broker.start()
         except Exception as exc:

@@ -42,6 +42,8 @@ class Settings:
     upload_ttl_s: int = DAY_S
     log_level: str = "INFO"
     ingest: str = "inprocess"
+    # the embedded broker closes a connection that sends no whole CONNECT within this many seconds
+    connect_timeout_s: float = 10.0
 
     @property
     def advertised_host(self) -> str:
@@ -68,6 +70,8 @@ class Settings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 < self.connect_timeout_s <= 3600:
+            raise ConfigError(f"connect_timeout_s must be between 0 and 3600 seconds, got {self.connect_timeout_s}")
         if self.rate_per_s <= 0:
             raise ConfigError(f"rate_per_s must be positive, got {self.rate_per_s}")
         if self.broker is not None:

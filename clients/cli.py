@@ -62,6 +62,9 @@ def serve(
     max_payload: Annotated[int, typer.Option(envvar="PIGEON_MAX_PAYLOAD")] = 64 * 1024,
     media_max_bytes: Annotated[int, typer.Option(envvar="PIGEON_MEDIA_MAX_BYTES")] = 100 * 1024 * 1024,
     media_url_ttl: Annotated[int, typer.Option(envvar="PIGEON_MEDIA_URL_TTL", help="seconds")] = 600,
+    connect_timeout: Annotated[float, typer.Option(
+        envvar="PIGEON_CONNECT_TIMEOUT", help="seconds the embedded broker waits for a connection's CONNECT "
+        "before closing it")] = 10.0,
     log_level: Annotated[str, typer.Option(envvar="PIGEON_LOG_LEVEL")] = "INFO",
     ingest: Annotated[str, typer.Option(
         envvar="PIGEON_INGEST", help="inprocess: the broker hands device publishes to the bridge directly; "
@@ -83,7 +86,7 @@ def serve(
             broker=broker, broker_credentials_file=broker_credentials_file,
             rate_per_s=rate, rate_burst=burst, max_group=max_group, max_payload=max_payload,
             media_max_bytes=media_max_bytes, media_url_ttl_s=media_url_ttl, secret=secret_from_env() or None,
-            ingest=ingest,
+            ingest=ingest, connect_timeout_s=connect_timeout,
         ).validated()
     except PigeonError as exc:
         err.print(f"[red]configuration error:[/] {exc}")
