@@ -232,10 +232,12 @@ class PigeonServer:
         assert self._uvicorn is not None and self._http_sock is not None
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._housekeeping(), name="housekeeping")
+            watch = tg.create_task(self.presence.run_keepalive_watch(self.publish), name="keepalive-watch")
             ingest = None
             if self._ingest_client is not None:
                 ingest = tg.create_task(self._ingest_client.run(), name="mqtt-ingest")
             await self._uvicorn.serve(sockets=[self._http_sock])
+            watch.cancel()
             if ingest is not None:
                 ingest.cancel()
 

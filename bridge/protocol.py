@@ -152,6 +152,9 @@ class Typing:
 class PresenceReq:
     online: bool
     id: str | None = None
+    # seconds: with ``online``, the device's MQTT keepalive, which it promises to keep with
+    # publishes the server sees (see PresenceTracker.device_online)
+    keepalive: int | None = None
     type: ClassVar[str] = "presence"
 
     @classmethod
@@ -159,7 +162,8 @@ class PresenceReq:
         state = d.get("state")
         if state not in ("online", "offline"):
             raise BadRequest("'state' must be 'online' or 'offline'")
-        return cls(online=state == "online", id=rid)
+        keepalive = _int(d, "keepalive", lo=1, hi=65_535) if d.get("keepalive") is not None else None
+        return cls(online=state == "online", id=rid, keepalive=keepalive)
 
 
 @dataclass(frozen=True, slots=True)

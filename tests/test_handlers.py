@@ -401,3 +401,38 @@ async def test_online_count_is_taken_at_most_every_few_seconds(world: World) -> 
     assert await world.presence.online_devices() == 1
     world.clock.advance(ONLINE_COUNT_TTL_S)
     assert await world.presence.online_devices() == 2
+
+
+async def test_a_device_that_stated_its_keepalive_is_offline_after_one_and_a_half_of_silence(world: World) -> None:
+    a, b = await world.user("+15550009001"), await world.user("+15550009002")
+    up = f"up/{b.user_id}/{b.device_id}"
+    await world.router.handle(up, b'{"type":"presence","state":"online","keepalive":2}')
+    assert await world.presence.is_online(b.user_id)
+    world.clock.advance(2.9)
+    assert await world.presence.expire_silent() == []
+    # a request counts as activity: the allowance starts again from it
+    await world.router.handle(up, b'{"type":"sync","id":"s1","after":0}')
+    world.clock.advance(2.9)
+    assert await world.presence.expire_silent() == []
+    assert await world.presence.is_online(b.user_id)
+    world.clock.advance(0.2)
+    await world.presence.expire_silent()
+    assert not await world.presence.is_online(b.user_id)
+    user = await world.store.get_user(b.user_id)
+    assert user is not None and user.last_seen == world.clock.now_ms()
+    # the will arriving later changes nothing more
+    assert await world.router.handle(up, b'{"type":"presence","state":"offline"}') == []
+    # a device that stated no keepalive is left to the broker
+    await world.router.handle(f"up/{a.user_id}/{a.device_id}", b'{"type":"presence","state":"online"}')
+    world.clock.advance(3600)
+    assert await world.presence.expire_silent() == []
+    assert await world.presence.is_online(a.user_id)
+
+
+@pytest.mark.parametrize("keepalive", ['"2"', "0", "-1", "65536", "1.5", "true", "[]"])
+async def test_a_stated_keepalive_of_the_wrong_type_or_range_is_a_bad_request(world: World, keepalive: str) -> None:
+    b = await world.user("+15550009003")
+    outs = await world.router.handle(f"up/{b.user_id}/{b.device_id}",
+                                     f'{{"type":"presence","state":"online","keepalive":{keepalive}}}'.encode())
+    assert [json.loads(o.payload)["code"] for o in outs] == ["bad_request"]
+    assert not await world.presence.is_online(b.user_id)
