@@ -251,11 +251,17 @@ def parse_request(raw: bytes, max_bytes: int) -> Request:
     if len(raw) > max_bytes:
         raise TooLarge(f"payload is {len(raw)} bytes; the limit is {max_bytes}")
     try:
-        d = json.loads(raw)
+        # strict UTF-8: json.loads(bytes) would let encoded surrogates through ('surrogatepass')
+        d = json.loads(raw.decode("utf-8-sig"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise BadRequest("payload is not UTF-8 JSON") from exc
     if not isinstance(d, dict):
         raise BadRequest("payload must be a JSON object")
+    if b"\\u" in raw:  # an escape may spell a lone surrogate, which no reply could carry
+        try:
+            json.dumps(d, ensure_ascii=False).encode()
+        except UnicodeEncodeError as exc:
+            raise BadRequest("payload holds a lone UTF-16 surrogate (\\uD800-\\uDFFF)") from exc
     rid: str | None = None
     try:
         rid = request_id(d)

@@ -168,9 +168,9 @@ class DeviceRouter:
         return self._error(reply_to, Unavailable("internal error; retry later"), "mqtt")
 
     def _error(self, topic: str, exc: ProtocolError, edge: str) -> Out:
-        self._metrics.errors.labels(exc.code, edge).inc()
+        self._metrics.errors.labels(exc.mqtt_code, edge).inc()
         retry = exc.retry_after_ms if isinstance(exc, RateLimited) else None
-        return Out.event(topic, error_reply(exc.code, exc.message, exc.request_id, retry))
+        return Out.event(topic, error_reply(exc.mqtt_code, exc.message, exc.request_id, retry))
 
     async def _presence_change(self, caller: Caller, online: bool, keepalive: int | None) -> list[Out]:
         if online:
