@@ -89,3 +89,24 @@ async def test_a_device_that_keeps_publishing_stays_online(new_user: NewUser, co
         assert time.monotonic() - stopped >= 1.5 * KEEPALIVE - 0.5, time.monotonic() - started
     finally:
         writer.close()
+
+
+async def test_an_idle_sdk_device_with_a_short_keepalive_stays_online(
+    new_user: NewUser, connect: Any, server: ServerProc,
+) -> None:
+    """The SDK states its keepalive and keeps it with a publish when idle: silent for the
+    application, never silent for the server."""
+    a, b = await new_user(), await new_user()
+    da = await connect(a)
+    await da.send("hi", to=b.user_id)
+    await da.watch([b.user_id], ttl=60)
+    db = await connect(b, keepalive=KEEPALIVE)
+    await next_of(da, "presence", timeout=10, user=b.user_id, online=True)
+    await asyncio.sleep(3 * 1.5 * KEEPALIVE)  # idle for three allowances
+    await db.send("still here", to=a.user_id)
+    async with asyncio.timeout(10):
+        while True:  # every presence change of b until its message arrives: none may be offline
+            ev = await da.next_event()
+            assert not (ev["type"] == "presence" and ev.get("user") == b.user_id and not ev["online"]), ev
+            if ev["type"] == "msg" and ev.get("body") == "still here":
+                break
