@@ -32,6 +32,10 @@ ANSWERED = {"send": {"sent"}, "sync": {"batch"}, "media_upload": {"media_upload"
             "media_url": {"media_url"}}
 
 
+# pytest-timeout's limit for a fuzz test: the long run takes many times the fast one's minute
+TIMEOUT_S = 7200 if LONG else 300
+
+
 def examples(n: int) -> settings:
     """Hypothesis settings for a test of ``n`` cases (× LONG_FACTOR in the long run)."""
     return settings(max_examples=n * (LONG_FACTOR if LONG else 1), deadline=None, database=None,

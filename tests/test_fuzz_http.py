@@ -26,7 +26,7 @@ from schemathesis.specs.openapi.checks import response_schema_conformance
 from clients.launch import ServerProc
 from clients.sdk import Profile, login
 from tests.conftest import fresh_phone
-from tests.fuzz import examples, wrong_values
+from tests.fuzz import TIMEOUT_S, examples, wrong_values
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +48,7 @@ def operations(base: str) -> list[Any]:
 
 # Schemathesis' pytest plugin does not run under this pytest (it reads a node attribute pytest 9
 # renamed), so each operation's strategy is run by Hypothesis directly.
+@pytest.mark.timeout(TIMEOUT_S)
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
 def test_no_http_request_gets_a_5xx_or_an_answer_off_its_schema(
     http_server: ServerProc, http_user: Profile, mode: GenerationMode,
@@ -120,6 +121,7 @@ def http_request(draw: st.DrawFn, routes: list[tuple[str, str]], real: list[str]
     return method, path, query, body
 
 
+@pytest.mark.timeout(TIMEOUT_S)
 def test_no_route_answers_any_body_with_a_5xx(http_server: ServerProc, http_user: Profile) -> None:
     async def setup() -> str:
         async with httpx.AsyncClient(base_url=http_server.http,

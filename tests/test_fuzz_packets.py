@@ -18,7 +18,7 @@ from hypothesis import given
 
 from broker.embedded import PigeonBroker
 from tests.conftest import embedded_broker, tok_tokens
-from tests.fuzz import examples, first_packet
+from tests.fuzz import TIMEOUT_S, examples, first_packet
 from tests.mqtt_raw import connect_packet
 
 CONNECT_TIMEOUT = 0.2
@@ -69,6 +69,7 @@ def outcome(port: int, data: bytes) -> str:
         return "open"
 
 
+@pytest.mark.timeout(TIMEOUT_S)
 def test_broken_first_packets_are_closed_and_other_devices_undisturbed(broker_port: int) -> None:
     with socket.create_connection(("127.0.0.1", broker_port), timeout=5) as device:
         device.sendall(connect_packet("dev-a", "dev-a", "tok-dev-a", keepalive=600))

@@ -29,7 +29,7 @@ from bridge.protocol import parse_request
 from clients.launch import ServerProc
 from clients.sdk import Profile, login
 from tests.conftest import broker_flags, fresh_phone, production_flags
-from tests.fuzz import ANSWERED, ERROR_CODES, Case, Ids, examples, request_case
+from tests.fuzz import ANSWERED, ERROR_CODES, TIMEOUT_S, Case, Ids, examples, request_case
 
 MAX_PAYLOAD = 64 * 1024
 
@@ -99,9 +99,12 @@ def _expected(case: Case) -> tuple[str | None, str | None]:
     return None, getattr(req, "id", None)
 
 
-def check_case(dev: FuzzDevice, case: Case, sent: set[tuple[str, int]]) -> None:
+def check_case(dev: FuzzDevice, case: Case, sent: set[tuple[str, int]], tally: dict[str, int]) -> None:
     got = dev.roundtrip(case.payload)
     errors = [m for m in got if m.get("type") == "error"]
+    for m in got:
+        key = f"error {m.get('code')}" if m.get("type") == "error" else str(m.get("type"))
+        tally[key] = tally.get(key, 0) + 1
     for e in errors:
         assert e.get("code") in ERROR_CODES - {"unavailable"}, (case, e)
     code, rid = _expected(case)
@@ -120,6 +123,7 @@ def check_case(dev: FuzzDevice, case: Case, sent: set[tuple[str, int]]) -> None:
             sent.add((m["chat"], m["seq"]))
 
 
+@pytest.mark.timeout(TIMEOUT_S)
 def test_fuzzed_requests_are_answered_and_refusals_change_nothing(fuzz_server: ServerProc) -> None:
     async def setup() -> tuple[Profile, Profile, str]:
         me, peer = await login(fuzz_server.http, fresh_phone()), await login(fuzz_server.http, fresh_phone())
@@ -132,15 +136,20 @@ def test_fuzzed_requests_are_answered_and_refusals_change_nothing(fuzz_server: S
     ids = Ids(chat=chat, peer=peer.user_id, me=me.user_id)
     dev = FuzzDevice(me)
     sent: set[tuple[str, int]] = set()
+    tally: dict[str, int] = {}
+    cases = 0
     try:
         @examples(600 if fuzz_server.profile == "embedded" else 300)
         @given(case=request_case(ids))
         def run(case: Case) -> None:
-            check_case(dev, case, sent)
+            nonlocal cases
+            cases += 1
+            check_case(dev, case, sent, tally)
 
         run()
     finally:
         dev.close()
+    print(f"{fuzz_server.profile}: {cases} requests, answers {sorted(tally.items())}, {len(sent)} messages stored")
 
     async def chats() -> list[dict[str, Any]]:
         async with httpx.AsyncClient(headers={"Authorization": f"Bearer {me.token}"}) as http:
