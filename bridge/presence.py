@@ -13,7 +13,10 @@ When the bridge has seen nothing from it for 1.5 × that keepalive, it marks the
 as the will would, at once, whatever the broker's own check does: Mosquitto 2.0 checks
 keepalives only every 6 s, on a clock of whole seconds, so with a short keepalive its will comes
 up to 7 s late (docs/deploy.md). The will, when it comes, finds the device already offline and
-changes nothing. Devices that state no keepalive are left to the broker's check.
+changes nothing. Devices that state no keepalive are left to the broker's check. The watch
+lives in the bridge that handles the device's requests; if the device's partition moves to
+another bridge meanwhile, the old one may mark it offline once, and its next request (within a
+keepalive, as promised) marks it online again on the new one.
 
 Presence never blocks messaging: if the shared state cannot be reached, the failure is logged
 and the request goes on (a ``watch``, which asks for presence and nothing else, gets
