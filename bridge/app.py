@@ -187,7 +187,8 @@ class PigeonServer:
         bridge_password = secrets.token_urlsafe(32)
         gate = DeviceGate(check_token, BRIDGE_USER, bridge_password)
         in_process = self._ingest if s.ingest == "inprocess" else None
-        broker = PigeonBroker(broker_config(s.host, s.mqtt_port, s.ws_port, gate), gate, in_process)
+        broker = PigeonBroker(broker_config(s.host, s.mqtt_port, s.ws_port, gate), gate, in_process,
+                              connect_timeout=s.connect_timeout_s)
         try:
             await broker.start()
         except Exception as exc:
@@ -260,10 +261,12 @@ class PigeonServer:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._housekeeping(), name="housekeeping")
             tg.create_task(self.pusher.run(self._stopping), name="push")
+            watch = tg.create_task(self.presence.run_keepalive_watch(self.publish), name="keepalive-watch")
             ingest = None
             if self._ingest_client is not None:
                 ingest = tg.create_task(self._ingest_client.run(), name="mqtt-ingest")
             await self._uvicorn.serve(sockets=[self._http_sock])
+            watch.cancel()
             if ingest is not None:
                 ingest.cancel()
 

@@ -59,6 +59,8 @@ class Settings:
     apns_team_id: str | None = None
     apns_topic: str | None = None
     apns_url: str = "https://api.push.apple.com"
+    # the embedded broker closes a connection that sends no whole CONNECT within this many seconds
+    connect_timeout_s: float = 10.0
 
     @property
     def advertised_host(self) -> str:
@@ -85,6 +87,8 @@ class Settings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 < self.connect_timeout_s <= 3600:
+            raise ConfigError(f"connect_timeout_s must be between 0 and 3600 seconds, got {self.connect_timeout_s}")
         if self.rate_per_s <= 0:
             raise ConfigError(f"rate_per_s must be positive, got {self.rate_per_s}")
         if self.broker is not None:

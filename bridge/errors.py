@@ -10,7 +10,7 @@
     │   ├── Unauthorized         unauthorized       401  (HTTP only)
     │   ├── Forbidden            forbidden          403
     │   ├── NotFound             not_found          404
-    │   ├── Conflict             conflict           409  (HTTP only)
+    │   ├── Conflict             conflict           409  (HTTP only; bad_request over MQTT)
     │   ├── RateLimited          rate_limited       429  (+ retry_after_ms)
     │   └── Unavailable          unavailable        503  (nothing was accepted: retry later)
     └── ConfigError              a setting is missing or malformed (names the key)
@@ -33,6 +33,8 @@ class ConfigError(PigeonError):
 class ProtocolError(PigeonError):
     code = "bad_request"
     http_status = 400
+    # the code an MQTT error reply carries: one of protocol section 3's (HTTP may say more)
+    mqtt_code = "bad_request"
 
     def __init__(self, message: str, *, request_id: str | None = None) -> None:
         super().__init__(message)
@@ -46,12 +48,12 @@ class BadRequest(ProtocolError):
 
 
 class UnknownType(ProtocolError):
-    code = "unknown_type"
+    code = mqtt_code = "unknown_type"
     http_status = 400
 
 
 class TooLarge(ProtocolError):
-    code = "too_large"
+    code = mqtt_code = "too_large"
     http_status = 413
 
 
@@ -61,12 +63,12 @@ class Unauthorized(ProtocolError):
 
 
 class Forbidden(ProtocolError):
-    code = "forbidden"
+    code = mqtt_code = "forbidden"
     http_status = 403
 
 
 class NotFound(ProtocolError):
-    code = "not_found"
+    code = mqtt_code = "not_found"
     http_status = 404
 
 
@@ -76,7 +78,7 @@ class Conflict(ProtocolError):
 
 
 class RateLimited(ProtocolError):
-    code = "rate_limited"
+    code = mqtt_code = "rate_limited"
     http_status = 429
 
     def __init__(self, message: str, *, retry_after_ms: int, request_id: str | None = None) -> None:
@@ -85,5 +87,5 @@ class RateLimited(ProtocolError):
 
 
 class Unavailable(ProtocolError):
-    code = "unavailable"
+    code = mqtt_code = "unavailable"
     http_status = 503

@@ -152,6 +152,9 @@ class Typing:
 class PresenceReq:
     online: bool
     id: str | None = None
+    # seconds: with ``online``, the device's MQTT keepalive, which it promises to keep with
+    # publishes the server sees (see PresenceTracker.device_online)
+    keepalive: int | None = None
     type: ClassVar[str] = "presence"
 
     @classmethod
@@ -159,7 +162,8 @@ class PresenceReq:
         state = d.get("state")
         if state not in ("online", "offline"):
             raise BadRequest("'state' must be 'online' or 'offline'")
-        return cls(online=state == "online", id=rid)
+        keepalive = _int(d, "keepalive", lo=1, hi=65_535) if d.get("keepalive") is not None else None
+        return cls(online=state == "online", id=rid, keepalive=keepalive)
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,11 +251,17 @@ def parse_request(raw: bytes, max_bytes: int) -> Request:
     if len(raw) > max_bytes:
         raise TooLarge(f"payload is {len(raw)} bytes; the limit is {max_bytes}")
     try:
-        d = json.loads(raw)
+        # strict UTF-8: json.loads(bytes) would let encoded surrogates through ('surrogatepass')
+        d = json.loads(raw.decode("utf-8-sig"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise BadRequest("payload is not UTF-8 JSON") from exc
     if not isinstance(d, dict):
         raise BadRequest("payload must be a JSON object")
+    if b"\\u" in raw:  # an escape may spell a lone surrogate, which no reply could carry
+        try:
+            json.dumps(d, ensure_ascii=False).encode()
+        except UnicodeEncodeError as exc:
+            raise BadRequest("payload holds a lone UTF-16 surrogate (\\uD800-\\uDFFF)") from exc
     rid: str | None = None
     try:
         rid = request_id(d)

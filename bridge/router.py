@@ -125,7 +125,7 @@ class DeviceRouter:
             kind = req.type
             self._metrics.requests.labels(kind).inc()
             if isinstance(req, PresenceReq):
-                return await self._presence_change(caller, req.online)
+                return await self._presence_change(caller, req.online, req.keepalive)
             wait_ms = self._limiter.take(caller.device_id)
             if wait_ms:
                 raise RateLimited("too many requests", retry_after_ms=wait_ms, request_id=getattr(req, "id", None))
@@ -168,13 +168,14 @@ class DeviceRouter:
         return self._error(reply_to, Unavailable("internal error; retry later"), "mqtt")
 
     def _error(self, topic: str, exc: ProtocolError, edge: str) -> Out:
-        self._metrics.errors.labels(exc.code, edge).inc()
+        self._metrics.errors.labels(exc.mqtt_code, edge).inc()
         retry = exc.retry_after_ms if isinstance(exc, RateLimited) else None
-        return Out.event(topic, error_reply(exc.code, exc.message, exc.request_id, retry))
+        return Out.event(topic, error_reply(exc.mqtt_code, exc.message, exc.request_id, retry))
 
-    async def _presence_change(self, caller: Caller, online: bool) -> list[Out]:
+    async def _presence_change(self, caller: Caller, online: bool, keepalive: int | None) -> list[Out]:
         if online:
-            outs = await self._presence.device_online(caller.user_id, caller.device_id, explicit=True)
+            outs = await self._presence.device_online(caller.user_id, caller.device_id, explicit=True,
+                                                      keepalive=keepalive)
         else:
             outs = await self._presence.device_offline(caller.user_id, caller.device_id)
         # The online gauge is counted when /metrics is read, not here: counting walks every

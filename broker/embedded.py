@@ -29,6 +29,12 @@ Fixes (each reproduced first by a test in ``tests/test_broker_fixes.py``):
    ``up/…``: the bridge's ``ingest`` returned, the request stored and answered, or answered
    with an error). Each device's loop takes its publishes one at a time, in arrival order, so
    its PUBACKs leave in that order too, and a device waiting on the bridge holds up no other.
+7. **Broken first packets leave the connection open.** amqtt parses whatever arrives first as
+   a CONNECT (a PUBLISH too), waits without limit for a body its length announced, and on most
+   errors returns without closing the socket. Here the first packet is read whole, within
+   ``connect_timeout`` seconds, and must be a CONNECT (type 1, flags 0) of at most
+   ``MAX_CONNECT_BYTES`` that amqtt parses to its last byte; otherwise the connection is
+   closed at once (MQTT 3.1.1 section 4.8), as is one that sends no CONNECT in time.
 
 Publishes on ``up/…`` (device requests and wills) go straight to the bridge's ``ingest``
 coroutine in this process, in the order the device sent them; nothing subscribes to them
@@ -67,6 +73,68 @@ log = logging.getLogger(__name__)
 
 Ingest = Callable[[str, bytes], Awaitable[None]]
 KEEPALIVE_FACTOR = 1.5
+# A connection that has not sent a whole CONNECT within this many seconds is closed (fix 7).
+CONNECT_TIMEOUT_S = 10.0
+# The largest CONNECT accepted: a client id, a will (a presence payload) and a token fit many
+# times over; a larger announced length is a broken or hostile first packet.
+MAX_CONNECT_BYTES = 64 * 1024
+CONNECT_FIRST_BYTE = 0x10  # packet type 1 (CONNECT), flags 0 [MQTT-2.2.2-2]
+
+
+class BrokenFirstPacket(AMQTTError):
+    """The first packet of a connection is not a well-formed CONNECT, or did not come in time."""
+
+
+class _Buffered(ReaderAdapter):
+    """Reads from bytes already received: amqtt parses the first packet from here, so it can
+    never wait on the network for more than the packet announced."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self._pos = 0
+
+    async def read(self, n: int = -1) -> bytes:
+        end = len(self._data) if n < 0 else min(len(self._data), self._pos + n)
+        chunk = self._data[self._pos:end]
+        self._pos = end
+        return chunk
+
+    def feed_eof(self) -> None:
+        self._pos = len(self._data)
+
+    @property
+    def left(self) -> int:
+        return len(self._data) - self._pos
+
+
+async def _read_exactly(reader: ReaderAdapter, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = await reader.read(n - len(data))
+        if not chunk:
+            raise BrokenFirstPacket("connection closed in the middle of the first packet")
+        data += chunk
+    return data
+
+
+async def read_first_packet(reader: ReaderAdapter) -> bytes:
+    """The whole first packet of a connection, if it can be a CONNECT; raises BrokenFirstPacket."""
+    head = await _read_exactly(reader, 1)
+    if head[0] != CONNECT_FIRST_BYTE:
+        raise BrokenFirstPacket(f"first packet is not a CONNECT (first byte 0x{head[0]:02x})")
+    length, multiplier = 0, 1
+    for _ in range(4):
+        byte = (await _read_exactly(reader, 1))[0]
+        head += bytes([byte])
+        length += (byte & 0x7F) * multiplier
+        if not byte & 0x80:
+            break
+        multiplier *= 128
+    else:
+        raise BrokenFirstPacket("remaining length longer than four bytes")
+    if length > MAX_CONNECT_BYTES:
+        raise BrokenFirstPacket(f"CONNECT announces {length} bytes, more than {MAX_CONNECT_BYTES}")
+    return head + await _read_exactly(reader, length)
 
 
 class _Handler(BrokerProtocolHandler):
@@ -113,9 +181,11 @@ class _Handler(BrokerProtocolHandler):
 
 
 class PigeonBroker(Broker):
-    def __init__(self, config: dict[str, Any], gate: DeviceGate, ingest: Ingest | None = None) -> None:
+    def __init__(self, config: dict[str, Any], gate: DeviceGate, ingest: Ingest | None = None,
+                 connect_timeout: float = CONNECT_TIMEOUT_S) -> None:
         super().__init__(config)
         self.gate = gate
+        self.connect_timeout = connect_timeout
         self._ingest = ingest
         # filters with + or #: the only ones a publish must be matched against one by one
         self._wildcards: set[str] = set()
@@ -125,16 +195,23 @@ class PigeonBroker(Broker):
     def set_ingest(self, ingest: Ingest) -> None:
         self._ingest = ingest
 
-    # -- fix 2 and keepalive scaling ----------------------------------------------------------------
+    # -- fixes 2 and 7, keepalive scaling -----------------------------------------------------------
     async def _initialize_client_session(
         self, reader: ReaderAdapter, writer: WriterAdapter, remote_address: str, remote_port: int
     ) -> tuple[BrokerProtocolHandler, Session]:
         try:
-            handler, session = await _Handler.init_from_connect(reader, writer, self.plugins_manager)
-        except MQTTError as exc:
-            await writer.close()
-            raise MQTTError(exc) from exc
-        except (AMQTTError, NoDataError) as exc:
+            try:
+                async with asyncio.timeout(self.connect_timeout):
+                    first = await read_first_packet(reader)
+            except TimeoutError as exc:
+                raise BrokenFirstPacket(f"no CONNECT within {self.connect_timeout:g} s") from exc
+            buffered = _Buffered(first)
+            handler, session = await _Handler.init_from_connect(buffered, writer, self.plugins_manager)
+            if buffered.left:
+                raise BrokenFirstPacket(f"{buffered.left} bytes after the end of the CONNECT it announced")
+        except (AMQTTError, MQTTError, NoDataError, ValueError, UnicodeDecodeError) as exc:
+            log.info("closing the connection from %s:%s: %s", remote_address, remote_port, exc)
+            await _close(writer)
             raise AMQTTError(exc) from exc
         session.clean_session = True
         session.parent = 0
@@ -317,6 +394,13 @@ class PigeonBroker(Broker):
 
     def connected_count(self) -> int:
         return sum(1 for s, _ in self._sessions.values() if s.transitions.state == "connected")
+
+
+async def _close(writer: WriterAdapter) -> None:
+    try:
+        await writer.close()
+    except (OSError, AMQTTError, RuntimeError) as exc:  # already gone: nothing left to close
+        log.debug("closing a connection: %s", exc)
 
 
 def broker_config(host: str, mqtt_port: int, ws_port: int, gate: DeviceGate) -> dict[str, Any]:

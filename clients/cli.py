@@ -71,6 +71,9 @@ def serve(
     max_payload: Annotated[int, typer.Option(envvar="PIGEON_MAX_PAYLOAD")] = 64 * 1024,
     media_max_bytes: Annotated[int, typer.Option(envvar="PIGEON_MEDIA_MAX_BYTES")] = 100 * 1024 * 1024,
     media_url_ttl: Annotated[int, typer.Option(envvar="PIGEON_MEDIA_URL_TTL", help="seconds")] = 600,
+    connect_timeout: Annotated[float, typer.Option(
+        envvar="PIGEON_CONNECT_TIMEOUT", help="seconds the embedded broker waits for a connection's CONNECT "
+        "before closing it")] = 10.0,
     log_level: Annotated[str, typer.Option(envvar="PIGEON_LOG_LEVEL")] = "INFO",
     ingest: Annotated[str, typer.Option(
         envvar="PIGEON_INGEST", help="inprocess: the broker hands device publishes to the bridge directly; "
@@ -119,7 +122,7 @@ def serve(
             ingest=ingest, push_window_s=push_window, push_max_age_s=push_max_age, vapid_key_file=vapid_key_file,
             vapid_subject=vapid_subject, fcm_credentials_file=fcm_credentials_file, fcm_url=fcm_url,
             apns_key_file=apns_key_file, apns_key_id=apns_key_id, apns_team_id=apns_team_id, apns_topic=apns_topic,
-            apns_url=apns_url,
+            apns_url=apns_url, connect_timeout_s=connect_timeout,
         ).validated()
     except PigeonError as exc:
         err.print(f"[red]configuration error:[/] {exc}")

@@ -288,6 +288,7 @@ class Device:
         self._closing = False
         self._stack = contextlib.AsyncExitStack()
         self.up = f"up/{profile.user_id}/{profile.device_id}"
+        self._last_publish = 0.0  # loop time of the last publish: the server's sign of life
 
     @property
     def cursor(self) -> int:
@@ -322,9 +323,15 @@ class Device:
         await client.subscribe(f"down/{self.profile.user_id}", qos=1)
         await client.subscribe(f"down/{self.profile.user_id}/{self.profile.device_id}", qos=1)
         self._runner = asyncio.create_task(self._run(), name=f"pigeon-device-{self.profile.device_id}")
-        await self._publish({"type": "presence", "state": "online"})
+        await self._publish(self._online())
         await self.sync()
         return self
+
+    def _online(self) -> dict[str, Any]:
+        """``presence online`` stating the keepalive, which this device keeps with publishes the
+        server sees (_heartbeat_loop): the server then marks it offline 1.5 × keepalive after it
+        goes silent, whatever the broker's own keepalive check does."""
+        return {"type": "presence", "state": "online", "keepalive": self._keepalive}
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
@@ -376,6 +383,7 @@ class Device:
             tg.create_task(self._read_loop(), name="read")
             tg.create_task(self._sync_loop(), name="gap-sync")
             tg.create_task(self._ack_loop(), name="ack")
+            tg.create_task(self._heartbeat_loop(), name="heartbeat")
 
     # -- plumbing ------------------------------------------------------------------------------------
     async def _publish(self, payload: Mapping[str, Any], qos: int = 1) -> None:
@@ -384,6 +392,7 @@ class Device:
         try:
             async with asyncio.timeout(self._reply_timeout):
                 await self._client.publish(self.up, json.dumps(payload, separators=(",", ":")), qos=qos)
+            self._last_publish = asyncio.get_running_loop().time()
         except TimeoutError as exc:
             raise RequestTimeout(f"the broker did not acknowledge a {payload.get('type')} in time") from exc
 
@@ -484,6 +493,20 @@ class Device:
                     log.warning("gap sync failed: %s", exc)
                     self._sync_wanted.set()
                     await asyncio.sleep(1 + random.random())
+
+    async def _heartbeat_loop(self) -> None:
+        """Say ``presence online`` again whenever nothing was published for half the keepalive."""
+        loop = asyncio.get_running_loop()
+        while not self._closing:
+            await asyncio.sleep(max(0.0, self._last_publish + self._keepalive / 2 - loop.time()))
+            if self._closing:
+                return
+            if loop.time() - self._last_publish >= self._keepalive / 2:
+                try:
+                    await self._publish(self._online())
+                except (aiomqtt.MqttError, PigeonClientError) as exc:
+                    log.warning("presence heartbeat not sent (%s); trying again", exc)
+                    await asyncio.sleep(min(1.0, self._keepalive / 4))
 
     async def _ack_loop(self) -> None:
         while not self._closing:

@@ -139,11 +139,12 @@ def tok_tokens(user: str) -> Callable[[str], Awaitable[tuple[str, str] | None]]:
 
 
 async def embedded_broker(check: Callable[[str], Awaitable[tuple[str, str] | None]],
-                          bridge: tuple[str, str] | None = None) -> tuple[PigeonBroker, int]:
+                          bridge: tuple[str, str] | None = None, **options: float) -> tuple[PigeonBroker, int]:
     """The embedded broker alone on a free loopback port, devices checked by ``check(token)``
-    (and the bridge's ``(username, password)``, if given, let in as the bridge)."""
+    (and the bridge's ``(username, password)``, if given, let in as the bridge); ``options``
+    go to PigeonBroker (e.g. ``connect_timeout``)."""
     gate = DeviceGate(check, *(bridge or (None, None)))
-    broker = PigeonBroker(broker_config("127.0.0.1", 0, 0, gate), gate)
+    broker = PigeonBroker(broker_config("127.0.0.1", 0, 0, gate), gate, **options)
     await broker.start()
     return broker, broker._servers["default"].instance.sockets[0].getsockname()[1]  # noqa: SLF001
 
