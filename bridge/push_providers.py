@@ -3,7 +3,7 @@
 Each provider checks the ``token`` a device registers (and returns the form kept in the store),
 and sends one content-free wake to it, telling the caller what the service answered as an
 :class:`Outcome`: accepted, gone (the service dropped the subscription, as each service says
-it: Web Push 404/410, FCM 404 ``UNREGISTERED``, APNs 410, a webhook 410), worth a retry
+it: Web Push 404/410, FCM 404 ``UNREGISTERED``, APNs 410, a webhook 404/410), worth a retry
 (429, 5xx, a network failure; with the service's ``Retry-After``), or rejected for good.
 
 - Web Push (RFC 8030): the body encrypted with ``aes128gcm`` (RFC 8291, by ``http_ece``) for the
@@ -55,7 +55,7 @@ APNS_TOKEN_RE = re.compile(r"^(?:[0-9a-fA-F]{2}){32,100}$")
 WEBPUSH_TOPIC = "pigeon-wake"  # a newer wake replaces an older one still held by the push service
 USER_AGENT = "pigeon-push/1"
 GONE_WEBPUSH = frozenset({404, 410})  # RFC 8030: the subscription no longer exists
-GONE_WEBHOOK = frozenset({410})  # a 404 may be a deployment's mistake: only 410 says the hook is gone
+GONE_WEBHOOK = frozenset({404, 410})  # protocol section 7: a 404 or 410 says the hook is gone
 GONE_APNS = frozenset({410})  # Unregistered; 400 BadDeviceToken also comes for a sandbox token sent to production
 
 

@@ -222,7 +222,7 @@ async def test_a_burst_is_coalesced(srv: ServerProc, services: PushServices) -> 
         assert pushes[1].at - pushes[0].at >= WINDOW * 0.9
 
 
-@pytest.mark.parametrize("provider", ["webpush", "fcm", "apns"])
+@pytest.mark.parametrize("provider", ["webpush", "fcm", "apns", "webhook"])
 async def test_a_dropped_subscription_deletes_the_target(srv: ServerProc, services: PushServices,
                                                          provider: str) -> None:
     a, b, chat = await pair(srv)
@@ -236,10 +236,14 @@ async def test_a_dropped_subscription_deletes_the_target(srv: ServerProc, servic
         recorder = services.fcm.recorder
         recorder.script(target, (404, {}, json.dumps({"error": {"code": 404, "status": "NOT_FOUND", "details": [
             {"@type": "type.googleapis.com/google.firebase.fcm.v1.FcmError", "errorCode": "UNREGISTERED"}]}}).encode()))
-    else:
+    elif provider == "apns":
         token = target = (b.device_id.encode().hex() * 8)[:64]
         recorder = services.apns.recorder
         recorder.script(target, (410, {}, b'{"reason":"Unregistered","timestamp":1700000000000}'))
+    else:  # protocol section 7: a 404 (or 410) from the hook
+        token, target = services.webhook.url(b.device_id), b.device_id
+        recorder = services.webhook.recorder
+        recorder.script(target, (404, {}, b"no such hook"))
     async with Api(b) as api:
         await api.set_push(provider, token)
         await post(a, chat, "hello")
@@ -256,7 +260,7 @@ async def test_a_dropped_subscription_deletes_the_target(srv: ServerProc, servic
 async def test_a_refusal_that_does_not_say_gone_keeps_the_target(srv: ServerProc, services: PushServices,
                                                                  provider: str) -> None:
     """FCM's 404 without UNREGISTERED (a wrong project), APNs's 400 BadDeviceToken (a sandbox
-    token sent to production) and a webhook's 404 drop the wake, not the device's target."""
+    token sent to production) and a webhook's 400 drop the wake, not the device's target."""
     a, b, chat = await pair(srv)
     if provider == "fcm":
         token = target = "fcm-" + b.device_id.replace("-", "") + "y" * 20
@@ -269,7 +273,7 @@ async def test_a_refusal_that_does_not_say_gone_keeps_the_target(srv: ServerProc
     else:
         token, target = services.webhook.url(b.device_id), b.device_id
         recorder = services.webhook.recorder
-        recorder.script(target, (404, {}, b"no such hook"))
+        recorder.script(target, (400, {}, b"not a wake this hook takes"))
     rejected = f'pigeon_push_dropped_total{{provider="{provider}",reason="rejected"}}'
     before = await metric(srv, rejected)
     async with Api(b) as api:

@@ -99,8 +99,8 @@ async def test_web_push_404_and_410_mean_gone(services: PushServices, client: ht
     assert (await provider.send(provider.check(sub, True), WAKE)).kind == kind
 
 
-@pytest.mark.parametrize(("status", "kind"), [(410, "gone"), (404, "rejected")])
-async def test_a_webhook_is_gone_only_with_410(services: PushServices, client: httpx.AsyncClient,
+@pytest.mark.parametrize(("status", "kind"), [(410, "gone"), (404, "gone"), (400, "rejected")])
+async def test_a_webhook_is_gone_with_404_or_410(services: PushServices, client: httpx.AsyncClient,
                                                status: int, kind: str) -> None:
     name = uuid.uuid4().hex
     services.webhook.recorder.script(name, (status, {}, b""))
