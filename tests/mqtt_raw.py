@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+from typing import Any
 
 from clients.bench.mqtt import mqtt_str, varint
 
@@ -60,3 +61,20 @@ async def read_packet(reader: asyncio.StreamReader, timeout: float = 5.0) -> tup
             break
         mult *= 128
     return first, await reader.readexactly(length)
+
+
+OFFLINE_WILL = b'{"type":"presence","state":"offline"}'
+
+
+async def raw_device(host: str, port: int, profile: Any, *, keepalive: int,
+                     will: bytes = OFFLINE_WILL) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str]:
+    """A device's own MQTT connection on a raw socket (no client library to ping for it), with
+    a will on its ``up`` topic; returns once the broker has accepted it."""
+    up = f"up/{profile.user_id}/{profile.device_id}"
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(connect_packet(profile.device_id, profile.device_id, profile.token, keepalive=keepalive,
+                                will=(up, will)))
+    await writer.drain()
+    first, body = await read_packet(reader)
+    assert first == 0x20 and body[1] == 0, (first, body)
+    return reader, writer, up

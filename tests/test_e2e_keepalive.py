@@ -14,25 +14,13 @@ import time
 from typing import Any
 
 from tests.conftest import NewUser, ServerProc
-from tests.mqtt_raw import connect_packet, publish_packet, read_packet
+from tests.mqtt_raw import publish_packet, raw_device, read_packet
 from tests.test_e2e_messaging import next_of
 
 KEEPALIVE = 2
 # the bridge's timer and the presence fan-out, on a machine other tests load too
 MARGIN_S = 1.5
 ONLINE = b'{"type":"presence","state":"online","keepalive":2}'
-WILL = b'{"type":"presence","state":"offline"}'
-
-
-async def raw_device(server: ServerProc, profile: Any) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str]:
-    up = f"up/{profile.user_id}/{profile.device_id}"
-    reader, writer = await asyncio.open_connection(server.mqtt_host, server.mqtt_port)
-    writer.write(connect_packet(profile.device_id, profile.device_id, profile.token, keepalive=KEEPALIVE,
-                                will=(up, WILL)))
-    await writer.drain()
-    first, body = await read_packet(reader)
-    assert first == 0x20 and body[1] == 0, (first, body)
-    return reader, writer, up
 
 
 async def publish_and_wait_puback(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, up: str,
@@ -52,7 +40,7 @@ async def test_a_silent_device_is_offline_within_one_and_a_half_keepalives(
     da = await connect(a)
     await da.send("hi", to=b.user_id)  # a shares a chat with b: may watch b
     await da.watch([b.user_id], ttl=60)
-    reader, writer, up = await raw_device(server, b)
+    reader, writer, up = await raw_device(server.mqtt_host, server.mqtt_port, b, keepalive=KEEPALIVE)
     try:
         await publish_and_wait_puback(reader, writer, up, ONLINE, 1)
         last_publish_ms = int(time.time() * 1000)
@@ -74,7 +62,7 @@ async def test_a_device_that_keeps_publishing_stays_online(new_user: NewUser, co
     da = await connect(a)
     await da.send("hi", to=b.user_id)
     await da.watch([b.user_id], ttl=60)
-    reader, writer, up = await raw_device(server, b)
+    reader, writer, up = await raw_device(server.mqtt_host, server.mqtt_port, b, keepalive=KEEPALIVE)
     try:
         await publish_and_wait_puback(reader, writer, up, ONLINE, 1)
         await next_of(da, "presence", timeout=10, user=b.user_id, online=True)

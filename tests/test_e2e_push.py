@@ -14,7 +14,7 @@ import pytest
 
 from clients.sdk import Api, Device, PigeonClientError, Profile, login
 from tests.conftest import ServerProc, broker_flags, fresh_phone, metric, production_flags
-from tests.mqtt_raw import connect_packet, publish_packet
+from tests.mqtt_raw import publish_packet, raw_device
 from tests.push_services import PushServices
 from tests.test_e2e_failover import settled
 
@@ -67,6 +67,14 @@ async def post(sender: Profile, chat: str, *bodies: str) -> None:
     async with Api(sender) as api:
         for body in bodies:
             await api.post_message(chat, body)
+
+
+async def online_raw_device(device: Profile, *, keepalive: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """The device on a raw MQTT connection (with a will), having said it is online."""
+    reader, writer, up = await raw_device(device.mqtt_host, device.mqtt_port, device, keepalive=keepalive)
+    writer.write(publish_packet(up, b'{"type":"presence","state":"online"}', 1))
+    await writer.drain()
+    return reader, writer
 
 
 async def eventually(check: object, timeout: float = 10.0) -> None:
@@ -149,14 +157,9 @@ async def test_a_device_dropped_by_keepalive_counts_as_gone(srv: ServerProc, ser
     a, b, chat = await pair(srv)
     async with Api(b) as api:
         await api.set_push("webhook", services.webhook.url(b.device_id))
-    up = f"up/{b.user_id}/{b.device_id}"
-    reader, writer = await asyncio.open_connection(b.mqtt_host, b.mqtt_port)
+    # a device that says it is online, then falls silent: no ping, no DISCONNECT
+    _, writer = await online_raw_device(b, keepalive=2)
     try:
-        # a device that says it is online, then falls silent: no ping, no DISCONNECT
-        will = b'{"type":"presence","state":"offline"}'
-        writer.write(connect_packet(b.device_id, b.device_id, b.token, keepalive=2, will=(up, will)))
-        writer.write(publish_packet(up, b'{"type":"presence","state":"online"}', 1))
-        await writer.drain()
         async with Api(a) as api:
             async def online() -> bool:
                 return bool((await api.presence(b.user_id))["online"])
@@ -185,12 +188,7 @@ async def test_a_connection_lost_with_a_message_unacknowledged_wakes_the_user(
     a, b, chat = await pair(srv)
     async with Api(b) as api:
         await api.set_push("webhook", services.webhook.url(b.device_id))
-    up = f"up/{b.user_id}/{b.device_id}"
-    reader, writer = await asyncio.open_connection(b.mqtt_host, b.mqtt_port)
-    will = b'{"type":"presence","state":"offline"}'
-    writer.write(connect_packet(b.device_id, b.device_id, b.token, keepalive=60, will=(up, will)))
-    writer.write(publish_packet(up, b'{"type":"presence","state":"online"}', 1))
-    await writer.drain()
+    _, writer = await online_raw_device(b, keepalive=60)
     async with Api(a) as api:
         async def online() -> bool:
             return bool((await api.presence(b.user_id))["online"])
