@@ -305,12 +305,18 @@ def load_vapid_key(path: Path | None, data_dir: Path) -> ec.EllipticCurvePrivate
             with os.fdopen(fd, "wb") as fh:
                 fh.write(pem)
             log.info("made a VAPID key for Web Push at %s", path)
+    return load_p256_key(path, "vapid_key_file", "a readable PEM private key", "a P-256 (prime256v1) key")
+
+
+def load_p256_key(path: Path, setting: str, readable: str, p256: str) -> ec.EllipticCurvePrivateKey:
+    """The P-256 private key in the PEM file ``path``; a :class:`ConfigError` naming the setting
+    that gave it otherwise."""
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except (OSError, ValueError, TypeError) as exc:
-        raise ConfigError(f"vapid_key_file {path} is not a readable PEM private key: {exc}") from exc
+        raise ConfigError(f"{setting} {path} is not {readable}: {exc}") from exc
     if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
-        raise ConfigError(f"vapid_key_file {path} must hold a P-256 (prime256v1) key")
+        raise ConfigError(f"{setting} {path} must hold {p256}")
     return key
 
 
@@ -489,12 +495,7 @@ class Apns:
     name = "apns"
 
     def __init__(self, key_file: Path, key_id: str, team_id: str, topic: str, base_url: str) -> None:
-        try:
-            key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
-        except (OSError, ValueError, TypeError) as exc:
-            raise ConfigError(f"apns_key_file {key_file} is not a readable .p8 key: {exc}") from exc
-        if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
-            raise ConfigError(f"apns_key_file {key_file} must hold a P-256 key (an APNs .p8 auth key)")
+        key = load_p256_key(key_file, "apns_key_file", "a readable .p8 key", "a P-256 key (an APNs .p8 auth key)")
         self._sign = es256(key)
         self._key_id, self._team_id, self._topic = key_id, team_id, topic
         self._base = base_url.rstrip("/")
