@@ -143,6 +143,7 @@ class Pusher:
         self._targets: TTLCache[str, tuple[str, ...]] = TTLCache(maxsize=200_000, ttl=TARGETS_TTL_S)
         self._in_flight = 0  # sends running: no more are claimed than can start at once
         self._slot_free = asyncio.Event()
+        self._stopping = asyncio.Event()  # the server's, once run
         self._send_timeout_s = send_timeout_s
         self._parallel = parallel_sends
 
@@ -169,21 +170,32 @@ class Pusher:
 
     # -- loops ---------------------------------------------------------------------------------------------
     async def run(self, stopping: asyncio.Event) -> None:
+        self._stopping = stopping
         async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._wake_on_stop(stopping), name="push-stop")
             tg.create_task(self._decide_loop(stopping), name="push-decide")
             tg.create_task(self._deliver_loop(stopping, tg), name="push-deliver")
 
-    async def _wait(self, event: asyncio.Event, stopping: asyncio.Event, timeout: float | None) -> None:
-        waiters = [asyncio.ensure_future(event.wait()), asyncio.ensure_future(stopping.wait())]
+    async def _wake_on_stop(self, stopping: asyncio.Event) -> None:
+        """Once stopping, every wait of the loops ends (they look at ``stopping`` when woken)."""
+        await stopping.wait()
+        for event in (self._noted, self._due, self._slot_free):
+            event.set()
+
+    async def _wait(self, event: asyncio.Event, timeout: float | None) -> None:
+        """Until ``event`` is set, ``timeout`` passes or the pusher stops: one wait, no task (the
+        decide loop waits once per step, and a step comes with every turn that carried messages)."""
+        if self._stopping.is_set():
+            return
         try:
-            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waiters:
-                w.cancel()
+            async with asyncio.timeout(timeout):
+                await event.wait()
+        except TimeoutError:
+            pass
 
     async def _decide_loop(self, stopping: asyncio.Event) -> None:
         while not stopping.is_set():
-            await self._wait(self._noted, stopping, None)
+            await self._wait(self._noted, None)
             if stopping.is_set():
                 return
             self._noted.clear()
@@ -202,7 +214,7 @@ class Pusher:
                     self._notes[u] = note.plus(self._notes[u]) if u in self._notes else note
                 self._gone |= gone_again
                 self._noted.set()
-                await self._wait(stopping, stopping, 1.0)
+                await self._wait(stopping, 1.0)
 
     async def _decide(self, notes: Mapping[str, Note], gone: set[str]) -> tuple[dict[str, Note], set[str]]:
         """Queue the wakes of the noted users who are offline, and of the users who went offline
@@ -271,7 +283,7 @@ class Pusher:
             free = min(CLAIM_BATCH, self._parallel - self._in_flight)
             if free <= 0:  # a claimed wake's lease runs from its claim: claim none that must wait
                 self._slot_free.clear()
-                await self._wait(self._slot_free, stopping, None)
+                await self._wait(self._slot_free, None)
                 continue
             self._due.clear()
             online: set[str] = set()
@@ -281,11 +293,11 @@ class Pusher:
                     online = await self._state.online_users(sorted({j.user_id for j in jobs}))
             except StorageUnavailable as exc:
                 log.warning("push queue unavailable: %s", exc)
-                await self._wait(stopping, stopping, 1.0)
+                await self._wait(stopping, 1.0)
                 continue
             except Exception:  # pushes must never take the server down
                 log.exception("claiming pushes failed; trying again shortly")
-                await self._wait(stopping, stopping, 1.0)
+                await self._wait(stopping, 1.0)
                 continue
             for job in jobs:
                 if job.user_id in online:  # came back meanwhile: the connection carries everything
@@ -294,7 +306,7 @@ class Pusher:
                 self._in_flight += 1
                 tg.create_task(self._deliver(job), name=f"push-{job.device_id}")
             if len(jobs) < free:
-                await self._wait(self._due, stopping, POLL_S)
+                await self._wait(self._due, POLL_S)
 
     async def _finish(self, job: PushJob, *, pushed: bool) -> None:
         now = self._clock.now_ms()
