@@ -9,6 +9,8 @@ import secrets
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -92,6 +94,22 @@ def broker_flags() -> list[str]:
     broker = production_url("PIGEON_BROKER", "mqtt://")
     creds = production_url("PIGEON_BROKER_CREDENTIALS_FILE", "/")
     return ["--broker", broker, "--broker-credentials-file", creds]
+
+
+@contextmanager
+def two_bridges(dir0: Path, dir1: Path, *flags: str) -> Iterator[tuple[ServerProc, ServerProc]]:
+    """Two server processes of one deployment (the same flags), stopped again, second first."""
+    first = ServerProc.start(dir0, *flags)
+    try:
+        second = ServerProc.start(dir1, *flags)
+    except BaseException:
+        first.stop()
+        raise
+    try:
+        yield first, second
+    finally:
+        second.stop()
+        first.stop()
 
 
 @pytest.fixture(scope="session", params=["embedded", "production", "mosquitto"])

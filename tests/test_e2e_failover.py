@@ -26,7 +26,7 @@ import pytest
 
 from clients.launch import ServerProc
 from storage.cassandra_owner import PARTITIONS, partition_of
-from tests.conftest import broker_flags, partitions_held, production_flags
+from tests.conftest import broker_flags, partitions_held, production_flags, two_bridges
 from tests.load import Load, make_pairs
 from tests.test_e2e_crash import drop_keyspace, verdict
 
@@ -57,17 +57,8 @@ def deployment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tupl
     # one deployment signs with one secret: a token one bridge gave is good on the other
     monkeypatch.setenv("PIGEON_SECRET", secrets.token_hex(32))
     flags = production_flags() + broker_flags()  # once: both bridges on one keyspace
-    first = ServerProc.start(tmp_path / "bridge0", *flags)
-    try:
-        second = ServerProc.start(tmp_path / "bridge1", *flags)
-    except BaseException:
-        first.stop()
-        raise
-    try:
+    with two_bridges(tmp_path / "bridge0", tmp_path / "bridge1", *flags) as (first, second):
         yield flags, first, second
-    finally:
-        second.stop()
-        first.stop()
         drop_keyspace(flags)
 
 

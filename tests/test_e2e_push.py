@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from clients.sdk import Api, Device, PigeonClientError, Profile, login
-from tests.conftest import ServerProc, broker_flags, fresh_phone, metric, production_flags
+from tests.conftest import ServerProc, broker_flags, fresh_phone, metric, production_flags, two_bridges
 from tests.mqtt_raw import publish_packet, raw_device
 from tests.push_services import PushServices
 from tests.test_e2e_failover import settled
@@ -385,13 +385,7 @@ async def test_two_bridges_on_one_redis_agree_on_who_is_connected(services: Push
     """The device is connected to Mosquitto and its presence kept in Redis; messages reach the
     user through either bridge, and neither pushes until the device has gone."""
     flags = push_flags(services, tmp_path, "production") + broker_flags()
-    first = ServerProc.start(tmp_path / "b0", *flags)
-    try:
-        second = ServerProc.start(tmp_path / "b1", *flags)
-    except BaseException:
-        first.stop()
-        raise
-    try:
+    with two_bridges(tmp_path / "b0", tmp_path / "b1", *flags) as (first, second):
         # once the second holds its share of the partitions: while they move, a request may be
         # answered 'unavailable' (devices retry it; these HTTP posts do not)
         await settled(first, second)
@@ -428,9 +422,6 @@ async def test_two_bridges_on_one_redis_agree_on_who_is_connected(services: Push
         [pushed] = await services.webhook.recorder.wait(b.device_id, 1)
         assert pushed.at > gone
         assert pushed.body == {"type": "wake", "events": 1}
-    finally:
-        second.stop()
-        first.stop()
 
 
 async def test_typing_and_presence_push_nobody(srv: ServerProc, services: PushServices) -> None:

@@ -16,22 +16,15 @@ import pytest
 
 from clients.sdk import Api, Device, Profile, login
 from storage.cassandra_owner import partition_of
-from tests.conftest import ServerProc, broker_flags, fresh_phone, metric, production_flags, sends_handled
+from tests.conftest import ServerProc, broker_flags, fresh_phone, metric, production_flags, sends_handled, two_bridges
 from tests.test_e2e_failover import holds, lease_holders, settled
 
 
 @pytest.fixture(scope="module")
 def bridges(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProc, ServerProc, list[str]]]:
     flags = production_flags() + broker_flags()
-    first = ServerProc.start(tmp_path_factory.mktemp("bridge0"), *flags)
-    try:
-        second = ServerProc.start(tmp_path_factory.mktemp("bridge1"), *flags)
-    except BaseException:
-        first.stop()
-        raise
-    yield first, second, flags
-    second.stop()
-    first.stop()
+    with two_bridges(tmp_path_factory.mktemp("bridge0"), tmp_path_factory.mktemp("bridge1"), *flags) as (first, second):
+        yield first, second, flags
 
 
 async def test_two_bridges_share_the_load_and_keep_every_promise(

@@ -61,6 +61,19 @@ def phone() -> str:
     return f"+1{_run:06d}{next(_n):06d}"
 
 
+@pytest.fixture
+async def cassandra(cassandra_url: str) -> AsyncIterator[CassandraStore]:
+    """A Cassandra store of its own, migrated and open (for tests of Cassandra's own behaviour)."""
+    store = open_store(cassandra_url)
+    assert isinstance(store, CassandraStore)
+    await store.migrate()
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
 def text(chat: str, sender: str, cid: str | None, body: str = "x", ts: int = T0) -> NewMessage:
     return NewMessage(chat_id=chat, sender=sender, device=phone_of(sender), client_id=cid, ts=ts, kind="text",
                       body=body)
@@ -411,35 +424,29 @@ async def test_an_acknowledged_position_outlives_the_store_instance(
 
 
 async def test_cassandra_writes_acknowledged_positions_a_period_after_they_move_not_in_one_burst(
-        cassandra_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        cassandra: CassandraStore, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each user's position is written about ACK_FLUSH_S (here a second) after it first moved:
     users whose acks came half a second apart are written half a second apart, not together."""
     monkeypatch.setattr(storage.cassandra, "ACK_FLUSH_S", 1.0)
-    store = open_store(cassandra_url)
-    assert isinstance(store, CassandraStore)
-    await store.migrate()
-    await store.open()
-    try:
-        a, b = await two_users(store)
-        chat = await store.direct_chat(a, b, T0)
-        for i in range(2):
-            await store.append_message(text(chat.chat_id, a, f"slice{i}"), [a, b])
-        base = store.ops.by_name.get("set_acked", 0)
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        await store.advance_device_ack(phone_of(a), a, 1)
-        await asyncio.sleep(0.5)
-        await store.advance_device_ack(phone_of(b), b, 1)
-        written: list[float] = []
-        while len(written) < 2 and loop.time() - start < 4:
-            await asyncio.sleep(0.01)
-            while store.ops.by_name.get("set_acked", 0) - base > len(written):
-                written.append(loop.time() - start)
-        assert len(written) == 2, written
-        assert 0.9 <= written[0] <= 1.4, written
-        assert written[1] - written[0] >= 0.3, written
-    finally:
-        await store.close()
+    store = cassandra
+    a, b = await two_users(store)
+    chat = await store.direct_chat(a, b, T0)
+    for i in range(2):
+        await store.append_message(text(chat.chat_id, a, f"slice{i}"), [a, b])
+    base = store.ops.by_name.get("set_acked", 0)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    await store.advance_device_ack(phone_of(a), a, 1)
+    await asyncio.sleep(0.5)
+    await store.advance_device_ack(phone_of(b), b, 1)
+    written: list[float] = []
+    while len(written) < 2 and loop.time() - start < 4:
+        await asyncio.sleep(0.01)
+        while store.ops.by_name.get("set_acked", 0) - base > len(written):
+            written.append(loop.time() - start)
+    assert len(written) == 2, written
+    assert 0.9 <= written[0] <= 1.4, written
+    assert written[1] - written[0] >= 0.3, written
 
 
 async def test_cassandra_statement_without_an_answer_fails_after_the_timeout() -> None:
@@ -461,36 +468,30 @@ async def test_cassandra_statement_without_an_answer_fails_after_the_timeout() -
 
 
 async def test_cassandra_finds_a_send_only_once_every_members_entry_is_written(
-        cassandra_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        cassandra: CassandraStore, monkeypatch: pytest.MonkeyPatch) -> None:
     """A retry that finds its send answers `sent` without storing anything more, so the send's
     record must come after the members' inbox entries: when writing an entry fails, the send is
     not found, and the retry completes the entries."""
     from storage.base import StorageUnavailable
 
-    store = open_store(cassandra_url)
-    assert isinstance(store, CassandraStore)
-    await store.migrate()
-    await store.open()
-    try:
-        a, b = await two_users(store)
-        chat = await store.direct_chat(a, b, T0)
-        number = store._number
+    store = cassandra
+    a, b = await two_users(store)
+    chat = await store.direct_chat(a, b, T0)
+    number = store._number
 
-        async def inbox_write_fails(key: str, values: tuple[object, ...], ident: object) -> tuple[int, bool]:
-            if key == f"u:{b}":
-                await asyncio.sleep(0.05)  # the other writes of the send go ahead meanwhile
-                raise StorageUnavailable("the recipient's inbox entry was not written")
-            return await number(key, values, ident)  # type: ignore[arg-type]
+    async def inbox_write_fails(key: str, values: tuple[object, ...], ident: object) -> tuple[int, bool]:
+        if key == f"u:{b}":
+            await asyncio.sleep(0.05)  # the other writes of the send go ahead meanwhile
+            raise StorageUnavailable("the recipient's inbox entry was not written")
+        return await number(key, values, ident)  # type: ignore[arg-type]
 
-        monkeypatch.setattr(store, "_number", inbox_write_fails)
-        with pytest.raises(StorageUnavailable):
-            await store.append_message(text(chat.chat_id, a, "once"), [a, b])
-        await asyncio.sleep(0.1)
-        monkeypatch.setattr(store, "_number", number)
-        assert await store.find_sent(phone_of(a), "once") is None
-        retried = await store.append_message(text(chat.chat_id, a, "once"), [a, b])
-        assert retried.message.seq == 1 and b in retried.inbox
-        assert [e.item.seq for e in await store.read_inbox(b, 0, 10) if isinstance(e.item, Message)] == [1]
-        assert await store.find_sent(phone_of(a), "once") is not None
-    finally:
-        await store.close()
+    monkeypatch.setattr(store, "_number", inbox_write_fails)
+    with pytest.raises(StorageUnavailable):
+        await store.append_message(text(chat.chat_id, a, "once"), [a, b])
+    await asyncio.sleep(0.1)
+    monkeypatch.setattr(store, "_number", number)
+    assert await store.find_sent(phone_of(a), "once") is None
+    retried = await store.append_message(text(chat.chat_id, a, "once"), [a, b])
+    assert retried.message.seq == 1 and b in retried.inbox
+    assert [e.item.seq for e in await store.read_inbox(b, 0, 10) if isinstance(e.item, Message)] == [1]
+    assert await store.find_sent(phone_of(a), "once") is not None
