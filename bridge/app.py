@@ -17,7 +17,7 @@ from urllib.parse import parse_qs, urlparse
 import uvicorn
 
 from broker.dynsec import DynSecAdmin, DynSecError
-from broker.embedded import PigeonBroker, broker_config
+from broker.embedded import MAX_PACKET_BYTES, PigeonBroker, broker_config
 from broker.gate import DeviceGate
 from storage import StorageError, open_media, open_store
 from storage.media_local import LocalMediaStore
@@ -187,8 +187,9 @@ class PigeonServer:
         bridge_password = secrets.token_urlsafe(32)
         gate = DeviceGate(check_token, BRIDGE_USER, bridge_password)
         in_process = self._ingest if s.ingest == "inprocess" else None
+        # a packet past max_packet closes the connection; a payload past max_payload is still answered too_large
         broker = PigeonBroker(broker_config(s.host, s.mqtt_port, s.ws_port, gate), gate, in_process,
-                              connect_timeout=s.connect_timeout_s)
+                              connect_timeout=s.connect_timeout_s, max_packet=max(MAX_PACKET_BYTES, 2 * s.max_payload))
         try:
             await broker.start()
         except Exception as exc:

@@ -35,6 +35,19 @@ Fixes (each reproduced first by a test in ``tests/test_broker_fixes.py``):
    ``connect_timeout`` seconds, and must be a CONNECT (type 1, flags 0) of at most
    ``MAX_CONNECT_BYTES`` that amqtt parses to its last byte; otherwise the connection is
    closed at once (MQTT 3.1.1 section 4.8), as is one that sends no CONNECT in time.
+8. **Broken packets after the CONNECT are taken.** amqtt drops a PUBLISH with QoS 3, or with
+   a topic of invalid UTF-8 or holding a wildcard, takes (and PUBACKs) one with packet id 0,
+   answers a SUBSCRIBE with no topic filter or with wrong flags, and ignores packets only a
+   server may send; the connection stays open (of the 36 kinds in
+   ``tests/test_broken_sessions.py``, 31 were left open, and a DISCONNECT with a body was taken
+   as a clean one, without the will). Over
+   WebSocket it also repeats the last frame it got when the client goes away in the middle of
+   a packet, so a PUBLISH the client never sent whole is parsed from copies of its start and
+   handed to the bridge. Here every packet
+   of a connected client is read whole (its rest within ``connect_timeout`` seconds, at most
+   ``max_packet`` bytes) and checked against MQTT 3.1.1 (``broker.packets``) before amqtt
+   sees it; a broken one closes the connection at once, as a lost one (the will is
+   published), and a WebSocket client's text frame does too [MQTT-6.0.0-1].
 
 Publishes on ``up/…`` (device requests and wills) go straight to the bridge's ``ingest``
 coroutine in this process, in the order the device sent them; nothing subscribes to them
@@ -50,7 +63,7 @@ import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from amqtt.adapters import ReaderAdapter, WriterAdapter
+from amqtt.adapters import ReaderAdapter, WebSocketsWriter, WriterAdapter
 from amqtt.broker import Broker, Server
 from amqtt.contexts import Action
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
@@ -65,8 +78,11 @@ from amqtt.session import (
     OutgoingApplicationMessage,
     Session,
 )
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
 
 from .gate import DeviceGate
+from .packets import ProtocolViolation, check_packet
 from .plugins import REFUSAL_ATTR, principal_of
 
 log = logging.getLogger(__name__)
@@ -79,6 +95,10 @@ CONNECT_TIMEOUT_S = 10.0
 # times over; a larger announced length is a broken or hostile first packet.
 MAX_CONNECT_BYTES = 64 * 1024
 CONNECT_FIRST_BYTE = 0x10  # packet type 1 (CONNECT), flags 0 [MQTT-2.2.2-2]
+# The largest packet a connected client may send (fix 8): a request of the protocol's largest
+# payload fits many times over (a larger one is still answered ``too_large`` by the bridge), and
+# so does the WebSocket listener's frame limit of 1 MiB.
+MAX_PACKET_BYTES = 1024 * 1024
 
 
 class BrokenFirstPacket(AMQTTError):
@@ -137,6 +157,101 @@ async def read_first_packet(reader: ReaderAdapter) -> bytes:
     return head + await _read_exactly(reader, length)
 
 
+async def _remaining_length(reader: ReaderAdapter) -> tuple[int, bytes]:
+    length, multiplier, raw = 0, 1, b""
+    for _ in range(4):
+        byte = (await _read_exactly(reader, 1))[0]
+        raw += bytes([byte])
+        length += (byte & 0x7F) * multiplier
+        if not byte & 0x80:
+            return length, raw
+        multiplier *= 128
+    raise ProtocolViolation("remaining length longer than four bytes")
+
+
+class _WebSocketReader(ReaderAdapter):
+    """The bytes of a WebSocket's binary frames (amqtt's own reader repeats the last frame when
+    the client goes away in the middle of a packet). A text frame breaks MQTT [MQTT-6.0.0-1]:
+    it and the end of the connection read as the end of the stream."""
+
+    def __init__(self, connection: ServerConnection) -> None:
+        self._connection = connection
+        self._buffer = bytearray()
+        self._ended = False
+
+    async def read(self, n: int = -1) -> bytes:
+        want = max(n, 1)
+        while len(self._buffer) < want and not self._ended:
+            try:
+                frame = await self._connection.recv()
+            except ConnectionClosed:
+                self._ended = True
+                break
+            if isinstance(frame, str):
+                log.info("closing a WebSocket connection: a text frame [MQTT-6.0.0-1]")
+                self._ended = True
+                await self._connection.close(1003, "MQTT travels in binary frames")
+                break
+            self._buffer.extend(frame)
+        chunk = bytes(self._buffer[:n] if n >= 0 else self._buffer)
+        del self._buffer[:len(chunk)]
+        return chunk
+
+    def feed_eof(self) -> None:
+        self._ended = True
+
+
+class _CheckedReader(ReaderAdapter):
+    """Hands amqtt the packets of a connected client one whole packet at a time, each checked
+    against MQTT 3.1.1 first (fix 8). A broken packet, one cut short by the end of the
+    connection, one longer than ``max_packet`` or one whose rest does not come within
+    ``timeout`` seconds of its first byte reads as the end of the stream: amqtt then closes
+    the connection as a lost one."""
+
+    def __init__(self, reader: ReaderAdapter, max_packet: int, timeout: float) -> None:
+        self._reader = reader
+        self._max_packet = max_packet
+        self._timeout = timeout
+        self._packet = b""
+        self._ended = False
+        self.violation: str | None = None
+
+    async def read(self, n: int = -1) -> bytes:
+        if not self._packet and not self._ended:
+            self._packet = await self._next_packet()
+        chunk = self._packet if n < 0 else self._packet[:n]
+        self._packet = self._packet[len(chunk):]
+        return chunk
+
+    async def _next_packet(self) -> bytes:
+        head: bytes = await self._reader.read(1)
+        if not head:
+            self._ended = True
+            return b""
+        try:
+            async with asyncio.timeout(self._timeout):
+                length, raw_length = await _remaining_length(self._reader)
+                if length > self._max_packet:
+                    raise ProtocolViolation(f"a packet of {length} bytes, more than {self._max_packet}")
+                body = await _read_exactly(self._reader, length)
+            check_packet(head[0], body)
+        except TimeoutError:
+            self.violation = f"a packet not whole within {self._timeout:g} s of its first byte"
+        except BrokenFirstPacket:
+            self.violation = "connection closed in the middle of a packet"
+        except ProtocolViolation as exc:
+            self.violation = str(exc)
+        else:
+            return head + raw_length + body
+        log.info("closing a connection: %s", self.violation)
+        self._ended = True
+        return b""
+
+    def feed_eof(self) -> None:
+        self._ended = True
+        self._reader.feed_eof()
+
+
 class _Handler(BrokerProtocolHandler):
     """Closes the connection when nothing has been read for the (already scaled) keepalive (fix 3),
     and PUBACKs a device's QoS-1 publish only once the broker has handled it (fix 6)."""
@@ -182,10 +297,11 @@ class _Handler(BrokerProtocolHandler):
 
 class PigeonBroker(Broker):
     def __init__(self, config: dict[str, Any], gate: DeviceGate, ingest: Ingest | None = None,
-                 connect_timeout: float = CONNECT_TIMEOUT_S) -> None:
+                 connect_timeout: float = CONNECT_TIMEOUT_S, max_packet: int = MAX_PACKET_BYTES) -> None:
         super().__init__(config)
         self.gate = gate
         self.connect_timeout = connect_timeout
+        self.max_packet = max_packet
         self._ingest = ingest
         # filters with + or #: the only ones a publish must be matched against one by one
         self._wildcards: set[str] = set()
@@ -194,6 +310,9 @@ class PigeonBroker(Broker):
 
     def set_ingest(self, ingest: Ingest) -> None:
         self._ingest = ingest
+
+    async def ws_connected(self, websocket: ServerConnection, listener_name: str) -> None:
+        await self._client_connected(listener_name, _WebSocketReader(websocket), WebSocketsWriter(websocket))
 
     # -- fixes 2 and 7, keepalive scaling -----------------------------------------------------------
     async def _initialize_client_session(
@@ -240,7 +359,7 @@ class PigeonBroker(Broker):
                 await old_handler.stop()
             await self._delete_session(client_id)
         client_session.transitions.connect()
-        handler.attach(client_session, reader, writer)
+        handler.attach(client_session, _CheckedReader(reader, self.max_packet, self.connect_timeout), writer)
         self._sessions[client_id] = (client_session, handler)
         await handler.mqtt_connack_authorize(True)
         await self.plugins_manager.fire_event(

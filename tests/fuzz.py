@@ -198,3 +198,65 @@ def first_packet(draw: st.DrawFn) -> bytes:
     return connect_bytes("dev-fuzz", "dev-fuzz", "tok-dev-fuzz", flags=draw(st.integers(0, 255)),
                          keepalive=draw(st.integers(0, 65535)), proto=draw(st.sampled_from([b"MQTT", b"MQIsdp", b""])),
                          level=draw(st.integers(0, 255)))
+
+
+# -- packets after a sound CONNECT (tests/test_fuzz_packets.py) ------------------------------------
+def sound_packets(up_topic: str, down_topic: str) -> list[bytes]:
+    """Packets a connected device may send, each answered or taken without closing."""
+    def pkt(first: int, body: bytes) -> bytes:
+        return bytes([first]) + varint(len(body)) + body
+
+    return [
+        pkt(0x30, mqtt_str(up_topic) + b'{"type":"ping"}'),
+        pkt(0x32, mqtt_str(up_topic) + b"\x00\x07" + b'{"type":"ping"}'),
+        pkt(0x82, b"\x00\x05" + mqtt_str(down_topic) + b"\x01"),
+        pkt(0xA2, b"\x00\x06" + mqtt_str(down_topic)),
+        pkt(0x40, b"\x00\x09"),
+        b"\xc0\x00",
+    ]
+
+
+# packet types only a server sends, and the reserved ones: always broken from a client
+SERVER_ONLY_TYPES = (0, 2, 9, 11, 13, 15)
+
+
+@st.composite
+def session_packet(draw: st.DrawFn, up_topic: str, down_topic: str) -> tuple[bytes, str]:
+    """Bytes a connected client sends, and what they are: 'sound' (one packet it may send),
+    'broken' (certain to break MQTT 3.1.1) or 'mutated' (anything: most are broken)."""
+    sound = sound_packets(up_topic, down_topic)
+    how = draw(st.sampled_from(["sound", "mutated", "mutated", "server type", "qos 3", "bad topic", "other",
+                                "bad length", "random"]))
+    if how == "sound":
+        return draw(st.sampled_from(sound)), "sound"
+    if how == "mutated":
+        data = bytearray(draw(st.sampled_from(sound)))
+        for _ in range(draw(st.integers(1, 4))):
+            data[draw(st.integers(0, len(data) - 1))] = draw(st.integers(0, 255))
+        cut = draw(st.integers(1, len(data)))
+        return bytes(data[:cut]) + draw(st.binary(max_size=20)), "mutated"
+    if how == "server type":
+        first = draw(st.sampled_from(SERVER_ONLY_TYPES)) << 4 | draw(st.integers(0, 15))
+        body = draw(st.binary(max_size=40))
+        return bytes([first]) + varint(len(body)) + body, "broken"
+    if how == "qos 3":
+        body = mqtt_str(up_topic) + b"\x00\x01" + draw(st.binary(max_size=40))
+        return bytes([0x36 | draw(st.sampled_from([0, 1, 8, 9]))]) + varint(len(body)) + body, "broken"
+    if how == "bad topic":
+        topic = draw(st.one_of(
+            st.builds(lambda a, w, b: a + w + b, st.text(max_size=10), st.sampled_from(["+", "#", "\x00"]),
+                      st.text(max_size=10)).map(lambda t: mqtt_str(t)),
+            st.sampled_from([b"\xff", b"\xc0\xaf", b"\xed\xa0\x80", b"\xe0\x80\xaf", b"\xf4\x90\x80\x80"]).map(
+                lambda bad: struct.pack("!H", len(bad) + 2) + b"up" + bad),
+            st.just(b"\x00\x00"),
+        ))
+        body = topic + draw(st.binary(max_size=40))
+        return bytes([0x30 | draw(st.sampled_from([0, 1]))]) + varint(len(body)) + body, "broken"
+    if how == "other":
+        first = draw(st.integers(0, 255))
+        return bytes([first]) + varint(draw(st.integers(0, 200))) + draw(st.binary(max_size=50)), "mutated"
+    if how == "bad length":
+        return bytes([draw(st.integers(0, 255))]) + draw(st.sampled_from([
+            b"\xff\xff\xff\xff\x01", b"\x80\x80\x80\x80\x80", b"\xff\xff\xff\x7f"])) + draw(
+            st.binary(max_size=40)), "broken"
+    return draw(st.binary(min_size=1, max_size=300)), "mutated"

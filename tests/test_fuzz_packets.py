@@ -1,8 +1,13 @@
-"""Fuzzing the embedded broker with broken first packets on raw sockets (tests/fuzz.py).
+"""Fuzzing the embedded broker with broken packets on raw sockets (tests/fuzz.py).
 
 Whatever a connection sends first, within the connect timeout (0.2 s here) plus a little the
 broker has either answered a CONNACK (the bytes happened to form a CONNECT) or closed the
 connection; a device connected all along still gets its PINGRESP after every case.
+
+Whatever a connected client sends after a sound CONNECT, the broker has within the same time
+either closed the connection or still answers it (a PINGREQ sent behind it gets its PINGRESP):
+a packet certain to break MQTT 3.1.1 is always closed, a sound one never; a device connected
+all along still gets its PINGRESP after every case, and sends and receives at the end.
 """
 
 from __future__ import annotations
@@ -12,36 +17,44 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 from hypothesis import given
 
 from broker.embedded import PigeonBroker
 from tests.conftest import embedded_broker, tok_tokens
-from tests.fuzz import TIMEOUT_S, examples, first_packet
-from tests.mqtt_raw import connect_packet
+from tests.fuzz import TIMEOUT_S, examples, first_packet, session_packet
+from tests.mqtt_raw import connect_packet, publish_packet, subscribe_packet
 
 CONNECT_TIMEOUT = 0.2
 # a busy two-core machine, and a close that follows the timeout: the most a case may wait
 CLOSED_WITHIN = CONNECT_TIMEOUT + 1.3
+PACKET_TIMEOUT = 0.1
 
 
-@pytest.fixture(scope="module")
-def broker_port() -> Iterator[int]:
+@contextmanager
+def broker_on_thread(connect_timeout: float) -> Iterator[tuple[PigeonBroker, asyncio.AbstractEventLoop, int]]:
     """The embedded broker on a loop of its own thread: the test's sockets are plain, blocking ones."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="fuzz-broker", daemon=True)
     thread.start()
     started: tuple[PigeonBroker, int] = asyncio.run_coroutine_threadsafe(
-        embedded_broker(tok_tokens("u1"), connect_timeout=CONNECT_TIMEOUT), loop).result(30)
+        embedded_broker(tok_tokens("u1"), connect_timeout=connect_timeout), loop).result(30)
     broker, port = started
     try:
-        yield port
+        yield broker, loop, port
     finally:
         asyncio.run_coroutine_threadsafe(broker.shutdown(), loop).result(30)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         loop.close()
+
+
+@pytest.fixture(scope="module")
+def broker_port() -> Iterator[int]:
+    with broker_on_thread(CONNECT_TIMEOUT) as (_, _, port):
+        yield port
 
 
 def outcome(port: int, data: bytes) -> str:
@@ -88,3 +101,92 @@ def test_broken_first_packets_are_closed_and_other_devices_undisturbed(broker_po
         run()
         print(f"first packets: {seen}")
         assert seen.get("closed", 0) > 0, seen
+
+
+def packets_in(data: bytes) -> list[bytes]:
+    """The whole packets at the start of ``data`` (each with its fixed header)."""
+    found, pos = [], 0
+    while pos + 2 <= len(data):
+        length, multiplier, i = 0, 1, pos + 1
+        while i < len(data) and i < pos + 5:
+            length += (data[i] & 0x7F) * multiplier
+            multiplier *= 128
+            i += 1
+            if not data[i - 1] & 0x80:
+                break
+        else:
+            return found
+        if i + length > len(data):
+            return found
+        found.append(data[pos:i + length])
+        pos = i + length
+    return found
+
+
+def session_outcome(port: int, data: bytes) -> str:
+    """After a sound CONNECT, ``data`` then a PINGREQ: 'closed', 'alive' (the PINGRESP came),
+    or 'open' if neither came in time. The PINGREQ may complete a packet ``data`` cut short
+    (a PUBACK's packet id, say); then a second one must be answered."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(connect_packet("dev-fz", "dev-fz", "tok-dev-fz", keepalive=600))
+        assert sock.recv(4) == b"\x20\x02\x00\x00"
+        got = b""
+        for attempt in (data + b"\xc0\x00", b"\xc0\x00"):
+            try:
+                sock.sendall(attempt)
+            except OSError:
+                return "closed"
+            deadline = time.monotonic() + CLOSED_WITHIN
+            while time.monotonic() < deadline:
+                sock.settimeout(max(0.01, deadline - time.monotonic()))
+                try:
+                    chunk = sock.recv(4096)
+                except TimeoutError:
+                    break
+                except OSError:
+                    return "closed"
+                if not chunk:
+                    return "closed"
+                got += chunk
+                if b"\xd0\x00" in packets_in(got):
+                    return "alive"
+        return "open"
+
+
+@pytest.mark.timeout(TIMEOUT_S)
+def test_broken_packets_after_connect_are_closed_and_other_devices_undisturbed() -> None:
+    # a packet cut short is closed PACKET_TIMEOUT after it began: shorter than the first-packet
+    # test's, as most mutated packets end so and the test waits for each
+    with broker_on_thread(PACKET_TIMEOUT) as (broker, loop, port), \
+            socket.create_connection(("127.0.0.1", port), timeout=5) as device:
+        device.sendall(connect_packet("dev-a", "dev-a", "tok-dev-a", keepalive=600))
+        assert device.recv(4) == b"\x20\x02\x00\x00"
+        device.sendall(subscribe_packet("down/u1/dev-a", 1))
+        assert device.recv(5) == b"\x90\x03\x00\x01\x01"
+        seen: dict[tuple[str, str], int] = {}
+
+        @examples(250)
+        @given(case=session_packet("up/u1/dev-fz", "down/u1/dev-fz"))
+        def run(case: tuple[bytes, str]) -> None:
+            data, kind = case
+            result = session_outcome(port, data)
+            seen[(kind, result)] = seen.get((kind, result), 0) + 1
+            assert result != "open", f"neither closed nor answering after {CLOSED_WITHIN} s: {data[:80]!r}"
+            if kind == "broken":
+                assert result == "closed", f"a broken packet was taken: {data[:80]!r}"
+            if kind == "sound":
+                assert result == "alive", f"a sound packet closed the connection: {data[:80]!r}"
+            device.sendall(b"\xc0\x00")  # the connected device is still served
+            assert device.recv(2) == b"\xd0\x00"
+
+        run()
+        # and it still sends and receives
+        device.sendall(publish_packet("up/u1/dev-a", b'{"type":"ping"}', 9))
+        assert device.recv(4) == b"\x40\x02\x00\x09"
+        asyncio.run_coroutine_threadsafe(broker.publish("down/u1/dev-a", b"still here", 0), loop).result(5)
+        device.settimeout(5)
+        delivered = b""
+        while not delivered.endswith(b"still here"):
+            delivered += device.recv(4096)
+        print(f"packets after connect: {dict(sorted(seen.items()))}")
+        assert seen.get(("broken", "closed"), 0) > 0 and seen.get(("sound", "alive"), 0) > 0, seen
