@@ -23,7 +23,11 @@ from .handling import Caller, storage_errors
 from .tokens import TokenSigner
 
 log = logging.getLogger(__name__)
-PHONE_RE = re.compile(r"^\+[1-9][0-9]{6,14}$")
+# E.164; the pattern is also the OpenAPI document's. Python's "$" also matches before a final
+# newline, so the check is a full match of the pattern without its anchors.
+PHONE_PATTERN = r"^\+[1-9][0-9]{6,14}$"
+PHONE_RE = re.compile(PHONE_PATTERN[1:-1])
+CODE_RE = re.compile(r"[0-9]{6}")  # ASCII digits only: str.isdigit() also takes other scripts' digits
 KNOWN_DEVICE_S = 60.0
 
 
@@ -49,7 +53,7 @@ class Login:
 
 
 def check_phone(phone: object) -> str:
-    if not isinstance(phone, str) or not PHONE_RE.match(phone):
+    if not isinstance(phone, str) or not PHONE_RE.fullmatch(phone):
         raise BadRequest("'phone' must be an E.164 number such as +15550001111")
     return phone
 
@@ -98,7 +102,7 @@ class Accounts:
 
     async def verify(self, phone: str, code: object, device_name: str, platform: str) -> Login:
         phone = check_phone(phone)
-        if not isinstance(code, str) or not code.isdigit() or len(code) != 6:
+        if not isinstance(code, str) or not CODE_RE.fullmatch(code):
             raise BadRequest("'code' must be six digits")
         now = self._clock.now_ms()
         async with storage_errors():

@@ -1,7 +1,10 @@
 """The HTTP edge: ``/v1`` JSON routes, ``/healthz``, ``/metrics`` and local media blobs.
 
 Routes parse and validate, call a handler, publish what it returns, and answer. Every error
-is ``{"error": {"code", "message"}}`` with the protocol's code and the fitting status.
+is ``{"error": {"code", "message"}}`` with the protocol's code and the fitting status. Each
+route declares its request body, query parameters, answer and error statuses with the models
+of ``bridge.http_models``, so ``/openapi.json`` describes all of them; what a route returns is
+checked against its answer's model.
 """
 
 from __future__ import annotations
@@ -17,17 +20,53 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from storage.base import StoreOps
 from storage.media_local import LocalMediaStore, SignatureError, UploadTooLarge
 
-from .accounts import Accounts
+from .accounts import PHONE_PATTERN, Accounts
 from .clock import Clock
 from .errors import BadRequest, Forbidden, NotFound, ProtocolError, RateLimited, TooLarge, Unauthorized
 from .handling import Caller
+from .http_models import (
+    AddMemberRequest,
+    ChatsReply,
+    ChatView,
+    CodeReply,
+    CodeRequest,
+    DevicesReply,
+    DirectChatRequest,
+    GroupChatRequest,
+    HealthReply,
+    HistoryReply,
+    LoginReply,
+    MediaUrlReply,
+    MemberRemovedReply,
+    MeReply,
+    PresenceReply,
+    PushClearedReply,
+    PushReply,
+    PushRequest,
+    ReadyReply,
+    ReceiptsReply,
+    RefreshReply,
+    RenameRequest,
+    SendRequest,
+    SentReply,
+    UnlinkedReply,
+    UploadReply,
+    UploadRequest,
+    UserCard,
+    UserIdReply,
+    VapidReply,
+    VerifyRequest,
+    errors,
+)
 from .media import Media
 from .messaging import Messenger, receipts_view
 from .metrics import Metrics
@@ -109,6 +148,53 @@ def _int_param(request: Request, name: str, default: int | None) -> int | None:
         raise BadRequest(f"'{name}' must be an integer") from exc
 
 
+# -- the OpenAPI document's request bodies and query parameters ------------------------------------------
+_REQUEST_MODELS: list[type[BaseModel]] = []
+
+
+def _ref(model: type[BaseModel]) -> dict[str, str]:
+    if model not in _REQUEST_MODELS:
+        _REQUEST_MODELS.append(model)
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def _body(*models: type[BaseModel]) -> dict[str, Any]:
+    """``openapi_extra`` for a JSON body of one of ``models`` (the route reads it itself)."""
+    schema: dict[str, Any] = _ref(models[0]) if len(models) == 1 else {"oneOf": [_ref(m) for m in models]}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def _query(*params: tuple[str, dict[str, Any], bool]) -> dict[str, Any]:
+    """``openapi_extra`` for query parameters ``(name, schema, required)`` (the route reads them itself)."""
+    return {"parameters": [{"name": n, "in": "query", "required": req, "schema": schema} for n, schema, req in params]}
+
+
+def _document(app: FastAPI) -> dict[str, Any]:
+    """The OpenAPI document: the routes', plus the request models, without the 422 answers
+    FastAPI assumes (a malformed request is answered 400 here)."""
+    if app.openapi_schema is None:
+        doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+        for model in _REQUEST_MODELS:
+            schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas.update(schema.pop("$defs", {}))
+            schemas[model.__name__] = schema
+        for item in doc["paths"].values():
+            for op in item.values():
+                op["responses"].pop("422", None)
+        schemas.pop("HTTPValidationError", None)
+        schemas.pop("ValidationError", None)
+        app.openapi_schema = doc
+    return app.openapi_schema
+
+
+# a signed URL's query (bridge.media): what it is for, until when (ms), how many bytes, signature
+_BLOB_QUERY = (("op", {"type": "string", "enum": ["put", "get"]}, True), ("exp", {"type": "integer"}, True),
+               ("max", {"type": "integer"}, True), ("sig", {"type": "string"}, True))
+_BINARY = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+JSON_REPLY: dict[str, Any] = {"response_model_exclude_unset": True}  # optional fields absent stay absent
+
+
 def create_app(deps: HttpDeps) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -116,6 +202,7 @@ def create_app(deps: HttpDeps) -> FastAPI:
         yield
 
     app = FastAPI(title="Pigeon", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.openapi = lambda: _document(app)  # type: ignore[method-assign]
     acc, msgr, m = deps.accounts, deps.messenger, deps.media
 
     @app.exception_handler(ProtocolError)
@@ -148,16 +235,18 @@ def create_app(deps: HttpDeps) -> FastAPI:
         return await acc.authenticate(token.strip())
 
     # -- auth ------------------------------------------------------------------------------------
-    @app.post("/v1/auth/code", status_code=202)
-    async def auth_code(request: Request) -> JSONResponse:
+    @app.post("/v1/auth/code", status_code=202, response_model=CodeReply, **JSON_REPLY,
+              responses=errors(400, 413, 429), openapi_extra=_body(CodeRequest))
+    async def auth_code(request: Request) -> dict[str, Any]:
         body = await _json(request, deps.max_payload)
         code = await acc.request_code(body.get("phone"))  # type: ignore[arg-type]
         reply: dict[str, Any] = {"status": "sent"}
         if deps.dev:
             reply["dev_code"] = code
-        return JSONResponse(reply, status_code=202)
+        return reply
 
-    @app.post("/v1/auth/verify")
+    @app.post("/v1/auth/verify", response_model=LoginReply, responses=errors(400, 401, 413, 429),
+              openapi_extra=_body(VerifyRequest))
     async def auth_verify(request: Request) -> dict[str, Any]:
         body = await _json(request, deps.max_payload)
         name = body.get("device_name") or "device"
@@ -172,34 +261,35 @@ def create_app(deps: HttpDeps) -> FastAPI:
             "mqtt": {"host": ep.host, "port": ep.mqtt_port, "ws_url": ep.websocket()},
         }
 
-    @app.post("/v1/auth/refresh")
+    @app.post("/v1/auth/refresh", response_model=RefreshReply, responses=errors(401))
     async def auth_refresh(request: Request) -> dict[str, Any]:
         c = await caller(request)
         token, expires = await acc.refresh(c)
         return {"user_id": c.user_id, "device_id": c.device_id, "token": token, "expires_at": expires}
 
     # -- me, users, devices ------------------------------------------------------------------------
-    @app.get("/v1/me")
+    @app.get("/v1/me", response_model=MeReply, responses=errors(401))
     async def me(request: Request) -> dict[str, Any]:
         c = await caller(request)
         user = await acc.me(c)
         return {"user_id": user.user_id, "phone": user.phone, "name": user.name, "device_id": c.device_id}
 
-    @app.patch("/v1/me")
+    @app.patch("/v1/me", response_model=MeReply, responses=errors(400, 401, 413), openapi_extra=_body(RenameRequest))
     async def patch_me(request: Request) -> dict[str, Any]:
         c = await caller(request)
         body = await _json(request, deps.max_payload)
         user = await acc.rename(c, body.get("name"))
         return {"user_id": user.user_id, "phone": user.phone, "name": user.name, "device_id": c.device_id}
 
-    @app.get("/v1/users")
+    @app.get("/v1/users", response_model=UserIdReply, responses=errors(400, 401, 404),
+             openapi_extra=_query(("phone", {"type": "string", "pattern": PHONE_PATTERN}, True)))
     async def find_user(request: Request) -> dict[str, Any]:
         await caller(request)
         phone = request.query_params.get("phone", "")
         user = await acc.find(phone)
         return {"user_id": user.user_id}
 
-    @app.get("/v1/users/{user_id}")
+    @app.get("/v1/users/{user_id}", response_model=UserCard, responses=errors(401, 403, 404))
     async def user_card(user_id: str, request: Request) -> dict[str, Any]:
         c = await caller(request)
         if user_id != c.user_id and not await msgr.share_chat(c.user_id, user_id):
@@ -207,7 +297,7 @@ def create_app(deps: HttpDeps) -> FastAPI:
         user = await acc.user(user_id)
         return {"user_id": user.user_id, "phone": user.phone, "name": user.name}
 
-    @app.get("/v1/users/{user_id}/presence")
+    @app.get("/v1/users/{user_id}/presence", response_model=PresenceReply, responses=errors(401, 403, 404))
     async def user_presence(user_id: str, request: Request) -> dict[str, Any]:
         c = await caller(request)
         if user_id != c.user_id and not await msgr.share_chat(c.user_id, user_id):
@@ -217,13 +307,13 @@ def create_app(deps: HttpDeps) -> FastAPI:
         del ev["type"]
         return ev
 
-    @app.delete("/v1/devices/{device_id}")
+    @app.delete("/v1/devices/{device_id}", response_model=UnlinkedReply, responses=errors(401, 403, 404))
     async def unlink_device(device_id: str, request: Request) -> dict[str, Any]:
         c = await caller(request)
         await acc.unlink(c, device_id)
         return {"device_id": device_id, "unlinked": True}
 
-    @app.get("/v1/devices")
+    @app.get("/v1/devices", response_model=DevicesReply, responses=errors(401, 404))
     async def list_devices(request: Request) -> dict[str, Any]:
         c = await caller(request)
         devices = await push().devices(c)
@@ -234,32 +324,36 @@ def create_app(deps: HttpDeps) -> FastAPI:
             for d in devices
         ]}
 
-    @app.put("/v1/devices/{device_id}/push")
+    @app.put("/v1/devices/{device_id}/push", response_model=PushReply, responses=errors(400, 401, 403, 404, 413),
+             openapi_extra=_body(PushRequest))
     async def set_push(device_id: str, request: Request) -> dict[str, Any]:
         c = await caller(request)
         body = await _json(request, deps.max_payload)
         d = await push().set(c, device_id, body.get("provider"), body.get("token"))
         return {"device_id": d.device_id, "provider": d.push_provider}
 
-    @app.delete("/v1/devices/{device_id}/push")
+    @app.delete("/v1/devices/{device_id}/push", response_model=PushClearedReply, responses=errors(401, 403, 404))
     async def clear_push(device_id: str, request: Request) -> dict[str, Any]:
         c = await caller(request)
         removed = await push().clear(c, device_id)
         return {"device_id": device_id, "provider": None, "removed": removed}
 
-    @app.get("/v1/push/vapid")
+    @app.get("/v1/push/vapid", response_model=VapidReply, responses=errors(401, 404))
     async def vapid_key(request: Request) -> dict[str, Any]:
         await caller(request)
         return {"public_key": push().vapid_public_key}
 
     # -- chats ---------------------------------------------------------------------------------------
-    @app.get("/v1/chats")
+    @app.get("/v1/chats", response_model=ChatsReply, responses=errors(401))
     async def list_chats(request: Request) -> dict[str, Any]:
         c = await caller(request)
         return {"chats": [msgr.chat_view(ch) for ch in await msgr.chats(c)]}
 
-    @app.post("/v1/chats")
-    async def create_chat(request: Request) -> JSONResponse:
+    @app.post("/v1/chats", response_model=ChatView,
+              responses={201: {"model": ChatView, "description": "a group, created"},
+                         **errors(400, 401, 403, 404, 409, 413)},
+              openapi_extra=_body(DirectChatRequest, GroupChatRequest))
+    async def create_chat(request: Request, response: Response) -> dict[str, Any]:
         c = await caller(request)
         body = await _json(request, deps.max_payload)
         kind = body.get("kind")
@@ -268,7 +362,7 @@ def create_app(deps: HttpDeps) -> FastAPI:
             if not isinstance(peer, str) or not peer:
                 raise BadRequest("'peer' must be a user id")
             chat = await msgr.open_direct(c, peer)
-            return JSONResponse(msgr.chat_view(chat), status_code=200)
+            return msgr.chat_view(chat)  # 200: the direct chat, new or the one already there
         if kind == "group":
             title, members = body.get("title"), body.get("members", [])
             if not isinstance(title, str) or not 0 < len(title.strip()) <= 128:
@@ -277,15 +371,19 @@ def create_app(deps: HttpDeps) -> FastAPI:
                 raise BadRequest("'members' must be a list of user ids")
             chat, outs = await msgr.create_group(c, title.strip(), members)
             await deps.publish(outs)
-            return JSONResponse(msgr.chat_view(chat), status_code=201)
+            response.status_code = 201
+            return msgr.chat_view(chat)
         raise BadRequest("'kind' must be 'direct' or 'group'")
 
-    @app.get("/v1/chats/{chat_id}")
+    @app.get("/v1/chats/{chat_id}", response_model=ChatView, responses=errors(401, 403, 404))
     async def get_chat(chat_id: str, request: Request) -> dict[str, Any]:
         c = await caller(request)
         return msgr.chat_view(await msgr.get_chat(c, chat_id))
 
-    @app.get("/v1/chats/{chat_id}/messages")
+    @app.get("/v1/chats/{chat_id}/messages", response_model=HistoryReply, **JSON_REPLY,
+             responses=errors(400, 401, 403, 404),
+             openapi_extra=_query(("before", {"type": "integer", "minimum": 1}, False),
+                                  ("limit", {"type": "integer", "minimum": 1, "maximum": 200, "default": 50}, False)))
     async def history(chat_id: str, request: Request) -> dict[str, Any]:
         c = await caller(request)
         before = _int_param(request, "before", None)
@@ -294,7 +392,8 @@ def create_app(deps: HttpDeps) -> FastAPI:
         msgs, next_before = await msgr.history(c, chat_id, before, limit)
         return {"messages": [message_dict(x) for x in msgs], "next_before": next_before}
 
-    @app.post("/v1/chats/{chat_id}/messages")
+    @app.post("/v1/chats/{chat_id}/messages", response_model=SentReply, responses=errors(400, 401, 403, 404, 413),
+              openapi_extra=_body(SendRequest))
     async def post_message(chat_id: str, request: Request) -> dict[str, Any]:
         c = await caller(request)
         body = await _json(request, deps.max_payload)
@@ -305,7 +404,8 @@ def create_app(deps: HttpDeps) -> FastAPI:
         assert result.reply is not None
         return result.reply
 
-    @app.post("/v1/chats/{chat_id}/members")
+    @app.post("/v1/chats/{chat_id}/members", response_model=ChatView,
+              responses=errors(400, 401, 403, 404, 409, 413), openapi_extra=_body(AddMemberRequest))
     async def add_member(chat_id: str, request: Request) -> dict[str, Any]:
         c = await caller(request)
         body = await _json(request, deps.max_payload)
@@ -316,20 +416,22 @@ def create_app(deps: HttpDeps) -> FastAPI:
         await deps.publish(outs)
         return msgr.chat_view(chat)
 
-    @app.delete("/v1/chats/{chat_id}/members/{user_id}")
+    @app.delete("/v1/chats/{chat_id}/members/{user_id}", response_model=MemberRemovedReply,
+                responses=errors(400, 401, 403, 404))
     async def remove_member(chat_id: str, user_id: str, request: Request) -> dict[str, Any]:
         c = await caller(request)
         outs = await msgr.remove_member(c, chat_id, user_id)
         await deps.publish(outs)
         return {"chat": chat_id, "removed": user_id}
 
-    @app.get("/v1/chats/{chat_id}/receipts")
+    @app.get("/v1/chats/{chat_id}/receipts", response_model=ReceiptsReply, responses=errors(401, 403, 404))
     async def receipts(chat_id: str, request: Request) -> dict[str, Any]:
         c = await caller(request)
         return {"receipts": receipts_view(await msgr.receipts(c, chat_id))}
 
     # -- media -----------------------------------------------------------------------------------------
-    @app.post("/v1/media/uploads")
+    @app.post("/v1/media/uploads", response_model=UploadReply, **JSON_REPLY,
+              responses=errors(400, 401, 409, 413), openapi_extra=_body(UploadRequest))
     async def media_upload(request: Request) -> dict[str, Any]:
         c = await caller(request)
         body = await _json(request, deps.max_payload)
@@ -338,13 +440,14 @@ def create_app(deps: HttpDeps) -> FastAPI:
         del reply["type"], reply["id"]
         return reply
 
-    @app.post("/v1/media/{key}/done")
+    @app.post("/v1/media/{key}/done", response_model=ReadyReply, responses=errors(400, 401, 403, 404))
     async def media_done(key: str, request: Request) -> dict[str, Any]:
         c = await caller(request)
         await m.done(c, "http", key)
         return {"key": key, "ready": True}
 
-    @app.get("/v1/media/{key}")
+    @app.get("/v1/media/{key}", response_model=MediaUrlReply, responses=errors(400, 401, 403, 404),
+             openapi_extra=_query(("chat", {"type": "string", "minLength": 1}, True)))
     async def media_url(key: str, request: Request) -> dict[str, Any]:
         c = await caller(request)
         chat = request.query_params.get("chat")
@@ -371,7 +474,10 @@ def create_app(deps: HttpDeps) -> FastAPI:
             raise Forbidden(f"signed URL refused: {exc}") from exc
         return limit
 
-    @app.put("/v1/blobs/{key}")
+    @app.put("/v1/blobs/{key}", response_class=Response,
+             responses={200: {"description": "stored", "content": {}}, **errors(403, 404, 413)},
+             openapi_extra={**_query(*_BLOB_QUERY),
+                            "requestBody": {"required": True, "content": _BINARY}})
     async def put_blob(key: str, request: Request) -> Response:
         limit = _check_blob(request, key, "put")
         assert deps.blobs is not None
@@ -384,7 +490,11 @@ def create_app(deps: HttpDeps) -> FastAPI:
             raise TooLarge(str(exc)) from exc
         return Response(status_code=200)
 
-    @app.get("/v1/blobs/{key}")
+    @app.get("/v1/blobs/{key}", response_class=Response,
+             responses={200: {"description": "the object's bytes, with its content type",
+                              "content": _BINARY},
+                        **errors(403, 404)},
+             openapi_extra=_query(*_BLOB_QUERY))
     async def get_blob(key: str, request: Request) -> Response:
         _check_blob(request, key, "get")
         assert deps.blobs is not None
@@ -394,13 +504,16 @@ def create_app(deps: HttpDeps) -> FastAPI:
         return FileResponse(path, media_type=await m.mime(key))
 
     # -- health and metrics ----------------------------------------------------------------------------
-    @app.get("/healthz")
+    @app.get("/healthz", response_model=HealthReply,
+             responses={503: {"model": HealthReply, "description": "still starting"}})
     async def healthz() -> JSONResponse:
         if not deps.ready.is_set():
             return JSONResponse({"status": "starting"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response,
+             responses={200: {"description": "Prometheus text format",
+                              "content": {"text/plain": {"schema": {"type": "string"}}}}})
     async def metrics() -> Response:
         deps.metrics.connected.set(await deps.connected())
         deps.metrics.online.set(await deps.presence.online_devices())
