@@ -199,7 +199,7 @@ class Accounts:
         return user
 
     async def rename(self, caller: Caller, name: object) -> User:
-        if not isinstance(name, str) or not 0 < len(name.strip()) <= 64:
+        if not isinstance(name, str) or len(name) > 64 or not name.strip():
             raise BadRequest("'name' must be 1 to 64 characters")
         async with storage_errors():
             return await self._store.set_user_name(caller.user_id, name.strip())

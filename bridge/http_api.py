@@ -249,10 +249,11 @@ def create_app(deps: HttpDeps) -> FastAPI:
               openapi_extra=_body(VerifyRequest))
     async def auth_verify(request: Request) -> dict[str, Any]:
         body = await _json(request, deps.max_payload)
-        name = body.get("device_name") or "device"
-        platform = body.get("platform") or "unknown"
-        if not isinstance(name, str) or len(name) > 64 or not isinstance(platform, str) or len(platform) > 32:
+        name, platform = body.get("device_name"), body.get("platform")
+        if not isinstance(name, str | None) or not isinstance(platform, str | None) \
+                or len(name or "") > 64 or len(platform or "") > 32:
             raise BadRequest("'device_name' and 'platform' must be short strings")
+        name, platform = name or "device", platform or "unknown"
         login = await acc.verify(body.get("phone"), body.get("code"), name, platform)  # type: ignore[arg-type]
         ep = deps.endpoints
         return {
@@ -365,7 +366,7 @@ def create_app(deps: HttpDeps) -> FastAPI:
             return msgr.chat_view(chat)  # 200: the direct chat, new or the one already there
         if kind == "group":
             title, members = body.get("title"), body.get("members", [])
-            if not isinstance(title, str) or not 0 < len(title.strip()) <= 128:
+            if not isinstance(title, str) or len(title) > 128 or not title.strip():
                 raise BadRequest("'title' must be 1 to 128 characters")
             if not isinstance(members, list) or not all(isinstance(u, str) and u for u in members):
                 raise BadRequest("'members' must be a list of user ids")

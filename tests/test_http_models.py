@@ -106,3 +106,28 @@ def test_a_code_of_other_scripts_digits_is_malformed_not_a_wrong_guess(srv: Serv
         assert r.status_code == 400 and r.json()["error"]["code"] == "bad_request", r.text
     code = httpx.post(f"{srv.http}/v1/auth/code", json={"phone": phone}).json()["dev_code"]
     assert httpx.post(f"{srv.http}/v1/auth/verify", json={"phone": phone, "code": code}).status_code == 200
+
+
+@pytest.mark.parametrize("value", [False, 0, [], {}])
+def test_a_device_name_or_platform_of_another_type_is_refused(srv: ServerProc, value: Any) -> None:
+    """The document says a string or null; the route took any falsy value (false, 0, [], {})
+    as absent and logged the device in as 'device' / 'unknown'."""
+    for field in ("device_name", "platform"):
+        phone = fresh_phone()
+        code = httpx.post(f"{srv.http}/v1/auth/code", json={"phone": phone}).json()["dev_code"]
+        r = httpx.post(f"{srv.http}/v1/auth/verify", json={"phone": phone, "code": code, field: value})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "bad_request", (field, r.text)
+
+
+def test_names_and_titles_are_measured_with_their_spaces(srv: ServerProc, user: Profile) -> None:
+    """The document gives at most 64 characters for a name and 128 for a title; the routes
+    measured them after trimming, so 70 characters with spaces around 64 were taken."""
+    auth = {"Authorization": f"Bearer {user.token}"}
+    r = httpx.patch(f"{srv.http}/v1/me", json={"name": "   " + "n" * 64 + "   "}, headers=auth)
+    assert r.status_code == 400, r.text
+    r = httpx.post(f"{srv.http}/v1/chats", json={"kind": "group", "title": "  " + "t" * 128, "members": []},
+                   headers=auth)
+    assert r.status_code == 400, r.text
+    # within the bounds, the spaces are still trimmed
+    r = httpx.patch(f"{srv.http}/v1/me", json={"name": " Ann "}, headers=auth)
+    assert r.status_code == 200 and r.json()["name"] == "Ann"
