@@ -1,4 +1,4 @@
-"""The embedded broker: amqtt 0.12.1 with six defects fixed and an in-process path to the bridge.
+"""The embedded broker: amqtt 0.12.1 with eight defects fixed and an in-process path to the bridge.
 
 Fixes (each reproduced first by a test in ``tests/test_broker_fixes.py``):
 
@@ -40,14 +40,13 @@ Fixes (each reproduced first by a test in ``tests/test_broker_fixes.py``):
    answers a SUBSCRIBE with no topic filter or with wrong flags, and ignores packets only a
    server may send; the connection stays open (of the 36 kinds in
    ``tests/test_broken_sessions.py``, 31 were left open, and a DISCONNECT with a body was taken
-   as a clean one, without the will). Over
-   WebSocket it also repeats the last frame it got when the client goes away in the middle of
-   a packet, so a PUBLISH the client never sent whole is parsed from copies of its start and
-   handed to the bridge. Here every packet
-   of a connected client is read whole (its rest within ``connect_timeout`` seconds, at most
-   ``max_packet`` bytes) and checked against MQTT 3.1.1 (``broker.packets``) before amqtt
-   sees it; a broken one closes the connection at once, as a lost one (the will is
-   published), and a WebSocket client's text frame does too [MQTT-6.0.0-1].
+   as a clean one, without the will). Over WebSocket it also repeats the last frame it got when
+   the client goes away in the middle of a packet, so a PUBLISH the client never sent whole is
+   parsed from copies of its start and handed to the bridge. Here every packet of a connected
+   client is read whole (its rest within ``connect_timeout`` seconds, at most ``max_packet``
+   bytes) and checked against MQTT 3.1.1 (``broker.packets``) before amqtt sees it; a broken
+   one closes the connection at once, as a lost one (the will is published), and so does a
+   WebSocket client's text frame [MQTT-6.0.0-1].
 
 Publishes on ``up/…`` (device requests and wills) go straight to the bridge's ``ingest``
 coroutine in this process, in the order the device sent them; nothing subscribes to them

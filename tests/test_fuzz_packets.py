@@ -123,13 +123,33 @@ def packets_in(data: bytes) -> list[bytes]:
     return found
 
 
+LATE_CONNECTS = [0]
+
+
+@contextmanager
+def connected(port: int) -> Iterator[socket.socket]:
+    """A connection with an accepted CONNECT. The broker here closes a connection whose CONNECT
+    is not whole within PACKET_TIMEOUT (0.1 s), which a busy machine can miss: then it is tried
+    again (counted in LATE_CONNECTS), at most three times."""
+    for _ in range(3):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        sock.sendall(connect_packet("dev-fz", "dev-fz", "tok-dev-fz", keepalive=600))
+        answer = sock.recv(4)
+        if answer:
+            assert answer == b"\x20\x02\x00\x00"
+            with sock:
+                yield sock
+            return
+        sock.close()
+        LATE_CONNECTS[0] += 1
+    pytest.fail("three CONNECTs in a row were not taken in time")
+
+
 def session_outcome(port: int, data: bytes) -> str:
     """After a sound CONNECT, ``data`` then a PINGREQ: 'closed', 'alive' (the PINGRESP came),
     or 'open' if neither came in time. The PINGREQ may complete a packet ``data`` cut short
     (a PUBACK's packet id, say); then a second one must be answered."""
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall(connect_packet("dev-fz", "dev-fz", "tok-dev-fz", keepalive=600))
-        assert sock.recv(4) == b"\x20\x02\x00\x00"
+    with connected(port) as sock:
         got = b""
         for attempt in (data + b"\xc0\x00", b"\xc0\x00"):
             try:
@@ -188,5 +208,5 @@ def test_broken_packets_after_connect_are_closed_and_other_devices_undisturbed()
         delivered = b""
         while not delivered.endswith(b"still here"):
             delivered += device.recv(4096)
-        print(f"packets after connect: {dict(sorted(seen.items()))}")
+        print(f"packets after connect: {dict(sorted(seen.items()))}, CONNECTs tried again: {LATE_CONNECTS[0]}")
         assert seen.get(("broken", "closed"), 0) > 0 and seen.get(("sound", "alive"), 0) > 0, seen
