@@ -240,7 +240,8 @@ def open_target(profile: str | None, http: str | None, mqtt: str | None, server_
         return
     if profile == "production":
         with production_services() as env, tempfile.TemporaryDirectory(prefix="pigeon-bench-") as tmp:
-            store = env["PIGEON_STORE"].rsplit("/", 1)[0] + "/pigeon_bench"
+            # the bench's own keyspace, on the same cluster with the same options
+            store = urlparse(env["PIGEON_STORE"])._replace(path="/pigeon_bench").geturl()
             migrate = subprocess.run([sys.executable, "-m", "clients.cli", "db", "migrate", "--store", store],
                                      cwd=ROOT, capture_output=True, text=True)
             if migrate.returncode != 0:
