@@ -514,6 +514,7 @@ async def test_cassandra_plain_writes_go_out_on_the_loops_own_connection(cassand
     inbox = [e.item.seq for e in await store.read_inbox(b, 0, 50) if isinstance(e.item, Message)]
     assert sorted(inbox) == [s.message.seq for s in sorted(sent, key=lambda s: s.message.seq)]
     assert all(await asyncio.gather(*(store.find_sent(phone_of(a), f"w{i}") for i in range(20))))
+    assert store._results is not None and not store._results._waiting  # nothing answered is held on to
 
 
 async def test_cassandra_write_the_server_does_not_know_is_prepared_again_by_the_driver(
