@@ -37,6 +37,7 @@ import aiomqtt
 from paho.mqtt.client import MQTT_ERR_NO_CONN, MQTT_ERR_QUEUE_SIZE, MQTT_ERR_SUCCESS
 
 from .errors import PigeonError
+from .mqtt_writes import coalesce_writes
 
 log = logging.getLogger(__name__)
 Handle = Callable[[str, bytes], Awaitable[None]]
@@ -283,6 +284,7 @@ class MqttIngest:
             password=self._password, clean_session=not persistent, keepalive=30,
             protocol=aiomqtt.ProtocolVersion.V311, max_inflight_messages=MAX_INFLIGHT,
         )
+        coalesce_writes(client._client)
         if persistent:
             # aiomqtt 2.5 has no option for it: PUBACK only once handled (see _acker)
             client._client.manual_ack_set(True)
