@@ -379,6 +379,7 @@ async function openChat(chatId) {
   $("typing").textContent = "";
   $("empty").hidden = true;
   $("open").hidden = false;
+  focusCompose(); // now, as the chat appears: not once it has loaded, when the person may be typing elsewhere
   await showHeader();
   const page = await state.api.history(chatId, { limit: PAGE });
   if (state.open !== chatId) return;
@@ -395,7 +396,15 @@ async function openChat(chatId) {
   watchPresence();
   markRead();
   renderChatList();
-  $("compose").focus();
+}
+
+/** The message box gets the cursor when a chat opens, unless the person is already typing in
+ * another field (adding a member, opening another chat): keys are never taken from under them. */
+function focusCompose() {
+  const active = document.activeElement;
+  const typingElsewhere = active !== $("compose") && active?.matches("input:not([type=file]), textarea")
+    && active.checkVisibility();
+  if (!typingElsewhere) $("compose").focus();
 }
 
 async function showHeader() {
