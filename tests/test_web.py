@@ -163,7 +163,10 @@ async def test_browser_and_python_device_text_files_and_read_ticks(
     py = await devices(await login(web_server.http, fresh_phone(), device_name="python"))
     await py.api.rename("Pythonista")
     ctx, page = await logged_in(browser, web_server.http, web_phone)
-    await open_direct(page, py.profile.phone)
+    await page.get_by_test_id("new-chat-phone").fill(py.profile.phone)
+    await page.get_by_test_id("new-chat-phone").press("Enter")
+    await expect(page.get_by_test_id("chat-title")).to_have_text(f"Pythonista ({py.profile.phone})")
+    await expect(page.get_by_test_id("compose")).to_be_focused()  # the cursor waits in the message box
 
     await send_text(page, "from the browser")
     got = await next_msg(py, "from the browser")
@@ -257,6 +260,7 @@ async def test_reload_keeps_session_and_last_chat_and_logout_unlinks(
     await page.reload()
     await expect(page.get_by_test_id("connection")).to_have_text("online")
     await expect(page.get_by_test_id("chat-title")).to_have_text(py.profile.phone)
+    await expect(page.get_by_test_id("compose")).to_be_focused()
     await expect(message(page, "survives a reload")).to_have_count(1)
     await expect(page.get_by_test_id("phone")).to_be_hidden()
     await py.send("after the reload", to=(await page.evaluate(
