@@ -817,17 +817,22 @@ class CassandraStore:
                                  current_seq: bool = True) -> tuple[Chat | None, int]:
         """The chat with its members, and (with ``activity``) when it was last active. The last
         seq comes from this process's writer of the chat when it has one, else (unless
-        ``current_seq`` is False: then it is 0) from the chat's newest rows."""
+        ``current_seq`` is False: then it is 0) from the chat's newest rows.
+
+        The seq is read before the members: a member is added before its ``member_added`` message
+        is numbered, so members read afterwards include every addition at or below that seq (a
+        client keeps, of two descriptions, the one with the higher last_seq: read the other way
+        round, one could pair the members of before an addition with the seq of its message)."""
         key = f"c:{chat_id}"
         held = self._logs.get(key)
         last_ts = 0
         if not activity and (not current_seq or (held is not None and not held.dead)):
-            rows, members = await asyncio.gather(self._x("get_chat", chat_id), self._x("members", chat_id))
             last_seq = held.head if held is not None and not held.dead else 0
+            rows, members = await asyncio.gather(self._x("get_chat", chat_id), self._x("members", chat_id))
         else:
-            rows, members, (last_seq, recent, head_row) = await asyncio.gather(
-                self._x("get_chat", chat_id), self._x("members", chat_id), self._tail(key))
+            last_seq, recent, head_row = await self._tail(key)
             last_ts = int(recent[0][4]) if recent else int(head_row[1] or 0) if head_row is not None else 0
+            rows, members = await asyncio.gather(self._x("get_chat", chat_id), self._x("members", chat_id))
         if not rows:
             return None, 0
         r = rows[0]

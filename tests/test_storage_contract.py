@@ -12,6 +12,7 @@ import random
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -573,3 +574,48 @@ async def test_cassandra_write_connection_lost_fails_what_was_in_flight_then_the
     await store.set_user_name(a, "Eve")
     assert again.sent == 1
     assert (await store.get_user(a)).name == "Eve"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("read", ["get_chat", "user_chats"])
+async def test_cassandra_a_chats_members_are_as_new_as_its_last_seq(
+        cassandra: CassandraStore, monkeypatch: pytest.MonkeyPatch, read: str) -> None:
+    """A description of a chat read at last_seq N lists every member whose ``member_added`` message
+    is at or below N: a client keeps, of two descriptions, the one with the higher last_seq (the web
+    page does, issue 14). Here a member is added while the description is read, at the worst moment
+    for it: its members are read at once but answered after the addition, its seq read after it."""
+    store = cassandra
+    a, b = await two_users(store)
+    c = (await store.create_user(phone(), T0)).user_id
+    g = await store.create_group(a, "book club", [b], T0)
+    created = NewMessage(chat_id=g.chat_id, sender=a, device=phone_of(a), client_id=None, ts=T0, kind="system",
+                         event="created")
+    assert (await store.append_message(created, [a, b])).message.seq == 1
+    x = store._x
+    started, changed = asyncio.Event(), asyncio.Event()
+    seq_reads = {"fence_get": f"c:{g.chat_id}", "chat_head": g.chat_id, "chat_tail": g.chat_id}
+
+    async def worst_moment(name: str, *params: Any, **kw: Any) -> list[Any]:
+        if changed.is_set() or not params:
+            return await x(name, *params, **kw)
+        if seq_reads.get(name) == params[0]:  # the seq is read after the addition
+            started.set()
+            await changed.wait()
+            return await x(name, *params, **kw)
+        rows = await x(name, *params, **kw)
+        if name == "members" and params[0] == g.chat_id:  # the members as they were, answered after it
+            started.set()
+            await changed.wait()
+        return rows
+
+    monkeypatch.setattr(store, "_x", worst_moment)
+    reading = asyncio.create_task(store.get_chat(g.chat_id) if read == "get_chat" else store.user_chats(a))
+    await asyncio.wait_for(started.wait(), 10)
+    monkeypatch.setattr(store, "_x", x)  # the addition's own statements go straight through
+    assert await store.add_member(g.chat_id, c, "member", T0)
+    added = replace(created, event="member_added", target=c)
+    assert (await store.append_message(added, [a, b, c])).message.seq == 2
+    changed.set()
+    got = await asyncio.wait_for(reading, 10)
+    desc = got if not isinstance(got, list) else next(ch for ch in got if ch.chat_id == g.chat_id)
+    assert desc is not None
+    assert desc.last_seq < 2 or c in desc.member_ids, (desc.last_seq, desc.member_ids)
