@@ -30,7 +30,7 @@ from bridge.config import Settings
 from bridge.errors import ConfigError
 from clients.launch import ROOT, ServerProc
 from clients.sdk import Device, PigeonClientError, Profile, login, tls_context
-from tests.conftest import fresh_phone
+from tests.conftest import fresh_phone, production_flags, production_url
 from tests.mqtt_raw import connect_packet
 
 TLS_PORTS = ["--mqtts-port", "0", "--wss-port", "0", "--https-port", "0"]
@@ -127,6 +127,11 @@ class Recorder:
         for task in (asyncio.create_task(pipe(reader, up_writer)), asyncio.create_task(pipe(up_reader, writer))):
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+
+def bundle(out: Path, *files: Path) -> Path:
+    out.write_bytes(b"".join(f.read_bytes() for f in files))
+    return out
 
 
 def port_of(url: str) -> int:
@@ -367,6 +372,43 @@ async def test_sighup_reloads_the_certificate(pki: Pki, tmp_path: Path) -> None:
         assert srv.proc.poll() is None and await healthy(renewed_ca)
         assert "TLS certificate not reloaded" in srv.log_path.read_text()
     finally:
+        srv.stop()
+
+
+# -- the production profile: Mosquitto's TLS listener (scripts/services) ------------------------------------
+async def test_mosquitto_tls_listener_end_to_end(pki: Pki, tmp_path: Path, devices: list[Device]) -> None:
+    """Devices on Mosquitto's TLS listener, the bridge's own connections to Mosquitto over TLS
+    too, and the bridge's HTTP API over HTTPS only: send and receive; a device that does not
+    trust Mosquitto's CA is refused; the token is not seen on the way to Mosquitto."""
+    broker_tls = production_url("PIGEON_BROKER_TLS", "mqtts://")
+    broker_ca = Path(production_url("PIGEON_BROKER_TLS_CA_FILE", "/"))
+    creds = production_url("PIGEON_BROKER_CREDENTIALS_FILE", "/")
+    tls_port = port_of(broker_tls)
+    srv = ServerProc.start(tmp_path / "srv", *production_flags(), "--broker", f"{broker_tls}?public={broker_tls}",
+                           "--broker-ca-file", str(broker_ca), "--broker-credentials-file", creds,
+                           *pki.flags(), "--no-plaintext")
+    try:
+        assert srv.http == "" and srv.mqtts_port == tls_port
+        # the bridge's HTTPS certificate and Mosquitto's come from two CAs: the devices trust both
+        both = bundle(tmp_path / "both-cas.pem", pki.ca_file, broker_ca)
+        a, b = await pair(srv, both)
+        assert a.mqtt_tls and (a.mqtt_host, a.mqtt_port) == ("127.0.0.1", tls_port)
+        dev_b = await open_device(devices, b)
+        async with Recorder("127.0.0.1", tls_port) as wire:
+            dev_a = await open_device(devices, replace(a, mqtt_port=wire.port))
+            sent = await dev_a.send("through mosquitto over tls", to=b.user_id)
+            assert (await next_msg(dev_b, "through mosquitto over tls"))["seq"] == sent["seq"]
+            await dev_a.close()
+            devices.remove(dev_a)
+        assert len(wire.seen) > 500 and a.token.encode() not in wire.seen and b"through mosquitto" not in wire.seen
+        wrong = Device(replace(a, ca_file=str(pki.ca_file)))  # trusts the HTTPS CA, not Mosquitto's
+        with pytest.raises(PigeonClientError) as refused:
+            await wrong.__aenter__()
+        assert refused.value.code == "connect_refused"
+    finally:
+        for dev in devices:
+            await dev.close()
+        devices.clear()
         srv.stop()
 
 
