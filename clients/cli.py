@@ -604,7 +604,11 @@ def bench(
         help="start a server to measure: embedded, or production (Mosquitto + Cassandra + Redis + MinIO "
         "from scripts/services)")] = None,
     http: Annotated[str | None, typer.Option(help="HTTP URL of a running server (started with --dev)")] = None,
-    mqtt: Annotated[str | None, typer.Option(help="HOST:PORT of the running server's MQTT listener")] = None,
+    mqtt: Annotated[str | None, typer.Option(
+        help="the running server's MQTT listener: HOST:PORT, mqtt://HOST:PORT or mqtts://HOST:PORT")] = None,
+    ca_file: Annotated[Path | None, typer.Option(
+        help="with an https:// --http or an mqtts:// --mqtt: the CA file the server's certificate is checked "
+        "against (absent: the system's CAs)")] = None,
     server_pid: Annotated[list[int] | None, typer.Option(
         help="PID of a running server process whose memory and CPU to report (repeatable)")] = None,
     broker_credentials_file: Annotated[Path | None, typer.Option(
@@ -667,7 +671,7 @@ def bench(
     results = []
     try:
         with open_target(profile, http, mqtt, server_pid or [], broker_credentials_file, label,
-                         server_log, bridges) as target:
+                         server_log, bridges, ca_file) as target:
             runner = Bench(target, opts, err)
             for name in chosen:
                 result = runner.run(name)

@@ -10,8 +10,9 @@
                              a fault for the tests
 
 Ports are free ones on 127.0.0.1 unless set: SERVICES_REDIS_PORT, SERVICES_MINIO_PORT,
-SERVICES_CASSANDRA_PORT (CQL), SERVICES_MOSQUITTO_PORT, SERVICES_MOSQUITTO_TLS_PORT. A server already given by PIGEON_STORE (cassandra://), PIGEON_REDIS or PIGEON_MEDIA (s3://)
-is used as it is and not started. Downloads and builds are cached in $PIGEON_SERVICES_CACHE
+SERVICES_CASSANDRA_PORT (CQL), SERVICES_MOSQUITTO_PORT, SERVICES_MOSQUITTO_TLS_PORT. A server
+already given by PIGEON_STORE (cassandra://), PIGEON_REDIS or PIGEON_MEDIA (s3://) is used
+as it is and not started. Downloads and builds are cached in $PIGEON_SERVICES_CACHE
 (default ~/.cache/pigeon-services); state and data live in .services/ beside this repo.
 
 Where the servers come from (no Docker engine needed):

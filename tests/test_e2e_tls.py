@@ -456,3 +456,26 @@ def test_serve_refuses_bad_tls_settings(pki: Pki, tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "clients.cli", "serve", "--data-dir", str(tmp_path),
                            "--no-plaintext"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "needs TLS" in done.stderr
+
+
+# -- the benchmark ---------------------------------------------------------------------------------------
+def test_bench_runs_over_https_and_mqtts_and_refuses_the_wrong_ca(pki: Pki, tmp_path: Path) -> None:
+    srv = ServerProc.start(tmp_path / "srv", *pki.flags(), "--no-plaintext", "--rate", "1000", "--burst", "2000")
+    tiny = ["--workers", "1", "--seconds", "0.5", "--pairs", "2", "--window", "2", "--max-seconds", "120", "--quiet"]
+    target = ["--http", srv.https, "--mqtt", f"mqtts://127.0.0.1:{srv.mqtts_port}"]
+
+    def bench(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "clients.cli", "bench", "p2p", *target, *tiny, *args], cwd=ROOT,
+                              capture_output=True, text=True, timeout=280)
+
+    try:
+        out = tmp_path / "p2p.json"
+        done = bench("--ca-file", str(pki.ca_file), "--json", str(out))
+        assert done.returncode == 0, done.stderr[-4000:] + done.stdout[-2000:]
+        result = json.loads(out.read_text())
+        assert result["msgs_per_s"] > 0 and result["lost"] == 0 and result["duplicates"] == 0
+        assert result["store_ops_per_msg"] > 0  # /metrics was read over HTTPS too
+        refused = bench("--ca-file", str(pki.wrong_ca_file))
+        assert refused.returncode == 1 and "CERTIFICATE_VERIFY_FAILED" in refused.stderr + refused.stdout
+    finally:
+        srv.stop()
