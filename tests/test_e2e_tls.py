@@ -11,6 +11,8 @@ certificate is taken on SIGHUP; bad settings are refused before anything starts.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
 import os
 import signal
@@ -479,3 +481,58 @@ def test_bench_runs_over_https_and_mqtts_and_refuses_the_wrong_ca(pki: Pki, tmp_
         assert refused.returncode == 1 and "CERTIFICATE_VERIFY_FAILED" in refused.stderr + refused.stdout
     finally:
         srv.stop()
+
+
+# -- the web client in a browser ---------------------------------------------------------------------------
+def spki_pin(cert: Path) -> str:
+    """Chromium's pin of a certificate's key: base64 SHA-256 of its SubjectPublicKeyInfo."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    key = x509.load_pem_x509_certificate(cert.read_bytes()).public_key()
+    der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return base64.b64encode(hashlib.sha256(der).digest()).decode()
+
+
+async def test_the_web_page_over_https_and_wss(tls_only: ServerProc, pki: Pki, devices: list[Device]) -> None:
+    """The page at the HTTPS listener logs in and chats over wss:// with a Python device on
+    mqtts://. Chromium trusts exactly the server's key (a pin); without it the page does not load."""
+    from playwright.async_api import Error as PlaywrightError
+    from playwright.async_api import async_playwright, expect
+
+    from tests.web_browser import CHROMIUM_ARGS, chromium_path
+
+    peer = await login(tls_only.https, fresh_phone(), ca_file=pki.ca_file)
+    dev_peer = await open_device(devices, peer)
+    pinned = [*CHROMIUM_ARGS, f"--ignore-certificate-errors-spki-list={spki_pin(pki.cert)}"]
+    async with async_playwright() as pw:
+        plain = await pw.chromium.launch(executable_path=chromium_path(), headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = await plain.new_page()
+            with pytest.raises(PlaywrightError, match="ERR_CERT_AUTHORITY_INVALID"):
+                await page.goto(tls_only.https)
+        finally:
+            await plain.close()
+        browser = await pw.chromium.launch(executable_path=chromium_path(), headless=True, args=pinned)
+        try:
+            page = await browser.new_page()
+            sockets: list[str] = []
+            page.on("websocket", lambda ws: sockets.append(ws.url))
+            await page.goto(tls_only.https)
+            phone = fresh_phone()
+            await page.get_by_test_id("phone").fill(phone)
+            await page.get_by_test_id("request-code").click()
+            await expect(page.get_by_test_id("code")).not_to_have_value("")
+            await page.get_by_test_id("verify").click()
+            await expect(page.get_by_test_id("connection")).to_have_text("online")
+            assert sockets and all(url.startswith(f"wss://127.0.0.1:{tls_only.wss_port}/") for url in sockets)
+            await page.get_by_test_id("new-chat-phone").fill(peer.phone)
+            await page.get_by_test_id("open-chat").click()
+            await expect(page.locator("#open")).to_be_visible()
+            await page.get_by_test_id("compose").fill("from the browser over wss")
+            await page.get_by_test_id("send").click()
+            got = await next_msg(dev_peer, "from the browser over wss")
+            await dev_peer.send("to the browser over mqtts", chat=str(got["chat"]))
+            await expect(page.get_by_test_id("message").filter(has_text="to the browser over mqtts")).to_be_visible()
+        finally:
+            await browser.close()
