@@ -41,7 +41,7 @@ from .push_providers import build_providers
 from .ratelimit import RateLimiter
 from .router import DeviceRouter
 from .sms import LogSms, WebhookSms
-from .tls import load_certificate, server_context
+from .tls import client_context, load_certificate, server_context
 from .tokens import TokenSigner
 
 log = logging.getLogger(__name__)
@@ -266,7 +266,7 @@ class PigeonServer:
         self.endpoints.ws_port = self.broker_ports["wss" if tls else "ws"]
         if s.ingest == "mqtt":
             # the bridge's own connection: the plain listener, or the TLS one trusting our own certificate
-            own_tls = None if s.plaintext else _own_certificate_client(s)
+            own_tls = None if s.plaintext else client_context(s.tls_cert, pinned=True)
             self._ingest_client = MqttIngest(
                 "127.0.0.1" if s.host in ("0.0.0.0", "") else s.host,
                 self.broker_ports["mqtt" if s.plaintext else "mqtts"],
@@ -282,8 +282,7 @@ class PigeonServer:
         secure = url.scheme == "mqtts"
         host, port = url.hostname or "127.0.0.1", url.port or (8883 if secure else 1883)
         # the bridge's own connections to the broker: TLS for mqtts://, checked against the broker CA file
-        broker_tls = ssl.create_default_context(
-            cafile=str(s.broker_ca_file) if s.broker_ca_file else None) if secure else None
+        broker_tls = client_context(s.broker_ca_file) if secure else None
         user, password = read_credentials(s.broker_credentials_file)
         query = parse_qs(url.query)
         public = urlparse(_public_mqtt_url(query.get("public", [f"{host}:{port}"])[0], secure))
@@ -455,16 +454,6 @@ def _bind(host: str, port: int, what: str) -> socket.socket:
         sock.close()
         raise StartupError(f"cannot bind {what} port {host}:{port}: {exc}") from exc
     return sock
-
-
-def _own_certificate_client(s: Settings) -> ssl.SSLContext:
-    """A client context for the bridge's own connection to its embedded broker's TLS listener
-    (loopback): it trusts exactly the certificate the server presents, whatever name it holds."""
-    assert s.tls_cert is not None
-    ctx = ssl.create_default_context(cafile=str(s.tls_cert))
-    ctx.check_hostname = False
-    ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN  # the server's own certificate is the anchor
-    return ctx
 
 
 def _bound_port(broker: PigeonBroker, listener: str) -> int:

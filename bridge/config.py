@@ -11,7 +11,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 from .errors import ConfigError
-from .tls import server_context
+from .tls import client_context, server_context
 
 DAY_S = 86_400
 # what VAPID (RFC 8292, as py_vapid checks it) takes as a subject: a mail address or an https origin
@@ -120,8 +120,8 @@ class Settings:
             if self.broker_credentials_file is None:
                 raise ConfigError("broker_credentials_file (PIGEON_BROKER_CREDENTIALS_FILE) is required with broker")
             _check_public(self.broker)
-        if self.broker_ca_file is not None and not self.broker_ca_file.is_file():
-            raise ConfigError(f"broker_ca_file (PIGEON_BROKER_CA_FILE) {self.broker_ca_file} is not a readable file")
+        if self.broker_ca_file is not None:
+            client_context(self.broker_ca_file)  # a missing or unusable CA file is a ConfigError now
         if self.ingest not in ("inprocess", "mqtt"):
             raise ConfigError(f"ingest must be 'inprocess' or 'mqtt', got {self.ingest!r}")
         if self.max_group < 2:

@@ -20,6 +20,22 @@ def server_context(cert: Path, key: Path) -> ssl.SSLContext:
     return ctx
 
 
+def client_context(ca_file: Path | None = None, *, pinned: bool = False) -> ssl.SSLContext:
+    """For the bridge's own TLS connections (to an mqtts:// broker): TLS 1.2 or newer, the
+    certificate and host name checked against ``ca_file`` (None: the system's CAs). ``pinned``:
+    ``ca_file`` is the server's own certificate, trusted as it is, whatever name it holds (the
+    bridge reaching its own embedded broker on loopback)."""
+    try:
+        ctx = ssl.create_default_context(cafile=str(ca_file) if ca_file is not None else None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"CA file {ca_file} cannot be loaded: {exc}") from exc
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if pinned:
+        ctx.check_hostname = False
+        ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN  # a certificate that is no CA is the anchor
+    return ctx
+
+
 def load_certificate(ctx: ssl.SSLContext, cert: Path, key: Path) -> None:
     """Load (or reload) the certificate chain and its key; a bad file raises ConfigError and
     leaves ``ctx`` as it was (the files are tried on a scratch context first, since OpenSSL

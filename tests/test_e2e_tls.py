@@ -453,6 +453,9 @@ def test_serve_refuses_bad_tls_settings(pki: Pki, tmp_path: Path) -> None:
         replace(base, tls_cert=pki.cert, tls_key=pki.key, mqtts_port=70000).validated()
     with pytest.raises(ConfigError, match="public="):
         replace(base, broker="mqtt://127.0.0.1:1883?public=ws://x:1", broker_credentials_file=pki.key).validated()
+    for bad_ca in (pki.key, tmp_path / "missing.pem"):
+        with pytest.raises(ConfigError, match="CA file .* cannot be loaded"):
+            replace(base, broker_ca_file=bad_ca).validated()
     assert replace(base, tls_cert=pki.cert, tls_key=pki.key, plaintext=False).validated().tls
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIGEON_")}
     done = subprocess.run([sys.executable, "-m", "clients.cli", "serve", "--data-dir", str(tmp_path),
