@@ -418,6 +418,22 @@ async def test_mosquitto_tls_listener_end_to_end(pki: Pki, tmp_path: Path, devic
         srv.stop()
 
 
+async def test_the_same_settings_from_pigeon_variables(pki: Pki, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in (("PIGEON_TLS_CERT", str(pki.cert)), ("PIGEON_TLS_KEY", str(pki.key)),
+                        ("PIGEON_PLAINTEXT", "false"), ("PIGEON_MQTTS_PORT", "0"), ("PIGEON_WSS_PORT", "0"),
+                        ("PIGEON_HTTPS_PORT", "0")):
+        monkeypatch.setenv(name, value)
+    srv = ServerProc.start(tmp_path / "srv")
+    try:
+        assert srv.http == "" and srv.mqtt_port == 0 and srv.ws_port == 0
+        assert srv.https and srv.mqtts_port and srv.wss_port
+        profile = await login(srv.https, fresh_phone(), ca_file=pki.ca_file)
+        assert profile.mqtt_tls and profile.mqtt_port == srv.mqtts_port
+    finally:
+        srv.stop()
+
+
 # -- the pigeon command ----------------------------------------------------------------------------------
 async def test_cli_logs_in_and_sends_over_tls(tls_only: ServerProc, pki: Pki, tmp_path: Path,
                                               devices: list[Device]) -> None:
