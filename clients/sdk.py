@@ -18,8 +18,9 @@ What it does for the application:
 * retries ``send`` under the same id, so a lost reply never produces a second message.
 
 TLS: a server started with a certificate names ``https://``, ``mqtts://`` and ``wss://`` endpoints
-at login, and the SDK uses them; pass ``ca_file=`` (kept in the profile) when its certificate is
-not signed by a CA the system trusts. Certificates and host names are always checked.
+at login, and the SDK uses them (after a login over plain HTTP too, it moves to the HTTPS URL);
+pass ``ca_file=`` (kept in the profile) when its certificate is not signed by a CA the system
+trusts. Certificates and host names are always checked.
 
 Errors: :class:`PigeonClientError` (with ``.code``, the protocol's error code) for anything the
 server refused, :class:`RequestTimeout` when no reply came in time.
@@ -175,6 +176,9 @@ async def verify(http_url: str, phone: str, code: str, device_name: str = "pytho
     r = await _post(http_url, "/v1/auth/verify", {
         "phone": phone, "code": code, "device_name": device_name, "platform": platform}, ca_file)
     mqtt = r["mqtt"]
+    named = r.get("http_url")
+    if isinstance(named, str) and named.startswith("https://") and not http_url.startswith("https://"):
+        http_url = named  # logged in over plain HTTP to a server with TLS: the token goes over HTTPS from now on
     host, port, secure = mqtt["host"], mqtt["port"], False
     if mqtt.get("url"):  # mqtts:// when the server serves MQTT over TLS
         host, port, secure = parse_mqtt_url(mqtt["url"])

@@ -31,7 +31,7 @@ import trustme
 from bridge.config import Settings
 from bridge.errors import ConfigError
 from clients.launch import ROOT, ServerProc
-from clients.sdk import Device, PigeonClientError, Profile, login, tls_context
+from clients.sdk import Api, Device, PigeonClientError, Profile, login, tls_context
 from tests.conftest import fresh_phone, production_flags, production_url
 from tests.mqtt_raw import connect_packet
 
@@ -304,6 +304,11 @@ async def test_with_plaintext_on_login_still_names_only_tls(tls_and_plain: Serve
     assert body["http_url"] == srv.https
     assert body["mqtt"]["url"] == f"mqtts://127.0.0.1:{srv.mqtts_port}" and body["mqtt"]["tls"] is True
     assert body["mqtt"]["ws_url"] == f"wss://127.0.0.1:{srv.wss_port}/mqtt"
+    # the SDK moves to HTTPS for everything after such a login
+    profile = await login(srv.http, fresh_phone(), ca_file=pki.ca_file)
+    assert profile.http_url == srv.https and profile.mqtt_tls and profile.mqtt_port == srv.mqtts_port
+    async with Api(profile) as api:
+        assert (await api.me())["user_id"] == profile.user_id
 
 
 async def test_the_recorder_does_see_a_plaintext_token(tls_and_plain: ServerProc, pki: Pki,
