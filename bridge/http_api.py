@@ -42,17 +42,23 @@ Publish = Callable[[Sequence[Out]], Awaitable[None]]
 
 @dataclass(slots=True)
 class Endpoints:
-    """Where devices reach the broker, filled in once the listeners are bound."""
+    """Where devices reach the broker and the HTTP API, filled in once the listeners are bound:
+    what login names. With ``mqtt_tls`` the ports are the TLS listeners' (mqtts, wss)."""
 
     host: str = "127.0.0.1"
     mqtt_port: int = 0
     ws_port: int = 0
     ws_url: str | None = None  # an external broker's WebSocket URL, when it has one
+    mqtt_tls: bool = False
+    http_url: str | None = None  # the HTTP base devices use
 
     def websocket(self) -> str | None:
         if self.ws_url is not None or not self.ws_port:
             return self.ws_url
-        return f"ws://{self.host}:{self.ws_port}/mqtt"
+        return f"{'wss' if self.mqtt_tls else 'ws'}://{self.host}:{self.ws_port}/mqtt"
+
+    def mqtt_url(self) -> str:
+        return f"{'mqtts' if self.mqtt_tls else 'mqtt'}://{self.host}:{self.mqtt_port}"
 
 
 @dataclass(slots=True)
@@ -169,7 +175,9 @@ def create_app(deps: HttpDeps) -> FastAPI:
         return {
             "user_id": login.user.user_id, "device_id": login.device.device_id, "token": login.token,
             "expires_at": login.expires_at,
-            "mqtt": {"host": ep.host, "port": ep.mqtt_port, "ws_url": ep.websocket()},
+            "http_url": ep.http_url,
+            "mqtt": {"host": ep.host, "port": ep.mqtt_port, "ws_url": ep.websocket(), "url": ep.mqtt_url(),
+                     "tls": ep.mqtt_tls},
         }
 
     @app.post("/v1/auth/refresh")

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import ssl
 import zlib
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol, runtime_checkable
@@ -98,8 +99,10 @@ class MqttIngest:
         self, host: str, port: int, *, username: str, password: str, client_id: str, handle: Handle,
         workers: int = INGEST_WORKERS, queue_size: int = 1_000, max_backoff_s: float = 30.0,
         persistent: bool = False, partitions: Partitions | None = None, ask_holder: AskHolder | None = None,
+        tls_context: ssl.SSLContext | None = None,
     ) -> None:
         self._host, self._port = host, port
+        self._tls = tls_context  # None: plain MQTT
         self._username, self._password, self._client_id = username, password, client_id
         self._handle = handle
         self._persistent = persistent
@@ -282,7 +285,7 @@ class MqttIngest:
         client = aiomqtt.Client(
             self._host, self._port, identifier=client_id, username=self._username,
             password=self._password, clean_session=not persistent, keepalive=30,
-            protocol=aiomqtt.ProtocolVersion.V311, max_inflight_messages=MAX_INFLIGHT,
+            protocol=aiomqtt.ProtocolVersion.V311, max_inflight_messages=MAX_INFLIGHT, tls_context=self._tls,
         )
         coalesce_writes(client._client)
         if persistent:

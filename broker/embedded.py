@@ -47,6 +47,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -182,9 +183,10 @@ class _Handler(BrokerProtocolHandler):
 
 class PigeonBroker(Broker):
     def __init__(self, config: dict[str, Any], gate: DeviceGate, ingest: Ingest | None = None,
-                 connect_timeout: float = CONNECT_TIMEOUT_S) -> None:
+                 connect_timeout: float = CONNECT_TIMEOUT_S, tls: ssl.SSLContext | None = None) -> None:
         super().__init__(config)
         self.gate = gate
+        self.tls = tls
         self.connect_timeout = connect_timeout
         self._ingest = ingest
         # filters with + or #: the only ones a publish must be matched against one by one
@@ -194,6 +196,14 @@ class PigeonBroker(Broker):
 
     def set_ingest(self, ingest: Ingest) -> None:
         self._ingest = ingest
+
+    def _create_ssl_context(self, listener: Any) -> ssl.SSLContext:
+        """The TLS listeners use the server's own context (bridge/tls.py: TLS 1.2+, no compression,
+        no client certificates, reloadable), not the one amqtt would build from the listener's
+        files, which asks every client for a certificate checked against the system's CAs."""
+        if self.tls is None:
+            raise AMQTTError("a TLS listener is configured but the broker was given no TLS context")
+        return self.tls
 
     # -- fixes 2 and 7, keepalive scaling -----------------------------------------------------------
     async def _initialize_client_session(
@@ -403,12 +413,33 @@ async def _close(writer: WriterAdapter) -> None:
         log.debug("closing a connection: %s", exc)
 
 
-def broker_config(host: str, mqtt_port: int, ws_port: int, gate: DeviceGate) -> dict[str, Any]:
+def listener_names(tls: bool, plaintext: bool = True) -> dict[str, str]:
+    """The amqtt listener serving each of ``mqtt``, ``ws``, ``mqtts`` and ``wss``. amqtt needs one
+    named ``default`` and fills the others' unset fields from it (``ssl`` among them), so
+    ``default`` is the plain MQTT listener, or the TLS one when there is no plain listener."""
+    names: dict[str, str] = {}
+    if plaintext:
+        names.update(mqtt="default", ws="ws")
+    if tls:
+        names.update(mqtts="mqtts" if plaintext else "default", wss="wss")
+    return names
+
+
+def broker_config(host: str, mqtt_port: int, ws_port: int, gate: DeviceGate, *, mqtts_port: int | None = None,
+                  wss_port: int | None = None, plaintext: bool = True) -> dict[str, Any]:
+    """With ``mqtts_port`` and ``wss_port``: TLS listeners too (the broker needs ``tls=`` then);
+    ``plaintext=False`` leaves the plain ones out."""
+    tls = mqtts_port is not None and wss_port is not None
+    if not tls and not plaintext:
+        raise ValueError("a broker with no plaintext listener needs TLS listeners")
+    binds = {"mqtt": ("tcp", mqtt_port, False), "ws": ("ws", ws_port, False),
+             "mqtts": ("tcp", mqtts_port, True), "wss": ("ws", wss_port, True)}
+    listeners = {}
+    for role, name in listener_names(tls, plaintext).items():
+        kind, port, secure = binds[role]
+        listeners[name] = {"type": kind, "bind": f"{host}:{port}", **({"ssl": True} if secure else {})}
     return {
-        "listeners": {
-            "default": {"type": "tcp", "bind": f"{host}:{mqtt_port}"},
-            "ws": {"type": "ws", "bind": f"{host}:{ws_port}"},
-        },
+        "listeners": listeners,
         "timeout_disconnect_delay": 0,
         "plugins": {
             "broker.plugins.DeviceAuthPlugin": {"gate": gate},

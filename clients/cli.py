@@ -54,6 +54,18 @@ def serve(
     mqtt_port: Annotated[int, typer.Option(envvar="PIGEON_MQTT_PORT")] = 1883,
     ws_port: Annotated[int, typer.Option(envvar="PIGEON_WS_PORT")] = 8083,
     http_port: Annotated[int, typer.Option(envvar="PIGEON_HTTP_PORT")] = 8080,
+    tls_cert: Annotated[Path | None, typer.Option(
+        envvar="PIGEON_TLS_CERT", help="PEM certificate chain: serve MQTT, WebSocket and HTTP over TLS too "
+        "(--mqtts-port, --wss-port, --https-port); login then names only the TLS listeners; SIGHUP reloads it")]
+    = None,
+    tls_key: Annotated[Path | None, typer.Option(envvar="PIGEON_TLS_KEY", help="PEM private key of --tls-cert")]
+    = None,
+    mqtts_port: Annotated[int, typer.Option(envvar="PIGEON_MQTTS_PORT", help="MQTT over TLS")] = 8883,
+    wss_port: Annotated[int, typer.Option(envvar="PIGEON_WSS_PORT", help="MQTT over WebSocket over TLS")] = 8084,
+    https_port: Annotated[int, typer.Option(envvar="PIGEON_HTTPS_PORT", help="the HTTP API over TLS")] = 8443,
+    plaintext: Annotated[bool, typer.Option(
+        "--plaintext/--no-plaintext", envvar="PIGEON_PLAINTEXT", help="also serve the plain listeners "
+        "(--mqtt-port, --ws-port, --http-port); --no-plaintext needs --tls-cert")] = True,
     store: Annotated[str | None, typer.Option(envvar="PIGEON_STORE", help="sqlite:///PATH or cassandra://HOSTS/KEYSPACE")]
     = None,
     media: Annotated[str | None, typer.Option(envvar="PIGEON_MEDIA", help="file:///PATH or s3://KEY:SECRET@HOST/BUCKET")]
@@ -64,6 +76,9 @@ def serve(
         envvar="PIGEON_BROKER", help="mqtt://HOST:PORT of an external broker (absent: embedded)")] = None,
     broker_credentials_file: Annotated[Path | None, typer.Option(
         envvar="PIGEON_BROKER_CREDENTIALS_FILE", help="file holding the bridge's broker username:password")] = None,
+    broker_ca_file: Annotated[Path | None, typer.Option(
+        envvar="PIGEON_BROKER_CA_FILE", help="with an mqtts:// broker: the CA file its certificate is checked "
+        "against (absent: the system's CAs)")] = None,
     sms_webhook: Annotated[str | None, typer.Option(envvar="PIGEON_SMS_WEBHOOK")] = None,
     rate: Annotated[float, typer.Option(envvar="PIGEON_RATE", help="Requests/s per device")] = 50.0,
     burst: Annotated[int, typer.Option(envvar="PIGEON_BURST")] = 200,
@@ -116,7 +131,9 @@ def serve(
             dev=dev, data_dir=data_dir, host=host, public_host=public_host, public_url=public_url,
             public_ws_url=public_ws_url, mqtt_port=mqtt_port,
             ws_port=ws_port, http_port=http_port, store=store, media=media, redis=redis, sms_webhook=sms_webhook,
-            broker=broker, broker_credentials_file=broker_credentials_file,
+            broker=broker, broker_credentials_file=broker_credentials_file, broker_ca_file=broker_ca_file,
+            tls_cert=tls_cert, tls_key=tls_key, mqtts_port=mqtts_port, wss_port=wss_port, https_port=https_port,
+            plaintext=plaintext,
             rate_per_s=rate, rate_burst=burst, max_group=max_group, max_payload=max_payload,
             media_max_bytes=media_max_bytes, media_url_ttl_s=media_url_ttl, secret=secret_from_env() or None,
             ingest=ingest, push_window_s=push_window, push_max_age_s=push_max_age, vapid_key_file=vapid_key_file,
@@ -134,16 +151,14 @@ def serve(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         async with PigeonServer(cfg) as server:
+            if server.tls is not None:
+                loop.add_signal_handler(signal.SIGHUP, _reload_tls, server)
             # what was built to start (modules, settings, connections) stays: leave it out of
             # every later collection
             gc.collect()
             gc.freeze()
-            ep = server.endpoints
-            print(
-                f"pigeon ready http=http://{ep.host}:{server.http_port} mqtt={ep.host}:{ep.mqtt_port}"
-                f" ws=ws://{ep.host}:{ep.ws_port}/mqtt data={cfg.data_dir}",
-                flush=True,
-            )
+            listening = " ".join(f"{k}={v}" for k, v in server.listening().items())
+            print(f"pigeon ready {listening} data={cfg.data_dir}", flush=True)
             await stop.wait()
 
     from storage import StorageError
@@ -159,6 +174,14 @@ def serve(
     except (PigeonError, StorageError) as exc:
         err.print(f"[red]pigeon could not start:[/] {exc}")
         raise typer.Exit(1) from exc
+
+
+def _reload_tls(server: Any) -> None:
+    """SIGHUP: load the certificate and key files again; a bad file keeps the old ones."""
+    try:
+        server.reload_tls()
+    except PigeonError as exc:
+        logging.getLogger("pigeon").error("TLS certificate not reloaded, the old one stays in use: %s", exc)
 
 
 def _loop_factory(choice: str) -> Any:
@@ -263,7 +286,11 @@ class Names:
 @app.command("login")
 def login_cmd(
     phone: Annotated[str, typer.Argument(help="Your phone number, E.164 (+15550001111)")],
-    server: Annotated[str, typer.Option(envvar="PIGEON_SERVER", help="HTTP URL of the server")] = "http://127.0.0.1:8080",
+    server: Annotated[str, typer.Option(
+        envvar="PIGEON_SERVER", help="HTTP(S) URL of the server")] = "http://127.0.0.1:8080",
+    ca_file: Annotated[Path | None, typer.Option(
+        envvar="PIGEON_CA_FILE", help="PEM CA file the server's certificate is checked against (https://, "
+        "mqtts://, wss://) when the system does not trust it; kept in the profile")] = None,
     code: Annotated[str | None, typer.Option(help="The code you received (asked for if omitted)")] = None,
     name: Annotated[str, typer.Option(help="A name for this device")] = "pigeon-cli",
     display_name: Annotated[str | None, typer.Option(
@@ -275,13 +302,13 @@ def login_cmd(
     async def go() -> tuple[Profile, str | None]:
         the_code = code
         if the_code is None:
-            dev_code = await request_code(server, phone)
+            dev_code = await request_code(server, phone, ca_file=ca_file)
             if dev_code is not None:
                 console.print(f"[dim]development server: code {dev_code} filled in[/]")
                 the_code = dev_code
             else:
                 the_code = typer.prompt("Code from the SMS")
-        linked = await verify(server, phone, the_code, name, "cli")
+        linked = await verify(server, phone, the_code, name, "cli", ca_file=ca_file)
         async with Api(linked) as api:
             me = await api.rename(display_name) if display_name is not None else await api.me()
         return linked, me.get("name")
@@ -577,7 +604,11 @@ def bench(
         help="start a server to measure: embedded, or production (Mosquitto + Cassandra + Redis + MinIO "
         "from scripts/services)")] = None,
     http: Annotated[str | None, typer.Option(help="HTTP URL of a running server (started with --dev)")] = None,
-    mqtt: Annotated[str | None, typer.Option(help="HOST:PORT of the running server's MQTT listener")] = None,
+    mqtt: Annotated[str | None, typer.Option(
+        help="the running server's MQTT listener: HOST:PORT, mqtt://HOST:PORT or mqtts://HOST:PORT")] = None,
+    ca_file: Annotated[Path | None, typer.Option(
+        help="with an https:// --http or an mqtts:// --mqtt: the CA file the server's certificate is checked "
+        "against (absent: the system's CAs)")] = None,
     server_pid: Annotated[list[int] | None, typer.Option(
         help="PID of a running server process whose memory and CPU to report (repeatable)")] = None,
     broker_credentials_file: Annotated[Path | None, typer.Option(
@@ -640,7 +671,7 @@ def bench(
     results = []
     try:
         with open_target(profile, http, mqtt, server_pid or [], broker_credentials_file, label,
-                         server_log, bridges) as target:
+                         server_log, bridges, ca_file) as target:
             runner = Bench(target, opts, err)
             for name in chosen:
                 result = runner.run(name)

@@ -18,6 +18,7 @@ import httpx
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from clients.sdk import tls_context
 from storage.base import StoreOps
 from storage.sqlite import new_id
 
@@ -80,7 +81,8 @@ def split(n: int, parts: int) -> list[int]:
 class Pool:
     """The worker processes, each answering commands over its own pipe."""
 
-    def __init__(self, n: int, console: Console, show_progress: bool, deadline: float) -> None:
+    def __init__(self, n: int, console: Console, show_progress: bool, deadline: float, ca_file: str | None = None,
+                 mqtt_tls: bool = False) -> None:
         ctx = multiprocessing.get_context("spawn")
         self.progress_counts = ctx.Array("q", n, lock=False)
         self.pipes: list[Connection] = []
@@ -90,7 +92,8 @@ class Pool:
         self.deadline = deadline
         for k in range(n):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=worker_mod.main, args=(child, k, self.progress_counts), daemon=True)
+            proc = ctx.Process(target=worker_mod.main, args=(child, k, self.progress_counts, ca_file, mqtt_tls),
+                               daemon=True)
             proc.start()
             child.close()
             self.pipes.append(parent)
@@ -204,24 +207,24 @@ def parse_store_ops(text: str) -> StoreOps | None:
     return StoreOps(found[STORE_METRICS[0]], found[STORE_METRICS[1]])
 
 
-def read_store_ops(http: str) -> StoreOps | None:
+def read_store_ops(http: str, ca_file: str | None = None) -> StoreOps | None:
     """The server's store counts now, or None when its ``/metrics`` cannot be read or lacks them."""
     try:
-        r = httpx.get(f"{http}/metrics", timeout=5.0)
+        r = httpx.get(f"{http}/metrics", timeout=5.0, verify=tls_context(ca_file))
         r.raise_for_status()
     except httpx.HTTPError:
         return None
     return parse_store_ops(r.text)
 
 
-def settled_store_ops(http: str) -> StoreOps | None:
+def settled_store_ops(http: str, ca_file: str | None = None) -> StoreOps | None:
     """The store's counts once they hold still for ``SETTLE_S`` (the server has finished the acks
     and receipts still on their way), or as they are after ``SETTLE_LIMIT_S``."""
-    last = read_store_ops(http)
+    last = read_store_ops(http, ca_file)
     deadline = time.monotonic() + SETTLE_LIMIT_S
     while last is not None and time.monotonic() < deadline:
         time.sleep(SETTLE_S)
-        now = read_store_ops(http)
+        now = read_store_ops(http, ca_file)
         if now == last:
             break
         last = now
@@ -256,6 +259,7 @@ class CostMeter:
 
     def __init__(self, target: Target) -> None:
         self.urls = target.metrics_urls()
+        self.ca_file = target.ca_file
         self.pids = [pid for pid in target.bridge_pids if os.path.exists(f"/proc/{pid}")]
         self._ops0: StoreOps | None = None
         self._ticks0: int | None = None
@@ -267,7 +271,7 @@ class CostMeter:
         """The store counts of every bridge added up (None if any cannot be read)."""
         total = StoreOps(0, 0)
         for url in self.urls:
-            ops = settled_store_ops(url)
+            ops = settled_store_ops(url, self.ca_file)
             if ops is None:
                 return None
             total = StoreOps(total.statements + ops.statements, total.conditional + ops.conditional)
@@ -313,7 +317,8 @@ class Bench:
 
     @contextlib.contextmanager
     def pool(self) -> Iterator[Pool]:
-        pool = Pool(self.opts.workers, self.console, self.opts.progress, time.monotonic() + self.opts.max_seconds)
+        pool = Pool(self.opts.workers, self.console, self.opts.progress, time.monotonic() + self.opts.max_seconds,
+                    self.target.ca_file, self.target.mqtt_tls)
         try:
             yield pool
         finally:

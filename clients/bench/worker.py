@@ -24,6 +24,8 @@ from typing import Any
 
 import httpx
 
+from clients.sdk import tls_context
+
 from .mqtt import MqttConn, connect
 
 ACK_EVERY_S = 0.1
@@ -108,7 +110,8 @@ class Dev:
 
     async def connect(self, host: str, port: int, presence: bool) -> None:
         will = (self.up, b'{"type":"presence","state":"offline"}')
-        self.conn = await connect(host, port, self.device, self.device, self.token, self.on_message, will=will)
+        self.conn = await connect(host, port, self.device, self.device, self.token, self.on_message, will=will,
+                                  tls=self.w.mqtt_tls)
         await self.conn.subscribe([f"down/{self.user}", f"down/{self.user}/{self.device}"], timeout=30)
         if presence:
             await self.publish({"type": "presence", "state": "online"})
@@ -235,9 +238,12 @@ class Relay:
 
 
 class Worker:
-    def __init__(self, index: int, progress: Any) -> None:
+    def __init__(self, index: int, progress: Any, ca_file: str | None = None, mqtt_tls: bool = False) -> None:
         self.index = index
         self.progress = progress
+        # https:// and mqtts:// are checked against ca_file (None: the system's CAs)
+        self.tls = tls_context(ca_file)
+        self.mqtt_tls = self.tls if mqtt_tls else None
         self.devs: list[Dev] = []
         self.relays: list[Relay] = []
         self.tracks: dict[str, Track] = {}
@@ -340,7 +346,7 @@ class Worker:
         """Log a device in for every phone (the server must run with --dev)."""
         sem = asyncio.Semaphore(LOGIN_CONCURRENCY)
         out: list[Dev | None] = [None] * len(phones)
-        async with httpx.AsyncClient(base_url=http, timeout=120) as client:
+        async with httpx.AsyncClient(base_url=http, timeout=120, verify=self.tls) as client:
             async def one(i: int, phone: str) -> None:
                 async with sem:
                     r = await client.post("/v1/auth/code", json={"phone": phone})
@@ -378,7 +384,7 @@ class Worker:
     async def make_groups(self, http: str, size: int) -> list[str]:
         """Cut this process's devices into groups of ``size``; the first of each creates it."""
         chats = []
-        async with httpx.AsyncClient(base_url=http, timeout=60) as client:
+        async with httpx.AsyncClient(base_url=http, timeout=60, verify=self.tls) as client:
             for start in range(0, len(self.devs) - size + 1, size):
                 members = self.devs[start:start + size]
                 r = await client.post("/v1/chats", headers={"Authorization": f"Bearer {members[0].token}"},
@@ -647,9 +653,9 @@ class Worker:
         return {}
 
 
-def main(conn: Connection, index: int, progress: Any) -> None:
+def main(conn: Connection, index: int, progress: Any, ca_file: str | None = None, mqtt_tls: bool = False) -> None:
     """Process entry: answer ``(command, kwargs)`` from the parent until told to stop."""
-    asyncio.run(_serve(conn, Worker(index, progress)))
+    asyncio.run(_serve(conn, Worker(index, progress, ca_file, mqtt_tls)))
 
 
 async def _serve(conn: Connection, worker: Worker) -> None:
