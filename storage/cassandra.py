@@ -235,6 +235,7 @@ class CassandraStore:
         self._ack_writer: asyncio.Task[None] | None = None
         # plain writes on the event loop's own connection (storage/cql_wire.py), when it is up
         self._direct_writes = direct_writes
+        self._closed = False
         self._wire: CqlWire | None = None
         self._wire_ok: dict[str, tuple[bytes, int]] = {}  # statement -> (prepared id, consistency)
         self._wire_retry: asyncio.TimerHandle | None = None
@@ -412,6 +413,7 @@ class CassandraStore:
 
         await self._blocking(check)
         await self._blocking(self._prepare)
+        self._closed = False
         if self._direct_writes and self._wire is None:
             await self._open_wire()
         if self._leases is None:
@@ -434,7 +436,7 @@ class CassandraStore:
         if self._leases is not None:
             await self._leases.stop()
             self._leases = None
-        self._direct_writes = False  # no reopening from here on
+        self._closed = True  # no reopening of the write connection from here on
         if self._wire_retry is not None:
             self._wire_retry.cancel()
         if self._wire_opening is not None:
@@ -584,13 +586,13 @@ class CassandraStore:
             self._wire_later()
 
     def _wire_later(self) -> None:
-        if not self._direct_writes or self._cluster is None:
+        if not self._direct_writes or self._closed or self._cluster is None:
             return
         loop = asyncio.get_running_loop()
 
         def reopen() -> None:
             self._wire_retry = None
-            if self._direct_writes and self._wire is None and self._cluster is not None:
+            if self._direct_writes and not self._closed and self._wire is None and self._cluster is not None:
                 self._wire_opening = loop.create_task(self._open_wire())
 
         self._wire_retry = loop.call_later(WIRE_RETRY_S, reopen)
