@@ -32,7 +32,7 @@ from bridge.config import Settings
 from bridge.errors import ConfigError
 from clients.launch import ROOT, ServerProc
 from clients.sdk import Api, Device, PigeonClientError, Profile, login, tls_context
-from tests.conftest import fresh_phone, production_flags, production_url
+from tests.conftest import fresh_phone, production_flags, production_url, relay_pipe
 from tests.mqtt_raw import connect_packet
 
 TLS_PORTS = ["--mqtts-port", "0", "--wss-port", "0", "--https-port", "0"]
@@ -115,18 +115,8 @@ class Recorder:
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection(*self.target)
 
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            try:
-                while data := await src.read(65536):
-                    self.seen += data
-                    dst.write(data)
-                    await dst.drain()
-            except (ConnectionError, OSError):
-                pass
-            finally:
-                dst.close()
-
-        for task in (asyncio.create_task(pipe(reader, up_writer)), asyncio.create_task(pipe(up_reader, writer))):
+        for task in (asyncio.create_task(relay_pipe(reader, up_writer, self.seen)),
+                     asyncio.create_task(relay_pipe(up_reader, writer, self.seen))):
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 

@@ -17,7 +17,7 @@ from playwright.async_api import Browser, BrowserContext, Page, expect
 
 from clients.launch import ServerProc
 from clients.sdk import Device, Profile, login
-from tests.conftest import fresh_phone
+from tests.conftest import fresh_phone, relay_pipe
 from tests.web_browser import chromium
 
 MEDIA_LIMIT = 300_000
@@ -440,17 +440,7 @@ class PathProxy:
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port)
         up_writer.write(head)
 
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            try:
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            except (ConnectionError, OSError):
-                pass
-            finally:
-                dst.close()
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        await asyncio.gather(relay_pipe(reader, up_writer), relay_pipe(up_reader, writer))
 
     async def close(self) -> None:
         if self.server is not None:
