@@ -8,7 +8,7 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from importlib import resources
 from pathlib import Path
 from types import TracebackType
@@ -25,6 +25,7 @@ from storage.push_queue import open_push_queue
 from storage.state import open_state
 
 from .accounts import Accounts
+from .admission import Admission
 from .clock import Clock, SystemClock
 from .config import Settings, read_credentials
 from .errors import PigeonError, Unauthorized
@@ -37,7 +38,7 @@ from .outbox import Out
 from .presence import PresenceTracker
 from .push import Pusher, PushTargets
 from .push_providers import build_providers
-from .ratelimit import RateLimiter
+from .ratelimit import RateLimiter, Strikes
 from .router import DeviceRouter
 from .sms import LogSms, WebhookSms
 from .tokens import TokenSigner
@@ -125,8 +126,13 @@ class PigeonServer:
         )
         self.media = Media(self.store, blobs, self.clock, max_bytes=s.media_max_bytes, url_ttl_s=s.media_url_ttl_s)
         limiter = RateLimiter(self.clock, s.rate_per_s, s.rate_burst)
+        self.admission = Admission(s.max_pending, s.shed_pending, s.overload_retry_ms, s.max_payload, self.metrics)
+        self.metrics.held.set_function(lambda: self.admission.held)
+        self.presence.admission = self.admission
         self.router = DeviceRouter(
             self.messenger, self.presence, self.media, limiter, self.metrics, s.max_payload, publish=self.publish,
+            admission=self.admission, strikes=Strikes(self.clock, s.kick_after) if s.kick_after else None,
+            disconnect=self._disconnect_device,
         )
 
         if s.broker:
@@ -143,7 +149,7 @@ class PigeonServer:
             store_ops=lambda: self.store.ops,
             partitions_held=lambda: len(self.store.held_partitions()) if isinstance(self.store, Partitions) else 0,
             push=self.push_targets, push_depth=self.pusher.depth,
-            web_root=web_root(),
+            web_root=web_root(), admission=self.admission,
         )
         config = uvicorn.Config(create_app(deps), log_level="warning", access_log=False, lifespan="on")
         self._uvicorn = uvicorn.Server(config)
@@ -188,7 +194,9 @@ class PigeonServer:
         gate = DeviceGate(check_token, BRIDGE_USER, bridge_password)
         in_process = self._ingest if s.ingest == "inprocess" else None
         broker = PigeonBroker(broker_config(s.host, s.mqtt_port, s.ws_port, gate), gate, in_process,
-                              connect_timeout=s.connect_timeout_s)
+                              connect_timeout=s.connect_timeout_s,
+                              admit=self._admit if in_process else None,
+                              release=self.admission.release if in_process else None)
         try:
             await broker.start()
         except Exception as exc:
@@ -201,7 +209,7 @@ class PigeonServer:
             self._ingest_client = MqttIngest(
                 "127.0.0.1" if s.host in ("0.0.0.0", "") else s.host, self.endpoints.mqtt_port,
                 username=BRIDGE_USER, password=bridge_password, client_id=f"{BRIDGE_USER}-{os.getpid()}",
-                handle=self._ingest,
+                handle=self._ingest, admit=self._admit, release=self.admission.release,
             )
 
     async def _use_external_broker(self, s: Settings) -> None:
@@ -239,6 +247,7 @@ class PigeonServer:
             self._ingest_client = MqttIngest(
                 host, port, username=user, password=password, client_id=f"{user}-{secrets.token_hex(6)}",
                 handle=self._ingest, persistent=True, partitions=partitions, ask_holder=ask_holder,
+                admit=self._admit, release=self.admission.release,
             )
             handle = getattr(self.state, "handle", None)
             if handle is not None:
@@ -247,7 +256,7 @@ class PigeonServer:
         else:  # one bridge: a persistent session that takes every device's traffic
             self._ingest_client = MqttIngest(
                 host, port, username=user, password=password, client_id=f"{user}-all", handle=self._ingest,
-                persistent=True,
+                persistent=True, admit=self._admit, release=self.admission.release,
             )
             self.accounts.registry = admin
 
@@ -288,6 +297,20 @@ class PigeonServer:
                             await self._dynsec.remove_expired(self.clock.now_ms())
                 except Exception:  # housekeeping must never take the server down
                     log.exception("housekeeping step failed; trying again later")
+
+    def _admit(self, topic: str, payload: bytes | bytearray) -> Awaitable[None] | None:
+        """Admission control for a device publish (bridge/admission.py): None when taken in,
+        else the publishing of its refusal."""
+        refused = self.admission.admit(topic, payload)
+        return None if refused is None else self.publish(refused)
+
+    async def _disconnect_device(self, device_id: str) -> None:
+        """Close a device's connection: the embedded broker drops it; on Mosquitto, dynamic
+        security disables and re-enables its client, which kicks it (it may connect again)."""
+        if self._broker is not None:
+            await self._broker.disconnect_device(device_id)
+        elif self._dynsec is not None:
+            await self._dynsec.kick_device(device_id)
 
     async def _ingest(self, topic: str, payload: bytes) -> None:
         outs = await self.router.handle(topic, payload)

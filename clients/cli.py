@@ -67,6 +67,17 @@ def serve(
     sms_webhook: Annotated[str | None, typer.Option(envvar="PIGEON_SMS_WEBHOOK")] = None,
     rate: Annotated[float, typer.Option(envvar="PIGEON_RATE", help="Requests/s per device")] = 50.0,
     burst: Annotated[int, typer.Option(envvar="PIGEON_BURST")] = 200,
+    kick_after: Annotated[int, typer.Option(
+        envvar="PIGEON_KICK_AFTER", help="disconnect a device refused by its rate limit this many times within "
+        "10 s (0: never)")] = 200,
+    max_pending: Annotated[int, typer.Option(
+        envvar="PIGEON_MAX_PENDING", help="device requests the bridge holds (queued or in flight) before it "
+        "answers new ones rate_limited at once")] = 512,
+    shed_pending: Annotated[int | None, typer.Option(
+        envvar="PIGEON_SHED_PENDING", help="requests held from which typing and presence fan-out are dropped "
+        "(default: half of --max-pending)")] = None,
+    overload_retry_ms: Annotated[int, typer.Option(
+        envvar="PIGEON_OVERLOAD_RETRY_MS", help="retry_after_ms of a request refused for overload")] = 1000,
     max_group: Annotated[int, typer.Option(envvar="PIGEON_MAX_GROUP")] = 100,
     max_payload: Annotated[int, typer.Option(envvar="PIGEON_MAX_PAYLOAD")] = 64 * 1024,
     media_max_bytes: Annotated[int, typer.Option(envvar="PIGEON_MEDIA_MAX_BYTES")] = 100 * 1024 * 1024,
@@ -122,7 +133,8 @@ def serve(
             ingest=ingest, push_window_s=push_window, push_max_age_s=push_max_age, vapid_key_file=vapid_key_file,
             vapid_subject=vapid_subject, fcm_credentials_file=fcm_credentials_file, fcm_url=fcm_url,
             apns_key_file=apns_key_file, apns_key_id=apns_key_id, apns_team_id=apns_team_id, apns_topic=apns_topic,
-            apns_url=apns_url, connect_timeout_s=connect_timeout,
+            apns_url=apns_url, connect_timeout_s=connect_timeout, kick_after=kick_after, max_pending=max_pending,
+            shed_pending=shed_pending, overload_retry_ms=overload_retry_ms,
         ).validated()
     except PigeonError as exc:
         err.print(f"[red]configuration error:[/] {exc}")

@@ -1,0 +1,116 @@
+"""Admission control: a bound on the device requests this bridge holds, and what happens past it.
+
+*Held* is every device publish taken in and not yet handled to the end: queued for an ingest
+worker (``bridge.mqtt_ingest``, external broker), or waiting in a device's queue of the
+embedded broker (in-process ingest), or being handled (store calls in flight). Each path counts
+a publish with :meth:`Admission.admit` when it takes it in and gives it back with
+:meth:`Admission.release` once handled, so the check per publish is one integer compare.
+
+Three levels, by what is held:
+
+- below ``shed_at``: everything is taken in;
+- from ``shed_at``: typing relays are dropped and presence changes are not fanned out to
+  watchers (presence itself is still recorded): work no one stores and no one misses for long
+  goes first, before any send is refused;
+- from ``limit``: a new publish is not queued. It is read at once and, if it is a request with
+  a reply (``send``, ``sync``, ``read``, ``watch``, ``media_*``), answered at once with
+  ``rate_limited`` and ``retry_after_ms``; nothing of it is stored, so a retry is safe and the
+  same ``id`` later stores it once. ``typing`` is dropped. ``ack`` and ``presence`` are still
+  taken in: an ack is folded per device (``bridge.router.AckLane``) and a presence change is one
+  small write, and refusing them would leave receipts and online state wrong until the device's
+  next one.
+
+A device that keeps pushing past its own per-device limit is a different matter, decided in
+``bridge.ratelimit.Strikes`` and ``bridge.router``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+
+from .errors import ProtocolError, RateLimited
+from .metrics import Metrics
+from .outbox import Out, device_topic
+from .protocol import Ack, PresenceReq, Typing, error_reply, parse_request
+
+log = logging.getLogger(__name__)
+
+# Devices' requests held at once by default. A held request waits for those ahead of it, so the
+# bound is also a bound on queueing delay: at the ~400 sends/s of the embedded profile, 512 is
+# about a second and a quarter; a bridge on Cassandra with 256 ingest workers needs more than 256.
+DEFAULT_LIMIT = 512
+DEFAULT_RETRY_AFTER_MS = 1000
+
+Publish = Callable[[Sequence[Out]], Awaitable[None]]
+
+
+class Admission:
+    def __init__(self, limit: int = DEFAULT_LIMIT, shed_at: int | None = None,
+                 retry_after_ms: int = DEFAULT_RETRY_AFTER_MS, max_payload: int = 64 * 1024,
+                 metrics: Metrics | None = None) -> None:
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}")
+        shed = limit // 2 if shed_at is None else shed_at
+        if not 0 <= shed <= limit:
+            raise ValueError(f"shed_at must be between 0 and the limit ({limit}), got {shed}")
+        if retry_after_ms < 1:
+            raise ValueError(f"retry_after_ms must be at least 1, got {retry_after_ms}")
+        self.limit = limit
+        self.shed_at = shed
+        self.retry_after_ms = retry_after_ms
+        self._max_payload = max_payload
+        self._metrics = metrics
+        self.held = 0
+
+    @property
+    def shedding(self) -> bool:
+        """Typing and presence fan-out are dropped."""
+        return self.held >= self.shed_at
+
+    def admit(self, topic: str, payload: bytes | bytearray) -> list[Out] | None:
+        """Take in one device publish: None if taken (counted: :meth:`release` it once handled),
+        else what to publish instead (the refusal, or nothing), at once."""
+        if self.held < self.limit:
+            self.held += 1
+            return None
+        return self._over(topic, payload)
+
+    def release(self) -> None:
+        self.held -= 1
+
+    def _over(self, topic: str, payload: bytes | bytearray) -> list[Out] | None:
+        parts = topic.split("/")
+        if len(parts) != 3 or parts[0] != "up":
+            self.held += 1  # not a request: the router logs and ignores it
+            return None
+        try:
+            req = parse_request(bytes(payload), self._max_payload)
+        except ProtocolError:
+            self.held += 1  # answered by the router with its error, without any store call
+            return None
+        if isinstance(req, (Ack, PresenceReq)):
+            self.held += 1
+            return None
+        if isinstance(req, Typing):
+            self.shed("typing")
+            return []
+        if self._metrics is not None:
+            self._metrics.refused.labels(req.type).inc()
+            self._metrics.errors.labels("rate_limited", "mqtt").inc()
+        exc = RateLimited("the server is overloaded; retry later", retry_after_ms=self.retry_after_ms)
+        log.debug("overloaded (%d held): refused a %s on %s", self.held, req.type, topic)
+        body = error_reply(exc.mqtt_code, exc.message, getattr(req, "id", None), exc.retry_after_ms)
+        return [Out.event(device_topic(parts[1], parts[2]), body)]
+
+    def check_http(self) -> None:
+        """An HTTP send is refused with 429 past the limit, like one over MQTT (it is not
+        counted as held: it holds its own connection, not a queue slot)."""
+        if self.held >= self.limit:
+            if self._metrics is not None:
+                self._metrics.refused.labels("send").inc()
+            raise RateLimited("the server is overloaded; retry later", retry_after_ms=self.retry_after_ms)
+
+    def shed(self, what: str) -> None:
+        if self._metrics is not None:
+            self._metrics.shed.labels(what).inc()
