@@ -179,7 +179,9 @@ async def test_a_device_that_keeps_pushing_past_its_limit_is_disconnected(strict
             await raw.conn.closed  # the server closed it
         sent = [i for i in ids if i in raw.replies and raw.replies[i][0]["type"] == "sent"]
         codes = {raw.replies[i][0].get("code") for i in ids if i in raw.replies} - {None}
-        assert codes == {"rate_limited"}, codes
+        # refusals still on their way when it was cut off may not reach it (on Mosquitto the kick
+        # overtakes them); none of those was stored, and nothing else was answered
+        assert codes <= {"rate_limited"}, codes
         assert 1 <= len(sent) <= 6  # its burst of 5 (and a token refilled meanwhile)
         async with Device(b) as db:
             chat = raw.replies[sent[0]][0]["chat"]
