@@ -195,7 +195,7 @@ class PigeonServer:
         in_process = self._ingest if s.ingest == "inprocess" else None
         broker = PigeonBroker(broker_config(s.host, s.mqtt_port, s.ws_port, gate), gate, in_process,
                               connect_timeout=s.connect_timeout_s,
-                              admit=self._admit if in_process else None,
+                              admit=self._admit_now if in_process else None,
                               release=self.admission.release if in_process else None)
         try:
             await broker.start()
@@ -303,6 +303,15 @@ class PigeonServer:
         else the publishing of its refusal."""
         refused = self.admission.admit(topic, payload)
         return None if refused is None else self.publish(refused)
+
+    def _admit_now(self, topic: str, payload: bytes | bytearray) -> list[tuple[str, bytes]] | None:
+        """The same, for the embedded broker, which writes a refusal straight to the device."""
+        refused = self.admission.admit(topic, payload)
+        if refused is None:
+            return None
+        if refused:
+            self.metrics.messages_out.labels("0").inc(len(refused))
+        return [(out.topic, out.payload) for out in refused]
 
     async def _disconnect_device(self, device_id: str) -> None:
         """Close a device's connection: the embedded broker drops it; on Mosquitto, dynamic

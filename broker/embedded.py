@@ -73,9 +73,9 @@ log = logging.getLogger(__name__)
 
 Ingest = Callable[[str, bytes], Awaitable[None]]
 # Taking in a device publish on up/ (the bridge's admission control, bridge/admission.py):
-# None when taken in, and then ``Release`` is called once it has been handled; otherwise an
-# awaitable that answers it at once, and the publish is acknowledged and never queued.
-Admit = Callable[[str, bytes | bytearray], Awaitable[None] | None]
+# None when taken in, and then ``Release`` is called once it has been handled; otherwise the
+# (topic, payload) replies that answer it at once, and the publish is acknowledged, never queued.
+Admit = Callable[[str, bytes | bytearray], list[tuple[str, bytes]] | None]
 Release = Callable[[], None]
 KEEPALIVE_FACTOR = 1.5
 # A connection that has not sent a whole CONNECT within this many seconds is closed (fix 7).
@@ -152,17 +152,31 @@ class _Handler(BrokerProtocolHandler):
         self._handled: dict[int, asyncio.Future[None]] = {}
         self.admit: Admit | None = None
         self.release: Release | None = None
+        # whether this connection's session may be sent a reply on a topic right now
+        self.reply_to: Callable[[Session, str], bool] | None = None
         # id() of the publishes taken in by ``admit`` and not yet handled
         self._counted: set[int] = set()
 
     def _refused(self, app_message: OutgoingApplicationMessage | IncomingApplicationMessage) -> Awaitable[None] | None:
-        """Ask admission control about an incoming device publish; count it if taken in."""
+        """Ask admission control about an incoming device publish; count it if taken in, else
+        return what answers it."""
         if self.admit is None or not app_message.topic.startswith("up/"):
             return None
-        refused = self.admit(app_message.topic, app_message.data)
-        if refused is None:
+        replies = self.admit(app_message.topic, app_message.data)
+        if replies is None:
             self._counted.add(id(app_message))
-        return refused
+            return None
+        return self._answer_now(replies)
+
+    async def _answer_now(self, replies: list[tuple[str, bytes]]) -> None:
+        """A refusal goes straight to the device that sent the request, on its own connection, at
+        QoS 0: not through the broker's one broadcast queue, which carries every reply and event
+        and which a flood of refusals would make everyone wait behind. (Lost only with the
+        connection, when the device tries again anyway.)"""
+        session = self.session
+        for topic, payload in replies:
+            if session is not None and self.reply_to is not None and self.reply_to(session, topic):
+                await self.mqtt_publish(topic, payload, 0, False)
 
     async def _handle_qos0_message_flow(
         self, app_message: OutgoingApplicationMessage | IncomingApplicationMessage,
@@ -242,6 +256,12 @@ class PigeonBroker(Broker):
         # client id -> the filters it subscribed to (fix 5)
         self._filters_of: dict[str, set[str]] = {}
 
+    def _may_reply(self, session: Session, topic: str) -> bool:
+        """The session subscribed to exactly ``topic`` and may receive it."""
+        principal = principal_of(session)
+        return (principal is not None and self.gate.may_receive(principal, topic)
+                and any(s is session for s, _ in self._subscriptions.get(topic, ())))
+
     def set_ingest(self, ingest: Ingest) -> None:
         self._ingest = ingest
 
@@ -257,7 +277,7 @@ class PigeonBroker(Broker):
                 raise BrokenFirstPacket(f"no CONNECT within {self.connect_timeout:g} s") from exc
             buffered = _Buffered(first)
             handler, session = await _Handler.init_from_connect(buffered, writer, self.plugins_manager)
-            handler.admit, handler.release = self._admit, self._release
+            handler.admit, handler.release, handler.reply_to = self._admit, self._release, self._may_reply
             if buffered.left:
                 raise BrokenFirstPacket(f"{buffered.left} bytes after the end of the CONNECT it announced")
         except (AMQTTError, MQTTError, NoDataError, ValueError, UnicodeDecodeError) as exc:

@@ -175,8 +175,8 @@ async def test_a_device_that_keeps_pushing_past_its_limit_is_disconnected(strict
     try:
         assert raw.conn is not None
         ids = raw.burst(b.user_id, 40)
-        async with asyncio.timeout(15):
-            await raw.conn.closed  # the server closed it
+        async with asyncio.timeout(30):  # a loaded machine may be slow; the server must close it
+            await raw.conn.closed
         sent = [i for i in ids if i in raw.replies and raw.replies[i][0]["type"] == "sent"]
         codes = {raw.replies[i][0].get("code") for i in ids if i in raw.replies} - {None}
         # refusals still on their way when it was cut off may not reach it (on Mosquitto the kick
