@@ -63,7 +63,7 @@ class Settings:
     connect_timeout_s: float = 10.0
     # admission control (bridge/admission.py): requests held before new ones are refused, the
     # level from which typing and presence fan-out are shed (None: half), and the retry hint
-    max_pending: int = 512
+    max_pending: int = 2048
     shed_pending: int | None = None
     overload_retry_ms: int = 1000
     # a device refused by its rate limit this many times within 10 s is disconnected (0: never)

@@ -72,7 +72,7 @@ def serve(
         "10 s (0: never)")] = 200,
     max_pending: Annotated[int, typer.Option(
         envvar="PIGEON_MAX_PENDING", help="device requests the bridge holds (queued or in flight) before it "
-        "answers new ones rate_limited at once")] = 512,
+        "answers new ones rate_limited at once")] = 2048,
     shed_pending: Annotated[int | None, typer.Option(
         envvar="PIGEON_SHED_PENDING", help="requests held from which typing and presence fan-out are dropped "
         "(default: half of --max-pending)")] = None,
