@@ -12,13 +12,16 @@ Three levels, by what is held:
 - from ``shed_at``: typing relays are dropped and presence changes are not fanned out to
   watchers (presence itself is still recorded): work no one stores and no one misses for long
   goes first, before any send is refused;
-- from ``limit``: a new publish is not queued. It is read at once and, if it is a request with
+- from ``limit`` held in all, or ``per_device`` of the sending device's own (on the embedded
+  broker, where a device's requests are handled one at a time, so its own queue is its wait):
+  a new publish is not queued. It is read at once and, if it is a request with
   a reply (``send``, ``sync``, ``read``, ``watch``, ``media_*``), answered at once with
   ``rate_limited`` and ``retry_after_ms``; nothing of it is stored, so a retry is safe and the
   same ``id`` later stores it once. ``typing`` is dropped. ``ack`` and ``presence`` are still
   taken in: an ack is folded per device (``bridge.router.AckLane``) and a presence change is one
   small write, and refusing them would leave receipts and online state wrong until the device's
-  next one.
+  next one. They too stop at a ceiling, a quarter above ``limit``: past it they are dropped
+  (a later ack covers a dropped one), so what is held never exceeds the ceiling.
 
 A device that keeps pushing past its own per-device limit is a different matter, decided in
 ``bridge.ratelimit.Strikes`` and ``bridge.router``.
@@ -44,6 +47,10 @@ log = logging.getLogger(__name__)
 # (about sends/s × the delay accepted), keeping it above that.
 DEFAULT_LIMIT = 2048
 DEFAULT_RETRY_AFTER_MS = 1000
+# A device's own requests held at once (embedded broker). A well-behaved client keeps a few in
+# flight (the SDK one send at a time, the benchmark four); one that floods waits behind its own
+# queue, handled one at a time: 16 at a quarter of a second each is four seconds.
+DEFAULT_PER_DEVICE = 16
 
 Publish = Callable[[Sequence[Out]], Awaitable[None]]
 
@@ -51,7 +58,7 @@ Publish = Callable[[Sequence[Out]], Awaitable[None]]
 class Admission:
     def __init__(self, limit: int = DEFAULT_LIMIT, shed_at: int | None = None,
                  retry_after_ms: int = DEFAULT_RETRY_AFTER_MS, max_payload: int = 64 * 1024,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, per_device: int = DEFAULT_PER_DEVICE) -> None:
         if limit < 1:
             raise ValueError(f"limit must be at least 1, got {limit}")
         shed = limit // 2 if shed_at is None else shed_at
@@ -59,7 +66,11 @@ class Admission:
             raise ValueError(f"shed_at must be between 0 and the limit ({limit}), got {shed}")
         if retry_after_ms < 1:
             raise ValueError(f"retry_after_ms must be at least 1, got {retry_after_ms}")
+        if per_device < 1:
+            raise ValueError(f"per_device must be at least 1, got {per_device}")
         self.limit = limit
+        self.ceiling = limit + limit // 4
+        self.per_device = per_device
         self.shed_at = shed
         self.retry_after_ms = retry_after_ms
         self._max_payload = max_payload
@@ -71,38 +82,43 @@ class Admission:
         """Typing and presence fan-out are dropped."""
         return self.held >= self.shed_at
 
-    def admit(self, topic: str, payload: bytes | bytearray) -> list[Out] | None:
-        """Take in one device publish: None if taken (counted: :meth:`release` it once handled),
-        else what to publish instead (the refusal, or nothing), at once."""
-        if self.held < self.limit:
+    def admit(self, topic: str, payload: bytes | bytearray, queued: int = 0) -> list[Out] | None:
+        """Take in one device publish, ``queued`` of its device's being held already (0 where
+        that is not known): None if taken (counted: :meth:`release` it once handled), else what
+        to publish instead (the refusal, or nothing), at once."""
+        if self.held < self.limit and queued < self.per_device:
             self.held += 1
             return None
-        return self._over(topic, payload)
+        return self._over(topic, payload, queued)
 
     def release(self) -> None:
         self.held -= 1
 
-    def _over(self, topic: str, payload: bytes | bytearray) -> list[Out] | None:
+    def _over(self, topic: str, payload: bytes | bytearray, queued: int) -> list[Out] | None:
         parts = topic.split("/")
-        if len(parts) != 3 or parts[0] != "up":
-            self.held += 1  # not a request: the router logs and ignores it
-            return None
         try:
-            req = parse_request(bytes(payload), self._max_payload)
+            req = parse_request(bytes(payload), self._max_payload) if len(parts) == 3 and parts[0] == "up" else None
         except ProtocolError:
-            self.held += 1  # answered by the router with its error, without any store call
-            return None
-        if isinstance(req, (Ack, PresenceReq)):
-            self.held += 1
-            return None
+            req = None
+        if req is None or isinstance(req, (Ack, PresenceReq)):
+            # not a request (the router logs and ignores it), an invalid one (answered by the
+            # router without any store call), an ack or a presence change: taken in, up to the
+            # ceiling
+            if self.held < self.ceiling:
+                self.held += 1
+                return None
+            self.shed("ack" if isinstance(req, Ack) else "presence" if isinstance(req, PresenceReq) else "other")
+            return []
         if isinstance(req, Typing):
             self.shed("typing")
             return []
         if self._metrics is not None:
             self._metrics.refused.labels(req.type).inc()
             self._metrics.errors.labels("rate_limited", "mqtt").inc()
-        exc = RateLimited("the server is overloaded; retry later", retry_after_ms=self.retry_after_ms)
-        log.debug("overloaded (%d held): refused a %s on %s", self.held, req.type, topic)
+        why = ("the server is overloaded" if self.held >= self.limit
+               else f"{queued} requests of this device are waiting already")
+        exc = RateLimited(f"{why}; retry later", retry_after_ms=self.retry_after_ms)
+        log.debug("overloaded (%d held, %d of the device): refused a %s on %s", self.held, queued, req.type, topic)
         body = error_reply(exc.mqtt_code, exc.message, getattr(req, "id", None), exc.retry_after_ms)
         return [Out.event(device_topic(parts[1], parts[2]), body)]
 

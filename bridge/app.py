@@ -126,7 +126,8 @@ class PigeonServer:
         )
         self.media = Media(self.store, blobs, self.clock, max_bytes=s.media_max_bytes, url_ttl_s=s.media_url_ttl_s)
         limiter = RateLimiter(self.clock, s.rate_per_s, s.rate_burst)
-        self.admission = Admission(s.max_pending, s.shed_pending, s.overload_retry_ms, s.max_payload, self.metrics)
+        self.admission = Admission(s.max_pending, s.shed_pending, s.overload_retry_ms, s.max_payload, self.metrics,
+                                   per_device=s.max_pending_device)
         self.metrics.held.set_function(lambda: self.admission.held)
         self.presence.admission = self.admission
         self.router = DeviceRouter(
@@ -304,9 +305,10 @@ class PigeonServer:
         refused = self.admission.admit(topic, payload)
         return None if refused is None else self.publish(refused)
 
-    def _admit_now(self, topic: str, payload: bytes | bytearray) -> list[tuple[str, bytes]] | None:
-        """The same, for the embedded broker, which writes a refusal straight to the device."""
-        refused = self.admission.admit(topic, payload)
+    def _admit_now(self, topic: str, payload: bytes | bytearray, queued: int) -> list[tuple[str, bytes]] | None:
+        """The same, for the embedded broker, which writes a refusal straight to the device and
+        knows how many of the device's own publishes are held (``queued``)."""
+        refused = self.admission.admit(topic, payload, queued)
         if refused is None:
             return None
         if refused:

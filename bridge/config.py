@@ -64,6 +64,7 @@ class Settings:
     # admission control (bridge/admission.py): requests held before new ones are refused, the
     # level from which typing and presence fan-out are shed (None: half), and the retry hint
     max_pending: int = 2048
+    max_pending_device: int = 16  # of one device's own (embedded broker)
     shed_pending: int | None = None
     overload_retry_ms: int = 1000
     # a device refused by its rate limit this many times within 10 s is disconnected (0: never)
@@ -99,6 +100,9 @@ class Settings:
         if not 1 <= self.max_pending <= 10_000_000:
             raise ConfigError(f"max_pending (PIGEON_MAX_PENDING) must be between 1 and 10000000, "
                               f"got {self.max_pending}")
+        if not 1 <= self.max_pending_device <= 1_000_000:
+            raise ConfigError(f"max_pending_device (PIGEON_MAX_PENDING_DEVICE) must be between 1 and 1000000, "
+                              f"got {self.max_pending_device}")
         if self.shed_pending is not None and not 0 <= self.shed_pending <= self.max_pending:
             raise ConfigError(f"shed_pending (PIGEON_SHED_PENDING) must be between 0 and max_pending "
                               f"({self.max_pending}), got {self.shed_pending}")

@@ -75,7 +75,8 @@ Ingest = Callable[[str, bytes], Awaitable[None]]
 # Taking in a device publish on up/ (the bridge's admission control, bridge/admission.py):
 # None when taken in, and then ``Release`` is called once it has been handled; otherwise the
 # (topic, payload) replies that answer it at once, and the publish is acknowledged, never queued.
-Admit = Callable[[str, bytes | bytearray], list[tuple[str, bytes]] | None]
+# The third argument: how many of this connection's publishes are held already.
+Admit = Callable[[str, bytes | bytearray, int], list[tuple[str, bytes]] | None]
 Release = Callable[[], None]
 KEEPALIVE_FACTOR = 1.5
 # A connection that has not sent a whole CONNECT within this many seconds is closed (fix 7).
@@ -162,7 +163,7 @@ class _Handler(BrokerProtocolHandler):
         return what answers it."""
         if self.admit is None or not app_message.topic.startswith("up/"):
             return None
-        replies = self.admit(app_message.topic, app_message.data)
+        replies = self.admit(app_message.topic, app_message.data, len(self._counted))
         if replies is None:
             self._counted.add(id(app_message))
             return None

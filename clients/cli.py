@@ -73,6 +73,9 @@ def serve(
     max_pending: Annotated[int, typer.Option(
         envvar="PIGEON_MAX_PENDING", help="device requests the bridge holds (queued or in flight) before it "
         "answers new ones rate_limited at once")] = 2048,
+    max_pending_device: Annotated[int, typer.Option(
+        envvar="PIGEON_MAX_PENDING_DEVICE", help="embedded broker: a device's own requests held before its new "
+        "ones are answered rate_limited at once")] = 16,
     shed_pending: Annotated[int | None, typer.Option(
         envvar="PIGEON_SHED_PENDING", help="requests held from which typing and presence fan-out are dropped "
         "(default: half of --max-pending)")] = None,
@@ -134,6 +137,7 @@ def serve(
             vapid_subject=vapid_subject, fcm_credentials_file=fcm_credentials_file, fcm_url=fcm_url,
             apns_key_file=apns_key_file, apns_key_id=apns_key_id, apns_team_id=apns_team_id, apns_topic=apns_topic,
             apns_url=apns_url, connect_timeout_s=connect_timeout, kick_after=kick_after, max_pending=max_pending,
+            max_pending_device=max_pending_device,
             shed_pending=shed_pending, overload_retry_ms=overload_retry_ms,
         ).validated()
     except PigeonError as exc:

@@ -60,18 +60,43 @@ def test_past_the_limit_a_send_is_answered_rate_limited_at_once_and_not_taken_in
     assert adm.held == 2
 
 
-def test_past_the_limit_typing_is_dropped_while_acks_and_presence_are_still_taken_in() -> None:
+def test_past_the_limit_typing_is_dropped_while_acks_and_presence_are_still_taken_in_up_to_a_ceiling() -> None:
     metrics = Metrics()
-    adm = Admission(limit=1, metrics=metrics)
-    assert adm.admit(TOPIC, body(type="send", id="m", to="u2", body="x")) is None
+    adm = Admission(limit=4, metrics=metrics)
+    assert adm.ceiling == 5
+    for i in range(4):
+        assert adm.admit(TOPIC, body(type="send", id=f"m{i}", to="u2", body="x")) is None
     assert adm.admit(TOPIC, body(type="typing", chat="c1")) == []
     assert sample(metrics, "pigeon_overload_shed_total", what="typing") == 1
     assert adm.admit(TOPIC, body(type="ack", up_to=5)) is None
+    assert adm.held == 5  # counted, and released once handled like any other
+    # at the ceiling even these are dropped (a later ack covers a dropped one)
+    assert adm.admit(TOPIC, body(type="ack", up_to=6)) == []
+    assert adm.admit(TOPIC, body(type="presence", state="offline")) == []
+    assert adm.admit(TOPIC, b"not json") == []
+    assert adm.held == 5
+    assert sample(metrics, "pigeon_overload_shed_total", what="ack") == 1
+    assert sample(metrics, "pigeon_overload_shed_total", what="presence") == 1
+    adm.release()
     assert adm.admit(TOPIC, body(type="presence", state="offline")) is None
-    assert adm.held == 3  # both counted, and released once handled like any other
+    adm.release()
+    adm.release()
     assert adm.admit(TOPIC, b"not json") is None  # the router answers it, with no store call
     assert adm.admit("elsewhere", b"{}") is None
-    assert adm.held == 5
+
+
+def test_a_device_with_its_own_queue_full_is_refused_while_others_are_taken_in() -> None:
+    adm = Admission(limit=100, per_device=2)
+    send = body(type="send", id="m", to="u2", body="x")
+    assert adm.admit(TOPIC, send, queued=1) is None
+    refused = adm.admit(TOPIC, send, queued=2)
+    assert refused is not None and json.loads(refused[0].payload)["code"] == "rate_limited"
+    assert "2 requests of this device" in json.loads(refused[0].payload)["message"]
+    assert adm.admit("up/u3/d3", send, queued=0) is None  # another device is not held up
+    assert adm.admit(TOPIC, body(type="ack", up_to=1), queued=5) is None  # acks still go in
+    assert adm.held == 3
+    with pytest.raises(ValueError):
+        Admission(limit=4, per_device=0)
 
 
 def test_shedding_starts_at_half_the_limit_unless_told_and_before_any_refusal() -> None:
@@ -100,7 +125,7 @@ def test_an_http_send_is_refused_past_the_limit_too() -> None:
 
 @pytest.mark.parametrize("values", [
     {"max_pending": 0}, {"max_pending": 10, "shed_pending": 11}, {"shed_pending": -1},
-    {"overload_retry_ms": 0}, {"kick_after": -1},
+    {"overload_retry_ms": 0}, {"kick_after": -1}, {"max_pending_device": 0},
 ])
 def test_bad_admission_settings_are_refused_by_name(values: dict[str, int]) -> None:
     with pytest.raises(ConfigError) as got:
