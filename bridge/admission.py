@@ -23,6 +23,12 @@ Three levels, by what is held:
   next one. They too stop at a ceiling, a quarter above ``limit``: past it they are dropped
   (a later ack covers a dropped one), so what is held never exceeds the ceiling.
 
+On the embedded broker the replies and events waiting to go out (amqtt's one broadcast queue,
+which every publication passes through one at a time) are bounded by the same ``limit``:
+``backlog`` reads its length, and past ``limit`` new requests are refused as above. Otherwise
+requests taken in would be answered in time and their replies would queue there instead, out
+of any bound (the trial run before this check: nothing held, and sends answered 6 to 9 s late).
+
 A device that keeps pushing past its own per-device limit is a different matter, decided in
 ``bridge.ratelimit.Strikes`` and ``bridge.router``.
 """
@@ -76,17 +82,20 @@ class Admission:
         self._max_payload = max_payload
         self._metrics = metrics
         self.held = 0
+        # publications waiting to go out, where the broker queues them (the embedded broker)
+        self.backlog: Callable[[], int] | None = None
 
     @property
     def shedding(self) -> bool:
         """Typing and presence fan-out are dropped."""
-        return self.held >= self.shed_at
+        return self.held >= self.shed_at or (self.backlog is not None and self.backlog() >= self.shed_at)
 
     def admit(self, topic: str, payload: bytes | bytearray, queued: int = 0) -> list[Out] | None:
         """Take in one device publish, ``queued`` of its device's being held already (0 where
         that is not known): None if taken (counted: :meth:`release` it once handled), else what
         to publish instead (the refusal, or nothing), at once."""
-        if self.held < self.limit and queued < self.per_device:
+        if self.held < self.limit and queued < self.per_device and (self.backlog is None
+                                                                     or self.backlog() < self.limit):
             self.held += 1
             return None
         return self._over(topic, payload, queued)
@@ -115,8 +124,8 @@ class Admission:
         if self._metrics is not None:
             self._metrics.refused.labels(req.type).inc()
             self._metrics.errors.labels("rate_limited", "mqtt").inc()
-        why = ("the server is overloaded" if self.held >= self.limit
-               else f"{queued} requests of this device are waiting already")
+        why = (f"{queued} requests of this device are waiting already" if queued >= self.per_device
+               else "the server is overloaded")
         exc = RateLimited(f"{why}; retry later", retry_after_ms=self.retry_after_ms)
         log.debug("overloaded (%d held, %d of the device): refused a %s on %s", self.held, queued, req.type, topic)
         body = error_reply(exc.mqtt_code, exc.message, getattr(req, "id", None), exc.retry_after_ms)

@@ -204,6 +204,8 @@ class PigeonServer:
             raise StartupError(f"broker could not start: {exc}") from exc
         self._broker = broker
         self.accounts.registry = broker
+        if in_process is not None:  # replies and events wait there: bounded with the requests
+            self.admission.backlog = broker.backlog
         self.endpoints.mqtt_port = _bound_port(broker, "default")
         self.endpoints.ws_port = _bound_port(broker, "ws")
         if s.ingest == "mqtt":

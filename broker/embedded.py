@@ -263,6 +263,11 @@ class PigeonBroker(Broker):
         return (principal is not None and self.gate.may_receive(principal, topic)
                 and any(s is session for s, _ in self._subscriptions.get(topic, ())))
 
+    def backlog(self) -> int:
+        """Publications waiting in amqtt's broadcast queue to be sent to their subscribers."""
+        waiting: int = self._broadcast_queue.qsize()
+        return waiting
+
     def set_ingest(self, ingest: Ingest) -> None:
         self._ingest = ingest
 

@@ -220,3 +220,17 @@ async def test_a_device_that_keeps_pushing_past_its_limit_is_disconnected_and_st
                                                                          body="y"))
         assert [json.loads(o.payload)["type"] for o in outs if o.topic.endswith(b.device_id)] == ["sent"]
     assert dropped == [a.device_id]
+
+
+def test_replies_waiting_to_go_out_count_against_the_bound_too() -> None:
+    waiting = [0]
+    adm = Admission(limit=10)
+    adm.backlog = lambda: waiting[0]
+    send = body(type="send", id="m", to="u2", body="x")
+    assert adm.admit(TOPIC, send) is None and not adm.shedding
+    waiting[0] = 5
+    assert adm.shedding and adm.held == 1  # half the bound waiting to go out: shedding
+    waiting[0] = 10
+    refused = adm.admit(TOPIC, send)
+    assert refused is not None and json.loads(refused[0].payload)["code"] == "rate_limited"
+    assert adm.held == 1
