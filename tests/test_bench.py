@@ -224,7 +224,7 @@ def test_an_overload_run_reports_refusals_recovery_and_nothing_lost(tmp_path: Pa
     assert r["scenario"] == "overload" and r["msgs_per_s"] == 60 and r["full_speed_measured"] is False
     assert r["rate_limited"] > 0 and r["overload"]["accepted"] > 0, r["overload"]
     assert r["lost"] == 0 and r["duplicates"] == 0 and r["unanswered"] == 0, r
-    assert 150 <= r["overload"]["offered"] <= 200 + 8  # 3 x 60/s for 3 s, and no more
+    assert 500 <= r["overload"]["offered"] <= 544  # 3 x 60/s for 3 s, and no more
     assert r["samples"] and all(x["health_ms"] is not None for x in r["samples"])
     assert isinstance(r["responsive"], bool) and r["rss_mb"] > 0 and r["held_max"] is not None
     assert len(r["recovery"]["buckets"]) == 3
