@@ -64,7 +64,7 @@ class Settings:
     # admission control (bridge/admission.py): requests held before new ones are refused, the
     # level from which typing and presence fan-out are shed (None: half), and the retry hint
     max_pending: int = 2048
-    max_pending_device: int = 16  # of one device's own (embedded broker)
+    max_pending_device: int = 200  # of one device's own (embedded broker): the per-device burst
     shed_pending: int | None = None
     overload_retry_ms: int = 1000
     # a device refused by its rate limit this many times within 10 s is disconnected (0: never)
