@@ -4,7 +4,8 @@
 worker (``bridge.mqtt_ingest``, external broker), or waiting in a device's queue of the
 embedded broker (in-process ingest), or being handled (store calls in flight). Each path counts
 a publish with :meth:`Admission.admit` when it takes it in and gives it back with
-:meth:`Admission.release` once handled, so the check per publish is one integer compare.
+:meth:`Admission.release` once handled, so the check per publish is a few integer compares
+(on the embedded broker, and the length of its broadcast queue): no await, no allocation.
 
 Three levels, by what is held:
 
@@ -36,7 +37,7 @@ A device that keeps pushing past its own per-device limit is a different matter,
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable
 
 from .errors import ProtocolError, RateLimited
 from .metrics import Metrics
@@ -59,9 +60,6 @@ DEFAULT_RETRY_AFTER_MS = 1000
 # refused some, which the SDK sent again later, out of order). Past it, a device floods only
 # its own queue, which is handled one request at a time.
 DEFAULT_PER_DEVICE = 200
-
-Publish = Callable[[Sequence[Out]], Awaitable[None]]
-
 
 class Admission:
     def __init__(self, limit: int = DEFAULT_LIMIT, shed_at: int | None = None,

@@ -36,6 +36,11 @@ Fixes (each reproduced first by a test in ``tests/test_broker_fixes.py``):
    ``MAX_CONNECT_BYTES`` that amqtt parses to its last byte; otherwise the connection is
    closed at once (MQTT 3.1.1 section 4.8), as is one that sends no CONNECT in time.
 
+With ``admit`` (the bridge's admission control), every ``up/`` publish is offered to it as it is
+read, before it is queued: one taken in is counted until the client loop has handled it; one
+refused is answered at once on the device's own connection, at QoS 0, PUBACKed and never
+queued. ``backlog`` tells the bridge how many publications wait in the broadcast queue.
+
 Publishes on ``up/…`` (device requests and wills) go straight to the bridge's ``ingest``
 coroutine in this process, in the order the device sent them; nothing subscribes to them
 over MQTT. Sessions are always clean: the bridge's store, not the broker, holds what devices

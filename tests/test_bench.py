@@ -243,4 +243,4 @@ def test_recovery_is_the_end_of_the_last_stretch_not_yet_normal() -> None:
     assert recovery([(10.1, 10.0, "sent")], [], 10.0, 1.0, 40.0)["recovered_after_s"] == 0.0
     part = overload_part([(1.0, 10.0, "sent"), (1.5, 1.0, "rate_limited"), (2.0, 1.0, "rate_limited")], 1, 2.0)
     assert part["offered"] == 4 and part["offered_per_s"] == 2.0 and part["accepted"] == 1
-    assert part["refused"] == {"rate_limited": 2} and part["unanswered"] == 1
+    assert part["refused"] == {"rate_limited": 2} and part["no_answer_by_end"] == 1

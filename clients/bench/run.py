@@ -264,13 +264,15 @@ Answer = tuple[float, float, str]
 
 
 def overload_part(items: list[Answer], unanswered: int, seconds: float) -> dict[str, Any]:
-    """What one stretch of an overload run offered, and what became of it."""
+    """What one stretch of an overload run offered, and what became of it; ``unanswered``: sends
+    with no answer yet 2 s after the run's last send (still queued somewhere, or lost: the
+    result's own ``unanswered`` and ``lost``, after the final drain and sync, say which)."""
     accepted = [ms for _, ms, outcome in items if outcome == "sent"]
     refused = Counter(outcome for _, _, outcome in items if outcome != "sent")
     offered = len(items) + unanswered
     return {"offered": offered, "offered_per_s": round(offered / max(1e-9, seconds), 1),
             "accepted": len(accepted), "accepted_per_s": round(len(accepted) / max(1e-9, seconds), 1),
-            "refused": dict(refused), "unanswered": unanswered, "accepted_send_ms": percentiles(accepted)}
+            "refused": dict(refused), "no_answer_by_end": unanswered, "accepted_send_ms": percentiles(accepted)}
 
 
 def recovery(answers: list[Answer], unanswered: list[float], start_s: float, seconds: float,
@@ -291,7 +293,7 @@ def recovery(answers: list[Answer], unanswered: list[float], start_s: float, sec
         p99 = percentiles(accepted)["p99_ms"]
         normal = bool(items) and not refused and not waiting and (limit is None or (p99 or 0) <= limit)
         buckets.append({"from_s": round(k * bucket_s, 1), "sends": len(items) + waiting, "refused": refused,
-                        "unanswered": waiting, "p99_ms": p99, "normal": normal})
+                        "no_answer_by_end": waiting, "p99_ms": p99, "normal": normal})
     bad = [k for k, b in enumerate(buckets) if not b["normal"]]
     after = None if bad and bad[-1] == n - 1 else round((bad[-1] + 1) * bucket_s if bad else 0.0, 1)
     return {"recovered_after_s": after, "normal_p99_limit_ms": limit, "buckets": buckets}
