@@ -79,8 +79,9 @@ class Metrics:
                           "flight): what admission control bounds", registry=self.registry)
         self.refused = Counter("pigeon_overload_refused", "Requests answered rate_limited at once because the "
                                "bridge held its limit, by type", ["type"], registry=self.registry)
-        self.shed = Counter("pigeon_overload_shed", "Work dropped under load before any send is refused: "
-                            "typing relays and presence fan-outs", ["what"], registry=self.registry)
+        self.shed = Counter("pigeon_overload_shed", "Work dropped under load: typing relays and presence "
+                            "fan-outs before any send is refused; past the ceiling, acks, presence changes and "
+                            "other publishes too", ["what"], registry=self.registry)
         self.kicked = Counter("pigeon_devices_disconnected", "Devices disconnected for pushing past their "
                               "per-device rate limit", registry=self.registry)
         self.store_ops = StoreOpsCollector()
