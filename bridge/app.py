@@ -9,7 +9,7 @@ import os
 import secrets
 import socket
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
 from pathlib import Path
 from types import TracebackType
@@ -26,6 +26,7 @@ from storage.push_queue import open_push_queue
 from storage.state import open_state
 
 from .accounts import Accounts
+from .admission import Admission
 from .clock import Clock, SystemClock
 from .config import Settings, read_credentials
 from .errors import PigeonError, Unauthorized
@@ -38,7 +39,7 @@ from .outbox import Out
 from .presence import PresenceTracker
 from .push import Pusher, PushTargets
 from .push_providers import build_providers
-from .ratelimit import RateLimiter
+from .ratelimit import RateLimiter, Strikes
 from .router import DeviceRouter
 from .sms import LogSms, WebhookSms
 from .tls import client_context, load_certificate, server_context
@@ -145,8 +146,14 @@ class PigeonServer:
         )
         self.media = Media(self.store, blobs, self.clock, max_bytes=s.media_max_bytes, url_ttl_s=s.media_url_ttl_s)
         limiter = RateLimiter(self.clock, s.rate_per_s, s.rate_burst)
+        self.admission = Admission(s.max_pending, s.shed_pending, s.overload_retry_ms, s.max_payload, self.metrics,
+                                   per_device=s.max_pending_device)
+        self.metrics.held.set_function(lambda: self.admission.held)
+        self.presence.admission = self.admission
         self.router = DeviceRouter(
             self.messenger, self.presence, self.media, limiter, self.metrics, s.max_payload, publish=self.publish,
+            admission=self.admission, strikes=Strikes(self.clock, s.kick_after) if s.kick_after else None,
+            disconnect=self._disconnect_device,
         )
 
         if s.broker:
@@ -163,7 +170,7 @@ class PigeonServer:
             store_ops=lambda: self.store.ops,
             partitions_held=lambda: len(self.store.held_partitions()) if isinstance(self.store, Partitions) else 0,
             push=self.push_targets, push_depth=self.pusher.depth,
-            web_root=web_root(),
+            web_root=web_root(), admission=self.admission,
         )
         http_app = create_app(deps)
         for sock, tls in ((self._http_sock, None), (self._https_sock, self.tls)):
@@ -252,13 +259,17 @@ class PigeonServer:
         tls = self.tls is not None
         config = broker_config(s.host, s.mqtt_port, s.ws_port, gate, mqtts_port=s.mqtts_port if tls else None,
                                wss_port=s.wss_port if tls else None, plaintext=s.plaintext)
-        broker = PigeonBroker(config, gate, in_process, connect_timeout=s.connect_timeout_s, tls=self.tls)
+        broker = PigeonBroker(config, gate, in_process, connect_timeout=s.connect_timeout_s, tls=self.tls,
+                              admit=self._admit_now if in_process else None,
+                              release=self.admission.release if in_process else None)
         try:
             await broker.start()
         except Exception as exc:
             raise StartupError(f"broker could not start: {exc}") from exc
         self._broker = broker
         self.accounts.registry = broker
+        if in_process is not None:  # replies and events wait there: bounded with the requests
+            self.admission.backlog = broker.backlog
         self.broker_ports = {role: _bound_port(broker, name) for role, name in listener_names(tls, s.plaintext).items()}
         # with TLS on, login names the TLS listeners only
         self.endpoints.mqtt_tls = tls
@@ -271,7 +282,7 @@ class PigeonServer:
                 "127.0.0.1" if s.host in ("0.0.0.0", "") else s.host,
                 self.broker_ports["mqtt" if s.plaintext else "mqtts"],
                 username=BRIDGE_USER, password=bridge_password, client_id=f"{BRIDGE_USER}-{os.getpid()}",
-                handle=self._ingest, tls_context=own_tls,
+                handle=self._ingest, tls_context=own_tls, admit=self._admit, release=self.admission.release,
             )
 
     async def _use_external_broker(self, s: Settings) -> None:
@@ -313,7 +324,7 @@ class PigeonServer:
             self._ingest_client = MqttIngest(
                 host, port, username=user, password=password, client_id=f"{user}-{secrets.token_hex(6)}",
                 handle=self._ingest, persistent=True, partitions=partitions, ask_holder=ask_holder,
-                tls_context=broker_tls,
+                tls_context=broker_tls, admit=self._admit, release=self.admission.release,
             )
             handle = getattr(self.state, "handle", None)
             if handle is not None:
@@ -322,7 +333,7 @@ class PigeonServer:
         else:  # one bridge: a persistent session that takes every device's traffic
             self._ingest_client = MqttIngest(
                 host, port, username=user, password=password, client_id=f"{user}-all", handle=self._ingest,
-                persistent=True, tls_context=broker_tls,
+                persistent=True, tls_context=broker_tls, admit=self._admit, release=self.admission.release,
             )
             self.accounts.registry = admin
 
@@ -362,6 +373,30 @@ class PigeonServer:
                             await self._dynsec.remove_expired(self.clock.now_ms())
                 except Exception:  # housekeeping must never take the server down
                     log.exception("housekeeping step failed; trying again later")
+
+    def _admit(self, topic: str, payload: bytes | bytearray) -> Awaitable[None] | None:
+        """Admission control for a device publish (bridge/admission.py): None when taken in,
+        else the publishing of its refusal."""
+        refused = self.admission.admit(topic, payload)
+        return None if refused is None else self.publish(refused)
+
+    def _admit_now(self, topic: str, payload: bytes | bytearray, queued: int) -> list[tuple[str, bytes]] | None:
+        """The same, for the embedded broker, which writes a refusal straight to the device and
+        knows how many of the device's own publishes are held (``queued``)."""
+        refused = self.admission.admit(topic, payload, queued)
+        if refused is None:
+            return None
+        if refused:
+            self.metrics.messages_out.labels("0").inc(len(refused))
+        return [(out.topic, out.payload) for out in refused]
+
+    async def _disconnect_device(self, device_id: str) -> None:
+        """Close a device's connection: the embedded broker drops it; on Mosquitto, dynamic
+        security disables and re-enables its client, which kicks it (it may connect again)."""
+        if self._broker is not None:
+            await self._broker.disconnect_device(device_id)
+        elif self._dynsec is not None:
+            await self._dynsec.kick_device(device_id)
 
     async def _ingest(self, topic: str, payload: bytes) -> None:
         outs = await self.router.handle(topic, payload)

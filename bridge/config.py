@@ -72,6 +72,14 @@ class Settings:
     apns_url: str = "https://api.push.apple.com"
     # the embedded broker closes a connection that sends no whole CONNECT within this many seconds
     connect_timeout_s: float = 10.0
+    # admission control (bridge/admission.py): requests held before new ones are refused, the
+    # level from which typing and presence fan-out are shed (None: half), and the retry hint
+    max_pending: int = 2048
+    max_pending_device: int = 200  # of one device's own (embedded broker): the per-device burst
+    shed_pending: int | None = None
+    overload_retry_ms: int = 1000
+    # a device refused by its rate limit this many times within 10 s is disconnected (0: never)
+    kick_after: int = 200
 
     @property
     def advertised_host(self) -> str:
@@ -112,6 +120,20 @@ class Settings:
                               "needs TLS: give --tls-cert and --tls-key")
         if self.tls_cert is not None and self.tls_key is not None:
             server_context(self.tls_cert, self.tls_key)  # a missing or unusable file is a ConfigError now
+        if not 1 <= self.max_pending <= 10_000_000:
+            raise ConfigError(f"max_pending (PIGEON_MAX_PENDING) must be between 1 and 10000000, "
+                              f"got {self.max_pending}")
+        if not 1 <= self.max_pending_device <= 1_000_000:
+            raise ConfigError(f"max_pending_device (PIGEON_MAX_PENDING_DEVICE) must be between 1 and 1000000, "
+                              f"got {self.max_pending_device}")
+        if self.shed_pending is not None and not 0 <= self.shed_pending <= self.max_pending:
+            raise ConfigError(f"shed_pending (PIGEON_SHED_PENDING) must be between 0 and max_pending "
+                              f"({self.max_pending}), got {self.shed_pending}")
+        if not 1 <= self.overload_retry_ms <= 3_600_000:
+            raise ConfigError(f"overload_retry_ms (PIGEON_OVERLOAD_RETRY_MS) must be between 1 and 3600000, "
+                              f"got {self.overload_retry_ms}")
+        if self.kick_after < 0:
+            raise ConfigError(f"kick_after (PIGEON_KICK_AFTER) must be 0 (never) or more, got {self.kick_after}")
         if self.rate_per_s <= 0:
             raise ConfigError(f"rate_per_s must be positive, got {self.rate_per_s}")
         if self.broker is not None:

@@ -25,6 +25,7 @@ from storage.base import StoreOps
 from storage.media_local import LocalMediaStore, SignatureError, UploadTooLarge
 
 from .accounts import Accounts
+from .admission import Admission
 from .clock import Clock
 from .errors import BadRequest, Forbidden, NotFound, ProtocolError, RateLimited, TooLarge, Unauthorized
 from .handling import Caller
@@ -81,6 +82,7 @@ class HttpDeps:
     push: PushTargets | None = None  # always given by the server; optional for tests of other routes
     push_depth: Callable[[], Awaitable[int]] | None = None  # wakes waiting in the push queue
     web_root: Path | None = None  # the web client's static files, served at / when given
+    admission: Admission | None = None  # past its limit, sends are refused with 429 as over MQTT
 
 
 def _error(exc: ProtocolError) -> JSONResponse:
@@ -308,6 +310,8 @@ def create_app(deps: HttpDeps) -> FastAPI:
         body = await _json(request, deps.max_payload)
         fields = {k: v for k, v in body.items() if k not in ("to", "chat")}
         req = Send.from_json({**fields, "chat": chat_id}, request_id(body))
+        if deps.admission is not None:
+            deps.admission.check_http()
         result = await msgr.send(c, req)
         await deps.publish(result.outs)
         assert result.reply is not None

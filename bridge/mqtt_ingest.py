@@ -42,6 +42,10 @@ from .mqtt_writes import coalesce_writes
 
 log = logging.getLogger(__name__)
 Handle = Callable[[str, bytes], Awaitable[None]]
+# admission control (bridge/admission.py): None when a publish is taken in (``Release`` once it
+# has been handled), else an awaitable answering it at once; it is then acknowledged, not queued
+Admit = Callable[[str, bytes], Awaitable[None] | None]
+Release = Callable[[], None]
 # topic, payload, and what acknowledges it once handled (None: nothing to acknowledge)
 Item = tuple[str, bytes, Callable[[], None] | None]
 UP_FILTER = "up/+/+"
@@ -99,12 +103,13 @@ class MqttIngest:
         self, host: str, port: int, *, username: str, password: str, client_id: str, handle: Handle,
         workers: int = INGEST_WORKERS, queue_size: int = 1_000, max_backoff_s: float = 30.0,
         persistent: bool = False, partitions: Partitions | None = None, ask_holder: AskHolder | None = None,
-        tls_context: ssl.SSLContext | None = None,
+        tls_context: ssl.SSLContext | None = None, admit: Admit | None = None, release: Release | None = None,
     ) -> None:
         self._host, self._port = host, port
         self._tls = tls_context  # None: plain MQTT
         self._username, self._password, self._client_id = username, password, client_id
         self._handle = handle
+        self._admit, self._release = admit, release
         self._persistent = persistent
         self._queues: list[asyncio.Queue[Item]] = [
             asyncio.Queue(maxsize=queue_size) for _ in range(workers)
@@ -303,6 +308,13 @@ class MqttIngest:
         data = payload if isinstance(payload, bytes) else str(payload).encode()
         topic = message.topic.value
         ack = self._acker(client, message) if persistent else None
+        if self._admit is not None:
+            refused = self._admit(topic, data)
+            if refused is not None:  # answered at once, never queued
+                await refused
+                if ack is not None:
+                    ack()
+                return
         q = self._queues[zlib.crc32(topic.encode()) % len(self._queues)]
         await q.put((topic, data, ack))
 
@@ -353,5 +365,8 @@ class MqttIngest:
             except Exception:
                 # a handler that raised is a bug, not a state the same publish would leave
                 log.exception("failed to handle a publish on %s", topic)
+            finally:
+                if self._release is not None:
+                    self._release()
             if ack is not None:
                 ack()  # stored and answered (or answered with an error): the broker may forget it

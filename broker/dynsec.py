@@ -167,6 +167,12 @@ class DynSecAdmin:
             log.info("removed %d devices whose tokens expired from the broker", len(expired))
         return len(expired)
 
+    async def kick_device(self, device_id: str) -> None:
+        """Disconnect the device now: Mosquitto closes the connections of a client it disables;
+        enabled again at once, it may connect again (with its token, as before)."""
+        await self.run([{"command": "disableClient", "username": device_id}], tolerate=["not found"])
+        await self.run([{"command": "enableClient", "username": device_id}], tolerate=["not found"])
+
     async def remove_device(self, device_id: str) -> None:
         """The device can no longer connect (unlinked, or its token expired)."""
         await self.run([{"command": "deleteClient", "username": device_id}], tolerate=["not found"])

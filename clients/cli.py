@@ -82,6 +82,20 @@ def serve(
     sms_webhook: Annotated[str | None, typer.Option(envvar="PIGEON_SMS_WEBHOOK")] = None,
     rate: Annotated[float, typer.Option(envvar="PIGEON_RATE", help="Requests/s per device")] = 50.0,
     burst: Annotated[int, typer.Option(envvar="PIGEON_BURST")] = 200,
+    kick_after: Annotated[int, typer.Option(
+        envvar="PIGEON_KICK_AFTER", help="disconnect a device refused by its rate limit this many times within "
+        "10 s (0: never)")] = 200,
+    max_pending: Annotated[int, typer.Option(
+        envvar="PIGEON_MAX_PENDING", help="device requests the bridge holds (queued or in flight) before it "
+        "answers new ones rate_limited at once")] = 2048,
+    max_pending_device: Annotated[int, typer.Option(
+        envvar="PIGEON_MAX_PENDING_DEVICE", help="embedded broker: a device's own requests held before its new "
+        "ones are answered rate_limited at once")] = 200,
+    shed_pending: Annotated[int | None, typer.Option(
+        envvar="PIGEON_SHED_PENDING", help="requests held from which typing and presence fan-out are dropped "
+        "(default: half of --max-pending)")] = None,
+    overload_retry_ms: Annotated[int, typer.Option(
+        envvar="PIGEON_OVERLOAD_RETRY_MS", help="retry_after_ms of a request refused for overload")] = 1000,
     max_group: Annotated[int, typer.Option(envvar="PIGEON_MAX_GROUP")] = 100,
     max_payload: Annotated[int, typer.Option(envvar="PIGEON_MAX_PAYLOAD")] = 64 * 1024,
     media_max_bytes: Annotated[int, typer.Option(envvar="PIGEON_MEDIA_MAX_BYTES")] = 100 * 1024 * 1024,
@@ -139,7 +153,9 @@ def serve(
             ingest=ingest, push_window_s=push_window, push_max_age_s=push_max_age, vapid_key_file=vapid_key_file,
             vapid_subject=vapid_subject, fcm_credentials_file=fcm_credentials_file, fcm_url=fcm_url,
             apns_key_file=apns_key_file, apns_key_id=apns_key_id, apns_team_id=apns_team_id, apns_topic=apns_topic,
-            apns_url=apns_url, connect_timeout_s=connect_timeout,
+            apns_url=apns_url, connect_timeout_s=connect_timeout, kick_after=kick_after, max_pending=max_pending,
+            max_pending_device=max_pending_device,
+            shed_pending=shed_pending, overload_retry_ms=overload_retry_ms,
         ).validated()
     except PigeonError as exc:
         err.print(f"[red]configuration error:[/] {exc}")
@@ -599,7 +615,8 @@ async def _chat(p: Profile, target: str) -> None:
 
 @app.command()
 def bench(
-    scenario: Annotated[str, typer.Argument(help="p2p, baseline, group, sync, idle, wire, or all")],
+    scenario: Annotated[str, typer.Argument(
+        help="p2p, baseline, group, sync, idle, wire, overload, or all (every one but overload)")],
     profile: Annotated[str | None, typer.Option(
         help="start a server to measure: embedded, or production (Mosquitto + Cassandra + Redis + MinIO "
         "from scripts/services)")] = None,
@@ -624,6 +641,13 @@ def bench(
     messages: Annotated[int, typer.Option(help="sync: messages waiting for the offline device")] = 10_000,
     devices: Annotated[int, typer.Option(help="idle: devices held connected")] = 10_000,
     wire_messages: Annotated[int, typer.Option(help="wire: messages to count")] = 100,
+    overload_seconds: Annotated[float, typer.Option(
+        help="overload: how long the load is offered at --overload-factor x full speed")] = 60.0,
+    recovery_seconds: Annotated[float, typer.Option(
+        help="overload: how long the load is then offered at half of full speed")] = 30.0,
+    overload_factor: Annotated[float, typer.Option(help="overload: offered load as a multiple of full speed")] = 3.0,
+    full_speed: Annotated[float | None, typer.Option(
+        help="overload: full speed in msgs/s (default: measured first, for --seconds, like p2p)")] = None,
     max_seconds: Annotated[float, typer.Option(help="stop the run if it takes longer than this")] = 900.0,
     json_out: Annotated[Path | None, typer.Option("--json", help="write the results to this file")] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
@@ -641,7 +665,7 @@ def bench(
     from clients.bench.run import SCENARIOS, Bench, Options
     from clients.bench.target import BenchError, open_target
 
-    chosen = list(SCENARIOS) if scenario == "all" else [scenario]
+    chosen = [s for s in SCENARIOS if s != "overload"] if scenario == "all" else [scenario]
     problems = []
     if scenario != "all" and scenario not in SCENARIOS:
         problems.append(f"unknown scenario {scenario!r}; choose one of {', '.join(SCENARIOS)} or all")
@@ -657,6 +681,12 @@ def bench(
             problems.append(f"{flag} must be between {low} and {high}, got {value}")
     if not 0.5 <= seconds <= 600 or not 1 <= max_seconds <= 7200:
         problems.append("--seconds must be within 0.5..600 and --max-seconds within 1..7200")
+    if not 1 <= overload_seconds <= 600 or not 1 <= recovery_seconds <= 600:
+        problems.append("--overload-seconds and --recovery-seconds must be within 1..600")
+    if not 1 < overload_factor <= 10:
+        problems.append(f"--overload-factor must be above 1 and at most 10, got {overload_factor}")
+    if full_speed is not None and not 1 <= full_speed <= 100_000:
+        problems.append(f"--full-speed must be within 1..100000 msgs/s, got {full_speed}")
     if cold_sync and profile != "production":
         problems.append("--cold-sync needs --profile production (the devices must outlive the restart)")
     if not 1 <= bridges <= 8 or (bridges > 1 and profile != "production"):
@@ -667,7 +697,9 @@ def bench(
         raise typer.Exit(2)
     opts = Options(workers=workers, seconds=seconds, pairs=max(pairs, workers), window=window, groups=groups,
                    members=members, messages=messages, devices=devices, wire_messages=wire_messages,
-                   max_seconds=max_seconds, progress=not quiet, cold_sync=cold_sync)
+                   max_seconds=max_seconds, progress=not quiet, cold_sync=cold_sync,
+                   overload_seconds=overload_seconds, recovery_seconds=recovery_seconds,
+                   overload_factor=overload_factor, full_speed=full_speed)
     results = []
     try:
         with open_target(profile, http, mqtt, server_pid or [], broker_credentials_file, label,
@@ -691,7 +723,8 @@ def _show_result(r: dict[str, Any]) -> None:
     """One line per key figure; lost or duplicated messages in red, never hidden."""
     keys = ("msgs_per_s", "deliveries_per_s", "baseline_msgs_per_s", "baseline_deliveries_per_s", "ratio",
             "p50_ms", "p95_ms", "p99_ms", "seconds", "connects_per_s", "kb_per_device", "rss_mb", "bytes_per_msg",
-            "store_ops_per_msg", "lwt_per_msg", "bridge_cpu_ms_per_msg")
+            "store_ops_per_msg", "lwt_per_msg", "bridge_cpu_ms_per_msg", "rate_limited", "unavailable",
+            "health_max_ms", "login_max_ms", "responsive", "held_max", "recovered_after_s")
     shown = "  ".join(f"{k}={r[k]}" for k in keys if r.get(k) is not None)
     console.print(f"[bold]{r['scenario']}[/] ({r['profile']}): {shown}")
     if r.get("lost") or r.get("duplicates"):
