@@ -8,7 +8,8 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import Sequence
+import ssl
+from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
 from pathlib import Path
 from types import TracebackType
@@ -17,7 +18,7 @@ from urllib.parse import parse_qs, urlparse
 import uvicorn
 
 from broker.dynsec import DynSecAdmin, DynSecError
-from broker.embedded import MAX_PACKET_BYTES, PigeonBroker, broker_config
+from broker.embedded import MAX_PACKET_BYTES, PigeonBroker, broker_config, listener_names
 from broker.gate import DeviceGate
 from storage import StorageError, open_media, open_store
 from storage.media_local import LocalMediaStore
@@ -25,6 +26,7 @@ from storage.push_queue import open_push_queue
 from storage.state import open_state
 
 from .accounts import Accounts
+from .admission import Admission
 from .clock import Clock, SystemClock
 from .config import Settings, read_credentials
 from .errors import PigeonError, Unauthorized
@@ -37,9 +39,10 @@ from .outbox import Out
 from .presence import PresenceTracker
 from .push import Pusher, PushTargets
 from .push_providers import build_providers
-from .ratelimit import RateLimiter
+from .ratelimit import RateLimiter, Strikes
 from .router import DeviceRouter
 from .sms import LogSms, WebhookSms
+from .tls import client_context, load_certificate, server_context
 from .tokens import TokenSigner
 
 log = logging.getLogger(__name__)
@@ -55,7 +58,8 @@ class PigeonServer:
     """Everything ``pigeon serve`` runs, as one async context manager.
 
     ``async with PigeonServer(settings) as server:`` returns once every listener is bound and
-    the HTTP API answers; ``server.endpoints`` and ``server.http_port`` tell where.
+    the HTTP API answers; ``server.endpoints`` (what login names) and ``server.listening()``
+    tell where.
     """
 
     def __init__(self, settings: Settings, clock: Clock | None = None) -> None:
@@ -64,9 +68,14 @@ class PigeonServer:
         self.metrics = Metrics()
         self.store = open_store(settings.store_url)
         self.endpoints = Endpoints(host=settings.advertised_host, ws_url=settings.public_ws_url)
+        # one TLS context for every TLS listener; reload_tls() loads new files into it
+        self.tls: ssl.SSLContext | None = None
         self.http_port = 0
+        self.https_port = 0
+        self.broker_ports: dict[str, int] = {}  # the embedded broker's bound listeners: mqtt, ws, mqtts, wss
         self._http_sock: socket.socket | None = None
-        self._uvicorn: uvicorn.Server | None = None
+        self._https_sock: socket.socket | None = None
+        self._uvicorns: list[tuple[uvicorn.Server, socket.socket]] = []
         self._stopping = asyncio.Event()
         self._broker: PigeonBroker | None = None
         self._ingest_client: MqttIngest | None = None
@@ -87,14 +96,26 @@ class PigeonServer:
 
     async def __aenter__(self) -> PigeonServer:
         s = self.settings
-        self._http_sock = socket.socket(socket.AF_INET6 if ":" in s.host else socket.AF_INET, socket.SOCK_STREAM)
-        self._http_sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            self._http_sock.bind((s.host, s.http_port))
-        except OSError as exc:
-            raise StartupError(f"cannot bind HTTP port {s.host}:{s.http_port}: {exc}") from exc
-        self.http_port = self._http_sock.getsockname()[1]
-        base = s.public_url.rstrip("/") if s.public_url else f"http://{s.advertised_host}:{self.http_port}"
+        if s.tls_cert is not None and s.tls_key is not None:
+            self.tls = server_context(s.tls_cert, s.tls_key)
+        if s.plaintext:
+            self._http_sock = _bind(s.host, s.http_port, "HTTP")
+            self.http_port = self._http_sock.getsockname()[1]
+        if self.tls is not None:
+            try:
+                self._https_sock = _bind(s.host, s.https_port, "HTTPS")
+            except StartupError:
+                if self._http_sock is not None:
+                    self._http_sock.close()
+                raise
+            self.https_port = self._https_sock.getsockname()[1]
+        if s.public_url:
+            base = s.public_url.rstrip("/")
+        elif self.tls is not None:  # with TLS on, devices are only ever pointed at the TLS listeners
+            base = f"https://{s.advertised_host}:{self.https_port}"
+        else:
+            base = f"http://{s.advertised_host}:{self.http_port}"
+        self.endpoints.http_url = base
 
         try:
             await self.store.open()
@@ -125,8 +146,14 @@ class PigeonServer:
         )
         self.media = Media(self.store, blobs, self.clock, max_bytes=s.media_max_bytes, url_ttl_s=s.media_url_ttl_s)
         limiter = RateLimiter(self.clock, s.rate_per_s, s.rate_burst)
+        self.admission = Admission(s.max_pending, s.shed_pending, s.overload_retry_ms, s.max_payload, self.metrics,
+                                   per_device=s.max_pending_device)
+        self.metrics.held.set_function(lambda: self.admission.held)
+        self.presence.admission = self.admission
         self.router = DeviceRouter(
             self.messenger, self.presence, self.media, limiter, self.metrics, s.max_payload, publish=self.publish,
+            admission=self.admission, strikes=Strikes(self.clock, s.kick_after) if s.kick_after else None,
+            disconnect=self._disconnect_device,
         )
 
         if s.broker:
@@ -143,23 +170,65 @@ class PigeonServer:
             store_ops=lambda: self.store.ops,
             partitions_held=lambda: len(self.store.held_partitions()) if isinstance(self.store, Partitions) else 0,
             push=self.push_targets, push_depth=self.pusher.depth,
-            web_root=web_root(),
+            web_root=web_root(), admission=self.admission,
         )
-        config = uvicorn.Config(create_app(deps), log_level="warning", access_log=False, lifespan="on")
-        self._uvicorn = uvicorn.Server(config)
+        http_app = create_app(deps)
+        for sock, tls in ((self._http_sock, None), (self._https_sock, self.tls)):
+            if sock is None:
+                continue
+            config = uvicorn.Config(
+                http_app, log_level="warning", access_log=False,
+                lifespan="off" if self._uvicorns else "on",  # the app's startup runs once
+                ssl_context_factory=_given_context(tls) if tls is not None else None,
+            )
+            self._uvicorns.append((uvicorn.Server(config), sock))
         self._runner = asyncio.create_task(self._run(), name="pigeon-runner")
         try:
             await asyncio.wait_for(ready.wait(), START_TIMEOUT_S)
+            await asyncio.wait_for(self._all_started(), START_TIMEOUT_S)
             if self._ingest_client is not None:
                 await self._ingest_client.wait_connected(START_TIMEOUT_S)
         except (TimeoutError, PigeonError) as exc:
             await self.__aexit__(None, None, None)
             raise StartupError(f"pigeon did not start: {exc or 'HTTP API not ready in time'}") from exc
-        log.info(
-            "pigeon ready: http=%s mqtt=%s:%d ws=%s:%d",
-            base, s.host, self.endpoints.mqtt_port, s.host, self.endpoints.ws_port,
-        )
+        log.info("pigeon ready: %s", " ".join(f"{k}={v}" for k, v in self.listening().items()))
         return self
+
+    async def _all_started(self) -> None:
+        while not all(server.started for server, _ in self._uvicorns):
+            if self._runner is not None and self._runner.done():
+                raise StartupError("the HTTP server stopped while starting")
+            await asyncio.sleep(0.01)
+
+    def listening(self) -> dict[str, str]:
+        """Every listener by what it serves (``off`` when it is not served): http, mqtt and ws,
+        then https, mqtts and wss when TLS is on. For an external broker, what login names."""
+        host, ep = self.endpoints.host, self.endpoints
+        found = {"http": f"http://{host}:{self.http_port}" if self._http_sock is not None else "off"}
+        if self._broker is None:  # an external broker: devices reach what login names
+            plain_mqtt = "off" if ep.mqtt_tls else f"{host}:{ep.mqtt_port}"
+            found.update(mqtt=plain_mqtt, ws=ep.websocket() or "off")
+            if self.tls is not None or ep.mqtt_tls:
+                found.update(https=f"https://{host}:{self.https_port}" if self.tls is not None else "off",
+                             mqtts=f"{host}:{ep.mqtt_port}" if ep.mqtt_tls else "off")
+            return found
+        ports = self.broker_ports
+        found.update(mqtt=f"{host}:{ports['mqtt']}" if "mqtt" in ports else "off",
+                     ws=f"ws://{host}:{ports['ws']}/mqtt" if "ws" in ports else "off")
+        if self.tls is not None:
+            found.update(https=f"https://{host}:{self.https_port}", mqtts=f"{host}:{ports['mqtts']}",
+                         wss=f"wss://{host}:{ports['wss']}/mqtt")
+        return found
+
+    def reload_tls(self) -> None:
+        """Load the certificate and key files again (after they were renewed): connections made
+        from now on present the new certificate; open ones keep theirs. A file that cannot be
+        loaded raises ConfigError and the old certificate stays in use."""
+        s = self.settings
+        if self.tls is None or s.tls_cert is None or s.tls_key is None:
+            raise PigeonError("TLS is not on: there is no certificate to reload")
+        load_certificate(self.tls, s.tls_cert, s.tls_key)
+        log.info("TLS certificate reloaded from %s", s.tls_cert)
 
     def _open_push(self, s: Settings) -> None:
         """Providers from the settings, the durable queue, and the worker that sends (started by
@@ -187,22 +256,35 @@ class PigeonServer:
         bridge_password = secrets.token_urlsafe(32)
         gate = DeviceGate(check_token, BRIDGE_USER, bridge_password)
         in_process = self._ingest if s.ingest == "inprocess" else None
+        tls = self.tls is not None
+        config = broker_config(s.host, s.mqtt_port, s.ws_port, gate, mqtts_port=s.mqtts_port if tls else None,
+                               wss_port=s.wss_port if tls else None, plaintext=s.plaintext)
         # a packet past max_packet closes the connection; a payload past max_payload is still answered too_large
-        broker = PigeonBroker(broker_config(s.host, s.mqtt_port, s.ws_port, gate), gate, in_process,
-                              connect_timeout=s.connect_timeout_s, max_packet=max(MAX_PACKET_BYTES, 2 * s.max_payload))
+        broker = PigeonBroker(config, gate, in_process, connect_timeout=s.connect_timeout_s, tls=self.tls,
+                              max_packet=max(MAX_PACKET_BYTES, 2 * s.max_payload),
+                              admit=self._admit_now if in_process else None,
+                              release=self.admission.release if in_process else None)
         try:
             await broker.start()
         except Exception as exc:
             raise StartupError(f"broker could not start: {exc}") from exc
         self._broker = broker
         self.accounts.registry = broker
-        self.endpoints.mqtt_port = _bound_port(broker, "default")
-        self.endpoints.ws_port = _bound_port(broker, "ws")
+        if in_process is not None:  # replies and events wait there: bounded with the requests
+            self.admission.backlog = broker.backlog
+        self.broker_ports = {role: _bound_port(broker, name) for role, name in listener_names(tls, s.plaintext).items()}
+        # with TLS on, login names the TLS listeners only
+        self.endpoints.mqtt_tls = tls
+        self.endpoints.mqtt_port = self.broker_ports["mqtts" if tls else "mqtt"]
+        self.endpoints.ws_port = self.broker_ports["wss" if tls else "ws"]
         if s.ingest == "mqtt":
+            # the bridge's own connection: the plain listener, or the TLS one trusting our own certificate
+            own_tls = None if s.plaintext else client_context(s.tls_cert, pinned=True)
             self._ingest_client = MqttIngest(
-                "127.0.0.1" if s.host in ("0.0.0.0", "") else s.host, self.endpoints.mqtt_port,
+                "127.0.0.1" if s.host in ("0.0.0.0", "") else s.host,
+                self.broker_ports["mqtt" if s.plaintext else "mqtts"],
                 username=BRIDGE_USER, password=bridge_password, client_id=f"{BRIDGE_USER}-{os.getpid()}",
-                handle=self._ingest,
+                handle=self._ingest, tls_context=own_tls, admit=self._admit, release=self.admission.release,
             )
 
     async def _use_external_broker(self, s: Settings) -> None:
@@ -210,14 +292,18 @@ class PigeonServer:
         registers each device in the broker's dynamic security at login."""
         assert s.broker is not None and s.broker_credentials_file is not None
         url = urlparse(s.broker)
-        host, port = url.hostname or "127.0.0.1", url.port or 1883
+        secure = url.scheme == "mqtts"
+        host, port = url.hostname or "127.0.0.1", url.port or (8883 if secure else 1883)
+        # the bridge's own connections to the broker: TLS for mqtts://, checked against the broker CA file
+        broker_tls = client_context(s.broker_ca_file) if secure else None
         user, password = read_credentials(s.broker_credentials_file)
         query = parse_qs(url.query)
-        public = query.get("public", [f"{host}:{port}"])[0]
-        self.endpoints.host, _, public_port = public.rpartition(":")
-        self.endpoints.mqtt_port = int(public_port)
+        public = urlparse(_public_mqtt_url(query.get("public", [f"{host}:{port}"])[0], secure))
+        assert public.hostname is not None and public.port is not None  # checked by Settings.validated
+        self.endpoints.host, self.endpoints.mqtt_port = public.hostname, public.port
+        self.endpoints.mqtt_tls = public.scheme == "mqtts"
         self.endpoints.ws_url = s.public_ws_url or query.get("ws_url", [None])[0]
-        admin = DynSecAdmin(host, port, user, password)
+        admin = DynSecAdmin(host, port, user, password, tls_context=broker_tls)
         try:
             await admin.__aenter__()
             await admin.check_bridge_role()
@@ -240,6 +326,7 @@ class PigeonServer:
             self._ingest_client = MqttIngest(
                 host, port, username=user, password=password, client_id=f"{user}-{secrets.token_hex(6)}",
                 handle=self._ingest, persistent=True, partitions=partitions, ask_holder=ask_holder,
+                tls_context=broker_tls, admit=self._admit, release=self.admission.release,
             )
             handle = getattr(self.state, "handle", None)
             if handle is not None:
@@ -248,7 +335,7 @@ class PigeonServer:
         else:  # one bridge: a persistent session that takes every device's traffic
             self._ingest_client = MqttIngest(
                 host, port, username=user, password=password, client_id=f"{user}-all", handle=self._ingest,
-                persistent=True,
+                persistent=True, tls_context=broker_tls, admit=self._admit, release=self.admission.release,
             )
             self.accounts.registry = admin
 
@@ -258,7 +345,6 @@ class PigeonServer:
         return await self.presence.online_devices()  # an external broker: devices marked online
 
     async def _run(self) -> None:
-        assert self._uvicorn is not None and self._http_sock is not None
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._housekeeping(), name="housekeeping")
             tg.create_task(self.pusher.run(self._stopping), name="push")
@@ -266,7 +352,7 @@ class PigeonServer:
             ingest = None
             if self._ingest_client is not None:
                 ingest = tg.create_task(self._ingest_client.run(), name="mqtt-ingest")
-            await self._uvicorn.serve(sockets=[self._http_sock])
+            await asyncio.gather(*(server.serve(sockets=[sock]) for server, sock in self._uvicorns))
             watch.cancel()
             if ingest is not None:
                 ingest.cancel()
@@ -290,6 +376,30 @@ class PigeonServer:
                 except Exception:  # housekeeping must never take the server down
                     log.exception("housekeeping step failed; trying again later")
 
+    def _admit(self, topic: str, payload: bytes | bytearray) -> Awaitable[None] | None:
+        """Admission control for a device publish (bridge/admission.py): None when taken in,
+        else the publishing of its refusal."""
+        refused = self.admission.admit(topic, payload)
+        return None if refused is None else self.publish(refused)
+
+    def _admit_now(self, topic: str, payload: bytes | bytearray, queued: int) -> list[tuple[str, bytes]] | None:
+        """The same, for the embedded broker, which writes a refusal straight to the device and
+        knows how many of the device's own publishes are held (``queued``)."""
+        refused = self.admission.admit(topic, payload, queued)
+        if refused is None:
+            return None
+        if refused:
+            self.metrics.messages_out.labels("0").inc(len(refused))
+        return [(out.topic, out.payload) for out in refused]
+
+    async def _disconnect_device(self, device_id: str) -> None:
+        """Close a device's connection: the embedded broker drops it; on Mosquitto, dynamic
+        security disables and re-enables its client, which kicks it (it may connect again)."""
+        if self._broker is not None:
+            await self._broker.disconnect_device(device_id)
+        elif self._dynsec is not None:
+            await self._dynsec.kick_device(device_id)
+
     async def _ingest(self, topic: str, payload: bytes) -> None:
         outs = await self.router.handle(topic, payload)
         await self.publish(outs)
@@ -298,8 +408,8 @@ class PigeonServer:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self._stopping.set()
-        if self._uvicorn is not None:
-            self._uvicorn.should_exit = True
+        for server, _ in self._uvicorns:
+            server.should_exit = True
         if self._runner is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(self._runner), 10)
@@ -329,8 +439,9 @@ class PigeonServer:
         await self.store.close()
         if getattr(self, "state", None) is not None:
             await self.state.close()
-        if self._http_sock is not None:
-            self._http_sock.close()
+        for sock in (self._http_sock, self._https_sock):
+            if sock is not None:
+                sock.close()
         log.info("pigeon stopped")
 
 
@@ -356,6 +467,30 @@ def _code_sender(s: Settings) -> WebhookSms | LogSms | None:
         return WebhookSms(s.sms_webhook)
     log.warning("no SMS provider configured (--sms-webhook): login codes will be written to this log")
     return LogSms()
+
+
+def _given_context(ctx: ssl.SSLContext) -> Callable[[uvicorn.Config, Callable[[], ssl.SSLContext]], ssl.SSLContext]:
+    """For uvicorn: serve HTTPS with this context (not one uvicorn would build from files)."""
+    def factory(_config: uvicorn.Config, _default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
+        return ctx
+    return factory
+
+
+def _public_mqtt_url(public: str, secure: bool) -> str:
+    """An external broker's ``public=`` (what login names): ``mqtt://HOST:PORT``, ``mqtts://HOST:PORT``,
+    or ``HOST:PORT`` (then the same scheme as the broker URL)."""
+    return public if "://" in public else f"{'mqtts' if secure else 'mqtt'}://{public}"
+
+
+def _bind(host: str, port: int, what: str) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise StartupError(f"cannot bind {what} port {host}:{port}: {exc}") from exc
+    return sock
 
 
 def _bound_port(broker: PigeonBroker, listener: str) -> int:

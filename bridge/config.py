@@ -8,8 +8,10 @@ import secrets
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlparse
 
 from .errors import ConfigError
+from .tls import client_context, server_context
 
 DAY_S = 86_400
 # what VAPID (RFC 8292, as py_vapid checks it) takes as a subject: a mail address or an https origin
@@ -26,12 +28,21 @@ class Settings:
     mqtt_port: int = 1883
     ws_port: int = 8083
     http_port: int = 8080
+    # TLS (both files given): MQTT, MQTT over WebSocket and HTTP each get a TLS listener on these
+    # ports, and login names only them; plaintext=False turns the plain listeners off
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    mqtts_port: int = 8883
+    wss_port: int = 8084
+    https_port: int = 8443
+    plaintext: bool = True
     dev: bool = False
     store: str | None = None
     media: str | None = None
     redis: str | None = None
     broker: str | None = None
     broker_credentials_file: Path | None = None
+    broker_ca_file: Path | None = None  # with an mqtts:// broker: the CA its certificate is checked against
     secret: bytes = field(default=b"", repr=False)
     sms_webhook: str | None = None
     max_payload: int = 64 * 1024
@@ -61,12 +72,24 @@ class Settings:
     apns_url: str = "https://api.push.apple.com"
     # the embedded broker closes a connection that sends no whole CONNECT within this many seconds
     connect_timeout_s: float = 10.0
+    # admission control (bridge/admission.py): requests held before new ones are refused, the
+    # level from which typing and presence fan-out are shed (None: half), and the retry hint
+    max_pending: int = 2048
+    max_pending_device: int = 200  # of one device's own (embedded broker): the per-device burst
+    shed_pending: int | None = None
+    overload_retry_ms: int = 1000
+    # a device refused by its rate limit this many times within 10 s is disconnected (0: never)
+    kick_after: int = 200
 
     @property
     def advertised_host(self) -> str:
         if self.public_host:
             return self.public_host
         return "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
 
     @property
     def store_url(self) -> str:
@@ -78,7 +101,7 @@ class Settings:
 
     def validated(self) -> Settings:
         """Check every value, fill the secret, and return the settings to run with."""
-        for name in ("mqtt_port", "ws_port", "http_port"):
+        for name in ("mqtt_port", "ws_port", "http_port", "mqtts_port", "wss_port", "https_port"):
             port = getattr(self, name)
             if not 0 <= port <= 65535:
                 raise ConfigError(f"{name} must be between 0 and 65535, got {port}")
@@ -89,13 +112,38 @@ class Settings:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0 < self.connect_timeout_s <= 3600:
             raise ConfigError(f"connect_timeout_s must be between 0 and 3600 seconds, got {self.connect_timeout_s}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("tls_cert and tls_key (--tls-cert/--tls-key, PIGEON_TLS_CERT/PIGEON_TLS_KEY) "
+                              "go together: give both or neither")
+        if not self.plaintext and not self.tls:
+            raise ConfigError("turning the plaintext listeners off (--no-plaintext, PIGEON_PLAINTEXT=false) "
+                              "needs TLS: give --tls-cert and --tls-key")
+        if self.tls_cert is not None and self.tls_key is not None:
+            server_context(self.tls_cert, self.tls_key)  # a missing or unusable file is a ConfigError now
+        if not 1 <= self.max_pending <= 10_000_000:
+            raise ConfigError(f"max_pending (PIGEON_MAX_PENDING) must be between 1 and 10000000, "
+                              f"got {self.max_pending}")
+        if not 1 <= self.max_pending_device <= 1_000_000:
+            raise ConfigError(f"max_pending_device (PIGEON_MAX_PENDING_DEVICE) must be between 1 and 1000000, "
+                              f"got {self.max_pending_device}")
+        if self.shed_pending is not None and not 0 <= self.shed_pending <= self.max_pending:
+            raise ConfigError(f"shed_pending (PIGEON_SHED_PENDING) must be between 0 and max_pending "
+                              f"({self.max_pending}), got {self.shed_pending}")
+        if not 1 <= self.overload_retry_ms <= 3_600_000:
+            raise ConfigError(f"overload_retry_ms (PIGEON_OVERLOAD_RETRY_MS) must be between 1 and 3600000, "
+                              f"got {self.overload_retry_ms}")
+        if self.kick_after < 0:
+            raise ConfigError(f"kick_after (PIGEON_KICK_AFTER) must be 0 (never) or more, got {self.kick_after}")
         if self.rate_per_s <= 0:
             raise ConfigError(f"rate_per_s must be positive, got {self.rate_per_s}")
         if self.broker is not None:
-            if not self.broker.startswith("mqtt://"):
-                raise ConfigError(f"broker must be an mqtt://HOST:PORT URL, got {self.broker!r}")
+            if not self.broker.startswith(("mqtt://", "mqtts://")):
+                raise ConfigError(f"broker must be an mqtt://HOST:PORT or mqtts://HOST:PORT URL, got {self.broker!r}")
             if self.broker_credentials_file is None:
                 raise ConfigError("broker_credentials_file (PIGEON_BROKER_CREDENTIALS_FILE) is required with broker")
+            _check_public(self.broker)
+        if self.broker_ca_file is not None:
+            client_context(self.broker_ca_file)  # a missing or unusable CA file is a ConfigError now
         if self.ingest not in ("inprocess", "mqtt"):
             raise ConfigError(f"ingest must be 'inprocess' or 'mqtt', got {self.ingest!r}")
         if self.max_group < 2:
@@ -125,6 +173,20 @@ class Settings:
         if len(secret) < 16:
             raise ConfigError("secret (PIGEON_SECRET / PIGEON_SECRET_FILE) must be at least 16 bytes")
         return replace(self, secret=secret)
+
+
+def _check_public(broker: str) -> None:
+    """The broker URL's ``public=`` (what login names) must be HOST:PORT or mqtt(s)://HOST:PORT."""
+    query = parse_qs(urlparse(broker).query)
+    for public in query.get("public", []):
+        url = urlparse(public if "://" in public else f"mqtt://{public}")
+        try:
+            port = url.port
+        except ValueError:
+            port = None
+        if url.scheme not in ("mqtt", "mqtts") or not url.hostname or port is None:
+            raise ConfigError(f"the broker's public= must be HOST:PORT, mqtt://HOST:PORT or mqtts://HOST:PORT, "
+                              f"got {public!r}")
 
 
 def _load_or_create_secret(data_dir: Path) -> bytes:

@@ -30,6 +30,7 @@ from storage.base import StoreOps
 from storage.media_local import LocalMediaStore, SignatureError, UploadTooLarge
 
 from .accounts import PHONE_PATTERN, Accounts
+from .admission import Admission
 from .clock import Clock
 from .errors import BadRequest, Forbidden, NotFound, ProtocolError, RateLimited, TooLarge, Unauthorized
 from .handling import Caller
@@ -81,17 +82,23 @@ Publish = Callable[[Sequence[Out]], Awaitable[None]]
 
 @dataclass(slots=True)
 class Endpoints:
-    """Where devices reach the broker, filled in once the listeners are bound."""
+    """Where devices reach the broker and the HTTP API, filled in once the listeners are bound:
+    what login names. With ``mqtt_tls`` the ports are the TLS listeners' (mqtts, wss)."""
 
     host: str = "127.0.0.1"
     mqtt_port: int = 0
     ws_port: int = 0
     ws_url: str | None = None  # an external broker's WebSocket URL, when it has one
+    mqtt_tls: bool = False
+    http_url: str | None = None  # the HTTP base devices use
 
     def websocket(self) -> str | None:
         if self.ws_url is not None or not self.ws_port:
             return self.ws_url
-        return f"ws://{self.host}:{self.ws_port}/mqtt"
+        return f"{'wss' if self.mqtt_tls else 'ws'}://{self.host}:{self.ws_port}/mqtt"
+
+    def mqtt_url(self) -> str:
+        return f"{'mqtts' if self.mqtt_tls else 'mqtt'}://{self.host}:{self.mqtt_port}"
 
 
 @dataclass(slots=True)
@@ -114,6 +121,7 @@ class HttpDeps:
     push: PushTargets | None = None  # always given by the server; optional for tests of other routes
     push_depth: Callable[[], Awaitable[int]] | None = None  # wakes waiting in the push queue
     web_root: Path | None = None  # the web client's static files, served at / when given
+    admission: Admission | None = None  # past its limit, sends are refused with 429 as over MQTT
 
 
 def _error(exc: ProtocolError) -> JSONResponse:
@@ -259,7 +267,9 @@ def create_app(deps: HttpDeps) -> FastAPI:
         return {
             "user_id": login.user.user_id, "device_id": login.device.device_id, "token": login.token,
             "expires_at": login.expires_at,
-            "mqtt": {"host": ep.host, "port": ep.mqtt_port, "ws_url": ep.websocket()},
+            "http_url": ep.http_url,
+            "mqtt": {"host": ep.host, "port": ep.mqtt_port, "ws_url": ep.websocket(), "url": ep.mqtt_url(),
+                     "tls": ep.mqtt_tls},
         }
 
     @app.post("/v1/auth/refresh", response_model=RefreshReply, responses=errors(401))
@@ -393,13 +403,16 @@ def create_app(deps: HttpDeps) -> FastAPI:
         msgs, next_before = await msgr.history(c, chat_id, before, limit)
         return {"messages": [message_dict(x) for x in msgs], "next_before": next_before}
 
-    @app.post("/v1/chats/{chat_id}/messages", response_model=SentReply, responses=errors(400, 401, 403, 404, 413),
+    @app.post("/v1/chats/{chat_id}/messages", response_model=SentReply,
+              responses=errors(400, 401, 403, 404, 413, 429),
               openapi_extra=_body(SendRequest))
     async def post_message(chat_id: str, request: Request) -> dict[str, Any]:
         c = await caller(request)
         body = await _json(request, deps.max_payload)
         fields = {k: v for k, v in body.items() if k not in ("to", "chat")}
         req = Send.from_json({**fields, "chat": chat_id}, request_id(body))
+        if deps.admission is not None:
+            deps.admission.check_http()
         result = await msgr.send(c, req)
         await deps.publish(result.outs)
         assert result.reply is not None

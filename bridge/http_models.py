@@ -57,8 +57,8 @@ ERROR_MEANING = {
 
 
 def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """The ``responses`` of a route that can answer these error statuses (and 429/503, which
-    any route that reaches a store or the rate limiter can)."""
+    """The ``responses`` of a route that can answer these error statuses (and 503, which any
+    route that reaches a store can)."""
     return {s: {"model": ErrorReply, "description": ERROR_MEANING[s]} for s in sorted({*statuses, 503})}
 
 
@@ -86,6 +86,8 @@ class MqttEndpoint(_Reply):
     host: str
     port: int
     ws_url: str | None
+    url: str = Field(description="mqtt://HOST:PORT, or mqtts://HOST:PORT when the server has TLS on")
+    tls: bool = Field(description="whether host and port speak MQTT over TLS")
 
 
 class LoginReply(_Reply):
@@ -93,6 +95,7 @@ class LoginReply(_Reply):
     device_id: str
     token: str
     expires_at: int
+    http_url: str | None = Field(description="the HTTP base devices use (https:// when TLS is on)")
     mqtt: MqttEndpoint
 
 

@@ -75,6 +75,15 @@ class Metrics:
             "service, by provider", ["provider"],
             buckets=(0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0), registry=self.registry,
         )
+        self.held = Gauge("pigeon_requests_held", "Device requests taken in and not yet handled (queued or in "
+                          "flight): what admission control bounds", registry=self.registry)
+        self.refused = Counter("pigeon_overload_refused", "Requests answered rate_limited at once because the "
+                               "bridge held its limit, by type", ["type"], registry=self.registry)
+        self.shed = Counter("pigeon_overload_shed", "Work dropped under load: typing relays and presence "
+                            "fan-outs before any send is refused; past the ceiling, acks, presence changes and "
+                            "other publishes too", ["what"], registry=self.registry)
+        self.kicked = Counter("pigeon_devices_disconnected", "Devices disconnected for pushing past their "
+                              "per-device rate limit", registry=self.registry)
         self.store_ops = StoreOpsCollector()
         self.registry.register(self.store_ops)
 

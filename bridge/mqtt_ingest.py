@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import ssl
 import zlib
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol, runtime_checkable
@@ -37,9 +38,14 @@ import aiomqtt
 from paho.mqtt.client import MQTT_ERR_NO_CONN, MQTT_ERR_QUEUE_SIZE, MQTT_ERR_SUCCESS
 
 from .errors import PigeonError
+from .mqtt_writes import coalesce_writes
 
 log = logging.getLogger(__name__)
 Handle = Callable[[str, bytes], Awaitable[None]]
+# admission control (bridge/admission.py): None when a publish is taken in (``Release`` once it
+# has been handled), else an awaitable answering it at once; it is then acknowledged, not queued
+Admit = Callable[[str, bytes], Awaitable[None] | None]
+Release = Callable[[], None]
 # topic, payload, and what acknowledges it once handled (None: nothing to acknowledge)
 Item = tuple[str, bytes, Callable[[], None] | None]
 UP_FILTER = "up/+/+"
@@ -97,10 +103,13 @@ class MqttIngest:
         self, host: str, port: int, *, username: str, password: str, client_id: str, handle: Handle,
         workers: int = INGEST_WORKERS, queue_size: int = 1_000, max_backoff_s: float = 30.0,
         persistent: bool = False, partitions: Partitions | None = None, ask_holder: AskHolder | None = None,
+        tls_context: ssl.SSLContext | None = None, admit: Admit | None = None, release: Release | None = None,
     ) -> None:
         self._host, self._port = host, port
+        self._tls = tls_context  # None: plain MQTT
         self._username, self._password, self._client_id = username, password, client_id
         self._handle = handle
+        self._admit, self._release = admit, release
         self._persistent = persistent
         self._queues: list[asyncio.Queue[Item]] = [
             asyncio.Queue(maxsize=queue_size) for _ in range(workers)
@@ -281,8 +290,9 @@ class MqttIngest:
         client = aiomqtt.Client(
             self._host, self._port, identifier=client_id, username=self._username,
             password=self._password, clean_session=not persistent, keepalive=30,
-            protocol=aiomqtt.ProtocolVersion.V311, max_inflight_messages=MAX_INFLIGHT,
+            protocol=aiomqtt.ProtocolVersion.V311, max_inflight_messages=MAX_INFLIGHT, tls_context=self._tls,
         )
+        coalesce_writes(client._client)
         if persistent:
             # aiomqtt 2.5 has no option for it: PUBACK only once handled (see _acker)
             client._client.manual_ack_set(True)
@@ -298,6 +308,13 @@ class MqttIngest:
         data = payload if isinstance(payload, bytes) else str(payload).encode()
         topic = message.topic.value
         ack = self._acker(client, message) if persistent else None
+        if self._admit is not None:
+            refused = self._admit(topic, data)
+            if refused is not None:  # answered at once, never queued
+                await refused
+                if ack is not None:
+                    ack()
+                return
         q = self._queues[zlib.crc32(topic.encode()) % len(self._queues)]
         await q.put((topic, data, ack))
 
@@ -348,5 +365,8 @@ class MqttIngest:
             except Exception:
                 # a handler that raised is a bug, not a state the same publish would leave
                 log.exception("failed to handle a publish on %s", topic)
+            finally:
+                if self._release is not None:
+                    self._release()
             if ack is not None:
                 ack()  # stored and answered (or answered with an error): the broker may forget it

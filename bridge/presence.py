@@ -33,6 +33,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from storage.base import StorageUnavailable, Store
 from storage.state import SharedState
 
+from .admission import Admission
 from .clock import Clock
 from .errors import Unavailable
 from .outbox import Out, device_topic
@@ -62,6 +63,8 @@ class PresenceTracker:
         # (when it may expire, user, device): checked against _held when due (lazy deletion)
         self._deadlines: list[tuple[float, str, str]] = []
         self._deadline_added = asyncio.Event()
+        # while it sheds, presence changes are recorded but not fanned out (bridge.admission)
+        self.admission: Admission | None = None
 
     async def is_online(self, user_id: str) -> bool:
         try:
@@ -187,6 +190,9 @@ class PresenceTracker:
                 pass
 
     async def _notify(self, user_id: str, online: bool, last_seen: int) -> list[Out]:
+        if self.admission is not None and self.admission.shedding:  # recorded, not fanned out
+            self.admission.shed("presence")
+            return []
         try:
             watchers = await self._state.watchers(user_id, self._clock.now_ms())
         except StorageUnavailable as exc:

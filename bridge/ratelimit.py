@@ -59,3 +59,47 @@ class RateLimiter:
 
     def __len__(self) -> int:
         return len(self._buckets)
+
+
+class Strikes:
+    """Refusals per device within a window: the device that keeps pushing past its limit.
+
+    A device that honours ``retry_after_ms`` is refused about once per wait; one that ignores it
+    is refused for every request it sends while its bucket is empty. ``add`` counts a refusal
+    and says when a device has had ``limit`` of them within ``window_s`` (counting starts over
+    then, and after a window with fewer). The map holds only devices refused in their current
+    window, and past ``max_keys`` the stale windows go first, then the oldest entries.
+    """
+
+    def __init__(self, clock: Clock, limit: int, window_s: float = 10.0, max_keys: int = 100_000) -> None:
+        if limit < 1 or window_s <= 0:
+            raise ValueError("limit must be >= 1 and window_s > 0")
+        self._clock = clock
+        self.limit = limit
+        self.window_s = window_s
+        self._max_keys = max_keys
+        self._seen: dict[str, list[float]] = {}  # key -> [refusals, window start]
+
+    def add(self, key: str) -> bool:
+        now = self._clock.monotonic()
+        seen = self._seen.get(key)
+        if seen is None or now - seen[1] >= self.window_s:
+            if seen is None and len(self._seen) >= self._max_keys:
+                self._forget(now)
+            seen = self._seen[key] = [0.0, now]
+        seen[0] += 1
+        if seen[0] >= self.limit:
+            del self._seen[key]
+            return True
+        return False
+
+    def _forget(self, now: float) -> None:
+        stale = [k for k, (_, start) in self._seen.items() if now - start >= self.window_s]
+        for k in stale:
+            del self._seen[k]
+        if len(self._seen) >= self._max_keys:
+            for k in list(self._seen)[: len(self._seen) // 10 + 1]:
+                del self._seen[k]
+
+    def __len__(self) -> int:
+        return len(self._seen)

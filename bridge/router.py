@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+from .admission import Admission
 from .errors import ProtocolError, RateLimited, Unavailable
 from .handling import Caller, Result
 from .media import Media
@@ -34,12 +35,15 @@ from .protocol import (
     error_reply,
     parse_request,
 )
-from .ratelimit import RateLimiter
+from .ratelimit import RateLimiter, Strikes
 
 log = logging.getLogger(__name__)
 
 
 Publish = Callable[[list[Out]], Awaitable[None]]
+# closes a device's connection to the broker (the embedded broker, or a kick through Mosquitto's
+# dynamic security)
+Disconnect = Callable[[str], Awaitable[None]]
 
 
 class AckLane:
@@ -99,10 +103,14 @@ def parse_up_topic(topic: str) -> Caller | None:
 class DeviceRouter:
     def __init__(
         self, messenger: Messenger, presence: PresenceTracker, media: Media, limiter: RateLimiter,
-        metrics: Metrics, max_payload: int, publish: Publish | None = None,
+        metrics: Metrics, max_payload: int, publish: Publish | None = None, *,
+        admission: Admission | None = None, strikes: Strikes | None = None, disconnect: Disconnect | None = None,
     ) -> None:
         """With ``publish``, acks run on an ``AckLane`` and what they cause is published through
-        it; without, they are handled in line like any other request."""
+        it; without, they are handled in line like any other request. With ``admission``, typing
+        is dropped while it sheds (see ``bridge.admission``); with ``strikes`` and ``disconnect``,
+        a device refused by its rate limit ``strikes.limit`` times within the window is
+        disconnected (it still gets the refusal)."""
         self._messenger = messenger
         self._presence = presence
         self._media = media
@@ -110,6 +118,9 @@ class DeviceRouter:
         self._metrics = metrics
         self._max_payload = max_payload
         self._publish = publish
+        self._admission = admission
+        self._strikes = strikes
+        self._disconnect = disconnect
         self.acks: AckLane | None = AckLane(self._ack_apart) if publish is not None else None
 
     async def handle(self, topic: str, payload: bytes) -> list[Out]:
@@ -126,8 +137,13 @@ class DeviceRouter:
             self._metrics.requests.labels(kind).inc()
             if isinstance(req, PresenceReq):
                 return await self._presence_change(caller, req.online, req.keepalive)
+            if isinstance(req, Typing) and self._admission is not None and self._admission.shedding:
+                self._admission.shed("typing")
+                return []
             wait_ms = self._limiter.take(caller.device_id)
             if wait_ms:
+                if self._strikes is not None and self._strikes.add(caller.device_id):
+                    await self._kick(caller, self._strikes)
                 raise RateLimited("too many requests", retry_after_ms=wait_ms, request_id=getattr(req, "id", None))
             outs = await self._presence.device_online(caller.user_id, caller.device_id)
             if isinstance(req, Ack) and self.acks is not None:
@@ -144,6 +160,17 @@ class DeviceRouter:
         finally:
             if kind:
                 self._metrics.latency.labels(kind).observe(time.perf_counter() - started)
+
+    async def _kick(self, caller: Caller, strikes: Strikes) -> None:
+        log.warning("device %s kept pushing past its rate limit (%d refusals within %g s); disconnecting it",
+                    caller.device_id, strikes.limit, strikes.window_s)
+        self._metrics.kicked.inc()
+        if self._disconnect is None:
+            return
+        try:
+            await self._disconnect(caller.device_id)
+        except Exception:  # the refusal still goes out; the next strikes try again
+            log.exception("disconnecting device %s failed", caller.device_id)
 
     async def _ack_apart(self, caller: Caller, req: Ack) -> None:
         assert self._publish is not None

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import ssl
 import uuid
 from collections.abc import Sequence
 from types import TracebackType
@@ -53,10 +54,11 @@ def device_acls(user_id: str, device_id: str) -> list[dict[str, Any]]:
 class DynSecAdmin:
     """An async context manager holding one control connection to the broker."""
 
-    def __init__(self, host: str, port: int, username: str, password: str, *, timeout_s: float = 10.0) -> None:
+    def __init__(self, host: str, port: int, username: str, password: str, *, timeout_s: float = 10.0,
+                 tls_context: ssl.SSLContext | None = None) -> None:
         self._client = aiomqtt.Client(host, port, username=username, password=password,
                                       identifier=f"{username}-admin-{uuid.uuid4().hex[:8]}", clean_session=True,
-                                      protocol=aiomqtt.ProtocolVersion.V311)
+                                      protocol=aiomqtt.ProtocolVersion.V311, tls_context=tls_context)
         self._username = username
         self._timeout = timeout_s
         self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
@@ -164,6 +166,12 @@ class DynSecAdmin:
         if expired:
             log.info("removed %d devices whose tokens expired from the broker", len(expired))
         return len(expired)
+
+    async def kick_device(self, device_id: str) -> None:
+        """Disconnect the device now: Mosquitto closes the connections of a client it disables;
+        enabled again at once, it may connect again (with its token, as before)."""
+        await self.run([{"command": "disableClient", "username": device_id}], tolerate=["not found"])
+        await self.run([{"command": "enableClient", "username": device_id}], tolerate=["not found"])
 
     async def remove_device(self, device_id: str) -> None:
         """The device can no longer connect (unlinked, or its token expired)."""

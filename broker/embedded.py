@@ -48,6 +48,11 @@ Fixes (each reproduced first by a test in ``tests/test_broker_fixes.py``):
    one closes the connection at once, as a lost one (the will is published), and so does a
    WebSocket client's text frame [MQTT-6.0.0-1].
 
+With ``admit`` (the bridge's admission control), every ``up/`` publish is offered to it as it is
+read, before it is queued: one taken in is counted until the client loop has handled it; one
+refused is answered at once on the device's own connection, at QoS 0, PUBACKed and never
+queued. ``backlog`` tells the bridge how many publications wait in the broadcast queue.
+
 Publishes on ``up/…`` (device requests and wills) go straight to the bridge's ``ingest``
 coroutine in this process, in the order the device sent them; nothing subscribes to them
 over MQTT. Sessions are always clean: the bridge's store, not the broker, holds what devices
@@ -59,6 +64,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -87,6 +93,12 @@ from .plugins import REFUSAL_ATTR, principal_of
 log = logging.getLogger(__name__)
 
 Ingest = Callable[[str, bytes], Awaitable[None]]
+# Taking in a device publish on up/ (the bridge's admission control, bridge/admission.py):
+# None when taken in, and then ``Release`` is called once it has been handled; otherwise the
+# (topic, payload) replies that answer it at once, and the publish is acknowledged, never queued.
+# The third argument: how many of this connection's publishes are held already.
+Admit = Callable[[str, bytes | bytearray, int], list[tuple[str, bytes]] | None]
+Release = Callable[[], None]
 KEEPALIVE_FACTOR = 1.5
 # A connection that has not sent a whole CONNECT within this many seconds is closed (fix 7).
 CONNECT_TIMEOUT_S = 10.0
@@ -259,6 +271,44 @@ class _Handler(BrokerProtocolHandler):
         super().__init__(*args, **kwargs)
         # id(incoming message) -> resolved by the client loop once the message is handled
         self._handled: dict[int, asyncio.Future[None]] = {}
+        self.admit: Admit | None = None
+        self.release: Release | None = None
+        # whether this connection's session may be sent a reply on a topic right now
+        self.reply_to: Callable[[Session, str], bool] | None = None
+        # id() of the publishes taken in by ``admit`` and not yet handled
+        self._counted: set[int] = set()
+
+    def _refused(self, app_message: OutgoingApplicationMessage | IncomingApplicationMessage) -> Awaitable[None] | None:
+        """Ask admission control about an incoming device publish; count it if taken in, else
+        return what answers it."""
+        if self.admit is None or not app_message.topic.startswith("up/"):
+            return None
+        replies = self.admit(app_message.topic, app_message.data, len(self._counted))
+        if replies is None:
+            self._counted.add(id(app_message))
+            return None
+        return self._answer_now(replies)
+
+    async def _answer_now(self, replies: list[tuple[str, bytes]]) -> None:
+        """A refusal goes straight to the device that sent the request, on its own connection, at
+        QoS 0: not through the broker's one broadcast queue, which carries every reply and event
+        and which a flood of refusals would make everyone wait behind. (Lost only with the
+        connection, when the device tries again anyway.)"""
+        session = self.session
+        for topic, payload in replies:
+            if session is not None and self.reply_to is not None and self.reply_to(session, topic):
+                await self.mqtt_publish(topic, payload, 0, False)
+
+    async def _handle_qos0_message_flow(
+        self, app_message: OutgoingApplicationMessage | IncomingApplicationMessage,
+    ) -> None:
+        if app_message.direction == INCOMING and not (
+                app_message.publish_packet is not None and app_message.publish_packet.dup_flag):
+            refused = self._refused(app_message)
+            if refused is not None:
+                await refused
+                return
+        await super()._handle_qos0_message_flow(app_message)
 
     async def _handle_qos1_message_flow(
         self, app_message: OutgoingApplicationMessage | IncomingApplicationMessage,
@@ -266,6 +316,13 @@ class _Handler(BrokerProtocolHandler):
         if (app_message.direction != INCOMING or self.session is None or app_message.packet_id is None
                 or app_message.puback_packet):
             await super()._handle_qos1_message_flow(app_message)  # outgoing, or amqtt's own errors
+            return
+        refused = self._refused(app_message)
+        if refused is not None:  # answered at once and never queued: acknowledged at once too
+            await refused
+            puback = PubackPacket.build(app_message.packet_id)
+            await self._send_packet(puback)
+            app_message.puback_packet = puback
             return
         # amqtt queues the message for the client loop and PUBACKs it at once. Here the PUBACK
         # waits until the loop has handed it on (to the bridge, for up/...): the loop takes one
@@ -283,9 +340,21 @@ class _Handler(BrokerProtocolHandler):
 
     def message_handled(self, app_message: object) -> None:
         """The client loop is done with ``app_message``: its PUBACK may go."""
-        handled = self._handled.pop(id(app_message), None)
+        key = id(app_message)
+        if key in self._counted:
+            self._counted.discard(key)
+            if self.release is not None:
+                self.release()
+        handled = self._handled.pop(key, None)
         if handled is not None and not handled.done():
             handled.set_result(None)
+
+    def release_all(self) -> None:
+        """The connection is over: whatever it had taken in and not handled is no longer held."""
+        if self.release is not None:
+            for _ in self._counted:
+                self.release()
+        self._counted.clear()
 
     def handle_read_timeout(self) -> None:
         log.info("keepalive expired for %s; closing", self.session.client_id if self.session else None)
@@ -296,9 +365,13 @@ class _Handler(BrokerProtocolHandler):
 
 class PigeonBroker(Broker):
     def __init__(self, config: dict[str, Any], gate: DeviceGate, ingest: Ingest | None = None,
-                 connect_timeout: float = CONNECT_TIMEOUT_S, max_packet: int = MAX_PACKET_BYTES) -> None:
+                 connect_timeout: float = CONNECT_TIMEOUT_S, max_packet: int = MAX_PACKET_BYTES,
+                 tls: ssl.SSLContext | None = None, admit: Admit | None = None,
+                 release: Release | None = None) -> None:
         super().__init__(config)
         self.gate = gate
+        self.tls = tls
+        self._admit, self._release = admit, release
         self.connect_timeout = connect_timeout
         self.max_packet = max_packet
         self._ingest = ingest
@@ -307,11 +380,30 @@ class PigeonBroker(Broker):
         # client id -> the filters it subscribed to (fix 5)
         self._filters_of: dict[str, set[str]] = {}
 
+    def _may_reply(self, session: Session, topic: str) -> bool:
+        """The session subscribed to exactly ``topic`` and may receive it."""
+        principal = principal_of(session)
+        return (principal is not None and self.gate.may_receive(principal, topic)
+                and any(s is session for s, _ in self._subscriptions.get(topic, ())))
+
+    def backlog(self) -> int:
+        """Publications waiting in amqtt's broadcast queue to be sent to their subscribers."""
+        waiting: int = self._broadcast_queue.qsize()
+        return waiting
+
     def set_ingest(self, ingest: Ingest) -> None:
         self._ingest = ingest
 
     async def ws_connected(self, websocket: ServerConnection, listener_name: str) -> None:
         await self._client_connected(listener_name, _WebSocketReader(websocket), WebSocketsWriter(websocket))
+
+    def _create_ssl_context(self, listener: Any) -> ssl.SSLContext:
+        """The TLS listeners use the server's own context (bridge/tls.py: TLS 1.2+, no compression,
+        no client certificates, reloadable), not the one amqtt would build from the listener's
+        files, which asks every client for a certificate checked against the system's CAs."""
+        if self.tls is None:
+            raise AMQTTError("a TLS listener is configured but the broker was given no TLS context")
+        return self.tls
 
     # -- fixes 2 and 7, keepalive scaling -----------------------------------------------------------
     async def _initialize_client_session(
@@ -325,6 +417,7 @@ class PigeonBroker(Broker):
                 raise BrokenFirstPacket(f"no CONNECT within {self.connect_timeout:g} s") from exc
             buffered = _Buffered(first)
             handler, session = await _Handler.init_from_connect(buffered, writer, self.plugins_manager)
+            handler.admit, handler.release, handler.reply_to = self._admit, self._release, self._may_reply
             if buffered.left:
                 raise BrokenFirstPacket(f"{buffered.left} bytes after the end of the CONNECT it announced")
         except (AMQTTError, MQTTError, NoDataError, ValueError, UnicodeDecodeError) as exc:
@@ -402,6 +495,8 @@ class PigeonBroker(Broker):
             await asyncio.gather(
                 disconnect_waiter, subscribe_waiter, unsubscribe_waiter, wait_deliver, return_exceptions=True
             )
+            if isinstance(handler, _Handler):
+                handler.release_all()
 
     async def _handle_message_delivery(
         self, client_session: Session, handler: BrokerProtocolHandler, wait_deliver: asyncio.Future[Any],
@@ -506,6 +601,11 @@ class PigeonBroker(Broker):
 
     async def remove_device(self, device_id: str) -> None:
         """Close the unlinked device's connection, if it has one (its token is refused from now on)."""
+        await self.disconnect_device(device_id)
+
+    async def disconnect_device(self, device_id: str) -> None:
+        """Close the device's connection, if it has one, as if it were lost (its will is
+        published); it may connect again."""
         held = self._sessions.get(device_id)
         if held is not None and held[0].transitions.is_connected():
             await held[1].handle_connection_closed()
@@ -521,12 +621,33 @@ async def _close(writer: WriterAdapter) -> None:
         log.debug("closing a connection: %s", exc)
 
 
-def broker_config(host: str, mqtt_port: int, ws_port: int, gate: DeviceGate) -> dict[str, Any]:
+def listener_names(tls: bool, plaintext: bool = True) -> dict[str, str]:
+    """The amqtt listener serving each of ``mqtt``, ``ws``, ``mqtts`` and ``wss``. amqtt needs one
+    named ``default`` and fills the others' unset fields from it (``ssl`` among them), so
+    ``default`` is the plain MQTT listener, or the TLS one when there is no plain listener."""
+    names: dict[str, str] = {}
+    if plaintext:
+        names.update(mqtt="default", ws="ws")
+    if tls:
+        names.update(mqtts="mqtts" if plaintext else "default", wss="wss")
+    return names
+
+
+def broker_config(host: str, mqtt_port: int, ws_port: int, gate: DeviceGate, *, mqtts_port: int | None = None,
+                  wss_port: int | None = None, plaintext: bool = True) -> dict[str, Any]:
+    """With ``mqtts_port`` and ``wss_port``: TLS listeners too (the broker needs ``tls=`` then);
+    ``plaintext=False`` leaves the plain ones out."""
+    tls = mqtts_port is not None and wss_port is not None
+    if not tls and not plaintext:
+        raise ValueError("a broker with no plaintext listener needs TLS listeners")
+    binds = {"mqtt": ("tcp", mqtt_port, False), "ws": ("ws", ws_port, False),
+             "mqtts": ("tcp", mqtts_port, True), "wss": ("ws", wss_port, True)}
+    listeners = {}
+    for role, name in listener_names(tls, plaintext).items():
+        kind, port, secure = binds[role]
+        listeners[name] = {"type": kind, "bind": f"{host}:{port}", **({"ssl": True} if secure else {})}
     return {
-        "listeners": {
-            "default": {"type": "tcp", "bind": f"{host}:{mqtt_port}"},
-            "ws": {"type": "ws", "bind": f"{host}:{ws_port}"},
-        },
+        "listeners": listeners,
         "timeout_disconnect_delay": 0,
         "plugins": {
             "broker.plugins.DeviceAuthPlugin": {"gate": gate},

@@ -54,6 +54,18 @@ def serve(
     mqtt_port: Annotated[int, typer.Option(envvar="PIGEON_MQTT_PORT")] = 1883,
     ws_port: Annotated[int, typer.Option(envvar="PIGEON_WS_PORT")] = 8083,
     http_port: Annotated[int, typer.Option(envvar="PIGEON_HTTP_PORT")] = 8080,
+    tls_cert: Annotated[Path | None, typer.Option(
+        envvar="PIGEON_TLS_CERT", help="PEM certificate chain: serve MQTT, WebSocket and HTTP over TLS too "
+        "(--mqtts-port, --wss-port, --https-port); login then names only the TLS listeners; SIGHUP reloads it")]
+    = None,
+    tls_key: Annotated[Path | None, typer.Option(envvar="PIGEON_TLS_KEY", help="PEM private key of --tls-cert")]
+    = None,
+    mqtts_port: Annotated[int, typer.Option(envvar="PIGEON_MQTTS_PORT", help="MQTT over TLS")] = 8883,
+    wss_port: Annotated[int, typer.Option(envvar="PIGEON_WSS_PORT", help="MQTT over WebSocket over TLS")] = 8084,
+    https_port: Annotated[int, typer.Option(envvar="PIGEON_HTTPS_PORT", help="the HTTP API over TLS")] = 8443,
+    plaintext: Annotated[bool, typer.Option(
+        "--plaintext/--no-plaintext", envvar="PIGEON_PLAINTEXT", help="also serve the plain listeners "
+        "(--mqtt-port, --ws-port, --http-port); --no-plaintext needs --tls-cert")] = True,
     store: Annotated[str | None, typer.Option(envvar="PIGEON_STORE", help="sqlite:///PATH or cassandra://HOSTS/KEYSPACE")]
     = None,
     media: Annotated[str | None, typer.Option(envvar="PIGEON_MEDIA", help="file:///PATH or s3://KEY:SECRET@HOST/BUCKET")]
@@ -64,9 +76,26 @@ def serve(
         envvar="PIGEON_BROKER", help="mqtt://HOST:PORT of an external broker (absent: embedded)")] = None,
     broker_credentials_file: Annotated[Path | None, typer.Option(
         envvar="PIGEON_BROKER_CREDENTIALS_FILE", help="file holding the bridge's broker username:password")] = None,
+    broker_ca_file: Annotated[Path | None, typer.Option(
+        envvar="PIGEON_BROKER_CA_FILE", help="with an mqtts:// broker: the CA file its certificate is checked "
+        "against (absent: the system's CAs)")] = None,
     sms_webhook: Annotated[str | None, typer.Option(envvar="PIGEON_SMS_WEBHOOK")] = None,
     rate: Annotated[float, typer.Option(envvar="PIGEON_RATE", help="Requests/s per device")] = 50.0,
     burst: Annotated[int, typer.Option(envvar="PIGEON_BURST")] = 200,
+    kick_after: Annotated[int, typer.Option(
+        envvar="PIGEON_KICK_AFTER", help="disconnect a device refused by its rate limit this many times within "
+        "10 s (0: never)")] = 200,
+    max_pending: Annotated[int, typer.Option(
+        envvar="PIGEON_MAX_PENDING", help="device requests the bridge holds (queued or in flight) before it "
+        "answers new ones rate_limited at once")] = 2048,
+    max_pending_device: Annotated[int, typer.Option(
+        envvar="PIGEON_MAX_PENDING_DEVICE", help="embedded broker: a device's own requests held before its new "
+        "ones are answered rate_limited at once")] = 200,
+    shed_pending: Annotated[int | None, typer.Option(
+        envvar="PIGEON_SHED_PENDING", help="requests held from which typing and presence fan-out are dropped "
+        "(default: half of --max-pending)")] = None,
+    overload_retry_ms: Annotated[int, typer.Option(
+        envvar="PIGEON_OVERLOAD_RETRY_MS", help="retry_after_ms of a request refused for overload")] = 1000,
     max_group: Annotated[int, typer.Option(envvar="PIGEON_MAX_GROUP")] = 100,
     max_payload: Annotated[int, typer.Option(envvar="PIGEON_MAX_PAYLOAD")] = 64 * 1024,
     media_max_bytes: Annotated[int, typer.Option(envvar="PIGEON_MEDIA_MAX_BYTES")] = 100 * 1024 * 1024,
@@ -116,13 +145,17 @@ def serve(
             dev=dev, data_dir=data_dir, host=host, public_host=public_host, public_url=public_url,
             public_ws_url=public_ws_url, mqtt_port=mqtt_port,
             ws_port=ws_port, http_port=http_port, store=store, media=media, redis=redis, sms_webhook=sms_webhook,
-            broker=broker, broker_credentials_file=broker_credentials_file,
+            broker=broker, broker_credentials_file=broker_credentials_file, broker_ca_file=broker_ca_file,
+            tls_cert=tls_cert, tls_key=tls_key, mqtts_port=mqtts_port, wss_port=wss_port, https_port=https_port,
+            plaintext=plaintext,
             rate_per_s=rate, rate_burst=burst, max_group=max_group, max_payload=max_payload,
             media_max_bytes=media_max_bytes, media_url_ttl_s=media_url_ttl, secret=secret_from_env() or None,
             ingest=ingest, push_window_s=push_window, push_max_age_s=push_max_age, vapid_key_file=vapid_key_file,
             vapid_subject=vapid_subject, fcm_credentials_file=fcm_credentials_file, fcm_url=fcm_url,
             apns_key_file=apns_key_file, apns_key_id=apns_key_id, apns_team_id=apns_team_id, apns_topic=apns_topic,
-            apns_url=apns_url, connect_timeout_s=connect_timeout,
+            apns_url=apns_url, connect_timeout_s=connect_timeout, kick_after=kick_after, max_pending=max_pending,
+            max_pending_device=max_pending_device,
+            shed_pending=shed_pending, overload_retry_ms=overload_retry_ms,
         ).validated()
     except PigeonError as exc:
         err.print(f"[red]configuration error:[/] {exc}")
@@ -134,16 +167,14 @@ def serve(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         async with PigeonServer(cfg) as server:
+            if server.tls is not None:
+                loop.add_signal_handler(signal.SIGHUP, _reload_tls, server)
             # what was built to start (modules, settings, connections) stays: leave it out of
             # every later collection
             gc.collect()
             gc.freeze()
-            ep = server.endpoints
-            print(
-                f"pigeon ready http=http://{ep.host}:{server.http_port} mqtt={ep.host}:{ep.mqtt_port}"
-                f" ws=ws://{ep.host}:{ep.ws_port}/mqtt data={cfg.data_dir}",
-                flush=True,
-            )
+            listening = " ".join(f"{k}={v}" for k, v in server.listening().items())
+            print(f"pigeon ready {listening} data={cfg.data_dir}", flush=True)
             await stop.wait()
 
     from storage import StorageError
@@ -159,6 +190,14 @@ def serve(
     except (PigeonError, StorageError) as exc:
         err.print(f"[red]pigeon could not start:[/] {exc}")
         raise typer.Exit(1) from exc
+
+
+def _reload_tls(server: Any) -> None:
+    """SIGHUP: load the certificate and key files again; a bad file keeps the old ones."""
+    try:
+        server.reload_tls()
+    except PigeonError as exc:
+        logging.getLogger("pigeon").error("TLS certificate not reloaded, the old one stays in use: %s", exc)
 
 
 def _loop_factory(choice: str) -> Any:
@@ -263,7 +302,11 @@ class Names:
 @app.command("login")
 def login_cmd(
     phone: Annotated[str, typer.Argument(help="Your phone number, E.164 (+15550001111)")],
-    server: Annotated[str, typer.Option(envvar="PIGEON_SERVER", help="HTTP URL of the server")] = "http://127.0.0.1:8080",
+    server: Annotated[str, typer.Option(
+        envvar="PIGEON_SERVER", help="HTTP(S) URL of the server")] = "http://127.0.0.1:8080",
+    ca_file: Annotated[Path | None, typer.Option(
+        envvar="PIGEON_CA_FILE", help="PEM CA file the server's certificate is checked against (https://, "
+        "mqtts://, wss://) when the system does not trust it; kept in the profile")] = None,
     code: Annotated[str | None, typer.Option(help="The code you received (asked for if omitted)")] = None,
     name: Annotated[str, typer.Option(help="A name for this device")] = "pigeon-cli",
     display_name: Annotated[str | None, typer.Option(
@@ -275,13 +318,13 @@ def login_cmd(
     async def go() -> tuple[Profile, str | None]:
         the_code = code
         if the_code is None:
-            dev_code = await request_code(server, phone)
+            dev_code = await request_code(server, phone, ca_file=ca_file)
             if dev_code is not None:
                 console.print(f"[dim]development server: code {dev_code} filled in[/]")
                 the_code = dev_code
             else:
                 the_code = typer.prompt("Code from the SMS")
-        linked = await verify(server, phone, the_code, name, "cli")
+        linked = await verify(server, phone, the_code, name, "cli", ca_file=ca_file)
         async with Api(linked) as api:
             me = await api.rename(display_name) if display_name is not None else await api.me()
         return linked, me.get("name")
@@ -572,12 +615,17 @@ async def _chat(p: Profile, target: str) -> None:
 
 @app.command()
 def bench(
-    scenario: Annotated[str, typer.Argument(help="p2p, baseline, group, sync, idle, wire, or all")],
+    scenario: Annotated[str, typer.Argument(
+        help="p2p, baseline, group, sync, idle, wire, overload, or all (every one but overload)")],
     profile: Annotated[str | None, typer.Option(
         help="start a server to measure: embedded, or production (Mosquitto + Cassandra + Redis + MinIO "
         "from scripts/services)")] = None,
     http: Annotated[str | None, typer.Option(help="HTTP URL of a running server (started with --dev)")] = None,
-    mqtt: Annotated[str | None, typer.Option(help="HOST:PORT of the running server's MQTT listener")] = None,
+    mqtt: Annotated[str | None, typer.Option(
+        help="the running server's MQTT listener: HOST:PORT, mqtt://HOST:PORT or mqtts://HOST:PORT")] = None,
+    ca_file: Annotated[Path | None, typer.Option(
+        help="with an https:// --http or an mqtts:// --mqtt: the CA file the server's certificate is checked "
+        "against (absent: the system's CAs)")] = None,
     server_pid: Annotated[list[int] | None, typer.Option(
         help="PID of a running server process whose memory and CPU to report (repeatable)")] = None,
     broker_credentials_file: Annotated[Path | None, typer.Option(
@@ -593,6 +641,13 @@ def bench(
     messages: Annotated[int, typer.Option(help="sync: messages waiting for the offline device")] = 10_000,
     devices: Annotated[int, typer.Option(help="idle: devices held connected")] = 10_000,
     wire_messages: Annotated[int, typer.Option(help="wire: messages to count")] = 100,
+    overload_seconds: Annotated[float, typer.Option(
+        help="overload: how long the load is offered at --overload-factor x full speed")] = 60.0,
+    recovery_seconds: Annotated[float, typer.Option(
+        help="overload: how long the load is then offered at half of full speed")] = 30.0,
+    overload_factor: Annotated[float, typer.Option(help="overload: offered load as a multiple of full speed")] = 3.0,
+    full_speed: Annotated[float | None, typer.Option(
+        help="overload: full speed in msgs/s (default: measured first, for --seconds, like p2p)")] = None,
     max_seconds: Annotated[float, typer.Option(help="stop the run if it takes longer than this")] = 900.0,
     json_out: Annotated[Path | None, typer.Option("--json", help="write the results to this file")] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
@@ -610,7 +665,7 @@ def bench(
     from clients.bench.run import SCENARIOS, Bench, Options
     from clients.bench.target import BenchError, open_target
 
-    chosen = list(SCENARIOS) if scenario == "all" else [scenario]
+    chosen = [s for s in SCENARIOS if s != "overload"] if scenario == "all" else [scenario]
     problems = []
     if scenario != "all" and scenario not in SCENARIOS:
         problems.append(f"unknown scenario {scenario!r}; choose one of {', '.join(SCENARIOS)} or all")
@@ -626,6 +681,12 @@ def bench(
             problems.append(f"{flag} must be between {low} and {high}, got {value}")
     if not 0.5 <= seconds <= 600 or not 1 <= max_seconds <= 7200:
         problems.append("--seconds must be within 0.5..600 and --max-seconds within 1..7200")
+    if not 1 <= overload_seconds <= 600 or not 1 <= recovery_seconds <= 600:
+        problems.append("--overload-seconds and --recovery-seconds must be within 1..600")
+    if not 1 < overload_factor <= 10:
+        problems.append(f"--overload-factor must be above 1 and at most 10, got {overload_factor}")
+    if full_speed is not None and not 1 <= full_speed <= 100_000:
+        problems.append(f"--full-speed must be within 1..100000 msgs/s, got {full_speed}")
     if cold_sync and profile != "production":
         problems.append("--cold-sync needs --profile production (the devices must outlive the restart)")
     if not 1 <= bridges <= 8 or (bridges > 1 and profile != "production"):
@@ -636,11 +697,13 @@ def bench(
         raise typer.Exit(2)
     opts = Options(workers=workers, seconds=seconds, pairs=max(pairs, workers), window=window, groups=groups,
                    members=members, messages=messages, devices=devices, wire_messages=wire_messages,
-                   max_seconds=max_seconds, progress=not quiet, cold_sync=cold_sync)
+                   max_seconds=max_seconds, progress=not quiet, cold_sync=cold_sync,
+                   overload_seconds=overload_seconds, recovery_seconds=recovery_seconds,
+                   overload_factor=overload_factor, full_speed=full_speed)
     results = []
     try:
         with open_target(profile, http, mqtt, server_pid or [], broker_credentials_file, label,
-                         server_log, bridges) as target:
+                         server_log, bridges, ca_file) as target:
             runner = Bench(target, opts, err)
             for name in chosen:
                 result = runner.run(name)
@@ -660,7 +723,8 @@ def _show_result(r: dict[str, Any]) -> None:
     """One line per key figure; lost or duplicated messages in red, never hidden."""
     keys = ("msgs_per_s", "deliveries_per_s", "baseline_msgs_per_s", "baseline_deliveries_per_s", "ratio",
             "p50_ms", "p95_ms", "p99_ms", "seconds", "connects_per_s", "kb_per_device", "rss_mb", "bytes_per_msg",
-            "store_ops_per_msg", "lwt_per_msg", "bridge_cpu_ms_per_msg")
+            "store_ops_per_msg", "lwt_per_msg", "bridge_cpu_ms_per_msg", "rate_limited", "unavailable",
+            "health_max_ms", "login_max_ms", "responsive", "held_max", "recovered_after_s")
     shown = "  ".join(f"{k}={r[k]}" for k in keys if r.get(k) is not None)
     console.print(f"[bold]{r['scenario']}[/] ({r['profile']}): {shown}")
     if r.get("lost") or r.get("duplicates"):

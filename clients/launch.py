@@ -15,7 +15,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKEND_VARS = ("PIGEON_STORE", "PIGEON_MEDIA", "PIGEON_REDIS", "PIGEON_BROKER", "PIGEON_BROKER_CREDENTIALS_FILE")
-READY_RE = re.compile(r"pigeon ready http=(\S+) mqtt=(\S+):(\d+) ws=ws://[^:]+:(\d+)/mqtt")
+# "pigeon ready http=URL mqtt=HOST:PORT ws=URL [https=URL mqtts=HOST:PORT wss=URL] data=DIR", "off" for a
+# listener not served
+READY_RE = re.compile(r"pigeon ready (.*)$")
+
+
+def _port(value: str) -> int:
+    """The port of ``HOST:PORT`` or of a URL; 0 for none."""
+    if not value:
+        return 0
+    return int(value.split("://", 1)[-1].split("/", 1)[0].rsplit(":", 1)[1])
 
 
 @dataclass
@@ -30,6 +39,9 @@ class ServerProc:
     data_dir: Path
     log_path: Path
     profile: str = "embedded"
+    https: str = ""  # with TLS: the HTTPS base, and the TLS listeners' ports
+    mqtts_port: int = 0
+    wss_port: int = 0
 
     @classmethod
     def start(cls, data_dir: Path, *extra: str, timeout: float = 60.0, dev: bool = True) -> ServerProc:
@@ -63,9 +75,13 @@ class ServerProc:
             proc.kill()
             proc.wait()
             raise RuntimeError(f"pigeon serve did not become ready; log:\n{log_path.read_text()[-4000:]}")
-        m = found[0]
-        return cls(proc=proc, http=m.group(1), mqtt_host=m.group(2), mqtt_port=int(m.group(3)),
-                   ws_port=int(m.group(4)), data_dir=data_dir, log_path=log_path)
+        words = dict(word.split("=", 1) for word in found[0].group(1).split() if "=" in word)
+        fields = {k: ("" if v == "off" else v) for k, v in words.items()}
+        mqtt = fields.get("mqtt") or fields.get("mqtts") or ""
+        return cls(proc=proc, http=fields.get("http", ""), mqtt_host=mqtt.rsplit(":", 1)[0],
+                   mqtt_port=_port(fields.get("mqtt", "")), ws_port=_port(fields.get("ws", "")), data_dir=data_dir,
+                   log_path=log_path, https=fields.get("https", ""), mqtts_port=_port(fields.get("mqtts", "")),
+                   wss_port=_port(fields.get("wss", "")))
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         if self.proc.stdout is not None:

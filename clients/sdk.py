@@ -17,6 +17,11 @@ What it does for the application:
 * acknowledges what it has delivered (which produces *delivered* receipts for senders);
 * retries ``send`` under the same id, so a lost reply never produces a second message.
 
+TLS: a server started with a certificate names ``https://``, ``mqtts://`` and ``wss://`` endpoints
+at login, and the SDK uses them (after a login over plain HTTP too, it moves to the HTTPS URL);
+pass ``ca_file=`` (kept in the profile) when its certificate is not signed by a CA the system
+trusts. Certificates and host names are always checked.
+
 Errors: :class:`PigeonClientError` (with ``.code``, the protocol's error code) for anything the
 server refused, :class:`RequestTimeout` when no reply came in time.
 """
@@ -31,6 +36,7 @@ import logging
 import math
 import os
 import random
+import ssl
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -76,6 +82,8 @@ class Profile:
     ws_url: str
     phone: str = ""
     cursor: int = 0
+    mqtt_tls: bool = False  # MQTT (and the WebSocket) over TLS, as login said
+    ca_file: str | None = None  # the CA the server's certificate is checked against (None: the system's)
     path: str | None = field(default=None, repr=False)
 
     def save(self, path: Path | str | None = None) -> None:
@@ -101,6 +109,38 @@ class Profile:
         return cls(**data, path=str(path))
 
 
+def tls_context(ca_file: str | Path | None = None) -> ssl.SSLContext:
+    """A client context: TLS 1.2 or newer, the server's certificate and host name checked against
+    ``ca_file`` (or the system's CAs when None)."""
+    try:
+        ctx = ssl.create_default_context(cafile=str(ca_file) if ca_file is not None else None)
+    except (OSError, ssl.SSLError) as exc:
+        raise PigeonClientError("bad_ca_file", f"CA file {ca_file} cannot be loaded: {exc}") from exc
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+def parse_mqtt_url(url: str) -> tuple[str, int, bool]:
+    """``mqtt://HOST:PORT``, ``mqtts://HOST:PORT`` or ``HOST:PORT`` → (host, port, tls); the port
+    defaults to 1883 (mqtt) or 8883 (mqtts)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "mqtt", url
+    if scheme not in ("mqtt", "mqtts"):
+        raise PigeonClientError("bad_request", f"an MQTT address is mqtt://HOST:PORT or mqtts://HOST:PORT, not {url!r}")
+    host, colon, port = rest.rstrip("/").rpartition(":")
+    if not colon:
+        host, port = rest.rstrip("/"), "8883" if scheme == "mqtts" else "1883"
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise PigeonClientError("bad_request", f"an MQTT address is mqtt://HOST:PORT or mqtts://HOST:PORT, not {url!r}")
+    return host.strip("[]"), int(port), scheme == "mqtts"
+
+
+def _http(base_url: str | None = None, ca_file: str | Path | None = None, **kw: Any) -> httpx.AsyncClient:
+    """An HTTP client; https:// URLs are checked against ``ca_file`` (or the system's CAs)."""
+    return httpx.AsyncClient(base_url=base_url or "", verify=tls_context(ca_file), **kw)
+
+
 def _raise_for(resp: httpx.Response) -> Any:
     if resp.status_code < 400:
         return resp.json() if resp.content else None
@@ -111,33 +151,55 @@ def _raise_for(resp: httpx.Response) -> Any:
         raise PigeonClientError("http_error", f"HTTP {resp.status_code}", resp.status_code) from None
 
 
-async def request_code(http_url: str, phone: str) -> str | None:
+def _absolute(path: str | Path | None) -> str | None:
+    """As kept in a profile: absolute, so the profile works from any directory."""
+    return os.path.abspath(path) if path is not None else None
+
+
+async def _post(http_url: str, path: str, body: dict[str, Any], ca_file: str | Path | None) -> Any:
+    async with _http(http_url, ca_file, timeout=10) as http:
+        try:
+            resp = await http.post(path, json=body)
+        except httpx.HTTPError as exc:  # refused, or a certificate that does not check out
+            raise PigeonClientError("unavailable", f"cannot reach {http_url}: {exc}") from exc
+        return _raise_for(resp)
+
+
+async def request_code(http_url: str, phone: str, *, ca_file: str | Path | None = None) -> str | None:
     """Ask for a login code; returns it when the server runs in dev mode."""
-    async with httpx.AsyncClient(base_url=http_url, timeout=10) as http:
-        reply = _raise_for(await http.post("/v1/auth/code", json={"phone": phone}))
+    reply = await _post(http_url, "/v1/auth/code", {"phone": phone}, ca_file)
     return reply.get("dev_code") if isinstance(reply, dict) else None
 
 
 async def verify(http_url: str, phone: str, code: str, device_name: str = "python-sdk",
-                 platform: str = "python") -> Profile:
-    async with httpx.AsyncClient(base_url=http_url, timeout=10) as http:
-        r = _raise_for(await http.post("/v1/auth/verify", json={
-            "phone": phone, "code": code, "device_name": device_name, "platform": platform}))
+                 platform: str = "python", *, ca_file: str | Path | None = None) -> Profile:
+    r = await _post(http_url, "/v1/auth/verify", {
+        "phone": phone, "code": code, "device_name": device_name, "platform": platform}, ca_file)
+    mqtt = r["mqtt"]
+    named = r.get("http_url")
+    if isinstance(named, str) and named.startswith("https://") and not http_url.startswith("https://"):
+        http_url = named  # logged in over plain HTTP to a server with TLS: the token goes over HTTPS from now on
+    host, port, secure = mqtt["host"], mqtt["port"], False
+    if mqtt.get("url"):  # mqtts:// when the server serves MQTT over TLS
+        host, port, secure = parse_mqtt_url(mqtt["url"])
     return Profile(
         http_url=http_url, user_id=r["user_id"], device_id=r["device_id"], token=r["token"],
-        expires_at=r["expires_at"], mqtt_host=r["mqtt"]["host"], mqtt_port=r["mqtt"]["port"],
-        ws_url=r["mqtt"]["ws_url"], phone=phone,
+        expires_at=r["expires_at"], mqtt_host=host, mqtt_port=port, ws_url=mqtt["ws_url"], phone=phone,
+        mqtt_tls=secure, ca_file=_absolute(ca_file),
     )
 
 
 async def login(http_url: str, phone: str, *, dev: bool = True, code: str | None = None,
-                device_name: str = "python-sdk", save_to: Path | str | None = None) -> Profile:
-    """Link a new device. In dev mode the code comes back from the server; otherwise pass it."""
+                device_name: str = "python-sdk", save_to: Path | str | None = None,
+                ca_file: str | Path | None = None) -> Profile:
+    """Link a new device. In dev mode the code comes back from the server; otherwise pass it.
+    ``ca_file``: the CA the server's certificate is checked against, when the system does not
+    trust it (kept in the profile for the MQTT and HTTP connections that follow)."""
     if code is None:
-        code = await request_code(http_url, phone)
+        code = await request_code(http_url, phone, ca_file=ca_file)
         if code is None:
             raise PigeonClientError("code_required", "the server sent the code by SMS; pass code=")
-    profile = await verify(http_url, phone, code, device_name)
+    profile = await verify(http_url, phone, code, device_name, ca_file=ca_file)
     if save_to is not None:
         profile.save(save_to)
     return profile
@@ -148,9 +210,8 @@ class Api:
 
     def __init__(self, profile: Profile) -> None:
         self.profile = profile
-        self._http = httpx.AsyncClient(
-            base_url=profile.http_url, timeout=30, headers={"Authorization": f"Bearer {profile.token}"}
-        )
+        self._http = _http(profile.http_url, profile.ca_file, timeout=30,
+                           headers={"Authorization": f"Bearer {profile.token}"})
 
     async def close(self) -> None:
         await self._http.aclose()
@@ -238,7 +299,7 @@ class Api:
 
     async def put_blob(self, upload: Mapping[str, Any], data: bytes) -> None:
         """Upload bytes with a presigned ticket (PUT or POST form), straight to storage."""
-        async with httpx.AsyncClient(timeout=120) as raw:
+        async with _http(None, self.profile.ca_file, timeout=120) as raw:
             if upload["method"] == "PUT":
                 resp = await raw.put(upload["url"], content=data, headers=dict(upload.get("headers") or {}))
             else:
@@ -249,7 +310,7 @@ class Api:
                                     resp.status_code)
 
     async def get_blob(self, url: str) -> bytes:
-        async with httpx.AsyncClient(timeout=120) as raw:
+        async with _http(None, self.profile.ca_file, timeout=120) as raw:
             resp = await raw.get(url)
         if resp.status_code >= 300:
             raise PigeonClientError("download_failed", f"storage refused the download: HTTP {resp.status_code}",
@@ -299,17 +360,19 @@ class Device:
         p = self.profile
         offline = json.dumps({"type": "presence", "state": "offline"})
         if self._transport == "websockets":
-            host_port = p.ws_url.split("://", 1)[1].split("/", 1)[0]
+            scheme, _, rest = p.ws_url.partition("://")
+            host_port = rest.split("/", 1)[0]
             host, port = host_port.rsplit(":", 1)
             return aiomqtt.Client(
                 host, int(port), identifier=p.device_id, username=p.device_id, password=p.token,
                 clean_session=True, keepalive=self._keepalive, transport="websockets", websocket_path="/mqtt",
                 will=aiomqtt.Will(self.up, offline, qos=1), protocol=aiomqtt.ProtocolVersion.V311,
+                tls_context=tls_context(p.ca_file) if scheme == "wss" else None,
             )
         return aiomqtt.Client(
             p.mqtt_host, p.mqtt_port, identifier=p.device_id, username=p.device_id, password=p.token,
             clean_session=True, keepalive=self._keepalive, will=aiomqtt.Will(self.up, offline, qos=1),
-            protocol=aiomqtt.ProtocolVersion.V311,
+            protocol=aiomqtt.ProtocolVersion.V311, tls_context=tls_context(p.ca_file) if p.mqtt_tls else None,
         )
 
     async def __aenter__(self) -> Device:

@@ -10,8 +10,9 @@
                              a fault for the tests
 
 Ports are free ones on 127.0.0.1 unless set: SERVICES_REDIS_PORT, SERVICES_MINIO_PORT,
-SERVICES_CASSANDRA_PORT (CQL). A server already given by PIGEON_STORE (cassandra://), PIGEON_REDIS or PIGEON_MEDIA (s3://)
-is used as it is and not started. Downloads and builds are cached in $PIGEON_SERVICES_CACHE
+SERVICES_CASSANDRA_PORT (CQL), SERVICES_MOSQUITTO_PORT, SERVICES_MOSQUITTO_TLS_PORT. A server
+already given by PIGEON_STORE (cassandra://), PIGEON_REDIS or PIGEON_MEDIA (s3://) is used
+as it is and not started. Downloads and builds are cached in $PIGEON_SERVICES_CACHE
 (default ~/.cache/pigeon-services); state and data live in .services/ beside this repo.
 
 Where the servers come from (no Docker engine needed):
@@ -20,7 +21,10 @@ Where the servers come from (no Docker engine needed):
   MinIO      built from source with the Go module proxy (`go install`)
   Mosquitto  Debian's mosquitto package, with its dynamic-security plugin; the bridge's own
              credential is written to .services/mosquitto/bridge.credentials (mode 0600) and
-             exported as PIGEON_BROKER_CREDENTIALS_FILE
+             exported as PIGEON_BROKER_CREDENTIALS_FILE. Beside its plain listener it has a TLS
+             one (TLS 1.2+) with a certificate for 127.0.0.1 and localhost from a CA made for this
+             run with openssl (.services/mosquitto/tls/), exported as PIGEON_BROKER_TLS
+             (mqtts://127.0.0.1:PORT) and PIGEON_BROKER_TLS_CA_FILE (the CA's certificate).
 Only the standard library is used, so this runs before any virtualenv exists.
 """
 
@@ -325,9 +329,31 @@ def _give_to_mosquitto(*paths: Path) -> None:
         os.chown(path, entry.pw_uid, entry.pw_gid)
 
 
+def make_tls_files(home: Path) -> tuple[Path, Path, Path]:
+    """A CA for this run and a server certificate it signs for 127.0.0.1 and localhost (openssl);
+    returns (CA certificate, server certificate, server key)."""
+    tls = home / "tls"
+    tls.mkdir(parents=True, exist_ok=True)
+    ca_key, ca, key, csr, cert = (tls / n for n in ("ca.key", "ca.pem", "server.key", "server.csr", "server.pem"))
+    ext = tls / "server.ext"
+    ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n"
+                   "basicConstraints=critical,CA:FALSE\n")
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "30",
+         "-subj", "/CN=pigeon services test CA", "-keyout", str(ca_key), "-out", str(ca)], **quiet)
+    run(["openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+         "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(csr)], **quiet)
+    run(["openssl", "x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial",
+         "-days", "30", "-extfile", str(ext), "-out", str(cert)], **quiet)
+    ca_key.unlink()  # nothing more is signed with it
+    _give_to_mosquitto(tls, key, cert)
+    return ca, cert, key
+
+
 def start_mosquitto(state: dict[str, object]) -> str:
     binary = mosquitto_binary()
     port = configured_port("mosquitto")
+    tls_port = configured_port("mosquitto_tls")
     home = STATE_DIR / "mosquitto"
     home.mkdir(parents=True, exist_ok=True)
     password = secrets.token_urlsafe(24)
@@ -341,9 +367,15 @@ def start_mosquitto(state: dict[str, object]) -> str:
     fd = os.open(creds, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(f"{BRIDGE_USER}:{password}\n")
+    ca, cert, key = make_tls_files(home)
     conf = home / "mosquitto.conf"
+    # per_listener_settings false: both listeners share the authentication and the dynamic security
     conf.write_text(f"""per_listener_settings false
 listener {port} 127.0.0.1
+listener {tls_port} 127.0.0.1
+certfile {cert}
+keyfile {key}
+tls_version tlsv1.2
 allow_anonymous false
 persistence false
 # The bridges acknowledge a device publish only once they have handled it, in one session per
@@ -362,15 +394,16 @@ plugin {DYNSEC_PLUGIN}
 plugin_opt_config_file {dynsec}
 """)
     proc, log = spawn("mosquitto", [binary, "-c", str(conf)])
-    wait_until("mosquitto", lambda: port_open(port), 30, proc, log)
+    wait_until("mosquitto", lambda: port_open(port) and port_open(tls_port), 30, proc, log)
     ctrl = ["mosquitto_ctrl", "-h", "127.0.0.1", "-p", str(port), "-u", BRIDGE_USER, "-P", password, "dynsec"]
     for args in (["createRole", "pigeon-bridge-io"],
                  ["addRoleACL", "pigeon-bridge-io", "publishClientSend", "down/#", "allow"],
                  ["addRoleACL", "pigeon-bridge-io", "subscribePattern", "up/+/+", "allow"],
                  ["addClientRole", BRIDGE_USER, "pigeon-bridge-io"]):
         run([*ctrl, *args], stderr=subprocess.DEVNULL)
-    state["mosquitto"] = {"pid": proc.pid, "port": port}
+    state["mosquitto"] = {"pid": proc.pid, "port": port, "tls_port": tls_port}
     state["mosquitto_credentials"] = str(creds)
+    state["mosquitto_tls_ca"] = str(ca)
     return f"mqtt://127.0.0.1:{port}"
 
 
@@ -405,6 +438,11 @@ def up() -> None:
         raise
     if "mosquitto_credentials" in state:
         exports["PIGEON_BROKER_CREDENTIALS_FILE"] = str(state["mosquitto_credentials"])
+    if "mosquitto_tls_ca" in state:
+        mosquitto = state["mosquitto"]
+        assert isinstance(mosquitto, dict)
+        exports["PIGEON_BROKER_TLS"] = f"mqtts://127.0.0.1:{mosquitto['tls_port']}"
+        exports["PIGEON_BROKER_TLS_CA_FILE"] = str(state["mosquitto_tls_ca"])
     state["exports"] = exports
     STATE.write_text(json.dumps(state))
     print_exports(exports)

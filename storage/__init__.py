@@ -33,7 +33,8 @@ def open_store(url: str) -> Store:
 
 
 def _cassandra(url: str) -> Store:
-    """``cassandra://HOST[,HOST...][:PORT]/KEYSPACE[?replication=JSON&inbox_ttl_days=N]``."""
+    """``cassandra://HOST[,HOST...][:PORT]/KEYSPACE[?replication=JSON&inbox_ttl_days=N&writes=direct|driver]``
+    (``writes=driver`` sends plain writes through the driver too, see storage/cql_wire.py)."""
     parsed = urlparse(url)
     keyspace = parsed.path.strip("/")
     if not parsed.netloc or not keyspace:
@@ -52,6 +53,11 @@ def _cassandra(url: str) -> Store:
     kw: dict[str, object] = {}
     if "replication" in query:
         kw["replication"] = unquote(query["replication"][0])
+    if "writes" in query:
+        writes = query["writes"][0]
+        if writes not in ("direct", "driver"):
+            raise BackendConfigError(f"cassandra URL: writes must be direct or driver, got {writes!r}")
+        kw["direct_writes"] = writes == "direct"
     if "inbox_ttl_days" in query:
         kw["inbox_ttl_s"] = int(query["inbox_ttl_days"][0]) * 86_400
     else:

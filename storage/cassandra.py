@@ -25,8 +25,11 @@ among the chat's latest ids (it reads them when it opens the chat), and the fan-
 completed for members whose inbox has no entry for it yet (each inbox writer knows its latest
 entries' (chat, seq)).
 
-All calls run on the driver's own I/O threads through ``execute_async``; results come back to
-the event loop with ``call_soon_threadsafe``, so the loop never blocks.
+Plain writes (unconditional ``INSERT``/``UPDATE``/``DELETE`` and unlogged batches of them) go
+out on a native-protocol connection of the event loop's own (``storage/cql_wire.py``). Everything
+else, and every write while that connection is down, runs on the driver's own I/O threads through
+``execute_async``; results come back to the event loop with ``call_soon_threadsafe``. Either
+way the loop never blocks.
 """
 
 from __future__ import annotations
@@ -40,7 +43,6 @@ import secrets
 import socket
 import threading
 import time
-from collections import deque
 from collections.abc import Hashable, Sequence
 from typing import Any
 
@@ -69,6 +71,7 @@ from .base import (
     media_to_json,
 )
 from .cassandra_owner import FULL_ROWS, KeyLog, Leases, LogCache, NotOwner, partition_of
+from .cql_wire import ERROR_UNPREPARED, CqlError, CqlWire, WireUnsupported
 from .sqlite import new_id
 from .state import SharedState
 
@@ -108,6 +111,7 @@ DDL_TIMEOUT_S = 120.0
 ACK_FLUSH_S = 5.0
 ACK_PACE_S = 0.05  # acknowledged positions are written in slices this far apart, not all at once
 SWEEP_DAYS = 30  # how far back the upload sweep looks for unconfirmed uploads
+WIRE_RETRY_S = 1.0  # a lost write connection is opened again after this long (the driver meanwhile)
 
 
 class SchemaError(StorageError):
@@ -196,7 +200,8 @@ class CassandraStore:
 
     def __init__(self, hosts: Sequence[str], port: int, keyspace: str, *,
                  replication: str = "{'class': 'SimpleStrategy', 'replication_factor': 1}",
-                 inbox_ttl_s: int = INBOX_TTL_S, request_timeout_s: float = 5.0) -> None:
+                 inbox_ttl_s: int = INBOX_TTL_S, request_timeout_s: float = 5.0,
+                 direct_writes: bool = True) -> None:
         if not keyspace.replace("_", "").isalnum():
             raise StorageError(f"keyspace name {keyspace!r} must be letters, digits and underscores")
         self._hosts, self._port, self.keyspace = list(hosts), port, keyspace
@@ -228,6 +233,13 @@ class CassandraStore:
         # user -> (acknowledged position not yet written, when it first was), oldest first
         self._acks_due: dict[str, tuple[int, float]] = {}
         self._ack_writer: asyncio.Task[None] | None = None
+        # plain writes on the event loop's own connection (storage/cql_wire.py), when it is up
+        self._direct_writes = direct_writes
+        self._closed = False
+        self._wire: CqlWire | None = None
+        self._wire_ok: dict[str, tuple[bytes, int]] = {}  # statement -> (prepared id, consistency)
+        self._wire_retry: asyncio.TimerHandle | None = None
+        self._wire_opening: asyncio.Task[None] | None = None
 
     # -- partitions, for the MQTT edge: a bridge receives the device traffic of the users of the
     # partitions it holds (see bridge/mqtt_ingest.py) --------------------------------------------
@@ -401,6 +413,9 @@ class CassandraStore:
 
         await self._blocking(check)
         await self._blocking(self._prepare)
+        self._closed = False
+        if self._direct_writes and self._wire is None:
+            await self._open_wire()
         if self._leases is None:
             self._leases = Leases(self._x, self._holder, on_lost=self._lost, quiesce=self._quiesce,
                                   run_together=self._run_together)
@@ -421,6 +436,15 @@ class CassandraStore:
         if self._leases is not None:
             await self._leases.stop()
             self._leases = None
+        self._closed = True  # no reopening of the write connection from here on
+        if self._wire_retry is not None:
+            self._wire_retry.cancel()
+        if self._wire_opening is not None:
+            self._wire_opening.cancel()
+            await asyncio.gather(self._wire_opening, return_exceptions=True)
+        if self._wire is not None:
+            wire, self._wire = self._wire, None
+            wire.close()
         if self._cluster is not None:
             cluster, self._cluster, self._session = self._cluster, None, None
             await asyncio.to_thread(cluster.shutdown)
@@ -526,6 +550,108 @@ class CassandraStore:
 
         for name in ("leases", "epoch_get"):  # reads that see every settled conditional write
             self._ps[name].consistency_level = ConsistencyLevel.SERIAL
+        # what may go out on the loop's own connection: plain writes, whose answer is only "done"
+        self._wire_ok = {
+            name: (ps.query_id, ps.consistency_level if ps.consistency_level is not None
+                   else ConsistencyLevel.LOCAL_QUORUM)
+            for name, ps in self._ps.items()
+            if ps.query_string.lstrip().upper().startswith(("INSERT", "UPDATE", "DELETE"))
+            and " IF " not in ps.query_string.upper() and name not in _CONDITIONAL
+        }
+
+    # -- the event loop's own write connection ---------------------------------------------------
+    async def _open_wire(self) -> None:
+        """Open the write connection to the first host the driver sees up; if none answers, the
+        driver carries the writes and another try follows a second later."""
+        hosts = [h.endpoint for h in self._cluster.metadata.all_hosts() if h.is_up is not False]
+        for endpoint in hosts:
+            try:
+                self._wire = await CqlWire.open(endpoint.address, endpoint.port, self._unset,
+                                                self._cluster.timestamp_generator, self._wire_lost)
+                log.info("cassandra: plain writes go straight to %s", self._wire.host)
+                return
+            except WireUnsupported as exc:
+                log.warning("cassandra: writes stay on the driver (%s)", exc)
+                self._direct_writes = False
+                return
+            except (TimeoutError, OSError) as exc:
+                log.warning("cassandra: no write connection to %s:%s (%s)", endpoint.address, endpoint.port, exc)
+        self._wire_later()
+
+    def _wire_lost(self, wire: CqlWire) -> None:
+        if self._wire is wire:
+            self._wire = None
+            log.warning("cassandra: write connection to %s lost; the driver carries writes until it is back",
+                        wire.host)
+            self._wire_later()
+
+    def _wire_later(self) -> None:
+        if not self._direct_writes or self._closed or self._cluster is None:
+            return
+        loop = asyncio.get_running_loop()
+
+        def reopen() -> None:
+            self._wire_retry = None
+            if self._direct_writes and not self._closed and self._wire is None and self._cluster is not None:
+                self._wire_opening = loop.create_task(self._open_wire())
+
+        self._wire_retry = loop.call_later(WIRE_RETRY_S, reopen)
+
+    def _wire_for(self, names: Sequence[str]) -> CqlWire | None:
+        wire = self._wire
+        if wire is None or not wire.usable or wire._loop is not asyncio.get_running_loop():
+            return None
+        ok = self._wire_ok
+        return wire if all(n in ok for n in names) else None
+
+    async def _on_wire(self, name: str, fut: asyncio.Future[int]) -> bool:
+        """Wait for a write sent on the loop's own connection. False if the server had forgotten
+        the prepared statement (a restart): the caller then runs it through the driver, which
+        prepares it again."""
+        results = self._results_for(fut.get_loop())
+        results.watch(fut, name)
+        try:
+            await fut
+        except StorageError:
+            raise
+        except CqlError as exc:
+            if exc.code == ERROR_UNPREPARED:
+                return False
+            raise StorageUnavailable(f"cassandra {name}: {exc}") from exc
+        except ConnectionError as exc:
+            raise StorageUnavailable(f"cassandra {name}: {exc} (the write may still land)") from exc
+        finally:
+            results.forget(fut)
+        return True
+
+    def _results_for(self, loop: asyncio.AbstractEventLoop) -> _Results:
+        results = self._results
+        if results is None or results.loop is not loop:
+            results = self._results = _Results(loop, self._timeout)
+        return results
+
+    def _count(self, name: str) -> None:
+        self.ops.statements += 1
+        self.ops.by_name[name] = self.ops.by_name.get(name, 0) + 1
+        if name in _CONDITIONAL:
+            self.ops.conditional += 1
+
+    async def _batch(self, label: str, items: Sequence[tuple[str, Sequence[Any]]]) -> None:
+        """Plain writes as one unlogged batch (one request; callers keep each batch within one
+        Cassandra partition)."""
+        wire = self._wire_for([n for n, _ in items])
+        if wire is not None:
+            ps = self._ps
+            statements = [(self._wire_ok[n][0], ps[n].bind(p).values) for n, p in items]
+            self._count(label)
+            if await self._on_wire(label, wire.batch(statements, self._wire_ok[items[0][0]][1])):
+                return
+        from cassandra.query import BatchStatement, BatchType
+
+        batch = BatchStatement(batch_type=BatchType.UNLOGGED)
+        for n, p in items:
+            batch.add(self._ps[n], tuple(p))
+        await self._run_statement(batch, label)
 
     async def _run_together(self, name: str, params: Sequence[Sequence[Any]]) -> list[Any]:
         """One prepared statement with several parameter sets, as one batch (one request; for
@@ -543,15 +669,23 @@ class CassandraStore:
 
     async def _x(self, name: str, *params: Any, statement: Any = None) -> list[Any]:
         """Run a prepared statement without blocking the loop; driver errors become StorageUnavailable."""
+        if statement is None:
+            wire = self._wire_for((name,))
+            if wire is not None:
+                try:
+                    values = self._ps[name].bind(params).values
+                except Exception as exc:
+                    raise StorageUnavailable(f"cassandra {name}: {exc}") from exc
+                self._count(name)
+                if await self._on_wire(name, wire.execute(self._wire_ok[name][0], values, self._wire_ok[name][1])):
+                    return []
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[list[Any]] = loop.create_future()
         session = self._session
         if session is None:
             raise StorageUnavailable("cassandra store is not open")
 
-        results = self._results
-        if results is None or results.loop is not loop:
-            results = self._results = _Results(loop, self._timeout)
+        results = self._results_for(loop)
 
         def ok(rows: Any) -> None:
             results.put(fut, list(rows or []), None)
@@ -559,10 +693,7 @@ class CassandraStore:
         def fail(exc: BaseException) -> None:
             results.put(fut, None, exc)
 
-        self.ops.statements += 1
-        self.ops.by_name[name] = self.ops.by_name.get(name, 0) + 1
-        if name in _CONDITIONAL:
-            self.ops.conditional += 1
+        self._count(name)
         try:
             # No timeout in the driver: its per-request timer (a libev timer and a reference
             # cycle per statement) cost more CPU than the statement; _Results times it out.
@@ -577,6 +708,8 @@ class CassandraStore:
             raise
         except Exception as exc:
             raise StorageUnavailable(f"cassandra {name}: {type(exc).__name__}: {exc}") from exc
+        finally:
+            results.forget(fut)
 
 
     # -- accounts -------------------------------------------------------------------------------
@@ -686,17 +819,22 @@ class CassandraStore:
                                  current_seq: bool = True) -> tuple[Chat | None, int]:
         """The chat with its members, and (with ``activity``) when it was last active. The last
         seq comes from this process's writer of the chat when it has one, else (unless
-        ``current_seq`` is False: then it is 0) from the chat's newest rows."""
+        ``current_seq`` is False: then it is 0) from the chat's newest rows.
+
+        The seq is read before the members: a member is added before its ``member_added`` message
+        is numbered, so members read afterwards include every addition at or below that seq (a
+        client keeps, of two descriptions, the one with the higher last_seq: read the other way
+        round, one could pair the members of before an addition with the seq of its message)."""
         key = f"c:{chat_id}"
         held = self._logs.get(key)
         last_ts = 0
         if not activity and (not current_seq or (held is not None and not held.dead)):
-            rows, members = await asyncio.gather(self._x("get_chat", chat_id), self._x("members", chat_id))
             last_seq = held.head if held is not None and not held.dead else 0
+            rows, members = await asyncio.gather(self._x("get_chat", chat_id), self._x("members", chat_id))
         else:
-            rows, members, (last_seq, recent, head_row) = await asyncio.gather(
-                self._x("get_chat", chat_id), self._x("members", chat_id), self._tail(key))
+            last_seq, recent, head_row = await self._tail(key)
             last_ts = int(recent[0][4]) if recent else int(head_row[1] or 0) if head_row is not None else 0
+            rows, members = await asyncio.gather(self._x("get_chat", chat_id), self._x("members", chat_id))
         if not rows:
             return None, 0
         r = rows[0]
@@ -935,15 +1073,13 @@ class CassandraStore:
                           full: bool) -> None:
         """Write one key's numbered rows in order: one statement (an unlogged batch when there
         are several) per Cassandra partition, lower buckets first."""
-        from cassandra.query import BatchStatement, BatchType
-
         # An absent field is left unset rather than written as a null, which Cassandra keeps as
         # a tombstone per cell that later reads step over (a sync of 1,000 inbox rows read ~3,000
         # of them) -- except right after a fence, where a late row of an old epoch may hold the
         # number and every one of its cells must be overwritten.
         kind, _, ident = key.partition(":")
         name = ("put_msg" if kind == "c" else "put_inbox") + ("_full" if full else "")
-        ps, unset = self._ps[name], self._unset
+        unset = self._unset
         by_bucket: dict[int, list[tuple[Any, ...]]] = {}
         for n, values in rows:
             params = (ident, n // BUCKET, n, epoch, *values)
@@ -953,12 +1089,9 @@ class CassandraStore:
         for bucket in sorted(by_bucket):
             group = by_bucket[bucket]
             if len(group) == 1:
-                await self._run_statement(ps.bind(group[0]), name)
+                await self._x(name, *group[0])
             else:
-                batch = BatchStatement(batch_type=BatchType.UNLOGGED)
-                for params in group:
-                    batch.add(ps, params)
-                await self._run_statement(batch, name)
+                await self._batch(name, [(name, params) for params in group])
         for n, _values in rows:
             if n % BUCKET == 0:  # a new bucket: readers start their search for the head there
                 await self._x("set_chat_head" if kind == "c" else "set_head", n, n, ident)
@@ -1260,16 +1393,12 @@ class _PartitionWrites:
             task.add_done_callback(self._tasks.discard)
 
     async def _write_joined(self, partition: str, joined: list[_Joined]) -> None:
-        from cassandra.query import BatchStatement, BatchType
-
         try:
             if len(joined) == 1:
                 await self._store._x(joined[0][0], *joined[0][1])
             else:
-                batch = BatchStatement(batch_type=BatchType.UNLOGGED)
-                for name, params, _ in joined:
-                    batch.add(self._store._ps[name], params)
-                await self._store._run_statement(batch, "+".join(sorted({n for n, _, _ in joined})))
+                await self._store._batch("+".join(sorted({n for n, _, _ in joined})),
+                                         [(name, params) for name, params, _ in joined])
         except Exception as exc:  # noqa: BLE001 - each waiter gets the failure as its own
             for _, _, fut in joined:
                 if not fut.done():
@@ -1286,7 +1415,10 @@ class _Results:
     """Results from the driver's I/O thread, handed to the event loop in bunches: one wake-up of
     the loop for everything that arrived meanwhile, not one per statement (a profile of the
     bridge showed about 5 % of its CPU in those wake-ups). Statements not answered within the
-    timeout fail here, checked a few times a second, so the driver needs no timer per statement."""
+    timeout fail here, checked a few times a second, so the driver needs no timer per statement.
+    Only statements still waiting are held: each is let go as soon as its caller has its
+    answer (held until its deadline instead, every result lived 5 s, and letting go of them in
+    bulk then showed in the profile)."""
 
     SWEEP_S = 0.25
 
@@ -1296,25 +1428,29 @@ class _Results:
         self._pending: list[tuple[asyncio.Future[list[Any]], list[Any] | None, BaseException | None]] = []
         self._scheduled = False
         self._timeout = timeout_s
-        # (deadline, future, statement name) in the order sent, so in deadline order too
-        self._deadlines: deque[tuple[float, asyncio.Future[list[Any]], str]] = deque()
+        self._waiting: dict[asyncio.Future[Any], tuple[float, str]] = {}  # future -> (deadline, statement)
         self._sweeping = False
 
-    def watch(self, fut: asyncio.Future[list[Any]], name: str) -> None:
+    def watch(self, fut: asyncio.Future[Any], name: str) -> None:
         """Fail ``fut`` if it has no result once the timeout has passed (event loop thread)."""
-        self._deadlines.append((self.loop.time() + self._timeout, fut, name))
+        self._waiting[fut] = (self.loop.time() + self._timeout, name)
         if not self._sweeping:
             self._sweeping = True
             self.loop.call_later(self.SWEEP_S, self._sweep)
 
+    def forget(self, fut: asyncio.Future[Any]) -> None:
+        """``fut``'s caller has its answer (or gave up): nothing more to watch."""
+        self._waiting.pop(fut, None)
+
     def _sweep(self) -> None:
-        now, deadlines = self.loop.time(), self._deadlines
-        while deadlines and deadlines[0][0] <= now:
-            _, fut, name = deadlines.popleft()
+        now, waiting = self.loop.time(), self._waiting
+        late = [(fut, name) for fut, (deadline, name) in waiting.items() if deadline <= now]
+        for fut, name in late:
+            del waiting[fut]
             if not fut.done():
                 fut.set_exception(StorageUnavailable(
                     f"cassandra {name}: no answer in {self._timeout:g} s (the write may still land)"))
-        if deadlines:
+        if waiting:
             self.loop.call_later(self.SWEEP_S, self._sweep)
         else:
             self._sweeping = False

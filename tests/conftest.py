@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import random
@@ -202,3 +203,18 @@ async def connect() -> AsyncIterator[Callable[..., Awaitable[Device]]]:
             await dev.close()
         except Exception:  # noqa: BLE001 - a test may have closed it already
             pass
+
+
+async def relay_pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, tap: bytearray | None = None) -> None:
+    """Copy one direction of a relayed connection until it ends (``tap`` keeps what went by),
+    then close the other side."""
+    try:
+        while data := await src.read(65536):
+            if tap is not None:
+                tap += data
+            dst.write(data)
+            await dst.drain()
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        dst.close()

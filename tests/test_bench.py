@@ -116,6 +116,9 @@ def test_a_cold_sync_restarts_the_server_and_still_gets_everything(tmp_path: Pat
     (["p2p", "--profile", "cloud"], "--profile must be embedded or production"),
     (["p2p", "--profile", "embedded", "--bridges", "2"], "more than 1 only with --profile production"),
     (["sync", "--profile", "embedded", "--cold-sync"], "--cold-sync needs --profile production"),
+    (["overload", "--profile", "embedded", "--overload-factor", "1"], "--overload-factor must be above 1"),
+    (["overload", "--profile", "embedded", "--recovery-seconds", "0"], "--recovery-seconds must be within"),
+    (["overload", "--profile", "embedded", "--full-speed", "0"], "--full-speed must be within"),
 ])
 def test_bad_arguments_are_refused_before_anything_runs(args: list[str], message: str) -> None:
     done = bench(*args, timeout=60)
@@ -201,3 +204,43 @@ async def test_the_harness_tells_an_entry_stored_twice_from_a_late_live_copy() -
     dev.take(receipt, from_store=True)
     dev.take(receipt, from_store=False)
     assert (w.tally.late_live, w.tally.duplicates) == (2, 2)
+
+
+def test_an_overload_run_reports_refusals_recovery_and_nothing_lost(tmp_path: Path) -> None:
+    """A server bounded at 8 requests (2 of a device's own) offered 3 x 60 sends/s: some are
+    refused, every send is answered, nothing answered 'sent' is lost, and the run stops itself."""
+    out = tmp_path / "overload.json"
+    server = ServerProc.start(tmp_path / "srv", *BENCH_SERVER_FLAGS, "--max-pending", "8",
+                              "--max-pending-device", "2")
+    try:
+        done = bench("overload", "--http", server.http, "--mqtt", f"{server.mqtt_host}:{server.mqtt_port}",
+                     "--server-pid", str(server.proc.pid), "--workers", "1", "--pairs", "4", "--seconds", "1",
+                     "--full-speed", "60", "--overload-seconds", "3", "--recovery-seconds", "3", "--quiet",
+                     "--max-seconds", "200", "--json", str(out))
+    finally:
+        server.stop()
+    assert done.returncode == 0, done.stderr[-4000:] + done.stdout[-2000:]
+    r = json.loads(out.read_text())
+    assert r["scenario"] == "overload" and r["msgs_per_s"] == 60 and r["full_speed_measured"] is False
+    assert r["rate_limited"] > 0 and r["overload"]["accepted"] > 0, r["overload"]
+    assert r["lost"] == 0 and r["duplicates"] == 0 and r["unanswered"] == 0, r
+    assert 500 <= r["overload"]["offered"] <= 544  # 3 x 60/s for 3 s, and no more
+    assert r["samples"] and all(x["health_ms"] is not None for x in r["samples"])
+    assert isinstance(r["responsive"], bool) and r["rss_mb"] > 0 and r["held_max"] is not None
+    assert len(r["recovery"]["buckets"]) == 3
+
+
+def test_recovery_is_the_end_of_the_last_stretch_not_yet_normal() -> None:
+    from clients.bench.run import overload_part, recovery
+
+    # overload ends at 10 s; then 1 s buckets: refused, slow, normal, normal
+    answers = [(10.2, 5.0, "rate_limited"), (10.5, 900.0, "sent"), (11.5, 900.0, "sent"),
+               (12.2, 20.0, "sent"), (13.7, 30.0, "sent")]
+    got = recovery(answers, [], 10.0, 4.0, normal_p99=40.0)
+    assert [b["normal"] for b in got["buckets"]] == [False, False, True, True]
+    assert got["recovered_after_s"] == 2.0 and got["normal_p99_limit_ms"] == 90.0
+    assert recovery(answers, [13.5], 10.0, 4.0, 40.0)["recovered_after_s"] is None  # last one unanswered
+    assert recovery([(10.1, 10.0, "sent")], [], 10.0, 1.0, 40.0)["recovered_after_s"] == 0.0
+    part = overload_part([(1.0, 10.0, "sent"), (1.5, 1.0, "rate_limited"), (2.0, 1.0, "rate_limited")], 1, 2.0)
+    assert part["offered"] == 4 and part["offered_per_s"] == 2.0 and part["accepted"] == 1
+    assert part["refused"] == {"rate_limited": 2} and part["no_answer_by_end"] == 1

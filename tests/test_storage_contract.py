@@ -12,6 +12,7 @@ import random
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -495,3 +496,126 @@ async def test_cassandra_finds_a_send_only_once_every_members_entry_is_written(
     assert retried.message.seq == 1 and b in retried.inbox
     assert [e.item.seq for e in await store.read_inbox(b, 0, 10) if isinstance(e.item, Message)] == [1]
     assert await store.find_sent(phone_of(a), "once") is not None
+
+
+async def test_cassandra_plain_writes_go_out_on_the_loops_own_connection(cassandra: CassandraStore) -> None:
+    """Unconditional writes and unlogged batches go on the event loop's own native-protocol
+    connection (storage/cql_wire.py), and what they wrote reads back through the driver."""
+    store = cassandra
+    wire = store._wire
+    assert wire is not None, "the store opened no write connection of its own"
+    a, b = await two_users(store)
+    chat = await store.direct_chat(a, b, T0)
+    before = wire.sent
+    await store.set_user_name(a, "Ann")
+    sent = await asyncio.gather(*(store.append_message(text(chat.chat_id, a, f"w{i}"), [a, b]) for i in range(20)))
+    assert wire.sent > before + 20  # messages, inbox entries (single and batched), send records
+    assert (await store.get_user(a)).name == "Ann"  # type: ignore[union-attr]
+    assert [m.seq for m in await store.history(chat.chat_id, None, 50)] == list(range(20, 0, -1))
+    inbox = [e.item.seq for e in await store.read_inbox(b, 0, 50) if isinstance(e.item, Message)]
+    assert sorted(inbox) == [s.message.seq for s in sorted(sent, key=lambda s: s.message.seq)]
+    assert all(await asyncio.gather(*(store.find_sent(phone_of(a), f"w{i}") for i in range(20))))
+    assert store._results is not None and not store._results._waiting  # nothing answered is held on to
+
+
+async def test_cassandra_write_the_server_does_not_know_is_prepared_again_by_the_driver(
+        cassandra: CassandraStore) -> None:
+    """A restarted Cassandra forgets prepared statements and answers "unprepared": the write
+    then goes through the driver, which prepares it again, and lands once."""
+    store = cassandra
+    a, _b = await two_users(store)
+    driver_before = store.ops.by_name.get("set_name", 0)
+    store._wire_ok["set_name"] = (b"\x13" * 16, store._wire_ok["set_name"][1])  # an id the server never saw
+    await store.set_user_name(a, "Bea")
+    assert (await store.get_user(a)).name == "Bea"  # type: ignore[union-attr]
+    assert store.ops.by_name["set_name"] == driver_before + 2  # the refused try, then the driver's
+
+
+async def test_cassandra_write_refused_by_the_server_is_unavailable_with_its_reason(
+        cassandra: CassandraStore) -> None:
+    from storage.base import StorageUnavailable
+
+    store = cassandra
+    a, _b = await two_users(store)
+    # set_name's two values bound to a statement that takes more: the server refuses it
+    store._wire_ok["set_name"] = store._wire_ok["put_msg"]
+    with pytest.raises(StorageUnavailable, match=r"set_name: error 0x2200"):
+        await store.set_user_name(a, "Cy")
+    assert (await store.get_user(a)).name == ""  # type: ignore[union-attr]
+
+
+async def test_cassandra_write_connection_lost_fails_what_was_in_flight_then_the_driver_carries_writes(
+        cassandra: CassandraStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write in flight when the connection drops fails as unavailable (it may or may not have
+    landed, as with the driver); the next writes go through the driver; the connection is
+    opened again a moment later and carries writes again."""
+    from storage.base import StorageUnavailable
+
+    monkeypatch.setattr(storage.cassandra, "WIRE_RETRY_S", 0.2)
+    store = cassandra
+    a, _b = await two_users(store)
+    wire = store._wire
+    assert wire is not None
+    in_flight = asyncio.create_task(store._x("set_name", "lost?", a))
+    await asyncio.sleep(0)  # queued on the connection
+    assert wire._transport is not None
+    wire._transport.abort()
+    with pytest.raises(StorageUnavailable, match="may still land"):
+        await in_flight
+    assert store._wire is None
+    await store.set_user_name(a, "Dee")  # the driver
+    assert (await store.get_user(a)).name == "Dee"  # type: ignore[union-attr]
+    for _ in range(100):
+        if store._wire is not None:
+            break
+        await asyncio.sleep(0.05)
+    again = store._wire
+    assert again is not None and again is not wire
+    await store.set_user_name(a, "Eve")
+    assert again.sent == 1
+    assert (await store.get_user(a)).name == "Eve"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("read", ["get_chat", "user_chats"])
+async def test_cassandra_a_chats_members_are_as_new_as_its_last_seq(
+        cassandra: CassandraStore, monkeypatch: pytest.MonkeyPatch, read: str) -> None:
+    """A description of a chat read at last_seq N lists every member whose ``member_added`` message
+    is at or below N: a client keeps, of two descriptions, the one with the higher last_seq (the web
+    page does, issue 14). Here a member is added while the description is read, at the worst moment
+    for it: its members are read at once but answered after the addition, its seq read after it."""
+    store = cassandra
+    a, b = await two_users(store)
+    c = (await store.create_user(phone(), T0)).user_id
+    g = await store.create_group(a, "book club", [b], T0)
+    created = NewMessage(chat_id=g.chat_id, sender=a, device=phone_of(a), client_id=None, ts=T0, kind="system",
+                         event="created")
+    assert (await store.append_message(created, [a, b])).message.seq == 1
+    x = store._x
+    started, changed = asyncio.Event(), asyncio.Event()
+    seq_reads = {"fence_get": f"c:{g.chat_id}", "chat_head": g.chat_id, "chat_tail": g.chat_id}
+
+    async def worst_moment(name: str, *params: Any, **kw: Any) -> list[Any]:
+        if changed.is_set() or not params:
+            return await x(name, *params, **kw)
+        if seq_reads.get(name) == params[0]:  # the seq is read after the addition
+            started.set()
+            await changed.wait()
+            return await x(name, *params, **kw)
+        rows = await x(name, *params, **kw)
+        if name == "members" and params[0] == g.chat_id:  # the members as they were, answered after it
+            started.set()
+            await changed.wait()
+        return rows
+
+    monkeypatch.setattr(store, "_x", worst_moment)
+    reading = asyncio.create_task(store.get_chat(g.chat_id) if read == "get_chat" else store.user_chats(a))
+    await asyncio.wait_for(started.wait(), 10)
+    monkeypatch.setattr(store, "_x", x)  # the addition's own statements go straight through
+    assert await store.add_member(g.chat_id, c, "member", T0)
+    added = replace(created, event="member_added", target=c)
+    assert (await store.append_message(added, [a, b, c])).message.seq == 2
+    changed.set()
+    got = await asyncio.wait_for(reading, 10)
+    desc = got if not isinstance(got, list) else next(ch for ch in got if ch.chat_id == g.chat_id)
+    assert desc is not None
+    assert desc.last_seq < 2 or c in desc.member_ids, (desc.last_seq, desc.member_ids)

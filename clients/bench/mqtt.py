@@ -9,6 +9,7 @@ kilobytes, which lets a handful of processes hold tens of thousands of devices.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import struct
 from collections.abc import Callable
 
@@ -190,10 +191,13 @@ class MqttConn(asyncio.Protocol):
 
 
 async def connect(host: str, port: int, client_id: str, username: str, password: str, on_message: OnMessage, *,
-                  keepalive: int = 240, will: tuple[str, bytes] | None = None, timeout: float = 30.0) -> MqttConn:
+                  keepalive: int = 240, will: tuple[str, bytes] | None = None, timeout: float = 30.0,
+                  tls: ssl.SSLContext | None = None) -> MqttConn:
+    """An MQTT 3.1.1 session, over TLS (certificate and host name checked) when ``tls`` is given."""
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(timeout):
-        _, conn = await loop.create_connection(lambda: MqttConn(on_message), host, port)
+        _, conn = await loop.create_connection(lambda: MqttConn(on_message), host, port, ssl=tls,
+                                               server_hostname=host if tls is not None else None)
     try:
         await conn.handshake(client_id, username, password, keepalive, will, timeout)
     except BaseException:

@@ -7,6 +7,7 @@ import contextlib
 import multiprocessing
 import os
 import random
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -18,19 +19,25 @@ import httpx
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from clients.sdk import tls_context
 from storage.base import StoreOps
 from storage.sqlite import new_id
 
 from . import worker as worker_mod
 from .target import TICKS_PER_S, BenchError, Target, cpu_ticks, rss_kb
 
-SCENARIOS = ("p2p", "baseline", "group", "sync", "idle", "wire")
+SCENARIOS = ("p2p", "baseline", "group", "sync", "idle", "wire", "overload")
 RATE_STEPS = (0.25, 0.5, 0.75)
 IDLE_RATE = 20.0  # idle: messages a second sent while the devices are held
 IDLE_PAIRS = 10
 STORE_METRICS = ("pigeon_store_statements_total", "pigeon_store_conditional_total")
 SETTLE_S = 0.25  # the store's counts must hold still this long before a cost reading is taken
 SETTLE_LIMIT_S = 5.0
+# overload: the server must answer health and login within this long while overloaded
+RESPONSIVE_MS = 1000.0
+SAMPLE_EVERY_S = 1.0
+RECOVERY_BUCKET_S = 1.0
+MAX_OFFERED = 2_000_000  # sends one overload run may offer in all
 
 
 @dataclass
@@ -49,6 +56,12 @@ class Options:
     wire_rate: float = 10.0
     max_seconds: float = 900.0
     progress: bool = True
+    # overload: offered load at ``overload_factor`` × full speed (measured first unless given)
+    # for ``overload_seconds``, then at half of full speed for ``recovery_seconds``
+    overload_seconds: float = 60.0
+    recovery_seconds: float = 30.0
+    overload_factor: float = 3.0
+    full_speed: float | None = None
 
 
 @dataclass
@@ -80,7 +93,8 @@ def split(n: int, parts: int) -> list[int]:
 class Pool:
     """The worker processes, each answering commands over its own pipe."""
 
-    def __init__(self, n: int, console: Console, show_progress: bool, deadline: float) -> None:
+    def __init__(self, n: int, console: Console, show_progress: bool, deadline: float, ca_file: str | None = None,
+                 mqtt_tls: bool = False) -> None:
         ctx = multiprocessing.get_context("spawn")
         self.progress_counts = ctx.Array("q", n, lock=False)
         self.pipes: list[Connection] = []
@@ -90,7 +104,8 @@ class Pool:
         self.deadline = deadline
         for k in range(n):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=worker_mod.main, args=(child, k, self.progress_counts), daemon=True)
+            proc = ctx.Process(target=worker_mod.main, args=(child, k, self.progress_counts, ca_file, mqtt_tls),
+                               daemon=True)
             proc.start()
             child.close()
             self.pipes.append(parent)
@@ -185,6 +200,108 @@ class Meter:
                 for name, pid in self.pids.items()}
 
 
+class Sampler:
+    """While an overload run goes on, every ``SAMPLE_EVERY_S``: the server's ``/healthz`` and a
+    whole login (code, then verify), each timed, its memory, and the requests it holds (from
+    ``/metrics``). A request that fails or times out (5 s) is recorded as ``None``."""
+
+    def __init__(self, http: str, meter: Meter, phones: Phones) -> None:
+        self.http, self.meter, self.phones = http, meter, phones
+        self.samples: list[dict[str, Any]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="overload-sampler", daemon=True)
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+    def _run(self) -> None:
+        with httpx.Client(base_url=self.http, timeout=5.0) as client:
+            while not self._stop.is_set():
+                t = time.monotonic()
+                self.samples.append({"t": t, "health_ms": self._health(client), "login_ms": self._login(client),
+                                     "rss_mb": self.meter.rss_mb(), "held": self._held(client)})
+                self._stop.wait(max(0.0, SAMPLE_EVERY_S - (time.monotonic() - t)))
+
+    @staticmethod
+    def _health(client: httpx.Client) -> float | None:
+        t0 = time.monotonic()
+        try:
+            ok = client.get("/healthz").status_code == 200
+        except httpx.HTTPError:
+            return None
+        return round((time.monotonic() - t0) * 1000, 1) if ok else None
+
+    def _login(self, client: httpx.Client) -> float | None:
+        phone = self.phones.take(1)[0]
+        t0 = time.monotonic()
+        try:
+            r = client.post("/v1/auth/code", json={"phone": phone})
+            code = r.json().get("dev_code") if r.status_code == 202 else None
+            if not code:
+                return None
+            r = client.post("/v1/auth/verify", json={"phone": phone, "code": code, "device_name": "bench-probe"})
+        except (httpx.HTTPError, ValueError):
+            return None
+        return round((time.monotonic() - t0) * 1000, 1) if r.status_code == 200 else None
+
+    @staticmethod
+    def _held(client: httpx.Client) -> int | None:
+        try:
+            text = client.get("/metrics").text
+        except httpx.HTTPError:
+            return None
+        for line in text.splitlines():
+            if line.startswith("pigeon_requests_held "):
+                return int(float(line.split()[1]))
+        return None
+
+
+# one send of an overload run: seconds from the run's start it left, ms until its answer, and the
+# answer ("sent" or the error code)
+Answer = tuple[float, float, str]
+
+
+def overload_part(items: list[Answer], unanswered: int, seconds: float) -> dict[str, Any]:
+    """What one stretch of an overload run offered, and what became of it; ``unanswered``: sends
+    with no answer yet 2 s after the run's last send (still queued somewhere, or lost: the
+    result's own ``unanswered`` and ``lost``, after the final drain and sync, say which)."""
+    accepted = [ms for _, ms, outcome in items if outcome == "sent"]
+    refused = Counter(outcome for _, _, outcome in items if outcome != "sent")
+    offered = len(items) + unanswered
+    return {"offered": offered, "offered_per_s": round(offered / max(1e-9, seconds), 1),
+            "accepted": len(accepted), "accepted_per_s": round(len(accepted) / max(1e-9, seconds), 1),
+            "refused": dict(refused), "no_answer_by_end": unanswered, "accepted_send_ms": percentiles(accepted)}
+
+
+def recovery(answers: list[Answer], unanswered: list[float], start_s: float, seconds: float,
+             normal_p99: float | None, bucket_s: float = RECOVERY_BUCKET_S) -> dict[str, Any]:
+    """From ``start_s`` (the end of the overload) on, in buckets of ``bucket_s`` by when the sends
+    left: a bucket is *normal* when it had sends, all of them answered ``sent``, with a p99 within
+    twice the normal one (or 50 ms more, whichever is larger). ``recovered_after_s`` is the end of
+    the last bucket that was not normal, 0 if none was, None if the last one was not."""
+    limit = None if normal_p99 is None else max(2 * normal_p99, normal_p99 + 50)
+    buckets = []
+    n = max(1, int(seconds / bucket_s))
+    for k in range(n):
+        lo, hi = start_s + k * bucket_s, start_s + (k + 1) * bucket_s
+        items = [a for a in answers if lo <= a[0] < hi]
+        waiting = sum(1 for t in unanswered if lo <= t < hi)
+        accepted = [ms for _, ms, outcome in items if outcome == "sent"]
+        refused = len(items) - len(accepted)
+        p99 = percentiles(accepted)["p99_ms"]
+        normal = bool(items) and not refused and not waiting and (limit is None or (p99 or 0) <= limit)
+        buckets.append({"from_s": round(k * bucket_s, 1), "sends": len(items) + waiting, "refused": refused,
+                        "no_answer_by_end": waiting, "p99_ms": p99, "normal": normal})
+    bad = [k for k, b in enumerate(buckets) if not b["normal"]]
+    after = None if bad and bad[-1] == n - 1 else round((bad[-1] + 1) * bucket_s if bad else 0.0, 1)
+    return {"recovered_after_s": after, "normal_p99_limit_ms": limit, "buckets": buckets}
+
+
 def total_mb(by_process: dict[str, float]) -> float | None:
     return round(sum(by_process.values()), 1) if by_process else None
 
@@ -204,24 +321,24 @@ def parse_store_ops(text: str) -> StoreOps | None:
     return StoreOps(found[STORE_METRICS[0]], found[STORE_METRICS[1]])
 
 
-def read_store_ops(http: str) -> StoreOps | None:
+def read_store_ops(http: str, ca_file: str | None = None) -> StoreOps | None:
     """The server's store counts now, or None when its ``/metrics`` cannot be read or lacks them."""
     try:
-        r = httpx.get(f"{http}/metrics", timeout=5.0)
+        r = httpx.get(f"{http}/metrics", timeout=5.0, verify=tls_context(ca_file))
         r.raise_for_status()
     except httpx.HTTPError:
         return None
     return parse_store_ops(r.text)
 
 
-def settled_store_ops(http: str) -> StoreOps | None:
+def settled_store_ops(http: str, ca_file: str | None = None) -> StoreOps | None:
     """The store's counts once they hold still for ``SETTLE_S`` (the server has finished the acks
     and receipts still on their way), or as they are after ``SETTLE_LIMIT_S``."""
-    last = read_store_ops(http)
+    last = read_store_ops(http, ca_file)
     deadline = time.monotonic() + SETTLE_LIMIT_S
     while last is not None and time.monotonic() < deadline:
         time.sleep(SETTLE_S)
-        now = read_store_ops(http)
+        now = read_store_ops(http, ca_file)
         if now == last:
             break
         last = now
@@ -256,6 +373,7 @@ class CostMeter:
 
     def __init__(self, target: Target) -> None:
         self.urls = target.metrics_urls()
+        self.ca_file = target.ca_file
         self.pids = [pid for pid in target.bridge_pids if os.path.exists(f"/proc/{pid}")]
         self._ops0: StoreOps | None = None
         self._ticks0: int | None = None
@@ -267,7 +385,7 @@ class CostMeter:
         """The store counts of every bridge added up (None if any cannot be read)."""
         total = StoreOps(0, 0)
         for url in self.urls:
-            ops = settled_store_ops(url)
+            ops = settled_store_ops(url, self.ca_file)
             if ops is None:
                 return None
             total = StoreOps(total.statements + ops.statements, total.conditional + ops.conditional)
@@ -313,7 +431,8 @@ class Bench:
 
     @contextlib.contextmanager
     def pool(self) -> Iterator[Pool]:
-        pool = Pool(self.opts.workers, self.console, self.opts.progress, time.monotonic() + self.opts.max_seconds)
+        pool = Pool(self.opts.workers, self.console, self.opts.progress, time.monotonic() + self.opts.max_seconds,
+                    self.target.ca_file, self.target.mqtt_tls)
         try:
             yield pool
         finally:
@@ -626,9 +745,94 @@ class Bench:
             "duplicates": got["duplicates"],
         })
 
+    def overload(self) -> Result:
+        """Full speed (measured first, unless given), half of it for the normal latency, then
+        ``overload_factor`` × full speed for ``overload_seconds`` and straight back to half for
+        ``recovery_seconds``, open loop; health, login and memory sampled all along."""
+        o = self.opts
+        per_worker = split(o.pairs, o.workers)
+        with self.pool() as pool:
+            self.login(pool, [2 * n for n in per_worker])
+            self.connect(pool, [2 * n for n in per_worker])
+            pairs = {k: [(2 * j, 2 * j + 1) for j in range(n)] for k, n in enumerate(per_worker)}
+            self.phase(pool, "warm-up", per_worker, lambda k: {
+                "flow": "p2p", "mode": "closed", "seconds": 2.0, "window": 1, "measured": False, "pairs": pairs[k]},
+                2.0)
+            full = None
+            if o.full_speed is None:
+                full = self.phase(pool, "overload: full speed first", per_worker, lambda k: {
+                    "flow": "p2p", "mode": "closed", "seconds": o.seconds, "window": o.window, "pairs": pairs[k]},
+                    o.seconds)
+                max_rate = full["delivered"] / max(1e-9, full["seconds"])
+            else:
+                max_rate = o.full_speed
+            offered = max_rate * (o.overload_factor * o.overload_seconds + 0.5 * (o.seconds + o.recovery_seconds))
+            if offered > MAX_OFFERED:
+                raise BenchError(f"the run would offer {offered:,.0f} sends, more than {MAX_OFFERED:,}: "
+                                 "shorten it or lower --overload-factor")
+
+            def plan(what: str, segments: list[tuple[float, float]]) -> tuple[list[Answer], list[float], Any]:
+                got = pool.all(what, "plan", lambda k: {
+                    "pairs": pairs[k], "segments": [(sec, rate * per_worker[k] / o.pairs) for sec, rate in segments]}
+                    if per_worker[k] else None, timed=sum(sec for sec, _ in segments) + 2.0)
+                answers: list[Answer] = []
+                unanswered: list[float] = []
+                for a in got.values():  # times from each worker's own start
+                    answers.extend((t0 - a["t_start"], (t1 - t0) * 1000, outcome) for t0, t1, outcome in a["answers"])
+                    unanswered.extend(t0 - a["t_start"] for t0 in a["unanswered_at"])
+                return answers, unanswered, merge(got)
+
+            normal, _, _ = plan("overload: half of full speed (the normal latency)", [(o.seconds, 0.5 * max_rate)])
+            normal_drain = self.drain(pool, per_worker)
+            normal_part = overload_part(normal, 0, o.seconds)
+            normal_p99 = normal_part["accepted_send_ms"]["p99_ms"]
+            rss_before = self.meter.rss_mb()
+            with Sampler(self.target.http, self.meter, self.phones) as sampler:
+                t_start = time.monotonic()
+                answers, unanswered, merged = plan(
+                    f"overload: {o.overload_factor:g}x full speed, then half", [
+                        (o.overload_seconds, o.overload_factor * max_rate), (o.recovery_seconds, 0.5 * max_rate)])
+            drained = self.drain(pool, per_worker)
+            pool.all("disconnecting", "disconnect", {})
+        over = [a for a in answers if a[0] < o.overload_seconds]
+        during = overload_part(over, sum(1 for t in unanswered if t < o.overload_seconds), o.overload_seconds)
+        after = recovery(answers, unanswered, o.overload_seconds, o.recovery_seconds, normal_p99)
+        samples = [{**x, "t": round(x["t"] - t_start, 1)} for x in sampler.samples]
+        in_overload = [x for x in samples if x["t"] < o.overload_seconds]
+
+        def worst(key: str) -> float | None:
+            values = [x[key] for x in in_overload]
+            return None if None in values or not values else max(values)
+
+        health_max, login_max = worst("health_ms"), worst("login_ms")
+        rss = [x["rss_mb"] for x in samples if x["rss_mb"] is not None]
+        held = [x["held"] for x in samples if x["held"] is not None]
+        refused = Counter(during["refused"])
+        return Result("overload", self.target.profile, {
+            "msgs_per_s": round(max_rate, 1), "full_speed_measured": o.full_speed is None,
+            "overload_factor": o.overload_factor, "overload_seconds": o.overload_seconds,
+            "recovery_seconds": o.recovery_seconds, "pairs": o.pairs,
+            **during["accepted_send_ms"], "latency_at": f"accepted sends, {o.overload_factor:g}x full speed "
+            "(from send to 'sent')",
+            "overload": during, "normal": normal_part,
+            "delivery_ms": percentiles(merged["latencies_ms"]),
+            "rate_limited": refused.get("rate_limited", 0), "unavailable": refused.get("unavailable", 0),
+            "responsive": health_max is not None and login_max is not None
+            and health_max <= RESPONSIVE_MS and login_max <= RESPONSIVE_MS,
+            "health_max_ms": health_max, "login_max_ms": login_max, "samples_in_overload": len(in_overload),
+            "rss_mb": max(rss) if rss else None, "rss_before_mb": rss_before, "rss_end_mb": rss[-1] if rss else None,
+            "held_max": max(held) if held else None,
+            "recovered_after_s": after["recovered_after_s"], "recovery": after,
+            "samples": samples, "bytes_per_msg": None,
+            "lost": drained["lost"] + normal_drain["lost"], "unanswered": drained["unanswered"],
+            "duplicates": drained["duplicates"] + normal_drain["duplicates"] + merged["duplicates"],
+            "late_live": drained["late_live"], "recovered_by_sync": drained["recovered_by_sync"],
+            "full_speed": None if full is None else percentiles(full["latencies_ms"]),
+        })
+
     def run(self, scenario: str) -> Result:
         runners: dict[str, Callable[[], Result]] = {
             "p2p": self.p2p, "baseline": self.baseline, "group": self.group, "sync": self.sync,
-            "idle": self.idle, "wire": self.wire,
+            "idle": self.idle, "wire": self.wire, "overload": self.overload,
         }
         return runners[scenario]()

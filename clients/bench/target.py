@@ -24,6 +24,7 @@ from urllib.parse import urlparse
 import httpx
 
 from clients.launch import ROOT, ServerProc
+from clients.sdk import PigeonClientError, parse_mqtt_url
 
 # the server a benchmark starts answers more than a phone's fair share per device, so that the
 # limiter is exercised but never the thing measured; runs report any rate_limited error loudly
@@ -59,6 +60,8 @@ class Target:
     bridge_urls: list[str] = field(default_factory=list)
     # stops the server(s) the bench started and starts them again on the same ports and data
     restart: Callable[[], None] | None = None
+    mqtt_tls: bool = False  # devices connect with mqtts://
+    ca_file: str | None = None  # what https:// and mqtts:// are checked against (None: the system's CAs)
 
     def metrics_urls(self) -> list[str]:
         return self.bridge_urls or [self.http]
@@ -209,20 +212,29 @@ def keep_log(server: ServerProc, to: Path | None) -> None:
 @contextlib.contextmanager
 def open_target(profile: str | None, http: str | None, mqtt: str | None, server_pids: list[int],
                 credentials_file: Path | None, label: str | None, server_log: Path | None = None,
-                bridges: int = 1) -> Iterator[Target]:
+                bridges: int = 1, ca_file: Path | None = None) -> Iterator[Target]:
     if http is not None:
         if mqtt is None:
             raise BenchError("--http needs --mqtt HOST:PORT too")
         url = urlparse(http)
-        host, _, port = mqtt.rpartition(":")
-        if not url.hostname or not host or not port.isdigit():
-            raise BenchError("--http must be a URL such as http://127.0.0.1:8080 and --mqtt HOST:PORT")
+        try:
+            host, port, mqtt_tls = parse_mqtt_url(mqtt)
+        except PigeonClientError as exc:
+            raise BenchError(f"--mqtt: {exc.message}") from exc
+        if not url.hostname or url.scheme not in ("http", "https"):
+            raise BenchError("--http must be a URL such as http://127.0.0.1:8080 or https://127.0.0.1:8443")
+        if ca_file is not None and not ca_file.is_file():
+            raise BenchError(f"--ca-file {ca_file} is not a file")
+        if mqtt_tls and credentials_file is not None:
+            raise BenchError("--broker-credentials-file: the baseline's admin connection uses Mosquitto's plain "
+                             "listener; leave it out with mqtts:// (the baseline then runs on a separate broker)")
         require_loopback(url.hostname, "--http")
         require_loopback(host, "--mqtt")
-        target = Target(label or "external", http.rstrip("/"), host, int(port),
-                        {f"pid {p}": p for p in server_pids}, bridge_pids=list(server_pids))
+        target = Target(label or "external", http.rstrip("/"), host, port,
+                        {f"pid {p}": p for p in server_pids}, bridge_pids=list(server_pids), mqtt_tls=mqtt_tls,
+                        ca_file=str(ca_file.resolve()) if ca_file is not None else None)
         if credentials_file is not None:
-            with mosquitto_relay(host, int(port), credentials_file) as target.relay:
+            with mosquitto_relay(host, port, credentials_file) as target.relay:
                 yield target
         else:
             with relay_broker() as target.relay:
@@ -240,7 +252,8 @@ def open_target(profile: str | None, http: str | None, mqtt: str | None, server_
         return
     if profile == "production":
         with production_services() as env, tempfile.TemporaryDirectory(prefix="pigeon-bench-") as tmp:
-            store = env["PIGEON_STORE"].rsplit("/", 1)[0] + "/pigeon_bench"
+            # the bench's own keyspace, on the same cluster with the same options
+            store = urlparse(env["PIGEON_STORE"])._replace(path="/pigeon_bench").geturl()
             migrate = subprocess.run([sys.executable, "-m", "clients.cli", "db", "migrate", "--store", store],
                                      cwd=ROOT, capture_output=True, text=True)
             if migrate.returncode != 0:

@@ -24,6 +24,8 @@ from typing import Any
 
 import httpx
 
+from clients.sdk import tls_context
+
 from .mqtt import MqttConn, connect
 
 ACK_EVERY_S = 0.1
@@ -108,7 +110,8 @@ class Dev:
 
     async def connect(self, host: str, port: int, presence: bool) -> None:
         will = (self.up, b'{"type":"presence","state":"offline"}')
-        self.conn = await connect(host, port, self.device, self.device, self.token, self.on_message, will=will)
+        self.conn = await connect(host, port, self.device, self.device, self.token, self.on_message, will=will,
+                                  tls=self.w.mqtt_tls)
         await self.conn.subscribe([f"down/{self.user}", f"down/{self.user}/{self.device}"], timeout=30)
         if presence:
             await self.publish({"type": "presence", "state": "online"})
@@ -235,9 +238,12 @@ class Relay:
 
 
 class Worker:
-    def __init__(self, index: int, progress: Any) -> None:
+    def __init__(self, index: int, progress: Any, ca_file: str | None = None, mqtt_tls: bool = False) -> None:
         self.index = index
         self.progress = progress
+        # https:// and mqtts:// are checked against ca_file (None: the system's CAs)
+        self.tls = tls_context(ca_file)
+        self.mqtt_tls = self.tls if mqtt_tls else None
         self.devs: list[Dev] = []
         self.relays: list[Relay] = []
         self.tracks: dict[str, Track] = {}
@@ -255,6 +261,10 @@ class Worker:
         self._sync_tasks: set[asyncio.Task[None]] = set()
         self._accepted_when_sent = False
         self.receipt_seen = asyncio.Event()
+        # overload scenario: when each send left (msg id -> monotonic s), and each answer as
+        # (sent at, answered at, "sent" or the error code), on the system-wide monotonic clock
+        self.sent_at: dict[str, float] | None = None
+        self.answers: list[tuple[float, float, str]] = []
 
     def tick(self, n: int = 1) -> None:
         self.progress[self.index] += n
@@ -277,13 +287,21 @@ class Worker:
         if track.left <= 0:
             self._finish(msg_id, track)
 
+    def _answered(self, msg_id: str, outcome: str) -> None:
+        if self.sent_at is not None:
+            t0 = self.sent_at.pop(msg_id, None)
+            if t0 is not None:
+                self.answers.append((t0, time.monotonic(), outcome))
+
     def confirmed(self, msg_id: str) -> None:
+        self._answered(msg_id, "sent")
         self.tally.sent_ok += 1
         track = self.tracks.get(msg_id)
         if track is not None:
             track.confirmed = True
 
     def failed(self, msg_id: str, code: str) -> None:
+        self._answered(msg_id, code)
         self.tally.errors[code] += 1
         track = self.tracks.pop(msg_id, None)
         if track is not None and track.slots is not None:
@@ -340,7 +358,7 @@ class Worker:
         """Log a device in for every phone (the server must run with --dev)."""
         sem = asyncio.Semaphore(LOGIN_CONCURRENCY)
         out: list[Dev | None] = [None] * len(phones)
-        async with httpx.AsyncClient(base_url=http, timeout=120) as client:
+        async with httpx.AsyncClient(base_url=http, timeout=120, verify=self.tls) as client:
             async def one(i: int, phone: str) -> None:
                 async with sem:
                     r = await client.post("/v1/auth/code", json={"phone": phone})
@@ -378,7 +396,7 @@ class Worker:
     async def make_groups(self, http: str, size: int) -> list[str]:
         """Cut this process's devices into groups of ``size``; the first of each creates it."""
         chats = []
-        async with httpx.AsyncClient(base_url=http, timeout=60) as client:
+        async with httpx.AsyncClient(base_url=http, timeout=60, verify=self.tls) as client:
             for start in range(0, len(self.devs) - size + 1, size):
                 members = self.devs[start:start + size]
                 r = await client.post("/v1/chats", headers={"Authorization": f"Bearer {members[0].token}"},
@@ -510,8 +528,36 @@ class Worker:
                 await asyncio.sleep(delay)
             msg_id = uuid.uuid4().hex
             self.tracks[msg_id] = Track(expect, now_ns(), measured, None, self._accepted_when_sent)
+            if self.sent_at is not None:
+                self.sent_at[msg_id] = time.monotonic()
             send(msg_id)
             due += interval
+
+    async def plan(self, pairs: list[tuple[int, int]], segments: list[tuple[float, float]]) -> dict[str, Any]:
+        """Overload scenario: open-loop p2p traffic at each (seconds, rate) in turn, with no pause
+        between them; every send's answer is recorded with when it left and came (``answers``),
+        so the parent can cut the run into intervals. Sends still unanswered are listed at the end."""
+        self.tally = Tally()
+        self._accepted_when_sent = False
+        self.sent_at, self.answers = {}, []
+        senders = [self._p2p_sender(self.devs[s], self.devs[r].user) for s, r in pairs]
+        self.active = [d for s, r in pairs for d in (self.devs[s], self.devs[r])]
+        t_start = time.monotonic()
+        cpu0 = time.process_time()
+        try:
+            for seconds, rate in segments:
+                stop_at = time.monotonic() + seconds
+                each = rate / max(1, len(senders))
+                await asyncio.gather(*(self._open(send, each, 1, stop_at, True, k / max(1, len(senders))
+                                                  / max(each, 1e-9)) for k, send in enumerate(senders)))
+            await asyncio.sleep(2.0)  # answers to the last sends
+        finally:
+            pending, self.sent_at = self.sent_at, None
+        out = self.tally.as_dict()
+        out.update(seconds=time.monotonic() - t_start, cpu_s=time.process_time() - cpu0, senders=len(senders),
+                   t_start=t_start, answers=self.answers, unanswered_at=sorted(pending.values()))
+        self.answers = []
+        return out
 
     async def drain(self, timeout: float) -> dict[str, Any]:
         """Wait for what is still on its way, then let each device sync any inbox gap. What is
@@ -647,9 +693,9 @@ class Worker:
         return {}
 
 
-def main(conn: Connection, index: int, progress: Any) -> None:
+def main(conn: Connection, index: int, progress: Any, ca_file: str | None = None, mqtt_tls: bool = False) -> None:
     """Process entry: answer ``(command, kwargs)`` from the parent until told to stop."""
-    asyncio.run(_serve(conn, Worker(index, progress)))
+    asyncio.run(_serve(conn, Worker(index, progress, ca_file, mqtt_tls)))
 
 
 async def _serve(conn: Connection, worker: Worker) -> None:

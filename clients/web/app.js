@@ -197,7 +197,7 @@ async function start(profile) {
     device.resume(); // keeps trying with backoff
   }
   const last = localStorage.getItem(LAST_CHAT_KEY);
-  if (last && state.chats.has(last)) await openChat(last);
+  if (last && state.chats.has(last)) await openChat(last, document.body); // unless one has begun typing
   setupPush();
 }
 
@@ -323,17 +323,19 @@ function renderChatList() {
 
 $("new-chat").addEventListener("submit", (e) => {
   e.preventDefault();
+  const asked = document.activeElement;
   guarded("Could not open the chat", async () => {
     const peer = await findByPhone($("new-chat-phone").value);
     const info = await state.api.openDirect(peer);
     ensureChat(info);
     $("new-chat-phone").value = "";
-    await openChat(info.chat);
+    await openChat(info.chat, asked);
   });
 });
 
 $("new-group").addEventListener("submit", (e) => {
   e.preventDefault();
+  const asked = document.activeElement;
   guarded("Could not create the group", async () => {
     const phones = $("group-members").value.split(/[,;]/).map((s) => s.trim()).filter(Boolean);
     const members = [];
@@ -343,7 +345,7 @@ $("new-group").addEventListener("submit", (e) => {
     $("group-title").value = "";
     $("group-members").value = "";
     $("new-group").closest("details").open = false;
-    await openChat(info.chat);
+    await openChat(info.chat, asked);
   });
 });
 
@@ -367,7 +369,9 @@ function closeConversationView() {
   $("empty").hidden = false;
 }
 
-async function openChat(chatId) {
+/** Show a chat. `asked` is where the focus was when the person asked for it (a click on the list
+ * calls this at once, so by default where it is now). */
+async function openChat(chatId, asked = document.activeElement) {
   if (!state.chats.has(chatId)) ensureChat(await state.api.chat(chatId));
   const entry = state.chats.get(chatId);
   state.open = chatId;
@@ -379,6 +383,7 @@ async function openChat(chatId) {
   $("typing").textContent = "";
   $("empty").hidden = true;
   $("open").hidden = false;
+  focusCompose(asked); // now, as the chat appears: not once it has loaded, when one may be typing elsewhere
   await showHeader();
   const page = await state.api.history(chatId, { limit: PAGE });
   if (state.open !== chatId) return;
@@ -395,7 +400,13 @@ async function openChat(chatId) {
   watchPresence();
   markRead();
   renderChatList();
-  $("compose").focus();
+}
+
+/** The message box gets the cursor when a chat opens, if the focus is still where it was when the
+ * person asked for the chat, or nowhere: never from a field they have gone on to type in meanwhile. */
+function focusCompose(asked) {
+  const active = document.activeElement;
+  if (!active || active === asked || active === document.body) $("compose").focus();
 }
 
 async function showHeader() {

@@ -1,0 +1,236 @@
+"""Admission control and the per-device strikes: the bound, what is shed first, what is refused,
+and who is disconnected (bridge/admission.py, bridge/ratelimit.py, bridge/router.py). No network."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from bridge.admission import Admission
+from bridge.clock import ManualClock
+from bridge.config import Settings
+from bridge.errors import ConfigError, RateLimited
+from bridge.metrics import Metrics
+from bridge.protocol import Watch
+from bridge.ratelimit import RateLimiter, Strikes
+from bridge.router import DeviceRouter
+from tests.test_handlers import World, world  # noqa: F401 - the handler tests' fixture
+
+TOPIC = "up/u1/d1"
+
+
+def body(**fields: Any) -> bytes:
+    return json.dumps(fields).encode()
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float:
+    return metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def test_below_the_limit_every_publish_is_taken_in_and_counted_until_released() -> None:
+    adm = Admission(limit=3)
+    assert [adm.admit(TOPIC, body(type="send", id=f"m{i}", to="u2", body="x")) for i in range(3)] == [None] * 3
+    assert adm.held == 3
+    adm.release()
+    assert adm.held == 2
+    assert adm.admit(TOPIC, body(type="send", id="m3", to="u2", body="x")) is None
+    assert adm.held == 3
+
+
+def test_past_the_limit_a_send_is_answered_rate_limited_at_once_and_not_taken_in() -> None:
+    metrics = Metrics()
+    adm = Admission(limit=2, retry_after_ms=750, metrics=metrics)
+    for i in range(2):
+        assert adm.admit(TOPIC, body(type="send", id=f"m{i}", to="u2", body="x")) is None
+    outs = adm.admit(TOPIC, body(type="send", id="late", to="u2", body="x"))
+    assert outs is not None and len(outs) == 1
+    assert outs[0].topic == "down/u1/d1"
+    reply = json.loads(outs[0].payload)
+    assert reply == {"type": "error", "id": "late", "code": "rate_limited", "message": reply["message"],
+                     "retry_after_ms": 750}
+    assert adm.held == 2  # not counted: nothing of it is held
+    for kind, extra in (("sync", {"after": 0}), ("read", {"chat": "c1", "up_to": 1}),
+                        ("watch", {"users": ["u2"]})):
+        refused = adm.admit(TOPIC, body(type=kind, id=f"r-{kind}", **extra))
+        assert refused is not None and json.loads(refused[0].payload)["code"] == "rate_limited"
+    assert sample(metrics, "pigeon_overload_refused_total", type="send") == 1
+    assert sample(metrics, "pigeon_errors_total", code="rate_limited", edge="mqtt") == 4
+    assert adm.held == 2
+
+
+def test_past_the_limit_typing_is_dropped_while_acks_and_presence_are_still_taken_in_up_to_a_ceiling() -> None:
+    metrics = Metrics()
+    adm = Admission(limit=4, metrics=metrics)
+    assert adm.ceiling == 5
+    for i in range(4):
+        assert adm.admit(TOPIC, body(type="send", id=f"m{i}", to="u2", body="x")) is None
+    assert adm.admit(TOPIC, body(type="typing", chat="c1")) == []
+    assert sample(metrics, "pigeon_overload_shed_total", what="typing") == 1
+    assert adm.admit(TOPIC, body(type="ack", up_to=5)) is None
+    assert adm.held == 5  # counted, and released once handled like any other
+    # at the ceiling even these are dropped (a later ack covers a dropped one)
+    assert adm.admit(TOPIC, body(type="ack", up_to=6)) == []
+    assert adm.admit(TOPIC, body(type="presence", state="offline")) == []
+    assert adm.admit(TOPIC, b"not json") == []
+    assert adm.held == 5
+    assert sample(metrics, "pigeon_overload_shed_total", what="ack") == 1
+    assert sample(metrics, "pigeon_overload_shed_total", what="presence") == 1
+    adm.release()
+    assert adm.admit(TOPIC, body(type="presence", state="offline")) is None
+    adm.release()
+    adm.release()
+    assert adm.admit(TOPIC, b"not json") is None  # the router answers it, with no store call
+    assert adm.admit("elsewhere", b"{}") is None
+
+
+def test_a_device_with_its_own_queue_full_is_refused_while_others_are_taken_in() -> None:
+    adm = Admission(limit=100, per_device=2)
+    send = body(type="send", id="m", to="u2", body="x")
+    assert adm.admit(TOPIC, send, queued=1) is None
+    refused = adm.admit(TOPIC, send, queued=2)
+    assert refused is not None and json.loads(refused[0].payload)["code"] == "rate_limited"
+    assert "2 requests of this device" in json.loads(refused[0].payload)["message"]
+    assert adm.admit("up/u3/d3", send, queued=0) is None  # another device is not held up
+    assert adm.admit(TOPIC, body(type="ack", up_to=1), queued=5) is None  # acks still go in
+    assert adm.held == 3
+    with pytest.raises(ValueError):
+        Admission(limit=4, per_device=0)
+
+
+def test_shedding_starts_at_half_the_limit_unless_told_and_before_any_refusal() -> None:
+    adm = Admission(limit=4)
+    assert adm.shed_at == 2 and not adm.shedding
+    adm.admit(TOPIC, b"{}")
+    adm.admit(TOPIC, b"{}")
+    assert adm.shedding and adm.held < adm.limit  # shedding, nothing refused yet
+    assert Admission(limit=4, shed_at=0).shedding  # 0: always shed
+    with pytest.raises(ValueError):
+        Admission(limit=0)
+    with pytest.raises(ValueError):
+        Admission(limit=4, shed_at=5)
+    with pytest.raises(ValueError):
+        Admission(limit=4, retry_after_ms=0)
+
+
+def test_an_http_send_is_refused_past_the_limit_too() -> None:
+    adm = Admission(limit=1)
+    adm.check_http()
+    adm.admit(TOPIC, b"{}")
+    with pytest.raises(RateLimited) as got:
+        adm.check_http()
+    assert got.value.retry_after_ms == adm.retry_after_ms
+
+
+@pytest.mark.parametrize("values", [
+    {"max_pending": 0}, {"max_pending": 10, "shed_pending": 11}, {"shed_pending": -1},
+    {"overload_retry_ms": 0}, {"kick_after": -1}, {"max_pending_device": 0},
+])
+def test_bad_admission_settings_are_refused_by_name(values: dict[str, int]) -> None:
+    with pytest.raises(ConfigError) as got:
+        Settings(secret=b"s" * 32, **values).validated()  # type: ignore[arg-type]
+    assert next(iter(values)) in str(got.value)
+
+
+async def test_while_shedding_typing_is_dropped_before_any_store_call(world: World) -> None:  # noqa: F811
+    a, b = await world.user("+15550000001"), await world.user("+15550000002")
+    sent = await world.router.handle(f"up/{a.user_id}/{a.device_id}",
+                                     body(type="send", id="m1", to=b.user_id, body="hi"))
+    chat = json.loads(sent[-1].payload)["chat"]
+    await world.presence.device_online(b.user_id, b.device_id, explicit=True)
+    metrics = Metrics()
+    adm = Admission(limit=10, shed_at=1, metrics=metrics)
+    router = DeviceRouter(world.messenger, world.presence, world.media, RateLimiter(world.clock, 100, 100),
+                          metrics, 64 * 1024, admission=adm)
+    typing = body(type="typing", chat=chat)
+    outs = await router.handle(f"up/{a.user_id}/{a.device_id}", typing)
+    assert [o.topic for o in outs] == [f"down/{b.user_id}"]  # nothing held: relayed
+    adm.admit(TOPIC, b"{}")  # one held: shedding
+    world.store.failing = {"get_chat", "user_chats", "chat_members"}  # any store call would fail
+    assert await router.handle(f"up/{a.user_id}/{a.device_id}", typing) == []
+    assert sample(metrics, "pigeon_overload_shed_total", what="typing") == 1
+
+
+async def test_while_shedding_presence_is_recorded_but_not_fanned_out(world: World) -> None:  # noqa: F811
+    a, b = await world.user("+15550000001"), await world.user("+15550000002")
+    await world.router.handle(f"up/{a.user_id}/{a.device_id}", body(type="send", id="m1", to=b.user_id, body="x"))
+    await world.presence.watch(a.user_id, a.device_id, Watch(id="w", users=(b.user_id,), ttl=60))
+    metrics = Metrics()
+    adm = Admission(limit=10, shed_at=1, metrics=metrics)
+    world.presence.admission = adm
+    outs = await world.presence.device_online(b.user_id, b.device_id, explicit=True)
+    assert [o.topic for o in outs] == [f"down/{a.user_id}/{a.device_id}"]  # not shedding: a watcher is told
+    adm.admit(TOPIC, b"{}")
+    assert await world.presence.device_offline(b.user_id, b.device_id) == []
+    assert not await world.presence.is_online(b.user_id)  # recorded all the same
+    assert sample(metrics, "pigeon_overload_shed_total", what="presence") == 1
+
+
+def test_strikes_count_refusals_within_a_window_and_start_over() -> None:
+    clock = ManualClock()
+    strikes = Strikes(clock, limit=3, window_s=10.0)
+    assert [strikes.add("d") for _ in range(3)] == [False, False, True]
+    assert len(strikes) == 0  # counting starts over once a device is out
+    assert [strikes.add("d") for _ in range(2)] == [False, False]
+    clock.advance(10.0)  # a new window: the two old refusals no longer count
+    assert [strikes.add("d") for _ in range(2)] == [False, False]
+    assert strikes.add("other") is False  # per device
+
+
+def test_strikes_memory_is_bounded_and_forgets_stale_windows_first() -> None:
+    clock = ManualClock()
+    strikes = Strikes(clock, limit=5, window_s=1.0, max_keys=10)
+    for i in range(10):
+        strikes.add(f"d{i}")
+    clock.advance(0.5)
+    strikes.add("d0")  # still in its window
+    clock.advance(0.6)  # the others' windows are over; d0's too, by now
+    strikes.add("d10")
+    assert len(strikes) == 1
+    for i in range(20):
+        strikes.add(f"e{i}")
+    assert len(strikes) <= 10
+
+
+async def test_a_device_that_keeps_pushing_past_its_limit_is_disconnected_and_still_answered(
+        world: World) -> None:  # noqa: F811
+    a, b = await world.user("+15550000001"), await world.user("+15550000002")
+    dropped: list[str] = []
+
+    async def disconnect(device_id: str) -> None:
+        dropped.append(device_id)
+
+    metrics = Metrics()
+    router = DeviceRouter(world.messenger, world.presence, world.media, RateLimiter(world.clock, 1, 2), metrics,
+                          64 * 1024, strikes=Strikes(world.clock, limit=4), disconnect=disconnect)
+    codes = []
+    for i in range(6):
+        outs = await router.handle(f"up/{a.user_id}/{a.device_id}", body(type="send", id=f"m{i}", to=b.user_id,
+                                                                         body="x"))
+        reply = next(json.loads(o.payload) for o in outs if o.topic == f"down/{a.user_id}/{a.device_id}")
+        codes.append(reply.get("code", reply["type"]))
+    assert codes == ["sent", "sent"] + ["rate_limited"] * 4
+    assert dropped == [a.device_id]  # at the fourth refusal, once
+    assert sample(metrics, "pigeon_devices_disconnected_total") == 1
+    # a device that waits as told is refused now and then, never disconnected
+    for _ in range(10):
+        world.clock.advance(1.0)
+        outs = await router.handle(f"up/{b.user_id}/{b.device_id}", body(type="send", id=f"b{_}", to=a.user_id,
+                                                                         body="y"))
+        assert [json.loads(o.payload)["type"] for o in outs if o.topic.endswith(b.device_id)] == ["sent"]
+    assert dropped == [a.device_id]
+
+
+def test_replies_waiting_to_go_out_count_against_the_bound_too() -> None:
+    waiting = [0]
+    adm = Admission(limit=10)
+    adm.backlog = lambda: waiting[0]
+    send = body(type="send", id="m", to="u2", body="x")
+    assert adm.admit(TOPIC, send) is None and not adm.shedding
+    waiting[0] = 5
+    assert adm.shedding and adm.held == 1  # half the bound waiting to go out: shedding
+    waiting[0] = 10
+    refused = adm.admit(TOPIC, send)
+    assert refused is not None and json.loads(refused[0].payload)["code"] == "rate_limited"
+    assert adm.held == 1
