@@ -16,7 +16,7 @@ import asyncio
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import pytest
@@ -57,6 +57,26 @@ def broker_port() -> Iterator[int]:
         yield port
 
 
+def read_for_a_while(sock: socket.socket, got: bytearray, answered: Callable[[bytes], bool]) -> str | None:
+    """Read into ``got`` for up to CLOSED_WITHIN seconds: 'closed' when the broker closes the
+    connection, 'answered' once ``answered(got)`` holds, None if neither happened in time."""
+    deadline = time.monotonic() + CLOSED_WITHIN
+    while time.monotonic() < deadline:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            chunk = sock.recv(4096)
+        except TimeoutError:
+            return None
+        except OSError:
+            return "closed"
+        if not chunk:
+            return "closed"
+        got += chunk
+        if answered(bytes(got)):
+            return "answered"
+    return None
+
+
 def outcome(port: int, data: bytes) -> str:
     """'closed' or 'connack' (the broker answered a CONNECT), or 'open' if neither came in time."""
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
@@ -64,22 +84,11 @@ def outcome(port: int, data: bytes) -> str:
             sock.sendall(data)
         except OSError:
             return "closed"  # closed while we were still sending
-        deadline = time.monotonic() + CLOSED_WITHIN
-        got = b""
-        while time.monotonic() < deadline:
-            sock.settimeout(max(0.01, deadline - time.monotonic()))
-            try:
-                chunk = sock.recv(4096)
-            except TimeoutError:
-                break
-            except OSError:
-                return "closed"
-            if not chunk:
-                return "connack" if got[:1] == b"\x20" else "closed"
-            got += chunk
-            if got[:1] == b"\x20" and len(got) >= 4:
-                return "connack"
-        return "open"
+        got = bytearray()
+        seen = read_for_a_while(sock, got, lambda g: g[:1] == b"\x20" and len(g) >= 4)
+        if seen == "answered" or (seen == "closed" and got[:1] == b"\x20"):
+            return "connack"
+        return seen or "open"
 
 
 @pytest.mark.timeout(TIMEOUT_S)
@@ -150,26 +159,15 @@ def session_outcome(port: int, data: bytes) -> str:
     or 'open' if neither came in time. The PINGREQ may complete a packet ``data`` cut short
     (a PUBACK's packet id, say); then a second one must be answered."""
     with connected(port) as sock:
-        got = b""
+        got = bytearray()
         for attempt in (data + b"\xc0\x00", b"\xc0\x00"):
             try:
                 sock.sendall(attempt)
             except OSError:
                 return "closed"
-            deadline = time.monotonic() + CLOSED_WITHIN
-            while time.monotonic() < deadline:
-                sock.settimeout(max(0.01, deadline - time.monotonic()))
-                try:
-                    chunk = sock.recv(4096)
-                except TimeoutError:
-                    break
-                except OSError:
-                    return "closed"
-                if not chunk:
-                    return "closed"
-                got += chunk
-                if b"\xd0\x00" in packets_in(got):
-                    return "alive"
+            seen = read_for_a_while(sock, got, lambda g: b"\xd0\x00" in packets_in(g))
+            if seen is not None:
+                return "alive" if seen == "answered" else "closed"
         return "open"
 
 
