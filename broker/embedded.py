@@ -153,16 +153,11 @@ async def read_first_packet(reader: ReaderAdapter) -> bytes:
     head = await _read_exactly(reader, 1)
     if head[0] != CONNECT_FIRST_BYTE:
         raise BrokenFirstPacket(f"first packet is not a CONNECT (first byte 0x{head[0]:02x})")
-    length, multiplier = 0, 1
-    for _ in range(4):
-        byte = (await _read_exactly(reader, 1))[0]
-        head += bytes([byte])
-        length += (byte & 0x7F) * multiplier
-        if not byte & 0x80:
-            break
-        multiplier *= 128
-    else:
-        raise BrokenFirstPacket("remaining length longer than four bytes")
+    try:
+        length, raw_length = await _remaining_length(reader)
+    except ProtocolViolation as exc:
+        raise BrokenFirstPacket(str(exc)) from exc
+    head += raw_length
     if length > MAX_CONNECT_BYTES:
         raise BrokenFirstPacket(f"CONNECT announces {length} bytes, more than {MAX_CONNECT_BYTES}")
     return head + await _read_exactly(reader, length)
