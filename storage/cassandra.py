@@ -677,7 +677,8 @@ class CassandraStore:
                 except Exception as exc:
                     raise StorageUnavailable(f"cassandra {name}: {exc}") from exc
                 self._count(name)
-                if await self._on_wire(name, wire.execute(self._wire_ok[name][0], values, self._wire_ok[name][1])):
+                query_id, consistency = self._wire_ok[name]
+                if await self._on_wire(name, wire.execute(query_id, values, consistency)):
                     return []
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[list[Any]] = loop.create_future()
