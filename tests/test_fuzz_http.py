@@ -52,6 +52,9 @@ def http_user(http_server: ServerProc) -> Profile:
 REFUSED = [400, 401, 403, 404, 405, 409, 413, 429]
 
 
+CODE_CHECKED = {"POST /v1/auth/verify"}  # answers 401 to a wrong login code, whatever the token
+
+
 def operations(base: str) -> list[Any]:
     schema = schemathesis.openapi.from_url(f"{base}/openapi.json")
     schema.config.checks.negative_data_rejection.expected_statuses = [str(s) for s in REFUSED]
@@ -99,7 +102,10 @@ def test_no_http_request_gets_a_5xx_or_an_answer_off_its_schema(
           f"; no negative case for {unsatisfiable}; device linked again {relinked} times")
     assert not any(status >= 500 for status in calls)
     if mode is GenerationMode.POSITIVE:
-        assert {op.label for op in ops} <= set(past_auth), [op.label for op in ops if op.label not in past_auth]
+        # every route that takes the bearer token was reached past its check at least once; a 401
+        # from verify is a wrong generated code (it reads no token), so it says nothing of that
+        bearer = {op.label for op in ops} - CODE_CHECKED
+        assert bearer <= set(past_auth), [label for label in sorted(bearer) if label not in past_auth]
 
 
 # -- bodies, paths and queries the OpenAPI document does not describe ---------------------------
