@@ -44,7 +44,7 @@ import socket
 import threading
 import time
 from collections.abc import Hashable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from cachetools import LRUCache, TTLCache
 
@@ -71,11 +71,12 @@ from .base import (
     media_to_json,
 )
 from .cassandra_owner import FULL_ROWS, KeyLog, Leases, LogCache, NotOwner, partition_of
-from .cql_wire import ERROR_UNPREPARED, CqlError, CqlWire, WireUnsupported
+from .cql_wire import ERROR_UNPREPARED, CqlError, CqlWire, WireUnsupported, decode_rows
 from .sqlite import new_id
 from .state import SharedState
 
 _row_types: dict[tuple[str, ...], Any] = {}
+_T = TypeVar("_T")
 
 
 def _cached_row_factory(colnames: list[str], rows: list[Sequence[Any]]) -> list[Any]:
@@ -112,6 +113,10 @@ ACK_FLUSH_S = 5.0
 ACK_PACE_S = 0.05  # acknowledged positions are written in slices this far apart, not all at once
 SWEEP_DAYS = 30  # how far back the upload sweep looks for unconfirmed uploads
 WIRE_RETRY_S = 1.0  # a lost write connection is opened again after this long (the driver meanwhile)
+# Reads asked on the loop's own connection too: the point lookups of the message path (a send
+# id's record, one message), whose callers read their rows by position. Every other read goes
+# through the driver.
+WIRE_READS = frozenset({"get_sent", "message"})
 
 
 class SchemaError(StorageError):
@@ -238,6 +243,7 @@ class CassandraStore:
         self._closed = False
         self._wire: CqlWire | None = None
         self._wire_ok: dict[str, tuple[bytes, int]] = {}  # statement -> (prepared id, consistency)
+        self._wire_reads: dict[str, tuple[bytes, int, list[Any]]] = {}  # read -> (id, consistency, column types)
         self._wire_retry: asyncio.TimerHandle | None = None
         self._wire_opening: asyncio.Task[None] | None = None
 
@@ -558,6 +564,12 @@ class CassandraStore:
             if ps.query_string.lstrip().upper().startswith(("INSERT", "UPDATE", "DELETE"))
             and " IF " not in ps.query_string.upper() and name not in _CONDITIONAL
         }
+        # reads on that connection: (prepared id, consistency, the result's column types)
+        self._wire_reads = {
+            name: (ps.query_id, ps.consistency_level if ps.consistency_level is not None
+                   else ConsistencyLevel.LOCAL_QUORUM, [c[3] for c in ps.result_metadata])
+            for name, ps in self._ps.items() if name in WIRE_READS and ps.result_metadata
+        }
 
     # -- the event loop's own write connection ---------------------------------------------------
     async def _open_wire(self) -> None:
@@ -604,25 +616,47 @@ class CassandraStore:
         ok = self._wire_ok
         return wire if all(n in ok for n in names) else None
 
-    async def _on_wire(self, name: str, fut: asyncio.Future[int]) -> bool:
-        """Wait for a write sent on the loop's own connection. False if the server had forgotten
-        the prepared statement (a restart): the caller then runs it through the driver, which
-        prepares it again."""
+    async def _on_wire(self, name: str, fut: asyncio.Future[_T]) -> _T | None:
+        """Wait for a statement sent on the loop's own connection. None if the server had
+        forgotten the prepared statement (a restart), and for a read whose connection was lost
+        before its answer: the caller then runs it through the driver, which prepares it again."""
         results = self._results_for(fut.get_loop())
         results.watch(fut, name)
         try:
-            await fut
+            return await fut
         except StorageError:
             raise
         except CqlError as exc:
             if exc.code == ERROR_UNPREPARED:
-                return False
+                return None
             raise StorageUnavailable(f"cassandra {name}: {exc}") from exc
         except ConnectionError as exc:
+            if name in self._wire_reads:  # a read changes nothing: ask the driver instead
+                return None
             raise StorageUnavailable(f"cassandra {name}: {exc} (the write may still land)") from exc
         finally:
             results.forget(fut)
-        return True
+
+    async def _read_on_wire(self, name: str, params: Sequence[Any]) -> list[Any] | None:
+        """A read of WIRE_READS on the loop's own connection: its rows (as tuples), or None when
+        the driver must ask instead (no connection, a forgotten prepared id, a lost connection)."""
+        wire = self._wire
+        if wire is None or not wire.usable or wire._loop is not asyncio.get_running_loop():
+            return None
+        query_id, consistency, types = self._wire_reads[name]
+        try:
+            values = self._ps[name].bind(params).values
+        except Exception as exc:
+            raise StorageUnavailable(f"cassandra {name}: {exc}") from exc
+        self._count(name)
+        body = await self._on_wire(name, wire.query(query_id, values, consistency))
+        if body is None:
+            return None
+        try:
+            return decode_rows(body, types)
+        except WireUnsupported as exc:  # rows in a form this connection does not read: the driver's way
+            log.warning("cassandra %s: %s; asking through the driver", name, exc)
+            return None
 
     def _results_for(self, loop: asyncio.AbstractEventLoop) -> _Results:
         results = self._results
@@ -644,7 +678,7 @@ class CassandraStore:
             ps = self._ps
             statements = [(self._wire_ok[n][0], ps[n].bind(p).values) for n, p in items]
             self._count(label)
-            if await self._on_wire(label, wire.batch(statements, self._wire_ok[items[0][0]][1])):
+            if await self._on_wire(label, wire.batch(statements, self._wire_ok[items[0][0]][1])) is not None:
                 return
         from cassandra.query import BatchStatement, BatchType
 
@@ -670,6 +704,10 @@ class CassandraStore:
     async def _x(self, name: str, *params: Any, statement: Any = None) -> list[Any]:
         """Run a prepared statement without blocking the loop; driver errors become StorageUnavailable."""
         if statement is None:
+            if name in self._wire_reads:
+                rows = await self._read_on_wire(name, params)
+                if rows is not None:
+                    return rows
             wire = self._wire_for((name,))
             if wire is not None:
                 try:
@@ -678,7 +716,7 @@ class CassandraStore:
                     raise StorageUnavailable(f"cassandra {name}: {exc}") from exc
                 self._count(name)
                 query_id, consistency = self._wire_ok[name]
-                if await self._on_wire(name, wire.execute(query_id, values, consistency)):
+                if await self._on_wire(name, wire.execute(query_id, values, consistency)) is not None:
                     return []
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[list[Any]] = loop.create_future()

@@ -10,9 +10,12 @@ statements itself, on one connection owned by the event loop:
   unlogged batches of them; their values are serialised by the driver's own ``bind`` and their
   ids are the driver's prepared ids, so the statements are exactly the ones the driver would run;
 * each carries a client-side timestamp from the driver's own generator, as the driver's would;
+* reads named by the store (point lookups on the message path, such as a send id's record) are
+  asked with the driver's prepared ids too, without result metadata, and their rows decoded with
+  the column types the driver learnt when it prepared them (:func:`decode_rows`);
 * frames written during one turn of the event loop go out in one ``send``;
-* anything else (reads, lightweight transactions), and everything while this connection is
-  down, goes through the driver as before.
+* anything else (other reads, lightweight transactions), and everything while this connection
+  is down, goes through the driver as before.
 
 Errors come back as :class:`CqlError` (the server's error code and message) or
 :class:`ConnectionError` (the connection ended before the answer: the write may or may not have
@@ -35,6 +38,8 @@ VERSION_REQUEST = 0x04
 OP_ERROR, OP_STARTUP, OP_READY, OP_AUTHENTICATE = 0x00, 0x01, 0x02, 0x03
 OP_RESULT, OP_EXECUTE, OP_BATCH = 0x08, 0x0A, 0x0D
 FLAG_VALUES, FLAG_SKIP_METADATA, FLAG_TIMESTAMP = 0x01, 0x02, 0x20
+RESULT_ROWS = 0x0002
+ROWS_HAS_MORE_PAGES, ROWS_NO_METADATA = 0x0002, 0x0004
 BATCH_UNLOGGED = 1
 ERROR_UNPREPARED = 0x2500
 MAX_STREAMS = 32_768  # stream ids 0..32767 (v3+); 0 is kept for the handshake
@@ -57,7 +62,34 @@ class CqlError(Exception):
 
 
 class WireUnsupported(Exception):
-    """The server asks for something this connection does not do (authentication)."""
+    """The server asks for something this connection does not do (authentication), or answers a
+    read in a form it does not decode (rows with their metadata, or paged)."""
+
+
+def decode_rows(body: bytes, types: Sequence[Any], protocol_version: int = VERSION_REQUEST) -> list[tuple[Any, ...]]:
+    """The rows of a RESULT body asked for without metadata, each value decoded by its column's
+    driver type (``from_binary``, as the driver's own decoder does)."""
+    (kind,) = _INT.unpack_from(body, 0)
+    if kind != RESULT_ROWS:
+        return []
+    flags, count = struct.unpack_from(">ii", body, 4)
+    if not flags & ROWS_NO_METADATA or flags & ROWS_HAS_MORE_PAGES or count != len(types):
+        raise WireUnsupported(f"rows with flags 0x{flags:x} and {count} columns")
+    (n,) = _INT.unpack_from(body, 12)
+    at = 16
+    rows: list[tuple[Any, ...]] = []
+    for _ in range(n):
+        row: list[Any] = []
+        for t in types:
+            (size,) = _INT.unpack_from(body, at)
+            at += 4
+            if size < 0:
+                row.append(None)
+            else:
+                row.append(t.from_binary(body[at:at + size], protocol_version))
+                at += size
+        rows.append(tuple(row))
+    return rows
 
 
 def _values(values: Sequence[Any], unset: object) -> bytes:
@@ -87,7 +119,8 @@ class CqlWire(asyncio.Protocol):
         self._on_lost = on_lost
         self._transport: asyncio.Transport | None = None
         self._buf = bytearray()
-        self._waiting: dict[int, asyncio.Future[int]] = {}
+        self._waiting: dict[int, asyncio.Future[Any]] = {}
+        self._reads: set[int] = set()  # streams whose answer is rows: the future gets the body
         self._free = list(range(MAX_STREAMS - 1, 0, -1))
         self._out: list[bytes] = []
         self._flush_due = False
@@ -95,6 +128,7 @@ class CqlWire(asyncio.Protocol):
         self._lost = False
         self.host = ""
         self.sent = 0  # statements (or batches) sent on this connection
+        self.reads = 0  # reads sent on it
 
     @classmethod
     async def open(cls, host: str, port: int, unset: object, timestamps: Callable[[], int],
@@ -124,6 +158,7 @@ class CqlWire(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport, self._lost = None, True
         waiting, self._waiting = self._waiting, {}
+        self._reads.clear()
         for fut in waiting.values():
             if not fut.done():
                 fut.set_exception(ConnectionError(f"cassandra connection to {self.host} lost: {exc or 'closed'}"))
@@ -145,12 +180,17 @@ class CqlWire(asyncio.Protocol):
             fut = self._waiting.pop(stream, None)
             if stream > 0:
                 self._free.append(stream)
+            rows = stream in self._reads
+            if rows:
+                self._reads.discard(stream)
             if fut is None or fut.done():  # timed out meanwhile, or an event frame
                 continue
             if op == OP_ERROR:
                 (code,) = _INT.unpack_from(buf, body_at)
                 (n,) = _SHORT.unpack_from(buf, body_at + 4)
                 fut.set_exception(CqlError(code, bytes(buf[body_at + 6:body_at + 6 + n]).decode(errors="replace")))
+            elif rows and op == OP_RESULT:
+                fut.set_result(bytes(buf[body_at:start]))
             else:
                 fut.set_result(op)
         del buf[:start]
@@ -168,6 +208,15 @@ class CqlWire(asyncio.Protocol):
         self.sent += 1
         return self._request(OP_EXECUTE, body)
 
+    def query(self, query_id: bytes, values: Sequence[Any], consistency: int) -> asyncio.Future[bytes]:
+        """Run one prepared read; the future gets the RESULT body (see :func:`decode_rows`). The
+        read is not paged: it is for lookups that return a few rows."""
+        body = b"".join((_SHORT.pack(len(query_id)), query_id,
+                         _SHORT.pack(consistency), bytes((FLAG_VALUES | FLAG_SKIP_METADATA,)),
+                         _values(values, self._unset)))
+        self.reads += 1
+        return self._request(OP_EXECUTE, body, rows=True)
+
     def batch(self, statements: Sequence[tuple[bytes, Sequence[Any]]], consistency: int) -> asyncio.Future[int]:
         """Run prepared statements as one unlogged batch (one request)."""
         parts = [bytes((BATCH_UNLOGGED,)), _SHORT.pack(len(statements))]
@@ -177,14 +226,16 @@ class CqlWire(asyncio.Protocol):
         self.sent += 1
         return self._request(OP_BATCH, b"".join(parts))
 
-    def _request(self, op: int, body: bytes, stream: int | None = None) -> asyncio.Future[int]:
-        fut: asyncio.Future[int] = self._loop.create_future()
+    def _request(self, op: int, body: bytes, stream: int | None = None, *, rows: bool = False) -> asyncio.Future[Any]:
+        fut: asyncio.Future[Any] = self._loop.create_future()
         if self._transport is None or self._transport.is_closing():
             fut.set_exception(ConnectionError(f"cassandra connection to {self.host} is closed"))
             return fut
         if stream is None:
             stream = self._free.pop()
         self._waiting[stream] = fut
+        if rows:
+            self._reads.add(stream)
         self._out.append(_HEADER.pack(VERSION_REQUEST, 0, stream, op, len(body)))
         self._out.append(body)
         if not self._flush_due:  # one send for everything written during this turn of the loop

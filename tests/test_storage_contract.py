@@ -576,6 +576,63 @@ async def test_cassandra_write_connection_lost_fails_what_was_in_flight_then_the
     assert (await store.get_user(a)).name == "Eve"  # type: ignore[union-attr]
 
 
+async def test_cassandra_point_reads_of_the_message_path_go_on_the_loops_own_connection(
+        cassandra: CassandraStore) -> None:
+    """A send id's record and a message are read on the event loop's own connection, and the rows
+    decoded there are the rows the driver reads (nulls, text, numbers, a media reference)."""
+    store = cassandra
+    wire = store._wire
+    assert wire is not None
+    a, b = await two_users(store)
+    chat = await store.direct_chat(a, b, T0)
+    await store.append_message(text(chat.chat_id, a, "r1"), [a, b])
+    media = MediaRef(key="k/1", mime="image/png", size=3, sha256="ab" * 32, name="p.png")
+    pic = NewMessage(chat_id=chat.chat_id, sender=a, device=phone_of(a), client_id="r2", ts=T0 + 1, kind="media",
+                     body=None, media=media)
+    await store.append_message(pic, [a, b])
+    reads = wire.reads
+    on_wire = [await store._x("get_sent", phone_of(a), "r1"), await store._x("get_sent", phone_of(a), "nothing"),
+               await store._x("message", chat.chat_id, 0, 1), await store._x("message", chat.chat_id, 0, 2)]
+    assert wire.reads == reads + 4
+    held, store._wire_reads = store._wire_reads, {}
+    try:
+        by_driver = [await store._x("get_sent", phone_of(a), "r1"), await store._x("get_sent", phone_of(a), "nothing"),
+                     await store._x("message", chat.chat_id, 0, 1), await store._x("message", chat.chat_id, 0, 2)]
+    finally:
+        store._wire_reads = held
+    assert wire.reads == reads + 4
+    assert on_wire == [[tuple(r) for r in rows] for rows in by_driver]
+    assert on_wire[1] == [] and on_wire[0] == [(chat.chat_id, 1)]
+    found = await store.find_sent(phone_of(a), "r2")
+    assert found is not None and found.media == media and found.body is None and found.seq == 2
+
+
+async def test_cassandra_read_the_server_does_not_know_or_whose_connection_drops_is_asked_through_the_driver(
+        cassandra: CassandraStore) -> None:
+    """A read on the loop's own connection that the server answers "unprepared", or whose
+    connection ends before the answer, is asked again through the driver: a read changes nothing,
+    so the caller gets its rows rather than an error."""
+    store = cassandra
+    a, b = await two_users(store)
+    chat = await store.direct_chat(a, b, T0)
+    await store.append_message(text(chat.chat_id, a, "u1"), [a, b])
+    query_id, consistency, types = store._wire_reads["get_sent"]
+    store._wire_reads["get_sent"] = (b"\x13" * 16, consistency, types)
+    try:
+        before = store.ops.by_name.get("get_sent", 0)
+        assert await store._x("get_sent", phone_of(a), "u1") == [(chat.chat_id, 1)]
+        assert store.ops.by_name["get_sent"] == before + 2  # the refused try, then the driver's
+    finally:
+        store._wire_reads["get_sent"] = (query_id, consistency, types)
+    wire = store._wire
+    assert wire is not None
+    reading = asyncio.create_task(store._x("get_sent", phone_of(a), "u1"))
+    await asyncio.sleep(0)  # queued on the connection
+    assert wire._transport is not None
+    wire._transport.abort()
+    assert [tuple(r) for r in await reading] == [(chat.chat_id, 1)]
+
+
 @pytest.mark.parametrize("read", ["get_chat", "user_chats"])
 async def test_cassandra_a_chats_members_are_as_new_as_its_last_seq(
         cassandra: CassandraStore, monkeypatch: pytest.MonkeyPatch, read: str) -> None:
