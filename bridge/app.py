@@ -125,7 +125,7 @@ class PigeonServer:
         await blobs.open()
         self.blobs = blobs
         signer = TokenSigner(s.secret)
-        self.state = open_state(s.redis)
+        self.state = open_state(s.redis, peer_host=s.peer_host or None, peer_secret=s.secret)
         try:
             await self.state.open()
         except StorageError as exc:

@@ -40,6 +40,9 @@ class Settings:
     store: str | None = None
     media: str | None = None
     redis: str | None = None
+    # with Redis: the address this bridge answers other bridges' requests on, directly
+    # (storage/peers.py), and gives them; "": through Redis lists only
+    peer_host: str = "127.0.0.1"
     broker: str | None = None
     broker_credentials_file: Path | None = None
     broker_ca_file: Path | None = None  # with an mqtts:// broker: the CA its certificate is checked against

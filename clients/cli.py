@@ -72,6 +72,9 @@ def serve(
     = None,
     redis: Annotated[str | None, typer.Option(envvar="PIGEON_REDIS", help="redis://HOST:PORT/DB (absent: in-process)")]
     = None,
+    peer_host: Annotated[str, typer.Option(
+        envvar="PIGEON_PEER_HOST", help="with --redis and several bridges: the address other bridges reach this "
+        "one on for the keys it numbers for them; 'off': through Redis only")] = "127.0.0.1",
     broker: Annotated[str | None, typer.Option(
         envvar="PIGEON_BROKER", help="mqtt://HOST:PORT of an external broker (absent: embedded)")] = None,
     broker_credentials_file: Annotated[Path | None, typer.Option(
@@ -145,6 +148,7 @@ def serve(
             dev=dev, data_dir=data_dir, host=host, public_host=public_host, public_url=public_url,
             public_ws_url=public_ws_url, mqtt_port=mqtt_port,
             ws_port=ws_port, http_port=http_port, store=store, media=media, redis=redis, sms_webhook=sms_webhook,
+            peer_host="" if peer_host.strip().lower() == "off" else peer_host.strip(),
             broker=broker, broker_credentials_file=broker_credentials_file, broker_ca_file=broker_ca_file,
             tls_cert=tls_cert, tls_key=tls_key, mqtts_port=mqtts_port, wss_port=wss_port, https_port=https_port,
             plaintext=plaintext,

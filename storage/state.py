@@ -95,13 +95,16 @@ class MemoryState:
         return list(w)
 
 
-def open_state(url: str | None) -> SharedState:
+def open_state(url: str | None, peer_host: str | None = None, peer_secret: bytes | None = None) -> SharedState:
+    """``peer_host`` and ``peer_secret`` (Redis only): where this process answers other bridge
+    processes' requests directly (``storage/peers.py``), and the deployment's secret that lets
+    them in; without them, through Redis lists only."""
     if not url:
         return MemoryState()
     if url.startswith(("redis://", "rediss://")):
         from .state_redis import RedisState
 
-        return RedisState(url)
+        return RedisState(url, peer_host=peer_host, peer_secret=peer_secret)
     from . import BackendConfigError
 
     raise BackendConfigError(f"unknown state scheme in {url!r} (expected redis:// or nothing for in-process)")

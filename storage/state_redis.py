@@ -12,12 +12,14 @@ import asyncio
 import itertools
 import json
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .base import StorageError, StorageUnavailable
+from .peers import PeerClient, PeerLost, PeerServer, peer_key
 
 _ONLINE = """
 local added = redis.call('SADD', KEYS[1], ARGV[1])
@@ -46,6 +48,12 @@ REDIS_CONNECTIONS = 64
 # Redis Cluster too.
 RPC_LIST = "pg:{rpc}:q:"
 REPLY_LIST = "pg:{rpc}:r:"
+# Where the holder of a queue answers directly (storage/peers.py): "HOST:PORT", kept alive by the
+# holder every ADVERTISE_S, gone ADVERTISE_TTL_S after it stops.
+HOLDER_AT = "pg:{rpc}:at:"
+ADVERTISE_S = 1.0
+ADVERTISE_TTL_S = 3
+HOLDER_CACHE_S = 1.0  # how long a caller trusts the address it read for a queue
 RPC_WAIT_S = 1  # a blocking pop returns this often to look at what it serves
 RPC_BUNCH = 256  # requests (or replies) taken from a list in one round trip
 log = logging.getLogger(__name__)
@@ -61,7 +69,10 @@ class _Pushes:
 
 
 class RedisState:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, peer_host: str | None = None, peer_secret: bytes | None = None) -> None:
+        """``peer_host``: the address this process answers other bridges' requests on, directly
+        (storage/peers.py), and the one it gives them; ``peer_secret``: the deployment's secret,
+        which only its bridges know. Without both: through Redis lists only."""
         try:
             import redis.asyncio as aioredis
         except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -89,8 +100,16 @@ class RedisState:
         self._replies: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._handlers: dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] = {}
         self._reply_task: asyncio.Task[None] | None = None
+        self._closing = False
         self._pushes: _Pushes | None = None  # requests and replies waiting for this loop turn's push
         self._push_tasks: set[asyncio.Task[None]] = set()
+        self._peer_host = peer_host if peer_secret else None
+        self._peer_key = peer_key(peer_secret) if peer_secret else ""
+        self._peer_server: PeerServer | None = None
+        self._peer_client: PeerClient | None = None
+        self._holders: dict[str, tuple[str | None, float]] = {}  # queue -> (address, read at)
+        self._reading: dict[str, asyncio.Future[str | None]] = {}  # queue -> its address being read
+        self.direct_calls = 0  # requests answered over a direct connection (for tests and metrics)
 
     async def _do(self, coro: Any) -> Any:
         from redis.exceptions import RedisError
@@ -104,14 +123,22 @@ class RedisState:
 
     async def open(self) -> None:
         await self._do(self._redis.ping())
+        if self._peer_host is not None:
+            self._peer_client = PeerClient(self._peer_key)
         scripts = (("online", _ONLINE), ("offline", _OFFLINE), ("watchers", _WATCHERS))
         for name, src in scripts:
             self._scripts[name] = self._redis.register_script(src)
 
     async def close(self) -> None:
+        if self._peer_client is not None:
+            await self._peer_client.close()
         if self._reply_task is not None:
+            # It ends by itself once its blocking pop returns (within RPC_WAIT_S). Cancelling it
+            # in the middle of one is not enough: redis-py (8.1) can take the cancellation while
+            # it reads the reply and go on waiting on a connection it has closed.
+            self._closing = True
+            await asyncio.wait([self._reply_task], timeout=RPC_WAIT_S + 1)
             self._reply_task.cancel()
-            await asyncio.gather(self._reply_task, return_exceptions=True)
             self._reply_task = None
         await self._redis.aclose()
         await self._pool.disconnect()
@@ -176,6 +203,10 @@ class RedisState:
         one deployment: ``KEYSPACE:pN``) and wait for its answer. A request nobody takes in time
         raises :class:`StorageUnavailable` (it may still be handled later: requests carry their
         own deadline, and what they ask is idempotent)."""
+        if self._peer_host is not None:
+            reply = await self._call_direct(queue, request, timeout_s)
+            if reply is not None:
+                return reply
         if self._reply_task is None or self._reply_task.done():
             self._reply_task = asyncio.create_task(self._collect_replies(), name="rpc-replies")
         rid = str(next(self._rids))
@@ -189,6 +220,70 @@ class RedisState:
             raise StorageUnavailable(f"no answer from the holder of {queue} in {timeout_s:.0f} s") from exc
         finally:
             self._replies.pop(rid, None)
+
+    async def _call_direct(self, queue: str, request: dict[str, Any], timeout_s: float) -> dict[str, Any] | None:
+        """The holder's answer over a direct connection (storage/peers.py), or None when the
+        request was not handled that way and must go through the queue's Redis list."""
+        address = await self._holder_of(queue)
+        if address is None:
+            return None
+        if self._peer_client is None:
+            return None
+        try:
+            reply = await self._peer_client.call(address, queue, request, timeout_s)
+        except PeerLost as exc:
+            self._holders.pop(queue, None)
+            raise StorageUnavailable(f"{exc} (the holder of {queue} may have handled the request)") from exc
+        except TimeoutError as exc:
+            raise StorageUnavailable(f"no answer from the holder of {queue} in {timeout_s:.0f} s") from exc
+        if reply is None:  # not handled there (moved, or no connection): the Redis list finds the holder
+            self._holders.pop(queue, None)
+            return None
+        self.direct_calls += 1
+        return reply
+
+    async def _holder_of(self, queue: str) -> str | None:
+        """Where the holder of ``queue`` answers, as last read (at most HOLDER_CACHE_S ago). The
+        requests that wait for one reading go on in the order they were made."""
+        now = time.monotonic()
+        known = self._holders.get(queue)
+        if known is not None and now - known[1] < HOLDER_CACHE_S:
+            return known[0]
+        reading = self._reading.get(queue)
+        if reading is None:
+            reading = self._reading[queue] = asyncio.get_running_loop().create_future()
+            address = None
+            try:
+                raw = await self._do(self._redis.get(f"{HOLDER_AT}{queue}"))
+                address = raw.decode() if isinstance(raw, bytes) else raw
+                mine = self._peer_server.address if self._peer_server is not None else None
+                if address == mine:  # advertised by this process before it gave the queue up
+                    address = None
+                self._holders[queue] = (address, now)
+            except StorageUnavailable:
+                pass
+            finally:
+                del self._reading[queue]
+                reading.set_result(address)
+        return await asyncio.shield(reading)
+
+    async def _advertise(self, queues: Callable[[], Sequence[str]], address: str) -> None:
+        """Say where this process answers for each queue it serves, until cancelled."""
+        while True:
+            held = queues()
+            if held:
+                pipe = self._redis.pipeline(transaction=False)
+                for q in held:
+                    pipe.set(f"{HOLDER_AT}{q}", address, ex=ADVERTISE_TTL_S)
+                try:
+                    await self._do(pipe.execute())
+                except StorageUnavailable as exc:
+                    log.warning("could not say where this bridge answers: %s", exc)
+            await asyncio.sleep(ADVERTISE_S)
+
+    async def _handle_request(self, request: dict[str, Any]) -> dict[str, Any]:
+        handler = self._handlers.get(str(request.get("kind")))
+        return await handler(request) if handler is not None else {"error": "unknown request"}
 
     async def _push(self, key: str, item: str, *, expire: bool) -> None:
         """Append ``item`` to the list ``key``. Everything pushed in one turn of the event loop goes
@@ -223,7 +318,7 @@ class RedisState:
 
     async def _collect_replies(self) -> None:
         key = f"{REPLY_LIST}{self._me}"
-        while True:
+        while not self._closing:
             got = await self._pop([key], "replies from other bridges")
             if got is None:
                 continue
@@ -262,12 +357,32 @@ class RedisState:
         """Take requests for the queues ``queues()`` names (asked anew at every wait) and answer
         each with the handler of its kind; runs until cancelled. A request popped from a queue
         given up meanwhile goes back to the front of it, for the next holder."""
+        advertising: asyncio.Task[None] | None = None
+        if self._peer_host is not None and self._peer_server is None:
+            server = PeerServer(self._peer_key, lambda q: q in queues(), self._handle_request)
+            try:
+                address = await server.start(self._peer_host)
+            except OSError as exc:
+                log.warning("cannot answer other bridges directly on %s (%s): through Redis only",
+                            self._peer_host, exc)
+            else:
+                self._peer_server = server
+                advertising = asyncio.create_task(self._advertise(queues, address), name="rpc-advertise")
+        try:
+            await self._serve_lists(queues)
+        finally:
+            if advertising is not None:
+                advertising.cancel()
+            if self._peer_server is not None:
+                await self._peer_server.close()
+                self._peer_server = None
+
+    async def _serve_lists(self, queues: Callable[[], Sequence[str]]) -> None:
         running: set[asyncio.Task[None]] = set()
 
         async def answer(caller: str, rid: str, request: dict[str, Any]) -> None:
-            handler = self._handlers.get(str(request.get("kind")))
             try:
-                reply = await handler(request) if handler is not None else {"error": "unknown request"}
+                reply = await self._handle_request(request)
             except Exception as exc:  # an answer is always sent: the caller is waiting for it
                 log.exception("answering a request of another bridge failed")
                 reply = {"error": f"{type(exc).__name__}"}

@@ -99,7 +99,13 @@ def broker_flags() -> list[str]:
 
 @contextmanager
 def two_bridges(dir0: Path, dir1: Path, *flags: str) -> Iterator[tuple[ServerProc, ServerProc]]:
-    """Two server processes of one deployment (the same flags), stopped again, second first."""
+    """Two server processes of one deployment (the same flags and the same secret, as
+    docs/deploy.md asks), stopped again, second first."""
+    kept = [d / "secret" for d in (dir0, dir1) if (d / "secret").exists()]
+    shared = kept[0].read_text() if kept else secrets.token_hex(32)
+    for d in (dir0, dir1):
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "secret").write_text(shared)
     first = ServerProc.start(dir0, *flags)
     try:
         second = ServerProc.start(dir1, *flags)

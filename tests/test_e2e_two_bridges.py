@@ -96,8 +96,18 @@ async def test_a_conversation_across_two_bridges_reads_nothing_back_in_steady_st
     """Two users whose traffic two different bridges take: once each has sent a message, the
     sends, acks and receipts between them are numbered and written without reading anything
     back from Cassandra (each side knows the chat's members, and the holder of an inbox keeps
-    what it numbered for another bridge)."""
+    what it numbered for another bridge), and what one bridge asks the other goes over their
+    direct connection, not through Redis lists (storage/peers.py)."""
+    import redis.asyncio as aioredis
+
+    from tests.conftest import production_url
+
     b0, b1, flags = bridges
+    admin = aioredis.from_url(production_url("PIGEON_REDIS", "redis://"))
+
+    async def pushes() -> int:
+        return int((await admin.info("commandstats")).get("cmdstat_rpush", {}).get("calls", 0))
+
     await settled(b0, b1)
     holders = await asyncio.to_thread(lease_holders, flags)
     found: dict[int, Profile] = {}
@@ -128,8 +138,12 @@ async def test_a_conversation_across_two_bridges_reads_nothing_back_in_steady_st
         await exchange("warm", 1)  # first uses: the chat, the pair and each key's log are read once
         await asyncio.sleep(1.5)
         before = [await reads_back(srv) for srv in (b0, b1)]
+        pushed = await pushes()
         await exchange("s", 10)
         await asyncio.sleep(1.5)
         after = [await reads_back(srv) for srv in (b0, b1)]
+        pushed = await pushes() - pushed
+    await admin.aclose()
     read = {name: sum(aft[name] - bef[name] for bef, aft in zip(before, after, strict=True)) for name in READ_BACKS}
     assert not any(read.values()), f"statements that read back: {read}"
+    assert pushed == 0, f"{pushed} pushes onto Redis lists: requests between the bridges went through Redis"

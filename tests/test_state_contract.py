@@ -111,7 +111,9 @@ async def test_requests_between_bridges_keep_their_order_and_share_round_trips()
     from storage.state_redis import RedisState
 
     url = production_url("PIGEON_REDIS", "redis://")
-    caller, holder = RedisState(url), RedisState(url)
+    # through Redis lists only (peer_host=None): the way every request takes when no direct
+    # connection to the holder can be had
+    caller, holder = RedisState(url, peer_host=None), RedisState(url, peer_host=None)
     admin = aioredis.from_url(url)
     queue = f"test-order-{uid()}:p0"
     seen: list[int] = []
@@ -141,3 +143,182 @@ async def test_requests_between_bridges_keep_their_order_and_share_round_trips()
         await admin.aclose()
         await caller.close()
         await holder.close()
+
+
+SECRET = b"the test deployment's secret"
+
+
+class _Echo:
+    """A holder's handler that records what it was asked (and can be held back)."""
+
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+        self.hold: asyncio.Event | None = None
+
+    async def __call__(self, request: dict[str, object]) -> dict[str, object]:
+        n = request["n"]
+        assert isinstance(n, int)
+        self.seen.append(n)
+        if self.hold is not None:
+            await self.hold.wait()
+        return {"n": n * 2}
+
+
+async def _serving(url: str, queues: list[str]) -> tuple[object, _Echo, asyncio.Task[None]]:
+    from storage.state_redis import RedisState
+
+    holder = RedisState(url, "127.0.0.1", SECRET)
+    await holder.open()
+    echo = _Echo()
+    holder.handle("echo", echo)
+    return holder, echo, asyncio.create_task(holder.serve(lambda: list(queues)))
+
+
+async def _direct_ready(caller: object, queue: str) -> None:
+    """Until the caller has learnt where the holder answers (it advertises every second)."""
+    from storage.state_redis import RedisState
+
+    assert isinstance(caller, RedisState)
+    for _ in range(60):
+        caller._holders.pop(queue, None)
+        if await caller._holder_of(queue) is not None:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("the holder never said where it answers")
+
+
+async def test_requests_between_bridges_go_straight_to_the_holder_in_order() -> None:
+    """With a direct connection (storage/peers.py) a request and its answer are one frame each
+    way: nothing is pushed onto a Redis list, and the holder takes them in the order made."""
+    import redis.asyncio as aioredis
+
+    from storage.state_redis import RedisState
+
+    url = production_url("PIGEON_REDIS", "redis://")
+    queue = f"test-direct-{uid()}:p0"
+    holder, echo, serving = await _serving(url, [queue])
+    caller = RedisState(url, "127.0.0.1", SECRET)
+    await caller.open()
+    admin = aioredis.from_url(url)
+    try:
+        await _direct_ready(caller, queue)
+        pushes = (await admin.info("commandstats")).get("cmdstat_rpush", {}).get("calls", 0)
+        replies = await asyncio.gather(*(caller.call(queue, {"kind": "echo", "n": i}, 5) for i in range(50)))
+        assert replies == [{"n": 2 * i} for i in range(50)]
+        assert echo.seen == list(range(50))
+        assert caller.direct_calls == 50
+        assert (await admin.info("commandstats")).get("cmdstat_rpush", {}).get("calls", 0) == pushes
+    finally:
+        serving.cancel()
+        await asyncio.gather(serving, return_exceptions=True)
+        await admin.aclose()
+        await caller.close()
+        await holder.close()  # type: ignore[attr-defined]
+
+
+async def test_a_request_for_a_queue_given_up_reaches_the_new_holder_through_redis() -> None:
+    """The holder a caller remembers has given the queue up: it answers "moved" without handling
+    the request, and the caller pushes it onto the queue's Redis list, where the new holder takes it."""
+    from storage.state_redis import RedisState
+
+    url = production_url("PIGEON_REDIS", "redis://")
+    queue = f"test-moved-{uid()}:p0"
+    old_queues = [queue]
+    old, old_echo, old_serving = await _serving(url, old_queues)
+    caller = RedisState(url, "127.0.0.1", SECRET)
+    await caller.open()
+    new, new_echo, new_serving = None, None, None
+    try:
+        await _direct_ready(caller, queue)
+        assert await caller.call(queue, {"kind": "echo", "n": 1}, 5) == {"n": 2}
+        old_queues.clear()  # given up; the caller still has the old holder's address
+        new, new_echo, new_serving = await _serving(url, [])
+        new_queues = [queue]
+        new_serving.cancel()
+        new_serving = asyncio.create_task(new.serve(lambda: list(new_queues)))  # type: ignore[attr-defined]
+        assert await caller.call(queue, {"kind": "echo", "n": 2}, 5) == {"n": 4}
+        assert old_echo.seen == [1] and new_echo.seen == [2]
+    finally:
+        for task in (old_serving, new_serving):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        await caller.close()
+        await old.close()  # type: ignore[attr-defined]
+        if new is not None:
+            await new.close()  # type: ignore[attr-defined]
+
+
+async def test_a_connection_without_the_deployments_key_is_refused_unheard() -> None:
+    """Only a bridge that knows the deployment's secret is answered; one of another deployment
+    (another secret) is refused, and its requests go through Redis instead."""
+    import json
+    import struct
+
+    from storage.state_redis import RedisState
+
+    url = production_url("PIGEON_REDIS", "redis://")
+    queue = f"test-secret-{uid()}:p0"
+    holder, echo, serving = await _serving(url, [queue])
+    caller = RedisState(url, "127.0.0.1", SECRET)
+    await caller.open()
+    try:
+        await _direct_ready(caller, queue)
+        address = await caller._holder_of(queue)
+        assert address is not None
+        host, _, port = address.rpartition(":")
+
+        def frame(obj: object) -> bytes:
+            raw = json.dumps(obj).encode()
+            return struct.pack(">I", len(raw)) + raw
+
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(frame("not the key") + frame([1, queue, {"kind": "echo", "n": 7}]))
+        await writer.drain()
+        assert await asyncio.wait_for(reader.read(), 5) == frame("refused")  # and closed, nothing answered
+        writer.close()
+        assert echo.seen == []
+        stranger = RedisState(url, "127.0.0.1", b"another deployment's secret")
+        await stranger.open()
+        try:
+            assert await stranger.call(queue, {"kind": "echo", "n": 8}, 5) == {"n": 16}  # through Redis
+            assert stranger.direct_calls == 0 and echo.seen == [8]
+        finally:
+            await stranger.close()
+    finally:
+        serving.cancel()
+        await asyncio.gather(serving, return_exceptions=True)
+        await caller.close()
+        await holder.close()  # type: ignore[attr-defined]
+
+
+async def test_a_holder_gone_after_taking_a_request_leaves_it_unavailable_not_retried() -> None:
+    """The connection ends after the request was written: the holder may have handled it, so the
+    caller reports the store unavailable (the device retries under the same id) rather than
+    asking a second holder and numbering it twice."""
+    from storage.base import StorageUnavailable
+    from storage.state_redis import RedisState
+
+    url = production_url("PIGEON_REDIS", "redis://")
+    queue = f"test-gone-{uid()}:p0"
+    holder, echo, serving = await _serving(url, [queue])
+    echo.hold = asyncio.Event()
+    caller = RedisState(url, "127.0.0.1", SECRET)
+    await caller.open()
+    try:
+        await _direct_ready(caller, queue)
+        asking = asyncio.create_task(caller.call(queue, {"kind": "echo", "n": 3}, 5))
+        for _ in range(50):
+            if echo.seen:
+                break
+            await asyncio.sleep(0.02)
+        assert echo.seen == [3]
+        serving.cancel()  # the holder stops: its connections close
+        await asyncio.gather(serving, return_exceptions=True)
+        with pytest.raises(StorageUnavailable, match="may have handled"):
+            await asking
+    finally:
+        echo.hold.set()
+        serving.cancel()
+        await caller.close()
+        await holder.close()  # type: ignore[attr-defined]
