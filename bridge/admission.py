@@ -41,8 +41,8 @@ from collections.abc import Callable
 
 from .errors import ProtocolError, RateLimited
 from .metrics import Metrics
-from .outbox import Out, device_topic
-from .protocol import Ack, PresenceReq, Typing, error_reply, parse_request
+from .outbox import Out, ToDevice
+from .protocol import Ack, ErrorReply, PresenceReq, Typing, parse_request
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +128,9 @@ class Admission:
                else "the server is overloaded")
         exc = RateLimited(f"{why}; retry later", retry_after_ms=self.retry_after_ms)
         log.debug("overloaded (%d held, %d of the device): refused a %s on %s", self.held, queued, req.type, topic)
-        body = error_reply(exc.mqtt_code, exc.message, getattr(req, "id", None), exc.retry_after_ms)
-        return [Out.event(device_topic(parts[1], parts[2]), body)]
+        body = ErrorReply(id=getattr(req, "id", None), code=exc.mqtt_code, message=exc.message,
+                          retry_after_ms=exc.retry_after_ms)
+        return [Out(ToDevice(parts[1], parts[2]), body)]
 
     def check_http(self) -> None:
         """An HTTP send is refused with 429 past the limit, like one over MQTT (it is not

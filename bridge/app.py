@@ -44,6 +44,7 @@ from .router import DeviceRouter
 from .sms import LogSms, WebhookSms
 from .tls import client_context, load_certificate, server_context
 from .tokens import TokenSigner
+from .wire import publishes
 
 log = logging.getLogger(__name__)
 START_TIMEOUT_S = 30.0
@@ -85,10 +86,10 @@ class PigeonServer:
     async def publish(self, outs: Sequence[Out]) -> None:
         if self._ingest_client is not None:
             # handed over in this order, not waiting for the broker's acknowledgements
-            await self._ingest_client.publish_all([(o.topic, o.payload, o.qos) for o in outs])
+            await self._ingest_client.publish_all(publishes(outs))
         elif self._broker is not None:
-            for out in outs:
-                await self._broker.publish(out.topic, out.payload, out.qos)
+            for topic, payload, qos in publishes(outs):
+                await self._broker.publish(topic, payload, qos)
         else:
             return
         for out in outs:
@@ -390,7 +391,7 @@ class PigeonServer:
             return None
         if refused:
             self.metrics.messages_out.labels("0").inc(len(refused))
-        return [(out.topic, out.payload) for out in refused]
+        return [(topic, payload) for topic, payload, _qos in publishes(refused)]
 
     async def _disconnect_device(self, device_id: str) -> None:
         """Close a device's connection: the embedded broker drops it; on Mosquitto, dynamic

@@ -24,6 +24,12 @@ trusts. Certificates and host names are always checked.
 
 Errors: :class:`PigeonClientError` (with ``.code``, the protocol's error code) for anything the
 server refused, :class:`RequestTimeout` when no reply came in time.
+
+Events and replies are decoded into the protocol's typed envelopes (``bridge.protocol``:
+``MsgEvent``, ``ReceiptEvent``, ``Sent``, ``Batch``…), the same types the bridge sends, and
+validated on the way in (a payload that is not a valid event is logged and dropped). Each is
+also a read-only mapping of its v1 JSON keys, so ``ev["type"]`` and ``ev == {...}`` read as
+they did when events were plain dicts.
 """
 
 from __future__ import annotations
@@ -47,8 +53,23 @@ from typing import Any
 import aiomqtt
 import httpx
 
+from bridge.errors import ProtocolError
+from bridge.protocol import (
+    REPLY_TYPES,
+    Batch,
+    ErrorReply,
+    Event,
+    MediaUploadReply,
+    MediaUrlReply,
+    MsgEvent,
+    PresenceEvent,
+    ReceiptEvent,
+    decode_payload,
+)
+
 log = logging.getLogger(__name__)
-Event = dict[str, Any]
+__all__ = ["Api", "Device", "Event", "PigeonClientError", "Profile", "RequestTimeout", "login", "request_code",
+           "verify"]
 CLOSE_STEP_S = 5.0
 
 
@@ -341,7 +362,7 @@ class Device:
         self._side: asyncio.Queue[Event] = asyncio.Queue()
         self._cursor = profile.cursor
         self._acked = profile.cursor
-        self._buffer: dict[int, Event] = {}
+        self._buffer: dict[int, Any] = {}
         self._sync_lock = asyncio.Lock()
         self._sync_wanted = asyncio.Event()
         self._ack_wanted = asyncio.Event()
@@ -489,42 +510,41 @@ class Device:
         finally:
             self._pending.pop(rid, None)
             published.cancel()  # a PUBACK still owed is of no use once the reply is here
-        if reply.get("type") == "error":
-            raise PigeonClientError(reply["code"], reply.get("message", ""), retry_after_ms=reply.get("retry_after_ms"))
+        if isinstance(reply, ErrorReply):
+            raise PigeonClientError(reply.code, reply.message, retry_after_ms=reply.retry_after_ms)
         return reply
 
     async def _read_loop(self) -> None:
         assert self._client is not None
         async for message in self._client.messages:
+            if not isinstance(message.payload, (bytes, bytearray, str)):
+                continue
             try:
-                event = json.loads(message.payload if isinstance(message.payload, (bytes, str)) else b"{}")
-            except ValueError:
-                log.warning("ignoring a payload that is not JSON on %s", message.topic)
+                event = decode_payload(message.payload)
+            except ProtocolError as exc:
+                log.warning("ignoring a payload on %s that is not a valid event: %s", message.topic, exc.message)
                 continue
-            if not isinstance(event, dict):
-                continue
-            rid = event.get("id")
-            if event.get("type") in ("sent", "batch", "error", "media_upload", "media_ready", "media_url") \
-                    and isinstance(rid, str) and rid in self._pending:
+            rid = getattr(event, "id", None)
+            if event.type in REPLY_TYPES and rid is not None and rid in self._pending:
                 fut = self._pending.pop(rid)
                 if not fut.done():
                     fut.set_result(event)
                 continue
-            if event.get("type") == "presence" and isinstance(rid, str) and rid in self._pending:
+            if isinstance(event, PresenceEvent) and rid is not None and rid in self._pending:
                 self._side.put_nowait(event)
                 continue
-            if "inbox" in event:
+            if isinstance(event, (MsgEvent, ReceiptEvent)):
                 self._take(event)
             else:
                 await self._events.put(event)
 
-    def _take(self, event: Event, *, from_store: bool = False) -> None:
+    def _take(self, event: Mapping[str, Any], *, from_store: bool = False) -> None:
         """Deliver inbox events exactly once and in order; a gap asks for a sync.
 
         A live event past a gap waits for the sync. What sync returns comes from the store in
         inbox order and is authoritative: a position it skips does not exist.
         """
-        pos = int(event["inbox"])
+        pos = event.inbox if isinstance(event, (MsgEvent, ReceiptEvent)) else int(event["inbox"])
         if pos <= self._cursor:
             return
         self._buffer[pos] = event
@@ -602,9 +622,11 @@ class Device:
             before = self._cursor
             while True:
                 batch = await self.request({"type": "sync", "after": self._cursor, "limit": limit})
-                for item in batch["items"]:
+                if not isinstance(batch, Batch):
+                    raise PigeonClientError("bad_reply", f"sync was answered with {batch.type}")
+                for item in batch.events:
                     self._take(item, from_store=True)
-                if not batch["more"] or not batch["items"]:
+                if not batch.more or not batch.events:
                     break
             await self._flush_ack()
             return self._cursor - before
@@ -660,7 +682,7 @@ class Device:
                         ev = await self._side.get()
                 except TimeoutError:
                     return out
-                if ev.get("id") == rid:
+                if isinstance(ev, PresenceEvent) and ev.id == rid:
                     out.append(ev)
         finally:
             self._pending.pop(rid, None)
@@ -669,17 +691,23 @@ class Device:
         """Upload bytes and return the MEDIA object to put in :meth:`send`."""
         sha = hashlib.sha256(data).hexdigest()
         reply = await self.request({"type": "media_upload", "sha256": sha, "size": len(data), "mime": mime})
-        if not reply["exists"]:
-            await self.api.put_blob(reply["upload"], data)
-        await self.request({"type": "media_done", "key": reply["key"]})
-        media: dict[str, Any] = {"key": reply["key"], "mime": mime, "size": len(data), "sha256": sha}
+        if not isinstance(reply, MediaUploadReply):
+            raise PigeonClientError("bad_reply", f"media_upload was answered with {reply.type}")
+        if not reply.exists:
+            if reply.upload is None:
+                raise PigeonClientError("bad_reply", "media_upload named no upload for a new object")
+            await self.api.put_blob(reply.upload.to_json(), data)
+        await self.request({"type": "media_done", "key": reply.key})
+        media: dict[str, Any] = {"key": reply.key, "mime": mime, "size": len(data), "sha256": sha}
         if name:
             media["name"] = name
         return media
 
     async def download(self, key: str, chat: str) -> bytes:
         reply = await self.request({"type": "media_url", "key": key, "chat": chat})
-        return await self.api.get_blob(reply["url"])
+        if not isinstance(reply, MediaUrlReply):
+            raise PigeonClientError("bad_reply", f"media_url was answered with {reply.type}")
+        return await self.api.get_blob(reply.url)
 
     # -- events ------------------------------------------------------------------------------------------
     async def next_event(self, timeout: float | None = None) -> Event:

@@ -33,7 +33,8 @@ class FakeServer:
 
     broker: PigeonBroker
     port: int
-    reply: dict[str, object] | None = None  # what to answer a send with (its id is filled in)
+    # what to answer a send with (its id is filled in); the SDK checks replies, so a complete one
+    reply: dict[str, object] | None = None
     hold: float = 0.0  # how long the send's handling (and so its PUBACK) takes
     release: asyncio.Event = field(default_factory=asyncio.Event)
     sends: int = 0
@@ -42,7 +43,7 @@ class FakeServer:
         msg = json.loads(payload)
         down = f"down/{USER}/{DEVICE}"
         if msg.get("type") == "sync":
-            batch = {"type": "batch", "id": msg["id"], "items": [], "more": False}
+            batch = {"type": "batch", "id": msg["id"], "items": [], "last": msg.get("after", 0), "more": False}
             await self.broker.publish(down, json.dumps(batch).encode(), 1)
         elif msg.get("type") == "send":
             self.sends += 1
@@ -71,7 +72,7 @@ async def server() -> AsyncIterator[FakeServer]:
 
 async def test_a_reply_that_beats_a_held_puback_is_returned(server: FakeServer) -> None:
     async with server.device() as dev:
-        server.reply = {"type": "sent", "chat": "c1", "seq": 7}
+        server.reply = {"type": "sent", "chat": "c1", "seq": 7, "ts": 1}
         server.hold = 3 * TIMEOUT  # the PUBACK comes long after the request's timeout
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -99,7 +100,7 @@ async def test_an_error_that_beats_a_held_puback_is_raised_as_itself(server: Fak
 
 async def test_send_returns_the_reply_that_beats_a_held_puback_without_a_retry(server: FakeServer) -> None:
     async with server.device() as dev:
-        server.reply = {"type": "sent", "chat": "c1", "seq": 1}
+        server.reply = {"type": "sent", "chat": "c1", "seq": 1, "ts": 1}
         server.hold = 3 * TIMEOUT
         try:
             reply = await dev.send("hi", to="u2", retries=1)
