@@ -276,6 +276,11 @@ def parse_request(raw: bytes, max_bytes: int) -> Request:
             json.dumps(d, ensure_ascii=False).encode()
         except UnicodeEncodeError as exc:
             raise BadRequest("payload holds a lone UTF-16 surrogate (\\uD800-\\uDFFF)") from exc
+    return parse_fields(d)
+
+
+def parse_fields(d: Mapping[str, Any]) -> Request:
+    """A request object (v1's keys, whatever encoding it came in) as its typed request."""
     rid: str | None = None
     try:
         rid = request_id(d)
@@ -356,7 +361,7 @@ class ChatMessage(WireEvent):
     seq: int
     id: str  # the sender's id for it, or ``{chat}:{seq}`` for a system message
     sender: str  # ``from`` on the wire
-    device: str
+    device: str | None  # None only where v2 leaves it out (another member's message)
     ts: int
     kind: str
     body: str | None = None
