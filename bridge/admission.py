@@ -42,7 +42,8 @@ from collections.abc import Callable
 from .errors import ProtocolError, RateLimited
 from .metrics import Metrics
 from .outbox import Out, ToDevice
-from .protocol import Ack, ErrorReply, PresenceReq, Typing, parse_request
+from .protocol import Ack, ErrorReply, PresenceReq, Typing
+from .wire_v2 import parse_any
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ class Admission:
     def _over(self, topic: str, payload: bytes | bytearray, queued: int) -> list[Out] | None:
         parts = topic.split("/")
         try:
-            req = parse_request(bytes(payload), self._max_payload) if len(parts) == 3 and parts[0] == "up" else None
+            req = parse_any(payload, self._max_payload) if len(parts) == 3 and parts[0] == "up" else None
         except ProtocolError:
             req = None
         if req is None or isinstance(req, (Ack, PresenceReq)):

@@ -155,11 +155,13 @@ class Messenger:
                 media=media_ref(req.media) if req.media is not None else None,
             )
             stored, outs = await self._append(new, chat.member_ids)
-        return Result(reply=self._sent(req.id, stored), outs=outs)
+        own = next((o.event.inbox for o in outs if o.to == ToUser(caller.user_id) and isinstance(o.event, MsgEvent)),
+                   None)
+        return Result(reply=self._sent(req.id, stored, own), outs=outs)
 
     @staticmethod
-    def _sent(rid: str, m: Message) -> Sent:
-        return Sent(id=rid, chat=m.chat_id, seq=m.seq, ts=m.ts)
+    def _sent(rid: str, m: Message, inbox: int | None = None) -> Sent:
+        return Sent(id=rid, chat=m.chat_id, seq=m.seq, ts=m.ts, inbox=inbox)
 
     # -- sync / ack ------------------------------------------------------------------------------
     async def sync(self, caller: Caller, req: Sync) -> Result:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Literal
 
 from .errors import BadRequest, ProtocolError, TooLarge, UnknownType
@@ -318,8 +318,9 @@ class WireEvent(Mapping[str, Any]):
         return len(self.to_json())
 
     def __eq__(self, other: object) -> bool:
-        if isinstance(other, WireEvent):
-            return type(self) is type(other) and self.to_json() == other.to_json()
+        if isinstance(other, WireEvent):  # every field, also those v1 does not carry
+            return type(self) is type(other) and all(
+                getattr(self, f.name) == getattr(other, f.name) for f in fields(self))  # type: ignore[arg-type]
         if isinstance(other, Mapping):
             return self.to_json() == dict(other)
         return NotImplemented
@@ -453,12 +454,14 @@ InboxEvent = MsgEvent | ReceiptEvent
 
 @dataclass(frozen=True, slots=True, eq=False)
 class Sent(WireEvent):
-    """The reply to ``send``: the message's place in its chat."""
+    """The reply to ``send``: the message's place in its chat. ``inbox``: its position in the
+    sender's own inbox, carried by v2 only (a v2 sending device gets no copy of its message)."""
 
     id: str
     chat: str
     seq: int
     ts: int
+    inbox: int | None = None
     type: ClassVar[str] = "sent"
 
     def to_json(self) -> dict[str, Any]:
@@ -467,7 +470,7 @@ class Sent(WireEvent):
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Sent:
         return cls(id=_req_str(d, "id", MAX_ID_LEN), chat=_req_str(d, "chat", 64), seq=_int(d, "seq", lo=1),
-                   ts=_int(d, "ts"))
+                   ts=_int(d, "ts"), inbox=_opt_int(d, "inbox"))
 
 
 @dataclass(frozen=True, slots=True, eq=False)

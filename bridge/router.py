@@ -34,9 +34,10 @@ from .protocol import (
     Sync,
     Typing,
     Watch,
-    parse_request,
 )
 from .ratelimit import RateLimiter, Strikes
+from .wire import DeviceKinds
+from .wire_v2 import is_v2, parse_any
 
 log = logging.getLogger(__name__)
 
@@ -106,12 +107,14 @@ class DeviceRouter:
         self, messenger: Messenger, presence: PresenceTracker, media: Media, limiter: RateLimiter,
         metrics: Metrics, max_payload: int, publish: Publish | None = None, *,
         admission: Admission | None = None, strikes: Strikes | None = None, disconnect: Disconnect | None = None,
+        kinds: DeviceKinds | None = None,
     ) -> None:
         """With ``publish``, acks run on an ``AckLane`` and what they cause is published through
         it; without, they are handled in line like any other request. With ``admission``, typing
         is dropped while it sheds (see ``bridge.admission``); with ``strikes`` and ``disconnect``,
         a device refused by its rate limit ``strikes.limit`` times within the window is
-        disconnected (it still gets the refusal)."""
+        disconnected (it still gets the refusal). With ``kinds``, each request's version (v1 JSON or
+        v2, by its first byte) is noted there for the MQTT edge (``bridge.wire``)."""
         self._messenger = messenger
         self._presence = presence
         self._media = media
@@ -122,6 +125,7 @@ class DeviceRouter:
         self._admission = admission
         self._strikes = strikes
         self._disconnect = disconnect
+        self._kinds = kinds
         self.acks: AckLane | None = AckLane(self._ack_apart) if publish is not None else None
 
     async def handle(self, topic: str, payload: bytes) -> list[Out]:
@@ -132,8 +136,10 @@ class DeviceRouter:
         started = time.perf_counter()
         kind = "invalid"
         reply_to = ToDevice(caller.user_id, caller.device_id)
+        if self._kinds is not None:
+            self._kinds.saw(caller.user_id, caller.device_id, is_v2(payload))
         try:
-            req = parse_request(payload, self._max_payload)
+            req = parse_any(payload, self._max_payload)
             kind = req.type
             self._metrics.requests.labels(kind).inc()
             if isinstance(req, PresenceReq):

@@ -39,6 +39,7 @@ from .protocol import (
     TypingEvent,
     decode_event,
     parse_fields,
+    parse_request,
 )
 
 # event type numbers
@@ -103,7 +104,7 @@ def to_array(event: Event, for_user: str) -> list[Any]:
     if isinstance(event, ReceiptEvent):
         return _receipt(event)
     if isinstance(event, Sent):
-        return [SENT, event.id, event.chat, event.seq, event.ts]
+        return _trim([SENT, event.id, event.chat, event.seq, event.ts, event.inbox])
     if isinstance(event, Batch):
         return [BATCH, event.id, event.last, event.more, [_inbox_item(e, for_user) for e in event.events]]
     if isinstance(event, ErrorReply):
@@ -168,7 +169,8 @@ def _v1_event(a: Any, for_user: str) -> dict[str, Any]:
         return {"type": "receipt", "inbox": _at(a, 1), "chat": _at(a, 2), "user": _at(a, 3),
                 "kind": RECEIPT_KINDS[kind], "up_to": _at(a, 5)}
     if t == SENT:
-        return {"type": "sent", "id": _at(a, 1), "chat": _at(a, 2), "seq": _at(a, 3), "ts": _at(a, 4)}
+        return {"type": "sent", "id": _at(a, 1), "chat": _at(a, 2), "seq": _at(a, 3), "ts": _at(a, 4),
+                "inbox": _at(a, 5)}
     if t == BATCH:
         items = _at(a, 4)
         if not isinstance(items, list):
@@ -228,6 +230,11 @@ def _typed(d: dict[str, Any]) -> Event:
         assert isinstance(ev, MsgEvent)
         return MsgEvent(ev.inbox, replace(ev.message, device=None))
     return decode_event(clean)
+
+
+def parse_any(raw: bytes | bytearray, max_bytes: int) -> Request:
+    """A device payload in either version (told apart by its first byte). Raises ProtocolError."""
+    return parse_request_v2(raw, max_bytes) if is_v2(raw) else parse_request(bytes(raw), max_bytes)
 
 
 def parse_request_v2(raw: bytes | bytearray, max_bytes: int) -> Request:

@@ -43,6 +43,7 @@ import math
 import os
 import random
 import ssl
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -53,10 +54,13 @@ from typing import Any
 import aiomqtt
 import httpx
 
+from bridge import wire_v2
 from bridge.errors import ProtocolError
 from bridge.protocol import (
     REPLY_TYPES,
+    Attachment,
     Batch,
+    ChatMessage,
     ErrorReply,
     Event,
     MediaUploadReply,
@@ -64,7 +68,9 @@ from bridge.protocol import (
     MsgEvent,
     PresenceEvent,
     ReceiptEvent,
+    Sent,
     decode_payload,
+    read_media,
 )
 
 log = logging.getLogger(__name__)
@@ -346,10 +352,19 @@ def _retrieve(task: asyncio.Future[Any]) -> None:
 
 
 class Device:
-    """A connected device: requests over MQTT, events in inbox order, cursor kept on disk."""
+    """A connected device: requests over MQTT, events in inbox order, cursor kept on disk.
+
+    ``proto=2`` speaks protocol v2 (docs/protocol.md): requests and events in MessagePack,
+    short request ids, live events at QoS 0, and no copy of its own messages (``send`` puts
+    the message in the event stream itself, at the inbox position its ``sent`` names), so an
+    application sees the same events either way."""
 
     def __init__(self, profile: Profile, *, keepalive: int = 240, transport: str = "tcp",
-                 reply_timeout: float = 10.0, ack_delay: float = 0.05) -> None:
+                 reply_timeout: float = 10.0, ack_delay: float = 0.05, proto: int = 1) -> None:
+        if proto not in (1, 2):
+            raise ValueError("proto must be 1 or 2")
+        self.proto = proto
+        self._last_id = 0  # v2: the last request id handed out (see _new_id)
         self.profile = profile
         self.api = Api(profile)
         self._keepalive = keepalive
@@ -379,7 +394,7 @@ class Device:
     # -- lifecycle --------------------------------------------------------------------------------
     def _mqtt_client(self) -> aiomqtt.Client:
         p = self.profile
-        offline = json.dumps({"type": "presence", "state": "offline"})
+        offline = self._encode({"type": "presence", "state": "offline"})
         if self._transport == "websockets":
             scheme, _, rest = p.ws_url.partition("://")
             host_port = rest.split("/", 1)[0]
@@ -404,7 +419,8 @@ class Device:
             await self.api.close()
             raise PigeonClientError("connect_refused", str(exc)) from exc
         self._client = client
-        await client.subscribe(f"down/{self.profile.user_id}", qos=1)
+        # v2 devices take their user's events from the v2 topic (docs/protocol.md)
+        await client.subscribe(f"down/{self.profile.user_id}{'/v2' if self.proto == 2 else ''}", qos=1)
         await client.subscribe(f"down/{self.profile.user_id}/{self.profile.device_id}", qos=1)
         self._runner = asyncio.create_task(self._run(), name=f"pigeon-device-{self.profile.device_id}")
         await self._publish(self._online())
@@ -470,12 +486,30 @@ class Device:
             tg.create_task(self._heartbeat_loop(), name="heartbeat")
 
     # -- plumbing ------------------------------------------------------------------------------------
+    def _encode(self, payload: Mapping[str, Any]) -> bytes:
+        if self.proto == 2:
+            return wire_v2.encode_request(payload)
+        return json.dumps(payload, separators=(",", ":")).encode()
+
+    def _new_id(self) -> str:
+        """A request id: v1, a random hex string; v2, a short one that still never repeats for
+        this device (microseconds since the epoch in base 36, strictly increasing), since the
+        server finds an earlier send by its id."""
+        if self.proto == 1:
+            return uuid.uuid4().hex
+        self._last_id = max(self._last_id + 1, int(time.time() * 1_000_000))
+        n, digits = self._last_id, ""
+        while n:
+            n, d = divmod(n, 36)
+            digits = "0123456789abcdefghijklmnopqrstuvwxyz"[d] + digits
+        return digits
+
     async def _publish(self, payload: Mapping[str, Any], qos: int = 1) -> None:
         if self._client is None:
             raise PigeonClientError("not_connected", "the device is not connected")
         try:
             async with asyncio.timeout(self._reply_timeout):
-                await self._client.publish(self.up, json.dumps(payload, separators=(",", ":")), qos=qos)
+                await self._client.publish(self.up, self._encode(payload), qos=qos)
             self._last_publish = asyncio.get_running_loop().time()
         except TimeoutError as exc:
             raise RequestTimeout(f"the broker did not acknowledge a {payload.get('type')} in time") from exc
@@ -489,13 +523,13 @@ class Device:
         """
         if self._client is None:
             raise PigeonClientError("not_connected", "the device is not connected")
-        rid = str(payload.get("id") or uuid.uuid4().hex)
+        rid = str(payload.get("id") or self._new_id())
         body = {**payload, "id": rid}
         fut: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut  # before the publish: the reply may come before its PUBACK
         # the PUBACK wait runs beside the reply wait, bounded only by the one deadline below
         published: asyncio.Future[Any] = asyncio.ensure_future(self._client.publish(
-            self.up, json.dumps(body, separators=(",", ":")), qos=1, timeout=math.inf))
+            self.up, self._encode(body), qos=1, timeout=math.inf))
         published.add_done_callback(_retrieve)
         try:
             async with asyncio.timeout(timeout or self._reply_timeout):
@@ -517,10 +551,12 @@ class Device:
     async def _read_loop(self) -> None:
         assert self._client is not None
         async for message in self._client.messages:
-            if not isinstance(message.payload, (bytes, bytearray, str)):
+            raw = message.payload
+            if not isinstance(raw, (bytes, bytearray, str)):
                 continue
+            raw = raw.encode() if isinstance(raw, str) else raw
             try:
-                event = decode_payload(message.payload)
+                event = wire_v2.decode(raw, self.profile.user_id) if wire_v2.is_v2(raw) else decode_payload(raw)
             except ProtocolError as exc:
                 log.warning("ignoring a payload on %s that is not a valid event: %s", message.topic, exc.message)
                 continue
@@ -634,7 +670,7 @@ class Device:
     async def send(self, body: str | None = None, *, chat: str | None = None, to: str | None = None,
                    media: Mapping[str, Any] | None = None, id: str | None = None, retries: int = 3) -> Event:
         """Send a message; retried under the same id until the server answers ``sent``."""
-        payload: dict[str, Any] = {"type": "send", "id": id or uuid.uuid4().hex}
+        payload: dict[str, Any] = {"type": "send", "id": id or self._new_id()}
         if chat is not None:
             payload["chat"] = chat
         if to is not None:
@@ -646,7 +682,10 @@ class Device:
         delay = 0.5
         for attempt in range(retries + 1):
             try:
-                return await self.request(payload)
+                reply = await self.request(payload)
+                if isinstance(reply, Sent) and reply.inbox is not None:
+                    self._take_own(reply, body, media)
+                return reply
             except RequestTimeout:
                 if attempt == retries:
                     raise
@@ -658,6 +697,16 @@ class Device:
             delay *= 2
         raise AssertionError("unreachable")
 
+    def _take_own(self, sent: Sent, body: str | None, media: Mapping[str, Any] | None) -> None:
+        """v2: the server sends no copy of this device's message to it; ``sent`` names its inbox
+        position and the message is put there as the copy would have been."""
+        assert sent.inbox is not None
+        attachment: Attachment | None = read_media(dict(media)) if media is not None else None
+        message = ChatMessage(chat=sent.chat, seq=sent.seq, id=sent.id, sender=self.profile.user_id,
+                              device=self.profile.device_id, ts=sent.ts, kind="media" if media else "text",
+                              body=body or None, media=attachment)
+        self._take(MsgEvent(sent.inbox, message))
+
     async def read(self, chat: str, up_to: int) -> None:
         await self._publish({"type": "read", "chat": chat, "up_to": up_to})
 
@@ -666,7 +715,7 @@ class Device:
 
     async def watch(self, users: list[str], ttl: int = 300) -> list[Event]:
         """Presence of the visible users now; later changes arrive through :meth:`events`."""
-        rid = uuid.uuid4().hex
+        rid = self._new_id()
         fut: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut  # marks presence replies with this id as replies
         try:
