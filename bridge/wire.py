@@ -7,8 +7,9 @@ goes to ``down/{user}`` for every device of a user and ``down/{user}/{device}`` 
 Protocol v2 (``bridge.wire_v2``) is per device: a device speaks v2 by sending its requests in
 v2, and :class:`DeviceKinds` remembers which devices did. An event for one device is encoded as
 that device speaks; an event for a user goes as v1 to ``down/{user}`` (always: a v1 client may
-listen without ever publishing) and, when the user has a v2 device, as v2 to ``down/{user}/v2``,
-which only v2 devices subscribe to. Live events (not replies) go to v2 devices at QoS 0: their
+listen without ever publishing) and, when the user has a v2 device or is not known to this
+process (their devices may talk to another bridge), as v2 to ``down/{user}/v2``, which only v2
+devices subscribe to. Live events (not replies) go to v2 devices at QoS 0: their
 inbox positions and ``sync`` recover a lost one. A message's copy for its sender is not sent
 to the sending device when it speaks v2: its ``sent`` reply carries the inbox position instead.
 """
@@ -18,11 +19,11 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
-from cachetools import LRUCache
+from cachetools import TTLCache
 
 from . import wire_v2
 from .outbox import Address, Out, ToDevice, ToUser
-from .protocol import REPLY_TYPES, ChatMessage, Event, MsgEvent, PresenceEvent
+from .protocol import ChatMessage, Event, MsgEvent
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
@@ -44,30 +45,32 @@ def _msg_tail(message: ChatMessage) -> bytes:
 
 
 class DeviceKinds:
-    """The devices this process has seen speak v2, by user (bounded: the least recently seen
-    users are forgotten, and their devices get v1 until they send a request again)."""
+    """Which version each device spoke in its latest request to this process, by user.
 
-    def __init__(self, max_users: int = 200_000) -> None:
-        self._v2: LRUCache[str, frozenset[str]] = LRUCache(max_users)
+    Bounded and forgetful: a user is forgotten when none of their devices was heard from for
+    ``ttl_s`` (devices speak at least once per keepalive), or when more recently heard users
+    need the room. A user this process does not know (one whose devices talk to another
+    bridge, or are not connected) gets user events in both versions."""
+
+    def __init__(self, max_users: int = 200_000, ttl_s: float = 600.0) -> None:
+        self._seen: TTLCache[str, dict[str, bool]] = TTLCache(max_users, ttl_s)
 
     def saw(self, user: str, device: str, v2: bool) -> None:
         """A request of this device came in v2 (or in v1)."""
-        known = self._v2.get(user, frozenset())
-        if v2 and device not in known:
-            self._v2[user] = known | {device}
-        elif not v2 and device in known:
-            self._v2[user] = known - {device}
+        devices = self._seen.get(user)
+        if devices is None:
+            devices = {}
+        devices[device] = v2
+        self._seen[user] = devices  # (again: heard from now)
 
     def is_v2(self, user: str, device: str) -> bool:
-        return device in self._v2.get(user, ())
+        devices = self._seen.get(user)
+        return devices is not None and devices.get(device, False)
 
-    def v2_devices(self, user: str) -> frozenset[str]:
-        return self._v2.get(user, frozenset())
-
-
-def _live(event: Event) -> bool:
-    """Not a reply to a request (a presence event with an id answers a watch)."""
-    return event.type not in REPLY_TYPES and not (isinstance(event, PresenceEvent) and event.id is not None)
+    def v2_devices(self, user: str) -> frozenset[str] | None:
+        """The user's devices known to speak v2; None when the user is not known here."""
+        devices = self._seen.get(user)
+        return None if devices is None else frozenset(d for d, v2 in devices.items() if v2)
 
 
 def publishes(outs: Sequence[Out], kinds: DeviceKinds | None = None) -> list[tuple[str, bytes, int]]:
@@ -101,12 +104,13 @@ def _v2_copy(o: Out, kinds: DeviceKinds, out: list[tuple[str, bytes, int]]) -> b
     if isinstance(to, ToDevice):
         if not kinds.is_v2(to.user, to.device):
             return False
-        out.append((topic_of(to), wire_v2.encode(ev, to.user), 0 if _live(ev) else o.qos))
+        out.append((topic_of(to), wire_v2.encode(ev, to.user), 0))
         return True
     assert isinstance(to, ToUser)
     devices = kinds.v2_devices(to.user)
-    if devices:
-        if isinstance(ev, MsgEvent) and ev.message.sender == to.user and devices == {ev.message.device}:
+    if devices is None or devices:  # (not known here: a v2 device may be listening)
+        if (isinstance(ev, MsgEvent) and ev.message.sender == to.user and devices is not None
+                and len(devices) == 1 and ev.message.device in devices):
             return False  # the sending device is the user's only v2 device: its ``sent`` says it all
-        out.append((f"down/{to.user}/v2", wire_v2.encode(ev, to.user), 0 if _live(ev) else o.qos))
+        out.append((f"down/{to.user}/v2", wire_v2.encode(ev, to.user), 0))
     return False

@@ -2,10 +2,9 @@
 
 The first element of an array is its type's number, the others are the fields by position,
 and trailing fields that are absent are left off. Where v1 repeats what the receiver already
-knows, v2 leaves it out: a ``msg`` names its sender only when it is someone else, and carries
-the sender's request id and device only to the sender's own devices (the other members tell
-messages apart by chat and seq; decoding gives them ``{chat}:{seq}`` as the id and an empty
-device). Decoding takes the receiving user for that reason.
+knows, v2 leaves it out: a ``msg`` names its sender only when it is someone else, its id only
+when it is not ``{chat}:{seq}`` (system messages), and the sending device only to the sender's
+own devices (decoded as None by the others). Decoding takes the receiving user for that reason.
 
 Requests: a payload whose first byte is a MessagePack array marker (0x90-0x9f, 0xdc, 0xdd) is
 v2; anything else is read as v1 JSON. A v2 request is turned into the v1 object and validated
@@ -84,8 +83,8 @@ def _msg(ev: MsgEvent, for_user: str) -> list[Any]:
     derived = m.id == f"{m.chat}:{m.seq}"
     return _trim([
         MSG, ev.inbox, m.chat, m.seq, m.ts, KINDS.index(m.kind), None if own else m.sender, m.body,
-        None if m.media is None else _media(m.media), m.event, m.user,
-        m.id if own and not derived else None, m.device if own else None,
+        None if derived else m.id, None if m.media is None else _media(m.media), m.event, m.user,
+        m.device if own else None,
     ])
 
 
@@ -142,12 +141,12 @@ def _v1_msg(a: list[Any], for_user: str) -> dict[str, Any]:
     chat, seq, sender = _at(a, 2), _at(a, 3), _at(a, 6)
     d: dict[str, Any] = {
         "type": "msg", "inbox": _at(a, 1), "chat": chat, "seq": seq,
-        "id": _at(a, 11) if _at(a, 11) is not None else f"{chat}:{seq}",
+        "id": _at(a, 8) if _at(a, 8) is not None else f"{chat}:{seq}",
         "from": sender if sender is not None else for_user,
         "device": _at(a, 12),
-        "ts": _at(a, 4), "kind": KINDS[kind], "body": _at(a, 7), "event": _at(a, 9), "user": _at(a, 10),
+        "ts": _at(a, 4), "kind": KINDS[kind], "body": _at(a, 7), "event": _at(a, 10), "user": _at(a, 11),
     }
-    media = _at(a, 8)
+    media = _at(a, 9)
     if media is not None:
         if not isinstance(media, list):
             raise BadRequest("msg: media must be an array")

@@ -136,7 +136,9 @@ class DynSecAdmin:
         ``expires_at`` (kept in the client's description for :meth:`remove_expired`)."""
         role = device_role(device_id)
         note = f"{EXPIRY_NOTE}{expires_at}"
-        await self.run([{"command": "createRole", "rolename": role, "acls": device_acls(user_id, device_id)}],
+        # (a role made before protocol v2 gets its v2 topic added; one that has it answers "already exists")
+        await self.run([{"command": "createRole", "rolename": role, "acls": device_acls(user_id, device_id)},
+                        {"command": "addRoleACL", "rolename": role, **device_acls(user_id, device_id)[-1]}],
                        tolerate=["already exists"])
         replies = await self.run([{
             "command": "createClient", "username": device_id, "password": token, "clientid": device_id,

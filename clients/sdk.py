@@ -360,7 +360,9 @@ class Device:
     application sees the same events either way."""
 
     def __init__(self, profile: Profile, *, keepalive: int = 240, transport: str = "tcp",
-                 reply_timeout: float = 10.0, ack_delay: float = 0.05, proto: int = 1) -> None:
+                 reply_timeout: float = 10.0, ack_delay: float | None = None, proto: int = 1) -> None:
+        """``ack_delay``: how long acks are gathered before one goes (default 0.05 s; 0.5 s
+        with v2, which acks at QoS 0 and so gathers the delivered receipts its acks cause)."""
         if proto not in (1, 2):
             raise ValueError("proto must be 1 or 2")
         self.proto = proto
@@ -370,7 +372,7 @@ class Device:
         self._keepalive = keepalive
         self._transport = transport
         self._reply_timeout = reply_timeout
-        self._ack_delay = ack_delay
+        self._ack_delay = ack_delay if ack_delay is not None else (0.5 if proto == 2 else 0.05)
         self._client: aiomqtt.Client | None = None
         self._pending: dict[str, asyncio.Future[Event]] = {}
         self._events: asyncio.Queue[Event] = asyncio.Queue()
@@ -642,7 +644,7 @@ class Device:
     async def _flush_ack(self) -> None:
         if self._cursor > self._acked and self._client is not None:
             up_to = self._cursor
-            await self._publish({"type": "ack", "up_to": up_to})
+            await self._publish({"type": "ack", "up_to": up_to}, qos=0 if self.proto == 2 else 1)
             self._acked = up_to
             self._save_cursor()
 

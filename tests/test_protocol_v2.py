@@ -1,6 +1,6 @@
 """Protocol v2 means what v1 means: every event a v1 event exists for, encoded as v2 for a
 device of the sender and for a device of another member, decodes to the same event (less what
-v2 leaves out for the other members: the sender's request id and device); every request
+v2 leaves out for the other members: the sending device); every request
 reads as the same typed request as its v1 JSON; malformed v2 is refused."""
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def as_other_sees_it(ev: WireEvent) -> WireEvent:
     """The v1 event less what v2 does not carry to the other members."""
     if isinstance(ev, MsgEvent) and ev.message.sender != OTHER:
         m = ev.message
-        return MsgEvent(ev.inbox, replace(m, id=f"{m.chat}:{m.seq}", device=None))
+        return MsgEvent(ev.inbox, replace(m, device=None))
     if isinstance(ev, Batch):
         return replace(ev, events=tuple(as_other_sees_it(e) for e in ev.events))  # type: ignore[misc]
     return ev
