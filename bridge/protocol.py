@@ -362,7 +362,7 @@ class ChatMessage(WireEvent):
     seq: int
     id: str  # the sender's id for it, or ``{chat}:{seq}`` for a system message
     sender: str  # ``from`` on the wire
-    device: str | None  # None only where v2 leaves it out (another member's message)
+    device: str
     ts: int
     kind: str
     body: str | None = None

@@ -2,9 +2,9 @@
 
 The first element of an array is its type's number, the others are the fields by position,
 and trailing fields that are absent are left off. Where v1 repeats what the receiver already
-knows, v2 leaves it out: a ``msg`` names its sender only when it is someone else, its id only
-when it is not ``{chat}:{seq}`` (system messages), and the sending device only to the sender's
-own devices (decoded as None by the others). Decoding takes the receiving user for that reason.
+knows, v2 leaves it out: a ``msg`` names its sender only when it is someone else, and its id
+only when it is not ``{chat}:{seq}`` (system messages). Decoding takes the receiving user for
+that reason.
 
 Requests: a payload whose first byte is a MessagePack array marker (0x90-0x9f, 0xdc, 0xdd) is
 v2; anything else is read as v1 JSON. A v2 request is turned into the v1 object and validated
@@ -83,8 +83,7 @@ def _msg(ev: MsgEvent, for_user: str) -> list[Any]:
     derived = m.id == f"{m.chat}:{m.seq}"
     return _trim([
         MSG, ev.inbox, m.chat, m.seq, m.ts, KINDS.index(m.kind), None if own else m.sender, m.body,
-        None if derived else m.id, None if m.media is None else _media(m.media), m.event, m.user,
-        m.device if own else None,
+        None if derived else m.id, None if m.media is None else _media(m.media), m.event, m.user, m.device,
     ])
 
 
@@ -207,8 +206,7 @@ def _unpack(raw: bytes | bytearray) -> Any:
 
 def decode(raw: bytes | bytearray, for_user: str) -> Event:
     """A v2 payload received by a device of ``for_user``, as its typed envelope, validated by
-    the same ``from_json`` as v1. Another member's message has ``device`` None (v2 does not
-    carry it). Raises ProtocolError."""
+    the same ``from_json`` as v1. Raises ProtocolError."""
     return _typed(_v1_event(_unpack(raw), for_user))
 
 
@@ -223,12 +221,7 @@ def _typed(d: dict[str, Any]) -> Event:
                 raise BadRequest("'items' holds only msg and receipt events")
             events.append(item)
         return replace(head, events=tuple(events))
-    clean = {k: v for k, v in d.items() if v is not None or (k == "id" and d["type"] == "error")}
-    if d["type"] == "msg" and d["device"] is None:
-        ev = decode_event({**clean, "device": "-"})
-        assert isinstance(ev, MsgEvent)
-        return MsgEvent(ev.inbox, replace(ev.message, device=None))
-    return decode_event(clean)
+    return decode_event({k: v for k, v in d.items() if v is not None or (k == "id" and d["type"] == "error")})
 
 
 def parse_any(raw: bytes | bytearray, max_bytes: int) -> Request:

@@ -25,7 +25,9 @@ trusts. Certificates and host names are always checked.
 Errors: :class:`PigeonClientError` (with ``.code``, the protocol's error code) for anything the
 server refused, :class:`RequestTimeout` when no reply came in time.
 
-Events and replies are decoded into the protocol's typed envelopes (``bridge.protocol``:
+The device speaks protocol v2 (MessagePack, fewer packets; docs/protocol.md section 5b) unless
+told ``proto=1`` (JSON, as MQTT.js pages and ``mosquitto_pub`` speak). Events and replies, in
+either version, are decoded into the protocol's typed envelopes (``bridge.protocol``:
 ``MsgEvent``, ``ReceiptEvent``, ``Sent``, ``Batch``…), the same types the bridge sends, and
 validated on the way in (a payload that is not a valid event is logged and dropped). Each is
 also a read-only mapping of its v1 JSON keys, so ``ev["type"]`` and ``ev == {...}`` read as
@@ -354,13 +356,14 @@ def _retrieve(task: asyncio.Future[Any]) -> None:
 class Device:
     """A connected device: requests over MQTT, events in inbox order, cursor kept on disk.
 
-    ``proto=2`` speaks protocol v2 (docs/protocol.md): requests and events in MessagePack,
-    short request ids, live events at QoS 0, and no copy of its own messages (``send`` puts
-    the message in the event stream itself, at the inbox position its ``sent`` names), so an
-    application sees the same events either way."""
+    It speaks protocol v2 (docs/protocol.md section 5b) unless given ``proto=1``: requests
+    and events in MessagePack, short request ids, events at QoS 0, acks gathered over half a
+    second, and no copy of its own messages (``send`` puts the message in the event stream
+    itself, at the inbox position its ``sent`` names), so an application sees the same events
+    either way."""
 
     def __init__(self, profile: Profile, *, keepalive: int = 240, transport: str = "tcp",
-                 reply_timeout: float = 10.0, ack_delay: float | None = None, proto: int = 1) -> None:
+                 reply_timeout: float = 10.0, ack_delay: float | None = None, proto: int = 2) -> None:
         """``ack_delay``: how long acks are gathered before one goes (default 0.05 s; 0.5 s
         with v2, which acks at QoS 0 and so gathers the delivered receipts its acks cause)."""
         if proto not in (1, 2):

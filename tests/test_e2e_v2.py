@@ -1,8 +1,7 @@
 """Protocol v2 end to end: devices speaking v2 beside devices speaking v1, on the real server.
 
-The SDK with ``proto=2`` sends MessagePack requests and decodes MessagePack events; the
-application sees the same events as with v1 (less what v2 leaves out of other members'
-messages: the sending device)."""
+The SDK with ``proto=2`` (its default) sends MessagePack requests and decodes MessagePack
+events; the application sees the same events as with v1 (``proto=1``)."""
 
 from __future__ import annotations
 
@@ -30,7 +29,7 @@ async def test_v2_and_v1_devices_of_two_users_each_get_what_they_speak(new_user:
     bob = await new_user()
     bob_v1 = await new_user(bob.phone)
     da = await connect(alice, proto=2)
-    da1, db, db1 = await connect(alice_v1), await connect(bob, proto=2), await connect(bob_v1)
+    da1, db, db1 = await connect(alice_v1, proto=1), await connect(bob, proto=2), await connect(bob_v1, proto=1)
     sent = await da.send("hello in v2", to=bob.user_id)
     assert isinstance(sent, Sent) and sent.seq == 1 and sent.inbox is not None and len(sent.id) <= 12
     own = await next_of(da, "msg")  # put in the stream by the SDK: the server sent no copy
@@ -40,9 +39,9 @@ async def test_v2_and_v1_devices_of_two_users_each_get_what_they_speak(new_user:
         ev = await next_of(dev, "msg")
         assert (ev["body"], ev["from"], ev["device"], ev["id"]) == ("hello in v2", alice.user_id, alice.device_id,
                                                                    sent.id)
-    ev = await next_of(db, "msg")  # another member's v2 device: not the sending device
+    ev = await next_of(db, "msg")  # another member's v2 device
     assert isinstance(ev, MsgEvent) and ev.message.body == "hello in v2" and ev.message.sender == alice.user_id
-    assert ev.message.device is None and ev.message.id == sent.id
+    assert ev.message.device == alice.device_id and ev.message.id == sent.id
     # bob's v2 device acknowledges: alice's devices, both kinds, hear it was delivered
     for dev in (da, da1):
         receipt = await next_of(dev, "receipt", kind="delivered")
@@ -56,7 +55,7 @@ async def test_v2_and_v1_devices_of_two_users_each_get_what_they_speak(new_user:
 
 async def test_a_v2_device_syncs_and_is_refused_in_v2(new_user: NewUser, connect: Any) -> None:
     a, b = await new_user(), await new_user()
-    da = await connect(a)
+    da = await connect(a, proto=1)
     for i in range(3):
         await da.send(f"m{i}", to=b.user_id)
     db = await connect(b, proto=2)  # connects after: everything comes by sync, in v2

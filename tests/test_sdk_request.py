@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from bridge.wire_v2 import is_v2, parse_request_v2
 from broker.embedded import PigeonBroker
 from clients.sdk import Device, PigeonClientError, Profile, RequestTimeout
 from tests.conftest import embedded_broker, tok_tokens
@@ -25,6 +26,14 @@ from tests.conftest import embedded_broker, tok_tokens
 USER = "u1"
 DEVICE = "d1"
 TIMEOUT = 1.0  # the device's reply timeout in these tests
+
+
+def request_object(payload: bytes) -> dict[str, object]:
+    """What the fake needs of a request, in either protocol version (the SDK speaks v2)."""
+    if not is_v2(payload):
+        return dict(json.loads(payload))
+    req = parse_request_v2(payload, 1 << 16)
+    return {"type": req.type, "id": getattr(req, "id", None), "after": getattr(req, "after", 0)}
 
 
 @dataclass
@@ -40,7 +49,7 @@ class FakeServer:
     sends: int = 0
 
     async def ingest(self, topic: str, payload: bytes) -> None:
-        msg = json.loads(payload)
+        msg = request_object(payload)
         down = f"down/{USER}/{DEVICE}"
         if msg.get("type") == "sync":
             batch = {"type": "batch", "id": msg["id"], "items": [], "last": msg.get("after", 0), "more": False}
