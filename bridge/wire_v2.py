@@ -83,7 +83,7 @@ def _msg(ev: MsgEvent, for_user: str) -> list[Any]:
     derived = m.id == f"{m.chat}:{m.seq}"
     return _trim([
         MSG, ev.inbox, m.chat, m.seq, m.ts, KINDS.index(m.kind), None if own else m.sender, m.body,
-        None if derived else m.id, None if m.media is None else _media(m.media), m.event, m.user, m.device,
+        None if derived else m.id, m.device, None if m.media is None else _media(m.media), m.event, m.user,
     ])
 
 
@@ -142,10 +142,10 @@ def _v1_msg(a: list[Any], for_user: str) -> dict[str, Any]:
         "type": "msg", "inbox": _at(a, 1), "chat": chat, "seq": seq,
         "id": _at(a, 8) if _at(a, 8) is not None else f"{chat}:{seq}",
         "from": sender if sender is not None else for_user,
-        "device": _at(a, 12),
-        "ts": _at(a, 4), "kind": KINDS[kind], "body": _at(a, 7), "event": _at(a, 10), "user": _at(a, 11),
+        "device": _at(a, 9),
+        "ts": _at(a, 4), "kind": KINDS[kind], "body": _at(a, 7), "event": _at(a, 11), "user": _at(a, 12),
     }
-    media = _at(a, 9)
+    media = _at(a, 10)
     if media is not None:
         if not isinstance(media, list):
             raise BadRequest("msg: media must be an array")
