@@ -17,7 +17,8 @@ to the sending device when it speaks v2: its ``sent`` reply carries the inbox po
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 from cachetools import TTLCache
 
@@ -52,8 +53,9 @@ class DeviceKinds:
     need the room. A user this process does not know (one whose devices talk to another
     bridge, or are not connected) gets user events in both versions."""
 
-    def __init__(self, max_users: int = 200_000, ttl_s: float = 600.0) -> None:
-        self._seen: TTLCache[str, dict[str, bool]] = TTLCache(max_users, ttl_s)
+    def __init__(self, max_users: int = 200_000, ttl_s: float = 600.0,
+                 timer: Callable[[], float] = time.monotonic) -> None:
+        self._seen: TTLCache[str, dict[str, bool]] = TTLCache(max_users, ttl_s, timer=timer)
 
     def saw(self, user: str, device: str, v2: bool) -> None:
         """A request of this device came in v2 (or in v1)."""

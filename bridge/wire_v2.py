@@ -21,7 +21,7 @@ from typing import Any
 
 import msgpack
 
-from .errors import BadRequest, ProtocolError, TooLarge, UnknownType
+from .errors import BadRequest, TooLarge, UnknownType
 from .protocol import (
     Attachment,
     Batch,
@@ -272,4 +272,4 @@ def encode_request(d: Mapping[str, Any]) -> bytes:
     return payload
 
 
-__all__ = ["ProtocolError", "decode", "encode", "encode_request", "is_v2", "parse_request_v2", "to_array"]
+__all__ = ["decode", "encode", "encode_request", "is_v2", "parse_any", "parse_request_v2", "request_array", "to_array"]

@@ -9,10 +9,14 @@ from typing import Any
 
 import msgpack
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from bridge.errors import BadRequest, TooLarge, UnknownType
-from bridge.protocol import WireEvent, decode_payload, parse_request
-from bridge.wire import encode_v1
+from bridge.errors import BadRequest, ProtocolError, TooLarge, UnknownType
+from bridge.outbox import Out, ToDevice, ToUser
+from bridge.protocol import ChatMessage, MsgEvent, Sent, WireEvent, decode_payload, parse_request
+from bridge.wire import DeviceKinds, encode_v1, publishes
+from bridge.wire_v2 import REQUESTS as V2_REQUESTS
 from bridge.wire_v2 import decode, encode, encode_request, is_v2, parse_request_v2
 from tests.test_protocol_events import EVENTS
 
@@ -64,3 +68,67 @@ def test_a_short_numeric_request_id_is_read_as_its_digits() -> None:
 def test_malformed_v2_is_refused(raw: bytes, error: type[Exception]) -> None:
     with pytest.raises(error):
         parse_request_v2(raw, 100)
+
+
+# -- who gets which version (bridge/wire.py) -------------------------------------------------------
+MSG_FROM_A = MsgEvent(5, ChatMessage(chat="c_1", seq=1, id="m1", sender="u_a", device="d_a1", ts=1, kind="text",
+                                     body="hi"))
+
+
+def routes(outs: list[Out], kinds: DeviceKinds) -> list[tuple[str, str, int]]:
+    """Topic, version and QoS of each publish."""
+    return [(t, "v2" if is_v2(p) else "v1", q) for t, p, q in publishes(outs, kinds)]
+
+
+def test_an_event_for_one_device_goes_in_the_version_it_spoke_last() -> None:
+    kinds = DeviceKinds()
+    reply = Out(ToDevice("u_a", "d_a1"), Sent("m1", "c_1", 1, 1, inbox=5))
+    assert routes([reply], kinds) == [("down/u_a/d_a1", "v1", 1)]
+    kinds.saw("u_a", "d_a1", v2=True)
+    assert routes([reply], kinds) == [("down/u_a/d_a1", "v2", 0)]
+    kinds.saw("u_a", "d_a1", v2=False)
+    assert routes([reply], kinds) == [("down/u_a/d_a1", "v1", 1)]
+
+
+def test_an_event_for_a_user_goes_in_v1_always_and_in_v2_where_a_v2_device_may_listen() -> None:
+    kinds = DeviceKinds()
+    to_b = [Out(ToUser("u_b"), MSG_FROM_A)]
+    assert routes(to_b, kinds) == [("down/u_b/v2", "v2", 0), ("down/u_b", "v1", 1)]  # not known here
+    kinds.saw("u_b", "d_b1", v2=False)
+    assert routes(to_b, kinds) == [("down/u_b", "v1", 1)]  # known: v1 devices only
+    kinds.saw("u_b", "d_b2", v2=True)
+    assert routes(to_b, kinds) == [("down/u_b/v2", "v2", 0), ("down/u_b", "v1", 1)]
+
+
+def test_the_sending_v2_device_gets_no_copy_of_its_message_its_other_v2_devices_do() -> None:
+    kinds = DeviceKinds()
+    kinds.saw("u_a", "d_a1", v2=True)  # the sending device
+    to_a = [Out(ToUser("u_a"), MSG_FROM_A)]
+    assert routes(to_a, kinds) == [("down/u_a", "v1", 1)]
+    kinds.saw("u_a", "d_a2", v2=True)
+    assert routes(to_a, kinds) == [("down/u_a/v2", "v2", 0), ("down/u_a", "v1", 1)]
+
+
+def test_a_forgotten_user_gets_both_versions_again() -> None:
+    clock = [0.0]
+    kinds = DeviceKinds(ttl_s=10.0, timer=lambda: clock[0])
+    kinds.saw("u_b", "d_b1", v2=False)
+    assert kinds.v2_devices("u_b") == frozenset()
+    clock[0] = 11.0
+    assert kinds.v2_devices("u_b") is None
+
+
+INTS = st.integers(-(1 << 63), (1 << 64) - 1)  # what MessagePack can carry
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.integers(0, 11), st.lists(st.one_of(
+    st.none(), st.booleans(), INTS, st.text(max_size=80), st.binary(max_size=20), st.floats(),
+    st.lists(st.one_of(INTS, st.text(max_size=70)), max_size=3),
+    st.dictionaries(st.text(max_size=8), st.one_of(INTS, st.text(max_size=70)), max_size=5)), max_size=6))
+def test_any_v2_array_is_a_request_or_a_protocol_error(kind: int, fields: list[Any]) -> None:
+    try:
+        req = parse_request_v2(msgpack.packb([kind, *fields]), 1 << 16)
+    except ProtocolError:
+        return
+    assert req.type == V2_REQUESTS[kind][0]
