@@ -492,7 +492,8 @@ class Device:
 
     # -- plumbing ------------------------------------------------------------------------------------
     def _encode(self, payload: Mapping[str, Any]) -> bytes:
-        if self.proto == 2:
+        # a type v2 has no number for goes as JSON, and the server answers it as it would in v1
+        if self.proto == 2 and payload.get("type") in wire_v2.REQUEST_NUMBERS:
             return wire_v2.encode_request(payload)
         return json.dumps(payload, separators=(",", ":")).encode()
 

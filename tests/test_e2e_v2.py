@@ -64,5 +64,8 @@ async def test_a_v2_device_syncs_and_is_refused_in_v2(new_user: NewUser, connect
     with pytest.raises(PigeonClientError) as caught:
         await db.send("x", to="u_nobody")
     assert caught.value.code == "not_found"
-    presence = await db.watch([a.user_id])
+    with pytest.raises(PigeonClientError) as caught:  # a type v2 has no number for goes as JSON
+        await db.request({"type": "fly"})
+    assert caught.value.code == "unknown_type"
+    presence = await db.watch([a.user_id])  # and the next request is v2 again
     assert [p["user"] for p in presence] == [a.user_id]
