@@ -41,8 +41,9 @@ from collections.abc import Callable
 
 from .errors import ProtocolError, RateLimited
 from .metrics import Metrics
-from .outbox import Out, device_topic
-from .protocol import Ack, PresenceReq, Typing, error_reply, parse_request
+from .outbox import Out, ToDevice
+from .protocol import Ack, ErrorReply, PresenceReq, Typing
+from .wire_v2 import parse_any
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ class Admission:
     def _over(self, topic: str, payload: bytes | bytearray, queued: int) -> list[Out] | None:
         parts = topic.split("/")
         try:
-            req = parse_request(bytes(payload), self._max_payload) if len(parts) == 3 and parts[0] == "up" else None
+            req = parse_any(payload, self._max_payload) if len(parts) == 3 and parts[0] == "up" else None
         except ProtocolError:
             req = None
         if req is None or isinstance(req, (Ack, PresenceReq)):
@@ -128,8 +129,9 @@ class Admission:
                else "the server is overloaded")
         exc = RateLimited(f"{why}; retry later", retry_after_ms=self.retry_after_ms)
         log.debug("overloaded (%d held, %d of the device): refused a %s on %s", self.held, queued, req.type, topic)
-        body = error_reply(exc.mqtt_code, exc.message, getattr(req, "id", None), exc.retry_after_ms)
-        return [Out.event(device_topic(parts[1], parts[2]), body)]
+        body = ErrorReply(id=getattr(req, "id", None), code=exc.mqtt_code, message=exc.message,
+                          retry_after_ms=exc.retry_after_ms)
+        return [Out(ToDevice(parts[1], parts[2]), body)]
 
     def check_http(self) -> None:
         """An HTTP send is refused with 429 past the limit, like one over MQTT (it is not

@@ -44,6 +44,7 @@ from .router import DeviceRouter
 from .sms import LogSms, WebhookSms
 from .tls import client_context, load_certificate, server_context
 from .tokens import TokenSigner
+from .wire import DeviceKinds, publishes
 
 log = logging.getLogger(__name__)
 START_TIMEOUT_S = 30.0
@@ -81,18 +82,21 @@ class PigeonServer:
         self._ingest_client: MqttIngest | None = None
         self._dynsec: DynSecAdmin | None = None
         self._runner: asyncio.Task[None] | None = None
+        self.kinds = DeviceKinds()  # which devices speak protocol v2 (bridge/wire.py)
 
     async def publish(self, outs: Sequence[Out]) -> None:
         if self._ingest_client is not None:
             # handed over in this order, not waiting for the broker's acknowledgements
-            await self._ingest_client.publish_all([(o.topic, o.payload, o.qos) for o in outs])
+            sent = publishes(outs, self.kinds)
+            await self._ingest_client.publish_all(sent)
         elif self._broker is not None:
-            for out in outs:
-                await self._broker.publish(out.topic, out.payload, out.qos)
+            sent = publishes(outs, self.kinds)
+            for topic, payload, qos in sent:
+                await self._broker.publish(topic, payload, qos)
         else:
             return
-        for out in outs:
-            self.metrics.messages_out.labels(str(out.qos)).inc()
+        for _topic, _payload, qos in sent:
+            self.metrics.messages_out.labels(str(qos)).inc()
 
     async def __aenter__(self) -> PigeonServer:
         s = self.settings
@@ -153,7 +157,7 @@ class PigeonServer:
         self.router = DeviceRouter(
             self.messenger, self.presence, self.media, limiter, self.metrics, s.max_payload, publish=self.publish,
             admission=self.admission, strikes=Strikes(self.clock, s.kick_after) if s.kick_after else None,
-            disconnect=self._disconnect_device,
+            disconnect=self._disconnect_device, kinds=self.kinds,
         )
 
         if s.broker:
@@ -390,7 +394,7 @@ class PigeonServer:
             return None
         if refused:
             self.metrics.messages_out.labels("0").inc(len(refused))
-        return [(out.topic, out.payload) for out in refused]
+        return [(topic, payload) for topic, payload, _qos in publishes(refused, self.kinds)]
 
     async def _disconnect_device(self, device_id: str) -> None:
         """Close a device's connection: the embedded broker drops it; on Mosquitto, dynamic

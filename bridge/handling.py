@@ -7,12 +7,12 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
 
 from storage.base import NotStored, StorageUnavailable
 
 from .errors import NotFound, Unavailable
 from .outbox import Out
+from .protocol import Event
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ class Caller:
 class Result:
     """A handler's answer: the reply for the caller (if any) and what to publish after it."""
 
-    reply: dict[str, Any] | None = None
+    reply: Event | None = None
     outs: list[Out] = field(default_factory=list)
 
 

@@ -26,7 +26,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from storage.base import StoreOps
+from storage.base import Chat, StoreOps
 from storage.media_local import LocalMediaStore, SignatureError, UploadTooLarge
 
 from .accounts import PHONE_PATTERN, Accounts
@@ -69,11 +69,11 @@ from .http_models import (
     errors,
 )
 from .media import Media
-from .messaging import Messenger, receipts_view
+from .messaging import Messenger
 from .metrics import Metrics
 from .outbox import Out
 from .presence import PresenceTracker
-from .protocol import MediaUpload, Send, message_dict, presence_event, request_id
+from .protocol import MediaUpload, Send, Sent, request_id
 from .push import PushTargets
 
 log = logging.getLogger(__name__)
@@ -203,6 +203,14 @@ _BINARY = {"application/octet-stream": {"schema": {"type": "string", "format": "
 JSON_REPLY: dict[str, Any] = {"response_model_exclude_unset": True}  # optional fields absent stay absent
 
 
+def _chat_json(chat: Chat) -> dict[str, Any]:
+    return {
+        "chat": chat.chat_id, "kind": chat.kind, "title": chat.title,
+        "members": chat.member_ids, "admins": [m.user_id for m in chat.members if m.role == "admin"],
+        "last_seq": chat.last_seq,
+    }
+
+
 def create_app(deps: HttpDeps) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -314,9 +322,7 @@ def create_app(deps: HttpDeps) -> FastAPI:
         if user_id != c.user_id and not await msgr.share_chat(c.user_id, user_id):
             raise Forbidden("you share no chat with that user")
         online = await deps.presence.is_online(user_id)
-        ev = presence_event(user_id, online, await deps.presence.last_seen(user_id))
-        del ev["type"]
-        return ev
+        return {"user": user_id, "online": online, "last_seen": await deps.presence.last_seen(user_id)}
 
     @app.delete("/v1/devices/{device_id}", response_model=UnlinkedReply, responses=errors(401, 403, 404))
     async def unlink_device(device_id: str, request: Request) -> dict[str, Any]:
@@ -358,7 +364,7 @@ def create_app(deps: HttpDeps) -> FastAPI:
     @app.get("/v1/chats", response_model=ChatsReply, responses=errors(401))
     async def list_chats(request: Request) -> dict[str, Any]:
         c = await caller(request)
-        return {"chats": [msgr.chat_view(ch) for ch in await msgr.chats(c)]}
+        return {"chats": [_chat_json(ch) for ch in await msgr.chats(c)]}
 
     @app.post("/v1/chats", response_model=ChatView,
               responses={201: {"model": ChatView, "description": "a group, created"},
@@ -373,7 +379,7 @@ def create_app(deps: HttpDeps) -> FastAPI:
             if not isinstance(peer, str) or not peer:
                 raise BadRequest("'peer' must be a user id")
             chat = await msgr.open_direct(c, peer)
-            return msgr.chat_view(chat)  # 200: the direct chat, new or the one already there
+            return _chat_json(chat)  # 200: the direct chat, new or the one already there
         if kind == "group":
             title, members = body.get("title"), body.get("members", [])
             if not isinstance(title, str) or len(title) > 128 or not title.strip():
@@ -383,13 +389,13 @@ def create_app(deps: HttpDeps) -> FastAPI:
             chat, outs = await msgr.create_group(c, title.strip(), members)
             await deps.publish(outs)
             response.status_code = 201
-            return msgr.chat_view(chat)
+            return _chat_json(chat)
         raise BadRequest("'kind' must be 'direct' or 'group'")
 
     @app.get("/v1/chats/{chat_id}", response_model=ChatView, responses=errors(401, 403, 404))
     async def get_chat(chat_id: str, request: Request) -> dict[str, Any]:
         c = await caller(request)
-        return msgr.chat_view(await msgr.get_chat(c, chat_id))
+        return _chat_json(await msgr.get_chat(c, chat_id))
 
     @app.get("/v1/chats/{chat_id}/messages", response_model=HistoryReply, **JSON_REPLY,
              responses=errors(400, 401, 403, 404),
@@ -401,7 +407,7 @@ def create_app(deps: HttpDeps) -> FastAPI:
         limit = _int_param(request, "limit", 50)
         assert limit is not None
         msgs, next_before = await msgr.history(c, chat_id, before, limit)
-        return {"messages": [message_dict(x) for x in msgs], "next_before": next_before}
+        return {"messages": [x.to_json() for x in msgs], "next_before": next_before}
 
     @app.post("/v1/chats/{chat_id}/messages", response_model=SentReply,
               responses=errors(400, 401, 403, 404, 413, 429),
@@ -415,8 +421,9 @@ def create_app(deps: HttpDeps) -> FastAPI:
             deps.admission.check_http()
         result = await msgr.send(c, req)
         await deps.publish(result.outs)
-        assert result.reply is not None
-        return result.reply
+        sent = result.reply
+        assert isinstance(sent, Sent)
+        return {"type": "sent", "id": sent.id, "chat": sent.chat, "seq": sent.seq, "ts": sent.ts}
 
     @app.post("/v1/chats/{chat_id}/members", response_model=ChatView,
               responses=errors(400, 401, 403, 404, 409, 413), openapi_extra=_body(AddMemberRequest))
@@ -428,7 +435,7 @@ def create_app(deps: HttpDeps) -> FastAPI:
             raise BadRequest("'user_id' must be a user id")
         chat, outs = await msgr.add_member(c, chat_id, uid)
         await deps.publish(outs)
-        return msgr.chat_view(chat)
+        return _chat_json(chat)
 
     @app.delete("/v1/chats/{chat_id}/members/{user_id}", response_model=MemberRemovedReply,
                 responses=errors(400, 401, 403, 404))
@@ -441,7 +448,8 @@ def create_app(deps: HttpDeps) -> FastAPI:
     @app.get("/v1/chats/{chat_id}/receipts", response_model=ReceiptsReply, responses=errors(401, 403, 404))
     async def receipts(chat_id: str, request: Request) -> dict[str, Any]:
         c = await caller(request)
-        return {"receipts": receipts_view(await msgr.receipts(c, chat_id))}
+        return {"receipts": [{"user": r.user_id, "delivered": r.delivered, "read": r.read}
+                             for r in await msgr.receipts(c, chat_id)]}
 
     # -- media -----------------------------------------------------------------------------------------
     @app.post("/v1/media/uploads", response_model=UploadReply, **JSON_REPLY,
@@ -451,8 +459,10 @@ def create_app(deps: HttpDeps) -> FastAPI:
         body = await _json(request, deps.max_payload)
         req = MediaUpload.from_json(body, "http")
         reply = await m.upload(c, "http", req.sha256, req.size, req.mime)
-        del reply["type"], reply["id"]
-        return reply
+        out: dict[str, Any] = {"key": reply.key, "exists": reply.exists}
+        if reply.upload is not None:
+            out["upload"] = reply.upload.to_json()
+        return out
 
     @app.post("/v1/media/{key}/done", response_model=ReadyReply, responses=errors(400, 401, 403, 404))
     async def media_done(key: str, request: Request) -> dict[str, Any]:
@@ -468,8 +478,7 @@ def create_app(deps: HttpDeps) -> FastAPI:
         if not chat:
             raise BadRequest("'chat' is required")
         reply = await m.url(c, "http", key, chat)
-        del reply["type"], reply["id"]
-        return reply
+        return {"key": reply.key, "url": reply.url, "expires": reply.expires}
 
     # -- local blobs (file:// media only) --------------------------------------------------------------
     def _check_blob(request: Request, key: str, op: str) -> int:

@@ -8,7 +8,6 @@ size and hash. Download URLs go only to members of a chat where a message carrie
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from storage.base import MediaObject, StorageUnavailable, Store
 from storage.media import MediaStore
@@ -16,6 +15,7 @@ from storage.media import MediaStore
 from .clock import Clock
 from .errors import BadRequest, Conflict, Forbidden, NotFound, TooLarge, Unavailable
 from .handling import Caller, storage_errors
+from .protocol import MediaReady, MediaUploadReply, MediaUrlReply, UploadTicket
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ class Media:
         self.max_bytes = max_bytes
         self._ttl = url_ttl_s * 1000
 
-    async def upload(self, caller: Caller, rid: str, sha256: str, size: int, mime: str) -> dict[str, Any]:
+    async def upload(self, caller: Caller, rid: str, sha256: str, size: int, mime: str) -> MediaUploadReply:
         if size > self.max_bytes:
             raise TooLarge(f"media may be at most {self.max_bytes} bytes")
         key = sha256
@@ -40,21 +40,18 @@ class Media:
             )
         if obj.size != size:
             raise Conflict("this content was declared before with another size")
-        reply: dict[str, Any] = {"type": "media_upload", "id": rid, "key": key, "exists": obj.state == "ready"}
-        if obj.state != "ready":
-            try:
-                ticket = await self._blobs.presign_upload(key, size, mime, now + self._ttl)
-            except StorageUnavailable as exc:
-                raise Unavailable("media storage is unavailable; retry later") from exc
-            upload: dict[str, Any] = {"method": ticket.method, "url": ticket.url, "expires": ticket.expires}
-            if ticket.fields:
-                upload["fields"] = dict(ticket.fields)
-            if ticket.headers:
-                upload["headers"] = dict(ticket.headers)
-            reply["upload"] = upload
-        return reply
+        if obj.state == "ready":
+            return MediaUploadReply(id=rid, key=key, exists=True)
+        try:
+            ticket = await self._blobs.presign_upload(key, size, mime, now + self._ttl)
+        except StorageUnavailable as exc:
+            raise Unavailable("media storage is unavailable; retry later") from exc
+        upload = UploadTicket(method=ticket.method, url=ticket.url, expires=ticket.expires,
+                              fields=tuple(ticket.fields.items()) if ticket.fields else None,
+                              headers=tuple(ticket.headers.items()) if ticket.headers else None)
+        return MediaUploadReply(id=rid, key=key, exists=False, upload=upload)
 
-    async def done(self, caller: Caller, rid: str, key: str) -> dict[str, Any]:
+    async def done(self, caller: Caller, rid: str, key: str) -> MediaReady:
         async with storage_errors():
             obj = await self._store.get_media(key)
         if obj is None:
@@ -72,7 +69,7 @@ class Media:
             async with storage_errors():
                 await self._store.mark_media_ready(key)
             log.debug("media %s ready", key)
-        return {"type": "media_ready", "id": rid, "key": key}
+        return MediaReady(id=rid, key=key)
 
     async def sweep(self, older_than_s: int, limit: int = 500) -> int:
         """Delete uploads never confirmed with ``media_done`` within ``older_than_s``; return how many."""
@@ -91,7 +88,7 @@ class Media:
             obj = await self._store.get_media(key)
         return obj.mime if obj else "application/octet-stream"
 
-    async def url(self, caller: Caller, rid: str, key: str, chat_id: str) -> dict[str, Any]:
+    async def url(self, caller: Caller, rid: str, key: str, chat_id: str) -> MediaUrlReply:
         async with storage_errors():
             chat = await self._store.get_chat(chat_id, current_seq=False)
             if chat is None:
@@ -105,4 +102,4 @@ class Media:
             url = await self._blobs.presign_download(key, expires)
         except StorageUnavailable as exc:
             raise Unavailable("media storage is unavailable; retry later") from exc
-        return {"type": "media_url", "id": rid, "key": key, "url": url, "expires": expires}
+        return MediaUrlReply(id=rid, key=key, url=url, expires=expires)

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 from cachetools import LRUCache
 
 from storage.base import (
     Chat,
     InboxEntry,
+    MediaRef,
     Message,
     NewMessage,
     Receipt,
@@ -26,9 +27,23 @@ from storage.base import (
 from .clock import Clock
 from .errors import BadRequest, Conflict, Forbidden, NotFound
 from .handling import Caller, Result, storage_errors
-from .outbox import Out, user_topic
+from .outbox import Out, ToUser
 from .presence import PresenceTracker
-from .protocol import Ack, Read, Send, Sync, Typing, msg_event, receipt_event
+from .protocol import (
+    Ack,
+    Attachment,
+    Batch,
+    ChatMessage,
+    InboxEvent,
+    MsgEvent,
+    Read,
+    ReceiptEvent,
+    Send,
+    Sent,
+    Sync,
+    Typing,
+    TypingEvent,
+)
 
 # how many chats one ack may advance at the same time
 ACK_PARALLEL_CHATS = 16
@@ -38,10 +53,29 @@ GROUP_NOTICE_SCAN = 256
 ACK_CHAT_TTL_S = 2.0
 
 
-def entry_event(entry: InboxEntry) -> dict[str, Any]:
+def chat_message(m: Message) -> ChatMessage:
+    """A stored message as the protocol shows it."""
+    media = m.media
+    return ChatMessage(
+        chat=m.chat_id, seq=m.seq, id=m.client_id if m.client_id is not None else f"{m.chat_id}:{m.seq}",
+        sender=m.sender, device=m.device, ts=m.ts, kind=m.kind, body=m.body,
+        media=None if media is None else Attachment(media.key, media.mime, media.size, media.sha256, media.name),
+        event=m.event, user=m.target,
+    )
+
+
+def receipt_event(note: ReceiptNote, inbox: int) -> ReceiptEvent:
+    return ReceiptEvent(inbox=inbox, chat=note.chat_id, user=note.user, kind=note.kind, up_to=note.up_to)
+
+
+def entry_event(entry: InboxEntry) -> InboxEvent:
     if isinstance(entry.item, Message):
-        return msg_event(entry.item, entry.pos)
+        return MsgEvent(entry.pos, chat_message(entry.item))
     return receipt_event(entry.item, entry.pos)
+
+
+def media_ref(a: Attachment) -> MediaRef:
+    return MediaRef(key=a.key, mime=a.mime, size=a.size, sha256=a.sha256, name=a.name)
 
 
 class WakeSink(Protocol):
@@ -87,7 +121,8 @@ class Messenger:
     async def _append(self, msg: NewMessage, recipients: Sequence[str]) -> tuple[Message, list[Out]]:
         """Store a message; the stored one and a ``msg`` event for each recipient's inbox."""
         appended = await self._store.append_message(msg, recipients)
-        outs = [Out.event(user_topic(u), msg_event(appended.message, pos)) for u, pos in appended.inbox.items()]
+        message = chat_message(appended.message)  # one for every recipient's event
+        outs = [Out(ToUser(u), MsgEvent(pos, message)) for u, pos in appended.inbox.items()]
         if self.wakes is not None:  # one's own message wakes none of one's devices
             self.wakes.note([u for u in appended.inbox if u != msg.sender], appended.message.ts, message=True)
         return appended.message, outs
@@ -116,14 +151,17 @@ class Messenger:
                     raise BadRequest("media size or sha256 differs from the upload")
             new = NewMessage(
                 chat_id=chat.chat_id, sender=caller.user_id, device=caller.device_id, client_id=req.id,
-                ts=self._clock.now_ms(), kind="media" if req.media else "text", body=req.body, media=req.media,
+                ts=self._clock.now_ms(), kind="media" if req.media else "text", body=req.body,
+                media=media_ref(req.media) if req.media is not None else None,
             )
             stored, outs = await self._append(new, chat.member_ids)
-        return Result(reply=self._sent(req.id, stored), outs=outs)
+        own = next((o.event.inbox for o in outs if o.to == ToUser(caller.user_id) and isinstance(o.event, MsgEvent)),
+                   None)
+        return Result(reply=self._sent(req.id, stored, own), outs=outs)
 
     @staticmethod
-    def _sent(rid: str, m: Message) -> dict[str, Any]:
-        return {"type": "sent", "id": rid, "chat": m.chat_id, "seq": m.seq, "ts": m.ts}
+    def _sent(rid: str, m: Message, inbox: int | None = None) -> Sent:
+        return Sent(id=rid, chat=m.chat_id, seq=m.seq, ts=m.ts, inbox=inbox)
 
     # -- sync / ack ------------------------------------------------------------------------------
     async def sync(self, caller: Caller, req: Sync) -> Result:
@@ -131,9 +169,8 @@ class Messenger:
             entries = await self._store.read_inbox(caller.user_id, req.after, req.limit + 1)
         more = len(entries) > req.limit
         entries = entries[: req.limit]
-        items = [entry_event(e) for e in entries]
         last = entries[-1].pos if entries else req.after
-        return Result(reply={"type": "batch", "id": req.id, "items": items, "last": last, "more": more})
+        return Result(reply=Batch(id=req.id, events=tuple(entry_event(e) for e in entries), last=last, more=more))
 
     async def ack(self, caller: Caller, req: Ack) -> Result:
         async with storage_errors():
@@ -195,7 +232,7 @@ class Messenger:
         positions = await self._store.append_receipts(notes)
         if self.wakes is not None:
             self.wakes.note([u for u, _ in notes], self._clock.now_ms(), message=False)
-        return [Out.event(user_topic(u), receipt_event(n, p)) for (u, n), p in zip(notes, positions, strict=True)]
+        return [Out(ToUser(u), receipt_event(n, p)) for (u, n), p in zip(notes, positions, strict=True)]
 
     async def _recent_chat(self, chat_id: str) -> Chat | None:
         """The chat as read at most ACK_CHAT_TTL_S ago by this process (membership changes made
@@ -278,9 +315,9 @@ class Messenger:
     async def typing(self, caller: Caller, req: Typing) -> Result:
         async with storage_errors():
             chat = await self._member_chat(caller, req.chat)
-        event = {"type": "typing", "chat": chat.chat_id, "user": caller.user_id}
+        event = TypingEvent(user=caller.user_id, chat=chat.chat_id)
         outs = [
-            Out.event(user_topic(m), event, qos=0)
+            Out(ToUser(m), event, qos=0)
             for m in chat.member_ids
             if m != caller.user_id and await self._presence.is_online(m)
         ]
@@ -365,7 +402,7 @@ class Messenger:
 
     async def history(
         self, caller: Caller, chat_id: str, before: int | None, limit: int
-    ) -> tuple[list[Message], int | None]:
+    ) -> tuple[list[ChatMessage], int | None]:
         if not 1 <= limit <= 200:
             raise BadRequest("'limit' must be between 1 and 200")
         if before is not None and before < 1:
@@ -375,7 +412,7 @@ class Messenger:
             msgs = await self._store.history(chat_id, before, limit + 1)
         more = len(msgs) > limit
         msgs = msgs[:limit]
-        return msgs, (msgs[-1].seq if more and msgs else None)
+        return [chat_message(m) for m in msgs], (msgs[-1].seq if more and msgs else None)
 
     async def receipts(self, caller: Caller, chat_id: str) -> list[Receipt]:
         async with storage_errors():
@@ -386,20 +423,9 @@ class Messenger:
         async with storage_errors():
             return await self._store.share_chat(a, b)
 
-    def chat_view(self, chat: Chat) -> dict[str, Any]:
-        return {
-            "chat": chat.chat_id, "kind": chat.kind, "title": chat.title,
-            "members": chat.member_ids, "admins": [m.user_id for m in chat.members if m.role == "admin"],
-            "last_seq": chat.last_seq,
-        }
-
     async def get_chat(self, caller: Caller, chat_id: str) -> Chat:
         async with storage_errors():
             return await self._member_chat(caller, chat_id)
 
 
-def receipts_view(receipts: Sequence[Receipt]) -> list[dict[str, Any]]:
-    return [{"user": r.user_id, "delivered": r.delivered, "read": r.read} for r in receipts]
-
-
-__all__ = ["Messenger", "entry_event", "receipts_view"]
+__all__ = ["Messenger", "chat_message", "entry_event"]

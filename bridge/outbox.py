@@ -1,28 +1,35 @@
-"""What handlers return: publications for the edge to send, in order."""
+"""What handlers return: events and replies for the edge to send, in order, each addressed to
+a user (every device of theirs) or to one device. Topics and encodings are the MQTT edge's
+(``bridge.wire``); a handler names whom an event is for, never how it travels."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
-from .protocol import dumps
+from .protocol import Event
+
+
+@dataclass(frozen=True, slots=True)
+class ToUser:
+    """Every device of the user."""
+
+    user: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToDevice:
+    """One device of the user."""
+
+    user: str
+    device: str
+
+
+Address = ToUser | ToDevice
 
 
 @dataclass(frozen=True, slots=True)
 class Out:
-    topic: str
-    payload: bytes
+    to: Address
+    event: Event
+    # 1: at least once; 0: at most once (typing, which is worth nothing late)
     qos: int = 1
-
-    @classmethod
-    def event(cls, topic: str, body: Mapping[str, Any], qos: int = 1) -> Out:
-        return cls(topic, dumps(body), qos)
-
-
-def user_topic(user_id: str) -> str:
-    return f"down/{user_id}"
-
-
-def device_topic(user_id: str, device_id: str) -> str:
-    return f"down/{user_id}/{device_id}"

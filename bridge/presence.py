@@ -36,8 +36,8 @@ from storage.state import SharedState
 from .admission import Admission
 from .clock import Clock
 from .errors import Unavailable
-from .outbox import Out, device_topic
-from .protocol import Watch, presence_event
+from .outbox import Out, ToDevice
+from .protocol import PresenceEvent, Watch
 
 log = logging.getLogger(__name__)
 # how long this process trusts its own note that a device is online before saying so again
@@ -198,10 +198,11 @@ class PresenceTracker:
         except StorageUnavailable as exc:
             log.warning("presence watchers unavailable: %s", exc)
             return []
+        event = PresenceEvent(user=user_id, online=online, last_seen=last_seen)
         outs: list[Out] = []
         for w in watchers:
             wu, _, wd = w.partition("/")
-            outs.append(Out.event(device_topic(wu, wd), presence_event(user_id, online, last_seen)))
+            outs.append(Out(ToDevice(wu, wd), event))
         return outs
 
     async def watch(self, watcher_user: str, watcher_device: str, req: Watch) -> list[Out]:
@@ -214,9 +215,8 @@ class PresenceTracker:
                     continue
                 await self._state.add_watch(uid, f"{watcher_user}/{watcher_device}", expiry, self._clock.now_ms())
                 online = await self._state.is_online(uid)
-                event = presence_event(uid, online, await self.last_seen(uid))
-                event["id"] = req.id
-                outs.append(Out.event(device_topic(watcher_user, watcher_device), event))
+                event = PresenceEvent(user=uid, online=online, last_seen=await self.last_seen(uid), id=req.id)
+                outs.append(Out(ToDevice(watcher_user, watcher_device), event))
         except StorageUnavailable as exc:
             raise Unavailable("presence is unavailable right now; retry later") from exc
         return outs

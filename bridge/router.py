@@ -18,10 +18,12 @@ from .handling import Caller, Result
 from .media import Media
 from .messaging import Messenger
 from .metrics import Metrics
-from .outbox import Out, device_topic
+from .outbox import Address, Out, ToDevice
 from .presence import PresenceTracker
 from .protocol import (
     Ack,
+    Batch,
+    ErrorReply,
     MediaDone,
     MediaUpload,
     MediaUrl,
@@ -32,10 +34,10 @@ from .protocol import (
     Sync,
     Typing,
     Watch,
-    error_reply,
-    parse_request,
 )
 from .ratelimit import RateLimiter, Strikes
+from .wire import DeviceKinds
+from .wire_v2 import is_v2, parse_any
 
 log = logging.getLogger(__name__)
 
@@ -105,12 +107,14 @@ class DeviceRouter:
         self, messenger: Messenger, presence: PresenceTracker, media: Media, limiter: RateLimiter,
         metrics: Metrics, max_payload: int, publish: Publish | None = None, *,
         admission: Admission | None = None, strikes: Strikes | None = None, disconnect: Disconnect | None = None,
+        kinds: DeviceKinds | None = None,
     ) -> None:
         """With ``publish``, acks run on an ``AckLane`` and what they cause is published through
         it; without, they are handled in line like any other request. With ``admission``, typing
         is dropped while it sheds (see ``bridge.admission``); with ``strikes`` and ``disconnect``,
         a device refused by its rate limit ``strikes.limit`` times within the window is
-        disconnected (it still gets the refusal)."""
+        disconnected (it still gets the refusal). With ``kinds``, each request's version (v1 JSON or
+        v2, by its first byte) is noted there for the MQTT edge (``bridge.wire``)."""
         self._messenger = messenger
         self._presence = presence
         self._media = media
@@ -121,6 +125,7 @@ class DeviceRouter:
         self._admission = admission
         self._strikes = strikes
         self._disconnect = disconnect
+        self._kinds = kinds
         self.acks: AckLane | None = AckLane(self._ack_apart) if publish is not None else None
 
     async def handle(self, topic: str, payload: bytes) -> list[Out]:
@@ -130,9 +135,11 @@ class DeviceRouter:
             return []
         started = time.perf_counter()
         kind = "invalid"
-        reply_to = device_topic(caller.user_id, caller.device_id)
+        reply_to = ToDevice(caller.user_id, caller.device_id)
+        if self._kinds is not None:
+            self._kinds.saw(caller.user_id, caller.device_id, is_v2(payload))
         try:
-            req = parse_request(payload, self._max_payload)
+            req = parse_any(payload, self._max_payload)
             kind = req.type
             self._metrics.requests.labels(kind).inc()
             if isinstance(req, PresenceReq):
@@ -152,7 +159,7 @@ class DeviceRouter:
                 return outs
             result = await self._dispatch(caller, req)
             if result.reply is not None:
-                outs.append(Out.event(reply_to, result.reply))
+                outs.append(Out(reply_to, result.reply))
             outs.extend(result.outs)
             return outs
         except Exception as exc:
@@ -175,7 +182,7 @@ class DeviceRouter:
     async def _ack_apart(self, caller: Caller, req: Ack) -> None:
         assert self._publish is not None
         started = time.perf_counter()
-        reply_to = device_topic(caller.user_id, caller.device_id)
+        reply_to = ToDevice(caller.user_id, caller.device_id)
         try:
             outs = (await self._dispatch(caller, req)).outs
         except Exception as exc:
@@ -187,17 +194,17 @@ class DeviceRouter:
         except Exception:
             log.exception("publishing what an ack from %s caused failed", caller.device_id)
 
-    def _failed(self, reply_to: str, exc: Exception, kind: str, caller: Caller) -> Out:
+    def _failed(self, reply_to: Address, exc: Exception, kind: str, caller: Caller) -> Out:
         """The error reply for a request that failed; internal faults are logged, not shown."""
         if isinstance(exc, ProtocolError):
             return self._error(reply_to, exc, "mqtt")
         log.error("unexpected failure handling %s from %s", kind, caller.device_id, exc_info=exc)
         return self._error(reply_to, Unavailable("internal error; retry later"), "mqtt")
 
-    def _error(self, topic: str, exc: ProtocolError, edge: str) -> Out:
+    def _error(self, to: Address, exc: ProtocolError, edge: str) -> Out:
         self._metrics.errors.labels(exc.mqtt_code, edge).inc()
         retry = exc.retry_after_ms if isinstance(exc, RateLimited) else None
-        return Out.event(topic, error_reply(exc.mqtt_code, exc.message, exc.request_id, retry))
+        return Out(to, ErrorReply(id=exc.request_id, code=exc.mqtt_code, message=exc.message, retry_after_ms=retry))
 
     async def _presence_change(self, caller: Caller, online: bool, keepalive: int | None) -> list[Out]:
         if online:
@@ -222,8 +229,8 @@ class DeviceRouter:
             if isinstance(req, Sync):
                 result = await m.sync(caller, req)
                 self._metrics.sync_batches.inc()
-                if result.reply is not None:
-                    self._metrics.sync_items.inc(len(result.reply["items"]))
+                if isinstance(result.reply, Batch):
+                    self._metrics.sync_items.inc(len(result.reply.events))
                 return result
             if isinstance(req, Ack):
                 return await m.ack(caller, req)

@@ -7,7 +7,7 @@ its token, and a role of its own with exactly the permissions of protocol sectio
 literal topics (Mosquitto 2.0's dynamic-security ACLs do not substitute ``%c``/``%u``):
 
 * publish: ``up/{user}/{device}``
-* subscribe: ``down/{user}`` and ``down/{user}/{device}``
+* subscribe: ``down/{user}``, ``down/{user}/{device}`` and ``down/{user}/v2`` (protocol v2)
 
 Everything else stays refused by the default ACL access (publish and subscribe denied). The
 bridge's own role adds publishing under ``down/`` and subscribing to ``up/+/+``.
@@ -48,6 +48,7 @@ def device_acls(user_id: str, device_id: str) -> list[dict[str, Any]]:
         {"acltype": "publishClientSend", "topic": f"up/{user_id}/{device_id}", "allow": True},
         {"acltype": "subscribeLiteral", "topic": f"down/{user_id}", "allow": True},
         {"acltype": "subscribeLiteral", "topic": f"down/{user_id}/{device_id}", "allow": True},
+        {"acltype": "subscribeLiteral", "topic": f"down/{user_id}/v2", "allow": True},
     ]
 
 
@@ -135,7 +136,9 @@ class DynSecAdmin:
         ``expires_at`` (kept in the client's description for :meth:`remove_expired`)."""
         role = device_role(device_id)
         note = f"{EXPIRY_NOTE}{expires_at}"
-        await self.run([{"command": "createRole", "rolename": role, "acls": device_acls(user_id, device_id)}],
+        # (a role made before protocol v2 gets its v2 topic added; one that has it answers "already exists")
+        await self.run([{"command": "createRole", "rolename": role, "acls": device_acls(user_id, device_id)},
+                        {"command": "addRoleACL", "rolename": role, **device_acls(user_id, device_id)[-1]}],
                        tolerate=["already exists"])
         replies = await self.run([{
             "command": "createClient", "username": device_id, "password": token, "clientid": device_id,

@@ -10,6 +10,7 @@ topic                           device may publish      device may subscribe
 ``up/{user}/{device}``          its own only            never
 ``down/{user}``                 never                   its own user's
 ``down/{user}/{device}``        never                   its own only
+``down/{user}/v2``              never                   its own user's (protocol v2)
 anything else                   never                   never
 ==============================  ======================  ==========================
 
@@ -96,10 +97,10 @@ class DeviceGate:
     def may_subscribe(p: Principal, topic_filter: str) -> bool:
         if p.privileged:
             return topic_filter in ("up/+/+", "$share/pigeon/up/+/+") or topic_filter.startswith("$share/pigeon/up/")
-        return topic_filter in (f"down/{p.user_id}", f"down/{p.user_id}/{p.device_id}")
+        return topic_filter in (f"down/{p.user_id}", f"down/{p.user_id}/{p.device_id}", f"down/{p.user_id}/v2")
 
     @staticmethod
     def may_receive(p: Principal, topic: str) -> bool:
         if p.privileged:
             return topic.startswith("up/")
-        return topic in (f"down/{p.user_id}", f"down/{p.user_id}/{p.device_id}")
+        return topic in (f"down/{p.user_id}", f"down/{p.user_id}/{p.device_id}", f"down/{p.user_id}/v2")

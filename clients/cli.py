@@ -12,6 +12,7 @@ import mimetypes
 import signal
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -400,7 +401,7 @@ def send(
         err.print("[red]nothing to send:[/] give a text or --file")
         raise typer.Exit(2)
 
-    async def go() -> dict[str, Any]:
+    async def go() -> Mapping[str, Any]:
         async with Device(_profile(profile)) as dev:
             chat = await _resolve_chat(dev.api, target)
             media = await _upload(dev, file) if file else None
@@ -436,7 +437,7 @@ def history(
         console.print(line)
 
 
-async def _line(m: dict[str, Any], names: Names) -> str:
+async def _line(m: Mapping[str, Any], names: Names) -> str:
     when = time.strftime("%H:%M", time.localtime(m["ts"] / 1000))
     who = await names.of(m["from"])
     if m["kind"] == "system":

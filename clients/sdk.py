@@ -24,6 +24,14 @@ trusts. Certificates and host names are always checked.
 
 Errors: :class:`PigeonClientError` (with ``.code``, the protocol's error code) for anything the
 server refused, :class:`RequestTimeout` when no reply came in time.
+
+The device speaks protocol v2 (MessagePack, fewer packets; docs/protocol.md section 5b) unless
+told ``proto=1`` (JSON, as MQTT.js pages and ``mosquitto_pub`` speak). Events and replies, in
+either version, are decoded into the protocol's typed envelopes (``bridge.protocol``:
+``MsgEvent``, ``ReceiptEvent``, ``Sent``, ``Batch``…), the same types the bridge sends, and
+validated on the way in (a payload that is not a valid event is logged and dropped). Each is
+also a read-only mapping of its v1 JSON keys, so ``ev["type"]`` and ``ev == {...}`` read as
+they did when events were plain dicts.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ import math
 import os
 import random
 import ssl
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -47,8 +56,28 @@ from typing import Any
 import aiomqtt
 import httpx
 
+from bridge import wire_v2
+from bridge.errors import ProtocolError
+from bridge.protocol import (
+    REPLY_TYPES,
+    Attachment,
+    Batch,
+    ChatMessage,
+    ErrorReply,
+    Event,
+    MediaUploadReply,
+    MediaUrlReply,
+    MsgEvent,
+    PresenceEvent,
+    ReceiptEvent,
+    Sent,
+    decode_payload,
+    read_media,
+)
+
 log = logging.getLogger(__name__)
-Event = dict[str, Any]
+__all__ = ["Api", "Device", "Event", "PigeonClientError", "Profile", "RequestTimeout", "login", "request_code",
+           "verify"]
 CLOSE_STEP_S = 5.0
 
 
@@ -325,23 +354,35 @@ def _retrieve(task: asyncio.Future[Any]) -> None:
 
 
 class Device:
-    """A connected device: requests over MQTT, events in inbox order, cursor kept on disk."""
+    """A connected device: requests over MQTT, events in inbox order, cursor kept on disk.
+
+    It speaks protocol v2 (docs/protocol.md section 5b) unless given ``proto=1``: requests
+    and events in MessagePack, short request ids, events at QoS 0, acks gathered over half a
+    second, and no copy of its own messages (``send`` puts the message in the event stream
+    itself, at the inbox position its ``sent`` names), so an application sees the same events
+    either way."""
 
     def __init__(self, profile: Profile, *, keepalive: int = 240, transport: str = "tcp",
-                 reply_timeout: float = 10.0, ack_delay: float = 0.05) -> None:
+                 reply_timeout: float = 10.0, ack_delay: float | None = None, proto: int = 2) -> None:
+        """``ack_delay``: how long acks are gathered before one goes (default 0.05 s; 0.5 s
+        with v2, which acks at QoS 0 and so gathers the delivered receipts its acks cause)."""
+        if proto not in (1, 2):
+            raise ValueError("proto must be 1 or 2")
+        self.proto = proto
+        self._last_id = 0  # v2: the last request id handed out (see _new_id)
         self.profile = profile
         self.api = Api(profile)
         self._keepalive = keepalive
         self._transport = transport
         self._reply_timeout = reply_timeout
-        self._ack_delay = ack_delay
+        self._ack_delay = ack_delay if ack_delay is not None else (0.5 if proto == 2 else 0.05)
         self._client: aiomqtt.Client | None = None
         self._pending: dict[str, asyncio.Future[Event]] = {}
         self._events: asyncio.Queue[Event] = asyncio.Queue()
         self._side: asyncio.Queue[Event] = asyncio.Queue()
         self._cursor = profile.cursor
         self._acked = profile.cursor
-        self._buffer: dict[int, Event] = {}
+        self._buffer: dict[int, Any] = {}
         self._sync_lock = asyncio.Lock()
         self._sync_wanted = asyncio.Event()
         self._ack_wanted = asyncio.Event()
@@ -358,7 +399,7 @@ class Device:
     # -- lifecycle --------------------------------------------------------------------------------
     def _mqtt_client(self) -> aiomqtt.Client:
         p = self.profile
-        offline = json.dumps({"type": "presence", "state": "offline"})
+        offline = self._encode({"type": "presence", "state": "offline"})
         if self._transport == "websockets":
             scheme, _, rest = p.ws_url.partition("://")
             host_port = rest.split("/", 1)[0]
@@ -383,7 +424,8 @@ class Device:
             await self.api.close()
             raise PigeonClientError("connect_refused", str(exc)) from exc
         self._client = client
-        await client.subscribe(f"down/{self.profile.user_id}", qos=1)
+        # v2 devices take their user's events from the v2 topic (docs/protocol.md)
+        await client.subscribe(f"down/{self.profile.user_id}{'/v2' if self.proto == 2 else ''}", qos=1)
         await client.subscribe(f"down/{self.profile.user_id}/{self.profile.device_id}", qos=1)
         self._runner = asyncio.create_task(self._run(), name=f"pigeon-device-{self.profile.device_id}")
         await self._publish(self._online())
@@ -449,12 +491,31 @@ class Device:
             tg.create_task(self._heartbeat_loop(), name="heartbeat")
 
     # -- plumbing ------------------------------------------------------------------------------------
+    def _encode(self, payload: Mapping[str, Any]) -> bytes:
+        # a type v2 has no number for goes as JSON, and the server answers it as it would in v1
+        if self.proto == 2 and payload.get("type") in wire_v2.REQUEST_NUMBERS:
+            return wire_v2.encode_request(payload)
+        return json.dumps(payload, separators=(",", ":")).encode()
+
+    def _new_id(self) -> str:
+        """A request id: v1, a random hex string; v2, a short one that still never repeats for
+        this device (microseconds since the epoch in base 36, strictly increasing), since the
+        server finds an earlier send by its id."""
+        if self.proto == 1:
+            return uuid.uuid4().hex
+        self._last_id = max(self._last_id + 1, int(time.time() * 1_000_000))
+        n, digits = self._last_id, ""
+        while n:
+            n, d = divmod(n, 36)
+            digits = "0123456789abcdefghijklmnopqrstuvwxyz"[d] + digits
+        return digits
+
     async def _publish(self, payload: Mapping[str, Any], qos: int = 1) -> None:
         if self._client is None:
             raise PigeonClientError("not_connected", "the device is not connected")
         try:
             async with asyncio.timeout(self._reply_timeout):
-                await self._client.publish(self.up, json.dumps(payload, separators=(",", ":")), qos=qos)
+                await self._client.publish(self.up, self._encode(payload), qos=qos)
             self._last_publish = asyncio.get_running_loop().time()
         except TimeoutError as exc:
             raise RequestTimeout(f"the broker did not acknowledge a {payload.get('type')} in time") from exc
@@ -468,13 +529,13 @@ class Device:
         """
         if self._client is None:
             raise PigeonClientError("not_connected", "the device is not connected")
-        rid = str(payload.get("id") or uuid.uuid4().hex)
+        rid = str(payload.get("id") or self._new_id())
         body = {**payload, "id": rid}
         fut: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut  # before the publish: the reply may come before its PUBACK
         # the PUBACK wait runs beside the reply wait, bounded only by the one deadline below
         published: asyncio.Future[Any] = asyncio.ensure_future(self._client.publish(
-            self.up, json.dumps(body, separators=(",", ":")), qos=1, timeout=math.inf))
+            self.up, self._encode(body), qos=1, timeout=math.inf))
         published.add_done_callback(_retrieve)
         try:
             async with asyncio.timeout(timeout or self._reply_timeout):
@@ -489,42 +550,43 @@ class Device:
         finally:
             self._pending.pop(rid, None)
             published.cancel()  # a PUBACK still owed is of no use once the reply is here
-        if reply.get("type") == "error":
-            raise PigeonClientError(reply["code"], reply.get("message", ""), retry_after_ms=reply.get("retry_after_ms"))
+        if isinstance(reply, ErrorReply):
+            raise PigeonClientError(reply.code, reply.message, retry_after_ms=reply.retry_after_ms)
         return reply
 
     async def _read_loop(self) -> None:
         assert self._client is not None
         async for message in self._client.messages:
+            raw = message.payload
+            if not isinstance(raw, (bytes, bytearray, str)):
+                continue
+            raw = raw.encode() if isinstance(raw, str) else raw
             try:
-                event = json.loads(message.payload if isinstance(message.payload, (bytes, str)) else b"{}")
-            except ValueError:
-                log.warning("ignoring a payload that is not JSON on %s", message.topic)
+                event = wire_v2.decode(raw, self.profile.user_id) if wire_v2.is_v2(raw) else decode_payload(raw)
+            except ProtocolError as exc:
+                log.warning("ignoring a payload on %s that is not a valid event: %s", message.topic, exc.message)
                 continue
-            if not isinstance(event, dict):
-                continue
-            rid = event.get("id")
-            if event.get("type") in ("sent", "batch", "error", "media_upload", "media_ready", "media_url") \
-                    and isinstance(rid, str) and rid in self._pending:
+            rid = getattr(event, "id", None)
+            if event.type in REPLY_TYPES and rid is not None and rid in self._pending:
                 fut = self._pending.pop(rid)
                 if not fut.done():
                     fut.set_result(event)
                 continue
-            if event.get("type") == "presence" and isinstance(rid, str) and rid in self._pending:
+            if isinstance(event, PresenceEvent) and rid is not None and rid in self._pending:
                 self._side.put_nowait(event)
                 continue
-            if "inbox" in event:
+            if isinstance(event, (MsgEvent, ReceiptEvent)):
                 self._take(event)
             else:
                 await self._events.put(event)
 
-    def _take(self, event: Event, *, from_store: bool = False) -> None:
+    def _take(self, event: Mapping[str, Any], *, from_store: bool = False) -> None:
         """Deliver inbox events exactly once and in order; a gap asks for a sync.
 
         A live event past a gap waits for the sync. What sync returns comes from the store in
         inbox order and is authoritative: a position it skips does not exist.
         """
-        pos = int(event["inbox"])
+        pos = event.inbox if isinstance(event, (MsgEvent, ReceiptEvent)) else int(event["inbox"])
         if pos <= self._cursor:
             return
         self._buffer[pos] = event
@@ -586,7 +648,7 @@ class Device:
     async def _flush_ack(self) -> None:
         if self._cursor > self._acked and self._client is not None:
             up_to = self._cursor
-            await self._publish({"type": "ack", "up_to": up_to})
+            await self._publish({"type": "ack", "up_to": up_to}, qos=0 if self.proto == 2 else 1)
             self._acked = up_to
             self._save_cursor()
 
@@ -602,9 +664,11 @@ class Device:
             before = self._cursor
             while True:
                 batch = await self.request({"type": "sync", "after": self._cursor, "limit": limit})
-                for item in batch["items"]:
+                if not isinstance(batch, Batch):
+                    raise PigeonClientError("bad_reply", f"sync was answered with {batch.type}")
+                for item in batch.events:
                     self._take(item, from_store=True)
-                if not batch["more"] or not batch["items"]:
+                if not batch.more or not batch.events:
                     break
             await self._flush_ack()
             return self._cursor - before
@@ -612,7 +676,7 @@ class Device:
     async def send(self, body: str | None = None, *, chat: str | None = None, to: str | None = None,
                    media: Mapping[str, Any] | None = None, id: str | None = None, retries: int = 3) -> Event:
         """Send a message; retried under the same id until the server answers ``sent``."""
-        payload: dict[str, Any] = {"type": "send", "id": id or uuid.uuid4().hex}
+        payload: dict[str, Any] = {"type": "send", "id": id or self._new_id()}
         if chat is not None:
             payload["chat"] = chat
         if to is not None:
@@ -624,7 +688,10 @@ class Device:
         delay = 0.5
         for attempt in range(retries + 1):
             try:
-                return await self.request(payload)
+                reply = await self.request(payload)
+                if isinstance(reply, Sent) and reply.inbox is not None:
+                    self._take_own(reply, body, media)
+                return reply
             except RequestTimeout:
                 if attempt == retries:
                     raise
@@ -636,6 +703,16 @@ class Device:
             delay *= 2
         raise AssertionError("unreachable")
 
+    def _take_own(self, sent: Sent, body: str | None, media: Mapping[str, Any] | None) -> None:
+        """v2: the server sends no copy of this device's message to it; ``sent`` names its inbox
+        position and the message is put there as the copy would have been."""
+        assert sent.inbox is not None
+        attachment: Attachment | None = read_media(dict(media)) if media is not None else None
+        message = ChatMessage(chat=sent.chat, seq=sent.seq, id=sent.id, sender=self.profile.user_id,
+                              device=self.profile.device_id, ts=sent.ts, kind="media" if media else "text",
+                              body=body or None, media=attachment)
+        self._take(MsgEvent(sent.inbox, message))
+
     async def read(self, chat: str, up_to: int) -> None:
         await self._publish({"type": "read", "chat": chat, "up_to": up_to})
 
@@ -644,7 +721,7 @@ class Device:
 
     async def watch(self, users: list[str], ttl: int = 300) -> list[Event]:
         """Presence of the visible users now; later changes arrive through :meth:`events`."""
-        rid = uuid.uuid4().hex
+        rid = self._new_id()
         fut: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut  # marks presence replies with this id as replies
         try:
@@ -660,7 +737,7 @@ class Device:
                         ev = await self._side.get()
                 except TimeoutError:
                     return out
-                if ev.get("id") == rid:
+                if isinstance(ev, PresenceEvent) and ev.id == rid:
                     out.append(ev)
         finally:
             self._pending.pop(rid, None)
@@ -669,17 +746,23 @@ class Device:
         """Upload bytes and return the MEDIA object to put in :meth:`send`."""
         sha = hashlib.sha256(data).hexdigest()
         reply = await self.request({"type": "media_upload", "sha256": sha, "size": len(data), "mime": mime})
-        if not reply["exists"]:
-            await self.api.put_blob(reply["upload"], data)
-        await self.request({"type": "media_done", "key": reply["key"]})
-        media: dict[str, Any] = {"key": reply["key"], "mime": mime, "size": len(data), "sha256": sha}
+        if not isinstance(reply, MediaUploadReply):
+            raise PigeonClientError("bad_reply", f"media_upload was answered with {reply.type}")
+        if not reply.exists:
+            if reply.upload is None:
+                raise PigeonClientError("bad_reply", "media_upload named no upload for a new object")
+            await self.api.put_blob(reply.upload.to_json(), data)
+        await self.request({"type": "media_done", "key": reply.key})
+        media: dict[str, Any] = {"key": reply.key, "mime": mime, "size": len(data), "sha256": sha}
         if name:
             media["name"] = name
         return media
 
     async def download(self, key: str, chat: str) -> bytes:
         reply = await self.request({"type": "media_url", "key": key, "chat": chat})
-        return await self.api.get_blob(reply["url"])
+        if not isinstance(reply, MediaUrlReply):
+            raise PigeonClientError("bad_reply", f"media_url was answered with {reply.type}")
+        return await self.api.get_blob(reply.url)
 
     # -- events ------------------------------------------------------------------------------------------
     async def next_event(self, timeout: float | None = None) -> Event:

@@ -16,6 +16,7 @@ from bridge.metrics import Metrics
 from bridge.protocol import Watch
 from bridge.ratelimit import RateLimiter, Strikes
 from bridge.router import DeviceRouter
+from bridge.wire import encode_v1, topic_of
 from tests.test_handlers import World, world  # noqa: F401 - the handler tests' fixture
 
 TOPIC = "up/u1/d1"
@@ -46,15 +47,15 @@ def test_past_the_limit_a_send_is_answered_rate_limited_at_once_and_not_taken_in
         assert adm.admit(TOPIC, body(type="send", id=f"m{i}", to="u2", body="x")) is None
     outs = adm.admit(TOPIC, body(type="send", id="late", to="u2", body="x"))
     assert outs is not None and len(outs) == 1
-    assert outs[0].topic == "down/u1/d1"
-    reply = json.loads(outs[0].payload)
+    assert topic_of(outs[0].to) == "down/u1/d1"
+    reply = json.loads(encode_v1(outs[0].event))
     assert reply == {"type": "error", "id": "late", "code": "rate_limited", "message": reply["message"],
                      "retry_after_ms": 750}
     assert adm.held == 2  # not counted: nothing of it is held
     for kind, extra in (("sync", {"after": 0}), ("read", {"chat": "c1", "up_to": 1}),
                         ("watch", {"users": ["u2"]})):
         refused = adm.admit(TOPIC, body(type=kind, id=f"r-{kind}", **extra))
-        assert refused is not None and json.loads(refused[0].payload)["code"] == "rate_limited"
+        assert refused is not None and json.loads(encode_v1(refused[0].event))["code"] == "rate_limited"
     assert sample(metrics, "pigeon_overload_refused_total", type="send") == 1
     assert sample(metrics, "pigeon_errors_total", code="rate_limited", edge="mqtt") == 4
     assert adm.held == 2
@@ -90,8 +91,8 @@ def test_a_device_with_its_own_queue_full_is_refused_while_others_are_taken_in()
     send = body(type="send", id="m", to="u2", body="x")
     assert adm.admit(TOPIC, send, queued=1) is None
     refused = adm.admit(TOPIC, send, queued=2)
-    assert refused is not None and json.loads(refused[0].payload)["code"] == "rate_limited"
-    assert "2 requests of this device" in json.loads(refused[0].payload)["message"]
+    assert refused is not None and json.loads(encode_v1(refused[0].event))["code"] == "rate_limited"
+    assert "2 requests of this device" in json.loads(encode_v1(refused[0].event))["message"]
     assert adm.admit("up/u3/d3", send, queued=0) is None  # another device is not held up
     assert adm.admit(TOPIC, body(type="ack", up_to=1), queued=5) is None  # acks still go in
     assert adm.held == 3
@@ -137,7 +138,7 @@ async def test_while_shedding_typing_is_dropped_before_any_store_call(world: Wor
     a, b = await world.user("+15550000001"), await world.user("+15550000002")
     sent = await world.router.handle(f"up/{a.user_id}/{a.device_id}",
                                      body(type="send", id="m1", to=b.user_id, body="hi"))
-    chat = json.loads(sent[-1].payload)["chat"]
+    chat = json.loads(encode_v1(sent[-1].event))["chat"]
     await world.presence.device_online(b.user_id, b.device_id, explicit=True)
     metrics = Metrics()
     adm = Admission(limit=10, shed_at=1, metrics=metrics)
@@ -145,7 +146,7 @@ async def test_while_shedding_typing_is_dropped_before_any_store_call(world: Wor
                           metrics, 64 * 1024, admission=adm)
     typing = body(type="typing", chat=chat)
     outs = await router.handle(f"up/{a.user_id}/{a.device_id}", typing)
-    assert [o.topic for o in outs] == [f"down/{b.user_id}"]  # nothing held: relayed
+    assert [topic_of(o.to) for o in outs] == [f"down/{b.user_id}"]  # nothing held: relayed
     adm.admit(TOPIC, b"{}")  # one held: shedding
     world.store.failing = {"get_chat", "user_chats", "chat_members"}  # any store call would fail
     assert await router.handle(f"up/{a.user_id}/{a.device_id}", typing) == []
@@ -160,7 +161,7 @@ async def test_while_shedding_presence_is_recorded_but_not_fanned_out(world: Wor
     adm = Admission(limit=10, shed_at=1, metrics=metrics)
     world.presence.admission = adm
     outs = await world.presence.device_online(b.user_id, b.device_id, explicit=True)
-    assert [o.topic for o in outs] == [f"down/{a.user_id}/{a.device_id}"]  # not shedding: a watcher is told
+    assert [topic_of(o.to) for o in outs] == [f"down/{a.user_id}/{a.device_id}"]  # not shedding: a watcher is told
     adm.admit(TOPIC, b"{}")
     assert await world.presence.device_offline(b.user_id, b.device_id) == []
     assert not await world.presence.is_online(b.user_id)  # recorded all the same
@@ -208,7 +209,8 @@ async def test_a_device_that_keeps_pushing_past_its_limit_is_disconnected_and_st
     for i in range(6):
         outs = await router.handle(f"up/{a.user_id}/{a.device_id}", body(type="send", id=f"m{i}", to=b.user_id,
                                                                          body="x"))
-        reply = next(json.loads(o.payload) for o in outs if o.topic == f"down/{a.user_id}/{a.device_id}")
+        reply = next(json.loads(encode_v1(o.event)) for o in outs
+                     if topic_of(o.to) == f"down/{a.user_id}/{a.device_id}")
         codes.append(reply.get("code", reply["type"]))
     assert codes == ["sent", "sent"] + ["rate_limited"] * 4
     assert dropped == [a.device_id]  # at the fourth refusal, once
@@ -218,7 +220,8 @@ async def test_a_device_that_keeps_pushing_past_its_limit_is_disconnected_and_st
         world.clock.advance(1.0)
         outs = await router.handle(f"up/{b.user_id}/{b.device_id}", body(type="send", id=f"b{_}", to=a.user_id,
                                                                          body="y"))
-        assert [json.loads(o.payload)["type"] for o in outs if o.topic.endswith(b.device_id)] == ["sent"]
+        replies = [json.loads(encode_v1(o.event)) for o in outs if topic_of(o.to).endswith(b.device_id)]
+        assert [r["type"] for r in replies] == ["sent"]
     assert dropped == [a.device_id]
 
 
@@ -232,5 +235,5 @@ def test_replies_waiting_to_go_out_count_against_the_bound_too() -> None:
     assert adm.shedding and adm.held == 1  # half the bound waiting to go out: shedding
     waiting[0] = 10
     refused = adm.admit(TOPIC, send)
-    assert refused is not None and json.loads(refused[0].payload)["code"] == "rate_limited"
+    assert refused is not None and json.loads(encode_v1(refused[0].event))["code"] == "rate_limited"
     assert adm.held == 1

@@ -24,6 +24,7 @@ from bridge.protocol import Ack, Send, Watch, parse_request
 from bridge.ratelimit import RateLimiter
 from bridge.router import DeviceRouter
 from bridge.tokens import TokenSigner
+from bridge.wire import encode_v1, topic_of
 from storage.media_local import LocalMediaStore, SignatureError
 from storage.sqlite import SqliteStore
 from storage.state import MemoryState
@@ -133,7 +134,7 @@ async def test_one_ack_over_many_chats_tells_every_sender_once(world: World) -> 
             await world.messenger.send(s, Send(id=f"m{k}", chat=None, to=reader.user_id, body="hi", media=None))
     head = await world.store.inbox_head(reader.user_id)
     told = (await world.messenger.ack(reader, Ack(up_to=head))).outs
-    receipts = {o.topic: json.loads(o.payload) for o in told}
+    receipts = {topic_of(o.to): json.loads(encode_v1(o.event)) for o in told}
     assert len(told) == len(receipts) == 40
     for n, s in enumerate(senders):
         r = receipts[f"down/{s.user_id}"]
@@ -165,13 +166,13 @@ async def test_acks_run_apart_from_a_devices_other_requests_and_fold(world: Worl
     gate = world.store.held["advance_device_ack"] = asyncio.Event()
     assert await asyncio.wait_for(router.handle(up, b'{"type":"ack","up_to":1}'), 5) == []
     outs = await asyncio.wait_for(router.handle(up, b'{"type":"sync","id":"s1","after":0}'), 5)
-    batch = json.loads(outs[-1].payload)
+    batch = json.loads(encode_v1(outs[-1].event))
     assert batch["type"] == "batch" and len(batch["items"]) == 3 and router.acks.busy() == 1
     for up_to in (2, 3):
         assert await router.handle(up, json.dumps({"type": "ack", "up_to": up_to}).encode()) == []
     gate.set()
     await router.acks.drain()
-    told = [json.loads(o.payload)["up_to"] for o in published if o.topic == f"down/{sender.user_id}"]
+    told = [json.loads(encode_v1(o.event))["up_to"] for o in published if topic_of(o.to) == f"down/{sender.user_id}"]
     assert told == [1, 3] and router.acks.busy() == 0
     mine = [r for r in await world.store.get_receipts(batch["items"][0]["chat"]) if r.user_id == reader.user_id]
     assert [r.delivered for r in mine] == [3]
@@ -185,9 +186,9 @@ async def test_an_ack_the_store_refuses_is_answered_with_unavailable(world: Worl
     world.store.failing = {"advance_device_ack"}
     await router.handle(f"up/{reader.user_id}/{reader.device_id}", b'{"type":"ack","up_to":1,"id":"a1"}')
     await router.acks.drain()
-    [err] = [json.loads(o.payload) for o in published]
+    [err] = [json.loads(encode_v1(o.event)) for o in published]
     assert (err["type"], err["code"], err["id"]) == ("error", "unavailable", "a1")
-    assert published[0].topic == f"down/{reader.user_id}/{reader.device_id}"
+    assert topic_of(published[0].to) == f"down/{reader.user_id}/{reader.device_id}"
 
 
 async def test_two_devices_of_one_user_may_reuse_a_request_id(world: World) -> None:
@@ -209,7 +210,7 @@ async def test_router_answers_unavailable_without_leaking_internals(world: World
     outs = await world.router.handle(
         f"up/{a.user_id}/{a.device_id}", json.dumps({"type": "send", "id": "x1", "to": b.user_id, "body": "y"}).encode()
     )
-    err = json.loads(outs[-1].payload)
+    err = json.loads(encode_v1(outs[-1].event))
     assert err["code"] == "unavailable" and err["id"] == "x1" and "injected" not in err["message"]
     assert await world.router.handle("elsewhere/topic", b"{}") == []
 
@@ -243,7 +244,7 @@ async def test_watch_expires_after_its_ttl(world: World) -> None:
     a, b = await world.user("+15550000001"), await world.user("+15550000002")
     await world.messenger.send(a, Send(id="m", chat=None, to=b.user_id, body="hi", media=None))
     outs = await world.presence.watch(a.user_id, a.device_id, Watch(id="w", users=(b.user_id,), ttl=10))
-    assert json.loads(outs[0].payload)["online"] is False
+    assert json.loads(encode_v1(outs[0].event))["online"] is False
     assert len(await world.presence.device_online(b.user_id, b.device_id)) == 1
     world.clock.advance(11)
     assert await world.presence.device_offline(b.user_id, b.device_id) == []
@@ -259,9 +260,9 @@ async def test_group_notices_go_to_the_members_whose_messages_they_cover(world: 
         for who in (owner, b, c):
             head = await world.store.inbox_head(who.user_id)
             for out in (await world.messenger.ack(who, Ack(up_to=head))).outs:
-                ev = json.loads(out.payload)
+                ev = json.loads(encode_v1(out.event))
                 if ev["type"] == "receipt" and ev["user"] == "*":
-                    told[out.topic.removeprefix("down/")] = ev["up_to"]
+                    told[topic_of(out.to).removeprefix("down/")] = ev["up_to"]
         return told
 
     await world.messenger.send(b, Send(id="b1", chat=chat.chat_id, to=None, body="from b", media=None))  # seq 2
@@ -280,7 +281,7 @@ async def test_members_acking_together_are_worked_out_together(world: World) -> 
     heads = [await world.store.inbox_head(m.user_id) for m in members]
     world.store.calls.clear()
     results = await asyncio.gather(*(world.messenger.ack(m, Ack(up_to=h)) for m, h in zip(members, heads, strict=True)))
-    told = [json.loads(o.payload) for r in results for o in r.outs]
+    told = [json.loads(encode_v1(o.event)) for r in results for o in r.outs]
     assert [(t["user"], t["kind"], t["up_to"]) for t in told] == [("*", "delivered", 2)]
     assert world.store.calls["get_receipts"] == 2  # the first ack's round, and one more for the other two
 
@@ -434,7 +435,7 @@ async def test_a_stated_keepalive_of_the_wrong_type_or_range_is_a_bad_request(wo
     b = await world.user("+15550009003")
     outs = await world.router.handle(f"up/{b.user_id}/{b.device_id}",
                                      f'{{"type":"presence","state":"online","keepalive":{keepalive}}}'.encode())
-    assert [json.loads(o.payload)["code"] for o in outs] == ["bad_request"]
+    assert [json.loads(encode_v1(o.event))["code"] for o in outs] == ["bad_request"]
     assert not await world.presence.is_online(b.user_id)
 
 
@@ -446,10 +447,10 @@ async def test_over_mqtt_every_error_code_is_one_of_the_protocols(world: World) 
     sha = "0" * 64
     first = await world.router.handle(up, json.dumps(
         {"type": "media_upload", "id": "m1", "sha256": sha, "size": 2, "mime": "image/jpeg"}).encode())
-    assert json.loads(first[-1].payload)["type"] == "media_upload"
+    assert json.loads(encode_v1(first[-1].event))["type"] == "media_upload"
     again = await world.router.handle(up, json.dumps(
         {"type": "media_upload", "id": "m2", "sha256": sha, "size": 3, "mime": "image/jpeg"}).encode())
-    error = json.loads(again[-1].payload)
+    error = json.loads(encode_v1(again[-1].event))
     assert (error["type"], error["code"], error["id"]) == ("error", "bad_request", "m2")
     assert "another size" in error["message"]
 
@@ -468,7 +469,7 @@ async def test_a_lone_surrogate_is_a_bad_request_not_an_internal_error(world: Wo
         parse_request(payload, 1000)
     a = await world.user("+15550009021")
     outs = await world.router.handle(f"up/{a.user_id}/{a.device_id}", payload)
-    assert [json.loads(o.payload)["code"] for o in outs] == ["bad_request"]
+    assert [json.loads(encode_v1(o.event))["code"] for o in outs] == ["bad_request"]
 
 
 def test_a_surrogate_pair_escape_is_a_character_like_any_other() -> None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from bridge.wire_v2 import is_v2, parse_request_v2
 from broker.embedded import PigeonBroker
 from clients.sdk import Device, PigeonClientError, Profile, RequestTimeout
 from tests.conftest import embedded_broker, tok_tokens
@@ -27,22 +28,31 @@ DEVICE = "d1"
 TIMEOUT = 1.0  # the device's reply timeout in these tests
 
 
+def request_object(payload: bytes) -> dict[str, object]:
+    """What the fake needs of a request, in either protocol version (the SDK speaks v2)."""
+    if not is_v2(payload):
+        return dict(json.loads(payload))
+    req = parse_request_v2(payload, 1 << 16)
+    return {"type": req.type, "id": getattr(req, "id", None), "after": getattr(req, "after", 0)}
+
+
 @dataclass
 class FakeServer:
     """Answers sync at once; answers a ``send`` with ``reply`` (if any), then holds its PUBACK."""
 
     broker: PigeonBroker
     port: int
-    reply: dict[str, object] | None = None  # what to answer a send with (its id is filled in)
+    # what to answer a send with (its id is filled in); the SDK checks replies, so a complete one
+    reply: dict[str, object] | None = None
     hold: float = 0.0  # how long the send's handling (and so its PUBACK) takes
     release: asyncio.Event = field(default_factory=asyncio.Event)
     sends: int = 0
 
     async def ingest(self, topic: str, payload: bytes) -> None:
-        msg = json.loads(payload)
+        msg = request_object(payload)
         down = f"down/{USER}/{DEVICE}"
         if msg.get("type") == "sync":
-            batch = {"type": "batch", "id": msg["id"], "items": [], "more": False}
+            batch = {"type": "batch", "id": msg["id"], "items": [], "last": msg.get("after", 0), "more": False}
             await self.broker.publish(down, json.dumps(batch).encode(), 1)
         elif msg.get("type") == "send":
             self.sends += 1
@@ -71,7 +81,7 @@ async def server() -> AsyncIterator[FakeServer]:
 
 async def test_a_reply_that_beats_a_held_puback_is_returned(server: FakeServer) -> None:
     async with server.device() as dev:
-        server.reply = {"type": "sent", "chat": "c1", "seq": 7}
+        server.reply = {"type": "sent", "chat": "c1", "seq": 7, "ts": 1}
         server.hold = 3 * TIMEOUT  # the PUBACK comes long after the request's timeout
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -99,7 +109,7 @@ async def test_an_error_that_beats_a_held_puback_is_raised_as_itself(server: Fak
 
 async def test_send_returns_the_reply_that_beats_a_held_puback_without_a_retry(server: FakeServer) -> None:
     async with server.device() as dev:
-        server.reply = {"type": "sent", "chat": "c1", "seq": 1}
+        server.reply = {"type": "sent", "chat": "c1", "seq": 1, "ts": 1}
         server.hold = 3 * TIMEOUT
         try:
             reply = await dev.send("hi", to="u2", retries=1)

@@ -722,27 +722,42 @@ class Bench:
         return merged
 
     def wire(self) -> Result:
+        """Bytes on the devices' connections per delivered 20-character text, one pair speaking
+        protocol v1 and then one pair speaking v2 (the top-level figures are v1's, under
+        ``v2`` the same for v2)."""
         o = self.opts
+        t = self.target
         with self.pool() as pool:
-            only_first = [2] + [0] * (o.workers - 1)
-            self.login(pool, only_first)
-            self.connect(pool, only_first)
-            pool.run("warm-up", {0: ("traffic", {"flow": "p2p", "mode": "closed", "seconds": 1.0, "window": 1,
-                                                 "pairs": [(0, 1)], "measured": False})}, timed=1.0)
-            pool.run("waiting for deliveries", {0: ("drain", {"timeout": 30.0})})
-            got = pool.run(f"{o.wire_messages} messages at {o.wire_rate:g}/s", {0: ("wire", {
-                "sender": 0, "recipient": 1, "count": o.wire_messages, "rate": o.wire_rate})},
-                timed=o.wire_messages / o.wire_rate + 2)[0]
+            self.login(pool, [4] + [0] * (o.workers - 1))
+            for first, proto in ((0, 1), (2, 2)):
+                pool.run(f"connecting a v{proto} pair", {0: ("connect", {
+                    "host": t.mqtt_host, "port": t.mqtt_port, "first": first, "count": 2, "proto": proto})}, total=2)
+            got: dict[int, dict[str, Any]] = {}
+            for first, proto in ((0, 1), (2, 2)):
+                pair = (first, first + 1)
+                pool.run(f"warm-up (v{proto})", {0: ("traffic", {
+                    "flow": "p2p", "mode": "closed", "seconds": 1.0, "window": 1, "pairs": [pair],
+                    "measured": False})}, timed=1.0)
+                pool.run("waiting for deliveries", {0: ("drain", {"timeout": 30.0})})
+                got[proto] = pool.run(f"{o.wire_messages} messages at {o.wire_rate:g}/s (v{proto})", {0: ("wire", {
+                    "sender": pair[0], "recipient": pair[1], "count": o.wire_messages, "rate": o.wire_rate})},
+                    timed=o.wire_messages / o.wire_rate + 2)[0]
             pool.all("disconnecting", "disconnect", {})
-        parts = {k: got[k] for k in ("sender_up", "sender_down", "recipient_up", "recipient_down")}
-        delivered = max(1, got["delivered"])
+
+        def figures(g: dict[str, Any]) -> dict[str, Any]:
+            parts = {k: g[k] for k in ("sender_up", "sender_down", "recipient_up", "recipient_down")}
+            delivered = max(1, g["delivered"])
+            return {
+                "delivered": g["delivered"], "bytes_per_msg": round(sum(parts.values()) / delivered, 1),
+                "bytes_per_msg_by_direction": {k: round(v / delivered, 1) for k, v in parts.items()},
+                **percentiles(g["latencies_ms"]), "lost": g["lost"], "unanswered": g["unanswered"],
+                "duplicates": g["duplicates"],
+            }
+
         return Result("wire", self.target.profile, {
-            "messages": o.wire_messages, "delivered": got["delivered"], "rate_per_s": o.wire_rate,
-            "bytes_per_msg": round(sum(parts.values()) / delivered, 1),
-            "bytes_per_msg_by_direction": {k: round(v / delivered, 1) for k, v in parts.items()},
-            **percentiles(got["latencies_ms"]), "latency_at": f"{o.wire_rate:g} msgs/s, one pair",
-            "rss_mb": self.meter.rss_mb(), "lost": got["lost"], "unanswered": got["unanswered"],
-            "duplicates": got["duplicates"],
+            "messages": o.wire_messages, "rate_per_s": o.wire_rate, **figures(got[1]),
+            "latency_at": f"{o.wire_rate:g} msgs/s, one pair", "rss_mb": self.meter.rss_mb(),
+            "v2": figures(got[2]),
         })
 
     def overload(self) -> Result:

@@ -24,11 +24,17 @@ from typing import Any
 
 import httpx
 
+from bridge import wire_v2
+from bridge.errors import ProtocolError
+from bridge.protocol import Sent
 from clients.sdk import tls_context
 
 from .mqtt import MqttConn, connect
 
 ACK_EVERY_S = 0.1
+# protocol v2 devices coalesce acks (and so the delivered receipts they cause) over this long,
+# as the SDK does, and send them at QoS 0: the next ack covers a lost one
+V2_ACK_EVERY_S = 0.5
 GAP_SYNC_AFTER_S = 2.0
 STALL_S = 10.0
 CONNECT_CONCURRENCY = 64
@@ -104,28 +110,37 @@ class Dev:
         self.replies: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self.last_sent: dict[str, int] = {}  # chat -> highest seq the server answered ``sent`` with
         self.told_delivered: dict[str, tuple[int, float]] = {}  # chat -> (up_to, when it arrived)
+        self.proto = 1  # 2: speaks protocol v2 (MessagePack; see bridge/wire_v2.py)
+        self.acked_at = 0.0  # v2: when the last ack went
 
     def creds(self) -> dict[str, str]:
         return {"user": self.user, "device": self.device, "token": self.token}
 
-    async def connect(self, host: str, port: int, presence: bool) -> None:
-        will = (self.up, b'{"type":"presence","state":"offline"}')
+    async def connect(self, host: str, port: int, presence: bool, proto: int = 1) -> None:
+        self.proto = proto
+        will = (self.up, self.encode({"type": "presence", "state": "offline"}))
         self.conn = await connect(host, port, self.device, self.device, self.token, self.on_message, will=will,
                                   tls=self.w.mqtt_tls)
-        await self.conn.subscribe([f"down/{self.user}", f"down/{self.user}/{self.device}"], timeout=30)
+        user_topic = f"down/{self.user}/v2" if proto == 2 else f"down/{self.user}"
+        await self.conn.subscribe([user_topic, f"down/{self.user}/{self.device}"], timeout=30)
         if presence:
             await self.publish({"type": "presence", "state": "online"})
 
+    def encode(self, payload: dict[str, Any]) -> bytes:
+        if self.proto == 2:
+            return wire_v2.encode_request(payload)
+        return json.dumps(payload, separators=(",", ":")).encode()
+
     def publish(self, payload: dict[str, Any], qos: int = 1) -> asyncio.Future[None]:
         assert self.conn is not None, "not connected"
-        fut = self.conn.publish(self.up, json.dumps(payload, separators=(",", ":")).encode(), qos)
+        fut = self.conn.publish(self.up, self.encode(payload), qos)
         if fut is None:
             fut = asyncio.get_running_loop().create_future()
             fut.set_result(None)
         return fut
 
     async def request(self, payload: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
-        rid = uuid.uuid4().hex
+        rid = self.w.new_id()
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self.replies[rid] = fut
         try:
@@ -136,13 +151,28 @@ class Dev:
             self.replies.pop(rid, None)
 
     def on_message(self, topic: str, payload: bytes) -> None:
-        ev = json.loads(payload)
+        if wire_v2.is_v2(payload):
+            try:  # the event's v1 object (and a v2 sent's inbox position): what the rest reads
+                event = wire_v2.decode(payload, self.user)
+                ev = event.to_json()
+                if isinstance(event, Sent) and event.inbox is not None:
+                    ev["inbox"] = event.inbox
+            except ProtocolError:
+                self.w.tally.errors["undecodable"] += 1
+                return
+        else:
+            ev = json.loads(payload)
         self.take(ev, from_store=False)
 
     def take(self, ev: dict[str, Any], *, from_store: bool) -> None:
         kind = ev.get("type")
         inbox = ev.get("inbox")
-        if isinstance(inbox, int) and not self._mark(inbox, from_store, _entry(ev)):
+        if kind == "sent" and isinstance(inbox, int):  # v2: the own message's position, which no copy fills
+            entry = ("msg", ev.get("chat"), ev.get("seq"))
+            if self._mark(inbox, from_store, entry):
+                self.msg_at.setdefault((ev.get("chat"), ev.get("seq")), inbox)
+            inbox = None
+        if isinstance(inbox, int) and kind != "sent" and not self._mark(inbox, from_store, _entry(ev)):
             return
         if kind == "msg":
             key = (ev.get("chat"), ev.get("seq"))
@@ -219,10 +249,17 @@ class Dev:
             if not batch.get("more"):
                 return batches
 
-    def flush_ack(self) -> None:
+    def flush_ack(self) -> bool:
+        """Acknowledge what arrived; False when a v2 device holds its ack back a little longer."""
         if self.cursor > self.acked and self.conn is not None:
+            if self.proto == 2:
+                now = time.monotonic()
+                if now - self.acked_at < V2_ACK_EVERY_S:
+                    return False
+                self.acked_at = now
             self.acked = self.cursor
-            self.publish({"type": "ack", "up_to": self.cursor})
+            self.publish({"type": "ack", "up_to": self.cursor}, qos=0 if self.proto == 2 else 1)
+        return True
 
 
 class Relay:
@@ -244,6 +281,8 @@ class Worker:
         # https:// and mqtts:// are checked against ca_file (None: the system's CAs)
         self.tls = tls_context(ca_file)
         self.mqtt_tls = self.tls if mqtt_tls else None
+        self.proto = 1  # the protocol of the devices connected last (request ids follow it)
+        self._last_id = 0
         self.devs: list[Dev] = []
         self.relays: list[Relay] = []
         self.tracks: dict[str, Track] = {}
@@ -322,7 +361,8 @@ class Worker:
             await asyncio.sleep(ACK_EVERY_S)
             dirty, self.dirty = self.dirty, set()
             for dev in dirty:
-                dev.flush_ack()
+                if not dev.flush_ack():
+                    self.dirty.add(dev)
             now = time.monotonic()
             for dev in list(self.gapped):
                 if not dev.ahead:
@@ -376,15 +416,29 @@ class Worker:
         self.devs.extend(d for d in out if d is not None)
         return [d.creds() for d in self.devs]
 
+    def new_id(self) -> str:
+        """A request id: random hex for v1; for v2 a short one that never repeats in this
+        process (microseconds in base 36, strictly increasing), as the SDK makes them."""
+        if self.proto == 1:
+            return uuid.uuid4().hex
+        self._last_id = max(self._last_id + 1, int(time.time() * 1_000_000))
+        n, digits = self._last_id, ""
+        while n:
+            n, d = divmod(n, 36)
+            digits = "0123456789abcdefghijklmnopqrstuvwxyz"[d] + digits
+        return digits
+
     async def connect(self, host: str, port: int, first: int = 0, count: int | None = None,
-                      presence: bool = True) -> dict[str, Any]:
-        """Connect devices[first:first+count]; return the seconds it took."""
+                      presence: bool = True, proto: int = 1) -> dict[str, Any]:
+        """Connect devices[first:first+count], speaking protocol ``proto``; return the seconds
+        it took. (Request ids are short from then on if ``proto`` is 2.)"""
+        self.proto = proto
         sem = asyncio.Semaphore(CONNECT_CONCURRENCY)
         chosen = self.devs[first:None if count is None else first + count]
 
         async def one(dev: Dev) -> None:
             async with sem:
-                await dev.connect(host, port, presence)
+                await dev.connect(host, port, presence, proto)
                 self.tick()
 
         t0 = time.monotonic()
@@ -512,7 +566,7 @@ class Worker:
                     await slots.acquire()
             except TimeoutError:
                 return
-            msg_id = uuid.uuid4().hex
+            msg_id = self.new_id()
             self.tracks[msg_id] = Track(expect, now_ns(), measured, slots, self._accepted_when_sent)
             send(msg_id)
 
@@ -526,7 +580,7 @@ class Worker:
             delay = due - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
-            msg_id = uuid.uuid4().hex
+            msg_id = self.new_id()
             self.tracks[msg_id] = Track(expect, now_ns(), measured, None, self._accepted_when_sent)
             if self.sent_at is not None:
                 self.sent_at[msg_id] = time.monotonic()

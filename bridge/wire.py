@@ -1,0 +1,118 @@
+"""The MQTT edge's half of the way out: where an addressed event is published and as what.
+
+Handlers return :class:`bridge.outbox.Out` (an event and whom it is for); this module gives
+the topic and the payload. Protocol v1 (compact JSON, the exact bytes the protocol documents)
+goes to ``down/{user}`` for every device of a user and ``down/{user}/{device}`` for one.
+
+Protocol v2 (``bridge.wire_v2``) is per device: a device speaks v2 by sending its requests in
+v2, and :class:`DeviceKinds` remembers which devices did. An event for one device is encoded as
+that device speaks; an event for a user goes as v1 to ``down/{user}`` (always: a v1 client may
+listen without ever publishing) and, when the user has a v2 device or is not known to this
+process (their devices may talk to another bridge), as v2 to ``down/{user}/v2``, which only v2
+devices subscribe to. Live events (not replies) go to v2 devices at QoS 0: their
+inbox positions and ``sync`` recover a lost one. A message's copy for its sender is not sent
+to the sending device when it speaks v2: its ``sent`` reply carries the inbox position instead.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+
+from cachetools import TTLCache
+
+from . import wire_v2
+from .outbox import Address, Out, ToDevice, ToUser
+from .protocol import ChatMessage, Event, MsgEvent
+
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+def topic_of(to: Address) -> str:
+    if isinstance(to, ToDevice):
+        return f"down/{to.user}/{to.device}"
+    return f"down/{to.user}"
+
+
+def encode_v1(event: Event) -> bytes:
+    """The event's v1 payload: its JSON object, compact, UTF-8."""
+    return _dumps(event.to_json()).encode()
+
+
+def _msg_tail(message: ChatMessage) -> bytes:
+    """A ``msg`` payload after its inbox position: the message's keys, the same for every recipient."""
+    return _dumps(message.fields_json({})).encode()[1:]
+
+
+class DeviceKinds:
+    """Which version each device spoke in its latest request to this process, by user.
+
+    Bounded and forgetful: a user is forgotten when none of their devices was heard from for
+    ``ttl_s`` (devices speak at least once per keepalive), or when more recently heard users
+    need the room. A user this process does not know (one whose devices talk to another
+    bridge, or are not connected) gets user events in both versions."""
+
+    def __init__(self, max_users: int = 200_000, ttl_s: float = 600.0,
+                 timer: Callable[[], float] = time.monotonic) -> None:
+        self._seen: TTLCache[str, dict[str, bool]] = TTLCache(max_users, ttl_s, timer=timer)
+
+    def saw(self, user: str, device: str, v2: bool) -> None:
+        """A request of this device came in v2 (or in v1)."""
+        devices = self._seen.get(user)
+        if devices is None:
+            devices = {}
+        devices[device] = v2
+        self._seen[user] = devices  # (again: heard from now)
+
+    def is_v2(self, user: str, device: str) -> bool:
+        devices = self._seen.get(user)
+        return devices is not None and devices.get(device, False)
+
+    def v2_devices(self, user: str) -> frozenset[str] | None:
+        """The user's devices known to speak v2; None when the user is not known here."""
+        devices = self._seen.get(user)
+        return None if devices is None else frozenset(d for d, v2 in devices.items() if v2)
+
+
+def publishes(outs: Sequence[Out], kinds: DeviceKinds | None = None) -> list[tuple[str, bytes, int]]:
+    """Topic, payload and QoS of each, in order; with ``kinds``, v2 where a device speaks it.
+
+    The hot path is a message's fan-out: one ``msg`` per recipient, all with the same
+    :class:`ChatMessage` and each with its own inbox position. The message's part of the payload
+    is encoded once per call and each recipient's position put in front of it, giving the same
+    bytes as ``encode_v1``."""
+    tails: dict[int, bytes] = {}  # id() of a ChatMessage held by one of ``outs`` -> its tail
+    out: list[tuple[str, bytes, int]] = []
+    for o in outs:
+        ev = o.event
+        if kinds is not None and _v2_copy(o, kinds, out):
+            continue
+        if type(ev) is MsgEvent:
+            tail = tails.get(id(ev.message))
+            if tail is None:
+                tail = tails[id(ev.message)] = _msg_tail(ev.message)
+            payload = b'{"type":"msg","inbox":%d,%s' % (ev.inbox, tail)
+        else:
+            payload = encode_v1(ev)
+        out.append((topic_of(o.to), payload, o.qos))
+    return out
+
+
+def _v2_copy(o: Out, kinds: DeviceKinds, out: list[tuple[str, bytes, int]]) -> bool:
+    """Add the v2 publish of ``o`` (if any device is to get one); True when that is all of it
+    (an event for one v2 device), False when the v1 publish follows."""
+    to, ev = o.to, o.event
+    if isinstance(to, ToDevice):
+        if not kinds.is_v2(to.user, to.device):
+            return False
+        out.append((topic_of(to), wire_v2.encode(ev, to.user), 0))
+        return True
+    assert isinstance(to, ToUser)
+    devices = kinds.v2_devices(to.user)
+    if devices is None or devices:  # (not known here: a v2 device may be listening)
+        if (isinstance(ev, MsgEvent) and ev.message.sender == to.user and devices is not None
+                and len(devices) == 1 and ev.message.device in devices):
+            return False  # the sending device is the user's only v2 device: its ``sent`` says it all
+        out.append((f"down/{to.user}/v2", wire_v2.encode(ev, to.user), 0))
+    return False

@@ -1,0 +1,275 @@
+"""Protocol v2's compact encoding: every event and request as a MessagePack array.
+
+The first element of an array is its type's number, the others are the fields by position,
+and trailing fields that are absent are left off. Where v1 repeats what the receiver already
+knows, v2 leaves it out: a ``msg`` names its sender only when it is someone else, and its id
+only when it is not ``{chat}:{seq}`` (system messages). Decoding takes the receiving user for
+that reason.
+
+Requests: a payload whose first byte is a MessagePack array marker (0x90-0x9f, 0xdc, 0xdd) is
+v2; anything else is read as v1 JSON. A v2 request is turned into the v1 object and validated
+by the same ``from_json`` as a JSON one, so both mean exactly the same.
+
+docs/protocol.md (section "Protocol v2") lists the positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
+
+import msgpack
+
+from .errors import BadRequest, TooLarge, UnknownType
+from .protocol import (
+    Attachment,
+    Batch,
+    ErrorReply,
+    Event,
+    InboxEvent,
+    MediaReady,
+    MediaUploadReply,
+    MsgEvent,
+    PresenceEvent,
+    ReceiptEvent,
+    Request,
+    Sent,
+    TypingEvent,
+    decode_event,
+    parse_fields,
+    parse_request,
+)
+
+# event type numbers
+MSG, RECEIPT, SENT, BATCH, ERROR, PRESENCE, TYPING, MEDIA_UPLOAD, MEDIA_READY, MEDIA_URL = range(1, 11)
+KINDS = ("text", "media", "system")
+RECEIPT_KINDS = ("delivered", "read")
+# request type numbers, and the v1 keys of each request's positions after the type
+REQUESTS: dict[int, tuple[str, tuple[str, ...]]] = {
+    1: ("send", ("id", "chat", "to", "body", "media")),
+    2: ("sync", ("id", "after", "limit")),
+    3: ("ack", ("up_to", "id")),
+    4: ("read", ("chat", "up_to", "id")),
+    5: ("typing", ("chat", "id")),
+    6: ("presence", ("state", "keepalive", "id")),
+    7: ("watch", ("id", "users", "ttl")),
+    8: ("media_upload", ("id", "sha256", "size", "mime")),
+    9: ("media_done", ("id", "key")),
+    10: ("media_url", ("id", "key", "chat")),
+}
+REQUEST_NUMBERS = {name: (n, keys) for n, (name, keys) in REQUESTS.items()}
+_packb = msgpack.Packer(use_bin_type=True).pack
+
+
+def is_v2(raw: bytes | bytearray) -> bool:
+    """Whether a device payload is v2 (a MessagePack array) rather than v1 JSON."""
+    return bool(raw) and (0x90 <= raw[0] <= 0x9F or raw[0] in (0xDC, 0xDD))
+
+
+def _trim(a: list[Any]) -> list[Any]:
+    while a and a[-1] is None:
+        a.pop()
+    return a
+
+
+def _media(m: Attachment) -> list[Any]:
+    return _trim([m.key, m.mime, m.size, m.sha256, m.name])
+
+
+def _msg(ev: MsgEvent, for_user: str) -> list[Any]:
+    m = ev.message
+    own = m.sender == for_user
+    derived = m.id == f"{m.chat}:{m.seq}"
+    return _trim([
+        MSG, ev.inbox, m.chat, m.seq, m.ts, KINDS.index(m.kind), None if own else m.sender, m.body,
+        None if derived else m.id, m.device, None if m.media is None else _media(m.media), m.event, m.user,
+    ])
+
+
+def _receipt(ev: ReceiptEvent) -> list[Any]:
+    return [RECEIPT, ev.inbox, ev.chat, ev.user, RECEIPT_KINDS.index(ev.kind), ev.up_to]
+
+
+def _inbox_item(ev: InboxEvent, for_user: str) -> list[Any]:
+    return _msg(ev, for_user) if isinstance(ev, MsgEvent) else _receipt(ev)
+
+
+def to_array(event: Event, for_user: str) -> list[Any]:
+    """The event's v2 array for a device of ``for_user``."""
+    if isinstance(event, MsgEvent):
+        return _msg(event, for_user)
+    if isinstance(event, ReceiptEvent):
+        return _receipt(event)
+    if isinstance(event, Sent):
+        return _trim([SENT, event.id, event.chat, event.seq, event.ts, event.inbox])
+    if isinstance(event, Batch):
+        return [BATCH, event.id, event.last, event.more, [_inbox_item(e, for_user) for e in event.events]]
+    if isinstance(event, ErrorReply):
+        return _trim([ERROR, event.id, event.code, event.message, event.retry_after_ms])
+    if isinstance(event, PresenceEvent):
+        return _trim([PRESENCE, event.user, event.online, event.last_seen, event.id])
+    if isinstance(event, TypingEvent):
+        return [TYPING, event.chat, event.user]
+    if isinstance(event, MediaUploadReply):
+        up = event.upload
+        ticket = None if up is None else _trim([
+            up.method, up.url, up.expires, dict(up.fields) if up.fields else None,
+            dict(up.headers) if up.headers else None])
+        return _trim([MEDIA_UPLOAD, event.id, event.key, event.exists, ticket])
+    if isinstance(event, MediaReady):
+        return [MEDIA_READY, event.id, event.key]
+    return [MEDIA_URL, event.id, event.key, event.url, event.expires]
+
+
+def encode(event: Event, for_user: str) -> bytes:
+    """The event's v2 payload for a device of ``for_user``."""
+    payload: bytes = _packb(to_array(event, for_user))
+    return payload
+
+
+# -- decoding (the SDK and the tests) ----------------------------------------------------------------
+def _at(a: list[Any], i: int) -> Any:
+    return a[i] if i < len(a) else None
+
+
+def _v1_msg(a: list[Any], for_user: str) -> dict[str, Any]:
+    kind = _at(a, 5)
+    if not isinstance(kind, int) or not 0 <= kind < len(KINDS):
+        raise BadRequest("msg: kind must be 0, 1 or 2")
+    chat, seq, sender = _at(a, 2), _at(a, 3), _at(a, 6)
+    d: dict[str, Any] = {
+        "type": "msg", "inbox": _at(a, 1), "chat": chat, "seq": seq,
+        "id": _at(a, 8) if _at(a, 8) is not None else f"{chat}:{seq}",
+        "from": sender if sender is not None else for_user,
+        "device": _at(a, 9),
+        "ts": _at(a, 4), "kind": KINDS[kind], "body": _at(a, 7), "event": _at(a, 11), "user": _at(a, 12),
+    }
+    media = _at(a, 10)
+    if media is not None:
+        if not isinstance(media, list):
+            raise BadRequest("msg: media must be an array")
+        d["media"] = {"key": _at(media, 0), "mime": _at(media, 1), "size": _at(media, 2), "sha256": _at(media, 3),
+                      "name": _at(media, 4)}
+    return d
+
+
+def _v1_event(a: Any, for_user: str) -> dict[str, Any]:
+    if not isinstance(a, list) or not a or not isinstance(a[0], int):
+        raise BadRequest("a v2 event is an array that starts with its type number")
+    t = a[0]
+    if t == MSG:
+        return _v1_msg(a, for_user)
+    if t == RECEIPT:
+        kind = _at(a, 4)
+        if kind not in (0, 1):
+            raise BadRequest("receipt: kind must be 0 or 1")
+        return {"type": "receipt", "inbox": _at(a, 1), "chat": _at(a, 2), "user": _at(a, 3),
+                "kind": RECEIPT_KINDS[kind], "up_to": _at(a, 5)}
+    if t == SENT:
+        return {"type": "sent", "id": _at(a, 1), "chat": _at(a, 2), "seq": _at(a, 3), "ts": _at(a, 4),
+                "inbox": _at(a, 5)}
+    if t == BATCH:
+        items = _at(a, 4)
+        if not isinstance(items, list):
+            raise BadRequest("batch: items must be an array")
+        return {"type": "batch", "id": _at(a, 1), "last": _at(a, 2), "more": _at(a, 3),
+                "items": [_v1_event(i, for_user) for i in items]}
+    if t == ERROR:
+        return {"type": "error", "id": _at(a, 1), "code": _at(a, 2), "message": _at(a, 3),
+                "retry_after_ms": _at(a, 4)}
+    if t == PRESENCE:
+        return {"type": "presence", "user": _at(a, 1), "online": _at(a, 2), "last_seen": _at(a, 3), "id": _at(a, 4)}
+    if t == TYPING:
+        return {"type": "typing", "chat": _at(a, 1), "user": _at(a, 2)}
+    if t == MEDIA_UPLOAD:
+        ticket = _at(a, 4)
+        if ticket is not None and not isinstance(ticket, list):
+            raise BadRequest("media_upload: upload must be an array")
+        upload = None if ticket is None else {
+            "method": _at(ticket, 0), "url": _at(ticket, 1), "expires": _at(ticket, 2),
+            "fields": _at(ticket, 3), "headers": _at(ticket, 4)}
+        return {"type": "media_upload", "id": _at(a, 1), "key": _at(a, 2), "exists": _at(a, 3), "upload": upload}
+    if t == MEDIA_READY:
+        return {"type": "media_ready", "id": _at(a, 1), "key": _at(a, 2)}
+    if t == MEDIA_URL:
+        return {"type": "media_url", "id": _at(a, 1), "key": _at(a, 2), "url": _at(a, 3), "expires": _at(a, 4)}
+    raise UnknownType(f"unknown v2 event type {t}")
+
+
+def _unpack(raw: bytes | bytearray) -> Any:
+    try:
+        return msgpack.unpackb(raw, raw=False, strict_map_key=True)
+    except (ValueError, msgpack.UnpackException, TypeError) as exc:
+        raise BadRequest("payload is not MessagePack") from exc
+
+
+def decode(raw: bytes | bytearray, for_user: str) -> Event:
+    """A v2 payload received by a device of ``for_user``, as its typed envelope, validated by
+    the same ``from_json`` as v1. Raises ProtocolError."""
+    return _typed(_v1_event(_unpack(raw), for_user))
+
+
+def _typed(d: dict[str, Any]) -> Event:
+    if d["type"] == "batch":
+        items = tuple(_typed(i) for i in d["items"])
+        head = decode_event({**d, "items": []})  # (its id, last and more checked as v1's)
+        assert isinstance(head, Batch)
+        events: list[InboxEvent] = []
+        for item in items:
+            if not isinstance(item, (MsgEvent, ReceiptEvent)):
+                raise BadRequest("'items' holds only msg and receipt events")
+            events.append(item)
+        return replace(head, events=tuple(events))
+    return decode_event({k: v for k, v in d.items() if v is not None or (k == "id" and d["type"] == "error")})
+
+
+def parse_any(raw: bytes | bytearray, max_bytes: int) -> Request:
+    """A device payload in either version (told apart by its first byte). Raises ProtocolError."""
+    return parse_request_v2(raw, max_bytes) if is_v2(raw) else parse_request(bytes(raw), max_bytes)
+
+
+def parse_request_v2(raw: bytes | bytearray, max_bytes: int) -> Request:
+    """Validate one v2 device payload (see the module docstring). Raises ProtocolError."""
+    if len(raw) > max_bytes:
+        raise TooLarge(f"payload is {len(raw)} bytes; the limit is {max_bytes}")
+    a = _unpack(raw)
+    if not isinstance(a, list) or not a or not isinstance(a[0], int) or isinstance(a[0], bool):
+        raise BadRequest("a v2 request is an array that starts with its type number")
+    spec = REQUESTS.get(a[0])
+    if spec is None:
+        raise UnknownType(f"unknown v2 request type {a[0]}")
+    name, keys = spec
+    if len(a) - 1 > len(keys):
+        raise BadRequest(f"'{name}' has at most {len(keys)} fields after its type")
+    d: dict[str, Any] = {"type": name}
+    for key, value in zip(keys, a[1:], strict=False):
+        if value is not None:
+            d[key] = value
+    if name == "presence" and "state" in d:
+        if not isinstance(d["state"], bool):
+            raise BadRequest("presence: the state is true (online) or false (offline)")
+        d["state"] = "online" if d["state"] else "offline"
+    if isinstance(d.get("id"), int) and not isinstance(d.get("id"), bool):
+        d["id"] = str(d["id"])  # short numeric request ids: replies carry them as strings
+    return parse_fields(d)
+
+
+def request_array(d: Mapping[str, Any]) -> list[Any]:
+    """A v1 request object as its v2 array (the SDK builds requests this way)."""
+    n, keys = REQUEST_NUMBERS[str(d["type"])]
+    a: list[Any] = [n]
+    for key in keys:
+        v = d.get(key)
+        if key == "state" and v is not None:
+            v = v == "online"
+        a.append(v)
+    return _trim(a)
+
+
+def encode_request(d: Mapping[str, Any]) -> bytes:
+    payload: bytes = _packb(request_array(d))
+    return payload
+
+
+__all__ = ["decode", "encode", "encode_request", "is_v2", "parse_any", "parse_request_v2", "request_array", "to_array"]

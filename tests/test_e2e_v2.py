@@ -1,0 +1,71 @@
+"""Protocol v2 end to end: devices speaking v2 beside devices speaking v1, on the real server.
+
+The SDK with ``proto=2`` (its default) sends MessagePack requests and decodes MessagePack
+events; the application sees the same events as with v1 (``proto=1``)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from bridge.protocol import MsgEvent, ReceiptEvent, Sent
+from clients.sdk import Device, PigeonClientError
+from tests.conftest import NewUser
+
+
+async def next_of(dev: Device, event_type: str, timeout: float = 5.0, **match: Any) -> Any:
+    async with asyncio.timeout(timeout):
+        while True:
+            ev = await dev.next_event()
+            if ev["type"] == event_type and all(ev.get(k) == v for k, v in match.items()):
+                return ev
+
+
+async def test_v2_and_v1_devices_of_two_users_each_get_what_they_speak(new_user: NewUser, connect: Any) -> None:
+    alice = await new_user()
+    alice_v1 = await new_user(alice.phone)
+    bob = await new_user()
+    bob_v1 = await new_user(bob.phone)
+    da = await connect(alice, proto=2)
+    da1, db, db1 = await connect(alice_v1, proto=1), await connect(bob, proto=2), await connect(bob_v1, proto=1)
+    sent = await da.send("hello in v2", to=bob.user_id)
+    assert isinstance(sent, Sent) and sent.seq == 1 and sent.inbox is not None and len(sent.id) <= 12
+    own = await next_of(da, "msg")  # put in the stream by the SDK: the server sent no copy
+    assert isinstance(own, MsgEvent) and own.inbox == sent.inbox and own["id"] == sent.id
+    assert own["body"] == "hello in v2" and own["device"] == alice.device_id
+    for dev in (da1, db1):  # v1 devices: the whole v1 event
+        ev = await next_of(dev, "msg")
+        assert (ev["body"], ev["from"], ev["device"], ev["id"]) == ("hello in v2", alice.user_id, alice.device_id,
+                                                                   sent.id)
+    ev = await next_of(db, "msg")  # another member's v2 device
+    assert isinstance(ev, MsgEvent) and ev.message.body == "hello in v2" and ev.message.sender == alice.user_id
+    assert ev.message.device == alice.device_id and ev.message.id == sent.id
+    # bob's v2 device acknowledges: alice's devices, both kinds, hear it was delivered
+    for dev in (da, da1):
+        receipt = await next_of(dev, "receipt", kind="delivered")
+        assert receipt["user"] == bob.user_id and receipt["up_to"] == 1
+    assert isinstance(receipt, ReceiptEvent)
+    # and bob answers from v2: alice's v2 device has it in order after her own
+    await db.send("hi back", chat=sent.chat)
+    back = await next_of(da, "msg")
+    assert back["body"] == "hi back" and back["inbox"] > own.inbox and back["from"] == bob.user_id
+
+
+async def test_a_v2_device_syncs_and_is_refused_in_v2(new_user: NewUser, connect: Any) -> None:
+    a, b = await new_user(), await new_user()
+    da = await connect(a, proto=1)
+    for i in range(3):
+        await da.send(f"m{i}", to=b.user_id)
+    db = await connect(b, proto=2)  # connects after: everything comes by sync, in v2
+    got = [await next_of(db, "msg") for _ in range(3)]
+    assert [e["body"] for e in got] == ["m0", "m1", "m2"] and db.cursor == got[-1]["inbox"]
+    with pytest.raises(PigeonClientError) as caught:
+        await db.send("x", to="u_nobody")
+    assert caught.value.code == "not_found"
+    with pytest.raises(PigeonClientError) as caught:  # a type v2 has no number for goes as JSON
+        await db.request({"type": "fly"})
+    assert caught.value.code == "unknown_type"
+    presence = await db.watch([a.user_id])  # and the next request is v2 again
+    assert [p["user"] for p in presence] == [a.user_id]

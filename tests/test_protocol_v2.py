@@ -1,0 +1,134 @@
+"""Protocol v2 means what v1 means: every event a v1 event exists for, encoded as v2 for a
+device of the sender and for a device of another member, decodes to the same event; every
+request reads as the same typed request as its v1 JSON; malformed v2 is refused."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bridge.errors import BadRequest, ProtocolError, TooLarge, UnknownType
+from bridge.outbox import Out, ToDevice, ToUser
+from bridge.protocol import ChatMessage, MsgEvent, Sent, WireEvent, decode_payload, parse_request
+from bridge.wire import DeviceKinds, encode_v1, publishes
+from bridge.wire_v2 import REQUESTS as V2_REQUESTS
+from bridge.wire_v2 import decode, encode, encode_request, is_v2, parse_request_v2
+from tests.test_protocol_events import EVENTS
+
+SENDER, OTHER = "u_a", "u_b"
+
+
+@pytest.mark.parametrize("event", EVENTS, ids=lambda e: e.type)
+def test_every_v2_event_means_what_its_v1_event_means(event: WireEvent) -> None:
+    v1 = decode_payload(encode_v1(event))  # type: ignore[arg-type]
+    assert decode(encode(event, SENDER), SENDER) == v1  # type: ignore[arg-type]
+    assert decode(encode(event, OTHER), OTHER) == v1  # type: ignore[arg-type]
+    assert is_v2(encode(event, OTHER)) and len(encode(event, OTHER)) < len(encode_v1(event))  # type: ignore[arg-type]
+
+
+REQUESTS: list[dict[str, Any]] = [
+    {"type": "send", "id": "7", "to": "u_b", "body": "hi"},
+    {"type": "send", "id": "k1", "chat": "c_1", "media": {"key": "k", "mime": "a/b", "size": 3, "sha256": "a" * 64}},
+    {"type": "sync", "id": "2", "after": 10, "limit": 50}, {"type": "sync", "id": "3"},
+    {"type": "ack", "up_to": 12}, {"type": "read", "chat": "c_1", "up_to": 4}, {"type": "typing", "chat": "c_1"},
+    {"type": "presence", "state": "online", "keepalive": 60}, {"type": "presence", "state": "offline"},
+    {"type": "watch", "id": "w", "users": ["u_b", "u_c"], "ttl": 30},
+    {"type": "media_upload", "id": "m", "sha256": "b" * 64, "size": 10, "mime": "image/png"},
+    {"type": "media_done", "id": "d", "key": "k"}, {"type": "media_url", "id": "g", "key": "k", "chat": "c_1"},
+]
+
+
+@pytest.mark.parametrize("request_", REQUESTS, ids=lambda r: r["type"])
+def test_every_v2_request_reads_as_its_v1_request(request_: dict[str, Any]) -> None:
+    raw = encode_request(request_)
+    assert is_v2(raw) and not is_v2(json.dumps(request_).encode())
+    assert parse_request_v2(raw, 4096) == parse_request(json.dumps(request_).encode(), 4096)
+
+
+def test_a_short_numeric_request_id_is_read_as_its_digits() -> None:
+    req = parse_request_v2(msgpack.packb([2, 17, 0]), 100)
+    assert req.id == "17"
+
+
+@pytest.mark.parametrize(("raw", "error"), [
+    (msgpack.packb([99, "x"]), UnknownType),
+    (msgpack.packb([1, "id", None, None, "hi"]), BadRequest),  # neither chat nor to
+    (msgpack.packb([3, "twelve"]), BadRequest),
+    (msgpack.packb([6, "online"]), BadRequest),  # presence state is a boolean in v2
+    (msgpack.packb([2, "s", 0, 10, "extra"]), BadRequest),
+    (msgpack.packb({"type": "sync"}), BadRequest),
+    (b"\x92\xc1", BadRequest),  # not MessagePack
+    (msgpack.packb([1, "i", None, "u_b", "x" * 200]), TooLarge),
+])
+def test_malformed_v2_is_refused(raw: bytes, error: type[Exception]) -> None:
+    with pytest.raises(error):
+        parse_request_v2(raw, 100)
+
+
+# -- who gets which version (bridge/wire.py) -------------------------------------------------------
+MSG_FROM_A = MsgEvent(5, ChatMessage(chat="c_1", seq=1, id="m1", sender="u_a", device="d_a1", ts=1, kind="text",
+                                     body="hi"))
+
+
+def routes(outs: list[Out], kinds: DeviceKinds) -> list[tuple[str, str, int]]:
+    """Topic, version and QoS of each publish."""
+    return [(t, "v2" if is_v2(p) else "v1", q) for t, p, q in publishes(outs, kinds)]
+
+
+def test_an_event_for_one_device_goes_in_the_version_it_spoke_last() -> None:
+    kinds = DeviceKinds()
+    reply = Out(ToDevice("u_a", "d_a1"), Sent("m1", "c_1", 1, 1, inbox=5))
+    assert routes([reply], kinds) == [("down/u_a/d_a1", "v1", 1)]
+    kinds.saw("u_a", "d_a1", v2=True)
+    assert routes([reply], kinds) == [("down/u_a/d_a1", "v2", 0)]
+    kinds.saw("u_a", "d_a1", v2=False)
+    assert routes([reply], kinds) == [("down/u_a/d_a1", "v1", 1)]
+
+
+def test_an_event_for_a_user_goes_in_v1_always_and_in_v2_where_a_v2_device_may_listen() -> None:
+    kinds = DeviceKinds()
+    to_b = [Out(ToUser("u_b"), MSG_FROM_A)]
+    assert routes(to_b, kinds) == [("down/u_b/v2", "v2", 0), ("down/u_b", "v1", 1)]  # not known here
+    kinds.saw("u_b", "d_b1", v2=False)
+    assert routes(to_b, kinds) == [("down/u_b", "v1", 1)]  # known: v1 devices only
+    kinds.saw("u_b", "d_b2", v2=True)
+    assert routes(to_b, kinds) == [("down/u_b/v2", "v2", 0), ("down/u_b", "v1", 1)]
+
+
+def test_the_sending_v2_device_gets_no_copy_of_its_message_its_other_v2_devices_do() -> None:
+    kinds = DeviceKinds()
+    kinds.saw("u_a", "d_a1", v2=True)  # the sending device
+    to_a = [Out(ToUser("u_a"), MSG_FROM_A)]
+    assert routes(to_a, kinds) == [("down/u_a", "v1", 1)]
+    kinds.saw("u_a", "d_a2", v2=True)
+    assert routes(to_a, kinds) == [("down/u_a/v2", "v2", 0), ("down/u_a", "v1", 1)]
+
+
+def test_a_forgotten_user_gets_both_versions_again() -> None:
+    clock = [0.0]
+    kinds = DeviceKinds(ttl_s=10.0, timer=lambda: clock[0])
+    kinds.saw("u_b", "d_b1", v2=False)
+    assert kinds.v2_devices("u_b") == frozenset()
+    clock[0] = 11.0
+    assert kinds.v2_devices("u_b") is None
+
+
+INTS = st.integers(-(1 << 63), (1 << 64) - 1)  # what MessagePack can carry
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.integers(0, 11), st.lists(st.one_of(
+    st.none(), st.booleans(), INTS, st.text(max_size=80), st.binary(max_size=20), st.floats(),
+    st.lists(st.one_of(INTS, st.text(max_size=70)), max_size=3),
+    st.dictionaries(st.text(max_size=8), st.one_of(INTS, st.text(max_size=70)), max_size=5)), max_size=6))
+def test_any_v2_array_is_a_request_or_a_protocol_error(kind: int, fields: list[Any]) -> None:
+    try:
+        req = parse_request_v2(msgpack.packb([kind, *fields]), 1 << 16)
+    except ProtocolError:
+        return
+    assert req.type == V2_REQUESTS[kind][0]
