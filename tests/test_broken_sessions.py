@@ -206,6 +206,39 @@ async def test_sound_packets_in_any_pieces_are_taken(embedded: Embedded) -> None
     assert embedded.ingested == [(up("dev-x"), b'{"n":1}'), (up("dev-x"), b'{"n":2}')]
 
 
+async def test_packets_in_one_write_are_taken_up_to_a_broken_one(embedded: Embedded) -> None:
+    """The reader takes whatever has come at once and checks every whole packet in it: the sound
+    ones before a broken one are handled, in order, and the broken one still closes the
+    connection as a lost one."""
+    reader, writer = await tcp_device(embedded.port, "dev-x")
+    try:
+        writer.write(publish_packet(up("dev-x"), b'{"n":1}', 1) + packet(0x30, mqtt_str(up("dev-x")) + b'{"n":2}')
+                     + broken(up("dev-x"))["publish with QoS 3"] + publish_packet(up("dev-x"), b'{"n":3}', 2))
+        await writer.drain()
+        assert await tcp_closed_within(reader, 0.5) is not None
+    finally:
+        writer.close()
+    await embedded.wait_for((up("dev-x"), OFFLINE_WILL))
+    assert embedded.ingested == [(up("dev-x"), b'{"n":1}'), (up("dev-x"), b'{"n":2}'), (up("dev-x"), OFFLINE_WILL)]
+
+
+async def test_a_packet_begun_behind_whole_ones_is_timed_from_its_first_byte(embedded: Embedded) -> None:
+    """Whole packets and the start of one more in the same write: the whole ones are taken, and the
+    one cut short is closed at the timeout, counted from when its first byte came."""
+    reader, writer = await tcp_device(embedded.port, "dev-x")
+    try:
+        await asyncio.sleep(0.6)  # longer than half the fixture's 1 s: a deadline from the CONNECT would pass
+        writer.write(publish_packet(up("dev-x"), b'{"n":1}', 1) + publish_packet(up("dev-x"), b'{"n":2}', 2)[:7])
+        await writer.drain()
+        assert await read_packet(reader) == (0x40, b"\x00\x01")
+        elapsed = await tcp_closed_within(reader, 5)
+    finally:
+        writer.close()
+    assert elapsed is not None and 0.7 < elapsed < 2.0, elapsed
+    await embedded.wait_for((up("dev-x"), OFFLINE_WILL))
+    assert embedded.ingested == [(up("dev-x"), b'{"n":1}'), (up("dev-x"), OFFLINE_WILL)]
+
+
 # -- the embedded broker over WebSocket ------------------------------------------------------------
 @pytest.mark.parametrize("name", NAMES)
 async def test_a_broken_packet_in_a_sound_websocket_frame_closes_the_connection(embedded: Embedded,
