@@ -325,7 +325,8 @@ def mosquitto_programs() -> tuple[str, str, str, str]:
         version = subprocess.run([binary, "-h"], capture_output=True, text=True).stdout.split()[2]
         return binary, ctrl, DYNSEC_PLUGIN, version
     if wanted not in MOSQUITTO_RELEASES:
-        raise SystemExit(f"services: SERVICES_MOSQUITTO={wanted!r}: not 'debian' nor one of {sorted(MOSQUITTO_RELEASES)}")
+        raise SystemExit(f"services: SERVICES_MOSQUITTO={wanted!r}: not 'debian' nor one of "
+                         f"{sorted(MOSQUITTO_RELEASES)}")
     home = built_mosquitto(wanted)
     return (str(home / "sbin" / "mosquitto"), str(home / "bin" / "mosquitto_ctrl"),
             str(home / "lib" / "mosquitto_dynamic_security.so"), wanted)
