@@ -302,6 +302,7 @@ commit_failure_policy: stop
 # -- Mosquitto ---------------------------------------------------------------------------------------
 DYNSEC_PLUGIN = "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so"
 BRIDGE_USER = "pigeon-bridge"
+MOSQUITTO_MAX_PACKET = 128 * 1024 * 1024
 # Releases `SERVICES_MOSQUITTO=VERSION` builds from source instead of Debian's package, each
 # pinned to its tag's commit (checked after the clone). 2.1 closes what 2.0.11 keeps open: a
 # PUBLISH with QoS 0 and DUP, a SUBACK or PINGRESP from a client, a PINGREQ with flags or a body,
@@ -453,6 +454,11 @@ persistence false
 # holder changes.
 max_inflight_messages 1000
 max_queued_messages 100000
+# The largest packet any client may send, the bridge included: above the largest sync batch the
+# bridge publishes (1,000 events of a 16,000-character body, about 96 kB each at worst), so 2.1's
+# default of 2,000,000 bytes does not cut the bridge off; and still closing at once a packet that
+# announces 256 MiB, which Mosquitto would otherwise allocate and wait for (2.0 has no limit).
+max_packet_size {MOSQUITTO_MAX_PACKET}
 persistent_client_expiration 7d
 # Without it a small packet (a PUBACK, a reply) can wait for the peer's delayed ACK (Nagle).
 set_tcp_nodelay true
