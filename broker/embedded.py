@@ -68,7 +68,7 @@ import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from amqtt.adapters import ReaderAdapter, WebSocketsWriter, WriterAdapter
+from amqtt.adapters import ReaderAdapter, StreamReaderAdapter, WebSocketsWriter, WriterAdapter
 from amqtt.broker import Broker, Server
 from amqtt.contexts import Action
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
@@ -110,6 +110,8 @@ CONNECT_FIRST_BYTE = 0x10  # packet type 1 (CONNECT), flags 0 [MQTT-2.2.2-2]
 # payload fits many times over (a larger one is still answered ``too_large`` by the bridge), and
 # so does the WebSocket listener's frame limit of 1 MiB.
 MAX_PACKET_BYTES = 1024 * 1024
+# The most a connected client's reader takes from its socket at once.
+RECEIVE_BYTES = 64 * 1024
 
 
 class BrokenFirstPacket(AMQTTError):
@@ -186,7 +188,20 @@ class _WebSocketReader(ReaderAdapter):
         self._ended = False
 
     async def read(self, n: int = -1) -> bytes:
-        want = max(n, 1)
+        await self._fill(max(n, 1))
+        chunk = bytes(self._buffer[:n] if n >= 0 else self._buffer)
+        del self._buffer[:len(chunk)]
+        return chunk
+
+    async def read_some(self) -> bytes:
+        """What has come (at least one byte: the next binary frame if nothing is left of the
+        last); nothing at the end."""
+        await self._fill(1)
+        chunk = bytes(self._buffer)
+        self._buffer.clear()
+        return chunk
+
+    async def _fill(self, want: int) -> None:
         while len(self._buffer) < want and not self._ended:
             try:
                 frame = await self._connection.recv()
@@ -199,63 +214,143 @@ class _WebSocketReader(ReaderAdapter):
                 await self._connection.close(1003, "MQTT travels in binary frames")
                 break
             self._buffer.extend(frame)
-        chunk = bytes(self._buffer[:n] if n >= 0 else self._buffer)
-        del self._buffer[:len(chunk)]
-        return chunk
 
     def feed_eof(self) -> None:
         self._ended = True
 
 
 class _CheckedReader(ReaderAdapter):
-    """Hands amqtt the packets of a connected client one whole packet at a time, each checked
-    against MQTT 3.1.1 first (fix 8). A broken packet, one cut short by the end of the
-    connection, one longer than ``max_packet`` or one whose rest does not come within
-    ``timeout`` seconds of its first byte reads as the end of the stream: amqtt then closes
-    the connection as a lost one."""
+    """Hands amqtt the packets of a connected client only once each is whole and checked against
+    MQTT 3.1.1 (fix 8). A broken packet, one cut short by the end of the connection, one longer
+    than ``max_packet`` or one whose rest does not come within ``timeout`` seconds of its first
+    byte reads as the end of the stream (after the sound packets before it): amqtt then closes
+    the connection as a lost one.
+
+    It is on the path of every packet, so it is kept cheap: it takes what the connection has
+    received in one read, finds the packets' fixed headers in that buffer, checks every whole
+    packet there on a view of the bytes (no copy per packet), and hands amqtt its reads from an
+    offset. Nothing is timed while packets come whole; only a wait for the rest of a packet
+    already begun runs under a deadline (waiting between packets is the keepalive's business)."""
 
     def __init__(self, reader: ReaderAdapter, max_packet: int, timeout: float) -> None:
+        self._receive = _receiver(reader)
         self._reader = reader
         self._max_packet = max_packet
         self._timeout = timeout
-        self._packet = b""
+        self._buffer = bytearray()  # received, not yet a whole packet
+        self._begun: float | None = None  # loop time the first byte in ``_buffer`` came
+        self._out = b""  # whole, checked packets amqtt has not read yet
+        self._at = 0
         self._ended = False
         self.violation: str | None = None
 
     async def read(self, n: int = -1) -> bytes:
-        if not self._packet and not self._ended:
-            self._packet = await self._next_packet()
-        chunk = self._packet if n < 0 else self._packet[:n]
-        self._packet = self._packet[len(chunk):]
-        return chunk
+        out, at = self._out, self._at
+        if at >= len(out):
+            if self._ended:
+                return b""
+            out, at = self._out, self._at = await self._next_packets(), 0
+        end = len(out) if n < 0 else min(len(out), at + n)
+        self._at = end
+        return out[at:end]
 
-    async def _next_packet(self) -> bytes:
-        head: bytes = await self._reader.read(1)
-        if not head:
-            self._ended = True
+    async def _next_packets(self) -> bytes:
+        while True:
+            whole = self._take()
+            if whole or self.violation is not None:
+                if self.violation is not None:
+                    log.info("closing a connection: %s", self.violation)
+                    self._ended = True
+                return whole
+            if not self._buffer:
+                data = await self._receive()
+            else:
+                if self._begun is None:
+                    self._begun = asyncio.get_running_loop().time()
+                try:
+                    async with asyncio.timeout_at(self._begun + self._timeout):
+                        data = await self._receive()
+                except TimeoutError:
+                    self.violation = f"a packet not whole within {self._timeout:g} s of its first byte"
+                    continue
+            if not data:
+                if self._buffer:
+                    self.violation = "connection closed in the middle of a packet"
+                    continue
+                self._ended = True
+                return b""
+            if not self._buffer:
+                self._begun = asyncio.get_running_loop().time()
+            self._buffer += data
+
+    def _take(self) -> bytes:
+        """The whole packets at the start of the buffer, up to the first broken one (which sets
+        ``violation``); a packet begun but not whole stays in the buffer."""
+        if self.violation is not None:
             return b""
-        try:
-            async with asyncio.timeout(self._timeout):
-                length, raw_length = await _remaining_length(self._reader)
-                if length > self._max_packet:
-                    raise ProtocolViolation(f"a packet of {length} bytes, more than {self._max_packet}")
-                body = await _read_exactly(self._reader, length)
-            check_packet(head[0], body)
-        except TimeoutError:
-            self.violation = f"a packet not whole within {self._timeout:g} s of its first byte"
-        except BrokenFirstPacket:
-            self.violation = "connection closed in the middle of a packet"
-        except ProtocolViolation as exc:
-            self.violation = str(exc)
-        else:
-            return head + raw_length + body
-        log.info("closing a connection: %s", self.violation)
-        self._ended = True
-        return b""
+        buffer, size, pos = self._buffer, len(self._buffer), 0
+        bounds: list[tuple[int, int, int]] = []  # (start, start of body, end) of each whole packet
+        while pos < size:
+            try:
+                header = _fixed_header(buffer, pos, size)
+            except ProtocolViolation as exc:
+                self.violation = str(exc)
+                break
+            if header is None:
+                break  # its remaining length is not whole yet
+            at, length = header
+            if length > self._max_packet:
+                self.violation = f"a packet of {length} bytes, more than {self._max_packet}"
+                break
+            if at + length > size:
+                break
+            bounds.append((pos, at, at + length))
+            pos = at + length
+        if not bounds:
+            return b""
+        whole = bytes(buffer[:pos])
+        del buffer[:pos]
+        self._begun = None if not buffer else asyncio.get_running_loop().time()
+        view = memoryview(whole)
+        for start, body, end in bounds:
+            try:
+                check_packet(whole[start], view[body:end])
+            except ProtocolViolation as exc:
+                self.violation = str(exc)
+                return whole[:start]
+        return whole
 
     def feed_eof(self) -> None:
         self._ended = True
         self._reader.feed_eof()
+
+
+def _fixed_header(buffer: bytearray, pos: int, size: int) -> tuple[int, int] | None:
+    """Where the body of the packet starting at ``buffer[pos]`` begins, and its remaining length;
+    None if the remaining length has not all come yet."""
+    length, shift, at = 0, 0, pos + 1
+    while at < size:
+        if at - pos > 4:
+            raise ProtocolViolation("remaining length longer than four bytes")
+        byte = buffer[at]
+        at += 1
+        length |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return at, length
+        shift += 7
+    if at - pos > 4:
+        raise ProtocolViolation("remaining length longer than four bytes")
+    return None
+
+
+def _receiver(reader: ReaderAdapter) -> Callable[[], Awaitable[bytes]]:
+    """What reads, from ``reader``, the bytes that have come (at least one; none at the end)."""
+    if isinstance(reader, _WebSocketReader):
+        return reader.read_some
+    if isinstance(reader, StreamReaderAdapter):
+        stream = reader._reader  # noqa: SLF001 - amqtt's adapter reads only exact sizes
+        return lambda: stream.read(RECEIVE_BYTES)
+    raise TypeError(f"no way to read what has come from a {type(reader).__name__}")
 
 
 class _Handler(BrokerProtocolHandler):

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import struct
 
+# a packet's body: bytes, or a view of them in the reader's buffer
+Bytes = bytes | memoryview
+
 # packet types (the first byte's high nibble)
 CONNECT, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP = 1, 3, 4, 5, 6, 7
 SUBSCRIBE, UNSUBSCRIBE, PINGREQ, DISCONNECT = 8, 10, 12, 14
@@ -25,9 +28,9 @@ class ProtocolViolation(ValueError):
     """A packet breaks MQTT 3.1.1: the server closes the connection (section 4.8)."""
 
 
-def check_packet(first: int, body: bytes) -> None:
+def check_packet(first: int, body: Bytes) -> None:
     """Raise ProtocolViolation if the packet (first byte ``first``, remaining bytes ``body``)
-    is not one a connected client may send."""
+    is not one a connected client may send. ``body`` may be a view into a larger buffer."""
     kind, flags = first >> 4, first & 0x0F
     if kind in NEVER_FROM_A_CLIENT:
         raise ProtocolViolation(f"a client may not send {NEVER_FROM_A_CLIENT[kind]}")
@@ -51,7 +54,7 @@ def check_packet(first: int, body: bytes) -> None:
         _check_unsubscribe(body)
 
 
-def _check_publish(flags: int, body: bytes) -> None:
+def _check_publish(flags: int, body: Bytes) -> None:
     qos, dup = (flags >> 1) & 3, flags & 8
     if qos == 3:
         raise ProtocolViolation("PUBLISH with QoS 3 [MQTT-3.3.1-4]")
@@ -66,7 +69,7 @@ def _check_publish(flags: int, body: bytes) -> None:
         _packet_id(body, pos)
 
 
-def _check_subscribe(body: bytes) -> None:
+def _check_subscribe(body: Bytes) -> None:
     pos = _packet_id(body, 0)
     if pos == len(body):
         raise ProtocolViolation("SUBSCRIBE without a topic filter [MQTT-3.8.3-3]")
@@ -80,7 +83,7 @@ def _check_subscribe(body: bytes) -> None:
         pos += 1
 
 
-def _check_unsubscribe(body: bytes) -> None:
+def _check_unsubscribe(body: Bytes) -> None:
     pos = _packet_id(body, 0)
     if pos == len(body):
         raise ProtocolViolation("UNSUBSCRIBE without a topic filter [MQTT-3.10.3-2]")
@@ -100,7 +103,7 @@ def _check_filter(topic_filter: str) -> None:
             raise ProtocolViolation(f"'+' not alone in a level of {topic_filter!r} [MQTT-4.7.1-3]")
 
 
-def _packet_id(body: bytes, pos: int) -> int:
+def _packet_id(body: Bytes, pos: int) -> int:
     if len(body) < pos + 2:
         raise ProtocolViolation("packet cut short before its packet identifier")
     if struct.unpack_from("!H", body, pos)[0] == 0:
@@ -108,7 +111,7 @@ def _packet_id(body: bytes, pos: int) -> int:
     return pos + 2
 
 
-def _string(body: bytes, pos: int, what: str) -> tuple[str, int]:
+def _string(body: Bytes, pos: int, what: str) -> tuple[str, int]:
     if len(body) < pos + 2:
         raise ProtocolViolation(f"packet cut short before its {what}")
     (n,) = struct.unpack_from("!H", body, pos)
@@ -116,7 +119,7 @@ def _string(body: bytes, pos: int, what: str) -> tuple[str, int]:
     if end > len(body):
         raise ProtocolViolation(f"{what} announces {n} bytes, more than the packet holds")
     try:
-        text = body[pos + 2:end].decode("utf-8")  # strict: also refuses encoded surrogates
+        text = str(body[pos + 2:end], "utf-8")  # strict: also refuses encoded surrogates
     except UnicodeDecodeError as exc:
         raise ProtocolViolation(f"{what} is not well-formed UTF-8 [MQTT-1.5.3-1]") from exc
     if "\x00" in text:

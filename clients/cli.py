@@ -627,9 +627,10 @@ def bench(
         "from scripts/services)")] = None,
     http: Annotated[str | None, typer.Option(help="HTTP URL of a running server (started with --dev)")] = None,
     mqtt: Annotated[str | None, typer.Option(
-        help="the running server's MQTT listener: HOST:PORT, mqtt://HOST:PORT or mqtts://HOST:PORT")] = None,
+        help="the running server's MQTT listener: HOST:PORT, mqtt://HOST:PORT or mqtts://HOST:PORT, or its "
+        "MQTT over WebSocket listener: ws://HOST:PORT/mqtt or wss://HOST:PORT/mqtt")] = None,
     ca_file: Annotated[Path | None, typer.Option(
-        help="with an https:// --http or an mqtts:// --mqtt: the CA file the server's certificate is checked "
+        help="with an https:// --http or an mqtts:// or wss:// --mqtt: the CA file the server's certificate is checked "
         "against (absent: the system's CAs)")] = None,
     server_pid: Annotated[list[int] | None, typer.Option(
         help="PID of a running server process whose memory and CPU to report (repeatable)")] = None,

@@ -19,7 +19,11 @@ Where the servers come from (no Docker engine needed):
   Redis      Debian's redis-server package (apt-get, as root)
   Cassandra  org.apache.cassandra:cassandra-all from Maven Central, run on the machine's Java 17
   MinIO      built from source with the Go module proxy (`go install`)
-  Mosquitto  Debian's mosquitto package, with its dynamic-security plugin; the bridge's own
+  Mosquitto  Debian's mosquitto package (2.0.11 on Debian 12), with its dynamic-security plugin;
+             or, with SERVICES_MOSQUITTO=2.1.2, that release built once from its pinned commit
+             (git clone of SERVICES_MOSQUITTO_GIT, default the project's GitHub repository; cmake,
+             gcc, libssl-dev and libcjson-dev, installed with apt-get as root when missing). The
+             version is exported as SERVICES_MOSQUITTO_VERSION. The bridge's own
              credential is written to .services/mosquitto/bridge.credentials (mode 0600) and
              exported as PIGEON_BROKER_CREDENTIALS_FILE. Beside its plain listener it has a TLS
              one (TLS 1.2+) with a certificate for 127.0.0.1 and localhost from a CA made for this
@@ -298,6 +302,67 @@ commit_failure_policy: stop
 # -- Mosquitto ---------------------------------------------------------------------------------------
 DYNSEC_PLUGIN = "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so"
 BRIDGE_USER = "pigeon-bridge"
+MOSQUITTO_MAX_PACKET = 128 * 1024 * 1024
+# Releases `SERVICES_MOSQUITTO=VERSION` builds from source instead of Debian's package, each
+# pinned to its tag's commit (checked after the clone). 2.1 closes what 2.0.11 keeps open: a
+# PUBLISH with QoS 0 and DUP, a SUBACK or PINGRESP from a client, a PINGREQ with flags or a body,
+# and a connection that sends no CONNECT after 30 s instead of about 95 (RELIABILITY.md).
+MOSQUITTO_RELEASES = {"2.1.2": "99fa50f30e325609394c324c8ff71cfbbe95d8ab"}
+MOSQUITTO_GIT = os.environ.get("SERVICES_MOSQUITTO_GIT", "https://github.com/eclipse-mosquitto/mosquitto.git")
+# what building it needs, by Debian package: a program on PATH or a header
+MOSQUITTO_BUILD_NEEDS = {"git": "git", "cmake": "cmake", "make": "make", "cc": "gcc",
+                         "/usr/include/openssl/ssl.h": "libssl-dev", "/usr/include/cjson/cJSON.h": "libcjson-dev"}
+
+
+def mosquitto_programs() -> tuple[str, str, str, str]:
+    """(mosquitto, mosquitto_ctrl, its dynamic-security plugin, the version) of
+    $SERVICES_MOSQUITTO: unset or 'debian' for Debian's package, or a release of
+    MOSQUITTO_RELEASES, built once into the cache."""
+    wanted = os.environ.get("SERVICES_MOSQUITTO", "debian")
+    if wanted == "debian":
+        binary = mosquitto_binary()
+        ctrl = find_program("mosquitto_ctrl")
+        assert ctrl is not None  # mosquitto_binary() installed it
+        version = subprocess.run([binary, "-h"], capture_output=True, text=True).stdout.split()[2]
+        return binary, ctrl, DYNSEC_PLUGIN, version
+    if wanted not in MOSQUITTO_RELEASES:
+        raise SystemExit(f"services: SERVICES_MOSQUITTO={wanted!r}: not 'debian' nor one of "
+                         f"{sorted(MOSQUITTO_RELEASES)}")
+    home = built_mosquitto(wanted)
+    return (str(home / "sbin" / "mosquitto"), str(home / "bin" / "mosquitto_ctrl"),
+            str(home / "lib" / "mosquitto_dynamic_security.so"), wanted)
+
+
+def built_mosquitto(version: str) -> Path:
+    """Mosquitto ``version`` built from its pinned commit into $PIGEON_SERVICES_CACHE (once)."""
+    home = CACHE / f"mosquitto-{version}"
+    if (home / "sbin" / "mosquitto").exists():
+        return home
+    missing = sorted({pkg for need, pkg in MOSQUITTO_BUILD_NEEDS.items()
+                      if not (Path(need).exists() if need.startswith("/") else shutil.which(need))})
+    if missing:
+        if os.geteuid() != 0:
+            raise SystemExit(f"services: building Mosquitto {version} needs {' '.join(missing)} (apt-get, as root)")
+        say(f"installing {' '.join(missing)} (apt) to build Mosquitto {version}")
+        run(["apt-get", "update", "-qq"], stdout=subprocess.DEVNULL)
+        run(["apt-get", "install", "-y", "-qq", *missing], stdout=subprocess.DEVNULL,
+            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    work = CACHE / f"mosquitto-{version}.build"
+    shutil.rmtree(work, ignore_errors=True)
+    say(f"building Mosquitto {version} from {MOSQUITTO_GIT} into {home}")
+    run(["git", "clone", "--quiet", "--depth", "1", "--branch", f"v{version}", MOSQUITTO_GIT, str(work / "src")],
+        stderr=subprocess.DEVNULL)
+    commit = subprocess.run(["git", "-C", str(work / "src"), "rev-parse", "HEAD"], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    if commit != MOSQUITTO_RELEASES[version]:
+        raise SystemExit(f"services: v{version} of {MOSQUITTO_GIT} is {commit}, not {MOSQUITTO_RELEASES[version]}")
+    run(["cmake", "-S", str(work / "src"), "-B", str(work / "build"), "-DCMAKE_BUILD_TYPE=Release",
+         f"-DCMAKE_INSTALL_PREFIX={home}", f"-DCMAKE_INSTALL_RPATH={home / 'lib'}", "-DWITH_TESTS=OFF",
+         "-DWITH_DOCS=OFF", "-DWITH_CTRL_SHELL=OFF", "-DWITH_LTO=OFF", "-DWITH_CLIENTS=OFF"], stdout=subprocess.DEVNULL)
+    run(["cmake", "--build", str(work / "build"), "--parallel", str(os.cpu_count() or 1)], stdout=subprocess.DEVNULL)
+    run(["cmake", "--install", str(work / "build")], stdout=subprocess.DEVNULL)
+    shutil.rmtree(work, ignore_errors=True)
+    return home
 
 
 def mosquitto_binary() -> str:
@@ -351,7 +416,7 @@ def make_tls_files(home: Path) -> tuple[Path, Path, Path]:
 
 
 def start_mosquitto(state: dict[str, object]) -> str:
-    binary = mosquitto_binary()
+    binary, ctrl_program, plugin, version = mosquitto_programs()
     port = configured_port("mosquitto")
     tls_port = configured_port("mosquitto_tls")
     home = STATE_DIR / "mosquitto"
@@ -360,9 +425,14 @@ def start_mosquitto(state: dict[str, object]) -> str:
     dynsec = home / "dynamic-security.json"
     dynsec.unlink(missing_ok=True)
     # the bridge is the dynamic-security admin: it creates one client per device
-    run(["mosquitto_ctrl", "dynsec", "init", str(dynsec), BRIDGE_USER], input=f"{password}\n{password}\n".encode(),
+    run([ctrl_program, "dynsec", "init", str(dynsec), BRIDGE_USER], input=f"{password}\n{password}\n".encode(),
         stdout=subprocess.DEVNULL)
     _give_to_mosquitto(home, dynsec)
+    if not plugin.startswith("/usr/"):
+        # a build in the cache: Mosquitto started as root drops to its own user, which cannot
+        # read root's home, so the plugin goes beside the configuration
+        plugin = str(shutil.copy(plugin, home / Path(plugin).name))
+        _give_to_mosquitto(Path(plugin))
     creds = home / "bridge.credentials"
     fd = os.open(creds, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
@@ -384,24 +454,29 @@ persistence false
 # holder changes.
 max_inflight_messages 1000
 max_queued_messages 100000
+# The largest packet any client may send, the bridge included: above the largest sync batch the
+# bridge publishes (1,000 events of a 16,000-character body, about 96 kB each at worst), so 2.1's
+# default of 2,000,000 bytes does not cut the bridge off; and still closing at once a packet that
+# announces 256 MiB, which Mosquitto would otherwise allocate and wait for (2.0 has no limit).
+max_packet_size {MOSQUITTO_MAX_PACKET}
 persistent_client_expiration 7d
 # Without it a small packet (a PUBACK, a reply) can wait for the peer's delayed ACK (Nagle).
 set_tcp_nodelay true
 log_dest stdout
 log_type error
 log_type warning
-plugin {DYNSEC_PLUGIN}
+plugin {plugin}
 plugin_opt_config_file {dynsec}
 """)
     proc, log = spawn("mosquitto", [binary, "-c", str(conf)])
     wait_until("mosquitto", lambda: port_open(port) and port_open(tls_port), 30, proc, log)
-    ctrl = ["mosquitto_ctrl", "-h", "127.0.0.1", "-p", str(port), "-u", BRIDGE_USER, "-P", password, "dynsec"]
+    ctrl = [ctrl_program, "-h", "127.0.0.1", "-p", str(port), "-u", BRIDGE_USER, "-P", password, "dynsec"]
     for args in (["createRole", "pigeon-bridge-io"],
                  ["addRoleACL", "pigeon-bridge-io", "publishClientSend", "down/#", "allow"],
                  ["addRoleACL", "pigeon-bridge-io", "subscribePattern", "up/+/+", "allow"],
                  ["addClientRole", BRIDGE_USER, "pigeon-bridge-io"]):
         run([*ctrl, *args], stderr=subprocess.DEVNULL)
-    state["mosquitto"] = {"pid": proc.pid, "port": port, "tls_port": tls_port}
+    state["mosquitto"] = {"pid": proc.pid, "port": port, "tls_port": tls_port, "version": version}
     state["mosquitto_credentials"] = str(creds)
     state["mosquitto_tls_ca"] = str(ca)
     return f"mqtt://127.0.0.1:{port}"
@@ -443,6 +518,8 @@ def up() -> None:
         assert isinstance(mosquitto, dict)
         exports["PIGEON_BROKER_TLS"] = f"mqtts://127.0.0.1:{mosquitto['tls_port']}"
         exports["PIGEON_BROKER_TLS_CA_FILE"] = str(state["mosquitto_tls_ca"])
+        # which Mosquitto it is: the tests hold each release to what it does (RELIABILITY.md)
+        exports["SERVICES_MOSQUITTO_VERSION"] = str(mosquitto["version"])
     state["exports"] = exports
     STATE.write_text(json.dumps(state))
     print_exports(exports)

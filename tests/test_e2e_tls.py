@@ -501,6 +501,36 @@ def test_bench_runs_over_https_and_mqtts_and_refuses_the_wrong_ca(pki: Pki, tmp_
         srv.stop()
 
 
+def test_bench_runs_over_wss_and_refuses_the_wrong_ca(pki: Pki, tmp_path: Path) -> None:
+    """The bench's devices speak MQTT over a WebSocket with TLS (wss://), checked against --ca-file
+    (the server has no plaintext listener, and its mqtts:// one does not speak WebSocket)."""
+    srv = ServerProc.start(tmp_path / "srv", *pki.flags(), "--no-plaintext", "--rate", "1000", "--burst", "2000")
+    tiny = ["--workers", "1", "--seconds", "0.5", "--pairs", "2", "--window", "2", "--max-seconds", "120", "--quiet"]
+    target = ["--http", srv.https, "--mqtt", f"wss://127.0.0.1:{srv.wss_port}/mqtt"]
+
+    def bench(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "clients.cli", "bench", "p2p", *target, *tiny, *args], cwd=ROOT,
+                              capture_output=True, text=True, timeout=280)
+
+    try:
+        out = tmp_path / "p2p.json"
+        done = bench("--ca-file", str(pki.ca_file), "--json", str(out))
+        assert done.returncode == 0, done.stderr[-4000:] + done.stdout[-2000:]
+        result = json.loads(out.read_text())
+        assert result["msgs_per_s"] > 0 and result["lost"] == 0 and result["duplicates"] == 0
+        refused = bench("--ca-file", str(pki.wrong_ca_file))
+        assert refused.returncode == 1 and "CERTIFICATE_VERIFY_FAILED" in refused.stderr + refused.stdout
+    finally:
+        srv.stop()
+
+
+def test_bench_refuses_a_malformed_websocket_address() -> None:
+    for bad in ("wss://127.0.0.1/mqtt", "ws://:9001/mqtt", "wss://127.0.0.1:9001/mqtt?x=1", "wss://127.0.0.1:99999/"):
+        done = subprocess.run([sys.executable, "-m", "clients.cli", "bench", "p2p", "--http", "https://127.0.0.1:1",
+                               "--mqtt", bad, "--quiet"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert done.returncode != 0 and "ws://HOST:PORT/PATH" in done.stderr + done.stdout, (bad, done.stderr[-2000:])
+
+
 # -- the web client in a browser ---------------------------------------------------------------------------
 def spki_pin(cert: Path) -> str:
     """Chromium's pin of a certificate's key: base64 SHA-256 of its SubjectPublicKeyInfo."""

@@ -4,14 +4,25 @@ It does only what simulated devices need (CONNECT with a will, SUBSCRIBE, QoS 0/
 PUBACK, keepalive PINGREQ, DISCONNECT) and counts every byte it reads and writes, so the
 ``wire`` scenario measures what really crossed the socket. It holds a connection in a few
 kilobytes, which lets a handful of processes hold tens of thousands of devices.
+
+Over a WebSocket (``ws://`` or ``wss://``, ``connect(..., ws_path="/mqtt")``) each write goes out
+as one binary frame and every binary frame received is read as MQTT bytes; the byte counts are
+then of the MQTT bytes, without the frames' few bytes of their own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import struct
 from collections.abc import Callable
+from typing import Protocol
+
+from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed
+from websockets.typing import Subprotocol
 
 OnMessage = Callable[[str, bytes], None]
 
@@ -45,6 +56,15 @@ def _retrieve(fut: asyncio.Future[None]) -> None:
         fut.exception()
 
 
+class _Transport(Protocol):
+    """What MqttConn writes to: an asyncio transport, or a WebSocket's (_WsTransport)."""
+
+    def write(self, data: bytes) -> None: ...
+    def is_closing(self) -> bool: ...
+    def close(self) -> None: ...
+    def abort(self) -> None: ...
+
+
 class MqttConn(asyncio.Protocol):
     """One client connection. ``on_message(topic, payload)`` is called for every PUBLISH."""
 
@@ -53,7 +73,7 @@ class MqttConn(asyncio.Protocol):
         self.bytes_in = 0
         self.bytes_out = 0
         self._buf = bytearray()
-        self._transport: asyncio.Transport | None = None
+        self._transport: _Transport | None = None
         self._loop = asyncio.get_running_loop()
         self._connack: asyncio.Future[int] = self._loop.create_future()
         self._waiting: dict[int, asyncio.Future[None]] = {}
@@ -65,6 +85,10 @@ class MqttConn(asyncio.Protocol):
     # -- asyncio.Protocol ---------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+
+    def attach(self, transport: _Transport) -> None:
+        """Write to ``transport`` (a WebSocket's) instead of an asyncio one."""
         self._transport = transport
 
     def data_received(self, data: bytes) -> None:
@@ -190,14 +214,79 @@ class MqttConn(asyncio.Protocol):
             self._transport.abort()
 
 
+class _WsTransport:
+    """MQTT over a WebSocket for MqttConn: each write is one binary frame, sent in order by one
+    task; each binary frame received goes to the connection's ``data_received``; the end of the
+    WebSocket is the connection's ``connection_lost``."""
+
+    def __init__(self, ws: ClientConnection, conn: MqttConn) -> None:
+        self._ws = ws
+        self._outgoing: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._closing = False
+        self._sender = asyncio.create_task(self._send())
+        self._reader = asyncio.create_task(self._read(conn))
+
+    def write(self, data: bytes) -> None:
+        if not self._closing:
+            self._outgoing.put_nowait(bytes(data))
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def close(self) -> None:
+        """Close once what was written has gone out."""
+        if not self._closing:
+            self._closing = True
+            self._outgoing.put_nowait(None)
+
+    def abort(self) -> None:
+        self._closing = True
+        self._sender.cancel()
+        self._ws.transport.abort()
+
+    async def _send(self) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            while (data := await self._outgoing.get()) is not None:
+                await self._ws.send(data)
+            await self._ws.close()
+
+    async def _read(self, conn: MqttConn) -> None:
+        error: Exception | None = None
+        try:
+            async for frame in self._ws:
+                if isinstance(frame, str):
+                    raise ConnectionError("a text frame: MQTT travels in binary frames")
+                conn.data_received(frame)
+        except (ConnectionClosed, ConnectionError, OSError) as exc:
+            error = exc
+        finally:
+            self._closing = True
+            self._sender.cancel()
+            conn.connection_lost(error)
+
+
+async def _open(host: str, port: int, on_message: OnMessage, tls: ssl.SSLContext | None,
+                ws_path: str | None) -> MqttConn:
+    if ws_path is None:
+        _, conn = await asyncio.get_running_loop().create_connection(
+            lambda: MqttConn(on_message), host, port, ssl=tls, server_hostname=host if tls is not None else None)
+        return conn
+    where = f"[{host}]" if ":" in host else host
+    ws = await ws_connect(f"{'wss' if tls is not None else 'ws'}://{where}:{port}{ws_path}", ssl=tls,
+                          subprotocols=[Subprotocol("mqtt")], compression=None, ping_interval=None,
+                          max_size=None, open_timeout=None)
+    conn = MqttConn(on_message)
+    conn.attach(_WsTransport(ws, conn))
+    return conn
+
+
 async def connect(host: str, port: int, client_id: str, username: str, password: str, on_message: OnMessage, *,
                   keepalive: int = 240, will: tuple[str, bytes] | None = None, timeout: float = 30.0,
-                  tls: ssl.SSLContext | None = None) -> MqttConn:
-    """An MQTT 3.1.1 session, over TLS (certificate and host name checked) when ``tls`` is given."""
-    loop = asyncio.get_running_loop()
+                  tls: ssl.SSLContext | None = None, ws_path: str | None = None) -> MqttConn:
+    """An MQTT 3.1.1 session, over TLS (certificate and host name checked) when ``tls`` is given,
+    and over a WebSocket at ``ws_path`` (``wss://`` with ``tls``) when that is given."""
     async with asyncio.timeout(timeout):
-        _, conn = await loop.create_connection(lambda: MqttConn(on_message), host, port, ssl=tls,
-                                               server_hostname=host if tls is not None else None)
+        conn = await _open(host, port, on_message, tls, ws_path)
     try:
         await conn.handshake(client_id, username, password, keepalive, will, timeout)
     except BaseException:

@@ -94,7 +94,7 @@ class Pool:
     """The worker processes, each answering commands over its own pipe."""
 
     def __init__(self, n: int, console: Console, show_progress: bool, deadline: float, ca_file: str | None = None,
-                 mqtt_tls: bool = False) -> None:
+                 mqtt_tls: bool = False, mqtt_ws_path: str | None = None) -> None:
         ctx = multiprocessing.get_context("spawn")
         self.progress_counts = ctx.Array("q", n, lock=False)
         self.pipes: list[Connection] = []
@@ -104,8 +104,8 @@ class Pool:
         self.deadline = deadline
         for k in range(n):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=worker_mod.main, args=(child, k, self.progress_counts, ca_file, mqtt_tls),
-                               daemon=True)
+            proc = ctx.Process(target=worker_mod.main,
+                               args=(child, k, self.progress_counts, ca_file, mqtt_tls, mqtt_ws_path), daemon=True)
             proc.start()
             child.close()
             self.pipes.append(parent)
@@ -432,7 +432,7 @@ class Bench:
     @contextlib.contextmanager
     def pool(self) -> Iterator[Pool]:
         pool = Pool(self.opts.workers, self.console, self.opts.progress, time.monotonic() + self.opts.max_seconds,
-                    self.target.ca_file, self.target.mqtt_tls)
+                    self.target.ca_file, self.target.mqtt_tls, self.target.mqtt_ws_path)
         try:
             yield pool
         finally:

@@ -60,7 +60,8 @@ class Target:
     bridge_urls: list[str] = field(default_factory=list)
     # stops the server(s) the bench started and starts them again on the same ports and data
     restart: Callable[[], None] | None = None
-    mqtt_tls: bool = False  # devices connect with mqtts://
+    mqtt_tls: bool = False  # devices connect with mqtts:// (or wss://)
+    mqtt_ws_path: str | None = None  # devices connect over a WebSocket at this path (ws://, wss://)
     ca_file: str | None = None  # what https:// and mqtts:// are checked against (None: the system's CAs)
 
     def metrics_urls(self) -> list[str]:
@@ -204,6 +205,28 @@ def wait_shared(servers: list[ServerProc], timeout_s: float = 60.0) -> None:
     raise BenchError(f"the {len(servers)} bridges did not share the partitions within {timeout_s:.0f} s")
 
 
+def parse_bench_mqtt(url: str) -> tuple[str, int, bool, str | None]:
+    """The devices' MQTT listener: ``HOST:PORT``, ``mqtt://``, ``mqtts://`` (as the SDK reads
+    them), or MQTT over a WebSocket, ``ws://HOST:PORT/PATH`` or ``wss://HOST:PORT/PATH`` (the
+    path defaults to /mqtt) → (host, port, TLS, the WebSocket's path or None)."""
+    scheme, sep, _ = url.partition("://")
+    if sep and scheme in ("ws", "wss"):
+        parts = urlparse(url)
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        if not parts.hostname or port is None or parts.query or parts.fragment:
+            raise BenchError(f"--mqtt: MQTT over a WebSocket is ws://HOST:PORT/PATH or wss://HOST:PORT/PATH, "
+                             f"not {url!r}")
+        return parts.hostname, port, scheme == "wss", parts.path or "/mqtt"
+    try:
+        host, port, tls = parse_mqtt_url(url)
+    except PigeonClientError as exc:
+        raise BenchError(f"--mqtt: {exc.message} (or ws://HOST:PORT/PATH, wss://HOST:PORT/PATH)") from exc
+    return host, port, tls, None
+
+
 def keep_log(server: ServerProc, to: Path | None) -> None:
     if to is not None:
         shutil.copyfile(server.log_path, to)
@@ -217,22 +240,20 @@ def open_target(profile: str | None, http: str | None, mqtt: str | None, server_
         if mqtt is None:
             raise BenchError("--http needs --mqtt HOST:PORT too")
         url = urlparse(http)
-        try:
-            host, port, mqtt_tls = parse_mqtt_url(mqtt)
-        except PigeonClientError as exc:
-            raise BenchError(f"--mqtt: {exc.message}") from exc
+        host, port, mqtt_tls, ws_path = parse_bench_mqtt(mqtt)
         if not url.hostname or url.scheme not in ("http", "https"):
             raise BenchError("--http must be a URL such as http://127.0.0.1:8080 or https://127.0.0.1:8443")
         if ca_file is not None and not ca_file.is_file():
             raise BenchError(f"--ca-file {ca_file} is not a file")
-        if mqtt_tls and credentials_file is not None:
+        if (mqtt_tls or ws_path is not None) and credentials_file is not None:
             raise BenchError("--broker-credentials-file: the baseline's admin connection uses Mosquitto's plain "
-                             "listener; leave it out with mqtts:// (the baseline then runs on a separate broker)")
+                             "listener; leave it out with mqtts://, ws:// or wss:// (the baseline then runs on a "
+                             "separate broker)")
         require_loopback(url.hostname, "--http")
         require_loopback(host, "--mqtt")
         target = Target(label or "external", http.rstrip("/"), host, port,
                         {f"pid {p}": p for p in server_pids}, bridge_pids=list(server_pids), mqtt_tls=mqtt_tls,
-                        ca_file=str(ca_file.resolve()) if ca_file is not None else None)
+                        mqtt_ws_path=ws_path, ca_file=str(ca_file.resolve()) if ca_file is not None else None)
         if credentials_file is not None:
             with mosquitto_relay(host, port, credentials_file) as target.relay:
                 yield target

@@ -120,7 +120,7 @@ class Dev:
         self.proto = proto
         will = (self.up, self.encode({"type": "presence", "state": "offline"}))
         self.conn = await connect(host, port, self.device, self.device, self.token, self.on_message, will=will,
-                                  tls=self.w.mqtt_tls)
+                                  tls=self.w.mqtt_tls, ws_path=self.w.mqtt_ws_path)
         user_topic = f"down/{self.user}/v2" if proto == 2 else f"down/{self.user}"
         await self.conn.subscribe([user_topic, f"down/{self.user}/{self.device}"], timeout=30)
         if presence:
@@ -275,14 +275,16 @@ class Relay:
 
 
 class Worker:
-    def __init__(self, index: int, progress: Any, ca_file: str | None = None, mqtt_tls: bool = False) -> None:
+    def __init__(self, index: int, progress: Any, ca_file: str | None = None, mqtt_tls: bool = False,
+                 mqtt_ws_path: str | None = None) -> None:
         self.index = index
         self.progress = progress
-        # https:// and mqtts:// are checked against ca_file (None: the system's CAs)
+        # https://, mqtts:// and wss:// are checked against ca_file (None: the system's CAs)
         self.tls = tls_context(ca_file)
         self.mqtt_tls = self.tls if mqtt_tls else None
         self.proto = 1  # the protocol of the devices connected last (request ids follow it)
         self._last_id = 0
+        self.mqtt_ws_path = mqtt_ws_path  # devices speak MQTT over a WebSocket at this path
         self.devs: list[Dev] = []
         self.relays: list[Relay] = []
         self.tracks: dict[str, Track] = {}
@@ -747,9 +749,10 @@ class Worker:
         return {}
 
 
-def main(conn: Connection, index: int, progress: Any, ca_file: str | None = None, mqtt_tls: bool = False) -> None:
+def main(conn: Connection, index: int, progress: Any, ca_file: str | None = None, mqtt_tls: bool = False,
+         mqtt_ws_path: str | None = None) -> None:
     """Process entry: answer ``(command, kwargs)`` from the parent until told to stop."""
-    asyncio.run(_serve(conn, Worker(index, progress, ca_file, mqtt_tls)))
+    asyncio.run(_serve(conn, Worker(index, progress, ca_file, mqtt_tls, mqtt_ws_path)))
 
 
 async def _serve(conn: Connection, worker: Worker) -> None:

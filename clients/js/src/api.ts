@@ -1,6 +1,7 @@
 /** The HTTP half of the SDK: login, chats, groups, history, receipts, users, media, push. */
 
 import { PigeonError } from "./errors.js";
+import { fetchTrusting, reason } from "./fetch.js";
 import type {
   Chat, HistoryPage, MemberReceipt, Profile, SentReply, UploadTicket, User, WebPushToken,
 } from "./types.js";
@@ -31,46 +32,64 @@ async function parse(resp: Response): Promise<unknown> {
   throw new PigeonError("http_error", `HTTP ${resp.status}`, resp.status);
 }
 
-async function call(base: string, method: string, path: string, body?: unknown, token?: string): Promise<unknown> {
+async function call(base: string, method: string, path: string, body?: unknown, token?: string,
+  ca?: string): Promise<unknown> {
   const headers: Record<string, string> = {};
   if (body !== undefined) headers["content-type"] = "application/json";
   if (token) headers.authorization = `Bearer ${token}`;
   let resp: Response;
   try {
-    resp = await fetch(`${trimBase(base)}${path}`, {
+    resp = await fetchTrusting(ca, `${trimBase(base)}${path}`, {
       method, headers, body: body === undefined ? undefined : JSON.stringify(body),
     });
   } catch (exc) {
-    throw new PigeonError("unavailable", `cannot reach ${base}: ${(exc as Error).message}`);
+    if (exc instanceof PigeonError) throw exc;
+    throw new PigeonError("unavailable", `cannot reach ${base}: ${reason(exc)}`);
   }
   return parse(resp);
 }
 
+/** TLS under Node: `ca` is the PEM text of the CA (or CAs) the server's certificate is checked
+ * against, for HTTPS and for `wss://`, instead of the system's CAs. Kept in the profile. */
+export interface TlsOptions {
+  ca?: string;
+}
+
+function checkedCa(ca: string | undefined): string | undefined {
+  if (ca !== undefined && (typeof ca !== "string" || !ca.includes("-----BEGIN CERTIFICATE-----"))) {
+    throw new PigeonError("bad_request", "ca must be the PEM text of a CA certificate (-----BEGIN CERTIFICATE-----)");
+  }
+  return ca;
+}
+
 /** Ask for a login code; returns it when the server runs with `--dev`, else null (it went by SMS). */
-export async function requestCode(httpUrl: string, phone: string): Promise<string | null> {
-  const reply = (await call(httpUrl, "POST", "/v1/auth/code", { phone })) as Json | null;
+export async function requestCode(httpUrl: string, phone: string, opts: TlsOptions = {}): Promise<string | null> {
+  const reply = (await call(httpUrl, "POST", "/v1/auth/code", { phone }, undefined, checkedCa(opts.ca))) as
+    Json | null;
   return typeof reply?.dev_code === "string" ? reply.dev_code : null;
 }
 
 /** Link a new device with the code; the returned profile is what {@link Device} connects with. */
 export async function verify(httpUrl: string, phone: string, code: string,
-  opts: { deviceName?: string; platform?: string } = {}): Promise<Profile> {
+  opts: { deviceName?: string; platform?: string } & TlsOptions = {}): Promise<Profile> {
+  const ca = checkedCa(opts.ca);
   const r = (await call(httpUrl, "POST", "/v1/auth/verify", {
     phone, code, device_name: opts.deviceName ?? "js-sdk", platform: opts.platform ?? "js",
-  })) as { user_id: string; device_id: string; token: string; expires_at: number;
+  }, undefined, ca)) as { user_id: string; device_id: string; token: string; expires_at: number;
     mqtt: { host: string; port: number; ws_url: string | null } };
   return {
     httpUrl: trimBase(httpUrl), userId: r.user_id, deviceId: r.device_id, token: r.token,
     expiresAt: r.expires_at, mqttHost: r.mqtt.host, mqttPort: r.mqtt.port, wsUrl: r.mqtt.ws_url, phone,
+    ...(ca === undefined ? {} : { ca }),
   };
 }
 
 /** Request a code and verify it in one step; in dev mode the code comes back from the server. */
 export async function login(httpUrl: string, phone: string,
-  opts: { code?: string; deviceName?: string; platform?: string } = {}): Promise<Profile> {
+  opts: { code?: string; deviceName?: string; platform?: string } & TlsOptions = {}): Promise<Profile> {
   let code = opts.code ?? null;
   if (code === null) {
-    code = await requestCode(httpUrl, phone);
+    code = await requestCode(httpUrl, phone, opts);
     if (code === null) throw new PigeonError("code_required", "the server sent the code by SMS; pass it as code");
   }
   return verify(httpUrl, phone, code, opts);
@@ -80,7 +99,7 @@ export class Api {
   constructor(readonly profile: Profile) {}
 
   private call(method: string, path: string, body?: unknown): Promise<unknown> {
-    return call(this.profile.httpUrl, method, path, body, this.profile.token);
+    return call(this.profile.httpUrl, method, path, body, this.profile.token, this.profile.ca);
   }
 
   /** A new token for this device; the profile is updated in place (save it again). */
@@ -190,15 +209,16 @@ export class Api {
     let resp: Response;
     try {
       if (upload.method === "PUT") {
-        resp = await fetch(upload.url, { method: "PUT", body: blob, headers: upload.headers ?? {} });
+        resp = await fetchTrusting(this.profile.ca, upload.url, { method: "PUT", body: blob, headers: upload.headers ?? {} });
       } else {
         const form = new FormData();
         for (const [k, v] of Object.entries(upload.fields ?? {})) form.append(k, v);
         form.append("file", blob, "upload");
-        resp = await fetch(upload.url, { method: "POST", body: form });
+        resp = await fetchTrusting(this.profile.ca, upload.url, { method: "POST", body: form });
       }
     } catch (exc) {
-      throw new PigeonError("upload_failed", `cannot reach the storage: ${(exc as Error).message}`);
+      if (exc instanceof PigeonError) throw exc;
+      throw new PigeonError("upload_failed", `cannot reach the storage: ${reason(exc)}`);
     }
     if (resp.status >= 300) {
       let detail = "";
@@ -214,9 +234,10 @@ export class Api {
   async getBlob(url: string): Promise<Uint8Array> {
     let resp: Response;
     try {
-      resp = await fetch(url);
+      resp = await fetchTrusting(this.profile.ca, url);
     } catch (exc) {
-      throw new PigeonError("download_failed", `cannot reach the storage: ${(exc as Error).message}`);
+      if (exc instanceof PigeonError) throw exc;
+      throw new PigeonError("download_failed", `cannot reach the storage: ${reason(exc)}`);
     }
     if (resp.status >= 300) {
       throw new PigeonError("download_failed", `storage refused the download (HTTP ${resp.status})`, resp.status);

@@ -157,6 +157,7 @@ export class Device {
       clean: true, keepalive: this.opts.keepalive, protocolVersion: 4, reconnectPeriod: 0,
       connectTimeout: 10_000, resubscribe: false,
       will: { topic: this.up, payload: offline, qos: 1, retain: false },
+      ...(this.profile.ca === undefined ? {} : { ca: this.profile.ca }),  // wss:// under Node
     });
     this.client = client;
     try {

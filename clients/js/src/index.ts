@@ -1,6 +1,7 @@
 /** Pigeon's JavaScript SDK: login over HTTP, live events over MQTT-over-WebSocket. */
 
 export { Api, login, requestCode, verify } from "./api.js";
+export type { TlsOptions } from "./api.js";
 export { Device, sha256Hex } from "./device.js";
 export type { DeviceOptions, Status } from "./device.js";
 export { PigeonError, RequestTimeout } from "./errors.js";

@@ -12,6 +12,9 @@ export interface Profile {
   /** The broker's MQTT-over-WebSocket URL from the login reply (null if the broker has none). */
   wsUrl: string | null;
   phone: string;
+  /** Under Node: the PEM text of the CA the server's certificate is checked against, for HTTPS
+   * and `wss://`, instead of the system's CAs (from `login(..., { ca })`). */
+  ca?: string;
 }
 
 export interface Media {

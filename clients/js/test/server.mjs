@@ -1,5 +1,6 @@
-// Start a real `pigeon serve --dev` (embedded profile) on free loopback ports for the tests, and stop it.
-import { spawn } from "node:child_process";
+// Start a real `pigeon serve --dev` (embedded profile) on free loopback ports for the tests, and stop it;
+// `startServer(["--tls-cert", ...])` passes more flags, and the result names every listener it serves.
+import { execFileSync, spawn } from "node:child_process";
 import { existsSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
@@ -13,24 +14,28 @@ function python() {
   return existsSync(venv) ? venv : "python3";
 }
 
-export async function startServer() {
+export async function startServer(extraArgs = []) {
   const dataDir = mkdtempSync(join(tmpdir(), "pigeon-js-"));
   const env = { ...process.env, PYTHONUNBUFFERED: "1" };
   for (const k of ["PIGEON_STORE", "PIGEON_MEDIA", "PIGEON_REDIS", "PIGEON_BROKER", "PIGEON_BROKER_CREDENTIALS_FILE"]) {
     delete env[k];
   }
   const proc = spawn(python(), ["-m", "clients.cli", "serve", "--dev", "--data-dir", dataDir, "--host", "127.0.0.1",
-    "--http-port", "0", "--mqtt-port", "0", "--ws-port", "0", "--log-level", "WARNING"],
+    "--http-port", "0", "--mqtt-port", "0", "--ws-port", "0", "--log-level", "WARNING", ...extraArgs],
   { cwd: ROOT, env, stdio: ["ignore", "pipe", "pipe"] });
   let log = "";
   proc.stderr.on("data", (d) => { log += d; });
+  // every listener the ready line names (http, mqtt, ws; https, mqtts, wss with TLS), "off" if not served
   const ready = await new Promise((resolveReady, reject) => {
     let out = "";
     const timer = setTimeout(() => reject(new Error(`pigeon serve did not start in time:\n${log}`)), 60_000);
     proc.stdout.on("data", (d) => {
       out += d;
-      const m = /pigeon ready http=(\S+) mqtt=\S+ ws=(\S+)/.exec(out);
-      if (m) { clearTimeout(timer); resolveReady({ http: m[1], ws: m[2] }); }
+      const m = /pigeon ready (.*)\n/.exec(out);
+      if (m) {
+        clearTimeout(timer);
+        resolveReady(Object.fromEntries(m[1].split(" ").filter((w) => w.includes("=")).map((w) => w.split(/=(.*)/s, 2))));
+      }
     });
     proc.on("exit", (code) => { clearTimeout(timer); reject(new Error(`pigeon serve exited (${code}):\n${log}`)); });
   });
@@ -49,6 +54,21 @@ export async function startServer() {
 }
 
 let counter = Math.floor(Math.random() * 9_000_000);
+/** A throwaway CA (trustme, as tests/test_e2e_tls.py) and a certificate it signs for 127.0.0.1
+ * and localhost, written to `dir`; and a CA that signed nothing of the server's. */
+export function makePki(dir) {
+  const script = `import sys, trustme
+ca, wrong = trustme.CA(), trustme.CA()
+d = sys.argv[1]
+ca.cert_pem.write_to_path(d + "/ca.pem")
+wrong.cert_pem.write_to_path(d + "/wrong-ca.pem")
+issued = ca.issue_cert("127.0.0.1", "localhost")
+issued.private_key_pem.write_to_path(d + "/key.pem")
+issued.cert_chain_pems[0].write_to_path(d + "/cert.pem")`;
+  execFileSync(python(), ["-c", script, dir], { stdio: ["ignore", "ignore", "inherit"] });
+  return { ca: join(dir, "ca.pem"), wrongCa: join(dir, "wrong-ca.pem"), cert: join(dir, "cert.pem"), key: join(dir, "key.pem") };
+}
+
 export function freshPhone() {
   counter += 1;
   return `+1556${String(1_000_000 + (counter % 8_999_999)).padStart(7, "0")}`;
