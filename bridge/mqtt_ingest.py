@@ -30,12 +30,13 @@ import asyncio
 import logging
 import random
 import ssl
+import time
 import zlib
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol, runtime_checkable
 
 import aiomqtt
-from paho.mqtt.client import MQTT_ERR_NO_CONN, MQTT_ERR_QUEUE_SIZE, MQTT_ERR_SUCCESS
+from paho.mqtt.client import MQTT_ERR_NO_CONN, MQTT_ERR_QUEUE_SIZE, MQTT_ERR_SUCCESS, MQTTMessage
 
 from .errors import PigeonError
 from .mqtt_writes import coalesce_writes
@@ -43,11 +44,16 @@ from .mqtt_writes import coalesce_writes
 log = logging.getLogger(__name__)
 Handle = Callable[[str, bytes], Awaitable[None]]
 # admission control (bridge/admission.py): None when a publish is taken in (``Release`` once it
-# has been handled), else an awaitable answering it at once; it is then acknowledged, not queued
-Admit = Callable[[str, bytes], Awaitable[None] | None]
+# has been handled), else an awaitable answering it at once; it is then acknowledged, not queued.
+# The third argument: when the bridge received it (time.monotonic()), before it waited to be read.
+Admit = Callable[[str, bytes, float], Awaitable[None] | None]
 Release = Callable[[], None]
-# topic, payload, and what acknowledges it once handled (None: nothing to acknowledge)
-Item = tuple[str, bytes, Callable[[], None] | None]
+# as a worker is about to handle a publish taken in then (time.monotonic()): None to handle it,
+# else an awaitable answering it instead (it waited past admission control's bound)
+Start = Callable[[str, bytes, float], Awaitable[None] | None]
+# topic, payload, what acknowledges it once handled (None: nothing to acknowledge), and when it
+# was taken in
+Item = tuple[str, bytes, Callable[[], None] | None, float]
 UP_FILTER = "up/+/+"
 
 
@@ -71,6 +77,25 @@ SESSION_READY_S = 5.0
 
 class IngestError(PigeonError):
     """The bridge could not reach the broker in time."""
+
+
+class _Received(aiomqtt.Message):
+    """A publish with the time paho read it off the socket: aiomqtt's message drops it, and the
+    wait in aiomqtt's queue, before the bridge takes the publish in, is part of a request's wait."""
+
+    received_at = 0.0
+
+
+def _stamp_receipts(client: aiomqtt.Client) -> None:
+    """Queue this client's incoming publishes as aiomqtt does, with their time of receipt."""
+    queue = client._queue
+
+    def on_message(_client: object, _userdata: object, message: MQTTMessage) -> None:
+        m = _Received._from_paho_message(message)
+        m.received_at = message.timestamp  # paho's time_func: time.monotonic()
+        queue.put_nowait(m)
+
+    client._client.on_message = on_message
 
 
 @runtime_checkable
@@ -104,12 +129,13 @@ class MqttIngest:
         workers: int = INGEST_WORKERS, queue_size: int = 1_000, max_backoff_s: float = 30.0,
         persistent: bool = False, partitions: Partitions | None = None, ask_holder: AskHolder | None = None,
         tls_context: ssl.SSLContext | None = None, admit: Admit | None = None, release: Release | None = None,
+        start: Start | None = None,
     ) -> None:
         self._host, self._port = host, port
         self._tls = tls_context  # None: plain MQTT
         self._username, self._password, self._client_id = username, password, client_id
         self._handle = handle
-        self._admit, self._release = admit, release
+        self._admit, self._release, self._start = admit, release, start
         self._persistent = persistent
         self._queues: list[asyncio.Queue[Item]] = [
             asyncio.Queue(maxsize=queue_size) for _ in range(workers)
@@ -232,6 +258,7 @@ class MqttIngest:
                     backoff = 0.2
                     async for message in client.messages:
                         await self._take(client, message)
+                        await self._take_queued(client)
             except aiomqtt.MqttError as exc:
                 log.warning("broker session of partition %d lost: %s", part, exc)
             except Exception:  # noqa: BLE001 - the session is retried; a store hiccup must not end it
@@ -293,6 +320,7 @@ class MqttIngest:
             protocol=aiomqtt.ProtocolVersion.V311, max_inflight_messages=MAX_INFLIGHT, tls_context=self._tls,
         )
         coalesce_writes(client._client)
+        _stamp_receipts(client)
         if persistent:
             # aiomqtt 2.5 has no option for it: PUBACK only once handled (see _acker)
             client._client.manual_ack_set(True)
@@ -302,21 +330,42 @@ class MqttIngest:
         client.pending_calls_threshold = 20 * MAX_INFLIGHT
         return client
 
+    async def _take_queued(self, client: aiomqtt.Client, persistent: bool = True) -> None:
+        """Take what is already waiting in the client's queue: ``client.messages`` starts a
+        task per message to wait for the next one, which the queue's head does not need."""
+        queue = client._queue
+        while not queue.empty():
+            await self._take(client, queue.get_nowait(), persistent)
+
     async def _take(self, client: aiomqtt.Client, message: aiomqtt.Message, persistent: bool = True) -> None:
         """Queue one ``up/`` publish for its device's worker, with what acknowledges it."""
         payload = message.payload
         data = payload if isinstance(payload, bytes) else str(payload).encode()
         topic = message.topic.value
         ack = self._acker(client, message) if persistent else None
+        received_at = message.received_at if isinstance(message, _Received) else time.monotonic()
         if self._admit is not None:
-            refused = self._admit(topic, data)
+            refused = self._admit(topic, data, received_at)
             if refused is not None:  # answered at once, never queued
                 await refused
                 if ack is not None:
                     ack()
                 return
         q = self._queues[zlib.crc32(topic.encode()) % len(self._queues)]
-        await q.put((topic, data, ack))
+        await q.put((topic, data, ack, received_at))
+
+    def backlog(self) -> int:
+        """Replies and events handed to the outgoing connection and not yet acknowledged by the
+        broker (paho's queue): admission control bounds them with the requests."""
+        client = self._client
+        return 0 if client is None else len(client._client._out_messages)
+
+    def intake(self) -> int:
+        """Publishes received and not yet taken in (aiomqtt's queues), and taken in and waiting
+        for a worker."""
+        clients = [self._client, *self._sessions.values()]
+        return (sum(c._queue.qsize() for c in clients if c is not None)
+                + sum(q.qsize() for q in self._queues))
 
     async def _consume(self) -> None:
         """The connection replies and events go out on; without partitions, also the one that
@@ -335,6 +384,7 @@ class MqttIngest:
                     backoff = 0.2
                     async for message in client.messages:
                         await self._take(client, message, self._persistent)
+                        await self._take_queued(client, self._persistent)
             except aiomqtt.MqttError as exc:
                 log.warning("bridge connection to %s:%d lost: %s", self._host, self._port, exc)
             finally:
@@ -359,9 +409,13 @@ class MqttIngest:
 
     async def _work(self, queue: asyncio.Queue[Item]) -> None:
         while True:
-            topic, payload, ack = await queue.get()
+            topic, payload, ack, taken_at = await queue.get()
             try:
-                await self._handle(topic, payload)
+                expired = None if self._start is None else self._start(topic, payload, taken_at)
+                if expired is not None:
+                    await expired  # waited past admission control's bound: answered instead
+                else:
+                    await self._handle(topic, payload)
             except Exception:
                 # a handler that raised is a bug, not a state the same publish would leave
                 log.exception("failed to handle a publish on %s", topic)
