@@ -168,6 +168,7 @@ class PigeonServer:
             # as the embedded broker's broadcast queue is
             self.admission.backlog = ingest.backlog
             self.metrics.intake.set_function(ingest.intake)
+            self.metrics.ingest_lag.set_function(ingest.lag)
             self.metrics.outgoing.set_function(ingest.backlog)
         elif self._broker is not None:
             self.metrics.outgoing.set_function(self._broker.backlog)

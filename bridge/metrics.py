@@ -83,6 +83,9 @@ class Metrics:
         self.intake = Gauge("pigeon_ingest_queued", "External broker: device publishes received and not yet "
                             "handled by a worker (read off the socket, or taken in and queued)",
                             registry=self.registry)
+        self.ingest_lag = Gauge("pigeon_ingest_lag_seconds", "External broker: how long device publishes wait in "
+                                "the broker and the socket before the bridge reads them (its probe; the "
+                                "longest of its sessions)", registry=self.registry)
         self.outgoing = Gauge("pigeon_outgoing_queued", "Replies and events waiting to go out (embedded broker: "
                               "its broadcast queue; external broker: not yet acknowledged by it)",
                               registry=self.registry)

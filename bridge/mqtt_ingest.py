@@ -16,6 +16,19 @@ while nobody held it. Replies and events go out on a connection of their own.
 
 **Unpartitioned** (one bridge, e.g. on SQLite): one persistent session subscribed to ``up/+/+``.
 
+**How long publishes wait before the bridge reads them.** A session's publishes queue in the
+broker and in the kernel's socket buffers before paho reads them, where the bridge cannot see
+them. So each receiving session also subscribes to a probe topic of its own,
+``up/~probe/{client id}`` (no device can publish there: a user id never starts with ``~``), and
+the bridge publishes the time on it every ``PROBE_EVERY_S`` while no probe of that session is on
+its way: the probe waits in the same queue as the devices' publishes, and the time it took to
+come back is that queue's wait (while one is on its way, its age is a lower bound). A publish's
+wait then counts from its receipt less that lag, for admission control (bridge/admission.py),
+which refuses what waited past its bound as it is read: a backlog that built up in the broker
+during an overload is answered at once rather than handled seconds late. The broker must let
+the bridge publish there (``publishClientSend up/~probe/#``, docs/deploy.md); without it the lag
+is taken as 0.
+
 Either way a publish is acknowledged only once it has been handled (paho's manual ack), so what
 the broker accepted while the bridge was down, or was still handling when it died, is delivered
 again when it comes back. Acknowledgements go out as handling finishes, so not always in the
@@ -28,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import ssl
 import time
@@ -70,6 +84,11 @@ MAX_INFLIGHT = 256
 MAX_QUEUED = 10_000
 
 
+# A receiving session's probe topic (see the module's docstring), and how often it is probed.
+PROBE_PREFIX = "up/~probe/"
+PROBE_EVERY_S = 0.25
+PROBE_RESEND_S = 5.0
+
 # Topics per SUBSCRIBE when a partition's session subscribes to its users' device topics.
 SUBSCRIBE_CHUNK = 100
 SESSION_READY_S = 5.0
@@ -77,6 +96,40 @@ SESSION_READY_S = 5.0
 
 class IngestError(PigeonError):
     """The bridge could not reach the broker in time."""
+
+
+class _Probe:
+    """How long one receiving session's publishes wait before the bridge reads them."""
+
+    def __init__(self, client_id: str) -> None:
+        self.topic = PROBE_PREFIX + client_id
+        self.sent_at: float | None = None  # the newest probe on its way, if any
+        self.last = 0.0  # the wait the last one came back after
+        self.seen = False  # one came back: the broker lets the bridge probe
+        self._tag = f"{os.getpid()}:"
+
+    def payload(self, now: float) -> bytes:
+        return f"{self._tag}{now!r}".encode()
+
+    def came_back(self, payload: bytes, received_at: float) -> None:
+        tag, _, sent = payload.decode(errors="replace").rpartition(":")
+        if tag + ":" != self._tag:
+            return  # another process's (a bridge that held this session before)
+        try:
+            sent_at = float(sent)
+        except ValueError:
+            return
+        self.last = max(0.0, received_at - sent_at)
+        self.seen = True
+        if sent_at == self.sent_at:
+            self.sent_at = None
+
+    def lag(self, now: float) -> float:
+        """The wait before reading: the last probe's, or longer while the next is overdue (once
+        any came back: a broker that does not let the bridge probe gives 0)."""
+        if self.sent_at is None or not self.seen:
+            return self.last
+        return max(self.last, now - self.sent_at)
 
 
 class _Received(aiomqtt.Message):
@@ -148,6 +201,8 @@ class MqttIngest:
         # partition -> its session's connection, once subscribed (partitioned mode)
         self._sessions: dict[int, aiomqtt.Client] = {}
         self._session_ready: dict[int, asyncio.Event] = {}
+        # receiving client id -> its probe (see the module's docstring)
+        self._probes: dict[str, _Probe] = {}
 
     async def wait_connected(self, timeout: float) -> None:
         try:
@@ -205,6 +260,7 @@ class MqttIngest:
             for i, q in enumerate(self._queues):
                 tg.create_task(self._work(q), name=f"ingest-worker-{i}")
             tg.create_task(self._consume(), name="ingest-consumer")
+            tg.create_task(self._probe(), name="ingest-probe")
             if self._partitions is not None:
                 tg.create_task(self._follow_partitions(), name="ingest-partitions")
 
@@ -252,6 +308,7 @@ class MqttIngest:
                     # broker that lost its sessions (a restart without persistence).
                     for start in range(0, len(users), SUBSCRIBE_CHUNK):
                         await client.subscribe([(f"up/{u}/+", 1) for u in users[start:start + SUBSCRIBE_CHUNK]])
+                    await self._start_probe(client)
                     self._sessions[part] = client
                     self._session_ready.setdefault(part, asyncio.Event()).set()
                     log.info("holding the broker session of partition %d (%d users)", part, len(users))
@@ -344,6 +401,15 @@ class MqttIngest:
         topic = message.topic.value
         ack = self._acker(client, message) if persistent else None
         received_at = message.received_at if isinstance(message, _Received) else time.monotonic()
+        probe = self._probes.get(client.identifier)
+        if topic.startswith(PROBE_PREFIX):
+            if probe is not None:
+                probe.came_back(data, received_at)
+            if ack is not None:
+                ack()
+            return
+        if probe is not None:  # it waited before it was read, too
+            received_at -= probe.lag(received_at)
         if self._admit is not None:
             refused = self._admit(topic, data, received_at)
             if refused is not None:  # answered at once, never queued
@@ -354,11 +420,40 @@ class MqttIngest:
         q = self._queues[zlib.crc32(topic.encode()) % len(self._queues)]
         await q.put((topic, data, ack, received_at))
 
+    async def _start_probe(self, client: aiomqtt.Client) -> None:
+        probe = _Probe(client.identifier)
+        await client.subscribe(probe.topic, qos=1)
+        self._probes[client.identifier] = probe
+
+    async def _probe(self) -> None:
+        """Send each receiving session's probe when none of it is on its way."""
+        while True:
+            await asyncio.sleep(PROBE_EVERY_S)
+            client = self._client
+            if client is None:
+                continue
+            live = {c.identifier for c in self._sessions.values()}
+            if self._partitions is None:
+                live.add(client.identifier)
+            for name in list(self._probes):
+                if name not in live:
+                    del self._probes[name]
+            now = time.monotonic()
+            for probe in self._probes.values():
+                if probe.sent_at is None or now - probe.sent_at > PROBE_RESEND_S:  # lost with a connection?
+                    probe.sent_at = now
+                    client._client.publish(probe.topic, probe.payload(now), 1)
+
     def backlog(self) -> int:
         """Replies and events handed to the outgoing connection and not yet acknowledged by the
         broker (paho's queue): admission control bounds them with the requests."""
         client = self._client
         return 0 if client is None else len(client._client._out_messages)
+
+    def lag(self) -> float:
+        """The longest wait before reading among the receiving sessions (their probes)."""
+        now = time.monotonic()
+        return max((p.lag(now) for p in self._probes.values()), default=0.0)
 
     def intake(self) -> int:
         """Publishes received and not yet taken in (aiomqtt's queues), and taken in and waiting
@@ -377,7 +472,8 @@ class MqttIngest:
             try:
                 async with client:
                     if not partitioned:
-                        await client.subscribe(UP_FILTER, qos=1)
+                        await client.subscribe(UP_FILTER, qos=1)  # the probe topic included
+                        self._probes[client.identifier] = _Probe(client.identifier)
                         log.info("bridge subscribed to %s on %s:%d", UP_FILTER, self._host, self._port)
                     self._client = client
                     self._connected.set()
