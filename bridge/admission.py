@@ -25,8 +25,10 @@ Three levels, by what is held:
   (a later ack covers a dropped one), so what is held never exceeds the ceiling.
 
 On the embedded broker the replies and events waiting to go out (amqtt's one broadcast queue,
-which every publication passes through one at a time) are bounded by the same ``limit``:
-``backlog`` reads its length, and past ``limit`` new requests are refused as above. Otherwise
+which every publication passes through one at a time) are bounded by the same ``limit``, and
+by the delay bound too: when what waits there would take longer than ``max_delay_s`` to go at
+the rate the last interval sent publications, new requests are refused as while most requests
+wait too long (below). ``backlog`` reads its length and ``sent_out`` how many it has sent. Otherwise
 requests taken in would be answered in time and their replies would queue there instead, out
 of any bound (the trial run before this check: nothing held, and sends answered 6 to 9 s late).
 
@@ -120,8 +122,10 @@ class Admission:
         self._max_payload = max_payload
         self._metrics = metrics
         self.held = 0
-        # publications waiting to go out, where the broker queues them (the embedded broker)
+        # publications waiting to go out, where the broker queues them (the embedded broker), and
+        # how many it has sent so far (for the rate it sends them at)
         self.backlog: Callable[[], int] | None = None
+        self.sent_out: Callable[[], int] | None = None
         # the bound by delay (see the module's docstring); times in the clock's seconds
         self.clock = clock
         self.max_delay_s = max_delay_ms / 1000
@@ -133,6 +137,8 @@ class Admission:
         self._started = 0  # requests started so far in this interval
         self._past = 0  # of which waited past the bound
         self._waited = 0.0  # their waits added up
+        self._sent_before = 0  # sent_out() when this interval started
+        self.out_wait_s = 0.0  # how long what waits to go out takes to go, at the last interval's rate
         self._interval_start = clock()
 
     @property
@@ -175,9 +181,16 @@ class Admission:
             self.late = False
 
     def _next_interval(self, now: float) -> None:
+        if self.backlog is not None and self.sent_out is not None:
+            sent = self.sent_out()
+            rate = (sent - self._sent_before) / (now - self._interval_start)
+            self._sent_before = sent
+            waiting = self.backlog()
+            self.out_wait_s = waiting / rate if rate > 0 else (math.inf if waiting else 0.0)
         if self._started:
             self.wait_s = self._waited / self._started
-            self.late = 2 * self._past > self._started
+            # most waited past the bound, or the replies of those handled now would wait past it
+            self.late = 2 * self._past > self._started or self.out_wait_s > self._stale_after
             self.drain_per_s = self._started / (now - self._interval_start)
         elif self.held == 0:  # idle
             self.wait_s = 0.0

@@ -285,6 +285,7 @@ class PigeonServer:
         self.accounts.registry = broker
         if in_process is not None:  # replies and events wait there: bounded with the requests
             self.admission.backlog = broker.backlog
+            self.admission.sent_out = broker.sent_out
         self.broker_ports = {role: _bound_port(broker, name) for role, name in listener_names(tls, s.plaintext).items()}
         # with TLS on, login names the TLS listeners only
         self.endpoints.mqtt_tls = tls

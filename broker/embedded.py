@@ -382,6 +382,7 @@ class PigeonBroker(Broker):
         self.connect_timeout = connect_timeout
         self.max_packet = max_packet
         self._ingest = ingest
+        self.broadcasts = 0  # publications taken from the broadcast queue
         # filters with + or #: the only ones a publish must be matched against one by one
         self._wildcards: set[str] = set()
         # client id -> the filters it subscribed to (fix 5)
@@ -392,6 +393,10 @@ class PigeonBroker(Broker):
         principal = principal_of(session)
         return (principal is not None and self.gate.may_receive(principal, topic)
                 and any(s is session for s, _ in self._subscriptions.get(topic, ())))
+
+    def sent_out(self) -> int:
+        """Publications taken from the broadcast queue so far (the rate it drains at)."""
+        return self.broadcasts
 
     def backlog(self) -> int:
         """Publications waiting in amqtt's broadcast queue to be sent to their subscribers."""
@@ -562,6 +567,7 @@ class PigeonBroker(Broker):
     # -- fix 4 --------------------------------------------------------------------------------
     async def _run_broadcast(self, running_tasks: Any) -> None:
         broadcast = await self._broadcast_queue.get()
+        self.broadcasts += 1
         topic = broadcast["topic"]
         matches: list[tuple[Session, int]] = list(self._subscriptions.get(topic, ()))
         for a_filter in list(self._wildcards):

@@ -408,3 +408,27 @@ def test_a_negative_delay_bound_is_refused() -> None:
     with pytest.raises(ConfigError) as got:
         Settings(secret=b"s" * 32, max_queue_delay_ms=-1).validated()
     assert "max_queue_delay_ms" in str(got.value)
+
+
+def test_replies_that_would_wait_past_the_bound_to_go_out_refuse_new_requests() -> None:
+    clock = Clock()
+    adm = Admission(limit=10_000, max_delay_ms=300, clock=clock)
+    waiting, sent = [0], [0]
+    adm.backlog = lambda: waiting[0]
+    adm.sent_out = lambda: sent[0]
+    for _ in range(5):
+        adm.admit(TOPIC, SEND)
+
+    def interval(out: int) -> None:  # 0.1 s in which ``out`` publications went out
+        clock.t += 0.1
+        sent[0] += out
+        adm.start(TOPIC, ACK, clock.t - 0.01)  # every request started at once
+
+    interval(100)  # 1,000 a second
+    waiting[0] = 500  # half a second's worth waits to go out
+    interval(100)
+    assert adm.late and adm.out_wait_s == pytest.approx(0.5)
+    assert refusal(adm.admit(TOPIC, SEND)) is not None
+    waiting[0] = 100
+    interval(100)
+    assert not adm.late and adm.admit(TOPIC, SEND) is None
