@@ -27,8 +27,9 @@ Three levels, by what is held:
 On the embedded broker the replies and events waiting to go out (amqtt's one broadcast queue,
 which every publication passes through one at a time) are bounded by the same ``limit``, and
 by the delay bound too: when what waits there would take longer than ``max_delay_s`` to go at
-the rate the last interval sent publications, new requests are refused as while most requests
-wait too long (below). ``backlog`` reads its length and ``sent_out`` how many it has sent. Otherwise
+the rate publications went out recently (smoothed over about half a second), new requests
+are refused as while most requests wait too long (below). ``backlog`` reads its length and
+``sent_out`` how many it has sent. Otherwise
 requests taken in would be answered in time and their replies would queue there instead, out
 of any bound (the trial run before this check: nothing held, and sends answered 6 to 9 s late).
 
@@ -95,6 +96,8 @@ DEFAULT_MAX_DELAY_MS = 500
 # CoDel's interval: the least delay of each such stretch decides whether a queue stands.
 INTERVAL_S = 0.1
 MAX_RETRY_AFTER_MS = 60_000
+# the weight of each interval in the smoothed rate publications go out at (embedded broker)
+OUT_RATE_WEIGHT = 0.2
 
 class Admission:
     def __init__(self, limit: int = DEFAULT_LIMIT, shed_at: int | None = None,
@@ -138,7 +141,8 @@ class Admission:
         self._past = 0  # of which waited past the bound
         self._waited = 0.0  # their waits added up
         self._sent_before = 0  # sent_out() when this interval started
-        self.out_wait_s = 0.0  # how long what waits to go out takes to go, at the last interval's rate
+        self.out_wait_s = 0.0  # how long what waits to go out takes to go, at the recent rate
+        self._out_rate = 0.0  # publications sent per second, smoothed
         self._interval_start = clock()
 
     @property
@@ -185,8 +189,10 @@ class Admission:
             sent = self.sent_out()
             rate = (sent - self._sent_before) / (now - self._interval_start)
             self._sent_before = sent
-            waiting = self.backlog()
-            self.out_wait_s = waiting / rate if rate > 0 else (math.inf if waiting else 0.0)
+            # smoothed (over about half a second): one interval in which the broker's loop sent
+            # little says nothing about how long what waits will take to go
+            self._out_rate += OUT_RATE_WEIGHT * (rate - self._out_rate)
+            self.out_wait_s = self.backlog() / self._out_rate if self._out_rate > 0 else 0.0
         if self._started:
             self.wait_s = self._waited / self._started
             # most waited past the bound, or the replies of those handled now would wait past it
