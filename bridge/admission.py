@@ -90,10 +90,15 @@ DEFAULT_RETRY_AFTER_MS = 1000
 # refused some, which the SDK sent again later, out of order). Past it, a device floods only
 # its own queue, which is handled one request at a time.
 DEFAULT_PER_DEVICE = 200
-# The longest a request may have been held (taken in to handled, the least of an interval) before
-# new ones are refused: see BENCHMARKS.md ("admission bounded by delay") for how it was chosen.
-DEFAULT_MAX_DELAY_MS = 500
-# CoDel's interval: the least delay of each such stretch decides whether a queue stands.
+# The longest a request may wait before its handling starts (see the module's docstring). Chosen
+# by measurement (BENCHMARKS.md, "admission bounded by delay"): 500 ms kept accepted sends under
+# about 1.7 s at p99 through a flood, but it also refused thousands of sends of a p2p full-speed
+# run (400 in flight: a standing queue of about a second) and the tail of one device's burst of
+# 60 on a loaded machine, which the device then sent again out of order; at 2000 ms a p2p run
+# had 21 refused. Lower it where a bridge never runs a standing queue that long on purpose.
+DEFAULT_MAX_DELAY_MS = 2000
+# CoDel's interval: each such stretch's share of requests that waited past the bound decides
+# whether a queue stands.
 INTERVAL_S = 0.1
 MAX_RETRY_AFTER_MS = 60_000
 # the weight of each interval in the smoothed rate publications go out at (embedded broker)

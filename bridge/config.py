@@ -79,7 +79,7 @@ class Settings:
     max_pending_device: int = 200  # of one device's own (embedded broker): the per-device burst
     shed_pending: int | None = None
     overload_retry_ms: int = 1000
-    max_queue_delay_ms: int = 500
+    max_queue_delay_ms: int = 2000
     # a device refused by its rate limit this many times within 10 s is disconnected (0: never)
     kick_after: int = 200
 

@@ -99,7 +99,7 @@ def serve(
         "(more when the backlog takes longer to drain)")] = 1000,
     max_queue_delay_ms: Annotated[int, typer.Option(
         envvar="PIGEON_MAX_QUEUE_DELAY_MS", help="new device requests are answered rate_limited at once while "
-        "those held have waited longer than this (0: no bound by delay, only --max-pending)")] = 500,
+        "those held have waited longer than this (0: no bound by delay, only --max-pending)")] = 2000,
     max_group: Annotated[int, typer.Option(envvar="PIGEON_MAX_GROUP")] = 100,
     max_payload: Annotated[int, typer.Option(envvar="PIGEON_MAX_PAYLOAD")] = 64 * 1024,
     media_max_bytes: Annotated[int, typer.Option(envvar="PIGEON_MEDIA_MAX_BYTES")] = 100 * 1024 * 1024,
