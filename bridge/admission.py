@@ -25,10 +25,38 @@ Three levels, by what is held:
   (a later ack covers a dropped one), so what is held never exceeds the ceiling.
 
 On the embedded broker the replies and events waiting to go out (amqtt's one broadcast queue,
-which every publication passes through one at a time) are bounded by the same ``limit``:
-``backlog`` reads its length, and past ``limit`` new requests are refused as above. Otherwise
+which every publication passes through one at a time) are bounded by the same ``limit``, and
+by the delay bound too: when what waits there would take longer than ``max_delay_s`` to go at
+the rate publications went out recently (smoothed over about half a second), new requests
+are refused as while most requests wait too long (below). ``backlog`` reads its length and
+``sent_out`` how many it has sent. Otherwise
 requests taken in would be answered in time and their replies would queue there instead, out
 of any bound (the trial run before this check: nothing held, and sends answered 6 to 9 s late).
+
+**Bound by delay, too.** A count bounds the wait only as well as the bridge's speed is known:
+2,048 held at ~400 requests/s is 5 s. So each path also notes when it took a publish in, and
+calls :meth:`Admission.start` when its handling starts. Like CoDel, which drops at the head of
+its queue what waited past its target, a request with a reply that waited longer than
+``max_delay_s`` is not handled then but answered as above (acks and presence changes are
+handled all the same): no request answered ``sent`` waited longer than the bound before its
+handling started. And so that requests are refused as they come rather than after they waited
+for nothing, ``start`` also keeps, per interval of ``INTERVAL_S``, how many were started and how
+many of them had waited past the bound: while most of the last interval's had (its median wait
+was past the bound; a median, so a few slow ones do not count, and the many devices whose own
+queues are short do not hide the ones whose are long), new requests are refused at once, until
+an interval's median is below the bound again or nothing is held any more. An interval in which
+nothing started while requests were held keeps the last verdict. On an external broker a
+publish can also wait before the bridge reads it (in the MQTT client's queue, while the event
+loop is busy): its wait counts from receipt, and one that waited past the bound there is
+refused as it is read, so a backlog built up in an overload is answered at once instead of
+handled seconds late. Per publish this is a flag and a compare in ``admit`` and a clock read,
+two additions and a compare in ``start``; the take-in time rides in what each path already
+keeps per publish. From half the bound (the last interval's mean wait), typing and presence
+fan-out are shed, as from ``shed_at`` held.
+
+A refusal's ``retry_after_ms`` reflects the backlog: how long what is held takes to drain at the
+rate the last interval started requests, never less than ``retry_after_ms`` (the setting) and at
+most ``MAX_RETRY_AFTER_MS``.
 
 A device that keeps pushing past its own per-device limit is a different matter, decided in
 ``bridge.ratelimit.Strikes`` and ``bridge.router``.
@@ -37,12 +65,14 @@ A device that keeps pushing past its own per-device limit is a different matter,
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections.abc import Callable
 
 from .errors import ProtocolError, RateLimited
 from .metrics import Metrics
 from .outbox import Out, ToDevice
-from .protocol import Ack, ErrorReply, PresenceReq, Typing
+from .protocol import Ack, ErrorReply, PresenceReq, Request, Typing
 from .wire_v2 import parse_any
 
 log = logging.getLogger(__name__)
@@ -61,11 +91,27 @@ DEFAULT_RETRY_AFTER_MS = 1000
 # refused some, which the SDK sent again later, out of order). Past it, a device floods only
 # its own queue, which is handled one request at a time.
 DEFAULT_PER_DEVICE = 200
+# The longest a request may wait before its handling starts (see the module's docstring). Chosen
+# by measurement (BENCHMARKS.md, "admission bounded by delay"): 500 ms kept accepted sends under
+# about 1.7 s at p99 through a flood, but it also refused thousands of sends of a p2p full-speed
+# run (400 in flight: a standing queue of about a second) and the tail of one device's burst of
+# 60 on a loaded machine, which the device then sent again out of order; at 2000 ms a p2p run
+# had 21 refused. Lower it where a bridge never runs a standing queue that long on purpose.
+DEFAULT_MAX_DELAY_MS = 2000
+# CoDel's interval: each such stretch's share of requests that waited past the bound decides
+# whether a queue stands.
+INTERVAL_S = 0.1
+MAX_RETRY_AFTER_MS = 60_000
+# the weight of each interval in the smoothed rate publications go out at (embedded broker)
+OUT_RATE_WEIGHT = 0.2
 
 class Admission:
     def __init__(self, limit: int = DEFAULT_LIMIT, shed_at: int | None = None,
                  retry_after_ms: int = DEFAULT_RETRY_AFTER_MS, max_payload: int = 64 * 1024,
-                 metrics: Metrics | None = None, per_device: int = DEFAULT_PER_DEVICE) -> None:
+                 metrics: Metrics | None = None, per_device: int = DEFAULT_PER_DEVICE,
+                 max_delay_ms: int = DEFAULT_MAX_DELAY_MS, clock: Callable[[], float] = time.monotonic) -> None:
+        """``max_delay_ms`` 0: no bound by delay. ``clock`` must be the one the callers of
+        :meth:`start` read their take-in times from (``time.monotonic``)."""
         if limit < 1:
             raise ValueError(f"limit must be at least 1, got {limit}")
         shed = limit // 2 if shed_at is None else shed_at
@@ -75,6 +121,8 @@ class Admission:
             raise ValueError(f"retry_after_ms must be at least 1, got {retry_after_ms}")
         if per_device < 1:
             raise ValueError(f"per_device must be at least 1, got {per_device}")
+        if max_delay_ms < 0:
+            raise ValueError(f"max_delay_ms must be 0 (no bound by delay) or more, got {max_delay_ms}")
         self.limit = limit
         self.ceiling = limit + limit // 4
         self.per_device = per_device
@@ -83,28 +131,106 @@ class Admission:
         self._max_payload = max_payload
         self._metrics = metrics
         self.held = 0
-        # publications waiting to go out, where the broker queues them (the embedded broker)
+        # publications waiting to go out, where the broker queues them (the embedded broker), and
+        # how many it has sent so far (for the rate it sends them at)
         self.backlog: Callable[[], int] | None = None
+        self.sent_out: Callable[[], int] | None = None
+        # the bound by delay (see the module's docstring); times in the clock's seconds
+        self.clock = clock
+        self.max_delay_s = max_delay_ms / 1000
+        # a publish that waited longer than this is refused, as it is read or as it is started
+        self._stale_after = self.max_delay_s if max_delay_ms else math.inf
+        self.wait_s = 0.0  # the mean wait before handling in the last interval that started any
+        self.late = False  # most of those waited past the bound: new requests are refused
+        self.drain_per_s = 0.0  # requests started per second in that interval
+        self._started = 0  # requests started so far in this interval
+        self._past = 0  # of which waited past the bound
+        self._waited = 0.0  # their waits added up
+        self._sent_before = 0  # sent_out() when this interval started
+        self.out_wait_s = 0.0  # how long what waits to go out takes to go, at the recent rate
+        self._out_rate = 0.0  # publications sent per second, smoothed
+        self._interval_start = clock()
 
     @property
     def shedding(self) -> bool:
         """Typing and presence fan-out are dropped."""
-        return self.held >= self.shed_at or (self.backlog is not None and self.backlog() >= self.shed_at)
+        return (self.held >= self.shed_at or (self.backlog is not None and self.backlog() >= self.shed_at)
+                or (self.max_delay_s > 0 and self.held > 0 and self.wait_s >= self.max_delay_s / 2))
 
-    def admit(self, topic: str, payload: bytes | bytearray, queued: int = 0) -> list[Out] | None:
+    def admit(self, topic: str, payload: bytes | bytearray, queued: int = 0, waited: float = 0.0) -> list[Out] | None:
         """Take in one device publish, ``queued`` of its device's being held already (0 where
-        that is not known): None if taken (counted: :meth:`release` it once handled), else what
-        to publish instead (the refusal, or nothing), at once."""
-        if self.held < self.limit and queued < self.per_device and (self.backlog is None
-                                                                     or self.backlog() < self.limit):
+        that is not known), after it ``waited`` seconds to be read (external broker: in the
+        client's queue): None if taken (counted: :meth:`release` it once handled, and
+        :meth:`start` it when its handling starts), else what to publish instead (the refusal,
+        or nothing), at once."""
+        if (self.held < self.limit and queued < self.per_device and waited <= self._stale_after
+                and (self.backlog is None or self.backlog() < self.limit) and not (self.late and self.held)):
             self.held += 1
             return None
-        return self._over(topic, payload, queued)
+        return self._over(topic, payload, queued, waited)
+
+    def start(self, topic: str, payload: bytes | bytearray, taken_at: float) -> list[Out] | None:
+        """A publish taken in (at ``taken_at``, the clock's time) is about to be handled: None
+        to handle it, else it waited past the bound and is a request with a reply: what answers
+        it instead (the refusal; :meth:`release` it all the same, unhandled)."""
+        now = self.clock()
+        waited = now - taken_at
+        past = waited > self._stale_after
+        self._started += 1
+        self._past += past
+        self._waited += waited
+        if now - self._interval_start >= INTERVAL_S:
+            self._next_interval(now)
+        return self._expired(topic, payload, waited) if past else None
 
     def release(self) -> None:
+        """One publish taken in is done with (handled, refused by :meth:`start`, or given up
+        with its connection)."""
         self.held -= 1
+        if self.held == 0:  # nothing waits any more: no standing queue, whatever the interval says
+            self.late = False
 
-    def _over(self, topic: str, payload: bytes | bytearray, queued: int) -> list[Out] | None:
+    def _next_interval(self, now: float) -> None:
+        if self.backlog is not None and self.sent_out is not None:
+            sent = self.sent_out()
+            rate = (sent - self._sent_before) / (now - self._interval_start)
+            self._sent_before = sent
+            # smoothed (over about half a second): one interval in which the broker's loop sent
+            # little says nothing about how long what waits will take to go
+            self._out_rate += OUT_RATE_WEIGHT * (rate - self._out_rate)
+            self.out_wait_s = self.backlog() / self._out_rate if self._out_rate > 0 else 0.0
+        if self._started:
+            self.wait_s = self._waited / self._started
+            # most waited past the bound, or the replies of those handled now would wait past it
+            self.late = 2 * self._past > self._started or self.out_wait_s > self._stale_after
+            self.drain_per_s = self._started / (now - self._interval_start)
+        elif self.held == 0:  # idle
+            self.wait_s = 0.0
+            self.late = False
+        # else nothing started while requests were held: the last verdict stands
+        self._started = self._past = 0
+        self._waited = 0.0
+        self._interval_start = now
+
+    def retry_after(self) -> int:
+        """A refusal's ``retry_after_ms``: about how long what is held takes to drain."""
+        wait_s = self.held / self.drain_per_s if self.drain_per_s > 0 else 0.0
+        return max(self.retry_after_ms, min(MAX_RETRY_AFTER_MS, math.ceil(wait_s * 1000)))
+
+    def _expired(self, topic: str, payload: bytes | bytearray, waited: float) -> list[Out] | None:
+        parts = topic.split("/")
+        try:
+            req = parse_any(payload, self._max_payload) if len(parts) == 3 and parts[0] == "up" else None
+        except ProtocolError:
+            req = None
+        if req is None or isinstance(req, (Ack, PresenceReq)):
+            return None  # no reply to wait for, or one the router gives without any store call: handled
+        if isinstance(req, Typing):
+            self.shed("typing")
+            return []
+        return [self._refusal(req, parts, f"this request waited {waited * 1000:.0f} ms")]
+
+    def _over(self, topic: str, payload: bytes | bytearray, queued: int, waited: float = 0.0) -> list[Out] | None:
         parts = topic.split("/")
         try:
             req = parse_any(payload, self._max_payload) if len(parts) == 3 and parts[0] == "up" else None
@@ -122,24 +248,31 @@ class Admission:
         if isinstance(req, Typing):
             self.shed("typing")
             return []
+        why = (f"{queued} requests of this device are waiting already" if queued >= self.per_device
+               else f"this request waited {waited * 1000:.0f} ms to be read" if waited > self._stale_after
+               else f"requests wait {self.wait_s * 1000:.0f} ms" if self.late
+               else f"{self.held} requests are held")
+        return [self._refusal(req, parts, why)]
+
+    def _refusal(self, req: Request, parts: list[str], why: str) -> Out:
         if self._metrics is not None:
             self._metrics.refused.labels(req.type).inc()
             self._metrics.errors.labels("rate_limited", "mqtt").inc()
-        why = (f"{queued} requests of this device are waiting already" if queued >= self.per_device
-               else "the server is overloaded")
-        exc = RateLimited(f"{why}; retry later", retry_after_ms=self.retry_after_ms)
-        log.debug("overloaded (%d held, %d of the device): refused a %s on %s", self.held, queued, req.type, topic)
+        exc = RateLimited(f"the server is overloaded ({why}); retry later", retry_after_ms=self.retry_after())
+        log.debug("overloaded (%d held): refused a %s on %s: %s", self.held, req.type, "/".join(parts), why)
         body = ErrorReply(id=getattr(req, "id", None), code=exc.mqtt_code, message=exc.message,
                           retry_after_ms=exc.retry_after_ms)
-        return [Out(ToDevice(parts[1], parts[2]), body)]
+        # at QoS 0: lost only with the device's connection, when it sends again anyway; at QoS 1 a
+        # flood of refusals would take the outgoing connection's window from the replies
+        return Out(ToDevice(parts[1], parts[2]), body, qos=0)
 
     def check_http(self) -> None:
         """An HTTP send is refused with 429 past the limit, like one over MQTT (it is not
         counted as held: it holds its own connection, not a queue slot)."""
-        if self.held >= self.limit:
+        if self.held >= self.limit or (self.late and self.held):
             if self._metrics is not None:
                 self._metrics.refused.labels("send").inc()
-            raise RateLimited("the server is overloaded; retry later", retry_after_ms=self.retry_after_ms)
+            raise RateLimited("the server is overloaded; retry later", retry_after_ms=self.retry_after())
 
     def shed(self, what: str) -> None:
         if self._metrics is not None:

@@ -9,6 +9,7 @@ import os
 import secrets
 import socket
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
 from pathlib import Path
@@ -151,8 +152,9 @@ class PigeonServer:
         self.media = Media(self.store, blobs, self.clock, max_bytes=s.media_max_bytes, url_ttl_s=s.media_url_ttl_s)
         limiter = RateLimiter(self.clock, s.rate_per_s, s.rate_burst)
         self.admission = Admission(s.max_pending, s.shed_pending, s.overload_retry_ms, s.max_payload, self.metrics,
-                                   per_device=s.max_pending_device)
+                                   per_device=s.max_pending_device, max_delay_ms=s.max_queue_delay_ms)
         self.metrics.held.set_function(lambda: self.admission.held)
+        self.metrics.held_delay.set_function(lambda: self.admission.wait_s if self.admission.held else 0.0)
         self.presence.admission = self.admission
         self.router = DeviceRouter(
             self.messenger, self.presence, self.media, limiter, self.metrics, s.max_payload, publish=self.publish,
@@ -164,6 +166,16 @@ class PigeonServer:
             await self._use_external_broker(s)
         else:
             await self._start_embedded_broker(s)
+        ingest = self._ingest_client
+        if ingest is not None:
+            # replies and events waiting for the broker's acknowledgement: bounded with the requests,
+            # as the embedded broker's broadcast queue is
+            self.admission.backlog = ingest.backlog
+            self.metrics.intake.set_function(ingest.intake)
+            self.metrics.ingest_lag.set_function(ingest.lag)
+            self.metrics.outgoing.set_function(ingest.backlog)
+        elif self._broker is not None:
+            self.metrics.outgoing.set_function(self._broker.backlog)
 
         ready = asyncio.Event()
         deps = HttpDeps(
@@ -267,7 +279,8 @@ class PigeonServer:
         broker = PigeonBroker(config, gate, in_process, connect_timeout=s.connect_timeout_s, tls=self.tls,
                               max_packet=max(MAX_PACKET_BYTES, 2 * s.max_payload),
                               admit=self._admit_now if in_process else None,
-                              release=self.admission.release if in_process else None)
+                              release=self.admission.release if in_process else None,
+                              start=self._start_now if in_process else None)
         try:
             await broker.start()
         except Exception as exc:
@@ -276,6 +289,7 @@ class PigeonServer:
         self.accounts.registry = broker
         if in_process is not None:  # replies and events wait there: bounded with the requests
             self.admission.backlog = broker.backlog
+            self.admission.sent_out = broker.sent_out
         self.broker_ports = {role: _bound_port(broker, name) for role, name in listener_names(tls, s.plaintext).items()}
         # with TLS on, login names the TLS listeners only
         self.endpoints.mqtt_tls = tls
@@ -289,6 +303,7 @@ class PigeonServer:
                 self.broker_ports["mqtt" if s.plaintext else "mqtts"],
                 username=BRIDGE_USER, password=bridge_password, client_id=f"{BRIDGE_USER}-{os.getpid()}",
                 handle=self._ingest, tls_context=own_tls, admit=self._admit, release=self.admission.release,
+                start=self._start,
             )
 
     async def _use_external_broker(self, s: Settings) -> None:
@@ -331,6 +346,7 @@ class PigeonServer:
                 host, port, username=user, password=password, client_id=f"{user}-{secrets.token_hex(6)}",
                 handle=self._ingest, persistent=True, partitions=partitions, ask_holder=ask_holder,
                 tls_context=broker_tls, admit=self._admit, release=self.admission.release,
+                start=self._start,
             )
             handle = getattr(self.state, "handle", None)
             if handle is not None:
@@ -340,6 +356,7 @@ class PigeonServer:
             self._ingest_client = MqttIngest(
                 host, port, username=user, password=password, client_id=f"{user}-all", handle=self._ingest,
                 persistent=True, tls_context=broker_tls, admit=self._admit, release=self.admission.release,
+                start=self._start,
             )
             self.accounts.registry = admin
 
@@ -380,11 +397,26 @@ class PigeonServer:
                 except Exception:  # housekeeping must never take the server down
                     log.exception("housekeeping step failed; trying again later")
 
-    def _admit(self, topic: str, payload: bytes | bytearray) -> Awaitable[None] | None:
+    def _admit(self, topic: str, payload: bytes | bytearray, received_at: float) -> Awaitable[None] | None:
         """Admission control for a device publish (bridge/admission.py): None when taken in,
         else the publishing of its refusal."""
-        refused = self.admission.admit(topic, payload)
+        refused = self.admission.admit(topic, payload, waited=time.monotonic() - received_at)
         return None if refused is None else self.publish(refused)
+
+    def _start(self, topic: str, payload: bytes, taken_at: float) -> Awaitable[None] | None:
+        """A worker is about to handle a publish: None to go on, else the publishing of its
+        refusal (it waited past the bound by delay, bridge/admission.py)."""
+        refused = self.admission.start(topic, payload, taken_at)
+        return None if refused is None else self.publish(refused)
+
+    def _start_now(self, topic: str, payload: bytes | bytearray, taken_at: float) -> list[tuple[str, bytes]] | None:
+        """The same, for the embedded broker's client loop, which writes a refusal straight to the device."""
+        refused = self.admission.start(topic, payload, taken_at)
+        if refused is None:
+            return None
+        if refused:
+            self.metrics.messages_out.labels("0").inc(len(refused))
+        return [(topic, payload) for topic, payload, _qos in publishes(refused, self.kinds)]
 
     def _admit_now(self, topic: str, payload: bytes | bytearray, queued: int) -> list[tuple[str, bytes]] | None:
         """The same, for the embedded broker, which writes a refusal straight to the device and

@@ -76,11 +76,13 @@ class Settings:
     # the embedded broker closes a connection that sends no whole CONNECT within this many seconds
     connect_timeout_s: float = 10.0
     # admission control (bridge/admission.py): requests held before new ones are refused, the
-    # level from which typing and presence fan-out are shed (None: half), and the retry hint
+    # level from which typing and presence fan-out are shed (None: half), the longest requests
+    # may have been held before new ones are refused (0: no bound by delay), and the least retry hint
     max_pending: int = 2048
     max_pending_device: int = 200  # of one device's own (embedded broker): the per-device burst
     shed_pending: int | None = None
     overload_retry_ms: int = 1000
+    max_queue_delay_ms: int = 2000
     # a device refused by its rate limit this many times within 10 s is disconnected (0: never)
     kick_after: int = 200
 
@@ -135,6 +137,9 @@ class Settings:
         if not 1 <= self.overload_retry_ms <= 3_600_000:
             raise ConfigError(f"overload_retry_ms (PIGEON_OVERLOAD_RETRY_MS) must be between 1 and 3600000, "
                               f"got {self.overload_retry_ms}")
+        if not 0 <= self.max_queue_delay_ms <= 600_000:
+            raise ConfigError(f"max_queue_delay_ms (PIGEON_MAX_QUEUE_DELAY_MS) must be between 0 (no bound by "
+                              f"delay) and 600000, got {self.max_queue_delay_ms}")
         if self.kick_after < 0:
             raise ConfigError(f"kick_after (PIGEON_KICK_AFTER) must be 0 (never) or more, got {self.kick_after}")
         if self.rate_per_s <= 0:

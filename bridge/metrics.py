@@ -77,6 +77,18 @@ class Metrics:
         )
         self.held = Gauge("pigeon_requests_held", "Device requests taken in and not yet handled (queued or in "
                           "flight): what admission control bounds", registry=self.registry)
+        self.held_delay = Gauge("pigeon_request_wait_seconds", "The mean wait of device requests from receipt to "
+                                "the start of their handling, in admission control's last interval (0 when "
+                                "nothing is held): what --max-queue-delay-ms bounds", registry=self.registry)
+        self.intake = Gauge("pigeon_ingest_queued", "External broker: device publishes received and not yet "
+                            "handled by a worker (read off the socket, or taken in and queued)",
+                            registry=self.registry)
+        self.ingest_lag = Gauge("pigeon_ingest_lag_seconds", "External broker: how long device publishes wait in "
+                                "the broker and the socket before the bridge reads them (its probe; the "
+                                "longest of its sessions)", registry=self.registry)
+        self.outgoing = Gauge("pigeon_outgoing_queued", "Replies and events waiting to go out (embedded broker: "
+                              "its broadcast queue; external broker: not yet acknowledged by it)",
+                              registry=self.registry)
         self.refused = Counter("pigeon_overload_refused", "Requests answered rate_limited at once because the "
                                "bridge held its limit, by type", ["type"], registry=self.registry)
         self.shed = Counter("pigeon_overload_shed", "Work dropped under load: typing relays and presence "

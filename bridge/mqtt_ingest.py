@@ -16,6 +16,19 @@ while nobody held it. Replies and events go out on a connection of their own.
 
 **Unpartitioned** (one bridge, e.g. on SQLite): one persistent session subscribed to ``up/+/+``.
 
+**How long publishes wait before the bridge reads them.** A session's publishes queue in the
+broker and in the kernel's socket buffers before paho reads them, where the bridge cannot see
+them. So each receiving session also subscribes to a probe topic of its own,
+``up/~probe/{client id}`` (no device can publish there: a user id never starts with ``~``), and
+the bridge publishes the time on it every ``PROBE_EVERY_S`` while no probe of that session is on
+its way: the probe waits in the same queue as the devices' publishes, and the time it took to
+come back is that queue's wait (while one is on its way, its age is a lower bound). A publish's
+wait then counts from its receipt less that lag, for admission control (bridge/admission.py),
+which refuses what waited past its bound as it is read: a backlog that built up in the broker
+during an overload is answered at once rather than handled seconds late. The broker must let
+the bridge publish there (``publishClientSend up/~probe/#``, docs/deploy.md); without it the lag
+is taken as 0.
+
 Either way a publish is acknowledged only once it has been handled (paho's manual ack), so what
 the broker accepted while the bridge was down, or was still handling when it died, is delivered
 again when it comes back. Acknowledgements go out as handling finishes, so not always in the
@@ -28,14 +41,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import ssl
+import time
 import zlib
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol, runtime_checkable
 
 import aiomqtt
-from paho.mqtt.client import MQTT_ERR_NO_CONN, MQTT_ERR_QUEUE_SIZE, MQTT_ERR_SUCCESS
+from paho.mqtt.client import MQTT_ERR_NO_CONN, MQTT_ERR_QUEUE_SIZE, MQTT_ERR_SUCCESS, MQTTMessage
 
 from .errors import PigeonError
 from .mqtt_writes import coalesce_writes
@@ -43,11 +58,16 @@ from .mqtt_writes import coalesce_writes
 log = logging.getLogger(__name__)
 Handle = Callable[[str, bytes], Awaitable[None]]
 # admission control (bridge/admission.py): None when a publish is taken in (``Release`` once it
-# has been handled), else an awaitable answering it at once; it is then acknowledged, not queued
-Admit = Callable[[str, bytes], Awaitable[None] | None]
+# has been handled), else an awaitable answering it at once; it is then acknowledged, not queued.
+# The third argument: when the bridge received it (time.monotonic()), before it waited to be read.
+Admit = Callable[[str, bytes, float], Awaitable[None] | None]
 Release = Callable[[], None]
-# topic, payload, and what acknowledges it once handled (None: nothing to acknowledge)
-Item = tuple[str, bytes, Callable[[], None] | None]
+# as a worker is about to handle a publish taken in then (time.monotonic()): None to handle it,
+# else an awaitable answering it instead (it waited past admission control's bound)
+Start = Callable[[str, bytes, float], Awaitable[None] | None]
+# topic, payload, what acknowledges it once handled (None: nothing to acknowledge), and when it
+# was taken in
+Item = tuple[str, bytes, Callable[[], None] | None, float]
 UP_FILTER = "up/+/+"
 
 
@@ -64,6 +84,11 @@ MAX_INFLIGHT = 256
 MAX_QUEUED = 10_000
 
 
+# A receiving session's probe topic (see the module's docstring), and how often it is probed.
+PROBE_PREFIX = "up/~probe/"
+PROBE_EVERY_S = 0.25
+PROBE_RESEND_S = 5.0
+
 # Topics per SUBSCRIBE when a partition's session subscribes to its users' device topics.
 SUBSCRIBE_CHUNK = 100
 SESSION_READY_S = 5.0
@@ -71,6 +96,59 @@ SESSION_READY_S = 5.0
 
 class IngestError(PigeonError):
     """The bridge could not reach the broker in time."""
+
+
+class _Probe:
+    """How long one receiving session's publishes wait before the bridge reads them."""
+
+    def __init__(self, client_id: str) -> None:
+        self.topic = PROBE_PREFIX + client_id
+        self.sent_at: float | None = None  # the newest probe on its way, if any
+        self.last = 0.0  # the wait the last one came back after
+        self.seen = False  # one came back: the broker lets the bridge probe
+        self._tag = f"{os.getpid()}:"
+
+    def payload(self, now: float) -> bytes:
+        return f"{self._tag}{now!r}".encode()
+
+    def came_back(self, payload: bytes, received_at: float) -> None:
+        tag, _, sent = payload.decode(errors="replace").rpartition(":")
+        if tag + ":" != self._tag:
+            return  # another process's (a bridge that held this session before)
+        try:
+            sent_at = float(sent)
+        except ValueError:
+            return
+        self.last = max(0.0, received_at - sent_at)
+        self.seen = True
+        if sent_at == self.sent_at:
+            self.sent_at = None
+
+    def lag(self, now: float) -> float:
+        """The wait before reading: the last probe's, or longer while the next is overdue (once
+        any came back: a broker that does not let the bridge probe gives 0)."""
+        if self.sent_at is None or not self.seen:
+            return self.last
+        return max(self.last, now - self.sent_at)
+
+
+class _Received(aiomqtt.Message):
+    """A publish with the time paho read it off the socket: aiomqtt's message drops it, and the
+    wait in aiomqtt's queue, before the bridge takes the publish in, is part of a request's wait."""
+
+    received_at = 0.0
+
+
+def _stamp_receipts(client: aiomqtt.Client) -> None:
+    """Queue this client's incoming publishes as aiomqtt does, with their time of receipt."""
+    queue = client._queue
+
+    def on_message(_client: object, _userdata: object, message: MQTTMessage) -> None:
+        m = _Received._from_paho_message(message)
+        m.received_at = message.timestamp  # paho's time_func: time.monotonic()
+        queue.put_nowait(m)
+
+    client._client.on_message = on_message
 
 
 @runtime_checkable
@@ -104,12 +182,13 @@ class MqttIngest:
         workers: int = INGEST_WORKERS, queue_size: int = 1_000, max_backoff_s: float = 30.0,
         persistent: bool = False, partitions: Partitions | None = None, ask_holder: AskHolder | None = None,
         tls_context: ssl.SSLContext | None = None, admit: Admit | None = None, release: Release | None = None,
+        start: Start | None = None,
     ) -> None:
         self._host, self._port = host, port
         self._tls = tls_context  # None: plain MQTT
         self._username, self._password, self._client_id = username, password, client_id
         self._handle = handle
-        self._admit, self._release = admit, release
+        self._admit, self._release, self._start = admit, release, start
         self._persistent = persistent
         self._queues: list[asyncio.Queue[Item]] = [
             asyncio.Queue(maxsize=queue_size) for _ in range(workers)
@@ -122,6 +201,8 @@ class MqttIngest:
         # partition -> its session's connection, once subscribed (partitioned mode)
         self._sessions: dict[int, aiomqtt.Client] = {}
         self._session_ready: dict[int, asyncio.Event] = {}
+        # receiving client id -> its probe (see the module's docstring)
+        self._probes: dict[str, _Probe] = {}
 
     async def wait_connected(self, timeout: float) -> None:
         try:
@@ -179,6 +260,7 @@ class MqttIngest:
             for i, q in enumerate(self._queues):
                 tg.create_task(self._work(q), name=f"ingest-worker-{i}")
             tg.create_task(self._consume(), name="ingest-consumer")
+            tg.create_task(self._probe(), name="ingest-probe")
             if self._partitions is not None:
                 tg.create_task(self._follow_partitions(), name="ingest-partitions")
 
@@ -226,12 +308,14 @@ class MqttIngest:
                     # broker that lost its sessions (a restart without persistence).
                     for start in range(0, len(users), SUBSCRIBE_CHUNK):
                         await client.subscribe([(f"up/{u}/+", 1) for u in users[start:start + SUBSCRIBE_CHUNK]])
+                    await self._start_probe(client)
                     self._sessions[part] = client
                     self._session_ready.setdefault(part, asyncio.Event()).set()
                     log.info("holding the broker session of partition %d (%d users)", part, len(users))
                     backoff = 0.2
                     async for message in client.messages:
                         await self._take(client, message)
+                        await self._take_queued(client)
             except aiomqtt.MqttError as exc:
                 log.warning("broker session of partition %d lost: %s", part, exc)
             except Exception:  # noqa: BLE001 - the session is retried; a store hiccup must not end it
@@ -293,6 +377,7 @@ class MqttIngest:
             protocol=aiomqtt.ProtocolVersion.V311, max_inflight_messages=MAX_INFLIGHT, tls_context=self._tls,
         )
         coalesce_writes(client._client)
+        _stamp_receipts(client)
         if persistent:
             # aiomqtt 2.5 has no option for it: PUBACK only once handled (see _acker)
             client._client.manual_ack_set(True)
@@ -302,21 +387,80 @@ class MqttIngest:
         client.pending_calls_threshold = 20 * MAX_INFLIGHT
         return client
 
+    async def _take_queued(self, client: aiomqtt.Client, persistent: bool = True) -> None:
+        """Take what is already waiting in the client's queue: ``client.messages`` starts a
+        task per message to wait for the next one, which the queue's head does not need."""
+        queue = client._queue
+        while not queue.empty():
+            await self._take(client, queue.get_nowait(), persistent)
+
     async def _take(self, client: aiomqtt.Client, message: aiomqtt.Message, persistent: bool = True) -> None:
         """Queue one ``up/`` publish for its device's worker, with what acknowledges it."""
         payload = message.payload
         data = payload if isinstance(payload, bytes) else str(payload).encode()
         topic = message.topic.value
         ack = self._acker(client, message) if persistent else None
+        received_at = message.received_at if isinstance(message, _Received) else time.monotonic()
+        probe = self._probes.get(client.identifier)
+        if topic.startswith(PROBE_PREFIX):
+            if probe is not None:
+                probe.came_back(data, received_at)
+            if ack is not None:
+                ack()
+            return
+        if probe is not None:  # it waited before it was read, too
+            received_at -= probe.lag(received_at)
         if self._admit is not None:
-            refused = self._admit(topic, data)
+            refused = self._admit(topic, data, received_at)
             if refused is not None:  # answered at once, never queued
                 await refused
                 if ack is not None:
                     ack()
                 return
         q = self._queues[zlib.crc32(topic.encode()) % len(self._queues)]
-        await q.put((topic, data, ack))
+        await q.put((topic, data, ack, received_at))
+
+    async def _start_probe(self, client: aiomqtt.Client) -> None:
+        probe = _Probe(client.identifier)
+        await client.subscribe(probe.topic, qos=1)
+        self._probes[client.identifier] = probe
+
+    async def _probe(self) -> None:
+        """Send each receiving session's probe when none of it is on its way."""
+        while True:
+            await asyncio.sleep(PROBE_EVERY_S)
+            client = self._client
+            if client is None:
+                continue
+            live = {c.identifier for c in self._sessions.values()}
+            if self._partitions is None:
+                live.add(client.identifier)
+            for name in list(self._probes):
+                if name not in live:
+                    del self._probes[name]
+            now = time.monotonic()
+            for probe in self._probes.values():
+                if probe.sent_at is None or now - probe.sent_at > PROBE_RESEND_S:  # lost with a connection?
+                    probe.sent_at = now
+                    client._client.publish(probe.topic, probe.payload(now), 1)
+
+    def backlog(self) -> int:
+        """Replies and events handed to the outgoing connection and not yet acknowledged by the
+        broker (paho's queue): admission control bounds them with the requests."""
+        client = self._client
+        return 0 if client is None else len(client._client._out_messages)
+
+    def lag(self) -> float:
+        """The longest wait before reading among the receiving sessions (their probes)."""
+        now = time.monotonic()
+        return max((p.lag(now) for p in self._probes.values()), default=0.0)
+
+    def intake(self) -> int:
+        """Publishes received and not yet taken in (aiomqtt's queues), and taken in and waiting
+        for a worker."""
+        clients = [self._client, *self._sessions.values()]
+        return (sum(c._queue.qsize() for c in clients if c is not None)
+                + sum(q.qsize() for q in self._queues))
 
     async def _consume(self) -> None:
         """The connection replies and events go out on; without partitions, also the one that
@@ -328,13 +472,15 @@ class MqttIngest:
             try:
                 async with client:
                     if not partitioned:
-                        await client.subscribe(UP_FILTER, qos=1)
+                        await client.subscribe(UP_FILTER, qos=1)  # the probe topic included
+                        self._probes[client.identifier] = _Probe(client.identifier)
                         log.info("bridge subscribed to %s on %s:%d", UP_FILTER, self._host, self._port)
                     self._client = client
                     self._connected.set()
                     backoff = 0.2
                     async for message in client.messages:
                         await self._take(client, message, self._persistent)
+                        await self._take_queued(client, self._persistent)
             except aiomqtt.MqttError as exc:
                 log.warning("bridge connection to %s:%d lost: %s", self._host, self._port, exc)
             finally:
@@ -359,9 +505,13 @@ class MqttIngest:
 
     async def _work(self, queue: asyncio.Queue[Item]) -> None:
         while True:
-            topic, payload, ack = await queue.get()
+            topic, payload, ack, taken_at = await queue.get()
             try:
-                await self._handle(topic, payload)
+                expired = None if self._start is None else self._start(topic, payload, taken_at)
+                if expired is not None:
+                    await expired  # waited past admission control's bound: answered instead
+                else:
+                    await self._handle(topic, payload)
             except Exception:
                 # a handler that raised is a bug, not a state the same publish would leave
                 log.exception("failed to handle a publish on %s", topic)

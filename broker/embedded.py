@@ -65,6 +65,7 @@ import asyncio
 import logging
 import math
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -96,8 +97,11 @@ Ingest = Callable[[str, bytes], Awaitable[None]]
 # Taking in a device publish on up/ (the bridge's admission control, bridge/admission.py):
 # None when taken in, and then ``Release`` is called once it has been handled; otherwise the
 # (topic, payload) replies that answer it at once, and the publish is acknowledged, never queued.
-# The third argument: how many of this connection's publishes are held already.
+# The third argument: how many of this connection's publishes are held already. ``Start``: its
+# handling is about to start, and it was taken in then (time.monotonic()): None to handle it, or
+# the replies that answer it instead (it waited too long; bridge/admission.py).
 Admit = Callable[[str, bytes | bytearray, int], list[tuple[str, bytes]] | None]
+Start = Callable[[str, bytes | bytearray, float], list[tuple[str, bytes]] | None]
 Release = Callable[[], None]
 KEEPALIVE_FACTOR = 1.5
 # A connection that has not sent a whole CONNECT within this many seconds is closed (fix 7).
@@ -362,11 +366,12 @@ class _Handler(BrokerProtocolHandler):
         # id(incoming message) -> resolved by the client loop once the message is handled
         self._handled: dict[int, asyncio.Future[None]] = {}
         self.admit: Admit | None = None
+        self.starting: Start | None = None  # not ``start``: amqtt's handler has one
         self.release: Release | None = None
         # whether this connection's session may be sent a reply on a topic right now
         self.reply_to: Callable[[Session, str], bool] | None = None
-        # id() of the publishes taken in by ``admit`` and not yet handled
-        self._counted: set[int] = set()
+        # id() of the publishes taken in by ``admit`` and not yet handled -> when taken in
+        self._counted: dict[int, float] = {}
 
     def _refused(self, app_message: OutgoingApplicationMessage | IncomingApplicationMessage) -> Awaitable[None] | None:
         """Ask admission control about an incoming device publish; count it if taken in, else
@@ -375,7 +380,7 @@ class _Handler(BrokerProtocolHandler):
             return None
         replies = self.admit(app_message.topic, app_message.data, len(self._counted))
         if replies is None:
-            self._counted.add(id(app_message))
+            self._counted[id(app_message)] = time.monotonic()
             return None
         return self._answer_now(replies)
 
@@ -431,10 +436,8 @@ class _Handler(BrokerProtocolHandler):
     def message_handled(self, app_message: object) -> None:
         """The client loop is done with ``app_message``: its PUBACK may go."""
         key = id(app_message)
-        if key in self._counted:
-            self._counted.discard(key)
-            if self.release is not None:
-                self.release()
+        if self._counted.pop(key, None) is not None and self.release is not None:
+            self.release()
         handled = self._handled.pop(key, None)
         if handled is not None and not handled.done():
             handled.set_result(None)
@@ -445,6 +448,15 @@ class _Handler(BrokerProtocolHandler):
             for _ in self._counted:
                 self.release()
         self._counted.clear()
+
+    def expired(self, app_message: Any) -> Awaitable[None] | None:
+        """Ask admission control, as the client loop is about to hand a publish it took in to
+        the bridge, whether it waited too long: if so, what answers it instead."""
+        taken_at = self._counted.get(id(app_message))
+        if taken_at is None or self.starting is None:
+            return None
+        replies = self.starting(app_message.topic, app_message.data, taken_at)
+        return None if replies is None else self._answer_now(replies)
 
     def handle_read_timeout(self) -> None:
         log.info("keepalive expired for %s; closing", self.session.client_id if self.session else None)
@@ -457,14 +469,15 @@ class PigeonBroker(Broker):
     def __init__(self, config: dict[str, Any], gate: DeviceGate, ingest: Ingest | None = None,
                  connect_timeout: float = CONNECT_TIMEOUT_S, max_packet: int = MAX_PACKET_BYTES,
                  tls: ssl.SSLContext | None = None, admit: Admit | None = None,
-                 release: Release | None = None) -> None:
+                 release: Release | None = None, start: Start | None = None) -> None:
         super().__init__(config)
         self.gate = gate
         self.tls = tls
-        self._admit, self._release = admit, release
+        self._admit, self._release, self._start = admit, release, start
         self.connect_timeout = connect_timeout
         self.max_packet = max_packet
         self._ingest = ingest
+        self.broadcasts = 0  # publications taken from the broadcast queue
         # filters with + or #: the only ones a publish must be matched against one by one
         self._wildcards: set[str] = set()
         # client id -> the filters it subscribed to (fix 5)
@@ -475,6 +488,10 @@ class PigeonBroker(Broker):
         principal = principal_of(session)
         return (principal is not None and self.gate.may_receive(principal, topic)
                 and any(s is session for s, _ in self._subscriptions.get(topic, ())))
+
+    def sent_out(self) -> int:
+        """Publications taken from the broadcast queue so far (the rate it drains at)."""
+        return self.broadcasts
 
     def backlog(self) -> int:
         """Publications waiting in amqtt's broadcast queue to be sent to their subscribers."""
@@ -508,6 +525,7 @@ class PigeonBroker(Broker):
             buffered = _Buffered(first)
             handler, session = await _Handler.init_from_connect(buffered, writer, self.plugins_manager)
             handler.admit, handler.release, handler.reply_to = self._admit, self._release, self._may_reply
+            handler.starting = self._start
             if buffered.left:
                 raise BrokenFirstPacket(f"{buffered.left} bytes after the end of the CONNECT it announced")
         except (AMQTTError, MQTTError, NoDataError, ValueError, UnicodeDecodeError) as exc:
@@ -593,6 +611,10 @@ class PigeonBroker(Broker):
     ) -> bool:
         message = wait_deliver.result()
         try:
+            expired = handler.expired(message) if isinstance(handler, _Handler) else None
+            if expired is not None:  # waited past admission control's bound: answered instead
+                await expired
+                return True
             return bool(await super()._handle_message_delivery(client_session, handler, wait_deliver))
         finally:  # handled (or refused, or failed): fix 6's PUBACK may go
             if isinstance(handler, _Handler):
@@ -640,6 +662,7 @@ class PigeonBroker(Broker):
     # -- fix 4 --------------------------------------------------------------------------------
     async def _run_broadcast(self, running_tasks: Any) -> None:
         broadcast = await self._broadcast_queue.get()
+        self.broadcasts += 1
         topic = broadcast["topic"]
         matches: list[tuple[Session, int]] = list(self._subscriptions.get(topic, ()))
         for a_filter in list(self._wildcards):

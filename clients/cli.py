@@ -99,7 +99,11 @@ def serve(
         envvar="PIGEON_SHED_PENDING", help="requests held from which typing and presence fan-out are dropped "
         "(default: half of --max-pending)")] = None,
     overload_retry_ms: Annotated[int, typer.Option(
-        envvar="PIGEON_OVERLOAD_RETRY_MS", help="retry_after_ms of a request refused for overload")] = 1000,
+        envvar="PIGEON_OVERLOAD_RETRY_MS", help="the least retry_after_ms of a request refused for overload "
+        "(more when the backlog takes longer to drain)")] = 1000,
+    max_queue_delay_ms: Annotated[int, typer.Option(
+        envvar="PIGEON_MAX_QUEUE_DELAY_MS", help="new device requests are answered rate_limited at once while "
+        "those held have waited longer than this (0: no bound by delay, only --max-pending)")] = 2000,
     max_group: Annotated[int, typer.Option(envvar="PIGEON_MAX_GROUP")] = 100,
     max_payload: Annotated[int, typer.Option(envvar="PIGEON_MAX_PAYLOAD")] = 64 * 1024,
     media_max_bytes: Annotated[int, typer.Option(envvar="PIGEON_MEDIA_MAX_BYTES")] = 100 * 1024 * 1024,
@@ -160,7 +164,7 @@ def serve(
             apns_key_file=apns_key_file, apns_key_id=apns_key_id, apns_team_id=apns_team_id, apns_topic=apns_topic,
             apns_url=apns_url, connect_timeout_s=connect_timeout, kick_after=kick_after, max_pending=max_pending,
             max_pending_device=max_pending_device,
-            shed_pending=shed_pending, overload_retry_ms=overload_retry_ms,
+            shed_pending=shed_pending, overload_retry_ms=overload_retry_ms, max_queue_delay_ms=max_queue_delay_ms,
         ).validated()
     except PigeonError as exc:
         err.print(f"[red]configuration error:[/] {exc}")

@@ -474,6 +474,7 @@ plugin_opt_config_file {dynsec}
     for args in (["createRole", "pigeon-bridge-io"],
                  ["addRoleACL", "pigeon-bridge-io", "publishClientSend", "down/#", "allow"],
                  ["addRoleACL", "pigeon-bridge-io", "subscribePattern", "up/+/+", "allow"],
+                 ["addRoleACL", "pigeon-bridge-io", "publishClientSend", "up/~probe/#", "allow"],
                  ["addClientRole", BRIDGE_USER, "pigeon-bridge-io"]):
         run([*ctrl, *args], stderr=subprocess.DEVNULL)
     state["mosquitto"] = {"pid": proc.pid, "port": port, "tls_port": tls_port, "version": version}

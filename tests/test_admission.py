@@ -237,3 +237,205 @@ def test_replies_waiting_to_go_out_count_against_the_bound_too() -> None:
     refused = adm.admit(TOPIC, send)
     assert refused is not None and json.loads(encode_v1(refused[0].event))["code"] == "rate_limited"
     assert adm.held == 1
+
+
+
+class Clock:
+    """Time as the admission control's callers read it (time.monotonic), set by hand."""
+
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+SEND = body(type="send", id="m", to="u2", body="x")
+ACK = body(type="ack", up_to=3)
+
+
+def refusal(outs: list[Any] | None) -> dict[str, Any] | None:
+    return None if outs is None else dict(json.loads(encode_v1(outs[0].event)))
+
+
+def test_a_send_that_waited_past_the_bound_is_answered_instead_of_handled() -> None:
+    clock = Clock()
+    metrics = Metrics()
+    adm = Admission(limit=1000, max_delay_ms=300, retry_after_ms=100, clock=clock, metrics=metrics)
+    taken = clock()
+    for _ in range(3):
+        assert adm.admit(TOPIC, SEND) is None
+    clock.t += 0.25
+    assert adm.start(TOPIC, SEND, taken) is None  # 250 ms: handled
+    clock.t += 0.1
+    outs = adm.start(TOPIC, SEND, taken)  # 350 ms: answered instead
+    reply = refusal(outs)
+    assert reply is not None and reply["code"] == "rate_limited" and reply["id"] == "m", reply
+    assert "waited 350 ms" in reply["message"] and reply["retry_after_ms"] >= 100
+    assert outs is not None and topic_of(outs[0].to) == "down/u1/d1" and outs[0].qos == 0
+    assert adm.start(TOPIC, ACK, taken) is None  # an ack is handled however long it waited
+    assert adm.start(TOPIC, body(type="typing", chat="c1"), taken) == []  # typing dropped
+    assert adm.held == 3  # each is released by the caller, handled or not
+    for _ in range(3):
+        adm.release()
+    assert adm.held == 0
+    assert sample(metrics, "pigeon_overload_refused_total", type="send") == 1
+
+
+def test_while_most_requests_wait_past_the_bound_new_ones_are_refused_far_below_the_count_bound() -> None:
+    clock = Clock()
+    adm = Admission(limit=1000, max_delay_ms=300, clock=clock)
+    taken = clock()
+    for _ in range(50):
+        assert adm.admit(TOPIC, SEND) is None
+    clock.t += 0.4
+    for _ in range(10):  # an interval's worth of handling, every one past the bound
+        adm.start(TOPIC, ACK, taken)
+        adm.release()
+        clock.t += 0.011
+    assert adm.late and adm.held == 40 and adm.held < adm.limit
+    reply = refusal(adm.admit(TOPIC, SEND))
+    assert reply is not None and reply["code"] == "rate_limited" and "requests wait 4" in reply["message"], reply
+    assert adm.held == 40  # not taken in
+    with pytest.raises(RateLimited):
+        adm.check_http()
+    # once most of an interval's requests started within the bound, new ones come in again
+    fresh = clock()
+    for k in range(12):  # the first ends the interval; of the next interval's 11, 4 past the bound
+        adm.start(TOPIC, ACK, taken if k <= 4 else fresh)
+        adm.release()
+        clock.t += 0.0099
+    assert not adm.late
+    assert adm.admit(TOPIC, SEND) is None
+    adm.check_http()
+
+
+def test_a_few_slow_ones_or_a_pause_in_handling_refuse_nobody() -> None:
+    clock = Clock()
+    adm = Admission(limit=1000, max_delay_ms=300, clock=clock)
+    for _ in range(3):
+        adm.admit(TOPIC, SEND)
+    taken = clock()
+    clock.t += 0.5
+    adm.start(TOPIC, ACK, taken)  # one past the bound
+    for _ in range(3):
+        adm.start(TOPIC, ACK, clock.t - 0.01)
+    clock.t += 0.11
+    adm.start(TOPIC, ACK, clock.t - 0.01)  # ends the interval: 1 of 4 past the bound
+    assert not adm.late
+    clock.t += 5.0  # nothing started while one is held: the verdict stands
+    assert adm.admit(TOPIC, SEND) is None
+
+
+def test_nothing_held_ends_a_refusal_even_without_a_new_interval() -> None:
+    clock = Clock()
+    adm = Admission(limit=1000, max_delay_ms=100, clock=clock)
+    adm.admit(TOPIC, SEND)
+    adm.admit(TOPIC, SEND)
+    taken = clock()
+    clock.t += 0.5
+    adm.start(TOPIC, ACK, taken)
+    adm.release()
+    assert adm.late and refusal(adm.admit(TOPIC, SEND)) is not None
+    adm.start(TOPIC, ACK, taken)
+    adm.release()  # the last one, in the same interval
+    assert adm.held == 0
+    assert adm.admit(TOPIC, SEND) is None  # nothing waits: taken in
+    assert adm.admit(TOPIC, SEND) is None  # and so is the next: the old verdict went with the queue
+
+
+def test_a_publish_that_waited_past_the_bound_before_it_was_read_is_refused_as_it_is_read() -> None:
+    adm = Admission(limit=1000, max_delay_ms=300, clock=Clock())
+    assert adm.admit(TOPIC, SEND, waited=0.2) is None
+    reply = refusal(adm.admit(TOPIC, SEND, waited=0.9))
+    assert reply is not None and reply["code"] == "rate_limited" and "waited 900 ms to be read" in reply["message"]
+    assert adm.admit(TOPIC, ACK, waited=0.9) is None  # acks still taken in, up to the ceiling
+    assert adm.held == 2
+
+
+def test_no_bound_by_delay_when_it_is_0() -> None:
+    clock = Clock()
+    adm = Admission(limit=1000, max_delay_ms=0, clock=clock)
+    taken = clock()
+    for _ in range(20):
+        adm.admit(TOPIC, SEND)
+    clock.t += 30
+    for _ in range(10):
+        assert adm.start(TOPIC, SEND, taken) is None
+        clock.t += 0.05
+    assert not adm.late
+    assert adm.admit(TOPIC, SEND, waited=30) is None
+
+
+def test_a_refusal_asks_to_retry_after_about_the_backlog_s_drain_time() -> None:
+    clock = Clock()
+    adm = Admission(limit=10_000, max_delay_ms=200, retry_after_ms=250, clock=clock)
+    assert adm.retry_after() == 250  # nothing held: the least given
+    taken = clock()
+    for _ in range(1000):
+        adm.admit(TOPIC, SEND)
+    clock.t += 0.5
+    adm.start(TOPIC, ACK, taken)  # ends the first interval
+    adm.release()
+    for _ in range(100):  # 100 started in the next 0.1 s: 1,000/s
+        clock.t += 0.001
+        adm.start(TOPIC, ACK, taken)
+        adm.release()
+    clock.t += 0.0015
+    adm.start(TOPIC, ACK, taken)  # ends that interval
+    adm.release()
+    assert adm.drain_per_s == pytest.approx(1000, rel=0.05)
+    reply = refusal(adm.admit(TOPIC, SEND))
+    assert reply is not None and 850 <= reply["retry_after_ms"] <= 950, reply  # 898 held at ~1,000/s
+
+
+def test_shedding_starts_at_half_the_delay_bound() -> None:
+    clock = Clock()
+    adm = Admission(limit=1000, max_delay_ms=400, clock=clock)
+    for _ in range(5):
+        adm.admit(TOPIC, SEND)
+    adm.start(TOPIC, ACK, clock.t - 0.1)
+    clock.t += 0.11
+    adm.start(TOPIC, ACK, clock.t - 0.1)  # mean wait 0.1 s: under half the bound
+    assert not adm.shedding
+    adm.start(TOPIC, ACK, clock.t - 0.25)
+    clock.t += 0.11
+    adm.start(TOPIC, ACK, clock.t - 0.25)  # mean 0.25 s: past half the bound, not past the bound
+    assert adm.shedding and not adm.late  # typing and presence fan-out dropped (see the router tests)
+    assert adm.admit(TOPIC, SEND) is None
+
+
+def test_a_negative_delay_bound_is_refused() -> None:
+    with pytest.raises(ValueError):
+        Admission(max_delay_ms=-1)
+    with pytest.raises(ConfigError) as got:
+        Settings(secret=b"s" * 32, max_queue_delay_ms=-1).validated()
+    assert "max_queue_delay_ms" in str(got.value)
+
+
+def test_replies_that_would_wait_past_the_bound_to_go_out_refuse_new_requests() -> None:
+    clock = Clock()
+    adm = Admission(limit=10_000, max_delay_ms=300, clock=clock)
+    waiting, sent = [0], [0]
+    adm.backlog = lambda: waiting[0]
+    adm.sent_out = lambda: sent[0]
+    for _ in range(5):
+        adm.admit(TOPIC, SEND)
+
+    def interval(out: int) -> None:  # 0.1 s in which ``out`` publications went out
+        clock.t += 0.1
+        sent[0] += out
+        adm.start(TOPIC, ACK, clock.t - 0.01)  # every request started at once
+
+    for _ in range(30):  # 1,000 a second for 3 s: the smoothed rate settles there
+        interval(100)
+    waiting[0] = 500  # half a second's worth waits to go out
+    interval(100)
+    assert adm.late and adm.out_wait_s == pytest.approx(0.5, rel=0.02)
+    assert refusal(adm.admit(TOPIC, SEND)) is not None
+    waiting[0] = 100
+    interval(100)
+    assert not adm.late and adm.admit(TOPIC, SEND) is None
+    # one interval in which little went out does not refuse anyone by itself
+    interval(10)
+    assert not adm.late
