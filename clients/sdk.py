@@ -663,7 +663,7 @@ class Device:
         async with self._sync_lock:
             before = self._cursor
             while True:
-                batch = await self.request({"type": "sync", "after": self._cursor, "limit": limit})
+                batch = await self._request_retried({"type": "sync", "after": self._cursor, "limit": limit})
                 if not isinstance(batch, Batch):
                     raise PigeonClientError("bad_reply", f"sync was answered with {batch.type}")
                 for item in batch.events:
@@ -685,13 +685,20 @@ class Device:
             payload["body"] = body
         if media is not None:
             payload["media"] = dict(media)
+        reply = await self._request_retried(payload, retries)
+        if isinstance(reply, Sent) and reply.inbox is not None:
+            self._take_own(reply, body, media)
+        return reply
+
+    async def _request_retried(self, payload: Mapping[str, Any], retries: int = 3) -> Event:
+        """A request that may be asked again (a send under its id, a sync from the cursor): retried
+        when unanswered, or answered ``rate_limited``/``unavailable`` (after ``retry_after_ms``)."""
+        if "id" not in payload:
+            payload = {**payload, "id": self._new_id()}
         delay = 0.5
         for attempt in range(retries + 1):
             try:
-                reply = await self.request(payload)
-                if isinstance(reply, Sent) and reply.inbox is not None:
-                    self._take_own(reply, body, media)
-                return reply
+                return await self.request(payload)
             except RequestTimeout:
                 if attempt == retries:
                     raise
