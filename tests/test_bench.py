@@ -55,6 +55,9 @@ def check_results(results: list[dict[str, object]], profile: str) -> None:
     assert set(wire["bytes_per_msg_by_direction"]) == {"sender_up", "sender_down", "recipient_up", "recipient_down"}
     for name in ("p2p", "group", "sync"):
         check_cost(by_name[name], cpu_known=True)
+    for name in ("p2p", "group", "sync", "idle"):  # the devices speak v2 unless told --proto 1
+        assert by_name[name]["proto"] == 2, name
+    assert "proto" not in by_name["baseline"]
 
 
 def check_cost(r: dict[str, Any], cpu_known: bool) -> None:
@@ -75,6 +78,16 @@ def test_every_scenario_runs_on_the_embedded_default(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-4000:] + done.stdout[-2000:]
     check_results(json.loads(out.read_text()), "embedded")
     assert "p2p (embedded)" in done.stdout
+
+
+@pytest.mark.parametrize("scenario", ["p2p", "sync"])
+def test_proto_1_runs_the_devices_on_json_and_says_so(tmp_path: Path, scenario: str) -> None:
+    out = tmp_path / "bench.json"
+    done = bench(scenario, "--profile", "embedded", "--proto", "1", *TINY, "--json", str(out))
+    assert done.returncode == 0, done.stderr[-4000:] + done.stdout[-2000:]
+    r = json.loads(out.read_text())
+    assert r["proto"] == 1 and r["lost"] == 0 and r["duplicates"] == 0 and r.get("unanswered", 0) == 0, r
+    assert (r["msgs_per_s"] if scenario == "p2p" else r["messages"]) > 0
 
 
 def test_every_scenario_runs_on_the_production_profile(tmp_path: Path) -> None:
@@ -119,6 +132,7 @@ def test_a_cold_sync_restarts_the_server_and_still_gets_everything(tmp_path: Pat
     (["overload", "--profile", "embedded", "--overload-factor", "1"], "--overload-factor must be above 1"),
     (["overload", "--profile", "embedded", "--recovery-seconds", "0"], "--recovery-seconds must be within"),
     (["overload", "--profile", "embedded", "--full-speed", "0"], "--full-speed must be within"),
+    (["p2p", "--profile", "embedded", "--proto", "3"], "--proto must be 1 or 2"),
 ])
 def test_bad_arguments_are_refused_before_anything_runs(args: list[str], message: str) -> None:
     done = bench(*args, timeout=60)
@@ -222,6 +236,7 @@ def test_an_overload_run_reports_refusals_recovery_and_nothing_lost(tmp_path: Pa
     assert done.returncode == 0, done.stderr[-4000:] + done.stdout[-2000:]
     r = json.loads(out.read_text())
     assert r["scenario"] == "overload" and r["msgs_per_s"] == 60 and r["full_speed_measured"] is False
+    assert r["proto"] == 2
     assert r["rate_limited"] > 0 and r["overload"]["accepted"] > 0, r["overload"]
     assert r["lost"] == 0 and r["duplicates"] == 0 and r["unanswered"] == 0, r
     assert 500 <= r["overload"]["offered"] <= 544  # 3 x 60/s for 3 s, and no more

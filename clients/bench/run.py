@@ -27,6 +27,8 @@ from . import worker as worker_mod
 from .target import TICKS_PER_S, BenchError, Target, cpu_ticks, rss_kb
 
 SCENARIOS = ("p2p", "baseline", "group", "sync", "idle", "wire", "overload")
+# the scenarios whose devices speak --proto (baseline has none; wire measures v1 and v2 side by side)
+DEVICE_SCENARIOS = ("p2p", "group", "sync", "idle", "overload")
 RATE_STEPS = (0.25, 0.5, 0.75)
 IDLE_RATE = 20.0  # idle: messages a second sent while the devices are held
 IDLE_PAIRS = 10
@@ -62,6 +64,7 @@ class Options:
     recovery_seconds: float = 30.0
     overload_factor: float = 3.0
     full_speed: float | None = None
+    proto: int = 2  # the protocol the simulated devices speak (wire measures both)
 
 
 @dataclass
@@ -451,7 +454,8 @@ class Bench:
 
     def connect(self, pool: Pool, per_worker: list[int], presence: bool = True) -> dict[int, Any]:
         return pool.all("connecting devices", "connect",
-                        lambda k: {"host": self.target.mqtt_host, "port": self.target.mqtt_port, "presence": presence}
+                        lambda k: {"host": self.target.mqtt_host, "port": self.target.mqtt_port, "presence": presence,
+                                   "proto": self.opts.proto}
                         if per_worker[k] else None, total=sum(per_worker))
 
     def phase(self, pool: Pool, what: str, active: list[int], args: Callable[[int], dict[str, Any]],
@@ -631,8 +635,8 @@ class Bench:
             creds = self.login(pool, per_worker_devices)
             recipient = creds[0][0]["user"]
             pool.all("connecting senders", "connect", lambda k: {
-                "host": self.target.mqtt_host, "port": self.target.mqtt_port, "first": 1 if k == 0 else 0}
-                if per_worker[k] else None, total=senders)
+                "host": self.target.mqtt_host, "port": self.target.mqtt_port, "first": 1 if k == 0 else 0,
+                "proto": o.proto} if per_worker[k] else None, total=senders)
             offset = [sum(per_worker[:k]) for k in range(o.workers)]
             cost = CostMeter(self.target)  # from the first send to the last 'delivered' receipt
             cost.start()
@@ -656,7 +660,8 @@ class Bench:
                 cost.start()
             rss_before = self.meter.rss_mb()
             got = pool.run("offline device reconnects and syncs", {0: ("catch_up", {
-                "host": self.target.mqtt_host, "port": self.target.mqtt_port, "index": 0})}, total=o.messages)[0]
+                "host": self.target.mqtt_host, "port": self.target.mqtt_port, "index": 0, "proto": o.proto})},
+                total=o.messages)[0]
             rss = self.meter.rss_by_process()
             told = pool.all("senders waiting to be told 'delivered'", "receipts",
                             lambda k: {"timeout": 60.0} if per_worker[k] else None)
@@ -850,4 +855,7 @@ class Bench:
             "p2p": self.p2p, "baseline": self.baseline, "group": self.group, "sync": self.sync,
             "idle": self.idle, "wire": self.wire, "overload": self.overload,
         }
-        return runners[scenario]()
+        result = runners[scenario]()
+        if scenario in DEVICE_SCENARIOS:
+            result.fields["proto"] = self.opts.proto
+        return result

@@ -688,12 +688,14 @@ class Worker:
         arrived = [t for d in senders for c in d.last_sent if (t := d.told_delivered.get(c, (0, 0.0))[1])]
         return {"last_at": max(arrived, default=None), "untold": len(missing())}
 
-    async def catch_up(self, host: str, port: int, index: int) -> dict[str, Any]:
-        """Sync scenario: connect the offline device, sync everything, acknowledge it."""
+    async def catch_up(self, host: str, port: int, index: int, proto: int = 1) -> dict[str, Any]:
+        """Sync scenario: connect the offline device (speaking ``proto``), sync everything,
+        acknowledge it."""
         dev = self.devs[index]
         seen: list[int] = []
+        self.proto = proto
         t0 = time.monotonic()
-        await dev.connect(host, port, presence=True)
+        await dev.connect(host, port, presence=True, proto=proto)
         t_connected = time.monotonic()
         taken = 0
         ids: set[str] = set()
