@@ -113,9 +113,14 @@ class Profile:
     cursor: int = 0
     mqtt_tls: bool = False  # MQTT (and the WebSocket) over TLS, as login said
     ca_file: str | None = None  # the CA the server's certificate is checked against (None: the system's)
+    # protocol v2 request ids: every number below this one may have been used by this device
+    # (0: not known, so the next Device seeds its counter from the clock; see Device._new_id)
+    ids_from: int = 0
     path: str | None = field(default=None, repr=False)
 
-    def save(self, path: Path | str | None = None) -> None:
+    def save(self, path: Path | str | None = None, *, durable: bool = False) -> None:
+        """Write the profile (atomically: a new file put in place); ``durable`` also waits
+        until it is on disk."""
         target = Path(path or self.path or "")
         if not str(target):
             return
@@ -127,7 +132,16 @@ class Profile:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
             json.dump(data, fh)
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
         os.replace(tmp, target)
+        if durable:
+            dir_fd = os.open(target.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
 
     @classmethod
     def load(cls, path: Path | str) -> Profile:
@@ -215,6 +229,7 @@ async def verify(http_url: str, phone: str, code: str, device_name: str = "pytho
         http_url=http_url, user_id=r["user_id"], device_id=r["device_id"], token=r["token"],
         expires_at=r["expires_at"], mqtt_host=host, mqtt_port=port, ws_url=mqtt["ws_url"], phone=phone,
         mqtt_tls=secure, ca_file=_absolute(ca_file),
+        ids_from=1,  # login made a new device: no id has been used by it yet
     )
 
 
@@ -353,6 +368,10 @@ def _retrieve(task: asyncio.Future[Any]) -> None:
         task.exception()
 
 
+ID_BLOCK = 256  # v2 request ids recorded as used at a time (see Device._new_id)
+BASE36 = "0123456789abcdefghijklmnopqrstuvwxyz"
+
+
 class Device:
     """A connected device: requests over MQTT, events in inbox order, cursor kept on disk.
 
@@ -369,7 +388,8 @@ class Device:
         if proto not in (1, 2):
             raise ValueError("proto must be 1 or 2")
         self.proto = proto
-        self._last_id = 0  # v2: the last request id handed out (see _new_id)
+        self._next_id = 0  # v2: the number of the next request id (0: not started; see _new_id)
+        self._ids_reserved = 0  # v2: ids up to here are recorded as used in the profile
         self.profile = profile
         self.api = Api(profile)
         self._keepalive = keepalive
@@ -498,16 +518,31 @@ class Device:
         return json.dumps(payload, separators=(",", ":")).encode()
 
     def _new_id(self) -> str:
-        """A request id: v1, a random hex string; v2, a short one that still never repeats for
-        this device (microseconds since the epoch in base 36, strictly increasing), since the
-        server finds an earlier send by its id."""
+        """A request id: v1, a random hex string; v2, the device's counter in base 36, short
+        and never repeated, since ``send`` is idempotent by (device, id) for good.
+
+        The counter is kept in the profile in blocks of ``ID_BLOCK``: a block is recorded as used
+        (and the profile saved) before its first id goes out, so a crash skips the rest of the
+        block rather than using an id again. A device fresh from login starts at 1. A profile
+        that knows no counter (one saved by an older SDK, or credentials put together by hand
+        after the profile was lost) starts at the microseconds since the Unix epoch: above every
+        id used before, since earlier ids were either those microseconds (older SDKs), a counter
+        that cannot have passed them, or 32-character hex."""
         if self.proto == 1:
             return uuid.uuid4().hex
-        self._last_id = max(self._last_id + 1, int(time.time() * 1_000_000))
-        n, digits = self._last_id, ""
+        if self._next_id == 0:
+            self._next_id = self.profile.ids_from or time.time_ns() // 1000
+            self._ids_reserved = self._next_id
+        if self._next_id >= self._ids_reserved:
+            self._ids_reserved = self._next_id + ID_BLOCK
+            self.profile.ids_from = self._ids_reserved
+            if self.profile.path:
+                self.profile.save(durable=True)
+        n, digits = self._next_id, ""
+        self._next_id += 1
         while n:
             n, d = divmod(n, 36)
-            digits = "0123456789abcdefghijklmnopqrstuvwxyz"[d] + digits
+            digits = BASE36[d] + digits
         return digits
 
     async def _publish(self, payload: Mapping[str, Any], qos: int = 1) -> None:

@@ -417,11 +417,12 @@ class Worker:
         return [d.creds() for d in self.devs]
 
     def new_id(self) -> str:
-        """A request id: random hex for v1; for v2 a short one that never repeats in this
-        process (microseconds in base 36, strictly increasing), as the SDK makes them."""
+        """A request id: random hex for v1; for v2 a counter in base 36 shared by this process's
+        devices, as short as the SDK's (whose counter is per device): every device here is
+        fresh from this run's login, so no id can repeat for one."""
         if self.proto == 1:
             return uuid.uuid4().hex
-        self._last_id = max(self._last_id + 1, int(time.time() * 1_000_000))
+        self._last_id += 1
         n, digits = self._last_id, ""
         while n:
             n, d = divmod(n, 36)
@@ -506,6 +507,8 @@ class Worker:
         self.active = []
         if flow == "p2p":
             assert pairs is not None
+            if pairs:  # the ids follow the senders' protocol (wire has a pair of each)
+                self.proto = self.devs[pairs[0][0]].proto
             for s, r in pairs:
                 senders.append(self._p2p_sender(self.devs[s], self.devs[r].user))
                 self.active += [self.devs[s], self.devs[r]]
