@@ -398,6 +398,7 @@ class Device:
         self._ack_delay = ack_delay if ack_delay is not None else (0.5 if proto == 2 else 0.05)
         self._client: aiomqtt.Client | None = None
         self._pending: dict[str, asyncio.Future[Event]] = {}
+        self._send_chats: dict[str, str] = {}  # request id -> the chat a pending send named (v2's sent omits it)
         self._events: asyncio.Queue[Event] = asyncio.Queue()
         self._side: asyncio.Queue[Event] = asyncio.Queue()
         self._cursor = profile.cursor
@@ -568,6 +569,8 @@ class Device:
         body = {**payload, "id": rid}
         fut: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut  # before the publish: the reply may come before its PUBACK
+        if body.get("type") == "send" and isinstance(body.get("chat"), str):
+            self._send_chats[rid] = body["chat"]
         # the PUBACK wait runs beside the reply wait, bounded only by the one deadline below
         published: asyncio.Future[Any] = asyncio.ensure_future(self._client.publish(
             self.up, self._encode(body), qos=1, timeout=math.inf))
@@ -584,6 +587,7 @@ class Device:
             raise RequestTimeout(f"no reply to {payload.get('type')} {rid}") from exc
         finally:
             self._pending.pop(rid, None)
+            self._send_chats.pop(rid, None)
             published.cancel()  # a PUBACK still owed is of no use once the reply is here
         if isinstance(reply, ErrorReply):
             raise PigeonClientError(reply.code, reply.message, retry_after_ms=reply.retry_after_ms)
@@ -597,7 +601,8 @@ class Device:
                 continue
             raw = raw.encode() if isinstance(raw, str) else raw
             try:
-                event = wire_v2.decode(raw, self.profile.user_id) if wire_v2.is_v2(raw) else decode_payload(raw)
+                event = (wire_v2.decode(raw, self.profile.user_id, self._send_chats) if wire_v2.is_v2(raw)
+                         else decode_payload(raw))
             except ProtocolError as exc:
                 log.warning("ignoring a payload on %s that is not a valid event: %s", message.topic, exc.message)
                 continue

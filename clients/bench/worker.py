@@ -112,6 +112,10 @@ class Dev:
         self.told_delivered: dict[str, tuple[int, float]] = {}  # chat -> (up_to, when it arrived)
         self.proto = 1  # 2: speaks protocol v2 (MessagePack; see bridge/wire_v2.py)
         self.acked_at = 0.0  # v2: when the last ack went
+        # request id -> the chat a send named (a v2 ``sent`` leaves it out) or the user it was ``to``
+        self.send_chats: dict[str, str] = {}
+        self.send_to: dict[str, str] = {}
+        self.chat_with: dict[str, str] = {}  # user -> the direct chat with them, once a ``sent`` named it
 
     def creds(self) -> dict[str, str]:
         return {"user": self.user, "device": self.device, "token": self.token}
@@ -133,6 +137,11 @@ class Dev:
 
     def publish(self, payload: dict[str, Any], qos: int = 1) -> asyncio.Future[None]:
         assert self.conn is not None, "not connected"
+        if payload.get("type") == "send" and isinstance(payload.get("id"), str):
+            if "chat" in payload:
+                self.send_chats[payload["id"]] = payload["chat"]
+            elif "to" in payload and payload["to"] not in self.chat_with:
+                self.send_to[payload["id"]] = payload["to"]
         fut = self.conn.publish(self.up, self.encode(payload), qos)
         if fut is None:
             fut = asyncio.get_running_loop().create_future()
@@ -153,7 +162,7 @@ class Dev:
     def on_message(self, topic: str, payload: bytes) -> None:
         if wire_v2.is_v2(payload):
             try:  # the event's v1 object (and a v2 sent's inbox position): what the rest reads
-                event = wire_v2.decode(payload, self.user)
+                event = wire_v2.decode(payload, self.user, self.send_chats)
                 ev = event.to_json()
                 if isinstance(event, Sent) and event.inbox is not None:
                     ev["inbox"] = event.inbox
@@ -162,6 +171,11 @@ class Dev:
                 return
         else:
             ev = json.loads(payload)
+        if ev.get("type") in ("sent", "error") and isinstance(ev.get("id"), str):
+            self.send_chats.pop(ev["id"], None)
+            to = self.send_to.pop(ev["id"], None)
+            if to is not None and ev.get("type") == "sent":
+                self.chat_with[to] = str(ev["chat"])
         self.take(ev, from_store=False)
 
     def take(self, ev: dict[str, Any], *, from_store: bool) -> None:
@@ -540,8 +554,12 @@ class Worker:
         return out
 
     def _p2p_sender(self, dev: Dev, to_user: str) -> Callable[[str], None]:
+        """Sends ``to`` the user until a ``sent`` has named their direct chat, then to that chat
+        (as an application does once it knows the chat)."""
         def send(msg_id: str) -> None:
-            dev.publish({"type": "send", "id": msg_id, "to": to_user, "body": body_now()})
+            chat = dev.chat_with.get(to_user)
+            address = {"to": to_user} if chat is None else {"chat": chat}
+            dev.publish({"type": "send", "id": msg_id, **address, "body": body_now()})
         return send
 
     def _group_sender(self, dev: Dev, chat: str) -> Callable[[str], None]:
