@@ -55,6 +55,8 @@ from typing import Any
 
 import aiomqtt
 import httpx
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from bridge import wire_v2
 from bridge.errors import ProtocolError
@@ -382,12 +384,21 @@ class Device:
     either way."""
 
     def __init__(self, profile: Profile, *, keepalive: int = 240, transport: str = "tcp",
-                 reply_timeout: float = 10.0, ack_delay: float | None = None, proto: int = 2) -> None:
+                 reply_timeout: float = 10.0, ack_delay: float | None = None, proto: int = 2,
+                 mqtt5: bool = False) -> None:
         """``ack_delay``: how long acks are gathered before one goes (default 0.05 s; 0.5 s
-        with v2, which acks at QoS 0 and so gathers the delivered receipts its acks cause)."""
+        with v2, which acks at QoS 0 and so gathers the delivered receipts its acks cause).
+        ``mqtt5``: connect over MQTT 5 (for a broker that speaks it, such as Mosquitto; not the
+        embedded one) and, when the broker's CONNACK allows topic aliases, name the ``up`` topic
+        once and publish with its alias alone after that."""
         if proto not in (1, 2):
             raise ValueError("proto must be 1 or 2")
+        if mqtt5 and transport != "tcp":
+            raise ValueError("mqtt5 is for the tcp transport (the embedded broker's WebSocket speaks 3.1.1)")
         self.proto = proto
+        self.mqtt5 = mqtt5
+        self._alias = 0  # MQTT 5: the up topic's alias (1) once the broker's CONNACK allows one
+        self._alias_named = False  # ... and whether a publish that named the topic went out
         self._next_id = 0  # v2: the number of the next request id (0: not started; see _new_id)
         self._ids_reserved = 0  # v2: ids up to here are recorded as used in the profile
         self.profile = profile
@@ -431,11 +442,45 @@ class Device:
                 will=aiomqtt.Will(self.up, offline, qos=1), protocol=aiomqtt.ProtocolVersion.V311,
                 tls_context=tls_context(p.ca_file) if scheme == "wss" else None,
             )
+        if self.mqtt5:
+            # a clean start with no session expiry: nothing is kept after a disconnect, as with
+            # 3.1.1's clean session; no Topic Alias Maximum is offered, so the broker names
+            # every topic it sends (paho does not resolve aliases that come in)
+            client = aiomqtt.Client(
+                p.mqtt_host, p.mqtt_port, identifier=p.device_id, username=p.device_id, password=p.token,
+                clean_start=True, keepalive=self._keepalive, will=aiomqtt.Will(self.up, offline, qos=1),
+                protocol=aiomqtt.ProtocolVersion.V5, tls_context=tls_context(p.ca_file) if p.mqtt_tls else None,
+            )
+            paho = client._client
+            connected: Any = paho.on_connect  # aiomqtt's (it reads no CONNACK properties)
+
+            def on_connect(c: Any, userdata: Any, flags: Any, reason: Any, props: Any = None) -> None:
+                self._alias = 1 if getattr(props, "TopicAliasMaximum", 0) >= 1 else 0
+                self._alias_named = False
+                connected(c, userdata, flags, reason, props)
+
+            paho.on_connect = on_connect
+            return client
         return aiomqtt.Client(
             p.mqtt_host, p.mqtt_port, identifier=p.device_id, username=p.device_id, password=p.token,
             clean_session=True, keepalive=self._keepalive, will=aiomqtt.Will(self.up, offline, qos=1),
             protocol=aiomqtt.ProtocolVersion.V311, tls_context=tls_context(p.ca_file) if p.mqtt_tls else None,
         )
+
+    def _up(self) -> tuple[str, Properties | None]:
+        """The topic and properties of a publish on the up topic: on MQTT 5 with an alias
+        allowed, the topic with alias 1 until one such publish has gone out, then "" and the
+        alias alone."""
+        if not self._alias:
+            return self.up, None
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        props.TopicAlias = self._alias
+        return ("" if self._alias_named else self.up), props
+
+    def _named(self, published: asyncio.Future[Any] | None = None) -> None:
+        """A publish that named the up topic with its alias went out (the broker has the alias)."""
+        if published is None or (not published.cancelled() and published.exception() is None):
+            self._alias_named = self._alias_named or bool(self._alias)
 
     async def __aenter__(self) -> Device:
         client = self._mqtt_client()
@@ -551,7 +596,9 @@ class Device:
             raise PigeonClientError("not_connected", "the device is not connected")
         try:
             async with asyncio.timeout(self._reply_timeout):
-                await self._client.publish(self.up, self._encode(payload), qos=qos)
+                topic, props = self._up()
+                await self._client.publish(topic, self._encode(payload), qos=qos, properties=props)
+            self._named()
             self._last_publish = asyncio.get_running_loop().time()
         except TimeoutError as exc:
             raise RequestTimeout(f"the broker did not acknowledge a {payload.get('type')} in time") from exc
@@ -572,9 +619,11 @@ class Device:
         if body.get("type") == "send" and isinstance(body.get("chat"), str):
             self._send_chats[rid] = body["chat"]
         # the PUBACK wait runs beside the reply wait, bounded only by the one deadline below
+        topic, props = self._up()
         published: asyncio.Future[Any] = asyncio.ensure_future(self._client.publish(
-            self.up, self._encode(body), qos=1, timeout=math.inf))
+            topic, self._encode(body), qos=1, properties=props, timeout=math.inf))
         published.add_done_callback(_retrieve)
+        published.add_done_callback(self._named)
         try:
             async with asyncio.timeout(timeout or self._reply_timeout):
                 either: set[asyncio.Future[Any]] = {fut, published}

@@ -120,11 +120,11 @@ class Dev:
     def creds(self) -> dict[str, str]:
         return {"user": self.user, "device": self.device, "token": self.token}
 
-    async def connect(self, host: str, port: int, presence: bool, proto: int = 1) -> None:
+    async def connect(self, host: str, port: int, presence: bool, proto: int = 1, mqtt5: bool = False) -> None:
         self.proto = proto
         will = (self.up, self.encode({"type": "presence", "state": "offline"}))
         self.conn = await connect(host, port, self.device, self.device, self.token, self.on_message, will=will,
-                                  tls=self.w.mqtt_tls)
+                                  tls=self.w.mqtt_tls, mqtt5=mqtt5)
         user_topic = f"down/{self.user}/v2" if proto == 2 else f"down/{self.user}"
         await self.conn.subscribe([user_topic, f"down/{self.user}/{self.device}"], timeout=30)
         if presence:
@@ -444,16 +444,16 @@ class Worker:
         return digits
 
     async def connect(self, host: str, port: int, first: int = 0, count: int | None = None,
-                      presence: bool = True, proto: int = 1) -> dict[str, Any]:
-        """Connect devices[first:first+count], speaking protocol ``proto``; return the seconds
-        it took. (Request ids are short from then on if ``proto`` is 2.)"""
+                      presence: bool = True, proto: int = 1, mqtt5: bool = False) -> dict[str, Any]:
+        """Connect devices[first:first+count], speaking protocol ``proto`` (over MQTT 5 with
+        ``mqtt5``); return the seconds it took. (Request ids are short from then on if ``proto`` is 2.)"""
         self.proto = proto
         sem = asyncio.Semaphore(CONNECT_CONCURRENCY)
         chosen = self.devs[first:None if count is None else first + count]
 
         async def one(dev: Dev) -> None:
             async with sem:
-                await dev.connect(host, port, presence, proto)
+                await dev.connect(host, port, presence, proto, mqtt5)
                 self.tick()
 
         t0 = time.monotonic()
@@ -753,7 +753,9 @@ class Worker:
         after = (a.conn.bytes_out, a.conn.bytes_in, b.conn.bytes_out, b.conn.bytes_in)
         up_a, down_a, up_b, down_b = (x - y for x, y in zip(after, before, strict=True))
         return {"sender_up": up_a, "sender_down": down_a, "recipient_up": up_b, "recipient_down": down_b,
-                "delivered": self.tally.delivered, "latencies_ms": self.tally.latencies_ms, **drained}
+                "delivered": self.tally.delivered, "latencies_ms": self.tally.latencies_ms, **drained,
+                "mqtt5": a.conn.mqtt5, "topic_aliases_to_broker": a.conn.alias_max_out,
+                "aliased_by_broker": a.conn.aliased_in + b.conn.aliased_in}
 
     async def disconnect(self) -> dict[str, Any]:
         for dev in self.devs:
