@@ -719,13 +719,15 @@ class Worker:
         await dev.connect(host, port, presence=True, proto=proto)
         t_connected = time.monotonic()
         taken = 0
-        ids: set[str] = set()
+        ids: set[tuple[str, str]] = set()
 
         def count(item: dict[str, Any]) -> None:
             nonlocal taken
             taken += 1
             if item.get("type") == "msg":
-                ids.add(str(item.get("id")))
+                # a message is its sending device's request id: v2 ids are short counters,
+                # the same in every load-generator process
+                ids.add((str(item.get("device")), str(item.get("id"))))
                 seen.append(int(item["inbox"]))
             self.tick()
 
