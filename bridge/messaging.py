@@ -132,7 +132,7 @@ class Messenger:
         async with storage_errors():
             earlier = await self._store.find_sent(caller.device_id, req.id)
             if earlier is not None:
-                return Result(reply=self._sent(req.id, earlier))
+                return Result(reply=self._sent(req.id, earlier, chat_known=req.chat is not None))
             if req.to is not None:
                 if req.to == caller.user_id:
                     raise BadRequest("'to' must name another user")
@@ -157,11 +157,11 @@ class Messenger:
             stored, outs = await self._append(new, chat.member_ids)
         own = next((o.event.inbox for o in outs if o.to == ToUser(caller.user_id) and isinstance(o.event, MsgEvent)),
                    None)
-        return Result(reply=self._sent(req.id, stored, own), outs=outs)
+        return Result(reply=self._sent(req.id, stored, own, chat_known=req.chat is not None), outs=outs)
 
     @staticmethod
-    def _sent(rid: str, m: Message, inbox: int | None = None) -> Sent:
-        return Sent(id=rid, chat=m.chat_id, seq=m.seq, ts=m.ts, inbox=inbox)
+    def _sent(rid: str, m: Message, inbox: int | None = None, *, chat_known: bool = False) -> Sent:
+        return Sent(id=rid, chat=m.chat_id, seq=m.seq, ts=m.ts, inbox=inbox, chat_known=chat_known)
 
     # -- sync / ack ------------------------------------------------------------------------------
     async def sync(self, caller: Caller, req: Sync) -> Result:

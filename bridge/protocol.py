@@ -455,13 +455,16 @@ InboxEvent = MsgEvent | ReceiptEvent
 @dataclass(frozen=True, slots=True, eq=False)
 class Sent(WireEvent):
     """The reply to ``send``: the message's place in its chat. ``inbox``: its position in the
-    sender's own inbox, carried by v2 only (a v2 sending device gets no copy of its message)."""
+    sender's own inbox, carried by v2 only (a v2 sending device gets no copy of its message).
+    ``chat_known``: the request named the chat (rather than ``to``), so v2 leaves it out: the
+    device restores it from its own request."""
 
     id: str
     chat: str
     seq: int
     ts: int
     inbox: int | None = None
+    chat_known: bool = False
     type: ClassVar[str] = "sent"
 
     def to_json(self) -> dict[str, Any]:

@@ -6,6 +6,9 @@ knows, v2 leaves it out: a ``msg`` names its sender only when it is someone else
 only when it is not ``{chat}:{seq}`` (system messages). Decoding takes the receiving user for
 that reason.
 
+A ``sent`` leaves out the chat when the ``send`` named it (rather than ``to``): the device
+restores it from its own request (``decode``'s ``chats``).
+
 Requests: a payload whose first byte is a MessagePack array marker (0x90-0x9f, 0xdc, 0xdd) is
 v2; anything else is read as v1 JSON. A v2 request is turned into the v1 object and validated
 by the same ``from_json`` as a JSON one, so both mean exactly the same.
@@ -102,7 +105,7 @@ def to_array(event: Event, for_user: str) -> list[Any]:
     if isinstance(event, ReceiptEvent):
         return _receipt(event)
     if isinstance(event, Sent):
-        return _trim([SENT, event.id, event.chat, event.seq, event.ts, event.inbox])
+        return _trim([SENT, event.id, None if event.chat_known else event.chat, event.seq, event.ts, event.inbox])
     if isinstance(event, Batch):
         return [BATCH, event.id, event.last, event.more, [_inbox_item(e, for_user) for e in event.events]]
     if isinstance(event, ErrorReply):
@@ -154,7 +157,7 @@ def _v1_msg(a: list[Any], for_user: str) -> dict[str, Any]:
     return d
 
 
-def _v1_event(a: Any, for_user: str) -> dict[str, Any]:
+def _v1_event(a: Any, for_user: str, chats: Mapping[str, str] | None = None) -> dict[str, Any]:
     if not isinstance(a, list) or not a or not isinstance(a[0], int):
         raise BadRequest("a v2 event is an array that starts with its type number")
     t = a[0]
@@ -167,8 +170,10 @@ def _v1_event(a: Any, for_user: str) -> dict[str, Any]:
         return {"type": "receipt", "inbox": _at(a, 1), "chat": _at(a, 2), "user": _at(a, 3),
                 "kind": RECEIPT_KINDS[kind], "up_to": _at(a, 5)}
     if t == SENT:
-        return {"type": "sent", "id": _at(a, 1), "chat": _at(a, 2), "seq": _at(a, 3), "ts": _at(a, 4),
-                "inbox": _at(a, 5)}
+        rid, chat = _at(a, 1), _at(a, 2)
+        if chat is None and chats is not None and isinstance(rid, str):
+            chat = chats.get(rid)  # the chat the send named: the device knows it
+        return {"type": "sent", "id": rid, "chat": chat, "seq": _at(a, 3), "ts": _at(a, 4), "inbox": _at(a, 5)}
     if t == BATCH:
         items = _at(a, 4)
         if not isinstance(items, list):
@@ -204,10 +209,12 @@ def _unpack(raw: bytes | bytearray) -> Any:
         raise BadRequest("payload is not MessagePack") from exc
 
 
-def decode(raw: bytes | bytearray, for_user: str) -> Event:
+def decode(raw: bytes | bytearray, for_user: str, chats: Mapping[str, str] | None = None) -> Event:
     """A v2 payload received by a device of ``for_user``, as its typed envelope, validated by
-    the same ``from_json`` as v1. Raises ProtocolError."""
-    return _typed(_v1_event(_unpack(raw), for_user))
+    the same ``from_json`` as v1. ``chats``: the chat each ``send`` of this device that awaits
+    its ``sent`` named, by request id (a ``sent`` leaves out a chat the send named; without it
+    such a ``sent`` has no chat and is refused). Raises ProtocolError."""
+    return _typed(_v1_event(_unpack(raw), for_user, chats))
 
 
 def _typed(d: dict[str, Any]) -> Event:

@@ -668,6 +668,12 @@ def bench(
     cold_sync: Annotated[bool, typer.Option(
         help="sync, with --profile production: restart the bridges before the offline device reconnects, "
         "so the sync reads Cassandra rather than what a bridge kept in memory")] = False,
+    proto: Annotated[int, typer.Option(
+        help="the protocol the simulated devices speak: 2 (MessagePack, the SDK's default) or 1 (JSON); "
+        "wire always measures both")] = 2,
+    mqtt5: Annotated[bool, typer.Option(
+        help="wire: also measure a pair of v2 devices over MQTT 5 with topic aliases (the broker must speak "
+        "MQTT 5: Mosquitto, --profile production; the embedded broker speaks 3.1.1 only)")] = False,
 ) -> None:
     """Measure throughput, latency, fan-out, sync, idle cost and bytes on the wire (loopback only)."""
     import json
@@ -701,6 +707,10 @@ def bench(
         problems.append("--cold-sync needs --profile production (the devices must outlive the restart)")
     if not 1 <= bridges <= 8 or (bridges > 1 and profile != "production"):
         problems.append("--bridges must be within 1..8, and more than 1 only with --profile production")
+    if proto not in (1, 2):
+        problems.append(f"--proto must be 1 or 2, got {proto}")
+    if mqtt5 and profile == "embedded":
+        problems.append("--mqtt5 needs a broker that speaks MQTT 5; the embedded one speaks 3.1.1 only")
     if problems:
         for p in problems:
             err.print(f"[red]{p}[/]")
@@ -709,7 +719,8 @@ def bench(
                    members=members, messages=messages, devices=devices, wire_messages=wire_messages,
                    max_seconds=max_seconds, progress=not quiet, cold_sync=cold_sync,
                    overload_seconds=overload_seconds, recovery_seconds=recovery_seconds,
-                   overload_factor=overload_factor, full_speed=full_speed)
+                   overload_factor=overload_factor, full_speed=full_speed, proto=proto,
+                   mqtt5=mqtt5)
     results = []
     try:
         with open_target(profile, http, mqtt, server_pid or [], broker_credentials_file, label,

@@ -55,6 +55,8 @@ from typing import Any
 
 import aiomqtt
 import httpx
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from bridge import wire_v2
 from bridge.errors import ProtocolError
@@ -113,9 +115,14 @@ class Profile:
     cursor: int = 0
     mqtt_tls: bool = False  # MQTT (and the WebSocket) over TLS, as login said
     ca_file: str | None = None  # the CA the server's certificate is checked against (None: the system's)
+    # protocol v2 request ids: every number below this one may have been used by this device
+    # (0: not known, so the next Device seeds its counter from the clock; see Device._new_id)
+    ids_from: int = 0
     path: str | None = field(default=None, repr=False)
 
-    def save(self, path: Path | str | None = None) -> None:
+    def save(self, path: Path | str | None = None, *, durable: bool = False) -> None:
+        """Write the profile (atomically: a new file put in place); ``durable`` also waits
+        until it is on disk."""
         target = Path(path or self.path or "")
         if not str(target):
             return
@@ -127,7 +134,16 @@ class Profile:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
             json.dump(data, fh)
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
         os.replace(tmp, target)
+        if durable:
+            dir_fd = os.open(target.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
 
     @classmethod
     def load(cls, path: Path | str) -> Profile:
@@ -215,6 +231,7 @@ async def verify(http_url: str, phone: str, code: str, device_name: str = "pytho
         http_url=http_url, user_id=r["user_id"], device_id=r["device_id"], token=r["token"],
         expires_at=r["expires_at"], mqtt_host=host, mqtt_port=port, ws_url=mqtt["ws_url"], phone=phone,
         mqtt_tls=secure, ca_file=_absolute(ca_file),
+        ids_from=1,  # login made a new device: no id has been used by it yet
     )
 
 
@@ -353,6 +370,10 @@ def _retrieve(task: asyncio.Future[Any]) -> None:
         task.exception()
 
 
+ID_BLOCK = 256  # v2 request ids recorded as used at a time (see Device._new_id)
+BASE36 = "0123456789abcdefghijklmnopqrstuvwxyz"
+
+
 class Device:
     """A connected device: requests over MQTT, events in inbox order, cursor kept on disk.
 
@@ -363,13 +384,23 @@ class Device:
     either way."""
 
     def __init__(self, profile: Profile, *, keepalive: int = 240, transport: str = "tcp",
-                 reply_timeout: float = 10.0, ack_delay: float | None = None, proto: int = 2) -> None:
+                 reply_timeout: float = 10.0, ack_delay: float | None = None, proto: int = 2,
+                 mqtt5: bool = False) -> None:
         """``ack_delay``: how long acks are gathered before one goes (default 0.05 s; 0.5 s
-        with v2, which acks at QoS 0 and so gathers the delivered receipts its acks cause)."""
+        with v2, which acks at QoS 0 and so gathers the delivered receipts its acks cause).
+        ``mqtt5``: connect over MQTT 5 (for a broker that speaks it, such as Mosquitto; not the
+        embedded one) and, when the broker's CONNACK allows topic aliases, name the ``up`` topic
+        once and publish with its alias alone after that."""
         if proto not in (1, 2):
             raise ValueError("proto must be 1 or 2")
+        if mqtt5 and transport != "tcp":
+            raise ValueError("mqtt5 is for the tcp transport (the embedded broker's WebSocket speaks 3.1.1)")
         self.proto = proto
-        self._last_id = 0  # v2: the last request id handed out (see _new_id)
+        self.mqtt5 = mqtt5
+        self._alias = 0  # MQTT 5: the up topic's alias (1) once the broker's CONNACK allows one
+        self._alias_named = False  # ... and whether a publish that named the topic went out
+        self._next_id = 0  # v2: the number of the next request id (0: not started; see _new_id)
+        self._ids_reserved = 0  # v2: ids up to here are recorded as used in the profile
         self.profile = profile
         self.api = Api(profile)
         self._keepalive = keepalive
@@ -378,6 +409,7 @@ class Device:
         self._ack_delay = ack_delay if ack_delay is not None else (0.5 if proto == 2 else 0.05)
         self._client: aiomqtt.Client | None = None
         self._pending: dict[str, asyncio.Future[Event]] = {}
+        self._send_chats: dict[str, str] = {}  # request id -> the chat a pending send named (v2's sent omits it)
         self._events: asyncio.Queue[Event] = asyncio.Queue()
         self._side: asyncio.Queue[Event] = asyncio.Queue()
         self._cursor = profile.cursor
@@ -410,11 +442,45 @@ class Device:
                 will=aiomqtt.Will(self.up, offline, qos=1), protocol=aiomqtt.ProtocolVersion.V311,
                 tls_context=tls_context(p.ca_file) if scheme == "wss" else None,
             )
+        if self.mqtt5:
+            # a clean start with no session expiry: nothing is kept after a disconnect, as with
+            # 3.1.1's clean session; no Topic Alias Maximum is offered, so the broker names
+            # every topic it sends (paho does not resolve aliases that come in)
+            client = aiomqtt.Client(
+                p.mqtt_host, p.mqtt_port, identifier=p.device_id, username=p.device_id, password=p.token,
+                clean_start=True, keepalive=self._keepalive, will=aiomqtt.Will(self.up, offline, qos=1),
+                protocol=aiomqtt.ProtocolVersion.V5, tls_context=tls_context(p.ca_file) if p.mqtt_tls else None,
+            )
+            paho = client._client
+            connected: Any = paho.on_connect  # aiomqtt's (it reads no CONNACK properties)
+
+            def on_connect(c: Any, userdata: Any, flags: Any, reason: Any, props: Any = None) -> None:
+                self._alias = 1 if getattr(props, "TopicAliasMaximum", 0) >= 1 else 0
+                self._alias_named = False
+                connected(c, userdata, flags, reason, props)
+
+            paho.on_connect = on_connect
+            return client
         return aiomqtt.Client(
             p.mqtt_host, p.mqtt_port, identifier=p.device_id, username=p.device_id, password=p.token,
             clean_session=True, keepalive=self._keepalive, will=aiomqtt.Will(self.up, offline, qos=1),
             protocol=aiomqtt.ProtocolVersion.V311, tls_context=tls_context(p.ca_file) if p.mqtt_tls else None,
         )
+
+    def _up(self) -> tuple[str, Properties | None]:
+        """The topic and properties of a publish on the up topic: on MQTT 5 with an alias
+        allowed, the topic with alias 1 until one such publish has gone out, then "" and the
+        alias alone."""
+        if not self._alias:
+            return self.up, None
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        props.TopicAlias = self._alias
+        return ("" if self._alias_named else self.up), props
+
+    def _named(self, published: asyncio.Future[Any] | None = None) -> None:
+        """A publish that named the up topic with its alias went out (the broker has the alias)."""
+        if published is None or (not published.cancelled() and published.exception() is None):
+            self._alias_named = self._alias_named or bool(self._alias)
 
     async def __aenter__(self) -> Device:
         client = self._mqtt_client()
@@ -498,16 +564,31 @@ class Device:
         return json.dumps(payload, separators=(",", ":")).encode()
 
     def _new_id(self) -> str:
-        """A request id: v1, a random hex string; v2, a short one that still never repeats for
-        this device (microseconds since the epoch in base 36, strictly increasing), since the
-        server finds an earlier send by its id."""
+        """A request id: v1, a random hex string; v2, the device's counter in base 36, short
+        and never repeated, since ``send`` is idempotent by (device, id) for good.
+
+        The counter is kept in the profile in blocks of ``ID_BLOCK``: a block is recorded as used
+        (and the profile saved) before its first id goes out, so a crash skips the rest of the
+        block rather than using an id again. A device fresh from login starts at 1. A profile
+        that knows no counter (one saved by an older SDK, or credentials put together by hand
+        after the profile was lost) starts at the microseconds since the Unix epoch: above every
+        id used before, since earlier ids were either those microseconds (older SDKs), a counter
+        that cannot have passed them, or 32-character hex."""
         if self.proto == 1:
             return uuid.uuid4().hex
-        self._last_id = max(self._last_id + 1, int(time.time() * 1_000_000))
-        n, digits = self._last_id, ""
+        if self._next_id == 0:
+            self._next_id = self.profile.ids_from or time.time_ns() // 1000
+            self._ids_reserved = self._next_id
+        if self._next_id >= self._ids_reserved:
+            self._ids_reserved = self._next_id + ID_BLOCK
+            self.profile.ids_from = self._ids_reserved
+            if self.profile.path:
+                self.profile.save(durable=True)
+        n, digits = self._next_id, ""
+        self._next_id += 1
         while n:
             n, d = divmod(n, 36)
-            digits = "0123456789abcdefghijklmnopqrstuvwxyz"[d] + digits
+            digits = BASE36[d] + digits
         return digits
 
     async def _publish(self, payload: Mapping[str, Any], qos: int = 1) -> None:
@@ -515,7 +596,9 @@ class Device:
             raise PigeonClientError("not_connected", "the device is not connected")
         try:
             async with asyncio.timeout(self._reply_timeout):
-                await self._client.publish(self.up, self._encode(payload), qos=qos)
+                topic, props = self._up()
+                await self._client.publish(topic, self._encode(payload), qos=qos, properties=props)
+            self._named()
             self._last_publish = asyncio.get_running_loop().time()
         except TimeoutError as exc:
             raise RequestTimeout(f"the broker did not acknowledge a {payload.get('type')} in time") from exc
@@ -533,10 +616,14 @@ class Device:
         body = {**payload, "id": rid}
         fut: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut  # before the publish: the reply may come before its PUBACK
+        if body.get("type") == "send" and isinstance(body.get("chat"), str):
+            self._send_chats[rid] = body["chat"]
         # the PUBACK wait runs beside the reply wait, bounded only by the one deadline below
+        topic, props = self._up()
         published: asyncio.Future[Any] = asyncio.ensure_future(self._client.publish(
-            self.up, self._encode(body), qos=1, timeout=math.inf))
+            topic, self._encode(body), qos=1, properties=props, timeout=math.inf))
         published.add_done_callback(_retrieve)
+        published.add_done_callback(self._named)
         try:
             async with asyncio.timeout(timeout or self._reply_timeout):
                 either: set[asyncio.Future[Any]] = {fut, published}
@@ -549,6 +636,7 @@ class Device:
             raise RequestTimeout(f"no reply to {payload.get('type')} {rid}") from exc
         finally:
             self._pending.pop(rid, None)
+            self._send_chats.pop(rid, None)
             published.cancel()  # a PUBACK still owed is of no use once the reply is here
         if isinstance(reply, ErrorReply):
             raise PigeonClientError(reply.code, reply.message, retry_after_ms=reply.retry_after_ms)
@@ -562,7 +650,8 @@ class Device:
                 continue
             raw = raw.encode() if isinstance(raw, str) else raw
             try:
-                event = wire_v2.decode(raw, self.profile.user_id) if wire_v2.is_v2(raw) else decode_payload(raw)
+                event = (wire_v2.decode(raw, self.profile.user_id, self._send_chats) if wire_v2.is_v2(raw)
+                         else decode_payload(raw))
             except ProtocolError as exc:
                 log.warning("ignoring a payload on %s that is not a valid event: %s", message.topic, exc.message)
                 continue

@@ -55,6 +55,9 @@ def check_results(results: list[dict[str, object]], profile: str) -> None:
     assert set(wire["bytes_per_msg_by_direction"]) == {"sender_up", "sender_down", "recipient_up", "recipient_down"}
     for name in ("p2p", "group", "sync"):
         check_cost(by_name[name], cpu_known=True)
+    for name in ("p2p", "group", "sync", "idle"):  # the devices speak v2 unless told --proto 1
+        assert by_name[name]["proto"] == 2, name
+    assert "proto" not in by_name["baseline"]
 
 
 def check_cost(r: dict[str, Any], cpu_known: bool) -> None:
@@ -77,12 +80,47 @@ def test_every_scenario_runs_on_the_embedded_default(tmp_path: Path) -> None:
     assert "p2p (embedded)" in done.stdout
 
 
+@pytest.mark.parametrize("scenario", ["p2p", "sync"])
+def test_proto_1_runs_the_devices_on_json_and_says_so(tmp_path: Path, scenario: str) -> None:
+    out = tmp_path / "bench.json"
+    done = bench(scenario, "--profile", "embedded", "--proto", "1", *TINY, "--json", str(out))
+    assert done.returncode == 0, done.stderr[-4000:] + done.stdout[-2000:]
+    r = json.loads(out.read_text())
+    assert r["proto"] == 1 and r["lost"] == 0 and r["duplicates"] == 0 and r.get("unanswered", 0) == 0, r
+    assert (r["msgs_per_s"] if scenario == "p2p" else r["messages"]) > 0
+
+
 def test_every_scenario_runs_on_the_production_profile(tmp_path: Path) -> None:
     production_url("PIGEON_BROKER", "mqtt://")  # the servers scripts/test started (skips or fails without)
     out = tmp_path / "bench.json"
     done = bench("all", "--profile", "production", *TINY, "--json", str(out))
     assert done.returncode == 0, done.stderr[-4000:] + done.stdout[-2000:]
     check_results(json.loads(out.read_text()), "production")
+
+
+def test_wire_over_mqtt5_aliases_the_up_topic_on_mosquitto(tmp_path: Path) -> None:
+    """A third pair speaks v2 over MQTT 5: Mosquitto allows 10 topic aliases from a client, so
+    the sender's publishes carry an alias instead of the up topic and it sends fewer bytes."""
+    production_url("PIGEON_BROKER", "mqtt://")
+    out = tmp_path / "bench.json"
+    done = bench("wire", "--profile", "production", "--mqtt5", *TINY, "--json", str(out))
+    assert done.returncode == 0, done.stderr[-4000:] + done.stdout[-2000:]
+    r = json.loads(out.read_text())
+    v2, v5 = r["v2"], r["v2_mqtt5"]
+    assert v5["delivered"] == 3 and v5["lost"] == 0 and v5["duplicates"] == 0, v5
+    assert v5["topic_aliases_to_broker"] > 0
+    assert v5["bytes_per_msg_by_direction"]["sender_up"] < v2["bytes_per_msg_by_direction"]["sender_up"] - 20
+
+
+def test_mqtt5_properties_are_read_by_their_sizes() -> None:
+    from clients.bench.mqtt import MqttRefused, read_properties
+    # Topic Alias Maximum 10, a reason string (skipped), Topic Alias 3, then the payload
+    props = bytes([0x22, 0, 10, 0x1F, 0, 2]) + b"ok" + bytes([0x23, 0, 3])
+    raw = bytes([len(props)]) + props + b"payload"
+    found, end = read_properties(raw, 0)
+    assert found == {0x22: 10, 0x23: 3} and raw[end:] == b"payload"
+    with pytest.raises(MqttRefused):
+        read_properties(bytes([2, 0x7F, 0]), 0)
 
 
 def test_two_bridges_share_a_production_run(tmp_path: Path) -> None:
@@ -119,6 +157,8 @@ def test_a_cold_sync_restarts_the_server_and_still_gets_everything(tmp_path: Pat
     (["overload", "--profile", "embedded", "--overload-factor", "1"], "--overload-factor must be above 1"),
     (["overload", "--profile", "embedded", "--recovery-seconds", "0"], "--recovery-seconds must be within"),
     (["overload", "--profile", "embedded", "--full-speed", "0"], "--full-speed must be within"),
+    (["p2p", "--profile", "embedded", "--proto", "3"], "--proto must be 1 or 2"),
+    (["wire", "--profile", "embedded", "--mqtt5"], "--mqtt5 needs a broker that speaks MQTT 5"),
 ])
 def test_bad_arguments_are_refused_before_anything_runs(args: list[str], message: str) -> None:
     done = bench(*args, timeout=60)
@@ -222,6 +262,7 @@ def test_an_overload_run_reports_refusals_recovery_and_nothing_lost(tmp_path: Pa
     assert done.returncode == 0, done.stderr[-4000:] + done.stdout[-2000:]
     r = json.loads(out.read_text())
     assert r["scenario"] == "overload" and r["msgs_per_s"] == 60 and r["full_speed_measured"] is False
+    assert r["proto"] == 2
     assert r["rate_limited"] > 0 and r["overload"]["accepted"] > 0, r["overload"]
     assert r["lost"] == 0 and r["duplicates"] == 0 and r["unanswered"] == 0, r
     assert 500 <= r["overload"]["offered"] <= 544  # 3 x 60/s for 3 s, and no more

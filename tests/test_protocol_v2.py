@@ -132,3 +132,17 @@ def test_any_v2_array_is_a_request_or_a_protocol_error(kind: int, fields: list[A
     except ProtocolError:
         return
     assert req.type == V2_REQUESTS[kind][0]
+
+
+def test_a_sent_for_a_send_that_named_its_chat_leaves_the_chat_to_the_device() -> None:
+    named = Sent("k1", "c_1", 7, 1795438173378, chat_known=True)
+    raw = encode(named, SENDER)
+    assert len(raw) == len(encode(Sent("k1", "c_1", 7, 1795438173378), SENDER)) - len("c_1")  # (nil in its place)
+    v1 = decode_payload(encode_v1(named))
+    assert v1.to_json() == {"type": "sent", "id": "k1", "chat": "c_1", "seq": 7, "ts": 1795438173378}
+    assert decode(raw, SENDER, {"k1": "c_1", "k2": "c_2"}) == v1
+    with pytest.raises(BadRequest):  # a device that does not know the send: no chat, refused
+        decode(raw, SENDER, {})
+    with_inbox = decode(encode(Sent("k1", "c_1", 7, 1795438173378, inbox=9, chat_known=True), SENDER), SENDER,
+                        {"k1": "c_1"})
+    assert isinstance(with_inbox, Sent) and (with_inbox.chat, with_inbox.inbox) == ("c_1", 9)

@@ -27,6 +27,8 @@ from . import worker as worker_mod
 from .target import TICKS_PER_S, BenchError, Target, cpu_ticks, rss_kb
 
 SCENARIOS = ("p2p", "baseline", "group", "sync", "idle", "wire", "overload")
+# the scenarios whose devices speak --proto (baseline has none; wire measures v1 and v2 side by side)
+DEVICE_SCENARIOS = ("p2p", "group", "sync", "idle", "overload")
 RATE_STEPS = (0.25, 0.5, 0.75)
 IDLE_RATE = 20.0  # idle: messages a second sent while the devices are held
 IDLE_PAIRS = 10
@@ -62,6 +64,8 @@ class Options:
     recovery_seconds: float = 30.0
     overload_factor: float = 3.0
     full_speed: float | None = None
+    proto: int = 2  # the protocol the simulated devices speak (wire measures both)
+    mqtt5: bool = False  # wire: also a v2 pair over MQTT 5 (topic aliases); the broker must speak it
 
 
 @dataclass
@@ -451,7 +455,8 @@ class Bench:
 
     def connect(self, pool: Pool, per_worker: list[int], presence: bool = True) -> dict[int, Any]:
         return pool.all("connecting devices", "connect",
-                        lambda k: {"host": self.target.mqtt_host, "port": self.target.mqtt_port, "presence": presence}
+                        lambda k: {"host": self.target.mqtt_host, "port": self.target.mqtt_port, "presence": presence,
+                                   "proto": self.opts.proto}
                         if per_worker[k] else None, total=sum(per_worker))
 
     def phase(self, pool: Pool, what: str, active: list[int], args: Callable[[int], dict[str, Any]],
@@ -631,8 +636,8 @@ class Bench:
             creds = self.login(pool, per_worker_devices)
             recipient = creds[0][0]["user"]
             pool.all("connecting senders", "connect", lambda k: {
-                "host": self.target.mqtt_host, "port": self.target.mqtt_port, "first": 1 if k == 0 else 0}
-                if per_worker[k] else None, total=senders)
+                "host": self.target.mqtt_host, "port": self.target.mqtt_port, "first": 1 if k == 0 else 0,
+                "proto": o.proto} if per_worker[k] else None, total=senders)
             offset = [sum(per_worker[:k]) for k in range(o.workers)]
             cost = CostMeter(self.target)  # from the first send to the last 'delivered' receipt
             cost.start()
@@ -656,7 +661,8 @@ class Bench:
                 cost.start()
             rss_before = self.meter.rss_mb()
             got = pool.run("offline device reconnects and syncs", {0: ("catch_up", {
-                "host": self.target.mqtt_host, "port": self.target.mqtt_port, "index": 0})}, total=o.messages)[0]
+                "host": self.target.mqtt_host, "port": self.target.mqtt_port, "index": 0, "proto": o.proto})},
+                total=o.messages)[0]
             rss = self.meter.rss_by_process()
             told = pool.all("senders waiting to be told 'delivered'", "receipts",
                             lambda k: {"timeout": 60.0} if per_worker[k] else None)
@@ -727,19 +733,22 @@ class Bench:
         ``v2`` the same for v2)."""
         o = self.opts
         t = self.target
+        # (name, protocol, over MQTT 5): a pair of devices each
+        kinds = [("v1", 1, False), ("v2", 2, False)] + ([("v2_mqtt5", 2, True)] if o.mqtt5 else [])
         with self.pool() as pool:
-            self.login(pool, [4] + [0] * (o.workers - 1))
-            for first, proto in ((0, 1), (2, 2)):
-                pool.run(f"connecting a v{proto} pair", {0: ("connect", {
-                    "host": t.mqtt_host, "port": t.mqtt_port, "first": first, "count": 2, "proto": proto})}, total=2)
-            got: dict[int, dict[str, Any]] = {}
-            for first, proto in ((0, 1), (2, 2)):
-                pair = (first, first + 1)
-                pool.run(f"warm-up (v{proto})", {0: ("traffic", {
+            self.login(pool, [2 * len(kinds)] + [0] * (o.workers - 1))
+            for k, (name, proto, mqtt5) in enumerate(kinds):
+                pool.run(f"connecting a {name} pair", {0: ("connect", {
+                    "host": t.mqtt_host, "port": t.mqtt_port, "first": 2 * k, "count": 2, "proto": proto,
+                    "mqtt5": mqtt5})}, total=2)
+            got: dict[str, dict[str, Any]] = {}
+            for k, (name, _, _) in enumerate(kinds):
+                pair = (2 * k, 2 * k + 1)
+                pool.run(f"warm-up ({name})", {0: ("traffic", {
                     "flow": "p2p", "mode": "closed", "seconds": 1.0, "window": 1, "pairs": [pair],
                     "measured": False})}, timed=1.0)
                 pool.run("waiting for deliveries", {0: ("drain", {"timeout": 30.0})})
-                got[proto] = pool.run(f"{o.wire_messages} messages at {o.wire_rate:g}/s (v{proto})", {0: ("wire", {
+                got[name] = pool.run(f"{o.wire_messages} messages at {o.wire_rate:g}/s ({name})", {0: ("wire", {
                     "sender": pair[0], "recipient": pair[1], "count": o.wire_messages, "rate": o.wire_rate})},
                     timed=o.wire_messages / o.wire_rate + 2)[0]
             pool.all("disconnecting", "disconnect", {})
@@ -754,10 +763,20 @@ class Bench:
                 "duplicates": g["duplicates"],
             }
 
+        def mqtt5_figures(g: dict[str, Any]) -> dict[str, Any]:
+            return {**figures(g), "topic_aliases_to_broker": g["topic_aliases_to_broker"],
+                    "aliased_by_broker": g["aliased_by_broker"]}
+
+        v1, v2 = figures(got["v1"]), figures(got["v2"])
+        extra = {"v2_mqtt5": mqtt5_figures(got["v2_mqtt5"])} if "v2_mqtt5" in got else {}
+        every = [v1, v2, *extra.values()]
         return Result("wire", self.target.profile, {
-            "messages": o.wire_messages, "rate_per_s": o.wire_rate, **figures(got[1]),
+            "messages": o.wire_messages, "rate_per_s": o.wire_rate, **v1,
             "latency_at": f"{o.wire_rate:g} msgs/s, one pair", "rss_mb": self.meter.rss_mb(),
-            "v2": figures(got[2]),
+            "v2": v2, **extra,
+            # nothing lost, unanswered or duplicated in any of the pairs
+            "lost": sum(f["lost"] for f in every), "unanswered": sum(f["unanswered"] for f in every),
+            "duplicates": sum(f["duplicates"] for f in every),
         })
 
     def overload(self) -> Result:
@@ -850,4 +869,7 @@ class Bench:
             "p2p": self.p2p, "baseline": self.baseline, "group": self.group, "sync": self.sync,
             "idle": self.idle, "wire": self.wire, "overload": self.overload,
         }
-        return runners[scenario]()
+        result = runners[scenario]()
+        if scenario in DEVICE_SCENARIOS:
+            result.fields["proto"] = self.opts.proto
+        return result

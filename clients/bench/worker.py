@@ -112,15 +112,19 @@ class Dev:
         self.told_delivered: dict[str, tuple[int, float]] = {}  # chat -> (up_to, when it arrived)
         self.proto = 1  # 2: speaks protocol v2 (MessagePack; see bridge/wire_v2.py)
         self.acked_at = 0.0  # v2: when the last ack went
+        # request id -> the chat a send named (a v2 ``sent`` leaves it out) or the user it was ``to``
+        self.send_chats: dict[str, str] = {}
+        self.send_to: dict[str, str] = {}
+        self.chat_with: dict[str, str] = {}  # user -> the direct chat with them, once a ``sent`` named it
 
     def creds(self) -> dict[str, str]:
         return {"user": self.user, "device": self.device, "token": self.token}
 
-    async def connect(self, host: str, port: int, presence: bool, proto: int = 1) -> None:
+    async def connect(self, host: str, port: int, presence: bool, proto: int = 1, mqtt5: bool = False) -> None:
         self.proto = proto
         will = (self.up, self.encode({"type": "presence", "state": "offline"}))
         self.conn = await connect(host, port, self.device, self.device, self.token, self.on_message, will=will,
-                                  tls=self.w.mqtt_tls, ws_path=self.w.mqtt_ws_path)
+                                  tls=self.w.mqtt_tls, ws_path=self.w.mqtt_ws_path, mqtt5=mqtt5)
         user_topic = f"down/{self.user}/v2" if proto == 2 else f"down/{self.user}"
         await self.conn.subscribe([user_topic, f"down/{self.user}/{self.device}"], timeout=30)
         if presence:
@@ -133,6 +137,11 @@ class Dev:
 
     def publish(self, payload: dict[str, Any], qos: int = 1) -> asyncio.Future[None]:
         assert self.conn is not None, "not connected"
+        if payload.get("type") == "send" and isinstance(payload.get("id"), str):
+            if "chat" in payload:
+                self.send_chats[payload["id"]] = payload["chat"]
+            elif "to" in payload and payload["to"] not in self.chat_with:
+                self.send_to[payload["id"]] = payload["to"]
         fut = self.conn.publish(self.up, self.encode(payload), qos)
         if fut is None:
             fut = asyncio.get_running_loop().create_future()
@@ -153,7 +162,7 @@ class Dev:
     def on_message(self, topic: str, payload: bytes) -> None:
         if wire_v2.is_v2(payload):
             try:  # the event's v1 object (and a v2 sent's inbox position): what the rest reads
-                event = wire_v2.decode(payload, self.user)
+                event = wire_v2.decode(payload, self.user, self.send_chats)
                 ev = event.to_json()
                 if isinstance(event, Sent) and event.inbox is not None:
                     ev["inbox"] = event.inbox
@@ -162,6 +171,11 @@ class Dev:
                 return
         else:
             ev = json.loads(payload)
+        if ev.get("type") in ("sent", "error") and isinstance(ev.get("id"), str):
+            self.send_chats.pop(ev["id"], None)
+            to = self.send_to.pop(ev["id"], None)
+            if to is not None and ev.get("type") == "sent":
+                self.chat_with[to] = str(ev["chat"])
         self.take(ev, from_store=False)
 
     def take(self, ev: dict[str, Any], *, from_store: bool) -> None:
@@ -419,11 +433,12 @@ class Worker:
         return [d.creds() for d in self.devs]
 
     def new_id(self) -> str:
-        """A request id: random hex for v1; for v2 a short one that never repeats in this
-        process (microseconds in base 36, strictly increasing), as the SDK makes them."""
+        """A request id: random hex for v1; for v2 a counter in base 36 shared by this process's
+        devices, as short as the SDK's (whose counter is per device): every device here is
+        fresh from this run's login, so no id can repeat for one."""
         if self.proto == 1:
             return uuid.uuid4().hex
-        self._last_id = max(self._last_id + 1, int(time.time() * 1_000_000))
+        self._last_id += 1
         n, digits = self._last_id, ""
         while n:
             n, d = divmod(n, 36)
@@ -431,16 +446,16 @@ class Worker:
         return digits
 
     async def connect(self, host: str, port: int, first: int = 0, count: int | None = None,
-                      presence: bool = True, proto: int = 1) -> dict[str, Any]:
-        """Connect devices[first:first+count], speaking protocol ``proto``; return the seconds
-        it took. (Request ids are short from then on if ``proto`` is 2.)"""
+                      presence: bool = True, proto: int = 1, mqtt5: bool = False) -> dict[str, Any]:
+        """Connect devices[first:first+count], speaking protocol ``proto`` (over MQTT 5 with
+        ``mqtt5``); return the seconds it took. (Request ids are short from then on if ``proto`` is 2.)"""
         self.proto = proto
         sem = asyncio.Semaphore(CONNECT_CONCURRENCY)
         chosen = self.devs[first:None if count is None else first + count]
 
         async def one(dev: Dev) -> None:
             async with sem:
-                await dev.connect(host, port, presence, proto)
+                await dev.connect(host, port, presence, proto, mqtt5)
                 self.tick()
 
         t0 = time.monotonic()
@@ -508,6 +523,8 @@ class Worker:
         self.active = []
         if flow == "p2p":
             assert pairs is not None
+            if pairs:  # the ids follow the senders' protocol (wire has a pair of each)
+                self.proto = self.devs[pairs[0][0]].proto
             for s, r in pairs:
                 senders.append(self._p2p_sender(self.devs[s], self.devs[r].user))
                 self.active += [self.devs[s], self.devs[r]]
@@ -539,8 +556,12 @@ class Worker:
         return out
 
     def _p2p_sender(self, dev: Dev, to_user: str) -> Callable[[str], None]:
+        """Sends ``to`` the user until a ``sent`` has named their direct chat, then to that chat
+        (as an application does once it knows the chat)."""
         def send(msg_id: str) -> None:
-            dev.publish({"type": "send", "id": msg_id, "to": to_user, "body": body_now()})
+            chat = dev.chat_with.get(to_user)
+            address = {"to": to_user} if chat is None else {"chat": chat}
+            dev.publish({"type": "send", "id": msg_id, **address, "body": body_now()})
         return send
 
     def _group_sender(self, dev: Dev, chat: str) -> Callable[[str], None]:
@@ -690,21 +711,25 @@ class Worker:
         arrived = [t for d in senders for c in d.last_sent if (t := d.told_delivered.get(c, (0, 0.0))[1])]
         return {"last_at": max(arrived, default=None), "untold": len(missing())}
 
-    async def catch_up(self, host: str, port: int, index: int) -> dict[str, Any]:
-        """Sync scenario: connect the offline device, sync everything, acknowledge it."""
+    async def catch_up(self, host: str, port: int, index: int, proto: int = 1) -> dict[str, Any]:
+        """Sync scenario: connect the offline device (speaking ``proto``), sync everything,
+        acknowledge it."""
         dev = self.devs[index]
         seen: list[int] = []
+        self.proto = proto
         t0 = time.monotonic()
-        await dev.connect(host, port, presence=True)
+        await dev.connect(host, port, presence=True, proto=proto)
         t_connected = time.monotonic()
         taken = 0
-        ids: set[str] = set()
+        ids: set[tuple[str, str]] = set()
 
         def count(item: dict[str, Any]) -> None:
             nonlocal taken
             taken += 1
             if item.get("type") == "msg":
-                ids.add(str(item.get("id")))
+                # a message is its sending device's request id: v2 ids are short counters,
+                # the same in every load-generator process
+                ids.add((str(item.get("device")), str(item.get("id"))))
                 seen.append(int(item["inbox"]))
             self.tick()
 
@@ -732,7 +757,9 @@ class Worker:
         after = (a.conn.bytes_out, a.conn.bytes_in, b.conn.bytes_out, b.conn.bytes_in)
         up_a, down_a, up_b, down_b = (x - y for x, y in zip(after, before, strict=True))
         return {"sender_up": up_a, "sender_down": down_a, "recipient_up": up_b, "recipient_down": down_b,
-                "delivered": self.tally.delivered, "latencies_ms": self.tally.latencies_ms, **drained}
+                "delivered": self.tally.delivered, "latencies_ms": self.tally.latencies_ms, **drained,
+                "mqtt5": a.conn.mqtt5, "topic_aliases_to_broker": a.conn.alias_max_out,
+                "aliased_by_broker": a.conn.aliased_in + b.conn.aliased_in}
 
     async def disconnect(self) -> dict[str, Any]:
         for dev in self.devs:
