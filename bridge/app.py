@@ -411,17 +411,16 @@ class PigeonServer:
 
     def _start_now(self, topic: str, payload: bytes | bytearray, taken_at: float) -> list[tuple[str, bytes]] | None:
         """The same, for the embedded broker's client loop, which writes a refusal straight to the device."""
-        refused = self.admission.start(topic, payload, taken_at)
-        if refused is None:
-            return None
-        if refused:
-            self.metrics.messages_out.labels("0").inc(len(refused))
-        return [(topic, payload) for topic, payload, _qos in publishes(refused, self.kinds)]
+        return self._written_now(self.admission.start(topic, payload, taken_at))
 
     def _admit_now(self, topic: str, payload: bytes | bytearray, queued: int) -> list[tuple[str, bytes]] | None:
         """The same, for the embedded broker, which writes a refusal straight to the device and
         knows how many of the device's own publishes are held (``queued``)."""
-        refused = self.admission.admit(topic, payload, queued)
+        return self._written_now(self.admission.admit(topic, payload, queued))
+
+    def _written_now(self, refused: list[Out] | None) -> list[tuple[str, bytes]] | None:
+        """What the embedded broker writes straight to the device instead of handling a publish
+        (None: handle it), counted as published at QoS 0."""
         if refused is None:
             return None
         if refused:
