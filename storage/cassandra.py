@@ -609,12 +609,17 @@ class CassandraStore:
 
         self._wire_retry = loop.call_later(WIRE_RETRY_S, reopen)
 
-    def _wire_for(self, names: Sequence[str]) -> CqlWire | None:
+    def _usable_wire(self) -> CqlWire | None:
+        """The loop's own connection, when it is open, has a free stream and is this loop's."""
         wire = self._wire
         if wire is None or not wire.usable or wire._loop is not asyncio.get_running_loop():
             return None
+        return wire
+
+    def _wire_for(self, names: Sequence[str]) -> CqlWire | None:
+        wire = self._usable_wire()
         ok = self._wire_ok
-        return wire if all(n in ok for n in names) else None
+        return wire if wire is not None and all(n in ok for n in names) else None
 
     async def _on_wire(self, name: str, fut: asyncio.Future[_T]) -> _T | None:
         """Wait for a statement sent on the loop's own connection. None if the server had
@@ -640,8 +645,8 @@ class CassandraStore:
     async def _read_on_wire(self, name: str, params: Sequence[Any]) -> list[Any] | None:
         """A read of WIRE_READS on the loop's own connection: its rows (as tuples), or None when
         the driver must ask instead (no connection, a forgotten prepared id, a lost connection)."""
-        wire = self._wire
-        if wire is None or not wire.usable or wire._loop is not asyncio.get_running_loop():
+        wire = self._usable_wire()
+        if wire is None:
             return None
         query_id, consistency, types = self._wire_reads[name]
         try:
