@@ -86,7 +86,7 @@ class _Framed(asyncio.Protocol):
                 return
             if end - at - 4 < n:
                 break
-            raw = bytes(buf[at + 4:at + 4 + n])
+            raw = buf[at + 4:at + 4 + n]  # (a copy already: json takes it as it is)
             at += 4 + n
             try:
                 frame = json.loads(raw)
