@@ -671,6 +671,9 @@ def bench(
     proto: Annotated[int, typer.Option(
         help="the protocol the simulated devices speak: 2 (MessagePack, the SDK's default) or 1 (JSON); "
         "wire always measures both")] = 2,
+    keep_store: Annotated[bool, typer.Option(
+        help="with --profile production: keep what earlier runs left in the bench's keyspace (by default it "
+        "is dropped and made again, so every run starts from an empty store)")] = False,
     mqtt5: Annotated[bool, typer.Option(
         help="wire: also measure a pair of v2 devices over MQTT 5 with topic aliases (the broker must speak "
         "MQTT 5: Mosquitto, --profile production; the embedded broker speaks 3.1.1 only)")] = False,
@@ -709,6 +712,8 @@ def bench(
         problems.append("--bridges must be within 1..8, and more than 1 only with --profile production")
     if proto not in (1, 2):
         problems.append(f"--proto must be 1 or 2, got {proto}")
+    if keep_store and profile != "production":
+        problems.append("--keep-store is for --profile production (the embedded one always starts empty)")
     if mqtt5 and profile == "embedded":
         problems.append("--mqtt5 needs a broker that speaks MQTT 5; the embedded one speaks 3.1.1 only")
     if problems:
@@ -724,12 +729,14 @@ def bench(
     results = []
     try:
         with open_target(profile, http, mqtt, server_pid or [], broker_credentials_file, label,
-                         server_log, bridges, ca_file) as target:
+                         server_log, bridges, ca_file, keep_store) as target:
             runner = Bench(target, opts, err)
             for name in chosen:
-                result = runner.run(name)
-                results.append(result.as_dict())
-                _show_result(result.as_dict())
+                result = runner.run(name).as_dict()
+                if target.store is not None:
+                    result["store"] = target.store
+                results.append(result)
+                _show_result(result)
     except BenchError as exc:
         err.print(f"[red]bench failed:[/] {exc}")
         raise typer.Exit(1) from exc

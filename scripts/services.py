@@ -272,6 +272,9 @@ authenticator: AllowAllAuthenticator
 authorizer: AllowAllAuthorizer
 disk_failure_policy: stop
 commit_failure_policy: stop
+# test and bench keyspaces are dropped by design (the bench empties its own before each run):
+# no snapshot of them is kept on disk
+auto_snapshot: false
 """)
     logback = home / "logback.xml"
     logback.write_text(f"""<configuration>

@@ -95,7 +95,35 @@ def test_every_scenario_runs_on_the_production_profile(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     done = bench("all", "--profile", "production", *TINY, "--json", str(out))
     assert done.returncode == 0, done.stderr[-4000:] + done.stdout[-2000:]
-    check_results(json.loads(out.read_text()), "production")
+    results = json.loads(out.read_text())
+    check_results(results, "production")
+    assert {r["store"] for r in results} == {"emptied"}
+
+
+def test_the_bench_empties_its_own_keyspace_and_no_other() -> None:
+    """A production run starts from an empty ``pigeon_bench`` keyspace (what earlier runs left
+    would be compacted under the next one); any other keyspace is refused, untouched."""
+    from urllib.parse import urlparse
+
+    from cassandra.cluster import Cluster
+
+    from clients.bench.target import BenchError, empty_keyspace
+
+    url = urlparse(production_url("PIGEON_STORE", "cassandra://"))
+    with pytest.raises(BenchError, match="refusing to drop keyspace 'pigeon_test'"):
+        empty_keyspace(url._replace(path="/pigeon_test").geturl())
+    cluster = Cluster([url.hostname or "127.0.0.1"], port=url.port or 9042, protocol_version=4)
+    try:
+        session = cluster.connect()
+        session.execute("CREATE KEYSPACE IF NOT EXISTS pigeon_bench WITH replication = "
+                        "{'class': 'SimpleStrategy', 'replication_factor': 1}", timeout=60)
+        session.execute("CREATE TABLE IF NOT EXISTS pigeon_bench.left_by_a_run (k int PRIMARY KEY)", timeout=60)
+        session.execute("INSERT INTO pigeon_bench.left_by_a_run (k) VALUES (1)")
+        empty_keyspace(url._replace(path="/pigeon_bench").geturl())
+        names = {r.keyspace_name for r in session.execute("SELECT keyspace_name FROM system_schema.keyspaces")}
+        assert "pigeon_bench" not in names and url.path.strip("/") in names
+    finally:
+        cluster.shutdown()
 
 
 def test_wire_over_mqtt5_aliases_the_up_topic_on_mosquitto(tmp_path: Path) -> None:
@@ -159,6 +187,7 @@ def test_a_cold_sync_restarts_the_server_and_still_gets_everything(tmp_path: Pat
     (["overload", "--profile", "embedded", "--full-speed", "0"], "--full-speed must be within"),
     (["p2p", "--profile", "embedded", "--proto", "3"], "--proto must be 1 or 2"),
     (["wire", "--profile", "embedded", "--mqtt5"], "--mqtt5 needs a broker that speaks MQTT 5"),
+    (["p2p", "--profile", "embedded", "--keep-store"], "--keep-store is for --profile production"),
 ])
 def test_bad_arguments_are_refused_before_anything_runs(args: list[str], message: str) -> None:
     done = bench(*args, timeout=60)

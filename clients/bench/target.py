@@ -63,6 +63,8 @@ class Target:
     mqtt_tls: bool = False  # devices connect with mqtts:// (or wss://)
     mqtt_ws_path: str | None = None  # devices connect over a WebSocket at this path (ws://, wss://)
     ca_file: str | None = None  # what https:// and mqtts:// are checked against (None: the system's CAs)
+    # production: whether the bench's keyspace was emptied before the run ("emptied") or kept ("kept")
+    store: str | None = None
 
     def metrics_urls(self) -> list[str]:
         return self.bridge_urls or [self.http]
@@ -181,6 +183,30 @@ def production_services() -> Iterator[dict[str, str]]:
             subprocess.run([sys.executable, str(SERVICES), "down"], cwd=ROOT, check=False)
 
 
+def empty_keyspace(store_url: str) -> None:
+    """Drop the bench's own keyspace (it is migrated again right after), so that every run starts
+    from the same empty store. Data kept from earlier runs is compacted by Cassandra while the next
+    one runs: on a 2-core box that shares every server, compacting a few tens of MB takes a core for
+    seconds and shows in the latencies measured (see BENCHMARKS.md). ``--keep-store`` keeps it."""
+    from cassandra.cluster import Cluster
+
+    url = urlparse(store_url)
+    if url.username:
+        raise BenchError("the bench empties its keyspace with an unauthenticated connection; "
+                         "use --keep-store with a Cassandra that asks for credentials")
+    keyspace = url.path.strip("/")
+    if keyspace != "pigeon_bench":  # the bench only ever drops its own
+        raise BenchError(f"refusing to drop keyspace {keyspace!r}")
+    cluster = Cluster([h for h in (url.hostname or "127.0.0.1").split(",")], port=url.port or 9042,
+                      protocol_version=4, connect_timeout=10)
+    try:
+        cluster.connect().execute(f"DROP KEYSPACE IF EXISTS {keyspace}", timeout=120)
+    except Exception as exc:  # noqa: BLE001 - the driver raises many kinds; all mean the same here
+        raise BenchError(f"could not empty the bench's keyspace {keyspace}: {exc}") from exc
+    finally:
+        cluster.shutdown()
+
+
 def service_pids() -> dict[str, int]:
     return {name: int(info["pid"]) for name, info in _services_state().items()
             if isinstance(info, dict) and "pid" in info and name in ("mosquitto", "redis")}
@@ -235,7 +261,7 @@ def keep_log(server: ServerProc, to: Path | None) -> None:
 @contextlib.contextmanager
 def open_target(profile: str | None, http: str | None, mqtt: str | None, server_pids: list[int],
                 credentials_file: Path | None, label: str | None, server_log: Path | None = None,
-                bridges: int = 1, ca_file: Path | None = None) -> Iterator[Target]:
+                bridges: int = 1, ca_file: Path | None = None, keep_store: bool = False) -> Iterator[Target]:
     if http is not None:
         if mqtt is None:
             raise BenchError("--http needs --mqtt HOST:PORT too")
@@ -275,6 +301,8 @@ def open_target(profile: str | None, http: str | None, mqtt: str | None, server_
         with production_services() as env, tempfile.TemporaryDirectory(prefix="pigeon-bench-") as tmp:
             # the bench's own keyspace, on the same cluster with the same options
             store = urlparse(env["PIGEON_STORE"])._replace(path="/pigeon_bench").geturl()
+            if not keep_store:
+                empty_keyspace(store)
             migrate = subprocess.run([sys.executable, "-m", "clients.cli", "db", "migrate", "--store", store],
                                      cwd=ROOT, capture_output=True, text=True)
             if migrate.returncode != 0:
@@ -297,7 +325,8 @@ def open_target(profile: str | None, http: str | None, mqtt: str | None, server_
                 with mosquitto_relay(broker.hostname or "127.0.0.1", broker.port or 1883, creds) as relay:
                     target = Target("production" if bridges == 1 else f"production, {bridges} bridges", server.http,
                                     server.mqtt_host, server.mqtt_port, {**pids, **service_pids()}, relay,
-                                    [s.proc.pid for s in servers], [s.http for s in servers])
+                                    [s.proc.pid for s in servers], [s.http for s in servers],
+                                    store="kept" if keep_store else "emptied")
 
                     def restart() -> None:
                         """Every bridge stopped, then started again on the same HTTP port and data
