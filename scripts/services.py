@@ -61,6 +61,15 @@ KEYSPACE = "pigeon_test"
 # 600-900 MB and each collection stopped Cassandra for 30-260 ms, the tail of every latency
 # figure (BENCHMARKS.md). Pauses are logged to logs/gc.log.
 CASSANDRA_GC_FLAGS: list[str] = ["-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20"]
+# Cassandra's shared pool keeps an idle worker waking every 10 us or so to look for work
+# (parkNanos), and each statement passes through two of its stages. On this 2-core box that was
+# 30,000-48,000 context switches a second and about half a core at any load from 140 msgs/s up,
+# taken from the bridge and the broker. With the kernel's timer slack at 250 us instead of its
+# 50 us those parks last a little longer: about 15,000-22,000 switches, a third of a core, and
+# more messages a second (BENCHMARKS.md, 2026-11-30 dusk). SERVICES_CASSANDRA_TIMER_SLACK_NS
+# sets another value (50000 is the kernel's default). In a deployment: systemd's TimerSlackNSec=.
+PR_SET_TIMERSLACK = 29
+CASSANDRA_TIMER_SLACK_NS = int(os.environ.get("SERVICES_CASSANDRA_TIMER_SLACK_NS", "250000"))
 JVM17_FLAGS = [
     "-Djdk.attach.allowAttachSelf=true",
     *[f"--add-exports={m}=ALL-UNNAMED" for m in (
@@ -128,11 +137,18 @@ def run(cmd: list[str], **kw: object) -> None:
     subprocess.run(cmd, check=True, **kw)  # type: ignore[call-overload]
 
 
-def spawn(name: str, cmd: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], Path]:
+def spawn(name: str, cmd: list[str], env: dict[str, str] | None = None,
+          timer_slack_ns: int | None = None) -> tuple[subprocess.Popen[bytes], Path]:
     log = STATE_DIR / f"{name}.log"
     fh = open(log, "ab")  # noqa: SIM115 - the child keeps it
+    preexec = None
+    if timer_slack_ns is not None:
+        def preexec() -> None:  # in the child, before exec: every thread it starts inherits the slack
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_TIMERSLACK, ctypes.c_ulong(timer_slack_ns), 0, 0, 0)
     proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True, env={**os.environ, **(env or {})})
+                            start_new_session=True, env={**os.environ, **(env or {})}, preexec_fn=preexec)
     fh.close()
     return proc, log
 
@@ -296,7 +312,7 @@ auto_snapshot: false
         f"-Djna.tmpdir={home / 'tmp'}", "-Dcassandra.superuser_setup_delay_ms=0",
         "-cp", f"{lib}/*", "org.apache.cassandra.service.CassandraDaemon",
     ]
-    proc, log = spawn("cassandra", cmd)
+    proc, log = spawn("cassandra", cmd, timer_slack_ns=CASSANDRA_TIMER_SLACK_NS)
     wait_until("cassandra", lambda: port_open(native), 180, proc, home / "logs" / "system.log")
     state["cassandra"] = {"pid": proc.pid, "port": native}
     return f"cassandra://127.0.0.1:{native}/{KEYSPACE}"

@@ -181,9 +181,12 @@ class Phones:
 class Meter:
     """Memory and CPU of the server processes around a phase."""
 
-    def __init__(self, pids: dict[str, int]) -> None:
+    def __init__(self, pids: dict[str, int], cpu_only: dict[str, int] | None = None) -> None:
         # read from /proc like the figures themselves
         self.pids = {name: pid for name, pid in pids.items() if os.path.exists(f"/proc/{pid}")}
+        # processes whose CPU is reported but not their memory (Cassandra: its heap is sized, not used)
+        self.cpu_pids = {**self.pids, **{name: pid for name, pid in (cpu_only or {}).items()
+                                         if os.path.exists(f"/proc/{pid}")}}
         self._ticks: dict[str, int] = {}
         self._t0 = 0.0
 
@@ -195,13 +198,13 @@ class Meter:
         return {name: round(rss_kb(pid) / 1024, 1) for name, pid in self.pids.items()}
 
     def start(self) -> None:
-        self._ticks = {name: cpu_ticks(pid) for name, pid in self.pids.items()}
+        self._ticks = {name: cpu_ticks(pid) for name, pid in self.cpu_pids.items()}
         self._t0 = time.monotonic()
 
     def cpu_pct(self) -> dict[str, float]:
         wall = max(1e-9, time.monotonic() - self._t0)
         return {name: round(100 * (cpu_ticks(pid) - self._ticks[name]) / TICKS_PER_S / wall, 1)
-                for name, pid in self.pids.items()}
+                for name, pid in self.cpu_pids.items()}
 
 
 class Sampler:
@@ -431,7 +434,7 @@ class Bench:
         self.opts = opts
         self.console = console
         self.phones = Phones()
-        self.meter = Meter(target.pids)
+        self.meter = Meter(target.pids, target.cpu_only_pids)
 
     @contextlib.contextmanager
     def pool(self) -> Iterator[Pool]:
@@ -540,7 +543,7 @@ class Bench:
                               **percentiles(step["latencies_ms"]),
                               "lost": step["lost"], "unanswered": step["unanswered"],
                               "duplicates": step["duplicates"], "late_live": step["late_live"],
-                              "errors": dict(step["errors"])})
+                              "errors": dict(step["errors"]), "server_cpu_pct": step["server_cpu_pct"]})
             fields: dict[str, Any] = {
                 "msgs_per_s": round(max_rate, 1), "pairs": o.pairs, "window": o.window, **full["cost"],
             }
@@ -656,7 +659,7 @@ class Bench:
                 t0 = time.monotonic()
                 self.target.restart()
                 restart_s = round(time.monotonic() - t0, 3)
-                self.meter = Meter(self.target.pids)
+                self.meter = Meter(self.target.pids, self.target.cpu_only_pids)
                 cost = CostMeter(self.target)  # then only the sync and its receipts are costed
                 cost.start()
             rss_before = self.meter.rss_mb()

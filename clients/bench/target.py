@@ -65,6 +65,9 @@ class Target:
     ca_file: str | None = None  # what https:// and mqtts:// are checked against (None: the system's CAs)
     # production: whether the bench's keyspace was emptied before the run ("emptied") or kept ("kept")
     store: str | None = None
+    # servers whose CPU is reported beside the others' but not their memory (Cassandra's heap is
+    # sized up front, so its resident memory says nothing about the run)
+    cpu_only_pids: dict[str, int] = field(default_factory=dict)
 
     def metrics_urls(self) -> list[str]:
         return self.bridge_urls or [self.http]
@@ -207,9 +210,9 @@ def empty_keyspace(store_url: str) -> None:
         cluster.shutdown()
 
 
-def service_pids() -> dict[str, int]:
+def service_pids(names: tuple[str, ...] = ("mosquitto", "redis")) -> dict[str, int]:
     return {name: int(info["pid"]) for name, info in _services_state().items()
-            if isinstance(info, dict) and "pid" in info and name in ("mosquitto", "redis")}
+            if isinstance(info, dict) and "pid" in info and name in names}
 
 
 def wait_shared(servers: list[ServerProc], timeout_s: float = 60.0) -> None:
@@ -326,7 +329,8 @@ def open_target(profile: str | None, http: str | None, mqtt: str | None, server_
                     target = Target("production" if bridges == 1 else f"production, {bridges} bridges", server.http,
                                     server.mqtt_host, server.mqtt_port, {**pids, **service_pids()}, relay,
                                     [s.proc.pid for s in servers], [s.http for s in servers],
-                                    store="kept" if keep_store else "emptied")
+                                    store="kept" if keep_store else "emptied",
+                                    cpu_only_pids=service_pids(("cassandra",)))
 
                     def restart() -> None:
                         """Every bridge stopped, then started again on the same HTTP port and data
