@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -43,6 +44,11 @@ ROWS_HAS_MORE_PAGES, ROWS_NO_METADATA = 0x0002, 0x0004
 BATCH_UNLOGGED = 1
 ERROR_UNPREPARED = 0x2500
 MAX_STREAMS = 32_768  # stream ids 0..32767 (v3+); 0 is kept for the handshake
+# Statements sent and not yet answered, at most; later ones wait here, in order, until answers
+# come. Cassandra takes requests from every connection into the same stages: with thousands of
+# a flood's statements queued there, a login's (on the driver's connections) waited behind them
+# for seconds (BENCHMARKS.md, 2026-11-30 dusk). A few dozen keep two cores busy.
+WINDOW = 128
 MAX_BODY = 256 * 1024 * 1024  # the protocol's own limit on a frame body
 
 _HEADER = struct.Struct(">BBhBi")
@@ -123,6 +129,8 @@ class CqlWire(asyncio.Protocol):
         self._reads: set[int] = set()  # streams whose answer is rows: the future gets the body
         self._free = list(range(MAX_STREAMS - 1, 0, -1))
         self._out: list[bytes] = []
+        # past WINDOW: (op, body, rows, future) in the order they were asked for
+        self._held: deque[tuple[int, bytes, bool, asyncio.Future[Any]]] = deque()
         self._flush_due = False
         self._loop = asyncio.get_running_loop()
         self._lost = False
@@ -158,8 +166,9 @@ class CqlWire(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport, self._lost = None, True
         waiting, self._waiting = self._waiting, {}
+        held, self._held = self._held, deque()
         self._reads.clear()
-        for fut in waiting.values():
+        for fut in [*waiting.values(), *(h[3] for h in held)]:
             if not fut.done():
                 fut.set_exception(ConnectionError(f"cassandra connection to {self.host} lost: {exc or 'closed'}"))
         self._on_lost(self)
@@ -194,6 +203,16 @@ class CqlWire(asyncio.Protocol):
             else:
                 fut.set_result(op)
         del buf[:start]
+        if self._held:
+            self._send_held()
+
+    def _send_held(self) -> None:
+        """Send what waits, as far as the window allows; what its caller gave up on is dropped."""
+        held = self._held
+        while held and MAX_STREAMS - 1 - len(self._free) < WINDOW:
+            op, body, rows, fut = held.popleft()
+            if not fut.done():
+                self._send(op, body, self._free.pop(), rows, fut)
 
     # -- requests --------------------------------------------------------------------------------
     @property
@@ -232,7 +251,14 @@ class CqlWire(asyncio.Protocol):
             fut.set_exception(ConnectionError(f"cassandra connection to {self.host} is closed"))
             return fut
         if stream is None:
+            if self._held or MAX_STREAMS - 1 - len(self._free) >= WINDOW:
+                self._held.append((op, body, rows, fut))
+                return fut
             stream = self._free.pop()
+        self._send(op, body, stream, rows, fut)
+        return fut
+
+    def _send(self, op: int, body: bytes, stream: int, rows: bool, fut: asyncio.Future[Any]) -> None:
         self._waiting[stream] = fut
         if rows:
             self._reads.add(stream)
@@ -241,7 +267,16 @@ class CqlWire(asyncio.Protocol):
         if not self._flush_due:  # one send for everything written during this turn of the loop
             self._flush_due = True
             self._loop.call_soon(self._flush)
-        return fut
+
+    @property
+    def in_flight(self) -> int:
+        """Statements sent and not yet answered (at most WINDOW)."""
+        return MAX_STREAMS - 1 - len(self._free)
+
+    @property
+    def held(self) -> int:
+        """Statements waiting for the window."""
+        return len(self._held)
 
     def _flush(self) -> None:
         self._flush_due = False

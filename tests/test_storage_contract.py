@@ -576,6 +576,50 @@ async def test_cassandra_write_connection_lost_fails_what_was_in_flight_then_the
     assert (await store.get_user(a)).name == "Eve"  # type: ignore[union-attr]
 
 
+async def test_cassandra_loops_connection_keeps_a_window_of_statements_in_flight_and_the_rest_in_order(
+        cassandra: CassandraStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At most WINDOW statements wait on Cassandra from the loop's own connection; the others
+    wait in the bridge, go out in order as answers come, and one whose caller gave up meanwhile
+    is never sent."""
+    import storage.cql_wire
+
+    monkeypatch.setattr(storage.cql_wire, "WINDOW", 4)
+    store = cassandra
+    a, b = await two_users(store)
+    chat = await store.direct_chat(a, b, T0)
+    wire = store._wire
+    assert wire is not None
+    in_flight: list[int] = []
+    held: list[int] = []
+    watching = True
+
+    async def watch() -> None:
+        while watching:
+            in_flight.append(wire.in_flight)
+            held.append(wire.held)
+            await asyncio.sleep(0)
+
+    watcher = asyncio.create_task(watch())
+    sends = [asyncio.create_task(store.append_message(text(chat.chat_id, a, f"k{i}"), [a, b])) for i in range(30)]
+    for _ in range(20):
+        await asyncio.sleep(0)
+        if wire.held:
+            break
+    assert wire.held > 0, "30 messages at once and nothing waited for the window"
+    given_up = asyncio.create_task(store._x("set_name", "never", a))
+    await asyncio.sleep(0)
+    assert wire.held > 0
+    given_up.cancel()
+    done = await asyncio.gather(*sends)
+    watching = False
+    await watcher
+    assert max(in_flight) <= 4 and max(held) > 0, (max(in_flight), max(held))
+    assert wire.in_flight == 0 and wire.held == 0
+    assert sorted(d.message.seq for d in done) == list(range(1, 31))
+    assert [m.seq for m in await store.history(chat.chat_id, None, 50)] == list(range(30, 0, -1))
+    assert (await store.get_user(a)).name != "never"  # type: ignore[union-attr]
+
+
 async def test_cassandra_point_reads_of_the_message_path_go_on_the_loops_own_connection(
         cassandra: CassandraStore) -> None:
     """A send id's record and a message are read on the event loop's own connection, and the rows
