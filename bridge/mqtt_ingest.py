@@ -47,7 +47,7 @@ import ssl
 import time
 import zlib
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import aiomqtt
 from paho.mqtt.client import MQTT_ERR_NO_CONN, MQTT_ERR_QUEUE_SIZE, MQTT_ERR_SUCCESS, MQTTMessage
@@ -56,6 +56,15 @@ from .errors import PigeonError
 from .mqtt_writes import coalesce_writes
 
 log = logging.getLogger(__name__)
+
+
+def _late_suback(fut: asyncio.Future[Any], part: int, user_id: str) -> None:
+    """The end of a subscription a login stopped waiting for: only a failure is news."""
+    if fut.cancelled():
+        log.warning("partition %d: the subscription to %s's device topics was cancelled", part, user_id)
+    elif fut.exception() is not None:
+        log.error("partition %d: subscribing to %s's device topics failed late: %s", part, user_id,
+                  fut.exception())
 Handle = Callable[[str, bytes], Awaitable[None]]
 # admission control (bridge/admission.py): None when a publish is taken in (``Release`` once it
 # has been handled), else an awaitable answering it at once; it is then acknowledged, not queued.
@@ -92,6 +101,12 @@ PROBE_RESEND_S = 5.0
 # Topics per SUBSCRIBE when a partition's session subscribes to its users' device topics.
 SUBSCRIBE_CHUNK = 100
 SESSION_READY_S = 5.0
+# A login waits this long at most for the SUBACK of its user's device topics. The broker takes a
+# subscription when it reads the SUBSCRIBE, which goes out at once on a connection that carries
+# little from the bridge; its SUBACK comes back behind every publish already queued toward the
+# bridge, and under a flood that was seconds, so logins took 3-5 s and more (BENCHMARKS.md,
+# 2026-11-30 dusk). Past this wait the SUBACK is still awaited, and a refusal is logged.
+SUBACK_WAIT_S = 0.3
 
 
 class IngestError(PigeonError):
@@ -200,6 +215,7 @@ class MqttIngest:
         self._ask_holder = ask_holder
         # partition -> its session's connection, once subscribed (partitioned mode)
         self._sessions: dict[int, aiomqtt.Client] = {}
+        self.slow_subacks = 0  # logins that went on before their SUBACK came (see SUBACK_WAIT_S)
         self._session_ready: dict[int, asyncio.Event] = {}
         # receiving client id -> its probe (see the module's docstring)
         self._probes: dict[str, _Probe] = {}
@@ -354,7 +370,13 @@ class MqttIngest:
         client = self._sessions.get(part)
         if client is None:
             raise IngestError(f"the broker session of partition {part} is not up")
-        await client.subscribe(f"up/{user_id}/+", qos=1)
+        subscribing = asyncio.ensure_future(client.subscribe(f"up/{user_id}/+", qos=1))
+        done, _ = await asyncio.wait({subscribing}, timeout=SUBACK_WAIT_S)
+        if done:
+            subscribing.result()  # a refusal or a lost connection is the login's error
+            return
+        self.slow_subacks += 1
+        subscribing.add_done_callback(lambda f: _late_suback(f, part, user_id))
 
     async def serve_subscribe(self, request: dict[str, object]) -> dict[str, object]:
         """Another bridge asks this one, the holder, to take a user's device topics."""

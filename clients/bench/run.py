@@ -230,8 +230,12 @@ class Sampler:
         with httpx.Client(base_url=self.http, timeout=5.0) as client:
             while not self._stop.is_set():
                 t = time.monotonic()
-                self.samples.append({"t": t, "health_ms": self._health(client), "login_ms": self._login(client),
-                                     "rss_mb": self.meter.rss_mb(), "held": self._held(client)})
+                login_ms, login_error = self._login(client)
+                sample: dict[str, Any] = {"t": t, "health_ms": self._health(client), "login_ms": login_ms,
+                          "rss_mb": self.meter.rss_mb(), "held": self._held(client)}
+                if login_error is not None:
+                    sample["login_error"] = login_error
+                self.samples.append(sample)
                 self._stop.wait(max(0.0, SAMPLE_EVERY_S - (time.monotonic() - t)))
 
     @staticmethod
@@ -243,18 +247,27 @@ class Sampler:
             return None
         return round((time.monotonic() - t0) * 1000, 1) if ok else None
 
-    def _login(self, client: httpx.Client) -> float | None:
+    def _login(self, client: httpx.Client) -> tuple[float | None, str | None]:
+        """A whole login's milliseconds, or None and why it failed (a timeout after 5 s, or the
+        answer's status and error code)."""
         phone = self.phones.take(1)[0]
         t0 = time.monotonic()
         try:
             r = client.post("/v1/auth/code", json={"phone": phone})
-            code = r.json().get("dev_code") if r.status_code == 202 else None
-            if not code:
-                return None
-            r = client.post("/v1/auth/verify", json={"phone": phone, "code": code, "device_name": "bench-probe"})
-        except (httpx.HTTPError, ValueError):
-            return None
-        return round((time.monotonic() - t0) * 1000, 1) if r.status_code == 200 else None
+            if r.status_code == 202 and r.json().get("dev_code"):
+                r = client.post("/v1/auth/verify", json={"phone": phone, "code": r.json()["dev_code"],
+                                                         "device_name": "bench-probe"})
+                if r.status_code == 200:
+                    return round((time.monotonic() - t0) * 1000, 1), None
+        except httpx.TimeoutException:
+            return None, "timeout"
+        except (httpx.HTTPError, ValueError) as exc:
+            return None, type(exc).__name__
+        try:
+            code = r.json().get("error", {}).get("code", "")
+        except (ValueError, AttributeError):
+            code = ""
+        return None, f"HTTP {r.status_code} {code}".strip()
 
     @staticmethod
     def _held(client: httpx.Client) -> int | None:
