@@ -36,6 +36,22 @@ from tests.conftest import fresh_phone
 from tests.fuzz import TIMEOUT_S, examples, wrong_values
 
 
+def _load_schemathesis_now() -> None:
+    """Have Schemathesis import what it imports on first use, while this module is collected.
+    pytest rewrites a plugin's modules as they are imported, with ``ast.parse``; on CPython
+    3.11.2 (Debian's) that once failed in the middle of a fresh-clone run with "SystemError: AST
+    constructor recursion depth mismatch", a fault of CPython 3.11's AST recursion counting
+    (python/cpython#106905) seen only now and then. Done at collection, before any test has run
+    and any server thread is up, the imports do not happen in the middle of the run."""
+    tiny = schemathesis.openapi.from_dict({"openapi": "3.0.0", "info": {"title": "warm-up", "version": "1"},
+                                           "paths": {"/x": {"get": {"responses": {"200": {"description": "ok"}}}}}})
+    for found in tiny.get_all_operations():
+        found.ok().as_strategy()
+
+
+_load_schemathesis_now()
+
+
 @pytest.fixture(scope="module")
 def http_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc]:
     srv = ServerProc.start(tmp_path_factory.mktemp("fuzz-http"), "--rate", "100000", "--burst", "100000")
