@@ -209,7 +209,7 @@ class CqlWire(asyncio.Protocol):
     def _send_held(self) -> None:
         """Send what waits, as far as the window allows; what its caller gave up on is dropped."""
         held = self._held
-        while held and MAX_STREAMS - 1 - len(self._free) < WINDOW:
+        while held and self.in_flight < WINDOW:
             op, body, rows, fut = held.popleft()
             if not fut.done():
                 self._send(op, body, self._free.pop(), rows, fut)
@@ -251,7 +251,7 @@ class CqlWire(asyncio.Protocol):
             fut.set_exception(ConnectionError(f"cassandra connection to {self.host} is closed"))
             return fut
         if stream is None:
-            if self._held or MAX_STREAMS - 1 - len(self._free) >= WINDOW:
+            if self._held or self.in_flight >= WINDOW:
                 self._held.append((op, body, rows, fut))
                 return fut
             stream = self._free.pop()
