@@ -56,7 +56,13 @@ fan-out are shed, as from ``shed_at`` held.
 
 A refusal's ``retry_after_ms`` reflects the backlog: how long what is held takes to drain at the
 rate the last interval started requests, never less than ``retry_after_ms`` (the setting) and at
-most ``MAX_RETRY_AFTER_MS``.
+most ``MAX_RETRY_AFTER_MS``. An interval only ends when a request starts, so one that lasted
+longer than ``MAX_RATE_SPAN_S`` spans a stretch in which nothing started at all (nothing came,
+or the store stalled: a takeover, a paused Cassandra) and says nothing about the rate once
+requests flow again: it leaves the rate unknown, and refusals ask for the least wait until an
+interval measures it. (Measured over such a stretch, the rate made the refusals right after a
+bridge's takeover in tests/test_e2e_failover.py ask for 59.3 to 60 s, the bound then, and its
+devices gave up before they were due back.)
 
 A device that keeps pushing past its own per-device limit is a different matter, decided in
 ``bridge.ratelimit.Strikes`` and ``bridge.router``.
@@ -101,7 +107,11 @@ DEFAULT_MAX_DELAY_MS = 2000
 # CoDel's interval: each such stretch's share of requests that waited past the bound decides
 # whether a queue stands.
 INTERVAL_S = 0.1
-MAX_RETRY_AFTER_MS = 60_000
+# The longest wait a refusal asks for. Past a few seconds the backlog a refusal measured has
+# changed before the device is back; a device that returns too soon is refused again, cheaply.
+MAX_RETRY_AFTER_MS = 10_000
+# An interval longer than this had a stretch with nothing started: not a measure of the rate.
+MAX_RATE_SPAN_S = 10 * INTERVAL_S
 # the weight of each interval in the smoothed rate publications go out at (embedded broker)
 OUT_RATE_WEIGHT = 0.2
 
@@ -142,7 +152,7 @@ class Admission:
         self._stale_after = self.max_delay_s if max_delay_ms else math.inf
         self.wait_s = 0.0  # the mean wait before handling in the last interval that started any
         self.late = False  # most of those waited past the bound: new requests are refused
-        self.drain_per_s = 0.0  # requests started per second in that interval
+        self.drain_per_s = 0.0  # requests started per second in that interval (0: not known)
         self._started = 0  # requests started so far in this interval
         self._past = 0  # of which waited past the bound
         self._waited = 0.0  # their waits added up
@@ -203,7 +213,8 @@ class Admission:
             self.wait_s = self._waited / self._started
             # most waited past the bound, or the replies of those handled now would wait past it
             self.late = 2 * self._past > self._started or self.out_wait_s > self._stale_after
-            self.drain_per_s = self._started / (now - self._interval_start)
+            span = now - self._interval_start
+            self.drain_per_s = self._started / span if span <= MAX_RATE_SPAN_S else 0.0
         elif self.held == 0:  # idle
             self.wait_s = 0.0
             self.late = False

@@ -178,8 +178,10 @@ class LoadDevice:
                 for task in finished:
                     s = inflight.pop(task)
                     exc = task.exception()
+                    wait = getattr(exc, "retry_after_ms", None)
                     s.trace.append((loop.time(), f"{type(exc).__name__ if exc else 'sent'} "
-                                                 f"{getattr(exc, 'code', '') if exc else task.result().get('seq')}"))
+                                                 f"{getattr(exc, 'code', '') if exc else task.result().get('seq')}"
+                                                 + (f" retry after {wait} ms" if wait is not None else "")))
                     if exc is None:
                         s.replies.append(task.result())
                     elif isinstance(exc, RequestTimeout):

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from bridge.admission import Admission
+from bridge.admission import MAX_RETRY_AFTER_MS, Admission
 from bridge.clock import ManualClock
 from bridge.config import Settings
 from bridge.errors import ConfigError, RateLimited
@@ -387,6 +387,44 @@ def test_a_refusal_asks_to_retry_after_about_the_backlog_s_drain_time() -> None:
     assert adm.drain_per_s == pytest.approx(1000, rel=0.05)
     reply = refusal(adm.admit(TOPIC, SEND))
     assert reply is not None and 850 <= reply["retry_after_ms"] <= 950, reply  # 898 held at ~1,000/s
+
+
+def test_a_stretch_in_which_nothing_started_is_not_taken_for_the_drain_rate() -> None:
+    # a takeover, or a stalled store: requests held, none started for 5 s, then they flow again
+    clock = Clock()
+    adm = Admission(limit=10_000, max_delay_ms=2000, retry_after_ms=250, clock=clock)
+    taken = clock()
+    for _ in range(12):
+        adm.admit(TOPIC, SEND)
+    clock.t += 5.0
+    adm.start(TOPIC, ACK, clock.t)  # ends an interval of 5 s with 1 started: 0.2/s would ask for 55 s
+    adm.release()
+    assert adm.drain_per_s == 0.0
+    reply = refusal(adm.admit(TOPIC, SEND, waited=5.0))
+    assert reply is not None and reply["retry_after_ms"] == 250, reply  # not known: the least
+    for _ in range(50):  # then 50 in 0.1 s: the rate is measured again
+        clock.t += 0.002
+        adm.start(TOPIC, ACK, taken)
+        adm.release()
+    clock.t += 0.001
+    adm.start(TOPIC, ACK, taken)
+    assert adm.drain_per_s == pytest.approx(500, rel=0.05)
+
+
+def test_a_refusal_never_asks_for_more_than_the_longest_wait() -> None:
+    clock = Clock()
+    adm = Admission(limit=100_000, max_delay_ms=200, clock=clock)
+    taken = clock()
+    for _ in range(50_000):
+        adm.admit(TOPIC, SEND)
+    clock.t += 0.5
+    adm.start(TOPIC, ACK, taken)
+    for _ in range(2):  # 2 started in 0.2 s: 50,000 held would take 5,000 s
+        clock.t += 0.1
+        adm.start(TOPIC, ACK, taken)
+    assert adm.drain_per_s == pytest.approx(10, rel=0.05)
+    reply = refusal(adm.admit(TOPIC, SEND))
+    assert reply is not None and reply["retry_after_ms"] == MAX_RETRY_AFTER_MS == 10_000, reply
 
 
 def test_shedding_starts_at_half_the_delay_bound() -> None:
