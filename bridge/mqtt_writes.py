@@ -11,11 +11,18 @@ with its position, and the packets paho must act on once written (a QoS 0 PUBLIS
 
 This leans on paho 2.x's private queue (``_out_packet``, each packet a dict with ``packet``,
 ``pos``, ``to_process``, ``command`` and ``qos``), which the tests check on every run.
+
+:func:`no_delay` turns Nagle's algorithm off on a paho client's socket, as asyncio does on
+every TCP connection it opens and Mosquitto does with ``set_tcp_nodelay``. paho leaves it on.
+With it on, a write waits while an earlier one is unacknowledged, and a peer that has nothing
+to send back (the broker, taking QoS 0 publishes) acknowledges only on its delayed-ACK timer, up
+to 40 ms on Linux: the bridge's outgoing connection sends protocol v2's events at QoS 0.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 from collections import deque
 from typing import Any
 
@@ -87,3 +94,19 @@ def coalesce_writes(client: paho.Client) -> None:
         return MQTTErrorCode.MQTT_ERR_SUCCESS
 
     client._packet_write = packet_write  # type: ignore[method-assign]
+
+
+def no_delay(client: paho.Client) -> None:
+    """Have ``client`` send each write at once (``TCP_NODELAY``) on every socket it opens."""
+    opened = client.on_socket_open  # aiomqtt's, which registers the socket with its loop
+
+    def on_socket_open(c: paho.Client, userdata: Any, sock: Any) -> None:
+        raw = getattr(sock, "_socket", sock)  # paho's WebSocket wrapper holds the TCP socket
+        try:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except (AttributeError, OSError) as exc:  # not a TCP socket (a Unix socket): nothing to turn off
+            log.debug("mqtt: TCP_NODELAY not set: %s", exc)
+        if opened is not None:
+            opened(c, userdata, sock)
+
+    client.on_socket_open = on_socket_open

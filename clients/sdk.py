@@ -60,6 +60,7 @@ from paho.mqtt.properties import Properties
 
 from bridge import wire_v2
 from bridge.errors import ProtocolError
+from bridge.mqtt_writes import no_delay
 from bridge.protocol import (
     REPLY_TYPES,
     Attachment,
@@ -430,6 +431,11 @@ class Device:
 
     # -- lifecycle --------------------------------------------------------------------------------
     def _mqtt_client(self) -> aiomqtt.Client:
+        client = self._new_mqtt_client()
+        no_delay(client._client)  # each publish leaves at once, not after the broker's delayed ACK
+        return client
+
+    def _new_mqtt_client(self) -> aiomqtt.Client:
         p = self.profile
         offline = self._encode({"type": "presence", "state": "offline"})
         if self._transport == "websockets":

@@ -1,16 +1,19 @@
 """The bridge's paho clients send every queued packet with one ``send`` (bridge/mqtt_writes.py),
-and still put each byte on the wire once, in order, through partial sends and a full socket."""
+and still put each byte on the wire once, in order, through partial sends and a full socket;
+they and the SDK's send each write at once (no Nagle)."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import socket
 
 import aiomqtt
 from paho.mqtt import client as paho
 
 from bridge.mqtt_ingest import MqttIngest
 from bridge.mqtt_writes import coalesce_writes
+from clients.sdk import Device, Profile
 from tests.conftest import embedded_broker, tok_tokens
 
 PUBLISH, PUBACK, DISCONNECT = 0x30, 0x40, 0xE0
@@ -116,6 +119,39 @@ async def test_a_burst_of_publishes_reaches_a_device_in_order_in_a_handful_of_se
             assert got == list(range(300))
             # one per writable turn (more publishes are let out as acknowledgements come), not one per publish
             assert sends < 100, sends
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+        await broker.shutdown()
+
+
+def nagle_off(client: paho.Client) -> bool:
+    sock = client.socket()
+    assert isinstance(sock, socket.socket), sock
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+
+
+async def test_the_bridge_and_the_sdk_write_to_the_broker_without_waiting_for_its_acks() -> None:
+    # paho leaves Nagle's algorithm on: a write then waits for the broker's delayed ACK, up to
+    # 40 ms, whenever the broker sends nothing back (QoS 0 publishes)
+    user, device, bridge, secret = "u1", "d1", "pigeon-bridge", "bridge-secret"
+    broker, port = await embedded_broker(tok_tokens(user), (bridge, secret))
+
+    async def ignore(topic: str, payload: bytes) -> None:
+        return None
+
+    ingest = MqttIngest("127.0.0.1", port, username=bridge, password=secret, client_id=f"{bridge}-w", handle=ignore)
+    runner = asyncio.create_task(ingest.run())
+    profile = Profile(http_url="http://127.0.0.1:9", user_id=user, device_id=device, token=f"tok-{device}",
+                      expires_at=0, mqtt_host="127.0.0.1", mqtt_port=port, ws_url="")
+    try:
+        await ingest.wait_connected(5)
+        assert ingest._client is not None
+        assert nagle_off(ingest._client._client)
+        plain = aiomqtt.Client("127.0.0.1", port, identifier="d2", username="d2", password="tok-d2")
+        async with Device(profile)._mqtt_client() as sdk, plain:
+            assert nagle_off(sdk._client)
+            assert not nagle_off(plain._client)  # what the check tells apart
     finally:
         runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)
