@@ -74,12 +74,34 @@ def test_every_byte_goes_out_once_in_order_through_partial_sends_and_a_full_sock
 
 def test_queued_packets_leave_in_few_sends() -> None:
     sock = TightSocket(1 << 20)
-    client, packets, _ = queued_client(sock)
+    client, packets, infos = queued_client(sock)
+    reported: list[int] = []
+    client.on_publish = lambda _c, _u, mid, _reason, _props: reported.append(mid)
     write_all(client)
-    # 40 packets, 10 of them QoS 0 publishes that paho finishes one by one, the rest joined
-    # between them; without joining: 40 sends (and every third refused)
-    assert sock.calls < 35
+    # 40 packets, QoS 0 publishes among them, joined: one send, and a retry after the one
+    # refused (without joining: 40 sends, and every third refused)
+    assert sock.calls <= 2, sock.calls
     assert bytes(sock.wire) == b"".join(packets)
+    # each QoS 0 publish is reported once written, as paho's own writer does
+    qos0 = [mid for mid, p in enumerate(packets, start=1) if p[0] == PUBLISH]
+    assert reported == qos0 and len(qos0) == 10
+    assert all(infos[mid - 1].is_published() for mid in qos0)
+
+
+def test_a_qos0_publish_is_reported_only_once_wholly_written() -> None:
+    sock = TightSocket(7)  # every packet goes out in pieces
+    client, packets, infos = queued_client(sock)
+    reported: list[int] = []
+
+    def on_publish(_c: object, _u: object, mid: int, _reason: object, _props: object) -> None:
+        # by then every byte of that publish is on the wire
+        end = sum(len(p) for p in packets[:mid])
+        assert len(sock.wire) >= end, (mid, len(sock.wire), end)
+        reported.append(mid)
+
+    client.on_publish = on_publish
+    write_all(client)
+    assert reported == [mid for mid, p in enumerate(packets, start=1) if p[0] == PUBLISH]
 
 
 async def test_a_burst_of_publishes_reaches_a_device_in_order_in_a_handful_of_sends() -> None:
