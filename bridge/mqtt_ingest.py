@@ -53,7 +53,6 @@ import aiomqtt
 from paho.mqtt.client import MQTT_ERR_NO_CONN, MQTT_ERR_QUEUE_SIZE, MQTT_ERR_SUCCESS, MQTTMessage
 
 from .errors import PigeonError
-from .mqtt_reads import buffered_reads
 from .mqtt_writes import coalesce_writes, no_delay
 
 log = logging.getLogger(__name__)
@@ -400,7 +399,6 @@ class MqttIngest:
             protocol=aiomqtt.ProtocolVersion.V311, max_inflight_messages=MAX_INFLIGHT, tls_context=self._tls,
         )
         coalesce_writes(client._client)
-        buffered_reads(client._client)
         no_delay(client._client)
         _stamp_receipts(client)
         if persistent:
