@@ -5,8 +5,10 @@ they and the SDK's send each write at once (no Nagle)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import socket
+from collections.abc import AsyncIterator
 
 import aiomqtt
 from paho.mqtt import client as paho
@@ -17,6 +19,7 @@ from clients.sdk import Device, Profile
 from tests.conftest import embedded_broker, tok_tokens
 
 PUBLISH, PUBACK, DISCONNECT = 0x30, 0x40, 0xE0
+USER, BRIDGE, SECRET = "u1", "pigeon-bridge", "bridge-secret"
 
 
 class TightSocket:
@@ -110,47 +113,61 @@ def test_a_qos0_publish_is_reported_only_once_wholly_written() -> None:
     assert reported == [mid for mid, p in enumerate(packets, start=1) if p[0] == PUBLISH]
 
 
-async def test_a_burst_of_publishes_reaches_a_device_in_order_in_a_handful_of_sends() -> None:
-    user, device, bridge, secret = "u1", "d1", "pigeon-bridge", "bridge-secret"
-    broker, port = await embedded_broker(tok_tokens(user), (bridge, secret))
+@contextlib.asynccontextmanager
+async def bridge_on_a_broker() -> AsyncIterator[tuple[MqttIngest, int]]:
+    """The bridge's MQTT ingest (handling nothing) connected to an embedded broker on its own,
+    whose devices are those of ``USER`` with the token ``tok-DEVICE``; and the broker's port."""
+    broker, port = await embedded_broker(tok_tokens(USER), (BRIDGE, SECRET))
 
     async def ignore(topic: str, payload: bytes) -> None:
         return None
 
-    ingest = MqttIngest("127.0.0.1", port, username=bridge, password=secret, client_id=f"{bridge}-w", handle=ignore)
+    ingest = MqttIngest("127.0.0.1", port, username=BRIDGE, password=SECRET, client_id=f"{BRIDGE}-w", handle=ignore)
     runner = asyncio.create_task(ingest.run())
-    topic = f"down/{user}/{device}"
     try:
-        async with aiomqtt.Client("127.0.0.1", port, identifier=device, username=device,
-                                  password=f"tok-{device}") as dev:
-            await dev.subscribe(topic, qos=1)
-            await ingest.wait_connected(5)
-            assert ingest._client is not None
-            out = ingest._client._client
-            sends = 0
-            send = out._sock_send
-
-            def counted(buf: bytes) -> int:
-                nonlocal sends
-                sends += 1
-                return send(buf)
-
-            out._sock_send = counted  # type: ignore[method-assign]
-            await ingest.publish_all([(topic, str(i).encode(), 1) for i in range(300)])
-            got: list[int] = []
-            async with asyncio.timeout(20):
-                async for message in dev.messages:
-                    assert isinstance(message.payload, bytes)
-                    got.append(int(message.payload))
-                    if len(got) == 300:
-                        break
-            assert got == list(range(300))
-            # one per writable turn (more publishes are let out as acknowledgements come), not one per publish
-            assert sends < 100, sends
+        await ingest.wait_connected(5)
+        yield ingest, port
     finally:
         runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)
         await broker.shutdown()
+
+
+async def numbers_received(dev: aiomqtt.Client, count: int, timeout: float) -> list[int]:
+    """The first ``count`` publishes ``dev`` receives, each a number."""
+    got: list[int] = []
+    async with asyncio.timeout(timeout):
+        async for message in dev.messages:
+            assert isinstance(message.payload, bytes)
+            got.append(int(message.payload))
+            if len(got) == count:
+                break
+    return got
+
+
+def a_device(port: int, device: str = "d1") -> aiomqtt.Client:
+    return aiomqtt.Client("127.0.0.1", port, identifier=device, username=device, password=f"tok-{device}")
+
+
+async def test_a_burst_of_publishes_reaches_a_device_in_order_in_a_handful_of_sends() -> None:
+    topic = f"down/{USER}/d1"
+    async with bridge_on_a_broker() as (ingest, port), a_device(port) as dev:
+        await dev.subscribe(topic, qos=1)
+        assert ingest._client is not None
+        out = ingest._client._client
+        sends = 0
+        send = out._sock_send
+
+        def counted(buf: bytes) -> int:
+            nonlocal sends
+            sends += 1
+            return send(buf)
+
+        out._sock_send = counted  # type: ignore[method-assign]
+        await ingest.publish_all([(topic, str(i).encode(), 1) for i in range(300)])
+        assert await numbers_received(dev, 300, timeout=20) == list(range(300))
+        # one per writable turn (more publishes are let out as acknowledgements come), not one per publish
+        assert sends < 100, sends
 
 
 def nagle_off(client: paho.Client) -> bool:
@@ -162,59 +179,23 @@ def nagle_off(client: paho.Client) -> bool:
 async def test_the_bridge_and_the_sdk_write_to_the_broker_without_waiting_for_its_acks() -> None:
     # paho leaves Nagle's algorithm on: a write then waits for the broker's delayed ACK, up to
     # 40 ms, whenever the broker sends nothing back (QoS 0 publishes)
-    user, device, bridge, secret = "u1", "d1", "pigeon-bridge", "bridge-secret"
-    broker, port = await embedded_broker(tok_tokens(user), (bridge, secret))
-
-    async def ignore(topic: str, payload: bytes) -> None:
-        return None
-
-    ingest = MqttIngest("127.0.0.1", port, username=bridge, password=secret, client_id=f"{bridge}-w", handle=ignore)
-    runner = asyncio.create_task(ingest.run())
-    profile = Profile(http_url="http://127.0.0.1:9", user_id=user, device_id=device, token=f"tok-{device}",
-                      expires_at=0, mqtt_host="127.0.0.1", mqtt_port=port, ws_url="")
-    try:
-        await ingest.wait_connected(5)
+    async with bridge_on_a_broker() as (ingest, port):
         assert ingest._client is not None
         assert nagle_off(ingest._client._client)
-        plain = aiomqtt.Client("127.0.0.1", port, identifier="d2", username="d2", password="tok-d2")
-        async with Device(profile)._mqtt_client() as sdk, plain:
+        profile = Profile(http_url="http://127.0.0.1:9", user_id=USER, device_id="d1", token="tok-d1",
+                          expires_at=0, mqtt_host="127.0.0.1", mqtt_port=port, ws_url="")
+        async with Device(profile)._mqtt_client() as sdk, a_device(port, "d2") as plain:
             assert nagle_off(sdk._client)
             assert not nagle_off(plain._client)  # what the check tells apart
-    finally:
-        runner.cancel()
-        await asyncio.gather(runner, return_exceptions=True)
-        await broker.shutdown()
 
 
 async def test_aiomqtt_s_own_qos0_publish_completes_through_the_joined_writer() -> None:
     # aiomqtt waits for on_publish of a QoS 0 publish that did not go out at once: the joined
     # writer must report it, as paho's own writer does, or the caller waits forever
-    user, device, bridge, secret = "u1", "d1", "pigeon-bridge", "bridge-secret"
-    broker, port = await embedded_broker(tok_tokens(user), (bridge, secret))
-
-    async def ignore(topic: str, payload: bytes) -> None:
-        return None
-
-    ingest = MqttIngest("127.0.0.1", port, username=bridge, password=secret, client_id=f"{bridge}-w", handle=ignore)
-    runner = asyncio.create_task(ingest.run())
-    topic = f"down/{user}/{device}"
-    try:
-        async with aiomqtt.Client("127.0.0.1", port, identifier=device, username=device,
-                                  password=f"tok-{device}") as dev:
-            await dev.subscribe(topic, qos=0)
-            await ingest.wait_connected(5)
-            assert ingest._client is not None
-            async with asyncio.timeout(5):
-                await asyncio.gather(*(ingest._client.publish(topic, str(i).encode(), qos=0) for i in range(50)))
-            got: list[int] = []
-            async with asyncio.timeout(10):
-                async for message in dev.messages:
-                    assert isinstance(message.payload, bytes)
-                    got.append(int(message.payload))
-                    if len(got) == 50:
-                        break
-            assert got == list(range(50))
-    finally:
-        runner.cancel()
-        await asyncio.gather(runner, return_exceptions=True)
-        await broker.shutdown()
+    topic = f"down/{USER}/d1"
+    async with bridge_on_a_broker() as (ingest, port), a_device(port) as dev:
+        await dev.subscribe(topic, qos=0)
+        assert ingest._client is not None
+        async with asyncio.timeout(5):
+            await asyncio.gather(*(ingest._client.publish(topic, str(i).encode(), qos=0) for i in range(50)))
+        assert await numbers_received(dev, 50, timeout=10) == list(range(50))
