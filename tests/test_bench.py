@@ -133,6 +133,55 @@ def test_the_bench_empties_its_own_keyspace_and_no_other() -> None:
         cluster.shutdown()
 
 
+def test_wire_over_mqtt5_aliases_the_up_topic_on_mosquitto(tmp_path: Path) -> None:
+    """A third pair speaks v2 over MQTT 5: Mosquitto allows 10 topic aliases from a client, so
+    the sender's publishes carry an alias instead of the up topic and it sends fewer bytes."""
+    production_url("PIGEON_BROKER", "mqtt://")
+    out = tmp_path / "bench.json"
+    done = bench("wire", "--profile", "production", "--mqtt5", *TINY, "--json", str(out))
+    assert done.returncode == 0, done.stderr[-4000:] + done.stdout[-2000:]
+    r = json.loads(out.read_text())
+    v2, v5 = r["v2"], r["v2_mqtt5"]
+    assert v5["delivered"] == 3 and v5["lost"] == 0 and v5["duplicates"] == 0, v5
+    assert v5["topic_aliases_to_broker"] > 0
+    assert v5["bytes_per_msg_by_direction"]["sender_up"] < v2["bytes_per_msg_by_direction"]["sender_up"] - 20
+
+
+def test_mqtt5_properties_are_read_by_their_sizes() -> None:
+    from clients.bench.mqtt import MqttRefused, read_properties
+    # Topic Alias Maximum 10, a reason string (skipped), Topic Alias 3, then the payload
+    props = bytes([0x22, 0, 10, 0x1F, 0, 2]) + b"ok" + bytes([0x23, 0, 3])
+    raw = bytes([len(props)]) + props + b"payload"
+    found, end = read_properties(raw, 0)
+    assert found == {0x22: 10, 0x23: 3} and raw[end:] == b"payload"
+    with pytest.raises(MqttRefused):
+        read_properties(bytes([2, 0x7F, 0]), 0)
+
+
+def test_two_bridges_share_a_production_run(tmp_path: Path) -> None:
+    """--bridges 2: both processes take part, and their store counts and CPU are added up."""
+    production_url("PIGEON_BROKER", "mqtt://")
+    out = tmp_path / "bench.json"
+    done = bench("p2p", "--profile", "production", "--bridges", "2", *TINY, "--json", str(out))
+    assert done.returncode == 0, done.stderr[-4000:] + done.stdout[-2000:]
+    data = json.loads(out.read_text())
+    r = data if isinstance(data, dict) else next(x for x in data if x["scenario"] == "p2p")
+    assert r["lost"] == 0 and r["duplicates"] == 0 and r.get("unanswered", 0) == 0, r
+    assert r["profile"] == "production, 2 bridges" and r["msgs_per_s"] > 0
+    assert {"pigeon", "pigeon-2"} <= r["rss_by_process_mb"].keys(), r["rss_by_process_mb"]
+    check_cost(r, cpu_known=True)
+
+
+def test_a_cold_sync_restarts_the_server_and_still_gets_everything(tmp_path: Path) -> None:
+    production_url("PIGEON_BROKER", "mqtt://")
+    out = tmp_path / "bench.json"
+    done = bench("sync", "--profile", "production", "--cold-sync", *TINY, "--json", str(out))
+    assert done.returncode == 0, done.stderr[-4000:] + done.stdout[-2000:]
+    data = json.loads(out.read_text())
+    r = data if isinstance(data, dict) else data[0]
+    assert r["cold_sync"] is True and r["restart_s"] > 0 and r["lost"] == 0 and r["duplicates"] == 0, r
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["nope", "--profile", "embedded"], "unknown scenario"),
     (["p2p"], "give either --profile"),
