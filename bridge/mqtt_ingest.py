@@ -57,14 +57,6 @@ from .mqtt_writes import coalesce_writes, no_delay
 
 log = logging.getLogger(__name__)
 
-
-def _late_suback(fut: asyncio.Future[Any], part: int, user_id: str) -> None:
-    """The end of a subscription a login stopped waiting for: only a failure is news."""
-    if fut.cancelled():
-        log.warning("partition %d: the subscription to %s's device topics was cancelled", part, user_id)
-    elif fut.exception() is not None:
-        log.error("partition %d: subscribing to %s's device topics failed late: %s", part, user_id,
-                  fut.exception())
 Handle = Callable[[str, bytes], Awaitable[None]]
 # admission control (bridge/admission.py): None when a publish is taken in (``Release`` once it
 # has been handled), else an awaitable answering it at once; it is then acknowledged, not queued.
@@ -111,6 +103,15 @@ SUBACK_WAIT_S = 0.3
 
 class IngestError(PigeonError):
     """The bridge could not reach the broker in time."""
+
+
+def _late_suback(fut: asyncio.Future[Any], part: int, user_id: str) -> None:
+    """The end of a subscription a login stopped waiting for (SUBACK_WAIT_S): only a failure is news."""
+    if fut.cancelled():
+        log.warning("partition %d: the subscription to %s's device topics was cancelled", part, user_id)
+    elif fut.exception() is not None:
+        log.error("partition %d: subscribing to %s's device topics failed late: %s", part, user_id,
+                  fut.exception())
 
 
 class _Probe:
