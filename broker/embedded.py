@@ -53,6 +53,10 @@ read, before it is queued: one taken in is counted until the client loop has han
 refused is answered at once on the device's own connection, at QoS 0, PUBACKed and never
 queued. ``backlog`` tells the bridge how many publications wait in the broadcast queue.
 
+The server's own QoS 0 publishes (:meth:`PigeonBroker.publish`) are written to each
+subscriber's socket at once instead of through amqtt's broadcast queue, unless that subscriber's
+socket is behind (docs/architecture.md, "Replies and events on the embedded broker").
+
 Publishes on ``up/…`` (device requests and wills) go straight to the bridge's ``ingest``
 coroutine in this process, in the order the device sent them; nothing subscribes to them
 over MQTT. Sessions are always clean: the bridge's store, not the broker, holds what devices
@@ -69,7 +73,13 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from amqtt.adapters import ReaderAdapter, StreamReaderAdapter, WebSocketsWriter, WriterAdapter
+from amqtt.adapters import (
+    ReaderAdapter,
+    StreamReaderAdapter,
+    StreamWriterAdapter,
+    WebSocketsWriter,
+    WriterAdapter,
+)
 from amqtt.broker import Broker, Server
 from amqtt.contexts import Action
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
@@ -116,6 +126,23 @@ CONNECT_FIRST_BYTE = 0x10  # packet type 1 (CONNECT), flags 0 [MQTT-2.2.2-2]
 MAX_PACKET_BYTES = 1024 * 1024
 # The most a connected client's reader takes from its socket at once.
 RECEIVE_BYTES = 64 * 1024
+# A server's QoS 0 publish is written to a device's socket at once unless this many bytes are
+# already waiting there (then it waits for them to drain, as amqtt's own publishes do).
+DIRECT_WRITE_LIMIT = 256 * 1024
+
+
+def qos0_publish(topic: str, payload: bytes) -> bytes:
+    """The whole QoS 0 PUBLISH packet (no retain, no dup) of ``payload`` on ``topic``."""
+    name = topic.encode()
+    body_len = 2 + len(name) + len(payload)
+    head = bytearray(b"\x30")
+    n = body_len
+    while True:  # the remaining length, 7 bits a byte [MQTT-2.2.3]
+        n, digit = n >> 7, n & 0x7F
+        head.append(digit | 0x80 if n else digit)
+        if not n:
+            break
+    return b"".join((head, len(name).to_bytes(2, "big"), name, payload))
 
 
 class BrokenFirstPacket(AMQTTError):
@@ -372,6 +399,8 @@ class _Handler(BrokerProtocolHandler):
         self.reply_to: Callable[[Session, str], bool] | None = None
         # id() of the publishes taken in by ``admit`` and not yet handled -> when taken in
         self._counted: dict[int, float] = {}
+        # QoS 0 publishes of the server's handed to amqtt's way of sending and not yet written
+        self._behind = 0
 
     def _refused(self, app_message: OutgoingApplicationMessage | IncomingApplicationMessage) -> Awaitable[None] | None:
         """Ask admission control about an incoming device publish; count it if taken in, else
@@ -458,6 +487,31 @@ class _Handler(BrokerProtocolHandler):
         replies = self.starting(app_message.topic, app_message.data, taken_at)
         return None if replies is None else self._answer_now(replies)
 
+    def write_now(self, packet: bytes) -> bool:
+        """Write a whole QoS 0 PUBLISH to this connection's socket now, if nothing of this
+        connection's is waiting to go before it and its socket keeps up; False when it must go
+        the way amqtt sends (:meth:`publish_later`). No timer is pushed back: a broker
+        connection's write timeout does nothing (``BrokerProtocolHandler.handle_write_timeout``)."""
+        w = self.writer
+        if self._behind or not isinstance(w, StreamWriterAdapter) or w.is_closed or self._write_lock.locked():
+            return False
+        transport = w._writer.transport
+        if transport.is_closing() or transport.get_write_buffer_size() > DIRECT_WRITE_LIMIT:
+            return False
+        transport.write(packet)
+        return True
+
+    def publish_later(self, topic: str, payload: bytes) -> asyncio.Task[Any]:
+        """Send a QoS 0 PUBLISH the way amqtt does, waiting for the socket to drain; until that
+        is done, :meth:`write_now` writes nothing, so what follows cannot overtake it."""
+        self._behind += 1
+        task: asyncio.Task[Any] = asyncio.ensure_future(self.mqtt_publish(topic, payload, 0, False))
+        task.add_done_callback(self._caught_up)
+        return task
+
+    def _caught_up(self, _task: asyncio.Future[Any]) -> None:
+        self._behind -= 1
+
     def handle_read_timeout(self) -> None:
         log.info("keepalive expired for %s; closing", self.session.client_id if self.session else None)
         # amqtt's reader loop stops when its reader is gone, then reports the connection lost,
@@ -477,7 +531,8 @@ class PigeonBroker(Broker):
         self.connect_timeout = connect_timeout
         self.max_packet = max_packet
         self._ingest = ingest
-        self.broadcasts = 0  # publications taken from the broadcast queue
+        self.broadcasts = 0  # publications taken from the broadcast queue, or written at once
+        self._writing: set[asyncio.Future[Any]] = set()  # QoS 0 publishes that went amqtt's way
         # filters with + or #: the only ones a publish must be matched against one by one
         self._wildcards: set[str] = set()
         # client id -> the filters it subscribed to (fix 5)
@@ -656,14 +711,44 @@ class PigeonBroker(Broker):
         return None
 
     async def publish(self, topic: str, payload: bytes, qos: int) -> None:
-        """Publish from the server to every permitted subscriber of ``topic``."""
-        await super()._broadcast_message(None, topic, payload, qos)
+        """Publish from the server to every permitted subscriber of ``topic``.
 
-    # -- fix 4 --------------------------------------------------------------------------------
-    async def _run_broadcast(self, running_tasks: Any) -> None:
-        broadcast = await self._broadcast_queue.get()
+        At QoS 0 (every event for a protocol v2 device, typing for v1) the PUBLISH is written
+        to each subscriber's socket here and now: amqtt's way, through its broadcast queue and
+        a task per broadcast and per subscriber, took a fifth of the embedded server's event
+        loop (BENCHMARKS.md). A subscriber whose socket is behind gets it amqtt's way, after
+        what it is already waiting for. At QoS 1 it goes through the broadcast queue, as any
+        device's publish does."""
+        if qos != 0:
+            await super()._broadcast_message(None, topic, payload, qos)
+            return
         self.broadcasts += 1
-        topic = broadcast["topic"]
+        packet = b""
+        for handler, _sub_qos in self._deliveries(topic):
+            if not packet:
+                packet = qos0_publish(topic, payload)
+            if isinstance(handler, _Handler):
+                if handler.write_now(packet):
+                    continue
+                task = handler.publish_later(topic, payload)
+            else:
+                task = asyncio.ensure_future(handler.mqtt_publish(topic, payload, 0, retain=False))
+            self._writing.add(task)
+            task.add_done_callback(self._written)
+
+    def _written(self, task: asyncio.Future[Any]) -> None:
+        self._writing.discard(task)
+        if not task.cancelled() and task.exception() is not None:  # the connection went (at most once)
+            log.info("a QoS 0 publish to a device was not written: %r", task.exception())
+
+    async def shutdown(self) -> None:
+        for task in list(self._writing):
+            task.cancel()
+        await super().shutdown()
+
+    def _deliveries(self, topic: str) -> list[tuple[BrokerProtocolHandler, int]]:
+        """The handler of each connected session subscribed to ``topic`` and permitted to
+        receive it, with the QoS it subscribed at (fix 4: a snapshot, exact filters looked up)."""
         matches: list[tuple[Session, int]] = list(self._subscriptions.get(topic, ()))
         for a_filter in list(self._wildcards):
             subscriptions = self._subscriptions.get(a_filter)
@@ -671,6 +756,7 @@ class PigeonBroker(Broker):
                 self._wildcards.discard(a_filter)  # its last subscriber left
             elif self._matches(topic, a_filter):
                 matches.extend(subscriptions)
+        out: list[tuple[BrokerProtocolHandler, int]] = []
         for target_session, sub_qos in matches:
             if target_session.transitions.state != "connected":
                 continue
@@ -678,8 +764,16 @@ class PigeonBroker(Broker):
             if principal is None or not self.gate.may_receive(principal, topic):
                 continue
             handler = self._get_handler(target_session)
-            if handler is None:
-                continue
+            if handler is not None:
+                out.append((handler, sub_qos))
+        return out
+
+    # -- fix 4 --------------------------------------------------------------------------------
+    async def _run_broadcast(self, running_tasks: Any) -> None:
+        broadcast = await self._broadcast_queue.get()
+        self.broadcasts += 1
+        topic = broadcast["topic"]
+        for handler, sub_qos in self._deliveries(topic):
             qos = broadcast.get("qos", sub_qos)
             qos = min(qos, sub_qos) if qos is not None else sub_qos
             delivery = handler.mqtt_publish(topic, broadcast["data"], qos, retain=False)

@@ -65,9 +65,11 @@ def strict(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 # the delay bound of the flood test, and its flood: sends offered at a steady rate, several times
 # what one bridge handles on any machine this runs on, so that without the bound they queue and
 # the later ones wait seconds (a rate rather than one burst: a burst waits in the kernel's socket
-# buffers before the bridge reads it, where no server can see how long it waited)
+# buffers before the bridge reads it, where no server can see how long it waited). 1,200 a
+# second stopped being enough once the embedded broker wrote QoS 0 publishes at once: all 7,200
+# were answered within the bound on this 2-core box; at 2,000 a second 40-60 % are refused.
 MAX_DELAY_MS = 200
-FLOODERS, FLOOD_RATE, FLOOD_S = 8, 150, 6.0
+FLOODERS, FLOOD_RATE, FLOOD_S = 8, 250, 6.0
 
 
 @pytest.fixture(scope="module", params=PROFILES)
