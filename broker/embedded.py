@@ -131,6 +131,16 @@ RECEIVE_BYTES = 64 * 1024
 DIRECT_WRITE_LIMIT = 256 * 1024
 
 
+# put in an incoming message's ``puback_packet`` once its PUBACK is written (or on its way):
+# amqtt only asks whether that attribute is set
+ACKNOWLEDGED = object()
+
+
+def puback(packet_id: int) -> bytes:
+    """The PUBACK packet of ``packet_id``."""
+    return b"\x40\x02" + packet_id.to_bytes(2, "big")
+
+
 def qos0_publish(topic: str, payload: bytes) -> bytes:
     """The whole QoS 0 PUBLISH packet (no retain, no dup) of ``payload`` on ``topic``."""
     name = topic.encode()
@@ -402,26 +412,40 @@ class _Handler(BrokerProtocolHandler):
         # QoS 0 publishes of the server's handed to amqtt's way of sending and not yet written
         self._behind = 0
 
-    def _refused(self, app_message: OutgoingApplicationMessage | IncomingApplicationMessage) -> Awaitable[None] | None:
+    def _refused(self, app_message: OutgoingApplicationMessage | IncomingApplicationMessage,
+                 packet_id: int | None = None) -> Awaitable[None] | None:
         """Ask admission control about an incoming device publish; count it if taken in, else
-        return what answers it."""
+        return what answers it (and PUBACKs it, given its ``packet_id``)."""
         if self.admit is None or not app_message.topic.startswith("up/"):
             return None
         replies = self.admit(app_message.topic, app_message.data, len(self._counted))
         if replies is None:
             self._counted[id(app_message)] = time.monotonic()
             return None
-        return self._answer_now(replies)
+        return self._answer_now(replies, packet_id)
 
-    async def _answer_now(self, replies: list[tuple[str, bytes]]) -> None:
+    async def _answer_now(self, replies: list[tuple[str, bytes]], packet_id: int | None = None) -> None:
         """A refusal goes straight to the device that sent the request, on its own connection, at
         QoS 0: not through the broker's one broadcast queue, which carries every reply and event
         and which a flood of refusals would make everyone wait behind. (Lost only with the
-        connection, when the device tries again anyway.)"""
+        connection, when the device tries again anyway.) With ``packet_id``, the PUBACK of the
+        refused publish follows it; both are one write when the socket keeps up."""
         session = self.session
-        for topic, payload in replies:
-            if session is not None and self.reply_to is not None and self.reply_to(session, topic):
-                await self.mqtt_publish(topic, payload, 0, False)
+        permitted = [(topic, payload) for topic, payload in replies
+                     if session is not None and self.reply_to is not None and self.reply_to(session, topic)]
+        ack = b"" if packet_id is None else puback(packet_id)
+        if self.write_now(b"".join([*(qos0_publish(t, p) for t, p in permitted), ack])):
+            return
+        for topic, payload in permitted:
+            await self.mqtt_publish(topic, payload, 0, False)
+        if packet_id is not None:
+            await self._send_packet(PubackPacket.build(packet_id))
+
+    async def _acknowledge(self, packet_id: int) -> None:
+        """PUBACK a device's publish: at once when nothing of this connection's waits to be
+        written before it, else the way amqtt writes packets."""
+        if not self.write_now(puback(packet_id)):
+            await self._send_packet(PubackPacket.build(packet_id))
 
     async def _handle_qos0_message_flow(
         self, app_message: OutgoingApplicationMessage | IncomingApplicationMessage,
@@ -441,12 +465,10 @@ class _Handler(BrokerProtocolHandler):
                 or app_message.puback_packet):
             await super()._handle_qos1_message_flow(app_message)  # outgoing, or amqtt's own errors
             return
-        refused = self._refused(app_message)
+        refused = self._refused(app_message, app_message.packet_id)
         if refused is not None:  # answered at once and never queued: acknowledged at once too
             await refused
-            puback = PubackPacket.build(app_message.packet_id)
-            await self._send_packet(puback)
-            app_message.puback_packet = puback
+            app_message.puback_packet = ACKNOWLEDGED
             return
         # amqtt queues the message for the client loop and PUBACKs it at once. Here the PUBACK
         # waits until the loop has handed it on (to the bridge, for up/...): the loop takes one
@@ -458,9 +480,8 @@ class _Handler(BrokerProtocolHandler):
             await handled
         finally:
             self._handled.pop(id(app_message), None)
-        puback = PubackPacket.build(app_message.packet_id)
-        await self._send_packet(puback)
-        app_message.puback_packet = puback
+        await self._acknowledge(app_message.packet_id)
+        app_message.puback_packet = ACKNOWLEDGED
 
     def message_handled(self, app_message: object) -> None:
         """The client loop is done with ``app_message``: its PUBACK may go."""
