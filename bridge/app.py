@@ -91,7 +91,7 @@ class PigeonServer:
             sent = publishes(outs, self.kinds)
             await self._ingest_client.publish_all(sent)
         elif self._broker is not None:
-            sent = publishes(outs, self.kinds)
+            sent = publishes(outs, self.kinds, self._broker.subscribed)
             for topic, payload, qos in sent:
                 await self._broker.publish(topic, payload, qos)
         else:

@@ -6,8 +6,9 @@ goes to ``down/{user}`` for every device of a user and ``down/{user}/{device}`` 
 
 Protocol v2 (``bridge.wire_v2``) is per device: a device speaks v2 by sending its requests in
 v2, and :class:`DeviceKinds` remembers which devices did. An event for one device is encoded as
-that device speaks; an event for a user goes as v1 to ``down/{user}`` (always: a v1 client may
-listen without ever publishing) and, when the user has a v2 device or is not known to this
+that device speaks; an event for a user goes as v1 to ``down/{user}`` (a v1 client may listen
+without ever publishing: always on an external broker; on the embedded broker, which knows its
+subscriptions, when anyone subscribes to it) and, when the user has a v2 device or is not known to this
 process (their devices may talk to another bridge), as v2 to ``down/{user}/v2``, which only v2
 devices subscribe to. Live events (not replies) go to v2 devices at QoS 0: their
 inbox positions and ``sync`` recover a lost one. A message's copy for its sender is not sent
@@ -75,8 +76,11 @@ class DeviceKinds:
         return None if devices is None else frozenset(d for d, v2 in devices.items() if v2)
 
 
-def publishes(outs: Sequence[Out], kinds: DeviceKinds | None = None) -> list[tuple[str, bytes, int]]:
+def publishes(outs: Sequence[Out], kinds: DeviceKinds | None = None,
+              wanted: Callable[[str], bool] | None = None) -> list[tuple[str, bytes, int]]:
     """Topic, payload and QoS of each, in order; with ``kinds``, v2 where a device speaks it.
+    With ``wanted``, only those on a topic it accepts (the embedded broker, which knows its
+    subscriptions, leaves out what nobody subscribes to) and nothing is encoded for the others.
 
     The hot path is a message's fan-out: one ``msg`` per recipient, all with the same
     :class:`ChatMessage` and each with its own inbox position. The message's part of the payload
@@ -86,7 +90,10 @@ def publishes(outs: Sequence[Out], kinds: DeviceKinds | None = None) -> list[tup
     out: list[tuple[str, bytes, int]] = []
     for o in outs:
         ev = o.event
-        if kinds is not None and _v2_copy(o, kinds, out):
+        if kinds is not None and _v2_copy(o, kinds, out, wanted):
+            continue
+        topic = topic_of(o.to)
+        if wanted is not None and not wanted(topic):
             continue
         if type(ev) is MsgEvent:
             tail = tails.get(id(ev.message))
@@ -95,18 +102,21 @@ def publishes(outs: Sequence[Out], kinds: DeviceKinds | None = None) -> list[tup
             payload = b'{"type":"msg","inbox":%d,%s' % (ev.inbox, tail)
         else:
             payload = encode_v1(ev)
-        out.append((topic_of(o.to), payload, o.qos))
+        out.append((topic, payload, o.qos))
     return out
 
 
-def _v2_copy(o: Out, kinds: DeviceKinds, out: list[tuple[str, bytes, int]]) -> bool:
+def _v2_copy(o: Out, kinds: DeviceKinds, out: list[tuple[str, bytes, int]],
+             wanted: Callable[[str], bool] | None) -> bool:
     """Add the v2 publish of ``o`` (if any device is to get one); True when that is all of it
     (an event for one v2 device), False when the v1 publish follows."""
     to, ev = o.to, o.event
     if isinstance(to, ToDevice):
         if not kinds.is_v2(to.user, to.device):
             return False
-        out.append((topic_of(to), wire_v2.encode(ev, to.user), 0))
+        topic = topic_of(to)
+        if wanted is None or wanted(topic):
+            out.append((topic, wire_v2.encode(ev, to.user), 0))
         return True
     assert isinstance(to, ToUser)
     devices = kinds.v2_devices(to.user)
@@ -114,5 +124,7 @@ def _v2_copy(o: Out, kinds: DeviceKinds, out: list[tuple[str, bytes, int]]) -> b
         if (isinstance(ev, MsgEvent) and ev.message.sender == to.user and devices is not None
                 and len(devices) == 1 and ev.message.device in devices):
             return False  # the sending device is the user's only v2 device: its ``sent`` says it all
-        out.append((f"down/{to.user}/v2", wire_v2.encode(ev, to.user), 0))
+        topic = f"down/{to.user}/v2"
+        if wanted is None or wanted(topic):
+            out.append((topic, wire_v2.encode(ev, to.user), 0))
     return False

@@ -757,6 +757,13 @@ class PigeonBroker(Broker):
             self._writing.add(task)
             task.add_done_callback(self._written)
 
+    def subscribed(self, topic: str) -> bool:
+        """Whether any session has a subscription that ``topic`` matches (connected or not:
+        sessions here are clean, so a subscription is a connection's)."""
+        if self._subscriptions.get(topic):
+            return True
+        return any(self._matches(topic, a_filter) for a_filter in self._wildcards)
+
     def _written(self, task: asyncio.Future[Any]) -> None:
         self._writing.discard(task)
         if not task.cancelled() and task.exception() is not None:  # the connection went (at most once)

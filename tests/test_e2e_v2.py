@@ -6,13 +6,16 @@ events; the application sees the same events as with v1 (``proto=1``)."""
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
+import aiomqtt
 import pytest
 
 from bridge.protocol import MsgEvent, ReceiptEvent, Sent
+from clients.launch import ServerProc
 from clients.sdk import Device, PigeonClientError
-from tests.conftest import NewUser
+from tests.conftest import NewUser, metric
 
 
 async def next_of(dev: Device, event_type: str, timeout: float = 5.0, **match: Any) -> Any:
@@ -99,3 +102,32 @@ def test_mqtt5_is_for_tcp_only() -> None:
                 mqtt_host="127.0.0.1", mqtt_port=1, ws_url="ws://127.0.0.1:1/mqtt")
     with pytest.raises(ValueError, match="tcp"):
         Device(p, mqtt5=True, transport="ws")
+
+
+async def test_a_v1_listener_that_never_publishes_still_gets_its_users_events(
+        new_user: NewUser, connect: Any, server: ServerProc) -> None:
+    alice, bob = await new_user(), await new_user()
+    da, db = await connect(alice, proto=2), await connect(bob, proto=2)
+    first = await da.send("only v2 devices", to=bob.user_id)
+    await next_of(db, "msg", body="only v2 devices")
+    await next_of(da, "receipt", kind="delivered")
+    qos1 = await metric(server, 'pigeon_messages_out_total{qos="1"}')
+    await da.send("still only v2", chat=first.chat)
+    await next_of(db, "msg", body="still only v2")
+    await next_of(da, "receipt", kind="delivered")
+    if server.profile != "mosquitto":
+        # the embedded broker knows nobody subscribes to down/{user}: no v1 copy is made
+        assert await metric(server, 'pigeon_messages_out_total{qos="1"}') == qos1
+    # a v1 client of bob's that only listens (never publishing, so never seen to speak v1)
+    listener = await new_user(bob.phone)
+    async with aiomqtt.Client(server.mqtt_host, server.mqtt_port, identifier=listener.device_id,
+                              username=listener.device_id, password=listener.token, clean_session=True) as c:
+        await c.subscribe(f"down/{bob.user_id}", qos=1)
+        await da.send("for every device", chat=first.chat)
+        async with asyncio.timeout(10):
+            async for m in c.messages:
+                ev = json.loads(bytes(m.payload))  # type: ignore[arg-type]
+                if ev["type"] == "msg":
+                    break
+        assert (ev["body"], ev["from"], ev["chat"]) == ("for every device", alice.user_id, first.chat)
+        assert m.qos == 1
