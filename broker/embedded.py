@@ -409,7 +409,8 @@ class _Handler(BrokerProtocolHandler):
         self.reply_to: Callable[[Session, str], bool] | None = None
         # id() of the publishes taken in by ``admit`` and not yet handled -> when taken in
         self._counted: dict[int, float] = {}
-        # QoS 0 publishes of the server's handed to amqtt's way of sending and not yet written
+        # packets on their way the way amqtt writes (publishes handed to it, and every
+        # ``_send_packet`` under way): while any is, nothing is written at once (``write_now``)
         self._behind = 0
 
     def _refused(self, app_message: OutgoingApplicationMessage | IncomingApplicationMessage,
@@ -509,18 +510,28 @@ class _Handler(BrokerProtocolHandler):
         return None if replies is None else self._answer_now(replies)
 
     def write_now(self, packet: bytes) -> bool:
-        """Write a whole QoS 0 PUBLISH to this connection's socket now, if nothing of this
-        connection's is waiting to go before it and its socket keeps up; False when it must go
-        the way amqtt sends (:meth:`publish_later`). No timer is pushed back: a broker
-        connection's write timeout does nothing (``BrokerProtocolHandler.handle_write_timeout``)."""
+        """Write whole packets to this connection's socket now, if nothing of this connection's
+        is on its way the way amqtt writes (``_behind``: every :meth:`_send_packet` from its
+        start, waiting for the write lock included, to its end) and its socket keeps up; False
+        when they must go amqtt's way. No timer is pushed back: a broker connection's write
+        timeout does nothing (``BrokerProtocolHandler.handle_write_timeout``)."""
         w = self.writer
-        if self._behind or not isinstance(w, StreamWriterAdapter) or w.is_closed or self._write_lock.locked():
+        if self._behind or not isinstance(w, StreamWriterAdapter) or w.is_closed:
             return False
         transport = w._writer.transport
         if transport.is_closing() or transport.get_write_buffer_size() > DIRECT_WRITE_LIMIT:
             return False
         transport.write(packet)
         return True
+
+    async def _send_packet(self, packet: Any) -> None:
+        # counted from before the write lock is asked for: a packet waiting for it (the lock
+        # reads free between its release and the next holder's turn) is not overtaken
+        self._behind += 1
+        try:
+            await super()._send_packet(packet)
+        finally:
+            self._behind -= 1
 
     def publish_later(self, topic: str, payload: bytes) -> asyncio.Task[Any]:
         """Send a QoS 0 PUBLISH the way amqtt does, waiting for the socket to drain; until that
@@ -770,8 +781,10 @@ class PigeonBroker(Broker):
             log.info("a QoS 0 publish to a device was not written: %r", task.exception())
 
     async def shutdown(self) -> None:
-        for task in list(self._writing):
+        writing = list(self._writing)
+        for task in writing:
             task.cancel()
+        await asyncio.gather(*writing, return_exceptions=True)
         await super().shutdown()
 
     def _deliveries(self, topic: str) -> list[tuple[BrokerProtocolHandler, int]]:

@@ -14,7 +14,7 @@ import pytest
 
 from broker.embedded import DIRECT_WRITE_LIMIT, PigeonBroker, _Handler, qos0_publish
 from tests.conftest import embedded_broker, tok_tokens
-from tests.mqtt_raw import connect_packet, read_packet, subscribe_packet
+from tests.mqtt_raw import connect_packet, publish_packet, read_packet, subscribe_packet
 
 USER = "u1"
 
@@ -109,4 +109,40 @@ async def test_a_device_whose_socket_is_behind_gets_the_rest_in_order_once_it_re
             break
         await asyncio.sleep(0.02)
     assert not b._writing and handler._behind == 0  # noqa: SLF001
+    writer.close()
+
+
+async def test_pubacks_keep_their_order_while_the_socket_is_behind(broker: tuple[PigeonBroker, int]) -> None:
+    b, port = broker
+    handled: list[int] = []
+
+    async def ingest(topic: str, payload: bytes) -> None:
+        await asyncio.sleep(0)  # the bridge awaits its store
+        handled.append(int(payload))
+
+    b.set_ingest(ingest)
+    reader, writer = await subscriber(port, "slow", f"down/{USER}", 0, rcvbuf=4096)
+    handler = next(h for h, _ in b._deliveries(f"down/{USER}"))  # noqa: SLF001
+    assert isinstance(handler, _Handler)
+    # one publish larger than the limit, written at once: from here on the device's PUBACKs
+    # wait for the socket, in amqtt's writer, one behind the other
+    await b.publish(f"down/{USER}", b"x" * (16 * DIRECT_WRITE_LIMIT), 0)
+    n = 400
+
+    async def device_sends() -> None:  # requests keep coming while the device catches up
+        for i in range(1, n + 1):
+            writer.write(publish_packet(f"up/{USER}/slow", str(i).encode(), i))
+            await writer.drain()
+            await asyncio.sleep(0.0005 if i % 4 == 0 else 0)
+
+    sends = asyncio.create_task(device_sends())
+    await asyncio.sleep(0.05)
+    acks: list[int] = []
+    while len(acks) < n:
+        first, body = await read_packet(reader, timeout=10)
+        if first == 0x40:
+            acks.append(int.from_bytes(body[:2], "big"))
+    await sends
+    assert acks == list(range(1, n + 1))  # in the order the publishes came [MQTT-4.6.0-2]
+    assert handled == list(range(1, n + 1))
     writer.close()
