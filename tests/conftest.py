@@ -19,6 +19,9 @@ from broker.embedded import PigeonBroker, broker_config
 from broker.gate import DeviceGate
 from clients.launch import ROOT, ServerProc
 from clients.sdk import Device, Profile, login
+from tests.ast_threads import serialize_ast_parse
+
+serialize_ast_parse()  # before any thread of the run parses (tests/ast_threads.py)
 
 
 def production_url(var: str, scheme: str) -> str:
