@@ -98,7 +98,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from .gate import DeviceGate
-from .packets import ProtocolViolation, check_packet
+from .packets import ProtocolViolation, check_packet, varint
 from .plugins import REFUSAL_ATTR, principal_of
 
 log = logging.getLogger(__name__)
@@ -144,15 +144,7 @@ def puback(packet_id: int) -> bytes:
 def qos0_publish(topic: str, payload: bytes) -> bytes:
     """The whole QoS 0 PUBLISH packet (no retain, no dup) of ``payload`` on ``topic``."""
     name = topic.encode()
-    body_len = 2 + len(name) + len(payload)
-    head = bytearray(b"\x30")
-    n = body_len
-    while True:  # the remaining length, 7 bits a byte [MQTT-2.2.3]
-        n, digit = n >> 7, n & 0x7F
-        head.append(digit | 0x80 if n else digit)
-        if not n:
-            break
-    return b"".join((head, len(name).to_bytes(2, "big"), name, payload))
+    return b"".join((b"\x30", varint(2 + len(name) + len(payload)), len(name).to_bytes(2, "big"), name, payload))
 
 
 class BrokenFirstPacket(AMQTTError):

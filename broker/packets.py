@@ -11,6 +11,17 @@ from __future__ import annotations
 
 import struct
 
+
+def varint(n: int) -> bytes:
+    """An MQTT remaining-length field: seven bits a byte, lowest first [MQTT-2.2.3]."""
+    out = bytearray()
+    while True:
+        byte, n = n % 128, n // 128
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
 # a packet's body: bytes, or a view of them in the reader's buffer
 Bytes = bytes | memoryview
 

@@ -29,6 +29,8 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 from websockets.typing import Subprotocol
 
+from broker.packets import varint
+
 OnMessage = Callable[[str, bytes], None]
 TOPIC_ALIASES = 8  # MQTT 5: how many topic aliases the broker may use towards this client
 # MQTT 5 property identifiers by the size of their value (MQTT 5.0 section 2.2.2.2)
@@ -49,16 +51,6 @@ def mqtt_str(s: str | bytes) -> bytes:
     """An MQTT UTF-8 string: two-byte length, then the bytes."""
     b = s.encode() if isinstance(s, str) else s
     return struct.pack("!H", len(b)) + b
-
-
-def varint(n: int) -> bytes:
-    """An MQTT remaining-length field."""
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
 
 
 def read_varint(buf: bytes, pos: int) -> tuple[int, int]:
