@@ -8,16 +8,18 @@ parses in several threads at once: pytest rewrites modules as they are imported,
 parses lambdas to describe strategies, and a traceback formatted in any thread (paho's, the
 Cassandra driver's, a store's writer) parses its lines to place its carets.
 
-This covers threads only (tests/test_ast_threads.py). The HTTP fuzz test still failed once with
-the same SystemError with this lock in place (a fresh-clone run on Debian's 3.11.2, inside
-Hypothesis describing a lambda): another way in, perhaps a parse started again in the same
-thread by a garbage collection, is not covered yet.
+The same thread can do it too: a collection in the middle of a parse runs finalizers, one that
+raises goes to pytest's unraisable-exception hook, and that formats a traceback, which parses
+again before the first parse is done (this failed the HTTP fuzz test on Debian's 3.11.2 with
+only the lock in place). So the parse also runs with the collector off; a parse allocates
+nothing the collector is needed for, and the collector is back on as soon as it returns.
 """
 
 from __future__ import annotations
 
 import ast
 import functools
+import gc
 import sys
 import threading
 from typing import Any
@@ -26,17 +28,24 @@ FIXED_IN = (3, 11, 8)
 
 
 def serialize_ast_parse() -> bool:
-    """Make ``ast.parse`` take a process-wide lock (re-entrant: a collection in the middle of one
-    may parse again in the same thread); True when this CPython needed it."""
+    """Make ``ast.parse`` take a process-wide lock and run with the garbage collector off, so no
+    other parse can start in the middle of one, in another thread or in this one; True when this
+    CPython needed it."""
     if sys.version_info >= FIXED_IN or getattr(ast.parse, "_one_thread_at_a_time", False):
         return False
     parse = ast.parse
-    lock = threading.RLock()
+    lock = threading.RLock()  # re-entrant, should a parse ever start another one on its own
 
     @functools.wraps(parse)
     def one_at_a_time(*args: Any, **kwargs: Any) -> Any:
         with lock:
-            return parse(*args, **kwargs)
+            collecting = gc.isenabled()
+            gc.disable()
+            try:
+                return parse(*args, **kwargs)
+            finally:
+                if collecting:
+                    gc.enable()
 
     one_at_a_time._one_thread_at_a_time = True  # type: ignore[attr-defined]
     ast.parse = one_at_a_time
