@@ -674,6 +674,10 @@ def bench(
     keep_store: Annotated[bool, typer.Option(
         help="with --profile production: keep what earlier runs left in the bench's keyspace (by default it "
         "is dropped and made again, so every run starts from an empty store)")] = False,
+    keyspace: Annotated[str, typer.Option(
+        help="with --profile production: the bench's keyspace, pigeon_bench or pigeon_bench_NAME (NAME: up to 30 "
+        "lower-case letters, digits and _), so that runs side by side on one Cassandra do not empty each other's")] = (
+        "pigeon_bench"),
     mqtt5: Annotated[bool, typer.Option(
         help="wire: also measure a pair of v2 devices over MQTT 5 with topic aliases (the broker must speak "
         "MQTT 5: Mosquitto, --profile production; the embedded broker speaks 3.1.1 only)")] = False,
@@ -682,7 +686,7 @@ def bench(
     import json
 
     from clients.bench.run import SCENARIOS, Bench, Options
-    from clients.bench.target import BenchError, open_target
+    from clients.bench.target import BENCH_KEYSPACE, BenchError, open_target
 
     chosen = [s for s in SCENARIOS if s != "overload"] if scenario == "all" else [scenario]
     problems = []
@@ -714,6 +718,9 @@ def bench(
         problems.append(f"--proto must be 1 or 2, got {proto}")
     if keep_store and profile != "production":
         problems.append("--keep-store is for --profile production (the embedded one always starts empty)")
+    if not BENCH_KEYSPACE.fullmatch(keyspace) or (keyspace != "pigeon_bench" and profile != "production"):
+        problems.append(f"--keyspace must be pigeon_bench or pigeon_bench_NAME (NAME: up to 30 lower-case letters, "
+                        f"digits and _), and only with --profile production; got {keyspace!r}")
     if mqtt5 and profile == "embedded":
         problems.append("--mqtt5 needs a broker that speaks MQTT 5; the embedded one speaks 3.1.1 only")
     if problems:
@@ -729,7 +736,7 @@ def bench(
     results = []
     try:
         with open_target(profile, http, mqtt, server_pid or [], broker_credentials_file, label,
-                         server_log, bridges, ca_file, keep_store) as target:
+                         server_log, bridges, ca_file, keep_store, keyspace) as target:
             runner = Bench(target, opts, err)
             for name in chosen:
                 result = runner.run(name).as_dict()

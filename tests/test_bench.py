@@ -106,7 +106,8 @@ def test_every_scenario_runs_on_the_production_profile(tmp_path: Path) -> None:
 
 def test_the_bench_empties_its_own_keyspace_and_no_other() -> None:
     """A production run starts from an empty ``pigeon_bench`` keyspace (what earlier runs left
-    would be compacted under the next one); any other keyspace is refused, untouched."""
+    would be compacted under the next one), or ``pigeon_bench_NAME`` with ``--keyspace``; any
+    other keyspace is refused, untouched."""
     from urllib.parse import urlparse
 
     from cassandra.cluster import Cluster
@@ -114,21 +115,25 @@ def test_the_bench_empties_its_own_keyspace_and_no_other() -> None:
     from clients.bench.target import BenchError, empty_keyspace
 
     url = urlparse(production_url("PIGEON_STORE", "cassandra://"))
-    with pytest.raises(BenchError, match="refusing to drop keyspace 'pigeon_bench_kept'"):
-        empty_keyspace(url._replace(path="/pigeon_bench_kept").geturl())
+    for other in ("pigeon_kept", "pigeon_benchkept", "pigeon_bench_Kept", "pigeon_bench_"):
+        with pytest.raises(BenchError, match=f"refusing to drop keyspace '{other}'"):
+            empty_keyspace(url._replace(path=f"/{other}").geturl())
     cluster = Cluster([url.hostname or "127.0.0.1"], port=url.port or 9042, protocol_version=4)
     try:
         session = cluster.connect()
-        for keyspace in ("pigeon_bench", "pigeon_bench_kept"):
+        for keyspace in ("pigeon_bench", "pigeon_bench_side", "pigeon_kept"):
             session.execute(f"CREATE KEYSPACE IF NOT EXISTS {keyspace} WITH replication = "
                             "{'class': 'SimpleStrategy', 'replication_factor': 1}", timeout=60)
             session.execute(f"CREATE TABLE IF NOT EXISTS {keyspace}.left_by_a_run (k int PRIMARY KEY)", timeout=60)
             session.execute(f"INSERT INTO {keyspace}.left_by_a_run (k) VALUES (1)")
         empty_keyspace(url._replace(path="/pigeon_bench").geturl())
         names = {r.keyspace_name for r in session.execute("SELECT keyspace_name FROM system_schema.keyspaces")}
-        assert "pigeon_bench" not in names and "pigeon_bench_kept" in names
-        assert session.execute("SELECT k FROM pigeon_bench_kept.left_by_a_run").one() is not None
-        session.execute("DROP KEYSPACE pigeon_bench_kept", timeout=60)
+        assert "pigeon_bench" not in names and {"pigeon_bench_side", "pigeon_kept"} <= names
+        empty_keyspace(url._replace(path="/pigeon_bench_side").geturl())
+        names = {r.keyspace_name for r in session.execute("SELECT keyspace_name FROM system_schema.keyspaces")}
+        assert "pigeon_bench_side" not in names and "pigeon_kept" in names
+        assert session.execute("SELECT k FROM pigeon_kept.left_by_a_run").one() is not None
+        session.execute("DROP KEYSPACE pigeon_kept", timeout=60)
     finally:
         cluster.shutdown()
 
@@ -195,6 +200,9 @@ def test_a_cold_sync_restarts_the_server_and_still_gets_everything(tmp_path: Pat
     (["p2p", "--profile", "embedded", "--proto", "3"], "--proto must be 1 or 2"),
     (["wire", "--profile", "embedded", "--mqtt5"], "--mqtt5 needs a broker that speaks MQTT 5"),
     (["p2p", "--profile", "embedded", "--keep-store"], "--keep-store is for --profile production"),
+    (["p2p", "--profile", "production", "--keyspace", "pigeon_test"], "--keyspace must be pigeon_bench or"),
+    (["p2p", "--profile", "production", "--keyspace", "pigeon_bench_a;DROP"], "--keyspace must be pigeon_bench or"),
+    (["p2p", "--profile", "embedded", "--keyspace", "pigeon_bench_a"], "only with --profile production"),
 ])
 def test_bad_arguments_are_refused_before_anything_runs(args: list[str], message: str) -> None:
     done = bench(*args, timeout=60)

@@ -186,8 +186,12 @@ def production_services() -> Iterator[dict[str, str]]:
             subprocess.run([sys.executable, str(SERVICES), "down"], cwd=ROOT, check=False)
 
 
+BENCH_KEYSPACE = re.compile(r"pigeon_bench(_[a-z0-9]{1,30})?")
+
+
 def empty_keyspace(store_url: str) -> None:
-    """Drop the bench's own keyspace (it is migrated again right after), so that every run starts
+    """Drop the bench's own keyspace (``pigeon_bench``, or ``pigeon_bench_NAME`` given with
+    ``--keyspace``; it is migrated again right after), so that every run starts
     from the same empty store. Data kept from earlier runs is compacted by Cassandra while the next
     one runs: on a 2-core box that shares every server, compacting a few tens of MB takes a core for
     seconds and shows in the latencies measured (see BENCHMARKS.md). ``--keep-store`` keeps it."""
@@ -198,7 +202,7 @@ def empty_keyspace(store_url: str) -> None:
         raise BenchError("the bench empties its keyspace with an unauthenticated connection; "
                          "use --keep-store with a Cassandra that asks for credentials")
     keyspace = url.path.strip("/")
-    if keyspace != "pigeon_bench":  # the bench only ever drops its own
+    if not BENCH_KEYSPACE.fullmatch(keyspace):  # the bench only ever drops its own
         raise BenchError(f"refusing to drop keyspace {keyspace!r}")
     cluster = Cluster([h for h in (url.hostname or "127.0.0.1").split(",")], port=url.port or 9042,
                       protocol_version=4, connect_timeout=10)
@@ -264,7 +268,8 @@ def keep_log(server: ServerProc, to: Path | None) -> None:
 @contextlib.contextmanager
 def open_target(profile: str | None, http: str | None, mqtt: str | None, server_pids: list[int],
                 credentials_file: Path | None, label: str | None, server_log: Path | None = None,
-                bridges: int = 1, ca_file: Path | None = None, keep_store: bool = False) -> Iterator[Target]:
+                bridges: int = 1, ca_file: Path | None = None, keep_store: bool = False,
+                keyspace: str = "pigeon_bench") -> Iterator[Target]:
     if http is not None:
         if mqtt is None:
             raise BenchError("--http needs --mqtt HOST:PORT too")
@@ -303,7 +308,7 @@ def open_target(profile: str | None, http: str | None, mqtt: str | None, server_
     if profile == "production":
         with production_services() as env, tempfile.TemporaryDirectory(prefix="pigeon-bench-") as tmp:
             # the bench's own keyspace, on the same cluster with the same options
-            store = urlparse(env["PIGEON_STORE"])._replace(path="/pigeon_bench").geturl()
+            store = urlparse(env["PIGEON_STORE"])._replace(path=f"/{keyspace}").geturl()
             if not keep_store:
                 empty_keyspace(store)
             migrate = subprocess.run([sys.executable, "-m", "clients.cli", "db", "migrate", "--store", store],
