@@ -29,8 +29,13 @@ return 0
 """
 _OFFLINE = """
 local removed = redis.call('SREM', KEYS[1], ARGV[1])
-if removed == 1 then redis.call('DECR', KEYS[2]) end
+if removed == 1 and redis.call('DECR', KEYS[2]) <= 0 then redis.call('DEL', KEYS[2]) end
 if removed == 1 and redis.call('SCARD', KEYS[1]) == 0 then return 1 end
+return 0
+"""
+# a user's device count left at 0 (servers before 2026-12-01 kept them), removed as it is found
+_DROP_IF_ZERO = """
+if tonumber(redis.call('GET', KEYS[1]) or '0') <= 0 then return redis.call('DEL', KEYS[1]) end
 return 0
 """
 _WATCHERS = """
@@ -125,7 +130,8 @@ class RedisState:
         await self._do(self._redis.ping())
         if self._peer_host is not None:
             self._peer_client = PeerClient(self._peer_key)
-        scripts = (("online", _ONLINE), ("offline", _OFFLINE), ("watchers", _WATCHERS))
+        scripts = (("online", _ONLINE), ("offline", _OFFLINE), ("watchers", _WATCHERS),
+                   ("drop_if_zero", _DROP_IF_ZERO))
         for name, src in scripts:
             self._scripts[name] = self._redis.register_script(src)
 
@@ -175,7 +181,14 @@ class RedisState:
                     pipe = self._redis.pipeline(transaction=False)
                     for key in keys:
                         pipe.get(key)
-                    total += sum(int(v or 0) for v in await pipe.execute())
+                    values = [int(v or 0) for v in await pipe.execute()]
+                    total += sum(values)
+                    left = [key for key, v in zip(keys, values, strict=True) if v <= 0]
+                    if left:  # (the user's count is gone when its last device goes offline)
+                        pipe = self._redis.pipeline(transaction=False)
+                        for key in left:
+                            await self._scripts["drop_if_zero"](keys=[key], client=pipe)  # (queued)
+                        await pipe.execute()
                 if not cursor:
                     return total
 

@@ -63,6 +63,41 @@ async def test_online_device_count(state: SharedState) -> None:
     assert await state.online_devices() == before
 
 
+async def test_a_user_gone_offline_leaves_no_presence_key_in_redis() -> None:
+    """The device count walks the users' count keys: one left behind at 0 by every user who was
+    ever online made each count (every 5 s while /metrics is scraped) walk them all, for good."""
+    import redis.asyncio as aioredis
+
+    url = production_url("PIGEON_REDIS", "redis://")
+    s = open_state(url)
+    await s.open()
+    raw = aioredis.from_url(url)
+    try:
+        u = uid()
+        await s.device_online(u, "a")
+        await s.device_online(u, "b")
+        await s.device_offline(u, "a")
+        assert await raw.get(f"pg:{{u:{u}}}:count") == b"1"
+        await s.device_offline(u, "b")
+        await s.device_offline(u, "b")  # (again: changes nothing)
+        assert await raw.exists(f"pg:{{u:{u}}}:count", f"pg:{{u:{u}}}:online") == 0
+        await s.device_online(u, "a")
+        assert await raw.get(f"pg:{{u:{u}}}:count") == b"1" and await s.is_online(u)
+        await s.device_offline(u, "a")
+        assert await raw.exists(f"pg:{{u:{u}}}:count") == 0
+        # one left at 0 by an older server goes with the next count; one at 1 stays
+        old, online = uid(), uid()
+        await raw.set(f"pg:{{u:{old}}}:count", 0)
+        await s.device_online(online, "a")
+        await s.online_devices()
+        assert await raw.exists(f"pg:{{u:{old}}}:count") == 0
+        assert await raw.get(f"pg:{{u:{online}}}:count") == b"1"
+        await s.device_offline(online, "a")
+    finally:
+        await raw.aclose()
+        await s.close()
+
+
 async def test_watches_expire(state: SharedState) -> None:
     u = uid()
     await state.add_watch(u, "w1/d1", expiry_ms=2_000, now_ms=1_000)
