@@ -9,6 +9,12 @@ that reason.
 A ``sent`` leaves out the chat when the ``send`` named it (rather than ``to``): the device
 restores it from its own request (``decode``'s ``chats``).
 
+Ids in the shape the store makes them (one letter, then 64 random bits as 11 base-62 digits,
+least significant first: ``storage.sqlite.new_id``) go as those 64 bits: a uint 64 (9 bytes
+instead of a 13-byte str) where the letter is the one the field implies (``u`` for users,
+``d`` for devices, ``c`` for chats), else an ext of type ``ord(letter)`` with the 8 bytes
+big-endian (10 bytes; a group chat, ``g``). Any other id goes as its str. Both ways.
+
 Requests: a payload whose first byte is a MessagePack array marker (0x90-0x9f, 0xdc, 0xdd) is
 v2; anything else is read as v1 JSON. A v2 request is turned into the v1 object and validated
 by the same ``from_json`` as a JSON one, so both mean exactly the same.
@@ -63,11 +69,51 @@ REQUESTS: dict[int, tuple[str, tuple[str, ...]]] = {
 }
 REQUEST_NUMBERS = {name: (n, keys) for n, (name, keys) in REQUESTS.items()}
 _packb = msgpack.Packer(use_bin_type=True).pack
+# the fields that hold ids, by the letter their ids start with when sent as a bare number
+USER, DEVICE, CHAT = "u", "d", "c"
+ID_ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"  # (storage.sqlite.new_id's)
+_DIGIT = {c: i for i, c in enumerate(ID_ALPHABET)}
+_ID_DIGITS = 11
+# request fields that hold ids, and the letter each implies
+_REQUEST_IDS = {"chat": CHAT, "to": USER}
 
 
 def is_v2(raw: bytes | bytearray) -> bool:
     """Whether a device payload is v2 (a MessagePack array) rather than v1 JSON."""
     return bool(raw) and (0x90 <= raw[0] <= 0x9F or raw[0] in (0xDC, 0xDD))
+
+
+def id_out(s: str | None, letter: str) -> Any:
+    """An id as v2 carries it in a field whose ids start with ``letter`` (module docstring)."""
+    if s is None or len(s) != 1 + _ID_DIGITS or not ("A" <= s[0] <= "Z" or "a" <= s[0] <= "z"):
+        return s
+    n = 0
+    for c in reversed(s[1:]):
+        d = _DIGIT.get(c)
+        if d is None:
+            return s
+        n = n * 62 + d
+    if n >> 64:
+        return s
+    return n if s[0] == letter else msgpack.ExtType(ord(s[0]), n.to_bytes(8, "big"))
+
+
+def _digits(letter: str, n: int) -> str:
+    out = [letter]
+    for _ in range(_ID_DIGITS):
+        n, d = divmod(n, 62)
+        out.append(ID_ALPHABET[d])
+    return "".join(out)
+
+
+def id_in(v: Any, letter: str) -> Any:
+    """The id a v2 field holds (``letter``: what a bare number in it starts with); anything
+    that is not an id in either form is returned as it is, for ``from_json`` to judge."""
+    if type(v) is int and 0 <= v < 1 << 64:
+        return _digits(letter, v)
+    if isinstance(v, msgpack.ExtType) and len(v.data) == 8 and ("A" <= chr(v.code) <= "Z" or "a" <= chr(v.code) <= "z"):
+        return _digits(chr(v.code), int.from_bytes(v.data, "big"))
+    return v
 
 
 def _trim(a: list[Any]) -> list[Any]:
@@ -85,13 +131,14 @@ def _msg(ev: MsgEvent, for_user: str) -> list[Any]:
     own = m.sender == for_user
     derived = m.id == f"{m.chat}:{m.seq}"
     return _trim([
-        MSG, ev.inbox, m.chat, m.seq, m.ts, KINDS.index(m.kind), None if own else m.sender, m.body,
-        None if derived else m.id, m.device, None if m.media is None else _media(m.media), m.event, m.user,
+        MSG, ev.inbox, id_out(m.chat, CHAT), m.seq, m.ts, KINDS.index(m.kind), None if own else id_out(m.sender, USER),
+        m.body, None if derived else m.id, id_out(m.device, DEVICE), None if m.media is None else _media(m.media),
+        m.event, id_out(m.user, USER),
     ])
 
 
 def _receipt(ev: ReceiptEvent) -> list[Any]:
-    return [RECEIPT, ev.inbox, ev.chat, ev.user, RECEIPT_KINDS.index(ev.kind), ev.up_to]
+    return [RECEIPT, ev.inbox, id_out(ev.chat, CHAT), id_out(ev.user, USER), RECEIPT_KINDS.index(ev.kind), ev.up_to]
 
 
 def _inbox_item(ev: InboxEvent, for_user: str) -> list[Any]:
@@ -105,15 +152,16 @@ def to_array(event: Event, for_user: str) -> list[Any]:
     if isinstance(event, ReceiptEvent):
         return _receipt(event)
     if isinstance(event, Sent):
-        return _trim([SENT, event.id, None if event.chat_known else event.chat, event.seq, event.ts, event.inbox])
+        return _trim([SENT, event.id, None if event.chat_known else id_out(event.chat, CHAT), event.seq, event.ts,
+                      event.inbox])
     if isinstance(event, Batch):
         return [BATCH, event.id, event.last, event.more, [_inbox_item(e, for_user) for e in event.events]]
     if isinstance(event, ErrorReply):
         return _trim([ERROR, event.id, event.code, event.message, event.retry_after_ms])
     if isinstance(event, PresenceEvent):
-        return _trim([PRESENCE, event.user, event.online, event.last_seen, event.id])
+        return _trim([PRESENCE, id_out(event.user, USER), event.online, event.last_seen, event.id])
     if isinstance(event, TypingEvent):
-        return [TYPING, event.chat, event.user]
+        return [TYPING, id_out(event.chat, CHAT), id_out(event.user, USER)]
     if isinstance(event, MediaUploadReply):
         up = event.upload
         ticket = None if up is None else _trim([
@@ -140,13 +188,13 @@ def _v1_msg(a: list[Any], for_user: str) -> dict[str, Any]:
     kind = _at(a, 5)
     if not isinstance(kind, int) or not 0 <= kind < len(KINDS):
         raise BadRequest("msg: kind must be 0, 1 or 2")
-    chat, seq, sender = _at(a, 2), _at(a, 3), _at(a, 6)
+    chat, seq, sender = id_in(_at(a, 2), CHAT), _at(a, 3), id_in(_at(a, 6), USER)
     d: dict[str, Any] = {
         "type": "msg", "inbox": _at(a, 1), "chat": chat, "seq": seq,
         "id": _at(a, 8) if _at(a, 8) is not None else f"{chat}:{seq}",
         "from": sender if sender is not None else for_user,
-        "device": _at(a, 9),
-        "ts": _at(a, 4), "kind": KINDS[kind], "body": _at(a, 7), "event": _at(a, 11), "user": _at(a, 12),
+        "device": id_in(_at(a, 9), DEVICE),
+        "ts": _at(a, 4), "kind": KINDS[kind], "body": _at(a, 7), "event": _at(a, 11), "user": id_in(_at(a, 12), USER),
     }
     media = _at(a, 10)
     if media is not None:
@@ -167,10 +215,10 @@ def _v1_event(a: Any, for_user: str, chats: Mapping[str, str] | None = None) -> 
         kind = _at(a, 4)
         if kind not in (0, 1):
             raise BadRequest("receipt: kind must be 0 or 1")
-        return {"type": "receipt", "inbox": _at(a, 1), "chat": _at(a, 2), "user": _at(a, 3),
+        return {"type": "receipt", "inbox": _at(a, 1), "chat": id_in(_at(a, 2), CHAT), "user": id_in(_at(a, 3), USER),
                 "kind": RECEIPT_KINDS[kind], "up_to": _at(a, 5)}
     if t == SENT:
-        rid, chat = _at(a, 1), _at(a, 2)
+        rid, chat = _at(a, 1), id_in(_at(a, 2), CHAT)
         if chat is None and chats is not None and isinstance(rid, str):
             chat = chats.get(rid)  # the chat the send named: the device knows it
         return {"type": "sent", "id": rid, "chat": chat, "seq": _at(a, 3), "ts": _at(a, 4), "inbox": _at(a, 5)}
@@ -184,9 +232,10 @@ def _v1_event(a: Any, for_user: str, chats: Mapping[str, str] | None = None) -> 
         return {"type": "error", "id": _at(a, 1), "code": _at(a, 2), "message": _at(a, 3),
                 "retry_after_ms": _at(a, 4)}
     if t == PRESENCE:
-        return {"type": "presence", "user": _at(a, 1), "online": _at(a, 2), "last_seen": _at(a, 3), "id": _at(a, 4)}
+        return {"type": "presence", "user": id_in(_at(a, 1), USER), "online": _at(a, 2), "last_seen": _at(a, 3),
+                "id": _at(a, 4)}
     if t == TYPING:
-        return {"type": "typing", "chat": _at(a, 1), "user": _at(a, 2)}
+        return {"type": "typing", "chat": id_in(_at(a, 1), CHAT), "user": id_in(_at(a, 2), USER)}
     if t == MEDIA_UPLOAD:
         ticket = _at(a, 4)
         if ticket is not None and not isinstance(ticket, list):
@@ -252,7 +301,10 @@ def parse_request_v2(raw: bytes | bytearray, max_bytes: int) -> Request:
     d: dict[str, Any] = {"type": name}
     for key, value in zip(keys, a[1:], strict=False):
         if value is not None:
-            d[key] = value
+            letter = _REQUEST_IDS.get(key)
+            d[key] = value if letter is None else id_in(value, letter)
+    if name == "watch" and isinstance(d.get("users"), list):
+        d["users"] = [id_in(u, USER) for u in d["users"]]
     if name == "presence" and "state" in d:
         if not isinstance(d["state"], bool):
             raise BadRequest("presence: the state is true (online) or false (offline)")
@@ -270,6 +322,10 @@ def request_array(d: Mapping[str, Any]) -> list[Any]:
         v = d.get(key)
         if key == "state" and v is not None:
             v = v == "online"
+        elif key in _REQUEST_IDS and isinstance(v, str):
+            v = id_out(v, _REQUEST_IDS[key])
+        elif key == "users" and isinstance(v, list):
+            v = [id_out(u, USER) if isinstance(u, str) else u for u in v]
         a.append(v)
     return _trim(a)
 
@@ -279,4 +335,5 @@ def encode_request(d: Mapping[str, Any]) -> bytes:
     return payload
 
 
-__all__ = ["decode", "encode", "encode_request", "is_v2", "parse_any", "parse_request_v2", "request_array", "to_array"]
+__all__ = ["decode", "encode", "encode_request", "id_in", "id_out", "is_v2", "parse_any", "parse_request_v2",
+           "request_array", "to_array"]

@@ -14,10 +14,22 @@ from hypothesis import strategies as st
 
 from bridge.errors import BadRequest, ProtocolError, TooLarge, UnknownType
 from bridge.outbox import Out, ToDevice, ToUser
-from bridge.protocol import ChatMessage, MsgEvent, Sent, WireEvent, decode_payload, parse_request
+from bridge.protocol import (
+    Batch,
+    ChatMessage,
+    MsgEvent,
+    PresenceEvent,
+    ReceiptEvent,
+    Sent,
+    TypingEvent,
+    WireEvent,
+    decode_payload,
+    parse_request,
+)
 from bridge.wire import DeviceKinds, encode_v1, publishes
+from bridge.wire_v2 import REQUEST_NUMBERS, decode, encode, encode_request, id_in, id_out, is_v2, parse_request_v2
 from bridge.wire_v2 import REQUESTS as V2_REQUESTS
-from bridge.wire_v2 import decode, encode, encode_request, is_v2, parse_request_v2
+from storage.sqlite import new_id
 from tests.test_protocol_events import EVENTS
 
 SENDER, OTHER = "u_a", "u_b"
@@ -146,3 +158,75 @@ def test_a_sent_for_a_send_that_named_its_chat_leaves_the_chat_to_the_device() -
     with_inbox = decode(encode(Sent("k1", "c_1", 7, 1795438173378, inbox=9, chat_known=True), SENDER), SENDER,
                         {"k1": "c_1"})
     assert isinstance(with_inbox, Sent) and (with_inbox.chat, with_inbox.inbox) == ("c_1", 9)
+
+
+# -- ids in the store's shape go as their 64 bits ----------------------------------------------------
+def store_ids() -> dict[str, str]:
+    return {"user_a": new_id("u"), "user_b": new_id("u"), "device": new_id("d"), "direct": new_id("c"),
+            "group": new_id("g")}
+
+
+def id_events(ids: dict[str, str]) -> list[WireEvent]:
+    text = ChatMessage(chat=ids["direct"], seq=3, id="7", sender=ids["user_a"], device=ids["device"],
+                       ts=1_795_438_173_378, kind="text", body="x" * 20)
+    system = ChatMessage(chat=ids["group"], seq=1, id=f"{ids['group']}:1", sender=ids["user_a"],
+                         device=ids["device"], ts=1_795_438_173_378, kind="system", event="member_added",
+                         user=ids["user_b"])
+    return [
+        MsgEvent(7, text), MsgEvent(8, system),
+        ReceiptEvent(9, ids["direct"], ids["user_b"], "delivered", 3), ReceiptEvent(10, ids["group"], "*", "read", 1),
+        Sent("7", ids["direct"], 3, 1_795_438_173_378), PresenceEvent(user=ids["user_b"], online=True, last_seen=9),
+        TypingEvent(user=ids["user_b"], chat=ids["group"]),
+        Batch(id="s", events=(MsgEvent(7, text), ReceiptEvent(9, ids["direct"], ids["user_b"], "delivered", 3)),
+              last=9, more=False),
+    ]
+
+
+@pytest.mark.parametrize("n", range(20))
+def test_store_shaped_ids_mean_the_same_in_v2(n: int) -> None:
+    ids = store_ids()
+    for event in id_events(ids):
+        v1 = decode_payload(encode_v1(event))  # type: ignore[arg-type]
+        for user in (ids["user_a"], ids["user_b"]):
+            assert decode(encode(event, user), user) == v1  # type: ignore[arg-type]
+
+
+def test_a_store_shaped_id_is_nine_bytes_or_ten_for_another_letter_and_any_other_id_its_string() -> None:
+    ids = store_ids()
+    assert len(msgpack.packb(id_out(ids["user_a"], "u"))) == 9
+    assert len(msgpack.packb(id_out(ids["direct"], "c"))) == 9
+    assert len(msgpack.packb(id_out(ids["group"], "c"))) == 10
+    for other in ("u_a", "*", "u" + "0123456789abcdef", ids["user_a"][:-1] + "-", "u" + "z" * 11):  # 62**11 > 2**64
+        assert id_out(other, "u") == other and id_in(other, "u") == other
+    for s in ids.values():
+        assert id_in(id_out(s, "c"), "c") == s
+    text = id_events(ids)[0]
+    assert isinstance(text, MsgEvent)
+    # chat, from and device as 9 bytes each rather than 13
+    as_str = msgpack.packb([1, 7, ids["direct"], 3, 1_795_438_173_378, 0, ids["user_a"], "x" * 20, "7", ids["device"]])
+    assert len(encode(text, ids["user_b"])) == len(as_str) - 3 * 4
+
+
+@pytest.mark.parametrize("request_", [
+    {"type": "send", "id": "7", "chat": "c", "body": "hi"}, {"type": "send", "id": "8", "to": "u", "body": "hi"},
+    {"type": "read", "chat": "g", "up_to": 4}, {"type": "typing", "chat": "c"},
+    {"type": "watch", "id": "w", "users": ["u", "u"], "ttl": 30},
+    {"type": "media_url", "id": "g", "key": "k", "chat": "g"},
+], ids=lambda r: r["type"])
+def test_requests_with_store_shaped_ids_read_the_same_and_are_shorter(request_: dict[str, Any]) -> None:
+    ids = {"c": new_id("c"), "g": new_id("g"), "u": new_id("u")}
+    d = {k: ids.get(v, v) if isinstance(v, str) and k != "id" else v for k, v in request_.items()}
+    if "users" in d:
+        d["users"] = [new_id("u") for _ in d["users"]]
+    raw = encode_request(d)
+    assert parse_request_v2(raw, 4096) == parse_request(json.dumps(d).encode(), 4096)
+    as_str = msgpack.packb(request_array_as_str(d))
+    assert len(raw) < len(as_str)
+
+
+def request_array_as_str(d: dict[str, Any]) -> list[Any]:
+    n, keys = REQUEST_NUMBERS[d["type"]]
+    a: list[Any] = [n, *(d.get(k) for k in keys)]
+    while a[-1] is None:
+        a.pop()
+    return a
