@@ -9,6 +9,12 @@ that reason.
 A ``sent`` leaves out the chat when the ``send`` named it (rather than ``to``): the device
 restores it from its own request (``decode``'s ``chats``).
 
+A live ``msg`` (one published as it happens, not an item of a sync ``batch``) in a direct chat
+leaves out the chat for the peer, the member who did not send it: it is the direct chat with
+the sender, which never changes. A device that does not know that chat yet (``decode``'s
+``peers``) gets :class:`Unresolved` and fetches the event by ``sync``, whose items always
+carry everything; that item tells it the chat for next time.
+
 Ids in the shape the store makes them (one letter, then 64 random bits as 11 base-62 digits,
 least significant first: ``storage.sqlite.new_id``) go as those 64 bits: a uint 64 (9 bytes
 instead of a 13-byte str) where the letter is the one the field implies (``u`` for users,
@@ -126,12 +132,24 @@ def _media(m: Attachment) -> list[Any]:
     return _trim([m.key, m.mime, m.size, m.sha256, m.name])
 
 
-def _msg(ev: MsgEvent, for_user: str) -> list[Any]:
+class Unresolved(BadRequest):
+    """A live v2 event leaves out something this device does not know yet: it fetches the event
+    at ``inbox`` by ``sync`` (a batch's items leave nothing out). ``peer``: the event is a
+    message in the direct chat with that user (the batch's item names the chat)."""
+
+    def __init__(self, message: str, *, inbox: Any, peer: str | None = None) -> None:
+        super().__init__(message)
+        self.inbox: int | None = inbox if type(inbox) is int else None
+        self.peer = peer
+
+
+def _msg(ev: MsgEvent, for_user: str, live: bool = False) -> list[Any]:
     m = ev.message
     own = m.sender == for_user
     derived = m.id == f"{m.chat}:{m.seq}"
+    chat = None if live and ev.direct and not own else id_out(m.chat, CHAT)  # (the direct chat with the sender)
     return _trim([
-        MSG, ev.inbox, id_out(m.chat, CHAT), m.seq, m.ts, KINDS.index(m.kind), None if own else id_out(m.sender, USER),
+        MSG, ev.inbox, chat, m.seq, m.ts, KINDS.index(m.kind), None if own else id_out(m.sender, USER),
         m.body, None if derived else m.id, id_out(m.device, DEVICE), None if m.media is None else _media(m.media),
         m.event, id_out(m.user, USER),
     ])
@@ -148,7 +166,7 @@ def _inbox_item(ev: InboxEvent, for_user: str) -> list[Any]:
 def to_array(event: Event, for_user: str) -> list[Any]:
     """The event's v2 array for a device of ``for_user``."""
     if isinstance(event, MsgEvent):
-        return _msg(event, for_user)
+        return _msg(event, for_user, live=True)
     if isinstance(event, ReceiptEvent):
         return _receipt(event)
     if isinstance(event, Sent):
@@ -184,11 +202,15 @@ def _at(a: list[Any], i: int) -> Any:
     return a[i] if i < len(a) else None
 
 
-def _v1_msg(a: list[Any], for_user: str) -> dict[str, Any]:
+def _v1_msg(a: list[Any], for_user: str, live: bool, peers: Mapping[str, str] | None) -> dict[str, Any]:
     kind = _at(a, 5)
     if not isinstance(kind, int) or not 0 <= kind < len(KINDS):
         raise BadRequest("msg: kind must be 0, 1 or 2")
     chat, seq, sender = id_in(_at(a, 2), CHAT), _at(a, 3), id_in(_at(a, 6), USER)
+    if chat is None and live and isinstance(sender, str):  # the direct chat with the sender
+        chat = None if peers is None else peers.get(sender)
+        if chat is None:
+            raise Unresolved(f"msg: the direct chat with {sender} is not known here", inbox=_at(a, 1), peer=sender)
     d: dict[str, Any] = {
         "type": "msg", "inbox": _at(a, 1), "chat": chat, "seq": seq,
         "id": _at(a, 8) if _at(a, 8) is not None else f"{chat}:{seq}",
@@ -205,12 +227,13 @@ def _v1_msg(a: list[Any], for_user: str) -> dict[str, Any]:
     return d
 
 
-def _v1_event(a: Any, for_user: str, chats: Mapping[str, str] | None = None) -> dict[str, Any]:
+def _v1_event(a: Any, for_user: str, chats: Mapping[str, str] | None = None,
+              peers: Mapping[str, str] | None = None, live: bool = True) -> dict[str, Any]:
     if not isinstance(a, list) or not a or not isinstance(a[0], int):
         raise BadRequest("a v2 event is an array that starts with its type number")
     t = a[0]
     if t == MSG:
-        return _v1_msg(a, for_user)
+        return _v1_msg(a, for_user, live, peers)
     if t == RECEIPT:
         kind = _at(a, 4)
         if kind not in (0, 1):
@@ -227,7 +250,7 @@ def _v1_event(a: Any, for_user: str, chats: Mapping[str, str] | None = None) -> 
         if not isinstance(items, list):
             raise BadRequest("batch: items must be an array")
         return {"type": "batch", "id": _at(a, 1), "last": _at(a, 2), "more": _at(a, 3),
-                "items": [_v1_event(i, for_user) for i in items]}
+                "items": [_v1_event(i, for_user, live=False) for i in items]}
     if t == ERROR:
         return {"type": "error", "id": _at(a, 1), "code": _at(a, 2), "message": _at(a, 3),
                 "retry_after_ms": _at(a, 4)}
@@ -258,12 +281,15 @@ def _unpack(raw: bytes | bytearray) -> Any:
         raise BadRequest("payload is not MessagePack") from exc
 
 
-def decode(raw: bytes | bytearray, for_user: str, chats: Mapping[str, str] | None = None) -> Event:
+def decode(raw: bytes | bytearray, for_user: str, chats: Mapping[str, str] | None = None, *,
+           peers: Mapping[str, str] | None = None) -> Event:
     """A v2 payload received by a device of ``for_user``, as its typed envelope, validated by
     the same ``from_json`` as v1. ``chats``: the chat each ``send`` of this device that awaits
     its ``sent`` named, by request id (a ``sent`` leaves out a chat the send named; without it
-    such a ``sent`` has no chat and is refused). Raises ProtocolError."""
-    return _typed(_v1_event(_unpack(raw), for_user, chats))
+    such a ``sent`` has no chat and is refused). ``peers``: the direct chat with each user this
+    device knows it for (a live ``msg`` from the peer leaves it out; see :class:`Unresolved`).
+    Raises ProtocolError: :class:`Unresolved` when what the event leaves out is not known."""
+    return _typed(_v1_event(_unpack(raw), for_user, chats, peers))
 
 
 def _typed(d: dict[str, Any]) -> Event:
@@ -335,5 +361,5 @@ def encode_request(d: Mapping[str, Any]) -> bytes:
     return payload
 
 
-__all__ = ["decode", "encode", "encode_request", "id_in", "id_out", "is_v2", "parse_any", "parse_request_v2",
-           "request_array", "to_array"]
+__all__ = ["Unresolved", "decode", "encode", "encode_request", "id_in", "id_out", "is_v2", "parse_any",
+           "parse_request_v2", "request_array", "to_array"]

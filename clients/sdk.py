@@ -55,6 +55,7 @@ from typing import Any
 
 import aiomqtt
 import httpx
+from cachetools import LRUCache
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -82,6 +83,8 @@ log = logging.getLogger(__name__)
 __all__ = ["Api", "Device", "Event", "PigeonClientError", "Profile", "RequestTimeout", "login", "request_code",
            "verify"]
 CLOSE_STEP_S = 5.0
+PEERS_KEPT = 4096  # direct chats remembered (one forgotten costs a sync when its peer writes next)
+UNRESOLVED_KEPT = 1024
 
 
 class PigeonClientError(Exception):
@@ -411,6 +414,10 @@ class Device:
         self._client: aiomqtt.Client | None = None
         self._pending: dict[str, asyncio.Future[Event]] = {}
         self._send_chats: dict[str, str] = {}  # request id -> the chat a pending send named (v2's sent omits it)
+        # v2: user -> the direct chat with them (a live msg from the peer leaves it out), and the
+        # inbox positions of live msgs that left out a chat not known here -> their sender
+        self._peers: LRUCache[str, str] = LRUCache(PEERS_KEPT)
+        self._unresolved: LRUCache[int, str | None] = LRUCache(UNRESOLVED_KEPT)
         self._events: asyncio.Queue[Event] = asyncio.Queue()
         self._side: asyncio.Queue[Event] = asyncio.Queue()
         self._cursor = profile.cursor
@@ -656,8 +663,13 @@ class Device:
                 continue
             raw = raw.encode() if isinstance(raw, str) else raw
             try:
-                event = (wire_v2.decode(raw, self.profile.user_id, self._send_chats) if wire_v2.is_v2(raw)
-                         else decode_payload(raw))
+                event = (wire_v2.decode(raw, self.profile.user_id, self._send_chats, peers=self._peers)
+                         if wire_v2.is_v2(raw) else decode_payload(raw))
+            except wire_v2.Unresolved as exc:  # fetched by sync, whose items are complete
+                if exc.inbox is not None and exc.inbox > self._cursor:
+                    self._unresolved[exc.inbox] = exc.peer
+                    self._sync_wanted.set()
+                continue
             except ProtocolError as exc:
                 log.warning("ignoring a payload on %s that is not a valid event: %s", message.topic, exc.message)
                 continue
@@ -706,7 +718,7 @@ class Device:
                 return
             await asyncio.sleep(0.05)  # let the in-flight live events land before asking
             self._sync_wanted.clear()
-            if self._buffer:
+            if self._buffer or self._unresolved:
                 try:
                     await self.sync()
                 except PigeonClientError as exc:
@@ -762,9 +774,15 @@ class Device:
                 if not isinstance(batch, Batch):
                     raise PigeonClientError("bad_reply", f"sync was answered with {batch.type}")
                 for item in batch.events:
+                    if isinstance(item, MsgEvent) and item.inbox in self._unresolved:
+                        peer = self._unresolved.pop(item.inbox)
+                        if peer is not None and item.message.sender == peer:  # it was the direct chat
+                            self._peers[peer] = item.message.chat
                     self._take(item, from_store=True)
                 if not batch.more or not batch.events:
                     break
+            for pos in [p for p in self._unresolved if p <= self._cursor]:
+                del self._unresolved[pos]
             await self._flush_ack()
             return self._cursor - before
 
@@ -781,6 +799,8 @@ class Device:
         if media is not None:
             payload["media"] = dict(media)
         reply = await self._request_retried(payload, retries)
+        if isinstance(reply, Sent) and to is not None:
+            self._peers[to] = reply.chat
         if isinstance(reply, Sent) and reply.inbox is not None:
             self._take_own(reply, body, media)
         return reply

@@ -57,6 +57,27 @@ async def test_v2_and_v1_devices_of_two_users_each_get_what_they_speak(new_user:
     assert back["body"] == "hi back" and back["inbox"] > own.inbox and back["from"] == bob.user_id
 
 
+async def test_a_direct_message_whose_chat_was_left_out_arrives_with_it(
+        new_user: NewUser, connect: Any, server: ServerProc) -> None:
+    """A live msg from the peer of a direct chat leaves the chat out (v2): a device that does not
+    know that chat yet fetches the message by sync and knows it from then on."""
+    alice, bob = await new_user(), await new_user()
+    da, db = await connect(alice, proto=2), await connect(bob, proto=2)
+    first = await da.send("first", to=bob.user_id)
+    ev = await next_of(db, "msg")
+    assert isinstance(ev, MsgEvent) and (ev.message.chat, ev.message.body, ev.message.sender) == (
+        first.chat, "first", alice.user_id)
+    syncs = await metric(server, 'pigeon_requests_total{type="sync"}')
+    await da.send("second", chat=first.chat)
+    ev = await next_of(db, "msg")
+    assert isinstance(ev, MsgEvent) and (ev.message.chat, ev.message.body) == (first.chat, "second")
+    # alice's device knows the chat from her own send to bob: his answer needs no sync either
+    await db.send("back", chat=first.chat)
+    back = await next_of(da, "msg", body="back")
+    assert back["chat"] == first.chat and back["from"] == bob.user_id
+    assert await metric(server, 'pigeon_requests_total{type="sync"}') == syncs
+
+
 async def test_a_v2_device_syncs_and_is_refused_in_v2(new_user: NewUser, connect: Any) -> None:
     a, b = await new_user(), await new_user()
     da = await connect(a, proto=1)

@@ -27,7 +27,17 @@ from bridge.protocol import (
     parse_request,
 )
 from bridge.wire import DeviceKinds, encode_v1, publishes
-from bridge.wire_v2 import REQUEST_NUMBERS, decode, encode, encode_request, id_in, id_out, is_v2, parse_request_v2
+from bridge.wire_v2 import (
+    REQUEST_NUMBERS,
+    Unresolved,
+    decode,
+    encode,
+    encode_request,
+    id_in,
+    id_out,
+    is_v2,
+    parse_request_v2,
+)
 from bridge.wire_v2 import REQUESTS as V2_REQUESTS
 from storage.sqlite import new_id
 from tests.test_protocol_events import EVENTS
@@ -230,3 +240,29 @@ def request_array_as_str(d: dict[str, Any]) -> list[Any]:
     while a[-1] is None:
         a.pop()
     return a
+
+
+# -- a live msg in a direct chat leaves the chat to the peer's device ----------------------------------
+def test_a_live_direct_msg_leaves_the_chat_out_for_the_peer_whose_device_knows_or_fetches_it() -> None:
+    ids = store_ids()
+    a, b, chat = ids["user_a"], ids["user_b"], ids["direct"]
+    text = ChatMessage(chat=chat, seq=3, id="7", sender=a, device=ids["device"], ts=1_795_438_173_378, kind="text",
+                       body="x" * 20)
+    live = MsgEvent(7, text, direct=True)
+    v1 = decode_payload(encode_v1(live))
+    assert encode_v1(live) == encode_v1(MsgEvent(7, text))  # v1 is not touched
+    to_peer = encode(live, b)
+    assert len(to_peer) == len(encode(MsgEvent(7, text), b)) - 8  # a nil where the 9-byte chat was
+    assert decode(to_peer, b, peers={a: chat}) == v1
+    with pytest.raises(Unresolved) as info:  # a device that does not know the chat yet: it syncs
+        decode(to_peer, b, peers={ids["user_b"]: ids["group"]})
+    assert (info.value.inbox, info.value.peer) == (7, a)
+    # the sender's other devices get the chat: nothing in their copy names the peer
+    assert decode(encode(live, a), a) == v1
+    # what sync returns always carries it (and tells a device the chat it could not place)
+    batch = Batch(id="s", events=(live,), last=7, more=False)
+    assert decode(encode(batch, b), b) == decode_payload(encode_v1(batch))
+    # a batch item without its chat is malformed, not unresolved
+    with pytest.raises(BadRequest) as refused:
+        decode(msgpack.packb([4, "s", 7, False, [msgpack.unpackb(to_peer)]]), b, peers={a: chat})
+    assert not isinstance(refused.value, Unresolved)

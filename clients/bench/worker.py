@@ -115,7 +115,9 @@ class Dev:
         # request id -> the chat a send named (a v2 ``sent`` leaves it out) or the user it was ``to``
         self.send_chats: dict[str, str] = {}
         self.send_to: dict[str, str] = {}
-        self.chat_with: dict[str, str] = {}  # user -> the direct chat with them, once a ``sent`` named it
+        self.chat_with: dict[str, str] = {}  # user -> the direct chat with them, once a ``sent`` or a sync named it
+        # v2: inbox positions of live msgs that left out a direct chat not known here -> their sender
+        self.unresolved: dict[int, str | None] = {}
 
     def creds(self) -> dict[str, str]:
         return {"user": self.user, "device": self.device, "token": self.token}
@@ -162,10 +164,16 @@ class Dev:
     def on_message(self, topic: str, payload: bytes) -> None:
         if wire_v2.is_v2(payload):
             try:  # the event's v1 object (and a v2 sent's inbox position): what the rest reads
-                event = wire_v2.decode(payload, self.user, self.send_chats)
+                event = wire_v2.decode(payload, self.user, self.send_chats, peers=self.chat_with)
                 ev = event.to_json()
                 if isinstance(event, Sent) and event.inbox is not None:
                     ev["inbox"] = event.inbox
+            except wire_v2.Unresolved as exc:  # a gap: sync fetches it complete
+                if exc.inbox is not None and exc.inbox > self.cursor:
+                    self.unresolved[exc.inbox] = exc.peer
+                    self.gap_since = self.gap_since or time.monotonic()
+                    self.w.gapped.add(self)
+                return
             except ProtocolError:
                 self.w.tally.errors["undecodable"] += 1
                 return
@@ -256,10 +264,14 @@ class Dev:
             for item in batch["items"]:
                 if each is not None:
                     each(item)
+                peer = self.unresolved.pop(item.get("inbox"), None)
+                if peer is not None and item.get("type") == "msg" and item.get("from") == peer:
+                    self.chat_with[peer] = str(item.get("chat"))  # it was the direct chat with them
                 self.take(item, from_store=True)
             # positions the store skipped were never written (a refused request): move past them
             self.cursor = max(self.cursor, int(batch["last"]))
             self.ahead = {i for i in self.ahead if i > self.cursor}
+            self.unresolved = {i: p for i, p in self.unresolved.items() if i > self.cursor}
             if not batch.get("more"):
                 return batches
 
@@ -381,7 +393,7 @@ class Worker:
                     self.dirty.add(dev)
             now = time.monotonic()
             for dev in list(self.gapped):
-                if not dev.ahead:
+                if not dev.ahead and not dev.unresolved:
                     self.gapped.discard(dev)
                 elif not dev.syncing and now - dev.gap_since > GAP_SYNC_AFTER_S:
                     self._start_sync(dev)
@@ -403,7 +415,7 @@ class Worker:
                 pass
             finally:
                 dev.syncing = False
-                dev.gap_since = time.monotonic() if dev.ahead else 0.0
+                dev.gap_since = time.monotonic() if dev.ahead or dev.unresolved else 0.0
 
         task = asyncio.create_task(run())
         self._sync_tasks.add(task)
