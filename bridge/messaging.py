@@ -172,7 +172,8 @@ class Messenger:
         more = len(entries) > req.limit
         entries = entries[: req.limit]
         last = entries[-1].pos if entries else req.after
-        return Result(reply=Batch(id=req.id, events=tuple(entry_event(e) for e in entries), last=last, more=more))
+        return Result(reply=Batch(id=req.id, events=tuple(entry_event(e) for e in entries), last=last, more=more,
+                                  now=self._clock.now_ms()))
 
     async def ack(self, caller: Caller, req: Ack) -> Result:
         async with storage_errors():

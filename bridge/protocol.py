@@ -483,12 +483,15 @@ class Sent(WireEvent):
 
 @dataclass(frozen=True, slots=True, eq=False)
 class Batch(WireEvent):
-    """The reply to ``sync``: inbox events after the asked position, in order."""
+    """The reply to ``sync``: inbox events after the asked position, in order. ``now``: the
+    server's clock (ms) when it answered, carried by v2 only: a v2 device places the shortened
+    times of live events by it (docs/protocol.md section 5b)."""
 
     id: str
     events: tuple[InboxEvent, ...]  # ``items`` on the wire
     last: int
     more: bool
+    now: int | None = field(default=None, compare=False)
     type: ClassVar[str] = "batch"
 
     def to_json(self) -> dict[str, Any]:

@@ -15,6 +15,13 @@ the sender, which never changes. A device that does not know that chat yet (``de
 ``peers``) gets :class:`Unresolved` and fetches the event by ``sync``, whose items always
 carry everything; that item tells it the chat for next time.
 
+A live ``msg`` or a ``sent`` carries only the low 32 bits of its ``ts`` (a uint 32, 5 bytes
+instead of 9): the time is within a few seconds of the server's clock when it is published,
+and the device places it within 2**31 ms (24.8 days) of its estimate of that clock, which it
+takes from the ``now`` every v2 ``batch`` carries (devices sync on connect) and its own
+monotonic clock since (``decode``'s ``now_ms``). A device with no estimate yet gets
+:class:`Unresolved` and syncs. Batch items carry whole times.
+
 Ids in the shape the store makes them (one letter, then 64 random bits as 11 base-62 digits,
 least significant first: ``storage.sqlite.new_id``) go as those 64 bits: a uint 64 (9 bytes
 instead of a 13-byte str) where the letter is the one the field implies (``u`` for users,
@@ -75,6 +82,8 @@ REQUESTS: dict[int, tuple[str, tuple[str, ...]]] = {
 }
 REQUEST_NUMBERS = {name: (n, keys) for n, (name, keys) in REQUESTS.items()}
 _packb = msgpack.Packer(use_bin_type=True).pack
+_TS_BITS = 32  # what a live msg or a sent carries of its ts
+_TS_MASK = (1 << _TS_BITS) - 1
 # the fields that hold ids, by the letter their ids start with when sent as a bare number
 USER, DEVICE, CHAT = "u", "d", "c"
 ID_ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"  # (storage.sqlite.new_id's)
@@ -122,6 +131,12 @@ def id_in(v: Any, letter: str) -> Any:
     return v
 
 
+def place_ts(low: int, now_ms: int) -> int:
+    """The time whose low 32 bits are ``low`` nearest to ``now_ms`` (within 2**31 ms)."""
+    half = 1 << (_TS_BITS - 1)
+    return now_ms + ((low - now_ms + half) & _TS_MASK) - half
+
+
 def _trim(a: list[Any]) -> list[Any]:
     while a and a[-1] is None:
         a.pop()
@@ -149,7 +164,8 @@ def _msg(ev: MsgEvent, for_user: str, live: bool = False) -> list[Any]:
     derived = m.id == f"{m.chat}:{m.seq}"
     chat = None if live and ev.direct and not own else id_out(m.chat, CHAT)  # (the direct chat with the sender)
     return _trim([
-        MSG, ev.inbox, chat, m.seq, m.ts, KINDS.index(m.kind), None if own else id_out(m.sender, USER),
+        MSG, ev.inbox, chat, m.seq, m.ts & _TS_MASK if live else m.ts, KINDS.index(m.kind),
+        None if own else id_out(m.sender, USER),
         m.body, None if derived else m.id, id_out(m.device, DEVICE), None if m.media is None else _media(m.media),
         m.event, id_out(m.user, USER),
     ])
@@ -170,10 +186,11 @@ def to_array(event: Event, for_user: str) -> list[Any]:
     if isinstance(event, ReceiptEvent):
         return _receipt(event)
     if isinstance(event, Sent):
-        return _trim([SENT, event.id, None if event.chat_known else id_out(event.chat, CHAT), event.seq, event.ts,
-                      event.inbox])
+        return _trim([SENT, event.id, None if event.chat_known else id_out(event.chat, CHAT), event.seq,
+                      event.ts & _TS_MASK, event.inbox])
     if isinstance(event, Batch):
-        return [BATCH, event.id, event.last, event.more, [_inbox_item(e, for_user) for e in event.events]]
+        return _trim([BATCH, event.id, event.last, event.more, [_inbox_item(e, for_user) for e in event.events],
+                      event.now])
     if isinstance(event, ErrorReply):
         return _trim([ERROR, event.id, event.code, event.message, event.retry_after_ms])
     if isinstance(event, PresenceEvent):
@@ -202,7 +219,17 @@ def _at(a: list[Any], i: int) -> Any:
     return a[i] if i < len(a) else None
 
 
-def _v1_msg(a: list[Any], for_user: str, live: bool, peers: Mapping[str, str] | None) -> dict[str, Any]:
+def _live_ts(a: list[Any], now_ms: int | None, what: str, inbox: Any) -> int:
+    low = _at(a, 4)
+    if type(low) is not int or not 0 <= low <= _TS_MASK:
+        raise BadRequest(f"{what}: a live ts is the time's low {_TS_BITS} bits")
+    if now_ms is None:
+        raise Unresolved(f"{what}: no estimate of the server's clock here to place its ts", inbox=inbox)
+    return place_ts(low, now_ms)
+
+
+def _v1_msg(a: list[Any], for_user: str, live: bool, peers: Mapping[str, str] | None,
+            now_ms: int | None) -> dict[str, Any]:
     kind = _at(a, 5)
     if not isinstance(kind, int) or not 0 <= kind < len(KINDS):
         raise BadRequest("msg: kind must be 0, 1 or 2")
@@ -216,7 +243,8 @@ def _v1_msg(a: list[Any], for_user: str, live: bool, peers: Mapping[str, str] | 
         "id": _at(a, 8) if _at(a, 8) is not None else f"{chat}:{seq}",
         "from": sender if sender is not None else for_user,
         "device": id_in(_at(a, 9), DEVICE),
-        "ts": _at(a, 4), "kind": KINDS[kind], "body": _at(a, 7), "event": _at(a, 11), "user": id_in(_at(a, 12), USER),
+        "ts": _live_ts(a, now_ms, "msg", _at(a, 1)) if live else _at(a, 4),
+        "kind": KINDS[kind], "body": _at(a, 7), "event": _at(a, 11), "user": id_in(_at(a, 12), USER),
     }
     media = _at(a, 10)
     if media is not None:
@@ -228,12 +256,12 @@ def _v1_msg(a: list[Any], for_user: str, live: bool, peers: Mapping[str, str] | 
 
 
 def _v1_event(a: Any, for_user: str, chats: Mapping[str, str] | None = None,
-              peers: Mapping[str, str] | None = None, live: bool = True) -> dict[str, Any]:
+              peers: Mapping[str, str] | None = None, now_ms: int | None = None, live: bool = True) -> dict[str, Any]:
     if not isinstance(a, list) or not a or not isinstance(a[0], int):
         raise BadRequest("a v2 event is an array that starts with its type number")
     t = a[0]
     if t == MSG:
-        return _v1_msg(a, for_user, live, peers)
+        return _v1_msg(a, for_user, live, peers, now_ms)
     if t == RECEIPT:
         kind = _at(a, 4)
         if kind not in (0, 1):
@@ -244,13 +272,14 @@ def _v1_event(a: Any, for_user: str, chats: Mapping[str, str] | None = None,
         rid, chat = _at(a, 1), id_in(_at(a, 2), CHAT)
         if chat is None and chats is not None and isinstance(rid, str):
             chat = chats.get(rid)  # the chat the send named: the device knows it
-        return {"type": "sent", "id": rid, "chat": chat, "seq": _at(a, 3), "ts": _at(a, 4), "inbox": _at(a, 5)}
+        return {"type": "sent", "id": rid, "chat": chat, "seq": _at(a, 3), "ts": _live_ts(a, now_ms, "sent", _at(a, 5)),
+                "inbox": _at(a, 5)}
     if t == BATCH:
         items = _at(a, 4)
         if not isinstance(items, list):
             raise BadRequest("batch: items must be an array")
         return {"type": "batch", "id": _at(a, 1), "last": _at(a, 2), "more": _at(a, 3),
-                "items": [_v1_event(i, for_user, live=False) for i in items]}
+                "items": [_v1_event(i, for_user, live=False) for i in items], "now": _at(a, 5)}
     if t == ERROR:
         return {"type": "error", "id": _at(a, 1), "code": _at(a, 2), "message": _at(a, 3),
                 "retry_after_ms": _at(a, 4)}
@@ -282,14 +311,16 @@ def _unpack(raw: bytes | bytearray) -> Any:
 
 
 def decode(raw: bytes | bytearray, for_user: str, chats: Mapping[str, str] | None = None, *,
-           peers: Mapping[str, str] | None = None) -> Event:
+           peers: Mapping[str, str] | None = None, now_ms: int | None = None) -> Event:
     """A v2 payload received by a device of ``for_user``, as its typed envelope, validated by
     the same ``from_json`` as v1. ``chats``: the chat each ``send`` of this device that awaits
     its ``sent`` named, by request id (a ``sent`` leaves out a chat the send named; without it
     such a ``sent`` has no chat and is refused). ``peers``: the direct chat with each user this
     device knows it for (a live ``msg`` from the peer leaves it out; see :class:`Unresolved`).
+    ``now_ms``: the device's estimate of the server's clock (from the ``now`` of its latest
+    ``batch``), to place the ts of a live ``msg`` or a ``sent``.
     Raises ProtocolError: :class:`Unresolved` when what the event leaves out is not known."""
-    return _typed(_v1_event(_unpack(raw), for_user, chats, peers))
+    return _typed(_v1_event(_unpack(raw), for_user, chats, peers, now_ms))
 
 
 def _typed(d: dict[str, Any]) -> Event:
@@ -302,7 +333,10 @@ def _typed(d: dict[str, Any]) -> Event:
             if not isinstance(item, (MsgEvent, ReceiptEvent)):
                 raise BadRequest("'items' holds only msg and receipt events")
             events.append(item)
-        return replace(head, events=tuple(events))
+        now = d.get("now")
+        if now is not None and type(now) is not int:
+            raise BadRequest("batch: now is the server's clock in ms")
+        return replace(head, events=tuple(events), now=now)
     return decode_event({k: v for k, v in d.items() if v is not None or (k == "id" and d["type"] == "error")})
 
 
@@ -361,5 +395,5 @@ def encode_request(d: Mapping[str, Any]) -> bytes:
     return payload
 
 
-__all__ = ["Unresolved", "decode", "encode", "encode_request", "id_in", "id_out", "is_v2", "parse_any",
+__all__ = ["Unresolved", "decode", "encode", "encode_request", "id_in", "id_out", "is_v2", "parse_any", "place_ts",
            "parse_request_v2", "request_array", "to_array"]

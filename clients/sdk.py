@@ -418,6 +418,9 @@ class Device:
         # inbox positions of live msgs that left out a chat not known here -> their sender
         self._peers: LRUCache[str, str] = LRUCache(PEERS_KEPT)
         self._unresolved: LRUCache[int, str | None] = LRUCache(UNRESOLVED_KEPT)
+        # v2: the server's clock (ms) as the latest batch gave it, and this loop's time then: the
+        # estimate that places the shortened times of live events (see _server_now)
+        self._server_clock: tuple[int, float] | None = None
         self._events: asyncio.Queue[Event] = asyncio.Queue()
         self._side: asyncio.Queue[Event] = asyncio.Queue()
         self._cursor = profile.cursor
@@ -663,8 +666,8 @@ class Device:
                 continue
             raw = raw.encode() if isinstance(raw, str) else raw
             try:
-                event = (wire_v2.decode(raw, self.profile.user_id, self._send_chats, peers=self._peers)
-                         if wire_v2.is_v2(raw) else decode_payload(raw))
+                event = (wire_v2.decode(raw, self.profile.user_id, self._send_chats, peers=self._peers,
+                                        now_ms=self._server_now()) if wire_v2.is_v2(raw) else decode_payload(raw))
             except wire_v2.Unresolved as exc:  # fetched by sync, whose items are complete
                 if exc.inbox is not None and exc.inbox > self._cursor:
                     self._unresolved[exc.inbox] = exc.peer
@@ -673,6 +676,8 @@ class Device:
             except ProtocolError as exc:
                 log.warning("ignoring a payload on %s that is not a valid event: %s", message.topic, exc.message)
                 continue
+            if isinstance(event, Batch) and event.now is not None:
+                self._server_clock = (event.now, asyncio.get_running_loop().time())
             rid = getattr(event, "id", None)
             if event.type in REPLY_TYPES and rid is not None and rid in self._pending:
                 fut = self._pending.pop(rid)
@@ -686,6 +691,15 @@ class Device:
                 self._take(event)
             else:
                 await self._events.put(event)
+
+    def _server_now(self) -> int | None:
+        """v2: the server's clock now, as the latest batch's ``now`` and this loop's monotonic
+        time since put it (a live event's time is placed within 24 days of it), or None before
+        the first batch."""
+        if self._server_clock is None:
+            return None
+        now, then = self._server_clock
+        return now + round((asyncio.get_running_loop().time() - then) * 1000)
 
     def _take(self, event: Mapping[str, Any], *, from_store: bool = False) -> None:
         """Deliver inbox events exactly once and in order; a gap asks for a sync.

@@ -45,11 +45,18 @@ from tests.test_protocol_events import EVENTS
 SENDER, OTHER = "u_a", "u_b"
 
 
+def clock(event: object) -> int:
+    """A device's estimate of the server's clock when a live event comes: a few seconds after its
+    time (live events are published as they happen; v2 carries the low 32 bits of their ts)."""
+    ts = getattr(getattr(event, "message", event), "ts", None)
+    return (ts if isinstance(ts, int) else 1_795_438_173_378) + 2_500
+
+
 @pytest.mark.parametrize("event", EVENTS, ids=lambda e: e.type)
 def test_every_v2_event_means_what_its_v1_event_means(event: WireEvent) -> None:
     v1 = decode_payload(encode_v1(event))  # type: ignore[arg-type]
-    assert decode(encode(event, SENDER), SENDER) == v1  # type: ignore[arg-type]
-    assert decode(encode(event, OTHER), OTHER) == v1  # type: ignore[arg-type]
+    assert decode(encode(event, SENDER), SENDER, now_ms=clock(event)) == v1  # type: ignore[arg-type]
+    assert decode(encode(event, OTHER), OTHER, now_ms=clock(event)) == v1  # type: ignore[arg-type]
     assert is_v2(encode(event, OTHER)) and len(encode(event, OTHER)) < len(encode_v1(event))  # type: ignore[arg-type]
 
 
@@ -162,11 +169,11 @@ def test_a_sent_for_a_send_that_named_its_chat_leaves_the_chat_to_the_device() -
     assert len(raw) == len(encode(Sent("k1", "c_1", 7, 1795438173378), SENDER)) - len("c_1")  # (nil in its place)
     v1 = decode_payload(encode_v1(named))
     assert v1.to_json() == {"type": "sent", "id": "k1", "chat": "c_1", "seq": 7, "ts": 1795438173378}
-    assert decode(raw, SENDER, {"k1": "c_1", "k2": "c_2"}) == v1
+    assert decode(raw, SENDER, {"k1": "c_1", "k2": "c_2"}, now_ms=clock(named)) == v1
     with pytest.raises(BadRequest):  # a device that does not know the send: no chat, refused
-        decode(raw, SENDER, {})
+        decode(raw, SENDER, {}, now_ms=clock(named))
     with_inbox = decode(encode(Sent("k1", "c_1", 7, 1795438173378, inbox=9, chat_known=True), SENDER), SENDER,
-                        {"k1": "c_1"})
+                        {"k1": "c_1"}, now_ms=clock(named))
     assert isinstance(with_inbox, Sent) and (with_inbox.chat, with_inbox.inbox) == ("c_1", 9)
 
 
@@ -198,7 +205,7 @@ def test_store_shaped_ids_mean_the_same_in_v2(n: int) -> None:
     for event in id_events(ids):
         v1 = decode_payload(encode_v1(event))  # type: ignore[arg-type]
         for user in (ids["user_a"], ids["user_b"]):
-            assert decode(encode(event, user), user) == v1  # type: ignore[arg-type]
+            assert decode(encode(event, user), user, now_ms=clock(event)) == v1  # type: ignore[arg-type]
 
 
 def test_a_store_shaped_id_is_nine_bytes_or_ten_for_another_letter_and_any_other_id_its_string() -> None:
@@ -213,7 +220,8 @@ def test_a_store_shaped_id_is_nine_bytes_or_ten_for_another_letter_and_any_other
     text = id_events(ids)[0]
     assert isinstance(text, MsgEvent)
     # chat, from and device as 9 bytes each rather than 13
-    as_str = msgpack.packb([1, 7, ids["direct"], 3, 1_795_438_173_378, 0, ids["user_a"], "x" * 20, "7", ids["device"]])
+    as_str = msgpack.packb([1, 7, ids["direct"], 3, 1_795_438_173_378 & 0xFFFFFFFF, 0, ids["user_a"], "x" * 20, "7",
+                            ids["device"]])
     assert len(encode(text, ids["user_b"])) == len(as_str) - 3 * 4
 
 
@@ -253,16 +261,47 @@ def test_a_live_direct_msg_leaves_the_chat_out_for_the_peer_whose_device_knows_o
     assert encode_v1(live) == encode_v1(MsgEvent(7, text))  # v1 is not touched
     to_peer = encode(live, b)
     assert len(to_peer) == len(encode(MsgEvent(7, text), b)) - 8  # a nil where the 9-byte chat was
-    assert decode(to_peer, b, peers={a: chat}) == v1
+    assert decode(to_peer, b, peers={a: chat}, now_ms=clock(live)) == v1
     with pytest.raises(Unresolved) as info:  # a device that does not know the chat yet: it syncs
-        decode(to_peer, b, peers={ids["user_b"]: ids["group"]})
+        decode(to_peer, b, peers={ids["user_b"]: ids["group"]}, now_ms=clock(live))
     assert (info.value.inbox, info.value.peer) == (7, a)
     # the sender's other devices get the chat: nothing in their copy names the peer
-    assert decode(encode(live, a), a) == v1
+    assert decode(encode(live, a), a, now_ms=clock(live)) == v1
     # what sync returns always carries it (and tells a device the chat it could not place)
     batch = Batch(id="s", events=(live,), last=7, more=False)
     assert decode(encode(batch, b), b) == decode_payload(encode_v1(batch))
     # a batch item without its chat is malformed, not unresolved
     with pytest.raises(BadRequest) as refused:
-        decode(msgpack.packb([4, "s", 7, False, [msgpack.unpackb(to_peer)]]), b, peers={a: chat})
+        decode(msgpack.packb([4, "s", 7, False, [msgpack.unpackb(to_peer)]]), b, peers={a: chat}, now_ms=clock(live))
     assert not isinstance(refused.value, Unresolved)
+
+
+# -- a live msg or sent carries the low 32 bits of its time ----------------------------------------------
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 1 << 50), st.integers(-(1 << 31) + 1, (1 << 31) - 1))
+def test_a_live_time_is_placed_by_a_clock_estimate_within_24_days(ts: int, skew: int) -> None:
+    text = ChatMessage(chat="c_1", seq=1, id="7", sender=SENDER, device="d_a", ts=ts, kind="text", body="x")
+    sent = Sent("7", "c_1", 1, ts)
+    for event in (MsgEvent(3, text), sent):
+        assert decode(encode(event, OTHER), OTHER, {"7": "c_1"}, now_ms=ts + skew) == event
+
+
+def test_a_live_time_is_five_bytes_a_batch_keeps_whole_times_and_gives_the_clock() -> None:
+    ts = 1_795_438_173_378
+    text = ChatMessage(chat="c_1", seq=1, id="7", sender=SENDER, device="d_a", ts=ts, kind="text", body="x")
+    live = msgpack.unpackb(encode(MsgEvent(3, text), OTHER))
+    assert live[4] == ts & 0xFFFFFFFF and len(msgpack.packb(live[4])) == 5
+    assert msgpack.unpackb(encode(Sent("7", "c_1", 1, ts), SENDER))[4] == ts & 0xFFFFFFFF
+    with pytest.raises(Unresolved) as info:  # no estimate of the server's clock yet: the device syncs
+        decode(encode(MsgEvent(3, text), OTHER), OTHER)
+    assert info.value.inbox == 3
+    with pytest.raises(Unresolved):
+        decode(encode(Sent("7", "c_1", 1, ts, inbox=4), SENDER), SENDER)
+    with pytest.raises(BadRequest):  # a whole time where the low bits belong is malformed
+        decode(msgpack.packb([3, "7", "c_1", 1, ts]), SENDER, now_ms=ts)
+    batch = Batch(id="s", events=(MsgEvent(3, text),), last=3, more=False, now=ts + 40)
+    raw = encode(batch, OTHER)
+    assert msgpack.unpackb(raw)[4][0][4] == ts
+    got = decode(raw, OTHER)  # (no estimate needed)
+    assert isinstance(got, Batch) and got.now == ts + 40 and got == decode_payload(encode_v1(batch))
+    assert "now" not in encode_v1(batch).decode()  # v1 is not touched

@@ -164,7 +164,10 @@ class Dev:
     def on_message(self, topic: str, payload: bytes) -> None:
         if wire_v2.is_v2(payload):
             try:  # the event's v1 object (and a v2 sent's inbox position): what the rest reads
-                event = wire_v2.decode(payload, self.user, self.send_chats, peers=self.chat_with)
+                # (the time of a live msg or sent is placed by this machine's clock: the bench runs
+                # beside the server or on a machine in step with it; the SDK uses the server's)
+                event = wire_v2.decode(payload, self.user, self.send_chats, peers=self.chat_with,
+                                       now_ms=time.time_ns() // 1_000_000)
                 ev = event.to_json()
                 if isinstance(event, Sent) and event.inbox is not None:
                     ev["inbox"] = event.inbox
