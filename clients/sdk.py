@@ -85,6 +85,19 @@ __all__ = ["Api", "Device", "Event", "PigeonClientError", "Profile", "RequestTim
 CLOSE_STEP_S = 5.0
 PEERS_KEPT = 4096  # direct chats remembered (one forgotten costs a sync when its peer writes next)
 UNRESOLVED_KEPT = 1024
+V2_ACK_DELAY_S = 1.0  # v2: at most one ack a second (each ack makes a delivered receipt per chat it covers)
+
+
+def ack_wait(last_ack: float | None, now: float, delay: float, *, leading: bool) -> float:
+    """How long to gather acks before the next goes. v1 (``leading`` false): ``delay`` after the
+    first event to ack. v2: at once when none went in the last ``delay`` (a lone message is
+    told delivered at once), else until ``delay`` after the last one (a stream of messages
+    makes one ack, and so one delivered receipt per chat, per ``delay``)."""
+    if not leading:
+        return delay
+    if last_ack is None:
+        return 0.0
+    return max(0.0, last_ack + delay - now)
 
 
 class PigeonClientError(Exception):
@@ -390,8 +403,9 @@ class Device:
     def __init__(self, profile: Profile, *, keepalive: int = 240, transport: str = "tcp",
                  reply_timeout: float = 10.0, ack_delay: float | None = None, proto: int = 2,
                  mqtt5: bool = False) -> None:
-        """``ack_delay``: how long acks are gathered before one goes (default 0.05 s; 0.5 s
-        with v2, which acks at QoS 0 and so gathers the delivered receipts its acks cause).
+        """``ack_delay``: how long acks are gathered before one goes (default 0.05 s); with v2,
+        which acks at QoS 0, the least time between two acks (default 1 s, ``V2_ACK_DELAY_S``:
+        fewer acks and fewer delivered receipts; the first ack after a quiet second goes at once).
         ``mqtt5``: connect over MQTT 5 (for a broker that speaks it, such as Mosquitto; not the
         embedded one) and, when the broker's CONNACK allows topic aliases, name the ``up`` topic
         once and publish with its alias alone after that."""
@@ -410,7 +424,8 @@ class Device:
         self._keepalive = keepalive
         self._transport = transport
         self._reply_timeout = reply_timeout
-        self._ack_delay = ack_delay if ack_delay is not None else (0.5 if proto == 2 else 0.05)
+        self._ack_delay = ack_delay if ack_delay is not None else (V2_ACK_DELAY_S if proto == 2 else 0.05)
+        self._ack_at: float | None = None  # loop time of the last ack
         self._client: aiomqtt.Client | None = None
         self._pending: dict[str, asyncio.Future[Event]] = {}
         self._send_chats: dict[str, str] = {}  # request id -> the chat a pending send named (v2's sent omits it)
@@ -755,11 +770,12 @@ class Device:
                     await asyncio.sleep(min(1.0, self._keepalive / 4))
 
     async def _ack_loop(self) -> None:
+        loop = asyncio.get_running_loop()
         while not self._closing:
             await self._ack_wanted.wait()
             if self._closing:
                 return
-            await asyncio.sleep(self._ack_delay)
+            await asyncio.sleep(ack_wait(self._ack_at, loop.time(), self._ack_delay, leading=self.proto == 2))
             self._ack_wanted.clear()
             try:
                 await self._flush_ack()
@@ -770,6 +786,7 @@ class Device:
         if self._cursor > self._acked and self._client is not None:
             up_to = self._cursor
             await self._publish({"type": "ack", "up_to": up_to}, qos=0 if self.proto == 2 else 1)
+            self._ack_at = asyncio.get_running_loop().time()
             self._acked = up_to
             self._save_cursor()
 

@@ -27,14 +27,14 @@ import httpx
 from bridge import wire_v2
 from bridge.errors import ProtocolError
 from bridge.protocol import Sent
-from clients.sdk import tls_context
+from clients.sdk import V2_ACK_DELAY_S, tls_context
 
 from .mqtt import MqttConn, connect
 
 ACK_EVERY_S = 0.1
-# protocol v2 devices coalesce acks (and so the delivered receipts they cause) over this long,
-# as the SDK does, and send them at QoS 0: the next ack covers a lost one
-V2_ACK_EVERY_S = 0.5
+# protocol v2 devices ack at most this often, the first after a quiet spell at once (as the SDK),
+# so coalescing the delivered receipts their acks cause, and at QoS 0: the next ack covers a lost one
+V2_ACK_EVERY_S = V2_ACK_DELAY_S
 GAP_SYNC_AFTER_S = 2.0
 STALL_S = 10.0
 CONNECT_CONCURRENCY = 64
