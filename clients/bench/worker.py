@@ -251,6 +251,13 @@ class Dev:
         self.w.dirty.add(self)
         return True
 
+    def learn(self, item: dict[str, Any]) -> None:
+        """A sync item at a position whose live msg left out a chat not known here: that chat is
+        the direct chat with its sender."""
+        peer = self.unresolved.pop(item.get("inbox"), None)  # type: ignore[arg-type]
+        if peer is not None and item.get("type") == "msg" and item.get("from") == peer:
+            self.chat_with[peer] = str(item.get("chat"))
+
     async def sync(self, limit: int = 1000, each: Callable[[dict[str, Any]], None] | None = None,
                    timeout: float = 30.0, waits_ms: list[float] | None = None) -> int:
         """Fetch the inbox after the cursor until the store has no more, showing every item to
@@ -267,9 +274,7 @@ class Dev:
             for item in batch["items"]:
                 if each is not None:
                     each(item)
-                peer = self.unresolved.pop(item.get("inbox"), None)
-                if peer is not None and item.get("type") == "msg" and item.get("from") == peer:
-                    self.chat_with[peer] = str(item.get("chat"))  # it was the direct chat with them
+                self.learn(item)
                 self.take(item, from_store=True)
             # positions the store skipped were never written (a refused request): move past them
             self.cursor = max(self.cursor, int(batch["last"]))
@@ -395,11 +400,8 @@ class Worker:
                 if not dev.flush_ack():
                     self.dirty.add(dev)
             now = time.monotonic()
-            for dev in list(self.gapped):
-                if not dev.ahead and not dev.unresolved:
-                    self.gapped.discard(dev)
-                elif not dev.syncing and now - dev.gap_since > GAP_SYNC_AFTER_S:
-                    self._start_sync(dev)
+            for dev in self.due_syncs(now):
+                self._start_sync(dev)
             stall_before = now_ns() - int(STALL_S * 1e9)
             for track in list(self.tracks.values()):
                 if track.slots is not None and track.t0 < stall_before:
@@ -407,6 +409,18 @@ class Worker:
                     self.tally.stalled += 1
                     track.slots.release()
                     track.slots = None
+
+    def due_syncs(self, now: float) -> list[Dev]:
+        """The devices to sync now: those with a gap open for GAP_SYNC_AFTER_S (a missing
+        position may still come live), and at once those holding a live event they could not
+        place (v2 left out a direct chat they do not know: waiting does not help)."""
+        due = []
+        for dev in list(self.gapped):
+            if not dev.ahead and not dev.unresolved:
+                self.gapped.discard(dev)
+            elif not dev.syncing and (dev.unresolved or now - dev.gap_since > GAP_SYNC_AFTER_S):
+                due.append(dev)
+        return due
 
     def _start_sync(self, dev: Dev) -> None:
         async def run() -> None:
