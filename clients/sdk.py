@@ -395,10 +395,12 @@ class Device:
     """A connected device: requests over MQTT, events in inbox order, cursor kept on disk.
 
     It speaks protocol v2 (docs/protocol.md section 5b) unless given ``proto=1``: requests
-    and events in MessagePack, short request ids, events at QoS 0, acks gathered over half a
-    second, and no copy of its own messages (``send`` puts the message in the event stream
-    itself, at the inbox position its ``sent`` names), so an application sees the same events
-    either way."""
+    and events in MessagePack, short request ids, events at QoS 0, at most one ack a second,
+    and no copy of its own messages (``send`` puts the message in the event stream itself, at
+    the inbox position its ``sent`` names). What v2 leaves out of live events it fills in: the
+    direct chat of a message from its peer (known from a ``send`` to them, or fetched by sync
+    the first time) and the high bits of a live time (placed by the server's clock as the
+    latest batch gave it). An application sees the same events either way."""
 
     def __init__(self, profile: Profile, *, keepalive: int = 240, transport: str = "tcp",
                  reply_timeout: float = 10.0, ack_delay: float | None = None, proto: int = 2,
