@@ -15,8 +15,9 @@ the sender, which never changes. A device that does not know that chat yet (``de
 ``peers``) gets :class:`Unresolved` and fetches the event by ``sync``, whose items always
 carry everything; that item tells it the chat for next time.
 
-A live ``msg`` or a ``sent`` carries only the low 32 bits of its ``ts`` (a uint 32, 5 bytes
-instead of 9): the time is within a few seconds of the server's clock when it is published,
+A live ``msg`` or a ``sent`` with an inbox position (a send just stored, not one answered from
+an earlier attempt, whose time may be old) carries only the low 32 bits of its ``ts`` (a
+uint 32, 5 bytes instead of 9): the time is the server's clock a moment before it is published,
 and the device places it within 2**31 ms (24.8 days) of its estimate of that clock, which it
 takes from the ``now`` every v2 ``batch`` carries (devices sync on connect) and its own
 monotonic clock since (``decode``'s ``now_ms``). A device with no estimate yet gets
@@ -126,7 +127,7 @@ def id_in(v: Any, letter: str) -> Any:
     that is not an id in either form is returned as it is, for ``from_json`` to judge."""
     if type(v) is int and 0 <= v < 1 << 64:
         return _digits(letter, v)
-    if isinstance(v, msgpack.ExtType) and len(v.data) == 8 and ("A" <= chr(v.code) <= "Z" or "a" <= chr(v.code) <= "z"):
+    if isinstance(v, msgpack.ExtType) and len(v.data) == 8 and 0 < v.code < 128 and chr(v.code).isalpha():
         return _digits(chr(v.code), int.from_bytes(v.data, "big"))
     return v
 
@@ -186,8 +187,9 @@ def to_array(event: Event, for_user: str) -> list[Any]:
     if isinstance(event, ReceiptEvent):
         return _receipt(event)
     if isinstance(event, Sent):
+        fresh = event.inbox is not None  # (just stored; a send answered from an earlier attempt has none)
         return _trim([SENT, event.id, None if event.chat_known else id_out(event.chat, CHAT), event.seq,
-                      event.ts & _TS_MASK, event.inbox])
+                      event.ts & _TS_MASK if fresh else event.ts, event.inbox])
     if isinstance(event, Batch):
         return _trim([BATCH, event.id, event.last, event.more, [_inbox_item(e, for_user) for e in event.events],
                       event.now])
@@ -272,8 +274,9 @@ def _v1_event(a: Any, for_user: str, chats: Mapping[str, str] | None = None,
         rid, chat = _at(a, 1), id_in(_at(a, 2), CHAT)
         if chat is None and chats is not None and isinstance(rid, str):
             chat = chats.get(rid)  # the chat the send named: the device knows it
-        return {"type": "sent", "id": rid, "chat": chat, "seq": _at(a, 3), "ts": _live_ts(a, now_ms, "sent", _at(a, 5)),
-                "inbox": _at(a, 5)}
+        inbox = _at(a, 5)
+        return {"type": "sent", "id": rid, "chat": chat, "seq": _at(a, 3),
+                "ts": _at(a, 4) if inbox is None else _live_ts(a, now_ms, "sent", inbox), "inbox": inbox}
     if t == BATCH:
         items = _at(a, 4)
         if not isinstance(items, list):

@@ -93,6 +93,10 @@ def test_a_short_numeric_request_id_is_read_as_its_digits() -> None:
     (msgpack.packb({"type": "sync"}), BadRequest),
     (b"\x92\xc1", BadRequest),  # not MessagePack
     (msgpack.packb([1, "i", None, "u_b", "x" * 200]), TooLarge),
+    (b"\x92\x05\xd7\xfb12345678", BadRequest),  # exts that are no ids: a negative type,
+    (b"\x92\x05\xd7\xff12345678", BadRequest),  # a timestamp,
+    (msgpack.packb([5, msgpack.ExtType(0x7F, b"12345678")]), BadRequest),  # not a letter
+    (msgpack.packb([5, msgpack.ExtType(0, b"12345678")]), BadRequest),
 ])
 def test_malformed_v2_is_refused(raw: bytes, error: type[Exception]) -> None:
     with pytest.raises(error):
@@ -291,14 +295,19 @@ def test_a_live_time_is_five_bytes_a_batch_keeps_whole_times_and_gives_the_clock
     text = ChatMessage(chat="c_1", seq=1, id="7", sender=SENDER, device="d_a", ts=ts, kind="text", body="x")
     live = msgpack.unpackb(encode(MsgEvent(3, text), OTHER))
     assert live[4] == ts & 0xFFFFFFFF and len(msgpack.packb(live[4])) == 5
-    assert msgpack.unpackb(encode(Sent("7", "c_1", 1, ts), SENDER))[4] == ts & 0xFFFFFFFF
+    assert msgpack.unpackb(encode(Sent("7", "c_1", 1, ts, inbox=4), SENDER))[4] == ts & 0xFFFFFFFF
+    # a send answered from an earlier attempt (no inbox position) may be old: its time goes whole
+    old = Sent("7", "c_1", 1, ts - 60 * 86_400_000)
+    assert msgpack.unpackb(encode(old, SENDER))[4] == old.ts
+    assert decode(encode(old, SENDER), SENDER, {"7": "c_1"}, now_ms=ts) == old
+    assert decode(encode(old, SENDER), SENDER, {"7": "c_1"}) == old  # (no estimate needed)
     with pytest.raises(Unresolved) as info:  # no estimate of the server's clock yet: the device syncs
         decode(encode(MsgEvent(3, text), OTHER), OTHER)
     assert info.value.inbox == 3
     with pytest.raises(Unresolved):
         decode(encode(Sent("7", "c_1", 1, ts, inbox=4), SENDER), SENDER)
     with pytest.raises(BadRequest):  # a whole time where the low bits belong is malformed
-        decode(msgpack.packb([3, "7", "c_1", 1, ts]), SENDER, now_ms=ts)
+        decode(msgpack.packb([3, "7", "c_1", 1, ts, 4]), SENDER, now_ms=ts)
     batch = Batch(id="s", events=(MsgEvent(3, text),), last=3, more=False, now=ts + 40)
     raw = encode(batch, OTHER)
     assert msgpack.unpackb(raw)[4][0][4] == ts
