@@ -118,11 +118,13 @@ class Messenger:
             raise NotFound(f"user {user_id} does not exist")
         self._known_users[user_id] = True
 
-    async def _append(self, msg: NewMessage, recipients: Sequence[str]) -> tuple[Message, list[Out]]:
-        """Store a message; the stored one and a ``msg`` event for each recipient's inbox."""
+    async def _append(self, msg: NewMessage, recipients: Sequence[str], *, direct: bool = False
+                      ) -> tuple[Message, list[Out]]:
+        """Store a message; the stored one and a ``msg`` event for each recipient's inbox.
+        ``direct``: the chat is a direct chat (v2 leaves it out of the peer's live copy)."""
         appended = await self._store.append_message(msg, recipients)
         message = chat_message(appended.message)  # one for every recipient's event
-        outs = [Out(ToUser(u), MsgEvent(pos, message)) for u, pos in appended.inbox.items()]
+        outs = [Out(ToUser(u), MsgEvent(pos, message, direct)) for u, pos in appended.inbox.items()]
         if self.wakes is not None:  # one's own message wakes none of one's devices
             self.wakes.note([u for u in appended.inbox if u != msg.sender], appended.message.ts, message=True)
         return appended.message, outs
@@ -154,7 +156,7 @@ class Messenger:
                 ts=self._clock.now_ms(), kind="media" if req.media else "text", body=req.body,
                 media=media_ref(req.media) if req.media is not None else None,
             )
-            stored, outs = await self._append(new, chat.member_ids)
+            stored, outs = await self._append(new, chat.member_ids, direct=chat.kind == "direct")
         own = next((o.event.inbox for o in outs if o.to == ToUser(caller.user_id) and isinstance(o.event, MsgEvent)),
                    None)
         return Result(reply=self._sent(req.id, stored, own, chat_known=req.chat is not None), outs=outs)
@@ -170,7 +172,8 @@ class Messenger:
         more = len(entries) > req.limit
         entries = entries[: req.limit]
         last = entries[-1].pos if entries else req.after
-        return Result(reply=Batch(id=req.id, events=tuple(entry_event(e) for e in entries), last=last, more=more))
+        return Result(reply=Batch(id=req.id, events=tuple(entry_event(e) for e in entries), last=last, more=more,
+                                  now=self._clock.now_ms()))
 
     async def ack(self, caller: Caller, req: Ack) -> Result:
         async with storage_errors():

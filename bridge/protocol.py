@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Literal
 
 from .errors import BadRequest, ProtocolError, TooLarge, UnknownType
@@ -318,9 +318,11 @@ class WireEvent(Mapping[str, Any]):
         return len(self.to_json())
 
     def __eq__(self, other: object) -> bool:
-        if isinstance(other, WireEvent):  # every field, also those v1 does not carry
+        if isinstance(other, WireEvent):  # every field, also those v1 does not carry (but not the
+            # encoder's hints, ``compare=False``: how it may write an event, not what it says)
             return type(self) is type(other) and all(
-                getattr(self, f.name) == getattr(other, f.name) for f in fields(self))  # type: ignore[arg-type]
+                getattr(self, f.name) == getattr(other, f.name)
+                for f in fields(self) if f.compare)  # type: ignore[arg-type]
         if isinstance(other, Mapping):
             return self.to_json() == dict(other)
         return NotImplemented
@@ -411,10 +413,13 @@ class ChatMessage(WireEvent):
 
 @dataclass(frozen=True, slots=True, eq=False)
 class MsgEvent(WireEvent):
-    """A message at a position of the recipient's inbox."""
+    """A message at a position of the recipient's inbox. ``direct``: the message is in a direct
+    chat, so that v2 may leave the chat out of the peer's live copy (the peer's device knows its
+    direct chat with the sender; docs/protocol.md section 5b). Not part of what the event says."""
 
     inbox: int
     message: ChatMessage
+    direct: bool = field(default=False, compare=False)
     type: ClassVar[str] = "msg"
 
     def to_json(self) -> dict[str, Any]:
@@ -478,12 +483,15 @@ class Sent(WireEvent):
 
 @dataclass(frozen=True, slots=True, eq=False)
 class Batch(WireEvent):
-    """The reply to ``sync``: inbox events after the asked position, in order."""
+    """The reply to ``sync``: inbox events after the asked position, in order. ``now``: the
+    server's clock (ms) when it answered, carried by v2 only: a v2 device places the shortened
+    times of live events by it (docs/protocol.md section 5b)."""
 
     id: str
     events: tuple[InboxEvent, ...]  # ``items`` on the wire
     last: int
     more: bool
+    now: int | None = field(default=None, compare=False)
     type: ClassVar[str] = "batch"
 
     def to_json(self) -> dict[str, Any]:

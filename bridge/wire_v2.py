@@ -9,6 +9,26 @@ that reason.
 A ``sent`` leaves out the chat when the ``send`` named it (rather than ``to``): the device
 restores it from its own request (``decode``'s ``chats``).
 
+A live ``msg`` (one published as it happens, not an item of a sync ``batch``) in a direct chat
+leaves out the chat for the peer, the member who did not send it: it is the direct chat with
+the sender, which never changes. A device that does not know that chat yet (``decode``'s
+``peers``) gets :class:`Unresolved` and fetches the event by ``sync``, whose items always
+carry everything; that item tells it the chat for next time.
+
+A live ``msg`` or a ``sent`` with an inbox position (a send just stored, not one answered from
+an earlier attempt, whose time may be old) carries only the low 32 bits of its ``ts`` (a
+uint 32, 5 bytes instead of 9): the time is the server's clock a moment before it is published,
+and the device places it within 2**31 ms (24.8 days) of its estimate of that clock, which it
+takes from the ``now`` every v2 ``batch`` carries (devices sync on connect) and its own
+monotonic clock since (``decode``'s ``now_ms``). A device with no estimate yet gets
+:class:`Unresolved` and syncs. Batch items carry whole times.
+
+Ids in the shape the store makes them (one letter, then 64 random bits as 11 base-62 digits,
+least significant first: ``storage.sqlite.new_id``) go as those 64 bits: a uint 64 (9 bytes
+instead of a 13-byte str) where the letter is the one the field implies (``u`` for users,
+``d`` for devices, ``c`` for chats), else an ext of type ``ord(letter)`` with the 8 bytes
+big-endian (10 bytes; a group chat, ``g``). Any other id goes as its str. Both ways.
+
 Requests: a payload whose first byte is a MessagePack array marker (0x90-0x9f, 0xdc, 0xdd) is
 v2; anything else is read as v1 JSON. A v2 request is turned into the v1 object and validated
 by the same ``from_json`` as a JSON one, so both mean exactly the same.
@@ -63,11 +83,59 @@ REQUESTS: dict[int, tuple[str, tuple[str, ...]]] = {
 }
 REQUEST_NUMBERS = {name: (n, keys) for n, (name, keys) in REQUESTS.items()}
 _packb = msgpack.Packer(use_bin_type=True).pack
+_TS_BITS = 32  # what a live msg or a sent carries of its ts
+_TS_MASK = (1 << _TS_BITS) - 1
+# the fields that hold ids, by the letter their ids start with when sent as a bare number
+USER, DEVICE, CHAT = "u", "d", "c"
+ID_ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"  # (storage.sqlite.new_id's)
+_DIGIT = {c: i for i, c in enumerate(ID_ALPHABET)}
+_ID_DIGITS = 11
+# request fields that hold ids, and the letter each implies
+_REQUEST_IDS = {"chat": CHAT, "to": USER}
 
 
 def is_v2(raw: bytes | bytearray) -> bool:
     """Whether a device payload is v2 (a MessagePack array) rather than v1 JSON."""
     return bool(raw) and (0x90 <= raw[0] <= 0x9F or raw[0] in (0xDC, 0xDD))
+
+
+def id_out(s: str | None, letter: str) -> Any:
+    """An id as v2 carries it in a field whose ids start with ``letter`` (module docstring)."""
+    if s is None or len(s) != 1 + _ID_DIGITS or not ("A" <= s[0] <= "Z" or "a" <= s[0] <= "z"):
+        return s
+    n = 0
+    for c in reversed(s[1:]):
+        d = _DIGIT.get(c)
+        if d is None:
+            return s
+        n = n * 62 + d
+    if n >> 64:
+        return s
+    return n if s[0] == letter else msgpack.ExtType(ord(s[0]), n.to_bytes(8, "big"))
+
+
+def _digits(letter: str, n: int) -> str:
+    out = [letter]
+    for _ in range(_ID_DIGITS):
+        n, d = divmod(n, 62)
+        out.append(ID_ALPHABET[d])
+    return "".join(out)
+
+
+def id_in(v: Any, letter: str) -> Any:
+    """The id a v2 field holds (``letter``: what a bare number in it starts with); anything
+    that is not an id in either form is returned as it is, for ``from_json`` to judge."""
+    if type(v) is int and 0 <= v < 1 << 64:
+        return _digits(letter, v)
+    if isinstance(v, msgpack.ExtType) and len(v.data) == 8 and 0 < v.code < 128 and chr(v.code).isalpha():
+        return _digits(chr(v.code), int.from_bytes(v.data, "big"))
+    return v
+
+
+def place_ts(low: int, now_ms: int) -> int:
+    """The time whose low 32 bits are ``low`` nearest to ``now_ms`` (within 2**31 ms)."""
+    half = 1 << (_TS_BITS - 1)
+    return now_ms + ((low - now_ms + half) & _TS_MASK) - half
 
 
 def _trim(a: list[Any]) -> list[Any]:
@@ -80,18 +148,32 @@ def _media(m: Attachment) -> list[Any]:
     return _trim([m.key, m.mime, m.size, m.sha256, m.name])
 
 
-def _msg(ev: MsgEvent, for_user: str) -> list[Any]:
+class Unresolved(BadRequest):
+    """A live v2 event leaves out something this device does not know yet: it fetches the event
+    at ``inbox`` by ``sync`` (a batch's items leave nothing out). ``peer``: the event is a
+    message in the direct chat with that user (the batch's item names the chat)."""
+
+    def __init__(self, message: str, *, inbox: Any, peer: str | None = None) -> None:
+        super().__init__(message)
+        self.inbox: int | None = inbox if type(inbox) is int else None
+        self.peer = peer
+
+
+def _msg(ev: MsgEvent, for_user: str, live: bool = False) -> list[Any]:
     m = ev.message
     own = m.sender == for_user
     derived = m.id == f"{m.chat}:{m.seq}"
+    chat = None if live and ev.direct and not own else id_out(m.chat, CHAT)  # (the direct chat with the sender)
     return _trim([
-        MSG, ev.inbox, m.chat, m.seq, m.ts, KINDS.index(m.kind), None if own else m.sender, m.body,
-        None if derived else m.id, m.device, None if m.media is None else _media(m.media), m.event, m.user,
+        MSG, ev.inbox, chat, m.seq, m.ts & _TS_MASK if live else m.ts, KINDS.index(m.kind),
+        None if own else id_out(m.sender, USER),
+        m.body, None if derived else m.id, id_out(m.device, DEVICE), None if m.media is None else _media(m.media),
+        m.event, id_out(m.user, USER),
     ])
 
 
 def _receipt(ev: ReceiptEvent) -> list[Any]:
-    return [RECEIPT, ev.inbox, ev.chat, ev.user, RECEIPT_KINDS.index(ev.kind), ev.up_to]
+    return [RECEIPT, ev.inbox, id_out(ev.chat, CHAT), id_out(ev.user, USER), RECEIPT_KINDS.index(ev.kind), ev.up_to]
 
 
 def _inbox_item(ev: InboxEvent, for_user: str) -> list[Any]:
@@ -101,19 +183,22 @@ def _inbox_item(ev: InboxEvent, for_user: str) -> list[Any]:
 def to_array(event: Event, for_user: str) -> list[Any]:
     """The event's v2 array for a device of ``for_user``."""
     if isinstance(event, MsgEvent):
-        return _msg(event, for_user)
+        return _msg(event, for_user, live=True)
     if isinstance(event, ReceiptEvent):
         return _receipt(event)
     if isinstance(event, Sent):
-        return _trim([SENT, event.id, None if event.chat_known else event.chat, event.seq, event.ts, event.inbox])
+        fresh = event.inbox is not None  # (just stored; a send answered from an earlier attempt has none)
+        return _trim([SENT, event.id, None if event.chat_known else id_out(event.chat, CHAT), event.seq,
+                      event.ts & _TS_MASK if fresh else event.ts, event.inbox])
     if isinstance(event, Batch):
-        return [BATCH, event.id, event.last, event.more, [_inbox_item(e, for_user) for e in event.events]]
+        return _trim([BATCH, event.id, event.last, event.more, [_inbox_item(e, for_user) for e in event.events],
+                      event.now])
     if isinstance(event, ErrorReply):
         return _trim([ERROR, event.id, event.code, event.message, event.retry_after_ms])
     if isinstance(event, PresenceEvent):
-        return _trim([PRESENCE, event.user, event.online, event.last_seen, event.id])
+        return _trim([PRESENCE, id_out(event.user, USER), event.online, event.last_seen, event.id])
     if isinstance(event, TypingEvent):
-        return [TYPING, event.chat, event.user]
+        return [TYPING, id_out(event.chat, CHAT), id_out(event.user, USER)]
     if isinstance(event, MediaUploadReply):
         up = event.upload
         ticket = None if up is None else _trim([
@@ -136,17 +221,32 @@ def _at(a: list[Any], i: int) -> Any:
     return a[i] if i < len(a) else None
 
 
-def _v1_msg(a: list[Any], for_user: str) -> dict[str, Any]:
+def _live_ts(a: list[Any], now_ms: int | None, what: str, inbox: Any) -> int:
+    low = _at(a, 4)
+    if type(low) is not int or not 0 <= low <= _TS_MASK:
+        raise BadRequest(f"{what}: a live ts is the time's low {_TS_BITS} bits")
+    if now_ms is None:
+        raise Unresolved(f"{what}: no estimate of the server's clock here to place its ts", inbox=inbox)
+    return place_ts(low, now_ms)
+
+
+def _v1_msg(a: list[Any], for_user: str, live: bool, peers: Mapping[str, str] | None,
+            now_ms: int | None) -> dict[str, Any]:
     kind = _at(a, 5)
     if not isinstance(kind, int) or not 0 <= kind < len(KINDS):
         raise BadRequest("msg: kind must be 0, 1 or 2")
-    chat, seq, sender = _at(a, 2), _at(a, 3), _at(a, 6)
+    chat, seq, sender = id_in(_at(a, 2), CHAT), _at(a, 3), id_in(_at(a, 6), USER)
+    if chat is None and live and isinstance(sender, str):  # the direct chat with the sender
+        chat = None if peers is None else peers.get(sender)
+        if chat is None:
+            raise Unresolved(f"msg: the direct chat with {sender} is not known here", inbox=_at(a, 1), peer=sender)
     d: dict[str, Any] = {
         "type": "msg", "inbox": _at(a, 1), "chat": chat, "seq": seq,
         "id": _at(a, 8) if _at(a, 8) is not None else f"{chat}:{seq}",
         "from": sender if sender is not None else for_user,
-        "device": _at(a, 9),
-        "ts": _at(a, 4), "kind": KINDS[kind], "body": _at(a, 7), "event": _at(a, 11), "user": _at(a, 12),
+        "device": id_in(_at(a, 9), DEVICE),
+        "ts": _live_ts(a, now_ms, "msg", _at(a, 1)) if live else _at(a, 4),
+        "kind": KINDS[kind], "body": _at(a, 7), "event": _at(a, 11), "user": id_in(_at(a, 12), USER),
     }
     media = _at(a, 10)
     if media is not None:
@@ -157,36 +257,40 @@ def _v1_msg(a: list[Any], for_user: str) -> dict[str, Any]:
     return d
 
 
-def _v1_event(a: Any, for_user: str, chats: Mapping[str, str] | None = None) -> dict[str, Any]:
+def _v1_event(a: Any, for_user: str, chats: Mapping[str, str] | None = None,
+              peers: Mapping[str, str] | None = None, now_ms: int | None = None, live: bool = True) -> dict[str, Any]:
     if not isinstance(a, list) or not a or not isinstance(a[0], int):
         raise BadRequest("a v2 event is an array that starts with its type number")
     t = a[0]
     if t == MSG:
-        return _v1_msg(a, for_user)
+        return _v1_msg(a, for_user, live, peers, now_ms)
     if t == RECEIPT:
         kind = _at(a, 4)
         if kind not in (0, 1):
             raise BadRequest("receipt: kind must be 0 or 1")
-        return {"type": "receipt", "inbox": _at(a, 1), "chat": _at(a, 2), "user": _at(a, 3),
+        return {"type": "receipt", "inbox": _at(a, 1), "chat": id_in(_at(a, 2), CHAT), "user": id_in(_at(a, 3), USER),
                 "kind": RECEIPT_KINDS[kind], "up_to": _at(a, 5)}
     if t == SENT:
-        rid, chat = _at(a, 1), _at(a, 2)
+        rid, chat = _at(a, 1), id_in(_at(a, 2), CHAT)
         if chat is None and chats is not None and isinstance(rid, str):
             chat = chats.get(rid)  # the chat the send named: the device knows it
-        return {"type": "sent", "id": rid, "chat": chat, "seq": _at(a, 3), "ts": _at(a, 4), "inbox": _at(a, 5)}
+        inbox = _at(a, 5)
+        return {"type": "sent", "id": rid, "chat": chat, "seq": _at(a, 3),
+                "ts": _at(a, 4) if inbox is None else _live_ts(a, now_ms, "sent", inbox), "inbox": inbox}
     if t == BATCH:
         items = _at(a, 4)
         if not isinstance(items, list):
             raise BadRequest("batch: items must be an array")
         return {"type": "batch", "id": _at(a, 1), "last": _at(a, 2), "more": _at(a, 3),
-                "items": [_v1_event(i, for_user) for i in items]}
+                "items": [_v1_event(i, for_user, live=False) for i in items], "now": _at(a, 5)}
     if t == ERROR:
         return {"type": "error", "id": _at(a, 1), "code": _at(a, 2), "message": _at(a, 3),
                 "retry_after_ms": _at(a, 4)}
     if t == PRESENCE:
-        return {"type": "presence", "user": _at(a, 1), "online": _at(a, 2), "last_seen": _at(a, 3), "id": _at(a, 4)}
+        return {"type": "presence", "user": id_in(_at(a, 1), USER), "online": _at(a, 2), "last_seen": _at(a, 3),
+                "id": _at(a, 4)}
     if t == TYPING:
-        return {"type": "typing", "chat": _at(a, 1), "user": _at(a, 2)}
+        return {"type": "typing", "chat": id_in(_at(a, 1), CHAT), "user": id_in(_at(a, 2), USER)}
     if t == MEDIA_UPLOAD:
         ticket = _at(a, 4)
         if ticket is not None and not isinstance(ticket, list):
@@ -209,12 +313,17 @@ def _unpack(raw: bytes | bytearray) -> Any:
         raise BadRequest("payload is not MessagePack") from exc
 
 
-def decode(raw: bytes | bytearray, for_user: str, chats: Mapping[str, str] | None = None) -> Event:
+def decode(raw: bytes | bytearray, for_user: str, chats: Mapping[str, str] | None = None, *,
+           peers: Mapping[str, str] | None = None, now_ms: int | None = None) -> Event:
     """A v2 payload received by a device of ``for_user``, as its typed envelope, validated by
     the same ``from_json`` as v1. ``chats``: the chat each ``send`` of this device that awaits
     its ``sent`` named, by request id (a ``sent`` leaves out a chat the send named; without it
-    such a ``sent`` has no chat and is refused). Raises ProtocolError."""
-    return _typed(_v1_event(_unpack(raw), for_user, chats))
+    such a ``sent`` has no chat and is refused). ``peers``: the direct chat with each user this
+    device knows it for (a live ``msg`` from the peer leaves it out; see :class:`Unresolved`).
+    ``now_ms``: the device's estimate of the server's clock (from the ``now`` of its latest
+    ``batch``), to place the ts of a live ``msg`` or a ``sent``.
+    Raises ProtocolError: :class:`Unresolved` when what the event leaves out is not known."""
+    return _typed(_v1_event(_unpack(raw), for_user, chats, peers, now_ms))
 
 
 def _typed(d: dict[str, Any]) -> Event:
@@ -227,7 +336,10 @@ def _typed(d: dict[str, Any]) -> Event:
             if not isinstance(item, (MsgEvent, ReceiptEvent)):
                 raise BadRequest("'items' holds only msg and receipt events")
             events.append(item)
-        return replace(head, events=tuple(events))
+        now = d.get("now")
+        if now is not None and type(now) is not int:
+            raise BadRequest("batch: now is the server's clock in ms")
+        return replace(head, events=tuple(events), now=now)
     return decode_event({k: v for k, v in d.items() if v is not None or (k == "id" and d["type"] == "error")})
 
 
@@ -252,7 +364,10 @@ def parse_request_v2(raw: bytes | bytearray, max_bytes: int) -> Request:
     d: dict[str, Any] = {"type": name}
     for key, value in zip(keys, a[1:], strict=False):
         if value is not None:
-            d[key] = value
+            letter = _REQUEST_IDS.get(key)
+            d[key] = value if letter is None else id_in(value, letter)
+    if name == "watch" and isinstance(d.get("users"), list):
+        d["users"] = [id_in(u, USER) for u in d["users"]]
     if name == "presence" and "state" in d:
         if not isinstance(d["state"], bool):
             raise BadRequest("presence: the state is true (online) or false (offline)")
@@ -270,6 +385,10 @@ def request_array(d: Mapping[str, Any]) -> list[Any]:
         v = d.get(key)
         if key == "state" and v is not None:
             v = v == "online"
+        elif key in _REQUEST_IDS and isinstance(v, str):
+            v = id_out(v, _REQUEST_IDS[key])
+        elif key == "users" and isinstance(v, list):
+            v = [id_out(u, USER) if isinstance(u, str) else u for u in v]
         a.append(v)
     return _trim(a)
 
@@ -279,4 +398,5 @@ def encode_request(d: Mapping[str, Any]) -> bytes:
     return payload
 
 
-__all__ = ["decode", "encode", "encode_request", "is_v2", "parse_any", "parse_request_v2", "request_array", "to_array"]
+__all__ = ["Unresolved", "decode", "encode", "encode_request", "id_in", "id_out", "is_v2", "parse_any", "place_ts",
+           "parse_request_v2", "request_array", "to_array"]

@@ -55,6 +55,7 @@ from typing import Any
 
 import aiomqtt
 import httpx
+from cachetools import LRUCache
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -82,6 +83,21 @@ log = logging.getLogger(__name__)
 __all__ = ["Api", "Device", "Event", "PigeonClientError", "Profile", "RequestTimeout", "login", "request_code",
            "verify"]
 CLOSE_STEP_S = 5.0
+PEERS_KEPT = 4096  # direct chats remembered (one forgotten costs a sync when its peer writes next)
+UNRESOLVED_KEPT = 1024
+V2_ACK_DELAY_S = 1.0  # v2: at most one ack a second (each ack makes a delivered receipt per chat it covers)
+
+
+def ack_wait(last_ack: float | None, now: float, delay: float, *, leading: bool) -> float:
+    """How long to gather acks before the next goes. v1 (``leading`` false): ``delay`` after the
+    first event to ack. v2: at once when none went in the last ``delay`` (a lone message is
+    told delivered at once), else until ``delay`` after the last one (a stream of messages
+    makes one ack, and so one delivered receipt per chat, per ``delay``)."""
+    if not leading:
+        return delay
+    if last_ack is None:
+        return 0.0
+    return max(0.0, last_ack + delay - now)
 
 
 class PigeonClientError(Exception):
@@ -379,16 +395,19 @@ class Device:
     """A connected device: requests over MQTT, events in inbox order, cursor kept on disk.
 
     It speaks protocol v2 (docs/protocol.md section 5b) unless given ``proto=1``: requests
-    and events in MessagePack, short request ids, events at QoS 0, acks gathered over half a
-    second, and no copy of its own messages (``send`` puts the message in the event stream
-    itself, at the inbox position its ``sent`` names), so an application sees the same events
-    either way."""
+    and events in MessagePack, short request ids, events at QoS 0, at most one ack a second,
+    and no copy of its own messages (``send`` puts the message in the event stream itself, at
+    the inbox position its ``sent`` names). What v2 leaves out of live events it fills in: the
+    direct chat of a message from its peer (known from a ``send`` to them, or fetched by sync
+    the first time) and the high bits of a live time (placed by the server's clock as the
+    latest batch gave it). An application sees the same events either way."""
 
     def __init__(self, profile: Profile, *, keepalive: int = 240, transport: str = "tcp",
                  reply_timeout: float = 10.0, ack_delay: float | None = None, proto: int = 2,
                  mqtt5: bool = False) -> None:
-        """``ack_delay``: how long acks are gathered before one goes (default 0.05 s; 0.5 s
-        with v2, which acks at QoS 0 and so gathers the delivered receipts its acks cause).
+        """``ack_delay``: how long acks are gathered before one goes (default 0.05 s); with v2,
+        which acks at QoS 0, the least time between two acks (default 1 s, ``V2_ACK_DELAY_S``:
+        fewer acks and fewer delivered receipts; the first ack after a quiet second goes at once).
         ``mqtt5``: connect over MQTT 5 (for a broker that speaks it, such as Mosquitto; not the
         embedded one) and, when the broker's CONNACK allows topic aliases, name the ``up`` topic
         once and publish with its alias alone after that."""
@@ -407,10 +426,18 @@ class Device:
         self._keepalive = keepalive
         self._transport = transport
         self._reply_timeout = reply_timeout
-        self._ack_delay = ack_delay if ack_delay is not None else (0.5 if proto == 2 else 0.05)
+        self._ack_delay = ack_delay if ack_delay is not None else (V2_ACK_DELAY_S if proto == 2 else 0.05)
+        self._ack_at: float | None = None  # loop time of the last ack
         self._client: aiomqtt.Client | None = None
         self._pending: dict[str, asyncio.Future[Event]] = {}
         self._send_chats: dict[str, str] = {}  # request id -> the chat a pending send named (v2's sent omits it)
+        # v2: user -> the direct chat with them (a live msg from the peer leaves it out), and the
+        # inbox positions of live msgs that left out a chat not known here -> their sender
+        self._peers: LRUCache[str, str] = LRUCache(PEERS_KEPT)
+        self._unresolved: LRUCache[int, str | None] = LRUCache(UNRESOLVED_KEPT)
+        # v2: the server's clock (ms) as the latest batch gave it, and this loop's time then: the
+        # estimate that places the shortened times of live events (see _server_now)
+        self._server_clock: tuple[int, float] | None = None
         self._events: asyncio.Queue[Event] = asyncio.Queue()
         self._side: asyncio.Queue[Event] = asyncio.Queue()
         self._cursor = profile.cursor
@@ -656,11 +683,18 @@ class Device:
                 continue
             raw = raw.encode() if isinstance(raw, str) else raw
             try:
-                event = (wire_v2.decode(raw, self.profile.user_id, self._send_chats) if wire_v2.is_v2(raw)
-                         else decode_payload(raw))
+                event = (wire_v2.decode(raw, self.profile.user_id, self._send_chats, peers=self._peers,
+                                        now_ms=self._server_now()) if wire_v2.is_v2(raw) else decode_payload(raw))
+            except wire_v2.Unresolved as exc:  # fetched by sync, whose items are complete
+                if exc.inbox is not None and exc.inbox > self._cursor:
+                    self._unresolved[exc.inbox] = exc.peer
+                    self._sync_wanted.set()
+                continue
             except ProtocolError as exc:
                 log.warning("ignoring a payload on %s that is not a valid event: %s", message.topic, exc.message)
                 continue
+            if isinstance(event, Batch) and event.now is not None:
+                self._server_clock = (event.now, asyncio.get_running_loop().time())
             rid = getattr(event, "id", None)
             if event.type in REPLY_TYPES and rid is not None and rid in self._pending:
                 fut = self._pending.pop(rid)
@@ -674,6 +708,15 @@ class Device:
                 self._take(event)
             else:
                 await self._events.put(event)
+
+    def _server_now(self) -> int | None:
+        """v2: the server's clock now, as the latest batch's ``now`` and this loop's monotonic
+        time since put it (a live event's time is placed within 24 days of it), or None before
+        the first batch."""
+        if self._server_clock is None:
+            return None
+        now, then = self._server_clock
+        return now + round((asyncio.get_running_loop().time() - then) * 1000)
 
     def _take(self, event: Mapping[str, Any], *, from_store: bool = False) -> None:
         """Deliver inbox events exactly once and in order; a gap asks for a sync.
@@ -706,7 +749,7 @@ class Device:
                 return
             await asyncio.sleep(0.05)  # let the in-flight live events land before asking
             self._sync_wanted.clear()
-            if self._buffer:
+            if self._buffer or self._unresolved:
                 try:
                     await self.sync()
                 except PigeonClientError as exc:
@@ -729,11 +772,12 @@ class Device:
                     await asyncio.sleep(min(1.0, self._keepalive / 4))
 
     async def _ack_loop(self) -> None:
+        loop = asyncio.get_running_loop()
         while not self._closing:
             await self._ack_wanted.wait()
             if self._closing:
                 return
-            await asyncio.sleep(self._ack_delay)
+            await asyncio.sleep(ack_wait(self._ack_at, loop.time(), self._ack_delay, leading=self.proto == 2))
             self._ack_wanted.clear()
             try:
                 await self._flush_ack()
@@ -744,6 +788,7 @@ class Device:
         if self._cursor > self._acked and self._client is not None:
             up_to = self._cursor
             await self._publish({"type": "ack", "up_to": up_to}, qos=0 if self.proto == 2 else 1)
+            self._ack_at = asyncio.get_running_loop().time()
             self._acked = up_to
             self._save_cursor()
 
@@ -762,9 +807,15 @@ class Device:
                 if not isinstance(batch, Batch):
                     raise PigeonClientError("bad_reply", f"sync was answered with {batch.type}")
                 for item in batch.events:
+                    if isinstance(item, MsgEvent) and item.inbox in self._unresolved:
+                        peer = self._unresolved.pop(item.inbox)
+                        if peer is not None and item.message.sender == peer:  # it was the direct chat
+                            self._peers[peer] = item.message.chat
                     self._take(item, from_store=True)
                 if not batch.more or not batch.events:
                     break
+            for pos in [p for p in self._unresolved if p <= self._cursor]:
+                del self._unresolved[pos]
             await self._flush_ack()
             return self._cursor - before
 
@@ -781,6 +832,8 @@ class Device:
         if media is not None:
             payload["media"] = dict(media)
         reply = await self._request_retried(payload, retries)
+        if isinstance(reply, Sent) and to is not None:
+            self._peers[to] = reply.chat
         if isinstance(reply, Sent) and reply.inbox is not None:
             self._take_own(reply, body, media)
         return reply

@@ -9,6 +9,7 @@ import json
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -288,6 +289,38 @@ async def test_the_harness_tells_an_entry_stored_twice_from_a_late_live_copy() -
     dev.take(receipt, from_store=True)
     dev.take(receipt, from_store=False)
     assert (w.tally.late_live, w.tally.duplicates) == (2, 2)
+
+
+async def test_the_harness_fetches_at_once_a_live_msg_it_cannot_place_and_learns_its_chat() -> None:
+    """A v2 msg from the peer of a direct chat leaves the chat out: a device that does not know
+    it syncs at once (no waiting for a missing position to come live), and knows it after."""
+    from bridge.protocol import ChatMessage, MsgEvent
+    from bridge.wire_v2 import encode
+    from clients.bench.worker import GAP_SYNC_AFTER_S, Dev, Worker
+
+    w = Worker(0, [0])
+    dev = Dev(w, "u_b", "d_b", "token")
+    dev.proto = 2
+    text = ChatMessage(chat="c_1", seq=1, id="1", sender="u_a", device="d_a", ts=time.time_ns() // 1_000_000,
+                       kind="text", body="hi")
+    dev.on_message("down/u_b/v2", encode(MsgEvent(1, text, direct=True), "u_b"))
+    assert dev.cursor == 0 and dev.unresolved == {1: "u_a"} and not w.tally.errors
+    now = time.monotonic()
+    assert w.due_syncs(now) == [dev]  # at once
+    other = Dev(w, "u_c", "d_c", "token")
+    other.take({"type": "msg", "chat": "c_2", "seq": 2, "id": "2", "device": "d_a", "inbox": 2}, from_store=False)
+    assert w.due_syncs(now) == [dev]  # a plain gap waits a little: its position may still come live
+    assert other in w.due_syncs(now + GAP_SYNC_AFTER_S + 1)
+    # what the sync brings: the item at that position, with its chat (Dev.sync does this per item)
+    dev.learn({"type": "msg", "inbox": 1, "chat": "c_1", "from": "u_a"})
+    assert dev.chat_with == {"u_a": "c_1"} and dev.unresolved == {}
+    dev.on_message("down/u_b/v2", encode(MsgEvent(2, ChatMessage(**{**_fields(text), "seq": 2, "id": "2"}),
+                                                  direct=True), "u_b"))
+    assert dev.ahead == {2} and not dev.unresolved  # placed this time (position 1 still to come by sync)
+
+
+def _fields(m: Any) -> dict[str, Any]:
+    return {f: getattr(m, f) for f in ("chat", "seq", "id", "sender", "device", "ts", "kind", "body")}
 
 
 def test_an_overload_run_reports_refusals_recovery_and_nothing_lost(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 import aiomqtt
@@ -55,6 +56,46 @@ async def test_v2_and_v1_devices_of_two_users_each_get_what_they_speak(new_user:
     assert back_sent.chat == sent.chat  # (left out of the v2 sent: the SDK restores it from its send)
     back = await next_of(da, "msg")
     assert back["body"] == "hi back" and back["inbox"] > own.inbox and back["from"] == bob.user_id
+
+
+async def test_a_direct_message_whose_chat_was_left_out_arrives_with_it(
+        new_user: NewUser, connect: Any, server: ServerProc) -> None:
+    """A live msg from the peer of a direct chat leaves the chat out (v2): a device that does not
+    know that chat yet fetches the message by sync and knows it from then on."""
+    alice, bob = await new_user(), await new_user()
+    da, db = await connect(alice, proto=2), await connect(bob, proto=2)
+    first = await da.send("first", to=bob.user_id)
+    ev = await next_of(db, "msg")
+    assert isinstance(ev, MsgEvent) and (ev.message.chat, ev.message.body, ev.message.sender) == (
+        first.chat, "first", alice.user_id)
+    syncs = await metric(server, 'pigeon_requests_total{type="sync"}')
+    await da.send("second", chat=first.chat)
+    ev = await next_of(db, "msg")
+    assert isinstance(ev, MsgEvent) and (ev.message.chat, ev.message.body) == (first.chat, "second")
+    # alice's device knows the chat from her own send to bob: his answer needs no sync either
+    await db.send("back", chat=first.chat)
+    back = await next_of(da, "msg", body="back")
+    assert back["chat"] == first.chat and back["from"] == bob.user_id
+    assert await metric(server, 'pigeon_requests_total{type="sync"}') == syncs
+
+
+async def test_live_times_in_v2_are_whole_again_on_the_device(new_user: NewUser, connect: Any) -> None:
+    """A live msg and a sent carry the low 32 bits of their time (v2): the SDK places them by the
+    server's clock, which every batch gives (the device synced on connect)."""
+    alice, bob = await new_user(), await new_user()
+    bob_v1 = await new_user(bob.phone)
+    da, db, db1 = await connect(alice, proto=2), await connect(bob, proto=2), await connect(bob_v1, proto=1)
+    before = time.time_ns() // 1_000_000
+    sent = await da.send("when", to=bob.user_id)
+    assert isinstance(sent, Sent) and before - 60_000 < sent.ts < time.time_ns() // 1_000_000 + 60_000
+    whole = await next_of(db1, "msg", body="when")  # v1: the whole time
+    assert sent.ts == whole["ts"] and sent.ts >= 1 << 32
+    ev = await next_of(db, "msg", body="when")
+    assert isinstance(ev, MsgEvent) and ev.message.ts == sent.ts
+    again = await da.send("when again", chat=sent.chat)
+    ev = await next_of(db, "msg", body="when again")
+    whole = await next_of(db1, "msg", body="when again")
+    assert isinstance(ev, MsgEvent) and ev.message.ts == again.ts == whole["ts"]
 
 
 async def test_a_v2_device_syncs_and_is_refused_in_v2(new_user: NewUser, connect: Any) -> None:

@@ -20,7 +20,7 @@ from bridge.messaging import Messenger
 from bridge.metrics import Metrics
 from bridge.outbox import Out
 from bridge.presence import PresenceTracker
-from bridge.protocol import Ack, Send, Watch, parse_request
+from bridge.protocol import Ack, MsgEvent, Send, Watch, parse_request
 from bridge.ratelimit import RateLimiter
 from bridge.router import DeviceRouter
 from bridge.tokens import TokenSigner
@@ -475,3 +475,14 @@ async def test_a_lone_surrogate_is_a_bad_request_not_an_internal_error(world: Wo
 def test_a_surrogate_pair_escape_is_a_character_like_any_other() -> None:
     req = parse_request(b'{"type":"send","id":"s","to":"u","body":"\\ud83d\\ude00"}', 1000)
     assert isinstance(req, Send) and req.body == "\U0001f600"
+
+
+async def test_a_direct_chats_messages_go_out_marked_direct_and_a_groups_do_not(world: World) -> None:
+    """(v2 leaves the chat out of the peer's live copy of a direct message: bridge/wire_v2.py)"""
+    a, b = [await world.user(f"+1555000020{i}") for i in range(2)]
+    direct = await world.messenger.send(a, Send(id="1", chat=None, to=b.user_id, body="hi", media=None))
+    assert [type(o.event).__name__ for o in direct.outs] == ["MsgEvent", "MsgEvent"]
+    assert all(isinstance(o.event, MsgEvent) and o.event.direct for o in direct.outs)
+    chat, _ = await world.messenger.create_group(a, "team", [b.user_id])
+    group = await world.messenger.send(a, Send(id="2", chat=chat.chat_id, to=None, body="hi", media=None))
+    assert group.outs and not any(isinstance(o.event, MsgEvent) and o.event.direct for o in group.outs)

@@ -14,20 +14,49 @@ from hypothesis import strategies as st
 
 from bridge.errors import BadRequest, ProtocolError, TooLarge, UnknownType
 from bridge.outbox import Out, ToDevice, ToUser
-from bridge.protocol import ChatMessage, MsgEvent, Sent, WireEvent, decode_payload, parse_request
+from bridge.protocol import (
+    Batch,
+    ChatMessage,
+    MsgEvent,
+    PresenceEvent,
+    ReceiptEvent,
+    Sent,
+    TypingEvent,
+    WireEvent,
+    decode_payload,
+    parse_request,
+)
 from bridge.wire import DeviceKinds, encode_v1, publishes
+from bridge.wire_v2 import (
+    REQUEST_NUMBERS,
+    Unresolved,
+    decode,
+    encode,
+    encode_request,
+    id_in,
+    id_out,
+    is_v2,
+    parse_request_v2,
+)
 from bridge.wire_v2 import REQUESTS as V2_REQUESTS
-from bridge.wire_v2 import decode, encode, encode_request, is_v2, parse_request_v2
+from storage.sqlite import new_id
 from tests.test_protocol_events import EVENTS
 
 SENDER, OTHER = "u_a", "u_b"
 
 
+def clock(event: object) -> int:
+    """A device's estimate of the server's clock when a live event comes: a few seconds after its
+    time (live events are published as they happen; v2 carries the low 32 bits of their ts)."""
+    ts = getattr(getattr(event, "message", event), "ts", None)
+    return (ts if isinstance(ts, int) else 1_795_438_173_378) + 2_500
+
+
 @pytest.mark.parametrize("event", EVENTS, ids=lambda e: e.type)
 def test_every_v2_event_means_what_its_v1_event_means(event: WireEvent) -> None:
     v1 = decode_payload(encode_v1(event))  # type: ignore[arg-type]
-    assert decode(encode(event, SENDER), SENDER) == v1  # type: ignore[arg-type]
-    assert decode(encode(event, OTHER), OTHER) == v1  # type: ignore[arg-type]
+    assert decode(encode(event, SENDER), SENDER, now_ms=clock(event)) == v1  # type: ignore[arg-type]
+    assert decode(encode(event, OTHER), OTHER, now_ms=clock(event)) == v1  # type: ignore[arg-type]
     assert is_v2(encode(event, OTHER)) and len(encode(event, OTHER)) < len(encode_v1(event))  # type: ignore[arg-type]
 
 
@@ -64,6 +93,10 @@ def test_a_short_numeric_request_id_is_read_as_its_digits() -> None:
     (msgpack.packb({"type": "sync"}), BadRequest),
     (b"\x92\xc1", BadRequest),  # not MessagePack
     (msgpack.packb([1, "i", None, "u_b", "x" * 200]), TooLarge),
+    (b"\x92\x05\xd7\xfb12345678", BadRequest),  # exts that are no ids: a negative type,
+    (b"\x92\x05\xd7\xff12345678", BadRequest),  # a timestamp,
+    (msgpack.packb([5, msgpack.ExtType(0x7F, b"12345678")]), BadRequest),  # not a letter
+    (msgpack.packb([5, msgpack.ExtType(0, b"12345678")]), BadRequest),
 ])
 def test_malformed_v2_is_refused(raw: bytes, error: type[Exception]) -> None:
     with pytest.raises(error):
@@ -140,9 +173,144 @@ def test_a_sent_for_a_send_that_named_its_chat_leaves_the_chat_to_the_device() -
     assert len(raw) == len(encode(Sent("k1", "c_1", 7, 1795438173378), SENDER)) - len("c_1")  # (nil in its place)
     v1 = decode_payload(encode_v1(named))
     assert v1.to_json() == {"type": "sent", "id": "k1", "chat": "c_1", "seq": 7, "ts": 1795438173378}
-    assert decode(raw, SENDER, {"k1": "c_1", "k2": "c_2"}) == v1
+    assert decode(raw, SENDER, {"k1": "c_1", "k2": "c_2"}, now_ms=clock(named)) == v1
     with pytest.raises(BadRequest):  # a device that does not know the send: no chat, refused
-        decode(raw, SENDER, {})
+        decode(raw, SENDER, {}, now_ms=clock(named))
     with_inbox = decode(encode(Sent("k1", "c_1", 7, 1795438173378, inbox=9, chat_known=True), SENDER), SENDER,
-                        {"k1": "c_1"})
+                        {"k1": "c_1"}, now_ms=clock(named))
     assert isinstance(with_inbox, Sent) and (with_inbox.chat, with_inbox.inbox) == ("c_1", 9)
+
+
+# -- ids in the store's shape go as their 64 bits ----------------------------------------------------
+def store_ids() -> dict[str, str]:
+    return {"user_a": new_id("u"), "user_b": new_id("u"), "device": new_id("d"), "direct": new_id("c"),
+            "group": new_id("g")}
+
+
+def id_events(ids: dict[str, str]) -> list[WireEvent]:
+    text = ChatMessage(chat=ids["direct"], seq=3, id="7", sender=ids["user_a"], device=ids["device"],
+                       ts=1_795_438_173_378, kind="text", body="x" * 20)
+    system = ChatMessage(chat=ids["group"], seq=1, id=f"{ids['group']}:1", sender=ids["user_a"],
+                         device=ids["device"], ts=1_795_438_173_378, kind="system", event="member_added",
+                         user=ids["user_b"])
+    return [
+        MsgEvent(7, text), MsgEvent(8, system),
+        ReceiptEvent(9, ids["direct"], ids["user_b"], "delivered", 3), ReceiptEvent(10, ids["group"], "*", "read", 1),
+        Sent("7", ids["direct"], 3, 1_795_438_173_378), PresenceEvent(user=ids["user_b"], online=True, last_seen=9),
+        TypingEvent(user=ids["user_b"], chat=ids["group"]),
+        Batch(id="s", events=(MsgEvent(7, text), ReceiptEvent(9, ids["direct"], ids["user_b"], "delivered", 3)),
+              last=9, more=False),
+    ]
+
+
+@pytest.mark.parametrize("n", range(20))
+def test_store_shaped_ids_mean_the_same_in_v2(n: int) -> None:
+    ids = store_ids()
+    for event in id_events(ids):
+        v1 = decode_payload(encode_v1(event))  # type: ignore[arg-type]
+        for user in (ids["user_a"], ids["user_b"]):
+            assert decode(encode(event, user), user, now_ms=clock(event)) == v1  # type: ignore[arg-type]
+
+
+def test_a_store_shaped_id_is_nine_bytes_or_ten_for_another_letter_and_any_other_id_its_string() -> None:
+    ids = store_ids()
+    assert len(msgpack.packb(id_out(ids["user_a"], "u"))) == 9
+    assert len(msgpack.packb(id_out(ids["direct"], "c"))) == 9
+    assert len(msgpack.packb(id_out(ids["group"], "c"))) == 10
+    for other in ("u_a", "*", "u" + "0123456789abcdef", ids["user_a"][:-1] + "-", "u" + "z" * 11):  # 62**11 > 2**64
+        assert id_out(other, "u") == other and id_in(other, "u") == other
+    for s in ids.values():
+        assert id_in(id_out(s, "c"), "c") == s
+    text = id_events(ids)[0]
+    assert isinstance(text, MsgEvent)
+    # chat, from and device as 9 bytes each rather than 13
+    as_str = msgpack.packb([1, 7, ids["direct"], 3, 1_795_438_173_378 & 0xFFFFFFFF, 0, ids["user_a"], "x" * 20, "7",
+                            ids["device"]])
+    assert len(encode(text, ids["user_b"])) == len(as_str) - 3 * 4
+
+
+@pytest.mark.parametrize("request_", [
+    {"type": "send", "id": "7", "chat": "c", "body": "hi"}, {"type": "send", "id": "8", "to": "u", "body": "hi"},
+    {"type": "read", "chat": "g", "up_to": 4}, {"type": "typing", "chat": "c"},
+    {"type": "watch", "id": "w", "users": ["u", "u"], "ttl": 30},
+    {"type": "media_url", "id": "g", "key": "k", "chat": "g"},
+], ids=lambda r: r["type"])
+def test_requests_with_store_shaped_ids_read_the_same_and_are_shorter(request_: dict[str, Any]) -> None:
+    ids = {"c": new_id("c"), "g": new_id("g"), "u": new_id("u")}
+    d = {k: ids.get(v, v) if isinstance(v, str) and k != "id" else v for k, v in request_.items()}
+    if "users" in d:
+        d["users"] = [new_id("u") for _ in d["users"]]
+    raw = encode_request(d)
+    assert parse_request_v2(raw, 4096) == parse_request(json.dumps(d).encode(), 4096)
+    as_str = msgpack.packb(request_array_as_str(d))
+    assert len(raw) < len(as_str)
+
+
+def request_array_as_str(d: dict[str, Any]) -> list[Any]:
+    n, keys = REQUEST_NUMBERS[d["type"]]
+    a: list[Any] = [n, *(d.get(k) for k in keys)]
+    while a[-1] is None:
+        a.pop()
+    return a
+
+
+# -- a live msg in a direct chat leaves the chat to the peer's device ----------------------------------
+def test_a_live_direct_msg_leaves_the_chat_out_for_the_peer_whose_device_knows_or_fetches_it() -> None:
+    ids = store_ids()
+    a, b, chat = ids["user_a"], ids["user_b"], ids["direct"]
+    text = ChatMessage(chat=chat, seq=3, id="7", sender=a, device=ids["device"], ts=1_795_438_173_378, kind="text",
+                       body="x" * 20)
+    live = MsgEvent(7, text, direct=True)
+    v1 = decode_payload(encode_v1(live))
+    assert encode_v1(live) == encode_v1(MsgEvent(7, text))  # v1 is not touched
+    to_peer = encode(live, b)
+    assert len(to_peer) == len(encode(MsgEvent(7, text), b)) - 8  # a nil where the 9-byte chat was
+    assert decode(to_peer, b, peers={a: chat}, now_ms=clock(live)) == v1
+    with pytest.raises(Unresolved) as info:  # a device that does not know the chat yet: it syncs
+        decode(to_peer, b, peers={ids["user_b"]: ids["group"]}, now_ms=clock(live))
+    assert (info.value.inbox, info.value.peer) == (7, a)
+    # the sender's other devices get the chat: nothing in their copy names the peer
+    assert decode(encode(live, a), a, now_ms=clock(live)) == v1
+    # what sync returns always carries it (and tells a device the chat it could not place)
+    batch = Batch(id="s", events=(live,), last=7, more=False)
+    assert decode(encode(batch, b), b) == decode_payload(encode_v1(batch))
+    # a batch item without its chat is malformed, not unresolved
+    with pytest.raises(BadRequest) as refused:
+        decode(msgpack.packb([4, "s", 7, False, [msgpack.unpackb(to_peer)]]), b, peers={a: chat}, now_ms=clock(live))
+    assert not isinstance(refused.value, Unresolved)
+
+
+# -- a live msg or sent carries the low 32 bits of its time ----------------------------------------------
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 1 << 50), st.integers(-(1 << 31) + 1, (1 << 31) - 1))
+def test_a_live_time_is_placed_by_a_clock_estimate_within_24_days(ts: int, skew: int) -> None:
+    text = ChatMessage(chat="c_1", seq=1, id="7", sender=SENDER, device="d_a", ts=ts, kind="text", body="x")
+    sent = Sent("7", "c_1", 1, ts)
+    for event in (MsgEvent(3, text), sent):
+        assert decode(encode(event, OTHER), OTHER, {"7": "c_1"}, now_ms=ts + skew) == event
+
+
+def test_a_live_time_is_five_bytes_a_batch_keeps_whole_times_and_gives_the_clock() -> None:
+    ts = 1_795_438_173_378
+    text = ChatMessage(chat="c_1", seq=1, id="7", sender=SENDER, device="d_a", ts=ts, kind="text", body="x")
+    live = msgpack.unpackb(encode(MsgEvent(3, text), OTHER))
+    assert live[4] == ts & 0xFFFFFFFF and len(msgpack.packb(live[4])) == 5
+    assert msgpack.unpackb(encode(Sent("7", "c_1", 1, ts, inbox=4), SENDER))[4] == ts & 0xFFFFFFFF
+    # a send answered from an earlier attempt (no inbox position) may be old: its time goes whole
+    old = Sent("7", "c_1", 1, ts - 60 * 86_400_000)
+    assert msgpack.unpackb(encode(old, SENDER))[4] == old.ts
+    assert decode(encode(old, SENDER), SENDER, {"7": "c_1"}, now_ms=ts) == old
+    assert decode(encode(old, SENDER), SENDER, {"7": "c_1"}) == old  # (no estimate needed)
+    with pytest.raises(Unresolved) as info:  # no estimate of the server's clock yet: the device syncs
+        decode(encode(MsgEvent(3, text), OTHER), OTHER)
+    assert info.value.inbox == 3
+    with pytest.raises(Unresolved):
+        decode(encode(Sent("7", "c_1", 1, ts, inbox=4), SENDER), SENDER)
+    with pytest.raises(BadRequest):  # a whole time where the low bits belong is malformed
+        decode(msgpack.packb([3, "7", "c_1", 1, ts, 4]), SENDER, now_ms=ts)
+    batch = Batch(id="s", events=(MsgEvent(3, text),), last=3, more=False, now=ts + 40)
+    raw = encode(batch, OTHER)
+    assert msgpack.unpackb(raw)[4][0][4] == ts
+    got = decode(raw, OTHER)  # (no estimate needed)
+    assert isinstance(got, Batch) and got.now == ts + 40 and got == decode_payload(encode_v1(batch))
+    assert "now" not in encode_v1(batch).decode()  # v1 is not touched

@@ -27,14 +27,14 @@ import httpx
 from bridge import wire_v2
 from bridge.errors import ProtocolError
 from bridge.protocol import Sent
-from clients.sdk import tls_context
+from clients.sdk import V2_ACK_DELAY_S, tls_context
 
 from .mqtt import MqttConn, connect
 
 ACK_EVERY_S = 0.1
-# protocol v2 devices coalesce acks (and so the delivered receipts they cause) over this long,
-# as the SDK does, and send them at QoS 0: the next ack covers a lost one
-V2_ACK_EVERY_S = 0.5
+# protocol v2 devices ack at most this often, the first after a quiet spell at once (as the SDK),
+# so coalescing the delivered receipts their acks cause, and at QoS 0: the next ack covers a lost one
+V2_ACK_EVERY_S = V2_ACK_DELAY_S
 GAP_SYNC_AFTER_S = 2.0
 STALL_S = 10.0
 CONNECT_CONCURRENCY = 64
@@ -115,7 +115,9 @@ class Dev:
         # request id -> the chat a send named (a v2 ``sent`` leaves it out) or the user it was ``to``
         self.send_chats: dict[str, str] = {}
         self.send_to: dict[str, str] = {}
-        self.chat_with: dict[str, str] = {}  # user -> the direct chat with them, once a ``sent`` named it
+        self.chat_with: dict[str, str] = {}  # user -> the direct chat with them, once a ``sent`` or a sync named it
+        # v2: inbox positions of live msgs that left out a direct chat not known here -> their sender
+        self.unresolved: dict[int, str | None] = {}
 
     def creds(self) -> dict[str, str]:
         return {"user": self.user, "device": self.device, "token": self.token}
@@ -162,10 +164,19 @@ class Dev:
     def on_message(self, topic: str, payload: bytes) -> None:
         if wire_v2.is_v2(payload):
             try:  # the event's v1 object (and a v2 sent's inbox position): what the rest reads
-                event = wire_v2.decode(payload, self.user, self.send_chats)
+                # (the time of a live msg or sent is placed by this machine's clock: the bench runs
+                # beside the server or on a machine in step with it; the SDK uses the server's)
+                event = wire_v2.decode(payload, self.user, self.send_chats, peers=self.chat_with,
+                                       now_ms=time.time_ns() // 1_000_000)
                 ev = event.to_json()
                 if isinstance(event, Sent) and event.inbox is not None:
                     ev["inbox"] = event.inbox
+            except wire_v2.Unresolved as exc:  # a gap: sync fetches it complete
+                if exc.inbox is not None and exc.inbox > self.cursor:
+                    self.unresolved[exc.inbox] = exc.peer
+                    self.gap_since = self.gap_since or time.monotonic()
+                    self.w.gapped.add(self)
+                return
             except ProtocolError:
                 self.w.tally.errors["undecodable"] += 1
                 return
@@ -240,6 +251,13 @@ class Dev:
         self.w.dirty.add(self)
         return True
 
+    def learn(self, item: dict[str, Any]) -> None:
+        """A sync item at a position whose live msg left out a chat not known here: that chat is
+        the direct chat with its sender."""
+        peer = self.unresolved.pop(item.get("inbox"), None)  # type: ignore[arg-type]
+        if peer is not None and item.get("type") == "msg" and item.get("from") == peer:
+            self.chat_with[peer] = str(item.get("chat"))
+
     async def sync(self, limit: int = 1000, each: Callable[[dict[str, Any]], None] | None = None,
                    timeout: float = 30.0, waits_ms: list[float] | None = None) -> int:
         """Fetch the inbox after the cursor until the store has no more, showing every item to
@@ -256,10 +274,12 @@ class Dev:
             for item in batch["items"]:
                 if each is not None:
                     each(item)
+                self.learn(item)
                 self.take(item, from_store=True)
             # positions the store skipped were never written (a refused request): move past them
             self.cursor = max(self.cursor, int(batch["last"]))
             self.ahead = {i for i in self.ahead if i > self.cursor}
+            self.unresolved = {i: p for i, p in self.unresolved.items() if i > self.cursor}
             if not batch.get("more"):
                 return batches
 
@@ -380,11 +400,8 @@ class Worker:
                 if not dev.flush_ack():
                     self.dirty.add(dev)
             now = time.monotonic()
-            for dev in list(self.gapped):
-                if not dev.ahead:
-                    self.gapped.discard(dev)
-                elif not dev.syncing and now - dev.gap_since > GAP_SYNC_AFTER_S:
-                    self._start_sync(dev)
+            for dev in self.due_syncs(now):
+                self._start_sync(dev)
             stall_before = now_ns() - int(STALL_S * 1e9)
             for track in list(self.tracks.values()):
                 if track.slots is not None and track.t0 < stall_before:
@@ -392,6 +409,18 @@ class Worker:
                     self.tally.stalled += 1
                     track.slots.release()
                     track.slots = None
+
+    def due_syncs(self, now: float) -> list[Dev]:
+        """The devices to sync now: those with a gap open for GAP_SYNC_AFTER_S (a missing
+        position may still come live), and at once those holding a live event they could not
+        place (v2 left out a direct chat they do not know: waiting does not help)."""
+        due = []
+        for dev in list(self.gapped):
+            if not dev.ahead and not dev.unresolved:
+                self.gapped.discard(dev)
+            elif not dev.syncing and (dev.unresolved or now - dev.gap_since > GAP_SYNC_AFTER_S):
+                due.append(dev)
+        return due
 
     def _start_sync(self, dev: Dev) -> None:
         async def run() -> None:
@@ -403,7 +432,7 @@ class Worker:
                 pass
             finally:
                 dev.syncing = False
-                dev.gap_since = time.monotonic() if dev.ahead else 0.0
+                dev.gap_since = time.monotonic() if dev.ahead or dev.unresolved else 0.0
 
         task = asyncio.create_task(run())
         self._sync_tasks.add(task)
