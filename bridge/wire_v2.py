@@ -223,8 +223,10 @@ def _at(a: list[Any], i: int) -> Any:
 
 def _live_ts(a: list[Any], now_ms: int | None, what: str, inbox: Any) -> int:
     low = _at(a, 4)
-    if type(low) is not int or not 0 <= low <= _TS_MASK:
-        raise BadRequest(f"{what}: a live ts is the time's low {_TS_BITS} bits")
+    if type(low) is not int or low < 0:
+        raise BadRequest(f"{what}: a live ts is the time's low {_TS_BITS} bits, or the whole time")
+    if low > _TS_MASK:  # the whole time (a server before 2026-12-01 sent them whole): nothing to place
+        return low
     if now_ms is None:
         raise Unresolved(f"{what}: no estimate of the server's clock here to place its ts", inbox=inbox)
     return place_ts(low, now_ms)

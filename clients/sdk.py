@@ -832,7 +832,9 @@ class Device:
         if media is not None:
             payload["media"] = dict(media)
         reply = await self._request_retried(payload, retries)
-        if isinstance(reply, Sent) and to is not None:
+        if isinstance(reply, Sent) and to is not None and reply.inbox is not None:
+            # (a fresh one: the server found the chat by this send's ``to``; one answered from an
+            # earlier attempt under the same id is about that attempt, in whatever chat it was)
             self._peers[to] = reply.chat
         if isinstance(reply, Sent) and reply.inbox is not None:
             self._take_own(reply, body, media)

@@ -285,7 +285,7 @@ def test_a_live_direct_msg_leaves_the_chat_out_for_the_peer_whose_device_knows_o
 @given(st.integers(0, 1 << 50), st.integers(-(1 << 31) + 1, (1 << 31) - 1))
 def test_a_live_time_is_placed_by_a_clock_estimate_within_24_days(ts: int, skew: int) -> None:
     text = ChatMessage(chat="c_1", seq=1, id="7", sender=SENDER, device="d_a", ts=ts, kind="text", body="x")
-    sent = Sent("7", "c_1", 1, ts)
+    sent = Sent("7", "c_1", 1, ts, inbox=4)  # (fresh: its time goes as its low 32 bits)
     for event in (MsgEvent(3, text), sent):
         assert decode(encode(event, OTHER), OTHER, {"7": "c_1"}, now_ms=ts + skew) == event
 
@@ -306,8 +306,12 @@ def test_a_live_time_is_five_bytes_a_batch_keeps_whole_times_and_gives_the_clock
     assert info.value.inbox == 3
     with pytest.raises(Unresolved):
         decode(encode(Sent("7", "c_1", 1, ts, inbox=4), SENDER), SENDER)
-    with pytest.raises(BadRequest):  # a whole time where the low bits belong is malformed
-        decode(msgpack.packb([3, "7", "c_1", 1, ts, 4]), SENDER, now_ms=ts)
+    # a whole time (a server before 2026-12-01 sent them so) is taken as it is, estimate or not
+    assert decode(msgpack.packb([3, "7", "c_1", 1, ts, 4]), SENDER).ts == ts
+    assert decode(msgpack.packb([1, 3, "c_1", 1, ts, 0, SENDER, "x", None, "d_a"]), OTHER).message.ts == ts
+    for bad in (-1, "1", 1.5):  # anything else is malformed
+        with pytest.raises(BadRequest):
+            decode(msgpack.packb([3, "7", "c_1", 1, bad, 4]), SENDER, now_ms=ts)
     batch = Batch(id="s", events=(MsgEvent(3, text),), last=3, more=False, now=ts + 40)
     raw = encode(batch, OTHER)
     assert msgpack.unpackb(raw)[4][0][4] == ts

@@ -129,3 +129,18 @@ async def test_the_puback_wait_and_the_reply_wait_share_one_timeout(server: Fake
             await dev.request({"type": "send", "to": "u2", "body": "hi"})
         # one timeout in all (was the PUBACK's wait plus a whole reply timeout after it: 1.9 of them)
         assert loop.time() - started < 1.5 * TIMEOUT
+
+
+async def test_only_a_fresh_sent_tells_the_device_its_direct_chat_with_a_user(server: FakeServer) -> None:
+    """A v2 live ``msg`` from the peer of a direct chat leaves the chat out, and the device fills
+    it in from what it learnt. A ``sent`` answered from an earlier attempt under the same id (no
+    ``inbox``) is about that attempt, in whatever chat it was (here a group): learning from it
+    would file the peer's later messages under that chat."""
+    async with server.device() as dev:
+        server.reply = {"type": "sent", "chat": "g1", "seq": 4, "ts": 1}  # an earlier attempt's, in a group
+        reply = await dev.send("hi", to="u2", id="42")
+        assert reply["chat"] == "g1"
+        assert "u2" not in dev._peers
+        server.reply = {"type": "sent", "chat": "c9", "seq": 1, "ts": 1, "inbox": 1}  # fresh: found by ``to``
+        await dev.send("hi", to="u3")
+        assert dev._peers["u3"] == "c9"

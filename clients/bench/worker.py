@@ -185,7 +185,7 @@ class Dev:
         if ev.get("type") in ("sent", "error") and isinstance(ev.get("id"), str):
             self.send_chats.pop(ev["id"], None)
             to = self.send_to.pop(ev["id"], None)
-            if to is not None and ev.get("type") == "sent":
+            if to is not None and ev.get("type") == "sent" and ev.get("inbox") is not None:  # (fresh: as the SDK)
                 self.chat_with[to] = str(ev["chat"])
         self.take(ev, from_store=False)
 
