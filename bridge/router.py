@@ -89,6 +89,13 @@ class AckLane:
         """Devices with an ack being handled."""
         return len(self._running)
 
+    async def settled(self, device: str) -> None:
+        """Wait until the acks this device sent so far have been handled (its lane takes the
+        waiting one before it ends)."""
+        running = self._running.get(device)
+        if running is not None:
+            await asyncio.gather(running, return_exceptions=True)
+
     async def drain(self) -> None:
         """Wait until every ack taken so far has been handled."""
         while self._running:
@@ -211,6 +218,11 @@ class DeviceRouter:
             outs = await self._presence.device_online(caller.user_id, caller.device_id, explicit=True,
                                                       keepalive=keepalive)
         else:
+            # A device that closes acks what it has and then says offline; its ack runs apart, and
+            # whether the user went offline with events unacknowledged (bridge.push wakes it for
+            # them) must be judged after it: the offline waits for the acks it sent before.
+            if self.acks is not None:
+                await self.acks.settled(caller.device_id)
             outs = await self._presence.device_offline(caller.user_id, caller.device_id)
         # The online gauge is counted when /metrics is read, not here: counting walks every
         # online user in the shared state, which per presence change made a burst of N

@@ -178,6 +178,29 @@ async def test_acks_run_apart_from_a_devices_other_requests_and_fold(world: Worl
     assert [r.delivered for r in mine] == [3]
 
 
+async def test_a_device_is_taken_offline_only_after_the_acks_it_sent_before(world: World) -> None:
+    """A closing device acks what it has, then says offline. The ack runs apart; taken while it
+    still waited on the store, the offline made the push decision count the events just
+    acknowledged as unacknowledged and wake the device that had them (seen end to end on two
+    bridges). When the user is known offline, the ack has been handled."""
+    router, _ = lane_router(world)
+    assert router.acks is not None
+    reader, sender = await world.user("+15550000001"), await world.user("+15550000002")
+    await world.messenger.send(sender, Send(id="m", chat=None, to=reader.user_id, body="hi", media=None))
+    up = f"up/{reader.user_id}/{reader.device_id}"
+    await router.handle(up, b'{"type":"presence","state":"online"}')
+    acks_in_flight: list[int] = []
+    world.presence.on_user_offline = lambda _user: acks_in_flight.append(router.acks.busy() if router.acks else -1)
+    gate = world.store.held["advance_device_ack"] = asyncio.Event()
+    await router.handle(up, b'{"type":"ack","up_to":1}')
+    offline = asyncio.create_task(router.handle(up, b'{"type":"presence","state":"offline"}'))
+    await asyncio.sleep(0.05)
+    gate.set()
+    await asyncio.wait_for(offline, 5)
+    assert acks_in_flight == [0]
+    assert await world.store.advance_device_ack(reader.device_id, reader.user_id, 1) == (1, 1)  # (the ack landed)
+
+
 async def test_an_ack_the_store_refuses_is_answered_with_unavailable(world: World) -> None:
     router, published = lane_router(world)
     assert router.acks is not None
