@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import httpx
 import pytest
 
+from bridge.presence import ONLINE_COUNT_TTL_S
 from clients.sdk import Api, PigeonClientError, login
 from tests.conftest import NewUser, ServerProc, fresh_phone
 
@@ -165,7 +167,15 @@ async def test_healthz_and_metrics(server: ServerProc, new_user: NewUser, connec
     await da.send("count me", to=b.user_id)
     async with httpx.AsyncClient(base_url=server.http) as http:
         assert (await http.get("/healthz")).json() == {"status": "ok"}
-        text = (await http.get("/metrics")).text
+        # the online count is taken at most every ONLINE_COUNT_TTL_S (a walk over the shared
+        # state), so a scrape may show one a few seconds old: from before the device said online
+        deadline = time.monotonic() + ONLINE_COUNT_TTL_S + 2
+        while True:
+            text = (await http.get("/metrics")).text
+            online = [ln for ln in text.splitlines() if ln.startswith("pigeon_online_devices ")]
+            if float(online[0].split()[1]) >= 1 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.5)
     for name in ("pigeon_messages_in_total", "pigeon_messages_out_total", "pigeon_fanout_recipients_bucket",
                  "pigeon_sync_batches_total", "pigeon_connected_devices", "pigeon_errors_total",
                  "pigeon_handling_seconds_bucket"):
