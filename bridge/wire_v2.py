@@ -24,7 +24,7 @@ monotonic clock since (``decode``'s ``now_ms``). A device with no estimate yet g
 :class:`Unresolved` and syncs. Batch items carry whole times.
 
 Ids in the shape the store makes them (one letter, then 64 random bits as 11 base-62 digits,
-least significant first: ``storage.sqlite.new_id``) go as those 64 bits: a uint 64 (9 bytes
+least significant first: ``storage.ids``) go as those 64 bits: a uint 64 (9 bytes
 instead of a 13-byte str) where the letter is the one the field implies (``u`` for users,
 ``d`` for devices, ``c`` for chats), else an ext of type ``ord(letter)`` with the 8 bytes
 big-endian (10 bytes; a group chat, ``g``). Any other id goes as its str. Both ways.
@@ -43,6 +43,8 @@ from dataclasses import replace
 from typing import Any
 
 import msgpack
+
+from storage.ids import bits_of, id_of
 
 from .errors import BadRequest, TooLarge, UnknownType
 from .protocol import (
@@ -87,9 +89,6 @@ _TS_BITS = 32  # what a live msg or a sent carries of its ts
 _TS_MASK = (1 << _TS_BITS) - 1
 # the fields that hold ids, by the letter their ids start with when sent as a bare number
 USER, DEVICE, CHAT = "u", "d", "c"
-ID_ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"  # (storage.sqlite.new_id's)
-_DIGIT = {c: i for i, c in enumerate(ID_ALPHABET)}
-_ID_DIGITS = 11
 # request fields that hold ids, and the letter each implies
 _REQUEST_IDS = {"chat": CHAT, "to": USER}
 
@@ -101,34 +100,19 @@ def is_v2(raw: bytes | bytearray) -> bool:
 
 def id_out(s: str | None, letter: str) -> Any:
     """An id as v2 carries it in a field whose ids start with ``letter`` (module docstring)."""
-    if s is None or len(s) != 1 + _ID_DIGITS or not ("A" <= s[0] <= "Z" or "a" <= s[0] <= "z"):
+    n = None if s is None else bits_of(s)
+    if n is None:
         return s
-    n = 0
-    for c in reversed(s[1:]):
-        d = _DIGIT.get(c)
-        if d is None:
-            return s
-        n = n * 62 + d
-    if n >> 64:
-        return s
-    return n if s[0] == letter else msgpack.ExtType(ord(s[0]), n.to_bytes(8, "big"))
-
-
-def _digits(letter: str, n: int) -> str:
-    out = [letter]
-    for _ in range(_ID_DIGITS):
-        n, d = divmod(n, 62)
-        out.append(ID_ALPHABET[d])
-    return "".join(out)
+    return n if s[0] == letter else msgpack.ExtType(ord(s[0]), n.to_bytes(8, "big"))  # type: ignore[index]
 
 
 def id_in(v: Any, letter: str) -> Any:
     """The id a v2 field holds (``letter``: what a bare number in it starts with); anything
     that is not an id in either form is returned as it is, for ``from_json`` to judge."""
     if type(v) is int and 0 <= v < 1 << 64:
-        return _digits(letter, v)
+        return id_of(letter, v)
     if isinstance(v, msgpack.ExtType) and len(v.data) == 8 and 0 < v.code < 128 and chr(v.code).isalpha():
-        return _digits(chr(v.code), int.from_bytes(v.data, "big"))
+        return id_of(chr(v.code), int.from_bytes(v.data, "big"))
     return v
 
 

@@ -72,7 +72,7 @@ from .base import (
 )
 from .cassandra_owner import FULL_ROWS, KeyLog, Leases, LogCache, NotOwner, partition_of
 from .cql_wire import ERROR_UNPREPARED, CqlError, CqlWire, WireUnsupported, decode_rows
-from .sqlite import new_id
+from .ids import new_id
 from .state import SharedState
 
 _row_types: dict[tuple[str, ...], Any] = {}

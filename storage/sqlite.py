@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -44,6 +43,9 @@ from .base import (
     media_from_json,
     media_to_json,
 )
+from .ids import ID_ALPHABET as ID_ALPHABET  # (made here before)
+from .ids import ID_DIGITS as ID_DIGITS
+from .ids import new_id as new_id
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -100,21 +102,6 @@ CREATE TABLE IF NOT EXISTS chat_media(
 _MSG_COLS = "chat_id, seq, client_id, sender, device, ts, kind, body, media, event, target"
 
 
-ID_ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-ID_DIGITS = 11  # 62**11 > 2**64: 64 random bits, as the 16 hex digits ids had before
-
-
-def new_id(prefix: str) -> str:
-    """A random identifier safe to use as an MQTT topic level and an MQTT client id: the prefix,
-    then 64 random bits in 11 letters and digits (``u`` + 11 = 12 characters). Ids are carried in
-    every topic and event, so their length is wire bytes: as 16 hex digits they were 5 characters
-    longer each (ids made so before are still good; nothing reads an id's shape)."""
-    n = secrets.randbits(64)
-    digits = []
-    for _ in range(ID_DIGITS):
-        n, d = divmod(n, 62)
-        digits.append(ID_ALPHABET[d])
-    return prefix + "".join(digits)
 
 
 def _message(row: Sequence[Any]) -> Message:

@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from clients.sdk import tls_context
 from storage.base import StoreOps
-from storage.sqlite import new_id
+from storage.ids import new_id
 
 from . import worker as worker_mod
 from .target import TICKS_PER_S, BenchError, Target, cpu_ticks, rss_kb
