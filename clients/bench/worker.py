@@ -32,9 +32,6 @@ from clients.sdk import V2_ACK_DELAY_S, tls_context
 from .mqtt import MqttConn, connect
 
 ACK_EVERY_S = 0.1
-# protocol v2 devices ack at most this often, the first after a quiet spell at once (as the SDK),
-# so coalescing the delivered receipts their acks cause, and at QoS 0: the next ack covers a lost one
-V2_ACK_EVERY_S = V2_ACK_DELAY_S
 GAP_SYNC_AFTER_S = 2.0
 STALL_S = 10.0
 CONNECT_CONCURRENCY = 64
@@ -288,7 +285,9 @@ class Dev:
         if self.cursor > self.acked and self.conn is not None:
             if self.proto == 2:
                 now = time.monotonic()
-                if now - self.acked_at < V2_ACK_EVERY_S:
+                # at most one ack per V2_ACK_DELAY_S, the first after a quiet spell at once (as the
+                # SDK), at QoS 0: the next ack covers a lost one
+                if now - self.acked_at < V2_ACK_DELAY_S:
                     return False
                 self.acked_at = now
             self.acked = self.cursor
