@@ -12,6 +12,7 @@ import hmac
 import logging
 import re
 import secrets
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -76,6 +77,8 @@ class Accounts:
         # a device unlinked through another process stops working here too
         self._known_devices: dict[str, tuple[str, float]] = {}
         self.registry: DeviceRegistry | None = None
+        # told (awaited) the user whenever one of their devices is linked or unlinked
+        self.devices_changed: Callable[[str], Awaitable[None]] | None = None
 
     def _hash(self, phone: str, code: str) -> str:
         return hmac.new(self._secret, f"login|{phone}|{code}".encode(), hashlib.sha256).hexdigest()
@@ -100,10 +103,13 @@ class Accounts:
             await self._sender.send_code(phone, code)
         return code
 
-    async def verify(self, phone: str, code: object, device_name: str, platform: str) -> Login:
+    async def verify(self, phone: str, code: object, device_name: str, platform: str, proto: object = 1) -> Login:
+        """``proto``: the protocol the new device reads user events in (protocol section 1)."""
         phone = check_phone(phone)
         if not isinstance(code, str) or not CODE_RE.fullmatch(code):
             raise BadRequest("'code' must be six digits")
+        if type(proto) is not int or proto not in (1, 2):
+            raise BadRequest("'proto' must be 1 or 2")
         now = self._clock.now_ms()
         async with storage_errors():
             lc = await self._store.get_login_code(phone)
@@ -125,10 +131,11 @@ class Accounts:
                 raise Unauthorized("code expired; request a new one")
             await self._store.delete_login_code(phone)
             user = await self._store.create_user(phone, now)
-            device = await self._store.add_device(user.user_id, device_name, platform, now)
+            device = await self._store.add_device(user.user_id, device_name, platform, now, proto)
         expires = now + self._token_ttl
         token = self._signer.issue(user.user_id, device.device_id, expires)
         await self._register(user.user_id, device.device_id, token, expires)
+        await self._tell_devices_changed(user.user_id)
         self._known_devices[device.device_id] = (user.user_id, self._clock.monotonic())
         log.info("device %s linked to user %s", device.device_id, user.user_id)
         return Login(user=user, device=device, token=token, expires_at=expires)
@@ -176,12 +183,24 @@ class Accounts:
                 raise NotFound("you have no such device")
             await self._store.remove_device(device_id)
         self._known_devices.pop(device_id, None)
+        await self._tell_devices_changed(caller.user_id)
         if self.registry is not None:
             try:
                 await self.registry.remove_device(device_id)
             except Exception as exc:  # the device can no longer log in anyway; its token is refused
                 log.warning("broker did not remove device %s: %s", device_id, exc)
         log.info("device %s unlinked from user %s", device_id, caller.user_id)
+
+    async def _tell_devices_changed(self, user_id: str) -> None:
+        """Every bridge forgets whether the user has v1 readers (bridge.wire.V1Readers). Should
+        that fail, a bridge may keep an answer the change made wrong until it expires; the
+        login or unlink itself stands."""
+        if self.devices_changed is None:
+            return
+        try:
+            await self.devices_changed(user_id)
+        except Exception as exc:
+            log.warning("could not tell the bridges that %s's devices changed: %s", user_id, exc)
 
     async def me(self, caller: Caller) -> User:
         async with storage_errors():

@@ -45,7 +45,7 @@ from .router import DeviceRouter
 from .sms import LogSms, WebhookSms
 from .tls import client_context, load_certificate, server_context
 from .tokens import TokenSigner
-from .wire import DeviceKinds, publishes
+from .wire import DeviceKinds, V1Readers, publishes
 
 log = logging.getLogger(__name__)
 START_TIMEOUT_S = 30.0
@@ -84,11 +84,12 @@ class PigeonServer:
         self._dynsec: DynSecAdmin | None = None
         self._runner: asyncio.Task[None] | None = None
         self.kinds = DeviceKinds()  # which devices speak protocol v2 (bridge/wire.py)
+        self.v1_read: V1Readers | None = None  # on an external broker: who may read down/{user}
 
     async def publish(self, outs: Sequence[Out]) -> None:
         if self._ingest_client is not None:
             # handed over in this order, not waiting for the broker's acknowledgements
-            sent = publishes(outs, self.kinds)
+            sent = publishes(outs, self.kinds, v1_read=self.v1_read)
             await self._ingest_client.publish_all(sent)
         elif self._broker is not None:
             sent = publishes(outs, self.kinds, self._broker.subscribed)
@@ -149,6 +150,13 @@ class PigeonServer:
             code_ttl_s=s.code_ttl_s, max_attempts=s.code_max_attempts, lock_s=s.code_lock_s,
             token_ttl_s=s.token_ttl_s,
         )
+        self.accounts.devices_changed = self.state.devices_changed
+        if s.broker and (s.redis or s.store_url.startswith("sqlite:")):
+            # An external broker cannot say who subscribes to down/{user}; the store can, and
+            # every bridge hears of a change through the shared state (bridge/wire.py). Without
+            # Redis only a store no other process writes (SQLite) lets one bridge hear them all.
+            self.v1_read = V1Readers(self.store.reads_v1, self.state.hears_devices)
+            self.state.listen_devices(self.v1_read.changed)
         self.media = Media(self.store, blobs, self.clock, max_bytes=s.media_max_bytes, url_ttl_s=s.media_url_ttl_s)
         limiter = RateLimiter(self.clock, s.rate_per_s, s.rate_burst)
         self.admission = Admission(s.max_pending, s.shed_pending, s.overload_retry_ms, s.max_payload, self.metrics,
@@ -471,6 +479,8 @@ class PigeonServer:
             for provider in self.providers.values():
                 await provider.aclose()
             await self._push_client.aclose()
+        if self.v1_read is not None:
+            await self.v1_read.close()
         await self.store.close()
         if getattr(self, "state", None) is not None:
             await self.state.close()

@@ -270,11 +270,13 @@ def create_app(deps: HttpDeps) -> FastAPI:
                 or len(name or "") > 64 or len(platform or "") > 32:
             raise BadRequest("'device_name' and 'platform' must be short strings")
         name, platform = name or "device", platform or "unknown"
-        login = await acc.verify(body.get("phone"), body.get("code"), name, platform)  # type: ignore[arg-type]
+        proto = body.get("proto")
+        login = await acc.verify(body.get("phone"), body.get("code"), name, platform,  # type: ignore[arg-type]
+                                 1 if proto is None else proto)
         ep = deps.endpoints
         return {
             "user_id": login.user.user_id, "device_id": login.device.device_id, "token": login.token,
-            "expires_at": login.expires_at,
+            "expires_at": login.expires_at, "proto": login.device.proto,
             "http_url": ep.http_url,
             "mqtt": {"host": ep.host, "port": ep.mqtt_port, "ws_url": ep.websocket(), "url": ep.mqtt_url(),
                      "tls": ep.mqtt_tls},
@@ -336,6 +338,7 @@ def create_app(deps: HttpDeps) -> FastAPI:
         devices = await push().devices(c)
         return {"devices": [
             {"device_id": d.device_id, "name": d.name, "platform": d.platform, "push": d.push_provider,
+             "proto": d.proto,
              # the calling device is being seen now; others' times are not kept per device
              "last_seen": deps.clock.now_ms() if d.device_id == c.device_id else None}
             for d in devices

@@ -80,6 +80,8 @@ class VerifyRequest(_Request):
     code: str = Field(pattern=r"^[0-9]{6}$")
     device_name: str | None = Field(None, max_length=64, description="'device' when absent or empty")
     platform: str | None = Field(None, max_length=32, description="'unknown' when absent or empty")
+    proto: Literal[1, 2] | None = Field(
+        None, description="the protocol the device reads user events in: 2 only on down/{user}/v2 (1 when absent)")
 
 
 class MqttEndpoint(_Reply):
@@ -95,6 +97,7 @@ class LoginReply(_Reply):
     device_id: str
     token: str
     expires_at: int
+    proto: int = Field(description="the protocol the device reads user events in, as asked")
     http_url: str | None = Field(description="the HTTP base devices use (https:// when TLS is on)")
     mqtt: MqttEndpoint
 
@@ -144,6 +147,7 @@ class DeviceView(_Reply):
     name: str
     platform: str
     push: str | None
+    proto: int = Field(description="the protocol it reads user events in, as asked at login")
     last_seen: int | None
 
 

@@ -135,6 +135,9 @@ class Profile:
     # protocol v2 request ids: every number below this one may have been used by this device
     # (0: not known, so the next Device seeds its counter from the clock; see Device._new_id)
     ids_from: int = 0
+    # the protocol login said this device reads user events in: 2 only on down/{user}/v2, so a
+    # Device of this profile speaks v2 (a profile saved before this field existed said 1)
+    proto: int = 1
     path: str | None = field(default=None, repr=False)
 
     def save(self, path: Path | str | None = None, *, durable: bool = False) -> None:
@@ -234,9 +237,14 @@ async def request_code(http_url: str, phone: str, *, ca_file: str | Path | None 
 
 
 async def verify(http_url: str, phone: str, code: str, device_name: str = "python-sdk",
-                 platform: str = "python", *, ca_file: str | Path | None = None) -> Profile:
+                 platform: str = "python", *, ca_file: str | Path | None = None, proto: int = 2) -> Profile:
+    """Link a new device with the code sent to ``phone``. ``proto``: the protocol its
+    :class:`Device` will speak; 2 (the default) tells the server the device never reads the
+    v1 topic ``down/{user}`` (docs/protocol.md section 1), 1 keeps that possible."""
+    if proto not in (1, 2):
+        raise ValueError("proto must be 1 or 2")
     r = await _post(http_url, "/v1/auth/verify", {
-        "phone": phone, "code": code, "device_name": device_name, "platform": platform}, ca_file)
+        "phone": phone, "code": code, "device_name": device_name, "platform": platform, "proto": proto}, ca_file)
     mqtt = r["mqtt"]
     named = r.get("http_url")
     if isinstance(named, str) and named.startswith("https://") and not http_url.startswith("https://"):
@@ -249,12 +257,13 @@ async def verify(http_url: str, phone: str, code: str, device_name: str = "pytho
         expires_at=r["expires_at"], mqtt_host=host, mqtt_port=port, ws_url=mqtt["ws_url"], phone=phone,
         mqtt_tls=secure, ca_file=_absolute(ca_file),
         ids_from=1,  # login made a new device: no id has been used by it yet
+        proto=int(r.get("proto", 1)),  # (a server before 2026-12-01 took none: its devices read v1)
     )
 
 
 async def login(http_url: str, phone: str, *, dev: bool = True, code: str | None = None,
                 device_name: str = "python-sdk", save_to: Path | str | None = None,
-                ca_file: str | Path | None = None) -> Profile:
+                ca_file: str | Path | None = None, proto: int = 2) -> Profile:
     """Link a new device. In dev mode the code comes back from the server; otherwise pass it.
     ``ca_file``: the CA the server's certificate is checked against, when the system does not
     trust it (kept in the profile for the MQTT and HTTP connections that follow)."""
@@ -262,7 +271,7 @@ async def login(http_url: str, phone: str, *, dev: bool = True, code: str | None
         code = await request_code(http_url, phone, ca_file=ca_file)
         if code is None:
             raise PigeonClientError("code_required", "the server sent the code by SMS; pass code=")
-    profile = await verify(http_url, phone, code, device_name, ca_file=ca_file)
+    profile = await verify(http_url, phone, code, device_name, ca_file=ca_file, proto=proto)
     if save_to is not None:
         profile.save(save_to)
     return profile
@@ -413,6 +422,9 @@ class Device:
         once and publish with its alias alone after that."""
         if proto not in (1, 2):
             raise ValueError("proto must be 1 or 2")
+        if proto == 1 and profile.proto == 2:
+            raise ValueError("this device logged in saying it reads protocol v2 only; "
+                             "log in with proto=1 for a device that speaks v1")
         if mqtt5 and transport != "tcp":
             raise ValueError("mqtt5 is for the tcp transport (the embedded broker's WebSocket speaks 3.1.1)")
         self.proto = proto

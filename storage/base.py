@@ -79,6 +79,9 @@ class Device:
     created_at: int
     push_provider: str | None = None
     push_token: str | None = None
+    # the protocol the device reads user events in, as declared at login: 2 means only on
+    # ``down/{user}/v2``, so a user all of whose devices say 2 needs no v1 copy on ``down/{user}``
+    proto: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,7 +257,7 @@ class Store(Protocol):
     async def set_last_seen(self, user_id: str, when: int) -> None:
         """Record when the user was last online; never moves backwards."""
 
-    async def add_device(self, user_id: str, name: str, platform: str, now: int) -> Device: ...
+    async def add_device(self, user_id: str, name: str, platform: str, now: int, proto: int = 1) -> Device: ...
 
     async def get_device(self, device_id: str) -> Device | None: ...
 
@@ -268,6 +271,10 @@ class Store(Protocol):
 
     async def user_devices(self, user_id: str) -> list[Device]:
         """Every device linked to the user, oldest first."""
+
+    async def reads_v1(self, user_id: str) -> bool:
+        """Whether any device of the user may read user events in protocol v1 (did not declare
+        ``proto`` 2 at login). One read of the user's own rows."""
 
     async def remove_device(self, device_id: str) -> bool:
         """Unlink a device: its tokens stop working. False if there was no such device."""

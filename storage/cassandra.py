@@ -95,7 +95,7 @@ def _cached_row_factory(colnames: list[str], rows: list[Sequence[Any]]) -> list[
     return [row_type(*row) for row in rows]
 
 log = logging.getLogger(__name__)
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 BUCKET = 1000
 RECENT_SCAN = 50
 INBOX_TTL_S = 30 * 86_400
@@ -135,9 +135,10 @@ def schema(keyspace: str, replication: str, inbox_ttl_s: int) -> list[str]:
         f"CREATE TABLE IF NOT EXISTS {ks}.users_by_phone (phone text PRIMARY KEY, user_id text)",
         f"CREATE TABLE IF NOT EXISTS {ks}.user_state (user_id text PRIMARY KEY, inbox_head bigint, acked bigint)",
         f"CREATE TABLE IF NOT EXISTS {ks}.devices (device_id text PRIMARY KEY, user_id text, name text, "
-        "platform text, created_at bigint, push_provider text, push_token text, acked bigint)",
-        # a user's devices, for the device list and for waking them (schema 5)
-        f"CREATE TABLE IF NOT EXISTS {ks}.user_devices (user_id text, device_id text, "
+        "platform text, created_at bigint, push_provider text, push_token text, acked bigint, proto int)",
+        # a user's devices, for the device list and for waking them (schema 5), with the protocol
+        # each reads user events in (schema 6: whether the user needs v1 copies is one read)
+        f"CREATE TABLE IF NOT EXISTS {ks}.user_devices (user_id text, device_id text, proto int, "
         "PRIMARY KEY (user_id, device_id))",
         f"CREATE TABLE IF NOT EXISTS {ks}.login_codes (phone text PRIMARY KEY, code_hash text, expires_at bigint, "
         "attempts int, locked_until bigint)",
@@ -339,6 +340,7 @@ class CassandraStore:
             await self._blocking(functools.partial(self._session.execute, stmt, timeout=DDL_TIMEOUT_S))
         await self._blocking(self._send_ids_to_devices)
         await self._blocking(self._add_epochs)
+        await self._blocking(self._add_protos)
         await self._blocking(self._index_devices)
         await self._blocking(self._session.execute,
                              f"INSERT INTO {self.keyspace}.meta (key, value) VALUES ('schema', %s)",
@@ -363,6 +365,16 @@ class CassandraStore:
                                                                   fetch_size=1000)):
                         session.execute(put, (partition_of(f"u:{uid}"), uid))
 
+    def _add_protos(self) -> None:
+        """Schema 6: devices (and their rows in ``user_devices``) say which protocol they read
+        user events in; rows from before have none, and read v1."""
+        ks, session = self.keyspace, self._session
+        for table in ("devices", "user_devices"):
+            found = session.execute("SELECT column_name FROM system_schema.columns WHERE keyspace_name=%s "
+                                    "AND table_name=%s AND column_name='proto'", (ks, table)).one()
+            if found is None:
+                session.execute(f"ALTER TABLE {ks}.{table} ADD proto int", timeout=DDL_TIMEOUT_S)
+
     def _index_devices(self) -> None:
         """Schema 5: each user's devices are listed in ``user_devices``; every device in
         ``devices`` is (re)added to it at each migration (idempotent: a second run writes the
@@ -371,11 +383,11 @@ class CassandraStore:
         ks, session = self.keyspace, self._session
         from cassandra.query import SimpleStatement
 
-        put = session.prepare(f"INSERT INTO {ks}.user_devices (user_id, device_id) VALUES (?, ?)")
-        for device_id, user_id in session.execute(SimpleStatement(f"SELECT device_id, user_id FROM {ks}.devices",
-                                                                  fetch_size=1000)):
+        put = session.prepare(f"INSERT INTO {ks}.user_devices (user_id, device_id, proto) VALUES (?, ?, ?)")
+        for device_id, user_id, proto in session.execute(
+                SimpleStatement(f"SELECT device_id, user_id, proto FROM {ks}.devices", fetch_size=1000)):
             if user_id is not None:
-                session.execute(put, (user_id, device_id))
+                session.execute(put, (user_id, device_id, proto))
 
     def _send_ids_to_devices(self) -> None:
         """Schema 2 kept send ids per user in ``sent``; request ids are unique per device, so from
@@ -464,16 +476,16 @@ class CassandraStore:
             "get_user": f"SELECT user_id, phone, name, created_at, last_seen FROM {ks}.users WHERE user_id=?",
             "set_name": f"UPDATE {ks}.users SET name=? WHERE user_id=?",
             "last_seen": f"UPDATE {ks}.users USING TIMESTAMP ? SET last_seen=? WHERE user_id=?",
-            "put_device": f"INSERT INTO {ks}.devices (device_id, user_id, name, platform, created_at) "
-                          "VALUES (?, ?, ?, ?, ?)",
-            "get_device": f"SELECT device_id, user_id, name, platform, created_at, push_provider, push_token "
+            "put_device": f"INSERT INTO {ks}.devices (device_id, user_id, name, platform, created_at, proto) "
+                          "VALUES (?, ?, ?, ?, ?, ?)",
+            "get_device": f"SELECT device_id, user_id, name, platform, created_at, push_provider, push_token, proto "
                           f"FROM {ks}.devices WHERE device_id=?",
             "set_push": f"UPDATE {ks}.devices SET push_provider=?, push_token=? WHERE device_id=?",
             "clear_push": f"UPDATE {ks}.devices SET push_provider=null, push_token=null WHERE device_id=?",
             "del_device": f"DELETE FROM {ks}.devices WHERE device_id=?",
-            "put_user_device": f"INSERT INTO {ks}.user_devices (user_id, device_id) VALUES (?, ?)",
+            "put_user_device": f"INSERT INTO {ks}.user_devices (user_id, device_id, proto) VALUES (?, ?, ?)",
             "del_user_device": f"DELETE FROM {ks}.user_devices WHERE user_id=? AND device_id=?",
-            "user_devices": f"SELECT device_id FROM {ks}.user_devices WHERE user_id=?",
+            "user_devices": f"SELECT device_id, proto FROM {ks}.user_devices WHERE user_id=?",
             "put_code": f"INSERT INTO {ks}.login_codes (phone, code_hash, expires_at, attempts, locked_until) "
                         "VALUES (?, ?, ?, ?, ?) USING TTL ?",
             "get_code": f"SELECT phone, code_hash, expires_at, attempts, locked_until FROM {ks}.login_codes "
@@ -791,17 +803,17 @@ class CassandraStore:
     async def set_last_seen(self, user_id: str, when: int) -> None:
         await self._x("last_seen", when * 1000, when, user_id)
 
-    async def add_device(self, user_id: str, name: str, platform: str, now: int) -> Device:
+    async def add_device(self, user_id: str, name: str, platform: str, now: int, proto: int = 1) -> Device:
         from cassandra.query import BatchStatement, BatchType
 
         did = new_id("d")
         # one logged batch: both rows or (eventually) neither. Written one after the other, a
         # crash between them left a device that is never listed, so never woken by a push.
         batch = BatchStatement(batch_type=BatchType.LOGGED)
-        batch.add(self._ps["put_device"], (did, user_id, name, platform, now))
-        batch.add(self._ps["put_user_device"], (user_id, did))
+        batch.add(self._ps["put_device"], (did, user_id, name, platform, now, proto))
+        batch.add(self._ps["put_user_device"], (user_id, did, proto))
         await self._run_statement(batch, "put_device")
-        return Device(device_id=did, user_id=user_id, name=name, platform=platform, created_at=now)
+        return Device(device_id=did, user_id=user_id, name=name, platform=platform, created_at=now, proto=proto)
 
     async def get_device(self, device_id: str) -> Device | None:
         rows = await self._x("get_device", device_id)
@@ -809,7 +821,7 @@ class CassandraStore:
             return None
         r = rows[0]
         return Device(device_id=r[0], user_id=r[1], name=r[2], platform=r[3], created_at=r[4],
-                      push_provider=r[5], push_token=r[6])
+                      push_provider=r[5], push_token=r[6], proto=r[7] or 1)
 
     async def set_push_target(self, device_id: str, provider: str, token: str) -> Device:
         if await self.get_device(device_id) is None:
@@ -842,6 +854,9 @@ class CassandraStore:
         rows = await self._x("user_devices", user_id)
         found = await asyncio.gather(*(self.get_device(r[0]) for r in rows))
         return sorted((d for d in found if d is not None), key=lambda d: (d.created_at, d.device_id))
+
+    async def reads_v1(self, user_id: str) -> bool:
+        return any(proto != 2 for _device, proto in await self._x("user_devices", user_id))
 
     async def put_login_code(self, code: LoginCode) -> None:
         # codes and lockouts outlive neither their expiry nor their lock by more than a day

@@ -49,7 +49,7 @@ from .ids import new_id as new_id
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # How long a write waits for a lock held elsewhere before the store reports itself unavailable.
 BUSY_TIMEOUT_S = 5.0
 # At most this many writes share one commit.
@@ -63,7 +63,8 @@ CREATE TABLE IF NOT EXISTS users(
   inbox_head INTEGER NOT NULL DEFAULT 0, acked INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS devices(
   device_id TEXT PRIMARY KEY, user_id TEXT NOT NULL, name TEXT NOT NULL, platform TEXT NOT NULL,
-  created_at INTEGER NOT NULL, push_provider TEXT, push_token TEXT, acked INTEGER NOT NULL DEFAULT 0);
+  created_at INTEGER NOT NULL, push_provider TEXT, push_token TEXT, acked INTEGER NOT NULL DEFAULT 0,
+  proto INTEGER NOT NULL DEFAULT 1);
 CREATE INDEX IF NOT EXISTS devices_by_user ON devices(user_id, created_at);
 CREATE TABLE IF NOT EXISTS login_codes(
   phone TEXT PRIMARY KEY, code_hash TEXT NOT NULL, expires_at INTEGER NOT NULL,
@@ -118,12 +119,12 @@ def _user(row: Sequence[Any]) -> User:
 def _device(row: Sequence[Any]) -> Device:
     return Device(
         device_id=row[0], user_id=row[1], name=row[2], platform=row[3], created_at=row[4],
-        push_provider=row[5], push_token=row[6],
+        push_provider=row[5], push_token=row[6], proto=row[7],
     )
 
 
 _USER_COLS = "user_id, phone, name, created_at, last_seen"
-_DEVICE_COLS = "device_id, user_id, name, platform, created_at, push_provider, push_token"
+_DEVICE_COLS = "device_id, user_id, name, platform, created_at, push_provider, push_token, proto"
 # the message a device already sent under a request id
 _SENT_BY_DEVICE = (f"SELECT {_MSG_COLS} FROM messages WHERE (chat_id, seq) ="
                    " (SELECT chat_id, seq FROM device_sent WHERE device=? AND client_id=?)")
@@ -143,6 +144,21 @@ def _to_v2(c: sqlite3.Connection) -> None:
         raise
     c.execute("COMMIT")
     log.info("sqlite schema moved to 2: send ids are kept per device")
+
+
+def _to_v3(c: sqlite3.Connection) -> None:
+    """Schema 3: each device says which protocol it reads user events in (its login's
+    ``proto``); devices from before read v1."""
+    c.execute("BEGIN IMMEDIATE")
+    try:
+        if not any(col[1] == "proto" for col in c.execute("PRAGMA table_info(devices)")):
+            c.execute("ALTER TABLE devices ADD COLUMN proto INTEGER NOT NULL DEFAULT 1")
+        c.execute("UPDATE meta SET value='3' WHERE key='schema'")
+    except BaseException:
+        c.execute("ROLLBACK")
+        raise
+    c.execute("COMMIT")
+    log.info("sqlite schema moved to 3: devices say which protocol they read")
 
 
 class SqliteStore:
@@ -244,8 +260,11 @@ class SqliteStore:
                 raise sqlite3.DatabaseError(
                     f"schema version {row[0]} is newer than this Pigeon understands ({SCHEMA_VERSION})"
                 )
-            elif int(row[0]) < 2:
-                _to_v2(self._wconn)
+            else:
+                if int(row[0]) < 2:
+                    _to_v2(self._wconn)
+                if int(row[0]) < 3:
+                    _to_v3(self._wconn)
 
         await self._run(self._writer, setup)
 
@@ -321,14 +340,14 @@ class SqliteStore:
 
         await self._write(q)
 
-    async def add_device(self, user_id: str, name: str, platform: str, now: int) -> Device:
+    async def add_device(self, user_id: str, name: str, platform: str, now: int, proto: int = 1) -> Device:
         def q(c: sqlite3.Connection) -> Device:
             did = new_id("d")
             c.execute(
-                "INSERT INTO devices(device_id, user_id, name, platform, created_at) VALUES(?,?,?,?,?)",
-                (did, user_id, name, platform, now),
+                "INSERT INTO devices(device_id, user_id, name, platform, created_at, proto) VALUES(?,?,?,?,?,?)",
+                (did, user_id, name, platform, now, proto),
             )
-            return Device(device_id=did, user_id=user_id, name=name, platform=platform, created_at=now)
+            return Device(device_id=did, user_id=user_id, name=name, platform=platform, created_at=now, proto=proto)
 
         return await self._write(q)
 
@@ -365,6 +384,13 @@ class SqliteStore:
             rows = c.execute(f"SELECT {_DEVICE_COLS} FROM devices WHERE user_id=? ORDER BY created_at, device_id",
                              (user_id,)).fetchall()
             return [_device(r) for r in rows]
+
+        return await self._read(q)
+
+    async def reads_v1(self, user_id: str) -> bool:
+        def q(c: sqlite3.Connection) -> bool:
+            found = c.execute("SELECT 1 FROM devices WHERE user_id=? AND proto<>2 LIMIT 1", (user_id,)).fetchone()
+            return found is not None
 
         return await self._read(q)
 

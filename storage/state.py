@@ -12,8 +12,11 @@ numbers and receipts never live here. Requests one bridge process hands another 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
+
+# told a user whose devices changed, or None: any user's may have (news was missed)
+DevicesListener = Callable[[str | None], None]
 
 
 class SharedState(Protocol):
@@ -41,6 +44,18 @@ class SharedState(Protocol):
     async def watchers(self, watched: str, now_ms: int) -> list[str]:
         """The current watchers of a user; expired ones are dropped."""
 
+    async def devices_changed(self, user_id: str) -> None:
+        """Tell every bridge process (this one too) that a device of the user was linked or
+        unlinked; heard by the listeners of :meth:`listen_devices`. Not durable: a listener that
+        cannot hear is told None when it can again."""
+
+    def listen_devices(self, listener: DevicesListener) -> None:
+        """Call ``listener`` with each user :meth:`devices_changed` names, here or in any
+        other bridge process sharing this state."""
+
+    def hears_devices(self) -> bool:
+        """Whether the listeners hear every change now (false while a connection is down)."""
+
 
 class MemoryState:
     """Everything in this process: right for one process, the embedded default."""
@@ -48,6 +63,7 @@ class MemoryState:
     def __init__(self) -> None:
         self._devices: dict[str, set[str]] = defaultdict(set)
         self._watch: dict[str, dict[str, int]] = defaultdict(dict)
+        self._listeners: list[DevicesListener] = []
 
     async def open(self) -> None:
         return None
@@ -93,6 +109,16 @@ class MemoryState:
             del self._watch[watched]
             return []
         return list(w)
+
+    async def devices_changed(self, user_id: str) -> None:
+        for listener in self._listeners:
+            listener(user_id)
+
+    def listen_devices(self, listener: DevicesListener) -> None:
+        self._listeners.append(listener)
+
+    def hears_devices(self) -> bool:
+        return True
 
 
 def open_state(url: str | None, peer_host: str | None = None, peer_secret: bytes | None = None) -> SharedState:

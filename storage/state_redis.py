@@ -20,6 +20,7 @@ from typing import Any
 
 from .base import StorageError, StorageUnavailable
 from .peers import PeerClient, PeerLost, PeerServer, peer_key
+from .state import DevicesListener
 
 _ONLINE = """
 local added = redis.call('SADD', KEYS[1], ARGV[1])
@@ -61,6 +62,10 @@ ADVERTISE_TTL_S = 3
 HOLDER_CACHE_S = 1.0  # how long a caller trusts the address it read for a queue
 RPC_WAIT_S = 1  # a blocking pop returns this often to look at what it serves
 RPC_BUNCH = 256  # requests (or replies) taken from a list in one round trip
+# Where a bridge says a user's devices changed (``devices_changed``): Redis pub/sub, heard by
+# every bridge that listens at that moment and by no other.
+DEVICES_CHANNEL = "pg:devices"
+HEAR_AGAIN_S = 1.0  # a lost subscription is taken again after this long
 log = logging.getLogger(__name__)
 
 
@@ -108,6 +113,9 @@ class RedisState:
         self._closing = False
         self._pushes: _Pushes | None = None  # requests and replies waiting for this loop turn's push
         self._push_tasks: set[asyncio.Task[None]] = set()
+        self._devices_listeners: list[DevicesListener] = []
+        self._devices_task: asyncio.Task[None] | None = None
+        self._hearing = False
         self._peer_host = peer_host if peer_secret else None
         self._peer_key = peer_key(peer_secret) if peer_secret else ""
         self._peer_server: PeerServer | None = None
@@ -136,6 +144,12 @@ class RedisState:
             self._scripts[name] = self._redis.register_script(src)
 
     async def close(self) -> None:
+        self._closing = True
+        if self._devices_task is not None:
+            # it looks at ``_closing`` at least every RPC_WAIT_S (see the reply task below)
+            await asyncio.wait([self._devices_task], timeout=RPC_WAIT_S + 1)
+            self._devices_task.cancel()
+            self._devices_task = None
         if self._peer_client is not None:
             await self._peer_client.close()
         if self._reply_task is not None:
@@ -207,6 +221,52 @@ class RedisState:
         return [w.decode() if isinstance(w, bytes) else str(w) for w in got]
 
     # -- requests between bridge processes -------------------------------------------------------
+    async def devices_changed(self, user_id: str) -> None:
+        await self._do(self._redis.publish(DEVICES_CHANNEL, user_id))
+
+    def listen_devices(self, listener: DevicesListener) -> None:
+        self._devices_listeners.append(listener)
+        if self._devices_task is None:
+            self._devices_task = asyncio.get_running_loop().create_task(self._hear_devices(),
+                                                                        name="pigeon-devices-news")
+
+    def hears_devices(self) -> bool:
+        return self._hearing
+
+    def _tell(self, user_id: str | None) -> None:
+        for listener in self._devices_listeners:
+            listener(user_id)
+
+    async def _hear_devices(self) -> None:
+        """Subscribed to DEVICES_CHANNEL for as long as this runs. Listeners are told None each
+        time the subscription is (re)confirmed and when it is lost: what was said in between
+        was not heard."""
+        while not self._closing:
+            pubsub = self._redis.pubsub()
+            try:
+                await pubsub.subscribe(DEVICES_CHANNEL)
+                while not self._closing:
+                    message = await pubsub.get_message(timeout=RPC_WAIT_S)
+                    if message is None:
+                        continue
+                    if message["type"] == "subscribe":  # (again, after redis-py reconnected)
+                        self._hearing = True
+                        self._tell(None)
+                    elif message["type"] == "message":
+                        self._tell(message["data"].decode())
+            except Exception as exc:
+                log.warning("not hearing which users' devices change (%s); trying again", exc)
+            finally:
+                if self._hearing:
+                    self._hearing = False
+                    self._tell(None)
+                try:
+                    await pubsub.aclose()
+                except Exception as exc:
+                    log.debug("closing the devices subscription: %s", exc)
+            if not self._closing:
+                await asyncio.sleep(HEAR_AGAIN_S)
+
     def handle(self, kind: str, handler: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]) -> None:
         """Answer requests of that kind (see ``call``) with ``handler``."""
         self._handlers[kind] = handler

@@ -189,8 +189,8 @@ NewUser = Callable[..., Awaitable[Profile]]
 
 @pytest.fixture
 def new_user(server: ServerProc) -> NewUser:
-    async def make(phone: str | None = None, name: str = "device") -> Profile:
-        return await login(server.http, phone or fresh_phone(), device_name=name)
+    async def make(phone: str | None = None, name: str = "device", proto: int = 2) -> Profile:
+        return await login(server.http, phone or fresh_phone(), device_name=name, proto=proto)
 
     return make
 

@@ -51,6 +51,10 @@ async def test_migrate_moves_schema_2_send_ids_to_their_devices() -> None:
         chat = await store.direct_chat(a, b, 1)
         await store.append_message(NewMessage(chat_id=chat.chat_id, sender=a, device="d-phone", client_id="7", ts=1,
                                               kind="text", body="hello"), [a, b])
+        device = await store.add_device(a, "phone", "android", 1)
+        # before schema 6 devices said nothing of the protocol they read
+        session.execute(f"ALTER TABLE {ks}.devices DROP proto")
+        session.execute(f"ALTER TABLE {ks}.user_devices DROP proto")
         # as schema 2 left it: send ids per user in "sent", nothing in "device_sent"
         session.execute(f"CREATE TABLE {ks}.sent (sender text, client_id text, chat_id text, seq bigint, "
                         "PRIMARY KEY ((sender, client_id)))")
@@ -67,6 +71,9 @@ async def test_migrate_moves_schema_2_send_ids_to_their_devices() -> None:
         await store.open()
         found = await store.find_sent("d-phone", "7")
         assert found is not None and found.body == "hello" and found.seq == 1
+        got = await store.get_device(device.device_id)
+        assert got is not None and got.proto == 1 and await store.reads_v1(a)
+        assert (await store.add_device(b, "new", "python", 2, proto=2)).proto == 2 and not await store.reads_v1(b)
         session = store._session  # type: ignore[attr-defined]
         assert session.execute("SELECT table_name FROM system_schema.tables WHERE keyspace_name=%s "
                                "AND table_name='sent'", (ks,)).one() is None

@@ -147,3 +147,59 @@ async def test_a_conversation_across_two_bridges_reads_nothing_back_in_steady_st
     read = {name: sum(aft[name] - bef[name] for bef, aft in zip(before, after, strict=True)) for name in READ_BACKS}
     assert not any(read.values()), f"statements that read back: {read}"
     assert pushed == 0, f"{pushed} pushes onto Redis lists: requests between the bridges went through Redis"
+
+
+async def test_a_v1_device_linked_through_one_bridge_gets_the_v1_events_the_other_publishes(
+        bridges: tuple[ServerProc, ServerProc, list[str]]) -> None:
+    """Users whose devices all said proto 2 at login get no v1 copies on ``down/{user}``
+    (bridge/wire.py, V1Readers); a v1 device linked through the *other* bridge is heard of by
+    both (Redis pub/sub), and the bridge that publishes the peer's messages copies them to
+    ``down/{user}`` again at once."""
+    import json
+
+    import aiomqtt
+
+    b0, b1, flags = bridges
+    await settled(b0, b1)
+    holders = await asyncio.to_thread(lease_holders, flags)
+    found: dict[int, Profile] = {}
+    for i in range(60):
+        p = await login((b0, b1)[i % 2].http, fresh_phone())  # the SDK says proto 2
+        for srv in (b0, b1):
+            if holds(srv, holders.get(partition_of(f"u:{p.user_id}"), "")):
+                found.setdefault(srv.proc.pid, p)
+        if len(found) == 2:
+            break
+    alice, bob = found[b0.proc.pid], found[b1.proc.pid]  # alice's sends are published by b0
+
+    async def qos1_out() -> float:
+        return sum([await metric(srv, 'pigeon_messages_out_total{qos="1"}') for srv in (b0, b1)])
+
+    async def next_msg(dev: Device, body: str) -> None:
+        async with asyncio.timeout(10):
+            while (ev := await dev.next_event())["type"] != "msg" or ev["body"] != body:
+                pass
+
+    async with Device(alice) as a, Device(bob) as b:
+        for n in range(20):  # until both bridges have read that nobody reads v1 here
+            before = await qos1_out()
+            await a.send(f"v2 only {n}", to=bob.user_id)
+            await next_msg(b, f"v2 only {n}")
+            await b.send(f"back {n}", to=alice.user_id)
+            await next_msg(a, f"back {n}")
+            await asyncio.sleep(0.3)  # the receipts that follow
+            if await qos1_out() == before:
+                break
+        else:
+            pytest.fail("v1 copies went on for users with v2 devices only")
+        listener = await login(b1.http, bob.phone, proto=1)  # through the bridge that does not publish alice's
+        async with aiomqtt.Client(b0.mqtt_host, b0.mqtt_port, identifier=listener.device_id,
+                                  username=listener.device_id, password=listener.token) as c:
+            await c.subscribe(f"down/{bob.user_id}", qos=1)
+            await a.send("for every device", to=bob.user_id)
+            async with asyncio.timeout(10):
+                async for m in c.messages:
+                    ev = json.loads(bytes(m.payload))  # type: ignore[arg-type]
+                    if ev["type"] == "msg":
+                        break
+            assert (ev["body"], ev["from"]) == ("for every device", alice.user_id)

@@ -126,7 +126,8 @@ def check_case(dev: FuzzDevice, case: Case, sent: set[tuple[str, int]], tally: d
 @pytest.mark.timeout(TIMEOUT_S)
 def test_fuzzed_requests_are_answered_and_refusals_change_nothing(fuzz_server: ServerProc) -> None:
     async def setup() -> tuple[Profile, Profile, str]:
-        me, peer = await login(fuzz_server.http, fresh_phone()), await login(fuzz_server.http, fresh_phone())
+        # ``me`` reads v1 on down/{user}: it says so at login
+        me, peer = await login(fuzz_server.http, fresh_phone(), proto=1), await login(fuzz_server.http, fresh_phone())
         async with httpx.AsyncClient(headers={"Authorization": f"Bearer {me.token}"}) as http:
             reply = await http.post(f"{fuzz_server.http}/v1/chats", json={"kind": "direct", "peer": peer.user_id})
             reply.raise_for_status()

@@ -26,7 +26,7 @@ from bridge.protocol import (
     decode_payload,
     parse_request,
 )
-from bridge.wire import DeviceKinds, encode_v1, publishes
+from bridge.wire import DeviceKinds, V1Readers, encode_v1, publishes
 from bridge.wire_v2 import (
     REQUEST_NUMBERS,
     Unresolved,
@@ -108,9 +108,9 @@ MSG_FROM_A = MsgEvent(5, ChatMessage(chat="c_1", seq=1, id="m1", sender="u_a", d
                                      body="hi"))
 
 
-def routes(outs: list[Out], kinds: DeviceKinds) -> list[tuple[str, str, int]]:
+def routes(outs: list[Out], kinds: DeviceKinds, v1_read: Any = None) -> list[tuple[str, str, int]]:
     """Topic, version and QoS of each publish."""
-    return [(t, "v2" if is_v2(p) else "v1", q) for t, p, q in publishes(outs, kinds)]
+    return [(t, "v2" if is_v2(p) else "v1", q) for t, p, q in publishes(outs, kinds, v1_read=v1_read)]
 
 
 def test_an_event_for_one_device_goes_in_the_version_it_spoke_last() -> None:
@@ -140,6 +140,65 @@ def test_the_sending_v2_device_gets_no_copy_of_its_message_its_other_v2_devices_
     assert routes(to_a, kinds) == [("down/u_a", "v1", 1)]
     kinds.saw("u_a", "d_a2", v2=True)
     assert routes(to_a, kinds) == [("down/u_a/v2", "v2", 0), ("down/u_a", "v1", 1)]
+
+
+def test_a_user_with_no_v1_reader_gets_v2_only_and_the_sender_alone_nothing() -> None:
+    kinds = DeviceKinds()
+    to_b = [Out(ToUser("u_b"), MSG_FROM_A)]
+    no_v1 = {"u_a": False, "u_b": False, "u_c": True}.__getitem__
+    assert routes(to_b, kinds, no_v1) == [("down/u_b/v2", "v2", 0)]  # not known here
+    kinds.saw("u_b", "d_b1", v2=False)  # (said proto 2 at login, speaks v1 to this bridge)
+    assert routes(to_b, kinds, no_v1) == [("down/u_b/v2", "v2", 0)]
+    assert routes([Out(ToUser("u_c"), MSG_FROM_A)], kinds, no_v1) == [
+        ("down/u_c/v2", "v2", 0), ("down/u_c", "v1", 1)]
+    kinds.saw("u_a", "d_a1", v2=True)  # the sending device, the only one heard from
+    assert routes([Out(ToUser("u_a"), MSG_FROM_A)], kinds, no_v1) == []
+    reply = Out(ToDevice("u_a", "d_a1"), Sent("m1", "c_1", 1, 1, inbox=5))
+    assert routes([reply], kinds, no_v1) == [("down/u_a/d_a1", "v2", 0)]  # one device's: unchanged
+
+
+async def test_v1_readers_answer_from_the_store_and_forget_a_user_whose_devices_changed() -> None:
+    import asyncio
+
+    has_v1 = {"u_a": False, "u_b": True}
+    reads: list[str] = []
+    gate = asyncio.Event()
+    hearing = [True]
+
+    async def reads_v1(user: str) -> bool:
+        reads.append(user)
+        await gate.wait()
+        return has_v1[user]
+
+    readers = V1Readers(reads_v1, lambda: hearing[0], max_reads=1)
+    assert readers("u_a") and readers("u_b")  # not known yet: the copy goes; one read at a time
+    gate.set()
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert reads == ["u_a"] and not readers("u_a")
+    assert readers("u_b") and readers("u_b")  # read now
+    await asyncio.sleep(0)
+    assert reads == ["u_a", "u_b"]
+    has_v1["u_a"] = True  # a v1 device linked
+    readers.changed("u_a")
+    assert readers("u_a")
+    await asyncio.sleep(0)
+    assert readers("u_a") and reads == ["u_a", "u_b", "u_a"]
+    has_v1["u_a"] = False
+    gate.clear()
+    readers.changed(None)  # news missed: nothing known is kept
+    assert readers("u_a")
+    readers.changed("u_a")  # heard while the read was on its way: its answer is not kept
+    gate.set()
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert readers("u_a")
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert not readers("u_a")
+    hearing[0] = False  # cannot hear news: every copy goes, nothing is read
+    assert readers("u_a") and reads.count("u_a") == 4
+    await readers.close()
 
 
 def test_a_forgotten_user_gets_both_versions_again() -> None:

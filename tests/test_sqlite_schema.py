@@ -43,3 +43,28 @@ async def test_schema_1_send_ids_move_to_their_devices(tmp_path: Path) -> None:
     with sqlite3.connect(db) as c:
         assert c.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0] == str(SCHEMA_VERSION)
         assert c.execute("SELECT count(*) FROM sqlite_master WHERE name='sent'").fetchone()[0] == 0
+
+
+async def test_schema_2_devices_read_v1(tmp_path: Path) -> None:
+    db = tmp_path / "old.db"
+    store = SqliteStore(db)
+    await store.open()
+    u = (await store.create_user("+15550001111", T0)).user_id
+    old = await store.add_device(u, "phone", "android", T0)
+    await store.close()
+    with sqlite3.connect(db) as c:  # as schema 2 left it: devices say nothing of their protocol
+        c.execute("ALTER TABLE devices DROP COLUMN proto")
+        c.execute("UPDATE meta SET value='2' WHERE key='schema'")
+
+    store = SqliteStore(db)
+    await store.open()
+    try:
+        got = await store.get_device(old.device_id)
+        assert got is not None and got.proto == 1 and await store.reads_v1(u)
+        assert (await store.add_device(u, "new", "python", T0 + 1, proto=2)).proto == 2
+        await store.remove_device(old.device_id)
+        assert not await store.reads_v1(u)
+    finally:
+        await store.close()
+    with sqlite3.connect(db) as c:
+        assert c.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0] == str(SCHEMA_VERSION) == "3"

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from storage.state import SharedState, open_state
+from storage.state import MemoryState, SharedState, open_state
 from tests.conftest import production_url
 
 
@@ -357,3 +357,36 @@ async def test_a_holder_gone_after_taking_a_request_leaves_it_unavailable_not_re
         serving.cancel()
         await caller.close()
         await holder.close()  # type: ignore[attr-defined]
+
+
+async def test_every_bridge_hears_whose_devices_changed(state: SharedState) -> None:
+    """One process says a user's devices changed; its own listeners and (on Redis) another
+    process's hear it, after being told None once they can hear (what came before was missed)."""
+    url = None if isinstance(state, MemoryState) else production_url("PIGEON_REDIS", "redis://")
+    other = open_state(url) if url else state
+    if other is not state:
+        await other.open()
+    here: list[str | None] = []
+    there: list[str | None] = []
+    try:
+        state.listen_devices(here.append)
+        if other is not state:
+            other.listen_devices(there.append)
+        for _ in range(500):  # (subscribing takes a round trip)
+            if state.hears_devices() and other.hears_devices():
+                break
+            await asyncio.sleep(0.02)
+        u = uid()
+        await state.devices_changed(u)
+        for _ in range(500):
+            if u in here and (other is state or u in there):
+                break
+            await asyncio.sleep(0.02)
+        if other is not state:
+            assert there == [None, u] and here == [None, u]
+        else:
+            assert here == [u]
+    finally:
+        if other is not state:
+            await other.close()
+            assert not other.hears_devices() and there[-1] is None  # closing: no longer heard

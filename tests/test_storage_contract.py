@@ -720,3 +720,16 @@ async def test_cassandra_a_chats_members_are_as_new_as_its_last_seq(
     desc = got if not isinstance(got, list) else next(ch for ch in got if ch.chat_id == g.chat_id)
     assert desc is not None
     assert desc.last_seq < 2 or c in desc.member_ids, (desc.last_seq, desc.member_ids)
+
+
+async def test_a_device_keeps_the_protocol_it_reads_and_the_user_whether_any_reads_v1(store: Store) -> None:
+    u = await store.create_user(phone(), T0)
+    assert await store.reads_v1(u.user_id) is False  # no device: nobody reads
+    d2 = await store.add_device(u.user_id, "phone", "android", T0, proto=2)
+    assert d2.proto == 2 and await store.get_device(d2.device_id) == d2
+    assert await store.reads_v1(u.user_id) is False
+    d1 = await store.add_device(u.user_id, "cli", "linux", T0 + 1)
+    assert d1.proto == 1 and [d.proto for d in await store.user_devices(u.user_id)] == [2, 1]
+    assert await store.reads_v1(u.user_id) is True
+    assert await store.remove_device(d1.device_id)
+    assert await store.reads_v1(u.user_id) is False

@@ -466,7 +466,8 @@ class Bench:
     def login(self, pool: Pool, per_worker: list[int]) -> dict[int, list[dict[str, str]]]:
         phones = [self.phones.take(n) for n in per_worker]
         return pool.all("logging in devices", "login",
-                        lambda k: {"http": self.target.http, "phones": phones[k], "name": "bench"}
+                        lambda k: {"http": self.target.http, "phones": phones[k], "name": "bench",
+                                   "proto": self.opts.proto}
                         if per_worker[k] else None, total=sum(per_worker))
 
     def connect(self, pool: Pool, per_worker: list[int], presence: bool = True) -> dict[int, Any]:

@@ -438,8 +438,9 @@ class Worker:
         task.add_done_callback(self._sync_tasks.discard)
 
     # -- commands -----------------------------------------------------------------------------------------
-    async def login(self, http: str, phones: list[str], name: str) -> list[dict[str, str]]:
-        """Log a device in for every phone (the server must run with --dev)."""
+    async def login(self, http: str, phones: list[str], name: str, proto: int = 1) -> list[dict[str, str]]:
+        """Log a device in for every phone (the server must run with --dev), each saying it
+        reads user events in ``proto``."""
         sem = asyncio.Semaphore(LOGIN_CONCURRENCY)
         out: list[Dev | None] = [None] * len(phones)
         async with httpx.AsyncClient(base_url=http, timeout=120, verify=self.tls) as client:
@@ -450,7 +451,8 @@ class Worker:
                     code = r.json().get("dev_code")
                     if not code:
                         raise RuntimeError("the server did not return a login code: run it with --dev")
-                    r = await client.post("/v1/auth/verify", json={"phone": phone, "code": code, "device_name": name})
+                    r = await client.post("/v1/auth/verify", json={"phone": phone, "code": code, "device_name": name,
+                                                                      "proto": proto})
                     r.raise_for_status()
                     body = r.json()
                     out[i] = Dev(self, body["user_id"], body["device_id"], body["token"])
