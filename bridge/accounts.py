@@ -7,6 +7,7 @@ code does not reset the count of wrong guesses.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
@@ -22,6 +23,7 @@ from .clock import Clock
 from .errors import BadRequest, NotFound, RateLimited, Unauthorized, Unavailable
 from .handling import Caller, storage_errors
 from .tokens import TokenSigner
+from .wire import V1_KNOWN_S
 
 log = logging.getLogger(__name__)
 # E.164; the pattern is also the OpenAPI document's. Python's "$" also matches before a final
@@ -79,6 +81,7 @@ class Accounts:
         self.registry: DeviceRegistry | None = None
         # told (awaited) the user whenever one of their devices is linked or unlinked
         self.devices_changed: Callable[[str], Awaitable[None]] | None = None
+        self._telling: set[asyncio.Task[None]] = set()
 
     def _hash(self, phone: str, code: str) -> str:
         return hmac.new(self._secret, f"login|{phone}|{code}".encode(), hashlib.sha256).hexdigest()
@@ -193,14 +196,27 @@ class Accounts:
 
     async def _tell_devices_changed(self, user_id: str) -> None:
         """Every bridge forgets whether the user has v1 readers (bridge.wire.V1Readers). Should
-        that fail, a bridge may keep an answer the change made wrong until it expires; the
-        login or unlink itself stands."""
+        that fail, the login or unlink stands and the news is sent again in the background, each
+        second until it goes or until every answer kept before the change has expired."""
         if self.devices_changed is None:
             return
         try:
             await self.devices_changed(user_id)
         except Exception as exc:
-            log.warning("could not tell the bridges that %s's devices changed: %s", user_id, exc)
+            log.warning("could not tell the bridges that %s's devices changed (%s): trying again", user_id, exc)
+            task = asyncio.get_running_loop().create_task(self._tell_again(user_id))
+            self._telling.add(task)
+            task.add_done_callback(self._telling.discard)
+
+    async def _tell_again(self, user_id: str) -> None:
+        assert self.devices_changed is not None
+        for _ in range(int(V1_KNOWN_S)):
+            await asyncio.sleep(1.0)
+            try:
+                await self.devices_changed(user_id)
+                return
+            except Exception as exc:
+                log.debug("telling of %s's devices again: %s", user_id, exc)
 
     async def me(self, caller: Caller) -> User:
         async with storage_errors():

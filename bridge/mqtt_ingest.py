@@ -231,7 +231,8 @@ class MqttIngest:
         """Hand publishes to the outgoing connection in order, without waiting for the broker to
         acknowledge each: the client keeps their order on the wire and resends what is not
         acknowledged, and the request that made them waits neither a broker round trip nor a
-        task per publish. Waits while there is no connection or MAX_QUEUED are unacknowledged;
+        task per publish. Waits while there is no connection or MAX_QUEUED are unacknowledged
+        or not yet written;
         what cannot be handed over within 5 s is dropped (live delivery is best effort: devices
         catch up from the store)."""
         loop = asyncio.get_running_loop()
@@ -243,6 +244,9 @@ class MqttIngest:
             if client is not None:
                 paho = client._client
                 while i < len(items):
+                    if len(paho._out_packet) >= MAX_QUEUED:  # not written yet (QoS 0 ones have no other bound)
+                        rc = MQTT_ERR_QUEUE_SIZE
+                        break
                     topic, payload, qos = items[i]
                     rc = paho.publish(topic, payload, qos).rc
                     if rc not in (MQTT_ERR_SUCCESS, MQTT_ERR_NO_CONN, MQTT_ERR_QUEUE_SIZE):
@@ -472,7 +476,11 @@ class MqttIngest:
         """Replies and events handed to the outgoing connection and not yet acknowledged by the
         broker (paho's queue): admission control bounds them with the requests."""
         client = self._client
-        return 0 if client is None else len(client._client._out_messages)
+        if client is None:
+            return 0
+        paho = client._client
+        # QoS 1 ones wait for their PUBACK; any (QoS 0 too) may still wait to be written
+        return len(paho._out_messages) + len(paho._out_packet)
 
     def lag(self) -> float:
         """The longest wait before reading among the receiving sessions (their probes)."""

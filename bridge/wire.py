@@ -77,10 +77,18 @@ class DeviceKinds:
         devices = self._seen.get(user)
         return devices is not None and devices.get(device, False)
 
+    def known_devices(self, user: str) -> int:
+        """How many of the user's devices were heard from here (in either version)."""
+        devices = self._seen.get(user)
+        return 0 if devices is None else len(devices)
+
     def v2_devices(self, user: str) -> frozenset[str] | None:
         """The user's devices known to speak v2; None when the user is not known here."""
         devices = self._seen.get(user)
         return None if devices is None else frozenset(d for d, v2 in devices.items() if v2)
+
+
+V1_KNOWN_S = 120.0  # how long a bridge keeps whether a user has v1 readers (bar news of a change)
 
 
 class V1Readers:
@@ -96,7 +104,7 @@ class V1Readers:
     """
 
     def __init__(self, reads_v1: Callable[[str], Awaitable[bool]], trusted: Callable[[], bool], *,
-                 ttl_s: float = 300.0, max_users: int = 200_000, max_reads: int = 64,
+                 ttl_s: float = V1_KNOWN_S, max_users: int = 200_000, max_reads: int = 64,
                  timer: Callable[[], float] = time.monotonic) -> None:
         self._reads_v1 = reads_v1
         self._trusted = trusted
@@ -196,8 +204,12 @@ def _v2_copy(o: Out, kinds: DeviceKinds, out: list[tuple[str, bytes, int]],
     devices = kinds.v2_devices(to.user)
     if devices is None or devices or not v1:  # (not known here: a v2 device may be listening)
         if (isinstance(ev, MsgEvent) and ev.message.sender == to.user and devices is not None
-                and len(devices) == 1 and ev.message.device in devices):
-            return not v1  # the sending device is the user's only v2 device: its ``sent`` says it all
+                and len(devices) == 1 and ev.message.device in devices
+                and (v1 or kinds.known_devices(to.user) == 1)):
+            # the sending device is the user's only v2 device (with no v1 reader: their only
+            # device, as one that said ``proto`` 2 but speaks v1 still reads the v2 topic):
+            # its ``sent`` says it all
+            return not v1
         topic = f"down/{to.user}/v2"
         if wanted is None or wanted(topic):
             out.append((topic, wire_v2.encode(ev, to.user), 0))

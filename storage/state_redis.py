@@ -66,6 +66,8 @@ RPC_BUNCH = 256  # requests (or replies) taken from a list in one round trip
 # every bridge that listens at that moment and by no other.
 DEVICES_CHANNEL = "pg:devices"
 HEAR_AGAIN_S = 1.0  # a lost subscription is taken again after this long
+PING_EVERY_S = 2.0  # the subscription is pinged this often; no pong within PONG_WITHIN_S: lost
+PONG_WITHIN_S = 3.0
 log = logging.getLogger(__name__)
 
 
@@ -97,6 +99,7 @@ class RedisState:
         # At most REDIS_CONNECTIONS at once; a request beyond them waits for one to come free
         # (up to 2 s) rather than failing with "too many connections", as redis-py's default
         # pool does under a few hundred concurrent requests.
+        self._url = url
         self._pool: Any = aioredis.BlockingConnectionPool.from_url(
             url, max_connections=REDIS_CONNECTIONS, timeout=2,
             socket_timeout=2, socket_connect_timeout=2, health_check_interval=30,
@@ -149,6 +152,7 @@ class RedisState:
             # it looks at ``_closing`` at least every RPC_WAIT_S (see the reply task below)
             await asyncio.wait([self._devices_task], timeout=RPC_WAIT_S + 1)
             self._devices_task.cancel()
+            await asyncio.gather(self._devices_task, return_exceptions=True)
             self._devices_task = None
         if self._peer_client is not None:
             await self._peer_client.close()
@@ -238,18 +242,36 @@ class RedisState:
             listener(user_id)
 
     async def _hear_devices(self) -> None:
-        """Subscribed to DEVICES_CHANNEL for as long as this runs. Listeners are told None each
-        time the subscription is (re)confirmed and when it is lost: what was said in between
-        was not heard."""
+        """Subscribed to DEVICES_CHANNEL for as long as this runs, on a connection of its own
+        that is never silently retried (redis-py would reconnect and subscribe again by itself,
+        trusting the listeners' answers meanwhile). Listeners are told None each time the
+        subscription is confirmed and when it is lost, or answers no ping within PONG_WITHIN_S:
+        what was said in between was not heard."""
+        import redis.asyncio as aioredis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        loop = asyncio.get_running_loop()
         while not self._closing:
-            pubsub = self._redis.pubsub()
+            client: Any = aioredis.Redis.from_url(self._url, socket_connect_timeout=2, retry=Retry(NoBackoff(), 0))
+            pubsub = client.pubsub()
             try:
                 await pubsub.subscribe(DEVICES_CHANNEL)
+                pinged_at: float | None = None
+                pong_at = loop.time()
                 while not self._closing:
-                    message = await pubsub.get_message(timeout=RPC_WAIT_S)
+                    now = loop.time()
+                    if pinged_at is None and now - pong_at >= PING_EVERY_S:
+                        await pubsub.ping()
+                        pinged_at = now
+                    elif pinged_at is not None and now - pinged_at > PONG_WITHIN_S:
+                        raise TimeoutError(f"no pong in {PONG_WITHIN_S}s")
+                    message = await pubsub.get_message(timeout=0.5)
                     if message is None:
                         continue
-                    if message["type"] == "subscribe":  # (again, after redis-py reconnected)
+                    if message["type"] == "pong":
+                        pong_at, pinged_at = loop.time(), None
+                    elif message["type"] == "subscribe":
                         self._hearing = True
                         self._tell(None)
                     elif message["type"] == "message":
@@ -262,6 +284,7 @@ class RedisState:
                     self._tell(None)
                 try:
                     await pubsub.aclose()
+                    await client.aclose()
                 except Exception as exc:
                     log.debug("closing the devices subscription: %s", exc)
             if not self._closing:

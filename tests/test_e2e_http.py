@@ -52,6 +52,24 @@ async def test_login_flow_codes_and_lockout(server: ServerProc) -> None:
         assert (await http.post("/v1/auth/code", json={"phone": phone})).status_code == 429
 
 
+async def test_a_login_says_which_protocol_the_device_reads_and_a_bad_one_uses_no_code(server: ServerProc) -> None:
+    phone = fresh_phone()
+    async with httpx.AsyncClient(base_url=server.http) as http:
+        code = (await http.post("/v1/auth/code", json={"phone": phone})).json()["dev_code"]
+        for bad in ("2", True, 3, 0, 2.0, [2]):
+            r = await http.post("/v1/auth/verify", json={"phone": phone, "code": code, "proto": bad})
+            assert r.status_code == 400 and r.json()["error"]["code"] == "bad_request", bad
+            assert "proto" in r.json()["error"]["message"]
+        r = await http.post("/v1/auth/verify", json={"phone": phone, "code": code, "proto": 2})  # the code still works
+        assert r.status_code == 200 and r.json()["proto"] == 2
+        first = r.json()
+        code = (await http.post("/v1/auth/code", json={"phone": phone})).json()["dev_code"]
+        r = await http.post("/v1/auth/verify", json={"phone": phone, "code": code, "proto": None})
+        assert r.status_code == 200 and r.json()["proto"] == 1
+        listed = (await http.get("/v1/devices", headers={"Authorization": f"Bearer {first['token']}"})).json()
+        assert [d["proto"] for d in listed["devices"]] == [2, 1]
+
+
 async def test_same_phone_links_a_second_device_to_the_same_user(new_user: NewUser) -> None:
     a = await new_user()
     a2 = await new_user(a.phone)

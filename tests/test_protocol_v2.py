@@ -153,6 +153,8 @@ def test_a_user_with_no_v1_reader_gets_v2_only_and_the_sender_alone_nothing() ->
         ("down/u_c/v2", "v2", 0), ("down/u_c", "v1", 1)]
     kinds.saw("u_a", "d_a1", v2=True)  # the sending device, the only one heard from
     assert routes([Out(ToUser("u_a"), MSG_FROM_A)], kinds, no_v1) == []
+    kinds.saw("u_a", "d_a2", v2=False)  # said proto 2, speaks v1: still reads the v2 topic
+    assert routes([Out(ToUser("u_a"), MSG_FROM_A)], kinds, no_v1) == [("down/u_a/v2", "v2", 0)]
     reply = Out(ToDevice("u_a", "d_a1"), Sent("m1", "c_1", 1, 1, inbox=5))
     assert routes([reply], kinds, no_v1) == [("down/u_a/d_a1", "v2", 0)]  # one device's: unchanged
 

@@ -382,8 +382,8 @@ async def test_every_bridge_hears_whose_devices_changed(state: SharedState) -> N
             if u in here and (other is state or u in there):
                 break
             await asyncio.sleep(0.02)
-        if other is not state:
-            assert there == [None, u] and here == [None, u]
+        if other is not state:  # (other processes may be saying something on the same Redis)
+            assert here[0] is None and there[0] is None and u in here and u in there
         else:
             assert here == [u]
     finally:
