@@ -119,6 +119,7 @@ class RedisState:
         self._devices_listeners: list[DevicesListener] = []
         self._devices_task: asyncio.Task[None] | None = None
         self._hearing = False
+        self.news_client_name = f"pigeon-news-{self._me[:12]}"  # its subscription's, in CLIENT LIST
         self._peer_host = peer_host if peer_secret else None
         self._peer_key = peer_key(peer_secret) if peer_secret else ""
         self._peer_server: PeerServer | None = None
@@ -253,7 +254,8 @@ class RedisState:
 
         loop = asyncio.get_running_loop()
         while not self._closing:
-            client: Any = aioredis.Redis.from_url(self._url, socket_connect_timeout=2, retry=Retry(NoBackoff(), 0))
+            client: Any = aioredis.Redis.from_url(self._url, socket_connect_timeout=2, retry=Retry(NoBackoff(), 0),
+                                                  client_name=self.news_client_name)
             pubsub = client.pubsub()
             try:
                 await pubsub.subscribe(DEVICES_CHANNEL)

@@ -390,3 +390,49 @@ async def test_every_bridge_hears_whose_devices_changed(state: SharedState) -> N
         if other is not state:
             await other.close()
             assert not other.hears_devices() and there[-1] is None  # closing: no longer heard
+
+
+async def test_a_bridge_that_lost_the_devices_news_trusts_nothing_until_it_hears_again() -> None:
+    """The subscription to who changed devices is dropped by Redis: the listener is told None
+    at once and ``hears_devices`` is false until a new subscription is confirmed, then news
+    comes through again."""
+    import redis.asyncio as aioredis
+
+    from storage.state_redis import RedisState
+
+    url = production_url("PIGEON_REDIS", "redis://")
+    s = open_state(url)
+    assert isinstance(s, RedisState)
+    await s.open()
+    raw = aioredis.from_url(url)
+    told: list[str | None] = []
+    try:
+        s.listen_devices(told.append)
+        for _ in range(500):
+            if s.hears_devices():
+                break
+            await asyncio.sleep(0.02)
+        assert s.hears_devices() and told == [None]
+        mine = [c["id"] for c in await raw.client_list() if c.get("name") == s.news_client_name]
+        assert len(mine) == 1
+        await raw.client_kill_filter(_id=mine[0])
+        for _ in range(250):
+            if not s.hears_devices():
+                break
+            await asyncio.sleep(0.02)
+        assert not s.hears_devices() and told == [None, None]  # (within 5 s)
+        for _ in range(500):
+            if s.hears_devices():
+                break
+            await asyncio.sleep(0.02)
+        assert s.hears_devices() and told == [None, None, None]  # subscribed again: news missed
+        u = uid()
+        await s.devices_changed(u)
+        for _ in range(500):
+            if u in told:
+                break
+            await asyncio.sleep(0.02)
+        assert u in told
+    finally:
+        await raw.aclose()
+        await s.close()
