@@ -84,6 +84,7 @@ __all__ = ["Api", "Device", "Event", "PigeonClientError", "Profile", "RequestTim
            "verify"]
 CLOSE_STEP_S = 5.0
 PEERS_KEPT = 4096  # direct chats remembered (one forgotten costs a sync when its peer writes next)
+PEERS_SAVED = 512  # of those, kept in the profile (written with the sync cursor)
 UNRESOLVED_KEPT = 1024
 V2_ACK_DELAY_S = 1.0  # v2: at most one ack a second (each ack makes a delivered receipt per chat it covers)
 
@@ -138,6 +139,9 @@ class Profile:
     # the protocol login said this device reads user events in: 2 only on down/{user}/v2, so a
     # Device of this profile speaks v2 (a profile saved before this field existed said 1)
     proto: int = 1
+    # v2: the direct chat with each peer learnt last (a live msg from the peer leaves it out;
+    # one not known here costs a sync), the newest PEERS_SAVED, so a restart keeps them
+    peers: dict[str, str] = field(default_factory=dict)
     path: str | None = field(default=None, repr=False)
 
     def save(self, path: Path | str | None = None, *, durable: bool = False) -> None:
@@ -446,6 +450,7 @@ class Device:
         # v2: user -> the direct chat with them (a live msg from the peer leaves it out), and the
         # inbox positions of live msgs that left out a chat not known here -> their sender
         self._peers: LRUCache[str, str] = LRUCache(PEERS_KEPT)
+        self._peers.update(profile.peers)
         self._unresolved: LRUCache[int, str | None] = LRUCache(UNRESOLVED_KEPT)
         # v2: the server's clock (ms) as the latest batch gave it, and this loop's time then: the
         # estimate that places the shortened times of live events (see _server_now)
@@ -804,6 +809,15 @@ class Device:
             self._acked = up_to
             self._save_cursor()
 
+    def _learn_peer(self, peer: str, chat: str) -> None:
+        """The direct chat with ``peer``; kept in the profile too (saved with the cursor)."""
+        self._peers[peer] = chat
+        saved = self.profile.peers
+        saved.pop(peer, None)
+        saved[peer] = chat  # (the newest last)
+        while len(saved) > PEERS_SAVED:
+            del saved[next(iter(saved))]
+
     def _save_cursor(self) -> None:
         self.profile.cursor = self._cursor
         if self.profile.path:
@@ -822,7 +836,7 @@ class Device:
                     if isinstance(item, MsgEvent) and item.inbox in self._unresolved:
                         peer = self._unresolved.pop(item.inbox)
                         if peer is not None and item.message.sender == peer:  # it was the direct chat
-                            self._peers[peer] = item.message.chat
+                            self._learn_peer(peer, item.message.chat)
                     self._take(item, from_store=True)
                 if not batch.more or not batch.events:
                     break
@@ -847,7 +861,7 @@ class Device:
         if isinstance(reply, Sent) and to is not None and reply.inbox is not None:
             # (a fresh one: the server found the chat by this send's ``to``; one answered from an
             # earlier attempt under the same id is about that attempt, in whatever chat it was)
-            self._peers[to] = reply.chat
+            self._learn_peer(to, reply.chat)
         if isinstance(reply, Sent) and reply.inbox is not None:
             self._take_own(reply, body, media)
         return reply

@@ -15,6 +15,7 @@ import contextlib
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -144,3 +145,21 @@ async def test_only_a_fresh_sent_tells_the_device_its_direct_chat_with_a_user(se
         server.reply = {"type": "sent", "chat": "c9", "seq": 1, "ts": 1, "inbox": 1}  # fresh: found by ``to``
         await dev.send("hi", to="u3")
         assert dev._peers["u3"] == "c9"
+
+
+async def test_the_direct_chats_a_device_learnt_outlive_it_in_its_profile(server: FakeServer, tmp_path: Path) -> None:
+    """Saved with the profile, so after a restart a live msg from a known peer needs no sync."""
+    from clients.sdk import PEERS_SAVED, Device, Profile
+
+    async with server.device() as dev:
+        for n in range(PEERS_SAVED + 2):
+            server.reply = {"type": "sent", "chat": f"c{n}", "seq": 1, "ts": 1, "inbox": n + 1}
+            await dev.send("hi", to=f"u{n}")
+        server.reply = {"type": "sent", "chat": "c0", "seq": 2, "ts": 1, "inbox": PEERS_SAVED + 3}
+        await dev.send("again", to="u0")  # u0 is the newest again
+        saved = dev.profile.peers
+        assert len(saved) == PEERS_SAVED and list(saved)[-1] == "u0" and "u2" not in saved and "u3" in saved
+        dev.profile.save(tmp_path / "p.json")
+        again = Device(Profile.load(tmp_path / "p.json"))
+        assert again._peers["u0"] == "c0" and again._peers[f"u{PEERS_SAVED + 1}"] == f"c{PEERS_SAVED + 1}"
+        assert "u1" not in again._peers and "u2" not in again._peers
