@@ -130,35 +130,32 @@ _SENT_BY_DEVICE = (f"SELECT {_MSG_COLS} FROM messages WHERE (chat_id, seq) ="
                    " (SELECT chat_id, seq FROM device_sent WHERE device=? AND client_id=?)")
 
 
-def _to_v2(c: sqlite3.Connection) -> None:
-    """Schema 1 kept send ids per user; request ids are unique per device, so from schema 2 they
-    are kept per device. Carry the old ones over (each message knows its device) and drop them."""
+def _migrate(c: sqlite3.Connection, version: int, step: Callable[[sqlite3.Connection], None], what: str) -> None:
+    """Run one schema step and mark the schema ``version``, in one transaction."""
     c.execute("BEGIN IMMEDIATE")
     try:
-        c.execute("INSERT OR IGNORE INTO device_sent SELECT m.device, s.client_id, s.chat_id, s.seq"
-                  " FROM sent s JOIN messages m ON m.chat_id = s.chat_id AND m.seq = s.seq")
-        c.execute("DROP TABLE sent")
-        c.execute("UPDATE meta SET value='2' WHERE key='schema'")
+        step(c)
+        c.execute("UPDATE meta SET value=? WHERE key='schema'", (str(version),))
     except BaseException:
         c.execute("ROLLBACK")
         raise
     c.execute("COMMIT")
-    log.info("sqlite schema moved to 2: send ids are kept per device")
+    log.info("sqlite schema moved to %d: %s", version, what)
+
+
+def _to_v2(c: sqlite3.Connection) -> None:
+    """Schema 1 kept send ids per user; request ids are unique per device, so from schema 2 they
+    are kept per device. Carry the old ones over (each message knows its device) and drop them."""
+    c.execute("INSERT OR IGNORE INTO device_sent SELECT m.device, s.client_id, s.chat_id, s.seq"
+              " FROM sent s JOIN messages m ON m.chat_id = s.chat_id AND m.seq = s.seq")
+    c.execute("DROP TABLE sent")
 
 
 def _to_v3(c: sqlite3.Connection) -> None:
     """Schema 3: each device says which protocol it reads user events in (its login's
     ``proto``); devices from before read v1."""
-    c.execute("BEGIN IMMEDIATE")
-    try:
-        if not any(col[1] == "proto" for col in c.execute("PRAGMA table_info(devices)")):
-            c.execute("ALTER TABLE devices ADD COLUMN proto INTEGER NOT NULL DEFAULT 1")
-        c.execute("UPDATE meta SET value='3' WHERE key='schema'")
-    except BaseException:
-        c.execute("ROLLBACK")
-        raise
-    c.execute("COMMIT")
-    log.info("sqlite schema moved to 3: devices say which protocol they read")
+    if not any(col[1] == "proto" for col in c.execute("PRAGMA table_info(devices)")):
+        c.execute("ALTER TABLE devices ADD COLUMN proto INTEGER NOT NULL DEFAULT 1")
 
 
 class SqliteStore:
@@ -262,9 +259,9 @@ class SqliteStore:
                 )
             else:
                 if int(row[0]) < 2:
-                    _to_v2(self._wconn)
+                    _migrate(self._wconn, 2, _to_v2, "send ids are kept per device")
                 if int(row[0]) < 3:
-                    _to_v3(self._wconn)
+                    _migrate(self._wconn, 3, _to_v3, "devices say which protocol they read")
 
         await self._run(self._writer, setup)
 

@@ -157,6 +157,26 @@ async def partitions_held(srv: ServerProc) -> float:
     return await metric(srv, "pigeon_partitions_held")
 
 
+async def first_v1_msg(host: str, port: int, listener: Profile, user_id: str,
+                       send: Callable[[], Awaitable[object]]) -> tuple[dict[str, object], int]:
+    """As a raw v1 client of ``listener``'s that only listens on ``down/{user_id}``: call
+    ``send``, and return the first ``msg`` event that comes there and its QoS."""
+    import json
+
+    import aiomqtt
+
+    async with aiomqtt.Client(host, port, identifier=listener.device_id, username=listener.device_id,
+                              password=listener.token, clean_session=True) as c:
+        await c.subscribe(f"down/{user_id}", qos=1)
+        await send()
+        async with asyncio.timeout(10):
+            async for m in c.messages:
+                ev = json.loads(bytes(m.payload))  # type: ignore[arg-type]
+                if ev["type"] == "msg":
+                    return ev, m.qos
+    raise AssertionError("the listener's connection ended before a msg came")
+
+
 def tok_tokens(user: str) -> Callable[[str], Awaitable[tuple[str, str] | None]]:
     """A token check for an embedded broker on its own: ``tok-DEVICE`` is that device of ``user``."""
 

@@ -16,7 +16,16 @@ import pytest
 
 from clients.sdk import Api, Device, Profile, login
 from storage.cassandra_owner import partition_of
-from tests.conftest import ServerProc, broker_flags, fresh_phone, metric, production_flags, sends_handled, two_bridges
+from tests.conftest import (
+    ServerProc,
+    broker_flags,
+    first_v1_msg,
+    fresh_phone,
+    metric,
+    production_flags,
+    sends_handled,
+    two_bridges,
+)
 from tests.test_e2e_failover import holds, lease_holders, settled
 
 
@@ -155,10 +164,6 @@ async def test_a_v1_device_linked_through_one_bridge_gets_the_v1_events_the_othe
     (bridge/wire.py, V1Readers); a v1 device linked through the *other* bridge is heard of by
     both (Redis pub/sub), and the bridge that publishes the peer's messages copies them to
     ``down/{user}`` again at once."""
-    import json
-
-    import aiomqtt
-
     b0, b1, flags = bridges
     await settled(b0, b1)
     holders = await asyncio.to_thread(lease_holders, flags)
@@ -193,13 +198,6 @@ async def test_a_v1_device_linked_through_one_bridge_gets_the_v1_events_the_othe
         else:
             pytest.fail("v1 copies went on for users with v2 devices only")
         listener = await login(b1.http, bob.phone, proto=1)  # through the bridge that does not publish alice's
-        async with aiomqtt.Client(b0.mqtt_host, b0.mqtt_port, identifier=listener.device_id,
-                                  username=listener.device_id, password=listener.token) as c:
-            await c.subscribe(f"down/{bob.user_id}", qos=1)
-            await a.send("for every device", to=bob.user_id)
-            async with asyncio.timeout(10):
-                async for m in c.messages:
-                    ev = json.loads(bytes(m.payload))  # type: ignore[arg-type]
-                    if ev["type"] == "msg":
-                        break
-            assert (ev["body"], ev["from"]) == ("for every device", alice.user_id)
+        ev, _qos = await first_v1_msg(b0.mqtt_host, b0.mqtt_port, listener, bob.user_id,
+                                      lambda: a.send("for every device", to=bob.user_id))
+        assert (ev["body"], ev["from"]) == ("for every device", alice.user_id)

@@ -6,17 +6,15 @@ events; the application sees the same events as with v1 (``proto=1``)."""
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from typing import Any
 
-import aiomqtt
 import pytest
 
 from bridge.protocol import MsgEvent, ReceiptEvent, Sent
 from clients.launch import ServerProc
 from clients.sdk import Device, PigeonClientError
-from tests.conftest import NewUser, metric
+from tests.conftest import NewUser, first_v1_msg, metric
 
 
 async def next_of(dev: Device, event_type: str, timeout: float = 5.0, **match: Any) -> Any:
@@ -168,14 +166,7 @@ async def test_a_v1_listener_that_never_publishes_still_gets_its_users_events(
     # a v1 client of bob's that only listens (never publishing, so never seen to speak v1): its
     # login says it may read down/{user}, and v1 events go there from then on
     listener = await new_user(bob.phone, proto=1)
-    async with aiomqtt.Client(server.mqtt_host, server.mqtt_port, identifier=listener.device_id,
-                              username=listener.device_id, password=listener.token, clean_session=True) as c:
-        await c.subscribe(f"down/{bob.user_id}", qos=1)
-        await da.send("for every device", chat=first.chat)
-        async with asyncio.timeout(10):
-            async for m in c.messages:
-                ev = json.loads(bytes(m.payload))  # type: ignore[arg-type]
-                if ev["type"] == "msg":
-                    break
-        assert (ev["body"], ev["from"], ev["chat"]) == ("for every device", alice.user_id, first.chat)
-        assert m.qos == 1
+    ev, qos = await first_v1_msg(server.mqtt_host, server.mqtt_port, listener, bob.user_id,
+                                 lambda: da.send("for every device", chat=first.chat))
+    assert (ev["body"], ev["from"], ev["chat"]) == ("for every device", alice.user_id, first.chat)
+    assert qos == 1
