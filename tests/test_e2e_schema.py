@@ -33,6 +33,9 @@ def test_serve_refuses_an_unmigrated_keyspace_until_migrate(tmp_path: Path) -> N
     srv.stop()
 
 
+DDL_S = 60  # a schema change waits for the cluster to agree on it: on a busy box, longer than a query
+
+
 async def test_migrate_moves_schema_2_send_ids_to_their_devices() -> None:
     """A keyspace written when send ids were kept per user keeps answering retries after migrate."""
     from storage import open_store
@@ -53,14 +56,14 @@ async def test_migrate_moves_schema_2_send_ids_to_their_devices() -> None:
                                               kind="text", body="hello"), [a, b])
         device = await store.add_device(a, "phone", "android", 1)
         # before schema 6 devices said nothing of the protocol they read
-        session.execute(f"ALTER TABLE {ks}.devices DROP proto")
-        session.execute(f"ALTER TABLE {ks}.user_devices DROP proto")
+        session.execute(f"ALTER TABLE {ks}.devices DROP proto", timeout=DDL_S)
+        session.execute(f"ALTER TABLE {ks}.user_devices DROP proto", timeout=DDL_S)
         # as schema 2 left it: send ids per user in "sent", nothing in "device_sent"
         session.execute(f"CREATE TABLE {ks}.sent (sender text, client_id text, chat_id text, seq bigint, "
-                        "PRIMARY KEY ((sender, client_id)))")
+                        "PRIMARY KEY ((sender, client_id)))", timeout=DDL_S)
         session.execute(f"INSERT INTO {ks}.sent (sender, client_id, chat_id, seq) VALUES (%s, '7', %s, 1)",
                         (a, chat.chat_id))
-        session.execute(f"TRUNCATE {ks}.device_sent")
+        session.execute(f"TRUNCATE {ks}.device_sent", timeout=DDL_S)
         session.execute(f"INSERT INTO {ks}.meta (key, value) VALUES ('schema', '2')")
         await store.close()
 
@@ -78,5 +81,5 @@ async def test_migrate_moves_schema_2_send_ids_to_their_devices() -> None:
         assert session.execute("SELECT table_name FROM system_schema.tables WHERE keyspace_name=%s "
                                "AND table_name='sent'", (ks,)).one() is None
     finally:
-        session.execute(f"DROP KEYSPACE IF EXISTS {ks}")
+        session.execute(f"DROP KEYSPACE IF EXISTS {ks}", timeout=DDL_S)
         await store.close()
