@@ -10,6 +10,7 @@ import pytest
 
 from storage.state import MemoryState, SharedState, open_state
 from tests.conftest import production_url
+from tests.test_push_worker import until
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -372,16 +373,10 @@ async def test_every_bridge_hears_whose_devices_changed(state: SharedState) -> N
         state.listen_devices(here.append)
         if other is not state:
             other.listen_devices(there.append)
-        for _ in range(500):  # (subscribing takes a round trip)
-            if state.hears_devices() and other.hears_devices():
-                break
-            await asyncio.sleep(0.02)
+        await until(lambda: state.hears_devices() and other.hears_devices(), timeout=10)  # (a round trip)
         u = uid()
         await state.devices_changed(u)
-        for _ in range(500):
-            if u in here and (other is state or u in there):
-                break
-            await asyncio.sleep(0.02)
+        await until(lambda: u in here and (other is state or u in there), timeout=10)
         if other is not state:  # (other processes may be saying something on the same Redis)
             assert here[0] is None and there[0] is None and u in here and u in there
         else:
@@ -408,30 +403,18 @@ async def test_a_bridge_that_lost_the_devices_news_trusts_nothing_until_it_hears
     told: list[str | None] = []
     try:
         s.listen_devices(told.append)
-        for _ in range(500):
-            if s.hears_devices():
-                break
-            await asyncio.sleep(0.02)
+        await until(s.hears_devices, timeout=10)
         assert s.hears_devices() and told == [None]
         mine = [c["id"] for c in await raw.client_list() if c.get("name") == s.news_client_name]
         assert len(mine) == 1
         await raw.client_kill_filter(_id=mine[0])
-        for _ in range(250):
-            if not s.hears_devices():
-                break
-            await asyncio.sleep(0.02)
+        await until(s.hears_devices, want=False)
         assert not s.hears_devices() and told == [None, None]  # (within 5 s)
-        for _ in range(500):
-            if s.hears_devices():
-                break
-            await asyncio.sleep(0.02)
+        await until(s.hears_devices, timeout=10)
         assert s.hears_devices() and told == [None, None, None]  # subscribed again: news missed
         u = uid()
         await s.devices_changed(u)
-        for _ in range(500):
-            if u in told:
-                break
-            await asyncio.sleep(0.02)
+        await until(lambda: u in told, timeout=10)
         assert u in told
     finally:
         await raw.aclose()
