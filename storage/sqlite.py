@@ -22,6 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from cachetools import LRUCache
+
 from .base import (
     Appended,
     Chat,
@@ -54,6 +56,8 @@ SCHEMA_VERSION = 3
 BUSY_TIMEOUT_S = 5.0
 # At most this many writes share one commit.
 GROUP_COMMIT_MAX = 512
+# Direct chats whose pair of users this process remembers (see SqliteStore._pairs).
+PAIRS_CACHED = 100_000
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -169,6 +173,9 @@ class SqliteStore:
         self._pending: list[tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any]]] = []
         self._flusher: asyncio.Task[None] | None = None
         self.ops = StoreOps()  # here: reads and write jobs (a job may run several statements)
+        # pair of users -> their direct chat: its members never change, so a send with ``to``
+        # finds it here instead of in a write job of its own (a commit per message)
+        self._pairs: LRUCache[str, Chat] = LRUCache(PAIRS_CACHED)
 
     # -- plumbing -----------------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
@@ -445,6 +452,13 @@ class SqliteStore:
 
     async def direct_chat(self, a: str, b: str, now: int, *, current_seq: bool = True) -> Chat:
         key = "|".join(sorted((a, b)))
+        known = self._pairs.get(key)
+        if known is not None:
+            if not current_seq:
+                return known
+            chat = await self._read(self._load_chat, known.chat_id)
+            if chat is not None:
+                return chat
 
         def q(c: sqlite3.Connection) -> Chat:
             row = c.execute("SELECT chat_id FROM chats WHERE direct_key=?", (key,)).fetchone()
@@ -463,7 +477,9 @@ class SqliteStore:
             assert chat is not None
             return chat
 
-        return await self._write(q)
+        chat = await self._write(q)
+        self._pairs[key] = chat
+        return chat
 
     async def create_group(self, creator: str, title: str, members: Sequence[str], now: int) -> Chat:
         def q(c: sqlite3.Connection) -> Chat:

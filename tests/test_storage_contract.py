@@ -161,6 +161,20 @@ async def test_direct_chat_is_created_once_for_the_pair(store: Store) -> None:
     assert [c.chat_id for c in await store.user_chats(a)] == [c1.chat_id]
 
 
+async def test_a_known_pairs_chat_is_found_without_a_statement(store: Store) -> None:
+    """Every send with ``to`` looks the pair's chat up: once known, that costs the store nothing,
+    and a caller that asks for the chat's current seq still gets it."""
+    a, b = await two_users(store)
+    chat = await store.direct_chat(a, b, T0)
+    for i in range(3):
+        await store.append_message(text(chat.chat_id, a, f"k{i}"), [a, b])
+    before = store.ops.statements
+    again = await store.direct_chat(b, a, T0 + 5, current_seq=False)
+    assert store.ops.statements == before
+    assert again.chat_id == chat.chat_id and set(again.member_ids) == {a, b}
+    assert (await store.direct_chat(a, b, T0 + 6)).last_seq == 3
+
+
 async def test_first_uses_of_a_pair_at_once_make_one_chat(store: Store) -> None:
     a, b = await two_users(store)
     chats = await asyncio.gather(*(store.direct_chat(*((a, b) if k % 2 else (b, a)), T0 + k) for k in range(6)))
