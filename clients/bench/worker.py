@@ -182,7 +182,9 @@ class Dev:
         if ev.get("type") in ("sent", "error") and isinstance(ev.get("id"), str):
             self.send_chats.pop(ev["id"], None)
             to = self.send_to.pop(ev["id"], None)
-            if to is not None and ev.get("type") == "sent" and ev.get("inbox") is not None:  # (fresh: as the SDK)
+            # v2: only from a fresh one, as the SDK (it carries the inbox position); v1's never
+            # does, and a bench device never sends one id to two users
+            if to is not None and ev.get("type") == "sent" and (self.proto == 1 or ev.get("inbox") is not None):
                 self.chat_with[to] = str(ev["chat"])
         self.take(ev, from_store=False)
 
