@@ -5,8 +5,8 @@ I/O). Everything else happens here, apart from it, in two loops of one task grou
 
 - **decide**: as soon as the message path yields, the users noted since the last decision are
   looked up in the shared presence state in one step (one Redis round trip for all of them, or
-  none in-process; notes that arrive meanwhile wait for the next step, and steps start at most
-  every ``DECIDE_EVERY_S``, so under load one round trip covers many events); for
+  none in-process; notes that arrive meanwhile wait for the next step, so under load one round
+  trip covers many events), which is as close to the event as presence can be read; for
   each user with no device online, each of their devices with a push target gets a wake in the
   durable queue (:mod:`storage.push_queue`), which coalesces: a device has at most one wake
   pending, covering every event until it is sent, and a device woken less than the window ago
@@ -50,9 +50,6 @@ POLL_S = 0.5  # the queue is looked at this often when nothing was scheduled her
 LEASE_S = 60.0  # a claimed wake stays hidden this long (longer than any send may take: SEND_TIMEOUT_S)
 CLAIM_BATCH = 64
 DECIDE_PARALLEL = 32  # offline users whose targets are read and wakes queued at the same time
-# Decisions start at most this often: a decision per turn of the loop was a presence lookup (a
-# Redis round trip) per message at moderate load, where turns carry one message each.
-DECIDE_EVERY_S = 0.05
 PARALLEL_SENDS = 64
 RETRY_BASE_S = 1.0
 RETRY_CAP_S = 300.0
@@ -197,18 +194,10 @@ class Pusher:
             pass
 
     async def _decide_loop(self, stopping: asyncio.Event) -> None:
-        loop = asyncio.get_running_loop()
-        decided_at = -DECIDE_EVERY_S
         while not stopping.is_set():
             await self._wait(self._noted, None)
-            # a note after a quiet spell is decided at once; under load the notes of a few
-            # turns share one decision (one presence lookup for all of them)
-            since = loop.time() - decided_at
-            if since < DECIDE_EVERY_S:
-                await self._wait(stopping, DECIDE_EVERY_S - since)
             if stopping.is_set():
                 return
-            decided_at = loop.time()
             self._noted.clear()
             notes, self._notes = self._notes, {}
             gone, self._gone = self._gone, set()

@@ -4,7 +4,6 @@ in-process presence state, the SQLite push queue, and the loopback webhook recei
 from __future__ import annotations
 
 import asyncio
-import itertools
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 
 from bridge.clock import SystemClock
 from bridge.metrics import Metrics
-from bridge.push import DECIDE_EVERY_S, Pusher
+from bridge.push import Pusher
 from bridge.push_providers import Webhook
 from storage.base import Device
 from storage.push_queue import SqlitePushQueue
@@ -99,37 +98,6 @@ async def test_a_store_outage_postpones_a_wake_and_loses_none(rig: Rig) -> None:
     rig.flaky.failing.clear()
     [pushed] = await rig.services.webhook.recorder.wait(rig.device.device_id, 1)
     assert pushed.body == {"type": "wake", "events": 1}
-
-
-async def test_notes_of_many_turns_share_a_presence_lookup_and_a_lone_one_is_decided_at_once(
-        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Presence is a Redis round trip in production: a note per turn of the loop must not be one
-    each (at moderate load every turn carries a message), nor may a lone note wait."""
-    lookups: list[float] = []
-    online_users = rig.state.online_users
-
-    async def counted(users: list[str]) -> set[str]:
-        lookups.append(asyncio.get_running_loop().time())
-        return await online_users(users)
-
-    monkeypatch.setattr(rig.state, "online_users", counted)
-    await rig.state.device_online(rig.device.user_id, rig.device.device_id)  # online: no pushes
-    loop = asyncio.get_running_loop()
-    await asyncio.sleep(2 * DECIDE_EVERY_S)
-    t0 = loop.time()
-    rig.pusher.note([rig.device.user_id], SystemClock().now_ms(), message=True)
-    await until(lambda: len(lookups), want=1, timeout=1.0)
-    assert lookups[0] - t0 < DECIDE_EVERY_S / 2  # after a quiet spell: at once
-    start = loop.time()
-    notes = 0
-    while loop.time() - start < 10 * DECIDE_EVERY_S:  # a note in each of many turns
-        rig.pusher.note([rig.device.user_id], SystemClock().now_ms(), message=True)
-        notes += 1
-        await asyncio.sleep(0.002)
-    await asyncio.sleep(2 * DECIDE_EVERY_S)
-    assert notes > 40
-    assert len(lookups) - 1 <= 12  # about one per DECIDE_EVERY_S
-    assert all(b - a >= DECIDE_EVERY_S * 0.9 for a, b in itertools.pairwise(lookups[1:]))
 
 
 async def test_a_user_who_came_back_before_the_wake_was_due_is_not_pushed(rig: Rig) -> None:
