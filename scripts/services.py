@@ -10,7 +10,8 @@
                              a fault for the tests
 
 Ports are free ones on 127.0.0.1 unless set: SERVICES_REDIS_PORT, SERVICES_MINIO_PORT,
-SERVICES_CASSANDRA_PORT (CQL), SERVICES_MOSQUITTO_PORT, SERVICES_MOSQUITTO_TLS_PORT. A server
+SERVICES_CASSANDRA_PORT (CQL), SERVICES_MOSQUITTO_PORT, SERVICES_MOSQUITTO_TLS_PORT,
+SERVICES_MQTT_FRONT_PORT. A server
 already given by PIGEON_STORE (cassandra://), PIGEON_REDIS or PIGEON_MEDIA (s3://) is used
 as it is and not started. Downloads and builds are cached in $PIGEON_SERVICES_CACHE
 (default ~/.cache/pigeon-services); state and data live in .services/ beside this repo.
@@ -29,6 +30,12 @@ Where the servers come from (no Docker engine needed):
              one (TLS 1.2+) with a certificate for 127.0.0.1 and localhost from a CA made for this
              run with openssl (.services/mosquitto/tls/), exported as PIGEON_BROKER_TLS
              (mqtts://127.0.0.1:PORT) and PIGEON_BROKER_TLS_CA_FILE (the CA's certificate).
+  MQTT front Debian's haproxy package (apt-get, as root), with scripts/mqtt-front.cfg: a listener
+             in front of Mosquitto's plain one that closes a connection whose first packet is not
+             a valid CONNECT at once, and one without a whole CONNECT after
+             SERVICES_CONNECT_TIMEOUT_S (default 10), which Mosquitto itself never does. Exported
+             as PIGEON_BROKER_FRONT (mqtt://127.0.0.1:PORT; port SERVICES_MQTT_FRONT_PORT) and
+             SERVICES_CONNECT_TIMEOUT_S. Only devices use it; the bridge connects to Mosquitto.
 Only the standard library is used, so this runs before any virtualenv exists.
 """
 
@@ -502,6 +509,47 @@ plugin_opt_config_file {dynsec}
     return f"mqtt://127.0.0.1:{port}"
 
 
+def haproxy_binary() -> str:
+    found = find_program("haproxy")
+    if found:
+        return found
+    say("installing haproxy (apt)")
+    run(["apt-get", "update", "-qq"], stdout=subprocess.DEVNULL)
+    run(["apt-get", "install", "-y", "-qq", "haproxy"], stdout=subprocess.DEVNULL,
+        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    found = find_program("haproxy")
+    if not found:
+        raise SystemExit("services: haproxy is still missing after apt-get install")
+    return found
+
+
+def connect_timeout_s() -> float:
+    value = os.environ.get("SERVICES_CONNECT_TIMEOUT_S", "10")
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0.0
+    if not 0 < seconds <= 3600:
+        raise SystemExit(f"services: SERVICES_CONNECT_TIMEOUT_S must be seconds between 0 and 3600, got {value!r}")
+    return seconds
+
+
+def start_mqtt_front(state: dict[str, object]) -> str:
+    """HAProxy with scripts/mqtt-front.cfg in front of the Mosquitto started before it."""
+    mosquitto = state["mosquitto"]
+    assert isinstance(mosquitto, dict)
+    binary, timeout = haproxy_binary(), connect_timeout_s()
+    port = configured_port("mqtt_front")
+    conf = Path(__file__).resolve().parent / "mqtt-front.cfg"
+    env = {"PIGEON_FRONT_BIND": f"127.0.0.1:{port}", "PIGEON_FRONT_BROKER": f"127.0.0.1:{mosquitto['port']}",
+           "PIGEON_FRONT_CONNECT_TIMEOUT": f"{round(timeout * 1000)}ms", "PIGEON_FRONT_IDLE_TIMEOUT": "1h"}
+    run([binary, "-c", "-f", str(conf)], env={**os.environ, **env}, stdout=subprocess.DEVNULL)  # the file is sound
+    proc, log = spawn("mqtt_front", [binary, "-db", "-f", str(conf)], env=env)  # -db: in the foreground
+    wait_until("haproxy", lambda: port_open(port), 30, proc, log)
+    state["mqtt_front"] = {"pid": proc.pid, "port": port, "connect_timeout_s": timeout}
+    return f"mqtt://127.0.0.1:{port}"
+
+
 # -- commands ---------------------------------------------------------------------------------------
 def load_state() -> dict[str, object]:
     return json.loads(STATE.read_text()) if STATE.exists() else {}
@@ -516,9 +564,12 @@ def up() -> None:
     exports: dict[str, str] = {}
     try:
         starters = (("PIGEON_REDIS", "redis", start_redis), ("PIGEON_MEDIA", "s3", start_minio),
-                    ("PIGEON_BROKER", "mqtt", start_mosquitto), ("PIGEON_STORE", "cassandra", start_cassandra))
+                    ("PIGEON_BROKER", "mqtt", start_mosquitto), ("PIGEON_BROKER_FRONT", "mqtt", start_mqtt_front),
+                    ("PIGEON_STORE", "cassandra", start_cassandra))
         for var, scheme, start in starters:
             given = os.environ.get(var, "")
+            if var == "PIGEON_BROKER_FRONT" and "mosquitto" not in state:
+                continue  # a broker given from outside: its front, if any, is the deployment's
             if given.startswith(f"{scheme}://"):
                 say(f"using {var} from the environment")
                 exports[var] = given
@@ -526,7 +577,7 @@ def up() -> None:
             t0 = time.monotonic()
             exports[var] = start(state)
             STATE.write_text(json.dumps(state))
-            say(f"{scheme} ready in {time.monotonic() - t0:.1f}s")
+            say(f"{start.__name__.removeprefix('start_')} ready in {time.monotonic() - t0:.1f}s")
     except BaseException:
         STATE.write_text(json.dumps(state))
         down()
@@ -540,6 +591,10 @@ def up() -> None:
         exports["PIGEON_BROKER_TLS_CA_FILE"] = str(state["mosquitto_tls_ca"])
         # which Mosquitto it is: the tests hold each release to what it does (RELIABILITY.md)
         exports["SERVICES_MOSQUITTO_VERSION"] = str(mosquitto["version"])
+    if "mqtt_front" in state:
+        front = state["mqtt_front"]
+        assert isinstance(front, dict)
+        exports["SERVICES_CONNECT_TIMEOUT_S"] = f"{front['connect_timeout_s']:g}"
     state["exports"] = exports
     STATE.write_text(json.dumps(state))
     print_exports(exports)

@@ -14,7 +14,7 @@ import random
 import secrets
 import struct
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -23,7 +23,9 @@ import pytest
 from bridge.config import Settings
 from bridge.errors import ConfigError
 from clients.bench.mqtt import mqtt_str, varint
-from tests.conftest import embedded_broker, production_url, tok_tokens
+from clients.launch import ServerProc
+from clients.sdk import Device, login
+from tests.conftest import embedded_broker, fresh_phone, production_flags, production_url, tok_tokens
 from tests.mqtt_raw import connect_packet, publish_packet, read_packet
 
 USER = "u1"
@@ -243,3 +245,120 @@ async def test_mosquitto_21_closes_a_silent_connection_after_30_s(mosquitto: tup
         writer.close()
     # its check compares whole seconds: between 30 and 31 s, and a little for a busy machine
     assert MOSQUITTO_21_SILENT_S - 1.0 <= closed <= MOSQUITTO_21_SILENT_S + 2.5, closed
+
+
+# -- HAProxy in front of Mosquitto (scripts/mqtt-front.cfg, started by scripts/services) --------------
+@pytest.fixture
+def front() -> tuple[str, int, float]:
+    url = urlsplit(production_url("PIGEON_BROKER_FRONT", "mqtt://"))
+    assert url.hostname is not None and url.port is not None
+    return url.hostname, url.port, float(os.environ.get("SERVICES_CONNECT_TIMEOUT_S", "10"))
+
+
+# These two start with a CONNECT's first byte and announce more bytes than they send: the front
+# waits for the rest as for any CONNECT, and closes them at its connect timeout.
+FRONT_WAITS = {"random bytes 2", "announced 256 MiB"}
+
+
+@pytest.mark.parametrize("name", [n for n in BROKEN if n not in FRONT_WAITS])
+async def test_through_the_front_a_broken_first_packet_is_closed_at_once(front: tuple[str, int, float],
+                                                                         name: str) -> None:
+    host, port, _ = front
+    assert await send_and_wait_close(host, port, BROKEN[name], timeout=1.0) < 1.0
+
+
+Trickle = tuple[asyncio.StreamReader, asyncio.StreamWriter, "asyncio.Task[None]"]
+
+
+async def trickled(host: str, port: int, packet: bytes, every_s: float) -> Trickle:
+    """A connection that sends ``packet`` one byte every ``every_s`` seconds."""
+    reader, writer = await asyncio.open_connection(host, port)
+
+    async def trickle() -> None:
+        try:
+            for byte in packet:
+                writer.write(bytes([byte]))
+                await writer.drain()
+                await asyncio.sleep(every_s)
+        except ConnectionError:
+            pass  # closed by the front: what the test waits for
+
+    return reader, writer, asyncio.create_task(trickle())
+
+
+@pytest.mark.timeout(60)
+async def test_through_the_front_no_whole_connect_within_the_timeout_is_closed_then(
+    front: tuple[str, int, float], mosquitto: tuple[str, int, str, str],
+) -> None:
+    """Silent, a CONNECT trickling in too slowly, and the two that announce more than they send:
+    all closed at the front's connect timeout, which Mosquitto alone never does (see above); a
+    CONNECT that trickles in within it is let through, and a client connected throughout (the
+    bridge's account, as above) is undisturbed."""
+    host, port, timeout = front
+    _, _, user, password = mosquitto
+    good = connect_packet(f"test-{secrets.token_hex(4)}", user, password, keepalive=60)
+    # the whole packet takes twice the timeout to come, or comes within a third of it
+    slow = await trickled(host, port, connect_packet("dev-slow", user, password), 2 * timeout / len(good))
+    timely = await trickled(host, port, good, timeout / 3 / len(good))
+    silent = await asyncio.open_connection(host, port)
+    held: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    for name in sorted(FRONT_WAITS):
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(BROKEN[name])
+        await writer.drain()
+        held.append((reader, writer))
+    waiting = [slow[:2], silent, *held]
+    try:
+        closed = await asyncio.gather(*(closed_within(reader, timeout + 5) for reader, _ in waiting))
+        assert all(timeout - 0.5 < t < timeout + 2.0 for t in closed), closed
+        first, body = await read_packet(timely[0])
+        assert first == 0x20 and body[1] == 0, (first, body)
+        await still_answers(*timely[:2])
+    finally:
+        for task in (slow[2], timely[2]):
+            task.cancel()
+        for _, writer in [*waiting, timely[:2]]:
+            writer.close()
+
+
+async def test_through_the_front_broken_connections_do_not_disturb_a_connected_client(
+    front: tuple[str, int, float], mosquitto: tuple[str, int, str, str],
+) -> None:
+    host, port, _ = front
+    _, _, user, password = mosquitto
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(connect_packet(f"test-{secrets.token_hex(4)}", user, password, keepalive=60))
+        await writer.drain()
+        first, body = await read_packet(reader)
+        assert first == 0x20 and body[1] == 0
+        await asyncio.gather(*(
+            send_and_wait_close(host, port, data, timeout=2.0)
+            for name, data in list(BROKEN.items()) * 3 if name not in FRONT_WAITS
+        ))
+        await still_answers(reader, writer)
+    finally:
+        writer.close()
+
+
+async def test_devices_log_in_send_and_receive_through_the_front(
+    tmp_path: Path, front: tuple[str, int, float], connect: Callable[..., Awaitable[Device]],
+) -> None:
+    """The server names the front at login (the broker URL's public=), and the devices' whole
+    conversation goes through it."""
+    host, port, _ = front
+    broker = production_url("PIGEON_BROKER", "mqtt://")
+    srv = ServerProc.start(tmp_path / "srv", *production_flags(), "--broker", f"{broker}?public={host}:{port}",
+                           "--broker-credentials-file", production_url("PIGEON_BROKER_CREDENTIALS_FILE", "/"))
+    try:
+        a = await login(srv.http, fresh_phone(), device_name="a")
+        b = await login(srv.http, fresh_phone(), device_name="b")
+        assert (a.mqtt_host, a.mqtt_port) == (host, port)
+        dev_a, dev_b = await connect(a), await connect(b)
+        sent = await dev_a.send("through the front", to=b.user_id)
+        async with asyncio.timeout(10):
+            while (event := await dev_b.next_event(timeout=10)).get("body") != "through the front":
+                pass
+        assert event["seq"] == sent["seq"]
+    finally:
+        srv.stop()
