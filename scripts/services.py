@@ -166,18 +166,23 @@ def find_program(name: str) -> str | None:
 
 
 # -- Redis ------------------------------------------------------------------------------------------
-def redis_binary() -> str:
-    found = find_program("redis-server")
+def apt_program(program: str, package: str) -> str:
+    """``program``, installed from Debian's ``package`` (apt-get, as root) when it is missing."""
+    found = find_program(program)
     if found:
         return found
-    say("installing redis-server (apt)")
+    say(f"installing {package} (apt)")
     run(["apt-get", "update", "-qq"], stdout=subprocess.DEVNULL)
-    run(["apt-get", "install", "-y", "-qq", "redis-server"], stdout=subprocess.DEVNULL,
+    run(["apt-get", "install", "-y", "-qq", package], stdout=subprocess.DEVNULL,
         env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-    found = find_program("redis-server")
+    found = find_program(program)
     if not found:
-        raise SystemExit("services: redis-server is still missing after apt-get install")
+        raise SystemExit(f"services: {program} is still missing after apt-get install {package}")
     return found
+
+
+def redis_binary() -> str:
+    return apt_program("redis-server", "redis-server")
 
 
 def start_redis(state: dict[str, object]) -> str:
@@ -509,28 +514,14 @@ plugin_opt_config_file {dynsec}
     return f"mqtt://127.0.0.1:{port}"
 
 
-def haproxy_binary() -> str:
-    found = find_program("haproxy")
-    if found:
-        return found
-    say("installing haproxy (apt)")
-    run(["apt-get", "update", "-qq"], stdout=subprocess.DEVNULL)
-    run(["apt-get", "install", "-y", "-qq", "haproxy"], stdout=subprocess.DEVNULL,
-        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-    found = find_program("haproxy")
-    if not found:
-        raise SystemExit("services: haproxy is still missing after apt-get install")
-    return found
-
-
 def connect_timeout_s() -> float:
     value = os.environ.get("SERVICES_CONNECT_TIMEOUT_S", "10")
     try:
         seconds = float(value)
     except ValueError:
         seconds = 0.0
-    if not 0 < seconds <= 3600:
-        raise SystemExit(f"services: SERVICES_CONNECT_TIMEOUT_S must be seconds between 0 and 3600, got {value!r}")
+    if not 0.001 <= seconds <= 3600:
+        raise SystemExit(f"services: SERVICES_CONNECT_TIMEOUT_S must be seconds from 0.001 to 3600, got {value!r}")
     return seconds
 
 
@@ -538,7 +529,7 @@ def start_mqtt_front(state: dict[str, object]) -> str:
     """HAProxy with scripts/mqtt-front.cfg in front of the Mosquitto started before it."""
     mosquitto = state["mosquitto"]
     assert isinstance(mosquitto, dict)
-    binary, timeout = haproxy_binary(), connect_timeout_s()
+    binary, timeout = apt_program("haproxy", "haproxy"), connect_timeout_s()
     port = configured_port("mqtt_front")
     conf = Path(__file__).resolve().parent / "mqtt-front.cfg"
     env = {"PIGEON_FRONT_BIND": f"127.0.0.1:{port}", "PIGEON_FRONT_BROKER": f"127.0.0.1:{mosquitto['port']}",
@@ -568,8 +559,10 @@ def up() -> None:
                     ("PIGEON_STORE", "cassandra", start_cassandra))
         for var, scheme, start in starters:
             given = os.environ.get(var, "")
-            if var == "PIGEON_BROKER_FRONT" and "mosquitto" not in state:
-                continue  # a broker given from outside: its front, if any, is the deployment's
+            if var == "PIGEON_BROKER_FRONT":
+                if "mosquitto" not in state:
+                    continue  # a broker given from outside: its front, if any, is the deployment's
+                given = ""  # the Mosquitto started here gets its own front, not one given for another
             if given.startswith(f"{scheme}://"):
                 say(f"using {var} from the environment")
                 exports[var] = given

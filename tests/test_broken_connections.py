@@ -12,9 +12,13 @@ import asyncio
 import os
 import random
 import secrets
+import shutil
+import socket
 import struct
+import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -23,7 +27,7 @@ import pytest
 from bridge.config import Settings
 from bridge.errors import ConfigError
 from clients.bench.mqtt import mqtt_str, varint
-from clients.launch import ServerProc
+from clients.launch import ROOT, ServerProc
 from clients.sdk import Device, login
 from tests.conftest import embedded_broker, fresh_phone, production_flags, production_url, tok_tokens
 from tests.mqtt_raw import connect_packet, publish_packet, read_packet
@@ -219,15 +223,19 @@ async def test_mosquitto_broken_connections_do_not_disturb_a_connected_client(
     mosquitto: tuple[str, int, str, str],
 ) -> None:
     host, port, user, password = mosquitto
+    await undisturbed_by(host, port, user, password, MOSQUITTO_CLOSES_AT_ONCE)
+
+
+async def undisturbed_by(host: str, port: int, user: str, password: str, names: list[str]) -> None:
+    """A client connected to ``host:port`` as ``user`` still gets its PINGRESP after the broken
+    first packets ``names``, three of each at once, were sent and closed beside it."""
     reader, writer = await asyncio.open_connection(host, port)
     try:
         writer.write(connect_packet(f"test-{secrets.token_hex(4)}", user, password, keepalive=60))
         await writer.drain()
         first, body = await read_packet(reader)
         assert first == 0x20 and body[1] == 0
-        await asyncio.gather(*(
-            send_and_wait_close(host, port, BROKEN[name], timeout=2.0) for name in MOSQUITTO_CLOSES_AT_ONCE * 3
-        ))
+        await asyncio.gather(*(send_and_wait_close(host, port, BROKEN[name], timeout=2.0) for name in names * 3))
         await still_answers(reader, writer)
     finally:
         writer.close()
@@ -247,24 +255,94 @@ async def test_mosquitto_21_closes_a_silent_connection_after_30_s(mosquitto: tup
     assert MOSQUITTO_21_SILENT_S - 1.0 <= closed <= MOSQUITTO_21_SILENT_S + 2.5, closed
 
 
-# -- HAProxy in front of Mosquitto (scripts/mqtt-front.cfg, started by scripts/services) --------------
-@pytest.fixture
-def front() -> tuple[str, int, float]:
-    url = urlsplit(production_url("PIGEON_BROKER_FRONT", "mqtt://"))
-    assert url.hostname is not None and url.port is not None
-    return url.hostname, url.port, float(os.environ.get("SERVICES_CONNECT_TIMEOUT_S", "10"))
-
-
+# -- HAProxy in front of Mosquitto (scripts/mqtt-front.cfg) ------------------------------------------
+# First the file itself, with a connect timeout of 1 s, in front of a listener that records what
+# reaches it; then the front scripts/services runs before its Mosquitto (PIGEON_BROKER_FRONT).
+FRONT_CFG = ROOT / "scripts" / "mqtt-front.cfg"
+FRONT_TIMEOUT_S = float(os.environ.get("SERVICES_CONNECT_TIMEOUT_S", "10"))
 # These two start with a CONNECT's first byte and announce more bytes than they send: the front
 # waits for the rest as for any CONNECT, and closes them at its connect timeout.
 FRONT_WAITS = {"random bytes 2", "announced 256 MiB"}
+# HAProxy's parser does not check these rules of a CONNECT: they reach Mosquitto, which closes
+# them at once (test_mosquitto_closes_a_broken_first_packet_at_once).
+FRONT_PASSES = {"connect with will QoS 3", "connect with a password and no username"}
+CONNACK = b"\x20\x02\x00\x00"
+FRONT_REFUSES = {**{n: BROKEN[n] for n in BROKEN if n not in FRONT_WAITS | FRONT_PASSES},
+                 "connack first": CONNACK}  # a valid MQTT packet, but not a CONNECT
 
 
-@pytest.mark.parametrize("name", [n for n in BROKEN if n not in FRONT_WAITS])
-async def test_through_the_front_a_broken_first_packet_is_closed_at_once(front: tuple[str, int, float],
-                                                                         name: str) -> None:
-    host, port, _ = front
-    assert await send_and_wait_close(host, port, BROKEN[name], timeout=1.0) < 1.0
+@dataclass
+class Front:
+    port: int
+    reached: list[bytearray]  # one per connection that reached the broker's side: what came on it
+
+
+@pytest.fixture
+async def front_alone() -> AsyncIterator[Front]:
+    """HAProxy with scripts/mqtt-front.cfg and a connect timeout of 1 s, in front of a listener that
+    answers a CONNECT with a CONNACK and a PINGREQ with a PINGRESP, and records what reached it."""
+    haproxy = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/local/sbin:/usr/sbin:/sbin")
+    if haproxy is None:
+        production_url("PIGEON_BROKER_FRONT", "mqtt://")  # fails under PIGEON_REQUIRE_SERVICES
+        pytest.skip("no haproxy (scripts/services installs it)")
+    reached: list[bytearray] = []
+
+    async def broker_side(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        got = bytearray()
+        reached.append(got)
+        try:
+            while data := await reader.read(4096):
+                writer.write((CONNACK if not got and data[0] == 0x10 else b"") + PINGRESP * data.count(PINGREQ))
+                got += data
+        finally:
+            writer.close()
+
+    listener = await asyncio.start_server(broker_side, "127.0.0.1", 0)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "PIGEON_FRONT_BIND": f"127.0.0.1:{port}",
+           "PIGEON_FRONT_BROKER": f"127.0.0.1:{listener.sockets[0].getsockname()[1]}",
+           "PIGEON_FRONT_CONNECT_TIMEOUT": "1s", "PIGEON_FRONT_IDLE_TIMEOUT": "1m"}
+    proc = await asyncio.create_subprocess_exec(haproxy, "-db", "-f", str(FRONT_CFG), env=env,
+                                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                                stderr=subprocess.PIPE)
+    try:
+        for _ in range(100):
+            if proc.returncode is not None:
+                assert proc.stderr is not None
+                pytest.fail(f"haproxy exited: {(await proc.stderr.read()).decode(errors='replace')}")
+            try:
+                (await asyncio.open_connection("127.0.0.1", port))[1].close()  # silent: closed at 1 s
+                break
+            except OSError:
+                await asyncio.sleep(0.1)
+        await asyncio.sleep(0.05)
+        reached.clear()
+        yield Front(port, reached)
+    finally:
+        proc.terminate()
+        await asyncio.wait_for(proc.wait(), 10)
+        listener.close()
+
+
+@pytest.mark.parametrize("name", list(FRONT_REFUSES))
+async def test_the_front_refuses_a_broken_first_packet_at_once_and_passes_nothing_on(front_alone: Front,
+                                                                                    name: str) -> None:
+    assert await send_and_wait_close("127.0.0.1", front_alone.port, FRONT_REFUSES[name], timeout=1.0) < 0.5
+    await asyncio.sleep(0.1)
+    assert front_alone.reached == []
+
+
+@pytest.mark.parametrize("name", sorted(FRONT_PASSES))
+async def test_what_haproxy_does_not_check_reaches_the_broker(front_alone: Front, name: str) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", front_alone.port)
+    try:
+        writer.write(BROKEN[name])
+        assert await asyncio.wait_for(reader.readexactly(4), 5) == CONNACK  # the listener's answer
+        assert front_alone.reached == [bytearray(BROKEN[name])]
+    finally:
+        writer.close()
 
 
 Trickle = tuple[asyncio.StreamReader, asyncio.StreamWriter, "asyncio.Task[None]"]
@@ -286,67 +364,71 @@ async def trickled(host: str, port: int, packet: bytes, every_s: float) -> Trick
     return reader, writer, asyncio.create_task(trickle())
 
 
-@pytest.mark.timeout(60)
-async def test_through_the_front_no_whole_connect_within_the_timeout_is_closed_then(
-    front: tuple[str, int, float], mosquitto: tuple[str, int, str, str],
-) -> None:
+async def closed_at_the_timeout_and_timely_let_through(host: str, port: int, timeout: float,
+                                                       user: str, password: str) -> None:
     """Silent, a CONNECT trickling in too slowly, and the two that announce more than they send:
-    all closed at the front's connect timeout, which Mosquitto alone never does (see above); a
-    CONNECT that trickles in within it is let through, and a client connected throughout (the
-    bridge's account, as above) is undisturbed."""
-    host, port, timeout = front
-    _, _, user, password = mosquitto
+    all closed at the front's connect timeout; a CONNECT that trickles in within a third of it
+    is let through, and its connection then works."""
     good = connect_packet(f"test-{secrets.token_hex(4)}", user, password, keepalive=60)
-    # the whole packet takes twice the timeout to come, or comes within a third of it
-    slow = await trickled(host, port, connect_packet("dev-slow", user, password), 2 * timeout / len(good))
-    timely = await trickled(host, port, good, timeout / 3 / len(good))
-    silent = await asyncio.open_connection(host, port)
-    held: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
-    for name in sorted(FRONT_WAITS):
-        reader, writer = await asyncio.open_connection(host, port)
-        writer.write(BROKEN[name])
-        await writer.drain()
-        held.append((reader, writer))
-    waiting = [slow[:2], silent, *held]
+    opened: list[Trickle] = []
+    waiting: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
     try:
+        opened.append(slow := await trickled(host, port, connect_packet("dev-slow", user, password),
+                                             2 * timeout / len(good)))
+        opened.append(timely := await trickled(host, port, good, timeout / 3 / len(good)))
+        waiting += [slow[:2], await asyncio.open_connection(host, port)]
+        for name in sorted(FRONT_WAITS):
+            waiting.append(await asyncio.open_connection(host, port))
+            waiting[-1][1].write(BROKEN[name])
         closed = await asyncio.gather(*(closed_within(reader, timeout + 5) for reader, _ in waiting))
         assert all(timeout - 0.5 < t < timeout + 2.0 for t in closed), closed
         first, body = await read_packet(timely[0])
         assert first == 0x20 and body[1] == 0, (first, body)
         await still_answers(*timely[:2])
     finally:
-        for task in (slow[2], timely[2]):
-            task.cancel()
-        for _, writer in [*waiting, timely[:2]]:
+        for task in opened:
+            task[2].cancel()
+        for _, writer in [*waiting, *(t[:2] for t in opened)]:
             writer.close()
 
 
-async def test_through_the_front_broken_connections_do_not_disturb_a_connected_client(
-    front: tuple[str, int, float], mosquitto: tuple[str, int, str, str],
+async def test_the_front_closes_what_sent_no_whole_connect_at_its_timeout(front_alone: Front) -> None:
+    await closed_at_the_timeout_and_timely_let_through("127.0.0.1", front_alone.port, 1.0, "u", "p")
+    assert len(front_alone.reached) == 1 and front_alone.reached[0].startswith(connect_packet(
+        "x", "u", "p", keepalive=60)[:1])
+    assert front_alone.reached[0].endswith(PINGREQ)  # the timely one, whole, and what came after it
+
+
+@pytest.fixture
+def front() -> tuple[str, int]:
+    url = urlsplit(production_url("PIGEON_BROKER_FRONT", "mqtt://"))
+    assert url.hostname is not None and url.port is not None
+    return url.hostname, url.port
+
+
+@pytest.mark.timeout(max(60.0, 3 * FRONT_TIMEOUT_S + 15))
+async def test_the_services_front_closes_at_its_timeout_what_mosquitto_keeps(
+    front: tuple[str, int], mosquitto: tuple[str, int, str, str],
 ) -> None:
-    host, port, _ = front
+    """The same at the connect timeout scripts/services gave its front (10 s unless set), with
+    Mosquitto behind it (the bridge's account, as above), which alone holds such connections."""
     _, _, user, password = mosquitto
-    reader, writer = await asyncio.open_connection(host, port)
-    try:
-        writer.write(connect_packet(f"test-{secrets.token_hex(4)}", user, password, keepalive=60))
-        await writer.drain()
-        first, body = await read_packet(reader)
-        assert first == 0x20 and body[1] == 0
-        await asyncio.gather(*(
-            send_and_wait_close(host, port, data, timeout=2.0)
-            for name, data in list(BROKEN.items()) * 3 if name not in FRONT_WAITS
-        ))
-        await still_answers(reader, writer)
-    finally:
-        writer.close()
+    await closed_at_the_timeout_and_timely_let_through(*front, FRONT_TIMEOUT_S, user, password)
+
+
+async def test_through_the_front_broken_connections_do_not_disturb_a_connected_client(
+    front: tuple[str, int], mosquitto: tuple[str, int, str, str],
+) -> None:
+    _, _, user, password = mosquitto
+    await undisturbed_by(*front, user, password, [n for n in BROKEN if n not in FRONT_WAITS])
 
 
 async def test_devices_log_in_send_and_receive_through_the_front(
-    tmp_path: Path, front: tuple[str, int, float], connect: Callable[..., Awaitable[Device]],
+    tmp_path: Path, front: tuple[str, int], connect: Callable[..., Awaitable[Device]],
 ) -> None:
     """The server names the front at login (the broker URL's public=), and the devices' whole
-    conversation goes through it."""
-    host, port, _ = front
+    conversation goes through it, over MQTT 3.1.1 and over MQTT 5."""
+    host, port = front
     broker = production_url("PIGEON_BROKER", "mqtt://")
     srv = ServerProc.start(tmp_path / "srv", *production_flags(), "--broker", f"{broker}?public={host}:{port}",
                            "--broker-credentials-file", production_url("PIGEON_BROKER_CREDENTIALS_FILE", "/"))
@@ -354,11 +436,13 @@ async def test_devices_log_in_send_and_receive_through_the_front(
         a = await login(srv.http, fresh_phone(), device_name="a")
         b = await login(srv.http, fresh_phone(), device_name="b")
         assert (a.mqtt_host, a.mqtt_port) == (host, port)
-        dev_a, dev_b = await connect(a), await connect(b)
-        sent = await dev_a.send("through the front", to=b.user_id)
-        async with asyncio.timeout(10):
-            while (event := await dev_b.next_event(timeout=10)).get("body") != "through the front":
-                pass
-        assert event["seq"] == sent["seq"]
+        dev_a, dev_b = await connect(a), await connect(b, mqtt5=True)
+        for sender, receiver, peer in ((dev_a, dev_b, b), (dev_b, dev_a, a)):
+            body = f"through the front to {peer.device_id}"
+            sent = await sender.send(body, to=peer.user_id)
+            async with asyncio.timeout(10):
+                while (event := await receiver.next_event(timeout=10)).get("body") != body:
+                    pass
+            assert event["seq"] == sent["seq"]
     finally:
         srv.stop()
