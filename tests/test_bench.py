@@ -43,6 +43,10 @@ def check_results(results: list[dict[str, object]], profile: str) -> None:
     assert {"msgs_per_s", "baseline_msgs_per_s", "ratio"} <= p2p.keys()
     assert p2p["msgs_per_s"] > 0 and p2p["baseline_msgs_per_s"] > 0
     assert [step["offered_per_s"] for step in p2p["rates"]] == sorted(step["offered_per_s"] for step in p2p["rates"])
+    for step in p2p["rates"]:  # every message measured is in the step's seconds, oldest first
+        seconds = [row[0] for row in step["by_second"]]
+        assert seconds == sorted(set(seconds)) and sum(row[1] for row in step["by_second"]) > 0
+        assert max(row[3] for row in step["by_second"]) >= step["p99_ms"]
     group = by_name["group"]
     assert group["deliveries_per_s"] > 0 and group["baseline_deliveries_per_s"] > 0 and "ratio" in group
     sync = by_name["sync"]
@@ -349,6 +353,15 @@ def test_an_overload_run_reports_refusals_recovery_and_nothing_lost(tmp_path: Pa
     assert r["samples"] and all(x["health_ms"] is not None for x in r["samples"])
     assert isinstance(r["responsive"], bool) and r["rss_mb"] > 0 and r["held_max"] is not None
     assert len(r["recovery"]["buckets"]) == 3
+
+
+def test_latency_by_second_groups_messages_by_when_they_left() -> None:
+    from clients.bench.run import by_second
+
+    sent = [100.2, 100.9, 101.5, 99.99]
+    took = [10.0, 30.0, 500.0, 1.0]
+    assert by_second(sent, took) == [[99, 1, 1.0, 1.0], [100, 2, 30.0, 30.0], [101, 1, 500.0, 500.0]]
+    assert by_second([], []) == []
 
 
 def test_recovery_is_the_end_of_the_last_stretch_not_yet_normal() -> None:

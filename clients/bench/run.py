@@ -89,6 +89,17 @@ def percentiles(samples: list[float]) -> dict[str, float | None]:
     return {"p50_ms": at(0.50), "p95_ms": at(0.95), "p99_ms": at(0.99)}
 
 
+def by_second(sent_s: list[float], latencies_ms: list[float]) -> list[list[float]]:
+    """Latency by the wall-clock second messages left in: ``[Unix second, messages, p99 ms, max ms]``
+    per second, oldest first, to set beside other processes' logs (a stall shows as seconds whose
+    p99 stands out)."""
+    seconds: dict[int, list[float]] = {}
+    for t, ms in zip(sent_s, latencies_ms, strict=True):
+        seconds.setdefault(int(t), []).append(ms)
+    return [[second, len(v), percentiles(v)["p99_ms"] or 0.0, round(max(v), 1)]
+            for second, v in sorted(seconds.items())]
+
+
 def split(n: int, parts: int) -> list[int]:
     """n items over ``parts`` workers as evenly as possible."""
     return [n // parts + (1 if k < n % parts else 0) for k in range(parts)]
@@ -425,12 +436,14 @@ class CostMeter:
 def merge(answers: dict[int, dict[str, Any]]) -> dict[str, Any]:
     """Add up what the workers counted in one traffic phase."""
     out: dict[str, Any] = {"delivered": 0, "delivered_measured": 0, "sent_ok": 0, "duplicates": 0, "late_live": 0,
-                           "stalled": 0, "cpu_s": 0.0, "seconds": 0.0, "latencies_ms": [], "errors": Counter()}
+                           "stalled": 0, "cpu_s": 0.0, "seconds": 0.0, "latencies_ms": [], "sent_s": [],
+                           "errors": Counter()}
     for a in answers.values():
         for key in ("delivered", "delivered_measured", "sent_ok", "duplicates", "late_live", "stalled", "cpu_s"):
             out[key] += a[key]
         out["seconds"] = max(out["seconds"], a["seconds"])
         out["latencies_ms"].extend(a["latencies_ms"])
+        out["sent_s"].extend(a.get("sent_s", ()))
         out["errors"].update(a["errors"])
     return out
 
@@ -557,7 +570,8 @@ class Bench:
                               **percentiles(step["latencies_ms"]),
                               "lost": step["lost"], "unanswered": step["unanswered"],
                               "duplicates": step["duplicates"], "late_live": step["late_live"],
-                              "errors": dict(step["errors"]), "server_cpu_pct": step["server_cpu_pct"]})
+                              "errors": dict(step["errors"]), "server_cpu_pct": step["server_cpu_pct"],
+                              "by_second": by_second(step["sent_s"], step["latencies_ms"])})
             fields: dict[str, Any] = {
                 "msgs_per_s": round(max_rate, 1), "pairs": o.pairs, "window": o.window, **full["cost"],
             }

@@ -79,6 +79,7 @@ class Tally:
     gap_syncs: int = 0
     stalled: int = 0
     latencies_ms: list[float] = field(default_factory=list)
+    sent_s: list[float] = field(default_factory=list)  # when each of latencies_ms' messages left (Unix s)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -86,6 +87,7 @@ class Tally:
             "errors": dict(self.errors), "duplicates": self.duplicates, "late_live": self.late_live,
             "recovered_by_sync": self.recovered_by_sync,
             "gap_syncs": self.gap_syncs, "stalled": self.stalled, "latencies_ms": self.latencies_ms,
+            "sent_s": self.sent_s,
         }
 
 
@@ -358,7 +360,9 @@ class Worker:
             self.tally.recovered_by_sync += 1
         elif track.measured:
             self.tally.delivered_measured += 1
-            self.tally.latencies_ms.append((now_ns() - track.t0) / 1e6)
+            took_ms = (now_ns() - track.t0) / 1e6
+            self.tally.latencies_ms.append(took_ms)
+            self.tally.sent_s.append(time.time() - took_ms / 1000)
         self.tick()
         if track.left <= 0:
             self._finish(msg_id, track)
