@@ -64,6 +64,15 @@ interval measures it. (Measured over such a stretch, the rate made the refusals 
 bridge's takeover in tests/test_e2e_failover.py ask for 59.3 to 60 s, the bound then, and its
 devices gave up before they were due back.)
 
+**One device's order through a refusal.** A device may have many sends on their way, and
+they wait in one queue: without more, the oldest could be refused (it waited past the bound)
+and a later one handled (the verdict changed in between), so the refused one, sent again,
+would be numbered after it. So once a device's send is refused, its later sends are refused
+too until that refusal's ``retry_after_ms`` has passed: whatever of it was already queued
+behind the refused one is refused with it, and a device that sends the refused ones again in
+its order, when told, keeps its order (``tests/test_e2e_mqtt_ingest.py``). Only sends: other
+requests keep no order among themselves. The check costs nothing while no device is held so.
+
 A device that keeps pushing past its own per-device limit is a different matter, decided in
 ``bridge.ratelimit.Strikes`` and ``bridge.router``.
 """
@@ -78,7 +87,7 @@ from collections.abc import Callable
 from .errors import ProtocolError, RateLimited
 from .metrics import Metrics
 from .outbox import Out, ToDevice
-from .protocol import Ack, ErrorReply, PresenceReq, Request, Typing
+from .protocol import Ack, ErrorReply, PresenceReq, Request, Send, Typing
 from .wire_v2 import parse_any
 
 log = logging.getLogger(__name__)
@@ -160,6 +169,8 @@ class Admission:
         self.out_wait_s = 0.0  # how long what waits to go out takes to go, at the recent rate
         self._out_rate = 0.0  # publications sent per second, smoothed
         self._interval_start = clock()
+        # up topic of a device whose send was refused -> until when its sends are refused too
+        self._held_back: dict[str, float] = {}
 
     @property
     def shedding(self) -> bool:
@@ -175,8 +186,13 @@ class Admission:
         or nothing), at once."""
         if (self.held < self.limit and queued < self.per_device and waited <= self._stale_after
                 and (self.backlog is None or self.backlog() < self.limit) and not (self.late and self.held)):
-            self.held += 1
-            return None
+            if not (self._held_back and self._holds_back(topic)):
+                self.held += 1
+                return None
+            refused = self._refused_send(topic, payload)
+            if refused is None:
+                self.held += 1
+            return refused
         return self._over(topic, payload, queued, waited)
 
     def start(self, topic: str, payload: bytes | bytearray, taken_at: float) -> list[Out] | None:
@@ -191,7 +207,11 @@ class Admission:
         self._waited += waited
         if now - self._interval_start >= INTERVAL_S:
             self._next_interval(now)
-        return self._expired(topic, payload, waited) if past else None
+        if past:
+            return self._expired(topic, payload, waited)
+        if self._held_back and self._holds_back(topic):
+            return self._refused_send(topic, payload)
+        return None
 
     def release(self) -> None:
         """One publish taken in is done with (handled, refused by :meth:`start`, or given up
@@ -219,6 +239,9 @@ class Admission:
             self.wait_s = 0.0
             self.late = False
         # else nothing started while requests were held: the last verdict stands
+        if self._held_back:
+            for topic in [t for t, until in self._held_back.items() if until <= now]:
+                del self._held_back[topic]
         self._started = self._past = 0
         self._waited = 0.0
         self._interval_start = now
@@ -227,6 +250,27 @@ class Admission:
         """A refusal's ``retry_after_ms``: about how long what is held takes to drain."""
         wait_s = self.held / self.drain_per_s if self.drain_per_s > 0 else 0.0
         return max(self.retry_after_ms, min(MAX_RETRY_AFTER_MS, math.ceil(wait_s * 1000)))
+
+    def _holds_back(self, topic: str) -> bool:
+        """Sends of this device are refused (an earlier one was, and its wait has not passed)."""
+        until = self._held_back.get(topic)
+        if until is None:
+            return False
+        if until > self.clock():
+            return True
+        del self._held_back[topic]
+        return False
+
+    def _refused_send(self, topic: str, payload: bytes | bytearray) -> list[Out] | None:
+        """A publish of a device held back: refused if it is a send, else None (taken as usual)."""
+        parts = topic.split("/")
+        try:
+            req = parse_any(payload, self._max_payload)
+        except ProtocolError:
+            return None
+        if not isinstance(req, Send):
+            return None
+        return [self._refusal(req, parts, "an earlier send of this device was refused")]
 
     def _expired(self, topic: str, payload: bytes | bytearray, waited: float) -> list[Out] | None:
         parts = topic.split("/")
@@ -270,6 +314,8 @@ class Admission:
             self._metrics.refused.labels(req.type).inc()
             self._metrics.errors.labels("rate_limited", "mqtt").inc()
         exc = RateLimited(f"the server is overloaded ({why}); retry later", retry_after_ms=self.retry_after())
+        if isinstance(req, Send):  # its later sends wait as long as it does (the module's docstring)
+            self._held_back["/".join(parts)] = self.clock() + exc.retry_after_ms / 1000
         log.debug("overloaded (%d held): refused a %s on %s: %s", self.held, req.type, "/".join(parts), why)
         body = ErrorReply(id=getattr(req, "id", None), code=exc.mqtt_code, message=exc.message,
                           retry_after_ms=exc.retry_after_ms)
