@@ -67,11 +67,14 @@ devices gave up before they were due back.)
 **One device's order through a refusal.** A device may have many sends on their way, and
 they wait in one queue: without more, the oldest could be refused (it waited past the bound)
 and a later one handled (the verdict changed in between), so the refused one, sent again,
-would be numbered after it. So once a device's send is refused, its later sends are refused
-too until that refusal's ``retry_after_ms`` has passed: whatever of it was already queued
-behind the refused one is refused with it, and a device that sends the refused ones again in
-its order, when told, keeps its order (``tests/test_e2e_mqtt_ingest.py``). Only sends: other
-requests keep no order among themselves. The check costs nothing while no device is held so.
+would be numbered after it. So when a device's send is refused, the device's sends that left
+it before that refusal did (by when each left: its take-in time, on an external broker its
+receipt less the broker queue's lag) are refused with it, wherever they wait: behind it in a
+queue, or still in the broker. A device that sends the refused ones again in its order keeps
+its order (``tests/test_e2e_mqtt_ingest.py``); what it sends after the refusal is not held up
+by it (a device that keeps sending new messages is refused only for what it sent before). Only
+sends: other requests keep no order among themselves. The check costs nothing while no
+device's send was refused within the last ``max_delay_ms`` (older sends are refused anyway).
 
 A device that keeps pushing past its own per-device limit is a different matter, decided in
 ``bridge.ratelimit.Strikes`` and ``bridge.router``.
@@ -169,7 +172,8 @@ class Admission:
         self.out_wait_s = 0.0  # how long what waits to go out takes to go, at the recent rate
         self._out_rate = 0.0  # publications sent per second, smoothed
         self._interval_start = clock()
-        # up topic of a device whose send was refused -> until when its sends are refused too
+        # up topic of a device whose send was refused -> when: its sends that left before are
+        # refused too (the module's docstring)
         self._held_back: dict[str, float] = {}
 
     @property
@@ -186,7 +190,7 @@ class Admission:
         or nothing), at once."""
         if (self.held < self.limit and queued < self.per_device and waited <= self._stale_after
                 and (self.backlog is None or self.backlog() < self.limit) and not (self.late and self.held)):
-            if not (self._held_back and self._holds_back(topic)):
+            if not (self._held_back and self._holds_back(topic, self.clock() - waited)):
                 self.held += 1
                 return None
             refused = self._refused_send(topic, payload)
@@ -209,7 +213,7 @@ class Admission:
             self._next_interval(now)
         if past:
             return self._expired(topic, payload, waited)
-        if self._held_back and self._holds_back(topic):
+        if self._held_back and self._holds_back(topic, taken_at):
             return self._refused_send(topic, payload)
         return None
 
@@ -240,7 +244,9 @@ class Admission:
             self.late = False
         # else nothing started while requests were held: the last verdict stands
         if self._held_back:
-            for topic in [t for t, until in self._held_back.items() if until <= now]:
+            # a send that left before ``at`` and is still waiting after this is refused anyway
+            horizon = self._stale_after if self.max_delay_s else MAX_RETRY_AFTER_MS / 1000
+            for topic in [t for t, at in self._held_back.items() if at + horizon < now]:
                 del self._held_back[topic]
         self._started = self._past = 0
         self._waited = 0.0
@@ -251,15 +257,11 @@ class Admission:
         wait_s = self.held / self.drain_per_s if self.drain_per_s > 0 else 0.0
         return max(self.retry_after_ms, min(MAX_RETRY_AFTER_MS, math.ceil(wait_s * 1000)))
 
-    def _holds_back(self, topic: str) -> bool:
-        """Sends of this device are refused (an earlier one was, and its wait has not passed)."""
-        until = self._held_back.get(topic)
-        if until is None:
-            return False
-        if until > self.clock():
-            return True
-        del self._held_back[topic]
-        return False
+    def _holds_back(self, topic: str, left_at: float) -> bool:
+        """A publish of this device that left it at ``left_at`` (the clock's time) left before one
+        of its sends was refused."""
+        refused_at = self._held_back.get(topic)
+        return refused_at is not None and left_at < refused_at
 
     def _refused_send(self, topic: str, payload: bytes | bytearray) -> list[Out] | None:
         """A publish of a device held back: refused if it is a send, else None (taken as usual)."""
@@ -270,7 +272,7 @@ class Admission:
             return None
         if not isinstance(req, Send):
             return None
-        return [self._refusal(req, parts, "an earlier send of this device was refused")]
+        return [self._refusal(req, parts, "an earlier send of this device was refused", hold_back=False)]
 
     def _expired(self, topic: str, payload: bytes | bytearray, waited: float) -> list[Out] | None:
         parts = topic.split("/")
@@ -309,13 +311,14 @@ class Admission:
                else f"{self.held} requests are held")
         return [self._refusal(req, parts, why)]
 
-    def _refusal(self, req: Request, parts: list[str], why: str) -> Out:
+    def _refusal(self, req: Request, parts: list[str], why: str, hold_back: bool = True) -> Out:
         if self._metrics is not None:
             self._metrics.refused.labels(req.type).inc()
             self._metrics.errors.labels("rate_limited", "mqtt").inc()
         exc = RateLimited(f"the server is overloaded ({why}); retry later", retry_after_ms=self.retry_after())
-        if isinstance(req, Send):  # its later sends wait as long as it does (the module's docstring)
-            self._held_back["/".join(parts)] = self.clock() + exc.retry_after_ms / 1000
+        if hold_back and isinstance(req, Send):  # the device's sends that left before this are refused with it
+            topic = "/".join(parts)
+            self._held_back[topic] = max(self._held_back.get(topic, 0.0), self.clock())
         log.debug("overloaded (%d held): refused a %s on %s: %s", self.held, req.type, "/".join(parts), why)
         body = ErrorReply(id=getattr(req, "id", None), code=exc.mqtt_code, message=exc.message,
                           retry_after_ms=exc.retry_after_ms)

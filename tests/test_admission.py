@@ -307,7 +307,7 @@ def test_while_most_requests_wait_past_the_bound_new_ones_are_refused_far_below_
         adm.release()
         clock.t += 0.0099
     assert not adm.late
-    assert adm.admit(OTHER, SEND) is None  # (the refused device's own sends wait out its refusal)
+    assert adm.admit(TOPIC, SEND) is None
     adm.check_http()
 
 
@@ -341,8 +341,8 @@ def test_nothing_held_ends_a_refusal_even_without_a_new_interval() -> None:
     adm.start(TOPIC, ACK, taken)
     adm.release()  # the last one, in the same interval
     assert adm.held == 0
-    assert adm.admit(OTHER, SEND) is None  # nothing waits: taken in
-    assert adm.admit(OTHER, SEND) is None  # and so is the next: the old verdict went with the queue
+    assert adm.admit(TOPIC, SEND) is None  # nothing waits: taken in
+    assert adm.admit(TOPIC, SEND) is None  # and so is the next: the old verdict went with the queue
 
 
 def test_a_publish_that_waited_past_the_bound_before_it_was_read_is_refused_as_it_is_read() -> None:
@@ -474,41 +474,36 @@ def test_replies_that_would_wait_past_the_bound_to_go_out_refuse_new_requests() 
     assert refusal(adm.admit(TOPIC, SEND)) is not None
     waiting[0] = 100
     interval(100)
-    assert not adm.late and adm.admit(OTHER, SEND) is None
+    assert not adm.late and adm.admit(TOPIC, SEND) is None
     # one interval in which little went out does not refuse anyone by itself
     interval(10)
     assert not adm.late
 
 
-def test_after_a_refused_send_the_device_s_later_sends_are_refused_until_its_retry_time() -> None:
-    """So that the device's order survives the refusal: what was queued behind the refused send,
-    or taken in before it and started after, is refused with it; other devices, and this
-    device's other requests, go on as usual; after retry_after_ms its sends are taken again."""
+def test_a_refused_send_takes_the_device_s_sends_that_left_before_it_along() -> None:
+    """So that the device's order survives the refusal: its sends that left it before the
+    refusal, queued behind the refused one or still on their way, are refused with it; what it
+    sends after the refusal, its other requests, and other devices go on as usual."""
     clock = Clock()
-    adm = Admission(limit=1000, max_delay_ms=300, retry_after_ms=500, clock=clock)
-    due = 0.0  # when the last refusal told the device to come back
-
-    def refused(outs: list[Any] | None) -> dict[str, Any]:
-        nonlocal due
+    adm = Admission(limit=1000, max_delay_ms=300, clock=clock)
+    taken = clock()
+    assert adm.admit(TOPIC, SEND) is None and adm.admit(TOPIC, SEND) is None  # both queued
+    clock.t += 0.01
+    first = refusal(adm.admit(TOPIC, SEND, waited=0.9))  # left long ago: refused as it is read
+    assert first is not None and "waited 900 ms to be read" in first["message"]
+    refused_at = clock.t
+    clock.t += 0.01
+    for outs in (adm.start(TOPIC, SEND, taken),  # queued before the refusal, starting after it
+                 adm.admit(TOPIC, SEND, waited=0.05)):  # left 50 ms ago, before the refusal, read now
         reply = refusal(outs)
         assert reply is not None and reply["code"] == "rate_limited", reply
-        due = max(due, clock.t + reply["retry_after_ms"] / 1000)
-        return reply
-
-    taken = clock()
-    assert adm.admit(TOPIC, SEND) is None
-    assert "waited 900 ms to be read" in refused(adm.admit(TOPIC, SEND, waited=0.9))["message"]
-    clock.t += 0.01
-    # taken in before the refusal, started after it with a short wait: refused with it
-    assert "an earlier send of this device was refused" in refused(adm.start(TOPIC, SEND, taken))["message"]
-    refused(adm.admit(TOPIC, SEND))  # queued behind it: refused as it is read
-    assert adm.start(TOPIC, ACK, clock.t) is None  # an ack is handled
-    assert adm.admit(TOPIC, body(type="sync", id="s", after=0)) is None  # a sync keeps no order
-    assert adm.admit(OTHER, SEND) is None and adm.start(OTHER, SEND, clock.t) is None  # another device
-    clock.t = due - 0.01
-    refused(adm.admit(TOPIC, SEND))  # too soon
-    clock.t = due + 0.01
+        assert "an earlier send of this device was refused" in reply["message"]
+    assert adm.start(TOPIC, ACK, taken) is None  # an ack is handled
+    assert adm.admit(TOPIC, body(type="sync", id="s", after=0), waited=0.05) is None  # no order to keep
+    assert adm.admit(OTHER, SEND, waited=0.05) is None and adm.start(OTHER, SEND, taken) is None
+    # sent after the refusal (even after the refusals it brought along): taken
+    assert adm.admit(TOPIC, SEND, waited=clock.t - refused_at - 0.001) is None
     assert adm.admit(TOPIC, SEND) is None and adm.start(TOPIC, SEND, clock.t) is None
-    clock.t += 0.2
-    adm.start(OTHER, ACK, clock.t)  # a new interval forgets devices whose time has passed
+    clock.t += 0.4  # past the delay bound: whatever left before the refusal is refused anyway
+    adm.start(OTHER, ACK, clock.t)  # a new interval forgets it
     assert adm._held_back == {}  # noqa: SLF001
