@@ -68,13 +68,18 @@ devices gave up before they were due back.)
 they wait in one queue: without more, the oldest could be refused (it waited past the bound)
 and a later one handled (the verdict changed in between), so the refused one, sent again,
 would be numbered after it. So when a device's send is refused, the device's sends that left
-it before that refusal did (by when each left: its take-in time, on an external broker its
-receipt less the broker queue's lag) are refused with it, wherever they wait: behind it in a
-queue, or still in the broker. A device that sends the refused ones again in its order keeps
-its order (``tests/test_e2e_mqtt_ingest.py``); what it sends after the refusal is not held up
-by it (a device that keeps sending new messages is refused only for what it sent before). Only
-sends: other requests keep no order among themselves. The check costs nothing while no
-device's send was refused within the last ``max_delay_ms`` (older sends are refused anyway).
+it after that one and before the device can have heard of the refusal are refused with it,
+wherever they wait (behind it in a queue, or still in the broker); those that left before it
+are not. "Left" is when the bridge took it in, on an external broker its receipt less the
+broker queue's lag as the probe measured it (without the probe, the lag is taken as 0 and
+what waited in the broker is not caught). "Heard" is taken as the refusal's ``retry_after_ms``
+or the delay bound, whichever is shorter, after it, or as soon as the refused send's own
+``id`` comes back (the device is sending the refused ones again). A device that sends the
+refused ones again in its order keeps its order (``tests/test_e2e_mqtt_ingest.py``); the
+Python SDK retries each send on its own, so only sends from one task keep it. Refusals made
+this way do not extend the window, and only sends are held: other requests keep no order
+among themselves. Without a bound by delay the window is dropped after ``HOLD_KEPT_S``. The
+check costs nothing while no device has a window open.
 
 A device that keeps pushing past its own per-device limit is a different matter, decided in
 ``bridge.ratelimit.Strikes`` and ``bridge.router``.
@@ -126,6 +131,17 @@ MAX_RETRY_AFTER_MS = 10_000
 MAX_RATE_SPAN_S = 10 * INTERVAL_S
 # the weight of each interval in the smoothed rate publications go out at (embedded broker)
 OUT_RATE_WEIGHT = 0.2
+# without a bound by delay, how long a device's window of held sends is kept at most
+HOLD_KEPT_S = 60.0
+
+
+class HeldBack:
+    """A device's sends that left in ``[since, until)`` are refused, until ``first`` comes back."""
+
+    __slots__ = ("first", "since", "until")
+
+    def __init__(self, since: float, until: float, first: str) -> None:
+        self.since, self.until, self.first = since, until, first
 
 class Admission:
     def __init__(self, limit: int = DEFAULT_LIMIT, shed_at: int | None = None,
@@ -172,9 +188,9 @@ class Admission:
         self.out_wait_s = 0.0  # how long what waits to go out takes to go, at the recent rate
         self._out_rate = 0.0  # publications sent per second, smoothed
         self._interval_start = clock()
-        # up topic of a device whose send was refused -> when: its sends that left before are
-        # refused too (the module's docstring)
-        self._held_back: dict[str, float] = {}
+        # up topic of a device whose send was refused -> which of its sends are refused with it
+        # (the module's docstring)
+        self._held_back: dict[str, HeldBack] = {}
 
     @property
     def shedding(self) -> bool:
@@ -212,7 +228,7 @@ class Admission:
         if now - self._interval_start >= INTERVAL_S:
             self._next_interval(now)
         if past:
-            return self._expired(topic, payload, waited)
+            return self._expired(topic, payload, waited, taken_at)
         if self._held_back and self._holds_back(topic, taken_at):
             return self._refused_send(topic, payload)
         return None
@@ -244,9 +260,9 @@ class Admission:
             self.late = False
         # else nothing started while requests were held: the last verdict stands
         if self._held_back:
-            # a send that left before ``at`` and is still waiting after this is refused anyway
-            horizon = self._stale_after if self.max_delay_s else MAX_RETRY_AFTER_MS / 1000
-            for topic in [t for t, at in self._held_back.items() if at + horizon < now]:
+            # a send that left within a window and still waits this long after it is refused anyway
+            horizon = self._stale_after if self.max_delay_s else HOLD_KEPT_S
+            for topic in [t for t, h in self._held_back.items() if h.until + horizon < now]:
                 del self._held_back[topic]
         self._started = self._past = 0
         self._waited = 0.0
@@ -258,13 +274,14 @@ class Admission:
         return max(self.retry_after_ms, min(MAX_RETRY_AFTER_MS, math.ceil(wait_s * 1000)))
 
     def _holds_back(self, topic: str, left_at: float) -> bool:
-        """A publish of this device that left it at ``left_at`` (the clock's time) left before one
-        of its sends was refused."""
-        refused_at = self._held_back.get(topic)
-        return refused_at is not None and left_at < refused_at
+        """A publish of this device that left it at ``left_at`` (the clock's time) is in the
+        window of a refusal of one of its sends."""
+        held = self._held_back.get(topic)
+        return held is not None and held.since <= left_at < held.until
 
     def _refused_send(self, topic: str, payload: bytes | bytearray) -> list[Out] | None:
-        """A publish of a device held back: refused if it is a send, else None (taken as usual)."""
+        """A publish in a device's window: refused if it is a send, else None (taken as usual);
+        the first refused send coming back closes the window and is taken."""
         parts = topic.split("/")
         try:
             req = parse_any(payload, self._max_payload)
@@ -272,9 +289,12 @@ class Admission:
             return None
         if not isinstance(req, Send):
             return None
-        return [self._refusal(req, parts, "an earlier send of this device was refused", hold_back=False)]
+        if req.id == self._held_back[topic].first:
+            del self._held_back[topic]
+            return None
+        return [self._refusal(req, parts, "an earlier send of this device was refused")]
 
-    def _expired(self, topic: str, payload: bytes | bytearray, waited: float) -> list[Out] | None:
+    def _expired(self, topic: str, payload: bytes | bytearray, waited: float, left_at: float) -> list[Out] | None:
         parts = topic.split("/")
         try:
             req = parse_any(payload, self._max_payload) if len(parts) == 3 and parts[0] == "up" else None
@@ -285,7 +305,7 @@ class Admission:
         if isinstance(req, Typing):
             self.shed("typing")
             return []
-        return [self._refusal(req, parts, f"this request waited {waited * 1000:.0f} ms")]
+        return [self._refusal(req, parts, f"this request waited {waited * 1000:.0f} ms", left_at)]
 
     def _over(self, topic: str, payload: bytes | bytearray, queued: int, waited: float = 0.0) -> list[Out] | None:
         parts = topic.split("/")
@@ -309,22 +329,33 @@ class Admission:
                else f"this request waited {waited * 1000:.0f} ms to be read" if waited > self._stale_after
                else f"requests wait {self.wait_s * 1000:.0f} ms" if self.late
                else f"{self.held} requests are held")
-        return [self._refusal(req, parts, why)]
+        return [self._refusal(req, parts, why, self.clock() - waited)]
 
-    def _refusal(self, req: Request, parts: list[str], why: str, hold_back: bool = True) -> Out:
+    def _refusal(self, req: Request, parts: list[str], why: str, left_at: float | None = None) -> Out:
+        """The refusal of ``req``; with ``left_at`` (when a send left its device), a window opens
+        for the device's sends that left after it (the module's docstring)."""
         if self._metrics is not None:
             self._metrics.refused.labels(req.type).inc()
             self._metrics.errors.labels("rate_limited", "mqtt").inc()
         exc = RateLimited(f"the server is overloaded ({why}); retry later", retry_after_ms=self.retry_after())
-        if hold_back and isinstance(req, Send):  # the device's sends that left before this are refused with it
-            topic = "/".join(parts)
-            self._held_back[topic] = max(self._held_back.get(topic, 0.0), self.clock())
+        if left_at is not None and isinstance(req, Send):
+            self._hold_back("/".join(parts), left_at, exc.retry_after_ms / 1000, req.id)
         log.debug("overloaded (%d held): refused a %s on %s: %s", self.held, req.type, "/".join(parts), why)
         body = ErrorReply(id=getattr(req, "id", None), code=exc.mqtt_code, message=exc.message,
                           retry_after_ms=exc.retry_after_ms)
         # at QoS 0: lost only with the device's connection, when it sends again anyway; at QoS 1 a
         # flood of refusals would take the outgoing connection's window from the replies
         return Out(ToDevice(parts[1], parts[2]), body, qos=0)
+
+    def _hold_back(self, topic: str, left_at: float, retry_after_s: float, refused: str) -> None:
+        until = self.clock() + (min(retry_after_s, self.max_delay_s) if self.max_delay_s else retry_after_s)
+        held = self._held_back.get(topic)
+        if held is None or left_at >= held.until:  # none open, or a new episode
+            self._held_back[topic] = HeldBack(left_at, until, refused)
+        else:  # one more refusal in the same window: it grows; its oldest send closes it on return
+            if left_at < held.since:
+                held.since, held.first = left_at, refused
+            held.until = max(held.until, until)
 
     def check_http(self) -> None:
         """An HTTP send is refused with 429 past the limit, like one over MQTT (it is not

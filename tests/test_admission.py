@@ -480,30 +480,56 @@ def test_replies_that_would_wait_past_the_bound_to_go_out_refuse_new_requests() 
     assert not adm.late
 
 
-def test_a_refused_send_takes_the_device_s_sends_that_left_before_it_along() -> None:
-    """So that the device's order survives the refusal: its sends that left it before the
-    refusal, queued behind the refused one or still on their way, are refused with it; what it
-    sends after the refusal, its other requests, and other devices go on as usual."""
+def test_a_refused_send_takes_along_the_device_s_sends_that_left_after_it() -> None:
+    """So that the device's order survives the refusal: its sends that left after the refused
+    one and before it can have heard of the refusal, queued behind it or still on their way,
+    are refused with it; its sends ahead of the refused one, its other requests and other
+    devices go on as usual; the window closes when the refused send comes back, or after the
+    refusal's retry time (at most the delay bound)."""
     clock = Clock()
-    adm = Admission(limit=1000, max_delay_ms=300, clock=clock)
+    metrics = Metrics()
+    adm = Admission(limit=1000, max_delay_ms=300, clock=clock, metrics=metrics)
     taken = clock()
     assert adm.admit(TOPIC, SEND) is None and adm.admit(TOPIC, SEND) is None  # both queued
     clock.t += 0.01
-    first = refusal(adm.admit(TOPIC, SEND, waited=0.9))  # left long ago: refused as it is read
-    assert first is not None and "waited 900 ms to be read" in first["message"]
-    refused_at = clock.t
+    first = refusal(adm.admit(TOPIC, body(type="send", id="old", to="u2", body="x"), waited=0.9))
+    assert first is not None and "waited 900 ms to be read" in first["message"]  # left 0.9 s ago
     clock.t += 0.01
-    for outs in (adm.start(TOPIC, SEND, taken),  # queued before the refusal, starting after it
-                 adm.admit(TOPIC, SEND, waited=0.05)):  # left 50 ms ago, before the refusal, read now
+    for outs in (adm.start(TOPIC, SEND, taken),  # left after it, queued: refused as it starts
+                 adm.admit(TOPIC, SEND, waited=0.05),  # left after it, read only now
+                 adm.admit(TOPIC, SEND)):  # sent before the device can have heard
         reply = refusal(outs)
         assert reply is not None and reply["code"] == "rate_limited", reply
         assert "an earlier send of this device was refused" in reply["message"]
+    assert adm.held == 2  # the queued one is released by its caller; the others were never held
     assert adm.start(TOPIC, ACK, taken) is None  # an ack is handled
-    assert adm.admit(TOPIC, body(type="sync", id="s", after=0), waited=0.05) is None  # no order to keep
-    assert adm.admit(OTHER, SEND, waited=0.05) is None and adm.start(OTHER, SEND, taken) is None
-    # sent after the refusal (even after the refusals it brought along): taken
-    assert adm.admit(TOPIC, SEND, waited=clock.t - refused_at - 0.001) is None
+    assert adm.admit(TOPIC, body(type="sync", id="s", after=0)) is None  # no order to keep
+    assert adm.admit(OTHER, SEND) is None and adm.start(OTHER, SEND, taken) is None
+    assert sample(metrics, "pigeon_overload_refused_total", type="send") == 4
+    clock.t += 0.3  # past the window (the delay bound, shorter than the retry time): taken again
     assert adm.admit(TOPIC, SEND) is None and adm.start(TOPIC, SEND, clock.t) is None
-    clock.t += 0.4  # past the delay bound: whatever left before the refusal is refused anyway
-    adm.start(OTHER, ACK, clock.t)  # a new interval forgets it
+    clock.t += 0.4  # and a new interval forgets it
+    adm.start(OTHER, ACK, clock.t)
     assert adm._held_back == {}  # noqa: SLF001
+
+
+def test_the_refused_send_coming_back_closes_the_window_and_is_taken() -> None:
+    clock = Clock()
+    adm = Admission(limit=1000, max_delay_ms=2000, clock=clock)
+    old = body(type="send", id="old", to="u2", body="x")
+    assert refusal(adm.admit(TOPIC, old, waited=2.5)) is not None
+    assert refusal(adm.admit(TOPIC, body(type="send", id="next", to="u2", body="y"))) is not None
+    clock.t += 0.2  # the device sends the refused ones again, in its order, within the window
+    assert adm.admit(TOPIC, old) is None
+    assert adm.admit(TOPIC, body(type="send", id="next", to="u2", body="y")) is None
+
+
+def test_a_refusal_at_the_device_s_own_bound_leaves_its_earlier_sends_alone() -> None:
+    clock = Clock()
+    adm = Admission(limit=1000, per_device=2, max_delay_ms=2000, clock=clock)
+    taken = clock()
+    assert adm.admit(TOPIC, SEND, queued=0) is None and adm.admit(TOPIC, SEND, queued=1) is None
+    clock.t += 0.01
+    assert refusal(adm.admit(TOPIC, SEND, queued=2)) is not None  # the newest: refused
+    clock.t += 0.01
+    assert adm.start(TOPIC, SEND, taken) is None and adm.start(TOPIC, SEND, taken) is None  # ahead of it
