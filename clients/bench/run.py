@@ -96,7 +96,7 @@ def by_second(sent_s: list[float], latencies_ms: list[float]) -> list[list[float
     seconds: dict[int, list[float]] = {}
     for t, ms in zip(sent_s, latencies_ms, strict=True):
         seconds.setdefault(int(t), []).append(ms)
-    return [[second, len(v), percentiles(v)["p99_ms"] or 0.0, round(max(v), 1)]
+    return [[second, len(v), percentiles(v)["p99_ms"] or 0.0, round(max(v), 2)]
             for second, v in sorted(seconds.items())]
 
 
