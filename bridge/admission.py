@@ -273,6 +273,14 @@ class Admission:
         wait_s = self.held / self.drain_per_s if self.drain_per_s > 0 else 0.0
         return max(self.retry_after_ms, min(MAX_RETRY_AFTER_MS, math.ceil(wait_s * 1000)))
 
+    def _request(self, parts: list[str], payload: bytes | bytearray) -> Request | None:
+        """The request a device published on ``up/{user}/{device}``; None for anything else,
+        or one the protocol refuses (the router answers that without any store call)."""
+        try:
+            return parse_any(payload, self._max_payload) if len(parts) == 3 and parts[0] == "up" else None
+        except ProtocolError:
+            return None
+
     def _holds_back(self, topic: str, left_at: float) -> bool:
         """A publish of this device that left it at ``left_at`` (the clock's time) is in the
         window of a refusal of one of its sends."""
@@ -283,10 +291,7 @@ class Admission:
         """A publish in a device's window: refused if it is a send, else None (taken as usual);
         the first refused send coming back closes the window and is taken."""
         parts = topic.split("/")
-        try:
-            req = parse_any(payload, self._max_payload)
-        except ProtocolError:
-            return None
+        req = self._request(parts, payload)
         if not isinstance(req, Send):
             return None
         if req.id == self._held_back[topic].first:
@@ -296,10 +301,7 @@ class Admission:
 
     def _expired(self, topic: str, payload: bytes | bytearray, waited: float, left_at: float) -> list[Out] | None:
         parts = topic.split("/")
-        try:
-            req = parse_any(payload, self._max_payload) if len(parts) == 3 and parts[0] == "up" else None
-        except ProtocolError:
-            req = None
+        req = self._request(parts, payload)
         if req is None or isinstance(req, (Ack, PresenceReq)):
             return None  # no reply to wait for, or one the router gives without any store call: handled
         if isinstance(req, Typing):
@@ -309,10 +311,7 @@ class Admission:
 
     def _over(self, topic: str, payload: bytes | bytearray, queued: int, waited: float = 0.0) -> list[Out] | None:
         parts = topic.split("/")
-        try:
-            req = parse_any(payload, self._max_payload) if len(parts) == 3 and parts[0] == "up" else None
-        except ProtocolError:
-            req = None
+        req = self._request(parts, payload)
         if req is None or isinstance(req, (Ack, PresenceReq)):
             # not a request (the router logs and ignores it), an invalid one (answered by the
             # router without any store call), an ack or a presence change: taken in, up to the
