@@ -35,7 +35,11 @@ Where the servers come from (no Docker engine needed):
              a valid CONNECT at once, and one without a whole CONNECT after
              SERVICES_CONNECT_TIMEOUT_S (default 10), which Mosquitto itself never does. Exported
              as PIGEON_BROKER_FRONT (mqtt://127.0.0.1:PORT; port SERVICES_MQTT_FRONT_PORT) and
-             SERVICES_CONNECT_TIMEOUT_S. Only devices use it; the bridge connects to Mosquitto.
+             SERVICES_CONNECT_TIMEOUT_S. The same HAProxy also ends TLS for devices with
+             Mosquitto's certificate and checks what comes inside it the same way: exported as
+             PIGEON_BROKER_FRONT_TLS (mqtts://127.0.0.1:PORT; port SERVICES_MQTT_FRONT_TLS_PORT;
+             the CA is PIGEON_BROKER_TLS_CA_FILE). Only devices use them; the bridge connects to
+             Mosquitto.
 Only the standard library is used, so this runs before any virtualenv exists.
 """
 
@@ -530,14 +534,21 @@ def start_mqtt_front(state: dict[str, object]) -> str:
     mosquitto = state["mosquitto"]
     assert isinstance(mosquitto, dict)
     binary, timeout = apt_program("haproxy", "haproxy"), connect_timeout_s()
-    port = configured_port("mqtt_front")
+    port, tls_port = configured_port("mqtt_front"), configured_port("mqtt_front_tls")
     conf = Path(__file__).resolve().parent / "mqtt-front.cfg"
+    # HAProxy reads the certificate and its key from one file
+    tls = Path(str(state["mosquitto_tls_ca"])).parent
+    pem = tls / "front.pem"
+    pem.unlink(missing_ok=True)
+    with os.fdopen(os.open(pem, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as out:
+        out.write((tls / "server.pem").read_bytes() + (tls / "server.key").read_bytes())
     env = {"PIGEON_FRONT_BIND": f"127.0.0.1:{port}", "PIGEON_FRONT_BROKER": f"127.0.0.1:{mosquitto['port']}",
-           "PIGEON_FRONT_CONNECT_TIMEOUT": f"{round(timeout * 1000)}ms", "PIGEON_FRONT_IDLE_TIMEOUT": "1h"}
+           "PIGEON_FRONT_CONNECT_TIMEOUT": f"{round(timeout * 1000)}ms", "PIGEON_FRONT_IDLE_TIMEOUT": "1h",
+           "PIGEON_FRONT_TLS_BIND": f"127.0.0.1:{tls_port}", "PIGEON_FRONT_TLS_CERT": str(pem)}
     run([binary, "-c", "-f", str(conf)], env={**os.environ, **env}, stdout=subprocess.DEVNULL)  # the file is sound
     proc, log = spawn("mqtt_front", [binary, "-db", "-f", str(conf)], env=env)  # -db: in the foreground
-    wait_until("haproxy", lambda: port_open(port), 30, proc, log)
-    state["mqtt_front"] = {"pid": proc.pid, "port": port, "connect_timeout_s": timeout}
+    wait_until("haproxy", lambda: port_open(port) and port_open(tls_port), 30, proc, log)
+    state["mqtt_front"] = {"pid": proc.pid, "port": port, "tls_port": tls_port, "connect_timeout_s": timeout}
     return f"mqtt://127.0.0.1:{port}"
 
 
@@ -587,6 +598,7 @@ def up() -> None:
     if "mqtt_front" in state:
         front = state["mqtt_front"]
         assert isinstance(front, dict)
+        exports["PIGEON_BROKER_FRONT_TLS"] = f"mqtts://127.0.0.1:{front['tls_port']}"
         exports["SERVICES_CONNECT_TIMEOUT_S"] = f"{front['connect_timeout_s']:g}"
     state["exports"] = exports
     STATE.write_text(json.dumps(state))

@@ -14,21 +14,24 @@ import random
 import secrets
 import shutil
 import socket
+import ssl
 import struct
 import subprocess
 import time
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+import trustme
 
 from bridge.config import Settings
 from bridge.errors import ConfigError
 from clients.bench.mqtt import mqtt_str, varint
 from clients.launch import ROOT, ServerProc
-from clients.sdk import Device, login
+from clients.sdk import Device, PigeonClientError, login
 from tests.conftest import embedded_broker, fresh_phone, production_flags, production_url, tok_tokens
 from tests.mqtt_raw import connect_packet, publish_packet, read_packet
 
@@ -82,8 +85,9 @@ async def closed_within(reader: asyncio.StreamReader, timeout: float) -> float:
     return time.monotonic() - started
 
 
-async def send_and_wait_close(host: str, port: int, data: bytes, timeout: float) -> float:
-    reader, writer = await asyncio.open_connection(host, port)
+async def send_and_wait_close(host: str, port: int, data: bytes, timeout: float,
+                              tls: ssl.SSLContext | None = None) -> float:
+    reader, writer = await asyncio.open_connection(host, port, ssl=tls)
     try:
         writer.write(data)
         await writer.drain()
@@ -275,12 +279,26 @@ FRONT_REFUSES = {**{n: BROKEN[n] for n in BROKEN if n not in FRONT_WAITS | FRONT
 class Front:
     port: int
     reached: list[bytearray]  # one per connection that reached the broker's side: what came on it
+    tls_port: int  # the same checks behind TLS, which the front ends with a certificate of ``ca``
+    ca: trustme.CA
+
+    def trusting(self, ca: trustme.CA | None = None) -> ssl.SSLContext:
+        context = ssl.create_default_context()
+        (ca or self.ca).configure_trust(context)
+        return context
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 @pytest.fixture
-async def front_alone() -> AsyncIterator[Front]:
+async def front_alone(tmp_path: Path) -> AsyncIterator[Front]:
     """HAProxy with scripts/mqtt-front.cfg and a connect timeout of 1 s, in front of a listener that
-    answers a CONNECT with a CONNACK and a PINGREQ with a PINGRESP, and records what reached it."""
+    answers a CONNECT with a CONNACK and a PINGREQ with a PINGRESP, and records what reached it;
+    plain, and behind TLS with a certificate of a throwaway CA."""
     haproxy = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/local/sbin:/usr/sbin:/sbin")
     if haproxy is None:
         production_url("PIGEON_BROKER_FRONT", "mqtt://")  # fails under PIGEON_REQUIRE_SERVICES
@@ -298,12 +316,14 @@ async def front_alone() -> AsyncIterator[Front]:
             writer.close()
 
     listener = await asyncio.start_server(broker_side, "127.0.0.1", 0)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port, tls_port = free_port(), free_port()
+    ca = trustme.CA()
+    pem = tmp_path / "front.pem"
+    ca.issue_cert("127.0.0.1", "localhost").private_key_and_cert_chain_pem.write_to_path(str(pem))
     env = {**os.environ, "PIGEON_FRONT_BIND": f"127.0.0.1:{port}",
            "PIGEON_FRONT_BROKER": f"127.0.0.1:{listener.sockets[0].getsockname()[1]}",
-           "PIGEON_FRONT_CONNECT_TIMEOUT": "1s", "PIGEON_FRONT_IDLE_TIMEOUT": "1m"}
+           "PIGEON_FRONT_CONNECT_TIMEOUT": "1s", "PIGEON_FRONT_IDLE_TIMEOUT": "1m",
+           "PIGEON_FRONT_TLS_BIND": f"127.0.0.1:{tls_port}", "PIGEON_FRONT_TLS_CERT": str(pem)}
     proc = await asyncio.create_subprocess_exec(haproxy, "-db", "-f", str(FRONT_CFG), env=env,
                                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                                 stderr=subprocess.PIPE)
@@ -314,12 +334,13 @@ async def front_alone() -> AsyncIterator[Front]:
                 pytest.fail(f"haproxy exited: {(await proc.stderr.read()).decode(errors='replace')}")
             try:
                 (await asyncio.open_connection("127.0.0.1", port))[1].close()  # silent: closed at 1 s
+                (await asyncio.open_connection("127.0.0.1", tls_port))[1].close()
                 break
             except OSError:
                 await asyncio.sleep(0.1)
         await asyncio.sleep(0.05)
         reached.clear()
-        yield Front(port, reached)
+        yield Front(port, reached, tls_port, ca)
     finally:
         proc.terminate()
         await asyncio.wait_for(proc.wait(), 10)
@@ -348,9 +369,9 @@ async def test_what_haproxy_does_not_check_reaches_the_broker(front_alone: Front
 Trickle = tuple[asyncio.StreamReader, asyncio.StreamWriter, "asyncio.Task[None]"]
 
 
-async def trickled(host: str, port: int, packet: bytes, every_s: float) -> Trickle:
+async def trickled(host: str, port: int, packet: bytes, every_s: float, tls: ssl.SSLContext | None = None) -> Trickle:
     """A connection that sends ``packet`` one byte every ``every_s`` seconds."""
-    reader, writer = await asyncio.open_connection(host, port)
+    reader, writer = await asyncio.open_connection(host, port, ssl=tls)
 
     async def trickle() -> None:
         try:
@@ -365,20 +386,24 @@ async def trickled(host: str, port: int, packet: bytes, every_s: float) -> Trick
 
 
 async def closed_at_the_timeout_and_timely_let_through(host: str, port: int, timeout: float,
-                                                       user: str, password: str) -> None:
+                                                       user: str, password: str,
+                                                       tls: ssl.SSLContext | None = None) -> None:
     """Silent, a CONNECT trickling in too slowly, and the two that announce more than they send:
     all closed at the front's connect timeout; a CONNECT that trickles in within a third of it
-    is let through, and its connection then works."""
+    is let through, and its connection then works. With ``tls``, all of it inside TLS, and a
+    connection that never starts its handshake is closed at the timeout too."""
     good = connect_packet(f"test-{secrets.token_hex(4)}", user, password, keepalive=60)
     opened: list[Trickle] = []
     waiting: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
     try:
         opened.append(slow := await trickled(host, port, connect_packet("dev-slow", user, password),
-                                             2 * timeout / len(good)))
-        opened.append(timely := await trickled(host, port, good, timeout / 3 / len(good)))
-        waiting += [slow[:2], await asyncio.open_connection(host, port)]
+                                             2 * timeout / len(good), tls))
+        opened.append(timely := await trickled(host, port, good, timeout / 3 / len(good), tls))
+        waiting += [slow[:2], await asyncio.open_connection(host, port, ssl=tls)]
+        if tls is not None:
+            waiting.append(await asyncio.open_connection(host, port))  # no handshake at all
         for name in sorted(FRONT_WAITS):
-            waiting.append(await asyncio.open_connection(host, port))
+            waiting.append(await asyncio.open_connection(host, port, ssl=tls))
             waiting[-1][1].write(BROKEN[name])
         closed = await asyncio.gather(*(closed_within(reader, timeout + 5) for reader, _ in waiting))
         assert all(timeout - 0.5 < t < timeout + 2.0 for t in closed), closed
@@ -397,6 +422,75 @@ async def test_the_front_closes_what_sent_no_whole_connect_at_its_timeout(front_
     assert len(front_alone.reached) == 1 and front_alone.reached[0].startswith(connect_packet(
         "x", "u", "p", keepalive=60)[:1])
     assert front_alone.reached[0].endswith(PINGREQ)  # the timely one, whole, and what came after it
+
+
+@pytest.mark.parametrize("name", list(FRONT_REFUSES))
+async def test_the_tls_front_refuses_a_broken_first_packet_at_once_and_passes_nothing_on(front_alone: Front,
+                                                                                        name: str) -> None:
+    assert await send_and_wait_close("127.0.0.1", front_alone.tls_port, FRONT_REFUSES[name], timeout=1.0,
+                                     tls=front_alone.trusting()) < 0.5
+    await asyncio.sleep(0.1)
+    assert front_alone.reached == []
+
+
+async def test_the_tls_front_closes_what_sent_no_whole_connect_at_its_timeout(front_alone: Front) -> None:
+    await closed_at_the_timeout_and_timely_let_through("127.0.0.1", front_alone.tls_port, 1.0, "u", "p",
+                                                       front_alone.trusting())
+    # what reached the broker's side is the timely CONNECT, whole and in the clear, and what followed
+    assert len(front_alone.reached) == 1 and front_alone.reached[0].startswith(connect_packet(
+        "x", "u", "p", keepalive=60)[:1])
+    assert front_alone.reached[0].endswith(PINGREQ)
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+async def test_a_device_connected_through_the_front_may_stay_silent_past_the_connect_timeout(
+    front_alone: Front, tls: bool,
+) -> None:
+    """The connect timeout bounds the wait for the CONNECT only: a device idle for longer once
+    connected (up to 1.5 x its keepalive, which Mosquitto enforces) is left alone."""
+    port = front_alone.tls_port if tls else front_alone.port
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=front_alone.trusting() if tls else None)
+    try:
+        writer.write(connect_packet("dev-idle", "u", "p", keepalive=60))
+        assert await asyncio.wait_for(reader.readexactly(4), 5) == CONNACK
+        await asyncio.sleep(2.5)  # 2.5 x the front's connect timeout
+        await still_answers(reader, writer)
+    finally:
+        writer.close()
+
+
+async def test_the_tls_front_refuses_plaintext_old_tls_and_clients_trusting_another_ca(front_alone: Front) -> None:
+    """None of these gets a connection to the broker's side: plain MQTT on the TLS port, TLS 1.1,
+    and a client that does not trust the front's certificate."""
+    assert await send_and_wait_close("127.0.0.1", front_alone.tls_port, connect_packet("dev-plain", "u", "p"),
+                                     timeout=2.0) < 0.5
+    old = front_alone.trusting()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        old.minimum_version = old.maximum_version = ssl.TLSVersion.TLSv1_1
+    old.set_ciphers("ALL:@SECLEVEL=0")
+    # the control: this machine's OpenSSL speaks TLS 1.1 to a server that allows it
+    lax = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    front_alone.ca.issue_cert("127.0.0.1").configure_cert(lax)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        lax.minimum_version = ssl.TLSVersion.TLSv1
+    lax.set_ciphers("ALL:@SECLEVEL=0")
+    control = await asyncio.start_server(lambda _r, w: w.close(), "127.0.0.1", 0, ssl=lax)
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", control.sockets[0].getsockname()[1], ssl=old)
+        assert writer.get_extra_info("ssl_object").version() == "TLSv1.1"
+        writer.close()
+    except ssl.SSLError:
+        pytest.skip("this OpenSSL cannot speak TLS 1.1 at all, so refusing it shows nothing")
+    finally:
+        control.close()
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        await asyncio.open_connection("127.0.0.1", front_alone.tls_port, ssl=old)
+    with pytest.raises(ssl.SSLCertVerificationError):
+        await asyncio.open_connection("127.0.0.1", front_alone.tls_port, ssl=front_alone.trusting(trustme.CA()))
+    await asyncio.sleep(0.1)
+    assert front_alone.reached == []
 
 
 @pytest.fixture
@@ -444,5 +538,37 @@ async def test_devices_log_in_send_and_receive_through_the_front(
                 while (event := await receiver.next_event(timeout=10)).get("body") != body:
                     pass
             assert event["seq"] == sent["seq"]
+    finally:
+        srv.stop()
+
+
+async def test_devices_log_in_send_and_receive_through_the_tls_front(
+    tmp_path: Path, connect: Callable[..., Awaitable[Device]],
+) -> None:
+    """The services' front also ends TLS (Mosquitto's certificate): login names it, and devices
+    trusting the CA talk through it over MQTT 3.1.1 and 5; one trusting another CA is refused."""
+    url = production_url("PIGEON_BROKER_FRONT_TLS", "mqtts://")
+    ca_file = production_url("PIGEON_BROKER_TLS_CA_FILE", "/")
+    front = urlsplit(url)
+    broker = production_url("PIGEON_BROKER", "mqtt://")
+    srv = ServerProc.start(tmp_path / "srv", *production_flags(), "--broker", f"{broker}?public={url}",
+                           "--broker-credentials-file", production_url("PIGEON_BROKER_CREDENTIALS_FILE", "/"))
+    try:
+        a = await login(srv.http, fresh_phone(), device_name="a", ca_file=ca_file)
+        b = await login(srv.http, fresh_phone(), device_name="b", ca_file=ca_file)
+        assert a.mqtt_tls and (a.mqtt_host, a.mqtt_port) == (front.hostname, front.port)
+        dev_a, dev_b = await connect(a), await connect(b, mqtt5=True)
+        for sender, receiver, peer in ((dev_a, dev_b, b), (dev_b, dev_a, a)):
+            body = f"through the tls front to {peer.device_id}"
+            sent = await sender.send(body, to=peer.user_id)
+            async with asyncio.timeout(10):
+                while (event := await receiver.next_event(timeout=10)).get("body") != body:
+                    pass
+            assert event["seq"] == sent["seq"]
+        other = tmp_path / "other-ca.pem"
+        trustme.CA().cert_pem.write_to_path(str(other))
+        with pytest.raises(PigeonClientError) as refused:
+            await connect(replace(a, ca_file=str(other)))
+        assert refused.value.code == "connect_refused"
     finally:
         srv.stop()
