@@ -20,14 +20,17 @@ while nobody held it. Replies and events go out on a connection of their own.
 broker and in the kernel's socket buffers before paho reads them, where the bridge cannot see
 them. So each receiving session also subscribes to a probe topic of its own,
 ``up/~probe/{client id}`` (no device can publish there: a user id never starts with ``~``), and
-the bridge publishes the time on it every ``PROBE_EVERY_S`` while no probe of that session is on
-its way: the probe waits in the same queue as the devices' publishes, and the time it took to
-come back is that queue's wait (while one is on its way, its age is a lower bound). A publish's
-wait then counts from its receipt less that lag, for admission control (bridge/admission.py),
-which refuses what waited past its bound as it is read: a backlog that built up in the broker
-during an overload is answered at once rather than handled seconds late. The broker must let
-the bridge publish there (``publishClientSend up/~probe/#``, docs/deploy.md); without it the lag
-is taken as 0.
+the bridge publishes the time on it every ``PROBE_EVERY_S``, whether or not earlier probes came
+back. The broker hands a session its publishes in the order they reached it, so a publish read
+while a probe is still on its way reached the broker before that probe: it has waited at least
+as long as the oldest probe on its way has been gone. That is the wait counted for it, for
+admission control (bridge/admission.py), which refuses what waited past its bound as it is
+read: a backlog that built up in the broker during an overload is answered at once rather than
+handled seconds late, and as the backlog drains the count follows it down within a probe's
+period. (The last probe's round trip, counted before, stood until the next probe came back:
+a drained session's publishes were counted as old as the backlog had been for one more round
+trip.) The broker must let the bridge publish there (``publishClientSend up/~probe/#``,
+docs/deploy.md); without it the wait is taken as 0.
 
 Either way a publish is acknowledged only once it has been handled (paho's manual ack), so what
 the broker accepted while the bridge was down, or was still handling when it died, is delivered
@@ -46,6 +49,7 @@ import random
 import ssl
 import time
 import zlib
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -53,6 +57,7 @@ import aiomqtt
 from paho.mqtt.client import MQTT_ERR_NO_CONN, MQTT_ERR_QUEUE_SIZE, MQTT_ERR_SUCCESS, MQTTMessage
 
 from .errors import PigeonError
+from .mqtt_reads import buffered_reads
 from .mqtt_writes import coalesce_writes, no_delay
 
 log = logging.getLogger(__name__)
@@ -88,7 +93,9 @@ MAX_QUEUED = 10_000
 # A receiving session's probe topic (see the module's docstring), and how often it is probed.
 PROBE_PREFIX = "up/~probe/"
 PROBE_EVERY_S = 0.25
-PROBE_RESEND_S = 5.0
+# A session that reads nothing for this many periods (60 s) gets no more probes until one comes
+# back: the oldest on its way already says how long it has waited.
+PROBE_MAX_ON_WAY = 240
 
 # Topics per SUBSCRIBE when a partition's session subscribes to its users' device topics.
 SUBSCRIBE_CHUNK = 100
@@ -115,17 +122,30 @@ def _late_suback(fut: asyncio.Future[Any], part: int, user_id: str) -> None:
 
 
 class _Probe:
-    """How long one receiving session's publishes wait before the bridge reads them."""
+    """How long one receiving session's publishes wait before the bridge reads them (the
+    module's docstring)."""
 
     def __init__(self, client_id: str) -> None:
         self.topic = PROBE_PREFIX + client_id
-        self.sent_at: float | None = None  # the newest probe on its way, if any
-        self.last = 0.0  # the wait the last one came back after
+        # when each of the probes on their way was sent, oldest first
+        self.on_way: deque[float] = deque()
+        self.last = 0.0  # the round trip of the last one that came back
         self.seen = False  # one came back: the broker lets the bridge probe
         self._tag = f"{os.getpid()}:"
 
     def payload(self, now: float) -> bytes:
         return f"{self._tag}{now!r}".encode()
+
+    def due(self) -> bool:
+        """Whether to send the next probe (one goes every PROBE_EVERY_S): not past PROBE_MAX_ON_WAY."""
+        return len(self.on_way) < PROBE_MAX_ON_WAY
+
+    def sent(self, now: float) -> None:
+        self.on_way.append(now)
+
+    def lost(self) -> None:
+        """The probes on their way went with the connection that sent them."""
+        self.on_way.clear()
 
     def came_back(self, payload: bytes, received_at: float) -> None:
         tag, _, sent = payload.decode(errors="replace").rpartition(":")
@@ -137,15 +157,18 @@ class _Probe:
             return
         self.last = max(0.0, received_at - sent_at)
         self.seen = True
-        if sent_at == self.sent_at:
-            self.sent_at = None
+        # the broker keeps a session's order: any sent before this one that is still counted
+        # was lost on its way (with a connection), not delayed
+        while self.on_way and self.on_way[0] <= sent_at:
+            self.on_way.popleft()
 
     def lag(self, now: float) -> float:
-        """The wait before reading: the last probe's, or longer while the next is overdue (once
-        any came back: a broker that does not let the bridge probe gives 0)."""
-        if self.sent_at is None or not self.seen:
-            return self.last
-        return max(self.last, now - self.sent_at)
+        """The least a publish read now has waited: as long as the oldest probe on its way has
+        been gone (0 with none on its way, or before any came back: a broker that does not let
+        the bridge probe gives 0)."""
+        if not self.on_way or not self.seen:
+            return 0.0
+        return max(0.0, now - self.on_way[0])
 
 
 class _Received(aiomqtt.Message):
@@ -405,6 +428,7 @@ class MqttIngest:
         )
         coalesce_writes(client._client)
         no_delay(client._client)
+        buffered_reads(client._client)
         _stamp_receipts(client)
         if persistent:
             # aiomqtt 2.5 has no option for it: PUBACK only once handled (see _acker)
@@ -454,7 +478,7 @@ class MqttIngest:
         self._probes[client.identifier] = probe
 
     async def _probe(self) -> None:
-        """Send each receiving session's probe when none of it is on its way."""
+        """Send each receiving session a probe every PROBE_EVERY_S."""
         while True:
             await asyncio.sleep(PROBE_EVERY_S)
             client = self._client
@@ -467,10 +491,10 @@ class MqttIngest:
                 if name not in live:
                     del self._probes[name]
             now = time.monotonic()
+            paho = client._client
             for probe in self._probes.values():
-                if probe.sent_at is None or now - probe.sent_at > PROBE_RESEND_S:  # lost with a connection?
-                    probe.sent_at = now
-                    client._client.publish(probe.topic, probe.payload(now), 1)
+                if probe.due() and paho.publish(probe.topic, probe.payload(now), 1).rc == MQTT_ERR_SUCCESS:
+                    probe.sent(now)
 
     def backlog(self) -> int:
         """Replies and events handed to the outgoing connection and not yet acknowledged by the
@@ -508,6 +532,8 @@ class MqttIngest:
                         self._probes[client.identifier] = _Probe(client.identifier)
                         log.info("bridge subscribed to %s on %s:%d", UP_FILTER, self._host, self._port)
                     self._client = client
+                    for probe in self._probes.values():
+                        probe.lost()  # those still on their way went with the last connection
                     self._connected.set()
                     backoff = 0.2
                     async for message in client.messages:

@@ -10,7 +10,7 @@ import time
 import aiomqtt
 import pytest
 
-from bridge.mqtt_ingest import MqttIngest, _Probe
+from bridge.mqtt_ingest import PROBE_EVERY_S, MqttIngest, _Probe
 from tests.conftest import embedded_broker, tok_tokens
 
 USER, DEVICE, BRIDGE, SECRET = "u1", "d1", "pigeon-bridge", "bridge-secret"
@@ -55,17 +55,56 @@ async def test_publish_all_keeps_order_and_waits_for_a_connection() -> None:
 def test_a_probe_measures_the_wait_before_reading_and_trusts_nothing_until_one_came_back() -> None:
     probe = _Probe("pigeon-bridge-ks-p3")
     assert probe.topic == "up/~probe/pigeon-bridge-ks-p3"
-    probe.sent_at = 100.0
+    probe.sent(100.0)
     assert probe.lag(160.0) == 0.0  # none came back yet: a broker that drops probes means 0
     probe.came_back(probe.payload(100.0), 100.5)
-    assert probe.seen and probe.sent_at is None and probe.lag(200.0) == pytest.approx(0.5)
-    probe.sent_at = 200.0
-    assert probe.lag(202.0) == pytest.approx(2.0)  # on its way for 2 s: at least that
+    assert probe.seen and probe.last == pytest.approx(0.5) and not probe.on_way
+    assert probe.lag(200.0) == 0.0  # none on its way: nothing known to wait
+    for k in range(4):
+        probe.sent(200.0 + k / 4)
+    assert probe.lag(202.0) == pytest.approx(2.0)  # the oldest on its way for 2 s: at least that
     probe.came_back(b"1:199.0", 203.0)  # another process's: ignored
-    probe.came_back(probe.payload(150.0), 203.0)  # an older one of ours: its wait, still waiting
-    assert probe.lag(203.0) == pytest.approx(53.0) and probe.sent_at == 200.0
-    probe.came_back(probe.payload(200.0), 203.5)
-    assert probe.lag(300.0) == pytest.approx(3.5)
+    assert probe.lag(203.0) == pytest.approx(3.0)
+    probe.came_back(probe.payload(200.0), 203.0)
+    assert probe.lag(203.0) == pytest.approx(2.75)  # the next one's age, not the 3 s just measured
+    probe.came_back(probe.payload(200.5), 203.1)  # 200.25 was lost on its way: the broker keeps order
+    assert list(probe.on_way) == [200.75] and probe.lag(203.2) == pytest.approx(2.45)
+    probe.came_back(probe.payload(200.75), 203.2)
+    assert probe.lag(300.0) == 0.0 and probe.last == pytest.approx(2.45)
+    probe.sent(301.0)
+    probe.lost()  # with its connection
+    assert probe.lag(309.0) == 0.0
+
+
+def test_the_wait_a_probe_counts_follows_a_draining_backlog_down() -> None:
+    """A session whose broker queue holds 4 s of publishes, read at once after the flood: each
+    publish read is counted at least as old as it is (never more than a probe period less),
+    and those that waited under 2 s are counted under 2 s as soon as they are read (the last
+    probe's round trip, the old count, kept them at 3.5 s and more for a second round trip)."""
+    probe = _Probe("p")
+    probe.sent(0.0)
+    probe.came_back(probe.payload(0.0), 0.001)
+    # what the broker holds, in order: publishes and probes, each with when it reached it
+    queue: list[tuple[str, float]] = []
+    t = 1.0
+    while t < 5.0:  # publishes every 10 ms, a probe every 250 ms
+        queue.append(("publish", t))
+        if round(t * 100) % 25 == 0:
+            probe.sent(t)
+            queue.append(("probe", t))
+        t = round(t + 0.01, 2)
+    probe.sent(5.0)  # as the bridge starts reading, at 2,000 a second: what comes next queues behind
+    queue.append(("probe", 5.0))
+    counted: list[tuple[float, float]] = []  # (true wait, counted wait)
+    now = 5.0
+    for kind, at in queue:
+        now += 0.0005
+        if kind == "probe":
+            probe.came_back(probe.payload(at), now)
+        else:
+            counted.append((now - at, probe.lag(now)))
+    assert all(true - PROBE_EVERY_S - 1e-9 <= seen <= true + 1e-9 for true, seen in counted)
+    assert all(seen < 2.0 for true, seen in counted if true < 2.0 - PROBE_EVERY_S)
 
 
 async def test_probes_come_back_through_the_broker_and_are_never_handled_as_requests() -> None:

@@ -14,6 +14,7 @@ import aiomqtt
 from paho.mqtt import client as paho
 
 from bridge.mqtt_ingest import MqttIngest
+from bridge.mqtt_reads import ReadBuffered
 from bridge.mqtt_writes import coalesce_writes
 from clients.sdk import Device, Profile
 from tests.conftest import embedded_broker, tok_tokens
@@ -172,6 +173,8 @@ async def test_a_burst_of_publishes_reaches_a_device_in_order_in_a_handful_of_se
 
 def nagle_off(client: paho.Client) -> bool:
     sock = client.socket()
+    if isinstance(sock, ReadBuffered):  # the bridge's read buffer (bridge/mqtt_reads.py)
+        sock = sock._sock
     assert isinstance(sock, socket.socket), sock
     return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
 
