@@ -75,8 +75,8 @@ broker queue's lag as the probe measured it (without the probe, the lag is taken
 what waited in the broker is not caught). "Heard" is taken as the refusal's ``retry_after_ms``
 or the delay bound, whichever is shorter, after it, or as soon as the refused send's own
 ``id`` comes back (the device is sending the refused ones again). A device that sends the
-refused ones again in its order keeps its order (``tests/test_e2e_mqtt_ingest.py``); the
-Python SDK retries each send on its own, so only sends from one task keep it. Refusals made
+refused ones again in its order keeps its order (``tests/test_e2e_mqtt_ingest.py``), as the
+Python SDK does (``tests/test_sdk_order.py``). Refusals made
 this way do not extend the window, and only sends are held: other requests keep no order
 among themselves. Without a bound by delay the window is dropped after ``HOLD_KEPT_S``. The
 check costs nothing while no device has a window open.

@@ -15,7 +15,11 @@ What it does for the application:
 * delivers inbox events exactly once and in inbox order: a duplicate is dropped, a gap in the
   live stream triggers a sync before anything after the gap is delivered;
 * acknowledges what it has delivered (which produces *delivered* receipts for senders);
-* retries ``send`` under the same id, so a lost reply never produces a second message.
+* retries ``send`` under the same id, so a lost reply never produces a second message, and in
+  the order the sends were made: once a send is refused (``rate_limited``, ``unavailable``) or
+  unanswered, the device's later sends (new ones, and refused ones going again) wait until it
+  is through, so the server numbers them in the order the application made them, as the
+  protocol promises for one device's sends to a chat (docs/protocol.md section 4).
 
 TLS: a server started with a certificate names ``https://``, ``mqtts://`` and ``wss://`` endpoints
 at login, and the SDK uses them (after a login over plain HTTP too, it moves to the HTTPS URL);
@@ -447,6 +451,10 @@ class Device:
         self._client: aiomqtt.Client | None = None
         self._pending: dict[str, asyncio.Future[Event]] = {}
         self._send_chats: dict[str, str] = {}  # request id -> the chat a pending send named (v2's sent omits it)
+        # sends in the order they were made, and those of them going again (refused or
+        # unanswered) -> set once they are through: a later send waits for every earlier one here
+        self._sends_made = 0
+        self._sends_again: dict[int, asyncio.Event] = {}
         # v2: user -> the direct chat with them (a live msg from the peer leaves it out), and the
         # inbox positions of live msgs that left out a chat not known here -> their sender
         self._peers: LRUCache[str, str] = LRUCache(PEERS_KEPT)
@@ -857,7 +865,8 @@ class Device:
             payload["body"] = body
         if media is not None:
             payload["media"] = dict(media)
-        reply = await self._request_retried(payload, retries)
+        self._sends_made += 1
+        reply = await self._request_retried(payload, retries, order=self._sends_made)
         if isinstance(reply, Sent) and to is not None and reply.inbox is not None:
             # (a fresh one: the server found the chat by this send's ``to``; one answered from an
             # earlier attempt under the same id is about that attempt, in whatever chat it was)
@@ -866,25 +875,42 @@ class Device:
             self._take_own(reply, body, media)
         return reply
 
-    async def _request_retried(self, payload: Mapping[str, Any], retries: int = 3) -> Event:
+    async def _request_retried(self, payload: Mapping[str, Any], retries: int = 3, order: int | None = None) -> Event:
         """A request that may be asked again (a send under its id, a sync from the cursor): retried
-        when unanswered, or answered ``rate_limited``/``unavailable`` (after ``retry_after_ms``)."""
+        when unanswered, or answered ``rate_limited``/``unavailable`` (after ``retry_after_ms``).
+        ``order``: a send's place among this device's sends; each attempt waits for the earlier
+        sends that are going again (the module's docstring)."""
         if "id" not in payload:
             payload = {**payload, "id": self._new_id()}
         delay = 0.5
-        for attempt in range(retries + 1):
-            try:
-                return await self.request(payload)
-            except RequestTimeout:
-                if attempt == retries:
-                    raise
-            except PigeonClientError as exc:
-                if exc.code not in ("rate_limited", "unavailable") or attempt == retries:
-                    raise
-                delay = max(delay, (exc.retry_after_ms or 0) / 1000)
-            await asyncio.sleep(min(delay, 10) * (1 + random.random() / 2))
-            delay *= 2
-        raise AssertionError("unreachable")
+        again: asyncio.Event | None = None
+        try:
+            for attempt in range(retries + 1):
+                if order is not None:
+                    await self._after_earlier_sends(order)
+                try:
+                    return await self.request(payload)
+                except RequestTimeout:
+                    if attempt == retries:
+                        raise
+                except PigeonClientError as exc:
+                    if exc.code not in ("rate_limited", "unavailable") or attempt == retries:
+                        raise
+                    delay = max(delay, (exc.retry_after_ms or 0) / 1000)
+                if order is not None and again is None:
+                    again = self._sends_again[order] = asyncio.Event()
+                await asyncio.sleep(min(delay, 10) * (1 + random.random() / 2))
+                delay *= 2
+            raise AssertionError("unreachable")
+        finally:
+            if again is not None and order is not None:
+                del self._sends_again[order]
+                again.set()
+
+    async def _after_earlier_sends(self, order: int) -> None:
+        """Wait until no send made before this one is still going again."""
+        while earlier := [e for k, e in self._sends_again.items() if k < order]:
+            await earlier[0].wait()
 
     def _take_own(self, sent: Sent, body: str | None, media: Mapping[str, Any] | None) -> None:
         """v2: the server sends no copy of this device's message to it; ``sent`` names its inbox
