@@ -97,6 +97,13 @@ PROBE_EVERY_S = 0.25
 # back: the oldest on its way already says how long it has waited.
 PROBE_MAX_ON_WAY = 240
 
+# Publishes one session takes in (or refuses) per turn of the event loop at most. A session's
+# socket is read many packets at a wake-up (bridge/mqtt_reads.py), and taking in all of them at
+# once made the loop's turns long under a flood: a login, a dozen store and broker round trips
+# each waiting for the next turn, took up to 1.1-2.6 s (0.6-0.7 s before; BENCHMARKS.md,
+# 2026-12-02, with 8 here: up to 0.8-1.2 s).
+TAKE_PER_TURN = 8
+
 # Topics per SUBSCRIBE when a partition's session subscribes to its users' device topics.
 SUBSCRIBE_CHUNK = 100
 SESSION_READY_S = 5.0
@@ -443,8 +450,12 @@ class MqttIngest:
         """Take what is already waiting in the client's queue: ``client.messages`` starts a
         task per message to wait for the next one, which the queue's head does not need."""
         queue = client._queue
+        taken = 0
         while not queue.empty():
             await self._take(client, queue.get_nowait(), persistent)
+            taken += 1
+            if taken % TAKE_PER_TURN == 0:
+                await asyncio.sleep(0)  # the rest in a later turn of the loop (TAKE_PER_TURN)
 
     async def _take(self, client: aiomqtt.Client, message: aiomqtt.Message, persistent: bool = True) -> None:
         """Queue one ``up/`` publish for its device's worker, with what acknowledges it."""

@@ -1,4 +1,4 @@
-"""Every packet a paho client's socket holds, read in one go instead of one per wake-up.
+"""Many packets read per wake-up of a paho client's socket, instead of one.
 
 Under aiomqtt, paho reads when the event loop finds the socket readable, and then reads *one*
 packet (``loop_read`` reads as many as the client has QoS 1 and 2 publishes of its own in
@@ -14,8 +14,11 @@ broker, and their devices' sends were refused as too old long after the flood ha
 ``READ_CHUNK`` bytes, from which paho's small reads are served, and a ``pending()`` that counts
 what the buffer still holds. aiomqtt's reader keeps calling paho while the socket reports data
 pending (it does so for TLS sockets, whose records hold decrypted bytes the kernel no longer
-shows), so one wake-up now reads everything the socket had. Only reads change: writes, TLS,
-closing and everything else go to the socket itself.
+shows), so one wake-up reads every packet of that chunk (and on into the next chunk when a
+packet runs past its end), and what is left in the socket is read at the next turn. The chunk
+is small, so that a turn of the loop with every session readable stays short (a login's steps
+wait for the next turn each). Only reads change: writes, TLS, closing and everything else go
+to the socket itself.
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ from typing import Any
 
 from paho.mqtt import client as paho
 
-READ_CHUNK = 64 * 1024
+# At most this much is read per wake-up: about 40 of the devices' publishes, so that one
+# wake-up of each of a bridge's sessions stays about a millisecond of parsing.
+READ_CHUNK = 4 * 1024
 
 
 class ReadBuffered:

@@ -136,15 +136,17 @@ class DynSecAdmin:
         ``expires_at`` (kept in the client's description for :meth:`remove_expired`)."""
         role = device_role(device_id)
         note = f"{EXPIRY_NOTE}{expires_at}"
-        # (a role made before protocol v2 gets its v2 topic added; one that has it answers "already exists")
-        await self.run([{"command": "createRole", "rolename": role, "acls": device_acls(user_id, device_id)},
-                        {"command": "addRoleACL", "rolename": role, **device_acls(user_id, device_id)[-1]}],
-                       tolerate=["already exists"])
-        replies = await self.run([{
-            "command": "createClient", "username": device_id, "password": token, "clientid": device_id,
-            "textdescription": note, "roles": [{"rolename": role}],
-        }], tolerate=["already exists"])
-        if replies[0].get("error"):  # a renewed token replaces the old one
+        # One message, one round trip: the broker runs its commands in order, so the role exists
+        # before the client that names it (two round trips made a login under a flood wait twice
+        # behind everything else the broker had to do). A role made before protocol v2 gets its
+        # v2 topic added; one that has it answers "already exists".
+        replies = await self.run([
+            {"command": "createRole", "rolename": role, "acls": device_acls(user_id, device_id)},
+            {"command": "addRoleACL", "rolename": role, **device_acls(user_id, device_id)[-1]},
+            {"command": "createClient", "username": device_id, "password": token, "clientid": device_id,
+             "textdescription": note, "roles": [{"rolename": role}]},
+        ], tolerate=["already exists"])
+        if replies[2].get("error"):  # a renewed token replaces the old one
             await self.run([{"command": "setClientPassword", "username": device_id, "password": token},
                             {"command": "modifyClient", "username": device_id, "textdescription": note}])
         log.debug("device %s registered with the broker", device_id)

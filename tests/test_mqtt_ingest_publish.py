@@ -10,7 +10,7 @@ import time
 import aiomqtt
 import pytest
 
-from bridge.mqtt_ingest import PROBE_EVERY_S, MqttIngest, _Probe
+from bridge.mqtt_ingest import PROBE_EVERY_S, TAKE_PER_TURN, MqttIngest, _Probe
 from tests.conftest import embedded_broker, tok_tokens
 
 USER, DEVICE, BRIDGE, SECRET = "u1", "d1", "pigeon-bridge", "bridge-secret"
@@ -138,3 +138,32 @@ async def test_probes_come_back_through_the_broker_and_are_never_handled_as_requ
         runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)
         await broker.shutdown()
+
+
+async def test_a_session_takes_in_at_most_a_share_of_what_it_read_per_turn_of_the_loop() -> None:
+    """What a session's socket held is taken in TAKE_PER_TURN at a time, with the loop's other
+    work (a login's next step) let in between."""
+
+    async def ignore(topic: str, payload: bytes) -> None:
+        return None
+
+    ingest = MqttIngest("127.0.0.1", 9, username=BRIDGE, password=SECRET, client_id=f"{BRIDGE}-t", handle=ignore)
+    order: list[str] = []
+
+    async def take(client: object, message: object, persistent: bool = True) -> None:
+        order.append("take")
+
+    ingest._take = take  # type: ignore[method-assign]
+
+    class Session:
+        _queue: asyncio.Queue[object] = asyncio.Queue()
+
+    session = Session()
+    for _ in range(5 * TAKE_PER_TURN):
+        session._queue.put_nowait(object())
+    taking = asyncio.create_task(ingest._take_queued(session, persistent=False))  # type: ignore[arg-type]
+    while not taking.done():
+        order.append("other")
+        await asyncio.sleep(0)
+    runs = "".join("t" if x == "take" else "o" for x in order).split("o")
+    assert max(len(r) for r in runs) == TAKE_PER_TURN and order.count("take") == 5 * TAKE_PER_TURN

@@ -1,5 +1,6 @@
-"""The bridge's read buffer under paho (bridge/mqtt_reads.py): what a socket holds is read in
-one wake-up, with paho's own packet reader, and nothing about the connection changes."""
+"""The bridge's read buffer under paho (bridge/mqtt_reads.py): the packets of what one read got
+are all taken in one wake-up, with paho's own packet reader, and nothing about the connection
+changes."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def receiving_client(sock: object) -> tuple[paho.Client, list[bytes]]:
 
 
 @pytest.mark.parametrize("buffered", [False, True], ids=["paho alone", "read buffer"])
-def test_one_wake_up_reads_every_packet_the_socket_holds(buffered: bool) -> None:
+def test_one_wake_up_reads_every_packet_of_what_it_read(buffered: bool) -> None:
     broker, bridge = socket.socketpair()
     bridge.setblocking(False)
     with broker, bridge:
