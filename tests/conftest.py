@@ -7,8 +7,10 @@ import itertools
 import os
 import random
 import secrets
+import ssl
 import subprocess
 import sys
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -247,3 +249,31 @@ async def relay_pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, tap: 
         pass
     finally:
         dst.close()
+
+
+async def tls11_client_or_skip(trust: Callable[[ssl.SSLContext], None],
+                               serve: Callable[[ssl.SSLContext], None]) -> ssl.SSLContext:
+    """A client context that speaks only TLS 1.1 (``trust`` adds the CA it checks against), once
+    a control shows this machine's OpenSSL can speak it to a server that allows it (``serve``
+    gives that server its certificate); skips the test if it cannot, since refusing TLS 1.1
+    would then show nothing."""
+    old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    trust(old)
+    lax = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    serve(lax)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        old.minimum_version = old.maximum_version = ssl.TLSVersion.TLSv1_1
+        lax.minimum_version = ssl.TLSVersion.TLSv1
+    for ctx in (old, lax):
+        ctx.set_ciphers("ALL:@SECLEVEL=0")
+    control = await asyncio.start_server(lambda _r, w: w.close(), "127.0.0.1", 0, ssl=lax)
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", control.sockets[0].getsockname()[1], ssl=old)
+        assert writer.get_extra_info("ssl_object").version() == "TLSv1.1"
+        writer.close()
+    except ssl.SSLError:
+        pytest.skip("this OpenSSL cannot speak TLS 1.1 at all, so refusing it shows nothing")
+    finally:
+        control.close()
+    return old

@@ -18,7 +18,6 @@ import ssl
 import struct
 import subprocess
 import time
-import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,8 +30,15 @@ from bridge.config import Settings
 from bridge.errors import ConfigError
 from clients.bench.mqtt import mqtt_str, varint
 from clients.launch import ROOT, ServerProc
-from clients.sdk import Device, PigeonClientError, login
-from tests.conftest import embedded_broker, fresh_phone, production_flags, production_url, tok_tokens
+from clients.sdk import Device, PigeonClientError, Profile, login
+from tests.conftest import (
+    embedded_broker,
+    fresh_phone,
+    production_flags,
+    production_url,
+    tls11_client_or_skip,
+    tok_tokens,
+)
 from tests.mqtt_raw import connect_packet, publish_packet, read_packet
 
 USER = "u1"
@@ -464,27 +470,8 @@ async def test_the_tls_front_refuses_plaintext_old_tls_and_clients_trusting_anot
     and a client that does not trust the front's certificate."""
     assert await send_and_wait_close("127.0.0.1", front_alone.tls_port, connect_packet("dev-plain", "u", "p"),
                                      timeout=2.0) < 0.5
-    old = front_alone.trusting()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        old.minimum_version = old.maximum_version = ssl.TLSVersion.TLSv1_1
-    old.set_ciphers("ALL:@SECLEVEL=0")
-    # the control: this machine's OpenSSL speaks TLS 1.1 to a server that allows it
-    lax = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    front_alone.ca.issue_cert("127.0.0.1").configure_cert(lax)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        lax.minimum_version = ssl.TLSVersion.TLSv1
-    lax.set_ciphers("ALL:@SECLEVEL=0")
-    control = await asyncio.start_server(lambda _r, w: w.close(), "127.0.0.1", 0, ssl=lax)
-    try:
-        _, writer = await asyncio.open_connection("127.0.0.1", control.sockets[0].getsockname()[1], ssl=old)
-        assert writer.get_extra_info("ssl_object").version() == "TLSv1.1"
-        writer.close()
-    except ssl.SSLError:
-        pytest.skip("this OpenSSL cannot speak TLS 1.1 at all, so refusing it shows nothing")
-    finally:
-        control.close()
+    cert = front_alone.ca.issue_cert("127.0.0.1")
+    old = await tls11_client_or_skip(front_alone.ca.configure_trust, cert.configure_cert)
     with pytest.raises((ssl.SSLError, ConnectionError)):
         await asyncio.open_connection("127.0.0.1", front_alone.tls_port, ssl=old)
     with pytest.raises(ssl.SSLCertVerificationError):
@@ -517,6 +504,18 @@ async def test_through_the_front_broken_connections_do_not_disturb_a_connected_c
     await undisturbed_by(*front, user, password, [n for n in BROKEN if n not in FRONT_WAITS])
 
 
+async def talk_both_ways(connect: Callable[..., Awaitable[Device]], a: Profile, b: Profile, what: str) -> None:
+    """``a`` over MQTT 3.1.1 and ``b`` over MQTT 5 send each other a message, each received live."""
+    dev_a, dev_b = await connect(a), await connect(b, mqtt5=True)
+    for sender, receiver, peer in ((dev_a, dev_b, b), (dev_b, dev_a, a)):
+        body = f"{what} to {peer.device_id}"
+        sent = await sender.send(body, to=peer.user_id)
+        async with asyncio.timeout(10):
+            while (event := await receiver.next_event(timeout=10)).get("body") != body:
+                pass
+        assert event["seq"] == sent["seq"]
+
+
 async def test_devices_log_in_send_and_receive_through_the_front(
     tmp_path: Path, front: tuple[str, int], connect: Callable[..., Awaitable[Device]],
 ) -> None:
@@ -530,14 +529,7 @@ async def test_devices_log_in_send_and_receive_through_the_front(
         a = await login(srv.http, fresh_phone(), device_name="a")
         b = await login(srv.http, fresh_phone(), device_name="b")
         assert (a.mqtt_host, a.mqtt_port) == (host, port)
-        dev_a, dev_b = await connect(a), await connect(b, mqtt5=True)
-        for sender, receiver, peer in ((dev_a, dev_b, b), (dev_b, dev_a, a)):
-            body = f"through the front to {peer.device_id}"
-            sent = await sender.send(body, to=peer.user_id)
-            async with asyncio.timeout(10):
-                while (event := await receiver.next_event(timeout=10)).get("body") != body:
-                    pass
-            assert event["seq"] == sent["seq"]
+        await talk_both_ways(connect, a, b, "through the front")
     finally:
         srv.stop()
 
@@ -557,14 +549,7 @@ async def test_devices_log_in_send_and_receive_through_the_tls_front(
         a = await login(srv.http, fresh_phone(), device_name="a", ca_file=ca_file)
         b = await login(srv.http, fresh_phone(), device_name="b", ca_file=ca_file)
         assert a.mqtt_tls and (a.mqtt_host, a.mqtt_port) == (front.hostname, front.port)
-        dev_a, dev_b = await connect(a), await connect(b, mqtt5=True)
-        for sender, receiver, peer in ((dev_a, dev_b, b), (dev_b, dev_a, a)):
-            body = f"through the tls front to {peer.device_id}"
-            sent = await sender.send(body, to=peer.user_id)
-            async with asyncio.timeout(10):
-                while (event := await receiver.next_event(timeout=10)).get("body") != body:
-                    pass
-            assert event["seq"] == sent["seq"]
+        await talk_both_ways(connect, a, b, "through the tls front")
         other = tmp_path / "other-ca.pem"
         trustme.CA().cert_pem.write_to_path(str(other))
         with pytest.raises(PigeonClientError) as refused:

@@ -19,7 +19,6 @@ import signal
 import ssl
 import subprocess
 import sys
-import warnings
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -32,7 +31,7 @@ from bridge.config import Settings
 from bridge.errors import ConfigError
 from clients.launch import ROOT, ServerProc
 from clients.sdk import Api, Device, PigeonClientError, Profile, login, tls_context
-from tests.conftest import fresh_phone, production_flags, production_url, relay_pipe
+from tests.conftest import fresh_phone, production_flags, production_url, relay_pipe, tls11_client_or_skip
 from tests.mqtt_raw import connect_packet
 
 TLS_PORTS = ["--mqtts-port", "0", "--wss-port", "0", "--https-port", "0"]
@@ -215,26 +214,9 @@ async def test_a_client_trusting_another_ca_is_refused_everywhere(tls_only: Serv
 
 
 async def test_no_old_protocol_versions_and_no_plaintext_on_the_tls_ports(tls_only: ServerProc, pki: Pki) -> None:
-    # TLS 1.1 is refused; the control: this machine's OpenSSL can speak it to a server that allows it
-    old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    old.load_verify_locations(str(pki.ca_file))
-    lax = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    lax.load_cert_chain(str(pki.cert), str(pki.key))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        old.minimum_version = old.maximum_version = ssl.TLSVersion.TLSv1_1
-        lax.minimum_version = ssl.TLSVersion.TLSv1
-    for ctx in (old, lax):
-        ctx.set_ciphers("ALL:@SECLEVEL=0")
-    control = await asyncio.start_server(lambda _r, w: w.close(), "127.0.0.1", 0, ssl=lax)
-    try:
-        _, writer = await asyncio.open_connection("127.0.0.1", control.sockets[0].getsockname()[1], ssl=old)
-        assert writer.get_extra_info("ssl_object").version() == "TLSv1.1"
-        writer.close()
-    except ssl.SSLError:
-        pytest.skip("this OpenSSL cannot speak TLS 1.1 at all, so refusing it shows nothing")
-    finally:
-        control.close()
+    # TLS 1.1 is refused (once a control shows this machine's OpenSSL speaks it)
+    old = await tls11_client_or_skip(lambda ctx: ctx.load_verify_locations(str(pki.ca_file)),
+                                     lambda ctx: ctx.load_cert_chain(str(pki.cert), str(pki.key)))
     with pytest.raises((ssl.SSLError, ConnectionError)):
         _, writer = await asyncio.open_connection("127.0.0.1", tls_only.mqtts_port, ssl=old)
         writer.close()

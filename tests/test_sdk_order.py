@@ -19,9 +19,8 @@ import pytest
 
 from broker.embedded import PigeonBroker
 from clients import sdk
-from clients.sdk import Device, PigeonClientError, Profile
-from tests.conftest import embedded_broker, tok_tokens
-from tests.test_sdk_request import DEVICE, USER, request_object
+from clients.sdk import Device, PigeonClientError
+from tests.test_sdk_request import DEVICE, USER, device_on, on_broker, request_object, synced
 
 
 @dataclass
@@ -41,12 +40,7 @@ class RefusingServer:
 
     async def ingest(self, topic: str, payload: bytes) -> None:
         msg = request_object(payload)
-        down = f"down/{USER}/{DEVICE}"
-        if msg.get("type") == "sync":
-            batch = {"type": "batch", "id": msg["id"], "items": [], "last": msg.get("after", 0), "more": False}
-            await self.broker.publish(down, json.dumps(batch).encode(), 1)
-            return
-        if msg.get("type") != "send":
+        if await synced(self.broker, msg) or msg.get("type") != "send":
             return  # presence, acks: nothing to answer
         rid = str(msg["id"])
         self.arrivals.append(rid)
@@ -71,20 +65,13 @@ class RefusingServer:
         await self.broker.publish(f"down/{USER}/{DEVICE}", json.dumps({**reply, "id": rid}).encode(), 1)
 
     def device(self) -> Device:
-        profile = Profile(http_url="http://127.0.0.1:9", user_id=USER, device_id=DEVICE, token=f"tok-{DEVICE}",
-                          expires_at=0, mqtt_host="127.0.0.1", mqtt_port=self.port, ws_url="ws://127.0.0.1:9/mqtt")
-        return Device(profile, reply_timeout=5.0)
+        return device_on(self.port, 5.0)
 
 
 @pytest.fixture
 async def server() -> AsyncIterator[RefusingServer]:
-    broker, port = await embedded_broker(tok_tokens(USER))
-    fake = RefusingServer(broker=broker, port=port)
-    broker.set_ingest(fake.ingest)
-    try:
+    async with on_broker(lambda broker, port: RefusingServer(broker=broker, port=port)) as fake:
         yield fake
-    finally:
-        await broker.shutdown()
 
 
 @pytest.fixture

@@ -13,9 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 import pytest
 
@@ -27,6 +28,7 @@ from tests.conftest import embedded_broker, tok_tokens
 USER = "u1"
 DEVICE = "d1"
 TIMEOUT = 1.0  # the device's reply timeout in these tests
+F = TypeVar("F", bound="Fake")
 
 
 def request_object(payload: bytes) -> dict[str, object]:
@@ -35,6 +37,16 @@ def request_object(payload: bytes) -> dict[str, object]:
         return dict(json.loads(payload))
     req = parse_request_v2(payload, 1 << 16)
     return {"type": req.type, "id": getattr(req, "id", None), "after": getattr(req, "after", 0)}
+
+
+async def synced(broker: PigeonBroker, msg: dict[str, object]) -> bool:
+    """Answer a ``sync`` with nothing waiting (the device syncs as it connects); False for
+    anything else."""
+    if msg.get("type") != "sync":
+        return False
+    batch = {"type": "batch", "id": msg["id"], "items": [], "last": msg.get("after", 0), "more": False}
+    await broker.publish(f"down/{USER}/{DEVICE}", json.dumps(batch).encode(), 1)
+    return True
 
 
 @dataclass
@@ -52,10 +64,9 @@ class FakeServer:
     async def ingest(self, topic: str, payload: bytes) -> None:
         msg = request_object(payload)
         down = f"down/{USER}/{DEVICE}"
-        if msg.get("type") == "sync":
-            batch = {"type": "batch", "id": msg["id"], "items": [], "last": msg.get("after", 0), "more": False}
-            await self.broker.publish(down, json.dumps(batch).encode(), 1)
-        elif msg.get("type") == "send":
+        if await synced(self.broker, msg):
+            return
+        if msg.get("type") == "send":
             self.sends += 1
             if self.reply is not None:
                 await self.broker.publish(down, json.dumps({**self.reply, "id": msg["id"]}).encode(), 1)
@@ -63,21 +74,39 @@ class FakeServer:
                 await asyncio.wait_for(self.release.wait(), self.hold)
 
     def device(self) -> Device:
-        profile = Profile(http_url="http://127.0.0.1:9", user_id=USER, device_id=DEVICE, token=f"tok-{DEVICE}",
-                          expires_at=0, mqtt_host="127.0.0.1", mqtt_port=self.port, ws_url="ws://127.0.0.1:9/mqtt")
-        return Device(profile, reply_timeout=TIMEOUT)
+        return device_on(self.port, TIMEOUT)
 
 
-@pytest.fixture
-async def server() -> AsyncIterator[FakeServer]:
+def device_on(port: int, reply_timeout: float) -> Device:
+    """The test device, on the embedded broker at ``port``."""
+    profile = Profile(http_url="http://127.0.0.1:9", user_id=USER, device_id=DEVICE, token=f"tok-{DEVICE}",
+                      expires_at=0, mqtt_host="127.0.0.1", mqtt_port=port, ws_url="ws://127.0.0.1:9/mqtt")
+    return Device(profile, reply_timeout=reply_timeout)
+
+
+class Fake(Protocol):
+    async def ingest(self, topic: str, payload: bytes) -> None: ...
+
+
+@contextlib.asynccontextmanager
+async def on_broker(make: Callable[[PigeonBroker, int], F]) -> AsyncIterator[F]:
+    """A fake server (``make(broker, port)``) as the ingest of a real embedded broker."""
     broker, port = await embedded_broker(tok_tokens(USER))
-    fake = FakeServer(broker=broker, port=port)
+    fake = make(broker, port)
     broker.set_ingest(fake.ingest)
     try:
         yield fake
     finally:
-        fake.release.set()
         await broker.shutdown()
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[FakeServer]:
+    async with on_broker(lambda broker, port: FakeServer(broker=broker, port=port)) as fake:
+        try:
+            yield fake
+        finally:
+            fake.release.set()
 
 
 async def test_a_reply_that_beats_a_held_puback_is_returned(server: FakeServer) -> None:
