@@ -84,6 +84,10 @@ export class Device {
   private state: Status = "connecting";
   private suspended = false;
   private closing = false;
+  // Sends in the order they were made, and those of them going again (refused or unanswered):
+  // a later send waits for every earlier one here (see `send`).
+  private sendsMade = 0;
+  private readonly sendsAgain = new Map<number, Promise<void>>();
 
   constructor(readonly profile: Profile, private readonly options: DeviceOptions = {}) {
     if (!profile.wsUrl) {
@@ -428,7 +432,10 @@ export class Device {
   }
 
   /** Send a message to a chat (`chat`) or to a user's direct chat (`to`); retried under the same id
-   * until the server answers `sent` (the single tick). */
+   * until the server answers `sent` (the single tick). Sends keep the order they were made in
+   * through retries: once one is refused (`rate_limited`, `unavailable`) or unanswered, the device's
+   * later sends (new ones, and refused ones going again) wait until it is through, so the server
+   * numbers them in that order, as the protocol promises for one device's sends to a chat. */
   async send(msg: { body?: string; chat?: string; to?: string; media?: Media; id?: string; retries?: number }):
     Promise<SentReply> {
     const payload: Json = { type: "send", id: msg.id ?? newId() };
@@ -437,16 +444,38 @@ export class Device {
     if (msg.body !== undefined) payload.body = msg.body;
     if (msg.media !== undefined) payload.media = msg.media;
     const retries = msg.retries ?? 3;
+    const order = ++this.sendsMade;
+    let through: (() => void) | null = null;
     let delay = 500;
-    for (let attempt = 0; ; attempt++) {
-      try {
-        return (await this.request(payload)) as unknown as SentReply;
-      } catch (exc) {
-        if (!(exc instanceof PigeonError) || !RETRYABLE.has(exc.code) || attempt >= retries) throw exc;
-        delay = Math.max(delay, exc.retryAfterMs ?? 0);
+    try {
+      for (let attempt = 0; ; attempt++) {
+        await this.afterEarlierSends(order);
+        try {
+          return (await this.request(payload)) as unknown as SentReply;
+        } catch (exc) {
+          if (!(exc instanceof PigeonError) || !RETRYABLE.has(exc.code) || attempt >= retries) throw exc;
+          delay = Math.max(delay, exc.retryAfterMs ?? 0);
+        }
+        if (through === null) {
+          this.sendsAgain.set(order, new Promise<void>((resolve) => { through = resolve; }));
+        }
+        await sleep(Math.min(delay, 10_000) * (1 + Math.random() / 2));
+        delay *= 2;
       }
-      await sleep(Math.min(delay, 10_000) * (1 + Math.random() / 2));
-      delay *= 2;
+    } finally {
+      if (through !== null) {
+        this.sendsAgain.delete(order);
+        (through as () => void)();
+      }
+    }
+  }
+
+  /** Wait until no send made before this one is still going again. */
+  private async afterEarlierSends(order: number): Promise<void> {
+    for (;;) {
+      const earlier = [...this.sendsAgain].find(([k]) => k < order);
+      if (earlier === undefined) return;
+      await earlier[1];
     }
   }
 
