@@ -140,9 +140,10 @@ class DynSecAdmin:
         # before the client that names it (two round trips made a login under a flood wait twice
         # behind everything else the broker had to do). A role made before protocol v2 gets its
         # v2 topic added; one that has it answers "already exists".
+        acls = device_acls(user_id, device_id)
         replies = await self.run([
-            {"command": "createRole", "rolename": role, "acls": device_acls(user_id, device_id)},
-            {"command": "addRoleACL", "rolename": role, **device_acls(user_id, device_id)[-1]},
+            {"command": "createRole", "rolename": role, "acls": acls},
+            {"command": "addRoleACL", "rolename": role, **acls[-1]},
             {"command": "createClient", "username": device_id, "password": token, "clientid": device_id,
              "textdescription": note, "roles": [{"rolename": role}]},
         ], tolerate=["already exists"])
