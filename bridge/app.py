@@ -21,6 +21,7 @@ import uvicorn
 from broker.dynsec import DynSecAdmin, DynSecError
 from broker.embedded import MAX_PACKET_BYTES, PigeonBroker, broker_config, listener_names
 from broker.gate import DeviceGate
+from broker.token_plugin import TokenPlugin
 from storage import StorageError, open_media, open_store
 from storage.media_local import LocalMediaStore
 from storage.push_queue import open_push_queue
@@ -82,6 +83,7 @@ class PigeonServer:
         self._broker: PigeonBroker | None = None
         self._ingest_client: MqttIngest | None = None
         self._dynsec: DynSecAdmin | None = None
+        self._devices_at_broker: DynSecAdmin | TokenPlugin | None = None  # what it is told of devices
         self._runner: asyncio.Task[None] | None = None
         self.kinds = DeviceKinds()  # which devices speak protocol v2 (bridge/wire.py)
         self.v1_read: V1Readers | None = None  # on an external broker: who may read down/{user}
@@ -130,7 +132,7 @@ class PigeonServer:
         blobs = open_media(s.media_url, secret=s.secret, public_base=base)
         await blobs.open()
         self.blobs = blobs
-        signer = TokenSigner(s.secret)
+        signer = self._signer = TokenSigner(s.secret)
         self.state = open_state(s.redis, peer_host=s.peer_host or None, peer_secret=s.secret)
         try:
             await self.state.open()
@@ -316,7 +318,8 @@ class PigeonServer:
 
     async def _use_external_broker(self, s: Settings) -> None:
         """Devices connect to a broker we do not run; the bridge is its privileged client and
-        registers each device in the broker's dynamic security at login."""
+        either registers each device in the broker's dynamic security at login or, with
+        broker_auth "plugin", leaves checking tokens to Pigeon's plugin there."""
         assert s.broker is not None and s.broker_credentials_file is not None
         url = urlparse(s.broker)
         secure = url.scheme == "mqtts"
@@ -337,7 +340,18 @@ class PigeonServer:
         except DynSecError as exc:
             await admin.__aexit__(None, None, None)
             raise StartupError(f"broker {host}:{port}: {exc}") from exc
-        self._dynsec = admin
+        if s.broker_auth == "plugin":  # the broker checks tokens itself (broker/token_plugin.py)
+            plugin = TokenPlugin(admin, self._signer.issue, self.clock.now_ms, s.token_ttl_s * 1000,
+                                 host=host, port=port, tls_context=broker_tls)
+            try:
+                await plugin.check()
+            except DynSecError as exc:
+                await admin.__aexit__(None, None, None)
+                raise StartupError(f"broker {host}:{port}: {exc}") from exc
+            devices: DynSecAdmin | TokenPlugin = plugin
+        else:
+            devices = admin
+        self._dynsec, self._devices_at_broker = admin, devices
         partitions = self.store if isinstance(self.store, Partitions) else None
         call = getattr(self.state, "call", None)
         ask_holder: AskHolder | None = None
@@ -359,14 +373,14 @@ class PigeonServer:
             handle = getattr(self.state, "handle", None)
             if handle is not None:
                 handle("subscribe", self._ingest_client.serve_subscribe)
-            self.accounts.registry = _WatchedRegistry(admin, self._ingest_client)
+            self.accounts.registry = _WatchedRegistry(devices, self._ingest_client)
         else:  # one bridge: a persistent session that takes every device's traffic
             self._ingest_client = MqttIngest(
                 host, port, username=user, password=password, client_id=f"{user}-all", handle=self._ingest,
                 persistent=True, tls_context=broker_tls, admit=self._admit, release=self.admission.release,
                 start=self._start,
             )
-            self.accounts.registry = admin
+            self.accounts.registry = devices
 
     async def _connected_devices(self) -> int:
         if self._broker is not None:
@@ -437,11 +451,12 @@ class PigeonServer:
 
     async def _disconnect_device(self, device_id: str) -> None:
         """Close a device's connection: the embedded broker drops it; on Mosquitto, dynamic
-        security disables and re-enables its client, which kicks it (it may connect again)."""
+        security disables and re-enables its client, or Pigeon's plugin is told to kick it (it
+        may connect again)."""
         if self._broker is not None:
             await self._broker.disconnect_device(device_id)
-        elif self._dynsec is not None:
-            await self._dynsec.kick_device(device_id)
+        elif self._devices_at_broker is not None:
+            await self._devices_at_broker.kick_device(device_id)
 
     async def _ingest(self, topic: str, payload: bytes) -> None:
         outs = await self.router.handle(topic, payload)
@@ -494,7 +509,7 @@ class _WatchedRegistry:
     """At login: the device's credentials in the broker, and its user's device topics in the
     broker session of the bridge that holds the user's partition, before the token is handed out."""
 
-    def __init__(self, admin: DynSecAdmin, ingest: MqttIngest) -> None:
+    def __init__(self, admin: DynSecAdmin | TokenPlugin, ingest: MqttIngest) -> None:
         self._admin, self._ingest = admin, ingest
 
     async def register_device(self, user_id: str, device_id: str, token: str, expires_at: int) -> None:

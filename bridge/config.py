@@ -14,6 +14,7 @@ from .errors import ConfigError
 from .tls import client_context, server_context
 
 DAY_S = 86_400
+BROKER_AUTH = ("dynsec", "plugin")
 # what VAPID (RFC 8292, as py_vapid checks it) takes as a subject: a mail address or an https origin
 VAPID_SUBJECT_RE = re.compile(r"^(mailto:[^@\s]+@(localhost|[\w%-]+(\.[\w%-]+)+)|https://(localhost|[\w-]+\.[\w.-]+))$")
 
@@ -46,6 +47,9 @@ class Settings:
     broker: str | None = None
     broker_credentials_file: Path | None = None
     broker_ca_file: Path | None = None  # with an mqtts:// broker: the CA its certificate is checked against
+    # how an external Mosquitto knows devices: "dynsec", a dynamic-security client per device made
+    # at login; "plugin", Pigeon's plugin checks their tokens with this deployment's secret
+    broker_auth: str = "dynsec"
     secret: bytes = field(default=b"", repr=False)
     sms_webhook: str | None = None
     max_payload: int = 64 * 1024
@@ -150,6 +154,9 @@ class Settings:
             if self.broker_credentials_file is None:
                 raise ConfigError("broker_credentials_file (PIGEON_BROKER_CREDENTIALS_FILE) is required with broker")
             _check_public(self.broker)
+        if self.broker_auth not in BROKER_AUTH:
+            raise ConfigError(f"broker_auth (PIGEON_BROKER_AUTH) must be one of {', '.join(BROKER_AUTH)}, "
+                              f"got {self.broker_auth!r}")
         if self.broker_ca_file is not None:
             client_context(self.broker_ca_file)  # a missing or unusable CA file is a ConfigError now
         if self.ingest not in ("inprocess", "mqtt"):

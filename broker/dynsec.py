@@ -120,6 +120,15 @@ class DynSecAdmin:
                 raise DynSecError(f"{cmd['command']} refused: {error}")
         return list(replies)
 
+    async def control(self, topic: str, payload: str) -> None:
+        """Publish a command at QoS 1 on another plugin's control topic and wait for Mosquitto's
+        acknowledgement, which it sends once the plugin has carried the command out."""
+        try:
+            async with self._lock:
+                await self._client.publish(topic, payload, qos=1, timeout=self._timeout)
+        except aiomqtt.MqttError as exc:
+            raise DynSecError(f"the broker did not take a command on {topic}: {exc!r}") from exc
+
     async def check_bridge_role(self) -> None:
         """The bridge's client must hold BRIDGE_ROLE (publish under down/, subscribe up/+/+).
 

@@ -83,6 +83,10 @@ def serve(
     broker_ca_file: Annotated[Path | None, typer.Option(
         envvar="PIGEON_BROKER_CA_FILE", help="with an mqtts:// broker: the CA file its certificate is checked "
         "against (absent: the system's CAs)")] = None,
+    broker_auth: Annotated[str | None, typer.Option(
+        envvar="PIGEON_BROKER_AUTH", help="how the external broker checks devices: 'dynsec' (a dynamic-security "
+        "client per device, made at login) or 'plugin' (Pigeon's Mosquitto plugin checks their tokens; "
+        "docs/deploy.md)")] = None,
     sms_webhook: Annotated[str | None, typer.Option(envvar="PIGEON_SMS_WEBHOOK")] = None,
     rate: Annotated[float, typer.Option(envvar="PIGEON_RATE", help="Requests/s per device")] = 50.0,
     burst: Annotated[int, typer.Option(envvar="PIGEON_BURST")] = 200,
@@ -155,6 +159,7 @@ def serve(
             ws_port=ws_port, http_port=http_port, store=store, media=media, redis=redis, sms_webhook=sms_webhook,
             peer_host="" if peer_host.strip().lower() == "off" else peer_host.strip(),
             broker=broker, broker_credentials_file=broker_credentials_file, broker_ca_file=broker_ca_file,
+            broker_auth=broker_auth,
             tls_cert=tls_cert, tls_key=tls_key, mqtts_port=mqtts_port, wss_port=wss_port, https_port=https_port,
             plaintext=plaintext,
             rate_per_s=rate, rate_burst=burst, max_group=max_group, max_payload=max_payload,

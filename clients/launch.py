@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BACKEND_VARS = ("PIGEON_STORE", "PIGEON_MEDIA", "PIGEON_REDIS", "PIGEON_BROKER", "PIGEON_BROKER_CREDENTIALS_FILE")
+BACKEND_VARS = ("PIGEON_STORE", "PIGEON_MEDIA", "PIGEON_REDIS", "PIGEON_BROKER", "PIGEON_BROKER_CREDENTIALS_FILE",
+                "PIGEON_BROKER_AUTH")
 # "pigeon ready http=URL mqtt=HOST:PORT ws=URL [https=URL mqtts=HOST:PORT wss=URL] data=DIR", "off" for a
 # listener not served
 READY_RE = re.compile(r"pigeon ready (.*)$")

@@ -26,7 +26,11 @@ Where the servers come from (no Docker engine needed):
              gcc, libssl-dev and libcjson-dev, installed with apt-get as root when missing). The
              version is exported as SERVICES_MOSQUITTO_VERSION. The bridge's own
              credential is written to .services/mosquitto/bridge.credentials (mode 0600) and
-             exported as PIGEON_BROKER_CREDENTIALS_FILE. Beside its plain listener it has a TLS
+             exported as PIGEON_BROKER_CREDENTIALS_FILE. Devices are checked by Pigeon's own
+             plugin (broker/mosquitto/pigeon_auth.c, compiled once into the cache with gcc,
+             mosquitto-dev, libmosquitto-dev and libssl-dev, installed with apt-get as root when
+             missing) with a secret made for the run: exported as PIGEON_SECRET_FILE, with
+             PIGEON_BROKER_AUTH=plugin. Beside its plain listener it has a TLS
              one (TLS 1.2+) with a certificate for 127.0.0.1 and localhost from a CA made for this
              run with openssl (.services/mosquitto/tls/), exported as PIGEON_BROKER_TLS
              (mqtts://127.0.0.1:PORT) and PIGEON_BROKER_TLS_CA_FILE (the CA's certificate).
@@ -45,6 +49,7 @@ Only the standard library is used, so this runs before any virtualenv exists.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -343,6 +348,10 @@ MOSQUITTO_MAX_PACKET = 128 * 1024 * 1024
 # PUBLISH with QoS 0 and DUP, a SUBACK or PINGRESP from a client, a PINGREQ with flags or a body,
 # and a connection that sends no CONNECT after 30 s instead of about 95 (RELIABILITY.md).
 MOSQUITTO_RELEASES = {"2.1.2": "99fa50f30e325609394c324c8ff71cfbbe95d8ab"}
+# Pigeon's own plugin: Mosquitto checks device tokens itself (docs/deploy.md)
+AUTH_PLUGIN_SOURCE = ROOT / "broker" / "mosquitto" / "pigeon_auth.c"
+AUTH_PLUGIN_NEEDS = {"cc": "gcc", "/usr/include/mosquitto_broker.h": "mosquitto-dev",
+                     "/usr/include/mosquitto.h": "libmosquitto-dev", "/usr/include/openssl/hmac.h": "libssl-dev"}
 MOSQUITTO_GIT = os.environ.get("SERVICES_MOSQUITTO_GIT", "https://github.com/eclipse-mosquitto/mosquitto.git")
 # what building it needs, by Debian package: a program on PATH or a header
 MOSQUITTO_BUILD_NEEDS = {"git": "git", "cmake": "cmake", "make": "make", "cc": "gcc",
@@ -373,15 +382,7 @@ def built_mosquitto(version: str) -> Path:
     home = CACHE / f"mosquitto-{version}"
     if (home / "sbin" / "mosquitto").exists():
         return home
-    missing = sorted({pkg for need, pkg in MOSQUITTO_BUILD_NEEDS.items()
-                      if not (Path(need).exists() if need.startswith("/") else shutil.which(need))})
-    if missing:
-        if os.geteuid() != 0:
-            raise SystemExit(f"services: building Mosquitto {version} needs {' '.join(missing)} (apt-get, as root)")
-        say(f"installing {' '.join(missing)} (apt) to build Mosquitto {version}")
-        run(["apt-get", "update", "-qq"], stdout=subprocess.DEVNULL)
-        run(["apt-get", "install", "-y", "-qq", *missing], stdout=subprocess.DEVNULL,
-            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    install_missing(MOSQUITTO_BUILD_NEEDS, f"building Mosquitto {version}")
     work = CACHE / f"mosquitto-{version}.build"
     shutil.rmtree(work, ignore_errors=True)
     say(f"building Mosquitto {version} from {MOSQUITTO_GIT} into {home}")
@@ -398,6 +399,42 @@ def built_mosquitto(version: str) -> Path:
     run(["cmake", "--install", str(work / "build")], stdout=subprocess.DEVNULL)
     shutil.rmtree(work, ignore_errors=True)
     return home
+
+
+def install_missing(needs: dict[str, str], purpose: str) -> None:
+    """Install (apt-get, as root) the packages of ``needs`` (a program on PATH or a file -> its
+    Debian package) whose program or file is missing."""
+    missing = sorted({pkg for need, pkg in needs.items()
+                      if not (Path(need).exists() if need.startswith("/") else shutil.which(need))})
+    if not missing:
+        return
+    if os.geteuid() != 0:
+        raise SystemExit(f"services: {purpose} needs {' '.join(missing)} (apt-get, as root)")
+    say(f"installing {' '.join(missing)} (apt) for {purpose}")
+    run(["apt-get", "update", "-qq"], stdout=subprocess.DEVNULL)
+    run(["apt-get", "install", "-y", "-qq", *missing], stdout=subprocess.DEVNULL,
+        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+
+
+def auth_plugin(include: Path | None) -> Path:
+    """broker/mosquitto/pigeon_auth.c compiled against this Mosquitto's headers (``include``,
+    or Debian's mosquitto-dev when None), once per source and headers, into the cache."""
+    source = AUTH_PLUGIN_SOURCE.read_bytes()
+    built = CACHE / f"pigeon_auth-{hashlib.sha256(source + str(include).encode()).hexdigest()[:16]}.so"
+    if built.exists():
+        return built
+    needs = AUTH_PLUGIN_NEEDS if include is None else {"cc": "gcc", "/usr/include/openssl/hmac.h": "libssl-dev"}
+    install_missing(needs, "building Pigeon's Mosquitto plugin")
+    CACHE.mkdir(parents=True, exist_ok=True)
+    partial = built.with_suffix(".partial")
+    run(["cc", "-std=c11", "-D_POSIX_C_SOURCE=200809L", "-O2", "-Wall", "-Wextra", "-shared", "-fPIC",
+         *(["-I", str(include)] if include is not None else []), str(AUTH_PLUGIN_SOURCE), "-lcrypto",
+         "-o", str(partial)])
+    partial.rename(built)
+    for stale in CACHE.glob("pigeon_auth-*.so"):  # builds of earlier sources
+        if stale != built:
+            stale.unlink()
+    return built
 
 
 def mosquitto_binary() -> str:
@@ -463,6 +500,17 @@ def start_mosquitto(state: dict[str, object]) -> str:
     run([ctrl_program, "dynsec", "init", str(dynsec), BRIDGE_USER], input=f"{password}\n{password}\n".encode(),
         stdout=subprocess.DEVNULL)
     _give_to_mosquitto(home, dynsec)
+    # Pigeon's plugin checks device tokens (signed with this deployment's secret, exported as
+    # PIGEON_SECRET_FILE); dynamic security only knows the bridge's own client
+    auth = home / "auth"
+    auth.mkdir(exist_ok=True)
+    secret = auth / "secret"
+    secret.write_text(secrets.token_hex(32))
+    secret.chmod(0o600)
+    built = auth_plugin(None if plugin.startswith("/usr/") else Path(plugin).parent.parent / "include")
+    auth_so = Path(shutil.copy(built, auth / "pigeon_auth.so"))
+    (auth / "revoked").unlink(missing_ok=True)
+    _give_to_mosquitto(auth, secret, auth_so)
     if not plugin.startswith("/usr/"):
         # a build in the cache: Mosquitto started as root drops to its own user, which cannot
         # read root's home, so the plugin goes beside the configuration
@@ -500,6 +548,9 @@ set_tcp_nodelay true
 log_dest stdout
 log_type error
 log_type warning
+plugin {auth_so}
+plugin_opt_secret_file {secret}
+plugin_opt_revoked_file {auth / "revoked"}
 plugin {plugin}
 plugin_opt_config_file {dynsec}
 """)
@@ -510,10 +561,12 @@ plugin_opt_config_file {dynsec}
                  ["addRoleACL", "pigeon-bridge-io", "publishClientSend", "down/#", "allow"],
                  ["addRoleACL", "pigeon-bridge-io", "subscribePattern", "up/+/+", "allow"],
                  ["addRoleACL", "pigeon-bridge-io", "publishClientSend", "up/~probe/#", "allow"],
+                 ["addRoleACL", "pigeon-bridge-io", "publishClientSend", "$CONTROL/pigeon-auth/v1", "allow"],
                  ["addClientRole", BRIDGE_USER, "pigeon-bridge-io"]):
         run([*ctrl, *args], stderr=subprocess.DEVNULL)
     state["mosquitto"] = {"pid": proc.pid, "port": port, "tls_port": tls_port, "version": version}
     state["mosquitto_credentials"] = str(creds)
+    state["mosquitto_secret"] = str(secret)
     state["mosquitto_tls_ca"] = str(ca)
     return f"mqtt://127.0.0.1:{port}"
 
@@ -588,6 +641,9 @@ def up() -> None:
         raise
     if "mosquitto_credentials" in state:
         exports["PIGEON_BROKER_CREDENTIALS_FILE"] = str(state["mosquitto_credentials"])
+        # the bridges sign tokens with the secret the broker's plugin checks them with
+        exports["PIGEON_SECRET_FILE"] = str(state["mosquitto_secret"])
+        exports["PIGEON_BROKER_AUTH"] = "plugin"
     if "mosquitto_tls_ca" in state:
         mosquitto = state["mosquitto"]
         assert isinstance(mosquitto, dict)

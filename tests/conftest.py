@@ -99,7 +99,9 @@ def broker_flags() -> list[str]:
     """Flags for the external Mosquitto that scripts/services started."""
     broker = production_url("PIGEON_BROKER", "mqtt://")
     creds = production_url("PIGEON_BROKER_CREDENTIALS_FILE", "/")
-    return ["--broker", broker, "--broker-credentials-file", creds]
+    # how that Mosquitto checks devices: Pigeon's plugin, with the secret exported as PIGEON_SECRET_FILE
+    return ["--broker", broker, "--broker-credentials-file", creds,
+            "--broker-auth", os.environ.get("PIGEON_BROKER_AUTH", "dynsec")]
 
 
 @contextmanager

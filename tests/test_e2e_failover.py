@@ -15,6 +15,7 @@ names its holder, ``{host}-{pid}-{hex}``): no server code is needed for it.
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 import signal
 import time
@@ -54,8 +55,10 @@ def holds(srv: ServerProc, holder: str) -> bool:
 
 @pytest.fixture
 def deployment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[list[str], ServerProc, ServerProc]]:
-    # one deployment signs with one secret: a token one bridge gave is good on the other
-    monkeypatch.setenv("PIGEON_SECRET", secrets.token_hex(32))
+    # one deployment signs with one secret: a token one bridge gave is good on the other (the
+    # services' Mosquitto checks tokens with the secret they export as PIGEON_SECRET_FILE)
+    if not os.environ.get("PIGEON_SECRET_FILE"):
+        monkeypatch.setenv("PIGEON_SECRET", secrets.token_hex(32))
     flags = production_flags() + broker_flags()  # once: both bridges on one keyspace
     with two_bridges(tmp_path / "bridge0", tmp_path / "bridge1", *flags) as (first, second):
         yield flags, first, second

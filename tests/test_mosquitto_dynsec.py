@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import urlparse
 
 import aiomqtt
+import httpx
 import pytest
 
 from broker.dynsec import DynSecAdmin
-from tests.conftest import production_url
+from clients.launch import ServerProc
+from clients.sdk import Device, login
+from tests.conftest import fresh_phone, production_flags, production_url
 from tests.mqtt_raw import connack_code, connect_packet, read_packet, subscribe_packet
 
 
@@ -103,3 +107,40 @@ async def test_devices_whose_tokens_expired_are_removed(admin: DynSecAdmin) -> N
     assert await connack_code(host, port, connect_packet(old, old, old_token)) in (4, 5)
     assert await connack_code(host, port, connect_packet(live, live, live_token)) == 0
     await admin.remove_device(live)
+
+
+async def test_a_server_without_the_plugin_registers_its_devices_at_login(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``--broker-auth dynsec``, with a secret the broker's plugin does not hold (so the plugin
+    leaves its tokens to dynamic security): devices log in, talk, and an unlinked one is closed
+    and refused from then on."""
+    monkeypatch.setenv("PIGEON_SECRET", secrets.token_hex(32))
+    srv = ServerProc.start(tmp_path / "srv", *production_flags(), "--broker", production_url("PIGEON_BROKER", "mqtt://"),
+                           "--broker-credentials-file", production_url("PIGEON_BROKER_CREDENTIALS_FILE", "/"),
+                           "--broker-auth", "dynsec")
+    try:
+        a = await login(srv.http, fresh_phone(), device_name="a")
+        b = await login(srv.http, fresh_phone(), device_name="b")
+        host, port, _, _ = broker()
+        async with Device(a) as dev_a, Device(b) as dev_b:
+            sent = await dev_a.send("over dynamic security", to=b.user_id)
+            async with asyncio.timeout(10):
+                while (event := await dev_b.next_event(timeout=10)).get("body") != "over dynamic security":
+                    pass
+            assert event["seq"] == sent["seq"]
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            writer.write(connect_packet(b.device_id, b.device_id, b.token))
+            await writer.drain()
+            assert (await read_packet(reader))[1][1] == 0
+            async with httpx.AsyncClient(base_url=srv.http) as http:
+                gone = await http.delete(f"/v1/devices/{b.device_id}", headers={"Authorization": f"Bearer {b.token}"})
+                assert gone.status_code == 200, gone.text
+            async with asyncio.timeout(10):
+                assert await reader.read() == b""  # dynamic security closed it
+        finally:
+            writer.close()
+        assert await connack_code(host, port, connect_packet(b.device_id, b.device_id, b.token)) in (4, 5)
+    finally:
+        srv.stop()

@@ -319,9 +319,15 @@ def open_target(profile: str | None, http: str | None, mqtt: str | None, server_
             creds = Path(env["PIGEON_BROKER_CREDENTIALS_FILE"])
             flags = (*BENCH_SERVER_FLAGS, "--store", store, "--media", env["PIGEON_MEDIA"],
                      "--redis", env["PIGEON_REDIS"], "--broker", env["PIGEON_BROKER"],
-                     "--broker-credentials-file", str(creds))
-            # bridges of one deployment sign with one secret: a token one gave is good on all
-            os.environ.setdefault("PIGEON_SECRET", secrets.token_hex(32))
+                     "--broker-credentials-file", str(creds),
+                     # the services' way (their plugin), unless PIGEON_BROKER_AUTH here says otherwise
+                     "--broker-auth", os.environ.get("PIGEON_BROKER_AUTH") or env.get("PIGEON_BROKER_AUTH", "dynsec"))
+            # bridges of one deployment sign with one secret: a token one gave is good on all (with
+            # the services' Mosquitto, the secret its plugin checks tokens with: PIGEON_SECRET_FILE)
+            if env.get("PIGEON_SECRET_FILE"):
+                os.environ["PIGEON_SECRET_FILE"] = env["PIGEON_SECRET_FILE"]
+            else:
+                os.environ.setdefault("PIGEON_SECRET", secrets.token_hex(32))
             servers: list[ServerProc] = []
             try:
                 for i in range(bridges):

@@ -1,0 +1,257 @@
+"""Devices on a real Mosquitto that checks their tokens itself: Pigeon's pigeon_auth plugin
+(broker/mosquitto/pigeon_auth.c, broker/token_plugin.py).
+
+The broker is the one scripts/services started, with the plugin and the secret it exports as
+PIGEON_SECRET_FILE; one test starts a Mosquitto of its own to restart it. Every refusal of
+protocol section 2 is checked with raw MQTT packets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import urlparse
+
+import aiomqtt
+import pytest
+
+from bridge.tokens import TokenSigner
+from broker.dynsec import DynSecAdmin, DynSecError
+from broker.token_plugin import PLUGIN_CONTROL, TokenPlugin
+from tests.conftest import production_url
+from tests.mqtt_raw import connack_code, connect_packet, read_packet, subscribe_packet
+
+ROOT = Path(__file__).resolve().parent.parent
+DAY_MS = 86_400_000
+
+
+def broker() -> tuple[str, int, str, str]:
+    url = urlparse(production_url("PIGEON_BROKER", "mqtt://"))
+    creds = Path(production_url("PIGEON_BROKER_CREDENTIALS_FILE", "/")).read_text().strip()
+    user, _, password = creds.partition(":")
+    return url.hostname or "127.0.0.1", url.port or 1883, user, password
+
+
+def signer() -> TokenSigner:
+    return TokenSigner(Path(production_url("PIGEON_SECRET_FILE", "/")).read_bytes().strip())
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def ids() -> tuple[str, str]:
+    return "u" + uuid.uuid4().hex[:12], "d" + uuid.uuid4().hex[:12]
+
+
+@pytest.fixture
+async def plugin() -> AsyncIterator[TokenPlugin]:
+    host, port, user, password = broker()
+    async with DynSecAdmin(host, port, user, password) as admin:
+        p = TokenPlugin(admin, signer().issue, now_ms, DAY_MS, host=host, port=port)
+        await p.check()
+        yield p
+
+
+async def test_a_device_connects_with_a_token_of_this_deployment_only() -> None:
+    host, port, _, _ = broker()
+    user, device = ids()
+    token = signer().issue(user, device, now_ms() + 60_000)
+    assert await connack_code(host, port, connect_packet(device, device, token)) == 0  # nothing registered
+    refused = {
+        "expired": connect_packet(device, device, signer().issue(user, device, now_ms() - 1)),
+        "forged": connect_packet(device, device, token[:-1] + ("0" if token[-1] != "0" else "1")),
+        "another secret": connect_packet(device, device, TokenSigner(b"x" * 32).issue(user, device, now_ms() + 60_000)),
+        "another client id": connect_packet("d-someone-else", device, token),
+        "another username": connect_packet(device, "d-someone-else", token),
+        "no password": connect_packet(device, device),
+        "not a token": connect_packet(device, device, "pg1.a.b"),
+    }
+    for what, packet in refused.items():
+        assert await connack_code(host, port, packet) in (4, 5), what
+
+
+async def test_device_permissions_are_those_of_the_protocol() -> None:
+    host, port, bridge_user, bridge_password = broker()
+    user, device = ids()
+    _, sibling = ids()
+    token = signer().issue(user, device, now_ms() + 60_000)
+    async with aiomqtt.Client(host, port, username=bridge_user, password=bridge_password,
+                              identifier=f"bridge-test-{uuid.uuid4().hex[:6]}") as bridge:
+        await bridge.subscribe("up/+/+", qos=1)
+        async with aiomqtt.Client(host, port, username=device, password=token, identifier=device) as dev:
+            await dev.publish(f"up/{user}/{sibling}", b"as a sibling", qos=1)  # refused silently
+            await dev.publish(f"up/uSomeoneElse/{device}", b"as another user", qos=1)
+            await dev.publish(f"down/{user}", b"spoof", qos=1)
+            await dev.publish(PLUGIN_CONTROL, f"kick {sibling}\n", qos=1)
+            await dev.publish(f"up/{user}/{device}", json.dumps({"type": "ping"}), qos=1)
+        async with asyncio.timeout(5):
+            async for message in bridge.messages:
+                assert message.topic.value == f"up/{user}/{device}"  # the only one that got through
+                break
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(connect_packet(device, device, token))
+        refused = ["#", "up/+/+", f"down/{user}/{sibling}", "down/uSomeoneElse", f"down/{user}/+", f"down/{user}/#",
+                   "$SYS/#", f"down/{user}x", f"down/{user}/v2/x"]
+        for i, topic in enumerate(refused):
+            writer.write(subscribe_packet(topic, 10 + i))
+        for i, topic in enumerate([f"down/{user}", f"down/{user}/{device}", f"down/{user}/v2"]):
+            writer.write(subscribe_packet(topic, 30 + i))
+        await writer.drain()
+        assert (await read_packet(reader))[1][1] == 0
+        codes = [(await read_packet(reader))[1][2] for _ in range(len(refused) + 3)]
+        assert codes == [0x80] * len(refused) + [1, 1, 1]
+    finally:
+        writer.close()
+
+
+async def test_an_unlinked_device_is_closed_and_refused_from_then_on(plugin: TokenPlugin) -> None:
+    host, port, _, _ = broker()
+    user, device = ids()
+    _, sibling = ids()
+    token = signer().issue(user, device, now_ms() + 60_000)
+    sibling_token = signer().issue(user, sibling, now_ms() + 60_000)
+    async with aiomqtt.Client(host, port, username=sibling, password=sibling_token, identifier=sibling) as other:
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            writer.write(connect_packet(device, device, token))
+            await writer.drain()
+            assert (await read_packet(reader))[1][1] == 0
+            await plugin.remove_device(device)
+            async with asyncio.timeout(5):
+                assert await reader.read() == b""  # closed by the broker
+        finally:
+            writer.close()
+        assert await connack_code(host, port, connect_packet(device, device, token)) in (4, 5)
+        # kept where a restarted broker reads it again
+        assert device in (Path(production_url("PIGEON_SECRET_FILE", "/")).parent / "revoked").read_text()
+        # a newer token of the same device is refused too; its sibling carries on
+        newer = signer().issue(user, device, now_ms() + 120_000)
+        assert await connack_code(host, port, connect_packet(device, device, newer)) in (4, 5)
+        await other.publish(f"up/{user}/{sibling}", json.dumps({"type": "ping"}), qos=1)
+
+
+async def will_after(host: str, port: int, device: str, token: str, will_topic: str,
+                     close: Callable[[], Awaitable[None]]) -> bytes | None:
+    """Connect the device with a will, ``close`` it, and return the will the bridge's client
+    saw published within 2 s (None if none)."""
+    _, _, bridge_user, bridge_password = broker()
+    async with aiomqtt.Client(host, port, username=bridge_user, password=bridge_password,
+                              identifier=f"bridge-test-{uuid.uuid4().hex[:6]}") as bridge:
+        await bridge.subscribe(will_topic, qos=1)
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            writer.write(connect_packet(device, device, token, will=(will_topic, b"gone")))
+            await writer.drain()
+            assert (await read_packet(reader))[1][1] == 0
+            await close()
+            async with asyncio.timeout(5):
+                assert await reader.read() == b""  # closed by the broker
+        finally:
+            writer.close()
+        try:
+            async with asyncio.timeout(2):
+                async for message in bridge.messages:
+                    return bytes(message.payload) if isinstance(message.payload, bytes) else b""
+        except TimeoutError:
+            return None
+    return None
+
+
+async def test_a_kicked_device_has_its_will_published_and_may_connect_again(plugin: TokenPlugin) -> None:
+    host, port, _, _ = broker()
+    user, device = ids()
+    token = signer().issue(user, device, now_ms() + 60_000)
+    will = await will_after(host, port, device, token, f"up/{user}/{device}", lambda: plugin.kick_device(device))
+    assert will == b"gone"  # as when a connection is lost: presence goes offline
+    assert await connack_code(host, port, connect_packet(device, device, token)) == 0
+
+
+async def test_an_unlinked_device_is_closed_without_its_will(plugin: TokenPlugin) -> None:
+    host, port, _, _ = broker()
+    user, device = ids()
+    token = signer().issue(user, device, now_ms() + 60_000)
+    assert await will_after(host, port, device, token, f"up/{user}/{device}",
+                            lambda: plugin.remove_device(device)) is None
+
+
+async def test_the_check_fails_clearly_when_the_broker_does_not_take_this_deployments_tokens() -> None:
+    host, port, user, password = broker()
+    other = TokenSigner(b"y" * 32)
+    async with DynSecAdmin(host, port, user, password) as admin:
+        with pytest.raises(DynSecError, match="pigeon_auth plugin"):
+            await TokenPlugin(admin, other.issue, now_ms, DAY_MS, host=host, port=port).check()
+
+
+@contextmanager
+def own_mosquitto(home: Path, secret: Path) -> Iterator[int]:
+    """A Mosquitto of the test's own with only the plugin (the services' build), on a free port;
+    stopped again by its PID."""
+    if os.geteuid() != 0:
+        pytest.skip("runs Mosquitto as root ('user root'), as scripts/services does")
+    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    plugin = Path(production_url("PIGEON_SECRET_FILE", "/")).parent / "pigeon_auth.so"
+    if not plugin.exists() or not Path(binary).exists():
+        pytest.skip("the services' Mosquitto and its plugin are not here")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    conf = home / "mosquitto.conf"
+    conf.write_text(f"""user root
+listener {port} 127.0.0.1
+allow_anonymous false
+persistence false
+log_dest file {home / "mosquitto.log"}
+plugin {plugin}
+plugin_opt_secret_file {secret}
+plugin_opt_revoked_file {home / "revoked"}
+""")
+    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    log = (home / "mosquitto.log").read_text()
+                    raise AssertionError(f"own Mosquitto did not start: {log}") from None
+                time.sleep(0.1)
+        yield port
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+
+
+async def test_revocations_outlive_a_restart_and_ended_ones_are_dropped(tmp_path: Path) -> None:
+    """The revocations in the plugin's file are loaded when Mosquitto starts (the ones that ran
+    out, and lines that are not revocations, dropped from the file), and a revoked device stays
+    refused while others connect."""
+    secret = tmp_path / "secret"
+    secret.write_text("s" * 40 + "\n")  # surrounding whitespace is not part of a secret
+    sign = TokenSigner(b"s" * 40)
+    user, revoked = ids()
+    _, ended = ids()
+    _, fine = ids()
+    (tmp_path / "revoked").write_text(f"{revoked} {now_ms() + DAY_MS}\n{ended} {now_ms() - 1}\nbroken line\n")
+    with own_mosquitto(tmp_path, secret) as port:
+        expires = now_ms() + 60_000
+        assert await connack_code("127.0.0.1", port, connect_packet(revoked, revoked,
+                                                                    sign.issue(user, revoked, expires))) in (4, 5)
+        for device in (ended, fine):
+            assert await connack_code("127.0.0.1", port, connect_packet(device, device,
+                                                                        sign.issue(user, device, expires))) == 0
+        kept = (tmp_path / "revoked").read_text().split()
+        assert kept[0] == revoked and len(kept) == 2  # the ended and the broken ones are gone
