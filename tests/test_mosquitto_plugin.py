@@ -14,6 +14,8 @@ import os
 import shutil
 import signal
 import socket
+import string
+import struct
 import subprocess
 import time
 import uuid
@@ -24,11 +26,15 @@ from urllib.parse import urlparse
 
 import aiomqtt
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from bridge.tokens import TokenSigner
 from broker.dynsec import DynSecAdmin, DynSecError
 from broker.token_plugin import PLUGIN_CONTROL, TokenPlugin
+from clients.bench.mqtt import mqtt_str, varint
 from tests.conftest import production_url
+from tests.fuzz import TIMEOUT_S, examples
 from tests.mqtt_raw import connack_code, connect_packet, read_packet, subscribe_packet
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -255,3 +261,107 @@ async def test_revocations_outlive_a_restart_and_ended_ones_are_dropped(tmp_path
                                                                         sign.issue(user, device, expires))) == 0
         kept = (tmp_path / "revoked").read_text().split()
         assert kept[0] == revoked and len(kept) == 2  # the ended and the broken ones are gone
+
+
+# -- the plugin parses what any client sends as a password: fuzzed --------------------------
+NICE_ID = st.text(string.ascii_letters + string.digits + "_-~", min_size=1, max_size=12)
+ODD_ID = st.one_of(
+    st.text(min_size=0, max_size=40),  # any characters: spaces, '/', '#', '+', '.', control ones
+    st.integers(120, 300).map(lambda n: "d" * n),  # around and past the 128 the plugin takes
+    st.sampled_from(["a.b", "a/b", "+", "#", "a b", "\x7f", "é"]),
+)
+
+
+def plugin_accepts(device_id: str) -> bool:
+    """The ids a token may carry, as the plugin checks them (1-128 bytes; no space, control
+    character, '.', '/', '+' or '#')."""
+    raw = device_id.encode()
+    return 1 <= len(raw) <= 128 and not any(c <= 0x20 or c == 0x7F or chr(c) in "./+#" for c in raw)
+
+
+@st.composite
+def credential_cases(draw: st.DrawFn, sign: TokenSigner) -> tuple[bytes, bytes, bytes, bool | None]:
+    """(client id, username, password, should it be let in?): a token signed with the
+    deployment's secret for nice or odd ids, or a nice one broken in one place. None: either
+    way, for ids outside ASCII, which Mosquitto itself may refuse (its UTF-8 rules close a
+    connection whose strings hold control characters such as U+0080, or non-characters)."""
+    user = draw(st.one_of(NICE_ID, ODD_ID))
+    device = draw(st.one_of(NICE_ID, ODD_ID))
+    expired = draw(st.booleans())
+    signed = token = sign.issue(user, device, now_ms() + (-1 if expired else 600_000)).encode()
+    cid = username = device.encode()
+    # a dot in an id makes the token another one (five parts no more)
+    good = not expired and plugin_accepts(device) and plugin_accepts(user) and signed.count(b".") == 4
+    how = draw(st.sampled_from(["as signed", "byte changed", "cut", "dot added", "part replaced", "other client",
+                                "prefix only"]))
+    if how == "byte changed":
+        i = draw(st.integers(0, len(token) - 1))
+        b = draw(st.integers(0, 255).filter(lambda x: x != token[i]))
+        token = token[:i] + bytes([b]) + token[i + 1:]
+    elif how == "cut":
+        token = token[:draw(st.integers(0, len(token) - 1))]
+    elif how == "dot added":
+        i = draw(st.integers(0, len(token)))
+        token = token[:i] + b"." + token[i:]
+    elif how == "part replaced":
+        parts = token.split(b".")
+        k = draw(st.integers(0, len(parts) - 1))
+        parts[k] = draw(st.one_of(st.binary(max_size=40), st.integers(0, 5000).map(lambda n: b"7" * n),
+                                  st.sampled_from([b"-5", b"9" * 30, b"", parts[k].upper()])))
+        token = b".".join(parts)
+    elif how == "other client":
+        cid = draw(st.one_of(NICE_ID, ODD_ID)).encode()
+        if cid == username:
+            cid += b"x"
+    elif how == "prefix only":
+        token = b"pg1." + draw(st.binary(max_size=300))
+    if not (good and token == signed and cid == username):
+        return cid, username, token, False
+    return cid, username, token, True if (user + device).isascii() else None
+
+
+def credentials_packet(client_id: bytes, username: bytes, password: bytes) -> bytes:
+    body = mqtt_str("MQTT") + bytes([4, 0xC2]) + struct.pack("!H", 60)
+    body += mqtt_str(client_id) + mqtt_str(username) + mqtt_str(password)
+    return bytes([0x10]) + varint(len(body)) + body
+
+
+def connack_or_closed(host: str, port: int, packet: bytes) -> int | None:
+    """The CONNACK's return code, or None when the broker closed the connection without one."""
+    with socket.create_connection((host, port), timeout=5) as s:
+        s.sendall(packet)
+        got = b""
+        while len(got) < 4:
+            chunk = s.recv(4 - len(got))
+            if not chunk:
+                return None
+            got += chunk
+        return got[3]
+
+
+@pytest.mark.timeout(TIMEOUT_S)
+def test_fuzzed_credentials_let_in_only_good_tokens_and_the_broker_stays_up() -> None:
+    host, port, _, _ = broker()
+    sign = signer()
+    user, device = ids()
+    with socket.create_connection((host, port), timeout=5) as held:  # a device connected throughout
+        held.sendall(connect_packet(device, device, sign.issue(user, device, now_ms() + 3_600_000), keepalive=600))
+        assert held.recv(4) == b"\x20\x02\x00\x00"
+        seen: dict[str, int] = {}
+
+        @examples(300)
+        @given(case=credential_cases(sign))
+        def run(case: tuple[bytes, bytes, bytes, bool | None]) -> None:
+            cid, username, password, good = case
+            code = connack_or_closed(host, port, credentials_packet(cid, username, password))
+            if good:
+                assert code == 0, case
+            elif good is False:
+                assert code != 0, case  # refused (4, 5) or closed (not valid MQTT)
+            seen[str(code)] = seen.get(str(code), 0) + 1
+            held.sendall(b"\xc0\x00")  # PINGREQ: the connected device is still served
+            assert held.recv(2) == b"\xd0\x00"
+
+        run()
+        print(f"fuzzed credentials: {seen}")
+        assert seen.get("0", 0) > 0 and seen.get("5", 0) + seen.get("4", 0) > 0, seen
