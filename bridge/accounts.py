@@ -179,19 +179,22 @@ class Accounts:
 
     async def unlink(self, caller: Caller, device_id: str) -> None:
         """Unlink one of the caller's own devices: its token stops working and, where the broker
-        keeps its own list of devices, it is removed there (closing its connection)."""
+        checks devices itself, the broker refuses it from now on (closing its connection) first:
+        should the broker not take that, the unlink fails (``unavailable``) and may be tried again."""
         async with storage_errors():
             device = await self._store.get_device(device_id)
-            if device is None or device.user_id != caller.user_id:
-                raise NotFound("you have no such device")
-            await self._store.remove_device(device_id)
-        self._known_devices.pop(device_id, None)
-        await self._tell_devices_changed(caller.user_id)
+        if device is None or device.user_id != caller.user_id:
+            raise NotFound("you have no such device")
         if self.registry is not None:
             try:
                 await self.registry.remove_device(device_id)
-            except Exception as exc:  # the device can no longer log in anyway; its token is refused
+            except Exception as exc:  # its token would still open the broker: nothing is changed
                 log.warning("broker did not remove device %s: %s", device_id, exc)
+                raise Unavailable("the broker could not be told to refuse this device; retry") from exc
+        async with storage_errors():
+            await self._store.remove_device(device_id)
+        self._known_devices.pop(device_id, None)
+        await self._tell_devices_changed(caller.user_id)
         log.info("device %s unlinked from user %s", device_id, caller.user_id)
 
     async def _tell_devices_changed(self, user_id: str) -> None:

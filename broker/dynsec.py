@@ -57,35 +57,61 @@ class DynSecAdmin:
 
     def __init__(self, host: str, port: int, username: str, password: str, *, timeout_s: float = 10.0,
                  tls_context: ssl.SSLContext | None = None) -> None:
-        self._client = aiomqtt.Client(host, port, username=username, password=password,
-                                      identifier=f"{username}-admin-{uuid.uuid4().hex[:8]}", clean_session=True,
-                                      protocol=aiomqtt.ProtocolVersion.V311, tls_context=tls_context)
+        self._where = (host, port, password, tls_context)
         self._username = username
+        self._client = self._new_client()
         self._timeout = timeout_s
         self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._reader: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
 
+    def _new_client(self) -> aiomqtt.Client:
+        host, port, password, tls_context = self._where
+        return aiomqtt.Client(host, port, username=self._username, password=password,
+                              identifier=f"{self._username}-admin-{uuid.uuid4().hex[:8]}", clean_session=True,
+                              protocol=aiomqtt.ProtocolVersion.V311, tls_context=tls_context)
+
     async def __aenter__(self) -> DynSecAdmin:
+        await self._open()
+        return self
+
+    async def _open(self) -> None:
         try:
             await self._client.__aenter__()
             await self._client.subscribe(f"{CONTROL}/response", qos=1)
         except aiomqtt.MqttError as exc:
             raise DynSecError(f"cannot open the dynamic-security control connection: {exc}") from exc
-        self._reader = asyncio.create_task(self._read(), name="dynsec-replies")
-        return self
+        self._reader = asyncio.create_task(self._read(self._client), name="dynsec-replies")
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def _close(self) -> None:
         if self._reader is not None:
             self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
                 await self._reader
         with contextlib.suppress(aiomqtt.MqttError):
             await self._client.__aexit__(None, None, None)
 
-    async def _read(self) -> None:
-        async for message in self._client.messages:
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self._close()
+
+    async def _publish(self, topic: str, payload: str) -> None:
+        """Publish at QoS 1 (under the lock); a connection the broker lost (it restarted, or
+        closed it) is opened again once, and the publish made on the new one."""
+        try:
+            await self._client.publish(topic, payload, qos=1, timeout=self._timeout)
+            return
+        except aiomqtt.MqttError as exc:
+            if self._reader is not None and not self._reader.done():
+                raise  # the connection is there: the broker did not acknowledge in time
+            log.warning("broker control connection lost (%s): connecting again", exc)
+        await self._close()
+        self._client = self._new_client()
+        await self._open()
+        await self._client.publish(topic, payload, qos=1, timeout=self._timeout)
+
+    async def _read(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
             try:
                 body = json.loads(message.payload if isinstance(message.payload, (bytes, str)) else b"{}")
             except ValueError:
@@ -107,7 +133,7 @@ class DynSecAdmin:
             sent.append({**cmd, "correlationData": cid})
         try:
             async with self._lock:
-                await self._client.publish(CONTROL, json.dumps({"commands": sent}), qos=1)
+                await self._publish(CONTROL, json.dumps({"commands": sent}))
             replies = await asyncio.wait_for(asyncio.gather(*futures), self._timeout)
         except (TimeoutError, aiomqtt.MqttError) as exc:
             raise DynSecError(f"the broker did not answer {[c['command'] for c in commands]}: {exc!r}") from exc
@@ -125,7 +151,7 @@ class DynSecAdmin:
         acknowledgement, which it sends once the plugin has carried the command out."""
         try:
             async with self._lock:
-                await self._client.publish(topic, payload, qos=1, timeout=self._timeout)
+                await self._publish(topic, payload)
         except aiomqtt.MqttError as exc:
             raise DynSecError(f"the broker did not take a command on {topic}: {exc!r}") from exc
 

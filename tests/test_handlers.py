@@ -114,6 +114,37 @@ async def test_tokens_expire_and_forgeries_fail(world: World) -> None:
         await world.accounts.authenticate(unlinked)
 
 
+class _Broker:
+    """A broker's device list that refuses to be told, until told it may."""
+
+    def __init__(self) -> None:
+        self.down = True
+        self.removed: list[str] = []
+
+    async def register_device(self, user_id: str, device_id: str, token: str, expires_at: int) -> None:
+        return None
+
+    async def remove_device(self, device_id: str) -> None:
+        if self.down:
+            raise ConnectionError("broker unreachable")
+        self.removed.append(device_id)
+
+
+async def test_an_unlink_the_broker_cannot_take_changes_nothing_and_may_be_tried_again(world: World) -> None:
+    caller = await world.user("+15550000001")
+    other = await world.accounts.verify("+15550000001", await world.accounts.request_code("+15550000001"), "d2", "p")
+    broker = world.accounts.registry = _Broker()
+    with pytest.raises(Unavailable):
+        await world.accounts.unlink(caller, other.device.device_id)
+    token = TokenSigner(SECRET).issue(caller.user_id, other.device.device_id, world.clock.now_ms() + 10_000)
+    assert (await world.accounts.authenticate(token)).device_id == other.device.device_id  # still linked
+    broker.down = False
+    await world.accounts.unlink(caller, other.device.device_id)
+    assert broker.removed == [other.device.device_id]
+    with pytest.raises(Unauthorized, match="not linked"):
+        await world.accounts.authenticate(token)
+
+
 async def test_store_failure_means_unavailable_and_no_false_sent(world: World) -> None:
     a, b = await world.user("+15550000001"), await world.user("+15550000002")
     world.store.failing = {"append_message"}

@@ -144,3 +144,16 @@ async def test_a_server_without_the_plugin_registers_its_devices_at_login(
         assert await connack_code(host, port, connect_packet(b.device_id, b.device_id, b.token)) in (4, 5)
     finally:
         srv.stop()
+
+
+async def test_the_control_connection_is_opened_again_after_the_broker_dropped_it(admin: DynSecAdmin) -> None:
+    """A client taking the admin connection's client id makes Mosquitto close it (as a restart
+    of Mosquitto would): the next command opens a new connection and goes through."""
+    host, port, user, password = broker()
+    taken = admin._client.identifier  # noqa: SLF001 - the id to take over
+    async with aiomqtt.Client(host, port, username=user, password=password, identifier=taken):
+        await asyncio.sleep(0.5)
+    _, device, token = ids()
+    await admin.register_device("uSomeone", device, token, FAR)
+    assert await connack_code(host, port, connect_packet(device, device, token)) == 0
+    await admin.remove_device(device)

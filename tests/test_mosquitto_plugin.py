@@ -9,6 +9,7 @@ protocol section 2 is checked with raw MQTT packets.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import aiomqtt
@@ -58,6 +60,13 @@ def now_ms() -> int:
 
 def ids() -> tuple[str, str]:
     return "u" + uuid.uuid4().hex[:12], "d" + uuid.uuid4().hex[:12]
+
+
+@pytest.fixture
+async def admin_client() -> AsyncIterator[DynSecAdmin]:
+    host, port, user, password = broker()
+    async with DynSecAdmin(host, port, user, password) as admin:
+        yield admin
 
 
 @pytest.fixture
@@ -200,16 +209,25 @@ async def test_the_check_fails_clearly_when_the_broker_does_not_take_this_deploy
             await TokenPlugin(admin, other.issue, now_ms, DAY_MS, host=host, port=port).check()
 
 
+def services_script() -> Any:
+    spec = importlib.util.spec_from_file_location("pigeon_services_script", ROOT / "scripts" / "services.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @contextmanager
 def own_mosquitto(home: Path, secret: Path) -> Iterator[int]:
     """A Mosquitto of the test's own with only the plugin (the services' build), on a free port;
     stopped again by its PID."""
     if os.geteuid() != 0:
         pytest.skip("runs Mosquitto as root ('user root'), as scripts/services does")
+    production_url("PIGEON_SECRET_FILE", "/")  # the services are up (skips or fails without)
     binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    plugin = Path(production_url("PIGEON_SECRET_FILE", "/")).parent / "pigeon_auth.so"
-    if not plugin.exists() or not Path(binary).exists():
-        pytest.skip("the services' Mosquitto and its plugin are not here")
+    if not Path(binary).exists() or not Path("/usr/include/mosquitto_broker.h").exists():
+        pytest.skip("Debian's Mosquitto and its headers are not here")
+    plugin = services_script().auth_plugin(None)  # this source, built as scripts/services builds it
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = int(s.getsockname()[1])
@@ -224,6 +242,7 @@ plugin_opt_secret_file {secret}
 plugin_opt_revoked_file {home / "revoked"}
 """)
     proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    own_pids.append(proc.pid)
     try:
         deadline = time.monotonic() + 10
         while True:
@@ -239,6 +258,45 @@ plugin_opt_revoked_file {home / "revoked"}
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(10)
+
+
+own_pids: list[int] = []  # the own Mosquittos started, for a test to signal by PID
+
+
+async def test_a_reload_keeps_every_device_connected(tmp_path: Path) -> None:
+    """On SIGHUP (how docs/deploy.md renews certificates) Mosquitto checks every connected client
+    again, with the username the plugin gave it: devices stay connected, served as before."""
+    secret = tmp_path / "secret"
+    secret.write_text("r" * 40)
+    sign = TokenSigner(b"r" * 40)
+    user, device = ids()
+    with own_mosquitto(tmp_path, secret) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(connect_packet(device, device, sign.issue(user, device, now_ms() + 60_000), keepalive=600))
+            await writer.drain()
+            assert (await read_packet(reader))[1][1] == 0
+            os.kill(own_pids[-1], signal.SIGHUP)
+            await asyncio.sleep(1.0)  # the reload has run
+            writer.write(subscribe_packet(f"down/{user}", 7))
+            writer.write(b"\xc0\x00")  # PINGREQ
+            await writer.drain()
+            assert (await read_packet(reader))[1][2] == 1  # SUBACK: still itself, with its own permissions
+            assert (await read_packet(reader))[0] == 0xD0  # PINGRESP
+        finally:
+            writer.close()
+
+
+async def test_device_names_are_reserved_to_devices_with_a_token(admin_client: DynSecAdmin) -> None:
+    """A dynamic-security client given a name of the plugin's form ("pg1.USER.DEVICE") would get
+    that device's permissions: the plugin refuses such a name without a token."""
+    host, port, _, _ = broker()
+    name = f"pg1.{ids()[0]}.{ids()[1]}"
+    await admin_client.run([{"command": "createClient", "username": name, "password": "a-password"}])
+    try:
+        assert await connack_code(host, port, connect_packet(name, name, "a-password")) in (4, 5)
+    finally:
+        await admin_client.run([{"command": "deleteClient", "username": name}], tolerate=["not found"])
 
 
 async def test_revocations_outlive_a_restart_and_ended_ones_are_dropped(tmp_path: Path) -> None:

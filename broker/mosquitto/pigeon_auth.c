@@ -18,13 +18,16 @@
  *   - a signed token that expired, that names another device than the client id and username,
  *     or whose device was revoked: refused;
  *   - otherwise accepted, and the client's username becomes "pg1.USER.DEVICE", from which the
- *     access checks read who it is. Clients whose username does not start with "pg1." are
- *     deferred to the next plugin.
+ *     access checks read who it is (when Mosquitto checks its clients again, on SIGHUP, that
+ *     name with the same token is accepted too). Clients whose username does not start with
+ *     "pg1." are deferred to the next plugin; a username starting with "pg1." is reserved to
+ *     devices with a token, and refused otherwise.
  *
  * Commands, published by the bridge at QoS 1 on $CONTROL/pigeon-auth/v1, one per line:
  *   revoke DEVICE UNTIL_MS   refuse DEVICE's tokens until UNTIL_MS (when all it was given
- *                            have expired), kept in revoked_file before the PUBACK; and
- *                            close its connection, without its will (it is gone)
+ *                            have expired), kept in revoked_file before the PUBACK (should
+ *                            the file not take it, it holds until Mosquitto restarts and an
+ *                            error is logged); and close its connection, without its will
  *   kick DEVICE              close DEVICE's connection and publish its will, as when a
  *                            connection is lost; it may connect again
  * Mosquitto answers the PUBACK only after the plugin has carried the message out. Who may
@@ -32,6 +35,7 @@
  */
 
 #include <errno.h>
+#include <fcntl.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -162,8 +166,8 @@ static void revoked_purge(long long now)
 
 static void table_free(void)
 {
-	live = 0;
 	revoked_purge(INT64_MAX);
+	live = 0;
 	free(table);
 	table = NULL;
 	buckets = 0;
@@ -195,6 +199,24 @@ static bool parse_ms(const char *s, size_t len, long long *out)
 	return true;
 }
 
+/* The rename of a file into its directory made durable. */
+static void sync_dir_of(const char *path)
+{
+	char dir[4096];
+	const char *slash = strrchr(path, '/');
+	int fd;
+	if(!slash){
+		snprintf(dir, sizeof(dir), ".");
+	}else if(snprintf(dir, sizeof(dir), "%.*s", (int)(slash - path), path) >= (int)sizeof(dir)){
+		return;
+	}
+	fd = open(dir[0] ? dir : "/", O_RDONLY);
+	if(fd >= 0){
+		fsync(fd);
+		close(fd);
+	}
+}
+
 /* Rewrite the revocation file with only the live entries (write aside, then rename). */
 static int revoked_compact(void)
 {
@@ -216,6 +238,7 @@ static int revoked_compact(void)
 	}
 	fclose(f);
 	if(rename(tmp, revoked_path)) return MOSQ_ERR_ERRNO;
+	sync_dir_of(revoked_path);
 	file_lines = live;
 	return MOSQ_ERR_SUCCESS;
 }
@@ -258,7 +281,8 @@ static int revoked_keep(const char *device, long long until)
 	}
 	f = fopen(revoked_path, "a");
 	if(!f) return MOSQ_ERR_ERRNO;
-	fprintf(f, "%s %lld\n", device, until);
+	/* on a line of its own even after a write that failed halfway (blank lines are skipped) */
+	fprintf(f, "\n%s %lld\n", device, until);
 	if(fflush(f) || fsync(fileno(f))){
 		fclose(f);
 		return MOSQ_ERR_ERRNO;
@@ -289,16 +313,18 @@ static bool signed_here(const char *body, size_t body_len, const char *sig)
 static int on_basic_auth(int event, void *event_data, void *userdata)
 {
 	struct mosquitto_evt_basic_auth *ed = event_data;
-	const char *pw = ed->password, *parts[5], *client_id, *username;
-	size_t lens[5], n = 0;
+	const char *pw = ed->password, *parts[5], *client_id, *username = ed->username;
+	size_t lens[5], n = 0, name_len;
 	const char *p, *dot;
 	char name[PREFIX_LEN + 2 * MAX_ID + 2];
 	long long expires;
 	struct revoked *r;
+	/* a name only devices with a token have: anyone else using it is refused, not deferred */
+	int not_ours = (username && !strncmp(username, PREFIX, PREFIX_LEN)) ? MOSQ_ERR_AUTH : MOSQ_ERR_PLUGIN_DEFER;
 
 	(void)event;
 	(void)userdata;
-	if(!pw || strncmp(pw, PREFIX, PREFIX_LEN)) return MOSQ_ERR_PLUGIN_DEFER;
+	if(!pw || strncmp(pw, PREFIX, PREFIX_LEN)) return not_ours;
 	for(p = pw; n < 5; n++){
 		dot = strchr(p, '.');
 		parts[n] = p;
@@ -312,16 +338,18 @@ static int on_basic_auth(int event, void *event_data, void *userdata)
 	if(n != 5 || strchr(parts[4], '.') || lens[4] != SIG_HEX || !valid_id(parts[1], lens[1])
 			|| !valid_id(parts[2], lens[2]) || !parse_ms(parts[3], lens[3], &expires)
 			|| !signed_here(pw, (size_t)(parts[4] - 1 - pw), parts[4])){
-		return MOSQ_ERR_PLUGIN_DEFER; /* not a token of this deployment */
+		return not_ours; /* not a token of this deployment */
 	}
 	client_id = mosquitto_client_id(ed->client);
-	username = ed->username;
+	name_len = (size_t)(parts[3] - 1 - pw); /* "pg1.USER.DEVICE" */
 	if(expires <= now_ms()){
 		mosquitto_log_printf(MOSQ_LOG_INFO, "pigeon_auth: refused %s: token expired", client_id ? client_id : "?");
 		return MOSQ_ERR_AUTH;
 	}
+	/* the username is the device id, or, checked again on a reload, the name given below */
 	if(!client_id || !username || strlen(client_id) != lens[2] || strncmp(client_id, parts[2], lens[2])
-			|| strlen(username) != lens[2] || strncmp(username, parts[2], lens[2])){
+			|| ((strlen(username) != lens[2] || strncmp(username, parts[2], lens[2]))
+				&& (strlen(username) != name_len || strncmp(username, pw, name_len)))){
 		mosquitto_log_printf(MOSQ_LOG_INFO, "pigeon_auth: refused %s: the token is another device's",
 				client_id ? client_id : "?");
 		return MOSQ_ERR_AUTH;
@@ -332,8 +360,8 @@ static int on_basic_auth(int event, void *event_data, void *userdata)
 		return MOSQ_ERR_AUTH;
 	}
 	/* "pg1.USER.DEVICE": what the access checks read the client's user and device from */
-	snprintf(name, sizeof(name), "%.*s", (int)(parts[3] - 1 - pw), pw);
-	return mosquitto_set_username(ed->client, name);
+	snprintf(name, sizeof(name), "%.*s", (int)name_len, pw);
+	return strcmp(username, name) ? mosquitto_set_username(ed->client, name) : MOSQ_ERR_SUCCESS;
 }
 
 /* Is topic exactly "<head>/<user>" followed by tail ("" or "/…")? */
@@ -365,14 +393,14 @@ static int on_acl_check(int event, void *event_data, void *userdata)
 		case MOSQ_ACL_WRITE: /* publish: only up/{user}/{device} */
 			return topic_is(ed->topic, "up", user, user_len, device_tail) ? MOSQ_ERR_SUCCESS : MOSQ_ERR_ACL_DENIED;
 		case MOSQ_ACL_SUBSCRIBE: /* down/{user}, down/{user}/{device}, down/{user}/v2 */
+		case MOSQ_ACL_READ: /* and only what comes on those */
 			if(topic_is(ed->topic, "down", user, user_len, "") || topic_is(ed->topic, "down", user, user_len, device_tail)
 					|| topic_is(ed->topic, "down", user, user_len, "/v2")){
 				return MOSQ_ERR_SUCCESS;
 			}
 			return MOSQ_ERR_ACL_DENIED;
-		case MOSQ_ACL_READ:
 		case MOSQ_ACL_UNSUBSCRIBE:
-			return MOSQ_ERR_SUCCESS; /* what its subscriptions bring; leaving them */
+			return MOSQ_ERR_SUCCESS; /* leaving a subscription */
 		default:
 			return MOSQ_ERR_ACL_DENIED;
 	}
@@ -389,10 +417,10 @@ static int run_command(char *line)
 	}
 	if(!strcmp(verb, "revoke") && until && parse_ms(until, strlen(until), &until_ms)){
 		int rc = revoked_keep(device, until_ms);
-		if(rc){
+		if(rc == MOSQ_ERR_NOMEM) return rc;
+		if(rc){ /* in force here, but lost if Mosquitto restarts: said loudly */
 			mosquitto_log_printf(MOSQ_LOG_ERR, "pigeon_auth: cannot keep the revocation of %s in %s: %s",
 					device, revoked_path, strerror(errno));
-			return rc;
 		}
 		mosquitto_kick_client_by_clientid(device, false);
 		return MOSQ_ERR_SUCCESS;
@@ -404,7 +432,6 @@ static int on_control(int event, void *event_data, void *userdata)
 {
 	struct mosquitto_evt_control *ed = event_data;
 	char *text, *line, *save = NULL;
-	int rc = MOSQ_ERR_SUCCESS;
 
 	(void)event;
 	(void)userdata;
@@ -414,14 +441,12 @@ static int on_control(int event, void *event_data, void *userdata)
 	memcpy(text, ed->payload, ed->payloadlen);
 	text[ed->payloadlen] = '\0';
 	for(line = strtok_r(text, "\n", &save); line; line = strtok_r(NULL, "\n", &save)){
-		int one = run_command(line);
-		if(one){
-			mosquitto_log_printf(MOSQ_LOG_WARNING, "pigeon_auth: command not carried out (error %d)", one);
-			rc = one;
-		}
+		int rc = run_command(line);
+		if(rc) mosquitto_log_printf(MOSQ_LOG_WARNING, "pigeon_auth: command not carried out (error %d)", rc);
 	}
 	free(text);
-	return rc;
+	/* the others were carried out; an error returned here would make Mosquitto close the bridge's connection */
+	return MOSQ_ERR_SUCCESS;
 }
 
 int mosquitto_plugin_version(int supported_version_count, const int *supported_versions)
