@@ -70,7 +70,7 @@ from .base import (
     media_from_json,
     media_to_json,
 )
-from .cassandra_owner import FULL_ROWS, KeyLog, Leases, LogCache, NotOwner, partition_of
+from .cassandra_owner import FULL_ROWS, KeyLog, Leases, LogCache, NotOwner, chat_id_near, partition_of
 from .cql_wire import ERROR_UNPREPARED, CqlError, CqlWire, WireUnsupported, decode_rows
 from .ids import new_id
 from .state import SharedState
@@ -930,8 +930,8 @@ class CassandraStore:
         # Every message sent with "to" comes here: a plain read finds the chat of a pair that has
         # one, and only a first use pays for the conditional insert (a Paxos round).
         rows = await self._x("get_pair", pair)
-        if not rows:
-            cid = new_id("c")
+        if not rows:  # numbered beside the traffic of its first sender (storage/cassandra_owner.py)
+            cid = chat_id_near(a, lambda: new_id("c"))
             claim = await self._x("claim_pair", pair, cid)
             rows = [] if claim[0][0] else [(claim[0].chat_id,)]  # taken meanwhile: that one
         if rows:

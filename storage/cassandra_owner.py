@@ -68,6 +68,20 @@ def partition_of(key: str) -> int:
     return zlib.crc32(key.encode()) % PARTITIONS
 
 
+def chat_id_near(user_id: str, new_id: Callable[[], str], tries: int = 64 * PARTITIONS) -> str:
+    """A new chat id whose numbering falls in ``user_id``'s partition (``c:{id}`` with ``u:{id}``):
+    the bridge that takes that user's traffic numbers the chat too, so their sends to it are
+    numbered without a request to another bridge. Any id is as valid as another; this only
+    chooses among random ones (after ``tries`` misses, one of another partition)."""
+    want = partition_of(f"u:{user_id}")
+    cid = new_id()
+    for _ in range(tries):
+        if partition_of(f"c:{cid}") == want:
+            return cid
+        cid = new_id()
+    return cid
+
+
 class NotOwner(StorageUnavailable):
     """This process does not hold the partition of the key it was asked to number."""
 

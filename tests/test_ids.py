@@ -26,3 +26,18 @@ def test_ids_do_not_repeat() -> None:
     # the top bits of 64 and takes only the first few)
     for place in range(1, ID_DIGITS):
         assert {m[place] for m in made} == set(ID_ALPHABET), place
+
+
+def test_a_direct_chat_is_numbered_in_its_first_senders_partition() -> None:
+    """The chat id chosen for a new direct chat puts its numbering (``c:{id}``) in the partition
+    of its first sender (``u:{id}``), and it is an id like any other."""
+    from storage.cassandra_owner import chat_id_near, partition_of
+
+    for _ in range(200):
+        user = new_id("u")
+        cid = chat_id_near(user, lambda: new_id("c"))
+        assert partition_of(f"c:{cid}") == partition_of(f"u:{user}")
+        assert re.fullmatch(r"c[0-9A-Za-z]{11}", cid), cid
+    # when no id of that partition turns up, another one is taken rather than none
+    other = next(c for c in (new_id("c") for _ in range(1000)) if partition_of(f"c:{c}") != partition_of("u:u1"))
+    assert chat_id_near("u1", lambda: other, tries=5) == other
