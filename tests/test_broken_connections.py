@@ -13,7 +13,6 @@ import os
 import random
 import secrets
 import shutil
-import socket
 import ssl
 import struct
 import subprocess
@@ -33,6 +32,7 @@ from clients.launch import ROOT, ServerProc
 from clients.sdk import Device, PigeonClientError, Profile, login
 from tests.conftest import (
     embedded_broker,
+    free_port,
     fresh_phone,
     production_flags,
     production_url,
@@ -292,12 +292,6 @@ class Front:
         context = ssl.create_default_context()
         (ca or self.ca).configure_trust(context)
         return context
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.fixture

@@ -40,6 +40,24 @@ async def admin() -> AsyncIterator[DynSecAdmin]:
         yield a
 
 
+async def only_its_own_topic_reaches_the_bridge(user: str, device: str, token: str,
+                                                tries: list[tuple[str, bytes]]) -> None:
+    """The device publishes on each of ``tries`` (refused silently), then on its own ``up``
+    topic: the bridge's client, subscribed to ``up/+/+``, sees only the last."""
+    host, port, bridge_user, bridge_password = broker()
+    async with aiomqtt.Client(host, port, username=bridge_user, password=bridge_password,
+                              identifier=f"bridge-test-{uuid.uuid4().hex[:6]}") as bridge:
+        await bridge.subscribe("up/+/+", qos=1)
+        async with aiomqtt.Client(host, port, username=device, password=token, identifier=device) as dev:
+            for topic, payload in tries:
+                await dev.publish(topic, payload, qos=1)
+            await dev.publish(f"up/{user}/{device}", json.dumps({"type": "ping"}), qos=1)
+        async with asyncio.timeout(5):
+            async for message in bridge.messages:
+                assert message.topic.value == f"up/{user}/{device}"  # the only one that got through
+                break
+
+
 FAR = 4_000_000_000_000  # an expiry far in the future
 
 
@@ -64,22 +82,15 @@ async def test_a_registered_device_connects_with_its_token_only(admin: DynSecAdm
 
 
 async def test_device_permissions_are_those_of_the_protocol(admin: DynSecAdmin) -> None:
-    host, port, bridge_user, bridge_password = broker()
+    host, port, _, _ = broker()
     user, device, token = ids()
     _other_user, other_device, other_token = ids()
     await admin.register_device(user, device, token, FAR)
     await admin.register_device(user, other_device, other_token, FAR)
-    async with aiomqtt.Client(host, port, username=bridge_user, password=bridge_password,
-                              identifier=f"bridge-test-{uuid.uuid4().hex[:6]}") as bridge:
-        await bridge.subscribe("up/+/+", qos=1)
-        async with aiomqtt.Client(host, port, username=device, password=token, identifier=device) as dev:
-            await dev.publish(f"up/{user}/{other_device}", b"as a sibling", qos=1)  # refused silently
-            await dev.publish(f"down/{user}", b"spoof", qos=1)  # refused silently
-            await dev.publish(f"up/{user}/{device}", json.dumps({"type": "ping"}), qos=1)
-        async with asyncio.timeout(5):
-            async for message in bridge.messages:
-                assert message.topic.value == f"up/{user}/{device}"  # the only one that got through
-                break
+    await only_its_own_topic_reaches_the_bridge(user, device, token, [
+        (f"up/{user}/{other_device}", b"as a sibling"),
+        (f"down/{user}", b"spoof"),
+    ])
     reader, writer = await asyncio.open_connection(host, port)
     try:
         writer.write(connect_packet(device, device, token))

@@ -9,7 +9,6 @@ protocol section 2 is checked with raw MQTT packets.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import os
 import shutil
@@ -23,8 +22,6 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlparse
 
 import aiomqtt
 import pytest
@@ -35,19 +32,13 @@ from bridge.tokens import TokenSigner
 from broker.dynsec import DynSecAdmin, DynSecError
 from broker.token_plugin import PLUGIN_CONTROL, TokenPlugin
 from clients.bench.mqtt import mqtt_str, varint
-from tests.conftest import production_url
+from tests.conftest import free_port, production_url, services_script
 from tests.fuzz import TIMEOUT_S, examples
 from tests.mqtt_raw import connack_code, connect_packet, read_packet, subscribe_packet
+from tests.test_mosquitto_dynsec import broker, only_its_own_topic_reaches_the_bridge
 
 ROOT = Path(__file__).resolve().parent.parent
 DAY_MS = 86_400_000
-
-
-def broker() -> tuple[str, int, str, str]:
-    url = urlparse(production_url("PIGEON_BROKER", "mqtt://"))
-    creds = Path(production_url("PIGEON_BROKER_CREDENTIALS_FILE", "/")).read_text().strip()
-    user, _, password = creds.partition(":")
-    return url.hostname or "127.0.0.1", url.port or 1883, user, password
 
 
 def signer() -> TokenSigner:
@@ -97,23 +88,16 @@ async def test_a_device_connects_with_a_token_of_this_deployment_only() -> None:
 
 
 async def test_device_permissions_are_those_of_the_protocol() -> None:
-    host, port, bridge_user, bridge_password = broker()
+    host, port, _, _ = broker()
     user, device = ids()
     _, sibling = ids()
     token = signer().issue(user, device, now_ms() + 60_000)
-    async with aiomqtt.Client(host, port, username=bridge_user, password=bridge_password,
-                              identifier=f"bridge-test-{uuid.uuid4().hex[:6]}") as bridge:
-        await bridge.subscribe("up/+/+", qos=1)
-        async with aiomqtt.Client(host, port, username=device, password=token, identifier=device) as dev:
-            await dev.publish(f"up/{user}/{sibling}", b"as a sibling", qos=1)  # refused silently
-            await dev.publish(f"up/uSomeoneElse/{device}", b"as another user", qos=1)
-            await dev.publish(f"down/{user}", b"spoof", qos=1)
-            await dev.publish(PLUGIN_CONTROL, f"kick {sibling}\n", qos=1)
-            await dev.publish(f"up/{user}/{device}", json.dumps({"type": "ping"}), qos=1)
-        async with asyncio.timeout(5):
-            async for message in bridge.messages:
-                assert message.topic.value == f"up/{user}/{device}"  # the only one that got through
-                break
+    await only_its_own_topic_reaches_the_bridge(user, device, token, [
+        (f"up/{user}/{sibling}", b"as a sibling"),
+        (f"up/uSomeoneElse/{device}", b"as another user"),
+        (f"down/{user}", b"spoof"),
+        (PLUGIN_CONTROL, f"kick {sibling}\n".encode()),
+    ])
     reader, writer = await asyncio.open_connection(host, port)
     try:
         writer.write(connect_packet(device, device, token))
@@ -209,29 +193,18 @@ async def test_the_check_fails_clearly_when_the_broker_does_not_take_this_deploy
             await TokenPlugin(admin, other.issue, now_ms, DAY_MS, host=host, port=port).check()
 
 
-def services_script() -> Any:
-    spec = importlib.util.spec_from_file_location("pigeon_services_script", ROOT / "scripts" / "services.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @contextmanager
 def own_mosquitto(home: Path, secret: Path) -> Iterator[int]:
     """A Mosquitto of the test's own with only the plugin (the services' build), on a free port;
     stopped again by its PID."""
-    if os.geteuid() != 0:
-        pytest.skip("runs Mosquitto as root ('user root'), as scripts/services does")
     production_url("PIGEON_SECRET_FILE", "/")  # the services are up (skips or fails without)
     binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     if not Path(binary).exists() or not Path("/usr/include/mosquitto_broker.h").exists():
         pytest.skip("Debian's Mosquitto and its headers are not here")
     plugin = services_script().auth_plugin(None)  # this source, built as scripts/services builds it
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
+    port = free_port()
     conf = home / "mosquitto.conf"
+    # started as root, Mosquitto would become its own user, who cannot read the test's files
     conf.write_text(f"""user root
 listener {port} 127.0.0.1
 allow_anonymous false

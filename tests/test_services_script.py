@@ -2,20 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 from clients.bench.target import service_pids
-from clients.launch import ROOT
-from tests.conftest import production_url
-
-
-def _services_module() -> object:
-    spec = importlib.util.spec_from_file_location("pigeon_services_script", ROOT / "scripts" / "services.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.conftest import production_url, services_script
 
 
 def test_cassandra_and_every_thread_it_started_run_with_the_timer_slack_named() -> None:
@@ -24,7 +14,7 @@ def test_cassandra_and_every_thread_it_started_run_with_the_timer_slack_named() 
     production_url("PIGEON_STORE", "cassandra://")
     pid = service_pids(("cassandra",)).get("cassandra")
     assert pid is not None, "scripts/services runs no Cassandra (its state has no pid)"
-    wanted = _services_module().CASSANDRA_TIMER_SLACK_NS  # type: ignore[attr-defined]
+    wanted = services_script().CASSANDRA_TIMER_SLACK_NS
     threads = [p.name for p in Path(f"/proc/{pid}/task").iterdir()]
     assert len(threads) > 20  # the JVM's and Cassandra's own, started after the exec
     slacks = {int(Path(f"/proc/{tid}/timerslack_ns").read_text()) for tid in threads}
