@@ -151,6 +151,8 @@ class Pool:
             self.pipes[k].send((name, kwargs))
         answers: dict[int, Any] = {}
         t0 = time.monotonic()
+        if self.show_progress and not self.console.is_terminal:  # a log: one line per step, with the time
+            self.console.print(f"{time.strftime('%H:%M:%S')} {what}", highlight=False)
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=self.console, transient=True, disable=not self.show_progress) as bar:
             task = bar.add_task(what, total=total if total is not None else timed)
