@@ -50,6 +50,11 @@ POLL_S = 0.5  # the queue is looked at this often when nothing was scheduled her
 LEASE_S = 60.0  # a claimed wake stays hidden this long (longer than any send may take: SEND_TIMEOUT_S)
 CLAIM_BATCH = 64
 DECIDE_PARALLEL = 32  # offline users whose targets are read and wakes queued at the same time
+# Decisions are taken at most this often: the notes of every message in between are decided
+# together, with one presence read. Deciding after every turn of the loop that carried a message
+# read presence from Redis several hundred times a second at a few hundred messages a second
+# (BENCHMARKS.md, 2026-12-02, midday); a wake that waits 20 ms more is not noticed.
+DECIDE_EVERY_S = 0.02
 PARALLEL_SENDS = 64
 RETRY_BASE_S = 1.0
 RETRY_CAP_S = 300.0
@@ -215,6 +220,8 @@ class Pusher:
                 self._gone |= gone_again
                 self._noted.set()
                 await self._wait(stopping, 1.0)
+            else:
+                await self._wait(stopping, DECIDE_EVERY_S)
 
     async def _decide(self, notes: Mapping[str, Note], gone: set[str]) -> tuple[dict[str, Note], set[str]]:
         """Queue the wakes of the noted users who are offline, and of the users who went offline

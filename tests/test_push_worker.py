@@ -7,6 +7,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -180,3 +181,23 @@ async def test_a_wake_is_not_claimed_to_wait_for_a_send_slot(rig: Rig) -> None:
     await rig.queue.done(free, pushed=False, now_ms=now, window_ms=1000, give_up_ms=now + 60_000)
     await hooks.wait(slow.device_id, 2, timeout=SEND_TIMEOUT_S + 5)  # the slow one, retried in time
     assert hooks.pushed(other.device_id) == []
+
+
+async def test_notes_of_many_turns_are_decided_together(rig: Rig) -> None:
+    # each decision reads presence (Redis in production): not once per turn that carried a message
+    steps: list[int] = []
+    own = rig.pusher._decide
+
+    async def counted(notes: Any, gone: set[str]) -> Any:
+        steps.append(len(notes))
+        return await own(notes, gone)
+
+    rig.pusher._decide = counted  # type: ignore[method-assign]
+    others = [await rig.another(f"+1555000{i:04d}") for i in range(10)]
+    for d in others:
+        rig.pusher.note([d.user_id], SystemClock().now_ms(), message=True)
+        await asyncio.sleep(0.002)  # as messages come, 2 ms apart
+    for d in others:
+        await rig.services.webhook.recorder.wait(d.device_id, 1)
+    assert sum(steps) == 10
+    assert len(steps) <= 3, steps  # at most one decision per 20 ms (DECIDE_EVERY_S)
