@@ -58,7 +58,7 @@ from paho.mqtt.client import MQTT_ERR_NO_CONN, MQTT_ERR_QUEUE_SIZE, MQTT_ERR_SUC
 
 from .errors import PigeonError
 from .mqtt_reads import buffered_reads
-from .mqtt_writes import coalesce_writes, no_delay
+from .mqtt_writes import coalesce_writes, no_delay, write_soon
 
 log = logging.getLogger(__name__)
 
@@ -435,6 +435,7 @@ class MqttIngest:
         )
         coalesce_writes(client._client)
         no_delay(client._client)
+        write_soon(client)
         buffered_reads(client._client)
         _stamp_receipts(client)
         if persistent:

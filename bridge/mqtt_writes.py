@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 from collections import deque
 from typing import Any
 
+import aiomqtt
 from paho.mqtt import client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
@@ -138,3 +140,60 @@ def no_delay(client: paho.Client) -> None:
             opened(c, userdata, sock)
 
     client.on_socket_open = on_socket_open
+
+
+def write_soon(client: aiomqtt.Client) -> None:
+    """Have ``client`` write what it queued on the next turn of its event loop, watching the socket
+    only while the socket is full.
+
+    aiomqtt writes when the loop reports the socket writable: each time paho queues a packet on
+    an empty queue, aiomqtt hands ``add_writer`` to the loop with ``call_soon_threadsafe`` (a write
+    to the loop's wake-up descriptor), the loop polls once more to be told the socket is writable,
+    which it nearly always is, and paho's writer then has the loop stop watching. That is two
+    ``epoll_ctl`` calls, a wake-up write and an extra turn of the loop for every batch of replies
+    and events; a bridge at a few hundred messages a second made about two of each per message
+    (BENCHMARKS.md, 2026-12-02, midday). Here the queue is written by a callback two turns of the
+    loop later, when aiomqtt's writer wrote too, so what the next turn queues joins it (written
+    one turn later, the bridge's full speed measured 8 % lower: more, smaller writes). The socket
+    is watched only when a write left packets waiting (the kernel's buffer was full), until paho
+    has written them. Must be called from the loop's thread, as the client is made there."""
+    _SoonWriter(client)
+
+
+class _SoonWriter:
+    """:func:`write_soon`'s callbacks for one client."""
+
+    def __init__(self, client: aiomqtt.Client) -> None:
+        self.client, self.paho, self.loop = client, client._client, client._loop
+        self.thread = threading.get_ident()
+        self.due = False
+        self.watched: int | None = None  # the socket's descriptor while the loop watches it
+        self.paho.on_socket_register_write = self.register
+        self.paho.on_socket_unregister_write = self.unregister
+
+    def write(self) -> None:
+        self.due = False
+        try:
+            self.paho.loop_write()
+        except Exception as exc:  # a broken connection, as aiomqtt's own writer treats it
+            if not self.client._disconnected.done():
+                self.client._disconnected.set_exception(exc)
+            return
+        sock = self.paho._sock
+        if self.paho.want_write() and sock is not None and self.watched is None:
+            self.watched = sock.fileno()  # the socket is full: written again once it drains
+            self.loop.add_writer(self.watched, self.write)
+
+    def register(self, c: paho.Client, userdata: Any, sock: Any) -> None:
+        if self.due or self.watched is not None:
+            return
+        self.due = True
+        if threading.get_ident() == self.thread:
+            self.loop.call_soon(self.loop.call_soon, self.write)
+        else:  # paho's connect, which aiomqtt runs on an executor thread
+            self.loop.call_soon_threadsafe(self.write)
+
+    def unregister(self, c: paho.Client, userdata: Any, sock: Any) -> None:
+        if self.watched is not None:
+            self.loop.remove_writer(self.watched)
+            self.watched = None

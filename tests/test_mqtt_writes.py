@@ -8,7 +8,8 @@ import asyncio
 import contextlib
 import itertools
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import aiomqtt
 from paho.mqtt import client as paho
@@ -202,3 +203,54 @@ async def test_aiomqtt_s_own_qos0_publish_completes_through_the_joined_writer() 
         async with asyncio.timeout(5):
             await asyncio.gather(*(ingest._client.publish(topic, str(i).encode(), qos=0) for i in range(50)))
         assert await numbers_received(dev, 50, timeout=10) == list(range(50))
+
+
+@contextlib.contextmanager
+def writers_watched() -> Iterator[list[int]]:
+    """Every descriptor the running loop is asked to watch for writability, while inside."""
+    loop = asyncio.get_running_loop()
+    watched: list[int] = []
+    own = loop.add_writer
+
+    def add_writer(fd: Any, callback: Any, *args: Any) -> None:
+        watched.append(fd if isinstance(fd, int) else fd.fileno())
+        own(fd, callback, *args)
+
+    loop.add_writer = add_writer  # type: ignore[method-assign]
+    try:
+        yield watched
+    finally:
+        del loop.add_writer  # type: ignore[method-assign]
+
+
+async def test_the_bridge_writes_without_watching_a_socket_that_has_room() -> None:
+    # aiomqtt's writer had the loop watch the socket (and stop) for every batch of publishes
+    topic = f"down/{USER}/d1"
+    async with bridge_on_a_broker() as (ingest, port), a_device(port) as dev:
+        await dev.subscribe(topic, qos=1)
+        assert ingest._client is not None
+        bridge_fd = ingest._client._client.socket().fileno()
+        with writers_watched() as watched:
+            for i in range(0, 200, 20):
+                await ingest.publish_all([(topic, str(n).encode(), 1) for n in range(i, i + 20)])
+            assert await numbers_received(dev, 200, timeout=20) == list(range(200))
+        assert bridge_fd not in watched
+        assert watched, "the device (aiomqtt's own writer) watched its socket: what the check tells apart"
+
+
+async def test_a_full_socket_is_written_once_it_drains_every_byte_in_order() -> None:
+    topic = f"down/{USER}/d1"
+    async with bridge_on_a_broker() as (ingest, port), a_device(port) as dev:
+        await dev.subscribe(topic, qos=0)
+        assert ingest._client is not None
+        sock = ingest._client._client.socket()
+        if isinstance(sock, ReadBuffered):
+            sock = sock._sock
+        assert isinstance(sock, socket.socket)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # the kernel's smallest: full at once
+        pad = b" " * 2000
+        with writers_watched() as watched:
+            await ingest.publish_all([(topic, str(n).encode() + pad, 0) for n in range(300)])
+            assert await numbers_received(dev, 300, timeout=20) == list(range(300))
+        assert sock.fileno() in watched, "the socket never filled: the full-socket path went untested"
+        assert asyncio.get_running_loop().remove_writer(sock.fileno()) is False  # no longer watched
