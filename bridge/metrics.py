@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import gc
+import time
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 
 from storage.base import StoreOps
 
@@ -36,6 +39,57 @@ class StoreOpsCollector:
         for name, count in sorted(self.ops.by_name.items()):
             by_name.add_metric([name], count)
         yield by_name
+
+
+class GcPauses:
+    """How long the interpreter's cyclic garbage collector held the process, by generation: every
+    thread, the event loop included, waits while it runs. One watch per process (``gc.callbacks``),
+    shared by every server in it."""
+
+    BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+    _installed: GcPauses | None = None
+
+    def __init__(self) -> None:
+        self.counts = [[0] * (len(self.BUCKETS) + 1) for _ in range(3)]  # per generation, per bucket
+        self.sums = [0.0, 0.0, 0.0]
+        self._started = 0.0
+
+    @classmethod
+    def installed(cls) -> GcPauses:
+        if cls._installed is None:
+            cls._installed = cls()
+            gc.callbacks.append(cls._installed._callback)
+        return cls._installed
+
+    def _callback(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+            return
+        took = time.perf_counter() - self._started
+        gen = min(2, int(info.get("generation", 0)))
+        self.sums[gen] += took
+        counts = self.counts[gen]
+        for i, bound in enumerate(self.BUCKETS):
+            if took <= bound:
+                counts[i] += 1
+                break
+        else:
+            counts[-1] += 1
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily("pigeon_gc_pause_seconds", "Collections of the interpreter's cyclic garbage "
+                                       "collector, by generation, and how long each held the process",
+                                       labels=["generation"])
+        for gen in range(3):
+            cumulative, buckets = 0, []
+            for bound, n in zip((*map(str, self.BUCKETS), "+Inf"), self.counts[gen], strict=True):
+                cumulative += n
+                buckets.append((bound, cumulative))
+            family.add_metric([str(gen)], buckets, self.sums[gen])
+        yield family
 
 
 class Metrics:
@@ -98,6 +152,7 @@ class Metrics:
                               "per-device rate limit", registry=self.registry)
         self.store_ops = StoreOpsCollector()
         self.registry.register(self.store_ops)
+        self.registry.register(GcPauses.installed())
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

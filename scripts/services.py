@@ -324,7 +324,7 @@ auto_snapshot: false
 """)
     cmd = [
         "java", "-Xms256m", "-Xmx2g", *CASSANDRA_GC_FLAGS, *JVM17_FLAGS,
-        f"-Xlog:gc:file={home / 'logs' / 'gc.log'}:uptime,level:filecount=2,filesize=20m",
+        f"-Xlog:gc:file={home / 'logs' / 'gc.log'}:time,uptime,level:filecount=2,filesize=20m",
         f"-Dcassandra.config=file://{conf}", "-Dcassandra-foreground=yes",
         f"-Dcassandra.storagedir={home}", f"-Dcassandra.logdir={home / 'logs'}",
         f"-Dlogback.configurationFile={logback}", "-Dcassandra.skip_wait_for_gossip_to_settle=0",

@@ -196,7 +196,7 @@ async def test_healthz_and_metrics(server: ServerProc, new_user: NewUser, connec
             await asyncio.sleep(0.5)
     for name in ("pigeon_messages_in_total", "pigeon_messages_out_total", "pigeon_fanout_recipients_bucket",
                  "pigeon_sync_batches_total", "pigeon_connected_devices", "pigeon_errors_total",
-                 "pigeon_handling_seconds_bucket"):
+                 "pigeon_handling_seconds_bucket", "pigeon_gc_pause_seconds_bucket"):
         assert name in text, name
     connected = [ln for ln in text.splitlines() if ln.startswith("pigeon_connected_devices ")]
     assert float(connected[0].split()[1]) >= 1
