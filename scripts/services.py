@@ -76,7 +76,9 @@ KEYSPACE = "pigeon_test"
 # G1 with a 20 ms pause goal: with its default goal (200 ms) the young generation grew to
 # 600-900 MB and each collection stopped Cassandra for 30-260 ms, the tail of every latency
 # figure (BENCHMARKS.md). Pauses are logged to logs/gc.log.
-CASSANDRA_GC_FLAGS: list[str] = ["-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20"]
+# SERVICES_CASSANDRA_GC_FLAGS replaces them (space-separated JVM flags), to measure another collector.
+CASSANDRA_GC_FLAGS: list[str] = os.environ.get("SERVICES_CASSANDRA_GC_FLAGS",
+                                               "-XX:+UseG1GC -XX:MaxGCPauseMillis=20").split()
 # Cassandra's shared pool keeps an idle worker waking every 10 us or so to look for work
 # (parkNanos), and each statement passes through two of its stages. On this 2-core box that was
 # 30,000-48,000 context switches a second and about half a core at any load from 140 msgs/s up,
@@ -84,6 +86,23 @@ CASSANDRA_GC_FLAGS: list[str] = ["-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20"]
 # 50 us those parks last a little longer: about 15,000-22,000 switches, a third of a core, and
 # more messages a second (BENCHMARKS.md, 2026-11-30 dusk). SERVICES_CASSANDRA_TIMER_SLACK_NS
 # sets another value (50000 is the kernel's default). In a deployment: systemd's TimerSlackNSec=.
+# Memtables as Cassandra 5's cassandra_latest.yaml has them: tries, their data off the Java heap.
+# With the default (skip lists on the heap) memtable data filled the heap's old generation under
+# load, and G1 ran a marking cycle every few seconds: two pauses of 15-30 ms within 300 ms, and
+# the marking itself, in the seconds where a p2p run's p99 jumped to 140-260 ms (BENCHMARKS.md,
+# 2026-12-02, late morning). SERVICES_CASSANDRA_MEMTABLES=default runs the default instead, and
+# SERVICES_CASSANDRA_YAML_EXTRA is appended to cassandra.yaml as it is: both to measure others.
+TRIE_MEMTABLES_OFF_HEAP = """memtable_allocation_type: offheap_objects
+memtable:
+  configurations:
+    skiplist:
+      class_name: SkipListMemtable
+    trie:
+      class_name: TrieMemtable
+    default:
+      inherits: trie
+"""
+MEMTABLES = "" if os.environ.get("SERVICES_CASSANDRA_MEMTABLES") == "default" else TRIE_MEMTABLES_OFF_HEAP
 PR_SET_TIMERSLACK = 29
 CASSANDRA_TIMER_SLACK_NS = int(os.environ.get("SERVICES_CASSANDRA_TIMER_SLACK_NS", "250000"))
 JVM17_FLAGS = [
@@ -312,7 +331,7 @@ commit_failure_policy: stop
 # test and bench keyspaces are dropped by design (the bench empties its own before each run):
 # no snapshot of them is kept on disk
 auto_snapshot: false
-""")
+{MEMTABLES}{os.environ.get("SERVICES_CASSANDRA_YAML_EXTRA", "")}""")
     logback = home / "logback.xml"
     logback.write_text(f"""<configuration>
   <appender name="FILE" class="ch.qos.logback.core.FileAppender">
