@@ -152,7 +152,7 @@ def write_soon(client: aiomqtt.Client) -> None:
     which it nearly always is, and paho's writer then has the loop stop watching. That is two
     ``epoll_ctl`` calls, a wake-up write and an extra turn of the loop for every batch of replies
     and events; a bridge at a few hundred messages a second made about two of each per message
-    (BENCHMARKS.md, 2026-12-02, midday). Here the queue is written by a callback two turns of the
+    (BENCHMARKS.md, 2026-12-02, mid-morning). Here the queue is written by a callback two turns of the
     loop later, when aiomqtt's writer wrote too, so what the next turn queues joins it (written
     one turn later, the bridge's full speed measured 8 % lower: more, smaller writes). The socket
     is watched only when a write left packets waiting (the kernel's buffer was full), until paho

@@ -53,7 +53,7 @@ DECIDE_PARALLEL = 32  # offline users whose targets are read and wakes queued at
 # Decisions are taken at most this often: the notes of every message in between are decided
 # together, with one presence read. Deciding after every turn of the loop that carried a message
 # read presence from Redis several hundred times a second at a few hundred messages a second
-# (BENCHMARKS.md, 2026-12-02, midday); a wake that waits 20 ms more is not noticed.
+# (BENCHMARKS.md, 2026-12-02, mid-morning); a wake that waits 20 ms more is not noticed.
 DECIDE_EVERY_S = 0.02
 PARALLEL_SENDS = 64
 RETRY_BASE_S = 1.0
