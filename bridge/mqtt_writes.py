@@ -143,7 +143,7 @@ def no_delay(client: paho.Client) -> None:
 
 
 def write_soon(client: aiomqtt.Client) -> None:
-    """Have ``client`` write what it queued on the next turn of its event loop, watching the socket
+    """Have ``client`` write what it queued two turns of its event loop later, watching the socket
     only while the socket is full.
 
     aiomqtt writes when the loop reports the socket writable: each time paho queues a packet on
