@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import gc
 import time
 from collections.abc import Iterator
@@ -68,13 +69,7 @@ class GcPauses:
         took = time.perf_counter() - self._started
         gen = min(2, int(info.get("generation", 0)))
         self.sums[gen] += took
-        counts = self.counts[gen]
-        for i, bound in enumerate(self.BUCKETS):
-            if took <= bound:
-                counts[i] += 1
-                break
-        else:
-            counts[-1] += 1
+        self.counts[gen][bisect.bisect_left(self.BUCKETS, took)] += 1  # past the last bound: +Inf
 
     def describe(self) -> list[Metric]:
         return []
