@@ -172,12 +172,16 @@ async def test_a_burst_of_publishes_reaches_a_device_in_order_in_a_handful_of_se
         assert sends < 100, sends
 
 
-def nagle_off(client: paho.Client) -> bool:
+def tcp_socket(client: paho.Client) -> socket.socket:
     sock = client.socket()
     if isinstance(sock, ReadBuffered):  # the bridge's read buffer (bridge/mqtt_reads.py)
         sock = sock._sock
     assert isinstance(sock, socket.socket), sock
-    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    return sock
+
+
+def nagle_off(client: paho.Client) -> bool:
+    return tcp_socket(client).getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
 
 
 async def test_the_bridge_and_the_sdk_write_to_the_broker_without_waiting_for_its_acks() -> None:
@@ -243,10 +247,7 @@ async def test_a_full_socket_is_written_once_it_drains_every_byte_in_order() -> 
     async with bridge_on_a_broker() as (ingest, port), a_device(port) as dev:
         await dev.subscribe(topic, qos=0)
         assert ingest._client is not None
-        sock = ingest._client._client.socket()
-        if isinstance(sock, ReadBuffered):
-            sock = sock._sock
-        assert isinstance(sock, socket.socket)
+        sock = tcp_socket(ingest._client._client)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # the kernel's smallest: full at once
         pad = b" " * 2000
         with writers_watched() as watched:
