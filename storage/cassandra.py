@@ -71,7 +71,7 @@ from .base import (
     media_to_json,
 )
 from .cassandra_owner import FULL_ROWS, KeyLog, Leases, LogCache, NotOwner, chat_id_near, partition_of
-from .cql_wire import ERROR_UNPREPARED, CqlError, CqlWire, WireUnsupported, decode_rows
+from .cql_wire import ERROR_UNPREPARED, Binder, CqlError, CqlWire, WireUnsupported, decode_rows
 from .ids import new_id
 from .state import SharedState
 
@@ -216,6 +216,7 @@ class CassandraStore:
         self._cluster: Any = None
         self._session: Any = None
         self._ps: dict[str, Any] = {}
+        self._binders: dict[str, Binder] = {}  # the prepared statements' values serialisers, by name
         self._state: SharedState | None = None
         self._holder = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self._leases: Leases | None = None
@@ -564,6 +565,7 @@ class CassandraStore:
         self._ps = {name: self._session.prepare(text) for name, text in q.items()}
         self._ps["put_msg_full"] = self._ps["put_msg"]
         self._ps["put_inbox_full"] = self._ps["put_inbox"]
+        self._binders = {name: Binder(ps, self._unset) for name, ps in self._ps.items()}
         from cassandra import ConsistencyLevel
 
         for name in ("leases", "epoch_get"):  # reads that see every settled conditional write
@@ -662,7 +664,7 @@ class CassandraStore:
             return None
         query_id, consistency, types = self._wire_reads[name]
         try:
-            values = self._ps[name].bind(params).values
+            values = self._binders[name](params)
         except Exception as exc:
             raise StorageUnavailable(f"cassandra {name}: {exc}") from exc
         self._count(name)
@@ -692,8 +694,8 @@ class CassandraStore:
         Cassandra partition)."""
         wire = self._wire_for([n for n, _ in items])
         if wire is not None:
-            ps = self._ps
-            statements = [(self._wire_ok[n][0], ps[n].bind(p).values) for n, p in items]
+            binders = self._binders
+            statements = [(self._wire_ok[n][0], binders[n](p)) for n, p in items]
             self._count(label)
             if await self._on_wire(label, wire.batch(statements, self._wire_ok[items[0][0]][1])) is not None:
                 return
@@ -728,7 +730,7 @@ class CassandraStore:
             wire = self._wire_for((name,))
             if wire is not None:
                 try:
-                    values = self._ps[name].bind(params).values
+                    values = self._binders[name](params)
                 except Exception as exc:
                     raise StorageUnavailable(f"cassandra {name}: {exc}") from exc
                 self._count(name)

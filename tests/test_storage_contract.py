@@ -747,3 +747,45 @@ async def test_a_device_keeps_the_protocol_it_reads_and_the_user_whether_any_rea
     assert await store.reads_v1(u.user_id) is True
     assert await store.remove_device(d1.device_id)
     assert await store.reads_v1(u.user_id) is False
+
+
+async def test_cassandra_values_are_serialised_exactly_as_the_drivers_bind_does(cassandra: CassandraStore) -> None:
+    """The loop's own connection serialises a statement's values itself (storage/cql_wire.py,
+    ``Binder``): byte for byte what the driver's ``bind`` gives for every kind of column the
+    message path writes, nulls and unset values included; a short list is padded with unset
+    values, and a value of the wrong type, too many values or an unset key is refused with the
+    column named, before anything is sent."""
+    store = cassandra
+    unset = store._unset
+    samples: dict[str, tuple[Any, ...]] = {
+        "put_inbox": ("u1", 0, 17, 3, "c1", 12, "r1", "u2", "d1", T0, "text", "héllo ✓", unset, None, unset,
+                      unset, unset, unset),
+        "put_msg": ("c1", 0, 5, 2, "r1", "u2", "d1", T0, "media", None, '{"key": "k/1"}', None, unset),
+        "set_dev_ack": (T0 * 1000, 41, "d1"),
+        "put_sent": ("d1", "r1", "c1", 2**40),
+        "put_code": ("+15550001", "ab" * 32, T0, 0, None, 600),
+        "get_sent": ("d1", "r1"),
+    }
+    for name, values in samples.items():
+        ps = store._ps[name]
+        assert store._binders[name](values) == ps.bind(values).values, name
+    for name in ("put_inbox", "put_msg"):  # short: padded with unset
+        short = samples[name][:-3]
+        assert store._binders[name](short) == store._ps[name].bind(short).values == [
+            *store._binders[name](short)[:-3], unset, unset, unset]
+    with pytest.raises(TypeError, match="'pos'"):
+        store._binders["put_inbox"](("u1", 0, "seventeen"))
+    with pytest.raises(ValueError, match="too many"):
+        store._binders["get_sent"](("d1", "r1", "extra"))
+    for short in ((unset, "r1"), ("d1",)):  # a key left unset
+        with pytest.raises(ValueError, match="routing key"):
+            store._binders["get_sent"](short)
+        with pytest.raises(ValueError, match="routing key"):
+            store._ps["get_sent"].bind(short)
+    wire = store._wire
+    assert wire is not None
+    sent = wire.sent
+    with pytest.raises(storage.cassandra.StorageUnavailable, match="'seq'"):
+        await store._x("put_sent", "d1", "r1", "c1", "not a number")
+    assert wire.sent == sent
+    assert await store._x("get_sent", "d1", "r1") == []
