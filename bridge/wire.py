@@ -27,7 +27,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
-from cachetools import TTLCache
+from storage.timed import TimedMap
 
 from . import wire_v2
 from .outbox import Address, Out, ToDevice, ToUser
@@ -63,7 +63,7 @@ class DeviceKinds:
 
     def __init__(self, max_users: int = 200_000, ttl_s: float = 600.0,
                  timer: Callable[[], float] = time.monotonic) -> None:
-        self._seen: TTLCache[str, dict[str, bool]] = TTLCache(max_users, ttl_s, timer=timer)
+        self._seen: TimedMap[str, dict[str, bool]] = TimedMap(max_users, ttl_s, timer=timer)
 
     def saw(self, user: str, device: str, v2: bool) -> None:
         """A request of this device came in v2 (or in v1)."""
@@ -108,7 +108,7 @@ class V1Readers:
                  timer: Callable[[], float] = time.monotonic) -> None:
         self._reads_v1 = reads_v1
         self._trusted = trusted
-        self._known: TTLCache[str, bool] = TTLCache(max_users, ttl_s, timer=timer)
+        self._known: TimedMap[str, bool] = TimedMap(max_users, ttl_s, timer=timer)
         self._reading: set[str] = set()
         self._max_reads = max_reads
         self._news = 0  # how many changes were heard: an answer read across one is not kept

@@ -46,7 +46,7 @@ import time
 from collections.abc import Hashable, Sequence
 from typing import Any, TypeVar
 
-from cachetools import LRUCache, TTLCache
+from cachetools import LRUCache
 
 from .base import (
     Appended,
@@ -74,6 +74,7 @@ from .cassandra_owner import FULL_ROWS, KeyLog, Leases, LogCache, NotOwner, chat
 from .cql_wire import ERROR_UNPREPARED, Binder, CqlError, CqlWire, WireUnsupported, decode_rows
 from .ids import new_id
 from .state import SharedState
+from .timed import TimedMap
 
 _row_types: dict[tuple[str, ...], Any] = {}
 _T = TypeVar("_T")
@@ -232,7 +233,7 @@ class CassandraStore:
         self._entries: LRUCache[tuple[str, int], InboxEntry] = LRUCache(200_000)
         self._acked: LRUCache[str, int] = LRUCache(100_000)
         self._receipts: LRUCache[tuple[str, str], tuple[int, int]] = LRUCache(200_000)
-        self._unsent: TTLCache[tuple[str, str], bool] = TTLCache(100_000, UNSENT_TTL_S)
+        self._unsent: TimedMap[tuple[str, str], bool] = TimedMap(100_000, UNSENT_TTL_S)
         self._unset: Any = None  # the driver's UNSET_VALUE, once it is imported
         self.ops = StoreOps()
         self._results: _Results | None = None
