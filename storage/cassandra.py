@@ -696,7 +696,10 @@ class CassandraStore:
         wire = self._wire_for([n for n, _ in items])
         if wire is not None:
             binders = self._binders
-            statements = [(self._wire_ok[n][0], binders[n](p)) for n, p in items]
+            try:
+                statements = [(self._wire_ok[n][0], binders[n](p)) for n, p in items]
+            except Exception as exc:  # as _x: a value the statement cannot take, nothing sent
+                raise StorageUnavailable(f"cassandra {label}: {exc}") from exc
             self._count(label)
             if await self._on_wire(label, wire.batch(statements, self._wire_ok[items[0][0]][1])) is not None:
                 return

@@ -65,19 +65,28 @@ class Binder:
     does (each column's own type, ``None`` as null, the driver's UNSET_VALUE left unset, a short
     sequence padded with it, no UNSET in the routing key), without building a ``BoundStatement``:
     that cost 9.6 µs a statement and this about 2 (BENCHMARKS.md, 2026-12-02 afternoon), with
-    five statements or so behind every message. No column encryption policy is supported (the
-    store sets none)."""
+    five statements or so behind every message. Values come as a list or tuple in the
+    statement's order; a statement whose columns the driver would encrypt, or one prepared for a
+    protocol before v4 (no unset values), is refused here rather than sent differently."""
 
     __slots__ = ("_columns", "_routing", "_unset", "_version")
 
     def __init__(self, prepared: Any, unset: object) -> None:
-        self._columns = tuple((col.name, col.type.serialize) for col in prepared.column_metadata)
+        if unset is None:
+            raise ValueError("Binder needs the driver's UNSET_VALUE (None is a null)")
+        if getattr(prepared, "column_encryption_policy", None) is not None:
+            raise ValueError("Binder does not encrypt columns: bind through the driver")
+        if prepared.protocol_version < 4:
+            raise ValueError(f"Binder serialises for protocol v4 and later, not v{prepared.protocol_version}")
+        self._columns = tuple((col.name, col.type.serialize) for col in prepared.column_metadata or ())
         self._routing = frozenset(prepared.routing_key_indexes or ())
         self._unset = unset
         self._version = prepared.protocol_version
 
     def __call__(self, values: Sequence[Any]) -> list[Any]:
         columns, unset = self._columns, self._unset
+        if not isinstance(values, (list, tuple)):
+            raise TypeError(f"values to bind come as a list or tuple, not {type(values).__name__}")
         if len(values) > len(columns):
             raise ValueError(f"too many values to bind (got {len(values)}, expected {len(columns)})")
         out: list[Any] = []
