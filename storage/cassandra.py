@@ -43,7 +43,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Hashable, Sequence
+from collections.abc import Awaitable, Hashable, Sequence
 from typing import Any, TypeVar
 
 from cachetools import LRUCache
@@ -1088,6 +1088,16 @@ class CassandraStore:
             return await log_.append(values, ident)
         return await self._forward(part, key, values, ident)
 
+    def _number_soon(self, key: str, values: tuple[Any, ...], ident: Hashable | None
+                     ) -> Awaitable[tuple[int, bool]]:
+        """:meth:`_number` as something to await beside others: the append's own future when the
+        key's log is open here (no task around it), else the coroutine."""
+        held = self._logs.get(key)
+        if (held is not None and not held.dead and self._leases is not None
+                and self._leases.epoch(held.part) is not None):
+            return held.append(values, ident)
+        return self._number(key, values, ident)
+
     async def _forward(self, part: int, key: str, values: tuple[Any, ...], ident: Hashable | None) -> tuple[int, bool]:
         rpc = getattr(self._state, "call", None)
         if rpc is None:
@@ -1200,7 +1210,9 @@ class CassandraStore:
         users = list(dict.fromkeys(recipients))
         values = (m.chat_id, m.seq, m.client_id, m.sender, m.device, m.ts, m.kind, m.body, media_to_json(m.media),
                   m.event, m.target, None, None, None)
-        done = await asyncio.gather(*(self._number(f"u:{u}", values, (m.chat_id, m.seq)) for u in users))
+        # (a task for each member only where its inbox is not open here: one message's fan-out
+        # made two tasks of its own, of the ten or so it made in all)
+        done = await asyncio.gather(*(self._number_soon(f"u:{u}", values, (m.chat_id, m.seq)) for u in users))
         out: dict[str, int] = {}
         for u, (pos, dup) in zip(users, done, strict=True):
             self._entries[(u, pos)] = InboxEntry(user_id=u, pos=pos, item=m)
