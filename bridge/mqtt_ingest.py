@@ -50,7 +50,7 @@ import ssl
 import time
 import zlib
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import aiomqtt
@@ -195,6 +195,35 @@ def _stamp_receipts(client: aiomqtt.Client) -> None:
         queue.put_nowait(m)
 
     client._client.on_message = on_message
+
+
+_DISCONNECTED: Any = object()  # put in a client's queue when its connection ends
+
+
+async def _incoming(client: aiomqtt.Client) -> AsyncIterator[aiomqtt.Message]:
+    """The publishes ``client`` receives, as ``client.messages`` gives them, until its connection
+    ends (then :class:`aiomqtt.MqttError`, as there). ``client.messages`` starts a task for each
+    publish it waits for and races it against the end of the connection with ``asyncio.wait``:
+    8-10 µs a publish against 3.5 µs for waiting on the queue itself, and the task was one of
+    the ten or so each message made (BENCHMARKS.md, 2026-12-02 afternoon). Here the end of the
+    connection puts a marker in the queue, behind what was received before it."""
+    queue = client._queue
+    disconnected = client._disconnected
+
+    def wake(_: asyncio.Future[None]) -> None:
+        queue.put_nowait(_DISCONNECTED)
+
+    disconnected.add_done_callback(wake)
+    try:
+        while True:
+            message = await queue.get()
+            if message is _DISCONNECTED:
+                queue.put_nowait(_DISCONNECTED)  # (for _take_queued, should it look again)
+                cause = None if disconnected.cancelled() else disconnected.exception()
+                raise aiomqtt.MqttError("Disconnected during message iteration") from cause
+            yield message
+    finally:
+        disconnected.remove_done_callback(wake)
 
 
 @runtime_checkable
@@ -364,7 +393,7 @@ class MqttIngest:
                     self._session_ready.setdefault(part, asyncio.Event()).set()
                     log.info("holding the broker session of partition %d (%d users)", part, len(users))
                     backoff = 0.2
-                    async for message in client.messages:
+                    async for message in _incoming(client):
                         await self._take(client, message)
                         await self._take_queued(client)
             except aiomqtt.MqttError as exc:
@@ -453,7 +482,11 @@ class MqttIngest:
         queue = client._queue
         taken = 0
         while not queue.empty():
-            await self._take(client, queue.get_nowait(), persistent)
+            message = queue.get_nowait()
+            if message is _DISCONNECTED:  # the connection ended: _incoming says so next
+                queue.put_nowait(message)
+                return
+            await self._take(client, message, persistent)
             taken += 1
             if taken % TAKE_PER_TURN == 0:
                 await asyncio.sleep(0)  # the rest in a later turn of the loop (TAKE_PER_TURN)
@@ -548,7 +581,7 @@ class MqttIngest:
                         probe.lost()  # those still on their way went with the last connection
                     self._connected.set()
                     backoff = 0.2
-                    async for message in client.messages:
+                    async for message in _incoming(client):
                         await self._take(client, message, self._persistent)
                         await self._take_queued(client, self._persistent)
             except aiomqtt.MqttError as exc:
