@@ -44,7 +44,11 @@ for nothing, ``start`` also keeps, per interval of ``INTERVAL_S``, how many were
 many of them had waited past the bound: while most of the last interval's had (its median wait
 was past the bound; a median, so a few slow ones do not count, and the many devices whose own
 queues are short do not hide the ones whose are long), new requests are refused at once, until
-an interval's median is below the bound again or nothing is held any more. An interval in which
+an interval's median is below the bound again or nothing is held any more. A queue that stands
+is one several devices wait in: when all of an interval's requests that waited past the bound
+were one device's, they waited behind that device's own (a request that hung on a store until
+its timeout, while the embedded broker handles the device's next ones after it), and they are
+left out of the interval's figures. Each is answered as above all the same. An interval in which
 nothing started while requests were held keeps the last verdict. On an external broker a
 publish can also wait before the bridge reads it (in the MQTT client's queue, while the event
 loop is busy): its wait counts from receipt, and one that waited past the bound there is
@@ -184,6 +188,9 @@ class Admission:
         self._started = 0  # requests started so far in this interval
         self._past = 0  # of which waited past the bound
         self._waited = 0.0  # their waits added up
+        self._past_waited = 0.0  # the waits of those past the bound added up
+        self._past_topic: str | None = None  # the device of the first of them
+        self._past_devices = False  # and another device's too
         self._sent_before = 0  # sent_out() when this interval started
         self.out_wait_s = 0.0  # how long what waits to go out takes to go, at the recent rate
         self._out_rate = 0.0  # publications sent per second, smoothed
@@ -225,6 +232,12 @@ class Admission:
         self._started += 1
         self._past += past
         self._waited += waited
+        if past:
+            self._past_waited += waited
+            if self._past_topic is None:
+                self._past_topic = topic
+            elif topic != self._past_topic:
+                self._past_devices = True
         if now - self._interval_start >= INTERVAL_S:
             self._next_interval(now)
         if past:
@@ -250,11 +263,20 @@ class Admission:
             self._out_rate += OUT_RATE_WEIGHT * (rate - self._out_rate)
             self.out_wait_s = self.backlog() / self._out_rate if self._out_rate > 0 else 0.0
         if self._started:
+            span = now - self._interval_start
+            self.drain_per_s = self._started / span if span <= MAX_RATE_SPAN_S else 0.0
+        if self._past and not self._past_devices:
+            # all that waited past the bound were one device's: they waited behind its own
+            # requests (one that hung on a store until its timeout), not in a queue the others
+            # share. Each was answered on its own merits (refused if it has a reply); the
+            # verdict on everyone's new requests is left to the rest.
+            self._started -= self._past
+            self._waited -= self._past_waited
+            self._past = 0
+        if self._started:
             self.wait_s = self._waited / self._started
             # most waited past the bound, or the replies of those handled now would wait past it
             self.late = 2 * self._past > self._started or self.out_wait_s > self._stale_after
-            span = now - self._interval_start
-            self.drain_per_s = self._started / span if span <= MAX_RATE_SPAN_S else 0.0
         elif self.held == 0:  # idle
             self.wait_s = 0.0
             self.late = False
@@ -265,7 +287,9 @@ class Admission:
             for topic in [t for t, h in self._held_back.items() if h.until + horizon < now]:
                 del self._held_back[topic]
         self._started = self._past = 0
-        self._waited = 0.0
+        self._waited = self._past_waited = 0.0
+        self._past_topic = None
+        self._past_devices = False
         self._interval_start = now
 
     def retry_after(self) -> int:

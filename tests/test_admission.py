@@ -22,6 +22,11 @@ from tests.test_handlers import World, world  # noqa: F401 - the handler tests' 
 TOPIC = "up/u1/d1"
 
 
+def device(n: int) -> str:
+    """The up topic of one of many devices (a standing queue is one that several devices' requests wait in)."""
+    return f"up/u{n}/d{n}"
+
+
 def body(**fields: Any) -> bytes:
     return json.dumps(fields).encode()
 
@@ -290,20 +295,20 @@ def test_while_most_requests_wait_past_the_bound_new_ones_are_refused_far_below_
     for _ in range(50):
         assert adm.admit(TOPIC, SEND) is None
     clock.t += 0.4
-    for _ in range(10):  # an interval's worth of handling, every one past the bound
-        adm.start(TOPIC, ACK, taken)
+    for k in range(11):  # the first ends the interval; then an interval's worth, every one past the bound
+        adm.start(device(k), ACK, taken)
         adm.release()
         clock.t += 0.011
-    assert adm.late and adm.held == 40 and adm.held < adm.limit
+    assert adm.late and adm.held == 39 and adm.held < adm.limit
     reply = refusal(adm.admit(TOPIC, SEND))
     assert reply is not None and reply["code"] == "rate_limited" and "requests wait 4" in reply["message"], reply
-    assert adm.held == 40  # not taken in
+    assert adm.held == 39  # not taken in
     with pytest.raises(RateLimited):
         adm.check_http()
     # once most of an interval's requests started within the bound, new ones come in again
     fresh = clock()
     for k in range(12):  # the first ends the interval; of the next interval's 11, 4 past the bound
-        adm.start(TOPIC, ACK, taken if k <= 4 else fresh)
+        adm.start(device(k), ACK, taken if k <= 4 else fresh)
         adm.release()
         clock.t += 0.0099
     assert not adm.late
@@ -328,17 +333,55 @@ def test_a_few_slow_ones_or_a_pause_in_handling_refuse_nobody() -> None:
     assert adm.admit(TOPIC, SEND) is None
 
 
+def test_one_device_waiting_behind_its_own_hung_request_refuses_no_one_else() -> None:
+    # a media request hangs on the object store until its timeout; the device's next publishes
+    # wait behind it (the embedded broker handles a device's requests one at a time)
+    clock = Clock()
+    adm = Admission(limit=1000, max_delay_ms=2000, clock=clock)
+    media = body(type="media_url", id="u", key="k", chat="c1")
+    assert adm.admit(TOPIC, media) is None
+    assert adm.start(TOPIC, media, clock()) is None
+    behind = clock()
+    assert adm.admit(TOPIC, ACK) is None and adm.admit(TOPIC, SEND) is None
+    clock.t += 5.0
+    adm.release()  # the media request is answered (unavailable)
+    assert adm.start(TOPIC, ACK, behind) is None  # the ack waited 5 s: handled all the same
+    reply = refusal(adm.start(TOPIC, SEND, behind))  # the send waited past the bound itself: refused
+    assert reply is not None and reply["code"] == "rate_limited" and "waited 5000 ms" in reply["message"], reply
+    # the ack is still being handled; that wait was this device's own, not a queue others share
+    adm.release()
+    assert adm.held == 1 and not adm.late and adm.wait_s == 0.0
+    assert adm.admit(OTHER, SEND) is None  # another device's request is taken in
+    assert adm.admit(TOPIC, media) is None  # and so is this device's next one
+    assert adm.admit(TOPIC, SEND) is None  # its refused send, sent again, too
+    # the same waits in two devices' requests are a queue both wait in: new requests are refused
+    adm = Admission(limit=1000, max_delay_ms=2000, clock=clock)
+    behind = clock()
+    for topic in (TOPIC, OTHER, TOPIC):
+        assert adm.admit(topic, ACK) is None
+    clock.t += 5.0
+    for topic in (TOPIC, OTHER):  # the first ends the first interval; the second waits in the next
+        assert adm.start(topic, ACK, behind) is None
+        adm.release()
+    clock.t += 0.1
+    assert adm.start(TOPIC, ACK, behind) is None  # ends that interval: two devices' past the bound
+    assert adm.late
+    assert refusal(adm.admit(device(3), SEND)) is not None
+
+
 def test_nothing_held_ends_a_refusal_even_without_a_new_interval() -> None:
     clock = Clock()
     adm = Admission(limit=1000, max_delay_ms=100, clock=clock)
-    adm.admit(TOPIC, SEND)
-    adm.admit(TOPIC, SEND)
+    for _ in range(4):
+        adm.admit(TOPIC, SEND)
     taken = clock()
     clock.t += 0.5
-    adm.start(TOPIC, ACK, taken)
-    adm.release()
+    for k in range(3):  # the first ends the first interval, the third the next: two devices' past the bound
+        adm.start(device(k), ACK, taken)
+        adm.release()
+        clock.t += 0.06
     assert adm.late and refusal(adm.admit(TOPIC, SEND)) is not None
-    adm.start(TOPIC, ACK, taken)
+    adm.start(device(3), ACK, taken)
     adm.release()  # the last one, in the same interval
     assert adm.held == 0
     assert adm.admit(TOPIC, SEND) is None  # nothing waits: taken in
@@ -376,14 +419,14 @@ def test_a_refusal_asks_to_retry_after_about_the_backlog_s_drain_time() -> None:
     for _ in range(1000):
         adm.admit(TOPIC, SEND)
     clock.t += 0.5
-    adm.start(TOPIC, ACK, taken)  # ends the first interval
+    adm.start(device(1), ACK, taken)  # ends the first interval
     adm.release()
-    for _ in range(100):  # 100 started in the next 0.1 s: 1,000/s
+    for k in range(100):  # 100 started in the next 0.1 s: 1,000/s
         clock.t += 0.001
-        adm.start(TOPIC, ACK, taken)
+        adm.start(device(k), ACK, taken)
         adm.release()
     clock.t += 0.0015
-    adm.start(TOPIC, ACK, taken)  # ends that interval
+    adm.start(device(3), ACK, taken)  # ends that interval
     adm.release()
     assert adm.drain_per_s == pytest.approx(1000, rel=0.05)
     reply = refusal(adm.admit(TOPIC, SEND))
@@ -419,11 +462,12 @@ def test_a_refusal_never_asks_for_more_than_the_longest_wait() -> None:
     for _ in range(50_000):
         adm.admit(TOPIC, SEND)
     clock.t += 0.5
-    adm.start(TOPIC, ACK, taken)
-    for _ in range(2):  # 2 started in 0.2 s: 50,000 held would take 5,000 s
+    adm.start(device(1), ACK, taken)
+    for k in range(2, 6, 2):  # 2 started every 0.1 s: 50,000 held would take 2,500 s
         clock.t += 0.1
-        adm.start(TOPIC, ACK, taken)
-    assert adm.drain_per_s == pytest.approx(10, rel=0.05)
+        adm.start(device(k), ACK, taken)
+        adm.start(device(k + 1), ACK, taken)
+    assert adm.drain_per_s == pytest.approx(20, rel=0.05)
     reply = refusal(adm.admit(TOPIC, SEND))
     assert reply is not None and reply["retry_after_ms"] == MAX_RETRY_AFTER_MS == 10_000, reply
 

@@ -123,7 +123,7 @@ async def test_minio_down_fails_media_but_text_keeps_working(prod_server: Server
             assert info.value.code == "unavailable"
             with pytest.raises(PigeonClientError) as info:
                 await da.request({"type": "media_url", "key": media["key"], "chat": chat})
-            assert info.value.code == "unavailable"
+            assert info.value.code == "unavailable", info.value
             assert (await da.send("text still flows", chat=chat))["seq"] == 2
         assert (await da.request({"type": "media_url", "key": media["key"], "chat": chat}))["url"]
 
