@@ -57,6 +57,7 @@ import aiomqtt
 from paho.mqtt.client import MQTT_ERR_NO_CONN, MQTT_ERR_QUEUE_SIZE, MQTT_ERR_SUCCESS, MQTTMessage
 
 from .errors import PigeonError
+from .mqtt_matcher import cycle_free_lookups
 from .mqtt_reads import buffered_reads
 from .mqtt_writes import coalesce_writes, no_delay, write_soon
 
@@ -466,6 +467,7 @@ class MqttIngest:
         no_delay(client._client)
         write_soon(client)
         buffered_reads(client._client)
+        cycle_free_lookups(client._client)
         _stamp_receipts(client)
         if persistent:
             # aiomqtt 2.5 has no option for it: PUBACK only once handled (see _acker)

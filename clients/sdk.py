@@ -65,6 +65,7 @@ from paho.mqtt.properties import Properties
 
 from bridge import wire_v2
 from bridge.errors import ProtocolError
+from bridge.mqtt_matcher import cycle_free_lookups
 from bridge.mqtt_writes import no_delay
 from bridge.protocol import (
     REPLY_TYPES,
@@ -485,6 +486,7 @@ class Device:
     def _mqtt_client(self) -> aiomqtt.Client:
         client = self._new_mqtt_client()
         no_delay(client._client)  # each publish leaves at once, not after the broker's delayed ACK
+        cycle_free_lookups(client._client)  # no garbage cycle per event read
         return client
 
     def _new_mqtt_client(self) -> aiomqtt.Client:
