@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import time
 import traceback
@@ -35,6 +36,10 @@ ACK_EVERY_S = 0.1
 GAP_SYNC_AFTER_S = 2.0
 STALL_S = 10.0
 CONNECT_CONCURRENCY = 64
+# the collector's thresholds, as `pigeon serve` sets them (clients/cli.py), and the commands
+# that time deliveries
+GC_THRESHOLDS = (20_000, 20, 100)
+TIMED = {"traffic", "plan", "wire"}
 LOGIN_CONCURRENCY = 16
 
 
@@ -815,6 +820,7 @@ class Worker:
 def main(conn: Connection, index: int, progress: Any, ca_file: str | None = None, mqtt_tls: bool = False,
          mqtt_ws_path: str | None = None) -> None:
     """Process entry: answer ``(command, kwargs)`` from the parent until told to stop."""
+    gc.set_threshold(*GC_THRESHOLDS)
     asyncio.run(_serve(conn, Worker(index, progress, ca_file, mqtt_tls, mqtt_ws_path)))
 
 
@@ -826,6 +832,12 @@ async def _serve(conn: Connection, worker: Worker) -> None:
             return
         name, kwargs = msg
         method: Callable[..., Awaitable[Any]] = getattr(worker, name)
+        if name in TIMED:
+            # what exists before a phase (devices, connections, earlier phases' figures) stays
+            # through it: out of the collector's passes, whose pauses would count in the
+            # latencies measured (a full pass held a worker 40-90 ms, BENCHMARKS.md)
+            gc.collect()
+            gc.freeze()
         try:
             conn.send(("ok", await method(**kwargs)))
         except Exception:  # noqa: BLE001 - the parent reports it and stops the run
