@@ -46,7 +46,8 @@ was past the bound; a median, so a few slow ones do not count, and the many devi
 queues are short do not hide the ones whose are long), new requests are refused at once, until
 an interval's median is below the bound again or nothing is held any more. A queue that stands
 is one several devices wait in: when all of an interval's requests that waited past the bound
-were one device's, they waited behind that device's own (a request that hung on a store until
+were one device's, and no other device's request waited past it within a bound before them,
+they waited behind that device's own (a request that hung on a store until
 its timeout, while the embedded broker handles the device's next ones after it), and they are
 left out of the interval's figures. Each is answered as above all the same. An interval in which
 nothing started while requests were held keeps the last verdict. On an external broker a
@@ -189,8 +190,10 @@ class Admission:
         self._past = 0  # of which waited past the bound
         self._waited = 0.0  # their waits added up
         self._past_waited = 0.0  # the waits of those past the bound added up
-        self._past_topic: str | None = None  # the device of the first of them
-        self._past_devices = False  # and another device's too
+        self._past_devices = False  # of which one of another device than the one before it
+        # the device of the last request that waited past the bound (of any interval), and when
+        self._past_topic: str | None = None
+        self._past_at = -math.inf
         self._sent_before = 0  # sent_out() when this interval started
         self.out_wait_s = 0.0  # how long what waits to go out takes to go, at the recent rate
         self._out_rate = 0.0  # publications sent per second, smoothed
@@ -234,10 +237,9 @@ class Admission:
         self._waited += waited
         if past:
             self._past_waited += waited
-            if self._past_topic is None:
-                self._past_topic = topic
-            elif topic != self._past_topic:
-                self._past_devices = True
+            if topic != self._past_topic and now - self._past_at <= self._stale_after:
+                self._past_devices = True  # two devices' requests waited past the bound within a bound
+            self._past_topic, self._past_at = topic, now
         if now - self._interval_start >= INTERVAL_S:
             self._next_interval(now)
         if past:
@@ -266,13 +268,15 @@ class Admission:
             span = now - self._interval_start
             self.drain_per_s = self._started / span if span <= MAX_RATE_SPAN_S else 0.0
         if self._past and not self._past_devices:
-            # all that waited past the bound were one device's: they waited behind its own
-            # requests (one that hung on a store until its timeout), not in a queue the others
-            # share. Each was answered on its own merits (refused if it has a reply); the
-            # verdict on everyone's new requests is left to the rest.
+            # all that waited past the bound were one device's, and no other device's did within
+            # a bound before them: they waited behind its own requests (one that hung on a store
+            # until its timeout), not in a queue the others share. Each was answered on its own
+            # merits (refused if it has a reply); the verdict on everyone's is left to the rest.
             self._started -= self._past
             self._waited -= self._past_waited
             self._past = 0
+            if not self._started:  # none left: the verdict stands, but what waits to go out counts
+                self.late = self.late or self.out_wait_s > self._stale_after
         if self._started:
             self.wait_s = self._waited / self._started
             # most waited past the bound, or the replies of those handled now would wait past it
@@ -288,7 +292,6 @@ class Admission:
                 del self._held_back[topic]
         self._started = self._past = 0
         self._waited = self._past_waited = 0.0
-        self._past_topic = None
         self._past_devices = False
         self._interval_start = now
 

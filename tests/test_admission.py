@@ -369,6 +369,94 @@ def test_one_device_waiting_behind_its_own_hung_request_refuses_no_one_else() ->
     assert refusal(adm.admit(device(3), SEND)) is not None
 
 
+def test_devices_taking_turns_past_the_bound_are_a_standing_queue_one_start_per_interval() -> None:
+    # a stalled store: each interval ends with the one request that starts in it, each of
+    # another device, each past the bound
+    clock = Clock()
+    adm = Admission(limit=1000, max_delay_ms=2000, clock=clock)
+    for k in range(100):
+        assert adm.admit(device(k % 5), SEND) is None
+    taken = clock()
+    clock.t += 5.0
+    assert adm.start(device(0), ACK, taken) is None  # one device's so far: left out
+    adm.release()
+    assert not adm.late
+    clock.t += 0.11
+    assert adm.start(device(1), ACK, taken) is None  # another's within a bound: a queue they share
+    adm.release()
+    assert adm.late and adm.wait_s > 2.0 and adm.shedding
+    assert refusal(adm.admit(device(7), SEND)) is not None
+
+
+def test_one_device_past_the_bound_now_and_another_long_before_are_not_a_queue() -> None:
+    clock = Clock()
+    adm = Admission(limit=1000, max_delay_ms=2000, clock=clock)
+    for _ in range(3):
+        adm.admit(TOPIC, ACK)
+    adm.start(OTHER, ACK, clock.t - 3.0)  # one device's, past the bound
+    adm.release()
+    clock.t += 2.5  # more than a bound later
+    adm.start(TOPIC, ACK, clock.t - 3.0)  # another's, ending the interval: not a queue they share
+    assert not adm.late and adm.admit(device(3), SEND) is None
+
+
+def test_one_device_s_requests_past_the_bound_together_are_its_own_queue() -> None:
+    clock = Clock()
+    adm = Admission(limit=1000, max_delay_ms=2000, clock=clock)
+    for _ in range(5):
+        adm.admit(TOPIC, ACK)
+    taken = clock()
+    clock.t += 5.0
+    for _ in range(3):  # the first ends the first interval
+        adm.start(TOPIC, ACK, taken)
+        adm.release()
+    clock.t += 0.1
+    adm.start(TOPIC, ACK, taken)  # ends the next: three of one device's, all past the bound
+    assert not adm.late and adm.wait_s == 0.0 and adm.held == 2
+
+
+def test_each_interval_judges_afresh_which_devices_waited_past_the_bound() -> None:
+    clock = Clock()
+    adm = Admission(limit=1000, max_delay_ms=2000, clock=clock)
+    for k in range(6):
+        adm.admit(device(k), ACK)
+    t0 = clock()
+    clock.t += 5.0
+    adm.start(device(0), ACK, t0)  # ends the first interval, alone
+    clock.t += 0.05
+    adm.start(device(1), ACK, t0)  # another device's within a bound: a queue both wait in
+    clock.t += 0.06
+    adm.start(device(2), ACK, clock.t - 0.01)  # ends the interval: 1 of 2 past the bound
+    assert not adm.late
+    clock.t += 3.0  # longer than the bound
+    adm.start(device(5), ACK, clock.t - 0.01)  # ends an interval
+    clock.t += 0.01
+    adm.start(device(3), ACK, clock.t - 4.0)  # past the bound, no other device's within a bound
+    clock.t += 0.1
+    adm.start(device(4), ACK, clock.t - 0.01)  # ends the interval: device 3's left out
+    assert not adm.late and adm.wait_s == pytest.approx(0.01)
+
+
+def test_what_waits_to_go_out_counts_when_only_one_device_s_requests_started() -> None:
+    clock = Clock()
+    adm = Admission(limit=10_000, max_delay_ms=300, clock=clock)
+    waiting, sent = [0], [0]
+    adm.backlog = lambda: waiting[0]
+    adm.sent_out = lambda: sent[0]
+    for _ in range(3):
+        adm.admit(TOPIC, SEND)
+    for _ in range(30):  # 1,000 publications a second go out, requests start at once
+        clock.t += 0.1
+        sent[0] += 100
+        adm.start(OTHER, ACK, clock.t - 0.01)
+    assert not adm.late
+    waiting[0] = 5000  # five seconds' worth waits to go out
+    clock.t += 0.1
+    sent[0] += 100
+    adm.start(TOPIC, ACK, clock.t - 1.0)  # the interval's only start: one device's, past the bound
+    assert adm.late and refusal(adm.admit(device(3), SEND)) is not None
+
+
 def test_nothing_held_ends_a_refusal_even_without_a_new_interval() -> None:
     clock = Clock()
     adm = Admission(limit=1000, max_delay_ms=100, clock=clock)

@@ -16,7 +16,8 @@ LEVELS = ["up", "down", "u1", "d1", "$SYS", "", "+", "#"]
 
 
 def random_filter(rng: random.Random) -> str:
-    parts = [rng.choice(LEVELS[:-1]) for _ in range(rng.randint(1, 4))]
+    # "#" mostly last, as MQTT allows it, and now and then within (paho's trie stores those too)
+    parts = [rng.choice(LEVELS if rng.random() < 0.1 else LEVELS[:-1]) for _ in range(rng.randint(1, 4))]
     if rng.random() < 0.3:
         parts.append("#")
     return "/".join(parts)
