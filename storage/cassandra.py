@@ -893,8 +893,8 @@ class CassandraStore:
         key = f"c:{chat_id}"
         held = self._logs.get(key)
         last_ts = 0
-        if not activity and (not current_seq or (held is not None and not held.dead)):
-            last_seq = held.head if held is not None and not held.dead else 0
+        if not activity and (not current_seq or held is not None):
+            last_seq = held.head if held is not None else 0
             rows, members = await asyncio.gather(self._x("get_chat", chat_id), self._x("members", chat_id))
         else:
             last_seq, recent, head_row = await self._tail(key)
@@ -1026,7 +1026,7 @@ class CassandraStore:
 
     async def _head(self, key: str) -> int:
         held = self._logs.get(key)
-        if held is not None and not held.dead:
+        if held is not None:
             return held.head
         return (await self._tail(key))[0]
 
@@ -1034,7 +1034,7 @@ class CassandraStore:
         """This process's log of a key in a partition it holds: opened on first use under an
         epoch by reading the key's tail and writing the fence."""
         held = self._logs.get(key)
-        if held is not None and not held.dead:
+        if held is not None:
             return held
         opening = self._opening.get(key)
         if opening is not None:
@@ -1093,8 +1093,7 @@ class CassandraStore:
         """:meth:`_number` as something to await beside others: the append's own future when the
         key's log is open here (no task around it), else the coroutine."""
         held = self._logs.get(key)
-        if (held is not None and not held.dead and self._leases is not None
-                and self._leases.epoch(held.part) is not None):
+        if held is not None and self._leases is not None and self._leases.epoch(held.part) is not None:
             return held.append(values, ident)
         return self._number(key, values, ident)
 
@@ -1268,7 +1267,7 @@ class CassandraStore:
 
     async def read_inbox(self, user_id: str, after: int, limit: int) -> list[InboxEntry]:
         held = self._logs.get(f"u:{user_id}")
-        if held is not None and not held.dead:  # what this process wrote, from memory when it has it all
+        if held is not None:  # what this process wrote, from memory when it has it all
             cached: list[InboxEntry] = []
             for pos in range(after + 1, min(held.head, after + limit) + 1):
                 entry = self._entries.get((user_id, pos))

@@ -398,9 +398,11 @@ class LogCache:
         self._limit = limit
 
     def get(self, key: str) -> KeyLog | None:
+        """The key's log if one is open here and not dead (a dead one is replaced when next opened)."""
         got = self._logs.get(key)
-        if got is not None:
-            self._logs.move_to_end(key)
+        if got is None or got.dead:
+            return None
+        self._logs.move_to_end(key)
         return got
 
     def put(self, log_: KeyLog) -> None:
