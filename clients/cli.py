@@ -22,6 +22,7 @@ from rich.markup import escape
 
 from bridge.config import secret_from_env, settings
 from bridge.errors import PigeonError
+from clients.launch import GC_THRESHOLDS
 from clients.sdk import Api, Device, PigeonClientError, Profile, request_code, verify
 
 app = typer.Typer(help="Pigeon: messaging over MQTT for phones and IoT devices.", no_args_is_help=True)
@@ -36,7 +37,6 @@ ProfileOpt = Annotated[
     Path, typer.Option("--profile", envvar="PIGEON_PROFILE", help="Where the login and sync cursor are kept.")
 ]
 DEFAULT_PROFILE = Path.home() / ".config" / "pigeon" / "profile.json"
-GC_THRESHOLDS = (20_000, 20, 100)  # young collection every 20,000 new objects; a full one every 100 middle ones
 
 
 @app.command()

@@ -19,6 +19,10 @@ BACKEND_VARS = ("PIGEON_STORE", "PIGEON_MEDIA", "PIGEON_REDIS", "PIGEON_BROKER",
 # "pigeon ready http=URL mqtt=HOST:PORT ws=URL [https=URL mqtts=HOST:PORT wss=URL] data=DIR", "off" for a
 # listener not served
 READY_RE = re.compile(r"pigeon ready (.*)$")
+# The interpreter's collector as `pigeon serve` and the bench's load generators set it: a young
+# collection every 20,000 new objects, a full one every 100 middle ones (see `serve` in
+# clients/cli.py for why)
+GC_THRESHOLDS = (20_000, 20, 100)
 
 
 def _port(value: str) -> int:

@@ -28,6 +28,7 @@ import httpx
 from bridge import wire_v2
 from bridge.errors import ProtocolError
 from bridge.protocol import Sent
+from clients.launch import GC_THRESHOLDS
 from clients.sdk import V2_ACK_DELAY_S, tls_context
 
 from .mqtt import MqttConn, connect
@@ -36,11 +37,8 @@ ACK_EVERY_S = 0.1
 GAP_SYNC_AFTER_S = 2.0
 STALL_S = 10.0
 CONNECT_CONCURRENCY = 64
-# the collector's thresholds, as `pigeon serve` sets them (clients/cli.py), and the commands
-# that time deliveries
-GC_THRESHOLDS = (20_000, 20, 100)
-TIMED = {"traffic", "plan", "wire"}
 LOGIN_CONCURRENCY = 16
+TIMED = {"traffic", "plan", "wire"}  # the commands that time deliveries
 
 
 def now_ns() -> int:
