@@ -260,6 +260,14 @@ ACK = body(type="ack", up_to=3)
 OTHER = "up/u9/d9"  # another device
 
 
+def outgoing(adm: Admission) -> tuple[list[int], list[int]]:
+    """The embedded broker's outgoing queue, set by hand: what waits in it, and what it has sent."""
+    waiting, sent = [0], [0]
+    adm.backlog = lambda: waiting[0]
+    adm.sent_out = lambda: sent[0]
+    return waiting, sent
+
+
 def refusal(outs: list[Any] | None) -> dict[str, Any] | None:
     return None if outs is None else dict(json.loads(encode_v1(outs[0].event)))
 
@@ -440,9 +448,7 @@ def test_each_interval_judges_afresh_which_devices_waited_past_the_bound() -> No
 def test_what_waits_to_go_out_counts_when_only_one_device_s_requests_started() -> None:
     clock = Clock()
     adm = Admission(limit=10_000, max_delay_ms=300, clock=clock)
-    waiting, sent = [0], [0]
-    adm.backlog = lambda: waiting[0]
-    adm.sent_out = lambda: sent[0]
+    waiting, sent = outgoing(adm)
     for _ in range(3):
         adm.admit(TOPIC, SEND)
     for _ in range(30):  # 1,000 publications a second go out, requests start at once
@@ -587,9 +593,7 @@ def test_a_negative_delay_bound_is_refused() -> None:
 def test_replies_that_would_wait_past_the_bound_to_go_out_refuse_new_requests() -> None:
     clock = Clock()
     adm = Admission(limit=10_000, max_delay_ms=300, clock=clock)
-    waiting, sent = [0], [0]
-    adm.backlog = lambda: waiting[0]
-    adm.sent_out = lambda: sent[0]
+    waiting, sent = outgoing(adm)
     for _ in range(5):
         adm.admit(TOPIC, SEND)
 
