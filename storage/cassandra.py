@@ -189,6 +189,12 @@ _CONDITIONAL = frozenset({"claim_phone", "claim_pair", "put_media", "media_ready
                           "lease_renew", "lease_drop", "epoch_first", "epoch_next"})
 
 
+def _answered(loop: asyncio.AbstractEventLoop, reply: dict[str, Any]) -> asyncio.Future[dict[str, Any]]:
+    fut: asyncio.Future[dict[str, Any]] = loop.create_future()
+    fut.set_result(reply)
+    return fut
+
+
 def _message(chat_id: str, seq: int, r: Sequence[Any]) -> Message:
     return Message(chat_id=chat_id, seq=seq, client_id=r[0], sender=r[1], device=r[2], ts=r[3], kind=r[4],
                    body=r[5], media=media_from_json(r[6]), event=r[7], target=r[8])
@@ -1110,29 +1116,62 @@ class CassandraStore:
             raise StorageUnavailable(f"partition {part}: {reply['error']}")
         return int(reply["n"]), bool(reply["dup"])
 
-    async def _serve_forwarded(self, req: dict[str, Any]) -> dict[str, Any]:
-        """Number a key for another process (it holds no lease on the key's partition)."""
+    def _serve_forwarded(self, req: dict[str, Any]) -> Awaitable[dict[str, Any]]:
+        """Number a key for another process (it holds no lease on the key's partition). When the
+        key's log is open here the answer is a future settled by the append itself (no task, no
+        coroutine: a forward is most of what a second bridge adds to a message)."""
+        loop = asyncio.get_running_loop()
         try:
             if req.get("scope") != self.keyspace:  # another deployment's request: never number it here
-                return {"error": f"this bridge serves keyspace {self.keyspace}, not {req.get('scope')!r}"}
+                other = req.get("scope")
+                return _answered(loop, {"error": f"this bridge serves keyspace {self.keyspace}, not {other!r}"})
             if time.time() > float(req["until"]):
-                return {"error": "the request waited too long"}
+                return _answered(loop, {"error": "the request waited too long"})
             ident = tuple(req["ident"]) if isinstance(req["ident"], list) else req["ident"]
             key = str(req["key"])
             part = partition_of(key)
             if self._leases is None or self._leases.epoch(part) is None:
-                return {"error": f"partition {part} is not held here"}
+                return _answered(loop, {"error": f"partition {part} is not held here"})
             values = tuple(req["values"])
-            n, dup = await (await self._log(key)).append(values, ident)
-            kind, _, user = key.partition(":")
-            if kind == "u" and not dup:  # kept for the user's acks and syncs, which come here
-                self._entries[(user, n)] = InboxEntry(user_id=user, pos=n, item=_inbox_item(values))
-            return {"n": n, "dup": dup}
-        except StorageUnavailable as exc:
-            return {"error": str(exc)}
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("ignoring a malformed forwarded request: %s", exc)
-            return {"error": "malformed request"}
+            return _answered(loop, {"error": "malformed request"})
+        held = self._logs.get(key)
+        if held is None:
+            return self._serve_opening(key, values, ident)
+        out: asyncio.Future[dict[str, Any]] = loop.create_future()
+
+        def answer(appended: asyncio.Future[tuple[int, bool]]) -> None:
+            reply = self._served(key, values, appended)
+            if not out.done():  # (its waiter may have been cancelled meanwhile)
+                out.set_result(reply)
+
+        held.append(values, ident).add_done_callback(answer)
+        return out
+
+    async def _serve_opening(self, key: str, values: tuple[Any, ...], ident: Hashable | None) -> dict[str, Any]:
+        """:meth:`_serve_forwarded` for a key whose log is not open here yet."""
+        try:
+            log_ = await self._log(key)
+        except StorageUnavailable as exc:
+            return {"error": str(exc)}
+        appended = log_.append(values, ident)
+        await asyncio.wait([appended])
+        return self._served(key, values, appended)
+
+    def _served(self, key: str, values: tuple[Any, ...], appended: asyncio.Future[tuple[int, bool]]) -> dict[str, Any]:
+        """The answer to a forwarded append, once it is done."""
+        exc = appended.exception()
+        if exc is not None:
+            if isinstance(exc, StorageUnavailable):
+                return {"error": str(exc)}
+            log.error("numbering %s for another bridge failed", key, exc_info=exc)
+            return {"error": type(exc).__name__}
+        n, dup = appended.result()
+        kind, _, user = key.partition(":")
+        if kind == "u" and not dup:  # kept for the user's acks and syncs, which come here
+            self._entries[(user, n)] = InboxEntry(user_id=user, pos=n, item=_inbox_item(values))
+        return {"n": n, "dup": dup}
 
     async def _quiesce(self, part: int) -> None:
         """Wait until what this process took for a partition's keys is written."""

@@ -379,9 +379,14 @@ class RedisState:
                     log.warning("could not say where this bridge answers: %s", exc)
             await asyncio.sleep(ADVERTISE_S)
 
-    async def _handle_request(self, request: dict[str, Any]) -> dict[str, Any]:
+    def _handle_request(self, request: dict[str, Any]) -> Awaitable[dict[str, Any]]:
+        """The answer of the handler of the request's kind: a coroutine, or a future it settles."""
         handler = self._handlers.get(str(request.get("kind")))
-        return await handler(request) if handler is not None else {"error": "unknown request"}
+        if handler is not None:
+            return handler(request)
+        unknown: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        unknown.set_result({"error": "unknown request"})
+        return unknown
 
     async def _push(self, key: str, item: str, *, expire: bool) -> None:
         """Append ``item`` to the list ``key``. Everything pushed in one turn of the event loop goes
