@@ -767,6 +767,10 @@ def _show_result(r: dict[str, Any]) -> None:
             "health_max_ms", "login_max_ms", "responsive", "held_max", "recovered_after_s")
     shown = "  ".join(f"{k}={r[k]}" for k in keys if r.get(k) is not None)
     console.print(f"[bold]{r['scenario']}[/] ({r['profile']}): {shown}")
+    for step in r.get("rates") or []:
+        if step.get("bridge_cpu_ms_per_msg") is not None:
+            console.print(f"  at {step['msgs_per_s']} msgs/s ({step['msgs_per_s_per_bridge']} a bridge): p99 "
+                          f"{step['p99_ms']} ms, {step['bridge_cpu_ms_per_msg']} ms of bridge CPU a message")
     if r.get("lost") or r.get("duplicates"):
         console.print(f"[bold red]  LOST {r.get('lost')} and DUPLICATED {r.get('duplicates')} messages[/]")
     if r.get("unanswered"):

@@ -47,6 +47,10 @@ def check_results(results: list[dict[str, object]], profile: str) -> None:
         seconds = [row[0] for row in step["by_second"]]
         assert seconds == sorted(set(seconds)) and sum(row[1] for row in step["by_second"]) > 0
         assert max(row[3] for row in step["by_second"]) >= step["p99_ms"]
+        # what a message cost at that rate, and what each bridge carried of it
+        assert set(COST) <= step.keys() and step["store_ops_per_msg"] > 0 and step["bridge_cpu_ms_per_msg"] > 0, step
+        assert step["msgs_per_s_per_bridge"] == pytest.approx(step["msgs_per_s"] / p2p["bridges"], abs=0.1)
+    assert p2p["bridges"] == 1 and p2p["msgs_per_s_per_bridge"] == p2p["msgs_per_s"]
     group = by_name["group"]
     assert group["deliveries_per_s"] > 0 and group["baseline_deliveries_per_s"] > 0 and "ratio" in group
     sync = by_name["sync"]

@@ -33,6 +33,7 @@ RATE_STEPS = (0.25, 0.5, 0.75)
 IDLE_RATE = 20.0  # idle: messages a second sent while the devices are held
 IDLE_PAIRS = 10
 STORE_METRICS = ("pigeon_store_statements_total", "pigeon_store_conditional_total")
+COST_FIELDS = ("store_ops_per_msg", "lwt_per_msg", "bridge_cpu_ms_per_msg")
 SETTLE_S = 0.25  # the store's counts must hold still this long before a cost reading is taken
 SETTLE_LIMIT_S = 5.0
 # overload: the server must answer health and login within this long while overloaded
@@ -564,11 +565,17 @@ class Bench:
             max_rate = full["delivered"] / max(1e-9, full["seconds"])
             rss = self.meter.rss_by_process()
             steps = []
+            bridges = len(self.target.bridge_pids) or None
             for frac in RATE_STEPS:
-                step = phase(f"p2p: {int(frac * 100)}% of full speed", mode="open", seconds=o.seconds,
+                step = phase(f"p2p: {int(frac * 100)}% of full speed", 1.0, mode="open", seconds=o.seconds,
                              rate=frac * max_rate)
-                steps.append({"offered_per_s": round(frac * max_rate, 1),
-                              "msgs_per_s": round(step["delivered"] / max(1e-9, step["seconds"]), 1),
+                rate = step["delivered"] / max(1e-9, step["seconds"])
+                steps.append({"offered_per_s": round(frac * max_rate, 1), "msgs_per_s": round(rate, 1),
+                              # what each bridge carried, and what a message cost at that rate: a
+                              # bridge's CPU per message falls as its own rate rises, so N bridges
+                              # compare with one at the same rate per bridge, not the same total
+                              "msgs_per_s_per_bridge": None if bridges is None else round(rate / bridges, 1),
+                              **{k: step["cost"][k] for k in COST_FIELDS},
                               **percentiles(step["latencies_ms"]),
                               "lost": step["lost"], "unanswered": step["unanswered"],
                               "duplicates": step["duplicates"], "late_live": step["late_live"],
@@ -576,6 +583,8 @@ class Bench:
                               "by_second": by_second(step["sent_s"], step["latencies_ms"])})
             fields: dict[str, Any] = {
                 "msgs_per_s": round(max_rate, 1), "pairs": o.pairs, "window": o.window, **full["cost"],
+                "bridges": bridges,
+                "msgs_per_s_per_bridge": None if bridges is None else round(max_rate / bridges, 1),
             }
             baseline = None
             if with_baseline:
