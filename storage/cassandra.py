@@ -43,7 +43,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Hashable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from typing import Any, TypeVar
 
 from cachetools import LRUCache
@@ -70,8 +70,8 @@ from .base import (
     media_from_json,
     media_to_json,
 )
-from .cassandra_owner import FULL_ROWS, KeyLog, Leases, LogCache, NotOwner, chat_id_near, partition_of
-from .cql_wire import ERROR_UNPREPARED, Binder, CqlError, CqlWire, WireUnsupported, decode_rows
+from .cassandra_owner import FULL_ROWS, KeyLog, Leases, LogCache, NotOwner, WriteAgain, chat_id_near, partition_of
+from .cql_wire import ERROR_UNPREPARED, Binder, CqlError, CqlWire, Direct, WireUnsupported, decode_rows
 from .ids import new_id
 from .state import SharedState
 from .timed import TimedMap
@@ -1074,7 +1074,8 @@ class CassandraStore:
                 ids: dict[Hashable, int] = {(r[2], r[3]): int(r[0]) for r in reversed(recent) if r[3] is not None}
             else:
                 ids = {(r[2], int(r[3])): int(r[0]) for r in reversed(recent) if r[3] is not None}
-            log_ = KeyLog(key, part, epoch, head, full_after, ids, self._write_rows, self._leases)  # type: ignore[arg-type]
+            log_ = KeyLog(key, part, epoch, head, full_after, ids, self._write_rows, self._leases,  # type: ignore[arg-type]
+                          self._write_rows_now)
             self._logs.put(log_)
             fut.set_result(log_)
             return log_
@@ -1182,10 +1183,9 @@ class CassandraStore:
             held.kill(f"partition {part} changed hands")
             self._logs.drop(held.key)
 
-    async def _write_rows(self, key: str, epoch: int, rows: Sequence[tuple[int, tuple[Any, ...]]],
-                          full: bool) -> None:
-        """Write one key's numbered rows in order: one statement (an unlogged batch when there
-        are several) per Cassandra partition, lower buckets first."""
+    def _row_params(self, key: str, epoch: int, rows: Sequence[tuple[int, tuple[Any, ...]]],
+                    full: bool) -> tuple[str, dict[int, list[tuple[Any, ...]]]]:
+        """The statement that writes one key's numbered rows, and their parameters by bucket."""
         # An absent field is left unset rather than written as a null, which Cassandra keeps as
         # a tombstone per cell that later reads step over (a sync of 1,000 inbox rows read ~3,000
         # of them) -- except right after a fence, where a late row of an old epoch may hold the
@@ -1199,15 +1199,64 @@ class CassandraStore:
             if not full:
                 params = tuple(unset if p is None else p for p in params)
             by_bucket.setdefault(n // BUCKET, []).append(params)
+        return name, by_bucket
+
+    async def _write_rows(self, key: str, epoch: int, rows: Sequence[tuple[int, tuple[Any, ...]]],
+                          full: bool) -> None:
+        """Write one key's numbered rows in order: one statement (an unlogged batch when there
+        are several) per Cassandra partition, lower buckets first."""
+        name, by_bucket = self._row_params(key, epoch, rows, full)
         for bucket in sorted(by_bucket):
             group = by_bucket[bucket]
             if len(group) == 1:
                 await self._x(name, *group[0])
             else:
                 await self._batch(name, [(name, params) for params in group])
+        kind, _, ident = key.partition(":")
         for n, _values in rows:
             if n % BUCKET == 0:  # a new bucket: readers start their search for the head there
                 await self._x("set_chat_head" if kind == "c" else "set_head", n, n, ident)
+
+    def _write_rows_now(self, key: str, epoch: int, rows: Sequence[tuple[int, tuple[Any, ...]]], full: bool,
+                        then: Callable[[BaseException | None], None]) -> bool:
+        """:meth:`_write_rows` sent at once on the loop's own connection, its outcome given to
+        ``then`` as soon as it is read (None: stored; WriteAgain: to be written the ordinary way;
+        else StorageUnavailable). Only for rows within one bucket that start none: False, and
+        nothing sent, for anything else, or when the connection cannot take it."""
+        if any(n % BUCKET == 0 for n, _ in rows):
+            return False
+        name, by_bucket = self._row_params(key, epoch, rows, full)
+        wire = self._wire_for((name,))
+        if len(by_bucket) != 1 or wire is None:
+            return False
+        (group,) = by_bucket.values()
+        query_id, consistency = self._wire_ok[name]
+        binder = self._binders[name]
+        try:
+            values = [binder(params) for params in group]
+        except Exception:  # the ordinary way says what was wrong
+            return False
+        results = self._results_for(wire._loop)
+
+        def answered(exc: BaseException | None) -> None:
+            results.forget(answer)
+            if exc is None or isinstance(exc, StorageError):
+                then(exc)
+            elif isinstance(exc, CqlError) and exc.code == ERROR_UNPREPARED:
+                then(WriteAgain(f"cassandra {name}: {exc}"))
+            elif isinstance(exc, ConnectionError):
+                then(StorageUnavailable(f"cassandra {name}: {exc} (the write may still land)"))
+            else:
+                then(StorageUnavailable(f"cassandra {name}: {exc}"))
+
+        answer = Direct(answered)
+        results.watch(answer, name)
+        self._count(name)
+        if len(values) == 1:
+            wire.execute(query_id, values[0], consistency, to=answer)
+        else:
+            wire.batch([(query_id, v) for v in values], consistency, to=answer)
+        return True
 
     # -- messages -------------------------------------------------------------------------------
     async def append_message(self, msg: NewMessage, recipients: Sequence[str]) -> Appended:
@@ -1543,17 +1592,17 @@ class _Results:
         self._pending: list[tuple[asyncio.Future[list[Any]], list[Any] | None, BaseException | None]] = []
         self._scheduled = False
         self._timeout = timeout_s
-        self._waiting: dict[asyncio.Future[Any], tuple[float, str]] = {}  # future -> (deadline, statement)
+        self._waiting: dict[asyncio.Future[Any] | Direct, tuple[float, str]] = {}  # future -> (deadline, statement)
         self._sweeping = False
 
-    def watch(self, fut: asyncio.Future[Any], name: str) -> None:
+    def watch(self, fut: asyncio.Future[Any] | Direct, name: str) -> None:
         """Fail ``fut`` if it has no result once the timeout has passed (event loop thread)."""
         self._waiting[fut] = (self.loop.time() + self._timeout, name)
         if not self._sweeping:
             self._sweeping = True
             self.loop.call_later(self.SWEEP_S, self._sweep)
 
-    def forget(self, fut: asyncio.Future[Any]) -> None:
+    def forget(self, fut: asyncio.Future[Any] | Direct) -> None:
         """``fut``'s caller has its answer (or gave up): nothing more to watch."""
         self._waiting.pop(fut, None)
 

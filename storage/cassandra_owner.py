@@ -277,33 +277,58 @@ class _Append:
 
 
 Write = Callable[[str, int, Sequence[tuple[int, tuple[Any, ...]]], bool], Awaitable[None]]
+# The same write sent at once, its outcome given to the callback (None when it is stored) in the
+# connection's own read of the answer; False when it cannot go that way (then ``Write`` does it).
+WriteNow = Callable[[str, int, Sequence[tuple[int, tuple[Any, ...]]], bool,
+                     Callable[[BaseException | None], None]], bool]
+
+
+class WriteAgain(Exception):
+    """A write sent at once did not go through that way (the server had forgotten the prepared
+    statement): nothing failed, it is to be written again the ordinary way, now."""
 
 
 class KeyLog:
-    """The numbers of one key, given out by this process under one epoch of its partition."""
+    """The numbers of one key, given out by this process under one epoch of its partition.
+
+    A write goes out at once when the log is idle and ``write_now`` can send it (one statement
+    on the store's own connection): no task, and its answer settles the callers in the same turn
+    of the loop that reads it. Everything else (a retry, a write the connection cannot take) is
+    written by a task, one batch at a time; either way at most one write is in flight."""
 
     def __init__(self, key: str, part: int, epoch: int, head: int, fence: int,
-                 recent: dict[Hashable, int], write: Write, leases: Leases) -> None:
+                 recent: dict[Hashable, int], write: Write, leases: Leases,
+                 write_now: WriteNow | None = None) -> None:
         self.key, self.part, self.epoch = key, part, epoch
         self.head = head  # highest number durably written (and every number below it)
         self._fence = fence
         self._recent: OrderedDict[Hashable, int] = OrderedDict(recent)
-        self._write, self._leases = write, leases
+        self._write, self._leases, self._write_now = write, leases, write_now
         self._queue: list[_Append] = []
-        self._stuck: list[_Append] = []  # numbered and tried, not yet known to be written
+        self._stuck: list[_Append] = []  # numbered, not yet known to be written
         # ident -> its append until it is written: a repeat joins it rather than being told a
         # number that is not yet stored
         self._unwritten: dict[Hashable, _Append] = {}
         self._task: asyncio.Task[None] | None = None
+        self._sending: list[_Append] | None = None  # the batch written at once, until its answer
+        self._idle: list[asyncio.Future[None]] = []  # settled() callers waiting for it
         self.dead = False
 
     async def settled(self) -> None:
         """Return once everything appended so far is written (or failed for good)."""
-        while self._task is not None and not self._task.done():
-            await asyncio.gather(asyncio.shield(self._task), return_exceptions=True)
+        while self.busy() and not self.dead:
+            if self._sending is not None:
+                fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                self._idle.append(fut)
+                await fut
+            elif self._task is not None and not self._task.done():
+                await asyncio.gather(asyncio.shield(self._task), return_exceptions=True)
+            else:
+                return
 
     def busy(self) -> bool:
-        return bool(self._queue or self._stuck or (self._task is not None and not self._task.done()))
+        return bool(self._queue or self._stuck or self._sending is not None
+                    or (self._task is not None and not self._task.done()))
 
     def append(self, values: tuple[Any, ...], ident: Hashable | None = None) -> asyncio.Future[tuple[int, bool]]:
         """Number ``values`` and write them; the future gives (number, duplicate). An append whose
@@ -325,9 +350,45 @@ class KeyLog:
         if ident is not None:
             self._unwritten[ident] = item
         self._queue.append(item)
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._drain(), name=f"log-{self.key}")
+        self._next()
         return fut
+
+    def _next(self) -> None:
+        """Start the next write if none is in flight: at once when it can go that way, else in a task."""
+        if self._sending is not None or (self._task is not None and not self._task.done()):
+            return
+        if not self._queue and not self._stuck:
+            return
+        if self._write_now is not None and not self._stuck:
+            batch = self._take()
+            if batch is None:
+                return
+            if self._write_now(self.key, self.epoch, [(item.n, item.values) for item in batch],
+                               batch[0].n <= self._fence + FULL_ROWS,
+                               lambda exc: self._answered(batch, exc)):
+                self._sending = batch
+                return
+            self._stuck = batch  # numbered: the task writes them first
+        self._task = asyncio.create_task(self._drain(), name=f"log-{self.key}")
+
+    def _answered(self, batch: list[_Append], exc: BaseException | None) -> None:
+        self._sending = None
+        idle, self._idle = self._idle, []
+        for fut in idle:
+            if not fut.done():
+                fut.set_result(None)
+        if self.dead:  # its callers were failed when the partition went
+            return
+        if exc is None:
+            if self._written(batch):
+                self._next()
+            return
+        self._stuck = batch
+        if isinstance(exc, WriteAgain):
+            self._task = asyncio.create_task(self._drain(), name=f"log-{self.key}")
+            return
+        self._failed(batch, exc if isinstance(exc, Exception) else StorageUnavailable(str(exc)))
+        self._task = asyncio.create_task(self._drain(first_wait=0.05), name=f"log-{self.key}")
 
     def _fail(self, items: Sequence[_Append], exc: Exception) -> None:
         for item in items:
@@ -343,50 +404,69 @@ class KeyLog:
         self._queue = []
         self._unwritten.clear()
 
-    async def _drain(self) -> None:
+    def _take(self) -> list[_Append] | None:
+        """The next batch to write: what is stuck (keeping its numbers), then new appends, numbered
+        now. None when the lease has ended (everything waiting is failed)."""
+        if not self._leases.valid(self.part, self.epoch):
+            self.kill(f"lease of partition {self.part} ended")
+            return None
+        fresh = self._queue[: BATCH_MAX]
+        del self._queue[: BATCH_MAX]
+        batch = self._stuck + fresh
+        n = self.head + len(self._stuck)
+        for item in fresh:
+            n += 1
+            item.n = n
+            if item.ident is not None:
+                self._recent[item.ident] = n
+                while len(self._recent) > RECENT_IDS:
+                    self._recent.popitem(last=False)
+        return batch
+
+    def _failed(self, batch: list[_Append], exc: Exception) -> None:
+        # the numbers stay bound to this content until it lands; nothing goes past them
+        self._fail(batch, exc)
+        log.warning("writing %s %d..%d failed (%s); retrying", self.key, batch[0].n, batch[-1].n, exc)
+
+    def _written(self, batch: list[_Append]) -> bool:
+        """The batch is stored: tell its callers. False if the lease ended meanwhile."""
+        self._stuck = []
+        self.head = batch[-1].n
+        for item in batch:
+            if item.ident is not None:
+                self._unwritten.pop(item.ident, None)
+        if not self._leases.valid(self.part, self.epoch):
+            # written, but perhaps after a new holder read the tail: only a retry may tell
+            self.kill(f"lease of partition {self.part} ended while writing")
+            self._fail(batch, NotOwner(f"{self.key}: lease ended while writing"))
+            return False
+        for item in batch:
+            for w in item.waiters:
+                if not w.done():
+                    w.set_result((item.n, False) if w is item.waiters[0] else (item.n, True))
+        return True
+
+    async def _drain(self, first_wait: float = 0.0) -> None:
         delay = 0.05
+        if first_wait:
+            await asyncio.sleep(first_wait)
+            delay = min(RETRY_CAP_S, first_wait * 2)
         while (self._queue or self._stuck) and not self.dead:
-            if not self._leases.valid(self.part, self.epoch):
-                self.kill(f"lease of partition {self.part} ended")
+            batch = self._take()
+            if batch is None:
                 return
-            batch = self._stuck + self._queue[: BATCH_MAX]
-            fresh = self._queue[: BATCH_MAX]
-            del self._queue[: BATCH_MAX]
-            n = self.head + len(self._stuck)
-            for item in fresh:
-                n += 1
-                item.n = n
-                if item.ident is not None:
-                    self._recent[item.ident] = n
-                    while len(self._recent) > RECENT_IDS:
-                        self._recent.popitem(last=False)
-            rows = [(item.n, item.values) for item in batch]
-            full = batch[0].n <= self._fence + FULL_ROWS
             try:
-                await self._write(self.key, self.epoch, rows, full)
+                await self._write(self.key, self.epoch, [(item.n, item.values) for item in batch],
+                                  batch[0].n <= self._fence + FULL_ROWS)
             except StorageUnavailable as exc:
-                # the numbers stay bound to this content until it lands; nothing goes past them
                 self._stuck = batch
-                self._fail(batch, exc)
-                log.warning("writing %s %d..%d failed (%s); retrying", self.key, batch[0].n, batch[-1].n, exc)
+                self._failed(batch, exc)
                 await asyncio.sleep(delay)
                 delay = min(RETRY_CAP_S, delay * 2)
                 continue
             delay = 0.05
-            self._stuck = []
-            self.head = batch[-1].n
-            for item in batch:
-                if item.ident is not None:
-                    self._unwritten.pop(item.ident, None)
-            if not self._leases.valid(self.part, self.epoch):
-                # written, but perhaps after a new holder read the tail: only a retry may tell
-                self.kill(f"lease of partition {self.part} ended while writing")
-                self._fail(batch, NotOwner(f"{self.key}: lease ended while writing"))
+            if not self._written(batch):
                 return
-            for item in batch:
-                for w in item.waiters:
-                    if not w.done():
-                        w.set_result((item.n, False) if w is item.waiters[0] else (item.n, True))
 
 
 class LogCache:

@@ -32,7 +32,7 @@ import logging
 import struct
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol, cast
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,43 @@ class Binder:
     def _unset_at(self, index: int) -> None:
         if index in self._routing:
             raise ValueError(f"column {self._columns[index][0]!r} is part of the routing key: it cannot be unset")
+
+
+class Answer(Protocol):
+    """Where a request's answer goes: an asyncio future, or a :class:`Direct`."""
+
+    def done(self) -> bool: ...
+    def set_result(self, result: Any, /) -> None: ...
+    def set_exception(self, exception: BaseException, /) -> None: ...
+
+
+class Direct:
+    """An answer handed to a callback (None for success, else the exception) in the
+    connection's own read of it, instead of a future whose waiter runs a turn of the loop later.
+    The callback runs once; what it raises is logged, never let into the connection's reading."""
+
+    __slots__ = ("_then",)
+
+    def __init__(self, then: Callable[[BaseException | None], None]) -> None:
+        self._then: Callable[[BaseException | None], None] | None = then
+
+    def done(self) -> bool:
+        return self._then is None
+
+    def set_result(self, _result: Any, /) -> None:
+        self._finish(None)
+
+    def set_exception(self, exception: BaseException, /) -> None:
+        self._finish(exception)
+
+    def _finish(self, exc: BaseException | None) -> None:
+        then, self._then = self._then, None
+        if then is None:
+            return
+        try:
+            then(exc)
+        except Exception:
+            log.exception("handling a cassandra answer failed")
 
 
 class CqlError(Exception):
@@ -271,13 +308,15 @@ class CqlWire(asyncio.Protocol):
     def usable(self) -> bool:
         return self._transport is not None and not self._transport.is_closing() and bool(self._free)
 
-    def execute(self, query_id: bytes, values: Sequence[Any], consistency: int) -> asyncio.Future[int]:
-        """Run one prepared statement with its serialised values."""
+    def execute(self, query_id: bytes, values: Sequence[Any], consistency: int,
+                to: Answer | None = None) -> asyncio.Future[int]:
+        """Run one prepared statement with its serialised values. The answer goes to a future,
+        or to ``to`` (returned then) as soon as it is read."""
         body = b"".join((_SHORT.pack(len(query_id)), query_id,
                          _SHORT.pack(consistency), bytes((FLAG_VALUES | FLAG_SKIP_METADATA | FLAG_TIMESTAMP,)),
                          _values(values, self._unset), _LONG.pack(self._timestamps())))
         self.sent += 1
-        return self._request(OP_EXECUTE, body)
+        return self._request(OP_EXECUTE, body, to=to)
 
     def query(self, query_id: bytes, values: Sequence[Any], consistency: int) -> asyncio.Future[bytes]:
         """Run one prepared read; the future gets the RESULT body (see :func:`decode_rows`). The
@@ -288,17 +327,21 @@ class CqlWire(asyncio.Protocol):
         self.reads += 1
         return self._request(OP_EXECUTE, body, rows=True)
 
-    def batch(self, statements: Sequence[tuple[bytes, Sequence[Any]]], consistency: int) -> asyncio.Future[int]:
-        """Run prepared statements as one unlogged batch (one request)."""
+    def batch(self, statements: Sequence[tuple[bytes, Sequence[Any]]], consistency: int,
+              to: Answer | None = None) -> asyncio.Future[int]:
+        """Run prepared statements as one unlogged batch (one request); ``to`` as for :meth:`execute`."""
         parts = [bytes((BATCH_UNLOGGED,)), _SHORT.pack(len(statements))]
         for query_id, values in statements:
             parts += (b"\x01", _SHORT.pack(len(query_id)), query_id, _values(values, self._unset))
         parts += (_SHORT.pack(consistency), bytes((FLAG_TIMESTAMP,)), _LONG.pack(self._timestamps()))
         self.sent += 1
-        return self._request(OP_BATCH, b"".join(parts))
+        return self._request(OP_BATCH, b"".join(parts), to=to)
 
-    def _request(self, op: int, body: bytes, stream: int | None = None, *, rows: bool = False) -> asyncio.Future[Any]:
-        fut: asyncio.Future[Any] = self._loop.create_future()
+    def _request(self, op: int, body: bytes, stream: int | None = None, *, rows: bool = False,
+                 to: Answer | None = None) -> asyncio.Future[Any]:
+        # the connection does with a Direct only what it does with a future: done, set_result,
+        # set_exception
+        fut: asyncio.Future[Any] = self._loop.create_future() if to is None else cast("asyncio.Future[Any]", to)
         if self._transport is None or self._transport.is_closing():
             fut.set_exception(ConnectionError(f"cassandra connection to {self.host} is closed"))
             return fut

@@ -1,14 +1,15 @@
 """One key's writer (storage/cassandra_owner.KeyLog) with its store write held: what callers
-are told, and when. The write is a stand-in that records rows; the lease is always valid."""
+are told, and when. The writes are stand-ins that record rows (the ordinary one, and the one
+sent at once whose answer the test gives); the lease is always valid."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from storage.base import StorageUnavailable
-from storage.cassandra_owner import KeyLog
+from storage.cassandra_owner import KeyLog, NotOwner, WriteAgain
 
 
 class AlwaysHeld:
@@ -62,3 +63,100 @@ async def test_a_failed_write_keeps_its_number_and_nothing_goes_past_it() -> Non
     # the first caller was told the store is unavailable, so the retry is the one that stored it
     assert await second == (2, False) and await retry == (1, False)
     assert [n for n, _ in write.rows] == [1, 2]
+
+
+class NowWrite:
+    """A ``write_now`` that takes every write it is offered (unless ``refuse``) and holds its
+    callback until the test answers it."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[list[tuple[int, tuple[Any, ...]]], Callable[[BaseException | None], None]]] = []
+        self.refuse = False
+
+    def __call__(self, key: str, epoch: int, rows: Sequence[tuple[int, tuple[Any, ...]]], full: bool,
+                 then: Callable[[BaseException | None], None]) -> bool:
+        if self.refuse:
+            return False
+        self.sent.append((list(rows), then))
+        return True
+
+    def answer(self, exc: BaseException | None = None) -> list[tuple[int, tuple[Any, ...]]]:
+        rows, then = self.sent.pop(0)
+        then(exc)
+        return rows
+
+
+def now_log(write: HeldWrite, now: NowWrite) -> KeyLog:
+    return KeyLog("c:chat", 0, 1, 0, -2000, {}, write, AlwaysHeld(), now)  # type: ignore[arg-type]
+
+
+async def test_an_idle_log_writes_at_once_and_its_answer_settles_the_caller_in_the_same_turn() -> None:
+    write, now = HeldWrite(), NowWrite()
+    log = now_log(write, now)
+    first = log.append(("a",), ("d1", "m1"))
+    assert len(now.sent) == 1 and log.busy()  # sent in the append itself: no task
+    second = log.append(("b",), ("d1", "m2"))
+    third = log.append(("c",), ("d1", "m3"))
+    assert len(now.sent) == 1  # one write in flight; the others wait for it
+    assert now.answer() == [(1, ("a",))]
+    assert first.done() and first.result() == (1, False)
+    assert now.answer() == [(2, ("b",)), (3, ("c",))]  # what waited goes next, as one batch
+    assert second.result() == (2, False) and third.result() == (3, False)
+    assert not log.busy() and log.head == 3 and write.rows == []
+
+
+async def test_a_failed_write_at_once_keeps_its_number_and_is_written_again_the_ordinary_way() -> None:
+    write, now = HeldWrite(), NowWrite()
+    write.gate.set()
+    log = now_log(write, now)
+    first = log.append(("a",), ("d1", "m1"))
+    now.answer(StorageUnavailable("no answer in 5 s"))
+    assert isinstance(first.exception(), StorageUnavailable)  # told at once, as the ordinary way does
+    second = log.append(("b",), ("d1", "m2"))
+    assert not now.sent  # nothing goes past the stuck write
+    retry = log.append(("a",), ("d1", "m1"))
+    assert await second == (2, False) and await retry == (1, False)
+    assert [n for n, _ in write.rows] == [1, 2]
+    third = log.append(("c",), ("d1", "m3"))  # idle again: at once
+    assert now.answer() == [(3, ("c",))] and third.result() == (3, False)
+
+
+async def test_write_again_is_not_a_failure() -> None:
+    write, now = HeldWrite(), NowWrite()
+    write.gate.set()
+    log = now_log(write, now)
+    first = log.append(("a",), ("d1", "m1"))
+    now.answer(WriteAgain("the server forgot the statement"))
+    assert not first.done()
+    assert await first == (1, False) and write.rows == [(1, ("a",))]
+
+
+async def test_a_write_the_connection_cannot_take_goes_the_ordinary_way() -> None:
+    write, now = HeldWrite(), NowWrite()
+    now.refuse = True
+    log = now_log(write, now)
+    first = log.append(("a",), ("d1", "m1"))
+    write.gate.set()
+    assert await first == (1, False) and write.rows == [(1, ("a",))]
+
+
+async def test_settled_waits_for_the_write_at_once() -> None:
+    write, now = HeldWrite(), NowWrite()
+    log = now_log(write, now)
+    log.append(("a",), ("d1", "m1"))
+    waiting = asyncio.ensure_future(log.settled())
+    await asyncio.sleep(0.01)
+    assert not waiting.done()
+    now.answer()
+    await asyncio.wait_for(waiting, 1)
+    assert log.head == 1
+
+
+async def test_an_answer_after_the_partition_went_tells_nobody_a_number() -> None:
+    write, now = HeldWrite(), NowWrite()
+    log = now_log(write, now)
+    first = log.append(("a",), ("d1", "m1"))
+    log.kill("partition 0 changed hands")
+    assert isinstance(first.exception(), NotOwner)
+    now.answer()
+    assert log.append(("b",), ("d1", "m2")).exception() is not None and not now.sent
