@@ -363,11 +363,17 @@ class KeyLog:
             batch = self._take()
             if batch is None:
                 return
-            if self._write_now(self.key, self.epoch, [(item.n, item.values) for item in batch],
-                               batch[0].n <= self._fence + FULL_ROWS,
-                               lambda exc: self._answered(batch, exc)):
-                self._sending = batch
+            self._sending = batch  # before sending: the answer may come before write_now returns
+            try:
+                sent = self._write_now(self.key, self.epoch, [(item.n, item.values) for item in batch],
+                                       batch[0].n <= self._fence + FULL_ROWS,
+                                       lambda exc: self._answered(batch, exc))
+            except Exception:  # nothing is lost: the task writes it (twice at worst, the same rows)
+                log.exception("writing %s at once failed; writing it the ordinary way", self.key)
+                sent = False
+            if sent:
                 return
+            self._sending = None
             self._stuck = batch  # numbered: the task writes them first
         self._task = asyncio.create_task(self._drain(), name=f"log-{self.key}")
 

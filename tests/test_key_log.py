@@ -160,3 +160,27 @@ async def test_an_answer_after_the_partition_went_tells_nobody_a_number() -> Non
     assert isinstance(first.exception(), NotOwner)
     now.answer()
     assert log.append(("b",), ("d1", "m2")).exception() is not None and not now.sent
+
+
+async def test_an_answer_given_before_the_send_returns_leaves_the_log_free() -> None:
+    """A write whose answer comes at once (a connection that fails as it is asked) still leaves
+    the log able to write: the batch goes the ordinary way, and the next append is written."""
+    write = HeldWrite()
+    write.gate.set()
+
+    def fails_at_once(key: str, epoch: int, rows: Sequence[tuple[int, tuple[Any, ...]]], full: bool,
+                      then: Callable[[BaseException | None], None]) -> bool:
+        then(StorageUnavailable("the connection is closed"))
+        return True
+
+    log = KeyLog("c:chat", 0, 1, 0, -2000, {}, write, AlwaysHeld(), fails_at_once)  # type: ignore[arg-type]
+    first = log.append(("a",), ("d1", "m1"))
+    assert isinstance(first.exception(), StorageUnavailable)
+    retry = log.append(("a",), ("d1", "m1"))
+    assert await asyncio.wait_for(retry, 2) == (1, False)
+    await asyncio.wait_for(log.settled(), 2)
+    assert not log.busy()
+    second = log.append(("b",), ("d1", "m2"))
+    assert isinstance(second.exception(), StorageUnavailable)  # fails at once again, and is kept
+    assert await asyncio.wait_for(log.append(("b",), ("d1", "m2")), 2) == (2, False)
+    assert [n for n, _ in write.rows] == [1, 2]
