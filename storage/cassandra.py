@@ -1252,10 +1252,15 @@ class CassandraStore:
         answer = Direct(answered)
         results.watch(answer, name)
         self._count(name)
-        if len(values) == 1:
-            wire.execute(query_id, values[0], consistency, to=answer)
-        else:
-            wire.batch([(query_id, v) for v in values], consistency, to=answer)
+        try:
+            if len(values) == 1:
+                wire.execute(query_id, values[0], consistency, to=answer)
+            else:
+                wire.batch([(query_id, v) for v in values], consistency, to=answer)
+        except BaseException:  # the caller writes it the ordinary way; a late answer is dropped
+            results.forget(answer)
+            answer.cancel()
+            raise
         return True
 
     # -- messages -------------------------------------------------------------------------------

@@ -378,12 +378,14 @@ class KeyLog:
         self._task = asyncio.create_task(self._drain(), name=f"log-{self.key}")
 
     def _answered(self, batch: list[_Append], exc: BaseException | None) -> None:
+        if batch is not self._sending:  # a write given up on (its send failed): the task wrote it
+            return
         self._sending = None
         idle, self._idle = self._idle, []
         for fut in idle:
             if not fut.done():
                 fut.set_result(None)
-        if self.dead:  # its callers were failed when the partition went
+        if self.dead:  # its callers were failed when the partition went (kill)
             return
         if exc is None:
             if self._written(batch):
@@ -406,7 +408,8 @@ class KeyLog:
     def kill(self, reason: str) -> None:
         """The partition is gone: fail everything waiting here; the key is numbered elsewhere now."""
         self.dead = True
-        self._fail(list(self._unwritten.values()) + self._queue, NotOwner(f"{self.key}: {reason}"))
+        self._fail(list(self._unwritten.values()) + self._queue + (self._sending or []),
+                   NotOwner(f"{self.key}: {reason}"))
         self._queue = []
         self._unwritten.clear()
 

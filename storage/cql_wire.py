@@ -138,6 +138,10 @@ class Direct:
     def set_exception(self, exception: BaseException, /) -> None:
         self._finish(exception)
 
+    def cancel(self) -> None:
+        """Nobody waits for it any more: an answer that comes is dropped."""
+        self._then = None
+
     def _finish(self, exc: BaseException | None) -> None:
         then, self._then = self._then, None
         if then is None:

@@ -184,3 +184,41 @@ async def test_an_answer_given_before_the_send_returns_leaves_the_log_free() -> 
     assert isinstance(second.exception(), StorageUnavailable)  # fails at once again, and is kept
     assert await asyncio.wait_for(log.append(("b",), ("d1", "m2")), 2) == (2, False)
     assert [n for n, _ in write.rows] == [1, 2]
+
+
+async def test_the_partition_going_fails_every_append_being_written_at_once() -> None:
+    """kill() while a write is in flight fails all of its callers at once, those without an
+    ident too (a receipt's inbox entry), and the write's later answer tells nobody anything."""
+    write, now = HeldWrite(), NowWrite()
+    log = now_log(write, now)
+    first = log.append(("a",), ("d1", "m1"))
+    in_flight = log.append(("b",))  # no ident; queued behind the first, then sent alone
+    now.answer()
+    assert first.result() == (1, False) and len(now.sent) == 1 and not in_flight.done()
+    queued = log.append(("c",))
+    log.kill("partition 0 changed hands")
+    assert isinstance(in_flight.exception(), NotOwner) and isinstance(queued.exception(), NotOwner)
+    assert now.answer() == [(2, ("b",))]  # its answer comes afterwards: nobody is told a number
+    assert not now.sent and not log.busy()
+
+
+async def test_a_send_that_raises_leaves_the_write_to_the_task_and_drops_its_late_answer() -> None:
+    """write_now raising after it handed the write over: the task writes the batch (the same
+    rows), and the first write's answer, when it comes, changes nothing."""
+    write = HeldWrite()
+    write.gate.set()
+    late: list[Callable[[BaseException | None], None]] = []
+
+    def raises(key: str, epoch: int, rows: Sequence[tuple[int, tuple[Any, ...]]], full: bool,
+               then: Callable[[BaseException | None], None]) -> bool:
+        late.append(then)
+        raise RuntimeError("the connection broke while sending")
+
+    log = KeyLog("c:chat", 0, 1, 0, -2000, {}, write, AlwaysHeld(), raises)  # type: ignore[arg-type]
+    first = log.append(("a",), ("d1", "m1"))
+    assert await asyncio.wait_for(first, 2) == (1, False) and write.rows == [(1, ("a",))]
+    await asyncio.wait_for(log.settled(), 2)
+    late[0](StorageUnavailable("no answer in 5 s"))  # the given-up write's answer, much later
+    assert not log.busy() and log.head == 1
+    second = log.append(("b",), ("d1", "m2"))
+    assert await asyncio.wait_for(second, 2) == (2, False)
