@@ -650,16 +650,13 @@ class CassandraStore:
         results.watch(fut, name)
         try:
             return await fut
-        except StorageError:
-            raise
-        except CqlError as exc:
-            if exc.code == ERROR_UNPREPARED:
+        except (StorageError, CqlError, ConnectionError) as exc:
+            failure = _wire_failure(name, exc, read=name in self._wire_reads)
+            if failure is None:
                 return None
-            raise StorageUnavailable(f"cassandra {name}: {exc}") from exc
-        except ConnectionError as exc:
-            if name in self._wire_reads:  # a read changes nothing: ask the driver instead
-                return None
-            raise StorageUnavailable(f"cassandra {name}: {exc} (the write may still land)") from exc
+            if failure is exc:
+                raise
+            raise failure from exc
         finally:
             results.forget(fut)
 
@@ -1240,14 +1237,10 @@ class CassandraStore:
 
         def answered(exc: BaseException | None) -> None:
             results.forget(answer)
-            if exc is None or isinstance(exc, StorageError):
-                then(exc)
-            elif isinstance(exc, CqlError) and exc.code == ERROR_UNPREPARED:
-                then(WriteAgain(f"cassandra {name}: {exc}"))
-            elif isinstance(exc, ConnectionError):
-                then(StorageUnavailable(f"cassandra {name}: {exc} (the write may still land)"))
-            else:
-                then(StorageUnavailable(f"cassandra {name}: {exc}"))
+            if exc is None:
+                then(None)
+            else:  # None from _wire_failure: the ordinary way runs it through the driver
+                then(_wire_failure(name, exc, read=False) or WriteAgain(f"cassandra {name}: {exc}"))
 
         answer = Direct(answered)
         results.watch(answer, name)
@@ -1640,6 +1633,19 @@ class _Results:
             pending, self._pending, self._scheduled = self._pending, [], False
         for fut, rows, exc in pending:
             _settle(fut, rows, exc)
+
+
+def _wire_failure(name: str, exc: BaseException, *, read: bool) -> StorageError | None:
+    """What a statement's failure on the loop's own connection means for its caller: None when
+    the driver is to run it instead (the server had forgotten the prepared statement, or a read
+    lost its connection: a read changes nothing), else the error to give."""
+    if isinstance(exc, StorageError):
+        return exc
+    if isinstance(exc, CqlError):
+        return None if exc.code == ERROR_UNPREPARED else StorageUnavailable(f"cassandra {name}: {exc}")
+    if isinstance(exc, ConnectionError):
+        return None if read else StorageUnavailable(f"cassandra {name}: {exc} (the write may still land)")
+    return StorageUnavailable(f"cassandra {name}: {type(exc).__name__}: {exc}")
 
 
 def _settle(fut: asyncio.Future[list[Any]], rows: list[Any] | None, exc: BaseException | None) -> None:

@@ -365,8 +365,7 @@ class KeyLog:
                 return
             self._sending = batch  # before sending: the answer may come before write_now returns
             try:
-                sent = self._write_now(self.key, self.epoch, [(item.n, item.values) for item in batch],
-                                       batch[0].n <= self._fence + FULL_ROWS,
+                sent = self._write_now(self.key, self.epoch, *self._rows(batch),
                                        lambda exc: self._answered(batch, exc))
             except Exception:  # nothing is lost: the task writes it (twice at worst, the same rows)
                 log.exception("writing %s at once failed; writing it the ordinary way", self.key)
@@ -432,6 +431,11 @@ class KeyLog:
                     self._recent.popitem(last=False)
         return batch
 
+    def _rows(self, batch: list[_Append]) -> tuple[list[tuple[int, tuple[Any, ...]]], bool]:
+        """The batch's rows as the store writes them, and whether every column is written (the
+        first FULL_ROWS numbers after the fence, where a late row of an old epoch may lie)."""
+        return [(item.n, item.values) for item in batch], batch[0].n <= self._fence + FULL_ROWS
+
     def _failed(self, batch: list[_Append], exc: Exception) -> None:
         # the numbers stay bound to this content until it lands; nothing goes past them
         self._fail(batch, exc)
@@ -465,8 +469,7 @@ class KeyLog:
             if batch is None:
                 return
             try:
-                await self._write(self.key, self.epoch, [(item.n, item.values) for item in batch],
-                                  batch[0].n <= self._fence + FULL_ROWS)
+                await self._write(self.key, self.epoch, *self._rows(batch))
             except StorageUnavailable as exc:
                 self._stuck = batch
                 self._failed(batch, exc)
