@@ -709,8 +709,11 @@ class CassandraStore:
         from cassandra.query import BatchStatement, BatchType
 
         batch = BatchStatement(batch_type=BatchType.UNLOGGED)
-        for n, p in items:
-            batch.add(self._ps[n], tuple(p))
+        try:
+            for n, p in items:
+                batch.add(self._ps[n], tuple(p))
+        except Exception as exc:  # as on the wire: a value the statement cannot take, nothing sent
+            raise StorageUnavailable(f"cassandra {label}: {exc}") from exc
         await self._run_statement(batch, label)
 
     async def _run_together(self, name: str, params: Sequence[Sequence[Any]]) -> list[Any]:

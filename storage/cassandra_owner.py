@@ -180,8 +180,7 @@ class Leases:
                 log.warning("renewing %d partitions at once failed: %s", len(due), exc)
                 rows = []
             if rows and rows[0][0]:
-                for _p, lease in due:
-                    lease.deadline = sent + LEASE_TTL_S - SAFETY_S
+                await asyncio.gather(*(self._renewed(p, lease, sent) for p, lease in due))
                 return
         await asyncio.gather(*(self._renew(p, lease) for p, lease in due))
 
@@ -196,10 +195,26 @@ class Leases:
                 self._lose(part)
             return
         if rows and rows[0][0]:
-            lease.deadline = sent + LEASE_TTL_S - SAFETY_S
+            await self._renewed(part, lease, sent)
         else:
             log.warning("partition %d was taken by another holder", part)
             self._lose(part)
+
+    async def _renewed(self, part: int, lease: _Lease, sent: float) -> None:
+        """The renewal sent at ``sent`` was granted. If the lease ran out while it was on its
+        way, it is not taken up again under the same epoch: the key logs found it invalid
+        meanwhile and gave up their writes, and one of those may still land. The partition is
+        given back instead, and whoever takes it next (this process too) does so under a new
+        epoch, whose fence hides such a write."""
+        if self._clock() < lease.deadline:
+            lease.deadline = sent + LEASE_TTL_S - SAFETY_S
+            return
+        log.warning("partition %d: its lease ran out before its renewal was granted; giving it back", part)
+        self._lose(part)
+        try:
+            await self._run("lease_drop", part, self.holder, lease.epoch)
+        except StorageUnavailable:
+            pass  # it expires by itself
 
     def _lose(self, part: int) -> None:
         if self._held.pop(part, None) is not None:
@@ -407,9 +422,12 @@ class KeyLog:
     def kill(self, reason: str) -> None:
         """The partition is gone: fail everything waiting here; the key is numbered elsewhere now."""
         self.dead = True
-        self._fail(list(self._unwritten.values()) + self._queue + (self._sending or []),
+        # what is left to the task (stuck) has live callers when the connection could not take it
+        # or asked for it again; numbers not yet written are given again by the next holder
+        self._fail(list(self._unwritten.values()) + self._stuck + self._queue + (self._sending or []),
                    NotOwner(f"{self.key}: {reason}"))
         self._queue = []
+        self._stuck = []
         self._unwritten.clear()
 
     def _take(self) -> list[_Append] | None:
@@ -470,7 +488,10 @@ class KeyLog:
                 return
             try:
                 await self._write(self.key, self.epoch, *self._rows(batch))
-            except StorageUnavailable as exc:
+            except Exception as exc:  # noqa: BLE001 - any failure keeps the numbers and tells the callers
+                if not isinstance(exc, StorageUnavailable):
+                    log.exception("writing %s failed unexpectedly", self.key)
+                    exc = StorageUnavailable(f"{self.key}: {exc}")
                 self._stuck = batch
                 self._failed(batch, exc)
                 await asyncio.sleep(delay)

@@ -222,3 +222,47 @@ async def test_a_send_that_raises_leaves_the_write_to_the_task_and_drops_its_lat
     assert not log.busy() and log.head == 1
     second = log.append(("b",), ("d1", "m2"))
     assert await asyncio.wait_for(second, 2) == (2, False)
+
+
+async def test_the_partition_going_fails_appends_left_to_the_task() -> None:
+    """kill() before the task has written what was left to it (a write the connection could not
+    take, or one to be written again) fails those callers too, those without an ident included."""
+    write, now = HeldWrite(), NowWrite()
+    now.refuse = True
+    log = now_log(write, now)
+    refused = log.append(("a",))  # left to the task, numbered
+    log.kill("partition 0 changed hands")
+    assert isinstance(refused.exception(), NotOwner)
+
+    write, now = HeldWrite(), NowWrite()
+    log = now_log(write, now)
+    again = log.append(("b",))
+    now.answer(WriteAgain("the server forgot the statement"))
+    assert not again.done()
+    log.kill("partition 0 changed hands")
+    assert isinstance(again.exception(), NotOwner)
+    write.gate.set()
+    await asyncio.sleep(0.01)
+    assert write.rows == [] and not log.busy()  # the task wrote nothing for a partition that went
+
+
+async def test_a_write_that_raises_something_unexpected_keeps_its_number_and_tells_the_caller() -> None:
+    """Not only StorageUnavailable: any failure of the ordinary write tells its callers the store
+    is unavailable and keeps the numbers for the retry, rather than ending the task with callers
+    left waiting."""
+    class Breaks(HeldWrite):
+        async def __call__(self, key: str, epoch: int, rows: Sequence[tuple[int, tuple[Any, ...]]],
+                           full: bool) -> None:
+            if not self.rows and not self.gate.is_set():
+                self.gate.set()
+                raise TypeError("a value the statement cannot take")
+            self.rows.extend(rows)
+
+    write = Breaks()
+    log = key_log(write)
+    first = log.append(("a",))
+    err = await asyncio.wait_for(asyncio.gather(first, return_exceptions=True), 2)
+    assert isinstance(err[0], StorageUnavailable)
+    second = log.append(("b",))
+    assert await asyncio.wait_for(second, 2) == (2, False)
+    assert [n for n, _ in write.rows] == [1, 2]  # the first kept its number and was written again
