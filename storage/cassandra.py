@@ -517,6 +517,8 @@ class CassandraStore:
                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             "chat_tail": f"SELECT seq, epoch, device, client_id, ts FROM {ks}.messages WHERE chat_id=? AND bucket=? "
                          "LIMIT ?",
+            "chat_tail_below": f"SELECT seq, epoch, device, client_id, ts FROM {ks}.messages WHERE chat_id=? "
+                               "AND bucket=? AND seq<? LIMIT ?",
             "recent": f"SELECT seq, {_MSG}, epoch FROM {ks}.messages WHERE chat_id=? AND bucket=? AND seq<=? LIMIT ?",
             "message": f"SELECT seq, {_MSG}, epoch FROM {ks}.messages WHERE chat_id=? AND bucket=? AND seq=?",
             "get_sent": f"SELECT chat_id, seq FROM {ks}.device_sent WHERE device=? AND client_id=?",
@@ -529,6 +531,8 @@ class CassandraStore:
                          "up_to) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             "inbox_tail": f"SELECT pos, epoch, chat_id, seq FROM {ks}.inbox WHERE user_id=? AND bucket=? "
                           "ORDER BY pos DESC LIMIT ?",
+            "inbox_tail_below": f"SELECT pos, epoch, chat_id, seq FROM {ks}.inbox WHERE user_id=? AND bucket=? "
+                                "AND pos<? ORDER BY pos DESC LIMIT ?",
             "read_inbox": f"SELECT pos, chat_id, seq, {_MSG}, rkind, ruser, up_to, epoch FROM {ks}.inbox "
                           "WHERE user_id=? AND bucket=? AND pos>? LIMIT ?",
             "fence_get": f"SELECT epoch, after FROM {ks}.fences WHERE key=?",
@@ -1021,7 +1025,7 @@ class CassandraStore:
         stmt = "chat_tail" if kind == "c" else "inbox_tail"
         bucket, head, recent = hint // BUCKET, 0, []
         while True:
-            rows = [r for r in await self._x(stmt, ident, bucket, RECENT_SCAN) if self._valid(r[1], r[0], fence)]
+            rows = await self._valid_tail(stmt, ident, bucket, fence)
             if not rows:
                 break
             head, recent = int(rows[0][0]), rows
@@ -1029,6 +1033,18 @@ class CassandraStore:
                 break
             bucket += 1  # that bucket is full: the head may be in the next one
         return max(head, floor), recent, hint_rows[0] if hint_rows else None
+
+    async def _valid_tail(self, stmt: str, ident: str, bucket: int, fence: tuple[int, int]) -> list[Any]:
+        """The newest rows of one bucket that belong to the key (newest first). Past the fence
+        there may be rows of an older holder that landed late, hidden; as many as a batch of
+        its held, so a page of nothing else is read past, down to the rows under it."""
+        page = await self._x(stmt, ident, bucket, RECENT_SCAN)
+        while page:
+            valid = [r for r in page if self._valid(r[1], r[0], fence)]
+            if valid or len(page) < RECENT_SCAN:
+                return valid
+            page = await self._x(f"{stmt}_below", ident, bucket, int(page[-1][0]), RECENT_SCAN)
+        return []
 
     async def _head(self, key: str) -> int:
         held = self._logs.get(key)

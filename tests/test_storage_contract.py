@@ -512,6 +512,34 @@ async def test_cassandra_finds_a_send_only_once_every_members_entry_is_written(
     assert await store.find_sent(phone_of(a), "once") is not None
 
 
+async def test_cassandra_a_key_opened_past_a_late_batch_of_an_older_holder_keeps_its_head(
+        cassandra: CassandraStore) -> None:
+    """Rows of an older epoch that landed past the fence after it was written are hidden; when
+    there are more of them than one read of the tail takes, the head is still the highest row of
+    the key's own, not the bucket's start: nothing stored is numbered again."""
+    from storage.cassandra_owner import partition_of
+
+    store = cassandra
+    a, b = await two_users(store)
+    chat = await store.direct_chat(a, b, T0)
+    for i in range(3):
+        await store.append_message(text(chat.chat_id, a, f"own{i}"), [a, b])
+    key = f"c:{chat.chat_id}"
+    epoch = store._leases.epoch(partition_of(key))  # type: ignore[union-attr]
+    assert epoch is not None
+    # a batch of an older holder, longer than one read of the tail, landing late after seq 3
+    late = storage.cassandra.RECENT_SCAN + 10
+    for seq in range(4, 4 + late):
+        await store._x("put_msg", chat.chat_id, 0, seq, epoch - 1, f"late{seq}", a, phone_of(a), T0, "text",
+                       "stale", None, None, None)
+    assert (await store._tail(key))[0] == 3
+    store._logs.drop(key)  # opened again, as after its log was dropped from memory
+    again = await store.append_message(text(chat.chat_id, a, "after"), [a, b])
+    assert again.message.seq == 4
+    assert [m.body for m in await store.history(chat.chat_id, None, 10)] == ["x", "x", "x", "x"]
+    assert [m.client_id for m in await store.history(chat.chat_id, None, 10)] == ["after", "own2", "own1", "own0"]
+
+
 async def test_cassandra_plain_writes_go_out_on_the_loops_own_connection(cassandra: CassandraStore) -> None:
     """Unconditional writes and unlogged batches go on the event loop's own native-protocol
     connection (storage/cql_wire.py), and what they wrote reads back through the driver."""
