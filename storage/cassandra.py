@@ -70,7 +70,17 @@ from .base import (
     media_from_json,
     media_to_json,
 )
-from .cassandra_owner import FULL_ROWS, KeyLog, Leases, LogCache, NotOwner, WriteAgain, chat_id_near, partition_of
+from .cassandra_owner import (
+    FULL_ROWS,
+    RECENT_IDS,
+    KeyLog,
+    Leases,
+    LogCache,
+    NotOwner,
+    WriteAgain,
+    chat_id_near,
+    partition_of,
+)
 from .cql_wire import ERROR_UNPREPARED, Binder, CqlError, CqlWire, Direct, WireUnsupported, decode_rows
 from .ids import new_id
 from .state import SharedState
@@ -1046,6 +1056,23 @@ class CassandraStore:
             page = await self._x(f"{stmt}_below", ident, bucket, int(page[-1][0]), RECENT_SCAN)
         return []
 
+    async def _older_rows(self, key: str, rows: list[Any], head: int, fence: tuple[int, int]) -> list[Any]:
+        """``rows`` (a key's newest, newest first) and the key's rows below them, up to RECENT_IDS
+        in all, from the head's bucket and the one before it: a writer opening the key remembers
+        the ids of as many as it keeps itself, so a retry of a send numbered before and not
+        completed (no ``device_sent`` row) finds its number after a restart as it would have before."""
+        kind, _, ident = key.partition(":")
+        stmt = "chat_tail_below" if kind == "c" else "inbox_tail_below"
+        out = list(rows)
+        low = int(out[-1][0]) if out else head + 1
+        last_bucket = max(0, head // BUCKET - 1)
+        while len(out) < RECENT_IDS and low > 1 and (low - 1) // BUCKET >= last_bucket:
+            bucket, want = (low - 1) // BUCKET, RECENT_IDS - len(out)
+            page = await self._x(stmt, ident, bucket, low, want)
+            out += [r for r in page if self._valid(r[1], r[0], fence)]
+            low = int(page[-1][0]) if len(page) == want else bucket * BUCKET
+        return out
+
     async def _head(self, key: str) -> int:
         held = self._logs.get(key)
         if held is not None:
@@ -1084,6 +1111,7 @@ class CassandraStore:
                 fence = (epoch, head)
             else:
                 head, recent, _ = await self._tail(key, fence)
+            recent = await self._older_rows(key, recent, head, fence)
             if not self._leases.valid(part, epoch):  # type: ignore[union-attr]
                 raise NotOwner(f"partition {part} changed hands while opening {key}")
             if key.startswith("c:"):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -538,6 +538,38 @@ async def test_cassandra_a_key_opened_past_a_late_batch_of_an_older_holder_keeps
     assert again.message.seq == 4
     assert [m.body for m in await store.history(chat.chat_id, None, 10)] == ["x", "x", "x", "x"]
     assert [m.client_id for m in await store.history(chat.chat_id, None, 10)] == ["after", "own2", "own1", "own0"]
+
+
+async def test_cassandra_a_send_left_incomplete_is_found_by_its_retry_after_the_chat_is_opened_again(
+        cassandra: CassandraStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A send numbered whose fan-out failed has no device_sent row: only the chat's writer knows
+    its id. A writer opening the chat again remembers the ids of as many of its newest messages
+    as it keeps itself, across a bucket's start too, so the retry gets the same seq."""
+    from storage.base import StorageUnavailable
+
+    monkeypatch.setattr(storage.cassandra, "BUCKET", 100)  # a bucket's start among the messages
+    store = cassandra
+    a, b = await two_users(store)
+    chat = await store.direct_chat(a, b, T0)
+    for i in range(90):
+        await store.append_message(text(chat.chat_id, a, f"before{i}"), [a, b])
+    number_soon = store._number_soon
+
+    async def inbox_write_fails() -> tuple[int, bool]:
+        raise StorageUnavailable("the recipient's inbox entry was not written")
+
+    def fails_for_b(key: str, values: tuple[Any, ...], ident: Any) -> Awaitable[tuple[int, bool]]:
+        return inbox_write_fails() if key == f"u:{b}" else number_soon(key, values, ident)
+
+    monkeypatch.setattr(store, "_number_soon", fails_for_b)
+    with pytest.raises(StorageUnavailable):
+        await store.append_message(text(chat.chat_id, a, "incomplete"), [a, b])
+    monkeypatch.setattr(store, "_number_soon", number_soon)
+    for i in range(60):  # more than one read of the chat's tail, past the bucket's start at 100
+        await store.append_message(text(chat.chat_id, a, f"after{i}"), [a, b])
+    store._logs.drop(f"c:{chat.chat_id}")  # opened again, as after a restart
+    retried = await store.append_message(text(chat.chat_id, a, "incomplete"), [a, b])
+    assert retried.message.seq == 91 and b in retried.inbox
 
 
 async def test_cassandra_plain_writes_go_out_on_the_loops_own_connection(cassandra: CassandraStore) -> None:
