@@ -1034,14 +1034,24 @@ class CassandraStore:
             floor = max(hint, int(hint_rows[0][1] or 0))
         stmt = "chat_tail" if kind == "c" else "inbox_tail"
         bucket, head, recent = hint // BUCKET, 0, []
-        while True:
-            rows = await self._valid_tail(stmt, ident, bucket, fence)
-            if not rows:
-                break
+        rows = await self._valid_tail(stmt, ident, bucket, fence)
+        if not rows and hint:
+            # Nothing of the key's own where the hint points: a holder writes a bucket's rows
+            # before moving the hint there, so this hint came with an older holder's late write
+            # (or, for an inbox, the rows expired). If the key's rows are found below it, the
+            # newest of them is the head, not the hint.
+            for lower in range(bucket - 1, max(-1, bucket - 3), -1):
+                rows = await self._valid_tail(stmt, ident, lower, fence)
+                if rows:
+                    bucket = lower
+                    floor = int(hint_rows[0][1] or 0) if kind == "u" else 0
+                    break
+        while rows:
             head, recent = int(rows[0][0]), rows
             if head % BUCKET != BUCKET - 1:
                 break
             bucket += 1  # that bucket is full: the head may be in the next one
+            rows = await self._valid_tail(stmt, ident, bucket, fence)
         return max(head, floor), recent, hint_rows[0] if hint_rows else None
 
     async def _valid_tail(self, stmt: str, ident: str, bucket: int, fence: tuple[int, int]) -> list[Any]:

@@ -540,6 +540,30 @@ async def test_cassandra_a_key_opened_past_a_late_batch_of_an_older_holder_keeps
     assert [m.client_id for m in await store.history(chat.chat_id, None, 10)] == ["after", "own2", "own1", "own0"]
 
 
+async def test_cassandra_a_late_write_of_an_older_holder_past_a_bucket_does_not_move_the_head(
+        cassandra: CassandraStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An older holder's late batch that started a new bucket also moved the head hint there; its
+    rows are hidden, and the head is still the highest row of the key's own, below the hint."""
+    from storage.cassandra_owner import partition_of
+
+    monkeypatch.setattr(storage.cassandra, "BUCKET", 10)
+    store = cassandra
+    a, b = await two_users(store)
+    chat = await store.direct_chat(a, b, T0)
+    for i in range(3):
+        await store.append_message(text(chat.chat_id, a, f"own{i}"), [a, b])
+    key = f"c:{chat.chat_id}"
+    epoch = store._leases.epoch(partition_of(key))  # type: ignore[union-attr]
+    assert epoch is not None
+    for seq in range(4, 13):  # 4..12, into the next bucket, and the hint moved to its start
+        await store._x("put_msg", chat.chat_id, seq // 10, seq, epoch - 1, f"late{seq}", a, phone_of(a), T0,
+                       "text", "stale", None, None, None)
+    await store._x("set_chat_head", 10, 10, chat.chat_id)
+    assert (await store._tail(key))[0] == 3
+    store._logs.drop(key)
+    assert (await store.append_message(text(chat.chat_id, a, "after"), [a, b])).message.seq == 4
+
+
 async def test_cassandra_a_send_left_incomplete_is_found_by_its_retry_after_the_chat_is_opened_again(
         cassandra: CassandraStore, monkeypatch: pytest.MonkeyPatch) -> None:
     """A send numbered whose fan-out failed has no device_sent row: only the chat's writer knows
