@@ -18,7 +18,7 @@ import pytest
 
 import storage.cassandra
 from storage import open_store
-from storage.base import LoginCode, MediaObject, MediaRef, Message, NewMessage, NotStored, ReceiptNote, Store
+from storage.base import Chat, LoginCode, MediaObject, MediaRef, Message, NewMessage, NotStored, ReceiptNote, Store
 from storage.cassandra import CassandraStore
 from storage.state import open_state
 from tests.conftest import fresh_store_url, production_url
@@ -512,26 +512,31 @@ async def test_cassandra_finds_a_send_only_once_every_members_entry_is_written(
     assert await store.find_sent(phone_of(a), "once") is not None
 
 
+async def chat_with_late_rows(store: CassandraStore, late: int) -> tuple[str, str, Chat]:
+    """A direct chat with three messages of its own (seq 1..3) and, after them, ``late`` rows of
+    an older holder's epoch that landed past the fence (seq 4 on, hidden from readers)."""
+    from storage.cassandra_owner import partition_of
+
+    a, b = await two_users(store)
+    chat = await store.direct_chat(a, b, T0)
+    for i in range(3):
+        await store.append_message(text(chat.chat_id, a, f"own{i}"), [a, b])
+    epoch = store._leases.epoch(partition_of(f"c:{chat.chat_id}"))  # type: ignore[union-attr]
+    assert epoch is not None
+    for seq in range(4, 4 + late):
+        await store._x("put_msg", chat.chat_id, seq // storage.cassandra.BUCKET, seq, epoch - 1, f"late{seq}", a,
+                       phone_of(a), T0, "text", "stale", None, None, None)
+    return a, b, chat
+
+
 async def test_cassandra_a_key_opened_past_a_late_batch_of_an_older_holder_keeps_its_head(
         cassandra: CassandraStore) -> None:
     """Rows of an older epoch that landed past the fence after it was written are hidden; when
     there are more of them than one read of the tail takes, the head is still the highest row of
     the key's own, not the bucket's start: nothing stored is numbered again."""
-    from storage.cassandra_owner import partition_of
-
     store = cassandra
-    a, b = await two_users(store)
-    chat = await store.direct_chat(a, b, T0)
-    for i in range(3):
-        await store.append_message(text(chat.chat_id, a, f"own{i}"), [a, b])
+    a, b, chat = await chat_with_late_rows(store, storage.cassandra.RECENT_SCAN + 10)
     key = f"c:{chat.chat_id}"
-    epoch = store._leases.epoch(partition_of(key))  # type: ignore[union-attr]
-    assert epoch is not None
-    # a batch of an older holder, longer than one read of the tail, landing late after seq 3
-    late = storage.cassandra.RECENT_SCAN + 10
-    for seq in range(4, 4 + late):
-        await store._x("put_msg", chat.chat_id, 0, seq, epoch - 1, f"late{seq}", a, phone_of(a), T0, "text",
-                       "stale", None, None, None)
     assert (await store._tail(key))[0] == 3
     store._logs.drop(key)  # opened again, as after its log was dropped from memory
     again = await store.append_message(text(chat.chat_id, a, "after"), [a, b])
@@ -544,20 +549,10 @@ async def test_cassandra_a_late_write_of_an_older_holder_past_a_bucket_does_not_
         cassandra: CassandraStore, monkeypatch: pytest.MonkeyPatch) -> None:
     """An older holder's late batch that started a new bucket also moved the head hint there; its
     rows are hidden, and the head is still the highest row of the key's own, below the hint."""
-    from storage.cassandra_owner import partition_of
-
     monkeypatch.setattr(storage.cassandra, "BUCKET", 10)
     store = cassandra
-    a, b = await two_users(store)
-    chat = await store.direct_chat(a, b, T0)
-    for i in range(3):
-        await store.append_message(text(chat.chat_id, a, f"own{i}"), [a, b])
+    a, b, chat = await chat_with_late_rows(store, 9)  # 4..12, into the next bucket
     key = f"c:{chat.chat_id}"
-    epoch = store._leases.epoch(partition_of(key))  # type: ignore[union-attr]
-    assert epoch is not None
-    for seq in range(4, 13):  # 4..12, into the next bucket, and the hint moved to its start
-        await store._x("put_msg", chat.chat_id, seq // 10, seq, epoch - 1, f"late{seq}", a, phone_of(a), T0,
-                       "text", "stale", None, None, None)
     await store._x("set_chat_head", 10, 10, chat.chat_id)
     assert (await store._tail(key))[0] == 3
     store._logs.drop(key)
