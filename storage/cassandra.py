@@ -1029,9 +1029,9 @@ class CassandraStore:
             fence = await self._fence(key)
         hint_rows = await self._x("chat_head" if kind == "c" else "user_state", ident)
         hint = int(hint_rows[0][0] or 0) if hint_rows else 0
-        floor = hint
-        if kind == "u" and hint_rows:  # inbox rows expire; what was acknowledged never goes back
-            floor = max(hint, int(hint_rows[0][1] or 0))
+        # inbox rows expire; what was acknowledged never goes back
+        acked = int(hint_rows[0][1] or 0) if kind == "u" and hint_rows else 0
+        floor = max(hint, acked)
         stmt = "chat_tail" if kind == "c" else "inbox_tail"
         bucket, head, recent = hint // BUCKET, 0, []
         rows = await self._valid_tail(stmt, ident, bucket, fence)
@@ -1044,7 +1044,7 @@ class CassandraStore:
                 rows = await self._valid_tail(stmt, ident, lower, fence)
                 if rows:
                     bucket = lower
-                    floor = int(hint_rows[0][1] or 0) if kind == "u" else 0
+                    floor = acked
                     break
         while rows:
             head, recent = int(rows[0][0]), rows
