@@ -19,11 +19,15 @@ A process that does not hold a key's partition asks the holder through the share
 Consensus (``IF NOT EXISTS``) is left for what is rare: leases, a phone's first login, a
 pair's first chat, media records.
 
-Idempotent sends: the ``device_sent`` row for ``(device, client id)`` is written after the
-message and its inbox rows. A repeat that finds no such row is recognised by the chat's writer
-among the chat's latest ids (it reads them when it opens the chat), and the fan-out is
-completed for members whose inbox has no entry for it yet (each inbox writer knows its latest
-entries' (chat, seq)).
+Idempotent sends: the ``device_sent`` row for ``(device, client id)`` is written twice. The
+chat's writer writes where the send was numbered (``open_chat``, ``open_seq``) beside the
+message row, in the same write: an append is stored only when both are. Once every member's
+inbox entry is written, the sender's bridge writes ``chat_id`` and ``seq`` (the send is complete)
+without waiting for it before the ``sent`` reply. A repeat that finds a complete send is answered
+at once; one that finds an open send gets that message and completes the fan-out for members
+whose inbox has no entry for it yet (each inbox writer knows its latest entries' (chat, seq)); one
+that finds neither (a crash between the two statements of the chat's write) is still recognised
+by the chat's writer among the chat's latest ids, which it reads when it opens the chat.
 
 Plain writes (unconditional ``INSERT``/``UPDATE``/``DELETE`` and unlogged batches of them) go
 out on a native-protocol connection of the event loop's own (``storage/cql_wire.py``). Everything
@@ -106,7 +110,7 @@ def _cached_row_factory(colnames: list[str], rows: list[Sequence[Any]]) -> list[
     return [row_type(*row) for row in rows]
 
 log = logging.getLogger(__name__)
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 BUCKET = 1000
 RECENT_SCAN = 50
 INBOX_TTL_S = 30 * 86_400
@@ -116,6 +120,7 @@ UNKNOWN_OUTCOME_RETRIES = 4
 # A send id found unused is taken as unused by the store's own check for this long: the chat's
 # writer still recognises a repeat among the chat's latest ids.
 UNSENT_TTL_S = 10.0
+SENT_HERE = 20_000  # sends completed by this process, kept to answer their repeats without a read
 FORWARD_TIMEOUT_S = 5.0
 DDL_TIMEOUT_S = 120.0
 # A user's acknowledged position is written this long after it moved (one write covers every ack
@@ -162,8 +167,10 @@ def schema(keyspace: str, replication: str, inbox_ttl_s: int) -> list[str]:
         f"CREATE TABLE IF NOT EXISTS {ks}.user_chats (user_id text, chat_id text, PRIMARY KEY (user_id, chat_id))",
         f"CREATE TABLE IF NOT EXISTS {ks}.messages (chat_id text, bucket bigint, seq bigint, epoch bigint, {msg_cols}, "
         "PRIMARY KEY ((chat_id, bucket), seq)) WITH CLUSTERING ORDER BY (seq DESC)",
+        # chat_id, seq: the send is complete; open_chat, open_seq: numbered and stored, its fan-out
+        # perhaps not done (schema 7)
         f"CREATE TABLE IF NOT EXISTS {ks}.device_sent (device text, client_id text, chat_id text, seq bigint, "
-        "PRIMARY KEY ((device, client_id)))",
+        "open_chat text, open_seq bigint, PRIMARY KEY ((device, client_id)))",
         f"CREATE TABLE IF NOT EXISTS {ks}.inbox (user_id text, bucket bigint, pos bigint, epoch bigint, chat_id text, "
         "seq bigint, "
         f"{msg_cols}, rkind text, ruser text, up_to bigint, PRIMARY KEY ((user_id, bucket), pos)) "
@@ -250,6 +257,15 @@ class CassandraStore:
         self._acked: LRUCache[str, int] = LRUCache(100_000)
         self._receipts: LRUCache[tuple[str, str], tuple[int, int]] = LRUCache(200_000)
         self._unsent: TimedMap[tuple[str, str], bool] = TimedMap(100_000, UNSENT_TTL_S)
+        # sends completed here (their record may still be on its way), and open sends found by
+        # find_sent for append_message to complete
+        self._sent_here: LRUCache[tuple[str, str], Message] = LRUCache(SENT_HERE)
+        self._open_sends: TimedMap[tuple[str, str], Message] = TimedMap(10_000, UNSENT_TTL_S)
+        # sends whose fan-out failed here -> the members whose entry was written: their retry
+        # writes the others' only (an inbox writer remembers its latest 256 entries, not all)
+        self._fanned: LRUCache[tuple[str, str], frozenset[str]] = LRUCache(10_000)
+        self._behind = 0  # writes nobody waits for, not yet answered
+        self._behind_idle: list[asyncio.Future[None]] = []
         self._unset: Any = None  # the driver's UNSET_VALUE, once it is imported
         self.ops = StoreOps()
         self._results: _Results | None = None
@@ -359,6 +375,7 @@ class CassandraStore:
         await self._blocking(self._send_ids_to_devices)
         await self._blocking(self._add_epochs)
         await self._blocking(self._add_protos)
+        await self._blocking(self._add_open_sends)
         await self._blocking(self._index_devices)
         await self._blocking(self._session.execute,
                              f"INSERT INTO {self.keyspace}.meta (key, value) VALUES ('schema', %s)",
@@ -392,6 +409,16 @@ class CassandraStore:
                                     "AND table_name=%s AND column_name='proto'", (ks, table)).one()
             if found is None:
                 session.execute(f"ALTER TABLE {ks}.{table} ADD proto int", timeout=DDL_TIMEOUT_S)
+
+    def _add_open_sends(self) -> None:
+        """Schema 7: ``device_sent`` also records where a send was numbered before its fan-out is
+        done. Rows from before have only ``chat_id`` and ``seq``: complete sends."""
+        ks, session = self.keyspace, self._session
+        have = {r[0] for r in session.execute("SELECT column_name FROM system_schema.columns WHERE "
+                                              "keyspace_name=%s AND table_name='device_sent'", (ks,))}
+        for column, kind in (("open_chat", "text"), ("open_seq", "bigint")):
+            if column not in have:
+                session.execute(f"ALTER TABLE {ks}.device_sent ADD {column} {kind}", timeout=DDL_TIMEOUT_S)
 
     def _index_devices(self) -> None:
         """Schema 5: each user's devices are listed in ``user_devices``; every device in
@@ -459,6 +486,11 @@ class CassandraStore:
             self._serve_others()
 
     async def close(self) -> None:
+        if self._behind:
+            try:
+                await asyncio.wait_for(self.settled(), self._timeout)
+            except TimeoutError:
+                log.warning("closing with %d writes unanswered", self._behind)
         if self._ack_writer is not None:
             self._ack_writer.cancel()
             await asyncio.gather(self._ack_writer, return_exceptions=True)
@@ -531,8 +563,10 @@ class CassandraStore:
                                "AND bucket=? AND seq<? LIMIT ?",
             "recent": f"SELECT seq, {_MSG}, epoch FROM {ks}.messages WHERE chat_id=? AND bucket=? AND seq<=? LIMIT ?",
             "message": f"SELECT seq, {_MSG}, epoch FROM {ks}.messages WHERE chat_id=? AND bucket=? AND seq=?",
-            "get_sent": f"SELECT chat_id, seq FROM {ks}.device_sent WHERE device=? AND client_id=?",
+            "get_sent": f"SELECT chat_id, seq, open_chat, open_seq FROM {ks}.device_sent WHERE device=? "
+                        "AND client_id=?",
             "put_sent": f"INSERT INTO {ks}.device_sent (device, client_id, chat_id, seq) VALUES (?, ?, ?, ?)",
+            "open_sent": f"INSERT INTO {ks}.device_sent (device, client_id, open_chat, open_seq) VALUES (?, ?, ?, ?)",
             "user_state": f"SELECT inbox_head, acked FROM {ks}.user_state WHERE user_id=?",
             "set_head": f"UPDATE {ks}.user_state USING TIMESTAMP ? SET inbox_head=? WHERE user_id=?",
             "set_acked": f"UPDATE {ks}.user_state USING TIMESTAMP ? SET acked=? WHERE user_id=?",
@@ -1255,6 +1289,15 @@ class CassandraStore:
             by_bucket.setdefault(n // BUCKET, []).append(params)
         return name, by_bucket
 
+    @staticmethod
+    def _opened(key: str, rows: Sequence[tuple[int, tuple[Any, ...]]]) -> list[tuple[Any, ...]]:
+        """The ``open_sent`` parameters written beside a chat's rows: where each send with an id
+        was numbered (a chat row's values start client_id, sender, device)."""
+        kind, _, chat_id = key.partition(":")
+        if kind != "c":
+            return []
+        return [(values[2], values[0], chat_id, n) for n, values in rows if values[0] is not None]
+
     async def _write_rows(self, key: str, epoch: int, rows: Sequence[tuple[int, tuple[Any, ...]]],
                           full: bool) -> None:
         """Write one key's numbered rows in order: one statement (an unlogged batch when there
@@ -1270,17 +1313,20 @@ class CassandraStore:
         for n, _values in rows:
             if n % BUCKET == 0:  # a new bucket: readers start their search for the head there
                 await self._x("set_chat_head" if kind == "c" else "set_head", n, n, ident)
+        await asyncio.gather(*(self._x("open_sent", *params) for params in self._opened(key, rows)))
 
     def _write_rows_now(self, key: str, epoch: int, rows: Sequence[tuple[int, tuple[Any, ...]]], full: bool,
                         then: Callable[[BaseException | None], None]) -> bool:
         """:meth:`_write_rows` sent at once on the loop's own connection, its outcome given to
         ``then`` as soon as it is read (None: stored; WriteAgain: to be written the ordinary way;
         else StorageUnavailable). Only for rows within one bucket that start none: False, and
-        nothing sent, for anything else, or when the connection cannot take it."""
+        nothing sent, for anything else, or when the connection cannot take it. A chat's rows go
+        with their ``open_sent`` records, one statement each, all of them answered as one."""
         if any(n % BUCKET == 0 for n, _ in rows):
             return False
         name, by_bucket = self._row_params(key, epoch, rows, full)
-        wire = self._wire_for((name,))
+        opened = self._opened(key, rows)
+        wire = self._wire_for((name, "open_sent") if opened else (name,))
         if len(by_bucket) != 1 or wire is None:
             return False
         (group,) = by_bucket.values()
@@ -1288,45 +1334,61 @@ class CassandraStore:
         binder = self._binders[name]
         try:
             values = [binder(params) for params in group]
+            opens = [self._binders["open_sent"](params) for params in opened]
         except Exception:  # the ordinary way says what was wrong
             return False
         results = self._results_for(wire._loop)
+        labels = [name] + ["open_sent"] * len(opens)
+        left = [len(labels)]
+        failed: list[BaseException] = []
 
-        def answered(exc: BaseException | None) -> None:
-            results.forget(answer)
-            if exc is None:
-                then(None)
-            else:  # None from _wire_failure: the ordinary way runs it through the driver
-                then(_wire_failure(name, exc, read=False) or WriteAgain(f"cassandra {name}: {exc}"))
+        def answered(i: int, exc: BaseException | None) -> None:
+            results.forget(answers[i])
+            if exc is not None and not failed:  # None from _wire_failure: the ordinary way runs it
+                failed.append(_wire_failure(labels[i], exc, read=False) or WriteAgain(f"cassandra {labels[i]}: {exc}"))
+            left[0] -= 1
+            if not left[0]:
+                then(failed[0] if failed else None)
 
-        answer = Direct(answered)
-        results.watch(answer, name)
-        self._count(name)
+        answers = [Direct(functools.partial(answered, i)) for i in range(len(labels))]
+        for answer, label in zip(answers, labels, strict=True):
+            results.watch(answer, label)
+            self._count(label)
         try:
             if len(values) == 1:
-                wire.execute(query_id, values[0], consistency, to=answer)
+                wire.execute(query_id, values[0], consistency, to=answers[0])
             else:
-                wire.batch([(query_id, v) for v in values], consistency, to=answer)
+                wire.batch([(query_id, v) for v in values], consistency, to=answers[0])
+            if opens:
+                open_id, open_consistency = self._wire_ok["open_sent"]
+                for v, answer in zip(opens, answers[1:], strict=True):
+                    wire.execute(open_id, v, open_consistency, to=answer)
         except BaseException:  # the caller writes it the ordinary way; a late answer is dropped
-            results.forget(answer)
-            answer.cancel()
+            for answer in answers:
+                results.forget(answer)
+                answer.cancel()
             raise
         return True
 
     # -- messages -------------------------------------------------------------------------------
     async def append_message(self, msg: NewMessage, recipients: Sequence[str]) -> Appended:
-        if msg.client_id is not None and (msg.device, msg.client_id) not in self._unsent:
-            earlier = await self.find_sent(msg.device, msg.client_id)
+        sent_id = (msg.device, msg.client_id) if msg.client_id is not None else None
+        if sent_id is not None and sent_id not in self._unsent and sent_id not in self._open_sends:
+            earlier = await self.find_sent(msg.device, msg.client_id)  # type: ignore[arg-type]
             if earlier is not None:
                 return Appended(message=earlier, inbox={}, duplicate=True)
+        opened = self._open_sends.pop(sent_id, None) if sent_id is not None else None
+        if opened is not None:  # numbered and stored before, its fan-out perhaps not done
+            return await self._complete(opened, recipients, dup=True)
         if msg.chat_id not in self._known_chats:
             if not await self._x("get_chat", msg.chat_id):
                 raise NotStored(f"chat {msg.chat_id}")
             self._known_chats[msg.chat_id] = True
         media = media_to_json(msg.media)
         values = (msg.client_id, msg.sender, msg.device, msg.ts, msg.kind, msg.body, media, msg.event, msg.target)
-        ident = (msg.device, msg.client_id) if msg.client_id is not None else None
-        seq, dup = await self._number(f"c:{msg.chat_id}", values, ident)
+        seq, dup = await self._number(f"c:{msg.chat_id}", values, sent_id)
+        if sent_id is not None:  # used now: a retry looks for its record (the fan-out may yet fail)
+            self._unsent.pop(sent_id, None)
         stored = None
         if dup:  # the chat has it already (an earlier attempt): that one is the message
             stored = await self._message_at(msg.chat_id, seq)
@@ -1334,19 +1396,97 @@ class CassandraStore:
             stored = Message(chat_id=msg.chat_id, seq=seq, client_id=msg.client_id, sender=msg.sender,
                              device=msg.device, ts=msg.ts, kind=msg.kind, body=msg.body, media=msg.media,
                              event=msg.event, target=msg.target)
-        if msg.media is not None:
-            await self._x("put_chat_media", msg.chat_id, msg.media.key)
+        return await self._complete(stored, recipients, dup=dup)
+
+    async def _complete(self, stored: Message, recipients: Sequence[str], *, dup: bool) -> Appended:
+        """Write every member's inbox entry of a stored message, then record its send as complete."""
+        if stored.media is not None:
+            await self._x("put_chat_media", stored.chat_id, stored.media.key)
         # every member's entry, even on a repeat: an interrupted attempt may have stopped short of
-        # some, and the inbox logs know the (chat, seq) entries they already hold
-        inbox = await self._fan_out(stored, recipients)
-        if msg.client_id is not None:
+        # some (those it wrote, when it failed here, are known), and the inbox logs know the
+        # (chat, seq) entries they already hold
+        sent_id = (stored.device, stored.client_id) if stored.client_id is not None else None
+        had = self._fanned.pop(sent_id, frozenset()) if dup and sent_id is not None else frozenset()
+        try:
+            inbox = await self._fan_out(stored, [u for u in recipients if u not in had])
+        except _FanOutFailed as failed:
+            if sent_id is not None:
+                self._fanned[sent_id] = had | failed.written
+            raise failed.error from None
+        if sent_id is not None:
             # only after every entry: a retry that finds this record is answered at once, with
-            # nothing more stored (tests/test_storage_contract.py, "finds a send only once ...")
-            await self._x("put_sent", msg.device, msg.client_id, msg.chat_id, stored.seq)
-            self._unsent.pop((msg.device, msg.client_id), None)
+            # nothing more stored (tests/test_storage_contract.py, "finds a send only once ...").
+            # Nobody waits for it: a retry that comes before it lands finds the send open, and
+            # completes a fan-out that is complete (each inbox writer knows its latest entries).
+            self._sent_here[sent_id] = stored
+            self._unsent.pop(sent_id, None)
+            self._write_behind("put_sent", (stored.device, stored.client_id, stored.chat_id, stored.seq))
         if dup and inbox:
-            log.info("completed an interrupted send %s/%s at seq %d", msg.sender, msg.client_id, stored.seq)
+            log.info("completed an interrupted send %s/%s at seq %d", stored.sender, stored.client_id, stored.seq)
         return Appended(message=stored, inbox=inbox, duplicate=dup and not inbox)
+
+    def _write_behind(self, name: str, params: tuple[Any, ...]) -> None:
+        """A plain write nobody waits for: sent at once on the loop's own connection when it can
+        take it, else through the driver by a task. A failure is logged; :meth:`settled` returns
+        once every such write is answered."""
+        wire = self._wire_for((name,))
+        if wire is not None:
+            try:
+                values = self._binders[name](params)
+            except Exception as exc:
+                log.warning("cassandra %s: %s", name, exc)
+                return
+            results = self._results_for(wire._loop)
+
+            def answered(exc: BaseException | None) -> None:
+                results.forget(answer)
+                if exc is not None and _wire_failure(name, exc, read=False) is None:  # forgotten: the driver's way
+                    self._write_behind_by_driver(name, params)
+                elif exc is not None:
+                    log.warning("cassandra %s (written behind) failed: %s", name, exc)
+                self._behind_done()
+
+            answer = Direct(answered)
+            results.watch(answer, name)
+            self._count(name)
+            self._behind += 1
+            query_id, consistency = self._wire_ok[name]
+            try:
+                wire.execute(query_id, values, consistency, to=answer)
+                return
+            except Exception:  # the driver's way below
+                results.forget(answer)
+                answer.cancel()
+                self._behind_done()
+        self._write_behind_by_driver(name, params)
+
+    def _write_behind_by_driver(self, name: str, params: tuple[Any, ...]) -> None:
+        self._behind += 1
+
+        async def write() -> None:
+            try:
+                await self._x(name, *params)
+            except StorageError as exc:
+                log.warning("cassandra %s (written behind) failed: %s", name, exc)
+            finally:
+                self._behind_done()
+
+        asyncio.get_running_loop().create_task(write(), name=f"behind-{name}")
+
+    def _behind_done(self) -> None:
+        self._behind -= 1
+        if not self._behind:
+            idle, self._behind_idle = self._behind_idle, []
+            for fut in idle:
+                if not fut.done():
+                    fut.set_result(None)
+
+    async def settled(self) -> None:
+        """Return once every write nobody waits for (a complete send's record) is answered."""
+        while self._behind:
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._behind_idle.append(fut)
+            await fut
 
     async def _fan_out(self, m: Message, recipients: Sequence[str]) -> dict[str, int]:
         users = list(dict.fromkeys(recipients))
@@ -1354,12 +1494,21 @@ class CassandraStore:
                   m.event, m.target, None, None, None)
         # (a task for each member only where its inbox is not open here: one message's fan-out
         # made two tasks of its own, of the ten or so it made in all)
-        done = await asyncio.gather(*(self._number_soon(f"u:{u}", values, (m.chat_id, m.seq)) for u in users))
+        done = await asyncio.gather(*(self._number_soon(f"u:{u}", values, (m.chat_id, m.seq)) for u in users),
+                                    return_exceptions=True)
         out: dict[str, int] = {}
-        for u, (pos, dup) in zip(users, done, strict=True):
+        failure: BaseException | None = None
+        for u, outcome in zip(users, done, strict=True):
+            if isinstance(outcome, BaseException):
+                failure = failure or outcome
+                continue
+            pos, dup = outcome
             self._entries[(u, pos)] = InboxEntry(user_id=u, pos=pos, item=m)
             if not dup:
                 out[u] = pos
+        if failure is not None:
+            raise _FanOutFailed(failure, frozenset(u for u, o in zip(users, done, strict=True)
+                                                   if not isinstance(o, BaseException)))
         return out
 
     async def _message_at(self, chat_id: str, seq: int) -> Message | None:
@@ -1370,11 +1519,26 @@ class CassandraStore:
         return _message(chat_id, seq, rows[0][1:])
 
     async def find_sent(self, device: str, client_id: str) -> Message | None:
+        """The message of a complete send (every member's inbox entry written). An open one
+        (numbered and stored, its fan-out perhaps not done) is None here, and kept for
+        :meth:`append_message`, which completes it."""
+        sent_id = (device, client_id)
+        here = self._sent_here.get(sent_id)
+        if here is not None:
+            return here
         rows = await self._x("get_sent", device, client_id)
-        if not rows:
-            self._unsent[(device, client_id)] = True
-            return None
-        return await self._message_at(rows[0][0], rows[0][1])
+        chat_id, seq, open_chat, open_seq = rows[0] if rows else (None, None, None, None)
+        if chat_id is not None and seq is not None:
+            return await self._message_at(chat_id, seq)
+        if open_chat is not None and open_seq is not None:
+            opened = await self._message_at(open_chat, open_seq)
+            # (the record is written beside the message, not with it: it names this send's
+            # message only when that row is there, valid, and this send's)
+            if opened is not None and opened.device == device and opened.client_id == client_id:
+                self._open_sends[sent_id] = opened
+                return None
+        self._unsent[sent_id] = True
+        return None
 
     async def history(self, chat_id: str, before: int | None, limit: int) -> list[Message]:
         key = f"c:{chat_id}"
@@ -1690,6 +1854,15 @@ class _Results:
             pending, self._pending, self._scheduled = self._pending, [], False
         for fut, rows, exc in pending:
             _settle(fut, rows, exc)
+
+
+class _FanOutFailed(Exception):
+    """Some members' inbox entries of a message were not written: the first failure, and the
+    members whose entry was."""
+
+    def __init__(self, error: BaseException, written: frozenset[str]) -> None:
+        super().__init__(str(error))
+        self.error, self.written = error, written
 
 
 def _wire_failure(name: str, exc: BaseException, *, read: bool) -> StorageError | None:

@@ -58,6 +58,9 @@ async def test_migrate_moves_schema_2_send_ids_to_their_devices() -> None:
         # before schema 6 devices said nothing of the protocol they read
         session.execute(f"ALTER TABLE {ks}.devices DROP proto", timeout=DDL_S)
         session.execute(f"ALTER TABLE {ks}.user_devices DROP proto", timeout=DDL_S)
+        # before schema 7 a send's record said nothing of where it was numbered before its fan-out
+        session.execute(f"ALTER TABLE {ks}.device_sent DROP open_chat", timeout=DDL_S)
+        session.execute(f"ALTER TABLE {ks}.device_sent DROP open_seq", timeout=DDL_S)
         # as schema 2 left it: send ids per user in "sent", nothing in "device_sent"
         session.execute(f"CREATE TABLE {ks}.sent (sender text, client_id text, chat_id text, seq bigint, "
                         "PRIMARY KEY ((sender, client_id)))", timeout=DDL_S)
@@ -74,6 +77,11 @@ async def test_migrate_moves_schema_2_send_ids_to_their_devices() -> None:
         await store.open()
         found = await store.find_sent("d-phone", "7")
         assert found is not None and found.body == "hello" and found.seq == 1
+        again = await store.append_message(NewMessage(chat_id=chat.chat_id, sender=a, device="d-phone",
+                                                      client_id="8", ts=2, kind="text", body="again"), [a, b])
+        assert again.message.seq == 2
+        await store.settled()  # type: ignore[attr-defined]
+        assert await store._x("get_sent", "d-phone", "8") == [(chat.chat_id, 2, chat.chat_id, 2)]  # type: ignore[attr-defined]
         got = await store.get_device(device.device_id)
         assert got is not None and got.proto == 1 and await store.reads_v1(a)
         assert (await store.add_device(b, "new", "python", 2, proto=2)).proto == 2 and not await store.reads_v1(b)

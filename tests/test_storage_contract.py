@@ -561,9 +561,10 @@ async def test_cassandra_a_late_write_of_an_older_holder_past_a_bucket_does_not_
 
 async def test_cassandra_a_send_left_incomplete_is_found_by_its_retry_after_the_chat_is_opened_again(
         cassandra: CassandraStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A send numbered whose fan-out failed has no device_sent row: only the chat's writer knows
-    its id. A writer opening the chat again remembers the ids of as many of its newest messages
-    as it keeps itself, across a bucket's start too, so the retry gets the same seq."""
+    """A send numbered whose fan-out failed, and whose device_sent record was lost (a crash
+    between the two statements of the chat's write): only the chat's writer knows its id. A
+    writer opening the chat again remembers the ids of as many of its newest messages as it keeps
+    itself, across a bucket's start too, so the retry gets the same seq."""
     from storage.base import StorageUnavailable
 
     monkeypatch.setattr(storage.cassandra, "BUCKET", 100)  # a bucket's start among the messages
@@ -584,11 +585,71 @@ async def test_cassandra_a_send_left_incomplete_is_found_by_its_retry_after_the_
     with pytest.raises(StorageUnavailable):
         await store.append_message(text(chat.chat_id, a, "incomplete"), [a, b])
     monkeypatch.setattr(store, "_number_soon", number_soon)
+    await store._blocking(store._session.execute, f"DELETE FROM {store.keyspace}.device_sent WHERE device=%s "
+                          "AND client_id=%s", (phone_of(a), "incomplete"))
     for i in range(60):  # more than one read of the chat's tail, past the bucket's start at 100
         await store.append_message(text(chat.chat_id, a, f"after{i}"), [a, b])
     store._logs.drop(f"c:{chat.chat_id}")  # opened again, as after a restart
     retried = await store.append_message(text(chat.chat_id, a, "incomplete"), [a, b])
     assert retried.message.seq == 91 and b in retried.inbox
+
+
+async def test_cassandra_a_send_left_open_is_completed_by_its_retry_however_many_messages_came_after(
+        cassandra: CassandraStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The chat's writer records where a send was numbered beside the message: a retry of a send
+    whose fan-out failed gets its seq and completes the fan-out even after more later messages
+    than any writer remembers the ids of, and after a restart."""
+    from storage.base import StorageUnavailable
+    from storage.cassandra_owner import RECENT_IDS
+
+    store = cassandra
+    a, b = await two_users(store)
+    chat = await store.direct_chat(a, b, T0)
+    number_soon = store._number_soon
+
+    async def inbox_write_fails() -> tuple[int, bool]:
+        raise StorageUnavailable("the recipient's inbox entry was not written")
+
+    def fails_for_b(key: str, values: tuple[Any, ...], ident: Any) -> Awaitable[tuple[int, bool]]:
+        return inbox_write_fails() if key == f"u:{b}" else number_soon(key, values, ident)
+
+    monkeypatch.setattr(store, "_number_soon", fails_for_b)
+    with pytest.raises(StorageUnavailable):
+        await store.append_message(text(chat.chat_id, a, "open"), [a, b])
+    monkeypatch.setattr(store, "_number_soon", number_soon)
+    later = RECENT_IDS + 20
+    await asyncio.gather(*(store.append_message(text(chat.chat_id, b, f"later{i}"), [a, b]) for i in range(later)))
+    store._logs.drop(f"c:{chat.chat_id}")  # opened again, as after a restart
+    store._unsent.clear()
+    retried = await store.append_message(text(chat.chat_id, a, "open"), [a, b])
+    assert retried.message.seq == 1 and retried.message.client_id == "open" and not retried.duplicate
+    assert set(retried.inbox) == {b}  # a's entry was written the first time
+    assert (await store.get_chat(chat.chat_id)).last_seq == later + 1  # type: ignore[union-attr]
+    entries = await store.read_inbox(b, 0, later + 10)
+    assert [e.item.seq for e in entries if isinstance(e.item, Message) and e.item.seq == 1] == [1]
+    assert await store.find_sent(phone_of(a), "open") == retried.message
+
+
+async def test_cassandra_a_send_whose_complete_record_was_lost_is_answered_by_its_retry_storing_nothing(
+        cassandra: CassandraStore) -> None:
+    """The record of a complete send is written after every member's entry, without the reply
+    waiting for it; when it never landed (a crash), a retry finds the send open, completes a
+    fan-out that was complete, and stores nothing new."""
+    store = cassandra
+    a, b = await two_users(store)
+    chat = await store.direct_chat(a, b, T0)
+    first = await store.append_message(text(chat.chat_id, a, "lost"), [a, b])
+    await store.settled()
+    assert await store._x("get_sent", phone_of(a), "lost") == [(chat.chat_id, 1, chat.chat_id, 1)]
+    await store._blocking(store._session.execute, f"DELETE chat_id, seq FROM {store.keyspace}.device_sent "
+                          "WHERE device=%s AND client_id=%s", (phone_of(a), "lost"))
+    store._sent_here.clear()  # as after a restart
+    retried = await store.append_message(text(chat.chat_id, a, "lost"), [a, b])
+    assert retried.duplicate and retried.inbox == {} and retried.message == first.message
+    assert [e.pos for e in await store.read_inbox(b, 0, 10)] == [1]
+    assert (await store.get_chat(chat.chat_id)).last_seq == 1  # type: ignore[union-attr]
+    await store.settled()
+    assert await store._x("get_sent", phone_of(a), "lost") == [(chat.chat_id, 1, chat.chat_id, 1)]
 
 
 async def test_cassandra_plain_writes_go_out_on_the_loops_own_connection(cassandra: CassandraStore) -> None:
@@ -704,6 +765,7 @@ async def test_cassandra_loops_connection_keeps_a_window_of_statements_in_flight
     assert wire.held > 0
     given_up.cancel()
     done = await asyncio.gather(*sends)
+    await store.settled()  # the sends' records, written after their replies
     watching = False
     await watcher
     assert max(in_flight) <= 4 and max(held) > 0, (max(in_flight), max(held))
@@ -727,6 +789,7 @@ async def test_cassandra_point_reads_of_the_message_path_go_on_the_loops_own_con
     pic = NewMessage(chat_id=chat.chat_id, sender=a, device=phone_of(a), client_id="r2", ts=T0 + 1, kind="media",
                      body=None, media=media)
     await store.append_message(pic, [a, b])
+    await store.settled()  # the records of the complete sends
     reads = wire.reads
     on_wire = [await store._x("get_sent", phone_of(a), "r1"), await store._x("get_sent", phone_of(a), "nothing"),
                await store._x("message", chat.chat_id, 0, 1), await store._x("message", chat.chat_id, 0, 2)]
@@ -739,7 +802,7 @@ async def test_cassandra_point_reads_of_the_message_path_go_on_the_loops_own_con
         store._wire_reads = held
     assert wire.reads == reads + 4
     assert on_wire == [[tuple(r) for r in rows] for rows in by_driver]
-    assert on_wire[1] == [] and on_wire[0] == [(chat.chat_id, 1)]
+    assert on_wire[1] == [] and on_wire[0] == [(chat.chat_id, 1, chat.chat_id, 1)]
     found = await store.find_sent(phone_of(a), "r2")
     assert found is not None and found.media == media and found.body is None and found.seq == 2
 
@@ -753,11 +816,12 @@ async def test_cassandra_read_the_server_does_not_know_or_whose_connection_drops
     a, b = await two_users(store)
     chat = await store.direct_chat(a, b, T0)
     await store.append_message(text(chat.chat_id, a, "u1"), [a, b])
+    await store.settled()  # its record, written after the reply
     query_id, consistency, types = store._wire_reads["get_sent"]
     store._wire_reads["get_sent"] = (b"\x13" * 16, consistency, types)
     try:
         before = store.ops.by_name.get("get_sent", 0)
-        assert await store._x("get_sent", phone_of(a), "u1") == [(chat.chat_id, 1)]
+        assert await store._x("get_sent", phone_of(a), "u1") == [(chat.chat_id, 1, chat.chat_id, 1)]
         assert store.ops.by_name["get_sent"] == before + 2  # the refused try, then the driver's
     finally:
         store._wire_reads["get_sent"] = (query_id, consistency, types)
@@ -767,7 +831,7 @@ async def test_cassandra_read_the_server_does_not_know_or_whose_connection_drops
     await asyncio.sleep(0)  # queued on the connection
     assert wire._transport is not None
     wire._transport.abort()
-    assert [tuple(r) for r in await reading] == [(chat.chat_id, 1)]
+    assert [tuple(r) for r in await reading] == [(chat.chat_id, 1, chat.chat_id, 1)]
 
 
 @pytest.mark.parametrize("read", ["get_chat", "user_chats"])
