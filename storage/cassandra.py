@@ -1301,7 +1301,13 @@ class CassandraStore:
     async def _write_rows(self, key: str, epoch: int, rows: Sequence[tuple[int, tuple[Any, ...]]],
                           full: bool) -> None:
         """Write one key's numbered rows in order: one statement (an unlogged batch when there
-        are several) per Cassandra partition, lower buckets first."""
+        are several) per Cassandra partition, lower buckets first; a chat's ``open_sent``
+        records go out beside them."""
+        opens = [self._x("open_sent", *params) for params in self._opened(key, rows)]
+        await asyncio.gather(self._write_rows_in_order(key, epoch, rows, full), *opens)
+
+    async def _write_rows_in_order(self, key: str, epoch: int, rows: Sequence[tuple[int, tuple[Any, ...]]],
+                                   full: bool) -> None:
         name, by_bucket = self._row_params(key, epoch, rows, full)
         for bucket in sorted(by_bucket):
             group = by_bucket[bucket]
@@ -1313,7 +1319,6 @@ class CassandraStore:
         for n, _values in rows:
             if n % BUCKET == 0:  # a new bucket: readers start their search for the head there
                 await self._x("set_chat_head" if kind == "c" else "set_head", n, n, ident)
-        await asyncio.gather(*(self._x("open_sent", *params) for params in self._opened(key, rows)))
 
     def _write_rows_now(self, key: str, epoch: int, rows: Sequence[tuple[int, tuple[Any, ...]]], full: bool,
                         then: Callable[[BaseException | None], None]) -> bool:
@@ -1379,6 +1384,9 @@ class CassandraStore:
                 return Appended(message=earlier, inbox={}, duplicate=True)
         opened = self._open_sends.pop(sent_id, None) if sent_id is not None else None
         if opened is not None:  # numbered and stored before, its fan-out perhaps not done
+            if opened.chat_id != msg.chat_id:  # the id reused for another chat: the first send is the one
+                first = await self.get_chat(opened.chat_id, current_seq=False)
+                recipients = first.member_ids if first is not None else []
             return await self._complete(opened, recipients, dup=True)
         if msg.chat_id not in self._known_chats:
             if not await self._x("get_chat", msg.chat_id):
@@ -1413,6 +1421,10 @@ class CassandraStore:
             if sent_id is not None:
                 self._fanned[sent_id] = had | failed.written
             raise failed.error from None
+        except BaseException:
+            if had and sent_id is not None:
+                self._fanned[sent_id] = had
+            raise
         if sent_id is not None:
             # only after every entry: a retry that finds this record is answered at once, with
             # nothing more stored (tests/test_storage_contract.py, "finds a send only once ...").
@@ -1427,8 +1439,8 @@ class CassandraStore:
 
     def _write_behind(self, name: str, params: tuple[Any, ...]) -> None:
         """A plain write nobody waits for: sent at once on the loop's own connection when it can
-        take it, else through the driver by a task. A failure is logged; :meth:`settled` returns
-        once every such write is answered."""
+        take it, else (and once more when that failed) by a task the ordinary way. A failure there
+        is logged; :meth:`settled` returns once every such write is answered."""
         wire = self._wire_for((name,))
         if wire is not None:
             try:
@@ -1440,10 +1452,8 @@ class CassandraStore:
 
             def answered(exc: BaseException | None) -> None:
                 results.forget(answer)
-                if exc is not None and _wire_failure(name, exc, read=False) is None:  # forgotten: the driver's way
+                if exc is not None:  # once more the ordinary way (it writes the same cells again)
                     self._write_behind_by_driver(name, params)
-                elif exc is not None:
-                    log.warning("cassandra %s (written behind) failed: %s", name, exc)
                 self._behind_done()
 
             answer = Direct(answered)

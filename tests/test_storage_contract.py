@@ -594,17 +594,65 @@ async def test_cassandra_a_send_left_incomplete_is_found_by_its_retry_after_the_
     assert retried.message.seq == 91 and b in retried.inbox
 
 
+@pytest.mark.parametrize("writes", ["direct", "driver"])
 async def test_cassandra_a_send_left_open_is_completed_by_its_retry_however_many_messages_came_after(
-        cassandra: CassandraStore, monkeypatch: pytest.MonkeyPatch) -> None:
+        cassandra_url: str, writes: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The chat's writer records where a send was numbered beside the message: a retry of a send
     whose fan-out failed gets its seq and completes the fan-out even after more later messages
-    than any writer remembers the ids of, and after a restart."""
+    than any writer remembers the ids of (the chat's log opened again meanwhile), writing only
+    the entries that were missing; on the loop's own connection and through the driver alike."""
     from storage.base import StorageUnavailable
     from storage.cassandra_owner import RECENT_IDS
 
+    store = open_store(f"{cassandra_url}?writes={writes}")
+    assert isinstance(store, CassandraStore)
+    await store.open()
+    try:
+        assert (store._wire is None) == (writes == "driver")
+        a, b = await two_users(store)
+        chat = await store.direct_chat(a, b, T0)
+        number_soon = store._number_soon
+
+        async def inbox_write_fails() -> tuple[int, bool]:
+            raise StorageUnavailable("the recipient's inbox entry was not written")
+
+        def fails_for_b(key: str, values: tuple[Any, ...], ident: Any) -> Awaitable[tuple[int, bool]]:
+            return inbox_write_fails() if key == f"u:{b}" else number_soon(key, values, ident)
+
+        monkeypatch.setattr(store, "_number_soon", fails_for_b)
+        with pytest.raises(StorageUnavailable):
+            await store.append_message(text(chat.chat_id, a, "open"), [a, b])
+        monkeypatch.setattr(store, "_number_soon", number_soon)
+        later = RECENT_IDS + 20
+        await asyncio.gather(*(store.append_message(text(chat.chat_id, b, f"later{i}"), [a, b])
+                               for i in range(later)))
+        store._logs.drop(f"c:{chat.chat_id}")  # opened again, as after a restart
+        store._unsent.clear()
+        retried = await store.append_message(text(chat.chat_id, a, "open"), [a, b])
+        assert retried.message.seq == 1 and retried.message.client_id == "open" and not retried.duplicate
+        assert set(retried.inbox) == {b}  # a's entry was written the first time
+        assert (await store.get_chat(chat.chat_id)).last_seq == later + 1  # type: ignore[union-attr]
+        for user in (a, b):
+            entries = await store.read_inbox(user, 0, later + 10)
+            assert [e.item.seq for e in entries if isinstance(e.item, Message) and e.item.seq == 1] == [1]
+        assert await store.find_sent(phone_of(a), "open") == retried.message
+        await store.settled()
+        assert await store._x("get_sent", phone_of(a), "open") == [(chat.chat_id, 1, chat.chat_id, 1)]
+    finally:
+        await store.close()
+
+
+async def test_cassandra_an_open_send_whose_id_comes_again_for_another_chat_completes_in_its_own(
+        cassandra: CassandraStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A send id is the device's for one send: when it comes again naming another chat while
+    the first send is open, the first send's fan-out is completed among its own chat's members,
+    and nothing goes to the other chat."""
+    from storage.base import StorageUnavailable
+
     store = cassandra
     a, b = await two_users(store)
-    chat = await store.direct_chat(a, b, T0)
+    c = (await store.create_user(phone(), T0)).user_id
+    first, other = await store.direct_chat(a, b, T0), await store.direct_chat(a, c, T0)
     number_soon = store._number_soon
 
     async def inbox_write_fails() -> tuple[int, bool]:
@@ -615,26 +663,21 @@ async def test_cassandra_a_send_left_open_is_completed_by_its_retry_however_many
 
     monkeypatch.setattr(store, "_number_soon", fails_for_b)
     with pytest.raises(StorageUnavailable):
-        await store.append_message(text(chat.chat_id, a, "open"), [a, b])
+        await store.append_message(text(first.chat_id, a, "reused"), [a, b])
     monkeypatch.setattr(store, "_number_soon", number_soon)
-    later = RECENT_IDS + 20
-    await asyncio.gather(*(store.append_message(text(chat.chat_id, b, f"later{i}"), [a, b]) for i in range(later)))
-    store._logs.drop(f"c:{chat.chat_id}")  # opened again, as after a restart
-    store._unsent.clear()
-    retried = await store.append_message(text(chat.chat_id, a, "open"), [a, b])
-    assert retried.message.seq == 1 and retried.message.client_id == "open" and not retried.duplicate
-    assert set(retried.inbox) == {b}  # a's entry was written the first time
-    assert (await store.get_chat(chat.chat_id)).last_seq == later + 1  # type: ignore[union-attr]
-    entries = await store.read_inbox(b, 0, later + 10)
-    assert [e.item.seq for e in entries if isinstance(e.item, Message) and e.item.seq == 1] == [1]
-    assert await store.find_sent(phone_of(a), "open") == retried.message
+    again = await store.append_message(text(other.chat_id, a, "reused"), [a, c])
+    assert again.message.chat_id == first.chat_id and again.message.seq == 1 and set(again.inbox) == {b}
+    assert await store.read_inbox(c, 0, 10) == []
+    assert (await store.get_chat(other.chat_id)).last_seq == 0  # type: ignore[union-attr]
 
 
 async def test_cassandra_a_send_whose_complete_record_was_lost_is_answered_by_its_retry_storing_nothing(
-        cassandra: CassandraStore) -> None:
+        cassandra: CassandraStore, monkeypatch: pytest.MonkeyPatch) -> None:
     """The record of a complete send is written after every member's entry, without the reply
-    waiting for it; when it never landed (a crash), a retry finds the send open, completes a
-    fan-out that was complete, and stores nothing new."""
+    waiting for it; when it never landed (a crash), a retry finds the send open and completes a
+    fan-out that was complete, storing nothing new, without asking the chat's writer."""
+    from storage.base import StorageUnavailable
+
     store = cassandra
     a, b = await two_users(store)
     chat = await store.direct_chat(a, b, T0)
@@ -644,6 +687,14 @@ async def test_cassandra_a_send_whose_complete_record_was_lost_is_answered_by_it
     await store._blocking(store._session.execute, f"DELETE chat_id, seq FROM {store.keyspace}.device_sent "
                           "WHERE device=%s AND client_id=%s", (phone_of(a), "lost"))
     store._sent_here.clear()  # as after a restart
+    number = store._number
+
+    async def no_chat_numbering(key: str, values: tuple[object, ...], ident: object) -> tuple[int, bool]:
+        if key.startswith("c:"):
+            raise StorageUnavailable("the chat's writer was asked")
+        return await number(key, values, ident)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store, "_number", no_chat_numbering)
     retried = await store.append_message(text(chat.chat_id, a, "lost"), [a, b])
     assert retried.duplicate and retried.inbox == {} and retried.message == first.message
     assert [e.pos for e in await store.read_inbox(b, 0, 10)] == [1]
