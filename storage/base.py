@@ -324,7 +324,9 @@ class Store(Protocol):
         """
 
     async def find_sent(self, device: str, client_id: str) -> Message | None:
-        """The message a device already sent under that client id, if any."""
+        """The message a device already sent under that client id, if its send is known to be
+        complete (every member's inbox entry written); else None, and ``append_message`` with the
+        same id finds the message and completes its fan-out, or numbers it."""
 
     async def history(self, chat_id: str, before: int | None, limit: int) -> list[Message]:
         """Up to ``limit`` messages with seq < before (or the newest), newest first."""

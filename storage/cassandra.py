@@ -1414,17 +1414,15 @@ class CassandraStore:
         # some (those it wrote, when it failed here, are known), and the inbox logs know the
         # (chat, seq) entries they already hold
         sent_id = (stored.device, stored.client_id) if stored.client_id is not None else None
-        had = self._fanned.pop(sent_id, frozenset()) if dup and sent_id is not None else frozenset()
+        if dup and sent_id is not None and sent_id in self._sent_here:  # completed meanwhile (another repeat)
+            return Appended(message=stored, inbox={}, duplicate=True)
+        had = self._fanned.get(sent_id, frozenset()) if dup and sent_id is not None else frozenset()
         try:
             inbox = await self._fan_out(stored, [u for u in recipients if u not in had])
         except _FanOutFailed as failed:
             if sent_id is not None:
                 self._fanned[sent_id] = had | failed.written
             raise failed.error from None
-        except BaseException:
-            if had and sent_id is not None:
-                self._fanned[sent_id] = had
-            raise
         if sent_id is not None:
             # only after every entry: a retry that finds this record is answered at once, with
             # nothing more stored (tests/test_storage_contract.py, "finds a send only once ...").
@@ -1432,6 +1430,8 @@ class CassandraStore:
             # completes a fan-out that is complete (each inbox writer knows its latest entries).
             self._sent_here[sent_id] = stored
             self._unsent.pop(sent_id, None)
+            if had:
+                self._fanned.pop(sent_id, None)
             self._write_behind("put_sent", (stored.device, stored.client_id, stored.chat_id, stored.seq))
         if dup and inbox:
             log.info("completed an interrupted send %s/%s at seq %d", stored.sender, stored.client_id, stored.seq)
@@ -1522,9 +1522,11 @@ class CassandraStore:
         return out
 
     async def _message_at(self, chat_id: str, seq: int) -> Message | None:
-        fence = await self._fence(f"c:{chat_id}")
+        # the row before the fence: a fence read first could miss a newer holder's, written before
+        # the row was read, that hides it (the newer holder, reading the tail after its fence,
+        # sees any row found before the fence it wrote, and keeps its number)
         rows = await self._x("message", chat_id, seq // BUCKET, seq)
-        if not rows or not self._valid(rows[0][-1], seq, fence):
+        if not rows or not self._valid(rows[0][-1], seq, await self._fence(f"c:{chat_id}")):
             return None
         return _message(chat_id, seq, rows[0][1:])
 
