@@ -21,12 +21,14 @@ pair's first chat, media records.
 
 Idempotent sends: the ``device_sent`` row for ``(device, client id)`` is written twice. The
 chat's writer writes where the send was numbered (``open_chat``, ``open_seq``) beside the
-message row, in the same write: an append is stored only when both are. Once every member's
+message row, in the same write: an append is answered once both are (a record that fails is
+written once more, and does not fail the rows). Once every member's
 inbox entry is written, the sender's bridge writes ``chat_id`` and ``seq`` (the send is complete)
 without waiting for it before the ``sent`` reply. A repeat that finds a complete send is answered
 at once; one that finds an open send gets that message and completes the fan-out for members
 whose inbox has no entry for it yet (each inbox writer knows its latest entries' (chat, seq)); one
-that finds neither (a crash between the two statements of the chat's write) is still recognised
+that finds neither (a crash between the two statements of the chat's write, or a record that
+failed twice) is still recognised
 by the chat's writer among the chat's latest ids, which it reads when it opens the chat.
 
 Plain writes (unconditional ``INSERT``/``UPDATE``/``DELETE`` and unlogged batches of them) go
@@ -485,12 +487,15 @@ class CassandraStore:
             await self._leases.start()
             self._serve_others()
 
-    async def close(self) -> None:
+    async def _behind_settled(self) -> None:
         if self._behind:
-            try:
-                await asyncio.wait_for(self.settled(), self._timeout)
+            try:  # (a write on the loop's own connection, then perhaps once more the ordinary way)
+                await asyncio.wait_for(self.settled(), 2 * self._timeout)
             except TimeoutError:
                 log.warning("closing with %d writes unanswered", self._behind)
+
+    async def close(self) -> None:
+        await self._behind_settled()
         if self._ack_writer is not None:
             self._ack_writer.cancel()
             await asyncio.gather(self._ack_writer, return_exceptions=True)
@@ -510,6 +515,7 @@ class CassandraStore:
         if self._wire_opening is not None:
             self._wire_opening.cancel()
             await asyncio.gather(self._wire_opening, return_exceptions=True)
+        await self._behind_settled()  # (sends that completed meanwhile)
         if self._wire is not None:
             wire, self._wire = self._wire, None
             wire.close()
@@ -1302,9 +1308,15 @@ class CassandraStore:
                           full: bool) -> None:
         """Write one key's numbered rows in order: one statement (an unlogged batch when there
         are several) per Cassandra partition, lower buckets first; a chat's ``open_sent``
-        records go out beside them."""
-        opens = [self._x("open_sent", *params) for params in self._opened(key, rows)]
+        records go out beside them (the rows stand without one that fails)."""
+        opens = [self._record_open(params) for params in self._opened(key, rows)]
         await asyncio.gather(self._write_rows_in_order(key, epoch, rows, full), *opens)
+
+    async def _record_open(self, params: tuple[Any, ...]) -> None:
+        try:
+            await self._x("open_sent", *params)
+        except StorageError as exc:
+            log.warning("a send's record was not written (its retry is found by the writer's memory): %s", exc)
 
     async def _write_rows_in_order(self, key: str, epoch: int, rows: Sequence[tuple[int, tuple[Any, ...]]],
                                    full: bool) -> None:
@@ -1326,7 +1338,9 @@ class CassandraStore:
         ``then`` as soon as it is read (None: stored; WriteAgain: to be written the ordinary way;
         else StorageUnavailable). Only for rows within one bucket that start none: False, and
         nothing sent, for anything else, or when the connection cannot take it. A chat's rows go
-        with their ``open_sent`` records, one statement each, all of them answered as one."""
+        with their ``open_sent`` records, one statement each, answered together once every one is;
+        a record that fails does not fail the rows (a chat's sends do not wait on the sender's
+        ``device_sent`` partition), and is written once more the ordinary way."""
         if any(n % BUCKET == 0 for n, _ in rows):
             return False
         name, by_bucket = self._row_params(key, epoch, rows, full)
@@ -1349,8 +1363,10 @@ class CassandraStore:
 
         def answered(i: int, exc: BaseException | None) -> None:
             results.forget(answers[i])
-            if exc is not None and not failed:  # None from _wire_failure: the ordinary way runs it
-                failed.append(_wire_failure(labels[i], exc, read=False) or WriteAgain(f"cassandra {labels[i]}: {exc}"))
+            if exc is not None and i:
+                self._write_behind_by_driver("open_sent", opened[i - 1])
+            elif exc is not None:  # None from _wire_failure: the ordinary way runs it
+                failed.append(_wire_failure(name, exc, read=False) or WriteAgain(f"cassandra {name}: {exc}"))
             left[0] -= 1
             if not left[0]:
                 then(failed[0] if failed else None)
@@ -1420,8 +1436,8 @@ class CassandraStore:
         try:
             inbox = await self._fan_out(stored, [u for u in recipients if u not in had])
         except _FanOutFailed as failed:
-            if sent_id is not None:
-                self._fanned[sent_id] = had | failed.written
+            if sent_id is not None:  # (with what another repeat may have found meanwhile)
+                self._fanned[sent_id] = self._fanned.get(sent_id, frozenset()) | had | failed.written
             raise failed.error from None
         if sent_id is not None:
             # only after every entry: a retry that finds this record is answered at once, with

@@ -646,6 +646,42 @@ async def test_cassandra_a_send_left_open_is_completed_by_its_retry_however_many
         await store.close()
 
 
+@pytest.mark.parametrize("writes", ["direct", "driver"])
+async def test_cassandra_a_sends_record_that_fails_does_not_fail_the_chats_write(
+        cassandra_url: str, writes: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The record of where a send was numbered goes to the sender's device_sent partition, the
+    message row to the chat's: when only the record fails, the message is stored and answered
+    (its retry is left to the chat's writer's memory), and the chat's later sends go on."""
+    from storage.base import StorageUnavailable
+
+    store = open_store(f"{cassandra_url}?writes={writes}")
+    assert isinstance(store, CassandraStore)
+    await store.open()
+    try:
+        a, b = await two_users(store)
+        chat = await store.direct_chat(a, b, T0)
+        if writes == "direct":  # refused by the server: SERIAL is for conditional writes only
+            query_id, _ = store._wire_ok["open_sent"]
+            monkeypatch.setitem(store._wire_ok, "open_sent", (query_id, 0x0008))
+        else:
+            x = store._x
+
+            async def record_fails(name: str, *params: Any, statement: Any = None) -> list[Any]:
+                if name == "open_sent":
+                    raise StorageUnavailable("the sender's device_sent partition did not answer")
+                return await x(name, *params, statement=statement)
+
+            monkeypatch.setattr(store, "_x", record_fails)
+        sent = [await store.append_message(text(chat.chat_id, a, f"rec{i}"), [a, b]) for i in range(3)]
+        assert [r.message.seq for r in sent] == [1, 2, 3] and all(b in r.inbox for r in sent)
+        monkeypatch.undo()
+        await store.settled()
+        assert [m.client_id for m in await store.history(chat.chat_id, None, 10)] == ["rec2", "rec1", "rec0"]
+        assert await store._x("get_sent", phone_of(a), "rec0") == [(chat.chat_id, 1, None, None)]
+    finally:
+        await store.close()
+
+
 async def test_cassandra_an_open_send_whose_id_comes_again_for_another_chat_completes_in_its_own(
         cassandra: CassandraStore, monkeypatch: pytest.MonkeyPatch) -> None:
     """A send id is the device's for one send: when it comes again naming another chat while
