@@ -559,13 +559,31 @@ async def test_cassandra_a_late_write_of_an_older_holder_past_a_bucket_does_not_
     assert (await store.append_message(text(chat.chat_id, a, "after"), [a, b])).message.seq == 4
 
 
+async def send_with_an_entry_failing(store: CassandraStore, msg: NewMessage, members: list[str], failing: str) -> None:
+    """Send ``msg`` while writing ``failing``'s inbox entry fails: numbered and stored, its caller
+    told the store is unavailable, the other members' entries written."""
+    from storage.base import StorageUnavailable
+
+    number_soon = store._number_soon
+
+    async def inbox_write_fails() -> tuple[int, bool]:
+        raise StorageUnavailable("the recipient's inbox entry was not written")
+
+    def fails_for_one(key: str, values: tuple[Any, ...], ident: Any) -> Awaitable[tuple[int, bool]]:
+        return inbox_write_fails() if key == f"u:{failing}" else number_soon(key, values, ident)
+
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr(store, "_number_soon", fails_for_one)
+        with pytest.raises(StorageUnavailable):
+            await store.append_message(msg, members)
+
+
 async def test_cassandra_a_send_left_incomplete_is_found_by_its_retry_after_the_chat_is_opened_again(
         cassandra: CassandraStore, monkeypatch: pytest.MonkeyPatch) -> None:
     """A send numbered whose fan-out failed, and whose device_sent record was lost (a crash
     between the two statements of the chat's write): only the chat's writer knows its id. A
     writer opening the chat again remembers the ids of as many of its newest messages as it keeps
     itself, across a bucket's start too, so the retry gets the same seq."""
-    from storage.base import StorageUnavailable
 
     monkeypatch.setattr(storage.cassandra, "BUCKET", 100)  # a bucket's start among the messages
     store = cassandra
@@ -573,18 +591,7 @@ async def test_cassandra_a_send_left_incomplete_is_found_by_its_retry_after_the_
     chat = await store.direct_chat(a, b, T0)
     for i in range(90):
         await store.append_message(text(chat.chat_id, a, f"before{i}"), [a, b])
-    number_soon = store._number_soon
-
-    async def inbox_write_fails() -> tuple[int, bool]:
-        raise StorageUnavailable("the recipient's inbox entry was not written")
-
-    def fails_for_b(key: str, values: tuple[Any, ...], ident: Any) -> Awaitable[tuple[int, bool]]:
-        return inbox_write_fails() if key == f"u:{b}" else number_soon(key, values, ident)
-
-    monkeypatch.setattr(store, "_number_soon", fails_for_b)
-    with pytest.raises(StorageUnavailable):
-        await store.append_message(text(chat.chat_id, a, "incomplete"), [a, b])
-    monkeypatch.setattr(store, "_number_soon", number_soon)
+    await send_with_an_entry_failing(store, text(chat.chat_id, a, "incomplete"), [a, b], b)
     await store._blocking(store._session.execute, f"DELETE FROM {store.keyspace}.device_sent WHERE device=%s "
                           "AND client_id=%s", (phone_of(a), "incomplete"))
     for i in range(60):  # more than one read of the chat's tail, past the bucket's start at 100
@@ -596,13 +603,12 @@ async def test_cassandra_a_send_left_incomplete_is_found_by_its_retry_after_the_
 
 @pytest.mark.parametrize("writes", ["direct", "driver"])
 async def test_cassandra_a_send_left_open_is_completed_by_its_retry_however_many_messages_came_after(
-        cassandra_url: str, writes: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        cassandra_url: str, writes: str) -> None:
     """The chat's writer records where a send was numbered beside the message: a retry of a send
     whose fan-out failed gets its seq and completes the fan-out even after more later messages
     than any writer remembers the ids of (the chat's log opened again meanwhile), writing only
     the entries that were missing, also when two repeats come at once; on the loop's own
     connection and through the driver alike."""
-    from storage.base import StorageUnavailable
     from storage.cassandra_owner import RECENT_IDS
 
     store = open_store(f"{cassandra_url}?writes={writes}")
@@ -612,18 +618,7 @@ async def test_cassandra_a_send_left_open_is_completed_by_its_retry_however_many
         assert (store._wire is None) == (writes == "driver")
         a, b = await two_users(store)
         chat = await store.direct_chat(a, b, T0)
-        number_soon = store._number_soon
-
-        async def inbox_write_fails() -> tuple[int, bool]:
-            raise StorageUnavailable("the recipient's inbox entry was not written")
-
-        def fails_for_b(key: str, values: tuple[Any, ...], ident: Any) -> Awaitable[tuple[int, bool]]:
-            return inbox_write_fails() if key == f"u:{b}" else number_soon(key, values, ident)
-
-        monkeypatch.setattr(store, "_number_soon", fails_for_b)
-        with pytest.raises(StorageUnavailable):
-            await store.append_message(text(chat.chat_id, a, "open"), [a, b])
-        monkeypatch.setattr(store, "_number_soon", number_soon)
+        await send_with_an_entry_failing(store, text(chat.chat_id, a, "open"), [a, b], b)
         later = RECENT_IDS + 20
         await asyncio.gather(*(store.append_message(text(chat.chat_id, b, f"later{i}"), [a, b])
                                for i in range(later)))
@@ -683,28 +678,15 @@ async def test_cassandra_a_sends_record_that_fails_does_not_fail_the_chats_write
 
 
 async def test_cassandra_an_open_send_whose_id_comes_again_for_another_chat_completes_in_its_own(
-        cassandra: CassandraStore, monkeypatch: pytest.MonkeyPatch) -> None:
+        cassandra: CassandraStore) -> None:
     """A send id is the device's for one send: when it comes again naming another chat while
     the first send is open, the first send's fan-out is completed among its own chat's members,
     and nothing goes to the other chat."""
-    from storage.base import StorageUnavailable
-
     store = cassandra
     a, b = await two_users(store)
     c = (await store.create_user(phone(), T0)).user_id
     first, other = await store.direct_chat(a, b, T0), await store.direct_chat(a, c, T0)
-    number_soon = store._number_soon
-
-    async def inbox_write_fails() -> tuple[int, bool]:
-        raise StorageUnavailable("the recipient's inbox entry was not written")
-
-    def fails_for_b(key: str, values: tuple[Any, ...], ident: Any) -> Awaitable[tuple[int, bool]]:
-        return inbox_write_fails() if key == f"u:{b}" else number_soon(key, values, ident)
-
-    monkeypatch.setattr(store, "_number_soon", fails_for_b)
-    with pytest.raises(StorageUnavailable):
-        await store.append_message(text(first.chat_id, a, "reused"), [a, b])
-    monkeypatch.setattr(store, "_number_soon", number_soon)
+    await send_with_an_entry_failing(store, text(first.chat_id, a, "reused"), [a, b], b)
     again = await store.append_message(text(other.chat_id, a, "reused"), [a, c])
     assert again.message.chat_id == first.chat_id and again.message.seq == 1 and set(again.inbox) == {b}
     assert await store.read_inbox(c, 0, 10) == []
