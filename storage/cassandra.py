@@ -1364,7 +1364,7 @@ class CassandraStore:
         def answered(i: int, exc: BaseException | None) -> None:
             results.forget(answers[i])
             if exc is not None and i:
-                self._write_behind_by_driver("open_sent", opened[i - 1])
+                self._write_behind_in_task("open_sent", opened[i - 1])
             elif exc is not None:  # None from _wire_failure: the ordinary way runs it
                 failed.append(_wire_failure(name, exc, read=False) or WriteAgain(f"cassandra {name}: {exc}"))
             left[0] -= 1
@@ -1434,7 +1434,7 @@ class CassandraStore:
             return Appended(message=stored, inbox={}, duplicate=True)
         had = self._fanned.get(sent_id, frozenset()) if dup and sent_id is not None else frozenset()
         try:
-            inbox = await self._fan_out(stored, [u for u in recipients if u not in had])
+            inbox = await self._fan_out(stored, [u for u in recipients if u not in had] if had else recipients)
         except _FanOutFailed as failed:
             if sent_id is not None:  # (with what another repeat may have found meanwhile)
                 self._fanned[sent_id] = self._fanned.get(sent_id, frozenset()) | had | failed.written
@@ -1469,7 +1469,7 @@ class CassandraStore:
             def answered(exc: BaseException | None) -> None:
                 results.forget(answer)
                 if exc is not None:  # once more the ordinary way (it writes the same cells again)
-                    self._write_behind_by_driver(name, params)
+                    self._write_behind_in_task(name, params)
                 self._behind_done()
 
             answer = Direct(answered)
@@ -1484,9 +1484,9 @@ class CassandraStore:
                 results.forget(answer)
                 answer.cancel()
                 self._behind_done()
-        self._write_behind_by_driver(name, params)
+        self._write_behind_in_task(name, params)
 
-    def _write_behind_by_driver(self, name: str, params: tuple[Any, ...]) -> None:
+    def _write_behind_in_task(self, name: str, params: tuple[Any, ...]) -> None:
         self._behind += 1
 
         async def write() -> None:
