@@ -436,8 +436,12 @@ class KeyLog:
         if not self._leases.valid(self.part, self.epoch):
             self.kill(f"lease of partition {self.part} ended")
             return None
-        fresh = self._queue[: BATCH_MAX]
-        del self._queue[: BATCH_MAX]
+        # a failed batch is written again as it was, with new appends only up to the same bound:
+        # it would grow at every retry (and a write past Cassandra's largest mutation would fail
+        # every time)
+        room = max(0, BATCH_MAX - len(self._stuck))
+        fresh = self._queue[:room]
+        del self._queue[:room]
         batch = self._stuck + fresh
         n = self.head + len(self._stuck)
         for item in fresh:

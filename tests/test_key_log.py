@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from storage.base import StorageUnavailable
-from storage.cassandra_owner import KeyLog, NotOwner, WriteAgain
+from storage.cassandra_owner import BATCH_MAX, KeyLog, NotOwner, WriteAgain
 
 
 class AlwaysHeld:
@@ -31,7 +31,7 @@ class HeldWrite:
         self.rows.extend(rows)
 
 
-def key_log(write: HeldWrite) -> KeyLog:
+def key_log(write: HeldWrite | FailingWrite) -> KeyLog:
     return KeyLog("c:chat", 0, 1, 0, -2000, {}, write, AlwaysHeld())  # type: ignore[arg-type]
 
 
@@ -63,6 +63,35 @@ async def test_a_failed_write_keeps_its_number_and_nothing_goes_past_it() -> Non
     # the first caller was told the store is unavailable, so the retry is the one that stored it
     assert await second == (2, False) and await retry == (1, False)
     assert [n for n, _ in write.rows] == [1, 2]
+
+
+class FailingWrite:
+    """Fails its first ``failures`` writes; records how many rows each write carried."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.sizes: list[int] = []
+        self.rows: list[tuple[int, tuple[Any, ...]]] = []
+
+    async def __call__(self, key: str, epoch: int, rows: Sequence[tuple[int, tuple[Any, ...]]], full: bool) -> None:
+        self.sizes.append(len(rows))
+        await asyncio.sleep(0)
+        if self.failures:
+            self.failures -= 1
+            raise StorageUnavailable("write timed out")
+        self.rows.extend(rows)
+
+
+async def test_a_write_failing_again_and_again_does_not_grow_with_what_arrives_meanwhile() -> None:
+    write = FailingWrite(failures=3)
+    log = key_log(write)
+    appends = [log.append((f"m{i}",), ("d1", f"m{i}")) for i in range(3 * BATCH_MAX)]
+    outcomes = await asyncio.gather(*appends, return_exceptions=True)
+    # the first batch failed three times (its callers were told so); nothing went past it
+    assert all(isinstance(o, StorageUnavailable) for o in outcomes[:BATCH_MAX])
+    assert outcomes[BATCH_MAX:] == [(n, False) for n in range(BATCH_MAX + 1, 3 * BATCH_MAX + 1)]
+    assert write.sizes == [BATCH_MAX] * 6
+    assert [n for n, _ in write.rows] == list(range(1, 3 * BATCH_MAX + 1))
 
 
 class NowWrite:
