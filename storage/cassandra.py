@@ -1315,8 +1315,8 @@ class CassandraStore:
     async def _record_open(self, params: tuple[Any, ...]) -> None:
         try:
             await self._x("open_sent", *params)
-        except StorageError as exc:
-            log.warning("a send's record was not written (its retry is found by the writer's memory): %s", exc)
+        except StorageError:  # once more, as one sent on the loop's own connection is (logged if that fails)
+            self._write_behind_in_task("open_sent", params)
 
     async def _write_rows_in_order(self, key: str, epoch: int, rows: Sequence[tuple[int, tuple[Any, ...]]],
                                    full: bool) -> None:
