@@ -28,7 +28,8 @@ message.
   order and written as one unlogged batch per Cassandra partition. A failed write keeps its
   numbers and content: it is retried until it lands (or the lease is lost), and nothing is
   numbered past it before it does, so numbers never have a gap. Callers whose write failed are
-  told the store is unavailable; their retries find the row once it has landed.
+  told the store is unavailable; their retries find the row once it has landed. Appends queued
+  behind it wait ``QUEUED_WAIT_S`` at most; then they are told the same and dropped, unnumbered.
 """
 
 from __future__ import annotations
@@ -58,6 +59,10 @@ FULL_ROWS = 1024
 BATCH_MAX = 64
 RECENT_IDS = 256  # per key: the latest (device, request id) -> seq, or (chat, seq) -> pos
 RETRY_CAP_S = 1.0
+# An append not yet numbered waits behind a failing write at most this long (then it is told the
+# store is unavailable and dropped: nothing of it was numbered or stored). Checked when a write
+# fails and before each retry, so it is told within one more attempt of this.
+QUEUED_WAIT_S = 5.0
 RELEASE_WAIT_S = 3.0
 
 Run = Callable[..., Awaitable[list[Any]]]
@@ -289,6 +294,7 @@ class _Append:
     ident: Hashable | None
     waiters: list[asyncio.Future[tuple[int, bool]]] = field(default_factory=list)
     n: int = 0
+    since: float = 0.0  # when it was queued (the loop's clock)
 
 
 Write = Callable[[str, int, Sequence[tuple[int, tuple[Any, ...]]], bool], Awaitable[None]]
@@ -348,7 +354,8 @@ class KeyLog:
     def append(self, values: tuple[Any, ...], ident: Hashable | None = None) -> asyncio.Future[tuple[int, bool]]:
         """Number ``values`` and write them; the future gives (number, duplicate). An append whose
         ident was numbered before returns that number with duplicate=True once it is written."""
-        fut: asyncio.Future[tuple[int, bool]] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[tuple[int, bool]] = loop.create_future()
         if self.dead:
             fut.set_exception(NotOwner(f"{self.key}: partition {self.part} changed hands"))
             return fut
@@ -361,7 +368,7 @@ class KeyLog:
             if n is not None:
                 fut.set_result((n, True))
                 return fut
-        item = _Append(values, ident, [fut])
+        item = _Append(values, ident, [fut], 0, loop.time())
         if ident is not None:
             self._unwritten[ident] = item
         self._queue.append(item)
@@ -436,6 +443,8 @@ class KeyLog:
         if not self._leases.valid(self.part, self.epoch):
             self.kill(f"lease of partition {self.part} ended")
             return None
+        if self._stuck:
+            self._expire_queued()
         # a failed batch is written again as it was, with new appends only up to the same bound:
         # it would grow at every retry (and a write past Cassandra's largest mutation would fail
         # every time)
@@ -461,7 +470,24 @@ class KeyLog:
     def _failed(self, batch: list[_Append], exc: Exception) -> None:
         # the numbers stay bound to this content until it lands; nothing goes past them
         self._fail(batch, exc)
+        self._expire_queued()
         log.warning("writing %s %d..%d failed (%s); retrying", self.key, batch[0].n, batch[-1].n, exc)
+
+    def _expire_queued(self) -> None:
+        """Appends that have waited QUEUED_WAIT_S behind a failing write are told the store is
+        unavailable and dropped: they have no number yet, so nothing is left out of the order (a
+        retry under the same ident appends anew)."""
+        cutoff = asyncio.get_running_loop().time() - QUEUED_WAIT_S
+        i = 0
+        while i < len(self._queue) and self._queue[i].since <= cutoff:  # arrival order: the oldest first
+            i += 1
+        if not i:
+            return
+        gone, self._queue = self._queue[:i], self._queue[i:]
+        for item in gone:
+            if item.ident is not None:
+                self._unwritten.pop(item.ident, None)
+        self._fail(gone, StorageUnavailable(f"{self.key}: waited {QUEUED_WAIT_S:g} s behind a failing write"))
 
     def _written(self, batch: list[_Append]) -> bool:
         """The batch is stored: tell its callers. False if the lease ended meanwhile."""

@@ -8,6 +8,9 @@ import asyncio
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import pytest
+
+from storage import cassandra_owner
 from storage.base import StorageUnavailable
 from storage.cassandra_owner import BATCH_MAX, KeyLog, NotOwner, WriteAgain
 
@@ -92,6 +95,25 @@ async def test_a_write_failing_again_and_again_does_not_grow_with_what_arrives_m
     assert outcomes[BATCH_MAX:] == [(n, False) for n in range(BATCH_MAX + 1, 3 * BATCH_MAX + 1)]
     assert write.sizes == [BATCH_MAX] * 6
     assert [n for n, _ in write.rows] == list(range(1, 3 * BATCH_MAX + 1))
+
+
+async def test_appends_queued_behind_a_failing_write_are_told_so_after_a_bound_and_take_no_number(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cassandra_owner, "QUEUED_WAIT_S", 0.2, raising=False)
+    write = FailingWrite(failures=4)  # attempts at about 0, 0.05, 0.15 and 0.35 s fail
+    log = key_log(write)
+    appends = [log.append((f"m{i}",), ("d1", f"m{i}")) for i in range(3 * BATCH_MAX)]
+    outcomes = await asyncio.gather(*appends, return_exceptions=True)
+    # the first batch failed (its callers were told so) and is stored; the appends behind it
+    # waited past the bound before it landed: told the store is unavailable, with no number
+    assert all(isinstance(o, StorageUnavailable) for o in outcomes)
+    assert "behind a failing write" in str(outcomes[-1])
+    await log.settled()
+    assert [n for n, _ in write.rows] == list(range(1, BATCH_MAX + 1))
+    # numbering goes on from the last stored row, and a retry of a dropped one appends anew
+    assert await log.append(("m100",), ("d1", "m100")) == (BATCH_MAX + 1, False)
+    assert await log.append(("again",), ("d1", "m99")) == (BATCH_MAX + 2, False)
+    assert [n for n, _ in write.rows] == list(range(1, BATCH_MAX + 3))
 
 
 class NowWrite:
