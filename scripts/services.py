@@ -84,8 +84,12 @@ CASSANDRA_GC_FLAGS: list[str] = os.environ.get("SERVICES_CASSANDRA_GC_FLAGS",
 # 30,000-48,000 context switches a second and about half a core at any load from 140 msgs/s up,
 # taken from the bridge and the broker. With the kernel's timer slack at 250 us instead of its
 # 50 us those parks last a little longer: about 15,000-22,000 switches, a third of a core, and
-# more messages a second (BENCHMARKS.md, 2026-11-30 dusk). SERVICES_CASSANDRA_TIMER_SLACK_NS
-# sets another value (50000 is the kernel's default). In a deployment: systemd's TimerSlackNSec=.
+# more messages a second (BENCHMARKS.md, 2026-11-30 dusk). At 1 ms, in alternated runs,
+# Cassandra took a quarter less CPU per message again, one bridge's full speed went from
+# 938-1,347 to 1,148-1,356 msgs/s and two bridges' from 962-1,008 to 1,354-1,368; p50 at a
+# quarter of full speed stayed at 5-8 ms (2 ms cost 3 ms more there; BENCHMARKS.md, 2026-12-03
+# night). SERVICES_CASSANDRA_TIMER_SLACK_NS sets another value (50000 is the kernel's default).
+# In a deployment: systemd's TimerSlackNSec=.
 # Memtables as Cassandra 5's cassandra_latest.yaml has them: tries, their data off the Java heap.
 # With the default (skip lists on the heap) memtable data filled the heap's old generation under
 # load, and G1 ran a marking cycle every few seconds: two pauses of 15-30 ms within 300 ms, and
@@ -104,7 +108,7 @@ memtable:
 """
 MEMTABLES = "" if os.environ.get("SERVICES_CASSANDRA_MEMTABLES") == "default" else TRIE_MEMTABLES_OFF_HEAP
 PR_SET_TIMERSLACK = 29
-CASSANDRA_TIMER_SLACK_NS = int(os.environ.get("SERVICES_CASSANDRA_TIMER_SLACK_NS", "250000"))
+CASSANDRA_TIMER_SLACK_NS = int(os.environ.get("SERVICES_CASSANDRA_TIMER_SLACK_NS", "1000000"))
 JVM17_FLAGS = [
     "-Djdk.attach.allowAttachSelf=true",
     *[f"--add-exports={m}=ALL-UNNAMED" for m in (
