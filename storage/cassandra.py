@@ -21,15 +21,15 @@ pair's first chat, media records.
 
 Idempotent sends: the ``device_sent`` row for ``(device, client id)`` is written twice. The
 chat's writer writes where the send was numbered (``open_chat``, ``open_seq``) beside the
-message row, in the same write: an append is answered once both are (a record that fails is
-written once more, and does not fail the rows). Once every member's
+message row, in the same write: an append is answered once both are (a record that fails does
+not fail the rows, and is written again until it lands or the store closes). Once every member's
 inbox entry is written, the sender's bridge writes ``chat_id`` and ``seq`` (the send is complete)
 without waiting for it before the ``sent`` reply. A repeat that finds a complete send is answered
 at once; one that finds an open send gets that message and completes the fan-out for members
 whose inbox has no entry for it yet (each inbox writer knows its latest entries' (chat, seq)); one
-that finds neither (a crash between the two statements of the chat's write, or a record that
-failed twice) is still recognised
-by the chat's writer among the chat's latest ids, which it reads when it opens the chat.
+that finds neither (a crash between the two statements of the chat's write, or a record still
+not landed) is still recognised by the chat's writer among the chat's latest ids, which it reads
+when it opens the chat.
 
 Plain writes (unconditional ``INSERT``/``UPDATE``/``DELETE`` and unlogged batches of them) go
 out on a native-protocol connection of the event loop's own (``storage/cql_wire.py``). Everything
@@ -131,6 +131,11 @@ ACK_FLUSH_S = 5.0
 ACK_PACE_S = 0.05  # acknowledged positions are written in slices this far apart, not all at once
 SWEEP_DAYS = 30  # how far back the upload sweep looks for unconfirmed uploads
 WIRE_RETRY_S = 1.0  # a lost write connection is opened again after this long (the driver meanwhile)
+# A write nobody waits for (a send's records) that Cassandra did not confirm is written again,
+# first this long after, the pause doubling up to the second figure, until it lands or the store
+# closes; past RETRYING_BEHIND_MAX such writes waiting at once, one more that fails is given up.
+BEHIND_RETRY_S = (0.2, 5.0)
+RETRYING_BEHIND_MAX = 10_000
 # Reads asked on the loop's own connection too: the point lookups of the message path (a send
 # id's record, one message), whose callers read their rows by position. Every other read goes
 # through the driver.
@@ -268,6 +273,8 @@ class CassandraStore:
         self._fanned: LRUCache[tuple[str, str], frozenset[str]] = LRUCache(10_000)
         self._behind = 0  # writes nobody waits for, not yet answered
         self._behind_idle: list[asyncio.Future[None]] = []
+        self._retrying_behind = 0  # of them, those waiting to be written again
+        self._closing = asyncio.Event()  # set by close(): what is written behind is tried once more, no longer
         self._unset: Any = None  # the driver's UNSET_VALUE, once it is imported
         self.ops = StoreOps()
         self._results: _Results | None = None
@@ -479,6 +486,7 @@ class CassandraStore:
         await self._blocking(check)
         await self._blocking(self._prepare)
         self._closed = False
+        self._closing = asyncio.Event()  # (of this open's event loop)
         if self._direct_writes and self._wire is None:
             await self._open_wire()
         if self._leases is None:
@@ -495,6 +503,7 @@ class CassandraStore:
                 log.warning("closing with %d writes unanswered", self._behind)
 
     async def close(self) -> None:
+        self._closing.set()
         await self._behind_settled()
         if self._ack_writer is not None:
             self._ack_writer.cancel()
@@ -1340,7 +1349,7 @@ class CassandraStore:
         nothing sent, for anything else, or when the connection cannot take it. A chat's rows go
         with their ``open_sent`` records, one statement each, answered together once every one is;
         a record that fails does not fail the rows (a chat's sends do not wait on the sender's
-        ``device_sent`` partition), and is written once more the ordinary way."""
+        ``device_sent`` partition), and is written again the ordinary way until it lands."""
         if any(n % BUCKET == 0 for n, _ in rows):
             return False
         name, by_bucket = self._row_params(key, epoch, rows, full)
@@ -1455,8 +1464,8 @@ class CassandraStore:
 
     def _write_behind(self, name: str, params: tuple[Any, ...]) -> None:
         """A plain write nobody waits for: sent at once on the loop's own connection when it can
-        take it, else (and once more when that failed) by a task the ordinary way. A failure there
-        is logged; :meth:`settled` returns once every such write is answered."""
+        take it, else (and again when that failed) by a task the ordinary way, until it lands or
+        the store closes; :meth:`settled` returns once every such write is answered."""
         wire = self._wire_for((name,))
         if wire is not None:
             try:
@@ -1468,7 +1477,7 @@ class CassandraStore:
 
             def answered(exc: BaseException | None) -> None:
                 results.forget(answer)
-                if exc is not None:  # once more the ordinary way (it writes the same cells again)
+                if exc is not None:  # again the ordinary way (it writes the same cells again)
                     self._write_behind_in_task(name, params)
                 self._behind_done()
 
@@ -1487,13 +1496,41 @@ class CassandraStore:
         self._write_behind_in_task(name, params)
 
     def _write_behind_in_task(self, name: str, params: tuple[Any, ...]) -> None:
+        """Write it the ordinary way, and again after a pause for as long as Cassandra does not
+        confirm it (it writes the same cells each time), until the store closes: a send's record
+        that lands late still finds its retry after the chat's writer has forgotten it."""
         self._behind += 1
 
         async def write() -> None:
+            pause, failures = BEHIND_RETRY_S[0], 0
             try:
-                await self._x(name, *params)
-            except StorageError as exc:
-                log.warning("cassandra %s (written behind) failed: %s", name, exc)
+                while True:
+                    try:
+                        await self._x(name, *params)
+                    except StorageUnavailable as exc:
+                        failures += 1
+                        if self._closing.is_set() or self._retrying_behind >= RETRYING_BEHIND_MAX:
+                            log.warning("cassandra %s (written behind) failed, given up after %d tries: %s",
+                                        name, failures, exc)
+                            return
+                        if failures == 1:
+                            log.warning("cassandra %s (written behind) failed, writing it again: %s", name, exc)
+                    except StorageError as exc:  # nothing a retry would change
+                        log.warning("cassandra %s (written behind) failed: %s", name, exc)
+                        return
+                    else:
+                        if failures:
+                            log.info("cassandra %s (written behind) landed after %d failures", name, failures)
+                        return
+                    self._retrying_behind += 1
+                    try:
+                        async with asyncio.timeout(pause):
+                            await self._closing.wait()
+                    except TimeoutError:
+                        pass
+                    finally:
+                        self._retrying_behind -= 1
+                    pause = min(2 * pause, BEHIND_RETRY_S[1])
             finally:
                 self._behind_done()
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import random
+import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import replace
 from pathlib import Path
@@ -641,13 +643,35 @@ async def test_cassandra_a_send_left_open_is_completed_by_its_retry_however_many
         await store.close()
 
 
+def _records_failing(store: CassandraStore, writes: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every write of a send's open record fails until ``monkeypatch.undo()``: refused by the
+    server on the loop's own connection (SERIAL is for conditional writes only), or unanswered
+    through the driver."""
+    from storage.base import StorageUnavailable
+
+    if writes == "direct":
+        query_id, _ = store._wire_ok["open_sent"]
+        monkeypatch.setitem(store._wire_ok, "open_sent", (query_id, 0x0008))
+    else:
+        x = store._x
+
+        async def record_fails(name: str, *params: Any, statement: Any = None) -> list[Any]:
+            if name == "open_sent":
+                raise StorageUnavailable("the sender's device_sent partition did not answer")
+            return await x(name, *params, statement=statement)
+
+        monkeypatch.setattr(store, "_x", record_fails)
+
+
 @pytest.mark.parametrize("writes", ["direct", "driver"])
-async def test_cassandra_a_sends_record_that_fails_does_not_fail_the_chats_write(
+async def test_cassandra_a_sends_record_that_fails_does_not_fail_the_chats_write_and_lands_later(
         cassandra_url: str, writes: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The record of where a send was numbered goes to the sender's device_sent partition, the
-    message row to the chat's: when only the record fails, the message is stored and answered
-    (its retry is left to the chat's writer's memory), and the chat's later sends go on."""
-    from storage.base import StorageUnavailable
+    message row to the chat's: when only the record fails, the message is stored and answered,
+    the chat's later sends go on, and the record is written again until it lands. A retry of a
+    send left open then (its fan-out failed too) gets its seq and completes the fan-out however
+    many messages the chat had since, the chat's writer opened again meanwhile."""
+    from storage.cassandra_owner import RECENT_IDS
 
     store = open_store(f"{cassandra_url}?writes={writes}")
     assert isinstance(store, CassandraStore)
@@ -655,26 +679,68 @@ async def test_cassandra_a_sends_record_that_fails_does_not_fail_the_chats_write
     try:
         a, b = await two_users(store)
         chat = await store.direct_chat(a, b, T0)
-        if writes == "direct":  # refused by the server: SERIAL is for conditional writes only
-            query_id, _ = store._wire_ok["open_sent"]
-            monkeypatch.setitem(store._wire_ok, "open_sent", (query_id, 0x0008))
-        else:
-            x = store._x
-
-            async def record_fails(name: str, *params: Any, statement: Any = None) -> list[Any]:
-                if name == "open_sent":
-                    raise StorageUnavailable("the sender's device_sent partition did not answer")
-                return await x(name, *params, statement=statement)
-
-            monkeypatch.setattr(store, "_x", record_fails)
+        _records_failing(store, writes, monkeypatch)
+        await send_with_an_entry_failing(store, text(chat.chat_id, a, "open"), [a, b], b)
         sent = [await store.append_message(text(chat.chat_id, a, f"rec{i}"), [a, b]) for i in range(3)]
-        assert [r.message.seq for r in sent] == [1, 2, 3] and all(b in r.inbox for r in sent)
+        assert [r.message.seq for r in sent] == [2, 3, 4] and all(b in r.inbox for r in sent)
+        await asyncio.sleep(0.5)  # failed more than twice meanwhile
         monkeypatch.undo()
         await store.settled()
-        assert [m.client_id for m in await store.history(chat.chat_id, None, 10)] == ["rec2", "rec1", "rec0"]
-        assert await store._x("get_sent", phone_of(a), "rec0") == [(chat.chat_id, 1, None, None)]
+        assert [m.client_id for m in await store.history(chat.chat_id, None, 10)] == ["rec2", "rec1", "rec0", "open"]
+        assert await store._x("get_sent", phone_of(a), "open") == [(None, None, chat.chat_id, 1)]
+        assert await store._x("get_sent", phone_of(a), "rec0") == [(chat.chat_id, 2, chat.chat_id, 2)]
+        later = RECENT_IDS + 20
+        await asyncio.gather(*(store.append_message(text(chat.chat_id, b, f"later{i}"), [a, b])
+                               for i in range(later)))
+        store._logs.drop(f"c:{chat.chat_id}")  # as after a restart
+        store._unsent.clear()
+        retried = await store.append_message(text(chat.chat_id, a, "open"), [a, b])
+        assert retried.message.seq == 1 and retried.message.client_id == "open" and list(retried.inbox) == [b]
+        assert (await store.get_chat(chat.chat_id)).last_seq == 4 + later  # type: ignore[union-attr]
+        for user in (a, b):
+            entries = await store.read_inbox(user, 0, later + 10)
+            assert [e.item.seq for e in entries if isinstance(e.item, Message) and e.item.client_id == "open"] == [1]
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize("writes", ["direct", "driver"])
+async def test_cassandra_a_record_that_keeps_failing_is_given_up_past_the_bound_and_at_close(
+        cassandra_url: str, writes: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Records written again are bounded: past RETRYING_BEHIND_MAX waiting at once, one more
+    that fails is given up at once, and closing the store tries each once more, then gives it up
+    rather than waiting for Cassandra."""
+    store = open_store(f"{cassandra_url}?writes={writes}")
+    assert isinstance(store, CassandraStore)
+    await store.open()
+    closed = False
+    try:
+        a, b = await two_users(store)
+        chat = await store.direct_chat(a, b, T0)
+        monkeypatch.setattr(storage.cassandra, "RETRYING_BEHIND_MAX", 1)
+        _records_failing(store, writes, monkeypatch)
+        with caplog.at_level(logging.INFO, logger="storage.cassandra"):
+            await store.append_message(text(chat.chat_id, a, "kept"), [a, b])
+            for _ in range(100):
+                if store._retrying_behind:
+                    break
+                await asyncio.sleep(0.01)
+            assert store._retrying_behind == 1
+            await store.append_message(text(chat.chat_id, a, "dropped"), [a, b])
+            for _ in range(100):
+                if "given up after 1 tries" in caplog.text:
+                    break
+                await asyncio.sleep(0.01)
+            assert "given up after 1 tries" in caplog.text and store._retrying_behind == 1
+            began = time.monotonic()
+            await store.close()
+            closed = True
+            assert time.monotonic() - began < 2 * store._timeout
+            assert store._behind == 0 and "given up after 2 tries" in caplog.text
+    finally:
+        monkeypatch.undo()
+        if not closed:
+            await store.close()
 
 
 async def test_cassandra_an_open_send_whose_id_comes_again_for_another_chat_completes_in_its_own(
