@@ -45,8 +45,10 @@ import dataclasses
 import functools
 import logging
 import os
+import random
 import secrets
 import socket
+import struct
 import threading
 import time
 from collections.abc import Awaitable, Callable, Hashable, Sequence
@@ -273,7 +275,7 @@ class CassandraStore:
         self._fanned: LRUCache[tuple[str, str], frozenset[str]] = LRUCache(10_000)
         self._behind = 0  # writes nobody waits for, not yet answered
         self._behind_idle: list[asyncio.Future[None]] = []
-        self._retrying_behind = 0  # of them, those waiting to be written again
+        self._retrying_behind = 0  # of them, those that failed and are being written again
         self._closing = asyncio.Event()  # set by close(): what is written behind is tried once more, no longer
         self._unset: Any = None  # the driver's UNSET_VALUE, once it is imported
         self.ops = StoreOps()
@@ -581,7 +583,9 @@ class CassandraStore:
             "get_sent": f"SELECT chat_id, seq, open_chat, open_seq FROM {ks}.device_sent WHERE device=? "
                         "AND client_id=?",
             "put_sent": f"INSERT INTO {ks}.device_sent (device, client_id, chat_id, seq) VALUES (?, ?, ?, ?)",
-            "open_sent": f"INSERT INTO {ks}.device_sent (device, client_id, open_chat, open_seq) VALUES (?, ?, ?, ?)",
+            # timestamped when numbered, so that a late retry never hides a newer holder's record
+            "open_sent": f"INSERT INTO {ks}.device_sent (device, client_id, open_chat, open_seq) VALUES (?, ?, ?, ?) "
+                         "USING TIMESTAMP ?",
             "user_state": f"SELECT inbox_head, acked FROM {ks}.user_state WHERE user_id=?",
             "set_head": f"UPDATE {ks}.user_state USING TIMESTAMP ? SET inbox_head=? WHERE user_id=?",
             "set_acked": f"UPDATE {ks}.user_state USING TIMESTAMP ? SET acked=? WHERE user_id=?",
@@ -1304,14 +1308,20 @@ class CassandraStore:
             by_bucket.setdefault(n // BUCKET, []).append(params)
         return name, by_bucket
 
-    @staticmethod
-    def _opened(key: str, rows: Sequence[tuple[int, tuple[Any, ...]]]) -> list[tuple[Any, ...]]:
+    def _opened(self, key: str, rows: Sequence[tuple[int, tuple[Any, ...]]]) -> list[tuple[Any, ...]]:
         """The ``open_sent`` parameters written beside a chat's rows: where each send with an id
-        was numbered (a chat row's values start client_id, sender, device)."""
+        was numbered (a chat row's values start client_id, sender, device), with the time of this
+        first write. Every later try writes that same time, so one that lands after a newer holder
+        numbered the send again (its row never stored here) does not hide the newer record."""
         kind, _, chat_id = key.partition(":")
         if kind != "c":
             return []
-        return [(values[2], values[0], chat_id, n) for n, values in rows if values[0] is not None]
+        opened = [(values[2], values[0], chat_id, n) for n, values in rows if values[0] is not None]
+        if not opened:
+            return []
+        cluster = self._cluster
+        now_us = cluster.timestamp_generator() if cluster is not None else time.time_ns() // 1000
+        return [(*params, now_us) for params in opened]
 
     async def _write_rows(self, key: str, epoch: int, rows: Sequence[tuple[int, tuple[Any, ...]]],
                           full: bool) -> None:
@@ -1324,7 +1334,7 @@ class CassandraStore:
     async def _record_open(self, params: tuple[Any, ...]) -> None:
         try:
             await self._x("open_sent", *params)
-        except StorageError:  # once more, as one sent on the loop's own connection is (logged if that fails)
+        except StorageError:  # again, as one sent on the loop's own connection is
             self._write_behind_in_task("open_sent", params)
 
     async def _write_rows_in_order(self, key: str, epoch: int, rows: Sequence[tuple[int, tuple[Any, ...]]],
@@ -1498,40 +1508,43 @@ class CassandraStore:
     def _write_behind_in_task(self, name: str, params: tuple[Any, ...]) -> None:
         """Write it the ordinary way, and again after a pause for as long as Cassandra does not
         confirm it (it writes the same cells each time), until the store closes: a send's record
-        that lands late still finds its retry after the chat's writer has forgotten it."""
+        that lands late still finds its retry after the chat's writer has forgotten it. A write
+        Cassandra refused as wrong, or one that could not be bound, is not written again."""
         self._behind += 1
 
         async def write() -> None:
-            pause, failures = BEHIND_RETRY_S[0], 0
+            pause, failures, counted = BEHIND_RETRY_S[0], 0, False
             try:
                 while True:
                     try:
                         await self._x(name, *params)
-                    except StorageUnavailable as exc:
+                    except StorageError as exc:
                         failures += 1
-                        if self._closing.is_set() or self._retrying_behind >= RETRYING_BEHIND_MAX:
-                            log.warning("cassandra %s (written behind) failed, given up after %d tries: %s",
+                        if failures == 1 and (not _worth_writing_again(exc)
+                                              or self._retrying_behind >= RETRYING_BEHIND_MAX):
+                            log.warning("cassandra %s (written behind) failed, given up: %s", name, exc)
+                            return
+                        if self._closing.is_set():
+                            log.warning("cassandra %s (written behind) failed, given up at close after %d tries: %s",
                                         name, failures, exc)
                             return
                         if failures == 1:
+                            self._retrying_behind += 1  # from its first failure until it ends
+                            counted = True
                             log.warning("cassandra %s (written behind) failed, writing it again: %s", name, exc)
-                    except StorageError as exc:  # nothing a retry would change
-                        log.warning("cassandra %s (written behind) failed: %s", name, exc)
-                        return
                     else:
                         if failures:
                             log.info("cassandra %s (written behind) landed after %d failures", name, failures)
                         return
-                    self._retrying_behind += 1
-                    try:
-                        async with asyncio.timeout(pause):
+                    try:  # (paused at random around its length: records that failed together spread out)
+                        async with asyncio.timeout(pause * random.uniform(0.75, 1.25)):
                             await self._closing.wait()
                     except TimeoutError:
                         pass
-                    finally:
-                        self._retrying_behind -= 1
                     pause = min(2 * pause, BEHIND_RETRY_S[1])
             finally:
+                if counted:
+                    self._retrying_behind -= 1
                 self._behind_done()
 
         asyncio.get_running_loop().create_task(write(), name=f"behind-{name}")
@@ -1545,7 +1558,9 @@ class CassandraStore:
                     fut.set_result(None)
 
     async def settled(self) -> None:
-        """Return once every write nobody waits for (a complete send's record) is answered."""
+        """Return once every write nobody waits for (a send's records) is answered: landed, or
+        given up. One that keeps failing is written again until the store closes, so while
+        Cassandra fails this waits; close() bounds its own wait."""
         while self._behind:
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._behind_idle.append(fut)
@@ -1928,6 +1943,29 @@ class _FanOutFailed(Exception):
     def __init__(self, error: BaseException, written: frozenset[str]) -> None:
         super().__init__(str(error))
         self.error, self.written = error, written
+
+
+# Cassandra's answers that the request itself is wrong (syntax, unauthorized, invalid,
+# configuration, already exists) or the client is (protocol, credentials): no retry changes them
+_FINAL_CODES = frozenset({0x000A, 0x0100, 0x2000, 0x2100, 0x2200, 0x2300, 0x2400})
+
+
+def _worth_writing_again(exc: BaseException) -> bool:
+    """Whether a write that failed may land if written again: Cassandra or the connection did
+    not answer, or answered that it could not now (unavailable, overloaded, timed out). Not a
+    write Cassandra refused as wrong, nor one whose values could not be bound."""
+    from cassandra import AuthenticationFailed, RequestValidationException
+
+    cause = exc.__cause__
+    while cause is not None:
+        if isinstance(cause, CqlError):
+            return cause.code not in _FINAL_CODES
+        if isinstance(cause, (RequestValidationException, AuthenticationFailed)):
+            return False
+        if isinstance(cause, (TypeError, ValueError, OverflowError, struct.error)):  # binding
+            return False
+        cause = cause.__cause__
+    return True
 
 
 def _wire_failure(name: str, exc: BaseException, *, read: bool) -> StorageError | None:

@@ -643,22 +643,28 @@ async def test_cassandra_a_send_left_open_is_completed_by_its_retry_however_many
         await store.close()
 
 
-def _records_failing(store: CassandraStore, writes: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every write of a send's open record fails until ``monkeypatch.undo()``: refused by the
-    server on the loop's own connection (SERIAL is for conditional writes only), or unanswered
-    through the driver."""
+def _records_failing(store: CassandraStore, writes: str, monkeypatch: pytest.MonkeyPatch, *,
+                     wrong: bool = False) -> None:
+    """Every write of a send's open record fails until ``monkeypatch.undo()``. On the loop's own
+    connection the server refuses it: asked at consistency TWO of a keyspace with one replica,
+    it answers "unavailable" (as when replicas are down); with ``wrong``, at SERIAL, it answers
+    that the request is invalid. Through the driver the store's call fails the same ways."""
+    from cassandra import InvalidRequest
+
     from storage.base import StorageUnavailable
 
     if writes == "direct":
         query_id, _ = store._wire_ok["open_sent"]
-        monkeypatch.setitem(store._wire_ok, "open_sent", (query_id, 0x0008))
+        monkeypatch.setitem(store._wire_ok, "open_sent", (query_id, 0x0008 if wrong else 0x0002))
     else:
         x = store._x
 
         async def record_fails(name: str, *params: Any, statement: Any = None) -> list[Any]:
-            if name == "open_sent":
-                raise StorageUnavailable("the sender's device_sent partition did not answer")
-            return await x(name, *params, statement=statement)
+            if name != "open_sent":
+                return await x(name, *params, statement=statement)
+            if wrong:
+                raise StorageUnavailable("cassandra open_sent: refused") from InvalidRequest("refused")
+            raise StorageUnavailable("the sender's device_sent partition did not answer")
 
         monkeypatch.setattr(store, "_x", record_fails)
 
@@ -704,12 +710,20 @@ async def test_cassandra_a_sends_record_that_fails_does_not_fail_the_chats_write
         await store.close()
 
 
+async def _until(check: Any, what: str) -> None:
+    for _ in range(300):
+        if check():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"not within 3 s: {what}")
+
+
 @pytest.mark.parametrize("writes", ["direct", "driver"])
 async def test_cassandra_a_record_that_keeps_failing_is_given_up_past_the_bound_and_at_close(
         cassandra_url: str, writes: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    """Records written again are bounded: past RETRYING_BEHIND_MAX waiting at once, one more
-    that fails is given up at once, and closing the store tries each once more, then gives it up
-    rather than waiting for Cassandra."""
+    """Records written again are bounded: past RETRYING_BEHIND_MAX of them at once, one more
+    that fails is given up at once; and closing the store wakes each from its pause to try it
+    once more, then gives it up rather than waiting for Cassandra."""
     store = open_store(f"{cassandra_url}?writes={writes}")
     assert isinstance(store, CassandraStore)
     await store.open()
@@ -718,29 +732,80 @@ async def test_cassandra_a_record_that_keeps_failing_is_given_up_past_the_bound_
         a, b = await two_users(store)
         chat = await store.direct_chat(a, b, T0)
         monkeypatch.setattr(storage.cassandra, "RETRYING_BEHIND_MAX", 1)
+        monkeypatch.setattr(storage.cassandra, "BEHIND_RETRY_S", (60.0, 60.0))  # woken only by the close
         _records_failing(store, writes, monkeypatch)
         with caplog.at_level(logging.INFO, logger="storage.cassandra"):
             await store.append_message(text(chat.chat_id, a, "kept"), [a, b])
-            for _ in range(100):
-                if store._retrying_behind:
-                    break
-                await asyncio.sleep(0.01)
-            assert store._retrying_behind == 1
+            await _until(lambda: store._retrying_behind == 1, "the first record written again")
             await store.append_message(text(chat.chat_id, a, "dropped"), [a, b])
-            for _ in range(100):
-                if "given up after 1 tries" in caplog.text:
-                    break
-                await asyncio.sleep(0.01)
-            assert "given up after 1 tries" in caplog.text and store._retrying_behind == 1
+            await _until(lambda: "failed, given up:" in caplog.text and store._behind == 1,
+                         "the second record given up, every other write behind answered")
+            assert store._retrying_behind == 1
             began = time.monotonic()
             await store.close()
             closed = True
-            assert time.monotonic() - began < 2 * store._timeout
-            assert store._behind == 0 and "given up after 2 tries" in caplog.text
+            assert time.monotonic() - began < 30  # (its pause was 60 s)
+            assert store._behind == 0 and store._retrying_behind == 0
+            assert "given up at close after 2 tries" in caplog.text
     finally:
         monkeypatch.undo()
         if not closed:
             await store.close()
+
+
+@pytest.mark.parametrize("writes", ["direct", "driver"])
+async def test_cassandra_a_record_cassandra_refuses_as_wrong_is_not_written_again(
+        cassandra_url: str, writes: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Only a write that may land later is written again: one Cassandra refused as invalid is
+    given up at once (logged), and the message it went beside is stored all the same."""
+    store = open_store(f"{cassandra_url}?writes={writes}")
+    assert isinstance(store, CassandraStore)
+    await store.open()
+    try:
+        a, b = await two_users(store)
+        chat = await store.direct_chat(a, b, T0)
+        _records_failing(store, writes, monkeypatch, wrong=True)
+        with caplog.at_level(logging.INFO, logger="storage.cassandra"):
+            sent = await store.append_message(text(chat.chat_id, a, "wrong"), [a, b])
+            await _until(lambda: store._behind == 0, "every write behind answered")
+        assert sent.message.seq == 1 and "failed, given up:" in caplog.text and store._retrying_behind == 0
+        assert "writing it again" not in caplog.text
+        monkeypatch.undo()
+        assert await store._x("get_sent", phone_of(a), "wrong") == [(chat.chat_id, 1, None, None)]
+    finally:
+        monkeypatch.undo()
+        await store.close()
+
+
+@pytest.mark.parametrize("writes", ["direct", "driver"])
+async def test_cassandra_a_record_that_lands_late_does_not_hide_a_newer_one(
+        cassandra_url: str, writes: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A record written again carries the time of its first write: when it lands after a newer
+    holder recorded the same send elsewhere (its row was never stored here), the newer record
+    stays."""
+    store = open_store(f"{cassandra_url}?writes={writes}")
+    assert isinstance(store, CassandraStore)
+    await store.open()
+    try:
+        a, b = await two_users(store)
+        chat = await store.direct_chat(a, b, T0)
+        _records_failing(store, writes, monkeypatch)
+        await store.append_message(text(chat.chat_id, a, "late"), [a, b])
+        await _until(lambda: store._retrying_behind == 1, "the record written again")
+        assert store._cluster is not None
+        newer = store._cluster.timestamp_generator()
+        await store._blocking(store._session.execute,
+                              f"INSERT INTO {store.keyspace}.device_sent (device, client_id, open_chat, open_seq) "
+                              "VALUES (%s, %s, %s, %s) USING TIMESTAMP %s",
+                              (phone_of(a), "late", chat.chat_id, 7, newer))
+        monkeypatch.undo()
+        await store.settled()
+        assert store._retrying_behind == 0
+        rows = await store._x("get_sent", phone_of(a), "late")
+        assert [(r[2], r[3]) for r in rows] == [(chat.chat_id, 7)]
+    finally:
+        monkeypatch.undo()
+        await store.close()
 
 
 async def test_cassandra_an_open_send_whose_id_comes_again_for_another_chat_completes_in_its_own(
