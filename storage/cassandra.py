@@ -22,7 +22,8 @@ pair's first chat, media records.
 Idempotent sends: the ``device_sent`` row for ``(device, client id)`` is written twice. The
 chat's writer writes where the send was numbered (``open_chat``, ``open_seq``) beside the
 message row, in the same write: an append is answered once both are (a record that fails does
-not fail the rows, and is written again until it lands or the store closes). Once every member's
+not fail the rows, and is written again until it lands or the store closes, unless Cassandra
+refused it as wrong). Once every member's
 inbox entry is written, the sender's bridge writes ``chat_id`` and ``seq`` (the send is complete)
 without waiting for it before the ``sent`` reply. A repeat that finds a complete send is answered
 at once; one that finds an open send gets that message and completes the fan-out for members
@@ -135,7 +136,8 @@ SWEEP_DAYS = 30  # how far back the upload sweep looks for unconfirmed uploads
 WIRE_RETRY_S = 1.0  # a lost write connection is opened again after this long (the driver meanwhile)
 # A write nobody waits for (a send's records) that Cassandra did not confirm is written again,
 # first this long after, the pause doubling up to the second figure, until it lands or the store
-# closes; past RETRYING_BEHIND_MAX such writes waiting at once, one more that fails is given up.
+# closes; past RETRYING_BEHIND_MAX such writes being written again, one more that fails is given
+# up (as is one Cassandra refused as wrong, see _worth_writing_again).
 BEHIND_RETRY_S = (0.2, 5.0)
 RETRYING_BEHIND_MAX = 10_000
 # Reads asked on the loop's own connection too: the point lookups of the message path (a send
@@ -1311,8 +1313,9 @@ class CassandraStore:
     def _opened(self, key: str, rows: Sequence[tuple[int, tuple[Any, ...]]]) -> list[tuple[Any, ...]]:
         """The ``open_sent`` parameters written beside a chat's rows: where each send with an id
         was numbered (a chat row's values start client_id, sender, device), with the time of this
-        first write. Every later try writes that same time, so one that lands after a newer holder
-        numbered the send again (its row never stored here) does not hide the newer record."""
+        write of the rows. A record written again after it failed keeps that time, so one that
+        lands after a newer holder numbered the send again (its row never stored here) does not
+        hide the newer record (the bridges' clocks agreeing within the lease's margin)."""
         kind, _, chat_id = key.partition(":")
         if kind != "c":
             return []
@@ -1327,15 +1330,18 @@ class CassandraStore:
                           full: bool) -> None:
         """Write one key's numbered rows in order: one statement (an unlogged batch when there
         are several) per Cassandra partition, lower buckets first; a chat's ``open_sent``
-        records go out beside them (the rows stand without one that fails)."""
-        opens = [self._record_open(params) for params in self._opened(key, rows)]
-        await asyncio.gather(self._write_rows_in_order(key, epoch, rows, full), *opens)
-
-    async def _record_open(self, params: tuple[Any, ...]) -> None:
-        try:
-            await self._x("open_sent", *params)
-        except StorageError:  # again, as one sent on the loop's own connection is
-            self._write_behind_in_task("open_sent", params)
+        records go out beside them (the rows stand without one that fails). A record that failed
+        is written again once its rows are stored: when they failed too, the key's log writes
+        rows and records again itself."""
+        opened = self._opened(key, rows)
+        done = await asyncio.gather(self._write_rows_in_order(key, epoch, rows, full),
+                                    *(self._x("open_sent", *params) for params in opened), return_exceptions=True)
+        for outcome in done:  # the rows' failure first; anything but a storage error is raised as is
+            if isinstance(outcome, BaseException) and (outcome is done[0] or not isinstance(outcome, StorageError)):
+                raise outcome
+        for params, outcome in zip(opened, done[1:], strict=True):
+            if isinstance(outcome, StorageError):
+                self._write_behind_in_task("open_sent", params, outcome)
 
     async def _write_rows_in_order(self, key: str, epoch: int, rows: Sequence[tuple[int, tuple[Any, ...]]],
                                    full: bool) -> None:
@@ -1380,14 +1386,19 @@ class CassandraStore:
         left = [len(labels)]
         failed: list[BaseException] = []
 
+        records_failed: list[tuple[tuple[Any, ...], BaseException]] = []
+
         def answered(i: int, exc: BaseException | None) -> None:
             results.forget(answers[i])
             if exc is not None and i:
-                self._write_behind_in_task("open_sent", opened[i - 1])
+                records_failed.append((opened[i - 1], exc))
             elif exc is not None:  # None from _wire_failure: the ordinary way runs it
                 failed.append(_wire_failure(name, exc, read=False) or WriteAgain(f"cassandra {name}: {exc}"))
             left[0] -= 1
             if not left[0]:
+                if not failed:  # (rows that failed are written again with their records by the key's log)
+                    for params, error in records_failed:
+                        self._write_behind_in_task("open_sent", params, error)
                 then(failed[0] if failed else None)
 
         answers = [Direct(functools.partial(answered, i)) for i in range(len(labels))]
@@ -1475,7 +1486,8 @@ class CassandraStore:
     def _write_behind(self, name: str, params: tuple[Any, ...]) -> None:
         """A plain write nobody waits for: sent at once on the loop's own connection when it can
         take it, else (and again when that failed) by a task the ordinary way, until it lands or
-        the store closes; :meth:`settled` returns once every such write is answered."""
+        the store closes (:meth:`_write_behind_in_task`); :meth:`settled` returns once every such
+        write is answered."""
         wire = self._wire_for((name,))
         if wire is not None:
             try:
@@ -1488,7 +1500,7 @@ class CassandraStore:
             def answered(exc: BaseException | None) -> None:
                 results.forget(answer)
                 if exc is not None:  # again the ordinary way (it writes the same cells again)
-                    self._write_behind_in_task(name, params)
+                    self._write_behind_in_task(name, params, exc)
                 self._behind_done()
 
             answer = Direct(answered)
@@ -1505,11 +1517,15 @@ class CassandraStore:
                 self._behind_done()
         self._write_behind_in_task(name, params)
 
-    def _write_behind_in_task(self, name: str, params: tuple[Any, ...]) -> None:
+    def _write_behind_in_task(self, name: str, params: tuple[Any, ...], failed: BaseException | None = None) -> None:
         """Write it the ordinary way, and again after a pause for as long as Cassandra does not
         confirm it (it writes the same cells each time), until the store closes: a send's record
         that lands late still finds its retry after the chat's writer has forgotten it. A write
-        Cassandra refused as wrong, or one that could not be bound, is not written again."""
+        Cassandra refused as wrong, or one that could not be bound, is not written again: given
+        up at once when its first failure (``failed``, on the loop's own connection) says so."""
+        if failed is not None and not _worth_writing_again(failed):
+            log.warning("cassandra %s (written behind) failed, given up: %s", name, failed)
+            return
         self._behind += 1
 
         async def write() -> None:
@@ -1955,10 +1971,11 @@ def _worth_writing_again(exc: BaseException) -> bool:
     not answer, or answered that it could not now (unavailable, overloaded, timed out). Not a
     write Cassandra refused as wrong, nor one whose values could not be bound."""
     from cassandra import AuthenticationFailed, RequestValidationException
+    from cassandra.protocol import ErrorMessage
 
-    cause = exc.__cause__
+    cause: BaseException | None = exc
     while cause is not None:
-        if isinstance(cause, CqlError):
+        if isinstance(cause, (CqlError, ErrorMessage)):  # (the driver's, for codes it has no exception of)
             return cause.code not in _FINAL_CODES
         if isinstance(cause, (RequestValidationException, AuthenticationFailed)):
             return False

@@ -11,7 +11,7 @@ import itertools
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -643,30 +643,45 @@ async def test_cassandra_a_send_left_open_is_completed_by_its_retry_however_many
         await store.close()
 
 
+async def _until(check: Callable[[], bool], what: str, seconds: float = 3.0) -> None:
+    for _ in range(int(seconds * 100)):
+        if check():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"not within {seconds} s: {what}")
+
+
 def _records_failing(store: CassandraStore, writes: str, monkeypatch: pytest.MonkeyPatch, *,
-                     wrong: bool = False) -> None:
-    """Every write of a send's open record fails until ``monkeypatch.undo()``. On the loop's own
-    connection the server refuses it: asked at consistency TWO of a keyspace with one replica,
-    it answers "unavailable" (as when replicas are down); with ``wrong``, at SERIAL, it answers
-    that the request is invalid. Through the driver the store's call fails the same ways."""
+                     wrong: bool = False, rows_too: bool = False) -> Callable[[], int]:
+    """Every write of a send's open record (with ``rows_too``, of a chat's rows as well) fails
+    until ``monkeypatch.undo()``. On the loop's own connection the server refuses it: asked at
+    consistency TWO of a keyspace with one replica, it answers "unavailable" (as when replicas
+    are down); with ``wrong``, at SERIAL, it answers that the request is invalid. Through the
+    driver the store's call fails the same ways. Returns how many record writes were tried."""
     from cassandra import InvalidRequest
 
     from storage.base import StorageUnavailable
 
+    failing = {"open_sent"} | ({"put_msg", "put_msg_full"} if rows_too else set())
     if writes == "direct":
-        query_id, _ = store._wire_ok["open_sent"]
-        monkeypatch.setitem(store._wire_ok, "open_sent", (query_id, 0x0008 if wrong else 0x0002))
-    else:
-        x = store._x
+        for name in failing:
+            query_id, _ = store._wire_ok[name]
+            monkeypatch.setitem(store._wire_ok, name, (query_id, 0x0008 if wrong else 0x0002))
+        before = store.ops.by_name.get("open_sent", 0)
+        return lambda: store.ops.by_name.get("open_sent", 0) - before
+    x = store._x
+    tried = [0]
 
-        async def record_fails(name: str, *params: Any, statement: Any = None) -> list[Any]:
-            if name != "open_sent":
-                return await x(name, *params, statement=statement)
-            if wrong:
-                raise StorageUnavailable("cassandra open_sent: refused") from InvalidRequest("refused")
-            raise StorageUnavailable("the sender's device_sent partition did not answer")
+    async def record_fails(name: str, *params: Any, statement: Any = None) -> list[Any]:
+        if name not in failing:
+            return await x(name, *params, statement=statement)
+        tried[0] += name == "open_sent"
+        if wrong:
+            raise StorageUnavailable(f"cassandra {name}: refused") from InvalidRequest("refused")
+        raise StorageUnavailable(f"{name}: its partition did not answer")
 
-        monkeypatch.setattr(store, "_x", record_fails)
+    monkeypatch.setattr(store, "_x", record_fails)
+    return lambda: tried[0]
 
 
 @pytest.mark.parametrize("writes", ["direct", "driver"])
@@ -689,7 +704,8 @@ async def test_cassandra_a_sends_record_that_fails_does_not_fail_the_chats_write
         await send_with_an_entry_failing(store, text(chat.chat_id, a, "open"), [a, b], b)
         sent = [await store.append_message(text(chat.chat_id, a, f"rec{i}"), [a, b]) for i in range(3)]
         assert [r.message.seq for r in sent] == [2, 3, 4] and all(b in r.inbox for r in sent)
-        await asyncio.sleep(0.5)  # failed more than twice meanwhile
+        await _until(lambda: store._retrying_behind == 4, "the four records written again")
+        await asyncio.sleep(0.5)  # (failing again meanwhile)
         monkeypatch.undo()
         await store.settled()
         assert [m.client_id for m in await store.history(chat.chat_id, None, 10)] == ["rec2", "rec1", "rec0", "open"]
@@ -708,14 +724,6 @@ async def test_cassandra_a_sends_record_that_fails_does_not_fail_the_chats_write
             assert [e.item.seq for e in entries if isinstance(e.item, Message) and e.item.client_id == "open"] == [1]
     finally:
         await store.close()
-
-
-async def _until(check: Any, what: str) -> None:
-    for _ in range(300):
-        if check():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"not within 3 s: {what}")
 
 
 @pytest.mark.parametrize("writes", ["direct", "driver"])
@@ -764,14 +772,45 @@ async def test_cassandra_a_record_cassandra_refuses_as_wrong_is_not_written_agai
     try:
         a, b = await two_users(store)
         chat = await store.direct_chat(a, b, T0)
-        _records_failing(store, writes, monkeypatch, wrong=True)
+        tries = _records_failing(store, writes, monkeypatch, wrong=True)
         with caplog.at_level(logging.INFO, logger="storage.cassandra"):
             sent = await store.append_message(text(chat.chat_id, a, "wrong"), [a, b])
             await _until(lambda: store._behind == 0, "every write behind answered")
+            await asyncio.sleep(0.5)  # (no later try either)
         assert sent.message.seq == 1 and "failed, given up:" in caplog.text and store._retrying_behind == 0
-        assert "writing it again" not in caplog.text
+        assert "writing it again" not in caplog.text and tries() == 1
         monkeypatch.undo()
         assert await store._x("get_sent", phone_of(a), "wrong") == [(chat.chat_id, 1, None, None)]
+    finally:
+        monkeypatch.undo()
+        await store.close()
+
+
+@pytest.mark.parametrize("writes", ["direct", "driver"])
+async def test_cassandra_records_whose_rows_failed_too_are_written_again_with_the_rows_only(
+        cassandra_url: str, writes: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When a chat's rows fail beside their records, the chat's log writes rows and records again
+    itself: no record is also handed to the writes behind (each of the log's tries would add
+    one), and once the rows land the record lands with them."""
+    from storage.base import StorageUnavailable
+
+    store = open_store(f"{cassandra_url}?writes={writes}")
+    assert isinstance(store, CassandraStore)
+    await store.open()
+    try:
+        a, b = await two_users(store)
+        chat = await store.direct_chat(a, b, T0)
+        tries = _records_failing(store, writes, monkeypatch, rows_too=True)
+        with pytest.raises(StorageUnavailable):
+            await store.append_message(text(chat.chat_id, a, "both"), [a, b])
+        await _until(lambda: tries() >= 3, "the chat's log writing its batch again", 15.0)
+        assert store._retrying_behind == 0 and store._behind == 0
+        monkeypatch.undo()
+        retried = await store.append_message(text(chat.chat_id, a, "both"), [a, b])
+        assert retried.message.seq == 1 and set(retried.inbox) == {a, b}
+        await store.settled()
+        assert await store._x("get_sent", phone_of(a), "both") == [(chat.chat_id, 1, chat.chat_id, 1)]
+        assert (await store.get_chat(chat.chat_id)).last_seq == 1  # type: ignore[union-attr]
     finally:
         monkeypatch.undo()
         await store.close()
