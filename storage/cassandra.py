@@ -1319,12 +1319,9 @@ class CassandraStore:
         kind, _, chat_id = key.partition(":")
         if kind != "c":
             return []
-        opened = [(values[2], values[0], chat_id, n) for n, values in rows if values[0] is not None]
-        if not opened:
-            return []
         cluster = self._cluster
         now_us = cluster.timestamp_generator() if cluster is not None else time.time_ns() // 1000
-        return [(*params, now_us) for params in opened]
+        return [(values[2], values[0], chat_id, n, now_us) for n, values in rows if values[0] is not None]
 
     async def _write_rows(self, key: str, epoch: int, rows: Sequence[tuple[int, tuple[Any, ...]]],
                           full: bool) -> None:
@@ -1334,12 +1331,15 @@ class CassandraStore:
         is written again once its rows are stored: when they failed too, the key's log writes
         rows and records again itself."""
         opened = self._opened(key, rows)
-        done = await asyncio.gather(self._write_rows_in_order(key, epoch, rows, full),
-                                    *(self._x("open_sent", *params) for params in opened), return_exceptions=True)
-        for outcome in done:  # the rows' failure first; anything but a storage error is raised as is
-            if isinstance(outcome, BaseException) and (outcome is done[0] or not isinstance(outcome, StorageError)):
+        stored, *records = await asyncio.gather(self._write_rows_in_order(key, epoch, rows, full),
+                                                *(self._x("open_sent", *params) for params in opened),
+                                                return_exceptions=True)
+        if isinstance(stored, BaseException):
+            raise stored
+        for outcome in records:  # anything but a storage error is a fault of this code: raised as is
+            if isinstance(outcome, BaseException) and not isinstance(outcome, StorageError):
                 raise outcome
-        for params, outcome in zip(opened, done[1:], strict=True):
+        for params, outcome in zip(opened, records, strict=True):
             if isinstance(outcome, StorageError):
                 self._write_behind_in_task("open_sent", params, outcome)
 
