@@ -7,6 +7,7 @@ store of that kind.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import random
@@ -643,6 +644,23 @@ async def test_cassandra_a_send_left_open_is_completed_by_its_retry_however_many
         await store.close()
 
 
+@contextlib.asynccontextmanager
+async def _own_store(cassandra_url: str, writes: str, monkeypatch: pytest.MonkeyPatch
+                     ) -> AsyncIterator[tuple[CassandraStore, str, str, Chat]]:
+    """A store of the test's own writing one way (``direct`` or ``driver``), two users and their
+    chat; afterwards what the test patched is undone and the store closed (unless it was)."""
+    store = open_store(f"{cassandra_url}?writes={writes}")
+    assert isinstance(store, CassandraStore)
+    await store.open()
+    try:
+        a, b = await two_users(store)
+        yield store, a, b, await store.direct_chat(a, b, T0)
+    finally:
+        monkeypatch.undo()
+        if not store._closed:
+            await store.close()
+
+
 async def _until(check: Callable[[], bool], what: str, seconds: float = 3.0) -> None:
     for _ in range(int(seconds * 100)):
         if check():
@@ -694,12 +712,7 @@ async def test_cassandra_a_sends_record_that_fails_does_not_fail_the_chats_write
     many messages the chat had since, the chat's writer opened again meanwhile."""
     from storage.cassandra_owner import RECENT_IDS
 
-    store = open_store(f"{cassandra_url}?writes={writes}")
-    assert isinstance(store, CassandraStore)
-    await store.open()
-    try:
-        a, b = await two_users(store)
-        chat = await store.direct_chat(a, b, T0)
+    async with _own_store(cassandra_url, writes, monkeypatch) as (store, a, b, chat):
         _records_failing(store, writes, monkeypatch)
         await send_with_an_entry_failing(store, text(chat.chat_id, a, "open"), [a, b], b)
         sent = [await store.append_message(text(chat.chat_id, a, f"rec{i}"), [a, b]) for i in range(3)]
@@ -722,8 +735,6 @@ async def test_cassandra_a_sends_record_that_fails_does_not_fail_the_chats_write
         for user in (a, b):
             entries = await store.read_inbox(user, 0, later + 10)
             assert [e.item.seq for e in entries if isinstance(e.item, Message) and e.item.client_id == "open"] == [1]
-    finally:
-        await store.close()
 
 
 @pytest.mark.parametrize("writes", ["direct", "driver"])
@@ -732,13 +743,7 @@ async def test_cassandra_a_record_that_keeps_failing_is_given_up_past_the_bound_
     """Records written again are bounded: past RETRYING_BEHIND_MAX of them at once, one more
     that fails is given up at once; and closing the store wakes each from its pause to try it
     once more, then gives it up rather than waiting for Cassandra."""
-    store = open_store(f"{cassandra_url}?writes={writes}")
-    assert isinstance(store, CassandraStore)
-    await store.open()
-    closed = False
-    try:
-        a, b = await two_users(store)
-        chat = await store.direct_chat(a, b, T0)
+    async with _own_store(cassandra_url, writes, monkeypatch) as (store, a, b, chat):
         monkeypatch.setattr(storage.cassandra, "RETRYING_BEHIND_MAX", 1)
         monkeypatch.setattr(storage.cassandra, "BEHIND_RETRY_S", (60.0, 60.0))  # woken only by the close
         _records_failing(store, writes, monkeypatch)
@@ -751,14 +756,9 @@ async def test_cassandra_a_record_that_keeps_failing_is_given_up_past_the_bound_
             assert store._retrying_behind == 1
             began = time.monotonic()
             await store.close()
-            closed = True
             assert time.monotonic() - began < 30  # (its pause was 60 s)
             assert store._behind == 0 and store._retrying_behind == 0
             assert "given up at close after 2 tries" in caplog.text
-    finally:
-        monkeypatch.undo()
-        if not closed:
-            await store.close()
 
 
 @pytest.mark.parametrize("writes", ["direct", "driver"])
@@ -766,12 +766,7 @@ async def test_cassandra_a_record_cassandra_refuses_as_wrong_is_not_written_agai
         cassandra_url: str, writes: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """Only a write that may land later is written again: one Cassandra refused as invalid is
     given up at once (logged), and the message it went beside is stored all the same."""
-    store = open_store(f"{cassandra_url}?writes={writes}")
-    assert isinstance(store, CassandraStore)
-    await store.open()
-    try:
-        a, b = await two_users(store)
-        chat = await store.direct_chat(a, b, T0)
+    async with _own_store(cassandra_url, writes, monkeypatch) as (store, a, b, chat):
         tries = _records_failing(store, writes, monkeypatch, wrong=True)
         with caplog.at_level(logging.INFO, logger="storage.cassandra"):
             sent = await store.append_message(text(chat.chat_id, a, "wrong"), [a, b])
@@ -781,9 +776,6 @@ async def test_cassandra_a_record_cassandra_refuses_as_wrong_is_not_written_agai
         assert "writing it again" not in caplog.text and tries() == 1
         monkeypatch.undo()
         assert await store._x("get_sent", phone_of(a), "wrong") == [(chat.chat_id, 1, None, None)]
-    finally:
-        monkeypatch.undo()
-        await store.close()
 
 
 @pytest.mark.parametrize("writes", ["direct", "driver"])
@@ -794,12 +786,7 @@ async def test_cassandra_records_whose_rows_failed_too_are_written_again_with_th
     one), and once the rows land the record lands with them."""
     from storage.base import StorageUnavailable
 
-    store = open_store(f"{cassandra_url}?writes={writes}")
-    assert isinstance(store, CassandraStore)
-    await store.open()
-    try:
-        a, b = await two_users(store)
-        chat = await store.direct_chat(a, b, T0)
+    async with _own_store(cassandra_url, writes, monkeypatch) as (store, a, b, chat):
         tries = _records_failing(store, writes, monkeypatch, rows_too=True)
         with pytest.raises(StorageUnavailable):
             await store.append_message(text(chat.chat_id, a, "both"), [a, b])
@@ -811,9 +798,6 @@ async def test_cassandra_records_whose_rows_failed_too_are_written_again_with_th
         await store.settled()
         assert await store._x("get_sent", phone_of(a), "both") == [(chat.chat_id, 1, chat.chat_id, 1)]
         assert (await store.get_chat(chat.chat_id)).last_seq == 1  # type: ignore[union-attr]
-    finally:
-        monkeypatch.undo()
-        await store.close()
 
 
 @pytest.mark.parametrize("writes", ["direct", "driver"])
@@ -822,12 +806,7 @@ async def test_cassandra_a_record_that_lands_late_does_not_hide_a_newer_one(
     """A record written again carries the time of its first write: when it lands after a newer
     holder recorded the same send elsewhere (its row was never stored here), the newer record
     stays."""
-    store = open_store(f"{cassandra_url}?writes={writes}")
-    assert isinstance(store, CassandraStore)
-    await store.open()
-    try:
-        a, b = await two_users(store)
-        chat = await store.direct_chat(a, b, T0)
+    async with _own_store(cassandra_url, writes, monkeypatch) as (store, a, b, chat):
         _records_failing(store, writes, monkeypatch)
         await store.append_message(text(chat.chat_id, a, "late"), [a, b])
         await _until(lambda: store._retrying_behind == 1, "the record written again")
@@ -842,9 +821,6 @@ async def test_cassandra_a_record_that_lands_late_does_not_hide_a_newer_one(
         assert store._retrying_behind == 0
         rows = await store._x("get_sent", phone_of(a), "late")
         assert [(r[2], r[3]) for r in rows] == [(chat.chat_id, 7)]
-    finally:
-        monkeypatch.undo()
-        await store.close()
 
 
 async def test_cassandra_an_open_send_whose_id_comes_again_for_another_chat_completes_in_its_own(
