@@ -972,7 +972,7 @@ class CassandraStore:
             last_seq = held.head if held is not None else 0
             rows, members = await asyncio.gather(self._x("get_chat", chat_id), self._x("members", chat_id))
         else:
-            last_seq, recent, head_row = await self._tail(key)
+            last_seq, recent, head_row, _ = await self._tail(key)
             last_ts = int(recent[0][4]) if recent else int(head_row[1] or 0) if head_row is not None else 0
             rows, members = await asyncio.gather(self._x("get_chat", chat_id), self._x("members", chat_id))
         if not rows:
@@ -1076,9 +1076,10 @@ class CassandraStore:
         numbered at or below it (see the module docstring of ``cassandra_owner``)."""
         return (epoch or 0) >= fence[0] or n <= fence[1]
 
-    async def _tail(self, key: str, fence: tuple[int, int] | None = None) -> tuple[int, list[Any], Any]:
-        """A key's highest number as stored, its newest valid rows (newest first), and its head
-        row (``chat_heads`` or ``user_state``, None if absent)."""
+    async def _tail(self, key: str, fence: tuple[int, int] | None = None) -> tuple[int, list[Any], Any, int]:
+        """A key's highest number as stored, its newest valid rows (newest first), its head row
+        (``chat_heads`` or ``user_state``, None if absent), and the lowest number down to which
+        those rows' bucket was read (nothing of the key lies between it and the rows)."""
         kind, _, ident = key.partition(":")
         if fence is None:
             fence = await self._fence(key)
@@ -1088,48 +1089,55 @@ class CassandraStore:
         acked = int(hint_rows[0][1] or 0) if kind == "u" and hint_rows else 0
         floor = max(hint, acked)
         stmt = "chat_tail" if kind == "c" else "inbox_tail"
-        bucket, head, recent = hint // BUCKET, 0, []
-        rows = await self._valid_tail(stmt, ident, bucket, fence)
+        bucket, head, recent, reached = hint // BUCKET, 0, [], 0
+        rows, low = await self._valid_tail(stmt, ident, bucket, fence)
         if not rows and hint:
             # Nothing of the key's own where the hint points: a holder writes a bucket's rows
             # before moving the hint there, so this hint came with an older holder's late write
             # (or, for an inbox, the rows expired). If the key's rows are found below it, the
             # newest of them is the head, not the hint.
             for lower in range(bucket - 1, max(-1, bucket - 3), -1):
-                rows = await self._valid_tail(stmt, ident, lower, fence)
+                rows, low = await self._valid_tail(stmt, ident, lower, fence)
                 if rows:
                     bucket = lower
                     floor = acked
                     break
         while rows:
-            head, recent = int(rows[0][0]), rows
+            head, recent, reached = int(rows[0][0]), rows, low
             if head % BUCKET != BUCKET - 1:
                 break
             bucket += 1  # that bucket is full: the head may be in the next one
-            rows = await self._valid_tail(stmt, ident, bucket, fence)
-        return max(head, floor), recent, hint_rows[0] if hint_rows else None
+            rows, low = await self._valid_tail(stmt, ident, bucket, fence)
+        return max(head, floor), recent, hint_rows[0] if hint_rows else None, reached
 
-    async def _valid_tail(self, stmt: str, ident: str, bucket: int, fence: tuple[int, int]) -> list[Any]:
-        """The newest rows of one bucket that belong to the key (newest first). Past the fence
-        there may be rows of an older holder that landed late, hidden; as many as a batch of
-        its held, so a page of nothing else is read past, down to the rows under it."""
+    async def _valid_tail(self, stmt: str, ident: str, bucket: int, fence: tuple[int, int]) -> tuple[list[Any], int]:
+        """The newest rows of one bucket that belong to the key (newest first), and the lowest
+        number the reads covered: the last row read, or the bucket's start once a page came back
+        short (the bucket holds nothing below it). Past the fence there may be rows of an older
+        holder that landed late, hidden; as many as a batch of its held, so a page of nothing
+        else is read past, down to the rows under it."""
         page = await self._x(stmt, ident, bucket, RECENT_SCAN)
         while page:
             valid = [r for r in page if self._valid(r[1], r[0], fence)]
+            low = int(page[-1][0]) if len(page) == RECENT_SCAN else bucket * BUCKET
             if valid or len(page) < RECENT_SCAN:
-                return valid
+                return valid, low
             page = await self._x(f"{stmt}_below", ident, bucket, int(page[-1][0]), RECENT_SCAN)
-        return []
+        return [], bucket * BUCKET
 
-    async def _older_rows(self, key: str, rows: list[Any], head: int, fence: tuple[int, int]) -> list[Any]:
-        """``rows`` (a key's newest, newest first) and the key's rows below them, up to RECENT_IDS
-        in all, from the head's bucket and the one before it: a writer opening the key remembers
-        the ids of as many as it keeps itself, so a retry of a send numbered before and not
-        completed (no ``device_sent`` row) finds its number after a restart as it would have before."""
+    async def _older_rows(self, key: str, rows: list[Any], head: int, fence: tuple[int, int],
+                          reached: int) -> list[Any]:
+        """``rows`` (a key's newest, newest first, read down to ``reached``) and the key's rows
+        below them, up to RECENT_IDS in all, from the head's bucket and the one before it: a
+        writer opening the key remembers the ids of as many as it keeps itself, so a retry of a
+        send numbered before and not completed (no ``device_sent`` row) finds its number after a
+        restart as it would have before."""
         kind, _, ident = key.partition(":")
         stmt = "chat_tail_below" if kind == "c" else "inbox_tail_below"
         out = list(rows)
-        low = int(out[-1][0]) if out else head + 1
+        # (a short first page read its bucket to the start: an inbox whose oldest entries there
+        # expired is not read again below them)
+        low = reached if out else head + 1
         last_bucket = max(0, head // BUCKET - 1)
         while len(out) < RECENT_IDS and low > 1 and (low - 1) // BUCKET >= last_bucket:
             bucket, want = (low - 1) // BUCKET, RECENT_IDS - len(out)
@@ -1169,14 +1177,14 @@ class CassandraStore:
                 # fence at its head: a late row of an old holder is either in what is read (and
                 # kept) or hidden, and no reader ever sees one that is later replaced.
                 await self._x("fence_put", key, epoch, -1, 2 * epoch)
-                head, recent, _ = await self._tail(key, fence)
+                head, recent, _, reached = await self._tail(key, fence)
                 await self._x("fence_put", key, epoch, head, 2 * epoch + 1)
                 if fence[0]:
                     full_after = head
                 fence = (epoch, head)
             else:
-                head, recent, _ = await self._tail(key, fence)
-            recent = await self._older_rows(key, recent, head, fence)
+                head, recent, _, reached = await self._tail(key, fence)
+            recent = await self._older_rows(key, recent, head, fence, reached)
             if not self._leases.valid(part, epoch):  # type: ignore[union-attr]
                 raise NotOwner(f"partition {part} changed hands while opening {key}")
             if key.startswith("c:"):

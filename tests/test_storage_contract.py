@@ -604,6 +604,38 @@ async def test_cassandra_a_send_left_incomplete_is_found_by_its_retry_after_the_
     assert retried.message.seq == 91 and b in retried.inbox
 
 
+async def test_cassandra_an_inbox_whose_oldest_entries_expired_is_opened_without_reading_below_them(
+        cassandra: CassandraStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inbox rows expire (30 days). Opening an inbox whose newest bucket has fewer entries than a
+    page of the tail, none of them at the bucket's start, reads that bucket once: the short page
+    held all there is of it, so the ids remembered from below come from the bucket before it."""
+    monkeypatch.setattr(storage.cassandra, "BUCKET", 100)
+    store = cassandra
+    a, b = await two_users(store)
+    chat = await store.direct_chat(a, b, T0)
+    for i in range(140):  # b's inbox: 1..140, bucket 1 holding 100..140
+        await store.append_message(text(chat.chat_id, a, f"m{i}"), [a, b])
+    await store._blocking(store._session.execute, f"DELETE FROM {store.keyspace}.inbox WHERE user_id=%s "
+                          "AND bucket=%s AND pos < %s", (b, 1, 130))  # as if 100..129 had expired
+    store._logs.drop(f"u:{b}")  # opened again, as after a restart
+    x, reads = store._x, []
+
+    async def counted(name: str, *params: Any, **kw: Any) -> list[Any]:
+        rows = await x(name, *params, **kw)
+        if name.startswith("inbox_tail") and params and params[0] == b:
+            reads.append((name, params[1], len(rows)))
+        return rows
+
+    monkeypatch.setattr(store, "_x", counted)
+    sent = await store.append_message(text(chat.chat_id, a, "after"), [a, b])
+    assert sent.inbox[b] == 141
+    # the newest page (130..140), then bucket 0 from its top; nothing below 130 in bucket 1
+    assert [(name, bucket) for name, bucket, _n in reads] == [("inbox_tail", 1), ("inbox_tail_below", 0)]
+    assert reads[1][2] == 99  # all of bucket 0 (fewer than the 256 ids remembered)
+    entries = await store.read_inbox(b, 129, 100)
+    assert [e.pos for e in entries] == list(range(130, 142))
+
+
 @pytest.mark.parametrize("writes", ["direct", "driver"])
 async def test_cassandra_a_send_left_open_is_completed_by_its_retry_however_many_messages_came_after(
         cassandra_url: str, writes: str) -> None:
