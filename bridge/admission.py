@@ -1,7 +1,7 @@
 """Admission control: a bound on the device requests this bridge holds, and what happens past it.
 
-*Held* is every device publish taken in and not yet handled to the end: queued for an ingest
-worker (``bridge.mqtt_ingest``, external broker), or waiting in a device's queue of the
+*Held* is every device publish taken in and not yet handled to the end: waiting in its
+device's lane of the ingest (``bridge.mqtt_ingest``, external broker), or in a device's queue of the
 embedded broker (in-process ingest), or being handled (store calls in flight). Each path counts
 a publish with :meth:`Admission.admit` when it takes it in and gives it back with
 :meth:`Admission.release` once handled, so the check per publish is a few integer compares

@@ -426,7 +426,7 @@ class PigeonServer:
         return None if refused is None else self.publish(refused)
 
     def _start(self, topic: str, payload: bytes, taken_at: float) -> Awaitable[None] | None:
-        """A worker is about to handle a publish: None to go on, else the publishing of its
+        """A publish is about to be handled: None to go on, else the publishing of its
         refusal (it waited past the bound by delay, bridge/admission.py)."""
         refused = self.admission.start(topic, payload, taken_at)
         return None if refused is None else self.publish(refused)

@@ -130,7 +130,7 @@ class Metrics:
                                 "the start of their handling, in admission control's last interval (0 when "
                                 "nothing is held): what --max-queue-delay-ms bounds", registry=self.registry)
         self.intake = Gauge("pigeon_ingest_queued", "External broker: device publishes received and not yet "
-                            "handled by a worker (read off the socket, or taken in and queued)",
+                            "being handled (read off the socket, or taken in and waiting behind their device's own)",
                             registry=self.registry)
         self.ingest_lag = Gauge("pigeon_ingest_lag_seconds", "External broker: how long device publishes wait in "
                                 "the broker and the socket before the bridge reads them (its probe; the "

@@ -1,8 +1,9 @@
 """The bridge as an MQTT client: consume device publishes from a broker, publish replies and events.
 
 Used with any broker the bridge does not run itself, and selectable on the embedded one
-(``--ingest mqtt``). Publishes are spread over workers by device, so one device's requests are
-handled one at a time and in order while different devices proceed in parallel. Connections
+(``--ingest mqtt``). Each device's publishes wait in a lane of its own, handled one at a time
+and in order by a task that lives while the lane holds any, so different devices proceed in
+parallel and one whose request waits long on the store holds up no other device. Connections
 are re-established with capped, jittered backoff.
 
 **Partitioned** (a store with partition leases: Cassandra). Devices keep publishing on
@@ -48,7 +49,6 @@ import os
 import random
 import ssl
 import time
-import zlib
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
@@ -69,7 +69,7 @@ Handle = Callable[[str, bytes], Awaitable[None]]
 # The third argument: when the bridge received it (time.monotonic()), before it waited to be read.
 Admit = Callable[[str, bytes, float], Awaitable[None] | None]
 Release = Callable[[], None]
-# as a worker is about to handle a publish taken in then (time.monotonic()): None to handle it,
+# as a publish taken in then is about to be handled (time.monotonic()): None to handle it,
 # else an awaitable answering it instead (it waited past admission control's bound)
 Start = Callable[[str, bytes, float], Awaitable[None] | None]
 # topic, payload, what acknowledges it once handled (None: nothing to acknowledge), and when it
@@ -78,11 +78,15 @@ Item = tuple[str, bytes, Callable[[], None] | None, float]
 UP_FILTER = "up/+/+"
 
 
-# Requests waiting on the store in parallel. Each worker handles its devices one request at a
-# time, and a request spends most of its life waiting for store round trips (tens of ms on
-# Cassandra), so a few workers would cap the whole bridge at a few dozen requests a second with
-# the CPU idle. Workers are asyncio tasks: hundreds cost little.
-INGEST_WORKERS = 256
+# Publishes taken in and not yet handled, past which taking in more waits (admission control,
+# when on, refuses long before: --max-pending). Each device's wait in a lane of its own, handled
+# by a task while it holds any. Before, 256 workers each served the devices hashed to it, one
+# request at a time: a request that waited on the store (a number asked of a bridge that had
+# died, up to 5 s until its partition was taken over) held up every device behind it on its
+# worker, and 256 such requests at once held them all: the bridge served no one meanwhile. Now
+# what is handled at once is bounded by admission control alone, as on the embedded broker,
+# whose devices' requests each wait in a queue of their own too.
+MAX_TAKEN_IN = 100_000
 # QoS-1 publishes of the bridge awaiting their PUBACK (paho's default of 20 would queue the
 # replies of a busy bridge behind each other's round trips).
 MAX_INFLIGHT = 256
@@ -114,6 +118,11 @@ SESSION_READY_S = 5.0
 # bridge, and under a flood that was seconds, so logins took 3-5 s and more (BENCHMARKS.md,
 # 2026-11-30 dusk). Past this wait the SUBACK is still awaited, and a refusal is logged.
 SUBACK_WAIT_S = 0.3
+
+
+def _being_cancelled() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 class IngestError(PigeonError):
@@ -255,7 +264,7 @@ AskHolder = Callable[[int, dict[str, object], float], Awaitable[dict[str, object
 class MqttIngest:
     def __init__(
         self, host: str, port: int, *, username: str, password: str, client_id: str, handle: Handle,
-        workers: int = INGEST_WORKERS, queue_size: int = 1_000, max_backoff_s: float = 30.0,
+        max_taken_in: int = MAX_TAKEN_IN, max_backoff_s: float = 30.0,
         persistent: bool = False, partitions: Partitions | None = None, ask_holder: AskHolder | None = None,
         tls_context: ssl.SSLContext | None = None, admit: Admit | None = None, release: Release | None = None,
         start: Start | None = None,
@@ -266,9 +275,12 @@ class MqttIngest:
         self._handle = handle
         self._admit, self._release, self._start = admit, release, start
         self._persistent = persistent
-        self._queues: list[asyncio.Queue[Item]] = [
-            asyncio.Queue(maxsize=queue_size) for _ in range(workers)
-        ]
+        # device topic -> its publishes taken in and not yet handled (the first being handled)
+        self._lanes: dict[str, deque[Item]] = {}
+        self._taken_in, self._max_taken_in = 0, max_taken_in
+        self._room = asyncio.Event()  # set when taking in no longer waits for room
+        self._room.set()
+        self._tasks: asyncio.TaskGroup | None = None  # run()'s, which the lanes' tasks join
         self._client: aiomqtt.Client | None = None
         self._connected = asyncio.Event()
         self._max_backoff = max_backoff_s
@@ -337,13 +349,15 @@ class MqttIngest:
 
     async def run(self) -> None:
         """Consume until cancelled."""
-        async with asyncio.TaskGroup() as tg:
-            for i, q in enumerate(self._queues):
-                tg.create_task(self._work(q), name=f"ingest-worker-{i}")
-            tg.create_task(self._consume(), name="ingest-consumer")
-            tg.create_task(self._probe(), name="ingest-probe")
-            if self._partitions is not None:
-                tg.create_task(self._follow_partitions(), name="ingest-partitions")
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tasks = tg
+                tg.create_task(self._consume(), name="ingest-consumer")
+                tg.create_task(self._probe(), name="ingest-probe")
+                if self._partitions is not None:
+                    tg.create_task(self._follow_partitions(), name="ingest-partitions")
+        finally:
+            self._tasks = None
 
     # -- partitioned: one broker session per partition held ---------------------------------------
     async def _follow_partitions(self) -> None:
@@ -494,7 +508,7 @@ class MqttIngest:
                 await asyncio.sleep(0)  # the rest in a later turn of the loop (TAKE_PER_TURN)
 
     async def _take(self, client: aiomqtt.Client, message: aiomqtt.Message, persistent: bool = True) -> None:
-        """Queue one ``up/`` publish for its device's worker, with what acknowledges it."""
+        """Queue one ``up/`` publish in its device's lane, with what acknowledges it."""
         payload = message.payload
         data = payload if isinstance(payload, bytes) else str(payload).encode()
         topic = message.topic.value
@@ -516,8 +530,28 @@ class MqttIngest:
                 if ack is not None:
                     ack()
                 return
-        q = self._queues[zlib.crc32(topic.encode()) % len(self._queues)]
-        await q.put((topic, data, ack, received_at))
+        while self._taken_in >= self._max_taken_in:
+            self._room.clear()
+            await self._room.wait()
+        self._taken_in += 1
+        item = (topic, data, ack, received_at)
+        lane = self._lanes.get(topic)
+        if lane is not None:
+            lane.append(item)
+            return
+        lane = deque((item,))
+        handling = self._lane(topic, lane)
+        try:
+            if self._tasks is None:
+                raise RuntimeError("not running")
+            self._tasks.create_task(handling, name=f"ingest {topic}")
+        except RuntimeError:  # run() is ending: not taken in (nor acknowledged: the broker keeps it)
+            handling.close()
+            self._taken_in -= 1
+            if self._release is not None:
+                self._release()
+            return
+        self._lanes[topic] = lane
 
     async def _start_probe(self, client: aiomqtt.Client) -> None:
         probe = _Probe(client.identifier)
@@ -560,10 +594,9 @@ class MqttIngest:
 
     def intake(self) -> int:
         """Publishes received and not yet taken in (aiomqtt's queues), and taken in and waiting
-        for a worker."""
+        behind their device's publish being handled (each lane's first is being handled)."""
         clients = [self._client, *self._sessions.values()]
-        return (sum(c._queue.qsize() for c in clients if c is not None)
-                + sum(q.qsize() for q in self._queues))
+        return sum(c._queue.qsize() for c in clients if c is not None) + self._taken_in - len(self._lanes)
 
     async def _consume(self) -> None:
         """The connection replies and events go out on; without partitions, also the one that
@@ -608,20 +641,41 @@ class MqttIngest:
 
         return ack
 
-    async def _work(self, queue: asyncio.Queue[Item]) -> None:
-        while True:
-            topic, payload, ack, taken_at = await queue.get()
-            try:
-                expired = None if self._start is None else self._start(topic, payload, taken_at)
-                if expired is not None:
-                    await expired  # waited past admission control's bound: answered instead
-                else:
-                    await self._handle(topic, payload)
-            except Exception:
-                # a handler that raised is a bug, not a state the same publish would leave
-                log.exception("failed to handle a publish on %s", topic)
-            finally:
-                if self._release is not None:
-                    self._release()
-            if ack is not None:
-                ack()  # stored and answered (or answered with an error): the broker may forget it
+    async def _lane(self, topic: str, lane: deque[Item]) -> None:
+        """Handle one device's publishes in order until its lane is empty, then end."""
+        try:
+            while lane:
+                _, payload, ack, taken_at = lane[0]
+                try:
+                    expired = None if self._start is None else self._start(topic, payload, taken_at)
+                    if expired is not None:
+                        await expired  # waited past admission control's bound: answered instead
+                    else:
+                        await self._handle(topic, payload)
+                except asyncio.CancelledError:
+                    if _being_cancelled():
+                        raise
+                    # something the handler awaited was cancelled, not this lane: as below
+                    log.exception("handling a publish on %s was cancelled", topic)
+                except Exception:
+                    # a handler that raised is a bug, not a state the same publish would leave
+                    log.exception("failed to handle a publish on %s", topic)
+                finally:
+                    if self._release is not None:
+                        self._release()
+                lane.popleft()
+                self._taken_in -= 1
+                if not self._room.is_set() and self._taken_in < self._max_taken_in:
+                    self._room.set()
+                if ack is not None:
+                    ack()  # stored and answered (or answered with an error): the broker may forget it
+        finally:
+            if self._lanes.get(topic) is lane:
+                del self._lanes[topic]
+            if lane:  # cancelled (run() ending) while handling the first, which was given back
+                self._taken_in -= len(lane)
+                for _ in range(len(lane) - 1):
+                    if self._release is not None:
+                        self._release()
+                lane.clear()  # not acknowledged: the broker hands them out again
+                self._room.set()

@@ -5,7 +5,11 @@ connection, never reordered."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import time
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiomqtt
 import pytest
@@ -167,3 +171,101 @@ async def test_a_session_takes_in_at_most_a_share_of_what_it_read_per_turn_of_th
         await asyncio.sleep(0)
     runs = "".join("t" if x == "take" else "o" for x in order).split("o")
     assert max(len(r) for r in runs) == TAKE_PER_TURN and order.count("take") == 5 * TAKE_PER_TURN
+
+
+def _sharing_a_hash(first: str, buckets: int = 256) -> str:
+    """A device id whose topic hashes like ``first``'s into ``buckets``: under the old ingest,
+    whose 256 workers each served the devices hashed to it, the two devices shared one."""
+    want = zlib.crc32(f"up/{USER}/{first}".encode()) % buckets
+    return next(d for d in (f"d{i}" for i in itertools.count(2))
+                if zlib.crc32(f"up/{USER}/{d}".encode()) % buckets == want)
+
+
+@contextlib.asynccontextmanager
+async def running_ingest(handle: Callable[[str, bytes], Awaitable[None]],
+                         devices: list[str]) -> AsyncIterator[tuple[MqttIngest, list[aiomqtt.Client]]]:
+    """A persistent ingest on the embedded broker, and a connected client for each device."""
+    broker, port = await embedded_broker(tok_tokens(USER), (BRIDGE, SECRET))
+    ingest = MqttIngest("127.0.0.1", port, username=BRIDGE, password=SECRET, client_id=f"{BRIDGE}-l",
+                        handle=handle, persistent=True)
+    runner = asyncio.create_task(ingest.run())
+    try:
+        await ingest.wait_connected(10)
+        async with contextlib.AsyncExitStack() as stack:
+            clients = [await stack.enter_async_context(aiomqtt.Client(
+                "127.0.0.1", port, identifier=d, username=d, password=f"tok-{d}")) for d in devices]
+            yield ingest, clients
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+        await broker.shutdown()
+
+
+async def _until(done: Callable[[], bool]) -> None:
+    for _ in range(200):  # 10 s
+        if done():
+            return
+        await asyncio.sleep(0.05)
+
+
+async def test_a_device_whose_request_hangs_holds_up_only_its_own_later_requests() -> None:
+    """One device's request waits on the store (a partition whose holder died): its next request
+    waits behind it, in order, and another device's are handled meanwhile, also one whose topic
+    hashes like the first's."""
+    other = _sharing_a_hash(DEVICE)
+    hanging, release = asyncio.Event(), asyncio.Event()
+    handled: list[tuple[str, bytes]] = []
+
+    async def handle(topic: str, payload: bytes) -> None:
+        if payload == b'{"n":1}' and topic.endswith(f"/{DEVICE}"):
+            hanging.set()
+            await release.wait()
+        handled.append((topic.rsplit("/", 1)[1], payload))
+
+    async with running_ingest(handle, [DEVICE, other]) as (ingest, (first, second)):
+        await first.publish(f"up/{USER}/{DEVICE}", b'{"n":1}', qos=1)
+        await asyncio.wait_for(hanging.wait(), 10)
+        await first.publish(f"up/{USER}/{DEVICE}", b'{"n":2}', qos=1)
+        await second.publish(f"up/{USER}/{other}", b'{"n":1}', qos=1)
+        await _until(lambda: bool(handled))
+        assert handled == [(other, b'{"n":1}')]  # the first device's second waits behind its first
+        assert ingest.intake() == 1  # waiting: the first device's second (its first is being handled)
+        release.set()
+        await _until(lambda: len(handled) == 3)
+        assert handled[1:] == [(DEVICE, b'{"n":1}'), (DEVICE, b'{"n":2}')]
+        assert ingest.intake() == 0 and not ingest._lanes and ingest._taken_in == 0
+
+
+async def test_a_handler_whose_await_was_cancelled_leaves_its_devices_next_requests_handled() -> None:
+    """A cancellation from inside the handling (something it awaited was cancelled), not of the
+    lane itself, is logged like any failure: the device's next publish is still handled."""
+    handled: list[bytes] = []
+
+    async def handle(topic: str, payload: bytes) -> None:
+        if payload == b'{"n":1}':
+            raise asyncio.CancelledError()
+        handled.append(payload)
+
+    async with running_ingest(handle, [DEVICE]) as (ingest, (device,)):
+        await device.publish(f"up/{USER}/{DEVICE}", b'{"n":1}', qos=1)
+        await device.publish(f"up/{USER}/{DEVICE}", b'{"n":2}', qos=1)
+        await _until(lambda: bool(handled))
+        assert handled == [b'{"n":2}']
+        await _until(lambda: not ingest._lanes)
+        assert ingest._taken_in == 0
+
+
+async def test_a_publish_read_while_the_ingest_stops_is_not_taken_in() -> None:
+    """Between run()'s end and a session's, a publish read is neither handled nor counted: it was
+    never acknowledged, so the broker hands it out again."""
+    released: list[int] = []
+
+    async def handle(topic: str, payload: bytes) -> None:
+        raise AssertionError("handled after the ingest stopped")
+
+    ingest = MqttIngest("127.0.0.1", 9, username=BRIDGE, password=SECRET, client_id=f"{BRIDGE}-s", handle=handle,
+                        admit=lambda topic, payload, at: None, release=lambda: released.append(1))
+    message = aiomqtt.Message(f"up/{USER}/{DEVICE}", b"{}", 1, False, 7, None)
+    session = type("Session", (), {"identifier": f"{BRIDGE}-p0"})()
+    await ingest._take(session, message, persistent=False)
+    assert released == [1] and ingest._taken_in == 0 and not ingest._lanes and ingest.intake() == 0
