@@ -13,8 +13,8 @@ Three levels, by what is held:
 - from ``shed_at``: typing relays are dropped and presence changes are not fanned out to
   watchers (presence itself is still recorded): work no one stores and no one misses for long
   goes first, before any send is refused;
-- from ``limit`` held in all, or ``per_device`` of the sending device's own (on the embedded
-  broker, where a device's requests are handled one at a time, so its own queue is its wait):
+- from ``limit`` held in all, or ``per_device`` of the sending device's own (both ways in handle a
+  device's requests one at a time, so its own queue is its wait):
   a new publish is not queued. It is read at once and, if it is a request with
   a reply (``send``, ``sync``, ``read``, ``watch``, ``media_*``), answered at once with
   ``rate_limited`` and ``retry_after_ms``; nothing of it is stored, so a retry is safe and the

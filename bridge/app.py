@@ -419,10 +419,10 @@ class PigeonServer:
                 except Exception:  # housekeeping must never take the server down
                     log.exception("housekeeping step failed; trying again later")
 
-    def _admit(self, topic: str, payload: bytes | bytearray, received_at: float) -> Awaitable[None] | None:
-        """Admission control for a device publish (bridge/admission.py): None when taken in,
-        else the publishing of its refusal."""
-        refused = self.admission.admit(topic, payload, waited=time.monotonic() - received_at)
+    def _admit(self, topic: str, payload: bytes | bytearray, received_at: float, queued: int) -> Awaitable[None] | None:
+        """Admission control for a device publish (bridge/admission.py), ``queued`` of its device's
+        held already: None when taken in, else the publishing of its refusal."""
+        refused = self.admission.admit(topic, payload, queued, waited=time.monotonic() - received_at)
         return None if refused is None else self.publish(refused)
 
     def _start(self, topic: str, payload: bytes, taken_at: float) -> Awaitable[None] | None:

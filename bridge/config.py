@@ -83,7 +83,7 @@ class Settings:
     # level from which typing and presence fan-out are shed (None: half), the longest requests
     # may have been held before new ones are refused (0: no bound by delay), and the least retry hint
     max_pending: int = 2048
-    max_pending_device: int = 200  # of one device's own (embedded broker): the per-device burst
+    max_pending_device: int = 200  # of one device's own: the per-device burst
     shed_pending: int | None = None
     overload_retry_ms: int = 1000
     max_queue_delay_ms: int = 2000

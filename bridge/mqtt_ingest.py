@@ -66,8 +66,9 @@ log = logging.getLogger(__name__)
 Handle = Callable[[str, bytes], Awaitable[None]]
 # admission control (bridge/admission.py): None when a publish is taken in (``Release`` once it
 # has been handled), else an awaitable answering it at once; it is then acknowledged, not queued.
-# The third argument: when the bridge received it (time.monotonic()), before it waited to be read.
-Admit = Callable[[str, bytes, float], Awaitable[None] | None]
+# The third argument: when the bridge received it (time.monotonic()), before it waited to be read;
+# the fourth: how many of its device's are held already (its lane, the one being handled included).
+Admit = Callable[[str, bytes, float, int], Awaitable[None] | None]
 Release = Callable[[], None]
 # as a publish taken in then is about to be handled (time.monotonic()): None to handle it,
 # else an awaitable answering it instead (it waited past admission control's bound)
@@ -524,7 +525,8 @@ class MqttIngest:
         if probe is not None:  # it waited before it was read, too
             received_at -= probe.lag(received_at)
         if self._admit is not None:
-            refused = self._admit(topic, data, received_at)
+            lane = self._lanes.get(topic)
+            refused = self._admit(topic, data, received_at, 0 if lane is None else len(lane))
             if refused is not None:  # answered at once, never queued
                 await refused
                 if ack is not None:

@@ -97,7 +97,7 @@ def serve(
         envvar="PIGEON_MAX_PENDING", help="device requests the bridge holds (queued or in flight) before it "
         "answers new ones rate_limited at once")] = 2048,
     max_pending_device: Annotated[int, typer.Option(
-        envvar="PIGEON_MAX_PENDING_DEVICE", help="embedded broker: a device's own requests held before its new "
+        envvar="PIGEON_MAX_PENDING_DEVICE", help="a device's own requests held before its new "
         "ones are answered rate_limited at once")] = 200,
     shed_pending: Annotated[int | None, typer.Option(
         envvar="PIGEON_SHED_PENDING", help="requests held from which typing and presence fan-out are dropped "

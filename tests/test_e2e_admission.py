@@ -5,6 +5,7 @@
   refused send tried again later is stored once.
 - While shedding (``--shed-pending 0``: always), typing and presence changes are not relayed,
   and sends still are.
+- Past ``--max-pending-device`` one device's burst is refused, and another device's send is not.
 - A device that keeps pushing past its rate limit (``--kick-after``) is disconnected; its will
   is published, and what it was told was ``sent`` is stored.
 - Bounded by delay (``--max-queue-delay-ms``), with the count bounds out of reach: under a
@@ -47,6 +48,16 @@ def bounded(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     srv = start(tmp_path_factory.mktemp(f"bounded-{request.param}"), request.param,
                 "--max-pending", "4", "--shed-pending", "2", "--overload-retry-ms", "300",
                 "--rate", "1000", "--burst", "1000")
+    srv.profile = request.param
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module", params=PROFILES)
+def per_device(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc]:
+    """At most 3 requests of one device held; the bound on all far away."""
+    srv = start(tmp_path_factory.mktemp(f"per-device-{request.param}"), request.param,
+                "--max-pending-device", "3", "--max-pending", "100000", "--rate", "1000", "--burst", "1000")
     srv.profile = request.param
     yield srv
     srv.stop()
@@ -190,6 +201,28 @@ async def test_past_the_bound_sends_are_refused_at_once_and_nothing_answered_sen
         assert await metric(bounded, "pigeon_requests_held") == 0  # every count given back
     finally:
         raw.close()
+
+
+async def test_past_a_devices_own_bound_its_sends_are_refused_and_another_devices_are_not(
+        per_device: ServerProc) -> None:
+    """Each way in counts a device's own requests held (its queue, handled one at a time): past
+    ``--max-pending-device`` its burst is refused, while a device sending one at a time meanwhile
+    is not."""
+    a, b, c = [await login(per_device.http, fresh_phone()) for _ in range(3)]
+    raw, calm = await Raw(a).open(per_device), await Raw(c).open(per_device)
+    try:
+        ids = raw.burst(b.user_id, BURST)
+        calm_ids = calm.burst(b.user_id, 1)
+        await raw.answers(ids)
+        await calm.answers(calm_ids)
+        refused = [raw.replies[i][0] for i in ids if raw.replies[i][0]["type"] == "error"]
+        assert refused, f"nothing of a burst of {BURST} refused with 3 of a device held at most ({per_device.profile})"
+        assert all(r["code"] == "rate_limited" and "of this device" in r["message"] for r in refused), refused[0]
+        assert calm.replies[calm_ids[0]][0]["type"] == "sent"
+        assert await metric(per_device, "pigeon_requests_held") == 0  # every count given back
+    finally:
+        raw.close()
+        calm.close()
 
 
 async def test_while_shedding_typing_and_presence_are_not_relayed_but_sends_are(strict: ServerProc) -> None:

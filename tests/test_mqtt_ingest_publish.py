@@ -10,6 +10,7 @@ import itertools
 import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import aiomqtt
 import pytest
@@ -182,12 +183,12 @@ def _sharing_a_hash(first: str, buckets: int = 256) -> str:
 
 
 @contextlib.asynccontextmanager
-async def running_ingest(handle: Callable[[str, bytes], Awaitable[None]],
-                         devices: list[str]) -> AsyncIterator[tuple[MqttIngest, list[aiomqtt.Client]]]:
+async def running_ingest(handle: Callable[[str, bytes], Awaitable[None]], devices: list[str],
+                         **options: Any) -> AsyncIterator[tuple[MqttIngest, list[aiomqtt.Client]]]:
     """A persistent ingest on the embedded broker, and a connected client for each device."""
     broker, port = await embedded_broker(tok_tokens(USER), (BRIDGE, SECRET))
     ingest = MqttIngest("127.0.0.1", port, username=BRIDGE, password=SECRET, client_id=f"{BRIDGE}-l",
-                        handle=handle, persistent=True)
+                        handle=handle, persistent=True, **options)
     runner = asyncio.create_task(ingest.run())
     try:
         await ingest.wait_connected(10)
@@ -211,7 +212,7 @@ async def _until(done: Callable[[], bool]) -> None:
 async def test_a_device_whose_request_hangs_holds_up_only_its_own_later_requests() -> None:
     """One device's request waits on the store (a partition whose holder died): its next request
     waits behind it, in order, and another device's are handled meanwhile, also one whose topic
-    hashes like the first's."""
+    hashes like the first's. Admission control is told how many of each device's are held."""
     other = _sharing_a_hash(DEVICE)
     hanging, release = asyncio.Event(), asyncio.Event()
     handled: list[tuple[str, bytes]] = []
@@ -222,7 +223,12 @@ async def test_a_device_whose_request_hangs_holds_up_only_its_own_later_requests
             await release.wait()
         handled.append((topic.rsplit("/", 1)[1], payload))
 
-    async with running_ingest(handle, [DEVICE, other]) as (ingest, (first, second)):
+    admitted: list[tuple[str, int]] = []
+
+    def admit(topic: str, payload: bytes, received_at: float, queued: int) -> None:
+        admitted.append((topic.rsplit("/", 1)[1], queued))
+
+    async with running_ingest(handle, [DEVICE, other], admit=admit) as (ingest, (first, second)):
         await first.publish(f"up/{USER}/{DEVICE}", b'{"n":1}', qos=1)
         await asyncio.wait_for(hanging.wait(), 10)
         await first.publish(f"up/{USER}/{DEVICE}", b'{"n":2}', qos=1)
@@ -230,6 +236,7 @@ async def test_a_device_whose_request_hangs_holds_up_only_its_own_later_requests
         await _until(lambda: bool(handled))
         assert handled == [(other, b'{"n":1}')]  # the first device's second waits behind its first
         assert ingest.intake() == 1  # waiting: the first device's second (its first is being handled)
+        assert admitted == [(DEVICE, 0), (DEVICE, 1), (other, 0)]
         release.set()
         await _until(lambda: len(handled) == 3)
         assert handled[1:] == [(DEVICE, b'{"n":1}'), (DEVICE, b'{"n":2}')]
@@ -264,7 +271,7 @@ async def test_a_publish_read_while_the_ingest_stops_is_not_taken_in() -> None:
         raise AssertionError("handled after the ingest stopped")
 
     ingest = MqttIngest("127.0.0.1", 9, username=BRIDGE, password=SECRET, client_id=f"{BRIDGE}-s", handle=handle,
-                        admit=lambda topic, payload, at: None, release=lambda: released.append(1))
+                        admit=lambda topic, payload, at, queued: None, release=lambda: released.append(1))
     message = aiomqtt.Message(f"up/{USER}/{DEVICE}", b"{}", 1, False, 7, None)
     session = type("Session", (), {"identifier": f"{BRIDGE}-p0"})()
     await ingest._take(session, message, persistent=False)
