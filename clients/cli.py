@@ -630,7 +630,8 @@ async def _chat(p: Profile, target: str) -> None:
 @app.command()
 def bench(
     scenario: Annotated[str, typer.Argument(
-        help="p2p, baseline, group, sync, idle, wire, overload, or all (every one but overload)")],
+        help="p2p, baseline, group, sync, idle, wire, overload, failover, or all (every one but overload and "
+        "failover)")],
     profile: Annotated[str | None, typer.Option(
         help="start a server to measure: embedded, or production (Mosquitto + Cassandra + Redis + MinIO "
         "from scripts/services)")] = None,
@@ -662,7 +663,7 @@ def bench(
         help="overload: how long the load is then offered at half of full speed")] = 30.0,
     overload_factor: Annotated[float, typer.Option(help="overload: offered load as a multiple of full speed")] = 3.0,
     full_speed: Annotated[float | None, typer.Option(
-        help="overload: full speed in msgs/s (default: measured first, for --seconds, like p2p)")] = None,
+        help="overload, failover: full speed in msgs/s (default: measured first, for --seconds, like p2p)")] = None,
     max_seconds: Annotated[float, typer.Option(help="stop the run if it takes longer than this")] = 900.0,
     json_out: Annotated[Path | None, typer.Option("--json", help="write the results to this file")] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
@@ -690,10 +691,10 @@ def bench(
     """Measure throughput, latency, fan-out, sync, idle cost and bytes on the wire (loopback only)."""
     import json
 
-    from clients.bench.run import SCENARIOS, Bench, Options
+    from clients.bench.run import ALONE, SCENARIOS, Bench, Options
     from clients.bench.target import BENCH_KEYSPACE, BenchError, open_target
 
-    chosen = [s for s in SCENARIOS if s != "overload"] if scenario == "all" else [scenario]
+    chosen = [s for s in SCENARIOS if s not in ALONE] if scenario == "all" else [scenario]
     problems = []
     if scenario != "all" and scenario not in SCENARIOS:
         problems.append(f"unknown scenario {scenario!r}; choose one of {', '.join(SCENARIOS)} or all")
@@ -719,6 +720,8 @@ def bench(
         problems.append("--cold-sync needs --profile production (the devices must outlive the restart)")
     if not 1 <= bridges <= 8 or (bridges > 1 and profile != "production"):
         problems.append("--bridges must be within 1..8, and more than 1 only with --profile production")
+    if scenario == "failover" and (profile != "production" or bridges < 2):
+        problems.append("failover needs --profile production and --bridges 2 or more (it kills one)")
     if proto not in (1, 2):
         problems.append(f"--proto must be 1 or 2, got {proto}")
     if keep_store and profile != "production":
@@ -764,9 +767,15 @@ def _show_result(r: dict[str, Any]) -> None:
     keys = ("msgs_per_s", "deliveries_per_s", "baseline_msgs_per_s", "baseline_deliveries_per_s", "ratio",
             "p50_ms", "p95_ms", "p99_ms", "seconds", "connects_per_s", "kb_per_device", "rss_mb", "bytes_per_msg",
             "store_ops_per_msg", "lwt_per_msg", "bridge_cpu_ms_per_msg", "rate_limited", "unavailable",
-            "health_max_ms", "login_max_ms", "responsive", "held_max", "recovered_after_s")
+            "health_max_ms", "login_max_ms", "responsive", "held_max", "recovered_after_s", "takeover_s",
+            "during_within_1s_pct", "max_ms")
     shown = "  ".join(f"{k}={r[k]}" for k in keys if r.get(k) is not None)
     console.print(f"[bold]{r['scenario']}[/] ({r['profile']}): {shown}")
+    for stretch in ("before", "during", "after"):
+        if isinstance(r.get(stretch), dict):
+            s = r[stretch]
+            console.print(f"  sends {stretch} the takeover: {s['messages']}, p50 {s['p50_ms']} ms, "
+                          f"p99 {s['p99_ms']} ms")
     for step in r.get("rates") or []:
         if step.get("bridge_cpu_ms_per_msg") is not None:
             console.print(f"  at {step['msgs_per_s']} msgs/s ({step['msgs_per_s_per_bridge']} a bridge): p99 "

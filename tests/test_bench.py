@@ -186,6 +186,23 @@ def test_two_bridges_share_a_production_run(tmp_path: Path) -> None:
     check_cost(r, cpu_known=True)
 
 
+def test_a_failover_run_kills_a_bridge_and_the_other_takes_over_with_every_send_answered(tmp_path: Path) -> None:
+    """failover: the second of two bridges is killed 2 s into the traffic; the first holds every
+    partition within 10 s (issue 11), and nothing sent is lost, duplicated or left unanswered."""
+    production_url("PIGEON_BROKER", "mqtt://")
+    out = tmp_path / "bench.json"
+    done = bench("failover", "--profile", "production", "--bridges", "2", *TINY, "--seconds", "2",
+                 "--full-speed", "40", "--json", str(out))
+    assert done.returncode == 0, done.stderr[-4000:] + done.stdout[-2000:]
+    r = json.loads(out.read_text())
+    assert r["scenario"] == "failover" and r["bridges"] == 2 and r["killed_after_s"] == 2.0, r
+    assert 0 < r["takeover_s"] <= 10.0, r
+    assert r["lost"] == 0 and r["duplicates"] == 0 and r["unanswered"] == 0, r
+    assert r["before"]["messages"] > 0 and r["offered_per_s"] == 20.0, r
+    assert sum(r[s]["messages"] for s in ("before", "during", "after")) == sum(row[1] for row in r["by_second"])
+    assert "pigeon-2" not in r["server_cpu_pct"], r["server_cpu_pct"]  # the killed bridge is not read
+
+
 def test_a_cold_sync_restarts_the_server_and_still_gets_everything(tmp_path: Path) -> None:
     production_url("PIGEON_BROKER", "mqtt://")
     out = tmp_path / "bench.json"
@@ -212,6 +229,8 @@ def test_a_cold_sync_restarts_the_server_and_still_gets_everything(tmp_path: Pat
     (["p2p", "--profile", "production", "--keyspace", "pigeon_test"], "--keyspace must be pigeon_bench or"),
     (["p2p", "--profile", "production", "--keyspace", "pigeon_bench_a;DROP"], "--keyspace must be pigeon_bench or"),
     (["p2p", "--profile", "embedded", "--keyspace", "pigeon_bench_a"], "only with --profile production"),
+    (["failover", "--profile", "embedded"], "failover needs --profile production and --bridges 2"),
+    (["failover", "--profile", "production"], "failover needs --profile production and --bridges 2"),
 ])
 def test_bad_arguments_are_refused_before_anything_runs(args: list[str], message: str) -> None:
     done = bench(*args, timeout=60)

@@ -21,14 +21,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from clients.sdk import tls_context
 from storage.base import StoreOps
+from storage.cassandra_owner import PARTITIONS
 from storage.ids import new_id
 
 from . import worker as worker_mod
-from .target import TICKS_PER_S, BenchError, Target, cpu_ticks, rss_kb
+from .target import TICKS_PER_S, BenchError, Target, cpu_ticks, partitions_held, rss_kb
 
-SCENARIOS = ("p2p", "baseline", "group", "sync", "idle", "wire", "overload")
+SCENARIOS = ("p2p", "baseline", "group", "sync", "idle", "wire", "overload", "failover")
 # the scenarios whose devices speak --proto (baseline has none; wire measures v1 and v2 side by side)
-DEVICE_SCENARIOS = ("p2p", "group", "sync", "idle", "overload")
+DEVICE_SCENARIOS = ("p2p", "group", "sync", "idle", "overload", "failover")
+# not in "all": overload takes minutes, failover needs two bridges and kills one
+ALONE = ("overload", "failover")
 RATE_STEPS = (0.25, 0.5, 0.75)
 IDLE_RATE = 20.0  # idle: messages a second sent while the devices are held
 IDLE_PAIRS = 10
@@ -546,20 +549,27 @@ class Bench:
                 "client_cpu_pct": round(100 * run["cpu_s"] / max(1e-9, run["seconds"]), 1)}
 
     # -- scenarios --------------------------------------------------------------------------------------------
+    def pairs_phase(self, pool: Pool, per_worker: list[int]) -> Callable[..., dict[str, Any]]:
+        """What runs a p2p phase on ``per_worker`` pairs of each worker's devices (2j sends to
+        2j + 1), a total ``rate`` spread over them."""
+        o = self.opts
+        pairs = {k: [(2 * j, 2 * j + 1) for j in range(n)] for k, n in enumerate(per_worker)}
+
+        def phase(what: str, per_delivery: float | None = None, **kw: Any) -> dict[str, Any]:
+            rate = kw.pop("rate", 0.0)
+            return self.phase(pool, what, per_worker, lambda k: {
+                "flow": "p2p", **kw, "pairs": pairs[k], "rate": rate * per_worker[k] / o.pairs}, kw["seconds"],
+                per_delivery)
+
+        return phase
+
     def p2p(self, with_baseline: bool = True) -> Result:
         o = self.opts
         per_worker = split(o.pairs, o.workers)
         with self.pool() as pool:
             creds = self.login(pool, [2 * n for n in per_worker])
             self.connect(pool, [2 * n for n in per_worker])
-            pairs = {k: [(2 * j, 2 * j + 1) for j in range(n)] for k, n in enumerate(per_worker)}
-
-            def phase(what: str, per_delivery: float | None = None, **kw: Any) -> dict[str, Any]:
-                rate = kw.pop("rate", 0.0)
-                return self.phase(pool, what, per_worker, lambda k: {
-                    "flow": "p2p", **kw, "pairs": pairs[k], "rate": rate * per_worker[k] / o.pairs}, kw["seconds"],
-                    per_delivery)
-
+            phase = self.pairs_phase(pool, per_worker)
             phase("warm-up", mode="closed", seconds=2.0, window=1, measured=False)
             full = phase("p2p: full speed", 1.0, mode="closed", seconds=o.seconds, window=o.window)
             max_rate = full["delivered"] / max(1e-9, full["seconds"])
@@ -611,6 +621,73 @@ class Bench:
                 fields["baseline"] = baseline
             pool.all("disconnecting", "disconnect", {})
         return Result("p2p", self.target.profile, fields)
+
+    def failover(self) -> Result:
+        """Two bridges or more (production): p2p traffic offered open loop at half of full speed
+        (measured first, for --seconds, unless --full-speed gives it) for three times --seconds;
+        --seconds into it the last bridge is killed with SIGKILL, never to start again. How long
+        until the others hold every partition, and the latency of the sends made before the kill,
+        until that takeover and after it. Nothing answered 'sent' may be lost or duplicated, and
+        every send must be answered (the dead bridge's devices' publishes wait in its broker
+        sessions until a survivor takes them over)."""
+        o, target = self.opts, self.target
+        if target.kill_bridge is None:
+            raise BenchError("failover needs --profile production and --bridges 2 or more")
+        per_worker = split(o.pairs, o.workers)
+        with self.pool() as pool:
+            self.login(pool, [2 * n for n in per_worker])
+            self.connect(pool, [2 * n for n in per_worker])
+            phase = self.pairs_phase(pool, per_worker)
+            phase("warm-up", mode="closed", seconds=2.0, window=1, measured=False)
+            max_rate = o.full_speed
+            if max_rate is None:
+                full = phase("failover: full speed first", mode="closed", seconds=o.seconds, window=o.window)
+                max_rate = full["delivered"] / max(1e-9, full["seconds"])
+            bridges, victim = len(target.bridge_pids), target.bridge_pids[-1]
+            self.meter = Meter({n: p for n, p in target.pids.items() if p != victim}, target.cpu_only_pids)
+            took: dict[str, float] = {}
+            killer = threading.Thread(target=self._kill_and_watch, args=(o.seconds, took), daemon=True)
+            killer.start()
+            run = phase(f"failover: {max_rate / 2:.0f} msgs/s, the last bridge killed {o.seconds:g} s in",
+                        mode="open", seconds=3 * o.seconds, rate=max_rate / 2)
+            killer.join(60.0)
+            if "takeover_s" not in took:
+                raise BenchError(f"the other bridges did not hold every partition within 60 s of the kill: {took}")
+            killed, over = took["killed_at"], took["killed_at"] + took["takeover_s"]
+            stretches: dict[str, list[float]] = {"before": [], "during": [], "after": []}
+            for t, ms in zip(run["sent_s"], run["latencies_ms"], strict=True):
+                stretches["before" if t < killed else "during" if t < over else "after"].append(ms)
+            during = stretches["during"]
+            fields: dict[str, Any] = {
+                "offered_per_s": round(max_rate / 2, 1), "bridges": bridges,
+                "msgs_per_s": round(run["delivered"] / max(1e-9, run["seconds"]), 1),
+                "killed_after_s": o.seconds, "takeover_s": round(took["takeover_s"], 2),
+                **{name: {"messages": len(v), **percentiles(v)} for name, v in stretches.items()},
+                # sends made while a partition had no holder that were answered as if nothing had
+                # happened: those whose devices, chat and inboxes all lay with the survivors
+                "during_within_1s_pct": round(100 * sum(ms <= 1000 for ms in during) / len(during), 1)
+                if during else None,
+                "max_ms": round(max(run["latencies_ms"], default=0.0), 1),
+                "lost": run["lost"], "unanswered": run["unanswered"], "duplicates": run["duplicates"],
+                "late_live": run["late_live"], "errors": dict(run["errors"]), "server_cpu_pct": run["server_cpu_pct"],
+                "by_second": by_second(run["sent_s"], run["latencies_ms"]),
+            }
+            pool.all("disconnecting", "disconnect", {})
+        return Result("failover", target.profile, fields)
+
+    def _kill_and_watch(self, after_s: float, took: dict[str, float]) -> None:
+        """``after_s`` from now, kill the last bridge; then note (in ``took``) when it was killed
+        and how long until the others held every partition."""
+        time.sleep(after_s)
+        assert self.target.kill_bridge is not None
+        took["killed_at"] = time.time()
+        t0 = time.monotonic()
+        self.target.kill_bridge()
+        while time.monotonic() - t0 < 60.0:
+            if sum(partitions_held(url) for url in self.target.bridge_urls) >= PARTITIONS:
+                took["takeover_s"] = time.monotonic() - t0
+                return
+            time.sleep(0.1)
 
     def baseline(self) -> Result:
         o = self.opts
@@ -909,7 +986,7 @@ class Bench:
     def run(self, scenario: str) -> Result:
         runners: dict[str, Callable[[], Result]] = {
             "p2p": self.p2p, "baseline": self.baseline, "group": self.group, "sync": self.sync,
-            "idle": self.idle, "wire": self.wire, "overload": self.overload,
+            "idle": self.idle, "wire": self.wire, "overload": self.overload, "failover": self.failover,
         }
         result = runners[scenario]()
         if scenario in DEVICE_SCENARIOS:

@@ -11,6 +11,7 @@ import re
 import secrets
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -25,6 +26,7 @@ import httpx
 
 from clients.launch import ROOT, ServerProc
 from clients.sdk import PigeonClientError, parse_mqtt_url
+from storage.cassandra_owner import PARTITIONS
 
 # the server a benchmark starts answers more than a phone's fair share per device, so that the
 # limiter is exercised but never the thing measured; runs report any rate_limited error loudly
@@ -60,6 +62,9 @@ class Target:
     bridge_urls: list[str] = field(default_factory=list)
     # stops the server(s) the bench started and starts them again on the same ports and data
     restart: Callable[[], None] | None = None
+    # production with 2 bridges or more: kills the last with SIGKILL, never to start again; the
+    # others' HTTP URLs are then ``bridge_urls``
+    kill_bridge: Callable[[], None] | None = None
     mqtt_tls: bool = False  # devices connect with mqtts:// (or wss://)
     mqtt_ws_path: str | None = None  # devices connect over a WebSocket at this path (ws://, wss://)
     ca_file: str | None = None  # what https:// and mqtts:// are checked against (None: the system's CAs)
@@ -219,19 +224,23 @@ def service_pids(names: tuple[str, ...] = ("mosquitto", "redis")) -> dict[str, i
             if isinstance(info, dict) and "pid" in info and name in names}
 
 
+def partitions_held(http: str) -> int:
+    """How many of the store's partitions the bridge at ``http`` holds (its /metrics; 0 when it
+    does not answer)."""
+    try:
+        text = httpx.get(f"{http}/metrics", timeout=5.0).text
+    except httpx.HTTPError:
+        return 0
+    m = re.search(r"^pigeon_partitions_held (\S+)$", text, re.M)
+    return int(float(m.group(1))) if m else 0
+
+
 def wait_shared(servers: list[ServerProc], timeout_s: float = 60.0) -> None:
     """Wait until every bridge holds some of the store's partitions (they balance by lease)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        held = []
-        for s in servers:
-            try:
-                text = httpx.get(f"{s.http}/metrics", timeout=5.0).text
-            except httpx.HTTPError:
-                text = ""
-            m = re.search(r"^pigeon_partitions_held (\S+)$", text, re.M)
-            held.append(float(m.group(1)) if m else 0.0)
-        if min(held) > 0 and sum(held) >= 16:
+        held = [partitions_held(s.http) for s in servers]
+        if min(held) > 0 and sum(held) >= PARTITIONS:
             time.sleep(2.0)  # let the balance settle before devices log in
             return
         time.sleep(0.5)
@@ -357,7 +366,17 @@ def open_target(profile: str | None, http: str | None, mqtt: str | None, server_
                         for i, s in enumerate(servers):
                             target.pids["pigeon" if i == 0 else f"pigeon-{i + 1}"] = s.proc.pid
 
+                    def kill_bridge() -> None:
+                        victim = servers.pop()
+                        victim.stop(signal.SIGKILL)
+                        target.bridge_pids = [s.proc.pid for s in servers]
+                        target.bridge_urls = [s.http for s in servers]
+                        target.pids = {name: pid for name, pid in target.pids.items() if pid != victim.proc.pid}
+                        keep_log(victim, None if server_log is None else Path(f"{server_log}.killed"))
+
                     target.restart = restart
+                    if bridges > 1:
+                        target.kill_bridge = kill_bridge
                     yield target
             finally:
                 for s in servers:
