@@ -143,6 +143,12 @@ class Unresolved(BadRequest):
         self.peer = peer
 
 
+class Unawaited(BadRequest):
+    """A ``sent`` that names no chat, for a request id no send of this device awaits: a repeat
+    answered again, after its first answer (a bridge that died before it acknowledged the publish,
+    whose successor handled it once more: the same seq). Nothing for the device to do."""
+
+
 def _msg(ev: MsgEvent, for_user: str, live: bool = False) -> list[Any]:
     m = ev.message
     own = m.sender == for_user
@@ -260,6 +266,8 @@ def _v1_event(a: Any, for_user: str, chats: Mapping[str, str] | None = None,
         rid, chat = _at(a, 1), id_in(_at(a, 2), CHAT)
         if chat is None and chats is not None and isinstance(rid, str):
             chat = chats.get(rid)  # the chat the send named: the device knows it
+            if chat is None:
+                raise Unawaited(f"sent {rid!r}: no send of this device awaits it (answered before)")
         inbox = _at(a, 5)
         return {"type": "sent", "id": rid, "chat": chat, "seq": _at(a, 3),
                 "ts": _at(a, 4) if inbox is None else _live_ts(a, now_ms, "sent", inbox), "inbox": inbox}

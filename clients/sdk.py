@@ -717,6 +717,9 @@ class Device:
                     self._unresolved[exc.inbox] = exc.peer
                     self._sync_wanted.set()
                 continue
+            except wire_v2.Unawaited as exc:  # a repeat answered again: its first answer came
+                log.debug("ignoring a repeated reply on %s: %s", message.topic, exc.message)
+                continue
             except ProtocolError as exc:
                 log.warning("ignoring a payload on %s that is not a valid event: %s", message.topic, exc.message)
                 continue

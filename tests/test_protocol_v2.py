@@ -29,6 +29,7 @@ from bridge.protocol import (
 from bridge.wire import DeviceKinds, V1Readers, encode_v1, publishes
 from bridge.wire_v2 import (
     REQUEST_NUMBERS,
+    Unawaited,
     Unresolved,
     decode,
     encode,
@@ -235,8 +236,11 @@ def test_a_sent_for_a_send_that_named_its_chat_leaves_the_chat_to_the_device() -
     v1 = decode_payload(encode_v1(named))
     assert v1.to_json() == {"type": "sent", "id": "k1", "chat": "c_1", "seq": 7, "ts": 1795438173378}
     assert decode(raw, SENDER, {"k1": "c_1", "k2": "c_2"}, now_ms=clock(named)) == v1
-    with pytest.raises(BadRequest):  # a device that does not know the send: no chat, refused
+    with pytest.raises(Unawaited):  # a device that awaits no such send: a repeat, answered before
         decode(raw, SENDER, {}, now_ms=clock(named))
+    with pytest.raises(BadRequest) as refused:  # nothing to tell by: no chat, refused
+        decode(raw, SENDER, now_ms=clock(named))
+    assert not isinstance(refused.value, Unawaited)
     with_inbox = decode(encode(Sent("k1", "c_1", 7, 1795438173378, inbox=9, chat_known=True), SENDER), SENDER,
                         {"k1": "c_1"}, now_ms=clock(named))
     assert isinstance(with_inbox, Sent) and (with_inbox.chat, with_inbox.inbox) == ("c_1", 9)

@@ -179,6 +179,9 @@ class Dev:
                     self.gap_since = self.gap_since or time.monotonic()
                     self.w.gapped.add(self)
                 return
+            except wire_v2.Unawaited:  # a repeat answered again (a bridge died before acknowledging it)
+                self.w.tally.errors["sent_again"] += 1
+                return
             except ProtocolError:
                 self.w.tally.errors["undecodable"] += 1
                 return
