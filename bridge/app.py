@@ -99,8 +99,9 @@ class PigeonServer:
                 await self._broker.publish(topic, payload, qos)
         else:
             return
+        by_qos = self.metrics.messages_out_of
         for _topic, _payload, qos in sent:
-            self.metrics.messages_out.labels(str(qos)).inc()
+            by_qos[str(qos)].inc()
 
     async def __aenter__(self) -> PigeonServer:
         s = self.settings
@@ -446,7 +447,7 @@ class PigeonServer:
         if refused is None:
             return None
         if refused:
-            self.metrics.messages_out.labels("0").inc(len(refused))
+            self.metrics.messages_out_of["0"].inc(len(refused))
         return [(topic, payload) for topic, payload, _qos in publishes(refused, self.kinds)]
 
     async def _disconnect_device(self, device_id: str) -> None:

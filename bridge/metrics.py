@@ -87,6 +87,23 @@ class GcPauses:
         yield family
 
 
+class ByLabel(dict[str, Any]):
+    """A labelled metric's children by their one label value, each looked up once.
+
+    ``Counter.labels`` checks and joins the values and takes the metric's lock on every call:
+    2.8 µs against 0.05 µs for a dict hit here (this box, 2026-12-05), and the message path
+    makes about eight such calls per message. For label values from a small closed set (request
+    types, QoS levels): every value seen is kept."""
+
+    def __init__(self, metric: Any) -> None:
+        super().__init__()
+        self._metric = metric
+
+    def __missing__(self, value: str) -> Any:
+        child = self[value] = self._metric.labels(value)
+        return child
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -145,6 +162,9 @@ class Metrics:
                             "other publishes too", ["what"], registry=self.registry)
         self.kicked = Counter("pigeon_devices_disconnected", "Devices disconnected for pushing past their "
                               "per-device rate limit", registry=self.registry)
+        # the hot path's children (see ByLabel)
+        self.requests_of, self.latency_of = ByLabel(self.requests), ByLabel(self.latency)
+        self.messages_out_of = ByLabel(self.messages_out)
         self.store_ops = StoreOpsCollector()
         self.registry.register(self.store_ops)
         self.registry.register(GcPauses.installed())

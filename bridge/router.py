@@ -148,7 +148,7 @@ class DeviceRouter:
         try:
             req = parse_any(payload, self._max_payload)
             kind = req.type
-            self._metrics.requests.labels(kind).inc()
+            self._metrics.requests_of[kind].inc()
             if isinstance(req, PresenceReq):
                 return await self._presence_change(caller, req.online, req.keepalive)
             if isinstance(req, Typing) and self._admission is not None and self._admission.shedding:
@@ -173,7 +173,7 @@ class DeviceRouter:
             return [self._failed(reply_to, exc, kind, caller)]
         finally:
             if kind:
-                self._metrics.latency.labels(kind).observe(time.perf_counter() - started)
+                self._metrics.latency_of[kind].observe(time.perf_counter() - started)
 
     async def _kick(self, caller: Caller, strikes: Strikes) -> None:
         log.warning("device %s kept pushing past its rate limit (%d refusals within %g s); disconnecting it",
@@ -195,7 +195,7 @@ class DeviceRouter:
         except Exception as exc:
             outs = [self._failed(reply_to, exc, "ack", caller)]
         finally:
-            self._metrics.latency.labels("ack").observe(time.perf_counter() - started)
+            self._metrics.latency_of["ack"].observe(time.perf_counter() - started)
         try:
             await self._publish(outs)
         except Exception:

@@ -1,4 +1,5 @@
-"""The garbage collector's pauses on /metrics (bridge/metrics.py, ``GcPauses``)."""
+"""The server's metrics (bridge/metrics.py): the garbage collector's pauses (``GcPauses``) and
+the hot path's labelled children (``ByLabel``)."""
 
 from __future__ import annotations
 
@@ -33,3 +34,18 @@ def test_a_full_collection_is_counted_with_its_pause_once_per_process() -> None:
     assert buckets[-1] == ("+Inf", f"{after_n}")
     counts = [float(n) for _, n in buckets]
     assert counts == sorted(counts)  # cumulative
+
+
+def test_the_hot_paths_children_are_the_metrics_own_and_looked_up_once() -> None:
+    m = Metrics()
+    send = m.requests_of["send"]
+    assert m.requests_of["send"] is send is m.requests.labels("send")
+    send.inc()
+    m.requests_of["ack"].inc(2)
+    m.latency_of["send"].observe(0.003)
+    m.messages_out_of["1"].inc()
+    text = m.render().decode()
+    assert 'pigeon_requests_total{type="send"} 1.0' in text
+    assert 'pigeon_requests_total{type="ack"} 2.0' in text
+    assert 'pigeon_handling_seconds_count{type="send"} 1.0' in text
+    assert 'pigeon_messages_out_total{qos="1"} 1.0' in text
