@@ -4,6 +4,7 @@ moves: when a lease is kept, and when it is given back."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -79,3 +80,61 @@ async def test_a_renewal_granted_after_the_lease_ran_out_gives_the_partition_bac
     assert leases.epoch(3) is None and not leases.valid(3, 1)
     dropped = [params for name, params in run.asked if name == "lease_drop"]
     assert sorted(p[0] for p in dropped) == list(range(PARTITIONS))
+
+
+class Gated(Statements):
+    """Each take of a partition waits at its first statement until the gate opens; one partition
+    is taken by another process meanwhile (its epoch's conditional write does not apply); and, if
+    so told, the batch of lease takes does not apply either (another process took one of them)."""
+
+    def __init__(self, clock: Clock, lost_race: int, together: int, refuse_batch: bool) -> None:
+        super().__init__(clock)
+        self.gate = asyncio.Event()
+        self.waiting = 0
+        self.all_waiting = asyncio.Event()  # ``together`` takes are waiting at the gate
+        self.together_n, self.lost_race, self.refuse_batch = together, lost_race, refuse_batch
+        self.batches: list[list[int]] = []  # the partitions of each batch of lease takes
+
+    async def __call__(self, name: str, *params: Any) -> list[Any]:
+        if name == "epoch_get":
+            self.waiting += 1
+            if self.waiting == self.together_n:
+                self.all_waiting.set()
+            await self.gate.wait()
+        if name == "epoch_first" and params[0] == self.lost_race:
+            self.asked.append((name, params))
+            return [[False]]
+        if name == "bridges":
+            return [["bridge-b"]]  # another live process: a share of half
+        return await super().__call__(name, *params)
+
+    async def together(self, name: str, params: list[Any]) -> list[Any]:
+        if name != "lease_take":
+            return await super().together(name, params)
+        self.batches.append([p[0] for p in params])
+        return [[not self.refuse_batch]]
+
+
+@pytest.mark.parametrize("how", ["one by one", "in one batch", "batch refused"])
+async def test_free_partitions_are_taken_together_up_to_the_share_and_a_lost_race_is_made_up(how: str) -> None:
+    clock = Clock()
+    share = PARTITIONS // 2
+    run = Gated(clock, lost_race=3, together=share, refuse_batch=how == "batch refused")
+    leases = Leases(run, "bridge-a", clock=clock, on_lost=lambda part: None,
+                    run_together=None if how == "one by one" else run.together)
+    rounding = asyncio.create_task(leases._round())
+    async with asyncio.timeout(5):  # one by one, the second would wait for the first: never
+        await run.all_waiting.wait()
+    await asyncio.sleep(0.01)
+    assert run.waiting == share  # no more than the share asked for at once
+    run.gate.set()
+    await rounding
+    # partition 3 went to the other process; the next free one was taken in its place
+    assert leases.held() == [p for p in range(share + 1) if p != 3]
+    singles = [params[0] for name, params in run.asked if name == "lease_take"]
+    if how == "one by one":
+        assert not run.batches and singles == leases.held()
+    elif how == "in one batch":  # the first seven in one batch; the one in place of 3 alone
+        assert run.batches == [[p for p in range(share) if p != 3]] and singles == [share]
+    else:  # the batch did not apply: each tried alone
+        assert run.batches == [[p for p in range(share) if p != 3]] and singles == leases.held()
