@@ -256,22 +256,59 @@ class Leases:
         Cassandra partition of its own); then the leases of those whose epoch this process
         advanced are taken in one conditional batch (the leases share one Cassandra partition: one
         consensus round), or one by one if that batch did not apply (another process took one of
-        them meanwhile). Taken one by one, three round trips each, a dead process's 8 partitions
-        took 0.45 s on a loaded 2-core box (BENCHMARKS.md, 2026-12-05)."""
+        them meanwhile) or failed. Taken one by one, three round trips each, a dead process's 8
+        partitions took 0.45 s on a loaded 2-core box (BENCHMARKS.md, 2026-12-05).
+
+        A lease is kept only if its epoch is still the partition's newest once it is taken. The
+        lease's insert checks only that no lease row stands: had another process advanced the
+        epoch after this one did, taken the lease, written fences under its newer epoch and then
+        died (its row expired) or given the partition back, this lease would carry an older epoch
+        than those fences, and what was numbered under it would be hidden by them. The longer the
+        wait between advancing an epoch and taking its lease, the likelier that is, and taking
+        partitions together makes each wait for the slowest."""
         epochs = await asyncio.gather(*(self._next_epoch(p) for p in parts), return_exceptions=True)
-        won = [(p, e) for p, e in zip(parts, epochs, strict=True) if isinstance(e, int)]
+        won = {p: e for p, e in zip(parts, epochs, strict=True) if isinstance(e, int)}
+        taken: dict[int, tuple[int, float]] = {}  # part -> (epoch, when its lease was asked for)
+        batch_sent: float | None = None  # when a batch that did not apply, or failed, was sent
         if len(won) > 1 and self._run_together is not None:
             sent = self._clock()
-            rows = await self._run_together("lease_take", [(p, self.holder, e, LEASE_TTL_S) for p, e in won])
+            try:
+                rows = await self._run_together("lease_take", [(p, self.holder, e, LEASE_TTL_S)
+                                                               for p, e in won.items()])
+            except StorageUnavailable as exc:  # it may have applied all the same: looked for below
+                log.warning("taking %d partitions at once failed: %s", len(won), exc)
+                rows = []
             if rows and rows[0][0]:
-                for part, epoch in won:
-                    self._taken(part, epoch, sent)
-                won = []
-        for part, epoch in won:
+                taken = {p: (e, sent) for p, e in won.items()}
+            else:
+                batch_sent = sent
+        standing: dict[int, tuple[str, int]] | None = None
+        for part, epoch in won.items():
+            if part in taken:
+                continue
             sent = self._clock()
             rows = await self._run("lease_take", part, self.holder, epoch, LEASE_TTL_S)
             if rows and rows[0][0]:
+                taken[part] = (epoch, sent)
+                continue
+            if batch_sent is not None:
+                # a failed batch may have applied: a row of this holder and epoch is this process's,
+                # its TTL counted from when the batch was sent
+                if standing is None:
+                    standing = {int(r[0]): (r[1], int(r[2])) for r in await self._run("leases")}
+                if standing.get(part) == (self.holder, epoch):
+                    taken[part] = (epoch, batch_sent)
+        newest = await asyncio.gather(*(self._run("epoch_get", p) for p in taken), return_exceptions=True)
+        for (part, (epoch, sent)), got in zip(taken.items(), newest, strict=True):
+            if not isinstance(got, BaseException) and got and got[0][0] is not None and int(got[0][0]) == epoch:
                 self._taken(part, epoch, sent)
+                continue
+            log.warning("partition %d: its lease at epoch %d is given back (%s)", part, epoch,
+                        got if isinstance(got, BaseException) else "the epoch moved on meanwhile")
+            try:
+                await self._run("lease_drop", part, self.holder, epoch)
+            except StorageUnavailable:
+                pass  # it expires by itself
         failed = next((e for e in epochs if isinstance(e, BaseException)), None)
         if failed is not None:
             raise failed

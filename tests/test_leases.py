@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from storage.base import StorageUnavailable
 from storage.cassandra_owner import LEASE_TTL_S, PARTITIONS, RENEW_EVERY_S, SAFETY_S, Leases
 
 
@@ -28,13 +29,20 @@ class Statements:
         self.clock = clock
         self.asked: list[tuple[str, tuple[Any, ...]]] = []
         self.renew_takes = 0.0
+        self.epochs: dict[int, int] = {}  # owner_epochs
 
     async def __call__(self, name: str, *params: Any) -> list[Any]:
         self.asked.append((name, params))
         if name == "lease_renew":
             self.clock.now += self.renew_takes
             self.renew_takes = 0.0  # the others of the same round come back with it
-        if name in ("leases", "bridges", "alive", "gone", "epoch_get"):
+        if name == "epoch_get":
+            return [[self.epochs[params[0]]]] if params[0] in self.epochs else []
+        if name == "epoch_first":
+            self.epochs[params[0]] = params[1]
+        elif name == "epoch_next":
+            self.epochs[params[1]] = params[0]
+        if name in ("leases", "bridges", "alive", "gone"):
             return []
         return [[True]]
 
@@ -112,6 +120,7 @@ class Gated(Statements):
         if name != "lease_take":
             return await super().together(name, params)
         self.batches.append([p[0] for p in params])
+        assert all(self.epochs[part] == epoch for part, _holder, epoch, _ttl in params)
         return [[not self.refuse_batch]]
 
 
@@ -138,3 +147,67 @@ async def test_free_partitions_are_taken_together_up_to_the_share_and_a_lost_rac
         assert run.batches == [[p for p in range(share) if p != 3]] and singles == [share]
     else:  # the batch did not apply: each tried alone
         assert run.batches == [[p for p in range(share) if p != 3]] and singles == leases.held()
+
+
+class Leases_(Statements):
+    """Lease rows as Cassandra keeps them (part -> holder, epoch), a batch of takes that applies
+    and then fails to answer if so told, and another process that advances one partition's epoch
+    just before this one's lease on it is taken (then dies, its lease row gone)."""
+
+    def __init__(self, clock: Clock, *, overtaken: int | None = None, batch_lost: bool = False) -> None:
+        super().__init__(clock)
+        self.rows: dict[int, tuple[str, int]] = {}
+        self.overtaken, self.batch_lost = overtaken, batch_lost
+
+    async def __call__(self, name: str, *params: Any) -> list[Any]:
+        if name == "leases":
+            return [[p, h, e] for p, (h, e) in self.rows.items()]
+        if name == "lease_take":
+            part, holder, epoch, _ttl = params
+            self.asked.append((name, params))
+            if part == self.overtaken:  # once
+                self.epochs[part] += 1
+                self.overtaken = None
+            if part in self.rows:
+                return [[False]]
+            self.rows[part] = (holder, epoch)
+            return [[True]]
+        if name == "lease_drop":
+            self.rows.pop(params[0], None)
+        return await super().__call__(name, *params)
+
+    async def together(self, name: str, params: list[Any]) -> list[Any]:
+        if name != "lease_take":
+            return await super().together(name, params)
+        for p in params:
+            await self(name, *p)
+        if self.batch_lost:
+            raise StorageUnavailable("cassandra lease_take: no answer in time")
+        return [[True]]
+
+
+@pytest.mark.parametrize("together", [False, True], ids=["one by one", "in one batch"])
+async def test_a_lease_whose_epoch_moved_on_while_it_was_taken_is_given_back(together: bool) -> None:
+    """Another process advanced partition 5's epoch after this one did, took its lease, fenced
+    under that newer epoch and died: a lease taken now under the older epoch would have its rows
+    hidden by those fences."""
+    clock = Clock()
+    run = Leases_(clock, overtaken=5)
+    leases = Leases(run, "bridge-a", clock=clock, run_together=run.together if together else None)
+    await leases._round()
+    assert leases.held() == [p for p in range(PARTITIONS) if p != 5]
+    assert ("lease_drop", (5, "bridge-a", 1)) in run.asked and 5 not in run.rows
+    await leases._round()  # taken again next round, under a newer epoch than the other's
+    assert 5 in leases.held() and leases.epoch(5) == 3
+
+
+async def test_a_batch_of_takes_that_applied_without_an_answer_is_held_from_when_it_was_sent() -> None:
+    clock = Clock()
+    run = Leases_(clock, batch_lost=True)
+    leases = Leases(run, "bridge-a", clock=clock, run_together=run.together)
+    await leases._round()
+    assert leases.held() == list(range(PARTITIONS))
+    clock.now += LEASE_TTL_S - SAFETY_S - 0.01
+    assert leases.held() == list(range(PARTITIONS))
+    clock.now += 0.02  # counted from when the batch was sent, not from the single takes after it
+    assert leases.held() == []
