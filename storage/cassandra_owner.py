@@ -283,21 +283,25 @@ class Leases:
             else:
                 batch_sent = sent
         standing: dict[int, tuple[str, int]] | None = None
+        failed: BaseException | None = next((e for e in epochs if isinstance(e, BaseException)), None)
         for part, epoch in won.items():
             if part in taken:
                 continue
-            sent = self._clock()
-            rows = await self._run("lease_take", part, self.holder, epoch, LEASE_TTL_S)
-            if rows and rows[0][0]:
-                taken[part] = (epoch, sent)
-                continue
-            if batch_sent is not None:
-                # a failed batch may have applied: a row of this holder and epoch is this process's,
-                # its TTL counted from when the batch was sent
-                if standing is None:
-                    standing = {int(r[0]): (r[1], int(r[2])) for r in await self._run("leases")}
-                if standing.get(part) == (self.holder, epoch):
-                    taken[part] = (epoch, batch_sent)
+            try:
+                sent = self._clock()
+                rows = await self._run("lease_take", part, self.holder, epoch, LEASE_TTL_S)
+                if rows and rows[0][0]:
+                    taken[part] = (epoch, sent)
+                    continue
+                if batch_sent is not None:
+                    # a failed batch may have applied: a row of this holder and epoch is this
+                    # process's, its TTL counted from when the batch was sent
+                    if standing is None:
+                        standing = {int(r[0]): (r[1], int(r[2])) for r in await self._run("leases")}
+                    if standing.get(part) == (self.holder, epoch):
+                        taken[part] = (epoch, batch_sent)
+            except StorageUnavailable as exc:  # the others go on: those taken are not left unheld
+                failed = failed or exc
         newest = await asyncio.gather(*(self._run("epoch_get", p) for p in taken), return_exceptions=True)
         for (part, (epoch, sent)), got in zip(taken.items(), newest, strict=True):
             if not isinstance(got, BaseException) and got and got[0][0] is not None and int(got[0][0]) == epoch:
@@ -309,7 +313,6 @@ class Leases:
                 await self._run("lease_drop", part, self.holder, epoch)
             except StorageUnavailable:
                 pass  # it expires by itself
-        failed = next((e for e in epochs if isinstance(e, BaseException)), None)
         if failed is not None:
             raise failed
 

@@ -154,10 +154,11 @@ class Leases_(Statements):
     and then fails to answer if so told, and another process that advances one partition's epoch
     just before this one's lease on it is taken (then dies, its lease row gone)."""
 
-    def __init__(self, clock: Clock, *, overtaken: int | None = None, batch_lost: bool = False) -> None:
+    def __init__(self, clock: Clock, *, overtaken: int | None = None, batch_lost: bool = False,
+                 no_answer: int | None = None) -> None:
         super().__init__(clock)
         self.rows: dict[int, tuple[str, int]] = {}
-        self.overtaken, self.batch_lost = overtaken, batch_lost
+        self.overtaken, self.batch_lost, self.no_answer = overtaken, batch_lost, no_answer
 
     async def __call__(self, name: str, *params: Any) -> list[Any]:
         if name == "leases":
@@ -168,6 +169,8 @@ class Leases_(Statements):
             if part == self.overtaken:  # once
                 self.epochs[part] += 1
                 self.overtaken = None
+            if part == self.no_answer:
+                raise StorageUnavailable("cassandra lease_take: no answer in time")
             if part in self.rows:
                 return [[False]]
             self.rows[part] = (holder, epoch)
@@ -211,3 +214,12 @@ async def test_a_batch_of_takes_that_applied_without_an_answer_is_held_from_when
     assert leases.held() == list(range(PARTITIONS))
     clock.now += 0.02  # counted from when the batch was sent, not from the single takes after it
     assert leases.held() == []
+
+
+async def test_a_take_without_an_answer_leaves_the_others_held_and_the_round_reports_it() -> None:
+    clock = Clock()
+    run = Leases_(clock, no_answer=7)
+    leases = Leases(run, "bridge-a", clock=clock)
+    with pytest.raises(StorageUnavailable):
+        await leases._round()
+    assert leases.held() == [p for p in range(PARTITIONS) if p != 7]
