@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 import zlib
 from collections import OrderedDict
@@ -157,13 +158,16 @@ class Leases:
             pass  # it expires by itself
 
     async def _loop(self) -> None:
-        next_scan = self._clock() + SCAN_EVERY_S
+        next_scan = self._clock() + SCAN_EVERY_S * random.uniform(0.5, 1.5)
         while True:
             await asyncio.sleep(min(RENEW_EVERY_S, SCAN_EVERY_S) / 2)
             try:
                 await self._renew_due()
                 if self._clock() >= next_scan:
-                    next_scan = self._clock() + SCAN_EVERY_S
+                    # Jittered: two processes taking the same free partitions in step can both miss
+                    # them (each advanced an epoch, one took the lease, then found the other's newer
+                    # epoch and gave it back); out of step, the next round settles it.
+                    next_scan = self._clock() + SCAN_EVERY_S * random.uniform(0.5, 1.5)
                     await self._round()
             except StorageUnavailable as exc:
                 log.warning("partition leases: %s", exc)
@@ -256,8 +260,11 @@ class Leases:
         Cassandra partition of its own); then the leases of those whose epoch this process
         advanced are taken in one conditional batch (the leases share one Cassandra partition: one
         consensus round), or one by one if that batch did not apply (another process took one of
-        them meanwhile) or failed. Taken one by one, three round trips each, a dead process's 8
-        partitions took 0.45 s on a loaded 2-core box (BENCHMARKS.md, 2026-12-05).
+        them meanwhile). Taken one by one, three round trips each, a dead process's 8 partitions
+        took 0.45 s on a loaded 2-core box (BENCHMARKS.md, 2026-12-05). A failure ends the takes
+        of the round (the renewals wait behind it; the next round goes on): an insert without an
+        answer may have applied, so a lease row naming this process and its epoch is then taken
+        as its own, timed from when the insert was sent, and given back if that time has run out.
 
         A lease is kept only if its epoch is still the partition's newest once it is taken. The
         lease's insert checks only that no lease row stands: had another process advanced the
@@ -268,47 +275,53 @@ class Leases:
         partitions together makes each wait for the slowest."""
         epochs = await asyncio.gather(*(self._next_epoch(p) for p in parts), return_exceptions=True)
         won = {p: e for p, e in zip(parts, epochs, strict=True) if isinstance(e, int)}
-        taken: dict[int, tuple[int, float]] = {}  # part -> (epoch, when its lease was asked for)
-        batch_sent: float | None = None  # when a batch that did not apply, or failed, was sent
-        if len(won) > 1 and self._run_together is not None:
+        failed: BaseException | None = next((e for e in epochs if isinstance(e, BaseException)), None)
+        taken: dict[int, tuple[int, float]] = {}  # part -> (epoch, when its lease's insert was sent)
+        unanswered: dict[int, float] = {}  # part -> when an insert that may have applied was sent
+        batch = len(won) > 1 and self._run_together is not None
+        if batch:
+            assert self._run_together is not None
             sent = self._clock()
             try:
                 rows = await self._run_together("lease_take", [(p, self.holder, e, LEASE_TTL_S)
                                                                for p, e in won.items()])
-            except StorageUnavailable as exc:  # it may have applied all the same: looked for below
-                log.warning("taking %d partitions at once failed: %s", len(won), exc)
-                rows = []
-            if rows and rows[0][0]:
-                taken = {p: (e, sent) for p, e in won.items()}
-            else:
-                batch_sent = sent
-        standing: dict[int, tuple[str, int]] | None = None
-        failed: BaseException | None = next((e for e in epochs if isinstance(e, BaseException)), None)
-        for part, epoch in won.items():
-            if part in taken:
-                continue
-            try:
+                if rows and rows[0][0]:
+                    taken = {p: (e, sent) for p, e in won.items()}
+            except StorageUnavailable as exc:
+                failed = exc
+                unanswered = dict.fromkeys(won, sent)
+        if not batch or (not taken and failed is None):  # no batch, or one that did not apply
+            for part, epoch in won.items():  # one by one, until one fails (the next round goes on)
                 sent = self._clock()
-                rows = await self._run("lease_take", part, self.holder, epoch, LEASE_TTL_S)
+                try:
+                    rows = await self._run("lease_take", part, self.holder, epoch, LEASE_TTL_S)
+                except StorageUnavailable as exc:
+                    failed, unanswered[part] = exc, sent
+                    break
                 if rows and rows[0][0]:
                     taken[part] = (epoch, sent)
-                    continue
-                if batch_sent is not None:
-                    # a failed batch may have applied: a row of this holder and epoch is this
-                    # process's, its TTL counted from when the batch was sent
-                    if standing is None:
-                        standing = {int(r[0]): (r[1], int(r[2])) for r in await self._run("leases")}
-                    if standing.get(part) == (self.holder, epoch):
-                        taken[part] = (epoch, batch_sent)
-            except StorageUnavailable as exc:  # the others go on: those taken are not left unheld
-                failed = failed or exc
+        if unanswered:
+            # an insert without an answer may have applied: a row naming this holder and epoch is
+            # this process's, its time counted from when the insert was sent
+            try:
+                standing = {int(r[0]): (r[1], int(r[2])) for r in await self._run("leases")}
+            except StorageUnavailable:
+                standing = {}  # such rows expire by themselves
+            for part, sent in unanswered.items():
+                if standing.get(part) == (self.holder, won[part]):
+                    taken[part] = (won[part], sent)
         newest = await asyncio.gather(*(self._run("epoch_get", p) for p in taken), return_exceptions=True)
         for (part, (epoch, sent)), got in zip(taken.items(), newest, strict=True):
-            if not isinstance(got, BaseException) and got and got[0][0] is not None and int(got[0][0]) == epoch:
+            if isinstance(got, BaseException):
+                why = str(got)
+            elif not got or got[0][0] is None or int(got[0][0]) != epoch:
+                why = "its epoch moved on meanwhile"
+            elif self._clock() >= sent + LEASE_TTL_S - SAFETY_S:
+                why = "it ran out before it was confirmed"
+            else:
                 self._taken(part, epoch, sent)
                 continue
-            log.warning("partition %d: its lease at epoch %d is given back (%s)", part, epoch,
-                        got if isinstance(got, BaseException) else "the epoch moved on meanwhile")
+            log.warning("partition %d: its lease at epoch %d is given back (%s)", part, epoch, why)
             try:
                 await self._run("lease_drop", part, self.holder, epoch)
             except StorageUnavailable:

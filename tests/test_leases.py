@@ -154,11 +154,11 @@ class Leases_(Statements):
     and then fails to answer if so told, and another process that advances one partition's epoch
     just before this one's lease on it is taken (then dies, its lease row gone)."""
 
-    def __init__(self, clock: Clock, *, overtaken: int | None = None, batch_lost: bool = False,
+    def __init__(self, clock: Clock, *, overtaken: int | None = None, batch_lost_after: float | None = None,
                  no_answer: int | None = None) -> None:
         super().__init__(clock)
         self.rows: dict[int, tuple[str, int]] = {}
-        self.overtaken, self.batch_lost, self.no_answer = overtaken, batch_lost, no_answer
+        self.overtaken, self.batch_lost_after, self.no_answer = overtaken, batch_lost_after, no_answer
 
     async def __call__(self, name: str, *params: Any) -> list[Any]:
         if name == "leases":
@@ -184,7 +184,9 @@ class Leases_(Statements):
             return await super().together(name, params)
         for p in params:
             await self(name, *p)
-        if self.batch_lost:
+        if self.batch_lost_after is not None:  # applied, and the failure is known this much later (once)
+            self.clock.now += self.batch_lost_after
+            self.batch_lost_after = None
             raise StorageUnavailable("cassandra lease_take: no answer in time")
         return [[True]]
 
@@ -204,22 +206,39 @@ async def test_a_lease_whose_epoch_moved_on_while_it_was_taken_is_given_back(tog
     assert 5 in leases.held() and leases.epoch(5) == 3
 
 
-async def test_a_batch_of_takes_that_applied_without_an_answer_is_held_from_when_it_was_sent() -> None:
+@pytest.mark.parametrize("known_after", [0.5, 5.0], ids=["a lost connection", "a timeout"])
+async def test_a_batch_of_takes_that_applied_without_an_answer_is_held_from_when_it_was_sent(
+    known_after: float,
+) -> None:
+    """Its rows are found and taken as this process's, counted from when the batch was sent; if
+    the failure came so late that those leases have run out already (a 5 s timeout), they are
+    given back instead of being counted as held."""
     clock = Clock()
-    run = Leases_(clock, batch_lost=True)
+    run = Leases_(clock, batch_lost_after=known_after)
     leases = Leases(run, "bridge-a", clock=clock, run_together=run.together)
-    await leases._round()
-    assert leases.held() == list(range(PARTITIONS))
-    clock.now += LEASE_TTL_S - SAFETY_S - 0.01
-    assert leases.held() == list(range(PARTITIONS))
-    clock.now += 0.02  # counted from when the batch was sent, not from the single takes after it
-    assert leases.held() == []
+    sent = clock.now
+    with pytest.raises(StorageUnavailable):
+        await leases._round()
+    if known_after < LEASE_TTL_S - SAFETY_S:
+        assert leases.held() == list(range(PARTITIONS))
+        clock.now = sent + LEASE_TTL_S - SAFETY_S - 0.01
+        assert leases.held() == list(range(PARTITIONS))
+        clock.now += 0.02  # counted from when the batch was sent
+        assert leases.held() == []
+    else:
+        assert leases.held() == [] and not leases._held and not run.rows  # dropped, not left standing
+        clock.now += 1
+        await leases._round()  # taken again, under new epochs
+        assert leases.held() == list(range(PARTITIONS)) and leases.epoch(0) == 2
 
 
-async def test_a_take_without_an_answer_leaves_the_others_held_and_the_round_reports_it() -> None:
+async def test_a_take_without_an_answer_ends_the_rounds_takes_and_those_before_it_are_held() -> None:
+    """The round stops there (the renewals wait behind it) and reports the failure; the leases it
+    took before are checked and held, not left standing unheld until they expire."""
     clock = Clock()
     run = Leases_(clock, no_answer=7)
     leases = Leases(run, "bridge-a", clock=clock)
     with pytest.raises(StorageUnavailable):
         await leases._round()
-    assert leases.held() == [p for p in range(PARTITIONS) if p != 7]
+    assert leases.held() == list(range(7))
+    assert [params[0] for name, params in run.asked if name == "lease_take"] == list(range(8))
