@@ -70,6 +70,11 @@ Run = Callable[..., Awaitable[list[Any]]]
 RunTogether = Callable[[str, Sequence[Sequence[Any]]], Awaitable[list[Any]]]
 
 
+def _trusted_until(sent: float) -> float:
+    """Until when a lease granted or renewed by a request sent at ``sent`` is trusted (monotonic)."""
+    return sent + LEASE_TTL_S - SAFETY_S
+
+
 def partition_of(key: str) -> int:
     return zlib.crc32(key.encode()) % PARTITIONS
 
@@ -216,7 +221,7 @@ class Leases:
         given back instead, and whoever takes it next (this process too) does so under a new
         epoch, whose fence hides such a write."""
         if self._clock() < lease.deadline:
-            lease.deadline = sent + LEASE_TTL_S - SAFETY_S
+            lease.deadline = _trusted_until(sent)
             return
         log.warning("partition %d: its lease ran out before its renewal was granted; giving it back", part)
         self._lose(part)
@@ -316,7 +321,7 @@ class Leases:
                 why = str(got)
             elif not got or got[0][0] is None or int(got[0][0]) != epoch:
                 why = "its epoch moved on meanwhile"
-            elif self._clock() >= sent + LEASE_TTL_S - SAFETY_S:
+            elif self._clock() >= _trusted_until(sent):
                 why = "it ran out before it was confirmed"
             else:
                 self._taken(part, epoch, sent)
@@ -339,7 +344,7 @@ class Leases:
         return current + 1 if cas and cas[0][0] else None
 
     def _taken(self, part: int, epoch: int, sent: float) -> None:
-        self._held[part] = _Lease(epoch, sent + LEASE_TTL_S - SAFETY_S)
+        self._held[part] = _Lease(epoch, _trusted_until(sent))
         log.info("holding partition %d at epoch %d", part, epoch)
         self.changed.set()
 
