@@ -100,6 +100,8 @@ class Messenger:
         # chat -> (when read, chat) for the ack path, where every member of a group asks for the
         # same chat (and its hundred members) within moments of the others
         self._acked_chats: dict[str, tuple[float, Chat]] = {}
+        # chat -> its read for the ack path under way, which every ack that misses meanwhile joins
+        self._reading_chats: dict[str, asyncio.Future[Chat | None]] = {}
         self._known_users: LRUCache[str, bool] = LRUCache(200_000)
 
     # -- helpers --------------------------------------------------------------------------------
@@ -219,7 +221,7 @@ class Messenger:
         if chat is None:
             chat = await self._recent_chat(chat_id)
             if chat is not None and chat.member(user_id) is None:  # perhaps added since it was read
-                self._acked_chats.pop(chat_id, None)
+                self._forget_chat(chat_id)
                 chat = await self._recent_chat(chat_id)
         if chat is None or chat.member(user_id) is None:
             return []
@@ -239,17 +241,38 @@ class Messenger:
 
     async def _recent_chat(self, chat_id: str) -> Chat | None:
         """The chat as read at most ACK_CHAT_TTL_S ago by this process (membership changes made
-        here are seen at once; those made by another bridge process within that time)."""
+        here are seen at once; those made by another bridge process within that time). The acks
+        of a group's members come together: those that find it unread or out of date join one
+        read (each read a hundred members, once for every member, when they did not)."""
         now = self._clock.monotonic()
         hit = self._acked_chats.get(chat_id)
         if hit is not None and now - hit[0] < ACK_CHAT_TTL_S:
             return hit[1]
-        chat = await self._store.get_chat(chat_id, current_seq=False)  # (receipts need its members only)
-        if chat is not None:
-            if len(self._acked_chats) > 10_000:
-                self._acked_chats.clear()
-            self._acked_chats[chat_id] = (now, chat)
-        return chat
+        reading = self._reading_chats.get(chat_id)
+        if reading is None:
+            reading = asyncio.ensure_future(self._read_acked_chat(chat_id, now))
+            reading.add_done_callback(lambda f: f.cancelled() or f.exception())  # (its waiters may be gone)
+            self._reading_chats[chat_id] = reading
+        return await asyncio.shield(reading)
+
+    async def _read_acked_chat(self, chat_id: str, now: float) -> Chat | None:
+        me = asyncio.current_task()
+        try:
+            chat = await self._store.get_chat(chat_id, current_seq=False)  # (receipts need its members only)
+            if chat is not None and self._reading_chats.get(chat_id) is me:  # (not forgotten meanwhile)
+                if len(self._acked_chats) > 10_000:
+                    self._acked_chats.clear()
+                self._acked_chats[chat_id] = (now, chat)
+            return chat
+        finally:
+            if self._reading_chats.get(chat_id) is me:
+                del self._reading_chats[chat_id]
+
+    def _forget_chat(self, chat_id: str) -> None:
+        """Its members changed (or may have): the next ack reads it afresh, not joining a read
+        begun before."""
+        self._acked_chats.pop(chat_id, None)
+        self._reading_chats.pop(chat_id, None)
 
     async def _group_notes_folded(self, chat: Chat, kind: ReceiptKind) -> list[tuple[str, ReceiptNote]]:
         """Group notices, worked out once for all the members whose receipts moved meanwhile.
@@ -360,7 +383,7 @@ class Messenger:
             if len(chat.members) >= self.max_group:
                 raise Conflict(f"the group is full ({self.max_group} members)")
             await self._store.add_member(chat_id, user_id, "member", self._clock.now_ms())
-            self._acked_chats.pop(chat_id, None)
+            self._forget_chat(chat_id)
             chat = await self._member_chat(caller, chat_id)
             outs = await self._system(caller, chat, "member_added", user_id, chat.member_ids)
             chat = await self._member_chat(caller, chat_id)  # its last_seq counts the system message
@@ -381,7 +404,7 @@ class Messenger:
             # The departing member is told too, in the same sequence, then leaves.
             outs = await self._system(caller, chat, event, user_id, chat.member_ids)
             await self._store.remove_member(chat_id, user_id)
-            self._acked_chats.pop(chat_id, None)
+            self._forget_chat(chat_id)
         return outs
 
     async def _admin_group(self, caller: Caller, chat_id: str) -> Chat:

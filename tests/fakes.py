@@ -5,10 +5,25 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from storage.base import StorageUnavailable, Store
 from storage.media import StoredObject, UploadTicket
+
+
+async def until(check: Callable[[], object], want: object = True, timeout: float = 5.0) -> None:
+    """Until ``check()`` (awaited if it gives a coroutine) gives ``want``, or fail after ``timeout``."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        got = check()
+        if asyncio.iscoroutine(got):
+            got = await got
+        if got == want:
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"still {got!r}, waiting for {want!r}")
+        await asyncio.sleep(0.05)
 
 
 class FlakyStore:

@@ -28,7 +28,7 @@ from bridge.wire import encode_v1, topic_of
 from storage.media_local import LocalMediaStore, SignatureError
 from storage.sqlite import SqliteStore
 from storage.state import MemoryState
-from tests.fakes import CapturingSms, FlakyStore, MemoryBlobs
+from tests.fakes import CapturingSms, FlakyStore, MemoryBlobs, until
 
 SECRET = b"s" * 32
 
@@ -351,6 +351,41 @@ async def test_members_acking_together_are_worked_out_together(world: World) -> 
     world.clock.advance(3)
     await next_message_acked_one_by_one()
     assert world.store.calls["get_chat"] == 1  # read again once it is older than a moment
+
+
+async def test_acks_that_find_the_chat_unread_join_one_read_of_it(world: World) -> None:
+    """A group's members ack together: those that miss the chat while it is being read wait for
+    that read rather than each reading the chat and its members; a member added meanwhile is
+    not judged on a read begun before the addition."""
+    owner, *members = [await world.user(f"+1555000030{i}") for i in range(4)]
+    chat, _ = await world.messenger.create_group(owner, "team", [m.user_id for m in members[:2]])
+    await world.messenger.send(owner, Send(id="o1", chat=chat.chat_id, to=None, body="hi", media=None))
+    heads = [await world.store.inbox_head(m.user_id) for m in members[:2]]
+    world.store.calls.clear()
+    world.store.held["get_chat"] = gate = asyncio.Event()
+    acks = [asyncio.ensure_future(world.messenger.ack(m, Ack(up_to=h)))
+            for m, h in zip(members[:2], heads, strict=True)]
+    await until(lambda: world.store.calls["read_inbox"], 2)
+    await asyncio.sleep(0.2)  # both acks have read their inbox and reached the chat by now
+    gate.set()
+    told = [json.loads(encode_v1(o.event)) for r in await asyncio.gather(*acks) for o in r.outs]
+    assert [(t["user"], t["kind"], t["up_to"]) for t in told] == [("*", "delivered", 2)]
+    assert world.store.calls["get_chat"] == 1
+
+    # a read under way when a member is added is not one the next ack joins: that one reads anew
+    # (joining it would wait on the closed gate)
+    world.clock.advance(3)
+    world.store.calls.clear()
+    world.store.held["get_chat"] = gate = asyncio.Event()
+    late = members[2]
+    begun_before = asyncio.ensure_future(world.messenger._recent_chat(chat.chat_id))
+    await until(lambda: world.store.calls["get_chat"], 1)
+    del world.store.held["get_chat"]
+    await world.messenger.add_member(owner, chat.chat_id, late.user_id)
+    fresh = await asyncio.wait_for(world.messenger._recent_chat(chat.chat_id), 5)
+    assert fresh is not None and fresh.member(late.user_id) is not None
+    gate.set()
+    await begun_before
 
 
 async def test_group_size_is_limited(world: World) -> None:

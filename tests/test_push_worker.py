@@ -4,7 +4,7 @@ in-process presence state, the SQLite push queue, and the loopback webhook recei
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from storage.base import Device
 from storage.push_queue import SqlitePushQueue
 from storage.sqlite import SqliteStore
 from storage.state import MemoryState
-from tests.fakes import FlakyStore
+from tests.fakes import FlakyStore, until
 from tests.push_services import Drip, PushServices
 
 SEND_TIMEOUT_S = 1.5  # the worker's bound on one send, short here
@@ -76,19 +76,6 @@ async def rig(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[R
         await queue.close()
         await store.close()
         services.close()
-
-
-async def until(check: Callable[[], object], want: object = True, timeout: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        got = check()
-        if asyncio.iscoroutine(got):
-            got = await got
-        if got == want:
-            return
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"still {got!r}, waiting for {want!r}")
-        await asyncio.sleep(0.05)
 
 
 async def test_a_store_outage_postpones_a_wake_and_loses_none(rig: Rig) -> None:
