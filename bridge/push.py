@@ -53,8 +53,11 @@ DECIDE_PARALLEL = 32  # offline users whose targets are read and wakes queued at
 # Decisions are taken at most this often: the notes of every message in between are decided
 # together, with one presence read. Deciding after every turn of the loop that carried a message
 # read presence from Redis several hundred times a second at a few hundred messages a second
-# (BENCHMARKS.md, 2026-12-02, mid-morning); a wake that waits 20 ms more is not noticed.
-DECIDE_EVERY_S = 0.02
+# (BENCHMARKS.md, 2026-12-02, mid-morning). Every 20 ms, a group of 100 under load still had
+# its members' presence read 50 times a second, 7.5 % of the bridge's samples (2026-12-05,
+# later); a wake that waits 100 ms more is not noticed beside the push window and the push
+# service's own delivery.
+DECIDE_EVERY_S = 0.1
 PARALLEL_SENDS = 64
 RETRY_BASE_S = 1.0
 RETRY_CAP_S = 300.0

@@ -187,4 +187,4 @@ async def test_notes_of_many_turns_are_decided_together(rig: Rig) -> None:
     for d in others:
         await rig.services.webhook.recorder.wait(d.device_id, 1)
     assert sum(steps) == 10
-    assert len(steps) <= 3, steps  # at most one decision per 20 ms (DECIDE_EVERY_S)
+    assert len(steps) <= 3, steps  # one decision per 100 ms at most (DECIDE_EVERY_S), with room for a slow box
