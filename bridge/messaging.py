@@ -221,7 +221,7 @@ class Messenger:
         if chat is None:
             chat = await self._recent_chat(chat_id)
             if chat is not None and chat.member(user_id) is None:  # perhaps added since it was read
-                self._forget_chat(chat_id)
+                self._forget_chat(chat_id, chat)
                 chat = await self._recent_chat(chat_id)
         if chat is None or chat.member(user_id) is None:
             return []
@@ -249,7 +249,7 @@ class Messenger:
         if hit is not None and now - hit[0] < ACK_CHAT_TTL_S:
             return hit[1]
         reading = self._reading_chats.get(chat_id)
-        if reading is None:
+        if reading is None or reading.done():
             reading = asyncio.ensure_future(self._read_acked_chat(chat_id, now))
             reading.add_done_callback(lambda f: f.cancelled() or f.exception())  # (its waiters may be gone)
             self._reading_chats[chat_id] = reading
@@ -268,9 +268,15 @@ class Messenger:
             if self._reading_chats.get(chat_id) is me:
                 del self._reading_chats[chat_id]
 
-    def _forget_chat(self, chat_id: str) -> None:
+    def _forget_chat(self, chat_id: str, read: Chat | None = None) -> None:
         """Its members changed (or may have): the next ack reads it afresh, not joining a read
-        begun before."""
+        begun before. With ``read`` (the chat as an ack found it, lacking its member), only if
+        that is what is kept: when it was forgotten already, a read begun since is fresh enough,
+        and the members finding themselves missing together join that one."""
+        if read is not None:
+            kept = self._acked_chats.get(chat_id)
+            if kept is None or kept[1] is not read:
+                return
         self._acked_chats.pop(chat_id, None)
         self._reading_chats.pop(chat_id, None)
 

@@ -53,11 +53,18 @@ DECIDE_PARALLEL = 32  # offline users whose targets are read and wakes queued at
 # Decisions are taken at most this often: the notes of every message in between are decided
 # together, with one presence read. Deciding after every turn of the loop that carried a message
 # read presence from Redis several hundred times a second at a few hundred messages a second
-# (BENCHMARKS.md, 2026-12-02, mid-morning). Every 20 ms, a group of 100 under load still had
-# its members' presence read 50 times a second, 7.5 % of the bridge's samples (2026-12-05,
-# later); a wake that waits 100 ms more is not noticed beside the push window and the push
-# service's own delivery.
-DECIDE_EVERY_S = 0.1
+# (BENCHMARKS.md, 2026-12-02, mid-morning). The pause after a decision grows with the users it
+# read, up to DECIDE_MAX_S: every 20 ms, a group of 100 under load had its members' presence read
+# 50 times a second, 7.5 % of the bridge's samples (2026-12-05, later). A pause keeps short where
+# decisions are small, since a message to a user whose last device leaves within it is pushed.
+DECIDE_EVERY_S = 0.02
+DECIDE_PER_USER_S = 0.0004  # 200 users (two busy groups of 100): the longest pause
+DECIDE_MAX_S = 0.1
+
+
+def decide_pause_s(users: int) -> float:
+    """How long the decide loop waits after a decision that read ``users`` users' presence."""
+    return min(DECIDE_MAX_S, DECIDE_EVERY_S + DECIDE_PER_USER_S * users)
 PARALLEL_SENDS = 64
 RETRY_BASE_S = 1.0
 RETRY_CAP_S = 300.0
@@ -224,7 +231,7 @@ class Pusher:
                 self._noted.set()
                 await self._wait(stopping, 1.0)
             else:
-                await self._wait(stopping, DECIDE_EVERY_S)
+                await self._wait(stopping, decide_pause_s(len(notes.keys() | gone)))
 
     async def _decide(self, notes: Mapping[str, Note], gone: set[str]) -> tuple[dict[str, Note], set[str]]:
         """Queue the wakes of the noted users who are offline, and of the users who went offline

@@ -187,4 +187,15 @@ async def test_notes_of_many_turns_are_decided_together(rig: Rig) -> None:
     for d in others:
         await rig.services.webhook.recorder.wait(d.device_id, 1)
     assert sum(steps) == 10
-    assert len(steps) <= 3, steps  # one decision per 100 ms at most (DECIDE_EVERY_S), with room for a slow box
+    assert len(steps) <= 3, steps  # at most one decision per 20 ms (DECIDE_EVERY_S)
+
+
+def test_the_pause_between_decisions_grows_with_the_users_read() -> None:
+    """A decision over a few users is followed soon by the next (a user whose last device leaves
+    in the pause is pushed for what it had already received); one over two busy groups waits
+    longer, so their members' presence is not read fifty times a second."""
+    from bridge.push import DECIDE_EVERY_S, DECIDE_MAX_S, decide_pause_s
+
+    assert decide_pause_s(1) < 0.021
+    assert DECIDE_EVERY_S < decide_pause_s(10) < decide_pause_s(100) < DECIDE_MAX_S
+    assert decide_pause_s(200) == decide_pause_s(5_000) == DECIDE_MAX_S == 0.1
