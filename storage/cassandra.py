@@ -20,17 +20,15 @@ Consensus (``IF NOT EXISTS``) is left for what is rare: leases, a phone's first 
 pair's first chat, media records.
 
 Idempotent sends: the ``device_sent`` row for ``(device, client id)`` is written twice. The
-chat's writer writes where the send was numbered (``open_chat``, ``open_seq``) beside the
-message row, in the same write: an append is answered once both are (a record that fails does
-not fail the rows, and is written again until it lands or the store closes, unless Cassandra
-refused it as wrong). Once every member's
-inbox entry is written, the sender's bridge writes ``chat_id`` and ``seq`` (the send is complete)
+chat's writer writes where the send was numbered (``open_chat``, ``open_seq``) before the message
+row, which goes out only once the record has landed (a record that fails fails the chat's write,
+and its log makes it again): a stored message always has its record. Once every member's inbox
+entry is written, the sender's bridge writes ``chat_id`` and ``seq`` (the send is complete)
 without waiting for it before the ``sent`` reply. A repeat that finds a complete send is answered
 at once; one that finds an open send gets that message and completes the fan-out for members
-whose inbox has no entry for it yet (each inbox writer knows its latest entries' (chat, seq)); one
-that finds neither (a crash between the two statements of the chat's write, or a record still
-not landed) is still recognised by the chat's writer among the chat's latest ids, which it reads
-when it opens the chat.
+whose inbox has no entry for it yet (each inbox writer knows its latest entries' (chat, seq)).
+One that finds no record, or one whose row is not stored, is a send never stored, or one whose
+row the chat's writer is still writing: that writer finds it among the chat's latest ids.
 
 Plain writes (unconditional ``INSERT``/``UPDATE``/``DELETE`` and unlogged batches of them) go
 out on a native-protocol connection of the event loop's own (``storage/cql_wire.py``). Everything
@@ -1319,11 +1317,11 @@ class CassandraStore:
         return name, by_bucket
 
     def _opened(self, key: str, rows: Sequence[tuple[int, tuple[Any, ...]]]) -> list[tuple[Any, ...]]:
-        """The ``open_sent`` parameters written beside a chat's rows: where each send with an id
+        """The ``open_sent`` parameters written before a chat's rows: where each send with an id
         was numbered (a chat row's values start client_id, sender, device), with the time of this
-        write of the rows. A record written again after it failed keeps that time, so one that
-        lands after a newer holder numbered the send again (its row never stored here) does not
-        hide the newer record (the bridges' clocks agreeing within the lease's margin)."""
+        attempt. Every attempt is made under a lease still trusted, so its time comes before any
+        a newer holder of the chat can give a record of its own (the bridges' clocks agreeing
+        within the lease's margin): one that lands late never hides the newer one."""
         kind, _, chat_id = key.partition(":")
         if kind != "c":
             return []
@@ -1334,22 +1332,18 @@ class CassandraStore:
     async def _write_rows(self, key: str, epoch: int, rows: Sequence[tuple[int, tuple[Any, ...]]],
                           full: bool) -> None:
         """Write one key's numbered rows in order: one statement (an unlogged batch when there
-        are several) per Cassandra partition, lower buckets first; a chat's ``open_sent``
-        records go out beside them (the rows stand without one that fails). A record that failed
-        is written again once its rows are stored: when they failed too, the key's log writes
-        rows and records again itself."""
+        are several) per Cassandra partition, lower buckets first. A chat's rows go out only once
+        the ``open_sent`` records of their sends have landed, so a stored row always has its
+        record and a send without one was never stored: a record that fails fails the write, and
+        the key's log writes records and rows again."""
         opened = self._opened(key, rows)
-        stored, *records = await asyncio.gather(self._write_rows_in_order(key, epoch, rows, full),
-                                                *(self._x("open_sent", *params) for params in opened),
-                                                return_exceptions=True)
-        if isinstance(stored, BaseException):
-            raise stored
-        for outcome in records:  # anything but a storage error is a fault of this code: raised as is
-            if isinstance(outcome, BaseException) and not isinstance(outcome, StorageError):
-                raise outcome
-        for params, outcome in zip(opened, records, strict=True):
-            if isinstance(outcome, StorageError):
-                self._write_behind_in_task("open_sent", params, outcome)
+        if opened:
+            records = await asyncio.gather(*(self._x("open_sent", *params) for params in opened),
+                                           return_exceptions=True)
+            failed = [r for r in records if isinstance(r, BaseException)]
+            if failed:  # (anything but a storage error is a fault of this code: raised as is)
+                raise next((f for f in failed if not isinstance(f, StorageError)), failed[0])
+        await self._write_rows_in_order(key, epoch, rows, full)
 
     async def _write_rows_in_order(self, key: str, epoch: int, rows: Sequence[tuple[int, tuple[Any, ...]]],
                                    full: bool) -> None:
@@ -1370,10 +1364,10 @@ class CassandraStore:
         """:meth:`_write_rows` sent at once on the loop's own connection, its outcome given to
         ``then`` as soon as it is read (None: stored; WriteAgain: to be written the ordinary way;
         else StorageUnavailable). Only for rows within one bucket that start none: False, and
-        nothing sent, for anything else, or when the connection cannot take it. A chat's rows go
-        with their ``open_sent`` records, one statement each, answered together once every one is;
-        a record that fails does not fail the rows (a chat's sends do not wait on the sender's
-        ``device_sent`` partition), and is written again the ordinary way until it lands."""
+        nothing sent, for anything else, or when the connection cannot take it. A chat's
+        ``open_sent`` records go first, one statement each, and its rows once every record has
+        landed (from the answer of the last, in the same turn of the loop); a record that failed
+        fails the write, its rows not sent."""
         if any(n % BUCKET == 0 for n, _ in rows):
             return False
         name, by_bucket = self._row_params(key, epoch, rows, full)
@@ -1390,38 +1384,57 @@ class CassandraStore:
         except Exception:  # the ordinary way says what was wrong
             return False
         results = self._results_for(wire._loop)
-        labels = [name] + ["open_sent"] * len(opens)
-        left = [len(labels)]
+
+        def send_rows() -> None:
+            def rows_answered(exc: BaseException | None) -> None:
+                results.forget(answer)
+                if exc is None:
+                    then(None)
+                else:  # None from _wire_failure: the ordinary way runs it
+                    then(_wire_failure(name, exc, read=False) or WriteAgain(f"cassandra {name}: {exc}"))
+
+            answer = Direct(rows_answered)
+            results.watch(answer, name)
+            self._count(name)
+            try:
+                if len(values) == 1:
+                    wire.execute(query_id, values[0], consistency, to=answer)
+                else:
+                    wire.batch([(query_id, v) for v in values], consistency, to=answer)
+            except BaseException:  # a late answer is dropped
+                results.forget(answer)
+                answer.cancel()
+                raise
+
+        if not opens:
+            send_rows()  # (raising: the caller writes it the ordinary way)
+            return True
+        left = [len(opens)]
         failed: list[BaseException] = []
 
-        records_failed: list[tuple[tuple[Any, ...], BaseException]] = []
-
-        def answered(i: int, exc: BaseException | None) -> None:
+        def record_answered(i: int, exc: BaseException | None) -> None:
             results.forget(answers[i])
-            if exc is not None and i:
-                records_failed.append((opened[i - 1], exc))
-            elif exc is not None:  # None from _wire_failure: the ordinary way runs it
-                failed.append(_wire_failure(name, exc, read=False) or WriteAgain(f"cassandra {name}: {exc}"))
+            if exc is not None:
+                failed.append(_wire_failure("open_sent", exc, read=False) or WriteAgain(f"cassandra open_sent: {exc}"))
             left[0] -= 1
-            if not left[0]:
-                if not failed:  # (rows that failed are written again with their records by the key's log)
-                    for params, error in records_failed:
-                        self._write_behind_in_task("open_sent", params, error)
-                then(failed[0] if failed else None)
+            if left[0]:
+                return
+            if failed:
+                then(failed[0])
+                return
+            try:
+                send_rows()
+            except Exception as exc:  # (the connection went meanwhile) the ordinary way writes them
+                then(WriteAgain(f"cassandra {name}: {exc}"))
 
-        answers = [Direct(functools.partial(answered, i)) for i in range(len(labels))]
-        for answer, label in zip(answers, labels, strict=True):
-            results.watch(answer, label)
-            self._count(label)
+        answers = [Direct(functools.partial(record_answered, i)) for i in range(len(opens))]
+        for answer in answers:
+            results.watch(answer, "open_sent")
+            self._count("open_sent")
         try:
-            if len(values) == 1:
-                wire.execute(query_id, values[0], consistency, to=answers[0])
-            else:
-                wire.batch([(query_id, v) for v in values], consistency, to=answers[0])
-            if opens:
-                open_id, open_consistency = self._wire_ok["open_sent"]
-                for v, answer in zip(opens, answers[1:], strict=True):
-                    wire.execute(open_id, v, open_consistency, to=answer)
+            open_id, open_consistency = self._wire_ok["open_sent"]
+            for v, answer in zip(opens, answers, strict=True):
+                wire.execute(open_id, v, open_consistency, to=answer)
         except BaseException:  # the caller writes it the ordinary way; a late answer is dropped
             for answer in answers:
                 results.forget(answer)
@@ -1636,8 +1649,9 @@ class CassandraStore:
             return await self._message_at(chat_id, seq)
         if open_chat is not None and open_seq is not None:
             opened = await self._message_at(open_chat, open_seq)
-            # (the record is written beside the message, not with it: it names this send's
-            # message only when that row is there, valid, and this send's)
+            # (the record is written before the message, not with it: it names this send's
+            # message only when that row is there, valid, and this send's; else the send was
+            # never stored, or its row is still being written, and the chat's writer knows it)
             if opened is not None and opened.device == device and opened.client_id == client_id:
                 self._open_sends[sent_id] = opened
                 return None

@@ -702,30 +702,31 @@ async def _until(check: Callable[[], bool], what: str, seconds: float = 3.0) -> 
 
 
 def _records_failing(store: CassandraStore, writes: str, monkeypatch: pytest.MonkeyPatch, *,
-                     wrong: bool = False, rows_too: bool = False) -> Callable[[], int]:
-    """Every write of a send's open record (with ``rows_too``, of a chat's rows as well) fails
-    until ``monkeypatch.undo()``. On the loop's own connection the server refuses it: asked at
-    consistency TWO of a keyspace with one replica, it answers "unavailable" (as when replicas
-    are down); with ``wrong``, at SERIAL, it answers that the request is invalid. Through the
-    driver the store's call fails the same ways. Returns how many record writes were tried."""
+                     record: str = "open_sent", wrong: bool = False, rows_too: bool = False) -> Callable[[], int]:
+    """Every write of a send's ``record`` (``open_sent``, written before the chat's rows, or
+    ``put_sent``, written behind once the send is complete; with ``rows_too``, of a chat's rows
+    as well) fails until ``monkeypatch.undo()``. On the loop's own connection the server refuses
+    it: asked at consistency TWO of a keyspace with one replica, it answers "unavailable" (as when
+    replicas are down); with ``wrong``, at SERIAL, it answers that the request is invalid. Through
+    the driver the store's call fails the same ways. Returns how many record writes were tried."""
     from cassandra import InvalidRequest
 
     from storage.base import StorageUnavailable
 
-    failing = {"open_sent"} | ({"put_msg", "put_msg_full"} if rows_too else set())
+    failing = {record} | ({"put_msg", "put_msg_full"} if rows_too else set())
     if writes == "direct":
         for name in failing:
             query_id, _ = store._wire_ok[name]
             monkeypatch.setitem(store._wire_ok, name, (query_id, 0x0008 if wrong else 0x0002))
-        before = store.ops.by_name.get("open_sent", 0)
-        return lambda: store.ops.by_name.get("open_sent", 0) - before
+        before = store.ops.by_name.get(record, 0)
+        return lambda: store.ops.by_name.get(record, 0) - before
     x = store._x
     tried = [0]
 
     async def record_fails(name: str, *params: Any, statement: Any = None) -> list[Any]:
         if name not in failing:
             return await x(name, *params, statement=statement)
-        tried[0] += name == "open_sent"
+        tried[0] += name == record
         if wrong:
             raise StorageUnavailable(f"cassandra {name}: refused") from InvalidRequest("refused")
         raise StorageUnavailable(f"{name}: its partition did not answer")
@@ -735,38 +736,102 @@ def _records_failing(store: CassandraStore, writes: str, monkeypatch: pytest.Mon
 
 
 @pytest.mark.parametrize("writes", ["direct", "driver"])
-async def test_cassandra_a_sends_record_that_fails_does_not_fail_the_chats_write_and_lands_later(
+async def test_cassandra_a_sends_open_record_that_fails_holds_back_the_chats_rows_until_it_lands(
         cassandra_url: str, writes: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The record of where a send was numbered goes to the sender's device_sent partition, the
-    message row to the chat's: when only the record fails, the message is stored and answered,
-    the chat's later sends go on, and the record is written again until it lands. A retry of a
-    send left open then (its fan-out failed too) gets its seq and completes the fan-out however
-    many messages the chat had since, the chat's writer opened again meanwhile."""
+    """A chat's rows go out only once the records of where their sends were numbered have landed
+    (the record lives in the sender's device_sent partition, the row in the chat's): while the
+    record fails, nothing of the chat is stored and its caller is told the store is unavailable;
+    the chat's log writes record and row again, keeping the number (a send numbered into that
+    batch is told the same, and stored with it). A retry of the send then gets its seq and
+    completes the fan-out however many messages the chat had since, the chat's writer opened
+    again meanwhile."""
+    from storage.base import StorageUnavailable
     from storage.cassandra_owner import RECENT_IDS
 
     async with _own_store(cassandra_url, writes, monkeypatch) as (store, a, b, chat):
-        _records_failing(store, writes, monkeypatch)
-        await send_with_an_entry_failing(store, text(chat.chat_id, a, "open"), [a, b], b)
-        sent = [await store.append_message(text(chat.chat_id, a, f"rec{i}"), [a, b]) for i in range(3)]
-        assert [r.message.seq for r in sent] == [2, 3, 4] and all(b in r.inbox for r in sent)
-        await _until(lambda: store._retrying_behind == 4, "the four records written again")
-        await asyncio.sleep(0.5)  # (failing again meanwhile)
+        tries = _records_failing(store, writes, monkeypatch)
+        with pytest.raises(StorageUnavailable):
+            await store.append_message(text(chat.chat_id, a, "held"), [a, b])
+        with pytest.raises(StorageUnavailable):  # (numbered into the batch written again)
+            await store.append_message(text(chat.chat_id, b, "behind"), [a, b])
+        await _until(lambda: tries() >= 3, "the chat's log writing its batch again", 15.0)
+        assert await store.history(chat.chat_id, None, 10) == []
+        assert await store._x("get_sent", phone_of(a), "held") == []
         monkeypatch.undo()
-        await store.settled()
-        assert [m.client_id for m in await store.history(chat.chat_id, None, 10)] == ["rec2", "rec1", "rec0", "open"]
-        assert await store._x("get_sent", phone_of(a), "open") == [(None, None, chat.chat_id, 1)]
-        assert await store._x("get_sent", phone_of(a), "rec0") == [(chat.chat_id, 2, chat.chat_id, 2)]
+        log_ = store._logs.get(f"c:{chat.chat_id}")
+        await _until(lambda: log_ is not None and not log_.busy(), "the chat's batch written", 15.0)
+        assert [m.client_id for m in await store.history(chat.chat_id, None, 10)] == ["behind", "held"]
+        assert await store._x("get_sent", phone_of(a), "held") == [(None, None, chat.chat_id, 1)]
+        assert (await store.append_message(text(chat.chat_id, b, "behind"), [a, b])).message.seq == 2
         later = RECENT_IDS + 20
         await asyncio.gather(*(store.append_message(text(chat.chat_id, b, f"later{i}"), [a, b])
                                for i in range(later)))
         store._logs.drop(f"c:{chat.chat_id}")  # as after a restart
         store._unsent.clear()
-        retried = await store.append_message(text(chat.chat_id, a, "open"), [a, b])
-        assert retried.message.seq == 1 and retried.message.client_id == "open" and list(retried.inbox) == [b]
-        assert (await store.get_chat(chat.chat_id)).last_seq == 4 + later  # type: ignore[union-attr]
+        retried = await store.append_message(text(chat.chat_id, a, "held"), [a, b])
+        assert retried.message.seq == 1 and retried.message.client_id == "held" and set(retried.inbox) == {a, b}
+        assert (await store.get_chat(chat.chat_id)).last_seq == 2 + later  # type: ignore[union-attr]
         for user in (a, b):
             entries = await store.read_inbox(user, 0, later + 10)
-            assert [e.item.seq for e in entries if isinstance(e.item, Message) and e.item.client_id == "open"] == [1]
+            assert [e.item.seq for e in entries if isinstance(e.item, Message) and e.item.client_id == "held"] == [1]
+
+
+@pytest.mark.parametrize("writes", ["direct", "driver"])
+async def test_cassandra_a_send_whose_record_never_landed_is_numbered_once_after_the_writer_forgot_it(
+        cassandra_url: str, writes: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No message row is stored without its send's record: when the send's records keep failing
+    and the process ends (as in a crash), nothing of the send was stored, so its retry, coming to the
+    next holder of the chat after more later messages than any writer remembers the ids of, is
+    numbered once and the chat holds that message once."""
+    from storage.base import StorageUnavailable
+    from storage.cassandra_owner import RECENT_IDS
+
+    async with _own_store(cassandra_url, writes, monkeypatch) as (store, a, b, chat):
+        _records_failing(store, writes, monkeypatch)
+        _records_failing(store, writes, monkeypatch, record="put_sent")
+        with contextlib.suppress(StorageUnavailable):  # (told so: the test before this one)
+            await store.append_message(text(chat.chat_id, a, "lost"), [a, b])
+        await asyncio.sleep(0.3)  # (its log writing it again meanwhile)
+        await store.close()
+        monkeypatch.undo()
+    store = open_store(f"{cassandra_url}?writes={writes}")
+    assert isinstance(store, CassandraStore)
+    await store.open()
+    try:
+        later = RECENT_IDS + 20
+        await asyncio.gather(*(store.append_message(text(chat.chat_id, b, f"later{i}"), [a, b])
+                               for i in range(later)))
+        retried = await store.append_message(text(chat.chat_id, a, "lost"), [a, b])
+        again = await store.append_message(text(chat.chat_id, a, "lost"), [a, b])
+        assert again.message.seq == retried.message.seq and again.duplicate
+        history = await store.history(chat.chat_id, None, later + 10)
+        assert [m.seq for m in history if m.client_id == "lost"] == [later + 1] == [retried.message.seq]
+        assert [m.seq for m in history] == list(range(later + 1, 0, -1))
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("writes", ["direct", "driver"])
+async def test_cassandra_a_complete_record_that_fails_is_written_again_until_it_lands(
+        cassandra_url: str, writes: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The record that a send is complete is written behind the reply: when it fails, the send is
+    answered all the same and the record is written again until it lands; meanwhile a retry
+    finds the send open and is answered with its seq, storing nothing new."""
+    async with _own_store(cassandra_url, writes, monkeypatch) as (store, a, b, chat):
+        _records_failing(store, writes, monkeypatch, record="put_sent")
+        sent = [await store.append_message(text(chat.chat_id, a, f"rec{i}"), [a, b]) for i in range(3)]
+        assert [r.message.seq for r in sent] == [1, 2, 3] and all(b in r.inbox for r in sent)
+        await _until(lambda: store._retrying_behind == 3, "the three records written again")
+        store._sent_here.clear()  # (as in another process)
+        store._unsent.clear()
+        retried = await store.append_message(text(chat.chat_id, a, "rec0"), [a, b])
+        assert retried.message.seq == 1 and retried.duplicate and not retried.inbox
+        await asyncio.sleep(0.5)  # (failing again meanwhile)
+        monkeypatch.undo()
+        await store.settled()
+        assert store._retrying_behind == 0
+        assert await store._x("get_sent", phone_of(a), "rec2") == [(chat.chat_id, 3, chat.chat_id, 3)]
+        assert (await store.get_chat(chat.chat_id)).last_seq == 3  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize("writes", ["direct", "driver"])
@@ -778,7 +843,7 @@ async def test_cassandra_a_record_that_keeps_failing_is_given_up_past_the_bound_
     async with _own_store(cassandra_url, writes, monkeypatch) as (store, a, b, chat):
         monkeypatch.setattr(storage.cassandra, "RETRYING_BEHIND_MAX", 1)
         monkeypatch.setattr(storage.cassandra, "BEHIND_RETRY_S", (60.0, 60.0))  # woken only by the close
-        _records_failing(store, writes, monkeypatch)
+        _records_failing(store, writes, monkeypatch, record="put_sent")
         with caplog.at_level(logging.INFO, logger="storage.cassandra"):
             await store.append_message(text(chat.chat_id, a, "kept"), [a, b])
             await _until(lambda: store._retrying_behind == 1, "the first record written again")
@@ -796,10 +861,10 @@ async def test_cassandra_a_record_that_keeps_failing_is_given_up_past_the_bound_
 @pytest.mark.parametrize("writes", ["direct", "driver"])
 async def test_cassandra_a_record_cassandra_refuses_as_wrong_is_not_written_again(
         cassandra_url: str, writes: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    """Only a write that may land later is written again: one Cassandra refused as invalid is
-    given up at once (logged), and the message it went beside is stored all the same."""
+    """Only a write that may land later is written again: a complete record Cassandra refused as
+    invalid is given up at once (logged), and the send it records is answered all the same."""
     async with _own_store(cassandra_url, writes, monkeypatch) as (store, a, b, chat):
-        tries = _records_failing(store, writes, monkeypatch, wrong=True)
+        tries = _records_failing(store, writes, monkeypatch, record="put_sent", wrong=True)
         with caplog.at_level(logging.INFO, logger="storage.cassandra"):
             sent = await store.append_message(text(chat.chat_id, a, "wrong"), [a, b])
             await _until(lambda: store._behind == 0, "every write behind answered")
@@ -807,23 +872,26 @@ async def test_cassandra_a_record_cassandra_refuses_as_wrong_is_not_written_agai
         assert sent.message.seq == 1 and "failed, given up:" in caplog.text and store._retrying_behind == 0
         assert "writing it again" not in caplog.text and tries() == 1
         monkeypatch.undo()
-        assert await store._x("get_sent", phone_of(a), "wrong") == [(chat.chat_id, 1, None, None)]
+        assert await store._x("get_sent", phone_of(a), "wrong") == [(None, None, chat.chat_id, 1)]
 
 
 @pytest.mark.parametrize("writes", ["direct", "driver"])
-async def test_cassandra_records_whose_rows_failed_too_are_written_again_with_the_rows_only(
+async def test_cassandra_rows_that_fail_after_their_records_landed_are_written_again_with_them(
         cassandra_url: str, writes: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """When a chat's rows fail beside their records, the chat's log writes rows and records again
-    itself: no record is also handed to the writes behind (each of the log's tries would add
-    one), and once the rows land the record lands with them."""
+    """When a chat's rows fail after their records landed, the chat's log writes records and rows
+    again itself (nothing is handed to the writes behind), and a retry once they landed gets the
+    send's seq and completes it."""
     from storage.base import StorageUnavailable
 
     async with _own_store(cassandra_url, writes, monkeypatch) as (store, a, b, chat):
-        tries = _records_failing(store, writes, monkeypatch, rows_too=True)
+        rows_tried = _records_failing(store, writes, monkeypatch, record="put_msg", rows_too=True)
+        records_before = store.ops.by_name.get("open_sent", 0)
         with pytest.raises(StorageUnavailable):
             await store.append_message(text(chat.chat_id, a, "both"), [a, b])
-        await _until(lambda: tries() >= 3, "the chat's log writing its batch again", 15.0)
+        await _until(lambda: rows_tried() >= 2, "the chat's log writing its batch again", 15.0)
+        assert store.ops.by_name.get("open_sent", 0) - records_before >= 2  # each try wrote the record first
         assert store._retrying_behind == 0 and store._behind == 0
+        assert await store._x("get_sent", phone_of(a), "both") == [(None, None, chat.chat_id, 1)]
         monkeypatch.undo()
         # (a try sent before the undo may still fail, and with it a retry that joined it)
         log_ = store._logs.get(f"c:{chat.chat_id}")
@@ -833,29 +901,6 @@ async def test_cassandra_records_whose_rows_failed_too_are_written_again_with_th
         await store.settled()
         assert await store._x("get_sent", phone_of(a), "both") == [(chat.chat_id, 1, chat.chat_id, 1)]
         assert (await store.get_chat(chat.chat_id)).last_seq == 1  # type: ignore[union-attr]
-
-
-@pytest.mark.parametrize("writes", ["direct", "driver"])
-async def test_cassandra_a_record_that_lands_late_does_not_hide_a_newer_one(
-        cassandra_url: str, writes: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A record written again carries the time of its first write: when it lands after a newer
-    holder recorded the same send elsewhere (its row was never stored here), the newer record
-    stays."""
-    async with _own_store(cassandra_url, writes, monkeypatch) as (store, a, b, chat):
-        _records_failing(store, writes, monkeypatch)
-        await store.append_message(text(chat.chat_id, a, "late"), [a, b])
-        await _until(lambda: store._retrying_behind == 1, "the record written again")
-        assert store._cluster is not None
-        newer = store._cluster.timestamp_generator()
-        await store._blocking(store._session.execute,
-                              f"INSERT INTO {store.keyspace}.device_sent (device, client_id, open_chat, open_seq) "
-                              "VALUES (%s, %s, %s, %s) USING TIMESTAMP %s",
-                              (phone_of(a), "late", chat.chat_id, 7, newer))
-        monkeypatch.undo()
-        await store.settled()
-        assert store._retrying_behind == 0
-        rows = await store._x("get_sent", phone_of(a), "late")
-        assert [(r[2], r[3]) for r in rows] == [(chat.chat_id, 7)]
 
 
 async def test_cassandra_an_open_send_whose_id_comes_again_for_another_chat_completes_in_its_own(
