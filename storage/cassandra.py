@@ -1345,10 +1345,20 @@ class CassandraStore:
                 raise next((f for f in failed if not isinstance(f, StorageError)), failed[0])
         await self._write_rows_in_order(key, epoch, rows, full)
 
+    def _rows_may_go(self, key: str, epoch: int) -> bool:
+        """Whether rows of ``key`` may be sent now under ``epoch``: checked in the same step as the
+        send, so that a row never carries a later Cassandra timestamp (taken when it is sent)
+        than the lease under which it was numbered allows. A newer holder's rows must win over
+        any row of this one that lands late."""
+        leases = self._leases
+        return leases is not None and leases.valid(partition_of(key), epoch)
+
     async def _write_rows_in_order(self, key: str, epoch: int, rows: Sequence[tuple[int, tuple[Any, ...]]],
                                    full: bool) -> None:
         name, by_bucket = self._row_params(key, epoch, rows, full)
         for bucket in sorted(by_bucket):
+            if not self._rows_may_go(key, epoch):  # (after the records, or a bucket before)
+                raise NotOwner(f"{key}: the lease of partition {partition_of(key)} ended before its rows went out")
             group = by_bucket[bucket]
             if len(group) == 1:
                 await self._x(name, *group[0])
@@ -1366,8 +1376,8 @@ class CassandraStore:
         else StorageUnavailable). Only for rows within one bucket that start none: False, and
         nothing sent, for anything else, or when the connection cannot take it. A chat's
         ``open_sent`` records go first, one statement each, and its rows once every record has
-        landed (from the answer of the last, in the same turn of the loop); a record that failed
-        fails the write, its rows not sent."""
+        landed (from the answer of the last, in the same turn of the loop) if the lease still
+        holds; a record that failed fails the write, its rows not sent."""
         if any(n % BUCKET == 0 for n, _ in rows):
             return False
         name, by_bucket = self._row_params(key, epoch, rows, full)
@@ -1421,6 +1431,9 @@ class CassandraStore:
                 return
             if failed:
                 then(failed[0])
+                return
+            if not self._rows_may_go(key, epoch):
+                then(NotOwner(f"{key}: the lease of partition {partition_of(key)} ended before its rows went out"))
                 return
             try:
                 send_rows()
@@ -1540,10 +1553,10 @@ class CassandraStore:
 
     def _write_behind_in_task(self, name: str, params: tuple[Any, ...], failed: BaseException | None = None) -> None:
         """Write it the ordinary way, and again after a pause for as long as Cassandra does not
-        confirm it (it writes the same cells each time), until the store closes: a send's record
-        that lands late still finds its retry after the chat's writer has forgotten it. A write
-        Cassandra refused as wrong, or one that could not be bound, is not written again: given
-        up at once when its first failure (``failed``, on the loop's own connection) says so."""
+        confirm it (it writes the same cells each time), until the store closes: a send's complete
+        record that lands late still answers its retry at once. A write Cassandra refused as
+        wrong, or one that could not be bound, is not written again: given up at once when its
+        first failure (``failed``, on the loop's own connection) says so."""
         if failed is not None and not _worth_writing_again(failed):
             log.warning("cassandra %s (written behind) failed, given up: %s", name, failed)
             return

@@ -395,10 +395,11 @@ class WriteAgain(Exception):
 class KeyLog:
     """The numbers of one key, given out by this process under one epoch of its partition.
 
-    A write goes out at once when the log is idle and ``write_now`` can send it (one statement
-    on the store's own connection): no task, and its answer settles the callers in the same turn
-    of the loop that reads it. Everything else (a retry, a write the connection cannot take) is
-    written by a task, one batch at a time; either way at most one write is in flight."""
+    A write goes out at once when the log is idle and ``write_now`` can send it (on the store's
+    own connection: a chat's records, then its rows from the records' answers): no task, and its
+    answer settles the callers in the same turn of the loop that reads it. Everything else (a
+    retry, a write the connection cannot take) is written by a task, one batch at a time; either
+    way at most one write is in flight."""
 
     def __init__(self, key: str, part: int, epoch: int, head: int, fence: int,
                  recent: dict[Hashable, int], write: Write, leases: Leases,

@@ -812,6 +812,37 @@ async def test_cassandra_a_send_whose_record_never_landed_is_numbered_once_after
 
 
 @pytest.mark.parametrize("writes", ["direct", "driver"])
+async def test_cassandra_rows_do_not_go_out_once_the_lease_ended_while_their_records_were_written(
+        cassandra_url: str, writes: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A row takes its Cassandra timestamp when it is sent, and a newer holder's row at the same
+    number must win over it: so a chat's rows, which wait for their records, go out only if the
+    lease under which they were numbered still holds then. When it ended meanwhile, the caller
+    is told the store is unavailable and nothing of the chat is stored; its retry, once the
+    partition is held again, is numbered anew."""
+    from storage.base import StorageUnavailable
+
+    async with _own_store(cassandra_url, writes, monkeypatch) as (store, a, b, chat):
+        assert store._leases is not None
+        valid, count = store._leases.valid, store._count
+        ended = [False]
+
+        def ends_with_the_record(name: str) -> None:  # (counted as it is sent)
+            ended[0] = ended[0] or name == "open_sent"
+            count(name)
+
+        monkeypatch.setattr(store._leases, "valid", lambda part, epoch: not ended[0] and valid(part, epoch))
+        monkeypatch.setattr(store, "_count", ends_with_the_record)
+        with pytest.raises(StorageUnavailable):
+            await store.append_message(text(chat.chat_id, a, "late"), [a, b])
+        assert await store._x("get_sent", phone_of(a), "late") == [(None, None, chat.chat_id, 1)]
+        assert await store.history(chat.chat_id, None, 10) == []
+        monkeypatch.undo()
+        retried = await store.append_message(text(chat.chat_id, a, "late"), [a, b])
+        assert retried.message.seq == 1 and set(retried.inbox) == {a, b}
+        assert [m.client_id for m in await store.history(chat.chat_id, None, 10)] == ["late"]
+
+
+@pytest.mark.parametrize("writes", ["direct", "driver"])
 async def test_cassandra_a_complete_record_that_fails_is_written_again_until_it_lands(
         cassandra_url: str, writes: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The record that a send is complete is written behind the reply: when it fails, the send is
