@@ -26,7 +26,8 @@ and its log makes it again): a stored message always has its record. Once every 
 entry is written, the sender's bridge writes ``chat_id`` and ``seq`` (the send is complete)
 without waiting for it before the ``sent`` reply. A repeat that finds a complete send is answered
 at once; one that finds an open send gets that message and completes the fan-out for members
-whose inbox has no entry for it yet (each inbox writer knows its latest entries' (chat, seq)).
+whose inbox has no entry for it yet (each inbox writer knows its latest entries' (chat, seq),
+and the entries written since the message was stored are read back for the others).
 One that finds no record, or one whose row is not stored, is a send never stored, or one whose
 row the chat's writer is still writing: that writer finds it among the chat's latest ids.
 
@@ -116,6 +117,14 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 7
 BUCKET = 1000
 RECENT_SCAN = 50
+# A repeat of a send found open (its complete record missing) writes a member's inbox entry only
+# if the member's inbox holds none for its message: the inbox writer remembers its latest 256
+# entries, and beyond them the entries written since the message was stored are read back,
+# newest first, this many at most (a page at a time), from the writes of that moment on (less
+# the clocks' margin).
+INBOX_SINCE_MAX = 5_000
+INBOX_SINCE_PAGE = 500
+INBOX_SINCE_SKEW_US = 5_000_000
 INBOX_TTL_S = 30 * 86_400
 DAY_MS = 86_400_000
 SENT_WINDOW_S = 86_400
@@ -596,6 +605,10 @@ class CassandraStore:
                           "ORDER BY pos DESC LIMIT ?",
             "inbox_tail_below": f"SELECT pos, epoch, chat_id, seq FROM {ks}.inbox WHERE user_id=? AND bucket=? "
                                 "AND pos<? ORDER BY pos DESC LIMIT ?",
+            # newest first, with when each was written: a repeat's fan-out reads back what came
+            # since its message was stored
+            "inbox_since": f"SELECT pos, epoch, chat_id, seq, WRITETIME(epoch) FROM {ks}.inbox WHERE user_id=? "
+                           "AND bucket=? AND pos<=? ORDER BY pos DESC LIMIT ?",
             "read_inbox": f"SELECT pos, chat_id, seq, {_MSG}, rkind, ruser, up_to, epoch FROM {ks}.inbox "
                           "WHERE user_id=? AND bucket=? AND pos>? LIMIT ?",
             "fence_get": f"SELECT epoch, after FROM {ks}.fences WHERE key=?",
@@ -1127,9 +1140,10 @@ class CassandraStore:
                           reached: int) -> list[Any]:
         """``rows`` (a key's newest, newest first, read down to ``reached``) and the key's rows
         below them, up to RECENT_IDS in all, from the head's bucket and the one before it: a
-        writer opening the key remembers the ids of as many as it keeps itself, so a retry of a
-        send numbered before and not completed (no ``device_sent`` row) finds its number after a
-        restart as it would have before."""
+        writer opening the key remembers the ids of as many as it keeps itself, so a repeat
+        finds what was numbered before a restart as it would have before (a chat's rows also
+        have their sends' records; an inbox's entries only this and the read-back of a repeat's
+        fan-out)."""
         kind, _, ident = key.partition(":")
         stmt = "chat_tail_below" if kind == "c" else "inbox_tail_below"
         out = list(rows)
@@ -1497,6 +1511,10 @@ class CassandraStore:
         if dup and sent_id is not None and sent_id in self._sent_here:  # completed meanwhile (another repeat)
             return Appended(message=stored, inbox={}, duplicate=True)
         had = self._fanned.get(sent_id, frozenset()) if dup and sent_id is not None else frozenset()
+        if dup:  # (members whose entry an earlier attempt wrote, beyond what their inbox writers remember)
+            users = [u for u in dict.fromkeys(recipients) if u not in had]
+            found = await asyncio.gather(*(self._has_entry(u, stored) for u in users))
+            had = had | {u for u, yes in zip(users, found, strict=True) if yes}
         try:
             inbox = await self._fan_out(stored, [u for u in recipients if u not in had] if had else recipients)
         except _FanOutFailed as failed:
@@ -1638,6 +1656,34 @@ class CassandraStore:
             raise _FanOutFailed(failure, frozenset(u for u, o in zip(users, done, strict=True)
                                                    if not isinstance(o, BaseException)))
         return out
+
+    async def _has_entry(self, user_id: str, m: Message) -> bool:
+        """Whether ``user_id``'s inbox holds an entry for message ``m`` written since it was stored:
+        read back from the inbox's head, newest first, down to the entries written before ``m``
+        was accepted (less the clocks' margin), INBOX_SINCE_MAX of them at most. Only for a
+        repeat: the inbox writer's memory answers for its latest entries, this for the rest."""
+        key = f"u:{user_id}"
+        held = self._logs.get(key)
+        if held is not None and held.remembers((m.chat_id, m.seq)):
+            return True
+        fence, head = await asyncio.gather(self._fence(key), self._head(key))
+        since_us = m.ts * 1000 - INBOX_SINCE_SKEW_US
+        top, read = head, 0
+        while top > 0 and read < INBOX_SINCE_MAX:
+            page = await self._x("inbox_since", user_id, top // BUCKET, top, INBOX_SINCE_PAGE)
+            if not page:  # (a bucket with nothing left: what was below it expired)
+                return False
+            for pos, epoch, chat_id, seq, written in page:
+                if written is not None and written < since_us:
+                    return False
+                if chat_id == m.chat_id and seq == m.seq and self._valid(epoch, pos, fence):
+                    return True
+            read += len(page)
+            top = int(page[-1][0]) - 1 if len(page) == INBOX_SINCE_PAGE else (top // BUCKET) * BUCKET - 1
+        if read >= INBOX_SINCE_MAX:
+            log.warning("inbox of %s: no entry for %s/%d among its latest %d; written again",
+                        user_id, m.chat_id, m.seq, read)
+        return False
 
     async def _message_at(self, chat_id: str, seq: int) -> Message | None:
         # the row before the fence: a fence read first could miss a newer holder's, written before

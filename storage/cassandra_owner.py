@@ -431,6 +431,11 @@ class KeyLog:
             else:
                 return
 
+    def remembers(self, ident: Hashable) -> bool:
+        """Whether an append under ``ident`` was numbered here or read back when the log opened
+        (among the latest RECENT_IDS), or is being written."""
+        return ident in self._recent or ident in self._unwritten
+
     def busy(self) -> bool:
         return bool(self._queue or self._stuck or self._sending is not None
                     or (self._task is not None and not self._task.done()))

@@ -865,6 +865,77 @@ async def test_cassandra_a_complete_record_that_fails_is_written_again_until_it_
         assert (await store.get_chat(chat.chat_id)).last_seq == 3  # type: ignore[union-attr]
 
 
+async def test_cassandra_a_send_whose_complete_record_was_lost_is_not_fanned_out_twice(
+        cassandra_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A send fanned out in full whose complete record never landed (its process ended while the
+    record failed): its retry in another process finds it open and completes it, and a member
+    whose inbox has had more entries since than its writer remembers, and who has the entry, does
+    not get it a second time; nor does the sender."""
+    from storage.cassandra_owner import RECENT_IDS
+
+    async with _own_store(cassandra_url, "direct", monkeypatch) as (store, a, b, chat):
+        _records_failing(store, "direct", monkeypatch, record="put_sent")
+        first = await store.append_message(text(chat.chat_id, a, "twice"), [a, b])
+        assert first.message.seq == 1 and set(first.inbox) == {a, b}
+        await store.close()  # (the complete record given up)
+        monkeypatch.undo()
+    store = open_store(cassandra_url)
+    assert isinstance(store, CassandraStore)
+    await store.open()
+    try:
+        assert await store._x("get_sent", phone_of(a), "twice") == [(None, None, chat.chat_id, 1)]
+        c = (await store.create_user(phone(), T0)).user_id
+        other = await store.direct_chat(c, b, T0)
+        later = RECENT_IDS + 20
+        for i in range(later):  # (one at a time: b's inbox, opened here, forgets the first entry)
+            await store.append_message(text(other.chat_id, c, f"later{i}"), [c, b])
+        retried = await store.append_message(text(chat.chat_id, a, "twice"), [a, b])
+        assert retried.message.seq == 1 and retried.duplicate and not retried.inbox
+        for user in (a, b):
+            entries = await store.read_inbox(user, 0, later + 10)
+            assert [e.pos for e in entries if isinstance(e.item, Message) and e.item.chat_id == chat.chat_id] \
+                == [first.inbox[user]]
+        await store.settled()
+        assert await store._x("get_sent", phone_of(a), "twice") == [(chat.chat_id, 1, chat.chat_id, 1)]
+    finally:
+        await store.close()
+
+
+async def test_cassandra_a_repeats_read_back_stops_at_the_entries_written_before_its_message(
+        cassandra: CassandraStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The read-back of a repeat's fan-out covers only what a member's inbox got since the message
+    was accepted: past the entries written before it, it stops, and a member who lacks the entry
+    gets it. (The clocks' margin is taken as none here: the test's writes are all one clock's.)"""
+    from storage.cassandra_owner import RECENT_IDS
+
+    monkeypatch.setattr(storage.cassandra, "INBOX_SINCE_SKEW_US", 0)
+    store = cassandra
+    a, b = await two_users(store)
+    c = (await store.create_user(phone(), T0)).user_id
+    chat, other = await store.direct_chat(a, b, T0), await store.direct_chat(c, b, T0)
+    for i in range(600):  # (before the message: not read)
+        await store.append_message(text(other.chat_id, c, f"before{i}"), [c, b])
+    await asyncio.sleep(0.01)
+    now = int(time.time() * 1000)
+    await send_with_an_entry_failing(store, text(chat.chat_id, a, "lacking", ts=now), [a, b], b)
+    later = RECENT_IDS + 20
+    for i in range(later):
+        await store.append_message(text(other.chat_id, c, f"after{i}"), [c, b])
+    store._logs.drop(f"u:{b}")  # (as in another process: b's writer remembers none of it)
+    store._logs.drop(f"u:{a}")
+    store._fanned.clear()
+    store._unsent.clear()
+    reads = store.ops.by_name.get("inbox_since", 0)
+    retried = await store.append_message(text(chat.chat_id, a, "lacking", ts=now), [a, b])
+    assert retried.message.seq == 1 and list(retried.inbox) == [b]
+    # one page each: b's holds the later entries and then one written before (a second page
+    # would read on through the 600 before them); a's entry is its newest
+    assert store.ops.by_name.get("inbox_since", 0) - reads == 2
+    entries = await store.read_inbox(b, 0, 2 * later + 700)
+    assert [e.item.client_id for e in entries if isinstance(e.item, Message) and e.item.chat_id == chat.chat_id] \
+        == ["lacking"]
+
+
 @pytest.mark.parametrize("writes", ["direct", "driver"])
 async def test_cassandra_a_record_that_keeps_failing_is_given_up_past_the_bound_and_at_close(
         cassandra_url: str, writes: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
