@@ -123,6 +123,7 @@ RECENT_SCAN = 50
 # newest first, this many at most (a page at a time), from the writes of that moment on (less
 # the clocks' margin).
 INBOX_SINCE_MAX = 5_000
+INBOX_SINCE_FIRST = 50  # (pages grow fourfold from this to INBOX_SINCE_PAGE)
 INBOX_SINCE_PAGE = 500
 INBOX_SINCE_SKEW_US = 5_000_000
 INBOX_TTL_S = 30 * 86_400
@@ -1481,7 +1482,7 @@ class CassandraStore:
             if opened.chat_id != msg.chat_id:  # the id reused for another chat: the first send is the one
                 first = await self.get_chat(opened.chat_id, current_seq=False)
                 recipients = first.member_ids if first is not None else []
-            return await self._complete(opened, recipients, dup=True)
+            return await self._complete(opened, recipients, dup=True, accepted_ms=opened.ts)
         if msg.chat_id not in self._known_chats:
             if not await self._x("get_chat", msg.chat_id):
                 raise NotStored(f"chat {msg.chat_id}")
@@ -1494,14 +1495,18 @@ class CassandraStore:
         stored = None
         if dup:  # the chat has it already (an earlier attempt): that one is the message
             stored = await self._message_at(msg.chat_id, seq)
+        accepted_ms = stored.ts if stored is not None else None  # (of the first attempt: not this one's)
         if stored is None:
             stored = Message(chat_id=msg.chat_id, seq=seq, client_id=msg.client_id, sender=msg.sender,
                              device=msg.device, ts=msg.ts, kind=msg.kind, body=msg.body, media=msg.media,
                              event=msg.event, target=msg.target)
-        return await self._complete(stored, recipients, dup=dup)
+        return await self._complete(stored, recipients, dup=dup, accepted_ms=accepted_ms)
 
-    async def _complete(self, stored: Message, recipients: Sequence[str], *, dup: bool) -> Appended:
-        """Write every member's inbox entry of a stored message, then record its send as complete."""
+    async def _complete(self, stored: Message, recipients: Sequence[str], *, dup: bool,
+                        accepted_ms: int | None = None) -> Appended:
+        """Write every member's inbox entry of a stored message, then record its send as complete.
+        On a repeat, ``accepted_ms`` is when the message was accepted (its ``ts``, read from its
+        row), None when not known."""
         if stored.media is not None:
             await self._x("put_chat_media", stored.chat_id, stored.media.key)
         # every member's entry, even on a repeat: an interrupted attempt may have stopped short of
@@ -1513,7 +1518,7 @@ class CassandraStore:
         had = self._fanned.get(sent_id, frozenset()) if dup and sent_id is not None else frozenset()
         if dup:  # (members whose entry an earlier attempt wrote, beyond what their inbox writers remember)
             users = [u for u in dict.fromkeys(recipients) if u not in had]
-            found = await asyncio.gather(*(self._has_entry(u, stored) for u in users))
+            found = await asyncio.gather(*(self._has_entry(u, stored, accepted_ms) for u in users))
             had = had | {u for u, yes in zip(users, found, strict=True) if yes}
         try:
             inbox = await self._fan_out(stored, [u for u in recipients if u not in had] if had else recipients)
@@ -1657,29 +1662,34 @@ class CassandraStore:
                                                    if not isinstance(o, BaseException)))
         return out
 
-    async def _has_entry(self, user_id: str, m: Message) -> bool:
-        """Whether ``user_id``'s inbox holds an entry for message ``m`` written since it was stored:
-        read back from the inbox's head, newest first, down to the entries written before ``m``
-        was accepted (less the clocks' margin), INBOX_SINCE_MAX of them at most. Only for a
-        repeat: the inbox writer's memory answers for its latest entries, this for the rest."""
+    async def _has_entry(self, user_id: str, m: Message, accepted_ms: int | None) -> bool:
+        """Whether ``user_id``'s inbox holds an entry for message ``m``: the inbox writer's memory
+        answers for its latest entries (an entry it is still writing is not held: the fan-out's
+        append joins that write), and for the rest the inbox is read back from its head, newest
+        first, down to the entries written before ``m`` was accepted at ``accepted_ms`` less the
+        clocks' margin (None: not known, no such bound), INBOX_SINCE_MAX of them at most. Only
+        for a repeat of a send."""
         key = f"u:{user_id}"
+        ident = (m.chat_id, m.seq)
         held = self._logs.get(key)
-        if held is not None and held.remembers((m.chat_id, m.seq)):
-            return True
-        fence, head = await asyncio.gather(self._fence(key), self._head(key))
-        since_us = m.ts * 1000 - INBOX_SINCE_SKEW_US
-        top, read = head, 0
+        if held is not None and (held.writing(ident) or held.remembers(ident)):
+            return not held.writing(ident)
+        since_us = accepted_ms * 1000 - INBOX_SINCE_SKEW_US if accepted_ms is not None else None
+        top, read, size = await self._head(key), 0, INBOX_SINCE_FIRST
         while top > 0 and read < INBOX_SINCE_MAX:
-            page = await self._x("inbox_since", user_id, top // BUCKET, top, INBOX_SINCE_PAGE)
+            page = await self._x("inbox_since", user_id, top // BUCKET, top, size)
             if not page:  # (a bucket with nothing left: what was below it expired)
                 return False
             for pos, epoch, chat_id, seq, written in page:
-                if written is not None and written < since_us:
+                if chat_id == m.chat_id and seq == m.seq:
+                    # (the fence after the row, as in _message_at: a newer holder's fence written
+                    # before the row was read and hiding it is then not missed)
+                    return self._valid(epoch, pos, await self._fence(key))
+                if since_us is not None and written is not None and written < since_us:
                     return False
-                if chat_id == m.chat_id and seq == m.seq and self._valid(epoch, pos, fence):
-                    return True
             read += len(page)
-            top = int(page[-1][0]) - 1 if len(page) == INBOX_SINCE_PAGE else (top // BUCKET) * BUCKET - 1
+            top = int(page[-1][0]) - 1 if len(page) == size else (top // BUCKET) * BUCKET - 1
+            size = min(INBOX_SINCE_PAGE, size * 4)
         if read >= INBOX_SINCE_MAX:
             log.warning("inbox of %s: no entry for %s/%d among its latest %d; written again",
                         user_id, m.chat_id, m.seq, read)

@@ -432,9 +432,13 @@ class KeyLog:
                 return
 
     def remembers(self, ident: Hashable) -> bool:
-        """Whether an append under ``ident`` was numbered here or read back when the log opened
-        (among the latest RECENT_IDS), or is being written."""
-        return ident in self._recent or ident in self._unwritten
+        """Whether an append under ``ident`` is stored: written here or read back when the log
+        opened (among the latest RECENT_IDS), and not still being written."""
+        return ident in self._recent and ident not in self._unwritten
+
+    def writing(self, ident: Hashable) -> bool:
+        """Whether an append under ``ident`` is queued or being written here (not yet stored)."""
+        return ident in self._unwritten
 
     def busy(self) -> bool:
         return bool(self._queue or self._stuck or self._sending is not None

@@ -928,12 +928,38 @@ async def test_cassandra_a_repeats_read_back_stops_at_the_entries_written_before
     reads = store.ops.by_name.get("inbox_since", 0)
     retried = await store.append_message(text(chat.chat_id, a, "lacking", ts=now), [a, b])
     assert retried.message.seq == 1 and list(retried.inbox) == [b]
-    # one page each: b's holds the later entries and then one written before (a second page
-    # would read on through the 600 before them); a's entry is its newest
-    assert store.ops.by_name.get("inbox_since", 0) - reads == 2
+    # b's pages (50, 200, 500) read the later entries and stop at the first written before (one
+    # more page would read on through the 600 before them); a's entry is its newest (one page)
+    assert store.ops.by_name.get("inbox_since", 0) - reads == 4
     entries = await store.read_inbox(b, 0, 2 * later + 700)
     assert [e.item.client_id for e in entries if isinstance(e.item, Message) and e.item.chat_id == chat.chat_id] \
         == ["lacking"]
+
+
+async def test_cassandra_a_repeat_joins_inbox_entries_still_being_written_rather_than_skipping_them(
+        cassandra_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A repeat of a send whose members' entries are still being written (their writes failing)
+    waits for those writes like the first attempt: it is told the store is unavailable too, not
+    answered with the send recorded complete before any entry is stored; once they land, a
+    repeat is answered with nothing written again."""
+    from storage.base import StorageUnavailable
+
+    async with _own_store(cassandra_url, "direct", monkeypatch) as (store, a, b, chat):
+        _records_failing(store, "direct", monkeypatch, record="put_inbox")
+        with pytest.raises(StorageUnavailable):
+            await store.append_message(text(chat.chat_id, a, "pending"), [a, b])
+        with pytest.raises(StorageUnavailable):
+            await store.append_message(text(chat.chat_id, a, "pending"), [a, b])
+        assert await store._x("get_sent", phone_of(a), "pending") == [(None, None, chat.chat_id, 1)]
+        monkeypatch.undo()
+        for user in (a, b):
+            log_ = store._logs.get(f"u:{user}")
+            await _until(lambda: log_ is not None and not log_.busy(), "the entries written", 15.0)  # noqa: B023
+        retried = await store.append_message(text(chat.chat_id, a, "pending"), [a, b])
+        assert retried.message.seq == 1 and retried.duplicate and not retried.inbox
+        for user in (a, b):
+            entries = await store.read_inbox(user, 0, 10)
+            assert [e.item.client_id for e in entries if isinstance(e.item, Message)] == ["pending"]
 
 
 @pytest.mark.parametrize("writes", ["direct", "driver"])
