@@ -1360,20 +1360,23 @@ class CassandraStore:
                 raise next((f for f in failed if not isinstance(f, StorageError)), failed[0])
         await self._write_rows_in_order(key, epoch, rows, full)
 
-    def _rows_may_go(self, key: str, epoch: int) -> bool:
-        """Whether rows of ``key`` may be sent now under ``epoch``: checked in the same step as the
-        send, so that a row never carries a later Cassandra timestamp (taken when it is sent)
-        than the lease under which it was numbered allows. A newer holder's rows must win over
-        any row of this one that lands late."""
-        leases = self._leases
-        return leases is not None and leases.valid(partition_of(key), epoch)
+    def _rows_may_not_go(self, key: str, epoch: int) -> NotOwner | None:
+        """Why rows of ``key`` may not be sent now under ``epoch`` (None: they may). Checked in the
+        same step as the send, so that a row never carries a later Cassandra timestamp (taken
+        when it is sent) than the lease under which it was numbered allows: a newer holder's
+        rows must win over any row of this one that lands late."""
+        leases, part = self._leases, partition_of(key)
+        if leases is not None and leases.valid(part, epoch):
+            return None
+        return NotOwner(f"{key}: the lease of partition {part} ended before its rows went out")
 
     async def _write_rows_in_order(self, key: str, epoch: int, rows: Sequence[tuple[int, tuple[Any, ...]]],
                                    full: bool) -> None:
         name, by_bucket = self._row_params(key, epoch, rows, full)
         for bucket in sorted(by_bucket):
-            if not self._rows_may_go(key, epoch):  # (after the records, or a bucket before)
-                raise NotOwner(f"{key}: the lease of partition {partition_of(key)} ended before its rows went out")
+            ended = self._rows_may_not_go(key, epoch)  # (after the records, or a bucket before)
+            if ended is not None:
+                raise ended
             group = by_bucket[bucket]
             if len(group) == 1:
                 await self._x(name, *group[0])
@@ -1415,8 +1418,8 @@ class CassandraStore:
                 results.forget(answer)
                 if exc is None:
                     then(None)
-                else:  # None from _wire_failure: the ordinary way runs it
-                    then(_wire_failure(name, exc, read=False) or WriteAgain(f"cassandra {name}: {exc}"))
+                else:
+                    then(_log_write_failure(name, exc))
 
             answer = Direct(rows_answered)
             results.watch(answer, name)
@@ -1440,15 +1443,16 @@ class CassandraStore:
         def record_answered(i: int, exc: BaseException | None) -> None:
             results.forget(answers[i])
             if exc is not None:
-                failed.append(_wire_failure("open_sent", exc, read=False) or WriteAgain(f"cassandra open_sent: {exc}"))
+                failed.append(_log_write_failure("open_sent", exc))
             left[0] -= 1
             if left[0]:
                 return
             if failed:
                 then(failed[0])
                 return
-            if not self._rows_may_go(key, epoch):
-                then(NotOwner(f"{key}: the lease of partition {partition_of(key)} ended before its rows went out"))
+            ended = self._rows_may_not_go(key, epoch)
+            if ended is not None:
+                then(ended)
                 return
             try:
                 send_rows()
@@ -1672,8 +1676,10 @@ class CassandraStore:
         key = f"u:{user_id}"
         ident = (m.chat_id, m.seq)
         held = self._logs.get(key)
-        if held is not None and (held.writing(ident) or held.remembers(ident)):
-            return not held.writing(ident)
+        if held is not None and held.writing(ident):
+            return False
+        if held is not None and held.remembers(ident):
+            return True
         since_us = accepted_ms * 1000 - INBOX_SINCE_SKEW_US if accepted_ms is not None else None
         top, read, size = await self._head(key), 0, INBOX_SINCE_FIRST
         while top > 0 and read < INBOX_SINCE_MAX:
@@ -2087,6 +2093,12 @@ def _wire_failure(name: str, exc: BaseException, *, read: bool) -> StorageError 
     if isinstance(exc, ConnectionError):
         return None if read else StorageUnavailable(f"cassandra {name}: {exc} (the write may still land)")
     return StorageUnavailable(f"cassandra {name}: {type(exc).__name__}: {exc}")
+
+
+def _log_write_failure(name: str, exc: BaseException) -> BaseException:
+    """What a key log's write that failed on the loop's own connection tells the log: the error
+    for its callers, or WriteAgain when the ordinary way is to run it (None from _wire_failure)."""
+    return _wire_failure(name, exc, read=False) or WriteAgain(f"cassandra {name}: {exc}")
 
 
 def _settle(fut: asyncio.Future[list[Any]], rows: list[Any] | None, exc: BaseException | None) -> None:
