@@ -664,6 +664,10 @@ def bench(
     overload_factor: Annotated[float, typer.Option(help="overload: offered load as a multiple of full speed")] = 3.0,
     full_speed: Annotated[float | None, typer.Option(
         help="overload, failover: full speed in msgs/s (default: measured first, for --seconds, like p2p)")] = None,
+    rate_per_bridge: Annotated[list[float] | None, typer.Option(
+        help="p2p: after the steps at a quarter, half and three quarters of full speed, one more at this many msgs/s per bridge (that "
+        "times --bridges in all), so that runs with different --bridges compare at the same load per bridge; "
+        "repeatable")] = None,
     max_seconds: Annotated[float, typer.Option(help="stop the run if it takes longer than this")] = 900.0,
     json_out: Annotated[Path | None, typer.Option("--json", help="write the results to this file")] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
@@ -716,6 +720,10 @@ def bench(
         problems.append(f"--overload-factor must be above 1 and at most 10, got {overload_factor}")
     if full_speed is not None and not 1 <= full_speed <= 100_000:
         problems.append(f"--full-speed must be within 1..100000 msgs/s, got {full_speed}")
+    if any(not 1 <= r <= 100_000 for r in rate_per_bridge or ()):
+        problems.append(f"--rate-per-bridge must be within 1..100000 msgs/s, got {rate_per_bridge}")
+    if rate_per_bridge and scenario not in ("p2p", "all"):
+        problems.append("--rate-per-bridge is for the p2p scenario")
     if cold_sync and profile != "production":
         problems.append("--cold-sync needs --profile production (the devices must outlive the restart)")
     if not 1 <= bridges <= 8 or (bridges > 1 and profile != "production"):
@@ -740,7 +748,7 @@ def bench(
                    max_seconds=max_seconds, progress=not quiet, cold_sync=cold_sync,
                    overload_seconds=overload_seconds, recovery_seconds=recovery_seconds,
                    overload_factor=overload_factor, full_speed=full_speed, proto=proto,
-                   mqtt5=mqtt5)
+                   mqtt5=mqtt5, rates_per_bridge=tuple(rate_per_bridge or ()))
     results = []
     try:
         with open_target(profile, http, mqtt, server_pid or [], broker_credentials_file, label,
@@ -776,7 +784,7 @@ def _show_result(r: dict[str, Any]) -> None:
             s = r[stretch]
             console.print(f"  sends {stretch} the takeover: {s['messages']}, p50 {s['p50_ms']} ms, "
                           f"p99 {s['p99_ms']} ms")
-    for step in r.get("rates") or []:
+    for step in [*(r.get("rates") or []), *(r.get("rates_per_bridge") or [])]:
         if step.get("bridge_cpu_ms_per_msg") is not None:
             console.print(f"  at {step['msgs_per_s']} msgs/s ({step['msgs_per_s_per_bridge']} a bridge): p99 "
                           f"{step['p99_ms']} ms, {step['bridge_cpu_ms_per_msg']} ms of bridge CPU a message")

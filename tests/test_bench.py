@@ -173,10 +173,12 @@ def test_mqtt5_properties_are_read_by_their_sizes() -> None:
 
 
 def test_two_bridges_share_a_production_run(tmp_path: Path) -> None:
-    """--bridges 2: both processes take part, and their store counts and CPU are added up."""
+    """--bridges 2: both processes take part, and their store counts and CPU are added up;
+    --rate-per-bridge offers that load to each of them (twice it in all) after the usual steps."""
     production_url("PIGEON_BROKER", "mqtt://")
     out = tmp_path / "bench.json"
-    done = bench("p2p", "--profile", "production", "--bridges", "2", *TINY, "--json", str(out))
+    done = bench("p2p", "--profile", "production", "--bridges", "2", *TINY, "--rate-per-bridge", "6",
+                 "--rate-per-bridge", "3", "--json", str(out))
     assert done.returncode == 0, done.stderr[-4000:] + done.stdout[-2000:]
     data = json.loads(out.read_text())
     r = data if isinstance(data, dict) else next(x for x in data if x["scenario"] == "p2p")
@@ -184,6 +186,11 @@ def test_two_bridges_share_a_production_run(tmp_path: Path) -> None:
     assert r["profile"] == "production, 2 bridges" and r["msgs_per_s"] > 0
     assert {"pigeon", "pigeon-2"} <= r["rss_by_process_mb"].keys(), r["rss_by_process_mb"]
     check_cost(r, cpu_known=True)
+    assert len(r["rates"]) == 3 and [s["offered_per_s"] for s in r["rates_per_bridge"]] == [12.0, 6.0], r
+    for step in r["rates_per_bridge"]:  # measured like the others, each bridge's share beside the total
+        assert step["msgs_per_s"] > 0 and step["bridge_cpu_ms_per_msg"] > 0 and step["lost"] == 0, step
+        assert step["msgs_per_s_per_bridge"] == pytest.approx(step["msgs_per_s"] / 2, abs=0.1)
+    assert "a bridge): p99" in done.stdout
 
 
 def test_a_failover_run_kills_a_bridge_and_the_other_takes_over_with_every_send_answered(tmp_path: Path) -> None:
@@ -229,6 +236,8 @@ def test_a_cold_sync_restarts_the_server_and_still_gets_everything(tmp_path: Pat
     (["p2p", "--profile", "production", "--keyspace", "pigeon_test"], "--keyspace must be pigeon_bench or"),
     (["p2p", "--profile", "production", "--keyspace", "pigeon_bench_a;DROP"], "--keyspace must be pigeon_bench or"),
     (["p2p", "--profile", "embedded", "--keyspace", "pigeon_bench_a"], "only with --profile production"),
+    (["p2p", "--profile", "embedded", "--rate-per-bridge", "0"], "--rate-per-bridge must be within"),
+    (["group", "--profile", "embedded", "--rate-per-bridge", "50"], "--rate-per-bridge is for the p2p scenario"),
     (["failover", "--profile", "embedded"], "failover needs --profile production and --bridges 2"),
     (["failover", "--profile", "production"], "failover needs --profile production and --bridges 2"),
 ])

@@ -68,6 +68,8 @@ class Options:
     recovery_seconds: float = 30.0
     overload_factor: float = 3.0
     full_speed: float | None = None
+    # p2p: steps after the usual ones, at these msgs/s per bridge (× the bridges in all)
+    rates_per_bridge: tuple[float, ...] = ()
     proto: int = 2  # the protocol the simulated devices speak (wire measures both)
     mqtt5: bool = False  # wire: also a v2 pair over MQTT 5 (topic aliases); the broker must speak it
 
@@ -574,23 +576,27 @@ class Bench:
             full = phase("p2p: full speed", 1.0, mode="closed", seconds=o.seconds, window=o.window)
             max_rate = full["delivered"] / max(1e-9, full["seconds"])
             rss = self.meter.rss_by_process()
-            steps = []
             bridges = len(self.target.bridge_pids) or None
-            for frac in RATE_STEPS:
-                step = phase(f"p2p: {int(frac * 100)}% of full speed", 1.0, mode="open", seconds=o.seconds,
-                             rate=frac * max_rate)
+
+            def step_at(label: str, offered: float) -> dict[str, Any]:
+                step = phase(f"p2p: {label}", 1.0, mode="open", seconds=o.seconds, rate=offered)
                 rate = step["delivered"] / max(1e-9, step["seconds"])
-                steps.append({"offered_per_s": round(frac * max_rate, 1), "msgs_per_s": round(rate, 1),
-                              # what each bridge carried, and what a message cost at that rate: a
-                              # bridge's CPU per message falls as its own rate rises, so N bridges
-                              # compare with one at the same rate per bridge, not the same total
-                              "msgs_per_s_per_bridge": None if bridges is None else round(rate / bridges, 1),
-                              **{k: step["cost"][k] for k in COST_FIELDS},
-                              **percentiles(step["latencies_ms"]),
-                              "lost": step["lost"], "unanswered": step["unanswered"],
-                              "duplicates": step["duplicates"], "late_live": step["late_live"],
-                              "errors": dict(step["errors"]), "server_cpu_pct": step["server_cpu_pct"],
-                              "by_second": by_second(step["sent_s"], step["latencies_ms"])})
+                return {"offered_per_s": round(offered, 1), "msgs_per_s": round(rate, 1),
+                        # what each bridge carried, and what a message cost at that rate: a
+                        # bridge's CPU per message falls as its own rate rises, so N bridges
+                        # compare with one at the same rate per bridge, not the same total
+                        "msgs_per_s_per_bridge": None if bridges is None else round(rate / bridges, 1),
+                        **{k: step["cost"][k] for k in COST_FIELDS},
+                        **percentiles(step["latencies_ms"]),
+                        "lost": step["lost"], "unanswered": step["unanswered"],
+                        "duplicates": step["duplicates"], "late_live": step["late_live"],
+                        "errors": dict(step["errors"]), "server_cpu_pct": step["server_cpu_pct"],
+                        "by_second": by_second(step["sent_s"], step["latencies_ms"])}
+
+            steps = [step_at(f"{int(frac * 100)}% of full speed", frac * max_rate) for frac in RATE_STEPS]
+            # then the same load per bridge whatever the number of bridges (--rate-per-bridge)
+            fixed = [step_at(f"{r:g} msgs/s a bridge", r * (bridges or 1)) for r in o.rates_per_bridge]
+            steps_all = steps + fixed
             fields: dict[str, Any] = {
                 "msgs_per_s": round(max_rate, 1), "pairs": o.pairs, "window": o.window, **full["cost"],
                 "bridges": bridges,
@@ -606,12 +612,12 @@ class Bench:
             fields.update({
                 "p50_ms": half["p50_ms"], "p95_ms": half["p95_ms"], "p99_ms": half["p99_ms"],
                 "latency_at": "50% of full speed", "full_speed": percentiles(full["latencies_ms"]),
-                "rates": steps, "rss_mb": total_mb(rss), "rss_by_process_mb": rss,
+                "rates": steps, "rates_per_bridge": fixed, "rss_mb": total_mb(rss), "rss_by_process_mb": rss,
                 "bytes_per_msg": None,
-                "lost": full["lost"] + sum(s["lost"] for s in steps),
-                "unanswered": full["unanswered"] + sum(s["unanswered"] for s in steps),
-                "duplicates": full["duplicates"] + sum(s["duplicates"] for s in steps),
-                "late_live": full["late_live"] + sum(s["late_live"] for s in steps),
+                "lost": full["lost"] + sum(s["lost"] for s in steps_all),
+                "unanswered": full["unanswered"] + sum(s["unanswered"] for s in steps_all),
+                "duplicates": full["duplicates"] + sum(s["duplicates"] for s in steps_all),
+                "late_live": full["late_live"] + sum(s["late_live"] for s in steps_all),
                 "lost_live": full["lost_live"], "recovered_by_sync": full["recovered_by_sync"],
                 "errors": dict(full["errors"]), "stalled": full["stalled"],
                 "server_cpu_pct": full["server_cpu_pct"],
