@@ -665,9 +665,9 @@ def bench(
     full_speed: Annotated[float | None, typer.Option(
         help="overload, failover: full speed in msgs/s (default: measured first, for --seconds, like p2p)")] = None,
     rate_per_bridge: Annotated[list[float] | None, typer.Option(
-        help="p2p: after the steps at a quarter, half and three quarters of full speed, one more at this many msgs/s per bridge (that "
-        "times --bridges in all), so that runs with different --bridges compare at the same load per bridge; "
-        "repeatable")] = None,
+        help="p2p: after the steps at a quarter, half and three quarters of full speed, one more at this many "
+        "msgs/s per bridge (that times --bridges in all), so that runs with different --bridges compare at the "
+        "same load per bridge; repeatable")] = None,
     max_seconds: Annotated[float, typer.Option(help="stop the run if it takes longer than this")] = 900.0,
     json_out: Annotated[Path | None, typer.Option("--json", help="write the results to this file")] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
