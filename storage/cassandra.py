@@ -63,7 +63,6 @@ from .base import (
     InboxEntry,
     LoginCode,
     MediaObject,
-    MediaRef,
     Member,
     Message,
     NewMessage,
@@ -245,27 +244,16 @@ def _inbox_item(v: Sequence[Any]) -> Message | ReceiptNote:
     return ReceiptNote(chat_id=v[0], user=v[12], kind=v[11], up_to=v[13])
 
 
-def _packed(item: Message | ReceiptNote) -> tuple[Any, ...]:
-    """An inbox item or a message as a tuple of plain values, the way the store keeps them in
-    memory by the hundred thousand (inbox entries, completed sends): the interpreter's cyclic
-    garbage collector stops tracking such a tuple the first time it looks at it, where it walks
-    every dataclass instance at each collection of that instance's generation. Kept as objects,
-    one middle-generation collection of a bridge under load walked some 90,000 of them and held
-    the event loop for 100 ms and more (BENCHMARKS.md, 2026-12-06)."""
-    if isinstance(item, ReceiptNote):
-        return (item.chat_id, item.user, item.kind, item.up_to)
-    m, media = item, item.media
-    return (m.chat_id, m.seq, m.client_id, m.sender, m.device, m.ts, m.kind, m.body,
-            None if media is None else (media.key, media.mime, media.size, media.sha256, media.name),
-            m.event, m.target)
-
-
-def _unpacked(t: tuple[Any, ...]) -> Message | ReceiptNote:
-    """What :func:`_packed` made, as the object again."""
-    if len(t) == 4:
-        return ReceiptNote(chat_id=t[0], user=t[1], kind=t[2], up_to=t[3])
-    return Message(chat_id=t[0], seq=t[1], client_id=t[2], sender=t[3], device=t[4], ts=t[5], kind=t[6], body=t[7],
-                   media=None if t[8] is None else MediaRef(*t[8]), event=t[9], target=t[10])
+def _inbox_values(m: Message) -> tuple[Any, ...]:
+    """A message as an inbox row holds it (what :func:`_inbox_item` reads): its values, plain
+    ones only. The store keeps these tuples in memory by the hundred thousand (inbox entries,
+    completed sends) rather than the objects: the interpreter's cyclic garbage collector stops
+    tracking such a tuple the first time it looks at it, where it walks every dataclass instance
+    at each collection of that instance's generation. Kept as objects, one middle-generation
+    collection of a bridge under load walked some 90,000 of them and held the event loop for
+    100 ms and more (BENCHMARKS.md, 2026-12-06)."""
+    return (m.chat_id, m.seq, m.client_id, m.sender, m.device, m.ts, m.kind, m.body, media_to_json(m.media),
+            m.event, m.target, None, None, None)
 
 
 class CassandraStore:
@@ -296,14 +284,14 @@ class CassandraStore:
         self._known_chats: LRUCache[str, bool] = LRUCache(100_000)
         self._pairs: LRUCache[str, Chat] = LRUCache(100_000)
         self._directs: LRUCache[str, Chat] = LRUCache(100_000)
-        # (user, position) -> the entry's item, packed (_packed)
+        # (user, position) -> the entry's row values (_inbox_values)
         self._entries: LRUCache[tuple[str, int], tuple[Any, ...]] = LRUCache(200_000)
         self._acked: LRUCache[str, int] = LRUCache(100_000)
         self._receipts: LRUCache[tuple[str, str], tuple[int, int]] = LRUCache(200_000)
         self._unsent: TimedMap[tuple[str, str], bool] = TimedMap(100_000, UNSENT_TTL_S)
         # sends completed here (their record may still be on its way), and open sends found by
         # find_sent for append_message to complete
-        self._sent_here: LRUCache[tuple[str, str], tuple[Any, ...]] = LRUCache(SENT_HERE)  # packed messages
+        self._sent_here: LRUCache[tuple[str, str], tuple[Any, ...]] = LRUCache(SENT_HERE)  # _inbox_values
         self._open_sends: TimedMap[tuple[str, str], Message] = TimedMap(10_000, UNSENT_TTL_S)
         # sends whose fan-out failed here -> the members whose entry was written: their retry
         # writes the others' only (an inbox writer remembers its latest 256 entries, not all)
@@ -1326,7 +1314,7 @@ class CassandraStore:
         n, dup = appended.result()
         kind, _, user = key.partition(":")
         if kind == "u" and not dup:  # kept for the user's acks and syncs, which come here
-            self._entries[(user, n)] = _packed(_inbox_item(values))
+            self._entries[(user, n)] = values
         return {"n": n, "dup": dup}
 
     async def _quiesce(self, part: int) -> None:
@@ -1560,7 +1548,7 @@ class CassandraStore:
             # nothing more stored (tests/test_storage_contract.py, "finds a send only once ...").
             # Nobody waits for it: a retry that comes before it lands finds the send open, and
             # completes a fan-out that is complete (each inbox writer knows its latest entries).
-            self._sent_here[sent_id] = _packed(stored)
+            self._sent_here[sent_id] = _inbox_values(stored)
             self._unsent.pop(sent_id, None)
             if had:
                 self._fanned.pop(sent_id, None)
@@ -1670,21 +1658,19 @@ class CassandraStore:
 
     async def _fan_out(self, m: Message, recipients: Sequence[str]) -> dict[str, int]:
         users = list(dict.fromkeys(recipients))
-        values = (m.chat_id, m.seq, m.client_id, m.sender, m.device, m.ts, m.kind, m.body, media_to_json(m.media),
-                  m.event, m.target, None, None, None)
+        values = _inbox_values(m)
         # (a task for each member only where its inbox is not open here: one message's fan-out
         # made two tasks of its own, of the ten or so it made in all)
         done = await asyncio.gather(*(self._number_soon(f"u:{u}", values, (m.chat_id, m.seq)) for u in users),
                                     return_exceptions=True)
         out: dict[str, int] = {}
         failure: BaseException | None = None
-        packed = _packed(m)
         for u, outcome in zip(users, done, strict=True):
             if isinstance(outcome, BaseException):
                 failure = failure or outcome
                 continue
             pos, dup = outcome
-            self._entries[(u, pos)] = packed
+            self._entries[(u, pos)] = values
             if not dup:
                 out[u] = pos
         if failure is not None:
@@ -1743,7 +1729,7 @@ class CassandraStore:
         sent_id = (device, client_id)
         here = self._sent_here.get(sent_id)
         if here is not None:
-            return _unpacked(here)  # type: ignore[return-value]  # (a message: only they are kept here)
+            return _message(here[0], here[1], here[2:11])
         rows = await self._x("get_sent", device, client_id)
         chat_id, seq, open_chat, open_seq = rows[0] if rows else (None, None, None, None)
         if chat_id is not None and seq is not None:
@@ -1786,7 +1772,7 @@ class CassandraStore:
                 values = (note.chat_id, None, None, None, None, None, None, None, None, None, None, note.kind,
                           note.user, note.up_to)
                 out[i], _dup = await self._number(f"u:{uid}", values, None)
-                self._entries[(uid, out[i])] = _packed(note)
+                self._entries[(uid, out[i])] = values
 
         await asyncio.gather(*(one_user(u, ix) for u, ix in by_user.items()))
         return out
@@ -1799,7 +1785,7 @@ class CassandraStore:
                 item = self._entries.get((user_id, pos))
                 if item is None:
                     break
-                cached.append(InboxEntry(user_id=user_id, pos=pos, item=_unpacked(item)))
+                cached.append(InboxEntry(user_id=user_id, pos=pos, item=_inbox_item(item)))
             else:
                 return cached
         fence = await self._fence(f"u:{user_id}")

@@ -486,24 +486,23 @@ async def test_cassandra_statement_without_an_answer_fails_after_the_timeout() -
 
 
 def test_cassandra_keeps_what_it_caches_as_tuples_the_garbage_collector_leaves_alone() -> None:
-    """Inbox entries and completed sends are cached by the hundred thousand: packed, a message
-    (with or without media) or a receipt note comes back equal, and the packed tuple is one the
-    cyclic collector stops tracking, so no collection walks it again."""
+    """Inbox entries and completed sends are cached by the hundred thousand, as the inbox rows'
+    values: a message (with or without media) or a receipt note comes back equal, and the tuple
+    is one the cyclic collector stops tracking, so no collection walks it again."""
     import gc
 
     from storage.base import MediaRef, Message, ReceiptNote
-    from storage.cassandra import _packed, _unpacked
+    from storage.cassandra import _inbox_item, _inbox_values
 
-    items = [
+    messages = [
         Message("c1", 7, "rid", "u1", "d1", T0, "text", body="hello"),
         Message("c1", 8, None, "u1", "d1", T0 + 1, "media", body="look",
                 media=MediaRef("k/1", "image/png", 123, "ab" * 32, "cat.png"), event=None, target="u2"),
-        ReceiptNote("c1", "u2", "delivered", 8),
     ]
-    packed = [_packed(item) for item in items]
-    assert [_unpacked(t) for t in packed] == items
+    note = ReceiptNote("c1", "u2", "delivered", 8)
+    packed = [_inbox_values(m) for m in messages] + [(note.chat_id, *[None] * 10, note.kind, note.user, note.up_to)]
+    assert [_inbox_item(t) for t in packed] == [*messages, note]
     gc.collect()
-    gc.collect()  # (the media's tuple is let go in one collection, the message's in the next)
     assert not any(gc.is_tracked(t) for t in packed)
 
 
