@@ -28,8 +28,9 @@ message.
   order and written as one unlogged batch per Cassandra partition. A failed write keeps its
   numbers and content: it is retried until it lands (or the lease is lost), and nothing is
   numbered past it before it does, so numbers never have a gap. Callers whose write failed are
-  told the store is unavailable; their retries find the row once it has landed. Appends queued
-  behind it wait ``QUEUED_WAIT_S`` at most; then they are told the same and dropped, unnumbered.
+  told the store is unavailable; their retries find the row once it has landed. Appends behind
+  it wait ``QUEUED_WAIT_S`` at most, timed from their own arrival; then they are told the same:
+  one still queued is dropped, unnumbered, one numbered into a retry keeps its number.
 """
 
 from __future__ import annotations
@@ -60,9 +61,11 @@ FULL_ROWS = 1024
 BATCH_MAX = 64
 RECENT_IDS = 256  # per key: the latest (device, request id) -> seq, or (chat, seq) -> pos
 RETRY_CAP_S = 1.0
-# An append not yet numbered waits behind a failing write at most this long (then it is told the
-# store is unavailable and dropped: nothing of it was numbered or stored). Checked when a write
-# fails and before each retry, so it is told within one more attempt of this.
+# An append waits behind a failing write at most this long, then it is told the store is
+# unavailable: one not yet numbered is dropped (nothing of it was numbered or stored); one numbered
+# into a retry keeps its number, and the retry goes on (a repeat of it joins that write). Without
+# a timer of its own, one that arrived while a write was timing out (5 s) was numbered into the
+# retry and told only when that failed too: about 10 s, as long as a device waits for a reply.
 QUEUED_WAIT_S = 5.0
 RELEASE_WAIT_S = 3.0
 
@@ -416,6 +419,10 @@ class KeyLog:
         self._unwritten: dict[Hashable, _Append] = {}
         self._task: asyncio.Task[None] | None = None
         self._sending: list[_Append] | None = None  # the batch written at once, until its answer
+        # while a write is failing: the appends numbered into the retry being written, and the
+        # timer that tells those (and the queued ones) that waited QUEUED_WAIT_S
+        self._retrying: list[_Append] = []
+        self._overdue: asyncio.TimerHandle | None = None
         self._idle: list[asyncio.Future[None]] = []  # settled() callers waiting for it
         self.dead = False
 
@@ -466,6 +473,8 @@ class KeyLog:
             self._unwritten[ident] = item
         self._queue.append(item)
         self._next()
+        if self._stuck and self._overdue is None:  # behind a failing write
+            self._watch_overdue()
         return fut
 
     def _next(self) -> None:
@@ -528,7 +537,9 @@ class KeyLog:
                    NotOwner(f"{self.key}: {reason}"))
         self._queue = []
         self._stuck = []
+        self._retrying = []
         self._unwritten.clear()
+        self._stop_overdue()
 
     def _take(self) -> list[_Append] | None:
         """The next batch to write: what is stuck (keeping its numbers), then new appends, numbered
@@ -545,6 +556,7 @@ class KeyLog:
         fresh = self._queue[:room]
         del self._queue[:room]
         batch = self._stuck + fresh
+        self._retrying = fresh if self._stuck else []
         n = self.head + len(self._stuck)
         for item in fresh:
             n += 1
@@ -563,8 +575,39 @@ class KeyLog:
     def _failed(self, batch: list[_Append], exc: Exception) -> None:
         # the numbers stay bound to this content until it lands; nothing goes past them
         self._fail(batch, exc)
+        self._retrying = []
         self._expire_queued()
+        if self._overdue is None:
+            self._watch_overdue()
         log.warning("writing %s %d..%d failed (%s); retrying", self.key, batch[0].n, batch[-1].n, exc)
+
+    def _watch_overdue(self) -> None:
+        """Time the next append to have waited QUEUED_WAIT_S behind the failing write: the oldest
+        queued one, or the oldest of those numbered into the retry being written."""
+        waiting = [item.since for item in (self._retrying[:1] + self._queue[:1]) if item.waiters]
+        if not waiting:  # (an append that comes later times itself)
+            return
+        loop = asyncio.get_running_loop()
+        self._overdue = loop.call_at(min(waiting) + QUEUED_WAIT_S, self._tell_overdue)
+
+    def _stop_overdue(self) -> None:
+        if self._overdue is not None:
+            self._overdue.cancel()
+            self._overdue = None
+
+    def _tell_overdue(self) -> None:
+        """Tell the callers who waited QUEUED_WAIT_S behind the failing write that the store is
+        unavailable: a queued append is dropped, one numbered into the retry keeps its number (its
+        row is written when the retry lands, and a repeat joins it)."""
+        self._overdue = None
+        if self.dead or not self._stuck:  # written meanwhile: everyone was answered
+            return
+        self._expire_queued()
+        cutoff = asyncio.get_running_loop().time() - QUEUED_WAIT_S
+        overdue = [item for item in self._retrying if item.since <= cutoff]
+        self._retrying = self._retrying[len(overdue):]  # (numbered in arrival order)
+        self._fail(overdue, StorageUnavailable(f"{self.key}: waited {QUEUED_WAIT_S:g} s behind a failing write"))
+        self._watch_overdue()
 
     def _expire_queued(self) -> None:
         """Appends that have waited QUEUED_WAIT_S behind a failing write are told the store is
@@ -585,6 +628,8 @@ class KeyLog:
     def _written(self, batch: list[_Append]) -> bool:
         """The batch is stored: tell its callers. False if the lease ended meanwhile."""
         self._stuck = []
+        self._retrying = []
+        self._stop_overdue()
         self.head = batch[-1].n
         for item in batch:
             if item.ident is not None:

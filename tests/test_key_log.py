@@ -116,6 +116,98 @@ async def test_appends_queued_behind_a_failing_write_are_told_so_after_a_bound_a
     assert [n for n, _ in write.rows] == list(range(1, BATCH_MAX + 3))
 
 
+class ScriptedWrite:
+    """Each write waits for the test to answer it: ``answer(None)`` stores its rows, an exception
+    fails it."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[list[int], asyncio.Future[BaseException | None]]] = []
+        self.rows: list[tuple[int, tuple[Any, ...]]] = []
+
+    async def __call__(self, key: str, epoch: int, rows: Sequence[tuple[int, tuple[Any, ...]]], full: bool) -> None:
+        outcome: asyncio.Future[BaseException | None] = asyncio.get_running_loop().create_future()
+        self.calls.append(([n for n, _ in rows], outcome))
+        exc = await outcome
+        if exc is not None:
+            raise exc
+        self.rows.extend(rows)
+
+    async def answer(self, exc: BaseException | None = None) -> list[int]:
+        while not self.calls or self.calls[0][1].done():
+            if self.calls and self.calls[0][1].done():
+                self.calls.pop(0)
+                continue
+            await asyncio.sleep(0.005)
+        numbers, outcome = self.calls.pop(0)
+        outcome.set_result(exc)
+        await asyncio.sleep(0.01)  # the log reads the outcome
+        return numbers
+
+
+async def test_an_append_numbered_into_a_retry_is_told_after_the_bound_not_after_the_retry(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An append made while a write is timing out is numbered into its retry; when the retry
+    hangs too, its caller is told the store is unavailable once it has waited QUEUED_WAIT_S, not
+    when the retry's own timeout ends (about twice that). It keeps its number: the row is written
+    when the retry lands, a repeat joins that write, and nothing is numbered twice."""
+    monkeypatch.setattr(cassandra_owner, "QUEUED_WAIT_S", 0.3, raising=False)
+    write = ScriptedWrite()
+    log = key_log(write)
+    loop = asyncio.get_running_loop()
+    first = log.append(("a",), ("d1", "m1"))
+    await asyncio.sleep(0.01)
+    second = log.append(("b",), ("d1", "m2"))  # behind the write in flight
+    asked = loop.time()
+    await asyncio.sleep(0.2)
+    assert await write.answer(StorageUnavailable("no answer in 5 s")) == [1]  # the first write times out
+    assert isinstance(first.exception(), StorageUnavailable) and not second.done()
+    outcome = await asyncio.wait_for(asyncio.gather(second, return_exceptions=True), 2)
+    waited = loop.time() - asked
+    assert isinstance(outcome[0], StorageUnavailable) and "behind a failing write" in str(outcome[0])
+    assert 0.3 <= waited < 0.45  # the bound, not the retry's end (which has not come)
+    assert write.calls and write.calls[-1][0] == [1, 2]  # numbered into the retry, still in flight
+    later = log.append(("c",), ("d1", "m3"))  # behind the retry: timed on its own
+    repeat = log.append(("b",), ("d1", "m2"))  # the device's retry joins the numbered write
+    await asyncio.sleep(0.05)
+    assert await write.answer(None) == [1, 2]  # the retry lands
+    # (its first caller was told the store is unavailable: the repeat is the one that stored it)
+    assert await asyncio.wait_for(repeat, 2) == (2, False)
+    assert await write.answer(None) == [3]
+    assert await asyncio.wait_for(later, 2) == (3, False)
+    assert [n for n, _ in write.rows] == [1, 2, 3]
+
+
+async def test_appends_behind_a_retry_that_keeps_hanging_are_each_told_after_the_bound(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """While a write keeps failing, every append behind it is told within the bound of its own
+    arrival (queued ones dropped with no number), however long each attempt hangs."""
+    monkeypatch.setattr(cassandra_owner, "QUEUED_WAIT_S", 0.2, raising=False)
+    write = ScriptedWrite()
+    log = key_log(write)
+    loop = asyncio.get_running_loop()
+    first = log.append(("a",), ("d1", "m1"))
+    await asyncio.sleep(0.01)
+    assert await write.answer(StorageUnavailable("no answer in 5 s")) == [1]
+    assert isinstance((await asyncio.gather(first, return_exceptions=True))[0], StorageUnavailable)
+    await asyncio.sleep(0.1)
+    assert write.calls[-1][0] == [1]  # the retry of [1] is now written, and hangs
+    # appends keep coming behind it
+    told: list[float] = []
+    for i in range(3):
+        asked = loop.time()
+        fut = log.append((f"m{i}",), ("d2", f"m{i}"))
+        got = await asyncio.wait_for(asyncio.gather(fut, return_exceptions=True), 2)
+        assert isinstance(got[0], StorageUnavailable)
+        told.append(loop.time() - asked)
+    assert all(0.2 <= t < 0.35 for t in told), told
+    assert await write.answer(None) == [1]  # the hanging retry lands at last: only the first row
+    await log.settled()
+    assert [n for n, _ in write.rows] == [1]
+    again = log.append(("d",), ("d2", "m0"))  # a dropped one's retry appends anew
+    assert await write.answer(None) == [2]
+    assert await asyncio.wait_for(again, 2) == (2, False)
+
+
 class NowWrite:
     """A ``write_now`` that takes every write it is offered (unless ``refuse``) and holds its
     callback until the test answers it."""
