@@ -556,7 +556,8 @@ class KeyLog:
         fresh = self._queue[:room]
         del self._queue[:room]
         batch = self._stuck + fresh
-        self._retrying = fresh if self._stuck else []
+        if self._stuck:
+            self._retrying = fresh
         n = self.head + len(self._stuck)
         for item in fresh:
             n += 1
@@ -628,8 +629,10 @@ class KeyLog:
     def _written(self, batch: list[_Append]) -> bool:
         """The batch is stored: tell its callers. False if the lease ended meanwhile."""
         self._stuck = []
-        self._retrying = []
-        self._stop_overdue()
+        if self._retrying:
+            self._retrying = []
+        if self._overdue is not None:
+            self._stop_overdue()
         self.head = batch[-1].n
         for item in batch:
             if item.ident is not None:
