@@ -28,9 +28,9 @@ message.
   order and written as one unlogged batch per Cassandra partition. A failed write keeps its
   numbers and content: it is retried until it lands (or the lease is lost), and nothing is
   numbered past it before it does, so numbers never have a gap. Callers whose write failed are
-  told the store is unavailable; their retries find the row once it has landed. Appends behind
-  it wait ``QUEUED_WAIT_S`` at most, timed from their own arrival; then they are told the same:
-  one still queued is dropped, unnumbered, one numbered into a retry keeps its number.
+  told the store is unavailable; their retries find the row once it has landed. Appends that
+  come behind it wait ``QUEUED_WAIT_S`` at most, timed from their own arrival; then they are told
+  the same: one still queued is dropped, unnumbered, one numbered into a retry keeps its number.
 """
 
 from __future__ import annotations
@@ -61,11 +61,14 @@ FULL_ROWS = 1024
 BATCH_MAX = 64
 RECENT_IDS = 256  # per key: the latest (device, request id) -> seq, or (chat, seq) -> pos
 RETRY_CAP_S = 1.0
-# An append waits behind a failing write at most this long, then it is told the store is
-# unavailable: one not yet numbered is dropped (nothing of it was numbered or stored); one numbered
-# into a retry keeps its number, and the retry goes on (a repeat of it joins that write). Without
-# a timer of its own, one that arrived while a write was timing out (5 s) was numbered into the
-# retry and told only when that failed too: about 10 s, as long as a device waits for a reply.
+# Once a write has failed, and until one lands, an append behind it waits at most this long from
+# its arrival, then it is told the store is unavailable: one not yet numbered is dropped (nothing
+# of it was numbered or stored); one numbered into a retry keeps its number, and the retry goes on.
+# (Before this timer, one that arrived while a write was timing out was numbered into the retry
+# and told only when that failed too: about 10 s, as long as a device waits for a reply.) A
+# repeat that joins an append already numbered, and what waits behind a first attempt that has
+# not failed yet, are told when that attempt ends (a statement times out after 5 s; a chat's write
+# is its records, then its rows).
 QUEUED_WAIT_S = 5.0
 RELEASE_WAIT_S = 3.0
 
@@ -419,8 +422,9 @@ class KeyLog:
         self._unwritten: dict[Hashable, _Append] = {}
         self._task: asyncio.Task[None] | None = None
         self._sending: list[_Append] | None = None  # the batch written at once, until its answer
-        # while a write is failing: the appends numbered into the retry being written, and the
-        # timer that tells those (and the queued ones) that waited QUEUED_WAIT_S
+        # from a failed write until one lands: the appends numbered into the retry being written,
+        # and the timer that tells those (and the queued ones) that waited QUEUED_WAIT_S
+        self._failing = False
         self._retrying: list[_Append] = []
         self._overdue: asyncio.TimerHandle | None = None
         self._idle: list[asyncio.Future[None]] = []  # settled() callers waiting for it
@@ -473,7 +477,7 @@ class KeyLog:
             self._unwritten[ident] = item
         self._queue.append(item)
         self._next()
-        if self._stuck and self._overdue is None:  # behind a failing write
+        if self._failing and self._overdue is None:  # behind a failing write
             self._watch_overdue()
         return fut
 
@@ -537,6 +541,7 @@ class KeyLog:
                    NotOwner(f"{self.key}: {reason}"))
         self._queue = []
         self._stuck = []
+        self._failing = False
         self._retrying = []
         self._unwritten.clear()
         self._stop_overdue()
@@ -556,7 +561,7 @@ class KeyLog:
         fresh = self._queue[:room]
         del self._queue[:room]
         batch = self._stuck + fresh
-        if self._stuck:
+        if self._failing:
             self._retrying = fresh
         n = self.head + len(self._stuck)
         for item in fresh:
@@ -576,6 +581,7 @@ class KeyLog:
     def _failed(self, batch: list[_Append], exc: Exception) -> None:
         # the numbers stay bound to this content until it lands; nothing goes past them
         self._fail(batch, exc)
+        self._failing = True
         self._retrying = []
         self._expire_queued()
         if self._overdue is None:
@@ -601,12 +607,14 @@ class KeyLog:
         unavailable: a queued append is dropped, one numbered into the retry keeps its number (its
         row is written when the retry lands, and a repeat joins it)."""
         self._overdue = None
-        if self.dead or not self._stuck:  # written meanwhile: everyone was answered
+        if self.dead or not self._failing:  # written meanwhile: everyone was answered
             return
         self._expire_queued()
         cutoff = asyncio.get_running_loop().time() - QUEUED_WAIT_S
-        overdue = [item for item in self._retrying if item.since <= cutoff]
-        self._retrying = self._retrying[len(overdue):]  # (numbered in arrival order)
+        i = 0
+        while i < len(self._retrying) and self._retrying[i].since <= cutoff:  # numbered in arrival order
+            i += 1
+        overdue, self._retrying = self._retrying[:i], self._retrying[i:]
         self._fail(overdue, StorageUnavailable(f"{self.key}: waited {QUEUED_WAIT_S:g} s behind a failing write"))
         self._watch_overdue()
 
@@ -629,7 +637,8 @@ class KeyLog:
     def _written(self, batch: list[_Append]) -> bool:
         """The batch is stored: tell its callers. False if the lease ended meanwhile."""
         self._stuck = []
-        if self._retrying:
+        if self._failing:
+            self._failing = False
             self._retrying = []
         if self._overdue is not None:
             self._stop_overdue()
