@@ -18,7 +18,9 @@ as it is and not started. Downloads and builds are cached in $PIGEON_SERVICES_CA
 
 Where the servers come from (no Docker engine needed):
   Redis      Debian's redis-server package (apt-get, as root)
-  Cassandra  org.apache.cassandra:cassandra-all from Maven Central, run on the machine's Java 17
+  Cassandra  org.apache.cassandra:cassandra-all from Maven Central, run on the machine's Java 17,
+             asking for a password: the exported PIGEON_STORE logs in as the role `pigeon` with
+             a password made for the run (setting it up needs cassandra-driver: run in the venv)
   MinIO      built from source with the Go module proxy (`go install`)
   Mosquitto  Debian's mosquitto package (2.0.11 on Debian 12), with its dynamic-security plugin;
              or, with SERVICES_MOSQUITTO=2.1.2, that release built once from its pinned commit
@@ -72,6 +74,10 @@ CASSANDRA_VERSION = "5.0.4"
 MINIO_MODULE = "github.com/minio/minio@v0.0.0-20260212201848-7aac2a2c5b7c"
 MINIO_USER, MINIO_PASSWORD, MINIO_BUCKET = "pigeon", "pigeon-test-secret", "pigeon-media"
 KEYSPACE = "pigeon_test"
+# Cassandra asks for a password (PasswordAuthenticator), as a deployment's would: the bridges
+# log in as this role, with a password made for the run (in the exported PIGEON_STORE). What a
+# role may do is not checked (AllowAllAuthorizer).
+CASSANDRA_USER = "pigeon"
 
 # G1 with a 20 ms pause goal: with its default goal (200 ms) the young generation grew to
 # 600-900 MB and each collection stopped Cassandra for 30-260 ms, the tail of every latency
@@ -328,7 +334,7 @@ saved_caches_directory: {home / 'saved_caches'}
 hints_directory: {home / 'hints'}
 cdc_raw_directory: {home / 'cdc_raw'}
 start_native_transport: true
-authenticator: AllowAllAuthenticator
+authenticator: PasswordAuthenticator
 authorizer: AllowAllAuthorizer
 disk_failure_policy: stop
 commit_failure_policy: stop
@@ -359,7 +365,42 @@ auto_snapshot: false
     proc, log = spawn("cassandra", cmd, timer_slack_ns=CASSANDRA_TIMER_SLACK_NS)
     wait_until("cassandra", lambda: port_open(native), 180, proc, home / "logs" / "system.log")
     state["cassandra"] = {"pid": proc.pid, "port": native}
-    return f"cassandra://127.0.0.1:{native}/{KEYSPACE}"
+    password = cassandra_role(native, proc, home / "logs" / "system.log")
+    return f"cassandra://{CASSANDRA_USER}:{password}@127.0.0.1:{native}/{KEYSPACE}"
+
+
+def cassandra_role(native: int, proc: subprocess.Popen[bytes], log: Path) -> str:
+    """Make Pigeon's login role with a password of this run, as the default superuser (which
+    Cassandra sets up right after it starts with a password authenticator), and return that
+    password. Needs cassandra-driver: run inside the project's venv."""
+    try:
+        from cassandra.auth import PlainTextAuthProvider
+        from cassandra.cluster import Cluster
+    except ImportError as exc:
+        raise SystemExit("services: setting up Cassandra's login role needs cassandra-driver; run this "
+                         "inside the project's venv (pip install -e '.[test]')") from exc
+    password = secrets.token_hex(16)
+    connected: list[tuple[object, object]] = []
+
+    def logged_in() -> bool:
+        cluster = Cluster(["127.0.0.1"], port=native, protocol_version=4, connect_timeout=5,
+                          auth_provider=PlainTextAuthProvider("cassandra", "cassandra"))
+        try:
+            connected.append((cluster, cluster.connect()))
+            return True
+        except Exception:  # noqa: BLE001 - the default superuser is not set up yet
+            cluster.shutdown()
+            return False
+
+    wait_until("cassandra's default superuser", logged_in, 120, proc, log)
+    cluster, conn = connected[0]
+    try:
+        for cql in (f"CREATE ROLE IF NOT EXISTS {CASSANDRA_USER} WITH LOGIN = true AND PASSWORD = '{password}'",
+                    f"ALTER ROLE {CASSANDRA_USER} WITH PASSWORD = '{password}'"):
+            conn.execute(cql, timeout=60)  # type: ignore[attr-defined]
+    finally:
+        cluster.shutdown()  # type: ignore[attr-defined]
+    return password
 
 
 # -- Mosquitto ---------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ chosen, so the embedded default needs none of them installed.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
 
 from .base import NotStored, StorageError, StorageUnavailable, Store
@@ -29,28 +30,72 @@ def open_store(url: str) -> Store:
         return SqliteStore(Path(path))
     if parsed.scheme == "cassandra":
         return _cassandra(url)
-    raise BackendConfigError(f"unknown store scheme {parsed.scheme!r} in {url!r} (expected sqlite:// or cassandra://)")
+    raise BackendConfigError(f"unknown store scheme {parsed.scheme!r} in {_shown(url)!r} "
+                             "(expected sqlite:// or cassandra://)")
 
 
-def _cassandra(url: str) -> Store:
-    """``cassandra://HOST[,HOST...][:PORT]/KEYSPACE[?replication=JSON&inbox_ttl_days=N&writes=direct|driver]``
-    (``writes=driver`` sends plain writes through the driver too, see storage/cql_wire.py)."""
+def _shown(url: str) -> str:
+    """A URL as an error message may show it: without a password."""
+    parsed = urlparse(url)
+    if "@" not in parsed.netloc:
+        return url
+    return parsed._replace(netloc="***@" + parsed.netloc.rsplit("@", 1)[1]).geturl()
+
+
+def cassandra_credentials(url: str) -> tuple[str, str] | None:
+    """The (user, password) of a ``cassandra://USER:PASSWORD@HOSTS/KEYSPACE`` URL (each
+    percent-decoded), None when it names none. A user without a password, or a password without
+    a user, is refused: the cluster would be asked without them."""
+    parsed = urlparse(url)
+    if "@" not in parsed.netloc:
+        return None
+    userinfo = parsed.netloc.rsplit("@", 1)[0]
+    user, colon, password = userinfo.partition(":")
+    if not user or not colon or not password:
+        raise BackendConfigError("cassandra URL: credentials must be USER:PASSWORD before the '@' "
+                                 "(cassandra://USER:PASSWORD@HOST[:PORT]/KEYSPACE, each percent-encoded)")
+    return unquote(user), unquote(password)
+
+
+def cassandra_contact(url: str) -> tuple[list[str], int, str, tuple[str, str] | None]:
+    """The hosts, port, keyspace and credentials of a ``cassandra://`` URL."""
     parsed = urlparse(url)
     keyspace = parsed.path.strip("/")
     if not parsed.netloc or not keyspace:
-        raise BackendConfigError(f"cassandra URL needs hosts and a keyspace: {url!r}")
+        raise BackendConfigError(f"cassandra URL needs hosts and a keyspace: {_shown(url)!r}")
     hostpart = parsed.netloc.rsplit("@", 1)[-1]
     port = 9042
     if ":" in hostpart.rsplit(",", 1)[-1]:
         hostpart, _, p = hostpart.rpartition(":")
         if not p.isdigit():
-            raise BackendConfigError(f"cassandra URL has a bad port: {url!r}")
+            raise BackendConfigError(f"cassandra URL has a bad port: {_shown(url)!r}")
         port = int(p)
-    hosts = [h for h in hostpart.split(",") if h]
+    hosts = [h.rsplit(":", 1)[0] for h in hostpart.split(",") if h]
+    if not hosts:
+        raise BackendConfigError(f"cassandra URL needs hosts and a keyspace: {_shown(url)!r}")
+    return hosts, port, keyspace, cassandra_credentials(url)
+
+
+def cassandra_cluster(url: str, **kw: Any) -> Any:
+    """A driver ``Cluster`` for the URL's hosts, port and credentials (not connected), for tools
+    and tests that manage keyspaces; ``kw`` goes to ``Cluster``."""
+    from cassandra.auth import PlainTextAuthProvider
+    from cassandra.cluster import Cluster
+
+    hosts, port, _keyspace, creds = cassandra_contact(url)
+    return Cluster(hosts, port=port, auth_provider=PlainTextAuthProvider(*creds) if creds else None, **kw)
+
+
+def _cassandra(url: str) -> Store:
+    """``cassandra://[USER:PASSWORD@]HOST[,HOST...][:PORT]/KEYSPACE[?replication=JSON&inbox_ttl_days=N&writes=direct|driver]``
+    (``writes=driver`` sends plain writes through the driver too, see storage/cql_wire.py; the
+    credentials are given to a cluster that asks for them, password authentication)."""
+    hosts, port, keyspace, credentials = cassandra_contact(url)
+    parsed = urlparse(url)
     query = parse_qs(parsed.query)
     from .cassandra import INBOX_TTL_S, CassandraStore
 
-    kw: dict[str, object] = {}
+    kw: dict[str, object] = {"credentials": credentials}
     if "replication" in query:
         kw["replication"] = unquote(query["replication"][0])
     if "writes" in query:
@@ -59,7 +104,11 @@ def _cassandra(url: str) -> Store:
             raise BackendConfigError(f"cassandra URL: writes must be direct or driver, got {writes!r}")
         kw["direct_writes"] = writes == "direct"
     if "inbox_ttl_days" in query:
-        kw["inbox_ttl_s"] = int(query["inbox_ttl_days"][0]) * 86_400
+        days = query["inbox_ttl_days"][0]
+        if not days.isdigit() or not 1 <= int(days) <= 3650:
+            raise BackendConfigError(f"cassandra URL: inbox_ttl_days must be a whole number of days from 1 "
+                                     f"to 3650, got {days!r}")
+        kw["inbox_ttl_s"] = int(days) * 86_400
     else:
         kw["inbox_ttl_s"] = INBOX_TTL_S
     return CassandraStore(hosts, port, keyspace, **kw)  # type: ignore[arg-type]
@@ -87,10 +136,10 @@ def open_media(url: str, *, secret: bytes, public_base: str) -> MediaStore:
         return S3MediaStore(endpoint, unquote(parsed.username), unquote(parsed.password), bucket,
                             secure=parsed.scheme == "s3s", region=region, public_endpoint=public_host,
                             public_secure=public_secure)
-    raise BackendConfigError(f"unknown media scheme {parsed.scheme!r} in {url!r} (expected file://, s3://)")
+    raise BackendConfigError(f"unknown media scheme {parsed.scheme!r} in {_shown(url)!r} (expected file://, s3://)")
 
 
 __all__ = [
     "BackendConfigError", "MediaStore", "NotStored", "StorageError", "StorageUnavailable", "Store",
-    "open_media", "open_store",
+    "cassandra_cluster", "cassandra_contact", "cassandra_credentials", "open_media", "open_store",
 ]

@@ -262,10 +262,11 @@ class CassandraStore:
     def __init__(self, hosts: Sequence[str], port: int, keyspace: str, *,
                  replication: str = "{'class': 'SimpleStrategy', 'replication_factor': 1}",
                  inbox_ttl_s: int = INBOX_TTL_S, request_timeout_s: float = 5.0,
-                 direct_writes: bool = True) -> None:
+                 direct_writes: bool = True, credentials: tuple[str, str] | None = None) -> None:
         if not keyspace.replace("_", "").isalnum():
             raise StorageError(f"keyspace name {keyspace!r} must be letters, digits and underscores")
         self._hosts, self._port, self.keyspace = list(hosts), port, keyspace
+        self._credentials = credentials  # (user, password) for a cluster that asks for them
         self._replication, self._inbox_ttl = replication, inbox_ttl_s
         self._timeout = request_timeout_s
         self._cluster: Any = None
@@ -373,8 +374,9 @@ class CassandraStore:
         except ImportError as exc:  # pragma: no cover - depends on the environment
             raise StorageError("the Cassandra backend needs cassandra-driver: pip install 'pigeon[cassandra]'") \
                 from exc
-        from cassandra import ConsistencyLevel
-        from cassandra.cluster import EXEC_PROFILE_DEFAULT, ExecutionProfile
+        from cassandra import AuthenticationFailed, ConsistencyLevel
+        from cassandra.auth import PlainTextAuthProvider
+        from cassandra.cluster import EXEC_PROFILE_DEFAULT, ExecutionProfile, NoHostAvailable
         from cassandra.query import UNSET_VALUE
 
         self._unset = UNSET_VALUE
@@ -386,9 +388,20 @@ class CassandraStore:
         )
         # Native protocol 4: everything used here, without version 5's framing of every frame
         # into checksummed segments (about 3 % of the bridge's CPU in a profile).
-        self._cluster = Cluster(self._hosts, port=self._port, protocol_version=4,
+        auth = PlainTextAuthProvider(*self._credentials) if self._credentials is not None else None
+        self._cluster = Cluster(self._hosts, port=self._port, protocol_version=4, auth_provider=auth,
                                 execution_profiles={EXEC_PROFILE_DEFAULT: profile}, connect_timeout=5)
-        self._session = self._cluster.connect()
+        try:
+            self._session = self._cluster.connect()
+        except NoHostAvailable as exc:
+            cluster, self._cluster = self._cluster, None
+            cluster.shutdown()
+            refused = [e for e in exc.errors.values() if isinstance(e, AuthenticationFailed)]
+            if refused and len(refused) == len(exc.errors):  # not down: it said no to the login
+                who = f"user {self._credentials[0]!r}" if self._credentials else "no credentials"
+                raise StorageError(f"cassandra refused the login ({who}): give the user and password it "
+                                   "knows in the URL, cassandra://USER:PASSWORD@HOST/KEYSPACE") from exc
+            raise
         self._session.default_fetch_size = None
 
     async def _blocking(self, fn: Any, *args: Any) -> Any:
@@ -694,13 +707,16 @@ class CassandraStore:
         for endpoint in hosts:
             try:
                 self._wire = await CqlWire.open(endpoint.address, endpoint.port, self._unset,
-                                                self._cluster.timestamp_generator, self._wire_lost)
+                                                self._cluster.timestamp_generator, self._wire_lost,
+                                                credentials=self._credentials)
                 log.info("cassandra: plain writes go straight to %s", self._wire.host)
                 return
             except WireUnsupported as exc:
                 log.warning("cassandra: writes stay on the driver (%s)", exc)
                 self._direct_writes = False
                 return
+            except CqlError as exc:  # credentials refused (changed since the driver connected?)
+                log.warning("cassandra: no write connection to %s:%s (%s)", endpoint.address, endpoint.port, exc)
             except (TimeoutError, OSError) as exc:
                 log.warning("cassandra: no write connection to %s:%s (%s)", endpoint.address, endpoint.port, exc)
         self._wire_later()

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 VERSION_REQUEST = 0x04
 OP_ERROR, OP_STARTUP, OP_READY, OP_AUTHENTICATE = 0x00, 0x01, 0x02, 0x03
 OP_RESULT, OP_EXECUTE, OP_BATCH = 0x08, 0x0A, 0x0D
+OP_AUTH_CHALLENGE, OP_AUTH_RESPONSE, OP_AUTH_SUCCESS = 0x0E, 0x0F, 0x10
 FLAG_VALUES, FLAG_SKIP_METADATA, FLAG_TIMESTAMP = 0x01, 0x02, 0x20
 RESULT_ROWS = 0x0002
 ROWS_HAS_MORE_PAGES, ROWS_NO_METADATA = 0x0002, 0x0004
@@ -161,8 +162,9 @@ class CqlError(Exception):
 
 
 class WireUnsupported(Exception):
-    """The server asks for something this connection does not do (authentication), or answers a
-    read in a form it does not decode (rows with their metadata, or paged)."""
+    """The server asks for something this connection does not do (authentication without
+    credentials, or by other means than a password), or answers a read in a form it does not
+    decode (rows with their metadata, or paged)."""
 
 
 def decode_rows(body: bytes, types: Sequence[Any], protocol_version: int = VERSION_REQUEST) -> list[tuple[Any, ...]]:
@@ -209,6 +211,14 @@ def _string(s: str) -> bytes:
     return _SHORT.pack(len(b)) + b
 
 
+def plain_token(user: str, password: str) -> bytes:
+    """The SASL PLAIN response a password authenticator takes (RFC 4616: no authorization
+    identity, then the user and the password, each after a NUL), as the body of AUTH_RESPONSE
+    (a [bytes]: its length first)."""
+    token = b"\x00" + user.encode() + b"\x00" + password.encode()
+    return _INT.pack(len(token)) + token
+
+
 class CqlWire(asyncio.Protocol):
     """One native-protocol connection, driven by the event loop. Open with :meth:`open`."""
 
@@ -233,7 +243,11 @@ class CqlWire(asyncio.Protocol):
 
     @classmethod
     async def open(cls, host: str, port: int, unset: object, timestamps: Callable[[], int],
-                   on_lost: Callable[[CqlWire], None], timeout: float = 5.0) -> CqlWire:
+                   on_lost: Callable[[CqlWire], None], timeout: float = 5.0,
+                   credentials: tuple[str, str] | None = None) -> CqlWire:
+        """Connect and start the protocol; when the server asks for authentication, answer with
+        ``credentials`` (user, password) as the driver's PlainTextAuthProvider does. Credentials
+        the server refuses raise :class:`CqlError` (its code 0x0100)."""
         loop = asyncio.get_running_loop()
         transport, wire = await asyncio.wait_for(
             loop.create_connection(lambda: cls(unset, timestamps, on_lost), host, port), timeout)
@@ -244,8 +258,15 @@ class CqlWire(asyncio.Protocol):
             body = _SHORT.pack(1) + _string("CQL_VERSION") + _string("3.0.0")
             op = await asyncio.wait_for(wire._request(OP_STARTUP, body, stream=0), timeout)
             if op == OP_AUTHENTICATE:
-                raise WireUnsupported("the server asks for authentication")
-            if op != OP_READY:
+                if credentials is None:
+                    raise WireUnsupported("the server asks for authentication, and no credentials were given")
+                op = await asyncio.wait_for(wire._request(OP_AUTH_RESPONSE, plain_token(*credentials), stream=0),
+                                            timeout)
+                if op == OP_AUTH_CHALLENGE:
+                    raise WireUnsupported("the server's authenticator asks more than a password")
+                if op != OP_AUTH_SUCCESS:
+                    raise WireUnsupported(f"unexpected answer 0x{op:02x} to the credentials")
+            elif op != OP_READY:
                 raise WireUnsupported(f"unexpected answer 0x{op:02x} to STARTUP")
         except BaseException:
             wire.close()

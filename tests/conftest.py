@@ -56,11 +56,9 @@ def drop_keyspaces(urls: list[str]) -> None:
         return
     from urllib.parse import urlsplit
 
-    from cassandra.cluster import Cluster
+    from storage import cassandra_cluster
 
-    url = urlsplit(made[0])
-    cluster = Cluster([h.rsplit(":", 1)[0] for h in url.netloc.split(",")], port=url.port or 9042,
-                      connect_timeout=10)
+    cluster = cassandra_cluster(made[0], connect_timeout=10)
     try:
         session = cluster.connect()
         for each in made:

@@ -119,15 +119,14 @@ def test_the_bench_empties_its_own_keyspace_and_no_other() -> None:
     other keyspace is refused, untouched."""
     from urllib.parse import urlparse
 
-    from cassandra.cluster import Cluster
-
     from clients.bench.target import BenchError, empty_keyspace
+    from storage import cassandra_cluster
 
     url = urlparse(production_url("PIGEON_STORE", "cassandra://"))
     for other in ("pigeon_kept", "pigeon_benchkept", "pigeon_bench_Kept", "pigeon_bench_"):
         with pytest.raises(BenchError, match=f"refusing to drop keyspace '{other}'"):
             empty_keyspace(url._replace(path=f"/{other}").geturl())
-    cluster = Cluster([url.hostname or "127.0.0.1"], port=url.port or 9042, protocol_version=4)
+    cluster = cassandra_cluster(url.geturl(), protocol_version=4)
     try:
         session = cluster.connect()
         for keyspace in ("pigeon_bench", "pigeon_bench_side", "pigeon_kept"):

@@ -36,12 +36,11 @@ TAKEOVER_S = 10.0
 
 def lease_holders(flags: list[str]) -> dict[int, str]:
     """Partition -> holder, as the keyspace's lease rows say (read only)."""
-    from cassandra.cluster import Cluster
+    from storage import cassandra_cluster
 
     url = urlsplit(flags[flags.index("--store") + 1])
     keyspace = url.path.strip("/")
-    cluster = Cluster([h.rsplit(":", 1)[0] for h in url.netloc.split(",")], port=url.port or 9042,
-                      connect_timeout=10)
+    cluster = cassandra_cluster(url.geturl(), connect_timeout=10)
     try:
         rows = cluster.connect().execute(f"SELECT part, holder FROM {keyspace}.leases WHERE ring=0", timeout=30)
         return {int(r.part): str(r.holder) for r in rows}

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,7 +21,7 @@ from typing import Any
 import pytest
 
 import storage.cassandra
-from storage import open_store
+from storage import StorageError, cassandra_contact, cassandra_credentials, open_store
 from storage.base import Chat, LoginCode, MediaObject, MediaRef, Message, NewMessage, NotStored, ReceiptNote, Store
 from storage.cassandra import CassandraStore
 from storage.state import open_state
@@ -1380,3 +1381,64 @@ async def test_cassandra_values_are_serialised_exactly_as_the_drivers_bind_does(
         await store._x("put_sent", "d1", "r1", "c1", "not a number")
     assert wire.sent == sent
     assert await store._x("get_sent", "d1", "r1") == []
+
+
+def _credentials_of(url: str) -> tuple[str, str]:
+    """The password the test Cassandra asks for (scripts/services starts it with one)."""
+    creds = cassandra_credentials(url)
+    if creds is None:
+        message = "the Cassandra given in PIGEON_STORE asks for no password (scripts/services starts one that does)"
+        if os.environ.get("PIGEON_REQUIRE_SERVICES"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return creds
+
+
+async def test_cassandra_asks_for_a_password_and_both_connections_log_in(cassandra_url: str) -> None:
+    """As a deployment's would, the test Cassandra asks for a password: the driver and the
+    loop's own connection both log in with the URL's credentials, and a message's plain writes
+    go on that connection (they used to fall back to the driver on such a cluster)."""
+    _credentials_of(cassandra_url)
+    store = open_store(cassandra_url)
+    assert isinstance(store, CassandraStore)
+    await store.open()
+    try:
+        assert store._wire is not None
+        a, b = await two_users(store)
+        chat = await store.direct_chat(a, b, T0)
+        before = store._wire.sent
+        appended = await store.append_message(text(chat.chat_id, a, "through-the-login"), [a, b])
+        assert store._wire.sent > before
+        got = await store.read_inbox(b, 0, 50)
+        assert [e.item for e in got if isinstance(e.item, Message)][-1] == appended.message
+    finally:
+        await store.close()
+
+
+async def test_cassandra_own_connection_logs_in_only_with_the_right_password(cassandra_url: str) -> None:
+    from storage.cql_wire import CqlError, CqlWire, WireUnsupported
+
+    user, password = _credentials_of(cassandra_url)
+    hosts, port, _keyspace, _creds = cassandra_contact(cassandra_url)
+
+    def open_wire(credentials: tuple[str, str] | None) -> Awaitable[CqlWire]:
+        return CqlWire.open(hosts[0], port, object(), lambda: 0, lambda wire: None, credentials=credentials)
+
+    with pytest.raises(WireUnsupported, match="no credentials"):
+        await open_wire(None)
+    with pytest.raises(CqlError) as refused:
+        await open_wire((user, password + "-not"))
+    assert refused.value.code == 0x0100  # the protocol's "bad credentials"
+    wire = await open_wire((user, password))
+    assert wire.usable
+    wire.close()
+
+
+async def test_cassandra_a_refused_login_is_a_clear_error_without_the_password(cassandra_url: str) -> None:
+    user, password = _credentials_of(cassandra_url)
+    wrong = f"{password}-wrong"
+    url = cassandra_url.replace(f"{user}:{password}@", f"{user}:{wrong}@", 1)
+    store = open_store(url)
+    with pytest.raises(StorageError, match="refused the login") as err:
+        await store.open()
+    assert wrong not in str(err.value) and password not in str(err.value)

@@ -200,17 +200,13 @@ def empty_keyspace(store_url: str) -> None:
     from the same empty store. Data kept from earlier runs is compacted by Cassandra while the next
     one runs: on a 2-core box that shares every server, compacting a few tens of MB takes a core for
     seconds and shows in the latencies measured (see BENCHMARKS.md). ``--keep-store`` keeps it."""
-    from cassandra.cluster import Cluster
+    from storage import cassandra_cluster
 
     url = urlparse(store_url)
-    if url.username:
-        raise BenchError("the bench empties its keyspace with an unauthenticated connection; "
-                         "use --keep-store with a Cassandra that asks for credentials")
     keyspace = url.path.strip("/")
     if not BENCH_KEYSPACE.fullmatch(keyspace):  # the bench only ever drops its own
         raise BenchError(f"refusing to drop keyspace {keyspace!r}")
-    cluster = Cluster([h for h in (url.hostname or "127.0.0.1").split(",")], port=url.port or 9042,
-                      protocol_version=4, connect_timeout=10)
+    cluster = cassandra_cluster(store_url, protocol_version=4, connect_timeout=10)
     try:
         cluster.connect().execute(f"DROP KEYSPACE IF EXISTS {keyspace}", timeout=120)
     except Exception as exc:  # noqa: BLE001 - the driver raises many kinds; all mean the same here

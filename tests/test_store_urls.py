@@ -1,0 +1,46 @@
+"""The store URLs: what each part means, and bad ones refused with a clear error that never
+shows a password. Nothing here connects to a server."""
+
+from __future__ import annotations
+
+import pytest
+
+from storage import BackendConfigError, cassandra_contact, cassandra_credentials, open_media, open_store
+
+
+def test_credentials_are_read_percent_decoded() -> None:
+    assert cassandra_credentials("cassandra://pigeon:s%40cr%3At@127.0.0.1:9042/ks") == ("pigeon", "s@cr:t")
+    assert cassandra_credentials("cassandra://127.0.0.1:9042/ks") is None
+    assert cassandra_contact("cassandra://u:p@h1:9142,h2:9142/ks") == (["h1", "h2"], 9142, "ks", ("u", "p"))
+    assert cassandra_contact("cassandra://h1,h2/ks") == (["h1", "h2"], 9042, "ks", None)
+
+
+@pytest.mark.parametrize("url", [
+    "cassandra://pigeon@127.0.0.1/ks",  # a user without a password
+    "cassandra://pigeon:@127.0.0.1/ks",
+    "cassandra://:secret-word@127.0.0.1/ks",  # a password without a user
+])
+def test_half_a_credential_is_refused_not_dropped(url: str) -> None:
+    with pytest.raises(BackendConfigError, match="USER:PASSWORD") as err:
+        open_store(url)
+    assert "secret-word" not in str(err.value)
+
+
+@pytest.mark.parametrize(("url", "says"), [
+    ("cassandra://pigeon:secret-word@127.0.0.1:nope/ks", "bad port"),
+    ("cassandra://pigeon:secret-word@127.0.0.1:9042/", "needs hosts and a keyspace"),
+    ("cassandra://pigeon:secret-word@127.0.0.1:9042/ks?inbox_ttl_days=x", "inbox_ttl_days"),
+    ("cassandra://pigeon:secret-word@127.0.0.1:9042/ks?inbox_ttl_days=0", "inbox_ttl_days"),
+    ("cassandra://pigeon:secret-word@127.0.0.1:9042/ks?writes=maybe", "writes must be"),
+    ("casandra://pigeon:secret-word@127.0.0.1:9042/ks", "unknown store scheme"),
+])
+def test_a_bad_store_url_says_what_is_wrong_and_not_the_password(url: str, says: str) -> None:
+    with pytest.raises(BackendConfigError, match=says) as err:
+        open_store(url)
+    assert "secret-word" not in str(err.value)
+
+
+def test_a_bad_media_scheme_does_not_show_the_secret() -> None:
+    with pytest.raises(BackendConfigError, match="unknown media scheme") as err:
+        open_media("s4://access:secret-word@127.0.0.1:9000/bucket", secret=b"k" * 32, public_base="http://x")
+    assert "secret-word" not in str(err.value)
