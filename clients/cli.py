@@ -67,7 +67,7 @@ def serve(
     plaintext: Annotated[bool, typer.Option(
         "--plaintext/--no-plaintext", envvar="PIGEON_PLAINTEXT", help="also serve the plain listeners "
         "(--mqtt-port, --ws-port, --http-port); --no-plaintext needs --tls-cert")] = True,
-    store: Annotated[str | None, typer.Option(envvar="PIGEON_STORE", help="sqlite:///PATH or cassandra://[USER:PASSWORD@]HOSTS/KEYSPACE")]
+    store: Annotated[str | None, typer.Option(envvar="PIGEON_STORE", help="sqlite:///PATH or cassandra[s]://[USER:PASSWORD@]HOSTS/KEYSPACE[?ca=FILE]")]
     = None,
     media: Annotated[str | None, typer.Option(envvar="PIGEON_MEDIA", help="file:///PATH or s3://KEY:SECRET@HOST/BUCKET")]
     = None,
@@ -233,7 +233,7 @@ def _loop_factory(choice: str) -> Any:
 
 @db_app.command("migrate")
 def db_migrate(
-    store: Annotated[str | None, typer.Option(envvar="PIGEON_STORE", help="sqlite:///PATH or cassandra://[USER:PASSWORD@]HOSTS/KEYSPACE")]
+    store: Annotated[str | None, typer.Option(envvar="PIGEON_STORE", help="sqlite:///PATH or cassandra[s]://[USER:PASSWORD@]HOSTS/KEYSPACE[?ca=FILE]")]
     = None,
     data_dir: Annotated[Path, typer.Option(envvar="PIGEON_DATA_DIR")] = Path(".pigeon"),
 ) -> None:

@@ -20,7 +20,9 @@ Where the servers come from (no Docker engine needed):
   Redis      Debian's redis-server package (apt-get, as root)
   Cassandra  org.apache.cassandra:cassandra-all from Maven Central, run on the machine's Java 17,
              asking for a password: the exported PIGEON_STORE logs in as the role `pigeon` with
-             a password made for the run (setting it up needs cassandra-driver: run in the venv)
+             a password made for the run (setting it up needs cassandra-driver: run in the venv).
+             Its native port takes TLS too (a certificate for 127.0.0.1 from a CA of the run,
+             .services/cassandra/tls/): PIGEON_STORE_TLS is the same store as cassandras://...?ca=
   MinIO      built from source with the Go module proxy (`go install`)
   Mosquitto  Debian's mosquitto package (2.0.11 on Debian 12), with its dynamic-security plugin;
              or, with SERVICES_MOSQUITTO=2.1.2, that release built once from its pinned commit
@@ -78,6 +80,10 @@ KEYSPACE = "pigeon_test"
 # log in as this role, with a password made for the run (in the exported PIGEON_STORE). What a
 # role may do is not checked (AllowAllAuthorizer).
 CASSANDRA_USER = "pigeon"
+# SERVICES_CASSANDRA_AUTH=none starts it without (AllowAllAuthenticator), to measure the difference.
+CASSANDRA_AUTH = os.environ.get("SERVICES_CASSANDRA_AUTH", "password")
+if CASSANDRA_AUTH not in ("password", "none"):
+    raise SystemExit(f"services: SERVICES_CASSANDRA_AUTH must be password or none, got {CASSANDRA_AUTH!r}")
 
 # G1 with a 20 ms pause goal: with its default goal (200 ms) the young generation grew to
 # 600-900 MB and each collection stopped Cassandra for 30-260 ms, the tail of every latency
@@ -313,6 +319,7 @@ def start_cassandra(state: dict[str, object]) -> str:
     home = STATE_DIR / "cassandra"
     for sub in ("data", "commitlog", "saved_caches", "hints", "cdc_raw", "logs", "tmp"):
         (home / sub).mkdir(parents=True, exist_ok=True)
+    tls_options, tls_ca = cassandra_tls_options(home)
     conf = home / "cassandra.yaml"
     conf.write_text(f"""cluster_name: pigeon-test
 num_tokens: 16
@@ -334,14 +341,14 @@ saved_caches_directory: {home / 'saved_caches'}
 hints_directory: {home / 'hints'}
 cdc_raw_directory: {home / 'cdc_raw'}
 start_native_transport: true
-authenticator: PasswordAuthenticator
+authenticator: {"AllowAllAuthenticator" if CASSANDRA_AUTH == "none" else "PasswordAuthenticator"}
 authorizer: AllowAllAuthorizer
 disk_failure_policy: stop
 commit_failure_policy: stop
 # test and bench keyspaces are dropped by design (the bench empties its own before each run):
 # no snapshot of them is kept on disk
 auto_snapshot: false
-{MEMTABLES}{os.environ.get("SERVICES_CASSANDRA_YAML_EXTRA", "")}""")
+{tls_options}{MEMTABLES}{os.environ.get("SERVICES_CASSANDRA_YAML_EXTRA", "")}""")
     logback = home / "logback.xml"
     logback.write_text(f"""<configuration>
   <appender name="FILE" class="ch.qos.logback.core.FileAppender">
@@ -365,8 +372,12 @@ auto_snapshot: false
     proc, log = spawn("cassandra", cmd, timer_slack_ns=CASSANDRA_TIMER_SLACK_NS)
     wait_until("cassandra", lambda: port_open(native), 180, proc, home / "logs" / "system.log")
     state["cassandra"] = {"pid": proc.pid, "port": native}
-    password = cassandra_role(native, proc, home / "logs" / "system.log")
-    return f"cassandra://{CASSANDRA_USER}:{password}@127.0.0.1:{native}/{KEYSPACE}"
+    login = ""
+    if CASSANDRA_AUTH != "none":
+        login = f"{CASSANDRA_USER}:{cassandra_role(native, proc, home / 'logs' / 'system.log')}@"
+    # the same node through TLS: for the tests of cassandras://, on the same port
+    state["cassandra_tls_url"] = f"cassandras://{login}127.0.0.1:{native}/{KEYSPACE}?ca={tls_ca}"
+    return f"cassandra://{login}127.0.0.1:{native}/{KEYSPACE}"
 
 
 def cassandra_role(native: int, proc: subprocess.Popen[bytes], log: Path) -> str:
@@ -530,7 +541,7 @@ def _give_to_mosquitto(*paths: Path) -> None:
         os.chown(path, entry.pw_uid, entry.pw_gid)
 
 
-def make_tls_files(home: Path) -> tuple[Path, Path, Path]:
+def make_tls_files(home: Path, for_mosquitto: bool = True) -> tuple[Path, Path, Path]:
     """A CA for this run and a server certificate it signs for 127.0.0.1 and localhost (openssl);
     returns (CA certificate, server certificate, server key)."""
     tls = home / "tls"
@@ -547,8 +558,36 @@ def make_tls_files(home: Path) -> tuple[Path, Path, Path]:
     run(["openssl", "x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial",
          "-days", "30", "-extfile", str(ext), "-out", str(cert)], **quiet)
     ca_key.unlink()  # nothing more is signed with it
-    _give_to_mosquitto(tls, key, cert)
+    if for_mosquitto:
+        _give_to_mosquitto(tls, key, cert)
     return ca, cert, key
+
+
+def cassandra_tls_options(home: Path) -> tuple[str, Path]:
+    """Cassandra's client_encryption_options (TLS on its native port beside plain connections:
+    `optional`), with a key store and trust store of this run made from make_tls_files' PEM files;
+    returns them and the CA certificate a client trusts."""
+    ca, cert, key = make_tls_files(home, for_mosquitto=False)
+    tls = ca.parent
+    keystore, truststore = tls / "keystore.p12", tls / "truststore.p12"
+    password = secrets.token_hex(12)
+    for path in (keystore, truststore):
+        path.unlink(missing_ok=True)
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    run(["openssl", "pkcs12", "-export", "-in", str(cert), "-inkey", str(key), "-name", "cassandra",
+         "-out", str(keystore), "-passout", f"pass:{password}"], **quiet)
+    run(["keytool", "-importcert", "-noprompt", "-alias", "ca", "-file", str(ca), "-keystore", str(truststore),
+         "-storetype", "PKCS12", "-storepass", password], **quiet)
+    return f"""client_encryption_options:
+  enabled: true
+  optional: true
+  keystore: {keystore}
+  keystore_password: {password}
+  truststore: {truststore}
+  truststore_password: {password}
+  store_type: PKCS12
+  require_client_auth: false
+""", ca
 
 
 def start_mosquitto(state: dict[str, object]) -> str:
@@ -708,6 +747,8 @@ def up() -> None:
         # the bridges sign tokens with the secret the broker's plugin checks them with
         exports["PIGEON_SECRET_FILE"] = str(state["mosquitto_secret"])
         exports["PIGEON_BROKER_AUTH"] = "plugin"
+    if "cassandra_tls_url" in state:
+        exports["PIGEON_STORE_TLS"] = str(state["cassandra_tls_url"])
     if "mosquitto_tls_ca" in state:
         mosquitto = state["mosquitto"]
         assert isinstance(mosquitto, dict)

@@ -6,6 +6,7 @@ chosen, so the embedded default needs none of them installed.
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
@@ -28,10 +29,10 @@ def open_store(url: str) -> Store:
         from .sqlite import SqliteStore
 
         return SqliteStore(Path(path))
-    if parsed.scheme == "cassandra":
+    if parsed.scheme in ("cassandra", "cassandras"):
         return _cassandra(url)
     raise BackendConfigError(f"unknown store scheme {parsed.scheme!r} in {_shown(url)!r} "
-                             "(expected sqlite:// or cassandra://)")
+                             "(expected sqlite://, cassandra:// or cassandras://)")
 
 
 def _shown(url: str) -> str:
@@ -76,26 +77,46 @@ def cassandra_contact(url: str) -> tuple[list[str], int, str, tuple[str, str] | 
     return hosts, port, keyspace, cassandra_credentials(url)
 
 
+def cassandra_tls(url: str) -> ssl.SSLContext | None:
+    """For ``cassandras://`` (TLS to every node, the driver's connections and the bridge's own):
+    a context that checks the nodes' certificates and names (TLS 1.2 or later), trusting the
+    system's CAs or the PEM file of ``?ca=PATH``; None for ``cassandra://``."""
+    parsed = urlparse(url)
+    ca = parse_qs(parsed.query).get("ca", [""])[0]
+    if parsed.scheme != "cassandras":
+        if ca:
+            raise BackendConfigError("cassandra URL: ca= is for TLS, which is cassandras://")
+        return None
+    try:
+        ctx = ssl.create_default_context(cafile=unquote(ca) or None)
+    except (OSError, ssl.SSLError) as exc:
+        raise BackendConfigError(f"cassandra URL: the CA file {unquote(ca)!r} cannot be used: {exc}") from exc
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
 def cassandra_cluster(url: str, **kw: Any) -> Any:
-    """A driver ``Cluster`` for the URL's hosts, port and credentials (not connected), for tools
-    and tests that manage keyspaces; ``kw`` goes to ``Cluster``."""
+    """A driver ``Cluster`` for the URL's hosts, port, credentials and TLS (not connected), for
+    tools and tests that manage keyspaces; ``kw`` goes to ``Cluster``."""
     from cassandra.auth import PlainTextAuthProvider
     from cassandra.cluster import Cluster
 
     hosts, port, _keyspace, creds = cassandra_contact(url)
-    return Cluster(hosts, port=port, auth_provider=PlainTextAuthProvider(*creds) if creds else None, **kw)
+    return Cluster(hosts, port=port, auth_provider=PlainTextAuthProvider(*creds) if creds else None,
+                   ssl_context=cassandra_tls(url), **kw)
 
 
 def _cassandra(url: str) -> Store:
-    """``cassandra://[USER:PASSWORD@]HOST[,HOST...][:PORT]/KEYSPACE[?replication=JSON&inbox_ttl_days=N&writes=direct|driver]``
+    """``cassandra[s]://[USER:PASSWORD@]HOST[,HOST...][:PORT]/KEYSPACE[?replication=JSON&inbox_ttl_days=N&writes=direct|driver&ca=PATH]``
     (``writes=driver`` sends plain writes through the driver too, see storage/cql_wire.py; the
-    credentials are given to a cluster that asks for them, password authentication)."""
+    credentials are given to a cluster that asks for them, password authentication;
+    ``cassandras`` connects with TLS, see :func:`cassandra_tls`)."""
     hosts, port, keyspace, credentials = cassandra_contact(url)
     parsed = urlparse(url)
     query = parse_qs(parsed.query)
     from .cassandra import INBOX_TTL_S, CassandraStore
 
-    kw: dict[str, object] = {"credentials": credentials}
+    kw: dict[str, object] = {"credentials": credentials, "ssl_context": cassandra_tls(url)}
     if "replication" in query:
         kw["replication"] = unquote(query["replication"][0])
     if "writes" in query:
@@ -141,5 +162,5 @@ def open_media(url: str, *, secret: bytes, public_base: str) -> MediaStore:
 
 __all__ = [
     "BackendConfigError", "MediaStore", "NotStored", "StorageError", "StorageUnavailable", "Store",
-    "cassandra_cluster", "cassandra_contact", "cassandra_credentials", "open_media", "open_store",
+    "cassandra_cluster", "cassandra_contact", "cassandra_credentials", "cassandra_tls", "open_media", "open_store",
 ]

@@ -48,6 +48,7 @@ import os
 import random
 import secrets
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -262,11 +263,13 @@ class CassandraStore:
     def __init__(self, hosts: Sequence[str], port: int, keyspace: str, *,
                  replication: str = "{'class': 'SimpleStrategy', 'replication_factor': 1}",
                  inbox_ttl_s: int = INBOX_TTL_S, request_timeout_s: float = 5.0,
-                 direct_writes: bool = True, credentials: tuple[str, str] | None = None) -> None:
+                 direct_writes: bool = True, credentials: tuple[str, str] | None = None,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         if not keyspace.replace("_", "").isalnum():
             raise StorageError(f"keyspace name {keyspace!r} must be letters, digits and underscores")
         self._hosts, self._port, self.keyspace = list(hosts), port, keyspace
         self._credentials = credentials  # (user, password) for a cluster that asks for them
+        self._tls = ssl_context  # TLS to the nodes (cassandras://), on every connection
         self._replication, self._inbox_ttl = replication, inbox_ttl_s
         self._timeout = request_timeout_s
         self._cluster: Any = None
@@ -390,17 +393,23 @@ class CassandraStore:
         # into checksummed segments (about 3 % of the bridge's CPU in a profile).
         auth = PlainTextAuthProvider(*self._credentials) if self._credentials is not None else None
         self._cluster = Cluster(self._hosts, port=self._port, protocol_version=4, auth_provider=auth,
-                                execution_profiles={EXEC_PROFILE_DEFAULT: profile}, connect_timeout=5)
+                                ssl_context=self._tls, execution_profiles={EXEC_PROFILE_DEFAULT: profile},
+                                connect_timeout=5)
         try:
             self._session = self._cluster.connect()
         except NoHostAvailable as exc:
             cluster, self._cluster = self._cluster, None
             cluster.shutdown()
-            refused = [e for e in exc.errors.values() if isinstance(e, AuthenticationFailed)]
-            if refused and len(refused) == len(exc.errors):  # not down: it said no to the login
+            errors = list(exc.errors.values())
+            if errors and all(isinstance(e, AuthenticationFailed) for e in errors):  # not down: it said no
                 who = f"user {self._credentials[0]!r}" if self._credentials else "no credentials"
                 raise StorageError(f"cassandra refused the login ({who}): give the user and password it "
                                    "knows in the URL, cassandra://USER:PASSWORD@HOST/KEYSPACE") from exc
+            # (the driver hands an SSL error on as an OSError that only quotes it)
+            if errors and all(isinstance(e, ssl.SSLError) or (isinstance(e, OSError) and "[SSL" in str(e))
+                              for e in errors):
+                raise StorageError(f"cassandra: TLS to the nodes failed ({errors[0]}); with a private CA, give "
+                                   "its certificate as ?ca=PATH in the cassandras:// URL") from exc
             raise
         self._session.default_fetch_size = None
 
@@ -708,7 +717,7 @@ class CassandraStore:
             try:
                 self._wire = await CqlWire.open(endpoint.address, endpoint.port, self._unset,
                                                 self._cluster.timestamp_generator, self._wire_lost,
-                                                credentials=self._credentials)
+                                                credentials=self._credentials, tls=self._tls)
                 log.info("cassandra: plain writes go straight to %s", self._wire.host)
                 return
             except WireUnsupported as exc:

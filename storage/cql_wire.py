@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import struct
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -244,13 +245,15 @@ class CqlWire(asyncio.Protocol):
     @classmethod
     async def open(cls, host: str, port: int, unset: object, timestamps: Callable[[], int],
                    on_lost: Callable[[CqlWire], None], timeout: float = 5.0,
-                   credentials: tuple[str, str] | None = None) -> CqlWire:
-        """Connect and start the protocol; when the server asks for authentication, answer with
+                   credentials: tuple[str, str] | None = None, tls: ssl.SSLContext | None = None) -> CqlWire:
+        """Connect (through TLS with ``tls``, the host's name or address checked against its
+        certificate) and start the protocol; when the server asks for authentication, answer with
         ``credentials`` (user, password) as the driver's PlainTextAuthProvider does. Credentials
         the server refuses raise :class:`CqlError` (its code 0x0100)."""
         loop = asyncio.get_running_loop()
         transport, wire = await asyncio.wait_for(
-            loop.create_connection(lambda: cls(unset, timestamps, on_lost), host, port), timeout)
+            loop.create_connection(lambda: cls(unset, timestamps, on_lost), host, port, ssl=tls,
+                                   server_hostname=host if tls is not None else None), timeout)
         wire.host = f"{host}:{port}"
         if wire._transport is None and not wire._lost:  # uvloop may call connection_made later
             wire._transport = transport

@@ -75,8 +75,8 @@ def fresh_store_url() -> str:
     partition leases, so two unrelated servers on one keyspace would split the partitions
     between them and hand each other their work."""
     base = production_url("PIGEON_STORE", "cassandra://")
-    head, _, tail = base.rpartition("/")
-    keyspace, sep, query = tail.partition("?")
+    base, sep, query = base.partition("?")  # (a query may hold a path: ?ca=FILE)
+    head, _, keyspace = base.rpartition("/")
     url = f"{head}/{keyspace}_{secrets.token_hex(4)}{sep}{query}"
     _made_keyspaces.append(url)
     done = subprocess.run([sys.executable, "-m", "clients.cli", "db", "migrate", "--store", url], cwd=ROOT,

@@ -1442,3 +1442,41 @@ async def test_cassandra_a_refused_login_is_a_clear_error_without_the_password(c
     with pytest.raises(StorageError, match="refused the login") as err:
         await store.open()
     assert wrong not in str(err.value) and password not in str(err.value)
+
+
+def _through_tls(cassandra_url: str) -> str:
+    """The same keyspace as ``cassandra_url``, through TLS (scripts/services: the node's native
+    port takes both, PIGEON_STORE_TLS trusting the run's CA)."""
+    tls = production_url("PIGEON_STORE_TLS", "cassandras://")
+    keyspace = cassandra_contact(cassandra_url)[2]
+    base, _, query = tls.partition("?")  # (the query holds a path: split it off first)
+    return f"{base.rpartition('/')[0]}/{keyspace}?{query}"
+
+
+async def test_cassandra_through_tls_on_both_connections(cassandra_url: str) -> None:
+    """cassandras:// puts the driver's connections and the loop's own connection through TLS,
+    checking the node's certificate against the URL's CA; messages are written and read as ever."""
+    store = open_store(_through_tls(cassandra_url))
+    assert isinstance(store, CassandraStore)
+    await store.open()
+    try:
+        assert store._wire is not None and store._wire._transport is not None
+        assert store._wire._transport.get_extra_info("ssl_object") is not None
+        a, b = await two_users(store)
+        chat = await store.direct_chat(a, b, T0)
+        before = store._wire.sent
+        appended = await store.append_message(text(chat.chat_id, a, "through-tls"), [a, b])
+        assert store._wire.sent > before
+        got = await store.read_inbox(b, 0, 50)
+        assert [e.item for e in got if isinstance(e.item, Message)][-1] == appended.message
+    finally:
+        await store.close()
+
+
+async def test_cassandra_through_tls_without_the_ca_is_a_clear_error(cassandra_url: str) -> None:
+    """Without ?ca= the system's CAs are trusted, and the run's own CA is not one of them: the
+    store refuses the node at start rather than talking to it unchecked."""
+    url = _through_tls(cassandra_url).split("?", 1)[0]
+    store = open_store(url)
+    with pytest.raises(StorageError, match="TLS to the nodes failed"):
+        await store.open()

@@ -3,9 +3,12 @@ shows a password. Nothing here connects to a server."""
 
 from __future__ import annotations
 
+import ssl
+from pathlib import Path
+
 import pytest
 
-from storage import BackendConfigError, cassandra_contact, cassandra_credentials, open_media, open_store
+from storage import BackendConfigError, cassandra_contact, cassandra_credentials, cassandra_tls, open_media, open_store
 
 
 def test_credentials_are_read_percent_decoded() -> None:
@@ -44,3 +47,20 @@ def test_a_bad_media_scheme_does_not_show_the_secret() -> None:
     with pytest.raises(BackendConfigError, match="unknown media scheme") as err:
         open_media("s4://access:secret-word@127.0.0.1:9000/bucket", secret=b"k" * 32, public_base="http://x")
     assert "secret-word" not in str(err.value)
+
+
+def test_cassandras_checks_the_nodes_certificates_and_names() -> None:
+    assert cassandra_tls("cassandra://127.0.0.1/ks") is None
+    ctx = cassandra_tls("cassandras://u:p@127.0.0.1/ks")
+    assert ctx is not None and ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
+    assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2
+
+
+def test_a_ca_without_tls_or_that_cannot_be_read_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(BackendConfigError, match="cassandras://"):
+        open_store(f"cassandra://127.0.0.1/ks?ca={tmp_path / 'ca.pem'}")
+    with pytest.raises(BackendConfigError, match="cannot be used"):
+        open_store(f"cassandras://127.0.0.1/ks?ca={tmp_path / 'missing.pem'}")
+    (tmp_path / "junk.pem").write_text("not a certificate")
+    with pytest.raises(BackendConfigError, match="cannot be used"):
+        open_store(f"cassandras://127.0.0.1/ks?ca={tmp_path / 'junk.pem'}")
