@@ -38,8 +38,8 @@ class Settings:
     https_port: int = 8443
     plaintext: bool = True
     dev: bool = False
-    store: str | None = None
-    media: str | None = None
+    store: str | None = field(default=None, repr=False)  # (URLs that may carry a password)
+    media: str | None = field(default=None, repr=False)
     redis: str | None = None
     # with Redis: the address this bridge answers other bridges' requests on, directly
     # (storage/peers.py), and gives them; "": through Redis lists only

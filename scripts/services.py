@@ -48,7 +48,8 @@ Where the servers come from (no Docker engine needed):
              PIGEON_BROKER_FRONT_TLS (mqtts://127.0.0.1:PORT; port SERVICES_MQTT_FRONT_TLS_PORT;
              the CA is PIGEON_BROKER_TLS_CA_FILE). Only devices use them; the bridge connects to
              Mosquitto.
-Only the standard library is used, so this runs before any virtualenv exists.
+Only the standard library is used, except for setting up Cassandra's login role, which needs
+cassandra-driver (the project's venv, as scripts/test has it).
 """
 
 from __future__ import annotations
@@ -314,6 +315,16 @@ def cassandra_lib() -> Path:
 def start_cassandra(state: dict[str, object]) -> str:
     if not shutil.which("java"):
         raise SystemExit("services: Java 17 is needed to run Cassandra; none is on PATH")
+    if CASSANDRA_AUTH != "none":
+        try:
+            import cassandra.cluster  # noqa: F401 - checked before a start that takes a minute
+        except ImportError as exc:
+            raise SystemExit("services: setting up Cassandra's login role needs cassandra-driver; run this "
+                             "inside the project's venv (pip install -e '.[test]'), or with "
+                             "SERVICES_CASSANDRA_AUTH=none") from exc
+    for tool in ("openssl", "keytool"):
+        if not shutil.which(tool):
+            raise SystemExit(f"services: {tool} is needed for Cassandra's TLS files; none is on PATH")
     lib = cassandra_lib()
     native, storage, jmx = configured_port("cassandra"), free_port(), free_port()
     home = STATE_DIR / "cassandra"

@@ -36,11 +36,13 @@ def open_store(url: str) -> Store:
 
 
 def _shown(url: str) -> str:
-    """A URL as an error message may show it: without a password."""
-    parsed = urlparse(url)
-    if "@" not in parsed.netloc:
+    """A URL as an error message may show it: everything up to its last '@' hidden (a password
+    with an unencoded '/', '?' or '#' ends the URL's host part early, so the parsed one is not
+    enough)."""
+    scheme, sep, rest = url.partition("://")
+    if "@" not in rest:
         return url
-    return parsed._replace(netloc="***@" + parsed.netloc.rsplit("@", 1)[1]).geturl()
+    return f"{scheme}{sep}***@{rest.rsplit('@', 1)[1]}"
 
 
 def cassandra_credentials(url: str) -> tuple[str, str] | None:
@@ -59,22 +61,34 @@ def cassandra_credentials(url: str) -> tuple[str, str] | None:
 
 
 def cassandra_contact(url: str) -> tuple[list[str], int, str, tuple[str, str] | None]:
-    """The hosts, port, keyspace and credentials of a ``cassandra://`` URL."""
+    """The hosts, port, keyspace and credentials of a ``cassandra://`` URL. Hosts are names or
+    addresses, IPv6 ones in brackets; every host is asked on the same port (the driver's way),
+    9042 unless given."""
     parsed = urlparse(url)
+    if "@" in parsed.path or "@" in parsed.fragment:
+        raise BackendConfigError("cassandra URL: percent-encode '/', '?', '#' and '%' in the user and password "
+                                 f"({_shown(url)!r})")
     keyspace = parsed.path.strip("/")
     if not parsed.netloc or not keyspace:
         raise BackendConfigError(f"cassandra URL needs hosts and a keyspace: {_shown(url)!r}")
-    hostpart = parsed.netloc.rsplit("@", 1)[-1]
-    port = 9042
-    if ":" in hostpart.rsplit(",", 1)[-1]:
-        hostpart, _, p = hostpart.rpartition(":")
-        if not p.isdigit():
-            raise BackendConfigError(f"cassandra URL has a bad port: {_shown(url)!r}")
-        port = int(p)
-    hosts = [h.rsplit(":", 1)[0] for h in hostpart.split(",") if h]
-    if not hosts:
-        raise BackendConfigError(f"cassandra URL needs hosts and a keyspace: {_shown(url)!r}")
-    return hosts, port, keyspace, cassandra_credentials(url)
+    hosts: list[str] = []
+    ports: set[int] = set()
+    for h in parsed.netloc.rsplit("@", 1)[-1].split(","):
+        if h.startswith("["):
+            host, _, rest = h[1:].partition("]")
+            p = rest[1:] if rest.startswith(":") else ("" if not rest else "x")
+        else:
+            host, _, p = h.partition(":")
+        if not host:
+            raise BackendConfigError(f"cassandra URL has an empty host: {_shown(url)!r}")
+        if p:
+            if not p.isdigit() or not 0 < int(p) < 65536:
+                raise BackendConfigError(f"cassandra URL has a bad port: {_shown(url)!r}")
+            ports.add(int(p))
+        hosts.append(host)
+    if len(ports) > 1:
+        raise BackendConfigError(f"cassandra URL: every host is asked on the same port, got {sorted(ports)}")
+    return hosts, ports.pop() if ports else 9042, keyspace, cassandra_credentials(url)
 
 
 def cassandra_tls(url: str) -> ssl.SSLContext | None:
@@ -87,10 +101,10 @@ def cassandra_tls(url: str) -> ssl.SSLContext | None:
         if ca:
             raise BackendConfigError("cassandra URL: ca= is for TLS, which is cassandras://")
         return None
-    try:
-        ctx = ssl.create_default_context(cafile=unquote(ca) or None)
+    try:  # (parse_qs has decoded it)
+        ctx = ssl.create_default_context(cafile=ca or None)
     except (OSError, ssl.SSLError) as exc:
-        raise BackendConfigError(f"cassandra URL: the CA file {unquote(ca)!r} cannot be used: {exc}") from exc
+        raise BackendConfigError(f"cassandra URL: the CA file {ca!r} cannot be used: {exc}") from exc
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     return ctx
 

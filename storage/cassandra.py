@@ -408,8 +408,9 @@ class CassandraStore:
             # (the driver hands an SSL error on as an OSError that only quotes it)
             if errors and all(isinstance(e, ssl.SSLError) or (isinstance(e, OSError) and "[SSL" in str(e))
                               for e in errors):
-                raise StorageError(f"cassandra: TLS to the nodes failed ({errors[0]}); with a private CA, give "
-                                   "its certificate as ?ca=PATH in the cassandras:// URL") from exc
+                raise StorageError(f"cassandra: TLS to the nodes failed ({errors[0]}); check that they take TLS, "
+                                   "that their certificates name their addresses, and with a private CA give its "
+                                   "certificate as ?ca=PATH in the cassandras:// URL") from exc
             raise
         self._session.default_fetch_size = None
 
@@ -724,8 +725,10 @@ class CassandraStore:
                 log.warning("cassandra: writes stay on the driver (%s)", exc)
                 self._direct_writes = False
                 return
-            except CqlError as exc:  # credentials refused (changed since the driver connected?)
-                log.warning("cassandra: no write connection to %s:%s (%s)", endpoint.address, endpoint.port, exc)
+            except CqlError as exc:  # refused where the driver was let in: this cluster wants what the driver does
+                log.warning("cassandra: writes stay on the driver (the write connection was refused: %s)", exc)
+                self._direct_writes = False
+                return
             except (TimeoutError, OSError) as exc:
                 log.warning("cassandra: no write connection to %s:%s (%s)", endpoint.address, endpoint.port, exc)
         self._wire_later()

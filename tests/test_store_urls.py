@@ -16,11 +16,12 @@ def test_credentials_are_read_percent_decoded() -> None:
     assert cassandra_credentials("cassandra://127.0.0.1:9042/ks") is None
     assert cassandra_contact("cassandra://u:p@h1:9142,h2:9142/ks") == (["h1", "h2"], 9142, "ks", ("u", "p"))
     assert cassandra_contact("cassandra://h1,h2/ks") == (["h1", "h2"], 9042, "ks", None)
+    assert cassandra_contact("cassandra://[::1]:9142,[fe80::1]/ks") == (["::1", "fe80::1"], 9142, "ks", None)
 
 
 @pytest.mark.parametrize("url", [
-    "cassandra://pigeon@127.0.0.1/ks",  # a user without a password
-    "cassandra://pigeon:@127.0.0.1/ks",
+    "cassandra://secret-word@127.0.0.1/ks",  # a user without a password (or a password without its user)
+    "cassandra://secret-word:@127.0.0.1/ks",
     "cassandra://:secret-word@127.0.0.1/ks",  # a password without a user
 ])
 def test_half_a_credential_is_refused_not_dropped(url: str) -> None:
@@ -36,11 +37,18 @@ def test_half_a_credential_is_refused_not_dropped(url: str) -> None:
     ("cassandra://pigeon:secret-word@127.0.0.1:9042/ks?inbox_ttl_days=0", "inbox_ttl_days"),
     ("cassandra://pigeon:secret-word@127.0.0.1:9042/ks?writes=maybe", "writes must be"),
     ("casandra://pigeon:secret-word@127.0.0.1:9042/ks", "unknown store scheme"),
+    # a password with an unencoded '/', '?' or '#' ends the host part early
+    ("cassandra://pigeon:secret/word@127.0.0.1:9042/ks", "percent-encode"),
+    ("cassandra://pigeon:secret?word@127.0.0.1:9042/ks", "needs hosts"),
+    ("cassandra://pigeon:secret#word@127.0.0.1:9042/ks", "percent-encode"),
+    ("cassandra://pigeon:secret-word@h1:9042,h2:9142/ks", "same port"),
+    ("cassandra://pigeon:secret-word@[::1]x/ks", "bad port"),
+    ("cassandra://pigeon:secret-word@h1,,h2/ks", "empty host"),
 ])
 def test_a_bad_store_url_says_what_is_wrong_and_not_the_password(url: str, says: str) -> None:
     with pytest.raises(BackendConfigError, match=says) as err:
         open_store(url)
-    assert "secret-word" not in str(err.value)
+    assert "secret" not in str(err.value)
 
 
 def test_a_bad_media_scheme_does_not_show_the_secret() -> None:
@@ -64,3 +72,11 @@ def test_a_ca_without_tls_or_that_cannot_be_read_is_refused(tmp_path: Path) -> N
     (tmp_path / "junk.pem").write_text("not a certificate")
     with pytest.raises(BackendConfigError, match="cannot be used"):
         open_store(f"cassandras://127.0.0.1/ks?ca={tmp_path / 'junk.pem'}")
+
+
+def test_the_ca_path_is_decoded_once(tmp_path: Path) -> None:
+    import certifi
+
+    ca = tmp_path / "my+ca.pem"
+    ca.write_bytes(Path(certifi.where()).read_bytes())
+    assert cassandra_tls(f"cassandras://127.0.0.1/ks?ca={str(ca).replace('+', '%2B')}") is not None
