@@ -18,6 +18,7 @@ import aiomqtt
 import httpx
 import pytest
 
+from bridge.mqtt_ingest import PROBE_PREFIX
 from broker.dynsec import DynSecAdmin
 from clients.launch import ServerProc
 from clients.sdk import Device, login
@@ -54,6 +55,8 @@ async def only_its_own_topic_reaches_the_bridge(user: str, device: str, token: s
             await dev.publish(f"up/{user}/{device}", json.dumps({"type": "ping"}), qos=1)
         async with asyncio.timeout(5):
             async for message in bridge.messages:
+                if message.topic.value.startswith(PROBE_PREFIX):
+                    continue  # a running bridge's own probe of the broker's queue (bridge/mqtt_ingest.py)
                 assert message.topic.value == f"up/{user}/{device}"  # the only one that got through
                 break
 
