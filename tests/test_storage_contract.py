@@ -1394,6 +1394,19 @@ def _credentials_of(url: str) -> tuple[str, str]:
     return creds
 
 
+async def _a_message_on_the_own_connection(store: CassandraStore, send_id: str) -> None:
+    """A message sent through ``store`` goes out on the loop's own connection and is read back
+    from the recipient's inbox."""
+    assert store._wire is not None
+    a, b = await two_users(store)
+    chat = await store.direct_chat(a, b, T0)
+    before = store._wire.sent
+    appended = await store.append_message(text(chat.chat_id, a, send_id), [a, b])
+    assert store._wire.sent > before
+    got = await store.read_inbox(b, 0, 50)
+    assert [e.item for e in got if isinstance(e.item, Message)][-1] == appended.message
+
+
 async def test_cassandra_asks_for_a_password_and_both_connections_log_in(cassandra_url: str) -> None:
     """As a deployment's would, the test Cassandra asks for a password: the driver and the
     loop's own connection both log in with the URL's credentials, and a message's plain writes
@@ -1403,14 +1416,7 @@ async def test_cassandra_asks_for_a_password_and_both_connections_log_in(cassand
     assert isinstance(store, CassandraStore)
     await store.open()
     try:
-        assert store._wire is not None
-        a, b = await two_users(store)
-        chat = await store.direct_chat(a, b, T0)
-        before = store._wire.sent
-        appended = await store.append_message(text(chat.chat_id, a, "through-the-login"), [a, b])
-        assert store._wire.sent > before
-        got = await store.read_inbox(b, 0, 50)
-        assert [e.item for e in got if isinstance(e.item, Message)][-1] == appended.message
+        await _a_message_on_the_own_connection(store, "through-the-login")
     finally:
         await store.close()
 
@@ -1462,13 +1468,7 @@ async def test_cassandra_through_tls_on_both_connections(cassandra_url: str) -> 
     try:
         assert store._wire is not None and store._wire._transport is not None
         assert store._wire._transport.get_extra_info("ssl_object") is not None
-        a, b = await two_users(store)
-        chat = await store.direct_chat(a, b, T0)
-        before = store._wire.sent
-        appended = await store.append_message(text(chat.chat_id, a, "through-tls"), [a, b])
-        assert store._wire.sent > before
-        got = await store.read_inbox(b, 0, 50)
-        assert [e.item for e in got if isinstance(e.item, Message)][-1] == appended.message
+        await _a_message_on_the_own_connection(store, "through-tls")
     finally:
         await store.close()
 
