@@ -23,7 +23,6 @@ from broker.embedded import MAX_PACKET_BYTES, PigeonBroker, broker_config, liste
 from broker.gate import DeviceGate
 from broker.token_plugin import TokenPlugin
 from storage import StorageError, open_media, open_store
-from storage.base import InboxEntry, Message
 from storage.media_local import LocalMediaStore
 from storage.push_queue import open_push_queue
 from storage.state import open_state
@@ -35,12 +34,11 @@ from .config import Settings, read_credentials
 from .errors import PigeonError, Unauthorized
 from .http_api import Endpoints, HttpDeps, create_app
 from .media import Media
-from .messaging import Messenger, chat_message, receipt_event
+from .messaging import Messenger
 from .metrics import Metrics
 from .mqtt_ingest import AskHolder, MqttIngest, Partitions
-from .outbox import Out, ToUser
+from .outbox import Out
 from .presence import PresenceTracker
-from .protocol import MsgEvent
 from .push import Pusher, PushTargets
 from .push_providers import build_providers
 from .ratelimit import RateLimiter, Strikes
@@ -89,8 +87,6 @@ class PigeonServer:
         self._runner: asyncio.Task[None] | None = None
         self.kinds = DeviceKinds()  # which devices speak protocol v2 (bridge/wire.py)
         self.v1_read: V1Readers | None = None  # on an external broker: who may read down/{user}
-        self._telling: list[Out] = []  # inbox events numbered for other bridges, to publish (_tell)
-        self._told_tasks: set[asyncio.Task[None]] = set()
 
     async def publish(self, outs: Sequence[Out]) -> None:
         if self._ingest_client is not None:
@@ -106,30 +102,6 @@ class PigeonServer:
         by_qos = self.metrics.messages_out_of
         for _topic, _payload, qos in sent:
             by_qos[str(qos)].inc()
-
-    def _tell(self, entry: InboxEntry, direct: bool) -> bool:
-        """Publish an inbox entry this process numbered for another one (``Store.tell_entries``):
-        the entries told in one turn of the loop go out together, in the order told (an inbox's
-        entries are told in their order). False while there is no broker to publish to."""
-        if self._ingest_client is None and self._broker is None:
-            return False
-        item = entry.item
-        event = (MsgEvent(entry.pos, chat_message(item), direct) if isinstance(item, Message)
-                 else receipt_event(item, entry.pos))
-        if not self._telling:  # (the task runs once this turn's tells are in)
-            task = asyncio.get_running_loop().create_task(self._publish_told(), name="publish-told")
-            self._told_tasks.add(task)
-            task.add_done_callback(self._told_tasks.discard)
-        self._telling.append(Out(ToUser(entry.user_id), event))
-        self.metrics.told.inc()
-        return True
-
-    async def _publish_told(self) -> None:
-        outs, self._telling = self._telling, []
-        try:
-            await self.publish(outs)
-        except Exception:  # live delivery is best effort: the inbox has them
-            log.exception("publishing %d inbox events numbered for other bridges failed", len(outs))
 
     async def __aenter__(self) -> PigeonServer:
         s = self.settings
@@ -200,7 +172,6 @@ class PigeonServer:
             admission=self.admission, strikes=Strikes(self.clock, s.kick_after) if s.kick_after else None,
             disconnect=self._disconnect_device, kinds=self.kinds,
         )
-        self.store.tell_entries(self._tell)
 
         if s.broker:
             await self._use_external_broker(s)

@@ -13,7 +13,6 @@ from typing import Protocol
 from cachetools import LRUCache
 
 from storage.base import (
-    Appended,
     Chat,
     InboxEntry,
     MediaRef,
@@ -122,18 +121,15 @@ class Messenger:
         self._known_users[user_id] = True
 
     async def _append(self, msg: NewMessage, recipients: Sequence[str], *, direct: bool = False
-                      ) -> tuple[Appended, list[Out]]:
-        """Store a message; what was stored and a ``msg`` event for each recipient's inbox (but
-        those the store published already: ``Appended.told``). ``direct``: the chat is a direct
-        chat (v2 leaves it out of the peer's live copy)."""
-        appended = await self._store.append_message(msg, recipients, direct=direct)
+                      ) -> tuple[Message, list[Out]]:
+        """Store a message; the stored one and a ``msg`` event for each recipient's inbox.
+        ``direct``: the chat is a direct chat (v2 leaves it out of the peer's live copy)."""
+        appended = await self._store.append_message(msg, recipients)
         message = chat_message(appended.message)  # one for every recipient's event
-        told = appended.told
-        outs = [Out(ToUser(u), MsgEvent(pos, message, direct)) for u, pos in appended.inbox.items()
-                if not told or u not in told]
+        outs = [Out(ToUser(u), MsgEvent(pos, message, direct)) for u, pos in appended.inbox.items()]
         if self.wakes is not None:  # one's own message wakes none of one's devices
             self.wakes.note([u for u in appended.inbox if u != msg.sender], appended.message.ts, message=True)
-        return appended, outs
+        return appended.message, outs
 
     # -- send ------------------------------------------------------------------------------------
     async def send(self, caller: Caller, req: Send) -> Result:
@@ -162,9 +158,10 @@ class Messenger:
                 ts=self._clock.now_ms(), kind="media" if req.media else "text", body=req.body,
                 media=media_ref(req.media) if req.media is not None else None,
             )
-            appended, outs = await self._append(new, chat.member_ids, direct=chat.kind == "direct")
-        own = appended.inbox.get(caller.user_id)
-        return Result(reply=self._sent(req.id, appended.message, own, chat_known=req.chat is not None), outs=outs)
+            stored, outs = await self._append(new, chat.member_ids, direct=chat.kind == "direct")
+        own = next((o.event.inbox for o in outs if o.to == ToUser(caller.user_id) and isinstance(o.event, MsgEvent)),
+                   None)
+        return Result(reply=self._sent(req.id, stored, own, chat_known=req.chat is not None), outs=outs)
 
     @staticmethod
     def _sent(rid: str, m: Message, inbox: int | None = None, *, chat_known: bool = False) -> Sent:
@@ -237,12 +234,10 @@ class Messenger:
             notes = await self._group_notes_folded(chat, kind)
         if not notes:
             return []
-        told: set[int] = set()  # (those the store published already)
-        positions = await self._store.append_receipts(notes, told)
+        positions = await self._store.append_receipts(notes)
         if self.wakes is not None:
             self.wakes.note([u for u, _ in notes], self._clock.now_ms(), message=False)
-        return [Out(ToUser(u), receipt_event(n, p)) for i, ((u, n), p) in enumerate(zip(notes, positions, strict=True))
-                if i not in told]
+        return [Out(ToUser(u), receipt_event(n, p)) for (u, n), p in zip(notes, positions, strict=True)]
 
     async def _recent_chat(self, chat_id: str) -> Chat | None:
         """The chat as read at most ACK_CHAT_TTL_S ago by this process (membership changes made

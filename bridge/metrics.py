@@ -112,8 +112,6 @@ class Metrics:
         self.messages_in = Counter("pigeon_messages_in", "Messages accepted and stored", registry=self.registry)
         self.messages_out = Counter("pigeon_messages_out", "Publications sent to devices", ["qos"],
                                     registry=self.registry)
-        self.told = Counter("pigeon_told_events", "Inbox events this bridge numbered for another bridge and "
-                            "published itself (that bridge leaves them out)", registry=self.registry)
         self.fanout = Histogram("pigeon_fanout_recipients", "Recipients per stored message",
                                 buckets=(1, 2, 5, 10, 25, 50, 100, 250), registry=self.registry)
         self.sync_batches = Counter("pigeon_sync_batches", "Sync batches served", registry=self.registry)

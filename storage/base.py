@@ -24,7 +24,7 @@ Design notes that every backend keeps:
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
 
@@ -180,14 +180,11 @@ class Message:
 
 @dataclass(frozen=True, slots=True)
 class Appended:
-    """What ``append_message`` stored: the numbered message and each recipient's inbox position.
-    ``told``: the recipients whose live ``msg`` event was published already, by the process that
-    numbered their inbox entry (see :meth:`Store.tell_entries`); the caller publishes the others'."""
+    """What ``append_message`` stored: the numbered message and each recipient's inbox position."""
 
     message: Message
     inbox: Mapping[str, int] = field(default_factory=dict)
     duplicate: bool = False
-    told: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,11 +202,6 @@ class InboxEntry:
     user_id: str
     pos: int
     item: Message | ReceiptNote
-
-
-# publishes an inbox entry live to its user's devices (the flag: a message of a direct chat);
-# False when it cannot (the caller then publishes it itself)
-Tell = Callable[[InboxEntry, bool], bool]
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,15 +227,6 @@ class Store(Protocol):
     """Everything the bridge stores. All methods may raise :class:`StorageUnavailable`."""
 
     ops: StoreOps
-
-    def tell_entries(self, tell: Tell) -> None:
-        """Offer a way to publish a user's new inbox entry live, as the process numbering it.
-        A backend that numbers some users' inboxes for other processes (Cassandra, where each
-        bridge numbers the keys of the partitions it holds) calls ``tell`` there for each entry
-        it numbers at another process's request, once the entry is stored, and names the users
-        it said True for in ``Appended.told`` (receipts: ``append_receipts``' ``told``) to the
-        process that asked. ``tell`` must return at once. A backend that numbers everything
-        itself may ignore it."""
 
     async def open(self) -> None:
         """Connect and check the schema. Called once before any other method. Raises
@@ -330,10 +313,9 @@ class Store(Protocol):
         """Whether users a and b are members of at least one common chat."""
 
     # -- messages and inboxes -----------------------------------------------------------------
-    async def append_message(self, msg: NewMessage, recipients: Sequence[str], *, direct: bool = False) -> Appended:
+    async def append_message(self, msg: NewMessage, recipients: Sequence[str]) -> Appended:
         """Number ``msg`` with the chat's next seq, store it, and put one inbox entry for it in
-        the inbox of every recipient, all durably before returning. ``direct``: the chat is a
-        direct chat (said with the live events of :meth:`tell_entries`).
+        the inbox of every recipient, all durably before returning.
 
         Idempotent on ``(msg.device, msg.client_id)`` when client_id is set (request ids are
         unique per device, so two devices of one user may use the same id): a repeat stores
@@ -352,11 +334,8 @@ class Store(Protocol):
     async def message_carries_media(self, chat_id: str, key: str) -> bool:
         """Whether any message of the chat names that media key."""
 
-    async def append_receipts(self, notes: Sequence[tuple[str, ReceiptNote]],
-                              told: set[int] | None = None) -> list[int]:
-        """Append one receipt entry per (user, note) to that user's inbox; return the positions.
-        Adds to ``told`` the index of each note whose live event was published already (see
-        :meth:`tell_entries`)."""
+    async def append_receipts(self, notes: Sequence[tuple[str, ReceiptNote]]) -> list[int]:
+        """Append one receipt entry per (user, note) to that user's inbox; return the positions."""
 
     async def read_inbox(self, user_id: str, after: int, limit: int) -> list[InboxEntry]:
         """Inbox entries with pos > after, in order, at most ``limit``."""

@@ -75,7 +75,6 @@ from .base import (
     StorageError,
     StorageUnavailable,
     StoreOps,
-    Tell,
     User,
     media_from_json,
     media_to_json,
@@ -320,7 +319,6 @@ class CassandraStore:
         self._wire_reads: dict[str, tuple[bytes, int, list[Any]]] = {}  # read -> (id, consistency, column types)
         self._wire_retry: asyncio.TimerHandle | None = None
         self._wire_opening: asyncio.Task[None] | None = None
-        self._tell: Tell | None = None  # publishes an entry numbered for another process (tell_entries)
 
     # -- partitions, for the MQTT edge: a bridge receives the device traffic of the users of the
     # partitions it holds (see bridge/mqtt_ingest.py) --------------------------------------------
@@ -361,13 +359,6 @@ class CassandraStore:
         its own partitions for the others."""
         self._state = state
         self._serve_others()
-
-    def tell_entries(self, tell: Tell) -> None:
-        """Publish the live event of each inbox entry numbered here for another process, once it
-        is stored, when that process asks (it then leaves that user out of its own publishes):
-        the event goes out from the process that numbered it, without first going back to the
-        one that asked."""
-        self._tell = tell
 
     def _serve_others(self) -> None:
         """Once open and given a shared state that carries requests, number for the others."""
@@ -1266,28 +1257,25 @@ class CassandraStore:
         finally:
             del self._opening[key]
 
-    async def _number(self, key: str, values: tuple[Any, ...], ident: Hashable | None,
-                      tell: _Telling | None = None) -> tuple[int, bool]:
+    async def _number(self, key: str, values: tuple[Any, ...], ident: Hashable | None) -> tuple[int, bool]:
         """Give ``values`` the key's next number and store them: here when this process holds
-        the key's partition, else by the holder (through the shared state). With ``tell``, an
-        inbox entry numbered by another process is published live there (see _Telling)."""
+        the key's partition, else by the holder (through the shared state)."""
         part = partition_of(key)
         if self._leases is not None and self._leases.epoch(part) is not None:
             log_ = await self._log(key)
             return await log_.append(values, ident)
-        return await self._forward(part, key, values, ident, tell)
+        return await self._forward(part, key, values, ident)
 
-    def _number_soon(self, key: str, values: tuple[Any, ...], ident: Hashable | None,
-                     tell: _Telling | None = None) -> Awaitable[tuple[int, bool]]:
+    def _number_soon(self, key: str, values: tuple[Any, ...], ident: Hashable | None
+                     ) -> Awaitable[tuple[int, bool]]:
         """:meth:`_number` as something to await beside others: the append's own future when the
         key's log is open here (no task around it), else the coroutine."""
         held = self._logs.get(key)
         if held is not None and self._leases is not None and self._leases.epoch(held.part) is not None:
             return held.append(values, ident)
-        return self._number(key, values, ident, tell)
+        return self._number(key, values, ident)
 
-    async def _forward(self, part: int, key: str, values: tuple[Any, ...], ident: Hashable | None,
-                       tell: _Telling | None = None) -> tuple[int, bool]:
+    async def _forward(self, part: int, key: str, values: tuple[Any, ...], ident: Hashable | None) -> tuple[int, bool]:
         rpc = getattr(self._state, "call", None)
         if rpc is None:
             raise StorageUnavailable(f"partition {part} is held by another process, and no shared state "
@@ -1295,13 +1283,9 @@ class CassandraStore:
         request = {"kind": "number", "scope": self.keyspace, "key": key, "values": list(values),
                    "ident": list(ident) if isinstance(ident, tuple) else ident,
                    "until": time.time() + FORWARD_TIMEOUT_S}
-        if tell is not None:
-            request["tell"] = tell.direct
         reply = await rpc(self.queue_of(part), request, FORWARD_TIMEOUT_S)
         if "error" in reply:
             raise StorageUnavailable(f"partition {part}: {reply['error']}")
-        if tell is not None and reply.get("told") is True:
-            tell.told.add(key)
         return int(reply["n"]), bool(reply["dup"])
 
     def _serve_forwarded(self, req: dict[str, Any]) -> Awaitable[dict[str, Any]]:
@@ -1321,27 +1305,23 @@ class CassandraStore:
             if self._leases is None or self._leases.epoch(part) is None:
                 return _answered(loop, {"error": f"partition {part} is not held here"})
             values = tuple(req["values"])
-            tell = req.get("tell")  # None, or whether the entry's message is in a direct chat
-            if tell is not None and not isinstance(tell, bool):
-                raise TypeError(f"'tell' is {type(tell).__name__}, not a flag")
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("ignoring a malformed forwarded request: %s", exc)
             return _answered(loop, {"error": "malformed request"})
         held = self._logs.get(key)
         if held is None:
-            return self._serve_opening(key, values, ident, tell)
+            return self._serve_opening(key, values, ident)
         out: asyncio.Future[dict[str, Any]] = loop.create_future()
 
         def answer(appended: asyncio.Future[tuple[int, bool]]) -> None:
-            reply = self._served(key, values, appended, tell)
+            reply = self._served(key, values, appended)
             if not out.done():  # (its waiter may have been cancelled meanwhile)
                 out.set_result(reply)
 
         held.append(values, ident).add_done_callback(answer)
         return out
 
-    async def _serve_opening(self, key: str, values: tuple[Any, ...], ident: Hashable | None,
-                             tell: bool | None) -> dict[str, Any]:
+    async def _serve_opening(self, key: str, values: tuple[Any, ...], ident: Hashable | None) -> dict[str, Any]:
         """:meth:`_serve_forwarded` for a key whose log is not open here yet."""
         try:
             log_ = await self._log(key)
@@ -1349,13 +1329,10 @@ class CassandraStore:
             return {"error": str(exc)}
         appended = log_.append(values, ident)
         await asyncio.wait([appended])
-        return self._served(key, values, appended, tell)
+        return self._served(key, values, appended)
 
-    def _served(self, key: str, values: tuple[Any, ...], appended: asyncio.Future[tuple[int, bool]],
-                tell: bool | None = None) -> dict[str, Any]:
-        """The answer to a forwarded append, once it is done. An inbox entry the caller asked to
-        be told (``tell``: whether its chat is direct) is published from here, now that it is
-        stored, and the answer says so (``told``)."""
+    def _served(self, key: str, values: tuple[Any, ...], appended: asyncio.Future[tuple[int, bool]]) -> dict[str, Any]:
+        """The answer to a forwarded append, once it is done."""
         exc = appended.exception()
         if exc is not None:
             if isinstance(exc, StorageUnavailable):
@@ -1364,17 +1341,9 @@ class CassandraStore:
             return {"error": type(exc).__name__}
         n, dup = appended.result()
         kind, _, user = key.partition(":")
-        if kind != "u" or dup:
-            return {"n": n, "dup": dup}
-        self._entries[(user, n)] = values  # kept for the user's acks and syncs, which come here
-        if tell is None or self._tell is None:
-            return {"n": n, "dup": dup}
-        try:
-            told = self._tell(InboxEntry(user_id=user, pos=n, item=_inbox_item(values)), tell)
-        except Exception:  # (the caller publishes it then)
-            log.exception("publishing %s's inbox entry %d failed", user, n)
-            told = False
-        return {"n": n, "dup": dup, "told": True} if told else {"n": n, "dup": dup}
+        if kind == "u" and not dup:  # kept for the user's acks and syncs, which come here
+            self._entries[(user, n)] = values
+        return {"n": n, "dup": dup}
 
     async def _quiesce(self, part: int) -> None:
         """Wait until what this process took for a partition's keys is written."""
@@ -1547,7 +1516,7 @@ class CassandraStore:
         return True
 
     # -- messages -------------------------------------------------------------------------------
-    async def append_message(self, msg: NewMessage, recipients: Sequence[str], *, direct: bool = False) -> Appended:
+    async def append_message(self, msg: NewMessage, recipients: Sequence[str]) -> Appended:
         sent_id = (msg.device, msg.client_id) if msg.client_id is not None else None
         if sent_id is not None and sent_id not in self._unsent and sent_id not in self._open_sends:
             earlier = await self.find_sent(msg.device, msg.client_id)  # type: ignore[arg-type]
@@ -1558,7 +1527,7 @@ class CassandraStore:
             if opened.chat_id != msg.chat_id:  # the id reused for another chat: the first send is the one
                 first = await self.get_chat(opened.chat_id, current_seq=False)
                 recipients = first.member_ids if first is not None else []
-            return await self._complete(opened, recipients, dup=True, accepted_ms=opened.ts, direct=direct)
+            return await self._complete(opened, recipients, dup=True, accepted_ms=opened.ts)
         if msg.chat_id not in self._known_chats:
             if not await self._x("get_chat", msg.chat_id):
                 raise NotStored(f"chat {msg.chat_id}")
@@ -1576,10 +1545,10 @@ class CassandraStore:
             stored = Message(chat_id=msg.chat_id, seq=seq, client_id=msg.client_id, sender=msg.sender,
                              device=msg.device, ts=msg.ts, kind=msg.kind, body=msg.body, media=msg.media,
                              event=msg.event, target=msg.target)
-        return await self._complete(stored, recipients, dup=dup, accepted_ms=accepted_ms, direct=direct)
+        return await self._complete(stored, recipients, dup=dup, accepted_ms=accepted_ms)
 
     async def _complete(self, stored: Message, recipients: Sequence[str], *, dup: bool,
-                        accepted_ms: int | None = None, direct: bool = False) -> Appended:
+                        accepted_ms: int | None = None) -> Appended:
         """Write every member's inbox entry of a stored message, then record its send as complete.
         On a repeat, ``accepted_ms`` is when the message was accepted (its ``ts``, read from its
         row), None when not known."""
@@ -1596,10 +1565,8 @@ class CassandraStore:
             users = [u for u in dict.fromkeys(recipients) if u not in had]
             found = await asyncio.gather(*(self._has_entry(u, stored, accepted_ms) for u in users))
             had = had | {u for u, yes in zip(users, found, strict=True) if yes}
-        telling = _Telling(direct) if self._tell is not None else None
         try:
-            inbox = await self._fan_out(stored, [u for u in recipients if u not in had] if had else recipients,
-                                        telling)
+            inbox = await self._fan_out(stored, [u for u in recipients if u not in had] if had else recipients)
         except _FanOutFailed as failed:
             if sent_id is not None:  # (with what another repeat may have found meanwhile)
                 self._fanned[sent_id] = self._fanned.get(sent_id, frozenset()) | had | failed.written
@@ -1616,8 +1583,7 @@ class CassandraStore:
             self._write_behind("put_sent", (stored.device, stored.client_id, stored.chat_id, stored.seq))
         if dup and inbox:
             log.info("completed an interrupted send %s/%s at seq %d", stored.sender, stored.client_id, stored.seq)
-        told = frozenset(k[2:] for k in telling.told) if telling is not None and telling.told else frozenset()
-        return Appended(message=stored, inbox=inbox, duplicate=dup and not inbox, told=told)
+        return Appended(message=stored, inbox=inbox, duplicate=dup and not inbox)
 
     def _write_behind(self, name: str, params: tuple[Any, ...]) -> None:
         """A plain write nobody waits for: sent at once on the loop's own connection when it can
@@ -1718,17 +1684,13 @@ class CassandraStore:
             self._behind_idle.append(fut)
             await fut
 
-    async def _fan_out(self, m: Message, recipients: Sequence[str], telling: _Telling | None = None
-                       ) -> dict[str, int]:
-        """Every recipient's inbox entry of ``m``: their new positions (an entry the inbox had
-        already is left out). With ``telling``, the holder of an inbox another process numbers
-        publishes the entry's event itself, and adds the inbox's key to ``telling.told``."""
+    async def _fan_out(self, m: Message, recipients: Sequence[str]) -> dict[str, int]:
         users = list(dict.fromkeys(recipients))
         values = _inbox_values(m)
         # (a task for each member only where its inbox is not open here: one message's fan-out
         # made two tasks of its own, of the ten or so it made in all)
-        done = await asyncio.gather(*(self._number_soon(f"u:{u}", values, (m.chat_id, m.seq), telling)
-                                      for u in users), return_exceptions=True)
+        done = await asyncio.gather(*(self._number_soon(f"u:{u}", values, (m.chat_id, m.seq)) for u in users),
+                                    return_exceptions=True)
         out: dict[str, int] = {}
         failure: BaseException | None = None
         for u, outcome in zip(users, done, strict=True):
@@ -1826,24 +1788,19 @@ class CassandraStore:
     async def message_carries_media(self, chat_id: str, key: str) -> bool:
         return bool(await self._x("chat_media", chat_id, key))
 
-    async def append_receipts(self, notes: Sequence[tuple[str, ReceiptNote]],
-                              told: set[int] | None = None) -> list[int]:
+    async def append_receipts(self, notes: Sequence[tuple[str, ReceiptNote]]) -> list[int]:
         by_user: dict[str, list[int]] = {}
         for i, (uid, _note) in enumerate(notes):
             by_user.setdefault(uid, []).append(i)
         out = [0] * len(notes)
 
         async def one_user(uid: str, indices: list[int]) -> None:
-            key = f"u:{uid}"
             for i in indices:  # one user's receipts keep their order
                 note = notes[i][1]
                 values = (note.chat_id, None, None, None, None, None, None, None, None, None, None, note.kind,
                           note.user, note.up_to)
-                telling = _Telling(False) if told is not None and self._tell is not None else None
-                out[i], _dup = await self._number(key, values, None, telling)
+                out[i], _dup = await self._number(f"u:{uid}", values, None)
                 self._entries[(uid, out[i])] = values
-                if telling is not None and telling.told:
-                    told.add(i)  # type: ignore[union-attr]
 
         await asyncio.gather(*(one_user(u, ix) for u, ix in by_user.items()))
         return out
@@ -2130,18 +2087,6 @@ class _Results:
             pending, self._pending, self._scheduled = self._pending, [], False
         for fut, rows, exc in pending:
             _settle(fut, rows, exc)
-
-
-class _Telling:
-    """A fan-out's wish that each entry another process numbers be published live there: whether
-    the message is in a direct chat (``direct``, said with the event), and the keys whose holder
-    said it published the event (``told``)."""
-
-    __slots__ = ("direct", "told")
-
-    def __init__(self, direct: bool) -> None:
-        self.direct = direct
-        self.told: set[str] = set()
 
 
 class _FanOutFailed(Exception):

@@ -281,9 +281,6 @@ class SqliteStore:
     def use_state(self, state: object) -> None:
         """One writer numbers everything in a transaction: hints would not help."""
 
-    def tell_entries(self, tell: object) -> None:
-        """Every entry is numbered by the process that asks for it: its caller publishes it."""
-
     async def migrate(self) -> None:
         """The embedded store creates its schema on open; migrating is opening."""
         if self._wconn is None:
@@ -548,7 +545,7 @@ class SqliteStore:
         return await self._read(q)
 
     # -- messages -------------------------------------------------------------------------------
-    async def append_message(self, msg: NewMessage, recipients: Sequence[str], *, direct: bool = False) -> Appended:
+    async def append_message(self, msg: NewMessage, recipients: Sequence[str]) -> Appended:
         def q(c: sqlite3.Connection) -> Appended:
             if msg.client_id is not None:
                 prev = c.execute(_SENT_BY_DEVICE, (msg.device, msg.client_id)).fetchone()
@@ -615,8 +612,7 @@ class SqliteStore:
 
         return await self._read(q)
 
-    async def append_receipts(self, notes: Sequence[tuple[str, ReceiptNote]],
-                              told: set[int] | None = None) -> list[int]:
+    async def append_receipts(self, notes: Sequence[tuple[str, ReceiptNote]]) -> list[int]:
         def q(c: sqlite3.Connection) -> list[int]:
             out: list[int] = []
             for uid, note in notes:

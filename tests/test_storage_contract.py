@@ -22,18 +22,7 @@ import pytest
 
 import storage.cassandra
 from storage import StorageError, cassandra_contact, cassandra_credentials, open_store
-from storage.base import (
-    Chat,
-    InboxEntry,
-    LoginCode,
-    MediaObject,
-    MediaRef,
-    Message,
-    NewMessage,
-    NotStored,
-    ReceiptNote,
-    Store,
-)
+from storage.base import Chat, LoginCode, MediaObject, MediaRef, Message, NewMessage, NotStored, ReceiptNote, Store
 from storage.cassandra import CassandraStore
 from storage.state import open_state
 from tests.conftest import fresh_store_url, production_url
@@ -296,73 +285,6 @@ async def test_many_senders_at_once_fill_one_inbox_without_gaps_or_repeats(
     assert [e.pos for e in await store.read_inbox(reader, 0, 100)] == list(range(1, 49))
 
 
-async def test_cassandra_an_inbox_entry_numbered_for_another_process_is_published_where_numbered(
-        cassandra_url: str) -> None:
-    """With two bridge processes, the holder of an inbox publishes the live event of each entry
-    it numbers at the other's request (``tell_entries``), and the asker leaves those users out of
-    its own publishes (``Appended.told``, ``append_receipts``' ``told``): the event goes out
-    from where it was numbered. A holder that cannot publish says so, and the asker publishes."""
-    redis_url = production_url("PIGEON_REDIS", "redis://")
-    states = [open_state(redis_url), open_state(redis_url)]
-    holder, asker = open_store(cassandra_url), open_store(cassandra_url)
-    assert isinstance(holder, CassandraStore) and isinstance(asker, CassandraStore)
-    told: list[tuple[InboxEntry, bool]] = []
-    can_publish = [True]
-
-    def tell(entry: InboxEntry, direct: bool) -> bool:
-        if can_publish[0]:
-            told.append((entry, direct))
-        return can_publish[0]
-
-    try:
-        for st in states:
-            await st.open()
-        await holder.migrate()
-        await holder.open()
-        holder.use_state(states[0])
-        holder.tell_entries(tell)
-        await asker.open()
-        asker.use_state(states[1])
-        asker.tell_entries(tell)  # (its own are never told: it holds none of these users' inboxes)
-
-        async def held_user() -> str:  # one whose inbox the holder numbers, not the asker
-            while True:
-                u = (await holder.create_user(phone(), T0)).user_id
-                part = holder.partition_of_user(u)
-                if part in holder.held_partitions() and part not in asker.held_partitions():
-                    return u
-
-        a, b = await held_user(), await held_user()
-        chat = await asker.direct_chat(a, b, T0)
-        sent = await asker.append_message(text(chat.chat_id, a, "told"), [a, b], direct=True)
-        assert sent.told == {a, b}
-        assert sorted((e.user_id, e.pos, d) for e, d in told) == sorted((u, sent.inbox[u], True) for u in (a, b))
-        assert all(isinstance(e.item, Message) and e.item.body == "x" and e.item.seq == sent.message.seq
-                   for e, _ in told)
-
-        told.clear()  # a receipt numbered there is told there too
-        note = ReceiptNote(chat_id=chat.chat_id, user=b, kind="delivered", up_to=sent.message.seq)
-        receipts_told: set[int] = set()
-        [pos] = await asker.append_receipts([(a, note)], receipts_told)
-        assert receipts_told == {0}
-        assert [(e.user_id, e.pos, e.item, d) for e, d in told] == [(a, pos, note, False)]
-
-        told.clear()  # the holder cannot publish: nobody is told, the entries are stored as ever
-        can_publish[0] = False
-        again = await asker.append_message(text(chat.chat_id, a, "not told"), [a, b], direct=True)
-        assert again.told == frozenset() and not told
-        assert [e.pos for e in await holder.read_inbox(b, 0, 10)] == [sent.inbox[b], again.inbox[b]]
-
-        can_publish[0] = True  # an entry numbered where it is asked for is the asker's to publish
-        local = await holder.append_message(text(chat.chat_id, b, "own"), [a, b], direct=True)
-        assert local.told == frozenset() and not told
-    finally:
-        for s in (asker, holder):
-            await s.close()
-        for st in states:
-            await st.close()
-
-
 async def test_append_to_missing_chat_raises_and_stores_nothing(store: Store) -> None:
     a, b = await two_users(store)
     with pytest.raises(NotStored):
@@ -597,11 +519,11 @@ async def test_cassandra_finds_a_send_only_once_every_members_entry_is_written(
     chat = await store.direct_chat(a, b, T0)
     number = store._number
 
-    async def inbox_write_fails(key: str, values: tuple[object, ...], ident: object, *tell: Any) -> tuple[int, bool]:
+    async def inbox_write_fails(key: str, values: tuple[object, ...], ident: object) -> tuple[int, bool]:
         if key == f"u:{b}":
             await asyncio.sleep(0.05)  # the other writes of the send go ahead meanwhile
             raise StorageUnavailable("the recipient's inbox entry was not written")
-        return await number(key, values, ident, *tell)  # type: ignore[arg-type]
+        return await number(key, values, ident)  # type: ignore[arg-type]
 
     monkeypatch.setattr(store, "_number", inbox_write_fails)
     with pytest.raises(StorageUnavailable):
@@ -672,8 +594,8 @@ async def send_with_an_entry_failing(store: CassandraStore, msg: NewMessage, mem
     async def inbox_write_fails() -> tuple[int, bool]:
         raise StorageUnavailable("the recipient's inbox entry was not written")
 
-    def fails_for_one(key: str, values: tuple[Any, ...], ident: Any, *tell: Any) -> Awaitable[tuple[int, bool]]:
-        return inbox_write_fails() if key == f"u:{failing}" else number_soon(key, values, ident, *tell)
+    def fails_for_one(key: str, values: tuple[Any, ...], ident: Any) -> Awaitable[tuple[int, bool]]:
+        return inbox_write_fails() if key == f"u:{failing}" else number_soon(key, values, ident)
 
     with pytest.MonkeyPatch.context() as patched:
         patched.setattr(store, "_number_soon", fails_for_one)
@@ -1165,10 +1087,10 @@ async def test_cassandra_a_send_whose_complete_record_was_lost_is_answered_by_it
     store._sent_here.clear()  # as after a restart
     number = store._number
 
-    async def no_chat_numbering(key: str, values: tuple[object, ...], ident: object, *tell: Any) -> tuple[int, bool]:
+    async def no_chat_numbering(key: str, values: tuple[object, ...], ident: object) -> tuple[int, bool]:
         if key.startswith("c:"):
             raise StorageUnavailable("the chat's writer was asked")
-        return await number(key, values, ident, *tell)  # type: ignore[arg-type]
+        return await number(key, values, ident)  # type: ignore[arg-type]
 
     monkeypatch.setattr(store, "_number", no_chat_numbering)
     retried = await store.append_message(text(chat.chat_id, a, "lost"), [a, b])
