@@ -688,6 +688,10 @@ def bench(
         help="with --profile production: the bench's keyspace, pigeon_bench or pigeon_bench_NAME (NAME: up to 30 "
         "lower-case letters, digits and _), so that runs side by side on one Cassandra do not empty each other's")] = (
         "pigeon_bench"),
+    resend: Annotated[bool, typer.Option(
+        help="failover: the devices send a send answered rate_limited or unavailable again under its id, in their "
+        "order, as the SDK does (latencies then run from the first attempt); --no-resend counts each such answer "
+        "as an error and sends nothing again")] = True,
     mqtt5: Annotated[bool, typer.Option(
         help="wire: also measure a pair of v2 devices over MQTT 5 with topic aliases (the broker must speak "
         "MQTT 5: Mosquitto, --profile production; the embedded broker speaks 3.1.1 only)")] = False,
@@ -737,6 +741,8 @@ def bench(
     if not BENCH_KEYSPACE.fullmatch(keyspace) or (keyspace != "pigeon_bench" and profile != "production"):
         problems.append(f"--keyspace must be pigeon_bench or pigeon_bench_NAME (NAME: up to 30 lower-case letters, "
                         f"digits and _), and only with --profile production; got {keyspace!r}")
+    if not resend and scenario != "failover":
+        problems.append("--no-resend is for the failover scenario")
     if mqtt5 and profile == "embedded":
         problems.append("--mqtt5 needs a broker that speaks MQTT 5; the embedded one speaks 3.1.1 only")
     if problems:
@@ -748,7 +754,7 @@ def bench(
                    max_seconds=max_seconds, progress=not quiet, cold_sync=cold_sync,
                    overload_seconds=overload_seconds, recovery_seconds=recovery_seconds,
                    overload_factor=overload_factor, full_speed=full_speed, proto=proto,
-                   mqtt5=mqtt5, rates_per_bridge=tuple(rate_per_bridge or ()))
+                   mqtt5=mqtt5, rates_per_bridge=tuple(rate_per_bridge or ()), resend=resend)
     results = []
     try:
         with open_target(profile, http, mqtt, server_pid or [], broker_credentials_file, label,
@@ -794,6 +800,8 @@ def _show_result(r: dict[str, Any]) -> None:
         console.print(f"[bold red]  UNANSWERED {r['unanswered']} sends: no 'sent', no error, never delivered[/]")
     if r.get("late_live"):
         console.print(f"  {r['late_live']} live events arrived after a sync had fetched their entries (not duplicates)")
+    if r.get("resent"):
+        console.print(f"  sent again: {r['resent']} (by the answer that refused them)")
     if r.get("errors"):
         console.print(f"[yellow]  errors: {r['errors']}[/]")
 

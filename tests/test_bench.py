@@ -207,6 +207,8 @@ def test_a_failover_run_kills_a_bridge_and_the_other_takes_over_with_every_send_
     assert r["before"]["messages"] > 0 and r["offered_per_s"] == 20.0, r
     assert sum(r[s]["messages"] for s in ("before", "during", "after")) == sum(row[1] for row in r["by_second"])
     assert "pigeon-2" not in r["server_cpu_pct"], r["server_cpu_pct"]  # the killed bridge is not read
+    # the devices sent refused sends again (the default): none was given up
+    assert r["resend"] is True and isinstance(r["resent"], dict) and not r["errors"], r
 
 
 def test_a_cold_sync_restarts_the_server_and_still_gets_everything(tmp_path: Path) -> None:
@@ -232,6 +234,7 @@ def test_a_cold_sync_restarts_the_server_and_still_gets_everything(tmp_path: Pat
     (["p2p", "--profile", "embedded", "--proto", "3"], "--proto must be 1 or 2"),
     (["wire", "--profile", "embedded", "--mqtt5"], "--mqtt5 needs a broker that speaks MQTT 5"),
     (["p2p", "--profile", "embedded", "--keep-store"], "--keep-store is for --profile production"),
+    (["p2p", "--profile", "embedded", "--no-resend"], "--no-resend is for the failover scenario"),
     (["p2p", "--profile", "production", "--keyspace", "pigeon_test"], "--keyspace must be pigeon_bench or"),
     (["p2p", "--profile", "production", "--keyspace", "pigeon_bench_a;DROP"], "--keyspace must be pigeon_bench or"),
     (["p2p", "--profile", "embedded", "--keyspace", "pigeon_bench_a"], "only with --profile production"),

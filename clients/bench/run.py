@@ -68,6 +68,8 @@ class Options:
     recovery_seconds: float = 30.0
     overload_factor: float = 3.0
     full_speed: float | None = None
+    # failover: devices send a send answered rate_limited or unavailable again, in their order
+    resend: bool = True
     # p2p: steps after the usual ones, at these msgs/s per bridge (× the bridges in all)
     rates_per_bridge: tuple[float, ...] = ()
     proto: int = 2  # the protocol the simulated devices speak (wire measures both)
@@ -445,7 +447,7 @@ def merge(answers: dict[int, dict[str, Any]]) -> dict[str, Any]:
     """Add up what the workers counted in one traffic phase."""
     out: dict[str, Any] = {"delivered": 0, "delivered_measured": 0, "sent_ok": 0, "duplicates": 0, "late_live": 0,
                            "stalled": 0, "cpu_s": 0.0, "seconds": 0.0, "latencies_ms": [], "sent_s": [],
-                           "errors": Counter()}
+                           "errors": Counter(), "resent": Counter()}
     for a in answers.values():
         for key in ("delivered", "delivered_measured", "sent_ok", "duplicates", "late_live", "stalled", "cpu_s"):
             out[key] += a[key]
@@ -453,6 +455,7 @@ def merge(answers: dict[int, dict[str, Any]]) -> dict[str, Any]:
         out["latencies_ms"].extend(a["latencies_ms"])
         out["sent_s"].extend(a.get("sent_s", ()))
         out["errors"].update(a["errors"])
+        out["resent"].update(a.get("resent", {}))
     return out
 
 
@@ -635,7 +638,10 @@ class Bench:
         until the others hold every partition, and the latency of the sends made before the kill,
         until that takeover and after it. Nothing answered 'sent' may be lost or duplicated, and
         every send must be answered (the dead bridge's devices' publishes wait in its broker
-        sessions until a survivor takes them over)."""
+        sessions until a survivor takes them over). With ``--resend`` (the default) the devices send
+        what was refused or could not be stored (``rate_limited``, ``unavailable``) again under the
+        same id, in their order, as the SDK does: a latency then runs from a send's first attempt to
+        its delivery, ``resent`` counts the attempts made again, and ``errors`` the sends given up."""
         o, target = self.opts, self.target
         if target.kill_bridge is None:
             raise BenchError("failover needs --profile production and --bridges 2 or more")
@@ -655,7 +661,7 @@ class Bench:
             killer = threading.Thread(target=self._kill_and_watch, args=(o.seconds, took), daemon=True)
             killer.start()
             run = phase(f"failover: {max_rate / 2:.0f} msgs/s, the last bridge killed {o.seconds:g} s in",
-                        mode="open", seconds=3 * o.seconds, rate=max_rate / 2)
+                        mode="open", seconds=3 * o.seconds, rate=max_rate / 2, resend=o.resend)
             killer.join(60.0)
             if "takeover_s" not in took:
                 raise BenchError(f"the other bridges did not hold every partition within 60 s of the kill: {took}")
@@ -675,7 +681,8 @@ class Bench:
                 if during else None,
                 "max_ms": round(max(run["latencies_ms"], default=0.0), 1),
                 "lost": run["lost"], "unanswered": run["unanswered"], "duplicates": run["duplicates"],
-                "late_live": run["late_live"], "errors": dict(run["errors"]), "server_cpu_pct": run["server_cpu_pct"],
+                "late_live": run["late_live"], "errors": dict(run["errors"]), "resend": o.resend,
+                "resent": dict(run["resent"]), "server_cpu_pct": run["server_cpu_pct"],
                 "by_second": by_second(run["sent_s"], run["latencies_ms"]),
             }
             pool.all("disconnecting", "disconnect", {})

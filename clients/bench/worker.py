@@ -14,10 +14,11 @@ import asyncio
 import contextlib
 import gc
 import json
+import random
 import time
 import traceback
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -39,6 +40,14 @@ STALL_S = 10.0
 CONNECT_CONCURRENCY = 64
 LOGIN_CONCURRENCY = 16
 TIMED = {"traffic", "plan", "wire"}  # the commands that time deliveries
+# a resending phase (the failover scenario): a send answered with one of these goes again under
+# its id, as the SDK's does (clients/sdk.py ``_request_retried``): after its ``retry_after_ms`` or
+# RESEND_AFTER_S doubled per attempt, whichever is longer, at most RESEND_MAX_S, and up to half
+# as long again at random; RESEND_ATTEMPTS in all (the SDK's default: 3 retries), then it fails
+RESENT_CODES = ("rate_limited", "unavailable")
+RESEND_AFTER_S = 0.5
+RESEND_MAX_S = 10.0
+RESEND_ATTEMPTS = 4
 
 
 def now_ns() -> int:
@@ -66,6 +75,8 @@ class Track:
     measured: bool
     slots: asyncio.Semaphore | None
     confirmed: bool = False  # the server answered ``sent``: it said the message is stored
+    attempts: int = 1
+    place: int = -1  # a resending phase: its place among its device's sends
 
 
 @dataclass
@@ -76,6 +87,7 @@ class Tally:
     delivered_measured: int = 0
     sent_ok: int = 0
     errors: Counter[str] = field(default_factory=Counter)
+    resent: Counter[str] = field(default_factory=Counter)  # sends that went again, by what they were answered
     duplicates: int = 0  # an entry stored twice: never allowed
     late_live: int = 0  # a live copy of an inbox entry the device already had (by sync): harmless
     recovered_by_sync: int = 0
@@ -87,7 +99,8 @@ class Tally:
     def as_dict(self) -> dict[str, Any]:
         return {
             "delivered": self.delivered, "delivered_measured": self.delivered_measured, "sent_ok": self.sent_ok,
-            "errors": dict(self.errors), "duplicates": self.duplicates, "late_live": self.late_live,
+            "errors": dict(self.errors), "resent": dict(self.resent), "duplicates": self.duplicates,
+            "late_live": self.late_live,
             "recovered_by_sync": self.recovered_by_sync,
             "gap_syncs": self.gap_syncs, "stalled": self.stalled, "latencies_ms": self.latencies_ms,
             "sent_s": self.sent_s,
@@ -120,6 +133,15 @@ class Dev:
         self.chat_with: dict[str, str] = {}  # user -> the direct chat with them, once a ``sent`` or a sync named it
         # v2: inbox positions of live msgs that left out a direct chat not known here -> their sender
         self.unresolved: dict[int, str | None] = {}
+        # a resending phase: this device's sends going again, by their place among its sends; a
+        # later one goes only when every earlier one is through, and new sends wait in ``held``
+        # meanwhile, so the server numbers them in the order they were made (as the SDK does)
+        self.sender: Callable[[str], None] | None = None
+        self.made = 0  # sends made in this phase
+        self.again: dict[str, int] = {}
+        self.due: set[str] = set()  # of those, the ones whose wait is over
+        self.on_way: set[str] = set()  # of those, the one sent again and not answered yet
+        self.held: deque[str] = deque()
 
     def creds(self) -> dict[str, str]:
         return {"user": self.user, "device": self.device, "token": self.token}
@@ -230,7 +252,8 @@ class Dev:
             elif kind == "sent":
                 self.w.confirmed(rid)
             elif kind == "error":
-                self.w.failed(rid, str(ev.get("code")))
+                retry_after = ev.get("retry_after_ms")
+                self.w.failed(rid, str(ev.get("code")), self, retry_after if isinstance(retry_after, int) else None)
 
     def _mark(self, inbox: int, from_store: bool, entry: tuple[Any, ...]) -> bool:
         """Record an inbox position; False if this device has already had it. The same entry
@@ -349,6 +372,8 @@ class Worker:
         # (sent at, answered at, "sent" or the error code), on the system-wide monotonic clock
         self.sent_at: dict[str, float] | None = None
         self.answers: list[tuple[float, float, str]] = []
+        self.resend = False  # the current phase's devices send refused sends again (RESENT_CODES)
+        self._again_of: dict[str, Dev] = {}  # msg id -> its device, while it goes again
 
     def tick(self, n: int = 1) -> None:
         self.progress[self.index] += n
@@ -385,8 +410,28 @@ class Worker:
         track = self.tracks.get(msg_id)
         if track is not None:
             track.confirmed = True
+        dev = self._again_of.pop(msg_id, None)
+        if dev is not None:
+            del dev.again[msg_id]
+            dev.on_way.discard(msg_id)
+            self._go_on(dev)
 
-    def failed(self, msg_id: str, code: str) -> None:
+    def failed(self, msg_id: str, code: str, dev: Dev | None = None, retry_after_ms: int | None = None) -> None:
+        track = self.tracks.get(msg_id)
+        if (self.resend and dev is not None and code in RESENT_CODES and track is not None
+                and track.attempts < RESEND_ATTEMPTS and track.place >= 0):
+            self.tally.resent[code] += 1
+            delay = min(RESEND_MAX_S, max(RESEND_AFTER_S * 2 ** (track.attempts - 1), (retry_after_ms or 0) / 1000))
+            track.attempts += 1
+            dev.again[msg_id] = track.place
+            dev.on_way.discard(msg_id)
+            self._again_of[msg_id] = dev
+            asyncio.get_running_loop().call_later(delay * (1 + random.random() / 2), self._due, dev, msg_id)
+            return
+        if dev is not None and self._again_of.pop(msg_id, None) is not None:  # given up: the later ones go on
+            del dev.again[msg_id]
+            dev.on_way.discard(msg_id)
+            self._go_on(dev)
         self._answered(msg_id, code)
         self.tally.errors[code] += 1
         track = self.tracks.pop(msg_id, None)
@@ -394,6 +439,38 @@ class Worker:
             track.slots.release()
         if not self.tracks:
             self.idle.set()
+
+    def _resending(self, dev: Dev, send: Callable[[str], None]) -> Callable[[str], None]:
+        """``send`` for a resending phase: a new send waits while any earlier one goes again."""
+        dev.sender = send
+
+        def go(msg_id: str) -> None:
+            self.tracks[msg_id].place = dev.made
+            dev.made += 1
+            if dev.again or dev.held:
+                dev.held.append(msg_id)
+            else:
+                send(msg_id)
+        return go
+
+    def _due(self, dev: Dev, msg_id: str) -> None:
+        if msg_id in dev.again:
+            dev.due.add(msg_id)
+            self._go_on(dev)
+
+    def _go_on(self, dev: Dev) -> None:
+        """Send the earliest of a device's sends going again once its wait is over; when none is
+        left, the sends held behind them, in their order."""
+        assert dev.sender is not None
+        if dev.again:
+            first = min(dev.again, key=dev.again.__getitem__)
+            if first in dev.due and first not in dev.on_way:
+                dev.due.discard(first)
+                dev.on_way.add(first)
+                dev.sender(first)
+            return
+        while dev.held and not dev.again:
+            dev.sender(dev.held.popleft())
 
     def _finish(self, msg_id: str, track: Track) -> None:
         del self.tracks[msg_id]
@@ -550,9 +627,10 @@ class Worker:
 
     async def traffic(self, flow: str, mode: str, seconds: float, window: int = 4, rate: float = 0.0,
                       measured: bool = True, pairs: list[tuple[int, int]] | None = None,
-                      group_senders: int = 1, members: int = 0) -> dict[str, Any]:
+                      group_senders: int = 1, members: int = 0, resend: bool = False) -> dict[str, Any]:
         """Send for ``seconds``: ``closed`` keeps ``window`` undelivered messages per sender,
-        ``open`` sends at ``rate`` messages/s spread over the senders.
+        ``open`` sends at ``rate`` messages/s spread over the senders. ``resend``: a send answered
+        ``rate_limited`` or ``unavailable`` goes again, in its device's order (RESENT_CODES).
 
         flow ``p2p``: pairs (sender index, recipient index) of this process's devices.
         flow ``group``: the first ``group_senders`` members of each group send into it.
@@ -563,19 +641,28 @@ class Worker:
         # the broker alone answers nothing: a relayed publish counts as accepted once sent
         self._accepted_when_sent = flow == "relay"
         self.active = []
+        self.resend = resend
+        self._again_of.clear()
+        for dev in self.devs:
+            dev.made, dev.again, dev.due, dev.on_way, dev.held = 0, {}, set(), set(), deque()
+
+        def sending(dev: Dev, send: Callable[[str], None]) -> Callable[[str], None]:
+            return self._resending(dev, send) if resend else send
+
         if flow == "p2p":
             assert pairs is not None
             if pairs:  # the ids follow the senders' protocol (wire has a pair of each)
                 self.proto = self.devs[pairs[0][0]].proto
             for s, r in pairs:
-                senders.append(self._p2p_sender(self.devs[s], self.devs[r].user))
+                senders.append(sending(self.devs[s], self._p2p_sender(self.devs[s], self.devs[r].user)))
                 self.active += [self.devs[s], self.devs[r]]
         elif flow == "group":
             expect = members - 1
             self.active = self.devs[:len(self.groups) * members]
             for g, chat in enumerate(self.groups):
                 for k in range(group_senders):
-                    senders.append(self._group_sender(self.devs[g * members + k], chat))
+                    dev = self.devs[g * members + k]
+                    senders.append(sending(dev, self._group_sender(dev, chat)))
         elif flow == "relay":
             expect = max(1, members)
             for pub, topic in zip(self.relay_pubs, self.relay_topics, strict=True):
