@@ -115,7 +115,7 @@ def _cached_row_factory(colnames: list[str], rows: list[Sequence[Any]]) -> list[
     return [row_type(*row) for row in rows]
 
 log = logging.getLogger(__name__)
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 BUCKET = 1000
 RECENT_SCAN = 50
 # A repeat of a send found open (its complete record missing) writes a member's inbox entry only
@@ -149,6 +149,9 @@ WIRE_RETRY_S = 1.0  # a lost write connection is opened again after this long (t
 # up (as is one Cassandra refused as wrong, see _worth_writing_again).
 BEHIND_RETRY_S = (0.2, 5.0)
 RETRYING_BEHIND_MAX = 10_000
+# An opening of a key that stopped between its two fences is tried again after this long, the
+# pause doubling up to the second figure, while this process holds the key's partition.
+FINISH_OPENING_S = (0.2, 5.0)
 # Reads asked on the loop's own connection too: the point lookups of the message path (a send
 # id's record, one message), whose callers read their rows by position. Every other read goes
 # through the driver.
@@ -205,7 +208,10 @@ def schema(keyspace: str, replication: str, inbox_ttl_s: int) -> list[str]:
         "PRIMARY KEY (ring, part))",
         f"CREATE TABLE IF NOT EXISTS {ks}.owner_epochs (part int PRIMARY KEY, epoch bigint)",
         f"CREATE TABLE IF NOT EXISTS {ks}.bridges (holder text PRIMARY KEY)",
-        f"CREATE TABLE IF NOT EXISTS {ks}.fences (key text PRIMARY KEY, epoch bigint, after bigint)",
+        # (prev_epoch, prev_after: the fence before an opening's first one, whose `after` is -1;
+        # schema 8)
+        f"CREATE TABLE IF NOT EXISTS {ks}.fences (key text PRIMARY KEY, epoch bigint, after bigint, "
+        "prev_epoch bigint, prev_after bigint)",
         # the users of each partition: the topics its holder's broker session subscribes to
         f"CREATE TABLE IF NOT EXISTS {ks}.partition_users (part int, user_id text, PRIMARY KEY (part, user_id))",
         f"CREATE TABLE IF NOT EXISTS {ks}.receipts (chat_id text, user_id text, delivered bigint, read bigint, "
@@ -281,6 +287,8 @@ class CassandraStore:
         self._leases: Leases | None = None
         self._logs = LogCache()
         self._opening: dict[str, asyncio.Future[KeyLog]] = {}
+        # keys whose opening stopped between its two fences, opened again (_finish_opening)
+        self._finishing: dict[str, asyncio.Task[None]] = {}
         self._serving: asyncio.Task[None] | None = None
         # Bounded caches of facts that never change once true, or only grow: chats that exist,
         # the direct chat of a pair, inbox entries this process wrote, each user's acknowledged
@@ -433,6 +441,7 @@ class CassandraStore:
         await self._blocking(self._add_epochs)
         await self._blocking(self._add_protos)
         await self._blocking(self._add_open_sends)
+        await self._blocking(self._add_fence_prev)
         await self._blocking(self._index_devices)
         await self._blocking(self._session.execute,
                              f"INSERT INTO {self.keyspace}.meta (key, value) VALUES ('schema', %s)",
@@ -476,6 +485,17 @@ class CassandraStore:
         for column, kind in (("open_chat", "text"), ("open_seq", "bigint")):
             if column not in have:
                 session.execute(f"ALTER TABLE {ks}.device_sent ADD {column} {kind}", timeout=DDL_TIMEOUT_S)
+
+    def _add_fence_prev(self) -> None:
+        """Schema 8: the first fence of a key's opening keeps the fence it replaces, so that an
+        opening cut short between its two fences is finished from where the key stood. Fences
+        from before have none (an opening cut short then is finished as for a key never fenced)."""
+        ks, session = self.keyspace, self._session
+        have = {r[0] for r in session.execute("SELECT column_name FROM system_schema.columns WHERE "
+                                              "keyspace_name=%s AND table_name='fences'", (ks,))}
+        for column in ("prev_epoch", "prev_after"):
+            if column not in have:
+                session.execute(f"ALTER TABLE {ks}.fences ADD {column} bigint", timeout=DDL_TIMEOUT_S)
 
     def _index_devices(self) -> None:
         """Schema 5: each user's devices are listed in ``user_devices``; every device in
@@ -552,6 +572,8 @@ class CassandraStore:
 
     async def close(self) -> None:
         self._closing.set()
+        if self._finishing:
+            await asyncio.gather(*self._finishing.values(), return_exceptions=True)
         await self._behind_settled()
         if self._ack_writer is not None:
             self._ack_writer.cancel()
@@ -648,10 +670,13 @@ class CassandraStore:
                            "AND bucket=? AND pos<=? ORDER BY pos DESC LIMIT ?",
             "read_inbox": f"SELECT pos, chat_id, seq, {_MSG}, rkind, ruser, up_to, epoch FROM {ks}.inbox "
                           "WHERE user_id=? AND bucket=? AND pos>? LIMIT ?",
-            "fence_get": f"SELECT epoch, after FROM {ks}.fences WHERE key=?",
+            "fence_get": f"SELECT epoch, after, prev_epoch, prev_after FROM {ks}.fences WHERE key=?",
             # fences compete only with fences: their timestamp is 2 × epoch (+1 for the second of the
             # two a new holder writes), so the newest wins
             "fence_put": f"INSERT INTO {ks}.fences (key, epoch, after) VALUES (?, ?, ?) USING TIMESTAMP ?",
+            # the first of the two, with the fence the key stood at before it
+            "fence_open": f"INSERT INTO {ks}.fences (key, epoch, after, prev_epoch, prev_after) "
+                          "VALUES (?, ?, -1, ?, ?) USING TIMESTAMP ?",
             "leases": f"SELECT part, holder, epoch FROM {ks}.leases WHERE ring=0",
             "put_partition_user": f"INSERT INTO {ks}.partition_users (part, user_id) VALUES (?, ?)",
             "partition_users": f"SELECT user_id FROM {ks}.partition_users WHERE part=?",
@@ -1120,8 +1145,24 @@ class CassandraStore:
 
     # -- numbering: one writer per key (see storage/cassandra_owner.py) ------------------------
     async def _fence(self, key: str) -> tuple[int, int]:
+        """The key's newest fence, as readers take it: while an opening is between its two fences
+        (``after`` -1) every row of an older epoch is hidden."""
         rows = await self._x("fence_get", key)
         return (int(rows[0][0]), int(rows[0][1])) if rows else (0, 0)
+
+    async def _fence_to_open(self, key: str) -> tuple[tuple[int, int], tuple[int, int]]:
+        """The key's newest fence, and the one its rows are read under when it is opened: the
+        newest, or, when an opening stopped between its two fences (a statement failed, the
+        process died, the opener was cancelled), the fence that opening started from. No row was
+        written under such an opening's epoch: its log was never made."""
+        rows = await self._x("fence_get", key)
+        if not rows:
+            return (0, 0), (0, 0)
+        epoch, after, prev_epoch, prev_after = rows[0]
+        newest = (int(epoch), int(after))
+        if newest[1] != -1:
+            return newest, newest
+        return newest, (int(prev_epoch or 0), int(prev_after or 0))
 
     @staticmethod
     def _valid(epoch: int | None, n: int, fence: tuple[int, int]) -> bool:
@@ -1217,22 +1258,29 @@ class CassandraStore:
             return await asyncio.shield(opening)
         fut: asyncio.Future[KeyLog] = asyncio.get_running_loop().create_future()
         self._opening[key] = fut
+        fenced = False  # between the two fences
+        epoch = None
         try:
             part = partition_of(key)
             epoch = self._leases.epoch(part) if self._leases is not None else None
             if epoch is None:
                 raise NotOwner(f"partition {part} is not held here")
-            fence = await self._fence(key)
+            newest, fence = await self._fence_to_open(key)
             # rows after the head are written whole only where an older holder may have left a
             # late row: a key no epoch has opened before has none
             full_after = fence[1] if fence[0] else -FULL_ROWS - 1
-            if fence[0] != epoch:
+            if newest[0] != epoch or newest[1] == -1:
                 # First hide every row of older epochs, then read the tail as it was, then put the
                 # fence at its head: a late row of an old holder is either in what is read (and
-                # kept) or hidden, and no reader ever sees one that is later replaced.
-                await self._x("fence_put", key, epoch, -1, 2 * epoch)
+                # kept) or hidden, and no reader ever sees one that is later replaced. The first
+                # fence keeps the one it replaces: an opening cut short after it is finished from
+                # there (by this process, _finish_opening, or the next holder).
+                fenced = True
+                if newest[0] != epoch:
+                    await self._x("fence_open", key, epoch, fence[0], fence[1], 2 * epoch)
                 head, recent, _, reached = await self._tail(key, fence)
                 await self._x("fence_put", key, epoch, head, 2 * epoch + 1)
+                fenced = False
                 if fence[0]:
                     full_after = head
                 fence = (epoch, head)
@@ -1251,11 +1299,50 @@ class CassandraStore:
             fut.set_result(log_)
             return log_
         except BaseException as exc:
-            fut.set_exception(exc)
+            if isinstance(exc, asyncio.CancelledError):  # the opener's own: the others are told unavailable
+                fut.set_exception(StorageUnavailable(f"opening {key} was interrupted"))
+            else:
+                fut.set_exception(exc)
             fut.exception()  # retrieved: waiters re-raise it themselves
+            if fenced and epoch is not None:
+                self._finish_opening(key, epoch)
             raise
         finally:
             del self._opening[key]
+
+    def _finish_opening(self, key: str, epoch: int) -> None:
+        """An opening of ``key`` under ``epoch`` stopped between its two fences: readers see none
+        of the key's older rows until an opening finishes, so open it again soon, here, for as
+        long as this process holds the partition at that epoch (the next holder finishes it
+        otherwise, on the key's first use)."""
+        if key in self._finishing or self._closing.is_set():
+            return
+
+        async def finish() -> None:
+            pause = FINISH_OPENING_S[0]
+            try:
+                while True:
+                    try:  # (paused at random around its length: keys cut short together spread out)
+                        async with asyncio.timeout(pause * random.uniform(0.75, 1.25)):
+                            await self._closing.wait()
+                        return
+                    except TimeoutError:
+                        pass
+                    part = partition_of(key)
+                    if self._leases is None or self._leases.epoch(part) != epoch or self._logs.get(key) is not None:
+                        return
+                    try:
+                        await self._log(key)
+                        return
+                    except NotOwner:
+                        return
+                    except StorageError as exc:
+                        log.warning("opening %s again failed: %s", key, exc)
+                    pause = min(2 * pause, FINISH_OPENING_S[1])
+            finally:
+                del self._finishing[key]
+
+        self._finishing[key] = asyncio.get_running_loop().create_task(finish(), name=f"finish-opening-{key}")
 
     async def _number(self, key: str, values: tuple[Any, ...], ident: Hashable | None) -> tuple[int, bool]:
         """Give ``values`` the key's next number and store them: here when this process holds

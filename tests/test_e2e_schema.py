@@ -61,6 +61,9 @@ async def test_migrate_moves_schema_2_send_ids_to_their_devices() -> None:
         # before schema 7 a send's record said nothing of where it was numbered before its fan-out
         session.execute(f"ALTER TABLE {ks}.device_sent DROP open_chat", timeout=DDL_S)
         session.execute(f"ALTER TABLE {ks}.device_sent DROP open_seq", timeout=DDL_S)
+        # before schema 8 a fence kept nothing of the one before it
+        session.execute(f"ALTER TABLE {ks}.fences DROP prev_epoch", timeout=DDL_S)
+        session.execute(f"ALTER TABLE {ks}.fences DROP prev_after", timeout=DDL_S)
         # as schema 2 left it: send ids per user in "sent", nothing in "device_sent"
         session.execute(f"CREATE TABLE {ks}.sent (sender text, client_id text, chat_id text, seq bigint, "
                         "PRIMARY KEY ((sender, client_id)))", timeout=DDL_S)
@@ -80,6 +83,8 @@ async def test_migrate_moves_schema_2_send_ids_to_their_devices() -> None:
         again = await store.append_message(NewMessage(chat_id=chat.chat_id, sender=a, device="d-phone",
                                                       client_id="8", ts=2, kind="text", body="again"), [a, b])
         assert again.message.seq == 2
+        newest, opened_under = await store._fence_to_open(f"c:{chat.chat_id}")  # type: ignore[attr-defined]
+        assert newest == opened_under and newest[1] == 1  # fenced at seq 1 when opened again after migrate
         await store.settled()  # type: ignore[attr-defined]
         assert await store._x("get_sent", "d-phone", "8") == [(chat.chat_id, 2, chat.chat_id, 2)]  # type: ignore[attr-defined]
         got = await store.get_device(device.device_id)

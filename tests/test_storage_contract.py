@@ -584,6 +584,119 @@ async def test_cassandra_a_late_write_of_an_older_holder_past_a_bucket_does_not_
     assert (await store.append_message(text(chat.chat_id, a, "after"), [a, b])).message.seq == 4
 
 
+def a_new_epoch(store: CassandraStore, monkeypatch: pytest.MonkeyPatch, key: str, epoch: int) -> None:
+    """This process holds ``key``'s partition at ``epoch`` from now on (as after a takeover)."""
+    from storage.cassandra_owner import partition_of
+
+    leases, part = store._leases, partition_of(key)
+    assert leases is not None
+    for held in store._logs.of_partition(part):  # every key of the partition is opened again
+        store._logs.drop(held.key)
+    held_epoch, held_valid = leases.epoch, leases.valid
+    monkeypatch.setattr(leases, "epoch", lambda p: epoch if p == part else held_epoch(p))
+    monkeypatch.setattr(leases, "valid", lambda p, e: e == epoch if p == part else held_valid(p, e))
+
+
+async def chat_opened_again_until(store: CassandraStore, monkeypatch: pytest.MonkeyPatch, statement: str,
+                                  epoch_after: int) -> tuple[str, str, Chat, str, int]:
+    """A chat with three messages (seq 1..3), then opened under the next epoch with ``statement``
+    failing once between the opening's two fences; the caller of that opening told unavailable."""
+    from storage.base import StorageUnavailable
+    from storage.cassandra_owner import partition_of
+
+    a, b = await two_users(store)
+    chat = await store.direct_chat(a, b, T0)
+    for i in range(3):
+        await store.append_message(text(chat.chat_id, a, f"own{i}"), [a, b])
+    key = f"c:{chat.chat_id}"
+    epoch = store._leases.epoch(partition_of(key))  # type: ignore[union-attr]
+    assert epoch is not None
+    a_new_epoch(store, monkeypatch, key, epoch + epoch_after)
+    run = store._x
+    failing = [statement]
+
+    async def fails_once(name: str, *values: Any, **kw: Any) -> Any:
+        if name in failing and values and key.endswith(str(values[0])):
+            failing.remove(name)
+            raise StorageUnavailable(f"{name}: no answer")
+        return await run(name, *values, **kw)
+
+    monkeypatch.setattr(store, "_x", fails_once)
+    with pytest.raises(StorageUnavailable):
+        await store.append_message(text(chat.chat_id, a, "cut short"), [a, b])
+    assert not failing
+    return a, b, chat, key, epoch
+
+
+@pytest.mark.parametrize("statement", ["chat_head", "fence_put"])
+async def test_cassandra_an_opening_cut_short_between_its_fences_is_finished_from_where_the_key_stood(
+        cassandra: CassandraStore, monkeypatch: pytest.MonkeyPatch, statement: str) -> None:
+    """A new holder's opening of a key hides the older rows (its first fence), reads the tail, and
+    puts its second fence at the head. When a statement in between fails, the holder opens the
+    key again by itself: the history comes back, and the next send gets seq 4, not 1."""
+    store = cassandra
+    a, b, chat, key, epoch = await chat_opened_again_until(store, monkeypatch, statement, 1)
+    assert await store.history(chat.chat_id, None, 10) == []  # hidden: an opening is under way
+    await asyncio.wait_for(store._finishing[key], 5)  # the holder opens the key again by itself
+    assert [m.client_id for m in await store.history(chat.chat_id, None, 10)] == ["own2", "own1", "own0"]
+    assert await store._fence(key) == (epoch + 1, 3)
+    assert (await store.append_message(text(chat.chat_id, a, "after"), [a, b])).message.seq == 4
+
+
+async def test_cassandra_an_opening_cut_short_is_finished_by_the_next_holder(
+        cassandra: CassandraStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The holder whose opening was cut short lost the partition before opening the key again:
+    the next holder, whose epoch is newer still, reads the key under the fence the cut-short
+    opening started from, and numbers on from 3."""
+    store = cassandra
+    a, b, chat, key, epoch = await chat_opened_again_until(store, monkeypatch, "chat_tail", 1)
+    a_new_epoch(store, monkeypatch, key, epoch + 2)  # at once: the finishing waits at least 0.15 s
+    sent = await store.append_message(text(chat.chat_id, a, "after"), [a, b])
+    assert sent.message.seq == 4
+    assert [m.client_id for m in await store.history(chat.chat_id, None, 10)] == ["after", "own2", "own1", "own0"]
+    assert await store._fence(key) == (epoch + 2, 3)
+
+
+async def test_cassandra_an_opener_cancelled_leaves_the_others_told_unavailable_and_the_key_whole(
+        cassandra: CassandraStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two callers wait for one opening of a key; the one that started it is cancelled between the
+    two fences. The other is told the store is unavailable (not cancelled itself), and the key is
+    opened again where it stood."""
+    from storage.base import StorageUnavailable
+    from storage.cassandra_owner import partition_of
+
+    store = cassandra
+    a, b = await two_users(store)
+    chat = await store.direct_chat(a, b, T0)
+    for i in range(3):
+        await store.append_message(text(chat.chat_id, a, f"own{i}"), [a, b])
+    key = f"c:{chat.chat_id}"
+    epoch = store._leases.epoch(partition_of(key))  # type: ignore[union-attr]
+    assert epoch is not None
+    a_new_epoch(store, monkeypatch, key, epoch + 1)
+    run, reached, go_on = store._x, asyncio.Event(), asyncio.Event()
+
+    async def held(name: str, *values: Any, **kw: Any) -> Any:
+        if name == "chat_head" and values == (chat.chat_id,) and not go_on.is_set():
+            reached.set()
+            await go_on.wait()
+        return await run(name, *values, **kw)
+
+    monkeypatch.setattr(store, "_x", held)
+    first = asyncio.create_task(store._log(key))
+    await asyncio.wait_for(reached.wait(), 5)
+    second = asyncio.create_task(store._log(key))
+    await asyncio.sleep(0.01)
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    with pytest.raises(StorageUnavailable, match="interrupted"):
+        await second
+    go_on.set()
+    assert (await store.append_message(text(chat.chat_id, a, "after"), [a, b])).message.seq == 4
+    assert await store._fence(key) == (epoch + 1, 3)
+
+
 async def send_with_an_entry_failing(store: CassandraStore, msg: NewMessage, members: list[str], failing: str) -> None:
     """Send ``msg`` while writing ``failing``'s inbox entry fails: numbered and stored, its caller
     told the store is unavailable, the other members' entries written."""
