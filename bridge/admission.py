@@ -307,6 +307,9 @@ class Admission:
             return parse_any(payload, self._max_payload) if len(parts) == 3 and parts[0] == "up" else None
         except ProtocolError:
             return None
+        except Exception:  # noqa: BLE001 - a payload no check foresaw must not stop the intake: the router answers it
+            log.exception("admission could not read a publish on %s", "/".join(parts))
+            return None
 
     def _holds_back(self, topic: str, left_at: float) -> bool:
         """A publish of this device that left it at ``left_at`` (the clock's time) is in the

@@ -526,7 +526,14 @@ class MqttIngest:
             received_at -= probe.lag(received_at)
         if self._admit is not None:
             lane = self._lanes.get(topic)
-            refused = self._admit(topic, data, received_at, 0 if lane is None else len(lane))
+            try:
+                refused = self._admit(topic, data, received_at, 0 if lane is None else len(lane))
+            except Exception:  # noqa: BLE001 - one publish admission control cannot take is dropped, not
+                # the session: taken again after a reconnect, it would stop it again and again
+                log.exception("admission control failed on a publish on %s: dropped unanswered", topic)
+                if ack is not None:
+                    ack()
+                return
             if refused is not None:  # answered at once, never queued
                 await refused
                 if ack is not None:
@@ -623,6 +630,8 @@ class MqttIngest:
                         await self._take_queued(client, self._persistent)
             except aiomqtt.MqttError as exc:
                 log.warning("bridge connection to %s:%d lost: %s", self._host, self._port, exc)
+            except Exception:  # noqa: BLE001 - connected again, as a partition's session is; never the end of the intake
+                log.exception("bridge connection to %s:%d failed", self._host, self._port)
             finally:
                 self._client = None
                 self._connected.clear()

@@ -269,6 +269,8 @@ def parse_request(raw: bytes, max_bytes: int) -> Request:
         d = json.loads(raw.decode("utf-8-sig"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise BadRequest("payload is not UTF-8 JSON") from exc
+    except RecursionError as exc:  # arrays or objects within each other past the parser's depth
+        raise BadRequest("payload is nested too deeply") from exc
     if not isinstance(d, dict):
         raise BadRequest("payload must be a JSON object")
     if b"\\u" in raw:  # an escape may spell a lone surrogate, which no reply could carry
@@ -276,6 +278,8 @@ def parse_request(raw: bytes, max_bytes: int) -> Request:
             json.dumps(d, ensure_ascii=False).encode()
         except UnicodeEncodeError as exc:
             raise BadRequest("payload holds a lone UTF-16 surrogate (\\uD800-\\uDFFF)") from exc
+        except RecursionError as exc:
+            raise BadRequest("payload is nested too deeply") from exc
     return parse_fields(d)
 
 

@@ -66,6 +66,17 @@ def test_past_the_limit_a_send_is_answered_rate_limited_at_once_and_not_taken_in
     assert adm.held == 2
 
 
+def test_past_the_limit_a_payload_nested_too_deeply_is_taken_in_for_the_router_to_answer() -> None:
+    """Admission control reads a publish only to refuse it; one no reader can take (nested past
+    the JSON parser's depth) is taken in like any invalid request, up to the ceiling, and the
+    router answers it bad_request."""
+    adm = Admission(limit=4, per_device=1)
+    assert adm.admit(TOPIC, body(type="sync", id="s", after=0)) is None
+    assert adm.admit(TOPIC, b"[" * 5000, queued=1) is None  # past the device's own bound: read
+    assert adm.held == 2
+    assert adm.start(TOPIC, b"[" * 5000, adm.clock() - 60) is None  # waited past any bound: handled all the same
+
+
 def test_past_the_limit_typing_is_dropped_while_acks_and_presence_are_still_taken_in_up_to_a_ceiling() -> None:
     metrics = Metrics()
     adm = Admission(limit=4, metrics=metrics)

@@ -561,6 +561,21 @@ async def test_a_lone_surrogate_is_a_bad_request_not_an_internal_error(world: Wo
     assert [json.loads(encode_v1(o.event))["code"] for o in outs] == ["bad_request"]
 
 
+@pytest.mark.parametrize("payload", [
+    b"[" * 5000,
+    b'{"type":"send","id":"s","to":"u","body":"x","extra":' + b"[" * 5000 + b"]" * 5000 + b"}",
+])
+async def test_a_payload_nested_past_the_parsers_depth_is_a_bad_request(world: World, payload: bytes) -> None:
+    """A few kilobytes of arrays within arrays took Python's JSON reader past its depth: a
+    RecursionError, which stopped the connection that read it when admission control parsed the
+    publish (tests/test_admission.py, tests/test_mqtt_ingest_publish.py)."""
+    with pytest.raises(BadRequest, match="nested too deeply"):
+        parse_request(payload, 64 * 1024)
+    a = await world.user("+15550009022")
+    outs = await world.router.handle(f"up/{a.user_id}/{a.device_id}", payload)
+    assert [json.loads(encode_v1(o.event))["code"] for o in outs] == ["bad_request"]
+
+
 def test_a_surrogate_pair_escape_is_a_character_like_any_other() -> None:
     req = parse_request(b'{"type":"send","id":"s","to":"u","body":"\\ud83d\\ude00"}', 1000)
     assert isinstance(req, Send) and req.body == "\U0001f600"

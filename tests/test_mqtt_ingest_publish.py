@@ -262,6 +262,29 @@ async def test_a_handler_whose_await_was_cancelled_leaves_its_devices_next_reque
         assert ingest._taken_in == 0
 
 
+async def test_a_publish_admission_control_fails_on_is_dropped_and_the_intake_goes_on() -> None:
+    """Admission control failing on a publish (a payload it could not read: a RecursionError once)
+    drops that publish (logged, acknowledged: taken again it would fail again), not the session:
+    the device's later ones are handled."""
+    handled: list[bytes] = []
+    failed: list[bytes] = []
+
+    async def handle(topic: str, payload: bytes) -> None:
+        handled.append(payload)
+
+    def admit(topic: str, payload: bytes, received_at: float, queued: int) -> None:
+        if payload == b'{"n":1}' and not failed:
+            failed.append(payload)
+            raise RecursionError("maximum recursion depth exceeded")
+
+    async with running_ingest(handle, [DEVICE], admit=admit) as (ingest, (device,)):
+        await device.publish(f"up/{USER}/{DEVICE}", b'{"n":1}', qos=1)
+        await device.publish(f"up/{USER}/{DEVICE}", b'{"n":2}', qos=1)
+        await _until(lambda: bool(handled))
+        assert failed and handled == [b'{"n":2}']
+        assert ingest.intake() == 0 and ingest._taken_in == 0
+
+
 async def test_a_publish_read_while_the_ingest_stops_is_not_taken_in() -> None:
     """Between run()'s end and a session's, a publish read is neither handled nor counted: it was
     never acknowledged, so the broker hands it out again."""
