@@ -141,6 +141,8 @@ async def _json(request: Request, max_bytes: int) -> dict[str, Any]:
         data = json.loads(raw or b"{}")
     except (UnicodeDecodeError, ValueError) as exc:
         raise BadRequest("body is not JSON") from exc
+    except RecursionError as exc:  # arrays or objects within each other past the parser's depth
+        raise BadRequest("body is nested too deeply") from exc
     if not isinstance(data, dict):
         raise BadRequest("body must be a JSON object")
     return data

@@ -52,6 +52,15 @@ async def test_login_flow_codes_and_lockout(server: ServerProc) -> None:
         assert (await http.post("/v1/auth/code", json={"phone": phone})).status_code == 429
 
 
+async def test_a_body_nested_past_the_json_parsers_depth_is_a_bad_request(server: ServerProc) -> None:
+    """(it was an internal error: Python's JSON reader raises RecursionError past its depth)"""
+    async with httpx.AsyncClient(base_url=server.http) as http:
+        for body in (b"[" * 5000, b'{"phone":' + b"[" * 5000 + b"]" * 5000 + b"}"):
+            r = await http.post("/v1/auth/code", content=body, headers={"Content-Type": "application/json"})
+            assert r.status_code == 400 and r.json()["error"] == {"code": "bad_request",
+                                                                  "message": "body is nested too deeply"}
+
+
 async def test_a_login_says_which_protocol_the_device_reads_and_a_bad_one_uses_no_code(server: ServerProc) -> None:
     phone = fresh_phone()
     async with httpx.AsyncClient(base_url=server.http) as http:
