@@ -125,6 +125,7 @@ class Leases:
         self._on_lost = on_lost or (lambda part: None)
         self._task: asyncio.Task[None] | None = None
         self._releasing: set[int] = set()
+        self._release_tasks: set[asyncio.Task[None]] = set()
         self.changed = asyncio.Event()  # set whenever the held set changes
 
     # -- what callers ask -------------------------------------------------------------------------
@@ -150,6 +151,9 @@ class Leases:
         self._task = asyncio.create_task(self._loop(), name="partition-leases")
 
     async def stop(self) -> None:
+        for task in self._release_tasks:
+            task.cancel()
+        await asyncio.gather(*self._release_tasks, return_exceptions=True)
         if self._task is not None:
             self._task.cancel()
             try:
@@ -264,7 +268,27 @@ class Leases:
                            for other in holders - {self.holder})
         if extra > 0 and others_short:
             for part in sorted(self._held, reverse=True)[:extra]:
+                self._release_soon(part)
+
+    def _release_soon(self, part: int) -> None:
+        """Give ``part`` back beside the lease loop: a release waits up to RELEASE_WAIT_S for the
+        partition's work to finish (longer than the leases kept may go unrenewed: awaited in the
+        round, one slow release once let every other lease run out)."""
+        if part in self._releasing:
+            return
+        self._releasing.add(part)  # (at once: epoch() answers None from now on)
+
+        async def release() -> None:
+            try:
                 await self.release(part)
+            except StorageUnavailable as exc:
+                log.warning("giving back partition %d: %s", part, exc)  # its lease expires by itself
+            finally:
+                self._releasing.discard(part)
+
+        task = asyncio.create_task(release(), name=f"release-p{part}")
+        self._release_tasks.add(task)
+        task.add_done_callback(self._release_tasks.discard)
 
     async def _take(self, parts: list[int]) -> None:
         """Take these free partitions. Each one's epoch is advanced first, all at once (each in a

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from storage import cassandra_owner
 from storage.base import StorageUnavailable
 from storage.cassandra_owner import LEASE_TTL_S, PARTITIONS, RENEW_EVERY_S, SAFETY_S, Leases
 
@@ -242,3 +243,38 @@ async def test_a_take_without_an_answer_ends_the_rounds_takes_and_those_before_i
         await leases._round()
     assert leases.held() == list(range(7))
     assert [params[0] for name, params in run.asked if name == "lease_take"] == list(range(8))
+
+
+async def test_partitions_given_back_slowly_leave_the_others_renewed_meanwhile(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second bridge appears: half the partitions are given back, each once its work is done or
+    after RELEASE_WAIT_S. Those releases go on beside the lease loop, whose renewals keep the other
+    half (awaited in the round, one slow release once let every lease run out)."""
+    monkeypatch.setattr(cassandra_owner, "RELEASE_WAIT_S", 0.2)
+    clock = Clock()
+    run = Statements(clock)
+    lost: list[int] = []
+    busy = asyncio.Event()
+
+    async def quiesce(part: int) -> None:  # a key of the partition waits behind a failing write
+        await busy.wait()
+
+    leases = Leases(run, "bridge-a", clock=clock, on_lost=lost.append, quiesce=quiesce)  # type: ignore[arg-type]
+    await leases._round()
+    assert leases.held() == list(range(PARTITIONS))
+    answer = run.__call__
+
+    async def with_another_bridge(name: str, *params: Any) -> list[Any]:
+        return [("bridge-b",)] if name == "bridges" else await answer(name, *params)
+
+    leases._run = with_another_bridge  # type: ignore[assignment]
+    clock.now += RENEW_EVERY_S
+    await asyncio.wait_for(leases._round(), 0.1)  # does not wait for the releases
+    kept = list(range(PARTITIONS // 2))
+    assert leases.held() == kept  # the others answer no epoch from now on
+    await leases._renew_due()  # the loop's next turn
+    assert sum(1 for name, _ in run.asked if name == "lease_renew") == PARTITIONS
+    await asyncio.sleep(0.4)  # the releases waited RELEASE_WAIT_S, then gave the partitions back
+    assert sorted(lost) == list(range(PARTITIONS // 2, PARTITIONS)) and leases.held() == kept
+    assert sum(1 for name, _ in run.asked if name == "lease_drop") == PARTITIONS // 2
+    await leases._round()  # the next round gives back nothing more
+    assert leases.held() == kept and not leases._release_tasks
