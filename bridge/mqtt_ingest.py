@@ -49,6 +49,7 @@ import os
 import random
 import ssl
 import time
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
@@ -75,7 +76,8 @@ Release = Callable[[], None]
 Start = Callable[[str, bytes, float], Awaitable[None] | None]
 # topic, payload, what acknowledges it once handled (None: nothing to acknowledge), and when it
 # was taken in
-Item = tuple[str, bytes, Callable[[], None] | None, float]
+# (topic, payload, what acknowledges it, when it was taken in, the connection it came on)
+Item = tuple[str, bytes, Callable[[], None] | None, float, aiomqtt.Client]
 UP_FILTER = "up/+/+"
 
 
@@ -278,6 +280,9 @@ class MqttIngest:
         self._persistent = persistent
         # device topic -> its publishes taken in and not yet handled (the first being handled)
         self._lanes: dict[str, deque[Item]] = {}
+        # connections of partitions given up: what they brought and is not handled yet is left to
+        # the partition's next holder, to whom the broker hands it (it was not acknowledged)
+        self._given_up: weakref.WeakSet[aiomqtt.Client] = weakref.WeakSet()
         self._taken_in, self._max_taken_in = 0, max_taken_in
         self._room = asyncio.Event()  # set when taking in no longer waits for room
         self._room.set()
@@ -375,7 +380,9 @@ class MqttIngest:
                     running[part] = asyncio.create_task(self._session(part), name=f"ingest-p{part}")
                 for part in list(running.keys() - held):
                     running.pop(part).cancel()
-                    self._sessions.pop(part, None)
+                    gone = self._sessions.pop(part, None)
+                    if gone is not None:
+                        self._given_up.add(gone)
                     self._session_ready.pop(part, None)
                     log.info("gave up the broker session of partition %d", part)
                 try:
@@ -543,7 +550,7 @@ class MqttIngest:
             self._room.clear()
             await self._room.wait()
         self._taken_in += 1
-        item = (topic, data, ack, received_at)
+        item = (topic, data, ack, received_at, client)
         lane = self._lanes.get(topic)
         if lane is not None:
             lane.append(item)
@@ -656,10 +663,13 @@ class MqttIngest:
         """Handle one device's publishes in order until its lane is empty, then end."""
         try:
             while lane:
-                _, payload, ack, taken_at = lane[0]
+                _, payload, ack, taken_at, came_on = lane[0]
                 try:
-                    expired = None if self._start is None else self._start(topic, payload, taken_at)
-                    if expired is not None:
+                    if came_on in self._given_up:
+                        # its partition went to another bridge: handled there, in the device's
+                        # order, and not here as well (nor acknowledged, below)
+                        ack = None
+                    elif (expired := self._start and self._start(topic, payload, taken_at)) is not None:
                         await expired  # waited past admission control's bound: answered instead
                     else:
                         await self._handle(topic, payload)

@@ -285,6 +285,106 @@ async def test_a_publish_admission_control_fails_on_is_dropped_and_the_intake_go
         assert ingest.intake() == 0 and ingest._taken_in == 0
 
 
+class OnePartition:
+    """The store's partitions as the ingest sees them: partition 0, with USER in it, held until
+    ``give_up``."""
+
+    partition_scope = "t"
+
+    def __init__(self) -> None:
+        self.held = [0]
+        self.changed = asyncio.Event()
+
+    def held_partitions(self) -> list[int]:
+        return self.held
+
+    def queue_of(self, part: int) -> str:
+        return f"t:p{part}"
+
+    async def partitions_changed(self) -> None:
+        await self.changed.wait()
+        self.changed.clear()
+
+    def partition_of_user(self, user_id: str) -> int:
+        return 0
+
+    async def partition_users(self, part: int) -> list[str]:
+        return [USER]
+
+    def give_up(self) -> None:
+        self.held = []
+        self.changed.set()
+
+
+class FakeConnection:
+    """A broker connection as the ingest reads it (aiomqtt's client: its queue of publishes),
+    recording the acknowledgements it sends. (The embedded broker hands ``up/`` publishes only
+    to a subscription of ``up/+/+``, so a partition's session is not tried on it.)"""
+
+    def __init__(self, identifier: str) -> None:
+        self.identifier = identifier
+        self.acked: list[int] = []
+        self._client = self
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._disconnected: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def ack(self, mid: int, qos: int) -> None:
+        self.acked.append(mid)
+
+    async def __aenter__(self) -> FakeConnection:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    async def subscribe(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+async def test_what_waits_in_a_lane_of_a_partition_given_up_is_left_to_its_next_holder() -> None:
+    """A partition goes to another bridge while one of its devices' publishes is being handled
+    and the next waits behind it: the broker hands the unacknowledged one to the next holder, so
+    it is neither handled nor acknowledged here as well (two bridges at once, out of the
+    device's order)."""
+    partitions = OnePartition()
+    handling, release = asyncio.Event(), asyncio.Event()
+    handled: list[bytes] = []
+    released: list[int] = []
+
+    async def handle(topic: str, payload: bytes) -> None:
+        handling.set()
+        await release.wait()
+        handled.append(payload)
+
+    ingest = MqttIngest("127.0.0.1", 1, username=BRIDGE, password=SECRET, client_id=f"{BRIDGE}-g",
+                        handle=handle, persistent=True, partitions=partitions,
+                        release=lambda: released.append(1))
+    connections: dict[str, FakeConnection] = {}
+
+    def new_client(identifier: str, persistent: bool) -> FakeConnection:
+        connections[identifier] = FakeConnection(identifier)
+        return connections[identifier]
+
+    ingest._new_client = new_client  # type: ignore[assignment,method-assign]
+    runner = asyncio.create_task(ingest.run())
+    try:
+        await _until(lambda: 0 in ingest._sessions)
+        session = connections[ingest._session_id(0)]
+        for mid in (1, 2):
+            session._queue.put_nowait(aiomqtt.Message(f"up/{USER}/{DEVICE}", b'{"n":%d}' % mid, 1, False, mid, None))
+        await asyncio.wait_for(handling.wait(), 10)
+        await _until(lambda: ingest._taken_in == 2)
+        partitions.give_up()
+        await _until(lambda: 0 not in ingest._sessions)
+        release.set()  # the first was already being handled: it ends
+        await _until(lambda: not ingest._lanes)
+        assert handled == [b'{"n":1}'] and ingest._taken_in == 0 and len(released) == 2
+        assert session.acked == []  # (the connection is not the partition's any more)
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+
+
 async def test_a_publish_read_while_the_ingest_stops_is_not_taken_in() -> None:
     """Between run()'s end and a session's, a publish read is neither handled nor counted: it was
     never acknowledged, so the broker hands it out again."""
