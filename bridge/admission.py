@@ -79,7 +79,9 @@ are not. "Left" is when the bridge took it in, on an external broker its receipt
 broker queue's lag as the probe measured it (without the probe, the lag is taken as 0 and
 what waited in the broker is not caught). "Heard" is taken as the refusal's ``retry_after_ms``
 or the delay bound, whichever is shorter, after it, or as soon as the refused send's own
-``id`` comes back (the device is sending the refused ones again). A device that sends the
+``id`` comes back (the device is sending the refused ones again: what left before that and
+still waits behind a slow request of the device is refused all the same). A send answered
+``unavailable`` (:meth:`Admission.failed`) opens the same window. A device that sends the
 refused ones again in its order keeps its order (``tests/test_e2e_mqtt_ingest.py``), as the
 Python SDK does (``tests/test_sdk_order.py``). Refusals made
 this way do not extend the window, and only sends are held: other requests keep no order
@@ -219,7 +221,7 @@ class Admission:
             if not (self._held_back and self._holds_back(topic, self.clock() - waited)):
                 self.held += 1
                 return None
-            refused = self._refused_send(topic, payload)
+            refused = self._refused_send(topic, payload, self.clock() - waited)
             if refused is None:
                 self.held += 1
             return refused
@@ -245,8 +247,20 @@ class Admission:
         if past:
             return self._expired(topic, payload, waited, taken_at)
         if self._held_back and self._holds_back(topic, taken_at):
-            return self._refused_send(topic, payload)
+            return self._refused_send(topic, payload, taken_at)
         return None
+
+    def failed(self, topic: str, payload: bytes | bytearray, request_id: str) -> None:
+        """A request of this device was answered ``unavailable`` (the store failed): if it was a
+        send, the device's sends after it are refused as after a refusal (the module's
+        docstring), until it comes back or for as long as a refusal would hold them. The device's
+        publishes are handled one at a time, so every later one is still to start. Without this, a
+        device with several sends on their way had the next one stored and the failed one,
+        sent again, numbered after it."""
+        if not isinstance(self._request(topic.split("/"), payload), Send):
+            return
+        self._hold_back(topic, -math.inf, self.retry_after_ms / 1000, request_id)
+        log.debug("a send on %s failed: the device's later sends wait for it", topic)
 
     def release(self) -> None:
         """One publish taken in is done with (handled, refused by :meth:`start`, or given up
@@ -317,15 +331,18 @@ class Admission:
         held = self._held_back.get(topic)
         return held is not None and held.since <= left_at < held.until
 
-    def _refused_send(self, topic: str, payload: bytes | bytearray) -> list[Out] | None:
-        """A publish in a device's window: refused if it is a send, else None (taken as usual);
-        the first refused send coming back closes the window and is taken."""
+    def _refused_send(self, topic: str, payload: bytes | bytearray, left_at: float) -> list[Out] | None:
+        """A publish in a device's window (it left at ``left_at``): refused if it is a send, else
+        None (taken as usual); the first refused send coming back is taken, and the window ends
+        where it left: a send that left before it and still waits (behind a slow request of the
+        device) is refused all the same, and sent again after it."""
         parts = topic.split("/")
         req = self._request(parts, payload)
         if not isinstance(req, Send):
             return None
-        if req.id == self._held_back[topic].first:
-            del self._held_back[topic]
+        held = self._held_back[topic]
+        if req.id == held.first:
+            held.until = min(held.until, left_at)
             return None
         return [self._refusal(req, parts, "an earlier send of this device was refused")]
 

@@ -39,6 +39,7 @@ from .metrics import Metrics
 from .mqtt_ingest import AskHolder, MqttIngest, Partitions
 from .outbox import Out
 from .presence import PresenceTracker
+from .protocol import ErrorReply
 from .push import Pusher, PushTargets
 from .push_providers import build_providers
 from .ratelimit import RateLimiter, Strikes
@@ -461,6 +462,10 @@ class PigeonServer:
 
     async def _ingest(self, topic: str, payload: bytes) -> None:
         outs = await self.router.handle(topic, payload)
+        for out in outs:
+            if isinstance(out.event, ErrorReply) and out.event.code == "unavailable" and out.event.id:
+                # a send the store failed: the device's sends behind it wait until it comes back
+                self.admission.failed(topic, payload, out.event.id)
         await self.publish(outs)
 
     async def __aexit__(

@@ -680,3 +680,91 @@ def test_a_refusal_at_the_device_s_own_bound_leaves_its_earlier_sends_alone() ->
     assert refusal(adm.admit(TOPIC, SEND, queued=2)) is not None  # the newest: refused
     clock.t += 0.01
     assert adm.start(TOPIC, SEND, taken) is None and adm.start(TOPIC, SEND, taken) is None  # ahead of it
+
+
+def test_a_send_the_store_failed_holds_the_devices_later_sends_until_it_comes_back() -> None:
+    """A device with two sends on their way: the first is answered unavailable (the store failed),
+    the second waits behind it. It is refused, not stored ahead of the first: the device sends the
+    first again, then the second, and their order holds. Another device is not held; a request
+    other than a send that failed holds nothing."""
+    clock = Clock()
+    adm = Admission(limit=1000, max_delay_ms=2000, retry_after_ms=1000, clock=clock)
+    first, second = body(type="send", id="m1", to="u2", body="x"), body(type="send", id="m2", to="u2", body="y")
+    taken = clock()
+    assert adm.admit(TOPIC, first) is None and adm.admit(TOPIC, second) is None
+    assert adm.start(TOPIC, first, taken) is None
+    adm.failed(TOPIC, first, "m1")
+    adm.release()
+    clock.t += 0.05
+    reply = refusal(adm.start(TOPIC, second, taken))
+    assert reply is not None and reply["code"] == "rate_limited" and reply["id"] == "m2", reply
+    assert "an earlier send of this device" in reply["message"]
+    adm.release()
+    assert refusal(adm.admit(OTHER, body(type="send", id="o1", to="u2", body="z"))) is None
+    assert refusal(adm.admit(TOPIC, second)) is not None  # sent again before the first: refused again
+    clock.t += 0.5
+    assert adm.admit(TOPIC, first) is None  # the first again: taken, and the device's window closed
+    assert adm.admit(TOPIC, second) is None
+
+    sync = body(type="sync", id="s1", after=0)
+    adm.failed(OTHER, sync, "s1")
+    assert adm.admit(OTHER, body(type="send", id="o2", to="u2", body="z")) is None
+
+
+async def test_the_bridge_holds_a_devices_later_sends_when_the_store_fails_one() -> None:
+    """What each publish handled on either intake goes through (``PigeonServer._ingest``): a send
+    answered unavailable opens the device's window; one answered otherwise, or a failed request
+    that is not a send, does not."""
+    from types import SimpleNamespace
+
+    from bridge.app import PigeonServer
+    from bridge.outbox import Out, ToDevice
+    from bridge.protocol import ErrorReply
+
+    answers: dict[bytes, list[Out]] = {}
+    published: list[list[Out]] = []
+
+    async def handle(topic: str, payload: bytes) -> list[Out]:
+        return answers[payload]
+
+    async def publish(outs: list[Out]) -> None:
+        published.append(outs)
+
+    server = SimpleNamespace(router=SimpleNamespace(handle=handle), admission=Admission(limit=1000), publish=publish)
+    first, second = body(type="send", id="m1", to="u2", body="x"), body(type="send", id="m2", to="u2", body="y")
+    sync = body(type="sync", id="s1", after=0)
+    failed = [Out(ToDevice("u1", "d1"), ErrorReply(id="m1", code="unavailable", message="the store failed"))]
+    answers.update({first: failed, sync: [Out(ToDevice("u1", "d1"), ErrorReply(id="s1", code="unavailable",
+                                                                                message="the store failed"))]})
+    await PigeonServer._ingest(server, TOPIC, sync)  # type: ignore[arg-type]
+    assert server.admission.admit(TOPIC, second) is None
+    await PigeonServer._ingest(server, TOPIC, first)  # type: ignore[arg-type]
+    assert published[-1] == failed
+    assert refusal(server.admission.admit(TOPIC, second)) is not None
+
+
+def test_the_refused_send_coming_back_early_still_refuses_a_later_one_that_waited_behind_a_slow_request() -> None:
+    """A is refused after waiting past the bound; B, sent 1.5 s after A, waits behind a slow
+    request of the same device. A comes back before B's turn: A is taken, and B is refused when
+    its turn comes (it left before A came back), so it cannot be numbered ahead of A."""
+    clock = Clock()
+    adm = Admission(limit=1000, max_delay_ms=2000, retry_after_ms=1000, clock=clock)
+    a, b = body(type="send", id="A", to="u2", body="x"), body(type="send", id="B", to="u2", body="y")
+    slow = body(type="sync", id="s", after=0)
+    ta = clock()
+    assert adm.admit(TOPIC, a) is None and adm.admit(TOPIC, slow) is None
+    clock.t = ta + 1.5
+    tb = clock()
+    assert adm.admit(TOPIC, b) is None
+    clock.t = ta + 2.1
+    assert refusal(adm.start(TOPIC, a, ta)) is not None  # waited past the bound
+    adm.release()
+    clock.t = ta + 2.3
+    assert adm.admit(TOPIC, a) is None  # A again, early: taken
+    clock.t = ta + 3.0
+    assert refusal(adm.start(TOPIC, slow, ta)) is not None  # the slow one's turn: past the bound too
+    adm.release()
+    reply = refusal(adm.start(TOPIC, b, tb))
+    assert reply is not None and reply["id"] == "B" and "an earlier send" in reply["message"], reply
+    clock.t = ta + 3.2
+    assert adm.admit(TOPIC, b) is None  # B again, after A: taken
