@@ -665,7 +665,7 @@ class MqttIngest:
             while lane:
                 _, payload, ack, taken_at, came_on = lane[0]
                 try:
-                    if came_on in self._given_up:
+                    if self._given_up and came_on in self._given_up:  # (empty but after a rebalance)
                         # its partition went to another bridge: handled there, in the device's
                         # order, and not here as well (nor acknowledged, below)
                         ack = None
