@@ -597,11 +597,10 @@ def a_new_epoch(store: CassandraStore, monkeypatch: pytest.MonkeyPatch, key: str
     monkeypatch.setattr(leases, "valid", lambda p, e: e == epoch if p == part else held_valid(p, e))
 
 
-async def chat_opened_again_until(store: CassandraStore, monkeypatch: pytest.MonkeyPatch, statement: str,
-                                  epoch_after: int) -> tuple[str, str, Chat, str, int]:
-    """A chat with three messages (seq 1..3), then opened under the next epoch with ``statement``
-    failing once between the opening's two fences; the caller of that opening told unavailable."""
-    from storage.base import StorageUnavailable
+async def chat_of_three_under_the_next_epoch(store: CassandraStore, monkeypatch: pytest.MonkeyPatch,
+                                             epoch_after: int) -> tuple[str, str, Chat, str, int]:
+    """A chat with three messages (seq 1..3), its key's epoch then ``epoch_after`` higher (as
+    after a takeover); the epoch it had."""
     from storage.cassandra_owner import partition_of
 
     a, b = await two_users(store)
@@ -612,6 +611,16 @@ async def chat_opened_again_until(store: CassandraStore, monkeypatch: pytest.Mon
     epoch = store._leases.epoch(partition_of(key))  # type: ignore[union-attr]
     assert epoch is not None
     a_new_epoch(store, monkeypatch, key, epoch + epoch_after)
+    return a, b, chat, key, epoch
+
+
+async def chat_opened_again_until(store: CassandraStore, monkeypatch: pytest.MonkeyPatch, statement: str,
+                                  epoch_after: int) -> tuple[str, str, Chat, str, int]:
+    """A chat with three messages (seq 1..3), then opened under the next epoch with ``statement``
+    failing once between the opening's two fences; the caller of that opening told unavailable."""
+    from storage.base import StorageUnavailable
+
+    a, b, chat, key, epoch = await chat_of_three_under_the_next_epoch(store, monkeypatch, epoch_after)
     run = store._x
     failing = [statement]
 
@@ -663,17 +672,9 @@ async def test_cassandra_an_opener_cancelled_leaves_the_others_told_unavailable_
     two fences. The other is told the store is unavailable (not cancelled itself), and the key is
     opened again where it stood."""
     from storage.base import StorageUnavailable
-    from storage.cassandra_owner import partition_of
 
     store = cassandra
-    a, b = await two_users(store)
-    chat = await store.direct_chat(a, b, T0)
-    for i in range(3):
-        await store.append_message(text(chat.chat_id, a, f"own{i}"), [a, b])
-    key = f"c:{chat.chat_id}"
-    epoch = store._leases.epoch(partition_of(key))  # type: ignore[union-attr]
-    assert epoch is not None
-    a_new_epoch(store, monkeypatch, key, epoch + 1)
+    a, b, chat, key, epoch = await chat_of_three_under_the_next_epoch(store, monkeypatch, 1)
     run, reached, go_on = store._x, asyncio.Event(), asyncio.Event()
 
     async def held(name: str, *values: Any, **kw: Any) -> Any:
