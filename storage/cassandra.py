@@ -287,6 +287,10 @@ class CassandraStore:
         self._leases: Leases | None = None
         self._logs = LogCache()
         self._opening: dict[str, asyncio.Future[KeyLog]] = {}
+        # appends to keys being opened, in the order they came, and the task opening each key
+        # for them (_append_soon): they are numbered before any append that comes after them
+        self._waiting: dict[str, list[tuple[tuple[Any, ...], Hashable | None, asyncio.Future[tuple[int, bool]]]]] = {}
+        self._openers: dict[str, asyncio.Task[None]] = {}
         # keys whose opening stopped between its two fences, opened again (_finish_opening)
         self._finishing: dict[str, asyncio.Task[None]] = {}
         self._serving: asyncio.Task[None] | None = None
@@ -572,8 +576,8 @@ class CassandraStore:
 
     async def close(self) -> None:
         self._closing.set()
-        if self._finishing:
-            await asyncio.gather(*self._finishing.values(), return_exceptions=True)
+        if self._finishing or self._openers:
+            await asyncio.gather(*self._finishing.values(), *self._openers.values(), return_exceptions=True)
         await self._behind_settled()
         if self._ack_writer is not None:
             self._ack_writer.cancel()
@@ -1347,20 +1351,53 @@ class CassandraStore:
     async def _number(self, key: str, values: tuple[Any, ...], ident: Hashable | None) -> tuple[int, bool]:
         """Give ``values`` the key's next number and store them: here when this process holds
         the key's partition, else by the holder (through the shared state)."""
-        part = partition_of(key)
-        if self._leases is not None and self._leases.epoch(part) is not None:
-            log_ = await self._log(key)
-            return await log_.append(values, ident)
-        return await self._forward(part, key, values, ident)
+        return await self._number_soon(key, values, ident)
 
     def _number_soon(self, key: str, values: tuple[Any, ...], ident: Hashable | None
                      ) -> Awaitable[tuple[int, bool]]:
-        """:meth:`_number` as something to await beside others: the append's own future when the
-        key's log is open here (no task around it), else the coroutine."""
-        held = self._logs.get(key)
-        if held is not None and self._leases is not None and self._leases.epoch(held.part) is not None:
-            return held.append(values, ident)
-        return self._number(key, values, ident)
+        """:meth:`_number` as something to await beside others: when the key's partition is held
+        here, a future its append settles (no task around it once the key's log is open), else
+        the request to the holder."""
+        part = partition_of(key)
+        if self._leases is not None and self._leases.epoch(part) is not None:
+            return self._append_soon(key, values, ident)
+        return self._forward(part, key, values, ident)
+
+    def _append_soon(self, key: str, values: tuple[Any, ...], ident: Hashable | None
+                     ) -> asyncio.Future[tuple[int, bool]]:
+        """Append to the log of a key whose partition is held here, in the order of the calls:
+        at once when the log is open and no earlier append still waits for its opening, else
+        behind those: a list the opening empties into the log, while later appends join it. (A
+        caller that awaited the opening itself would wake a turn or two after the log is cached,
+        and an append made in between would be numbered before it: a chat's seq 6 ahead of its
+        seq 5 in an inbox.)"""
+        waiting = self._waiting.get(key)
+        if waiting is None:
+            held = self._logs.get(key)
+            if held is not None:
+                return held.append(values, ident)
+            waiting = self._waiting[key] = []
+            self._openers[key] = asyncio.get_running_loop().create_task(self._open_for(key), name=f"open-{key}")
+        out: asyncio.Future[tuple[int, bool]] = asyncio.get_running_loop().create_future()
+        waiting.append((values, ident, out))
+        return out
+
+    async def _open_for(self, key: str) -> None:
+        """Open ``key``'s log, then append what waited for it, in order."""
+        try:
+            log_ = await self._log(key)
+        except BaseException as exc:
+            error = exc if isinstance(exc, Exception) else StorageUnavailable(f"opening {key} was interrupted")
+            for _values, _ident, out in self._waiting.pop(key):
+                if not out.done():
+                    out.set_exception(error)
+            if not isinstance(exc, Exception):
+                raise
+            return  # (told to the waiters)
+        finally:
+            del self._openers[key]
+        for values, ident, out in self._waiting.pop(key):
+            log_.append(values, ident, out)
 
     async def _forward(self, part: int, key: str, values: tuple[Any, ...], ident: Hashable | None) -> tuple[int, bool]:
         rpc = getattr(self._state, "call", None)
@@ -1395,9 +1432,6 @@ class CassandraStore:
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("ignoring a malformed forwarded request: %s", exc)
             return _answered(loop, {"error": "malformed request"})
-        held = self._logs.get(key)
-        if held is None:
-            return self._serve_opening(key, values, ident)
         out: asyncio.Future[dict[str, Any]] = loop.create_future()
 
         def answer(appended: asyncio.Future[tuple[int, bool]]) -> None:
@@ -1405,18 +1439,8 @@ class CassandraStore:
             if not out.done():  # (its waiter may have been cancelled meanwhile)
                 out.set_result(reply)
 
-        held.append(values, ident).add_done_callback(answer)
+        self._append_soon(key, values, ident).add_done_callback(answer)
         return out
-
-    async def _serve_opening(self, key: str, values: tuple[Any, ...], ident: Hashable | None) -> dict[str, Any]:
-        """:meth:`_serve_forwarded` for a key whose log is not open here yet."""
-        try:
-            log_ = await self._log(key)
-        except StorageUnavailable as exc:
-            return {"error": str(exc)}
-        appended = log_.append(values, ident)
-        await asyncio.wait([appended])
-        return self._served(key, values, appended)
 
     def _served(self, key: str, values: tuple[Any, ...], appended: asyncio.Future[tuple[int, bool]]) -> dict[str, Any]:
         """The answer to a forwarded append, once it is done."""

@@ -479,13 +479,17 @@ class KeyLog:
         return bool(self._queue or self._stuck or self._sending is not None
                     or (self._task is not None and not self._task.done()))
 
-    def append(self, values: tuple[Any, ...], ident: Hashable | None = None) -> asyncio.Future[tuple[int, bool]]:
-        """Number ``values`` and write them; the future gives (number, duplicate). An append whose
-        ident was numbered before returns that number with duplicate=True once it is written."""
+    def append(self, values: tuple[Any, ...], ident: Hashable | None = None,
+               fut: asyncio.Future[tuple[int, bool]] | None = None) -> asyncio.Future[tuple[int, bool]]:
+        """Number ``values`` and write them; the future (``fut``, or a new one) gives (number,
+        duplicate). An append whose ident was numbered before returns that number with
+        duplicate=True once it is written."""
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[tuple[int, bool]] = loop.create_future()
+        if fut is None:
+            fut = loop.create_future()
         if self.dead:
-            fut.set_exception(NotOwner(f"{self.key}: partition {self.part} changed hands"))
+            if not fut.done():
+                fut.set_exception(NotOwner(f"{self.key}: partition {self.part} changed hands"))
             return fut
         if ident is not None:
             pending = self._unwritten.get(ident)
@@ -494,7 +498,8 @@ class KeyLog:
                 return fut
             n = self._recent.get(ident)
             if n is not None:
-                fut.set_result((n, True))
+                if not fut.done():
+                    fut.set_result((n, True))
                 return fut
         item = _Append(values, ident, [fut], 0, loop.time())
         if ident is not None:

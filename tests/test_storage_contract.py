@@ -517,7 +517,7 @@ async def test_cassandra_finds_a_send_only_once_every_members_entry_is_written(
     store = cassandra
     a, b = await two_users(store)
     chat = await store.direct_chat(a, b, T0)
-    number = store._number
+    number = store._number_soon
 
     async def inbox_write_fails(key: str, values: tuple[object, ...], ident: object) -> tuple[int, bool]:
         if key == f"u:{b}":
@@ -525,11 +525,11 @@ async def test_cassandra_finds_a_send_only_once_every_members_entry_is_written(
             raise StorageUnavailable("the recipient's inbox entry was not written")
         return await number(key, values, ident)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(store, "_number", inbox_write_fails)
+    monkeypatch.setattr(store, "_number_soon", inbox_write_fails)
     with pytest.raises(StorageUnavailable):
         await store.append_message(text(chat.chat_id, a, "once"), [a, b])
     await asyncio.sleep(0.1)
-    monkeypatch.setattr(store, "_number", number)
+    monkeypatch.setattr(store, "_number_soon", number)
     assert await store.find_sent(phone_of(a), "once") is None
     retried = await store.append_message(text(chat.chat_id, a, "once"), [a, b])
     assert retried.message.seq == 1 and b in retried.inbox
@@ -696,6 +696,43 @@ async def test_cassandra_an_opener_cancelled_leaves_the_others_told_unavailable_
     go_on.set()
     assert (await store.append_message(text(chat.chat_id, a, "after"), [a, b])).message.seq == 4
     assert await store._fence(key) == (epoch + 1, 3)
+
+
+async def test_cassandra_appends_that_waited_for_a_keys_opening_come_before_any_made_after_it(
+        cassandra: CassandraStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two appends wait while a key is opened; a third is made in the first turn of the loop in
+    which the key's log is open. The three are numbered in the order they were made (an inbox
+    keeps a chat's messages in seq order when a fan-out arrives as the inbox is opened)."""
+    store = cassandra
+    a, b, chat, key, _epoch = await chat_of_three_under_the_next_epoch(store, monkeypatch, 1)
+    run, reached, go_on = store._x, asyncio.Event(), asyncio.Event()
+
+    async def held(name: str, *values: Any, **kw: Any) -> Any:
+        if name == "chat_head" and values == (chat.chat_id,) and not go_on.is_set():
+            reached.set()
+            await go_on.wait()
+        return await run(name, *values, **kw)
+
+    monkeypatch.setattr(store, "_x", held)
+    row = (a, phone_of(a), T0, "text", "x", None, None, None)
+    third: list[asyncio.Future[tuple[int, bool]]] = []
+    put = store._logs.put
+
+    def cached(log_: Any) -> None:  # the third append comes in the next turn of the loop
+        put(log_)
+        if log_.key == key:
+            asyncio.get_running_loop().call_soon(
+                lambda: third.append(asyncio.ensure_future(store._number_soon(key, ("w3", *row), None))))
+
+    monkeypatch.setattr(store._logs, "put", cached)
+    first = asyncio.ensure_future(store._number_soon(key, ("w1", *row), None))
+    await asyncio.wait_for(reached.wait(), 5)
+    second = asyncio.ensure_future(store._number_soon(key, ("w2", *row), None))
+    go_on.set()
+    await asyncio.wait_for(asyncio.gather(first, second), 5)
+    numbers = [n for n, _dup in await asyncio.wait_for(asyncio.gather(first, second, *third), 5)]
+    assert numbers == [4, 5, 6]
+    assert [m.client_id for m in await store.history(chat.chat_id, None, 3)] == ["w3", "w2", "w1"]
 
 
 async def send_with_an_entry_failing(store: CassandraStore, msg: NewMessage, members: list[str], failing: str) -> None:
