@@ -277,6 +277,7 @@ class Leases:
         if part in self._releasing:
             return
         self._releasing.add(part)  # (at once: epoch() answers None from now on)
+        self.changed.set()  # (the ingest gives up the partition's broker session now, not within 1 s)
 
         async def release() -> None:
             try:
@@ -386,6 +387,7 @@ class Leases:
         if lease is None:
             return
         self._releasing.add(part)
+        self.changed.set()
         try:
             if self._quiesce is not None:
                 try:

@@ -268,9 +268,11 @@ async def test_partitions_given_back_slowly_leave_the_others_renewed_meanwhile(m
 
     leases._run = with_another_bridge  # type: ignore[assignment]
     clock.now += RENEW_EVERY_S
+    leases.changed.clear()
     await asyncio.wait_for(leases._round(), 0.1)  # does not wait for the releases
     kept = list(range(PARTITIONS // 2))
     assert leases.held() == kept  # the others answer no epoch from now on
+    assert leases.changed.is_set()  # and the ingest is told at once (it gives up their sessions)
     await leases._renew_due()  # the loop's next turn
     assert sum(1 for name, _ in run.asked if name == "lease_renew") == PARTITIONS
     await asyncio.sleep(0.4)  # the releases waited RELEASE_WAIT_S, then gave the partitions back
