@@ -143,15 +143,15 @@ ACK_FLUSH_S = 5.0
 ACK_PACE_S = 0.05  # acknowledged positions are written in slices this far apart, not all at once
 SWEEP_DAYS = 30  # how far back the upload sweep looks for unconfirmed uploads
 WIRE_RETRY_S = 1.0  # a lost write connection is opened again after this long (the driver meanwhile)
-# A write nobody waits for (a send's records) that Cassandra did not confirm is written again,
-# first this long after, the pause doubling up to the second figure, until it lands or the store
-# closes; past RETRYING_BEHIND_MAX such writes being written again, one more that fails is given
-# up (as is one Cassandra refused as wrong, see _worth_writing_again).
-BEHIND_RETRY_S = (0.2, 5.0)
+# What is tried again in the background is tried first this long after it failed, the pause
+# doubling up to the second figure (each at random within a quarter of it, so that what failed
+# together spreads out), until it works or the store closes: a write nobody waits for (a send's
+# records) that Cassandra did not confirm, and an opening of a key that stopped between its two
+# fences (while this process holds the key's partition). Past RETRYING_BEHIND_MAX such writes
+# being written again, one more that fails is given up (as is one Cassandra refused as wrong,
+# see _worth_writing_again).
+AGAIN_S = (0.2, 5.0)
 RETRYING_BEHIND_MAX = 10_000
-# An opening of a key that stopped between its two fences is tried again after this long, the
-# pause doubling up to the second figure, while this process holds the key's partition.
-FINISH_OPENING_S = (0.2, 5.0)
 # Reads asked on the loop's own connection too: the point lookups of the message path (a send
 # id's record, one message), whose callers read their rows by position. Every other read goes
 # through the driver.
@@ -1323,15 +1323,11 @@ class CassandraStore:
             return
 
         async def finish() -> None:
-            pause = FINISH_OPENING_S[0]
+            pause = AGAIN_S[0]
             try:
                 while True:
-                    try:  # (paused at random around its length: keys cut short together spread out)
-                        async with asyncio.timeout(pause * random.uniform(0.75, 1.25)):
-                            await self._closing.wait()
+                    if await self._paused(pause):
                         return
-                    except TimeoutError:
-                        pass
                     part = partition_of(key)
                     if self._leases is None or self._leases.epoch(part) != epoch or self._logs.get(key) is not None:
                         return
@@ -1342,7 +1338,7 @@ class CassandraStore:
                         return
                     except StorageError as exc:
                         log.warning("opening %s again failed: %s", key, exc)
-                    pause = min(2 * pause, FINISH_OPENING_S[1])
+                    pause = min(2 * pause, AGAIN_S[1])
             finally:
                 del self._finishing[key]
 
@@ -1742,7 +1738,7 @@ class CassandraStore:
         self._behind += 1
 
         async def write() -> None:
-            pause, failures, counted = BEHIND_RETRY_S[0], 0, False
+            pause, failures, counted = AGAIN_S[0], 0, False
             try:
                 while True:
                     try:
@@ -1765,18 +1761,23 @@ class CassandraStore:
                         if failures:
                             log.info("cassandra %s (written behind) landed after %d failures", name, failures)
                         return
-                    try:  # (paused at random around its length: records that failed together spread out)
-                        async with asyncio.timeout(pause * random.uniform(0.75, 1.25)):
-                            await self._closing.wait()
-                    except TimeoutError:
-                        pass
-                    pause = min(2 * pause, BEHIND_RETRY_S[1])
+                    await self._paused(pause)  # (after it, a try that fails while closing gives up)
+                    pause = min(2 * pause, AGAIN_S[1])
             finally:
                 if counted:
                     self._retrying_behind -= 1
                 self._behind_done()
 
         asyncio.get_running_loop().create_task(write(), name=f"behind-{name}")
+
+    async def _paused(self, pause: float) -> bool:
+        """Wait about ``pause`` seconds (see AGAIN_S); True when the store closed meanwhile."""
+        try:
+            async with asyncio.timeout(pause * random.uniform(0.75, 1.25)):
+                await self._closing.wait()
+            return True
+        except TimeoutError:
+            return False
 
     def _behind_done(self) -> None:
         self._behind -= 1

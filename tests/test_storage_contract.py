@@ -1143,7 +1143,7 @@ async def test_cassandra_a_record_that_keeps_failing_is_given_up_past_the_bound_
     once more, then gives it up rather than waiting for Cassandra."""
     async with _own_store(cassandra_url, writes, monkeypatch) as (store, a, b, chat):
         monkeypatch.setattr(storage.cassandra, "RETRYING_BEHIND_MAX", 1)
-        monkeypatch.setattr(storage.cassandra, "BEHIND_RETRY_S", (60.0, 60.0))  # woken only by the close
+        monkeypatch.setattr(storage.cassandra, "AGAIN_S", (60.0, 60.0))  # woken only by the close
         _records_failing(store, writes, monkeypatch, record="put_sent")
         with caplog.at_level(logging.INFO, logger="storage.cassandra"):
             await store.append_message(text(chat.chat_id, a, "kept"), [a, b])
