@@ -253,10 +253,10 @@ class Admission:
     def failed(self, topic: str, payload: bytes | bytearray, request_id: str) -> None:
         """A request of this device was answered ``unavailable`` (the store failed): if it was a
         send, the device's sends after it are refused as after a refusal (the module's
-        docstring), until it comes back or for as long as a refusal would hold them. The device's
-        publishes are handled one at a time, so every later one is still to start. Without this, a
-        device with several sends on their way had the next one stored and the failed one,
-        sent again, numbered after it."""
+        docstring), until it comes back or for the least wait a refusal asks for (the setting
+        ``retry_after_ms``). The device's publishes are handled one at a time, so every later one
+        is still to start. Without this, a device with several sends on their way had the next one
+        stored and the failed one, sent again, numbered after it."""
         if not isinstance(self._request(topic.split("/"), payload), Send):
             return
         self._hold_back(topic, -math.inf, self.retry_after_ms / 1000, request_id)

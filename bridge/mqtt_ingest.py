@@ -74,9 +74,8 @@ Release = Callable[[], None]
 # as a publish taken in then is about to be handled (time.monotonic()): None to handle it,
 # else an awaitable answering it instead (it waited past admission control's bound)
 Start = Callable[[str, bytes, float], Awaitable[None] | None]
-# topic, payload, what acknowledges it once handled (None: nothing to acknowledge), and when it
-# was taken in
-# (topic, payload, what acknowledges it, when it was taken in, the connection it came on)
+# topic, payload, what acknowledges it once handled (None: nothing to acknowledge), when it was
+# taken in, and the connection it came on
 Item = tuple[str, bytes, Callable[[], None] | None, float, aiomqtt.Client]
 UP_FILTER = "up/+/+"
 

@@ -137,6 +137,10 @@ class Dev:
         # later one goes only when every earlier one is through, and new sends wait in ``held``
         # meanwhile, so the server numbers them in the order they were made (as the SDK does)
         self.sender: Callable[[str], None] | None = None
+        self.new_phase()
+
+    def new_phase(self) -> None:
+        """Nothing going again, nothing held: as at the start of a phase."""
         self.made = 0  # sends made in this phase
         self.again: dict[str, int] = {}
         self.due: set[str] = set()  # of those, the ones whose wait is over
@@ -412,9 +416,13 @@ class Worker:
             track.confirmed = True
         dev = self._again_of.pop(msg_id, None)
         if dev is not None:
-            del dev.again[msg_id]
-            dev.on_way.discard(msg_id)
-            self._go_on(dev)
+            self._through(dev, msg_id)
+
+    def _through(self, dev: Dev, msg_id: str) -> None:
+        """A send that went again is answered for good: the device's later ones go on."""
+        del dev.again[msg_id]
+        dev.on_way.discard(msg_id)
+        self._go_on(dev)
 
     def failed(self, msg_id: str, code: str, dev: Dev | None = None, retry_after_ms: int | None = None) -> None:
         track = self.tracks.get(msg_id)
@@ -428,10 +436,8 @@ class Worker:
             self._again_of[msg_id] = dev
             asyncio.get_running_loop().call_later(delay * (1 + random.random() / 2), self._due, dev, msg_id)
             return
-        if dev is not None and self._again_of.pop(msg_id, None) is not None:  # given up: the later ones go on
-            del dev.again[msg_id]
-            dev.on_way.discard(msg_id)
-            self._go_on(dev)
+        if dev is not None and self._again_of.pop(msg_id, None) is not None:  # given up
+            self._through(dev, msg_id)
         self._answered(msg_id, code)
         self.tally.errors[code] += 1
         track = self.tracks.pop(msg_id, None)
@@ -644,7 +650,7 @@ class Worker:
         self.resend = resend
         self._again_of.clear()
         for dev in self.devs:
-            dev.made, dev.again, dev.due, dev.on_way, dev.held = 0, {}, set(), set(), deque()
+            dev.new_phase()
 
         def sending(dev: Dev, send: Callable[[str], None]) -> Callable[[str], None]:
             return self._resending(dev, send) if resend else send
