@@ -1151,8 +1151,7 @@ class CassandraStore:
     async def _fence(self, key: str) -> tuple[int, int]:
         """The key's newest fence, as readers take it: while an opening is between its two fences
         (``after`` -1) every row of an older epoch is hidden."""
-        rows = await self._x("fence_get", key)
-        return (int(rows[0][0]), int(rows[0][1])) if rows else (0, 0)
+        return (await self._fence_to_open(key))[0]
 
     async def _fence_to_open(self, key: str) -> tuple[tuple[int, int], tuple[int, int]]:
         """The key's newest fence, and the one its rows are read under when it is opened: the
