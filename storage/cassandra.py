@@ -1928,6 +1928,32 @@ class CassandraStore:
             else:
                 return cached
         fence = await self._fence(f"u:{user_id}")
+        out = await self._inbox_from(user_id, after, limit, fence)
+        if out:
+            return out
+        # Nothing right after ``after``: caught up, or the entries after it expired (inbox rows
+        # last inbox_ttl_s, the oldest going first). Then the batch starts at the oldest entry
+        # kept: for a device, a position a sync skips does not exist (docs/protocol.md). Without
+        # this a device syncing from below the expired ones got nothing, whatever came after.
+        kept = await self._oldest_kept(user_id, after, fence, held)
+        return [] if kept is None else await self._inbox_from(user_id, kept - 1, limit, fence)
+
+    async def _oldest_kept(self, user_id: str, after: int, fence: tuple[int, int], held: KeyLog | None) -> int | None:
+        """The position of the oldest inbox entry after ``after`` still stored, when there is
+        one and the entry right after ``after`` is not (it expired)."""
+        if held is not None:
+            head = held.head
+        else:  # (the head as written behind: it lags by seconds, and expired entries are a month old)
+            rows = await self._x("user_state", user_id)
+            head = int(rows[0][0] or 0) if rows else 0
+        for bucket in range((after + 1) // BUCKET, head // BUCKET + 1):  # none when caught up
+            rows = await self._x("read_inbox", user_id, bucket, after, 1)
+            if rows:  # (one of an older epoch past the fence: nothing kept comes after it)
+                return int(rows[0][0]) if self._valid(rows[0][15], rows[0][0], fence) else None
+        return None
+
+    async def _inbox_from(self, user_id: str, after: int, limit: int, fence: tuple[int, int]) -> list[InboxEntry]:
+        """Up to ``limit`` inbox entries from ``after + 1`` on, as long as they follow each other."""
         out: list[InboxEntry] = []
         cursor = after
         while len(out) < limit:

@@ -809,6 +809,34 @@ async def test_cassandra_an_inbox_whose_oldest_entries_expired_is_opened_without
     assert [e.pos for e in entries] == list(range(130, 142))
 
 
+async def test_cassandra_a_sync_from_below_expired_entries_starts_at_the_oldest_kept(
+        cassandra: CassandraStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inbox rows expire (30 days), the oldest first. A device syncing from a position below the
+    oldest entry kept (a new device from 0, or one offline that long) gets the entries from the
+    oldest kept on, across buckets with none left; a device caught up gets nothing."""
+    monkeypatch.setattr(storage.cassandra, "BUCKET", 100)
+    store = cassandra
+    a, b = await two_users(store)
+    chat = await store.direct_chat(a, b, T0)
+    for i in range(250):  # b's inbox: 1..250 in buckets 0, 1 and 2
+        await store.append_message(text(chat.chat_id, a, f"m{i}"), [a, b])
+    await store.settled()
+    drop = f"DELETE FROM {store.keyspace}.inbox WHERE user_id=%s AND bucket=%s"
+    await store._blocking(store._session.execute, drop, (b, 0))  # as if 1..129 had expired
+    await store._blocking(store._session.execute, drop + " AND pos < %s", (b, 1, 130))
+    for held in (True, False):  # the inbox's log open here, then not (its partition elsewhere, or a restart)
+        if not held:
+            store._logs.drop(f"u:{b}")
+        store._entries.clear()
+        assert [e.pos for e in await store.read_inbox(b, 0, 50)] == list(range(130, 180))
+        assert [e.pos for e in await store.read_inbox(b, 140, 500)] == list(range(141, 251))
+        assert [e.pos for e in await store.read_inbox(b, 129, 3)] == [130, 131, 132]
+        assert await store.read_inbox(b, 250, 10) == []
+    await store._blocking(store._session.execute, drop, (b, 1))  # and then 130..204: a bucket with none left
+    await store._blocking(store._session.execute, drop + " AND pos < %s", (b, 2, 205))
+    assert [e.pos for e in await store.read_inbox(b, 17, 3)] == [205, 206, 207]
+
+
 @pytest.mark.parametrize("writes", ["direct", "driver"])
 async def test_cassandra_a_send_left_open_is_completed_by_its_retry_however_many_messages_came_after(
         cassandra_url: str, writes: str) -> None:
