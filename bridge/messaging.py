@@ -232,6 +232,8 @@ class Messenger:
             notes = [(m, ReceiptNote(chat_id, user_id, kind, up_to)) for m in chat.member_ids if m != user_id]
         else:
             notes = await self._group_notes_folded(chat, kind)
+            if kind == "read":  # reading moved the member's delivered too: it may have been the last
+                notes = await self._group_notes_folded(chat, "delivered") + notes
         if not notes:
             return []
         positions = await self._store.append_receipts(notes)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +20,7 @@ from bridge.messaging import Messenger
 from bridge.metrics import Metrics
 from bridge.outbox import Out
 from bridge.presence import PresenceTracker
-from bridge.protocol import Ack, MsgEvent, Send, Watch, parse_request
+from bridge.protocol import Ack, MsgEvent, Read, Send, Watch, parse_request
 from bridge.ratelimit import RateLimiter
 from bridge.router import DeviceRouter
 from bridge.tokens import TokenSigner
@@ -324,6 +324,27 @@ async def test_group_notices_go_to_the_members_whose_messages_they_cover(world: 
     assert await everyone_acks() == {owner.user_id: 1, b.user_id: 2}
     await world.messenger.send(c, Send(id="c1", chat=chat.chat_id, to=None, body="from c", media=None))  # seq 3
     assert await everyone_acks() == {c.user_id: 3}
+
+
+async def test_a_member_reading_before_acking_moves_the_groups_delivered_notice_too(world: World) -> None:
+    """Reading implies delivery: when the last member to have a message reads it before its
+    device acks it, the sender is told everyone has it (delivered) as well as who read it; the
+    ack that follows moves nothing and tells nothing."""
+    owner, b, c = [await world.user(f"+1555000030{i}") for i in range(3)]
+    chat, _ = await world.messenger.create_group(owner, "team", [b.user_id, c.user_id])
+    sent = await world.messenger.send(owner, Send(id="o1", chat=chat.chat_id, to=None, body="hi", media=None))
+    seq = sent.reply.seq  # type: ignore[union-attr]
+
+    def notices(outs: Sequence[Out]) -> list[tuple[str, str, int]]:
+        evs = [json.loads(encode_v1(o.event)) for o in outs]
+        return [(e["kind"], e["user"], e["up_to"]) for e in evs if e["type"] == "receipt"]
+
+    head_b = await world.store.inbox_head(b.user_id)
+    assert notices((await world.messenger.ack(b, Ack(up_to=head_b))).outs) == []  # c has not got it yet
+    assert notices((await world.messenger.read(c, Read(chat=chat.chat_id, up_to=seq))).outs) == [
+        ("delivered", "*", seq)]  # (read * waits for b's read)
+    head_c = await world.store.inbox_head(c.user_id)
+    assert (await world.messenger.ack(c, Ack(up_to=head_c))).outs == []
 
 
 async def test_members_acking_together_are_worked_out_together(world: World) -> None:
