@@ -151,6 +151,8 @@ WIRE_RETRY_S = 1.0  # a lost write connection is opened again after this long (t
 # being written again, one more that fails is given up (as is one Cassandra refused as wrong,
 # see _worth_writing_again).
 AGAIN_S = (0.2, 5.0)
+# receipt positions known here (lower bounds), at most
+RECEIPTS_KNOWN = 200_000
 RETRYING_BEHIND_MAX = 10_000
 # Reads asked on the loop's own connection too: the point lookups of the message path (a send
 # id's record, one message), whose callers read their rows by position. Every other read goes
@@ -303,7 +305,7 @@ class CassandraStore:
         # (user, position) -> the entry's row values (_inbox_values)
         self._entries: LRUCache[tuple[str, int], tuple[Any, ...]] = LRUCache(200_000)
         self._acked: LRUCache[str, int] = LRUCache(100_000)
-        self._receipts: LRUCache[tuple[str, str], tuple[int, int]] = LRUCache(200_000)
+        self._receipts: LRUCache[tuple[str, str], tuple[int, int]] = LRUCache(RECEIPTS_KNOWN)
         self._unsent: TimedMap[tuple[str, str], bool] = TimedMap(100_000, UNSENT_TTL_S)
         # sends completed here (their record may still be on its way), and open sends found by
         # find_sent for append_message to complete
@@ -1459,6 +1461,9 @@ class CassandraStore:
         for held in self._logs.of_partition(part):
             held.kill(f"partition {part} changed hands")
             self._logs.drop(held.key)
+        # the receipts of the partition's users move on another bridge now: what this one knows
+        # of them may fall behind, and a move it then made would be told as news (going back)
+        self._receipts = LRUCache(RECEIPTS_KNOWN)
 
     def _row_params(self, key: str, epoch: int, rows: Sequence[tuple[int, tuple[Any, ...]]],
                     full: bool) -> tuple[str, dict[int, list[tuple[Any, ...]]]]:
@@ -2049,11 +2054,15 @@ class CassandraStore:
         if kind == "read":
             await asyncio.gather(self._per_chat.run(chat_id, "set_read", (up_to, up_to, chat_id, user_id)),
                                  self._per_chat.run(chat_id, "set_delivered", (up_to, up_to, chat_id, user_id)))
-            self._receipts[(chat_id, user_id)] = (max(delivered, up_to), up_to)
         else:
             await self._per_chat.run(chat_id, "set_delivered", (up_to, up_to, chat_id, user_id))
-            self._receipts[(chat_id, user_id)] = (up_to, read)
-        return True
+        # Another move of the same receipt may have been made here meanwhile (two devices of the
+        # user reading at once): the higher one stands, and a lower one finishing after it is no
+        # news (its notice would take the receipt back). (Equal: this one, as read back meanwhile.)
+        delivered, read = self._receipts.get((chat_id, user_id), known)
+        overtaken = (read if kind == "read" else delivered) > up_to
+        self._receipts[(chat_id, user_id)] = (max(delivered, up_to), max(read, up_to) if kind == "read" else read)
+        return not overtaken
 
     async def advance_group_notice(self, chat_id: str, user_id: str, kind: ReceiptKind, up_to: int) -> bool:
         rows = await self._x("notice", chat_id, user_id)

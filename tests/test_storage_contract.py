@@ -338,6 +338,49 @@ async def test_receipts_move_forward_and_reading_implies_delivery(store: Store) 
     assert await store.advance_group_notice(chat.chat_id, a, "delivered", 1) is True
 
 
+async def test_cassandra_a_receipt_moved_twice_at_once_is_not_told_going_back(
+        cassandra: CassandraStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two devices of a user read a chat at once, up to 9 and up to 5, and the 9 is written first:
+    the 5 is no news (its notice would take the receipt back), and 9 stands."""
+    store = cassandra
+    a, b = await two_users(store)
+    chat = await store.direct_chat(a, b, T0)
+    assert await store.advance_receipt(chat.chat_id, b, "read", 3) is True
+    run, nine_written = store._per_chat.run, asyncio.Event()
+
+    async def five_after_nine(partition: str, name: str, params: tuple[Any, ...]) -> None:
+        if params[0] == 5:
+            await nine_written.wait()
+        await run(partition, name, params)
+        if params[0] == 9 and name == "set_read":
+            nine_written.set()
+
+    monkeypatch.setattr(store._per_chat, "run", five_after_nine)
+    nine, five = await asyncio.wait_for(asyncio.gather(store.advance_receipt(chat.chat_id, b, "read", 9),
+                                                       store.advance_receipt(chat.chat_id, b, "read", 5)), 10)
+    assert (nine, five) == (True, False)
+    assert await store.advance_receipt(chat.chat_id, b, "read", 7) is False
+    assert {r.user_id: r.read for r in await store.get_receipts(chat.chat_id)}[b] == 9
+
+
+async def test_cassandra_receipts_moved_on_by_another_bridge_are_not_told_again_after_a_partition_comes_back(
+        cassandra: CassandraStore) -> None:
+    """This bridge knew b's read receipt at 3; the partition went to another bridge, which moved
+    it to 10, and came back. A read up to 7 here is then no news: what this bridge knew of the
+    partition's receipts was dropped with it."""
+    from storage.cassandra_owner import partition_of
+
+    store = cassandra
+    a, b = await two_users(store)
+    chat = await store.direct_chat(a, b, T0)
+    assert await store.advance_receipt(chat.chat_id, b, "read", 3) is True
+    store._lost(partition_of(f"u:{b}"))  # (the leases as they were: only what it knew is dropped)
+    await store._x("set_read", 10, 10, chat.chat_id, b)  # the other bridge
+    await store._x("set_delivered", 10, 10, chat.chat_id, b)
+    assert await store.advance_receipt(chat.chat_id, b, "read", 7) is False
+    assert await store.advance_receipt(chat.chat_id, b, "read", 11) is True
+
+
 async def test_many_members_receipts_moved_at_once_are_all_kept(store: Store) -> None:
     """A group's members acknowledging the same message together: every move is kept (a backend
     may write them as one request), and each member's read implies delivered."""
