@@ -239,10 +239,12 @@ class PeerClient:
         conn = await self._connection(address)
         if conn is None:
             return None
+        waiting = self._waiting.get(conn)
+        if waiting is None or conn.closed:  # lost before this caller's turn came: nothing was sent
+            return None
         rid = next(self._ids)
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[dict[str, Any] | None] = loop.create_future()
-        waiting = self._waiting[conn]
         waiting[rid] = fut
         conn.send([rid, queue, request])
         # one timer for every request on its way, not one each (asyncio.timeout's timer handle

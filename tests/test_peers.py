@@ -105,3 +105,28 @@ async def test_an_unanswered_request_times_out_and_an_answered_one_leaves_no_tim
             fut.cancel()
         await client.close()
         await server.close()
+
+
+async def test_callers_waiting_for_a_connection_that_is_lost_at_once_are_told_to_go_through_redis() -> None:
+    """Two requests wait for one connection to open; it is lost before the second one's turn
+    comes. The first was written on it (PeerLost: it may have been handled); the second was not,
+    and is told so (None: the caller asks through Redis), not failed with a KeyError."""
+    from storage.peers import PeerLost
+
+    server, address = await _server(lambda request: asyncio.get_running_loop().create_future())
+    client = PeerClient(KEY)
+    opened = client._open
+
+    async def lost_at_once(addr: str) -> Any:
+        conn = await opened(addr)
+        conn.transport.abort()  # (its loss is seen in the loop's next turn)
+        return conn
+
+    client._open = lost_at_once  # type: ignore[method-assign]
+    try:
+        first, second = await asyncio.gather(client.call(address, QUEUE, {"n": 1}, 5),
+                                             client.call(address, QUEUE, {"n": 2}, 5), return_exceptions=True)
+        assert isinstance(first, PeerLost) and second is None
+    finally:
+        await client.close()
+        await server.close()
