@@ -359,7 +359,8 @@ class RedisState:
                     address = None
                 self._holders[queue] = (address, now)
             except StorageUnavailable:
-                pass
+                if known is not None:  # Redis cannot say now: the address last read, until it can
+                    address = known[0]
             finally:
                 del self._reading[queue]
                 reading.set_result(address)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -248,6 +249,41 @@ async def test_requests_between_bridges_go_straight_to_the_holder_in_order() -> 
         serving.cancel()
         await asyncio.gather(serving, return_exceptions=True)
         await admin.aclose()
+        await caller.close()
+        await holder.close()  # type: ignore[attr-defined]
+
+
+async def test_requests_between_bridges_go_on_over_their_connection_while_redis_cannot_answer(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Redis stops answering the caller after it learnt where the holder answers: once the
+    address it read is older than HOLDER_CACHE_S it cannot read it again, and keeps using it
+    (the direct connection does not need Redis) rather than failing every request."""
+    import time
+
+    from storage.base import StorageUnavailable
+    from storage.state_redis import RedisState
+
+    url = production_url("PIGEON_REDIS", "redis://")
+    queue = f"test-no-redis-{uid()}:p0"
+    holder, echo, serving = await _serving(url, [queue])
+    caller = RedisState(url, "127.0.0.1", SECRET)
+    await caller.open()
+    try:
+        await _direct_ready(caller, queue)
+        address, _read_at = caller._holders[queue]
+
+        async def no_answer(coro: Any) -> Any:
+            coro.close()
+            raise StorageUnavailable("redis: no answer")
+
+        with monkeypatch.context() as patched:
+            patched.setattr(caller, "_do", no_answer)
+            caller._holders[queue] = (address, time.monotonic() - 10)  # read long ago
+            assert await caller.call(queue, {"kind": "echo", "n": 3}, 5) == {"n": 6}
+        assert echo.seen == [3] and caller.direct_calls == 1
+    finally:
+        serving.cancel()
+        await asyncio.gather(serving, return_exceptions=True)
         await caller.close()
         await holder.close()  # type: ignore[attr-defined]
 
