@@ -61,6 +61,10 @@ ADVERTISE_S = 1.0
 ADVERTISE_TTL_S = 3
 HOLDER_CACHE_S = 1.0  # how long a caller trusts the address it read for a queue
 RPC_WAIT_S = 1  # a blocking pop returns this often to look at what it serves
+# How long a request taken from a queue's list is remembered: the same one pushed again within
+# it (redis-py sends a push again when its answer was lost, after the push was applied) is not
+# handled twice. Longer than a push's retries take, and than any request waits (FORWARD_TIMEOUT_S).
+REQUEST_SEEN_S = 30.0
 RPC_BUNCH = 256  # requests (or replies) taken from a list in one round trip
 # Where a bridge says a user's devices changed (``devices_changed``): Redis pub/sub, heard by
 # every bridge that listens at that moment and by no other.
@@ -483,6 +487,7 @@ class RedisState:
 
     async def _serve_lists(self, queues: Callable[[], Sequence[str]]) -> None:
         running: set[asyncio.Task[None]] = set()
+        seen: dict[tuple[str, str], float] = {}  # (caller, request id) -> when taken, oldest first
 
         async def answer(caller: str, rid: str, request: dict[str, Any]) -> None:
             try:
@@ -519,6 +524,13 @@ class RedisState:
                 except (ValueError, TypeError):
                     log.warning("ignoring a malformed request in %s", ", ".join(held))
                     continue
+                now = time.monotonic()
+                while seen and now - next(iter(seen.values())) > REQUEST_SEEN_S:
+                    del seen[next(iter(seen))]
+                if (str(caller), str(rid)) in seen:  # the same push made twice: handled once
+                    log.info("a request of another bridge came twice; answered once")
+                    continue
+                seen[(str(caller), str(rid))] = now
                 task = asyncio.create_task(answer(caller, rid, request), name="rpc-answer")
                 running.add(task)
                 task.add_done_callback(running.discard)

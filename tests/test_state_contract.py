@@ -288,6 +288,32 @@ async def test_requests_between_bridges_go_on_over_their_connection_while_redis_
         await holder.close()  # type: ignore[attr-defined]
 
 
+async def test_a_request_pushed_twice_onto_a_queues_list_is_handled_once() -> None:
+    """redis-py sends a push again when its answer was lost after Redis applied it: the request
+    is then twice in the queue's list. The holder handles it once (a receipt or a system message,
+    which carry no request id of their own, would otherwise be stored twice)."""
+    import json
+
+    import redis.asyncio as aioredis
+
+    from storage.state_redis import RPC_LIST
+
+    url = production_url("PIGEON_REDIS", "redis://")
+    queue = f"test-twice-{uid()}:p0"
+    holder, echo, serving = await _serving(url, [queue])
+    admin = aioredis.from_url(url)
+    try:
+        twice = json.dumps(["a-caller", "7", {"kind": "echo", "n": 1}])
+        await admin.rpush(f"{RPC_LIST}{queue}", twice, twice, json.dumps(["a-caller", "8", {"kind": "echo", "n": 2}]))
+        await until(lambda: 2 in echo.seen)  # the request after them, handled
+        assert echo.seen == [1, 2]
+    finally:
+        serving.cancel()
+        await asyncio.gather(serving, return_exceptions=True)
+        await admin.aclose()
+        await holder.close()  # type: ignore[attr-defined]
+
+
 async def test_a_request_for_a_queue_given_up_reaches_the_new_holder_through_redis() -> None:
     """The holder a caller remembers has given the queue up: it answers "moved" without handling
     the request, and the caller pushes it onto the queue's Redis list, where the new holder takes it."""
