@@ -1891,13 +1891,15 @@ class CassandraStore:
 
     async def history(self, chat_id: str, before: int | None, limit: int) -> list[Message]:
         key = f"c:{chat_id}"
-        fence, head = await asyncio.gather(self._fence(key), self._head(key))
+        head = await self._head(key)
         top = min(before - 1, head) if before is not None else head
         out: list[Message] = []
         bucket = top // BUCKET
         while top > 0 and len(out) < limit and bucket >= 0:
             rows = await self._x("recent", chat_id, bucket, top, limit - len(out))
-            out += [_message(chat_id, r[0], r[1:]) for r in rows if self._valid(r[-1], r[0], fence)]
+            if rows:
+                fence = await self._fence(key)  # after the rows (see read_inbox)
+                out += [_message(chat_id, r[0], r[1:]) for r in rows if self._valid(r[-1], r[0], fence)]
             bucket -= 1
         return out
 
@@ -1932,20 +1934,30 @@ class CassandraStore:
                 cached.append(InboxEntry(user_id=user_id, pos=pos, item=_inbox_item(item)))
             else:
                 return cached
+        rows = await self._inbox_from(user_id, after, limit)
+        if not rows:
+            # Nothing right after ``after``: caught up, or the entries after it expired (inbox
+            # rows last inbox_ttl_s, the oldest going first). Then the batch starts at the oldest
+            # entry kept: for a device, a position a sync skips does not exist (docs/protocol.md).
+            # Without this a device syncing from below the expired ones got nothing, ever.
+            kept = await self._oldest_kept(user_id, after, held)
+            if kept is None:
+                return []
+            rows = await self._inbox_from(user_id, kept - 1, limit)
+        # The fence after the rows (as in _message_at): a late row of an older holder that was
+        # read is either hidden by the fence read now, or was there before a newer holder read
+        # the tail, which kept it.
         fence = await self._fence(f"u:{user_id}")
-        out = await self._inbox_from(user_id, after, limit, fence)
-        if out:
-            return out
-        # Nothing right after ``after``: caught up, or the entries after it expired (inbox rows
-        # last inbox_ttl_s, the oldest going first). Then the batch starts at the oldest entry
-        # kept: for a device, a position a sync skips does not exist (docs/protocol.md). Without
-        # this a device syncing from below the expired ones got nothing, whatever came after.
-        kept = await self._oldest_kept(user_id, after, fence, held)
-        return [] if kept is None else await self._inbox_from(user_id, kept - 1, limit, fence)
+        out: list[InboxEntry] = []
+        for r in rows:
+            if not self._valid(r[15], r[0], fence):
+                break  # (a late row of an older epoch: what follows it is not kept)
+            out.append(InboxEntry(user_id=user_id, pos=r[0], item=_inbox_item(r[1:15])))
+        return out
 
-    async def _oldest_kept(self, user_id: str, after: int, fence: tuple[int, int], held: KeyLog | None) -> int | None:
-        """The position of the oldest inbox entry after ``after`` still stored, when there is
-        one and the entry right after ``after`` is not (it expired)."""
+    async def _oldest_kept(self, user_id: str, after: int, held: KeyLog | None) -> int | None:
+        """The position of the oldest inbox row after ``after`` still stored, when the one right
+        after ``after`` is not (it expired); None when there is none."""
         if held is not None:
             head = held.head
         else:  # (the head as written behind: it lags by seconds, and expired entries are a month old)
@@ -1953,22 +1965,23 @@ class CassandraStore:
             head = int(rows[0][0] or 0) if rows else 0
         for bucket in range((after + 1) // BUCKET, head // BUCKET + 1):  # none when caught up
             rows = await self._x("read_inbox", user_id, bucket, after, 1)
-            if rows:  # (one of an older epoch past the fence: nothing kept comes after it)
-                return int(rows[0][0]) if self._valid(rows[0][15], rows[0][0], fence) else None
+            if rows:
+                return int(rows[0][0])
         return None
 
-    async def _inbox_from(self, user_id: str, after: int, limit: int, fence: tuple[int, int]) -> list[InboxEntry]:
-        """Up to ``limit`` inbox entries from ``after + 1`` on, as long as they follow each other."""
-        out: list[InboxEntry] = []
+    async def _inbox_from(self, user_id: str, after: int, limit: int) -> list[Any]:
+        """Up to ``limit`` inbox rows from ``after + 1`` on, as long as they follow each other
+        (not yet checked against the fence)."""
+        out: list[Any] = []
         cursor = after
         while len(out) < limit:
             bucket = (cursor + 1) // BUCKET
             want = limit - len(out)
             rows = await self._x("read_inbox", user_id, bucket, cursor, want)
             for r in rows:
-                if r[0] != cursor + 1 or not self._valid(r[15], r[0], fence):
-                    return out  # the end of what is written (or a late row of an old epoch)
-                out.append(InboxEntry(user_id=user_id, pos=r[0], item=_inbox_item(r[1:15])))
+                if r[0] != cursor + 1:
+                    return out  # the end of what is written
+                out.append(r)
                 cursor = r[0]
             if len(rows) < want and cursor % BUCKET != BUCKET - 1:
                 break

@@ -778,6 +778,39 @@ async def test_cassandra_appends_that_waited_for_a_keys_opening_come_before_any_
     assert [m.client_id for m in await store.history(chat.chat_id, None, 3)] == ["w3", "w2", "w1"]
 
 
+async def test_cassandra_a_late_row_of_an_older_holder_landing_between_a_syncs_reads_is_not_returned(
+        cassandra: CassandraStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between the two reads of a sync (the inbox's rows, the fence), a newer holder fences the
+    inbox at 3 and a late write of the older one lands at 4. The sync returns 1..3: the fence is
+    read after the rows, so a row read is either hidden by it or was kept by the newer holder."""
+    from storage.cassandra_owner import partition_of
+
+    store = cassandra
+    a, b = await two_users(store)
+    chat = await store.direct_chat(a, b, T0)
+    for i in range(3):
+        await store.append_message(text(chat.chat_id, a, f"r{i}"), [a, b])
+    await store.settled()
+    key = f"u:{b}"
+    epoch = store._leases.epoch(partition_of(key))  # type: ignore[union-attr]
+    assert epoch is not None
+    late = store._entries[(b, 3)]
+    store._logs.drop(key)  # read from Cassandra, as by a bridge not holding the inbox
+    run, reads = store._x, []
+
+    async def newer_holder_between_the_reads(name: str, *values: Any, **kw: Any) -> Any:
+        got = await run(name, *values, **kw)
+        if name in ("fence_get", "read_inbox") and values and key.endswith(str(values[0])):
+            reads.append(name)
+            if len(reads) == 1:
+                await run("fence_put", key, epoch + 1, 3, 2 * (epoch + 1) + 1)
+                await store._write_rows(key, epoch, [(4, late)], True)  # the older holder's late row
+        return got
+
+    monkeypatch.setattr(store, "_x", newer_holder_between_the_reads)
+    assert [e.pos for e in await store.read_inbox(b, 0, 10)] == [1, 2, 3]
+
+
 async def send_with_an_entry_failing(store: CassandraStore, msg: NewMessage, members: list[str], failing: str) -> None:
     """Send ``msg`` while writing ``failing``'s inbox entry fails: numbered and stored, its caller
     told the store is unavailable, the other members' entries written."""
