@@ -10,11 +10,15 @@
 
 What it does for the application:
 
-* keeps the inbox cursor on disk (in the profile file) and, on connect, syncs from it until
-  nothing is left, so an offline device misses nothing;
+* keeps on disk (in the profile file) the inbox position the application has taken events up
+  to (from ``events()``, ``next_event()``, ``pending_events()``) and, on connect, syncs from it
+  until nothing is left, so an offline device misses nothing, and events delivered but never
+  taken (the process ended first) come again;
 * delivers inbox events exactly once and in inbox order: a duplicate is dropped, a gap in the
   live stream triggers a sync before anything after the gap is delivered;
-* acknowledges what it has delivered (which produces *delivered* receipts for senders);
+* acknowledges what it has delivered (which produces *delivered* receipts for senders), and
+  the position it starts from once a connection is up (an ack may have been lost before);
+* once closed, ends ``events()`` and answers ``next_event()`` with ``not_connected``;
 * retries ``send`` under the same id, so a lost reply never produces a second message, and in
   the order the sends were made: once a send is refused (``rate_limited``, ``unavailable``) or
   unanswered, the device's later sends (new ones, and refused ones going again) wait until it
@@ -88,6 +92,7 @@ log = logging.getLogger(__name__)
 __all__ = ["Api", "Device", "Event", "PigeonClientError", "Profile", "RequestTimeout", "login", "request_code",
            "verify"]
 CLOSE_STEP_S = 5.0
+_CLOSED = object()  # put after the events once the device is closed: whoever waits for one is told
 PEERS_KEPT = 4096  # direct chats remembered (one forgotten costs a sync when its peer writes next)
 PEERS_SAVED = 512  # of those, kept in the profile (written with the sync cursor)
 UNRESOLVED_KEPT = 1024
@@ -464,10 +469,15 @@ class Device:
         # v2: the server's clock (ms) as the latest batch gave it, and this loop's time then: the
         # estimate that places the shortened times of live events (see _server_now)
         self._server_clock: tuple[int, float] | None = None
-        self._events: asyncio.Queue[Event] = asyncio.Queue()
+        self._events: asyncio.Queue[Any] = asyncio.Queue()  # events, then _CLOSED once closed
         self._side: asyncio.Queue[Event] = asyncio.Queue()
-        self._cursor = profile.cursor
-        self._acked = profile.cursor
+        self._cursor = profile.cursor  # the inbox position delivered up to (to the queue above)
+        # ... and the one the application has taken up to: what the profile keeps, so a restart
+        # delivers again what was delivered but never taken (lost with the process otherwise)
+        self._taken = profile.cursor
+        # what was acked on this connection: none yet, so the first sync acks the cursor (an ack
+        # sent at QoS 0, or just before a close, may never have reached the server)
+        self._acked = 0
         self._buffer: dict[int, Any] = {}
         self._sync_lock = asyncio.Lock()
         self._sync_wanted = asyncio.Event()
@@ -550,12 +560,16 @@ class Device:
             await self.api.close()
             raise PigeonClientError("connect_refused", str(exc)) from exc
         self._client = client
-        # v2 devices take their user's events from the v2 topic (docs/protocol.md)
-        await client.subscribe(f"down/{self.profile.user_id}{'/v2' if self.proto == 2 else ''}", qos=1)
-        await client.subscribe(f"down/{self.profile.user_id}/{self.profile.device_id}", qos=1)
-        self._runner = asyncio.create_task(self._run(), name=f"pigeon-device-{self.profile.device_id}")
-        await self._publish(self._online())
-        await self.sync()
+        try:
+            # v2 devices take their user's events from the v2 topic (docs/protocol.md)
+            await client.subscribe(f"down/{self.profile.user_id}{'/v2' if self.proto == 2 else ''}", qos=1)
+            await client.subscribe(f"down/{self.profile.user_id}/{self.profile.device_id}", qos=1)
+            self._runner = asyncio.create_task(self._run(), name=f"pigeon-device-{self.profile.device_id}")
+            await self._publish(self._online())
+            await self.sync()
+        except BaseException:  # (the connection and the background tasks do not outlive a failed start)
+            await self.close()
+            raise
         return self
 
     def _online(self) -> dict[str, Any]:
@@ -590,6 +604,7 @@ class Device:
         self._client = None
         await self.api.close()
         self._save_cursor()
+        self._events.put_nowait(_CLOSED)  # whoever waits for an event is told
 
     @staticmethod
     async def _settle(runner: asyncio.Task[None]) -> None:
@@ -726,9 +741,11 @@ class Device:
             if isinstance(event, Batch) and event.now is not None:
                 self._server_clock = (event.now, asyncio.get_running_loop().time())
             rid = getattr(event, "id", None)
-            if event.type in REPLY_TYPES and rid is not None and rid in self._pending:
-                fut = self._pending.pop(rid)
-                if not fut.done():
+            if event.type in REPLY_TYPES and rid is not None:
+                fut = self._pending.pop(rid, None)
+                if fut is None:  # its request timed out (a retry, if any, has an answer of its own)
+                    log.debug("ignoring a late reply to request %s", rid)
+                elif not fut.done():
                     fut.set_result(event)
                 continue
             if isinstance(event, PresenceEvent) and rid is not None and rid in self._pending:
@@ -786,6 +803,10 @@ class Device:
                     log.warning("gap sync failed: %s", exc)
                     self._sync_wanted.set()
                     await asyncio.sleep(1 + random.random())
+                    continue
+                if self._buffer:  # the sync did not reach the events held (the store not there yet)
+                    await asyncio.sleep(0.5 + random.random() / 2)
+                    self._sync_wanted.set()
 
     async def _heartbeat_loop(self) -> None:
         """Say ``presence online`` again whenever nothing was published for half the keepalive."""
@@ -819,7 +840,7 @@ class Device:
             up_to = self._cursor
             await self._publish({"type": "ack", "up_to": up_to}, qos=0 if self.proto == 2 else 1)
             self._ack_at = asyncio.get_running_loop().time()
-            self._acked = up_to
+            self._acked = max(self._acked, up_to)
             self._save_cursor()
 
     def _learn_peer(self, peer: str, chat: str) -> None:
@@ -832,7 +853,7 @@ class Device:
             del saved[next(iter(saved))]
 
     def _save_cursor(self) -> None:
-        self.profile.cursor = self._cursor
+        self.profile.cursor = self._taken
         if self.profile.path:
             self.profile.save()
 
@@ -980,19 +1001,41 @@ class Device:
 
     # -- events ------------------------------------------------------------------------------------------
     async def next_event(self, timeout: float | None = None) -> Event:
+        """The next event; :class:`RequestTimeout` when none came within ``timeout``, and
+        ``not_connected`` once the device is closed."""
         try:
             async with asyncio.timeout(timeout):
-                return await self._events.get()
+                event = await self._events.get()
         except TimeoutError as exc:
             raise RequestTimeout("no event arrived in time") from exc
+        if event is _CLOSED:
+            self._events.put_nowait(_CLOSED)  # (for every later call too)
+            raise PigeonClientError("not_connected", "the device is closed")
+        return self._handed(event)
 
     async def events(self) -> AsyncIterator[Event]:
+        """Every event as it comes, until the device is closed."""
         while True:
-            yield await self._events.get()
+            event = await self._events.get()
+            if event is _CLOSED:
+                self._events.put_nowait(_CLOSED)
+                return
+            yield self._handed(event)
 
     def pending_events(self) -> list[Event]:
         out: list[Event] = []
         while not self._events.empty():
-            out.append(self._events.get_nowait())
+            event = self._events.get_nowait()
+            if event is _CLOSED:
+                self._events.put_nowait(_CLOSED)
+                break
+            out.append(self._handed(event))
         return out
+
+    def _handed(self, event: Event) -> Event:
+        """``event`` goes to the application: an inbox event's position is taken (kept in the
+        profile from the next save on)."""
+        if isinstance(event, (MsgEvent, ReceiptEvent)):
+            self._taken = max(self._taken, event.inbox)
+        return event
 

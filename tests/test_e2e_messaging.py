@@ -12,6 +12,7 @@ import pytest
 
 from clients.sdk import Api, Device
 from tests.conftest import NewUser, ServerProc
+from tests.fakes import until
 from tests.mqtt_raw import connect_packet, publish_packet, read_packet
 
 
@@ -105,6 +106,57 @@ async def test_offline_device_catches_up_with_sync_in_batches(new_user: NewUser,
         assert empty["items"] == [] and empty["more"] is False and empty["last"] == 25
     finally:
         await db.close()
+
+
+async def test_events_the_app_never_took_come_again_after_a_restart(new_user: NewUser, connect: Any) -> None:
+    """The SDK keeps in the profile the inbox position the application has taken, not the one
+    it delivered to its queue: events delivered but never taken (the process ended) come again
+    when the device starts next, and nothing taken comes twice."""
+    a, b = await new_user(), await new_user()
+    da = await connect(a)
+    db = await connect(b)
+    for i in range(3):
+        await da.send(f"m{i}", to=b.user_id)
+    first = await db.next_event(timeout=10)
+    assert first["body"] == "m0"
+    await until(lambda: db.cursor, first["inbox"] + 2, timeout=10)  # m1, m2 delivered to the queue, not taken
+    await db.close()
+    assert b.cursor == first["inbox"]
+    again = await connect(b)
+    got = [await again.next_event(timeout=10) for _ in range(2)]
+    assert [ev["body"] for ev in got] == ["m1", "m2"]
+    assert again.pending_events() == []
+
+
+async def test_a_closed_device_tells_whoever_waits_for_an_event(new_user: NewUser, connect: Any) -> None:
+    from clients.sdk import PigeonClientError
+
+    dev = await connect(await new_user())
+    listening = asyncio.create_task(anext(dev.events(), None))
+    waiting = asyncio.create_task(dev.next_event())
+    await asyncio.sleep(0.1)
+    await dev.close()
+    async with asyncio.timeout(5):  # a hang guard
+        assert await listening is None  # the iteration ended
+        with pytest.raises(PigeonClientError) as caught:
+            await waiting
+    assert caught.value.code == "not_connected"
+    assert [ev async for ev in dev.events()] == []
+
+
+async def test_a_device_whose_start_fails_leaves_nothing_running(new_user: NewUser,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from clients.sdk import PigeonClientError
+
+    dev = Device(await new_user())
+
+    async def refused(*args: Any, **kw: Any) -> int:
+        raise PigeonClientError("rate_limited", "the server is overloaded; retry later")
+
+    monkeypatch.setattr(dev, "sync", refused)
+    with pytest.raises(PigeonClientError):
+        await dev.__aenter__()
+    assert dev._runner is None and dev._client is None and dev._closing  # noqa: SLF001
 
 
 async def test_sync_returns_events_exactly_as_delivered_live(new_user: NewUser, connect: Any) -> None:
