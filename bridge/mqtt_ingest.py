@@ -282,6 +282,9 @@ class MqttIngest:
         # connections of partitions given up: what they brought and is not handled yet is left to
         # the partition's next holder, to whom the broker hands it (it was not acknowledged)
         self._given_up: weakref.WeakSet[aiomqtt.Client] = weakref.WeakSet()
+        # each partition's session connections, the lost ones too while what came on them waits
+        # in a lane: all are given up with the partition (one lost before it went was not)
+        self._connections: dict[int, weakref.WeakSet[aiomqtt.Client]] = {}
         self._taken_in, self._max_taken_in = 0, max_taken_in
         self._room = asyncio.Event()  # set when taking in no longer waits for room
         self._room.set()
@@ -379,9 +382,8 @@ class MqttIngest:
                     running[part] = asyncio.create_task(self._session(part), name=f"ingest-p{part}")
                 for part in list(running.keys() - held):
                     running.pop(part).cancel()
-                    gone = self._sessions.pop(part, None)
-                    if gone is not None:
-                        self._given_up.add(gone)
+                    self._sessions.pop(part, None)
+                    self._given_up.update(self._connections.pop(part, ()))
                     self._session_ready.pop(part, None)
                     log.info("gave up the broker session of partition %d", part)
                 try:
@@ -403,6 +405,7 @@ class MqttIngest:
         backoff = 0.2
         while True:
             client = self._new_client(self._session_id(part), persistent=True)
+            self._connections.setdefault(part, weakref.WeakSet()).add(client)
             try:
                 async with client:
                     users = await self._partitions.partition_users(part)

@@ -385,6 +385,53 @@ async def test_what_waits_in_a_lane_of_a_partition_given_up_is_left_to_its_next_
         await asyncio.gather(runner, return_exceptions=True)
 
 
+async def test_what_waits_from_a_lost_connection_of_a_partition_given_up_is_left_to_its_next_holder() -> None:
+    """A partition's broker connection is lost while one of its devices' publishes is being
+    handled and the next waits behind it; the partition then goes to another bridge before the
+    session is back. The one waiting is the next holder's (the broker hands it over), not
+    handled here as well."""
+    partitions = OnePartition()
+    handling, release = asyncio.Event(), asyncio.Event()
+    handled: list[bytes] = []
+
+    async def handle(topic: str, payload: bytes) -> None:
+        handling.set()
+        await release.wait()
+        handled.append(payload)
+
+    ingest = MqttIngest("127.0.0.1", 1, username=BRIDGE, password=SECRET, client_id=f"{BRIDGE}-l",
+                        handle=handle, persistent=True, partitions=partitions)
+    connections: list[FakeConnection] = []
+
+    def new_client(identifier: str, persistent: bool) -> FakeConnection:
+        connections.append(FakeConnection(identifier))
+        return connections[-1]
+
+    def sessions() -> list[FakeConnection]:
+        return [c for c in connections if c.identifier == ingest._session_id(0)]
+
+    ingest._new_client = new_client  # type: ignore[assignment,method-assign]
+    runner = asyncio.create_task(ingest.run())
+    try:
+        await _until(lambda: 0 in ingest._sessions)
+        [session] = sessions()
+        for mid in (1, 2):
+            session._queue.put_nowait(aiomqtt.Message(f"up/{USER}/{DEVICE}", b'{"n":%d}' % mid, 1, False, mid, None))
+        await asyncio.wait_for(handling.wait(), 10)
+        await _until(lambda: ingest._taken_in == 2)
+        session._disconnected.set_exception(aiomqtt.MqttError("the connection was lost"))
+        await _until(lambda: 0 not in ingest._sessions)
+        partitions.give_up()  # (the session waits to connect again meanwhile)
+        await asyncio.sleep(0.05)
+        release.set()
+        await _until(lambda: not ingest._lanes)
+        assert handled == [b'{"n":1}'] and ingest._taken_in == 0
+        assert session.acked == [] and sessions() == [session]  # (not connected again)
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+
+
 async def test_a_publish_read_while_the_ingest_stops_is_not_taken_in() -> None:
     """Between run()'s end and a session's, a publish read is neither handled nor counted: it was
     never acknowledged, so the broker hands it out again."""
