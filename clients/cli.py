@@ -118,7 +118,8 @@ def serve(
     log_level: Annotated[str, typer.Option(envvar="PIGEON_LOG_LEVEL")] = "INFO",
     ingest: Annotated[str, typer.Option(
         envvar="PIGEON_INGEST", help="inprocess: the broker hands device publishes to the bridge directly; "
-        "mqtt: the bridge subscribes to up/+/+ as an MQTT client")] = "inprocess",
+        "mqtt: the bridge subscribes to up/+/+ as an MQTT client (on the embedded broker a publish is then "
+        "acknowledged to the device when queued, not when handled: for tests)")] = "inprocess",
     event_loop: Annotated[str, typer.Option(
         envvar="PIGEON_EVENT_LOOP", help="uvloop (libuv, faster; the default where it is installed) or asyncio "
         "(the standard library's)")] = "auto",
