@@ -1454,7 +1454,11 @@ class CassandraStore:
         return {"n": n, "dup": dup}
 
     async def _quiesce(self, part: int) -> None:
-        """Wait until what this process took for a partition's keys is written."""
+        """Wait until what this process took for a partition's keys is written: the keys being
+        opened for appends first (their logs are not made yet), then every log's writes."""
+        opening = [task for key, task in self._openers.items() if partition_of(key) == part]
+        if opening:
+            await asyncio.gather(*(asyncio.shield(task) for task in opening), return_exceptions=True)
         await asyncio.gather(*(held.settled() for held in self._logs.of_partition(part)))
 
     def _lost(self, part: int) -> None:

@@ -811,6 +811,41 @@ async def test_cassandra_a_late_row_of_an_older_holder_landing_between_a_syncs_r
     assert [e.pos for e in await store.read_inbox(b, 0, 10)] == [1, 2, 3]
 
 
+async def test_cassandra_a_partition_given_back_waits_for_the_keys_being_opened_in_it(
+        cassandra: CassandraStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A partition is given back (a second bridge came) while one of its keys is being opened for
+    an append: the release waits for the opening and the append's write, and the append is
+    stored, rather than failed with "changed hands" as the lease goes."""
+    from storage.cassandra_owner import partition_of
+
+    store = cassandra
+    a, b = await two_users(store)
+    chat = await store.direct_chat(a, b, T0)
+    key, leases = f"c:{chat.chat_id}", store._leases
+    assert leases is not None
+    part = partition_of(key)
+    run, reached, go_on = store._x, asyncio.Event(), asyncio.Event()
+
+    async def held(name: str, *values: Any, **kw: Any) -> Any:
+        if name == "chat_head" and values == (chat.chat_id,) and not go_on.is_set():
+            reached.set()
+            await go_on.wait()
+        return await run(name, *values, **kw)
+
+    monkeypatch.setattr(store, "_x", held)
+    appended = asyncio.ensure_future(store._number_soon(key, ("opening", a, phone_of(a), T0, "text", "x", None,
+                                                              None, None), None))
+    await asyncio.wait_for(reached.wait(), 5)
+    releasing = asyncio.create_task(leases.release(part))
+    await asyncio.sleep(0.2)
+    assert not releasing.done() and leases.epoch(part) is None  # new work goes elsewhere meanwhile
+    go_on.set()
+    assert await asyncio.wait_for(appended, 5) == (1, False)
+    await asyncio.wait_for(releasing, 10)
+    assert part not in leases.held()
+    assert [m.client_id for m in await store.history(chat.chat_id, None, 5)] == ["opening"]
+
+
 async def send_with_an_entry_failing(store: CassandraStore, msg: NewMessage, members: list[str], failing: str) -> None:
     """Send ``msg`` while writing ``failing``'s inbox entry fails: numbered and stored, its caller
     told the store is unavailable, the other members' entries written."""
