@@ -741,11 +741,9 @@ class Device:
             if isinstance(event, Batch) and event.now is not None:
                 self._server_clock = (event.now, asyncio.get_running_loop().time())
             rid = getattr(event, "id", None)
-            if event.type in REPLY_TYPES and rid is not None:
-                fut = self._pending.pop(rid, None)
-                if fut is None:  # its request timed out (a retry, if any, has an answer of its own)
-                    log.debug("ignoring a late reply to request %s", rid)
-                elif not fut.done():
+            if event.type in REPLY_TYPES and rid is not None and rid in self._pending:
+                fut = self._pending.pop(rid)
+                if not fut.done():
                     fut.set_result(event)
                 continue
             if isinstance(event, PresenceEvent) and rid is not None and rid in self._pending:
