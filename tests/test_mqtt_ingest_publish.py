@@ -316,6 +316,20 @@ class OnePartition:
         self.changed.set()
 
 
+class HeldHandler:
+    """A publish handler that, for each publish, says it is handling one (``handling``) and
+    holds it until ``release`` is set; what it finished is in ``handled``."""
+
+    def __init__(self) -> None:
+        self.handling, self.release = asyncio.Event(), asyncio.Event()
+        self.handled: list[bytes] = []
+
+    async def __call__(self, topic: str, payload: bytes) -> None:
+        self.handling.set()
+        await self.release.wait()
+        self.handled.append(payload)
+
+
 class FakeConnection:
     """A broker connection as the ingest reads it (aiomqtt's client: its queue of publishes),
     recording the acknowledgements it sends. (The embedded broker hands ``up/`` publishes only
@@ -347,14 +361,9 @@ async def test_what_waits_in_a_lane_of_a_partition_given_up_is_left_to_its_next_
     it is neither handled nor acknowledged here as well (two bridges at once, out of the
     device's order)."""
     partitions = OnePartition()
-    handling, release = asyncio.Event(), asyncio.Event()
-    handled: list[bytes] = []
+    handle = HeldHandler()
+    handling, release, handled = handle.handling, handle.release, handle.handled
     released: list[int] = []
-
-    async def handle(topic: str, payload: bytes) -> None:
-        handling.set()
-        await release.wait()
-        handled.append(payload)
 
     ingest = MqttIngest("127.0.0.1", 1, username=BRIDGE, password=SECRET, client_id=f"{BRIDGE}-g",
                         handle=handle, persistent=True, partitions=partitions,
@@ -391,13 +400,8 @@ async def test_what_waits_from_a_lost_connection_of_a_partition_given_up_is_left
     session is back. The one waiting is the next holder's (the broker hands it over), not
     handled here as well."""
     partitions = OnePartition()
-    handling, release = asyncio.Event(), asyncio.Event()
-    handled: list[bytes] = []
-
-    async def handle(topic: str, payload: bytes) -> None:
-        handling.set()
-        await release.wait()
-        handled.append(payload)
+    handle = HeldHandler()
+    handling, release, handled = handle.handling, handle.release, handle.handled
 
     ingest = MqttIngest("127.0.0.1", 1, username=BRIDGE, password=SECRET, client_id=f"{BRIDGE}-l",
                         handle=handle, persistent=True, partitions=partitions)

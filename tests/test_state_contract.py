@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -211,6 +212,18 @@ async def _serving(url: str, queues: list[str]) -> tuple[object, _Echo, asyncio.
     return holder, echo, asyncio.create_task(holder.serve(lambda: list(queues)))
 
 
+@contextlib.asynccontextmanager
+async def _served(url: str, queues: list[str]) -> AsyncIterator[_Echo]:
+    """A holder serving ``queues`` (echoing what it is asked) for the block, then stopped."""
+    holder, echo, serving = await _serving(url, queues)
+    try:
+        yield echo
+    finally:
+        serving.cancel()
+        await asyncio.gather(serving, return_exceptions=True)
+        await holder.close()  # type: ignore[attr-defined]
+
+
 async def _direct_ready(caller: object, queue: str) -> None:
     """Until the caller has learnt where the holder answers (it advertises every second)."""
     from storage.state_redis import RedisState
@@ -265,27 +278,24 @@ async def test_requests_between_bridges_go_on_over_their_connection_while_redis_
 
     url = production_url("PIGEON_REDIS", "redis://")
     queue = f"test-no-redis-{uid()}:p0"
-    holder, echo, serving = await _serving(url, [queue])
-    caller = RedisState(url, "127.0.0.1", SECRET)
-    await caller.open()
-    try:
-        await _direct_ready(caller, queue)
-        address, _read_at = caller._holders[queue]
+    async with _served(url, [queue]) as echo:
+        caller = RedisState(url, "127.0.0.1", SECRET)
+        await caller.open()
+        try:
+            await _direct_ready(caller, queue)
+            address, _read_at = caller._holders[queue]
 
-        async def no_answer(coro: Any) -> Any:
-            coro.close()
-            raise StorageUnavailable("redis: no answer")
+            async def no_answer(coro: Any) -> Any:
+                coro.close()
+                raise StorageUnavailable("redis: no answer")
 
-        with monkeypatch.context() as patched:
-            patched.setattr(caller, "_do", no_answer)
-            caller._holders[queue] = (address, time.monotonic() - 10)  # read long ago
-            assert await caller.call(queue, {"kind": "echo", "n": 3}, 5) == {"n": 6}
-        assert echo.seen == [3] and caller.direct_calls == 1
-    finally:
-        serving.cancel()
-        await asyncio.gather(serving, return_exceptions=True)
-        await caller.close()
-        await holder.close()  # type: ignore[attr-defined]
+            with monkeypatch.context() as patched:
+                patched.setattr(caller, "_do", no_answer)
+                caller._holders[queue] = (address, time.monotonic() - 10)  # read long ago
+                assert await caller.call(queue, {"kind": "echo", "n": 3}, 5) == {"n": 6}
+            assert echo.seen == [3] and caller.direct_calls == 1
+        finally:
+            await caller.close()
 
 
 async def test_a_request_pushed_twice_onto_a_queues_list_is_handled_once() -> None:
@@ -300,18 +310,16 @@ async def test_a_request_pushed_twice_onto_a_queues_list_is_handled_once() -> No
 
     url = production_url("PIGEON_REDIS", "redis://")
     queue = f"test-twice-{uid()}:p0"
-    holder, echo, serving = await _serving(url, [queue])
-    admin = aioredis.from_url(url)
-    try:
-        twice = json.dumps(["a-caller", "7", {"kind": "echo", "n": 1}])
-        await admin.rpush(f"{RPC_LIST}{queue}", twice, twice, json.dumps(["a-caller", "8", {"kind": "echo", "n": 2}]))
-        await until(lambda: 2 in echo.seen)  # the request after them, handled
-        assert echo.seen == [1, 2]
-    finally:
-        serving.cancel()
-        await asyncio.gather(serving, return_exceptions=True)
-        await admin.aclose()
-        await holder.close()  # type: ignore[attr-defined]
+    async with _served(url, [queue]) as echo:
+        admin = aioredis.from_url(url)
+        try:
+            twice = json.dumps(["a-caller", "7", {"kind": "echo", "n": 1}])
+            await admin.rpush(f"{RPC_LIST}{queue}", twice, twice,
+                              json.dumps(["a-caller", "8", {"kind": "echo", "n": 2}]))
+            await until(lambda: 2 in echo.seen)  # the request after them, handled
+            assert echo.seen == [1, 2]
+        finally:
+            await admin.aclose()
 
 
 async def test_a_request_for_a_queue_given_up_reaches_the_new_holder_through_redis() -> None:

@@ -657,6 +657,22 @@ async def chat_of_three_under_the_next_epoch(store: CassandraStore, monkeypatch:
     return a, b, chat, key, epoch
 
 
+def opening_held(store: CassandraStore, monkeypatch: pytest.MonkeyPatch, chat_id: str
+                 ) -> tuple[asyncio.Event, asyncio.Event]:
+    """From now on an opening of the chat's key stops at its read of the chat's head: the first
+    event is set when one gets there, and it goes on once the second is set."""
+    run, reached, go_on = store._x, asyncio.Event(), asyncio.Event()
+
+    async def held(name: str, *values: Any, **kw: Any) -> Any:
+        if name == "chat_head" and values == (chat_id,) and not go_on.is_set():
+            reached.set()
+            await go_on.wait()
+        return await run(name, *values, **kw)
+
+    monkeypatch.setattr(store, "_x", held)
+    return reached, go_on
+
+
 async def chat_opened_again_until(store: CassandraStore, monkeypatch: pytest.MonkeyPatch, statement: str,
                                   epoch_after: int) -> tuple[str, str, Chat, str, int]:
     """A chat with three messages (seq 1..3), then opened under the next epoch with ``statement``
@@ -718,15 +734,7 @@ async def test_cassandra_an_opener_cancelled_leaves_the_others_told_unavailable_
 
     store = cassandra
     a, b, chat, key, epoch = await chat_of_three_under_the_next_epoch(store, monkeypatch, 1)
-    run, reached, go_on = store._x, asyncio.Event(), asyncio.Event()
-
-    async def held(name: str, *values: Any, **kw: Any) -> Any:
-        if name == "chat_head" and values == (chat.chat_id,) and not go_on.is_set():
-            reached.set()
-            await go_on.wait()
-        return await run(name, *values, **kw)
-
-    monkeypatch.setattr(store, "_x", held)
+    reached, go_on = opening_held(store, monkeypatch, chat.chat_id)
     first = asyncio.create_task(store._log(key))
     await asyncio.wait_for(reached.wait(), 5)
     second = asyncio.create_task(store._log(key))
@@ -748,15 +756,7 @@ async def test_cassandra_appends_that_waited_for_a_keys_opening_come_before_any_
     keeps a chat's messages in seq order when a fan-out arrives as the inbox is opened)."""
     store = cassandra
     a, b, chat, key, _epoch = await chat_of_three_under_the_next_epoch(store, monkeypatch, 1)
-    run, reached, go_on = store._x, asyncio.Event(), asyncio.Event()
-
-    async def held(name: str, *values: Any, **kw: Any) -> Any:
-        if name == "chat_head" and values == (chat.chat_id,) and not go_on.is_set():
-            reached.set()
-            await go_on.wait()
-        return await run(name, *values, **kw)
-
-    monkeypatch.setattr(store, "_x", held)
+    reached, go_on = opening_held(store, monkeypatch, chat.chat_id)
     row = (a, phone_of(a), T0, "text", "x", None, None, None)
     third: list[asyncio.Future[tuple[int, bool]]] = []
     put = store._logs.put
@@ -824,15 +824,7 @@ async def test_cassandra_a_partition_given_back_waits_for_the_keys_being_opened_
     key, leases = f"c:{chat.chat_id}", store._leases
     assert leases is not None
     part = partition_of(key)
-    run, reached, go_on = store._x, asyncio.Event(), asyncio.Event()
-
-    async def held(name: str, *values: Any, **kw: Any) -> Any:
-        if name == "chat_head" and values == (chat.chat_id,) and not go_on.is_set():
-            reached.set()
-            await go_on.wait()
-        return await run(name, *values, **kw)
-
-    monkeypatch.setattr(store, "_x", held)
+    reached, go_on = opening_held(store, monkeypatch, chat.chat_id)
     appended = asyncio.ensure_future(store._number_soon(key, ("opening", a, phone_of(a), T0, "text", "x", None,
                                                               None, None), None))
     await asyncio.wait_for(reached.wait(), 5)
