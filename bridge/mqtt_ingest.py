@@ -44,6 +44,7 @@ by packet id and accepts them in any order.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import random
@@ -64,7 +65,9 @@ from .mqtt_writes import coalesce_writes, no_delay, write_soon
 
 log = logging.getLogger(__name__)
 
-Handle = Callable[[str, bytes], Awaitable[None]]
+# handles one publish: returns None once it has been handled, or a future that settles once the
+# handling it started apart has (the publish is acknowledged then, unless it was cancelled)
+Handle = Callable[[str, bytes], Awaitable["asyncio.Future[None] | None"]]
 # admission control (bridge/admission.py): None when a publish is taken in (``Release`` once it
 # has been handled), else an awaitable answering it at once; it is then acknowledged, not queued.
 # The third argument: when the bridge received it (time.monotonic()), before it waited to be read;
@@ -129,6 +132,13 @@ def _being_cancelled() -> bool:
 
 class IngestError(PigeonError):
     """The bridge could not reach the broker in time."""
+
+
+def _ack_once_settled(ack: Callable[[], None], apart: asyncio.Future[None]) -> None:
+    """Acknowledge a publish whose handling ran apart once it has ended; not if it was cancelled
+    (the bridge stopping before it got to it): the broker then hands it out again."""
+    if not apart.cancelled():
+        ack()
 
 
 def _late_suback(fut: asyncio.Future[Any], part: int, user_id: str) -> None:
@@ -666,6 +676,7 @@ class MqttIngest:
         try:
             while lane:
                 _, payload, ack, taken_at, came_on = lane[0]
+                apart = None
                 try:
                     if self._given_up and came_on in self._given_up:  # (empty but after a rebalance)
                         # its partition went to another bridge: handled there, in the device's
@@ -674,7 +685,7 @@ class MqttIngest:
                     elif (expired := self._start and self._start(topic, payload, taken_at)) is not None:
                         await expired  # waited past admission control's bound: answered instead
                     else:
-                        await self._handle(topic, payload)
+                        apart = await self._handle(topic, payload)
                 except asyncio.CancelledError:
                     if _being_cancelled():
                         raise
@@ -690,7 +701,9 @@ class MqttIngest:
                 self._taken_in -= 1
                 if not self._room.is_set() and self._taken_in < self._max_taken_in:
                     self._room.set()
-                if ack is not None:
+                if ack is not None and apart is not None:
+                    apart.add_done_callback(functools.partial(_ack_once_settled, ack))
+                elif ack is not None:
                     ack()  # stored and answered (or answered with an error): the broker may forget it
         finally:
             if self._lanes.get(topic) is lane:

@@ -436,6 +436,45 @@ async def test_what_waits_from_a_lost_connection_of_a_partition_given_up_is_left
         await asyncio.gather(runner, return_exceptions=True)
 
 
+async def test_a_publish_handled_apart_is_acknowledged_once_that_handling_ends() -> None:
+    """An ack runs apart from its device's other requests (the handler hands back a future): its
+    acknowledgement waits for that future while the device's next publish is handled and
+    acknowledged. One cancelled (the bridge stopping first) is left to the broker to hand out
+    again."""
+    apart: dict[bytes, asyncio.Future[None]] = {}
+
+    async def handle(topic: str, payload: bytes) -> asyncio.Future[None] | None:
+        if payload.startswith(b"ack"):
+            apart[payload] = asyncio.get_running_loop().create_future()
+            return apart[payload]
+        return None
+
+    ingest = MqttIngest("127.0.0.1", 1, username=BRIDGE, password=SECRET, client_id=f"{BRIDGE}-a",
+                        handle=handle, persistent=True, partitions=OnePartition())
+    connections: dict[str, FakeConnection] = {}
+
+    def new_client(identifier: str, persistent: bool) -> FakeConnection:
+        connections[identifier] = FakeConnection(identifier)
+        return connections[identifier]
+
+    ingest._new_client = new_client  # type: ignore[assignment,method-assign]
+    runner = asyncio.create_task(ingest.run())
+    try:
+        await _until(lambda: 0 in ingest._sessions)
+        session = connections[ingest._session_id(0)]
+        for mid, payload in ((1, b"ack1"), (2, b"sync"), (3, b"ack3")):
+            session._queue.put_nowait(aiomqtt.Message(f"up/{USER}/{DEVICE}", payload, 1, False, mid, None))
+        await _until(lambda: len(apart) == 2 and not ingest._lanes)
+        assert session.acked == [2]
+        apart[b"ack1"].set_result(None)
+        apart[b"ack3"].cancel()
+        await asyncio.sleep(0)
+        assert session.acked == [2, 1]
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+
+
 async def test_a_publish_read_while_the_ingest_stops_is_not_taken_in() -> None:
     """Between run()'s end and a session's, a publish read is neither handled nor counted: it was
     never acknowledged, so the broker hands it out again."""
