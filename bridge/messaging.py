@@ -51,6 +51,9 @@ ACK_PARALLEL_CHATS = 16
 # at most this many messages, and beyond that every member is told.
 GROUP_NOTICE_SCAN = 256
 ACK_CHAT_TTL_S = 2.0
+# receipt notices not told, and acks not finished, because the store failed on the way, kept for
+# the request's retry (the oldest forgotten past this many)
+UNTOLD_KEPT = 10_000
 
 
 def chat_message(m: Message) -> ChatMessage:
@@ -103,6 +106,13 @@ class Messenger:
         # chat -> its read for the ack path under way, which every ack that misses meanwhile joins
         self._reading_chats: dict[str, asyncio.Future[Chat | None]] = {}
         self._known_users: LRUCache[str, bool] = LRUCache(200_000)
+        # Receipt notices worked out after a receipt moved but not appended (the store failed
+        # on the way), by (chat, member, kind): the retry of the request finds the receipt moved
+        # already, and tells these instead of nothing. Lost with the process (or the partition).
+        self._untold: LRUCache[tuple[str, str, str], list[tuple[str, ReceiptNote]]] = LRUCache(UNTOLD_KEPT)
+        # device -> the acknowledged position an ack moved from whose receipts were not all
+        # moved (the store failed on the way): the next ack of the device starts there
+        self._acks_unfinished: LRUCache[str, int] = LRUCache(UNTOLD_KEPT)
 
     # -- helpers --------------------------------------------------------------------------------
     async def _member_chat(self, caller: Caller, chat_id: str, *, current_seq: bool = True) -> Chat:
@@ -180,28 +190,38 @@ class Messenger:
     async def ack(self, caller: Caller, req: Ack) -> Result:
         async with storage_errors():
             prev, new = await self._store.advance_device_ack(caller.device_id, caller.user_id, req.up_to)
+            prev = min(prev, self._acks_unfinished.pop(caller.device_id, prev))
             if new <= prev:
                 return Result()
-            reached: dict[str, int] = {}
-            after = prev
-            while after < new:
-                page = await self._store.read_inbox(caller.user_id, after, min(1000, new - after))
-                if not page:
-                    break
-                for e in page:
-                    # one's own messages say nothing to the others about delivery
-                    if isinstance(e.item, Message) and e.item.sender != caller.user_id:
-                        reached[e.item.chat_id] = max(reached.get(e.item.chat_id, 0), e.item.seq)
-                after = page[-1].pos
-            # Chats are independent: advance them side by side, a bounded number at a time, so a
-            # device catching up on many chats is not held up by one round trip after another.
-            slots = asyncio.Semaphore(ACK_PARALLEL_CHATS)
+            try:
+                return await self._deliver_receipts(caller, prev, new)
+            except BaseException:
+                self._acks_unfinished[caller.device_id] = prev  # (a retry of this ack does the rest)
+                raise
 
-            async def advance(chat_id: str, seq: int) -> list[Out]:
-                async with slots:
-                    return await self._advance(chat_id, caller.user_id, "delivered", seq)
+    async def _deliver_receipts(self, caller: Caller, prev: int, new: int) -> Result:
+        """Move the delivered receipts of the chats with messages at ``prev``..``new`` of the
+        caller's inbox, and tell their senders."""
+        reached: dict[str, int] = {}
+        after = prev
+        while after < new:
+            page = await self._store.read_inbox(caller.user_id, after, min(1000, new - after))
+            if not page:
+                break
+            for e in page:
+                # one's own messages say nothing to the others about delivery
+                if isinstance(e.item, Message) and e.item.sender != caller.user_id:
+                    reached[e.item.chat_id] = max(reached.get(e.item.chat_id, 0), e.item.seq)
+            after = page[-1].pos
+        # Chats are independent: advance them side by side, a bounded number at a time, so a
+        # device catching up on many chats is not held up by one round trip after another.
+        slots = asyncio.Semaphore(ACK_PARALLEL_CHATS)
 
-            told = await asyncio.gather(*(advance(c, s) for c, s in reached.items()))
+        async def advance(chat_id: str, seq: int) -> list[Out]:
+            async with slots:
+                return await self._advance(chat_id, caller.user_id, "delivered", seq)
+
+        told = await asyncio.gather(*(advance(c, s) for c, s in reached.items()))
         return Result(outs=[o for outs in told for o in outs])
 
     # -- read receipts --------------------------------------------------------------------------
@@ -225,18 +245,25 @@ class Messenger:
                 chat = await self._recent_chat(chat_id)
         if chat is None or chat.member(user_id) is None:
             return []
-        if not await self._store.advance_receipt(chat_id, user_id, kind, up_to):
+        moved = await self._store.advance_receipt(chat_id, user_id, kind, up_to)
+        key = (chat_id, user_id, kind)
+        notes = self._untold.pop(key, [])  # (told first: what this move tells supersedes it)
+        if not moved and not notes:
             return []
-        notes: list[tuple[str, ReceiptNote]] = []
-        if chat.kind == "direct":
-            notes = [(m, ReceiptNote(chat_id, user_id, kind, up_to)) for m in chat.member_ids if m != user_id]
-        else:
-            notes = await self._group_notes_folded(chat, kind)
-            if kind == "read":  # reading moved the member's delivered too: it may have been the last
-                notes = await self._group_notes_folded(chat, "delivered") + notes
-        if not notes:
-            return []
-        positions = await self._store.append_receipts(notes)
+        try:
+            if moved and chat.kind == "direct":
+                notes += [(m, ReceiptNote(chat_id, user_id, kind, up_to)) for m in chat.member_ids if m != user_id]
+            elif moved:
+                if kind == "read":  # reading moved the member's delivered too: it may have been the last
+                    await self._group_notes_folded(chat, "delivered", notes)
+                await self._group_notes_folded(chat, kind, notes)
+            if not notes:
+                return []
+            positions = await self._store.append_receipts(notes)
+        except BaseException:
+            if notes:
+                self._untold[key] = notes
+            raise
         if self.wakes is not None:
             self.wakes.note([u for u, _ in notes], self._clock.now_ms(), message=False)
         return [Out(ToUser(u), receipt_event(n, p)) for (u, n), p in zip(notes, positions, strict=True)]
@@ -282,8 +309,9 @@ class Messenger:
         self._acked_chats.pop(chat_id, None)
         self._reading_chats.pop(chat_id, None)
 
-    async def _group_notes_folded(self, chat: Chat, kind: ReceiptKind) -> list[tuple[str, ReceiptNote]]:
-        """Group notices, worked out once for all the members whose receipts moved meanwhile.
+    async def _group_notes_folded(self, chat: Chat, kind: ReceiptKind, notes: list[tuple[str, ReceiptNote]]) -> None:
+        """Group notices, worked out once for all the members whose receipts moved meanwhile,
+        added to ``notes`` as each is recorded as told (so a failure part way keeps those).
 
         When the members of a group ack the same message, their acks arrive together. The first
         to get here works out the notices; those arriving while it runs only mark the chat, and
@@ -293,19 +321,18 @@ class Messenger:
         key = (chat.chat_id, kind)
         if key in self._noting:
             self._noting[key] = True
-            return []
+            return
         self._noting[key] = False
-        notes: list[tuple[str, ReceiptNote]] = []
         try:
             while True:
-                notes += await self._group_notes(chat, kind)
+                await self._group_notes(chat, kind, notes)
                 if not self._noting[key]:
-                    return notes
+                    return
                 self._noting[key] = False
         finally:
             del self._noting[key]
 
-    async def _group_notes(self, chat: Chat, kind: ReceiptKind) -> list[tuple[str, ReceiptNote]]:
+    async def _group_notes(self, chat: Chat, kind: ReceiptKind, notes: list[tuple[str, ReceiptNote]]) -> None:
         """For each member, the position every *other* member has reached, when it moved past
         one of that member's own messages (a notice is about one's own messages' ticks; a member
         who sent nothing in between has nothing to learn from it).
@@ -323,9 +350,8 @@ class Messenger:
             if agg > told:
                 due.append((member, agg, told))
         if not due:
-            return []
+            return
         senders = await self._senders_between(chat.chat_id, min(t for _, _, t in due), max(a for _, a, _ in due))
-        notes: list[tuple[str, ReceiptNote]] = []
         for member, agg, told in due:
             concerned = senders is None or any(told < seq <= agg for seq in senders.get(member, ()))
             if concerned and await self._store.advance_group_notice(chat.chat_id, member, kind, agg):
@@ -333,7 +359,6 @@ class Messenger:
             if len(self._told) > 200_000:
                 self._told.clear()
             self._told[(chat.chat_id, member, kind)] = agg
-        return notes
 
     async def _senders_between(self, chat_id: str, after: int, up_to: int) -> dict[str, list[int]] | None:
         """Who sent which of the chat's messages after..up_to; None when that is more than

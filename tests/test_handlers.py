@@ -383,6 +383,57 @@ async def test_a_member_reading_before_acking_moves_the_groups_delivered_notice_
     assert (await world.messenger.ack(c, Ack(up_to=head_c))).outs == []
 
 
+def receipt_notices(outs: Sequence[Out]) -> list[tuple[str, str, str, int]]:
+    """(to, kind, whose, up_to) of the receipt notices among ``outs``."""
+    evs = [(topic_of(o.to).removeprefix("down/"), json.loads(encode_v1(o.event))) for o in outs]
+    return [(to, e["kind"], e["user"], e["up_to"]) for to, e in evs if e["type"] == "receipt"]
+
+
+async def test_a_read_whose_notice_the_store_failed_tells_it_when_tried_again(world: World) -> None:
+    """The receipt moved, then appending the notice failed: the reader's device is answered
+    unavailable and reads again. The receipt has moved already, yet the sender is told then,
+    in a direct chat and in a group."""
+    a, b, c = [await world.user(f"+1555000040{i}") for i in range(3)]
+    sent = await world.messenger.send(a, Send(id="m1", chat=None, to=b.user_id, body="hi", media=None))
+    direct = sent.reply.chat  # type: ignore[union-attr]
+    group, _ = await world.messenger.create_group(a, "team", [b.user_id, c.user_id])
+    in_group = await world.messenger.send(a, Send(id="g1", chat=group.chat_id, to=None, body="hi", media=None))
+    seq = in_group.reply.seq  # type: ignore[union-attr]
+    await world.messenger.read(c, Read(chat=group.chat_id, up_to=seq))
+    in_direct = [(a.user_id, "read", b.user_id, 1)]
+    in_team = [(a.user_id, "delivered", "*", seq), (a.user_id, "read", "*", seq)]
+    for chat, up_to, told in ((direct, 1, in_direct), (group.chat_id, seq, in_team)):
+        world.store.failing = {"append_receipts"}
+        with pytest.raises(Unavailable):
+            await world.messenger.read(b, Read(chat=chat, up_to=up_to))
+        world.store.failing = set()
+        assert [r.read for r in await world.store.get_receipts(chat) if r.user_id == b.user_id] == [up_to]
+        assert receipt_notices((await world.messenger.read(b, Read(chat=chat, up_to=up_to))).outs) == told
+        assert (await world.messenger.read(b, Read(chat=chat, up_to=up_to))).outs == []  # (told once)
+
+
+async def test_an_ack_whose_receipts_the_store_failed_moves_them_when_tried_again(world: World) -> None:
+    """The device's acknowledged position moved, then moving a chat's delivered receipt (or
+    telling it) failed: the device is answered unavailable and acks again. Its position has
+    moved already, yet the receipts move and the senders are told then."""
+    a, b, reader = [await world.user(f"+1555000050{i}") for i in range(3)]
+    for sender in (a, b):
+        await world.messenger.send(sender, Send(id="m1", chat=None, to=reader.user_id, body="hi", media=None))
+    for seq, failing in ((1, "advance_receipt"), (2, "append_receipts")):
+        if seq > 1:
+            for sender in (a, b):
+                await world.messenger.send(sender, Send(id=f"m{seq}", chat=None, to=reader.user_id, body="again",
+                                                        media=None))
+        head = await world.store.inbox_head(reader.user_id)
+        world.store.failing = {failing}
+        with pytest.raises(Unavailable):
+            await world.messenger.ack(reader, Ack(up_to=head))
+        world.store.failing = set()
+        told = sorted(receipt_notices((await world.messenger.ack(reader, Ack(up_to=head))).outs))
+        assert told == sorted((s.user_id, "delivered", reader.user_id, seq) for s in (a, b))
+        assert (await world.messenger.ack(reader, Ack(up_to=head))).outs == []
+
+
 async def test_members_acking_together_are_worked_out_together(world: World) -> None:
     """Members acking one group message at once: the sender hears once, and the members'
     receipts are not read once per ack."""
