@@ -436,6 +436,11 @@ class MqttIngest:
             except Exception:  # noqa: BLE001 - the session is retried; a store hiccup must not end it
                 log.exception("broker session of partition %d failed", part)
             finally:
+                # What this connection delivered and is still waiting in a lane is not
+                # acknowledged: the broker hands it again to the session's next connection (this
+                # bridge's, or the partition's next holder's), so it is handled there, in order,
+                # and not here as well (a second time, and counted twice by admission control).
+                self._given_up.add(client)
                 if self._sessions.get(part) is client:
                     del self._sessions[part]
                     ready = self._session_ready.get(part)

@@ -10,10 +10,12 @@ import itertools
 import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from types import SimpleNamespace
 from typing import Any
 
 import aiomqtt
 import pytest
+from paho.mqtt.client import MQTT_ERR_NO_CONN
 
 from bridge.mqtt_ingest import PROBE_EVERY_S, TAKE_PER_TURN, MqttIngest, _Probe
 from tests.conftest import embedded_broker, tok_tokens
@@ -345,6 +347,10 @@ class FakeConnection:
     def ack(self, mid: int, qos: int) -> None:
         self.acked.append(mid)
 
+    def publish(self, topic: str, payload: bytes, qos: int) -> Any:
+        """(The ingest's probes, every PROBE_EVERY_S: not sent, as on a connection that is down.)"""
+        return SimpleNamespace(rc=MQTT_ERR_NO_CONN)
+
     async def __aenter__(self) -> FakeConnection:
         return self
 
@@ -431,6 +437,52 @@ async def test_what_waits_from_a_lost_connection_of_a_partition_given_up_is_left
         await _until(lambda: not ingest._lanes)
         assert handled == [b'{"n":1}'] and ingest._taken_in == 0
         assert session.acked == [] and sessions() == [session]  # (not connected again)
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+
+
+async def test_what_waits_from_a_lost_connection_is_handled_once_when_the_session_comes_back() -> None:
+    """A partition's broker connection is lost while one of its devices' publishes is being
+    handled and the next waits behind it; the same bridge connects the session again, and the
+    broker hands both again (neither was acknowledged). The one that waited is handled once,
+    from the new connection, after the first, and acknowledged there."""
+    partitions = OnePartition()
+    handle = HeldHandler()
+    handling, release, handled = handle.handling, handle.release, handle.handled
+    released: list[int] = []
+
+    ingest = MqttIngest("127.0.0.1", 1, username=BRIDGE, password=SECRET, client_id=f"{BRIDGE}-b",
+                        handle=handle, persistent=True, partitions=partitions, max_backoff_s=0.05,
+                        release=lambda: released.append(1))
+    connections: list[FakeConnection] = []
+
+    def new_client(identifier: str, persistent: bool) -> FakeConnection:
+        connections.append(FakeConnection(identifier))
+        return connections[-1]
+
+    def sessions() -> list[FakeConnection]:
+        return [c for c in connections if c.identifier == ingest._session_id(0)]
+
+    ingest._new_client = new_client  # type: ignore[assignment,method-assign]
+    runner = asyncio.create_task(ingest.run())
+    try:
+        await _until(lambda: 0 in ingest._sessions)
+        [lost] = sessions()
+        for mid in (1, 2):
+            lost._queue.put_nowait(aiomqtt.Message(f"up/{USER}/{DEVICE}", b'{"n":%d}' % mid, 1, False, mid, None))
+        await asyncio.wait_for(handling.wait(), 10)
+        await _until(lambda: ingest._taken_in == 2)
+        lost._disconnected.set_exception(aiomqtt.MqttError("the connection was lost"))
+        await _until(lambda: len(sessions()) == 2 and ingest._sessions.get(0) is sessions()[1])
+        again = sessions()[1]
+        for mid in (1, 2):  # (the broker's packet ids on the new connection)
+            again._queue.put_nowait(aiomqtt.Message(f"up/{USER}/{DEVICE}", b'{"n":%d}' % mid, 1, False, 10 + mid, None))
+        await _until(lambda: ingest._taken_in == 4)
+        release.set()
+        await _until(lambda: not ingest._lanes)
+        assert handled == [b'{"n":1}', b'{"n":1}', b'{"n":2}']  # (the first was being handled: twice)
+        assert lost.acked == [] and again.acked == [11, 12] and ingest._taken_in == 0 and len(released) == 4
     finally:
         runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)
