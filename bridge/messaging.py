@@ -254,9 +254,11 @@ class Messenger:
             if moved and chat.kind == "direct":
                 notes += [(m, ReceiptNote(chat_id, user_id, kind, up_to)) for m in chat.member_ids if m != user_id]
             elif moved:
-                if kind == "read":  # reading moved the member's delivered too: it may have been the last
-                    await self._group_notes_folded(chat, "delivered", notes)
-                await self._group_notes_folded(chat, kind, notes)
+                # (read once for both when reading moved the member's delivered too)
+                current = await self._store.get_receipts(chat.chat_id) if kind == "read" else None
+                if kind == "read":  # it may have been the last to have it
+                    await self._group_notes_folded(chat, "delivered", notes, current)
+                await self._group_notes_folded(chat, kind, notes, current)
             if not notes:
                 return []
             positions = await self._store.append_receipts(notes)
@@ -309,7 +311,8 @@ class Messenger:
         self._acked_chats.pop(chat_id, None)
         self._reading_chats.pop(chat_id, None)
 
-    async def _group_notes_folded(self, chat: Chat, kind: ReceiptKind, notes: list[tuple[str, ReceiptNote]]) -> None:
+    async def _group_notes_folded(self, chat: Chat, kind: ReceiptKind, notes: list[tuple[str, ReceiptNote]],
+                                  current: list[Receipt] | None = None) -> None:
         """Group notices, worked out once for all the members whose receipts moved meanwhile,
         added to ``notes`` as each is recorded as told (so a failure part way keeps those).
 
@@ -325,14 +328,16 @@ class Messenger:
         self._noting[key] = False
         try:
             while True:
-                await self._group_notes(chat, kind, notes)
+                await self._group_notes(chat, kind, notes, current)
+                current = None  # (a member moved meanwhile: read them again)
                 if not self._noting[key]:
                     return
                 self._noting[key] = False
         finally:
             del self._noting[key]
 
-    async def _group_notes(self, chat: Chat, kind: ReceiptKind, notes: list[tuple[str, ReceiptNote]]) -> None:
+    async def _group_notes(self, chat: Chat, kind: ReceiptKind, notes: list[tuple[str, ReceiptNote]],
+                           current: list[Receipt] | None = None) -> None:
         """For each member, the position every *other* member has reached, when it moved past
         one of that member's own messages (a notice is about one's own messages' ticks; a member
         who sent nothing in between has nothing to learn from it).
@@ -341,7 +346,8 @@ class Messenger:
         advancing at once at least one handler sees both; the store's record of what each
         member was told keeps the notices moving forward only.
         """
-        current = await self._store.get_receipts(chat.chat_id)
+        if current is None:
+            current = await self._store.get_receipts(chat.chat_id)
         ranked = sorted(((r.read if kind == "read" else r.delivered), r.user_id) for r in current)
         due: list[tuple[str, int, int]] = []
         for member in chat.member_ids:

@@ -377,8 +377,10 @@ async def test_a_member_reading_before_acking_moves_the_groups_delivered_notice_
 
     head_b = await world.store.inbox_head(b.user_id)
     assert notices((await world.messenger.ack(b, Ack(up_to=head_b))).outs) == []  # c has not got it yet
+    world.store.calls.clear()
     assert notices((await world.messenger.read(c, Read(chat=chat.chat_id, up_to=seq))).outs) == [
         ("delivered", "*", seq)]  # (read * waits for b's read)
+    assert world.store.calls["get_receipts"] == 1  # one read of the members' receipts for both kinds
     head_c = await world.store.inbox_head(c.user_id)
     assert (await world.messenger.ack(c, Ack(up_to=head_c))).outs == []
 
