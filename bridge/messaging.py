@@ -266,9 +266,11 @@ class Messenger:
             if notes:
                 self._untold[key] = notes
             raise
-        if self.wakes is not None:
-            self.wakes.note([u for u, _ in notes], self._clock.now_ms(), message=False)
-        return [Out(ToUser(u), receipt_event(n, p)) for (u, n), p in zip(notes, positions, strict=True)]
+        # (position 0: a group notice a higher one, worked out on another bridge, overtook)
+        told = [(u, n, p) for (u, n), p in zip(notes, positions, strict=True) if p]
+        if self.wakes is not None and told:
+            self.wakes.note([u for u, _, _ in told], self._clock.now_ms(), message=False)
+        return [Out(ToUser(u), receipt_event(n, p)) for u, n, p in told]
 
     async def _recent_chat(self, chat_id: str) -> Chat | None:
         """The chat as read at most ACK_CHAT_TTL_S ago by this process (membership changes made

@@ -197,6 +197,32 @@ class ReceiptNote:
     up_to: int
 
 
+class GroupNotices:
+    """The last group notice (``user`` ``"*"``) a process appended to each inbox, by chat and
+    kind, so that one overtaken by a higher one is not appended after it (``append_receipts``).
+    Asked where the inbox's appends are numbered, in their order. The oldest are forgotten past
+    ``kept``; after that (or in the inbox's next holder) the next notice is appended whatever it
+    says."""
+
+    def __init__(self, kept: int = 100_000) -> None:
+        self._last: dict[tuple[str, str, str], int] = {}
+        self._kept = kept
+
+    def moves(self, user_id: str, chat_id: str, who: str, kind: str, up_to: int) -> bool:
+        """Whether a receipt note is to be appended (and, for a group notice, note it)."""
+        if who != "*":
+            return True
+        key = (user_id, chat_id, kind)
+        last = self._last.pop(key, None)  # (and back at the end: the most recent last)
+        if last is not None and up_to < last:
+            self._last[key] = last
+            return False
+        if len(self._last) >= self._kept:
+            del self._last[next(iter(self._last))]
+        self._last[key] = up_to
+        return True
+
+
 @dataclass(frozen=True, slots=True)
 class InboxEntry:
     user_id: str
@@ -335,7 +361,11 @@ class Store(Protocol):
         """Whether any message of the chat names that media key."""
 
     async def append_receipts(self, notes: Sequence[tuple[str, ReceiptNote]]) -> list[int]:
-        """Append one receipt entry per (user, note) to that user's inbox; return the positions."""
+        """Append one receipt entry per (user, note) to that user's inbox; return the positions.
+        A group notice (``user`` ``"*"``) below the last one this process appended to that inbox
+        for its chat and kind is not appended, and its position is 0: notices worked out by
+        two bridges at once reach the inbox's numbering in either order, and the inbox keeps
+        them moving forward only."""
 
     async def read_inbox(self, user_id: str, after: int, limit: int) -> list[InboxEntry]:
         """Inbox entries with pos > after, in order, at most ``limit``."""

@@ -61,6 +61,7 @@ from .base import (
     Appended,
     Chat,
     Device,
+    GroupNotices,
     InboxEntry,
     LoginCode,
     MediaObject,
@@ -293,6 +294,7 @@ class CassandraStore:
         # for them (_append_soon): they are numbered before any append that comes after them
         self._waiting: dict[str, list[tuple[tuple[Any, ...], Hashable | None, asyncio.Future[tuple[int, bool]]]]] = {}
         self._openers: dict[str, asyncio.Task[None]] = {}
+        self._notices = GroupNotices()  # the last group notice numbered into each inbox held here
         # keys whose opening stopped between its two fences, opened again (_finish_opening)
         self._finishing: dict[str, asyncio.Task[None]] = {}
         self._serving: asyncio.Task[None] | None = None
@@ -1368,6 +1370,11 @@ class CassandraStore:
         caller that awaited the opening itself would wake a turn or two after the log is cached,
         and an append made in between would be numbered before it: a chat's seq 6 ahead of its
         seq 5 in an inbox.)"""
+        if (key[0] == "u" and len(values) == 14 and values[12] == "*"
+                and not self._notices.moves(key[2:], values[0], "*", values[11], values[13])):
+            overtaken: asyncio.Future[tuple[int, bool]] = asyncio.get_running_loop().create_future()
+            overtaken.set_result((0, True))  # a group notice a higher one overtook (Store.append_receipts)
+            return overtaken
         waiting = self._waiting.get(key)
         if waiting is None:
             held = self._logs.get(key)
@@ -1922,7 +1929,8 @@ class CassandraStore:
                 values = (note.chat_id, None, None, None, None, None, None, None, None, None, None, note.kind,
                           note.user, note.up_to)
                 out[i], _dup = await self._number(f"u:{uid}", values, None)
-                self._entries[(uid, out[i])] = values
+                if out[i]:  # (0: a group notice overtaken, not appended)
+                    self._entries[(uid, out[i])] = values
 
         await asyncio.gather(*(one_user(u, ix) for u, ix in by_user.items()))
         return out

@@ -28,6 +28,7 @@ from .base import (
     Appended,
     Chat,
     Device,
+    GroupNotices,
     InboxEntry,
     LoginCode,
     MediaObject,
@@ -176,6 +177,7 @@ class SqliteStore:
         # pair of users -> their direct chat: its members never change, so a send with ``to``
         # finds it here instead of in a write job of its own (a commit per message)
         self._pairs: LRUCache[str, Chat] = LRUCache(PAIRS_CACHED)
+        self._notices = GroupNotices()  # (asked on the writer thread only)
 
     # -- plumbing -----------------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
@@ -616,6 +618,9 @@ class SqliteStore:
         def q(c: sqlite3.Connection) -> list[int]:
             out: list[int] = []
             for uid, note in notes:
+                if not self._notices.moves(uid, note.chat_id, note.user, note.kind, note.up_to):
+                    out.append(0)
+                    continue
                 row = c.execute(
                     "UPDATE users SET inbox_head = inbox_head + 1 WHERE user_id=? RETURNING inbox_head", (uid,)
                 ).fetchone()

@@ -25,6 +25,7 @@ from bridge.ratelimit import RateLimiter
 from bridge.router import DeviceRouter
 from bridge.tokens import TokenSigner
 from bridge.wire import encode_v1, topic_of
+from storage.base import ReceiptNote
 from storage.media_local import LocalMediaStore, SignatureError
 from storage.sqlite import SqliteStore
 from storage.state import MemoryState
@@ -434,6 +435,18 @@ async def test_an_ack_whose_receipts_the_store_failed_moves_them_when_tried_agai
         told = sorted(receipt_notices((await world.messenger.ack(reader, Ack(up_to=head))).outs))
         assert told == sorted((s.user_id, "delivered", reader.user_id, seq) for s in (a, b))
         assert (await world.messenger.ack(reader, Ack(up_to=head))).outs == []
+
+
+async def test_a_group_notice_a_higher_one_overtook_is_not_told(world: World) -> None:
+    """A higher group notice, worked out on another bridge, reached the sender's inbox first:
+    the store does not append the lower one (position 0), and nobody is told it."""
+    owner, b = [await world.user(f"+1555000060{i}") for i in range(2)]
+    chat, _ = await world.messenger.create_group(owner, "team", [b.user_id])
+    await world.messenger.send(owner, Send(id="o1", chat=chat.chat_id, to=None, body="hi", media=None))
+    await world.store.append_receipts([(owner.user_id, ReceiptNote(chat.chat_id, "*", "delivered", 3))])
+    head = await world.store.inbox_head(b.user_id)
+    assert (await world.messenger.ack(b, Ack(up_to=head))).outs == []
+    assert [r.delivered for r in await world.store.get_receipts(chat.chat_id) if r.user_id == b.user_id] == [2]
 
 
 async def test_members_acking_together_are_worked_out_together(world: World) -> None:

@@ -252,6 +252,26 @@ async def test_concurrent_appends_never_share_a_seq(store: Store) -> None:
     assert sorted(r.inbox[a] for r in results) == list(range(1, 41))
 
 
+@contextlib.asynccontextmanager
+async def second_bridge(store: Store, request: pytest.FixtureRequest) -> AsyncIterator[list[Store]]:
+    """``[store]``, and on Cassandra with the shared state a second store instance beside it, as
+    a second bridge process would be: it holds none of the partitions, so the first numbers
+    for it (its appends are forwarded)."""
+    if not (isinstance(store, CassandraStore) and store.shared_state is not None):
+        yield [store]
+        return
+    state = open_state(production_url("PIGEON_REDIS", "redis://"))
+    await state.open()
+    other = open_store(request.getfixturevalue("cassandra_url"))
+    try:
+        await other.open()
+        other.use_state(state)
+        yield [store, other]
+    finally:
+        await other.close()
+        await state.close()
+
+
 async def test_many_senders_at_once_fill_one_inbox_without_gaps_or_repeats(
         store: Store, request: pytest.FixtureRequest) -> None:
     """A hot inbox (one reader, many chats writing at once), and on Cassandra with the shared
@@ -260,24 +280,10 @@ async def test_many_senders_at_once_fill_one_inbox_without_gaps_or_repeats(
     reader = (await store.create_user(phone(), T0)).user_id
     senders = [(await store.create_user(phone(), T0)).user_id for _ in range(12)]
     chats = [await store.direct_chat(s, reader, T0) for s in senders]
-    stores = [store]
-    extra_state = None
-    if isinstance(store, CassandraStore) and store.shared_state is not None:
-        extra_state = open_state(production_url("PIGEON_REDIS", "redis://"))
-        await extra_state.open()
-        other = open_store(request.getfixturevalue("cassandra_url"))
-        await other.open()
-        other.use_state(extra_state)
-        stores.append(other)
-    try:
+    async with second_bridge(store, request) as stores:
         results = await asyncio.gather(*(
             stores[(i + k) % len(stores)].append_message(text(c.chat_id, s, f"m{k}"), [s, reader])
             for i, (s, c) in enumerate(zip(senders, chats, strict=True)) for k in range(4)))
-    finally:
-        for extra in stores[1:]:
-            await extra.close()
-        if extra_state is not None:
-            await extra_state.close()
     assert sorted(r.inbox[reader] for r in results) == list(range(1, 49))
     for s in senders:
         assert sorted(r.inbox[s] for r in results if r.message.sender == s) == [1, 2, 3, 4]
@@ -412,6 +418,32 @@ async def test_receipt_notes_share_the_inbox_sequence(store: Store) -> None:
     assert positions == [2]
     entries = await store.read_inbox(a, 0, 10)
     assert entries[1].item == ReceiptNote(chat.chat_id, b, "read", 1)
+
+
+async def test_a_group_notice_a_higher_one_overtook_is_not_appended(
+        store: Store, request: pytest.FixtureRequest) -> None:
+    """Two bridges worked out group notices for one member at once, and the higher reached the
+    member's inbox first: the lower one is not appended (position 0), wherever it was worked
+    out, so the notices in the inbox only move forward. An equal one (a retry) and a direct
+    chat's receipt are appended as they come."""
+    owner, member = await two_users(store)
+    g = await store.create_group(owner, "team", [member], T0)
+    d = await store.direct_chat(owner, member, T0)
+    base = await store.inbox_head(owner)
+    async with second_bridge(store, request) as stores:
+        here, there = stores[0], stores[-1]
+        assert await there.append_receipts([(owner, ReceiptNote(g.chat_id, "*", "delivered", 7))]) == [base + 1]
+        assert await here.append_receipts([
+            (owner, ReceiptNote(g.chat_id, "*", "delivered", 5)),  # overtaken
+            (owner, ReceiptNote(g.chat_id, "*", "read", 5)),  # another kind
+            (owner, ReceiptNote(g.chat_id, "*", "delivered", 7)),  # equal
+            (owner, ReceiptNote(d.chat_id, member, "delivered", 1)),
+            (owner, ReceiptNote(d.chat_id, member, "delivered", 1))]) == [0, base + 2, base + 3, base + 4, base + 5]
+        assert await there.append_receipts([(owner, ReceiptNote(g.chat_id, "*", "read", 4))]) == [0]
+    got = [(e.item.chat_id, e.item.kind, e.item.up_to) for e in await store.read_inbox(owner, base, 10)
+           if isinstance(e.item, ReceiptNote)]
+    assert got == [(g.chat_id, "delivered", 7), (g.chat_id, "read", 5), (g.chat_id, "delivered", 7),
+                   (d.chat_id, "delivered", 1), (d.chat_id, "delivered", 1)]
 
 
 async def test_device_acks_move_the_users_position_forward_only(store: Store) -> None:
