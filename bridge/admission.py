@@ -86,7 +86,9 @@ refused ones again in its order keeps its order (``tests/test_e2e_mqtt_ingest.py
 Python SDK does (``tests/test_sdk_order.py``). Refusals made
 this way do not extend the window, and only sends are held: other requests keep no order
 among themselves. Without a bound by delay the window is dropped after ``HOLD_KEPT_S``. The
-check costs nothing while no device has a window open.
+check costs nothing while no device has a window open. With several bridges a window moves with
+the device's partition (:class:`HeldBackHandover`): the next holder refuses the device's sends
+until the refused one comes back or the window ends.
 
 A device that keeps pushing past its own per-device limit is a different matter, decided in
 ``bridge.ratelimit.Strikes`` and ``bridge.router``.
@@ -94,16 +96,23 @@ A device that keeps pushing past its own per-device limit is a different matter,
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from .errors import ProtocolError, RateLimited
 from .metrics import Metrics
 from .outbox import Out, ToDevice
 from .protocol import Ack, ErrorReply, PresenceReq, Request, Send, Typing
 from .wire_v2 import parse_any
+
+if TYPE_CHECKING:
+    from storage.state import SharedState
+
+    from .mqtt_ingest import Partitions
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +212,10 @@ class Admission:
         # up topic of a device whose send was refused -> which of its sends are refused with it
         # (the module's docstring)
         self._held_back: dict[str, HeldBack] = {}
+        # told of each window as it opens, grows or closes (the device's up topic, until when as
+        # time.time(), the refused send's id): recorded for the next holder of the device's
+        # partition, which :meth:`adopt`\ s it (bridge/app.py)
+        self.on_hold: Callable[[str, float, str], None] | None = None
 
     @property
     def shedding(self) -> bool:
@@ -343,6 +356,7 @@ class Admission:
         held = self._held_back[topic]
         if req.id == held.first:
             held.until = min(held.until, left_at)
+            self._tell_hold(topic, held)
             return None
         return [self._refusal(req, parts, "an earlier send of this device was refused")]
 
@@ -402,6 +416,21 @@ class Admission:
             if left_at < held.since:
                 held.since, held.first = left_at, refused
             held.until = max(held.until, until)
+        self._tell_hold(topic, self._held_back[topic])
+
+    def _tell_hold(self, topic: str, held: HeldBack) -> None:
+        if self.on_hold is not None:
+            self.on_hold(topic, time.time() + (held.until - self.clock()), held.first)
+
+    def adopt(self, topic: str, until: float, first: str) -> None:
+        """A device's window as the previous holder of its partition recorded it (``until`` as
+        time.time()): the device's sends taken in here before it closes are refused, until
+        ``first`` comes back. (Sends the device made before that refusal and which still wait
+        in the broker cannot be told from later ones here: they are refused too, and the device
+        sends them again in its order.) One this bridge has of its own is kept as it is."""
+        left = until - time.time()
+        if left > 0 and topic not in self._held_back:
+            self._held_back[topic] = HeldBack(-math.inf, self.clock() + left, first)
 
     def check_http(self) -> None:
         """An HTTP send is refused with 429 past the limit, like one over MQTT (it is not
@@ -414,3 +443,55 @@ class Admission:
     def shed(self, what: str) -> None:
         if self._metrics is not None:
             self._metrics.shed.labels(what).inc()
+
+
+# how long recording windows, or reading a partition's before taking its session's publishes,
+# may take: a shared state that does not answer is gone without (the windows are a few seconds)
+HANDOVER_WAIT_S = 2.0
+
+
+class HeldBackHandover:
+    """Devices' refusal windows handed to the next holder of their partition.
+
+    A device's window lives in the admission control of the bridge that refused it. When the
+    device's partition moves (a rebalance, a takeover), the sends it still had on their way
+    reach the next holder, which without the window would store one of them ahead of the refused
+    send: the device's order broken. Each window is recorded in the shared state as it opens,
+    grows or closes (one write per partition and turn of the loop, not awaited by the refusal),
+    and a bridge reads a partition's, and adopts them, each time it connects that partition's
+    broker session, before taking in any of its publishes. A window recorded after its bridge
+    died (it died between the refusal and the write) is not handed over."""
+
+    def __init__(self, state: SharedState, partitions: Partitions, admission: Admission) -> None:
+        self._state, self._partitions, self._admission = state, partitions, admission
+        self._noted: dict[int, dict[str, tuple[int, str]]] = {}
+        self._writing: asyncio.Task[None] | None = None
+
+    def note(self, topic: str, until: float, first: str) -> None:
+        """``Admission.on_hold``: record a window (``until`` as time.time())."""
+        part = self._partitions.partition_of_user(topic.split("/")[1])
+        self._noted.setdefault(part, {})[topic] = (int(until * 1000), first)
+        if self._writing is None or self._writing.done():
+            self._writing = asyncio.get_running_loop().create_task(self._write(), name="held-back-windows")
+
+    async def _write(self) -> None:
+        while self._noted:
+            noted, self._noted = self._noted, {}
+            for part, windows in noted.items():
+                try:
+                    async with asyncio.timeout(HANDOVER_WAIT_S):
+                        await self._state.put_held_back(self._partitions.partition_scope, part, windows)
+                except Exception as exc:  # noqa: BLE001 - the windows hold here all the same
+                    log.warning("recording %d refusal windows of partition %d failed: %r", len(windows), part, exc)
+
+    async def adopt(self, part: int) -> None:
+        """Adopt the windows recorded for a partition (its session is being connected here)."""
+        try:
+            async with asyncio.timeout(HANDOVER_WAIT_S):
+                windows = await self._state.held_back(self._partitions.partition_scope, part,
+                                                      int(time.time() * 1000))
+        except Exception as exc:  # noqa: BLE001 - taken over without them
+            log.warning("reading the refusal windows of partition %d failed: %r", part, exc)
+            return
+        for topic, (until_ms, first) in windows.items():
+            self._admission.adopt(topic, until_ms / 1000, first)

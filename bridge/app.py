@@ -28,7 +28,7 @@ from storage.push_queue import open_push_queue
 from storage.state import open_state
 
 from .accounts import Accounts
-from .admission import Admission
+from .admission import Admission, HeldBackHandover
 from .clock import Clock, SystemClock
 from .config import Settings, read_credentials
 from .errors import PigeonError, Unauthorized
@@ -366,11 +366,13 @@ class PigeonServer:
             # Bridges of one deployment share the store's partitions: each takes the device
             # traffic of the users of the partitions it holds, in one persistent broker session
             # per partition (bridge/mqtt_ingest.py), and a dead bridge's share moves with its leases.
+            windows = HeldBackHandover(self.state, partitions, self.admission)  # (they move with partitions)
+            self.admission.on_hold = windows.note
             self._ingest_client = MqttIngest(
                 host, port, username=user, password=password, client_id=f"{user}-{secrets.token_hex(6)}",
                 handle=self._ingest, persistent=True, partitions=partitions, ask_holder=ask_holder,
                 tls_context=broker_tls, admit=self._admit, release=self.admission.release,
-                start=self._start,
+                start=self._start, on_session=windows.adopt,
             )
             handle = getattr(self.state, "handle", None)
             if handle is not None:

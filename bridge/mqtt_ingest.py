@@ -279,8 +279,12 @@ class MqttIngest:
         max_taken_in: int = MAX_TAKEN_IN, max_backoff_s: float = 30.0,
         persistent: bool = False, partitions: Partitions | None = None, ask_holder: AskHolder | None = None,
         tls_context: ssl.SSLContext | None = None, admit: Admit | None = None, release: Release | None = None,
-        start: Start | None = None,
+        start: Start | None = None, on_session: Callable[[int], Awaitable[None]] | None = None,
     ) -> None:
+        """``on_session``: awaited each time a partition's session is connected, before any of
+        its publishes is taken in (the bridge adopts the devices' refusal windows the partition's
+        previous holder recorded)."""
+        self._on_session = on_session
         self._host, self._port = host, port
         self._tls = tls_context  # None: plain MQTT
         self._username, self._password, self._client_id = username, password, client_id
@@ -424,6 +428,8 @@ class MqttIngest:
                     for start in range(0, len(users), SUBSCRIBE_CHUNK):
                         await client.subscribe([(f"up/{u}/+", 1) for u in users[start:start + SUBSCRIBE_CHUNK]])
                     await self._start_probe(client)
+                    if self._on_session is not None:
+                        await self._on_session(part)
                     self._sessions[part] = client
                     self._session_ready.setdefault(part, asyncio.Event()).set()
                     log.info("holding the broker session of partition %d (%d users)", part, len(users))

@@ -12,7 +12,7 @@ numbers and receipts never live here. Requests one bridge process hands another 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 # told a user whose devices changed, or None: any user's may have (news was missed)
@@ -56,6 +56,14 @@ class SharedState(Protocol):
     def hears_devices(self) -> bool:
         """Whether the listeners hear every change now (false while a connection is down)."""
 
+    async def put_held_back(self, scope: str, part: int, windows: Mapping[str, tuple[int, str]]) -> None:
+        """Record devices' refusal windows (bridge/admission.py) for the next holder of their
+        partition: ``up`` topic -> (until when, ms since the epoch; the refused send's id).
+        Each replaces what was recorded for its device."""
+
+    async def held_back(self, scope: str, part: int, now_ms: int) -> dict[str, tuple[int, str]]:
+        """The windows recorded for a partition that are still open at ``now_ms``."""
+
 
 class MemoryState:
     """Everything in this process: right for one process, the embedded default."""
@@ -64,6 +72,7 @@ class MemoryState:
         self._devices: dict[str, set[str]] = defaultdict(set)
         self._watch: dict[str, dict[str, int]] = defaultdict(dict)
         self._listeners: list[DevicesListener] = []
+        self._held_back: dict[tuple[str, int], dict[str, tuple[int, str]]] = defaultdict(dict)
 
     async def open(self) -> None:
         return None
@@ -119,6 +128,15 @@ class MemoryState:
 
     def hears_devices(self) -> bool:
         return True
+
+    async def put_held_back(self, scope: str, part: int, windows: Mapping[str, tuple[int, str]]) -> None:
+        self._held_back[(scope, part)].update(windows)
+
+    async def held_back(self, scope: str, part: int, now_ms: int) -> dict[str, tuple[int, str]]:
+        kept = self._held_back.get((scope, part), {})
+        for topic in [t for t, (until, _) in kept.items() if until <= now_ms]:
+            del kept[topic]
+        return dict(kept)
 
 
 def open_state(url: str | None, peer_host: str | None = None, peer_secret: bytes | None = None) -> SharedState:

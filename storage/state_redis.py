@@ -14,7 +14,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +69,9 @@ RPC_BUNCH = 256  # requests (or replies) taken from a list in one round trip
 # Where a bridge says a user's devices changed (``devices_changed``): Redis pub/sub, heard by
 # every bridge that listens at that moment and by no other.
 DEVICES_CHANNEL = "pg:devices"
+# how long a partition's recorded refusal windows are kept after the last was written (each lasts
+# a few seconds: bridge/admission.py)
+HELD_BACK_KEPT_MS = 60_000
 HEAR_AGAIN_S = 1.0  # a lost subscription is taken again after this long
 PING_EVERY_S = 2.0  # the subscription is pinged this often; no pong within PONG_WITHIN_S: lost
 PONG_WITHIN_S = 3.0
@@ -228,6 +231,26 @@ class RedisState:
     async def watchers(self, watched: str, now_ms: int) -> list[str]:
         got = await self._do(self._scripts["watchers"](keys=[f"pg:{{u:{watched}}}:watchers"], args=[now_ms]))
         return [w.decode() if isinstance(w, bytes) else str(w) for w in got]
+
+    # -- devices' refusal windows, handed to a partition's next holder ----------------------------
+    async def put_held_back(self, scope: str, part: int, windows: Mapping[str, tuple[int, str]]) -> None:
+        if not windows:
+            return
+        key = f"pg:{{held:{scope}:{part}}}"
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.hset(key, mapping={topic: f"{until} {first}" for topic, (until, first) in windows.items()})
+        pipe.pexpire(key, HELD_BACK_KEPT_MS)  # (windows last seconds: the hash goes once none is written)
+        await self._do(pipe.execute())
+
+    async def held_back(self, scope: str, part: int, now_ms: int) -> dict[str, tuple[int, str]]:
+        got = await self._do(self._redis.hgetall(f"pg:{{held:{scope}:{part}}}"))
+        out: dict[str, tuple[int, str]] = {}
+        for name, value in got.items():
+            topic = name.decode() if isinstance(name, bytes) else str(name)
+            until, _, first = (value.decode() if isinstance(value, bytes) else str(value)).partition(" ")
+            if until.isdigit() and int(until) > now_ms:
+                out[topic] = (int(until), first)
+        return out
 
     # -- requests between bridge processes -------------------------------------------------------
     async def devices_changed(self, user_id: str) -> None:

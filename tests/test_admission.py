@@ -4,6 +4,7 @@ and who is disconnected (bridge/admission.py, bridge/ratelimit.py, bridge/router
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import pytest
@@ -17,6 +18,7 @@ from bridge.protocol import Watch
 from bridge.ratelimit import RateLimiter, Strikes
 from bridge.router import DeviceRouter
 from bridge.wire import encode_v1, topic_of
+from tests.fakes import until
 from tests.test_handlers import World, world  # noqa: F401 - the handler tests' fixture
 
 TOPIC = "up/u1/d1"
@@ -669,6 +671,61 @@ def test_the_refused_send_coming_back_closes_the_window_and_is_taken() -> None:
     clock.t += 0.2  # the device sends the refused ones again, in its order, within the window
     assert adm.admit(TOPIC, old) is None
     assert adm.admit(TOPIC, body(type="send", id="next", to="u2", body="y")) is None
+
+
+def test_a_window_is_told_for_the_partitions_next_holder_which_keeps_it() -> None:
+    """Each window, as it opens, grows and closes, is told (for the next holder of the
+    device's partition); the next holder adopts it: the device's sends are refused there until
+    the refused one comes back, or the window's end. An ended one is not adopted, and one the
+    new holder has of its own is kept."""
+    clock = Clock()
+    told: list[tuple[str, float, str]] = []
+    old = Admission(limit=1000, max_delay_ms=2000, retry_after_ms=500, clock=clock)
+    old.on_hold = lambda topic, until, first: told.append((topic, until, first))
+    first, second = body(type="send", id="m1", to="u2", body="x"), body(type="send", id="m2", to="u2", body="y")
+    assert refusal(old.admit(TOPIC, first, waited=2.5)) is not None
+    assert refusal(old.admit(TOPIC, second)) is not None  # (in the window: refused, the window as it was)
+    [(topic, until, refused)] = told
+    assert (topic, refused) == (TOPIC, "m1") and 0.4 < until - time.time() <= 0.5
+
+    other_clock = Clock()
+    other_clock.t += 5.0  # the new holder's own clock: another origin, the same wall clock
+    new = Admission(limit=1000, max_delay_ms=2000, clock=other_clock)
+    new.adopt(topic, until, refused)
+    new.adopt(OTHER, time.time() - 1, "o1")  # ended
+    assert refusal(new.admit(OTHER, body(type="send", id="o2", to="u2", body="z"))) is None
+    reply = refusal(new.admit(TOPIC, second))
+    assert reply is not None and "an earlier send of this device" in reply["message"]
+    assert new.admit(TOPIC, first) is None and new.admit(TOPIC, second) is None  # the device's order
+
+    old.admit(TOPIC, first)  # it came back to the old holder: closed, and told so
+    assert len(told) == 2 and told[-1][1] <= time.time()
+    new.adopt(TOPIC, time.time() + 5, "m9")  # the new holder's own window stands
+    assert new._held_back[TOPIC].first == "m1"  # noqa: SLF001
+
+
+async def test_windows_recorded_by_one_bridge_are_adopted_by_the_partitions_next_holder() -> None:
+    """Through the shared state: the first bridge's windows are written as they open (by
+    partition), and the bridge connecting that partition's session next adopts them."""
+    from types import SimpleNamespace
+
+    from bridge.admission import HeldBackHandover
+    from storage.state import MemoryState
+
+    state = MemoryState()
+    partitions = SimpleNamespace(partition_scope="ks", partition_of_user=lambda user: 7 if user == "u1" else 8)
+    first_bridge, next_bridge = Admission(limit=1000, max_delay_ms=2000), Admission(limit=1000, max_delay_ms=2000)
+    mine = HeldBackHandover(state, partitions, first_bridge)  # type: ignore[arg-type]
+    first_bridge.on_hold = mine.note
+    assert refusal(first_bridge.admit(TOPIC, body(type="send", id="m1", to="u2", body="x"), waited=2.5)) is not None
+    await until(lambda: bool(state._held_back.get(("ks", 7))))  # noqa: SLF001
+    theirs = HeldBackHandover(state, partitions, next_bridge)  # type: ignore[arg-type]
+    await theirs.adopt(8)  # another partition's: nothing
+    assert next_bridge.admit(TOPIC, body(type="send", id="m2", to="u2", body="y")) is None
+    next_bridge.release()
+    await theirs.adopt(7)
+    assert refusal(next_bridge.admit(TOPIC, body(type="send", id="m2", to="u2", body="y"))) is not None
+    assert next_bridge.admit(TOPIC, body(type="send", id="m1", to="u2", body="x")) is None
 
 
 def test_a_refusal_at_the_device_s_own_bound_leaves_its_earlier_sends_alone() -> None:

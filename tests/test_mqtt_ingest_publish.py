@@ -488,6 +488,47 @@ async def test_what_waits_from_a_lost_connection_is_handled_once_when_the_sessio
         await asyncio.gather(runner, return_exceptions=True)
 
 
+async def test_a_partition_session_takes_in_nothing_before_its_windows_are_adopted() -> None:
+    """Each time a partition's session connects, ``on_session`` is awaited before any of its
+    publishes is taken in (the bridge adopts the refusal windows of the partition's devices
+    first): publishes the broker hands at once wait for it."""
+    adopting, adopted = asyncio.Event(), asyncio.Event()
+    sessions_started: list[int] = []
+
+    async def on_session(part: int) -> None:
+        sessions_started.append(part)
+        adopting.set()
+        await adopted.wait()
+
+    handled: list[bytes] = []
+
+    async def handle(topic: str, payload: bytes) -> None:
+        handled.append(payload)
+
+    ingest = MqttIngest("127.0.0.1", 1, username=BRIDGE, password=SECRET, client_id=f"{BRIDGE}-w",
+                        handle=handle, persistent=True, partitions=OnePartition(), on_session=on_session)
+    connections: list[FakeConnection] = []
+
+    def new_client(identifier: str, persistent: bool) -> FakeConnection:
+        connections.append(FakeConnection(identifier))
+        if identifier == ingest._session_id(0):  # the broker hands what it kept at once
+            connections[-1]._queue.put_nowait(aiomqtt.Message(f"up/{USER}/{DEVICE}", b'{"n":1}', 1, False, 1, None))
+        return connections[-1]
+
+    ingest._new_client = new_client  # type: ignore[assignment,method-assign]
+    runner = asyncio.create_task(ingest.run())
+    try:
+        await asyncio.wait_for(adopting.wait(), 10)
+        await asyncio.sleep(0.05)
+        assert handled == [] and ingest._taken_in == 0 and 0 not in ingest._sessions
+        adopted.set()
+        await _until(lambda: handled == [b'{"n":1}'])
+        assert sessions_started == [0]
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+
+
 async def test_a_publish_handled_apart_is_acknowledged_once_that_handling_ends() -> None:
     """An ack runs apart from its device's other requests (the handler hands back a future): its
     acknowledgement waits for that future while the device's next publish is handled and

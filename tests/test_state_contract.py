@@ -101,6 +101,21 @@ async def test_a_user_gone_offline_leaves_no_presence_key_in_redis() -> None:
         await s.close()
 
 
+async def test_refusal_windows_wait_for_a_partitions_next_holder(state: SharedState) -> None:
+    """What one bridge records of its devices' refusal windows, the next holder of their
+    partition reads: each device's latest, only those still open, and only that partition's
+    of that deployment."""
+    scope = f"s{uuid.uuid4().hex[:8]}"
+    await state.put_held_back(scope, 3, {"up/u1/d1": (5_000, "m1"), "up/u2/d2": (1_000, "m7")})
+    await state.put_held_back(scope, 3, {"up/u1/d1": (6_000, "m1")})  # (grown)
+    await state.put_held_back(scope, 4, {"up/u9/d9": (9_000, "x")})
+    await state.put_held_back(scope, 3, {})
+    assert await state.held_back(scope, 3, 2_000) == {"up/u1/d1": (6_000, "m1")}
+    assert await state.held_back(scope, 3, 7_000) == {}
+    assert await state.held_back(f"{scope}x", 3, 0) == {}
+    assert await state.held_back(scope, 4, 0) == {"up/u9/d9": (9_000, "x")}
+
+
 async def test_watches_expire(state: SharedState) -> None:
     u = uid()
     await state.add_watch(u, "w1/d1", expiry_ms=2_000, now_ms=1_000)
