@@ -19,6 +19,20 @@ What it does for the application:
 * acknowledges what it has delivered (which produces *delivered* receipts for senders), and
   the position it starts from once a connection is up (an ack may have been lost before);
 * once closed, ends ``events()`` and answers ``next_event()`` with ``not_connected``;
+* connects again by itself after a lost connection (not after ``close()``), waiting 0.5 s
+  doubling to 30 s between attempts, each wait shortened by up to half at random so devices
+  cut off together do not return together; each new connection subscribes again, says
+  ``presence online`` and syncs from the cursor before the device counts as online again, so
+  nothing sent meanwhile is missed and nothing comes twice. Only the first connection, in
+  ``async with``, raises when it fails; a broker that refuses the device's credentials on a
+  later attempt (token expired, device unlinked) ends the attempts, since the same token is
+  refused every time. A request waiting for its reply when the connection goes fails at once
+  with ``not_connected``, except ``send`` (and ``sync``): it waits for the next connection, up
+  to its reply timeout an attempt, and goes again there under the same id;
+* tells the application its connection state if it asks: ``Device.state`` is ``connecting``,
+  ``online``, ``offline`` (lost, waiting to try again), ``refused`` or ``closed`` (as the
+  JavaScript SDK's ``status``), ``Device.connected`` is true when online, and
+  ``Device(profile, on_state=f)`` calls ``f(state)`` on every change;
 * retries ``send`` under the same id, so a lost reply never produces a second message, and in
   the order the sends were made: once a send is refused (``rate_limited``, ``unavailable``) or
   unanswered, the device's later sends (new ones, and refused ones going again) wait until it
@@ -55,7 +69,7 @@ import random
 import ssl
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -63,6 +77,7 @@ from typing import Any
 
 import aiomqtt
 import httpx
+from aiomqtt.exceptions import MqttConnectError
 from cachetools import LRUCache
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -97,6 +112,8 @@ PEERS_KEPT = 4096  # direct chats remembered (one forgotten costs a sync when it
 PEERS_SAVED = 512  # of those, kept in the profile (written with the sync cursor)
 UNRESOLVED_KEPT = 1024
 V2_ACK_DELAY_S = 1.0  # v2: at most one ack a second (each ack makes a delivered receipt per chat it covers)
+RECONNECT_FIRST_S = 0.5  # the wait before the first attempt to connect again, doubled after each failure ...
+RECONNECT_MAX_S = 30.0  # ... up to this (each wait shortened by up to half at random)
 
 
 def ack_wait(last_ack: float | None, now: float, delay: float, *, leading: bool) -> float:
@@ -410,6 +427,22 @@ def _retrieve(task: asyncio.Future[Any]) -> None:
         task.exception()
 
 
+def _abandon(client: aiomqtt.Client) -> None:
+    """Drop a connection without waiting: a DISCONNECT if it is up (the socket closes once it
+    is written), nothing if it is gone already."""
+    with contextlib.suppress(Exception):
+        client._client.disconnect()
+
+
+def _credentials_refused(exc: aiomqtt.MqttError) -> bool:
+    """The broker's CONNACK refused the token (bad credentials, not authorized): the same token
+    is refused on every attempt. (paho gives 3.1.1's codes 4 and 5 as MQTT 5's 134 and 135.)"""
+    if not isinstance(exc, MqttConnectError):
+        return False
+    rc = getattr(exc.rc, "value", exc.rc)
+    return rc in (4, 5, 134, 135)
+
+
 ID_BLOCK = 256  # v2 request ids recorded as used at a time (see Device._new_id)
 BASE36 = "0123456789abcdefghijklmnopqrstuvwxyz"
 
@@ -427,13 +460,14 @@ class Device:
 
     def __init__(self, profile: Profile, *, keepalive: int = 240, transport: str = "tcp",
                  reply_timeout: float = 10.0, ack_delay: float | None = None, proto: int = 2,
-                 mqtt5: bool = False) -> None:
+                 mqtt5: bool = False, on_state: Callable[[str], object] | None = None) -> None:
         """``ack_delay``: how long acks are gathered before one goes (default 0.05 s); with v2,
         which acks at QoS 0, the least time between two acks (default 1 s, ``V2_ACK_DELAY_S``:
         fewer acks and fewer delivered receipts; the first ack after a quiet second goes at once).
         ``mqtt5``: connect over MQTT 5 (for a broker that speaks it, such as Mosquitto; not the
         embedded one) and, when the broker's CONNACK allows topic aliases, name the ``up`` topic
-        once and publish with its alias alone after that."""
+        once and publish with its alias alone after that. ``on_state``: called with the new
+        :attr:`state` whenever it changes (the module's docstring)."""
         if proto not in (1, 2):
             raise ValueError("proto must be 1 or 2")
         if proto == 1 and profile.proto == 2:
@@ -484,13 +518,40 @@ class Device:
         self._ack_wanted = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
         self._closing = False
-        self._stack = contextlib.AsyncExitStack()
+        self._state = "connecting"
+        self._on_state = on_state
+        # set while a connection is up (subscribed), and for good once no other will come: what
+        # a send made while disconnected waits for (see _until_connected)
+        self._connected = asyncio.Event()
+        self._entered = False  # the first connection caught up: a lost one is connected again from now on
+        self._stopped = False  # no connection will come again (closed, refused, or lost while entering)
+        self._failures = 0  # attempts to connect again that failed since the last that caught up
         self.up = f"up/{profile.user_id}/{profile.device_id}"
         self._last_publish = 0.0  # loop time of the last publish: the server's sign of life
 
     @property
     def cursor(self) -> int:
         return self._cursor
+
+    @property
+    def state(self) -> str:
+        """``connecting``, ``online``, ``offline``, ``refused`` or ``closed`` (the module's docstring)."""
+        return self._state
+
+    @property
+    def connected(self) -> bool:
+        """Online: connected, subscribed and caught up with the inbox."""
+        return self._state == "online"
+
+    def _set_state(self, state: str) -> None:
+        if state == self._state:
+            return
+        self._state = state
+        if self._on_state is not None:
+            try:
+                self._on_state(state)
+            except Exception:  # (the application's callback must not stop the device)
+                log.exception("on_state callback failed")
 
     # -- lifecycle --------------------------------------------------------------------------------
     def _mqtt_client(self) -> aiomqtt.Client:
@@ -553,24 +614,32 @@ class Device:
             self._alias_named = self._alias_named or bool(self._alias)
 
     async def __aenter__(self) -> Device:
+        """Connect, subscribe, say online and sync; raises when any of it fails (only a
+        connection lost after this returned is made again by itself)."""
         client = self._mqtt_client()
         try:
-            await self._stack.enter_async_context(client)
+            await client.__aenter__()
         except aiomqtt.MqttError as exc:
             await self.api.close()
             raise PigeonClientError("connect_refused", str(exc)) from exc
         self._client = client
         try:
-            # v2 devices take their user's events from the v2 topic (docs/protocol.md)
-            await client.subscribe(f"down/{self.profile.user_id}{'/v2' if self.proto == 2 else ''}", qos=1)
-            await client.subscribe(f"down/{self.profile.user_id}/{self.profile.device_id}", qos=1)
-            self._runner = asyncio.create_task(self._run(), name=f"pigeon-device-{self.profile.device_id}")
+            await self._subscribe(client)
+            self._connected.set()
+            self._runner = asyncio.create_task(self._run(client), name=f"pigeon-device-{self.profile.device_id}")
             await self._publish(self._online())
             await self.sync()
         except BaseException:  # (the connection and the background tasks do not outlive a failed start)
             await self.close()
             raise
+        self._entered = True
+        self._set_state("online")
         return self
+
+    async def _subscribe(self, client: aiomqtt.Client) -> None:
+        # v2 devices take their user's events from the v2 topic (docs/protocol.md)
+        await client.subscribe(f"down/{self.profile.user_id}{'/v2' if self.proto == 2 else ''}", qos=1)
+        await client.subscribe(f"down/{self.profile.user_id}/{self.profile.device_id}", qos=1)
 
     def _online(self) -> dict[str, Any]:
         """``presence online`` stating the keepalive, which this device keeps with publishes the
@@ -592,18 +661,22 @@ class Device:
         # uses for every publish) can swallow a cancellation that lands as its PUBACK arrives,
         # and a loop that lost its cancellation would otherwise wait for work forever.
         self._closing = True
+        self._stop()
         self._ack_wanted.set()
         self._sync_wanted.set()
         runner, self._runner = self._runner, None
         if runner is not None:
-            runner.cancel()
+            runner.cancel()  # (a wait before connecting again, or an attempt, ends here)
             await self._settle(runner)
-        await self._bounded("disconnect", self._stack.aclose())
+        client = self._client  # (read once the runner stopped: it may have connected again meanwhile)
+        if client is not None:
+            await self._bounded("disconnect", client.__aexit__(None, None, None))
         if runner is not None and not runner.done():
             await self._settle(runner)  # the read loop ends once the connection is gone
         self._client = None
         await self.api.close()
         self._save_cursor()
+        self._set_state("closed")
         self._events.put_nowait(_CLOSED)  # whoever waits for an event is told
 
     @staticmethod
@@ -621,15 +694,150 @@ class Device:
         try:
             async with asyncio.timeout(CLOSE_STEP_S):
                 await step
-        except (TimeoutError, aiomqtt.MqttError, OSError) as exc:
+        except (TimeoutError, aiomqtt.MqttError, OSError, PigeonClientError) as exc:
             log.warning("closing: %s did not complete (%s)", what, type(exc).__name__)
 
-    async def _run(self) -> None:
+    async def _run(self, client: aiomqtt.Client) -> None:
+        """The background work: the loops outlive connections, the read loop is one connection's."""
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._read_loop(), name="read")
+            tg.create_task(self._connection_loop(client), name="connection")
             tg.create_task(self._sync_loop(), name="gap-sync")
             tg.create_task(self._ack_loop(), name="ack")
             tg.create_task(self._heartbeat_loop(), name="heartbeat")
+
+    async def _connection_loop(self, client: aiomqtt.Client) -> None:
+        """Read the connection's events until it is lost, then connect again (unless closed,
+        refused, or lost before ``__aenter__`` was through, which then raises) and catch up
+        beside the new connection's read loop (the sync's reply comes through it)."""
+        catching: asyncio.Task[None] | None = None
+        while True:
+            reading = asyncio.create_task(self._read_loop(client), name="read")
+            reading.add_done_callback(_retrieve)
+            try:
+                await reading
+            except aiomqtt.MqttError as exc:
+                if not self._closing:
+                    log.warning("connection lost (%s); connecting again", exc)
+            finally:
+                reading.cancel()
+                if catching is not None:
+                    catching.cancel()
+            self._lost(client)
+            if self._closing or not self._entered:
+                self._stop()
+                return
+            again = await self._connect_again()
+            if again is None:
+                self._stop()
+                self._set_state("refused")
+                return
+            client = again
+            catching = asyncio.create_task(self._catch_up(client), name="catch-up")
+            catching.add_done_callback(_retrieve)
+
+    def _lost(self, client: aiomqtt.Client) -> None:
+        """The connection is gone: requests waiting for a reply on it are told ``not_connected``
+        (``send`` goes again on the next), and nothing is acked on the next one yet."""
+        if self._client is client:
+            self._client = None
+        _abandon(client)
+        self._connected.clear()
+        self._acked = 0
+        if not self._closing:
+            self._set_state("offline")
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(PigeonClientError("not_connected", "the connection was lost before the reply came"))
+                _retrieve(fut)  # (watch never awaits its marker)
+
+    def _stop(self) -> None:
+        """No connection will come again: whoever waits for one is told."""
+        self._stopped = True
+        self._connected.set()
+
+    async def _connect_again(self) -> aiomqtt.Client | None:
+        """Wait (``RECONNECT_FIRST_S`` doubling to ``RECONNECT_MAX_S``, with jitter), connect and
+        subscribe; again until it works. None when the broker refuses the credentials."""
+        while True:
+            wait = min(RECONNECT_MAX_S, RECONNECT_FIRST_S * 2 ** min(self._failures, 16))
+            await asyncio.sleep(wait * (0.5 + random.random() / 2))
+            self._set_state("connecting")
+            client = self._mqtt_client()
+            try:
+                await self._open(client)
+                await self._subscribe(client)
+            except aiomqtt.MqttError as exc:
+                _abandon(client)
+                if _credentials_refused(exc):
+                    log.error("the broker refuses this device's credentials (%s); not connecting again", exc)
+                    return None
+                log.info("connecting again failed (%s)", exc)
+                self._failures += 1
+                self._set_state("offline")
+                continue
+            except BaseException:  # closed meanwhile: the half-made connection goes too
+                _abandon(client)
+                raise
+            self._client = client
+            self._connected.set()
+            return client
+
+    async def _open(self, client: aiomqtt.Client) -> None:
+        """Connect ``client``; MqttError when the broker has not answered within the reply timeout,
+        or as soon as the connection closes unanswered (aiomqtt alone waits its whole timeout for
+        a CONNACK that cannot come any more)."""
+        gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        paho = client._client
+        told = paho.on_disconnect
+
+        def on_disconnect(*args: Any) -> None:
+            if not gone.done():
+                gone.set_result(None)
+            if told is not None:
+                told(*args)
+
+        paho.on_disconnect = on_disconnect
+        connecting: asyncio.Future[Any] = asyncio.ensure_future(client.__aenter__())
+        connecting.add_done_callback(_retrieve)
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._reply_timeout):
+                    either: set[asyncio.Future[Any]] = {connecting, gone}
+                    await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            paho.on_disconnect = told
+            if not connecting.done():
+                connecting.cancel()
+        if not connecting.done() or connecting.cancelled():
+            raise aiomqtt.MqttError("the connection closed before the broker answered" if gone.done()
+                                    else "the broker did not answer in time")
+        connecting.result()
+
+    async def _catch_up(self, client: aiomqtt.Client) -> None:
+        """On a new connection: say online and sync from the cursor (the first sync acks it). If
+        that fails, the connection is dropped, and the read loop's end makes another."""
+        try:
+            await self._publish(self._online())
+            await self.sync()
+        except (aiomqtt.MqttError, PigeonClientError) as exc:
+            if self._client is client:
+                log.warning("catching up on the new connection failed (%s); connecting again", exc)
+                self._failures += 1
+                _abandon(client)
+            return
+        if self._client is client:
+            self._failures = 0
+            self._set_state("online")
+
+    async def _until_connected(self) -> None:
+        """Wait up to the reply timeout for a connection; ``not_connected`` if none came (or none
+        will: closed or refused)."""
+        if self._client is None and not self._stopped:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._reply_timeout):
+                    await self._connected.wait()
+        if self._client is None:
+            raise PigeonClientError("not_connected", "the device is not connected")
 
     # -- plumbing ------------------------------------------------------------------------------------
     def _encode(self, payload: Mapping[str, Any]) -> bytes:
@@ -677,6 +885,8 @@ class Device:
             self._last_publish = asyncio.get_running_loop().time()
         except TimeoutError as exc:
             raise RequestTimeout(f"the broker did not acknowledge a {payload.get('type')} in time") from exc
+        except aiomqtt.MqttError as exc:
+            raise PigeonClientError("not_connected", f"the {payload.get('type')} could not go out: {exc}") from exc
 
     async def request(self, payload: Mapping[str, Any], timeout: float | None = None) -> Event:
         """Publish a request with an id and wait for the reply carrying that id.
@@ -709,6 +919,8 @@ class Device:
                 reply = fut.result()
         except TimeoutError as exc:
             raise RequestTimeout(f"no reply to {payload.get('type')} {rid}") from exc
+        except aiomqtt.MqttError as exc:  # (the connection went; the read loop's end tells the rest)
+            raise PigeonClientError("not_connected", f"the request could not go out: {exc}") from exc
         finally:
             self._pending.pop(rid, None)
             self._send_chats.pop(rid, None)
@@ -717,9 +929,8 @@ class Device:
             raise PigeonClientError(reply.code, reply.message, retry_after_ms=reply.retry_after_ms)
         return reply
 
-    async def _read_loop(self) -> None:
-        assert self._client is not None
-        async for message in self._client.messages:
+    async def _read_loop(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
             raw = message.payload
             if not isinstance(raw, (bytes, bytearray, str)):
                 continue
@@ -797,7 +1008,9 @@ class Device:
             if self._buffer or self._unresolved:
                 try:
                     await self.sync()
-                except PigeonClientError as exc:
+                except (aiomqtt.MqttError, PigeonClientError) as exc:
+                    if self._stopped:
+                        return
                     log.warning("gap sync failed: %s", exc)
                     self._sync_wanted.set()
                     await asyncio.sleep(1 + random.random())
@@ -810,6 +1023,11 @@ class Device:
         """Say ``presence online`` again whenever nothing was published for half the keepalive."""
         loop = asyncio.get_running_loop()
         while not self._closing:
+            if self._client is None:  # (a new connection says online as it is made)
+                await self._connected.wait()
+                if self._stopped:
+                    return
+                continue
             await asyncio.sleep(max(0.0, self._last_publish + self._keepalive / 2 - loop.time()))
             if self._closing:
                 return
@@ -901,7 +1119,9 @@ class Device:
 
     async def _request_retried(self, payload: Mapping[str, Any], retries: int = 3, order: int | None = None) -> Event:
         """A request that may be asked again (a send under its id, a sync from the cursor): retried
-        when unanswered, or answered ``rate_limited``/``unavailable`` (after ``retry_after_ms``).
+        when unanswered, answered ``rate_limited``/``unavailable`` (after ``retry_after_ms``), or
+        cut off by a lost connection; each attempt first waits for a connection (up to the reply
+        timeout), so one made while the device is connecting again goes out once it is back.
         ``order``: a send's place among this device's sends; each attempt waits for the earlier
         sends that are going again (the module's docstring)."""
         if "id" not in payload:
@@ -910,15 +1130,17 @@ class Device:
         again: asyncio.Event | None = None
         try:
             for attempt in range(retries + 1):
-                if order is not None:
-                    await self._after_earlier_sends(order)
                 try:
+                    await self._until_connected()
+                    if order is not None:
+                        await self._after_earlier_sends(order)
                     return await self.request(payload)
                 except RequestTimeout:
                     if attempt == retries:
                         raise
                 except PigeonClientError as exc:
-                    if exc.code not in ("rate_limited", "unavailable") or attempt == retries:
+                    again_when = ("rate_limited", "unavailable") + (() if self._stopped else ("not_connected",))
+                    if exc.code not in again_when or attempt == retries:
                         raise
                     delay = max(delay, (exc.retry_after_ms or 0) / 1000)
                 if order is not None and again is None:

@@ -188,12 +188,12 @@ class LoadDevice:
                         s.timeouts += 1
                         if not s.answered:
                             attempt(s)  # a lost reply: the same id again
+                    elif isinstance(exc, PigeonClientError) and exc.code == "not_connected":
+                        raise ConnectionLost() from exc  # (how the SDK's request tells a lost connection)
                     elif isinstance(exc, PigeonClientError):
                         s.errors.append(exc.code)
                         if exc.code in RETRY_LATER and not s.answered:
                             retry_at[s.id] = loop.time() + max(0.3, (exc.retry_after_ms or 0) / 1000)
-                    elif isinstance(exc, aiomqtt.MqttError):
-                        raise ConnectionLost() from exc
                     else:
                         raise exc
         finally:
