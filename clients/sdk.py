@@ -29,6 +29,8 @@ What it does for the application:
   refused every time. A request waiting for its reply when the connection goes fails at once
   with ``not_connected``, except ``send`` (and ``sync``): it waits for the next connection, up
   to its reply timeout an attempt, and goes again there under the same id;
+* refreshes the device's token before it connects (the first time and each time again) when
+  it expires within a week (``refresh_before_s``), keeping the new one in the profile;
 * tells the application its connection state if it asks: ``Device.state`` is ``connecting``,
   ``online``, ``offline`` (lost, waiting to try again), ``refused`` or ``closed`` (as the
   JavaScript SDK's ``status``), ``Device.connected`` is true when online, and
@@ -69,6 +71,7 @@ import random
 import ssl
 import time
 import uuid
+from collections import ChainMap
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -111,7 +114,9 @@ _CLOSED = object()  # put after the events once the device is closed: whoever wa
 PEERS_KEPT = 4096  # direct chats remembered (one forgotten costs a sync when its peer writes next)
 PEERS_SAVED = 512  # of those, kept in the profile (written with the sync cursor)
 UNRESOLVED_KEPT = 1024
+ABANDONED_KEPT = 1024  # requests given up on whose late replies are recognised
 V2_ACK_DELAY_S = 1.0  # v2: at most one ack a second (each ack makes a delivered receipt per chat it covers)
+REFRESH_BEFORE_S = 7 * 86_400  # a token that expires within this is refreshed before connecting
 RECONNECT_FIRST_S = 0.5  # the wait before the first attempt to connect again, doubled after each failure ...
 RECONNECT_MAX_S = 30.0  # ... up to this (each wait shortened by up to half at random)
 
@@ -332,6 +337,15 @@ class Api:
             raise PigeonClientError("unavailable", f"cannot reach {self.profile.http_url}: {exc}") from exc
         return _raise_for(resp)
 
+    async def refresh(self) -> dict[str, Any]:
+        """A new token for this device (``POST /v1/auth/refresh``): kept in the profile (saved
+        when it has a file) and used from now on, here and by the device's next connection."""
+        got = dict(await self._call("POST", "/v1/auth/refresh"))
+        self.profile.token, self.profile.expires_at = str(got["token"]), int(got["expires_at"])
+        self._http.headers["Authorization"] = f"Bearer {self.profile.token}"
+        self.profile.save()
+        return got
+
     async def me(self) -> dict[str, Any]:
         return dict(await self._call("GET", "/v1/me"))
 
@@ -460,14 +474,16 @@ class Device:
 
     def __init__(self, profile: Profile, *, keepalive: int = 240, transport: str = "tcp",
                  reply_timeout: float = 10.0, ack_delay: float | None = None, proto: int = 2,
-                 mqtt5: bool = False, on_state: Callable[[str], object] | None = None) -> None:
+                 mqtt5: bool = False, on_state: Callable[[str], object] | None = None,
+                 refresh_before_s: float = REFRESH_BEFORE_S) -> None:
         """``ack_delay``: how long acks are gathered before one goes (default 0.05 s); with v2,
         which acks at QoS 0, the least time between two acks (default 1 s, ``V2_ACK_DELAY_S``:
         fewer acks and fewer delivered receipts; the first ack after a quiet second goes at once).
         ``mqtt5``: connect over MQTT 5 (for a broker that speaks it, such as Mosquitto; not the
         embedded one) and, when the broker's CONNACK allows topic aliases, name the ``up`` topic
         once and publish with its alias alone after that. ``on_state``: called with the new
-        :attr:`state` whenever it changes (the module's docstring)."""
+        :attr:`state` whenever it changes (the module's docstring). ``refresh_before_s``: before
+        each connection, a token that expires within this long is refreshed first."""
         if proto not in (1, 2):
             raise ValueError("proto must be 1 or 2")
         if proto == 1 and profile.proto == 2:
@@ -491,6 +507,16 @@ class Device:
         self._client: aiomqtt.Client | None = None
         self._pending: dict[str, asyncio.Future[Event]] = {}
         self._send_chats: dict[str, str] = {}  # request id -> the chat a pending send named (v2's sent omits it)
+        # requests given up on (no reply in time) -> for a send, its (to, body, media), whose late
+        # ``sent`` puts the application's own message in the stream (as ``send`` would have); and
+        # the chats such sends named (their late v2 ``sent`` omits it)
+        self._abandoned: LRUCache[str, tuple[str | None, str | None, Mapping[str, Any] | None] | None] = (
+            LRUCache(ABANDONED_KEPT))
+        self._abandoned_chats: LRUCache[str, str] = LRUCache(ABANDONED_KEPT)
+        self._reply_chats = ChainMap(self._send_chats, self._abandoned_chats)  # (read by the decoder)
+        # every send not through yet, by its place among the device's sends -> set once it is:
+        # a send going again waits for the earlier ones (see _after_earlier_sends)
+        self._sends_open: dict[int, asyncio.Event] = {}
         # sends in the order they were made, and those of them going again (refused or
         # unanswered) -> set once they are through: a later send waits for every earlier one here
         self._sends_made = 0
@@ -520,6 +546,7 @@ class Device:
         self._closing = False
         self._state = "connecting"
         self._on_state = on_state
+        self._refresh_before_ms = refresh_before_s * 1000
         # set while a connection is up (subscribed), and for good once no other will come: what
         # a send made while disconnected waits for (see _until_connected)
         self._connected = asyncio.Event()
@@ -616,6 +643,7 @@ class Device:
     async def __aenter__(self) -> Device:
         """Connect, subscribe, say online and sync; raises when any of it fails (only a
         connection lost after this returned is made again by itself)."""
+        await self._refresh_if_due()
         client = self._mqtt_client()
         try:
             await client.__aenter__()
@@ -762,6 +790,7 @@ class Device:
             wait = min(RECONNECT_MAX_S, RECONNECT_FIRST_S * 2 ** min(self._failures, 16))
             await asyncio.sleep(wait * (0.5 + random.random() / 2))
             self._set_state("connecting")
+            await self._refresh_if_due()
             client = self._mqtt_client()
             try:
                 await self._open(client)
@@ -828,6 +857,19 @@ class Device:
         if self._client is client:
             self._failures = 0
             self._set_state("online")
+
+    async def _refresh_if_due(self) -> None:
+        """Refresh the token when it expires within ``refresh_before_s`` (a device that stays
+        connected for weeks would otherwise be refused when it next connects). A failure is
+        logged and the connection tried with the token as it is."""
+        if self.profile.expires_at - time.time() * 1000 > self._refresh_before_ms:
+            return
+        try:
+            await self.api.refresh()
+        except PigeonClientError as exc:
+            log.warning("refreshing the device's token failed (%s); connecting with the one it has", exc)
+        else:
+            log.info("refreshed the device's token (it expired within %.0f s)", self._refresh_before_ms / 1000)
 
     async def _until_connected(self) -> None:
         """Wait up to the reply timeout for a connection; ``not_connected`` if none came (or none
@@ -918,6 +960,7 @@ class Device:
                     await fut
                 reply = fut.result()
         except TimeoutError as exc:
+            self._abandoned.setdefault(rid, None)  # its reply, should it come yet, is not an event
             raise RequestTimeout(f"no reply to {payload.get('type')} {rid}") from exc
         except aiomqtt.MqttError as exc:  # (the connection went; the read loop's end tells the rest)
             raise PigeonClientError("not_connected", f"the request could not go out: {exc}") from exc
@@ -936,7 +979,7 @@ class Device:
                 continue
             raw = raw.encode() if isinstance(raw, str) else raw
             try:
-                event = (wire_v2.decode(raw, self.profile.user_id, self._send_chats, peers=self._peers,
+                event = (wire_v2.decode(raw, self.profile.user_id, self._reply_chats, peers=self._peers,
                                         now_ms=self._server_now()) if wire_v2.is_v2(raw) else decode_payload(raw))
             except wire_v2.Unresolved as exc:  # fetched by sync, whose items are complete
                 if exc.inbox is not None and exc.inbox > self._cursor:
@@ -956,6 +999,9 @@ class Device:
                 fut = self._pending.pop(rid)
                 if not fut.done():
                     fut.set_result(event)
+                continue
+            if event.type in REPLY_TYPES and rid is not None and rid in self._abandoned:
+                self._late_reply(rid, event)
                 continue
             if isinstance(event, PresenceEvent) and rid is not None and rid in self._pending:
                 self._side.put_nowait(event)
@@ -1108,7 +1154,18 @@ class Device:
         if media is not None:
             payload["media"] = dict(media)
         self._sends_made += 1
-        reply = await self._request_retried(payload, retries, order=self._sends_made)
+        order = self._sends_made
+        self._sends_open[order] = open_ = asyncio.Event()
+        try:
+            reply = await self._request_retried(payload, retries, order=order)
+        except RequestTimeout:
+            self._abandoned[payload["id"]] = (to, body, media)
+            if chat is not None:
+                self._abandoned_chats[payload["id"]] = chat
+            raise
+        finally:
+            del self._sends_open[order]
+            open_.set()
         if isinstance(reply, Sent) and to is not None and reply.inbox is not None:
             # (a fresh one: the server found the chat by this send's ``to``; one answered from an
             # earlier attempt under the same id is about that attempt, in whatever chat it was)
@@ -1133,7 +1190,7 @@ class Device:
                 try:
                     await self._until_connected()
                     if order is not None:
-                        await self._after_earlier_sends(order)
+                        await self._after_earlier_sends(order, again=attempt > 0)
                     return await self.request(payload)
                 except RequestTimeout:
                     if attempt == retries:
@@ -1153,10 +1210,26 @@ class Device:
                 del self._sends_again[order]
                 again.set()
 
-    async def _after_earlier_sends(self, order: int) -> None:
-        """Wait until no send made before this one is still going again."""
-        while earlier := [e for k, e in self._sends_again.items() if k < order]:
+    async def _after_earlier_sends(self, order: int, *, again: bool = False) -> None:
+        """Wait until no send made before this one is still going again; for a send going
+        again itself (``again``), until every send made before it is through: one still waiting
+        for its first reply may be lost and go again too, and must not be numbered after this."""
+        waits = self._sends_open if again else self._sends_again
+        while earlier := [e for k, e in waits.items() if k < order]:
             await earlier[0].wait()
+
+    def _late_reply(self, rid: str, event: Event) -> None:
+        """The reply to a request given up on came after all: not an event for the application,
+        but a late ``sent`` (v2) puts the application's own message in the stream, as the send
+        would have (a sync would fetch it, later)."""
+        own = self._abandoned.pop(rid)
+        self._abandoned_chats.pop(rid, None)
+        if own is None or not isinstance(event, Sent) or event.inbox is None:
+            return
+        to, body, media = own
+        if to is not None:
+            self._learn_peer(to, event.chat)
+        self._take_own(event, body, media)
 
     def _take_own(self, sent: Sent, body: str | None, media: Mapping[str, Any] | None) -> None:
         """v2: the server sends no copy of this device's message to it; ``sent`` names its inbox

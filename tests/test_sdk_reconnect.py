@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -226,3 +227,34 @@ async def test_a_send_cut_off_by_a_lost_connection_goes_again_on_the_next_one() 
             assert len(server.sends) == 2 and server.sends[0] == server.sends[1]  # once again, under its id
             # not after a reply timeout: the lost connection failed the wait at once
             assert loop.time() - started < reply_timeout
+
+
+async def test_a_token_near_its_expiry_is_refreshed_before_connecting_and_again_on_a_reconnect(
+        new_user: NewUser, connect: Any, link: Link, tmp_path: Any) -> None:
+    """A device whose token expires within ``refresh_before_s`` asks for a new one before it
+    connects, keeps it in its profile file, and connects with it; once it is no longer near
+    its expiry it is kept, and a reconnect within the window refreshes again."""
+    alice, bob = await new_user(), await new_user()
+    soon = int(time.time() * 1000) + 3_600_000
+    near = dataclasses.replace(through(alice, link), expires_at=soon)
+    near.save(tmp_path / "alice.json")
+    states: list[str] = []
+    da = await connect(near, refresh_before_s=7 * 86_400, on_state=states.append)
+
+    async def connection_cut_and_back() -> None:
+        mark = len(states)
+        link.cut("relay")
+        await until(lambda: "offline" in states[mark:], timeout=10)
+        await until(lambda: da.connected, timeout=15)
+
+    first = da.profile.token
+    assert first != alice.token and da.profile.expires_at > soon + 86_400_000
+    assert Profile.load(tmp_path / "alice.json").token == first
+    da._refresh_before_ms = 1_000  # (the new token is far from its expiry)
+    await connection_cut_and_back()
+    assert da.profile.token == first  # kept: not near its expiry
+    da._refresh_before_ms = 10 * 365 * 86_400_000  # everything is near its expiry now
+    await connection_cut_and_back()
+    assert da.profile.token not in (first, alice.token)
+    sent = await da.send("after refreshing", to=bob.user_id)
+    assert sent["type"] == "sent"

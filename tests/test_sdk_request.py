@@ -192,3 +192,85 @@ async def test_the_direct_chats_a_device_learnt_outlive_it_in_its_profile(server
         again = Device(Profile.load(tmp_path / "p.json"))
         assert again._peers["u0"] == "c0" and again._peers[f"u{PEERS_SAVED + 1}"] == f"c{PEERS_SAVED + 1}"
         assert "u1" not in again._peers and "u2" not in again._peers
+
+
+@dataclass
+class ScriptedServer:
+    """Answers sync at once, and each send as ``script`` says for its body: ``ok`` (``sent``),
+    ``refuse`` (``rate_limited``, come back in 50 ms) or ``drop`` (nothing: the device's attempt
+    times out); a body not in ``script`` gets ``ok``. ``seen`` is every send attempt, by body, in
+    the order they arrived; :meth:`answer_late` answers one whose attempt was dropped."""
+
+    broker: PigeonBroker
+    port: int
+    script: dict[str, list[str]] = field(default_factory=dict)
+    seen: list[str] = field(default_factory=list)
+    ids: dict[str, str] = field(default_factory=dict)
+    inbox: int = 0
+
+    async def ingest(self, topic: str, payload: bytes) -> None:
+        msg = request_object(payload)
+        if await synced(self.broker, msg) or msg.get("type") != "send":
+            return
+        req = parse_request_v2(payload, 1 << 16) if is_v2(payload) else None
+        body = str(getattr(req, "body", None) or json.loads(payload).get("body"))
+        self.seen.append(body)
+        self.ids[body] = str(msg["id"])
+        plan = self.script.get(body) or ["ok"]
+        step = plan.pop(0) if len(plan) > 1 else plan[0]
+        if step == "ok":
+            await self.answer(body)
+        elif step == "refuse":
+            refusal = {"type": "error", "id": msg["id"], "code": "rate_limited", "message": "later",
+                       "retry_after_ms": 50}
+            await self.broker.publish(f"down/{USER}/{DEVICE}", json.dumps(refusal).encode(), 1)
+
+    async def answer(self, body: str) -> None:
+        self.inbox += 1
+        sent = {"type": "sent", "id": self.ids[body], "chat": "c1", "seq": self.inbox, "ts": 1_700_000_000_000,
+                "inbox": self.inbox}
+        await self.broker.publish(f"down/{USER}/{DEVICE}", json.dumps(sent).encode(), 1)
+
+
+@pytest.fixture
+async def scripted() -> AsyncIterator[ScriptedServer]:
+    async with on_broker(lambda broker, port: ScriptedServer(broker=broker, port=port)) as fake:
+        yield fake
+
+
+async def test_a_send_going_again_waits_for_an_earlier_one_still_waiting_for_its_first_reply(
+        scripted: ScriptedServer) -> None:
+    """The first send's first attempt is lost (no reply), the second is refused and comes back
+    at once: its second attempt waits until the first is through, so the server sees the first
+    again before the second again, and numbers them in the order they were made."""
+    scripted.script = {"one": ["drop", "ok"], "two": ["refuse", "ok"]}
+    async with device_on(scripted.port, TIMEOUT) as dev:
+        one = asyncio.create_task(dev.send("one", to="u2", retries=2))
+        await asyncio.sleep(0.05)
+        two = asyncio.create_task(dev.send("two", to="u2", retries=2))
+        replies = await asyncio.wait_for(asyncio.gather(one, two), 10 * TIMEOUT)
+    assert scripted.seen == ["one", "two", "one", "two"]
+    assert [r["seq"] for r in replies] == [1, 2]
+
+
+async def test_a_late_reply_to_a_request_given_up_on_is_not_an_event_and_a_late_sent_is_the_own_message(
+        scripted: ScriptedServer) -> None:
+    """A request that timed out has its reply come after all: it is not handed to the
+    application as an event. A send given up on whose ``sent`` (v2: naming the inbox position
+    of the device's own message) comes late puts that message in the stream, as the send would
+    have; a request published by the application itself still has its reply in the events."""
+    scripted.script = {"lost": ["drop"]}
+    async with device_on(scripted.port, TIMEOUT) as dev:
+        with pytest.raises(RequestTimeout):
+            await dev.send("lost", chat="c1", retries=0)
+        await scripted.answer("lost")
+        own = await asyncio.wait_for(dev.next_event(), 5)
+        assert (own["type"], own["body"], own["inbox"], own["from"]) == ("msg", "lost", 1, USER)
+        scripted.script["dropped too"] = ["drop"]
+        with pytest.raises(RequestTimeout):
+            await dev.request({"type": "send", "id": "r9", "chat": "c1", "body": "dropped too"}, timeout=0.2)
+        await scripted.broker.publish(f"down/{USER}/{DEVICE}", json.dumps(
+            {"type": "error", "id": "r9", "code": "not_found", "message": "late"}).encode(), 1)
+        await dev._publish({"type": "send", "id": "mine", "chat": "c1", "body": "by hand"})
+        reply = await asyncio.wait_for(dev.next_event(), 5)
+        assert (reply["type"], reply["id"]) == ("sent", "mine")  # (the late error was not an event)
