@@ -462,16 +462,13 @@ class PigeonServer:
         elif self._devices_at_broker is not None:
             await self._devices_at_broker.kick_device(device_id)
 
-    async def _ingest(self, topic: str, payload: bytes) -> asyncio.Future[None] | None:
-        """Handle a device's publish: None once it is handled, or for an ack, which runs apart
-        from the device's other requests, what settles once it is (its PUBACK waits for that)."""
-        outs, apart = await self.router.take(topic, payload)
+    async def _ingest(self, topic: str, payload: bytes) -> None:
+        outs = await self.router.handle(topic, payload)
         for out in outs:
             if isinstance(out.event, ErrorReply) and out.event.code == "unavailable" and out.event.id:
                 # a send the store failed: the device's sends behind it wait until it comes back
                 self.admission.failed(topic, payload, out.event.id)
         await self.publish(outs)
-        return apart
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None

@@ -44,7 +44,6 @@ by packet id and accepts them in any order.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
 import random
@@ -65,9 +64,7 @@ from .mqtt_writes import coalesce_writes, no_delay, write_soon
 
 log = logging.getLogger(__name__)
 
-# handles one publish: returns None once it has been handled, or a future that settles once the
-# handling it started apart has (the publish is acknowledged then, unless it was cancelled)
-Handle = Callable[[str, bytes], Awaitable["asyncio.Future[None] | None"]]
+Handle = Callable[[str, bytes], Awaitable[None]]
 # admission control (bridge/admission.py): None when a publish is taken in (``Release`` once it
 # has been handled), else an awaitable answering it at once; it is then acknowledged, not queued.
 # The third argument: when the bridge received it (time.monotonic()), before it waited to be read;
@@ -132,13 +129,6 @@ def _being_cancelled() -> bool:
 
 class IngestError(PigeonError):
     """The bridge could not reach the broker in time."""
-
-
-def _ack_once_settled(ack: Callable[[], None], apart: asyncio.Future[None]) -> None:
-    """Acknowledge a publish whose handling ran apart once it has ended; not if it was cancelled
-    (the bridge stopping before it got to it): the broker then hands it out again."""
-    if not apart.cancelled():
-        ack()
 
 
 def _late_suback(fut: asyncio.Future[Any], part: int, user_id: str) -> None:
@@ -442,11 +432,6 @@ class MqttIngest:
             except Exception:  # noqa: BLE001 - the session is retried; a store hiccup must not end it
                 log.exception("broker session of partition %d failed", part)
             finally:
-                # What this connection delivered and is still waiting in a lane is not
-                # acknowledged: the broker hands it again to the session's next connection (this
-                # bridge's, or the partition's next holder's), so it is handled there, in order,
-                # and not here as well (a second time, and counted twice by admission control).
-                self._given_up.add(client)
                 if self._sessions.get(part) is client:
                     del self._sessions[part]
                     ready = self._session_ready.get(part)
@@ -687,7 +672,6 @@ class MqttIngest:
         try:
             while lane:
                 _, payload, ack, taken_at, came_on = lane[0]
-                apart = None
                 try:
                     if self._given_up and came_on in self._given_up:  # (empty but after a rebalance)
                         # its partition went to another bridge: handled there, in the device's
@@ -696,7 +680,7 @@ class MqttIngest:
                     elif (expired := self._start and self._start(topic, payload, taken_at)) is not None:
                         await expired  # waited past admission control's bound: answered instead
                     else:
-                        apart = await self._handle(topic, payload)
+                        await self._handle(topic, payload)
                 except asyncio.CancelledError:
                     if _being_cancelled():
                         raise
@@ -712,9 +696,7 @@ class MqttIngest:
                 self._taken_in -= 1
                 if not self._room.is_set() and self._taken_in < self._max_taken_in:
                     self._room.set()
-                if ack is not None and apart is not None:
-                    apart.add_done_callback(functools.partial(_ack_once_settled, ack))
-                elif ack is not None:
+                if ack is not None:
                     ack()  # stored and answered (or answered with an error): the broker may forget it
         finally:
             if self._lanes.get(topic) is lane:

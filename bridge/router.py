@@ -61,45 +61,29 @@ class AckLane:
 
     def __init__(self, run: Callable[[Caller, Ack], Awaitable[None]]) -> None:
         self._run = run
-        # per device, the furthest ack waiting and the futures of every ack it covers
-        self._waiting: dict[str, tuple[Caller, Ack, list[asyncio.Future[None]]]] = {}
+        self._waiting: dict[str, tuple[Caller, Ack]] = {}
         self._running: dict[str, asyncio.Task[None]] = {}
 
-    def submit(self, caller: Caller, req: Ack) -> asyncio.Future[None]:
-        """Take an ack; what is returned settles once it has been handled (or one that covers it
-        has): the broker's acknowledgement of the ack's publish waits for that. It is cancelled
-        when the lane is (the bridge stopping) before getting to it: then it was not taken."""
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    def submit(self, caller: Caller, req: Ack) -> None:
         device = caller.device_id
         if device in self._running:
             held = self._waiting.get(device)
-            if held is None:
-                self._waiting[device] = (caller, req, [done])
-            else:
-                held[2].append(done)
-                if req.up_to > held[1].up_to:
-                    self._waiting[device] = (caller, req, held[2])
-            return done
-        self._running[device] = asyncio.create_task(self._lane(caller, req, [done]), name=f"ack-{device}")
-        return done
+            if held is None or req.up_to > held[1].up_to:
+                self._waiting[device] = (caller, req)
+            return
+        self._running[device] = asyncio.create_task(self._lane(caller, req), name=f"ack-{device}")
 
-    async def _lane(self, caller: Caller, req: Ack, covered: list[asyncio.Future[None]]) -> None:
+    async def _lane(self, caller: Caller, req: Ack) -> None:
         device = caller.device_id
         try:
             while True:
-                await self._run(caller, req)  # (it answers its own failures)
-                for done in covered:
-                    if not done.done():
-                        done.set_result(None)
+                await self._run(caller, req)
                 held = self._waiting.pop(device, None)
                 if held is None:
                     return
-                caller, req, covered = held
+                caller, req = held
         finally:
             del self._running[device]
-            held = self._waiting.pop(device, None)
-            for done in covered + (held[2] if held is not None else []):
-                done.cancel()  # (no-op on those settled above)
 
     def busy(self) -> int:
         """Devices with an ack being handled."""
@@ -152,15 +136,10 @@ class DeviceRouter:
         self.acks: AckLane | None = AckLane(self._ack_apart) if publish is not None else None
 
     async def handle(self, topic: str, payload: bytes) -> list[Out]:
-        return (await self.take(topic, payload))[0]
-
-    async def take(self, topic: str, payload: bytes) -> tuple[list[Out], asyncio.Future[None] | None]:
-        """Handle one publish: what it causes, and None, or for an ack handed to ``acks``, the
-        future that settles once it has been handled there (its broker acknowledgement waits)."""
         caller = parse_up_topic(topic)
         if caller is None:
             log.warning("ignoring publish on unexpected topic %r", topic)
-            return [], None
+            return []
         started = time.perf_counter()
         kind = "invalid"
         reply_to = ToDevice(caller.user_id, caller.device_id)
@@ -171,10 +150,10 @@ class DeviceRouter:
             kind = req.type
             self._metrics.requests_of[kind].inc()
             if isinstance(req, PresenceReq):
-                return await self._presence_change(caller, req.online, req.keepalive), None
+                return await self._presence_change(caller, req.online, req.keepalive)
             if isinstance(req, Typing) and self._admission is not None and self._admission.shedding:
                 self._admission.shed("typing")
-                return [], None
+                return []
             wait_ms = self._limiter.take(caller.device_id)
             if wait_ms:
                 if self._strikes is not None and self._strikes.add(caller.device_id):
@@ -182,15 +161,16 @@ class DeviceRouter:
                 raise RateLimited("too many requests", retry_after_ms=wait_ms, request_id=getattr(req, "id", None))
             outs = await self._presence.device_online(caller.user_id, caller.device_id)
             if isinstance(req, Ack) and self.acks is not None:
+                self.acks.submit(caller, req)
                 kind = ""  # timed where the lane handles it
-                return outs, self.acks.submit(caller, req)
+                return outs
             result = await self._dispatch(caller, req)
             if result.reply is not None:
                 outs.append(Out(reply_to, result.reply))
             outs.extend(result.outs)
-            return outs, None
+            return outs
         except Exception as exc:
-            return [self._failed(reply_to, exc, kind, caller)], None
+            return [self._failed(reply_to, exc, kind, caller)]
         finally:
             if kind:
                 self._metrics.latency_of[kind].observe(time.perf_counter() - started)

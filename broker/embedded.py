@@ -71,7 +71,6 @@ import math
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from contextvars import ContextVar
 from typing import Any
 
 from amqtt.adapters import (
@@ -104,11 +103,7 @@ from .plugins import REFUSAL_ATTR, principal_of
 
 log = logging.getLogger(__name__)
 
-# hands a device's up/ publish to the bridge: None once handled, or a future that settles once
-# the handling it started apart has (an ack; its PUBACK waits for that, see _SETTLING)
-Ingest = Callable[[str, bytes], Awaitable["asyncio.Future[None] | None"]]
-# while the client loop hands one publish on, where the bridge's future for it goes, if any
-_SETTLING: ContextVar[list[asyncio.Future[None]] | None] = ContextVar("pigeon_settling", default=None)
+Ingest = Callable[[str, bytes], Awaitable[None]]
 # Taking in a device publish on up/ (the bridge's admission control, bridge/admission.py):
 # None when taken in, and then ``Release`` is called once it has been handled; otherwise the
 # (topic, payload) replies that answer it at once, and the publish is acknowledged, never queued.
@@ -398,7 +393,7 @@ class _Handler(BrokerProtocolHandler):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # id(incoming message) -> resolved by the client loop once the message is handled
-        self._handled: dict[int, asyncio.Future[bool]] = {}
+        self._handled: dict[int, asyncio.Future[None]] = {}
         self.admit: Admit | None = None
         self.starting: Start | None = None  # not ``start``: amqtt's handler has one
         self.release: Release | None = None
@@ -471,27 +466,24 @@ class _Handler(BrokerProtocolHandler):
         # amqtt queues the message for the client loop and PUBACKs it at once. Here the PUBACK
         # waits until the loop has handed it on (to the bridge, for up/...): the loop takes one
         # message at a time, in arrival order, so the PUBACKs leave in that order too.
-        handled: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        handled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._handled[id(app_message)] = handled
         try:
             await self.session.delivered_message_queue.put(app_message)
-            taken = await handled
+            await handled
         finally:
             self._handled.pop(id(app_message), None)
-        if not taken:  # the bridge stopped before handling it: the device sends it again
-            return
         await self._acknowledge(app_message.packet_id)
         app_message.puback_packet = ACKNOWLEDGED
 
-    def message_handled(self, app_message: object, taken: bool = True) -> None:
-        """The client loop is done with ``app_message``: its PUBACK may go (unless not
-        ``taken``: the bridge stopped before handling what it had started apart)."""
+    def message_handled(self, app_message: object) -> None:
+        """The client loop is done with ``app_message``: its PUBACK may go."""
         key = id(app_message)
         if self._counted.pop(key, None) is not None and self.release is not None:
             self.release()
         handled = self._handled.pop(key, None)
         if handled is not None and not handled.done():
-            handled.set_result(taken)
+            handled.set_result(None)
 
     def release_all(self) -> None:
         """The connection is over: whatever it had taken in and not handled is no longer held."""
@@ -697,8 +689,6 @@ class PigeonBroker(Broker):
         self, client_session: Session, handler: BrokerProtocolHandler, wait_deliver: asyncio.Future[Any],
     ) -> bool:
         message = wait_deliver.result()
-        apart: list[asyncio.Future[None]] = []
-        token = _SETTLING.set(apart)
         try:
             expired = handler.expired(message) if isinstance(handler, _Handler) else None
             if expired is not None:  # waited past admission control's bound: answered instead
@@ -706,12 +696,8 @@ class PigeonBroker(Broker):
                 return True
             return bool(await super()._handle_message_delivery(client_session, handler, wait_deliver))
         finally:  # handled (or refused, or failed): fix 6's PUBACK may go
-            _SETTLING.reset(token)
             if isinstance(handler, _Handler):
-                if apart:  # an ack the bridge handles apart: once that is done
-                    apart[0].add_done_callback(lambda f: handler.message_handled(message, not f.cancelled()))
-                else:
-                    handler.message_handled(message)
+                handler.message_handled(message)
 
     async def _drain(self, session: Session, handler: BrokerProtocolHandler, pending: asyncio.Future[Any]) -> None:
         """Hand on every publish already acknowledged to the device, in the order it arrived."""
@@ -735,10 +721,7 @@ class PigeonBroker(Broker):
         if topic is not None and topic.startswith("up/") and self._ingest is not None:
             if data is not None:
                 try:
-                    apart = await self._ingest(topic, bytes(data))
-                    settling = _SETTLING.get()
-                    if apart is not None and settling is not None:
-                        settling.append(apart)
+                    await self._ingest(topic, bytes(data))
                 except Exception:
                     log.exception("bridge failed to take a publish on %s", topic)
             return

@@ -781,13 +781,13 @@ async def test_the_bridge_holds_a_devices_later_sends_when_the_store_fails_one()
     answers: dict[bytes, list[Out]] = {}
     published: list[list[Out]] = []
 
-    async def take(topic: str, payload: bytes) -> tuple[list[Out], None]:
-        return answers[payload], None
+    async def handle(topic: str, payload: bytes) -> list[Out]:
+        return answers[payload]
 
     async def publish(outs: list[Out]) -> None:
         published.append(outs)
 
-    server = SimpleNamespace(router=SimpleNamespace(take=take), admission=Admission(limit=1000), publish=publish)
+    server = SimpleNamespace(router=SimpleNamespace(handle=handle), admission=Admission(limit=1000), publish=publish)
     first, second = body(type="send", id="m1", to="u2", body="x"), body(type="send", id="m2", to="u2", body="y")
     sync = body(type="sync", id="s1", after=0)
     failed = [Out(ToDevice("u1", "d1"), ErrorReply(id="m1", code="unavailable", message="the store failed"))]

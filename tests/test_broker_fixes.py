@@ -266,32 +266,6 @@ async def test_puback_waits_until_the_bridge_has_handled_the_publish(harness: Ha
     writer.close()
 
 
-async def test_a_publish_handled_apart_is_acknowledged_once_that_handling_ends(harness: Harness) -> None:
-    """An ack runs apart from its device's other requests: the bridge hands back a future for
-    it. Its PUBACK waits for that future while the device's next publish is handled and
-    acknowledged; a future cancelled (the bridge stopping first) is never acknowledged."""
-    apart: dict[bytes, asyncio.Future[None]] = {}
-
-    async def ingest(topic: str, payload: bytes) -> asyncio.Future[None] | None:
-        if payload.startswith(b"ack"):
-            apart[payload] = asyncio.get_running_loop().create_future()
-            return apart[payload]
-        return None
-
-    harness.broker.set_ingest(ingest)
-    reader, writer = await raw_device(harness, "h3")
-    for pid, payload in ((1, b"ack1"), (2, b"sync"), (3, b"ack3")):
-        writer.write(publish_packet(f"up/{USER}/h3", payload, pid))
-    await writer.drain()
-    assert puback_id(await read_packet(reader)) == 2
-    assert await no_packet_within(reader, 0.3)
-    apart[b"ack1"].set_result(None)
-    assert puback_id(await read_packet(reader)) == 1
-    apart[b"ack3"].cancel()
-    assert await no_packet_within(reader, 0.3)
-    writer.close()
-
-
 async def test_pubacks_follow_handling_in_order_with_many_publishes_in_flight(harness: Harness) -> None:
     n = 100
     handled: list[int] = []

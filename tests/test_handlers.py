@@ -210,42 +210,6 @@ async def test_acks_run_apart_from_a_devices_other_requests_and_fold(world: Worl
     assert [r.delivered for r in mine] == [3]
 
 
-async def test_an_acks_publish_is_settled_only_once_the_ack_covering_it_was_handled(world: World) -> None:
-    """The broker acknowledges an ack's publish when what ``take`` returns for it settles: not
-    while it waits on the store, and for acks folded into a later one, once that one is done.
-    Cancelled (the bridge stopping before it got to them), they were not taken."""
-    router, published = lane_router(world)
-    assert router.acks is not None
-    reader, sender = await world.user("+15550000001"), await world.user("+15550000002")
-    for k in range(3):
-        await world.messenger.send(sender, Send(id=f"m{k}", chat=None, to=reader.user_id, body="hi", media=None))
-    up = f"up/{reader.user_id}/{reader.device_id}"
-    gate = world.store.held["advance_device_ack"] = asyncio.Event()
-    _, first = await router.take(up, b'{"type":"ack","up_to":1}')
-    _, third = await router.take(up, b'{"type":"ack","up_to":3}')
-    _, second = await router.take(up, b'{"type":"ack","up_to":2}')  # (covered by the third)
-    assert first is not None and second is not None and third is not None
-    await asyncio.sleep(0.05)
-    assert not first.done() and not second.done() and not third.done()
-    gate.set()
-    await asyncio.wait_for(first, 5)
-    await asyncio.wait_for(asyncio.gather(second, third), 5)
-    told = [json.loads(encode_v1(o.event))["up_to"] for o in published if topic_of(o.to) == f"down/{sender.user_id}"]
-    assert told == [1, 3]  # the third was handled (and told) before the second settled
-    assert (await router.take(up, b'{"type":"sync","id":"s1","after":0}'))[1] is None  # (in line)
-
-    gate = world.store.held["advance_device_ack"] = asyncio.Event()
-    await world.messenger.send(sender, Send(id="m9", chat=None, to=reader.user_id, body="hi", media=None))
-    _, running = await router.take(up, b'{"type":"ack","up_to":4}')
-    _, waiting = await router.take(up, b'{"type":"ack","up_to":4}')
-    assert running is not None and waiting is not None
-    await asyncio.sleep(0.05)
-    [lane] = router.acks._running.values()
-    lane.cancel()
-    await asyncio.gather(lane, return_exceptions=True)
-    assert running.cancelled() and waiting.cancelled() and router.acks.busy() == 0
-
-
 async def test_a_device_is_taken_offline_only_after_the_acks_it_sent_before(world: World) -> None:
     """A closing device acks what it has, then says offline. The ack runs apart; taken while it
     still waited on the store, the offline made the push decision count the events just

@@ -442,52 +442,6 @@ async def test_what_waits_from_a_lost_connection_of_a_partition_given_up_is_left
         await asyncio.gather(runner, return_exceptions=True)
 
 
-async def test_what_waits_from_a_lost_connection_is_handled_once_when_the_session_comes_back() -> None:
-    """A partition's broker connection is lost while one of its devices' publishes is being
-    handled and the next waits behind it; the same bridge connects the session again, and the
-    broker hands both again (neither was acknowledged). The one that waited is handled once,
-    from the new connection, after the first, and acknowledged there."""
-    partitions = OnePartition()
-    handle = HeldHandler()
-    handling, release, handled = handle.handling, handle.release, handle.handled
-    released: list[int] = []
-
-    ingest = MqttIngest("127.0.0.1", 1, username=BRIDGE, password=SECRET, client_id=f"{BRIDGE}-b",
-                        handle=handle, persistent=True, partitions=partitions, max_backoff_s=0.05,
-                        release=lambda: released.append(1))
-    connections: list[FakeConnection] = []
-
-    def new_client(identifier: str, persistent: bool) -> FakeConnection:
-        connections.append(FakeConnection(identifier))
-        return connections[-1]
-
-    def sessions() -> list[FakeConnection]:
-        return [c for c in connections if c.identifier == ingest._session_id(0)]
-
-    ingest._new_client = new_client  # type: ignore[assignment,method-assign]
-    runner = asyncio.create_task(ingest.run())
-    try:
-        await _until(lambda: 0 in ingest._sessions)
-        [lost] = sessions()
-        for mid in (1, 2):
-            lost._queue.put_nowait(aiomqtt.Message(f"up/{USER}/{DEVICE}", b'{"n":%d}' % mid, 1, False, mid, None))
-        await asyncio.wait_for(handling.wait(), 10)
-        await _until(lambda: ingest._taken_in == 2)
-        lost._disconnected.set_exception(aiomqtt.MqttError("the connection was lost"))
-        await _until(lambda: len(sessions()) == 2 and ingest._sessions.get(0) is sessions()[1])
-        again = sessions()[1]
-        for mid in (1, 2):  # (the broker's packet ids on the new connection)
-            again._queue.put_nowait(aiomqtt.Message(f"up/{USER}/{DEVICE}", b'{"n":%d}' % mid, 1, False, 10 + mid, None))
-        await _until(lambda: ingest._taken_in == 4)
-        release.set()
-        await _until(lambda: not ingest._lanes)
-        assert handled == [b'{"n":1}', b'{"n":1}', b'{"n":2}']  # (the first was being handled: twice)
-        assert lost.acked == [] and again.acked == [11, 12] and ingest._taken_in == 0 and len(released) == 4
-    finally:
-        runner.cancel()
-        await asyncio.gather(runner, return_exceptions=True)
-
-
 async def test_a_partition_session_takes_in_nothing_before_its_windows_are_adopted() -> None:
     """Each time a partition's session connects, ``on_session`` is awaited before any of its
     publishes is taken in (the bridge adopts the refusal windows of the partition's devices
@@ -524,45 +478,6 @@ async def test_a_partition_session_takes_in_nothing_before_its_windows_are_adopt
         adopted.set()
         await _until(lambda: handled == [b'{"n":1}'])
         assert sessions_started == [0]
-    finally:
-        runner.cancel()
-        await asyncio.gather(runner, return_exceptions=True)
-
-
-async def test_a_publish_handled_apart_is_acknowledged_once_that_handling_ends() -> None:
-    """An ack runs apart from its device's other requests (the handler hands back a future): its
-    acknowledgement waits for that future while the device's next publish is handled and
-    acknowledged. One cancelled (the bridge stopping first) is left to the broker to hand out
-    again."""
-    apart: dict[bytes, asyncio.Future[None]] = {}
-
-    async def handle(topic: str, payload: bytes) -> asyncio.Future[None] | None:
-        if payload.startswith(b"ack"):
-            apart[payload] = asyncio.get_running_loop().create_future()
-            return apart[payload]
-        return None
-
-    ingest = MqttIngest("127.0.0.1", 1, username=BRIDGE, password=SECRET, client_id=f"{BRIDGE}-a",
-                        handle=handle, persistent=True, partitions=OnePartition())
-    connections: dict[str, FakeConnection] = {}
-
-    def new_client(identifier: str, persistent: bool) -> FakeConnection:
-        connections[identifier] = FakeConnection(identifier)
-        return connections[identifier]
-
-    ingest._new_client = new_client  # type: ignore[assignment,method-assign]
-    runner = asyncio.create_task(ingest.run())
-    try:
-        await _until(lambda: 0 in ingest._sessions)
-        session = connections[ingest._session_id(0)]
-        for mid, payload in ((1, b"ack1"), (2, b"sync"), (3, b"ack3")):
-            session._queue.put_nowait(aiomqtt.Message(f"up/{USER}/{DEVICE}", payload, 1, False, mid, None))
-        await _until(lambda: len(apart) == 2 and not ingest._lanes)
-        assert session.acked == [2]
-        apart[b"ack1"].set_result(None)
-        apart[b"ack3"].cancel()
-        await asyncio.sleep(0)
-        assert session.acked == [2, 1]
     finally:
         runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)
