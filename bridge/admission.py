@@ -427,10 +427,13 @@ class Admission:
         time.time()): the device's sends taken in here before it closes are refused, until
         ``first`` comes back. (Sends the device made before that refusal and which still wait
         in the broker cannot be told from later ones here: they are refused too, and the device
-        sends them again in its order.) One this bridge has of its own is kept as it is."""
+        sends them again in its order.) One this bridge has of its own and still open is kept
+        as it is; one of its own that has closed (the partition went and came back) is not."""
         left = until - time.time()
-        if left > 0 and topic not in self._held_back:
-            self._held_back[topic] = HeldBack(-math.inf, self.clock() + left, first)
+        now = self.clock()
+        mine = self._held_back.get(topic)
+        if left > 0 and (mine is None or mine.until <= now):
+            self._held_back[topic] = HeldBack(-math.inf, now + left, first)
 
     def check_http(self) -> None:
         """An HTTP send is refused with 429 past the limit, like one over MQTT (it is not

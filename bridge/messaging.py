@@ -56,6 +56,18 @@ ACK_CHAT_TTL_S = 2.0
 UNTOLD_KEPT = 10_000
 
 
+def _latest_notes(notes: list[tuple[str, ReceiptNote]]) -> list[tuple[str, ReceiptNote]]:
+    """Of notes kept to be told, the furthest of each (recipient, chat, whose, kind), in the
+    order they came: a store that keeps failing the retries does not make the list grow, nor
+    tell what a later move covers."""
+    furthest: dict[tuple[str, str, str, str], tuple[str, ReceiptNote]] = {}
+    for to, note in notes:
+        k = (to, note.chat_id, note.user, note.kind)
+        if k not in furthest or note.up_to >= furthest[k][1].up_to:
+            furthest[k] = (to, note)
+    return list(furthest.values())
+
+
 def chat_message(m: Message) -> ChatMessage:
     """A stored message as the protocol shows it."""
     media = m.media
@@ -264,7 +276,7 @@ class Messenger:
             positions = await self._store.append_receipts(notes)
         except BaseException:
             if notes:
-                self._untold[key] = notes
+                self._untold[key] = _latest_notes(notes)
             raise
         # (position 0: a group notice a higher one, worked out on another bridge, overtook)
         told = [(u, n, p) for (u, n), p in zip(notes, positions, strict=True) if p]

@@ -791,21 +791,25 @@ class Device:
             await asyncio.sleep(wait * (0.5 + random.random() / 2))
             self._set_state("connecting")
             await self._refresh_if_due()
-            client = self._mqtt_client()
+            client: aiomqtt.Client | None = None
             try:
+                client = self._mqtt_client()
                 await self._open(client)
                 await self._subscribe(client)
-            except aiomqtt.MqttError as exc:
-                _abandon(client)
-                if _credentials_refused(exc):
+            except (aiomqtt.MqttError, OSError, ValueError) as exc:  # (OSError, ValueError: a TLS
+                # context that cannot be made now, its CA file gone; tried again like the rest)
+                if client is not None:
+                    _abandon(client)
+                if isinstance(exc, aiomqtt.MqttError) and _credentials_refused(exc):
                     log.error("the broker refuses this device's credentials (%s); not connecting again", exc)
                     return None
-                log.info("connecting again failed (%s)", exc)
+                log.info("connecting again failed (%r)", exc)
                 self._failures += 1
                 self._set_state("offline")
                 continue
             except BaseException:  # closed meanwhile: the half-made connection goes too
-                _abandon(client)
+                if client is not None:
+                    _abandon(client)
                 raise
             self._client = client
             self._connected.set()
@@ -866,8 +870,9 @@ class Device:
             return
         try:
             await self.api.refresh()
-        except PigeonClientError as exc:
-            log.warning("refreshing the device's token failed (%s); connecting with the one it has", exc)
+        except Exception as exc:  # noqa: BLE001 - the server's answer, or saving the profile: the
+            # device goes on with the token it has (a bad answer must not end its reconnecting)
+            log.warning("refreshing the device's token failed (%r); connecting with the one it has", exc)
         else:
             log.info("refreshed the device's token (it expired within %.0f s)", self._refresh_before_ms / 1000)
 
@@ -1158,7 +1163,7 @@ class Device:
         self._sends_open[order] = open_ = asyncio.Event()
         try:
             reply = await self._request_retried(payload, retries, order=order)
-        except RequestTimeout:
+        except PigeonClientError:  # (given up: a late ``sent`` of an attempt may still come)
             self._abandoned[payload["id"]] = (to, body, media)
             if chat is not None:
                 self._abandoned_chats[payload["id"]] = chat

@@ -15,6 +15,9 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
+# how long after the newest window recorded for a partition an ended one is still kept (they last
+# a few seconds; bridge/admission.py)
+HELD_BACK_KEPT_MS = 60_000
 # told a user whose devices changed, or None: any user's may have (news was missed)
 DevicesListener = Callable[[str | None], None]
 
@@ -130,7 +133,12 @@ class MemoryState:
         return True
 
     async def put_held_back(self, scope: str, part: int, windows: Mapping[str, tuple[int, str]]) -> None:
-        self._held_back[(scope, part)].update(windows)
+        kept = self._held_back[(scope, part)]
+        kept.update(windows)
+        if len(kept) > 2 * len(windows) + 64:  # (now and then: the ended ones go)
+            latest = max(until for until, _ in windows.values()) if windows else 0
+            for topic in [t for t, (until, _) in kept.items() if until < latest - HELD_BACK_KEPT_MS]:
+                del kept[topic]
 
     async def held_back(self, scope: str, part: int, now_ms: int) -> dict[str, tuple[int, str]]:
         kept = self._held_back.get((scope, part), {})

@@ -20,7 +20,7 @@ from typing import Any
 
 from .base import StorageError, StorageUnavailable
 from .peers import PeerClient, PeerLost, PeerServer, peer_key
-from .state import DevicesListener
+from .state import HELD_BACK_KEPT_MS, DevicesListener
 
 _ONLINE = """
 local added = redis.call('SADD', KEYS[1], ARGV[1])
@@ -69,9 +69,6 @@ RPC_BUNCH = 256  # requests (or replies) taken from a list in one round trip
 # Where a bridge says a user's devices changed (``devices_changed``): Redis pub/sub, heard by
 # every bridge that listens at that moment and by no other.
 DEVICES_CHANNEL = "pg:devices"
-# how long a partition's recorded refusal windows are kept after the last was written (each lasts
-# a few seconds: bridge/admission.py)
-HELD_BACK_KEPT_MS = 60_000
 HEAR_AGAIN_S = 1.0  # a lost subscription is taken again after this long
 PING_EVERY_S = 2.0  # the subscription is pinged this often; no pong within PONG_WITHIN_S: lost
 PONG_WITHIN_S = 3.0

@@ -700,8 +700,10 @@ def test_a_window_is_told_for_the_partitions_next_holder_which_keeps_it() -> Non
 
     old.admit(TOPIC, first)  # it came back to the old holder: closed, and told so
     assert len(told) == 2 and told[-1][1] <= time.time()
-    new.adopt(TOPIC, time.time() + 5, "m9")  # the new holder's own window stands
-    assert new._held_back[TOPIC].first == "m1"  # noqa: SLF001
+    new.adopt(TOPIC, time.time() + 5, "m9")  # its own window closed (m1 came back): this one is adopted
+    assert new._held_back[TOPIC].first == "m9"  # noqa: SLF001
+    new.adopt(TOPIC, time.time() + 5, "m10")  # one of its own still open stands
+    assert new._held_back[TOPIC].first == "m9"  # noqa: SLF001
 
 
 async def test_windows_recorded_by_one_bridge_are_adopted_by_the_partitions_next_holder() -> None:

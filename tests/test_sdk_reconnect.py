@@ -25,7 +25,7 @@ from clients.sdk import Device, Event, Profile
 from tests.conftest import NewUser, ServerProc, relay_pipe
 from tests.fakes import until
 from tests.test_e2e_messaging import next_of
-from tests.test_sdk_request import DEVICE, USER, device_on, on_broker, request_object, synced
+from tests.test_sdk_request import DEVICE, USER, ScriptedServer, device_on, on_broker, request_object, synced
 
 
 class Link:
@@ -258,3 +258,32 @@ async def test_a_token_near_its_expiry_is_refreshed_before_connecting_and_again_
     assert da.profile.token not in (first, alice.token)
     sent = await da.send("after refreshing", to=bob.user_id)
     assert sent["type"] == "sent"
+
+
+async def test_a_token_refresh_that_breaks_or_a_connection_that_cannot_be_made_ends_no_reconnecting() -> None:
+    """The refresh before connecting gets an answer the SDK cannot read, and the first attempt
+    to make the next connection fails before any packet (its TLS context could not be made):
+    the device connects all the same, and after a lost connection tries again until it is back."""
+    async with on_broker(lambda broker, port: ScriptedServer(broker=broker, port=port)) as server:
+        dev = device_on(server.port, 2.0)  # (its token "expires" at 0: refreshed before each connection)
+
+        async def unreadable() -> dict[str, Any]:
+            raise ValueError("Expecting value: line 1 column 1 (char 0)")  # a page that is not JSON
+
+        dev.api.refresh = unreadable  # type: ignore[method-assign]
+        states: list[str] = []
+        dev._on_state = states.append
+        async with dev:
+            made, broken = dev._mqtt_client, [True]
+
+            def mqtt_client() -> Any:
+                if broken:
+                    broken.clear()
+                    raise OSError("the CA file is gone")
+                return made()
+
+            dev._mqtt_client = mqtt_client  # type: ignore[method-assign]
+            await server.broker.disconnect_device(DEVICE)
+            await until(lambda: "offline" in states, timeout=10)
+            await until(lambda: dev.connected, timeout=15)
+            assert not broken and (await dev.send("back", chat="c1"))["type"] == "sent"
