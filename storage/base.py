@@ -28,6 +28,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
 
+from cachetools import LRUCache
+
 if TYPE_CHECKING:
     from .state import SharedState
 
@@ -205,20 +207,15 @@ class GroupNotices:
     says."""
 
     def __init__(self, kept: int = 100_000) -> None:
-        self._last: dict[tuple[str, str, str], int] = {}
-        self._kept = kept
+        self._last: LRUCache[tuple[str, str, str], int] = LRUCache(kept)
 
     def moves(self, user_id: str, chat_id: str, who: str, kind: str, up_to: int) -> bool:
         """Whether a receipt note is to be appended (and, for a group notice, note it)."""
         if who != "*":
             return True
         key = (user_id, chat_id, kind)
-        last = self._last.pop(key, None)  # (and back at the end: the most recent last)
-        if last is not None and up_to < last:
-            self._last[key] = last
+        if up_to < self._last.get(key, up_to):
             return False
-        if len(self._last) >= self._kept:
-            del self._last[next(iter(self._last))]
         self._last[key] = up_to
         return True
 
