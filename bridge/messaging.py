@@ -202,7 +202,8 @@ class Messenger:
     async def ack(self, caller: Caller, req: Ack) -> Result:
         async with storage_errors():
             prev, new = await self._store.advance_device_ack(caller.device_id, caller.user_id, req.up_to)
-            prev = min(prev, self._acks_unfinished.pop(caller.device_id, prev))
+            if self._acks_unfinished:  # (empty unless the store failed an ack part way)
+                prev = min(prev, self._acks_unfinished.pop(caller.device_id, prev))
             if new <= prev:
                 return Result()
             try:
@@ -259,16 +260,18 @@ class Messenger:
             return []
         moved = await self._store.advance_receipt(chat_id, user_id, kind, up_to)
         key = (chat_id, user_id, kind)
-        notes = self._untold.pop(key, [])  # (told first: what this move tells supersedes it)
+        # (told first: what this move tells supersedes them; empty unless the store failed one)
+        notes = self._untold.pop(key, []) if self._untold else []
         if not moved and not notes:
             return []
         try:
             if moved and chat.kind == "direct":
                 notes += [(m, ReceiptNote(chat_id, user_id, kind, up_to)) for m in chat.member_ids if m != user_id]
             elif moved:
-                # (read once for both when reading moved the member's delivered too)
-                current = await self._store.get_receipts(chat.chat_id) if kind == "read" else None
-                if kind == "read":  # it may have been the last to have it
+                current = None
+                if kind == "read":  # it moved the delivered too, and may have been the last to have
+                    # it: both notices from one read of the members' receipts
+                    current = await self._store.get_receipts(chat.chat_id)
                     await self._group_notes_folded(chat, "delivered", notes, current)
                 await self._group_notes_folded(chat, kind, notes, current)
             if not notes:
