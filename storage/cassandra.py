@@ -94,6 +94,7 @@ from .cassandra_owner import (
 from .cql_wire import ERROR_UNPREPARED, Binder, CqlError, CqlWire, Direct, WireUnsupported, decode_rows
 from .ids import new_id
 from .state import SharedState
+from .stopping import stop_tasks
 from .timed import TimedMap
 
 _row_types: dict[tuple[str, ...], Any] = {}
@@ -584,14 +585,12 @@ class CassandraStore:
             await asyncio.gather(*self._finishing.values(), *self._openers.values(), return_exceptions=True)
         await self._behind_settled()
         if self._ack_writer is not None:
-            self._ack_writer.cancel()
-            await asyncio.gather(self._ack_writer, return_exceptions=True)
+            await stop_tasks([self._ack_writer], "closing the store")
             self._ack_writer = None
         if self._acks_due and self._session is not None:
             await self._write_acks()
-        if self._serving is not None:
-            self._serving.cancel()
-            await asyncio.gather(self._serving, return_exceptions=True)
+        if self._serving is not None:  # (a blocking pop on Redis: its cancellation can be lost)
+            await stop_tasks([self._serving], "closing the store")
             self._serving = None
         if self._leases is not None:
             await self._leases.stop()
@@ -600,8 +599,7 @@ class CassandraStore:
         if self._wire_retry is not None:
             self._wire_retry.cancel()
         if self._wire_opening is not None:
-            self._wire_opening.cancel()
-            await asyncio.gather(self._wire_opening, return_exceptions=True)
+            await stop_tasks([self._wire_opening], "closing the store")
         await self._behind_settled()  # (sends that completed meanwhile)
         if self._wire is not None:
             wire, self._wire = self._wire, None

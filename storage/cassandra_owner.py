@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .base import StorageUnavailable
+from .stopping import stop_tasks
 
 log = logging.getLogger(__name__)
 
@@ -151,16 +152,9 @@ class Leases:
         self._task = asyncio.create_task(self._loop(), name="partition-leases")
 
     async def stop(self) -> None:
-        for task in self._release_tasks:
-            task.cancel()
-        await asyncio.gather(*self._release_tasks, return_exceptions=True)
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - stopping anyway
-                pass
-            self._task = None
+        await stop_tasks([*self._release_tasks, *([self._task] if self._task is not None else [])],
+                         "stopping the partition leases")
+        self._task = None
         for part, lease in list(self._held.items()):  # let the others take over at once
             try:
                 await self._run("lease_drop", part, self.holder, lease.epoch)

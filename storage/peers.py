@@ -36,6 +36,8 @@ import struct
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from .stopping import stop_tasks
+
 log = logging.getLogger(__name__)
 
 _LENGTH = struct.Struct(">I")
@@ -214,9 +216,7 @@ class PeerServer:
             self._server.close()
         for conn in list(self._conns):
             conn.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await stop_tasks(list(self._tasks), "closing the connections from other bridges")
 
 
 class PeerClient:

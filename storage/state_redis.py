@@ -21,6 +21,7 @@ from typing import Any
 from .base import StorageError, StorageUnavailable
 from .peers import PeerClient, PeerLost, PeerServer, peer_key
 from .state import HELD_BACK_KEPT_MS, DevicesListener
+from .stopping import stop_tasks
 
 _ONLINE = """
 local added = redis.call('SADD', KEYS[1], ARGV[1])
@@ -156,18 +157,17 @@ class RedisState:
         if self._devices_task is not None:
             # it looks at ``_closing`` at least every RPC_WAIT_S (see the reply task below)
             await asyncio.wait([self._devices_task], timeout=RPC_WAIT_S + 1)
-            self._devices_task.cancel()
-            await asyncio.gather(self._devices_task, return_exceptions=True)
+            await stop_tasks([self._devices_task], "closing the shared state")
             self._devices_task = None
         if self._peer_client is not None:
             await self._peer_client.close()
         if self._reply_task is not None:
             # It ends by itself once its blocking pop returns (within RPC_WAIT_S). Cancelling it
-            # in the middle of one is not enough: redis-py (8.1) can take the cancellation while
-            # it reads the reply and go on waiting on a connection it has closed.
+            # in the middle of one is not enough: redis-py can take the cancellation while it
+            # reads the reply and go on (storage/stopping.py).
             self._closing = True
             await asyncio.wait([self._reply_task], timeout=RPC_WAIT_S + 1)
-            self._reply_task.cancel()
+            await stop_tasks([self._reply_task], "closing the shared state")
             self._reply_task = None
         await self._redis.aclose()
         await self._pool.disconnect()

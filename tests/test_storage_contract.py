@@ -870,6 +870,47 @@ async def test_cassandra_a_partition_given_back_waits_for_the_keys_being_opened_
     assert [m.client_id for m in await store.history(chat.chat_id, None, 5)] == ["opening"]
 
 
+async def test_cassandra_closes_and_gives_its_partitions_back_when_its_serving_loop_lost_a_cancellation(
+        cassandra_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """redis-py can take the cancellation of a blocking pop and return as if none had come; the
+    loop serving the other bridges then went on, and the store's close waited for it for ever
+    (its leases held until they ran out). The close ends, and the partitions are free at once."""
+    state = open_state(production_url("PIGEON_REDIS", "redis://"))
+    await state.open()
+    pop, popping, lost = state._pop, asyncio.Event(), []  # type: ignore[attr-defined]
+
+    async def pop_losing_a_cancellation(keys: list[str], what: str) -> Any:
+        popping.set()
+        try:
+            return await pop(keys, what)
+        except asyncio.CancelledError:
+            if lost:
+                raise
+            lost.append(keys)
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            return None
+
+    monkeypatch.setattr(state, "_pop", pop_losing_a_cancellation)
+    store = open_store(cassandra_url)
+    try:
+        store.use_state(state)
+        await store.migrate()
+        await store.open()
+        await asyncio.wait_for(popping.wait(), 10)
+        await asyncio.wait_for(store.close(), 30)
+        assert lost
+    finally:
+        await state.close()
+    after = open_store(cassandra_url)  # no shared state: it numbers only what it holds itself
+    await after.open()
+    try:
+        a, b = await two_users(after)
+        chat = await after.direct_chat(a, b, T0)
+        assert (await after.append_message(text(chat.chat_id, a, "c"), [a, b])).message.seq == 1
+    finally:
+        await after.close()
+
+
 async def send_with_an_entry_failing(store: CassandraStore, msg: NewMessage, members: list[str], failing: str) -> None:
     """Send ``msg`` while writing ``failing``'s inbox entry fails: numbered and stored, its caller
     told the store is unavailable, the other members' entries written."""
