@@ -138,6 +138,9 @@ UNKNOWN_OUTCOME_RETRIES = 4
 UNSENT_TTL_S = 10.0
 SENT_HERE = 20_000  # sends completed by this process, kept to answer their repeats without a read
 FORWARD_TIMEOUT_S = 5.0
+# A forwarded append that reached a process which had just given the partition up (nothing was
+# numbered) is asked again after this pause, doubling up to the second figure, within its time.
+MOVED_PAUSE_S = (0.05, 0.5)
 DDL_TIMEOUT_S = 120.0
 # A user's acknowledged position is written this long after it moved (one write covers every ack
 # meanwhile; a position lost with a crash is only read back lower, see advance_device_ack).
@@ -1406,13 +1409,23 @@ class CassandraStore:
         if rpc is None:
             raise StorageUnavailable(f"partition {part} is held by another process, and no shared state "
                                      "(--redis) connects this one to it")
-        request = {"kind": "number", "scope": self.keyspace, "key": key, "values": list(values),
-                   "ident": list(ident) if isinstance(ident, tuple) else ident,
-                   "until": time.time() + FORWARD_TIMEOUT_S}
-        reply = await rpc(self.queue_of(part), request, FORWARD_TIMEOUT_S)
-        if "error" in reply:
-            raise StorageUnavailable(f"partition {part}: {reply['error']}")
-        return int(reply["n"]), bool(reply["dup"])
+        until = time.time() + FORWARD_TIMEOUT_S
+        pause = MOVED_PAUSE_S[0]
+        while True:
+            request = {"kind": "number", "scope": self.keyspace, "key": key, "values": list(values),
+                       "ident": list(ident) if isinstance(ident, tuple) else ident, "until": until}
+            reply = await rpc(self.queue_of(part), request, max(until - time.time(), MOVED_PAUSE_S[0]))
+            if reply.get("moved") and time.time() + pause < until:
+                # Taken by a process that gave the partition up before numbering anything (a
+                # rebalance): asked again of the next holder, which may be this process by then.
+                await asyncio.sleep(pause)
+                pause = min(2 * pause, MOVED_PAUSE_S[1])
+                if self._leases is not None and self._leases.epoch(part) is not None:
+                    return await self._append_soon(key, values, ident)
+                continue
+            if "error" in reply:
+                raise StorageUnavailable(f"partition {part}: {reply['error']}")
+            return int(reply["n"]), bool(reply["dup"])
 
     def _serve_forwarded(self, req: dict[str, Any]) -> Awaitable[dict[str, Any]]:
         """Number a key for another process (it holds no lease on the key's partition). When the
@@ -1429,7 +1442,7 @@ class CassandraStore:
             key = str(req["key"])
             part = partition_of(key)
             if self._leases is None or self._leases.epoch(part) is None:
-                return _answered(loop, {"error": f"partition {part} is not held here"})
+                return _answered(loop, {"error": f"partition {part} is not held here", "moved": True})
             values = tuple(req["values"])
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("ignoring a malformed forwarded request: %s", exc)

@@ -255,8 +255,9 @@ async def test_concurrent_appends_never_share_a_seq(store: Store) -> None:
 @contextlib.asynccontextmanager
 async def second_bridge(store: Store, request: pytest.FixtureRequest) -> AsyncIterator[list[Store]]:
     """``[store]``, and on Cassandra with the shared state a second store instance beside it, as
-    a second bridge process would be: it holds none of the partitions, so the first numbers
-    for it (its appends are forwarded)."""
+    a second bridge process would be: it holds none of the partitions at first, so the first
+    numbers for it (its appends are forwarded), and it takes a share of them within a second
+    or two (a rebalance, which the appends in flight meet)."""
     if not (isinstance(store, CassandraStore) and store.shared_state is not None):
         yield [store]
         return
@@ -276,7 +277,7 @@ async def test_many_senders_at_once_fill_one_inbox_without_gaps_or_repeats(
         store: Store, request: pytest.FixtureRequest) -> None:
     """A hot inbox (one reader, many chats writing at once), and on Cassandra with the shared
     state a second store instance, as a second bridge process would be, writing into it at the
-    same time (it holds none of the partitions, so the first one numbers for it)."""
+    same time (the first one numbers for it, and gives it a share of the partitions)."""
     reader = (await store.create_user(phone(), T0)).user_id
     senders = [(await store.create_user(phone(), T0)).user_id for _ in range(12)]
     chats = [await store.direct_chat(s, reader, T0) for s in senders]
@@ -868,6 +869,46 @@ async def test_cassandra_a_partition_given_back_waits_for_the_keys_being_opened_
     await asyncio.wait_for(releasing, 10)
     assert part not in leases.held()
     assert [m.client_id for m in await store.history(chat.chat_id, None, 5)] == ["opening"]
+
+
+async def test_cassandra_a_forwarded_append_that_reached_a_bridge_giving_its_partition_up_is_asked_again(
+        cassandra: CassandraStore, cassandra_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second bridge forwards an append to the holder, which has just given the partition up
+    (a rebalance) when the request reaches it: nothing is numbered there, the answer says so,
+    and the forwarder asks again instead of failing the send; it is stored once, as seq 1."""
+    from storage.cassandra_owner import partition_of
+
+    here, states = cassandra, [open_state(production_url("PIGEON_REDIS", "redis://")) for _ in range(2)]
+    for state in states:
+        await state.open()
+    there = open_store(cassandra_url)  # never opened: it holds no partition, so it forwards
+    assert isinstance(there, CassandraStore)
+    try:
+        here.use_state(states[0])
+        there.use_state(states[1])
+        a, b = await two_users(here)
+        chat = await here.direct_chat(a, b, T0)
+        key, leases = f"c:{chat.chat_id}", here._leases
+        assert leases is not None and leases.epoch(partition_of(key)) is not None
+        answers: list[dict[str, Any]] = []
+
+        async def given_up_at_first(req: dict[str, Any]) -> dict[str, Any]:
+            with monkeypatch.context() as giving_up:
+                if not answers:  # (the holder's check of its lease is made as the request comes)
+                    giving_up.setattr(leases, "epoch", lambda part: None)
+                answer = here._serve_forwarded(req)
+            answers.append(await answer)
+            return answers[-1]
+
+        states[0].handle("number", given_up_at_first)
+        values = ("moved", a, phone_of(a), T0, "text", "x", None, None, None)
+        assert await asyncio.wait_for(there._forward(partition_of(key), key, values, None), 10) == (1, False)
+        assert [("error" in got, "n" in got) for got in answers] == [(True, False), (False, True)]
+        assert [m.client_id for m in await here.history(chat.chat_id, None, 5)] == ["moved"]
+    finally:
+        await there.close()
+        for state in states:
+            await state.close()
 
 
 async def test_cassandra_closes_and_gives_its_partitions_back_when_its_serving_loop_lost_a_cancellation(
