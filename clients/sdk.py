@@ -443,9 +443,17 @@ def _retrieve(task: asyncio.Future[Any]) -> None:
 
 def _abandon(client: aiomqtt.Client) -> None:
     """Drop a connection without waiting: a DISCONNECT if it is up (the socket closes once it
-    is written), nothing if it is gone already."""
-    with contextlib.suppress(Exception):
-        client._client.disconnect()
+    is written), nothing if it is gone already. One still being made is dropped as soon as the
+    broker accepts it: aiomqtt connects in a thread that a cancellation does not stop, and the
+    connection it makes would otherwise stay up behind a closed device (online to the broker)."""
+    paho = client._client
+
+    def drop(*_: Any) -> None:
+        with contextlib.suppress(Exception):
+            paho.disconnect()
+
+    paho.on_connect = drop
+    drop()
 
 
 def _credentials_refused(exc: aiomqtt.MqttError) -> bool:

@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 
+import aiomqtt
 import pytest
 
 import clients.sdk as sdk
@@ -45,3 +48,54 @@ async def test_the_sdk_loops_stop_on_close_without_being_cancelled() -> None:
     async with asyncio.timeout(5):
         await asyncio.gather(*loops)
     await device.api.close()
+
+
+async def test_a_connection_still_being_made_when_the_device_closes_is_dropped_once_it_is_up(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """aiomqtt connects the socket (and says CONNECT) in a thread that a cancellation does not
+    stop: a device closed meanwhile left that connection up behind it, online to the broker.
+    Here the thread is held until the attempt was cancelled; once the connection is up it is
+    dropped. (A loopback listener that answers CONNECT with a CONNACK stands in for the broker.)"""
+    accepted_then_closed = asyncio.Event()
+
+    async def broker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted = False
+        try:
+            while data := await reader.read(4096):
+                if data[0] == 0x10:  # CONNECT: accepted
+                    accepted = True
+                    writer.write(b"\x20\x02\x00\x00")
+                elif data[0] == 0xE0:  # DISCONNECT
+                    break
+        finally:
+            if accepted:
+                accepted_then_closed.set()
+            writer.close()
+
+    server = await asyncio.start_server(broker, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    device = Device(Profile(http_url="http://127.0.0.1:9", user_id="u1", device_id="d1", token="t",
+                            expires_at=int(time.time() * 1000) + 10**9, mqtt_host="127.0.0.1", mqtt_port=port,
+                            ws_url="ws://127.0.0.1:9/mqtt"))
+    monkeypatch.setattr(sdk, "RECONNECT_FIRST_S", 0.0)
+    in_thread, go_on = threading.Event(), threading.Event()
+    connect = aiomqtt.Client._client_connect
+
+    def held_connect(client: aiomqtt.Client) -> None:
+        in_thread.set()
+        go_on.wait(10)
+        connect(client)
+
+    monkeypatch.setattr(aiomqtt.Client, "_client_connect", held_connect)
+    try:
+        attempt = asyncio.create_task(device._connect_again())  # noqa: SLF001
+        assert await asyncio.to_thread(in_thread.wait, 5)
+        attempt.cancel()  # (what close() does to the reconnecting loop)
+        with pytest.raises(asyncio.CancelledError):
+            await attempt
+        go_on.set()
+        await asyncio.wait_for(accepted_then_closed.wait(), 5)  # a hang guard, not a speed check
+    finally:
+        go_on.set()
+        server.close()
+        await device.api.close()
