@@ -324,24 +324,27 @@ class RedisState:
         """Hand ``request`` (with a ``kind``) to whichever process serves ``queue`` (a partition of
         one deployment: ``KEYSPACE:pN``) and wait for its answer. A request nobody takes in time
         raises :class:`StorageUnavailable` (it may still be handled later: requests carry their
-        own deadline, and what they ask is idempotent)."""
-        if self._peer_host is not None:
-            reply = await self._call_direct(queue, request, timeout_s)
-            if reply is not None:
-                return reply
-        if self._reply_task is None or self._reply_task.done():
-            self._reply_task = asyncio.create_task(self._collect_replies(), name="rpc-replies")
-        rid = str(next(self._rids))
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._replies[rid] = fut
+        own deadline, and what they ask is idempotent). The whole call, Redis's part in it
+        included, takes at most ``timeout_s``: while Redis does not answer, each of its commands
+        fails only after its retries (about 8 s), and a forward made two of them."""
         try:
-            await self._push(f"{RPC_LIST}{queue}", json.dumps([self._me, rid, request]), expire=False)
             async with asyncio.timeout(timeout_s):
-                return await fut
+                if self._peer_host is not None:
+                    reply = await self._call_direct(queue, request, timeout_s)
+                    if reply is not None:
+                        return reply
+                if self._reply_task is None or self._reply_task.done():
+                    self._reply_task = asyncio.create_task(self._collect_replies(), name="rpc-replies")
+                rid = str(next(self._rids))
+                fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+                self._replies[rid] = fut
+                try:
+                    await self._push(f"{RPC_LIST}{queue}", json.dumps([self._me, rid, request]), expire=False)
+                    return await fut
+                finally:
+                    self._replies.pop(rid, None)
         except TimeoutError as exc:
             raise StorageUnavailable(f"no answer from the holder of {queue} in {timeout_s:.0f} s") from exc
-        finally:
-            self._replies.pop(rid, None)
 
     async def _call_direct(self, queue: str, request: dict[str, Any], timeout_s: float) -> dict[str, Any] | None:
         """The holder's answer over a direct connection (storage/peers.py), or None when the
@@ -374,17 +377,16 @@ class RedisState:
         reading = self._reading.get(queue)
         if reading is None:
             reading = self._reading[queue] = asyncio.get_running_loop().create_future()
-            address = None
+            # while Redis cannot say (or the reading is given up): the address last read, if any
+            address = known[0] if known is not None else None
             try:
                 raw = await self._do(self._redis.get(f"{HOLDER_AT}{queue}"))
-                address = raw.decode() if isinstance(raw, bytes) else raw
+                read = raw.decode() if isinstance(raw, bytes) else raw
                 mine = self._peer_server.address if self._peer_server is not None else None
-                if address == mine:  # advertised by this process before it gave the queue up
-                    address = None
+                address = None if read == mine else read  # (mine: advertised before it gave the queue up)
                 self._holders[queue] = (address, now)
             except StorageUnavailable:
-                if known is not None:  # Redis cannot say now: the address last read, until it can
-                    address = known[0]
+                pass
             finally:
                 del self._reading[queue]
                 reading.set_result(address)

@@ -504,3 +504,32 @@ async def test_a_bridge_that_lost_the_devices_news_trusts_nothing_until_it_hears
     finally:
         await raw.aclose()
         await s.close()
+
+
+@pytest.mark.parametrize("direct", [False, True], ids=["lists", "direct"])
+async def test_a_request_to_another_bridge_while_redis_does_not_answer_fails_within_its_time(direct: bool) -> None:
+    """Redis accepts connections but answers nothing (hung, or a network that drops its
+    packets): each command fails only after its retries, about 8 s, and a forwarded send made
+    two of them (where the holder answers, then the push). The call is given up, unavailable,
+    once its own time is out. (A loopback listener that never answers stands in for Redis.)"""
+    from storage.base import StorageUnavailable
+
+    held: list[asyncio.StreamWriter] = []
+
+    async def silent(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    state = open_state(f"redis://127.0.0.1:{port}/0", *(("127.0.0.1", b"s" * 32) if direct else ()))
+    loop = asyncio.get_running_loop()
+    try:
+        started = loop.time()
+        with pytest.raises(StorageUnavailable, match="no answer from the holder"):
+            await asyncio.wait_for(state.call("ks:p1", {"kind": "number"}, 0.5), 30)
+        assert loop.time() - started < 3  # (its own time, not Redis's retries)
+    finally:
+        await state.close()
+        server.close()
+        for writer in held:
+            writer.close()
