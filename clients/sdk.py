@@ -655,9 +655,13 @@ class Device:
         client = self._mqtt_client()
         try:
             await client.__aenter__()
-        except aiomqtt.MqttError as exc:
+        except BaseException as exc:  # (refused, unanswered, or cancelled: a connection that
+            # comes up after all is dropped, see _abandon)
+            _abandon(client)
             await self.api.close()
-            raise PigeonClientError("connect_refused", str(exc)) from exc
+            if isinstance(exc, aiomqtt.MqttError):
+                raise PigeonClientError("connect_refused", str(exc)) from exc
+            raise
         self._client = client
         try:
             await self._subscribe(client)

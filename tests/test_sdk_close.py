@@ -50,12 +50,14 @@ async def test_the_sdk_loops_stop_on_close_without_being_cancelled() -> None:
     await device.api.close()
 
 
+@pytest.mark.parametrize("attempt_of", ["reconnecting", "first"])
 async def test_a_connection_still_being_made_when_the_device_closes_is_dropped_once_it_is_up(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        attempt_of: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """aiomqtt connects the socket (and says CONNECT) in a thread that a cancellation does not
-    stop: a device closed meanwhile left that connection up behind it, online to the broker.
-    Here the thread is held until the attempt was cancelled; once the connection is up it is
-    dropped. (A loopback listener that answers CONNECT with a CONNACK stands in for the broker.)"""
+    stop: a device closed meanwhile (or whose first connect was given up) left that connection
+    up behind it, online to the broker. Here the thread is held until the attempt was
+    cancelled; once the connection is up it is dropped. (A loopback listener that answers
+    CONNECT with a CONNACK stands in for the broker.)"""
     accepted_then_closed = asyncio.Event()
 
     async def broker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -88,9 +90,10 @@ async def test_a_connection_still_being_made_when_the_device_closes_is_dropped_o
 
     monkeypatch.setattr(aiomqtt.Client, "_client_connect", held_connect)
     try:
-        attempt = asyncio.create_task(device._connect_again())  # noqa: SLF001
+        attempt = asyncio.create_task(device._connect_again() if attempt_of == "reconnecting"  # noqa: SLF001
+                                      else device.__aenter__())
         assert await asyncio.to_thread(in_thread.wait, 5)
-        attempt.cancel()  # (what close() does to the reconnecting loop)
+        attempt.cancel()  # (what close() does to the reconnecting loop; a timeout around the first)
         with pytest.raises(asyncio.CancelledError):
             await attempt
         go_on.set()
