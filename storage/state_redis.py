@@ -85,6 +85,11 @@ class _Pushes:
     expire: set[str] = field(default_factory=set)
 
 
+async def _close_both(pubsub: Any, client: Any) -> None:
+    await pubsub.aclose()
+    await client.aclose()
+
+
 class RedisState:
     def __init__(self, url: str, peer_host: str | None = None, peer_secret: bytes | None = None) -> None:
         """``peer_host``: the address this process answers other bridges' requests on, directly
@@ -308,9 +313,8 @@ class RedisState:
                 if self._hearing:
                     self._hearing = False
                     self._tell(None)
-                try:
-                    await pubsub.aclose()
-                    await client.aclose()
+                try:  # (shielded: a second cancellation at close must not leave the socket open)
+                    await asyncio.shield(_close_both(pubsub, client))
                 except Exception as exc:
                     log.debug("closing the devices subscription: %s", exc)
             if not self._closing:

@@ -56,10 +56,13 @@ def _name(task: asyncio.Future[Any]) -> str:
 
 
 def _where(task: asyncio.Future[Any]) -> str:
-    if not isinstance(task, asyncio.Task):
-        return "?"
-    frames = task.get_stack()
-    if not frames:
-        return "?"
-    frame = frames[-1]
-    return f"{frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}"
+    """The chain of coroutines the task waits in, outermost first (``get_stack`` gives only
+    the outermost)."""
+    coro: Any = task.get_coro() if isinstance(task, asyncio.Task) else None
+    chain = []
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None)
+        if frame is not None:
+            chain.append(f"{frame.f_code.co_name} ({frame.f_code.co_filename}:{frame.f_lineno})")
+        coro = getattr(coro, "cr_await", None)
+    return " > ".join(chain) or "?"
