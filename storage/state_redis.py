@@ -506,7 +506,7 @@ class RedisState:
             await self._serve_lists(queues)
         finally:
             if advertising is not None:
-                advertising.cancel()
+                await stop_tasks([advertising], "no longer answering other bridges")
             if self._peer_server is not None:
                 await self._peer_server.close()
                 self._peer_server = None
