@@ -202,9 +202,9 @@ class ReceiptNote:
 class GroupNotices:
     """The last group notice (``user`` ``"*"``) a process appended to each inbox, by chat and
     kind, so that one overtaken by a higher one is not appended after it (``append_receipts``).
-    Asked where the inbox's appends are numbered, in their order. The oldest are forgotten past
-    ``kept``; after that (or in the inbox's next holder) the next notice is appended whatever it
-    says."""
+    Asked where the inbox's appends are numbered, in their order; a process opening an inbox
+    for appends (its next holder, too) notes those among its newest entries first. The oldest are
+    forgotten past ``kept``; after that the next notice is appended whatever it says."""
 
     def __init__(self, kept: int = 100_000) -> None:
         self._last: LRUCache[tuple[str, str, str], int] = LRUCache(kept)
@@ -218,6 +218,11 @@ class GroupNotices:
             return False
         self._last[key] = up_to
         return True
+
+    def seen(self, user_id: str, chat_id: str, kind: str, up_to: int) -> None:
+        """A group notice found in the inbox (read back where it is opened for appends)."""
+        key = (user_id, chat_id, kind)
+        self._last[key] = max(up_to, self._last.get(key, up_to))
 
 
 @dataclass(frozen=True, slots=True)

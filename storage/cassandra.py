@@ -239,8 +239,8 @@ _CONDITIONAL = frozenset({"claim_phone", "claim_pair", "put_media", "media_ready
                           "lease_renew", "lease_drop", "epoch_first", "epoch_next"})
 
 
-def _answered(loop: asyncio.AbstractEventLoop, reply: dict[str, Any]) -> asyncio.Future[dict[str, Any]]:
-    fut: asyncio.Future[dict[str, Any]] = loop.create_future()
+def _answered(loop: asyncio.AbstractEventLoop, reply: _T) -> asyncio.Future[_T]:
+    fut: asyncio.Future[_T] = loop.create_future()
     fut.set_result(reply)
     return fut
 
@@ -669,10 +669,10 @@ class CassandraStore:
             "set_dev_ack": f"UPDATE {ks}.devices USING TIMESTAMP ? SET acked=? WHERE device_id=?",
             "put_inbox": f"INSERT INTO {ks}.inbox (user_id, bucket, pos, epoch, chat_id, seq, {_MSG}, rkind, ruser, "
                          "up_to) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            "inbox_tail": f"SELECT pos, epoch, chat_id, seq FROM {ks}.inbox WHERE user_id=? AND bucket=? "
-                          "ORDER BY pos DESC LIMIT ?",
-            "inbox_tail_below": f"SELECT pos, epoch, chat_id, seq FROM {ks}.inbox WHERE user_id=? AND bucket=? "
-                                "AND pos<? ORDER BY pos DESC LIMIT ?",
+            "inbox_tail": f"SELECT pos, epoch, chat_id, seq, rkind, ruser, up_to FROM {ks}.inbox WHERE user_id=? "
+                          "AND bucket=? ORDER BY pos DESC LIMIT ?",
+            "inbox_tail_below": f"SELECT pos, epoch, chat_id, seq, rkind, ruser, up_to FROM {ks}.inbox "
+                                "WHERE user_id=? AND bucket=? AND pos<? ORDER BY pos DESC LIMIT ?",
             # newest first, with when each was written: a repeat's fan-out reads back what came
             # since its message was stored
             "inbox_since": f"SELECT pos, epoch, chat_id, seq, WRITETIME(epoch) FROM {ks}.inbox WHERE user_id=? "
@@ -1301,6 +1301,11 @@ class CassandraStore:
                 ids: dict[Hashable, int] = {(r[2], r[3]): int(r[0]) for r in reversed(recent) if r[3] is not None}
             else:
                 ids = {(r[2], int(r[3])): int(r[0]) for r in reversed(recent) if r[3] is not None}
+                # the group notices among the newest entries: one a higher one overtook is not
+                # appended after it, whichever process appended that one (GroupNotices)
+                for r in recent:
+                    if r[5] == "*" and r[4] and r[6] is not None:
+                        self._notices.seen(key[2:], r[2], r[4], int(r[6]))
             log_ = KeyLog(key, part, epoch, head, full_after, ids, self._write_rows, self._leases,  # type: ignore[arg-type]
                           self._write_rows_now)
             self._logs.put(log_)
@@ -1371,15 +1376,12 @@ class CassandraStore:
         caller that awaited the opening itself would wake a turn or two after the log is cached,
         and an append made in between would be numbered before it: a chat's seq 6 ahead of its
         seq 5 in an inbox.)"""
-        if (key[0] == "u" and len(values) == 14 and values[12] == "*"
-                and not self._notices.moves(key[2:], values[0], "*", values[11], values[13])):
-            overtaken: asyncio.Future[tuple[int, bool]] = asyncio.get_running_loop().create_future()
-            overtaken.set_result((0, True))  # a group notice a higher one overtook (Store.append_receipts)
-            return overtaken
         waiting = self._waiting.get(key)
         if waiting is None:
             held = self._logs.get(key)
             if held is not None:
+                if self._overtaken(key, values):
+                    return _answered(asyncio.get_running_loop(), (0, True))
                 return held.append(values, ident)
             waiting = self._waiting[key] = []
             self._openers[key] = asyncio.get_running_loop().create_task(self._open_for(key), name=f"open-{key}")
@@ -1402,7 +1404,16 @@ class CassandraStore:
         finally:
             del self._openers[key]
         for values, ident, out in self._waiting.pop(key):
-            log_.append(values, ident, out)
+            if self._overtaken(key, values):  # (asked once the log is open: it knows the tail's notices)
+                out.set_result((0, True))
+            else:
+                log_.append(values, ident, out)
+
+    def _overtaken(self, key: str, values: tuple[Any, ...]) -> bool:
+        """A group notice for an inbox that a higher one overtook (Store.append_receipts): not
+        appended, position 0. Asked in the order of the inbox's appends."""
+        return (key[0] == "u" and len(values) == 14 and values[12] == "*"
+                and not self._notices.moves(key[2:], values[0], "*", values[11], values[13]))
 
     async def _forward(self, part: int, key: str, values: tuple[Any, ...], ident: Hashable | None) -> tuple[int, bool]:
         rpc = getattr(self._state, "call", None)

@@ -447,6 +447,35 @@ async def test_a_group_notice_a_higher_one_overtook_is_not_appended(
                    (d.chat_id, "delivered", 1), (d.chat_id, "delivered", 1)]
 
 
+async def test_cassandra_an_inbox_s_next_holder_does_not_append_a_group_notice_its_tail_overtook(
+        cassandra_url: str) -> None:
+    """A bridge appended a group notice (delivered up to 7) to a member's inbox and gave the
+    partitions up (it stopped); the next holder, asked for a lower notice of the same kind as
+    its first append to that inbox, does not append it: it read the notices among the inbox's
+    newest entries when it opened it. An equal one and another kind are appended."""
+    first = open_store(cassandra_url)
+    await first.open()
+    try:
+        owner, member = await two_users(first)
+        g = await first.create_group(owner, "team", [member], T0)
+        base = await first.inbox_head(owner)
+        assert await first.append_receipts([(owner, ReceiptNote(g.chat_id, "*", "delivered", 7))]) == [base + 1]
+    finally:
+        await first.close()
+    second = open_store(cassandra_url)
+    await second.open()
+    try:
+        assert await second.append_receipts([(owner, ReceiptNote(g.chat_id, "*", "delivered", 5))]) == [0]
+        assert await second.append_receipts([
+            (owner, ReceiptNote(g.chat_id, "*", "delivered", 7)),
+            (owner, ReceiptNote(g.chat_id, "*", "read", 3))]) == [base + 2, base + 3]
+        got = [(e.item.kind, e.item.up_to) for e in await second.read_inbox(owner, base, 10)
+               if isinstance(e.item, ReceiptNote)]
+        assert got == [("delivered", 7), ("delivered", 7), ("read", 3)]
+    finally:
+        await second.close()
+
+
 async def test_device_acks_move_the_users_position_forward_only(store: Store) -> None:
     a, b = await two_users(store)
     d = await store.add_device(b, "p", "ios", T0)
