@@ -462,30 +462,61 @@ class HeldBackHandover:
     send: the device's order broken. Each window is recorded in the shared state as it opens,
     grows or closes (one write per partition and turn of the loop, not awaited by the refusal),
     and a bridge reads a partition's, and adopts them, each time it connects that partition's
-    broker session, before taking in any of its publishes. A window recorded after its bridge
-    died (it died between the refusal and the write) is not handed over."""
+    broker session, before taking in any of its publishes. The publish whose refusal (or failure)
+    opened or moved a window is acknowledged to the broker only once the window is written
+    (:meth:`recorded`, bridge/mqtt_ingest.py): had the bridge died before, the broker hands that
+    publish to the next holder, ahead of the device's later ones, as if it had never come."""
 
     def __init__(self, state: SharedState, partitions: Partitions, admission: Admission) -> None:
         self._state, self._partitions, self._admission = state, partitions, admission
         self._noted: dict[int, dict[str, tuple[int, str]]] = {}
         self._writing: asyncio.Task[None] | None = None
+        self._notes = 0  # windows noted so far (each one's number: the count when it was noted)
+        self._unwritten: dict[str, int] = {}  # topic -> the number of its latest note not yet written
+        self._waiting: list[tuple[int, asyncio.Future[None]]] = []  # (note number, settled once written)
 
     def note(self, topic: str, until: float, first: str) -> None:
         """``Admission.on_hold``: record a window (``until`` as time.time())."""
         part = self._partitions.partition_of_user(topic.split("/")[1])
         self._noted.setdefault(part, {})[topic] = (int(until * 1000), first)
+        self._notes += 1
+        self._unwritten[topic] = self._notes
         if self._writing is None or self._writing.done():
             self._writing = asyncio.get_running_loop().create_task(self._write(), name="held-back-windows")
 
+    def recorded(self, topic: str) -> asyncio.Future[None] | None:
+        """None when every window of the device's noted so far is written (or given up), else
+        what settles once it is."""
+        number = self._unwritten.get(topic)
+        if number is None:
+            return None
+        settled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append((number, settled))
+        return settled
+
     async def _write(self) -> None:
+        # (cancelled as the bridge stops: what waited for it is never acknowledged, and the broker
+        # hands it to the partition's next holder)
         while self._noted:
             noted, self._noted = self._noted, {}
+            through = self._notes  # (every note so far is in ``noted``)
             for part, windows in noted.items():
                 try:
                     async with asyncio.timeout(HANDOVER_WAIT_S):
                         await self._state.put_held_back(self._partitions.partition_scope, part, windows)
                 except Exception as exc:  # noqa: BLE001 - the windows hold here all the same
                     log.warning("recording %d refusal windows of partition %d failed: %r", len(windows), part, exc)
+            self._written(through)
+
+    def _written(self, through: int) -> None:
+        self._unwritten = {t: n for t, n in self._unwritten.items() if n > through}
+        still = []
+        for number, settled in self._waiting:
+            if number > through:
+                still.append((number, settled))
+            elif not settled.done():
+                settled.set_result(None)
+        self._waiting = still
 
     async def adopt(self, part: int) -> None:
         """Adopt the windows recorded for a partition (its session is being connected here)."""

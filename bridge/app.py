@@ -372,7 +372,7 @@ class PigeonServer:
                 host, port, username=user, password=password, client_id=f"{user}-{secrets.token_hex(6)}",
                 handle=self._ingest, persistent=True, partitions=partitions, ask_holder=ask_holder,
                 tls_context=broker_tls, admit=self._admit, release=self.admission.release,
-                start=self._start, on_session=windows.adopt,
+                start=self._start, on_session=windows.adopt, recorded=windows.recorded,
             )
             handle = getattr(self.state, "handle", None)
             if handle is not None:

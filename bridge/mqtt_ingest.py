@@ -74,6 +74,10 @@ Release = Callable[[], None]
 # as a publish taken in then is about to be handled (time.monotonic()): None to handle it,
 # else an awaitable answering it instead (it waited past admission control's bound)
 Start = Callable[[str, bytes, float], Awaitable[None] | None]
+# a device's refusal window being recorded for the next holder of its partition (bridge/admission.py,
+# HeldBackHandover.recorded): None when nothing of the device's is left to record, else what
+# settles once it is written (or given up); its publishes are acknowledged after that
+Recorded = Callable[[str], asyncio.Future[None] | None]
 # topic, payload, what acknowledges it once handled (None: nothing to acknowledge), when it was
 # taken in, and the connection it came on
 Item = tuple[str, bytes, Callable[[], None] | None, float, aiomqtt.Client]
@@ -270,11 +274,15 @@ class MqttIngest:
         persistent: bool = False, partitions: Partitions | None = None, ask_holder: AskHolder | None = None,
         tls_context: ssl.SSLContext | None = None, admit: Admit | None = None, release: Release | None = None,
         start: Start | None = None, on_session: Callable[[int], Awaitable[None]] | None = None,
+        recorded: Recorded | None = None,
     ) -> None:
         """``on_session``: awaited each time a partition's session is connected, before any of
         its publishes is taken in (the bridge adopts the devices' refusal windows the partition's
-        previous holder recorded)."""
-        self._on_session = on_session
+        previous holder recorded). ``recorded``: a publish whose handling opened, grew or closed
+        its device's window is acknowledged once the window is recorded, so that a bridge dying
+        first leaves it to the partition's next holder (the broker hands it again), in the
+        device's order, rather than acknowledged with no window to hold its later sends."""
+        self._on_session, self._recorded = on_session, recorded
         self._host, self._port = host, port
         self._tls = tls_context  # None: plain MQTT
         self._username, self._password, self._client_id = username, password, client_id
@@ -473,6 +481,15 @@ class MqttIngest:
         self.slow_subacks += 1
         subscribing.add_done_callback(lambda f: _late_suback(f, part, user_id))
 
+    def _ack_when_recorded(self, topic: str, ack: Callable[[], None]) -> None:
+        """Acknowledge a handled publish now, or once its device's window is recorded (without
+        waiting here: the session reads on, the device's lane goes on)."""
+        recording = self._recorded(topic) if self._recorded is not None else None
+        if recording is None:
+            ack()
+        else:
+            recording.add_done_callback(lambda _recorded: ack())
+
     async def serve_subscribe(self, request: dict[str, object]) -> dict[str, object]:
         """Another bridge asks this one, the holder, to take a user's device topics."""
         if self._partitions is None:
@@ -552,7 +569,7 @@ class MqttIngest:
             if refused is not None:  # answered at once, never queued
                 await refused
                 if ack is not None:
-                    ack()
+                    self._ack_when_recorded(topic, ack)
                 return
         while self._taken_in >= self._max_taken_in:
             self._room.clear()
@@ -696,8 +713,8 @@ class MqttIngest:
                 self._taken_in -= 1
                 if not self._room.is_set() and self._taken_in < self._max_taken_in:
                     self._room.set()
-                if ack is not None:
-                    ack()  # stored and answered (or answered with an error): the broker may forget it
+                if ack is not None:  # stored and answered (or answered with an error): the broker may forget it
+                    self._ack_when_recorded(topic, ack)
         finally:
             if self._lanes.get(topic) is lane:
                 del self._lanes[topic]

@@ -730,6 +730,47 @@ async def test_windows_recorded_by_one_bridge_are_adopted_by_the_partitions_next
     assert next_bridge.admit(TOPIC, body(type="send", id="m1", to="u2", body="x")) is None
 
 
+async def test_a_device_s_window_is_recorded_before_what_moved_it_may_be_acknowledged() -> None:
+    """``recorded``: nothing to wait for while none of the device's windows waits to be written;
+    after a refusal opened one, something that settles once the write is through (and once it
+    failed: the window holds in this bridge all the same)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from bridge.admission import HeldBackHandover
+    from storage.base import StorageUnavailable
+    from storage.state import MemoryState
+
+    state, go_on, failing = MemoryState(), asyncio.Event(), [False]
+    put = state.put_held_back
+
+    async def slow_put(scope: str, part: int, windows: dict[str, tuple[int, str]]) -> None:
+        await go_on.wait()
+        if failing[0]:
+            raise StorageUnavailable("redis: gone")
+        await put(scope, part, windows)
+
+    state.put_held_back = slow_put  # type: ignore[method-assign]
+    partitions = SimpleNamespace(partition_scope="ks", partition_of_user=lambda user: 7)
+    adm = Admission(limit=1000, max_delay_ms=2000)
+    windows = HeldBackHandover(state, partitions, adm)  # type: ignore[arg-type]
+    adm.on_hold = windows.note
+    assert windows.recorded(TOPIC) is None
+    assert refusal(adm.admit(TOPIC, body(type="send", id="m1", to="u2", body="x"), waited=2.5)) is not None
+    waiting, other = windows.recorded(TOPIC), windows.recorded(OTHER)
+    assert waiting is not None and other is None
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    go_on.set()
+    await asyncio.wait_for(waiting, 5)
+    assert ("ks", 7) in state._held_back and windows.recorded(TOPIC) is None  # noqa: SLF001
+    failing[0] = True
+    assert refusal(adm.admit(TOPIC, body(type="send", id="m2", to="u2", body="y"), waited=2.5)) is not None
+    again = windows.recorded(TOPIC)
+    assert again is not None
+    await asyncio.wait_for(again, 5)  # (given up: logged, and acknowledged all the same)
+
+
 def test_a_refusal_at_the_device_s_own_bound_leaves_its_earlier_sends_alone() -> None:
     clock = Clock()
     adm = Admission(limit=1000, per_device=2, max_delay_ms=2000, clock=clock)

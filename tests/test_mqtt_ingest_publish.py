@@ -483,6 +483,63 @@ async def test_a_partition_session_takes_in_nothing_before_its_windows_are_adopt
         await asyncio.gather(runner, return_exceptions=True)
 
 
+async def test_a_publish_that_moved_its_devices_window_is_acknowledged_once_the_window_is_recorded() -> None:
+    """A refusal (at admission) or a failed send (in the device's lane) opened or moved the
+    device's refusal window: that publish, and the device's later ones, are acknowledged to the
+    broker only once the window is recorded for the partition's next holder. Had the bridge died
+    before, the broker would hand them to that holder in the device's order. Meanwhile the
+    session reads on and another device's publishes are acknowledged as they are handled."""
+    a, b = f"up/{USER}/{DEVICE}", f"up/{USER}/d2"
+    recording: dict[str, asyncio.Future[None]] = {}
+
+    def recorded(topic: str) -> asyncio.Future[None] | None:
+        fut = recording.get(topic)
+        return None if fut is None or fut.done() else fut
+
+    def admit(topic: str, payload: bytes, received_at: float, queued: int) -> Awaitable[None] | None:
+        if payload != b'{"refused":1}':
+            return None
+        recording[topic] = asyncio.get_running_loop().create_future()  # (the window opened)
+        return asyncio.sleep(0)  # (publishing the refusal)
+
+    handled: list[tuple[str, bytes]] = []
+
+    async def handle(topic: str, payload: bytes) -> None:
+        handled.append((topic, payload))
+        if payload == b'{"failed":1}':
+            recording[topic] = asyncio.get_running_loop().create_future()
+
+    ingest = MqttIngest("127.0.0.1", 1, username=BRIDGE, password=SECRET, client_id=f"{BRIDGE}-r",
+                        handle=handle, persistent=True, partitions=OnePartition(), admit=admit,
+                        release=lambda: None, recorded=recorded)
+    connections: list[FakeConnection] = []
+
+    def new_client(identifier: str, persistent: bool) -> FakeConnection:
+        connections.append(FakeConnection(identifier))
+        if identifier == ingest._session_id(0):
+            for mid, (topic, payload) in enumerate([(a, b'{"refused":1}'), (b, b'{"n":1}'), (b, b'{"failed":1}'),
+                                                    (a, b'{"n":2}'), (b, b'{"n":3}')], start=1):
+                connections[-1]._queue.put_nowait(aiomqtt.Message(topic, payload, 1, False, mid, None))
+        return connections[-1]
+
+    ingest._new_client = new_client  # type: ignore[assignment,method-assign]
+    runner = asyncio.create_task(ingest.run())
+    try:
+        await _until(lambda: len(handled) == 4)
+        session = connections[-1]
+        await asyncio.sleep(0.05)
+        assert session.acked == [2]  # b's first only: a's refusal, and b's failure and the one behind it, wait
+        recording[a].set_result(None)
+        await _until(lambda: len(session.acked) == 3)
+        assert sorted(session.acked) == [1, 2, 4]
+        recording[b].set_result(None)
+        await _until(lambda: len(session.acked) == 5)
+        assert sorted(session.acked) == [1, 2, 3, 4, 5]
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+
+
 async def test_a_publish_read_while_the_ingest_stops_is_not_taken_in() -> None:
     """Between run()'s end and a session's, a publish read is neither handled nor counted: it was
     never acknowledged, so the broker hands it out again."""
