@@ -453,6 +453,11 @@ class Admission:
 HANDOVER_WAIT_S = 2.0
 
 
+def _settle(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 class HeldBackHandover:
     """Devices' refusal windows handed to the next holder of their partition.
 
@@ -486,36 +491,42 @@ class HeldBackHandover:
 
     def recorded(self, topic: str) -> asyncio.Future[None] | None:
         """None when every window of the device's noted so far is written (or given up), else
-        what settles once it is."""
+        what settles once it is, or after HANDOVER_WAIT_S at most (a Redis that is slow or
+        gone must not hold the acknowledgements: the broker's window of unacknowledged
+        publishes for the session would fill, and the partition stall)."""
         number = self._unwritten.get(topic)
         if number is None:
             return None
-        settled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        settled: asyncio.Future[None] = loop.create_future()
         self._waiting.append((number, settled))
+        loop.call_later(HANDOVER_WAIT_S, _settle, settled)
         return settled
 
     async def _write(self) -> None:
-        # (cancelled as the bridge stops: what waited for it is never acknowledged, and the broker
-        # hands it to the partition's next holder)
+        # (cancelled as the bridge stops: what waited for it is acknowledged only past its bound,
+        # if the loop still runs; else the broker hands it to the partition's next holder)
         while self._noted:
             noted, self._noted = self._noted, {}
             through = self._notes  # (every note so far is in ``noted``)
-            for part, windows in noted.items():
-                try:
-                    async with asyncio.timeout(HANDOVER_WAIT_S):
-                        await self._state.put_held_back(self._partitions.partition_scope, part, windows)
-                except Exception as exc:  # noqa: BLE001 - the windows hold here all the same
-                    log.warning("recording %d refusal windows of partition %d failed: %r", len(windows), part, exc)
+            await asyncio.gather(*(self._put(part, windows) for part, windows in noted.items()))
             self._written(through)
+
+    async def _put(self, part: int, windows: dict[str, tuple[int, str]]) -> None:
+        try:
+            async with asyncio.timeout(HANDOVER_WAIT_S):
+                await self._state.put_held_back(self._partitions.partition_scope, part, windows)
+        except Exception as exc:  # noqa: BLE001 - the windows hold here all the same
+            log.warning("recording %d refusal windows of partition %d failed: %r", len(windows), part, exc)
 
     def _written(self, through: int) -> None:
         self._unwritten = {t: n for t, n in self._unwritten.items() if n > through}
         still = []
         for number, settled in self._waiting:
-            if number > through:
+            if number > through and not settled.done():
                 still.append((number, settled))
-            elif not settled.done():
-                settled.set_result(None)
+            else:
+                _settle(settled)
         self._waiting = still
 
     async def adopt(self, part: int) -> None:

@@ -730,13 +730,16 @@ async def test_windows_recorded_by_one_bridge_are_adopted_by_the_partitions_next
     assert next_bridge.admit(TOPIC, body(type="send", id="m1", to="u2", body="x")) is None
 
 
-async def test_a_device_s_window_is_recorded_before_what_moved_it_may_be_acknowledged() -> None:
+async def test_a_device_s_window_is_recorded_before_what_moved_it_may_be_acknowledged(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """``recorded``: nothing to wait for while none of the device's windows waits to be written;
-    after a refusal opened one, something that settles once the write is through (and once it
-    failed: the window holds in this bridge all the same)."""
+    after a refusal opened one, something that settles once the write is through, once it
+    failed, or past HANDOVER_WAIT_S while it hangs (the window holds in this bridge all the same,
+    and the broker's window of unacknowledged publishes must not fill)."""
     import asyncio
     from types import SimpleNamespace
 
+    import bridge.admission
     from bridge.admission import HeldBackHandover
     from storage.base import StorageUnavailable
     from storage.state import MemoryState
@@ -745,7 +748,11 @@ async def test_a_device_s_window_is_recorded_before_what_moved_it_may_be_acknowl
     put = state.put_held_back
 
     async def slow_put(scope: str, part: int, windows: dict[str, tuple[int, str]]) -> None:
-        await go_on.wait()
+        while not go_on.is_set():
+            try:
+                await go_on.wait()
+            except asyncio.CancelledError:  # (its timeout lost, as redis-py can lose a cancellation)
+                continue
         if failing[0]:
             raise StorageUnavailable("redis: gone")
         await put(scope, part, windows)
@@ -769,6 +776,17 @@ async def test_a_device_s_window_is_recorded_before_what_moved_it_may_be_acknowl
     again = windows.recorded(TOPIC)
     assert again is not None
     await asyncio.wait_for(again, 5)  # (given up: logged, and acknowledged all the same)
+    go_on.clear()  # a write that hangs past its own timeout
+    monkeypatch.setattr(bridge.admission, "HANDOVER_WAIT_S", 0.3)
+    assert refusal(adm.admit(OTHER, body(type="send", id="o1", to="u2", body="z"), waited=2.5)) is not None
+    hanging = windows.recorded(OTHER)
+    try:
+        assert hanging is not None
+        await asyncio.wait_for(hanging, 5)
+        assert windows._writing is not None and not windows._writing.done()  # noqa: SLF001 - still writing
+    finally:
+        go_on.set()
+    await asyncio.wait_for(windows._writing, 5)  # noqa: SLF001
 
 
 def test_a_refusal_at_the_device_s_own_bound_leaves_its_earlier_sends_alone() -> None:
