@@ -505,11 +505,13 @@ class RedisState:
         try:
             await self._serve_lists(queues)
         finally:
-            if advertising is not None:
-                await stop_tasks([advertising], "no longer answering other bridges")
-            if self._peer_server is not None:
-                await self._peer_server.close()
-                self._peer_server = None
+            try:
+                if advertising is not None:
+                    await stop_tasks([advertising], "no longer answering other bridges")
+            finally:
+                if self._peer_server is not None:
+                    await self._peer_server.close()
+                    self._peer_server = None
 
     async def _serve_lists(self, queues: Callable[[], Sequence[str]]) -> None:
         running: set[asyncio.Task[None]] = set()

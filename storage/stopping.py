@@ -25,12 +25,13 @@ STOP_BOUND_S = 10.0  # past this, a close goes on without the tasks (each logged
 async def stop_tasks(tasks: Iterable[asyncio.Future[Any]], what: str, bound_s: float = STOP_BOUND_S) -> None:
     """Cancel ``tasks`` and return once every one has ended, cancelling those still running again
     every STOP_AGAIN_S; past ``bound_s`` return anyway, logging each one left. Their outcomes
-    are taken (an error they ended with is theirs to have logged)."""
+    are taken (an error they ended with is theirs to have logged). Cancelled meanwhile (the
+    caller is being stopped the same way), it goes on stopping them first, then is cancelled."""
     tasks = list(tasks)
     pending = {t for t in tasks if not t.done()}
     loop = asyncio.get_running_loop()
     deadline = loop.time() + bound_s
-    again = 0
+    again, cancelled = 0, False
     while pending:
         for task in pending:
             task.cancel()
@@ -39,8 +40,13 @@ async def stop_tasks(tasks: Iterable[asyncio.Future[Any]], what: str, bound_s: f
             for task in pending:
                 log.error("%s: %s still runs %.0f s after it was cancelled (%d times), at %s; going on without it",
                           what, _name(task), bound_s, again + 1, _where(task))
-            return
-        _, pending = await asyncio.wait(pending, timeout=min(STOP_AGAIN_S, left))
+            break
+        try:
+            _, pending = await asyncio.wait(pending, timeout=min(STOP_AGAIN_S, left))
+        except asyncio.CancelledError:
+            cancelled = True  # (passed on once these are stopped)
+            pending = {t for t in pending if not t.done()}
+            continue
         if pending:
             again += 1
             if again == 1:
@@ -49,6 +55,8 @@ async def stop_tasks(tasks: Iterable[asyncio.Future[Any]], what: str, bound_s: f
     for task in tasks:
         if task.done() and not task.cancelled():
             task.exception()  # (taken: not reported again as never retrieved)
+    if cancelled:
+        raise asyncio.CancelledError
 
 
 def _name(task: asyncio.Future[Any]) -> str:

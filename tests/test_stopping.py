@@ -68,3 +68,26 @@ async def test_a_task_that_never_ends_is_left_after_the_bound_and_named_in_the_l
     stop.set()  # (it would never end by itself)
     await asyncio.wait_for(task, 1)
     assert ended == ["ended"]
+
+
+async def test_stopping_that_is_itself_cancelled_still_stops_its_tasks_first() -> None:
+    """A loop stopping its own helper in a ``finally`` while it is being stopped the same way:
+    the second cancellation reaches it while its helper still runs (the helper lost its first
+    one). It stops the helper anyway, then ends cancelled."""
+    ended: list[str] = []
+    helper = loses_cancellations(1, ended)
+
+    async def owner() -> None:
+        try:
+            await asyncio.sleep(10)
+        finally:
+            await stop_tasks([helper], "stopping the owner's helper")
+
+    task = asyncio.create_task(owner())
+    await asyncio.sleep(0.01)
+    task.cancel()
+    await asyncio.sleep(0.1)  # (the helper went on after its first cancellation)
+    task.cancel()  # (as the one stopping the owner does again)
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 5)
+    assert helper.done() and ended == ["ended"]
