@@ -458,6 +458,14 @@ def _settle(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
+def _bounded_future() -> asyncio.Future[None]:
+    """A future that settles by HANDOVER_WAIT_S at the latest."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[None] = loop.create_future()
+    loop.call_later(HANDOVER_WAIT_S, _settle, fut)
+    return fut
+
+
 class HeldBackHandover:
     """Devices' refusal windows handed to the next holder of their partition.
 
@@ -478,7 +486,10 @@ class HeldBackHandover:
         self._writing: asyncio.Task[None] | None = None
         self._notes = 0  # windows noted so far (each one's number: the count when it was noted)
         self._unwritten: dict[str, int] = {}  # topic -> the number of its latest note not yet written
-        self._waiting: list[tuple[int, asyncio.Future[None]]] = []  # (note number, settled once written)
+        # settled once the pass being written is through (it covers the notes up to its number),
+        # and once the next pass is (the notes made meanwhile): one for every publish waiting
+        self._writing_through: tuple[asyncio.Future[None], int] | None = None
+        self._next_through: asyncio.Future[None] | None = None
 
     def note(self, topic: str, until: float, first: str) -> None:
         """``Admission.on_hold``: record a window (``until`` as time.time())."""
@@ -497,11 +508,11 @@ class HeldBackHandover:
         number = self._unwritten.get(topic)
         if number is None:
             return None
-        loop = asyncio.get_running_loop()
-        settled: asyncio.Future[None] = loop.create_future()
-        self._waiting.append((number, settled))
-        loop.call_later(HANDOVER_WAIT_S, _settle, settled)
-        return settled
+        if self._writing_through is not None and number <= self._writing_through[1]:
+            return self._writing_through[0]
+        if self._next_through is None:
+            self._next_through = _bounded_future()
+        return self._next_through
 
     async def _write(self) -> None:
         # (cancelled as the bridge stops: what waited for it is acknowledged only past its bound,
@@ -509,8 +520,12 @@ class HeldBackHandover:
         while self._noted:
             noted, self._noted = self._noted, {}
             through = self._notes  # (every note so far is in ``noted``)
+            done, self._next_through = self._next_through or _bounded_future(), None
+            self._writing_through = (done, through)
             await asyncio.gather(*(self._put(part, windows) for part, windows in noted.items()))
-            self._written(through)
+            self._writing_through = None
+            self._unwritten = {t: n for t, n in self._unwritten.items() if n > through}
+            _settle(done)
 
     async def _put(self, part: int, windows: dict[str, tuple[int, str]]) -> None:
         try:
@@ -518,16 +533,6 @@ class HeldBackHandover:
                 await self._state.put_held_back(self._partitions.partition_scope, part, windows)
         except Exception as exc:  # noqa: BLE001 - the windows hold here all the same
             log.warning("recording %d refusal windows of partition %d failed: %r", len(windows), part, exc)
-
-    def _written(self, through: int) -> None:
-        self._unwritten = {t: n for t, n in self._unwritten.items() if n > through}
-        still = []
-        for number, settled in self._waiting:
-            if number > through and not settled.done():
-                still.append((number, settled))
-            else:
-                _settle(settled)
-        self._waiting = still
 
     async def adopt(self, part: int) -> None:
         """Adopt the windows recorded for a partition (its session is being connected here)."""
