@@ -32,6 +32,7 @@ from .admission import Admission, HeldBackHandover
 from .clock import Clock, SystemClock
 from .config import Settings, read_credentials
 from .errors import PigeonError, Unauthorized
+from .handover import ReceiptHandover
 from .http_api import Endpoints, HttpDeps, create_app
 from .media import Media
 from .messaging import Messenger
@@ -368,11 +369,16 @@ class PigeonServer:
             # per partition (bridge/mqtt_ingest.py), and a dead bridge's share moves with its leases.
             windows = HeldBackHandover(self.state, partitions, self.admission)  # (they move with partitions)
             self.admission.on_hold = windows.note
+            unfinished = ReceiptHandover(self.state, partitions, self.messenger)  # (so do these)
+
+            async def adopt(part: int) -> None:
+                await asyncio.gather(windows.adopt(part), unfinished.adopt(part))
+
             self._ingest_client = MqttIngest(
                 host, port, username=user, password=password, client_id=f"{user}-{secrets.token_hex(6)}",
                 handle=self._ingest, persistent=True, partitions=partitions, ask_holder=ask_holder,
                 tls_context=broker_tls, admit=self._admit, release=self.admission.release,
-                start=self._start, on_session=windows.adopt, recorded=windows.recorded,
+                start=self._start, on_session=adopt, recorded=windows.recorded,
             )
             handle = getattr(self.state, "handle", None)
             if handle is not None:

@@ -7,7 +7,9 @@ and the publications that follow from it. They never touch MQTT, HTTP or a drive
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import json
+import logging
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from cachetools import LRUCache
@@ -45,6 +47,8 @@ from .protocol import (
     TypingEvent,
 )
 
+log = logging.getLogger(__name__)
+
 # how many chats one ack may advance at the same time
 ACK_PARALLEL_CHATS = 16
 # A group notice goes to the members with a message among those it covers; finding them reads
@@ -66,6 +70,22 @@ def _latest_notes(notes: list[tuple[str, ReceiptNote]]) -> list[tuple[str, Recei
         if k not in furthest or note.up_to >= furthest[k][1].up_to:
             furthest[k] = (to, note)
     return list(furthest.values())
+
+
+# What a request left unfinished, by name, as recorded for a partition's next holder (Keeper):
+# "n" and the (chat, member, kind) of a receipt whose notices were not all told, or "a" and the
+# (user, device) of an ack whose receipts were not all moved.
+def _untold_name(key: tuple[str, str, str]) -> str:
+    return "n" + json.dumps(key, separators=(",", ":"))
+
+
+def _unfinished_ack_name(key: tuple[str, str]) -> str:
+    return "a" + json.dumps(key, separators=(",", ":"))
+
+
+def _notes_value(notes: list[tuple[str, ReceiptNote]]) -> str:
+    return json.dumps([[to, n.chat_id, n.user, n.kind, n.up_to] for to, n in notes], separators=(",", ":"))
+
 
 
 def chat_message(m: Message) -> ChatMessage:
@@ -101,9 +121,19 @@ class WakeSink(Protocol):
         Must return at once: it is called on the message path."""
 
 
+class Keeper(Protocol):
+    """Where a process records what a user's request left unfinished (``bridge/handover.py``),
+    so that the bridge next holding the user's partition finishes it on the request's retry."""
+
+    async def keep(self, user_id: str, name: str, value: str | None) -> None:
+        """Record ``value`` under ``name`` for the user's partition (None: forget it). Returns
+        within a bound and does not raise: a record that cannot be written is logged."""
+
+
 class Messenger:
     def __init__(self, store: Store, clock: Clock, presence: PresenceTracker, max_group: int) -> None:
         self.wakes: WakeSink | None = None
+        self.keeper: Keeper | None = None
         self._store = store
         self._clock = clock
         self._presence = presence
@@ -120,11 +150,12 @@ class Messenger:
         self._known_users: LRUCache[str, bool] = LRUCache(200_000)
         # Receipt notices worked out after a receipt moved but not appended (the store failed
         # on the way), by (chat, member, kind): the retry of the request finds the receipt moved
-        # already, and tells these instead of nothing. Lost with the process (or the partition).
+        # already, and tells these instead of nothing. Recorded with the ``keeper`` too, when
+        # there is one, for the next holder of the member's partition (adopt_unfinished).
         self._untold: LRUCache[tuple[str, str, str], list[tuple[str, ReceiptNote]]] = LRUCache(UNTOLD_KEPT)
-        # device -> the acknowledged position an ack moved from whose receipts were not all
-        # moved (the store failed on the way): the next ack of the device starts there
-        self._acks_unfinished: LRUCache[str, int] = LRUCache(UNTOLD_KEPT)
+        # (user, device) -> the acknowledged position an ack moved from whose receipts were not
+        # all moved (the store failed on the way): the next ack of the device starts there
+        self._acks_unfinished: LRUCache[tuple[str, str], int] = LRUCache(UNTOLD_KEPT)
 
     # -- helpers --------------------------------------------------------------------------------
     async def _member_chat(self, caller: Caller, chat_id: str, *, current_seq: bool = True) -> Chat:
@@ -202,15 +233,51 @@ class Messenger:
     async def ack(self, caller: Caller, req: Ack) -> Result:
         async with storage_errors():
             prev, new = await self._store.advance_device_ack(caller.device_id, caller.user_id, req.up_to)
-            if self._acks_unfinished:  # (empty unless the store failed an ack part way)
-                prev = min(prev, self._acks_unfinished.pop(caller.device_id, prev))
-            if new <= prev:
-                return Result()
+            key = (caller.user_id, caller.device_id)
+            # (empty unless the store failed an ack part way)
+            unfinished = self._acks_unfinished.pop(key, None) if self._acks_unfinished else None
+            if unfinished is not None:
+                prev = min(prev, unfinished)
+            if new > prev:
+                try:
+                    result = await self._deliver_receipts(caller, prev, new)
+                except BaseException as exc:
+                    self._acks_unfinished[key] = prev  # (a retry of this ack does the rest)
+                    if isinstance(exc, Exception):
+                        await self._keep(caller.user_id, _unfinished_ack_name(key), str(prev))
+                    raise
+            else:
+                result = Result()
+            if unfinished is not None:
+                await self._keep(caller.user_id, _unfinished_ack_name(key), None)
+            return result
+
+    async def _keep(self, user_id: str, name: str, value: str | None) -> None:
+        if self.keeper is not None:
+            await self.keeper.keep(user_id, name, value)
+
+    def adopt_unfinished(self, recorded: Mapping[str, str]) -> None:
+        """Take on what another process recorded as unfinished (``Keeper``) for the users of a
+        partition now held here: the retries of those requests finish it here. What is kept here
+        already stays (the furthest notices of both, the lower of two acks' positions)."""
+        for name, value in recorded.items():
             try:
-                return await self._deliver_receipts(caller, prev, new)
-            except BaseException:
-                self._acks_unfinished[caller.device_id] = prev  # (a retry of this ack does the rest)
-                raise
+                if name.startswith("n"):
+                    chat_id, user_id, kind = json.loads(name[1:])
+                    if kind not in ("delivered", "read"):
+                        raise ValueError(f"no receipt kind {kind!r}")
+                    notes = [(to, ReceiptNote(str(chat), str(who), k, int(up_to)))
+                             for to, chat, who, k, up_to in json.loads(value)]
+                    key = (str(chat_id), str(user_id), kind)
+                    self._untold[key] = _latest_notes(self._untold.get(key, []) + notes)
+                elif name.startswith("a"):
+                    user_id, device_id = json.loads(name[1:])
+                    prev, ack = int(value), (str(user_id), str(device_id))
+                    self._acks_unfinished[ack] = min(prev, self._acks_unfinished.get(ack, prev))
+                else:
+                    raise ValueError("unknown kind")
+            except (ValueError, TypeError) as exc:
+                log.warning("an unfinished request recorded as %r (%r) was not understood: %s", name, value, exc)
 
     async def _deliver_receipts(self, caller: Caller, prev: int, new: int) -> Result:
         """Move the delivered receipts of the chats with messages at ``prev``..``new`` of the
@@ -262,6 +329,7 @@ class Messenger:
         key = (chat_id, user_id, kind)
         # (told first: what this move tells supersedes them; empty unless the store failed one)
         notes = self._untold.pop(key, []) if self._untold else []
+        untold = bool(notes)
         if not moved and not notes:
             return []
         try:
@@ -274,13 +342,18 @@ class Messenger:
                     current = await self._store.get_receipts(chat.chat_id)
                     await self._group_notes_folded(chat, "delivered", notes, current)
                 await self._group_notes_folded(chat, kind, notes, current)
-            if not notes:
-                return []
-            positions = await self._store.append_receipts(notes)
-        except BaseException:
             if notes:
-                self._untold[key] = _latest_notes(notes)
+                positions = await self._store.append_receipts(notes)
+        except BaseException as exc:
+            if notes:
+                self._untold[key] = kept = _latest_notes(notes)
+                if isinstance(exc, Exception):
+                    await self._keep(user_id, _untold_name(key), _notes_value(kept))
             raise
+        if untold:
+            await self._keep(user_id, _untold_name(key), None)
+        if not notes:
+            return []
         # (position 0: a group notice a higher one, worked out on another bridge, overtook)
         told = [(u, n, p) for (u, n), p in zip(notes, positions, strict=True) if p]
         if self.wakes is not None and told:

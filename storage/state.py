@@ -4,7 +4,10 @@ Chosen by URL like the store: absent means in-process (:class:`MemoryState`, the
 default), ``redis://HOST:PORT/DB`` means :class:`storage.state_redis.RedisState`. None of this is
 durable data: losing it (a Redis restart) only makes users look offline until their devices
 next speak, and forgets watches (devices renew them). Messages, sequence
-numbers and receipts never live here. Requests one bridge process hands another (Redis only:
+numbers and receipts never live here. Also handed through here to a partition's next holder:
+devices' refusal windows and what requests left unfinished when the store failed part way
+(docs/architecture.md says what a restart loses of those). Requests one bridge process hands
+another (Redis only:
 ``RedisState.call``/``serve``) wait here too; a restart loses those, their callers answer
 ``unavailable`` after a timeout, and devices retry.
 """
@@ -18,6 +21,9 @@ from typing import Protocol
 # how long after the newest window recorded for a partition an ended one is still kept (they last
 # a few seconds; bridge/admission.py)
 HELD_BACK_KEPT_MS = 60_000
+# how long what a bridge left unfinished for a partition's users is kept after the last change
+# to it (bridge/handover.py; a device's retry comes within seconds, or when it reconnects)
+UNFINISHED_KEPT_MS = 86_400_000
 # told a user whose devices changed, or None: any user's may have (news was missed)
 DevicesListener = Callable[[str | None], None]
 
@@ -67,6 +73,15 @@ class SharedState(Protocol):
     async def held_back(self, scope: str, part: int, now_ms: int) -> dict[str, tuple[int, str]]:
         """The windows recorded for a partition that are still open at ``now_ms``."""
 
+    async def put_unfinished(self, scope: str, part: int, entries: Mapping[str, str | None]) -> None:
+        """Record what a request of a partition's user left unfinished when the store failed
+        (bridge/handover.py), for whichever bridge holds the partition next: each entry
+        replaces the one of its name, None forgets it. Kept UNFINISHED_KEPT_MS after the
+        partition's last change."""
+
+    async def unfinished(self, scope: str, part: int) -> dict[str, str]:
+        """What is recorded as unfinished for a partition's users."""
+
 
 class MemoryState:
     """Everything in this process: right for one process, the embedded default."""
@@ -76,6 +91,7 @@ class MemoryState:
         self._watch: dict[str, dict[str, int]] = defaultdict(dict)
         self._listeners: list[DevicesListener] = []
         self._held_back: dict[tuple[str, int], dict[str, tuple[int, str]]] = defaultdict(dict)
+        self._unfinished: dict[tuple[str, int], dict[str, str]] = defaultdict(dict)
 
     async def open(self) -> None:
         return None
@@ -145,6 +161,17 @@ class MemoryState:
         for topic in [t for t, (until, _) in kept.items() if until <= now_ms]:
             del kept[topic]
         return dict(kept)
+
+    async def put_unfinished(self, scope: str, part: int, entries: Mapping[str, str | None]) -> None:
+        kept = self._unfinished[(scope, part)]
+        for name, value in entries.items():
+            if value is None:
+                kept.pop(name, None)
+            else:
+                kept[name] = value
+
+    async def unfinished(self, scope: str, part: int) -> dict[str, str]:
+        return dict(self._unfinished.get((scope, part), {}))
 
 
 def open_state(url: str | None, peer_host: str | None = None, peer_secret: bytes | None = None) -> SharedState:

@@ -20,7 +20,7 @@ from typing import Any
 
 from .base import StorageError, StorageUnavailable
 from .peers import PeerClient, PeerLost, PeerServer, peer_key
-from .state import HELD_BACK_KEPT_MS, DevicesListener
+from .state import HELD_BACK_KEPT_MS, UNFINISHED_KEPT_MS, DevicesListener
 from .stopping import stop_tasks
 
 _ONLINE = """
@@ -253,6 +253,26 @@ class RedisState:
             if until.isdigit() and int(until) > now_ms:
                 out[topic] = (int(until), first)
         return out
+
+    # -- what a request left unfinished, handed to a partition's next holder ----------------------
+    async def put_unfinished(self, scope: str, part: int, entries: Mapping[str, str | None]) -> None:
+        if not entries:
+            return
+        key = f"pg:{{unfinished:{scope}:{part}}}"
+        kept = {name: value for name, value in entries.items() if value is not None}
+        gone = [name for name, value in entries.items() if value is None]
+        pipe = self._redis.pipeline(transaction=False)
+        if kept:
+            pipe.hset(key, mapping=kept)
+        if gone:
+            pipe.hdel(key, *gone)
+        pipe.pexpire(key, UNFINISHED_KEPT_MS)
+        await self._do(pipe.execute())
+
+    async def unfinished(self, scope: str, part: int) -> dict[str, str]:
+        got = await self._do(self._redis.hgetall(f"pg:{{unfinished:{scope}:{part}}}"))
+        return {(k.decode() if isinstance(k, bytes) else str(k)): (v.decode() if isinstance(v, bytes) else str(v))
+                for k, v in got.items()}
 
     # -- requests between bridge processes -------------------------------------------------------
     async def devices_changed(self, user_id: str) -> None:

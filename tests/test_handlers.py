@@ -8,6 +8,7 @@ import json
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -15,6 +16,7 @@ from bridge.accounts import Accounts
 from bridge.clock import ManualClock
 from bridge.errors import BadRequest, NotFound, RateLimited, TooLarge, Unauthorized, Unavailable, UnknownType
 from bridge.handling import Caller
+from bridge.handover import ReceiptHandover
 from bridge.media import Media
 from bridge.messaging import Messenger
 from bridge.metrics import Metrics
@@ -400,6 +402,92 @@ async def test_an_ack_whose_receipts_the_store_failed_moves_them_when_tried_agai
         told = sorted(receipt_notices((await world.messenger.ack(reader, Ack(up_to=head))).outs))
         assert told == sorted((s.user_id, "delivered", reader.user_id, seq) for s in (a, b))
         assert (await world.messenger.ack(reader, Ack(up_to=head))).outs == []
+
+
+def other_bridge(world: World, state: MemoryState) -> tuple[Messenger, ReceiptHandover, ReceiptHandover]:
+    """A second bridge's Messenger on the same store, and the handovers of both through
+    ``state`` (every user in partition 3, except those whose id ends in "9")."""
+    parts = SimpleNamespace(partition_scope="ks", partition_of_user=lambda user: 4 if user.endswith("9") else 3)
+    here = ReceiptHandover(state, parts, world.messenger)  # type: ignore[arg-type]
+    there_messenger = Messenger(world.store, world.clock, world.presence, max_group=4)  # type: ignore[arg-type]
+    return there_messenger, here, ReceiptHandover(state, parts, there_messenger)  # type: ignore[arg-type]
+
+
+async def test_a_read_whose_notice_the_store_failed_is_told_by_the_partitions_next_holder(world: World) -> None:
+    """The receipt moved, appending its notice failed, and the reader's partition moved to
+    another bridge before the device read again: that bridge adopts what the first recorded,
+    and the sender is told on the retry there (once), in a direct chat and in a group."""
+    state = MemoryState()
+    there, _, theirs = other_bridge(world, state)
+    a, b, c = [await world.user(f"+1555000070{i}") for i in range(3)]
+    sent = await world.messenger.send(a, Send(id="m1", chat=None, to=b.user_id, body="hi", media=None))
+    direct = sent.reply.chat  # type: ignore[union-attr]
+    group, _ = await world.messenger.create_group(a, "team", [b.user_id, c.user_id])
+    in_group = await world.messenger.send(a, Send(id="g1", chat=group.chat_id, to=None, body="hi", media=None))
+    seq = in_group.reply.seq  # type: ignore[union-attr]
+    await world.messenger.read(c, Read(chat=group.chat_id, up_to=seq))
+    in_direct = [(a.user_id, "read", b.user_id, 1)]
+    in_team = [(a.user_id, "delivered", "*", seq), (a.user_id, "read", "*", seq)]
+    for chat, up_to, told in ((direct, 1, in_direct), (group.chat_id, seq, in_team)):
+        world.store.failing = {"append_receipts"}
+        with pytest.raises(Unavailable):
+            await world.messenger.read(b, Read(chat=chat, up_to=up_to))
+        world.store.failing = set()
+        assert len(await state.unfinished("ks", 3)) == 1  # recorded before the device was answered
+        await theirs.adopt(4)  # another partition's: nothing
+        assert (await there.read(b, Read(chat=chat, up_to=up_to))).outs == []
+        await theirs.adopt(3)
+        assert receipt_notices((await there.read(b, Read(chat=chat, up_to=up_to))).outs) == told
+        assert await state.unfinished("ks", 3) == {}  # finished: forgotten there too
+        assert (await there.read(b, Read(chat=chat, up_to=up_to))).outs == []
+
+
+async def test_an_ack_whose_receipts_the_store_failed_is_finished_by_the_partitions_next_holder(
+        world: World) -> None:
+    """The device's acknowledged position moved, then moving a chat's delivered receipt (or
+    telling it) failed, and the partition moved before the device acked again: the next holder
+    moves the receipts and tells the senders then."""
+    state = MemoryState()
+    there, _, theirs = other_bridge(world, state)
+    a, b, reader = [await world.user(f"+1555000080{i}") for i in range(3)]
+    for seq, failing in ((1, "advance_receipt"), (2, "append_receipts")):
+        for sender in (a, b):
+            await world.messenger.send(sender, Send(id=f"m{seq}", chat=None, to=reader.user_id, body="hi",
+                                                    media=None))
+        head = await world.store.inbox_head(reader.user_id)
+        world.store.failing = {failing}
+        with pytest.raises(Unavailable):
+            await world.messenger.ack(reader, Ack(up_to=head))
+        world.store.failing = set()
+        await theirs.adopt(3)
+        told = sorted(receipt_notices((await there.ack(reader, Ack(up_to=head))).outs))
+        assert told == sorted((s.user_id, "delivered", reader.user_id, seq) for s in (a, b))
+        assert await state.unfinished("ks", 3) == {}
+        assert (await there.ack(reader, Ack(up_to=head))).outs == []
+
+
+async def test_what_cannot_be_recorded_for_the_next_holder_is_still_finished_here(world: World) -> None:
+    """The shared state fails too: the failed read is answered all the same (not held up past
+    the bound), and its retry on the same bridge tells the notice. What another bridge wrote
+    there that cannot be understood is skipped."""
+    state = MemoryState()
+    there, _, theirs = other_bridge(world, state)
+
+    async def failing(*_: object) -> None:
+        raise ConnectionError("redis is gone")
+
+    state.put_unfinished = failing  # type: ignore[method-assign]
+    a, b = [await world.user(f"+1555000090{i}") for i in range(2)]
+    sent = await world.messenger.send(a, Send(id="m1", chat=None, to=b.user_id, body="hi", media=None))
+    chat = sent.reply.chat  # type: ignore[union-attr]
+    world.store.failing = {"append_receipts"}
+    with pytest.raises(Unavailable):
+        await world.messenger.read(b, Read(chat=chat, up_to=1))
+    world.store.failing = set()
+    assert receipt_notices((await world.messenger.read(b, Read(chat=chat, up_to=1))).outs) == [
+        (a.user_id, "read", b.user_id, 1)]
+    there.adopt_unfinished({"n[1,2]": "[]", "a[\"u\",\"d\"]": "not a number", "x": "?", 'n["c","u","seen"]': "[]"})
+    assert (await there.read(b, Read(chat=chat, up_to=1))).outs == []
 
 
 async def test_a_group_notice_a_higher_one_overtook_is_not_told(world: World) -> None:

@@ -116,6 +116,43 @@ async def test_refusal_windows_wait_for_a_partitions_next_holder(state: SharedSt
     assert await state.held_back(scope, 4, 0) == {"up/u9/d9": (9_000, "x")}
 
 
+async def test_unfinished_requests_wait_for_a_partitions_next_holder(state: SharedState) -> None:
+    """What a bridge records as unfinished for a partition's users, the next holder reads: each
+    name's latest value, without those forgotten, and only that partition's of that deployment."""
+    scope = f"s{uuid.uuid4().hex[:8]}"
+    await state.put_unfinished(scope, 3, {"n1": "[1]", "a1": "7"})
+    await state.put_unfinished(scope, 3, {"n1": "[1,2]", "a2": "9"})  # (replaced; another)
+    await state.put_unfinished(scope, 3, {"a1": None, "gone": None})  # (forgotten; never there)
+    await state.put_unfinished(scope, 4, {"n9": "[]"})
+    await state.put_unfinished(scope, 3, {})
+    assert await state.unfinished(scope, 3) == {"n1": "[1,2]", "a2": "9"}
+    assert await state.unfinished(scope, 4) == {"n9": "[]"}
+    assert await state.unfinished(f"{scope}x", 3) == {}
+    await state.put_unfinished(scope, 4, {"n9": None})
+    assert await state.unfinished(scope, 4) == {}
+
+
+async def test_unfinished_requests_recorded_in_redis_expire() -> None:
+    """The record of a partition's unfinished requests goes by itself a day after its last change."""
+    import redis.asyncio as aioredis
+
+    from storage.state import UNFINISHED_KEPT_MS
+
+    url = production_url("PIGEON_REDIS", "redis://")
+    s = open_state(url)
+    await s.open()
+    raw = aioredis.from_url(url)
+    scope = f"s{uuid.uuid4().hex[:8]}"
+    try:
+        await s.put_unfinished(scope, 5, {"n1": "[]"})
+        assert 0 < await raw.pttl(f"pg:{{unfinished:{scope}:5}}") <= UNFINISHED_KEPT_MS
+        await s.put_unfinished(scope, 5, {"n1": None})
+        assert await raw.exists(f"pg:{{unfinished:{scope}:5}}") == 0
+    finally:
+        await raw.aclose()
+        await s.close()
+
+
 async def test_watches_expire(state: SharedState) -> None:
     u = uid()
     await state.add_watch(u, "w1/d1", expiry_ms=2_000, now_ms=1_000)
