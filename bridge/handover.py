@@ -16,7 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
+
+from storage.state import UNFINISHED_KEPT_MS
 
 from .admission import HANDOVER_WAIT_S
 
@@ -30,27 +34,51 @@ log = logging.getLogger(__name__)
 
 
 class ReceiptHandover:
-    """The ``Keeper`` of a bridge's Messenger, and what adopts a partition's records into it."""
+    """The ``Keeper`` of a bridge's Messenger, and what adopts a partition's records into it.
 
-    def __init__(self, state: SharedState, partitions: Partitions, messenger: Messenger) -> None:
+    Each record carries when it was written (ms since the epoch, then a space, then what the
+    Messenger kept). One older than UNFINISHED_KEPT_MS, or one the Messenger cannot read, is
+    dropped from the shared state when a partition is adopted, not adopted again each time."""
+
+    def __init__(self, state: SharedState, partitions: Partitions, messenger: Messenger,
+                 clock: Callable[[], float] = time.time) -> None:
         self._state, self._partitions, self._messenger = state, partitions, messenger
+        self._clock = clock
         messenger.keeper = self
 
     async def keep(self, user_id: str, name: str, value: str | None) -> None:
         part = self._partitions.partition_of_user(user_id)
+        stamped = None if value is None else f"{int(self._clock() * 1000)} {value}"
         try:
             async with asyncio.timeout(HANDOVER_WAIT_S):
-                await self._state.put_unfinished(self._partitions.partition_scope, part, {name: value})
+                await self._state.put_unfinished(self._partitions.partition_scope, part, {name: stamped})
         except Exception as exc:  # noqa: BLE001 - it is kept here all the same
-            log.warning("recording %s of partition %d as %s failed: %r", name, part,
+            log.warning("recording %.200s of partition %d as %s failed: %r", name, part,
                         "finished" if value is None else "unfinished", exc)
 
     async def adopt(self, part: int) -> None:
         """Adopt what was recorded for a partition (its session is being connected here)."""
+        scope = self._partitions.partition_scope
         try:
             async with asyncio.timeout(HANDOVER_WAIT_S):
-                recorded = await self._state.unfinished(self._partitions.partition_scope, part)
+                recorded = await self._state.unfinished(scope, part)
         except Exception as exc:  # noqa: BLE001 - taken over without them
             log.warning("reading the unfinished requests of partition %d failed: %r", part, exc)
             return
-        self._messenger.adopt_unfinished(recorded)
+        oldest = int(self._clock() * 1000) - UNFINISHED_KEPT_MS
+        current: dict[str, str] = {}
+        dropped: list[str] = []
+        for name, stamped in recorded.items():
+            written, _, value = stamped.partition(" ")
+            if written.isdigit() and int(written) >= oldest:
+                current[name] = value
+            else:
+                dropped.append(name)
+        dropped += self._messenger.adopt_unfinished(current)
+        if dropped:
+            try:
+                async with asyncio.timeout(HANDOVER_WAIT_S):
+                    await self._state.put_unfinished(scope, part, dict.fromkeys(dropped))
+            except Exception as exc:  # noqa: BLE001 - dropped the next time
+                log.warning("dropping %d old or unreadable records of partition %d failed: %r", len(dropped),
+                            part, exc)

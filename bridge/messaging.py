@@ -83,6 +83,25 @@ def _unfinished_ack_name(key: tuple[str, str]) -> str:
     return "a" + json.dumps(key, separators=(",", ":"))
 
 
+def _untold_key(fields: object) -> tuple[str, str, str]:
+    if not (isinstance(fields, list) and len(fields) == 3 and all(isinstance(f, str) for f in fields)
+            and fields[2] in ("delivered", "read")):
+        raise ValueError("not a chat, a member and a receipt kind")
+    return fields[0], fields[1], fields[2]
+
+
+def _untold_note(key: tuple[str, str, str], fields: object) -> tuple[str, ReceiptNote]:
+    """One notice of a record of ``key``'s (a notice about the chat, for another user)."""
+    if not (isinstance(fields, list) and len(fields) == 5):
+        raise ValueError("not a notice")
+    to, chat_id, who, kind, up_to = fields
+    about = who == "*" or (who == key[1] and to != who)  # (a group notice, or the member's own to another)
+    if not (isinstance(to, str) and chat_id == key[0] and about and kind in ("delivered", "read")
+            and type(up_to) is int and up_to > 0):
+        raise ValueError("not a notice of this receipt")
+    return to, ReceiptNote(chat_id, who, kind, up_to)
+
+
 def _notes_value(notes: list[tuple[str, ReceiptNote]]) -> str:
     return json.dumps([[to, n.chat_id, n.user, n.kind, n.up_to] for to, n in notes], separators=(",", ":"))
 
@@ -134,6 +153,7 @@ class Messenger:
     def __init__(self, store: Store, clock: Clock, presence: PresenceTracker, max_group: int) -> None:
         self.wakes: WakeSink | None = None
         self.keeper: Keeper | None = None
+        self._keeping: set[asyncio.Task[None]] = set()  # records written for cancelled requests
         self._store = store
         self._clock = clock
         self._presence = presence
@@ -243,8 +263,7 @@ class Messenger:
                     result = await self._deliver_receipts(caller, prev, new)
                 except BaseException as exc:
                     self._acks_unfinished[key] = prev  # (a retry of this ack does the rest)
-                    if isinstance(exc, Exception):
-                        await self._keep(caller.user_id, _unfinished_ack_name(key), str(prev))
+                    await self._keep(caller.user_id, _unfinished_ack_name(key), str(prev), exc)
                     raise
             else:
                 result = Result()
@@ -252,32 +271,46 @@ class Messenger:
                 await self._keep(caller.user_id, _unfinished_ack_name(key), None)
             return result
 
-    async def _keep(self, user_id: str, name: str, value: str | None) -> None:
-        if self.keeper is not None:
+    async def _keep(self, user_id: str, name: str, value: str | None, failed: BaseException | None = None) -> None:
+        """Record with the keeper, if any. ``failed``: what the request failed with; when it is
+        being cancelled (the bridge stopping), the record is written without waiting for it."""
+        if self.keeper is None:
+            return
+        if failed is None or isinstance(failed, Exception):
             await self.keeper.keep(user_id, name, value)
+            return
+        task = asyncio.get_running_loop().create_task(self.keeper.keep(user_id, name, value))
+        self._keeping.add(task)
+        task.add_done_callback(self._keeping.discard)
 
-    def adopt_unfinished(self, recorded: Mapping[str, str]) -> None:
+    def adopt_unfinished(self, recorded: Mapping[str, str]) -> list[str]:
         """Take on what another process recorded as unfinished (``Keeper``) for the users of a
         partition now held here: the retries of those requests finish it here. What is kept here
-        already stays (the furthest notices of both, the lower of two acks' positions)."""
+        already stays (the furthest notices of both, the lower of two acks' positions). Returns
+        the names of the records that are not understood (and were skipped)."""
+        skipped = []
         for name, value in recorded.items():
             try:
                 if name.startswith("n"):
-                    chat_id, user_id, kind = json.loads(name[1:])
-                    if kind not in ("delivered", "read"):
-                        raise ValueError(f"no receipt kind {kind!r}")
-                    notes = [(to, ReceiptNote(str(chat), str(who), k, int(up_to)))
-                             for to, chat, who, k, up_to in json.loads(value)]
-                    key = (str(chat_id), str(user_id), kind)
+                    key = _untold_key(json.loads(name[1:]))
+                    notes = [_untold_note(key, n) for n in json.loads(value)]
+                    if not notes:
+                        raise ValueError("no notices")
                     self._untold[key] = _latest_notes(self._untold.get(key, []) + notes)
                 elif name.startswith("a"):
                     user_id, device_id = json.loads(name[1:])
-                    prev, ack = int(value), (str(user_id), str(device_id))
+                    prev = int(value)
+                    if not (isinstance(user_id, str) and isinstance(device_id, str) and prev >= 0):
+                        raise ValueError("not a user, a device and a position")
+                    ack = (user_id, device_id)
                     self._acks_unfinished[ack] = min(prev, self._acks_unfinished.get(ack, prev))
                 else:
-                    raise ValueError("unknown kind")
-            except (ValueError, TypeError) as exc:
-                log.warning("an unfinished request recorded as %r (%r) was not understood: %s", name, value, exc)
+                    raise ValueError("neither notices nor an ack")
+            except Exception as exc:  # noqa: BLE001 - one record another process wrote: skipped
+                log.warning("an unfinished request recorded as %.200r (%.200r) was not understood: %r",
+                            name, value, exc)
+                skipped.append(name)
+        return skipped
 
     async def _deliver_receipts(self, caller: Caller, prev: int, new: int) -> Result:
         """Move the delivered receipts of the chats with messages at ``prev``..``new`` of the
@@ -333,6 +366,9 @@ class Messenger:
         if not moved and not notes:
             return []
         try:
+            if untold:  # kept from a failed attempt (here, or recorded by another bridge, perhaps
+                # long ago): told as the receipts stand now, never behind a notice told since
+                notes = await self._as_they_stand(chat, notes)
             if moved and chat.kind == "direct":
                 notes += [(m, ReceiptNote(chat_id, user_id, kind, up_to)) for m in chat.member_ids if m != user_id]
             elif moved:
@@ -342,13 +378,14 @@ class Messenger:
                     current = await self._store.get_receipts(chat.chat_id)
                     await self._group_notes_folded(chat, "delivered", notes, current)
                 await self._group_notes_folded(chat, kind, notes, current)
+            if untold:
+                notes = _latest_notes(notes)
             if notes:
                 positions = await self._store.append_receipts(notes)
         except BaseException as exc:
             if notes:
                 self._untold[key] = kept = _latest_notes(notes)
-                if isinstance(exc, Exception):
-                    await self._keep(user_id, _untold_name(key), _notes_value(kept))
+                await self._keep(user_id, _untold_name(key), _notes_value(kept), exc)
             raise
         if untold:
             await self._keep(user_id, _untold_name(key), None)
@@ -359,6 +396,21 @@ class Messenger:
         if self.wakes is not None and told:
             self.wakes.note([u for u, _, _ in told], self._clock.now_ms(), message=False)
         return [Out(ToUser(u), receipt_event(n, p)) for u, n, p in told]
+
+    async def _as_they_stand(self, chat: Chat, notes: list[tuple[str, ReceiptNote]]
+                             ) -> list[tuple[str, ReceiptNote]]:
+        """Receipt notices of ``chat`` with each position brought up to the receipts as stored
+        now: a member's own (a direct notice), or the lowest of the other members' (a group
+        notice, ``user`` "*"). Receipts only move forward, so each is true and none is behind
+        a notice told before."""
+        receipts = await self._store.get_receipts(chat.chat_id)
+
+        def now(to: str, note: ReceiptNote) -> int:
+            at = [(r.read if note.kind == "read" else r.delivered) for r in receipts
+                  if (r.user_id != to if note.user == "*" else r.user_id == note.user)]
+            return max(note.up_to, min(at, default=0))
+
+        return [(to, ReceiptNote(n.chat_id, n.user, n.kind, now(to, n))) for to, n in notes]
 
     async def _recent_chat(self, chat_id: str) -> Chat | None:
         """The chat as read at most ACK_CHAT_TTL_S ago by this process (membership changes made

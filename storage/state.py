@@ -76,8 +76,9 @@ class SharedState(Protocol):
     async def put_unfinished(self, scope: str, part: int, entries: Mapping[str, str | None]) -> None:
         """Record what a request of a partition's user left unfinished when the store failed
         (bridge/handover.py), for whichever bridge holds the partition next: each entry
-        replaces the one of its name, None forgets it. Kept UNFINISHED_KEPT_MS after the
-        partition's last change."""
+        replaces the one of its name, None forgets it. A partition's records are kept
+        UNFINISHED_KEPT_MS after its last change (the values carry their own times: the reader
+        drops old ones)."""
 
     async def unfinished(self, scope: str, part: int) -> dict[str, str]:
         """What is recorded as unfinished for a partition's users."""

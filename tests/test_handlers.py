@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -404,10 +405,12 @@ async def test_an_ack_whose_receipts_the_store_failed_moves_them_when_tried_agai
         assert (await world.messenger.ack(reader, Ack(up_to=head))).outs == []
 
 
-def other_bridge(world: World, state: MemoryState) -> tuple[Messenger, ReceiptHandover, ReceiptHandover]:
+def other_bridge(world: World, state: MemoryState, *in_3: Caller
+                 ) -> tuple[Messenger, ReceiptHandover, ReceiptHandover]:
     """A second bridge's Messenger on the same store, and the handovers of both through
-    ``state`` (every user in partition 3, except those whose id ends in "9")."""
-    parts = SimpleNamespace(partition_scope="ks", partition_of_user=lambda user: 4 if user.endswith("9") else 3)
+    ``state``: the users ``in_3`` are in partition 3, the others in 4."""
+    mine = {c.user_id for c in in_3}
+    parts = SimpleNamespace(partition_scope="ks", partition_of_user=lambda user: 3 if user in mine else 4)
     here = ReceiptHandover(state, parts, world.messenger)  # type: ignore[arg-type]
     there_messenger = Messenger(world.store, world.clock, world.presence, max_group=4)  # type: ignore[arg-type]
     return there_messenger, here, ReceiptHandover(state, parts, there_messenger)  # type: ignore[arg-type]
@@ -417,9 +420,9 @@ async def test_a_read_whose_notice_the_store_failed_is_told_by_the_partitions_ne
     """The receipt moved, appending its notice failed, and the reader's partition moved to
     another bridge before the device read again: that bridge adopts what the first recorded,
     and the sender is told on the retry there (once), in a direct chat and in a group."""
-    state = MemoryState()
-    there, _, theirs = other_bridge(world, state)
     a, b, c = [await world.user(f"+1555000070{i}") for i in range(3)]
+    state = MemoryState()
+    there, _, theirs = other_bridge(world, state, b)
     sent = await world.messenger.send(a, Send(id="m1", chat=None, to=b.user_id, body="hi", media=None))
     direct = sent.reply.chat  # type: ignore[union-attr]
     group, _ = await world.messenger.create_group(a, "team", [b.user_id, c.user_id])
@@ -447,9 +450,9 @@ async def test_an_ack_whose_receipts_the_store_failed_is_finished_by_the_partiti
     """The device's acknowledged position moved, then moving a chat's delivered receipt (or
     telling it) failed, and the partition moved before the device acked again: the next holder
     moves the receipts and tells the senders then."""
-    state = MemoryState()
-    there, _, theirs = other_bridge(world, state)
     a, b, reader = [await world.user(f"+1555000080{i}") for i in range(3)]
+    state = MemoryState()
+    there, _, theirs = other_bridge(world, state, reader)
     for seq, failing in ((1, "advance_receipt"), (2, "append_receipts")):
         for sender in (a, b):
             await world.messenger.send(sender, Send(id=f"m{seq}", chat=None, to=reader.user_id, body="hi",
@@ -459,6 +462,10 @@ async def test_an_ack_whose_receipts_the_store_failed_is_finished_by_the_partiti
         with pytest.raises(Unavailable):
             await world.messenger.ack(reader, Ack(up_to=head))
         world.store.failing = set()
+        assert await state.unfinished("ks", 3) != {}
+        await theirs.adopt(4)
+        if seq == 1:  # (nothing adopted: the position moved already, the receipts do not)
+            assert (await there.ack(reader, Ack(up_to=head))).outs == []
         await theirs.adopt(3)
         told = sorted(receipt_notices((await there.ack(reader, Ack(up_to=head))).outs))
         assert told == sorted((s.user_id, "delivered", reader.user_id, seq) for s in (a, b))
@@ -466,28 +473,105 @@ async def test_an_ack_whose_receipts_the_store_failed_is_finished_by_the_partiti
         assert (await there.ack(reader, Ack(up_to=head))).outs == []
 
 
-async def test_what_cannot_be_recorded_for_the_next_holder_is_still_finished_here(world: World) -> None:
-    """The shared state fails too: the failed read is answered all the same (not held up past
-    the bound), and its retry on the same bridge tells the notice. What another bridge wrote
-    there that cannot be understood is skipped."""
+async def test_a_notice_kept_for_a_retry_is_told_as_the_receipt_stands_then(world: World) -> None:
+    """A record of an untold notice that was told since (its forgetting lost), adopted by the
+    next holder: the sender is told the receipt as it stands, never a position behind what it
+    was told before."""
+    a, b = [await world.user(f"+1555000091{i}") for i in range(2)]
     state = MemoryState()
-    there, _, theirs = other_bridge(world, state)
-
-    async def failing(*_: object) -> None:
-        raise ConnectionError("redis is gone")
-
-    state.put_unfinished = failing  # type: ignore[method-assign]
-    a, b = [await world.user(f"+1555000090{i}") for i in range(2)]
-    sent = await world.messenger.send(a, Send(id="m1", chat=None, to=b.user_id, body="hi", media=None))
+    there, here, theirs = other_bridge(world, state, b)
+    for k in (1, 2):
+        sent = await world.messenger.send(a, Send(id=f"m{k}", chat=None, to=b.user_id, body="hi", media=None))
     chat = sent.reply.chat  # type: ignore[union-attr]
     world.store.failing = {"append_receipts"}
     with pytest.raises(Unavailable):
         await world.messenger.read(b, Read(chat=chat, up_to=1))
     world.store.failing = set()
-    assert receipt_notices((await world.messenger.read(b, Read(chat=chat, up_to=1))).outs) == [
-        (a.user_id, "read", b.user_id, 1)]
-    there.adopt_unfinished({"n[1,2]": "[]", "a[\"u\",\"d\"]": "not a number", "x": "?", 'n["c","u","seen"]': "[]"})
-    assert (await there.read(b, Read(chat=chat, up_to=1))).outs == []
+    [(name, stale)] = (await state.unfinished("ks", 3)).items()
+    assert receipt_notices((await world.messenger.read(b, Read(chat=chat, up_to=2))).outs) == [
+        (a.user_id, "read", b.user_id, 2)]  # (the kept one and the new one: the furthest)
+    await state.put_unfinished("ks", 3, {name: stale})  # as if its forgetting had been lost
+    await theirs.adopt(3)
+    assert receipt_notices((await there.read(b, Read(chat=chat, up_to=1))).outs) == [
+        (a.user_id, "read", b.user_id, 2)]
+
+
+async def test_what_cannot_be_recorded_for_the_next_holder_is_still_finished_here(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shared state hangs: the failed read is answered once the record's bound has passed,
+    and the retry on the same bridge tells the notice."""
+    import bridge.handover
+
+    monkeypatch.setattr(bridge.handover, "HANDOVER_WAIT_S", 0.05)
+    a, b = [await world.user(f"+1555000090{i}") for i in range(2)]
+    state = MemoryState()
+    other_bridge(world, state, b)
+    stuck = asyncio.Event()
+
+    async def hanging(*_: object) -> None:
+        await stuck.wait()
+
+    state.put_unfinished = hanging  # type: ignore[method-assign]
+    sent = await world.messenger.send(a, Send(id="m1", chat=None, to=b.user_id, body="hi", media=None))
+    chat = sent.reply.chat  # type: ignore[union-attr]
+    world.store.failing = {"append_receipts"}
+    with pytest.raises(Unavailable):
+        await asyncio.wait_for(world.messenger.read(b, Read(chat=chat, up_to=1)), 1.0)
+    world.store.failing = set()
+    assert receipt_notices((await asyncio.wait_for(world.messenger.read(b, Read(chat=chat, up_to=1)), 1.0)).outs
+                           ) == [(a.user_id, "read", b.user_id, 1)]
+
+
+async def test_a_read_cancelled_part_way_is_recorded_for_the_next_holder_all_the_same(world: World) -> None:
+    """The bridge stops while a read's notice is being appended (its handler cancelled): the
+    notice is recorded for the partition's next holder without the cancelled read waiting."""
+    a, b = [await world.user(f"+1555000093{i}") for i in range(2)]
+    state = MemoryState()
+    there, _, theirs = other_bridge(world, state, b)
+    sent = await world.messenger.send(a, Send(id="m1", chat=None, to=b.user_id, body="hi", media=None))
+    chat = sent.reply.chat  # type: ignore[union-attr]
+    world.store.held = {"append_receipts": asyncio.Event()}
+    reading = asyncio.ensure_future(world.messenger.read(b, Read(chat=chat, up_to=1)))
+    await until(lambda: world.store.calls["append_receipts"] == 1)
+    reading.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reading
+    world.store.held = {}
+    await until(lambda: bool(state._unfinished.get(("ks", 3))))  # noqa: SLF001
+    await theirs.adopt(3)
+    assert receipt_notices((await there.read(b, Read(chat=chat, up_to=1))).outs) == [(a.user_id, "read", b.user_id, 1)]
+
+
+async def test_records_that_are_old_or_not_understood_are_dropped_not_adopted(world: World) -> None:
+    """Of a partition's records, the next holder adopts those it understands and that are less
+    than a day old; the others are dropped from the shared state, not adopted each time."""
+    a, b = [await world.user(f"+1555000092{i}") for i in range(2)]
+    state = MemoryState()
+    there, _, theirs = other_bridge(world, state, b)
+    sent = await world.messenger.send(a, Send(id="m1", chat=None, to=b.user_id, body="hi", media=None))
+    chat = sent.reply.chat  # type: ignore[union-attr]
+    await world.messenger.read(b, Read(chat=chat, up_to=1))
+    now = int(time.time() * 1000)
+    good_name = 'n' + json.dumps([chat, b.user_id, "read"], separators=(",", ":"))
+    good = f"{now} " + json.dumps([[a.user_id, chat, b.user_id, "read", 1]])
+    def record(key: list[str], *notes: list[object]) -> tuple[str, str]:
+        return "n" + json.dumps(key), f"{now} " + json.dumps(notes)
+
+    bad = dict([
+        ("x", f"{now} ?"),
+        ('n["c","u","seen"]', f"{now} []"),
+        record([chat, a.user_id, "read"], [17, chat, "*", "read", 1]),  # (to whom?)
+        record(["other", b.user_id, "read"], [a.user_id, chat, b.user_id, "read", 1]),  # (another chat's)
+        record([chat, b.user_id, "delivered"], [a.user_id, chat, b.user_id, "read", float("inf")]),
+        ("n" + "[" * 100_000, f"{now} []"),
+        ('a["u","d"]', f"{now} not a number"),
+        ('a["u","e"]', f"{now - 86_400_001} 3"),  # (understood, but a day old)
+        ('a["u","f"]', "3"),  # (no time)
+    ])
+    await state.put_unfinished("ks", 3, {good_name: good, **bad})
+    await theirs.adopt(3)
+    assert await state.unfinished("ks", 3) == {good_name: good}
+    assert receipt_notices((await there.read(b, Read(chat=chat, up_to=1))).outs) == [(a.user_id, "read", b.user_id, 1)]
 
 
 async def test_a_group_notice_a_higher_one_overtook_is_not_told(world: World) -> None:
