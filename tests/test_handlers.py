@@ -353,10 +353,26 @@ async def test_a_member_reading_before_acking_moves_the_groups_delivered_notice_
     assert (await world.messenger.ack(c, Ack(up_to=head_c))).outs == []
 
 
-def receipt_notices(outs: Sequence[Out]) -> list[tuple[str, str, str, int]]:
+Notice = tuple[str, str, str, int]
+
+
+def receipt_notices(outs: Sequence[Out]) -> list[Notice]:
     """(to, kind, whose, up_to) of the receipt notices among ``outs``."""
     evs = [(topic_of(o.to).removeprefix("down/"), json.loads(encode_v1(o.event))) for o in outs]
     return [(to, e["kind"], e["user"], e["up_to"]) for to, e in evs if e["type"] == "receipt"]
+
+
+async def reads_to_tell(world: World, a: Caller, b: Caller, c: Caller) -> list[tuple[str, int, list[Notice]]]:
+    """A message from ``a`` to ``b`` in their direct chat, and one in a group of the three that
+    ``c`` has read: for each chat, what ``b`` reads up to and the notices that tells ``a``."""
+    sent = await world.messenger.send(a, Send(id="m1", chat=None, to=b.user_id, body="hi", media=None))
+    direct = sent.reply.chat  # type: ignore[union-attr]
+    group, _ = await world.messenger.create_group(a, "team", [b.user_id, c.user_id])
+    in_group = await world.messenger.send(a, Send(id="g1", chat=group.chat_id, to=None, body="hi", media=None))
+    seq = in_group.reply.seq  # type: ignore[union-attr]
+    await world.messenger.read(c, Read(chat=group.chat_id, up_to=seq))
+    return [(direct, 1, [(a.user_id, "read", b.user_id, 1)]),
+            (group.chat_id, seq, [(a.user_id, "delivered", "*", seq), (a.user_id, "read", "*", seq)])]
 
 
 async def test_a_read_whose_notice_the_store_failed_tells_it_when_tried_again(world: World) -> None:
@@ -364,15 +380,7 @@ async def test_a_read_whose_notice_the_store_failed_tells_it_when_tried_again(wo
     unavailable and reads again. The receipt has moved already, yet the sender is told then,
     in a direct chat and in a group."""
     a, b, c = [await world.user(f"+1555000040{i}") for i in range(3)]
-    sent = await world.messenger.send(a, Send(id="m1", chat=None, to=b.user_id, body="hi", media=None))
-    direct = sent.reply.chat  # type: ignore[union-attr]
-    group, _ = await world.messenger.create_group(a, "team", [b.user_id, c.user_id])
-    in_group = await world.messenger.send(a, Send(id="g1", chat=group.chat_id, to=None, body="hi", media=None))
-    seq = in_group.reply.seq  # type: ignore[union-attr]
-    await world.messenger.read(c, Read(chat=group.chat_id, up_to=seq))
-    in_direct = [(a.user_id, "read", b.user_id, 1)]
-    in_team = [(a.user_id, "delivered", "*", seq), (a.user_id, "read", "*", seq)]
-    for chat, up_to, told in ((direct, 1, in_direct), (group.chat_id, seq, in_team)):
+    for chat, up_to, told in await reads_to_tell(world, a, b, c):
         world.store.failing = {"append_receipts"}
         for _ in range(3):  # (the device tries again while the store still fails: told once all the same)
             with pytest.raises(Unavailable):
@@ -383,23 +391,26 @@ async def test_a_read_whose_notice_the_store_failed_tells_it_when_tried_again(wo
         assert (await world.messenger.read(b, Read(chat=chat, up_to=up_to))).outs == []  # (told once)
 
 
+async def ack_failing(world: World, senders: Sequence[Caller], reader: Caller, seq: int, failing: str) -> int:
+    """Each sender's message number ``seq`` to ``reader``, then the reader's ack of its inbox
+    while the store fails ``failing``: the head it acked."""
+    for sender in senders:
+        await world.messenger.send(sender, Send(id=f"m{seq}", chat=None, to=reader.user_id, body="hi", media=None))
+    head = await world.store.inbox_head(reader.user_id)
+    world.store.failing = {failing}
+    with pytest.raises(Unavailable):
+        await world.messenger.ack(reader, Ack(up_to=head))
+    world.store.failing = set()
+    return head
+
+
 async def test_an_ack_whose_receipts_the_store_failed_moves_them_when_tried_again(world: World) -> None:
     """The device's acknowledged position moved, then moving a chat's delivered receipt (or
     telling it) failed: the device is answered unavailable and acks again. Its position has
     moved already, yet the receipts move and the senders are told then."""
     a, b, reader = [await world.user(f"+1555000050{i}") for i in range(3)]
-    for sender in (a, b):
-        await world.messenger.send(sender, Send(id="m1", chat=None, to=reader.user_id, body="hi", media=None))
     for seq, failing in ((1, "advance_receipt"), (2, "append_receipts")):
-        if seq > 1:
-            for sender in (a, b):
-                await world.messenger.send(sender, Send(id=f"m{seq}", chat=None, to=reader.user_id, body="again",
-                                                        media=None))
-        head = await world.store.inbox_head(reader.user_id)
-        world.store.failing = {failing}
-        with pytest.raises(Unavailable):
-            await world.messenger.ack(reader, Ack(up_to=head))
-        world.store.failing = set()
+        head = await ack_failing(world, (a, b), reader, seq, failing)
         told = sorted(receipt_notices((await world.messenger.ack(reader, Ack(up_to=head))).outs))
         assert told == sorted((s.user_id, "delivered", reader.user_id, seq) for s in (a, b))
         assert (await world.messenger.ack(reader, Ack(up_to=head))).outs == []
@@ -423,15 +434,7 @@ async def test_a_read_whose_notice_the_store_failed_is_told_by_the_partitions_ne
     a, b, c = [await world.user(f"+1555000070{i}") for i in range(3)]
     state = MemoryState()
     there, _, theirs = other_bridge(world, state, b)
-    sent = await world.messenger.send(a, Send(id="m1", chat=None, to=b.user_id, body="hi", media=None))
-    direct = sent.reply.chat  # type: ignore[union-attr]
-    group, _ = await world.messenger.create_group(a, "team", [b.user_id, c.user_id])
-    in_group = await world.messenger.send(a, Send(id="g1", chat=group.chat_id, to=None, body="hi", media=None))
-    seq = in_group.reply.seq  # type: ignore[union-attr]
-    await world.messenger.read(c, Read(chat=group.chat_id, up_to=seq))
-    in_direct = [(a.user_id, "read", b.user_id, 1)]
-    in_team = [(a.user_id, "delivered", "*", seq), (a.user_id, "read", "*", seq)]
-    for chat, up_to, told in ((direct, 1, in_direct), (group.chat_id, seq, in_team)):
+    for chat, up_to, told in await reads_to_tell(world, a, b, c):
         world.store.failing = {"append_receipts"}
         with pytest.raises(Unavailable):
             await world.messenger.read(b, Read(chat=chat, up_to=up_to))
@@ -454,14 +457,7 @@ async def test_an_ack_whose_receipts_the_store_failed_is_finished_by_the_partiti
     state = MemoryState()
     there, _, theirs = other_bridge(world, state, reader)
     for seq, failing in ((1, "advance_receipt"), (2, "append_receipts")):
-        for sender in (a, b):
-            await world.messenger.send(sender, Send(id=f"m{seq}", chat=None, to=reader.user_id, body="hi",
-                                                    media=None))
-        head = await world.store.inbox_head(reader.user_id)
-        world.store.failing = {failing}
-        with pytest.raises(Unavailable):
-            await world.messenger.ack(reader, Ack(up_to=head))
-        world.store.failing = set()
+        head = await ack_failing(world, (a, b), reader, seq, failing)
         assert await state.unfinished("ks", 3) != {}
         await theirs.adopt(4)
         if seq == 1:  # (nothing adopted: the position moved already, the receipts do not)
