@@ -510,6 +510,8 @@ class PigeonServer:
             await self._push_client.aclose()
         if self.v1_read is not None:
             await self.v1_read.close()
+        if getattr(self, "messenger", None) is not None:  # (records of requests cancelled as it stopped)
+            await self.messenger.flush_keeping()
         await self.store.close()
         if getattr(self, "state", None) is not None:
             await self.state.close()

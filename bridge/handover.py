@@ -65,12 +65,14 @@ class ReceiptHandover:
         except Exception as exc:  # noqa: BLE001 - taken over without them
             log.warning("reading the unfinished requests of partition %d failed: %r", part, exc)
             return
-        oldest = int(self._clock() * 1000) - UNFINISHED_KEPT_MS
+        now = int(self._clock() * 1000)
         current: dict[str, str] = {}
         dropped: list[str] = []
         for name, stamped in recorded.items():
             written, _, value = stamped.partition(" ")
-            if written.isdigit() and int(written) >= oldest:
+            # (a time of ASCII digits, as written: int() takes others, and one far ahead would never age)
+            if written.isascii() and written.isdigit() and len(written) <= 15 \
+                    and abs(int(written) - now) <= UNFINISHED_KEPT_MS:
                 current[name] = value
             else:
                 dropped.append(name)

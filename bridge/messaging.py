@@ -102,6 +102,21 @@ def _untold_note(key: tuple[str, str, str], fields: object) -> tuple[str, Receip
     return to, ReceiptNote(chat_id, who, kind, up_to)
 
 
+def _as_they_stand(receipts: Sequence[Receipt], notes: list[tuple[str, ReceiptNote]]
+                   ) -> list[tuple[str, ReceiptNote]]:
+    """Receipt notices of a chat with each position brought up to its ``receipts``: a member's
+    own (a direct notice), or the lowest of the other members' (a group notice, ``user`` "*").
+    Receipts only move forward, so each is true, and none is behind a notice told before (for
+    a group notice: unless a member joined since; the inbox's writer then drops it when it knows
+    of the later one, GroupNotices)."""
+    def now(to: str, note: ReceiptNote) -> int:
+        at = [(r.read if note.kind == "read" else r.delivered) for r in receipts
+              if (r.user_id != to if note.user == "*" else r.user_id == note.user)]
+        return max(note.up_to, min(at, default=0))
+
+    return [(to, ReceiptNote(n.chat_id, n.user, n.kind, now(to, n))) for to, n in notes]
+
+
 def _notes_value(notes: list[tuple[str, ReceiptNote]]) -> str:
     return json.dumps([[to, n.chat_id, n.user, n.kind, n.up_to] for to, n in notes], separators=(",", ":"))
 
@@ -272,16 +287,22 @@ class Messenger:
             return result
 
     async def _keep(self, user_id: str, name: str, value: str | None, failed: BaseException | None = None) -> None:
-        """Record with the keeper, if any. ``failed``: what the request failed with; when it is
-        being cancelled (the bridge stopping), the record is written without waiting for it."""
+        """Record with the keeper, if any, in a task of its own that a cancellation of the
+        request does not stop. ``failed``: what the request failed with; when it is being
+        cancelled (the bridge stopping), the record is written without waiting for it
+        (``flush_keeping`` waits for those)."""
         if self.keeper is None:
-            return
-        if failed is None or isinstance(failed, Exception):
-            await self.keeper.keep(user_id, name, value)
             return
         task = asyncio.get_running_loop().create_task(self.keeper.keep(user_id, name, value))
         self._keeping.add(task)
         task.add_done_callback(self._keeping.discard)
+        if failed is None or isinstance(failed, Exception):
+            await asyncio.shield(task)
+
+    async def flush_keeping(self) -> None:
+        """Wait for the records of cancelled requests still being written (each is bounded)."""
+        if self._keeping:
+            await asyncio.wait(list(self._keeping))
 
     def adopt_unfinished(self, recorded: Mapping[str, str]) -> list[str]:
         """Take on what another process recorded as unfinished (``Keeper``) for the users of a
@@ -366,15 +387,16 @@ class Messenger:
         if not moved and not notes:
             return []
         try:
+            current = None
             if untold:  # kept from a failed attempt (here, or recorded by another bridge, perhaps
                 # long ago): told as the receipts stand now, never behind a notice told since
-                notes = await self._as_they_stand(chat, notes)
+                current = await self._store.get_receipts(chat.chat_id)
+                notes = _as_they_stand(current, notes)
             if moved and chat.kind == "direct":
                 notes += [(m, ReceiptNote(chat_id, user_id, kind, up_to)) for m in chat.member_ids if m != user_id]
             elif moved:
-                current = None
-                if kind == "read":  # it moved the delivered too, and may have been the last to have
-                    # it: both notices from one read of the members' receipts
+                if kind == "read" and current is None:  # it moved the delivered too, and may have been
+                    # the last to have it: both notices from one read of the members' receipts
                     current = await self._store.get_receipts(chat.chat_id)
                     await self._group_notes_folded(chat, "delivered", notes, current)
                 await self._group_notes_folded(chat, kind, notes, current)
@@ -396,21 +418,6 @@ class Messenger:
         if self.wakes is not None and told:
             self.wakes.note([u for u, _, _ in told], self._clock.now_ms(), message=False)
         return [Out(ToUser(u), receipt_event(n, p)) for u, n, p in told]
-
-    async def _as_they_stand(self, chat: Chat, notes: list[tuple[str, ReceiptNote]]
-                             ) -> list[tuple[str, ReceiptNote]]:
-        """Receipt notices of ``chat`` with each position brought up to the receipts as stored
-        now: a member's own (a direct notice), or the lowest of the other members' (a group
-        notice, ``user`` "*"). Receipts only move forward, so each is true and none is behind
-        a notice told before."""
-        receipts = await self._store.get_receipts(chat.chat_id)
-
-        def now(to: str, note: ReceiptNote) -> int:
-            at = [(r.read if note.kind == "read" else r.delivered) for r in receipts
-                  if (r.user_id != to if note.user == "*" else r.user_id == note.user)]
-            return max(note.up_to, min(at, default=0))
-
-        return [(to, ReceiptNote(n.chat_id, n.user, n.kind, now(to, n))) for to, n in notes]
 
     async def _recent_chat(self, chat_id: str) -> Chat | None:
         """The chat as read at most ACK_CHAT_TTL_S ago by this process (membership changes made

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -472,33 +473,39 @@ async def test_an_ack_whose_receipts_the_store_failed_is_finished_by_the_partiti
 async def test_a_notice_kept_for_a_retry_is_told_as_the_receipt_stands_then(world: World) -> None:
     """A record of an untold notice that was told since (its forgetting lost), adopted by the
     next holder: the sender is told the receipt as it stands, never a position behind what it
-    was told before."""
-    a, b = [await world.user(f"+1555000091{i}") for i in range(2)]
+    was told before, in a direct chat and in a group (there, the lowest of the others')."""
+    a, b, c = [await world.user(f"+1555000091{i}") for i in range(3)]
     state = MemoryState()
-    there, here, theirs = other_bridge(world, state, b)
+    there, _, theirs = other_bridge(world, state, b)
     for k in (1, 2):
         sent = await world.messenger.send(a, Send(id=f"m{k}", chat=None, to=b.user_id, body="hi", media=None))
-    chat = sent.reply.chat  # type: ignore[union-attr]
-    world.store.failing = {"append_receipts"}
-    with pytest.raises(Unavailable):
-        await world.messenger.read(b, Read(chat=chat, up_to=1))
-    world.store.failing = set()
-    [(name, stale)] = (await state.unfinished("ks", 3)).items()
-    assert receipt_notices((await world.messenger.read(b, Read(chat=chat, up_to=2))).outs) == [
-        (a.user_id, "read", b.user_id, 2)]  # (the kept one and the new one: the furthest)
-    await state.put_unfinished("ks", 3, {name: stale})  # as if its forgetting had been lost
-    await theirs.adopt(3)
-    assert receipt_notices((await there.read(b, Read(chat=chat, up_to=1))).outs) == [
-        (a.user_id, "read", b.user_id, 2)]
+    direct = sent.reply.chat  # type: ignore[union-attr]
+    group, _ = await world.messenger.create_group(a, "team", [b.user_id, c.user_id])
+    for k in (1, 2):
+        await world.messenger.send(a, Send(id=f"g{k}", chat=group.chat_id, to=None, body="hi", media=None))
+    await world.messenger.read(c, Read(chat=group.chat_id, up_to=2))
+    for chat, told in ((direct, [(a.user_id, "read", b.user_id, 2)]),
+                       (group.chat_id, [(a.user_id, "delivered", "*", 2), (a.user_id, "read", "*", 2)])):
+        world.store.failing = {"append_receipts"}
+        with pytest.raises(Unavailable):
+            await world.messenger.read(b, Read(chat=chat, up_to=1))
+        world.store.failing = set()
+        [(name, stale)] = (await state.unfinished("ks", 3)).items()
+        # (the kept one and the new one: the furthest)
+        assert receipt_notices((await world.messenger.read(b, Read(chat=chat, up_to=2))).outs) == told
+        await state.put_unfinished("ks", 3, {name: stale})  # as if its forgetting had been lost
+        await theirs.adopt(3)
+        assert receipt_notices((await there.read(b, Read(chat=chat, up_to=1))).outs) == told
+        assert await state.unfinished("ks", 3) == {}
 
 
 async def test_what_cannot_be_recorded_for_the_next_holder_is_still_finished_here(
         world: World, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The shared state hangs: the failed read is answered once the record's bound has passed,
-    and the retry on the same bridge tells the notice."""
+    """The shared state fails, or hangs: the failed read is answered (once the record's bound
+    has passed), and the retry on the same bridge tells the notice."""
     import bridge.handover
 
-    monkeypatch.setattr(bridge.handover, "HANDOVER_WAIT_S", 0.05)
+    monkeypatch.setattr(bridge.handover, "HANDOVER_WAIT_S", 0.2)
     a, b = [await world.user(f"+1555000090{i}") for i in range(2)]
     state = MemoryState()
     other_bridge(world, state, b)
@@ -507,40 +514,61 @@ async def test_what_cannot_be_recorded_for_the_next_holder_is_still_finished_her
     async def hanging(*_: object) -> None:
         await stuck.wait()
 
-    state.put_unfinished = hanging  # type: ignore[method-assign]
-    sent = await world.messenger.send(a, Send(id="m1", chat=None, to=b.user_id, body="hi", media=None))
-    chat = sent.reply.chat  # type: ignore[union-attr]
-    world.store.failing = {"append_receipts"}
-    with pytest.raises(Unavailable):
-        await asyncio.wait_for(world.messenger.read(b, Read(chat=chat, up_to=1)), 1.0)
-    world.store.failing = set()
-    assert receipt_notices((await asyncio.wait_for(world.messenger.read(b, Read(chat=chat, up_to=1)), 1.0)).outs
-                           ) == [(a.user_id, "read", b.user_id, 1)]
+    async def failing(*_: object) -> None:
+        raise ConnectionError("redis is gone")
+
+    for k, put in enumerate((failing, hanging)):
+        state.put_unfinished = put  # type: ignore[method-assign]
+        sent = await world.messenger.send(a, Send(id=f"m{k}", chat=None, to=b.user_id, body="hi", media=None))
+        chat, seq = sent.reply.chat, sent.reply.seq  # type: ignore[union-attr]
+        world.store.failing = {"append_receipts"}
+        started = time.monotonic()
+        with pytest.raises(Unavailable):
+            await asyncio.wait_for(world.messenger.read(b, Read(chat=chat, up_to=seq)), 2.0)
+        took = time.monotonic() - started
+        assert took >= 0.2 if put is hanging else took < 0.2
+        world.store.failing = set()
+        assert receipt_notices((await asyncio.wait_for(world.messenger.read(b, Read(chat=chat, up_to=seq)), 2.0)
+                                ).outs) == [(a.user_id, "read", b.user_id, seq)]
 
 
 async def test_a_read_cancelled_part_way_is_recorded_for_the_next_holder_all_the_same(world: World) -> None:
     """The bridge stops while a read's notice is being appended (its handler cancelled): the
-    notice is recorded for the partition's next holder without the cancelled read waiting."""
+    notice is recorded for the partition's next holder, without the cancelled read waiting for
+    the record, and the bridge's ``flush_keeping`` waits for it before the state closes."""
     a, b = [await world.user(f"+1555000093{i}") for i in range(2)]
     state = MemoryState()
     there, _, theirs = other_bridge(world, state, b)
     sent = await world.messenger.send(a, Send(id="m1", chat=None, to=b.user_id, body="hi", media=None))
     chat = sent.reply.chat  # type: ignore[union-attr]
+    put, slow = state.put_unfinished, asyncio.Event()
+
+    async def slow_put(*args: Any) -> None:
+        await slow.wait()
+        await put(*args)
+
+    state.put_unfinished = slow_put  # type: ignore[method-assign]
     world.store.held = {"append_receipts": asyncio.Event()}
     reading = asyncio.ensure_future(world.messenger.read(b, Read(chat=chat, up_to=1)))
     await until(lambda: world.store.calls["append_receipts"] == 1)
     reading.cancel()
     with pytest.raises(asyncio.CancelledError):
-        await reading
+        await asyncio.wait_for(reading, 1.0)  # (ended while its record is still being written)
     world.store.held = {}
-    await until(lambda: bool(state._unfinished.get(("ks", 3))))  # noqa: SLF001
+    flushing = asyncio.ensure_future(world.messenger.flush_keeping())
+    await asyncio.sleep(0.05)
+    assert not flushing.done()
+    slow.set()
+    await asyncio.wait_for(flushing, 1.0)
+    assert await state.unfinished("ks", 3) != {}
     await theirs.adopt(3)
     assert receipt_notices((await there.read(b, Read(chat=chat, up_to=1))).outs) == [(a.user_id, "read", b.user_id, 1)]
 
 
 async def test_records_that_are_old_or_not_understood_are_dropped_not_adopted(world: World) -> None:
-    """Of a partition's records, the next holder adopts those it understands and that are less
-    than a day old; the others are dropped from the shared state, not adopted each time."""
+    """Of a partition's records, the next holder adopts those it understands and that were
+    written within a day; the others are dropped from the shared state, not adopted (nor
+    adopted again each time)."""
     a, b = [await world.user(f"+1555000092{i}") for i in range(2)]
     state = MemoryState()
     there, _, theirs = other_bridge(world, state, b)
@@ -548,11 +576,11 @@ async def test_records_that_are_old_or_not_understood_are_dropped_not_adopted(wo
     chat = sent.reply.chat  # type: ignore[union-attr]
     await world.messenger.read(b, Read(chat=chat, up_to=1))
     now = int(time.time() * 1000)
-    good_name = 'n' + json.dumps([chat, b.user_id, "read"], separators=(",", ":"))
-    good = f"{now} " + json.dumps([[a.user_id, chat, b.user_id, "read", 1]])
+
     def record(key: list[str], *notes: list[object]) -> tuple[str, str]:
         return "n" + json.dumps(key), f"{now} " + json.dumps(notes)
 
+    good_name, good = record([chat, b.user_id, "read"], [a.user_id, chat, b.user_id, "read", 1])
     bad = dict([
         ("x", f"{now} ?"),
         ('n["c","u","seen"]', f"{now} []"),
@@ -563,10 +591,14 @@ async def test_records_that_are_old_or_not_understood_are_dropped_not_adopted(wo
         ('a["u","d"]', f"{now} not a number"),
         ('a["u","e"]', f"{now - 86_400_001} 3"),  # (understood, but a day old)
         ('a["u","f"]', "3"),  # (no time)
+        ('a["u","g"]', "\u00b2 3"),  # (a digit, but not one written here)
+        ('a["u","h"]', f"{now + 86_400_001} 3"),  # (a day ahead: would never age)
+        ('a["u","i"]', f"{'9' * 5000} 3"),
     ])
     await state.put_unfinished("ks", 3, {good_name: good, **bad})
     await theirs.adopt(3)
     assert await state.unfinished("ks", 3) == {good_name: good}
+    assert not there._acks_unfinished and list(there._untold) == [(chat, b.user_id, "read")]  # noqa: SLF001
     assert receipt_notices((await there.read(b, Read(chat=chat, up_to=1))).outs) == [(a.user_id, "read", b.user_id, 1)]
 
 
