@@ -47,9 +47,10 @@ class ReceiptHandover:
         messenger.keeper = self
 
     async def keep(self, user_id: str, name: str, value: str | None) -> None:
-        part = self._partitions.partition_of_user(user_id)
-        stamped = None if value is None else f"{int(self._clock() * 1000)} {value}"
+        part = -1
         try:
+            part = self._partitions.partition_of_user(user_id)
+            stamped = None if value is None else f"{int(self._clock() * 1000)} {value}"
             async with asyncio.timeout(HANDOVER_WAIT_S):
                 await self._state.put_unfinished(self._partitions.partition_scope, part, {name: stamped})
         except Exception as exc:  # noqa: BLE001 - it is kept here all the same

@@ -97,7 +97,7 @@ def _untold_note(key: tuple[str, str, str], fields: object) -> tuple[str, Receip
     to, chat_id, who, kind, up_to = fields
     about = who == "*" or (who == key[1] and to != who)  # (a group notice, or the member's own to another)
     if not (isinstance(to, str) and chat_id == key[0] and about and kind in ("delivered", "read")
-            and type(up_to) is int and up_to > 0):
+            and type(up_to) is int and 0 < up_to < 2**63):
         raise ValueError("not a notice of this receipt")
     return to, ReceiptNote(chat_id, who, kind, up_to)
 
@@ -295,14 +295,21 @@ class Messenger:
             return
         task = asyncio.get_running_loop().create_task(self.keeper.keep(user_id, name, value))
         self._keeping.add(task)
-        task.add_done_callback(self._keeping.discard)
+        task.add_done_callback(self._kept)
         if failed is None or isinstance(failed, Exception):
             await asyncio.shield(task)
 
-    async def flush_keeping(self) -> None:
-        """Wait for the records of cancelled requests still being written (each is bounded)."""
-        if self._keeping:
-            await asyncio.wait(list(self._keeping))
+    def _kept(self, task: asyncio.Task[None]) -> None:
+        self._keeping.discard(task)
+        if not task.cancelled() and task.exception() is not None:  # (a keeper is not to raise)
+            log.warning("recording an unfinished request failed: %r", task.exception())
+
+    async def flush_keeping(self, bound_s: float = 10.0) -> None:
+        """Wait for the records of cancelled requests still being written (each write is
+        bounded; this waits ``bound_s`` at most, for those started meanwhile too)."""
+        deadline = asyncio.get_running_loop().time() + bound_s
+        while self._keeping and (left := deadline - asyncio.get_running_loop().time()) > 0:
+            await asyncio.wait(list(self._keeping), timeout=left)
 
     def adopt_unfinished(self, recorded: Mapping[str, str]) -> list[str]:
         """Take on what another process recorded as unfinished (``Keeper``) for the users of a
@@ -319,11 +326,11 @@ class Messenger:
                         raise ValueError("no notices")
                     self._untold[key] = _latest_notes(self._untold.get(key, []) + notes)
                 elif name.startswith("a"):
-                    user_id, device_id = json.loads(name[1:])
-                    prev = int(value)
-                    if not (isinstance(user_id, str) and isinstance(device_id, str) and prev >= 0):
+                    fields = json.loads(name[1:])
+                    if not (isinstance(fields, list) and len(fields) == 2 and all(isinstance(f, str) for f in fields)
+                            and value.isascii() and value.isdigit() and len(value) <= 18):
                         raise ValueError("not a user, a device and a position")
-                    ack = (user_id, device_id)
+                    ack, prev = (fields[0], fields[1]), int(value)
                     self._acks_unfinished[ack] = min(prev, self._acks_unfinished.get(ack, prev))
                 else:
                     raise ValueError("neither notices nor an ack")
@@ -395,9 +402,10 @@ class Messenger:
             if moved and chat.kind == "direct":
                 notes += [(m, ReceiptNote(chat_id, user_id, kind, up_to)) for m in chat.member_ids if m != user_id]
             elif moved:
-                if kind == "read" and current is None:  # it moved the delivered too, and may have been
-                    # the last to have it: both notices from one read of the members' receipts
-                    current = await self._store.get_receipts(chat.chat_id)
+                if kind == "read":  # it moved the delivered too, and may have been the last to have
+                    # it: both notices from one read of the members' receipts
+                    if current is None:
+                        current = await self._store.get_receipts(chat.chat_id)
                     await self._group_notes_folded(chat, "delivered", notes, current)
                 await self._group_notes_folded(chat, kind, notes, current)
             if untold:

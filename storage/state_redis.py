@@ -259,8 +259,12 @@ class RedisState:
         if not entries:
             return
         key = f"pg:{{unfinished:{scope}:{part}}}"
-        kept = {name: value for name, value in entries.items() if value is not None}
-        gone = [name for name, value in entries.items() if value is None]
+
+        def raw(name: str) -> bytes:  # (the bytes it was read from, for one that was not UTF-8)
+            return name.encode(errors="surrogateescape")
+
+        kept = {raw(name): value for name, value in entries.items() if value is not None}
+        gone = [raw(name) for name, value in entries.items() if value is None]
         pipe = self._redis.pipeline(transaction=False)
         if kept:
             pipe.hset(key, mapping=kept)
@@ -271,8 +275,11 @@ class RedisState:
 
     async def unfinished(self, scope: str, part: int) -> dict[str, str]:
         got = await self._do(self._redis.hgetall(f"pg:{{unfinished:{scope}:{part}}}"))
-        return {(k.decode() if isinstance(k, bytes) else str(k)): (v.decode() if isinstance(v, bytes) else str(v))
-                for k, v in got.items()}
+
+        def text(raw: bytes | str) -> str:  # (one that is not UTF-8 comes out unreadable, to be dropped)
+            return raw.decode(errors="surrogateescape") if isinstance(raw, bytes) else str(raw)
+
+        return {text(k): text(v) for k, v in got.items()}
 
     # -- requests between bridge processes -------------------------------------------------------
     async def devices_changed(self, user_id: str) -> None:

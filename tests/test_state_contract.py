@@ -132,8 +132,9 @@ async def test_unfinished_requests_wait_for_a_partitions_next_holder(state: Shar
     assert await state.unfinished(scope, 4) == {}
 
 
-async def test_unfinished_requests_recorded_in_redis_expire() -> None:
-    """The record of a partition's unfinished requests goes by itself a day after its last change."""
+async def test_unfinished_requests_recorded_in_redis_expire_and_any_can_be_dropped() -> None:
+    """The record of a partition's unfinished requests goes by itself a day after its last
+    change; one whose bytes are not UTF-8 (not written by a bridge) can be read and dropped."""
     import redis.asyncio as aioredis
 
     from storage.state import UNFINISHED_KEPT_MS
@@ -148,6 +149,12 @@ async def test_unfinished_requests_recorded_in_redis_expire() -> None:
         assert 0 < await raw.pttl(f"pg:{{unfinished:{scope}:5}}") <= UNFINISHED_KEPT_MS
         await s.put_unfinished(scope, 5, {"n1": None})
         assert await raw.exists(f"pg:{{unfinished:{scope}:5}}") == 0
+        # a field that is not UTF-8 is read as text all the same, and can be dropped by that name
+        await raw.hset(f"pg:{{unfinished:{scope}:5}}", mapping={b"n\xff": b"1 \xfe", b"a": b"2 3"})
+        got = await s.unfinished(scope, 5)
+        assert got["a"] == "2 3" and len(got) == 2
+        await s.put_unfinished(scope, 5, {name: None for name in got if name != "a"})
+        assert await s.unfinished(scope, 5) == {"a": "2 3"}
     finally:
         await raw.aclose()
         await s.close()
