@@ -32,7 +32,7 @@ from .admission import Admission, HeldBackHandover
 from .clock import Clock, SystemClock
 from .config import Settings, read_credentials
 from .errors import PigeonError, Unauthorized
-from .handover import ReceiptHandover
+from .handover import ADOPT, ReceiptHandover
 from .http_api import Endpoints, HttpDeps, create_app
 from .media import Media
 from .messaging import Messenger
@@ -369,7 +369,8 @@ class PigeonServer:
             # per partition (bridge/mqtt_ingest.py), and a dead bridge's share moves with its leases.
             windows = HeldBackHandover(self.state, partitions, self.admission)  # (they move with partitions)
             self.admission.on_hold = windows.note
-            unfinished = ReceiptHandover(self.state, partitions, self.messenger)  # (so do these)
+            unfinished = ReceiptHandover(self.state, partitions, self.messenger,  # (so do these)
+                                         ask_holder=ask_holder)
 
             async def adopt(part: int) -> None:
                 await asyncio.gather(windows.adopt(part), unfinished.adopt(part))
@@ -383,6 +384,7 @@ class PigeonServer:
             handle = getattr(self.state, "handle", None)
             if handle is not None:
                 handle("subscribe", self._ingest_client.serve_subscribe)
+                handle(ADOPT, unfinished.serve_adopt)
             self.accounts.registry = _WatchedRegistry(devices, self._ingest_client)
         else:  # one bridge: a persistent session that takes every device's traffic
             self._ingest_client = MqttIngest(

@@ -10,6 +10,13 @@ partition, before the request is answered ``unavailable``, forgotten there once 
 finished it, and adopted by a bridge each time it connects that partition's broker session,
 before it takes in any of its publishes (as the devices' refusal windows are,
 ``bridge/admission.py``).
+
+A record can also be written for a partition another bridge holds already: a request that came
+over HTTP (any bridge answers those), or one still being handled by a bridge that has given its
+partition up since, or whose lease ran out while it was paused. That holder read the
+partition's records when it took it, perhaps before this one landed, so the bridge that wrote
+it asks the holder to read them again (``adopt``) before the request is answered: the retry
+finds what is left to tell wherever it goes.
 """
 
 from __future__ import annotations
@@ -28,7 +35,9 @@ if TYPE_CHECKING:
     from storage.state import SharedState
 
     from .messaging import Messenger
-    from .mqtt_ingest import Partitions
+    from .mqtt_ingest import AskHolder, Partitions
+
+ADOPT = "adopt_unfinished"  # the request asking a partition's holder to read its records again
 
 log = logging.getLogger(__name__)
 
@@ -41,21 +50,40 @@ class ReceiptHandover:
     dropped from the shared state when a partition is adopted, not adopted again each time."""
 
     def __init__(self, state: SharedState, partitions: Partitions, messenger: Messenger,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, ask_holder: AskHolder | None = None) -> None:
         self._state, self._partitions, self._messenger = state, partitions, messenger
-        self._clock = clock
+        self._clock, self._ask_holder = clock, ask_holder
         messenger.keeper = self
 
     async def keep(self, user_id: str, name: str, value: str | None) -> None:
-        part = -1
+        part, landed = -1, False
         try:
             part = self._partitions.partition_of_user(user_id)
             stamped = None if value is None else f"{int(self._clock() * 1000)} {value}"
             async with asyncio.timeout(HANDOVER_WAIT_S):
                 await self._state.put_unfinished(self._partitions.partition_scope, part, {name: stamped})
+                landed = True
+                # Held here now that it has landed: a next holder takes the partition only after
+                # this bridge gives it up, and reads it then. Otherwise the holder is asked.
+                if value is not None and self._ask_holder is not None \
+                        and part not in self._partitions.held_partitions():
+                    reply = await self._ask_holder(part, {"kind": ADOPT, "part": part}, HANDOVER_WAIT_S)
+                    if "error" in reply:
+                        raise RuntimeError(f"the holder answered: {reply['error']}")
         except Exception as exc:  # noqa: BLE001 - it is kept here all the same
-            log.warning("recording %.200s of partition %d as %s failed: %r", name, part,
-                        "finished" if value is None else "unfinished", exc)
+            if landed:  # (adopted when the partition next moves)
+                log.warning("asking the holder of partition %d to read %.200s failed: %r", part, name, exc)
+            else:
+                log.warning("recording %.200s of partition %d as %s failed: %r", name, part,
+                            "finished" if value is None else "unfinished", exc)
+
+    async def serve_adopt(self, request: dict[str, object]) -> dict[str, object]:
+        """Another bridge recorded something for a partition held here (see the module's text)."""
+        part = request.get("part")
+        if not isinstance(part, int) or isinstance(part, bool) or part not in self._partitions.held_partitions():
+            return {"error": f"partition {part!r} is not held here"}
+        await self.adopt(part)
+        return {"ok": True}
 
     async def adopt(self, part: int) -> None:
         """Adopt what was recorded for a partition (its session is being connected here)."""

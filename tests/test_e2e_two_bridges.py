@@ -9,6 +9,7 @@ order, and nothing is lost.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from collections.abc import Iterator
 
@@ -201,3 +202,30 @@ async def test_a_v1_device_linked_through_one_bridge_gets_the_v1_events_the_othe
         ev, _qos = await first_v1_msg(b0.mqtt_host, b0.mqtt_port, listener, bob.user_id,
                                       lambda: a.send("for every device", to=bob.user_id))
         assert (ev["body"], ev["from"]) == ("for every device", alice.user_id)
+
+
+async def test_a_partitions_holder_reads_its_records_again_when_another_bridge_asks(
+        bridges: tuple[ServerProc, ServerProc, list[str]]) -> None:
+    """A bridge that recorded an unfinished read or ack for a partition the other holds asks
+    that holder, over their usual channel, to read the partition's records again
+    (bridge/handover.py). Seen here by a record the holder cannot understand: reading them
+    again drops it from Redis."""
+    from urllib.parse import urlsplit
+
+    from bridge.handover import ADOPT
+    from storage.state_redis import RedisState
+    from tests.conftest import production_url
+
+    b0, b1, flags = bridges
+    await settled(b0, b1)
+    holders = await asyncio.to_thread(lease_holders, flags)
+    part = min(p for p, holder in holders.items() if holds(b1, holder))
+    keyspace = urlsplit(flags[flags.index("--store") + 1]).path.strip("/")
+    state = RedisState(production_url("PIGEON_REDIS", "redis://"))
+    try:
+        await state.put_unfinished(keyspace, part, {"x-not-a-record": f"{int(time.time() * 1000)} ?"})
+        assert await state.unfinished(keyspace, part) != {}
+        assert await state.call(f"{keyspace}:p{part}", {"kind": ADOPT, "part": part}, 5.0) == {"ok": True}
+        assert await state.unfinished(keyspace, part) == {}
+    finally:
+        await state.close()

@@ -6,7 +6,7 @@ import asyncio
 import hashlib
 import json
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -468,6 +468,57 @@ async def test_an_ack_whose_receipts_the_store_failed_is_finished_by_the_partiti
         assert told == sorted((s.user_id, "delivered", reader.user_id, seq) for s in (a, b))
         assert await state.unfinished("ks", 3) == {}
         assert (await there.ack(reader, Ack(up_to=head))).outs == []
+
+
+async def test_a_record_for_a_partition_another_bridge_holds_is_adopted_there_before_the_answer(
+        world: World) -> None:
+    """The reader's partition is held by another bridge (the read came here over HTTP, or this
+    bridge gave the partition up while handling it): once the record is written, its holder is
+    asked to read the partition's records again, before the read is answered unavailable, and
+    the retry there tells the notice. Nothing is asked while the partition is held here; a
+    holder that refuses leaves the record for the partition's next holder."""
+    a, b = [await world.user(f"+1555000095{i}") for i in range(2)]
+    state = MemoryState()
+    held_here: list[int] = []
+
+    def parts(held: Callable[[], list[int]]) -> Any:
+        return SimpleNamespace(partition_scope="ks", partition_of_user=lambda user: 3 if user == b.user_id else 4,
+                               held_partitions=held)
+
+    there = Messenger(world.store, world.clock, world.presence, max_group=4)  # type: ignore[arg-type]
+    theirs = ReceiptHandover(state, parts(lambda: [3, 4]), there)
+    asked: list[tuple[int, dict[str, object]]] = []
+    answer: dict[str, object] | None = None
+
+    async def ask_holder(part: int, request: dict[str, object], _timeout: float) -> dict[str, object]:
+        asked.append((part, request))
+        return answer if answer is not None else await theirs.serve_adopt(request)
+
+    ReceiptHandover(state, parts(lambda: held_here), world.messenger, ask_holder=ask_holder)
+    await theirs.adopt(3)  # (it took the partition long before: nothing was recorded then)
+
+    async def read_failing(k: int) -> tuple[str, int]:
+        sent = await world.messenger.send(a, Send(id=f"m{k}", chat=None, to=b.user_id, body="hi", media=None))
+        chat, seq = sent.reply.chat, sent.reply.seq  # type: ignore[union-attr]
+        world.store.failing = {"append_receipts"}
+        with pytest.raises(Unavailable):
+            await world.messenger.read(b, Read(chat=chat, up_to=seq))
+        world.store.failing = set()
+        return chat, seq
+
+    chat, seq = await read_failing(1)
+    assert asked == [(3, {"kind": "adopt_unfinished", "part": 3})]
+    told = receipt_notices((await there.read(b, Read(chat=chat, up_to=seq))).outs)
+    assert told == [(a.user_id, "read", b.user_id, seq)]
+    assert await state.unfinished("ks", 3) == {}
+    answer = {"error": "partition 3 is not held here"}
+    await read_failing(2)
+    assert len(asked) == 2 and len(await state.unfinished("ks", 3)) == 1  # (there for the next holder)
+    held_here.append(3)
+    await read_failing(3)
+    assert len(asked) == 2
+    for request in ({"part": 5}, {"part": "3"}, {"part": True}, {}):
+        assert "error" in await theirs.serve_adopt(request)
 
 
 async def test_a_notice_kept_for_a_retry_is_told_as_the_receipt_stands_then(world: World) -> None:
