@@ -109,7 +109,8 @@ class ReceiptHandover:
         if dropped:
             try:
                 async with asyncio.timeout(HANDOVER_WAIT_S):
-                    await self._state.put_unfinished(scope, part, dict.fromkeys(dropped))
+                    # (only as they were read: one another bridge has written again since stays)
+                    await self._state.drop_unfinished(scope, part, {name: recorded[name] for name in dropped})
             except Exception as exc:  # noqa: BLE001 - dropped the next time
                 log.warning("dropping %d old or unreadable records of partition %d failed: %r", len(dropped),
                             part, exc)

@@ -321,6 +321,8 @@ class Messenger:
             try:
                 if name.startswith("n"):
                     key = _untold_key(json.loads(name[1:]))
+                    if name != _untold_name(key):  # (its retry forgets it by that name)
+                        raise ValueError("not named as a bridge names it")
                     notes = [_untold_note(key, n) for n in json.loads(value)]
                     if not notes:
                         raise ValueError("no notices")
@@ -331,6 +333,8 @@ class Messenger:
                             and value.isascii() and value.isdigit() and len(value) <= 18):
                         raise ValueError("not a user, a device and a position")
                     ack, prev = (fields[0], fields[1]), int(value)
+                    if name != _unfinished_ack_name(ack):
+                        raise ValueError("not named as a bridge names it")
                     self._acks_unfinished[ack] = min(prev, self._acks_unfinished.get(ack, prev))
                 else:
                     raise ValueError("neither notices nor an ack")

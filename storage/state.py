@@ -83,6 +83,10 @@ class SharedState(Protocol):
     async def unfinished(self, scope: str, part: int) -> dict[str, str]:
         """What is recorded as unfinished for a partition's users."""
 
+    async def drop_unfinished(self, scope: str, part: int, entries: Mapping[str, str]) -> None:
+        """Forget each of these records that still holds the value given (as ``unfinished``
+        read it): one written again since stays."""
+
 
 class MemoryState:
     """Everything in this process: right for one process, the embedded default."""
@@ -173,6 +177,12 @@ class MemoryState:
 
     async def unfinished(self, scope: str, part: int) -> dict[str, str]:
         return dict(self._unfinished.get((scope, part), {}))
+
+    async def drop_unfinished(self, scope: str, part: int, entries: Mapping[str, str]) -> None:
+        kept = self._unfinished.get((scope, part), {})
+        for name, value in entries.items():
+            if kept.get(name) == value:
+                del kept[name]
 
 
 def open_state(url: str | None, peer_host: str | None = None, peer_secret: bytes | None = None) -> SharedState:

@@ -49,6 +49,13 @@ for i = 1, #all, 2 do
 end
 return out
 """
+# each field of KEYS[1] named at an odd ARGV removed if it still holds the value after it
+_HDEL_IF_SAME = """
+for i = 1, #ARGV, 2 do
+  if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[i + 1] then redis.call('HDEL', KEYS[1], ARGV[i]) end
+end
+return 0
+"""
 REDIS_CONNECTIONS = 64
 # Requests between bridge processes (see ``call``): one list per queue (a deployment's partition),
 # one per caller for replies. All in one hash slot, so one BLPOP can wait on several of them on
@@ -153,7 +160,7 @@ class RedisState:
         if self._peer_host is not None:
             self._peer_client = PeerClient(self._peer_key)
         scripts = (("online", _ONLINE), ("offline", _OFFLINE), ("watchers", _WATCHERS),
-                   ("drop_if_zero", _DROP_IF_ZERO))
+                   ("drop_if_zero", _DROP_IF_ZERO), ("hdel_if_same", _HDEL_IF_SAME))
         for name, src in scripts:
             self._scripts[name] = self._redis.register_script(src)
 
@@ -272,6 +279,13 @@ class RedisState:
             pipe.hdel(key, *gone)
         pipe.pexpire(key, UNFINISHED_KEPT_MS)
         await self._do(pipe.execute())
+
+    async def drop_unfinished(self, scope: str, part: int, entries: Mapping[str, str]) -> None:
+        if not entries:
+            return
+        args = [text.encode(errors="surrogateescape")  # (the bytes read, for those that were not UTF-8)
+                for name, value in entries.items() for text in (name, value)]
+        await self._do(self._scripts["hdel_if_same"](keys=[f"pg:{{unfinished:{scope}:{part}}}"], args=args))
 
     async def unfinished(self, scope: str, part: int) -> dict[str, str]:
         got = await self._do(self._redis.hgetall(f"pg:{{unfinished:{scope}:{part}}}"))

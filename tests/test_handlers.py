@@ -647,7 +647,7 @@ async def test_records_that_are_old_or_not_understood_are_dropped_not_adopted(wo
     now = int(time.time() * 1000)
 
     def record(key: list[str], *notes: list[object]) -> tuple[str, str]:
-        return "n" + json.dumps(key), f"{now} " + json.dumps(notes)
+        return "n" + json.dumps(key, separators=(",", ":")), f"{now} " + json.dumps(notes)
 
     good_name, good = record([chat, b.user_id, "read"], [a.user_id, chat, b.user_id, "read", 1])
     bad = dict([
@@ -658,6 +658,9 @@ async def test_records_that_are_old_or_not_understood_are_dropped_not_adopted(wo
         record([chat, b.user_id, "delivered"], [a.user_id, chat, b.user_id, "read", float("inf")]),
         ("n" + "[" * 100_000, f"{now} []"),
         ('a["u","d"]', f"{now} not a number"),
+        ('a["u", "n"]', f"{now} 3"),  # (not named as a bridge names it: its retry would not forget it)
+        ("n" + json.dumps([chat, b.user_id, "delivered"]), f"{now} " + json.dumps([[a.user_id, chat, b.user_id,
+                                                                                   "delivered", 1]])),
         ('a["u","e"]', f"{now - 2 * 86_400_000} 3"),  # (understood, but two days old)
         ('a["u","f"]', "3"),  # (no time)
         ('a["u","g"]', "\u00b2 3"),  # (a digit, but not one written here)
@@ -672,6 +675,20 @@ async def test_records_that_are_old_or_not_understood_are_dropped_not_adopted(wo
     assert await state.unfinished("ks", 3) == {good_name: good}
     assert not there._acks_unfinished and list(there._untold) == [(chat, b.user_id, "read")]  # noqa: SLF001
     assert receipt_notices((await there.read(b, Read(chat=chat, up_to=1))).outs) == [(a.user_id, "read", b.user_id, 1)]
+    assert await state.unfinished("ks", 3) == {}  # (finished: forgotten by its name)
+    # one that another bridge writes again between the read and the drop stays
+    old_ack = ('a["u","d"]', f"{now - 2 * 86_400_000} 3")
+    await state.put_unfinished("ks", 3, dict([old_ack]))
+    read = state.unfinished
+
+    async def read_then_written_again(scope: str, part: int) -> dict[str, str]:
+        got = await read(scope, part)
+        await state.put_unfinished(scope, part, {old_ack[0]: f"{now} 4"})
+        return got
+
+    state.unfinished = read_then_written_again  # type: ignore[method-assign]
+    await theirs.adopt(3)
+    assert await read("ks", 3) == {old_ack[0]: f"{now} 4"}
 
 
 async def test_a_group_notice_a_higher_one_overtook_is_not_told(world: World) -> None:

@@ -130,6 +130,12 @@ async def test_unfinished_requests_wait_for_a_partitions_next_holder(state: Shar
     assert await state.unfinished(f"{scope}x", 3) == {}
     await state.put_unfinished(scope, 4, {"n9": None})
     assert await state.unfinished(scope, 4) == {}
+    # dropped only as it was read: one written again since stays
+    await state.drop_unfinished(scope, 3, {"n1": "[1]", "a2": "9", "gone": "x"})
+    assert await state.unfinished(scope, 3) == {"n1": "[1,2]"}
+    await state.drop_unfinished(scope, 3, {"n1": "[1,2]"})
+    await state.drop_unfinished(scope, 3, {})
+    assert await state.unfinished(scope, 3) == {}
 
 
 async def test_unfinished_requests_recorded_in_redis_expire_and_any_can_be_dropped() -> None:
@@ -154,6 +160,11 @@ async def test_unfinished_requests_recorded_in_redis_expire_and_any_can_be_dropp
         got = await s.unfinished(scope, 5)
         assert got["a"] == "2 3" and len(got) == 2
         await s.put_unfinished(scope, 5, {name: None for name in got if name != "a"})
+        assert await s.unfinished(scope, 5) == {"a": "2 3"}
+        # and so can one whose value is not UTF-8, by its value as read
+        await raw.hset(f"pg:{{unfinished:{scope}:5}}", mapping={b"n\xff": b"1 \xfe"})
+        got = await s.unfinished(scope, 5)
+        await s.drop_unfinished(scope, 5, {name: value for name, value in got.items() if name != "a"})
         assert await s.unfinished(scope, 5) == {"a": "2 3"}
     finally:
         await raw.aclose()
