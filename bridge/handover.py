@@ -12,11 +12,14 @@ before it takes in any of its publishes (as the devices' refusal windows are,
 ``bridge/admission.py``).
 
 A record can also be written for a partition another bridge holds already: a request that came
-over HTTP (any bridge answers those), or one still being handled by a bridge that has given its
-partition up since, or whose lease ran out while it was paused. That holder read the
-partition's records when it took it, perhaps before this one landed, so the bridge that wrote
-it asks the holder to read them again (``adopt``) before the request is answered: the retry
-finds what is left to tell wherever it goes.
+over HTTP (any bridge answers those), or one still being handled by a bridge whose lease has
+ended since (given back, or run out while it was paused). That holder read the partition's
+records when it took it, perhaps before this one landed, so the bridge that wrote it asks the
+holder to read them again before the request is answered: a retry then finds what is left to
+tell on the bridge that failed and on the holder (an HTTP retry that reaches a third bridge
+does not; the holder tells it at the user's next read of that chat there). The holder reads a
+partition's records once per ask at most, and asks that come while it reads share the next
+read.
 """
 
 from __future__ import annotations
@@ -54,6 +57,10 @@ class ReceiptHandover:
         self._state, self._partitions, self._messenger = state, partitions, messenger
         self._clock, self._ask_holder = clock, ask_holder
         messenger.keeper = self
+        # a partition's asks so far, and how many of them the latest read covers (it began after them)
+        self._asked: dict[int, int] = {}
+        self._read_through: dict[int, tuple[int, bool]] = {}
+        self._reading: dict[int, asyncio.Lock] = {}
 
     async def keep(self, user_id: str, name: str, value: str | None) -> None:
         part, landed = -1, False
@@ -63,10 +70,10 @@ class ReceiptHandover:
             async with asyncio.timeout(HANDOVER_WAIT_S):
                 await self._state.put_unfinished(self._partitions.partition_scope, part, {name: stamped})
                 landed = True
-                # Held here now that it has landed: a next holder takes the partition only after
-                # this bridge gives it up, and reads it then. Otherwise the holder is asked.
-                if value is not None and self._ask_holder is not None \
-                        and part not in self._partitions.held_partitions():
+                # Leased here now that it has landed (held, or being given back): a next holder
+                # takes the partition only after that, and reads it then. Otherwise the holder
+                # (if any: the next one reads it anyway) is asked.
+                if value is not None and self._ask_holder is not None and not self._partitions.leased_here(part):
                     reply = await self._ask_holder(part, {"kind": ADOPT, "part": part}, HANDOVER_WAIT_S)
                     if "error" in reply:
                         raise RuntimeError(f"the holder answered: {reply['error']}")
@@ -81,19 +88,26 @@ class ReceiptHandover:
         """Another bridge recorded something for a partition held here (see the module's text)."""
         part = request.get("part")
         if not isinstance(part, int) or isinstance(part, bool) or part not in self._partitions.held_partitions():
-            return {"error": f"partition {part!r} is not held here"}
-        await self.adopt(part)
-        return {"ok": True}
+            return {"error": f"partition {part!r:.100} is not held here"}
+        asked = self._asked[part] = self._asked.get(part, 0) + 1
+        async with self._reading.setdefault(part, asyncio.Lock()):
+            through, read = self._read_through.get(part, (0, False))
+            if through < asked:  # (else a read that began after this ask came has been made)
+                through = self._asked[part]
+                read = await self.adopt(part)
+                self._read_through[part] = (through, read)
+        return {"ok": True} if read else {"error": f"partition {part}'s records could not be read"}
 
-    async def adopt(self, part: int) -> None:
-        """Adopt what was recorded for a partition (its session is being connected here)."""
+    async def adopt(self, part: int) -> bool:
+        """Adopt what was recorded for a partition (its session is being connected here, or
+        another bridge asked); False when the records could not be read."""
         scope = self._partitions.partition_scope
         try:
             async with asyncio.timeout(HANDOVER_WAIT_S):
                 recorded = await self._state.unfinished(scope, part)
         except Exception as exc:  # noqa: BLE001 - taken over without them
             log.warning("reading the unfinished requests of partition %d failed: %r", part, exc)
-            return
+            return False
         now = int(self._clock() * 1000)
         current: dict[str, str] = {}
         dropped: list[str] = []
@@ -114,3 +128,4 @@ class ReceiptHandover:
             except Exception as exc:  # noqa: BLE001 - dropped the next time
                 log.warning("dropping %d old or unreadable records of partition %d failed: %r", len(dropped),
                             part, exc)
+        return True

@@ -254,6 +254,10 @@ class Partitions(Protocol):
 
     def held_partitions(self) -> list[int]: ...
 
+    def leased_here(self, part: int) -> bool:
+        """Whether this process's lease on the partition still stands: held, or being given
+        back (then not among ``held_partitions``, and no other process holds it yet)."""
+
     def queue_of(self, part: int) -> str:
         """Where requests for the holder of that partition wait (see storage/state_redis.py)."""
 

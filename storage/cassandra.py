@@ -353,6 +353,9 @@ class CassandraStore:
     def held_partitions(self) -> list[int]:
         return self._leases.held() if self._leases is not None else []
 
+    def leased_here(self, part: int) -> bool:
+        return self._leases is not None and self._leases.leased(part)
+
     async def partitions_changed(self) -> None:
         """Return when the set of held partitions may have changed."""
         if self._leases is None:

@@ -144,6 +144,12 @@ class Leases:
     def held(self) -> list[int]:
         return sorted(p for p in self._held if self.epoch(p) is not None)
 
+    def leased(self, part: int) -> bool:
+        """Whether this process's lease on ``part`` still stands, on its own clock: held, or
+        being given back (no other process can take it before that ends)."""
+        lease = self._held.get(part)
+        return lease is not None and self._clock() < lease.deadline
+
     # -- running ----------------------------------------------------------------------------------
     async def start(self, wait_s: float = 10.0) -> None:
         """Take what is free, then keep leases in the background. Returns once the first round is

@@ -475,18 +475,20 @@ async def test_a_record_for_a_partition_another_bridge_holds_is_adopted_there_be
     """The reader's partition is held by another bridge (the read came here over HTTP, or this
     bridge gave the partition up while handling it): once the record is written, its holder is
     asked to read the partition's records again, before the read is answered unavailable, and
-    the retry there tells the notice. Nothing is asked while the partition is held here; a
-    holder that refuses leaves the record for the partition's next holder."""
+    the retry there tells the notice. Nothing is asked while this bridge's lease on the
+    partition stands (held, or being given back: the next holder reads the records once it has
+    taken it); a holder that refuses leaves the record for the partition's next holder."""
     a, b = [await world.user(f"+1555000095{i}") for i in range(2)]
     state = MemoryState()
     held_here: list[int] = []
+    giving_back: list[int] = []  # (leased here, not held: being given back)
 
-    def parts(held: Callable[[], list[int]]) -> Any:
+    def parts(held: Callable[[], list[int]], leased: Callable[[int], bool]) -> Any:
         return SimpleNamespace(partition_scope="ks", partition_of_user=lambda user: 3 if user == b.user_id else 4,
-                               held_partitions=held)
+                               held_partitions=held, leased_here=leased)
 
     there = Messenger(world.store, world.clock, world.presence, max_group=4)  # type: ignore[arg-type]
-    theirs = ReceiptHandover(state, parts(lambda: [3, 4]), there)
+    theirs = ReceiptHandover(state, parts(lambda: [3, 4], lambda part: True), there)
     asked: list[tuple[int, dict[str, object]]] = []
     answer: dict[str, object] | None = None
 
@@ -494,7 +496,8 @@ async def test_a_record_for_a_partition_another_bridge_holds_is_adopted_there_be
         asked.append((part, request))
         return answer if answer is not None else await theirs.serve_adopt(request)
 
-    ReceiptHandover(state, parts(lambda: held_here), world.messenger, ask_holder=ask_holder)
+    ReceiptHandover(state, parts(lambda: held_here, lambda part: part in held_here + giving_back), world.messenger,
+                    ask_holder=ask_holder)
     await theirs.adopt(3)  # (it took the partition long before: nothing was recorded then)
 
     async def read_failing(k: int) -> tuple[str, int]:
@@ -514,11 +517,46 @@ async def test_a_record_for_a_partition_another_bridge_holds_is_adopted_there_be
     answer = {"error": "partition 3 is not held here"}
     await read_failing(2)
     assert len(asked) == 2 and len(await state.unfinished("ks", 3)) == 1  # (there for the next holder)
-    held_here.append(3)
+    giving_back.append(3)
     await read_failing(3)
+    held_here.append(3)
+    await read_failing(4)
     assert len(asked) == 2
-    for request in ({"part": 5}, {"part": "3"}, {"part": True}, {}):
-        assert "error" in await theirs.serve_adopt(request)
+    for request in ({"part": 5}, {"part": "3"}, {"part": True}, {}, {"part": "x" * 10_000}):
+        refused = await theirs.serve_adopt(request)
+        assert "error" in refused and len(str(refused)) < 300
+
+
+async def test_a_holder_asked_again_and_again_reads_a_partitions_records_once_per_wave(world: World) -> None:
+    """Asks that come while the holder reads a partition's records share its next read (each
+    ask is answered by a read that began after it came); a read that fails is answered as an
+    error, so that the bridge asking logs it."""
+    state = MemoryState()
+    parts = SimpleNamespace(partition_scope="ks", partition_of_user=lambda user: 3,
+                            held_partitions=lambda: [3], leased_here=lambda part: True)
+    theirs = ReceiptHandover(state, parts, world.messenger)  # type: ignore[arg-type]
+    read, gate, reads = state.unfinished, asyncio.Event(), []
+
+    async def gated(scope: str, part: int) -> dict[str, str]:
+        reads.append(part)
+        await gate.wait()
+        return await read(scope, part)
+
+    state.unfinished = gated  # type: ignore[method-assign]
+    first = asyncio.ensure_future(theirs.serve_adopt({"part": 3}))
+    await until(lambda: len(reads) == 1)
+    later = [asyncio.ensure_future(theirs.serve_adopt({"part": 3})) for _ in range(5)]
+    await asyncio.sleep(0.01)
+    gate.set()
+    assert await asyncio.wait_for(asyncio.gather(first, *later), 2.0) == [{"ok": True}] * 6
+    assert reads == [3, 3]  # (the first ask's read, then one for the five that came during it)
+    assert await theirs.serve_adopt({"part": 3}) == {"ok": True} and len(reads) == 3
+
+    async def failing(*_: object) -> dict[str, str]:
+        raise ConnectionError("redis is gone")
+
+    state.unfinished = failing  # type: ignore[method-assign]
+    assert "error" in await theirs.serve_adopt({"part": 3})
 
 
 async def test_a_notice_kept_for_a_retry_is_told_as_the_receipt_stands_then(world: World) -> None:

@@ -72,7 +72,9 @@ async def test_a_renewal_granted_in_time_keeps_the_lease_and_its_epoch() -> None
     assert leases.held() == list(range(PARTITIONS)) and not lost
     assert leases.epoch(3) == 1
     clock.now += LEASE_TTL_S - SAFETY_S - 0.1  # counted from when the renewal was sent
-    assert leases.epoch(3) == 1
+    assert leases.epoch(3) == 1 and leases.leased(3)
+    clock.now += 0.2
+    assert leases.epoch(3) is None and not leases.leased(3)  # (ran out: another may take it)
 
 
 @pytest.mark.parametrize("together", [False, True], ids=["one by one", "in one batch"])
@@ -273,10 +275,12 @@ async def test_partitions_given_back_slowly_leave_the_others_renewed_meanwhile(m
     kept = list(range(PARTITIONS // 2))
     assert leases.held() == kept  # the others answer no epoch from now on
     assert leases.changed.is_set()  # and the ingest is told at once (it gives up their sessions)
+    assert all(leases.leased(p) for p in range(PARTITIONS))  # (no other bridge can take those yet)
     await leases._renew_due()  # the loop's next turn
     assert sum(1 for name, _ in run.asked if name == "lease_renew") == PARTITIONS
     await asyncio.sleep(0.4)  # the releases waited RELEASE_WAIT_S, then gave the partitions back
     assert sorted(lost) == list(range(PARTITIONS // 2, PARTITIONS)) and leases.held() == kept
+    assert [p for p in range(PARTITIONS) if leases.leased(p)] == kept
     assert sum(1 for name, _ in run.asked if name == "lease_drop") == PARTITIONS // 2
     await leases._round()  # the next round gives back nothing more
     assert leases.held() == kept and not leases._release_tasks

@@ -300,6 +300,9 @@ class OnePartition:
     def held_partitions(self) -> list[int]:
         return self.held
 
+    def leased_here(self, part: int) -> bool:
+        return part in self.held
+
     def queue_of(self, part: int) -> str:
         return f"t:p{part}"
 
