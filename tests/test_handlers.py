@@ -527,6 +527,52 @@ async def test_a_record_for_a_partition_another_bridge_holds_is_adopted_there_be
         assert "error" in refused and len(str(refused)) < 300
 
 
+async def test_the_holder_is_asked_over_redis_as_bridges_ask_each_other(world: World) -> None:
+    """The same over the bridges' own channel, on the real Redis: the holder serves its
+    partition's queue, and the bridge that failed the read asks it there before answering."""
+    import secrets
+
+    from bridge.handover import ADOPT
+    from storage.state_redis import RedisState
+    from tests.conftest import production_url
+
+    url = production_url("PIGEON_REDIS", "redis://")
+    a, b = [await world.user(f"+1555000096{i}") for i in range(2)]
+    scope = f"ks{secrets.token_hex(4)}"
+    mine, holders = RedisState(url, peer_host=None), RedisState(url, peer_host=None)
+    await mine.open()
+    await holders.open()
+
+    def parts(held: list[int]) -> Any:
+        return SimpleNamespace(partition_scope=scope, partition_of_user=lambda user: 3,
+                               held_partitions=lambda: held, leased_here=lambda part: part in held)
+
+    there = Messenger(world.store, world.clock, world.presence, max_group=4)  # type: ignore[arg-type]
+    theirs = ReceiptHandover(holders, parts([3]), there)
+    holders.handle(ADOPT, theirs.serve_adopt)
+    serving = asyncio.create_task(holders.serve(lambda: [f"{scope}:p3"]))
+
+    async def ask_holder(part: int, request: dict[str, object], timeout: float) -> dict[str, object]:
+        return await mine.call(f"{scope}:p{part}", request, timeout)
+
+    ReceiptHandover(mine, parts([]), world.messenger, ask_holder=ask_holder)
+    try:
+        sent = await world.messenger.send(a, Send(id="m1", chat=None, to=b.user_id, body="hi", media=None))
+        chat, seq = sent.reply.chat, sent.reply.seq  # type: ignore[union-attr]
+        world.store.failing = {"append_receipts"}
+        with pytest.raises(Unavailable):
+            await world.messenger.read(b, Read(chat=chat, up_to=seq))
+        world.store.failing = set()
+        told = receipt_notices((await there.read(b, Read(chat=chat, up_to=seq))).outs)
+        assert told == [(a.user_id, "read", b.user_id, seq)]
+        assert await mine.unfinished(scope, 3) == {}
+    finally:
+        serving.cancel()
+        await asyncio.gather(serving, return_exceptions=True)
+        await mine.close()
+        await holders.close()
+
+
 async def test_a_holder_asked_again_and_again_reads_a_partitions_records_once_per_wave(world: World) -> None:
     """Asks that come while the holder reads a partition's records share its next read (each
     ask is answered by a read that began after it came); a read that fails is answered as an
