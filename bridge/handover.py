@@ -17,9 +17,9 @@ ended since (given back, or run out while it was paused). That holder read the p
 records when it took it, perhaps before this one landed, so the bridge that wrote it asks the
 holder to read them again before the request is answered: a retry then finds what is left to
 tell on the bridge that failed and on the holder (an HTTP retry that reaches a third bridge
-does not; the holder tells it at the user's next read of that chat there). The holder reads a
-partition's records once per ask at most, and asks that come while it reads share the next
-read.
+does not; the holder tells a read notice at the user's next read of that chat there, a
+delivered one at the next ack that reaches it). The holder reads a partition's records once
+per ask at most, and asks that come while it reads share the next read.
 """
 
 from __future__ import annotations

@@ -161,12 +161,13 @@ class Leases:
         await stop_tasks([*self._release_tasks, *([self._task] if self._task is not None else [])],
                          "stopping the partition leases")
         self._task = None
-        for part, lease in list(self._held.items()):  # let the others take over at once
+        # let the others take over at once; each lease counts as gone here before it is dropped
+        held, self._held = self._held, {}
+        for part, lease in held.items():
             try:
                 await self._run("lease_drop", part, self.holder, lease.epoch)
             except StorageUnavailable:
                 pass
-        self._held.clear()
         try:
             await self._run("gone", self.holder)
         except StorageUnavailable:

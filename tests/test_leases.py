@@ -284,3 +284,20 @@ async def test_partitions_given_back_slowly_leave_the_others_renewed_meanwhile(m
     assert sum(1 for name, _ in run.asked if name == "lease_drop") == PARTITIONS // 2
     await leases._round()  # the next round gives back nothing more
     assert leases.held() == kept and not leases._release_tasks
+
+
+async def test_a_stopping_process_counts_each_lease_gone_before_it_drops_it() -> None:
+    """Another process may take a partition as soon as its lease row is dropped: by then this
+    one no longer counts it as leased (a record written for its users asks that holder)."""
+    leases, _clock, run, _lost = await held_leases()
+    answer = run.__call__
+    leased_at_drop: list[bool] = []
+
+    async def watching(name: str, *params: Any) -> list[Any]:
+        if name == "lease_drop":
+            leased_at_drop.append(leases.leased(params[0]))
+        return await answer(name, *params)
+
+    leases._run = watching  # type: ignore[assignment]
+    await leases.stop()
+    assert leased_at_drop == [False] * PARTITIONS
