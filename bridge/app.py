@@ -84,6 +84,7 @@ class PigeonServer:
         self._stopping = asyncio.Event()
         self._broker: PigeonBroker | None = None
         self._ingest_client: MqttIngest | None = None
+        self._receipt_handover: ReceiptHandover | None = None
         self._dynsec: DynSecAdmin | None = None
         self._devices_at_broker: DynSecAdmin | TokenPlugin | None = None  # what it is told of devices
         self._runner: asyncio.Task[None] | None = None
@@ -369,8 +370,8 @@ class PigeonServer:
             # per partition (bridge/mqtt_ingest.py), and a dead bridge's share moves with its leases.
             windows = HeldBackHandover(self.state, partitions, self.admission)  # (they move with partitions)
             self.admission.on_hold = windows.note
-            unfinished = ReceiptHandover(self.state, partitions, self.messenger,  # (so do these)
-                                         ask_holder=ask_holder)
+            unfinished = self._receipt_handover = ReceiptHandover(self.state, partitions, self.messenger,
+                                                                  ask_holder=ask_holder)  # (so do these)
 
             async def adopt(part: int) -> None:
                 await asyncio.gather(windows.adopt(part), unfinished.adopt(part))
@@ -514,6 +515,8 @@ class PigeonServer:
             await self.v1_read.close()
         if getattr(self, "messenger", None) is not None:  # (records of requests cancelled as it stopped)
             await self.messenger.flush_keeping()
+        if self._receipt_handover is not None:
+            await self._receipt_handover.close()
         await self.store.close()
         if getattr(self, "state", None) is not None:
             await self.state.close()

@@ -19,7 +19,8 @@ holder to read them again before the request is answered: a retry then finds wha
 tell on the bridge that failed and on the holder (an HTTP retry that reaches a third bridge
 does not; the holder tells a read notice at the user's next read of that chat there, a
 delivered one at the next ack that reaches it). The holder reads a partition's records once
-per ask at most, and asks that come while it reads share the next read.
+per ask at most, and asks that come while it reads share the next read. An ask that fails is
+made again in the background (``ASK_AGAIN_S``) until a holder answers.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from storage.state import UNFINISHED_KEPT_MS
+from storage.stopping import stop_tasks
 
 from .admission import HANDOVER_WAIT_S
 
@@ -41,6 +43,9 @@ if TYPE_CHECKING:
     from .mqtt_ingest import AskHolder, Partitions
 
 ADOPT = "adopt_unfinished"  # the request asking a partition's holder to read its records again
+# After an ask that failed (the holder slow, Redis and the direct connection failing), it is made
+# again in the background after these pauses, until a holder answers
+ASK_AGAIN_S = (1.0, 4.0, 15.0, 60.0)
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +66,7 @@ class ReceiptHandover:
         self._asked: dict[int, int] = {}
         self._read_through: dict[int, tuple[int, bool]] = {}
         self._reading: dict[int, asyncio.Lock] = {}
+        self._asking_again: dict[int, asyncio.Task[None]] = {}
 
     async def keep(self, user_id: str, name: str, value: str | None) -> None:
         part, landed = -1, False
@@ -78,11 +84,41 @@ class ReceiptHandover:
                     if "error" in reply:
                         raise RuntimeError(f"the holder answered: {reply['error']}")
         except Exception as exc:  # noqa: BLE001 - it is kept here all the same
-            if landed:  # (adopted when the partition next moves)
-                log.warning("asking the holder of partition %d to read %.200s failed: %r", part, name, exc)
+            if landed:
+                log.warning("asking the holder of partition %d to read %.200s failed: %r (asked again later)",
+                            part, name, exc)
+                self._ask_again(part)
             else:
                 log.warning("recording %.200s of partition %d as %s failed: %r", name, part,
                             "finished" if value is None else "unfinished", exc)
+
+    def _ask_again(self, part: int) -> None:
+        """Ask the partition's holder again in the background (one task per partition: an ask
+        covers every record that landed before it)."""
+        if part not in self._asking_again:
+            task = asyncio.get_running_loop().create_task(self._asking(part), name=f"ask-holder-p{part}")
+            self._asking_again[part] = task
+            task.add_done_callback(lambda _task: self._asking_again.pop(part, None))
+
+    async def _asking(self, part: int) -> None:
+        assert self._ask_holder is not None
+        for pause in ASK_AGAIN_S:
+            await asyncio.sleep(pause)
+            if self._partitions.leased_here(part):
+                return  # (taken here since: its records were read when its session connected)
+            try:
+                async with asyncio.timeout(HANDOVER_WAIT_S):
+                    reply = await self._ask_holder(part, {"kind": ADOPT, "part": part}, HANDOVER_WAIT_S)
+            except Exception:  # noqa: BLE001 - asked again after the next pause
+                continue
+            if "error" not in reply:
+                return
+        log.warning("the holder of partition %d could not be asked to read its records again: they are "
+                    "adopted when the partition next moves", part)
+
+    async def close(self) -> None:
+        """Stop asking holders (what was not asked waits for the partitions' next moves)."""
+        await stop_tasks(list(self._asking_again.values()), "stopping the asks of partitions' holders")
 
     async def serve_adopt(self, request: dict[str, object]) -> dict[str, object]:
         """Another bridge recorded something for a partition held here (see the module's text)."""

@@ -496,8 +496,8 @@ async def test_a_record_for_a_partition_another_bridge_holds_is_adopted_there_be
         asked.append((part, request))
         return answer if answer is not None else await theirs.serve_adopt(request)
 
-    ReceiptHandover(state, parts(lambda: held_here, lambda part: part in held_here + giving_back), world.messenger,
-                    ask_holder=ask_holder)
+    here = ReceiptHandover(state, parts(lambda: held_here, lambda part: part in held_here + giving_back),
+                           world.messenger, ask_holder=ask_holder)
     await theirs.adopt(3)  # (it took the partition long before: nothing was recorded then)
 
     async def read_failing(k: int) -> tuple[str, int]:
@@ -517,6 +517,7 @@ async def test_a_record_for_a_partition_another_bridge_holds_is_adopted_there_be
     answer = {"error": "partition 3 is not held here"}
     await read_failing(2)
     assert len(asked) == 2 and len(await state.unfinished("ks", 3)) == 1  # (there for the next holder)
+    await here.close()  # (it would ask again later)
     giving_back.append(3)
     await read_failing(3)
     held_here.append(3)
@@ -525,6 +526,53 @@ async def test_a_record_for_a_partition_another_bridge_holds_is_adopted_there_be
     for request in ({"part": 5}, {"part": "3"}, {"part": True}, {}, {"part": "x" * 10_000}):
         refused = await theirs.serve_adopt(request)
         assert "error" in refused and len(str(refused)) < 300
+
+
+async def test_an_ask_that_failed_is_made_again_until_a_holder_answers(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The holder could not be asked (Redis failing, a holder too slow or refusing): the bridge
+    asks again in the background, one ask at a time per partition, until one is answered, or
+    it takes the partition itself (its records are read then), or it stops."""
+    import bridge.handover
+
+    monkeypatch.setattr(bridge.handover, "ASK_AGAIN_S", (0.05,) * 4)
+    a, b = [await world.user(f"+1555000097{i}") for i in range(2)]
+    state, leased = MemoryState(), []
+    parts = SimpleNamespace(partition_scope="ks", partition_of_user=lambda user: 3, held_partitions=lambda: [],
+                            leased_here=lambda part: part in leased)
+    answers: list[dict[str, object] | None] = []
+    asked: list[int] = []
+
+    async def ask_holder(part: int, request: dict[str, object], _timeout: float) -> dict[str, object]:
+        asked.append(part)
+        answer = answers.pop(0) if answers else None
+        if answer is None:
+            raise ConnectionError("redis is gone")
+        return answer
+
+    here = ReceiptHandover(state, parts, world.messenger, ask_holder=ask_holder)  # type: ignore[arg-type]
+
+    async def read_failing(k: int) -> None:
+        sent = await world.messenger.send(a, Send(id=f"m{k}", chat=None, to=b.user_id, body="hi", media=None))
+        world.store.failing = {"append_receipts"}
+        with pytest.raises(Unavailable):
+            await world.messenger.read(b, Read(chat=sent.reply.chat, up_to=sent.reply.seq))  # type: ignore[union-attr]
+        world.store.failing = set()
+
+    answers[:] = [None, None, {"error": "partition 3 is not held here"}, {"ok": True}]
+    await read_failing(1)
+    await read_failing(2)  # (failed while the first is asked again: the same asks cover it)
+    await until(lambda: not here._asking_again)  # noqa: SLF001
+    assert len(asked) == 4  # (each read's ask, then asked again until one is answered)
+    answers[:] = []
+    await read_failing(3)
+    leased.append(3)  # taken here meanwhile: nothing more to ask
+    await until(lambda: not here._asking_again)  # noqa: SLF001
+    assert len(asked) == 5
+    leased.clear()
+    await read_failing(4)
+    await here.close()
+    assert not here._asking_again and len(asked) == 6  # noqa: SLF001
 
 
 async def test_the_holder_is_asked_over_redis_as_bridges_ask_each_other(world: World) -> None:
