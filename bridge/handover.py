@@ -20,12 +20,14 @@ tell on the bridge that failed and on the holder (an HTTP retry that reaches a t
 does not; the holder tells a read notice at the user's next read of that chat there, a
 delivered one at the next ack that reaches it). The holder reads a partition's records once
 per ask at most, and asks that come while it reads share the next read. An ask that fails is
-made again in the background (``ASK_AGAIN_S``) until a holder answers.
+made again in the background (``ASK_AGAIN_S``) until a holder answers, for about 80 s; past
+that the records wait for the partition's next move.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -44,7 +46,7 @@ if TYPE_CHECKING:
 
 ADOPT = "adopt_unfinished"  # the request asking a partition's holder to read its records again
 # After an ask that failed (the holder slow, Redis and the direct connection failing), it is made
-# again in the background after these pauses, until a holder answers
+# again in the background after each of these pauses (about 80 s in all), until a holder answers
 ASK_AGAIN_S = (1.0, 4.0, 15.0, 60.0)
 
 log = logging.getLogger(__name__)
@@ -66,7 +68,10 @@ class ReceiptHandover:
         self._asked: dict[int, int] = {}
         self._read_through: dict[int, tuple[int, bool]] = {}
         self._reading: dict[int, asyncio.Lock] = {}
+        # a partition's task asking its holder again, and how many failed asks it is to cover
         self._asking_again: dict[int, asyncio.Task[None]] = {}
+        self._failed_asks: dict[int, int] = {}
+        self._closed = False
 
     async def keep(self, user_id: str, name: str, value: str | None) -> None:
         part, landed = -1, False
@@ -85,39 +90,55 @@ class ReceiptHandover:
                         raise RuntimeError(f"the holder answered: {reply['error']}")
         except Exception as exc:  # noqa: BLE001 - it is kept here all the same
             if landed:
-                log.warning("asking the holder of partition %d to read %.200s failed: %r (asked again later)",
-                            part, name, exc)
+                log.warning("asking the holder of partition %d to read %.200s failed: %r%s", part, name, exc,
+                            "" if self._closed else " (asked again later)")
                 self._ask_again(part)
             else:
                 log.warning("recording %.200s of partition %d as %s failed: %r", name, part,
                             "finished" if value is None else "unfinished", exc)
 
     def _ask_again(self, part: int) -> None:
-        """Ask the partition's holder again in the background (one task per partition: an ask
-        covers every record that landed before it)."""
-        if part not in self._asking_again:
+        """Ask the partition's holder again in the background: one task per partition, which asks
+        until an ask made after this failed one is answered (a holder's read covers every record
+        that landed before the ask reached it)."""
+        if self._closed:
+            return
+        self._failed_asks[part] = self._failed_asks.get(part, 0) + 1
+        task = self._asking_again.get(part)
+        if task is None or task.done():
             task = asyncio.get_running_loop().create_task(self._asking(part), name=f"ask-holder-p{part}")
             self._asking_again[part] = task
-            task.add_done_callback(lambda _task: self._asking_again.pop(part, None))
+            task.add_done_callback(functools.partial(self._ask_done, part))
+
+    def _ask_done(self, part: int, task: asyncio.Task[None]) -> None:
+        if self._asking_again.get(part) is task:
+            del self._asking_again[part]
 
     async def _asking(self, part: int) -> None:
         assert self._ask_holder is not None
-        for pause in ASK_AGAIN_S:
-            await asyncio.sleep(pause)
-            if self._partitions.leased_here(part):
-                return  # (taken here since: its records were read when its session connected)
+        step = 0
+        while step < len(ASK_AGAIN_S):
+            await asyncio.sleep(ASK_AGAIN_S[step])
+            step += 1
+            failed = self._failed_asks.get(part, 0)
             try:
+                if self._partitions.leased_here(part):
+                    return  # (taken here since: its records were read when its session connected)
                 async with asyncio.timeout(HANDOVER_WAIT_S):
                     reply = await self._ask_holder(part, {"kind": ADOPT, "part": part}, HANDOVER_WAIT_S)
             except Exception:  # noqa: BLE001 - asked again after the next pause
                 continue
-            if "error" not in reply:
+            if "error" in reply:
+                continue
+            if self._failed_asks.get(part, 0) == failed:
                 return
+            step = 0  # (another ask failed meanwhile, perhaps for a record this one did not cover)
         log.warning("the holder of partition %d could not be asked to read its records again: they are "
                     "adopted when the partition next moves", part)
 
     async def close(self) -> None:
         """Stop asking holders (what was not asked waits for the partitions' next moves)."""
+        self._closed = True
         await stop_tasks(list(self._asking_again.values()), "stopping the asks of partitions' holders")
 
     async def serve_adopt(self, request: dict[str, object]) -> dict[str, object]:

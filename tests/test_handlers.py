@@ -531,21 +531,26 @@ async def test_a_record_for_a_partition_another_bridge_holds_is_adopted_there_be
 async def test_an_ask_that_failed_is_made_again_until_a_holder_answers(
         world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     """The holder could not be asked (Redis failing, a holder too slow or refusing): the bridge
-    asks again in the background, one ask at a time per partition, until one is answered, or
-    it takes the partition itself (its records are read then), or it stops."""
+    asks again in the background, one ask at a time per partition, until an ask made after the
+    last failed one is answered, or it takes the partition itself (its records are read then),
+    or it stops."""
     import bridge.handover
 
-    monkeypatch.setattr(bridge.handover, "ASK_AGAIN_S", (0.05,) * 4)
+    monkeypatch.setattr(bridge.handover, "ASK_AGAIN_S", (0.5, 0.05, 0.05, 0.05))
     a, b = [await world.user(f"+1555000097{i}") for i in range(2)]
     state, leased = MemoryState(), []
     parts = SimpleNamespace(partition_scope="ks", partition_of_user=lambda user: 3, held_partitions=lambda: [],
                             leased_here=lambda part: part in leased)
-    answers: list[dict[str, object] | None] = []
+    # per ask, in turn: None fails it, an Event holds it until set (then it is answered)
+    answers: list[dict[str, object] | asyncio.Event | None] = []
     asked: list[int] = []
 
     async def ask_holder(part: int, request: dict[str, object], _timeout: float) -> dict[str, object]:
         asked.append(part)
         answer = answers.pop(0) if answers else None
+        if isinstance(answer, asyncio.Event):
+            await answer.wait()
+            return {"ok": True}
         if answer is None:
             raise ConnectionError("redis is gone")
         return answer
@@ -559,20 +564,34 @@ async def test_an_ask_that_failed_is_made_again_until_a_holder_answers(
             await world.messenger.read(b, Read(chat=sent.reply.chat, up_to=sent.reply.seq))  # type: ignore[union-attr]
         world.store.failing = set()
 
+    def idle() -> bool:
+        return not here._asking_again  # noqa: SLF001
+
     answers[:] = [None, None, {"error": "partition 3 is not held here"}, {"ok": True}]
     await read_failing(1)
-    await read_failing(2)  # (failed while the first is asked again: the same asks cover it)
-    await until(lambda: not here._asking_again)  # noqa: SLF001
+    await read_failing(2)  # (failed while the first is asked again: the same task covers it)
+    await until(idle)
     assert len(asked) == 4  # (each read's ask, then asked again until one is answered)
-    answers[:] = []
+    held = asyncio.Event()
+    answers[:] = [None, held, None, {"ok": True}]
     await read_failing(3)
+    await until(lambda: len(asked) == 6)  # asked again, and that ask is at the holder
+    await read_failing(4)  # recorded after that ask reached the holder, and its own ask fails
+    held.set()
+    await until(idle)
+    assert len(asked) == 8  # (asked once more, for the fourth read's record)
+    answers[:] = []
+    await read_failing(5)
     leased.append(3)  # taken here meanwhile: nothing more to ask
-    await until(lambda: not here._asking_again)  # noqa: SLF001
-    assert len(asked) == 5
+    await until(idle)
+    assert len(asked) == 9
     leased.clear()
-    await read_failing(4)
+    await read_failing(6)
     await here.close()
-    assert not here._asking_again and len(asked) == 6  # noqa: SLF001
+    assert idle() and len(asked) == 10
+    await read_failing(7)  # (after it stopped: asked once, within the request, not again)
+    await asyncio.sleep(0.6)
+    assert idle() and len(asked) == 11
 
 
 async def test_the_holder_is_asked_over_redis_as_bridges_ask_each_other(world: World) -> None:
