@@ -85,9 +85,7 @@ class ReceiptHandover:
                 # takes the partition only after that, and reads it then. Otherwise the holder
                 # (if any: the next one reads it anyway) is asked.
                 if value is not None and self._ask_holder is not None and not self._partitions.leased_here(part):
-                    reply = await self._ask_holder(part, {"kind": ADOPT, "part": part}, HANDOVER_WAIT_S)
-                    if "error" in reply:
-                        raise RuntimeError(f"the holder answered: {reply['error']}")
+                    await self._ask_to_read(part)
         except Exception as exc:  # noqa: BLE001 - it is kept here all the same
             if landed:
                 log.warning("asking the holder of partition %d to read %.200s failed: %r%s", part, name, exc,
@@ -96,6 +94,13 @@ class ReceiptHandover:
             else:
                 log.warning("recording %.200s of partition %d as %s failed: %r", name, part,
                             "finished" if value is None else "unfinished", exc)
+
+    async def _ask_to_read(self, part: int) -> None:
+        """Ask the partition's holder to read its records again; raises if it refuses."""
+        assert self._ask_holder is not None
+        reply = await self._ask_holder(part, {"kind": ADOPT, "part": part}, HANDOVER_WAIT_S)
+        if "error" in reply:
+            raise RuntimeError(f"the holder answered: {reply['error']}")
 
     def _ask_again(self, part: int) -> None:
         """Ask the partition's holder again in the background: one task per partition, which asks
@@ -115,7 +120,6 @@ class ReceiptHandover:
             del self._asking_again[part]
 
     async def _asking(self, part: int) -> None:
-        assert self._ask_holder is not None
         step = 0
         while step < len(ASK_AGAIN_S):
             await asyncio.sleep(ASK_AGAIN_S[step])
@@ -125,10 +129,8 @@ class ReceiptHandover:
                 if self._partitions.leased_here(part):
                     return  # (taken here since: its records were read when its session connected)
                 async with asyncio.timeout(HANDOVER_WAIT_S):
-                    reply = await self._ask_holder(part, {"kind": ADOPT, "part": part}, HANDOVER_WAIT_S)
-            except Exception:  # noqa: BLE001 - asked again after the next pause
-                continue
-            if "error" in reply:
+                    await self._ask_to_read(part)
+            except Exception:  # noqa: BLE001 - asked again after the next pause (a refusal too)
                 continue
             if self._failed_asks.get(part, 0) == failed:
                 return
