@@ -92,6 +92,20 @@ class _Pushes:
     expire: set[str] = field(default_factory=set)
 
 
+def _unfinished_key(scope: str, part: int) -> str:
+    return f"pg:{{unfinished:{scope}:{part}}}"
+
+
+# Records of unfinished requests are read as text, one that is not UTF-8 with its bytes kept as
+# surrogates (unreadable, so dropped), and written back or dropped by those same bytes.
+def _text(raw: bytes | str) -> str:
+    return raw.decode(errors="surrogateescape") if isinstance(raw, bytes) else str(raw)
+
+
+def _raw(text: str) -> bytes:
+    return text.encode(errors="surrogateescape")
+
+
 async def _close_both(pubsub: Any, client: Any) -> None:
     await pubsub.aclose()
     await client.aclose()
@@ -265,13 +279,9 @@ class RedisState:
     async def put_unfinished(self, scope: str, part: int, entries: Mapping[str, str | None]) -> None:
         if not entries:
             return
-        key = f"pg:{{unfinished:{scope}:{part}}}"
-
-        def raw(name: str) -> bytes:  # (the bytes it was read from, for one that was not UTF-8)
-            return name.encode(errors="surrogateescape")
-
-        kept = {raw(name): value for name, value in entries.items() if value is not None}
-        gone = [raw(name) for name, value in entries.items() if value is None]
+        key = _unfinished_key(scope, part)
+        kept = {_raw(name): value for name, value in entries.items() if value is not None}
+        gone = [_raw(name) for name, value in entries.items() if value is None]
         pipe = self._redis.pipeline(transaction=False)
         if kept:
             pipe.hset(key, mapping=kept)
@@ -283,17 +293,12 @@ class RedisState:
     async def drop_unfinished(self, scope: str, part: int, entries: Mapping[str, str]) -> None:
         if not entries:
             return
-        args = [text.encode(errors="surrogateescape")  # (the bytes read, for those that were not UTF-8)
-                for name, value in entries.items() for text in (name, value)]
-        await self._do(self._scripts["hdel_if_same"](keys=[f"pg:{{unfinished:{scope}:{part}}}"], args=args))
+        args = [_raw(text) for name, value in entries.items() for text in (name, value)]
+        await self._do(self._scripts["hdel_if_same"](keys=[_unfinished_key(scope, part)], args=args))
 
     async def unfinished(self, scope: str, part: int) -> dict[str, str]:
-        got = await self._do(self._redis.hgetall(f"pg:{{unfinished:{scope}:{part}}}"))
-
-        def text(raw: bytes | str) -> str:  # (one that is not UTF-8 comes out unreadable, to be dropped)
-            return raw.decode(errors="surrogateescape") if isinstance(raw, bytes) else str(raw)
-
-        return {text(k): text(v) for k, v in got.items()}
+        got = await self._do(self._redis.hgetall(_unfinished_key(scope, part)))
+        return {_text(k): _text(v) for k, v in got.items()}
 
     # -- requests between bridge processes -------------------------------------------------------
     async def devices_changed(self, user_id: str) -> None:
