@@ -11,17 +11,15 @@ finished it, and adopted by a bridge each time it connects that partition's brok
 before it takes in any of its publishes (as the devices' refusal windows are,
 ``bridge/admission.py``).
 
-A record can also be written for a partition another bridge holds already: a request that came
-over HTTP (any bridge answers those), or one still being handled by a bridge whose lease has
-ended since (given back, or run out while it was paused). That holder read the partition's
-records when it took it, perhaps before this one landed, so the bridge that wrote it asks the
-holder to read them again before the request is answered: a retry then finds what is left to
-tell on the bridge that failed and on the holder (an HTTP retry that reaches a third bridge
-does not; the holder tells a read notice at the user's next read of that chat there, a
-delivered one at the next ack that reaches it). The holder reads a partition's records once
-per ask at most, and asks that come while it reads share the next read. An ask that fails is
-made again in the background (``ASK_AGAIN_S``) until a holder answers, for about 80 s; past
-that the records wait for the partition's next move.
+A record can also be written for a partition another bridge holds already: by a bridge still
+handling the request when its lease ended (given back, or run out while it was paused). That
+holder read the partition's records when it took it, perhaps before this one landed, so the
+bridge that wrote it asks the holder to read them again before the request is answered: the
+device's retry, which reaches the holder (device traffic follows the partitions), finds what
+is left to tell there. The holder reads a partition's records once per ask at most, and asks
+that come while it reads share the next read. An ask that fails is made again in the
+background (``ASK_AGAIN_S``) until a holder answers, for about 80 s; past that the records
+wait for the partition's next move.
 """
 
 from __future__ import annotations

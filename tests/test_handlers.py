@@ -472,8 +472,8 @@ async def test_an_ack_whose_receipts_the_store_failed_is_finished_by_the_partiti
 
 async def test_a_record_for_a_partition_another_bridge_holds_is_adopted_there_before_the_answer(
         world: World) -> None:
-    """The reader's partition is held by another bridge (the read came here over HTTP, or this
-    bridge gave the partition up while handling it): once the record is written, its holder is
+    """The reader's partition is held by another bridge (this bridge's lease ended while it
+    handled the read: given back, or run out during a pause): once the record is written, its holder is
     asked to read the partition's records again, before the read is answered unavailable, and
     the retry there tells the notice. Nothing is asked while this bridge's lease on the
     partition stands (held, or being given back: the next holder reads the records once it has
