@@ -7,9 +7,9 @@ to be told (``Messenger._untold`` and ``_acks_unfinished``). With several bridge
 may reach another one, because the user's partition moved (a rebalance, a takeover) or the
 bridge died. So each such entry is also recorded in the shared state under the user's
 partition, before the request is answered ``unavailable``, forgotten there once a retry has
-finished it, and adopted by a bridge each time it connects that partition's broker session,
-before it takes in any of its publishes (as the devices' refusal windows are,
-``bridge/admission.py``).
+finished it (only the record that retry took on: one another bridge wrote since stays), and
+adopted by a bridge each time it connects that partition's broker session, before it takes in
+any of its publishes (as the devices' refusal windows are, ``bridge/admission.py``).
 
 A record can also be written for a partition another bridge holds already: by a bridge still
 handling the request when its lease ended (given back, or run out while it was paused). That
@@ -28,13 +28,16 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
+
+from cachetools import LRUCache
 
 from storage.state import UNFINISHED_KEPT_MS
 from storage.stopping import stop_tasks
 
 from .admission import HANDOVER_WAIT_S
+from .messaging import UNTOLD_KEPT
 
 if TYPE_CHECKING:
     from storage.state import SharedState
@@ -70,19 +73,40 @@ class ReceiptHandover:
         self._asking_again: dict[int, asyncio.Task[None]] = {}
         self._failed_asks: dict[int, int] = {}
         self._closed = False
+        # name -> the record (as stored) last written or adopted here: a retry that finishes
+        # what the Messenger holds forgets that one only, never one another bridge wrote since
+        self._covers: LRUCache[str, str] = LRUCache(UNTOLD_KEPT)
 
-    async def keep(self, user_id: str, name: str, value: str | None) -> None:
+    def keep(self, user_id: str, name: str, value: str) -> Coroutine[Any, Any, None]:
+        stamped = f"{int(self._clock() * 1000)} {value}"
+        self._covers[name] = stamped
+        return self._put(user_id, name, stamped)
+
+    def covering(self, name: str) -> str | None:
+        return self._covers.get(name)
+
+    async def forget(self, user_id: str, name: str, covered: str) -> None:
+        if self._covers.get(name) == covered:
+            del self._covers[name]
+        part = -1
+        try:
+            part = self._partitions.partition_of_user(user_id)
+            async with asyncio.timeout(HANDOVER_WAIT_S):
+                await self._state.drop_unfinished(self._partitions.partition_scope, part, {name: covered})
+        except Exception as exc:  # noqa: BLE001 - adopted again at a partition's move, and told as things stand
+            log.warning("forgetting %.200s of partition %d failed: %r", name, part, exc)
+
+    async def _put(self, user_id: str, name: str, stamped: str) -> None:
         part, landed = -1, False
         try:
             part = self._partitions.partition_of_user(user_id)
-            stamped = None if value is None else f"{int(self._clock() * 1000)} {value}"
             async with asyncio.timeout(HANDOVER_WAIT_S):
                 await self._state.put_unfinished(self._partitions.partition_scope, part, {name: stamped})
                 landed = True
                 # Leased here now that it has landed (held, or being given back): a next holder
                 # takes the partition only after that, and reads it then. Otherwise the holder
                 # (if any: the next one reads it anyway) is asked.
-                if value is not None and self._ask_holder is not None and not self._partitions.leased_here(part):
+                if self._ask_holder is not None and not self._partitions.leased_here(part):
                     await self._ask_to_read(part)
         except Exception as exc:  # noqa: BLE001 - it is kept here all the same
             if landed:
@@ -90,8 +114,7 @@ class ReceiptHandover:
                             "" if self._closed else " (asked again later)")
                 self._ask_again(part)
             else:
-                log.warning("recording %.200s of partition %d as %s failed: %r", name, part,
-                            "finished" if value is None else "unfinished", exc)
+                log.warning("recording %.200s of partition %d failed: %r", name, part, exc)
 
     async def _ask_to_read(self, part: int) -> None:
         """Ask the partition's holder to read its records again; raises if it refuses."""
@@ -177,6 +200,8 @@ class ReceiptHandover:
             else:
                 dropped.append(name)
         dropped += self._messenger.adopt_unfinished(current)
+        # (what the Messenger holds now covers these: a retry that finishes one forgets it as read)
+        self._covers.update((name, recorded[name]) for name in current if name not in dropped)
         if dropped:
             try:
                 async with asyncio.timeout(HANDOVER_WAIT_S):

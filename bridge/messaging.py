@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Mapping, Sequence
-from typing import Protocol
+from collections.abc import Coroutine, Mapping, Sequence
+from typing import Any, Protocol
 
 from cachetools import LRUCache
 
@@ -159,9 +159,19 @@ class Keeper(Protocol):
     """Where a process records what a user's request left unfinished (``bridge/handover.py``),
     so that the bridge next holding the user's partition finishes it on the request's retry."""
 
-    async def keep(self, user_id: str, name: str, value: str | None) -> None:
-        """Record ``value`` under ``name`` for the user's partition (None: forget it). Returns
-        within a bound and does not raise: a record that cannot be written is logged."""
+    def keep(self, user_id: str, name: str, value: str) -> Coroutine[Any, Any, None]:
+        """Record ``value`` under ``name`` for the user's partition: covered from the call on
+        (``covering``), written by the coroutine returned, which returns within a bound and does
+        not raise (a record that cannot be written is logged)."""
+
+    def covering(self, name: str) -> str | None:
+        """The record under ``name`` (as stored) that what this process holds in memory covers:
+        the one it wrote or adopted last; None when it knows of none."""
+
+    async def forget(self, user_id: str, name: str, covered: str) -> None:
+        """Forget the record under ``name`` if it is still ``covered`` (one another process has
+        written since stays, for its retry or the partition's next holder). Returns within a
+        bound and does not raise."""
 
 
 class Messenger:
@@ -271,8 +281,10 @@ class Messenger:
             key = (caller.user_id, caller.device_id)
             # (empty unless the store failed an ack part way)
             unfinished = self._acks_unfinished.pop(key, None) if self._acks_unfinished else None
+            covered = None
             if unfinished is not None:
                 prev = min(prev, unfinished)
+                covered = self._covering(_unfinished_ack_name(key))
             if new > prev:
                 try:
                     result = await self._deliver_receipts(caller, prev, new)
@@ -283,17 +295,28 @@ class Messenger:
             else:
                 result = Result()
             if unfinished is not None:
-                await self._keep(caller.user_id, _unfinished_ack_name(key), None)
+                await self._forget(caller.user_id, _unfinished_ack_name(key), covered)
             return result
 
-    async def _keep(self, user_id: str, name: str, value: str | None, failed: BaseException | None = None) -> None:
+    async def _keep(self, user_id: str, name: str, value: str, failed: BaseException) -> None:
         """Record with the keeper, if any, in a task of its own that a cancellation of the
         request does not stop. ``failed``: what the request failed with; when it is being
         cancelled (the bridge stopping), the record is written without waiting for it
         (``flush_keeping`` waits for those)."""
-        if self.keeper is None:
-            return
-        task = asyncio.get_running_loop().create_task(self.keeper.keep(user_id, name, value))
+        if self.keeper is not None:
+            await self._keeping_task(self.keeper.keep(user_id, name, value), failed)
+
+    def _covering(self, name: str) -> str | None:
+        return None if self.keeper is None else self.keeper.covering(name)
+
+    async def _forget(self, user_id: str, name: str, covered: str | None) -> None:
+        """A retry finished what ``name`` recorded: forget the record this process's memory
+        covered when the retry took it on (``covered``), in a task of its own as ``_keep``."""
+        if self.keeper is not None and covered is not None:
+            await self._keeping_task(self.keeper.forget(user_id, name, covered), None)
+
+    async def _keeping_task(self, write: Coroutine[Any, Any, None], failed: BaseException | None) -> None:
+        task = asyncio.get_running_loop().create_task(write)
         self._keeping.add(task)
         task.add_done_callback(self._kept)
         if failed is None or isinstance(failed, Exception):
@@ -395,6 +418,7 @@ class Messenger:
         # (told first: what this move tells supersedes them; empty unless the store failed one)
         notes = self._untold.pop(key, []) if self._untold else []
         untold = bool(notes)
+        covered = self._covering(_untold_name(key)) if untold else None
         if not moved and not notes:
             return []
         try:
@@ -422,7 +446,7 @@ class Messenger:
                 await self._keep(user_id, _untold_name(key), _notes_value(kept), exc)
             raise
         if untold:
-            await self._keep(user_id, _untold_name(key), None)
+            await self._forget(user_id, _untold_name(key), covered)
         if not notes:
             return []
         # (position 0: a group notice a higher one, worked out on another bridge, overtook)

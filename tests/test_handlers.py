@@ -449,6 +449,66 @@ async def test_a_read_whose_notice_the_store_failed_is_told_by_the_partitions_ne
         assert (await there.read(b, Read(chat=chat, up_to=up_to))).outs == []
 
 
+async def test_a_retry_forgets_only_the_record_it_finished_not_one_another_bridge_wrote_since(
+        world: World) -> None:
+    """Two bridges failed the same member's read receipt of a chat, one after the other, each
+    recording what it had left to tell under the same name. The first bridge's retry finishes
+    its own: the second's record stays (its retry, or the partition's next holder, tells it),
+    and that retry forgets it."""
+    a, b, c = [await world.user(f"+1555000075{i}") for i in range(3)]
+    state = MemoryState()
+    there, _, _ = other_bridge(world, state, b)
+    direct = (await reads_to_tell(world, a, b, c))[0][0]
+    await world.messenger.send(a, Send(id="m2", chat=direct, to=None, body="again", media=None))  # seq 2
+    world.store.failing = {"append_receipts"}
+    with pytest.raises(Unavailable):
+        await world.messenger.read(b, Read(chat=direct, up_to=1))
+    with pytest.raises(Unavailable):  # (another device of b's, on a bridge whose lease was ending)
+        await there.read(b, Read(chat=direct, up_to=2))
+    world.store.failing = set()
+    theirs = await state.unfinished("ks", 3)
+    assert len(theirs) == 1
+    assert receipt_notices((await world.messenger.read(b, Read(chat=direct, up_to=1))).outs) == [
+        (a.user_id, "read", b.user_id, 2)]  # (as the receipt stands)
+    assert await state.unfinished("ks", 3) == theirs
+    assert receipt_notices((await there.read(b, Read(chat=direct, up_to=2))).outs) == [
+        (a.user_id, "read", b.user_id, 2)]  # (told again: the device merges it with what it has)
+    assert await state.unfinished("ks", 3) == {}
+
+
+async def test_a_record_adopted_while_a_retry_tells_what_it_held_is_not_forgotten_by_that_retry(
+        world: World) -> None:
+    """A retry took on what this bridge held for a member's receipt, and while it was appending
+    the notices another bridge's record of the same receipt was adopted here: the retry forgets
+    only the record it took on, and the adopted one is told at the member's next read."""
+    a, b, c = [await world.user(f"+1555000076{i}") for i in range(3)]
+    state = MemoryState()
+    there, here, _ = other_bridge(world, state, b)
+    direct = (await reads_to_tell(world, a, b, c))[0][0]
+    await world.messenger.send(a, Send(id="m2", chat=direct, to=None, body="again", media=None))
+    world.store.failing = {"append_receipts"}
+    with pytest.raises(Unavailable):
+        await world.messenger.read(b, Read(chat=direct, up_to=1))
+    world.store.failing = set()
+    gate = world.store.held["append_receipts"] = asyncio.Event()
+    retry = asyncio.create_task(world.messenger.read(b, Read(chat=direct, up_to=1)))
+    await asyncio.sleep(0.05)  # (the retry waits in append_receipts with what it took on)
+    assert not retry.done()
+    del world.store.held["append_receipts"]
+    world.store.failing = {"append_receipts"}
+    with pytest.raises(Unavailable):
+        await there.read(b, Read(chat=direct, up_to=2))
+    world.store.failing = set()
+    theirs = await state.unfinished("ks", 3)
+    await here.adopt(3)
+    gate.set()
+    await asyncio.wait_for(retry, 5)
+    assert await state.unfinished("ks", 3) == theirs
+    assert receipt_notices((await world.messenger.read(b, Read(chat=direct, up_to=2))).outs) == [
+        (a.user_id, "read", b.user_id, 2)]
+    assert await state.unfinished("ks", 3) == {}
+
+
 async def test_an_ack_whose_receipts_the_store_failed_is_finished_by_the_partitions_next_holder(
         world: World) -> None:
     """The device's acknowledged position moved, then moving a chat's delivered receipt (or
