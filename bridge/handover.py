@@ -28,16 +28,13 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any
-
-from cachetools import LRUCache
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from storage.state import UNFINISHED_KEPT_MS
 from storage.stopping import stop_tasks
 
 from .admission import HANDOVER_WAIT_S
-from .messaging import UNTOLD_KEPT
 
 if TYPE_CHECKING:
     from storage.state import SharedState
@@ -73,30 +70,21 @@ class ReceiptHandover:
         self._asking_again: dict[int, asyncio.Task[None]] = {}
         self._failed_asks: dict[int, int] = {}
         self._closed = False
-        # name -> the record (as stored) last written or adopted here: a retry that finishes
-        # what the Messenger holds forgets that one only, never one another bridge wrote since
-        self._covers: LRUCache[str, str] = LRUCache(UNTOLD_KEPT)
 
-    def keep(self, user_id: str, name: str, value: str) -> Coroutine[Any, Any, None]:
-        stamped = f"{int(self._clock() * 1000)} {value}"
-        self._covers[name] = stamped
-        return self._put(user_id, name, stamped)
+    def stored(self, value: str) -> str:
+        return f"{int(self._clock() * 1000)} {value}"
 
-    def covering(self, name: str) -> str | None:
-        return self._covers.get(name)
-
-    async def forget(self, user_id: str, name: str, covered: str) -> None:
-        if self._covers.get(name) == covered:
-            del self._covers[name]
+    async def forget(self, user_id: str, name: str, covered: Sequence[str]) -> None:
         part = -1
         try:
             part = self._partitions.partition_of_user(user_id)
             async with asyncio.timeout(HANDOVER_WAIT_S):
-                await self._state.drop_unfinished(self._partitions.partition_scope, part, {name: covered})
+                for one in covered:  # (each compared, then deleted, in Redis: one of them at most is there)
+                    await self._state.drop_unfinished(self._partitions.partition_scope, part, {name: one})
         except Exception as exc:  # noqa: BLE001 - adopted again at a partition's move, and told as things stand
             log.warning("forgetting %.200s of partition %d failed: %r", name, part, exc)
 
-    async def _put(self, user_id: str, name: str, stamped: str) -> None:
+    async def keep(self, user_id: str, name: str, stamped: str) -> None:
         part, landed = -1, False
         try:
             part = self._partitions.partition_of_user(user_id)
@@ -189,19 +177,17 @@ class ReceiptHandover:
             log.warning("reading the unfinished requests of partition %d failed: %r", part, exc)
             return False
         now = int(self._clock() * 1000)
-        current: dict[str, str] = {}
+        current: dict[str, tuple[str, str]] = {}
         dropped: list[str] = []
         for name, stamped in recorded.items():
             written, _, value = stamped.partition(" ")
             # (a time of ASCII digits, as written: int() takes others, and one far ahead would never age)
             if written.isascii() and written.isdigit() and len(written) <= 15 \
                     and abs(int(written) - now) <= UNFINISHED_KEPT_MS:
-                current[name] = value
+                current[name] = (value, stamped)
             else:
                 dropped.append(name)
         dropped += self._messenger.adopt_unfinished(current)
-        # (what the Messenger holds now covers these: a retry that finishes one forgets it as read)
-        self._covers.update((name, recorded[name]) for name in current if name not in dropped)
         if dropped:
             try:
                 async with asyncio.timeout(HANDOVER_WAIT_S):

@@ -58,6 +58,20 @@ ACK_CHAT_TTL_S = 2.0
 # receipt notices not told, and acks not finished, because the store failed on the way, kept for
 # the request's retry (the oldest forgotten past this many)
 UNTOLD_KEPT = 10_000
+# An entry kept for a failed request remembers the records (as stored) that hold what it holds,
+# its retry forgets those (a write that failed may have landed all the same): the latest these many
+COVERED_KEPT = 16
+Covered = tuple[str, ...]
+
+
+def _covering(*records: Covered | str | None) -> Covered:
+    """The records of ``records`` (tuples of them, single ones, or None), each once, latest last."""
+    out: list[str] = []
+    for r in records:
+        for one in (() if r is None else (r,) if isinstance(r, str) else r):
+            if one not in out:
+                out.append(one)
+    return tuple(out[-COVERED_KEPT:])
 
 
 def _latest_notes(notes: list[tuple[str, ReceiptNote]]) -> list[tuple[str, ReceiptNote]]:
@@ -159,19 +173,18 @@ class Keeper(Protocol):
     """Where a process records what a user's request left unfinished (``bridge/handover.py``),
     so that the bridge next holding the user's partition finishes it on the request's retry."""
 
-    def keep(self, user_id: str, name: str, value: str) -> Coroutine[Any, Any, None]:
-        """Record ``value`` under ``name`` for the user's partition: covered from the call on
-        (``covering``), written by the coroutine returned, which returns within a bound and does
-        not raise (a record that cannot be written is logged)."""
+    def stored(self, value: str) -> str:
+        """``value`` as it is to be recorded (with when it was written)."""
 
-    def covering(self, name: str) -> str | None:
-        """The record under ``name`` (as stored) that what this process holds in memory covers:
-        the one it wrote or adopted last; None when it knows of none."""
+    async def keep(self, user_id: str, name: str, stored: str) -> None:
+        """Record ``stored`` under ``name`` for the user's partition. Returns within a bound and
+        does not raise: a record that cannot be written is logged."""
 
-    async def forget(self, user_id: str, name: str, covered: str) -> None:
-        """Forget the record under ``name`` if it is still ``covered`` (one another process has
-        written since stays, for its retry or the partition's next holder). Returns within a
-        bound and does not raise."""
+    async def forget(self, user_id: str, name: str, covered: Sequence[str]) -> None:
+        """Forget the record under ``name`` if it is one of ``covered``, the records what this
+        process held covered (written, tried, or adopted): one another process wrote since
+        stays, for its retry or the partition's next holder. Returns within a bound and does not
+        raise."""
 
 
 class Messenger:
@@ -197,10 +210,12 @@ class Messenger:
         # on the way), by (chat, member, kind): the retry of the request finds the receipt moved
         # already, and tells these instead of nothing. Recorded with the ``keeper`` too, when
         # there is one, for the next holder of the member's partition (adopt_unfinished).
-        self._untold: LRUCache[tuple[str, str, str], list[tuple[str, ReceiptNote]]] = LRUCache(UNTOLD_KEPT)
+        # Each with the records that hold it (``Keeper``), which its retry forgets.
+        self._untold: LRUCache[tuple[str, str, str], tuple[list[tuple[str, ReceiptNote]], Covered]] = \
+            LRUCache(UNTOLD_KEPT)
         # (user, device) -> the acknowledged position an ack moved from whose receipts were not
         # all moved (the store failed on the way): the next ack of the device starts there
-        self._acks_unfinished: LRUCache[tuple[str, str], int] = LRUCache(UNTOLD_KEPT)
+        self._acks_unfinished: LRUCache[tuple[str, str], tuple[int, Covered]] = LRUCache(UNTOLD_KEPT)
 
     # -- helpers --------------------------------------------------------------------------------
     async def _member_chat(self, caller: Caller, chat_id: str, *, current_seq: bool = True) -> Chat:
@@ -281,38 +296,42 @@ class Messenger:
             key = (caller.user_id, caller.device_id)
             # (empty unless the store failed an ack part way)
             unfinished = self._acks_unfinished.pop(key, None) if self._acks_unfinished else None
-            covered = None
             if unfinished is not None:
-                prev = min(prev, unfinished)
-                covered = self._covering(_unfinished_ack_name(key))
+                prev = min(prev, unfinished[0])
             if new > prev:
                 try:
                     result = await self._deliver_receipts(caller, prev, new)
                 except BaseException as exc:
-                    self._acks_unfinished[key] = prev  # (a retry of this ack does the rest)
-                    await self._keep(caller.user_id, _unfinished_ack_name(key), str(prev), exc)
+                    # (a retry of this ack does the rest; with what was adopted meanwhile, if any)
+                    adopted = self._acks_unfinished.get(key)
+                    if adopted is not None:
+                        prev = min(prev, adopted[0])
+                    stored = self._stored(str(prev))
+                    self._acks_unfinished[key] = (prev, _covering(unfinished and unfinished[1], adopted and adopted[1],
+                                                                  stored))
+                    await self._keep(caller.user_id, _unfinished_ack_name(key), stored, exc)
                     raise
             else:
                 result = Result()
             if unfinished is not None:
-                await self._forget(caller.user_id, _unfinished_ack_name(key), covered)
+                await self._forget(caller.user_id, _unfinished_ack_name(key), unfinished[1])
             return result
 
-    async def _keep(self, user_id: str, name: str, value: str, failed: BaseException) -> None:
+    def _stored(self, value: str) -> str | None:
+        return None if self.keeper is None else self.keeper.stored(value)
+
+    async def _keep(self, user_id: str, name: str, stored: str | None, failed: BaseException) -> None:
         """Record with the keeper, if any, in a task of its own that a cancellation of the
         request does not stop. ``failed``: what the request failed with; when it is being
         cancelled (the bridge stopping), the record is written without waiting for it
         (``flush_keeping`` waits for those)."""
-        if self.keeper is not None:
-            await self._keeping_task(self.keeper.keep(user_id, name, value), failed)
+        if self.keeper is not None and stored is not None:
+            await self._keeping_task(self.keeper.keep(user_id, name, stored), failed)
 
-    def _covering(self, name: str) -> str | None:
-        return None if self.keeper is None else self.keeper.covering(name)
-
-    async def _forget(self, user_id: str, name: str, covered: str | None) -> None:
-        """A retry finished what ``name`` recorded: forget the record this process's memory
-        covered when the retry took it on (``covered``), in a task of its own as ``_keep``."""
-        if self.keeper is not None and covered is not None:
+    async def _forget(self, user_id: str, name: str, covered: Covered) -> None:
+        """A retry finished what an entry held: forget the records that held it (``covered``,
+        as the entry was when the retry took it on), in a task of its own as ``_keep``."""
+        if self.keeper is not None and covered:
             await self._keeping_task(self.keeper.forget(user_id, name, covered), None)
 
     async def _keeping_task(self, write: Coroutine[Any, Any, None], failed: BaseException | None) -> None:
@@ -334,13 +353,14 @@ class Messenger:
         while self._keeping and (left := deadline - asyncio.get_running_loop().time()) > 0:
             await asyncio.wait(list(self._keeping), timeout=left)
 
-    def adopt_unfinished(self, recorded: Mapping[str, str]) -> list[str]:
+    def adopt_unfinished(self, recorded: Mapping[str, tuple[str, str]]) -> list[str]:
         """Take on what another process recorded as unfinished (``Keeper``) for the users of a
-        partition now held here: the retries of those requests finish it here. What is kept here
-        already stays (the furthest notices of both, the lower of two acks' positions). Returns
-        the names of the records that are not understood (and were skipped)."""
+        partition now held here, by name: (what it kept, the record as stored). The retries of
+        those requests finish it here, and forget the record. What is kept here already stays
+        (the furthest notices of both, the lower of two acks' positions). Returns the names of
+        the records that are not understood (and were skipped)."""
         skipped = []
-        for name, value in recorded.items():
+        for name, (value, stored) in recorded.items():
             try:
                 if name.startswith("n"):
                     key = _untold_key(json.loads(name[1:]))
@@ -349,7 +369,8 @@ class Messenger:
                     notes = [_untold_note(key, n) for n in json.loads(value)]
                     if not notes:
                         raise ValueError("no notices")
-                    self._untold[key] = _latest_notes(self._untold.get(key, []) + notes)
+                    old_notes, old_covered = self._untold.get(key, ([], ()))
+                    self._untold[key] = (_latest_notes(old_notes + notes), _covering(old_covered, stored))
                 elif name.startswith("a"):
                     fields = json.loads(name[1:])
                     if not (isinstance(fields, list) and len(fields) == 2 and all(isinstance(f, str) for f in fields)
@@ -358,7 +379,8 @@ class Messenger:
                     ack, prev = (fields[0], fields[1]), int(value)
                     if name != _unfinished_ack_name(ack):
                         raise ValueError("not named as a bridge names it")
-                    self._acks_unfinished[ack] = min(prev, self._acks_unfinished.get(ack, prev))
+                    old_prev, old_covered = self._acks_unfinished.get(ack, (prev, ()))
+                    self._acks_unfinished[ack] = (min(prev, old_prev), _covering(old_covered, stored))
                 else:
                     raise ValueError("neither notices nor an ack")
             except Exception as exc:  # noqa: BLE001 - one record another process wrote: skipped
@@ -416,9 +438,9 @@ class Messenger:
         moved = await self._store.advance_receipt(chat_id, user_id, kind, up_to)
         key = (chat_id, user_id, kind)
         # (told first: what this move tells supersedes them; empty unless the store failed one)
-        notes = self._untold.pop(key, []) if self._untold else []
+        held = self._untold.pop(key, None) if self._untold else None
+        notes = [] if held is None else list(held[0])
         untold = bool(notes)
-        covered = self._covering(_untold_name(key)) if untold else None
         if not moved and not notes:
             return []
         try:
@@ -441,12 +463,15 @@ class Messenger:
             if notes:
                 positions = await self._store.append_receipts(notes)
         except BaseException as exc:
-            if notes:
-                self._untold[key] = kept = _latest_notes(notes)
-                await self._keep(user_id, _untold_name(key), _notes_value(kept), exc)
+            if notes:  # (with what was adopted meanwhile, if any)
+                adopted = self._untold.get(key)
+                kept = _latest_notes(notes if adopted is None else adopted[0] + notes)
+                stored = self._stored(_notes_value(kept))
+                self._untold[key] = (kept, _covering(held and held[1], adopted and adopted[1], stored))
+                await self._keep(user_id, _untold_name(key), stored, exc)
             raise
-        if untold:
-            await self._forget(user_id, _untold_name(key), covered)
+        if held is not None:
+            await self._forget(user_id, _untold_name(key), held[1])
         if not notes:
             return []
         # (position 0: a group notice a higher one, worked out on another bridge, overtook)

@@ -480,33 +480,111 @@ async def test_a_record_adopted_while_a_retry_tells_what_it_held_is_not_forgotte
         world: World) -> None:
     """A retry took on what this bridge held for a member's receipt, and while it was appending
     the notices another bridge's record of the same receipt was adopted here: the retry forgets
-    only the record it took on, and the adopted one is told at the member's next read."""
+    only the record it took on, and the adopted one is told at the member's next read. A retry
+    that fails there keeps (and records) what was adopted as well as what it held."""
     a, b, c = [await world.user(f"+1555000076{i}") for i in range(3)]
     state = MemoryState()
     there, here, _ = other_bridge(world, state, b)
     direct = (await reads_to_tell(world, a, b, c))[0][0]
-    await world.messenger.send(a, Send(id="m2", chat=direct, to=None, body="again", media=None))
+    for retry_fails in (False, True):
+        for k in range(2):
+            await world.messenger.send(a, Send(id=f"m{retry_fails}{k}", chat=direct, to=None, body="hi", media=None))
+        last = (await world.store.get_chat(direct)).last_seq  # type: ignore[union-attr]
+        retry, gate, theirs = await retry_held_while_another_bridge_fails(world, state, there, b, direct, last)
+        await here.adopt(3)
+        if retry_fails:  # (it keeps what it adopted meanwhile as well as what it held)
+            world.store.failing = {"append_receipts"}
+        gate.set()
+        if retry_fails:
+            with pytest.raises(Unavailable):
+                await asyncio.wait_for(retry, 5)
+            world.store.failing = set()
+            assert recorded_up_to(await state.unfinished("ks", 3)) == [last]
+        else:
+            await asyncio.wait_for(retry, 5)
+            assert await state.unfinished("ks", 3) == theirs
+        assert receipt_notices((await world.messenger.read(b, Read(chat=direct, up_to=last))).outs) == [
+            (a.user_id, "read", b.user_id, last)]
+        assert await state.unfinished("ks", 3) == {}
+
+
+async def test_a_record_whose_rewrite_failed_is_forgotten_all_the_same(world: World) -> None:
+    """A read failed and was recorded; its retry failed again and so did the write of its new
+    record (the first stays in the shared state): the retry that finishes forgets the first."""
+    a, b = [await world.user(f"+1555000077{i}") for i in range(2)]
+    state = MemoryState()
+    other_bridge(world, state, b)
+    sent = await world.messenger.send(a, Send(id="m1", chat=None, to=b.user_id, body="hi", media=None))
+    chat = sent.reply.chat  # type: ignore[union-attr]
     world.store.failing = {"append_receipts"}
     with pytest.raises(Unavailable):
-        await world.messenger.read(b, Read(chat=direct, up_to=1))
+        await world.messenger.read(b, Read(chat=chat, up_to=1))
+    first = await state.unfinished("ks", 3)
+    put = state.put_unfinished
+
+    async def failing(*_: object) -> None:
+        raise ConnectionError("redis is gone")
+
+    state.put_unfinished = failing  # type: ignore[method-assign]
+    with pytest.raises(Unavailable):
+        await world.messenger.read(b, Read(chat=chat, up_to=1))
+    state.put_unfinished = put  # type: ignore[method-assign]
+    world.store.failing = set()
+    assert await state.unfinished("ks", 3) == first
+    assert receipt_notices((await world.messenger.read(b, Read(chat=chat, up_to=1))).outs) == [
+        (a.user_id, "read", b.user_id, 1)]
+    assert await state.unfinished("ks", 3) == {}
+
+
+async def test_an_acks_retry_forgets_only_the_record_it_finished_not_one_another_bridge_wrote_since(
+        world: World) -> None:
+    """A device's ack failed part way on this bridge, then (after another message) on a bridge
+    whose lease was ending: the retry here moves every receipt and forgets its own record only;
+    the other's stays until its retry, which forgets it."""
+    a, reader = [await world.user(f"+1555000078{i}") for i in range(2)]
+    state = MemoryState()
+    there, _, _ = other_bridge(world, state, reader)
+    heads = []
+    for k, on in enumerate((world.messenger, there)):
+        await world.messenger.send(a, Send(id=f"m{k}", chat=None, to=reader.user_id, body="hi", media=None))
+        heads.append(await world.store.inbox_head(reader.user_id))
+        world.store.failing = {"advance_receipt"}
+        with pytest.raises(Unavailable):
+            await on.ack(reader, Ack(up_to=heads[-1]))
+        world.store.failing = set()
+    theirs = await state.unfinished("ks", 3)
+    assert receipt_notices((await world.messenger.ack(reader, Ack(up_to=heads[-1]))).outs) == [
+        (a.user_id, "delivered", reader.user_id, 2)]
+    assert await state.unfinished("ks", 3) == theirs
+    assert (await there.ack(reader, Ack(up_to=heads[-1]))).outs == []  # (moved already)
+    assert await state.unfinished("ks", 3) == {}
+
+
+def recorded_up_to(recorded: dict[str, str]) -> list[int]:
+    """The positions the notices of the records tell."""
+    return sorted(n[4] for stored in recorded.values() for n in json.loads(stored.partition(" ")[2]))
+
+
+async def retry_held_while_another_bridge_fails(world: World, state: MemoryState, there: Messenger, b: Caller,
+                                                chat: str, last: int
+                                                ) -> tuple[asyncio.Task[Any], asyncio.Event, dict[str, str]]:
+    """``b``'s read of its direct chat's message ``last - 1`` fails here; its retry is held in
+    appending the notices, and meanwhile ``b``'s read of ``last`` fails on the other bridge.
+    The retry, its gate, and what the other bridge recorded."""
+    world.store.failing = {"append_receipts"}
+    with pytest.raises(Unavailable):
+        await world.messenger.read(b, Read(chat=chat, up_to=last - 1))
     world.store.failing = set()
     gate = world.store.held["append_receipts"] = asyncio.Event()
-    retry = asyncio.create_task(world.messenger.read(b, Read(chat=direct, up_to=1)))
-    await asyncio.sleep(0.05)  # (the retry waits in append_receipts with what it took on)
-    assert not retry.done()
+    calls = world.store.calls["append_receipts"]
+    retry = asyncio.create_task(world.messenger.read(b, Read(chat=chat, up_to=last - 1)))
+    await until(lambda: world.store.calls["append_receipts"] > calls)  # (it waits there with what it took on)
     del world.store.held["append_receipts"]
     world.store.failing = {"append_receipts"}
     with pytest.raises(Unavailable):
-        await there.read(b, Read(chat=direct, up_to=2))
+        await there.read(b, Read(chat=chat, up_to=last))
     world.store.failing = set()
-    theirs = await state.unfinished("ks", 3)
-    await here.adopt(3)
-    gate.set()
-    await asyncio.wait_for(retry, 5)
-    assert await state.unfinished("ks", 3) == theirs
-    assert receipt_notices((await world.messenger.read(b, Read(chat=direct, up_to=2))).outs) == [
-        (a.user_id, "read", b.user_id, 2)]
-    assert await state.unfinished("ks", 3) == {}
+    return retry, gate, await state.unfinished("ks", 3)
 
 
 async def test_an_ack_whose_receipts_the_store_failed_is_finished_by_the_partitions_next_holder(
