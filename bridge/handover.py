@@ -6,10 +6,11 @@ request's retry finds nothing left to move, and only the bridge that failed know
 to be told (``Messenger._untold`` and ``_acks_unfinished``). With several bridges the retry
 may reach another one, because the user's partition moved (a rebalance, a takeover) or the
 bridge died. So each such entry is also recorded in the shared state under the user's
-partition, before the request is answered ``unavailable``, forgotten there once a retry has
-finished it (only the record that retry took on: one another bridge wrote since stays), and
-adopted by a bridge each time it connects that partition's broker session, before it takes in
-any of its publishes (as the devices' refusal windows are, ``bridge/admission.py``).
+partition (under a field of the writing process's own), before the request is answered
+``unavailable``, forgotten there once a retry has finished it (only the records of what that
+retry took on: one another bridge wrote stays), and adopted by a bridge each time it connects
+that partition's broker session, before it takes in any of its publishes (as the devices'
+refusal windows are, ``bridge/admission.py``).
 
 A record can also be written for a partition another bridge holds already: by a bridge still
 handling the request when its lease ended (given back, or run out while it was paused). That
@@ -27,8 +28,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from string import hexdigits
 from typing import TYPE_CHECKING
 
 from storage.state import UNFINISHED_KEPT_MS
@@ -39,9 +42,13 @@ from .admission import HANDOVER_WAIT_S
 if TYPE_CHECKING:
     from storage.state import SharedState
 
-    from .messaging import Messenger
+    from .messaging import Covered, Messenger, Record
     from .mqtt_ingest import AskHolder, Partitions
 
+# Each process writes its records under its own field, the record's name, WRITER_MARK and the
+# process's writer: two bridges failing the same request (one whose lease was ending) do not
+# overwrite each other, and the holder adopts both
+WRITER_MARK, WRITER_LEN = "~", 8
 ADOPT = "adopt_unfinished"  # the request asking a partition's holder to read its records again
 # After an ask that failed (the holder slow, Redis and the direct connection failing), it is made
 # again in the background after each of these pauses (about 80 s in all), until a holder answers
@@ -70,22 +77,23 @@ class ReceiptHandover:
         self._asking_again: dict[int, asyncio.Task[None]] = {}
         self._failed_asks: dict[int, int] = {}
         self._closed = False
+        self._writer = secrets.token_hex(WRITER_LEN // 2)  # (this process's own records' mark)
 
-    def stored(self, value: str) -> str:
-        return f"{int(self._clock() * 1000)} {value}"
+    def record(self, name: str, value: str) -> Record:
+        return f"{name}{WRITER_MARK}{self._writer}", f"{int(self._clock() * 1000)} {value}"
 
-    async def forget(self, user_id: str, name: str, covered: Sequence[str]) -> None:
+    async def forget(self, user_id: str, covered: Covered) -> None:
         part = -1
         try:
             part = self._partitions.partition_of_user(user_id)
             async with asyncio.timeout(HANDOVER_WAIT_S):
-                for one in covered:  # (each compared, then deleted, in Redis: one of them at most is there)
-                    await self._state.drop_unfinished(self._partitions.partition_scope, part, {name: one})
+                for field, value in covered:  # (each compared, then deleted, in Redis)
+                    await self._state.drop_unfinished(self._partitions.partition_scope, part, {field: value})
         except Exception as exc:  # noqa: BLE001 - adopted again at a partition's move, and told as things stand
-            log.warning("forgetting %.200s of partition %d failed: %r", name, part, exc)
+            log.warning("forgetting %d records of partition %d failed: %r", len(covered), part, exc)
 
-    async def keep(self, user_id: str, name: str, stamped: str) -> None:
-        part, landed = -1, False
+    async def keep(self, user_id: str, record: Record) -> None:
+        (name, stamped), part, landed = record, -1, False
         try:
             part = self._partitions.partition_of_user(user_id)
             async with asyncio.timeout(HANDOVER_WAIT_S):
@@ -177,16 +185,21 @@ class ReceiptHandover:
             log.warning("reading the unfinished requests of partition %d failed: %r", part, exc)
             return False
         now = int(self._clock() * 1000)
-        current: dict[str, tuple[str, str]] = {}
+        current: dict[str, tuple[str, str, str]] = {}
         dropped: list[str] = []
-        for name, stamped in recorded.items():
+        for field, stamped in recorded.items():
             written, _, value = stamped.partition(" ")
+            # (the name, then the writer; a field of a bridge from before 2026-12-07 evening is the name)
+            name, mark, writer = field.rpartition(WRITER_MARK)
+            if not mark:
+                name = field
             # (a time of ASCII digits, as written: int() takes others, and one far ahead would never age)
             if written.isascii() and written.isdigit() and len(written) <= 15 \
-                    and abs(int(written) - now) <= UNFINISHED_KEPT_MS:
-                current[name] = (value, stamped)
+                    and abs(int(written) - now) <= UNFINISHED_KEPT_MS \
+                    and (not mark or (len(writer) == WRITER_LEN and all(c in hexdigits for c in writer))):
+                current[field] = (name, value, stamped)
             else:
-                dropped.append(name)
+                dropped.append(field)
         dropped += self._messenger.adopt_unfinished(current)
         if dropped:
             try:

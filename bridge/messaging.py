@@ -58,19 +58,19 @@ ACK_CHAT_TTL_S = 2.0
 # receipt notices not told, and acks not finished, because the store failed on the way, kept for
 # the request's retry (the oldest forgotten past this many)
 UNTOLD_KEPT = 10_000
-# An entry kept for a failed request remembers the records (as stored) that hold what it holds,
-# its retry forgets those (a write that failed may have landed all the same): the latest these many
+# An entry kept for a failed request remembers the records that hold what it holds (``Keeper``),
+# which its retry forgets (a write that failed may have landed all the same): the latest these many
 COVERED_KEPT = 16
-Covered = tuple[str, ...]
+Record = tuple[str, str]  # (its field among the partition's records, its value as stored)
+Covered = tuple[Record, ...]
 
 
-def _covering(*records: Covered | str | None) -> Covered:
-    """The records of ``records`` (tuples of them, single ones, or None), each once, latest last."""
-    out: list[str] = []
-    for r in records:
-        for one in (() if r is None else (r,) if isinstance(r, str) else r):
-            if one not in out:
-                out.append(one)
+def _covering(*groups: Covered | None, new: Record | None = None) -> Covered:
+    """The records of ``groups`` and ``new``, each once, the latest last."""
+    out: list[Record] = []
+    for one in [r for g in groups if g for r in g] + ([new] if new is not None else []):
+        if one not in out:
+            out.append(one)
     return tuple(out[-COVERED_KEPT:])
 
 
@@ -173,18 +173,19 @@ class Keeper(Protocol):
     """Where a process records what a user's request left unfinished (``bridge/handover.py``),
     so that the bridge next holding the user's partition finishes it on the request's retry."""
 
-    def stored(self, value: str) -> str:
-        """``value`` as it is to be recorded (with when it was written)."""
+    def record(self, name: str, value: str) -> Record:
+        """The record of ``value`` under ``name`` as this process writes it: its own field (each
+        process writes its own, so two failing the same request do not overwrite each other)
+        and its value with when it was written."""
 
-    async def keep(self, user_id: str, name: str, stored: str) -> None:
-        """Record ``stored`` under ``name`` for the user's partition. Returns within a bound and
-        does not raise: a record that cannot be written is logged."""
+    async def keep(self, user_id: str, record: Record) -> None:
+        """Write ``record`` for the user's partition. Returns within a bound and does not raise:
+        a record that cannot be written is logged."""
 
-    async def forget(self, user_id: str, name: str, covered: Sequence[str]) -> None:
-        """Forget the record under ``name`` if it is one of ``covered``, the records what this
-        process held covered (written, tried, or adopted): one another process wrote since
-        stays, for its retry or the partition's next holder. Returns within a bound and does not
-        raise."""
+    async def forget(self, user_id: str, covered: Covered) -> None:
+        """Forget each of the records ``covered`` that still holds its value: the records of
+        what a retry finished (written, tried, or adopted here); one written since stays, for
+        its retry or the partition's next holder. Returns within a bound and does not raise."""
 
 
 class Messenger:
@@ -306,33 +307,33 @@ class Messenger:
                     adopted = self._acks_unfinished.get(key)
                     if adopted is not None:
                         prev = min(prev, adopted[0])
-                    stored = self._stored(str(prev))
+                    record = self._record(_unfinished_ack_name(key), str(prev))
                     self._acks_unfinished[key] = (prev, _covering(unfinished and unfinished[1], adopted and adopted[1],
-                                                                  stored))
-                    await self._keep(caller.user_id, _unfinished_ack_name(key), stored, exc)
+                                                                  new=record))
+                    await self._keep(caller.user_id, record, exc)
                     raise
             else:
                 result = Result()
             if unfinished is not None:
-                await self._forget(caller.user_id, _unfinished_ack_name(key), unfinished[1])
+                await self._forget(caller.user_id, unfinished[1])
             return result
 
-    def _stored(self, value: str) -> str | None:
-        return None if self.keeper is None else self.keeper.stored(value)
+    def _record(self, name: str, value: str) -> Record | None:
+        return None if self.keeper is None else self.keeper.record(name, value)
 
-    async def _keep(self, user_id: str, name: str, stored: str | None, failed: BaseException) -> None:
+    async def _keep(self, user_id: str, record: Record | None, failed: BaseException) -> None:
         """Record with the keeper, if any, in a task of its own that a cancellation of the
         request does not stop. ``failed``: what the request failed with; when it is being
         cancelled (the bridge stopping), the record is written without waiting for it
         (``flush_keeping`` waits for those)."""
-        if self.keeper is not None and stored is not None:
-            await self._keeping_task(self.keeper.keep(user_id, name, stored), failed)
+        if self.keeper is not None and record is not None:
+            await self._keeping_task(self.keeper.keep(user_id, record), failed)
 
-    async def _forget(self, user_id: str, name: str, covered: Covered) -> None:
+    async def _forget(self, user_id: str, covered: Covered) -> None:
         """A retry finished what an entry held: forget the records that held it (``covered``,
         as the entry was when the retry took it on), in a task of its own as ``_keep``."""
         if self.keeper is not None and covered:
-            await self._keeping_task(self.keeper.forget(user_id, name, covered), None)
+            await self._keeping_task(self.keeper.forget(user_id, covered), None)
 
     async def _keeping_task(self, write: Coroutine[Any, Any, None], failed: BaseException | None) -> None:
         task = asyncio.get_running_loop().create_task(write)
@@ -353,24 +354,24 @@ class Messenger:
         while self._keeping and (left := deadline - asyncio.get_running_loop().time()) > 0:
             await asyncio.wait(list(self._keeping), timeout=left)
 
-    def adopt_unfinished(self, recorded: Mapping[str, tuple[str, str]]) -> list[str]:
-        """Take on what another process recorded as unfinished (``Keeper``) for the users of a
-        partition now held here, by name: (what it kept, the record as stored). The retries of
-        those requests finish it here, and forget the record. What is kept here already stays
-        (the furthest notices of both, the lower of two acks' positions). Returns the names of
-        the records that are not understood (and were skipped)."""
+    def adopt_unfinished(self, recorded: Mapping[str, tuple[str, str, str]]) -> list[str]:
+        """Take on what processes recorded as unfinished (``Keeper``) for the users of a
+        partition now held here, by field: (its name, what it kept, its value as stored). The
+        retries of those requests finish it here, and forget the records. What is kept here
+        already stays (the furthest notices of all, the lowest of acks' positions). Returns the
+        fields of the records that are not understood (and were skipped)."""
         skipped = []
-        for name, (value, stored) in recorded.items():
+        for field, (name, value, stored) in recorded.items():
             try:
                 if name.startswith("n"):
                     key = _untold_key(json.loads(name[1:]))
-                    if name != _untold_name(key):  # (its retry forgets it by that name)
+                    if name != _untold_name(key):  # (one a bridge did not write is not taken on)
                         raise ValueError("not named as a bridge names it")
                     notes = [_untold_note(key, n) for n in json.loads(value)]
                     if not notes:
                         raise ValueError("no notices")
                     old_notes, old_covered = self._untold.get(key, ([], ()))
-                    self._untold[key] = (_latest_notes(old_notes + notes), _covering(old_covered, stored))
+                    self._untold[key] = (_latest_notes(old_notes + notes), _covering(old_covered, new=(field, stored)))
                 elif name.startswith("a"):
                     fields = json.loads(name[1:])
                     if not (isinstance(fields, list) and len(fields) == 2 and all(isinstance(f, str) for f in fields)
@@ -380,13 +381,13 @@ class Messenger:
                     if name != _unfinished_ack_name(ack):
                         raise ValueError("not named as a bridge names it")
                     old_prev, old_covered = self._acks_unfinished.get(ack, (prev, ()))
-                    self._acks_unfinished[ack] = (min(prev, old_prev), _covering(old_covered, stored))
+                    self._acks_unfinished[ack] = (min(prev, old_prev), _covering(old_covered, new=(field, stored)))
                 else:
                     raise ValueError("neither notices nor an ack")
             except Exception as exc:  # noqa: BLE001 - one record another process wrote: skipped
                 log.warning("an unfinished request recorded as %.200r (%.200r) was not understood: %r",
-                            name, value, exc)
-                skipped.append(name)
+                            field, value, exc)
+                skipped.append(field)
         return skipped
 
     async def _deliver_receipts(self, caller: Caller, prev: int, new: int) -> Result:
@@ -466,12 +467,12 @@ class Messenger:
             if notes:  # (with what was adopted meanwhile, if any)
                 adopted = self._untold.get(key)
                 kept = _latest_notes(notes if adopted is None else adopted[0] + notes)
-                stored = self._stored(_notes_value(kept))
-                self._untold[key] = (kept, _covering(held and held[1], adopted and adopted[1], stored))
-                await self._keep(user_id, _untold_name(key), stored, exc)
+                record = self._record(_untold_name(key), _notes_value(kept))
+                self._untold[key] = (kept, _covering(held and held[1], adopted and adopted[1], new=record))
+                await self._keep(user_id, record, exc)
             raise
         if held is not None:
-            await self._forget(user_id, _untold_name(key), held[1])
+            await self._forget(user_id, held[1])
         if not notes:
             return []
         # (position 0: a group notice a higher one, worked out on another bridge, overtook)

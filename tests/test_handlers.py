@@ -449,31 +449,40 @@ async def test_a_read_whose_notice_the_store_failed_is_told_by_the_partitions_ne
         assert (await there.read(b, Read(chat=chat, up_to=up_to))).outs == []
 
 
-async def test_a_retry_forgets_only_the_record_it_finished_not_one_another_bridge_wrote_since(
+async def test_two_bridges_failing_one_receipt_keep_a_record_each_and_each_retry_forgets_its_own(
         world: World) -> None:
-    """Two bridges failed the same member's read receipt of a chat, one after the other, each
-    recording what it had left to tell under the same name. The first bridge's retry finishes
-    its own: the second's record stays (its retry, or the partition's next holder, tells it),
-    and that retry forgets it."""
+    """Two bridges failed the same member's read receipt of a chat, one after the other (the
+    second one whose lease was ending): each records what it had left to tell, side by side.
+    Each one's retry forgets its own record only; a bridge that adopts the partition takes both
+    on, tells them, and forgets both."""
     a, b, c = [await world.user(f"+1555000075{i}") for i in range(3)]
     state = MemoryState()
-    there, _, _ = other_bridge(world, state, b)
+    there, here, _ = other_bridge(world, state, b)
     direct = (await reads_to_tell(world, a, b, c))[0][0]
-    await world.messenger.send(a, Send(id="m2", chat=direct, to=None, body="again", media=None))  # seq 2
-    world.store.failing = {"append_receipts"}
-    with pytest.raises(Unavailable):
-        await world.messenger.read(b, Read(chat=direct, up_to=1))
-    with pytest.raises(Unavailable):  # (another device of b's, on a bridge whose lease was ending)
-        await there.read(b, Read(chat=direct, up_to=2))
-    world.store.failing = set()
-    theirs = await state.unfinished("ks", 3)
-    assert len(theirs) == 1
-    assert receipt_notices((await world.messenger.read(b, Read(chat=direct, up_to=1))).outs) == [
-        (a.user_id, "read", b.user_id, 2)]  # (as the receipt stands)
-    assert await state.unfinished("ks", 3) == theirs
-    assert receipt_notices((await there.read(b, Read(chat=direct, up_to=2))).outs) == [
-        (a.user_id, "read", b.user_id, 2)]  # (told again: the device merges it with what it has)
-    assert await state.unfinished("ks", 3) == {}
+    for round_ in range(2):
+        for k in range(2):
+            await world.messenger.send(a, Send(id=f"m{round_}{k}", chat=direct, to=None, body="hi", media=None))
+        last = (await world.store.get_chat(direct)).last_seq  # type: ignore[union-attr]
+        world.store.failing = {"append_receipts"}
+        with pytest.raises(Unavailable):
+            await world.messenger.read(b, Read(chat=direct, up_to=last - 1))
+        mine = await state.unfinished("ks", 3)
+        with pytest.raises(Unavailable):  # (another device of b's)
+            await there.read(b, Read(chat=direct, up_to=last))
+        world.store.failing = set()
+        both = await state.unfinished("ks", 3)
+        theirs = {k: v for k, v in both.items() if k not in mine}
+        assert len(mine) == len(theirs) == 1 and recorded_up_to(both) == [last - 1, last]
+        told = [(a.user_id, "read", b.user_id, last)]  # (as the receipt stands)
+        if round_ == 0:
+            assert receipt_notices((await world.messenger.read(b, Read(chat=direct, up_to=last - 1))).outs) == told
+            assert await state.unfinished("ks", 3) == theirs
+            assert receipt_notices((await there.read(b, Read(chat=direct, up_to=last))).outs) == told  # (again)
+        else:  # both bridges gone: the next holder
+            next_holder = Messenger(world.store, world.clock, world.presence, max_group=4)  # type: ignore[arg-type]
+            await ReceiptHandover(state, here._partitions, next_holder).adopt(3)  # type: ignore[arg-type]  # noqa: SLF001
+            assert receipt_notices((await next_holder.read(b, Read(chat=direct, up_to=last))).outs) == told
+        assert await state.unfinished("ks", 3) == {}
 
 
 async def test_a_record_adopted_while_a_retry_tells_what_it_held_is_not_forgotten_by_that_retry(
@@ -499,7 +508,9 @@ async def test_a_record_adopted_while_a_retry_tells_what_it_held_is_not_forgotte
             with pytest.raises(Unavailable):
                 await asyncio.wait_for(retry, 5)
             world.store.failing = set()
-            assert recorded_up_to(await state.unfinished("ks", 3)) == [last]
+            now = await state.unfinished("ks", 3)
+            assert {k: v for k, v in now.items() if k in theirs} == theirs
+            assert recorded_up_to({k: v for k, v in now.items() if k not in theirs}) == [last]
         else:
             await asyncio.wait_for(retry, 5)
             assert await state.unfinished("ks", 3) == theirs
@@ -552,7 +563,10 @@ async def test_an_acks_retry_forgets_only_the_record_it_finished_not_one_another
         with pytest.raises(Unavailable):
             await on.ack(reader, Ack(up_to=heads[-1]))
         world.store.failing = set()
-    theirs = await state.unfinished("ks", 3)
+        if k == 0:
+            mine = await state.unfinished("ks", 3)
+    theirs = {k: v for k, v in (await state.unfinished("ks", 3)).items() if k not in mine}
+    assert len(mine) == len(theirs) == 1
     assert receipt_notices((await world.messenger.ack(reader, Ack(up_to=heads[-1]))).outs) == [
         (a.user_id, "delivered", reader.user_id, 2)]
     assert await state.unfinished("ks", 3) == theirs
@@ -570,7 +584,7 @@ async def retry_held_while_another_bridge_fails(world: World, state: MemoryState
                                                 ) -> tuple[asyncio.Task[Any], asyncio.Event, dict[str, str]]:
     """``b``'s read of its direct chat's message ``last - 1`` fails here; its retry is held in
     appending the notices, and meanwhile ``b``'s read of ``last`` fails on the other bridge.
-    The retry, its gate, and what the other bridge recorded."""
+    The retry, its gate, and the record the other bridge wrote."""
     world.store.failing = {"append_receipts"}
     with pytest.raises(Unavailable):
         await world.messenger.read(b, Read(chat=chat, up_to=last - 1))
@@ -580,11 +594,12 @@ async def retry_held_while_another_bridge_fails(world: World, state: MemoryState
     retry = asyncio.create_task(world.messenger.read(b, Read(chat=chat, up_to=last - 1)))
     await until(lambda: world.store.calls["append_receipts"] > calls)  # (it waits there with what it took on)
     del world.store.held["append_receipts"]
+    mine = await state.unfinished("ks", 3)
     world.store.failing = {"append_receipts"}
     with pytest.raises(Unavailable):
         await there.read(b, Read(chat=chat, up_to=last))
     world.store.failing = set()
-    return retry, gate, await state.unfinished("ks", 3)
+    return retry, gate, {k: v for k, v in (await state.unfinished("ks", 3)).items() if k not in mine}
 
 
 async def test_an_ack_whose_receipts_the_store_failed_is_finished_by_the_partitions_next_holder(
@@ -958,13 +973,16 @@ async def test_records_that_are_old_or_not_understood_are_dropped_not_adopted(wo
         ('a{"u":1,"d":2}', f"{now} 3"),
         *((f'a["u","{k}"]', f"{now} {v}") for k, v in (("j", "+3"), ("k", " 3"), ("l", "1_000"), ("m", "\uff13"))),
         record([chat, b.user_id, "delivered"], [a.user_id, chat, b.user_id, "delivered", 2**63]),
+        (good_name + "~zz", good), (good_name + "~0a1b2c3d4", good), (good_name + "~", good),  # (writers' marks)
     ])
-    await state.put_unfinished("ks", 3, {good_name: good, **bad})
+    # (a bridge's own field, and one as bridges named them before each wrote its own)
+    understood = {good_name + "~0a1b2c3d": good, good_name: good}
+    await state.put_unfinished("ks", 3, {**understood, **bad})
     await theirs.adopt(3)
-    assert await state.unfinished("ks", 3) == {good_name: good}
+    assert await state.unfinished("ks", 3) == understood
     assert not there._acks_unfinished and list(there._untold) == [(chat, b.user_id, "read")]  # noqa: SLF001
     assert receipt_notices((await there.read(b, Read(chat=chat, up_to=1))).outs) == [(a.user_id, "read", b.user_id, 1)]
-    assert await state.unfinished("ks", 3) == {}  # (finished: forgotten by its name)
+    assert await state.unfinished("ks", 3) == {}  # (finished: both forgotten)
     # one that another bridge writes again between the read and the drop stays
     old_ack = ('a["u","d"]', f"{now - 2 * 86_400_000} 3")
     await state.put_unfinished("ks", 3, dict([old_ack]))
