@@ -47,7 +47,9 @@ if TYPE_CHECKING:
 
 # Each process writes its records under its own field, the record's name, WRITER_MARK and the
 # process's writer: two bridges failing the same request (one whose lease was ending) do not
-# overwrite each other, and the holder adopts both
+# overwrite each other, and the holder adopts both. They go in a partition's records of their own
+# (the scope with WRITER_MARK after it): bridges from before 2026-12-07 evening wrote the name alone,
+# in the scope's, and drop a field they do not understand; a bridge now reads (and forgets) both.
 WRITER_MARK, WRITER_LEN = "~", 8
 ADOPT = "adopt_unfinished"  # the request asking a partition's holder to read its records again
 # After an ask that failed (the holder slow, Redis and the direct connection failing), it is made
@@ -82,13 +84,17 @@ class ReceiptHandover:
     def record(self, name: str, value: str) -> Record:
         return f"{name}{WRITER_MARK}{self._writer}", f"{int(self._clock() * 1000)} {value}"
 
+    def _scope_of(self, field: str) -> str:
+        """The scope of the partition's records a field is in (a writer's own, or as before)."""
+        return self._partitions.partition_scope + (WRITER_MARK if WRITER_MARK in field else "")
+
     async def forget(self, user_id: str, covered: Covered) -> None:
         part = -1
         try:
             part = self._partitions.partition_of_user(user_id)
             async with asyncio.timeout(HANDOVER_WAIT_S):
                 for field, value in covered:  # (each compared, then deleted, in Redis)
-                    await self._state.drop_unfinished(self._partitions.partition_scope, part, {field: value})
+                    await self._state.drop_unfinished(self._scope_of(field), part, {field: value})
         except Exception as exc:  # noqa: BLE001 - adopted again at a partition's move, and told as things stand
             log.warning("forgetting %d records of partition %d failed: %r", len(covered), part, exc)
 
@@ -97,7 +103,7 @@ class ReceiptHandover:
         try:
             part = self._partitions.partition_of_user(user_id)
             async with asyncio.timeout(HANDOVER_WAIT_S):
-                await self._state.put_unfinished(self._partitions.partition_scope, part, {name: stamped})
+                await self._state.put_unfinished(self._scope_of(name), part, {name: stamped})
                 landed = True
                 # Leased here now that it has landed (held, or being given back): a next holder
                 # takes the partition only after that, and reads it then. Otherwise the holder
@@ -180,33 +186,35 @@ class ReceiptHandover:
         scope = self._partitions.partition_scope
         try:
             async with asyncio.timeout(HANDOVER_WAIT_S):
-                recorded = await self._state.unfinished(scope, part)
+                # (the writers' own records, and those written as before: see WRITER_MARK)
+                recorded = {s: await self._state.unfinished(s, part) for s in (scope + WRITER_MARK, scope)}
         except Exception as exc:  # noqa: BLE001 - taken over without them
             log.warning("reading the unfinished requests of partition %d failed: %r", part, exc)
             return False
         now = int(self._clock() * 1000)
         current: dict[str, tuple[str, str, str]] = {}
-        dropped: list[str] = []
-        for field, stamped in recorded.items():
-            written, _, value = stamped.partition(" ")
-            # (the name, then the writer; a field of a bridge from before 2026-12-07 evening is the name)
-            name, mark, writer = field.rpartition(WRITER_MARK)
-            if not mark:
-                name = field
-            # (a time of ASCII digits, as written: int() takes others, and one far ahead would never age)
-            if written.isascii() and written.isdigit() and len(written) <= 15 \
-                    and abs(int(written) - now) <= UNFINISHED_KEPT_MS \
-                    and (not mark or (len(writer) == WRITER_LEN and all(c in hexdigits for c in writer))):
-                current[field] = (name, value, stamped)
-            else:
-                dropped.append(field)
-        dropped += self._messenger.adopt_unfinished(current)
-        if dropped:
+        dropped: dict[str, dict[str, str]] = {}
+        for in_scope, records in recorded.items():
+            for field, stamped in records.items():
+                written, _, value = stamped.partition(" ")
+                name, mark, writer = field.rpartition(WRITER_MARK)
+                if not mark:
+                    name = field
+                # (a time of ASCII digits, as written: int() takes others, and one far ahead would never age)
+                if written.isascii() and written.isdigit() and len(written) <= 15 \
+                        and abs(int(written) - now) <= UNFINISHED_KEPT_MS and in_scope == self._scope_of(field) \
+                        and (not mark or (len(writer) == WRITER_LEN and all(c in hexdigits for c in writer))):
+                    current[field] = (name, value, stamped)
+                else:
+                    dropped.setdefault(in_scope, {})[field] = stamped
+        for field in self._messenger.adopt_unfinished(current):
+            dropped.setdefault(self._scope_of(field), {})[field] = current[field][2]
+        for in_scope, fields in dropped.items():
             try:
                 async with asyncio.timeout(HANDOVER_WAIT_S):
                     # (only as they were read: one another bridge has written again since stays)
-                    await self._state.drop_unfinished(scope, part, {name: recorded[name] for name in dropped})
+                    await self._state.drop_unfinished(in_scope, part, fields)
             except Exception as exc:  # noqa: BLE001 - dropped the next time
-                log.warning("dropping %d old or unreadable records of partition %d failed: %r", len(dropped),
+                log.warning("dropping %d old or unreadable records of partition %d failed: %r", len(fields),
                             part, exc)
         return True

@@ -59,19 +59,27 @@ ACK_CHAT_TTL_S = 2.0
 # the request's retry (the oldest forgotten past this many)
 UNTOLD_KEPT = 10_000
 # An entry kept for a failed request remembers the records that hold what it holds (``Keeper``),
-# which its retry forgets (a write that failed may have landed all the same): the latest these many
-COVERED_KEPT = 16
+# which its retry forgets (a write that failed may have landed all the same): of each field (a
+# process's own, or one written before processes had their own) the latest values, these many
+COVERED_KEPT = 4
 Record = tuple[str, str]  # (its field among the partition's records, its value as stored)
 Covered = tuple[Record, ...]
 
 
 def _covering(*groups: Covered | None, new: Record | None = None) -> Covered:
-    """The records of ``groups`` and ``new``, each once, the latest last."""
+    """The records of ``groups`` and ``new``, each once, the latest last, at most COVERED_KEPT
+    values of a field (a store failing retry after retry writes one field again and again)."""
     out: list[Record] = []
     for one in [r for g in groups if g for r in g] + ([new] if new is not None else []):
         if one not in out:
             out.append(one)
-    return tuple(out[-COVERED_KEPT:])
+    per_field: dict[str, int] = {}
+    latest: list[Record] = []
+    for record in reversed(out):
+        per_field[record[0]] = seen = per_field.get(record[0], 0) + 1
+        if seen <= COVERED_KEPT:
+            latest.append(record)
+    return tuple(reversed(latest))
 
 
 def _latest_notes(notes: list[tuple[str, ReceiptNote]]) -> list[tuple[str, ReceiptNote]]:

@@ -20,7 +20,7 @@ from bridge.errors import BadRequest, NotFound, RateLimited, TooLarge, Unauthori
 from bridge.handling import Caller
 from bridge.handover import ReceiptHandover
 from bridge.media import Media
-from bridge.messaging import Messenger
+from bridge.messaging import COVERED_KEPT, Messenger
 from bridge.metrics import Metrics
 from bridge.outbox import Out
 from bridge.presence import PresenceTracker
@@ -417,15 +417,26 @@ async def test_an_ack_whose_receipts_the_store_failed_moves_them_when_tried_agai
         assert (await world.messenger.ack(reader, Ack(up_to=head))).outs == []
 
 
+async def records(state: MemoryState, part: int = 3) -> dict[str, str]:
+    """A partition's records: the writers' own (scope ``ks~``) and those written as before (``ks``)."""
+    return {**await state.unfinished("ks", part), **await state.unfinished("ks~", part)}
+
+
 def other_bridge(world: World, state: MemoryState, *in_3: Caller
                  ) -> tuple[Messenger, ReceiptHandover, ReceiptHandover]:
     """A second bridge's Messenger on the same store, and the handovers of both through
     ``state``: the users ``in_3`` are in partition 3, the others in 4."""
     mine = {c.user_id for c in in_3}
     parts = SimpleNamespace(partition_scope="ks", partition_of_user=lambda user: 3 if user in mine else 4)
-    here = ReceiptHandover(state, parts, world.messenger)  # type: ignore[arg-type]
+    ticks = [time.time()]
+
+    def clock() -> float:  # (a millisecond later at each reading: every record's value differs)
+        ticks[0] += 0.001
+        return ticks[0]
+
+    here = ReceiptHandover(state, parts, world.messenger, clock=clock)  # type: ignore[arg-type]
     there_messenger = Messenger(world.store, world.clock, world.presence, max_group=4)  # type: ignore[arg-type]
-    return there_messenger, here, ReceiptHandover(state, parts, there_messenger)  # type: ignore[arg-type]
+    return there_messenger, here, ReceiptHandover(state, parts, there_messenger, clock=clock)  # type: ignore[arg-type]
 
 
 async def test_a_read_whose_notice_the_store_failed_is_told_by_the_partitions_next_holder(world: World) -> None:
@@ -440,12 +451,12 @@ async def test_a_read_whose_notice_the_store_failed_is_told_by_the_partitions_ne
         with pytest.raises(Unavailable):
             await world.messenger.read(b, Read(chat=chat, up_to=up_to))
         world.store.failing = set()
-        assert len(await state.unfinished("ks", 3)) == 1  # recorded before the device was answered
+        assert len(await records(state)) == 1  # recorded before the device was answered
         await theirs.adopt(4)  # another partition's: nothing
         assert (await there.read(b, Read(chat=chat, up_to=up_to))).outs == []
         await theirs.adopt(3)
         assert receipt_notices((await there.read(b, Read(chat=chat, up_to=up_to))).outs) == told
-        assert await state.unfinished("ks", 3) == {}  # finished: forgotten there too
+        assert await records(state) == {}  # finished: forgotten there too
         assert (await there.read(b, Read(chat=chat, up_to=up_to))).outs == []
 
 
@@ -466,23 +477,25 @@ async def test_two_bridges_failing_one_receipt_keep_a_record_each_and_each_retry
         world.store.failing = {"append_receipts"}
         with pytest.raises(Unavailable):
             await world.messenger.read(b, Read(chat=direct, up_to=last - 1))
-        mine = await state.unfinished("ks", 3)
+        mine = await records(state)
         with pytest.raises(Unavailable):  # (another device of b's)
             await there.read(b, Read(chat=direct, up_to=last))
         world.store.failing = set()
-        both = await state.unfinished("ks", 3)
+        both = await records(state)
         theirs = {k: v for k, v in both.items() if k not in mine}
         assert len(mine) == len(theirs) == 1 and recorded_up_to(both) == [last - 1, last]
+        # (none where bridges from before wrote theirs: those would drop a field they do not understand)
+        assert await state.unfinished("ks", 3) == {}
         told = [(a.user_id, "read", b.user_id, last)]  # (as the receipt stands)
         if round_ == 0:
             assert receipt_notices((await world.messenger.read(b, Read(chat=direct, up_to=last - 1))).outs) == told
-            assert await state.unfinished("ks", 3) == theirs
+            assert await records(state) == theirs
             assert receipt_notices((await there.read(b, Read(chat=direct, up_to=last))).outs) == told  # (again)
         else:  # both bridges gone: the next holder
             next_holder = Messenger(world.store, world.clock, world.presence, max_group=4)  # type: ignore[arg-type]
             await ReceiptHandover(state, here._partitions, next_holder).adopt(3)  # type: ignore[arg-type]  # noqa: SLF001
             assert receipt_notices((await next_holder.read(b, Read(chat=direct, up_to=last))).outs) == told
-        assert await state.unfinished("ks", 3) == {}
+        assert await records(state) == {}
 
 
 async def test_a_record_adopted_while_a_retry_tells_what_it_held_is_not_forgotten_by_that_retry(
@@ -508,15 +521,15 @@ async def test_a_record_adopted_while_a_retry_tells_what_it_held_is_not_forgotte
             with pytest.raises(Unavailable):
                 await asyncio.wait_for(retry, 5)
             world.store.failing = set()
-            now = await state.unfinished("ks", 3)
+            now = await records(state)
             assert {k: v for k, v in now.items() if k in theirs} == theirs
             assert recorded_up_to({k: v for k, v in now.items() if k not in theirs}) == [last]
         else:
             await asyncio.wait_for(retry, 5)
-            assert await state.unfinished("ks", 3) == theirs
+            assert await records(state) == theirs
         assert receipt_notices((await world.messenger.read(b, Read(chat=direct, up_to=last))).outs) == [
             (a.user_id, "read", b.user_id, last)]
-        assert await state.unfinished("ks", 3) == {}
+        assert await records(state) == {}
 
 
 async def test_a_record_whose_rewrite_failed_is_forgotten_all_the_same(world: World) -> None:
@@ -530,7 +543,7 @@ async def test_a_record_whose_rewrite_failed_is_forgotten_all_the_same(world: Wo
     world.store.failing = {"append_receipts"}
     with pytest.raises(Unavailable):
         await world.messenger.read(b, Read(chat=chat, up_to=1))
-    first = await state.unfinished("ks", 3)
+    first = await records(state)
     put = state.put_unfinished
 
     async def failing(*_: object) -> None:
@@ -541,10 +554,10 @@ async def test_a_record_whose_rewrite_failed_is_forgotten_all_the_same(world: Wo
         await world.messenger.read(b, Read(chat=chat, up_to=1))
     state.put_unfinished = put  # type: ignore[method-assign]
     world.store.failing = set()
-    assert await state.unfinished("ks", 3) == first
+    assert await records(state) == first
     assert receipt_notices((await world.messenger.read(b, Read(chat=chat, up_to=1))).outs) == [
         (a.user_id, "read", b.user_id, 1)]
-    assert await state.unfinished("ks", 3) == {}
+    assert await records(state) == {}
 
 
 async def test_an_acks_retry_forgets_only_the_record_it_finished_not_one_another_bridge_wrote_since(
@@ -564,14 +577,135 @@ async def test_an_acks_retry_forgets_only_the_record_it_finished_not_one_another
             await on.ack(reader, Ack(up_to=heads[-1]))
         world.store.failing = set()
         if k == 0:
-            mine = await state.unfinished("ks", 3)
-    theirs = {k: v for k, v in (await state.unfinished("ks", 3)).items() if k not in mine}
+            mine = await records(state)
+    theirs = {k: v for k, v in (await records(state)).items() if k not in mine}
     assert len(mine) == len(theirs) == 1
     assert receipt_notices((await world.messenger.ack(reader, Ack(up_to=heads[-1]))).outs) == [
         (a.user_id, "delivered", reader.user_id, 2)]
-    assert await state.unfinished("ks", 3) == theirs
+    assert await records(state) == theirs
     assert (await there.ack(reader, Ack(up_to=heads[-1]))).outs == []  # (moved already)
-    assert await state.unfinished("ks", 3) == {}
+    assert await records(state) == {}
+
+
+async def test_a_retry_does_not_forget_its_bridges_record_written_again_meanwhile(world: World) -> None:
+    """While a retry tells what this bridge held for a member's receipt, another device of the
+    member reads further and fails, here too: the bridge's record (its one field) is written
+    again with that read's notices. The retry forgets only the value it took on, so the new
+    one stays, and the member's next read tells it and forgets it."""
+    a, b, c = [await world.user(f"+1555000079{i}") for i in range(3)]
+    state = MemoryState()
+    other_bridge(world, state, b)
+    direct = (await reads_to_tell(world, a, b, c))[0][0]
+    await world.messenger.send(a, Send(id="m2", chat=direct, to=None, body="again", media=None))
+    world.store.failing = {"append_receipts"}
+    with pytest.raises(Unavailable):
+        await world.messenger.read(b, Read(chat=direct, up_to=1))
+    world.store.failing = set()
+    gate = world.store.held["append_receipts"] = asyncio.Event()
+    calls = world.store.calls["append_receipts"]
+    retry = asyncio.create_task(world.messenger.read(b, Read(chat=direct, up_to=1)))
+    await until(lambda: world.store.calls["append_receipts"] > calls)
+    del world.store.held["append_receipts"]
+    world.store.failing = {"append_receipts"}
+    with pytest.raises(Unavailable):
+        await world.messenger.read(b, Read(chat=direct, up_to=2))
+    world.store.failing = set()
+    again = await records(state)
+    assert recorded_up_to(again) == [2]
+    gate.set()
+    await asyncio.wait_for(retry, 5)
+    assert await records(state) == again
+    assert receipt_notices((await world.messenger.read(b, Read(chat=direct, up_to=2))).outs) == [
+        (a.user_id, "read", b.user_id, 2)]
+    assert await records(state) == {}
+
+
+async def test_an_acks_retry_that_fails_again_keeps_what_was_adopted_meanwhile_and_forgets_it_later(
+        world: World) -> None:
+    """A device's ack failed part way here; while its retry moved receipts, the device's next
+    ack failed on another bridge (whose lease was ending) and this bridge adopted that record;
+    then the retry failed too. The next retry moves everything both left and forgets both
+    bridges' records."""
+    a, reader = [await world.user(f"+1555000081{i}") for i in range(2)]
+    state = MemoryState()
+    there, here, _ = other_bridge(world, state, reader)
+    await world.messenger.send(a, Send(id="m1", chat=None, to=reader.user_id, body="hi", media=None))
+    head = await world.store.inbox_head(reader.user_id)
+    world.store.failing = {"advance_receipt"}
+    with pytest.raises(Unavailable):
+        await world.messenger.ack(reader, Ack(up_to=head))
+    world.store.failing = set()
+    gate = world.store.held["advance_receipt"] = asyncio.Event()
+    calls = world.store.calls["advance_receipt"]
+    retry = asyncio.create_task(world.messenger.ack(reader, Ack(up_to=head)))
+    await until(lambda: world.store.calls["advance_receipt"] > calls)
+    del world.store.held["advance_receipt"]
+    await world.messenger.send(a, Send(id="m2", chat=None, to=reader.user_id, body="hi", media=None))
+    world.store.failing = {"advance_receipt"}
+    with pytest.raises(Unavailable):
+        await there.ack(reader, Ack(up_to=await world.store.inbox_head(reader.user_id)))
+    await here.adopt(3)
+    gate.set()
+    with pytest.raises(Unavailable):
+        await asyncio.wait_for(retry, 5)
+    world.store.failing = set()
+    assert len(await records(state)) == 2  # (this bridge's, and the other's it adopted)
+    told = receipt_notices((await world.messenger.ack(reader, Ack(up_to=head))).outs)
+    assert told == [(a.user_id, "delivered", reader.user_id, 2)]
+    assert await records(state) == {}
+
+
+async def test_an_ack_that_fails_after_adopting_an_earlier_failed_range_keeps_the_lowest_position(
+        world: World) -> None:
+    """A device's ack failed part way on a bridge whose lease was ending; its next ack, here,
+    was moving receipts when this bridge adopted that record, and failed. The retry moves the
+    receipts of both ranges, the earlier one's included."""
+    a1, a2, reader = [await world.user(f"+1555000082{i}") for i in range(3)]
+    state = MemoryState()
+    there, here, _ = other_bridge(world, state, reader)
+    await world.messenger.send(a1, Send(id="m1", chat=None, to=reader.user_id, body="hi", media=None))
+    world.store.failing = {"advance_receipt"}
+    with pytest.raises(Unavailable):
+        await there.ack(reader, Ack(up_to=await world.store.inbox_head(reader.user_id)))
+    world.store.failing = set()
+    await world.messenger.send(a2, Send(id="m2", chat=None, to=reader.user_id, body="hi", media=None))
+    head = await world.store.inbox_head(reader.user_id)
+    gate = world.store.held["advance_receipt"] = asyncio.Event()
+    first = asyncio.create_task(world.messenger.ack(reader, Ack(up_to=head)))
+    await until(lambda: world.store.calls["advance_receipt"] == 2)
+    del world.store.held["advance_receipt"]
+    await here.adopt(3)
+    world.store.failing = {"advance_receipt"}
+    gate.set()
+    with pytest.raises(Unavailable):
+        await asyncio.wait_for(first, 5)
+    world.store.failing = set()
+    told = sorted(receipt_notices((await world.messenger.ack(reader, Ack(up_to=head))).outs))
+    assert told == sorted([(a1.user_id, "delivered", reader.user_id, 1), (a2.user_id, "delivered", reader.user_id, 1)])
+    assert await records(state) == {}
+
+
+async def test_a_record_adopted_before_many_failed_retries_is_still_forgotten_by_the_one_that_finishes(
+        world: World) -> None:
+    """Another bridge's record of a member's receipt was adopted here, then the store failed
+    the member's retries here again and again (each writes this bridge's record anew): the
+    retry that finishes forgets the adopted record as well as this bridge's."""
+    a, b, c = [await world.user(f"+1555000083{i}") for i in range(3)]
+    state = MemoryState()
+    there, here, _ = other_bridge(world, state, b)
+    direct = (await reads_to_tell(world, a, b, c))[0][0]
+    world.store.failing = {"append_receipts"}
+    with pytest.raises(Unavailable):
+        await there.read(b, Read(chat=direct, up_to=1))
+    await here.adopt(3)
+    for _ in range(COVERED_KEPT + 2):
+        with pytest.raises(Unavailable):
+            await world.messenger.read(b, Read(chat=direct, up_to=1))
+    world.store.failing = set()
+    assert len(await records(state)) == 2
+    assert receipt_notices((await world.messenger.read(b, Read(chat=direct, up_to=1))).outs) == [
+        (a.user_id, "read", b.user_id, 1)]
+    assert await records(state) == {}
 
 
 def recorded_up_to(recorded: dict[str, str]) -> list[int]:
@@ -594,12 +728,12 @@ async def retry_held_while_another_bridge_fails(world: World, state: MemoryState
     retry = asyncio.create_task(world.messenger.read(b, Read(chat=chat, up_to=last - 1)))
     await until(lambda: world.store.calls["append_receipts"] > calls)  # (it waits there with what it took on)
     del world.store.held["append_receipts"]
-    mine = await state.unfinished("ks", 3)
+    mine = await records(state)
     world.store.failing = {"append_receipts"}
     with pytest.raises(Unavailable):
         await there.read(b, Read(chat=chat, up_to=last))
     world.store.failing = set()
-    return retry, gate, {k: v for k, v in (await state.unfinished("ks", 3)).items() if k not in mine}
+    return retry, gate, {k: v for k, v in (await records(state)).items() if k not in mine}
 
 
 async def test_an_ack_whose_receipts_the_store_failed_is_finished_by_the_partitions_next_holder(
@@ -612,14 +746,14 @@ async def test_an_ack_whose_receipts_the_store_failed_is_finished_by_the_partiti
     there, _, theirs = other_bridge(world, state, reader)
     for seq, failing in ((1, "advance_receipt"), (2, "append_receipts")):
         head = await ack_failing(world, (a, b), reader, seq, failing)
-        assert await state.unfinished("ks", 3) != {}
+        assert await records(state) != {}
         await theirs.adopt(4)
         if seq == 1:  # (nothing adopted: the position moved already, the receipts do not)
             assert (await there.ack(reader, Ack(up_to=head))).outs == []
         await theirs.adopt(3)
         told = sorted(receipt_notices((await there.ack(reader, Ack(up_to=head))).outs))
         assert told == sorted((s.user_id, "delivered", reader.user_id, seq) for s in (a, b))
-        assert await state.unfinished("ks", 3) == {}
+        assert await records(state) == {}
         assert (await there.ack(reader, Ack(up_to=head))).outs == []
 
 
@@ -666,10 +800,10 @@ async def test_a_record_for_a_partition_another_bridge_holds_is_adopted_there_be
     assert asked == [(3, {"kind": "adopt_unfinished", "part": 3})]
     told = receipt_notices((await there.read(b, Read(chat=chat, up_to=seq))).outs)
     assert told == [(a.user_id, "read", b.user_id, seq)]
-    assert await state.unfinished("ks", 3) == {}
+    assert await records(state) == {}
     answer = {"error": "partition 3 is not held here"}
     await read_failing(2)
-    assert len(asked) == 2 and len(await state.unfinished("ks", 3)) == 1  # (there for the next holder)
+    assert len(asked) == 2 and len(await records(state)) == 1  # (there for the next holder)
     await here.close()  # (it would ask again later)
     giving_back.append(3)
     await read_failing(3)
@@ -804,7 +938,8 @@ async def test_a_holder_asked_again_and_again_reads_a_partitions_records_once_pe
     read, gate, reads = state.unfinished, asyncio.Event(), []
 
     async def gated(scope: str, part: int) -> dict[str, str]:
-        reads.append(part)
+        if scope == "ks~":  # (a read of the partition's records reads the writers' own first)
+            reads.append(part)
         await gate.wait()
         return await read(scope, part)
 
@@ -845,13 +980,13 @@ async def test_a_notice_kept_for_a_retry_is_told_as_the_receipt_stands_then(worl
         with pytest.raises(Unavailable):
             await world.messenger.read(b, Read(chat=chat, up_to=1))
         world.store.failing = set()
-        [(name, stale)] = (await state.unfinished("ks", 3)).items()
+        [(name, stale)] = (await records(state)).items()
         # (the kept one and the new one: the furthest)
         assert receipt_notices((await world.messenger.read(b, Read(chat=chat, up_to=2))).outs) == told
-        await state.put_unfinished("ks", 3, {name: stale})  # as if its forgetting had been lost
+        await state.put_unfinished("ks~", 3, {name: stale})  # as if its forgetting had been lost
         await theirs.adopt(3)
         assert receipt_notices((await there.read(b, Read(chat=chat, up_to=1))).outs) == told
-        assert await state.unfinished("ks", 3) == {}
+        assert await records(state) == {}
 
 
 async def test_a_group_read_told_on_its_retry_tells_the_delivered_notice_it_moves_too(world: World) -> None:
@@ -933,7 +1068,7 @@ async def test_a_read_cancelled_part_way_is_recorded_for_the_next_holder_all_the
     assert not flushing.done()
     slow.set()
     await asyncio.wait_for(flushing, 1.0)
-    assert await state.unfinished("ks", 3) != {}
+    assert await records(state) != {}
     await theirs.adopt(3)
     assert receipt_notices((await there.read(b, Read(chat=chat, up_to=1))).outs) == [(a.user_id, "read", b.user_id, 1)]
 
@@ -973,16 +1108,19 @@ async def test_records_that_are_old_or_not_understood_are_dropped_not_adopted(wo
         ('a{"u":1,"d":2}', f"{now} 3"),
         *((f'a["u","{k}"]', f"{now} {v}") for k, v in (("j", "+3"), ("k", " 3"), ("l", "1_000"), ("m", "\uff13"))),
         record([chat, b.user_id, "delivered"], [a.user_id, chat, b.user_id, "delivered", 2**63]),
-        (good_name + "~zz", good), (good_name + "~0a1b2c3d4", good), (good_name + "~", good),  # (writers' marks)
+        (good_name + "~0a1b2c3d", good),  # (a writer's own field, not among the writers' own records)
     ])
-    # (a bridge's own field, and one as bridges named them before each wrote its own)
-    understood = {good_name + "~0a1b2c3d": good, good_name: good}
-    await state.put_unfinished("ks", 3, {**understood, **bad})
+    # (a writer's own field, and one as bridges named them before each wrote its own)
+    own, before = {good_name + "~0a1b2c3d": good}, {good_name: good}
+    await state.put_unfinished("ks", 3, {**before, **bad})
+    await state.put_unfinished("ks~", 3, {**own, good_name: good, **{  # (the name alone, among writers' own)
+        good_name + mark: good for mark in ("~zz", "~0a1b2c3d4", "~", "~0a1b2c3d~0a1b2c3d")}})
+    understood = {**own, **before}
     await theirs.adopt(3)
-    assert await state.unfinished("ks", 3) == understood
+    assert await records(state) == understood
     assert not there._acks_unfinished and list(there._untold) == [(chat, b.user_id, "read")]  # noqa: SLF001
     assert receipt_notices((await there.read(b, Read(chat=chat, up_to=1))).outs) == [(a.user_id, "read", b.user_id, 1)]
-    assert await state.unfinished("ks", 3) == {}  # (finished: both forgotten)
+    assert await records(state) == {}  # (finished: both forgotten)
     # one that another bridge writes again between the read and the drop stays
     old_ack = ('a["u","d"]', f"{now - 2 * 86_400_000} 3")
     await state.put_unfinished("ks", 3, dict([old_ack]))
@@ -990,7 +1128,8 @@ async def test_records_that_are_old_or_not_understood_are_dropped_not_adopted(wo
 
     async def read_then_written_again(scope: str, part: int) -> dict[str, str]:
         got = await read(scope, part)
-        await state.put_unfinished(scope, part, {old_ack[0]: f"{now} 4"})
+        if scope == "ks":
+            await state.put_unfinished(scope, part, {old_ack[0]: f"{now} 4"})
         return got
 
     state.unfinished = read_then_written_again  # type: ignore[method-assign]
