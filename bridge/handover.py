@@ -59,6 +59,17 @@ ASK_AGAIN_S = (1.0, 4.0, 15.0, 60.0)
 log = logging.getLogger(__name__)
 
 
+def _named(field: str) -> tuple[str, bool] | None:
+    """A record's name from its field, and whether the field is a writer's own (the name, then
+    WRITER_MARK and the writer) rather than the name alone; None when it is neither."""
+    name, mark, writer = field.rpartition(WRITER_MARK)
+    if not mark:
+        return field, False
+    if len(writer) == WRITER_LEN and all(c in hexdigits for c in writer):
+        return name, True
+    return None
+
+
 class ReceiptHandover:
     """The ``Keeper`` of a bridge's Messenger, and what adopts a partition's records into it.
 
@@ -86,7 +97,8 @@ class ReceiptHandover:
 
     def _scope_of(self, field: str) -> str:
         """The scope of the partition's records a field is in (a writer's own, or as before)."""
-        return self._partitions.partition_scope + (WRITER_MARK if WRITER_MARK in field else "")
+        named = _named(field)
+        return self._partitions.partition_scope + (WRITER_MARK if named is not None and named[1] else "")
 
     async def forget(self, user_id: str, covered: Covered) -> None:
         part = -1
@@ -197,14 +209,12 @@ class ReceiptHandover:
         for in_scope, records in recorded.items():
             for field, stamped in records.items():
                 written, _, value = stamped.partition(" ")
-                name, mark, writer = field.rpartition(WRITER_MARK)
-                if not mark:
-                    name = field
+                named = _named(field)
                 # (a time of ASCII digits, as written: int() takes others, and one far ahead would never age)
                 if written.isascii() and written.isdigit() and len(written) <= 15 \
-                        and abs(int(written) - now) <= UNFINISHED_KEPT_MS and in_scope == self._scope_of(field) \
-                        and (not mark or (len(writer) == WRITER_LEN and all(c in hexdigits for c in writer))):
-                    current[field] = (name, value, stamped)
+                        and abs(int(written) - now) <= UNFINISHED_KEPT_MS \
+                        and named is not None and in_scope == self._scope_of(field):
+                    current[field] = (named[0], value, stamped)
                 else:
                     dropped.setdefault(in_scope, {})[field] = stamped
         for field in self._messenger.adopt_unfinished(current):

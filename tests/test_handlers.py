@@ -620,6 +620,60 @@ async def test_a_retry_does_not_forget_its_bridges_record_written_again_meanwhil
     assert await records(state) == {}
 
 
+async def test_a_record_written_as_bridges_wrote_them_before_is_adopted_told_and_forgotten(world: World) -> None:
+    """A record a bridge from before each process had its own field wrote (the name alone, in
+    the partition's records as they were): the next holder adopts it, the retry tells it and
+    forgets it there."""
+    a, b = [await world.user(f"+1555000084{i}") for i in range(2)]
+    state = MemoryState()
+    there, _, theirs = other_bridge(world, state, b)
+    sent = await world.messenger.send(a, Send(id="m1", chat=None, to=b.user_id, body="hi", media=None))
+    chat = sent.reply.chat  # type: ignore[union-attr]
+    world.store.failing = {"append_receipts"}
+    with pytest.raises(Unavailable):
+        await world.messenger.read(b, Read(chat=chat, up_to=1))
+    world.store.failing = set()
+    [(field, value)] = (await state.unfinished("ks~", 3)).items()
+    await state.drop_unfinished("ks~", 3, {field: value})
+    await state.put_unfinished("ks", 3, {field.rpartition("~")[0]: value})  # (as written before)
+    await theirs.adopt(3)
+    assert receipt_notices((await there.read(b, Read(chat=chat, up_to=1))).outs) == [(a.user_id, "read", b.user_id, 1)]
+    assert await records(state) == {}
+
+
+async def test_an_acks_record_adopted_by_the_bridge_that_wrote_its_own_is_forgotten_with_it(world: World) -> None:
+    """A device's ack failed part way here, then on another bridge (whose lease was ending);
+    this bridge adopted that record beside its own. Its retry finishes both, and forgets both;
+    so does one after this bridge's rewrite of its record failed."""
+    a, reader = [await world.user(f"+1555000085{i}") for i in range(2)]
+    state = MemoryState()
+    there, here, _ = other_bridge(world, state, reader)
+    put = state.put_unfinished
+
+    async def failing(*_: object) -> None:
+        raise ConnectionError("redis is gone")
+
+    for k in range(2):
+        for on in (world.messenger, there):
+            await world.messenger.send(a, Send(id=f"m{k}{on is there}", chat=None, to=reader.user_id, body="hi",
+                                               media=None))
+            world.store.failing = {"advance_receipt"}
+            with pytest.raises(Unavailable):
+                await on.ack(reader, Ack(up_to=await world.store.inbox_head(reader.user_id)))
+        await here.adopt(3)
+        if k == 1:  # (and the retry fails again, its record's rewrite too)
+            state.put_unfinished = failing  # type: ignore[method-assign]
+            with pytest.raises(Unavailable):
+                await world.messenger.ack(reader, Ack(up_to=await world.store.inbox_head(reader.user_id)))
+            state.put_unfinished = put  # type: ignore[method-assign]
+        world.store.failing = set()
+        assert len(await records(state)) == 2
+        told = receipt_notices((await world.messenger.ack(reader, Ack(up_to=await world.store.inbox_head(
+            reader.user_id)))).outs)
+        assert told == [(a.user_id, "delivered", reader.user_id, 2 * k + 2)]
+        assert await records(state) == {}
+
+
 async def test_an_acks_retry_that_fails_again_keeps_what_was_adopted_meanwhile_and_forgets_it_later(
         world: World) -> None:
     """A device's ack failed part way here; while its retry moved receipts, the device's next
@@ -1111,13 +1165,12 @@ async def test_records_that_are_old_or_not_understood_are_dropped_not_adopted(wo
         (good_name + "~0a1b2c3d", good),  # (a writer's own field, not among the writers' own records)
     ])
     # (a writer's own field, and one as bridges named them before each wrote its own)
-    own, before = {good_name + "~0a1b2c3d": good}, {good_name: good}
+    own, before = {good_name + "~0a1b2c3d": good}, {good_name: good.replace(f"{now} ", f"{now - 1} ", 1)}
     await state.put_unfinished("ks", 3, {**before, **bad})
     await state.put_unfinished("ks~", 3, {**own, good_name: good, **{  # (the name alone, among writers' own)
         good_name + mark: good for mark in ("~zz", "~0a1b2c3d4", "~", "~0a1b2c3d~0a1b2c3d")}})
-    understood = {**own, **before}
     await theirs.adopt(3)
-    assert await records(state) == understood
+    assert await state.unfinished("ks", 3) == before and await state.unfinished("ks~", 3) == own
     assert not there._acks_unfinished and list(there._untold) == [(chat, b.user_id, "read")]  # noqa: SLF001
     assert receipt_notices((await there.read(b, Read(chat=chat, up_to=1))).outs) == [(a.user_id, "read", b.user_id, 1)]
     assert await records(state) == {}  # (finished: both forgotten)
