@@ -225,6 +225,11 @@ class Messenger:
         # (user, device) -> the acknowledged position an ack moved from whose receipts were not
         # all moved (the store failed on the way): the next ack of the device starts there
         self._acks_unfinished: LRUCache[tuple[str, str], tuple[int, Covered]] = LRUCache(UNTOLD_KEPT)
+        # What retries under way took on (one kept above each), by the same keys: another request
+        # that fails meanwhile records it too, so a process dying before the retry ends loses
+        # none of it (it may then be told twice)
+        self._telling: dict[tuple[str, str, str], list[list[tuple[str, ReceiptNote]]]] = {}
+        self._acking: dict[tuple[str, str], list[int]] = {}
 
     # -- helpers --------------------------------------------------------------------------------
     async def _member_chat(self, caller: Caller, chat_id: str, *, current_seq: bool = True) -> Chat:
@@ -308,18 +313,24 @@ class Messenger:
             if unfinished is not None:
                 prev = min(prev, unfinished[0])
             if new > prev:
+                acking, took = self._acking.setdefault(key, []), prev
+                acking.append(took)
                 try:
                     result = await self._deliver_receipts(caller, prev, new)
                 except BaseException as exc:
-                    # (a retry of this ack does the rest; with what was adopted meanwhile, if any)
+                    # (a retry of this ack does the rest; with what was adopted meanwhile, and what
+                    # other acks of the device under way took on, if any)
                     adopted = self._acks_unfinished.get(key)
-                    if adopted is not None:
-                        prev = min(prev, adopted[0])
+                    prev = min([*acking, *(() if adopted is None else (adopted[0],))])
                     record = self._record(_unfinished_ack_name(key), str(prev))
                     self._acks_unfinished[key] = (prev, _covering(unfinished and unfinished[1], adopted and adopted[1],
                                                                   new=record))
                     await self._keep(caller.user_id, record, exc)
                     raise
+                finally:
+                    acking.remove(took)
+                    if not acking:
+                        del self._acking[key]
             else:
                 result = Result()
             if unfinished is not None:
@@ -452,42 +463,53 @@ class Messenger:
         untold = bool(notes)
         if not moved and not notes:
             return []
+        telling = None
+        if held is not None:  # (what this retry took on, for another request failing meanwhile)
+            telling = self._telling.setdefault(key, [])
+            telling.append(held[0])
         try:
-            current = None
-            if untold:  # kept from a failed attempt (here, or recorded by another bridge, perhaps
-                # long ago): told as the receipts stand now, never behind a notice told since
-                current = await self._store.get_receipts(chat.chat_id)
-                notes = _as_they_stand(current, notes)
-            if moved and chat.kind == "direct":
-                notes += [(m, ReceiptNote(chat_id, user_id, kind, up_to)) for m in chat.member_ids if m != user_id]
-            elif moved:
-                if kind == "read":  # it moved the delivered too, and may have been the last to have
-                    # it: both notices from one read of the members' receipts
-                    if current is None:
-                        current = await self._store.get_receipts(chat.chat_id)
-                    await self._group_notes_folded(chat, "delivered", notes, current)
-                await self._group_notes_folded(chat, kind, notes, current)
-            if untold:
-                notes = _latest_notes(notes)
-            if notes:
-                positions = await self._store.append_receipts(notes)
-        except BaseException as exc:
-            if notes:  # (with what was adopted meanwhile, if any)
-                adopted = self._untold.get(key)
-                kept = _latest_notes(notes if adopted is None else adopted[0] + notes)
-                record = self._record(_untold_name(key), _notes_value(kept))
-                self._untold[key] = (kept, _covering(held and held[1], adopted and adopted[1], new=record))
-                await self._keep(user_id, record, exc)
-            raise
-        if held is not None:
-            await self._forget(user_id, held[1])
-        if not notes:
-            return []
-        # (position 0: a group notice a higher one, worked out on another bridge, overtook)
-        told = [(u, n, p) for (u, n), p in zip(notes, positions, strict=True) if p]
-        if self.wakes is not None and told:
-            self.wakes.note([u for u, _, _ in told], self._clock.now_ms(), message=False)
-        return [Out(ToUser(u), receipt_event(n, p)) for u, n, p in told]
+            try:
+                current = None
+                if untold:  # kept from a failed attempt (here, or recorded by another bridge, perhaps
+                    # long ago): told as the receipts stand now, never behind a notice told since
+                    current = await self._store.get_receipts(chat.chat_id)
+                    notes = _as_they_stand(current, notes)
+                if moved and chat.kind == "direct":
+                    notes += [(m, ReceiptNote(chat_id, user_id, kind, up_to)) for m in chat.member_ids if m != user_id]
+                elif moved:
+                    if kind == "read":  # it moved the delivered too, and may have been the last to have
+                        # it: both notices from one read of the members' receipts
+                        if current is None:
+                            current = await self._store.get_receipts(chat.chat_id)
+                        await self._group_notes_folded(chat, "delivered", notes, current)
+                    await self._group_notes_folded(chat, kind, notes, current)
+                if untold:
+                    notes = _latest_notes(notes)
+                if notes:
+                    positions = await self._store.append_receipts(notes)
+            except BaseException as exc:
+                if notes:  # (with what was adopted meanwhile, and what retries under way took on, if any)
+                    adopted = self._untold.get(key)
+                    others = [n for t in self._telling.get(key, ()) if held is None or t is not held[0] for n in t]
+                    kept = _latest_notes(others + (adopted[0] if adopted is not None else []) + notes)
+                    record = self._record(_untold_name(key), _notes_value(kept))
+                    self._untold[key] = (kept, _covering(held and held[1], adopted and adopted[1], new=record))
+                    await self._keep(user_id, record, exc)
+                raise
+            if held is not None:
+                await self._forget(user_id, held[1])
+            if not notes:
+                return []
+            # (position 0: a group notice a higher one, worked out on another bridge, overtook)
+            told = [(u, n, p) for (u, n), p in zip(notes, positions, strict=True) if p]
+            if self.wakes is not None and told:
+                self.wakes.note([u for u, _, _ in told], self._clock.now_ms(), message=False)
+            return [Out(ToUser(u), receipt_event(n, p)) for u, n, p in told]
+        finally:
+            if telling is not None and held is not None:
+                telling.remove(held[0])
+                if not telling:
+                    del self._telling[key]
 
     async def _recent_chat(self, chat_id: str) -> Chat | None:
         """The chat as read at most ACK_CHAT_TTL_S ago by this process (membership changes made

@@ -762,6 +762,76 @@ async def test_a_record_adopted_before_many_failed_retries_is_still_forgotten_by
     assert await records(state) == {}
 
 
+async def test_a_read_failing_while_a_retry_tells_what_it_held_records_that_too(world: World) -> None:
+    """While a retry tells what this bridge held for a member's group receipt (here a notice to
+    one member, adopted from another bridge), another read of the member's fails here: its
+    record holds the retry's notice as well as its own, so a bridge that died before the retry
+    ended would lose neither."""
+    a, b, e = [await world.user(f"+1555000086{i}") for i in range(3)]
+    state = MemoryState()
+    _, here, _ = other_bridge(world, state, b)
+    group, _ = await world.messenger.create_group(a, "team", [b.user_id, e.user_id])
+    gid = group.chat_id
+    await world.messenger.send(a, Send(id="g1", chat=gid, to=None, body="hi", media=None))
+    await world.messenger.send(e, Send(id="g2", chat=gid, to=None, body="hi", media=None))
+    for reader in (a, e):
+        await world.messenger.read(reader, Read(chat=gid, up_to=2))
+    await world.messenger.read(b, Read(chat=gid, up_to=1))
+    name = "n" + json.dumps([gid, b.user_id, "read"], separators=(",", ":"))
+    await state.put_unfinished("ks~", 3, {f"{name}~0a1b2c3d": f"{int(time.time() * 1000)} "
+                                          + json.dumps([[e.user_id, gid, "*", "read", 1]])})
+    await here.adopt(3)
+    gate = world.store.held["append_receipts"] = asyncio.Event()
+    calls = world.store.calls["append_receipts"]
+    retry = asyncio.create_task(world.messenger.read(b, Read(chat=gid, up_to=1)))
+    await until(lambda: world.store.calls["append_receipts"] > calls)
+    del world.store.held["append_receipts"]
+    world.store.failing = {"append_receipts"}
+    with pytest.raises(Unavailable):
+        await world.messenger.read(b, Read(chat=gid, up_to=2))
+    world.store.failing = set()
+    mine = {k: v for k, v in (await records(state)).items() if not k.endswith("~0a1b2c3d")}
+    assert sorted((n[0], n[4]) for v in mine.values() for n in json.loads(v.partition(" ")[2])) == sorted(
+        [(a.user_id, 2), (a.user_id, 2), (e.user_id, 1)])
+    gate.set()
+    told = receipt_notices((await asyncio.wait_for(retry, 5)).outs)
+    assert (e.user_id, "read", "*", 1) in told or (e.user_id, "read", "*", 2) in told
+    assert await records(state) == mine  # (the adopted record forgotten; the new one stays)
+
+
+async def test_an_ack_failing_while_a_retry_of_the_devices_ack_moves_receipts_records_its_range_too(
+        world: World) -> None:
+    """While a retry of a device's ack moves the receipts its failed attempt left, the device's
+    next ack fails here: its record starts where the retry's range does, so a bridge that died
+    before the retry ended would leave the next holder both ranges to move."""
+    a1, a2, reader = [await world.user(f"+1555000087{i}") for i in range(3)]
+    state = MemoryState()
+    other_bridge(world, state, reader)
+    await world.messenger.send(a1, Send(id="m1", chat=None, to=reader.user_id, body="hi", media=None))
+    head = await world.store.inbox_head(reader.user_id)
+    world.store.failing = {"advance_receipt"}
+    with pytest.raises(Unavailable):
+        await world.messenger.ack(reader, Ack(up_to=head))
+    world.store.failing = set()
+    gate = world.store.held["advance_receipt"] = asyncio.Event()
+    calls = world.store.calls["advance_receipt"]
+    retry = asyncio.create_task(world.messenger.ack(reader, Ack(up_to=head)))
+    await until(lambda: world.store.calls["advance_receipt"] > calls)
+    del world.store.held["advance_receipt"]
+    await world.messenger.send(a2, Send(id="m2", chat=None, to=reader.user_id, body="hi", media=None))
+    world.store.failing = {"advance_receipt"}
+    with pytest.raises(Unavailable):
+        await world.messenger.ack(reader, Ack(up_to=await world.store.inbox_head(reader.user_id)))
+    world.store.failing = set()
+    assert [v.partition(" ")[2] for v in (await records(state)).values()] == ["0"]
+    gate.set()
+    await asyncio.wait_for(retry, 5)
+    told = sorted(receipt_notices((await world.messenger.ack(reader, Ack(up_to=await world.store.inbox_head(
+        reader.user_id)))).outs))
+    assert told == [(a2.user_id, "delivered", reader.user_id, 1)]  # (a1's was told by the retry)
+    assert await records(state) == {}
+
+
 def recorded_up_to(recorded: dict[str, str]) -> list[int]:
     """The positions the notices of the records tell."""
     return sorted(n[4] for stored in recorded.values() for n in json.loads(stored.partition(" ")[2]))
