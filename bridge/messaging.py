@@ -313,24 +313,29 @@ class Messenger:
             if unfinished is not None:
                 prev = min(prev, unfinished[0])
             if new > prev:
-                acking, took = self._acking.setdefault(key, []), prev
-                acking.append(took)
+                acking, took = None, prev
+                if unfinished is not None:  # (what this retry took on, for another ack failing meanwhile)
+                    acking = self._acking.setdefault(key, [])
+                    acking.append(took)
                 try:
                     result = await self._deliver_receipts(caller, prev, new)
                 except BaseException as exc:
                     # (a retry of this ack does the rest; with what was adopted meanwhile, and what
                     # other acks of the device under way took on, if any)
                     adopted = self._acks_unfinished.get(key)
-                    prev = min([*acking, *(() if adopted is None else (adopted[0],))])
-                    record = self._record(_unfinished_ack_name(key), str(prev))
+                    if adopted is not None:
+                        prev = min(prev, adopted[0])
+                    # (the record holds the ranges of retries under way too, the entry only this one's)
+                    record = self._record(_unfinished_ack_name(key), str(min([prev, *self._acking.get(key, ())])))
                     self._acks_unfinished[key] = (prev, _covering(unfinished and unfinished[1], adopted and adopted[1],
                                                                   new=record))
                     await self._keep(caller.user_id, record, exc)
                     raise
                 finally:
-                    acking.remove(took)
-                    if not acking:
-                        del self._acking[key]
+                    if acking is not None:
+                        acking.remove(took)
+                        if not acking:
+                            del self._acking[key]
             else:
                 result = Result()
             if unfinished is not None:
@@ -490,9 +495,12 @@ class Messenger:
             except BaseException as exc:
                 if notes:  # (with what was adopted meanwhile, and what retries under way took on, if any)
                     adopted = self._untold.get(key)
+                    kept = _latest_notes((adopted[0] if adopted is not None else []) + notes)
+                    # (the record holds what retries under way took on too, the entry only what is
+                    # left to this request: a retry that ends tells its own)
                     others = [n for t in self._telling.get(key, ()) if held is None or t is not held[0] for n in t]
-                    kept = _latest_notes(others + (adopted[0] if adopted is not None else []) + notes)
-                    record = self._record(_untold_name(key), _notes_value(kept))
+                    record = self._record(_untold_name(key), _notes_value(_latest_notes(others + kept) if others
+                                                                          else kept))
                     self._untold[key] = (kept, _covering(held and held[1], adopted and adopted[1], new=record))
                     await self._keep(user_id, record, exc)
                 raise
@@ -507,7 +515,7 @@ class Messenger:
             return [Out(ToUser(u), receipt_event(n, p)) for u, n, p in told]
         finally:
             if telling is not None and held is not None:
-                telling.remove(held[0])
+                del telling[next(i for i, t in enumerate(telling) if t is held[0])]
                 if not telling:
                     del self._telling[key]
 

@@ -764,9 +764,10 @@ async def test_a_record_adopted_before_many_failed_retries_is_still_forgotten_by
 
 async def test_a_read_failing_while_a_retry_tells_what_it_held_records_that_too(world: World) -> None:
     """While a retry tells what this bridge held for a member's group receipt (here a notice to
-    one member, adopted from another bridge), another read of the member's fails here: its
-    record holds the retry's notice as well as its own, so a bridge that died before the retry
-    ended would lose neither."""
+    one member the next read does not tell), another read of the member's fails here and writes
+    this bridge's record again: the record holds the retry's notice as well as its own, so a
+    bridge that died before the retry ended would lose neither. The retry tells its notice and
+    the failed read's retry its own, each once."""
     a, b, e = [await world.user(f"+1555000086{i}") for i in range(3)]
     state = MemoryState()
     _, here, _ = other_bridge(world, state, b)
@@ -777,8 +778,9 @@ async def test_a_read_failing_while_a_retry_tells_what_it_held_records_that_too(
     for reader in (a, e):
         await world.messenger.read(reader, Read(chat=gid, up_to=2))
     await world.messenger.read(b, Read(chat=gid, up_to=1))
-    name = "n" + json.dumps([gid, b.user_id, "read"], separators=(",", ":"))
-    await state.put_unfinished("ks~", 3, {f"{name}~0a1b2c3d": f"{int(time.time() * 1000)} "
+    # (as if this bridge had recorded a notice to e, and adopted it back)
+    own = "n" + json.dumps([gid, b.user_id, "read"], separators=(",", ":")) + "~" + here._writer  # noqa: SLF001
+    await state.put_unfinished("ks~", 3, {own: f"{int(time.time() * 1000)} "
                                           + json.dumps([[e.user_id, gid, "*", "read", 1]])})
     await here.adopt(3)
     gate = world.store.held["append_receipts"] = asyncio.Event()
@@ -790,13 +792,17 @@ async def test_a_read_failing_while_a_retry_tells_what_it_held_records_that_too(
     with pytest.raises(Unavailable):
         await world.messenger.read(b, Read(chat=gid, up_to=2))
     world.store.failing = set()
-    mine = {k: v for k, v in (await records(state)).items() if not k.endswith("~0a1b2c3d")}
-    assert sorted((n[0], n[4]) for v in mine.values() for n in json.loads(v.partition(" ")[2])) == sorted(
-        [(a.user_id, 2), (a.user_id, 2), (e.user_id, 1)])
+    again = await records(state)
+    assert list(again) == [own]
+    assert sorted((n[0], n[3], n[4]) for n in json.loads(again[own].partition(" ")[2])) == sorted(
+        [(a.user_id, "delivered", 2), (a.user_id, "read", 2), (e.user_id, "read", 1)])
     gate.set()
-    told = receipt_notices((await asyncio.wait_for(retry, 5)).outs)
-    assert (e.user_id, "read", "*", 1) in told or (e.user_id, "read", "*", 2) in told
-    assert await records(state) == mine  # (the adopted record forgotten; the new one stays)
+    assert receipt_notices((await asyncio.wait_for(retry, 5)).outs) == [(e.user_id, "read", "*", 1)]
+    assert await records(state) == again
+    told = receipt_notices((await world.messenger.read(b, Read(chat=gid, up_to=2))).outs)
+    assert sorted(told) == [(a.user_id, "delivered", "*", 2), (a.user_id, "read", "*", 2)]
+    assert await records(state) == {}
+    assert not world.messenger._telling and not world.messenger._acking  # noqa: SLF001
 
 
 async def test_an_ack_failing_while_a_retry_of_the_devices_ack_moves_receipts_records_its_range_too(
@@ -830,6 +836,7 @@ async def test_an_ack_failing_while_a_retry_of_the_devices_ack_moves_receipts_re
         reader.user_id)))).outs))
     assert told == [(a2.user_id, "delivered", reader.user_id, 1)]  # (a1's was told by the retry)
     assert await records(state) == {}
+    assert not world.messenger._telling and not world.messenger._acking  # noqa: SLF001
 
 
 def recorded_up_to(recorded: dict[str, str]) -> list[int]:
