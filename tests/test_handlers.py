@@ -17,7 +17,7 @@ import pytest
 from bridge.accounts import Accounts
 from bridge.clock import ManualClock
 from bridge.errors import BadRequest, NotFound, RateLimited, TooLarge, Unauthorized, Unavailable, UnknownType
-from bridge.handling import Caller
+from bridge.handling import Caller, Result
 from bridge.handover import ReceiptHandover
 from bridge.media import Media
 from bridge.messaging import COVERED_KEPT, Messenger
@@ -601,15 +601,7 @@ async def test_a_retry_does_not_forget_its_bridges_record_written_again_meanwhil
     with pytest.raises(Unavailable):
         await world.messenger.read(b, Read(chat=direct, up_to=1))
     world.store.failing = set()
-    gate = world.store.held["append_receipts"] = asyncio.Event()
-    calls = world.store.calls["append_receipts"]
-    retry = asyncio.create_task(world.messenger.read(b, Read(chat=direct, up_to=1)))
-    await until(lambda: world.store.calls["append_receipts"] > calls)
-    del world.store.held["append_receipts"]
-    world.store.failing = {"append_receipts"}
-    with pytest.raises(Unavailable):
-        await world.messenger.read(b, Read(chat=direct, up_to=2))
-    world.store.failing = set()
+    gate, retry = await read_retry_held_while_the_next_fails(world, world.messenger, b, direct, 1)
     again = await records(state)
     assert recorded_up_to(again) == [2]
     gate.set()
@@ -683,17 +675,7 @@ async def test_an_acks_retry_that_fails_again_keeps_what_was_adopted_meanwhile_a
     a, reader = [await world.user(f"+1555000081{i}") for i in range(2)]
     state = MemoryState()
     there, here, _ = other_bridge(world, state, reader)
-    await world.messenger.send(a, Send(id="m1", chat=None, to=reader.user_id, body="hi", media=None))
-    head = await world.store.inbox_head(reader.user_id)
-    world.store.failing = {"advance_receipt"}
-    with pytest.raises(Unavailable):
-        await world.messenger.ack(reader, Ack(up_to=head))
-    world.store.failing = set()
-    gate = world.store.held["advance_receipt"] = asyncio.Event()
-    calls = world.store.calls["advance_receipt"]
-    retry = asyncio.create_task(world.messenger.ack(reader, Ack(up_to=head)))
-    await until(lambda: world.store.calls["advance_receipt"] > calls)
-    del world.store.held["advance_receipt"]
+    head, gate, retry = await ack_retry_held(world, a, reader)
     await world.messenger.send(a, Send(id="m2", chat=None, to=reader.user_id, body="hi", media=None))
     world.store.failing = {"advance_receipt"}
     with pytest.raises(Unavailable):
@@ -783,15 +765,7 @@ async def test_a_read_failing_while_a_retry_tells_what_it_held_records_that_too(
     await state.put_unfinished("ks~", 3, {own: f"{int(time.time() * 1000)} "
                                           + json.dumps([[e.user_id, gid, "*", "read", 1]])})
     await here.adopt(3)
-    gate = world.store.held["append_receipts"] = asyncio.Event()
-    calls = world.store.calls["append_receipts"]
-    retry = asyncio.create_task(world.messenger.read(b, Read(chat=gid, up_to=1)))
-    await until(lambda: world.store.calls["append_receipts"] > calls)
-    del world.store.held["append_receipts"]
-    world.store.failing = {"append_receipts"}
-    with pytest.raises(Unavailable):
-        await world.messenger.read(b, Read(chat=gid, up_to=2))
-    world.store.failing = set()
+    gate, retry = await read_retry_held_while_the_next_fails(world, world.messenger, b, gid, 1)
     again = await records(state)
     assert list(again) == [own]
     assert sorted((n[0], n[3], n[4]) for n in json.loads(again[own].partition(" ")[2])) == sorted(
@@ -813,17 +787,7 @@ async def test_an_ack_failing_while_a_retry_of_the_devices_ack_moves_receipts_re
     a1, a2, reader = [await world.user(f"+1555000087{i}") for i in range(3)]
     state = MemoryState()
     other_bridge(world, state, reader)
-    await world.messenger.send(a1, Send(id="m1", chat=None, to=reader.user_id, body="hi", media=None))
-    head = await world.store.inbox_head(reader.user_id)
-    world.store.failing = {"advance_receipt"}
-    with pytest.raises(Unavailable):
-        await world.messenger.ack(reader, Ack(up_to=head))
-    world.store.failing = set()
-    gate = world.store.held["advance_receipt"] = asyncio.Event()
-    calls = world.store.calls["advance_receipt"]
-    retry = asyncio.create_task(world.messenger.ack(reader, Ack(up_to=head)))
-    await until(lambda: world.store.calls["advance_receipt"] > calls)
-    del world.store.held["advance_receipt"]
+    _, gate, retry = await ack_retry_held(world, a1, reader)
     await world.messenger.send(a2, Send(id="m2", chat=None, to=reader.user_id, body="hi", media=None))
     world.store.failing = {"advance_receipt"}
     with pytest.raises(Unavailable):
@@ -837,6 +801,24 @@ async def test_an_ack_failing_while_a_retry_of_the_devices_ack_moves_receipts_re
     assert told == [(a2.user_id, "delivered", reader.user_id, 1)]  # (a1's was told by the retry)
     assert await records(state) == {}
     assert not world.messenger._telling and not world.messenger._acking  # noqa: SLF001
+
+
+async def ack_retry_held(world: World, sender: Caller, reader: Caller
+                         ) -> tuple[int, asyncio.Event, asyncio.Task[Result]]:
+    """A message from ``sender`` to ``reader``, the reader's ack of it failing part way here,
+    and its retry held in moving the receipts: the head acked, the gate, and the retry."""
+    await world.messenger.send(sender, Send(id="m1", chat=None, to=reader.user_id, body="hi", media=None))
+    head = await world.store.inbox_head(reader.user_id)
+    world.store.failing = {"advance_receipt"}
+    with pytest.raises(Unavailable):
+        await world.messenger.ack(reader, Ack(up_to=head))
+    world.store.failing = set()
+    gate = world.store.held["advance_receipt"] = asyncio.Event()
+    calls = world.store.calls["advance_receipt"]
+    retry = asyncio.create_task(world.messenger.ack(reader, Ack(up_to=head)))
+    await until(lambda: world.store.calls["advance_receipt"] > calls)
+    del world.store.held["advance_receipt"]
+    return head, gate, retry
 
 
 def recorded_up_to(recorded: dict[str, str]) -> list[int]:
@@ -854,17 +836,25 @@ async def retry_held_while_another_bridge_fails(world: World, state: MemoryState
     with pytest.raises(Unavailable):
         await world.messenger.read(b, Read(chat=chat, up_to=last - 1))
     world.store.failing = set()
+    mine = await records(state)
+    gate, retry = await read_retry_held_while_the_next_fails(world, there, b, chat, last - 1)
+    return retry, gate, {k: v for k, v in (await records(state)).items() if k not in mine}
+
+
+async def read_retry_held_while_the_next_fails(world: World, on: Messenger, b: Caller, chat: str, up_to: int
+                                               ) -> tuple[asyncio.Event, asyncio.Task[Result]]:
+    """``b``'s retry (here) of a read of ``chat`` up to ``up_to`` held in appending the notices
+    it took on, while ``b``'s read one further fails ``on`` a bridge: the gate and the retry."""
     gate = world.store.held["append_receipts"] = asyncio.Event()
     calls = world.store.calls["append_receipts"]
-    retry = asyncio.create_task(world.messenger.read(b, Read(chat=chat, up_to=last - 1)))
+    retry = asyncio.create_task(world.messenger.read(b, Read(chat=chat, up_to=up_to)))
     await until(lambda: world.store.calls["append_receipts"] > calls)  # (it waits there with what it took on)
     del world.store.held["append_receipts"]
-    mine = await records(state)
     world.store.failing = {"append_receipts"}
     with pytest.raises(Unavailable):
-        await there.read(b, Read(chat=chat, up_to=last))
+        await on.read(b, Read(chat=chat, up_to=up_to + 1))
     world.store.failing = set()
-    return retry, gate, {k: v for k, v in (await records(state)).items() if k not in mine}
+    return gate, retry
 
 
 async def test_an_ack_whose_receipts_the_store_failed_is_finished_by_the_partitions_next_holder(
