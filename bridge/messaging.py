@@ -82,6 +82,19 @@ def _covering(*groups: Covered | None, new: Record | None = None) -> Covered:
     return tuple(reversed(latest))
 
 
+def _under_way(by_key: dict[Any, list[Any]], key: Any, took: Any) -> None:
+    """Note what a retry under way took on (``_telling``, ``_acking``)."""
+    by_key.setdefault(key, []).append(took)
+
+
+def _done(by_key: dict[Any, list[Any]], key: Any, took: Any) -> None:
+    """The retry that took ``took`` (this very object) has ended."""
+    taken = by_key[key]
+    del taken[next(i for i, t in enumerate(taken) if t is took)]
+    if not taken:
+        del by_key[key]
+
+
 def _latest_notes(notes: list[tuple[str, ReceiptNote]]) -> list[tuple[str, ReceiptNote]]:
     """Of notes kept to be told, the furthest of each (recipient, chat, whose, kind), in the
     order they came: a store that keeps failing the retries does not make the list grow, nor
@@ -313,10 +326,9 @@ class Messenger:
             if unfinished is not None:
                 prev = min(prev, unfinished[0])
             if new > prev:
-                acking, took = None, prev
+                took = prev
                 if unfinished is not None:  # (what this retry took on, for another ack failing meanwhile)
-                    acking = self._acking.setdefault(key, [])
-                    acking.append(took)
+                    _under_way(self._acking, key, took)
                 try:
                     result = await self._deliver_receipts(caller, prev, new)
                 except BaseException as exc:
@@ -332,10 +344,8 @@ class Messenger:
                     await self._keep(caller.user_id, record, exc)
                     raise
                 finally:
-                    if acking is not None:
-                        acking.remove(took)
-                        if not acking:
-                            del self._acking[key]
+                    if unfinished is not None:
+                        _done(self._acking, key, took)
             else:
                 result = Result()
             if unfinished is not None:
@@ -468,10 +478,8 @@ class Messenger:
         untold = bool(notes)
         if not moved and not notes:
             return []
-        telling = None
         if held is not None:  # (what this retry took on, for another request failing meanwhile)
-            telling = self._telling.setdefault(key, [])
-            telling.append(held[0])
+            _under_way(self._telling, key, held[0])
         try:
             try:
                 current = None
@@ -514,10 +522,8 @@ class Messenger:
                 self.wakes.note([u for u, _, _ in told], self._clock.now_ms(), message=False)
             return [Out(ToUser(u), receipt_event(n, p)) for u, n, p in told]
         finally:
-            if telling is not None and held is not None:
-                del telling[next(i for i, t in enumerate(telling) if t is held[0])]
-                if not telling:
-                    del self._telling[key]
+            if held is not None:
+                _done(self._telling, key, held[0])
 
     async def _recent_chat(self, chat_id: str) -> Chat | None:
         """The chat as read at most ACK_CHAT_TTL_S ago by this process (membership changes made
