@@ -793,8 +793,11 @@ def _show_result(r: dict[str, Any]) -> None:
                           f"p99 {s['p99_ms']} ms")
     for step in [*(r.get("rates") or []), *(r.get("rates_per_bridge") or [])]:
         if step.get("bridge_cpu_ms_per_msg") is not None:
+            box = step.get("box_cpu_pct")
             console.print(f"  at {step['msgs_per_s']} msgs/s ({step['msgs_per_s_per_bridge']} a bridge): p99 "
-                          f"{step['p99_ms']} ms, {step['bridge_cpu_ms_per_msg']} ms of bridge CPU a message")
+                          f"{step['p99_ms']} ms, {step['bridge_cpu_ms_per_msg']} ms of bridge CPU a message"
+                          + (f"; the box {box['busy']} % busy, {box['steal']} % stolen by the hypervisor"
+                             if box else ""))
     if r.get("lost") or r.get("duplicates"):
         console.print(f"[bold red]  LOST {r.get('lost')} and DUPLICATED {r.get('duplicates')} messages[/]")
     if r.get("unanswered"):

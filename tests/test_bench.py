@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from clients.bench.run import cost_per_msg, parse_store_ops, read_store_ops
-from clients.bench.target import BENCH_SERVER_FLAGS, TICKS_PER_S
+from clients.bench.target import BENCH_SERVER_FLAGS, TICKS_PER_S, box_shares, box_ticks
 from clients.launch import ROOT, ServerProc
 from storage.base import StoreOps
 from tests.conftest import production_url
@@ -51,7 +51,13 @@ def check_results(results: list[dict[str, object]], profile: str) -> None:
         assert set(COST) <= step.keys() and step["store_ops_per_msg"] > 0 and step["bridge_cpu_ms_per_msg"] > 0, step
         assert step["msgs_per_s_per_bridge"] == pytest.approx(step["msgs_per_s"] / p2p["bridges"], abs=0.1)
     assert p2p["bridges"] == 1 and p2p["msgs_per_s_per_bridge"] == p2p["msgs_per_s"]
+    # the whole box's CPU in each timed phase, the hypervisor's share apart
     group = by_name["group"]
+    for phase in [*p2p["rates"], p2p, group]:
+        box = phase["box_cpu_pct"]
+        assert set(box) == {"busy", "idle", "steal"} and box["busy"] > 0, box
+        assert sum(box.values()) == pytest.approx(100, abs=0.3), box
+    assert set(group["box_cpu_pct_at_half"]) == {"busy", "idle", "steal"}
     assert group["deliveries_per_s"] > 0 and group["baseline_deliveries_per_s"] > 0 and "ratio" in group
     sync = by_name["sync"]
     assert sync["messages"] == 30 and sync["errors"] == {}
@@ -79,6 +85,19 @@ def check_cost(r: dict[str, Any], cpu_known: bool) -> None:
     else:
         assert r["bridge_cpu_ms_per_msg"] is None, r
     assert r["cost_basis"]["messages"] > 0, r
+
+
+def test_the_box_shares_split_its_cpu_time_by_kind() -> None:
+    before = {"user": 100, "nice": 0, "system": 50, "idle": 800, "iowait": 10, "irq": 5, "softirq": 5, "steal": 30}
+    after = {"user": 300, "nice": 20, "system": 100, "idle": 1000, "iowait": 10, "irq": 10, "softirq": 10,
+             "steal": 130}
+    # 280 busy (user, nice, system, irq, softirq), 200 idle, 100 stolen, of 580 ticks
+    assert box_shares(before, after) == {"busy": 48.3, "idle": 34.5, "steal": 17.2}
+    assert box_shares(None, after) is None and box_shares(before, None) is None
+    assert box_shares(after, after) is None  # no time passed
+    now = box_ticks()  # this machine's, read from /proc/stat
+    assert now is not None and set(now) <= {"user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal"}
+    assert now["idle"] > 0
 
 
 def test_every_scenario_runs_on_the_embedded_default(tmp_path: Path) -> None:

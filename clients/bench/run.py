@@ -25,7 +25,7 @@ from storage.cassandra_owner import PARTITIONS
 from storage.ids import new_id
 
 from . import worker as worker_mod
-from .target import TICKS_PER_S, BenchError, Target, cpu_ticks, partitions_held, rss_kb
+from .target import TICKS_PER_S, BenchError, Target, box_shares, box_ticks, cpu_ticks, partitions_held, rss_kb
 
 SCENARIOS = ("p2p", "baseline", "group", "sync", "idle", "wire", "overload", "failover")
 # the scenarios whose devices speak --proto (baseline has none; wire measures v1 and v2 side by side)
@@ -209,6 +209,7 @@ class Meter:
         self.cpu_pids = {**self.pids, **{name: pid for name, pid in (cpu_only or {}).items()
                                          if os.path.exists(f"/proc/{pid}")}}
         self._ticks: dict[str, int] = {}
+        self._box: dict[str, int] | None = None
         self._t0 = 0.0
 
     def rss_mb(self) -> float | None:
@@ -220,12 +221,18 @@ class Meter:
 
     def start(self) -> None:
         self._ticks = {name: cpu_ticks(pid) for name, pid in self.cpu_pids.items()}
+        self._box = box_ticks()
         self._t0 = time.monotonic()
 
     def cpu_pct(self) -> dict[str, float]:
         wall = max(1e-9, time.monotonic() - self._t0)
         return {name: round(100 * (cpu_ticks(pid) - self._ticks[name]) / TICKS_PER_S / wall, 1)
                 for name, pid in self.cpu_pids.items()}
+
+    def box_pct(self) -> dict[str, float] | None:
+        """The whole box's CPU since :meth:`start`: busy, idle and stolen, in % of all its cores
+        (everything on the box counts: the servers, the load generator, anything else)."""
+        return box_shares(self._box, box_ticks())
 
 
 class Sampler:
@@ -511,7 +518,7 @@ class Bench:
             cost.start()
         self.meter.start()
         merged = merge(pool.all(what, "traffic", lambda k: args(k) if active[k] else None, timed=seconds))
-        merged["server_cpu_pct"] = self.meter.cpu_pct()
+        merged["server_cpu_pct"], merged["box_cpu_pct"] = self.meter.cpu_pct(), self.meter.box_pct()
         drained = self.drain(pool, active)
         merged.update(drained, duplicates=merged["duplicates"] + drained["duplicates"],
                       late_live=merged["late_live"] + drained["late_live"])
@@ -594,6 +601,7 @@ class Bench:
                         "lost": step["lost"], "unanswered": step["unanswered"],
                         "duplicates": step["duplicates"], "late_live": step["late_live"],
                         "errors": dict(step["errors"]), "server_cpu_pct": step["server_cpu_pct"],
+                        "box_cpu_pct": step["box_cpu_pct"],
                         "by_second": by_second(step["sent_s"], step["latencies_ms"])}
 
             steps = [step_at(f"{int(frac * 100)}% of full speed", frac * max_rate) for frac in RATE_STEPS]
@@ -623,7 +631,7 @@ class Bench:
                 "late_live": full["late_live"] + sum(s["late_live"] for s in steps_all),
                 "lost_live": full["lost_live"], "recovered_by_sync": full["recovered_by_sync"],
                 "errors": dict(full["errors"]), "stalled": full["stalled"],
-                "server_cpu_pct": full["server_cpu_pct"],
+                "server_cpu_pct": full["server_cpu_pct"], "box_cpu_pct": full["box_cpu_pct"],
                 "client_cpu_pct": round(100 * full["cpu_s"] / max(1e-9, full["seconds"]), 1),
             })
             if baseline is not None:
@@ -683,6 +691,7 @@ class Bench:
                 "lost": run["lost"], "unanswered": run["unanswered"], "duplicates": run["duplicates"],
                 "late_live": run["late_live"], "errors": dict(run["errors"]), "resend": o.resend,
                 "resent": dict(run["resent"]), "server_cpu_pct": run["server_cpu_pct"],
+                "box_cpu_pct": run["box_cpu_pct"],
                 "by_second": by_second(run["sent_s"], run["latencies_ms"]),
             }
             pool.all("disconnecting", "disconnect", {})
@@ -754,6 +763,7 @@ class Bench:
             "late_live": full["late_live"] + half["late_live"],
             "lost_live": full["lost_live"], "recovered_by_sync": full["recovered_by_sync"],
             "errors": dict(full["errors"] + half["errors"]), "server_cpu_pct": full["server_cpu_pct"],
+            "box_cpu_pct": full["box_cpu_pct"], "box_cpu_pct_at_half": half["box_cpu_pct"],
             "client_cpu_pct": round(100 * full["cpu_s"] / max(1e-9, full["seconds"]), 1), **full["cost"],
             "baseline": baseline,
         })

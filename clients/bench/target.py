@@ -106,6 +106,37 @@ def cpu_ticks(pid: int) -> int:
 
 
 TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+# /proc/stat's first line: the whole box's CPU time by kind, in ticks, in this order (guest time
+# is counted in user already, so it is left out)
+BOX_TIME_KINDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+
+
+def box_ticks() -> dict[str, int] | None:
+    """The whole box's CPU time so far by kind (all cores), or None where /proc/stat is missing."""
+    try:
+        with open("/proc/stat") as fh:
+            first = fh.readline().split()
+    except OSError:
+        return None
+    if not first or first[0] != "cpu":
+        return None
+    return dict(zip(BOX_TIME_KINDS, map(int, first[1:1 + len(BOX_TIME_KINDS)]), strict=False))
+
+
+def box_shares(before: dict[str, int] | None, after: dict[str, int] | None) -> dict[str, float] | None:
+    """How the box's CPU time between two :func:`box_ticks` went, in % of all its cores' time:
+    ``busy`` (user, nice, system, irq, softirq), ``idle`` (with iowait) and ``steal`` (time the
+    hypervisor gave another guest while this one had work: on a shared virtual machine, CPU the
+    processes here wanted and did not get). None when either is unknown or no time passed."""
+    if before is None or after is None:
+        return None
+    spent = {k: max(0, after.get(k, 0) - before.get(k, 0)) for k in BOX_TIME_KINDS}
+    total = sum(spent.values())
+    if total <= 0:
+        return None
+    busy = spent["user"] + spent["nice"] + spent["system"] + spent["irq"] + spent["softirq"]
+    return {"busy": round(100 * busy / total, 1), "idle": round(100 * (spent["idle"] + spent["iowait"]) / total, 1),
+            "steal": round(100 * spent["steal"] / total, 1)}
 
 
 @contextlib.contextmanager
