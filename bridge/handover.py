@@ -21,6 +21,9 @@ is left to tell there. The holder reads a partition's records once per ask at mo
 that come while it reads share the next read. An ask that fails is made again in the
 background (``ASK_AGAIN_S``) until a holder answers, for about 80 s; past that the records
 wait for the partition's next move.
+
+One process writes a field's records one after another, in the order it made them: the later
+holds what is left to do then, and two writes in flight at once could land in either order.
 """
 
 from __future__ import annotations
@@ -91,6 +94,9 @@ class ReceiptHandover:
         self._failed_asks: dict[int, int] = {}
         self._closed = False
         self._writer = secrets.token_hex(WRITER_LEN // 2)  # (this process's own records' mark)
+        # a field's writes under way here, one after another in the order they were made (the
+        # later holds what is left to do then): the lock, and how many writes wait for it or hold it
+        self._writing: dict[str, tuple[asyncio.Lock, list[int]]] = {}
 
     def record(self, name: str, value: str) -> Record:
         return f"{name}{WRITER_MARK}{self._writer}", f"{int(self._clock() * 1000)} {value}"
@@ -112,10 +118,15 @@ class ReceiptHandover:
 
     async def keep(self, user_id: str, record: Record) -> None:
         (name, stamped), part, landed = record, -1, False
+        lock, users = self._writing.setdefault(name, (asyncio.Lock(), [0]))
+        users[0] += 1
         try:
             part = self._partitions.partition_of_user(user_id)
             async with asyncio.timeout(HANDOVER_WAIT_S):
-                await self._state.put_unfinished(self._scope_of(name), part, {name: stamped})
+                # (sent once the one before it has ended: two writes of a field in flight at once
+                # could land in either order, and the earlier, landing last, leave out the later's)
+                async with lock:
+                    await self._state.put_unfinished(self._scope_of(name), part, {name: stamped})
                 landed = True
                 # Leased here now that it has landed (held, or being given back): a next holder
                 # takes the partition only after that, and reads it then. Otherwise the holder
@@ -129,6 +140,10 @@ class ReceiptHandover:
                 self._ask_again(part)
             else:
                 log.warning("recording %.200s of partition %d failed: %r", name, part, exc)
+        finally:
+            users[0] -= 1
+            if not users[0]:
+                del self._writing[name]
 
     async def _ask_to_read(self, part: int) -> None:
         """Ask the partition's holder to read its records again; raises if it refuses."""

@@ -1161,6 +1161,46 @@ async def test_what_cannot_be_recorded_for_the_next_holder_is_still_finished_her
                                 ).outs) == [(a.user_id, "read", b.user_id, seq)]
 
 
+async def test_two_writes_of_one_record_land_in_the_order_they_were_made(world: World) -> None:
+    """Two of a member's devices read one chat and both reads fail part way here, the first
+    one's record still being written when the second's is made (it holds both notices): the
+    second write goes only once the first has ended, so what stays in Redis is the later
+    record, and a bridge that died then would leave the next holder the furthest notice."""
+    a, b = [await world.user(f"+1555000095{i}") for i in range(2)]
+    state = MemoryState()
+    _, _, theirs = other_bridge(world, state, b)
+    for k in range(2):
+        sent = await world.messenger.send(a, Send(id=f"m{k}", chat=None, to=b.user_id, body="hi", media=None))
+    chat = sent.reply.chat  # type: ignore[union-attr]
+    put, first_held = state.put_unfinished, asyncio.Event()
+    calls: list[dict[str, str]] = []
+
+    async def put_first_slowly(scope: str, part: int, fields: dict[str, str]) -> None:
+        calls.append(fields)
+        if len(calls) == 1:
+            await first_held.wait()
+        await put(scope, part, fields)
+
+    state.put_unfinished = put_first_slowly  # type: ignore[method-assign]
+    world.store.failing = {"append_receipts"}
+    first = asyncio.ensure_future(world.messenger.read(b, Read(chat=chat, up_to=1)))
+    await until(lambda: len(calls) == 1)
+    second = asyncio.ensure_future(world.messenger.read(b, Read(chat=chat, up_to=2)))
+    await asyncio.sleep(0.05)  # (the second read has failed and made its record by now)
+    first_held.set()
+    for reading in (first, second):
+        with pytest.raises(Unavailable):
+            await asyncio.wait_for(reading, 5)
+    world.store.failing = set()
+    state.put_unfinished = put  # type: ignore[method-assign]
+    assert len(calls) == 2 and recorded_up_to(await records(state)) == [2]
+    next_holder = Messenger(world.store, world.clock, world.presence, max_group=4)  # type: ignore[arg-type]
+    await ReceiptHandover(state, theirs._partitions, next_holder).adopt(3)  # type: ignore[arg-type]  # noqa: SLF001
+    assert receipt_notices((await next_holder.read(b, Read(chat=chat, up_to=2))).outs) == [
+        (a.user_id, "read", b.user_id, 2)]
+    assert await records(state) == {}
+
+
 async def test_a_read_cancelled_part_way_is_recorded_for_the_next_holder_all_the_same(world: World) -> None:
     """The bridge stops while a read's notice is being appended (its handler cancelled): the
     notice is recorded for the partition's next holder, without the cancelled read waiting for
