@@ -22,18 +22,22 @@ that come while it reads share the next read. An ask that fails is made again in
 background (``ASK_AGAIN_S``) until a holder answers, for about 80 s; past that the records
 wait for the partition's next move.
 
-One process writes a field's records one after another, in the order it made them: the later
-holds what is left to do then, and two writes in flight at once could land in either order.
+One process writes a field's records one write at a time, each of the newest record made by
+then (the later holds what is left to do then): two writes in flight at once could land in
+either order, the earlier last. A record's write waits for the one before it, and each has its
+own bound, so a request waits for two at most.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import secrets
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from string import hexdigits
 from typing import TYPE_CHECKING
 
@@ -60,6 +64,17 @@ ADOPT = "adopt_unfinished"  # the request asking a partition's holder to read it
 ASK_AGAIN_S = (1.0, 4.0, 15.0, 60.0)
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Writes:
+    """The records of one field this process made and is writing (``ReceiptHandover.keep``)."""
+
+    lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)  # held by the write under way
+    made: int = 0  # records made so far
+    newest: str = ""  # the latest of them (its stored value)
+    written: int = 0  # the latest of them a write has landed (it held the ones before it too)
+    users: int = 0  # the keeps waiting or writing
 
 
 def _named(field: str) -> tuple[str, bool] | None:
@@ -94,9 +109,7 @@ class ReceiptHandover:
         self._failed_asks: dict[int, int] = {}
         self._closed = False
         self._writer = secrets.token_hex(WRITER_LEN // 2)  # (this process's own records' mark)
-        # a field's writes under way here, one after another in the order they were made (the
-        # later holds what is left to do then): the lock, and how many writes wait for it or hold it
-        self._writing: dict[str, tuple[asyncio.Lock, list[int]]] = {}
+        self._writing: dict[str, _Writes] = {}  # by field, while records of it are being written
 
     def record(self, name: str, value: str) -> Record:
         return f"{name}{WRITER_MARK}{self._writer}", f"{int(self._clock() * 1000)} {value}"
@@ -118,20 +131,31 @@ class ReceiptHandover:
 
     async def keep(self, user_id: str, record: Record) -> None:
         (name, stamped), part, landed = record, -1, False
-        lock, users = self._writing.setdefault(name, (asyncio.Lock(), [0]))
-        users[0] += 1
+        writes = self._writing.get(name)
+        if writes is None:
+            writes = self._writing[name] = _Writes()
+        writes.users += 1
         try:
             part = self._partitions.partition_of_user(user_id)
-            async with asyncio.timeout(HANDOVER_WAIT_S):
-                # (sent once the one before it has ended: two writes of a field in flight at once
-                # could land in either order, and the earlier, landing last, leave out the later's)
-                async with lock:
-                    await self._state.put_unfinished(self._scope_of(name), part, {name: stamped})
-                landed = True
-                # Leased here now that it has landed (held, or being given back): a next holder
-                # takes the partition only after that, and reads it then. Otherwise the holder
-                # (if any: the next one reads it anyway) is asked.
-                if self._ask_holder is not None and not self._partitions.leased_here(part):
+            writes.made += 1
+            mine, writes.newest = writes.made, stamped
+            # One write of a field at a time, each of the newest record made by then (the later
+            # holds what is left to do then): two in flight at once could land in either order,
+            # the earlier last. So this waits for the write before it (bounded as this one is),
+            # and is done when a write of this record or a later one has landed.
+            async with writes.lock:
+                deadline = asyncio.get_running_loop().time() + HANDOVER_WAIT_S
+                if writes.written < mine:
+                    took, value = writes.made, writes.newest
+                    async with asyncio.timeout_at(deadline):
+                        await self._state.put_unfinished(self._scope_of(name), part, {name: value})
+                    writes.written = took
+            landed = True
+            # Leased here now that it has landed (held, or being given back): a next holder
+            # takes the partition only after that, and reads it then. Otherwise the holder
+            # (if any: the next one reads it anyway) is asked.
+            if self._ask_holder is not None and not self._partitions.leased_here(part):
+                async with asyncio.timeout_at(deadline):
                     await self._ask_to_read(part)
         except Exception as exc:  # noqa: BLE001 - it is kept here all the same
             if landed:
@@ -141,8 +165,8 @@ class ReceiptHandover:
             else:
                 log.warning("recording %.200s of partition %d failed: %r", name, part, exc)
         finally:
-            users[0] -= 1
-            if not users[0]:
+            writes.users -= 1
+            if not writes.users:
                 del self._writing[name]
 
     async def _ask_to_read(self, part: int) -> None:

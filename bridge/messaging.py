@@ -370,6 +370,8 @@ class Messenger:
             await self._keeping_task(self.keeper.forget(user_id, covered), None)
 
     async def _keeping_task(self, write: Coroutine[Any, Any, None], failed: BaseException | None) -> None:
+        # (a keeper takes a field's records as newest in the order their writes start: nothing
+        # awaits between making a record and this, so they start in the order they were made)
         task = asyncio.get_running_loop().create_task(write)
         self._keeping.add(task)
         task.add_done_callback(self._kept)

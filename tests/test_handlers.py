@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from bridge import handover as handover_mod
 from bridge.accounts import Accounts
 from bridge.clock import ManualClock
 from bridge.errors import BadRequest, NotFound, RateLimited, TooLarge, Unauthorized, Unavailable, UnknownType
@@ -1161,6 +1162,19 @@ async def test_what_cannot_be_recorded_for_the_next_holder_is_still_finished_her
                                 ).outs) == [(a.user_id, "read", b.user_id, seq)]
 
 
+def records_made(handover: ReceiptHandover) -> list[Any]:
+    """The records a bridge makes from now on, as it makes them."""
+    made: list[Any] = []
+    record = handover.record
+
+    def counted(name: str, value: str) -> Any:
+        made.append(record(name, value))
+        return made[-1]
+
+    handover.record = counted  # type: ignore[method-assign]
+    return made
+
+
 async def test_two_writes_of_one_record_land_in_the_order_they_were_made(world: World) -> None:
     """Two of a member's devices read one chat and both reads fail part way here, the first
     one's record still being written when the second's is made (it holds both notices): the
@@ -1168,11 +1182,11 @@ async def test_two_writes_of_one_record_land_in_the_order_they_were_made(world: 
     record, and a bridge that died then would leave the next holder the furthest notice."""
     a, b = [await world.user(f"+1555000095{i}") for i in range(2)]
     state = MemoryState()
-    _, _, theirs = other_bridge(world, state, b)
+    _, here, theirs = other_bridge(world, state, b)
     for k in range(2):
         sent = await world.messenger.send(a, Send(id=f"m{k}", chat=None, to=b.user_id, body="hi", media=None))
     chat = sent.reply.chat  # type: ignore[union-attr]
-    put, first_held = state.put_unfinished, asyncio.Event()
+    put, first_held, made = state.put_unfinished, asyncio.Event(), records_made(here)
     calls: list[dict[str, str]] = []
 
     async def put_first_slowly(scope: str, part: int, fields: dict[str, str]) -> None:
@@ -1186,7 +1200,9 @@ async def test_two_writes_of_one_record_land_in_the_order_they_were_made(world: 
     first = asyncio.ensure_future(world.messenger.read(b, Read(chat=chat, up_to=1)))
     await until(lambda: len(calls) == 1)
     second = asyncio.ensure_future(world.messenger.read(b, Read(chat=chat, up_to=2)))
-    await asyncio.sleep(0.05)  # (the second read has failed and made its record by now)
+    await until(lambda: len(made) == 2)  # (the second read failed and made its record)
+    await asyncio.sleep(0.05)
+    assert len(calls) == 1  # (its write waits for the first one's)
     first_held.set()
     for reading in (first, second):
         with pytest.raises(Unavailable):
@@ -1199,6 +1215,40 @@ async def test_two_writes_of_one_record_land_in_the_order_they_were_made(world: 
     assert receipt_notices((await next_holder.read(b, Read(chat=chat, up_to=2))).outs) == [
         (a.user_id, "read", b.user_id, 2)]
     assert await records(state) == {}
+
+
+async def test_each_write_of_a_record_has_its_own_bound_and_writes_the_newest(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A member's reads fail here one after another while the first one's record is being written
+    slowly (in 0.8 s, within the bound of 1 s a write has): the next write waits for it, has a
+    bound of its own (not what is left of its request's since it was made), and writes the newest
+    record made by then, which holds the others too."""
+    monkeypatch.setattr(handover_mod, "HANDOVER_WAIT_S", 1.0)
+    a, b = [await world.user(f"+1555000096{i}") for i in range(2)]
+    state = MemoryState()
+    _, here, _ = other_bridge(world, state, b)
+    for k in range(3):
+        sent = await world.messenger.send(a, Send(id=f"m{k}", chat=None, to=b.user_id, body="hi", media=None))
+    chat = sent.reply.chat  # type: ignore[union-attr]
+    put, calls = state.put_unfinished, []
+
+    async def slow_put(scope: str, part: int, fields: dict[str, str]) -> None:
+        calls.append(fields)
+        await asyncio.sleep(0.8)
+        await put(scope, part, fields)
+
+    state.put_unfinished = slow_put  # type: ignore[method-assign]
+    world.store.failing = {"append_receipts"}
+    reads = [asyncio.ensure_future(world.messenger.read(b, Read(chat=chat, up_to=1)))]
+    await until(lambda: len(calls) == 1)
+    await asyncio.sleep(0.5)
+    reads += [asyncio.ensure_future(world.messenger.read(b, Read(chat=chat, up_to=k))) for k in (2, 3)]
+    for reading in reads:
+        with pytest.raises(Unavailable):
+            await asyncio.wait_for(reading, 5)
+    world.store.failing = set()
+    assert len(calls) == 2 and recorded_up_to(await records(state)) == [3]
+    assert here._writing == {}  # (nothing kept for the field once its writes are done)  # noqa: SLF001
 
 
 async def test_a_read_cancelled_part_way_is_recorded_for_the_next_holder_all_the_same(world: World) -> None:
