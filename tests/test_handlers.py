@@ -1162,6 +1162,18 @@ async def test_what_cannot_be_recorded_for_the_next_holder_is_still_finished_her
                                 ).outs) == [(a.user_id, "read", b.user_id, seq)]
 
 
+async def messages_to_read(world: World, phones: str, n: int
+                           ) -> tuple[Caller, Caller, MemoryState, ReceiptHandover, ReceiptHandover, str]:
+    """``n`` messages from a to b in their direct chat, b in partition 3 of a second bridge's
+    state: a, b, the state, the handovers of this bridge and the other, and the chat."""
+    a, b = [await world.user(f"{phones}{i}") for i in range(2)]
+    state = MemoryState()
+    _, here, theirs = other_bridge(world, state, b)
+    for k in range(n):
+        sent = await world.messenger.send(a, Send(id=f"m{k}", chat=None, to=b.user_id, body="hi", media=None))
+    return a, b, state, here, theirs, sent.reply.chat  # type: ignore[union-attr,return-value]
+
+
 def records_made(handover: ReceiptHandover) -> list[Any]:
     """The records a bridge makes from now on, as it makes them."""
     made: list[Any] = []
@@ -1180,12 +1192,7 @@ async def test_two_writes_of_one_record_land_in_the_order_they_were_made(world: 
     one's record still being written when the second's is made (it holds both notices): the
     second write goes only once the first has ended, so what stays in Redis is the later
     record, and a bridge that died then would leave the next holder the furthest notice."""
-    a, b = [await world.user(f"+1555000095{i}") for i in range(2)]
-    state = MemoryState()
-    _, here, theirs = other_bridge(world, state, b)
-    for k in range(2):
-        sent = await world.messenger.send(a, Send(id=f"m{k}", chat=None, to=b.user_id, body="hi", media=None))
-    chat = sent.reply.chat  # type: ignore[union-attr]
+    a, b, state, here, theirs, chat = await messages_to_read(world, "+1555000095", 2)
     put, first_held, made = state.put_unfinished, asyncio.Event(), records_made(here)
     calls: list[dict[str, str]] = []
 
@@ -1224,12 +1231,7 @@ async def test_each_write_of_a_record_has_its_own_bound_and_writes_the_newest(
     bound of its own (not what is left of its request's since it was made), and writes the newest
     record made by then, which holds the others too."""
     monkeypatch.setattr(handover_mod, "HANDOVER_WAIT_S", 1.0)
-    a, b = [await world.user(f"+1555000096{i}") for i in range(2)]
-    state = MemoryState()
-    _, here, _ = other_bridge(world, state, b)
-    for k in range(3):
-        sent = await world.messenger.send(a, Send(id=f"m{k}", chat=None, to=b.user_id, body="hi", media=None))
-    chat = sent.reply.chat  # type: ignore[union-attr]
+    _, b, state, here, _, chat = await messages_to_read(world, "+1555000096", 3)
     put, calls = state.put_unfinished, []
 
     async def slow_put(scope: str, part: int, fields: dict[str, str]) -> None:
