@@ -25,7 +25,8 @@ wait for the partition's next move.
 One process writes a field's records one write at a time, each of the newest record made by
 then (the later holds what is left to do then): two writes in flight at once could land in
 either order, the earlier last. A record's write waits for the one before it, and each has its
-own bound, so a request waits for two at most.
+own bound, so a request waits for two at most (a write that held its record and failed is not
+made again for it).
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ class _Writes:
     lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)  # held by the write under way
     made: int = 0  # records made so far
     newest: str = ""  # the latest of them (its stored value)
-    written: int = 0  # the latest of them a write has landed (it held the ones before it too)
+    tried: int = 0  # the latest of them a write was started for (it held the ones before it too)
+    written: int = 0  # the latest of them a write has landed
     users: int = 0  # the keeps waiting or writing
 
 
@@ -135,6 +137,8 @@ class ReceiptHandover:
         if writes is None:
             writes = self._writing[name] = _Writes()
         writes.users += 1
+        loop = asyncio.get_running_loop()
+        latest = loop.time() + 2 * HANDOVER_WAIT_S  # (the write before this one's, then this one's)
         try:
             part = self._partitions.partition_of_user(user_id)
             writes.made += 1
@@ -142,12 +146,16 @@ class ReceiptHandover:
             # One write of a field at a time, each of the newest record made by then (the later
             # holds what is left to do then): two in flight at once could land in either order,
             # the earlier last. So this waits for the write before it (bounded as this one is),
-            # and is done when a write of this record or a later one has landed.
+            # and is done when a write of this record or a later one has landed; one that held it
+            # and failed is not made again for it (the request is answered all the same).
             async with writes.lock:
-                deadline = asyncio.get_running_loop().time() + HANDOVER_WAIT_S
+                deadline = min(loop.time() + HANDOVER_WAIT_S, latest)
                 if writes.written < mine:
+                    if writes.tried >= mine:
+                        raise RuntimeError("the write that held it failed")
                     took, value = writes.made, writes.newest
-                    async with asyncio.timeout_at(deadline):
+                    writes.tried = took
+                    async with asyncio.timeout(HANDOVER_WAIT_S):
                         await self._state.put_unfinished(self._scope_of(name), part, {name: value})
                     writes.written = took
             landed = True

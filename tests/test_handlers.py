@@ -1253,6 +1253,33 @@ async def test_each_write_of_a_record_has_its_own_bound_and_writes_the_newest(
     assert here._writing == {}  # (nothing kept for the field once its writes are done)  # noqa: SLF001
 
 
+async def test_a_record_a_failed_write_held_is_not_written_again_so_waits_stay_bounded(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Redis does not answer: the first read's write runs out its bound while two more reads of
+    the member fail; the next write holds both their records and runs out its own, and the third
+    read, whose record that write held, gives up instead of writing it a third time (each more
+    would add a bound to its request's wait)."""
+    monkeypatch.setattr(handover_mod, "HANDOVER_WAIT_S", 0.3)
+    _, b, state, _, _, chat = await messages_to_read(world, "+1555000097", 3)
+    calls: list[dict[str, str]] = []
+
+    async def hanging_put(scope: str, part: int, fields: dict[str, str]) -> None:
+        calls.append(fields)
+        await asyncio.Event().wait()
+
+    state.put_unfinished = hanging_put  # type: ignore[method-assign]
+    world.store.failing = {"append_receipts"}
+    reads = [asyncio.ensure_future(world.messenger.read(b, Read(chat=chat, up_to=1)))]
+    await until(lambda: len(calls) == 1)
+    reads += [asyncio.ensure_future(world.messenger.read(b, Read(chat=chat, up_to=k))) for k in (2, 3)]
+    for reading in reads:
+        with pytest.raises(Unavailable):
+            await asyncio.wait_for(reading, 5)
+    world.store.failing = set()
+    assert [recorded_up_to(c) for c in calls] == [[1], [3]]  # (the second write, the newest record)
+    assert await records(state) == {}
+
+
 async def test_a_read_cancelled_part_way_is_recorded_for_the_next_holder_all_the_same(world: World) -> None:
     """The bridge stops while a read's notice is being appended (its handler cancelled): the
     notice is recorded for the partition's next holder, without the cancelled read waiting for
