@@ -27,6 +27,15 @@ then (the later holds what is left to do then): two writes in flight at once cou
 either order, the earlier last. A record's write waits for the one before it, and each has its
 own bound, so a request waits for two at most (a write that held its record and failed is not
 made again for it).
+
+A write can still land late: one given up on here (its bound ran out, Redis slow or paused) may
+reach Redis after the next one, or after a retry forgot the record. So the records of a field
+carry times that grow, Redis keeps a write only if it is later than what the field holds, and
+forgetting a record leaves its time in the field (a mark) rather than nothing: what lands later
+with an earlier time changes nothing (``SharedState.put_unfinished``, ``forget_unfinished``).
+A mark is dropped when a partition is adopted after UNFINISHED_KEPT_MS, as old records are, and
+so is either by the holder's sweep of the partitions it holds (``sweep``, about every SWEEP_S),
+which adopts nothing: a partition held for long does not pile them up.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ import asyncio
 import dataclasses
 import functools
 import logging
+import random
 import secrets
 import time
 from collections.abc import Callable
@@ -42,10 +52,13 @@ from dataclasses import dataclass
 from string import hexdigits
 from typing import TYPE_CHECKING
 
-from storage.state import UNFINISHED_KEPT_MS
+from cachetools import LRUCache
+
+from storage.state import UNFINISHED_KEPT_MS, is_mark, record_time
 from storage.stopping import stop_tasks
 
 from .admission import HANDOVER_WAIT_S
+from .messaging import UNTOLD_KEPT
 
 if TYPE_CHECKING:
     from storage.state import SharedState
@@ -63,6 +76,8 @@ ADOPT = "adopt_unfinished"  # the request asking a partition's holder to read it
 # After an ask that failed (the holder slow, Redis and the direct connection failing), it is made
 # again in the background after each of these pauses (about 80 s in all), until a holder answers
 ASK_AGAIN_S = (1.0, 4.0, 15.0, 60.0)
+# The holder of a partition drops its old records and marks about this often (``sweep``)
+SWEEP_S = 3600.0
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +127,17 @@ class ReceiptHandover:
         self._closed = False
         self._writer = secrets.token_hex(WRITER_LEN // 2)  # (this process's own records' mark)
         self._writing: dict[str, _Writes] = {}  # by field, while records of it are being written
+        # the time of the latest record made here of a field (ms since the epoch), by its name, as
+        # many as the Messenger keeps entries (a field pushed out starts from the clock again: only
+        # a clock stepped back since could make its next record no later than its last)
+        self._stamps: LRUCache[str, int] = LRUCache(UNTOLD_KEPT)
+        self._sweeper: asyncio.Task[None] | None = None
 
     def record(self, name: str, value: str) -> Record:
-        return f"{name}{WRITER_MARK}{self._writer}", f"{int(self._clock() * 1000)} {value}"
+        # (each of a field later than the one before: of two writes of it, the later one's stays)
+        stamp = max(int(self._clock() * 1000), self._stamps.get(name, 0) + 1)
+        self._stamps[name] = stamp
+        return f"{name}{WRITER_MARK}{self._writer}", f"{stamp} {value}"
 
     def _scope_of(self, field: str) -> str:
         """The scope of the partition's records a field is in (a writer's own, or as before)."""
@@ -126,8 +149,12 @@ class ReceiptHandover:
         try:
             part = self._partitions.partition_of_user(user_id)
             async with asyncio.timeout(HANDOVER_WAIT_S):
-                for field, value in covered:  # (each compared, then deleted, in Redis)
-                    await self._state.drop_unfinished(self._scope_of(field), part, {field: value})
+                for field, value in covered:  # (each compared, then forgotten, in Redis)
+                    scope = self._scope_of(field)
+                    if scope.endswith(WRITER_MARK):  # (a writer's own: marked, a write landing late is refused)
+                        await self._state.forget_unfinished(scope, part, {field: value})
+                    else:  # (written as before, by any process: only as it is)
+                        await self._state.drop_unfinished(scope, part, {field: value})
         except Exception as exc:  # noqa: BLE001 - adopted again at a partition's move, and told as things stand
             log.warning("forgetting %d records of partition %d failed: %r", len(covered), part, exc)
 
@@ -221,9 +248,12 @@ class ReceiptHandover:
                     "adopted when the partition next moves", part)
 
     async def close(self) -> None:
-        """Stop asking holders (what was not asked waits for the partitions' next moves)."""
+        """Stop asking holders (what was not asked waits for the partitions' next moves), and
+        sweeping."""
         self._closed = True
         await stop_tasks(list(self._asking_again.values()), "stopping the asks of partitions' holders")
+        if self._sweeper is not None:
+            await stop_tasks([self._sweeper], "stopping the sweep of partitions' records")
 
     async def serve_adopt(self, request: dict[str, object]) -> dict[str, object]:
         """Another bridge recorded something for a partition held here (see the module's text)."""
@@ -242,30 +272,59 @@ class ReceiptHandover:
     async def adopt(self, part: int) -> bool:
         """Adopt what was recorded for a partition (its session is being connected here, or
         another bridge asked); False when the records could not be read."""
+        if self._sweeper is None and not self._closed:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweeping(), name="sweep-handover-records")
+        read = await self._read(part)
+        if read is None:
+            return False
+        current, dropped = read
+        for field in self._messenger.adopt_unfinished(current):
+            dropped.setdefault(self._scope_of(field), {})[field] = current[field][2]
+        await self._drop(part, dropped)
+        return True
+
+    async def sweep(self, part: int) -> None:
+        """Drop what adopting the partition would drop without reading it (records and marks more
+        than a day old, or ahead), and adopt nothing: a partition held for long (marks and
+        records whose retry never came would otherwise stay until it moves)."""
+        read = await self._read(part)
+        if read is not None:
+            await self._drop(part, read[1])
+
+    async def _sweeping(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_S * random.uniform(0.75, 1.25))  # noqa: S311 - (spread, not secret)
+            for part in sorted(self._partitions.held_partitions()):
+                await self.sweep(part)
+
+    async def _read(self, part: int) -> tuple[dict[str, tuple[str, str, str]], dict[str, dict[str, str]]] | None:
+        """A partition's records: those to adopt, by field (name, what was kept, value as stored),
+        and those to drop, by scope (the value as read); None when they could not be read."""
         scope = self._partitions.partition_scope
         try:
             async with asyncio.timeout(HANDOVER_WAIT_S):
                 # (the writers' own records, and those written as before: see WRITER_MARK)
                 recorded = {s: await self._state.unfinished(s, part) for s in (scope + WRITER_MARK, scope)}
-        except Exception as exc:  # noqa: BLE001 - taken over without them
+        except Exception as exc:  # noqa: BLE001 - taken over without them (or swept the next time)
             log.warning("reading the unfinished requests of partition %d failed: %r", part, exc)
-            return False
+            return None
         now = int(self._clock() * 1000)
         current: dict[str, tuple[str, str, str]] = {}
         dropped: dict[str, dict[str, str]] = {}
         for in_scope, records in recorded.items():
             for field, stamped in records.items():
-                written, _, value = stamped.partition(" ")
-                named = _named(field)
                 # (a time of ASCII digits, as written: int() takes others, and one far ahead would never age)
-                if written.isascii() and written.isdigit() and len(written) <= 15 \
-                        and abs(int(written) - now) <= UNFINISHED_KEPT_MS \
-                        and named is not None and in_scope == self._scope_of(field):
-                    current[field] = (named[0], value, stamped)
+                written, named = record_time(stamped), _named(field)
+                young = written is not None and abs(int(written) - now) <= UNFINISHED_KEPT_MS
+                if young and is_mark(stamped):
+                    continue  # (what a forgotten record left: kept while a late write of it could land)
+                if young and named is not None and in_scope == self._scope_of(field):
+                    current[field] = (named[0], stamped.partition(" ")[2], stamped)
                 else:
                     dropped.setdefault(in_scope, {})[field] = stamped
-        for field in self._messenger.adopt_unfinished(current):
-            dropped.setdefault(self._scope_of(field), {})[field] = current[field][2]
+        return current, dropped
+
+    async def _drop(self, part: int, dropped: dict[str, dict[str, str]]) -> None:
         for in_scope, fields in dropped.items():
             try:
                 async with asyncio.timeout(HANDOVER_WAIT_S):
@@ -274,4 +333,3 @@ class ReceiptHandover:
             except Exception as exc:  # noqa: BLE001 - dropped the next time
                 log.warning("dropping %d old or unreadable records of partition %d failed: %r", len(fields),
                             part, exc)
-        return True

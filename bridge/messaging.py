@@ -204,8 +204,9 @@ class Keeper(Protocol):
         a record that cannot be written is logged."""
 
     async def forget(self, user_id: str, covered: Covered) -> None:
-        """Forget each of the records ``covered`` that still holds its value: the records of
-        what a retry finished (written, tried, or adopted here); one written since stays, for
+        """Forget each of the records ``covered`` that still holds its value, or an earlier one
+        of its field (a later record of a field holds what is left of the earlier): the records
+        of what a retry finished (written, tried, or adopted here); one written since stays, for
         its retry or the partition's next holder. Returns within a bound and does not raise."""
 
 

@@ -24,8 +24,31 @@ HELD_BACK_KEPT_MS = 60_000
 # how long what a bridge left unfinished for a partition's users is kept after the last change
 # to it (bridge/handover.py; a device's retry comes within seconds, or when it reconnects)
 UNFINISHED_KEPT_MS = 86_400_000
+# A record of what a request left unfinished starts with when it was written (ms since the epoch,
+# in ASCII digits, at most TIME_DIGITS of them), then a space. What ``forget_unfinished`` leaves in
+# its place is that time alone: a mark that refuses an earlier record of the field landing late.
+TIME_DIGITS = 15
 # told a user whose devices changed, or None: any user's may have (news was missed)
 DevicesListener = Callable[[str | None], None]
+
+
+def record_time(value: str) -> str | None:
+    """The time a record (or a forgotten one's mark) carries, as written; None when it has none."""
+    stamp, space, _ = value.partition(" ")
+    return stamp if stamp.isascii() and stamp.isdigit() and len(stamp) <= TIME_DIGITS else None
+
+
+def is_mark(value: str) -> bool:
+    """Whether ``value`` is what ``forget_unfinished`` left of a record (its time alone)."""
+    return record_time(value) == value
+
+
+def _later_or_same(stored: str | None, value: str) -> bool:
+    """Whether ``stored`` carries a time, and ``value`` one that is not later."""
+    if stored is None:
+        return False
+    was, now = record_time(stored), record_time(value)
+    return was is not None and now is not None and int(was) >= int(now)
 
 
 class SharedState(Protocol):
@@ -76,9 +99,11 @@ class SharedState(Protocol):
     async def put_unfinished(self, scope: str, part: int, entries: Mapping[str, str | None]) -> None:
         """Record what a request of a partition's user left unfinished when the store failed
         (bridge/handover.py), for whichever bridge holds the partition next: each entry
-        replaces the one of its name, None forgets it. A partition's records are kept
-        UNFINISHED_KEPT_MS after its last change (the values carry their own times: the reader
-        drops old ones)."""
+        replaces the one of its name, unless both carry times (``record_time``) and the one
+        there is not earlier (a record, or the mark of a forgotten one): a write that lands
+        late, after a later one or after the forgetting of a later one, changes nothing. None
+        forgets the name's entry. A partition's records are kept UNFINISHED_KEPT_MS after its
+        last change (the values carry their own times: the reader drops old ones)."""
 
     async def unfinished(self, scope: str, part: int) -> dict[str, str]:
         """What is recorded as unfinished for a partition's users."""
@@ -86,6 +111,14 @@ class SharedState(Protocol):
     async def drop_unfinished(self, scope: str, part: int, entries: Mapping[str, str]) -> None:
         """Forget each of these records that still holds the value given (as ``unfinished``
         read it): one written again since stays."""
+
+    async def forget_unfinished(self, scope: str, part: int, entries: Mapping[str, str]) -> None:
+        """Forget each of these records, as a retry that finished what it holds does, and what
+        its field holds that is earlier (the later records of a field hold what is left of the
+        earlier ones): the field is left with the record's time alone (``is_mark``), so that a
+        write of it, or of an earlier one, landing after this changes nothing. A field holding
+        a later record (or mark), or a value without a time, stays; so does every field when
+        the record given has no time."""
 
 
 class MemoryState:
@@ -172,7 +205,7 @@ class MemoryState:
         for name, value in entries.items():
             if value is None:
                 kept.pop(name, None)
-            else:
+            elif not _later_or_same(kept.get(name), value):
                 kept[name] = value
 
     async def unfinished(self, scope: str, part: int) -> dict[str, str]:
@@ -183,6 +216,14 @@ class MemoryState:
         for name, value in entries.items():
             if kept.get(name) == value:
                 del kept[name]
+
+    async def forget_unfinished(self, scope: str, part: int, entries: Mapping[str, str]) -> None:
+        kept = self._unfinished[(scope, part)]
+        for name, value in entries.items():
+            mark, stored = record_time(value), kept.get(name)
+            if mark is not None and not is_mark(value) and (stored is None or stored == value or (
+                    record_time(stored) is not None and not _later_or_same(stored, value))):
+                kept[name] = mark
 
 
 def open_state(url: str | None, peer_host: str | None = None, peer_secret: bytes | None = None) -> SharedState:

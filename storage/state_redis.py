@@ -20,7 +20,7 @@ from typing import Any
 
 from .base import StorageError, StorageUnavailable
 from .peers import PeerClient, PeerLost, PeerServer, peer_key
-from .state import HELD_BACK_KEPT_MS, UNFINISHED_KEPT_MS, DevicesListener
+from .state import HELD_BACK_KEPT_MS, TIME_DIGITS, UNFINISHED_KEPT_MS, DevicesListener
 from .stopping import stop_tasks
 
 _ONLINE = """
@@ -53,6 +53,48 @@ return out
 _HDEL_IF_SAME = """
 for i = 1, #ARGV, 2 do
   if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[i + 1] then redis.call('HDEL', KEYS[1], ARGV[i]) end
+end
+return 0
+"""
+# The time a record of an unfinished request carries (storage/state.py's ``record_time``), as the
+# digits written, or nil
+_RECORD_TIME = """
+local function time_of(v)
+  if not v then return nil end
+  local t = string.match(v, '^(%d+) ') or string.match(v, '^(%d+)$')
+  if t and #t <= tonumber(ARGV[1]) then return t end
+  return nil
+end
+local function later_or_same(stored, value)
+  local was, now = time_of(stored), time_of(value)
+  return was ~= nil and now ~= nil and tonumber(was) >= tonumber(now)
+end
+"""
+# KEYS[1]'s field at each ARGV[4 + 2i] set to the value after it unless the one there carries a
+# time not earlier than the value's (``RedisState.put_unfinished``); the ARGV[3] fields after
+# those removed; the key kept ARGV[2] ms
+_PUT_UNLESS_LATER = _RECORD_TIME + """
+local sets = tonumber(ARGV[3])
+for i = 4, 3 + 2 * sets, 2 do
+  if not later_or_same(redis.call('HGET', KEYS[1], ARGV[i]), ARGV[i + 1]) then
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  end
+end
+for i = 4 + 2 * sets, #ARGV do redis.call('HDEL', KEYS[1], ARGV[i]) end
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+# KEYS[1]'s field at each ARGV[3 + 2i] left with the time of the record after it (``forget_unfinished``)
+_FORGET = _RECORD_TIME + """
+for i = 3, #ARGV, 2 do
+  local mark = time_of(ARGV[i + 1])
+  if mark and mark ~= ARGV[i + 1] then
+    local stored = redis.call('HGET', KEYS[1], ARGV[i])
+    if not stored or stored == ARGV[i + 1] or (time_of(stored) and not later_or_same(stored, ARGV[i + 1])) then
+      redis.call('HSET', KEYS[1], ARGV[i], mark)
+      redis.call('PEXPIRE', KEYS[1], ARGV[2])
+    end
+  end
 end
 return 0
 """
@@ -138,7 +180,10 @@ class RedisState:
             retry_on_error=[RedisConnectionError, RedisTimeoutError],
         )
         self._redis: Any = aioredis.Redis(connection_pool=self._pool)
-        self._scripts: dict[str, Any] = {}
+        # (registering one only names it here: Redis is sent it on its first use)
+        self._scripts: dict[str, Any] = {name: self._redis.register_script(src) for name, src in (
+            ("online", _ONLINE), ("offline", _OFFLINE), ("watchers", _WATCHERS), ("drop_if_zero", _DROP_IF_ZERO),
+            ("hdel_if_same", _HDEL_IF_SAME), ("put_unless_later", _PUT_UNLESS_LATER), ("forget", _FORGET))}
         self._me = uuid.uuid4().hex
         self._rids = itertools.count(1)  # a request's id: unique among this process's replies
         self._replies: dict[str, asyncio.Future[dict[str, Any]]] = {}
@@ -173,10 +218,6 @@ class RedisState:
         await self._do(self._redis.ping())
         if self._peer_host is not None:
             self._peer_client = PeerClient(self._peer_key)
-        scripts = (("online", _ONLINE), ("offline", _OFFLINE), ("watchers", _WATCHERS),
-                   ("drop_if_zero", _DROP_IF_ZERO), ("hdel_if_same", _HDEL_IF_SAME))
-        for name, src in scripts:
-            self._scripts[name] = self._redis.register_script(src)
 
     async def close(self) -> None:
         self._closing = True
@@ -279,22 +320,23 @@ class RedisState:
     async def put_unfinished(self, scope: str, part: int, entries: Mapping[str, str | None]) -> None:
         if not entries:
             return
-        key = _unfinished_key(scope, part)
-        kept = {_raw(name): value for name, value in entries.items() if value is not None}
+        kept = [_raw(text) for name, value in entries.items() if value is not None for text in (name, value)]
         gone = [_raw(name) for name, value in entries.items() if value is None]
-        pipe = self._redis.pipeline(transaction=False)
-        if kept:
-            pipe.hset(key, mapping=kept)
-        if gone:
-            pipe.hdel(key, *gone)
-        pipe.pexpire(key, UNFINISHED_KEPT_MS)
-        await self._do(pipe.execute())
+        args = [TIME_DIGITS, UNFINISHED_KEPT_MS, len(kept) // 2, *kept, *gone]
+        await self._do(self._scripts["put_unless_later"](keys=[_unfinished_key(scope, part)], args=args))
 
     async def drop_unfinished(self, scope: str, part: int, entries: Mapping[str, str]) -> None:
         if not entries:
             return
         args = [_raw(text) for name, value in entries.items() for text in (name, value)]
         await self._do(self._scripts["hdel_if_same"](keys=[_unfinished_key(scope, part)], args=args))
+
+    async def forget_unfinished(self, scope: str, part: int, entries: Mapping[str, str]) -> None:
+        if not entries:
+            return
+        pairs = [_raw(text) for name, value in entries.items() for text in (name, value)]
+        args = [TIME_DIGITS, UNFINISHED_KEPT_MS, *pairs]
+        await self._do(self._scripts["forget"](keys=[_unfinished_key(scope, part)], args=args))
 
     async def unfinished(self, scope: str, part: int) -> dict[str, str]:
         got = await self._do(self._redis.hgetall(_unfinished_key(scope, part)))

@@ -33,7 +33,7 @@ from bridge.wire import encode_v1, topic_of
 from storage.base import ReceiptNote
 from storage.media_local import LocalMediaStore, SignatureError
 from storage.sqlite import SqliteStore
-from storage.state import MemoryState
+from storage.state import MemoryState, is_mark
 from tests.fakes import CapturingSms, FlakyStore, MemoryBlobs, until
 
 SECRET = b"s" * 32
@@ -418,9 +418,11 @@ async def test_an_ack_whose_receipts_the_store_failed_moves_them_when_tried_agai
         assert (await world.messenger.ack(reader, Ack(up_to=head))).outs == []
 
 
-async def records(state: MemoryState, part: int = 3) -> dict[str, str]:
-    """A partition's records: the writers' own (scope ``ks~``) and those written as before (``ks``)."""
-    return {**await state.unfinished("ks", part), **await state.unfinished("ks~", part)}
+async def records(state: MemoryState, part: int = 3, *, marks: bool = False) -> dict[str, str]:
+    """A partition's records: the writers' own (scope ``ks~``) and those written as before (``ks``);
+    with ``marks``, only what forgotten ones left (their times), else only the others."""
+    found = {**await state.unfinished("ks", part), **await state.unfinished("ks~", part)}
+    return {field: value for field, value in found.items() if is_mark(value) == marks}
 
 
 def other_bridge(world: World, state: MemoryState, *in_3: Caller
@@ -493,9 +495,7 @@ async def test_two_bridges_failing_one_receipt_keep_a_record_each_and_each_retry
             assert await records(state) == theirs
             assert receipt_notices((await there.read(b, Read(chat=direct, up_to=last))).outs) == told  # (again)
         else:  # both bridges gone: the next holder
-            next_holder = Messenger(world.store, world.clock, world.presence, max_group=4)  # type: ignore[arg-type]
-            await ReceiptHandover(state, here._partitions, next_holder).adopt(3)  # type: ignore[arg-type]  # noqa: SLF001
-            assert receipt_notices((await next_holder.read(b, Read(chat=direct, up_to=last))).outs) == told
+            assert receipt_notices(await next_holder_reads(world, state, here, b, direct, last)) == told
         assert await records(state) == {}
 
 
@@ -763,7 +763,7 @@ async def test_a_read_failing_while_a_retry_tells_what_it_held_records_that_too(
     await world.messenger.read(b, Read(chat=gid, up_to=1))
     # (as if this bridge had recorded a notice to e, and adopted it back)
     own = "n" + json.dumps([gid, b.user_id, "read"], separators=(",", ":")) + "~" + here._writer  # noqa: SLF001
-    await state.put_unfinished("ks~", 3, {own: f"{int(time.time() * 1000)} "
+    await state.put_unfinished("ks~", 3, {own: f"{int(time.time() * 1000) - 1000} "  # (made before the next)
                                           + json.dumps([[e.user_id, gid, "*", "read", 1]])})
     await here.adopt(3)
     gate, retry = await read_retry_held_while_the_next_fails(world, world.messenger, b, gid, 1)
@@ -1105,7 +1105,10 @@ async def test_a_notice_kept_for_a_retry_is_told_as_the_receipt_stands_then(worl
         [(name, stale)] = (await records(state)).items()
         # (the kept one and the new one: the furthest)
         assert receipt_notices((await world.messenger.read(b, Read(chat=chat, up_to=2))).outs) == told
-        await state.put_unfinished("ks~", 3, {name: stale})  # as if its forgetting had been lost
+        # as if its forgetting had been lost (what it left there gone, and the record as it was)
+        assert name in await records(state, marks=True)
+        await state.put_unfinished("ks~", 3, {name: None})
+        await state.put_unfinished("ks~", 3, {name: stale})
         await theirs.adopt(3)
         assert receipt_notices((await there.read(b, Read(chat=chat, up_to=1))).outs) == told
         assert await records(state) == {}
@@ -1174,6 +1177,15 @@ async def messages_to_read(world: World, phones: str, n: int
     return a, b, state, here, theirs, sent.reply.chat  # type: ignore[union-attr,return-value]
 
 
+async def next_holder_reads(world: World, state: MemoryState, handover: ReceiptHandover, b: Caller, chat: str,
+                            up_to: int) -> list[Out]:
+    """What a bridge taking partition 3 next (adopting its records; its partitions as ``handover``'s)
+    tells on b's read of ``chat``."""
+    next_holder = Messenger(world.store, world.clock, world.presence, max_group=4)  # type: ignore[arg-type]
+    await ReceiptHandover(state, handover._partitions, next_holder).adopt(3)  # type: ignore[arg-type]  # noqa: SLF001
+    return (await next_holder.read(b, Read(chat=chat, up_to=up_to))).outs
+
+
 def records_made(handover: ReceiptHandover) -> list[Any]:
     """The records a bridge makes from now on, as it makes them."""
     made: list[Any] = []
@@ -1217,9 +1229,7 @@ async def test_two_writes_of_one_record_land_in_the_order_they_were_made(world: 
     world.store.failing = set()
     state.put_unfinished = put  # type: ignore[method-assign]
     assert len(calls) == 2 and recorded_up_to(await records(state)) == [2]
-    next_holder = Messenger(world.store, world.clock, world.presence, max_group=4)  # type: ignore[arg-type]
-    await ReceiptHandover(state, theirs._partitions, next_holder).adopt(3)  # type: ignore[arg-type]  # noqa: SLF001
-    assert receipt_notices((await next_holder.read(b, Read(chat=chat, up_to=2))).outs) == [
+    assert receipt_notices(await next_holder_reads(world, state, theirs, b, chat, 2)) == [
         (a.user_id, "read", b.user_id, 2)]
     assert await records(state) == {}
 
@@ -1278,6 +1288,73 @@ async def test_a_record_a_failed_write_held_is_not_written_again_so_waits_stay_b
     world.store.failing = set()
     assert [recorded_up_to(c) for c in calls] == [[1], [3]]  # (the second write, the newest record)
     assert await records(state) == {}
+
+
+def test_the_records_a_bridge_makes_carry_times_that_grow_when_its_clock_does_not() -> None:
+    """Of two records of a field, Redis keeps the later (by the time each starts with): so each
+    record of a field a process makes is later than the one before, the clock standing still or
+    going back; another field's follows the clock."""
+    times = iter([5.0, 5.0, 4.0, 4.0, 6.0])
+    handover = ReceiptHandover(MemoryState(), SimpleNamespace(), SimpleNamespace(),  # type: ignore[arg-type]
+                               clock=lambda: next(times))
+    made = [handover.record(name, "x")[1] for name in ("n1", "n1", "n1", "n2", "n1")]
+    assert made == ["5000 x", "5001 x", "5002 x", "4000 x", "6000 x"]  # (each field's own: n2 as the clock)
+
+
+async def a_read_failing_with_redis_slow(world: World, monkeypatch: pytest.MonkeyPatch, phones: str, n: int
+                                         ) -> tuple[Caller, Caller, MemoryState, ReceiptHandover, str, Any,
+                                                    list[tuple[Any, ...]]]:
+    """``messages_to_read``, then b's read of the first fails here (the store failing appends, as
+    it goes on doing) while Redis is slow: its record's write runs out its bound (0.3 s here),
+    unanswered. a, b, the state, the other bridge's handover, the chat, the state's own write
+    (answered again from now on), and the writes given up on, to land later with it."""
+    monkeypatch.setattr(handover_mod, "HANDOVER_WAIT_S", 0.3)
+    a, b, state, _, theirs, chat = await messages_to_read(world, phones, n)
+    put, held = state.put_unfinished, []
+
+    async def unanswered(*args: Any) -> None:
+        held.append(args)
+        await asyncio.Event().wait()
+
+    state.put_unfinished = unanswered  # type: ignore[method-assign]
+    world.store.failing = {"append_receipts"}
+    with pytest.raises(Unavailable):
+        await world.messenger.read(b, Read(chat=chat, up_to=1))
+    state.put_unfinished = put  # type: ignore[method-assign]
+    return a, b, state, theirs, chat, put, held
+
+
+async def test_a_write_that_lands_after_a_later_one_changes_nothing(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A member's read fails here while Redis is slow: its record's write runs out its bound
+    but reaches Redis later, after the next read's record (further) has landed. The later
+    record stays, and the partition's next holder tells the furthest notice."""
+    a, b, state, theirs, chat, put, late = await a_read_failing_with_redis_slow(world, monkeypatch, "+1555000098", 2)
+    with pytest.raises(Unavailable):
+        await world.messenger.read(b, Read(chat=chat, up_to=2))
+    world.store.failing = set()
+    [first] = late
+    assert recorded_up_to(await records(state)) == [2]
+    await put(*first)  # (the first write, landing now)
+    assert recorded_up_to(await records(state)) == [2]
+    assert receipt_notices(await next_holder_reads(world, state, theirs, b, chat, 2)) == [
+        (a.user_id, "read", b.user_id, 2)]
+
+
+async def test_a_write_landing_after_its_retry_forgot_the_record_leaves_nothing_to_tell_again(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A member's read fails here while Redis is slow: its record's write runs out its bound, the
+    read's retry tells the notice and forgets the record (there is none yet), and then the write
+    reaches Redis. What the forgetting left there refuses it: the partition's next holder has
+    nothing to tell again."""
+    a, b, state, theirs, chat, put, late = await a_read_failing_with_redis_slow(world, monkeypatch, "+1555000099", 1)
+    world.store.failing = set()
+    assert receipt_notices((await world.messenger.read(b, Read(chat=chat, up_to=1))).outs) == [
+        (a.user_id, "read", b.user_id, 1)]
+    [first] = late
+    await put(*first)  # (the write, landing now)
+    assert await records(state) == {} and len(await records(state, marks=True)) == 1
+    assert await next_holder_reads(world, state, theirs, b, chat, 1) == []
 
 
 async def test_a_read_cancelled_part_way_is_recorded_for_the_next_holder_all_the_same(world: World) -> None:
@@ -1374,6 +1451,49 @@ async def test_records_that_are_old_or_not_understood_are_dropped_not_adopted(wo
     state.unfinished = read_then_written_again  # type: ignore[method-assign]
     await theirs.adopt(3)
     assert await read("ks", 3) == {old_ack[0]: f"{now} 4"}
+
+
+def held_handover(world: World, state: MemoryState) -> ReceiptHandover:
+    """This bridge's handover, holding partitions 3 and 4 (every user in 3)."""
+    parts = SimpleNamespace(partition_scope="ks", partition_of_user=lambda user: 3, held_partitions=lambda: [3, 4],
+                            leased_here=lambda part: True)
+    return ReceiptHandover(state, parts, world.messenger)  # type: ignore[arg-type]
+
+
+async def test_a_sweep_drops_a_held_partitions_old_records_and_marks_and_adopts_nothing(world: World) -> None:
+    """Of a partition held for long, the holder drops the records and marks written more than a
+    day before (or ahead), and those without a time, and leaves the others, taking none on."""
+    state, now, day = MemoryState(), int(time.time() * 1000), 86_400_000
+    handover = held_handover(world, state)
+    def ack(k: int) -> str:
+        return f'a["u","d{k}"]~0a1b2c3d'
+
+    old = {ack(1): f"{now - 2 * day} 3", ack(2): f"{now - 2 * day}", ack(3): f"{now + 2 * day}", ack(4): "3"}
+    young = {ack(5): f"{now} 3", ack(6): f"{now - day // 2}"}
+    await state.put_unfinished("ks~", 3, {**old, **young})
+    await state.put_unfinished("ks", 3, {'a["u","d"]': f"{now - 2 * day} 3", 'a["u","e"]': f"{now} 3"})
+    await handover.sweep(3)
+    assert await state.unfinished("ks~", 3) == young
+    assert await state.unfinished("ks", 3) == {'a["u","e"]': f"{now} 3"}
+    assert not world.messenger._acks_unfinished  # noqa: SLF001
+
+
+async def test_a_holder_sweeps_its_partitions_from_its_first_adoption_until_it_closes(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bridge sweeps the partitions it holds about every SWEEP_S once it has adopted one (it
+    holds partitions), and stops when it closes."""
+    monkeypatch.setattr(handover_mod, "SWEEP_S", 0.05)
+    state, old = MemoryState(), f"{int(time.time() * 1000) - 2 * 86_400_000}"
+    handover = held_handover(world, state)
+    await state.put_unfinished("ks~", 4, {'a["u","d"]~0a1b2c3d': old})
+    await asyncio.sleep(0.2)
+    assert await state.unfinished("ks~", 4) != {}  # (nothing adopted yet: no sweeping)
+    await handover.adopt(3)
+    await until(lambda: not state._unfinished[("ks~", 4)])  # noqa: SLF001
+    sweeper = handover._sweeper  # noqa: SLF001
+    assert sweeper is not None and not sweeper.done()
+    await handover.close()
+    assert sweeper.done()
 
 
 async def test_a_group_notice_a_higher_one_overtook_is_not_told(world: World) -> None:

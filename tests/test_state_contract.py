@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from storage.state import MemoryState, SharedState, open_state
+from storage.state import MemoryState, SharedState, is_mark, open_state
 from tests.conftest import production_url
 from tests.test_push_worker import until
 
@@ -138,6 +138,36 @@ async def test_unfinished_requests_wait_for_a_partitions_next_holder(state: Shar
     assert await state.unfinished(scope, 3) == {}
 
 
+async def test_a_record_landing_after_a_later_one_or_its_forgetting_changes_nothing(state: SharedState) -> None:
+    """A record of a field replaces what is there only when it is later (by the time it starts
+    with); forgetting one leaves its time, which refuses it and any earlier one landing after
+    that, and takes a later one. Values without a time are written and dropped as they are."""
+    scope = f"s{uuid.uuid4().hex[:8]}~"
+    await state.put_unfinished(scope, 3, {"f": "1000 [2]", "g": "1000 x", "h": "1000 y"})
+    await state.put_unfinished(scope, 3, {"f": "999 [1]", "g": "1000 z", "h": "1001 y2"})
+    assert await state.unfinished(scope, 3) == {"f": "1000 [2]", "g": "1000 x", "h": "1001 y2"}
+    await state.put_unfinished(scope, 3, {"t": "no time", "f": "no time"})
+    await state.put_unfinished(scope, 3, {"t": "1 then one"})
+    assert await state.unfinished(scope, 3) == {"f": "no time", "g": "1000 x", "h": "1001 y2", "t": "1 then one"}
+    await state.put_unfinished(scope, 3, {"f": "1000 [2]", "t": "no time"})
+    # forgotten: each that holds the record or an earlier one (or nothing yet) is left its time
+    await state.forget_unfinished(scope, 3, {"f": "1000 [2]", "g": "1001 x2", "h": "1000 y", "n": "1005 n",
+                                             "t": "no time", "u": "7"})
+    assert await state.unfinished(scope, 3) == {"f": "1000", "g": "1001", "h": "1001 y2", "n": "1005",
+                                                "t": "no time"}
+    assert [is_mark(v) for v in (await state.unfinished(scope, 3)).values()].count(True) == 3
+    await state.put_unfinished(scope, 3, {"f": "1000 [2]", "g": "999 [1]", "n": "1005 n"})  # (landing late)
+    assert await state.unfinished(scope, 3) == {"f": "1000", "g": "1001", "h": "1001 y2", "n": "1005",
+                                                "t": "no time"}
+    await state.forget_unfinished(scope, 3, {"g": "1000 x"})  # (an earlier one's forgetting, late)
+    await state.put_unfinished(scope, 3, {"f": "1002 [3]"})  # (a later record of the field)
+    assert await state.unfinished(scope, 3) == {"f": "1002 [3]", "g": "1001", "h": "1001 y2", "n": "1005",
+                                                "t": "no time"}
+    await state.drop_unfinished(scope, 3, {"g": "1001", "n": "1004"})  # (a mark dropped as it is)
+    assert await state.unfinished(scope, 3) == {"f": "1002 [3]", "h": "1001 y2", "n": "1005", "t": "no time"}
+    assert await state.unfinished(scope, 4) == {}
+
+
 async def test_unfinished_requests_recorded_in_redis_expire_and_any_can_be_dropped() -> None:
     """The record of a partition's unfinished requests goes by itself a day after its last
     change; one whose bytes are not UTF-8 (not written by a bridge) can be read and dropped."""
@@ -155,6 +185,9 @@ async def test_unfinished_requests_recorded_in_redis_expire_and_any_can_be_dropp
         assert 0 < await raw.pttl(f"pg:{{unfinished:{scope}:5}}") <= UNFINISHED_KEPT_MS
         await s.put_unfinished(scope, 5, {"n1": None})
         assert await raw.exists(f"pg:{{unfinished:{scope}:5}}") == 0
+        await s.forget_unfinished(scope, 5, {"n1": "12 []"})  # (what forgetting leaves goes too)
+        assert 0 < await raw.pttl(f"pg:{{unfinished:{scope}:5}}") <= UNFINISHED_KEPT_MS
+        await s.drop_unfinished(scope, 5, {"n1": "12"})
         # a field that is not UTF-8 is read as text all the same, and can be dropped by that name
         await raw.hset(f"pg:{{unfinished:{scope}:5}}", mapping={b"n\xff": b"1 \xfe", b"a": b"2 3"})
         got = await s.unfinished(scope, 5)
