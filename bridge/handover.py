@@ -31,11 +31,12 @@ made again for it).
 A write can still land late: one given up on here (its bound ran out, Redis slow or paused) may
 reach Redis after the next one, or after a retry forgot the record. So the records of a field
 carry times that grow, Redis keeps a write only if it is later than what the field holds, and
-forgetting a record leaves its time in the field (a mark) rather than nothing: what lands later
-with an earlier time changes nothing (``SharedState.put_unfinished``, ``forget_unfinished``).
-A mark is dropped when a partition is adopted after UNFINISHED_KEPT_MS, as old records are, and
-so is either by the holder's sweep of the partitions it holds (``sweep``, about every SWEEP_S),
-which adopts nothing: a partition held for long does not pile them up.
+forgetting a writer's own record leaves its time in the field (a mark) rather than nothing: what
+lands later with an earlier time changes nothing (``SharedState.put_unfinished``,
+``forget_unfinished``). Marks and records more than UNFINISHED_KEPT_MS old are dropped when a
+partition is adopted, and by the holder's sweep of the partitions it holds (``sweep``, about
+every SWEEP_S once it has adopted one), which takes nothing on: a partition held for long does
+not pile them up.
 """
 
 from __future__ import annotations
@@ -109,8 +110,9 @@ class ReceiptHandover:
     """The ``Keeper`` of a bridge's Messenger, and what adopts a partition's records into it.
 
     Each record carries when it was written (ms since the epoch, then a space, then what the
-    Messenger kept). One older than UNFINISHED_KEPT_MS, or one the Messenger cannot read, is
-    dropped from the shared state when a partition is adopted, not adopted again each time."""
+    Messenger kept), or is the mark of a forgotten one (its time alone). One older than
+    UNFINISHED_KEPT_MS, or one the Messenger cannot read, is dropped from the shared state when a
+    partition is adopted (or swept), not adopted again each time."""
 
     def __init__(self, state: SharedState, partitions: Partitions, messenger: Messenger,
                  clock: Callable[[], float] = time.time, ask_holder: AskHolder | None = None) -> None:
@@ -127,10 +129,11 @@ class ReceiptHandover:
         self._closed = False
         self._writer = secrets.token_hex(WRITER_LEN // 2)  # (this process's own records' mark)
         self._writing: dict[str, _Writes] = {}  # by field, while records of it are being written
-        # the time of the latest record made here of a field (ms since the epoch), by its name, as
-        # many as the Messenger keeps entries (a field pushed out starts from the clock again: only
-        # a clock stepped back since could make its next record no later than its last)
-        self._stamps: LRUCache[str, int] = LRUCache(UNTOLD_KEPT)
+        # the time of the latest record made here of a field (ms since the epoch), by its name, for
+        # twice as many as the Messenger keeps entries of both kinds; a name pushed out starts from
+        # the clock again, so its next record could be no later than its last (and refused) only
+        # with a clock stepped back since, or with several of its records made within one ms
+        self._stamps: LRUCache[str, int] = LRUCache(4 * UNTOLD_KEPT)
         self._sweeper: asyncio.Task[None] | None = None
 
     def record(self, name: str, value: str) -> Record:
@@ -294,8 +297,11 @@ class ReceiptHandover:
     async def _sweeping(self) -> None:
         while True:
             await asyncio.sleep(SWEEP_S * random.uniform(0.75, 1.25))  # noqa: S311 - (spread, not secret)
-            for part in sorted(self._partitions.held_partitions()):
-                await self.sweep(part)
+            try:
+                for part in sorted(self._partitions.held_partitions()):
+                    await self.sweep(part)
+            except Exception:  # noqa: BLE001 - swept again the next time
+                log.exception("sweeping the partitions' records failed")
 
     async def _read(self, part: int) -> tuple[dict[str, tuple[str, str, str]], dict[str, dict[str, str]]] | None:
         """A partition's records: those to adopt, by field (name, what was kept, value as stored),
