@@ -321,37 +321,48 @@ class Messenger:
     async def ack(self, caller: Caller, req: Ack) -> Result:
         async with storage_errors():
             prev, new = await self._store.advance_device_ack(caller.device_id, caller.user_id, req.up_to)
-            key = (caller.user_id, caller.device_id)
-            # (empty unless the store failed an ack part way)
-            unfinished = self._acks_unfinished.pop(key, None) if self._acks_unfinished else None
-            if unfinished is not None:
-                prev = min(prev, unfinished[0])
-            if new > prev:
-                took = prev
-                if unfinished is not None:  # (what this retry took on, for another ack failing meanwhile)
-                    _under_way(self._acking, key, took)
-                try:
-                    result = await self._deliver_receipts(caller, prev, new)
-                except BaseException as exc:
-                    # (a retry of this ack does the rest; with what was adopted meanwhile, and what
-                    # other acks of the device under way took on, if any)
-                    adopted = self._acks_unfinished.get(key)
-                    if adopted is not None:
-                        prev = min(prev, adopted[0])
-                    # (the record holds the ranges of retries under way too, the entry only this one's)
-                    record = self._record(_unfinished_ack_name(key), str(min([prev, *self._acking.get(key, ())])))
-                    self._acks_unfinished[key] = (prev, _covering(unfinished and unfinished[1], adopted and adopted[1],
-                                                                  new=record))
-                    await self._keep(caller.user_id, record, exc)
-                    raise
-                finally:
-                    if unfinished is not None:
-                        _done(self._acking, key, took)
-            else:
-                result = Result()
-            if unfinished is not None:
-                await self._forget(caller.user_id, unfinished[1])
-            return result
+            try:
+                return await self._ack_from(caller, prev, new)
+            finally:
+                if new > prev:  # (its receipts moved, or were left to its retry: the position may be kept)
+                    try:
+                        await self._store.device_ack_done(caller.user_id, prev)
+                    except Exception as exc:  # noqa: BLE001 - kept with a later ack's (or read back lower: redone)
+                        log.warning("keeping the acknowledged position of %s failed: %r", caller.user_id, exc)
+
+    async def _ack_from(self, caller: Caller, prev: int, new: int) -> Result:
+        """The rest of ``ack``: the user's position moved from ``prev`` to ``new``."""
+        key = (caller.user_id, caller.device_id)
+        # (empty unless the store failed an ack part way)
+        unfinished = self._acks_unfinished.pop(key, None) if self._acks_unfinished else None
+        if unfinished is not None:
+            prev = min(prev, unfinished[0])
+        if new > prev:
+            took = prev
+            if unfinished is not None:  # (what this retry took on, for another ack failing meanwhile)
+                _under_way(self._acking, key, took)
+            try:
+                result = await self._deliver_receipts(caller, prev, new)
+            except BaseException as exc:
+                # (a retry of this ack does the rest; with what was adopted meanwhile, and what
+                # other acks of the device under way took on, if any)
+                adopted = self._acks_unfinished.get(key)
+                if adopted is not None:
+                    prev = min(prev, adopted[0])
+                # (the record holds the ranges of retries under way too, the entry only this one's)
+                record = self._record(_unfinished_ack_name(key), str(min([prev, *self._acking.get(key, ())])))
+                self._acks_unfinished[key] = (prev, _covering(unfinished and unfinished[1], adopted and adopted[1],
+                                                              new=record))
+                await self._keep(caller.user_id, record, exc)
+                raise
+            finally:
+                if unfinished is not None:
+                    _done(self._acking, key, took)
+        else:
+            result = Result()
+        if unfinished is not None:
+            await self._forget(caller.user_id, unfinished[1])
+        return result
 
     def _record(self, name: str, value: str) -> Record | None:
         return None if self.keeper is None else self.keeper.record(name, value)

@@ -383,7 +383,15 @@ class Store(Protocol):
     async def advance_device_ack(self, device_id: str, user_id: str, up_to: int) -> tuple[int, int]:
         """Raise the user's acknowledged inbox position to at least ``up_to`` (never past the
         inbox head), and the device's where the backend keeps one; return the user's
-        (previous, new) acknowledged position."""
+        (previous, new) acknowledged position. Another ack of the user goes on from ``new`` at
+        once, but when it moved, the position is kept (what a restart reads back) no further
+        than ``previous`` until ``device_ack_done``: the receipts it leads to are still to move,
+        and an ack a crash caught in between is done again by the device's next one."""
+
+    async def device_ack_done(self, user_id: str, prev: int) -> None:
+        """The receipts of an ack that moved the user's position from ``prev`` have moved (or
+        are left to its retry): the position may be kept past ``prev``. Called once for each
+        ack that moved it, whether it succeeded or not."""
 
     async def get_receipts(self, chat_id: str) -> list[Receipt]:
         """Delivered and read positions of every current member (0 where nothing yet)."""

@@ -330,6 +330,9 @@ class CassandraStore:
         self._per_chat = _PartitionWrites(self)
         # user -> (acknowledged position not yet written, when it first was), oldest first
         self._acks_due: dict[str, tuple[int, float]] = {}
+        # user -> where each of its acks whose receipts are still moving moved its position from
+        # (advance_device_ack): the position is written no further than the lowest of them
+        self._acks_moving: dict[str, list[int]] = {}
         self._ack_writer: asyncio.Task[None] | None = None
         # plain writes on the event loop's own connection (storage/cql_wire.py), when it is up
         self._direct_writes = direct_writes
@@ -2048,11 +2051,21 @@ class CassandraStore:
             # Written behind, at most once per user every ACK_FLUSH_S: the position only saves
             # work (what an ack newly covers); one lost with a crash is read back lower, and the
             # receipts it leads to only move forward. (The device's own position is not kept.)
+            # Never past an ack whose receipts are still moving (until device_ack_done): a crash
+            # then would leave them unmoved, and the device's next ack would not cover them.
+            self._acks_moving.setdefault(user_id, []).append(prev)
             due = self._acks_due.get(user_id)
             self._acks_due[user_id] = (new, time.monotonic()) if due is None else (max(new, due[0]), due[1])
             if self._ack_writer is None or self._ack_writer.done():
                 self._ack_writer = asyncio.create_task(self._write_acks_behind(), name="acked-positions")
         return prev, new
+
+    async def device_ack_done(self, user_id: str, prev: int) -> None:
+        moving = self._acks_moving.get(user_id)
+        if moving is not None and prev in moving:
+            moving.remove(prev)
+            if not moving:
+                del self._acks_moving[user_id]
 
     async def _write_acks_behind(self) -> None:
         # Each position is written about ACK_FLUSH_S after it first moved, a slice every
@@ -2069,8 +2082,14 @@ class CassandraStore:
             if since > moved_before:
                 break
             due[user_id] = value
-        for user_id in due:
+        for user_id in list(due):
             del self._acks_due[user_id]
+            moving = self._acks_moving.get(user_id)
+            if moving and min(moving) < due[user_id]:  # (the rest once those acks are done)
+                self._acks_due[user_id] = (due[user_id], time.monotonic())
+                due[user_id] = min(moving)
+                if not due[user_id]:
+                    del due[user_id]
         done = await asyncio.gather(*(self._x("set_acked", v, v, u) for u, v in due.items()), return_exceptions=True)
         for (user_id, value), outcome in zip(due.items(), done, strict=True):
             if isinstance(outcome, BaseException):  # tried again with the next slice

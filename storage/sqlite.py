@@ -178,6 +178,10 @@ class SqliteStore:
         # finds it here instead of in a write job of its own (a commit per message)
         self._pairs: LRUCache[str, Chat] = LRUCache(PAIRS_CACHED)
         self._notices = GroupNotices()  # (asked on the writer thread only)
+        # user -> its acknowledged position not yet written, and where each of its acks whose
+        # receipts are still moving moved it from (advance_device_ack)
+        self._acks_claimed: dict[str, int] = {}
+        self._acks_moving: dict[str, list[int]] = {}
 
     # -- plumbing -----------------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
@@ -669,7 +673,8 @@ class SqliteStore:
             row = c.execute("SELECT acked, inbox_head FROM users WHERE user_id=?", (user_id,)).fetchone()
             return (int(row[0]), int(row[1])) if row else (0, 0)
 
-        return await self._read(q)
+        acked, head = await self._read(q)
+        return max(acked, self._acks_claimed.get(user_id, 0)), head  # (with acks whose receipts are moving)
 
     async def advance_device_ack(self, device_id: str, user_id: str, up_to: int) -> tuple[int, int]:
         def q(c: sqlite3.Connection) -> tuple[int, int]:
@@ -677,13 +682,35 @@ class SqliteStore:
             row = c.execute("SELECT acked, inbox_head FROM users WHERE user_id=?", (user_id,)).fetchone()
             if row is None:
                 raise NotStored(f"user {user_id}")
-            prev = int(row[0])
-            new = max(prev, min(up_to, int(row[1])))
-            if new != prev:
-                c.execute("UPDATE users SET acked=? WHERE user_id=?", (new, user_id))
-            return prev, new
+            return int(row[0]), int(row[1])
 
-        return await self._write(q)
+        kept, head = await self._write(q)
+        # (on the loop, with no await between reading and claiming: each ack of the user moves
+        # on from the last; the position is written once the receipts have moved, device_ack_done)
+        prev = max(kept, self._acks_claimed.get(user_id, 0))
+        new = max(prev, min(up_to, head))
+        if new != prev:
+            self._acks_claimed[user_id] = new
+            self._acks_moving.setdefault(user_id, []).append(prev)
+        return prev, new
+
+    async def device_ack_done(self, user_id: str, prev: int) -> None:
+        moving = self._acks_moving.get(user_id)
+        if moving is None or prev not in moving:
+            return
+        moving.remove(prev)
+        kept = min(moving) if moving else self._acks_claimed[user_id]
+        if not moving:
+            del self._acks_moving[user_id]
+
+        def q(c: sqlite3.Connection) -> None:
+            c.execute("UPDATE users SET acked = max(acked, ?) WHERE user_id=?", (kept, user_id))
+
+        try:
+            await self._write(q)
+        finally:  # (written, or not: then read back lower, and what it covered is done again)
+            if user_id not in self._acks_moving and self._acks_claimed.get(user_id) == kept:
+                del self._acks_claimed[user_id]
 
     async def get_receipts(self, chat_id: str) -> list[Receipt]:
         def q(c: sqlite3.Connection) -> list[Receipt]:

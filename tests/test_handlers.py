@@ -418,6 +418,39 @@ async def test_an_ack_whose_receipts_the_store_failed_moves_them_when_tried_agai
         assert (await world.messenger.ack(reader, Ack(up_to=head))).outs == []
 
 
+async def test_an_acks_position_is_kept_only_once_its_receipts_have_moved(world: World, tmp_path: Path) -> None:
+    """The acknowledged position a restarted bridge reads back passes an ack only once the
+    receipts it leads to have moved (or its failure is left to its retry): a crash in between
+    leaves the ack to the device's next one, which moves them then."""
+    a, reader = [await world.user(f"+1555000051{i}") for i in range(2)]
+    for k in range(2):
+        await world.messenger.send(a, Send(id=f"m{k}", chat=None, to=reader.user_id, body="hi", media=None))
+
+    async def read_back() -> int:  # (as a restarted bridge would, from the database)
+        again = SqliteStore(tmp_path / "h.db")
+        await again.open()
+        try:
+            return (await again.inbox_positions(reader.user_id))[0]
+        finally:
+            await again.close()
+
+    gate = world.store.held["advance_receipt"] = asyncio.Event()
+    acking = asyncio.ensure_future(world.messenger.ack(reader, Ack(up_to=1)))
+    await until(lambda: world.store.calls["advance_receipt"] == 1)
+    assert await world.store.inbox_positions(reader.user_id) == (1, 2)  # (moved, for every other ack)
+    assert await read_back() == 0
+    gate.set()
+    assert receipt_notices((await asyncio.wait_for(acking, 5)).outs) == [(a.user_id, "delivered", reader.user_id, 1)]
+    assert await read_back() == 1
+    world.store.held = {}
+    world.store.failing = {"advance_receipt"}
+    with pytest.raises(Unavailable):
+        await world.messenger.ack(reader, Ack(up_to=2))
+    world.store.failing = set()
+    assert await read_back() == 2  # (its retry, kept in this process, moves them)
+    assert world.store.calls["device_ack_done"] == 2
+
+
 async def records(state: MemoryState, part: int = 3, *, marks: bool = False) -> dict[str, str]:
     """A partition's records: the writers' own (scope ``ks~``) and those written as before (``ks``);
     with ``marks``, only what forgotten ones left (their times), else only the others."""

@@ -529,12 +529,17 @@ async def test_an_unlinked_device_is_gone(store: Store) -> None:
 async def test_an_acknowledged_position_outlives_the_store_instance(
         store: Store, request: pytest.FixtureRequest, tmp_path: Path) -> None:
     """What a user acknowledged is still known to the next process (a backend may write it
-    behind, but no later than its close)."""
+    behind, but no later than its close), once the receipts it led to have moved: an ack whose
+    receipts had not (the process died between the two) is done again by the next one."""
     a, b = await two_users(store)
     chat = await store.direct_chat(a, b, T0)
-    for i in range(3):
+    for i in range(4):
         await store.append_message(text(chat.chat_id, a, f"ack{i}"), [a, b])
-    assert await store.advance_device_ack(phone_of(b), b, 2) == (0, 2)
+    assert await store.advance_device_ack(phone_of(b), b, 1) == (0, 1)
+    assert await store.advance_device_ack(phone_of(b), b, 2) == (1, 2)  # (on from the first, still moving)
+    await store.device_ack_done(b, 1)
+    assert await store.advance_device_ack(phone_of(b), b, 3) == (2, 3)  # (its receipts never moved)
+    await store.device_ack_done(b, 0)
     await store.close()
     url = f"sqlite://{tmp_path / 'contract.db'}" if not isinstance(store, CassandraStore) \
         else request.getfixturevalue("cassandra_url")
@@ -560,9 +565,11 @@ async def test_cassandra_writes_acknowledged_positions_a_period_after_they_move_
     base = store.ops.by_name.get("set_acked", 0)
     loop = asyncio.get_running_loop()
     start = loop.time()
-    await store.advance_device_ack(phone_of(a), a, 1)
-    await asyncio.sleep(0.5)
-    await store.advance_device_ack(phone_of(b), b, 1)
+    for user in (a, b):
+        await store.advance_device_ack(phone_of(user), user, 1)
+        await store.device_ack_done(user, 0)
+        if user == a:
+            await asyncio.sleep(0.5)
     written: list[float] = []
     while len(written) < 2 and loop.time() - start < 4:
         await asyncio.sleep(0.01)
@@ -571,6 +578,34 @@ async def test_cassandra_writes_acknowledged_positions_a_period_after_they_move_
     assert len(written) == 2, written
     assert 0.9 <= written[0] <= 1.4, written
     assert written[1] - written[0] >= 0.3, written
+
+
+async def test_cassandra_writes_a_position_no_further_than_an_ack_whose_receipts_are_moving(
+        cassandra: CassandraStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A user's position written behind stops where an ack still moving its receipts began (a
+    crash then leaves that ack to the device's next one), and goes on once that ack is done."""
+    monkeypatch.setattr(storage.cassandra, "ACK_FLUSH_S", 0.3)
+    store = cassandra
+    a, b = await two_users(store)
+    chat = await store.direct_chat(a, b, T0)
+    for i in range(3):
+        await store.append_message(text(chat.chat_id, a, f"moving{i}"), [a, b])
+
+    async def written() -> int:
+        rows = await store._x("user_state", b)  # noqa: SLF001
+        return int(rows[0][1] or 0) if rows else 0
+
+    assert await store.advance_device_ack(phone_of(b), b, 1) == (0, 1)
+    await store.device_ack_done(b, 0)
+    assert await store.advance_device_ack(phone_of(b), b, 3) == (1, 3)
+    await asyncio.sleep(1.2)
+    assert await written() == 1
+    await store.device_ack_done(b, 1)
+    for _ in range(100):
+        if await written() == 3:
+            break
+        await asyncio.sleep(0.05)
+    assert await written() == 3
 
 
 async def test_cassandra_statement_without_an_answer_fails_after_the_timeout() -> None:
