@@ -526,15 +526,21 @@ async def test_an_unlinked_device_is_gone(store: Store) -> None:
     assert await store.remove_device(d.device_id) is False
 
 
+async def messages_to_b(store: Store, n: int, label: str) -> tuple[str, str]:
+    """Two new users a and b, and ``n`` messages from a to b in their direct chat."""
+    a, b = await two_users(store)
+    chat = await store.direct_chat(a, b, T0)
+    for i in range(n):
+        await store.append_message(text(chat.chat_id, a, f"{label}{i}"), [a, b])
+    return a, b
+
+
 async def test_an_acknowledged_position_outlives_the_store_instance(
         store: Store, request: pytest.FixtureRequest, tmp_path: Path) -> None:
     """What a user acknowledged is still known to the next process (a backend may write it
     behind, but no later than its close), once the receipts it led to have moved: an ack whose
     receipts had not (the process died between the two) is done again by the next one."""
-    a, b = await two_users(store)
-    chat = await store.direct_chat(a, b, T0)
-    for i in range(4):
-        await store.append_message(text(chat.chat_id, a, f"ack{i}"), [a, b])
+    a, b = await messages_to_b(store, 4, "ack")
     assert await store.advance_device_ack(phone_of(b), b, 1) == (0, 1)
     assert await store.advance_device_ack(phone_of(b), b, 2) == (1, 2)  # (on from the first, still moving)
     await store.device_ack_done(b, 1)
@@ -558,10 +564,7 @@ async def test_cassandra_writes_acknowledged_positions_a_period_after_they_move_
     users whose acks came half a second apart are written half a second apart, not together."""
     monkeypatch.setattr(storage.cassandra, "ACK_FLUSH_S", 1.0)
     store = cassandra
-    a, b = await two_users(store)
-    chat = await store.direct_chat(a, b, T0)
-    for i in range(2):
-        await store.append_message(text(chat.chat_id, a, f"slice{i}"), [a, b])
+    a, b = await messages_to_b(store, 2, "slice")
     base = store.ops.by_name.get("set_acked", 0)
     loop = asyncio.get_running_loop()
     start = loop.time()
@@ -586,10 +589,7 @@ async def test_cassandra_writes_a_position_no_further_than_an_ack_whose_receipts
     crash then leaves that ack to the device's next one), and goes on once that ack is done."""
     monkeypatch.setattr(storage.cassandra, "ACK_FLUSH_S", 0.3)
     store = cassandra
-    a, b = await two_users(store)
-    chat = await store.direct_chat(a, b, T0)
-    for i in range(3):
-        await store.append_message(text(chat.chat_id, a, f"moving{i}"), [a, b])
+    a, b = await messages_to_b(store, 3, "moving")
 
     async def written() -> int:
         rows = await store._x("user_state", b)  # noqa: SLF001
