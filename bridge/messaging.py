@@ -237,8 +237,11 @@ class Messenger:
         self._untold: LRUCache[tuple[str, str, str], tuple[list[tuple[str, ReceiptNote]], Covered]] = \
             LRUCache(UNTOLD_KEPT)
         # (user, device) -> the acknowledged position an ack moved from whose receipts were not
-        # all moved (the store failed on the way): the next ack of the device starts there
-        self._acks_unfinished: LRUCache[tuple[str, str], tuple[int, Covered]] = LRUCache(UNTOLD_KEPT)
+        # all moved (the store failed on the way): the next ack of the device starts there; with
+        # the records that hold it, and the store's claims on the position (the ``prev`` of each
+        # ack of this process's that it covers, ``Store.device_ack_done``) its retry is done with
+        self._acks_unfinished: LRUCache[tuple[str, str], tuple[int, Covered, tuple[int, ...]]] = \
+            LRUCache(UNTOLD_KEPT)
         # What retries under way took on (one kept above each), by the same keys: another request
         # that fails meanwhile records it too, so a process dying before the retry ends loses
         # none of it (it may then be told twice)
@@ -321,22 +324,22 @@ class Messenger:
     async def ack(self, caller: Caller, req: Ack) -> Result:
         async with storage_errors():
             prev, new = await self._store.advance_device_ack(caller.device_id, caller.user_id, req.up_to)
-            try:
-                return await self._ack_from(caller, prev, new)
-            finally:
-                if new > prev:  # (its receipts moved, or were left to its retry: the position may be kept)
-                    try:
-                        await self._store.device_ack_done(caller.user_id, prev)
-                    except Exception as exc:  # noqa: BLE001 - kept with a later ack's (or read back lower: redone)
-                        log.warning("keeping the acknowledged position of %s failed: %r", caller.user_id, exc)
+            return await self._ack_from(caller, prev, new)
 
     async def _ack_from(self, caller: Caller, prev: int, new: int) -> Result:
-        """The rest of ``ack``: the user's position moved from ``prev`` to ``new``."""
+        """The rest of ``ack``: the user's position moved from ``prev`` to ``new``. The store
+        keeps the position no further than ``prev`` until its receipts have moved
+        (``Store.device_ack_done``): at the end of this ack, or of the retry that finishes them."""
         key = (caller.user_id, caller.device_id)
+        claims = [prev] if new > prev else []  # (the store's, to be done with here or by a retry)
         # (empty unless the store failed an ack part way)
         unfinished = self._acks_unfinished.pop(key, None) if self._acks_unfinished else None
         if unfinished is not None:
+            if new <= min(prev, unfinished[0]):  # (a position read back lower, and an ack below it)
+                self._acks_unfinished[key] = unfinished  # (still left to a retry)
+                return Result()
             prev = min(prev, unfinished[0])
+            claims += unfinished[2]
         if new > prev:
             took = prev
             if unfinished is not None:  # (what this retry took on, for another ack failing meanwhile)
@@ -349,10 +352,13 @@ class Messenger:
                 adopted = self._acks_unfinished.get(key)
                 if adopted is not None:
                     prev = min(prev, adopted[0])
+                    claims += adopted[2]
                 # (the record holds the ranges of retries under way too, the entry only this one's)
                 record = self._record(_unfinished_ack_name(key), str(min([prev, *self._acking.get(key, ())])))
+                # (it holds the store's claims too, so a crash before the retry leaves the kept
+                # position where these receipts start: the device's next ack moves them then)
                 self._acks_unfinished[key] = (prev, _covering(unfinished and unfinished[1], adopted and adopted[1],
-                                                              new=record))
+                                                              new=record), tuple(claims))
                 await self._keep(caller.user_id, record, exc)
                 raise
             finally:
@@ -360,9 +366,20 @@ class Messenger:
                     _done(self._acking, key, took)
         else:
             result = Result()
+        if claims:  # (all of them, though the request is cancelled meanwhile: the position is not held)
+            await asyncio.shield(self._done_with(caller.user_id, claims))
         if unfinished is not None:
             await self._forget(caller.user_id, unfinished[1])
         return result
+
+    async def _done_with(self, user_id: str, claims: Sequence[int]) -> None:
+        """Tell the store the receipts of the acks that moved the user's position from each of
+        ``claims`` have moved: the position may be kept past them."""
+        for prev in claims:
+            try:
+                await self._store.device_ack_done(user_id, prev)
+            except Exception as exc:  # noqa: BLE001 - kept with a later ack's (or read back lower: redone)
+                log.warning("keeping the acknowledged position of %s failed: %r", user_id, exc)
 
     def _record(self, name: str, value: str) -> Record | None:
         return None if self.keeper is None else self.keeper.record(name, value)
@@ -428,8 +445,9 @@ class Messenger:
                     ack, prev = (fields[0], fields[1]), int(value)
                     if name != _unfinished_ack_name(ack):
                         raise ValueError("not named as a bridge names it")
-                    old_prev, old_covered = self._acks_unfinished.get(ack, (prev, ()))
-                    self._acks_unfinished[ack] = (min(prev, old_prev), _covering(old_covered, new=(field, stored)))
+                    old_prev, old_covered, held = self._acks_unfinished.get(ack, (prev, (), ()))
+                    self._acks_unfinished[ack] = (min(prev, old_prev), _covering(old_covered, new=(field, stored)),
+                                                  held)
                 else:
                     raise ValueError("neither notices nor an ack")
             except Exception as exc:  # noqa: BLE001 - one record another process wrote: skipped

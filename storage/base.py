@@ -225,6 +225,33 @@ class GroupNotices:
         self._last[key] = max(up_to, self._last.get(key, up_to))
 
 
+class MovingAcks:
+    """Where each ack whose receipts are still moving moved its user's acknowledged position
+    from, by user (``Store.advance_device_ack`` until ``Store.device_ack_done``): a store keeps
+    the position (writes it where a restart reads it back) no further than the lowest of them."""
+
+    def __init__(self) -> None:
+        self._from: dict[str, list[int]] = {}
+
+    def claim(self, user_id: str, prev: int) -> None:
+        self._from.setdefault(user_id, []).append(prev)
+
+    def done(self, user_id: str, prev: int) -> bool:
+        """One ack from ``prev`` is done with; False if none was moving."""
+        moving = self._from.get(user_id)
+        if moving is None or prev not in moving:
+            return False
+        moving.remove(prev)
+        if not moving:
+            del self._from[user_id]
+        return True
+
+    def lowest(self, user_id: str) -> int | None:
+        """Where the position may be kept up to at most; None when no ack of the user is moving."""
+        moving = self._from.get(user_id)
+        return min(moving) if moving else None
+
+
 @dataclass(frozen=True, slots=True)
 class InboxEntry:
     user_id: str
@@ -389,9 +416,10 @@ class Store(Protocol):
         and an ack a crash caught in between is done again by the device's next one."""
 
     async def device_ack_done(self, user_id: str, prev: int) -> None:
-        """The receipts of an ack that moved the user's position from ``prev`` have moved (or
-        are left to its retry): the position may be kept past ``prev``. Called once for each
-        ack that moved it, whether it succeeded or not."""
+        """The receipts of an ack that moved the user's position from ``prev`` have moved, by
+        it or by the retry that finished what it left: the position may be kept past ``prev``.
+        Called once for each ack that moved it (one whose receipts are never finished in this
+        process keeps it no further than ``prev`` until the store is opened again)."""
 
     async def get_receipts(self, chat_id: str) -> list[Receipt]:
         """Delivered and read positions of every current member (0 where nothing yet)."""

@@ -67,6 +67,7 @@ from .base import (
     MediaObject,
     Member,
     Message,
+    MovingAcks,
     NewMessage,
     NotStored,
     Receipt,
@@ -330,9 +331,11 @@ class CassandraStore:
         self._per_chat = _PartitionWrites(self)
         # user -> (acknowledged position not yet written, when it first was), oldest first
         self._acks_due: dict[str, tuple[int, float]] = {}
-        # user -> where each of its acks whose receipts are still moving moved its position from
-        # (advance_device_ack): the position is written no further than the lowest of them
-        self._acks_moving: dict[str, list[int]] = {}
+        # where acks whose receipts are still moving moved their users' positions from: a
+        # position is written no further than the lowest of them, and the rest is held (user ->
+        # position) until they are done (device_ack_done)
+        self._acks_moving = MovingAcks()
+        self._acks_held: dict[str, int] = {}
         self._ack_writer: asyncio.Task[None] | None = None
         # plain writes on the event loop's own connection (storage/cql_wire.py), when it is up
         self._direct_writes = direct_writes
@@ -2053,19 +2056,23 @@ class CassandraStore:
             # receipts it leads to only move forward. (The device's own position is not kept.)
             # Never past an ack whose receipts are still moving (until device_ack_done): a crash
             # then would leave them unmoved, and the device's next ack would not cover them.
-            self._acks_moving.setdefault(user_id, []).append(prev)
-            due = self._acks_due.get(user_id)
-            self._acks_due[user_id] = (new, time.monotonic()) if due is None else (max(new, due[0]), due[1])
-            if self._ack_writer is None or self._ack_writer.done():
-                self._ack_writer = asyncio.create_task(self._write_acks_behind(), name="acked-positions")
+            self._acks_moving.claim(user_id, prev)
+            self._ack_due(user_id, new)
         return prev, new
 
+    def _ack_due(self, user_id: str, position: int) -> None:
+        """Write the user's position behind (in about ACK_FLUSH_S, or with one due already; once
+        the store is closing, only if ``close`` has not written what is due yet)."""
+        due = self._acks_due.get(user_id)
+        self._acks_due[user_id] = (position, time.monotonic()) if due is None else (max(position, due[0]), due[1])
+        if (self._ack_writer is None or self._ack_writer.done()) and not self._closing.is_set():
+            self._ack_writer = asyncio.create_task(self._write_acks_behind(), name="acked-positions")
+
     async def device_ack_done(self, user_id: str, prev: int) -> None:
-        moving = self._acks_moving.get(user_id)
-        if moving is not None and prev in moving:
-            moving.remove(prev)
-            if not moving:
-                del self._acks_moving[user_id]
+        if self._acks_moving.done(user_id, prev) and user_id in self._acks_held:
+            lowest = self._acks_moving.lowest(user_id)
+            if lowest is None or lowest > prev:  # (else what was written stands: no ack below it is done)
+                self._ack_due(user_id, self._acks_held.pop(user_id))  # (again up to the next moving one, if any)
 
     async def _write_acks_behind(self) -> None:
         # Each position is written about ACK_FLUSH_S after it first moved, a slice every
@@ -2084,10 +2091,10 @@ class CassandraStore:
             due[user_id] = value
         for user_id in list(due):
             del self._acks_due[user_id]
-            moving = self._acks_moving.get(user_id)
-            if moving and min(moving) < due[user_id]:  # (the rest once those acks are done)
-                self._acks_due[user_id] = (due[user_id], time.monotonic())
-                due[user_id] = min(moving)
+            lowest = self._acks_moving.lowest(user_id)
+            if lowest is not None and lowest < due[user_id]:  # (the rest once those acks are done)
+                self._acks_held[user_id] = max(due[user_id], self._acks_held.get(user_id, 0))
+                due[user_id] = lowest
                 if not due[user_id]:
                     del due[user_id]
         done = await asyncio.gather(*(self._x("set_acked", v, v, u) for u, v in due.items()), return_exceptions=True)

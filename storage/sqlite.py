@@ -34,6 +34,7 @@ from .base import (
     MediaObject,
     Member,
     Message,
+    MovingAcks,
     NewMessage,
     NotStored,
     Receipt,
@@ -181,7 +182,7 @@ class SqliteStore:
         # user -> its acknowledged position not yet written, and where each of its acks whose
         # receipts are still moving moved it from (advance_device_ack)
         self._acks_claimed: dict[str, int] = {}
-        self._acks_moving: dict[str, list[int]] = {}
+        self._acks_moving = MovingAcks()
 
     # -- plumbing -----------------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
@@ -691,17 +692,14 @@ class SqliteStore:
         new = max(prev, min(up_to, head))
         if new != prev:
             self._acks_claimed[user_id] = new
-            self._acks_moving.setdefault(user_id, []).append(prev)
+            self._acks_moving.claim(user_id, prev)
         return prev, new
 
     async def device_ack_done(self, user_id: str, prev: int) -> None:
-        moving = self._acks_moving.get(user_id)
-        if moving is None or prev not in moving:
+        if not self._acks_moving.done(user_id, prev):
             return
-        moving.remove(prev)
-        kept = min(moving) if moving else self._acks_claimed[user_id]
-        if not moving:
-            del self._acks_moving[user_id]
+        lowest = self._acks_moving.lowest(user_id)
+        kept = self._acks_claimed[user_id] if lowest is None else lowest
 
         def q(c: sqlite3.Connection) -> None:
             c.execute("UPDATE users SET acked = max(acked, ?) WHERE user_id=?", (kept, user_id))
@@ -709,7 +707,7 @@ class SqliteStore:
         try:
             await self._write(q)
         finally:  # (written, or not: then read back lower, and what it covered is done again)
-            if user_id not in self._acks_moving and self._acks_claimed.get(user_id) == kept:
+            if self._acks_moving.lowest(user_id) is None and self._acks_claimed.get(user_id) == kept:
                 del self._acks_claimed[user_id]
 
     async def get_receipts(self, chat_id: str) -> list[Receipt]:

@@ -420,8 +420,8 @@ async def test_an_ack_whose_receipts_the_store_failed_moves_them_when_tried_agai
 
 async def test_an_acks_position_is_kept_only_once_its_receipts_have_moved(world: World, tmp_path: Path) -> None:
     """The acknowledged position a restarted bridge reads back passes an ack only once the
-    receipts it leads to have moved (or its failure is left to its retry): a crash in between
-    leaves the ack to the device's next one, which moves them then."""
+    receipts it leads to have moved, by it or by the retry of one the store failed: a crash in
+    between leaves the ack to the device's next one, which moves them then."""
     a, reader = [await world.user(f"+1555000051{i}") for i in range(2)]
     for k in range(2):
         await world.messenger.send(a, Send(id=f"m{k}", chat=None, to=reader.user_id, body="hi", media=None))
@@ -447,8 +447,79 @@ async def test_an_acks_position_is_kept_only_once_its_receipts_have_moved(world:
     with pytest.raises(Unavailable):
         await world.messenger.ack(reader, Ack(up_to=2))
     world.store.failing = set()
-    assert await read_back() == 2  # (its retry, kept in this process, moves them)
+    assert await world.store.inbox_positions(reader.user_id) == (2, 2)
+    assert await read_back() == 1  # (kept where the receipts left to the retry start)
+    assert world.store.calls["device_ack_done"] == 1
+    assert receipt_notices((await world.messenger.ack(reader, Ack(up_to=2))).outs) == \
+        [(a.user_id, "delivered", reader.user_id, 2)]  # (the retry, from what this process kept)
+    assert await read_back() == 2
     assert world.store.calls["device_ack_done"] == 2
+
+
+async def test_an_ack_the_store_failed_is_finished_after_a_crash_by_the_devices_next_ack(
+        world: World, tmp_path: Path) -> None:
+    """One bridge, and no record of it anywhere but in the process: the store failed an ack
+    after its position moved, and the process died before the retry. The restarted bridge reads
+    the position back from before that ack, so the device's next ack (its cursor, sent again on
+    the new connection) moves the receipts and tells the senders, in a direct chat and a group."""
+    a, b, reader = [await world.user(f"+1555000052{i}") for i in range(3)]
+    await world.messenger.send(a, Send(id="d", chat=None, to=reader.user_id, body="hi", media=None))
+    group = (await world.messenger.create_group(a, "g", [b.user_id, reader.user_id]))[0].chat_id
+    await world.messenger.send(b, Send(id="g", chat=group, to=None, body="hi", media=None))
+    await world.messenger.ack(a, Ack(up_to=3))  # (then the group's notice waits for the reader alone)
+    world.store.failing = {"advance_receipt"}
+    with pytest.raises(Unavailable):
+        await world.messenger.ack(reader, Ack(up_to=3))
+    await until(lambda: world.store.calls["advance_receipt"] == 3)  # (both chats' moves failed)
+    world.store.failing = set()
+    assert await world.store.inbox_positions(reader.user_id) == (3, 3)  # (moved, in the process)
+
+    restarted = SqliteStore(tmp_path / "h.db")  # (the process died: what it kept in memory is gone)
+    await restarted.open()
+    try:
+        messenger = Messenger(restarted, world.clock, world.presence, max_group=4)
+        assert (await restarted.inbox_positions(reader.user_id))[0] == 0
+        told = receipt_notices((await messenger.ack(reader, Ack(up_to=3))).outs)
+        assert sorted(told) == sorted([(a.user_id, "delivered", reader.user_id, 1), (b.user_id, "delivered", "*", 2)])
+        assert (await restarted.inbox_positions(reader.user_id))[0] == 3
+    finally:
+        await restarted.close()
+
+
+async def test_an_ack_failed_twice_holds_the_kept_position_until_its_retry_whatever_other_devices_ack(
+        world: World, tmp_path: Path) -> None:
+    """An ack the store failed, whose retry failed too (acking further), keeps the position
+    where its receipts start while the user's other device acks past it; the retry that
+    finishes lets the position be kept past it."""
+    a, reader, c = [await world.user(f"+1555000053{i}") for i in range(3)]
+    other = await world.user("+15550000531")  # (the reader's second device)
+    assert other.user_id == reader.user_id and other.device_id != reader.device_id
+    for k in range(3):  # (the reader's inbox: a's three messages, then c's)
+        await world.messenger.send(a, Send(id=f"m{k}", chat=None, to=reader.user_id, body="hi", media=None))
+    await world.messenger.send(c, Send(id="m", chat=None, to=reader.user_id, body="hi", media=None))
+
+    async def read_back() -> int:
+        again = SqliteStore(tmp_path / "h.db")
+        await again.open()
+        try:
+            return (await again.inbox_positions(reader.user_id))[0]
+        finally:
+            await again.close()
+
+    await world.messenger.ack(reader, Ack(up_to=1))
+    world.store.failing = {"advance_receipt"}
+    for up_to in (2, 3):  # (the second, a retry acking further, fails too)
+        with pytest.raises(Unavailable):
+            await world.messenger.ack(reader, Ack(up_to=up_to))
+    world.store.failing = set()
+    assert await read_back() == 1
+    assert receipt_notices((await world.messenger.ack(other, Ack(up_to=4))).outs) == \
+        [(c.user_id, "delivered", reader.user_id, 1)]  # (from 3: c's chat alone)
+    assert await read_back() == 1
+    # (the device's next ack, whatever it names, is the retry: it moves from 1 to where the user is)
+    assert receipt_notices((await world.messenger.ack(reader, Ack(up_to=1))).outs) == \
+        [(a.user_id, "delivered", reader.user_id, 3)]
+    assert await read_back() == 4
 
 
 async def records(state: MemoryState, part: int = 3, *, marks: bool = False) -> dict[str, str]:
