@@ -21,6 +21,11 @@ their text never reaches a client.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .outbox import Out
+
 
 class PigeonError(Exception):
     """Base of every error raised by the bridge."""
@@ -40,6 +45,9 @@ class ProtocolError(PigeonError):
         super().__init__(message)
         self.message = message
         self.request_id = request_id
+        # what the request did before it failed tells (the receipts an ack moved in some chats
+        # before the store failed it in another): published with the error reply
+        self.outs: list[Out] = []
 
 
 class BadRequest(ProtocolError):

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from storage.base import NotStored, StorageUnavailable
 
-from .errors import NotFound, Unavailable
+from .errors import NotFound, ProtocolError, Unavailable
 from .outbox import Out
 from .protocol import Event
 
@@ -33,13 +33,35 @@ class Result:
     outs: list[Out] = field(default_factory=list)
 
 
+class DoneInPart(Exception):
+    """A request failed (``failure``) after part of it was done: ``outs``, what that part tells,
+    go out all the same, with the error reply (``ProtocolError.outs``)."""
+
+    def __init__(self, failure: Exception, outs: list[Out]) -> None:
+        super().__init__(str(failure))
+        self.failure = failure
+        self.outs = outs
+
+
 @asynccontextmanager
 async def storage_errors() -> AsyncIterator[None]:
     """Convert storage failures into the protocol's codes at the handler boundary."""
     try:
         yield
-    except StorageUnavailable as exc:
+    except DoneInPart as exc:
+        shown = _shown(exc.failure)
+        if isinstance(shown, ProtocolError):  # (an internal fault is answered as one, telling nothing)
+            shown.outs = [*exc.outs, *shown.outs]
+        raise shown from (None if shown is exc.failure else exc.failure)
+    except (StorageUnavailable, NotStored) as exc:
+        raise _shown(exc) from exc
+
+
+def _shown(exc: Exception) -> Exception:
+    """What a client is shown of a failure: the protocol's code for a storage failure."""
+    if isinstance(exc, StorageUnavailable):
         log.warning("store unavailable: %s", exc)
-        raise Unavailable("the server could not store this; it was not accepted, retry later") from exc
-    except NotStored as exc:
-        raise NotFound("not found") from exc
+        return Unavailable("the server could not store this; it was not accepted, retry later")
+    if isinstance(exc, NotStored):
+        return NotFound("not found")
+    return exc

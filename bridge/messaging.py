@@ -28,7 +28,7 @@ from storage.base import (
 
 from .clock import Clock
 from .errors import BadRequest, Conflict, Forbidden, NotFound
-from .handling import Caller, Result, storage_errors
+from .handling import Caller, DoneInPart, Result, storage_errors
 from .outbox import Out, ToUser
 from .presence import PresenceTracker
 from .protocol import (
@@ -478,8 +478,17 @@ class Messenger:
             async with slots:
                 return await self._advance(chat_id, caller.user_id, "delivered", seq)
 
-        told = await asyncio.gather(*(advance(c, s) for c, s in reached.items()))
-        return Result(outs=[o for outs in told for o in outs])
+        # (each to its end, though another fails: the request ends with all it did, and what the
+        # chats that moved tell goes out with its error, DoneInPart)
+        told = await asyncio.gather(*(advance(c, s) for c, s in reached.items()), return_exceptions=True)
+        outs = [o for one in told if not isinstance(one, BaseException) for o in one]
+        failed = [one for one in told if isinstance(one, BaseException)]
+        if failed:
+            first = next((f for f in failed if not isinstance(f, Exception)), failed[0])
+            if outs and isinstance(first, Exception):
+                raise DoneInPart(first, outs)
+            raise first
+        return Result(outs=outs)
 
     # -- read receipts --------------------------------------------------------------------------
     async def read(self, caller: Caller, req: Read) -> Result:

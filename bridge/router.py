@@ -170,7 +170,7 @@ class DeviceRouter:
             outs.extend(result.outs)
             return outs
         except Exception as exc:
-            return [self._failed(reply_to, exc, kind, caller)]
+            return self._failed_outs(reply_to, exc, kind, caller)
         finally:
             if kind:
                 self._metrics.latency_of[kind].observe(time.perf_counter() - started)
@@ -193,13 +193,17 @@ class DeviceRouter:
         try:
             outs = (await self._dispatch(caller, req)).outs
         except Exception as exc:
-            outs = [self._failed(reply_to, exc, "ack", caller)]
+            outs = self._failed_outs(reply_to, exc, "ack", caller)
         finally:
             self._metrics.latency_of["ack"].observe(time.perf_counter() - started)
         try:
             await self._publish(outs)
         except Exception:
             log.exception("publishing what an ack from %s caused failed", caller.device_id)
+
+    def _failed_outs(self, reply_to: Address, exc: Exception, kind: str, caller: Caller) -> list[Out]:
+        """The error reply, and what the request did before it failed tells (``ProtocolError.outs``)."""
+        return [self._failed(reply_to, exc, kind, caller), *(exc.outs if isinstance(exc, ProtocolError) else ())]
 
     def _failed(self, reply_to: Address, exc: Exception, kind: str, caller: Caller) -> Out:
         """The error reply for a request that failed; internal faults are logged, not shown."""

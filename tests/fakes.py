@@ -27,12 +27,14 @@ async def until(check: Callable[[], object], want: object = True, timeout: float
 
 
 class FlakyStore:
-    """Wraps a real store; the methods named in ``failing`` raise StorageUnavailable, those named
-    in ``held`` wait until their event is set."""
+    """Wraps a real store; the methods named in ``failing`` raise StorageUnavailable (those in
+    ``failing_when``, when its test of the call's arguments says so), those named in ``held``
+    wait until their event is set."""
 
     def __init__(self, inner: Store) -> None:
         self._inner = inner
         self.failing: set[str] = set()
+        self.failing_when: dict[str, Callable[..., bool]] = {}
         self.held: dict[str, asyncio.Event] = {}
         self.calls: Counter[str] = Counter()
 
@@ -45,7 +47,7 @@ class FlakyStore:
             self.calls[name] += 1
             if name in self.held:
                 await self.held[name].wait()
-            if name in self.failing:
+            if name in self.failing or (name in self.failing_when and self.failing_when[name](*args, **kw)):
                 raise StorageUnavailable(f"injected failure in {name}")
             return await attr(*args, **kw)
 

@@ -18,19 +18,19 @@ from bridge import handover as handover_mod
 from bridge.accounts import Accounts
 from bridge.clock import ManualClock
 from bridge.errors import BadRequest, NotFound, RateLimited, TooLarge, Unauthorized, Unavailable, UnknownType
-from bridge.handling import Caller, Result
+from bridge.handling import Caller, DoneInPart, Result, storage_errors
 from bridge.handover import ReceiptHandover
 from bridge.media import Media
 from bridge.messaging import COVERED_KEPT, Messenger
 from bridge.metrics import Metrics
-from bridge.outbox import Out
+from bridge.outbox import Out, ToUser
 from bridge.presence import PresenceTracker
-from bridge.protocol import Ack, MsgEvent, Read, Send, Watch, parse_request
+from bridge.protocol import Ack, MsgEvent, Read, ReceiptEvent, Send, Watch, parse_request
 from bridge.ratelimit import RateLimiter
 from bridge.router import DeviceRouter
 from bridge.tokens import TokenSigner
 from bridge.wire import encode_v1, topic_of
-from storage.base import ReceiptNote
+from storage.base import ReceiptNote, StorageUnavailable
 from storage.media_local import LocalMediaStore, SignatureError
 from storage.sqlite import SqliteStore
 from storage.state import MemoryState, is_mark
@@ -249,6 +249,46 @@ async def test_an_ack_the_store_refuses_is_answered_with_unavailable(world: Worl
     [err] = [json.loads(encode_v1(o.event)) for o in published]
     assert (err["type"], err["code"], err["id"]) == ("error", "unavailable", "a1")
     assert topic_of(published[0].to) == f"down/{reader.user_id}/{reader.device_id}"
+
+
+async def test_an_ack_the_store_fails_in_one_chat_tells_what_it_moved_in_the_others(world: World) -> None:
+    """The store failed an ack's move in one chat: the ack still waits for its other chats (no
+    work of it goes on after its answer), and what those moved is told at once with the error;
+    its retry then tells the rest, and nothing twice."""
+    router, published = lane_router(world)
+    assert router.acks is not None
+    reader, a, c = [await world.user(f"+1555000054{i}") for i in range(3)]
+    to_a = await world.messenger.send(a, Send(id="m", chat=None, to=reader.user_id, body="hi", media=None))
+    await world.messenger.send(c, Send(id="m", chat=None, to=reader.user_id, body="hi", media=None))
+    failing_chat = to_a.reply.chat  # type: ignore[union-attr]
+    world.store.failing_when["advance_receipt"] = lambda chat_id, *_: chat_id == failing_chat
+    world.store.held["read_inbox"] = gate = asyncio.Event()  # (both chats' moves start together)
+    up = f"up/{reader.user_id}/{reader.device_id}"
+    await router.handle(up, b'{"type":"ack","up_to":2,"id":"a1"}')
+    gate.set()
+    await router.acks.drain()
+    assert world.store.calls["advance_receipt"] == 2  # (both tried, before the answer)
+    events = [(topic_of(o.to), json.loads(encode_v1(o.event))) for o in published]
+    assert [(t, e["type"], e.get("code")) for t, e in events] == [
+        (f"down/{reader.user_id}/{reader.device_id}", "error", "unavailable"), (f"down/{c.user_id}", "receipt", None)]
+    assert (events[1][1]["user"], events[1][1]["up_to"]) == (reader.user_id, 1)
+    world.store.failing_when = {}
+    published.clear()
+    await router.handle(up, b'{"type":"ack","up_to":2}')  # (the retry)
+    await router.acks.drain()
+    assert [(topic_of(o.to), json.loads(encode_v1(o.event))["up_to"]) for o in published] == \
+        [(f"down/{a.user_id}", 1)]
+
+
+async def test_a_request_done_in_part_is_answered_as_its_failure_with_what_it_tells() -> None:
+    told = [Out(ToUser("u1"), ReceiptEvent(inbox=3, chat="c1", user="u2", kind="delivered", up_to=2))]
+    with pytest.raises(Unavailable) as caught:
+        async with storage_errors():
+            raise DoneInPart(StorageUnavailable("down"), told)
+    assert caught.value.outs == told and isinstance(caught.value.__cause__, StorageUnavailable)
+    with pytest.raises(RuntimeError, match="bug"):  # (an internal fault stays one)
+        async with storage_errors():
+            raise DoneInPart(RuntimeError("bug"), told)
 
 
 async def test_two_devices_of_one_user_may_reuse_a_request_id(world: World) -> None:
