@@ -50,9 +50,11 @@ async def storage_errors() -> AsyncIterator[None]:
         yield
     except DoneInPart as exc:
         shown = _shown(exc.failure)
-        if isinstance(shown, ProtocolError):  # (an internal fault is answered as one, telling nothing)
+        if shown is exc.failure:  # (as it is, telling nothing: an internal fault is answered as one)
+            raise shown from shown.__cause__
+        if isinstance(shown, ProtocolError):  # (made here: no other request holds it)
             shown.outs = [*exc.outs, *shown.outs]
-        raise shown from (None if shown is exc.failure else exc.failure)
+        raise shown from exc.failure
     except (StorageUnavailable, NotStored) as exc:
         raise _shown(exc) from exc
 

@@ -23,6 +23,7 @@ from storage.base import (
     Receipt,
     ReceiptKind,
     ReceiptNote,
+    StorageError,
     Store,
 )
 
@@ -483,8 +484,12 @@ class Messenger:
         told = await asyncio.gather(*(advance(c, s) for c, s in reached.items()), return_exceptions=True)
         outs = [o for one in told if not isinstance(one, BaseException) for o in one]
         failed = [one for one in told if isinstance(one, BaseException)]
-        if failed:
-            first = next((f for f in failed if not isinstance(f, Exception)), failed[0])
+        if failed:  # (a cancellation first, then a fault of the bridge's own, then the store's)
+            first = next((f for f in failed if not isinstance(f, Exception)), None) or \
+                next((f for f in failed if not isinstance(f, StorageError)), failed[0])
+            for other in failed:
+                if other is not first and not isinstance(other, StorageError | asyncio.CancelledError):
+                    log.error("moving a receipt for %s's ack failed", caller.device_id, exc_info=other)
             if outs and isinstance(first, Exception):
                 raise DoneInPart(first, outs)
             raise first

@@ -6,7 +6,7 @@ import asyncio
 import hashlib
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -251,33 +251,35 @@ async def test_an_ack_the_store_refuses_is_answered_with_unavailable(world: Worl
     assert topic_of(published[0].to) == f"down/{reader.user_id}/{reader.device_id}"
 
 
-async def test_an_ack_the_store_fails_in_one_chat_tells_what_it_moved_in_the_others(world: World) -> None:
+@pytest.mark.parametrize("lane", [True, False], ids=["on_its_lane", "in_line"])
+async def test_an_ack_the_store_fails_in_one_chat_tells_what_it_moved_in_the_others(world: World, lane: bool) -> None:
     """The store failed an ack's move in one chat: the ack still waits for its other chats (no
     work of it goes on after its answer), and what those moved is told at once with the error;
-    its retry then tells the rest, and nothing twice."""
-    router, published = lane_router(world)
-    assert router.acks is not None
+    its retry then tells the rest, and nothing twice. Acks on the router's lane (as the server
+    runs them) and handled in line alike."""
+    router, published = lane_router(world) if lane else (world.router, [])
     reader, a, c = [await world.user(f"+1555000054{i}") for i in range(3)]
     to_a = await world.messenger.send(a, Send(id="m", chat=None, to=reader.user_id, body="hi", media=None))
     await world.messenger.send(c, Send(id="m", chat=None, to=reader.user_id, body="hi", media=None))
     failing_chat = to_a.reply.chat  # type: ignore[union-attr]
     world.store.failing_when["advance_receipt"] = lambda chat_id, *_: chat_id == failing_chat
-    world.store.held["read_inbox"] = gate = asyncio.Event()  # (both chats' moves start together)
     up = f"up/{reader.user_id}/{reader.device_id}"
-    await router.handle(up, b'{"type":"ack","up_to":2,"id":"a1"}')
-    gate.set()
-    await router.acks.drain()
+
+    async def ack(payload: bytes) -> list[tuple[str, dict[str, Any]]]:
+        published.extend(await router.handle(up, payload))
+        if router.acks is not None:
+            await router.acks.drain()
+        got = [(topic_of(o.to), json.loads(encode_v1(o.event))) for o in published]
+        published.clear()
+        return got
+
+    events = await ack(b'{"type":"ack","up_to":2,"id":"a1"}')
     assert world.store.calls["advance_receipt"] == 2  # (both tried, before the answer)
-    events = [(topic_of(o.to), json.loads(encode_v1(o.event))) for o in published]
     assert [(t, e["type"], e.get("code")) for t, e in events] == [
         (f"down/{reader.user_id}/{reader.device_id}", "error", "unavailable"), (f"down/{c.user_id}", "receipt", None)]
     assert (events[1][1]["user"], events[1][1]["up_to"]) == (reader.user_id, 1)
     world.store.failing_when = {}
-    published.clear()
-    await router.handle(up, b'{"type":"ack","up_to":2}')  # (the retry)
-    await router.acks.drain()
-    assert [(topic_of(o.to), json.loads(encode_v1(o.event))["up_to"]) for o in published] == \
-        [(f"down/{a.user_id}", 1)]
+    assert [(t, e["up_to"]) for t, e in await ack(b'{"type":"ack","up_to":2}')] == [(f"down/{a.user_id}", 1)]
 
 
 async def test_a_request_done_in_part_is_answered_as_its_failure_with_what_it_tells() -> None:
@@ -286,9 +288,11 @@ async def test_a_request_done_in_part_is_answered_as_its_failure_with_what_it_te
         async with storage_errors():
             raise DoneInPart(StorageUnavailable("down"), told)
     assert caught.value.outs == told and isinstance(caught.value.__cause__, StorageUnavailable)
-    with pytest.raises(RuntimeError, match="bug"):  # (an internal fault stays one)
+    bug = RuntimeError("bug")
+    with pytest.raises(RuntimeError, match="bug") as raised:  # (an internal fault stays as it is)
         async with storage_errors():
-            raise DoneInPart(RuntimeError("bug"), told)
+            raise DoneInPart(bug, told)
+    assert raised.value is bug and not hasattr(bug, "outs")
 
 
 async def test_two_devices_of_one_user_may_reuse_a_request_id(world: World) -> None:
@@ -458,6 +462,16 @@ async def test_an_ack_whose_receipts_the_store_failed_moves_them_when_tried_agai
         assert (await world.messenger.ack(reader, Ack(up_to=head))).outs == []
 
 
+async def kept_position(tmp_path: Path, user: Caller) -> int:
+    """The user's acknowledged position as a restarted bridge reads it back from the database."""
+    again = SqliteStore(tmp_path / "h.db")
+    await again.open()
+    try:
+        return (await again.inbox_positions(user.user_id))[0]
+    finally:
+        await again.close()
+
+
 async def test_an_acks_position_is_kept_only_once_its_receipts_have_moved(world: World, tmp_path: Path) -> None:
     """The acknowledged position a restarted bridge reads back passes an ack only once the
     receipts it leads to have moved, by it or by the retry of one the store failed: a crash in
@@ -466,13 +480,8 @@ async def test_an_acks_position_is_kept_only_once_its_receipts_have_moved(world:
     for k in range(2):
         await world.messenger.send(a, Send(id=f"m{k}", chat=None, to=reader.user_id, body="hi", media=None))
 
-    async def read_back() -> int:  # (as a restarted bridge would, from the database)
-        again = SqliteStore(tmp_path / "h.db")
-        await again.open()
-        try:
-            return (await again.inbox_positions(reader.user_id))[0]
-        finally:
-            await again.close()
+    def read_back() -> Awaitable[int]:
+        return kept_position(tmp_path, reader)
 
     gate = world.store.held["advance_receipt"] = asyncio.Event()
     acking = asyncio.ensure_future(world.messenger.ack(reader, Ack(up_to=1)))
@@ -538,13 +547,8 @@ async def test_an_ack_failed_twice_holds_the_kept_position_until_its_retry_whate
         await world.messenger.send(a, Send(id=f"m{k}", chat=None, to=reader.user_id, body="hi", media=None))
     await world.messenger.send(c, Send(id="m", chat=None, to=reader.user_id, body="hi", media=None))
 
-    async def read_back() -> int:
-        again = SqliteStore(tmp_path / "h.db")
-        await again.open()
-        try:
-            return (await again.inbox_positions(reader.user_id))[0]
-        finally:
-            await again.close()
+    def read_back() -> Awaitable[int]:
+        return kept_position(tmp_path, reader)
 
     await world.messenger.ack(reader, Ack(up_to=1))
     world.store.failing = {"advance_receipt"}
