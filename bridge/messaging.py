@@ -367,8 +367,7 @@ class Messenger:
                     _done(self._acking, key, took)
         else:
             result = Result()
-        if claims:  # (all of them, though the request is cancelled meanwhile: the position is not held)
-            await asyncio.shield(self._done_with(caller.user_id, claims))
+        await self._done_with(caller.user_id, claims)  # (one a cancellation skips only holds the position lower)
         if unfinished is not None:
             await self._forget(caller.user_id, unfinished[1])
         return result
